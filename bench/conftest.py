@@ -1,0 +1,86 @@
+"""Benchmark set-up shared by the suites.
+
+Each benchmark records in extra_info: `impl` (fastprobe or a peer), `baseline`
+(the peer its speed-up is reported against, measured in the same run),
+`peak_extra_bytes` (memory allocated beyond the inputs during one call) and,
+for memory-bound ops, `bytes_one_read` (the bytes of one read of the inputs).
+At the end of the run, speed-ups against the baseline and, on CUDA, the fraction
+of the device's copy bandwidth (measured in the same run) are added to the JSON.
+"""
+
+import datetime
+import importlib.metadata
+import platform
+
+import pytest
+import torch
+
+
+def _version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_slug():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().lower().replace(" ", "-")
+    return "cpu"
+
+
+def measure_copy_bandwidth(device, num_bytes=2 << 30):
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    import triton.testing
+
+    source = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    destination = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: destination.copy_(source), warmup=50, rep=300, return_mode="median")
+    return 2 * num_bytes / (ms * 1e-3)
+
+
+_COPY_BANDWIDTH = {}
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth():
+    """Measured once per run on the CUDA device (bytes/s)."""
+    if "cuda" not in _COPY_BANDWIDTH:
+        _COPY_BANDWIDTH["cuda"] = measure_copy_bandwidth("cuda")
+    return _COPY_BANDWIDTH["cuda"]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastprobe_device"] = device_slug()
+    machine_info["cpu_threads"] = torch.get_num_threads()
+    machine_info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    machine_info["versions"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "fastprobe": _version("fastprobe"),
+    }
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()
+        machine_info["cuda"] = torch.version.cuda
+    if "cuda" in _COPY_BANDWIDTH:
+        machine_info["copy_bandwidth_bytes_per_s"] = _COPY_BANDWIDTH["cuda"]
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Speed-up of every benchmark against its group's baseline, and achieved bandwidth."""
+    if "cuda" in _COPY_BANDWIDTH:
+        output_json["machine_info"]["copy_bandwidth_bytes_per_s"] = _COPY_BANDWIDTH["cuda"]
+    copy = output_json["machine_info"].get("copy_bandwidth_bytes_per_s")
+    by_group = {}
+    for bench in output_json["benchmarks"]:
+        by_group.setdefault(bench["group"], {})[bench["extra_info"].get("impl")] = bench
+    for group in by_group.values():
+        for bench in group.values():
+            info, median = bench["extra_info"], bench["stats"]["median"]
+            baseline = group.get(info.get("baseline"))
+            if baseline is not None:
+                info["speedup_vs_baseline"] = baseline["stats"]["median"] / median
+            if info.get("bytes_one_read") and copy:
+                info["fraction_of_copy_bandwidth"] = info["bytes_one_read"] / median / copy

@@ -1,0 +1,48 @@
+"""Markdown results table from pytest-benchmark JSON files (bench/results/*.json).
+
+    python bench/report.py bench/results/*.json
+"""
+
+import json
+import sys
+
+
+def _mib(num_bytes):
+    return f"{num_bytes / 2**20:,.1f} MiB" if num_bytes is not None else "-"
+
+
+def rows(path):
+    with open(path) as handle:
+        data = json.load(handle)
+    machine = data["machine_info"]
+    device = machine.get("gpu") or f"CPU, {machine.get('cpu_threads')} threads"
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        shape = ", ".join(f"{k}={v}" for k, v in info.get("shape", {}).items())
+        speedup = info.get("speedup_vs_baseline")
+        bandwidth = info.get("fraction_of_copy_bandwidth")
+        yield (
+            bench["group"].split("-")[0],
+            device,
+            f"{shape}, {info.get('dtype', '').replace('torch.', '')}",
+            info.get("impl", bench["name"]),
+            f"{bench['stats']['median'] * 1e3:.2f}",
+            f"{speedup:.2f}x vs {info['baseline']}" if speedup is not None else "-",
+            _mib(info.get("peak_extra_bytes")),
+            f"{bandwidth:.0%}" if bandwidth is not None else "-",
+            machine.get("date", "")[:10],
+        )
+
+
+def main(paths):
+    header = ("op", "device", "problem", "implementation", "median ms", "speed-up", "peak extra memory",
+              "of copy bandwidth", "date")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for path in paths:
+        for row in rows(path):
+            print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

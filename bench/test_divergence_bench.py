@@ -1,0 +1,95 @@
+"""draft_divergence: fastprobe vs the eager PyTorch computation (softmax, mixture,
+logs), and on CUDA vs torch.compile of the same code, measured in the same run.
+
+    pytest bench/test_divergence_bench.py --benchmark-json=bench/results/<device>.json
+"""
+
+import sys
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import reference
+
+try:
+    from . import _memory
+except ImportError:  # run as a script for the CPU peak-memory child
+    import _memory
+
+# The issue's shapes: CPU float32, and a Qwen-sized vocabulary in bfloat16 on GPU.
+CASES = {
+    "cpu": dict(num_drafts=4, num_tokens=256, vocab=32000, dtype=torch.float32),
+    "cuda": dict(num_drafts=4, num_tokens=4096, vocab=151936, dtype=torch.bfloat16),
+}
+
+
+def make_inputs(device, num_drafts, num_tokens, vocab, dtype):
+    drafts = torch.randn(num_drafts, num_tokens, vocab, device=device, dtype=dtype)
+    target = torch.randn(num_tokens, vocab, device=device, dtype=dtype)
+    return drafts, target
+
+
+def eager(drafts, target):
+    return reference.draft_divergence(drafts, target)
+
+
+_compiled_eager = None
+
+
+def compiled(drafts, target):
+    global _compiled_eager
+    if _compiled_eager is None:
+        _compiled_eager = torch.compile(eager, dynamic=False)
+    return _compiled_eager(drafts, target)
+
+
+IMPLS = {"fastprobe": lambda d, t: fp.draft_divergence(d, t), "eager": eager, "torch.compile": compiled}
+
+
+def devices():
+    found = [pytest.param("cpu")]
+    if torch.cuda.is_available():
+        found.append(pytest.param("cuda"))
+    return found
+
+
+@pytest.mark.parametrize("impl", ["fastprobe", "eager", "torch.compile"])
+@pytest.mark.parametrize("device", devices())
+def test_draft_divergence(benchmark, device, impl, request):
+    if impl == "torch.compile" and device == "cpu":
+        pytest.skip("torch.compile peer measured on CUDA only (CPU inductor compile is slow on 2 cores)")
+    case = CASES[device]
+    drafts, target = make_inputs(device, **case)
+    call = IMPLS[impl]
+    benchmark.group = f"draft_divergence-{device}"
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline="eager",
+        shape=dict(K=case["num_drafts"], N=case["num_tokens"], V=case["vocab"]),
+        dtype=str(case["dtype"]),
+        input_bytes=drafts.nbytes + target.nbytes,
+        bytes_one_read=drafts.nbytes + target.nbytes,
+    )
+    if device == "cuda":
+        call(drafts, target)  # compile / autotune outside the measurement
+        benchmark.extra_info["peak_extra_bytes"] = _memory.cuda_peak_extra_bytes(lambda: call(drafts, target))
+
+        def run():
+            call(drafts, target)
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
+    else:
+        del drafts, target
+        benchmark.extra_info["peak_extra_bytes"] = _memory.cpu_peak_extra_bytes(__file__, impl)
+        drafts, target = make_inputs(device, **case)
+        rounds = 15 if impl == "fastprobe" else 5
+        benchmark.pedantic(lambda: call(drafts, target), rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    impl = IMPLS[sys.argv[2]]
+    small = make_inputs("cpu", 2, 2, 64, torch.float32)
+    full = make_inputs("cpu", **CASES["cpu"])
+    _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

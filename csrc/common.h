@@ -1,0 +1,186 @@
+// Shared pieces of the CPU kernels: input dtypes, row loading, a vectorisable
+// exp/log, thread plumbing and function multi-versioning. Torch-free.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#ifdef FASTPROBE_OPENMP
+#include <omp.h>
+#endif
+
+namespace fastprobe {
+
+// Hot loops are compiled for AVX-512, AVX2 and plain x86-64 and picked at load
+// time (GCC/Clang function multi-versioning); other targets get one version.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTPROBE_NO_CLONES)
+#define FASTPROBE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define FASTPROBE_SIMD_CLONES
+#endif
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Rows are processed in blocks of this many elements, converted to float32 into
+// a per-thread buffer: small enough to stay in L1/L2, large enough to amortise loops.
+constexpr int64_t kBlock = 2048;
+
+enum class DType { Float32, BFloat16, Float16 };
+
+inline DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::Float32;
+  if (name == "bfloat16") return DType::BFloat16;
+  if (name == "float16") return DType::Float16;
+  throw std::invalid_argument("fastprobe._C: unsupported dtype '" + name +
+                              "' (expected float32, bfloat16 or float16)");
+}
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// bfloat16 is the top half of a float32.
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// IEEE half -> float, branch-free so loops vectorise: shift exponent and mantissa
+// into place, re-bias the exponent, fix up inf/NaN and subnormals.
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t shifted_exp = 0x7c00u << 13;
+  uint32_t body = (uint32_t(h) & 0x7fffu) << 13;
+  const uint32_t exp = body & shifted_exp;
+  body += (127u - 15u) << 23;
+  const bool inf_nan = exp == shifted_exp;
+  const bool subnormal = exp == 0;
+  body += inf_nan ? ((128u - 16u) << 23) : 0u;
+  // subnormal: add one to the exponent and subtract the implicit 2^-14
+  const float sub = bits_to_float(body + (1u << 23)) - bits_to_float(113u << 23);
+  const uint32_t magnitude = subnormal ? float_to_bits(sub) : body;
+  return bits_to_float(magnitude | ((uint32_t(h) & 0x8000u) << 16));
+}
+
+template <typename T>
+inline float to_float(T x);
+template <>
+inline float to_float<float>(float x) { return x; }
+struct bf16 { uint16_t bits; };
+struct fp16 { uint16_t bits; };
+template <>
+inline float to_float<bf16>(bf16 x) { return bf16_to_float(x.bits); }
+template <>
+inline float to_float<fp16>(fp16 x) { return fp16_to_float(x.bits); }
+
+// out[i] = float(row[i * stride]) * scale for i < count. The only read of the input;
+// callers pass counts that stay inside the row.
+template <typename T>
+inline void load_scaled(const T* row, int64_t stride, int64_t count, float scale, float* out) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i]) * scale;
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i * stride]) * scale;
+  }
+}
+
+// exp(x) for float32, vectorisable: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
+// degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built in the exponent bits.
+// exp(-inf) = 0 and anything below the float32 normal range flushes to 0.
+inline float fast_exp(float x) {
+  const float low = x > -87.0f ? x : -87.0f;
+  const float clamped = low < 88.0f ? low : 88.0f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = clamped * kLog2e + magic;
+  const float n = shifted - magic;
+  const int32_t ni = int32_t(float_to_bits(shifted)) - int32_t(float_to_bits(magic));
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = bits_to_float(uint32_t(ni + 127) << 23);
+  const float result = x < -87.0f ? 0.0f : p * scale;
+  return x == x ? result : x;  // NaN stays NaN
+}
+
+// log(x) for finite x > 0, vectorisable: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// log(m) = 2 atanh(s), s = (m-1)/(m+1), odd series to s^11 (|s| < 0.172, error < 1e-9).
+// Subnormal x gives a finite (inexact) value; callers only use it multiplied by x.
+inline float fast_log(float x) {
+  const uint32_t bits = float_to_bits(x);
+  int32_t e = int32_t((bits >> 23) & 0xffu) - 127;
+  float m = bits_to_float((bits & 0x7fffffu) | 0x3f800000u);
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e += big ? 1 : 0;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = 2.0f / 11.0f;
+  p = p * s2 + 2.0f / 9.0f;
+  p = p * s2 + 2.0f / 7.0f;
+  p = p * s2 + 2.0f / 5.0f;
+  p = p * s2 + 2.0f / 3.0f;
+  p = p * s2 + 2.0f;
+  return float(e) * kLn2 + p * s;
+}
+
+// Online log-sum-exp of scale * x: max is the largest x, sum = sum exp(scale (x - max)),
+// lse = scale * max + log(sum). A NaN sum (NaN or +inf in the input) gives a NaN lse;
+// an empty sum (all -inf) gives -inf.
+struct LseState {
+  float max = kNegInf;
+  float sum = 0.0f;
+  float value(float scale = 1.0f) const {
+    return sum == 0.0f ? kNegInf : scale * max + std::log(sum);
+  }
+};
+
+// Folds one block of float32 values into an online log-sum-exp of scale * x (scale > 0).
+// Subtracting the max before scaling keeps x - max exact near the max, so large logits
+// lose no precision. Inlined into the callers' multi-versioned kernels, so it is
+// compiled for their targets.
+inline void lse_update(LseState& state, const float* x, int64_t count, float scale = 1.0f) {
+  float block_max = kNegInf;
+#pragma omp simd reduction(max : block_max)
+  for (int64_t i = 0; i < count; ++i) block_max = x[i] > block_max ? x[i] : block_max;
+  if (block_max == kNegInf) {  // all masked (-inf) or NaN: only a NaN contributes
+    for (int64_t i = 0; i < count; ++i)
+      if (x[i] != x[i]) state.sum = x[i];
+    return;
+  }
+  const float new_max = state.max > block_max ? state.max : block_max;
+  float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+  for (int64_t i = 0; i < count; ++i) block_sum += fast_exp((x[i] - new_max) * scale);
+  state.sum = state.sum * fast_exp((state.max - new_max) * scale) + block_sum;
+  state.max = new_max;
+}
+
+inline int clamp_threads(int64_t requested) {
+  if (requested < 1) throw std::invalid_argument("fastprobe._C: num_threads must be >= 1");
+  return int(requested > 1024 ? 1024 : requested);
+}
+
+inline void check_size(int64_t value, int64_t min_value, const char* name) {
+  if (value < min_value)
+    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " must be >= " +
+                                std::to_string(min_value) + ", got " + std::to_string(value));
+}
+
+}  // namespace fastprobe

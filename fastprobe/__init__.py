@@ -1,0 +1,21 @@
+"""fastprobe: fused GPU (Triton) and CPU (C++) kernels for looking inside language models.
+
+    import fastprobe as fp
+    fp.draft_divergence(draft_logits, target_logits)   # token-level epistemic uncertainty
+    fp.set_backend("auto" | "reference" | "cpp" | "triton")
+"""
+
+from . import reference
+from .backend import get_backend, set_backend, use_backend
+from .ops.divergence import DraftDivergence, draft_divergence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DraftDivergence",
+    "draft_divergence",
+    "get_backend",
+    "reference",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,116 @@
+"""Which implementation runs an operation: the C++ kernels (CPU), the Triton
+kernels (CUDA, or CPU through the Triton interpreter) or the PyTorch reference.
+
+"auto" (the default) picks by device: CPU tensors -> C++, CUDA tensors ->
+Triton, anything else or float64 -> reference. `set_backend()` or the
+environment variable FASTPROBE_BACKEND forces one; a forced backend that cannot
+run the call raises instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_forced: Optional[str] = None
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every operation ("auto": choose by device, whatever
+    FASTPROBE_BACKEND says; None: follow FASTPROBE_BACKEND again)."""
+    global _forced
+    _forced = None if name is None else _check_name(name, "backend")
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend()'s, else FASTPROBE_BACKEND's, else "auto"."""
+    if _forced is not None:
+        return _forced
+    return _check_name(os.environ.get("FASTPROBE_BACKEND", "auto"), "FASTPROBE_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of set_backend()."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def cpp_status() -> tuple[bool, str]:
+    """(available, reason): whether the compiled CPU extension fastprobe._C imports."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as error:  # built without a compiler, or a broken install
+        return False, f"fastprobe._C did not import ({error})"
+    return True, "compiled extension fastprobe._C" + (" with OpenMP" if _C.has_openmp() else " without OpenMP")
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_status(device_type: str = "cuda") -> tuple[bool, str]:
+    """(available, reason): whether Triton kernels can run on tensors of this device type."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device_type == "cuda":
+        if interpreter_enabled():
+            return False, "TRITON_INTERPRET=1 is set, so Triton runs on CPU tensors only"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, f"CUDA device {torch.cuda.get_device_name()}"
+    if device_type == "cpu":
+        if not interpreter_enabled():
+            return False, "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    return False, f"no Triton path for {device_type} tensors"
+
+
+def resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The backend that runs `op` on tensors of this device and dtype: "reference",
+    "cpp" or "triton". Raises RuntimeError when a forced backend cannot run it."""
+    choice = get_backend()
+    if choice == "reference":
+        return "reference"
+    if choice == "auto":
+        if dtype not in KERNEL_DTYPES:
+            return "reference"
+        if device.type == "cpu" and cpp_status()[0]:
+            return "cpp"
+        if device.type == "cuda" and triton_status("cuda")[0]:
+            return "triton"
+        return "reference"
+    if dtype not in KERNEL_DTYPES:
+        raise RuntimeError(
+            f"{op}: backend {choice!r} supports float32, bfloat16 and float16 inputs, got {dtype}; "
+            "use the 'reference' backend for other dtypes"
+        )
+    if choice == "cpp":
+        ok, why = cpp_status()
+        if device.type != "cpu":
+            raise RuntimeError(f"{op}: backend 'cpp' runs on CPU tensors, got {device.type} tensors")
+        if not ok:
+            raise RuntimeError(f"{op}: backend 'cpp' is not available: {why}")
+        return "cpp"
+    ok, why = triton_status(device.type)
+    if not ok:
+        raise RuntimeError(f"{op}: backend 'triton' cannot run on {device.type} tensors: {why}")
+    return "triton"

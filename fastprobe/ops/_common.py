@@ -1,0 +1,69 @@
+"""Helpers shared by the operation modules: argument checks with clear messages,
+output allocation (poisoned with NaN under test), and calls into the C++ kernels."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Optional, Sequence
+
+import torch
+
+# Tests set this so every output starts as NaN (or -1 for integers): an element a
+# kernel forgot to write then fails the comparison instead of passing as zero.
+POISON_OUTPUTS = os.environ.get("FASTPROBE_POISON", "0") not in ("", "0")
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces: data-dependent checks (host syncs) are skipped then."""
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
+    """A floating-point tensor of `ndim` dimensions, or a TypeError/ValueError naming `name`."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {value.dtype}"
+        )
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(value.shape)}")
+    return value
+
+
+def check_same_device(reference: torch.Tensor, reference_name: str, other: torch.Tensor, name: str) -> None:
+    if other.device != reference.device:
+        raise ValueError(f"{name} is on {other.device} but {reference_name} is on {reference.device}; move them to one device")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
+    value = float(temperature)
+    if not (value > 0.0 and value < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return value
+
+
+def cpp():
+    """The compiled CPU extension (imported on first use)."""
+    from .. import _C
+
+    return _C
+
+
+def first_bad_index(bad: torch.Tensor) -> Optional[tuple]:
+    """Index of the first True element of a small boolean tensor, or None (one host sync)."""
+    if not bool(bad.any()):
+        return None
+    return tuple(int(i) for i in bad.nonzero()[0])

@@ -1,0 +1,76 @@
+"""Shared test set-up.
+
+* Every output a kernel returns starts as NaN (fastprobe.ops._common.POISON_OUTPUTS),
+  so an element a kernel forgot to write fails the comparison.
+* Inputs are fresh random draws each run; the seed is printed on failure.
+* `-m gpu` tests need CUDA; `-m interpreter` tests run the Triton kernels on CPU
+  through the Triton interpreter and need TRITON_INTERPRET=1 set before triton is
+  imported, so they run in their own pytest process (see README).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+import fastprobe
+from fastprobe.backend import interpreter_enabled
+from fastprobe.ops import _common
+
+_common.POISON_OUTPUTS = True
+
+INTERPRETER = interpreter_enabled()
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interp = pytest.mark.skip(
+        reason="Triton interpreter tests run in their own process: TRITON_INTERPRET=1 pytest -m interpreter"
+    )
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not INTERPRETER:
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """A new seed per test, reported in the failure output."""
+    seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield seed
+    fastprobe.set_backend(None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seeds = [value for key, value in item.user_properties if key == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("fastprobe", f"inputs drawn after torch.manual_seed({seeds[0]})"))
+
+
+# The execution targets a family's tests run on: (backend, device, pytest marks).
+TARGETS = [
+    pytest.param(("cpp", "cpu"), id="cpp"),
+    pytest.param(("triton", "cpu"), id="triton-interp", marks=pytest.mark.interpreter),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """(backend, device) with that backend forced for the test."""
+    backend, device = request.param
+    fastprobe.set_backend(backend)
+    return backend, device
+
+
+# Kernels accumulate in float32 whatever the input dtype, and tests compare them with
+# the float64 reference run on the same (already rounded) input values, so one
+# float32-level tolerance serves every input dtype.
+RTOL, ATOL = 2e-5, 2e-5

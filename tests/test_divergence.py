@@ -1,0 +1,309 @@
+"""draft_divergence against the float64 reference, properties, and bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastprobe as fp
+from fastprobe import reference
+
+from .conftest import ATOL, RTOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FIELDS = ["jsd", "kl_mixture_target", "epistemic", "mixture_entropy", "draft_entropy", "target_entropy"]
+
+
+def shapes_for(target):
+    """(K, N, V) cases: odd sizes, K = 1, and V past a few kernel blocks. The Triton
+    interpreter is slow, so it gets smaller vocabularies."""
+    backend, device = target
+    if device == "cpu" and backend == "triton":
+        return [(3, 7, 301), (1, 3, 129), (4, 2, 1)]
+    return [(3, 37, 1271), (1, 5, 4099), (4, 16, 32000), (2, 3, 1)]
+
+
+def random_weights(num_drafts, device):
+    w = torch.rand(num_drafts, dtype=torch.float64) + 0.05
+    return (w / w.sum()).to(device=device, dtype=torch.float32)
+
+
+def expected(draft, target_logits, weights, temperature):
+    """The float64 reference on exactly the values the kernel sees."""
+    return reference.draft_divergence(
+        draft.cpu().double(),
+        None if target_logits is None else target_logits.cpu().double(),
+        weights=None if weights is None else weights.cpu().double(),
+        temperature=temperature,
+    )
+
+
+def assert_matches(result, ref, has_target=True, rtol=RTOL, atol=ATOL):
+    for field in FIELDS:
+        got, want = getattr(result, field), ref[field]
+        if want is None or not has_target and field in ("kl_mixture_target", "epistemic", "target_entropy"):
+            assert got is None, field
+            continue
+        assert got.dtype == torch.float32, field
+        assert not torch.isnan(got).any(), f"{field} has NaN (unwritten or invalid)"
+        torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol, msg=lambda m: f"{field}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
+def test_matches_reference(target, dtype, with_target, uniform):
+    _, device = target
+    for num_drafts, num_tokens, vocab in shapes_for(target):
+        temperature = 1.0 if uniform else 0.7
+        draft = (3 * torch.randn(num_drafts, num_tokens, vocab)).to(device=device, dtype=dtype)
+        target_logits = (3 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype) if with_target else None
+        weights = None if uniform else random_weights(num_drafts, device)
+        result = fp.draft_divergence(draft, target_logits, weights=weights, temperature=temperature)
+        assert_matches(result, expected(draft, target_logits, weights, temperature), with_target)
+
+
+def test_masked_vocabulary(target):
+    """-inf logits contribute nothing: a region masked everywhere, scattered masks
+    per draft, and a target that masks the same region."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = 2 * torch.randn(num_drafts, num_tokens, vocab)
+    target_logits = 2 * torch.randn(num_tokens, vocab)
+    draft[..., vocab // 3 : vocab // 2] = float("-inf")
+    target_logits[..., vocab // 3 : vocab // 2] = float("-inf")
+    draft[torch.rand_like(draft) < 0.2] = float("-inf")
+    draft[..., 0] = 0.0  # every row keeps at least one token
+    draft, target_logits = draft.to(device), target_logits.to(device)
+    weights = random_weights(num_drafts, device)
+    result = fp.draft_divergence(draft, target_logits, weights=weights)
+    assert_matches(result, expected(draft, target_logits, weights, 1.0))
+
+
+def test_target_masks_a_draft_token_gives_infinite_kl(target):
+    _, device = target
+    draft = torch.randn(2, 3, 17, device=device)
+    target_logits = torch.randn(3, 17, device=device)
+    target_logits[1, 5] = float("-inf")
+    result = fp.draft_divergence(draft, target_logits)
+    assert math.isinf(result.kl_mixture_target[1].item()) and result.kl_mixture_target[1] > 0
+    assert math.isinf(result.epistemic[1].item())
+    assert torch.isfinite(result.kl_mixture_target[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extreme_logits(target, dtype):
+    """Logits of magnitude 1e4: nearly one-hot distributions, no overflow."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = (1e4 * torch.randn(num_drafts, num_tokens, vocab)).to(device=device, dtype=dtype)
+    target_logits = (1e4 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype)
+    # a few near-ties so some rows are not exactly one-hot
+    draft[:, :, 1] = draft.amax(-1) - 0.5
+    result = fp.draft_divergence(draft, target_logits)
+    assert_matches(result, expected(draft, target_logits, None, 1.0), rtol=1e-4, atol=1e-4)
+
+
+def test_epistemic_identity(target):
+    """epistemic == sum_k w_k KL(q_k || p), computed independently in float64."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = 2 * torch.randn(num_drafts, num_tokens, vocab, device=device)
+    target_logits = 2 * torch.randn(num_tokens, vocab, device=device)
+    weights = random_weights(num_drafts, device)
+    result = fp.draft_divergence(draft, target_logits, weights=weights, temperature=1.3)
+    log_q = torch.log_softmax(draft.cpu().double() / 1.3, -1)
+    log_p = torch.log_softmax(target_logits.cpu().double() / 1.3, -1)
+    per_draft_kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # [K, N]
+    identity = (weights.cpu().double()[:, None] * per_draft_kl).sum(0)
+    torch.testing.assert_close(result.epistemic.cpu().double(), identity, rtol=RTOL, atol=ATOL)
+
+
+def test_non_contiguous_inputs(target):
+    """Strided views (vocabulary stride 2, K and N swapped) give the same answer."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    base = torch.randn(num_tokens, num_drafts, 2 * vocab, device=device)
+    draft = base.transpose(0, 1)[..., ::2]  # [K, N, V], no unit stride anywhere
+    target_logits = torch.randn(vocab, num_tokens, device=device).t()
+    assert not draft.is_contiguous() and not target_logits.is_contiguous()
+    result = fp.draft_divergence(draft, target_logits)
+    assert_matches(result, expected(draft, target_logits, None, 1.0))
+
+
+def test_inputs_untouched_and_outputs_fresh(target):
+    _, device = target
+    draft = torch.randn(2, 4, 33, device=device)
+    target_logits = torch.randn(4, 33, device=device)
+    weights = torch.tensor([0.25, 0.75], device=device)
+    copies = [t.clone() for t in (draft, target_logits, weights)]
+    first = fp.draft_divergence(draft, target_logits, weights=weights)
+    second = fp.draft_divergence(draft, target_logits, weights=weights)
+    for original, copy in zip((draft, target_logits, weights), copies):
+        assert torch.equal(original, copy)
+    assert first.jsd.data_ptr() != second.jsd.data_ptr()
+    torch.testing.assert_close(first.jsd, second.jsd, rtol=0, atol=0)
+
+
+def test_empty_token_axis(target):
+    _, device = target
+    result = fp.draft_divergence(torch.randn(2, 0, 9, device=device), torch.randn(0, 9, device=device))
+    assert result.jsd.shape == (0,) and result.draft_entropy.shape == (2, 0)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_drafts=st.integers(1, 5),
+    num_tokens=st.integers(1, 6),
+    vocab=st.integers(1, 300),
+    scale=st.sampled_from([0.01, 1.0, 10.0, 300.0]),
+    temperature=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_properties(num_drafts, num_tokens, vocab, scale, temperature, seed):
+    """0 <= jsd <= H(w); KL >= 0; 0 <= entropies <= log V (C++ backend)."""
+    generator = torch.Generator().manual_seed(seed)
+    draft = scale * torch.randn(num_drafts, num_tokens, vocab, generator=generator)
+    target_logits = scale * torch.randn(num_tokens, vocab, generator=generator)
+    w = torch.rand(num_drafts, generator=generator, dtype=torch.float64) + 0.01
+    w = (w / w.sum()).float()
+    result = fp.draft_divergence(draft, target_logits, weights=w, temperature=temperature)
+    slack = 1e-5
+    weight_entropy = -(w.double() * w.double().log()).sum().item()
+    assert (result.jsd >= 0).all() and (result.jsd <= weight_entropy + slack).all()
+    assert (result.kl_mixture_target >= -slack).all()
+    assert (result.epistemic >= -slack).all()
+    for entropy in (result.mixture_entropy, result.draft_entropy, result.target_entropy):
+        assert (entropy >= -slack).all() and (entropy <= math.log(vocab) + slack).all()
+    # mixing cannot lower entropy: H(m) >= sum_k w_k H(q_k)
+    assert (result.mixture_entropy + slack >= (w[:, None] * result.draft_entropy).sum(0)).all()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad_cases():
+    d = torch.randn(3, 4, 10)
+    t = torch.randn(4, 10)
+    return [
+        ("V mismatch", (d, torch.randn(4, 11)), {}, ValueError, "target_logits"),
+        ("N mismatch", (d, torch.randn(5, 10)), {}, ValueError, "target_logits"),
+        ("2-D drafts", (torch.randn(4, 10), t), {}, ValueError, "draft_logits"),
+        ("empty K", (torch.randn(0, 4, 10), t), {}, ValueError, "K = 0"),
+        ("empty V", (torch.randn(3, 4, 0),), {}, ValueError, "V = 0"),
+        ("weights length", (d, t), {"weights": torch.tensor([0.5, 0.5])}, ValueError, "weights"),
+        ("weights negative", (d, t), {"weights": torch.tensor([1.5, -0.25, -0.25])}, ValueError, "non-negative"),
+        ("weights sum", (d, t), {"weights": torch.tensor([0.2, 0.2, 0.2])}, ValueError, "sum to 1"),
+        ("weights int", (d, t), {"weights": torch.tensor([1, 0, 0])}, TypeError, "weights"),
+        ("integer logits", (torch.randint(0, 5, (3, 4, 10)), t), {}, TypeError, "draft_logits"),
+        ("integer target", (d, torch.randint(0, 5, (4, 10))), {}, TypeError, "target_logits"),
+        ("dtype mismatch", (d, t.half()), {}, TypeError, "target_logits"),
+        ("other device", (d, torch.empty(4, 10, device="meta")), {}, ValueError, "target_logits"),
+        ("weights device", (d, t), {"weights": torch.empty(3, device="meta")}, ValueError, "weights"),
+        ("temperature zero", (d, t), {"temperature": 0.0}, ValueError, "temperature"),
+        ("temperature nan", (d, t), {"temperature": float("nan")}, ValueError, "temperature"),
+        ("not a tensor", ([[1.0]], t), {}, TypeError, "draft_logits"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
+def test_bad_input_raises_clear_error(case):
+    _, args, kwargs, error, words = case
+    real = [a for a in args if isinstance(a, torch.Tensor) and a.device.type != "meta"]
+    copies = [a.clone() for a in real]
+    with pytest.raises(error, match=words):
+        fp.draft_divergence(*args, **kwargs)
+    for original, copy in zip(real, copies):
+        assert torch.equal(original, copy)
+
+
+@pytest.mark.parametrize("where", ["draft", "target", "nan", "posinf"])
+def test_non_finite_row_raises(target, where):
+    _, device = target
+    draft = torch.randn(2, 5, 40, device=device)
+    target_logits = torch.randn(5, 40, device=device)
+    if where == "draft":
+        draft[1, 3] = float("-inf")
+        words = r"draft_logits\[1\]\[3\]"
+    elif where == "target":
+        target_logits[2] = float("-inf")
+        words = r"target_logits\[2\]"
+    elif where == "nan":
+        draft[0, 4, 7] = float("nan")
+        words = r"draft_logits\[0\]\[4\]"
+    else:
+        target_logits[0, 1] = float("inf")
+        words = r"target_logits\[0\]"
+    copies = draft.clone(), target_logits.clone()
+    with pytest.raises(ValueError, match=words):
+        fp.draft_divergence(draft, target_logits)
+    assert torch.equal(draft, copies[0]) or where == "nan"  # NaN != NaN
+    assert torch.equal(target_logits, copies[1])
+
+
+# ---------------------------------------------------------------- backends and tracing
+
+
+def test_float64_runs_reference_exactly():
+    draft, target_logits = torch.randn(3, 6, 50, dtype=torch.float64), torch.randn(6, 50, dtype=torch.float64)
+    result = fp.draft_divergence(draft, target_logits)
+    ref = reference.draft_divergence(draft, target_logits)
+    assert result.jsd.dtype == torch.float64
+    torch.testing.assert_close(result.jsd, ref["jsd"], rtol=1e-12, atol=1e-12)
+
+
+def test_reference_backend_forced():
+    draft, target_logits = torch.randn(2, 6, 50), torch.randn(6, 50)
+    with fp.use_backend("reference"):
+        result = fp.draft_divergence(draft, target_logits)
+    assert_matches(result, expected(draft, target_logits, None, 1.0))
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    from fastprobe.backend import interpreter_enabled
+
+    if interpreter_enabled():
+        pytest.skip("in the interpreter process Triton can run on CPU tensors")
+    fp.set_backend("triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fp.draft_divergence(torch.randn(2, 3, 10))
+    fp.set_backend("cpp")
+    with pytest.raises(RuntimeError, match="float64"):
+        fp.draft_divergence(torch.randn(2, 3, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="backend"):
+        fp.set_backend("cuda")
+    fp.set_backend("auto")
+    monkeypatch.setenv("FASTPROBE_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="FASTPROBE_BACKEND"):
+        fp.draft_divergence(torch.randn(2, 3, 10))
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTPROBE_BACKEND", "reference")
+    assert fp.get_backend() == "reference"
+
+
+def test_torch_compile_fullgraph():
+    draft, target_logits = torch.randn(3, 9, 130), torch.randn(9, 130)
+    weights = torch.tensor([0.2, 0.3, 0.5])
+
+    def uncertainty(d, t):
+        result = fp.draft_divergence(d, t, weights=weights, temperature=0.9)
+        return result.epistemic * 2 + result.jsd
+
+    compiled = torch.compile(uncertainty, fullgraph=True)
+    eager = uncertainty(draft, target_logits)
+    torch.testing.assert_close(compiled(draft, target_logits), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_opcheck():
+    """torch.library's own consistency checks on the registered op (schema, fake, dispatch)."""
+    from fastprobe.ops.divergence import _draft_divergence_op
+
+    args = (torch.randn(2, 4, 31), torch.randn(4, 31), torch.tensor([0.4, 0.6]), 1.25)
+    torch.library.opcheck(_draft_divergence_op, args, test_utils=("test_schema", "test_faketensor"))
