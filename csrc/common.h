@@ -15,10 +15,18 @@
 
 namespace fastprobe {
 
-// Hot loops are compiled for AVX-512, AVX2 and plain x86-64 and picked at load
-// time (GCC/Clang function multi-versioning); other targets get one version.
+// Hot loops are compiled for AVX-512, AVX2 (+FMA) and plain x86-64 and picked at load
+// time by CPU features (GCC function multi-versioning); other targets get one version.
+// Each comma-separated name is its own clone ("avx2,fma" would make an AVX2 clone
+// without FMA and a 128-bit FMA one), so whole ISA levels are named where GCC knows
+// them: x86-64-v4 = AVX-512 F/BW/DQ/VL, x86-64-v3 = AVX2, FMA, F16C, BMI.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTPROBE_NO_CLONES)
-#define FASTPROBE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#if __GNUC__ >= 12
+#define FASTPROBE_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTPROBE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #else
 #define FASTPROBE_SIMD_CLONES
 #endif

@@ -31,13 +31,14 @@ def random_weights(num_drafts, device):
 
 
 def expected(draft, target_logits, weights, temperature):
-    """The float64 reference on exactly the values the kernel sees."""
-    return reference.draft_divergence(
-        draft.cpu().double(),
-        None if target_logits is None else target_logits.cpu().double(),
-        weights=None if weights is None else weights.cpu().double(),
+    """The float64 reference on exactly the values the kernel sees (on their device)."""
+    result = reference.draft_divergence(
+        draft.double(),
+        None if target_logits is None else target_logits.double(),
+        weights=None if weights is None else weights.double(),
         temperature=temperature,
     )
+    return {field: None if value is None else value.cpu() for field, value in result.items()}
 
 
 def assert_matches(result, ref, has_target=True, rtol=RTOL, atol=ATOL):
@@ -151,6 +152,26 @@ def test_empty_token_axis(target):
     _, device = target
     result = fp.draft_divergence(torch.randn(2, 0, 9, device=device), torch.randn(0, 9, device=device))
     assert result.jsd.shape == (0,) and result.draft_entropy.shape == (2, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["auto", "two_pass"])
+@pytest.mark.parametrize("num_drafts", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936, 262144 + 17])
+def test_cuda_real_vocabularies(variant, num_drafts, vocab, monkeypatch):
+    """Model-sized vocabularies on CUDA, through both Triton kernels: the single-read
+    kernel (chosen by "auto" where it applies) and the two-pass kernel."""
+    monkeypatch.setenv("FASTPROBE_DIVERGENCE_KERNEL", variant)
+    fp.set_backend("triton")
+    num_tokens = 33
+    draft = (4 * torch.randn(num_drafts, num_tokens, vocab, device="cuda")).to(torch.bfloat16)
+    target_logits = (4 * torch.randn(num_tokens, vocab, device="cuda")).to(torch.bfloat16)
+    draft[:, 3, vocab // 2 :] = float("-inf")  # a row whose second half (many whole chunks) is masked
+    weights = random_weights(num_drafts, "cuda")
+    result = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.8)
+    assert_matches(result, expected(draft, target_logits, weights, 0.8))
+    without_target = fp.draft_divergence(draft, weights=weights, temperature=0.8)
+    assert_matches(without_target, expected(draft, None, weights, 0.8), has_target=False)
 
 
 # ---------------------------------------------------------------- properties
@@ -277,7 +298,7 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
         fp.draft_divergence(torch.randn(2, 3, 10, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend"):
         fp.set_backend("cuda")
-    fp.set_backend("auto")
+    fp.set_backend(None)  # follow FASTPROBE_BACKEND again
     monkeypatch.setenv("FASTPROBE_BACKEND", "fortran")
     with pytest.raises(ValueError, match="FASTPROBE_BACKEND"):
         fp.draft_divergence(torch.randn(2, 3, 10))

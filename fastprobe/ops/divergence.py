@@ -19,13 +19,14 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
+    check_finite_lse,
     check_same_device,
     check_temperature,
     check_tensor,
     cpp,
-    first_bad_index,
     is_compiling,
     new_output,
+    output_dtype,
 )
 
 __all__ = ["DraftDivergence", "draft_divergence"]
@@ -45,10 +46,6 @@ class DraftDivergence(NamedTuple):
     mixture_entropy: torch.Tensor  # [N]
     draft_entropy: torch.Tensor  # [K, N]
     target_entropy: Optional[torch.Tensor]  # [N]
-
-
-def _output_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _reference_packed(draft, target, weights, inv_temperature, stats, lse) -> None:
@@ -101,7 +98,7 @@ def _draft_divergence_op(
     """Packed form: stats [5 + K, N] (rows JSD, KL_MIXTURE_TARGET, EPISTEMIC,
     MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k)) and lse [K + 1, N] (row K: target)."""
     num_drafts, num_tokens, _ = draft.shape
-    dtype = _output_dtype(draft)
+    dtype = output_dtype(draft)
     stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, dtype)
     lse = new_output((num_drafts + 1, num_tokens), draft.device, dtype)
     if num_tokens > 0:
@@ -113,14 +110,14 @@ def _draft_divergence_op(
 @_draft_divergence_op.register_fake
 def _(draft, target, weights, inv_temperature):
     num_drafts, num_tokens, _ = draft.shape
-    dtype = _output_dtype(draft)
+    dtype = output_dtype(draft)
     stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=dtype)
     lse = draft.new_empty((num_drafts + 1, num_tokens), dtype=dtype)
     return stats, lse
 
 
 def _check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor:
-    dtype = _output_dtype(draft)
+    dtype = output_dtype(draft)
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft.device)
     if not isinstance(weights, torch.Tensor):
@@ -139,20 +136,6 @@ def _check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tenso
         if abs(total - 1.0) > 1e-4:
             raise ValueError(f"weights must sum to 1, got sum {total:.6g}")
     return weights
-
-
-def _check_finite_lse(lse: torch.Tensor, has_target: bool) -> None:
-    """A non-finite log-sum-exp means a row that is all -inf, or holds NaN or +inf."""
-    rows = lse if has_target else lse[:-1]
-    bad = first_bad_index(~torch.isfinite(rows))
-    if bad is None:
-        return
-    row, token = bad
-    where = "target_logits" if row == lse.shape[0] - 1 else f"draft_logits[{row}]"
-    raise ValueError(
-        f"{where}[{token}] has no finite log-sum-exp: the row is all -inf (no token left unmasked) "
-        "or contains NaN or +inf"
-    )
 
 
 def draft_divergence(
@@ -205,7 +188,11 @@ def draft_divergence(
 
     stats, lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature)
     if not is_compiling() and num_tokens > 0:
-        _check_finite_lse(lse, target is not None)
+        # lse rows: the K drafts, then the target's (meaningful only with a target)
+        check_finite_lse(
+            lse if target is not None else lse[:-1],
+            lambda row, token: f"target_logits[{token}]" if row == num_drafts else f"draft_logits[{row}][{token}]",
+        )
 
     has_target = target is not None
     return DraftDivergence(

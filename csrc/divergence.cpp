@@ -1,0 +1,298 @@
+// draft_divergence: per-token uncertainty of K draft distributions against a
+// target (the math of fastprobe.reference.draft_divergence).
+//
+// Per token n, with s_kv = draft[k, n, v] / T and t_v = target[n, v] / T:
+//   q_k = softmax(s_k), p = softmax(t), m = sum_k w_k q_k
+//   stats[0] = JSD      = sum_v sum_k w_k q_kv (log q_kv - log m_v)
+//   stats[1] = KL(m||p) = sum_v m_v (log m_v - log p_v)
+//   stats[2] = epistemic = stats[0] + stats[1]
+//   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
+//   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)
+// Without a target, stats rows 1, 2, 4 and lse row K are 0.
+//
+// Tokens are spread over OpenMP threads. Each token takes two streaming passes
+// over the vocabulary in blocks of kBlock: pass 1 folds every row into an online
+// log-sum-exp, pass 2 forms q, m and p from it and accumulates all the sums.
+// Blocks are converted to float32 (unscaled) into per-thread buffers of
+// O((K + 1) kBlock) floats. Log-probabilities are formed as (x - max) / T - log(sum)
+// with max the row's largest raw logit: x - max is exact near the max, so the
+// result keeps float32 precision however large the logits are. Block sums are
+// float32, per-token accumulators are double.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace fastprobe {
+namespace {
+
+// ---- Loading: the only code that knows the input dtype. ----------------------
+
+// out[i] = float(base[first + i * stride]) for i < count.
+using LoadFn = void (*)(const void* base, int64_t first, int64_t stride, int64_t count,
+                        float* out);
+
+FASTPROBE_SIMD_CLONES static void load_float32(const void* base, int64_t first, int64_t stride,
+                                               int64_t count, float* out) {
+  load_scaled(static_cast<const float*>(base) + first, stride, count, 1.0f, out);
+}
+
+FASTPROBE_SIMD_CLONES static void load_bfloat16(const void* base, int64_t first, int64_t stride,
+                                                int64_t count, float* out) {
+  load_scaled(static_cast<const bf16*>(base) + first, stride, count, 1.0f, out);
+}
+
+FASTPROBE_SIMD_CLONES static void load_float16(const void* base, int64_t first, int64_t stride,
+                                               int64_t count, float* out) {
+  load_scaled(static_cast<const fp16*>(base) + first, stride, count, 1.0f, out);
+}
+
+static LoadFn loader_for(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return load_float32;
+    case DType::BFloat16: return load_bfloat16;
+    case DType::Float16: return load_float16;
+  }
+  throw std::invalid_argument("fastprobe._C: unsupported dtype");
+}
+
+// ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
+
+// Pass 1: log sum_v exp(scale x_v), folded online block by block.
+FASTPROBE_SIMD_CLONES static void lse_block(LseState& state, const float* x, int64_t count,
+                                            float scale) {
+  lse_update(state, x, count, scale);
+}
+
+// Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - max) scale - log_sum.
+struct LogSoftmax {
+  float max, scale, log_sum;
+};
+
+static inline float log_prob(const LogSoftmax& row, float x) {
+  return (x - row.max) * row.scale - row.log_sum;
+}
+
+// One draft row: q_v = exp(log q_v) into q, m_v += w q_v; returns sum_v q_v log q_v.
+FASTPROBE_SIMD_CLONES static float draft_block(const float* x, LogSoftmax row, float w,
+                                               int64_t count, float* q, float* m) {
+  float q_log_q = 0.0f;
+#pragma omp simd reduction(+ : q_log_q)
+  for (int64_t v = 0; v < count; ++v) {
+    const float log_q = log_prob(row, x[v]);    // log q_v (-inf where masked)
+    const float qv = fast_exp(log_q);           // q_v
+    q[v] = qv;
+    m[v] += w * qv;                             // m_v = sum_k w_k q_kv
+    q_log_q += qv > 0.0f ? qv * log_q : 0.0f;   // 0 log 0 = 0
+  }
+  return q_log_q;
+}
+
+// Mixture: log m_v into log_m (0 where m_v = 0, never read there); returns sum_v m_v log m_v.
+FASTPROBE_SIMD_CLONES static float mixture_block(const float* m, int64_t count, float* log_m) {
+  float m_log_m = 0.0f;
+#pragma omp simd reduction(+ : m_log_m)
+  for (int64_t v = 0; v < count; ++v) {
+    const bool positive = m[v] > 0.0f;
+    const float lm = positive ? fast_log(m[v]) : 0.0f;  // log m_v
+    log_m[v] = lm;
+    m_log_m += positive ? m[v] * lm : 0.0f;             // 0 log 0 = 0
+  }
+  return m_log_m;
+}
+
+// One draft row against the mixture: returns sum_v q_v (log q_v - log m_v), every term >= 0.
+FASTPROBE_SIMD_CLONES static float jsd_block(const float* x, LogSoftmax row, const float* q,
+                                             const float* log_m, int64_t count) {
+  float kl = 0.0f;
+#pragma omp simd reduction(+ : kl)
+  for (int64_t v = 0; v < count; ++v)  // q_v > 0 implies m_v > 0 (unless w_k = 0)
+    kl += q[v] > 0.0f ? q[v] * (log_prob(row, x[v]) - log_m[v]) : 0.0f;
+  return kl;
+}
+
+struct TargetSums {
+  float kl;       // sum_v m_v (log m_v - log p_v)
+  float p_log_p;  // sum_v p_v log p_v
+};
+
+// Target row against the mixture: p_v = exp(log p_v). m_v > 0 where p_v = 0 gives +inf.
+FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax row,
+                                                     const float* m, const float* log_m,
+                                                     int64_t count) {
+  float kl = 0.0f, p_log_p = 0.0f;
+#pragma omp simd reduction(+ : kl, p_log_p)
+  for (int64_t v = 0; v < count; ++v) {
+    const float log_p = log_prob(row, x[v]);                   // log p_v (-inf where masked)
+    const float pv = fast_exp(log_p);                          // p_v
+    p_log_p += pv > 0.0f ? pv * log_p : 0.0f;                  // 0 log 0 = 0
+    kl += m[v] > 0.0f ? m[v] * (log_m[v] - log_p) : 0.0f;      // m log(m / p), 0 where m = 0
+  }
+  return {kl, p_log_p};
+}
+
+// ---- Per-token driver. ----------------------------------------------------------
+
+struct Problem {
+  LoadFn load;
+  const void* draft;  // [K, N, V]
+  int64_t K, N, V, stride_dk, stride_dn, stride_dv;
+  const void* target;  // [N, V] or nullptr
+  int64_t stride_tn, stride_tv;
+  const float* weights;  // [K]
+  float inv_temperature;
+  float* stats;  // [5 + K, N]
+  float* lse;    // [K + 1, N]
+
+  bool has_target() const { return target != nullptr; }
+  int64_t rows() const { return has_target() ? K + 1 : K; }  // draft rows, then the target
+
+  // Logits of row r (draft k = r < K, else the target) of token n, elements
+  // [v0, v0 + count) of the vocabulary, into out.
+  void load_row(int64_t r, int64_t n, int64_t v0, int64_t count, float* out) const {
+    if (r < K)
+      load(draft, r * stride_dk + n * stride_dn + v0 * stride_dv, stride_dv, count, out);
+    else
+      load(target, n * stride_tn + v0 * stride_tv, stride_tv, count, out);
+  }
+};
+
+// Per-thread scratch, allocated once per thread.
+struct Workspace {
+  explicit Workspace(int64_t K)
+      : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock),
+        lse_state(K + 1), log_softmax(K + 1), q_log_q(K) {}
+
+  float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
+  float* q_row(int64_t k) { return q.data() + k * kBlock; }
+
+  std::vector<float> logits;  // [K + 1, kBlock] logits of the current block
+  std::vector<float> q;       // [K, kBlock] q_kv of the current block
+  std::vector<float> m;       // [kBlock] m_v
+  std::vector<float> log_m;   // [kBlock] log m_v
+  std::vector<LseState> lse_state;      // [K + 1] per row of this token
+  std::vector<LogSoftmax> log_softmax;  // [K + 1] per row of this token
+  std::vector<double> q_log_q;  // [K] sum_v q_kv log q_kv of this token
+};
+
+static int64_t block_size(int64_t V, int64_t v0) { return std::min(kBlock, V - v0); }
+
+// Pass 1: lse of every row of token n.
+static void token_lse(const Problem& p, int64_t n, Workspace& ws) {
+  std::fill(ws.lse_state.begin(), ws.lse_state.end(), LseState{});
+  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+    const int64_t count = block_size(p.V, v0);
+    for (int64_t r = 0; r < p.rows(); ++r) {
+      p.load_row(r, n, v0, count, ws.logits_row(r));
+      lse_block(ws.lse_state[r], ws.logits_row(r), count, p.inv_temperature);
+    }
+  }
+  for (int64_t r = 0; r < p.rows(); ++r) {
+    const LseState& state = ws.lse_state[r];
+    ws.log_softmax[r] = {state.max, p.inv_temperature, std::log(state.sum)};
+  }
+}
+
+// Both passes for token n; writes its column of stats and lse.
+static void token_divergence(const Problem& p, int64_t n, Workspace& ws) {
+  token_lse(p, n, ws);
+
+  // Pass 2: every sum, block by block.
+  std::fill(ws.q_log_q.begin(), ws.q_log_q.end(), 0.0);
+  double jsd = 0.0, m_log_m = 0.0, kl_mt = 0.0, p_log_p = 0.0;
+  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+    const int64_t count = block_size(p.V, v0);
+    for (int64_t r = 0; r < p.rows(); ++r) p.load_row(r, n, v0, count, ws.logits_row(r));
+
+    std::fill(ws.m.begin(), ws.m.begin() + count, 0.0f);
+    for (int64_t k = 0; k < p.K; ++k)
+      ws.q_log_q[k] += draft_block(ws.logits_row(k), ws.log_softmax[k], p.weights[k], count,
+                                   ws.q_row(k), ws.m.data());
+    m_log_m += mixture_block(ws.m.data(), count, ws.log_m.data());
+    // JSD = sum_k w_k KL(q_k || m)
+    for (int64_t k = 0; k < p.K; ++k)
+      jsd += double(p.weights[k]) *
+             jsd_block(ws.logits_row(k), ws.log_softmax[k], ws.q_row(k), ws.log_m.data(),
+                       count);
+    if (p.has_target()) {
+      const TargetSums t = target_block(ws.logits_row(p.K), ws.log_softmax[p.K], ws.m.data(),
+                                        ws.log_m.data(), count);
+      kl_mt += t.kl;
+      p_log_p += t.p_log_p;
+    }
+  }
+
+  // JSD >= 0 exactly (log-sum inequality per v); log q (from the lse) and log m (fast_log)
+  // round differently, which can leave -1e-7 where the JSD is 0 (K = 1, equal drafts).
+  // std::max keeps a NaN.
+  jsd = std::max(jsd, 0.0);
+  auto stat = [&](int64_t row) -> float& { return p.stats[row * p.N + n]; };
+  stat(0) = float(jsd);
+  stat(1) = p.has_target() ? float(kl_mt) : 0.0f;
+  stat(2) = p.has_target() ? float(jsd + kl_mt) : 0.0f;  // = sum_k w_k KL(q_k || p)
+  stat(3) = float(-m_log_m);                              // H(m)
+  stat(4) = p.has_target() ? float(-p_log_p) : 0.0f;     // H(p)
+  for (int64_t k = 0; k < p.K; ++k) {
+    stat(5 + k) = float(-ws.q_log_q[k]);  // H(q_k)
+    p.lse[k * p.N + n] = ws.lse_state[k].value(p.inv_temperature);
+  }
+  p.lse[p.K * p.N + n] = p.has_target() ? ws.lse_state[p.K].value(p.inv_temperature) : 0.0f;
+}
+
+template <typename T>
+static T* pointer(uintptr_t address, bool required, const char* name) {
+  if (required && address == 0)
+    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " pointer is null");
+  return reinterpret_cast<T*>(address);
+}
+
+void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,
+                      int64_t V, int64_t stride_dk, int64_t stride_dn, int64_t stride_dv,
+                      uintptr_t target_ptr, int64_t stride_tn, int64_t stride_tv,
+                      uintptr_t weights_ptr, double inv_temperature, uintptr_t stats_ptr,
+                      uintptr_t lse_ptr, int64_t num_threads) {
+  check_size(K, 1, "K");
+  check_size(N, 0, "N");
+  check_size(V, 1, "V");
+  [[maybe_unused]] const int threads = clamp_threads(num_threads);  // unused without OpenMP
+  const float inv_t = float(inv_temperature);
+  if (!(inv_t > 0.0f && std::isfinite(inv_t)))
+    throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0 in float32");
+  const bool any = N > 0;  // empty outputs may come with null data pointers
+  const Problem p{loader_for(parse_dtype(dtype)),
+                  pointer<const void>(draft_ptr, any, "draft"),
+                  K, N, V, stride_dk, stride_dn, stride_dv,
+                  pointer<const void>(target_ptr, false, "target"),
+                  stride_tn, stride_tv,
+                  pointer<const float>(weights_ptr, any, "weights"),
+                  inv_t,
+                  pointer<float>(stats_ptr, any, "stats"),
+                  pointer<float>(lse_ptr, any, "lse")};
+
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws(K);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) token_divergence(p, n, ws);
+  }
+}
+
+}  // namespace
+
+void bind_divergence(py::module_& m) {
+  m.def("draft_divergence", &draft_divergence, py::call_guard<py::gil_scoped_release>(),
+        "Draft/target divergence statistics per token (see fastprobe.reference.draft_divergence).\n"
+        "Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N] and\n"
+        "lse [K + 1, N] (float32, contiguous).",
+        py::arg("dtype"), py::arg("draft_ptr"), py::arg("K"), py::arg("N"), py::arg("V"),
+        py::arg("stride_dk"), py::arg("stride_dn"), py::arg("stride_dv"), py::arg("target_ptr"),
+        py::arg("stride_tn"), py::arg("stride_tv"), py::arg("weights_ptr"),
+        py::arg("inv_temperature"), py::arg("stats_ptr"), py::arg("lse_ptr"),
+        py::arg("num_threads"));
+}
+
+}  // namespace fastprobe

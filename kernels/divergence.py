@@ -1,0 +1,480 @@
+"""Fused draft-divergence kernel (Triton): the math of ``fastprobe.reference.draft_divergence``.
+
+One program per token n. With x the raw logits, c = inv_T * log2(e), the kernel works in
+base 2 and converts to natural units (times ln 2) only when it stores:
+
+  pass 1 (vocabulary blocks, forward):  online log-sum-exp per row,
+        M_r = max_v x_rv,  S_r = sum_v 2^((x_rv - M_r) c),  lse_r = M_r inv_T + ln S_r
+  pass 2 (vocabulary blocks, REVERSE, so the last blocks of pass 1 are L2 hits):
+        log2 q_kv = (x_kv - M_k) c - log2 S_k,   m_v = sum_k w_k q_kv
+        jsd      = sum_v sum_k w_k q_kv (log q_kv - log m_v)   (each term >= 0)
+        KL(m||p) = sum_v m_v (log m_v - log p_v)
+        H(m)     = -sum_v m_v log m_v,  H(p), H(q_k) likewise
+
+Subtracting the row max from the *raw* logit before scaling keeps log q accurate for
+large logits (x - M is exact for nearby values; scaling first would round x inv_T).
+Conventions: 0 log 0 = 0 (every x log y is guarded by x > 0), -inf logits give q = 0,
+a row with no finite logit gets lse = -inf and zero probabilities, NaN / +inf input
+gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["draft_divergence"]
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+@triton.jit
+def _xlog2y(x, log2y):
+    """x * log2(y) with 0 log 0 = 0 (x == 0 never meets -inf, so no NaN)."""
+    return tl.where(x > 0, x * log2y, 0.0)
+
+
+@triton.jit
+def _lse_step_rows(x, mx, s, c):
+    """Online log-sum-exp over a [R, B] tile of raw logits (-inf where masked).
+
+    Keeps mx_r = max seen x_rv and s_r = sum seen 2^((x_rv - mx_r) c).
+    """
+    new_mx = tl.maximum(mx, tl.max(x, axis=1))
+    # while a row has seen only -inf, shift by 0 so that -inf - -inf never appears
+    shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+    s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift[:, None]) * c), axis=1)
+    return new_mx, s
+
+
+@triton.jit
+def _lse_step_vec(x, mx, s, c):
+    """_lse_step_rows for one [B] row (the target): mx and s are scalars."""
+    new_mx = tl.maximum(mx, tl.max(x, axis=0))
+    shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+    s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=0)
+    return new_mx, s
+
+
+@triton.jit
+def _safe_shift(mx, s):
+    """(M, log2 S) to form log2 prob = (x - M) c - log2 S; a row with no finite logit
+    gets (0, 0), so its -inf logits give log2 prob = -inf, prob = 0 (never NaN)."""
+    return tl.where(mx == float("-inf"), 0.0, mx), tl.where(s > 0, tl.log2(s), 0.0)
+
+
+@triton.jit
+def _divergence_kernel(
+    draft_ptr,  # [K, N, V] any float dtype, any strides
+    target_ptr,  # [N, V] (a dummy when not HAS_TARGET)
+    w_ptr,  # [K] float32
+    stats_ptr,  # [5 + K, N] float32 contiguous
+    lse_ptr,  # [K + 1, N] float32 contiguous
+    inv_temperature,  # runtime float
+    N,
+    V,
+    K,
+    stride_dk,
+    stride_dn,
+    stride_dv,
+    stride_tn,
+    stride_tv,
+    K_PAD: tl.constexpr,  # next power of two >= K
+    HAS_TARGET: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    N64 = n * 0 + N  # N as int64, so that row * N never overflows int32
+    c = inv_temperature * _LOG2E  # x inv_T = (x c) / log2(e): base-2 exponent scale
+
+    k = tl.arange(0, K_PAD)
+    k_ok = k < K
+    d_rows = draft_ptr + (n * stride_dn + k.to(tl.int64) * stride_dk)  # [K_PAD] row starts
+    t_row = target_ptr + n * stride_tn
+    w = tl.load(w_ptr + k, mask=k_ok, other=0.0)  # padded rows weigh 0
+    nblk = tl.cdiv(V, BLOCK_V)
+
+    # ---- pass 1: online log-sum-exp of every row ----
+    mx_q = tl.full([K_PAD], float("-inf"), tl.float32)
+    s_q = tl.zeros([K_PAD], tl.float32)
+    mx_p = float("-inf")  # the target's (scalars)
+    s_p = 0.0
+    for b in range(0, nblk):
+        offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        col = offs_v.to(tl.int64)
+        x = tl.load(
+            d_rows[:, None] + (col * stride_dv)[None, :],
+            mask=k_ok[:, None] & v_ok[None, :],
+            other=float("-inf"),
+        ).to(tl.float32)
+        mx_q, s_q = _lse_step_rows(x, mx_q, s_q, c)
+        if HAS_TARGET:
+            y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
+            mx_p, s_p = _lse_step_vec(y, mx_p, s_p, c)
+
+    # lse = M inv_T + ln S  (-inf for a row of -inf: -inf + ln 0; NaN for NaN / +inf input)
+    tl.store(lse_ptr + k.to(tl.int64) * N64 + n, mx_q * inv_temperature + tl.log2(s_q) * _LN2, mask=k_ok)
+    if HAS_TARGET:
+        tl.store(lse_ptr + K * N64 + n, mx_p * inv_temperature + tl.log2(s_p) * _LN2)
+    else:
+        tl.store(lse_ptr + K * N64 + n, 0.0)
+    shift_q, log2s_q = _safe_shift(mx_q, s_q)
+    shift_p, log2s_p = _safe_shift(mx_p, s_p)
+
+    # ---- pass 2: the sums, vocabulary blocks in reverse (L2 still holds the last ones) ----
+    hq_acc = tl.zeros([K_PAD], tl.float32)  # sum_v q log2 q, per draft
+    jsd_acc = 0.0  # sum_v sum_k w q (log2 q - log2 m)
+    hm_acc = 0.0  # sum_v m log2 m
+    kl_acc = 0.0  # sum_v m (log2 m - log2 p)
+    hp_acc = 0.0  # sum_v p log2 p
+    for i in range(0, nblk):
+        offs_v = (nblk - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        col = offs_v.to(tl.int64)
+        x = tl.load(
+            d_rows[:, None] + (col * stride_dv)[None, :],
+            mask=k_ok[:, None] & v_ok[None, :],
+            other=float("-inf"),
+        ).to(tl.float32)
+        log2q = (x - shift_q[:, None]) * c - log2s_q[:, None]  # log2 q_kv (-inf if masked)
+        q = tl.exp2(log2q)
+        wq = w[:, None] * q
+        m = tl.sum(wq, axis=0)  # m_v = sum_k w_k q_kv
+        log2m = tl.log2(m)  # -inf where m_v = 0 (only used under m > 0 or wq > 0)
+        hq_acc += tl.sum(_xlog2y(q, log2q), axis=1)
+        # wq > 0 implies m_v >= wq > 0, so log2 m is finite wherever it is used
+        jsd_acc += tl.sum(tl.sum(_xlog2y(wq, log2q - log2m[None, :]), axis=0), axis=0)
+        hm_acc += tl.sum(_xlog2y(m, log2m), axis=0)
+        if HAS_TARGET:
+            y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
+            log2p = (y - shift_p) * c - log2s_p  # log2 p_v
+            p = tl.exp2(log2p)
+            kl_acc += tl.sum(_xlog2y(m, log2m - log2p), axis=0)  # m > 0, p = 0: +inf (correct)
+            hp_acc += tl.sum(_xlog2y(p, log2p), axis=0)
+
+    # ---- store, converting base-2 logs to natural ones (times ln 2) ----
+    jsd = jsd_acc * _LN2
+    tl.store(stats_ptr + 0 * N64 + n, jsd)
+    tl.store(stats_ptr + 3 * N64 + n, -hm_acc * _LN2)  # H(m)
+    if HAS_TARGET:
+        kl = kl_acc * _LN2
+        tl.store(stats_ptr + 1 * N64 + n, kl)  # KL(m || p)
+        tl.store(stats_ptr + 2 * N64 + n, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)
+        tl.store(stats_ptr + 4 * N64 + n, -hp_acc * _LN2)  # H(p)
+    else:
+        tl.store(stats_ptr + 1 * N64 + n, 0.0)
+        tl.store(stats_ptr + 2 * N64 + n, 0.0)
+        tl.store(stats_ptr + 4 * N64 + n, 0.0)
+    tl.store(stats_ptr + (5 + k.to(tl.int64)) * N64 + n, -hq_acc * _LN2, mask=k_ok)  # H(q_k)
+
+
+# On a GPU the block size and warp count are tuned per (V, K_PAD, HAS_TARGET) (and, by
+# Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
+# is safe. num_stages=1: no software pipelining (the plain loads gain little from it, and its
+# shared-memory buffers would cost occupancy); other resident programs hide the latency.
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1)
+    for bv in (1024, 2048, 4096)
+    for nw in (4, 8, 16)
+]
+# Pass 2 keeps about two float32 values per tile element live (log2 q and q); past ~32
+# elements per thread ptxas spills (seen compiling for sm_90), so such configs are not tried.
+_MAX_ELEMENTS_PER_THREAD = 32
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 1))
+
+    def per_thread(cfg):
+        return k_pad * cfg.kwargs["BLOCK_V"] // (32 * cfg.num_warps)
+
+    kept = [cfg for cfg in configs if per_thread(cfg) <= _MAX_ELEMENTS_PER_THREAD]
+    if not kept:  # very many drafts: keep the smallest tiles per thread
+        least = min(per_thread(cfg) for cfg in configs)
+        kept = [cfg for cfg in configs if per_thread(cfg) == least]
+    return kept
+
+
+_divergence_kernel_tuned = triton.autotune(
+    configs=_AUTOTUNE_CONFIGS,
+    key=["V", "K_PAD", "HAS_TARGET"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_divergence_kernel)
+
+# ---------------------------------------------------------------------------------------
+# Single-read variant (CUDA only). The two-pass kernel reads every logit twice. Here
+# the vocabulary of token n is split into C chunks, one program each, which keeps its
+# chunk in registers: it publishes the chunk's (max, sum) per row, waits until all C
+# chunks of the token have published, combines them into the row's lse, and computes
+# its chunk's share of every sum from the registers; the last chunk to finish adds the
+# shares (in fixed chunk order, so results are deterministic). Programs take their
+# (token, chunk) from an atomic ticket in the order they start, so the chunks a
+# program waits for have started or will start next: with at least C programs
+# resident, the wait always ends (the launcher caps C far below the number of SMs).
+# The interpreter runs programs one at a time, so it uses the two-pass kernel.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_max_sum(x, c):
+    """Per row of a [R, B] tile of raw logits: M = max x, S = sum 2^((x - M) c), and the
+    tile's e = 2^((x - M) c) (0 where masked). Rows of -inf give M = -inf, S = 0."""
+    mx = tl.max(x, axis=1)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp2((x - shift[:, None]) * c)
+    return mx, shift, tl.sum(e, axis=1), e
+
+
+@triton.jit
+def _combine_chunks(part_mx, part_s, c):
+    """[C_PAD, R] per-chunk (max, sum) -> per row (M, S) of the whole vocabulary."""
+    mx = tl.max(part_mx, axis=0)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    s = tl.sum(part_s * tl.exp2((part_mx - shift[None, :]) * c), axis=0)
+    return mx, s
+
+
+@triton.jit
+def _divergence_single_read_kernel(
+    draft_ptr, target_ptr, w_ptr, stats_ptr, lse_ptr,
+    part_mx_ptr,  # [N, C, K_PAD + 1] float32 scratch: per chunk row max of the raw logits
+    part_s_ptr,  # [N, C, K_PAD + 1] float32 scratch: per chunk sum 2^((x - max) c)
+    part_stats_ptr,  # [N, C, 4 + K_PAD] float32 scratch: per chunk share of every sum
+    counters_ptr,  # int32 [1 + 2N], zeroed: ticket, then arrived[N], finished[N]
+    inv_temperature, N, V, K,
+    stride_dk, stride_dn, stride_dv, stride_tn, stride_tv,
+    chunk_limit,  # only read by the autotuner's pruning (chunks per token it may use)
+    K_PAD: tl.constexpr, HAS_TARGET: tl.constexpr, CHUNK: tl.constexpr, C_PAD: tl.constexpr,
+):
+    num_chunks = tl.cdiv(V, CHUNK)
+    ticket = tl.atomic_add(counters_ptr, 1)
+    n = (ticket // num_chunks).to(tl.int64)
+    chunk = ticket % num_chunks
+    N64 = n * 0 + N
+    c = inv_temperature * _LOG2E
+    R: tl.constexpr = K_PAD + 1  # scratch rows: K_PAD drafts, then the target
+
+    k = tl.arange(0, K_PAD)
+    k_ok = k < K
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    v_ok = cols < V
+    col = cols.to(tl.int64)
+    x = tl.load(
+        draft_ptr + n * stride_dn + k.to(tl.int64)[:, None] * stride_dk + (col * stride_dv)[None, :],
+        mask=k_ok[:, None] & v_ok[None, :], other=float("-inf"),
+    ).to(tl.float32)  # raw logits: maxima are subtracted before scaling (exact for nearby x)
+    w = tl.load(w_ptr + k, mask=k_ok, other=0.0)
+
+    # ---- publish this chunk's (max, sum) per row ----
+    mx_q, chunk_shift_q, s_q, e_q = _chunk_max_sum(x, c)
+    slot = (n * num_chunks + chunk) * R
+    tl.store(part_mx_ptr + slot + k, mx_q)
+    tl.store(part_s_ptr + slot + k, s_q)
+    if HAS_TARGET:
+        y = tl.load(target_ptr + n * stride_tn + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
+        mx_p, chunk_shift_p, s_p, e_p = _chunk_max_sum(y[None, :], c)
+        tl.store(part_mx_ptr + slot + K_PAD + tl.arange(0, 1), mx_p)
+        tl.store(part_s_ptr + slot + K_PAD + tl.arange(0, 1), s_p)
+    tl.debug_barrier()  # every thread's stores before the release below
+    tl.atomic_add(counters_ptr + 1 + n, 1, sem="release")
+    while tl.atomic_add(counters_ptr + 1 + n, 0, sem="acquire") < num_chunks:
+        pass
+    tl.debug_barrier()
+
+    # ---- the whole row's log-sum-exp from all chunks (volatile: bypass stale L1) ----
+    chunks = tl.arange(0, C_PAD)
+    c_ok = chunks < num_chunks
+    rows_base = (n * num_chunks + chunks.to(tl.int64)) * R
+    part_mx = tl.load(part_mx_ptr + rows_base[:, None] + k[None, :], mask=c_ok[:, None], other=float("-inf"), volatile=True)
+    part_s = tl.load(part_s_ptr + rows_base[:, None] + k[None, :], mask=c_ok[:, None], other=0.0, volatile=True)
+    row_mx, row_s = _combine_chunks(part_mx, part_s, c)
+    shift_q, log2s_q = _safe_shift(row_mx, row_s)
+    # log2 q = (x - M) c - log2 S; from the registers: q = e * 2^((chunk max - M) c - log2 S)
+    log2q = (x - shift_q[:, None]) * c - log2s_q[:, None]
+    # (e > 0 guards a chunk that is all -inf in a row: e = 0 there, the factor may overflow)
+    q = tl.where(e_q > 0, e_q * tl.exp2((chunk_shift_q - shift_q) * c - log2s_q)[:, None], 0.0)
+    wq = w[:, None] * q
+    m = tl.sum(wq, axis=0)
+    log2m = tl.log2(m)
+    share_hq = tl.sum(_xlog2y(q, log2q), axis=1)
+    share_jsd = tl.sum(tl.sum(_xlog2y(wq, log2q - log2m[None, :]), axis=0), axis=0)
+    share_hm = tl.sum(_xlog2y(m, log2m), axis=0)
+    share_kl = 0.0
+    share_hp = 0.0
+    if HAS_TARGET:
+        t_mx = tl.load(part_mx_ptr + rows_base + K_PAD, mask=c_ok, other=float("-inf"), volatile=True)
+        t_s = tl.load(part_s_ptr + rows_base + K_PAD, mask=c_ok, other=0.0, volatile=True)
+        p_mx, p_s = _combine_chunks(t_mx[:, None], t_s[:, None], c)
+        shift_p, log2s_p = _safe_shift(p_mx, p_s)
+        log2p = (y[None, :] - shift_p[:, None]) * c - log2s_p[:, None]
+        p = tl.where(e_p > 0, e_p * tl.exp2((chunk_shift_p - shift_p) * c - log2s_p)[:, None], 0.0)
+        share_kl = tl.sum(tl.sum(_xlog2y(m[None, :], log2m[None, :] - log2p), axis=1), axis=0)
+        share_hp = tl.sum(tl.sum(_xlog2y(p, log2p), axis=1), axis=0)
+
+    # ---- publish this chunk's shares; the last chunk of the token adds them up ----
+    W: tl.constexpr = 4 + K_PAD
+    share_slot = (n * num_chunks + chunk) * W
+    tl.store(part_stats_ptr + share_slot + 0, share_jsd)
+    tl.store(part_stats_ptr + share_slot + 1, share_kl)
+    tl.store(part_stats_ptr + share_slot + 2, share_hm)
+    tl.store(part_stats_ptr + share_slot + 3, share_hp)
+    tl.store(part_stats_ptr + share_slot + 4 + k, share_hq)
+    tl.debug_barrier()
+    finished_before = tl.atomic_add(counters_ptr + 1 + N64 + n, 1, sem="acq_rel")
+    if finished_before == num_chunks - 1:
+        share_rows = (n * num_chunks + chunks.to(tl.int64)) * W
+        jsd = tl.sum(tl.load(part_stats_ptr + share_rows + 0, mask=c_ok, other=0.0, volatile=True), axis=0) * _LN2
+        hm = tl.sum(tl.load(part_stats_ptr + share_rows + 2, mask=c_ok, other=0.0, volatile=True), axis=0)
+        hq = tl.sum(tl.load(part_stats_ptr + share_rows[:, None] + 4 + k[None, :], mask=c_ok[:, None], other=0.0, volatile=True), axis=0)
+        tl.store(stats_ptr + 0 * N64 + n, jsd)
+        tl.store(stats_ptr + 3 * N64 + n, -hm * _LN2)
+        tl.store(stats_ptr + (5 + k.to(tl.int64)) * N64 + n, -hq * _LN2, mask=k_ok)
+        # lse = M inv_T + ln S; -inf for a row of -inf, NaN for NaN / +inf input
+        tl.store(lse_ptr + k.to(tl.int64) * N64 + n, row_mx * inv_temperature + tl.log2(row_s) * _LN2, mask=k_ok)
+        if HAS_TARGET:
+            kl = tl.sum(tl.load(part_stats_ptr + share_rows + 1, mask=c_ok, other=0.0, volatile=True), axis=0) * _LN2
+            hp = tl.sum(tl.load(part_stats_ptr + share_rows + 3, mask=c_ok, other=0.0, volatile=True), axis=0)
+            tl.store(stats_ptr + 1 * N64 + n, kl)
+            tl.store(stats_ptr + 2 * N64 + n, jsd + kl)
+            tl.store(stats_ptr + 4 * N64 + n, -hp * _LN2)
+            tl.store(lse_ptr + K * N64 + n + tl.arange(0, 1), p_mx * inv_temperature + tl.log2(p_s) * _LN2)
+        else:
+            tl.store(stats_ptr + 1 * N64 + n, 0.0)
+            tl.store(stats_ptr + 2 * N64 + n, 0.0)
+            tl.store(stats_ptr + 4 * N64 + n, 0.0)
+            tl.store(lse_ptr + K * N64 + n, 0.0)
+
+
+# Most chunks one token may be split into: C_PAD of the kernel, and far below the
+# number of programs an H100/H200 keeps resident (132 SMs, one or more programs each).
+_MAX_CHUNKS = 128
+
+
+def _chunk_limit(device: torch.device) -> int:
+    return min(_MAX_CHUNKS, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+# The [K_PAD, CHUNK] tile and its exponentials stay in registers: configs holding more
+# than 16 tile elements per thread (about 2 live float32 values each) are not tried.
+_SINGLE_READ_CONFIGS = [
+    triton.Config({"CHUNK": chunk}, num_warps=warps, num_stages=1)
+    for chunk in (1024, 2048, 4096, 8192)
+    for warps in (4, 8, 16)
+]
+_SINGLE_READ_ELEMENTS_PER_THREAD = 16
+
+
+def _prune_single_read(configs, named_args, **kwargs):
+    k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 1))
+    vocab = named_args["V"]
+    limit = named_args["chunk_limit"]
+    kept = [
+        cfg for cfg in configs
+        if k_pad * cfg.kwargs["CHUNK"] <= _SINGLE_READ_ELEMENTS_PER_THREAD * 32 * cfg.num_warps
+        and 2 <= triton.cdiv(vocab, cfg.kwargs["CHUNK"]) <= limit
+    ]
+    return kept or configs[-1:]
+
+
+_divergence_single_read_tuned = triton.autotune(
+    configs=_SINGLE_READ_CONFIGS,
+    key=["V", "K_PAD", "HAS_TARGET"],
+    prune_configs_by={"early_config_prune": _prune_single_read},
+    reset_to_zero=["counters_ptr"],
+)(_divergence_single_read_kernel)
+
+
+def _single_read_applies(K_PAD: int, V: int, device: torch.device) -> bool:
+    """Some config splits V into 2..limit chunks without spilling its tile."""
+    if device.type != "cuda":
+        return False
+    limit = _chunk_limit(device)
+    return any(
+        K_PAD * cfg.kwargs["CHUNK"] <= _SINGLE_READ_ELEMENTS_PER_THREAD * 32 * cfg.num_warps
+        and 2 <= triton.cdiv(V, cfg.kwargs["CHUNK"]) <= limit
+        for cfg in _SINGLE_READ_CONFIGS
+    )
+
+
+def _launch_single_read(args, N, V, K_PAD, has_target, device):
+    # scratch sized for the smallest chunk (the most chunks any config uses)
+    most_chunks = min(triton.cdiv(V, _SINGLE_READ_CONFIGS[0].kwargs["CHUNK"]), _MAX_CHUNKS)
+    part_mx = torch.empty(N * most_chunks * (K_PAD + 1), dtype=torch.float32, device=device)
+    part_s = torch.empty_like(part_mx)
+    part_stats = torch.empty(N * most_chunks * (4 + K_PAD), dtype=torch.float32, device=device)
+    counters = torch.zeros(1 + 2 * N, dtype=torch.int32, device=device)
+    draft, t, weights, stats, lse, inv_temperature, *sizes_and_strides = args
+    _divergence_single_read_tuned[lambda meta: (N * triton.cdiv(V, meta["CHUNK"]),)](
+        draft, t, weights, stats, lse, part_mx, part_s, part_stats, counters,
+        inv_temperature, *sizes_and_strides, _chunk_limit(device),
+        K_PAD=K_PAD, HAS_TARGET=has_target, C_PAD=_MAX_CHUNKS,
+    )
+
+
+# FASTPROBE_DIVERGENCE_KERNEL=two_pass forces the two-pass kernel on CUDA (benchmarks
+# compare both); the default uses the single-read kernel where it applies.
+_VARIANT_ENV = "FASTPROBE_DIVERGENCE_KERNEL"
+
+# Through the Triton interpreter (CPU tests): one small block, so that a tiny V still
+# spans several blocks and a ragged tail.
+_INTERPRET_BLOCK_V = 128
+
+
+def draft_divergence(
+    draft: torch.Tensor,
+    target: Optional[torch.Tensor],
+    weights: torch.Tensor,
+    inv_temperature: float,
+    stats: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    """Launch the fused kernel; writes every element of ``stats`` and ``lse``.
+
+    draft   [K, N, V] float32 / bfloat16 / float16, any strides
+    target  [N, V] same dtype, any strides, or None
+    weights [K] float32 contiguous, same device
+    stats   [5 + K, N] float32 contiguous (out): jsd, KL(m||p), epistemic, H(m), H(p), H(q_k)
+    lse     [K + 1, N] float32 contiguous (out): logsumexp of each scaled row, the target's last
+    Without a target, stats rows 1, 2, 4 and lse row K are written as 0.
+    """
+    if draft.dim() != 3:
+        raise ValueError(f"draft must be [K, N, V], got shape {tuple(draft.shape)}")
+    K, N, V = draft.shape
+    if target is not None and (target.shape != (N, V) or target.dtype != draft.dtype):
+        raise ValueError("target must be [N, V] with the draft's dtype")
+    if weights.shape != (K,) or weights.dtype != torch.float32 or not weights.is_contiguous():
+        raise ValueError("weights must be a contiguous float32 [K] tensor")
+    for name, out, rows in (("stats", stats, 5 + K), ("lse", lse, K + 1)):
+        if out.shape != (rows, N) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [{rows}, N] tensor")
+    inv_temperature = float(inv_temperature)  # a float argument (an int 1 would be specialized)
+    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
+        raise ValueError("inv_temperature must be finite and > 0")
+    if N == 0:
+        return
+
+    has_target = target is not None
+    t = target if has_target else draft  # never read without a target
+    stride_tn, stride_tv = target.stride() if has_target else (0, 0)
+    args = (
+        draft, t, weights, stats, lse, inv_temperature, N, V, K,
+        draft.stride(0), draft.stride(1), draft.stride(2), stride_tn, stride_tv,
+    )
+    K_PAD = triton.next_power_of_2(K)
+    grid = (N,)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        _divergence_kernel[grid](
+            *args, K_PAD=K_PAD, HAS_TARGET=has_target, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4
+        )
+        return
+    if os.environ.get(_VARIANT_ENV, "auto") != "two_pass" and _single_read_applies(K_PAD, V, draft.device):
+        _launch_single_read(args, N, V, K_PAD, has_target, draft.device)
+    else:
+        _divergence_kernel_tuned[grid](*args, K_PAD=K_PAD, HAS_TARGET=has_target)
