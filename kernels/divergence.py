@@ -411,11 +411,26 @@ def _launch_single_read(args, N, V, K_PAD, has_target, device):
     part_stats = torch.empty(N * most_chunks * (4 + K_PAD), dtype=torch.float32, device=device)
     counters = torch.zeros(1 + 2 * N, dtype=torch.int32, device=device)
     draft, t, weights, stats, lse, inv_temperature, *sizes_and_strides = args
-    _divergence_single_read_tuned[lambda meta: (N * triton.cdiv(V, meta["CHUNK"]),)](
+    kernel_args = (
         draft, t, weights, stats, lse, part_mx, part_s, part_stats, counters,
         inv_temperature, *sizes_and_strides, _chunk_limit(device),
-        K_PAD=K_PAD, HAS_TARGET=has_target, C_PAD=_MAX_CHUNKS,
     )
+    if _autotune_enabled():
+        _divergence_single_read_tuned[lambda meta: (N * triton.cdiv(V, meta["CHUNK"]),)](
+            *kernel_args, K_PAD=K_PAD, HAS_TARGET=has_target, C_PAD=_MAX_CHUNKS
+        )
+        return
+    config = _prune_single_read(_SINGLE_READ_CONFIGS, {"V": V, "chunk_limit": _chunk_limit(device)}, K_PAD=K_PAD)[0]
+    _divergence_single_read_kernel[(N * triton.cdiv(V, config.kwargs["CHUNK"]),)](
+        *kernel_args, K_PAD=K_PAD, HAS_TARGET=has_target, C_PAD=_MAX_CHUNKS, **config.kwargs,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _autotune_enabled() -> bool:
+    """FASTPROBE_AUTOTUNE=0 launches the first config that survives pruning instead of
+    tuning (GPU test runs, where tuning every shape and dtype would dominate the time)."""
+    return os.environ.get("FASTPROBE_AUTOTUNE", "1") != "0"
 
 
 # FASTPROBE_DIVERGENCE_KERNEL=two_pass forces the two-pass kernel on CUDA (benchmarks
@@ -476,5 +491,11 @@ def draft_divergence(
         return
     if os.environ.get(_VARIANT_ENV, "auto") != "two_pass" and _single_read_applies(K_PAD, V, draft.device):
         _launch_single_read(args, N, V, K_PAD, has_target, draft.device)
-    else:
+    elif _autotune_enabled():
         _divergence_kernel_tuned[grid](*args, K_PAD=K_PAD, HAS_TARGET=has_target)
+    else:
+        config = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)[0]
+        _divergence_kernel[grid](
+            *args, K_PAD=K_PAD, HAS_TARGET=has_target, **config.kwargs,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )

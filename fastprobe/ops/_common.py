@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -67,3 +67,21 @@ def first_bad_index(bad: torch.Tensor) -> Optional[tuple]:
     if not bool(bad.any()):
         return None
     return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def output_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Statistics are float32, or float64 when the logits are float64 (the reference runs)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def check_finite_lse(lse: torch.Tensor, describe: Callable[..., str]) -> None:
+    """Raise a ValueError if a kernel reported a non-finite log-sum-exp for some row: the
+    row is all -inf or holds NaN or +inf. `describe(*index)` names the row at the first bad
+    index of `lse` (e.g. "logits[3]"). One host sync; skip it under torch.compile."""
+    bad = first_bad_index(~torch.isfinite(lse))
+    if bad is None:
+        return
+    raise ValueError(
+        f"{describe(*bad)} has no finite log-sum-exp: the row is all -inf (no token left unmasked) "
+        "or contains NaN or +inf"
+    )
