@@ -7,8 +7,12 @@ import json
 import sys
 
 
-def _mib(num_bytes):
-    return f"{num_bytes / 2**20:,.1f} MiB" if num_bytes is not None else "-"
+def _size(num_bytes):
+    if num_bytes is None:
+        return "-"
+    if num_bytes < 2**20:
+        return f"{num_bytes / 2**10:,.0f} KiB"
+    return f"{num_bytes / 2**20:,.1f} MiB"
 
 
 def rows(path):
@@ -28,7 +32,7 @@ def rows(path):
             info.get("impl", bench["name"]),
             f"{bench['stats']['median'] * 1e3:.2f}",
             f"{speedup:.2f}x vs {info['baseline']}" if speedup is not None else "-",
-            _mib(info.get("peak_extra_bytes")),
+            _size(info.get("peak_extra_bytes")),
             f"{bandwidth:.0%}" if bandwidth is not None else "-",
             machine.get("date", "")[:10],
         )

@@ -1,0 +1,41 @@
+"""Times every autotune config of the Triton draft_divergence kernel at the GPU
+benchmark shape and prints them against the device's copy bandwidth.
+
+    python bench/sweep_divergence.py
+"""
+
+import torch
+import triton
+import triton.testing
+
+from bench.conftest import measure_copy_bandwidth
+from bench.test_divergence_bench import CASES, make_inputs
+from fastprobe.kernels import divergence as kernels
+
+
+def main():
+    case = CASES["cuda"]
+    drafts, target = make_inputs("cuda", **case)
+    K, N, V = drafts.shape
+    weights = torch.full((K,), 1.0 / K, device="cuda")
+    stats = torch.empty(5 + K, N, device="cuda")
+    lse = torch.empty(K + 1, N, device="cuda")
+    one_read = drafts.nbytes + target.nbytes
+    copy = measure_copy_bandwidth("cuda")
+    K_PAD = triton.next_power_of_2(K)
+    args = (drafts, target, weights, stats, lse, 1.0, N, V, K, *drafts.stride(), *target.stride())
+    print(f"copy bandwidth {copy / 1e12:.2f} TB/s; one read {one_read / 1e9:.2f} GB")
+    rows = []
+    for config in kernels._prune_configs(kernels._AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD):
+        launch = lambda: kernels._divergence_kernel[(N,)](  # noqa: E731
+            *args, K_PAD=K_PAD, HAS_TARGET=True, **config.kwargs,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        ms = triton.testing.do_bench(launch, warmup=25, rep=100, return_mode="median")
+        rows.append((ms, config))
+    for ms, config in sorted(rows, key=lambda row: row[0]):
+        print(f"BLOCK_V={config.kwargs['BLOCK_V']:5d} warps={config.num_warps:2d} stages={config.num_stages} "
+              f"{ms:7.3f} ms  {one_read / (ms * 1e-3) / copy:5.1%} of copy bandwidth (one read)")
+
+
+if __name__ == "__main__":
+    main()
