@@ -9,6 +9,7 @@ namespace py = pybind11;
 
 namespace fastprobe {
 void bind_divergence(py::module_& m);
+void bind_concepts(py::module_& m);
 }  // namespace fastprobe
 
 PYBIND11_MODULE(_C, m) {
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   fastprobe::bind_divergence(m);
+  fastprobe::bind_concepts(m);
 }

@@ -2,17 +2,22 @@
 
     import fastprobe as fp
     fp.draft_divergence(draft_logits, target_logits)   # token-level epistemic uncertainty
+    fp.concept_mass(logits, fp.ConceptSet.from_answers(tokenizer, {"Paris": ["Paris"]}))
     fp.set_backend("auto" | "reference" | "cpp" | "triton")
 """
 
 from . import reference
 from .backend import get_backend, set_backend, use_backend
+from .ops.concepts import ConceptMass, ConceptSet, concept_mass
 from .ops.divergence import DraftDivergence, draft_divergence
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConceptMass",
+    "ConceptSet",
     "DraftDivergence",
+    "concept_mass",
     "draft_divergence",
     "get_backend",
     "reference",

@@ -1,8 +1,9 @@
 """The fastprobe command.
 
     fastprobe info     version, backends (and why one is unavailable), threads, versions
-    fastprobe demo     runs the fused operations on a small built-in problem, checks
-                       them against the float64 reference and prints a timing table
+    fastprobe demo     runs the fused operations (draft_divergence, concept_mass) on a small
+                       built-in problem, checks them against the float64 reference and
+                       prints a timing table per operation
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from . import __version__, reference
 from .backend import cpp_status, get_backend, triton_status
+from .ops.concepts import ConceptSet, concept_mass
 from .ops.divergence import draft_divergence
 
 
@@ -102,10 +104,64 @@ def _demo_divergence(device: torch.device, num_drafts: int, num_tokens: int, voc
     return ok
 
 
+def _concept_problem(num_tokens: int, vocab: int, num_concepts: int, variants: int, device: torch.device, seed: int):
+    """Background logits plus, at a third of the positions, one concept made likely: at
+    some on one surface form (a confident answer), at others spread over its forms."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, vocab, (num_concepts, 4 * variants), generator=generator)
+    concepts = ConceptSet.from_ids([list(dict.fromkeys(row.tolist()))[:variants] for row in draws])
+    logits = 2 * torch.randn(num_tokens, vocab, generator=generator)
+    for position in range(0, num_tokens, 3):
+        ids = torch.tensor(concepts.variant_ids(int(torch.randint(num_concepts, (), generator=generator))))
+        if position % 2 == 0:
+            logits[position, ids[0]] += 14.0  # concentrated on one form
+        else:
+            logits[position, ids] += 11.0  # dispersed over the forms
+    return logits.to(device), concepts.to(device)
+
+
+def _demo_concepts(device: torch.device, num_tokens: int, vocab: int, num_concepts: int, seed: int) -> bool:
+    variants = 8
+    logits, concepts = _concept_problem(num_tokens, vocab, num_concepts, variants, device, seed)
+    print(f"concept_mass: N={num_tokens} tokens, V={vocab}, C={num_concepts} concepts of <= {variants} variants, "
+          f"float32 on {device}")
+    fused = concept_mass(logits, concepts)
+    exact = reference.concept_mass(logits.cpu().double(), concepts.token_ids.cpu(), concepts.offsets.cpu())
+    worst = 0.0
+    for field in ("mass", "log_mass", "top_share", "concentration_entropy", "lse"):
+        error = (getattr(fused, field).cpu().double() - exact[field]).abs().max().item()
+        worst = max(worst, error / max(exact[field].abs().max().item(), 1e-12))
+    same_top = torch.equal(fused.top_token.cpu(), exact["top_token"])
+    ok = worst < 1e-4 and same_top
+    print(f"  check vs float64 reference: max relative error {worst:.2e}, top_token "
+          f"{'identical' if same_top else 'DIFFERS'} -> {'OK' if ok else 'FAILED'}")
+    best_mass, best = (t.cpu() for t in fused.mass.max(-1))
+    available = torch.nonzero(best_mass > 0.5).flatten()
+    share = fused.top_share.cpu()[available, best[available]]
+    print(f"  {available.numel()} positions have a concept with mass > 0.5; most and least concentrated:")
+    print(f"    {'position':>8} {'concept':>8} {'mass':>7} {'top_share':>10} {'entropy':>8} {'top token':>10}")
+    order = available[torch.argsort(share, descending=True)].tolist()
+    for position in dict.fromkeys(order[:2] + order[-2:]):  # distinct, in order
+        c = int(best[position])
+        print(f"    {position:>8} {c:>8} {fused.mass[position, c]:>7.3f} {fused.top_share[position, c]:>10.3f} "
+              f"{fused.concentration_entropy[position, c]:>8.3f} {int(fused.top_token[position, c]):>10}")
+
+    fused_s = _median_seconds(lambda: concept_mass(logits, concepts), device, repeats=5)
+    eager_s = _median_seconds(
+        lambda: reference.concept_mass(logits, concepts.token_ids, concepts.offsets), device, repeats=3
+    )
+    print(f"  {'implementation':<34}{'median ms':>12}{'speed-up':>10}")
+    print(f"  {'fastprobe (' + get_backend() + ' backend)':<34}{fused_s * 1e3:>12.2f}{eager_s / fused_s:>9.1f}x")
+    print(f"  {'eager PyTorch (softmax, gather, sums)':<34}{eager_s * 1e3:>12.2f}{1.0:>9.1f}x")
+    return ok
+
+
 def demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"fastprobe {__version__} demo on {device} ({torch.get_num_threads()} CPU threads)\n")
     ok = _demo_divergence(device, args.drafts, args.tokens, args.vocab, args.seed)
+    print()
+    ok = _demo_concepts(device, args.tokens, args.vocab, args.concepts, args.seed) and ok
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
@@ -119,6 +175,7 @@ def main(argv=None) -> int:
     demo_parser.add_argument("--drafts", type=int, default=4)
     demo_parser.add_argument("--tokens", type=int, default=256)
     demo_parser.add_argument("--vocab", type=int, default=32000)
+    demo_parser.add_argument("--concepts", type=int, default=1000, help="concepts for concept_mass")
     demo_parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["draft_divergence", "entropy", "kl"]
+__all__ = ["concept_mass", "draft_divergence", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -81,3 +81,67 @@ def draft_divergence(
         out["epistemic"] = jsd + kl_mt
         out["target_entropy"] = entropy(log_p)
     return out
+
+
+def concept_mass(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> dict:
+    """Probability mass of concepts, each a set of variant token ids (SPEC section 2).
+
+    Concept c owns token_ids[offsets[c]:offsets[c + 1]] (no empty concept). With
+    y = logits / T, p = softmax(y) and the concept's own log-sum-exp
+    lse_c = log sum_{v in c} exp(y_v), returns a dict of
+      mass                  [N, C]  sum_{v in c} p_v
+      log_mass              [N, C]  lse_c - lse(y)                       (differentiable)
+      top_share             [N, C]  max_{v in c} p_v / mass
+      concentration_entropy [N, C]  entropy of q_v = p_v / mass = exp(y_v - lse_c), v in c
+      top_token             [N, C]  the variant id with the largest p_v (first in
+                                    concept order on ties), int64
+      lse                   [N]     lse(y), natural log
+    A concept whose variants are all -inf has mass 0, log_mass -inf, top_share 0,
+    concentration_entropy 0 and top_token its first variant.
+    """
+    dtype = _compute_dtype(logits)
+    num_tokens, num_concepts = logits.shape[0], offsets.numel() - 1
+    token_ids, offsets = token_ids.to(logits.device, torch.int64), offsets.to(logits.device, torch.int64)
+    concept_of = torch.repeat_interleave(torch.arange(num_concepts, device=logits.device), offsets.diff())  # [T]
+    y = logits.to(dtype) / temperature
+    lse = torch.logsumexp(y, dim=-1)  # [N]
+    y_c = y[:, token_ids]  # [N, T] the variants' scaled logits
+
+    def segment(reduce: str, values: torch.Tensor, initial: float) -> torch.Tensor:  # [N, T] -> [N, C]
+        out = torch.full((num_tokens, num_concepts), initial, dtype=values.dtype, device=values.device)
+        index = concept_of.expand(num_tokens, -1)
+        return out.scatter_reduce(1, index, values, reduce, include_self=reduce != "sum")
+
+    # lse_c = m_c + log sum_{v in c} exp(y_v - m_c), m_c the concept's largest y (0 if all -inf)
+    top = segment("amax", y_c.detach(), float("-inf"))  # [N, C]
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(y_c - shift[:, concept_of])  # [N, T]
+    s = segment("sum", e, 0.0)  # [N, C]
+    # an all -inf concept: log_mass = -inf with gradient 0 (not NaN), top_share 0, entropy 0
+    has_mass = s > 0
+    safe_lse_c = shift + torch.log(torch.where(has_mass, s, torch.ones_like(s)))
+    log_mass = torch.where(has_mass, safe_lse_c - lse[:, None], torch.full_like(s, float("-inf")))
+    # q_v = p_v / mass within the concept
+    log_q = y_c - safe_lse_c[:, concept_of]
+    top_share = torch.where(has_mass, torch.exp(top - safe_lse_c), torch.zeros_like(s))
+    concentration_entropy = segment("sum", -_xlogy(log_q.exp(), log_q), 0.0)
+    # top token: the first variant (in concept order) whose logit equals the concept's max
+    # (for an all -inf concept that is its first variant; a NaN row falls back to it too)
+    position = torch.arange(token_ids.numel(), device=logits.device).expand(num_tokens, -1)
+    is_top = y_c == top[:, concept_of]
+    first = segment("amin", torch.where(is_top, position, token_ids.numel()), token_ids.numel())
+    first = torch.where(first < token_ids.numel(), first, offsets[:-1].expand(num_tokens, -1))
+    return {
+        "mass": log_mass.exp(),
+        "log_mass": log_mass,
+        "top_share": top_share.detach(),
+        "concentration_entropy": concentration_entropy.detach(),
+        "top_token": token_ids[first],
+        "lse": lse,
+    }

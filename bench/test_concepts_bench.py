@@ -1,0 +1,106 @@
+"""concept_mass: fastprobe vs the eager PyTorch computation (softmax, gather, segment
+sums: fastprobe.reference.concept_mass), and on CUDA vs torch.compile of the same code,
+measured in the same run.
+
+    pytest bench/test_concepts_bench.py --benchmark-json=bench/results/<device>.json
+"""
+
+import sys
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import reference
+
+try:
+    from . import _memory
+except ImportError:  # run as a script for the CPU peak-memory child
+    import _memory
+
+# The issue's shapes: 1000 concepts of 8 variants over a Qwen-sized vocabulary, CPU float32
+# and GPU bfloat16.
+CASES = {
+    "cpu": dict(num_tokens=512, vocab=151936, num_concepts=1000, variants=8, dtype=torch.float32),
+    "cuda": dict(num_tokens=4096, vocab=151936, num_concepts=1000, variants=8, dtype=torch.bfloat16),
+}
+
+
+def make_inputs(device, num_tokens, vocab, num_concepts, variants, dtype):
+    """Random logits, and concepts of `variants` distinct random ids each (a fixed draw)."""
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, vocab, (num_concepts, 4 * variants), generator=generator)
+    lists = [list(dict.fromkeys(row.tolist()))[:variants] for row in draws]  # distinct within a concept
+    concepts = fp.ConceptSet.from_ids(lists).to(device)
+    logits = torch.randn(num_tokens, vocab, device=device, dtype=dtype)
+    return logits, concepts
+
+
+def fastprobe_call(logits, concepts):
+    return fp.concept_mass(logits, concepts)
+
+
+def eager(logits, concepts):
+    return reference.concept_mass(logits, concepts.token_ids, concepts.offsets)
+
+
+_compiled_eager = None
+
+
+def compiled(logits, concepts):
+    global _compiled_eager
+    if _compiled_eager is None:
+        _compiled_eager = torch.compile(reference.concept_mass, dynamic=False)
+    return _compiled_eager(logits, concepts.token_ids, concepts.offsets)
+
+
+IMPLS = {"fastprobe": fastprobe_call, "eager": eager, "torch.compile": compiled}
+
+
+def devices():
+    found = [pytest.param("cpu")]
+    if torch.cuda.is_available():
+        found.append(pytest.param("cuda"))
+    return found
+
+
+@pytest.mark.parametrize("impl", ["fastprobe", "eager", "torch.compile"])
+@pytest.mark.parametrize("device", devices())
+def test_concept_mass(benchmark, device, impl, request):
+    if impl == "torch.compile" and device == "cpu":
+        pytest.skip("torch.compile peer measured on CUDA only (CPU inductor compile is slow on 2 cores)")
+    case = CASES[device]
+    logits, concepts = make_inputs(device, **case)
+    call = IMPLS[impl]
+    benchmark.group = f"concept_mass-{device}"
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline="eager",
+        shape=dict(N=case["num_tokens"], V=case["vocab"], C=case["num_concepts"], variants=case["variants"]),
+        dtype=str(case["dtype"]),
+        input_bytes=logits.nbytes,
+        bytes_one_read=logits.nbytes,
+    )
+    if device == "cuda":
+        request.getfixturevalue("copy_bandwidth")  # measured once per run: the JSON gets the fraction
+        call(logits, concepts)  # compile / autotune outside the measurement
+        benchmark.extra_info["peak_extra_bytes"] = _memory.cuda_peak_extra_bytes(lambda: call(logits, concepts))
+
+        def run():
+            call(logits, concepts)
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
+    else:
+        del logits
+        benchmark.extra_info["peak_extra_bytes"] = _memory.cpu_peak_extra_bytes(__file__, impl)
+        logits = make_inputs(device, **case)[0]
+        rounds = 15 if impl == "fastprobe" else 5
+        benchmark.pedantic(lambda: call(logits, concepts), rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    impl = IMPLS[sys.argv[2]]
+    small = make_inputs("cpu", 2, 64, 4, 2, torch.float32)
+    full = make_inputs("cpu", **CASES["cpu"])
+    _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

@@ -1,0 +1,575 @@
+"""concept_mass: the probability of answer concepts, each a set of variant token ids.
+
+With y = logits / T, p = softmax(y), lse = log sum_v exp(y_v) and, per concept c,
+lse_c = log sum_{v in c} exp(y_v):
+  mass[n, c]                  = sum_{v in c} p_v          = exp(log_mass)
+  log_mass[n, c]              = lse_c - lse                (stable; differentiable)
+  top_share[n, c]             = max_{v in c} p_v / mass    = exp(max_{v in c} y_v - lse_c)
+  concentration_entropy[n, c] = -sum_{v in c} q_v log q_v, q_v = p_v / mass = exp(y_v - lse_c)
+  top_token[n, c]             = the variant with the largest p_v
+The fused kernels take one streaming pass over each row for lse and gather the variants'
+logits; nothing of size [N, V] is allocated in the forward.
+
+Gradient (log_mass, mass = exp(log_mass) and lse are differentiable):
+  d log_mass[n, c] / d z[n, v] = ([v in c] q_v - p_v) / T,   d lse[n] / d z[n, v] = p_v / T
+so with g the incoming gradient of log_mass (plus mass * the gradient of mass) and h that of lse:
+  grad_z[n, v] = (p_v (h - sum_c g[n, c]) + sum_{c contains v} g[n, c] q_cv) / T
+The backward writes the first term for every v in one pass, then overwrites each concept
+token once with its total (overlapping concepts accumulate exactly, without atomics),
+reading the concept-token incidence by column (the ConceptSet's vocabulary-sorted transpose).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .. import reference
+from ..backend import resolve
+from ._common import (
+    DTYPE_NAMES,
+    check_finite_lse,
+    check_temperature,
+    check_tensor,
+    cpp,
+    is_compiling,
+    new_output,
+    output_dtype,
+)
+
+__all__ = ["ConceptMass", "ConceptSet", "Variant", "concept_mass"]
+
+
+# ---------------------------------------------------------------- ConceptSet
+
+
+class Variant(NamedTuple):
+    """One surface form of an answer and the token ids the tokenizer gives it."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+    @property
+    def single_token(self) -> bool:
+        return len(self.token_ids) == 1
+
+
+# The vocabulary is cut into blocks of this many ids for the kernels that stream it and
+# pick out the concept ids as they pass (id_block_starts below).
+ID_BLOCK = 256
+
+
+class _Index(NamedTuple):
+    """The concept-token incidence in the two orders the kernels read it.
+
+    By concept (CSR): concept c owns token_ids[offsets[c]:offsets[c + 1]].
+    By vocabulary id (its transpose): vocab_ids holds the U distinct ids in increasing order;
+    id vocab_ids[u] has the memberships j in [vocab_offsets[u], vocab_offsets[u + 1]): it is
+    token_ids[vocab_positions[j]], a variant of concept vocab_concepts[j]. All int64, except
+    id_block_starts (int32): the first u with vocab_ids[u] >= k * ID_BLOCK, for
+    k = 0 .. ceil((max id + 1) / ID_BLOCK) (the last entry is U)."""
+
+    token_ids: torch.Tensor  # [T]
+    offsets: torch.Tensor  # [C + 1]
+    vocab_ids: torch.Tensor  # [U]
+    vocab_offsets: torch.Tensor  # [U + 1]
+    vocab_concepts: torch.Tensor  # [T]
+    vocab_positions: torch.Tensor  # [T]
+    id_block_starts: torch.Tensor  # [ceil((max id + 1) / ID_BLOCK) + 1] int32
+
+
+def _index_array(value, name: str) -> np.ndarray:
+    """A 1-D integer array (from a tensor, array or sequence), or a TypeError/ValueError naming `name`."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must hold integers (int32 or int64), got {value.dtype}")
+        array = value.detach().cpu().numpy()
+    else:
+        array = np.asarray(value)
+        if array.size == 0:
+            array = array.astype(np.int64)
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{name} must hold integers, got {array.dtype} values")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
+    return array.astype(np.int64)
+
+
+def _transpose(token_ids: np.ndarray, concept_of: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(vocab_ids, vocab_offsets, vocab_concepts, vocab_positions, id_block_starts): see _Index."""
+    order = np.argsort(token_ids, kind="stable")  # memberships by id
+    vocab_ids, counts = np.unique(token_ids[order], return_counts=True)
+    vocab_offsets = np.concatenate([[0], np.cumsum(counts)])
+    num_blocks = -(-(int(vocab_ids[-1]) + 1) // ID_BLOCK)
+    id_block_starts = np.searchsorted(vocab_ids, np.arange(num_blocks + 1) * ID_BLOCK).astype(np.int32)
+    return vocab_ids, vocab_offsets, concept_of[order], order, id_block_starts
+
+
+class ConceptSet:
+    """Concepts, each a set of variant token ids, in CSR form.
+
+    Concept c owns ``token_ids[offsets[c]:offsets[c + 1]]``. Checked on construction: ids
+    are integers >= 0, offsets are integers going from 0 to len(token_ids) without
+    decreasing, no concept is empty, names (optional) has one string per concept.
+    Duplicate ids within a concept are removed (the first occurrence is kept, so the order
+    of variants, which breaks ties for ``top_token``, is preserved); concepts may overlap.
+    Ids at or above the vocabulary size are rejected when the set meets logits.
+
+    The tensors live on one device (that of ``token_ids``); ``concept_mass`` needs them on
+    the logits' device: ``concepts.to(logits.device)``.
+
+    Build one from lists with ``ConceptSet.from_ids`` or from answer strings and a tokenizer
+    with ``ConceptSet.from_answers``; the latter also records every variant (``variants``)
+    and the multi-token ones (``multi_token``, ``multi_token_prefixes``).
+    """
+
+    def __init__(self, token_ids, offsets, names: Optional[Sequence[str]] = None):
+        device = token_ids.device if isinstance(token_ids, torch.Tensor) else torch.device("cpu")
+        if isinstance(offsets, torch.Tensor) and offsets.device != device:
+            raise ValueError(f"offsets is on {offsets.device} but token_ids is on {device}")
+        ids = _index_array(token_ids, "token_ids")
+        offs = _index_array(offsets, "offsets")
+        if offs.size < 2:
+            raise ValueError(f"offsets must have C + 1 >= 2 entries (at least one concept), got {offs.size}")
+        if offs[0] != 0 or offs[-1] != ids.size:
+            raise ValueError(
+                f"offsets must start at 0 and end at len(token_ids) = {ids.size}, got {offs[0]} ... {offs[-1]}"
+            )
+        lengths = np.diff(offs)
+        if (lengths < 0).any():
+            c = int(np.flatnonzero(lengths < 0)[0])
+            raise ValueError(f"offsets must be non-decreasing, but offsets[{c + 1}] < offsets[{c}]")
+        self.names = None if names is None else self._check_names(names, lengths.size)
+        if (lengths == 0).any():
+            c = int(np.flatnonzero(lengths == 0)[0])
+            raise ValueError(f"concept {self._label(c)} is empty: every concept needs at least one token id")
+        concept_of = np.repeat(np.arange(lengths.size), lengths)
+        if (ids < 0).any():
+            t = int(np.flatnonzero(ids < 0)[0])
+            raise ValueError(f"token_ids must be >= 0, got {ids[t]} in concept {self._label(int(concept_of[t]))}")
+
+        # drop repeated ids within a concept, keeping first occurrences in order
+        _, first = np.unique(np.stack([concept_of, ids]), axis=1, return_index=True)
+        keep = np.sort(first)
+        ids, concept_of = ids[keep], concept_of[keep]
+        offs = np.concatenate([[0], np.cumsum(np.bincount(concept_of, minlength=lengths.size))])
+
+        self.max_id = int(ids.max())  # a Python int, so the vocabulary check needs no host sync
+        arrays = (ids, offs, *_transpose(ids, concept_of))
+        self._index = _Index(*(torch.from_numpy(a).to(device) for a in arrays))
+        self.variants: Optional[tuple[tuple[Variant, ...], ...]] = None
+        self.multi_token: Optional[tuple[tuple[tuple[int, ...], ...], ...]] = None
+        self.multi_token_prefixes: Optional[tuple[tuple[int, ...], ...]] = None
+
+    @staticmethod
+    def _check_names(names, num_concepts: int) -> tuple[str, ...]:
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise TypeError("names must be a sequence of strings, one per concept")
+        names = tuple(names)
+        if len(names) != num_concepts:
+            raise ValueError(f"names has {len(names)} entries but there are {num_concepts} concepts")
+        return names
+
+    def _label(self, c: int) -> str:
+        return f"{c} ({self.names[c]!r})" if self.names is not None else str(c)
+
+    # -- construction helpers
+
+    @classmethod
+    def from_ids(cls, concepts: Union[Mapping[str, Sequence[int]], Sequence[Sequence[int]]]) -> "ConceptSet":
+        """From one list of token ids per concept: ``{"Paris": [12, 40], ...}`` or ``[[12, 40], ...]``."""
+        names = list(concepts.keys()) if isinstance(concepts, Mapping) else None
+        lists = list(concepts.values()) if isinstance(concepts, Mapping) else concepts
+        return cls(*_csr(lists), names)
+
+    @classmethod
+    def from_answers(
+        cls,
+        tokenizer,
+        answers: Union[Mapping[str, Union[str, Sequence[str]]], Sequence[str]],
+        variants: Union[Iterable[str], Callable[[str], Iterable[str]]] = ("space", "lower", "title", "upper"),
+    ) -> "ConceptSet":
+        """Concepts from answer strings: ``{"Paris": ["Paris", "paris"], ...}`` (or a list of
+        answers, each its own concept), with the surface variants a model may produce.
+
+        variants: which forms of each alias to add (a collection of names), or a callable
+        ``alias -> iterable of surface strings``:
+          "lower", "title", "upper"  the alias lower-cased, Title-cased (str.title), UPPER-cased,
+                                     besides the alias as given;
+          "space"                    each case form with and without a leading space (the
+                                     form a word takes after another word in byte-level BPE);
+                                     without it the alias keeps its own leading whitespace.
+        Every surface form is encoded on its own with ``tokenizer.encode(text,
+        add_special_tokens=False)`` (any transformers tokenizer, or a tokenizers.Tokenizer),
+        so the tokenizer's own normalisation applies: forms it maps to the same tokens (an
+        uncased WordPiece lower-cases, strips accents and ignores the leading space) are one
+        variant. Forms that contain the tokenizer's unknown token are dropped (they would
+        score the unknown token, not the answer).
+
+        The CSR holds each concept's single-token variants, the form the fused op scores.
+        Recorded beside it, per concept: ``variants`` (every distinct Variant(text,
+        token_ids)), ``multi_token`` (the token sequences of multi-token variants, to be
+        scored by teacher forcing) and ``multi_token_prefixes`` (their distinct first tokens,
+        kept apart: never mixed into the single-token mass). A concept with no single-token
+        variant raises ValueError (the fused op has nothing to score for it).
+        """
+        if isinstance(answers, Mapping):
+            items = [(name, [aliases] if isinstance(aliases, str) else list(aliases)) for name, aliases in answers.items()]
+        elif isinstance(answers, str):
+            raise TypeError("answers must be a mapping {name: aliases} or a list of answer strings, got one string")
+        else:
+            items = [(answer, [answer]) for answer in answers]
+        if not items:
+            raise ValueError("answers is empty: need at least one concept")
+        forms = variants if callable(variants) else _surface_forms(frozenset(variants))
+        unknown = getattr(tokenizer, "unk_token_id", None)
+
+        per_concept: list[tuple[Variant, ...]] = []
+        for name, aliases in items:
+            if not aliases or not all(isinstance(alias, str) for alias in aliases):
+                raise ValueError(f"answer {name!r} needs a non-empty list of alias strings, got {aliases!r}")
+            found: dict[tuple[int, ...], Variant] = {}
+            for text in _unique(text for alias in aliases for text in forms(alias)):
+                token_ids = _encode(tokenizer, text)
+                if token_ids and token_ids not in found and unknown not in token_ids:
+                    found[token_ids] = Variant(text, token_ids)
+            per_concept.append(tuple(found.values()))
+
+        names = [name for name, _ in items]
+        singles = [[v.token_ids[0] for v in found if v.single_token] for found in per_concept]
+        missing = [f"{name!r} ({', '.join(repr(v.text) for v in found[:4]) or 'no tokens'})"
+                   for name, found, ids in zip(names, per_concept, singles) if not ids]
+        if missing:
+            raise ValueError(
+                "no single-token variant under this tokenizer for " + "; ".join(missing) +
+                ": the fused op scores single-token variants; score multi-token answers by teacher forcing"
+            )
+        concepts = cls(*_csr(singles), names)
+        concepts.variants = tuple(per_concept)
+        concepts.multi_token = tuple(tuple(v.token_ids for v in found if not v.single_token) for found in per_concept)
+        concepts.multi_token_prefixes = tuple(tuple(_unique(seq[0] for seq in multi)) for multi in concepts.multi_token)
+        return concepts
+
+    # -- accessors
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """[T] int64 variant ids, concept after concept."""
+        return self._index.token_ids
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """[C + 1] int64: concept c owns token_ids[offsets[c]:offsets[c + 1]]."""
+        return self._index.offsets
+
+    @property
+    def device(self) -> torch.device:
+        return self._index.token_ids.device
+
+    def __len__(self) -> int:
+        return self._index.offsets.numel() - 1
+
+    def variant_ids(self, c: int) -> list[int]:
+        """The variant ids of concept c."""
+        offsets = self._index.offsets
+        return self._index.token_ids[int(offsets[c]) : int(offsets[c + 1])].tolist()
+
+    def to(self, device) -> "ConceptSet":
+        """The same concepts with their tensors on `device` (self if already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = object.__new__(ConceptSet)
+        moved.__dict__.update(self.__dict__)
+        moved._index = _Index(*(t.to(device) for t in self._index))
+        return moved
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.names[:3]) + (", ..." if len(self) > 3 else "") if self.names else ""
+        return (f"ConceptSet({len(self)} concepts, {self._index.token_ids.numel()} token ids"
+                f"{': ' + shown if shown else ''}; device={self.device})")
+
+
+_CASE_FORMS = {"lower": str.lower, "title": str.title, "upper": str.upper}
+_VARIANT_NAMES = frozenset(_CASE_FORMS) | {"space"}
+
+
+def _surface_forms(variants: frozenset) -> Callable[[str], list[str]]:
+    unknown = variants - _VARIANT_NAMES
+    if unknown:
+        raise ValueError(f"variants must name forms among {sorted(_VARIANT_NAMES)}, got {sorted(unknown)}")
+
+    def forms(alias: str) -> list[str]:
+        body = alias.strip()
+        cases = [body] + [_CASE_FORMS[name](body) for name in ("lower", "title", "upper") if name in variants]
+        prefixes = ("", " ") if "space" in variants else (alias[: len(alias) - len(alias.lstrip())],)
+        return [prefix + case for case in cases for prefix in prefixes]
+
+    return forms
+
+
+def _csr(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(token_ids, offsets) of one list of ids per concept."""
+    lists = [np.asarray(ids) if len(ids) else np.zeros(0, np.int64) for ids in lists]
+    offsets = np.concatenate([[0], np.cumsum([ids.size for ids in lists], dtype=np.int64)])
+    return (np.concatenate(lists) if lists else np.zeros(0, np.int64)), offsets
+
+
+def _unique(items: Iterable) -> list:
+    """Distinct items in first-seen order."""
+    return list(dict.fromkeys(items))
+
+
+def _encode(tokenizer, text: str) -> tuple[int, ...]:
+    encoded = tokenizer.encode(text, add_special_tokens=False)
+    return tuple(int(i) for i in getattr(encoded, "ids", encoded))  # tokenizers.Encoding has .ids
+
+
+# ---------------------------------------------------------------- the op
+
+
+class ConceptMass(NamedTuple):
+    """Per-row concept statistics (float32; float64 for float64 logits; top_token int64).
+
+    mass, log_mass and lse are differentiable with respect to the logits; top_share,
+    concentration_entropy and top_token are not."""
+
+    mass: torch.Tensor  # [N, C]
+    log_mass: torch.Tensor  # [N, C]
+    top_share: torch.Tensor  # [N, C]
+    concentration_entropy: torch.Tensor  # [N, C]
+    top_token: torch.Tensor  # [N, C] int64
+    lse: torch.Tensor  # [N]
+
+
+def _reference_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
+    result = reference.concept_mass(logits, index.token_ids, index.offsets, temperature=1.0 / inv_temperature)
+    for field, tensor in zip(ConceptMass._fields, out):
+        tensor.copy_(result[field])
+
+
+def _cpp_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
+    num_tokens, vocab = logits.shape
+    cpp().concept_mass(
+        DTYPE_NAMES[logits.dtype],
+        logits.data_ptr(), num_tokens, vocab, *logits.stride(),
+        index.token_ids.data_ptr(), index.token_ids.numel(),
+        index.offsets.data_ptr(), index.offsets.numel() - 1,
+        inv_temperature,
+        *(tensor.data_ptr() for tensor in out),
+        torch.get_num_threads(),
+    )
+
+
+def _triton_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
+    from ..kernels import concepts as triton_concepts
+
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        triton_concepts.concept_mass(logits, index, ID_BLOCK, inv_temperature, out)
+
+
+_FORWARD = {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward}
+
+
+@torch.library.custom_op("fastprobe::concept_mass", mutates_args=())
+def _concept_mass_op(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    offsets: torch.Tensor,
+    vocab_ids: torch.Tensor,
+    vocab_offsets: torch.Tensor,
+    vocab_concepts: torch.Tensor,
+    vocab_positions: torch.Tensor,
+    id_block_starts: torch.Tensor,
+    inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mass, log_mass, top_share, concentration_entropy, top_token, lse) for the concepts
+    given by an _Index (the transpose is read by the Triton forward and by the backward)."""
+    index = _Index(token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, vocab_positions, id_block_starts)
+    num_tokens, num_concepts = logits.shape[0], offsets.numel() - 1
+    dtype = output_dtype(logits)
+    stats = [new_output((num_tokens, num_concepts), logits.device, dtype) for _ in range(4)]
+    top_token = new_output((num_tokens, num_concepts), logits.device, torch.int64)
+    out = ConceptMass(*stats, top_token, new_output((num_tokens,), logits.device, dtype))
+    if num_tokens > 0:
+        backend = resolve(logits.device, logits.dtype, "concept_mass")
+        _FORWARD[backend](logits, index, inv_temperature, out)
+    return tuple(out)
+
+
+@_concept_mass_op.register_fake
+def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, vocab_positions, id_block_starts,
+      inv_temperature):
+    num_tokens, num_concepts = logits.shape[0], offsets.shape[0] - 1
+    dtype = output_dtype(logits)
+    stats = [logits.new_empty((num_tokens, num_concepts), dtype=dtype) for _ in range(4)]
+    top_token = logits.new_empty((num_tokens, num_concepts), dtype=torch.int64)
+    return (*stats, top_token, logits.new_empty((num_tokens,), dtype=dtype))
+
+
+# -- backward: grad_z = (p (h - sum_c g_c) + sum_{c contains v} g_c q_cv) / T
+
+
+def _reference_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+    y = logits.to(lse.dtype) * inv_temperature
+    base = torch.exp(y - lse[:, None]) * coef[:, None]  # p_v (h - sum_c g_c)
+    counts = index.vocab_offsets.diff()
+    ids = torch.repeat_interleave(index.vocab_ids, counts)  # one entry per (id, concept) membership
+    concepts = index.vocab_concepts
+    lse_c = lse[:, None] + log_mass[:, concepts]
+    q = torch.exp(y[:, ids] - lse_c)  # q_cv = p_v / mass_c
+    term = torch.where(torch.isfinite(lse_c), grad_concept[:, concepts] * q, torch.zeros_like(q))
+    grad.copy_(base.index_add(1, ids, term) * inv_temperature)
+
+
+def _cpp_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+    num_tokens, vocab = logits.shape
+    cpp().concept_mass_backward(
+        DTYPE_NAMES[logits.dtype],
+        logits.data_ptr(), num_tokens, vocab, *logits.stride(),
+        index.vocab_ids.data_ptr(), index.vocab_ids.numel(),
+        index.vocab_offsets.data_ptr(), index.vocab_concepts.data_ptr(), index.vocab_concepts.numel(),
+        log_mass.shape[1],
+        log_mass.data_ptr(), lse.data_ptr(), grad_concept.data_ptr(), coef.data_ptr(),
+        inv_temperature,
+        grad.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def _triton_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+    from ..kernels import concepts as triton_concepts
+
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        triton_concepts.concept_mass_backward(
+            logits, index, ID_BLOCK, log_mass, lse, grad_concept, coef, inv_temperature, grad
+        )
+
+
+_BACKWARD = {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward}
+
+
+@torch.library.custom_op("fastprobe::concept_mass_backward", mutates_args=())
+def _concept_mass_backward_op(
+    grad_log_mass: torch.Tensor,
+    grad_lse: torch.Tensor,
+    logits: torch.Tensor,
+    log_mass: torch.Tensor,
+    lse: torch.Tensor,
+    vocab_ids: torch.Tensor,
+    vocab_offsets: torch.Tensor,
+    vocab_concepts: torch.Tensor,
+    id_block_starts: torch.Tensor,
+    inv_temperature: float,
+) -> torch.Tensor:
+    """Gradient of (log_mass, lse) with respect to the logits, in the logits' dtype; the only
+    [N, V] allocation."""
+    empty = vocab_ids.new_empty(0)
+    index = _Index(empty, empty, vocab_ids, vocab_offsets, vocab_concepts, empty, id_block_starts)
+    grad = new_output(logits.shape, logits.device, logits.dtype)
+    if logits.shape[0] > 0:
+        # a concept that is all -inf in a row has log_mass -inf there, and gradient 0 by convention
+        masked = log_mass == float("-inf")
+        grad_concept = torch.where(masked, 0.0, grad_log_mass.to(lse.dtype)).contiguous()
+        coef = (grad_lse.to(lse.dtype) - grad_concept.sum(-1)).contiguous()  # h - sum_c g_c
+        backend = resolve(logits.device, logits.dtype, "concept_mass")
+        _BACKWARD[backend](logits, index, log_mass, lse, grad_concept, coef, inv_temperature, grad)
+    return grad
+
+
+@_concept_mass_backward_op.register_fake
+def _(grad_log_mass, grad_lse, logits, log_mass, lse, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts,
+      inv_temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, _, _, vocab_ids, vocab_offsets, vocab_concepts, _, id_block_starts, inv_temperature = inputs
+    mass, log_mass, top_share, concentration_entropy, _, lse = output
+    ctx.mark_non_differentiable(top_share, concentration_entropy)
+    ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, log_mass, lse)
+    ctx.inv_temperature = inv_temperature
+
+
+def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, grad_lse):
+    logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, log_mass, lse = ctx.saved_tensors
+    # mass = exp(log_mass): its gradient reaches the logits through log_mass
+    grad_concept = torch.zeros_like(log_mass) if grad_log_mass is None else grad_log_mass
+    if grad_mass is not None:
+        grad_concept = grad_concept + grad_mass * mass
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    grad = _concept_mass_backward_op(
+        grad_concept, grad_lse, logits, log_mass, lse, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts,
+        ctx.inv_temperature,
+    )
+    return grad, None, None, None, None, None, None, None, None
+
+
+_concept_mass_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_concepts(concepts, logits: torch.Tensor) -> ConceptSet:
+    if not isinstance(concepts, ConceptSet):
+        raise TypeError(
+            "concepts must be a fastprobe.ConceptSet (ConceptSet(token_ids, offsets), ConceptSet.from_ids "
+            f"or ConceptSet.from_answers), got {type(concepts).__name__}"
+        )
+    if concepts.device != logits.device:
+        raise ValueError(
+            f"concepts is on {concepts.device} but logits is on {logits.device}; "
+            "move it with concepts.to(logits.device)"
+        )
+    vocab = logits.shape[1]
+    if concepts.max_id >= vocab:
+        token_ids = concepts.token_ids.cpu()
+        t = int(torch.nonzero(token_ids >= vocab)[0])
+        c = int(torch.searchsorted(concepts.offsets.cpu(), t, right=True)) - 1
+        raise ValueError(
+            f"concepts: token id {int(token_ids[t])} of concept {concepts._label(c)} is outside the "
+            f"vocabulary of logits [0, V) = [0, {vocab})"
+        )
+    return concepts
+
+
+def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: float = 1.0) -> ConceptMass:
+    """Probability mass of each concept (a set of variant token ids) at each row of logits.
+
+    Args:
+        logits: [N, V] (float32, bfloat16, float16; float64 runs the reference), any
+            strides. -inf entries are masked vocabulary.
+        concepts: a ConceptSet of C concepts with ids in [0, V), on the logits' device.
+        temperature: divides every logit.
+
+    Returns:
+        ConceptMass(mass, log_mass, top_share, concentration_entropy, top_token, lse):
+        [N, C] float32 statistics (float64 for float64 logits; see the module docstring for
+        the math), top_token [N, C] int64 vocabulary ids, lse [N] = logsumexp(logits / T)
+        (natural log). On ties top_token is the variant that comes first in the concept.
+        A concept whose variants are all -inf in a row has mass 0, log_mass -inf,
+        top_share 0, concentration_entropy 0 (no mass, nothing concentrated) and top_token
+        its first variant.
+
+    mass, log_mass and lse have a gradient with respect to the logits (fused backward;
+    overlapping concepts accumulate); top_share, concentration_entropy and top_token do
+    not. The gradient of log_mass for a concept that is all -inf in that row is taken as 0.
+
+    Raises TypeError/ValueError naming the argument for bad shapes, dtypes, devices,
+    temperature or token ids outside [0, V) before any kernel runs, and ValueError after
+    the kernel for a row whose logits are all -inf or not finite (found from the kernel's
+    lse, no extra pass; skipped under torch.compile, where such a row gives NaN).
+    """
+    logits = check_tensor(logits, "logits", 2, "[N, V]")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has an empty vocabulary (V = 0)")
+    concepts = _check_concepts(concepts, logits)
+    inv_temperature = 1.0 / check_temperature(temperature)
+
+    result = ConceptMass(*_concept_mass_op(logits, *concepts._index, inv_temperature))
+    if not is_compiling() and logits.shape[0] > 0:
+        check_finite_lse(result.lse, lambda row: f"logits[{row}]")
+    return result

@@ -1,0 +1,392 @@
+"""Concept-mass kernels (Triton): the math of ``fastprobe.reference.concept_mass`` and its gradient.
+
+The concepts arrive as the ConceptSet's index (``fastprobe.ops.concepts._Index``): the CSR by
+concept, and its transpose by vocabulary id: the distinct concept ids ``vocab_ids`` in
+increasing order with their memberships, and ``id_block_starts[k]``, the first of them at or
+past id k * ID_BLOCK.
+
+Forward:
+  1. One program per row streams it in blocks for the online log-sum-exp (raw max M,
+     S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S). The concept ids inside
+     each block (found from id_block_starts, no search) are picked out of the block already
+     in registers (tl.gather) and written, in concept order, to a small [N, T] buffer of the
+     logits' dtype (T concept tokens; no [N, V] temporary). So the logits are read once.
+  2. Per tile of concepts (in the same program after a barrier, or in a second launch), read
+     each concept's variants from that buffer and form, with m_c the largest variant logit,
+     s_c = sum_{v in c} exp(d_v), d_v = (x_v - m_c) / T:
+        log_mass  = lse_c - lse = (m_c - M) / T + (ln s_c - ln S)   (lse_c = m_c / T + ln s_c;
+                    two large lse values are never subtracted),   mass = exp(log_mass)
+        top_share = 1 / s_c,  entropy = ln s_c - (sum e_v d_v) / s_c,  top_token = argmax
+     A concept whose variants are all -inf: mass 0, log_mass -inf, top_share 0, entropy 0,
+     top_token its first variant.
+
+Backward (g: gradient of log_mass, coef = h - sum_c g_c with h that of lse), one program per
+row streaming it once:
+  grad[n, v] = (coef p_v + sum_{c contains v} g_c q_cv) / T,  q_cv = exp(y_v - lse - log_mass_c)
+Each block stores coef p_v / T for all its v, then (after a barrier, so the order of the two
+stores is fixed) overwrites each concept id in it once with its total, the concepts that
+contain it read from the transpose: overlapping concepts accumulate, no atomics.
+
+Token ids are not bounds-checked here: the op layer checks them against V before launch.
+Temperature is a runtime float (1 / T), never a compile-time constant.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["concept_mass", "concept_mass_backward"]
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+@triton.jit
+def _id_range(id_block_starts_ptr, num_id_blocks, b, ID_BLOCKS_PER_BLOCK: tl.constexpr):
+    """[lo, hi): the slots u of the concept ids in vocabulary block b (id blocks past the
+    largest concept id hold none: the table ends there, at U)."""
+    lo = tl.load(id_block_starts_ptr + tl.minimum(b * ID_BLOCKS_PER_BLOCK, num_id_blocks))
+    hi = tl.load(id_block_starts_ptr + tl.minimum((b + 1) * ID_BLOCKS_PER_BLOCK, num_id_blocks))
+    return lo, hi
+
+
+@triton.jit
+def _concept_tile(
+    gathered_row,  # [T] this row's concept logits, in concept order
+    token_ids_ptr,
+    offsets_ptr,
+    out_row,  # offset n * C of this row's outputs
+    mass_ptr,
+    log_mass_ptr,
+    top_share_ptr,
+    entropy_ptr,
+    top_token_ptr,
+    concept,  # [BLOCK_C] concept indices
+    C,
+    row_max,
+    row_log_s,
+    inv_temperature,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """The statistics of a tile of concepts, their variants read BLOCK_J at a time."""
+    ok = concept < C
+    first = tl.load(offsets_ptr + concept, mask=ok, other=0)
+    count = tl.load(offsets_ptr + concept + 1, mask=ok, other=0) - first
+    longest = tl.max(count, axis=0).to(tl.int32)
+    j = tl.arange(0, BLOCK_J)
+
+    # m_c: the largest variant logit (raw), and the first variant that has it
+    x_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    top = tl.zeros([BLOCK_C], tl.int32)
+    for j0 in range(0, longest, BLOCK_J):
+        has = (j0 + j)[None, :] < count[:, None]
+        x = tl.load(gathered_row + first[:, None] + (j0 + j)[None, :], mask=has, other=float("-inf")).to(tl.float32)
+        tile_max = tl.max(x, axis=1)
+        tile_top = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32) + j0
+        better = tile_max > x_max  # strict: an earlier variant keeps a tie
+        top = tl.where(better, tile_top, top)
+        x_max = tl.where(better, tile_max, x_max)
+
+    # s_c = sum e_v and sum e_v d_v, d_v = (x_v - m_c) / T, e_v = exp(d_v)
+    shift = tl.where(x_max == float("-inf"), 0.0, x_max)
+    s = tl.zeros([BLOCK_C], tl.float32)
+    e_d = tl.zeros([BLOCK_C], tl.float32)
+    for j0 in range(0, longest, BLOCK_J):
+        has = (j0 + j)[None, :] < count[:, None]
+        x = tl.load(gathered_row + first[:, None] + (j0 + j)[None, :], mask=has, other=float("-inf")).to(tl.float32)
+        d = (x - shift[:, None]) * inv_temperature
+        e = tl.exp(d)
+        s += tl.sum(e, axis=1)
+        e_d += tl.sum(e * tl.where(e > 0, d, 0.0), axis=1)  # 0 log 0 = 0 (and no -inf * 0)
+
+    has_mass = s > 0
+    safe_s = tl.where(has_mass, s, 1.0)
+    log_s = tl.log(safe_s)
+    log_mass = tl.where(has_mass, (shift - row_max) * inv_temperature + (log_s - row_log_s), float("-inf"))
+    out = out_row + concept
+    tl.store(log_mass_ptr + out, log_mass, mask=ok)
+    tl.store(mass_ptr + out, tl.exp(log_mass), mask=ok)
+    tl.store(top_share_ptr + out, tl.where(has_mass, 1.0 / safe_s, 0.0), mask=ok)
+    tl.store(entropy_ptr + out, tl.where(has_mass, log_s - e_d / safe_s, 0.0), mask=ok)
+    tl.store(top_token_ptr + out, tl.load(token_ids_ptr + first + top, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
+def _concept_mass_kernel(
+    logits_ptr,  # [N, V] any float dtype, any strides
+    vocab_ids_ptr,  # [U] int64, increasing
+    vocab_offsets_ptr,  # [U + 1] int64: memberships of vocab_ids[u]
+    vocab_positions_ptr,  # [T] int64: CSR position of each membership
+    id_block_starts_ptr,  # [num_id_blocks + 1] int32
+    token_ids_ptr,  # [T] int64
+    offsets_ptr,  # [C + 1] int64
+    gathered_ptr,  # [N, T] the logits' dtype (scratch): gathered[n, t] = logits[n, token_ids[t]]
+    row_state_ptr,  # [2, N] float32 (scratch): M and ln S of each row
+    mass_ptr,  # [N, C] float32 (out), and the three below
+    log_mass_ptr,
+    top_share_ptr,
+    entropy_ptr,
+    top_token_ptr,  # [N, C] int64 (out)
+    lse_ptr,  # [N] float32 (out)
+    inv_temperature,
+    N,
+    V,
+    T,
+    C,
+    num_id_blocks,
+    stride_n,
+    stride_v,
+    BLOCK_V: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    ID_BLOCK: tl.constexpr,
+    WITH_STATS: tl.constexpr,  # also compute the concept statistics (else _concept_stats_kernel does)
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    c = inv_temperature * _LOG2E
+    row = logits_ptr + n * stride_n
+    gathered_row = gathered_ptr + n * T
+    mx = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # scalar -inf
+    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # scalar 0
+    for b in range(0, tl.cdiv(V, BLOCK_V)):
+        offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
+        raw = tl.load(row + offs_v.to(tl.int64) * stride_v, mask=offs_v < V, other=float("-inf"))
+        # the concept ids in this block, picked out of it, to every position they hold in the CSR
+        lo, hi = _id_range(id_block_starts_ptr, num_id_blocks, b, BLOCK_V // ID_BLOCK)
+        for w in range(lo, hi, BLOCK_U):
+            slot = w + tl.arange(0, BLOCK_U)
+            take = slot < hi
+            ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
+            values = tl.gather(raw, tl.where(take, ids - b * BLOCK_V, 0).to(tl.int32), axis=0)
+            first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
+            count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
+            for k in range(0, tl.max(count, axis=0).to(tl.int32)):
+                member = take & (k < count)
+                position = tl.load(vocab_positions_ptr + first + k, mask=member, other=0)
+                tl.store(gathered_row + position, values, mask=member)
+        # online log-sum-exp; while only -inf was seen, shift by 0 so -inf - -inf never appears
+        x = raw.to(tl.float32)
+        new_mx = tl.maximum(mx, tl.max(x, axis=0))
+        shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+        s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=0)
+        mx = new_mx
+
+    # lse = M / T + ln S (-inf for a row of -inf; NaN for NaN or +inf input)
+    log_s = tl.log2(s) * _LN2
+    tl.store(lse_ptr + n, mx * inv_temperature + log_s)
+    if WITH_STATS:
+        tl.debug_barrier()  # the gathered row is complete
+        for c0 in range(0, C, BLOCK_C):
+            _concept_tile(
+                gathered_row, token_ids_ptr, offsets_ptr, n * C,
+                mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
+                c0 + tl.arange(0, BLOCK_C), C, mx, log_s, inv_temperature, BLOCK_C, BLOCK_J,
+            )
+    else:
+        tl.store(row_state_ptr + n, mx)
+        tl.store(row_state_ptr + N + n, log_s)
+
+
+@triton.jit
+def _concept_stats_kernel(
+    gathered_ptr,  # [N, T]
+    token_ids_ptr,
+    offsets_ptr,
+    row_state_ptr,  # [2, N] float32: M and ln S of each row
+    mass_ptr,
+    log_mass_ptr,
+    top_share_ptr,
+    entropy_ptr,
+    top_token_ptr,
+    inv_temperature,
+    N,
+    T,
+    C,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    _concept_tile(
+        gathered_ptr + n * T, token_ids_ptr, offsets_ptr, n * C,
+        mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
+        tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C,
+        tl.load(row_state_ptr + n), tl.load(row_state_ptr + N + n), inv_temperature, BLOCK_C, BLOCK_J,
+    )
+
+
+@triton.jit
+def _concept_mass_backward_kernel(
+    logits_ptr,  # [N, V] any strides
+    vocab_ids_ptr,  # [U] int64
+    vocab_offsets_ptr,  # [U + 1] int64
+    vocab_concepts_ptr,  # [M] int64: vocab_ids[u] is in concepts [vocab_offsets[u], vocab_offsets[u + 1])
+    id_block_starts_ptr,  # [num_id_blocks + 1] int32
+    log_mass_ptr,  # [N, C] float32
+    grad_concept_ptr,  # [N, C] float32: g
+    lse_ptr,  # [N] float32
+    coef_ptr,  # [N] float32: h - sum_c g_c
+    grad_ptr,  # [N, V] contiguous, the logits' dtype (out)
+    inv_temperature,
+    V,
+    C,
+    num_id_blocks,
+    stride_n,
+    stride_v,
+    BLOCK_V: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    ID_BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + n * stride_n
+    grad_row = grad_ptr + n * V
+    lse = tl.load(lse_ptr + n)
+    coef = tl.load(coef_ptr + n)
+    for b in range(0, tl.cdiv(V, BLOCK_V)):
+        # every v: coef p_v / T, p_v = exp(y_v - lse)
+        offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        x = tl.load(row + offs_v.to(tl.int64) * stride_v, mask=v_ok, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x * inv_temperature - lse)
+        tl.store(grad_row + offs_v, (coef * p * inv_temperature).to(grad_ptr.dtype.element_ty), mask=v_ok)
+        tl.debug_barrier()  # those stores come before the overwrites below
+        # the concept ids of this block: (coef p_v + sum_{c contains v} g_c q_cv) / T
+        lo, hi = _id_range(id_block_starts_ptr, num_id_blocks, b, BLOCK_V // ID_BLOCK)
+        for w in range(lo, hi, BLOCK_U):
+            slot = w + tl.arange(0, BLOCK_U)
+            take = slot < hi
+            ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
+            first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
+            count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
+            y = tl.gather(x, tl.where(take, ids - b * BLOCK_V, 0).to(tl.int32), axis=0) * inv_temperature
+            total = coef * tl.exp(y - lse)
+            for j in range(0, tl.max(count, axis=0).to(tl.int32)):
+                has = j < count
+                concept = tl.load(vocab_concepts_ptr + first + j, mask=has, other=0)
+                log_mass = tl.load(log_mass_ptr + n * C + concept, mask=has, other=float("-inf"))
+                g = tl.load(grad_concept_ptr + n * C + concept, mask=has, other=0.0)
+                has_mass = log_mass != float("-inf")  # an all -inf concept contributes 0
+                q = tl.exp(y - lse - tl.where(has_mass, log_mass, 0.0))  # q_cv = p_v / mass_c
+                total += tl.where(has_mass, g * q, 0.0)
+            tl.store(grad_row + ids, (total * inv_temperature).to(grad_ptr.dtype.element_ty), mask=take)
+
+
+# On a GPU the streaming kernels' block size and warp count are tuned per V (and, by Triton,
+# per dtype); they overwrite every output, so re-running them while tuning is safe.
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv in (2048, 4096) for nw in (4, 8)
+]
+_concept_mass_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
+_backward_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V"])(_concept_mass_backward_kernel)
+
+_GPU_BLOCKS = dict(BLOCK_U=256, BLOCK_C=64, BLOCK_J=8)
+# Through the Triton interpreter (CPU tests): small blocks, so that tiny shapes still span
+# several vocabulary blocks, ragged tails, several gather windows and concept tiles.
+_INTERPRET_BLOCKS = dict(BLOCK_V=256, BLOCK_U=8, BLOCK_C=4, BLOCK_J=2)
+# FASTPROBE_CONCEPTS_STATS=separate computes the statistics in a second launch (one
+# program per row and tile of concepts) instead of at the end of each row's program.
+_STATS_ENV = "FASTPROBE_CONCEPTS_STATS"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotune_enabled() -> bool:
+    """FASTPROBE_AUTOTUNE=0 launches the first config instead of tuning (GPU test runs)."""
+    return os.environ.get("FASTPROBE_AUTOTUNE", "1") != "0"
+
+
+def _launch(kernel, tuned, grid, *args, **meta) -> None:
+    """The interpreter's fixed blocks, the tuned kernel, or (no tuning) the first config."""
+    block_sizes = [_INTERPRET_BLOCKS["BLOCK_V"]] + [config.kwargs["BLOCK_V"] for config in _AUTOTUNE_CONFIGS]
+    if any(block % meta["ID_BLOCK"] for block in block_sizes):
+        raise ValueError(f"vocabulary blocks must be multiples of the ConceptSet's id blocks ({meta['ID_BLOCK']})")
+    if _interpreting():
+        kernel[grid](*args, **meta, BLOCK_V=_INTERPRET_BLOCKS["BLOCK_V"])
+    elif _autotune_enabled():
+        tuned[grid](*args, **meta)
+    else:
+        config = _AUTOTUNE_CONFIGS[0]
+        kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _check_inv_temperature(inv_temperature) -> float:
+    inv_temperature = float(inv_temperature)  # a float argument (an int 1 would be specialized)
+    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
+        raise ValueError("inv_temperature must be finite and > 0")
+    return inv_temperature
+
+
+def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: float, out) -> None:
+    """Launch the forward; writes every element of ``out``.
+
+    logits    [N, V] float32 / bfloat16 / float16, any strides
+    index     the ConceptSet's _Index (int64 tensors, id_block_starts int32; contiguous, on the
+              logits' device; ids already checked to lie in [0, V)), with blocks of `id_block` ids
+    out       ConceptMass of preallocated contiguous tensors: mass, log_mass, top_share,
+              concentration_entropy [N, C] float32, top_token [N, C] int64, lse [N] float32
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    N, V = logits.shape
+    C, T = index.offsets.numel() - 1, index.token_ids.numel()
+    for name, tensor in zip(out._fields, out):
+        shape = (N,) if name == "lse" else (N, C)
+        dtype = torch.int64 if name == "top_token" else torch.float32
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)}")
+    inv_temperature = _check_inv_temperature(inv_temperature)
+    if N == 0:
+        return
+
+    blocks = _INTERPRET_BLOCKS if _interpreting() else _GPU_BLOCKS
+    with_stats = os.environ.get(_STATS_ENV, "fused") != "separate"
+    gathered = torch.empty((N, T), dtype=logits.dtype, device=logits.device)
+    row_state = gathered.new_empty((2, N), dtype=torch.float32)  # read back only without WITH_STATS
+    concepts = (index.token_ids, index.offsets)
+    stats = (out.mass, out.log_mass, out.top_share, out.concentration_entropy, out.top_token)
+    _launch(
+        _concept_mass_kernel, _concept_mass_kernel_tuned, (N,),
+        logits, index.vocab_ids, index.vocab_offsets, index.vocab_positions, index.id_block_starts, *concepts,
+        gathered, row_state, *stats, out.lse,
+        inv_temperature, N, V, T, C, index.id_block_starts.numel() - 1, *logits.stride(),
+        BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block, WITH_STATS=with_stats,
+        BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
+    )
+    if not with_stats:
+        _concept_stats_kernel[(N, triton.cdiv(C, blocks["BLOCK_C"]))](
+            gathered, *concepts, row_state, *stats, inv_temperature, N, T, C,
+            BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
+        )
+
+
+def concept_mass_backward(logits, index, id_block, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+    """Launch the backward; writes every element of ``grad`` ([N, V] contiguous, logits' dtype).
+
+    log_mass, grad_concept [N, C] and lse, coef [N]: float32 contiguous (coef = h - sum_c g_c);
+    index: the ConceptSet's _Index (vocab_ids, vocab_offsets, vocab_concepts, id_block_starts).
+    """
+    N, V = logits.shape
+    C = log_mass.shape[1]
+    if grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous():
+        raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
+    for name, tensor in (("log_mass", log_mass), ("grad_concept", grad_concept), ("lse", lse), ("coef", coef)):
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor")
+    inv_temperature = _check_inv_temperature(inv_temperature)
+    if N == 0:
+        return
+    blocks = _INTERPRET_BLOCKS if _interpreting() else _GPU_BLOCKS
+    _launch(
+        _concept_mass_backward_kernel, _backward_kernel_tuned, (N,),
+        logits, index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts,
+        log_mass, grad_concept, lse, coef, grad, inv_temperature, V, C, index.id_block_starts.numel() - 1,
+        *logits.stride(), BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,
+    )

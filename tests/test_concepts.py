@@ -1,0 +1,531 @@
+"""concept_mass and ConceptSet: against the float64 reference (values and gradient),
+properties, tokenizer-built concept sets, and bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastprobe as fp
+from fastprobe import reference
+
+from .conftest import ATOL, RTOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOAT_FIELDS = ["mass", "log_mass", "top_share", "concentration_entropy", "lse"]
+# Gradients come back in the logits' dtype, so low-precision ones carry its rounding.
+GRAD_TOLERANCE = {torch.float32: (RTOL, ATOL), torch.bfloat16: (1e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
+
+
+def shapes_for(target):
+    """(N, V, C) cases: odd sizes, V past a few kernel blocks, C = 1, V = 1. The Triton
+    interpreter is slow, so it gets smaller vocabularies."""
+    backend, device = target
+    if device == "cpu" and backend == "triton":
+        return [(7, 301, 12), (3, 777, 1), (2, 1, 1)]
+    return [(37, 1271, 40), (5, 4099, 7), (16, 32000, 300), (3, 1, 1)]
+
+
+def random_concepts(vocab, num_concepts, max_variants=8, device="cpu"):
+    """Concepts of 1..max_variants distinct ids, some single-variant, some overlapping
+    (every third concept shares ids with its predecessor)."""
+    lists = []
+    for c in range(num_concepts):
+        size = int(torch.randint(1, min(max_variants, vocab) + 1, ()))
+        ids = torch.randperm(vocab)[:size].tolist()
+        if c % 3 == 2:
+            ids = lists[-1][: max(1, len(lists[-1]) // 2)] + [i for i in ids if i not in lists[-1]]
+        lists.append(ids)
+    return fp.ConceptSet.from_ids(lists).to(device)
+
+
+def expected(logits, concepts, temperature=1.0):
+    """The float64 reference on exactly the values the kernel sees."""
+    return reference.concept_mass(
+        logits.detach().cpu().double(), concepts.token_ids.cpu(), concepts.offsets.cpu(), temperature=temperature
+    )
+
+
+def assert_matches(result, ref, rtol=RTOL, atol=ATOL):
+    for field in FLOAT_FIELDS:
+        got, want = getattr(result, field), ref[field]
+        assert got.dtype == torch.float32, field
+        assert not torch.isnan(got).any(), f"{field} has NaN (unwritten or invalid)"
+        torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol, msg=lambda m: f"{field}: {m}")
+    assert result.top_token.dtype == torch.int64
+    assert torch.equal(result.top_token.cpu(), ref["top_token"]), "top_token"
+
+
+def reference_gradient(logits, concepts, temperature, weights):
+    """d/dlogits of sum(w1 log_mass + w2 mass) + sum(w3 lse), by autograd of the float64 reference."""
+    z = logits.detach().cpu().double().requires_grad_()
+    ref = reference.concept_mass(z, concepts.token_ids.cpu(), concepts.offsets.cpu(), temperature=temperature)
+    w1, w2, w3 = (w.cpu().double() for w in weights)
+    ((w1 * ref["log_mass"]).sum() + (w2 * ref["mass"]).sum() + (w3 * ref["lse"]).sum()).backward()
+    return z.grad
+
+
+def fused_gradient(logits, concepts, temperature, weights):
+    z = logits.detach().clone().requires_grad_()
+    result = fp.concept_mass(z, concepts, temperature=temperature)
+    w1, w2, w3 = weights
+    ((w1 * result.log_mass).sum() + (w2 * result.mass).sum() + (w3 * result.lse).sum()).backward()
+    return z.grad
+
+
+# ---------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference(target, dtype, temperature):
+    _, device = target
+    for num_tokens, vocab, num_concepts in shapes_for(target):
+        logits = (3 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype)
+        concepts = random_concepts(vocab, num_concepts, device=device)
+        result = fp.concept_mass(logits, concepts, temperature=temperature)
+        assert_matches(result, expected(logits, concepts, temperature))
+
+
+def test_masked_vocabulary(target):
+    """-inf logits contribute nothing: a masked region, scattered masks, a concept masked
+    everywhere (mass 0, log_mass -inf, top_share 0, entropy 0, its first variant on top)."""
+    _, device = target
+    num_tokens, vocab, num_concepts = shapes_for(target)[0]
+    logits = 2 * torch.randn(num_tokens, vocab)
+    logits[:, vocab // 3 : vocab // 2] = float("-inf")
+    logits[torch.rand_like(logits) < 0.2] = float("-inf")
+    logits[:, 0] = 0.0  # every row keeps a token
+    lists = [[vocab // 3, vocab // 3 + 1, vocab // 3 + 2], [vocab // 3 + 3, 0, vocab - 1]]
+    lists += [torch.randperm(vocab)[:5].tolist() for _ in range(num_concepts)]
+    concepts = fp.ConceptSet.from_ids(lists).to(device)
+    logits = logits.to(device)
+    result = fp.concept_mass(logits, concepts)
+    assert_matches(result, expected(logits, concepts))
+    assert (result.mass[:, 0] == 0).all() and (result.log_mass[:, 0] == float("-inf")).all()
+    assert (result.top_share[:, 0] == 0).all() and (result.concentration_entropy[:, 0] == 0).all()
+    assert (result.top_token[:, 0] == vocab // 3).all()
+    assert (result.top_share[:, 1] > 0).all()  # token 0 is never masked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extreme_logits(target, dtype):
+    """Logits of magnitude 1e4: masses underflow to 0 or saturate at 1 without NaN, and the
+    within-concept statistics stay exact because they never divide by the mass."""
+    _, device = target
+    num_tokens, vocab, num_concepts = shapes_for(target)[0]
+    logits = (1e4 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype)
+    concepts = random_concepts(vocab, num_concepts, device=device)
+    result = fp.concept_mass(logits, concepts)
+    assert_matches(result, expected(logits, concepts), rtol=1e-4, atol=1e-4)
+
+
+def test_overlapping_and_single_variant_concepts(target):
+    """A concept repeated, split into disjoint parts, a single-variant concept, and the
+    whole vocabulary: the masses add up as they should."""
+    _, device = target
+    num_tokens, vocab, _ = shapes_for(target)[0]
+    logits = (2 * torch.randn(num_tokens, vocab)).to(device)
+    ids = torch.randperm(vocab)[:6].tolist()
+    concepts = fp.ConceptSet.from_ids([ids, ids[:3], ids[3:], ids, [ids[0]], list(range(vocab))]).to(device)
+    result = fp.concept_mass(logits, concepts, temperature=1.3)
+    assert_matches(result, expected(logits, concepts, 1.3))
+    mass = result.mass.double()
+    torch.testing.assert_close(mass[:, 0], mass[:, 1] + mass[:, 2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.mass[:, 0], result.mass[:, 3], rtol=0, atol=0)
+    torch.testing.assert_close(result.mass[:, 5], torch.ones_like(result.mass[:, 5]), rtol=1e-5, atol=1e-5)
+    assert (result.top_share[:, 4] == 1).all() and (result.concentration_entropy[:, 4] == 0).all()
+    assert (result.top_token[:, 4] == ids[0]).all()
+
+
+def test_non_contiguous_logits(target):
+    """A strided view (vocabulary stride 2, rows of the transpose) gives the same answer."""
+    _, device = target
+    num_tokens, vocab, num_concepts = shapes_for(target)[0]
+    logits = torch.randn(2 * vocab, num_tokens, device=device).t()[:, ::2]
+    assert not logits.is_contiguous() and logits.stride(1) != 1
+    concepts = random_concepts(vocab, num_concepts, device=device)
+    assert_matches(fp.concept_mass(logits, concepts), expected(logits, concepts))
+
+
+def test_inputs_untouched_and_outputs_fresh(target):
+    _, device = target
+    logits = torch.randn(4, 33, device=device)
+    concepts = fp.ConceptSet.from_ids([[1, 2], [2, 30]]).to(device)
+    copies = logits.clone(), concepts.token_ids.clone(), concepts.offsets.clone()
+    first = fp.concept_mass(logits, concepts)
+    second = fp.concept_mass(logits, concepts)
+    for original, copy in zip((logits, concepts.token_ids, concepts.offsets), copies):
+        assert torch.equal(original, copy)
+    assert first.mass.data_ptr() != second.mass.data_ptr()
+    torch.testing.assert_close(first.mass, second.mass, rtol=0, atol=0)
+
+
+def test_empty_token_axis(target):
+    _, device = target
+    result = fp.concept_mass(torch.randn(0, 9, device=device), fp.ConceptSet.from_ids([[1], [2, 3]]).to(device))
+    assert result.mass.shape == (0, 2) and result.top_token.shape == (0, 2) and result.lse.shape == (0,)
+
+
+# ---------------------------------------------------------------- gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_matches_autograd_of_reference(target, dtype):
+    """The fused backward of log_mass (and of mass and lse, which reach the logits through
+    it) against autograd of the float64 reference; overlapping concepts accumulate."""
+    _, device = target
+    num_tokens, vocab, num_concepts = shapes_for(target)[0]
+    logits = (3 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype)
+    concepts = random_concepts(vocab, num_concepts, device=device)
+    weights = [torch.randn(num_tokens, num_concepts, device=device), torch.randn(num_tokens, num_concepts, device=device),
+               torch.randn(num_tokens, device=device)]
+    got = fused_gradient(logits, concepts, 0.8, weights)
+    assert got.dtype == dtype and got.shape == logits.shape and not torch.isnan(got).any()
+    rtol, atol = GRAD_TOLERANCE[dtype]
+    torch.testing.assert_close(got.cpu().double(), reference_gradient(logits, concepts, 0.8, weights), rtol=rtol, atol=atol)
+
+
+def test_gradient_of_log_mass_only_with_masked_concepts(target):
+    """Only log_mass in the loss (mass and lse get zero gradient), strided logits, and a
+    concept masked everywhere, whose gradient is 0 by convention."""
+    _, device = target
+    num_tokens, vocab, _ = shapes_for(target)[0]
+    logits = torch.randn(vocab, num_tokens).t()
+    logits[:, 5:9] = float("-inf")
+    concepts = fp.ConceptSet.from_ids([[5, 6, 7], [1, 2, 3, 5], [2, 3], [vocab - 1]]).to(device)
+    logits = logits.to(device)
+    weights = [torch.randn(num_tokens, 4, device=device), torch.zeros(num_tokens, 4, device=device),
+               torch.zeros(num_tokens, device=device)]
+    got = fused_gradient(logits, concepts, 1.0, weights)
+    want = reference_gradient(logits, concepts, 1.0, weights)
+    assert not torch.isnan(want).any()
+    torch.testing.assert_close(got.cpu().double(), want, rtol=RTOL, atol=ATOL)
+    # d log_mass / dz sums to 0 over the vocabulary (shifting all logits changes nothing)
+    torch.testing.assert_close(got.sum(-1), torch.zeros(num_tokens, device=device), rtol=0, atol=1e-5)
+
+
+def test_non_differentiable_outputs(target):
+    _, device = target
+    logits = torch.randn(3, 20, device=device, requires_grad=True)
+    result = fp.concept_mass(logits, fp.ConceptSet.from_ids([[1, 2]]).to(device))
+    assert result.log_mass.requires_grad and result.mass.requires_grad and result.lse.requires_grad
+    assert not result.top_share.requires_grad and not result.concentration_entropy.requires_grad
+    assert not result.top_token.requires_grad
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_tokens=st.integers(1, 5),
+    vocab=st.integers(2, 300),
+    scale=st.sampled_from([0.01, 1.0, 10.0, 300.0]),
+    temperature=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_properties(num_tokens, vocab, scale, temperature, seed):
+    """0 <= mass <= 1, disjoint concepts sum to <= 1, top_share in (0, 1],
+    0 <= entropy <= log |c|, mass = exp(log_mass), top_token in its concept (C++ backend)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(num_tokens, vocab, generator=generator)
+    order = torch.randperm(vocab, generator=generator).tolist()
+    cuts = sorted(torch.randint(1, vocab, (min(6, vocab - 1),), generator=generator).unique().tolist())
+    disjoint = [order[a:b] for a, b in zip([0] + cuts, cuts + [vocab])]
+    concepts = fp.ConceptSet.from_ids(disjoint)
+    result = fp.concept_mass(logits, concepts, temperature=temperature)
+    slack = 1e-5
+    assert ((result.mass >= 0) & (result.mass <= 1 + slack)).all()
+    assert (result.mass.sum(-1) <= 1 + slack).all()
+    assert ((result.top_share > 0) & (result.top_share <= 1 + slack)).all()
+    sizes = torch.tensor([len(ids) for ids in disjoint], dtype=torch.float32)
+    assert ((result.concentration_entropy >= -slack) & (result.concentration_entropy <= sizes.log() + slack)).all()
+    torch.testing.assert_close(result.mass, result.log_mass.exp(), rtol=1e-6, atol=0)
+    for c, ids in enumerate(disjoint):
+        assert set(result.top_token[:, c].tolist()) <= set(ids)
+
+
+# ---------------------------------------------------------------- ConceptSet
+
+
+def test_concept_set_csr_and_deduplication():
+    concepts = fp.ConceptSet(torch.tensor([4, 2, 4, 9, 2, 2, 7], dtype=torch.int32), [0, 3, 4, 7], names=["a", "b", "c"])
+    assert len(concepts) == 3 and concepts.names == ("a", "b", "c")
+    assert concepts.token_ids.dtype == torch.int64
+    assert [concepts.variant_ids(c) for c in range(3)] == [[4, 2], [9], [2, 7]]  # first occurrences kept, in order
+    assert concepts.offsets.tolist() == [0, 2, 3, 5]
+    assert concepts.max_id == 9
+    assert "3 concepts" in repr(concepts)
+    same = fp.ConceptSet.from_ids({"a": [4, 2], "b": [9], "c": [2, 7]})
+    assert torch.equal(same.token_ids, concepts.token_ids) and same.names == concepts.names
+    assert concepts.to("cpu") is concepts
+
+
+def bad_sets():
+    return [
+        ("float ids", ([1.0, 2.0], [0, 2]), TypeError, "token_ids must hold integers"),
+        ("float tensor ids", (torch.tensor([1.0]), [0, 1]), TypeError, "token_ids"),
+        ("bool ids", (torch.tensor([True]), [0, 1]), TypeError, "token_ids"),
+        ("float offsets", ([1, 2], [0.0, 2.0]), TypeError, "offsets must hold integers"),
+        ("2-D ids", (torch.tensor([[1, 2]]), [0, 2]), ValueError, "token_ids must be 1-D"),
+        ("negative id", ([1, -3], [0, 1, 2]), ValueError, r"token_ids must be >= 0, got -3 in concept 1"),
+        ("offsets start", ([1, 2], [1, 2]), ValueError, "start at 0"),
+        ("offsets end", ([1, 2, 3], [0, 2]), ValueError, "end at len"),
+        ("offsets decrease", ([1, 2, 3], [0, 2, 1, 3]), ValueError, "non-decreasing"),
+        ("empty concept", ([1, 2], [0, 1, 1, 2]), ValueError, "concept 1 is empty"),
+        ("no concepts", ([], [0]), ValueError, "at least one concept"),
+        ("names length", ([1, 2], [0, 1, 2], ["a"]), ValueError, "names has 1 entries"),
+        ("names type", ([1, 2], [0, 1, 2], "ab"), TypeError, "names"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_sets(), ids=lambda case: case[0])
+def test_bad_concept_set_raises_clear_error(case):
+    _, args, error, words = case
+    with pytest.raises(error, match=words):
+        fp.ConceptSet(*args)
+
+
+def test_empty_concept_error_names_it():
+    with pytest.raises(ValueError, match=r"concept 1 \('b'\) is empty"):
+        fp.ConceptSet.from_ids({"a": [1], "b": []})
+
+
+# ---------------------------------------------------------------- ConceptSet.from_answers
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE trained here on a tiny corpus: " Paris" and "Paris" are distinct
+    single tokens, "paris" and "PARIS" are not single tokens."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    corpus = [
+        "The capital of France is Paris.", "Paris is lovely in spring.", "I went to paris once.",
+        "London is the capital of England.", "Lyon and Marseille are cities.", "He said London twice.",
+        "Berlin is in Germany.", "We met in Berlin and Paris and London.",
+    ] * 30
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def wordpiece_tokenizer():
+    """An uncased WordPiece (BERT-style normaliser: lower-cases, strips accents)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    words = ["[UNK]", "[CLS]", "[SEP]", "paris", "london", "new", "york", "zurich", "the", "is", "##s"]
+    tokenizer = tokenizers.Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+def encode(tokenizer, text):
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_from_answers_byte_level_bpe(bpe_tokenizer):
+    tok = bpe_tokenizer
+    concepts = fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"], "London": "London", "Berlin": ["Berlin"]})
+    assert concepts.names == ("Paris", "London", "Berlin")
+    paris, space_paris = encode(tok, "Paris"), encode(tok, " Paris")
+    assert len(paris) == len(space_paris) == 1 and paris != space_paris  # the leading space matters
+    assert sorted(concepts.variant_ids(0)) == sorted([paris[0], space_paris[0]])
+    # lower and upper case are multi-token here: recorded as sequences, never in the CSR
+    assert encode(tok, " paris") in concepts.multi_token[0] and encode(tok, "PARIS") in concepts.multi_token[0]
+    texts = {v.text for v in concepts.variants[0]}
+    assert {"Paris", " Paris", "paris", " paris", "PARIS", " PARIS"} <= texts
+    assert all(v.single_token == (len(v.token_ids) == 1) for v in concepts.variants[0])
+    # " paris" starts with the bare-space token: a prefix kept apart from the single-token mass
+    space_token = encode(tok, " paris")[0]
+    assert space_token in concepts.multi_token_prefixes[0]
+    assert space_token not in concepts.variant_ids(0)
+    # "Berlin" is one token but " Berlin" is two (the corpus never has it after a space)
+    assert concepts.variant_ids(2) == [encode(tok, "Berlin")[0]]
+    assert encode(tok, " Berlin") in concepts.multi_token[2]
+
+    logits = torch.randn(4, len(tok))
+    result = fp.concept_mass(logits, concepts)
+    p = torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(result.mass[:, 0].double(), p[:, [paris[0], space_paris[0]]].sum(-1), rtol=1e-5, atol=1e-7)
+
+
+def test_from_answers_variant_options(bpe_tokenizer):
+    tok = bpe_tokenizer
+    as_given = fp.ConceptSet.from_answers(tok, {"Paris": [" Paris"]}, variants=())
+    assert as_given.variant_ids(0) == list(encode(tok, " Paris")) and as_given.multi_token == ((),)
+    no_space = fp.ConceptSet.from_answers(tok, ["Paris", "London"], variants=("lower",))
+    assert no_space.names == ("Paris", "London")
+    assert {v.text for v in no_space.variants[0]} == {"Paris", "paris"}
+    custom = fp.ConceptSet.from_answers(tok, {"x": ["Paris"]}, variants=lambda alias: [alias, " " + alias])
+    assert sorted(custom.variant_ids(0)) == sorted(encode(tok, "Paris") + encode(tok, " Paris"))
+    with pytest.raises(ValueError, match="variants must name forms"):
+        fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"]}, variants=("spaces",))
+    with pytest.raises(ValueError, match=r"no single-token variant under this tokenizer for 'Rome'"):
+        fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"], "Rome": ["Rome"]})
+    with pytest.raises(ValueError, match="non-empty list of alias strings"):
+        fp.ConceptSet.from_answers(tok, {"Paris": []})
+    with pytest.raises(TypeError, match="mapping"):
+        fp.ConceptSet.from_answers(tok, "Paris")
+
+
+def test_from_answers_wordpiece_normalisation(wordpiece_tokenizer):
+    """An uncased WordPiece maps every case and space form to one token, strips accents,
+    and an alias it does not know ([UNK]) is dropped rather than scored."""
+    tok = wordpiece_tokenizer
+    concepts = fp.ConceptSet.from_answers(
+        tok, {"Paris": ["Paris"], "Zurich": ["Zürich", "ZRH"], "New York": ["New York", "NYC", "york"]}
+    )
+    assert concepts.variant_ids(0) == [tok.convert_tokens_to_ids("paris")]
+    assert len(concepts.variants[0]) == 1  # Paris, paris, " PARIS", ... are one variant
+    assert concepts.variant_ids(1) == [tok.convert_tokens_to_ids("zurich")]  # ZRH is [UNK]: dropped
+    new, york = tok.convert_tokens_to_ids(["new", "york"])
+    assert concepts.variant_ids(2) == [york] and concepts.multi_token[2] == ((new, york),)
+    assert concepts.multi_token_prefixes[2] == (new,)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad_calls():
+    logits = torch.randn(4, 10)
+    concepts = fp.ConceptSet.from_ids({"a": [1, 2], "far": [3, 10]})
+    small = fp.ConceptSet.from_ids([[1, 2]])
+    return [
+        ("id past V", (logits, concepts), {}, ValueError, r"token id 10 of concept 1 \('far'\) is outside .* \[0, 10\)"),
+        ("not a set", (logits, [[1, 2]]), {}, TypeError, "concepts must be a fastprobe.ConceptSet"),
+        ("1-D logits", (torch.randn(10), small), {}, ValueError, r"logits must have shape \[N, V\]"),
+        ("integer logits", (torch.randint(0, 5, (4, 10)), small), {}, TypeError, "logits"),
+        ("empty V", (torch.randn(4, 0), small), {}, ValueError, "V = 0"),
+        ("other device", (logits, small.to("meta")), {}, ValueError, r"concepts is on meta .* concepts.to"),
+        ("temperature zero", (logits, small), {"temperature": 0.0}, ValueError, "temperature"),
+        ("temperature nan", (logits, small), {"temperature": float("nan")}, ValueError, "temperature"),
+        ("temperature str", (logits, small), {"temperature": "1"}, TypeError, "temperature"),
+        ("not a tensor", ([[1.0, 2.0]], small), {}, TypeError, "logits"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_calls(), ids=lambda case: case[0])
+def test_bad_input_raises_clear_error(case):
+    _, args, kwargs, error, words = case
+    real = [a for a in args if isinstance(a, torch.Tensor)]
+    copies = [a.clone() for a in real]
+    with pytest.raises(error, match=words):
+        fp.concept_mass(*args, **kwargs)
+    for original, copy in zip(real, copies):
+        assert torch.equal(original, copy)
+
+
+def test_cpp_kernel_checks_ids_itself():
+    """With the Python checks bypassed (the op called directly), the C++ kernels still refuse
+    ids and offsets that would read outside their buffers."""
+    from fastprobe.ops.concepts import _concept_mass_op, _concept_mass_backward_op
+
+    fp.set_backend("cpp")
+    logits = torch.randn(3, 10)
+    index = list(fp.ConceptSet.from_ids([[1, 2], [3]])._index)
+    for position, bad, words in [(0, [1, 2, 10], "token_ids"), (0, [1, -1, 3], "token_ids"),
+                                 (1, [0, 2, 4], "offsets"), (1, [0, 3, 2], "offsets")]:
+        args = list(index)
+        args[position] = torch.tensor(bad)
+        with pytest.raises(IndexError, match=words):
+            _concept_mass_op(logits, *args, 1.0)
+    stats = _concept_mass_op(logits, *index, 1.0)
+    _, log_mass, _, _, _, lse = stats
+    grad = torch.ones_like(log_mass)
+    vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
+    with pytest.raises(IndexError, match="vocab_ids"):
+        _concept_mass_backward_op(grad, lse, logits, log_mass, lse, torch.tensor([1, 2, 99]), vocab_offsets,
+                                  vocab_concepts, starts, 1.0)
+    with pytest.raises(IndexError, match="vocab_concepts"):
+        _concept_mass_backward_op(grad, lse, logits, log_mass, lse, vocab_ids, vocab_offsets,
+                                  torch.tensor([0, 0, 5]), starts, 1.0)
+
+
+@pytest.mark.parametrize("where", ["masked", "nan", "posinf"])
+def test_non_finite_row_raises(target, where):
+    _, device = target
+    logits = torch.randn(5, 40, device=device)
+    if where == "masked":
+        logits[3] = float("-inf")
+    elif where == "nan":
+        logits[3, 7] = float("nan")
+    else:
+        logits[3, 1] = float("inf")
+    copy = logits.clone()
+    with pytest.raises(ValueError, match=r"logits\[3\] has no finite log-sum-exp"):
+        fp.concept_mass(logits, fp.ConceptSet.from_ids([[1, 2], [7]]).to(device))
+    assert torch.equal(logits, copy) or where == "nan"
+
+
+# ---------------------------------------------------------------- backends and tracing
+
+
+def test_float64_runs_reference_exactly():
+    logits = torch.randn(6, 50, dtype=torch.float64)
+    concepts = fp.ConceptSet.from_ids([[1, 2, 3], [3, 4], [49]])
+    result = fp.concept_mass(logits, concepts, temperature=0.9)
+    ref = reference.concept_mass(logits, concepts.token_ids, concepts.offsets, temperature=0.9)
+    assert result.mass.dtype == torch.float64
+    torch.testing.assert_close(result.log_mass, ref["log_mass"], rtol=1e-12, atol=1e-12)
+    # the float64 gradient runs the reference backward formula
+    z = logits.clone().requires_grad_()
+    fp.concept_mass(z, concepts, temperature=0.9).log_mass.sum().backward()
+    z_ref = logits.clone().requires_grad_()
+    reference.concept_mass(z_ref, concepts.token_ids, concepts.offsets, temperature=0.9)["log_mass"].sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_backend_forced():
+    logits = torch.randn(6, 50)
+    concepts = random_concepts(50, 9)
+    with fp.use_backend("reference"):
+        result = fp.concept_mass(logits, concepts)
+        weights = [torch.randn(6, 9), torch.randn(6, 9), torch.randn(6)]
+        got = fused_gradient(logits, concepts, 1.0, weights)
+    assert_matches(result, expected(logits, concepts))
+    torch.testing.assert_close(got.double(), reference_gradient(logits, concepts, 1.0, weights), rtol=RTOL, atol=ATOL)
+
+
+def test_torch_compile_fullgraph():
+    logits = torch.randn(9, 130)
+    concepts = fp.ConceptSet.from_ids([[1, 2, 3], [3, 100], [129]])
+
+    def availability(z):
+        result = fp.concept_mass(z, concepts, temperature=0.9)
+        return result.log_mass.sum() + result.top_share.sum()
+
+    compiled = torch.compile(availability, fullgraph=True)
+    z_eager, z_compiled = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    eager, traced = availability(z_eager), compiled(z_compiled)
+    torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
+    eager.backward()
+    traced.backward()
+    torch.testing.assert_close(z_compiled.grad, z_eager.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_opcheck():
+    """torch.library's own consistency checks on the registered ops (schema, fake, autograd)."""
+    from fastprobe.ops.concepts import _concept_mass_backward_op, _concept_mass_op
+
+    logits = torch.randn(4, 31, requires_grad=True)
+    index = tuple(fp.ConceptSet.from_ids([[1, 2, 3], [3, 30]])._index)
+    torch.library.opcheck(_concept_mass_op, (logits, *index, 1.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    _, log_mass, _, _, _, lse = _concept_mass_op(logits.detach(), *index, 1.25)
+    vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
+    args = (torch.randn(4, 2), torch.randn(4), logits.detach(), log_mass, lse, vocab_ids, vocab_offsets,
+            vocab_concepts, starts, 1.25)
+    torch.library.opcheck(_concept_mass_backward_op, args, test_utils=("test_schema", "test_faketensor"))
