@@ -2,18 +2,20 @@
 
     import fastprobe as fp
     fp.draft_divergence(draft_logits, target_logits)   # token-level epistemic uncertainty
+    fp.draft_divergence_sharded(draft_shard, target_shard)   # the same, vocabulary sharded over ranks
     fp.set_backend("auto" | "reference" | "cpp" | "triton")
 """
 
 from . import reference
 from .backend import get_backend, set_backend, use_backend
-from .ops.divergence import DraftDivergence, draft_divergence
+from .ops.divergence import DraftDivergence, draft_divergence, draft_divergence_sharded
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DraftDivergence",
     "draft_divergence",
+    "draft_divergence_sharded",
     "get_backend",
     "reference",
     "set_backend",
