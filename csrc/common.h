@@ -150,12 +150,15 @@ inline float fast_log(float x) {
 
 // Online log-sum-exp of scale * x: max is the largest x, sum = sum exp(scale (x - max)),
 // lse = scale * max + log(sum). A NaN sum (NaN or +inf in the input) gives a NaN lse;
-// an empty sum (all -inf) gives -inf.
+// an empty sum (all -inf) gives -inf. The value is a double: scale * max is exact there
+// (a product of two floats), so the lse keeps the precision of the row's largest logit at
+// any magnitude (a float32 lse of logits ~1e4 would be off by up to 5e-4).
 struct LseState {
   float max = kNegInf;
   float sum = 0.0f;
-  float value(float scale = 1.0f) const {
-    return sum == 0.0f ? kNegInf : scale * max + std::log(sum);
+  double value(float scale = 1.0f) const {
+    return sum == 0.0f ? -std::numeric_limits<double>::infinity()
+                       : double(scale) * double(max) + std::log(double(sum));
   }
 };
 

@@ -7,8 +7,15 @@
 //   stats[1] = KL(m||p) = sum_v m_v (log m_v - log p_v)
 //   stats[2] = epistemic = stats[0] + stats[1]
 //   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
-//   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)
+//   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)   (float64)
 // Without a target, stats rows 1, 2, 4 and lse row K are 0.
+//
+// Two more modes serve the vocabulary-sharded (tensor-parallel) form, where the input
+// holds one shard of the vocabulary and every statistic above is a sum over it:
+//   lse_only: pass 1 only; writes the shard's lse and 0 for every stat.
+//   lse_in:   each row's lse over the WHOLE vocabulary is given (float64 [K + 1, N]), so
+//             pass 1 is skipped; pass 2 writes the shard's share of every sum (shares add
+//             up over the shards) and lse is written as the given one.
 //
 // Tokens are spread over OpenMP threads. Each token takes two streaming passes
 // over the vocabulary in blocks of kBlock: pass 1 folds every row into an online
@@ -16,8 +23,10 @@
 // Blocks are converted to float32 (unscaled) into per-thread buffers of
 // O((K + 1) kBlock) floats. Log-probabilities are formed as (x - max) / T - log(sum)
 // with max the row's largest raw logit: x - max is exact near the max, so the
-// result keeps float32 precision however large the logits are. Block sums are
-// float32, per-token accumulators are double.
+// result keeps float32 precision however large the logits are. A given lse is used the
+// same way: (x - shift) / T - offset with shift = lse T rounded to float (near the max)
+// and offset the rounding's remainder over T. Block sums are float32, per-token
+// accumulators are double.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -68,13 +77,26 @@ FASTPROBE_SIMD_CLONES static void lse_block(LseState& state, const float* x, int
   lse_update(state, x, count, scale);
 }
 
-// Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - max) scale - log_sum.
+// Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - shift) scale - offset, with
+// shift near the row's largest logit, so x_v - shift is exact near the max and large logits
+// keep float32 precision. A row with no finite logit (or a non-finite lse) gives NaN.
 struct LogSoftmax {
-  float max, scale, log_sum;
+  float shift, scale, offset;
+
+  // From pass 1: shift = max, offset = log(sum).
+  static LogSoftmax from_state(const LseState& state, float scale) {
+    return {state.max, scale, std::log(state.sum)};
+  }
+  // From a given lse: shift = lse / scale rounded to float, its rounding error goes to the
+  // offset: (x - shift) scale - (lse - shift scale) = x scale - lse.
+  static LogSoftmax from_lse(double lse, float scale) {
+    const float shift = float(lse / scale);
+    return {shift, scale, float(lse - double(shift) * scale)};
+  }
 };
 
 static inline float log_prob(const LogSoftmax& row, float x) {
-  return (x - row.max) * row.scale - row.log_sum;
+  return (x - row.shift) * row.scale - row.offset;
 }
 
 // One draft row: q_v = exp(log q_v) into q, m_v += w q_v; returns sum_v q_v log q_v.
@@ -145,8 +167,10 @@ struct Problem {
   int64_t stride_tn, stride_tv;
   const float* weights;  // [K]
   float inv_temperature;
+  const double* lse_in;  // [K + 1, N] each row's lse over the whole vocabulary, or nullptr
+  bool lse_only;         // pass 1 only: stats are 0
   float* stats;  // [5 + K, N]
-  float* lse;    // [K + 1, N]
+  double* lse;   // [K + 1, N]
 
   bool has_target() const { return target != nullptr; }
   int64_t rows() const { return has_target() ? K + 1 : K; }  // draft rows, then the target
@@ -165,7 +189,7 @@ struct Problem {
 struct Workspace {
   explicit Workspace(int64_t K)
       : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock),
-        lse_state(K + 1), log_softmax(K + 1), q_log_q(K) {}
+        lse_state(K + 1), row_lse(K + 1), log_softmax(K + 1), q_log_q(K) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
   float* q_row(int64_t k) { return q.data() + k * kBlock; }
@@ -175,14 +199,23 @@ struct Workspace {
   std::vector<float> m;       // [kBlock] m_v
   std::vector<float> log_m;   // [kBlock] log m_v
   std::vector<LseState> lse_state;      // [K + 1] per row of this token
+  std::vector<double> row_lse;          // [K + 1] per row of this token
   std::vector<LogSoftmax> log_softmax;  // [K + 1] per row of this token
   std::vector<double> q_log_q;  // [K] sum_v q_kv log q_kv of this token
 };
 
 static int64_t block_size(int64_t V, int64_t v0) { return std::min(kBlock, V - v0); }
 
-// Pass 1: lse of every row of token n.
+// The lse and log-softmax of every row of token n: given (lse_in mode), else pass 1.
 static void token_lse(const Problem& p, int64_t n, Workspace& ws) {
+  if (p.lse_in != nullptr) {
+    for (int64_t r = 0; r < p.rows(); ++r) {
+      ws.row_lse[r] = p.lse_in[r * p.N + n];
+      ws.log_softmax[r] = LogSoftmax::from_lse(ws.row_lse[r], p.inv_temperature);
+    }
+    return;
+  }
+  // Pass 1: online log-sum-exp of every row.
   std::fill(ws.lse_state.begin(), ws.lse_state.end(), LseState{});
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
@@ -192,18 +225,20 @@ static void token_lse(const Problem& p, int64_t n, Workspace& ws) {
     }
   }
   for (int64_t r = 0; r < p.rows(); ++r) {
-    const LseState& state = ws.lse_state[r];
-    ws.log_softmax[r] = {state.max, p.inv_temperature, std::log(state.sum)};
+    ws.row_lse[r] = ws.lse_state[r].value(p.inv_temperature);
+    ws.log_softmax[r] = LogSoftmax::from_state(ws.lse_state[r], p.inv_temperature);
   }
 }
 
-// Both passes for token n; writes its column of stats and lse.
-static void token_divergence(const Problem& p, int64_t n, Workspace& ws) {
-  token_lse(p, n, ws);
-
-  // Pass 2: every sum, block by block.
-  std::fill(ws.q_log_q.begin(), ws.q_log_q.end(), 0.0);
+// The sums of token n (every one 0 until pass 2 adds to it); sum_v q_kv log q_kv is in
+// the workspace's q_log_q.
+struct TokenSums {
   double jsd = 0.0, m_log_m = 0.0, kl_mt = 0.0, p_log_p = 0.0;
+};
+
+// Pass 2: every sum, block by block, from the rows' log-softmax.
+static TokenSums token_sums(const Problem& p, int64_t n, Workspace& ws) {
+  TokenSums s;
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
     for (int64_t r = 0; r < p.rows(); ++r) p.load_row(r, n, v0, count, ws.logits_row(r));
@@ -212,35 +247,44 @@ static void token_divergence(const Problem& p, int64_t n, Workspace& ws) {
     for (int64_t k = 0; k < p.K; ++k)
       ws.q_log_q[k] += draft_block(ws.logits_row(k), ws.log_softmax[k], p.weights[k], count,
                                    ws.q_row(k), ws.m.data());
-    m_log_m += mixture_block(ws.m.data(), count, ws.log_m.data());
+    s.m_log_m += mixture_block(ws.m.data(), count, ws.log_m.data());
     // JSD = sum_k w_k KL(q_k || m)
     for (int64_t k = 0; k < p.K; ++k)
-      jsd += double(p.weights[k]) *
-             jsd_block(ws.logits_row(k), ws.log_softmax[k], ws.q_row(k), ws.log_m.data(),
-                       count);
+      s.jsd += double(p.weights[k]) *
+               jsd_block(ws.logits_row(k), ws.log_softmax[k], ws.q_row(k), ws.log_m.data(),
+                         count);
     if (p.has_target()) {
       const TargetSums t = target_block(ws.logits_row(p.K), ws.log_softmax[p.K], ws.m.data(),
                                         ws.log_m.data(), count);
-      kl_mt += t.kl;
-      p_log_p += t.p_log_p;
+      s.kl_mt += t.kl;
+      s.p_log_p += t.p_log_p;
     }
   }
+  return s;
+}
 
-  // JSD >= 0 exactly (log-sum inequality per v); log q (from the lse) and log m (fast_log)
-  // round differently, which can leave -1e-7 where the JSD is 0 (K = 1, equal drafts).
+// Token n in the chosen mode; writes its column of stats and lse.
+static void token_divergence(const Problem& p, int64_t n, Workspace& ws) {
+  token_lse(p, n, ws);
+  std::fill(ws.q_log_q.begin(), ws.q_log_q.end(), 0.0);
+  const TokenSums s = p.lse_only ? TokenSums{} : token_sums(p, n, ws);
+
+  // JSD >= 0 exactly (log-sum inequality per v), and so is a shard's share of it (a sum of
+  // the same non-negative terms); log q (from the lse) and log m (fast_log) round
+  // differently, which can leave -1e-7 where the JSD is 0 (K = 1, equal drafts).
   // std::max keeps a NaN.
-  jsd = std::max(jsd, 0.0);
+  const double jsd = std::max(s.jsd, 0.0);
   auto stat = [&](int64_t row) -> float& { return p.stats[row * p.N + n]; };
   stat(0) = float(jsd);
-  stat(1) = p.has_target() ? float(kl_mt) : 0.0f;
-  stat(2) = p.has_target() ? float(jsd + kl_mt) : 0.0f;  // = sum_k w_k KL(q_k || p)
-  stat(3) = float(-m_log_m);                              // H(m)
-  stat(4) = p.has_target() ? float(-p_log_p) : 0.0f;     // H(p)
+  stat(1) = p.has_target() ? float(s.kl_mt) : 0.0f;
+  stat(2) = p.has_target() ? float(jsd + s.kl_mt) : 0.0f;  // = sum_k w_k KL(q_k || p)
+  stat(3) = float(-s.m_log_m);                              // H(m)
+  stat(4) = p.has_target() ? float(-s.p_log_p) : 0.0f;     // H(p)
   for (int64_t k = 0; k < p.K; ++k) {
     stat(5 + k) = float(-ws.q_log_q[k]);  // H(q_k)
-    p.lse[k * p.N + n] = ws.lse_state[k].value(p.inv_temperature);
+    p.lse[k * p.N + n] = ws.row_lse[k];
   }
-  p.lse[p.K * p.N + n] = p.has_target() ? ws.lse_state[p.K].value(p.inv_temperature) : 0.0f;
+  p.lse[p.K * p.N + n] = p.has_target() ? ws.row_lse[p.K] : 0.0;
 }
 
 template <typename T>
@@ -253,8 +297,9 @@ static T* pointer(uintptr_t address, bool required, const char* name) {
 void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,
                       int64_t V, int64_t stride_dk, int64_t stride_dn, int64_t stride_dv,
                       uintptr_t target_ptr, int64_t stride_tn, int64_t stride_tv,
-                      uintptr_t weights_ptr, double inv_temperature, uintptr_t stats_ptr,
-                      uintptr_t lse_ptr, int64_t num_threads) {
+                      uintptr_t weights_ptr, double inv_temperature, uintptr_t lse_in_ptr,
+                      bool lse_only, uintptr_t stats_ptr, uintptr_t lse_ptr,
+                      int64_t num_threads) {
   check_size(K, 1, "K");
   check_size(N, 0, "N");
   check_size(V, 1, "V");
@@ -262,6 +307,8 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   const float inv_t = float(inv_temperature);
   if (!(inv_t > 0.0f && std::isfinite(inv_t)))
     throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0 in float32");
+  if (lse_only && lse_in_ptr != 0)
+    throw std::invalid_argument("fastprobe._C: lse_only computes the lse, so lse_in must be 0");
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const Problem p{loader_for(parse_dtype(dtype)),
                   pointer<const void>(draft_ptr, any, "draft"),
@@ -270,8 +317,10 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
                   stride_tn, stride_tv,
                   pointer<const float>(weights_ptr, any, "weights"),
                   inv_t,
+                  pointer<const double>(lse_in_ptr, false, "lse_in"),
+                  lse_only,
                   pointer<float>(stats_ptr, any, "stats"),
-                  pointer<float>(lse_ptr, any, "lse")};
+                  pointer<double>(lse_ptr, any, "lse")};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -286,12 +335,16 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
 void bind_divergence(py::module_& m) {
   m.def("draft_divergence", &draft_divergence, py::call_guard<py::gil_scoped_release>(),
         "Draft/target divergence statistics per token (see fastprobe.reference.draft_divergence).\n"
-        "Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N] and\n"
-        "lse [K + 1, N] (float32, contiguous).",
+        "Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N]\n"
+        "(float32) and lse [K + 1, N] (float64), both contiguous. lse_in_ptr (0: compute it)\n"
+        "gives each row's float64 lse over the whole vocabulary, of which the input is one\n"
+        "shard: stats are then this shard's shares of every sum. lse_only: pass 1 only,\n"
+        "stats are 0.",
         py::arg("dtype"), py::arg("draft_ptr"), py::arg("K"), py::arg("N"), py::arg("V"),
         py::arg("stride_dk"), py::arg("stride_dn"), py::arg("stride_dv"), py::arg("target_ptr"),
         py::arg("stride_tn"), py::arg("stride_tv"), py::arg("weights_ptr"),
-        py::arg("inv_temperature"), py::arg("stats_ptr"), py::arg("lse_ptr"),
+        py::arg("inv_temperature"), py::arg("lse_in_ptr"), py::arg("lse_only"),
+        py::arg("stats_ptr"), py::arg("lse_ptr"),
         py::arg("num_threads"));
 }
 

@@ -2,6 +2,7 @@
 
     import fastprobe as fp
     fp.draft_divergence(draft_logits, target_logits)   # token-level epistemic uncertainty
+    fp.draft_divergence_sharded(draft_shard, target_shard)   # the same, vocabulary sharded over ranks
     fp.concept_mass(logits, fp.ConceptSet.from_answers(tokenizer, {"Paris": ["Paris"]}))
     fp.set_backend("auto" | "reference" | "cpp" | "triton")
 """
@@ -9,7 +10,7 @@
 from . import reference
 from .backend import get_backend, set_backend, use_backend
 from .ops.concepts import ConceptMass, ConceptSet, concept_mass
-from .ops.divergence import DraftDivergence, draft_divergence
+from .ops.divergence import DraftDivergence, draft_divergence, draft_divergence_sharded
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "DraftDivergence",
     "concept_mass",
     "draft_divergence",
+    "draft_divergence_sharded",
     "get_backend",
     "reference",
     "set_backend",

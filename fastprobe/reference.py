@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["concept_mass", "draft_divergence", "entropy", "kl"]
+__all__ = ["concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,6 +34,38 @@ def kl(log_a: torch.Tensor, log_b: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return _xlogy(log_a.exp(), log_a - log_b).sum(dim)
 
 
+def _divergence_sums(log_q: torch.Tensor, w: torch.Tensor, log_p: Optional[torch.Tensor]) -> dict:
+    """Every statistic of SPEC section 1 as a sum over the last (vocabulary) dimension,
+    from the drafts' log-probabilities log_q [K, N, V], the weights w [K] and the target's
+    log_p [N, V] or None. Summed over the whole vocabulary these are the statistics; over a
+    shard of it (log-probabilities formed with the global lse), that shard's shares of them."""
+    # log m = log sum_k w_k q_k (mixture [N, V]) in log space: finite wherever some w_k q_k > 0,
+    # even when w_k q_k underflows (log q ~ -745 in float64), which would leave q log(q / 0) = inf
+    log_m = torch.logsumexp(w.log()[:, None, None] + log_q, dim=0)
+    # JSD = sum_k w_k KL(q_k || m): every term is >= 0, so no cancellation.
+    jsd = torch.einsum("k,kn->n", w, kl(log_q, log_m.unsqueeze(0)))
+    out = {
+        "jsd": jsd,
+        "kl_mixture_target": None,
+        "epistemic": None,
+        "mixture_entropy": entropy(log_m),  # [N]
+        "draft_entropy": entropy(log_q),  # [K, N]
+        "target_entropy": None,
+    }
+    if log_p is not None:
+        kl_mt = kl(log_m, log_p)
+        out["kl_mixture_target"] = kl_mt
+        out["epistemic"] = jsd + kl_mt
+        out["target_entropy"] = entropy(log_p)
+    return out
+
+
+def _mixture_weights(weights: Optional[torch.Tensor], num_drafts: int, dtype, device) -> torch.Tensor:
+    if weights is None:
+        return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=device)
+    return weights.to(dtype)
+
+
 def draft_divergence(
     draft_logits: torch.Tensor,
     target_logits: Optional[torch.Tensor] = None,
@@ -53,34 +85,41 @@ def draft_divergence(
       target_entropy    [N]     H(p)                       (None without a target)
     """
     dtype = _compute_dtype(draft_logits)
-    num_drafts = draft_logits.shape[0]
-    if weights is None:
-        w = torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft_logits.device)
-    else:
-        w = weights.to(dtype)
+    w = _mixture_weights(weights, draft_logits.shape[0], dtype, draft_logits.device)
     log_q = torch.log_softmax(draft_logits.to(dtype) / temperature, dim=-1)  # [K, N, V]
-    q = log_q.exp()
-    m = torch.einsum("k,knv->nv", w, q)  # mixture [N, V]
-    log_m = torch.where(m > 0, m.log(), torch.full_like(m, float("-inf")))
-    draft_entropy = entropy(log_q)  # [K, N]
-    mixture_entropy = entropy(log_m)  # [N]
-    # JSD = sum_k w_k KL(q_k || m): every term is >= 0, so no cancellation.
-    jsd = torch.einsum("k,kn->n", w, kl(log_q, log_m.unsqueeze(0)))
-    out = {
-        "jsd": jsd,
-        "kl_mixture_target": None,
-        "epistemic": None,
-        "mixture_entropy": mixture_entropy,
-        "draft_entropy": draft_entropy,
-        "target_entropy": None,
-    }
-    if target_logits is not None:
-        log_p = torch.log_softmax(target_logits.to(dtype) / temperature, dim=-1)
-        kl_mt = kl(log_m, log_p)
-        out["kl_mixture_target"] = kl_mt
-        out["epistemic"] = jsd + kl_mt
-        out["target_entropy"] = entropy(log_p)
-    return out
+    log_p = None if target_logits is None else torch.log_softmax(target_logits.to(dtype) / temperature, dim=-1)
+    return _divergence_sums(log_q, w, log_p)
+
+
+def draft_divergence_shares(
+    draft_logits: torch.Tensor,
+    target_logits: Optional[torch.Tensor] = None,
+    *,
+    lse: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+) -> dict:
+    """One vocabulary shard's shares of draft_divergence's sums (the tensor-parallel form).
+
+    draft_logits [K, N, V_shard] and target_logits [N, V_shard] are a slice of the
+    vocabulary; lse [K + 1, N] holds every row's log-sum-exp of logits / T over the WHOLE
+    vocabulary (row K: the target's). Then log q_kv = x_kv / T - lse_k is exact per element,
+    and the returned fields (same keys as draft_divergence) are sums over this shard only:
+    adding them over all shards gives draft_divergence of the whole vocabulary.
+    """
+    dtype = _compute_dtype(draft_logits)
+    num_drafts = draft_logits.shape[0]
+    w = _mixture_weights(weights, num_drafts, dtype, draft_logits.device)
+    lse = lse.to(torch.float64)
+
+    def log_softmax_given_lse(logits: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
+        # log prob = (x - lse T) / T in float64: x - lse T is exact near the row max, so
+        # large logits (~1e4) keep full precision
+        return ((logits.double() - row_lse.unsqueeze(-1) * temperature) / temperature).to(dtype)
+
+    log_q = log_softmax_given_lse(draft_logits, lse[:num_drafts])
+    log_p = None if target_logits is None else log_softmax_given_lse(target_logits, lse[num_drafts])
+    return _divergence_sums(log_q, w, log_p)
 
 
 def concept_mass(

@@ -13,6 +13,14 @@ base 2 and converts to natural units (times ln 2) only when it stores:
 
 Subtracting the row max from the *raw* logit before scaling keeps log q accurate for
 large logits (x - M is exact for nearby values; scaling first would round x inv_T).
+The lse is stored in float64 (M inv_T is exact there), so it keeps that precision too.
+
+Two more modes of the two-pass kernel serve the vocabulary-sharded (tensor-parallel) form,
+where the input is one shard of the vocabulary and every statistic is a sum over it:
+LSE_ONLY runs pass 1 only (stats are written as 0); LSE_GIVEN reads each row's float64 lse
+over the whole vocabulary instead of running pass 1, so pass 2 writes this shard's shares
+of the sums, with log2 q = (x - shift) c - offset, shift = lse T rounded to float32 (near
+the row max, so x - shift is exact there) and offset its rounding remainder.
 Conventions: 0 log 0 = 0 (every x log y is guarded by x > 0), -inf logits give q = 0,
 a row with no finite logit gets lse = -inf and zero probabilities, NaN / +inf input
 gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
@@ -70,12 +78,34 @@ def _safe_shift(mx, s):
 
 
 @triton.jit
+def _lse_value(mx, s, inv_temperature):
+    """lse = M inv_T + ln S in float64, where M inv_T is exact: the lse keeps the precision of
+    the row's largest logit at any magnitude. -inf for a row of -inf, NaN for NaN / +inf input."""
+    return tl.cast(mx, tl.float64) * tl.cast(inv_temperature, tl.float64) + tl.cast(tl.log2(s) * _LN2, tl.float64)
+
+
+@triton.jit
+def _shift_from_lse(lse, inv_temperature):
+    """(shift, offset) to form log2 prob = (x - shift) c - offset from a row's float64 lse:
+    shift = lse T rounded to float32 (near the row max, so x - shift is exact there) and
+    offset = (lse - shift inv_T) log2(e), the rounding's remainder; then
+    (x - shift) c - offset = (x inv_T - lse) log2(e). A row with lse = -inf (no finite logit
+    anywhere) gets (0, 0), as in _safe_shift: its -inf logits give prob 0 (never NaN)."""
+    inv_t = tl.cast(inv_temperature, tl.float64)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    shift = (lse / inv_t).to(tl.float32)
+    offset = ((lse - shift.to(tl.float64) * inv_t) * _LOG2E).to(tl.float32)
+    return shift, offset
+
+
+@triton.jit
 def _divergence_kernel(
     draft_ptr,  # [K, N, V] any float dtype, any strides
     target_ptr,  # [N, V] (a dummy when not HAS_TARGET)
     w_ptr,  # [K] float32
     stats_ptr,  # [5 + K, N] float32 contiguous
-    lse_ptr,  # [K + 1, N] float32 contiguous
+    lse_ptr,  # [K + 1, N] float64 contiguous
+    lse_in_ptr,  # [K + 1, N] float64 contiguous: each row's lse over the whole vocabulary (LSE_GIVEN)
     inv_temperature,  # runtime float
     N,
     V,
@@ -87,6 +117,8 @@ def _divergence_kernel(
     stride_tv,
     K_PAD: tl.constexpr,  # next power of two >= K
     HAS_TARGET: tl.constexpr,
+    LSE_GIVEN: tl.constexpr,  # read the lse instead of pass 1: stats are this shard's shares
+    LSE_ONLY: tl.constexpr,  # pass 1 only: stats are 0
     BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -99,34 +131,44 @@ def _divergence_kernel(
     t_row = target_ptr + n * stride_tn
     w = tl.load(w_ptr + k, mask=k_ok, other=0.0)  # padded rows weigh 0
     nblk = tl.cdiv(V, BLOCK_V)
+    lse_q_at = k.to(tl.int64) * N64 + n  # token n of each draft row of [K + 1, N]
+    lse_p_at = K * N64 + n  # and of the target row
 
-    # ---- pass 1: online log-sum-exp of every row ----
-    mx_q = tl.full([K_PAD], float("-inf"), tl.float32)
-    s_q = tl.zeros([K_PAD], tl.float32)
-    mx_p = float("-inf")  # the target's (scalars)
-    s_p = 0.0
-    for b in range(0, nblk):
-        offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
-        v_ok = offs_v < V
-        col = offs_v.to(tl.int64)
-        x = tl.load(
-            d_rows[:, None] + (col * stride_dv)[None, :],
-            mask=k_ok[:, None] & v_ok[None, :],
-            other=float("-inf"),
-        ).to(tl.float32)
-        mx_q, s_q = _lse_step_rows(x, mx_q, s_q, c)
-        if HAS_TARGET:
-            y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
-            mx_p, s_p = _lse_step_vec(y, mx_p, s_p, c)
-
-    # lse = M inv_T + ln S  (-inf for a row of -inf: -inf + ln 0; NaN for NaN / +inf input)
-    tl.store(lse_ptr + k.to(tl.int64) * N64 + n, mx_q * inv_temperature + tl.log2(s_q) * _LN2, mask=k_ok)
-    if HAS_TARGET:
-        tl.store(lse_ptr + K * N64 + n, mx_p * inv_temperature + tl.log2(s_p) * _LN2)
+    if LSE_GIVEN:
+        # ---- each row's lse over the whole vocabulary, of which this input is a shard ----
+        lse_q = tl.load(lse_in_ptr + lse_q_at, mask=k_ok, other=0.0)
+        lse_p = tl.load(lse_in_ptr + lse_p_at)
+        shift_q, log2s_q = _shift_from_lse(lse_q, inv_temperature)
+        shift_p, log2s_p = _shift_from_lse(lse_p, inv_temperature)
     else:
-        tl.store(lse_ptr + K * N64 + n, 0.0)
-    shift_q, log2s_q = _safe_shift(mx_q, s_q)
-    shift_p, log2s_p = _safe_shift(mx_p, s_p)
+        # ---- pass 1: online log-sum-exp of every row ----
+        mx_q = tl.full([K_PAD], float("-inf"), tl.float32)
+        s_q = tl.zeros([K_PAD], tl.float32)
+        mx_p = float("-inf")  # the target's (scalars)
+        s_p = 0.0
+        for b in range(0, nblk):
+            offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
+            v_ok = offs_v < V
+            col = offs_v.to(tl.int64)
+            x = tl.load(
+                d_rows[:, None] + (col * stride_dv)[None, :],
+                mask=k_ok[:, None] & v_ok[None, :],
+                other=float("-inf"),
+            ).to(tl.float32)
+            mx_q, s_q = _lse_step_rows(x, mx_q, s_q, c)
+            if HAS_TARGET:
+                y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
+                mx_p, s_p = _lse_step_vec(y, mx_p, s_p, c)
+        lse_q = _lse_value(mx_q, s_q, inv_temperature)
+        lse_p = _lse_value(mx_p, s_p, inv_temperature)
+        shift_q, log2s_q = _safe_shift(mx_q, s_q)
+        shift_p, log2s_p = _safe_shift(mx_p, s_p)
+
+    tl.store(lse_ptr + lse_q_at, lse_q, mask=k_ok)
+    if HAS_TARGET:
+        tl.store(lse_ptr + lse_p_at, lse_p)
+    else:
+        tl.store(lse_ptr + lse_p_at, 0.0)
 
     # ---- pass 2: the sums, vocabulary blocks in reverse (L2 still holds the last ones) ----
     hq_acc = tl.zeros([K_PAD], tl.float32)  # sum_v q log2 q, per draft
@@ -134,30 +176,31 @@ def _divergence_kernel(
     hm_acc = 0.0  # sum_v m log2 m
     kl_acc = 0.0  # sum_v m (log2 m - log2 p)
     hp_acc = 0.0  # sum_v p log2 p
-    for i in range(0, nblk):
-        offs_v = (nblk - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
-        v_ok = offs_v < V
-        col = offs_v.to(tl.int64)
-        x = tl.load(
-            d_rows[:, None] + (col * stride_dv)[None, :],
-            mask=k_ok[:, None] & v_ok[None, :],
-            other=float("-inf"),
-        ).to(tl.float32)
-        log2q = (x - shift_q[:, None]) * c - log2s_q[:, None]  # log2 q_kv (-inf if masked)
-        q = tl.exp2(log2q)
-        wq = w[:, None] * q
-        m = tl.sum(wq, axis=0)  # m_v = sum_k w_k q_kv
-        log2m = tl.log2(m)  # -inf where m_v = 0 (only used under m > 0 or wq > 0)
-        hq_acc += tl.sum(_xlog2y(q, log2q), axis=1)
-        # wq > 0 implies m_v >= wq > 0, so log2 m is finite wherever it is used
-        jsd_acc += tl.sum(tl.sum(_xlog2y(wq, log2q - log2m[None, :]), axis=0), axis=0)
-        hm_acc += tl.sum(_xlog2y(m, log2m), axis=0)
-        if HAS_TARGET:
-            y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
-            log2p = (y - shift_p) * c - log2s_p  # log2 p_v
-            p = tl.exp2(log2p)
-            kl_acc += tl.sum(_xlog2y(m, log2m - log2p), axis=0)  # m > 0, p = 0: +inf (correct)
-            hp_acc += tl.sum(_xlog2y(p, log2p), axis=0)
+    if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
+        for i in range(0, nblk):
+            offs_v = (nblk - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+            v_ok = offs_v < V
+            col = offs_v.to(tl.int64)
+            x = tl.load(
+                d_rows[:, None] + (col * stride_dv)[None, :],
+                mask=k_ok[:, None] & v_ok[None, :],
+                other=float("-inf"),
+            ).to(tl.float32)
+            log2q = (x - shift_q[:, None]) * c - log2s_q[:, None]  # log2 q_kv (-inf if masked)
+            q = tl.exp2(log2q)
+            wq = w[:, None] * q
+            m = tl.sum(wq, axis=0)  # m_v = sum_k w_k q_kv
+            log2m = tl.log2(m)  # -inf where m_v = 0 (only used under m > 0 or wq > 0)
+            hq_acc += tl.sum(_xlog2y(q, log2q), axis=1)
+            # wq > 0 implies m_v >= wq > 0, so log2 m is finite wherever it is used
+            jsd_acc += tl.sum(tl.sum(_xlog2y(wq, log2q - log2m[None, :]), axis=0), axis=0)
+            hm_acc += tl.sum(_xlog2y(m, log2m), axis=0)
+            if HAS_TARGET:
+                y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
+                log2p = (y - shift_p) * c - log2s_p  # log2 p_v
+                p = tl.exp2(log2p)
+                kl_acc += tl.sum(_xlog2y(m, log2m - log2p), axis=0)  # m > 0, p = 0: +inf (correct)
+                hp_acc += tl.sum(_xlog2y(p, log2p), axis=0)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2) ----
     jsd = jsd_acc * _LN2
@@ -175,8 +218,8 @@ def _divergence_kernel(
     tl.store(stats_ptr + (5 + k.to(tl.int64)) * N64 + n, -hq_acc * _LN2, mask=k_ok)  # H(q_k)
 
 
-# On a GPU the block size and warp count are tuned per (V, K_PAD, HAS_TARGET) (and, by
-# Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
+# On a GPU the block size and warp count are tuned per (V, K_PAD, HAS_TARGET, mode) (and,
+# by Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
 # is safe. num_stages=1: no software pipelining (the plain loads gain little from it, and its
 # shared-memory buffers would cost occupancy); other resident programs hide the latency.
 _AUTOTUNE_CONFIGS = [
@@ -204,7 +247,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _divergence_kernel_tuned = triton.autotune(
     configs=_AUTOTUNE_CONFIGS,
-    key=["V", "K_PAD", "HAS_TARGET"],
+    key=["V", "K_PAD", "HAS_TARGET", "LSE_GIVEN", "LSE_ONLY"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_divergence_kernel)
 
@@ -226,6 +269,8 @@ def draft_divergence(
     inv_temperature: float,
     stats: torch.Tensor,
     lse: torch.Tensor,
+    lse_in: Optional[torch.Tensor] = None,
+    lse_only: bool = False,
 ) -> None:
     """Launch the fused kernel; writes every element of ``stats`` and ``lse``.
 
@@ -233,7 +278,11 @@ def draft_divergence(
     target  [N, V] same dtype, any strides, or None
     weights [K] float32 contiguous, same device
     stats   [5 + K, N] float32 contiguous (out): jsd, KL(m||p), epistemic, H(m), H(p), H(q_k)
-    lse     [K + 1, N] float32 contiguous (out): logsumexp of each scaled row, the target's last
+    lse     [K + 1, N] float64 contiguous (out): logsumexp of each scaled row, the target's last
+    lse_in  [K + 1, N] float64 contiguous, or None: each row's lse over the whole vocabulary,
+            of which draft and target are one shard; stats are then this shard's shares of
+            every sum, and lse is written as lse_in (no pass 1)
+    lse_only: pass 1 only; stats are written as 0
     Without a target, stats rows 1, 2, 4 and lse row K are written as 0.
     """
     if draft.dim() != 3:
@@ -243,9 +292,15 @@ def draft_divergence(
         raise ValueError("target must be [N, V] with the draft's dtype")
     if weights.shape != (K,) or weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError("weights must be a contiguous float32 [K] tensor")
-    for name, out, rows in (("stats", stats, 5 + K), ("lse", lse, K + 1)):
-        if out.shape != (rows, N) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 [{rows}, N] tensor")
+    for name, tensor, rows, dtype in (
+        ("stats", stats, 5 + K, torch.float32),
+        ("lse", lse, K + 1, torch.float64),
+        ("lse_in", lse_in, K + 1, torch.float64),
+    ):
+        if tensor is not None and (tensor.shape != (rows, N) or tensor.dtype != dtype or not tensor.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {str(dtype).removeprefix('torch.')} [{rows}, N] tensor")
+    if lse_only and lse_in is not None:
+        raise ValueError("lse_only computes the lse, so lse_in must be None")
     inv_temperature = float(inv_temperature)  # a float argument (an int 1 would be specialized)
     if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
         raise ValueError("inv_temperature must be finite and > 0")
@@ -255,22 +310,21 @@ def draft_divergence(
     has_target = target is not None
     t = target if has_target else draft  # never read without a target
     stride_tn, stride_tv = target.stride() if has_target else (0, 0)
-    args = (
-        draft, t, weights, stats, lse, inv_temperature, N, V, K,
-        draft.stride(0), draft.stride(1), draft.stride(2), stride_tn, stride_tv,
-    )
+    tensors = (draft, t, weights, stats, lse)
+    scalars = (inv_temperature, N, V, K, *draft.stride(), stride_tn, stride_tv)
     K_PAD = triton.next_power_of_2(K)
+    lse_given = lse_in is not None
+    # lse_in is a dummy (never read) unless given
+
+    args = (*tensors, lse_in if lse_given else lse, *scalars)
+    flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only)
     grid = (N,)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        _divergence_kernel[grid](
-            *args, K_PAD=K_PAD, HAS_TARGET=has_target, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4
-        )
-        return
-    if _autotune_enabled():
-        _divergence_kernel_tuned[grid](*args, K_PAD=K_PAD, HAS_TARGET=has_target)
+        _divergence_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
+    elif _autotune_enabled():
+        _divergence_kernel_tuned[grid](*args, **flags)
     else:
         config = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)[0]
         _divergence_kernel[grid](
-            *args, K_PAD=K_PAD, HAS_TARGET=has_target, **config.kwargs,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            *args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )

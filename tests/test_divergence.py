@@ -1,6 +1,7 @@
 """draft_divergence against the float64 reference, properties, and bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 import fastprobe as fp
 from fastprobe import reference
+from fastprobe.ops.divergence import EPISTEMIC, JSD, KL_MIXTURE_TARGET, _draft_divergence_op, _result
 
 from .conftest import ATOL, RTOL
 
@@ -171,6 +173,186 @@ def test_cuda_real_vocabularies(num_drafts, vocab):
     assert_matches(without_target, expected(draft, None, weights, 0.8), has_target=False)
 
 
+# ---------------------------------------------------------------- sharded vocabulary (tensor parallel)
+
+
+def vocab_shards(vocab):
+    """Three uneven shards [(start, stop)] of a vocabulary of at least 3."""
+    first = max(1, vocab // 5)
+    second = first + max(1, vocab // 2)
+    return [(0, first), (first, second), (second, vocab)]
+
+
+def combine_shards(draft, target_logits, weights, temperature, shards):
+    """draft_divergence_sharded's four steps over the given vocabulary shards in one
+    process, plain torch ops standing in for the all-reduces. Returns the DraftDivergence
+    and the combined lse [K + 1, N]."""
+    num_drafts = draft.shape[0]
+    if weights is None:
+        weights = torch.full((num_drafts,), 1.0 / num_drafts, device=draft.device)
+    pieces = [(draft[..., a:b], None if target_logits is None else target_logits[..., a:b]) for a, b in shards]
+    # 1. each shard's lse (pass 1 only; stats are written as 0)
+    shard_lse = []
+    for d, t in pieces:
+        stats, lse = _draft_divergence_op(d, t, weights, 1.0 / temperature, lse_only=True)
+        assert lse.dtype == torch.float64 and (stats == 0).all(), "lse_only: stats must be written as 0"
+        shard_lse.append(lse)
+    shard_lse = torch.stack(shard_lse)
+    # 2. all_reduce MAX, then SUM of exp(lse - M); a row that is -inf everywhere shifts by 0
+    top = shard_lse.amax(0)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    lse = shift + (shard_lse - shift).exp().sum(0).log()
+    # 3. each shard's shares given the global lse, 4. all_reduce SUM
+    shares = 0
+    for d, t in pieces:
+        share, lse_out = _draft_divergence_op(d, t, weights, 1.0 / temperature, lse_in=lse)
+        rows = slice(None) if t is not None else slice(0, num_drafts)
+        assert torch.equal(lse_out[rows], lse[rows]), "lse_in mode writes the given lse"
+        shares = shares + share
+    if target_logits is not None:
+        shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]
+    return _result(shares, target_logits is not None), lse
+
+
+def assert_same_result(result, unsharded, rtol=RTOL, atol=ATOL):
+    for field in FIELDS:
+        got, want = getattr(result, field), getattr(unsharded, field)
+        assert (got is None) == (want is None), field
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{field}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+def test_shard_shares_add_up_to_unsharded(target, dtype, with_target):
+    """Shares over three uneven vocabulary shards, combined, equal the unsharded op: with
+    masked vocabulary, rows that are entirely -inf on one shard, weights and a temperature."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    shards = vocab_shards(vocab)
+    (a0, b0), (a1, b1), _ = shards
+    draft = 3 * torch.randn(num_drafts, num_tokens, vocab)
+    target_logits = 3 * torch.randn(num_tokens, vocab)
+    draft[..., a1 + 3 : a1 + 9] = float("-inf")  # a region masked everywhere
+    target_logits[..., a1 + 3 : a1 + 9] = float("-inf")
+    draft[torch.rand_like(draft) < 0.1] = float("-inf")  # scattered masks
+    draft[0, 1, a0:b0] = float("-inf")  # one draft row entirely -inf on shard 0
+    draft[-1, 2, a1:b1] = float("-inf")  # another on shard 1
+    draft[:, 3, a0:b0] = float("-inf")  # every row of token 3, target too, on shard 0
+    target_logits[3, a0:b0] = float("-inf")
+    draft[..., -1] = 0.0  # every row keeps a finite logit
+    draft, target_logits = draft.to(device=device, dtype=dtype), target_logits.to(device=device, dtype=dtype)
+    target_logits = target_logits if with_target else None
+    weights = random_weights(num_drafts, device)
+
+    result, lse = combine_shards(draft, target_logits, weights, 0.8, shards)
+    assert torch.isfinite(lse[:num_drafts]).all()
+    unsharded = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.8)
+    assert_same_result(result, unsharded)
+    assert_matches(result, expected(draft, target_logits, weights, 0.8), with_target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shard_shares_extreme_logits(target, dtype, temperature):
+    """Logits of magnitude 1e4, the row max and its near-tie often on different shards: the
+    global lse must keep the precision of the largest logit (a float32 lse would be off by
+    up to 5e-4 here)."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = (1e4 * torch.randn(num_drafts, num_tokens, vocab)).to(device=device, dtype=dtype)
+    target_logits = (1e4 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype)
+    draft[:, :, 1] = draft.amax(-1) - 0.5  # near-ties, on shard 0
+    result, lse = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
+    uniform = torch.full((num_drafts,), 1.0 / num_drafts, device=device)
+    _, unsharded_lse = _draft_divergence_op(draft, target_logits, uniform, 1.0 / temperature)
+    torch.testing.assert_close(lse, unsharded_lse, rtol=0, atol=1e-6)
+    assert_matches(result, expected(draft, target_logits, None, temperature), rtol=1e-4, atol=1e-4)
+
+
+def test_shard_shares_reference_backend():
+    num_drafts, num_tokens, vocab = 3, 5, 97
+    draft, target_logits = 2 * torch.randn(num_drafts, num_tokens, vocab), 2 * torch.randn(num_tokens, vocab)
+    draft[1, 2, :20] = float("-inf")
+    weights = random_weights(num_drafts, "cpu")
+    with fp.use_backend("reference"):
+        result, _ = combine_shards(draft, target_logits, weights, 1.3, vocab_shards(vocab))
+    assert_matches(result, expected(draft, target_logits, weights, 1.3))
+
+
+def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, weights, shards):
+    """One rank of test_sharded_distributed: its vocabulary shard through
+    draft_divergence_sharded; what it got is saved for the parent to check."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        a, b = shards[rank]
+        mine = draft[..., a:b], target_logits[..., a:b]
+        out = {
+            "target": fp.draft_divergence_sharded(*mine, weights=weights, temperature=0.8)._asdict(),
+            "no_target": fp.draft_divergence_sharded(mine[0], weights=weights, temperature=0.8)._asdict(),
+            "empty": fp.draft_divergence_sharded(mine[0][:, :0], mine[1][:0])._asdict(),
+        }
+        masked = mine[0].clone()
+        masked[1, 2] = float("-inf")  # draft 1, token 2: -inf on every rank's shard
+        try:
+            fp.draft_divergence_sharded(masked, mine[1], weights=weights)
+            out["error"] = None
+        except ValueError as error:
+            out["error"] = str(error)
+        # every rank raised at the same point, so the group is still in step
+        out["after_error"] = fp.draft_divergence_sharded(*mine, weights=weights, temperature=0.8)._asdict()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still finishes a collective
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """Two gloo ranks on CPU, each holding an uneven shard of the vocabulary of the same
+    inputs (spawned once for the tests below): (inputs, [rank 0's results, rank 1's])."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    num_drafts, num_tokens, vocab = 3, 9, 523
+    draft = 3 * torch.randn(num_drafts, num_tokens, vocab, generator=generator)
+    target_logits = 3 * torch.randn(num_tokens, vocab, generator=generator)
+    shards = [(0, 200), (200, vocab)]
+    draft[0, 4, :200] = float("-inf")  # a row that is -inf on rank 0's shard only
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    tmp = tmp_path_factory.mktemp("sharded")
+    mp.spawn(
+        _sharded_worker,
+        args=(2, str(tmp / "init"), str(tmp), draft, target_logits, weights, shards),
+        nprocs=2,
+    )
+    return (draft, target_logits, weights), [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+def test_sharded_distributed_matches_unsharded(sharded_run):
+    (draft, target_logits, weights), ranks = sharded_run
+    fp.set_backend("cpp")  # the ranks ran the C++ kernels (CPU tensors)
+    for with_target, key in ((True, "target"), (False, "no_target")):
+        unsharded = fp.draft_divergence(draft, target_logits if with_target else None, weights=weights, temperature=0.8)
+        for rank in ranks:
+            assert_same_result(fp.DraftDivergence(**rank[key]), unsharded)
+        for field in FIELDS:  # identical on every rank
+            if ranks[0][key][field] is not None:
+                assert torch.equal(ranks[0][key][field], ranks[1][key][field]), field
+    assert ranks[0]["empty"]["jsd"].shape == (0,)
+
+
+def test_sharded_distributed_all_masked_row_raises_on_every_rank(sharded_run):
+    (draft, target_logits, weights), ranks = sharded_run
+    unsharded = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.8)
+    for rank in ranks:
+        assert rank["error"] is not None and "draft_logits[1][2] has no finite log-sum-exp" in rank["error"]
+        assert_same_result(fp.DraftDivergence(**rank["after_error"]), unsharded)
+
+
 # ---------------------------------------------------------------- properties
 
 
@@ -238,6 +420,19 @@ def test_bad_input_raises_clear_error(case):
         fp.draft_divergence(*args, **kwargs)
     for original, copy in zip(real, copies):
         assert torch.equal(original, copy)
+
+
+@pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
+def test_sharded_bad_input_raises_like_unsharded(case):
+    """The same checks run before any communication (no process group needed to fail)."""
+    _, args, kwargs, error, words = case
+    with pytest.raises(error, match=words):
+        fp.draft_divergence_sharded(*args, **kwargs)
+
+
+def test_sharded_needs_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fp.draft_divergence_sharded(torch.randn(2, 3, 10))
 
 
 @pytest.mark.parametrize("where", ["draft", "target", "nan", "posinf"])
@@ -319,9 +514,9 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(draft, target_logits), eager, rtol=1e-6, atol=1e-6)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("mode", ["full", "lse_only", "lse_in"])
+def test_opcheck(mode):
     """torch.library's own consistency checks on the registered op (schema, fake, dispatch)."""
-    from fastprobe.ops.divergence import _draft_divergence_op
-
     args = (torch.randn(2, 4, 31), torch.randn(4, 31), torch.tensor([0.4, 0.6]), 1.25)
-    torch.library.opcheck(_draft_divergence_op, args, test_utils=("test_schema", "test_faketensor"))
+    kwargs = {"full": {}, "lse_only": {"lse_only": True}, "lse_in": {"lse_in": torch.randn(3, 4, dtype=torch.float64)}}
+    torch.library.opcheck(_draft_divergence_op, args, kwargs[mode], test_utils=("test_schema", "test_faketensor"))

@@ -6,6 +6,12 @@ q_k = softmax(draft_logits[k] / T), p = softmax(target_logits / T), m = sum_k w_
   epistemic         = jsd + KL(m || p)          = sum_k w_k KL(q_k || p)
 The fused kernels stream the vocabulary twice per token (each row's log-sum-exp,
 then the mixture terms) and never materialise a [K, N, V] or [N, V] probability tensor.
+
+Vocabulary-sharded (tensor-parallel) form: every statistic is a sum over the vocabulary of
+per-element terms once each row's lse over the WHOLE vocabulary is known, so each rank runs
+pass 1 on its shard (lse_only), the ranks combine their lses with two all-reduces, each rank
+runs pass 2 on its shard with the global lse (lse_in) to get its shares of the sums, and
+one more all-reduce adds the shares.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from ._common import (
     output_dtype,
 )
 
-__all__ = ["DraftDivergence", "draft_divergence"]
+__all__ = ["DraftDivergence", "draft_divergence", "draft_divergence_sharded"]
 
 # Rows of the packed statistics tensor every backend fills: [NUM_FIXED_ROWS + K, N].
 JSD, KL_MIXTURE_TARGET, EPISTEMIC, MIXTURE_ENTROPY, TARGET_ENTROPY = range(5)
@@ -48,25 +54,38 @@ class DraftDivergence(NamedTuple):
     target_entropy: Optional[torch.Tensor]  # [N]
 
 
-def _reference_packed(draft, target, weights, inv_temperature, stats, lse) -> None:
+# Every backend's packed path: (draft, target, weights, inv_temperature, lse_in, lse_only,
+# stats, lse) -> None, filling stats and lse in one of three modes: the full op (lse_in None),
+# pass 1 only (lse_only: the lse, stats 0), or a shard's shares given the global lse (lse_in).
+
+
+def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     """The reference, written into the packed layout the kernels use."""
-    result = reference.draft_divergence(draft, target, weights=weights, temperature=1.0 / inv_temperature)
-    scaled = draft.to(stats.dtype) * inv_temperature
-    lse[: draft.shape[0]] = torch.logsumexp(scaled, dim=-1)
+    temperature = 1.0 / inv_temperature
+    if lse_in is not None:
+        lse.copy_(lse_in)
+    else:
+        lse[:-1] = torch.logsumexp(draft.double() * inv_temperature, dim=-1)
+        lse[-1] = 0.0 if target is None else torch.logsumexp(target.double() * inv_temperature, dim=-1)
+    if lse_only:
+        stats.zero_()
+        return
+    if lse_in is None:
+        result = reference.draft_divergence(draft, target, weights=weights, temperature=temperature)
+    else:
+        result = reference.draft_divergence_shares(draft, target, lse=lse_in, weights=weights, temperature=temperature)
     stats[JSD] = result["jsd"]
     stats[MIXTURE_ENTROPY] = result["mixture_entropy"]
     stats[NUM_FIXED_ROWS:] = result["draft_entropy"]
     if target is None:
         stats[[KL_MIXTURE_TARGET, EPISTEMIC, TARGET_ENTROPY]] = 0.0
-        lse[-1] = 0.0
     else:
         stats[KL_MIXTURE_TARGET] = result["kl_mixture_target"]
         stats[EPISTEMIC] = result["epistemic"]
         stats[TARGET_ENTROPY] = result["target_entropy"]
-        lse[-1] = torch.logsumexp(target.to(stats.dtype) * inv_temperature, dim=-1)
 
 
-def _cpp_packed(draft, target, weights, inv_temperature, stats, lse) -> None:
+def _cpp_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     num_drafts, num_tokens, vocab = draft.shape
     cpp().draft_divergence(
         DTYPE_NAMES[draft.dtype],
@@ -75,17 +94,19 @@ def _cpp_packed(draft, target, weights, inv_temperature, stats, lse) -> None:
         *((0, 0) if target is None else target.stride()),
         weights.data_ptr(),
         inv_temperature,
+        0 if lse_in is None else lse_in.data_ptr(),
+        lse_only,
         stats.data_ptr(),
         lse.data_ptr(),
         torch.get_num_threads(),
     )
 
 
-def _triton_packed(draft, target, weights, inv_temperature, stats, lse) -> None:
+def _triton_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     from ..kernels import divergence as triton_divergence
 
     with torch.cuda.device(draft.device) if draft.is_cuda else contextlib.nullcontext():
-        triton_divergence.draft_divergence(draft, target, weights, inv_temperature, stats, lse)
+        triton_divergence.draft_divergence(draft, target, weights, inv_temperature, stats, lse, lse_in, lse_only)
 
 
 _PACKED = {"reference": _reference_packed, "cpp": _cpp_packed, "triton": _triton_packed}
@@ -93,26 +114,39 @@ _PACKED = {"reference": _reference_packed, "cpp": _cpp_packed, "triton": _triton
 
 @torch.library.custom_op("fastprobe::draft_divergence", mutates_args=())
 def _draft_divergence_op(
-    draft: torch.Tensor, target: Optional[torch.Tensor], weights: torch.Tensor, inv_temperature: float
+    draft: torch.Tensor,
+    target: Optional[torch.Tensor],
+    weights: torch.Tensor,
+    inv_temperature: float,
+    lse_in: Optional[torch.Tensor] = None,
+    lse_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed form: stats [5 + K, N] (rows JSD, KL_MIXTURE_TARGET, EPISTEMIC,
-    MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k)) and lse [K + 1, N] (row K: target)."""
+    MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k)) and lse [K + 1, N] (row K: target;
+    float64, so that it keeps the precision of large logits). For the sharded form:
+    lse_in [K + 1, N] gives each row's lse over the whole vocabulary, of which draft and
+    target are one shard, and stats are then this shard's shares of every sum (lse is
+    written as lse_in); lse_only computes the lse only (stats are 0)."""
     num_drafts, num_tokens, _ = draft.shape
-    dtype = output_dtype(draft)
-    stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, dtype)
-    lse = new_output((num_drafts + 1, num_tokens), draft.device, dtype)
+    if lse_in is not None:
+        if lse_only:
+            raise ValueError("lse_only computes the lse, so lse_in must be None")
+        if tuple(lse_in.shape) != (num_drafts + 1, num_tokens):
+            raise ValueError(f"lse_in must have shape [K + 1, N] = [{num_drafts + 1}, {num_tokens}], got {tuple(lse_in.shape)}")
+        lse_in = lse_in.to(torch.float64).contiguous()
+    stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, output_dtype(draft))
+    lse = new_output((num_drafts + 1, num_tokens), draft.device, torch.float64)
     if num_tokens > 0:
         backend = resolve(draft.device, draft.dtype, "draft_divergence")
-        _PACKED[backend](draft, target, weights, inv_temperature, stats, lse)
+        _PACKED[backend](draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse)
     return stats, lse
 
 
 @_draft_divergence_op.register_fake
-def _(draft, target, weights, inv_temperature):
+def _(draft, target, weights, inv_temperature, lse_in=None, lse_only=False):
     num_drafts, num_tokens, _ = draft.shape
-    dtype = output_dtype(draft)
-    stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=dtype)
-    lse = draft.new_empty((num_drafts + 1, num_tokens), dtype=dtype)
+    stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft))
+    lse = draft.new_empty((num_drafts + 1, num_tokens), dtype=torch.float64)
     return stats, lse
 
 
@@ -136,6 +170,53 @@ def _check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tenso
         if abs(total - 1.0) > 1e-4:
             raise ValueError(f"weights must sum to 1, got sum {total:.6g}")
     return weights
+
+
+def _check_inputs(draft_logits, target_logits, weights, temperature):
+    """The checks both forms share: (draft, target or None, weights [K], inv_temperature),
+    or a ValueError/TypeError naming the argument."""
+    draft = check_tensor(draft_logits, "draft_logits", 3, "[K, N, V]")
+    num_drafts, num_tokens, vocab = draft.shape
+    if num_drafts == 0:
+        raise ValueError("draft_logits has K = 0 drafts: need at least one draft model")
+    if vocab == 0:
+        raise ValueError("draft_logits has an empty vocabulary (V = 0)")
+    target = None
+    if target_logits is not None:
+        target = check_tensor(target_logits, "target_logits", 2, "[N, V]")
+        check_same_device(draft, "draft_logits", target, "target_logits")
+        if tuple(target.shape) != (num_tokens, vocab):
+            raise ValueError(
+                f"target_logits must have shape [N, V] = [{num_tokens}, {vocab}] to match draft_logits "
+                f"{tuple(draft.shape)}, got {tuple(target.shape)}"
+            )
+        if target.dtype != draft.dtype:
+            raise TypeError(f"target_logits dtype {target.dtype} must match draft_logits dtype {draft.dtype}")
+    inv_temperature = 1.0 / check_temperature(temperature)
+    return draft, target, _check_weights(weights, num_drafts, draft), inv_temperature
+
+
+def _check_lse(lse: torch.Tensor, has_target: bool) -> None:
+    """A ValueError naming the first row whose lse is not finite (rows: the K drafts, then
+    the target's, meaningful only with a target). Skipped under torch.compile."""
+    if is_compiling() or lse.shape[1] == 0:
+        return
+    num_drafts = lse.shape[0] - 1
+    check_finite_lse(
+        lse if has_target else lse[:-1],
+        lambda row, token: f"target_logits[{token}]" if row == num_drafts else f"draft_logits[{row}][{token}]",
+    )
+
+
+def _result(stats: torch.Tensor, has_target: bool) -> DraftDivergence:
+    return DraftDivergence(
+        jsd=stats[JSD],
+        kl_mixture_target=stats[KL_MIXTURE_TARGET] if has_target else None,
+        epistemic=stats[EPISTEMIC] if has_target else None,
+        mixture_entropy=stats[MIXTURE_ENTROPY],
+        draft_entropy=stats[NUM_FIXED_ROWS:],
+        target_entropy=stats[TARGET_ENTROPY] if has_target else None,
+    )
 
 
 def draft_divergence(
@@ -166,40 +247,80 @@ def draft_divergence(
     log-sum-exp, so this check needs no extra pass over the logits; it is skipped
     under torch.compile, where such a row gives NaN).
     """
-    draft = check_tensor(draft_logits, "draft_logits", 3, "[K, N, V]")
-    num_drafts, num_tokens, vocab = draft.shape
-    if num_drafts == 0:
-        raise ValueError("draft_logits has K = 0 drafts: need at least one draft model")
-    if vocab == 0:
-        raise ValueError("draft_logits has an empty vocabulary (V = 0)")
-    target = None
-    if target_logits is not None:
-        target = check_tensor(target_logits, "target_logits", 2, "[N, V]")
-        check_same_device(draft, "draft_logits", target, "target_logits")
-        if tuple(target.shape) != (num_tokens, vocab):
-            raise ValueError(
-                f"target_logits must have shape [N, V] = [{num_tokens}, {vocab}] to match draft_logits "
-                f"{tuple(draft.shape)}, got {tuple(target.shape)}"
-            )
-        if target.dtype != draft.dtype:
-            raise TypeError(f"target_logits dtype {target.dtype} must match draft_logits dtype {draft.dtype}")
-    inv_temperature = 1.0 / check_temperature(temperature)
-    mixture_weights = _check_weights(weights, num_drafts, draft)
-
+    draft, target, mixture_weights, inv_temperature = _check_inputs(draft_logits, target_logits, weights, temperature)
     stats, lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature)
-    if not is_compiling() and num_tokens > 0:
-        # lse rows: the K drafts, then the target's (meaningful only with a target)
-        check_finite_lse(
-            lse if target is not None else lse[:-1],
-            lambda row, token: f"target_logits[{token}]" if row == num_drafts else f"draft_logits[{row}][{token}]",
-        )
+    _check_lse(lse, target is not None)
+    return _result(stats, target is not None)
 
+
+def _global_lse(shard_lse: torch.Tensor, group) -> torch.Tensor:
+    """Each row's lse over the whole vocabulary from every rank's lse over its shard:
+    lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (two all-reduces). A row that is
+    -inf on some ranks adds exp(-inf) = 0 there; one that is -inf on every rank is shifted
+    by 0, not M = -inf (-inf - -inf would be NaN), and stays -inf. NaN stays NaN."""
+    import torch.distributed as dist
+
+    top = shard_lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    total = torch.exp(shard_lse - shift)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return shift + total.log()
+
+
+def draft_divergence_sharded(
+    draft_logits: torch.Tensor,
+    target_logits: Optional[torch.Tensor] = None,
+    *,
+    weights: Optional[Union[torch.Tensor, Sequence[float]]] = None,
+    temperature: float = 1.0,
+    group=None,
+) -> DraftDivergence:
+    """draft_divergence when the vocabulary is sharded across ranks (tensor parallel).
+
+    Each rank of `group` passes its shard of the vocabulary: draft_logits [K, N, V_r] and
+    target_logits [N, V_r] (shards may differ in size; K, N, whether there is a target,
+    weights and temperature must be the same on every rank). Returns the DraftDivergence of
+    the whole vocabulary (the same statistics as draft_divergence on the concatenated
+    logits, up to float rounding), identical on every rank.
+
+    Every statistic is a sum over the vocabulary of per-element terms once each row's
+    log-sum-exp (lse) is known, so each rank computes its shard's lse per row, the ranks
+    combine them into the global lse (all_reduce MAX, then SUM, of [K + 1, N] float64), each
+    rank computes its shard's shares of every sum with it, and an all_reduce SUM of the
+    [5 + K, N] shares gives the statistics (epistemic = jsd + kl_mixture_target after the
+    sum). The fused kernels read each shard twice and materialise no probability tensor.
+
+    Args:
+        draft_logits, target_logits, weights, temperature: as in draft_divergence, for this
+            rank's shard of the vocabulary.
+        group: the torch.distributed process group over which the vocabulary is sharded
+            (default: the world); every rank of it must call this function.
+
+    Raises the errors of draft_divergence for bad input (on the rank that has it, before
+    any communication: the other ranks then wait in the first all-reduce, as with any
+    collective), RuntimeError if torch.distributed is not initialised, and
+    ValueError naming the row if a row's logits are all -inf (or hold NaN/+inf) over the
+    WHOLE vocabulary; that check is on the combined lse, so every rank raises it together.
+    A row that is all -inf on some ranks' shards only is fine.
+    """
+    import torch.distributed as dist
+
+    draft, target, mixture_weights, inv_temperature = _check_inputs(draft_logits, target_logits, weights, temperature)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "draft_divergence_sharded needs torch.distributed initialised "
+            "(torch.distributed.init_process_group); use draft_divergence for an unsharded vocabulary"
+        )
     has_target = target is not None
-    return DraftDivergence(
-        jsd=stats[JSD],
-        kl_mixture_target=stats[KL_MIXTURE_TARGET] if has_target else None,
-        epistemic=stats[EPISTEMIC] if has_target else None,
-        mixture_entropy=stats[MIXTURE_ENTROPY],
-        draft_entropy=stats[NUM_FIXED_ROWS:],
-        target_entropy=stats[TARGET_ENTROPY] if has_target else None,
-    )
+    # 1. this shard's lse of every row (pass 1 only)
+    _, shard_lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_only=True)
+    # 2. the whole vocabulary's lse, the same on every rank, so every rank raises together
+    lse = _global_lse(shard_lse, group)
+    _check_lse(lse, has_target)
+    # 3. this shard's shares of every sum (pass 2 only), 4. added over the ranks
+    shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=lse)
+    dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
+    if has_target:
+        shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
+    return _result(shares, has_target)
