@@ -10,7 +10,13 @@ import resource
 import subprocess
 import sys
 
+import pytest
 import torch
+
+
+def bench_devices():
+    """The devices a suite measures on: the CPU, and CUDA when present."""
+    return [pytest.param("cpu")] + ([pytest.param("cuda")] if torch.cuda.is_available() else [])
 
 
 def cuda_peak_extra_bytes(call) -> int:
@@ -37,3 +43,26 @@ def print_rss_growth(warm_up, call) -> None:
     call()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+
+
+def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, script: str) -> None:
+    """Times `call(*inputs)` with pytest-benchmark and records its peak extra memory.
+
+    CUDA: compile/autotune first, then 20 synchronised rounds; the run's copy bandwidth is
+    measured once (the JSON then reports each op's fraction of it). CPU: the peak is taken
+    in a fresh process running `script --peak-rss impl`; fastprobe gets 15 rounds, the
+    slower peers 5."""
+    if device == "cuda":
+        request.getfixturevalue("copy_bandwidth")
+        call(*inputs)
+        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra_bytes(lambda: call(*inputs))
+
+        def run():
+            call(*inputs)
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
+    else:
+        benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra_bytes(script, impl)
+        rounds = 15 if impl == "fastprobe" else 5
+        benchmark.pedantic(lambda: call(*inputs), rounds=rounds, warmup_rounds=1, iterations=1)

@@ -57,15 +57,8 @@ def compiled(logits, concepts):
 IMPLS = {"fastprobe": fastprobe_call, "eager": eager, "torch.compile": compiled}
 
 
-def devices():
-    found = [pytest.param("cpu")]
-    if torch.cuda.is_available():
-        found.append(pytest.param("cuda"))
-    return found
-
-
 @pytest.mark.parametrize("impl", ["fastprobe", "eager", "torch.compile"])
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", _memory.bench_devices())
 def test_concept_mass(benchmark, device, impl, request):
     if impl == "torch.compile" and device == "cpu":
         pytest.skip("torch.compile peer measured on CUDA only (CPU inductor compile is slow on 2 cores)")
@@ -81,22 +74,7 @@ def test_concept_mass(benchmark, device, impl, request):
         input_bytes=logits.nbytes,
         bytes_one_read=logits.nbytes,
     )
-    if device == "cuda":
-        request.getfixturevalue("copy_bandwidth")  # measured once per run: the JSON gets the fraction
-        call(logits, concepts)  # compile / autotune outside the measurement
-        benchmark.extra_info["peak_extra_bytes"] = _memory.cuda_peak_extra_bytes(lambda: call(logits, concepts))
-
-        def run():
-            call(logits, concepts)
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
-    else:
-        del logits
-        benchmark.extra_info["peak_extra_bytes"] = _memory.cpu_peak_extra_bytes(__file__, impl)
-        logits = make_inputs(device, **case)[0]
-        rounds = 15 if impl == "fastprobe" else 5
-        benchmark.pedantic(lambda: call(logits, concepts), rounds=rounds, warmup_rounds=1, iterations=1)
+    _memory.measure(benchmark, request, device, impl, call, (logits, concepts), __file__)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

@@ -51,18 +51,9 @@ IMPLS = {
 }
 
 
-def devices():
-    found = [pytest.param("cpu")]
-    if torch.cuda.is_available():
-        found.append(pytest.param("cuda"))
-    return found
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", _memory.bench_devices())
 def test_draft_divergence(benchmark, device, impl, request):
-    if device == "cuda":
-        request.getfixturevalue("copy_bandwidth")  # measured once, reported in the JSON
     if impl == "torch.compile" and device == "cpu":
         pytest.skip(f"{impl} is measured on CUDA only")
     case = CASES[device]
@@ -77,21 +68,7 @@ def test_draft_divergence(benchmark, device, impl, request):
         input_bytes=drafts.nbytes + target.nbytes,
         bytes_one_read=drafts.nbytes + target.nbytes,
     )
-    if device == "cuda":
-        call(drafts, target)  # compile / autotune outside the measurement
-        benchmark.extra_info["peak_extra_bytes"] = _memory.cuda_peak_extra_bytes(lambda: call(drafts, target))
-
-        def run():
-            call(drafts, target)
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
-    else:
-        del drafts, target
-        benchmark.extra_info["peak_extra_bytes"] = _memory.cpu_peak_extra_bytes(__file__, impl)
-        drafts, target = make_inputs(device, **case)
-        rounds = 15 if impl == "fastprobe" else 5
-        benchmark.pedantic(lambda: call(drafts, target), rounds=rounds, warmup_rounds=1, iterations=1)
+    _memory.measure(benchmark, request, device, impl, call, (drafts, target), __file__)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

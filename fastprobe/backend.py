@@ -10,6 +10,7 @@ run the call raises instead of falling back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Iterator, Optional
@@ -54,8 +55,10 @@ def use_backend(name: str) -> Iterator[None]:
         _forced = previous
 
 
+@functools.lru_cache(maxsize=None)
 def cpp_status() -> tuple[bool, str]:
-    """(available, reason): whether the compiled CPU extension fastprobe._C imports."""
+    """(available, reason): whether the compiled CPU extension fastprobe._C imports
+    (looked up once: resolve() runs on every call of every op)."""
     try:
         from . import _C  # noqa: F401
     except ImportError as error:  # built without a compiler, or a broken install
@@ -63,13 +66,25 @@ def cpp_status() -> tuple[bool, str]:
     return True, "compiled extension fastprobe._C" + (" with OpenMP" if _C.has_openmp() else " without OpenMP")
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def interpreter_enabled() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """FASTPROBE_AUTOTUNE=0 makes the Triton launchers use their first config that survives
+    pruning instead of tuning (GPU test runs, where tuning every shape would dominate)."""
+    return os.environ.get("FASTPROBE_AUTOTUNE", "1") != "0"
 
 
 def triton_status(device_type: str = "cuda") -> tuple[bool, str]:
     """(available, reason): whether Triton kernels can run on tensors of this device type."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "triton is not installed"
     if device_type == "cuda":
         if interpreter_enabled():
@@ -95,7 +110,7 @@ def resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
             return "reference"
         if device.type == "cpu" and cpp_status()[0]:
             return "cpp"
-        if device.type == "cuda" and triton_status("cuda")[0]:
+        if device.type == "cuda" and _triton_installed() and not interpreter_enabled():
             return "triton"
         return "reference"
     if dtype not in KERNEL_DTYPES:

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import autotune_enabled, interpreter_enabled
+
 __all__ = ["concept_mass", "concept_mass_backward"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
@@ -294,23 +296,14 @@ _INTERPRET_BLOCKS = dict(BLOCK_V=256, BLOCK_U=8, BLOCK_C=4, BLOCK_J=2)
 _STATS_ENV = "FASTPROBE_CONCEPTS_STATS"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _autotune_enabled() -> bool:
-    """FASTPROBE_AUTOTUNE=0 launches the first config instead of tuning (GPU test runs)."""
-    return os.environ.get("FASTPROBE_AUTOTUNE", "1") != "0"
-
-
 def _launch(kernel, tuned, grid, *args, **meta) -> None:
     """The interpreter's fixed blocks, the tuned kernel, or (no tuning) the first config."""
     block_sizes = [_INTERPRET_BLOCKS["BLOCK_V"]] + [config.kwargs["BLOCK_V"] for config in _AUTOTUNE_CONFIGS]
     if any(block % meta["ID_BLOCK"] for block in block_sizes):
         raise ValueError(f"vocabulary blocks must be multiples of the ConceptSet's id blocks ({meta['ID_BLOCK']})")
-    if _interpreting():
+    if interpreter_enabled():
         kernel[grid](*args, **meta, BLOCK_V=_INTERPRET_BLOCKS["BLOCK_V"])
-    elif _autotune_enabled():
+    elif autotune_enabled():
         tuned[grid](*args, **meta)
     else:
         config = _AUTOTUNE_CONFIGS[0]
@@ -346,7 +339,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     if N == 0:
         return
 
-    blocks = _INTERPRET_BLOCKS if _interpreting() else _GPU_BLOCKS
+    blocks = _INTERPRET_BLOCKS if interpreter_enabled() else _GPU_BLOCKS
     with_stats = os.environ.get(_STATS_ENV, "fused") != "separate"
     gathered = torch.empty((N, T), dtype=logits.dtype, device=logits.device)
     row_state = gathered.new_empty((2, N), dtype=torch.float32)  # read back only without WITH_STATS
@@ -383,7 +376,7 @@ def concept_mass_backward(logits, index, id_block, log_mass, lse, grad_concept, 
     inv_temperature = _check_inv_temperature(inv_temperature)
     if N == 0:
         return
-    blocks = _INTERPRET_BLOCKS if _interpreting() else _GPU_BLOCKS
+    blocks = _INTERPRET_BLOCKS if interpreter_enabled() else _GPU_BLOCKS
     _launch(
         _concept_mass_backward_kernel, _backward_kernel_tuned, (N,),
         logits, index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts,

@@ -29,12 +29,13 @@ gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..backend import autotune_enabled, interpreter_enabled
 
 __all__ = ["draft_divergence"]
 
@@ -75,6 +76,20 @@ def _safe_shift(mx, s):
     """(M, log2 S) to form log2 prob = (x - M) c - log2 S; a row with no finite logit
     gets (0, 0), so its -inf logits give log2 prob = -inf, prob = 0 (never NaN)."""
     return tl.where(mx == float("-inf"), 0.0, mx), tl.where(s > 0, tl.log2(s), 0.0)
+
+
+@triton.jit
+def _block_columns(start, V, BLOCK_V: tl.constexpr):
+    """Vocabulary ids [start, start + BLOCK_V) as int64, and which of them are < V."""
+    offs_v = start + tl.arange(0, BLOCK_V)
+    return offs_v.to(tl.int64), offs_v < V
+
+
+@triton.jit
+def _load_drafts(d_rows, col, v_ok, k_ok, stride_dv):
+    """The [K_PAD, BLOCK_V] tile of draft logits at columns col, float32, -inf where masked."""
+    x = tl.load(d_rows[:, None] + (col * stride_dv)[None, :], mask=k_ok[:, None] & v_ok[None, :], other=float("-inf"))
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -147,14 +162,8 @@ def _divergence_kernel(
         mx_p = float("-inf")  # the target's (scalars)
         s_p = 0.0
         for b in range(0, nblk):
-            offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
-            v_ok = offs_v < V
-            col = offs_v.to(tl.int64)
-            x = tl.load(
-                d_rows[:, None] + (col * stride_dv)[None, :],
-                mask=k_ok[:, None] & v_ok[None, :],
-                other=float("-inf"),
-            ).to(tl.float32)
+            col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
+            x = _load_drafts(d_rows, col, v_ok, k_ok, stride_dv)
             mx_q, s_q = _lse_step_rows(x, mx_q, s_q, c)
             if HAS_TARGET:
                 y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
@@ -178,14 +187,8 @@ def _divergence_kernel(
     hp_acc = 0.0  # sum_v p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
         for i in range(0, nblk):
-            offs_v = (nblk - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
-            v_ok = offs_v < V
-            col = offs_v.to(tl.int64)
-            x = tl.load(
-                d_rows[:, None] + (col * stride_dv)[None, :],
-                mask=k_ok[:, None] & v_ok[None, :],
-                other=float("-inf"),
-            ).to(tl.float32)
+            col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
+            x = _load_drafts(d_rows, col, v_ok, k_ok, stride_dv)
             log2q = (x - shift_q[:, None]) * c - log2s_q[:, None]  # log2 q_kv (-inf if masked)
             q = tl.exp2(log2q)
             wq = w[:, None] * q
@@ -251,12 +254,6 @@ _divergence_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_divergence_kernel)
 
-def _autotune_enabled() -> bool:
-    """FASTPROBE_AUTOTUNE=0 launches the first config that survives pruning instead of
-    tuning (GPU test runs, where tuning every shape and dtype would dominate the time)."""
-    return os.environ.get("FASTPROBE_AUTOTUNE", "1") != "0"
-
-
 # Through the Triton interpreter (CPU tests): one small block, so that a tiny V still
 # spans several blocks and a ragged tail.
 _INTERPRET_BLOCK_V = 128
@@ -319,9 +316,9 @@ def draft_divergence(
     args = (*tensors, lse_in if lse_given else lse, *scalars)
     flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only)
     grid = (N,)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         _divergence_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
-    elif _autotune_enabled():
+    elif autotune_enabled():
         _divergence_kernel_tuned[grid](*args, **flags)
     else:
         config = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)[0]
