@@ -2,11 +2,10 @@
 
 CUDA: the caching allocator's peak during the call, minus what was allocated before.
 CPU: torch's CPU allocations are not tracked, so the call runs once in a fresh
-process and the growth of the process's peak resident set (ru_maxrss) across the
-call is reported; libraries and threads are warmed up on a tiny input first.
+process and the growth of the process's peak resident set (VmHWM) across the call
+is reported; libraries and threads are warmed up on a tiny input first.
 """
 
-import resource
 import subprocess
 import sys
 
@@ -36,13 +35,25 @@ def cpu_peak_extra_bytes(script: str, *args: str) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def print_rss_growth(warm_up, call) -> None:
-    """In the child: warm up, then print the peak-RSS growth (bytes) across `call`."""
+    """In the child: warm up, then print how far the resident set peaks above its size
+    before `call` (bytes). The peak (VmHWM) is reset to the current size first by writing
+    5 to /proc/self/clear_refs; getrusage's ru_maxrss cannot be used, as Linux carries it
+    over from the parent through fork and exec."""
     warm_up()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _status_bytes("VmRSS")
     call()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    print(max(_status_bytes("VmHWM") - before, 0))
 
 
 def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, script: str) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from . import __version__, reference
-from .backend import cpp_status, get_backend, triton_status
+from .backend import cpp_status, get_backend, resolve, triton_status
 from .ops.concepts import ConceptSet, concept_mass
 from .ops.divergence import draft_divergence
 
@@ -68,6 +68,14 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(times)
 
 
+def _timing_table(inputs: torch.Tensor, fused_s: float, peer: str, peer_s: float) -> None:
+    """fastprobe (with the backend that ran) against the peer, median ms and speed-up."""
+    backend = resolve(inputs.device, inputs.dtype, "demo")
+    print(f"  {'implementation':<42}{'median ms':>10}{'speed-up':>10}")
+    print(f"  {'fastprobe (' + backend + ' backend)':<42}{fused_s * 1e3:>10.2f}{peer_s / fused_s:>9.1f}x")
+    print(f"  {peer:<42}{peer_s * 1e3:>10.2f}{1.0:>9.1f}x")
+
+
 def _draft_problem(num_drafts: int, num_tokens: int, vocab: int, device: torch.device, seed: int):
     """Logits that behave like related models: a shared 'consensus' plus per-model
     noise whose size varies by token, so some tokens are contested and some agreed."""
@@ -98,9 +106,7 @@ def _demo_divergence(device: torch.device, num_drafts: int, num_tokens: int, voc
 
     fused_s = _median_seconds(lambda: draft_divergence(drafts, target), device, repeats=5)
     eager_s = _median_seconds(lambda: reference.draft_divergence(drafts, target), device, repeats=3)
-    print(f"  {'implementation':<34}{'median ms':>12}{'speed-up':>10}")
-    print(f"  {'fastprobe (' + get_backend() + ' backend)':<34}{fused_s * 1e3:>12.2f}{eager_s / fused_s:>9.1f}x")
-    print(f"  {'eager PyTorch (softmax, mixture, logs)':<34}{eager_s * 1e3:>12.2f}{1.0:>9.1f}x")
+    _timing_table(drafts, fused_s, "eager PyTorch (softmax, mixture, logs)", eager_s)
     return ok
 
 
@@ -150,9 +156,7 @@ def _demo_concepts(device: torch.device, num_tokens: int, vocab: int, num_concep
     eager_s = _median_seconds(
         lambda: reference.concept_mass(logits, concepts.token_ids, concepts.offsets), device, repeats=3
     )
-    print(f"  {'implementation':<34}{'median ms':>12}{'speed-up':>10}")
-    print(f"  {'fastprobe (' + get_backend() + ' backend)':<34}{fused_s * 1e3:>12.2f}{eager_s / fused_s:>9.1f}x")
-    print(f"  {'eager PyTorch (softmax, gather, sums)':<34}{eager_s * 1e3:>12.2f}{1.0:>9.1f}x")
+    _timing_table(logits, fused_s, "eager PyTorch (softmax, gather, sums)", eager_s)
     return ok
 
 
