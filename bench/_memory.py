@@ -75,5 +75,5 @@ def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, scr
         benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
     else:
         benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra_bytes(script, impl)
-        rounds = 15 if impl == "fastprobe" else 5
+        rounds = 15 if impl.startswith("fastprobe") else 5
         benchmark.pedantic(lambda: call(*inputs), rounds=rounds, warmup_rounds=1, iterations=1)

@@ -10,6 +10,7 @@ namespace py = pybind11;
 namespace fastprobe {
 void bind_divergence(py::module_& m);
 void bind_concepts(py::module_& m);
+void bind_bridge(py::module_& m);
 }  // namespace fastprobe
 
 PYBIND11_MODULE(_C, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   });
   fastprobe::bind_divergence(m);
   fastprobe::bind_concepts(m);
+  fastprobe::bind_bridge(m);
 }

@@ -2,6 +2,7 @@
 // exp/log, thread plumbing and function multi-versioning. Torch-free.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +39,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Rows are processed in blocks of this many elements, converted to float32 into
 // a per-thread buffer: small enough to stay in L1/L2, large enough to amortise loops.
 constexpr int64_t kBlock = 2048;
+
+// Elements in the block of a row of V that starts at v0.
+inline int64_t block_size(int64_t V, int64_t v0) { return std::min(kBlock, V - v0); }
 
 enum class DType { Float32, BFloat16, Float16 };
 
@@ -101,6 +105,75 @@ inline void load_scaled(const T* row, int64_t stride, int64_t count, float scale
   } else {
     for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i * stride]) * scale;
   }
+}
+
+// ---- Storing a float in the logits' dtype (round to nearest even), branch-free so
+// loops vectorise. -------------------------------------------------------------------
+
+inline uint16_t float_to_bf16_bits(float f) {
+  const uint32_t bits = float_to_bits(f);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return uint16_t((bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded);  // NaN: quiet
+}
+
+// float -> IEEE half: overflow to inf, NaN kept (quiet), subnormals rounded by an addition
+// that lets the FPU do the rounding (F. Giesen's float_to_half_fast3_rtne, all three
+// cases computed and one selected).
+inline uint16_t float_to_fp16_bits(float f) {
+  const uint32_t f32_infinity = 255u << 23;
+  const uint32_t f16_overflow = (127u + 16u) << 23;  // 2^16: rounds to inf
+  const uint32_t denormal_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t signed_bits = float_to_bits(f);
+  const uint32_t sign = signed_bits & 0x80000000u;
+  const uint32_t bits = signed_bits ^ sign;
+  const uint32_t inf_nan = bits > f32_infinity ? 0x7e00u : 0x7c00u;  // NaN : inf
+  // below 2^-14: subnormal or 0
+  const uint32_t subnormal =
+      float_to_bits(bits_to_float(bits) + bits_to_float(denormal_magic)) - denormal_magic;
+  // normal: re-bias the exponent, round half to even
+  const uint32_t mantissa_odd = (bits >> 13) & 1u;
+  const uint32_t normal = (bits + (uint32_t(15 - 127) << 23) + 0xfffu + mantissa_odd) >> 13;
+  const uint32_t half = bits >= f16_overflow ? inf_nan : bits < (113u << 23) ? subnormal : normal;
+  return uint16_t(half | (sign >> 16));
+}
+
+template <typename T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline bf16 from_float<bf16>(float x) { return bf16{float_to_bf16_bits(x)}; }
+template <>
+inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bits(x)}; }
+
+// ---- Loading by dtype: one multi-versioned entry per dtype, picked once per call. ----
+
+// out[i] = float(base[first + i * stride]) for i < count.
+using LoadFn = void (*)(const void* base, int64_t first, int64_t stride, int64_t count,
+                        float* out);
+
+FASTPROBE_SIMD_CLONES static void load_float32(const void* base, int64_t first, int64_t stride,
+                                               int64_t count, float* out) {
+  load_scaled(static_cast<const float*>(base) + first, stride, count, 1.0f, out);
+}
+
+FASTPROBE_SIMD_CLONES static void load_bfloat16(const void* base, int64_t first, int64_t stride,
+                                                int64_t count, float* out) {
+  load_scaled(static_cast<const bf16*>(base) + first, stride, count, 1.0f, out);
+}
+
+FASTPROBE_SIMD_CLONES static void load_float16(const void* base, int64_t first, int64_t stride,
+                                               int64_t count, float* out) {
+  load_scaled(static_cast<const fp16*>(base) + first, stride, count, 1.0f, out);
+}
+
+static inline LoadFn loader_for(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return load_float32;
+    case DType::BFloat16: return load_bfloat16;
+    case DType::Float16: return load_float16;
+  }
+  throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
 
 // exp(x) for float32, vectorisable: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
@@ -183,6 +256,36 @@ inline void lse_update(LseState& state, const float* x, int64_t count, float sca
   state.max = new_max;
 }
 
+// lse_update as a multi-versioned function of its own: a kernel that folds several rows
+// calls this once per row (GCC would not inline lse_update twice into one clone, and the
+// out-of-line copy is compiled for the default target only).
+[[maybe_unused]] FASTPROBE_SIMD_CLONES static void lse_block(LseState& state, const float* x,
+                                                             int64_t count, float scale) {
+  lse_update(state, x, count, scale);
+}
+
+// Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - shift) scale - offset, with
+// shift near the row's largest logit, so x_v - shift is exact near the max and large logits
+// keep float32 precision. A row with no finite logit (or a non-finite lse) gives NaN.
+struct LogSoftmax {
+  float shift, scale, offset;
+
+  // From an online log-sum-exp: shift = max, offset = log(sum).
+  static LogSoftmax from_state(const LseState& state, float scale) {
+    return {state.max, scale, std::log(state.sum)};
+  }
+  // From a given lse: shift = lse / scale rounded to float, its rounding error goes to the
+  // offset: (x - shift) scale - (lse - shift scale) = x scale - lse.
+  static LogSoftmax from_lse(double lse, float scale) {
+    const float shift = float(lse / scale);
+    return {shift, scale, float(lse - double(shift) * scale)};
+  }
+};
+
+inline float log_prob(const LogSoftmax& row, float x) {
+  return (x - row.shift) * row.scale - row.offset;
+}
+
 inline int clamp_threads(int64_t requested) {
   if (requested < 1) throw std::invalid_argument("fastprobe._C: num_threads must be >= 1");
   return int(requested > 1024 ? 1024 : requested);
@@ -192,6 +295,14 @@ inline void check_size(int64_t value, int64_t min_value, const char* name) {
   if (value < min_value)
     throw std::invalid_argument(std::string("fastprobe._C: ") + name + " must be >= " +
                                 std::to_string(min_value) + ", got " + std::to_string(value));
+}
+
+// A data pointer from Python; null is an error where the caller needs the data.
+template <typename T>
+inline T* pointer(uintptr_t address, bool required, const char* name) {
+  if (required && address == 0)
+    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " pointer is null");
+  return reinterpret_cast<T*>(address);
 }
 
 }  // namespace fastprobe

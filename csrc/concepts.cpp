@@ -33,45 +33,6 @@ namespace py = pybind11;
 namespace fastprobe {
 namespace {
 
-// ---- Storing a float in the input dtype (round to nearest even). --------------
-
-inline uint16_t float_to_bf16_bits(float f) {
-  const uint32_t bits = float_to_bits(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);  // quiet NaN
-  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-// float -> IEEE half: overflow to inf, NaN kept, subnormals rounded by an addition
-// that lets the FPU do the rounding (F. Giesen's float_to_half_fast3_rtne).
-inline uint16_t float_to_fp16_bits(float f) {
-  const uint32_t f32_infinity = 255u << 23;
-  const uint32_t f16_overflow = (127u + 16u) << 23;              // 2^16: rounds to inf
-  const uint32_t denormal_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-  uint32_t bits = float_to_bits(f);
-  const uint32_t sign = bits & 0x80000000u;
-  bits ^= sign;
-  uint16_t half;
-  if (bits >= f16_overflow) {
-    half = bits > f32_infinity ? 0x7e00 : 0x7c00;                 // NaN : inf
-  } else if (bits < (113u << 23)) {                               // below 2^-14: subnormal or 0
-    half = uint16_t(float_to_bits(bits_to_float(bits) + bits_to_float(denormal_magic)) - denormal_magic);
-  } else {
-    const uint32_t mantissa_odd = (bits >> 13) & 1u;
-    bits += (uint32_t(15 - 127) << 23) + 0xfffu + mantissa_odd;  // re-bias, round half to even
-    half = uint16_t(bits >> 13);
-  }
-  return uint16_t(half | (sign >> 16));
-}
-
-template <typename T>
-inline T from_float(float x);
-template <>
-inline float from_float<float>(float x) { return x; }
-template <>
-inline bf16 from_float<bf16>(float x) { return bf16{float_to_bf16_bits(x)}; }
-template <>
-inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bits(x)}; }
-
 // ---- The concept-token incidence, checked once per call. ------------------------
 
 // CSR by concept: concept c owns token_ids[offsets[c]:offsets[c + 1]].

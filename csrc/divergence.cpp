@@ -39,65 +39,7 @@ namespace py = pybind11;
 namespace fastprobe {
 namespace {
 
-// ---- Loading: the only code that knows the input dtype. ----------------------
-
-// out[i] = float(base[first + i * stride]) for i < count.
-using LoadFn = void (*)(const void* base, int64_t first, int64_t stride, int64_t count,
-                        float* out);
-
-FASTPROBE_SIMD_CLONES static void load_float32(const void* base, int64_t first, int64_t stride,
-                                               int64_t count, float* out) {
-  load_scaled(static_cast<const float*>(base) + first, stride, count, 1.0f, out);
-}
-
-FASTPROBE_SIMD_CLONES static void load_bfloat16(const void* base, int64_t first, int64_t stride,
-                                                int64_t count, float* out) {
-  load_scaled(static_cast<const bf16*>(base) + first, stride, count, 1.0f, out);
-}
-
-FASTPROBE_SIMD_CLONES static void load_float16(const void* base, int64_t first, int64_t stride,
-                                               int64_t count, float* out) {
-  load_scaled(static_cast<const fp16*>(base) + first, stride, count, 1.0f, out);
-}
-
-static LoadFn loader_for(DType dtype) {
-  switch (dtype) {
-    case DType::Float32: return load_float32;
-    case DType::BFloat16: return load_bfloat16;
-    case DType::Float16: return load_float16;
-  }
-  throw std::invalid_argument("fastprobe._C: unsupported dtype");
-}
-
 // ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
-
-// Pass 1: log sum_v exp(scale x_v), folded online block by block.
-FASTPROBE_SIMD_CLONES static void lse_block(LseState& state, const float* x, int64_t count,
-                                            float scale) {
-  lse_update(state, x, count, scale);
-}
-
-// Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - shift) scale - offset, with
-// shift near the row's largest logit, so x_v - shift is exact near the max and large logits
-// keep float32 precision. A row with no finite logit (or a non-finite lse) gives NaN.
-struct LogSoftmax {
-  float shift, scale, offset;
-
-  // From pass 1: shift = max, offset = log(sum).
-  static LogSoftmax from_state(const LseState& state, float scale) {
-    return {state.max, scale, std::log(state.sum)};
-  }
-  // From a given lse: shift = lse / scale rounded to float, its rounding error goes to the
-  // offset: (x - shift) scale - (lse - shift scale) = x scale - lse.
-  static LogSoftmax from_lse(double lse, float scale) {
-    const float shift = float(lse / scale);
-    return {shift, scale, float(lse - double(shift) * scale)};
-  }
-};
-
-static inline float log_prob(const LogSoftmax& row, float x) {
-  return (x - row.shift) * row.scale - row.offset;
-}
 
 // One draft row: q_v = exp(log q_v) into q, m_v += w q_v; returns sum_v q_v log q_v.
 FASTPROBE_SIMD_CLONES static float draft_block(const float* x, LogSoftmax row, float w,
@@ -204,8 +146,6 @@ struct Workspace {
   std::vector<double> q_log_q;  // [K] sum_v q_kv log q_kv of this token
 };
 
-static int64_t block_size(int64_t V, int64_t v0) { return std::min(kBlock, V - v0); }
-
 // The lse and log-softmax of every row of token n: given (lse_in mode), else pass 1.
 static void token_lse(const Problem& p, int64_t n, Workspace& ws) {
   if (p.lse_in != nullptr) {
@@ -285,13 +225,6 @@ static void token_divergence(const Problem& p, int64_t n, Workspace& ws) {
     p.lse[k * p.N + n] = ws.row_lse[k];
   }
   p.lse[p.K * p.N + n] = p.has_target() ? ws.row_lse[p.K] : 0.0;
-}
-
-template <typename T>
-static T* pointer(uintptr_t address, bool required, const char* name) {
-  if (required && address == 0)
-    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " pointer is null");
-  return reinterpret_cast<T*>(address);
 }
 
 void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,

@@ -9,12 +9,17 @@
 
 from . import reference
 from .backend import get_backend, set_backend, use_backend
+from .ops.bridge import BridgeLoss, FusedLinearBridgeLoss, beta_schedule, bridge_loss
 from .ops.concepts import ConceptMass, ConceptSet, concept_mass
 from .ops.divergence import DraftDivergence, draft_divergence, draft_divergence_sharded
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BridgeLoss",
+    "FusedLinearBridgeLoss",
+    "beta_schedule",
+    "bridge_loss",
     "ConceptMass",
     "ConceptSet",
     "DraftDivergence",

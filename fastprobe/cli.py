@@ -19,6 +19,7 @@ import torch
 
 from . import __version__, reference
 from .backend import cpp_status, get_backend, resolve, triton_status
+from .ops.bridge import bridge_loss
 from .ops.concepts import ConceptSet, concept_mass
 from .ops.divergence import draft_divergence
 
@@ -68,6 +69,15 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(times)
 
 
+def _worst_relative_error(fused: dict, exact: dict) -> float:
+    """max over fields of max |fused - exact| / max |exact| (exact: float64 on the CPU)."""
+    worst = 0.0
+    for field, value in fused.items():
+        error = (value.cpu().double() - exact[field]).abs().max().item()
+        worst = max(worst, error / max(exact[field].abs().max().item(), 1e-12))
+    return worst
+
+
 def _timing_table(inputs: torch.Tensor, fused_s: float, peer: str, peer_s: float) -> None:
     """fastprobe (with the backend that ran) against the peer, median ms and speed-up."""
     backend = resolve(inputs.device, inputs.dtype, "demo")
@@ -92,10 +102,9 @@ def _demo_divergence(device: torch.device, num_drafts: int, num_tokens: int, voc
     print(f"draft_divergence: K={num_drafts} drafts, N={num_tokens} tokens, V={vocab}, float32 on {device}")
     fused = draft_divergence(drafts, target)
     exact = reference.draft_divergence(drafts.cpu().double(), target.cpu().double())
-    worst = 0.0
-    for field in ("jsd", "kl_mixture_target", "epistemic", "mixture_entropy", "draft_entropy"):
-        error = (getattr(fused, field).cpu().double() - exact[field]).abs().max().item()
-        worst = max(worst, error / max(exact[field].abs().max().item(), 1e-12))
+    worst = _worst_relative_error(
+        {field: getattr(fused, field) for field in ("jsd", "kl_mixture_target", "epistemic", "mixture_entropy",
+                                                    "draft_entropy")}, exact)
     ok = worst < 1e-4
     print(f"  check vs float64 reference: max relative error {worst:.2e} -> {'OK' if ok else 'FAILED'}")
     order = torch.argsort(fused.epistemic.cpu(), descending=True)
@@ -133,10 +142,9 @@ def _demo_concepts(device: torch.device, num_tokens: int, vocab: int, num_concep
           f"float32 on {device}")
     fused = concept_mass(logits, concepts)
     exact = reference.concept_mass(logits.cpu().double(), concepts.token_ids.cpu(), concepts.offsets.cpu())
-    worst = 0.0
-    for field in ("mass", "log_mass", "top_share", "concentration_entropy", "lse"):
-        error = (getattr(fused, field).cpu().double() - exact[field]).abs().max().item()
-        worst = max(worst, error / max(exact[field].abs().max().item(), 1e-12))
+    worst = _worst_relative_error(
+        {field: getattr(fused, field) for field in ("mass", "log_mass", "top_share", "concentration_entropy", "lse")},
+        exact)
     same_top = torch.equal(fused.top_token.cpu(), exact["top_token"])
     ok = worst < 1e-4 and same_top
     print(f"  check vs float64 reference: max relative error {worst:.2e}, top_token "
@@ -160,12 +168,46 @@ def _demo_concepts(device: torch.device, num_tokens: int, vocab: int, num_concep
     return ok
 
 
+def _demo_bridge(device: torch.device, num_tokens: int, vocab: int, seed: int) -> bool:
+    generator = torch.Generator().manual_seed(seed)
+    teacher = 3 * torch.randn(num_tokens, vocab, generator=generator)
+    student = (0.5 * teacher + 2 * torch.randn(num_tokens, vocab, generator=generator)).to(device)
+    teacher = teacher.to(device)
+    print(f"bridge_loss: N={num_tokens} rows, V={vocab}, float32 on {device}, forward and backward")
+
+    def fused_step(beta: float, direction: str = "forward"):
+        z = student.detach().requires_grad_()
+        loss = bridge_loss(z, teacher, beta=beta, direction=direction)
+        return (loss, *torch.autograd.grad(loss, z))
+
+    def eager_step(beta: float, direction: str = "forward", dtype=torch.float32):
+        z = student.detach().to(dtype).requires_grad_()
+        loss = reference.bridge_loss(z, teacher.to(dtype), beta=beta, direction=direction)
+        return (loss, *torch.autograd.grad(loss, z))
+
+    worst = 0.0
+    print(f"    {'beta':>5} {'direction':>9} {'loss':>9}")
+    for beta, direction in ((0.0, "forward"), (0.5, "forward"), (1.0, "forward"), (0.5, "reverse")):
+        loss, grad = fused_step(beta, direction)
+        exact_loss, exact_grad = (t.cpu() for t in eager_step(beta, direction, torch.float64))
+        worst = max(worst, _worst_relative_error({"loss": loss, "grad": grad}, {"loss": exact_loss, "grad": exact_grad}))
+        print(f"    {beta:>5.2f} {direction:>9} {loss.item():>9.5f}")
+    ok = worst < 1e-4
+    print(f"  check loss and gradient vs float64 reference: max relative error {worst:.2e} -> {'OK' if ok else 'FAILED'}")
+    fused_s = _median_seconds(lambda: fused_step(0.5), device, repeats=5)
+    eager_s = _median_seconds(lambda: eager_step(0.5), device, repeats=3)
+    _timing_table(student, fused_s, "eager PyTorch (log_softmax, KL, autograd)", eager_s)
+    return ok
+
+
 def demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"fastprobe {__version__} demo on {device} ({torch.get_num_threads()} CPU threads)\n")
     ok = _demo_divergence(device, args.drafts, args.tokens, args.vocab, args.seed)
     print()
     ok = _demo_concepts(device, args.tokens, args.vocab, args.concepts, args.seed) and ok
+    print()
+    ok = _demo_bridge(device, args.tokens, args.vocab, args.seed) and ok
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["bridge_loss", "bridge_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -20,8 +20,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _xlogy(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
-    """x * log_y with the convention 0 * log 0 = 0 (also when log_y is -inf)."""
-    return torch.where(x > 0, x * log_y, torch.zeros_like(x))
+    """x * log_y with the convention 0 * log 0 = 0 (also when log_y is -inf or NaN there).
+    log_y is masked before the product, so its gradient is 0 (not NaN) where x = 0."""
+    positive = x > 0
+    return torch.where(positive, x * torch.where(positive, log_y, torch.zeros_like(log_y)), torch.zeros_like(x))
 
 
 def entropy(log_p: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -184,3 +186,58 @@ def concept_mass(
         "top_token": token_ids[first],
         "lse": lse,
     }
+
+
+def bridge_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    direction: str = "forward",
+) -> torch.Tensor:
+    """Per-row logit-bridge loss [N] (SPEC section 3), differentiable w.r.t. student_logits.
+
+    P_S = softmax(z_S / T) and the bridge target Q = softmax((z_T + beta stopgrad(z_S)) / T),
+    i.e. Q proportional to P_T P_S^beta; "forward": KL(Q || P_S), "reverse": KL(P_S || Q).
+    beta = 0 is ordinary forward-KL distillation. Q is a constant for the gradient. A masked
+    student entry (-inf) is masked in Q too, for any beta.
+    """
+    dtype = _compute_dtype(student_logits)
+    z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
+    # A masked student entry (-inf) stays masked in Q whatever beta is: beta = 0 adds nothing
+    # (0 * -inf would be NaN), beta < 0 would otherwise give +inf.
+    if beta == 0:
+        bridge = z_t
+    else:
+        bridge = torch.where(torch.isneginf(z_s), float("-inf"), z_t + beta * z_s.detach())
+    log_p = torch.log_softmax(z_s / temperature, dim=-1)
+    log_q = torch.log_softmax(bridge / temperature, dim=-1).detach()
+    return kl(log_q, log_p) if direction == "forward" else kl(log_p, log_q)
+
+
+def bridge_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """bridge_rows with ignored rows (labels == ignore_index: loss 0, gradient 0) and a
+    reduction: "mean" over the kept rows (0 when none is kept), "sum", or "none" ([N])."""
+    rows = bridge_rows(student_logits, teacher_logits, beta=beta, temperature=temperature, direction=direction)
+    if labels is not None:
+        keep = labels != ignore_index
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        kept = keep.sum()
+    else:
+        kept = torch.tensor(rows.shape[0], device=rows.device)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / kept.clamp(min=1).to(rows.dtype)

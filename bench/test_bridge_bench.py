@@ -1,0 +1,116 @@
+"""bridge_loss forward + backward: fastprobe vs the eager PyTorch computation
+(fastprobe.reference.bridge_loss and autograd), and on CUDA vs torch.compile of it; the
+fused-linear form vs computing the logits and then the loss (logits materialised).
+Measured in the same run, with peak memory.
+
+    pytest bench/test_bridge_bench.py --benchmark-json=bench/results/<device>.json
+"""
+
+import sys
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import reference
+
+try:
+    from . import _memory
+except ImportError:  # run as a script for the CPU peak-memory child
+    import _memory
+
+BETA = 0.5
+# The issue's shapes: logits N x V, and hidden states N x H with V x H LM heads.
+CASES = {
+    "cpu": dict(num_rows=2048, vocab=32000, hidden=1024, dtype=torch.float32),
+    "cuda": dict(num_rows=8192, vocab=128256, hidden=4096, dtype=torch.bfloat16),
+}
+
+
+def make_logits(device, num_rows, vocab, hidden, dtype):
+    student = torch.randn(num_rows, vocab, device=device, dtype=dtype)
+    teacher = torch.randn(num_rows, vocab, device=device, dtype=dtype)
+    return student, teacher
+
+
+def make_hidden(device, num_rows, vocab, hidden, dtype):
+    student_hidden = torch.randn(num_rows, hidden, device=device, dtype=dtype)
+    student_weight = torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5
+    teacher_hidden = torch.randn(num_rows, hidden, device=device, dtype=dtype)
+    teacher_weight = torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def fastprobe_step(student, teacher):
+    z = student.detach().requires_grad_()
+    return torch.autograd.grad(fp.bridge_loss(z, teacher, beta=BETA), z)
+
+
+def eager_step(student, teacher):
+    z = student.detach().requires_grad_()
+    return torch.autograd.grad(reference.bridge_loss(z, teacher, beta=BETA), z)
+
+
+_compiled = {}
+
+
+def compiled_step(student, teacher):
+    if "step" not in _compiled:
+        _compiled["step"] = torch.compile(eager_step, dynamic=False)
+    return _compiled["step"](student, teacher)
+
+
+def fused_linear_step(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
+    loss = fp.FusedLinearBridgeLoss(beta=BETA)(h, w, teacher_hidden, teacher_weight)
+    return torch.autograd.grad(loss, (h, w))
+
+
+def materialised_linear_step(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
+    loss = reference.bridge_loss(h @ w.t(), teacher_hidden @ teacher_weight.t(), beta=BETA)
+    return torch.autograd.grad(loss, (h, w))
+
+
+LOGIT_IMPLS = {"fastprobe": fastprobe_step, "eager": eager_step, "torch.compile": compiled_step}
+LINEAR_IMPLS = {"fastprobe-fused-linear": fused_linear_step, "eager-linear": materialised_linear_step}
+
+
+@pytest.mark.parametrize("impl", list(LOGIT_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_bridge_loss_forward_backward(benchmark, device, impl, request):
+    if impl == "torch.compile" and device == "cpu":
+        pytest.skip(f"{impl} is measured on CUDA only")
+    case = CASES[device]
+    inputs = make_logits(device, **case)
+    benchmark.group = f"bridge_loss-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="eager", shape=dict(N=case["num_rows"], V=case["vocab"]), dtype=str(case["dtype"]),
+        input_bytes=sum(t.nbytes for t in inputs),
+    )
+    _memory.measure(benchmark, request, device, impl, LOGIT_IMPLS[impl], inputs, __file__)
+
+
+@pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_fused_linear_forward_backward(benchmark, device, impl, request):
+    case = CASES[device]
+    inputs = make_hidden(device, **case)
+    benchmark.group = f"bridge_fused_linear-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="eager-linear", dtype=str(case["dtype"]),
+        shape=dict(N=case["num_rows"], H=case["hidden"], V=case["vocab"]),
+        input_bytes=sum(t.nbytes for t in inputs),
+    )
+    _memory.measure(benchmark, request, device, impl, LINEAR_IMPLS[impl], inputs, __file__)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    name = sys.argv[2]
+    if name in LOGIT_IMPLS:
+        impl, make = LOGIT_IMPLS[name], make_logits
+    else:
+        impl, make = LINEAR_IMPLS[name], make_hidden
+    small = make("cpu", 4, 64, 16, torch.float32)
+    full = make("cpu", **CASES["cpu"])
+    _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

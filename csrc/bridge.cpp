@@ -1,0 +1,334 @@
+// bridge_loss: the logit-bridge distillation loss per row and its gradient with respect
+// to the student logits (the math of fastprobe.reference.bridge_rows).
+//
+// Per row n, with s_v = z_S,v / T, t_v = (z_T,v + beta z_S,v) / T, P = softmax(s) and
+// Q = softmax(t), Q a constant (stop-gradient). beta z_S is taken as 0 when beta = 0 (so a -inf
+// student logit makes no NaN), and for beta != 0 a -inf student logit gives t_v = -inf (masked
+// in Q too: beta < 0 would otherwise make +inf):
+//   forward: loss = KL(Q || P) = sum_v Q_v (log Q_v - log P_v)    grad_v = (P_v - Q_v) / T
+//   reverse: loss = KL(P || Q) = sum_v P_v g_v, g_v = log P_v - log Q_v
+//            grad_v = P_v (g_v - loss) / T                        (sum_v P_v g_v = loss)
+// with 0 log 0 = 0: a -inf logit is a masked entry; an entry that only the distribution in
+// the log's denominator masks (Q_v > 0 = P_v forward, P_v > 0 = Q_v reverse) makes the loss
+// +inf. A row whose labels[n] == ignore_index has loss 0 and gradient 0.
+//
+// Rows are spread over OpenMP threads. Each row is streamed over the vocabulary in blocks of
+// kBlock: pass 1 folds s and t into online log-sum-exps, pass 2 sums the loss (and forward
+// writes the gradient), pass 3 (reverse, with a gradient) writes the gradient, which needs the
+// row's loss. Blocks of both rows are converted to float32 (unscaled) into per-thread buffers;
+// the gradient is formed in float32 and stored in the logits' dtype (round to nearest even).
+//
+// Precision: log-probabilities are (x - max) / T - log(sum) with max the row's largest raw
+// value, so x - max is exact near the max and logits ~1e4 keep float32 precision. The bridge's
+// raw value is taken relative to a reference point (r_T, r_S) of the row (the largest finite
+// logits of its first block, else 0):  c_v = (z_T,v - r_T) + beta (z_S,v - r_S)
+// = z_T,v + beta z_S,v - const, the constant dropping out of Q. Both differences are exact for
+// logits near the reference, so rounding z_T + beta z_S at magnitude 1e4 (and beta to float)
+// never reaches Q. Block sums are float32, per-row accumulators double.
+#include <pybind11/pybind11.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace fastprobe {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---- Storing the gradient: the only code that writes it. ------------------------
+
+// base[first + i] = dtype(in[i]) for i < count, rounded to nearest even.
+using StoreFn = void (*)(const float* in, int64_t count, void* base, int64_t first);
+
+FASTPROBE_SIMD_CLONES static void store_bfloat16(const float* in, int64_t count, void* base,
+                                                 int64_t first) {
+  bf16* out = static_cast<bf16*>(base) + first;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = from_float<bf16>(in[i]);
+}
+
+FASTPROBE_SIMD_CLONES static void store_float16(const float* in, int64_t count, void* base,
+                                                int64_t first) {
+  fp16* out = static_cast<fp16*>(base) + first;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = from_float<fp16>(in[i]);
+}
+
+// float32 needs no store: its blocks are formed in the output itself.
+static StoreFn storer_for(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return nullptr;
+    case DType::BFloat16: return store_bfloat16;
+    case DType::Float16: return store_float16;
+  }
+  throw std::invalid_argument("fastprobe._C: unsupported dtype");
+}
+
+static int64_t element_size(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+// ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
+
+// The bridge's raw logit relative to the row's reference point:
+//   c = (z_T - r_T) + beta (z_S - r_S)        (beta = 0: c = z_T - r_T, whatever z_S)
+// A masked student entry (z_S = -inf) is masked in Q too for beta != 0 (beta < 0 would
+// otherwise give +inf).
+struct Bridge {
+  float beta, ref_s, ref_t;
+  float logit(float s, float t) const {
+    const float shifted_s = beta == 0.0f ? 0.0f : beta * (s - ref_s);
+    const float c = (t - ref_t) + shifted_s;
+    return s == kNegInf && beta != 0.0f ? kNegInf : c;
+  }
+};
+
+// The largest finite value of a block, or 0 if it has none: a row's reference point.
+FASTPROBE_SIMD_CLONES static float reference_point(const float* x, int64_t count) {
+  float largest = kNegInf;
+#pragma omp simd reduction(max : largest)
+  for (int64_t i = 0; i < count; ++i)
+    largest = x[i] > largest && x[i] < kInf ? x[i] : largest;
+  return largest == kNegInf ? 0.0f : largest;
+}
+
+// Turns a block of teacher logits into the bridge's raw logits c, in place. Every pass forms
+// c here, so all see the same rounding (the row's largest c gives log Q exactly -log(sum)).
+FASTPROBE_SIMD_CLONES static void bridge_block(const float* s, float* t, Bridge bridge,
+                                               int64_t count) {
+#pragma omp simd
+  for (int64_t v = 0; v < count; ++v) t[v] = bridge.logit(s[v], t[v]);
+}
+
+// Forward, one block: grad_v = (P_v - Q_v) / T; returns sum_v Q_v (log Q_v - log P_v).
+FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
+                                                 LogSoftmax log_p, LogSoftmax log_q,
+                                                 int64_t count, float* grad) {
+  float kl = 0.0f;
+#pragma omp simd reduction(+ : kl)
+  for (int64_t v = 0; v < count; ++v) {
+    const float lp = log_prob(log_p, s[v]);  // log P_v (-inf: masked)
+    const float lq = log_prob(log_q, c[v]);  // log Q_v
+    const float p = fast_exp(lp), q = fast_exp(lq);
+    grad[v] = (p - q) * log_p.scale;                           // (P_v - Q_v) / T
+    const float term = lp == kNegInf ? kInf : q * (lq - lp);  // P_v = 0 < Q_v: +inf
+    kl += lq == kNegInf ? 0.0f : term;                         // Q_v = 0: 0 log 0 = 0
+  }
+  return kl;
+}
+
+// Reverse, one block: returns sum_v P_v g_v, g_v = log P_v - log Q_v.
+FASTPROBE_SIMD_CLONES static float reverse_block(const float* s, const float* c,
+                                                 LogSoftmax log_p, LogSoftmax log_q,
+                                                 int64_t count) {
+  float kl = 0.0f;
+#pragma omp simd reduction(+ : kl)
+  for (int64_t v = 0; v < count; ++v) {
+    const float lp = log_prob(log_p, s[v]);  // log P_v
+    const float lq = log_prob(log_q, c[v]);  // log Q_v
+    const float term = lq == kNegInf ? kInf : fast_exp(lp) * (lp - lq);  // Q_v = 0 < P_v: +inf
+    kl += lp == kNegInf ? 0.0f : term;                                   // P_v = 0: 0 log 0 = 0
+  }
+  return kl;
+}
+
+// Reverse gradient, one block, given the row's loss: grad_v = P_v (g_v - loss) / T.
+FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float* c,
+                                                     LogSoftmax log_p, LogSoftmax log_q,
+                                                     float loss, int64_t count, float* grad) {
+#pragma omp simd
+  for (int64_t v = 0; v < count; ++v) {
+    const float lp = log_prob(log_p, s[v]);  // log P_v
+    const float lq = log_prob(log_q, c[v]);  // log Q_v
+    const float g = fast_exp(lp) * ((lp - lq) - loss) * log_p.scale;  // P_v (g_v - loss) / T
+    grad[v] = lp == kNegInf ? 0.0f : g;                                 // P_v = 0: no gradient
+  }
+}
+
+// ---- Per-row driver. ------------------------------------------------------------
+
+struct Problem {
+  LoadFn load;
+  StoreFn store;  // nullptr for float32: blocks are formed in the output
+  const void* student;  // [N, V], any strides
+  const void* teacher;  // [N, V], any strides
+  int64_t N, V, stride_sn, stride_sv, stride_tn, stride_tv;
+  const int64_t* labels;  // [N] or nullptr
+  int64_t ignore_index;
+  float beta, inv_temperature;
+  bool reverse;
+  float* loss;         // [N]
+  void* grad;          // [N, V] contiguous, the logits' dtype; nullptr: no gradient
+  int64_t grad_bytes;  // bytes per gradient element
+
+  bool ignored(int64_t n) const { return labels != nullptr && labels[n] == ignore_index; }
+
+  void load_student(int64_t n, int64_t v0, int64_t count, float* out) const {
+    load(student, n * stride_sn + v0 * stride_sv, stride_sv, count, out);
+  }
+  void load_teacher(int64_t n, int64_t v0, int64_t count, float* out) const {
+    load(teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, out);
+  }
+
+  // Where the float32 gradient of a block is formed: the output itself for float32,
+  // else (or with no gradient wanted) the given scratch.
+  float* grad_block(int64_t n, int64_t v0, float* scratch) const {
+    return grad != nullptr && store == nullptr ? static_cast<float*>(grad) + n * V + v0
+                                               : scratch;
+  }
+  void store_grad(int64_t n, int64_t v0, int64_t count, const float* block) const {
+    if (grad != nullptr && store != nullptr) store(block, count, grad, n * V + v0);
+  }
+  void zero_grad(int64_t n) const {  // +0 is all zero bits in every dtype
+    std::memset(static_cast<char*>(grad) + n * V * grad_bytes, 0, size_t(V * grad_bytes));
+  }
+};
+
+// Per-thread scratch, allocated once per thread.
+struct Workspace {
+  Workspace() : s(kBlock), c(kBlock), grad(kBlock) {}
+  std::vector<float> s;     // [kBlock] student logits of the current block
+  std::vector<float> c;     // [kBlock] teacher logits, then the bridge's
+  std::vector<float> grad;  // [kBlock] gradient of the current block (not float32)
+};
+
+// What pass 1 finds of a row: the bridge's reference point and both log-softmaxes.
+struct RowSoftmax {
+  Bridge bridge;
+  LogSoftmax log_p, log_q;
+};
+
+// Block [v0, v0 + count) of row n: student logits into ws.s, the bridge c into ws.c.
+static void load_block(const Problem& p, int64_t n, int64_t v0, int64_t count, Bridge bridge,
+                       Workspace& ws) {
+  p.load_student(n, v0, count, ws.s.data());
+  p.load_teacher(n, v0, count, ws.c.data());
+  bridge_block(ws.s.data(), ws.c.data(), bridge, count);
+}
+
+// Pass 1: online log-sum-exp of s and of the bridge, whose reference point comes from the
+// first block.
+static RowSoftmax row_softmax(const Problem& p, int64_t n, Workspace& ws) {
+  Bridge bridge{p.beta, 0.0f, 0.0f};
+  LseState lse_s, lse_t;
+  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+    const int64_t count = block_size(p.V, v0);
+    p.load_student(n, v0, count, ws.s.data());
+    p.load_teacher(n, v0, count, ws.c.data());
+    if (v0 == 0)
+      bridge = {p.beta, reference_point(ws.s.data(), count), reference_point(ws.c.data(), count)};
+    bridge_block(ws.s.data(), ws.c.data(), bridge, count);
+    lse_block(lse_s, ws.s.data(), count, p.inv_temperature);  // log sum_v exp(s_v / T)
+    lse_block(lse_t, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
+  }
+  return {bridge, LogSoftmax::from_state(lse_s, p.inv_temperature),
+          LogSoftmax::from_state(lse_t, p.inv_temperature)};
+}
+
+// Pass 2, forward: KL(Q || P), writing the gradient block by block.
+static double forward_pass(const Problem& p, int64_t n, const RowSoftmax& r, Workspace& ws) {
+  double kl = 0.0;
+  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+    const int64_t count = block_size(p.V, v0);
+    load_block(p, n, v0, count, r.bridge, ws);
+    float* grad = p.grad_block(n, v0, ws.grad.data());
+    kl += forward_block(ws.s.data(), ws.c.data(), r.log_p, r.log_q, count, grad);
+    p.store_grad(n, v0, count, grad);
+  }
+  return kl;
+}
+
+// Pass 2, reverse: KL(P || Q).
+static double reverse_pass(const Problem& p, int64_t n, const RowSoftmax& r, Workspace& ws) {
+  double kl = 0.0;
+  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+    const int64_t count = block_size(p.V, v0);
+    load_block(p, n, v0, count, r.bridge, ws);
+    kl += reverse_block(ws.s.data(), ws.c.data(), r.log_p, r.log_q, count);
+  }
+  return kl;
+}
+
+// Pass 3, reverse: the gradient, from the row's loss.
+static void reverse_grad_pass(const Problem& p, int64_t n, const RowSoftmax& r, float loss,
+                              Workspace& ws) {
+  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+    const int64_t count = block_size(p.V, v0);
+    load_block(p, n, v0, count, r.bridge, ws);
+    float* grad = p.grad_block(n, v0, ws.grad.data());
+    reverse_grad_block(ws.s.data(), ws.c.data(), r.log_p, r.log_q, loss, count, grad);
+    p.store_grad(n, v0, count, grad);
+  }
+}
+
+// Row n: its loss, and its gradient when one is wanted.
+static void row_bridge(const Problem& p, int64_t n, Workspace& ws) {
+  if (p.ignored(n)) {
+    p.loss[n] = 0.0f;
+    if (p.grad != nullptr) p.zero_grad(n);
+    return;
+  }
+  const RowSoftmax r = row_softmax(p, n, ws);
+  const double kl = p.reverse ? reverse_pass(p, n, r, ws) : forward_pass(p, n, r, ws);
+  if (p.reverse && p.grad != nullptr) reverse_grad_pass(p, n, r, float(kl), ws);
+  // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.
+  p.loss[n] = float(std::max(kl, 0.0));
+}
+
+void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teacher_ptr,
+                 int64_t N, int64_t V, int64_t stride_sn, int64_t stride_sv, int64_t stride_tn,
+                 int64_t stride_tv, uintptr_t labels_ptr, int64_t ignore_index, double beta,
+                 double inv_temperature, bool reverse, uintptr_t loss_ptr, uintptr_t grad_ptr,
+                 bool compute_grad, int64_t num_threads) {
+  check_size(N, 0, "N");
+  check_size(V, 1, "V");
+  [[maybe_unused]] const int threads = clamp_threads(num_threads);  // unused without OpenMP
+  const float beta_f = float(beta);
+  if (!std::isfinite(beta_f))
+    throw std::invalid_argument("fastprobe._C: beta must be finite in float32");
+  const float inv_t = float(inv_temperature);
+  if (!(inv_t > 0.0f && std::isfinite(inv_t)))
+    throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0 in float32");
+  const DType type = parse_dtype(dtype);
+  const bool any = N > 0;  // empty outputs may come with null data pointers
+  const Problem p{loader_for(type),
+                  storer_for(type),
+                  pointer<const void>(student_ptr, any, "student"),
+                  pointer<const void>(teacher_ptr, any, "teacher"),
+                  N, V, stride_sn, stride_sv, stride_tn, stride_tv,
+                  pointer<const int64_t>(labels_ptr, false, "labels"),
+                  ignore_index,
+                  beta_f,
+                  inv_t,
+                  reverse,
+                  pointer<float>(loss_ptr, any, "loss"),
+                  compute_grad ? pointer<void>(grad_ptr, any, "grad") : nullptr,
+                  element_size(type)};
+
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) row_bridge(p, n, ws);
+  }
+}
+
+}  // namespace
+
+void bind_bridge(py::module_& m) {
+  m.def("bridge_loss", &bridge_loss, py::call_guard<py::gil_scoped_release>(),
+        "Logit-bridge distillation loss per row (see fastprobe.reference.bridge_rows), with\n"
+        "Q = softmax((z_T + beta z_S) / T) a constant: forward KL(Q || P_S), reverse\n"
+        "KL(P_S || Q). Pointers are data_ptr() values, strides in elements; labels_ptr (0: none)\n"
+        "is int64 [N], rows equal to ignore_index get loss 0 and gradient 0. Writes loss [N]\n"
+        "(float32) and, with compute_grad, grad [N, V] (contiguous, the logits' dtype): the\n"
+        "gradient of each row's loss w.r.t. the student logits.",
+        py::arg("dtype"), py::arg("student_ptr"), py::arg("teacher_ptr"), py::arg("N"),
+        py::arg("V"), py::arg("stride_sn"), py::arg("stride_sv"), py::arg("stride_tn"),
+        py::arg("stride_tv"), py::arg("labels_ptr"), py::arg("ignore_index"), py::arg("beta"),
+        py::arg("inv_temperature"), py::arg("reverse"), py::arg("loss_ptr"), py::arg("grad_ptr"),
+        py::arg("compute_grad"), py::arg("num_threads"));
+}
+
+}  // namespace fastprobe

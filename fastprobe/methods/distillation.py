@@ -1,0 +1,67 @@
+"""Logit-bridge distillation of a causal language model, in a plain training loop or
+with the transformers Trainer.
+
+    loss_fn = fastprobe.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=num_steps)
+
+    # a plain loop
+    loss, _ = distillation_loss(student, teacher, batch, loss_fn, step=step)
+    loss.backward()
+
+    # the transformers Trainer
+    class DistillationTrainer(transformers.Trainer):
+        compute_loss = trainer_compute_loss(teacher, loss_fn)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+__all__ = ["distillation_loss", "next_token_targets", "trainer_compute_loss"]
+
+
+def next_token_targets(labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+                       shape: torch.Size, ignore_index: int, device: torch.device) -> torch.Tensor:
+    """For logits [B, L, V], the label each position predicts: the next position's label
+    (causal LMs' shift), ignore_index at the last position. Without labels, a next position
+    that the attention mask marks as padding is ignored. Keeping all L positions (rather than
+    slicing the logits to L - 1) lets the loss read the logits without copying them."""
+    targets = torch.full(shape, ignore_index, dtype=torch.long, device=device)
+    if labels is not None:
+        targets[:, :-1] = labels[:, 1:]
+    elif attention_mask is not None:
+        targets[:, :-1] = torch.where(attention_mask[:, 1:] == 0, ignore_index, 0)
+    else:
+        targets[:, :-1] = 0
+    return targets
+
+
+def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss_fn, step: Optional[int] = None):
+    """(loss, student outputs) for one batch: both models run on the inputs (the teacher
+    without gradient), and loss_fn (a BridgeLoss) compares their next-token distributions
+    on the non-ignored positions. Vocabularies that differ only by padding rows (e.g.
+    32000 vs 32064) are compared on the shared first V entries."""
+    labels = inputs.get("labels")
+    model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
+    student_outputs = student(**model_inputs)
+    with torch.no_grad():
+        teacher_logits = teacher(**model_inputs).logits
+    student_logits = student_outputs.logits
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    targets = next_token_targets(labels, inputs.get("attention_mask"), student_logits.shape[:2],
+                                 loss_fn.ignore_index, student_logits.device)
+    loss = loss_fn(student_logits[..., :vocab], teacher_logits[..., :vocab].to(student_logits.dtype),
+                   labels=targets, step=step)
+    return loss, student_outputs
+
+
+def trainer_compute_loss(teacher, loss_fn):
+    """A compute_loss method for a transformers.Trainer subclass that distils `teacher`
+    into the trained model with loss_fn; the beta schedule follows trainer.state.global_step."""
+
+    def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = distillation_loss(model, teacher, inputs, loss_fn, step=trainer.state.global_step)
+        return (loss, outputs) if return_outputs else loss
+
+    return compute_loss

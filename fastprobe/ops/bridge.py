@@ -1,0 +1,407 @@
+"""bridge_loss: the logit-bridge distillation loss, fused forward and gradient.
+
+P_S = softmax(z_S / T), and the bridge target Q = softmax((z_T + beta stopgrad(z_S)) / T),
+i.e. Q proportional to P_T P_S^beta. Per row,
+  "forward": KL(Q || P_S),  gradient (P_S - Q) / T                      (the default)
+  "reverse": KL(P_S || Q),  gradient P_S (g - KL) / T with g = log P_S - log Q
+beta = 0 is ordinary forward-KL distillation. The fused kernels compute every row's loss
+and its gradient in one call (online log-sum-exp over the vocabulary), into a gradient
+buffer of their own; the backward only scales that buffer by the incoming gradient of
+each row. Reductions are plain tensor ops on the per-row losses, so autograd hands the
+backward exactly the per-row scale, whatever the reduction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..backend import resolve
+from ._common import DTYPE_NAMES, check_same_device, check_temperature, check_tensor, cpp, new_output
+
+__all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
+
+DIRECTIONS = ("forward", "reverse")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---------------------------------------------------------------- the fused op
+
+# Every backend: (student, teacher, labels, ignore_index, beta, inv_temperature, reverse,
+# loss, grad) -> None, writing loss [N] and, when grad has N * V elements, the gradient of
+# each row's loss w.r.t. the student logits (ignored rows: loss 0 and zero gradient).
+
+
+def _reference_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
+    # The gradient by SPEC's formulas (autograd is not available below the op's dispatch).
+    temperature = 1.0 / inv_temperature
+    rows = reference.bridge_rows(student, teacher, beta=beta, temperature=temperature, direction=DIRECTIONS[int(reverse)])
+    keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
+    loss.copy_(torch.where(keep, rows, torch.zeros_like(rows)))
+    if grad.numel() > 0:
+        z_s, z_t = student.to(loss.dtype), teacher.to(loss.dtype)
+        log_p = torch.log_softmax(z_s * inv_temperature, dim=-1)
+        bridge = z_t if beta == 0 else torch.where(torch.isneginf(z_s), float("-inf"), z_t + beta * z_s)
+        log_q = torch.log_softmax(bridge * inv_temperature, dim=-1)
+        p = log_p.exp()
+        if reverse:  # P (g - KL) / T with g = log P - log Q
+            g = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+            row_grad = p * (g - rows[:, None]) * inv_temperature
+        else:  # (P - Q) / T
+            row_grad = (p - log_q.exp()) * inv_temperature
+        grad.copy_(torch.where(keep[:, None], row_grad, torch.zeros_like(row_grad)))
+
+
+def _cpp_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
+    num_rows, vocab = student.shape
+    cpp().bridge_loss(
+        DTYPE_NAMES[student.dtype],
+        student.data_ptr(), teacher.data_ptr(), num_rows, vocab, *student.stride(), *teacher.stride(),
+        0 if labels is None else labels.data_ptr(), ignore_index,
+        beta, inv_temperature, int(reverse),
+        loss.data_ptr(), grad.data_ptr() if grad.numel() > 0 else 0, grad.numel() > 0,
+        torch.get_num_threads(),
+    )
+
+
+def _triton_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
+    from ..kernels import bridge as triton_bridge
+
+    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
+        triton_bridge.bridge_loss(
+            student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss,
+            grad if grad.numel() > 0 else None,
+        )
+
+
+_ROWS = {"reference": _reference_rows, "cpp": _cpp_rows, "triton": _triton_rows}
+
+
+@torch.library.custom_op("fastprobe::bridge_loss", mutates_args=())
+def _bridge_loss_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ignore_index: int,
+    beta: float,
+    inv_temperature: float,
+    reverse: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss [N] (float32; float64 for float64 logits) and, with compute_grad, the
+    gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0])."""
+    num_rows, vocab = student.shape
+    loss = new_output((num_rows,), student.device, reference._compute_dtype(student))
+    grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
+    if num_rows > 0:
+        backend = resolve(student.device, student.dtype, "bridge_loss")
+        _ROWS[backend](student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad)
+    return loss, grad
+
+
+@_bridge_loss_op.register_fake
+def _(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, compute_grad):
+    num_rows, vocab = student.shape
+    loss = student.new_empty((num_rows,), dtype=reference._compute_dtype(student))
+    grad = student.new_empty((num_rows, vocab) if compute_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_rows, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0:
+        raise RuntimeError(
+            "bridge_loss: no gradient was computed, because student_logits did not require grad "
+            "(or grad mode was off) when the loss was computed"
+        )
+    # d loss_n / d z_n scaled by each row's incoming gradient (out of place: the saved buffer
+    # stays valid for a second backward through the same graph, and it is freed after this)
+    return grad * grad_rows.to(torch.float32)[:, None], None, None, None, None, None, None, None
+
+
+_bridge_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_choice(value, name: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, torch.Tensor):
+        raise TypeError("beta must be a Python float (a runtime value), got a tensor; use float(beta)")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
+    if not math.isfinite(float(beta)):
+        raise ValueError(f"beta must be finite, got {beta}")
+    return float(beta)
+
+
+def _check_logits(student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both [N, V] (or [..., V]), one dtype and device; returned flattened to [N, V]."""
+    ndim = student_logits.dim() if isinstance(student_logits, torch.Tensor) else 2
+    student = check_tensor(student_logits, "student_logits", max(ndim, 2), "[N, V] (or [..., V])")
+    teacher = check_tensor(teacher_logits, "teacher_logits", ndim, f"{list(student.shape)} like student_logits")
+    check_same_device(student, "student_logits", teacher, "teacher_logits")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student.shape)}, got {tuple(teacher.shape)}"
+        )
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher_logits dtype {teacher.dtype} must match student_logits dtype {student.dtype}")
+    if student.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary (V = 0)")
+    return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+
+
+def _check_labels(labels, leading_shape: torch.Size, device: torch.device) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer tensor of shape {list(leading_shape)}, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels must have shape {list(leading_shape)} (one per row of the logits), got {list(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {device}; move them to one device")
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _reduce(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str):
+    """'mean' divides by the number of kept rows (as a tensor: no host sync), 0 if none."""
+    if reduction == "sum":
+        return rows.sum()
+    kept = rows.new_tensor(rows.shape[0]) if labels is None else (labels != ignore_index).sum()
+    return rows.sum() / kept.clamp(min=1).to(rows.dtype)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def bridge_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The logit-bridge distillation loss, differentiable w.r.t. student_logits.
+
+    Q = softmax((z_T + beta stopgrad(z_S)) / T) and P_S = softmax(z_S / T); each row's loss
+    is KL(Q || P_S) (direction="forward") or KL(P_S || Q) ("reverse"). beta = 0 is plain
+    forward-KL distillation (torch.nn.functional.kl_div with log_target). Unlike Hinton's
+    recipe no T^2 factor is applied: multiply the loss by T^2 yourself if you want it.
+
+    Args:
+        student_logits, teacher_logits: [N, V] (or [..., V], flattened) logits of one dtype
+            (float32, bfloat16, float16; float64 runs the reference). teacher_logits get no
+            gradient. -inf entries are masked vocabulary.
+        beta: the bridge exponent, a Python float (a runtime value: changing it never
+            recompiles anything).
+        labels: optional integer tensor of the logits' leading shape; rows whose label is
+            ignore_index give loss 0 and gradient 0.
+        reduction: "mean" over the kept rows (0 when no row is kept, never NaN), "sum", or
+            "none" (the per-row losses, in the logits' leading shape).
+
+    The loss is float32 (float64 for float64 logits). The gradient is computed with the loss
+    (when student_logits requires grad) into a buffer of the op's own, [N, V] in the logits'
+    dtype, kept until the backward, which scales it by each row's incoming gradient into
+    the returned gradient (one more [N, V] while the backward runs; FusedLinearBridgeLoss
+    avoids [N, V] altogether). A row whose student or bridge logits are all -inf gives NaN.
+    """
+    student, teacher = _check_logits(student_logits, teacher_logits)
+    leading_shape = student_logits.shape[:-1]
+    flat_labels = _check_labels(labels, leading_shape, student.device)
+    beta = _check_beta(beta)
+    inv_temperature = 1.0 / check_temperature(temperature)
+    reverse = _check_choice(direction, "direction", DIRECTIONS) == "reverse"
+    _check_choice(reduction, "reduction", REDUCTIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
+
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    rows, _ = _bridge_loss_op(
+        student, teacher, flat_labels, int(ignore_index), beta, inv_temperature, reverse, compute_grad
+    )
+    if reduction == "none":
+        return rows.reshape(leading_shape)
+    return _reduce(rows, flat_labels, ignore_index, reduction)
+
+
+def beta_schedule(step: int, total: int, beta_start: float, beta_end: float) -> float:
+    """beta at `step` of a run of `total` steps: linear from beta_start (step 0) to
+    beta_end (step total), held at the ends outside [0, total]."""
+    if total <= 0:
+        raise ValueError(f"total must be a positive number of steps, got {total}")
+    fraction = min(max(step / total, 0.0), 1.0)
+    return float(beta_start + (beta_end - beta_start) * fraction)
+
+
+class _BetaMixin:
+    """beta, or a linear schedule of it over `total_steps` (beta_start -> beta_end)."""
+
+    def _init_beta(self, beta, beta_start, beta_end, total_steps) -> None:
+        scheduled = total_steps is not None
+        if scheduled and (beta_start is None or beta_end is None):
+            raise ValueError("a beta schedule needs beta_start, beta_end and total_steps")
+        if not scheduled and beta is None:
+            raise ValueError("give beta, or beta_start, beta_end and total_steps for a schedule")
+        self.beta, self.beta_start, self.beta_end, self.total_steps = beta, beta_start, beta_end, total_steps
+
+    def beta_at(self, step: Optional[int]) -> float:
+        """The schedule's beta at `step` (the fixed beta without a schedule or a step)."""
+        if self.total_steps is None or step is None:
+            return self.beta if self.beta is not None else self.beta_start
+        return beta_schedule(step, self.total_steps, self.beta_start, self.beta_end)
+
+
+class BridgeLoss(torch.nn.Module, _BetaMixin):
+    """bridge_loss as a module, with an optional linear beta schedule.
+
+        loss_fn = BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=10_000)
+        loss = loss_fn(student_logits, teacher_logits, labels=labels, step=step)
+    """
+
+    def __init__(self, beta: Optional[float] = None, *, temperature: float = 1.0, direction: str = "forward",
+                 ignore_index: int = -100, reduction: str = "mean", beta_start: Optional[float] = None,
+                 beta_end: Optional[float] = None, total_steps: Optional[int] = None):
+        super().__init__()
+        self._init_beta(beta, beta_start, beta_end, total_steps)
+        self.temperature, self.direction, self.ignore_index, self.reduction = temperature, direction, ignore_index, reduction
+
+    def forward(self, student_logits, teacher_logits, labels=None, step: Optional[int] = None) -> torch.Tensor:
+        return bridge_loss(
+            student_logits, teacher_logits, beta=self.beta_at(step), temperature=self.temperature,
+            direction=self.direction, labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+        )
+
+
+# ---------------------------------------------------------------- fused linear form
+
+
+class _FusedLinearBridge(torch.autograd.Function):
+    """Rows in chunks: logits of a chunk (student with, teacher without gradient), the fused
+    op's loss and logit gradient, then that chunk's share of the input and weight gradients.
+    All gradients are formed in the forward; the backward scales them by the loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, options):
+        beta, inv_temperature, reverse, ignore_index, reduction, chunk_rows, float32_weight_grad = options
+        num_rows = student_hidden.shape[0]
+        want = ctx.needs_input_grad
+        grad_hidden = torch.zeros_like(student_hidden) if want[0] else None
+        weight_dtype = torch.float32 if float32_weight_grad else student_weight.dtype
+        grad_weight = torch.zeros_like(student_weight, dtype=weight_dtype) if want[1] else None
+        grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if student_bias is not None and want[2] else None
+        # mean: every row's gradient is divided by the number of kept rows (a tensor, no sync)
+        if reduction == "mean":
+            kept = num_rows if labels is None else (labels != ignore_index).sum()
+            row_scale = 1.0 / torch.as_tensor(kept, device=student_hidden.device).clamp(min=1).to(torch.float32)
+        else:
+            row_scale = torch.ones((), device=student_hidden.device)
+        losses = []
+        for start in range(0, num_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, num_rows))
+            student_logits = torch.nn.functional.linear(student_hidden[rows], student_weight, student_bias)
+            teacher_logits = torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            chunk_labels = None if labels is None else labels[rows]
+            loss, grad_logits = _bridge_loss_op(
+                student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, True
+            )
+            losses.append(loss)
+            grad_logits.mul_(row_scale.to(grad_logits.dtype))  # d(reduced loss) / d logits
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ student_weight  # [n, V] @ [V, H]
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ student_hidden[rows]).to(weight_dtype)  # [V, n] @ [n, H]
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype, ctx.bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
+        return rows_loss.sum() * row_scale.to(rows_loss.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
+        grad_hidden, grad_weight, grad_bias = scaled
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
+    """bridge_loss computed from hidden states and LM-head weights, chunk by chunk, so the
+    full [N, V] logits never exist. Gradients flow to student_hidden, student_weight and
+    student_bias (accumulated in float32 across chunks with float32_weight_grad, the
+    default); the teacher side gets none. Reductions "mean" and "sum".
+
+        loss_fn = FusedLinearBridgeLoss(beta=0.5)
+        loss = loss_fn(student_hidden, lm_head_s.weight, teacher_hidden, lm_head_t.weight, labels=labels)
+
+    chunk_rows: rows per chunk (default: about 8M logits per chunk, at least 1 row).
+    """
+
+    def __init__(self, beta: Optional[float] = None, *, temperature: float = 1.0, direction: str = "forward",
+                 ignore_index: int = -100, reduction: str = "mean", chunk_rows: Optional[int] = None,
+                 float32_weight_grad: bool = True, beta_start: Optional[float] = None,
+                 beta_end: Optional[float] = None, total_steps: Optional[int] = None):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"FusedLinearBridgeLoss supports reduction 'mean' or 'sum', got {reduction!r}")
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self._init_beta(beta, beta_start, beta_end, total_steps)
+        self.temperature, self.direction, self.ignore_index, self.reduction = temperature, direction, ignore_index, reduction
+        self.chunk_rows, self.float32_weight_grad = chunk_rows, float32_weight_grad
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None, step: Optional[int] = None) -> torch.Tensor:
+        hidden = check_tensor(student_hidden, "student_hidden", 2, "[N, Hs]")
+        weight = check_tensor(student_weight, "student_weight", 2, "[V, Hs]")
+        t_hidden = check_tensor(teacher_hidden, "teacher_hidden", 2, "[N, Ht]")
+        t_weight = check_tensor(teacher_weight, "teacher_weight", 2, "[V, Ht]")
+        if weight.shape[1] != hidden.shape[1]:
+            raise ValueError(f"student_weight must be [V, Hs] with Hs = {hidden.shape[1]}, got {list(weight.shape)}")
+        if t_weight.shape[1] != t_hidden.shape[1]:
+            raise ValueError(f"teacher_weight must be [V, Ht] with Ht = {t_hidden.shape[1]}, got {list(t_weight.shape)}")
+        if t_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"teacher_weight has V = {t_weight.shape[0]} rows but student_weight has {weight.shape[0]}")
+        if t_hidden.shape[0] != hidden.shape[0]:
+            raise ValueError(f"teacher_hidden has {t_hidden.shape[0]} rows but student_hidden has {hidden.shape[0]}")
+        for name, tensor in (("student_weight", weight), ("teacher_hidden", t_hidden), ("teacher_weight", t_weight)):
+            check_same_device(hidden, "student_hidden", tensor, name)
+        flat_labels = _check_labels(labels, hidden.shape[:1], hidden.device)
+        vocab = weight.shape[0]
+        chunk_rows = self.chunk_rows or max(1, (1 << 23) // vocab)
+        options = (
+            _check_beta(self.beta_at(step)), 1.0 / check_temperature(self.temperature),
+            _check_choice(self.direction, "direction", DIRECTIONS) == "reverse", int(self.ignore_index),
+            self.reduction, chunk_rows, self.float32_weight_grad,
+        )
+        with torch.no_grad():  # the teacher side never takes a gradient
+            t_hidden, t_weight = t_hidden.detach(), t_weight.detach()
+            t_bias = None if teacher_bias is None else teacher_bias.detach()
+        return _FusedLinearBridge.apply(hidden, weight, student_bias, t_hidden, t_weight, t_bias, flat_labels, options)

@@ -1,0 +1,324 @@
+"""Fused logit-bridge distillation loss kernel (Triton): the math of ``fastprobe.reference.bridge_rows``.
+
+One program per row n, with student logits x = z_S, teacher logits y = z_T, c = inv_T * log2(e).
+The bridge target is Q = softmax(t), t = (y + beta x) / T (x stop-gradient), P = softmax(x / T).
+The kernel works in base 2 and converts to natural units (times ln 2) only where it stores:
+
+  pass 1 (vocabulary blocks, forward): online log-sum-exp of x and of the bridged logit
+        u = (y - a_T) + beta (x - a_S)          (= T t less a constant, which softmax ignores)
+        kept PER LANE (running max m_j and sum s_j = sum 2^((x - m_j) c), one exp2 per element),
+        reduced across lanes once after the loop: M = max_j m_j, S = sum_j s_j 2^((m_j - M) c);
+        then log2 P_v = (x_v - M_x) c - log2 S_x and log2 Q_v = (u_v - M_u) c - log2 S_u
+  pass 2 (vocabulary blocks, REVERSE order, so the last blocks of pass 1 are L2 hits):
+        forward: loss = sum Q (log Q - log P), grad_v = (P_v - Q_v) / T   (stored here)
+        reverse: loss = sum P (log P - log Q)                            (per-lane sums, one reduce)
+  pass 3 (reverse direction with a gradient only, forward order: pass 2 ended at block 0):
+        grad_v = P_v (g_v - loss) / T,  g = log P - log Q
+
+Precision: the maxima are subtracted from RAW logits before scaling (x - M is exact for nearby
+values), and the bridged logit is formed from logits less the anchors a_T, a_S (the largest
+finite logit of the row's first block, 0 if it has none), so y + beta x is rounded at the
+scale of the row's spread, not of the logits' magnitude (logits ~1e4 keep float32 accuracy).
+
+Conventions: 0 log 0 = 0 (every x log y is guarded by x == 0); -inf logits are masked
+vocabulary. A student -inf contributes beta x = 0 to the bridge when beta == 0 (t = y / T:
+plain distillation, so Q > 0 with P = 0 there and the forward loss is +inf, correctly), and
+makes t = -inf (Q = 0) when beta != 0 (for beta > 0 that is the limit P_S^beta -> 0; for
+beta < 0 it keeps masked vocabulary masked instead of giving the bridge +inf logits). A row with
+no finite logit (student or bridge) gets zero probabilities, never NaN: e.g. a student row of
+all -inf gives P = 0, so the reverse loss is 0 and the forward loss is +inf where Q > 0.
+Reverse with Q = 0 where P > 0: loss +inf, gradient +inf on those entries, -inf on the other
+entries with P > 0, 0 where P = 0 (never inf - inf = NaN). On a GPU exp2 flushes results below
+2^-126 to 0, so such probabilities count as 0.
+NaN input gives a NaN loss. Rows with labels[n] == ignore_index get loss 0 and a zero gradient
+row. beta, inv_temperature and ignore_index are runtime scalars (never tl.constexpr).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import autotune_enabled, interpreter_enabled
+
+__all__ = ["bridge_loss"]
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+@triton.jit
+def _block_columns(start, V, BLOCK_V: tl.constexpr):
+    """Vocabulary ids [start, start + BLOCK_V) as int64, and which of them are < V."""
+    offs_v = start + tl.arange(0, BLOCK_V)
+    return offs_v.to(tl.int64), offs_v < V
+
+
+@triton.jit
+def _load_row(row, col, v_ok, stride_v):
+    """A [BLOCK_V] block of one row's logits, float32, -inf past V."""
+    return tl.load(row + col * stride_v, mask=v_ok, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _anchor(x):
+    """The largest finite value of a block, 0 if it has none (all -inf, or NaN / inf input)."""
+    a = tl.max(x, axis=0)
+    return tl.where(tl.abs(a) < float("inf"), a, 0.0)
+
+
+@triton.jit
+def _bridged(y, x, a_t, a_s, beta, masked_bx):
+    """u = (y - a_T) + beta (x - a_S): the raw bridged logit y + beta x less a_T + beta a_S,
+    formed from small differences so it is never rounded at the logits' magnitude.
+    A masked student logit (x = -inf) contributes masked_bx: 0 if beta == 0, else -inf."""
+    bx = tl.where(x == float("-inf"), masked_bx, beta * (x - a_s))
+    return (y - a_t) + bx
+
+
+@triton.jit
+def _lse_step_lanes(x, mx, s, c):
+    """Online log-sum-exp kept per lane, with one exp2 per element:
+    mx_j = max seen x_j, s_j = sum seen 2^((x_j - mx_j) c).
+    If x > mx: s = s 2^((mx - x) c) + 1, else s = s + 2^((x - mx) c), i.e. 2^(-|x - mx| c) either
+    way; x = -inf adds 0 (so -inf - -inf never appears); a NaN x makes s NaN."""
+    e = tl.exp2(tl.where(x == float("-inf"), float("-inf"), -tl.abs(x - mx)) * c)
+    s = tl.where(x > mx, s * e + 1.0, s + e)
+    return tl.maximum(mx, x), s
+
+
+@triton.jit
+def _lse_combine(mx, s, c):
+    """Reduce the per-lane (mx_j, s_j) to the row's (M, log2 S), M = max_j mx_j,
+    S = sum_j s_j 2^((mx_j - M) c), to form log2 prob = (x - M) c - log2 S. A row with no finite
+    value gets (0, 0), so its -inf entries give log2 prob = -inf, prob 0 (never NaN); a NaN S
+    stays NaN."""
+    m = tl.max(mx, axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(s * tl.exp2((mx - shift) * c), axis=0)  # lanes with mx_j = -inf have s_j = 0
+    return shift, tl.where(total == 0.0, 0.0, tl.log2(total))
+
+
+@triton.jit
+def _xlog2ratio(a, log2a, log2b):
+    """a (log2 a - log2 b) with 0 log 0 = 0; a > 0 with b = 0 gives +inf; NaN stays NaN."""
+    return tl.where(a == 0.0, 0.0, a * (log2a - log2b))
+
+
+@triton.jit
+def _bridge_kernel(
+    s_ptr,  # [N, V] student logits, any float dtype, any strides
+    t_ptr,  # [N, V] teacher logits, same dtype, any strides
+    labels_ptr,  # [N] int64 (a dummy when not HAS_LABELS)
+    loss_ptr,  # [N] float32 contiguous (out)
+    grad_ptr,  # [N, V] contiguous, the logits' dtype (out; a dummy when not HAS_GRAD)
+    beta,  # runtime float
+    inv_temperature,  # runtime float
+    ignore_index,  # runtime int
+    V,
+    stride_sn,
+    stride_sv,
+    stride_tn,
+    stride_tv,
+    HAS_LABELS: tl.constexpr,
+    REVERSE: tl.constexpr,  # KL(P || Q) instead of KL(Q || P)
+    HAS_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + n * stride_sn
+    t_row = t_ptr + n * stride_tn
+    g_row = grad_ptr + n * V
+    nblk = tl.cdiv(V, BLOCK_V)
+
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + n) != ignore_index
+    else:
+        keep = True
+    if keep:
+        c = inv_temperature * _LOG2E  # x inv_T = (x c) / log2(e): base-2 exponent scale
+        masked_bx = tl.where(beta == 0.0, 0.0, float("-inf"))
+
+        # ---- anchors for the bridged logit: the first block's largest finite logits ----
+        col0, ok0 = _block_columns(0, V, BLOCK_V)
+        a_s = _anchor(_load_row(s_row, col0, ok0, stride_sv))
+        a_t = _anchor(_load_row(t_row, col0, ok0, stride_tv))
+
+        # ---- pass 1: online log-sum-exp of x and u, per lane; one cross-lane reduce after ----
+        mx_s = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        sum_s = tl.zeros([BLOCK_V], tl.float32)
+        mx_u = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        sum_u = tl.zeros([BLOCK_V], tl.float32)
+        for b in range(0, nblk):
+            col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
+            x = _load_row(s_row, col, v_ok, stride_sv)
+            y = _load_row(t_row, col, v_ok, stride_tv)
+            mx_s, sum_s = _lse_step_lanes(x, mx_s, sum_s, c)
+            mx_u, sum_u = _lse_step_lanes(_bridged(y, x, a_t, a_s, beta, masked_bx), mx_u, sum_u, c)
+        shift_s, log2s_s = _lse_combine(mx_s, sum_s, c)
+        shift_u, log2s_u = _lse_combine(mx_u, sum_u, c)
+
+        # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane base-2 loss sums
+        for i in range(0, nblk):
+            col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
+            x = _load_row(s_row, col, v_ok, stride_sv)
+            y = _load_row(t_row, col, v_ok, stride_tv)
+            log2p = (x - shift_s) * c - log2s_s
+            log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
+            if REVERSE:  # KL(P || Q) = sum P (log P - log Q)
+                acc += _xlog2ratio(tl.exp2(log2p), log2p, log2q)
+            else:  # KL(Q || P) = sum Q (log Q - log P); Q > 0 with P = 0 gives +inf
+                q = tl.exp2(log2q)
+                acc += _xlog2ratio(q, log2q, log2p)
+                if HAS_GRAD:  # (P - Q) / T
+                    g = (tl.exp2(log2p) - q) * inv_temperature
+                    tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
+        loss = tl.sum(acc, axis=0) * _LN2
+        tl.store(loss_ptr + n, loss)
+
+        # ---- pass 3 (reverse direction only; blocks forward, pass 2 ended at block 0) ----
+        if REVERSE and HAS_GRAD:
+            for b in range(0, nblk):
+                col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
+                x = _load_row(s_row, col, v_ok, stride_sv)
+                y = _load_row(t_row, col, v_ok, stride_tv)
+                log2p = (x - shift_s) * c - log2s_s
+                log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
+                p = tl.exp2(log2p)
+                # g - loss, g = log P - log Q; where Q = 0 (and P > 0, so loss = +inf) take +inf
+                d = tl.where(log2q == float("-inf"), float("inf"), (log2p - log2q) * _LN2 - loss)
+                g = tl.where(p == 0.0, 0.0, p * d) * inv_temperature  # P (g - loss) / T
+                tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
+    else:
+        # ---- an ignored row: loss 0, gradient 0 ----
+        tl.store(loss_ptr + n, 0.0)
+        if HAS_GRAD:
+            zero = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
+            for b in range(0, nblk):
+                col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
+                tl.store(g_row + col, zero, mask=v_ok)
+
+
+# On a GPU the block size and warp count are tuned per (V, REVERSE, HAS_GRAD) (and, by
+# Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
+# is safe. num_stages=1: no software pipelining (it gained nothing for the divergence kernel,
+# and its shared-memory buffers would cost occupancy); other resident programs hide latency.
+# The first config is the one used without tuning (FASTPROBE_AUTOTUNE=0): 1024 columns and
+# 4 warps was the divergence kernel's best on the H200 (bench/NOTES.md).
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1)
+    for bv, nw in (
+        (1024, 4),
+        (2048, 4),
+        (2048, 8),
+        (4096, 8),
+        (1024, 8),
+        (4096, 16),
+        (2048, 16),
+        (4096, 4),
+    )
+]
+# Pass 1 keeps four float32 per-lane values per tile element (two running maxima and sums)
+# besides the loaded logits; past 16 elements per thread that nears ptxas's register budget
+# (checked compiling for sm_90a), so such configs are not tried.
+_MAX_ELEMENTS_PER_THREAD = 16
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Configs within the register budget whose block is no wider than the vocabulary needs
+    (a tiny V keeps the narrowest blocks)."""
+    vocab = named_args.get("V", kwargs.get("V", 1))
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] // (32 * cfg.num_warps) <= _MAX_ELEMENTS_PER_THREAD]
+    narrow = [cfg for cfg in kept if cfg.kwargs["BLOCK_V"] <= max(triton.next_power_of_2(vocab), 1)]
+    if not narrow:
+        least = min(cfg.kwargs["BLOCK_V"] for cfg in kept)
+        narrow = [cfg for cfg in kept if cfg.kwargs["BLOCK_V"] == least]
+    return narrow
+
+
+_bridge_kernel_tuned = triton.autotune(
+    configs=_AUTOTUNE_CONFIGS,
+    key=["V", "REVERSE", "HAS_GRAD"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_bridge_kernel)
+
+# Through the Triton interpreter (CPU tests): one small block, so that a tiny V still
+# spans several blocks and a ragged tail.
+_INTERPRET_BLOCK_V = 128
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def bridge_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    ignore_index: int,
+    beta: float,
+    inv_temperature: float,
+    reverse: bool,
+    loss: torch.Tensor,
+    grad: Optional[torch.Tensor],
+) -> None:
+    """Launch the fused kernel; writes every element of ``loss`` and ``grad``.
+
+    student, teacher [N, V] float32 / bfloat16 / float16 (the same), any strides
+    labels   [N] int64 contiguous, or None (every row kept); rows with labels == ignore_index
+             get loss 0 and a zero gradient row
+    beta     any finite float (runtime argument); inv_temperature finite float > 0
+    reverse  False: KL(Q || P_S), gradient (P_S - Q) / T; True: KL(P_S || Q), gradient
+             P_S (g - KL) / T with g = log P_S - log Q (Q is a constant for the gradient)
+    loss     [N] float32 contiguous (out, natural log)
+    grad     [N, V] contiguous in the logits' dtype (out), or None: no gradient computed
+    """
+    if student.dim() != 2:
+        raise ValueError(f"student must be [N, V], got shape {tuple(student.shape)}")
+    N, V = student.shape
+    if student.dtype not in _DTYPES:
+        raise ValueError(f"student must be float32, bfloat16 or float16, got {student.dtype}")
+    if teacher.shape != (N, V) or teacher.dtype != student.dtype:
+        raise ValueError("teacher must be [N, V] with the student's dtype")
+    if labels is not None and (labels.shape != (N,) or labels.dtype != torch.int64 or not labels.is_contiguous()):
+        raise ValueError("labels must be a contiguous int64 [N] tensor")
+    if loss.shape != (N,) or loss.dtype != torch.float32 or not loss.is_contiguous():
+        raise ValueError("loss must be a contiguous float32 [N] tensor")
+    if grad is not None and (grad.shape != (N, V) or grad.dtype != student.dtype or not grad.is_contiguous()):
+        raise ValueError("grad must be a contiguous [N, V] tensor of the logits' dtype")
+    # float arguments (an int 0 or 1 would be specialized into the compiled kernel)
+    beta, inv_temperature = float(beta), float(inv_temperature)
+    if not math.isfinite(beta):
+        raise ValueError("beta must be finite")
+    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
+        raise ValueError("inv_temperature must be finite and > 0")
+    if N == 0:
+        return
+
+    has_labels, has_grad = labels is not None, grad is not None
+    # labels and grad are dummies (never touched) when absent
+    args = (
+        student,
+        teacher,
+        labels if has_labels else loss,
+        loss,
+        grad if has_grad else loss,
+        beta,
+        inv_temperature,
+        int(ignore_index),
+        V,
+        *student.stride(),
+        *teacher.stride(),
+    )
+    flags = dict(HAS_LABELS=has_labels, REVERSE=bool(reverse), HAS_GRAD=has_grad)
+    grid = (N,)
+    if interpreter_enabled():
+        _bridge_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
+    elif autotune_enabled():
+        _bridge_kernel_tuned[grid](*args, **flags)
+    else:
+        config = _prune_configs(_AUTOTUNE_CONFIGS, {"V": V})[0]
+        _bridge_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

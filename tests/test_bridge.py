@@ -1,0 +1,335 @@
+"""bridge_loss, BridgeLoss, beta_schedule and FusedLinearBridgeLoss against the float64
+reference and autograd of it, and bad input."""
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import reference
+
+from .conftest import ATOL, RTOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BETAS = [0.0, 0.37, 1.0, 2.0]
+
+
+def shapes_for(target):
+    backend, device = target
+    if device == "cpu" and backend == "triton":
+        return [(7, 301), (3, 1)]
+    return [(37, 1271), (5, 4099), (2, 1)]
+
+
+def random_labels(num_rows, device, ignore_index=-100):
+    labels = torch.randint(0, 5, (num_rows,), device=device)
+    labels[torch.rand(num_rows, device=device) < 0.3] = ignore_index
+    return labels
+
+
+def expected(student, teacher, **kwargs):
+    """Loss and gradient from autograd of the float64 reference on the same rounded values."""
+    z = student.detach().double().requires_grad_()
+    loss = reference.bridge_loss(z, teacher.double(), **kwargs)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach().cpu(), z.grad.cpu()
+
+
+def grad_tolerance(dtype, reference_grad):
+    """The fused gradient is stored in the logits' dtype: allow that dtype's rounding."""
+    scale = reference_grad.abs().max().item() + 1e-30
+    eps = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    return dict(rtol=eps, atol=eps * scale)
+
+
+def run(student, teacher, **kwargs):
+    z = student.detach().clone().requires_grad_()
+    loss = fp.bridge_loss(z, teacher, **kwargs)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), z.grad
+
+
+def assert_matches(student, teacher, **kwargs):
+    loss, grad = run(student, teacher, **kwargs)
+    want_loss, want_grad = expected(student, teacher, **kwargs)
+    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
+    assert not torch.isnan(loss).any() and not torch.isnan(grad).any()
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, **grad_tolerance(student.dtype, want_grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(target, dtype, direction, reduction):
+    _, device = target
+    for num_rows, vocab in shapes_for(target):
+        for beta in BETAS:
+            temperature = 1.0 if beta in (0.0, 1.0) else 0.7
+            student = (3 * torch.randn(num_rows, vocab)).to(device=device, dtype=dtype)
+            teacher = (3 * torch.randn(num_rows, vocab)).to(device=device, dtype=dtype)
+            labels = random_labels(num_rows, device)
+            assert_matches(student, teacher, beta=beta, temperature=temperature, direction=direction,
+                           labels=labels, reduction=reduction)
+
+
+def test_beta_zero_is_kl_div(target):
+    _, device = target
+    num_rows, vocab = shapes_for(target)[0]
+    student, teacher = torch.randn(num_rows, vocab, device=device), torch.randn(num_rows, vocab, device=device)
+    loss = fp.bridge_loss(student, teacher, beta=0.0, reduction="sum")
+    kl_div = torch.nn.functional.kl_div(
+        torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1),
+        log_target=True, reduction="sum",
+    )
+    torch.testing.assert_close(loss.double(), kl_div, rtol=RTOL, atol=ATOL)
+
+
+def test_ignored_rows_and_custom_ignore_index(target):
+    _, device = target
+    num_rows, vocab = shapes_for(target)[0]
+    student, teacher = torch.randn(num_rows, vocab, device=device), torch.randn(num_rows, vocab, device=device)
+    labels = random_labels(num_rows, device, ignore_index=7)
+    labels[0] = 7
+    loss, grad = run(student, teacher, beta=0.5, labels=labels, ignore_index=7, reduction="none")
+    ignored = (labels == 7).cpu()
+    assert (loss.cpu()[ignored] == 0).all() and (grad.cpu()[ignored] == 0).all()
+    assert_matches(student, teacher, beta=0.5, labels=labels, ignore_index=7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_rows_ignored_gives_zero(target, reduction):
+    _, device = target
+    student, teacher = torch.randn(4, 33, device=device), torch.randn(4, 33, device=device)
+    labels = torch.full((4,), -100, device=device)
+    loss, grad = run(student, teacher, beta=1.0, labels=labels, reduction=reduction)
+    assert loss.item() == 0.0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, -0.5])
+def test_masked_entries(target, direction, beta):
+    """-inf student entries (masked in Q too, for any beta: beta = 0 must not make 0 * -inf,
+    beta < 0 must not make +inf) and -inf teacher entries. Masks are chosen so the loss stays
+    finite: forward KL(Q || P) needs Q = 0 wherever P = 0, reverse KL(P || Q) needs P = 0
+    wherever Q = 0."""
+    _, device = target
+    num_rows, vocab = shapes_for(target)[0]
+    if vocab < 4:
+        pytest.skip("needs a few vocabulary entries")
+    student, teacher = 2 * torch.randn(num_rows, vocab), 2 * torch.randn(num_rows, vocab)
+    student[:, 1::5] = float("-inf")
+    if direction == "forward":
+        teacher[:, 2::7] = float("-inf")  # teacher-only masks: Q = 0 there
+        if beta == 0.0:
+            teacher = torch.where(torch.isinf(student), float("-inf"), teacher)
+    else:
+        teacher[:, 1::10] = float("-inf")  # only where the student is masked too
+    assert_matches(student.to(device), teacher.to(device), beta=beta, direction=direction)
+
+
+def test_infinite_divergence_is_reported_as_inf_not_nan(target):
+    """Q > 0 where P = 0 (forward) and P > 0 where Q = 0 (reverse) give +inf losses."""
+    _, device = target
+    student, teacher = torch.randn(2, 9), torch.randn(2, 9)
+    student[0, 3] = float("-inf")  # forward, beta = 0: Q_3 > 0 = P_3
+    teacher[1, 4] = float("-inf")  # reverse: P_4 > 0 = Q_4
+    student, teacher = student.to(device), teacher.to(device)
+    forward = fp.bridge_loss(student, teacher, beta=0.0, reduction="none")
+    reverse = fp.bridge_loss(student, teacher, beta=0.0, direction="reverse", reduction="none")
+    assert forward[0].item() == float("inf") and torch.isfinite(forward[1])
+    assert reverse[1].item() == float("inf")
+
+
+def test_extreme_logits(target):
+    _, device = target
+    num_rows, vocab = shapes_for(target)[0]
+    student = 1e4 * torch.randn(num_rows, vocab, device=device)
+    teacher = 1e4 * torch.randn(num_rows, vocab, device=device)
+    teacher[:, 0] = student.amax(-1) + 0.5  # keep some rows from being disjoint one-hots
+    for direction in ("forward", "reverse"):
+        loss, grad = run(student, teacher, beta=1.0, direction=direction)
+        want_loss, want_grad = expected(student, teacher, beta=1.0, direction=direction)
+        torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_non_contiguous_and_leading_dims(target):
+    _, device = target
+    num_rows, vocab = shapes_for(target)[0]
+    student = torch.randn(2 * vocab, num_rows, device=device).t()[:, ::2]  # [N, V], no unit stride
+    teacher = torch.randn(num_rows, 3, vocab, device=device)[:, 1]
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    assert_matches(student, teacher, beta=0.37, temperature=1.3)
+    # [B, L, V] logits with [B, L] labels: "none" keeps the leading shape
+    batch = torch.randn(2, 3, 17, device=device)
+    per_row = fp.bridge_loss(batch, torch.randn(2, 3, 17, device=device), beta=0.5, reduction="none",
+                             labels=torch.zeros(2, 3, dtype=torch.long, device=device))
+    assert per_row.shape == (2, 3)
+
+
+def test_inputs_untouched_and_teacher_gets_no_gradient(target):
+    _, device = target
+    student = torch.randn(5, 40, device=device, requires_grad=True)
+    teacher = torch.randn(5, 40, device=device, requires_grad=True)
+    copies = student.detach().clone(), teacher.detach().clone()
+    fp.bridge_loss(student, teacher, beta=1.0).backward()
+    assert torch.equal(student.detach(), copies[0]) and torch.equal(teacher.detach(), copies[1])
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_second_backward_through_one_loss():
+    student = torch.randn(4, 30, requires_grad=True)
+    loss = fp.bridge_loss(student, torch.randn(4, 30), beta=0.5)
+    (first,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (second,) = torch.autograd.grad(3 * loss, student)
+    torch.testing.assert_close(second, 3 * first)
+
+
+def test_no_gradient_without_requires_grad():
+    student, teacher = torch.randn(4, 30), torch.randn(4, 30)
+    loss = fp.bridge_loss(student, teacher, beta=0.5)
+    assert loss.grad_fn is None
+    with torch.no_grad():
+        assert fp.bridge_loss(student.requires_grad_(), teacher, beta=0.5).grad_fn is None
+
+
+def test_gradcheck_float64():
+    """float64 runs the reference formulas inside the op: check its autograd wiring. beta = 0
+    only: with beta != 0, Q depends on z_S and the stop-gradient makes the analytic gradient
+    differ from finite differences by design."""
+    student = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 2])
+    for direction in ("forward", "reverse"):
+        for reduction in ("mean", "none"):
+            def loss(z):
+                return fp.bridge_loss(z, teacher, beta=0.0, temperature=0.8, direction=direction,
+                                      labels=labels, reduction=reduction)
+            assert torch.autograd.gradcheck(loss, (student,), eps=1e-6, atol=1e-6)
+
+
+def test_torch_compile_fullgraph():
+    student, teacher = torch.randn(6, 130), torch.randn(6, 130)
+    labels = torch.tensor([0, 1, -100, 2, 3, 4])
+
+    def step(z, t):
+        return fp.bridge_loss(z, t, beta=0.5, temperature=0.9, labels=labels) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    z1, z2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    compiled(z1, teacher).backward()
+    step(z2, teacher).backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    from fastprobe.ops.bridge import _bridge_loss_op
+
+    student = torch.randn(4, 31, requires_grad=True)
+    args = (student, torch.randn(4, 31), torch.tensor([1, -100, 2, 3]), -100, 0.4, 1.25, False, True)
+    torch.library.opcheck(_bridge_loss_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------- schedule and modules
+
+
+def test_beta_schedule():
+    assert fp.beta_schedule(0, 100, 0.0, 2.0) == 0.0
+    assert fp.beta_schedule(25, 100, 0.0, 2.0) == 0.5
+    assert fp.beta_schedule(100, 100, 0.0, 2.0) == 2.0
+    assert fp.beta_schedule(150, 100, 0.0, 2.0) == 2.0 and fp.beta_schedule(-5, 100, 1.0, 0.0) == 1.0
+    with pytest.raises(ValueError, match="total"):
+        fp.beta_schedule(1, 0, 0.0, 1.0)
+
+
+def test_bridge_loss_module_follows_schedule():
+    student, teacher = torch.randn(5, 20), torch.randn(5, 20)
+    module = fp.BridgeLoss(beta_start=0.0, beta_end=2.0, total_steps=10, temperature=0.9)
+    for step, beta in ((0, 0.0), (5, 1.0), (20, 2.0)):
+        want = fp.bridge_loss(student, teacher, beta=beta, temperature=0.9)
+        torch.testing.assert_close(module(student, teacher, step=step), want)
+    with pytest.raises(ValueError, match="beta"):
+        fp.BridgeLoss()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 7, None])
+def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows):
+    num_rows, hidden_s, hidden_t, vocab = 19, 24, 40, 301
+    h_s = torch.randn(num_rows, hidden_s, dtype=dtype)
+    w_s = (torch.randn(vocab, hidden_s) / hidden_s**0.5).to(dtype)
+    b_s = torch.randn(vocab).to(dtype)
+    h_t, w_t = torch.randn(num_rows, hidden_t, dtype=dtype), (torch.randn(vocab, hidden_t) / hidden_t**0.5).to(dtype)
+    labels = random_labels(num_rows, "cpu")
+    options = dict(beta=0.6, temperature=0.8, direction="forward", reduction=reduction)
+
+    fused_inputs = [t.clone().requires_grad_() for t in (h_s, w_s, b_s)]
+    loss_fn = fp.FusedLinearBridgeLoss(chunk_rows=chunk_rows, **options)
+    fused = loss_fn(fused_inputs[0], fused_inputs[1], h_t, w_t, labels=labels, student_bias=fused_inputs[2])
+    fused.backward()
+
+    plain_inputs = [t.detach().double().requires_grad_() for t in (h_s, w_s, b_s)]
+    logits_s = torch.nn.functional.linear(*plain_inputs)
+    logits_t = torch.nn.functional.linear(h_t.double(), w_t.double())
+    plain = reference.bridge_loss(logits_s, logits_t, labels=labels, **options)
+    plain.backward()
+
+    def assert_near(got, want):
+        # bfloat16 rounds logit gradients and matmul outputs to 8 bits: errors scale with the
+        # largest entry, not with each entry
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+    assert_near(fused.double(), plain.detach())
+    for got, want in zip(fused_inputs, plain_inputs):
+        assert got.grad.dtype == got.dtype
+        assert_near(got.grad.double(), want.grad)
+
+
+def test_fused_linear_teacher_side_takes_no_gradient_and_rejects_none():
+    h_s, w_s = torch.randn(4, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    h_t, w_t = torch.randn(4, 6, requires_grad=True), torch.randn(30, 6, requires_grad=True)
+    fp.FusedLinearBridgeLoss(beta=1.0)(h_s, w_s, h_t, w_t).backward()
+    assert h_t.grad is None and w_t.grad is None and h_s.grad is not None and w_s.grad is not None
+    with pytest.raises(ValueError, match="reduction"):
+        fp.FusedLinearBridgeLoss(beta=1.0, reduction="none")
+    with pytest.raises(ValueError, match="teacher_weight"):
+        fp.FusedLinearBridgeLoss(beta=1.0)(h_s, w_s, h_t, torch.randn(31, 6))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad_cases():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    return [
+        ("shape mismatch", (s, torch.randn(4, 11)), {}, ValueError, "teacher_logits"),
+        ("rows mismatch", (s, torch.randn(5, 10)), {}, ValueError, "teacher_logits"),
+        ("1-D logits", (torch.randn(10), torch.randn(10)), {}, ValueError, "student_logits"),
+        ("integer logits", (torch.randint(0, 3, (4, 10)), t), {}, TypeError, "student_logits"),
+        ("dtype mismatch", (s, t.half()), {}, TypeError, "teacher_logits"),
+        ("other device", (s, torch.empty(4, 10, device="meta")), {}, ValueError, "teacher_logits"),
+        ("labels length", (s, t), {"labels": torch.zeros(3, dtype=torch.long)}, ValueError, "labels"),
+        ("float labels", (s, t), {"labels": torch.zeros(4)}, TypeError, "labels"),
+        ("direction", (s, t), {"direction": "sideways"}, ValueError, "direction"),
+        ("reduction", (s, t), {"reduction": "max"}, ValueError, "reduction"),
+        ("beta tensor", (s, t), {"beta": torch.tensor(0.5)}, TypeError, "beta"),
+        ("beta nan", (s, t), {"beta": float("nan")}, ValueError, "beta"),
+        ("temperature", (s, t), {"temperature": -1.0}, ValueError, "temperature"),
+        ("empty vocabulary", (torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, "V = 0"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
+def test_bad_input_raises_clear_error(case):
+    _, args, kwargs, error, words = case
+    kwargs = {"beta": 0.5, **kwargs}
+    real = [a for a in args if a.device.type != "meta"]
+    copies = [a.clone() for a in real]
+    with pytest.raises(error, match=words):
+        fp.bridge_loss(*args, **kwargs)
+    for original, copy in zip(real, copies):
+        assert torch.equal(original, copy)
