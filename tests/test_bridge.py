@@ -294,6 +294,10 @@ def test_fused_linear_teacher_side_takes_no_gradient_and_rejects_none():
     h_t, w_t = torch.randn(4, 6, requires_grad=True), torch.randn(30, 6, requires_grad=True)
     fp.FusedLinearBridgeLoss(beta=1.0)(h_s, w_s, h_t, w_t).backward()
     assert h_t.grad is None and w_t.grad is None and h_s.grad is not None and w_s.grad is not None
+    loss = fp.FusedLinearBridgeLoss(beta=1.0)(h_s, w_s, h_t, w_t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
     with pytest.raises(ValueError, match="reduction"):
         fp.FusedLinearBridgeLoss(beta=1.0, reduction="none")
     with pytest.raises(ValueError, match="teacher_weight"):

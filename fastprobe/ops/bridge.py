@@ -331,20 +331,29 @@ class _FusedLinearBridge(torch.autograd.Function):
             grad_logits.mul_(row_scale.to(grad_logits.dtype))  # d(reduced loss) / d logits
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ student_weight  # [n, V] @ [V, H]
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ student_hidden[rows]).to(weight_dtype)  # [V, n] @ [n, H]
+            if grad_weight is not None:  # += [V, n] @ [n, H]
+                if weight_dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.t(), student_hidden[rows])
+                else:  # float32 accumulation of a lower-precision product, chunk by chunk
+                    grad_weight += (grad_logits.t() @ student_hidden[rows]).to(weight_dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
         rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype, ctx.bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
+        ctx.backward_done = False
         return rows_loss.sum() * row_scale.to(rows_loss.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        grad_hidden, grad_weight, grad_bias = scaled
+        # The gradients were formed in the forward; scale them in place (no second copy of
+        # a weight-sized tensor), which a second backward through the same loss would repeat.
+        if ctx.backward_done:
+            raise RuntimeError("FusedLinearBridgeLoss: backward through the same loss twice is not supported")
+        ctx.backward_done = True
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.saved_tensors
+        )
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if grad_bias is not None:
