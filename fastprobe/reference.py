@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["bridge_loss", "bridge_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -230,14 +230,18 @@ def bridge_loss(
     """bridge_rows with ignored rows (labels == ignore_index: loss 0, gradient 0) and a
     reduction: "mean" over the kept rows (0 when none is kept), "sum", or "none" ([N])."""
     rows = bridge_rows(student_logits, teacher_logits, beta=beta, temperature=temperature, direction=direction)
-    if labels is not None:
-        keep = labels != ignore_index
+    keep = None if labels is None else labels != ignore_index
+    if keep is not None:
         rows = torch.where(keep, rows, torch.zeros_like(rows))
-        kept = keep.sum()
-    else:
-        kept = torch.tensor(rows.shape[0], device=rows.device)
+    return reduce_rows(rows, keep, reduction)
+
+
+def reduce_rows(rows: torch.Tensor, keep: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    """Per-row losses (0 on ignored rows) -> "none": rows, "sum", or "mean" over the kept
+    rows (keep: bool, or None for all), 0 when none is kept; no host synchronisation."""
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
+    kept = rows.new_tensor(rows.numel()) if keep is None else keep.sum()
     return rows.sum() / kept.clamp(min=1).to(rows.dtype)

@@ -141,16 +141,25 @@ def test_infinite_divergence_is_reported_as_inf_not_nan(target):
 
 
 def test_extreme_logits(target):
+    """Logits of magnitude 1e4: no overflow or NaN, and results as accurate as float32 allows."""
     _, device = target
     num_rows, vocab = shapes_for(target)[0]
     student = 1e4 * torch.randn(num_rows, vocab, device=device)
     teacher = 1e4 * torch.randn(num_rows, vocab, device=device)
     teacher[:, 0] = student.amax(-1) + 0.5  # keep some rows from being disjoint one-hots
     for direction in ("forward", "reverse"):
-        loss, grad = run(student, teacher, beta=1.0, direction=direction)
-        want_loss, want_grad = expected(student, teacher, beta=1.0, direction=direction)
+        loss, grad = run(student, teacher, beta=1.0, direction=direction, reduction="sum")
+        want_rows = reference.bridge_loss(student.double(), teacher.double(), beta=1.0, direction=direction,
+                                          reduction="none").cpu()
+        want_loss, want_grad = expected(student, teacher, beta=1.0, direction=direction, reduction="sum")
         torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-6)
+        # float32 limits, not the kernel: z_T + beta z_S near 2e4 is known to ~2e-3 (its ulp),
+        # which moves near-tied probabilities by up to ~1%; and the reverse gradient
+        # P (g - KL) cancels two numbers of the size of the row's KL (up to ~1e4 here), so it
+        # is known to a few ulps of that KL
+        scale = want_grad.abs().max().item()
+        cancellation = 8 * 2.0**-24 * want_rows.abs().max().item()
+        torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-2, atol=1e-2 * scale + cancellation)
 
 
 def test_non_contiguous_and_leading_dims(target):

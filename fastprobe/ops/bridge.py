@@ -22,7 +22,7 @@ import torch
 
 from .. import reference
 from ..backend import resolve
-from ._common import DTYPE_NAMES, check_same_device, check_temperature, check_tensor, cpp, new_output
+from ._common import DTYPE_NAMES, check_same_device, check_temperature, check_tensor, cpp, new_output, output_dtype
 
 __all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
 
@@ -96,7 +96,7 @@ def _bridge_loss_op(
     """Per-row loss [N] (float32; float64 for float64 logits) and, with compute_grad, the
     gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0])."""
     num_rows, vocab = student.shape
-    loss = new_output((num_rows,), student.device, reference._compute_dtype(student))
+    loss = new_output((num_rows,), student.device, output_dtype(student))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:
         backend = resolve(student.device, student.dtype, "bridge_loss")
@@ -107,7 +107,7 @@ def _bridge_loss_op(
 @_bridge_loss_op.register_fake
 def _(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, compute_grad):
     num_rows, vocab = student.shape
-    loss = student.new_empty((num_rows,), dtype=reference._compute_dtype(student))
+    loss = student.new_empty((num_rows,), dtype=output_dtype(student))
     grad = student.new_empty((num_rows, vocab) if compute_grad else (0,))
     return loss, grad
 
@@ -181,14 +181,6 @@ def _check_labels(labels, leading_shape: torch.Size, device: torch.device) -> Op
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
-def _reduce(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str):
-    """'mean' divides by the number of kept rows (as a tensor: no host sync), 0 if none."""
-    if reduction == "sum":
-        return rows.sum()
-    kept = rows.new_tensor(rows.shape[0]) if labels is None else (labels != ignore_index).sum()
-    return rows.sum() / kept.clamp(min=1).to(rows.dtype)
-
-
 # ---------------------------------------------------------------- public API
 
 
@@ -241,9 +233,8 @@ def bridge_loss(
     rows, _ = _bridge_loss_op(
         student, teacher, flat_labels, int(ignore_index), beta, inv_temperature, reverse, compute_grad
     )
-    if reduction == "none":
-        return rows.reshape(leading_shape)
-    return _reduce(rows, flat_labels, ignore_index, reduction)
+    keep = None if flat_labels is None else flat_labels != ignore_index
+    return reference.reduce_rows(rows, keep, reduction).reshape(leading_shape if reduction == "none" else ())
 
 
 def beta_schedule(step: int, total: int, beta_start: float, beta_end: float) -> float:
@@ -313,11 +304,12 @@ class _FusedLinearBridge(torch.autograd.Function):
         grad_weight = torch.zeros_like(student_weight, dtype=weight_dtype) if want[1] else None
         grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if student_bias is not None and want[2] else None
         # mean: every row's gradient is divided by the number of kept rows (a tensor, no sync)
-        if reduction == "mean":
-            kept = num_rows if labels is None else (labels != ignore_index).sum()
-            row_scale = 1.0 / torch.as_tensor(kept, device=student_hidden.device).clamp(min=1).to(torch.float32)
+        device = student_hidden.device
+        if reduction == "mean":  # d mean / d row = 1 / (kept rows), a tensor: no host sync
+            kept = torch.tensor(num_rows, device=device) if labels is None else (labels != ignore_index).sum()
+            row_scale = 1.0 / kept.clamp(min=1).to(torch.float32)
         else:
-            row_scale = torch.ones((), device=student_hidden.device)
+            row_scale = torch.ones((), device=device)
         losses = []
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
