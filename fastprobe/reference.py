@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -188,6 +188,15 @@ def concept_mass(
     }
 
 
+def bridge_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """z_T + beta z_S, the bridge target's logits. A masked student entry (-inf) stays masked
+    whatever beta is: beta = 0 adds nothing (0 * -inf would be NaN), beta < 0 would give +inf."""
+    if beta == 0:
+        return teacher_logits
+    bridge = teacher_logits + beta * student_logits
+    return torch.where(torch.isneginf(student_logits), float("-inf"), bridge)
+
+
 def bridge_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -205,14 +214,8 @@ def bridge_rows(
     """
     dtype = _compute_dtype(student_logits)
     z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
-    # A masked student entry (-inf) stays masked in Q whatever beta is: beta = 0 adds nothing
-    # (0 * -inf would be NaN), beta < 0 would otherwise give +inf.
-    if beta == 0:
-        bridge = z_t
-    else:
-        bridge = torch.where(torch.isneginf(z_s), float("-inf"), z_t + beta * z_s.detach())
     log_p = torch.log_softmax(z_s / temperature, dim=-1)
-    log_q = torch.log_softmax(bridge / temperature, dim=-1).detach()
+    log_q = torch.log_softmax(bridge_logits(z_s.detach(), z_t, beta) / temperature, dim=-1)
     return kl(log_q, log_p) if direction == "forward" else kl(log_p, log_q)
 
 

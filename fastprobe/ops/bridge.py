@@ -46,8 +46,7 @@ def _reference_rows(student, teacher, labels, ignore_index, beta, inv_temperatur
     if grad.numel() > 0:
         z_s, z_t = student.to(loss.dtype), teacher.to(loss.dtype)
         log_p = torch.log_softmax(z_s * inv_temperature, dim=-1)
-        bridge = z_t if beta == 0 else torch.where(torch.isneginf(z_s), float("-inf"), z_t + beta * z_s)
-        log_q = torch.log_softmax(bridge * inv_temperature, dim=-1)
+        log_q = torch.log_softmax(reference.bridge_logits(z_s, z_t, beta) * inv_temperature, dim=-1)
         p = log_p.exp()
         if reverse:  # P (g - KL) / T with g = log P - log Q
             g = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
