@@ -206,7 +206,9 @@ def _divergence_kernel(
                 hp_acc += tl.sum(_xlog2y(p, log2p), axis=0)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2) ----
-    jsd = jsd_acc * _LN2
+    # JSD >= 0 term by term; rounding (log q from the lse, log m from log2) can leave -1e-7
+    # where it is 0 (K = 1, equal drafts): clamp as the C++ kernel does (NaN passes through)
+    jsd = tl.where(jsd_acc < 0, 0.0, jsd_acc) * _LN2
     tl.store(stats_ptr + 0 * N64 + n, jsd)
     tl.store(stats_ptr + 3 * N64 + n, -hm_acc * _LN2)  # H(m)
     if HAS_TARGET:
