@@ -35,9 +35,11 @@ def expected(student, teacher, **kwargs):
 
 
 def grad_tolerance(dtype, reference_grad):
-    """The fused gradient is stored in the logits' dtype: allow that dtype's rounding."""
+    """The fused gradient is stored in the logits' dtype: allow that dtype's rounding. float32:
+    the reverse gradient P (g - KL) cancels terms of the size of the row's KL, so a few
+    float32 ulps of those, relative to the largest gradient entry."""
     scale = reference_grad.abs().max().item() + 1e-30
-    eps = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    eps = {torch.float32: 5e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     return dict(rtol=eps, atol=eps * scale)
 
 
