@@ -232,12 +232,6 @@ Fn for_dtype(const std::string& dtype, Fn float32, Fn bfloat16, Fn float16) {
   throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
 
-template <typename T>
-T* pointer(uintptr_t address, const char* name) {
-  if (address == 0) throw std::invalid_argument(std::string("fastprobe._C: ") + name + " pointer is null");
-  return reinterpret_cast<T*>(address);
-}
-
 void check_inv_temperature(double inv_temperature) {
   if (!(inv_temperature > 0.0 && std::isfinite(float(inv_temperature))))
     throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0");
@@ -257,15 +251,15 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   const ForwardRowFn row_fn =
       for_dtype<ForwardRowFn>(dtype, forward_row_float32, forward_row_bfloat16, forward_row_float16);
   if (N == 0) return;  // empty outputs may come with null data pointers
-  const ByConcept concepts{pointer<const int64_t>(token_ids_ptr, "token_ids"),
-                           pointer<const int64_t>(offsets_ptr, "offsets"), T, C};
+  const ByConcept concepts{pointer<const int64_t>(token_ids_ptr, true, "token_ids"),
+                           pointer<const int64_t>(offsets_ptr, true, "offsets"), T, C};
   const int64_t longest = check_offsets(concepts.offsets, C, T, "offsets");
   check_ids(concepts.token_ids, T, V, "token_ids");
-  const Forward f{pointer<const void>(logits_ptr, "logits"), N, V, stride_n, stride_v, concepts,
+  const Forward f{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, concepts,
                   float(inv_temperature),
-                  pointer<float>(mass_ptr, "mass"), pointer<float>(log_mass_ptr, "log_mass"),
-                  pointer<float>(top_share_ptr, "top_share"), pointer<float>(entropy_ptr, "entropy"),
-                  pointer<int64_t>(top_token_ptr, "top_token"), pointer<float>(lse_ptr, "lse")};
+                  pointer<float>(mass_ptr, true, "mass"), pointer<float>(log_mass_ptr, true, "log_mass"),
+                  pointer<float>(top_share_ptr, true, "top_share"), pointer<float>(entropy_ptr, true, "entropy"),
+                  pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<float>(lse_ptr, true, "lse")};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -291,17 +285,17 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   const BackwardRowFn row_fn =
       for_dtype<BackwardRowFn>(dtype, backward_row_float32, backward_row_bfloat16, backward_row_float16);
   if (N == 0) return;
-  const ByToken tokens{pointer<const int64_t>(vocab_ids_ptr, "vocab_ids"),
-                       pointer<const int64_t>(vocab_offsets_ptr, "vocab_offsets"),
-                       pointer<const int64_t>(vocab_concepts_ptr, "vocab_concepts"), U, M};
+  const ByToken tokens{pointer<const int64_t>(vocab_ids_ptr, true, "vocab_ids"),
+                       pointer<const int64_t>(vocab_offsets_ptr, true, "vocab_offsets"),
+                       pointer<const int64_t>(vocab_concepts_ptr, true, "vocab_concepts"), U, M};
   check_offsets(tokens.offsets, U, M, "vocab_offsets");
   check_ids(tokens.ids, U, V, "vocab_ids");
   check_ids(tokens.concepts, M, C, "vocab_concepts");
-  const Backward b{pointer<const void>(logits_ptr, "logits"), N, V, stride_n, stride_v, tokens, C,
-                   pointer<const float>(log_mass_ptr, "log_mass"), pointer<const float>(lse_ptr, "lse"),
-                   pointer<const float>(grad_concept_ptr, "grad_concept"),
-                   pointer<const float>(coef_ptr, "coef"), float(inv_temperature),
-                   pointer<void>(grad_ptr, "grad")};
+  const Backward b{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
+                   pointer<const float>(log_mass_ptr, true, "log_mass"), pointer<const float>(lse_ptr, true, "lse"),
+                   pointer<const float>(grad_concept_ptr, true, "grad_concept"),
+                   pointer<const float>(coef_ptr, true, "coef"), float(inv_temperature),
+                   pointer<void>(grad_ptr, true, "grad")};
 
 #pragma omp parallel num_threads(threads)
   {
