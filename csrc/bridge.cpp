@@ -287,9 +287,7 @@ void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teac
   const float beta_f = float(beta);
   if (!std::isfinite(beta_f))
     throw std::invalid_argument("fastprobe._C: beta must be finite in float32");
-  const float inv_t = float(inv_temperature);
-  if (!(inv_t > 0.0f && std::isfinite(inv_t)))
-    throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0 in float32");
+  const float inv_t = checked_inv_temperature(inv_temperature);
   const DType type = parse_dtype(dtype);
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const Problem p{loader_for(type),

@@ -291,6 +291,15 @@ inline int clamp_threads(int64_t requested) {
   return int(requested > 1024 ? 1024 : requested);
 }
 
+// The inverse temperature as the float32 the kernels use: finite and > 0 there (a double
+// such as 1e-50 would round to 0 and make every logit 0 * x).
+inline float checked_inv_temperature(double inv_temperature) {
+  const float inv_t = float(inv_temperature);
+  if (!(inv_t > 0.0f && std::isfinite(inv_t)))
+    throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0 in float32");
+  return inv_t;
+}
+
 inline void check_size(int64_t value, int64_t min_value, const char* name) {
   if (value < min_value)
     throw std::invalid_argument(std::string("fastprobe._C: ") + name + " must be >= " +

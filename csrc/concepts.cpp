@@ -232,11 +232,6 @@ Fn for_dtype(const std::string& dtype, Fn float32, Fn bfloat16, Fn float16) {
   throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
 
-void check_inv_temperature(double inv_temperature) {
-  if (!(inv_temperature > 0.0 && std::isfinite(float(inv_temperature))))
-    throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0");
-}
-
 void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
                   int64_t stride_n, int64_t stride_v, uintptr_t token_ids_ptr, int64_t T,
                   uintptr_t offsets_ptr, int64_t C, double inv_temperature, uintptr_t mass_ptr,
@@ -247,7 +242,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   check_size(C, 1, "C");
   check_size(T, 1, "T");
   const int threads = clamp_threads(num_threads);
-  check_inv_temperature(inv_temperature);
+  const float inv_t = checked_inv_temperature(inv_temperature);
   const ForwardRowFn row_fn =
       for_dtype<ForwardRowFn>(dtype, forward_row_float32, forward_row_bfloat16, forward_row_float16);
   if (N == 0) return;  // empty outputs may come with null data pointers
@@ -256,7 +251,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   const int64_t longest = check_offsets(concepts.offsets, C, T, "offsets");
   check_ids(concepts.token_ids, T, V, "token_ids");
   const Forward f{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, concepts,
-                  float(inv_temperature),
+                  inv_t,
                   pointer<float>(mass_ptr, true, "mass"), pointer<float>(log_mass_ptr, true, "log_mass"),
                   pointer<float>(top_share_ptr, true, "top_share"), pointer<float>(entropy_ptr, true, "entropy"),
                   pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<float>(lse_ptr, true, "lse")};
@@ -281,7 +276,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_size(M, 1, "M");
   check_size(C, 1, "C");
   const int threads = clamp_threads(num_threads);
-  check_inv_temperature(inv_temperature);
+  const float inv_t = checked_inv_temperature(inv_temperature);
   const BackwardRowFn row_fn =
       for_dtype<BackwardRowFn>(dtype, backward_row_float32, backward_row_bfloat16, backward_row_float16);
   if (N == 0) return;
@@ -294,7 +289,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   const Backward b{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
                    pointer<const float>(log_mass_ptr, true, "log_mass"), pointer<const float>(lse_ptr, true, "lse"),
                    pointer<const float>(grad_concept_ptr, true, "grad_concept"),
-                   pointer<const float>(coef_ptr, true, "coef"), float(inv_temperature),
+                   pointer<const float>(coef_ptr, true, "coef"), inv_t,
                    pointer<void>(grad_ptr, true, "grad")};
 
 #pragma omp parallel num_threads(threads)

@@ -237,9 +237,7 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   check_size(N, 0, "N");
   check_size(V, 1, "V");
   [[maybe_unused]] const int threads = clamp_threads(num_threads);  // unused without OpenMP
-  const float inv_t = float(inv_temperature);
-  if (!(inv_t > 0.0f && std::isfinite(inv_t)))
-    throw std::invalid_argument("fastprobe._C: inv_temperature must be finite and > 0 in float32");
+  const float inv_t = checked_inv_temperature(inv_temperature);
   if (lse_only && lse_in_ptr != 0)
     throw std::invalid_argument("fastprobe._C: lse_only computes the lse, so lse_in must be 0");
   const bool any = N > 0;  // empty outputs may come with null data pointers

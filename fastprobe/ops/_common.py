@@ -3,6 +3,7 @@ output allocation (poisoned with NaN under test), and calls into the C++ kernels
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from typing import Callable, Optional, Sequence
@@ -53,6 +54,11 @@ def check_temperature(temperature) -> float:
     if not (value > 0.0 and value < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return value
+
+
+def on_device(tensor: torch.Tensor):
+    """Context that makes tensor's CUDA device current for a Triton launch (no-op on CPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def cpp():

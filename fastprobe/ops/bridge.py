@@ -13,7 +13,6 @@ backward exactly the per-row scale, whatever the reduction.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import Optional
@@ -22,7 +21,16 @@ import torch
 
 from .. import reference
 from ..backend import resolve
-from ._common import DTYPE_NAMES, check_same_device, check_temperature, check_tensor, cpp, new_output, output_dtype
+from ._common import (
+    DTYPE_NAMES,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    cpp,
+    new_output,
+    on_device,
+    output_dtype,
+)
 
 __all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
 
@@ -71,7 +79,7 @@ def _cpp_rows(student, teacher, labels, ignore_index, beta, inv_temperature, rev
 def _triton_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
     from ..kernels import bridge as triton_bridge
 
-    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
+    with on_device(student):
         triton_bridge.bridge_loss(
             student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss,
             grad if grad.numel() > 0 else None,

@@ -21,7 +21,6 @@ reading the concept-token incidence by column (the ConceptSet's vocabulary-sorte
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
@@ -38,6 +37,7 @@ from ._common import (
     cpp,
     is_compiling,
     new_output,
+    on_device,
     output_dtype,
 )
 
@@ -368,7 +368,7 @@ def _cpp_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> No
 def _triton_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
     from ..kernels import concepts as triton_concepts
 
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with on_device(logits):
         triton_concepts.concept_mass(logits, index, ID_BLOCK, inv_temperature, out)
 
 
@@ -444,7 +444,7 @@ def _cpp_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_
 def _triton_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
     from ..kernels import concepts as triton_concepts
 
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with on_device(logits):
         triton_concepts.concept_mass_backward(
             logits, index, ID_BLOCK, log_mass, lse, grad_concept, coef, inv_temperature, grad
         )

@@ -16,7 +16,6 @@ one more all-reduce adds the shares.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -32,6 +31,7 @@ from ._common import (
     cpp,
     is_compiling,
     new_output,
+    on_device,
     output_dtype,
 )
 
@@ -105,7 +105,7 @@ def _cpp_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats
 def _triton_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     from ..kernels import divergence as triton_divergence
 
-    with torch.cuda.device(draft.device) if draft.is_cuda else contextlib.nullcontext():
+    with on_device(draft):
         triton_divergence.draft_divergence(draft, target, weights, inv_temperature, stats, lse, lse_in, lse_only)
 
 
