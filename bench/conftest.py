@@ -82,5 +82,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
             baseline = group.get(info.get("baseline"))
             if baseline is not None:
                 info["speedup_vs_baseline"] = baseline["stats"]["median"] / median
+            # against every implementation of the group (e.g. SDPA and eager attention both)
+            info["speedup_vs"] = {
+                name: other["stats"]["median"] / median for name, other in group.items() if other is not bench
+            }
             if info.get("bytes_one_read") and copy:
                 info["fraction_of_copy_bandwidth"] = info["bytes_one_read"] / median / copy

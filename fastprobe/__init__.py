@@ -4,11 +4,13 @@
     fp.draft_divergence(draft_logits, target_logits)   # token-level epistemic uncertainty
     fp.draft_divergence_sharded(draft_shard, target_shard)   # the same, vocabulary sharded over ranks
     fp.concept_mass(logits, fp.ConceptSet.from_answers(tokenizer, {"Paris": ["Paris"]}))
+    fp.sink_attention(q, k, v, window=4096, num_sink=4).sink_mass   # attention statistics, fused
     fp.set_backend("auto" | "reference" | "cpp" | "triton")
 """
 
 from . import reference
 from .backend import get_backend, set_backend, use_backend
+from .ops.attention import AttentionOutput, sink_attention
 from .ops.bridge import BridgeLoss, FusedLinearBridgeLoss, beta_schedule, bridge_loss
 from .ops.concepts import ConceptMass, ConceptSet, concept_mass
 from .ops.divergence import DraftDivergence, draft_divergence, draft_divergence_sharded
@@ -16,6 +18,7 @@ from .ops.divergence import DraftDivergence, draft_divergence, draft_divergence_
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionOutput",
     "BridgeLoss",
     "FusedLinearBridgeLoss",
     "beta_schedule",
@@ -29,5 +32,6 @@ __all__ = [
     "get_backend",
     "reference",
     "set_backend",
+    "sink_attention",
     "use_backend",
 ]

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["attention_from_masks", "attention_key_masks", "attention_visible", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -248,3 +248,131 @@ def reduce_rows(rows: torch.Tensor, keep: Optional[torch.Tensor], reduction: str
         return rows.sum()
     kept = rows.new_tensor(rows.numel()) if keep is None else keep.sum()
     return rows.sum() / kept.clamp(min=1).to(rows.dtype)
+
+
+def attention_key_masks(
+    key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: int, num_sink: int, stat_tokens: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(real [B, Lk], sink [B, Lk], stat [B, Lk]) booleans: real = not padding; sink = one of
+    the first num_sink real keys of the row (visible window or not); stat = one of the first
+    stat_tokens real keys (whose attention weight is sink_mass). Counting real keys makes
+    "the first token" of a left-padded row its first real token."""
+    if key_padding_mask is None:
+        real = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
+    else:
+        real = key_padding_mask.to(device=device, dtype=torch.bool)
+    rank = real.long().cumsum(-1)  # 1-based index of each real key among the row's real keys
+    return real, real & (rank <= num_sink), real & (rank <= stat_tokens)
+
+
+def attention_visible(
+    real: torch.Tensor, sink: torch.Tensor, num_queries: int, causal: bool, window: Optional[int]
+) -> torch.Tensor:
+    """visible [B, Lq, Lk]: which keys each query sees. Query i sits at position
+    p = Lk - Lq + i (queries are the last Lq positions). Causal: j <= p. Window w: causal
+    p - w < j <= p, bidirectional |p - j| < w; sink keys are visible outside the window
+    (but never in a causal query's future). Padding keys are never visible."""
+    num_keys = real.shape[-1]
+    position = torch.arange(num_keys - num_queries, num_keys, device=real.device)[:, None]
+    key = torch.arange(num_keys, device=real.device)[None, :]
+    in_order = key <= position if causal else torch.ones_like(key <= position)
+    in_window = torch.ones_like(in_order)
+    if window is not None:
+        in_window = key > position - window if causal else (key - position).abs() < window
+    return real[:, None, :] & in_order[None] & (in_window[None] | sink[:, None, :])
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    window: Optional[int] = None,
+    num_sink: int = 0,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    head_mask: Optional[torch.Tensor] = None,
+    sink_logit: Optional[torch.Tensor] = None,
+    key_groups: Optional[torch.Tensor] = None,
+    num_groups: Optional[int] = None,
+    stat_tokens: int = 1,
+    softcap: Optional[float] = None,
+) -> dict:
+    """SPEC section 4 by materialising the [B, Hq, Lq, Lk] attention weights.
+
+    s_ij = scale q_i . k_j on visible keys (-inf elsewhere), or with a soft cap c (Gemma 2)
+    s_ij = c tanh(scale q_i . k_j / c); with a sink logit c_h the
+    softmax has one more, value-less entry: p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(c_h)).
+      out       = sum_j p_ij v_j                   lse = log(sum_j exp(s_ij) + exp(c_h))
+      sink_mass = sum_{j in stat keys} p_ij        group_mass[g] = sum_{j: group_j = g} p_ij
+      entropy   = -sum_j p_ij log p_ij - p_sink log p_sink   (p_sink = exp(c_h - lse))
+    A row with nothing in the softmax (no visible key, no sink) and a pruned head
+    (head_mask False) give out 0, lse -inf, masses 0, entropy 0. K and V heads are shared by
+    Hq / Hkv consecutive query heads (grouped-query attention).
+    Returns a dict of out [B, Hq, Lq, D] and lse, sink_mass, entropy [B, Hq, Lq], plus
+    group_mass [B, Hq, Lq, G] with key_groups."""
+    batch, num_keys = q.shape[0], k.shape[2]
+    real, sink, stat = attention_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return attention_from_masks(
+        q, k, v, real, sink, stat, scale=scale, causal=causal, window=window, head_mask=head_mask,
+        sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
+    )
+
+
+def attention_from_masks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    real: torch.Tensor,
+    sink: torch.Tensor,
+    stat: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    window: Optional[int],
+    head_mask: Optional[torch.Tensor],
+    sink_logit: Optional[torch.Tensor],
+    key_groups: Optional[torch.Tensor],
+    num_groups: Optional[int],
+    softcap: Optional[float] = None,
+) -> dict:
+    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk])."""
+    dtype = _compute_dtype(q)
+    batch, num_heads, num_queries, _ = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    keys = k.to(dtype).repeat_interleave(group, dim=1)
+    values = v.to(dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), keys) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = attention_visible(real, sink, num_queries, causal, window)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sink_logit is not None:  # the sink as one more column, dropped after the softmax
+        extra = sink_logit.to(dtype).view(1, num_heads, 1, 1).expand(batch, num_heads, num_queries, 1)
+    else:
+        extra = torch.full((batch, num_heads, num_queries, 1), float("-inf"), dtype=dtype, device=q.device)
+    logits = torch.cat([scores, extra], dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    empty = lse == float("-inf")
+    log_p = torch.where(empty[..., None], torch.full_like(logits, float("-inf")), logits - lse[..., None])
+    p_all = log_p.exp()
+    weights = p_all[..., :-1]
+    result = {
+        "out": weights @ values,
+        "lse": lse,
+        "sink_mass": (weights * stat[:, None, None, :]).sum(-1),
+        "entropy": -_xlogy(p_all, log_p).sum(-1),
+    }
+    if key_groups is not None:
+        one_hot = torch.nn.functional.one_hot(key_groups.long(), num_groups).to(dtype)  # [B, Lk, G]
+        result["group_mass"] = weights @ one_hot[:, None]
+    if head_mask is not None:
+        pruned = ~head_mask.to(device=q.device, dtype=torch.bool).view(1, num_heads, 1)
+        for name, value in result.items():
+            fill = float("-inf") if name == "lse" else 0.0
+            shape_mask = pruned.view(1, num_heads, 1, *([1] * (value.dim() - 3)))
+            result[name] = value.masked_fill(shape_mask, fill)
+    return result

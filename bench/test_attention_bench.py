@@ -1,0 +1,179 @@
+"""sink_attention: fastprobe vs PyTorch's scaled_dot_product_attention (the speed peer) and
+vs eager attention that materialises the weights to read their first-token mass (what
+transformers users do today with output_attentions=True), in the same run, with peak memory.
+On CUDA also vs FlexAttention with the equivalent sink + window block mask (and an lse
+epilogue for the sink mass), the cost of extra statistics, head masking, and decoding.
+
+    pytest bench/test_attention_bench.py --benchmark-json=bench/results/<device>.json
+"""
+
+import functools
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprobe as fp
+
+try:
+    from . import _memory
+except ImportError:  # run as a script for the CPU peak-memory child
+    import _memory
+
+# The issue's shapes: CPU float32 B=1, H=16, L=2048, D=64 causal; GPU bfloat16 H=32, D=128.
+CPU_CASE = dict(batch=1, heads=16, length=2048, head_dim=64, dtype=torch.float32)
+GPU_LENGTHS = [1024, 4096, 16384]
+GPU_HEADS, GPU_HEAD_DIM = 32, 128
+WINDOW, NUM_SINK = 1024, 4
+DECODE_KEYS = 32768
+
+
+def make_qkv(device, batch, heads, length, head_dim, dtype, num_queries=None):
+    num_queries = length if num_queries is None else num_queries
+    q = torch.randn(batch, heads, num_queries, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+    return q, k, v
+
+
+def fastprobe_causal(q, k, v):
+    return fp.sink_attention(q, k, v).out
+
+
+def fastprobe_all_stats(q, k, v):
+    groups = (torch.arange(k.shape[2], device=k.device) % 3).expand(k.shape[0], -1)
+    result = fp.sink_attention(q, k, v, key_groups=groups, num_groups=3, return_entropy=True)
+    return result.out
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+
+
+def eager_with_weights(q, k, v):
+    """softmax(q k^T scale + causal mask) materialised, its first-token mass, and the output."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    length = k.shape[2]
+    causal = torch.ones(q.shape[2], length, dtype=torch.bool, device=q.device).tril(length - q.shape[2])
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return weights @ v, weights[..., 0]
+
+
+CPU_IMPLS = {"fastprobe": fastprobe_causal, "sdpa": sdpa_causal, "eager-weights": eager_with_weights}
+
+
+@pytest.mark.parametrize("impl", list(CPU_IMPLS))
+def test_attention_cpu(benchmark, impl, request):
+    inputs = make_qkv("cpu", **CPU_CASE)
+    benchmark.group = "sink_attention-cpu"
+    benchmark.extra_info.update(
+        impl=impl, baseline="sdpa", dtype=str(CPU_CASE["dtype"]),
+        shape=dict(B=CPU_CASE["batch"], H=CPU_CASE["heads"], L=CPU_CASE["length"], D=CPU_CASE["head_dim"]),
+        input_bytes=sum(t.nbytes for t in inputs),
+    )
+    with torch.no_grad():
+        _memory.measure(benchmark, request, "cpu", impl, CPU_IMPLS[impl], inputs, __file__)
+
+
+# ---- CUDA --------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex(length, num_queries, device):
+    """Compiled FlexAttention and its sink + window block mask for this shape."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    offset = length - num_queries
+
+    def sink_window(b, h, q_idx, kv_idx):
+        position = q_idx + offset
+        return (kv_idx <= position) & ((position - kv_idx < WINDOW) | (kv_idx < NUM_SINK))
+
+    mask = create_block_mask(sink_window, None, None, num_queries, length, device=device)
+    return torch.compile(flex_attention, dynamic=False), mask
+
+
+def flex_sink_window(q, k, v):
+    flex, mask = _flex(k.shape[2], q.shape[2], str(q.device))
+    return flex(q, k, v, block_mask=mask)
+
+
+def flex_sink_window_mass(q, k, v):
+    """FlexAttention with its lse, then the first-token mass exp(s_0 - lse) as an epilogue."""
+    flex, mask = _flex(k.shape[2], q.shape[2], str(q.device))
+    out, lse = flex(q, k, v, block_mask=mask, return_lse=True)
+    first_score = (q.float() @ k[:, :, :1].float().transpose(-1, -2))[..., 0] * q.shape[-1] ** -0.5
+    return out, torch.exp(first_score - lse)
+
+
+def fastprobe_sink_window(q, k, v):
+    return fp.sink_attention(q, k, v, window=WINDOW, num_sink=NUM_SINK).out
+
+
+def fastprobe_masked(fraction):
+    def run(q, k, v):
+        heads = q.shape[1]
+        keep = torch.arange(heads, device=q.device) >= round(fraction * heads)
+        return fp.sink_attention(q, k, v, head_mask=keep).out
+
+    return run
+
+
+GPU_GROUPS = {
+    "causal": ({"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash}, "sdpa-flash"),
+    "sink-window": (
+        {"fastprobe": fastprobe_sink_window, "flex": flex_sink_window, "flex+lse-mass": flex_sink_window_mass},
+        "flex+lse-mass",
+    ),
+    "statistics": ({"fastprobe-sink-mass": fastprobe_causal, "fastprobe-all-stats": fastprobe_all_stats}, "fastprobe-sink-mass"),
+    "head-mask": ({f"fastprobe-{int(f * 100)}%-masked": fastprobe_masked(f) for f in (0.0, 0.25, 0.5)}, "fastprobe-0%-masked"),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("length", GPU_LENGTHS)
+@pytest.mark.parametrize("group,impl", [(g, i) for g, (impls, _) in GPU_GROUPS.items() for i in impls])
+def test_attention_cuda(benchmark, group, impl, length, request):
+    impls, baseline = GPU_GROUPS[group]
+    inputs = make_qkv("cuda", 1, GPU_HEADS, length, GPU_HEAD_DIM, torch.bfloat16)
+    benchmark.group = f"sink_attention_{group}_L{length}-cuda"
+    benchmark.extra_info.update(
+        impl=impl, baseline=baseline, dtype="torch.bfloat16",
+        shape=dict(B=1, H=GPU_HEADS, L=length, D=GPU_HEAD_DIM), input_bytes=sum(t.nbytes for t in inputs),
+    )
+    with torch.no_grad():
+        _memory.measure(benchmark, request, "cuda", impl, impls[impl], inputs, __file__)
+
+
+@cuda_only
+@pytest.mark.parametrize("impl", ["fastprobe", "sdpa-flash", "fastprobe-sink-window", "flex"])
+def test_attention_decode_cuda(benchmark, impl, request):
+    """One query token against a 32k-token cache (decoding latency)."""
+    calls = {"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash, "fastprobe-sink-window": fastprobe_sink_window, "flex": flex_sink_window}
+    inputs = make_qkv("cuda", 1, GPU_HEADS, DECODE_KEYS, GPU_HEAD_DIM, torch.bfloat16, num_queries=1)
+    benchmark.group = "sink_attention_decode-cuda"
+    benchmark.extra_info.update(
+        impl=impl, baseline="sdpa-flash", dtype="torch.bfloat16",
+        shape=dict(B=1, H=GPU_HEADS, Lq=1, Lk=DECODE_KEYS, D=GPU_HEAD_DIM),
+        input_bytes=sum(t.nbytes for t in inputs), bytes_one_read=sum(t.nbytes for t in inputs),
+    )
+    with torch.no_grad():
+        _memory.measure(benchmark, request, "cuda", impl, calls[impl], inputs, __file__)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    impl = CPU_IMPLS[sys.argv[2]]
+    small = make_qkv("cpu", 1, 2, 16, 8, torch.float32)
+    full = make_qkv("cpu", **CPU_CASE)
+    with torch.no_grad():
+        _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

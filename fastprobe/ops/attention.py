@@ -1,0 +1,373 @@
+"""sink_attention: attention with sink tokens, a sliding window, head masks, grouped-query
+heads and per-head statistics read from the running softmax.
+
+For query i at position p = Lk - Lq + i (queries are the last Lq positions, so prefill and
+decoding with a KV cache both work), visible keys j, s_j = scale q_i . k_j and an optional
+per-head sink logit c (one more, value-less entry of the softmax):
+  p_j = exp(s_j - lse),  lse = log(sum_j exp(s_j) + exp(c))
+  out = sum_j p_j v_j,  sink_mass = sum_{first stat_tokens real keys} p_j,
+  group_mass[g] = sum_{group_j = g} p_j,  entropy = -sum_j p_j log p_j - p_c log p_c
+The kernels keep these as extra accumulators of a blocked online softmax: no [Lq, Lk]
+matrix is ever materialised. `fastprobe.reference.sink_attention` is the specification.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import reference
+from ..backend import resolve
+from ._common import DTYPE_NAMES, check_same_device, check_tensor, cpp, first_bad_index, is_compiling, new_output, on_device, output_dtype
+
+__all__ = ["AttentionOutput", "sink_attention"]
+
+
+class AttentionOutput(NamedTuple):
+    """Result of sink_attention. Statistics are float32 (float64 for float64 input)."""
+
+    out: torch.Tensor  # [B, Hq, Lq, D], input dtype; a view of a [B, Lq, Hq, D] buffer
+    lse: torch.Tensor  # [B, Hq, Lq], natural log of the softmax denominator (sink included)
+    sink_mass: torch.Tensor  # [B, Hq, Lq], weight on the first stat_tokens real keys
+    group_mass: Optional[torch.Tensor]  # [B, Hq, Lq, G] with key_groups, else None
+    entropy: Optional[torch.Tensor]  # [B, Hq, Lq] with return_entropy=True, else None
+
+
+def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
+    """end [B] int64 such that the first `count` real keys of row b are exactly the real keys
+    j < end[b] (end = Lk when the row has fewer real keys). No host sync."""
+    if real is None or count == 0:
+        return torch.full((batch,), min(count, num_keys), dtype=torch.int64, device=device)
+    reached = real.to(torch.int32).cumsum(-1) >= count
+    first = reached.to(torch.int8).argmax(-1) + 1
+    return torch.where(reached.any(-1), first, torch.full_like(first, num_keys))
+
+
+# Every backend's path: the prepared arguments of _sink_attention_op and its preallocated
+# outputs -> None. key_real uint8 [B, Lk] or None (all real); sink_end, stat_end int64 [B];
+# head_mask uint8 [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] or None.
+
+
+def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
+    batch, num_keys = q.shape[0], k.shape[2]
+    key_index = torch.arange(num_keys, device=q.device)
+    real = torch.ones(batch, num_keys, dtype=torch.bool, device=q.device) if args["key_real"] is None else args["key_real"].bool()
+    sink = real & (key_index < args["sink_end"][:, None])
+    stat = real & (key_index < args["stat_end"][:, None])
+    result = reference.attention_from_masks(
+        q, k, v, real, sink, stat,
+        scale=args["scale"], causal=args["causal"], window=args["window"] or None,
+        head_mask=args["head_mask"], sink_logit=args["sink_logit"],
+        key_groups=args["key_groups"], num_groups=args["num_groups"], softcap=args.get("softcap") or None,
+    )
+    out.copy_(result["out"])
+    lse.copy_(result["lse"])
+    sink_mass.copy_(result["sink_mass"])
+    if group_mass is not None:
+        group_mass.copy_(result["group_mass"])
+    if entropy is not None:
+        entropy.copy_(result["entropy"])
+
+
+def _address(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
+    batch, num_heads, num_queries, head_dim = q.shape
+    cpp().sink_attention(
+        DTYPE_NAMES[q.dtype],
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+        batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        args["scale"], args["causal"], args["window"],
+        _address(args["key_real"]), args["sink_end"].data_ptr(), args["stat_end"].data_ptr(),
+        _address(args["head_mask"]), _address(args["sink_logit"]),
+        _address(args["key_groups"]), args["num_groups"],
+        lse.data_ptr(), sink_mass.data_ptr(), _address(group_mass), _address(entropy),
+        torch.get_num_threads(),
+    )
+
+
+def _triton_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
+    from ..kernels import attention as triton_attention
+
+    with on_device(q):
+        triton_attention.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)
+
+
+_KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
+
+
+def _outputs(q: torch.Tensor, num_groups: int, return_entropy: bool, allocate):
+    """(out, lse, sink_mass, group_mass, entropy): out is the [B, Hq, Lq, D] view of a
+    [B, Lq, Hq, D] buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without
+    groups) and entropy ([0] when not asked for) are always tensors (custom ops return no None)."""
+    batch, num_heads, num_queries, head_dim = q.shape
+    stats_dtype = output_dtype(q)
+    out = allocate((batch, num_queries, num_heads, head_dim), q.dtype).transpose(1, 2)
+    lse = allocate((batch, num_heads, num_queries), stats_dtype)
+    sink_mass = allocate((batch, num_heads, num_queries), stats_dtype)
+    group_mass = allocate((batch, num_heads, num_queries, num_groups), stats_dtype)
+    entropy = allocate((batch, num_heads, num_queries) if return_entropy else (0,), stats_dtype)
+    return out, lse, sink_mass, group_mass, entropy
+
+
+@torch.library.custom_op("fastprobe::sink_attention", mutates_args=())
+def _sink_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+    key_real: Optional[torch.Tensor],
+    sink_end: torch.Tensor,
+    stat_end: torch.Tensor,
+    head_mask: Optional[torch.Tensor],
+    sink_logit: Optional[torch.Tensor],
+    key_groups: Optional[torch.Tensor],
+    num_groups: int,
+    softcap: float,
+    return_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none."""
+    outputs = _outputs(q, num_groups, return_entropy, lambda shape, dtype: new_output(shape, q.device, dtype))
+    out, lse, sink_mass, group_mass, entropy = outputs
+    if out.numel() > 0 or lse.numel() > 0:
+        args = dict(
+            scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
+            head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
+        )
+        backend = resolve(q.device, q.dtype, "sink_attention")
+        if backend != "reference":  # TODO(softcap in the kernels): wired through once they take it
+            if args.pop("softcap"):
+                raise NotImplementedError("sink_attention: softcap is not in the fused kernels yet")
+        _KERNELS[backend](
+            q, k, v, args, out, lse, sink_mass,
+            group_mass if key_groups is not None else None, entropy if return_entropy else None,
+        )
+    if key_groups is None:
+        group_mass.zero_()  # [.., 0]: nothing to write, kept for a uniform signature
+    return outputs
+
+
+@_sink_attention_op.register_fake
+def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, return_entropy):
+    return _outputs(q, num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastprobe.sink_attention is forward-only: training through it is not supported yet. "
+        "Use it under torch.no_grad() / torch.inference_mode(), or detach q, k and v."
+    )
+
+
+_sink_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- Argument checks (before any kernel runs; every message names the argument). ----
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive number or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not (0.0 < value < float("inf")):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return value
+
+
+def _check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """A boolean (or 0/1 integer) mask of `shape` as uint8, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a boolean tensor of shape {layout}, got {type(mask).__name__}")
+    check_same_device(reference_tensor, "q", mask, name)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {list(shape)}, got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name} must be a boolean or integer (0/1) tensor, got {mask.dtype}")
+    if mask.dtype != torch.bool and not is_compiling():
+        bad = first_bad_index((mask != 0) & (mask != 1))
+        if bad is not None:
+            raise ValueError(f"{name} must hold only 0/1 (or True/False), got {mask[bad].item()} at {list(bad)}")
+    return (mask != 0).to(torch.uint8).contiguous()
+
+
+def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
+    if key_groups is None:
+        if num_groups is not None:
+            raise ValueError("num_groups was given without key_groups")
+        return None, 0
+    if not isinstance(key_groups, torch.Tensor):
+        raise TypeError(f"key_groups must be an integer tensor of shape [B, Lk], got {type(key_groups).__name__}")
+    check_same_device(q, "q", key_groups, "key_groups")
+    if key_groups.is_floating_point() or key_groups.is_complex() or key_groups.dtype == torch.bool:
+        raise TypeError(f"key_groups must be an integer tensor (group ids), got {key_groups.dtype}")
+    if tuple(key_groups.shape) != shape:
+        raise ValueError(f"key_groups must have shape [B, Lk] = {list(shape)}, got {tuple(key_groups.shape)}")
+    if num_groups is None:
+        if is_compiling():
+            raise ValueError("num_groups must be given under torch.compile (it sets the output shape)")
+        num_groups = max(int(key_groups.max()) + 1, 1) if key_groups.numel() else 1
+    num_groups = _check_int(num_groups, "num_groups", 1)
+    if not is_compiling():
+        bad = first_bad_index((key_groups < 0) | (key_groups >= num_groups))
+        if bad is not None:
+            raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {key_groups[bad].item()} at {list(bad)}")
+    return key_groups.to(torch.int32).contiguous(), num_groups
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read the head dimension contiguously; other strides are free."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_softcap(softcap) -> float:
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+    if not (0.0 < float(softcap) < float("inf")):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+    return float(softcap)
+
+
+def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap):
+    q = check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
+    k = check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
+    v = check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
+    check_same_device(q, "q", k, "k")
+    check_same_device(q, "q", v, "v")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    batch, num_heads, num_queries, head_dim = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Lk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {batch}")
+    num_kv_heads, num_keys, kv_head_dim = k.shape[1], k.shape[2], k.shape[3]
+    if kv_head_dim != head_dim:
+        raise ValueError(f"k and v have head dim {kv_head_dim} but q has {head_dim}; they must match")
+    if head_dim == 0:
+        raise ValueError("q has head dim D = 0")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"the number of query heads ({num_heads}) must be a multiple of the number of key/value heads "
+            f"({num_kv_heads}) for grouped-query attention"
+        )
+    if num_queries > num_keys:
+        raise ValueError(
+            f"q has Lq = {num_queries} queries but k has only Lk = {num_keys} keys; queries are the last Lq of the "
+            "Lk positions, so Lq <= Lk"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    window = 0 if window is None else _check_int(window, "window", 1)
+    num_sink = _check_int(num_sink, "num_sink", 0)
+    stat_tokens = _check_int(stat_tokens, "stat_tokens", 0)
+    key_real = _check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q)
+    head_keep = _check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
+    if sink_logit is not None:
+        if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
+            raise TypeError("sink_logit must be a floating-point tensor of shape [Hq]")
+        check_same_device(q, "q", sink_logit, "sink_logit")
+        if tuple(sink_logit.shape) != (num_heads,):
+            raise ValueError(f"sink_logit must have shape [Hq] = [{num_heads}], got {tuple(sink_logit.shape)}")
+        sink_logit = sink_logit.to(output_dtype(q)).contiguous()
+    groups, num_groups = _check_key_groups(key_groups, num_groups, (batch, num_keys), q)
+    return dict(
+        q=_kernel_layout(q), k=_kernel_layout(k), v=_kernel_layout(v),
+        scale=_check_scale(scale, head_dim), causal=causal, window=window, key_real=key_real,
+        sink_end=_first_real_keys_end(key_real, batch, num_keys, num_sink, q.device),
+        stat_end=_first_real_keys_end(key_real, batch, num_keys, stat_tokens, q.device),
+        head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,
+        softcap=_check_softcap(softcap),
+    )
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    window: Optional[int] = None,
+    num_sink: int = 0,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    head_mask: Optional[torch.Tensor] = None,
+    sink_logit: Optional[torch.Tensor] = None,
+    key_groups: Optional[torch.Tensor] = None,
+    num_groups: Optional[int] = None,
+    stat_tokens: int = 1,
+    return_entropy: bool = False,
+    softcap: Optional[float] = None,
+) -> AttentionOutput:
+    """Fused attention with sinks, a sliding window, head masks and grouped-query heads,
+    returning per-query attention statistics without materialising attention weights.
+
+    Args:
+        q: [B, Hq, Lq, D] queries (float32, bfloat16, float16; float64 runs the reference).
+            They are the last Lq of the Lk key positions (prefill: Lq = Lk; decoding
+            with a KV cache: Lq = 1).
+        k, v: [B, Hkv, Lk, D] keys and values, Hq a multiple of Hkv (query head h uses
+            key/value head h // (Hq / Hkv); K and V are never expanded).
+        scale: score scale (default D ** -0.5).
+        causal: query at position p sees keys j <= p; False: every key.
+        window: optional sliding window w >= 1: causal p - w < j <= p, bidirectional |p - j| < w.
+        num_sink: the first num_sink real keys of each row stay visible outside the window.
+        key_padding_mask: optional [B, Lk], True / 1 = real key, False / 0 = padding (left or
+            right); "the first token" of a row is its first real key.
+        head_mask: optional [Hq], False = pruned head: out 0, lse -inf, statistics 0, no
+            compute spent on it.
+        sink_logit: optional [Hq] learned sink logits: exp(sink_logit) joins the softmax
+            denominator (a value-less entry; it lowers every key's weight).
+        key_groups: optional [B, Lk] integer group id of every key, in [0, num_groups).
+        num_groups: G (default: max id + 1, one host sync; required under torch.compile).
+        stat_tokens: sink_mass is the weight on the first stat_tokens real keys (default 1,
+            the BOS sink).
+        return_entropy: also return each query's attention entropy (nats; the sink entry,
+            when there is one, counts as one more outcome).
+        softcap: optional logit soft cap c (Gemma 2): scores become c tanh(score / c).
+
+    Returns:
+        AttentionOutput(out [B, Hq, Lq, D] in q's dtype (a view of a [B, Lq, Hq, D] buffer),
+        lse, sink_mass [B, Hq, Lq], group_mass [B, Hq, Lq, G] or None, entropy [B, Hq, Lq] or
+        None), statistics in float32. A query with nothing to attend to (every key masked and no
+        sink logit) gets out 0, lse -inf and zero statistics.
+
+    Forward only: backward through it raises. Raises TypeError / ValueError naming the argument
+    for bad shapes, dtypes, devices, masks or group ids before any kernel runs.
+    """
+    args = _prepare(
+        q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups,
+        stat_tokens, softcap,
+    )
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    out, lse, sink_mass, group_mass, entropy = _sink_attention_op(
+        args.pop("q"), args.pop("k"), args.pop("v"), **args, return_entropy=return_entropy
+    )
+    return AttentionOutput(
+        out=out,
+        lse=lse,
+        sink_mass=sink_mass,
+        group_mass=group_mass if key_groups is not None else None,
+        entropy=entropy if return_entropy else None,
+    )

@@ -1,0 +1,416 @@
+"""sink_attention against materialised float64 attention (the reference), PyTorch's SDPA,
+properties of the statistics, and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastprobe as fp
+from fastprobe import reference
+from fastprobe.ops.attention import _sink_attention_op
+
+from .conftest import ATOL, RTOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+STATS = ["lse", "sink_mass", "group_mass", "entropy"]
+# out is stored in the input dtype: one rounding of a float32 result (and, on GPU, P rounded
+# to the input dtype before the P V product), so its tolerance is that dtype's.
+OUT_TOLERANCE = {torch.float32: (RTOL, ATOL), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def is_interpreter(target):
+    backend, device = target
+    return backend == "triton" and device == "cpu"
+
+
+def prefill_shapes(target):
+    """(B, Hq, Lq, Lk, D) cases with odd lengths and head dims; small under the interpreter."""
+    if is_interpreter(target):
+        return [(2, 4, 37, 37, 16), (1, 4, 19, 29, 40)]
+    return [(2, 4, 77, 77, 64), (1, 8, 93, 93, 40), (2, 4, 61, 130, 128)]
+
+
+def padding_mask(batch, num_keys, side, device):
+    """[B, Lk] bool: row b has a random number of padded keys on `side` ("left"/"right"/"mixed")."""
+    mask = torch.ones(batch, num_keys, dtype=torch.bool)
+    for b in range(batch):
+        pad = int(torch.randint(1, max(2, num_keys // 3), ()))
+        if side == "left" or (side == "mixed" and b % 2 == 0):
+            mask[b, :pad] = False
+        else:
+            mask[b, num_keys - pad :] = False
+    return mask.to(device)
+
+
+def make_options(name, batch, num_heads, num_keys, device):
+    """Keyword arguments of one named configuration."""
+    window = max(3, num_keys // 5)
+    options = {
+        "causal": {},
+        "bidirectional": {"causal": False},
+        "window": {"window": window},
+        "window+sinks": {"window": window, "num_sink": 4},
+        "bidirectional-window+sinks": {"causal": False, "window": window // 2, "num_sink": 2},
+        "left-padding": {"key_padding_mask": padding_mask(batch, num_keys, "left", device), "window": window, "num_sink": 1},
+        "right-padding": {"key_padding_mask": padding_mask(batch, num_keys, "right", device)},
+        "bidirectional-padding": {"causal": False, "key_padding_mask": padding_mask(batch, num_keys, "mixed", device)},
+        "head-mask": {"head_mask": torch.arange(num_heads, device=device) % 3 != 1},
+        "sink-logit": {"sink_logit": torch.randn(num_heads, device=device) + 1.0},
+        "key-groups": {"key_groups": torch.randint(0, 3, (batch, num_keys), device=device), "num_groups": 3},
+        "everything": {
+            "window": window,
+            "num_sink": 3,
+            "key_padding_mask": padding_mask(batch, num_keys, "mixed", device),
+            "head_mask": torch.arange(num_heads, device=device) != 1,
+            "sink_logit": torch.randn(num_heads, device=device),
+            "key_groups": torch.randint(0, 4, (batch, num_keys), device=device),
+            "num_groups": 4,
+            "stat_tokens": 2,
+        },
+    }
+    return dict(options[name])
+
+
+CONFIGS = [
+    "causal", "bidirectional", "window", "window+sinks", "bidirectional-window+sinks", "left-padding",
+    "right-padding", "bidirectional-padding", "head-mask", "sink-logit", "key-groups", "everything",
+]
+
+
+def random_qkv(batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim, dtype, device, magnitude=1.0):
+    q = (magnitude * torch.randn(batch, num_heads, num_queries, head_dim)).to(device=device, dtype=dtype)
+    k = torch.randn(batch, num_kv_heads, num_keys, head_dim).to(device=device, dtype=dtype)
+    v = torch.randn(batch, num_kv_heads, num_keys, head_dim).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def expected(q, k, v, **options):
+    """The float64 reference on exactly the (rounded) values the kernel sees, on the CPU."""
+    moved = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in options.items()}
+    moved.pop("return_entropy", None)
+    if moved.get("sink_logit") is not None:
+        moved["sink_logit"] = moved["sink_logit"].double()
+    return reference.sink_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **moved)
+
+
+def assert_matches(result, want, dtype, with_groups, with_entropy, rtol=RTOL, atol=ATOL):
+    """out within its dtype's tolerance (at least atol), statistics within rtol / atol."""
+    assert result.out.dtype == dtype
+    out_rtol, out_atol = OUT_TOLERANCE[dtype]
+    out_rtol, out_atol = max(out_rtol, rtol), max(out_atol, atol)
+    assert not torch.isnan(result.out).any(), "out has NaN (unwritten or invalid)"
+    torch.testing.assert_close(result.out.cpu().double(), want["out"], rtol=out_rtol, atol=out_atol, msg=lambda m: f"out: {m}")
+    for field in STATS:
+        got = getattr(result, field)
+        if field == "group_mass" and not with_groups or field == "entropy" and not with_entropy:
+            assert got is None, field
+            continue
+        assert got.dtype == torch.float32, field
+        assert not torch.isnan(got).any(), f"{field} has NaN (unwritten or invalid)"
+        torch.testing.assert_close(got.cpu().double(), want[field], rtol=rtol, atol=atol, msg=lambda m: f"{field}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ratio", [1, 2, 4], ids=lambda r: f"gqa{r}")
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_reference(target, dtype, ratio, config):
+    _, device = target
+    for batch, num_heads, num_queries, num_keys, head_dim in prefill_shapes(target):
+        q, k, v = random_qkv(batch, num_heads, num_heads // ratio, num_queries, num_keys, head_dim, dtype, device)
+        options = make_options(config, batch, num_heads, num_keys, device)
+        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+        assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", ["causal", "window+sinks", "left-padding", "everything"])
+def test_decode_one_query(target, dtype, config):
+    """Lq = 1 against a long cache (the decoding path), with and without masks."""
+    _, device = target
+    lengths = [70, 203] if is_interpreter(target) else [1, 517, 3001]
+    head_dim = 16 if is_interpreter(target) else 64
+    for num_keys in lengths:
+        q, k, v = random_qkv(2, 8, 2, 1, num_keys, head_dim, dtype, device)
+        options = make_options(config, 2, 8, num_keys, device)
+        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+        assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_causal_equals_sdpa(target, dtype):
+    _, device = target
+    batch, num_heads, _, length, head_dim = prefill_shapes(target)[0]
+    q, k, v = random_qkv(batch, num_heads, num_heads, length, length, head_dim, dtype, device)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rtol, atol = OUT_TOLERANCE[dtype]
+    torch.testing.assert_close(fp.sink_attention(q, k, v).out, want, rtol=rtol, atol=atol)
+
+
+def test_reference_equals_masked_sdpa():
+    """The reference's masks agree with SDPA given the same boolean mask (every config)."""
+    batch, num_heads, length, head_dim = 2, 4, 23, 8
+    q, k, v = random_qkv(batch, num_heads, num_heads, length, length, head_dim, torch.float64, "cpu")
+    for config in CONFIGS:
+        options = make_options(config, batch, num_heads, length, "cpu")
+        if {"sink_logit", "head_mask"} & options.keys():
+            continue
+        real, sink, _ = reference.attention_key_masks(options.get("key_padding_mask"), batch, length, options.get("num_sink", 0), 1, "cpu")
+        visible = reference.attention_visible(real, sink, length, options.get("causal", True), options.get("window"))
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+        want = torch.where(visible.any(-1)[:, None, :, None], want, torch.zeros_like(want))
+        got = reference.sink_attention(q, k, v, **options)["out"]
+        torch.testing.assert_close(got, want, msg=lambda m: f"{config}: {m}")
+
+
+def test_fully_masked_rows(target):
+    """Pruned heads, a row of all-padding keys and queries before a left-padded row's first real
+    key get out 0, lse -inf, masses 0, entropy 0; a sink logit alone gives lse = sink logit."""
+    _, device = target
+    batch, num_heads, _, length, head_dim = prefill_shapes(target)[0]
+    q, k, v = random_qkv(batch, num_heads, num_heads // 2, length, length, head_dim, torch.float32, device)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    mask[0] = False  # nothing real in row 0
+    mask[1, :5] = False  # left padding: queries 0..4 of row 1 see nothing (causal)
+    head_mask = torch.ones(num_heads, dtype=torch.bool, device=device)
+    head_mask[2] = False
+    groups = torch.randint(0, 2, (batch, length), device=device)
+    result = fp.sink_attention(q, k, v, key_padding_mask=mask, head_mask=head_mask, key_groups=groups, num_groups=2, return_entropy=True)
+    empty = [result.out[0], result.out[1, :, :5], result.out[:, 2]]
+    assert all(bool((part == 0).all()) for part in empty)
+    for part in [result.lse[0], result.lse[1, :, :5], result.lse[:, 2]]:
+        assert bool((part == float("-inf")).all())
+    for field in ["sink_mass", "group_mass", "entropy"]:
+        value = getattr(result, field)
+        assert bool((value[0] == 0).all()) and bool((value[1, :, :5] == 0).all()) and bool((value[:, 2] == 0).all()), field
+    assert torch.isfinite(result.lse[1, :, 5:][torch.arange(num_heads) != 2]).all()
+    sinks = torch.randn(num_heads, device=device)
+    with_sink = fp.sink_attention(q, k, v, key_padding_mask=mask, sink_logit=sinks)
+    torch.testing.assert_close(with_sink.lse[0], sinks[:, None].expand(-1, length))
+    assert bool((with_sink.out[0] == 0).all()) and bool((with_sink.sink_mass[0] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_scores(target, dtype):
+    """Scores of magnitude ~1e3 (q scaled by 100): no overflow, the softmax is near one-hot."""
+    _, device = target
+    batch, num_heads, num_queries, num_keys, head_dim = prefill_shapes(target)[0]
+    q, k, v = random_qkv(batch, num_heads, num_heads // 2, num_queries, num_keys, head_dim, dtype, device, magnitude=100.0)
+    options = make_options("everything", batch, num_heads, num_keys, device)
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    # scores ~1e3 carry float32 rounding of ~1e-4 into every weight
+    assert_matches(result, expected(q, k, v, **options), dtype, True, True, rtol=RTOL, atol=2e-4)
+
+
+def test_non_contiguous_inputs(target):
+    """q, k, v as [B, H, L, D] views of [B, L, H, D] buffers (transformers' layout), a strided
+    batch slice, and a head dim that is not contiguous (copied by the op)."""
+    _, device = target
+    batch, num_heads, length, _, head_dim = prefill_shapes(target)[0]
+    q = torch.randn(batch * 2, length, num_heads, head_dim, device=device).transpose(1, 2)[::2]
+    k = torch.randn(batch, length, num_heads // 2, head_dim, device=device).transpose(1, 2)
+    v = torch.randn(batch, num_heads // 2, head_dim, length, device=device).transpose(2, 3)
+    assert not q.is_contiguous() and v.stride(-1) != 1
+    options = make_options("window+sinks", batch, num_heads, length, device)
+    result = fp.sink_attention(q, k, v, **options)
+    assert_matches(result, expected(q, k, v, **options), torch.float32, False, False)
+
+
+def test_out_is_a_view_of_the_transformers_layout(target):
+    _, device = target
+    q, k, v = random_qkv(1, 4, 2, 9, 9, 16, torch.float32, device)
+    out = fp.sink_attention(q, k, v).out
+    assert out.shape == (1, 4, 9, 16) and out.transpose(1, 2).is_contiguous()
+
+
+def test_inputs_untouched_and_outputs_fresh(target):
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 11, 11, 16, torch.float32, device)
+    options = make_options("everything", 2, 4, 11, device)
+    saved = [t.clone() for t in (q, k, v)] + [value.clone() for value in options.values() if isinstance(value, torch.Tensor)]
+    first = fp.sink_attention(q, k, v, **options)
+    after = [q, k, v] + [value for value in options.values() if isinstance(value, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(saved, after))
+    second = fp.sink_attention(q, k, v, **options)
+    assert first.out.data_ptr() != second.out.data_ptr()
+    torch.testing.assert_close(first.out, second.out)
+
+
+def test_empty_inputs(target):
+    _, device = target
+    q, k, v = random_qkv(0, 4, 2, 5, 5, 16, torch.float32, device)
+    assert fp.sink_attention(q, k, v).out.shape == (0, 4, 5, 16)
+    q, k, v = random_qkv(2, 4, 2, 0, 5, 16, torch.float32, device)
+    result = fp.sink_attention(q, k, v, return_entropy=True)
+    assert result.out.shape == (2, 4, 0, 16) and result.entropy.shape == (2, 4, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("length", [1000, 4096])
+def test_cuda_long_sequences(head_dim, length):
+    """Real GPU shapes (block skipping across many blocks), bf16, window + sinks and padding."""
+    q, k, v = random_qkv(2, 8, 2, length, length, head_dim, torch.bfloat16, "cuda")
+    options = make_options("everything", 2, 8, length, "cuda")
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    assert_matches(result, expected(q, k, v, **options), torch.bfloat16, True, True, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    length=st.integers(1, 40),
+    num_sink=st.integers(0, 4),
+    window=st.one_of(st.none(), st.integers(1, 12)),
+    causal=st.booleans(),
+    with_sink_logit=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_properties(length, num_sink, window, causal, with_sink_logit, seed):
+    """Masses in [0, 1]; group masses add up to the keys' share 1 - p_sink (0 for an empty row);
+    0 <= entropy <= log(visible keys + sink)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = 3 * torch.randn(1, 2, length, 8, generator=generator)
+    k = torch.randn(1, 1, length, 8, generator=generator)
+    v = torch.randn(1, 1, length, 8, generator=generator)
+    groups = torch.randint(0, 3, (1, length), generator=generator)
+    sink_logit = torch.randn(2, generator=generator) if with_sink_logit else None
+    result = fp.sink_attention(
+        q, k, v, causal=causal, window=window, num_sink=num_sink, sink_logit=sink_logit,
+        key_groups=groups, num_groups=3, return_entropy=True,
+    )
+    assert bool(((result.sink_mass >= 0) & (result.sink_mass <= 1 + 1e-6)).all())
+    keys_share = torch.ones_like(result.lse) if sink_logit is None else 1 - torch.exp(sink_logit[None, :, None] - result.lse)
+    torch.testing.assert_close(result.group_mass.sum(-1), keys_share, rtol=1e-5, atol=1e-5)
+    real, sink, _ = reference.attention_key_masks(None, 1, length, num_sink, 1, "cpu")
+    visible = reference.attention_visible(real, sink, length, causal, window).sum(-1)[:, None]  # [1, 1, Lq]
+    bound = torch.log(visible.double() + (sink_logit is not None))
+    assert bool((result.entropy >= -1e-6).all()) and bool((result.entropy.double() <= bound + 1e-5).all())
+
+
+def bad_cases():
+    q, k, v = random_qkv(2, 4, 2, 5, 7, 8, torch.float32, "cpu")
+    return [
+        ("q must be a torch.Tensor", (q.numpy(), k, v), {}),
+        ("q must have shape", (q[0], k, v), {}),
+        ("q, k and v must share one dtype", (q, k.double(), v), {}),
+        ("k and v must have the same shape", (q, k, v[:, :, :6]), {}),
+        ("multiple of the number of key/value heads", (q, k[:, :1].expand(2, 3, 7, 8), v[:, :1].expand(2, 3, 7, 8)), {}),
+        ("head dim", (q, k[..., :4], v[..., :4]), {}),
+        ("batch size", (q, k[:1], v[:1]), {}),
+        ("Lq <= Lk", (q, k[:, :, :3], v[:, :, :3]), {}),
+        ("window must be >= 1", (q, k, v), {"window": 0}),
+        ("window must be an integer", (q, k, v), {"window": 2.5}),
+        ("num_sink must be >= 0", (q, k, v), {"num_sink": -1}),
+        ("stat_tokens must be >= 0", (q, k, v), {"stat_tokens": -2}),
+        ("scale must be a positive finite", (q, k, v), {"scale": float("nan")}),
+        ("scale must be a positive finite", (q, k, v), {"scale": -1.0}),
+        ("causal must be a bool", (q, k, v), {"causal": 1}),
+        ("key_padding_mask must have shape", (q, k, v), {"key_padding_mask": torch.ones(2, 6, dtype=torch.bool)}),
+        ("key_padding_mask must hold only 0/1", (q, k, v), {"key_padding_mask": torch.full((2, 7), 2)}),
+        ("key_padding_mask must be a boolean or integer", (q, k, v), {"key_padding_mask": torch.ones(2, 7)}),
+        ("head_mask must have shape", (q, k, v), {"head_mask": torch.ones(3, dtype=torch.bool)}),
+        ("sink_logit must have shape", (q, k, v), {"sink_logit": torch.zeros(2)}),
+        ("sink_logit must be a floating-point", (q, k, v), {"sink_logit": torch.zeros(4, dtype=torch.long)}),
+        ("key_groups must hold ids in [0, num_groups = 3)", (q, k, v), {"key_groups": torch.full((2, 7), 3), "num_groups": 3}),
+        ("key_groups must hold ids", (q, k, v), {"key_groups": torch.full((2, 7), -1)}),
+        ("key_groups must have shape", (q, k, v), {"key_groups": torch.zeros(2, 5, dtype=torch.long), "num_groups": 2}),
+        ("key_groups must be an integer tensor", (q, k, v), {"key_groups": torch.zeros(2, 7), "num_groups": 2}),
+        ("num_groups was given without key_groups", (q, k, v), {"num_groups": 2}),
+        ("num_groups must be >= 1", (q, k, v), {"key_groups": torch.zeros(2, 7, dtype=torch.long), "num_groups": 0}),
+        ("return_entropy must be a bool", (q, k, v), {"return_entropy": "yes"}),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
+def test_bad_input_raises_clear_error(case):
+    message, args, kwargs = case
+    saved = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+    with pytest.raises((ValueError, TypeError), match=_escape(message)):
+        fp.sink_attention(*args, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(saved, [a for a in args if isinstance(a, torch.Tensor)]))
+
+
+def _escape(message):
+    import re
+
+    return re.escape(message)
+
+
+def test_cpp_rejects_out_of_range_group_ids_without_touching_memory():
+    """The C++ kernel checks group ids itself (hostile callers bypass the Python checks)."""
+    from fastprobe.ops import _common
+
+    q, k, v = random_qkv(1, 2, 1, 4, 4, 8, torch.float32, "cpu")
+    groups = torch.tensor([[0, 1, 7, 0]], dtype=torch.int32)
+    ends = torch.zeros(1, dtype=torch.int64)
+    out = torch.zeros(1, 4, 2, 8)
+    stats = torch.zeros(3, 1, 2, 4)
+    group_mass = torch.zeros(1, 2, 4, 2)
+    with pytest.raises((IndexError, ValueError)):
+        _common.cpp().sink_attention(
+            "float32", q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 1, 2, 1, 4, 4, 8,
+            *q.stride(), *k.stride(), *v.stride(), *out.transpose(1, 2).stride(),
+            0.5, True, 0, 0, ends.data_ptr(), ends.data_ptr(), 0, 0, groups.data_ptr(), 2,
+            stats[0].data_ptr(), stats[1].data_ptr(), group_mass.data_ptr(), stats[2].data_ptr(), 1,
+        )
+
+
+def test_backward_raises_clear_error():
+    q, k, v = random_qkv(1, 2, 1, 4, 4, 8, torch.float32, "cpu")
+    q.requires_grad_()
+    out = fp.sink_attention(q, k, v).out
+    with pytest.raises(RuntimeError, match="forward-only"):
+        out.sum().backward()
+
+
+def test_float64_runs_reference_exactly():
+    q, k, v = random_qkv(2, 4, 2, 9, 9, 8, torch.float64, "cpu")
+    options = make_options("everything", 2, 4, 9, "cpu")
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    want = expected(q, k, v, **options)
+    assert result.out.dtype == torch.float64 and result.lse.dtype == torch.float64
+    for field in ["out"] + STATS:
+        torch.testing.assert_close(getattr(result, field), want[field], rtol=0, atol=1e-12)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = random_qkv(2, 4, 2, 9, 9, 8, torch.float32, "cpu")
+    groups = torch.randint(0, 2, (2, 9))
+
+    @torch.compile(fullgraph=True)
+    def run(q, k, v, groups):
+        result = fp.sink_attention(q, k, v, window=4, num_sink=1, key_groups=groups, num_groups=2, return_entropy=True)
+        return result.out * 2, result.sink_mass, result.group_mass, result.entropy
+
+    got = run(q, k, v, groups)
+    eager = fp.sink_attention(q, k, v, window=4, num_sink=1, key_groups=groups, num_groups=2, return_entropy=True)
+    torch.testing.assert_close(got[0], eager.out * 2)
+    torch.testing.assert_close(got[1], eager.sink_mass)
+    torch.testing.assert_close(got[2], eager.group_mass)
+    torch.testing.assert_close(got[3], eager.entropy)
+
+
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_opcheck(with_groups):
+    q, k, v = random_qkv(2, 4, 2, 6, 9, 8, torch.float32, "cpu")
+    ends = torch.tensor([1, 2])
+    groups = torch.randint(0, 2, (2, 9), dtype=torch.int32) if with_groups else None
+    args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, True)
+    torch.library.opcheck(_sink_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_math_of_statistics_by_hand():
+    """One tiny case worked by hand: two keys with scores 0 and log 3, sink logit 0."""
+    q = torch.tensor([[[[1.0, 0.0]]]])
+    k = torch.tensor([[[[0.0, 0.0], [math.log(3.0), 0.0]]]])
+    v = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    result = fp.sink_attention(q, k, v, scale=1.0, sink_logit=torch.zeros(1), key_groups=torch.tensor([[1, 0]]), return_entropy=True)
+    p = torch.tensor([1.0, 3.0, 1.0]) / 5.0  # key 0, key 1, sink
+    torch.testing.assert_close(result.out[0, 0, 0], p[:2])
+    torch.testing.assert_close(result.lse[0, 0, 0], torch.tensor(math.log(5.0)))
+    torch.testing.assert_close(result.sink_mass[0, 0, 0], p[0])
+    torch.testing.assert_close(result.group_mass[0, 0, 0], torch.stack([p[1], p[0]]))
+    torch.testing.assert_close(result.entropy[0, 0, 0], -(p * p.log()).sum())
