@@ -11,6 +11,7 @@
 from . import reference
 from .backend import get_backend, set_backend, use_backend
 from .ops.attention import AttentionOutput, sink_attention
+from .ops.dual_attention import dual_path_attention
 from .ops.bridge import BridgeLoss, FusedLinearBridgeLoss, beta_schedule, bridge_loss
 from .ops.concepts import ConceptMass, ConceptSet, concept_mass
 from .ops.divergence import DraftDivergence, draft_divergence, draft_divergence_sharded
@@ -29,6 +30,7 @@ __all__ = [
     "concept_mass",
     "draft_divergence",
     "draft_divergence_sharded",
+    "dual_path_attention",
     "get_backend",
     "reference",
     "set_backend",

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_from_masks", "attention_key_masks", "attention_visible", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["dual_path_attention", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -376,3 +376,62 @@ def attention_from_masks(
             shape_mask = pruned.view(1, num_heads, 1, *([1] * (value.dim() - 3)))
             result[name] = value.masked_fill(shape_mask, fill)
     return result
+
+
+def guidance_rows(rows, batch: int, num_queries: int, device) -> torch.Tensor:
+    """[B, Lq] bool: the query rows dual_path_attention guides. rows = "last" (the token
+    being generated), "all", or a bool mask [Lq] or [B, Lq]."""
+    if isinstance(rows, str):
+        selected = torch.zeros(batch, num_queries, dtype=torch.bool, device=device)
+        if rows == "all":
+            selected[:] = True
+        elif num_queries > 0:
+            selected[:, -1] = True
+        return selected
+    return rows.to(device=device, dtype=torch.bool).expand(batch, num_queries)
+
+
+def dual_path_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    drop_keys: torch.Tensor,
+    *,
+    gamma: float,
+    orthogonalize: bool = True,
+    eps: float = 1e-6,
+    rows="last",
+    scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> dict:
+    """SPEC section 5 with two separate attention calls (the two-pass formulation).
+
+      o_cond   = softmax(S) v            over every visible key
+      o_uncond = softmax(S + M) v        M = -inf on dropped (image) keys
+      dO = o_cond - o_uncond,  u = o_uncond / (||o_uncond|| + eps)     (per head, over D)
+      out = o_cond + gamma (dO - <dO, u> u)   (orthogonalize=False: o_cond + gamma dO)
+    on the selected rows; other rows get o_cond. A row whose kept-key set is empty (every
+    visible key dropped) has no language-only path: o_uncond = 0 and out = o_cond there (no
+    guidance). Returns a dict of out, o_cond, o_uncond [B, Hq, Lq, D] in the compute dtype."""
+    batch, num_keys = q.shape[0], k.shape[2]
+    real = (
+        torch.ones(batch, num_keys, dtype=torch.bool, device=q.device)
+        if key_padding_mask is None
+        else key_padding_mask.to(device=q.device, dtype=torch.bool)
+    )
+    kept = real & ~drop_keys.to(device=q.device, dtype=torch.bool)
+    nothing = torch.zeros_like(real)
+    options = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=None,
+                   head_mask=None, sink_logit=None, key_groups=None, num_groups=None)
+    conditional = attention_from_masks(q, k, v, real, nothing, nothing, **options)
+    language_only = attention_from_masks(q, k, v, kept, nothing, nothing, **options)
+    o_cond, o_uncond = conditional["out"], language_only["out"]
+    has_kept = language_only["lse"] > float("-inf")  # [B, Hq, Lq]
+    delta = o_cond - o_uncond
+    if orthogonalize:
+        u = o_uncond / (o_uncond.norm(dim=-1, keepdim=True) + eps)
+        delta = delta - (delta * u).sum(-1, keepdim=True) * u
+    selected = guidance_rows(rows, batch, q.shape[2], q.device)[:, None, :] & has_kept
+    out = torch.where(selected[..., None], o_cond + gamma * delta, o_cond)
+    return {"out": out, "o_cond": o_cond, "o_uncond": o_uncond}

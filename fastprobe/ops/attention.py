@@ -180,7 +180,7 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _check_scale(scale, head_dim: int) -> float:
+def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -191,7 +191,7 @@ def _check_scale(scale, head_dim: int) -> float:
     return value
 
 
-def _check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: torch.Tensor) -> Optional[torch.Tensor]:
+def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: torch.Tensor) -> Optional[torch.Tensor]:
     """A boolean (or 0/1 integer) mask of `shape` as uint8, or None."""
     if mask is None:
         return None
@@ -248,7 +248,8 @@ def _check_softcap(softcap) -> float:
     return float(softcap)
 
 
-def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap):
+def check_attention_inputs(q, k, v):
+    """The checks every attention op shares: (q, k, v in the kernels' layout, B, Lq, Lk)."""
     q = check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
     k = check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
     v = check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
@@ -276,13 +277,19 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
             f"q has Lq = {num_queries} queries but k has only Lk = {num_keys} keys; queries are the last Lq of the "
             "Lk positions, so Lq <= Lk"
         )
+    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys
+
+
+def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap):
+    q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
+    num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     window = 0 if window is None else _check_int(window, "window", 1)
     num_sink = _check_int(num_sink, "num_sink", 0)
     stat_tokens = _check_int(stat_tokens, "stat_tokens", 0)
-    key_real = _check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q)
-    head_keep = _check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
+    key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q)
+    head_keep = check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
     if sink_logit is not None:
         if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
             raise TypeError("sink_logit must be a floating-point tensor of shape [Hq]")
@@ -292,8 +299,8 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
         sink_logit = sink_logit.to(output_dtype(q)).contiguous()
     groups, num_groups = _check_key_groups(key_groups, num_groups, (batch, num_keys), q)
     return dict(
-        q=_kernel_layout(q), k=_kernel_layout(k), v=_kernel_layout(v),
-        scale=_check_scale(scale, head_dim), causal=causal, window=window, key_real=key_real,
+        q=q, k=k, v=v,
+        scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=key_real,
         sink_end=_first_real_keys_end(key_real, batch, num_keys, num_sink, q.device),
         stat_end=_first_real_keys_end(key_real, batch, num_keys, stat_tokens, q.device),
         head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,

@@ -1,0 +1,198 @@
+"""dual_path_attention: attention with and without the dropped (image) keys in one pass, merged
+into contrastive guidance (SPEC section 5).
+
+One pass over K and V keeps two online-softmax states per query, one over the kept keys and one
+over the dropped keys (each key feeds exactly one). With (m_1, l_1, a_1) and (m_2, l_2, a_2)
+their running max, sum and value accumulators and m = max(m_1, m_2):
+  o_uncond = a_1 / l_1                                            (language-only path)
+  o_cond   = (a_1 e^(m_1 - m) + a_2 e^(m_2 - m)) / (l_1 e^(m_1 - m) + l_2 e^(m_2 - m))
+  dO = o_cond - o_uncond,  u = o_uncond / (||o_uncond|| + eps),  out = o_cond + gamma (dO - <dO, u> u)
+on the guided rows (other rows: o_cond). A row with no kept key (l_1 = 0) is not guided.
+`fastprobe.reference.dual_path_attention` (two separate attention calls) is the specification.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from .. import reference
+from ..backend import resolve
+from ._common import DTYPE_NAMES, cpp, new_output, on_device
+from .attention import check_attention_inputs, check_mask, check_scale
+
+__all__ = ["dual_path_attention"]
+
+
+def _reference_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
+    key_real = args["key_real"]
+    result = reference.dual_path_attention(
+        q, k, v, args["drop"].bool(), gamma=args["gamma"], orthogonalize=args["orthogonalize"], eps=args["eps"],
+        rows=args["rows"].bool(), scale=args["scale"], causal=args["causal"],
+        key_padding_mask=None if key_real is None else key_real.bool(),
+    )
+    out.copy_(result["out"])
+    if o_cond is not None:
+        o_cond.copy_(result["o_cond"])
+        o_uncond.copy_(result["o_uncond"])
+
+
+def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
+    batch, num_heads, num_queries, head_dim = q.shape
+    key_real = args["key_real"]
+    cpp().dual_path_attention(
+        DTYPE_NAMES[q.dtype],
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+        batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        args["scale"], args["causal"],
+        0 if key_real is None else key_real.data_ptr(), args["drop"].data_ptr(), args["rows"].data_ptr(),
+        args["gamma"], args["orthogonalize"], args["eps"],
+        0 if o_cond is None else o_cond.data_ptr(), 0 if o_uncond is None else o_uncond.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
+    from ..kernels import dual_attention as triton_dual
+
+    with on_device(q):
+        triton_dual.dual_path_attention(q, k, v, out, o_cond, o_uncond, **args)
+
+
+_KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
+
+
+def _outputs(q: torch.Tensor, return_paths: bool, allocate):
+    """out, o_cond, o_uncond: [B, Hq, Lq, D] views of [B, Lq, Hq, D] buffers (the paths
+    share out's strides; [0] when not asked for: custom ops return no None)."""
+    batch, num_heads, num_queries, head_dim = q.shape
+    shape = (batch, num_queries, num_heads, head_dim)
+    out = allocate(shape, q.dtype).transpose(1, 2)
+    if not return_paths:
+        return out, allocate((0,), q.dtype), allocate((0,), q.dtype)
+    return out, allocate(shape, q.dtype).transpose(1, 2), allocate(shape, q.dtype).transpose(1, 2)
+
+
+@torch.library.custom_op("fastprobe::dual_path_attention", mutates_args=())
+def _dual_path_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    drop: torch.Tensor,
+    rows: torch.Tensor,
+    key_real: Optional[torch.Tensor],
+    gamma: float,
+    orthogonalize: bool,
+    eps: float,
+    scale: float,
+    causal: bool,
+    return_paths: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
+    [B, Lk] or None."""
+    outputs = _outputs(q, return_paths, lambda shape, dtype: new_output(shape, q.device, dtype))
+    out, o_cond, o_uncond = outputs
+    if out.numel() > 0:
+        args = dict(scale=scale, causal=causal, key_real=key_real, drop=drop, rows=rows, gamma=gamma,
+                    orthogonalize=orthogonalize, eps=eps)
+        backend = resolve(q.device, q.dtype, "dual_path_attention")
+        _KERNELS[backend](q, k, v, args, out, o_cond if return_paths else None, o_uncond if return_paths else None)
+    return outputs
+
+
+@_dual_path_attention_op.register_fake
+def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, return_paths):
+    return _outputs(q, return_paths, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastprobe.dual_path_attention is forward-only (it steers generation): training through it is not "
+        "supported yet. Use it under torch.no_grad() / torch.inference_mode(), or detach q, k and v."
+    )
+
+
+_dual_path_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _check_real(value, name: str, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    number = float(value)
+    if not abs(number) < float("inf") or (positive and not number > 0.0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+    return number
+
+
+def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Tensor:
+    """rows as uint8 [B, Lq]."""
+    if isinstance(rows, str):
+        if rows not in ("last", "all"):
+            raise ValueError(f"rows must be 'last', 'all' or a boolean mask over query rows, got {rows!r}")
+        return reference.guidance_rows(rows, batch, num_queries, q.device).to(torch.uint8)
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be 'last', 'all' or a boolean tensor [Lq] or [B, Lq], got {type(rows).__name__}")
+    shape = (num_queries,) if rows.dim() == 1 else (batch, num_queries)
+    mask = check_mask(rows, "rows", shape, "[Lq] or [B, Lq]", q)
+    return mask.expand(batch, num_queries).contiguous()
+
+
+def dual_path_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    drop_keys: torch.Tensor,
+    *,
+    gamma: float,
+    orthogonalize: bool = True,
+    eps: float = 1e-6,
+    rows: Union[str, torch.Tensor] = "last",
+    scale: Optional[float] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_paths: bool = False,
+):
+    """Contrastive attention guidance in one pass: attention with every key (o_cond) and
+    without the dropped keys (o_uncond, e.g. without image tokens), merged as
+    out = o_cond + gamma * (o_cond - o_uncond) with the part along o_uncond removed.
+
+    Args:
+        q, k, v: as in sink_attention ([B, Hq, Lq, D] and [B, Hkv, Lk, D], grouped-query heads).
+        drop_keys: [B, Lk] bool, True = a key the language-only path does not see (image token).
+        gamma: guidance strength (0 gives plain attention exactly).
+        orthogonalize: remove the component of the difference along o_uncond (per head).
+        eps: added to ||o_uncond|| before dividing (> 0).
+        rows: "last" (default, the token being generated), "all", or a bool mask [Lq] or
+            [B, Lq] of the query rows to guide; other rows get o_cond.
+        scale, causal, key_padding_mask: as in sink_attention.
+        return_paths: also return o_cond and o_uncond.
+
+    Returns:
+        out [B, Hq, Lq, D] in q's dtype, or (out, o_cond, o_uncond) with return_paths. A row
+        whose visible keys are all dropped has no language-only path: it is not guided
+        (out = o_cond there) and its o_uncond is 0. Forward only.
+    """
+    q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
+    drop = check_mask(drop_keys, "drop_keys", (batch, num_keys), "[B, Lk]", q)
+    if drop is None:
+        raise TypeError("drop_keys must be a boolean tensor of shape [B, Lk], got None")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    for name, flag in (("orthogonalize", orthogonalize), ("return_paths", return_paths)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    out, o_cond, o_uncond = _dual_path_attention_op(
+        q, k, v, drop,
+        _check_rows(rows, batch, num_queries, q),
+        check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q),
+        _check_real(gamma, "gamma", positive=False),
+        orthogonalize,
+        _check_real(eps, "eps", positive=True),
+        check_scale(scale, q.shape[-1]),
+        causal,
+        return_paths,
+    )
+    return (out, o_cond, o_uncond) if return_paths else out

@@ -1,0 +1,157 @@
+"""dual_path_attention against the two-pass reference (two materialised float64 attention
+calls), gamma = 0, rows, the no-kept-key rule, and bad input."""
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import reference
+from fastprobe.ops.dual_attention import _dual_path_attention_op
+
+from .conftest import ATOL, RTOL
+from .test_attention import DTYPES, OUT_TOLERANCE, is_interpreter, padding_mask, random_qkv
+
+
+def shapes(target):
+    """(B, Hq, Hkv, Lq, Lk, D); small under the Triton interpreter."""
+    if is_interpreter(target):
+        return [(2, 4, 2, 23, 37, 16), (1, 2, 2, 1, 41, 40)]
+    return [(2, 4, 2, 77, 77, 64), (2, 8, 2, 1, 301, 64), (1, 4, 1, 93, 130, 40)]
+
+
+def image_keys(batch, num_keys, device):
+    """[B, Lk] bool: a contiguous run of image tokens after a short prefix, as in LLaVA prompts."""
+    drop = torch.zeros(batch, num_keys, dtype=torch.bool)
+    for b in range(batch):
+        start = int(torch.randint(1, max(2, num_keys // 4), ()))
+        drop[b, start : start + num_keys // 2] = True
+    return drop.to(device)
+
+
+def expected(q, k, v, drop, **options):
+    moved = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in options.items()}
+    moved.pop("return_paths", None)
+    return reference.dual_path_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), drop.cpu(), **moved)
+
+
+def assert_paths_match(got, want, dtype):
+    rtol, atol = OUT_TOLERANCE[dtype]
+    for name, value in zip(("out", "o_cond", "o_uncond"), got):
+        assert value.dtype == dtype, name
+        assert not torch.isnan(value).any(), f"{name} has NaN (unwritten or invalid)"
+        torch.testing.assert_close(value.cpu().double(), want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ["last", "all", "mask"])
+@pytest.mark.parametrize("orthogonalize", [True, False], ids=["orthogonal", "plain"])
+def test_matches_reference(target, dtype, rows, orthogonalize):
+    _, device = target
+    for batch, heads, kv_heads, num_queries, num_keys, head_dim in shapes(target):
+        q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
+        drop = image_keys(batch, num_keys, device)
+        chosen = torch.rand(batch, num_queries, device=device) < 0.5 if rows == "mask" else rows
+        options = dict(gamma=0.7, orthogonalize=orthogonalize, rows=chosen, key_padding_mask=padding_mask(batch, num_keys, "mixed", device))
+        got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+        assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_without_padding_and_bidirectional(target, causal):
+    _, device = target
+    batch, heads, kv_heads, num_queries, num_keys, head_dim = shapes(target)[0]
+    q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, torch.float32, device)
+    drop = image_keys(batch, num_keys, device)
+    got = fp.dual_path_attention(q, k, v, drop, gamma=1.5, rows="all", causal=causal, return_paths=True)
+    assert_paths_match(got, expected(q, k, v, drop, gamma=1.5, rows="all", causal=causal), torch.float32)
+
+
+def test_gamma_zero_is_plain_attention(target):
+    """gamma = 0: out equals o_cond and plain attention (sink_attention) exactly in float32 terms."""
+    _, device = target
+    batch, heads, kv_heads, num_queries, num_keys, head_dim = shapes(target)[0]
+    q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, torch.float32, device)
+    drop = image_keys(batch, num_keys, device)
+    out, o_cond, _ = fp.dual_path_attention(q, k, v, drop, gamma=0.0, rows="all", return_paths=True)
+    assert torch.equal(out, o_cond)
+    torch.testing.assert_close(out, fp.sink_attention(q, k, v).out, rtol=RTOL, atol=ATOL)
+
+
+def test_rows_without_kept_keys_are_not_guided(target):
+    """Early queries that see only image keys (image tokens first) keep o_cond; o_uncond = 0 there;
+    a row where every key is dropped, or padded, gives finite output."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 12, 12, 16, torch.float32, device)
+    drop = torch.zeros(2, 12, dtype=torch.bool, device=device)
+    drop[0, :5] = True  # queries 0..4 of row 0 see only image keys
+    drop[1] = True  # nothing kept in row 1
+    out, o_cond, o_uncond = fp.dual_path_attention(q, k, v, drop, gamma=2.0, rows="all", return_paths=True)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, :, :5], o_cond[0, :, :5]) and torch.equal(out[1], o_cond[1])
+    assert bool((o_uncond[0, :, :5] == 0).all()) and bool((o_uncond[1] == 0).all())
+    assert not torch.equal(out[0, :, 5:], o_cond[0, :, 5:])
+
+
+def test_orthogonal_correction_is_orthogonal_to_uncond(target):
+    _, device = target
+    q, k, v = random_qkv(1, 4, 4, 9, 9, 16, torch.float32, device)
+    drop = image_keys(1, 9, device)
+    out, o_cond, o_uncond = fp.dual_path_attention(q, k, v, drop, gamma=1.0, rows="all", return_paths=True)
+    correction = (out - o_cond).double()
+    cosine = (correction * o_uncond.double()).sum(-1) / (o_uncond.double().norm(dim=-1) + 1e-6)
+    assert cosine.abs().max() < 1e-4
+
+
+def test_inputs_untouched_and_single_output(target):
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 7, 7, 16, torch.float32, device)
+    drop = image_keys(2, 7, device)
+    saved = [t.clone() for t in (q, k, v, drop)]
+    out = fp.dual_path_attention(q, k, v, drop, gamma=0.5)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v, drop)))
+
+
+def bad_cases():
+    q, k, v = random_qkv(2, 4, 2, 5, 7, 8, torch.float32, "cpu")
+    drop = torch.zeros(2, 7, dtype=torch.bool)
+    return [
+        ("drop_keys must have shape", (q, k, v, drop[:, :6]), {"gamma": 1.0}),
+        ("drop_keys must be a boolean tensor", (q, k, v, None), {"gamma": 1.0}),
+        ("gamma must be a finite", (q, k, v, drop), {"gamma": float("inf")}),
+        ("gamma must be a real number", (q, k, v, drop), {"gamma": "1"}),
+        ("eps must be a finite positive", (q, k, v, drop), {"gamma": 1.0, "eps": 0.0}),
+        ("rows must be 'last', 'all'", (q, k, v, drop), {"gamma": 1.0, "rows": "first"}),
+        ("rows must have shape", (q, k, v, drop), {"gamma": 1.0, "rows": torch.ones(4, dtype=torch.bool)}),
+        ("multiple of the number of key/value heads", (q, k[:, :1].expand(2, 3, 7, 8), v[:, :1].expand(2, 3, 7, 8), drop), {"gamma": 1.0}),
+        ("key_padding_mask must have shape", (q, k, v, drop), {"gamma": 1.0, "key_padding_mask": torch.ones(2, 5, dtype=torch.bool)}),
+        ("orthogonalize must be a bool", (q, k, v, drop), {"gamma": 1.0, "orthogonalize": None}),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
+def test_bad_input_raises_clear_error(case):
+    import re
+
+    message, args, kwargs = case
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        fp.dual_path_attention(*args, **kwargs)
+
+
+def test_float64_runs_reference():
+    q, k, v = random_qkv(2, 4, 2, 6, 9, 8, torch.float64, "cpu")
+    drop = image_keys(2, 9, "cpu")
+    got = fp.dual_path_attention(q, k, v, drop, gamma=0.3, rows="all", return_paths=True)
+    want = expected(q, k, v, drop, gamma=0.3, rows="all")
+    for value, name in zip(got, ("out", "o_cond", "o_uncond")):
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-12)
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    q, k, v = random_qkv(2, 4, 2, 6, 9, 8, torch.float32, "cpu")
+    drop = image_keys(2, 9, "cpu")
+    run = torch.compile(lambda q, k, v, d: fp.dual_path_attention(q, k, v, d, gamma=0.5, rows="all") * 2, fullgraph=True)
+    torch.testing.assert_close(run(q, k, v, drop), fp.dual_path_attention(q, k, v, drop, gamma=0.5, rows="all") * 2)
+    rows = torch.ones(2, 6, dtype=torch.uint8)
+    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, True)
+    torch.library.opcheck(_dual_path_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
