@@ -6,10 +6,12 @@
     fp.concept_mass(logits, fp.ConceptSet.from_answers(tokenizer, {"Paris": ["Paris"]}))
     fp.sink_attention(q, k, v, window=4096, num_sink=4).sink_mass   # attention statistics, fused
     fp.set_backend("auto" | "reference" | "cpp" | "triton")
+    fp.patch(model); with fp.record_attention(model) as r: model(**batch)   # transformers models
 """
 
 from . import reference
 from .backend import get_backend, set_backend, use_backend
+from .integrations import AttentionRecord, PatchOptions, patch, record_attention, unpatch
 from .ops.attention import AttentionOutput, sink_attention
 from .ops.dual_attention import dual_path_attention
 from .ops.bridge import BridgeLoss, FusedLinearBridgeLoss, beta_schedule, bridge_loss
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionOutput",
+    "AttentionRecord",
+    "PatchOptions",
     "BridgeLoss",
     "FusedLinearBridgeLoss",
     "beta_schedule",
@@ -32,8 +36,11 @@ __all__ = [
     "draft_divergence_sharded",
     "dual_path_attention",
     "get_backend",
+    "patch",
+    "record_attention",
     "reference",
     "set_backend",
     "sink_attention",
+    "unpatch",
     "use_backend",
 ]

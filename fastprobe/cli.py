@@ -1,9 +1,12 @@
 """The fastprobe command.
 
     fastprobe info     version, backends (and why one is unavailable), threads, versions
-    fastprobe demo     runs the fused operations (draft_divergence, concept_mass) on a small
-                       built-in problem, checks them against the float64 reference and
-                       prints a timing table per operation
+    fastprobe demo     runs the fused operations (draft_divergence, concept_mass, bridge_loss) on
+                       a small built-in problem, checks them against the float64 reference and
+                       prints a timing table per operation; then the sink-head pipeline on a small
+                       built-in model (random weights with planted sink heads)
+    fastprobe sinks    scores every head of a local transformers checkpoint by its attention on
+                       the first token, prunes the top sink heads and reports perplexity
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib.metadata
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -200,6 +204,150 @@ def _demo_bridge(device: torch.device, num_tokens: int, vocab: int, seed: int) -
     return ok
 
 
+# ---------------------------------------------------------------- sink heads
+
+DEMO_PLANTED = {0: [2, 5], 1: [6], 3: [1]}  # (layer: heads) the demo model's planted sink heads
+
+
+def _print_head_table(table, top: int) -> None:
+    print(f"    {'rank':>4} {'layer':>5} {'head':>4} {'sink_score':>10}")
+    for row in table.sort_values("rank").head(top).itertuples():
+        print(f"    {row.rank:>4} {row.layer:>5} {row.head:>4} {row.sink_score:>10.4f}")
+
+
+def _pruning_report(model, tokenizer, texts, table, fraction: float, seed: int, batch_size: int, max_length: int):
+    """Perplexity unpruned, with the top `fraction` sink heads pruned (head mask), and with as many
+    random other heads pruned; returns (baseline, top, random)."""
+    from .methods import sinks
+
+    top = sinks.top_heads(table, fraction)
+    control = sinks.random_heads(table, len(top), seed=seed, exclude=top)
+    settings = dict(batch_size=batch_size, max_length=max_length)
+    baseline = sinks.perplexity(model, tokenizer, texts, **settings)
+    with sinks.prune_heads(model, top, mode="mask"):
+        pruned_top = sinks.perplexity(model, tokenizer, texts, **settings)
+    with sinks.prune_heads(model, control, mode="mask"):
+        pruned_random = sinks.perplexity(model, tokenizer, texts, **settings)
+    print(f"  perplexity {baseline:12.4f}  unpruned")
+    print(f"             {pruned_top:12.4f}  top {fraction:.0%} sink heads pruned ({len(top)} heads, head mask)")
+    print(f"             {pruned_random:12.4f}  {len(control)} random other heads pruned (seed {seed})")
+    return baseline, pruned_top, pruned_random
+
+
+def _demo_sinks(device: torch.device, seed: int, length: int) -> bool:
+    from . import integrations
+    from .methods import sinks
+    from .models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    shape = dict(vocab_size=len(tokenizer), num_layers=4, num_heads=8, hidden_size=128, seed=seed)
+    planted = sorted((layer, head) for layer, heads in DEMO_PLANTED.items() for head in heads)
+    model = plant_sink_heads(tiny_model("llama", **shape).to(device), DEMO_PLANTED)
+    eager = plant_sink_heads(tiny_model("llama", attn_implementation="eager", **shape).to(device), DEMO_PLANTED)
+    print("sink heads: a built-in Llama-architecture model, 4 layers x 8 heads, hidden 128, float32 on "
+          f"{device}, {len(DEMO_TEXTS)} built-in texts.")
+    print(f"  Its weights are RANDOM (built from a config, seed {seed}), except {len(planted)} planted sink heads "
+          f"{planted}: it is not a trained model, so the scores and perplexities only show the pipeline at work.")
+
+    batch = {name: value.to(device) for name, value in tokenizer(DEMO_TEXTS, padding=True, return_tensors="pt").items()}
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        want = eager(**batch, output_attentions=True)
+        integrations.patch(model)
+        with integrations.record_attention(model) as record:
+            got = model(**batch).logits
+        integrations.unpatch(model)
+    first = batch["attention_mask"].argmax(-1).view(-1, 1, 1, 1)
+    eager_sink = torch.stack([
+        (w.gather(-1, first.expand(*w.shape[:3], 1))[..., 0] * real[:, None]).sum((0, 2)) / real.sum()
+        for w in want.attentions
+    ])
+    logit_error = (got - want.logits)[real].abs().max().item()
+    sink_error = (record.sink_mass - eager_sink).abs().max().item()
+    checks_ok = logit_error < 1e-4 and sink_error < 1e-5
+    print(f"  check vs eager attention: logits max |diff| {logit_error:.1e}, sink mass max |diff| {sink_error:.1e} "
+          f"-> {'OK' if checks_ok else 'FAILED'}")
+
+    table = sinks.score_heads(model, tokenizer, DEMO_TEXTS, batch_size=8, progress=False)
+    found = sorted(sinks.top_heads(table, len(planted) / len(table))) == planted
+    verdict = "rank first -> OK" if found else "DO NOT rank first -> FAILED"
+    print(f"  strongest sink heads of {len(table)} (the planted ones {verdict}):")
+    _print_head_table(table, len(planted) + 2)
+    _pruning_report(model, tokenizer, DEMO_TEXTS, table, len(planted) / len(table), seed, 8, 512)
+
+    ids = torch.randint(3, len(tokenizer), (2, length), generator=torch.Generator().manual_seed(seed)).to(device)
+    print(f"  recording sink mass per layer and head, batch 2 x {length} tokens:")
+
+    def fused():
+        with integrations.record_attention(model) as run:
+            model(input_ids=ids, use_cache=False)
+        return run.sink_mass
+
+    def eager_weights():
+        weights = eager(input_ids=ids, output_attentions=True, use_cache=False).attentions
+        return torch.stack([w[..., 0].mean((0, 2)) for w in weights])
+
+    def plain():
+        return model(input_ids=ids, use_cache=False).logits
+
+    with torch.no_grad():
+        fused_s = _median_seconds(fused, device, repeats=7)
+        eager_s = _median_seconds(eager_weights, device, repeats=2)
+        plain_s = _median_seconds(plain, device, repeats=7)
+    backend = resolve(ids.device, torch.float32, "demo")
+    print(f"    {'implementation':<52}{'median ms':>10}{'speed-up':>10}")
+    for name, seconds in ((f"fastprobe.record_attention ({backend} backend)", fused_s),
+                          ("eager attention, output_attentions=True", eager_s),
+                          ("the normal forward (sdpa), no statistics", plain_s)):
+        print(f"    {name:<52}{seconds * 1e3:>10.1f}{eager_s / seconds:>9.1f}x")
+    return checks_ok and found
+
+
+def _load_checkpoint(path: str, device: str, dtype: str):
+    import transformers
+
+    from packaging.version import Version
+
+    options = dict(local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **options)
+    if dtype != "auto":  # transformers 4.56 renamed torch_dtype to dtype
+        name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        options[name] = getattr(torch, dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
+    return model.to(device).eval(), tokenizer
+
+
+def sinks_command(args: argparse.Namespace) -> int:
+    from . import integrations
+    from .methods import sinks
+
+    try:
+        texts = [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(f"{args.texts} holds no text (one text per line)")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = _load_checkpoint(args.model, device, args.dtype)
+        integrations.patch(model)
+    except (OSError, ValueError, NotImplementedError, ImportError) as error:
+        print(f"fastprobe sinks: error: {error}", file=sys.stderr)
+        return 2
+    layers = integrations.attention_layers(model)
+    print(f"fastprobe sinks: {args.model} ({type(model).__name__}, {len(layers)} layers), {len(texts)} texts, "
+          f"{device}, {resolve(next(model.parameters()).device, next(model.parameters()).dtype, 'sinks')} backend")
+    table = sinks.score_heads(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
+                              progress=not args.no_progress)
+    print(f"  strongest sink heads of {len(table)}:")
+    _print_head_table(table, args.top)
+    if args.prune is not None:
+        _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length)
+    if args.plot:
+        print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"  table: {args.csv}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"fastprobe {__version__} demo on {device} ({torch.get_num_threads()} CPU threads)\n")
@@ -208,6 +356,8 @@ def demo(args: argparse.Namespace) -> int:
     ok = _demo_concepts(device, args.tokens, args.vocab, args.concepts, args.seed) and ok
     print()
     ok = _demo_bridge(device, args.tokens, args.vocab, args.seed) and ok
+    print()
+    ok = _demo_sinks(device, args.seed, args.length) and ok
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
@@ -223,10 +373,35 @@ def main(argv=None) -> int:
     demo_parser.add_argument("--vocab", type=int, default=32000)
     demo_parser.add_argument("--concepts", type=int, default=1000, help="concepts for concept_mass")
     demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--length", type=int, default=1024, help="tokens per row for the sink-recording timing")
+    sinks_parser = commands.add_parser("sinks", help="score, prune and plot the sink heads of a local checkpoint")
+    sinks_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder (no downloads)")
+    sinks_parser.add_argument("--texts", required=True, help="a text file, one text per line")
+    sinks_parser.add_argument("--prune", type=_fraction, default=None, metavar="FRACTION",
+                              help="prune this fraction of heads (top sink heads, then as many random ones) and "
+                                   "report perplexity")
+    sinks_parser.add_argument("--plot", default=None, metavar="PATH", help="write a layer x head heat map (matplotlib)")
+    sinks_parser.add_argument("--csv", default=None, metavar="PATH", help="write the head table as CSV")
+    sinks_parser.add_argument("--top", type=int, default=10, help="heads to list (default 10)")
+    sinks_parser.add_argument("--batch-size", type=int, default=8)
+    sinks_parser.add_argument("--max-length", type=int, default=512, help="tokens per text at most")
+    sinks_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sinks_parser.add_argument("--seed", type=int, default=0, help="seed of the random heads pruned for comparison")
+    sinks_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "sinks":
+        return sinks_command(args)
     return demo(args)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction in [0, 1], got {text}")
+    return value
 
 
 if __name__ == "__main__":

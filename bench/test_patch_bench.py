@@ -1,0 +1,97 @@
+"""Recording per-layer, per-head sink statistics on a transformers model: fastprobe.patch +
+record_attention vs eager attention with output_attentions=True (today's only way: every
+layer's [B, H, L, L] weights are returned) vs the model's normal SDPA forward (no statistics:
+the cost to stay close to), in the same run, with peak memory.
+
+The model is the built-in one of `fastprobe demo` (Llama architecture, 4 layers x 8 heads,
+hidden 128, head_dim 16, random weights) at sequence length 2048 on the CPU (float32) and 8192
+on CUDA (bfloat16), batch 1, no KV cache. Goals: peak memory within 1.1x and time within 1.2x
+of the normal forward, far below eager.
+
+    pytest bench/test_patch_bench.py -k cpu --benchmark-json=bench/results/<device>-patch.json
+"""
+
+import functools
+import sys
+
+import pytest
+import torch
+
+import fastprobe as fp
+
+try:
+    from . import _memory
+except ImportError:  # run as a script for the CPU peak-memory child
+    import _memory
+
+pytest.importorskip("transformers")
+
+MODEL = dict(num_layers=4, num_heads=8, hidden_size=128, vocab_size=512)
+CASES = {"cpu": dict(length=2048, dtype=torch.float32), "cuda": dict(length=8192, dtype=torch.bfloat16)}
+
+
+@functools.lru_cache(maxsize=None)
+def models(device: str, dtype: torch.dtype) -> dict:
+    """The same weights three ways: patched by fastprobe, eager attention, the default (sdpa)."""
+    from fastprobe.models import tiny_model
+
+    built = {
+        "patched": fp.patch(tiny_model("llama", **MODEL)),
+        "eager": tiny_model("llama", attn_implementation="eager", **MODEL),
+        "sdpa": tiny_model("llama", attn_implementation="sdpa", **MODEL),
+    }
+    return {name: model.to(device=device, dtype=dtype) for name, model in built.items()}
+
+
+def make_inputs(device: str, length: int, dtype: torch.dtype):
+    return (torch.randint(3, MODEL["vocab_size"], (1, length), device=device),)
+
+
+def fastprobe_record(ids):
+    """[layers, heads] sink mass from the fused kernel while the model runs."""
+    model = models(ids.device.type, CASES[ids.device.type]["dtype"])["patched"]
+    with fp.record_attention(model) as record:
+        model(input_ids=ids, use_cache=False)
+    return record.sink_mass
+
+
+def eager_output_attentions(ids):
+    """The same [layers, heads] table from eager attention weights (first key, mean over queries)."""
+    model = models(ids.device.type, CASES[ids.device.type]["dtype"])["eager"]
+    weights = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+    return torch.stack([w[..., 0].float().mean((0, 2)) for w in weights])
+
+
+def sdpa_forward(ids):
+    """The normal forward, no statistics: the baseline."""
+    model = models(ids.device.type, CASES[ids.device.type]["dtype"])["sdpa"]
+    return model(input_ids=ids, use_cache=False).logits
+
+
+IMPLS = {"fastprobe-record": fastprobe_record, "eager-output-attentions": eager_output_attentions,
+         "sdpa-forward": sdpa_forward}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_record_sink_statistics(benchmark, device, impl, request):
+    case = CASES[device]
+    inputs = make_inputs(device, **case)
+    models(device, case["dtype"])  # built outside the timing
+    benchmark.group = f"patch_record_L{case['length']}-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="sdpa-forward", dtype=str(case["dtype"]),
+        shape=dict(B=1, L=case["length"], layers=MODEL["num_layers"], H=MODEL["num_heads"],
+                   D=MODEL["hidden_size"] // MODEL["num_heads"]),
+        backend=fp.backend.resolve(torch.device(device), case["dtype"], "sink_attention"),
+    )
+    with torch.no_grad():
+        _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    impl = IMPLS[sys.argv[2]]
+    small = make_inputs("cpu", 16, torch.float32)
+    full = make_inputs("cpu", **CASES["cpu"])
+    with torch.no_grad():
+        _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

@@ -1,0 +1,750 @@
+"""fastprobe's fused attention inside transformers models.
+
+    fastprobe.patch(model)                        # same outputs as before, fastprobe kernels
+    with fastprobe.record_attention(model) as record:
+        model(**batch)                            # or model.generate(...)
+    record.sink_mass                              # [layers, heads], no attention weights kept
+    fastprobe.patch(model, window=1024, num_sink=4)        # streaming-style attention
+    fastprobe.patch(model, head_mask={3: keep})            # pruned heads cost nothing
+    fastprobe.unpatch(model)                      # the previous implementation, exactly
+
+How it plugs in. transformers (>= 4.53: masking_utils and the AttentionMaskInterface, through
+5.x) looks attention up by name: `config._attn_implementation` selects a function in
+`AttentionInterface` (the attention) and one in `AttentionMaskInterface` (the mask the model
+builds once per forward). fastprobe registers both under the new key "fastprobe" (registering a
+key is transformers' extension API; nothing existing is replaced) and switches one model instance
+to it with `set_attn_implementation`. Options live on that model (an attribute its self-attention
+modules share), so two models in one process can be patched differently.
+
+Mask semantics. The mask function never builds an [Lq, Lk] mask: like flash attention's, it
+returns the 2D key padding mask [B, Lk] (True = real token; all True without padding) and the
+kernel computes causality and windows from positions (queries are the last Lq keys: prefill, and
+decoding with a dynamic cache). The mask transformers would have built is read from its
+`mask_function`: only transformers' own index functions are accepted (causal, bidirectional,
+sliding-window overlays, combined with and_masks/or_masks); anything else (packed sequences,
+image-token blocks, chunked attention, a model's private overlay) is refused. The accepted
+function is evaluated on one row of positions, so the window is exactly what the sdpa and eager
+masks keep on the installed version. In transformers 5.x that is, for sliding_window = w:
+    causal          kv > q - w and kv <= q   ->  fastprobe window w      (q - w < j <= q)
+    bidirectional   |q - kv| <= w            ->  fastprobe window w + 1  (|q - j| < w + 1)
+(flash attention reads a bidirectional window as |q - kv| < w; the sdpa and eager masks are the
+reference here). The pattern rides on the returned mask tensor as an attribute, so each layer
+gets the pattern of the mask it was given. A mask made elsewhere (a 2D mask the caller passes
+straight to the attention, or none) falls back to flash attention's reading of the module's
+arguments (is_causal, sliding_window); a 4D mask is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from ..ops.attention import sink_attention
+
+__all__ = [
+    "AttentionRecord", "PatchOptions", "attention_layers", "is_patched", "patch", "patch_options", "record_attention",
+    "unpatch",
+]
+
+KEY = "fastprobe"
+STATISTICS = ("sink_mass", "group_mass", "entropy")
+_STATE = "_fastprobe_state"  # on the patched model and on each of its self-attention modules
+_PATTERN = "_fastprobe_pattern"  # on the key padding masks the mask function returns
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchOptions:
+    """What a patched model does beyond plain attention (all default to nothing).
+
+    num_sink: the first num_sink real tokens stay visible to every query outside its window.
+    window: a sliding window w for every self-attention layer (a query at p sees p - w < j <= p,
+        in a bidirectional layer |p - j| < w; a layer with its own, narrower window keeps that one).
+    head_mask: layer -> bool [heads] (False = pruned: output 0, no compute spent on it).
+    record: the statistics record_attention collects ("sink_mass", "group_mass", "entropy").
+    stat_tokens: sink_mass is the attention weight on the first stat_tokens real tokens.
+    """
+
+    num_sink: int = 0
+    window: Optional[int] = None
+    head_mask: Mapping[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    record: tuple = ("sink_mass",)
+    stat_tokens: int = 1
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_statistics(record, name: str = "record") -> tuple:
+    record = (record,) if isinstance(record, str) else tuple(record)
+    unknown = [s for s in record if s not in STATISTICS]
+    if unknown:
+        raise ValueError(f"{name} must name statistics among {STATISTICS}, got {unknown}")
+    return record
+
+
+def _head_mask_rows(head_mask, num_layers: int, num_heads: Optional[int]) -> dict:
+    """{layer: bool [H] on the CPU} from a mapping layer -> [H] or a [layers, H] tensor."""
+    if head_mask is None:
+        return {}
+    if isinstance(head_mask, torch.Tensor):
+        if head_mask.dim() != 2 or head_mask.shape[0] != num_layers:
+            raise ValueError(f"head_mask as a tensor must have shape [layers, heads] = [{num_layers}, H], "
+                             f"got {tuple(head_mask.shape)}")
+        head_mask = dict(enumerate(head_mask))
+    if not isinstance(head_mask, Mapping):
+        raise TypeError("head_mask must be a mapping layer -> bool [heads] or a [layers, heads] tensor, "
+                        f"got {type(head_mask).__name__}")
+    rows = {}
+    for layer, keep in head_mask.items():
+        layer = _check_int(layer, "head_mask layer", 0)
+        if layer >= num_layers:
+            raise ValueError(f"head_mask names layer {layer}, but the model has {num_layers} self-attention layers")
+        keep = torch.as_tensor(keep).detach().cpu()
+        if keep.is_floating_point() or keep.is_complex() or keep.dim() != 1:
+            raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or 0/1) tensor of shape [heads], "
+                            f"got {keep.dtype} of shape {tuple(keep.shape)}")
+        if num_heads is not None and keep.shape[0] != num_heads:
+            raise ValueError(f"head_mask[{layer}] must have shape [heads] = [{num_heads}], got {tuple(keep.shape)}")
+        if ((keep != 0) & (keep != 1)).any():
+            raise ValueError(f"head_mask[{layer}] must hold only 0/1 (or True/False)")
+        rows[layer] = keep != 0
+    return rows
+
+
+def _make_options(num_layers: int, num_heads: Optional[int], num_sink=0, window=None, head_mask=None,
+                  record=("sink_mass",), stat_tokens=1) -> PatchOptions:
+    return PatchOptions(
+        num_sink=_check_int(num_sink, "num_sink", 0),
+        window=None if window is None else _check_int(window, "window", 1),
+        head_mask=_head_mask_rows(head_mask, num_layers, num_heads),
+        record=_check_statistics(record),
+        stat_tokens=_check_int(stat_tokens, "stat_tokens", 0),
+    )
+
+
+class _PatchState:
+    """Everything patch() put on a model: the options, the self-attention modules (their order is
+    fastprobe's layer index), what to restore, the active recorder and a call counter."""
+
+    def __init__(self, layers: list, previous: list, options: PatchOptions):
+        self.layers = layers
+        self.index = {id(module): i for i, module in enumerate(layers)}
+        self.previous = previous
+        self.options = options
+        self.recorder: Optional[AttentionRecord] = None
+        self.calls = 0
+        self.calls_at_forward = 0
+        self.hooks: list = []
+        self._head_masks: dict = {}
+
+    def set_options(self, options: PatchOptions) -> None:
+        self.options = options
+        self._head_masks = {}
+
+    def head_mask(self, layer: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The layer's head mask on the attention's device (copied there once)."""
+        keep = self.options.head_mask.get(layer)
+        if keep is None:
+            return None
+        key = (layer, device)
+        if key not in self._head_masks:
+            self._head_masks[key] = keep.to(device)
+        return self._head_masks[key]
+
+
+# ---------------------------------------------------------------- transformers lookups
+
+
+def _masking_utils():
+    """transformers.masking_utils, after registering "fastprobe" (idempotent)."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("fastprobe.patch needs transformers: pip install 'transformers>=4.53'") from error
+    try:
+        from transformers import masking_utils
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError as error:  # before 4.53 models built their own [L, L] masks
+        raise ImportError(
+            f"fastprobe.patch needs transformers >= 4.53 (masking_utils and the AttentionMaskInterface); "
+            f"found {transformers.__version__}"
+        ) from error
+    if AttentionInterface._global_mapping.get(KEY) is not attention_forward:
+        AttentionInterface.register(KEY, attention_forward)
+    if AttentionMaskInterface._global_mapping.get(KEY) is not key_padding_mask:
+        AttentionMaskInterface.register(KEY, key_padding_mask)
+    return masking_utils
+
+
+def _is_cross_attention(module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or "CrossAttention" in type(module).__name__
+
+
+def _self_attention_modules(model) -> list:
+    """The self-attention modules in model order: what transformers' attention modules share
+    (an integer layer_idx for the cache and an is_causal flag), cross-attention left out."""
+    from transformers import PreTrainedModel
+
+    return [
+        module for module in model.modules()
+        if not isinstance(module, PreTrainedModel) and isinstance(getattr(module, "layer_idx", None), int)
+        and hasattr(module, "is_causal") and not _is_cross_attention(module)
+    ]
+
+
+def attention_layers(model) -> list:
+    """fastprobe's layers of a model: its self-attention modules in model order (the rows of
+    record_attention's tables and the keys of head_mask)."""
+    state = getattr(model, _STATE, None)
+    return list(state.layers) if state is not None else _check_architecture(model)
+
+
+def _num_heads(layers: list) -> Optional[int]:
+    counts = {getattr(module.config, "num_attention_heads", None) for module in layers if hasattr(module, "config")}
+    counts.discard(None)
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _configs(model) -> list:
+    """Every config the model's attention dispatch reads: its own, nested sub-configs (e.g. a VLM's
+    text_config) and those of sub-models, each once."""
+    from transformers import PreTrainedModel
+
+    found, queue = {}, [model.config]
+    queue += [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while queue:
+        config = queue.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = config
+        queue += [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
+        queue = [c for c in queue if c is not None]
+    return list(found.values())
+
+
+def _implementation(config) -> Optional[str]:
+    return getattr(config, "_attn_implementation_internal", getattr(config, "_attn_implementation", None))
+
+
+def _restore(model, previous: list) -> None:
+    """Writes each config's previous implementation back. Done per config, not through
+    set_attn_implementation(previous): that re-validates (sdpa may turn into eager) and spreads one
+    value over sub-configs that may have differed."""
+    for config, implementation in previous:
+        if hasattr(config, "_attn_implementation_internal"):
+            config._attn_implementation_internal = implementation
+        else:  # no internal attribute: the public property setter
+            config._attn_implementation = implementation
+
+
+def _refuse(model, why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"fastprobe cannot patch {type(model).__name__}: {why}. Its attention would not run through "
+        "fastprobe, so it is refused rather than left silently unpatched."
+    )
+
+
+def _check_architecture(model) -> list:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"fastprobe.patch takes a transformers PreTrainedModel, got {type(model).__name__}")
+    # The flag transformers sets on models whose attention goes through the AttentionInterface.
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise _refuse(model, "its attention does not go through transformers' AttentionInterface "
+                             "(the class does not set _supports_attention_backend)")
+    layers = _self_attention_modules(model)
+    if not layers:
+        raise _refuse(model, "no self-attention module (with layer_idx and is_causal) was found")
+    return layers
+
+
+# ---------------------------------------------------------------- the mask function
+
+
+class _MaskPattern(NamedTuple):
+    causal: bool
+    window: Optional[int]  # fastprobe's window: causal q - w < j <= q, bidirectional |q - j| < w
+    dropped: Optional[torch.Tensor]  # [B] bool: the row's first real token left a sliding cache
+
+
+_LEAVES = ("causal_mask_function", "bidirectional_mask_function")
+_OVERLAYS = ("sliding_window_overlay.", "sliding_window_bidirectional_overlay.")
+_COMBINATORS = ("and_masks.", "or_masks.")
+
+
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in fn.__closure__ or ())))
+
+
+def _mask_windows(fn, masking_utils) -> list:
+    """The sliding windows of transformers' own mask functions `fn` is made of; raises for any
+    part that is not one of them (it may index per-token tensors: packed sequences, image blocks)."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    if getattr(fn, "__module__", None) != masking_utils.__name__:
+        raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
+    if name in _LEAVES:
+        return []
+    if name.startswith(_OVERLAYS):
+        return [int(_closure(fn)["sliding_window"])]
+    if name.startswith(_COMBINATORS):
+        return [w for part in _closure(fn)["mask_functions"] for w in _mask_windows(part, masking_utils)]
+    raise ValueError(f"{masking_utils.__name__}.{name}")
+
+
+def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
+    """(causal, window) of a mask function made of transformers' index functions, read by
+    evaluating it on one query row: the visible keys must be one interval ending at the query
+    (causal) or centred on it (bidirectional)."""
+    masking_utils = _masking_utils()
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    try:
+        windows = _mask_windows(mask_function, masking_utils)
+    except ValueError as part:
+        raise NotImplementedError(
+            f"fastprobe attention supports causal and bidirectional masks with an optional sliding window; this "
+            f"model asked for a mask built from {part} (e.g. packed sequences, image-token blocks or chunked "
+            "attention), which fastprobe cannot reproduce from positions"
+        ) from None
+    size = 2 * max(windows, default=1) + 8
+    zero, query = torch.tensor(0), torch.tensor(size)
+    keys = torch.arange(2 * size + 1)
+    visible = torch.as_tensor(mask_function(zero, zero, query, keys)).to(torch.bool).expand(keys.shape)
+    seen = visible.nonzero().flatten().tolist()
+    if seen and len(seen) == seen[-1] - seen[0] + 1:
+        first, last = seen[0], seen[-1]
+        if last == size:
+            return True, None if first == 0 else size - first + 1
+        if last == 2 * size and first == 0:
+            return False, None
+        if last - size == size - first:
+            return False, size - first + 1
+    raise NotImplementedError(f"fastprobe attention cannot reproduce the mask pattern of {mask_function!r}")
+
+
+def key_padding_mask(
+    batch_size: Optional[int] = None,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    cache_position: Optional[torch.Tensor] = None,
+    device=None,
+    **unused: Any,
+) -> torch.Tensor:
+    """The "fastprobe" entry of transformers' AttentionMaskInterface: the [B, kv_length] key
+    padding mask (True = real; never an [L, L] mask), carrying the (causal, window) pattern."""
+    if q_length is None and cache_position is not None:  # transformers 4.53-4.5x: positions, not offsets
+        q_length, q_offset = cache_position.shape[0], cache_position[0]
+    causal, window = _mask_pattern(mask_function)
+    q_offset = int(q_offset)  # a tensor only for static caches (one sync, then refused below)
+    if (causal or window is not None) and q_offset != kv_offset + kv_length - q_length:
+        raise NotImplementedError(
+            f"fastprobe attention takes the queries to be the last keys (a dynamic cache); here queries start at "
+            f"position {q_offset} but the keys are positions {kv_offset}..{kv_offset + kv_length - 1} (a static or "
+            "offloaded cache?). Use the default dynamic cache."
+        )
+    if attention_mask is None:
+        mask = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] < kv_length:
+            raise ValueError(f"fastprobe attention expects a 2D attention mask covering the {kv_length} keys, "
+                             f"got shape {tuple(attention_mask.shape)}")
+        mask = attention_mask.to(torch.bool)[:, -kv_length:]  # a new view object: it carries the pattern
+    dropped = None
+    if kv_offset > 0:  # a sliding-window cache dropped its oldest kv_offset tokens
+        first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
+        dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped))
+    return mask
+
+
+# ---------------------------------------------------------------- the attention function
+
+_IGNORED_KWARGS = {
+    "position_ids", "cache_position", "use_cache", "position_embeddings", "past_key_values", "past_key_value",
+    "output_hidden_states", "return_dict", "layer_idx", "encoder_hidden_states", "token_type_ids",
+}
+_UNSUPPORTED_KWARGS = {
+    "cu_seq_lens_q": "packed (varlen) sequences", "cu_seq_lens_k": "packed (varlen) sequences",
+    "max_length_q": "packed (varlen) sequences", "max_length_k": "packed (varlen) sequences",
+    "position_bias": "an additive position bias", "attention_bias": "an additive attention bias",
+    "head_mask": "transformers' head_mask (use fastprobe.patch(model, head_mask=...))",
+    "output_attentions": "attention weights (use fastprobe.record_attention for statistics)",
+}
+
+
+def _check_kwargs(kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if name in _IGNORED_KWARGS or value is None or value is False:
+            continue
+        why = _UNSUPPORTED_KWARGS.get(name, "an argument fastprobe does not know how to honour")
+        raise NotImplementedError(f"fastprobe attention got {name}={type(value).__name__}: {why}")
+
+
+def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
+    """(key padding mask [B, Lk] or None, causal, window, dropped)."""
+    pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
+    if pattern is not None:
+        if attention_mask.shape[-1] != num_keys:
+            raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
+        return attention_mask, pattern.causal, pattern.window, pattern.dropped
+    # Not made by our mask function: flash attention's reading of the module's arguments.
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise NotImplementedError(
+                f"fastprobe attention takes a 2D key padding mask [batch, keys]; it got a {attention_mask.dim()}D "
+                "mask (a custom or precomputed mask), which it will not guess the meaning of"
+            )
+        if attention_mask.shape[-1] < num_keys:
+            raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
+        attention_mask = attention_mask[:, -num_keys:] != 0
+    return attention_mask, causal, sliding_window, None
+
+
+def _narrowest(*windows: Optional[int]) -> Optional[int]:
+    given = [w for w in windows if w is not None]
+    return min(given) if given else None
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    s_aux: Optional[torch.Tensor] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key and
+    value [B, Hkv, Lk, D] -> (attn_output [B, Lq, Hq, D], None). s_aux (gpt-oss's learned sinks) is
+    the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
+    _check_kwargs(kwargs)
+    if dropout and module.training:
+        raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
+    padding, causal, window, dropped = _pattern_of(module, attention_mask, is_causal, sliding_window, key.shape[2])
+    if padding is not None and padding.device != query.device:  # a model split over devices (device_map)
+        padding = padding.to(query.device, non_blocking=True)
+        dropped = None if dropped is None else dropped.to(query.device, non_blocking=True)
+    state = getattr(module, _STATE, None)
+    layer = state.index.get(id(module)) if state is not None else None
+    if layer is None:  # cross-attention, or a model switched to "fastprobe" without patch()
+        return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux), None
+
+    state.calls += 1
+    options, record = state.options, state.recorder
+    window = _narrowest(window, options.window)
+    stat_tokens = options.stat_tokens
+    if dropped is not None and (options.num_sink > 0 or (record is not None and stat_tokens > 1)):
+        raise NotImplementedError(
+            "this layer's sliding-window cache has dropped the first tokens, so num_sink and stat_tokens > 1 cannot "
+            "be honoured while decoding past the window; use them in prefill, or with a full (non-sliding) cache"
+        )
+    groups, num_groups = record.key_groups_for(key) if record is not None else (None, None)
+    result = sink_attention(
+        query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
+        key_padding_mask=padding, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
+        key_groups=groups, num_groups=num_groups, stat_tokens=stat_tokens,
+        return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
+    )
+    if record is not None:
+        record.add(layer, result, padding, dropped)
+    return result.out.transpose(1, 2), None
+
+
+def _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux) -> torch.Tensor:
+    """No options, no statistics. Bidirectional attention with more queries than keys (cross-
+    attention) runs in query chunks of at most Lk: each query is independent there."""
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    chunks = [query]
+    if num_queries > num_keys and not causal and window is None and num_keys > 0:
+        chunks = query.split(num_keys, dim=2)
+    outs = [
+        sink_attention(chunk, key, value, scale=scaling, causal=causal, window=window, key_padding_mask=padding,
+                       sink_logit=s_aux, softcap=softcap).out.transpose(1, 2)
+        for chunk in chunks
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+# ---------------------------------------------------------------- patch / unpatch
+
+
+def is_patched(model) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def patch_options(model) -> PatchOptions:
+    """The options a patched model runs with."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched: call fastprobe.patch(model) first")
+    return state.options
+
+
+def patch(
+    model,
+    *,
+    num_sink: int = 0,
+    window: Optional[int] = None,
+    head_mask: Union[None, Mapping[int, Any], torch.Tensor] = None,
+    record: Union[str, Sequence[str]] = ("sink_mass",),
+    stat_tokens: int = 1,
+):
+    """Runs the model's attention through fastprobe.sink_attention; returns the model.
+
+    Registers "fastprobe" with transformers' AttentionInterface and AttentionMaskInterface and
+    switches this model instance (and its sub-models) to it; other models are untouched. Without
+    options the outputs equal the unpatched model's (within float rounding), with and without
+    padding, in prefill and in generate with a dynamic KV cache. Calling patch() on a patched model
+    replaces its options (omitted ones return to their defaults).
+
+    Args (see PatchOptions): num_sink, window, head_mask (layer -> bool [heads], or a [layers,
+    heads] tensor; layers are the self-attention modules in model order, transformers' layer_idx for
+    decoder-only and encoder-only models), record (statistics record_attention collects),
+    stat_tokens.
+
+    Raises NotImplementedError for a model whose attention does not go through transformers'
+    attention interface (it is never left silently unpatched), TypeError / ValueError for bad
+    options. At run time, masks fastprobe cannot reproduce (custom 4D masks, packed sequences,
+    static caches) and training-mode dropout raise instead of computing something else.
+    """
+    _masking_utils()
+    state = getattr(model, _STATE, None)
+    layers = state.layers if state is not None else _check_architecture(model)
+    options = _make_options(len(layers), _num_heads(layers), num_sink, window, head_mask, record, stat_tokens)
+    if state is not None:
+        state.set_options(options)
+        return model
+
+    previous = [(config, _implementation(config)) for config in _configs(model)]
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(KEY)
+    else:  # transformers < 4.54: the config property spreads the value over sub-configs
+        model.config._attn_implementation = KEY
+    # set_attn_implementation only warns for a class it cannot switch: check every layer did.
+    stuck = sorted({type(m).__name__ for m in layers if _implementation(getattr(m, "config", model.config)) != KEY})
+    if stuck:
+        _restore(model, previous)
+        raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
+
+    state = _PatchState(layers, previous, options)
+    for module in layers:
+        setattr(module, _STATE, state)
+    setattr(model, _STATE, state)
+    state.hooks = [model.register_forward_pre_hook(_forward_started), model.register_forward_hook(_forward_done)]
+    return model
+
+
+def _forward_started(model, args) -> None:
+    state = getattr(model, _STATE)
+    state.calls_at_forward = state.calls
+
+
+def _forward_done(model, args, output) -> None:
+    """The safety net: a forward of a patched model that never reached fastprobe's attention."""
+    state = getattr(model, _STATE)
+    if state.calls == state.calls_at_forward:
+        raise RuntimeError(
+            f"{type(model).__name__} ran a forward pass without calling fastprobe's attention: its attention does "
+            "not go through transformers' AttentionInterface (call fastprobe.unpatch(model))"
+        )
+
+
+def unpatch(model):
+    """Restores the attention implementation the model had before patch() (exactly, per config)
+    and removes every option; returns the model. A model that is not patched is returned as is."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return model
+    if state.recorder is not None:
+        raise RuntimeError("fastprobe.unpatch inside record_attention: leave the with block first")
+    _restore(model, state.previous)
+    for hook in state.hooks:
+        hook.remove()
+    for module in state.layers:
+        delattr(module, _STATE)
+    delattr(model, _STATE)
+    return model
+
+
+# ---------------------------------------------------------------- recording
+
+
+class AttentionRecord:
+    """Per-layer, per-head attention statistics of the forward passes run inside
+    record_attention, averaged over real (non-padded) query positions and the batch, pooled over
+    calls (prefill and every decoding step of generate). Rows are fastprobe's layers (self-attention
+    modules in model order); a layer that never ran is NaN.
+
+        sink_mass   [layers, heads]     weight on the first stat_tokens real tokens (the BOS sink)
+        group_mass  [layers, heads, G]  weight on each key group (with key groups), else None
+        entropy     [layers, heads]     attention entropy in nats (when recorded), else None
+        num_queries [layers]            real queries averaged over
+
+    Sums accumulate in place on the model's device, in tables allocated when recording starts (no
+    [L, L] weights, no host sync, nothing left allocated per layer); the fields are computed when
+    read. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
+    tensor over the tokens of the batch (the last Lk of them are the keys of a call).
+    """
+
+    def __init__(self, num_layers: int, num_heads: Optional[int], statistics: tuple, device=None,
+                 dtype: torch.dtype = torch.float32, key_groups=None, num_groups=None):
+        self.statistics = statistics
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self._device, self._dtype = device, dtype
+        self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums
+        self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
+        self._groups: Optional[torch.Tensor] = None
+        self._num_groups: Optional[int] = None
+        if num_heads is not None:
+            for name in statistics:
+                if name != "group_mass":
+                    self._table(name, ())
+        if key_groups is not None:
+            self.set_key_groups(key_groups, num_groups)
+
+    def _table(self, name: str, tail: tuple, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The [layers, H, *tail] sums of a statistic, made once (zeros)."""
+        table = self._sums.get(name)
+        if table is None or table.shape[2:] != tail:
+            heads = self.num_heads if like is None else like.shape[0]
+            dtype = self._dtype if like is None else torch.promote_types(self._dtype, like.dtype)
+            device = self._device if like is None else like.device
+            table = torch.zeros(self.num_layers, heads, *tail, dtype=dtype, device=device)
+            self._sums[name] = table
+        return table
+
+    def set_key_groups(self, key_groups: Optional[torch.Tensor], num_groups: Optional[int] = None) -> None:
+        """Key groups [B, L] (ids in [0, num_groups)) for the following forward passes; None: none."""
+        if key_groups is None:
+            self._groups = self._num_groups = None
+            return
+        if not isinstance(key_groups, torch.Tensor) or key_groups.dim() != 2:
+            raise TypeError("key_groups must be an integer tensor of shape [batch, tokens]")
+        if num_groups is None:
+            num_groups = int(key_groups.max()) + 1 if key_groups.numel() else 1  # one sync, here
+        self._groups, self._num_groups = key_groups, _check_int(num_groups, "num_groups", 1)
+        if "group_mass" in self.statistics and self.num_heads is not None:
+            self._table("group_mass", (self._num_groups,))
+
+    def key_groups_for(self, key: torch.Tensor) -> tuple:
+        if self._groups is None or "group_mass" not in self.statistics:
+            return None, None
+        batch, num_keys = key.shape[0], key.shape[2]
+        if self._groups.shape[0] != batch or self._groups.shape[1] < num_keys:
+            raise ValueError(f"key_groups has shape {tuple(self._groups.shape)} but this call has batch {batch} and "
+                             f"{num_keys} keys: give a group to every token (set_key_groups before each batch)")
+        return self._groups[:, -num_keys:].to(key.device), self._num_groups
+
+    def add(self, layer: int, result, padding: Optional[torch.Tensor], dropped: Optional[torch.Tensor]) -> None:
+        sink_mass = result.sink_mass
+        batch, _, num_queries = sink_mass.shape
+        if dropped is not None:  # the first token left the sliding cache: its weight is 0
+            sink_mass = sink_mass.masked_fill(dropped.view(batch, 1, 1), 0.0)
+        weight = None
+        if padding is not None:  # real queries: the last Lq keys' padding mask
+            weight = padding[:, -num_queries:].to(sink_mass.dtype).view(batch, 1, num_queries)
+        found = {"sink_mass": sink_mass, "group_mass": result.group_mass, "entropy": result.entropy}
+        for name in self.statistics:
+            values = found[name]
+            if values is None:
+                continue
+            if weight is not None:  # [B, H, Lq, ...] -> sum over real (b, q): [H, ...]
+                values = values * weight.view(batch, 1, num_queries, *([1] * (values.dim() - 3)))
+            pooled = values.sum(dim=(0, 2))
+            self._table(name, tuple(pooled.shape[1:]), pooled)[layer].add_(pooled)
+        counts = self._counts if self._counts.device == sink_mass.device else self._move_counts(sink_mass.device)
+        counts[layer].add_(batch * num_queries if weight is None else weight.sum())
+
+    def _move_counts(self, device) -> torch.Tensor:
+        self._counts = self._counts.to(device)
+        return self._counts
+
+    def _mean(self, name: str) -> Optional[torch.Tensor]:
+        if not bool((self._counts > 0).any()):
+            raise RuntimeError("nothing was recorded: run the model inside `with fastprobe.record_attention(model)`")
+        table = self._sums.get(name)
+        if table is None or name not in self.statistics:
+            return None
+        counts = self._counts.to(table.device, table.dtype).view(-1, *([1] * (table.dim() - 1)))
+        return torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
+
+    @property
+    def sink_mass(self) -> torch.Tensor:
+        return self._mean("sink_mass")
+
+    @property
+    def group_mass(self) -> Optional[torch.Tensor]:
+        return self._mean("group_mass")
+
+    @property
+    def entropy(self) -> Optional[torch.Tensor]:
+        return self._mean("entropy")
+
+    @property
+    def num_queries(self) -> torch.Tensor:
+        return self._counts.clone()
+
+
+@contextlib.contextmanager
+def record_attention(
+    model,
+    *,
+    key_groups: Optional[torch.Tensor] = None,
+    num_groups: Optional[int] = None,
+    statistics: Union[None, str, Sequence[str]] = None,
+) -> Iterator[AttentionRecord]:
+    """Context manager: the AttentionRecord of every forward pass run inside it.
+
+        with fastprobe.record_attention(model) as record:
+            model(**batch)
+        record.sink_mass   # [layers, heads]
+
+    statistics defaults to the model's patch option `record` ("sink_mass"); "group_mass" also
+    needs key_groups ([B, L] integer ids), "entropy" asks the kernel for it. A model that is not
+    patched is patched (no options) for the duration of the block.
+    """
+    temporary = not is_patched(model)
+    if temporary:
+        patch(model)
+    state = getattr(model, _STATE)
+    if state.recorder is not None:
+        raise RuntimeError("record_attention is already active on this model")
+    chosen = state.options.record if statistics is None else _check_statistics(statistics, "statistics")
+    if key_groups is not None and "group_mass" not in chosen:
+        chosen = chosen + ("group_mass",)
+    parameter = next(model.parameters(), None)
+    dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
+    record = AttentionRecord(len(state.layers), _num_heads(state.layers), chosen,
+                             device=None if parameter is None else parameter.device, dtype=dtype,
+                             key_groups=key_groups, num_groups=num_groups)
+    state.recorder = record
+    try:
+        yield record
+    finally:
+        state.recorder = None
+        if temporary:
+            unpatch(model)

@@ -1,0 +1,344 @@
+"""Sink heads: find the heads whose attention goes mostly to the first token, prune them, and
+measure what that costs.
+
+    table = score_heads(model, tokenizer, texts)          # layer, head, sink_score, rank
+    before = perplexity(model, tokenizer, texts)
+    handle = prune_heads(model, table, fraction=0.1)      # the top 10% sink heads
+    after = perplexity(model, tokenizer, texts)
+    handle.restore()                                      # or restore_heads(model)
+    plot_sink_heads(table, "sinks.png")
+
+The sink score of head h in layer l is its attention weight on the first real token, averaged
+over every real (non-padded) query position of every text: fastprobe.record_attention reads it
+from the fused kernel, so no attention matrix is ever kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import numbers
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ..integrations.transformers import attention_layers, is_patched, patch, patch_options, record_attention, unpatch
+
+__all__ = [
+    "PrunedHeads", "perplexity", "plot_sink_heads", "prune_heads", "random_heads", "restore_heads", "score_heads",
+    "top_heads",
+]
+
+_PRUNED = "_fastprobe_pruned"  # the model's active PrunedHeads handles, oldest first
+
+
+def _pandas():
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError("fastprobe.methods.sinks returns pandas DataFrames: pip install pandas "
+                          "(or pip install 'fastprobe[plot]')") from error
+    return pandas
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _padding_ready(tokenizer) -> Iterator[None]:
+    """Batches need a pad token: a tokenizer without one (GPT-2's) borrows its eos token for the
+    duration. The tokenizer's padding side is kept; the attention mask makes either side right."""
+    if tokenizer.pad_token is not None:
+        yield
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad batches with")
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = None
+
+
+def _takes_position_ids(model) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str):
+    """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
+    take them, position_ids counted over real tokens (as generate does), so a left-padded row sees
+    the same positions as the text alone."""
+    from tqdm.auto import tqdm
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("texts is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device, positions = _device(model), _takes_position_ids(model)
+    starts = range(0, len(texts), batch_size)
+    with _padding_ready(tokenizer):
+        for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
+            encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                max_length=max_length, return_tensors="pt")
+            batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
+            if positions:
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            yield batch
+
+
+def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
+                progress: bool = True):
+    """Every head's BOS sink score over `texts`: a DataFrame with one row per (layer, head),
+    in that order, and columns layer, head, sink_score (attention weight on the first real token,
+    averaged over all real query positions) and rank (1 = the strongest sink head).
+
+    Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
+    model runs under fastprobe.record_attention (patched for the call if it is not already; a
+    patched model keeps its options, so heads it prunes score 0). progress: a tqdm bar."""
+    pandas = _pandas()
+    with torch.no_grad(), record_attention(model, statistics="sink_mass") as record:
+        for batch in _batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
+            model(**batch)
+    scores = record.sink_mass.float().cpu()  # [layers, heads]
+    layers, heads = scores.shape
+    table = pandas.DataFrame({
+        "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
+        "head": torch.arange(heads).repeat(layers).numpy(),
+        "sink_score": scores.flatten().numpy(),
+    })
+    table["rank"] = table["sink_score"].rank(ascending=False, method="first").astype(int)
+    return table
+
+
+def top_heads(table, fraction: float) -> list[tuple[int, int]]:
+    """The round(fraction * heads) best-ranked (layer, head) pairs of a score_heads table."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    count = int(round(fraction * len(table)))
+    best = table.sort_values("rank").head(count)
+    return [(int(layer), int(head)) for layer, head in zip(best["layer"], best["head"])]
+
+
+def random_heads(table, count: int, *, seed: int = 0, exclude: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """`count` (layer, head) pairs of a score_heads table drawn uniformly without replacement
+    (seeded), leaving out `exclude`: the control for pruning the top sink heads."""
+    excluded = set(map(tuple, exclude))
+    pool = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"]) if (int(l), int(h)) not in excluded]
+    if count > len(pool):
+        raise ValueError(f"cannot draw {count} heads from {len(pool)}")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]
+    return sorted(pool[i] for i in order.tolist())
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def _output_projection(model, attention):
+    """(weight, axis) of the projection that reads the attention's per-head outputs, where
+    weight.narrow(axis, h * D, D) are head h's input features: o_proj / out_proj (Linear, axis 1),
+    GPT-2's c_proj (Conv1D, weight [in, out], axis 0), BERT's sibling output.dense."""
+    from transformers.pytorch_utils import Conv1D
+
+    candidates = [getattr(attention, name, None) for name in ("o_proj", "out_proj", "c_proj", "dense")]
+    names = {id(module): name for name, module in model.named_modules()}
+    parent_name = names[id(attention)].rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    output = getattr(parent, "output", None)  # BERT: attention.self (scores) + attention.output.dense
+    candidates.append(getattr(output, "dense", None))
+    for module in candidates:
+        if isinstance(module, Conv1D):
+            return module.weight, 0
+        if isinstance(module, torch.nn.Linear):
+            return module.weight, 1
+    raise NotImplementedError(f"no output projection found for {type(attention).__name__}: use mode='mask'")
+
+
+def _num_heads(attention) -> int:
+    for owner, name in ((attention, "num_heads"), (attention, "num_attention_heads"),
+                        (getattr(attention, "config", None), "num_attention_heads")):
+        if isinstance(getattr(owner, name, None), int):
+            return getattr(owner, name)
+    raise NotImplementedError(f"cannot tell how many heads {type(attention).__name__} has")
+
+
+def _head_dim(attention, num_heads: int, weight: torch.Tensor, axis: int) -> int:
+    for name in ("head_dim", "attention_head_size"):
+        if isinstance(getattr(attention, name, None), int):
+            return getattr(attention, name)
+    return weight.shape[axis] // num_heads
+
+
+def _heads_of(heads, fraction: Optional[float]) -> list[tuple[int, int]]:
+    if fraction is not None:
+        if not hasattr(heads, "columns"):
+            raise TypeError("fraction needs the score_heads table as `heads`")
+        return top_heads(heads, fraction)
+    if hasattr(heads, "columns"):  # a table: every row
+        return [(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])]
+    pairs = [tuple(pair) for pair in heads]
+    if any(len(pair) != 2 for pair in pairs):
+        raise TypeError("heads must be (layer, head) pairs, a score_heads table, or a table with fraction=")
+    return [(int(l), int(h)) for l, h in pairs]
+
+
+class PrunedHeads:
+    """What prune_heads did; .restore() undoes it (handles are undone newest first)."""
+
+    def __init__(self, model, heads: list, mode: str):
+        self.model, self.heads, self.mode = model, heads, mode
+        self._undo = None
+        self.active = True
+
+    def restore(self) -> None:
+        if not self.active:
+            return
+        active = getattr(self.model, _PRUNED, [])
+        if active and active[-1] is not self:
+            raise RuntimeError("restore pruned heads newest first (or call restore_heads(model))")
+        self._undo()
+        self.active = False
+        active.pop()
+        if not active:
+            delattr(self.model, _PRUNED)
+
+    def __enter__(self) -> "PrunedHeads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        return f"PrunedHeads({len(self.heads)} heads, mode={self.mode!r}, active={self.active})"
+
+
+def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "mask") -> PrunedHeads:
+    """Prunes heads: `heads` is a list of (layer, head), or a score_heads table (every row, or its
+    top `fraction` by rank). Layers are fastprobe's (transformers' layer_idx for decoder-only and
+    encoder-only models). Returns a handle whose .restore() undoes it; also restore_heads(model).
+
+    mode="mask": the kernel's head mask (fastprobe.patch's head_mask option; the model is patched
+        if it is not, and unpatched again on restore). A pruned head outputs 0 and costs nothing.
+    mode="zero_o_proj": zeroes the head's input columns of the output projection (per query head,
+        so right for grouped-query attention too); works under any attention implementation.
+    Both remove the head's contribution, so on the same model they give the same outputs."""
+    if mode not in ("mask", "zero_o_proj"):
+        raise ValueError(f"mode must be 'mask' or 'zero_o_proj', got {mode!r}")
+    pairs = sorted(set(_heads_of(heads, fraction)))
+    layers = attention_layers(model)
+    num_heads = _num_heads(layers[0])
+    for layer, head in pairs:
+        if not (0 <= layer < len(layers) and 0 <= head < num_heads):
+            raise ValueError(f"head ({layer}, {head}) is outside the model's {len(layers)} layers x {num_heads} heads")
+    handle = PrunedHeads(model, pairs, mode)
+    handle._undo = _prune_by_mask(model, layers, pairs, num_heads) if mode == "mask" else \
+        _prune_by_projection(model, layers, pairs, num_heads)
+    if not hasattr(model, _PRUNED):
+        setattr(model, _PRUNED, [])
+    getattr(model, _PRUNED).append(handle)
+    return handle
+
+
+def _prune_by_mask(model, layers: list, pairs: list, num_heads: int):
+    patched_here = not is_patched(model)
+    if patched_here:
+        patch(model)
+    previous = patch_options(model)
+    masks = {layer: keep.clone() for layer, keep in previous.head_mask.items()}
+    for layer, head in pairs:
+        masks.setdefault(layer, torch.ones(num_heads, dtype=torch.bool))[head] = False
+    _set_options(model, previous, masks)
+
+    def undo():
+        if not is_patched(model):  # the user unpatched in between: nothing left to undo
+            return
+        if patched_here:
+            unpatch(model)
+        else:
+            _set_options(model, previous, previous.head_mask)
+
+    return undo
+
+
+def _set_options(model, options, head_mask) -> None:
+    patch(model, num_sink=options.num_sink, window=options.window, head_mask=dict(head_mask),
+          record=options.record, stat_tokens=options.stat_tokens)
+
+
+def _prune_by_projection(model, layers: list, pairs: list, num_heads: int):
+    saved = []
+    with torch.no_grad():
+        for layer, head in pairs:
+            weight, axis = _output_projection(model, layers[layer])
+            size = _head_dim(layers[layer], num_heads, weight, axis)
+            columns = weight.narrow(axis, head * size, size)
+            saved.append((columns, columns.clone()))
+            columns.zero_()
+
+    def undo():
+        with torch.no_grad():
+            for columns, original in reversed(saved):
+                columns.copy_(original)
+
+    return undo
+
+
+def restore_heads(model) -> None:
+    """Undoes every prune_heads on the model, newest first."""
+    for handle in reversed(list(getattr(model, _PRUNED, []))):
+        handle.restore()
+
+
+# ---------------------------------------------------------------- perplexity and the plot
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
+               progress: bool = False) -> float:
+    """exp(mean next-token negative log-likelihood) of a causal language model over every real
+    (non-padded) predicted token of `texts`, batched like score_heads."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in _batches(model, tokenizer, texts, batch_size, max_length, progress, "perplexity"):
+            logits = getattr(model(**batch), "logits", None)
+            if logits is None:
+                raise TypeError(f"perplexity needs a causal language model with logits, got {type(model).__name__}")
+            real = batch["attention_mask"] != 0  # a prediction needs a real input and a real target
+            targets = batch["input_ids"][:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+            total += loss.double().cpu()
+            count += int((targets != -100).sum())
+    if count == 0:
+        raise ValueError("no token to predict: every text is shorter than two tokens")
+    return math.exp(total.item() / count)
+
+
+def plot_sink_heads(table, path, *, title: Optional[str] = None):
+    """Writes a layer x head heat map of a score_heads table's sink_score to `path` (any format
+    matplotlib saves, by extension); returns the path. Needs matplotlib (pip install
+    'fastprobe[plot]'). Draws on its own figure: the pyplot state and backend are left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plot_sink_heads needs matplotlib: pip install 'fastprobe[plot]'") from error
+    grid = table.pivot(index="layer", columns="head", values="sink_score").sort_index()
+    layers, heads = grid.shape
+    figure = Figure(figsize=(max(4.0, 0.5 * heads + 2.0), max(3.0, 0.35 * layers + 1.5)))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="upper")
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    axes.set_xticks(range(heads), [str(h) for h in grid.columns])
+    axes.set_yticks(range(layers), [str(l) for l in grid.index])
+    axes.set_title(title or "BOS sink score (attention on the first token)")
+    figure.colorbar(image, ax=axes, label="sink score")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path

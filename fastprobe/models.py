@@ -1,0 +1,149 @@
+"""Small built-in transformers models and a tokenizer, made in-process (no downloads).
+
+Shared by `fastprobe demo`, the tests and the benchmarks. The models are built from small
+configs with a fixed seed: their weights are random, so what they compute is meaningless as
+language, but every code path of a real checkpoint of that architecture runs.
+
+    tokenizer = tiny_tokenizer()                    # byte-level BPE trained on DEMO_TEXTS
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model = tiny_model("gemma2", num_layers=3, sliding_window=4)
+    plant_sink_heads(model, {0: [1], 2: [0, 3]})   # known BOS sink heads, for the sinks pipeline
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["ARCHITECTURES", "DEMO_TEXTS", "plant_sink_heads", "tiny_config", "tiny_model", "tiny_tokenizer"]
+
+# Causal language models, then the bidirectional encoder.
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2", "bert")
+
+DEMO_TEXTS = [
+    "The river ran past the old mill and under the stone bridge before it reached the sea.",
+    "A small model can still show where attention goes when it reads a sentence.",
+    "Heads that look only at the first token are called sink heads.",
+    "She opened the window, and the cold morning air filled the quiet room.",
+    "Prices rose in the spring, fell over the summer and settled by the autumn.",
+    "The library kept its rarest maps in a locked drawer under the reading desk.",
+    "Every language model spends some of its attention on tokens that carry little meaning.",
+    "He counted the boats in the harbour: seven red, four white and one without a name.",
+    "Pruning a head removes its output from the sum that the next layer reads.",
+    "The recipe asks for two eggs, a cup of flour and a pinch of salt.",
+    "When the train stopped, the passengers looked up from their books and phones.",
+    "A sliding window keeps only the most recent tokens visible to each query.",
+    "The committee met on Tuesday to discuss the budget for the coming year.",
+    "Stars appear to move across the sky because the earth turns on its axis.",
+    "The museum reopened after the repairs with a new wing for modern art.",
+    "Perplexity measures how surprised a model is by the text it is given.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 512, padding_side: str = "right", texts=None):
+    """A byte-level BPE tokenizer trained in-process on `texts` (default DEMO_TEXTS), as a
+    transformers PreTrainedTokenizerFast with <s> (prepended to every text), </s> and <pad>."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts or DEMO_TEXTS), trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side=padding_side,
+    )
+
+
+def tiny_config(arch: str = "llama", *, vocab_size: int = 512, num_layers: int = 2, hidden_size: int = 64,
+                num_heads: int = 4, num_kv_heads: int | None = None, **overrides: Any):
+    """A small transformers config of architecture `arch` (one of ARCHITECTURES); head_dim =
+    hidden_size / num_heads, grouped-query (num_kv_heads = num_heads / 2) where the architecture
+    has it, float32, no dropout. Gemma 2/3 and Mistral get a sliding window of 4 tokens and Qwen2
+    one on its second layer (so short test inputs cross it); overrides win."""
+    import transformers
+
+    head_dim = hidden_size // num_heads
+    kv_heads = num_kv_heads if num_kv_heads is not None else max(num_heads // 2, 1)
+    decoder = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=kv_heads,
+                   max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    gemma = dict(head_dim=head_dim, sliding_window=4, query_pre_attn_scalar=head_dim)
+    settings = {
+        "llama": ("LlamaConfig", decoder),
+        "qwen2": ("Qwen2Config", dict(decoder, use_sliding_window=True, sliding_window=4,
+                                      max_window_layers=min(1, num_layers - 1))),
+        "qwen3": ("Qwen3Config", dict(decoder, head_dim=head_dim)),
+        "mistral": ("MistralConfig", dict(decoder, head_dim=head_dim, sliding_window=4)),
+        "gemma2": ("Gemma2Config", dict(decoder, **gemma)),
+        "gemma3": ("Gemma3TextConfig", dict(decoder, **gemma, layer_types=[
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)])),
+        "gpt2": ("GPT2Config", dict(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                                    n_positions=8192, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+        "bert": ("BertConfig", dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                    num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                    max_position_embeddings=8192, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, pad_token_id=0)),
+    }
+    if arch not in settings:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    name, kwargs = settings[arch]
+    return getattr(transformers, name)(**{**kwargs, **overrides})
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, attn_implementation: str | None = None,
+               dtype: torch.dtype = torch.float32, **config_options: Any):
+    """A randomly initialised model from tiny_config(arch, **config_options), with weights drawn
+    after torch.manual_seed(seed) (the global RNG state is restored afterwards), in eval mode.
+    Causal architectures get their ...ForCausalLM class, BERT its BertModel."""
+    import transformers
+
+    config = tiny_config(arch, **config_options)
+    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(config, **kwargs)
+    return model.to(dtype).eval()
+
+
+def plant_sink_heads(model, heads, *, bos_token_id: int | None = None, strength: float = 3.0):
+    """Makes the chosen heads of a tiny Llama-family model (q_proj / k_proj, rotary positions)
+    attend almost only to the BOS token; returns the model. heads: {layer: [head, ...]}.
+
+    Every token embedding gets a shared component on hidden dimension 0 and only BOS one on
+    dimension 1 (the residual stream carries both through a few random layers). A planted head's
+    query reads dimension 0 and its key dimension 1, both on the rotary pair that turns slowest,
+    so q.k is about strength^2 * |x_0| |x_1| (tens of nats) for BOS and 0 for every other key,
+    at any distance. The key row is shared by the query heads of one key/value group; the others
+    in the group keep their random queries (a small push towards BOS)."""
+    from .integrations.transformers import attention_layers
+
+    bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
+    embedding = model.get_input_embeddings().weight
+    layers = attention_layers(model)
+    with torch.no_grad():
+        embedding[:, 0] = 0.3
+        embedding[:, 1] = 0.0
+        embedding[bos, 1] = 0.3
+        for layer, chosen in heads.items():
+            attention = layers[layer]
+            size, group = attention.head_dim, attention.num_key_value_groups
+            slow = size // 2 - 1  # rotate_half pairs (i, i + size/2); the last pair has the lowest frequency
+            for head in chosen:
+                query = attention.q_proj.weight[head * size:(head + 1) * size]
+                query.zero_()
+                query[slow, 0] = strength
+                key_row = attention.k_proj.weight[(head // group) * size + slow]
+                key_row.zero_()
+                key_row[1] = strength
+    return model

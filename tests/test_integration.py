@@ -1,0 +1,481 @@
+"""fastprobe.patch / unpatch / record_attention on real transformers models built from small
+configs (float32, 2 layers, hidden 64; no downloads): patched outputs and greedy generations
+equal the unpatched model's, recorded statistics equal eager attention weights, windows and
+sinks match transformers' own masks, and what fastprobe cannot reproduce is refused."""
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe.integrations import attention_layers, is_patched, patch_options
+from fastprobe.integrations import transformers as integration
+from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+CAUSAL = [arch for arch in ARCHITECTURES if arch != "bert"]
+VOCAB = 512
+LENGTH = 12  # longer than the sliding windows (4) of Mistral, Gemma 2/3 and Qwen2's second layer
+TOLERANCE = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP barriers make
+    every small op wait for a core (seconds per generate instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def softcap_ready() -> bool:
+    """Whether the backend in force takes Gemma 2's logit soft cap (the fused kernels get it later)."""
+    q = torch.randn(1, 1, 2, 4)
+    try:
+        fp.sink_attention(q, q, q, softcap=5.0)
+    except NotImplementedError:
+        return False
+    return True
+
+
+@pytest.fixture
+def backend_for(request):
+    """A callable arch -> None that forces the reference backend for Gemma 2 while the fused
+    kernels lack softcap (the integration is what these tests check)."""
+
+    def choose(arch):
+        if arch == "gemma2" and not softcap_ready():
+            fp.set_backend("reference")
+
+    return choose
+
+
+def inputs(batch=3, length=LENGTH, padding="mixed"):
+    """input_ids and an attention mask: row 0 left-padded, row 1 right-padded, row 2 full
+    ("mixed"); "left" pads rows 0 and 1 on the left; "none" has no padding."""
+    ids = torch.randint(3, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padding in ("mixed", "left"):
+        mask[0, :5] = 0
+    if padding == "mixed":
+        mask[1, length - 3:] = 0
+    if padding == "left":
+        mask[1, :2] = 0
+    return ids, mask
+
+
+def outputs(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        result = model(input_ids=ids, attention_mask=mask, **kwargs)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def assert_real_close(got, want, mask, **tolerance):
+    """Equal at real (non-padded) positions: padded queries' outputs are unspecified."""
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], **(tolerance or TOLERANCE))
+
+
+def first_real(mask):
+    return mask.to(torch.int64).argmax(-1)
+
+
+def eager_sink_mass(attentions, mask):
+    """[layers, heads] weight on each row's first real key, averaged over real queries and rows,
+    from eager attention weights [B, H, Lq, Lk] (prefill: Lq = Lk)."""
+    first = first_real(mask)
+    real = mask.bool()
+    rows = []
+    for weights in attentions:
+        batch, heads, queries, _ = weights.shape
+        on_first = weights.gather(-1, first.view(batch, 1, 1, 1).expand(batch, heads, queries, 1))[..., 0]
+        rows.append((on_first * real[:, None]).sum((0, 2)) / real.sum())
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- same outputs as unpatched
+
+
+@pytest.mark.parametrize("padding", ["mixed", "none"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_patched_prefill_matches_unpatched(arch, padding, backend_for):
+    backend_for(arch)
+    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    assert model.config._attn_implementation == "fastprobe"
+    ids, mask = inputs(padding=padding)
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_patched_generate_is_identical(arch, backend_for):
+    """Greedy decoding with a KV cache, left padding, past the sliding windows (so Mistral's and
+    Gemma's sliding caches drop tokens): the same tokens."""
+    backend_for(arch)
+    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = reference.generate(ids, **settings)
+        got = model.generate(ids, **settings)
+    assert torch.equal(got, want)
+
+
+def test_gpt_oss_learned_sinks():
+    """gpt-oss passes its per-head sink logits as s_aux: the kernel's sink_logit."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+    )
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.self_attn.sinks.normal_()  # make the sinks matter
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.load_state_dict(reference.state_dict())
+    fp.patch(model)
+    ids, mask = inputs(padding="left")
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+    with torch.no_grad():
+        settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+
+
+def test_vision_language_model_and_its_sub_configs():
+    """A LLaVA (CLIP vision tower + Llama text model, each with its own sub-config): every config
+    switches and is restored; the image-token forward equals the unpatched one."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=28, patch_size=14)
+    text = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=299,
+                                      vision_feature_layer=-1)
+    reference = transformers.LlavaForConditionalGeneration(config).eval()
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.load_state_dict(reference.state_dict())
+    before = {id(c): c._attn_implementation for c in integration._configs(model)}
+    assert len(before) == 3  # LLaVA, CLIP vision, Llama text
+    fp.patch(model)
+    assert all(c._attn_implementation == "fastprobe" for c in integration._configs(model))
+    assert len(attention_layers(model)) == 2  # the text model's self-attention; the vision tower runs plain
+    ids, mask = torch.randint(3, 290, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    ids[:, 4:8] = 299  # 2 x 2 patches per image
+    pixels = torch.randn(2, 3, 28, 28)
+    with fp.record_attention(model) as record:
+        got = outputs(model, ids, mask, pixel_values=pixels)
+    assert_real_close(got, outputs(reference, ids, mask, pixel_values=pixels), mask)
+    assert record.sink_mass.shape == (2, 4)
+    fp.unpatch(model)
+    assert {id(c): c._attn_implementation for c in integration._configs(model)} == before
+
+
+# ---------------------------------------------------------------- unpatch, two models
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "bert"])  # sdpa, eager (Gemma 2's default), encoder
+def test_unpatch_restores_exactly(arch, backend_for):
+    backend_for(arch)
+    model = tiny_model(arch)
+    before = {id(c): c._attn_implementation for c in integration._configs(model)}
+    ids, mask = inputs()
+    want = outputs(model, ids, mask)
+    fp.patch(model, window=3, head_mask={0: [True, False, True, True]})
+    outputs(model, ids, mask)
+    assert fp.unpatch(model) is model
+    assert not is_patched(model)
+    assert {id(c): c._attn_implementation for c in integration._configs(model)} == before
+    assert not any(hasattr(m, "_fastprobe_state") for m in model.modules())
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert torch.equal(outputs(model, ids, mask), want)
+    assert fp.unpatch(model) is model  # not patched: a no-op
+
+
+def test_two_models_patched_differently():
+    """Options live on the instance: a pruned head in one model leaves the other untouched."""
+    reference = tiny_model("llama")
+    plain = fp.patch(tiny_model("llama"))
+    pruned = fp.patch(tiny_model("llama"), head_mask={1: [True, False, True, True]})
+    ids, mask = inputs()
+    want = outputs(reference, ids, mask)
+    assert_real_close(outputs(plain, ids, mask), want, mask)
+    got = outputs(pruned, ids, mask)
+    assert (got - want)[mask.bool()].abs().max() > 1e-3
+    # the pruned head removed by hand in the reference: zero its input columns of o_proj
+    with torch.no_grad():
+        reference.model.layers[1].self_attn.o_proj.weight[:, 16:32] = 0
+    assert_real_close(got, outputs(reference, ids, mask), mask)
+    assert patch_options(plain).head_mask == {}
+
+
+def test_patch_again_replaces_options():
+    model = fp.patch(tiny_model("llama"), window=3, num_sink=1)
+    fp.patch(model, head_mask=torch.ones(2, 4, dtype=torch.bool))
+    options = patch_options(model)
+    assert options.window is None and options.num_sink == 0 and set(options.head_mask) == {0, 1}
+    assert model.config._attn_implementation == "fastprobe"
+    fp.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- options vs transformers' own masks
+
+
+def visibility_mask(mask, window, num_sink):
+    """[B, 1, L, L] bool: causal, p - window < j <= p, the first num_sink real keys always, no
+    padding keys; a 4D mask transformers passes to sdpa untouched."""
+    length = mask.shape[1]
+    position = torch.arange(length)
+    causal = position[None, :] <= position[:, None]
+    in_window = position[None, :] > position[:, None] - window
+    real = mask.bool()
+    sink = real & (real.long().cumsum(-1) <= num_sink)
+    visible = causal[None] & (in_window[None] | sink[:, None, :]) & real[:, None, :]
+    return visible[:, None]
+
+
+@pytest.mark.parametrize("num_sink", [0, 2])
+def test_window_and_sinks_match_a_4d_mask(num_sink):
+    """patch(window, num_sink) equals the unpatched model given the equivalent 4D mask."""
+    reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"), window=3, num_sink=num_sink)
+    ids, mask = inputs(padding="left")
+    want = outputs(reference, ids, visibility_mask(mask, 3, num_sink))
+    assert_real_close(outputs(model, ids, mask), want, mask)
+
+
+def test_window_option_equals_mistral_sliding_window():
+    """A Llama patched with window=4 is a Mistral with sliding_window=4 (same weights)."""
+    llama = tiny_model("llama")
+    mistral = transformers.MistralForCausalLM(tiny_config("mistral", head_dim=16, sliding_window=4)).eval()
+    mistral.load_state_dict(llama.state_dict())
+    fp.patch(llama, window=4)
+    ids, mask = inputs()
+    assert_real_close(outputs(llama, ids, mask), outputs(mistral, ids, mask), mask)
+
+
+def test_head_mask_forms_are_equivalent():
+    keep = torch.tensor([[True, True, True, True], [False, True, True, False]])
+    model = fp.patch(tiny_model("llama"), head_mask=keep)
+    ids, mask = inputs()
+    as_tensor = outputs(model, ids, mask)
+    fp.patch(model, head_mask={1: [0, 1, 1, 0]})  # lists of 0/1 work too; layer 0 keeps every head
+    assert torch.equal(outputs(model, ids, mask), as_tensor)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(head_mask={5: [True] * 4}), ValueError, "names layer 5"),
+    (dict(head_mask={0: [True] * 3}), ValueError, r"shape \[heads\] = \[4\]"),
+    (dict(head_mask={0: [0.5] * 4}), TypeError, "boolean"),
+    (dict(head_mask={0: [2, 1, 1, 1]}), ValueError, "only 0/1"),
+    (dict(head_mask=torch.ones(3, 4)), ValueError, r"\[layers, heads\]"),
+    (dict(window=0), ValueError, "window must be >= 1"),
+    (dict(num_sink=-1), ValueError, "num_sink"),
+    (dict(num_sink=1.5), TypeError, "num_sink"),
+    (dict(record=("sink_mass", "weights")), ValueError, "statistics"),
+])
+def test_bad_options_raise_and_leave_the_model_alone(bad, error, match):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=match):
+        fp.patch(model, **bad)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- mask semantics (the off-by-one)
+
+
+def materialised(mask_function, length):
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    return masking_utils.sdpa_mask(batch_size=1, q_length=length, kv_length=length, mask_function=mask_function,
+                                   allow_is_causal_skip=False, allow_is_bidirectional_skip=False)[0, 0]
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_mask_pattern_windows_match_transformers_masks(window):
+    """The (causal, window) read from transformers' mask functions gives exactly the mask sdpa
+    builds from them: causal sliding_window w -> window w, bidirectional w -> window w + 1."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    cases = {
+        masking_utils.causal_mask_function: (True, None),
+        masking_utils.bidirectional_mask_function: (False, None),
+        masking_utils.sliding_window_causal_mask_function(window): (True, window),
+        masking_utils.sliding_window_bidirectional_mask_function(window): (False, window + 1),
+    }
+    length = 11
+    for function, expected in cases.items():
+        causal, ours = integration._mask_pattern(function)
+        assert (causal, ours) == expected
+        real = torch.ones(1, length, dtype=torch.bool)
+        visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal, ours)[0]
+        assert torch.equal(visible, materialised(function, length))
+
+
+def test_mask_patterns_it_cannot_reproduce_are_refused():
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    chunked = masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    custom = masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv % 2 == 0)
+    for function in (chunked, custom):
+        with pytest.raises(NotImplementedError, match="cannot reproduce"):
+            integration._mask_pattern(function)
+
+
+def test_mask_function_returns_a_key_padding_mask():
+    """Never an [L, L] mask: [B, kv_length], the last kv_length columns of the 2D mask."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    fp.patch(tiny_model("llama"))  # registers the key
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    function = masking_utils.AttentionMaskInterface()["fastprobe"]
+    got = function(batch_size=2, q_length=1, kv_length=4, q_offset=5, kv_offset=2, attention_mask=mask.bool(),
+                   mask_function=masking_utils.sliding_window_causal_mask_function(4))
+    assert got.shape == (2, 4) and got.dtype == torch.bool and torch.equal(got, mask[:, 2:].bool())
+    pattern = got._fastprobe_pattern
+    assert pattern.causal and pattern.window == 4
+    assert pattern.dropped.tolist() == [False, True]  # row 0's first real token (index 2) is still cached
+    none = function(batch_size=2, q_length=6, kv_length=6, attention_mask=None,
+                    mask_function=masking_utils.causal_mask_function)
+    assert none.shape == (2, 6) and bool(none.all())
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_refuses_architectures_without_the_attention_interface():
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    before = t5.config._attn_implementation
+    with pytest.raises(NotImplementedError, match="AttentionInterface"):
+        fp.patch(t5)
+    assert not is_patched(t5) and t5.config._attn_implementation == before
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        fp.patch(torch.nn.Linear(4, 4))
+
+
+def test_forward_that_skips_fastprobe_raises():
+    """The safety net: a patched model whose forward never reached fastprobe's attention."""
+    model = fp.patch(tiny_model("llama"))
+    model.config._attn_implementation_internal = "sdpa"  # switched back behind fastprobe's back
+    ids, mask = inputs()
+    with pytest.raises(RuntimeError, match="without calling fastprobe's attention"):
+        outputs(model, ids, mask)
+
+
+def test_refuses_what_it_cannot_reproduce():
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    with pytest.raises(NotImplementedError, match="4D mask"):
+        outputs(model, ids, torch.ones(3, 1, LENGTH, LENGTH, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        outputs(model, ids, None, position_ids=torch.arange(LENGTH).remainder(6).expand(3, -1), use_cache=False)
+    with pytest.raises(NotImplementedError, match="static or offloaded cache"):
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        outputs(model, ids, mask, output_attentions=True)
+    model.train()
+    with pytest.raises(RuntimeError, match="forward-only"):
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    model.config.attention_dropout = 0.1
+    for layer in attention_layers(model):
+        layer.attention_dropout = 0.1
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
+    model = fp.patch(tiny_model("mistral"), num_sink=1)
+    ids, mask = inputs(padding="none")
+    outputs(model, ids, mask)  # prefill: fine
+    with pytest.raises(NotImplementedError, match="dropped the first tokens"):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=3, do_sample=False)
+
+
+# ---------------------------------------------------------------- recording vs eager weights
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_recorded_sink_mass_matches_eager_weights(arch, backend_for):
+    backend_for(arch)
+    eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
+    ids, mask = inputs()
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with fp.record_attention(model) as record:
+            model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
+    assert record.group_mass is None and record.entropy is None
+    assert record.num_queries.tolist() == [mask.sum().item()] * len(weights)
+
+
+def test_recorded_entropy_and_group_mass_match_eager_weights():
+    eager, model = tiny_model("qwen3", attn_implementation="eager"), fp.patch(tiny_model("qwen3"))
+    ids, mask = inputs()
+    groups = torch.randint(0, 3, ids.shape)
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with fp.record_attention(model, key_groups=groups, statistics=("sink_mass", "entropy")) as record:
+            model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()[:, None, :, None]
+    count = mask.sum()
+    one_hot = torch.nn.functional.one_hot(groups, 3).float()  # [B, L, G]
+    entropy = torch.stack([(-torch.xlogy(w, w).sum(-1, keepdim=True) * real).sum((0, 2))[:, 0] / count
+                           for w in weights])
+    group_mass = torch.stack([((w @ one_hot[:, None]) * real).sum((0, 2)) / count for w in weights])
+    torch.testing.assert_close(record.entropy, entropy, **TOLERANCE)
+    torch.testing.assert_close(record.group_mass, group_mass, **TOLERANCE)
+    torch.testing.assert_close(record.group_mass.sum(-1), torch.ones(2, 4), **TOLERANCE)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # a full cache; a sliding cache that drops the first tokens
+def test_recording_through_generate_matches_eager_weights(arch):
+    """Pooled over the prefill and every decoding step; where a sliding cache has dropped a
+    row's first token, its weight there is 0 (it is outside every query's window)."""
+    eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        steps = eager.generate(ids, output_attentions=True, return_dict_in_generate=True, **settings).attentions
+        with fp.record_attention(model) as record:
+            model.generate(ids, **settings)
+    first = first_real(mask)
+    sums, count = 0, 0
+    for step, layers in enumerate(steps):
+        total = LENGTH + step  # tokens seen after this step's queries
+        real = mask.bool() if step == 0 else torch.ones(3, 1, dtype=torch.bool)
+        per_layer = []
+        for weights in layers:  # [B, H, Lq, Lk]: the last Lk of the `total` tokens
+            offset = total - weights.shape[-1]
+            index = (first - offset).clamp(min=0).view(3, 1, 1, 1).expand(*weights.shape[:3], 1)
+            on_first = weights.gather(-1, index)[..., 0] * (first >= offset).view(3, 1, 1)
+            per_layer.append((on_first * real[:, None]).sum((0, 2)))
+        sums = sums + torch.stack(per_layer)
+        count += real.sum()
+    torch.testing.assert_close(record.sink_mass, sums / count, **TOLERANCE)
+
+
+def test_record_attention_patches_temporarily_and_nests_safely():
+    model = tiny_model("llama")
+    ids, mask = inputs()
+    with fp.record_attention(model) as record:
+        assert is_patched(model)
+        with pytest.raises(RuntimeError, match="already active"):
+            with fp.record_attention(model):
+                pass
+        with pytest.raises(RuntimeError, match="inside record_attention"):
+            fp.unpatch(model)
+        with pytest.raises(RuntimeError, match="nothing was recorded"):
+            record.sink_mass
+        outputs(model, ids, mask)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+    assert record.sink_mass.shape == (2, 4)
+    with pytest.raises(ValueError, match="key_groups has shape"):
+        with fp.record_attention(model, key_groups=torch.zeros(3, 5, dtype=torch.long)):
+            outputs(model, ids, mask)
+
+
+def test_recording_pruned_heads_reads_zero():
+    model = fp.patch(tiny_model("llama"), head_mask={0: [True, False, True, True]})
+    ids, mask = inputs()
+    with fp.record_attention(model) as record:
+        outputs(model, ids, mask)
+    assert record.sink_mass[0, 1] == 0 and (record.sink_mass[0, [0, 2, 3]] > 0).all()

@@ -1,0 +1,271 @@
+"""fastprobe.methods.sinks on small built-in models and an in-process tokenizer: scoring finds
+planted sink heads whatever the padding side, pruning by head mask equals zeroing the output
+projection and is reversible, perplexity is batch- and padding-independent, the heat map and the
+`fastprobe sinks` command work on a local checkpoint."""
+
+import sys
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import cli
+from fastprobe.integrations import is_patched, patch_options
+from fastprobe.methods import sinks
+from fastprobe.models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
+
+pytest.importorskip("transformers")
+pandas = pytest.importorskip("pandas")
+
+PLANTED = {0: [1], 1: [0, 3]}
+TEXTS = DEMO_TEXTS[:7]  # an odd count: the last batch is short
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: see test_integration.one_thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def planted_model(tokenizer, **options):
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3, num_heads=4, **options)
+    return plant_sink_heads(model, PLANTED)
+
+
+def planted_pairs():
+    return sorted((layer, head) for layer, heads in PLANTED.items() for head in heads)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_score_heads_finds_planted_sink_heads(tokenizer, side):
+    tokenizer.padding_side = side
+    try:
+        table = sinks.score_heads(planted_model(tokenizer), tokenizer, TEXTS, batch_size=3, progress=False)
+    finally:
+        tokenizer.padding_side = "right"
+    assert list(table.columns) == ["layer", "head", "sink_score", "rank"]
+    assert len(table) == 3 * 4 and sorted(table["rank"]) == list(range(1, 13))
+    assert list(zip(table["layer"], table["head"])) == [(l, h) for l in range(3) for h in range(4)]
+    top = table.sort_values("rank").head(3)
+    assert sorted(zip(top["layer"], top["head"])) == planted_pairs()
+    assert (top["sink_score"] > 0.95).all() and table["sink_score"].between(0, 1).all()
+
+
+def test_score_heads_equals_eager_weights_text_by_text(tokenizer):
+    """Batched with padding (both sides) = one text at a time without padding, pooled over all
+    real queries: each row's first token is its first real one."""
+    model = planted_model(tokenizer)
+    eager = planted_model(tokenizer, attn_implementation="eager")
+    sums, count = 0, 0
+    with torch.no_grad():
+        for text in TEXTS:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            weights = eager(input_ids=ids, output_attentions=True).attentions
+            sums = sums + torch.stack([w[0, :, :, 0].sum(-1) for w in weights])
+            count += ids.shape[1]
+    want = (sums / count).flatten()
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        table = sinks.score_heads(model, tokenizer, TEXTS, batch_size=4, progress=False)
+        torch.testing.assert_close(torch.tensor(table["sink_score"].to_numpy()), want, rtol=2e-5, atol=2e-5)
+    tokenizer.padding_side = "right"
+    assert not is_patched(model)  # patched only for the call
+
+
+def test_score_heads_keeps_a_patched_models_options(tokenizer):
+    model = fp.patch(planted_model(tokenizer), head_mask={0: [True, False, True, True]})
+    table = sinks.score_heads(model, tokenizer, TEXTS, progress=False)
+    assert table.loc[(table["layer"] == 0) & (table["head"] == 1), "sink_score"].item() == 0.0
+    assert is_patched(model) and 0 in patch_options(model).head_mask
+
+
+def test_tokenizer_without_pad_token_borrows_eos(tokenizer):
+    model = planted_model(tokenizer)
+    tokenizer.pad_token = None
+    try:
+        table = sinks.score_heads(model, tokenizer, TEXTS[:3], progress=False)
+        ppl = sinks.perplexity(model, tokenizer, TEXTS[:3])
+        assert tokenizer.pad_token is None
+    finally:
+        tokenizer.pad_token = "<pad>"
+    assert len(table) == 12 and ppl > 1
+
+
+def test_top_and_random_heads(tokenizer):
+    table = sinks.score_heads(planted_model(tokenizer), tokenizer, TEXTS, progress=False)
+    assert sorted(sinks.top_heads(table, 0.25)) == planted_pairs()
+    assert sinks.top_heads(table, 0.0) == []
+    drawn = sinks.random_heads(table, 3, seed=1, exclude=planted_pairs())
+    assert len(set(drawn)) == 3 and not set(drawn) & set(planted_pairs())
+    assert drawn == sinks.random_heads(table, 3, seed=1, exclude=planted_pairs())
+    with pytest.raises(ValueError, match="fraction"):
+        sinks.top_heads(table, 1.5)
+    with pytest.raises(ValueError, match="cannot draw"):
+        sinks.random_heads(table, 13)
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits, batch["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("arch, kv_heads", [("llama", 4), ("llama", 2), ("gpt2", None), ("bert", None)])
+def test_mask_and_zero_o_proj_prune_the_same(tokenizer, arch, kv_heads):
+    """On one (patched) model, pruning by head mask and by zeroing the head's o_proj input
+    columns give identical outputs: the head's contribution is exactly 0 either way. Covers MHA,
+    GQA (columns per query head), GPT-2's Conv1D c_proj and BERT's sibling output.dense."""
+    options = {} if kv_heads is None else {"num_kv_heads": kv_heads}
+    model = fp.patch(tiny_model(arch, vocab_size=len(tokenizer), **options))
+    heads = [(0, 1), (1, 0), (1, 3)]
+    base, real = logits(model, tokenizer) if arch != "bert" else bert_outputs(model, tokenizer)
+    run = logits if arch != "bert" else bert_outputs
+    with sinks.prune_heads(model, heads, mode="mask"):
+        masked, _ = run(model, tokenizer)
+    with sinks.prune_heads(model, heads, mode="zero_o_proj"):
+        zeroed, _ = run(model, tokenizer)
+    assert torch.equal(masked[real], zeroed[real])
+    assert (masked - base)[real].abs().max() > 1e-4
+    restored, _ = run(model, tokenizer)
+    assert torch.equal(restored, base)
+
+
+def bert_outputs(model, tokenizer):
+    batch = tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).last_hidden_state, batch["attention_mask"].bool()
+
+
+def test_prune_and_restore(tokenizer):
+    model = planted_model(tokenizer)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    table = sinks.score_heads(model, tokenizer, TEXTS, progress=False)
+    base, real = logits(model, tokenizer)
+
+    first = sinks.prune_heads(model, table, fraction=0.25)  # mask: patches the model
+    assert first.heads == planted_pairs() and is_patched(model)
+    second = sinks.prune_heads(model, [(2, 2)], mode="zero_o_proj")
+    with pytest.raises(RuntimeError, match="newest first"):
+        first.restore()
+    pruned, _ = logits(model, tokenizer)
+    assert (pruned - base)[real].abs().max() > 1e-4
+    sinks.restore_heads(model)
+    assert not first.active and not second.active and not is_patched(model)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert torch.equal(logits(model, tokenizer)[0], base)
+    first.restore()  # a no-op once restored
+
+
+def test_prune_on_a_patched_model_keeps_its_options(tokenizer):
+    model = fp.patch(planted_model(tokenizer), window=5, head_mask={2: [True, True, False, True]})
+    handle = sinks.prune_heads(model, [(0, 1), (2, 0)])
+    options = patch_options(model)
+    assert options.window == 5
+    assert options.head_mask[0].tolist() == [True, False, True, True]
+    assert options.head_mask[2].tolist() == [False, True, False, True]
+    handle.restore()
+    assert is_patched(model) and patch_options(model).head_mask[2].tolist() == [True, True, False, True]
+    assert set(patch_options(model).head_mask) == {2}
+
+
+def test_restore_after_unpatch_does_not_repatch(tokenizer):
+    model = fp.patch(planted_model(tokenizer))
+    handle = sinks.prune_heads(model, [(0, 1)])
+    fp.unpatch(model)
+    handle.restore()
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("heads, kwargs, error, match", [
+    ([(3, 0)], {}, ValueError, "outside"),
+    ([(0, 4)], {}, ValueError, "outside"),
+    ([(0, 1)], {"mode": "zero"}, ValueError, "mode"),
+    ([(0, 1)], {"fraction": 0.5}, TypeError, "score_heads table"),
+    ([(0, 1, 2)], {}, TypeError, "pairs"),
+])
+def test_prune_heads_bad_input(tokenizer, heads, kwargs, error, match):
+    model = planted_model(tokenizer)
+    with pytest.raises(error, match=match):
+        sinks.prune_heads(model, heads, **kwargs)
+    assert not is_patched(model) and not hasattr(model, "_fastprobe_pruned")
+
+
+# ---------------------------------------------------------------- perplexity, plot, command
+
+
+def test_perplexity_is_batch_and_padding_independent(tokenizer):
+    model = planted_model(tokenizer)
+    one = sinks.perplexity(model, tokenizer, TEXTS, batch_size=1)
+    tokenizer.padding_side = "left"
+    try:
+        left = sinks.perplexity(model, tokenizer, TEXTS, batch_size=3)
+    finally:
+        tokenizer.padding_side = "right"
+    right = sinks.perplexity(model, tokenizer, TEXTS, batch_size=4)
+    assert one == pytest.approx(left, rel=1e-5) and one == pytest.approx(right, rel=1e-5)
+    ids = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert sinks.perplexity(model, tokenizer, TEXTS[:1]) == pytest.approx(loss.exp().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="texts is empty"):
+        sinks.perplexity(model, tokenizer, [])
+
+
+def test_plot_sink_heads(tokenizer, tmp_path, monkeypatch):
+    table = sinks.score_heads(planted_model(tokenizer), tokenizer, TEXTS[:3], progress=False)
+    path = sinks.plot_sink_heads(table, tmp_path / "sinks.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"fastprobe\[plot\]"):
+        sinks.plot_sink_heads(table, tmp_path / "again.png")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A local checkpoint (model with planted sink heads + tokenizer) and a texts file."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    planted_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    texts = folder / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n\n")
+    return folder, texts
+
+
+def test_sinks_command(checkpoint, tmp_path, capsys):
+    folder, texts = checkpoint
+    plot = tmp_path / "heads.png"
+    code = cli.main(["sinks", "--model", str(folder), "--texts", str(texts), "--prune", "0.25",
+                     "--plot", str(plot), "--no-progress", "--top", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "7 texts" in printed and "perplexity" in printed and "random" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip()[:1].isdigit()][:3]
+    assert sorted((int(r[1]), int(r[2])) for r in rows) == planted_pairs()  # rank, layer, head, score
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sinks_command_bad_paths(tmp_path, capsys):
+    assert cli.main(["sinks", "--model", str(tmp_path / "missing"), "--texts", str(tmp_path / "t.txt")]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_demo_sinks_section(capsys):
+    """The demo's pipeline on its built-in model (short timing input)."""
+    assert cli._demo_sinks(torch.device("cpu"), seed=0, length=64)
+    printed = capsys.readouterr().out
+    assert "RANDOM" in printed and "rank first -> OK" in printed and "FAILED" not in printed
+    assert "fastprobe.record_attention" in printed and "output_attentions=True" in printed
