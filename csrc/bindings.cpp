@@ -11,6 +11,7 @@ namespace fastprobe {
 void bind_divergence(py::module_& m);
 void bind_concepts(py::module_& m);
 void bind_bridge(py::module_& m);
+void bind_attention(py::module_& m);
 }  // namespace fastprobe
 
 PYBIND11_MODULE(_C, m) {
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
   fastprobe::bind_divergence(m);
   fastprobe::bind_concepts(m);
   fastprobe::bind_bridge(m);
+  fastprobe::bind_attention(m);
 }

@@ -205,6 +205,18 @@ def test_extreme_scores(target, dtype):
     assert_matches(result, expected(q, k, v, **options), dtype, True, True, rtol=RTOL, atol=2e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_queries", [None, 1], ids=["prefill", "decode"])
+def test_softcap(target, dtype, num_queries):
+    """Gemma 2's logit soft cap c tanh(s / c), on scores of magnitude ~c and far beyond it."""
+    _, device = target
+    batch, num_heads, length, num_keys, head_dim = prefill_shapes(target)[0]
+    q, k, v = random_qkv(batch, num_heads, num_heads // 2, num_queries or length, num_keys, head_dim, dtype, device, magnitude=10.0)
+    options = dict(make_options("everything", batch, num_heads, num_keys, device), softcap=5.0)
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    assert_matches(result, expected(q, k, v, **options), dtype, True, True)
+
+
 def test_non_contiguous_inputs(target):
     """q, k, v as [B, H, L, D] views of [B, L, H, D] buffers (transformers' layout), a strided
     batch slice, and a head dim that is not contiguous (copied by the op)."""
@@ -321,6 +333,8 @@ def bad_cases():
         ("num_groups was given without key_groups", (q, k, v), {"num_groups": 2}),
         ("num_groups must be >= 1", (q, k, v), {"key_groups": torch.zeros(2, 7, dtype=torch.long), "num_groups": 0}),
         ("return_entropy must be a bool", (q, k, v), {"return_entropy": "yes"}),
+        ("softcap must be a positive finite", (q, k, v), {"softcap": 0.0}),
+        ("softcap must be a positive number", (q, k, v), {"softcap": "30"}),
     ]
 
 

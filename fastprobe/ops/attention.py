@@ -60,7 +60,7 @@ def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -
         q, k, v, real, sink, stat,
         scale=args["scale"], causal=args["causal"], window=args["window"] or None,
         head_mask=args["head_mask"], sink_logit=args["sink_logit"],
-        key_groups=args["key_groups"], num_groups=args["num_groups"], softcap=args.get("softcap") or None,
+        key_groups=args["key_groups"], num_groups=args["num_groups"], softcap=args["softcap"] or None,
     )
     out.copy_(result["out"])
     lse.copy_(result["lse"])
@@ -87,7 +87,7 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
         _address(args["head_mask"]), _address(args["sink_logit"]),
         _address(args["key_groups"]), args["num_groups"],
         lse.data_ptr(), sink_mass.data_ptr(), _address(group_mass), _address(entropy),
-        torch.get_num_threads(),
+        torch.get_num_threads(), softcap=args["softcap"],
     )
 
 
@@ -142,9 +142,6 @@ def _sink_attention_op(
             head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
         )
         backend = resolve(q.device, q.dtype, "sink_attention")
-        if backend != "reference":  # TODO(softcap in the kernels): wired through once they take it
-            if args.pop("softcap"):
-                raise NotImplementedError("sink_attention: softcap is not in the fused kernels yet")
         _KERNELS[backend](
             q, k, v, args, out, lse, sink_mass,
             group_mass if key_groups is not None else None, entropy if return_entropy else None,

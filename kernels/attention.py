@@ -1,0 +1,1131 @@
+"""Attention with sinks, windows, head masks and attention statistics (Triton): the math of
+``fastprobe.reference.sink_attention``, by an online softmax over key blocks (FlashAttention
+style), never materialising the [Lq, Lk] attention weights.
+
+Query i of a (batch b, head h) row sits at position p = Lk - Lq + i. Key j is visible iff
+  real[b, j]  and  (not causal or j <= p)  and  (no window or in_window(p, j) or j < sink_end[b])
+with in_window = j > p - w (causal) or |p - j| < w (bidirectional). Scores are kept in base 2,
+t_j = s_j log2(e) with s_j = scale q . k_j, or with a soft cap c > 0 (Gemma 2, HAS_SOFTCAP)
+s_j = c tanh(scale q . k_j / c) on every key before masking, and per query row the kernel keeps
+  m = max_j t_j,  l = sum_j 2^(t_j - m),  acc = sum_j 2^(t_j - m) v_j,
+  stat = sum_{j < stat_end} 2^(t_j - m),  grp[g] = sum_{group_j = g} 2^(t_j - m),
+  A = sum_j 2^(t_j - m) (t_j - m)                                     (entropy, on request)
+over the visible keys. When a key block raises the max from m_old to m_new every sum is
+rescaled by alpha = 2^(m_old - m_new); A moves to the new reference point as
+  A <- alpha (A + (m_old - m_new) l_old).
+A per-head sink logit c is one more, value-less key: the state starts at m = c log2(e), l = 1.
+At the end (natural units, ln 2 = 1 / log2(e)):
+  out = acc / l,  lse = (m + log2 l) ln 2,  sink_mass = stat / l,  group_mass = grp / l,
+  entropy = -sum_j p_j ln p_j = (log2 l - A / l) ln 2       (p_j = 2^(t_j - m) / l).
+A row with nothing in its softmax (l = 0: no visible key, no sink logit) gets out 0,
+lse -inf, masses 0, entropy 0; so does a pruned head (head_mask[h] == 0), whose programs
+load no K / V: their key loops are empty. Shifts by m are guarded so that -inf - -inf never
+appears (a row that has seen only masked keys shifts by 0).
+
+Two paths:
+  * prefill: one program per (query block, b, h). It loops only over the key blocks that meet
+    the causal / window band of its query block, plus (with a window) the blocks holding sink
+    keys before the band. Blocks inside the band for every query of the block (and with no
+    padding mask) run without elementwise masks.
+  * decode (few queries, long keys; split-K, "flash decoding"): one program per (key split,
+    b, kv head) handles all Hq / Hkv query heads of its kv head at once (K / V read once per
+    kv head), writing unnormalised partial states (m, l, stat, A, acc, grp) to float32
+    scratch; a second kernel merges the splits of each query row by their max, adds the sink
+    logit and writes the outputs. Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for
+    float32) and the band holds >= 512 keys (see _DECODE_*); split_keys forces either path.
+
+Products use tl.dot with float32 accumulation: 16-bit inputs on tensor cores (P rounded to
+the input dtype for P V, as FlashAttention does; the statistics use the float32 P), float32
+inputs in full float32 ("ieee"). Under the Triton interpreter bfloat16 operands are upcast
+first (UPCAST), since its dot multiplies bfloat16 as raw bits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import autotune_enabled, interpreter_enabled
+
+__all__ = ["sink_attention"]
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, BLOCK_D] tile, zero outside the rows / head dim (masks only where needed)."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, float32 accumulation. UPCAST (Triton interpreter only, whose dot multiplies
+    bfloat16 operands as their raw bits): exact float32 copies of the operands, same result."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _mass_dot(p, p_in, onehot, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + p @ onehot: per-group sums of the float32 weights p [R, N] (onehot [N, G]).
+    p_in is p rounded to the input dtype (as the P @ V product uses it). For 16-bit inputs
+    p = hi + lo with hi = p_in and lo the rounding remainder, also 16-bit: two tensor-core
+    products give the sums to ~16 mantissa bits instead of 8."""
+    if p_in.dtype == tl.float32:
+        return _dot(p_in, onehot.to(tl.float32), acc, DOT_PRECISION, UPCAST)
+    else:
+        lo = (p - p_in.to(tl.float32)).to(p_in.dtype)
+        if UPCAST:  # (the interpreter turns a bool into bfloat16 as raw bits)
+            oh = onehot.to(tl.float32)
+        else:
+            oh = onehot.to(p_in.dtype)
+        acc = _dot(p_in, oh, acc, DOT_PRECISION, UPCAST)
+        return _dot(lo, oh, acc, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32, accurate to a few ulp for every x (no tl.tanh in every Triton version,
+    and libdevice does not run under the interpreter): odd, so on |x| an exp form
+    1 - 2 / (e^(2|x|) + 1) where it has no cancellation (|x| > 0.625: e^(2|x|) = inf gives 1),
+    and Cephes' tanhf polynomial x + x z P(z), z = x^2, below."""
+    a = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp2(a * (2.0 * _LOG2E)) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    z = x * x
+    poly = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+    small = x + x * (poly - 3.33332819422e-1) * z
+    return tl.where(a > 0.625, big, small)  # (NaN takes the polynomial: stays NaN)
+
+
+@triton.jit
+def _block_scores(
+    q,  # [R, BLOCK_D] queries (input dtype)
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    start,  # first key of the block
+    end,  # keys >= end are not loaded (masked blocks only)
+    offs_d,
+    d_ok,
+    qk_scale,  # scale log2(e); with a soft cap c: scale / c
+    softcap,  # c log2(e) (HAS_SOFTCAP only)
+    MASKED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Load one key block [start, start + BLOCK_N) of K and V; (offs_n, n_ok, rows, t, v) with
+    the base-2 scores t = s log2(e) [R, BLOCK_N], before any visibility mask: s = scale q . k, or
+    c tanh(scale q . k / c) with a soft cap. Keys >= end (MASKED) load as 0 (score 0)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < end
+    rows = offs_n.to(tl.int64)
+    k = _load_tile(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKED, EVEN_D)
+    v = _load_tile(v_base + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok, MASKED, EVEN_D)
+    t = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
+    if HAS_SOFTCAP:  # t = c log2(e) tanh(scale q . k / c)
+        t = softcap * _tanh(t)
+    return offs_n, n_ok, rows, t, v
+
+
+@triton.jit
+def _softmax_step(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The online-softmax update of one state (m, l = sum 2^(t - m), acc = sum 2^(t - m) v) by
+    a block of base-2 scores t [R, N] (-inf: not in this state) and its values v [N, BLOCK_D].
+    Returns the new (m, l, acc) and, for the caller's other sums, m_use (the new reference
+    point: m, or 0 while m = -inf, so that -inf - -inf never appears), alpha = 2^(m_old - m_use)
+    (0 while m_old = -inf), the weights p = 2^(t - m_use) and p rounded to v's dtype."""
+    m_new = tl.maximum(m_i, tl.max(t, axis=1))
+    if MASKED:  # a row that has seen only masked keys shifts by 0
+        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    else:  # every score of the block is finite
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(t - m_use[:, None])
+    l_new = l_i * alpha + tl.sum(p, axis=1)
+    p_in = p.to(v.dtype)
+    acc = _dot(p_in, v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
+    return m_new, l_new, acc, m_use, alpha, p, p_in
+
+
+@triton.jit
+def _attend_block(
+    q,  # [R, BLOCK_D] queries (input dtype)
+    m_i,  # [R] running max of the base-2 logits (-inf: nothing seen yet)
+    l_i,  # [R] sum 2^(t - m)
+    acc,  # [R, BLOCK_D] sum 2^(t - m) v
+    stat,  # [R] sum over stat keys 2^(t - m)
+    grp,  # [R, G_PAD] per-group sums 2^(t - m)
+    ent,  # [R] A = sum 2^(t - m) (t - m)
+    k_base,
+    v_base,
+    real_base,
+    groups_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_rn,
+    stride_gn,
+    start,  # first key of the block
+    end,  # keys >= end are not in this program's range (masked blocks only)
+    pos,  # [R] query positions
+    offs_d,
+    d_ok,
+    window,  # > every |p - j| when there is no window
+    sink_end,
+    stat_end,
+    qk_scale,  # scale log2(e); with a soft cap c: scale / c
+    softcap,  # c log2(e) (HAS_SOFTCAP only)
+    MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
+    CAUSAL: tl.constexpr,
+    HAS_KEY_REAL: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GROUP_DOT: tl.constexpr,  # group sums by a one-hot product (else by G_PAD masked row sums)
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One key block [start, start + BLOCK_N) of the online softmax (see the module docstring)."""
+    offs_n, n_ok, rows, t, v = _block_scores(
+        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, qk_scale, softcap,
+        MASKED, HAS_SOFTCAP, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    if MASKED:
+        if HAS_KEY_REAL:
+            key_ok = tl.load(real_base + rows * stride_rn, mask=n_ok, other=0) != 0
+        else:
+            key_ok = n_ok
+        j = offs_n[None, :]
+        p_row = pos[:, None]
+        is_sink = j < sink_end
+        if CAUSAL:  # j <= p and (p - w < j or sink)
+            visible = (j <= p_row) & ((j > p_row - window) | is_sink)
+        else:  # |p - j| < w or sink
+            visible = (tl.abs(p_row - j) < window) | is_sink
+        t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
+    m_new, l_new, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
+    if ENTROPY:
+        # A <- alpha (A + (m_old - m_new) l_old) + sum p (t - m_new); m_old = -inf means A = l = 0
+        shift = tl.where(m_i == _NEG_INF, 0.0, m_i - m_use)  # (alpha = A = l = 0 then)
+        ent = alpha * (ent + shift * l_i)
+        if MASKED:
+            pt = tl.where(p > 0, p * (t - m_use[:, None]), 0.0)  # masked: 0 (-inf) -> 0
+        else:
+            pt = p * (t - m_use[:, None])
+        ent += tl.sum(pt, axis=1)
+    stat = stat * alpha
+    if start < stat_end:  # stat keys are the first few real keys: usually block 0 only
+        stat += tl.sum(tl.where(offs_n[None, :] < stat_end, p, 0.0), axis=1)
+    if HAS_GROUPS:
+        if MASKED:
+            gid = tl.load(groups_base + rows * stride_gn, mask=n_ok, other=-1)
+        else:
+            gid = tl.load(groups_base + rows * stride_gn)
+        g_cols = tl.arange(0, G_PAD)
+        if GROUP_DOT:  # grp[r, g] += sum_j p[r, j] [group_j = g]: a small tensor-core product
+            onehot = gid[:, None] == g_cols[None, :]
+            grp = _mass_dot(p, p_in, onehot, grp * alpha[:, None], DOT_PRECISION, UPCAST)
+        else:  # few rows (decode): a masked row sum per group (a product with N = G_PAD would
+            # make every warp hold the whole tile), exact in float32
+            grp = grp * alpha[:, None]
+            for g in tl.static_range(G_PAD):
+                mass = tl.sum(tl.where(gid[None, :] == g, p, 0.0), axis=1)
+                grp += tl.where(g_cols[None, :] == g, mass[:, None], 0.0)
+    return m_new, l_new, acc, stat, grp, ent
+
+
+@triton.jit
+def _finish(m, l, stat, ent):
+    """(1 / l, lse, sink_mass, entropy) from a final state, elementwise; l = 0 (nothing in the
+    softmax): (0, -inf, 0, 0). Entropy = (log2 l - A / l) ln 2, clamped at 0 from rounding."""
+    has = l > 0
+    inv_l = tl.where(has, 1.0 / l, 0.0)
+    log2_l = tl.log2(tl.where(has, l, 1.0))
+    lse = tl.where(has, (m + log2_l) * _LN2, _NEG_INF)
+    entropy = tl.where(has, (log2_l - ent * inv_l) * _LN2, 0.0)
+    entropy = tl.where(entropy < 0, 0.0, entropy)  # (NaN passes)
+    return inv_l, lse, stat * inv_l, entropy
+
+
+@triton.jit
+def _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT: tl.constexpr):
+    """Initial (m, l) of a row of head h: the sink logit as a value-less key (m = c log2 e,
+    l = 1), or nothing (-inf, 0); nothing for a pruned head."""
+    if HAS_SINK_LOGIT:
+        c = tl.load(sink_logit_ptr + h).to(tl.float32) * _LOG2E
+        c = tl.where(live, c, _NEG_INF)
+    else:
+        c = tl.where(live, _NEG_INF, _NEG_INF)
+    return c, tl.where(c == _NEG_INF, 0.0, 1.0)
+
+
+@triton.jit
+def _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M: tl.constexpr):
+    """The (query block, b, h) of a prefill program on a 1-D grid of cdiv(Lq, BLOCK_M) B Hq:
+    query blocks fastest (so one head's K / V stay in L2 across its blocks), the last (longest,
+    when causal) query blocks first. Returns (bh, b, h, kv head, first query m0, the block's
+    query indices offs_m (int32), m_ok, their positions pos = Lk - Lq + i)."""
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // num_m
+    pid_m = (num_m - 1 - pid % num_m).to(tl.int32)
+    b = bh // Hq
+    h = bh % Hq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    return bh, b, h, h // kv_group, m0, offs_m, offs_m < Lq, Lk - Lq + offs_m
+
+
+@triton.jit
+def _fwd_band(
+    m0, Lq, Lk, window, sink_end, live,
+    CAUSAL: tl.constexpr, HAS_KEY_REAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The key range of the query block [m0, m0 + BLOCK_M): the causal / window band
+    [lo_blk, band_end) (block aligned below), split into masked [lo_blk, a), unmasked interior
+    [a, c) and masked [c, band_end), and the sink keys [0, sink_hi) before the band. Nothing for
+    a pruned head (live false). Without a window (window > every |p - j|) lo_blk = a = 0 and
+    sink_hi = 0. Returns (sink_hi, lo_blk, a, c, band_end)."""
+    p_first = Lk - Lq + m0
+    p_last = Lk - Lq + tl.minimum(m0 + BLOCK_M, Lq) - 1
+    lo = tl.maximum(p_first - window + 1, 0)  # j > p - w (both kinds of window)
+    if CAUSAL:
+        hi = tl.minimum(p_last + 1, Lk)  # j <= p
+        full_hi = p_first + 1  # keys every query of the block sees (no window)
+    else:
+        hi = tl.minimum(p_last + window, Lk)  # j < p + w
+        hi = tl.maximum(hi, tl.minimum(sink_end, Lk))  # sinks past the band stay visible
+        full_hi = p_first + window
+    full_lo = tl.maximum(p_last - window + 1, 0)  # keys in every query's window from below
+    hi = tl.where(live, hi, 0)  # pruned head: no key block at all
+    lo_blk = (lo // BLOCK_N) * BLOCK_N
+    band_end = tl.maximum(hi, lo_blk)
+    sink_hi = tl.minimum(sink_end, lo_blk)
+    if CAUSAL:
+        sink_hi = tl.minimum(sink_hi, hi)
+    sink_hi = tl.where(live, sink_hi, 0)
+    a = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo_blk), band_end)
+    if HAS_KEY_REAL:  # padding may be anywhere: mask every block
+        c = a
+    else:
+        c = tl.maximum((tl.minimum(full_hi, Lk) // BLOCK_N) * BLOCK_N, a)
+        c = tl.minimum(c, band_end)
+    return sink_hi, lo_blk, a, c, band_end
+
+
+@triton.jit
+def _store_rows(ptr, b, h, rows, stride_b, stride_h, stride_m, stride_d, offs_d, row_ok, d_ok, x):
+    """x [R, BLOCK_D] (float32) into rows `rows` (int64) of head (b, h) of a [B, H, L, D]
+    tensor, in its dtype."""
+    ptrs = ptr + b * stride_b + h * stride_h + rows[:, None] * stride_m + offs_d[None, :] * stride_d
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# prefill: one program per (query block, b, h)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["LQ_BUCKET", "LK_BUCKET"])
+def _attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,  # [B, Hq, Lq] float32
+    sink_mass_ptr,  # [B, Hq, Lq] float32
+    group_mass_ptr,  # [B, Hq, Lq, num_groups] float32 (dummy unless HAS_GROUPS)
+    entropy_ptr,  # [B, Hq, Lq] float32 (dummy unless ENTROPY)
+    key_real_ptr,  # [B, Lk] uint8 (dummy unless HAS_KEY_REAL)
+    sink_end_ptr,  # [B] int64
+    stat_end_ptr,  # [B] int64
+    head_mask_ptr,  # [Hq] uint8 (dummy unless HAS_HEAD_MASK)
+    sink_logit_ptr,  # [Hq] float32 (dummy unless HAS_SINK_LOGIT)
+    key_groups_ptr,  # [B, Lk] int32 (dummy unless HAS_GROUPS)
+    qk_scale,  # scale log2(e), runtime float; with a soft cap c: scale / c
+    softcap,  # c log2(e), runtime float (read only with HAS_SOFTCAP)
+    window,  # runtime int; > every |p - j| when there is no window
+    Hq,
+    Lq,
+    Lk,
+    kv_group,  # Hq // Hkv
+    num_groups,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_rb,
+    stride_rn,
+    stride_gb,
+    stride_gn,
+    LQ_BUCKET,  # autotune key only (powers of two of Lq and Lk)
+    LK_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    G_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_REAL: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr,
+    HAS_SINK_LOGIT: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # the interpreter's bfloat16 dot workaround (see _dot)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    GROUP_DOT: tl.constexpr = True
+    bh, b, h, kvh, m0, offs_m, m_ok, pos = _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    if HAS_HEAD_MASK:
+        live = tl.load(head_mask_ptr + h) != 0
+    else:
+        live = h >= 0
+    sink_end = tl.load(sink_end_ptr + b).to(tl.int32)
+    stat_end = tl.load(stat_end_ptr + b).to(tl.int32)
+    sink_hi, lo_blk, a, c, band_end = _fwd_band(m0, Lq, Lk, window, sink_end, live, CAUSAL, HAS_KEY_REAL, BLOCK_M, BLOCK_N)
+
+    # ---- pointers ----
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    real_base = key_real_ptr + b * stride_rb
+    groups_base = key_groups_ptr + b * stride_gb
+    rows_m = offs_m.to(tl.int64)
+    q = _load_tile(q_base + rows_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, m_ok, d_ok, True, EVEN_D)
+
+    # ---- online softmax state ----
+    c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
+    m_i = tl.zeros([BLOCK_M], tl.float32) + c0
+    l_i = tl.zeros([BLOCK_M], tl.float32) + l0
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    stat = tl.zeros([BLOCK_M], tl.float32)
+    grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+
+    for start in range(0, sink_hi, BLOCK_N):  # sink keys before the window band
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            start, sink_hi, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window)
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            start, Lk, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for start in range(a, c, BLOCK_N):  # interior: no masks
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            start, Lk, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
+            False, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal, window, Lk)
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            start, Lk, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+
+    # ---- outputs ----
+    inv_l, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent)
+    _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_d, m_ok, d_ok, acc * inv_l[:, None])
+    row = bh * Lq + offs_m  # [B, Hq, Lq] index (int64)
+    tl.store(lse_ptr + row, lse, mask=m_ok)
+    tl.store(sink_mass_ptr + row, sink_mass, mask=m_ok)
+    if ENTROPY:
+        tl.store(entropy_ptr + row, entropy, mask=m_ok)
+    if HAS_GROUPS:
+        g = tl.arange(0, G_PAD)
+        g_ptrs = group_mass_ptr + row[:, None] * num_groups + g[None, :]
+        tl.store(g_ptrs, grp * inv_l[:, None], mask=m_ok[:, None] & (g < num_groups)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# decode: split-K over the keys, all query heads of a kv head in one program, then a merge
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_program(
+    q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """The (key split, b, kv head) of a decode program on a 1-D grid of num_splits B Hkv, its
+    query rows r = (query head kvh kv_group + r // Lq, query r % Lq) for r < kv_group Lq, and
+    their queries. Returns (pid, split, bkv, b, kvh, r, r_ok, h [R], pos [R], offs_d, d_ok,
+    q [BLOCK_R, BLOCK_D])."""
+    pid = tl.program_id(0).to(tl.int64)
+    split = (pid % num_splits).to(tl.int32)
+    bkv = pid // num_splits
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < kv_group * Lq
+    h = kvh * kv_group + r // Lq
+    qi = r % Lq
+    q_rows = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh + qi.to(tl.int64) * stride_qm
+    q = _load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, r_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    return pid, split, bkv, b, kvh, r, r_ok, h, Lk - Lq + qi, offs_d, d_ok, q
+
+
+@triton.jit
+def _split_keys(band_lo, split, chunk, Lk, live):
+    """This split's keys [start, end) of the band [band_lo, Lk); empty unless live."""
+    start = band_lo + split * chunk
+    end = tl.minimum(start + chunk, Lk)
+    return start, tl.where(live, end, start)
+
+
+@triton.jit
+def _store_partial(state_ptr, acc_ptr, part, r, offs_d, m, l, acc, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A split's unnormalised state, every row (padding rows too: no masks): m, l into slots 0,
+    1 of state [parts, NSTATE, BLOCK_R], acc into [parts, BLOCK_R, BLOCK_D]. Returns the
+    state row pointers (slot 0) for the caller's other slots."""
+    s_ptrs = state_ptr + part * (NSTATE * BLOCK_R) + r
+    tl.store(s_ptrs, m)
+    tl.store(s_ptrs + BLOCK_R, l)
+    tl.store(acc_ptr + part * (BLOCK_R * BLOCK_D) + r[:, None] * BLOCK_D + offs_d[None, :], acc)
+    return s_ptrs
+
+
+@triton.jit
+def _merge_row(Hq, Hkv, Lq, kv_group):
+    """The query row (b, h, i) of a merge program (one per row of [B, Hq, Lq]), its kv program
+    bkv and its row r in the split programs' tiles: (row, b, h, qi, bkv, r)."""
+    row = tl.program_id(0).to(tl.int64)
+    qi = row % Lq
+    bh = row // Lq
+    h = bh % Hq
+    b = bh // Hq
+    return row, b, h, qi, b * Hkv + h // kv_group, (h % kv_group) * Lq + qi
+
+
+@triton.jit
+def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the partial states `part` [S_PAD] (s_ok: real ones) of row r by their max, with an
+    initial (c0, l0) (a sink logit, or -inf, 0): m = max(c0, max_s m_s), shift = m (0 while
+    m = -inf), w_s = 2^(m_s - shift), l = w_c l0 + sum_s w_s l_s, acc = sum_s w_s acc_s [BLOCK_D].
+    Returns (m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w_c)."""
+    s_ptrs = state_ptr + part * (NSTATE * BLOCK_R) + r
+    m_s = tl.load(s_ptrs, mask=s_ok, other=_NEG_INF)
+    l_s = tl.load(s_ptrs + BLOCK_R, mask=s_ok, other=0.0)
+    m = tl.maximum(tl.max(m_s, axis=0), c0)
+    shift = tl.where(m == _NEG_INF, 0.0, m)
+    w_s = tl.exp2(m_s - shift)  # 0 for empty splits (m_s = -inf)
+    w_c = tl.exp2(c0 - shift)
+    l = tl.sum(w_s * l_s, axis=0) + w_c * l0
+    offs_d = tl.arange(0, BLOCK_D)
+    acc_s = tl.load(acc_ptr + part[:, None] * (BLOCK_R * BLOCK_D) + r * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    return m, l, tl.sum(w_s[:, None] * acc_s, axis=0), shift, w_s, m_s, l_s, s_ptrs, w_c
+
+
+@triton.jit
+def _attention_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    state_ptr,  # [B * Hkv, S, 4, BLOCK_R] float32: m, l, stat, A
+    acc_ptr,  # [B * Hkv, S, BLOCK_R, BLOCK_D] float32
+    grp_ptr,  # [B * Hkv, S, BLOCK_R, G_PAD] float32 (dummy unless HAS_GROUPS)
+    key_real_ptr,
+    sink_end_ptr,
+    stat_end_ptr,
+    head_mask_ptr,
+    key_groups_ptr,
+    qk_scale,
+    softcap,
+    window,
+    Hkv,
+    Lq,
+    Lk,
+    kv_group,
+    band_lo,  # first key of the band (before it: only sink keys are visible)
+    chunk,  # keys per split
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_rb,
+    stride_rn,
+    stride_gb,
+    stride_gn,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # >= kv_group * Lq rows, >= 16 (tl.dot)
+    G_PAD: tl.constexpr,  # >= num_groups
+    CAUSAL: tl.constexpr,
+    HAS_KEY_REAL: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    GROUP_DOT: tl.constexpr = False
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q = _split_program(
+        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_R
+    )
+
+    if HAS_HEAD_MASK:  # skip the keys when every query head of this kv head is pruned
+        live = tl.load(head_mask_ptr + h, mask=r_ok, other=0) != 0
+        any_live = tl.max(live.to(tl.int32), axis=0) > 0
+    else:
+        any_live = pid >= 0
+    sink_end = tl.load(sink_end_ptr + b).to(tl.int32)
+    stat_end = tl.load(stat_end_ptr + b).to(tl.int32)
+
+    # this split's keys [start, end) of the band [band_lo, Lk); split 0 also takes the sink
+    # keys before the band
+    start0, end = _split_keys(band_lo, split, chunk, Lk, any_live)
+    sink_hi = tl.where((split == 0) & any_live, tl.minimum(sink_end, band_lo), 0)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    real_base = key_real_ptr + b * stride_rb
+    groups_base = key_groups_ptr + b * stride_gb
+
+    m_i = tl.full([BLOCK_R], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    stat = tl.zeros([BLOCK_R], tl.float32)
+    grp = tl.zeros([BLOCK_R, G_PAD], tl.float32)
+    ent = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, sink_hi, BLOCK_N):
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            start, sink_hi, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            start, end, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+
+    # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
+    part = bkv * num_splits + split
+    s_ptrs = _store_partial(state_ptr, acc_ptr, part, r, offs_d, m_i, l_i, acc, 4, BLOCK_R, BLOCK_D)
+    tl.store(s_ptrs + 2 * BLOCK_R, stat)
+    tl.store(s_ptrs + 3 * BLOCK_R, ent)
+    if HAS_GROUPS:
+        g = tl.arange(0, G_PAD)
+        tl.store(grp_ptr + part * (BLOCK_R * G_PAD) + r[:, None] * G_PAD + g[None, :], grp)
+
+
+@triton.jit
+def _attention_merge_kernel(
+    state_ptr,
+    acc_ptr,
+    grp_ptr,
+    out_ptr,
+    lse_ptr,
+    sink_mass_ptr,
+    group_mass_ptr,
+    entropy_ptr,
+    head_mask_ptr,
+    sink_logit_ptr,
+    Hq,
+    Hkv,
+    Lq,
+    kv_group,
+    num_groups,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    G_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr,
+    HAS_SINK_LOGIT: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+):
+    """One program per query row (b, h, i): merge the splits' states by their max,
+    m = max(c, max_s m_s), w_s = 2^(m_s - m): l = w_c + sum_s w_s l_s, acc = sum_s w_s acc_s,
+    stat, grp likewise, A = sum_s w_s (A_s + (m_s - m) l_s) + w_c (c - m)."""
+    row, b, h, qi, bkv, r = _merge_row(Hq, Hkv, Lq, kv_group)
+    if HAS_HEAD_MASK:
+        live = tl.load(head_mask_ptr + h) != 0
+    else:
+        live = h >= 0
+    s = tl.arange(0, S_PAD)
+    s_ok = s < tl.where(live, num_splits, 0)  # a pruned head merges nothing
+    part = bkv * num_splits + s
+    c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
+    m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w0 = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 4, BLOCK_R, BLOCK_D)
+    stat = tl.sum(w_s * tl.load(s_ptrs + 2 * BLOCK_R, mask=s_ok, other=0.0), axis=0)
+    if ENTROPY:
+        a_s = tl.load(s_ptrs + 3 * BLOCK_R, mask=s_ok, other=0.0)
+        # (empty splits and no sink: m = -inf, l = A = 0, so their shift is taken as 0)
+        ent = tl.sum(w_s * (a_s + tl.where(l_s > 0, m_s - shift, 0.0) * l_s), axis=0)
+        ent += w0 * tl.where(l0 > 0, c0 - shift, 0.0)
+    else:
+        ent = 0.0
+
+    inv_l, lse, sink_mass, entropy = _finish(m, l, stat, ent)
+    offs_d = tl.arange(0, BLOCK_D)
+    one = tl.full([1], 1, tl.int1)
+    _store_rows(out_ptr, b, h, one * qi, stride_ob, stride_oh, stride_om, stride_od, offs_d, one, offs_d < HEAD_DIM,
+                (acc * inv_l)[None, :])  # fmt: skip
+    tl.store(lse_ptr + row, lse)
+    tl.store(sink_mass_ptr + row, sink_mass)
+    if ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+    if HAS_GROUPS:
+        g = tl.arange(0, G_PAD)
+        grp_ptrs = grp_ptr + part[:, None] * (BLOCK_R * G_PAD) + r * G_PAD + g[None, :]
+        grp_s = tl.load(grp_ptrs, mask=s_ok[:, None], other=0.0)
+        grp = tl.sum(w_s[:, None] * grp_s, axis=0)
+        tl.store(group_mass_ptr + row * num_groups + g, grp * inv_l, mask=g < num_groups)
+
+
+# --------------------------------------------------------------------------------------------
+# configs and launch
+# --------------------------------------------------------------------------------------------
+
+# Prefill. The first config that survives pruning is the untuned default (FASTPROBE_AUTOTUNE=0),
+# so each list is in order of preference. 16-bit inputs: tensor-core products (BLOCK_N = 16
+# only wins for large head dims with statistics, e.g. D = 256, where wider tiles spill).
+_FWD_CONFIGS_16 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+    for bm in (128, 64)
+    for bn in (64, 128, 32, 16)
+    for nw in (4, 8)
+    for ns in (3, 2)
+]
+# float32 inputs: full float32 products (ieee) run on the FMA units, whose operand fragments
+# live in registers, so only small tiles avoid spilling (seen compiling for sm_90)
+_FWD_CONFIGS_F32 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=2)
+    for bm, bn, nw in ((64, 16, 8), (32, 32, 8), (32, 16, 4), (32, 16, 8), (16, 16, 4))
+]
+_FWD_CONFIGS = _FWD_CONFIGS_16 + _FWD_CONFIGS_F32
+_F32_IDS = frozenset(id(cfg) for cfg in _FWD_CONFIGS_F32)  # (Config compares by value)
+_SPLIT_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+    for bn in (64, 128, 32)
+    for nw in (4, 8)
+    for ns in (3, 4, 2)
+]
+# Register model (fitted to ptxas on sm_90, Triton 3.9): a program holds its accumulator
+# (rows x BLOCK_D) and about `c` float32 values per score-tile element (scores, weights and the
+# 16-bit copy for P @ V: c = 3; the group product keeps the weights and their hi / lo parts
+# live: +2; entropy: +1), spread over 32 x num_warps threads. Past ~192 of them ptxas spills.
+_MAX_TILE_REGS = 192
+# float32 (FMA) products: rows x BLOCK_N x BLOCK_D / threads past ~512 spill (~256 with a
+# padded head dim, whose masks cost registers too)
+_MAX_FMA_TILE = 512
+_SMEM_FALLBACK = 99 * 1024  # a budget every supported GPU has, when the device query fails
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_budget(device_index: int) -> int:
+    """Shared memory a program may use on this device, with a margin for layout conversions."""
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"] * 0.85)
+    except Exception:  # no driver query
+        return _SMEM_FALLBACK
+
+
+def _smem_of(q) -> int:
+    if isinstance(q, torch.Tensor) and q.is_cuda:
+        return _smem_budget(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return _SMEM_FALLBACK
+
+
+def _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d) -> float:
+    """The register model above, as a fraction of its limit (> 1: expect spills)."""
+    threads = 32 * cfg.num_warps
+    if elt == 4:
+        return rows * block_n * block_d / threads / (_MAX_FMA_TILE if even_d else _MAX_FMA_TILE // 2)
+    return (rows * block_d + c * rows * block_n) / threads / _MAX_TILE_REGS
+
+
+def _fits(rows, block_n, block_d, elt, cfg, smem, c, even_d) -> bool:
+    """Whether a config's tiles fit the registers (model above) and shared memory (Q, and K + V
+    for each pipeline stage: this estimate matched Triton's allocation exactly for 16-bit)."""
+    shared = (rows * block_d + 2 * cfg.num_stages * block_n * block_d) * elt
+    return _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d) <= 1 and shared <= smem
+
+
+def _tile_values(kwargs) -> int:
+    return 3 + 2 * bool(kwargs.get("HAS_GROUPS")) * bool(kwargs.get("GROUP_DOT", True)) + bool(kwargs.get("ENTROPY"))
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    block_d = kwargs["BLOCK_D"]
+    q = named_args.get("q_ptr")
+    elt = q.element_size() if isinstance(q, torch.Tensor) else 2
+    lq = named_args.get("Lq", 1 << 30)
+    smem = _smem_of(q)
+    c = _tile_values(kwargs)
+    even_d = kwargs.get("HEAD_DIM", block_d) == block_d
+    own = [cfg for cfg in configs if (id(cfg) in _F32_IDS) == (elt == 4)] or list(configs)
+    kept = []
+    for cfg in own:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if bm > 64 and lq <= 64:  # a 128-row tile for <= 64 queries is mostly padding
+            continue
+        if elt != 4 and cfg.num_warps == 8 and bm < 128:  # two warpgroups want 2 x 64 rows
+            continue
+        if elt != 4 and bn < 32 and block_d < 256:
+            continue
+        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d):
+            kept.append(cfg)
+    # nothing fits (a very large head dim): the smallest tiles
+    return kept or [min(own, key=lambda cfg: (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"], cfg.num_stages))]
+
+
+def _prune_split(configs, named_args, **kwargs):
+    block_d, block_r = kwargs["BLOCK_D"], kwargs["BLOCK_R"]
+    q = named_args.get("q_ptr")
+    elt = q.element_size() if isinstance(q, torch.Tensor) else 2
+    smem = _smem_of(q)
+    c = _tile_values(dict(kwargs, GROUP_DOT=False))
+    even_d = kwargs.get("HEAD_DIM", block_d) == block_d
+    own = [cfg for cfg in configs if elt != 4 or cfg.num_warps == 8]  # float32, 4 warps: spills (sm_90)
+    kept = [cfg for cfg in own if _fits(block_r, cfg.kwargs["BLOCK_N"], block_d, elt, cfg, smem, c, even_d)]
+    if kept:
+        return kept
+
+    def pressure(cfg):  # nothing fits (float32 with many rows): the least register pressure
+        return _tile_regs(block_r, cfg.kwargs["BLOCK_N"], block_d, elt, cfg, c, even_d), cfg.num_stages
+
+    return [min(own, key=pressure)]
+
+
+_FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "LQ_BUCKET", "LK_BUCKET"]
+_attention_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
+)(_attention_fwd_kernel)
+# tuned once per head dim and row count, not per length (decoding changes Lk every step)
+_SPLIT_KEY = ["HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY"]
+_attention_split_tuned = triton.autotune(
+    configs=_SPLIT_CONFIGS, key=_SPLIT_KEY, prune_configs_by={"early_config_prune": _prune_split}
+)(_attention_split_kernel)
+
+# Through the Triton interpreter (CPU tests): small fixed blocks, so that short sequences
+# still span several blocks (interior, band edges and sink blocks all run).
+_INTERPRET_BLOCK_M = 16
+_INTERPRET_BLOCK_N = 16
+
+# Decode dispatch. The split path pays a second (small) launch and a float32 scratch round
+# trip; it wins when the prefill grid, B * Hq * cdiv(Lq, BLOCK_M) programs each streaming the
+# whole band, cannot fill the GPU or would read each kv head's K / V Hq / Hkv times with a
+# mostly-padding 64-row query tile. That is the case for a few queries (decoding, short
+# speculative drafts) over a band of keys long enough that reading it dominates the launch
+# latency: at 512 keys of D = 128 in 16-bit, K + V of one head are 256 KiB (~10 us for one
+# SM's share of HBM bandwidth, against a few us for the extra launch).
+_DECODE_MAX_QUERIES = 4
+_DECODE_MAX_ROWS = 128  # kv_group * Lq rows in one program's tile
+_DECODE_MAX_ROWS_F32 = 16  # float32 (FMA) products of more rows spill whatever the tile (sm_90)
+_DECODE_MIN_KEYS = 512
+_MIN_KEYS_PER_SPLIT = 256  # fewer keys per split: the merge traffic is no longer small
+_MAX_SPLITS = 64
+_SPLIT_ALIGN = 16  # keys per split are a multiple of this (masks handle the rest)
+_PROGRAMS_PER_SM = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    try:
+        return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+    except Exception:
+        return 132  # an H100 / H200
+
+
+def _auto_splits(band: int, programs: int, device: torch.device) -> int:
+    """Splits so that programs * splits fills the GPU about twice over, with at least
+    _MIN_KEYS_PER_SPLIT keys each."""
+    sms = _sm_count(device.index if device.index is not None else 0) if device.type == "cuda" else 132
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+    return max(1, min(want, band // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+
+
+def _next_pow2_at_least(n: int, least: int) -> int:
+    return max(least, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _check_layout(name, tensor, shape, dtype, contiguous=True):
+    if tensor.shape != shape or tensor.dtype != dtype or (contiguous and not tensor.is_contiguous()):
+        kind = "a contiguous " if contiguous else "a "
+        raise ValueError(f"{name} must be {kind}{str(dtype).removeprefix('torch.')} tensor of shape {list(shape)}")
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sink_mass: torch.Tensor,
+    group_mass: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    *,
+    scale: float,
+    causal: bool,
+    window: int,
+    key_real: Optional[torch.Tensor],
+    sink_end: torch.Tensor,
+    stat_end: torch.Tensor,
+    head_mask: Optional[torch.Tensor],
+    sink_logit: Optional[torch.Tensor],
+    key_groups: Optional[torch.Tensor],
+    num_groups: int,
+    split_keys: Optional[int] = None,
+) -> None:
+    """Launch the attention kernels; writes every element of out, lse, sink_mass and (when
+    given) group_mass and entropy.
+
+    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (Hq % Hkv == 0), float32 / bfloat16 / float16, any
+    strides. out [B, Hq, Lq, D] of their dtype, any strides (e.g. a transposed [B, Lq, Hq, D]).
+    lse, sink_mass, entropy [B, Hq, Lq] and group_mass [B, Hq, Lq, G] float32 contiguous
+    (entropy None: not computed; group_mass None iff key_groups None). window 0: none.
+    key_real uint8 [B, Lk] (1 = real key) or None; sink_end, stat_end int64 [B]: keys
+    j < sink_end[b] are sinks, real keys j < stat_end[b] count in sink_mass. head_mask uint8
+    [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] with ids in
+    [0, num_groups) (checked by the caller) or None.
+    split_keys: None chooses the path (decode split-K for a few queries over long keys, see
+    _DECODE_*); 0 forces the prefill kernel; n >= 1 forces the decode path with about n key
+    splits (at most n; each split gets a multiple of 16 keys).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D] and [B, Hkv, Lk, D]")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if k.shape != (B, Hkv, Lk, D) or v.shape != k.shape or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            "k and v must be [B, Hkv, Lk, D] with Hq % Hkv == 0; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    dtype = q.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
+        raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
+    _check_layout("out", out, (B, Hq, Lq, D), dtype, contiguous=False)
+    _check_layout("lse", lse, (B, Hq, Lq), torch.float32)
+    _check_layout("sink_mass", sink_mass, (B, Hq, Lq), torch.float32)
+    _check_layout("sink_end", sink_end, (B,), torch.int64)
+    _check_layout("stat_end", stat_end, (B,), torch.int64)
+    if entropy is not None:
+        _check_layout("entropy", entropy, (B, Hq, Lq), torch.float32)
+    if key_real is not None:
+        _check_layout("key_real", key_real, (B, Lk), torch.uint8, contiguous=False)
+    if head_mask is not None:
+        _check_layout("head_mask", head_mask, (Hq,), torch.uint8)
+    if sink_logit is not None:
+        _check_layout("sink_logit", sink_logit, (Hq,), torch.float32)
+    if (key_groups is None) != (group_mass is None):
+        raise ValueError("group_mass must be given exactly when key_groups is")
+    if key_groups is not None:
+        if num_groups < 1:
+            raise ValueError("num_groups must be >= 1")
+        _check_layout("key_groups", key_groups, (B, Lk), torch.int32, contiguous=False)
+        _check_layout("group_mass", group_mass, (B, Hq, Lq, num_groups), torch.float32)
+    window = int(window)
+    if window < 0:
+        raise ValueError("window must be >= 0 (0: no window)")
+    if B * Hq * Lq == 0:
+        return
+
+    kv_group = Hq // Hkv
+    # no window: one wider than any |p - j| (p in [Lk - Lq, Lk), j in [0, Lk)), so in_window
+    # always holds and the band is every key
+    win = window if window > 0 else Lk + Lq + 1
+    qk_scale = float(scale) * 1.4426950408889634
+    has_groups = key_groups is not None
+    # a dummy pointer for what is not given (never read: its flag is off)
+    dummy = lse
+    ptrs = dict(
+        key_real=key_real if key_real is not None else dummy,
+        head_mask=head_mask if head_mask is not None else dummy,
+        sink_logit=sink_logit if sink_logit is not None else dummy,
+        key_groups=key_groups if has_groups else dummy,
+        group_mass=group_mass if has_groups else dummy,
+        entropy=entropy if entropy is not None else dummy,
+    )
+    stride_r = key_real.stride() if key_real is not None else (0, 0)
+    stride_g = key_groups.stride() if has_groups else (0, 0)
+    flags = dict(
+        HEAD_DIM=D,
+        BLOCK_D=_next_pow2_at_least(D, 16),
+        G_PAD=_next_pow2_at_least(num_groups if has_groups else 1, 16),
+        CAUSAL=bool(causal),
+        HAS_KEY_REAL=key_real is not None,
+        HAS_HEAD_MASK=head_mask is not None,
+        HAS_SINK_LOGIT=sink_logit is not None,
+        HAS_GROUPS=has_groups,
+        ENTROPY=entropy is not None,
+        # float32 products in full float32 (tf32 would cost ~1e-3 relative); ignored otherwise
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=interpreter_enabled() and dtype == torch.bfloat16,
+    )
+
+    # decode dispatch: keys before band_lo can only be sinks for the last Lq queries
+    band_lo = max(0, Lk - Lq - win + 1) // _SPLIT_ALIGN * _SPLIT_ALIGN
+    band = Lk - band_lo
+    rows = kv_group * Lq
+    if split_keys is None:
+        max_rows = _DECODE_MAX_ROWS_F32 if dtype == torch.float32 else _DECODE_MAX_ROWS
+        use_split = Lq <= _DECODE_MAX_QUERIES and rows <= max_rows and band >= _DECODE_MIN_KEYS
+        splits = _auto_splits(band, B * Hkv, q.device) if use_split else 0
+    else:
+        splits = int(split_keys)
+        if splits < 0:
+            raise ValueError("split_keys must be None or >= 0")
+        use_split = splits > 0
+        if use_split and rows > _DECODE_MAX_ROWS:
+            raise ValueError(f"the decode path holds (Hq / Hkv) * Lq <= {_DECODE_MAX_ROWS} query rows, got {rows}")
+
+    if use_split:
+        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+                      qk_scale, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
+    else:
+        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+                    qk_scale, win, kv_group, num_groups)  # fmt: skip
+
+
+def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+                qk_scale, win, kv_group, num_groups):  # fmt: skip
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    args = (
+        q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], sink_end, stat_end,
+        ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
+        qk_scale, win, Hq, Lq, Lk, kv_group, num_groups,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g,
+        min(triton.next_power_of_2(Lq), 1 << 16), min(triton.next_power_of_2(max(Lk, 1)), 1 << 16),
+    )  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
+
+    if interpreter_enabled():
+        _attention_fwd_kernel[grid](*args, **flags, BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N, num_warps=4)
+    elif autotune_enabled():
+        _attention_fwd_tuned[grid](*args, **flags)
+    else:
+        cfg = _prune_fwd(_FWD_CONFIGS, {"q_ptr": q, "Lq": Lq}, **flags)[0]
+        _attention_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+                  qk_scale, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    block_d = flags["BLOCK_D"]
+    # the split kernel sums groups by masked row sums: one per padded group, not a >= 16 wide product
+    g_pad = _next_pow2_at_least(num_groups if flags["HAS_GROUPS"] else 1, 2)
+    block_r = _next_pow2_at_least(kv_group * Lq, 16)
+    chunk = triton.cdiv(triton.cdiv(max(band, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = max(1, triton.cdiv(band, chunk))  # no split left empty by the rounding
+    dev = q.device
+    state = torch.empty((B * Hkv, splits, 4, block_r), dtype=torch.float32, device=dev)
+    acc = torch.empty((B * Hkv, splits, block_r, block_d), dtype=torch.float32, device=dev)
+    grp = state  # a dummy unless HAS_GROUPS
+    if flags["HAS_GROUPS"]:
+        grp = torch.empty((B * Hkv, splits, block_r, g_pad), dtype=torch.float32, device=dev)
+
+    split_flags = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
+    split_flags["G_PAD"] = g_pad
+    args = (
+        q, k, v, state, acc, grp, ptrs["key_real"], sink_end, stat_end, ptrs["head_mask"], ptrs["key_groups"],
+        qk_scale, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
+        *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g,
+    )  # fmt: skip
+    grid = (splits * B * Hkv,)
+    if interpreter_enabled():
+        _attention_split_kernel[grid](*args, **split_flags, BLOCK_R=block_r, BLOCK_N=_INTERPRET_BLOCK_N, num_warps=4)
+    elif autotune_enabled():
+        _attention_split_tuned[grid](*args, **split_flags, BLOCK_R=block_r)
+    else:
+        cfg = _prune_split(_SPLIT_CONFIGS, {"q_ptr": q}, **split_flags, BLOCK_R=block_r)[0]
+        _attention_split_kernel[grid](
+            *args, **split_flags, BLOCK_R=block_r, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+
+    _attention_merge_kernel[(B * Hq * Lq,)](
+        state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
+        ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *out.stride(),
+        HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=block_d, BLOCK_R=block_r, G_PAD=g_pad,
+        S_PAD=_next_pow2_at_least(splits, 1), HAS_HEAD_MASK=flags["HAS_HEAD_MASK"],
+        HAS_SINK_LOGIT=flags["HAS_SINK_LOGIT"], HAS_GROUPS=flags["HAS_GROUPS"], ENTROPY=flags["ENTROPY"],
+        num_warps=4,
+    )  # fmt: skip
