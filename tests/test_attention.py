@@ -140,6 +140,25 @@ def test_decode_one_query(target, dtype, config):
         assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_split_key_decode_path(monkeypatch, dtype, splits):
+    """The Triton decoding path (keys split across programs, then merged) forced on small
+    caches, where the automatic choice would take the prefill kernel."""
+    import functools
+
+    from fastprobe.kernels import attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "sink_attention", functools.partial(triton_attention.sink_attention, split_keys=splits))
+    fp.set_backend("triton")
+    for num_queries, num_keys in [(1, 70), (2, 97)]:
+        q, k, v = random_qkv(2, 8, 2, num_queries, num_keys, 16, dtype, "cpu")
+        options = make_options("everything", 2, 8, num_keys, "cpu")
+        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+        assert_matches(result, expected(q, k, v, **options), dtype, True, True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_plain_causal_equals_sdpa(target, dtype):
     _, device = target
