@@ -38,6 +38,10 @@ Products use tl.dot with float32 accumulation: 16-bit inputs on tensor cores (P 
 the input dtype for P V, as FlashAttention does; the statistics use the float32 P), float32
 inputs in full float32 ("ieee"). Under the Triton interpreter bfloat16 operands are upcast
 first (UPCAST), since its dot multiplies bfloat16 as raw bits.
+
+dual_attention.py builds on this module: it imports the jit helpers (block scores, the
+online-softmax step, program / band / split decomposition, partial-state store and merge) and
+the launch plumbing (config lists, register-model pruning, decode plan, launch).
 """
 
 from __future__ import annotations
@@ -226,10 +230,7 @@ def _attend_block(
         MASKED, HAS_SOFTCAP, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     if MASKED:
-        if HAS_KEY_REAL:
-            key_ok = tl.load(real_base + rows * stride_rn, mask=n_ok, other=0) != 0
-        else:
-            key_ok = n_ok
+        key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
         j = offs_n[None, :]
         p_row = pos[:, None]
         is_sink = j < sink_end
@@ -280,6 +281,15 @@ def _finish(m, l, stat, ent):
     entropy = tl.where(has, (log2_l - ent * inv_l) * _LN2, 0.0)
     entropy = tl.where(entropy < 0, 0.0, entropy)  # (NaN passes)
     return inv_l, lse, stat * inv_l, entropy
+
+
+@triton.jit
+def _head_live(head_mask_ptr, h, HAS_HEAD_MASK: tl.constexpr):
+    """Whether query head h is computed (head_mask[h] != 0; every head without a mask)."""
+    if HAS_HEAD_MASK:
+        return tl.load(head_mask_ptr + h) != 0
+    else:
+        return h >= 0
 
 
 @triton.jit
@@ -349,11 +359,36 @@ def _fwd_band(
 
 
 @triton.jit
+def _load_rows(ptr, b, h, rows, stride_b, stride_h, stride_m, stride_d, offs_d, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """Rows `rows` (int64) of head (b, h) of a [B, H, L, D] tensor: [R, BLOCK_D], 0 outside."""
+    ptrs = ptr + b * stride_b + h * stride_h + rows[:, None] * stride_m + offs_d[None, :] * stride_d
+    return _load_tile(ptrs, row_ok, d_ok, True, EVEN_D)
+
+
+@triton.jit
 def _store_rows(ptr, b, h, rows, stride_b, stride_h, stride_m, stride_d, offs_d, row_ok, d_ok, x):
     """x [R, BLOCK_D] (float32) into rows `rows` (int64) of head (b, h) of a [B, H, L, D]
     tensor, in its dtype."""
     ptrs = ptr + b * stride_b + h * stride_h + rows[:, None] * stride_m + offs_d[None, :] * stride_d
     tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _key_bases(k_ptr, v_ptr, real_ptr, keyed_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_xb):
+    """Base pointers of kv head (b, kvh): K, V, and the rows b of two per-key [B, Lk] tensors
+    (the padding mask, and key groups or dropped keys)."""
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    return k_base, v_base, real_ptr + b * stride_rb, keyed_ptr + b * stride_xb
+
+
+@triton.jit
+def _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL: tl.constexpr):
+    """[N] whether the keys `rows` are in range (n_ok) and real (not padding)."""
+    if HAS_KEY_REAL:
+        return tl.load(real_base + rows * stride_rn, mask=n_ok, other=0) != 0
+    else:
+        return n_ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,22 +463,17 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    if HAS_HEAD_MASK:
-        live = tl.load(head_mask_ptr + h) != 0
-    else:
-        live = h >= 0
+    live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
     sink_end = tl.load(sink_end_ptr + b).to(tl.int32)
     stat_end = tl.load(stat_end_ptr + b).to(tl.int32)
     sink_hi, lo_blk, a, c, band_end = _fwd_band(m0, Lq, Lk, window, sink_end, live, CAUSAL, HAS_KEY_REAL, BLOCK_M, BLOCK_N)
 
     # ---- pointers ----
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    real_base = key_real_ptr + b * stride_rb
-    groups_base = key_groups_ptr + b * stride_gb
+    k_base, v_base, real_base, groups_base = _key_bases(
+        k_ptr, v_ptr, key_real_ptr, key_groups_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_gb
+    )
     rows_m = offs_m.to(tl.int64)
-    q = _load_tile(q_base + rows_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, m_ok, d_ok, True, EVEN_D)
+    q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
 
     # ---- online softmax state ----
     c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
@@ -649,10 +679,9 @@ def _attention_split_kernel(
     # keys before the band
     start0, end = _split_keys(band_lo, split, chunk, Lk, any_live)
     sink_hi = tl.where((split == 0) & any_live, tl.minimum(sink_end, band_lo), 0)
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    real_base = key_real_ptr + b * stride_rb
-    groups_base = key_groups_ptr + b * stride_gb
+    k_base, v_base, real_base, groups_base = _key_bases(
+        k_ptr, v_ptr, key_real_ptr, key_groups_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_gb
+    )
 
     m_i = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -721,10 +750,7 @@ def _attention_merge_kernel(
     m = max(c, max_s m_s), w_s = 2^(m_s - m): l = w_c + sum_s w_s l_s, acc = sum_s w_s acc_s,
     stat, grp likewise, A = sum_s w_s (A_s + (m_s - m) l_s) + w_c (c - m)."""
     row, b, h, qi, bkv, r = _merge_row(Hq, Hkv, Lq, kv_group)
-    if HAS_HEAD_MASK:
-        live = tl.load(head_mask_ptr + h) != 0
-    else:
-        live = h >= 0
+    live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
     s = tl.arange(0, S_PAD)
     s_ok = s < tl.where(live, num_splits, 0)  # a pruned head merges nothing
     part = bkv * num_splits + s
@@ -741,8 +767,8 @@ def _attention_merge_kernel(
 
     inv_l, lse, sink_mass, entropy = _finish(m, l, stat, ent)
     offs_d = tl.arange(0, BLOCK_D)
-    one = tl.full([1], 1, tl.int1)
-    _store_rows(out_ptr, b, h, one * qi, stride_ob, stride_oh, stride_om, stride_od, offs_d, one, offs_d < HEAD_DIM,
+    qi1 = tl.zeros([1], tl.int64) + qi  # the row as a 1-row tile
+    _store_rows(out_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_d, qi1 >= 0, offs_d < HEAD_DIM,
                 (acc * inv_l)[None, :])  # fmt: skip
     tl.store(lse_ptr + row, lse)
     tl.store(sink_mass_ptr + row, sink_mass)
@@ -788,6 +814,10 @@ _SPLIT_CONFIGS = [
 # (rows x BLOCK_D) and about `c` float32 values per score-tile element (scores, weights and the
 # 16-bit copy for P @ V: c = 3; the group product keeps the weights and their hi / lo parts
 # live: +2; entropy: +1), spread over 32 x num_warps threads. Past ~192 of them ptxas spills.
+# A kernel with two accumulators (dual_path_attention's two softmax states, whose key blocks
+# branch three ways) was fitted separately: each extra accumulator costs about twice its size
+# (its registers and the copies the branches keep), c = 5, and its decode kernel (mma v2
+# products of few rows) also keeps the K and V operand tiles (2 BLOCK_N x BLOCK_D) live.
 _MAX_TILE_REGS = 192
 # float32 (FMA) products: rows x BLOCK_N x BLOCK_D / threads past ~512 spill (~256 with a
 # padded head dim, whose masks cost registers too)
@@ -811,73 +841,89 @@ def _smem_of(q) -> int:
     return _SMEM_FALLBACK
 
 
-def _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d) -> float:
-    """The register model above, as a fraction of its limit (> 1: expect spills)."""
+def _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d, accumulators=1, operands=False) -> float:
+    """The register model above, as a fraction of its limit (> 1: expect spills). accumulators:
+    (rows x BLOCK_D) float32 accumulators of the kernel; operands: K / V tiles in registers."""
     threads = 32 * cfg.num_warps
+    extra_acc = 2 * (accumulators - 1) * rows * block_d / threads / _MAX_TILE_REGS
     if elt == 4:
-        return rows * block_n * block_d / threads / (_MAX_FMA_TILE if even_d else _MAX_FMA_TILE // 2)
-    return (rows * block_d + c * rows * block_n) / threads / _MAX_TILE_REGS
+        return rows * block_n * block_d / threads / (_MAX_FMA_TILE if even_d else _MAX_FMA_TILE // 2) + extra_acc
+    kv = 2 * block_n * block_d if operands else 0
+    return (rows * block_d + c * rows * block_n + kv) / threads / _MAX_TILE_REGS + extra_acc
 
 
-def _fits(rows, block_n, block_d, elt, cfg, smem, c, even_d) -> bool:
+def _fits(rows, block_n, block_d, elt, cfg, smem, c, even_d, accumulators=1, operands=False) -> bool:
     """Whether a config's tiles fit the registers (model above) and shared memory (Q, and K + V
     for each pipeline stage: this estimate matched Triton's allocation exactly for 16-bit)."""
     shared = (rows * block_d + 2 * cfg.num_stages * block_n * block_d) * elt
-    return _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d) <= 1 and shared <= smem
+    return _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d, accumulators, operands) <= 1 and shared <= smem
 
 
-def _tile_values(kwargs) -> int:
-    return 3 + 2 * bool(kwargs.get("HAS_GROUPS")) * bool(kwargs.get("GROUP_DOT", True)) + bool(kwargs.get("ENTROPY"))
+def _tile_values(kwargs, accumulators=1) -> int:
+    """c of the register model."""
+    groups = 2 * bool(kwargs.get("HAS_GROUPS")) * bool(kwargs.get("GROUP_DOT", True))
+    return 3 + groups + bool(kwargs.get("ENTROPY")) + 2 * (accumulators - 1)
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+def _prune_fwd(configs, named_args, accumulators=1, **kwargs):
+    """Prefill configs that fit (see the register model); the kernel's constexprs in kwargs.
+    accumulators: (rows x BLOCK_D) float32 accumulators of the kernel (functools.partial)."""
     block_d = kwargs["BLOCK_D"]
     q = named_args.get("q_ptr")
     elt = q.element_size() if isinstance(q, torch.Tensor) else 2
     lq = named_args.get("Lq", 1 << 30)
     smem = _smem_of(q)
-    c = _tile_values(kwargs)
+    c = _tile_values(kwargs, accumulators)
     even_d = kwargs.get("HEAD_DIM", block_d) == block_d
     own = [cfg for cfg in configs if (id(cfg) in _F32_IDS) == (elt == 4)] or list(configs)
+    if accumulators > 1 and elt != 4:  # and the 32-row tiles, when nothing larger fits (D = 256)
+        own += [cfg for cfg in configs if id(cfg) in _F32_IDS]
     kept = []
     for cfg in own:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if bm > 64 and lq <= 64:  # a 128-row tile for <= 64 queries is mostly padding
             continue
-        if elt != 4 and cfg.num_warps == 8 and bm < 128:  # two warpgroups want 2 x 64 rows
+        # two warpgroups want 2 x 64 rows; with two accumulators, 8 warps over 64 rows split
+        # their columns instead (half the registers each: the spill-free tiles for D = 128)
+        if elt != 4 and cfg.num_warps == 8 and bm < 128 and accumulators == 1:
             continue
         if elt != 4 and bn < 32 and block_d < 256:
             continue
-        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d):
+        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d, accumulators):
             kept.append(cfg)
     # nothing fits (a very large head dim): the smallest tiles
     return kept or [min(own, key=lambda cfg: (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"], cfg.num_stages))]
 
 
-def _prune_split(configs, named_args, **kwargs):
+def _prune_split(configs, named_args, accumulators=1, **kwargs):
+    """Decode (split) configs that fit; as _prune_fwd with BLOCK_R query rows."""
     block_d, block_r = kwargs["BLOCK_D"], kwargs["BLOCK_R"]
     q = named_args.get("q_ptr")
     elt = q.element_size() if isinstance(q, torch.Tensor) else 2
     smem = _smem_of(q)
-    c = _tile_values(dict(kwargs, GROUP_DOT=False))
+    c = _tile_values(dict(kwargs, GROUP_DOT=False), accumulators)
     even_d = kwargs.get("HEAD_DIM", block_d) == block_d
     own = [cfg for cfg in configs if elt != 4 or cfg.num_warps == 8]  # float32, 4 warps: spills (sm_90)
-    kept = [cfg for cfg in own if _fits(block_r, cfg.kwargs["BLOCK_N"], block_d, elt, cfg, smem, c, even_d)]
-    if kept:
-        return kept
+    if elt == 4 and accumulators > 1:  # float32 with two accumulators: 64-key blocks spill (sm_90)
+        own = [cfg for cfg in own if cfg.kwargs["BLOCK_N"] <= 32]
 
-    def pressure(cfg):  # nothing fits (float32 with many rows): the least register pressure
-        return _tile_regs(block_r, cfg.kwargs["BLOCK_N"], block_d, elt, cfg, c, even_d), cfg.num_stages
+    operands = accumulators > 1  # (see the register model)
 
-    return [min(own, key=pressure)]
+    def pressure(cfg):
+        return _tile_regs(block_r, cfg.kwargs["BLOCK_N"], block_d, elt, cfg, c, even_d, accumulators, operands)
+
+    kept = [cfg for cfg in own if _fits(block_r, cfg.kwargs["BLOCK_N"], block_d, elt, cfg, smem, c, even_d, accumulators, operands)]
+    # nothing fits (float32 with many rows): the least register pressure
+    return kept or [min(own, key=lambda cfg: (pressure(cfg), cfg.num_stages))]
 
 
-_FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "LQ_BUCKET", "LK_BUCKET"]
+_FWD_KEY_SHAPES = ["LQ_BUCKET", "LK_BUCKET"]  # (see _lq_lk_buckets)
+_FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP", *_FWD_KEY_SHAPES]
 _attention_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(_attention_fwd_kernel)
 # tuned once per head dim and row count, not per length (decoding changes Lk every step)
-_SPLIT_KEY = ["HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY"]
+_SPLIT_KEY = ["HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP"]
 _attention_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS, key=_SPLIT_KEY, prune_configs_by={"early_config_prune": _prune_split}
 )(_attention_split_kernel)
@@ -930,6 +976,79 @@ def _check_layout(name, tensor, shape, dtype, contiguous=True):
         raise ValueError(f"{name} must be {kind}{str(dtype).removeprefix('torch.')} tensor of shape {list(shape)}")
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
+    """The checks every attention launcher shares: q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] with
+    Hq % Hkv == 0, one dtype of float32 / bfloat16 / float16, out [B, Hq, Lq, D] of that dtype
+    (any strides). Returns (B, Hq, Hkv, Lq, Lk, D)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D] and [B, Hkv, Lk, D]")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if k.shape != (B, Hkv, Lk, D) or v.shape != k.shape or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            "k and v must be [B, Hkv, Lk, D] with Hq % Hkv == 0; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    dtype = q.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
+        raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
+    _check_layout("out", out, (B, Hq, Lq, D), dtype, contiguous=False)
+    return B, Hq, Hkv, Lq, Lk, D
+
+
+def _dot_flags(dtype: torch.dtype, head_dim: int) -> dict:
+    """The constexprs of the products every attention kernel shares."""
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=_next_pow2_at_least(head_dim, 16),
+        # float32 products in full float32 (tf32 would cost ~1e-3 relative); ignored otherwise
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=interpreter_enabled() and dtype == torch.bfloat16,  # the interpreter's bfloat16 dot (see _dot)
+    )
+
+
+def _decode_plan(q: torch.Tensor, Hkv: int, Lk: int, win: int, split_keys: Optional[int]):
+    """Whether to take the decode (split-K) path and how: (splits, band_lo, band), splits = 0
+    for the prefill kernel. Keys before band_lo can only be sinks for the last Lq queries
+    (win: the window, > every |p - j| when there is none). split_keys: None chooses (a few
+    queries over a long band, see _DECODE_*), 0 forces prefill, n >= 1 about n splits."""
+    B, Hq, Lq, _ = q.shape
+    band_lo = max(0, Lk - Lq - win + 1) // _SPLIT_ALIGN * _SPLIT_ALIGN
+    band = Lk - band_lo
+    rows = Hq // Hkv * Lq
+    if split_keys is None:
+        max_rows = _DECODE_MAX_ROWS_F32 if q.dtype == torch.float32 else _DECODE_MAX_ROWS
+        use_split = Lq <= _DECODE_MAX_QUERIES and rows <= max_rows and band >= _DECODE_MIN_KEYS
+        return (_auto_splits(band, B * Hkv, q.device) if use_split else 0), band_lo, band
+    splits = int(split_keys)
+    if splits < 0:
+        raise ValueError("split_keys must be None or >= 0")
+    if splits > 0 and rows > _DECODE_MAX_ROWS:
+        raise ValueError(f"the decode path holds (Hq / Hkv) * Lq <= {_DECODE_MAX_ROWS} query rows, got {rows}")
+    return splits, band_lo, band
+
+
+def _split_layout(q: torch.Tensor, Hkv: int, band: int, splits: int):
+    """(chunk, splits, BLOCK_R) of the decode path: keys per split, a multiple of _SPLIT_ALIGN
+    (so fewer splits may remain: none left empty by the rounding), and the padded query rows of
+    a program's tile (>= 16 for tl.dot)."""
+    chunk = triton.cdiv(triton.cdiv(max(band, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    block_r = _next_pow2_at_least(q.shape[1] // Hkv * q.shape[2], 16)
+    return chunk, max(1, triton.cdiv(band, chunk)), block_r
+
+
+def _launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args):
+    """Run `kernel` on `grid`: fixed small blocks under the interpreter, the autotuned version
+    (`tuned`), or with FASTPROBE_AUTOTUNE=0 the first config that survives `prune`."""
+    if interpreter_enabled():
+        kernel[grid](*args, **flags, **interpret_blocks, num_warps=4)
+    elif autotune_enabled():
+        tuned[grid](*args, **flags)
+    else:
+        cfg = prune(configs, prune_args, **flags)[0]
+        kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -950,6 +1069,7 @@ def sink_attention(
     sink_logit: Optional[torch.Tensor],
     key_groups: Optional[torch.Tensor],
     num_groups: int,
+    softcap: float = 0.0,
     split_keys: Optional[int] = None,
 ) -> None:
     """Launch the attention kernels; writes every element of out, lse, sink_mass and (when
@@ -963,23 +1083,13 @@ def sink_attention(
     j < sink_end[b] are sinks, real keys j < stat_end[b] count in sink_mass. head_mask uint8
     [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] with ids in
     [0, num_groups) (checked by the caller) or None.
+    softcap: c > 0 caps every score, s = c tanh(scale q . k / c), before masking and all
+    statistics (Gemma 2's attn_logit_softcapping); 0 (or None): no cap.
     split_keys: None chooses the path (decode split-K for a few queries over long keys, see
     _DECODE_*); 0 forces the prefill kernel; n >= 1 forces the decode path with about n key
     splits (at most n; each split gets a multiple of 16 keys).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D] and [B, Hkv, Lk, D]")
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if k.shape != (B, Hkv, Lk, D) or v.shape != k.shape or Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
-            "k and v must be [B, Hkv, Lk, D] with Hq % Hkv == 0; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    dtype = q.dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
-        raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
-    _check_layout("out", out, (B, Hq, Lq, D), dtype, contiguous=False)
+    B, Hq, Hkv, Lq, Lk, D = _check_qkv(q, k, v, out)
     _check_layout("lse", lse, (B, Hq, Lq), torch.float32)
     _check_layout("sink_mass", sink_mass, (B, Hq, Lq), torch.float32)
     _check_layout("sink_end", sink_end, (B,), torch.int64)
@@ -1002,6 +1112,9 @@ def sink_attention(
     window = int(window)
     if window < 0:
         raise ValueError("window must be >= 0 (0: no window)")
+    softcap = float(softcap or 0.0)
+    if not 0.0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: none), got {softcap}")
     if B * Hq * Lq == 0:
         return
 
@@ -1009,7 +1122,12 @@ def sink_attention(
     # no window: one wider than any |p - j| (p in [Lk - Lq, Lk), j in [0, Lk)), so in_window
     # always holds and the band is every key
     win = window if window > 0 else Lk + Lq + 1
-    qk_scale = float(scale) * 1.4426950408889634
+    # base-2 scores t = s log2(e): the kernels compute t = qk_scale q . k, then with a soft cap
+    # t = softcap tanh(t): qk_scale = scale / c, softcap = c log2(e)
+    if softcap > 0:
+        qk_scale, cap = float(scale) / softcap, softcap * 1.4426950408889634
+    else:
+        qk_scale, cap = float(scale) * 1.4426950408889634, 0.0
     has_groups = key_groups is not None
     # a dummy pointer for what is not given (never read: its flag is off)
     dummy = lse
@@ -1024,8 +1142,6 @@ def sink_attention(
     stride_r = key_real.stride() if key_real is not None else (0, 0)
     stride_g = key_groups.stride() if has_groups else (0, 0)
     flags = dict(
-        HEAD_DIM=D,
-        BLOCK_D=_next_pow2_at_least(D, 16),
         G_PAD=_next_pow2_at_least(num_groups if has_groups else 1, 16),
         CAUSAL=bool(causal),
         HAS_KEY_REAL=key_real is not None,
@@ -1033,69 +1149,54 @@ def sink_attention(
         HAS_SINK_LOGIT=sink_logit is not None,
         HAS_GROUPS=has_groups,
         ENTROPY=entropy is not None,
-        # float32 products in full float32 (tf32 would cost ~1e-3 relative); ignored otherwise
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST=interpreter_enabled() and dtype == torch.bfloat16,
+        HAS_SOFTCAP=softcap > 0,
+        **_dot_flags(q.dtype, D),
     )
-
-    # decode dispatch: keys before band_lo can only be sinks for the last Lq queries
-    band_lo = max(0, Lk - Lq - win + 1) // _SPLIT_ALIGN * _SPLIT_ALIGN
-    band = Lk - band_lo
-    rows = kv_group * Lq
-    if split_keys is None:
-        max_rows = _DECODE_MAX_ROWS_F32 if dtype == torch.float32 else _DECODE_MAX_ROWS
-        use_split = Lq <= _DECODE_MAX_QUERIES and rows <= max_rows and band >= _DECODE_MIN_KEYS
-        splits = _auto_splits(band, B * Hkv, q.device) if use_split else 0
-    else:
-        splits = int(split_keys)
-        if splits < 0:
-            raise ValueError("split_keys must be None or >= 0")
-        use_split = splits > 0
-        if use_split and rows > _DECODE_MAX_ROWS:
-            raise ValueError(f"the decode path holds (Hq / Hkv) * Lq <= {_DECODE_MAX_ROWS} query rows, got {rows}")
-
-    if use_split:
+    splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
+    if splits > 0:
         _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
-                      qk_scale, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
+                      qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
     else:
         _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
-                    qk_scale, win, kv_group, num_groups)  # fmt: skip
+                    qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
+
+
+def _lq_lk_buckets(Lq: int, Lk: int) -> tuple:
+    """The prefill autotune keys LQ_BUCKET, LK_BUCKET: powers of two of Lq and Lk."""
+    return min(triton.next_power_of_2(Lq), 1 << 16), min(triton.next_power_of_2(max(Lk, 1)), 1 << 16)
+
+
+def _fwd_grid(Lq: int, programs: int):
+    """The prefill grid: cdiv(Lq, BLOCK_M) query blocks of each of `programs` (b, h)."""
+    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * programs,)
+
+
+_INTERPRET_FWD_BLOCKS = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
+_INTERPRET_SPLIT_BLOCKS = dict(BLOCK_N=_INTERPRET_BLOCK_N)
 
 
 def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
-                qk_scale, win, kv_group, num_groups):  # fmt: skip
+                qk_scale, cap, win, kv_group, num_groups):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     args = (
         q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], sink_end, stat_end,
         ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
-        qk_scale, win, Hq, Lq, Lk, kv_group, num_groups,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g,
-        min(triton.next_power_of_2(Lq), 1 << 16), min(triton.next_power_of_2(max(Lk, 1)), 1 << 16),
+        qk_scale, cap, win, Hq, Lq, Lk, kv_group, num_groups,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *_lq_lk_buckets(Lq, Lk),
     )  # fmt: skip
-
-    def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
-
-    if interpreter_enabled():
-        _attention_fwd_kernel[grid](*args, **flags, BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N, num_warps=4)
-    elif autotune_enabled():
-        _attention_fwd_tuned[grid](*args, **flags)
-    else:
-        cfg = _prune_fwd(_FWD_CONFIGS, {"q_ptr": q, "Lq": Lq}, **flags)[0]
-        _attention_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch(_attention_fwd_kernel, _attention_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args, flags,
+           _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
 
 
 def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
-                  qk_scale, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
+                  qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = flags["BLOCK_D"]
     # the split kernel sums groups by masked row sums: one per padded group, not a >= 16 wide product
     g_pad = _next_pow2_at_least(num_groups if flags["HAS_GROUPS"] else 1, 2)
-    block_r = _next_pow2_at_least(kv_group * Lq, 16)
-    chunk = triton.cdiv(triton.cdiv(max(band, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    splits = max(1, triton.cdiv(band, chunk))  # no split left empty by the rounding
+    chunk, splits, block_r = _split_layout(q, Hkv, band, splits)
     dev = q.device
     state = torch.empty((B * Hkv, splits, 4, block_r), dtype=torch.float32, device=dev)
     acc = torch.empty((B * Hkv, splits, block_r, block_d), dtype=torch.float32, device=dev)
@@ -1104,22 +1205,14 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
         grp = torch.empty((B * Hkv, splits, block_r, g_pad), dtype=torch.float32, device=dev)
 
     split_flags = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
-    split_flags["G_PAD"] = g_pad
+    split_flags.update(G_PAD=g_pad, BLOCK_R=block_r)
     args = (
         q, k, v, state, acc, grp, ptrs["key_real"], sink_end, stat_end, ptrs["head_mask"], ptrs["key_groups"],
-        qk_scale, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
+        qk_scale, cap, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
         *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g,
     )  # fmt: skip
-    grid = (splits * B * Hkv,)
-    if interpreter_enabled():
-        _attention_split_kernel[grid](*args, **split_flags, BLOCK_R=block_r, BLOCK_N=_INTERPRET_BLOCK_N, num_warps=4)
-    elif autotune_enabled():
-        _attention_split_tuned[grid](*args, **split_flags, BLOCK_R=block_r)
-    else:
-        cfg = _prune_split(_SPLIT_CONFIGS, {"q_ptr": q}, **split_flags, BLOCK_R=block_r)[0]
-        _attention_split_kernel[grid](
-            *args, **split_flags, BLOCK_R=block_r, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        )
+    _launch(_attention_split_kernel, _attention_split_tuned, _SPLIT_CONFIGS, _prune_split, (splits * B * Hkv,), args,
+           split_flags, _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip
 
     _attention_merge_kernel[(B * Hq * Lq,)](
         state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
