@@ -12,6 +12,7 @@ void bind_divergence(py::module_& m);
 void bind_concepts(py::module_& m);
 void bind_bridge(py::module_& m);
 void bind_attention(py::module_& m);
+void bind_dual_attention(py::module_& m);
 }  // namespace fastprobe
 
 PYBIND11_MODULE(_C, m) {
@@ -27,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   fastprobe::bind_concepts(m);
   fastprobe::bind_bridge(m);
   fastprobe::bind_attention(m);
+  fastprobe::bind_dual_attention(m);
 }

@@ -1,0 +1,113 @@
+"""dual_path_attention: fastprobe's one pass vs one sink_attention call (the goal: at most
+1.3x on CPU, 1.15x on GPU), vs two SDPA calls (every key, then without the image keys) merged
+by the guidance formula, and on CUDA vs two FlexAttention calls, in the same run.
+
+    pytest bench/test_dual_attention_bench.py --benchmark-json=bench/results/<device>.json
+"""
+
+import functools
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprobe as fp
+
+try:
+    from . import _memory
+except ImportError:  # run as a script for the CPU peak-memory child
+    import _memory
+
+# A LLaVA-style prompt: 576 image tokens after a 5-token prefix; every row guided.
+CASES = {
+    "cpu": dict(batch=1, heads=16, length=2048, head_dim=64, dtype=torch.float32),
+    "cuda": dict(batch=1, heads=32, length=4096, head_dim=128, dtype=torch.bfloat16),
+}
+IMAGE_START, IMAGE_TOKENS, GAMMA = 5, 576, 1.0
+
+
+def make_inputs(device, batch, heads, length, head_dim, dtype):
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
+    drop = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    drop[:, IMAGE_START : IMAGE_START + IMAGE_TOKENS] = True
+    return q, k, v, drop
+
+
+def guidance(o_cond, o_uncond, eps=1e-6):
+    delta = o_cond - o_uncond
+    u = o_uncond / (o_uncond.norm(dim=-1, keepdim=True) + eps)
+    return o_cond + GAMMA * (delta - (delta * u).sum(-1, keepdim=True) * u)
+
+
+def fastprobe_dual(q, k, v, drop):
+    return fp.dual_path_attention(q, k, v, drop, gamma=GAMMA, rows="all")
+
+
+def fastprobe_single(q, k, v, drop):
+    return fp.sink_attention(q, k, v).out
+
+
+def sdpa_two_calls(q, k, v, drop):
+    length = k.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    o_cond = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # rows that see no text key get NaN from SDPA; guidance is meaningless there either way
+    o_uncond = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & ~drop[:, None, None, :])
+    return guidance(o_cond.float(), o_uncond.float().nan_to_num()).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex(length, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    def causal_text(b, h, q_idx, kv_idx):
+        image = (kv_idx >= IMAGE_START) & (kv_idx < IMAGE_START + IMAGE_TOKENS)
+        return (kv_idx <= q_idx) & ~image
+
+    full = create_block_mask(causal, None, None, length, length, device=device)
+    text = create_block_mask(causal_text, None, None, length, length, device=device)
+    return torch.compile(flex_attention, dynamic=False), full, text
+
+
+def flex_two_calls(q, k, v, drop):
+    flex, full, text = _flex(k.shape[2], str(q.device))
+    o_cond = flex(q, k, v, block_mask=full)
+    o_uncond = flex(q, k, v, block_mask=text)
+    return guidance(o_cond.float(), o_uncond.float()).to(q.dtype)
+
+
+IMPLS = {
+    "fastprobe-dual": fastprobe_dual,
+    "fastprobe-sink_attention": fastprobe_single,
+    "sdpa-two-calls": sdpa_two_calls,
+    "flex-two-calls": flex_two_calls,
+}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_dual_path_attention(benchmark, device, impl, request):
+    if impl == "flex-two-calls" and device == "cpu":
+        pytest.skip("FlexAttention is measured on CUDA only")
+    case = CASES[device]
+    inputs = make_inputs(device, **case)
+    benchmark.group = f"dual_path_attention-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="fastprobe-sink_attention", dtype=str(case["dtype"]),
+        shape=dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"], image=IMAGE_TOKENS),
+        input_bytes=sum(t.nbytes for t in inputs),
+    )
+    with torch.no_grad():
+        _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    impl = IMPLS[sys.argv[2]]
+    small = make_inputs("cpu", 1, 2, 16, 8, torch.float32)
+    full = make_inputs("cpu", **CASES["cpu"])
+    with torch.no_grad():
+        _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

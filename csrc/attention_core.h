@@ -1,0 +1,990 @@
+// The machinery that sink_attention (attention.cpp) and dual_path_attention
+// (dual_attention.cpp) share: the work items, key-block loading and conversion, the
+// register-blocked Q K^T and P V kernels, the band / padding mask, the running softmax, the
+// decode (narrow) mode and key splitting with the merge. An operation supplies an "op": how
+// many running-softmax states each row keeps, which state each key of a block feeds, the
+// extra per-block statistics, and how the final states become its outputs.
+//
+// Per batch b, query head h (kv head h / (Hq / Hkv), never expanded) and query i at
+// position p = Lk - Lq + i:
+//   visible(j) = real_j and (not causal or j <= p) and (no window or in_window or j < sink_end)
+//     in_window: causal j > p - window, bidirectional |p - j| < window
+//   s_j = scale q_i . k_j on visible keys (-inf elsewhere)
+//
+// Online softmax per row and state over blocks of keys, with the running max m,
+// l = sum_j e_j, e_j = exp(s_j - m), and A = sum_j e_j (s_j - m) (for the entropy). A state may
+// start from a value-less logit c (m = c, l = 1, A = 0). A block with max s_max folds in as
+//   m' = max(m, s_max), alpha = exp(m - m')
+//   l' = alpha l + sum_new e_j            A' = alpha (A + (m - m') l) + sum_new e_j (s_j - m')
+//   O' = alpha O + sum_new e_j v_j         (other sums rescale like l)
+// Each key of a block feeds exactly one state: a block is cut into at most two segments of
+// keys (reordered when its keys alternate), and only the segment's state is rescaled and
+// updated, so the P V work is that of one attention whatever the number of states.
+//
+// Work: one item is (b, kv head, block of queries), with the query heads that share the kv
+// head stacked as rows, so each key/value block is read (and converted to float32) once for
+// all of them. Rows are the vector lanes: the scores of a key block are kept transposed,
+// sT[key][row], so Q K^T is an outer-product update (a key element times a vector of query
+// rows), the softmax is elementwise across rows, and P V updates the transposed output
+// oT[d][row] by a value element times a vector of probabilities. K and V are read in place
+// (float32) or converted block by block, never transposed. Items run over OpenMP, heaviest
+// (latest causal query blocks) first; when there are fewer than two items per thread, each
+// item's keys are split into ranges whose partial states are merged by their max.
+//
+// An item of at most kNarrowRows rows (decoding: one query per head) would leave most lanes
+// idle, so it puts the lanes along head_dim instead: scores are dot products of q and k rows,
+// the softmax runs along the keys of one row at a time, and the output is updated row by row
+// (O += e_j v_j), then stored transposed like the others.
+//
+// Everything here has internal linkage (an unnamed namespace, like common.h's static
+// functions): each operation's file compiles its own multi-versioned copies.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <exception>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace fastprobe {
+namespace {
+
+#define FASTPROBE_ALWAYS_INLINE inline __attribute__((always_inline))
+// Lambdas in the kernels: inlined into the multi-versioned caller, so compiled for its target
+// (a lambda's own body would be compiled for the default target).
+#define FASTPROBE_LAMBDA_INLINE __attribute__((always_inline))
+
+// Keys per block: the scores of a block are kKeyBlock x rows floats (16 KiB for 64 rows).
+constexpr int64_t kKeyBlock = 64;
+// Query rows an item aims for (all its heads together): enough to amortise each key/value
+// block over many rows, small enough that the block's scores and output stay in L1/L2.
+constexpr int64_t kItemRows = 64;
+
+// A vector of kLanes query rows (GCC vector extension): one AVX2 register, two SSE registers.
+// The register tiles below (6 x 2 accumulators + 2 loads) fit the 16 registers of AVX2.
+constexpr int64_t kLanes = 8;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+// Loads and stores of float buffers go through this one: any alignment, may alias float.
+typedef float UnalignedLanes
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+constexpr int kTileVectors = 2;  // row vectors per register tile
+constexpr int kTileWidth = 6;    // keys (scores) or value dimensions (output) per register tile
+
+#define LOAD_LANES(ptr) (*reinterpret_cast<const UnalignedLanes*>(ptr))
+#define STORE_LANES(ptr, x) (*reinterpret_cast<UnalignedLanes*>(ptr) = (x))
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// ---- Register tiles (inlined into the multi-versioned block kernels below). ---------------
+
+template <int K>
+using Width = std::integral_constant<int, K>;
+
+// f(Width<K>()) for the K in [1, Max] that equals n (n < 1 or n > Max: none), so that a
+// run-time count picks a compile-time tile size.
+template <int Max, typename F>
+FASTPROBE_ALWAYS_INLINE void with_width(int64_t n, F&& f) {
+  if constexpr (Max > 0) {
+    if (n == Max)
+      f(Width<Max>());
+    else
+      with_width<Max - 1>(n, f);
+  }
+}
+
+// tile(Width<W>(), i) for i = 0, W, 2W, ... while a whole tile fits in n, then one narrower
+// tile for the rest.
+template <int W, typename Tile>
+FASTPROBE_ALWAYS_INLINE void for_tiles(int64_t n, Tile&& tile) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) tile(Width<W>(), i);
+  with_width<W - 1>(n - i, [&](auto width) FASTPROBE_LAMBDA_INLINE { tile(width, i); });
+}
+
+// The register tile of the block kernels (all but the narrow scores): for NA scalars by NB
+// vectors of kLanes floats,
+//   out[a][b] = init(a, b) + sum_{i < n} x[i x_step + a x_stride] y[i y_step + b kLanes]
+// with out[a][b] at out + a ld_out + b kLanes and the NA x NB accumulators in registers;
+// init(a, b, acc) sets an accumulator's start (nullptr: 0).
+template <int NA, int NB, typename Init>
+FASTPROBE_ALWAYS_INLINE void outer_tile(const float* x, int64_t x_step, int64_t x_stride,
+                                        const float* y, int64_t y_step, int64_t n, float* out,
+                                        int64_t ld_out, Init init) {
+  Lanes acc[NA][NB];
+#pragma GCC unroll 8
+  for (int a = 0; a < NA; ++a)
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      if constexpr (std::is_same_v<Init, std::nullptr_t>)
+        acc[a][b] = Lanes{};
+      else
+        init(a, b, acc[a][b]);
+    }
+  for (int64_t i = 0; i < n; ++i) {
+    Lanes y_i[NB];
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) y_i[b] = LOAD_LANES(y + i * y_step + b * kLanes);
+#pragma GCC unroll 8
+    for (int a = 0; a < NA; ++a) {
+      const float x_i = x[i * x_step + a * x_stride];
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) acc[a][b] += x_i * y_i[b];
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < NA; ++a)
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) STORE_LANES(out + a * ld_out + b * kLanes, acc[a][b]);
+}
+
+// ---- Narrow items (at most kNarrowRows rows, e.g. decoding one query per head): the lanes
+// run along head_dim instead of rows, so no lane is idle. q, k and v rows are padded with
+// zeros to Dp (a multiple of kLanes) so that every load is a whole vector.
+
+constexpr int64_t kNarrowRows = 4;
+typedef int32_t LaneIndex __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Tiles of 8 accumulators for ROWS narrow rows: keys (scores) or vectors of d (values).
+template <int ROWS>
+constexpr int kNarrowTile = ROWS == 1 ? 8 : ROWS == 2 ? 4 : 2;
+
+// x[0] + ... + x[kLanes - 1], by halving (GCC's generic shuffles; a plain sum elsewhere).
+FASTPROBE_ALWAYS_INLINE float lane_sum(const Lanes& x) {
+#if defined(__GNUC__) && !defined(__clang__)
+#define HALVE(x, ...) ((x) + __builtin_shuffle((x), LaneIndex{__VA_ARGS__}))
+  const Lanes quads = HALVE(x, 4, 5, 6, 7, 0, 1, 2, 3);
+  const Lanes pairs = HALVE(quads, 2, 3, 0, 1, 6, 7, 4, 5);
+  const Lanes total = HALVE(pairs, 1, 0, 3, 2, 5, 4, 7, 6);
+#undef HALVE
+  return total[0];
+#else
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += x[i];
+  return total;
+#endif
+}
+
+// sT[c][r] = q_rows[r] . keys[c] for NC keys and ROWS rows (rows of Dp floats).
+template <int NC, int ROWS>
+FASTPROBE_ALWAYS_INLINE void dot_tile(const float* q_rows, int64_t Dp, const float* keys, int64_t ldk,
+                                      float* sT, int64_t R) {
+  Lanes acc[NC][ROWS];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) acc[c][r] = Lanes{};
+  for (int64_t d = 0; d < Dp; d += kLanes) {
+    Lanes q[ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) q[r] = LOAD_LANES(q_rows + r * Dp + d);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const Lanes key = LOAD_LANES(keys + c * ldk + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) acc[c][r] += key * q[r];
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) sT[c * R + r] = lane_sum(acc[c][r]);
+}
+
+// ---- Block kernels (multi-versioned). R, the row count, is a multiple of kLanes. ----------
+
+// All count keys of one row tile (MV vectors of rows), kTileWidth keys per register tile.
+template <int MV>
+FASTPROBE_ALWAYS_INLINE void score_row_tile(const float* qT, int64_t R, const float* keys,
+                                            int64_t ldk, int64_t count, int64_t D, float* sT) {
+  for_tiles<kTileWidth>(count, [&](auto width, int64_t c) FASTPROBE_LAMBDA_INLINE {
+    outer_tile<width, MV>(keys + c * ldk, 1, ldk, qT, R, D, sT + c * R, R, nullptr);
+  });
+}
+
+// All D dimensions of one row tile (MV vectors of rows), kTileWidth per register tile.
+template <int MV>
+FASTPROBE_ALWAYS_INLINE void value_row_tile(const float* eT, int64_t R, int64_t count,
+                                            const float* vals, int64_t ldv, int64_t D,
+                                            const float* alpha, float* oT) {
+  for_tiles<kTileWidth>(D, [&](auto width, int64_t d) FASTPROBE_LAMBDA_INLINE {
+    float* out = oT + d * R;
+    outer_tile<width, MV>(vals + d, ldv, 1, eT, R, count, out, R,
+                          [&](int a, int b, Lanes& acc) FASTPROBE_LAMBDA_INLINE {
+                            acc = LOAD_LANES(out + a * R + b * kLanes) * LOAD_LANES(alpha + b * kLanes);
+                          });
+  });
+}
+
+// Scores of one key block: sT [count][R] = keys [count][D] (row stride ldk) times qT [D][R]
+// (the queries, already multiplied by the scale). The row tiles are a plain loop: nesting
+// for_tiles here costs ~10% (GCC then runs out of registers for the tile's key offsets).
+FASTPROBE_SIMD_CLONES static void scores_block(const float* qT, int64_t R, int64_t D,
+                                               const float* keys, int64_t ldk, int64_t count,
+                                               float* sT) {
+  const int64_t tile_rows = kTileVectors * kLanes;
+  int64_t r = 0;
+  for (; r + tile_rows <= R; r += tile_rows)
+    score_row_tile<kTileVectors>(qT + r, R, keys, ldk, count, D, sT + r);
+  if (r < R) score_row_tile<1>(qT + r, R, keys, ldk, count, D, sT + r);
+}
+
+// Output update of one key block: oT [D][R] = alpha oT + vals^T eT, with eT [count][R] the
+// block's e = exp(s - m') and vals [count][D] (row stride ldv).
+FASTPROBE_SIMD_CLONES static void values_block(const float* eT, int64_t R, int64_t count,
+                                               const float* vals, int64_t ldv, int64_t D,
+                                               const float* alpha, float* oT) {
+  const int64_t tile_rows = kTileVectors * kLanes;
+  int64_t r = 0;
+  for (; r + tile_rows <= R; r += tile_rows)
+    value_row_tile<kTileVectors>(eT + r, R, count, vals, ldv, D, alpha + r, oT + r);
+  if (r < R) value_row_tile<1>(eT + r, R, count, vals, ldv, D, alpha + r, oT + r);
+}
+
+// Narrow scores: sT [count][R] (rows < `rows` written) = keys [count][Dp] . q_rows [rows][Dp].
+FASTPROBE_SIMD_CLONES static void dots_block(const float* q_rows, int64_t rows, int64_t Dp,
+                                             const float* keys, int64_t ldk, int64_t count,
+                                             float* sT, int64_t R) {
+  with_width<kNarrowRows>(rows, [&](auto rows_c) FASTPROBE_LAMBDA_INLINE {
+    for_tiles<kNarrowTile<rows_c>>(count, [&](auto width, int64_t c) FASTPROBE_LAMBDA_INLINE {
+      dot_tile<width, rows_c>(q_rows, Dp, keys + c * ldk, ldk, sT + c * R, R);
+    });
+  });
+}
+
+// Narrow output update: o_rows [rows][Dp] = alpha o_rows + eT^T vals, vals [count][Dp].
+FASTPROBE_SIMD_CLONES static void axpys_block(const float* eT, int64_t R, int64_t rows,
+                                              int64_t count, const float* vals, int64_t ldv,
+                                              const float* alpha, float* o_rows, int64_t Dp) {
+  with_width<kNarrowRows>(rows, [&](auto rows_c) FASTPROBE_LAMBDA_INLINE {
+    for_tiles<kNarrowTile<rows_c>>(Dp / kLanes, [&](auto vectors, int64_t v) FASTPROBE_LAMBDA_INLINE {
+      float* out = o_rows + v * kLanes;
+      outer_tile<rows_c, vectors>(eT, R, 1, vals + v * kLanes, ldv, count, out, Dp,
+                                  [&](int a, int b, Lanes& acc) FASTPROBE_LAMBDA_INLINE {
+                                    acc = LOAD_LANES(out + a * Dp + b * kLanes) * alpha[a];
+                                  });
+    });
+  });
+}
+
+// The mask of a block that needs one: sT[c][r] = -inf where key c, at position key_pos[c], is
+// invisible to the query at position[r]. key_real[c]: the key is not padding; keys below
+// sink_end are sinks.
+struct MaskRule {
+  bool causal;
+  int64_t window;    // 0: none
+  int64_t sink_end;  // clamped to [0, Lk]
+};
+
+FASTPROBE_SIMD_CLONES static void mask_block(float* sT, int64_t R, int64_t count,
+                                             const int64_t* key_pos, const uint8_t* key_real,
+                                             const int64_t* position, MaskRule rule) {
+  for (int64_t c = 0; c < count; ++c) {
+    float* s = sT + c * R;
+    const int64_t j = key_pos[c];
+    if (!key_real[c]) {
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) s[r] = kNegInf;
+      continue;
+    }
+    const bool sink = j < rule.sink_end;
+    if (rule.window == 0 || sink) {  // only the causal order can hide it
+      if (rule.causal) {
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) s[r] = j <= position[r] ? s[r] : kNegInf;
+      }
+    } else if (rule.causal) {  // p - window < j <= p
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r)
+        s[r] = (j <= position[r] && j > position[r] - rule.window) ? s[r] : kNegInf;
+    } else {  // |p - j| < window
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r)
+        s[r] = (j > position[r] - rule.window && j < position[r] + rule.window) ? s[r] : kNegInf;
+    }
+  }
+}
+
+// The running softmax state of R rows, each array [R] (groups [G][R], oT [D][R]).
+struct RowState {
+  float* m;       // running max (a start logit, or -inf)
+  float* l;       // sum_j exp(s_j - m)
+  float* a;       // sum_j exp(s_j - m) (s_j - m), for the entropy
+  float* sink;    // sum over stat keys of exp(s_j - m)
+  float* groups;  // per group, sum of exp(s_j - m)
+  float* oT;      // sum_j exp(s_j - m) v_j, transposed
+
+  static int64_t floats(int64_t R, int64_t G, int64_t D) { return R * (4 + G + D); }
+  static RowState over(float* base, int64_t R, int64_t G) {
+    return {base, base + R, base + 2 * R, base + 3 * R, base + 4 * R, base + (4 + G) * R};
+  }
+};
+
+// One row's step to a block whose largest score is block_max: m' = max(m, block_max),
+// alpha = exp(m - m') (0 from an empty state), and the shift the block's e = exp(s - shift)
+// are taken from (m', or 0 while the row has seen nothing: its e are then exp(-inf) = 0).
+struct RowStep {
+  float m, alpha, shift;
+};
+
+FASTPROBE_ALWAYS_INLINE RowStep row_step(float m_old, float block_max) {
+  const float m_new = m_old > block_max ? m_old : block_max;
+  return {m_new, m_old == kNegInf ? 0.0f : fast_exp(m_old - m_new), m_new == kNegInf ? 0.0f : m_new};
+}
+
+// The entropy sum's old part after a step: alpha (A + (m - m') l) (0 from an empty state).
+FASTPROBE_ALWAYS_INLINE float entropy_carry(float m_old, const RowStep& step, float a, float l) {
+  return m_old == kNegInf ? 0.0f : step.alpha * (a + (m_old - step.m) * l);
+}
+
+// Folds one key block's scores sT [count][R] (-inf where masked) into the state's m, l, a
+// and sink (keys c < stat_count are stat keys). sT becomes e = exp(s - m'); alpha gets
+// exp(m - m') and block_sum sum_c e (oT and the groups are rescaled by their own kernels).
+// `shift`, `new_max` and `stat_sum` are [R] scratch.
+FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t count,
+                                                int64_t stat_count, bool with_entropy,
+                                                RowState state, float* alpha, float* block_sum,
+                                                float* shift, float* new_max, float* stat_sum) {
+  // shift = the block's max per row, then m' (0 for a row that has seen nothing: its e are 0)
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) shift[r] = kNegInf;
+  for (int64_t c = 0; c < count; ++c) {
+    const float* s = sT + c * R;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) shift[r] = s[r] > shift[r] ? s[r] : shift[r];
+  }
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    const RowStep step = row_step(state.m[r], shift[r]);
+    alpha[r] = step.alpha;
+    new_max[r] = step.m;  // m', stored in the state at the end
+    shift[r] = step.shift;
+    block_sum[r] = 0.0f;
+    stat_sum[r] = 0.0f;
+  }
+  if (with_entropy) {
+    // A' = alpha (A + (m - m') l) + sum_c e_c (s_c - m'), in place: the old part first
+    float* entropy_sum = state.a;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r)
+      entropy_sum[r] = entropy_carry(state.m[r], {new_max[r], alpha[r], shift[r]}, state.a[r], state.l[r]);
+    for (int64_t c = 0; c < count; ++c) {
+      float* s = sT + c * R;
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) {
+        const float centered = s[r] - shift[r];
+        const float e = fast_exp(centered);
+        entropy_sum[r] += e > 0.0f ? e * centered : 0.0f;  // 0 log 0 = 0
+        block_sum[r] += e;
+        s[r] = e;
+      }
+      if (c < stat_count) {
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) stat_sum[r] += s[r];
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < count; ++c) {
+      float* s = sT + c * R;
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) {
+        const float e = fast_exp(s[r] - shift[r]);
+        block_sum[r] += e;
+        s[r] = e;
+      }
+      if (c < stat_count) {
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) stat_sum[r] += s[r];
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    state.l[r] = alpha[r] * state.l[r] + block_sum[r];
+    state.sink[r] = alpha[r] * state.sink[r] + stat_sum[r];
+    state.m[r] = new_max[r];
+  }
+}
+
+// softmax_block for an item of few rows (decoding): the lanes run along the keys, one row at
+// a time (its scores gathered from sT into x [count] and its e put back), instead of along R
+// lanes that are mostly padding. Padding rows get alpha = block_sum = 0.
+FASTPROBE_SIMD_CLONES static void softmax_rows_block(float* sT, int64_t R, int64_t rows,
+                                                     int64_t count, int64_t stat_count,
+                                                     bool with_entropy, RowState state,
+                                                     float* alpha, float* block_sum, float* x) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < count; ++c) x[c] = sT[c * R + r];
+    float block_max = kNegInf;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t c = 0; c < count; ++c) block_max = x[c] > block_max ? x[c] : block_max;
+    const RowStep step = row_step(state.m[r], block_max);
+    float sum = 0.0f, stat = 0.0f, entropy = 0.0f;
+#pragma omp simd reduction(+ : sum, stat, entropy)
+    for (int64_t c = 0; c < count; ++c) {
+      const float centered = x[c] - step.shift;
+      const float e = fast_exp(centered);
+      entropy += e > 0.0f ? e * centered : 0.0f;  // 0 log 0 = 0
+      sum += e;
+      stat += c < stat_count ? e : 0.0f;
+      x[c] = e;
+    }
+    for (int64_t c = 0; c < count; ++c) sT[c * R + r] = x[c];
+    if (with_entropy) state.a[r] = entropy_carry(state.m[r], step, state.a[r], state.l[r]) + entropy;
+    alpha[r] = step.alpha;
+    block_sum[r] = sum;
+    state.l[r] = step.alpha * state.l[r] + sum;
+    state.sink[r] = step.alpha * state.sink[r] + stat;
+    state.m[r] = step.m;
+  }
+  for (int64_t r = rows; r < R; ++r) alpha[r] = block_sum[r] = 0.0f;
+}
+
+// Merges partial states (the same rows, disjoint key ranges) into `into`, by their max:
+// M = max_s m_s, f_s = exp(m_s - M): l = sum_s f_s l_s, A = sum_s f_s (A_s + (m_s - M) l_s),
+// sums and O likewise.
+FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t parts,
+                                               int64_t part_floats, int64_t R, int64_t G,
+                                               int64_t D, RowState into, float* factor) {
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) into.m[r] = kNegInf;
+  for (int64_t s = 0; s < parts; ++s) {
+    const float* m = partials + s * part_floats;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) into.m[r] = m[r] > into.m[r] ? m[r] : into.m[r];
+  }
+  const int64_t tail_rows = 2 + G + D;  // a, sink, groups, oT: R floats each, after m, l
+  std::fill(into.l, into.l + R, 0.0f);
+  std::fill(into.a, into.a + R * tail_rows, 0.0f);  // a, sink, groups, oT
+  for (int64_t s = 0; s < parts; ++s) {
+    const RowState part = RowState::over(const_cast<float*>(partials + s * part_floats), R, G);
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      const bool empty = part.m[r] == kNegInf;
+      const float f = empty ? 0.0f : fast_exp(part.m[r] - into.m[r]);
+      factor[r] = f;
+      into.l[r] += f * part.l[r];
+      into.a[r] += empty ? 0.0f : f * (part.a[r] + (part.m[r] - into.m[r]) * part.l[r]);
+    }
+    for (int64_t k = 1; k < tail_rows; ++k) {  // sink (k = 1), groups, oT
+      const float* x = part.a + k * R;
+      float* y = into.a + k * R;
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) y[r] += factor[r] * x[r];
+    }
+  }
+}
+
+// ---- The problem and its plan. -------------------------------------------------------------
+
+// What every attention operation shares: the tensors, the visibility rule and the head mask.
+struct Problem {
+  const void* q;  // [B, Hq, Lq, D]
+  const void* k;  // [B, Hkv, Lk, D]
+  const void* v;
+  void* out;  // [B, Hq, Lq, D]
+  int64_t B, Hq, Hkv, Lq, Lk, D;
+  int64_t q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, o_s0, o_s1, o_s2;
+  float scale;
+  bool causal;
+  const uint8_t* key_real;             // [B, Lk] or null (all real)
+  int64_t window = 0;                  // 0: none
+  const int64_t* sink_end = nullptr;   // [B] or null (no sink keys)
+  const uint8_t* head_mask = nullptr;  // [Hq] or null
+  int64_t G = 0;                       // group sums per state (sink_attention's key groups)
+
+  int64_t clamped_end(const int64_t* ends, int64_t b) const {
+    return ends == nullptr ? 0 : std::min(std::max(ends[b], int64_t(0)), Lk);
+  }
+  bool pruned(int64_t h) const { return head_mask != nullptr && head_mask[h] == 0; }
+};
+
+[[noreturn]] void invalid(const char* op, const std::string& what) {
+  throw std::invalid_argument(std::string("fastprobe._C.") + op + ": " + what);
+}
+
+// The checks every attention binding makes on sizes, strides and the scale, and the Problem
+// without its optional parts. Null data pointers are an error unless the output is empty
+// (batch or num_queries 0: the caller returns before running anything).
+Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                          int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                          int64_t num_queries, int64_t num_keys, int64_t head_dim, int64_t q_s0,
+                          int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
+                          int64_t k_s2, int64_t k_s3, int64_t v_s0, int64_t v_s1, int64_t v_s2,
+                          int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
+                          int64_t out_s3, double scale, bool causal, uintptr_t key_real) {
+  check_size(batch, 0, "batch");
+  check_size(num_heads, 1, "num_heads");
+  check_size(num_kv_heads, 1, "num_kv_heads");
+  check_size(num_queries, 0, "num_queries");
+  check_size(num_keys, 0, "num_keys");
+  check_size(head_dim, 1, "head_dim");
+  if (num_heads % num_kv_heads != 0)
+    invalid(op, "num_heads (" + std::to_string(num_heads) + ") must be a multiple of num_kv_heads (" +
+                    std::to_string(num_kv_heads) + ")");
+  if (num_queries > num_keys)
+    invalid(op, "num_queries (" + std::to_string(num_queries) + ") must be <= num_keys (" +
+                    std::to_string(num_keys) + ")");
+  if (q_s3 != 1 || k_s3 != 1 || v_s3 != 1 || out_s3 != 1)
+    invalid(op, "the last (head_dim) stride of q, k, v and out must be 1");
+  const float scale_f = float(scale);
+  if (!(scale_f > 0.0f && std::isfinite(scale_f)))
+    invalid(op, "scale must be finite and > 0 in float32");
+  const bool used = batch > 0 && num_queries > 0;
+  return {pointer<const void>(q, used, "q"), pointer<const void>(k, used, "k"),
+          pointer<const void>(v, used, "v"), pointer<void>(out, used, "out"),
+          batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim,
+          q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, out_s0, out_s1, out_s2,
+          scale_f, causal, pointer<const uint8_t>(key_real, false, "key_real")};
+}
+
+struct Plan {
+  int64_t states;        // running-softmax states per row
+  int64_t group;         // query heads per kv head
+  int64_t block_queries; // queries per item
+  int64_t query_blocks;
+  int64_t max_rows;      // group * block_queries
+  int64_t max_R;         // max_rows rounded up to whole vectors
+  int64_t key_blocks;
+  int64_t items;         // B * Hkv * query_blocks
+  int64_t splits;        // key ranges per item
+  int64_t state_floats;  // the states of max_R rows
+  int64_t padded_dim;    // head_dim rounded up to whole vectors (narrow items)
+
+  Plan(const Problem& p, int64_t states_per_row, int threads) : states(states_per_row) {
+    group = p.Hq / p.Hkv;
+    block_queries = std::min(p.Lq, std::max<int64_t>(1, kItemRows / group));
+    query_blocks = (p.Lq + block_queries - 1) / block_queries;
+    max_rows = group * block_queries;
+    max_R = round_up(max_rows, kLanes);
+    key_blocks = (p.Lk + kKeyBlock - 1) / kKeyBlock;
+    items = p.B * p.Hkv * query_blocks;
+    // Few items (decoding): split each item's keys so that every thread has work; ranges of
+    // at least 4 blocks keep the merge cheap.
+    splits = 1;
+    if (items < 2 * int64_t(threads)) {
+      const int64_t wanted = (2 * int64_t(threads) + items - 1) / items;
+      splits = std::max<int64_t>(1, std::min(wanted, key_blocks / 4));
+    }
+    state_floats = states * RowState::floats(max_R, p.G, p.D);
+    padded_dim = round_up(p.D, kLanes);
+  }
+};
+
+// The states of an item of R rows, one after the other from base.
+template <int64_t S>
+std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t D) {
+  std::array<RowState, S> st;
+  for (int64_t s = 0; s < S; ++s) st[s] = RowState::over(base + s * RowState::floats(R, G, D), R, G);
+  return st;
+}
+
+// One item's rows: the unpruned heads of its kv head times its queries, head-major.
+struct ItemRows {
+  int64_t b, kv_head, first_query, queries;
+  int64_t rows, R;
+  int64_t first_position, last_position;  // of its queries
+};
+
+ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* row_head,
+                   int64_t* row_query, int64_t* position) {
+  // heaviest first: the last query blocks (most keys when causal) come first
+  const int64_t per_block = p.B * p.Hkv;
+  const int64_t qb = plan.query_blocks - 1 - item / per_block;
+  ItemRows it;
+  it.b = (item % per_block) / p.Hkv;
+  it.kv_head = item % p.Hkv;
+  it.first_query = qb * plan.block_queries;
+  it.queries = std::min(plan.block_queries, p.Lq - it.first_query);
+  it.first_position = p.Lk - p.Lq + it.first_query;
+  it.last_position = it.first_position + it.queries - 1;
+  int64_t rows = 0;
+  for (int64_t g = 0; g < plan.group; ++g) {
+    const int64_t h = it.kv_head * plan.group + g;
+    if (p.pruned(h)) continue;
+    for (int64_t i = 0; i < it.queries; ++i, ++rows) {
+      row_head[rows] = h;
+      row_query[rows] = it.first_query + i;
+      position[rows] = it.first_position + i;
+    }
+  }
+  it.rows = rows;
+  it.R = round_up(rows, kLanes);
+  for (int64_t r = rows; r < it.R; ++r) {  // padding rows: a copy of the last row's position
+    row_head[r] = rows > 0 ? row_head[rows - 1] : 0;
+    row_query[r] = 0;
+    position[r] = it.last_position;
+  }
+  return it;
+}
+
+
+// Per-thread scratch, sized once per call.
+struct Scratch {
+  std::vector<float> storage;
+  float *qT, *sT, *keys, *vals, *alpha, *block_sum, *shift, *new_max, *stat_sum, *state;
+  float *q_rows, *o_rows;  // narrow items: [kNarrowRows][Dp], o_rows once per state
+  float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
+  float* row_out;          // [2][Dp]: an operation's per-row results before they are stored
+  std::vector<int64_t> row_head, row_query, position, key_pos, order, seen_list;
+  std::vector<uint8_t> key_real, seen;
+  int64_t seen_count = 0;  // groups seen by the item (sink_attention's group sums)
+
+  Scratch(const Problem& p, const Plan& plan)
+      : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), key_pos(kKeyBlock),
+        order(kKeyBlock), seen_list(std::max<int64_t>(p.G, 1)), key_real(kKeyBlock),
+        seen(std::max<int64_t>(p.G, 1)) {
+    const int64_t R = plan.max_R, D = p.D, Dp = plan.padded_dim;
+    const int64_t sizes[] = {D * R, kKeyBlock * R, kKeyBlock * Dp, kKeyBlock * Dp, R, R, R, R, R,
+                             plan.state_floats, kNarrowRows * Dp, plan.states * kNarrowRows * Dp,
+                             kKeyBlock, 2 * Dp};
+    float** slots[] = {&qT, &sT, &keys, &vals, &alpha, &block_sum, &shift, &new_max, &stat_sum, &state,
+                       &q_rows, &o_rows, &key_scores, &row_out};
+    int64_t total = 16;
+    for (int64_t size : sizes) total += round_up(size, 16);
+    storage.assign(total, 0.0f);
+    // 64-byte aligned slots
+    float* base = storage.data();
+    base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
+      *slots[i] = base;
+      base += round_up(sizes[i], 16);
+    }
+  }
+};
+
+// Which key blocks an item needs, and which need an elementwise mask.
+enum class BlockKind { Skip, Full, Masked };
+
+BlockKind classify_block(const Problem& p, const ItemRows& it, int64_t j0, int64_t count,
+                         int64_t sink_end, const uint8_t* real_row) {
+  const int64_t j1 = j0 + count;  // keys [j0, j1)
+  const int64_t first = it.first_position, last = it.last_position;
+  if (p.causal && j0 > last) return BlockKind::Skip;
+  bool any_in_window = true, all_in_window = true;
+  if (p.window > 0) {
+    if (p.causal) {  // p - window < j
+      any_in_window = j1 - 1 > first - p.window;
+      all_in_window = j0 > last - p.window;
+    } else {  // |p - j| < window
+      any_in_window = j1 - 1 > first - p.window && j0 < last + p.window;
+      all_in_window = j0 > last - p.window && j1 - 1 < first + p.window;
+    }
+  }
+  const bool has_sinks = j0 < sink_end;
+  if (!any_in_window && !has_sinks) return BlockKind::Skip;
+  int64_t real = count;
+  if (real_row != nullptr) {
+    real = 0;
+    for (int64_t c = 0; c < count; ++c) real += real_row[j0 + c] != 0;
+    if (real == 0) return BlockKind::Skip;
+  }
+  const bool all_visible = real == count && (!p.causal || j1 - 1 <= first) &&
+                           (all_in_window || j1 <= sink_end);
+  return all_visible ? BlockKind::Full : BlockKind::Masked;
+}
+
+// count rows of D elements (row stride ld) as float32 rows of Dp >= D elements (zeros after
+// D): the rows themselves when they are float32, in order and Dp = D, else converted into dst.
+// order (null: 0, 1, ...): the rows to take, each < count.
+template <typename T>
+FASTPROBE_ALWAYS_INLINE const float* block_rows(const void* base, int64_t first, int64_t ld,
+                                                int64_t count, int64_t D, int64_t Dp,
+                                                const int64_t* order, float* dst, int64_t& ld_out) {
+  const T* src = static_cast<const T*>(base) + first;
+  if (std::is_same_v<T, float> && Dp == D && order == nullptr) {
+    ld_out = ld;
+    return reinterpret_cast<const float*>(src);
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    const T* row = src + (order == nullptr ? c : order[c]) * ld;
+    float* out = dst + c * Dp;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = to_float<T>(row[d]);
+    for (int64_t d = D; d < Dp; ++d) out[d] = 0.0f;
+  }
+  ld_out = Dp;
+  return dst;
+}
+
+
+// Items of at most this many rows take softmax_rows_block: measured on AVX-512 decoding, it
+// saves ~7% of a one-row item, is even at two rows, and loses 5-15% at three and four (the
+// gather and scatter of the scores cost more than the exps it saves).
+constexpr int64_t kNarrowSoftmaxRows = 2;
+
+// Folds a segment of `count` keys of an item's block (its scores eT, -inf where masked) into
+// its state: softmax_block, or softmax_rows_block for items of at most kNarrowSoftmaxRows
+// rows. Leaves e in eT and the state's rescale factor in ws.alpha, block_sum in ws.block_sum.
+inline void fold_softmax(const ItemRows& it, float* eT, int64_t count, int64_t stat_count,
+                         bool with_entropy, const RowState& st, Scratch& ws) {
+  if (it.rows <= kNarrowSoftmaxRows)
+    softmax_rows_block(eT, it.R, it.rows, count, stat_count, with_entropy, st, ws.alpha,
+                       ws.block_sum, ws.key_scores);
+  else
+    softmax_block(eT, it.R, count, stat_count, with_entropy, st, ws.alpha, ws.block_sum, ws.shift,
+                  ws.new_max, ws.stat_sum);
+}
+
+// The arguments every attention binding starts with, in this order, for pybind11's m.def: the
+// dtype, q, k, v and out, the sizes, the strides of q, k, v and out, the scale and causal.
+#define FASTPROBE_ATTENTION_ARGS                                                                 \
+  py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("batch"),  \
+      py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("num_queries"), py::arg("num_keys"), \
+      py::arg("head_dim"), py::arg("q_s0"), py::arg("q_s1"), py::arg("q_s2"), py::arg("q_s3"),   \
+      py::arg("k_s0"), py::arg("k_s1"), py::arg("k_s2"), py::arg("k_s3"), py::arg("v_s0"),       \
+      py::arg("v_s1"), py::arg("v_s2"), py::arg("v_s3"), py::arg("out_s0"), py::arg("out_s1"),   \
+      py::arg("out_s2"), py::arg("out_s3"), py::arg("scale"), py::arg("causal")
+
+// ---- The item driver, for an operation `op` (see SinkAttention in attention.cpp and
+// DualPathAttention in dual_attention.cpp) with
+//   kStates                          running-softmax states per row
+//   p                                its Problem
+//   start_logit(head)                the value-less logit state 0 starts from (-inf: none)
+//   begin_item(it, ws)               resets its per-item scratch
+//   route(it, j0, count, real, ws)   which state each key of a block feeds (a Route)
+//   transform_scores(sT, size)       applied to a block's scores before the mask
+//   fold(it, j0, segment, eT, state, ws)
+//                                    folds a segment's scores into its state (fold_softmax):
+//                                    eT becomes e, ws.alpha the state's rescale factor
+//   write_pruned<T>(plan, it), write_rows<T>(it, ws, states)
+//                                    the outputs of pruned heads, and of the rows' states
+
+// Keys [begin, end) of a block as loaded feed state `state`.
+struct Segment {
+  int64_t state, begin, end;
+};
+
+// A block's segments (one or two), and whether its keys are loaded in ws.order.
+struct Route {
+  int segments;
+  Segment segment[2];
+  bool reordered;
+
+  static Route one(int64_t state, int64_t count) { return {1, {{state, 0, count}, {0, 0, 0}}, false}; }
+};
+
+// One item's key blocks [kb_begin, kb_end) folded into fresh states in ws.state; returns the
+// item's rows. first_range: state 0 starts from the op's start logit (only one of the key
+// ranges of an item does).
+template <typename Op, typename T>
+ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_begin,
+                     int64_t kb_end, bool first_range, Scratch& ws) {
+  const Problem& p = op.p;
+  const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
+                                ws.position.data());
+  if (it.rows == 0) return it;
+  const int64_t R = it.R, D = p.D, G = p.G;
+  const auto st = item_states<Op::kStates>(ws.state, R, G, D);
+  // narrow: lanes along head_dim (rows of Dp floats), else along rows (transposed, D floats)
+  const bool narrow = it.rows <= kNarrowRows;
+  const int64_t Dp = narrow ? plan.padded_dim : D;
+  const int64_t o_rows_floats = kNarrowRows * Dp;  // per state
+
+  // scale q: q_rows [rows][Dp] (narrow) or qT [D][R] (padding rows 0)
+  for (int64_t r = 0; r < R; ++r) {
+    const T* q = static_cast<const T*>(p.q) + it.b * p.q_s0 + ws.row_head[r] * p.q_s1 +
+                 ws.row_query[r] * p.q_s2;
+    if (narrow) {
+      if (r >= it.rows) break;
+      for (int64_t d = 0; d < Dp; ++d) ws.q_rows[r * Dp + d] = d < D ? to_float<T>(q[d]) * p.scale : 0.0f;
+    } else {
+      for (int64_t d = 0; d < D; ++d) ws.qT[d * R + r] = r < it.rows ? to_float<T>(q[d]) * p.scale : 0.0f;
+    }
+  }
+  // the states: m = c, l = 1 from a start logit c, else m = -inf, l = 0; sums 0
+  for (int64_t s = 0; s < Op::kStates; ++s) {
+    for (int64_t r = 0; r < R; ++r) {
+      const float c = s == 0 && first_range ? op.start_logit(ws.row_head[r]) : kNegInf;
+      st[s].m[r] = c;
+      st[s].l[r] = c == kNegInf ? 0.0f : 1.0f;
+    }
+    std::fill(st[s].a, st[s].a + R * (2 + G + D), 0.0f);  // a, sink, groups, oT
+  }
+  if (narrow) std::fill(ws.o_rows, ws.o_rows + Op::kStates * o_rows_floats, 0.0f);
+  op.begin_item(it, ws);
+
+  const int64_t sink_end = p.clamped_end(p.sink_end, it.b);
+  const uint8_t* real_row = p.key_real != nullptr ? p.key_real + it.b * p.Lk : nullptr;
+  const MaskRule rule{p.causal, p.window, sink_end};
+  const int64_t k_base = it.b * p.k_s0 + it.kv_head * p.k_s1;
+  const int64_t v_base = it.b * p.v_s0 + it.kv_head * p.v_s1;
+
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kKeyBlock;
+    const int64_t count = std::min(kKeyBlock, p.Lk - j0);
+    const BlockKind kind = classify_block(p, it, j0, count, sink_end, real_row);
+    if (kind == BlockKind::Skip) continue;
+    const Route route = op.route(it, j0, count, real_row, ws);
+    const int64_t* order = route.reordered ? ws.order.data() : nullptr;
+    int64_t ldk, ldv;
+    const float* keys =
+        block_rows<T>(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D, Dp, order, ws.keys, ldk);
+    if (narrow)
+      dots_block(ws.q_rows, it.rows, Dp, keys, ldk, count, ws.sT, R);
+    else
+      scores_block(ws.qT, R, D, keys, ldk, count, ws.sT);
+    op.transform_scores(ws.sT, count * R);
+    if (kind == BlockKind::Masked) {
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t j = j0 + (order == nullptr ? c : order[c]);
+        ws.key_pos[c] = j;
+        ws.key_real[c] = real_row == nullptr || real_row[j];
+      }
+      mask_block(ws.sT, R, count, ws.key_pos.data(), ws.key_real.data(), ws.position.data(), rule);
+    }
+    const float* vals =
+        block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, D, Dp, order, ws.vals, ldv);
+    for (int g = 0; g < route.segments; ++g) {
+      const Segment& seg = route.segment[g];
+      float* eT = ws.sT + seg.begin * R;
+      const int64_t n = seg.end - seg.begin;
+      op.fold(it, j0, seg, eT, st[seg.state], ws);
+      if (narrow)
+        axpys_block(eT, R, it.rows, n, vals + seg.begin * ldv, ldv, ws.alpha,
+                    ws.o_rows + seg.state * o_rows_floats, Dp);
+      else
+        values_block(eT, R, n, vals + seg.begin * ldv, ldv, D, ws.alpha, st[seg.state].oT);
+    }
+  }
+  if (narrow)  // the states keep O transposed
+    for (int64_t s = 0; s < Op::kStates; ++s)
+      for (int64_t r = 0; r < it.rows; ++r)
+        for (int64_t d = 0; d < D; ++d) st[s].oT[d * R + r] = ws.o_rows[s * o_rows_floats + r * Dp + d];
+  return it;
+}
+
+// One item, whole: attend over all its keys and write its outputs.
+template <typename Op, typename T>
+void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
+  const ItemRows it = attend_item<Op, T>(op, plan, item, 0, plan.key_blocks, true, ws);
+  op.template write_pruned<T>(plan, it);
+  if (it.rows > 0)
+    op.template write_rows<T>(it, ws, item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.D));
+}
+
+// One key range of an item, its states kept in `partial` for the merge.
+template <typename Op, typename T>
+void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split, float* partial,
+                    Scratch& ws) {
+  const int64_t per_split = (plan.key_blocks + plan.splits - 1) / plan.splits;
+  const int64_t kb_begin = std::min(split * per_split, plan.key_blocks);
+  const int64_t kb_end = std::min(kb_begin + per_split, plan.key_blocks);
+  const ItemRows it = attend_item<Op, T>(op, plan, item, kb_begin, kb_end, split == 0, ws);
+  if (split == 0) op.template write_pruned<T>(plan, it);
+  if (it.rows > 0)
+    std::copy(ws.state, ws.state + Op::kStates * RowState::floats(it.R, op.p.G, op.p.D), partial);
+}
+
+// Merges an item's key ranges, state by state, and writes its outputs.
+template <typename Op, typename T>
+void merge_item(const Op& op, const Plan& plan, int64_t item, const float* partials,
+                Scratch& ws) {
+  const Problem& p = op.p;
+  const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
+                                ws.position.data());
+  if (it.rows == 0) return;
+  const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.D);
+  for (int64_t s = 0; s < Op::kStates; ++s)
+    merge_states(partials + s * RowState::floats(it.R, p.G, p.D), plan.splits, plan.state_floats,
+                 it.R, p.G, p.D, st[s], ws.alpha);
+  op.template write_rows<T>(it, ws, st);
+}
+
+// Entries of an operation per dtype, multi-versioned so that the loads and stores are compiled
+// for each target: FASTPROBE_ATTENTION_ENTRIES(Op) defines them and entries_for(op, dtype).
+template <typename Op>
+struct Entries {
+  void (*run)(const Op&, const Plan&, int64_t, Scratch&);
+  void (*run_range)(const Op&, const Plan&, int64_t, int64_t, float*, Scratch&);
+  void (*merge)(const Op&, const Plan&, int64_t, const float*, Scratch&);
+};
+
+#define FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, name, T)                                           \
+  FASTPROBE_SIMD_CLONES void run_##name(const Op& op, const Plan& plan, int64_t item,           \
+                                        Scratch& ws) {                                         \
+    run_item<Op, T>(op, plan, item, ws);                                                        \
+  }                                                                                             \
+  FASTPROBE_SIMD_CLONES void run_range_##name(const Op& op, const Plan& plan, int64_t item,     \
+                                              int64_t split, float* partial, Scratch& ws) {    \
+    run_item_range<Op, T>(op, plan, item, split, partial, ws);                                  \
+  }                                                                                             \
+  FASTPROBE_SIMD_CLONES void merge_##name(const Op& op, const Plan& plan, int64_t item,         \
+                                          const float* partials, Scratch& ws) {                \
+    merge_item<Op, T>(op, plan, item, partials, ws);                                            \
+  }
+
+#define FASTPROBE_ATTENTION_ENTRIES(Op)                                                          \
+  FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, float32, float)                                         \
+  FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, bfloat16, bf16)                                         \
+  FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, float16, fp16)                                          \
+  Entries<Op> entries_for(const Op&, DType dtype) {                                             \
+    switch (dtype) {                                                                            \
+      case DType::Float32: return {run_float32, run_range_float32, merge_float32};             \
+      case DType::BFloat16: return {run_bfloat16, run_range_bfloat16, merge_bfloat16};         \
+      case DType::Float16: return {run_float16, run_range_float16, merge_float16};             \
+    }                                                                                           \
+    throw std::invalid_argument("fastprobe._C: unsupported dtype");                            \
+  }
+
+// Runs body(i, scratch) for i < count over the threads. An exception (bad_alloc) is kept and
+// rethrown after the parallel region, never let out of it; every thread still goes through
+// the loop (its barrier), skipping the work once anything has failed.
+template <typename Body>
+void parallel_items(int threads, int64_t count, const Problem& p, const Plan& plan, Body body) {
+  std::exception_ptr error = nullptr;
+  std::atomic<bool> failed{false};
+  auto keep = [&]() {
+#ifdef FASTPROBE_OPENMP
+#pragma omp critical(fastprobe_attention_error)
+#endif
+    if (!error) error = std::current_exception();
+    failed.store(true, std::memory_order_relaxed);
+  };
+#pragma omp parallel num_threads(threads)
+  {
+    std::unique_ptr<Scratch> ws;
+    try {
+      ws = std::make_unique<Scratch>(p, plan);
+    } catch (...) {
+      keep();
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < count; ++i) {
+      if (ws == nullptr || failed.load(std::memory_order_relaxed)) continue;
+      try {
+        body(i, *ws);
+      } catch (...) {
+        keep();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// Runs an operation over all its items: whole items, or (few items) key ranges merged after.
+template <typename Op>
+void run_attention(const Op& op, const Entries<Op>& run, int threads) {
+  const Problem& p = op.p;
+  const Plan plan(p, Op::kStates, threads);
+  if (plan.splits == 1) {
+    parallel_items(threads, plan.items, p, plan,
+                   [&](int64_t item, Scratch& ws) { run.run(op, plan, item, ws); });
+    return;
+  }
+  std::vector<float> partials(size_t(plan.items * plan.splits * plan.state_floats));
+  parallel_items(threads, plan.items * plan.splits, p, plan, [&](int64_t unit, Scratch& ws) {
+    run.run_range(op, plan, unit / plan.splits, unit % plan.splits,
+                  partials.data() + unit * plan.state_floats, ws);
+  });
+  parallel_items(threads, plan.items, p, plan, [&](int64_t item, Scratch& ws) {
+    run.merge(op, plan, item, partials.data() + item * plan.splits * plan.state_floats, ws);
+  });
+}
+
+}  // namespace
+}  // namespace fastprobe
