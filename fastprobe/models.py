@@ -8,6 +8,8 @@ language, but every code path of a real checkpoint of that architecture runs.
     model = tiny_model("llama", vocab_size=len(tokenizer))
     model = tiny_model("gemma2", num_layers=3, sliding_window=4)
     plant_sink_heads(model, {0: [1], 2: [0, 3]})   # known BOS sink heads, for the sinks pipeline
+    processor = tiny_llava_processor()              # tokenizer with <image> + a PIL image processor
+    vlm = tiny_llava(processor)                     # CLIP vision tower + Llama text model (LLaVA)
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["ARCHITECTURES", "DEMO_TEXTS", "plant_sink_heads", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = [
+    "ARCHITECTURES", "DEMO_TEXTS", "IMAGE_TOKEN", "plant_sink_heads", "tiny_config", "tiny_llava",
+    "tiny_llava_processor", "tiny_model", "tiny_tokenizer",
+]
+
+IMAGE_TOKEN = "<image>"  # the tiny LLaVA's image placeholder (a special token of its tokenizer)
 
 # Causal language models, then the bidirectional encoder.
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2", "bert")
@@ -147,3 +154,56 @@ def plant_sink_heads(model, heads, *, bos_token_id: int | None = None, strength:
                 key_row.zero_()
                 key_row[1] = strength
     return model
+
+
+def tiny_llava_processor(image_size: int = 28, patch_size: int = 14, vocab_size: int = 512, padding_side: str = "left"):
+    """A transformers LlavaProcessor made in-process: tiny_tokenizer with IMAGE_TOKEN added as a
+    special token (id vocab_size, after the BPE vocabulary), and a PIL image processor that resizes
+    any image to image_size x image_size with CLIP's normalisation (no torchvision needed). Each
+    IMAGE_TOKEN in a prompt becomes (image_size / patch_size)^2 image tokens. Left padding, as
+    batched generation wants."""
+    import transformers
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer = tiny_tokenizer(vocab_size=vocab_size, padding_side=padding_side)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    square = {"height": image_size, "width": image_size}
+    images = LlavaImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       image_token=IMAGE_TOKEN)
+
+
+def tiny_llava(processor=None, *, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,
+               num_kv_heads: int | None = None, vision_hidden_size: int = 32, vision_layers: int = 1,
+               image_size: int = 28, patch_size: int = 14, dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None):
+    """A randomly initialised LlavaForConditionalGeneration (CLIP vision tower, two-layer projector,
+    Llama text model from tiny_config("llama")) matching `processor` (default:
+    tiny_llava_processor(image_size, patch_size)): the text vocabulary is the processor's and the
+    image token id is its IMAGE_TOKEN. Weights drawn after torch.manual_seed(seed) (the global RNG
+    state is restored), eval mode. Vision features: every patch of the last layer, CLS dropped."""
+    import transformers
+
+    if processor is None:
+        processor = tiny_llava_processor(image_size=image_size, patch_size=patch_size)
+    tokenizer = processor.tokenizer
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_hidden_layers=vision_layers,
+        num_attention_heads=max(vision_hidden_size // 16, 1), image_size=image_size, patch_size=patch_size,
+        attention_dropout=0.0,
+    )
+    text = tiny_config("llama", vocab_size=len(tokenizer), num_layers=num_layers, hidden_size=hidden_size,
+                       num_heads=num_heads, num_kv_heads=num_kv_heads, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = transformers.LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=processor.image_token_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlavaForConditionalGeneration._from_config(config, **kwargs)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(dtype).eval()

@@ -6,6 +6,7 @@
     record.sink_mass                              # [layers, heads], no attention weights kept
     fastprobe.patch(model, window=1024, num_sink=4)        # streaming-style attention
     fastprobe.patch(model, head_mask={3: keep})            # pruned heads cost nothing
+    fastprobe.patch(vlm, guidance=dict(gamma=1.0, layers=range(8)))   # contrastive guidance (dual path)
     fastprobe.unpatch(model)                      # the previous implementation, exactly
 
 How it plugs in. transformers (>= 4.53: masking_utils and the AttentionMaskInterface, through
@@ -32,6 +33,15 @@ reference here). The pattern rides on the returned mask tensor as an attribute, 
 gets the pattern of the mask it was given. A mask made elsewhere (a 2D mask the caller passes
 straight to the attention, or none) falls back to flash attention's reading of the module's
 arguments (is_causal, sliding_window); a 4D mask is refused.
+
+Guidance. With patch(model, guidance=...) the chosen layers run fastprobe.dual_path_attention,
+which needs the image-key mask [B, Lk] of every call. The model's forward pre-hook keeps it:
+ImageKeys holds a bool [B, T] over every token of the running sequences (the columns of the 2D
+attention mask generate grows), started afresh by a forward on an empty cache and extended by
+each decoding step; a layer's keys are its last Lk columns. Image keys are the positions of the
+image token id in the input_ids of a forward that starts the sequences or carries images
+(pixel_values); tokens fed by decoding steps are text (a generated placeholder id has a text
+embedding). Padding needs nothing more: padded keys are out of the key padding mask.
 """
 
 from __future__ import annotations
@@ -44,10 +54,11 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ..ops.attention import sink_attention
+from ..ops.dual_attention import dual_path_attention
 
 __all__ = [
-    "AttentionRecord", "PatchOptions", "attention_layers", "is_patched", "patch", "patch_options", "record_attention",
-    "unpatch",
+    "AttentionRecord", "GuidanceOptions", "ImageKeys", "PatchOptions", "attention_layers", "forward_arguments",
+    "is_patched", "patch", "patch_options", "record_attention", "unpatch",
 ]
 
 KEY = "fastprobe"
@@ -60,6 +71,27 @@ _PATTERN = "_fastprobe_pattern"  # on the key padding masks the mask function re
 
 
 @dataclasses.dataclass(frozen=True)
+class GuidanceOptions:
+    """Contrastive guidance: fastprobe.dual_path_attention on the chosen layers (SPEC section 5).
+
+    gamma: guidance strength; 0 gives plain attention (o_cond).
+    layers: the guided layers (indices into attention_layers(model)), sorted.
+    image_token_id: the token id whose positions are the dropped (image) keys.
+    orthogonalize, eps: as in dual_path_attention.
+    rows: "last" (each row's last real query: the token being generated) or "all". With a KV
+        cache each token keeps the keys and values of the states it was generated with, so "last"
+        guides every generated token once (at its step); "all" guides every token at every layer.
+    """
+
+    gamma: float
+    layers: tuple
+    image_token_id: int
+    orthogonalize: bool = True
+    rows: str = "last"
+    eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
 class PatchOptions:
     """What a patched model does beyond plain attention (all default to nothing).
 
@@ -69,6 +101,7 @@ class PatchOptions:
     head_mask: layer -> bool [heads] (False = pruned: output 0, no compute spent on it).
     record: the statistics record_attention collects ("sink_mass", "group_mass", "entropy").
     stat_tokens: sink_mass is the attention weight on the first stat_tokens real tokens.
+    guidance: contrastive guidance on chosen layers (GuidanceOptions), or None.
     """
 
     num_sink: int = 0
@@ -76,6 +109,7 @@ class PatchOptions:
     head_mask: Mapping[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     record: tuple = ("sink_mass",)
     stat_tokens: int = 1
+    guidance: Optional[GuidanceOptions] = None
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -123,15 +157,159 @@ def _head_mask_rows(head_mask, num_layers: int, num_heads: Optional[int]) -> dic
     return rows
 
 
+def _check_number(value, name: str, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    number = float(value)
+    if not abs(number) < float("inf") or (positive and not number > 0.0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+    return number
+
+
+def config_image_token_id(model) -> Optional[int]:
+    """The image token id a vision-language model's config names (image_token_id, or LLaVA's
+    older image_token_index), or None."""
+    config = getattr(model, "config", None)
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+_GUIDANCE_KEYS = ("gamma", "layers", "image_token_id", "orthogonalize", "rows", "eps")
+
+
+def _guidance_options(guidance, num_layers: int, model) -> Optional[GuidanceOptions]:
+    """GuidanceOptions from a mapping (gamma required; layers default: every layer) or from
+    GuidanceOptions, checked against the model."""
+    if guidance is None:
+        return None
+    if isinstance(guidance, GuidanceOptions):
+        guidance = dataclasses.asdict(guidance)
+    if not isinstance(guidance, Mapping):
+        raise TypeError(f"guidance must be a dict (gamma, layers, orthogonalize, rows, eps, image_token_id) or "
+                        f"GuidanceOptions, got {type(guidance).__name__}")
+    unknown = sorted(set(guidance) - set(_GUIDANCE_KEYS))
+    if unknown:
+        raise ValueError(f"guidance got unknown keys {unknown}; it takes {list(_GUIDANCE_KEYS)}")
+    if "gamma" not in guidance:
+        raise ValueError("guidance needs gamma (the guidance strength), e.g. guidance=dict(gamma=1.0)")
+    layers = guidance.get("layers")
+    if layers is None:
+        layers = range(num_layers)
+    elif isinstance(layers, numbers.Integral) or isinstance(layers, (str, bytes)):
+        raise TypeError(f"guidance layers must be a list of layer indices (or None: every layer), got {layers!r}")
+    chosen = sorted({_check_int(layer, "guidance layer", 0) for layer in layers})
+    if not chosen:
+        raise ValueError("guidance layers is empty: name at least one layer (or omit guidance)")
+    if chosen[-1] >= num_layers:
+        raise ValueError(f"guidance layers names layer {chosen[-1]}, but the model has {num_layers} self-attention "
+                         f"layers (0..{num_layers - 1})")
+    image_token_id = guidance.get("image_token_id")
+    if image_token_id is None:
+        image_token_id = config_image_token_id(model)
+        if image_token_id is None:
+            raise ValueError(f"guidance needs the image token id: {type(model).__name__}'s config names none "
+                             "(image_token_id); pass guidance=dict(..., image_token_id=...)")
+    rows = guidance.get("rows", "last")
+    if rows not in ("last", "all"):
+        raise ValueError(f"guidance rows must be 'last' or 'all', got {rows!r}")
+    orthogonalize = guidance.get("orthogonalize", True)
+    if not isinstance(orthogonalize, bool):
+        raise TypeError(f"guidance orthogonalize must be a bool, got {type(orthogonalize).__name__}")
+    return GuidanceOptions(
+        gamma=_check_number(guidance["gamma"], "guidance gamma", positive=False),
+        layers=tuple(chosen),
+        image_token_id=_check_int(image_token_id, "guidance image_token_id", 0),
+        orthogonalize=orthogonalize,
+        rows=rows,
+        eps=_check_number(guidance.get("eps", 1e-6), "guidance eps", positive=True),
+    )
+
+
 def _make_options(num_layers: int, num_heads: Optional[int], num_sink=0, window=None, head_mask=None,
-                  record=("sink_mass",), stat_tokens=1) -> PatchOptions:
+                  record=("sink_mass",), stat_tokens=1, guidance=None, model=None) -> PatchOptions:
     return PatchOptions(
         num_sink=_check_int(num_sink, "num_sink", 0),
         window=None if window is None else _check_int(window, "window", 1),
         head_mask=_head_mask_rows(head_mask, num_layers, num_heads),
         record=_check_statistics(record),
         stat_tokens=_check_int(stat_tokens, "stat_tokens", 0),
+        guidance=_guidance_options(guidance, num_layers, model),
     )
+
+
+# ---------------------------------------------------------------- image keys
+
+
+def forward_arguments(model, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by name (what a forward pre-hook with kwargs sees; generate
+    passes keywords only, so binding the signature is needed only for positional calls)."""
+    if not args:
+        return kwargs
+    import inspect
+
+    return dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
+
+
+_IMAGE_INPUTS = ("pixel_values", "mm_encoder_outputs")
+
+
+class ImageKeys:
+    """Which tokens of the running sequences are image tokens: bool [B, T] over every token the
+    model has seen (the columns of the 2D attention mask; a layer's Lk keys are the last Lk).
+
+    update() is called with each forward's arguments: a forward on an empty cache starts afresh
+    (prefill, or generate without a cache), a forward on a cache of P tokens appends its tokens
+    to the first P columns (a cropped cache drops the columns past P). A forward's tokens are
+    image keys where input_ids equals the image token id and the forward starts the sequences or
+    carries images (pixel_values); decoding steps add text keys."""
+
+    def __init__(self, image_token_id: int):
+        self.image_token_id = image_token_id
+        self.mask: Optional[torch.Tensor] = None
+
+    def update(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            self.mask = None
+            raise NotImplementedError(
+                "fastprobe finds image keys from input_ids (the positions of the image token id): this forward got "
+                f"{'inputs_embeds' if inputs.get('inputs_embeds') is not None else 'no input_ids'}; pass input_ids"
+            )
+        batch, length = input_ids.shape
+        past = _cached_length(inputs, length)
+        if past == 0 or any(inputs.get(name) is not None for name in _IMAGE_INPUTS):
+            new = input_ids == self.image_token_id
+        else:
+            new = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+        if past == 0:
+            self.mask = new
+            return new
+        known = self.mask
+        if known is None or known.shape[0] != batch or known.shape[1] < past:
+            seen = "nothing" if known is None else f"{tuple(known.shape)} (batch, tokens)"
+            self.mask = None
+            raise RuntimeError(
+                f"fastprobe lost track of the image keys: this forward continues a cache of {past} tokens for batch "
+                f"{batch}, but it has seen {seen}. Start each sequence with a forward on an empty cache (as generate "
+                "does)"
+            )
+        self.mask = torch.cat([known[:, :past], new.to(known.device)], dim=1)
+        return self.mask
+
+
+def _cached_length(inputs: Mapping[str, Any], num_new: int) -> int:
+    """Tokens already in the cache: the 2D attention mask's width minus the new tokens (what
+    generate passes), else the cache's own length, else 0."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return max(mask.shape[1] - num_new, 0)
+    cache = inputs.get("cache", inputs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return 0
 
 
 class _PatchState:
@@ -142,16 +320,19 @@ class _PatchState:
         self.layers = layers
         self.index = {id(module): i for i, module in enumerate(layers)}
         self.previous = previous
-        self.options = options
         self.recorder: Optional[AttentionRecord] = None
         self.calls = 0
         self.calls_at_forward = 0
         self.hooks: list = []
         self._head_masks: dict = {}
+        self.image_keys: Optional[ImageKeys] = None
+        self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
+        self.set_options(options)
 
     def set_options(self, options: PatchOptions) -> None:
         self.options = options
         self._head_masks = {}
+        self.image_keys = None if options.guidance is None else ImageKeys(options.guidance.image_token_id)
 
     def head_mask(self, layer: int, device: torch.device) -> Optional[torch.Tensor]:
         """The layer's head mask on the attention's device (copied there once)."""
@@ -456,6 +637,9 @@ def attention_forward(
     state.calls += 1
     options, record = state.options, state.recorder
     window = _narrowest(window, options.window)
+    if options.guidance is not None and layer in options.guidance.layers:
+        out = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux)
+        return out.transpose(1, 2), None
     stat_tokens = options.stat_tokens
     if dropped is not None and (options.num_sink > 0 or (record is not None and stat_tokens > 1)):
         raise NotImplementedError(
@@ -472,6 +656,47 @@ def attention_forward(
     if record is not None:
         record.add(layer, result, padding, dropped)
     return result.out.transpose(1, 2), None
+
+
+def _last_real_rows(padding: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """bool [B, Lq]: each row's last real query (the queries are the last Lq keys)."""
+    real = padding[:, -num_queries:]
+    last = num_queries - 1 - real.flip(-1).to(torch.int8).argmax(-1)  # a row with no real query: the last
+    return torch.arange(num_queries, device=padding.device) == last[:, None]
+
+
+def _guided_attention(state, layer: int, query, key, value, padding, causal, window, scaling, softcap, s_aux):
+    """dual_path_attention on a guided layer, with this forward's image keys: out [B, Hq, Lq, D]."""
+    guidance = state.options.guidance
+    if window is not None or s_aux is not None or softcap is not None or state.recorder is not None or (
+            layer in state.options.head_mask):
+        what = next(what for found, what in (
+            (window is not None, f"a sliding window ({window})"),
+            (layer in state.options.head_mask, "a head mask"),
+            (s_aux is not None, "learned sink logits (s_aux)"),
+            (softcap is not None, "a logit soft cap"),
+            (True, "record_attention (its statistics come from sink_attention)"),
+        ) if found)
+        raise NotImplementedError(f"guidance on layer {layer}: the dual-path kernel does not take {what}; "
+                                  "guide other layers (guidance layers=[...]) or drop that option")
+    image_keys = state.image_keys.mask if state.in_forward else None
+    batch, num_queries, num_keys = query.shape[0], query.shape[2], key.shape[2]
+    if image_keys is None or image_keys.shape[0] != batch or image_keys.shape[1] < num_keys:
+        seen = "none" if image_keys is None else f"{tuple(image_keys.shape)}"
+        raise RuntimeError(
+            f"guidance on layer {layer} has {num_keys} keys for batch {batch} but the tracked image keys are {seen}: "
+            "call the patched model itself (its forward tracks them from input_ids), not one of its sub-modules"
+        )
+    drop = image_keys[:, -num_keys:]
+    if drop.device != query.device:  # a model split over devices
+        drop = drop.to(query.device, non_blocking=True)
+    rows = guidance.rows
+    if rows == "last" and padding is not None and num_queries > 1:  # right padding: the last real query
+        rows = _last_real_rows(padding, num_queries)
+    return dual_path_attention(
+        query, key, value, drop, gamma=guidance.gamma, orthogonalize=guidance.orthogonalize, eps=guidance.eps,
+        rows=rows, scale=scaling, causal=causal, key_padding_mask=padding,
+    )
 
 
 def _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux) -> torch.Tensor:
@@ -512,6 +737,7 @@ def patch(
     head_mask: Union[None, Mapping[int, Any], torch.Tensor] = None,
     record: Union[str, Sequence[str]] = ("sink_mass",),
     stat_tokens: int = 1,
+    guidance: Union[None, Mapping[str, Any], GuidanceOptions] = None,
 ):
     """Runs the model's attention through fastprobe.sink_attention; returns the model.
 
@@ -524,7 +750,16 @@ def patch(
     Args (see PatchOptions): num_sink, window, head_mask (layer -> bool [heads], or a [layers,
     heads] tensor; layers are the self-attention modules in model order, transformers' layer_idx for
     decoder-only and encoder-only models), record (statistics record_attention collects),
-    stat_tokens.
+    stat_tokens, guidance.
+
+    guidance=dict(gamma=..., layers=[...], orthogonalize=True, rows="last", eps=1e-6,
+    image_token_id=None) runs fastprobe.dual_path_attention on the chosen layers (default: every
+    layer) of a vision-language model: o_cond over every key, o_uncond without the image keys,
+    out = o_cond + gamma * (o_cond - o_uncond) (orthogonalized) on each row's last real query
+    ("last": the token being generated) or on every query ("all"). The image keys are the
+    positions of image_token_id (default: the model config's image_token_id), tracked through
+    generate and its KV cache (see ImageKeys). gamma = 0 gives the unguided outputs. A guided layer
+    takes no sliding window, head mask, learned sinks, soft cap or recording (NotImplementedError).
 
     Raises NotImplementedError for a model whose attention does not go through transformers'
     attention interface (it is never left silently unpatched), TypeError / ValueError for bad
@@ -534,7 +769,8 @@ def patch(
     _masking_utils()
     state = getattr(model, _STATE, None)
     layers = state.layers if state is not None else _check_architecture(model)
-    options = _make_options(len(layers), _num_heads(layers), num_sink, window, head_mask, record, stat_tokens)
+    options = _make_options(len(layers), _num_heads(layers), num_sink, window, head_mask, record, stat_tokens,
+                            guidance, model)
     if state is not None:
         state.set_options(options)
         return model
@@ -554,18 +790,24 @@ def patch(
     for module in layers:
         setattr(module, _STATE, state)
     setattr(model, _STATE, state)
-    state.hooks = [model.register_forward_pre_hook(_forward_started), model.register_forward_hook(_forward_done)]
+    state.hooks = [model.register_forward_pre_hook(_forward_started, with_kwargs=True),
+                   model.register_forward_hook(_forward_done)]
     return model
 
 
-def _forward_started(model, args) -> None:
+def _forward_started(model, args, kwargs) -> None:
     state = getattr(model, _STATE)
     state.calls_at_forward = state.calls
+    state.in_forward = False
+    if state.image_keys is not None:  # guidance: the image-key mask of this forward's keys
+        state.image_keys.update(forward_arguments(model, args, kwargs))
+    state.in_forward = True
 
 
 def _forward_done(model, args, output) -> None:
     """The safety net: a forward of a patched model that never reached fastprobe's attention."""
     state = getattr(model, _STATE)
+    state.in_forward = False
     if state.calls == state.calls_at_forward:
         raise RuntimeError(
             f"{type(model).__name__} ran a forward pass without calling fastprobe's attention: its attention does "

@@ -1,0 +1,280 @@
+"""Contrastive guidance for vision-language models (LLaVA-style): steer generation towards what
+the image supports, in one pass (dual-path attention) or with the two-pass baseline.
+
+    processor, model = ...                                 # a transformers VLM and its processor
+    ids = guided_generate(model, processor, images, prompts, gamma=1.0, layers=range(8),
+                          max_new_tokens=32)
+    with guidance(model, gamma=1.0, layers=range(8)):      # the same, around any generate call
+        ids = model.generate(**prepare_inputs(model, processor, images, prompts), max_new_tokens=32)
+    ids = two_pass_generate(model, processor, images, prompts, alpha=1.0, max_new_tokens=32)
+
+Guidance (one pass). On each chosen layer, fastprobe.dual_path_attention computes the attention
+output with every key (o_cond) and without the image keys (o_uncond, the language-only path) in
+one pass over the keys, and returns o_cond + gamma * (o_cond - o_uncond), with the part along
+o_uncond removed (orthogonalize), for the token being generated (SPEC section 5). The image keys
+are the positions of the model's image token id (its config's image_token_id; the processor
+expands each image placeholder into that many tokens), tracked through generate and its KV cache
+by the patched model (fastprobe.integrations.transformers.ImageKeys). gamma = 0 is plain
+generation.
+
+Two-pass contrastive decoding (the baseline). Every forward runs twice: as is (logits_cond), and
+again with the image keys masked out of the attention mask (logits_uncond; the language-only
+path: positions unchanged, no pixel values, its own KV cache); the model returns
+(1 + alpha) * logits_cond - alpha * logits_uncond, so generate's processors, sampling and
+stopping see the contrasted logits. alpha = 0 is plain generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import numbers
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from ..integrations.transformers import (
+    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch, patch_options, unpatch,
+)
+
+__all__ = ["guidance", "guided_generate", "prepare_inputs", "two_pass_contrast", "two_pass_generate"]
+
+_CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.x, then 4.x
+_IMAGE_ARGUMENTS = ("pixel_values", "mm_encoder_outputs", "image_sizes", "pixel_attention_mask")  # not in pass 2
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _image_token_id(model, processor=None) -> int:
+    """The image token id of a vision-language model (its config's image_token_id), checked
+    against the processor's when one is given. TypeError for a model that names none."""
+    found = config_image_token_id(model)
+    if found is None:
+        raise TypeError(
+            f"contrastive guidance needs a vision-language model (LLaVA-style) whose config names its image token "
+            f"(image_token_id); {type(model).__name__} names none"
+        )
+    processor_id = getattr(processor, "image_token_id", None)
+    if processor_id is not None and int(processor_id) != found:
+        raise ValueError(f"the processor's image token id ({processor_id}) is not the model's ({found}): "
+                         "they do not belong together")
+    return found
+
+
+def _model_device_dtype(model) -> tuple:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
+
+
+def prepare_inputs(model, processor, images, prompts: Union[str, Sequence[str]]):
+    """The processor's batch for `images` and `prompts` (left padded, as batched generation
+    needs), on the model's device, pixel values in its dtype. Every prompt must hold the image
+    placeholder (processor.image_token, e.g. "<image>"); ValueError otherwise."""
+    token_id = _image_token_id(model, processor)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise TypeError(f"processor must be a vision-language processor (a tokenizer and an image processor, e.g. "
+                        f"LlavaProcessor), got {type(processor).__name__}")
+    placeholder = getattr(processor, "image_token", None)
+    if isinstance(placeholder, str):
+        missing = [i for i, prompt in enumerate(prompts) if placeholder not in prompt]
+        if missing:
+            raise ValueError(f"prompts {missing} contain no image token {placeholder!r}: put it where the image goes "
+                             "(guidance contrasts attention with and without the image tokens)")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    missing = (batch["input_ids"] == token_id).sum(-1).eq(0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"prompts {missing} hold no image token (id {token_id}) after processing: guidance needs "
+                         "image tokens in every prompt")
+    device, dtype = _model_device_dtype(model)
+    return batch.to(device=device, dtype=dtype)  # casts the floating tensors only (pixel values)
+
+
+def _generate_settings(model, processor, generate_kwargs: dict) -> dict:
+    settings = dict(generate_kwargs)
+    pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
+    if "pad_token_id" not in settings and model.generation_config.pad_token_id is None and pad is not None:
+        settings["pad_token_id"] = pad
+    return settings
+
+
+# ---------------------------------------------------------------- one pass: dual-path attention
+
+
+@contextlib.contextmanager
+def guidance(
+    model,
+    *,
+    gamma: float,
+    layers: Optional[Sequence[int]] = None,
+    orthogonalize: bool = True,
+    rows: str = "last",
+    eps: float = 1e-6,
+    image_token_id: Optional[int] = None,
+) -> Iterator[Any]:
+    """Context manager: the model runs with dual-path attention on `layers` (default: every
+    self-attention layer of its language model, fastprobe.integrations.attention_layers order)
+    inside the block, in any forward or generate call; yields the model.
+
+    The same as fastprobe.patch(model, guidance=dict(...)) for the duration: a patched model
+    keeps its other options and gets its previous guidance back afterwards; a model that was not
+    patched is unpatched. gamma: strength (0 = plain). rows: "last" guides each row's last real
+    query (the token being generated), "all" every query. image_token_id defaults to the
+    model config's."""
+    options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps,
+                   image_token_id=image_token_id)
+    if not is_patched(model):
+        patch(model, guidance=options)
+        try:
+            yield model
+        finally:
+            unpatch(model)
+        return
+    previous = patch_options(model)
+    others = {field.name: getattr(previous, field.name) for field in dataclasses.fields(previous)}
+    patch(model, **dict(others, guidance=options))
+    try:
+        yield model
+    finally:
+        patch(model, **others)
+
+
+def guided_generate(
+    model,
+    processor,
+    images,
+    prompts: Union[str, Sequence[str]],
+    *,
+    gamma: float,
+    layers: Optional[Sequence[int]] = None,
+    orthogonalize: bool = True,
+    rows: str = "last",
+    eps: float = 1e-6,
+    **generate_kwargs: Any,
+):
+    """Generation with contrastive guidance (dual-path attention on `layers`, default every layer)
+    for a transformers vision-language model: the processor's batch of images and prompts (left
+    padded), then model.generate(**batch, **generate_kwargs) inside guidance(...). Returns what
+    generate returns (token ids [B, prompt + new] by default). gamma = 0 gives exactly the
+    unguided generation (the same greedy tokens; logits equal to float rounding).
+
+    Raises TypeError for a model whose config names no image token (not a VLM) or a processor
+    without an image processor, ValueError for a prompt without an image token and for layers out
+    of range (fastprobe.integrations.attention_layers(model) are the layers)."""
+    _image_token_id(model, processor)
+    options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps)
+    settings = _generate_settings(model, processor, generate_kwargs)
+    with guidance(model, **options):  # the options are checked before the processor runs
+        batch = prepare_inputs(model, processor, images, prompts)
+        return model.generate(**batch, **settings)
+
+
+# ---------------------------------------------------------------- two passes: contrastive decoding
+
+
+class _TwoPassContrast:
+    """The forward hook of two_pass_contrast: reruns each forward without the image keys (its
+    own KV cache) and returns (1 + alpha) * logits_cond - alpha * logits_uncond."""
+
+    def __init__(self, model, alpha: float, token_id: int):
+        self.alpha = alpha
+        self.image_keys = ImageKeys(token_id)
+        self.cache = None
+        self.running = False
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_name = next((name for name in _CACHE_NAMES if name in parameters), "past_key_values")
+
+    def language_only_inputs(self, inputs: dict) -> dict:
+        image_keys = self.image_keys.update(inputs)  # [B, T]
+        past = image_keys.shape[1] - inputs["input_ids"].shape[1]
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(image_keys)
+        elif mask.dim() != 2:
+            raise NotImplementedError("two_pass_contrast masks image keys in the 2D attention mask; this forward got "
+                                      f"a {mask.dim()}D mask")
+        cached = 0 if self.cache is None else self.cache.get_seq_length()
+        if past > 0 and cached != past:
+            raise RuntimeError(f"two_pass_contrast: the language-only cache holds {cached} tokens but this forward "
+                               f"continues {past} (beam search, assisted decoding and cache edits are not supported)")
+        unconditional = {k: v for k, v in inputs.items() if k not in (*_CACHE_NAMES, *_IMAGE_ARGUMENTS)}
+        unconditional["attention_mask"] = (mask.bool() & ~image_keys.to(mask.device)).to(mask.dtype)
+        unconditional[self.cache_name] = self.cache if past > 0 else None
+        unconditional["use_cache"] = True
+        return unconditional
+
+    def __call__(self, model, args, kwargs, output):
+        if self.running:  # the language-only pass itself
+            return None
+        inputs = forward_arguments(model, args, kwargs)
+        unconditional = self.language_only_inputs(inputs)
+        self.running = True
+        try:
+            language_only = model(**unconditional)
+        finally:
+            self.running = False
+        self.cache = next((getattr(language_only, name) for name in _CACHE_NAMES
+                           if getattr(language_only, name, None) is not None), None)
+        # logits = (1 + alpha) logits_cond - alpha logits_uncond
+        output.logits = torch.add(output.logits * (1.0 + self.alpha), language_only.logits, alpha=-self.alpha)
+        return output
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    if not abs(float(alpha)) < float("inf"):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return float(alpha)
+
+
+@contextlib.contextmanager
+def two_pass_contrast(model, *, alpha: float, image_token_id: Optional[int] = None) -> Iterator[Any]:
+    """Context manager: inside it every forward of the model (and so generate) returns the
+    contrasted logits (1 + alpha) * logits_cond - alpha * logits_uncond, where logits_uncond come
+    from a second forward with the image keys masked out of the attention mask (same positions,
+    no pixel values, its own KV cache). The two-pass contrastive decoding baseline; yields the
+    model. Not for beam search or assisted decoding (they reorder or crop the cache)."""
+    alpha = _check_alpha(alpha)
+    token_id = _image_token_id(model) if image_token_id is None else image_token_id
+    if is_patched(model) and patch_options(model).guidance is not None:
+        raise RuntimeError("the model is patched with guidance: two_pass_contrast would guide both passes; "
+                           "remove the guidance option first")
+    handle = model.register_forward_hook(_TwoPassContrast(model, alpha, int(token_id)), with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def two_pass_generate(
+    model,
+    processor,
+    images,
+    prompts: Union[str, Sequence[str]],
+    *,
+    alpha: float,
+    **generate_kwargs: Any,
+):
+    """Two-pass contrastive decoding (the baseline guided_generate is compared with): the
+    processor's batch (left padded), then model.generate inside two_pass_contrast(model, alpha).
+    Two forwards per step, two KV caches. Returns what generate returns; alpha = 0 gives plain
+    generation exactly. Raises as guided_generate, and ValueError for beam search."""
+    _image_token_id(model, processor)
+    _check_alpha(alpha)
+    if (generate_kwargs.get("num_beams") or model.generation_config.num_beams or 1) > 1:
+        raise ValueError("two_pass_generate does not support beam search (the language-only cache is not reordered)")
+    settings = _generate_settings(model, processor, generate_kwargs)
+    batch = prepare_inputs(model, processor, images, prompts)
+    with two_pass_contrast(model, alpha=alpha):
+        return model.generate(**batch, **settings)

@@ -1,0 +1,411 @@
+"""fastprobe.methods.guidance and patch(guidance=...) on a tiny LLaVA (CLIP vision tower + Llama
+text model with grouped-query heads, random weights) and its in-process processor (no downloads):
+a guided layer equals the float64 reference on its captured input, gamma = 0 is plain generation,
+the image keys are tracked through the KV cache and padding (cached = uncached, batched = alone),
+the two-pass baseline masks exactly the image keys, and misuse raises clear errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import cli
+from fastprobe.integrations import attention_layers, is_patched, patch_options
+from fastprobe.methods import guidance
+from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+PROMPTS = [f"{IMAGE_TOKEN}\nDescribe the picture.", f"A photo: {IMAGE_TOKEN} What is in it? Tell me"]
+NEW_TOKENS = 6
+GREEDY = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: see test_integration.one_thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_llava_processor()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two RGB images of different sizes (the processor resizes them), a fixed seed."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]
+
+
+@pytest.fixture
+def model(processor):
+    return tiny_llava(processor)
+
+
+def batch_of(model, processor, images, prompts=PROMPTS):
+    return guidance.prepare_inputs(model, processor, images, prompts)
+
+
+def image_positions(batch, processor):
+    return batch["input_ids"] == processor.image_token_id
+
+
+def assert_logits_close(got, want, **tolerance):
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **(tolerance or TOLERANCE), msg=lambda m: f"step {step}: {m}")
+
+
+# ---------------------------------------------------------------- the inputs
+
+
+def test_prepare_inputs_left_pads_prompts_of_different_lengths(model, processor, images):
+    batch = batch_of(model, processor, images)
+    mask = batch["attention_mask"]
+    assert mask.shape[0] == 2 and mask.sum(-1).tolist()[0] < mask.sum(-1).tolist()[1]  # different lengths
+    assert bool(mask[:, -1].all()) and not bool(mask[0, 0])  # left padding
+    assert image_positions(batch, processor).sum(-1).tolist() == [4, 4]  # (28 / 14)^2 image tokens each
+    assert batch["pixel_values"].shape == (2, 3, 28, 28)
+    assert processor.tokenizer.padding_side == "left"
+
+
+# ---------------------------------------------------------------- a guided layer vs the float64 reference
+
+
+def capture_attention(module):
+    """Forward hooks on a self-attention module: its inputs (hidden states, rotary cos/sin, mask)
+    and its output, per call."""
+    calls = []
+
+    def before(module, args, kwargs):
+        calls.append(dict(hidden=kwargs.get("hidden_states", args[0] if args else None),
+                          rotary=kwargs["position_embeddings"], mask=kwargs["attention_mask"]))
+
+    def after(module, args, kwargs, output):
+        calls[-1]["out"] = output[0]
+
+    return calls, [module.register_forward_pre_hook(before, with_kwargs=True),
+                   module.register_forward_hook(after, with_kwargs=True)]
+
+
+def reference_layer(module, call, drop, rows, gamma, orthogonalize, cached=None):
+    """The Llama self-attention of a captured call in float64 with reference.dual_path_attention;
+    `cached` = (keys, values) of a decoding step (from the KV cache) replaces the call's own."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    f64 = torch.float64
+    hidden = call["hidden"].to(f64)
+    batch, length, _ = hidden.shape
+    size = module.head_dim
+
+    def project(linear, heads):
+        out = torch.nn.functional.linear(hidden, linear.weight.to(f64))
+        return out.view(batch, length, heads, size).transpose(1, 2)
+
+    config = module.config
+    q = project(module.q_proj, config.num_attention_heads)
+    k = project(module.k_proj, config.num_key_value_heads)
+    v = project(module.v_proj, config.num_key_value_heads)
+    cos, sin = (t.to(f64) for t in call["rotary"])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if cached is not None:
+        k, v = (t.to(f64) for t in cached)
+    out = fp.reference.dual_path_attention(
+        q, k, v, drop, gamma=gamma, orthogonalize=orthogonalize, rows=rows, scale=module.scaling, causal=True,
+        key_padding_mask=call["mask"].bool(),
+    )["out"]
+    out = out.transpose(1, 2).reshape(batch, length, -1)
+    return torch.nn.functional.linear(out, module.o_proj.weight.to(f64))
+
+
+@pytest.mark.parametrize("rows, orthogonalize", [("last", True), ("all", True), ("all", False)])
+def test_guided_layer_matches_float64_reference(model, processor, images, rows, orthogonalize):
+    """Layer 1 guided (layer 0 plain): its output on the captured input equals the float64
+    reference with the image positions as dropped keys and the padding as key padding."""
+    gamma = 1.5
+    batch = batch_of(model, processor, images)
+    fp.patch(model, guidance=dict(gamma=gamma, layers=[1], rows=rows, orthogonalize=orthogonalize))
+    module = attention_layers(model)[1]
+    calls, hooks = capture_attention(module)
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    (call,) = calls
+    drop = image_positions(batch, processor)
+    selected = "all" if rows == "all" else "last"  # left padding: every row's last query is real
+    want = reference_layer(module, call, drop, selected, gamma, orthogonalize)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(call["out"][real], want[real].float(), **TOLERANCE)
+    # guidance changed something (on the guided rows only)
+    plain = reference_layer(module, call, drop, selected, 0.0, orthogonalize)
+    assert (want - plain)[:, -1].abs().max() > 1e-3
+    if rows == "last":
+        torch.testing.assert_close(want[:, :-1], plain[:, :-1], rtol=0, atol=0)
+
+
+def test_guided_decoding_step_matches_float64_reference(model, processor, images):
+    """The last decoding step of generate (one query, the cached keys): the layer's output equals
+    the float64 reference with the prompt's image positions dropped and the generated keys kept."""
+    gamma, steps = 2.0, 4
+    batch = batch_of(model, processor, images)
+    fp.patch(model, guidance=dict(gamma=gamma, layers=[0, 1]))
+    module = attention_layers(model)[1]
+    calls, hooks = capture_attention(module)
+    with torch.no_grad():
+        result = model.generate(**batch, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == steps and calls[-1]["hidden"].shape[1] == 1
+    cache = result.get("cache", None) or result.get("past_key_values")
+    keys, values = cache.layers[1].keys, cache.layers[1].values
+    total = batch["input_ids"].shape[1] + steps - 1
+    assert keys.shape[2] == total
+    drop = torch.zeros(2, total, dtype=torch.bool)
+    drop[:, :batch["input_ids"].shape[1]] = image_positions(batch, processor)
+    want = reference_layer(module, calls[-1], drop, "last", gamma, True, cached=(keys, values))
+    torch.testing.assert_close(calls[-1]["out"], want.float(), **TOLERANCE)
+    plain = reference_layer(module, calls[-1], drop, "last", 0.0, True, cached=(keys, values))
+    assert (want - plain).abs().max() > 1e-3
+
+
+def test_right_padding_guides_the_last_real_token(model, processor, images):
+    """A plain forward on a right-padded batch: rows="last" guides each row's last real query,
+    so the guided next-token logits equal those of the left-padded batch."""
+    left = batch_of(model, processor, images)
+    lengths = left["attention_mask"].sum(-1)
+    right = {key: value.clone() for key, value in left.items()}
+    width = left["input_ids"].shape[1]
+    for row, length in enumerate(lengths.tolist()):
+        for name in ("input_ids", "attention_mask"):
+            right[name][row] = torch.roll(left[name][row], -(width - length))
+    fp.patch(model, guidance=dict(gamma=2.0))
+    with torch.no_grad():
+        got = model(**right).logits
+        want = model(**left).logits[:, -1]
+    torch.testing.assert_close(got[torch.arange(2), lengths - 1], want, **TOLERANCE)
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_gamma_zero_is_plain_generation(model, processor, images, rows):
+    batch = batch_of(model, processor, images)
+    with torch.no_grad():
+        plain = model.generate(**batch, **GREEDY)
+    guided = guidance.guided_generate(model, processor, images, PROMPTS, gamma=0.0, rows=rows, **GREEDY)
+    assert torch.equal(guided.sequences, plain.sequences)
+    assert_logits_close(guided.logits, plain.logits)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("rows, layers", [("all", [0, 1]), ("last", [1])])
+def test_guided_generation_with_cache_equals_recomputation(model, processor, images, rows, layers):
+    """The image keys tracked through the KV cache (prefill, then one token per step) give the
+    same tokens and logits as recomputing every step on the whole sequence without a cache.
+    (With rows="last" below the top layer the two differ by design: a cached token keeps the
+    keys and values of its guided states, a recomputed one is guided only while it is last.)"""
+    settings = dict(GREEDY, gamma=3.0, layers=layers, rows=rows)
+    cached = guidance.guided_generate(model, processor, images, PROMPTS, **settings)
+    fresh = guidance.guided_generate(model, processor, images, PROMPTS, use_cache=False, **settings)
+    assert torch.equal(cached.sequences, fresh.sequences)
+    assert_logits_close(cached.logits, fresh.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_guided_generation_batched_equals_alone(model, processor, images):
+    """Left padding, two prompts of different lengths: each row generates what it generates alone."""
+    settings = dict(GREEDY, gamma=3.0)
+    batched = guidance.guided_generate(model, processor, images, PROMPTS, **settings)
+    for row in range(2):
+        alone = guidance.guided_generate(model, processor, images[row], PROMPTS[row], **settings)
+        width = alone.sequences.shape[1]
+        assert torch.equal(batched.sequences[row, -width:], alone.sequences[0])
+        assert_logits_close([step[row:row + 1] for step in batched.logits], alone.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_image_keys_are_tracked_through_generate(model, processor, images):
+    """After generate: the prompt's image positions, then a text key for every fed token."""
+    batch = batch_of(model, processor, images)
+    fp.patch(model, guidance=dict(gamma=1.0))
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+    tracked = model._fastprobe_state.image_keys.mask
+    prompt = batch["input_ids"].shape[1]
+    assert tracked.shape == (2, out.shape[1] - 1)  # the last token is never fed
+    assert torch.equal(tracked[:, :prompt], image_positions(batch, processor))
+    assert not tracked[:, prompt:].any()
+
+
+def test_patch_option_equals_guided_generate_and_context_restores(model, processor, images):
+    batch = batch_of(model, processor, images)
+    want = guidance.guided_generate(model, processor, images, PROMPTS, gamma=2.0, layers=[1], **GREEDY)
+    fp.patch(model, head_mask={0: [True, True, True, True]},
+             guidance=dict(gamma=2.0, layers=[1], orthogonalize=True, rows="last"))
+    options = patch_options(model).guidance
+    assert (options.gamma, options.layers, options.image_token_id) == (2.0, (1,), processor.image_token_id)
+    with torch.no_grad():
+        got = model.generate(**batch, **GREEDY)
+    assert torch.equal(got.sequences, want.sequences)
+    assert_logits_close(got.logits, want.logits)
+    fp.patch(model, head_mask={0: [True, True, True, True]})  # guidance off, the head mask kept
+    with guidance.guidance(model, gamma=2.0, layers=[1]):
+        assert patch_options(model).guidance.layers == (1,)
+    assert patch_options(model).guidance is None and set(patch_options(model).head_mask) == {0}
+    fp.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- the two-pass baseline
+
+
+def test_two_pass_language_only_logits_mask_exactly_the_image_keys(model, processor, images):
+    """alpha = 1: contrasted = 2 cond - uncond, so uncond = 2 cond - contrasted; it equals the
+    model run on the prompt with the image tokens removed (same positions)."""
+    batch = batch_of(model, processor, images)
+    with torch.no_grad():
+        cond = model(**batch).logits
+        with guidance.two_pass_contrast(model, alpha=1.0):
+            contrasted = model(**batch).logits
+        keep = batch["attention_mask"].bool() & ~image_positions(batch, processor)
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        kept = keep.sum(-1)
+        width = int(kept.max())
+        ids = torch.zeros(2, width, dtype=torch.long)
+        mask = torch.zeros(2, width, dtype=torch.long)
+        pos = torch.zeros(2, width, dtype=torch.long)
+        for row in range(2):  # left padded again
+            n = int(kept[row])
+            ids[row, width - n:] = batch["input_ids"][row][keep[row]]
+            pos[row, width - n:] = positions[row][keep[row]]
+            mask[row, width - n:] = 1
+        text_only = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    uncond = 2 * cond - contrasted
+    for row in range(2):
+        n = int(kept[row])
+        torch.testing.assert_close(uncond[row][keep[row]], text_only[row, width - n:], rtol=1e-4, atol=1e-4)
+    assert not model._forward_hooks  # the hook is gone
+
+
+def test_baseline_and_guided_differ_and_are_finite(model, processor, images):
+    batch = batch_of(model, processor, images)
+    with torch.no_grad():
+        plain = model.generate(**batch, **GREEDY)
+    unchanged = guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=0.0, **GREEDY)
+    assert torch.equal(unchanged.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(unchanged.logits, plain.logits))
+    baseline = guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, **GREEDY)
+    guided = guidance.guided_generate(model, processor, images, PROMPTS, gamma=1.0, **GREEDY)
+    for result in (baseline, guided):
+        assert result.sequences.shape == plain.sequences.shape
+        assert all(bool(step.isfinite().all()) for step in result.logits)
+        assert (result.logits[0] - plain.logits[0]).abs().max() > 1e-3  # both change the first step
+    assert (baseline.logits[0] - guided.logits[0]).abs().max() > 1e-3
+    assert not torch.equal(baseline.sequences, guided.sequences)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_no_image_token_in_a_prompt(model, processor, images):
+    with pytest.raises(ValueError, match=r"prompts \[1\] contain no image token '<image>'"):
+        guidance.guided_generate(model, processor, images, [PROMPTS[0], "no picture here"], gamma=1.0)
+    with pytest.raises(ValueError, match="contain no image token"):
+        guidance.two_pass_generate(model, processor, images[:1], "no picture here", alpha=1.0)
+    assert not is_patched(model)
+
+
+@pytest.mark.parametrize("layers, error, match", [
+    ([2], ValueError, r"names layer 2, but the model has 2 self-attention layers \(0..1\)"),
+    ([], ValueError, "layers is empty"),
+    ([-1], ValueError, "guidance layer must be >= 0"),
+    (1, TypeError, "list of layer indices"),
+])
+def test_layers_out_of_range(model, processor, images, layers, error, match):
+    with pytest.raises(error, match=match):
+        guidance.guided_generate(model, processor, images, PROMPTS, gamma=1.0, layers=layers)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_non_vlm_model(processor, images):
+    llama = tiny_model("llama", vocab_size=len(processor.tokenizer))
+    with pytest.raises(TypeError, match="needs a vision-language model .* LlamaForCausalLM names none"):
+        guidance.guided_generate(llama, processor, images, PROMPTS, gamma=1.0)
+    with pytest.raises(TypeError, match="vision-language model"):
+        guidance.two_pass_generate(llama, processor, images, PROMPTS, alpha=1.0)
+    with pytest.raises(ValueError, match="needs the image token id"):
+        fp.patch(llama, guidance=dict(gamma=1.0))
+    assert not is_patched(llama)
+    fp.patch(llama, guidance=dict(gamma=1.0, image_token_id=7))  # a text model with a marked token works
+    ids = torch.tensor([[1, 7, 7, 9, 10, 11]])
+    with torch.no_grad():
+        assert llama(input_ids=ids).logits.isfinite().all()
+
+
+def test_tokenizer_instead_of_processor(model, processor, images):
+    with pytest.raises(TypeError, match="vision-language processor"):
+        guidance.guided_generate(model, processor.tokenizer, images, PROMPTS, gamma=1.0)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(layers=[0]), ValueError, "needs gamma"),
+    (dict(gamma=float("nan")), ValueError, "gamma must be a finite number"),
+    (dict(gamma=True), TypeError, "gamma must be a real number"),
+    (dict(gamma=1.0, rows="first"), ValueError, "rows must be 'last' or 'all'"),
+    (dict(gamma=1.0, orthogonalize=1), TypeError, "orthogonalize must be a bool"),
+    (dict(gamma=1.0, eps=0.0), ValueError, "eps must be a finite positive number"),
+    (dict(gamma=1.0, strength=2), ValueError, r"unknown keys \['strength'\]"),
+])
+def test_bad_guidance_options_leave_the_model_alone(model, bad, error, match):
+    with pytest.raises(error, match=match):
+        fp.patch(model, guidance=bad)
+    assert not is_patched(model)
+
+
+def test_what_a_guided_layer_cannot_do_is_refused(model, processor, images):
+    batch = batch_of(model, processor, images)
+    fp.patch(model, window=3, guidance=dict(gamma=1.0, layers=[1]))
+    with pytest.raises(NotImplementedError, match="layer 1: the dual-path kernel does not take a sliding window"):
+        with torch.no_grad():
+            model(**batch)
+    fp.patch(model, head_mask={1: [True, False, True, True]}, guidance=dict(gamma=1.0, layers=[1]))
+    with pytest.raises(NotImplementedError, match="a head mask"):
+        with torch.no_grad():
+            model(**batch)
+    fp.patch(model, guidance=dict(gamma=1.0, layers=[1]))
+    with pytest.raises(NotImplementedError, match="record_attention"):
+        with fp.record_attention(model), torch.no_grad():
+            model(**batch)
+    with pytest.raises(NotImplementedError, match="got inputs_embeds; pass input_ids"):
+        with torch.no_grad():
+            model(inputs_embeds=torch.randn(1, 5, 64))
+    with pytest.raises(RuntimeError, match="call the patched model itself"):
+        with torch.no_grad():
+            model.model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(RuntimeError, match="two_pass_contrast would guide both passes"):
+        with guidance.two_pass_contrast(model, alpha=1.0):
+            pass
+
+
+def test_two_pass_refuses_beam_search_and_bad_alpha(model, processor, images):
+    with pytest.raises(ValueError, match="beam search"):
+        guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, num_beams=2)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=float("inf"))
+    assert not model._forward_hooks
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def test_demo_guidance_section(capsys):
+    assert cli._demo_guidance(torch.device("cpu"), seed=0, new_tokens=4)
+    printed = capsys.readouterr().out
+    assert "gamma = 0 vs plain generate: same tokens True" in printed and "two-pass contrastive decoding" in printed
