@@ -29,28 +29,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def softcap_ready() -> bool:
-    """Whether the backend in force takes Gemma 2's logit soft cap (the fused kernels get it later)."""
-    q = torch.randn(1, 1, 2, 4)
-    try:
-        fp.sink_attention(q, q, q, softcap=5.0)
-    except NotImplementedError:
-        return False
-    return True
-
-
-@pytest.fixture
-def backend_for(request):
-    """A callable arch -> None that forces the reference backend for Gemma 2 while the fused
-    kernels lack softcap (the integration is what these tests check)."""
-
-    def choose(arch):
-        if arch == "gemma2" and not softcap_ready():
-            fp.set_backend("reference")
-
-    return choose
-
-
 def inputs(batch=3, length=LENGTH, padding="mixed"):
     """input_ids and an attention mask: row 0 left-padded, row 1 right-padded, row 2 full
     ("mixed"); "left" pads rows 0 and 1 on the left; "none" has no padding."""
@@ -99,8 +77,7 @@ def eager_sink_mass(attentions, mask):
 
 @pytest.mark.parametrize("padding", ["mixed", "none"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_patched_prefill_matches_unpatched(arch, padding, backend_for):
-    backend_for(arch)
+def test_patched_prefill_matches_unpatched(arch, padding):
     reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
     assert model.config._attn_implementation == "fastprobe"
     ids, mask = inputs(padding=padding)
@@ -108,10 +85,9 @@ def test_patched_prefill_matches_unpatched(arch, padding, backend_for):
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
-def test_patched_generate_is_identical(arch, backend_for):
+def test_patched_generate_is_identical(arch):
     """Greedy decoding with a KV cache, left padding, past the sliding windows (so Mistral's and
     Gemma's sliding caches drop tokens): the same tokens."""
-    backend_for(arch)
     reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -175,8 +151,7 @@ def test_vision_language_model_and_its_sub_configs():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "bert"])  # sdpa, eager (Gemma 2's default), encoder
-def test_unpatch_restores_exactly(arch, backend_for):
-    backend_for(arch)
+def test_unpatch_restores_exactly(arch):
     model = tiny_model(arch)
     before = {id(c): c._attn_implementation for c in integration._configs(model)}
     ids, mask = inputs()
@@ -394,8 +369,7 @@ def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_recorded_sink_mass_matches_eager_weights(arch, backend_for):
-    backend_for(arch)
+def test_recorded_sink_mass_matches_eager_weights(arch):
     eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
     ids, mask = inputs()
     with torch.no_grad():
