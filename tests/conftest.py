@@ -54,6 +54,17 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("fastprobe", f"inputs drawn after torch.manual_seed({seeds[0]})"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: they gain nothing from threads, and
+    on a busy machine OpenMP barriers make every small op wait for a core (seconds per generate
+    instead of milliseconds). Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The execution targets a family's tests run on: (backend, device, pytest marks).
 TARGETS = [
     pytest.param(("cpp", "cpu"), id="cpp"),

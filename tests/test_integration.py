@@ -19,14 +19,7 @@ LENGTH = 12  # longer than the sliding windows (4) of Mistral, Gemma 2/3 and Qwe
 TOLERANCE = dict(rtol=2e-5, atol=2e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP barriers make
-    every small op wait for a core (seconds per generate instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(batch=3, length=LENGTH, padding="mixed"):

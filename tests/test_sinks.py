@@ -21,13 +21,7 @@ PLANTED = {0: [1], 1: [0, 3]}
 TEXTS = DEMO_TEXTS[:7]  # an odd count: the last batch is short
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: see test_integration.one_thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from ..ops._common import check_int, check_real
 from ..ops.attention import sink_attention
 from ..ops.dual_attention import dual_path_attention
 
@@ -112,14 +113,6 @@ class PatchOptions:
     guidance: Optional[GuidanceOptions] = None
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_statistics(record, name: str = "record") -> tuple:
     record = (record,) if isinstance(record, str) else tuple(record)
     unknown = [s for s in record if s not in STATISTICS]
@@ -142,7 +135,7 @@ def _head_mask_rows(head_mask, num_layers: int, num_heads: Optional[int]) -> dic
                         f"got {type(head_mask).__name__}")
     rows = {}
     for layer, keep in head_mask.items():
-        layer = _check_int(layer, "head_mask layer", 0)
+        layer = check_int(layer, "head_mask layer", 0)
         if layer >= num_layers:
             raise ValueError(f"head_mask names layer {layer}, but the model has {num_layers} self-attention layers")
         keep = torch.as_tensor(keep).detach().cpu()
@@ -155,15 +148,6 @@ def _head_mask_rows(head_mask, num_layers: int, num_heads: Optional[int]) -> dic
             raise ValueError(f"head_mask[{layer}] must hold only 0/1 (or True/False)")
         rows[layer] = keep != 0
     return rows
-
-
-def _check_number(value, name: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    number = float(value)
-    if not abs(number) < float("inf") or (positive and not number > 0.0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
-    return number
 
 
 def config_image_token_id(model) -> Optional[int]:
@@ -200,7 +184,7 @@ def _guidance_options(guidance, num_layers: int, model) -> Optional[GuidanceOpti
         layers = range(num_layers)
     elif isinstance(layers, numbers.Integral) or isinstance(layers, (str, bytes)):
         raise TypeError(f"guidance layers must be a list of layer indices (or None: every layer), got {layers!r}")
-    chosen = sorted({_check_int(layer, "guidance layer", 0) for layer in layers})
+    chosen = sorted({check_int(layer, "guidance layer", 0) for layer in layers})
     if not chosen:
         raise ValueError("guidance layers is empty: name at least one layer (or omit guidance)")
     if chosen[-1] >= num_layers:
@@ -219,23 +203,23 @@ def _guidance_options(guidance, num_layers: int, model) -> Optional[GuidanceOpti
     if not isinstance(orthogonalize, bool):
         raise TypeError(f"guidance orthogonalize must be a bool, got {type(orthogonalize).__name__}")
     return GuidanceOptions(
-        gamma=_check_number(guidance["gamma"], "guidance gamma", positive=False),
+        gamma=check_real(guidance["gamma"], "guidance gamma", positive=False),
         layers=tuple(chosen),
-        image_token_id=_check_int(image_token_id, "guidance image_token_id", 0),
+        image_token_id=check_int(image_token_id, "guidance image_token_id", 0),
         orthogonalize=orthogonalize,
         rows=rows,
-        eps=_check_number(guidance.get("eps", 1e-6), "guidance eps", positive=True),
+        eps=check_real(guidance.get("eps", 1e-6), "guidance eps", positive=True),
     )
 
 
 def _make_options(num_layers: int, num_heads: Optional[int], num_sink=0, window=None, head_mask=None,
                   record=("sink_mass",), stat_tokens=1, guidance=None, model=None) -> PatchOptions:
     return PatchOptions(
-        num_sink=_check_int(num_sink, "num_sink", 0),
-        window=None if window is None else _check_int(window, "window", 1),
+        num_sink=check_int(num_sink, "num_sink", 0),
+        window=None if window is None else check_int(window, "window", 1),
         head_mask=_head_mask_rows(head_mask, num_layers, num_heads),
         record=_check_statistics(record),
-        stat_tokens=_check_int(stat_tokens, "stat_tokens", 0),
+        stat_tokens=check_int(stat_tokens, "stat_tokens", 0),
         guidance=_guidance_options(guidance, num_layers, model),
     )
 
@@ -888,7 +872,7 @@ class AttentionRecord:
             raise TypeError("key_groups must be an integer tensor of shape [batch, tokens]")
         if num_groups is None:
             num_groups = int(key_groups.max()) + 1 if key_groups.numel() else 1  # one sync, here
-        self._groups, self._num_groups = key_groups, _check_int(num_groups, "num_groups", 1)
+        self._groups, self._num_groups = key_groups, check_int(num_groups, "num_groups", 1)
         if "group_mass" in self.statistics and self.num_heads is not None:
             self._table("group_mass", (self._num_groups,))
 

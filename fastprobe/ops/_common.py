@@ -91,3 +91,34 @@ def check_finite_lse(lse: torch.Tensor, describe: Callable[..., str]) -> None:
         f"{describe(*bad)} has no finite log-sum-exp: the row is all -inf (no token left unmasked) "
         "or contains NaN or +inf"
     )
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """An integer >= minimum (bools refused), or a TypeError/ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value, name: str, positive: bool) -> float:
+    """A finite real number (> 0 when `positive`; bools refused) as a float, or an error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    number = float(value)
+    if not abs(number) < float("inf") or (positive and not number > 0.0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+    return number
+
+
+def register_forward_only(op, name: str, why: str = "") -> None:
+    """Autograd for an inference-only custom op: backward raises a clear error."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastprobe.{name} is forward-only{why}: training through it is not supported yet. "
+            "Use it under torch.no_grad() / torch.inference_mode(), or detach q, k and v."
+        )
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

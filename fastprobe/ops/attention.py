@@ -20,7 +20,10 @@ import torch
 
 from .. import reference
 from ..backend import resolve
-from ._common import DTYPE_NAMES, check_same_device, check_tensor, cpp, first_bad_index, is_compiling, new_output, on_device, output_dtype
+from ._common import (
+    DTYPE_NAMES, check_int, check_same_device, check_tensor, cpp, first_bad_index, is_compiling, new_output, on_device,
+    output_dtype, register_forward_only,
+)
 
 __all__ = ["AttentionOutput", "sink_attention"]
 
@@ -156,25 +159,10 @@ def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, s
     return _outputs(q, num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
-def _no_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastprobe.sink_attention is forward-only: training through it is not supported yet. "
-        "Use it under torch.no_grad() / torch.inference_mode(), or detach q, k and v."
-    )
-
-
-_sink_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+register_forward_only(_sink_attention_op, "sink_attention")
 
 
 # ---- Argument checks (before any kernel runs; every message names the argument). ----
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_scale(scale, head_dim: int) -> float:
@@ -222,7 +210,7 @@ def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> 
         if is_compiling():
             raise ValueError("num_groups must be given under torch.compile (it sets the output shape)")
         num_groups = max(int(key_groups.max()) + 1, 1) if key_groups.numel() else 1
-    num_groups = _check_int(num_groups, "num_groups", 1)
+    num_groups = check_int(num_groups, "num_groups", 1)
     if not is_compiling():
         bad = first_bad_index((key_groups < 0) | (key_groups >= num_groups))
         if bad is not None:
@@ -282,9 +270,9 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    window = 0 if window is None else _check_int(window, "window", 1)
-    num_sink = _check_int(num_sink, "num_sink", 0)
-    stat_tokens = _check_int(stat_tokens, "stat_tokens", 0)
+    window = 0 if window is None else check_int(window, "window", 1)
+    num_sink = check_int(num_sink, "num_sink", 0)
+    stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
     key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q)
     head_keep = check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
     if sink_logit is not None:

@@ -13,14 +13,13 @@ on the guided rows (other rows: o_cond). A row with no kept key (l_1 = 0) is not
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 
 from .. import reference
 from ..backend import resolve
-from ._common import DTYPE_NAMES, cpp, new_output, on_device
+from ._common import DTYPE_NAMES, check_real, cpp, new_output, on_device, register_forward_only
 from .attention import check_attention_inputs, check_mask, check_scale
 
 __all__ = ["dual_path_attention"]
@@ -108,23 +107,7 @@ def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, r
     return _outputs(q, return_paths, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
-def _no_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastprobe.dual_path_attention is forward-only (it steers generation): training through it is not "
-        "supported yet. Use it under torch.no_grad() / torch.inference_mode(), or detach q, k and v."
-    )
-
-
-_dual_path_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-def _check_real(value, name: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    number = float(value)
-    if not abs(number) < float("inf") or (positive and not number > 0.0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
-    return number
+register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)")
 
 
 def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Tensor:
@@ -188,9 +171,9 @@ def dual_path_attention(
         q, k, v, drop,
         _check_rows(rows, batch, num_queries, q),
         check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q),
-        _check_real(gamma, "gamma", positive=False),
+        check_real(gamma, "gamma", positive=False),
         orthogonalize,
-        _check_real(eps, "eps", positive=True),
+        check_real(eps, "eps", positive=True),
         check_scale(scale, q.shape[-1]),
         causal,
         return_paths,
