@@ -382,12 +382,9 @@ def guidance_rows(rows, batch: int, num_queries: int, device) -> torch.Tensor:
     """[B, Lq] bool: the query rows dual_path_attention guides. rows = "last" (the token
     being generated), "all", or a bool mask [Lq] or [B, Lq]."""
     if isinstance(rows, str):
-        selected = torch.zeros(batch, num_queries, dtype=torch.bool, device=device)
-        if rows == "all":
-            selected[:] = True
-        elif num_queries > 0:
-            selected[:, -1] = True
-        return selected
+        query = torch.arange(num_queries, device=device)
+        selected = query >= 0 if rows == "all" else query == num_queries - 1
+        return selected.expand(batch, num_queries).contiguous()
     return rows.to(device=device, dtype=torch.bool).expand(batch, num_queries)
 
 

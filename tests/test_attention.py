@@ -432,7 +432,7 @@ def test_opcheck(with_groups):
     ends = torch.tensor([1, 2])
     groups = torch.randint(0, 2, (2, 9), dtype=torch.int32) if with_groups else None
     args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, True)
-    torch.library.opcheck(_sink_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(_sink_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_math_of_statistics_by_hand():

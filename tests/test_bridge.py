@@ -238,7 +238,7 @@ def test_opcheck():
 
     student = torch.randn(4, 31, requires_grad=True)
     args = (student, torch.randn(4, 31), torch.tensor([1, -100, 2, 3]), -100, 0.4, 1.25, False, True)
-    torch.library.opcheck(_bridge_loss_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_bridge_loss_op.op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------- schedule and modules

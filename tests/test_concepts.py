@@ -522,10 +522,10 @@ def test_opcheck():
 
     logits = torch.randn(4, 31, requires_grad=True)
     index = tuple(fp.ConceptSet.from_ids([[1, 2, 3], [3, 30]])._index)
-    torch.library.opcheck(_concept_mass_op, (logits, *index, 1.25),
+    torch.library.opcheck(_concept_mass_op.op, (logits, *index, 1.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     _, log_mass, _, _, _, lse = _concept_mass_op(logits.detach(), *index, 1.25)
     vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
     args = (torch.randn(4, 2), torch.randn(4), logits.detach(), log_mass, lse, vocab_ids, vocab_offsets,
             vocab_concepts, starts, 1.25)
-    torch.library.opcheck(_concept_mass_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_concept_mass_backward_op.op, args, test_utils=("test_schema", "test_faketensor"))

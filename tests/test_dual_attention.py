@@ -154,4 +154,4 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.testing.assert_close(run(q, k, v, drop), fp.dual_path_attention(q, k, v, drop, gamma=0.5, rows="all") * 2)
     rows = torch.ones(2, 6, dtype=torch.uint8)
     args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, True)
-    torch.library.opcheck(_dual_path_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(_dual_path_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

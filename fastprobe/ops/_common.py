@@ -112,6 +112,49 @@ def check_real(value, name: str, positive: bool) -> float:
     return number
 
 
+def _runs_plain(values) -> bool:
+    """True when an op call needs nothing from torch's dispatcher: not tracing or compiling, no
+    dispatch / function mode or functorch transform active, every tensor a plain torch.Tensor
+    (no fake, meta or subclass tensor) and none that autograd has to record."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for value in values:
+        if isinstance(value, torch.Tensor) and (
+            type(value) is not torch.Tensor or value.is_meta or (grad and value.requires_grad)
+        ):
+            return False
+    return True
+
+
+class CustomOp:
+    """A torch.library custom op (what torch.compile, opcheck and autograd see) whose plain eager
+    calls run its Python body directly: the dispatcher's boxing and autograd wrapper cost tens of
+    microseconds per call, as much as a decoding step's attention kernel. register_fake,
+    register_autograd and the rest go to the registered op."""
+
+    def __init__(self, name: str, body: Callable):
+        self.body = body
+        self.op = torch.library.custom_op(name, body, mutates_args=())
+
+    def __call__(self, *args, **kwargs):
+        if _runs_plain(args) and _runs_plain(kwargs.values()):
+            return self.body(*args, **kwargs)
+        return self.op(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.op, name)
+
+
+def custom_op(name: str) -> Callable[[Callable], CustomOp]:
+    """Decorator: register `body` as the custom op `name` (no mutated arguments), see CustomOp."""
+    return lambda body: CustomOp(name, body)
+
+
 def register_forward_only(op, name: str, why: str = "") -> None:
     """Autograd for an inference-only custom op: backward raises a clear error."""
 

@@ -21,7 +21,7 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, check_int, check_same_device, check_tensor, cpp, first_bad_index, is_compiling, new_output, on_device,
+    DTYPE_NAMES, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device,
     output_dtype, register_forward_only,
 )
 
@@ -40,9 +40,11 @@ class AttentionOutput(NamedTuple):
 
 def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
     """end [B] int64 such that the first `count` real keys of row b are exactly the real keys
-    j < end[b] (end = Lk when the row has fewer real keys). No host sync."""
+    j < end[b] (when the row has fewer real keys: an end past all of them). No host sync."""
     if real is None or count == 0:
         return torch.full((batch,), min(count, num_keys), dtype=torch.int64, device=device)
+    if count == 1:  # just past the first real key (a row without one has nothing to count anyway)
+        return real.argmax(-1) + 1
     reached = real.to(torch.int32).cumsum(-1) >= count
     first = reached.to(torch.int8).argmax(-1) + 1
     return torch.where(reached.any(-1), first, torch.full_like(first, num_keys))
@@ -118,7 +120,7 @@ def _outputs(q: torch.Tensor, num_groups: int, return_entropy: bool, allocate):
     return out, lse, sink_mass, group_mass, entropy
 
 
-@torch.library.custom_op("fastprobe::sink_attention", mutates_args=())
+@custom_op("fastprobe::sink_attention")
 def _sink_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -191,6 +193,8 @@ def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: tor
         bad = first_bad_index((mask != 0) & (mask != 1))
         if bad is not None:
             raise ValueError(f"{name} must hold only 0/1 (or True/False), got {mask[bad].item()} at {list(bad)}")
+    if mask.dtype == torch.bool:
+        return mask.contiguous().view(torch.uint8)  # same bytes: no copy, read-only in the kernels
     return (mask != 0).to(torch.uint8).contiguous()
 
 

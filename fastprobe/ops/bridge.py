@@ -27,6 +27,7 @@ from ._common import (
     check_temperature,
     check_tensor,
     cpp,
+    custom_op,
     new_output,
     on_device,
     output_dtype,
@@ -89,7 +90,7 @@ def _triton_rows(student, teacher, labels, ignore_index, beta, inv_temperature, 
 _ROWS = {"reference": _reference_rows, "cpp": _cpp_rows, "triton": _triton_rows}
 
 
-@torch.library.custom_op("fastprobe::bridge_loss", mutates_args=())
+@custom_op("fastprobe::bridge_loss")
 def _bridge_loss_op(
     student: torch.Tensor,
     teacher: torch.Tensor,

@@ -35,6 +35,7 @@ from ._common import (
     check_temperature,
     check_tensor,
     cpp,
+    custom_op,
     is_compiling,
     new_output,
     on_device,
@@ -375,7 +376,7 @@ def _triton_forward(logits, index: _Index, inv_temperature, out: ConceptMass) ->
 _FORWARD = {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward}
 
 
-@torch.library.custom_op("fastprobe::concept_mass", mutates_args=())
+@custom_op("fastprobe::concept_mass")
 def _concept_mass_op(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
@@ -453,7 +454,7 @@ def _triton_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, i
 _BACKWARD = {"reference": _reference_backward, "cpp": _cpp_backward, "triton": _triton_backward}
 
 
-@torch.library.custom_op("fastprobe::concept_mass_backward", mutates_args=())
+@custom_op("fastprobe::concept_mass_backward")
 def _concept_mass_backward_op(
     grad_log_mass: torch.Tensor,
     grad_lse: torch.Tensor,

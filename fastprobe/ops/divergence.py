@@ -29,6 +29,7 @@ from ._common import (
     check_temperature,
     check_tensor,
     cpp,
+    custom_op,
     is_compiling,
     new_output,
     on_device,
@@ -112,7 +113,7 @@ def _triton_packed(draft, target, weights, inv_temperature, lse_in, lse_only, st
 _PACKED = {"reference": _reference_packed, "cpp": _cpp_packed, "triton": _triton_packed}
 
 
-@torch.library.custom_op("fastprobe::draft_divergence", mutates_args=())
+@custom_op("fastprobe::draft_divergence")
 def _draft_divergence_op(
     draft: torch.Tensor,
     target: Optional[torch.Tensor],

@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from ..backend import resolve
-from ._common import DTYPE_NAMES, check_real, cpp, new_output, on_device, register_forward_only
+from ._common import DTYPE_NAMES, check_real, cpp, custom_op, new_output, on_device, register_forward_only
 from .attention import check_attention_inputs, check_mask, check_scale
 
 __all__ = ["dual_path_attention"]
@@ -75,7 +75,7 @@ def _outputs(q: torch.Tensor, return_paths: bool, allocate):
     return out, allocate(shape, q.dtype).transpose(1, 2), allocate(shape, q.dtype).transpose(1, 2)
 
 
-@torch.library.custom_op("fastprobe::dual_path_attention", mutates_args=())
+@custom_op("fastprobe::dual_path_attention")
 def _dual_path_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,7 +115,7 @@ def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Te
     if isinstance(rows, str):
         if rows not in ("last", "all"):
             raise ValueError(f"rows must be 'last', 'all' or a boolean mask over query rows, got {rows!r}")
-        return reference.guidance_rows(rows, batch, num_queries, q.device).to(torch.uint8)
+        return reference.guidance_rows(rows, batch, num_queries, q.device).view(torch.uint8)
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows must be 'last', 'all' or a boolean tensor [Lq] or [B, Lq], got {type(rows).__name__}")
     shape = (num_queries,) if rows.dim() == 1 else (batch, num_queries)

@@ -1,0 +1,89 @@
+"""The op layer shared by every family (fastprobe/ops/_common.py): plain eager calls run a
+custom op's body directly, everything that needs torch's dispatcher (autograd, dispatch and
+function modes, fake / meta tensors, torch.compile) goes through the registered op, and both
+give the same results."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastprobe as fp
+from fastprobe.ops import _common
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+class NoOpFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def attention_inputs():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
+    padding = torch.ones(2, 11, dtype=torch.bool)
+    padding[1, :3] = False
+    return q, k, v, padding
+
+
+CALLS = {
+    "sink_attention": lambda q, k, v, padding: fp.sink_attention(
+        q, k, v, window=4, num_sink=1, key_padding_mask=padding, return_entropy=True),
+    "dual_path_attention": lambda q, k, v, padding: fp.dual_path_attention(
+        q, k, v, torch.arange(11).expand(2, 11) % 3 == 1, gamma=0.7, rows="all", key_padding_mask=padding,
+        return_paths=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_eager_shortcut_skips_the_dispatcher_and_matches_it(name):
+    inputs = attention_inputs()
+    with OpLog() as log:  # a dispatch mode: the registered op runs, and is seen
+        through_op = CALLS[name](*inputs)
+    assert f"fastprobe::{name}" in log.names
+    with NoOpFunctionMode():  # a function mode also takes the registered op
+        through_function_mode = CALLS[name](*inputs)
+    direct = CALLS[name](*inputs)
+    for got, want, other in zip(direct, through_op, through_function_mode):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            torch.testing.assert_close(got, other, rtol=0, atol=0)
+
+
+def test_plain_call_is_decided_per_argument():
+    plain = torch.randn(3)
+    assert _common._runs_plain([plain, None, 1.5, "x"])
+    assert not _common._runs_plain([torch.randn(3, requires_grad=True)])
+    with torch.no_grad():  # no autograd to record: still plain
+        assert _common._runs_plain([torch.randn(3, requires_grad=True)])
+    assert not _common._runs_plain([torch.empty(3, device="meta")])
+    assert not _common._runs_plain([torch.nn.Parameter(torch.randn(3))])  # a subclass
+    with NoOpFunctionMode():
+        assert not _common._runs_plain([plain])
+    with OpLog():
+        assert not _common._runs_plain([plain])
+
+
+def test_meta_tensors_get_shapes_from_the_fake_implementation():
+    q, k, v, _ = attention_inputs()
+    result = fp.sink_attention(q.to("meta"), k.to("meta"), v.to("meta"), window=4, return_entropy=True)
+    assert result.out.device.type == "meta" and result.out.shape == q.shape
+    assert result.entropy.shape == q.shape[:3]
+
+
+def test_autograd_still_reaches_the_forward_only_error():
+    q, k, v, _ = attention_inputs()
+    out = fp.sink_attention(q.requires_grad_(), k, v).out
+    with pytest.raises(RuntimeError, match="forward-only"):
+        out.sum().backward()
