@@ -67,6 +67,7 @@ def tiny_tokenizer(vocab_size: int = 512, padding_side: str = "right", texts=Non
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side=padding_side,
+        model_input_names=["input_ids", "attention_mask"],  # 4.5x's default adds token_type_ids, which generate refuses
     )
 
 
@@ -163,15 +164,23 @@ def tiny_llava_processor(image_size: int = 28, patch_size: int = 14, vocab_size:
     IMAGE_TOKEN in a prompt becomes (image_size / patch_size)^2 image tokens. Left padding, as
     batched generation wants."""
     import transformers
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     tokenizer = tiny_tokenizer(vocab_size=vocab_size, padding_side=padding_side)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     square = {"height": image_size, "width": image_size}
-    images = LlavaImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
+    images = _llava_pil_image_processor()(size=square, crop_size=square, do_center_crop=False)
     return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
                                        vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                        image_token=IMAGE_TOKEN)
+
+
+def _llava_pil_image_processor():
+    """LLaVA's image processor class that works on PIL and numpy (no torchvision)."""
+    try:
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    except ImportError:  # transformers 4.5x and early 5.x: the slow processor is the PIL one
+        from transformers.models.llava.image_processing_llava import LlavaImageProcessor as LlavaImageProcessorPil
+    return LlavaImageProcessorPil
 
 
 def tiny_llava(processor=None, *, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,

@@ -14,6 +14,8 @@ from fastprobe.integrations import attention_layers, is_patched, patch_options
 from fastprobe.methods import guidance
 from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
 
+from .test_integration import cached_keys_values, generated_cache
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
@@ -158,8 +160,7 @@ def test_guided_decoding_step_matches_float64_reference(model, processor, images
     for hook in hooks:
         hook.remove()
     assert len(calls) == steps and calls[-1]["hidden"].shape[1] == 1
-    cache = result.get("cache", None) or result.get("past_key_values")
-    keys, values = cache.layers[1].keys, cache.layers[1].values
+    keys, values = cached_keys_values(generated_cache(result), 1)
     total = batch["input_ids"].shape[1] + steps - 1
     assert keys.shape[2] == total
     drop = torch.zeros(2, total, dtype=torch.bool)

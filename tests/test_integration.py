@@ -3,6 +3,8 @@ configs (float32, 2 layers, hidden 64; no downloads): patched outputs and greedy
 equal the unpatched model's, recorded statistics equal eager attention weights, windows and
 sinks match transformers' own masks, and what fastprobe cannot reproduce is refused."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -34,6 +36,38 @@ def inputs(batch=3, length=LENGTH, padding="mixed"):
     if padding == "left":
         mask[1, :2] = 0
     return ids, mask
+
+
+def routes_through_interfaces(model) -> bool:
+    """Whether the installed transformers runs this model's attention through its AttentionInterface
+    and its masks through the AttentionMaskInterface, which fastprobe needs: BERT only from 5.0
+    (4.5x's has its own attention classes), GPT-2 from 4.54 (4.53's builds its own 4D masks)."""
+    base = type(model.base_model)
+    return getattr(base, "_supports_attention_backend", False) and not hasattr(base, "_update_causal_mask")
+
+
+def patch_or_skip(model, **options):
+    """fp.patch(model, **options); on a transformers that does not route this architecture through
+    its interfaces, checks that patch refuses it (never a silent no-op) and skips the test."""
+    if routes_through_interfaces(model):
+        return fp.patch(model, **options)
+    with pytest.raises(NotImplementedError, match="cannot patch"):
+        fp.patch(model, **options)
+    assert not is_patched(model)
+    pytest.skip(f"transformers {transformers.__version__} does not run {type(model.base_model).__name__} through its "
+                "attention and mask interfaces: fastprobe refuses it (checked)")
+
+
+def generated_cache(result):
+    """The KV cache of a generate result ("cache" from transformers 5.x, "past_key_values" before)."""
+    return result.cache if hasattr(result, "cache") else result.past_key_values
+
+
+def cached_keys_values(cache, layer: int) -> tuple:
+    """(keys, values) [B, Hkv, T, D] a KV cache holds for a layer (4.53 keeps lists of tensors)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
 
 
 def outputs(model, ids, mask, **kwargs):
@@ -71,7 +105,7 @@ def eager_sink_mass(attentions, mask):
 @pytest.mark.parametrize("padding", ["mixed", "none"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_patched_prefill_matches_unpatched(arch, padding):
-    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    reference, model = tiny_model(arch), patch_or_skip(tiny_model(arch))
     assert model.config._attn_implementation == "fastprobe"
     ids, mask = inputs(padding=padding)
     assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
@@ -81,7 +115,7 @@ def test_patched_prefill_matches_unpatched(arch, padding):
 def test_patched_generate_is_identical(arch):
     """Greedy decoding with a KV cache, left padding, past the sliding windows (so Mistral's and
     Gemma's sliding caches drop tokens): the same tokens."""
-    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    reference, model = tiny_model(arch), patch_or_skip(tiny_model(arch))
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -92,6 +126,8 @@ def test_patched_generate_is_identical(arch):
 
 def test_gpt_oss_learned_sinks():
     """gpt-oss passes its per-head sink logits as s_aux: the kernel's sink_logit."""
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no gpt-oss (it arrived in 4.55)")
     config = transformers.GptOssConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
@@ -124,7 +160,9 @@ def test_vision_language_model_and_its_sub_configs():
     model = transformers.LlavaForConditionalGeneration(config).eval()
     model.load_state_dict(reference.state_dict())
     before = {id(c): c._attn_implementation for c in integration._configs(model)}
-    assert len(before) == 3  # LLaVA, CLIP vision, Llama text
+    # LLaVA, CLIP vision, Llama text (in 4.53 the sub-models hold copies of the sub-configs: 5 configs)
+    assert sorted({type(c).__name__ for c in integration._configs(model)}) == ["CLIPVisionConfig", "LlamaConfig",
+                                                                              "LlavaConfig"]
     fp.patch(model)
     assert all(c._attn_implementation == "fastprobe" for c in integration._configs(model))
     assert len(attention_layers(model)) == 2  # the text model's self-attention; the vision tower runs plain
@@ -149,7 +187,7 @@ def test_unpatch_restores_exactly(arch):
     before = {id(c): c._attn_implementation for c in integration._configs(model)}
     ids, mask = inputs()
     want = outputs(model, ids, mask)
-    fp.patch(model, window=3, head_mask={0: [True, False, True, True]})
+    patch_or_skip(model, window=3, head_mask={0: [True, False, True, True]})
     outputs(model, ids, mask)
     assert fp.unpatch(model) is model
     assert not is_patched(model)
@@ -252,10 +290,17 @@ def test_bad_options_raise_and_leave_the_model_alone(bad, error, match):
 # ---------------------------------------------------------------- mask semantics (the off-by-one)
 
 
+def takes(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
 def materialised(mask_function, length):
+    """The [L, L] mask transformers' sdpa_mask builds (4.5x's takes cache_position, 5.x's q_length)."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
-    return masking_utils.sdpa_mask(batch_size=1, q_length=length, kv_length=length, mask_function=mask_function,
-                                   allow_is_causal_skip=False, allow_is_bidirectional_skip=False)[0, 0]
+    queries = dict(q_length=length) if takes(masking_utils.sdpa_mask, "q_length") else dict(
+        cache_position=torch.arange(length))
+    return masking_utils.sdpa_mask(batch_size=1, kv_length=length, mask_function=mask_function,
+                                   allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **queries)[0, 0]
 
 
 @pytest.mark.parametrize("window", [1, 3, 5])
@@ -265,10 +310,11 @@ def test_mask_pattern_windows_match_transformers_masks(window):
     masking_utils = pytest.importorskip("transformers.masking_utils")
     cases = {
         masking_utils.causal_mask_function: (True, None),
-        masking_utils.bidirectional_mask_function: (False, None),
         masking_utils.sliding_window_causal_mask_function(window): (True, window),
-        masking_utils.sliding_window_bidirectional_mask_function(window): (False, window + 1),
     }
+    if hasattr(masking_utils, "bidirectional_mask_function"):  # from 5.0 (4.5x's encoders build their own masks)
+        cases[masking_utils.bidirectional_mask_function] = (False, None)
+        cases[masking_utils.sliding_window_bidirectional_mask_function(window)] = (False, window + 1)
     length = 11
     for function, expected in cases.items():
         causal, ours = integration._mask_pattern(function)
@@ -280,11 +326,31 @@ def test_mask_pattern_windows_match_transformers_masks(window):
 
 def test_mask_patterns_it_cannot_reproduce_are_refused():
     masking_utils = pytest.importorskip("transformers.masking_utils")
-    chunked = masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    chunking = masking_utils.chunked_causal_mask_function
+    left_padding = (torch.zeros(1, dtype=torch.long),) if takes(chunking, "left_padding") else ()  # 4.53: none
+    chunked = chunking(4, *left_padding)
     custom = masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv % 2 == 0)
     for function in (chunked, custom):
         with pytest.raises(NotImplementedError, match="cannot reproduce"):
             integration._mask_pattern(function)
+
+
+def test_packing_one_sequence_per_row_is_plain_causal():
+    """transformers 4.53-4.57 add a packed-sequence part to every mask made without an attention
+    mask and a cache: one sequence per row packs nothing (plain causal attention, the same outputs),
+    real packing is refused."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    causal, packing = masking_utils.causal_mask_function, masking_utils.packed_sequence_mask_function
+    one_each = masking_utils.and_masks(causal, packing(torch.zeros(2, 8, dtype=torch.long)))
+    assert integration._mask_pattern(one_each) == (True, None)
+    two_in_one = masking_utils.and_masks(causal, packing(torch.tensor([[0] * 8, [0] * 5 + [1] * 3])))
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        integration._mask_pattern(two_in_one)
+    reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
+    ids, _ = inputs(padding="none")
+    with torch.no_grad():
+        want = reference(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, want, **TOLERANCE)
 
 
 def test_mask_function_returns_a_key_padding_mask():
@@ -350,12 +416,17 @@ def test_refuses_what_it_cannot_reproduce():
 
 
 def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
-    model = fp.patch(tiny_model("mistral"), num_sink=1)
+    reference, model = tiny_model("mistral"), fp.patch(tiny_model("mistral"), num_sink=1)
     ids, mask = inputs(padding="none")
     outputs(model, ids, mask)  # prefill: fine
-    with pytest.raises(NotImplementedError, match="dropped the first tokens"):
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=3, do_sample=False)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        cache = generated_cache(reference.generate(ids, return_dict_in_generate=True, **settings))
+        if cached_keys_values(cache, 0)[0].shape[2] >= LENGTH:  # before 4.56 the dynamic cache keeps every token
+            model.generate(ids, **settings)  # so num_sink is honoured while decoding
+            pytest.skip(f"transformers {transformers.__version__}'s dynamic cache keeps every token: none to refuse")
+        with pytest.raises(NotImplementedError, match="dropped the first tokens"):
+            model.generate(ids, **settings)
 
 
 # ---------------------------------------------------------------- recording vs eager weights
@@ -363,7 +434,7 @@ def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_recorded_sink_mass_matches_eager_weights(arch):
-    eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
+    eager, model = tiny_model(arch, attn_implementation="eager"), patch_or_skip(tiny_model(arch))
     ids, mask = inputs()
     with torch.no_grad():
         weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions

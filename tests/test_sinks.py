@@ -14,6 +14,8 @@ from fastprobe.integrations import is_patched, patch_options
 from fastprobe.methods import sinks
 from fastprobe.models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
 
+from .test_integration import patch_or_skip
+
 pytest.importorskip("transformers")
 pandas = pytest.importorskip("pandas")
 
@@ -124,7 +126,7 @@ def test_mask_and_zero_o_proj_prune_the_same(tokenizer, arch, kv_heads):
     columns give identical outputs: the head's contribution is exactly 0 either way. Covers MHA,
     GQA (columns per query head), GPT-2's Conv1D c_proj and BERT's sibling output.dense."""
     options = {} if kv_heads is None else {"num_kv_heads": kv_heads}
-    model = fp.patch(tiny_model(arch, vocab_size=len(tokenizer), **options))
+    model = patch_or_skip(tiny_model(arch, vocab_size=len(tokenizer), **options))
     heads = [(0, 1), (1, 0), (1, 3)]
     base, real = logits(model, tokenizer) if arch != "bert" else bert_outputs(model, tokenizer)
     run = logits if arch != "bert" else bert_outputs

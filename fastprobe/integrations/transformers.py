@@ -404,15 +404,36 @@ def _implementation(config) -> Optional[str]:
     return getattr(config, "_attn_implementation_internal", getattr(config, "_attn_implementation", None))
 
 
+def _write_implementation(config, implementation: Optional[str]) -> None:
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = implementation
+    else:  # no internal attribute: the public property setter
+        config._attn_implementation = implementation
+
+
+def _layer_config(module, model):
+    """The config a self-attention module dispatches on."""
+    return getattr(module, "config", model.config)
+
+
+def _switch(model, layers: list, configs: list) -> None:
+    """Switches the model and its sub-models (every config in `configs`) to "fastprobe"."""
+    if not hasattr(model, "set_attn_implementation"):  # transformers 4.53; its sub-models hold copies of sub-configs
+        for config in configs:
+            _write_implementation(config, KEY)
+        return
+    model.set_attn_implementation(KEY)
+    if all(_layer_config(m, model) is not model.config for m in layers):
+        # a wrapper with no attention code of its own (LLaVA's): 4.54-4.55 leave its config, 4.56+ switch it
+        _write_implementation(model.config, KEY)
+
+
 def _restore(model, previous: list) -> None:
     """Writes each config's previous implementation back. Done per config, not through
     set_attn_implementation(previous): that re-validates (sdpa may turn into eager) and spreads one
     value over sub-configs that may have differed."""
     for config, implementation in previous:
-        if hasattr(config, "_attn_implementation_internal"):
-            config._attn_implementation_internal = implementation
-        else:  # no internal attribute: the public property setter
-            config._attn_implementation = implementation
+        _write_implementation(config, implementation)
 
 
 def _refuse(model, why: str) -> NotImplementedError:
@@ -431,6 +452,12 @@ def _check_architecture(model) -> list:
     if not getattr(type(model), "_supports_attention_backend", False):
         raise _refuse(model, "its attention does not go through transformers' AttentionInterface "
                              "(the class does not set _supports_attention_backend)")
+    # transformers 4.53's GPT-2 (and other models not yet on masking_utils) build their own 4D masks
+    own_masks = sorted({type(m).__name__ for m in model.modules()
+                        if isinstance(m, PreTrainedModel) and hasattr(m, "_update_causal_mask")})
+    if own_masks:
+        raise _refuse(model, f"{', '.join(own_masks)} builds its own [L, L] masks (_update_causal_mask) instead of "
+                             "asking transformers' AttentionMaskInterface")
     layers = _self_attention_modules(model)
     if not layers:
         raise _refuse(model, "no self-attention module (with layer_idx and is_causal) was found")
@@ -470,6 +497,30 @@ def _mask_windows(fn, masking_utils) -> list:
     raise ValueError(f"{masking_utils.__name__}.{name}")
 
 
+def _is_masking_utils(fn, masking_utils, prefix: str) -> bool:
+    """fn is one of masking_utils' functions (or closures) whose qualified name starts with prefix."""
+    in_module = getattr(fn, "__module__", None) == masking_utils.__name__
+    return in_module and getattr(fn, "__qualname__", "").startswith(prefix)
+
+
+def _packs_nothing(fn, masking_utils) -> bool:
+    """A packed-sequence part whose rows each hold one sequence: its sequence ids (a cumsum of
+    position jumps, so non-decreasing from 0) are all 0, and it masks nothing."""
+    if not _is_masking_utils(fn, masking_utils, "packed_sequence_mask_function."):
+        return False
+    return not bool(_closure(fn)["packed_sequence_mask"][:, -1].any())  # one sync, as 5.x's own check
+
+
+def _without_empty_packing(fn, masking_utils):
+    """fn less a packed-sequence part that packs nothing: transformers 4.53-4.57 add one to every mask
+    made without an attention mask and a cache (5.x only to masks of really packed rows)."""
+    if not _is_masking_utils(fn, masking_utils, "and_masks."):
+        return fn
+    parts = _closure(fn)["mask_functions"]
+    kept = [part for part in parts if not _packs_nothing(part, masking_utils)]
+    return fn if len(kept) == len(parts) else masking_utils.and_masks(*kept)
+
+
 def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
     """(causal, window) of a mask function made of transformers' index functions, read by
     evaluating it on one query row: the visible keys must be one interval ending at the query
@@ -477,6 +528,7 @@ def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
     masking_utils = _masking_utils()
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
+    mask_function = _without_empty_packing(mask_function, masking_utils)
     try:
         windows = _mask_windows(mask_function, masking_utils)
     except ValueError as part:
@@ -760,12 +812,9 @@ def patch(
         return model
 
     previous = [(config, _implementation(config)) for config in _configs(model)]
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(KEY)
-    else:  # transformers < 4.54: the config property spreads the value over sub-configs
-        model.config._attn_implementation = KEY
+    _switch(model, layers, [config for config, _ in previous])
     # set_attn_implementation only warns for a class it cannot switch: check every layer did.
-    stuck = sorted({type(m).__name__ for m in layers if _implementation(getattr(m, "config", model.config)) != KEY})
+    stuck = sorted({type(m).__name__ for m in layers if _implementation(_layer_config(m, model)) != KEY})
     if stuck:
         _restore(model, previous)
         raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
