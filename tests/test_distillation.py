@@ -32,6 +32,16 @@ def test_next_token_targets_shift_and_padding():
     assert next_token_targets(None, mask, torch.Size([1, 4]), -100, torch.device("cpu")).tolist() == [[0, -100, -100, -100]]
 
 
+def test_next_token_targets_left_padding_scores_no_pad_position():
+    """Row 0 is left-padded by two: its last pad (position 1) must not be scored on the first
+    real token, with or without labels."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9], [3, 4, 5, 6, 7]])
+    shape, cpu = torch.Size([2, 5]), torch.device("cpu")
+    assert next_token_targets(labels, mask, shape, -100, cpu).tolist() == [[-100, -100, 8, 9, -100], [4, 5, 6, 7, -100]]
+    assert next_token_targets(None, mask, shape, -100, cpu).tolist() == [[-100, -100, 0, 0, -100], [0, 0, 0, 0, -100]]
+
+
 def test_beta_zero_distillation_is_forward_kl_on_next_tokens():
     student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
     inputs = batch()

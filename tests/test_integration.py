@@ -445,6 +445,23 @@ def test_recorded_sink_mass_matches_eager_weights(arch):
     assert record.num_queries.tolist() == [mask.sum().item()] * len(weights)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # plain causal; sliding windows with a soft cap
+def test_torch_compile_of_a_patched_model(arch):
+    """torch.compile (Dynamo + AOTAutograd over the ops' fake implementations) of a patched model
+    gives the eager outputs, and record_attention still records inside the compiled forward."""
+    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    compiled = torch.compile(model, backend="aot_eager")
+    ids, mask = inputs()
+    assert_real_close(outputs(compiled, ids, mask), outputs(reference, ids, mask), mask)
+    with torch.no_grad():
+        with fp.record_attention(model) as eager_record:
+            model(input_ids=ids, attention_mask=mask)
+        with fp.record_attention(model) as compiled_record:
+            compiled(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(compiled_record.sink_mass, eager_record.sink_mass, **TOLERANCE)
+    assert compiled_record.num_queries.tolist() == eager_record.num_queries.tolist()
+
+
 def test_recorded_entropy_and_group_mass_match_eager_weights():
     eager, model = tiny_model("qwen3", attn_implementation="eager"), fp.patch(tiny_model("qwen3"))
     ids, mask = inputs()

@@ -25,8 +25,10 @@ def next_token_targets(labels: Optional[torch.Tensor], attention_mask: Optional[
                        shape: torch.Size, ignore_index: int, device: torch.device) -> torch.Tensor:
     """For logits [B, L, V], the label each position predicts: the next position's label
     (causal LMs' shift), ignore_index at the last position. Without labels, a next position
-    that the attention mask marks as padding is ignored. Keeping all L positions (rather than
-    slicing the logits to L - 1) lets the loss read the logits without copying them."""
+    that the attention mask marks as padding is ignored; with or without labels, so is every
+    padding position itself (with left padding, the last pad would otherwise be scored on the
+    first real token). Keeping all L positions (rather than slicing the logits to L - 1) lets
+    the loss read the logits without copying them."""
     targets = torch.full(shape, ignore_index, dtype=torch.long, device=device)
     if labels is not None:
         targets[:, :-1] = labels[:, 1:]
@@ -34,6 +36,8 @@ def next_token_targets(labels: Optional[torch.Tensor], attention_mask: Optional[
         targets[:, :-1] = torch.where(attention_mask[:, 1:] == 0, ignore_index, 0)
     else:
         targets[:, :-1] = 0
+    if attention_mask is not None:
+        targets.masked_fill_(attention_mask.to(device) == 0, ignore_index)
     return targets
 
 
