@@ -428,7 +428,7 @@ def _switch(model, layers: list, configs: list) -> None:
         _write_implementation(model.config, KEY)
 
 
-def _restore(model, previous: list) -> None:
+def _restore(previous: list) -> None:
     """Writes each config's previous implementation back. Done per config, not through
     set_attn_implementation(previous): that re-validates (sdpa may turn into eager) and spreads one
     value over sub-configs that may have differed."""
@@ -816,7 +816,7 @@ def patch(
     # set_attn_implementation only warns for a class it cannot switch: check every layer did.
     stuck = sorted({type(m).__name__ for m in layers if _implementation(_layer_config(m, model)) != KEY})
     if stuck:
-        _restore(model, previous)
+        _restore(previous)
         raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
 
     state = _PatchState(layers, previous, options)
@@ -856,7 +856,7 @@ def unpatch(model):
         return model
     if state.recorder is not None:
         raise RuntimeError("fastprobe.unpatch inside record_attention: leave the with block first")
-    _restore(model, state.previous)
+    _restore(state.previous)
     for hook in state.hooks:
         hook.remove()
     for module in state.layers:
