@@ -44,7 +44,8 @@ online-softmax step, program / band / split decomposition, partial-state store a
 the launch plumbing (config lists, register-model pruning, decode plan, launch).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
+# constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
 import functools
 from typing import Optional
@@ -60,6 +61,10 @@ __all__ = ["sink_attention"]
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 _NEG_INF = tl.constexpr(float("-inf"))
+# Triton < 3.3 (torch < 2.7) fails to compile the prefill kernel's one-hot group product (key_groups;
+# "'arith.select' op expected condition type to have the same shape as the result type"): there it
+# sums the groups by masked row sums, as the decode kernel does.
+_GROUP_DOT = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +92,8 @@ def _load_tile(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexp
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b, float32 accumulation. UPCAST (Triton interpreter only, whose dot multiplies
     bfloat16 operands as their raw bits): exact float32 copies of the operands, same result."""
+    if acc is None:  # Triton 3.0's tl.dot takes acc=None, but not a None passed down to here
+        acc = tl.zeros([a.shape[0], b.shape[1]], tl.float32)
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     else:
@@ -457,7 +464,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    GROUP_DOT: tl.constexpr = True
+    GROUP_DOT: tl.constexpr = _GROUP_DOT
     bh, b, h, kvh, m0, offs_m, m_ok, pos = _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)

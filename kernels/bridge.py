@@ -34,7 +34,8 @@ NaN input gives a NaN loss. Rows with labels[n] == ignore_index get loss 0 and a
 row. beta, inv_temperature and ignore_index are runtime scalars (never tl.constexpr).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
+# constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
 import math
 from typing import Optional

@@ -31,7 +31,8 @@ Token ids are not bounds-checked here: the op layer checks them against V before
 Temperature is a runtime float (1 / T), never a compile-time constant.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
+# constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
 import math
 import os
@@ -46,6 +47,24 @@ __all__ = ["concept_mass", "concept_mass_backward"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+# tl.gather is Triton >= 3.3 (torch >= 2.7); before it the concept ids are read again from the
+# logits (from cache). Chosen here, not by a constexpr branch: older Triton resolves every
+# tl.<name> in a kernel's source, dead branches included, for its cache key.
+if hasattr(tl, "gather"):
+
+    @triton.jit
+    def _pick(block, b, row, ids, take, stride_v, BLOCK_V: tl.constexpr):
+        """block[ids - b * BLOCK_V] (lanes not in `take` read block[0]), from registers."""
+        return tl.gather(block, tl.where(take, ids - b * BLOCK_V, 0).to(tl.int32), axis=0)
+
+else:
+
+    @triton.jit
+    def _pick(block, b, row, ids, take, stride_v, BLOCK_V: tl.constexpr):
+        """The logits row[ids] in block's dtype (lanes not in `take` read 0), from memory."""
+        return tl.load(row + ids.to(tl.int64) * stride_v, mask=take, other=0.0).to(block.dtype)
 
 
 @triton.jit
@@ -166,7 +185,7 @@ def _concept_mass_kernel(
             slot = w + tl.arange(0, BLOCK_U)
             take = slot < hi
             ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
-            values = tl.gather(raw, tl.where(take, ids - b * BLOCK_V, 0).to(tl.int32), axis=0)
+            values = _pick(raw, b, row, ids, take, stride_v, BLOCK_V)
             first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
             count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
             for k in range(0, tl.max(count, axis=0).to(tl.int32)):
@@ -266,7 +285,7 @@ def _concept_mass_backward_kernel(
             ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
             first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
             count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
-            y = tl.gather(x, tl.where(take, ids - b * BLOCK_V, 0).to(tl.int32), axis=0) * inv_temperature
+            y = _pick(x, b, row, ids, take, stride_v, BLOCK_V) * inv_temperature
             total = coef * tl.exp(y - lse)
             for j in range(0, tl.max(count, axis=0).to(tl.int32)):
                 has = j < count

@@ -26,7 +26,8 @@ a row with no finite logit gets lse = -inf and zero probabilities, NaN / +inf in
 gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
+# constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
 import math
 from typing import Optional

@@ -34,7 +34,8 @@ launch plumbing this module shares):
     prefill kernel with one 64-row query tile per (b, h).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
+# constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
 import functools
 from typing import Optional

@@ -238,6 +238,10 @@ def visibility_mask(mask, window, num_sink):
     real = mask.bool()
     sink = real & (real.long().cumsum(-1) <= num_sink)
     visible = causal[None] & (in_window[None] | sink[:, None, :]) & real[:, None, :]
+    # A left-padded query sees no key: give it every key (its output is unspecified anyway). torch
+    # 2.4's sdpa returns NaN for a fully masked row (2.13's returns 0), and the NaN would reach the
+    # real rows through the next layer's values (0 * NaN).
+    visible = visible | ~visible.any(-1, keepdim=True)
     return visible[:, None]
 
 

@@ -4,6 +4,7 @@ output allocation (poisoned with NaN under test), and calls into the C++ kernels
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import os
 from typing import Callable, Optional, Sequence
@@ -27,6 +28,14 @@ def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = 
 def is_compiling() -> bool:
     """True while torch.compile traces: data-dependent checks (host syncs) are skipped then."""
     return torch.compiler.is_compiling()
+
+
+def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
+    """A contiguous bool tensor as uint8 (what the kernels read): the same bytes, no copy, in eager
+    mode. Under torch.compile a converting copy instead: torch 2.4's inductor cannot lower
+    view(dtype) from bool ("torch.bool is not supported by torch.iinfo"), and inductor fuses
+    the copy anyway."""
+    return mask.to(torch.uint8) if is_compiling() else mask.view(torch.uint8)
 
 
 def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
@@ -139,6 +148,13 @@ class CustomOp:
 
     def __init__(self, name: str, body: Callable):
         self.body = body
+        # The op modules use `from __future__ import annotations`; torch 2.4's custom_op infers the
+        # schema from the raw (string) annotations and refuses them, so hand it the evaluated ones.
+        signature = inspect.signature(body, eval_str=True)
+        body.__annotations__ = {
+            **{p.name: p.annotation for p in signature.parameters.values() if p.annotation is not p.empty},
+            **({"return": signature.return_annotation} if signature.return_annotation is not signature.empty else {}),
+        }
         self.op = torch.library.custom_op(name, body, mutates_args=())
 
     def __call__(self, *args, **kwargs):

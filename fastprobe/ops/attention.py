@@ -22,7 +22,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device,
-    output_dtype, register_forward_only,
+    bool_as_uint8, output_dtype, register_forward_only,
 )
 
 __all__ = ["AttentionOutput", "sink_attention"]
@@ -194,7 +194,7 @@ def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: tor
         if bad is not None:
             raise ValueError(f"{name} must hold only 0/1 (or True/False), got {mask[bad].item()} at {list(bad)}")
     if mask.dtype == torch.bool:
-        return mask.contiguous().view(torch.uint8)  # same bytes: no copy, read-only in the kernels
+        return bool_as_uint8(mask.contiguous())  # same bytes: no copy, read-only in the kernels
     return (mask != 0).to(torch.uint8).contiguous()
 
 

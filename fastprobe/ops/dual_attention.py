@@ -19,7 +19,9 @@ import torch
 
 from .. import reference
 from ..backend import resolve
-from ._common import DTYPE_NAMES, check_real, cpp, custom_op, new_output, on_device, register_forward_only
+from ._common import (
+    DTYPE_NAMES, bool_as_uint8, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
+)
 from .attention import check_attention_inputs, check_mask, check_scale
 
 __all__ = ["dual_path_attention"]
@@ -115,7 +117,7 @@ def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Te
     if isinstance(rows, str):
         if rows not in ("last", "all"):
             raise ValueError(f"rows must be 'last', 'all' or a boolean mask over query rows, got {rows!r}")
-        return reference.guidance_rows(rows, batch, num_queries, q.device).view(torch.uint8)
+        return bool_as_uint8(reference.guidance_rows(rows, batch, num_queries, q.device))
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows must be 'last', 'all' or a boolean tensor [Lq] or [B, Lq], got {type(rows).__name__}")
     shape = (num_queries,) if rows.dim() == 1 else (batch, num_queries)
