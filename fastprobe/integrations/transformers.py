@@ -482,19 +482,30 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in fn.__closure__ or ())))
 
 
-def _mask_windows(fn, masking_utils) -> list:
-    """The sliding windows of transformers' own mask functions `fn` is made of; raises for any
-    part that is not one of them (it may index per-token tensors: packed sequences, image blocks)."""
+def _mask_structure(fn, masking_utils) -> tuple:
+    """`fn` as a nested tuple of the transformers index functions it is made of (names and
+    sliding windows), which alone decide its pattern; raises for any part that is not one of
+    them (it may index per-token tensors: packed sequences, image blocks)."""
     name = getattr(fn, "__qualname__", repr(fn))
     if getattr(fn, "__module__", None) != masking_utils.__name__:
         raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
     if name in _LEAVES:
-        return []
+        return (name,)
     if name.startswith(_OVERLAYS):
-        return [int(_closure(fn)["sliding_window"])]
+        return (name, int(_closure(fn)["sliding_window"]))
     if name.startswith(_COMBINATORS):
-        return [w for part in _closure(fn)["mask_functions"] for w in _mask_windows(part, masking_utils)]
+        return (name, tuple(_mask_structure(part, masking_utils) for part in _closure(fn)["mask_functions"]))
     raise ValueError(f"{masking_utils.__name__}.{name}")
+
+
+def _windows(structure: tuple) -> list:
+    """The sliding windows in a _mask_structure."""
+    name, *rest = structure
+    if not rest:
+        return []
+    if isinstance(rest[0], int):
+        return [rest[0]]
+    return [window for part in rest[0] for window in _windows(part)]
 
 
 def _is_masking_utils(fn, masking_utils, prefix: str) -> bool:
@@ -530,13 +541,23 @@ def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
         mask_function = masking_utils.causal_mask_function
     mask_function = _without_empty_packing(mask_function, masking_utils)
     try:
-        windows = _mask_windows(mask_function, masking_utils)
+        structure = _mask_structure(mask_function, masking_utils)
     except ValueError as part:
         raise NotImplementedError(
             f"fastprobe attention supports causal and bidirectional masks with an optional sliding window; this "
             f"model asked for a mask built from {part} (e.g. packed sequences, image-token blocks or chunked "
             "attention), which fastprobe cannot reproduce from positions"
         ) from None
+    if structure not in _PATTERNS:  # transformers builds new closures every forward: read each structure once
+        _PATTERNS[structure] = _evaluated_pattern(mask_function, _windows(structure))
+    return _PATTERNS[structure]
+
+
+_PATTERNS: dict = {}  # _mask_structure -> (causal, window)
+
+
+def _evaluated_pattern(mask_function, windows: list) -> tuple[bool, Optional[int]]:
+    """(causal, window) of mask_function, evaluated on one query row."""
     size = 2 * max(windows, default=1) + 8
     zero, query = torch.tensor(0), torch.tensor(size)
     keys = torch.arange(2 * size + 1)

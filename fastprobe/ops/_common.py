@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import numbers
 import os
 from typing import Callable, Optional, Sequence
@@ -158,7 +159,7 @@ class CustomOp:
         self.op = torch.library.custom_op(name, body, mutates_args=())
 
     def __call__(self, *args, **kwargs):
-        if _runs_plain(args) and _runs_plain(kwargs.values()):
+        if _runs_plain(itertools.chain(args, kwargs.values())):
             return self.body(*args, **kwargs)
         return self.op(*args, **kwargs)
 
