@@ -8,6 +8,10 @@ hidden 128, head_dim 16, random weights) at sequence length 2048 on the CPU (flo
 on CUDA (bfloat16), batch 1, no KV cache. Goals: peak memory within 1.1x and time within 1.2x
 of the normal forward, far below eager.
 
+Decoding through a patched model: greedy generate of 32 new tokens for 2 prompts of 128 tokens
+(one left-padded) with a KV cache, patched vs the default SDPA model and patched while recording,
+in the same run: the per-step cost of fastprobe's attention path at decoding sizes.
+
     pytest bench/test_patch_bench.py -k cpu --benchmark-json=bench/results/<device>-patch.json
 """
 
@@ -89,9 +93,64 @@ def test_record_sink_statistics(benchmark, device, impl, request):
         _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
-    impl = IMPLS[sys.argv[2]]
-    small = make_inputs("cpu", 16, torch.float32)
-    full = make_inputs("cpu", **CASES["cpu"])
+NEW_TOKENS, PROMPT = 32, 128
+
+
+def generate_inputs(device: str) -> dict:
+    ids = torch.randint(3, MODEL["vocab_size"], (2, PROMPT), device=device, generator=torch.Generator().manual_seed(0)
+                        if device == "cpu" else None)
+    mask = torch.ones_like(ids)
+    mask[0, :PROMPT // 4] = 0  # left padding
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                do_sample=False)
+
+
+def patched_generate(inputs):
+    model = models(inputs["input_ids"].device.type, CASES[inputs["input_ids"].device.type]["dtype"])["patched"]
+    return model.generate(**inputs)
+
+
+def patched_generate_recording(inputs):
+    model = models(inputs["input_ids"].device.type, CASES[inputs["input_ids"].device.type]["dtype"])["patched"]
+    with fp.record_attention(model):
+        return model.generate(**inputs)
+
+
+def sdpa_generate(inputs):
+    model = models(inputs["input_ids"].device.type, CASES[inputs["input_ids"].device.type]["dtype"])["sdpa"]
+    return model.generate(**inputs)
+
+
+GENERATE_IMPLS = {"fastprobe-generate": patched_generate, "fastprobe-generate-recording": patched_generate_recording,
+                  "sdpa-generate": sdpa_generate}
+
+
+@pytest.mark.parametrize("impl", list(GENERATE_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_patched_generate(benchmark, device, impl, request):
+    case = CASES[device]
+    inputs = generate_inputs(device)
+    models(device, case["dtype"])  # built outside the timing
+    benchmark.group = f"patch_generate_T{NEW_TOKENS}-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="sdpa-generate", dtype=str(case["dtype"]), new_tokens=NEW_TOKENS,
+        shape=dict(B=2, prompt=PROMPT, layers=MODEL["num_layers"], H=MODEL["num_heads"],
+                   D=MODEL["hidden_size"] // MODEL["num_heads"]),
+        backend=fp.backend.resolve(torch.device(device), case["dtype"], "sink_attention"),
+    )
     with torch.no_grad():
-        _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))
+        _memory.measure(benchmark, request, device, impl, GENERATE_IMPLS[impl], (inputs,), __file__)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["ms_per_step"] = 1e3 * benchmark.stats.stats.median / NEW_TOKENS
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    with torch.no_grad():
+        if sys.argv[2] in GENERATE_IMPLS:
+            impl, inputs = GENERATE_IMPLS[sys.argv[2]], generate_inputs("cpu")
+            _memory.print_rss_growth(lambda: impl(inputs), lambda: impl(inputs))
+        else:
+            impl = IMPLS[sys.argv[2]]
+            small = make_inputs("cpu", 16, torch.float32)
+            full = make_inputs("cpu", **CASES["cpu"])
+            _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))
