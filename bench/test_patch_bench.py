@@ -47,13 +47,31 @@ def models(device: str, dtype: torch.dtype) -> dict:
     return {name: model.to(device=device, dtype=dtype) for name, model in built.items()}
 
 
+def model_for(tensor: torch.Tensor, name: str):
+    """The built model `name` on tensor's device, in that device's dtype."""
+    device = tensor.device.type
+    return models(device, CASES[device]["dtype"])[name]
+
+
+def describe(benchmark, device: str, impl: str, group: str, baseline: str, **shape) -> None:
+    """Builds the models outside the timing and records what the benchmark measures."""
+    dtype = CASES[device]["dtype"]
+    models(device, dtype)
+    benchmark.group = f"{group}-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline=baseline, dtype=str(dtype),
+        shape=dict(**shape, layers=MODEL["num_layers"], H=MODEL["num_heads"], D=MODEL["hidden_size"] // MODEL["num_heads"]),
+        backend=fp.backend.resolve(torch.device(device), dtype, "sink_attention"),
+    )
+
+
 def make_inputs(device: str, length: int, dtype: torch.dtype):
     return (torch.randint(3, MODEL["vocab_size"], (1, length), device=device),)
 
 
 def fastprobe_record(ids):
     """[layers, heads] sink mass from the fused kernel while the model runs."""
-    model = models(ids.device.type, CASES[ids.device.type]["dtype"])["patched"]
+    model = model_for(ids, "patched")
     with fp.record_attention(model) as record:
         model(input_ids=ids, use_cache=False)
     return record.sink_mass
@@ -61,14 +79,14 @@ def fastprobe_record(ids):
 
 def eager_output_attentions(ids):
     """The same [layers, heads] table from eager attention weights (first key, mean over queries)."""
-    model = models(ids.device.type, CASES[ids.device.type]["dtype"])["eager"]
+    model = model_for(ids, "eager")
     weights = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
     return torch.stack([w[..., 0].float().mean((0, 2)) for w in weights])
 
 
 def sdpa_forward(ids):
     """The normal forward, no statistics: the baseline."""
-    model = models(ids.device.type, CASES[ids.device.type]["dtype"])["sdpa"]
+    model = model_for(ids, "sdpa")
     return model(input_ids=ids, use_cache=False).logits
 
 
@@ -81,14 +99,7 @@ IMPLS = {"fastprobe-record": fastprobe_record, "eager-output-attentions": eager_
 def test_record_sink_statistics(benchmark, device, impl, request):
     case = CASES[device]
     inputs = make_inputs(device, **case)
-    models(device, case["dtype"])  # built outside the timing
-    benchmark.group = f"patch_record_L{case['length']}-{device}"
-    benchmark.extra_info.update(
-        impl=impl, baseline="sdpa-forward", dtype=str(case["dtype"]),
-        shape=dict(B=1, L=case["length"], layers=MODEL["num_layers"], H=MODEL["num_heads"],
-                   D=MODEL["hidden_size"] // MODEL["num_heads"]),
-        backend=fp.backend.resolve(torch.device(device), case["dtype"], "sink_attention"),
-    )
+    describe(benchmark, device, impl, f"patch_record_L{case['length']}", "sdpa-forward", B=1, L=case["length"])
     with torch.no_grad():
         _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__)
 
@@ -97,8 +108,7 @@ NEW_TOKENS, PROMPT = 32, 128
 
 
 def generate_inputs(device: str) -> dict:
-    ids = torch.randint(3, MODEL["vocab_size"], (2, PROMPT), device=device, generator=torch.Generator().manual_seed(0)
-                        if device == "cpu" else None)
+    ids = torch.randint(3, MODEL["vocab_size"], (2, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :PROMPT // 4] = 0  # left padding
     return dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -106,18 +116,18 @@ def generate_inputs(device: str) -> dict:
 
 
 def patched_generate(inputs):
-    model = models(inputs["input_ids"].device.type, CASES[inputs["input_ids"].device.type]["dtype"])["patched"]
+    model = model_for(inputs["input_ids"], "patched")
     return model.generate(**inputs)
 
 
 def patched_generate_recording(inputs):
-    model = models(inputs["input_ids"].device.type, CASES[inputs["input_ids"].device.type]["dtype"])["patched"]
+    model = model_for(inputs["input_ids"], "patched")
     with fp.record_attention(model):
         return model.generate(**inputs)
 
 
 def sdpa_generate(inputs):
-    model = models(inputs["input_ids"].device.type, CASES[inputs["input_ids"].device.type]["dtype"])["sdpa"]
+    model = model_for(inputs["input_ids"], "sdpa")
     return model.generate(**inputs)
 
 
@@ -128,16 +138,9 @@ GENERATE_IMPLS = {"fastprobe-generate": patched_generate, "fastprobe-generate-re
 @pytest.mark.parametrize("impl", list(GENERATE_IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_patched_generate(benchmark, device, impl, request):
-    case = CASES[device]
     inputs = generate_inputs(device)
-    models(device, case["dtype"])  # built outside the timing
-    benchmark.group = f"patch_generate_T{NEW_TOKENS}-{device}"
-    benchmark.extra_info.update(
-        impl=impl, baseline="sdpa-generate", dtype=str(case["dtype"]), new_tokens=NEW_TOKENS,
-        shape=dict(B=2, prompt=PROMPT, layers=MODEL["num_layers"], H=MODEL["num_heads"],
-                   D=MODEL["hidden_size"] // MODEL["num_heads"]),
-        backend=fp.backend.resolve(torch.device(device), case["dtype"], "sink_attention"),
-    )
+    describe(benchmark, device, impl, f"patch_generate_T{NEW_TOKENS}", "sdpa-generate", B=2, prompt=PROMPT)
+    benchmark.extra_info["new_tokens"] = NEW_TOKENS
     with torch.no_grad():
         _memory.measure(benchmark, request, device, impl, GENERATE_IMPLS[impl], (inputs,), __file__)
     if benchmark.stats is not None:  # None under --benchmark-disable
