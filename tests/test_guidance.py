@@ -14,7 +14,7 @@ from fastprobe.integrations import attention_layers, is_patched, patch_options
 from fastprobe.methods import guidance
 from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
 
-from .test_integration import cached_keys_values, generated_cache
+from .transformers_helpers import cached_keys_values, generated_cache
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("PIL")

@@ -14,7 +14,7 @@ from fastprobe.integrations import is_patched, patch_options
 from fastprobe.methods import sinks
 from fastprobe.models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
 
-from .test_integration import patch_or_skip
+from .transformers_helpers import patch_or_skip
 
 pytest.importorskip("transformers")
 pandas = pytest.importorskip("pandas")

@@ -1,0 +1,40 @@
+"""Helpers for the tests that run transformers models across transformers versions."""
+
+import pytest
+
+import fastprobe as fp
+from fastprobe.integrations import is_patched
+
+transformers = pytest.importorskip("transformers")
+
+
+def routes_through_interfaces(model) -> bool:
+    """Whether the installed transformers runs this model's attention through its AttentionInterface
+    and its masks through the AttentionMaskInterface, which fastprobe needs: BERT only from 5.0
+    (4.5x's has its own attention classes), GPT-2 from 4.54 (4.53's builds its own 4D masks)."""
+    base = type(model.base_model)
+    return getattr(base, "_supports_attention_backend", False) and not hasattr(base, "_update_causal_mask")
+
+
+def patch_or_skip(model, **options):
+    """fp.patch(model, **options); on a transformers that does not route this architecture through
+    its interfaces, checks that patch refuses it (never a silent no-op) and skips the test."""
+    if routes_through_interfaces(model):
+        return fp.patch(model, **options)
+    with pytest.raises(NotImplementedError, match="cannot patch"):
+        fp.patch(model, **options)
+    assert not is_patched(model)
+    pytest.skip(f"transformers {transformers.__version__} does not run {type(model.base_model).__name__} through its "
+                "attention and mask interfaces: fastprobe refuses it (checked)")
+
+
+def generated_cache(result):
+    """The KV cache of a generate result ("cache" from transformers 5.x, "past_key_values" before)."""
+    return result.cache if hasattr(result, "cache") else result.past_key_values
+
+
+def cached_keys_values(cache, layer: int) -> tuple:
+    """(keys, values) [B, Hkv, T, D] a KV cache holds for a layer (4.53 keeps lists of tensors)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
