@@ -4,10 +4,10 @@ output allocation (poisoned with NaN under test), and calls into the C++ kernels
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import numbers
 import os
+import typing
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -126,7 +126,7 @@ def _runs_plain(values) -> bool:
     """True when an op call needs nothing from torch's dispatcher: not tracing or compiling, no
     dispatch / function mode or functorch transform active, every tensor a plain torch.Tensor
     (no fake, meta or subclass tensor) and none that autograd has to record."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
@@ -151,11 +151,7 @@ class CustomOp:
         self.body = body
         # The op modules use `from __future__ import annotations`; torch 2.4's custom_op infers the
         # schema from the raw (string) annotations and refuses them, so hand it the evaluated ones.
-        signature = inspect.signature(body, eval_str=True)
-        body.__annotations__ = {
-            **{p.name: p.annotation for p in signature.parameters.values() if p.annotation is not p.empty},
-            **({"return": signature.return_annotation} if signature.return_annotation is not signature.empty else {}),
-        }
+        body.__annotations__ = typing.get_type_hints(body)
         self.op = torch.library.custom_op(name, body, mutates_args=())
 
     def __call__(self, *args, **kwargs):

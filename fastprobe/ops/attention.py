@@ -21,8 +21,8 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device,
-    bool_as_uint8, output_dtype, register_forward_only,
+    DTYPE_NAMES, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling,
+    new_output, on_device, output_dtype, register_forward_only,
 )
 
 __all__ = ["AttentionOutput", "sink_attention"]
