@@ -1,7 +1,9 @@
 """bridge_loss forward + backward: fastprobe vs the eager PyTorch computation
 (fastprobe.reference.bridge_loss and autograd), and on CUDA vs torch.compile of it; the
 fused-linear form vs computing the logits and then the loss (logits materialised).
-Measured in the same run, with peak memory.
+On CUDA with liger-kernel installed, also at beta = 0 (forward KL, the same math) vs
+Liger's JSD and KL-divergence losses and its fused-linear JSD. Measured in the same run,
+with peak memory.
 
     pytest bench/test_bridge_bench.py --benchmark-json=bench/results/<device>.json
 """
@@ -72,6 +74,59 @@ def materialised_linear_step(student_hidden, student_weight, teacher_hidden, tea
     return torch.autograd.grad(loss, (h, w))
 
 
+# ---- Liger-Kernel peers (CUDA): at beta = 0 the bridge loss is forward KL(P_T || P_S), which is
+# what Liger's JSD computes at its beta = 0 and its KL loss with log-probability targets. Liger
+# takes log-probabilities, so its steps include the log_softmax (and its backward) its users run.
+
+
+def _liger():
+    return pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
+
+
+def fastprobe_forward_kl_step(student, teacher):
+    z = student.detach().requires_grad_()
+    loss = fp.bridge_loss(z, teacher, beta=0.0)
+    return (loss.detach(), *torch.autograd.grad(loss, z))
+
+
+def liger_jsd_step(student, teacher):
+    z = student.detach().requires_grad_()
+    loss = _liger().LigerJSD(beta=0.0)(z.log_softmax(-1), teacher.log_softmax(-1))
+    return (loss.detach(), *torch.autograd.grad(loss, z))
+
+
+def liger_kl_step(student, teacher):
+    z = student.detach().requires_grad_()
+    kl = _liger().LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    loss = kl(z.log_softmax(-1), teacher.log_softmax(-1))
+    return (loss.detach(), *torch.autograd.grad(loss, z))
+
+
+def fastprobe_fused_linear_forward_kl_step(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
+    loss = fp.FusedLinearBridgeLoss(beta=0.0)(h, w, teacher_hidden, teacher_weight)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+def liger_fused_linear_jsd_step(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
+    loss = _liger().LigerFusedLinearJSD(jsd_beta=0.0)(h, w, teacher_hidden, teacher_weight, None)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+LIGER_GROUPS = {
+    "bridge_loss_forward_kl": (
+        make_logits, {"fastprobe": fastprobe_forward_kl_step, "liger-jsd": liger_jsd_step, "liger-kl": liger_kl_step},
+        "liger-jsd",
+    ),
+    "bridge_fused_linear_forward_kl": (
+        make_hidden,
+        {"fastprobe-fused-linear": fastprobe_fused_linear_forward_kl_step,
+         "liger-fused-linear-jsd": liger_fused_linear_jsd_step},
+        "liger-fused-linear-jsd",
+    ),
+}
+
 LOGIT_IMPLS = {"fastprobe": fastprobe_step, "eager": eager_step, "torch.compile": compiled_step}
 LINEAR_IMPLS = {"fastprobe-fused-linear": fused_linear_step, "eager-linear": materialised_linear_step}
 
@@ -103,6 +158,26 @@ def test_fused_linear_forward_backward(benchmark, device, impl, request):
         input_bytes=sum(t.nbytes for t in inputs),
     )
     _memory.measure(benchmark, request, device, impl, LINEAR_IMPLS[impl], inputs, __file__)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("group,impl", [(g, i) for g, (_, impls, _) in LIGER_GROUPS.items() for i in impls])
+def test_vs_liger_cuda(benchmark, group, impl, request):
+    _liger()
+    make, impls, baseline = LIGER_GROUPS[group]
+    case = CASES["cuda"]
+    inputs = make("cuda", **case)
+    # the peers must compute the same loss (a wrong call would make the timing meaningless)
+    reference_loss = impls[next(iter(impls))](*inputs)[0].float()
+    loss = impls[impl](*inputs)[0].float()
+    torch.testing.assert_close(loss, reference_loss, rtol=2e-2, atol=1e-3)
+    benchmark.group = f"{group}-cuda"
+    benchmark.extra_info.update(
+        impl=impl, baseline=baseline, dtype=str(case["dtype"]),
+        shape=dict(N=case["num_rows"], V=case["vocab"], **({"H": case["hidden"]} if make is make_hidden else {})),
+        input_bytes=sum(t.nbytes for t in inputs),
+    )
+    _memory.measure(benchmark, request, "cuda", impl, impls[impl], inputs, __file__)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
