@@ -15,7 +15,7 @@
 #   2. a warm-up pass (at most 40% of the rest): every fastprobe and compiled peer benchmark runs
 #      once, in parallel processes, so that Triton's and inductor's compilations (on the CPU)
 #      land in their on-disk caches and the timed pass, which autotunes, mostly loads them;
-#   3. the timed benchmarks, one process.
+#   3. the timed benchmarks, one process (then, for divergence, bench/sweep_divergence.py).
 # A phase that reaches its deadline skips its remaining tests (bench/_deadline.py) and still
 # writes its results; the skips are listed at the end of its log.
 set -uo pipefail
@@ -26,7 +26,8 @@ families=("$@")
 [ ${#families[@]} -gt 0 ] || families=(attention dual_attention patch bridge divergence concepts guidance)
 budget=${GPU_BUDGET_S:-540}
 end=$(($(date +%s) + budget))
-reserve=20 # seconds kept for the table at the end
+reserve=20 # seconds kept for the table at the end (and the divergence sweep)
+[[ " ${families[*]} " == *" divergence "* ]] && reserve=60
 mkdir -p "$outdir"
 export PYTHONUNBUFFERED=1
 setup_log=$outdir/setup.log
@@ -86,5 +87,9 @@ json=$outdir/$device-$label.json
 run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$json" \
   --benchmark-columns=median,min,max,rounds || status=1
 [ -s "$json" ] && python3 bench/report.py "$json" | tee "$outdir/table.md"
+if [[ " ${families[*]} " == *" divergence "* ]] && [ $((end - $(date +%s))) -gt 30 ]; then
+  # every config of the divergence kernel, per-row and per-lane sums (bench/NOTES.md)
+  timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee "$outdir/sweep-divergence.log"
+fi
 echo "== $(date -u +%T) done with $((end - $(date +%s))) s of the budget left; status $status"
 exit $status

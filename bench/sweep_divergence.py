@@ -1,4 +1,4 @@
-"""Times every autotune config of the Triton draft_divergence kernel at the GPU
+"""Times every autotune config (block size, warps, per-row or per-lane sums) of the Triton draft_divergence kernel at the GPU
 benchmark shape and prints them against the device's copy bandwidth.
 
     python bench/sweep_divergence.py
@@ -19,21 +19,17 @@ def main():
     K, N, V = drafts.shape
     weights = torch.full((K,), 1.0 / K, device="cuda")
     stats = torch.empty(5 + K, N, device="cuda")
-    lse = torch.empty(K + 1, N, device="cuda")
+    lse = torch.empty(K + 1, N, device="cuda", dtype=torch.float64)
     one_read = drafts.nbytes + target.nbytes
     copy = measure_copy_bandwidth("cuda")
-    K_PAD = triton.next_power_of_2(K)
-    args = (drafts, target, weights, stats, lse, 1.0, N, V, K, *drafts.stride(), *target.stride())
     print(f"copy bandwidth {copy / 1e12:.2f} TB/s; one read {one_read / 1e9:.2f} GB")
     rows = []
-    for config in kernels._prune_configs(kernels._AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD):
-        launch = lambda: kernels._divergence_kernel[(N,)](  # noqa: E731
-            *args, K_PAD=K_PAD, HAS_TARGET=True, **config.kwargs,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    for config in kernels._prune_configs(kernels._AUTOTUNE_CONFIGS, {}, K_PAD=triton.next_power_of_2(K)):
+        launch = lambda: kernels.draft_divergence(drafts, target, weights, 1.0, stats, lse, config=config)  # noqa: E731
         ms = triton.testing.do_bench(launch, warmup=25, rep=100, return_mode="median")
         rows.append((ms, config))
     for ms, config in sorted(rows, key=lambda row: row[0]):
-        print(f"BLOCK_V={config.kwargs['BLOCK_V']:5d} warps={config.num_warps:2d} stages={config.num_stages} "
+        print(f"BLOCK_V={config.kwargs['BLOCK_V']:5d} warps={config.num_warps:2d} lanes={config.kwargs['LANES']:d} "
               f"{ms:7.3f} ms  {one_read / (ms * 1e-3) / copy:5.1%} of copy bandwidth (one read)")
 
 

@@ -51,25 +51,59 @@ def _xlog2y(x, log2y):
 
 
 @triton.jit
-def _lse_step_rows(x, mx, s, c):
-    """Online log-sum-exp over a [R, B] tile of raw logits (-inf where masked).
-
-    Keeps mx_r = max seen x_rv and s_r = sum seen 2^((x_rv - mx_r) c).
-    """
-    new_mx = tl.maximum(mx, tl.max(x, axis=1))
-    # while a row has seen only -inf, shift by 0 so that -inf - -inf never appears
-    shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-    s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift[:, None]) * c), axis=1)
-    return new_mx, s
+def _state(R: tl.constexpr, BLOCK_V: tl.constexpr, value, LANES: tl.constexpr):
+    """A float32 running quantity for R rows: one per lane ([R, BLOCK_V]) or one per row ([R, 1])."""
+    if LANES:
+        return tl.full([R, BLOCK_V], value, tl.float32)
+    else:
+        return tl.full([R, 1], value, tl.float32)
 
 
 @triton.jit
-def _lse_step_vec(x, mx, s, c):
-    """_lse_step_rows for one [B] row (the target): mx and s are scalars."""
-    new_mx = tl.maximum(mx, tl.max(x, axis=0))
-    shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-    s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=0)
-    return new_mx, s
+def _fold_sum(acc, tile, LANES: tl.constexpr):
+    """acc plus the [R, BLOCK_V] tile: per lane (LANES; reduced once, after the loop, by
+    _total), or the tile's row sums (a reduction across the warps in every block)."""
+    if LANES:
+        return acc + tile
+    else:
+        return acc + tl.sum(tile, axis=1, keep_dims=True)
+
+
+@triton.jit
+def _total(acc):
+    """[R, W] running sums -> [R, 1] row totals."""
+    return tl.sum(acc, axis=1, keep_dims=True)
+
+
+@triton.jit
+def _lse_fold(x, mx, s, c, LANES: tl.constexpr):
+    """Online log-sum-exp of the rows of a [R, BLOCK_V] tile of raw logits (-inf where masked),
+    with mx = the largest x seen and s = sum 2^((x - mx) c) over what was seen.
+
+    LANES: per-lane states, one exp2 per element and no communication between threads: with
+    y the smaller of (mx, x), e = 2^((y - max) c); a new max rescales s by e and adds 1, else
+    s gains e. Otherwise per-row states: the block's max and sum across the warps."""
+    if LANES:
+        new_mx = tl.maximum(mx, x)
+        e = tl.exp2((tl.minimum(mx, x) - new_mx) * c)
+        e = tl.where(new_mx == float("-inf"), 0.0, e)  # nothing finite seen yet: no -inf - -inf
+        s = tl.where(x > mx, s * e + 1.0, s + e)
+        return new_mx, tl.where(x != x, x, s)  # max / min may drop a NaN: keep it in s
+    else:
+        new_mx = tl.maximum(mx, tl.max(x, axis=1, keep_dims=True))
+        # while a row has seen only -inf, shift by 0 so that -inf - -inf never appears
+        shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+        s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=1, keep_dims=True)
+        return new_mx, s
+
+
+@triton.jit
+def _lse_rows(mx, s, c):
+    """Each row's (M, S), [R, 1], from its [R, W] states: M = max mx, S = sum s 2^((mx - M) c)
+    (a lane that saw nothing finite has s = 0 and adds 0; a NaN in s stays)."""
+    row_mx = tl.max(mx, axis=1, keep_dims=True)
+    shift = tl.where(row_mx == float("-inf"), 0.0, row_mx)
+    return row_mx, _total(tl.where(s > 0, s * tl.exp2((mx - shift) * c), s))
 
 
 @triton.jit
@@ -81,15 +115,17 @@ def _safe_shift(mx, s):
 
 @triton.jit
 def _block_columns(start, V, BLOCK_V: tl.constexpr):
-    """Vocabulary ids [start, start + BLOCK_V) as int64, and which of them are < V."""
-    offs_v = start + tl.arange(0, BLOCK_V)
+    """Vocabulary ids [start, start + BLOCK_V) as a [1, BLOCK_V] int64 tile, and which are < V.
+    Every tile is 2D along the vocabulary ([K_PAD, BLOCK_V] drafts, [1, BLOCK_V] target and
+    mixture), so the mixture meets the target without a layout conversion in the loops."""
+    offs_v = start + tl.arange(0, BLOCK_V)[None, :]
     return offs_v.to(tl.int64), offs_v < V
 
 
 @triton.jit
 def _load_drafts(d_rows, col, v_ok, k_ok, stride_dv):
-    """The [K_PAD, BLOCK_V] tile of draft logits at columns col, float32, -inf where masked."""
-    x = tl.load(d_rows[:, None] + (col * stride_dv)[None, :], mask=k_ok[:, None] & v_ok[None, :], other=float("-inf"))
+    """d_rows, k_ok [K_PAD, 1]; col, v_ok [1, BLOCK_V]: the [K_PAD, BLOCK_V] tile of draft logits at columns col, float32, -inf where masked."""
+    x = tl.load(d_rows + col * stride_dv, mask=k_ok & v_ok, other=float("-inf"))
     return x.to(tl.float32)
 
 
@@ -136,19 +172,20 @@ def _divergence_kernel(
     LSE_GIVEN: tl.constexpr,  # read the lse instead of pass 1: stats are this shard's shares
     LSE_ONLY: tl.constexpr,  # pass 1 only: stats are 0
     BLOCK_V: tl.constexpr,
+    LANES: tl.constexpr,  # running sums per lane (reduced once at the end) or per row (every block)
 ):
     n = tl.program_id(0).to(tl.int64)
     N64 = n * 0 + N  # N as int64, so that row * N never overflows int32
     c = inv_temperature * _LOG2E  # x inv_T = (x c) / log2(e): base-2 exponent scale
 
-    k = tl.arange(0, K_PAD)
+    k = tl.arange(0, K_PAD)[:, None]  # [K_PAD, 1]: draft rows
     k_ok = k < K
-    d_rows = draft_ptr + (n * stride_dn + k.to(tl.int64) * stride_dk)  # [K_PAD] row starts
+    d_rows = draft_ptr + (n * stride_dn + k.to(tl.int64) * stride_dk)  # row starts
     t_row = target_ptr + n * stride_tn
     w = tl.load(w_ptr + k, mask=k_ok, other=0.0)  # padded rows weigh 0
     nblk = tl.cdiv(V, BLOCK_V)
     lse_q_at = k.to(tl.int64) * N64 + n  # token n of each draft row of [K + 1, N]
-    lse_p_at = K * N64 + n  # and of the target row
+    lse_p_at = K * N64 + n + tl.zeros([1, 1], tl.int64)  # and of the target row, [1, 1]
 
     if LSE_GIVEN:
         # ---- each row's lse over the whole vocabulary, of which this input is a shard ----
@@ -157,18 +194,19 @@ def _divergence_kernel(
         shift_q, log2s_q = _shift_from_lse(lse_q, inv_temperature)
         shift_p, log2s_p = _shift_from_lse(lse_p, inv_temperature)
     else:
-        # ---- pass 1: online log-sum-exp of every row ----
-        mx_q = tl.full([K_PAD], float("-inf"), tl.float32)
-        s_q = tl.zeros([K_PAD], tl.float32)
-        mx_p = float("-inf")  # the target's (scalars)
-        s_p = 0.0
+        # ---- pass 1: online log-sum-exp of every row ([K_PAD, 1] drafts, [1, 1] target after) ----
+        mx_q = _state(K_PAD, BLOCK_V, float("-inf"), LANES)
+        s_q = _state(K_PAD, BLOCK_V, 0.0, LANES)
+        mx_p = _state(1, BLOCK_V, float("-inf"), LANES)
+        s_p = _state(1, BLOCK_V, 0.0, LANES)
         for b in range(0, nblk):
             col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
-            x = _load_drafts(d_rows, col, v_ok, k_ok, stride_dv)
-            mx_q, s_q = _lse_step_rows(x, mx_q, s_q, c)
+            mx_q, s_q = _lse_fold(_load_drafts(d_rows, col, v_ok, k_ok, stride_dv), mx_q, s_q, c, LANES)
             if HAS_TARGET:
                 y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
-                mx_p, s_p = _lse_step_vec(y, mx_p, s_p, c)
+                mx_p, s_p = _lse_fold(y, mx_p, s_p, c, LANES)
+        mx_q, s_q = _lse_rows(mx_q, s_q, c)
+        mx_p, s_p = _lse_rows(mx_p, s_p, c)
         lse_q = _lse_value(mx_q, s_q, inv_temperature)
         lse_p = _lse_value(mx_p, s_p, inv_temperature)
         shift_q, log2s_q = _safe_shift(mx_q, s_q)
@@ -178,64 +216,73 @@ def _divergence_kernel(
     if HAS_TARGET:
         tl.store(lse_ptr + lse_p_at, lse_p)
     else:
-        tl.store(lse_ptr + lse_p_at, 0.0)
+        tl.store(lse_ptr + lse_p_at, tl.zeros([1, 1], tl.float64))
 
     # ---- pass 2: the sums, vocabulary blocks in reverse (L2 still holds the last ones) ----
-    hq_acc = tl.zeros([K_PAD], tl.float32)  # sum_v q log2 q, per draft
-    jsd_acc = 0.0  # sum_v sum_k w q (log2 q - log2 m)
-    hm_acc = 0.0  # sum_v m log2 m
-    kl_acc = 0.0  # sum_v m (log2 m - log2 p)
-    hp_acc = 0.0  # sum_v p log2 p
+    hq_acc = _state(K_PAD, BLOCK_V, 0.0, LANES)  # q log2 q, per draft
+    jsd_acc = _state(1, BLOCK_V, 0.0, LANES)  # sum_k w q (log2 q - log2 m)
+    hm_acc = _state(1, BLOCK_V, 0.0, LANES)  # m log2 m
+    kl_acc = _state(1, BLOCK_V, 0.0, LANES)  # m (log2 m - log2 p)
+    hp_acc = _state(1, BLOCK_V, 0.0, LANES)  # p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
         for i in range(0, nblk):
             col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
             x = _load_drafts(d_rows, col, v_ok, k_ok, stride_dv)
-            log2q = (x - shift_q[:, None]) * c - log2s_q[:, None]  # log2 q_kv (-inf if masked)
+            log2q = (x - shift_q) * c - log2s_q  # log2 q_kv (-inf if masked)
             q = tl.exp2(log2q)
-            wq = w[:, None] * q
-            m = tl.sum(wq, axis=0)  # m_v = sum_k w_k q_kv
+            wq = w * q
+            m = tl.sum(wq, axis=0, keep_dims=True)  # m_v = sum_k w_k q_kv, [1, BLOCK_V]
             log2m = tl.log2(m)  # -inf where m_v = 0 (only used under m > 0 or wq > 0)
-            hq_acc += tl.sum(_xlog2y(q, log2q), axis=1)
+            hq_acc = _fold_sum(hq_acc, _xlog2y(q, log2q), LANES)
             # wq > 0 implies m_v >= wq > 0, so log2 m is finite wherever it is used
-            jsd_acc += tl.sum(tl.sum(_xlog2y(wq, log2q - log2m[None, :]), axis=0), axis=0)
-            hm_acc += tl.sum(_xlog2y(m, log2m), axis=0)
+            jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y(wq, log2q - log2m), axis=0, keep_dims=True), LANES)
+            hm_acc = _fold_sum(hm_acc, _xlog2y(m, log2m), LANES)
             if HAS_TARGET:
                 y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
                 p = tl.exp2(log2p)
-                kl_acc += tl.sum(_xlog2y(m, log2m - log2p), axis=0)  # m > 0, p = 0: +inf (correct)
-                hp_acc += tl.sum(_xlog2y(p, log2p), axis=0)
+                kl_acc = _fold_sum(kl_acc, _xlog2y(m, log2m - log2p), LANES)  # m > 0, p = 0: +inf (correct)
+                hp_acc = _fold_sum(hp_acc, _xlog2y(p, log2p), LANES)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2) ----
     # JSD >= 0 term by term; rounding (log q from the lse, log m from log2) can leave -1e-7
     # where it is 0 (K = 1, equal drafts): clamp as the C++ kernel does (NaN passes through)
-    jsd = tl.where(jsd_acc < 0, 0.0, jsd_acc) * _LN2
-    tl.store(stats_ptr + 0 * N64 + n, jsd)
-    tl.store(stats_ptr + 3 * N64 + n, -hm_acc * _LN2)  # H(m)
+    jsd_sum = _total(jsd_acc)  # [1, 1]
+    jsd = tl.where(jsd_sum < 0, 0.0, jsd_sum) * _LN2
+    token = n + tl.zeros([1, 1], tl.int64)  # [1, 1] like the sums
+    tl.store(stats_ptr + 0 * N64 + token, jsd)
+    tl.store(stats_ptr + 3 * N64 + token, -_total(hm_acc) * _LN2)  # H(m)
     if HAS_TARGET:
-        kl = kl_acc * _LN2
-        tl.store(stats_ptr + 1 * N64 + n, kl)  # KL(m || p)
-        tl.store(stats_ptr + 2 * N64 + n, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)
-        tl.store(stats_ptr + 4 * N64 + n, -hp_acc * _LN2)  # H(p)
+        kl = _total(kl_acc) * _LN2
+        tl.store(stats_ptr + 1 * N64 + token, kl)  # KL(m || p)
+        tl.store(stats_ptr + 2 * N64 + token, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)
+        tl.store(stats_ptr + 4 * N64 + token, -_total(hp_acc) * _LN2)  # H(p)
     else:
-        tl.store(stats_ptr + 1 * N64 + n, 0.0)
-        tl.store(stats_ptr + 2 * N64 + n, 0.0)
-        tl.store(stats_ptr + 4 * N64 + n, 0.0)
-    tl.store(stats_ptr + (5 + k.to(tl.int64)) * N64 + n, -hq_acc * _LN2, mask=k_ok)  # H(q_k)
+        zero = tl.zeros([1, 1], tl.float32)
+        tl.store(stats_ptr + 1 * N64 + token, zero)
+        tl.store(stats_ptr + 2 * N64 + token, zero)
+        tl.store(stats_ptr + 4 * N64 + token, zero)
+    tl.store(stats_ptr + (5 + k.to(tl.int64)) * N64 + n, -_total(hq_acc) * _LN2, mask=k_ok)  # H(q_k)
 
 
 # On a GPU the block size and warp count are tuned per (V, K_PAD, HAS_TARGET, mode) (and,
 # by Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
 # is safe. num_stages=1: no software pipelining (the plain loads gain little from it, and its
 # shared-memory buffers would cost occupancy); other resident programs hide the latency.
+# Both ways of keeping the running sums are tried (LANES False: per row, a cross-warp reduction
+# every block, measured on an H200; True: per lane, reduced once at the end, not yet measured).
 _AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1)
+    triton.Config({"BLOCK_V": bv, "LANES": lanes}, num_warps=nw, num_stages=1)
+    for lanes in (False, True)
     for bv in (1024, 2048, 4096)
     for nw in (4, 8, 16)
 ]
 # Pass 2 keeps about two float32 values per tile element live (log2 q and q); past ~32
 # elements per thread ptxas spills (seen compiling for sm_90), so such configs are not tried.
 _MAX_ELEMENTS_PER_THREAD = 32
+# The variant that untuned launches use (the interpreter, FASTPROBE_AUTOTUNE=0): the first
+# surviving config with this LANES. Tests switch it to run both variants.
+UNTUNED_LANES = False
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -271,6 +318,7 @@ def draft_divergence(
     lse: torch.Tensor,
     lse_in: Optional[torch.Tensor] = None,
     lse_only: bool = False,
+    config: Optional[triton.Config] = None,
 ) -> None:
     """Launch the fused kernel; writes every element of ``stats`` and ``lse``.
 
@@ -283,6 +331,7 @@ def draft_divergence(
             of which draft and target are one shard; stats are then this shard's shares of
             every sum, and lse is written as lse_in (no pass 1)
     lse_only: pass 1 only; stats are written as 0
+    config: one of _AUTOTUNE_CONFIGS to launch instead of tuning (bench/sweep_divergence.py)
     Without a target, stats rows 1, 2, 4 and lse row K are written as 0.
     """
     if draft.dim() != 3:
@@ -320,11 +369,12 @@ def draft_divergence(
     flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only)
     grid = (N,)
     if interpreter_enabled():
-        _divergence_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
-    elif autotune_enabled():
+        _divergence_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, LANES=UNTUNED_LANES, num_warps=4)
+    elif config is None and autotune_enabled():
         _divergence_kernel_tuned[grid](*args, **flags)
     else:
-        config = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)[0]
+        kept = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)
+        config = config or next(cfg for cfg in kept if cfg.kwargs["LANES"] == UNTUNED_LANES)
         _divergence_kernel[grid](
             *args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )
