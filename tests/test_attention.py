@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fastprobe as fp
 from fastprobe import reference
-from fastprobe.ops.attention import _sink_attention_op
+from fastprobe.ops.attention import _sink_attention_op, key_masks
 
 from .conftest import ATOL, RTOL
 
@@ -354,7 +354,28 @@ def bad_cases():
         ("return_entropy must be a bool", (q, k, v), {"return_entropy": "yes"}),
         ("softcap must be a positive finite", (q, k, v), {"softcap": 0.0}),
         ("softcap must be a positive number", (q, k, v), {"softcap": "30"}),
+        ("made for num_sink=0, stat_tokens=1, but this call has num_sink=2",
+         (q, k, v), {"key_padding_mask": key_masks(torch.ones(2, 7, dtype=torch.bool), 2, 7), "num_sink": 2}),
+        ("whose key_real has shape (2, 6)", (q, k, v), {"key_padding_mask": key_masks(torch.ones(2, 6, dtype=torch.bool), 2, 6)}),
+        ("whose sink_end has shape (1,)", (q, k, v), {"key_padding_mask": key_masks(None, 1, 7, device="cpu")}),
     ]
+
+
+@pytest.mark.parametrize("num_sink,stat_tokens", [(0, 1), (3, 2), (0, 0)])
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_reused_key_masks_give_the_same_result(target, num_sink, stat_tokens, side):
+    """A KeyMasks made once (as the layers of one forward share it) gives exactly what the
+    tensor mask gives, call after call."""
+    _, device = target
+    q, k, v = random_qkv(3, 4, 2, 9, 23, 16, torch.float32, device)
+    mask = None if side == "none" else padding_mask(3, 23, side, device)
+    options = dict(num_sink=num_sink, stat_tokens=stat_tokens, window=5)
+    masks = key_masks(mask, 3, 23, num_sink=num_sink, stat_tokens=stat_tokens, device=device)
+    want = fp.sink_attention(q, k, v, key_padding_mask=mask, **options)
+    for _ in range(2):
+        got = fp.sink_attention(q, k, v, key_padding_mask=masks, **options)
+        for name in ("out", "lse", "sink_mass"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
 @pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])

@@ -224,6 +224,24 @@ def test_window_and_sinks_match_a_4d_mask(num_sink):
     assert_real_close(outputs(model, ids, mask), want, mask)
 
 
+def test_layers_of_one_forward_share_the_prepared_key_masks(monkeypatch):
+    """The padding mask is put in the kernels' form once per forward and mask kind, not once per
+    layer: Gemma 2 alternates full and sliding-window layers (two masks), Llama has one."""
+    made = []
+
+    def counting(*args, **kwargs):
+        made.append(kwargs)
+        return fp.ops.attention.key_masks(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "key_masks", counting)
+    for arch, kinds in (("llama", 1), ("gemma2", 2)):
+        model = patch_or_skip(tiny_model(arch, num_layers=4), num_sink=1)
+        assert len(attention_layers(model)) == 4
+        made.clear()
+        outputs(model, *inputs())
+        assert len(made) == kinds, arch
+
+
 def test_window_option_equals_mistral_sliding_window():
     """A Llama patched with window=4 is a Mistral with sliding_window=4 (same weights)."""
     llama = tiny_model("llama")

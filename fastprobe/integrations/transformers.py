@@ -54,7 +54,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ..ops._common import check_int, check_real
-from ..ops.attention import sink_attention
+from ..ops.attention import key_masks, sink_attention
 from ..ops.dual_attention import dual_path_attention
 
 __all__ = [
@@ -471,6 +471,9 @@ class _MaskPattern(NamedTuple):
     causal: bool
     window: Optional[int]  # fastprobe's window: causal q - w < j <= q, bidirectional |q - j| < w
     dropped: Optional[torch.Tensor]  # [B] bool: the row's first real token left a sliding cache
+    # (num_sink, stat_tokens) -> the mask's KeyMasks, made by the first layer that needs them
+    # and reused by the others of this forward
+    key_masks: dict
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -609,7 +612,7 @@ def key_padding_mask(
     if kv_offset > 0:  # a sliding-window cache dropped its oldest kv_offset tokens
         first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
         dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
-    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped))
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}))
     return mask
 
 
@@ -637,12 +640,12 @@ def _check_kwargs(kwargs: dict) -> None:
 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
-    """(key padding mask [B, Lk] or None, causal, window, dropped)."""
+    """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
     if pattern is not None:
         if attention_mask.shape[-1] != num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
-        return attention_mask, pattern.causal, pattern.window, pattern.dropped
+        return attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks
     # Not made by our mask function: flash attention's reading of the module's arguments.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if attention_mask is not None:
@@ -654,7 +657,7 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         if attention_mask.shape[-1] < num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         attention_mask = attention_mask[:, -num_keys:] != 0
-    return attention_mask, causal, sliding_window, None
+    return attention_mask, causal, sliding_window, None, None
 
 
 def _narrowest(*windows: Optional[int]) -> Optional[int]:
@@ -682,10 +685,13 @@ def attention_forward(
     _check_kwargs(kwargs)
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
-    padding, causal, window, dropped = _pattern_of(module, attention_mask, is_causal, sliding_window, key.shape[2])
+    padding, causal, window, dropped, masks_made = _pattern_of(
+        module, attention_mask, is_causal, sliding_window, key.shape[2]
+    )
     if padding is not None and padding.device != query.device:  # a model split over devices (device_map)
         padding = padding.to(query.device, non_blocking=True)
         dropped = None if dropped is None else dropped.to(query.device, non_blocking=True)
+        masks_made = None
     state = getattr(module, _STATE, None)
     layer = state.index.get(id(module)) if state is not None else None
     if layer is None:  # cross-attention, or a model switched to "fastprobe" without patch()
@@ -703,10 +709,17 @@ def attention_forward(
             "this layer's sliding-window cache has dropped the first tokens, so num_sink and stat_tokens > 1 cannot "
             "be honoured while decoding past the window; use them in prefill, or with a full (non-sliding) cache"
         )
+    keys = padding
+    if masks_made is not None:  # the layers of one forward share the mask: prepare it once
+        made_for = (options.num_sink, stat_tokens)
+        if made_for not in masks_made:
+            masks_made[made_for] = key_masks(padding, padding.shape[0], padding.shape[1], num_sink=options.num_sink,
+                                             stat_tokens=stat_tokens)
+        keys = masks_made[made_for]
     groups, num_groups = record.key_groups_for(key) if record is not None else (None, None)
     result = sink_attention(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
-        key_padding_mask=padding, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
+        key_padding_mask=keys, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
         key_groups=groups, num_groups=num_groups, stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
     )

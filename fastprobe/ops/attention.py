@@ -25,7 +25,7 @@ from ._common import (
     new_output, on_device, output_dtype, register_forward_only,
 )
 
-__all__ = ["AttentionOutput", "sink_attention"]
+__all__ = ["AttentionOutput", "KeyMasks", "key_masks", "sink_attention"]
 
 
 class AttentionOutput(NamedTuple):
@@ -36,6 +36,53 @@ class AttentionOutput(NamedTuple):
     sink_mass: torch.Tensor  # [B, Hq, Lq], weight on the first stat_tokens real keys
     group_mass: Optional[torch.Tensor]  # [B, Hq, Lq, G] with key_groups, else None
     entropy: Optional[torch.Tensor]  # [B, Hq, Lq] with return_entropy=True, else None
+
+
+class KeyMasks(NamedTuple):
+    """A key padding mask in the kernels' form, made once by key_masks and reusable as
+    sink_attention's key_padding_mask by every call with the same keys, num_sink and
+    stat_tokens (the layers of one forward): it skips re-checking the mask and re-deriving
+    where each row's sinks and statistics tokens end."""
+
+    key_real: Optional[torch.Tensor]  # uint8 [B, Lk], 1 = real key, or None (all real)
+    sink_end: torch.Tensor  # int64 [B]: real keys j < sink_end[b] are sinks
+    stat_end: torch.Tensor  # int64 [B]: real keys j < stat_end[b] count in sink_mass
+    num_sink: int
+    stat_tokens: int
+
+
+def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: int, *, num_sink: int = 0,
+              stat_tokens: int = 1, device=None) -> KeyMasks:
+    """key_padding_mask ([B, Lk] bool or 0/1, True = real key, or None) in the kernels' form."""
+    num_sink = check_int(num_sink, "num_sink", 0)
+    stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
+    key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", key_padding_mask)
+    if key_real is not None:
+        device = key_real.device
+    return KeyMasks(
+        key_real,
+        _first_real_keys_end(key_real, batch, num_keys, num_sink, device),
+        _first_real_keys_end(key_real, batch, num_keys, stat_tokens, device),
+        num_sink,
+        stat_tokens,
+    )
+
+
+def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_tokens, q: torch.Tensor) -> KeyMasks:
+    """A reused KeyMasks must have been made for these keys and options."""
+    if masks.num_sink != num_sink or masks.stat_tokens != stat_tokens:
+        raise ValueError(
+            f"key_padding_mask is a KeyMasks made for num_sink={masks.num_sink}, stat_tokens={masks.stat_tokens}, "
+            f"but this call has num_sink={num_sink}, stat_tokens={stat_tokens}"
+        )
+    for name, tensor, shape in (("key_real", masks.key_real, (batch, num_keys)), ("sink_end", masks.sink_end, (batch,)),
+                                ("stat_end", masks.stat_end, (batch,))):
+        if tensor is None:
+            continue
+        check_same_device(q, "q", tensor, f"key_padding_mask.{name}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"key_padding_mask is a KeyMasks whose {name} has shape {tuple(tensor.shape)}, not {list(shape)}")
+    return masks
 
 
 def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
@@ -277,7 +324,13 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     window = 0 if window is None else check_int(window, "window", 1)
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
-    key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q)
+    if isinstance(key_padding_mask, KeyMasks):
+        masks = _check_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q)
+    else:
+        masks = key_masks(key_padding_mask, batch, num_keys, num_sink=num_sink, stat_tokens=stat_tokens,
+                          device=q.device)
+        if masks.key_real is not None:
+            check_same_device(q, "q", masks.key_real, "key_padding_mask")
     head_keep = check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
     if sink_logit is not None:
         if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
@@ -289,9 +342,8 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     groups, num_groups = _check_key_groups(key_groups, num_groups, (batch, num_keys), q)
     return dict(
         q=q, k=k, v=v,
-        scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=key_real,
-        sink_end=_first_real_keys_end(key_real, batch, num_keys, num_sink, q.device),
-        stat_end=_first_real_keys_end(key_real, batch, num_keys, stat_tokens, q.device),
+        scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=masks.key_real,
+        sink_end=masks.sink_end, stat_end=masks.stat_end,
         head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,
         softcap=_check_softcap(softcap),
     )
@@ -329,7 +381,9 @@ def sink_attention(
         window: optional sliding window w >= 1: causal p - w < j <= p, bidirectional |p - j| < w.
         num_sink: the first num_sink real keys of each row stay visible outside the window.
         key_padding_mask: optional [B, Lk], True / 1 = real key, False / 0 = padding (left or
-            right); "the first token" of a row is its first real key.
+            right); "the first token" of a row is its first real key. Or the KeyMasks that
+            key_masks made from it, reused by calls with the same keys, num_sink and
+            stat_tokens (e.g. every layer of one forward).
         head_mask: optional [Hq], False = pruned head: out 0, lse -inf, statistics 0, no
             compute spent on it.
         sink_logit: optional [Hq] learned sink logits: exp(sink_logit) joins the softmax
