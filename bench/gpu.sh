@@ -76,7 +76,7 @@ fi
 
 if [ ${#parallel[@]} -gt 0 ]; then
   run_phase 40 "$outdir/warm-up.log" "${benches[@]}" -k "cuda and (fastprobe or flex or compile or liger)" \
-    --benchmark-disable -n "${GPU_WARM_PROCS:-6}" >/dev/null
+    --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
   tail -5 "$outdir/warm-up.log"
 fi
 
