@@ -358,6 +358,12 @@ def bad_cases():
          (q, k, v), {"key_padding_mask": key_masks(torch.ones(2, 7, dtype=torch.bool), 2, 7), "num_sink": 2}),
         ("whose key_real has shape (2, 6)", (q, k, v), {"key_padding_mask": key_masks(torch.ones(2, 6, dtype=torch.bool), 2, 6)}),
         ("whose sink_end has shape (1,)", (q, k, v), {"key_padding_mask": key_masks(None, 1, 7, device="cpu")}),
+        ("whose stat_end is not a contiguous torch.int64", (q, k, v),
+         {"key_padding_mask": key_masks(None, 2, 7, device="cpu")._replace(stat_end=torch.ones(2, dtype=torch.int32))}),
+        ("whose key_real is not a contiguous torch.uint8", (q, k, v),
+         {"key_padding_mask": key_masks(None, 2, 7, device="cpu")._replace(key_real=torch.ones(2, 7, dtype=torch.bool))}),
+        ("whose sink_end is a list", (q, k, v),
+         {"key_padding_mask": key_masks(None, 2, 7, device="cpu")._replace(sink_end=[0, 0])}),
     ]
 
 

@@ -75,13 +75,21 @@ def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_
             f"key_padding_mask is a KeyMasks made for num_sink={masks.num_sink}, stat_tokens={masks.stat_tokens}, "
             f"but this call has num_sink={num_sink}, stat_tokens={stat_tokens}"
         )
-    for name, tensor, shape in (("key_real", masks.key_real, (batch, num_keys)), ("sink_end", masks.sink_end, (batch,)),
-                                ("stat_end", masks.stat_end, (batch,))):
-        if tensor is None:
+    for name, tensor, shape, dtype in (
+        ("key_real", masks.key_real, (batch, num_keys), torch.uint8),
+        ("sink_end", masks.sink_end, (batch,), torch.int64),
+        ("stat_end", masks.stat_end, (batch,), torch.int64),
+    ):
+        if tensor is None and name == "key_real":
             continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"key_padding_mask is a KeyMasks whose {name} is a {type(tensor).__name__}, not a tensor")
         check_same_device(q, "q", tensor, f"key_padding_mask.{name}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"key_padding_mask is a KeyMasks whose {name} has shape {tuple(tensor.shape)}, not {list(shape)}")
+        if tensor.dtype != dtype or not tensor.is_contiguous():  # what the kernels read
+            raise TypeError(f"key_padding_mask is a KeyMasks whose {name} is not a contiguous {dtype} tensor "
+                            f"(got {tensor.dtype}); make it with key_masks")
     return masks
 
 
