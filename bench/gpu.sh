@@ -26,8 +26,9 @@ families=("$@")
 [ ${#families[@]} -gt 0 ] || families=(attention dual_attention patch bridge divergence concepts guidance)
 budget=${GPU_BUDGET_S:-540}
 end=$(($(date +%s) + budget))
-reserve=20 # seconds kept for the table at the end (and the divergence sweep)
-[[ " ${families[*]} " == *" divergence "* ]] && reserve=60
+sweep=0 # the divergence kernel's config sweep at the end (bench/NOTES.md)
+[[ " ${families[*]} " == *" divergence "* ]] && sweep=1
+reserve=$((20 + 40 * sweep)) # seconds kept for the table at the end (and the sweep)
 mkdir -p "$outdir"
 export PYTHONUNBUFFERED=1
 setup_log=$outdir/setup.log
@@ -87,8 +88,7 @@ json=$outdir/$device-$label.json
 run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$json" \
   --benchmark-columns=median,min,max,rounds || status=1
 [ -s "$json" ] && python3 bench/report.py "$json" | tee "$outdir/table.md"
-if [[ " ${families[*]} " == *" divergence "* ]] && [ $((end - $(date +%s))) -gt 30 ]; then
-  # every config of the divergence kernel, per-row and per-lane sums (bench/NOTES.md)
+if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
   timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee "$outdir/sweep-divergence.log"
 fi
 echo "== $(date -u +%T) done with $((end - $(date +%s))) s of the budget left; status $status"

@@ -83,35 +83,35 @@ def _liger():
     return pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
 
 
-def fastprobe_forward_kl_step(student, teacher):
-    z = student.detach().requires_grad_()
-    loss = fp.bridge_loss(z, teacher, beta=0.0)
-    return (loss.detach(), *torch.autograd.grad(loss, z))
+def _logits_step(loss_of):
+    """(loss, its gradient for the student logits) of loss_of(student logits, teacher logits)."""
+
+    def step(student, teacher):
+        z = student.detach().requires_grad_()
+        loss = loss_of(z, teacher)
+        return (loss.detach(), *torch.autograd.grad(loss, z))
+
+    return step
 
 
-def liger_jsd_step(student, teacher):
-    z = student.detach().requires_grad_()
-    loss = _liger().LigerJSD(beta=0.0)(z.log_softmax(-1), teacher.log_softmax(-1))
-    return (loss.detach(), *torch.autograd.grad(loss, z))
+def _linear_step(loss_of):
+    """(loss, its gradients for student hidden and weight) of loss_of(h, W_s, teacher h, W_t)."""
+
+    def step(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
+        loss = loss_of(h, w, teacher_hidden, teacher_weight)
+        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+    return step
 
 
-def liger_kl_step(student, teacher):
-    z = student.detach().requires_grad_()
-    kl = _liger().LigerKLDIVLoss(reduction="batchmean", log_target=True)
-    loss = kl(z.log_softmax(-1), teacher.log_softmax(-1))
-    return (loss.detach(), *torch.autograd.grad(loss, z))
-
-
-def fastprobe_fused_linear_forward_kl_step(student_hidden, student_weight, teacher_hidden, teacher_weight):
-    h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
-    loss = fp.FusedLinearBridgeLoss(beta=0.0)(h, w, teacher_hidden, teacher_weight)
-    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
-
-
-def liger_fused_linear_jsd_step(student_hidden, student_weight, teacher_hidden, teacher_weight):
-    h, w = student_hidden.detach().requires_grad_(), student_weight.detach().requires_grad_()
-    loss = _liger().LigerFusedLinearJSD(jsd_beta=0.0)(h, w, teacher_hidden, teacher_weight, None)
-    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+fastprobe_forward_kl_step = _logits_step(lambda z, t: fp.bridge_loss(z, t, beta=0.0))
+liger_jsd_step = _logits_step(lambda z, t: _liger().LigerJSD(beta=0.0)(z.log_softmax(-1), t.log_softmax(-1)))
+liger_kl_step = _logits_step(
+    lambda z, t: _liger().LigerKLDIVLoss(reduction="batchmean", log_target=True)(z.log_softmax(-1), t.log_softmax(-1))
+)
+fastprobe_fused_linear_forward_kl_step = _linear_step(lambda h, w, th, tw: fp.FusedLinearBridgeLoss(beta=0.0)(h, w, th, tw))
+liger_fused_linear_jsd_step = _linear_step(lambda h, w, th, tw: _liger().LigerFusedLinearJSD(jsd_beta=0.0)(h, w, th, tw, None))
 
 
 LIGER_GROUPS = {
