@@ -36,8 +36,6 @@ namespace py = pybind11;
 namespace fastprobe {
 namespace {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
 // ---- Storing the gradient: the only code that writes it. ------------------------
 
 // base[first + i] = dtype(in[i]) for i < count, rounded to nearest even.

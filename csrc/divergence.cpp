@@ -4,7 +4,8 @@
 // Per token n, with s_kv = draft[k, n, v] / T and t_v = target[n, v] / T:
 //   q_k = softmax(s_k), p = softmax(t), m = sum_k w_k q_k
 //   stats[0] = JSD      = sum_v sum_k w_k q_kv (log q_kv - log m_v)
-//   stats[1] = KL(m||p) = sum_v m_v (log m_v - log p_v)
+//   stats[1] = KL(m||p) = sum_v m_v (log m_v - log p_v), +inf if p masks (-inf) a column
+//              that some draft of weight > 0 has (finite logit), however small m_v is there
 //   stats[2] = epistemic = stats[0] + stats[1]
 //   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
 //   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)   (float64)
@@ -41,16 +42,19 @@ namespace {
 
 // ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
 
-// One draft row: q_v = exp(log q_v) into q, m_v += w q_v; returns sum_v q_v log q_v.
+// One draft row: q_v = exp(log q_v) into q, m_v += w q_v, in_m_v = 1 where the row puts
+// mass (finite logit, w > 0; q_v itself may underflow); returns sum_v q_v log q_v.
 FASTPROBE_SIMD_CLONES static float draft_block(const float* x, LogSoftmax row, float w,
-                                               int64_t count, float* q, float* m) {
+                                               int64_t count, float* q, float* m, float* in_m) {
   float q_log_q = 0.0f;
+  const bool weighted = w > 0.0f;
 #pragma omp simd reduction(+ : q_log_q)
   for (int64_t v = 0; v < count; ++v) {
     const float log_q = log_prob(row, x[v]);    // log q_v (-inf where masked)
     const float qv = fast_exp(log_q);           // q_v
     q[v] = qv;
     m[v] += w * qv;                             // m_v = sum_k w_k q_kv
+    in_m[v] = weighted && log_q != kNegInf ? 1.0f : in_m[v];
     q_log_q += qv > 0.0f ? qv * log_q : 0.0f;   // 0 log 0 = 0
   }
   return q_log_q;
@@ -84,17 +88,19 @@ struct TargetSums {
   float p_log_p;  // sum_v p_v log p_v
 };
 
-// Target row against the mixture: p_v = exp(log p_v). m_v > 0 where p_v = 0 gives +inf.
+// Target row against the mixture: p_v = exp(log p_v). A column the mixture has (in_m_v)
+// and the target masks gives +inf, even where m_v underflows to 0.
 FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax row,
                                                      const float* m, const float* log_m,
-                                                     int64_t count) {
+                                                     const float* in_m, int64_t count) {
   float kl = 0.0f, p_log_p = 0.0f;
 #pragma omp simd reduction(+ : kl, p_log_p)
   for (int64_t v = 0; v < count; ++v) {
     const float log_p = log_prob(row, x[v]);                   // log p_v (-inf where masked)
     const float pv = fast_exp(log_p);                          // p_v
     p_log_p += pv > 0.0f ? pv * log_p : 0.0f;                  // 0 log 0 = 0
-    kl += m[v] > 0.0f ? m[v] * (log_m[v] - log_p) : 0.0f;      // m log(m / p), 0 where m = 0
+    const float outside = in_m[v] > 0.0f && log_p == kNegInf ? kInf : 0.0f;
+    kl += m[v] > 0.0f ? m[v] * (log_m[v] - log_p) : outside;   // m log(m / p), 0 where m = 0
   }
   return {kl, p_log_p};
 }
@@ -130,7 +136,7 @@ struct Problem {
 // Per-thread scratch, allocated once per thread.
 struct Workspace {
   explicit Workspace(int64_t K)
-      : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock),
+      : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock), in_m(kBlock),
         lse_state(K + 1), row_lse(K + 1), log_softmax(K + 1), q_log_q(K) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
@@ -140,6 +146,7 @@ struct Workspace {
   std::vector<float> q;       // [K, kBlock] q_kv of the current block
   std::vector<float> m;       // [kBlock] m_v
   std::vector<float> log_m;   // [kBlock] log m_v
+  std::vector<float> in_m;    // [kBlock] 1 where some draft of weight > 0 has a finite logit
   std::vector<LseState> lse_state;      // [K + 1] per row of this token
   std::vector<double> row_lse;          // [K + 1] per row of this token
   std::vector<LogSoftmax> log_softmax;  // [K + 1] per row of this token
@@ -184,9 +191,10 @@ static TokenSums token_sums(const Problem& p, int64_t n, Workspace& ws) {
     for (int64_t r = 0; r < p.rows(); ++r) p.load_row(r, n, v0, count, ws.logits_row(r));
 
     std::fill(ws.m.begin(), ws.m.begin() + count, 0.0f);
+    std::fill(ws.in_m.begin(), ws.in_m.begin() + count, 0.0f);
     for (int64_t k = 0; k < p.K; ++k)
       ws.q_log_q[k] += draft_block(ws.logits_row(k), ws.log_softmax[k], p.weights[k], count,
-                                   ws.q_row(k), ws.m.data());
+                                   ws.q_row(k), ws.m.data(), ws.in_m.data());
     s.m_log_m += mixture_block(ws.m.data(), count, ws.log_m.data());
     // JSD = sum_k w_k KL(q_k || m)
     for (int64_t k = 0; k < p.K; ++k)
@@ -195,7 +203,7 @@ static TokenSums token_sums(const Problem& p, int64_t n, Workspace& ws) {
                          count);
     if (p.has_target()) {
       const TargetSums t = target_block(ws.logits_row(p.K), ws.log_softmax[p.K], ws.m.data(),
-                                        ws.log_m.data(), count);
+                                        ws.log_m.data(), ws.in_m.data(), count);
       s.kl_mt += t.kl;
       s.p_log_p += t.p_log_p;
     }

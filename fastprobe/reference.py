@@ -32,8 +32,13 @@ def entropy(log_p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def kl(log_a: torch.Tensor, log_b: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """KL(a || b) = sum a (log a - log b) from log-probabilities, with 0 log 0 = 0."""
-    return _xlogy(log_a.exp(), log_a - log_b).sum(dim)
+    """KL(a || b) = sum a (log a - log b) from log-probabilities, with 0 log 0 = 0. It is +inf
+    when a has an entry (log a finite) that b masks (log b = -inf), however small a is there:
+    the supports decide, not whether a's probability underflows."""
+    outside = (log_a > float("-inf")) & torch.isneginf(log_b)
+    # no inf inside the graph: a row dropped later (an ignored label) gets gradient 0, not NaN
+    sums = _xlogy(log_a.exp(), torch.where(outside, torch.zeros_like(log_a), log_a - log_b)).sum(dim)
+    return sums.masked_fill(outside.any(dim), float("inf"))
 
 
 def _divergence_sums(log_q: torch.Tensor, w: torch.Tensor, log_p: Optional[torch.Tensor]) -> dict:
@@ -44,8 +49,10 @@ def _divergence_sums(log_q: torch.Tensor, w: torch.Tensor, log_p: Optional[torch
     # log m = log sum_k w_k q_k (mixture [N, V]) in log space: finite wherever some w_k q_k > 0,
     # even when w_k q_k underflows (log q ~ -745 in float64), which would leave q log(q / 0) = inf
     log_m = torch.logsumexp(w.log()[:, None, None] + log_q, dim=0)
-    # JSD = sum_k w_k KL(q_k || m): every term is >= 0, so no cancellation.
-    jsd = torch.einsum("k,kn->n", w, kl(log_q, log_m.unsqueeze(0)))
+    # JSD = sum_k w_k KL(q_k || m): every term is >= 0, so no cancellation. A draft of weight 0
+    # is not in the mixture and adds nothing (its KL to m may be +inf).
+    draft_kl = kl(log_q, log_m.unsqueeze(0)).masked_fill((w == 0)[:, None], 0.0)
+    jsd = torch.einsum("k,kn->n", w, draft_kl)
     out = {
         "jsd": jsd,
         "kl_mixture_target": None,
@@ -210,13 +217,17 @@ def bridge_rows(
     P_S = softmax(z_S / T) and the bridge target Q = softmax((z_T + beta stopgrad(z_S)) / T),
     i.e. Q proportional to P_T P_S^beta; "forward": KL(Q || P_S), "reverse": KL(P_S || Q).
     beta = 0 is ordinary forward-KL distillation. Q is a constant for the gradient. A masked
-    student entry (-inf) is masked in Q too, for any beta.
+    student entry (-inf) is masked in Q too, for any beta. A row where P_S or Q does not exist
+    (its logits are all -inf) has loss NaN.
     """
     dtype = _compute_dtype(student_logits)
     z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
+    bridge = bridge_logits(z_s.detach(), z_t, beta)
     log_p = torch.log_softmax(z_s / temperature, dim=-1)
-    log_q = torch.log_softmax(bridge_logits(z_s.detach(), z_t, beta) / temperature, dim=-1)
-    return kl(log_q, log_p) if direction == "forward" else kl(log_p, log_q)
+    log_q = torch.log_softmax(bridge / temperature, dim=-1)
+    rows = kl(log_q, log_p) if direction == "forward" else kl(log_p, log_q)
+    undefined = torch.isneginf(z_s).all(-1) | torch.isneginf(bridge).all(-1)
+    return torch.where(undefined, torch.full_like(rows, float("nan")), rows)
 
 
 def bridge_loss(
@@ -232,8 +243,11 @@ def bridge_loss(
 ) -> torch.Tensor:
     """bridge_rows with ignored rows (labels == ignore_index: loss 0, gradient 0) and a
     reduction: "mean" over the kept rows (0 when none is kept), "sum", or "none" ([N])."""
-    rows = bridge_rows(student_logits, teacher_logits, beta=beta, temperature=temperature, direction=direction)
     keep = None if labels is None else labels != ignore_index
+    if keep is not None:  # ignored rows take no part, whatever their logits: loss 0, gradient 0
+        student_logits = torch.where(keep.unsqueeze(-1), student_logits, torch.zeros_like(student_logits))
+        teacher_logits = torch.where(keep.unsqueeze(-1), teacher_logits, torch.zeros_like(teacher_logits))
+    rows = bridge_rows(student_logits, teacher_logits, beta=beta, temperature=temperature, direction=direction)
     if keep is not None:
         rows = torch.where(keep, rows, torch.zeros_like(rows))
     return reduce_rows(rows, keep, reduction)

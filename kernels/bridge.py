@@ -25,8 +25,8 @@ vocabulary. A student -inf contributes beta x = 0 to the bridge when beta == 0 (
 plain distillation, so Q > 0 with P = 0 there and the forward loss is +inf, correctly), and
 makes t = -inf (Q = 0) when beta != 0 (for beta > 0 that is the limit P_S^beta -> 0; for
 beta < 0 it keeps masked vocabulary masked instead of giving the bridge +inf logits). A row with
-no finite logit (student or bridge) gets zero probabilities, never NaN: e.g. a student row of
-all -inf gives P = 0, so the reverse loss is 0 and the forward loss is +inf where Q > 0.
+no finite logit (student or bridge) has no P or no Q: its loss and gradient are NaN (as in the
+C++ kernel and the reference), found without a host synchronisation.
 Reverse with Q = 0 where P > 0: loss +inf, gradient +inf on those entries, -inf on the other
 entries with P > 0, 0 where P = 0 (never inf - inf = NaN). On a GPU exp2 flushes results below
 2^-126 to 0, so such probabilities count as 0.
@@ -96,18 +96,19 @@ def _lse_step_lanes(x, mx, s, c):
 def _lse_combine(mx, s, c):
     """Reduce the per-lane (mx_j, s_j) to the row's (M, log2 S), M = max_j mx_j,
     S = sum_j s_j 2^((mx_j - M) c), to form log2 prob = (x - M) c - log2 S. A row with no finite
-    value gets (0, 0), so its -inf entries give log2 prob = -inf, prob 0 (never NaN); a NaN S
-    stays NaN."""
+    value has no distribution: (0, NaN), so every log2 prob of it is NaN; a NaN S stays NaN."""
     m = tl.max(mx, axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(s * tl.exp2((mx - shift) * c), axis=0)  # lanes with mx_j = -inf have s_j = 0
-    return shift, tl.where(total == 0.0, 0.0, tl.log2(total))
+    return shift, tl.where(total == 0.0, float("nan"), tl.log2(total))
 
 
 @triton.jit
 def _xlog2ratio(a, log2a, log2b):
-    """a (log2 a - log2 b) with 0 log 0 = 0; a > 0 with b = 0 gives +inf; NaN stays NaN."""
-    return tl.where(a == 0.0, 0.0, a * (log2a - log2b))
+    """a (log2 a - log2 b) with 0 log 0 = 0; +inf where a has the entry (log2 a > -inf, even if a
+    underflows to 0) and b masks it (log2 b = -inf): the supports decide; NaN stays NaN."""
+    outside = (log2a > float("-inf")) & (log2b == float("-inf"))
+    return tl.where(outside, float("inf"), tl.where(a == 0.0, 0.0, a * (log2a - log2b)))
 
 
 @triton.jit

@@ -8,7 +8,7 @@ base 2 and converts to natural units (times ln 2) only when it stores:
   pass 2 (vocabulary blocks, REVERSE, so the last blocks of pass 1 are L2 hits):
         log2 q_kv = (x_kv - M_k) c - log2 S_k,   m_v = sum_k w_k q_kv
         jsd      = sum_v sum_k w_k q_kv (log q_kv - log m_v)   (each term >= 0)
-        KL(m||p) = sum_v m_v (log m_v - log p_v)
+        KL(m||p) = sum_v m_v (log m_v - log p_v)   (+inf if p masks a column the drafts have)
         H(m)     = -sum_v m_v log m_v,  H(p), H(q_k) likewise
 
 Subtracting the row max from the *raw* logit before scaling keeps log q accurate for
@@ -228,6 +228,8 @@ def _divergence_kernel(
         for i in range(0, nblk):
             col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
             x = _load_drafts(d_rows, col, v_ok, k_ok, stride_dv)
+            if HAS_TARGET:  # columns the mixture has: a finite logit in a draft of weight > 0
+                in_m = tl.max(tl.where(w > 0, x, float("-inf")), axis=0, keep_dims=True) > float("-inf")
             log2q = (x - shift_q) * c - log2s_q  # log2 q_kv (-inf if masked)
             q = tl.exp2(log2q)
             wq = w * q
@@ -241,7 +243,10 @@ def _divergence_kernel(
                 y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
                 p = tl.exp2(log2p)
-                kl_acc = _fold_sum(kl_acc, _xlog2y(m, log2m - log2p), LANES)  # m > 0, p = 0: +inf (correct)
+                # a column the mixture has and the target masks makes KL(m || p) +inf, also where
+                # m_v underflows to 0
+                outside = in_m & (y == float("-inf"))
+                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlog2y(m, log2m - log2p)), LANES)
                 hp_acc = _fold_sum(hp_acc, _xlog2y(p, log2p), LANES)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2) ----

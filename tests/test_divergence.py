@@ -116,6 +116,25 @@ def test_target_masks_a_draft_token_gives_infinite_kl(target):
     assert torch.isfinite(result.kl_mixture_target[[0, 2]]).all()
 
 
+def test_infinite_kl_is_decided_by_support_not_underflow(target):
+    """A token the drafts keep (finite logit) and the target masks makes KL(m || p) +inf even
+    when its probability underflows float32 (a logit 200 below the row's max: e^-200), unless
+    only a draft of weight 0 keeps it; the float64 reference says the same."""
+    _, device = target
+    draft = torch.randn(2, 2, 9)
+    draft[:, :, 4] = -200.0
+    draft[1, 1, 4] = float("-inf")  # token 1: only draft 0 keeps entry 4
+    target_logits = torch.randn(2, 9)
+    target_logits[:, 4] = float("-inf")
+    draft, target_logits = draft.to(device), target_logits.to(device)
+    result = fp.draft_divergence(draft, target_logits)
+    assert result.kl_mixture_target.tolist() == [float("inf")] * 2
+    weights = torch.tensor([0.0, 1.0], device=device)
+    weighted = fp.draft_divergence(draft, target_logits, weights=weights)
+    assert weighted.kl_mixture_target[0].item() == float("inf") and torch.isfinite(weighted.kl_mixture_target[1])
+    assert_matches(weighted, expected(draft, target_logits, weights, 1.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_extreme_logits(target, dtype):
     """Logits of magnitude 1e4: nearly one-hot distributions, no overflow."""

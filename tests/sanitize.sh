@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs the test suite against a C++ extension built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (GCC or Clang): any read or write outside a buffer, or undefined
+# behaviour, in csrc/ stops the run with a report.
+#
+#   bash tests/sanitize.sh [PYTEST ARGS...]      (default: the whole suite)
+#   FASTPROBE_FUZZ=20 bash tests/sanitize.sh tests/test_fuzz.py    (a longer random search)
+#
+# The sanitized build goes to a private folder ($SANITIZE_DIR, default /tmp/fastprobe-sanitize);
+# an installed fastprobe (editable or not) is left alone and shadowed only inside the run.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${SANITIZE_DIR:-/tmp/fastprobe-sanitize}
+rm -rf "$work"
+mkdir -p "$work/src" "$work/run"
+cp -r "$root"/{pyproject.toml,CMakeLists.txt,README.md,csrc,kernels,fastprobe} "$work/src/"
+cp -r "$root"/tests "$root"/pyproject.toml "$work/run/"
+
+flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+echo "building the sanitized extension into $work/site ..."
+python -m pip install -q --no-deps --no-build-isolation --target "$work/site" "$work/src" \
+  -Ccmake.build-type=RelWithDebInfo "-Ccmake.define.CMAKE_CXX_FLAGS=$flags" \
+  "-Ccmake.define.CMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined"
+
+ldd "$work"/site/fastprobe/_C*.so | grep -q asan || { echo "the extension is not instrumented" >&2; exit 1; }
+
+# An editable install puts a finder for `fastprobe` ahead of sys.path; this sitecustomize (on
+# PYTHONPATH, so also in spawned workers) drops it, so `fastprobe` is the sanitized copy.
+cat > "$work/site/sitecustomize.py" <<'EOF'
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "ScikitBuild" not in type(f).__name__]
+EOF
+
+compiler=$(python - <<'EOF'
+import sysconfig
+print((sysconfig.get_config_var("CXX") or "c++").split()[0])
+EOF
+)
+runtime() { "$compiler" -print-file-name="$1" 2>/dev/null || gcc -print-file-name="$1"; }
+preload="$(runtime libasan.so):$(runtime libubsan.so)"
+cd "$work/run"
+PYTHONPATH="$work/site" python -c "import fastprobe; assert fastprobe.__file__.startswith('$work/site'), fastprobe.__file__"
+echo "running pytest against $work/site (LD_PRELOAD=$preload)"
+# detect_leaks=0: CPython and torch keep allocations alive at exit by design
+LD_PRELOAD="$preload" PYTHONPATH="$work/site" \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  python -m pytest -p no:cacheprovider -q "${@:-tests}"

@@ -1,0 +1,313 @@
+"""Randomised calls of every op: shapes, dtypes, memory layouts (transposed storage, gaps
+between elements, stride-0 broadcasts), masked and extreme values and option combinations
+drawn together, each checked against the float64 reference (or, where the input is invalid,
+against a clear error). The family test files pin each feature down one at a time; this file
+looks for the combinations they miss. `tests/sanitize.sh` runs it (and the rest of the suite)
+against a C++ extension built with AddressSanitizer and UndefinedBehaviorSanitizer."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastprobe as fp
+from fastprobe import reference
+
+from . import test_attention, test_bridge, test_concepts, test_divergence, test_dual_attention
+from .conftest import TARGETS
+
+# FASTPROBE_FUZZ=n multiplies the number of examples, for a longer search
+FUZZ_SCALE = int(os.environ.get("FASTPROBE_FUZZ", "1"))
+LAYOUTS = ["contiguous", "permuted", "gapped", "broadcast"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def small(target):
+    """Whether the target is the (slow) Triton interpreter: smaller shapes, fewer examples."""
+    backend, device = target
+    return backend == "triton" and device == "cpu"
+
+
+def fuzz(target, case, cpu_examples):
+    """Run case(target, data) on cpu_examples hypothesis draws (a quarter under the interpreter)."""
+    count = (max(4, cpu_examples // 4) if small(target) else cpu_examples) * FUZZ_SCALE
+
+    def run(data):
+        torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="torch seed"))  # replayable draws
+        case(target, data)
+
+    health = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings(max_examples=count, deadline=None, suppress_health_check=health)(given(data=st.data())(run))()
+
+
+def relayout(x: torch.Tensor, layout: str, dim: int) -> torch.Tensor:
+    """x in another memory layout. "permuted": the dims stored in reverse order (so, e.g., the
+    last dim is strided); "gapped": a poisoned element after each one along `dim`;
+    "broadcast": x's slice 0 along `dim` repeated with stride 0 (this changes the values; the
+    caller compares against the reference on the returned tensor)."""
+    if x.dim() == 0 or layout == "contiguous":
+        return x
+    dim = dim % x.dim()
+    if layout == "permuted":
+        order = list(reversed(range(x.dim())))
+        return x.permute(order).contiguous().permute(order)
+    if layout == "gapped":
+        shape = list(x.shape)
+        shape[dim] *= 2
+        poison = float("nan") if x.is_floating_point() else 1
+        buffer = torch.full(shape, poison, dtype=x.dtype, device=x.device)
+        index = [slice(None)] * x.dim()
+        index[dim] = slice(0, None, 2)
+        view = buffer[tuple(index)]
+        view.copy_(x)
+        return view
+    if layout == "broadcast":
+        return x.narrow(dim, 0, min(1, x.shape[dim])).expand(x.shape)
+    raise ValueError(layout)
+
+
+def draw_layout(data, x, label):
+    layout = data.draw(st.sampled_from(LAYOUTS), label=f"{label} layout")
+    dim = data.draw(st.integers(0, max(0, x.dim() - 1)), label=f"{label} layout dim")
+    return relayout(x, layout, dim)
+
+
+def draw_logits(data, shape, dtype, label, allow_empty_rows=False):
+    """Random logits of `shape`: a scale (up to 1e4), a fraction of -inf entries, each row
+    (last dim) keeping at least one finite entry unless allow_empty_rows."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label=f"{label} seed"))
+    scale = data.draw(st.sampled_from([1.0, 8.0, 1e4]), label=f"{label} scale")
+    masked = data.draw(st.sampled_from([0.0, 0.3, 0.9]), label=f"{label} masked fraction")
+    x = scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+    drop = torch.rand(shape, generator=generator) < masked
+    if not allow_empty_rows and x.shape[-1] > 0:
+        keep = torch.randint(0, x.shape[-1], shape[:-1], generator=generator)
+        drop.scatter_(-1, keep.unsqueeze(-1), False)
+    x[drop] = float("-inf")
+    return x.to(dtype), scale
+
+
+def tolerance(scale):
+    """Logits of magnitude 1e4 leave float32 rounding of that size in each log-sum-exp."""
+    return (1e-4, 1e-4) if scale > 100 else (test_divergence.RTOL, test_divergence.ATOL)
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """(backend, device), forced for the test (as the conftest's fixture; hypothesis calls the
+    test body many times per fixture)."""
+    backend, device = request.param
+    fp.set_backend(backend)
+    return backend, device
+
+
+def test_draft_divergence(target):
+    fuzz(target, _draft_divergence_case, 40)
+
+
+def has_empty_row(*logits):
+    """Whether any row (last dim) of these logits is entirely -inf."""
+    return any(x is not None and x.shape[-1] > 0 and (x == float("-inf")).all(-1).any() for x in logits)
+
+
+def call_or_raise(invalid, message, op, *args, **kwargs):
+    """op(*args, **kwargs), or, when the input is invalid, the ValueError it must raise."""
+    if invalid:
+        with pytest.raises(ValueError, match=message):
+            op(*args, **kwargs)
+        return None
+    return op(*args, **kwargs)
+
+
+def assert_untouched(originals, tensors):
+    for name, original in originals.items():
+        assert torch.equal(original, tensors[name]), f"{name} was modified"
+
+
+def _draft_divergence_case(target, data):
+    _, device = target
+    num_drafts = data.draw(st.integers(1, 5), label="K")
+    num_tokens = data.draw(st.integers(0, 6), label="N")
+    vocab = data.draw(st.integers(1, 80 if small(target) else 700), label="V")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    draft, scale = draw_logits(data, (num_drafts, num_tokens, vocab), dtype, "draft")
+    draft = draw_layout(data, draft.to(device), "draft")
+    target_logits = None
+    if data.draw(st.booleans(), label="with target"):
+        target_logits, target_scale = draw_logits(data, (num_tokens, vocab), dtype, "target")
+        target_logits = draw_layout(data, target_logits.to(device), "target")
+        scale = max(scale, target_scale)
+    weights = test_divergence.random_weights(num_drafts, device) if data.draw(st.booleans(), label="weighted") else None
+    temperature = data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature")
+    inputs = {"draft": draft, "target": target_logits} if target_logits is not None else {"draft": draft}
+    originals = {name: x.clone() for name, x in inputs.items()}
+
+    # a broadcast along the vocabulary can turn a row all -inf: that must raise, naming the row
+    result = call_or_raise(
+        has_empty_row(draft, target_logits), "row", fp.draft_divergence, draft, target_logits, weights=weights,
+        temperature=temperature,
+    )  # fmt: skip
+    assert_untouched(originals, inputs)
+    if result is not None:
+        rtol, atol = tolerance(scale)
+        want = test_divergence.expected(draft, target_logits, weights, temperature)
+        test_divergence.assert_matches(result, want, has_target=target_logits is not None, rtol=rtol, atol=atol)
+
+
+def test_concept_mass(target):
+    fuzz(target, _concept_mass_case, 40)
+
+
+def _concept_mass_case(target, data):
+    _, device = target
+    num_tokens = data.draw(st.integers(0, 6), label="N")
+    vocab = data.draw(st.integers(1, 80 if small(target) else 900), label="V")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    logits, scale = draw_logits(data, (num_tokens, vocab), dtype, "logits", allow_empty_rows=True)
+    logits = draw_layout(data, logits.to(device), "logits")
+    num_concepts = data.draw(st.integers(1, 12), label="C")
+    concepts = test_concepts.random_concepts(vocab, num_concepts, max_variants=9, device=device)
+    temperature = data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature")
+    original = logits.clone()
+
+    result = call_or_raise(has_empty_row(logits), "row", fp.concept_mass, logits, concepts, temperature=temperature)
+    assert_untouched({"logits": original}, {"logits": logits})
+    if result is not None:
+        rtol, atol = tolerance(scale)
+        test_concepts.assert_matches(result, test_concepts.expected(logits, concepts, temperature), rtol=rtol, atol=atol)
+
+
+def test_bridge_loss(target):
+    fuzz(target, _bridge_loss_case, 40)
+
+
+def _bridge_loss_case(target, data):
+    _, device = target
+    num_rows = data.draw(st.integers(1, 7), label="N")
+    vocab = data.draw(st.integers(1, 80 if small(target) else 900), label="V")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    # one vocabulary mask shared by student and teacher (padded vocabulary entries)
+    student, _ = draw_logits(data, (num_rows, vocab), torch.float64, "student")
+    teacher = torch.randn(num_rows, vocab, dtype=torch.float64) * data.draw(st.sampled_from([1.0, 8.0]), label="teacher scale")
+    teacher[student == float("-inf")] = float("-inf")
+    student = draw_layout(data, student.to(device=device, dtype=dtype), "student")
+    teacher = draw_layout(data, teacher.to(device=device, dtype=dtype), "teacher")
+    options = dict(
+        beta=data.draw(st.sampled_from(test_bridge.BETAS), label="beta"),
+        temperature=data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature"),
+        direction=data.draw(st.sampled_from(["forward", "reverse"]), label="direction"),
+        reduction=data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction"),
+    )
+    if data.draw(st.booleans(), label="labels"):
+        options["labels"] = test_bridge.random_labels(num_rows, device)
+    originals = {"student": student.clone(), "teacher": teacher.clone()}
+    rows_options = dict(options, reduction="none")
+    want_rows = reference.bridge_loss(student.double(), teacher.double(), **rows_options)
+    if not want_rows.isfinite().all():
+        # a row whose P_S or Q does not exist (all -inf, e.g. after a broadcast along the
+        # vocabulary) has loss NaN, found without a host synchronisation; a row where one side
+        # is masked and the other is not, +inf. Their gradients are undefined: losses only.
+        rows = fp.bridge_loss(student, teacher, **rows_options)
+        assert torch.equal(rows.isnan().cpu(), want_rows.isnan()), "NaN rows"
+        torch.testing.assert_close(rows.cpu().double(), want_rows, rtol=test_bridge.RTOL, atol=test_bridge.ATOL, equal_nan=True)
+    else:
+        test_bridge.assert_matches(student, teacher, **options)
+    assert_untouched(originals, {"student": student, "teacher": teacher})
+
+
+def draw_attention_inputs(target, data):
+    """q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] in drawn layouts and the key padding mask (or None),
+    with Lq <= Lk, GQA ratios 1-4 and odd head dims; (q, k, v, mask, dtype, magnitude)."""
+    _, device = target
+    batch = data.draw(st.integers(1, 3), label="B")
+    kv_heads = data.draw(st.integers(1, 3), label="Hkv")
+    heads = kv_heads * data.draw(st.integers(1, 4), label="GQA ratio")
+    num_keys = data.draw(st.integers(1, 40 if small(target) else 150), label="Lk")
+    num_queries = data.draw(st.one_of(st.just(1), st.just(num_keys), st.integers(1, num_keys)), label="Lq")
+    head_dim = data.draw(st.sampled_from([4, 16, 40] if small(target) else [1, 3, 16, 40, 64, 80, 128]), label="D")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    magnitude = data.draw(st.sampled_from([1.0, 30.0]), label="q magnitude")
+    q, k, v = test_attention.random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device, magnitude)
+    q, k, v = (draw_layout(data, x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    mask = None
+    if data.draw(st.booleans(), label="padding"):
+        # any pattern of real keys, holes included; a row may have none
+        mask = torch.rand(batch, num_keys, device=device) < data.draw(st.sampled_from([0.5, 0.9]), label="real share")
+        mask = draw_layout(data, mask, "mask")
+    return q, k, v, mask, dtype, magnitude
+
+
+def attention_tolerance(magnitude):
+    """Scores of ~30 x |k| carry float32 rounding of ~1e-5 relative into every weight."""
+    return dict(rtol=test_attention.RTOL, atol=1e-4 if magnitude > 1 else test_attention.ATOL)
+
+
+def assert_inputs_untouched(before, tensors):
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors)), "an input was modified"
+
+
+def test_sink_attention(target):
+    fuzz(target, _sink_attention_case, 40)
+
+
+def _sink_attention_case(target, data):
+    _, device = target
+    q, k, v, mask, dtype, magnitude = draw_attention_inputs(target, data)
+    batch, heads, _, _ = q.shape
+    num_keys = k.shape[2]
+    options = dict(
+        causal=data.draw(st.booleans(), label="causal"),
+        window=data.draw(st.one_of(st.none(), st.integers(1, num_keys + 2)), label="window"),
+        num_sink=data.draw(st.integers(0, 4), label="num_sink"),
+        stat_tokens=data.draw(st.integers(0, 3), label="stat_tokens"),
+        key_padding_mask=mask,
+    )
+    if data.draw(st.booleans(), label="head mask"):
+        options["head_mask"] = torch.rand(heads, device=device) < 0.7
+    if data.draw(st.booleans(), label="sink logit"):
+        options["sink_logit"] = 2 * torch.randn(heads, device=device)
+    if data.draw(st.booleans(), label="key groups"):
+        num_groups = data.draw(st.integers(1, 5), label="G")
+        options["key_groups"] = draw_layout(data, torch.randint(0, num_groups, (batch, num_keys), device=device), "groups")
+        options["num_groups"] = num_groups
+    if data.draw(st.booleans(), label="softcap"):
+        options["softcap"] = data.draw(st.sampled_from([5.0, 30.0]), label="softcap value")
+    with_entropy = data.draw(st.booleans(), label="entropy")
+    before = [x.clone() for x in (q, k, v)]
+
+    result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **options)
+    assert_inputs_untouched(before, (q, k, v))
+    want = test_attention.expected(q, k, v, **options)
+    test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **attention_tolerance(magnitude))
+
+
+def test_dual_path_attention(target):
+    fuzz(target, _dual_path_attention_case, 40)
+
+
+def _dual_path_attention_case(target, data):
+    _, device = target
+    q, k, v, mask, dtype, magnitude = draw_attention_inputs(target, data)
+    batch, _, num_queries, _ = q.shape
+    num_keys = k.shape[2]
+    drop = draw_layout(data, torch.rand(batch, num_keys, device=device) < data.draw(st.sampled_from([0.0, 0.4, 1.0]), label="dropped share"), "drop")
+    rows = data.draw(st.sampled_from(["last", "all", "mask"]), label="rows")
+    options = dict(
+        gamma=data.draw(st.sampled_from([0.0, 0.7, 2.0]), label="gamma"),
+        orthogonalize=data.draw(st.booleans(), label="orthogonalize"),
+        causal=data.draw(st.booleans(), label="causal"),
+        rows=torch.rand(batch, num_queries, device=device) < 0.5 if rows == "mask" else rows,
+        key_padding_mask=mask,
+    )
+    before = [x.clone() for x in (q, k, v)]
+
+    got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+    assert_inputs_untouched(before, (q, k, v))
+    want = test_dual_attention.expected(q, k, v, drop, **options)
+    rtol, atol = test_attention.OUT_TOLERANCE[dtype]
+    for name, value in zip(("out", "o_cond", "o_uncond"), got):
+        assert value.dtype == dtype, name
+        assert not torch.isnan(value).any(), f"{name} has NaN (unwritten or invalid)"
+        torch.testing.assert_close(value.cpu().double(), want[name], rtol=rtol, atol=max(atol, attention_tolerance(magnitude)["atol"]), msg=lambda m: f"{name}: {m}")
