@@ -529,7 +529,8 @@ Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v,
   if (num_queries > num_keys)
     invalid(op, "num_queries (" + std::to_string(num_queries) + ") must be <= num_keys (" +
                     std::to_string(num_keys) + ")");
-  if (q_s3 != 1 || k_s3 != 1 || v_s3 != 1 || out_s3 != 1)
+  // (with head_dim 1 the stride is never stepped: torch leaves it as it was, e.g. 2 in a view)
+  if (head_dim > 1 && (q_s3 != 1 || k_s3 != 1 || v_s3 != 1 || out_s3 != 1))
     invalid(op, "the last (head_dim) stride of q, k, v and out must be 1");
   const float scale_f = float(scale);
   if (!(scale_f > 0.0f && std::isfinite(scale_f)))

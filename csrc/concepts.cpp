@@ -86,7 +86,7 @@ struct Forward {
   float* top_share;
   float* entropy;
   int64_t* top_token;
-  float* lse;          // [N]
+  double* lse;         // [N] (double: the backward forms log p from it at full precision)
 };
 
 // Per-thread scratch: one block of the row, and one concept's gathered logits.
@@ -175,7 +175,7 @@ struct Backward {
   ByToken tokens;
   int64_t C;
   const float* log_mass;       // [N, C]
-  const float* lse;            // [N]
+  const double* lse;           // [N]
   const float* grad_concept;   // [N, C]  g = d loss / d log_mass
   const float* coef;           // [N]     h - sum_c g[n, c]
   float inv_temperature;
@@ -186,26 +186,28 @@ template <typename T>
 inline void backward_row(const Backward& b, int64_t n, float* block) {
   const T* row = static_cast<const T*>(b.logits) + n * b.stride_n;
   T* grad = static_cast<T*>(b.grad) + n * b.V;
-  const float lse = b.lse[n];
+  // log p_v = (x_v - shift) / T - offset from the double lse: exact near the row's max at any
+  // magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4)
+  const LogSoftmax log_p = LogSoftmax::from_lse(b.lse[n], b.inv_temperature);
   const float scale = b.coef[n] * b.inv_temperature;
-  // every v: coef p_v / T, p_v = exp(y_v - lse)
+  // every v: coef p_v / T
   for (int64_t v0 = 0; v0 < b.V; v0 += kBlock) {
     const int64_t count = std::min(kBlock, b.V - v0);
-    load_scaled(row + v0 * b.stride_v, b.stride_v, count, b.inv_temperature, block);
+    load_scaled(row + v0 * b.stride_v, b.stride_v, count, 1.0f, block);
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) grad[v0 + i] = from_float<T>(scale * fast_exp(block[i] - lse));
+    for (int64_t i = 0; i < count; ++i) grad[v0 + i] = from_float<T>(scale * fast_exp(log_prob(log_p, block[i])));
   }
-  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T, q_cv = exp(y_v - lse - log_mass_c)
+  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T, q_cv = exp(log p_v - log_mass_c)
   const ByToken& ts = b.tokens;
   const float* log_mass = b.log_mass + n * b.C;
   const float* g = b.grad_concept + n * b.C;
   for (int64_t u = 0; u < ts.U; ++u) {
     const int64_t v = ts.ids[u];
-    const float y = to_float<T>(row[v * b.stride_v]) * b.inv_temperature;
-    float total = b.coef[n] * fast_exp(y - lse);
+    const float lp = log_prob(log_p, to_float<T>(row[v * b.stride_v]));
+    float total = b.coef[n] * fast_exp(lp);
     for (int64_t j = ts.offsets[u]; j < ts.offsets[u + 1]; ++j) {
       const int64_t c = ts.concepts[j];
-      if (log_mass[c] != kNegInf) total += g[c] * fast_exp(y - lse - log_mass[c]);  // 0 if all -inf
+      if (log_mass[c] != kNegInf) total += g[c] * fast_exp(lp - log_mass[c]);  // 0 if all -inf
     }
     grad[v] = from_float<T>(total * b.inv_temperature);
   }
@@ -254,7 +256,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
                   inv_t,
                   pointer<float>(mass_ptr, true, "mass"), pointer<float>(log_mass_ptr, true, "log_mass"),
                   pointer<float>(top_share_ptr, true, "top_share"), pointer<float>(entropy_ptr, true, "entropy"),
-                  pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<float>(lse_ptr, true, "lse")};
+                  pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<double>(lse_ptr, true, "lse")};
 
 #pragma omp parallel num_threads(threads)
   {
@@ -287,7 +289,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_ids(tokens.ids, U, V, "vocab_ids");
   check_ids(tokens.concepts, M, C, "vocab_concepts");
   const Backward b{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
-                   pointer<const float>(log_mass_ptr, true, "log_mass"), pointer<const float>(lse_ptr, true, "lse"),
+                   pointer<const float>(log_mass_ptr, true, "log_mass"), pointer<const double>(lse_ptr, true, "lse"),
                    pointer<const float>(grad_concept_ptr, true, "grad_concept"),
                    pointer<const float>(coef_ptr, true, "coef"), inv_t,
                    pointer<void>(grad_ptr, true, "grad")};
@@ -307,7 +309,7 @@ void bind_concepts(py::module_& m) {
         "Concept statistics per row (see fastprobe.reference.concept_mass). Pointers are\n"
         "data_ptr() values, strides in elements; token_ids [T] and offsets [C + 1] int64 are\n"
         "checked (IndexError) before any row is read; writes mass, log_mass, top_share,\n"
-        "entropy [N, C] float32, top_token [N, C] int64 and lse [N] float32, all contiguous.",
+        "entropy [N, C] float32, top_token [N, C] int64 and lse [N] float64, all contiguous.",
         py::arg("dtype"), py::arg("logits_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_n"),
         py::arg("stride_v"), py::arg("token_ids_ptr"), py::arg("T"), py::arg("offsets_ptr"),
         py::arg("C"), py::arg("inv_temperature"), py::arg("mass_ptr"), py::arg("log_mass_ptr"),
@@ -315,7 +317,8 @@ void bind_concepts(py::module_& m) {
         py::arg("lse_ptr"), py::arg("num_threads"));
   m.def("concept_mass_backward", &concept_mass_backward, py::call_guard<py::gil_scoped_release>(),
         "Gradient of (log_mass, lse) w.r.t. the logits: grad [N, V] (contiguous, the logits'\n"
-        "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T. vocab_ids [U], vocab_offsets\n"
+        "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T, p from lse [N] float64. vocab_ids\n"
+        "[U], vocab_offsets"
         "[U + 1], vocab_concepts [M] int64 (the incidence by vocabulary id) are checked first.",
         py::arg("dtype"), py::arg("logits_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_n"),
         py::arg("stride_v"), py::arg("vocab_ids_ptr"), py::arg("U"), py::arg("vocab_offsets_ptr"),

@@ -390,6 +390,15 @@ def _key_bases(k_ptr, v_ptr, real_ptr, keyed_ptr, b, kvh, stride_kb, stride_kh, 
 
 
 @triton.jit
+def _key_ends(sink_end_ptr, stat_end_ptr, b, Lk):
+    """Row b's sink and statistic key ends, clamped to [0, Lk] before the int32 cast (a
+    hand-made KeyMasks may hold anything)."""
+    sink_end = tl.minimum(tl.maximum(tl.load(sink_end_ptr + b), 0), Lk).to(tl.int32)
+    stat_end = tl.minimum(tl.maximum(tl.load(stat_end_ptr + b), 0), Lk).to(tl.int32)
+    return sink_end, stat_end
+
+
+@triton.jit
 def _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL: tl.constexpr):
     """[N] whether the keys `rows` are in range (n_ok) and real (not padding)."""
     if HAS_KEY_REAL:
@@ -471,8 +480,7 @@ def _attention_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
 
     live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
-    sink_end = tl.load(sink_end_ptr + b).to(tl.int32)
-    stat_end = tl.load(stat_end_ptr + b).to(tl.int32)
+    sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
     sink_hi, lo_blk, a, c, band_end = _fwd_band(m0, Lq, Lk, window, sink_end, live, CAUSAL, HAS_KEY_REAL, BLOCK_M, BLOCK_N)
 
     # ---- pointers ----
@@ -679,8 +687,7 @@ def _attention_split_kernel(
         any_live = tl.max(live.to(tl.int32), axis=0) > 0
     else:
         any_live = pid >= 0
-    sink_end = tl.load(sink_end_ptr + b).to(tl.int32)
-    stat_end = tl.load(stat_end_ptr + b).to(tl.int32)
+    sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
 
     # this split's keys [start, end) of the band [band_lo, Lk); split 0 also takes the sink
     # keys before the band
@@ -986,7 +993,7 @@ def _check_layout(name, tensor, shape, dtype, contiguous=True):
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
     """The checks every attention launcher shares: q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] with
     Hq % Hkv == 0, one dtype of float32 / bfloat16 / float16, out [B, Hq, Lq, D] of that dtype
-    (any strides). Returns (B, Hq, Hkv, Lq, Lk, D)."""
+    (any strides, a unit one along D). Returns (B, Hq, Hkv, Lq, Lk, D)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D] and [B, Hkv, Lk, D]")
     B, Hq, Lq, D = q.shape
@@ -1000,6 +1007,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
         raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
     _check_layout("out", out, (B, Hq, Lq, D), dtype, contiguous=False)
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):  # (d * stride_d is int32 math)
+        if D > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride along the head dimension D, got {x.stride(-1)}")
     return B, Hq, Hkv, Lq, Lk, D
 
 
@@ -1083,7 +1093,8 @@ def sink_attention(
     given) group_mass and entropy.
 
     q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (Hq % Hkv == 0), float32 / bfloat16 / float16, any
-    strides. out [B, Hq, Lq, D] of their dtype, any strides (e.g. a transposed [B, Lq, Hq, D]).
+    strides with a unit stride along D. out [B, Hq, Lq, D] of their dtype, the same (e.g. a
+    transposed [B, Lq, Hq, D]).
     lse, sink_mass, entropy [B, Hq, Lq] and group_mass [B, Hq, Lq, G] float32 contiguous
     (entropy None: not computed; group_mass None iff key_groups None). window 0: none.
     key_real uint8 [B, Lk] (1 = real key) or None; sink_end, stat_end int64 [B]: keys
@@ -1127,8 +1138,9 @@ def sink_attention(
 
     kv_group = Hq // Hkv
     # no window: one wider than any |p - j| (p in [Lk - Lq, Lk), j in [0, Lk)), so in_window
-    # always holds and the band is every key
-    win = window if window > 0 else Lk + Lq + 1
+    # always holds and the band is every key. A wider window hides nothing either, and is
+    # capped to that (a window near 2^31 would overflow p + window in int32 in the kernel)
+    win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
     # base-2 scores t = s log2(e): the kernels compute t = qk_scale q . k, then with a soft cap
     # t = softcap tanh(t): qk_scale = scale / c, softcap = c log2(e)
     if softcap > 0:

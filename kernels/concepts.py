@@ -23,6 +23,8 @@ Forward:
 Backward (g: gradient of log_mass, coef = h - sum_c g_c with h that of lse), one program per
 row streaming it once:
   grad[n, v] = (coef p_v + sum_{c contains v} g_c q_cv) / T,  q_cv = exp(y_v - lse - log_mass_c)
+with log p_v = y_v - lse formed from the forward's float64 lse as (x_v - shift) / T - offset
+(shift = lse T rounded to float32, near the row's max), so it is exact at any magnitude.
 Each block stores coef p_v / T for all its v, then (after a barrier, so the order of the two
 stores is fixed) overwrites each concept id in it once with its total, the concepts that
 contain it read from the transpose: overlapping concepts accumulate, no atomics.
@@ -42,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
+from .divergence import _shift_from_lse
 
 __all__ = ["concept_mass", "concept_mass_backward"]
 
@@ -154,7 +157,7 @@ def _concept_mass_kernel(
     top_share_ptr,
     entropy_ptr,
     top_token_ptr,  # [N, C] int64 (out)
-    lse_ptr,  # [N] float32 (out)
+    lse_ptr,  # [N] float64 (out)
     inv_temperature,
     N,
     V,
@@ -199,9 +202,10 @@ def _concept_mass_kernel(
         s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=0)
         mx = new_mx
 
-    # lse = M / T + ln S (-inf for a row of -inf; NaN for NaN or +inf input)
+    # lse = M / T + ln S in float64, where M / T is exact: the backward forms log p from it at
+    # full precision (-inf for a row of -inf; NaN for NaN or +inf input)
     log_s = tl.log2(s) * _LN2
-    tl.store(lse_ptr + n, mx * inv_temperature + log_s)
+    tl.store(lse_ptr + n, tl.cast(mx, tl.float64) * tl.cast(inv_temperature, tl.float64) + tl.cast(log_s, tl.float64))
     if WITH_STATS:
         tl.debug_barrier()  # the gathered row is complete
         for c0 in range(0, C, BLOCK_C):
@@ -251,7 +255,7 @@ def _concept_mass_backward_kernel(
     id_block_starts_ptr,  # [num_id_blocks + 1] int32
     log_mass_ptr,  # [N, C] float32
     grad_concept_ptr,  # [N, C] float32: g
-    lse_ptr,  # [N] float32
+    lse_ptr,  # [N] float64
     coef_ptr,  # [N] float32: h - sum_c g_c
     grad_ptr,  # [N, V] contiguous, the logits' dtype (out)
     inv_temperature,
@@ -267,14 +271,17 @@ def _concept_mass_backward_kernel(
     n = tl.program_id(0).to(tl.int64)
     row = logits_ptr + n * stride_n
     grad_row = grad_ptr + n * V
-    lse = tl.load(lse_ptr + n)
+    # log2 p_v = (x_v - shift) c - offset from the float64 lse: exact near the row's max at any
+    # magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4)
+    shift, offset = _shift_from_lse(tl.load(lse_ptr + n), inv_temperature)
+    c = inv_temperature * _LOG2E
     coef = tl.load(coef_ptr + n)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
-        # every v: coef p_v / T, p_v = exp(y_v - lse)
+        # every v: coef p_v / T
         offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
         x = tl.load(row + offs_v.to(tl.int64) * stride_v, mask=v_ok, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x * inv_temperature - lse)
+        p = tl.exp2((x - shift) * c - offset)
         tl.store(grad_row + offs_v, (coef * p * inv_temperature).to(grad_ptr.dtype.element_ty), mask=v_ok)
         tl.debug_barrier()  # those stores come before the overwrites below
         # the concept ids of this block: (coef p_v + sum_{c contains v} g_c q_cv) / T
@@ -285,15 +292,15 @@ def _concept_mass_backward_kernel(
             ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
             first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
             count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
-            y = _pick(x, b, row, ids, take, stride_v, BLOCK_V) * inv_temperature
-            total = coef * tl.exp(y - lse)
+            log2p = (_pick(x, b, row, ids, take, stride_v, BLOCK_V) - shift) * c - offset
+            total = coef * tl.exp2(log2p)
             for j in range(0, tl.max(count, axis=0).to(tl.int32)):
                 has = j < count
                 concept = tl.load(vocab_concepts_ptr + first + j, mask=has, other=0)
                 log_mass = tl.load(log_mass_ptr + n * C + concept, mask=has, other=float("-inf"))
                 g = tl.load(grad_concept_ptr + n * C + concept, mask=has, other=0.0)
                 has_mass = log_mass != float("-inf")  # an all -inf concept contributes 0
-                q = tl.exp(y - lse - tl.where(has_mass, log_mass, 0.0))  # q_cv = p_v / mass_c
+                q = tl.exp2(log2p - tl.where(has_mass, log_mass, 0.0) * _LOG2E)  # q_cv = p_v / mass_c
                 total += tl.where(has_mass, g * q, 0.0)
             tl.store(grad_row + ids, (total * inv_temperature).to(grad_ptr.dtype.element_ty), mask=take)
 
@@ -343,7 +350,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     index     the ConceptSet's _Index (int64 tensors, id_block_starts int32; contiguous, on the
               logits' device; ids already checked to lie in [0, V)), with blocks of `id_block` ids
     out       ConceptMass of preallocated contiguous tensors: mass, log_mass, top_share,
-              concentration_entropy [N, C] float32, top_token [N, C] int64, lse [N] float32
+              concentration_entropy [N, C] float32, top_token [N, C] int64, lse [N] float64
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -351,7 +358,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     C, T = index.offsets.numel() - 1, index.token_ids.numel()
     for name, tensor in zip(out._fields, out):
         shape = (N,) if name == "lse" else (N, C)
-        dtype = torch.int64 if name == "top_token" else torch.float32
+        dtype = {"top_token": torch.int64, "lse": torch.float64}.get(name, torch.float32)
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)}")
     inv_temperature = _check_inv_temperature(inv_temperature)
@@ -382,7 +389,8 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
 def concept_mass_backward(logits, index, id_block, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
     """Launch the backward; writes every element of ``grad`` ([N, V] contiguous, logits' dtype).
 
-    log_mass, grad_concept [N, C] and lse, coef [N]: float32 contiguous (coef = h - sum_c g_c);
+    log_mass, grad_concept [N, C] and coef [N]: float32 contiguous (coef = h - sum_c g_c); lse [N]
+    float64 contiguous (the forward's);
     index: the ConceptSet's _Index (vocab_ids, vocab_offsets, vocab_concepts, id_block_starts).
     """
     N, V = logits.shape
@@ -390,8 +398,9 @@ def concept_mass_backward(logits, index, id_block, log_mass, lse, grad_concept, 
     if grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous():
         raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
     for name, tensor in (("log_mass", log_mass), ("grad_concept", grad_concept), ("lse", lse), ("coef", coef)):
-        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 tensor")
+        dtype = torch.float64 if name == "lse" else torch.float32
+        if tensor.dtype != dtype or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor")
     inv_temperature = _check_inv_temperature(inv_temperature)
     if N == 0:
         return

@@ -444,7 +444,8 @@ def dual_path_attention(
     o_uncond.
 
     q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (Hq % Hkv == 0), float32 / bfloat16 / float16, any
-    strides. out [B, Hq, Lq, D] of their dtype, any strides (e.g. a transposed [B, Lq, Hq, D]);
+    strides with a unit stride along D. out [B, Hq, Lq, D] of their dtype, the same (e.g. a
+    transposed [B, Lq, Hq, D]);
     o_cond, o_uncond both None or both tensors of out's shape, dtype and strides. key_real
     uint8 [B, Lk] (1 = real key) or None (all real); drop uint8 [B, Lk] (1 = dropped / image
     key); rows uint8 [B, Lq] (1 = guide this query row). gamma: guidance strength (0: out is

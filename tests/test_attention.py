@@ -367,6 +367,48 @@ def bad_cases():
     ]
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_window_wider_than_any_distance_is_no_window(target, causal):
+    """A window of 2^31 - 1 (a common "no window" value) hides nothing: p + window must not
+    overflow int32 in a kernel."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 9, 23, 16, torch.float32, device)
+    want = fp.sink_attention(q, k, v, causal=causal, num_sink=2)
+    for window in (2**31 - 1, 2**31 - 5, 2**40):
+        got = fp.sink_attention(q, k, v, causal=causal, num_sink=2, window=window)
+        for name in ("out", "lse", "sink_mass"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_head_dim_one_with_any_stride(target):
+    """D = 1 views keep whatever stride their parent had along D (torch calls them contiguous
+    either way); the kernels never step it."""
+    _, device = target
+    q, k, v = (x[..., ::2] for x in random_qkv(1, 2, 1, 5, 7, 2, torch.float32, device))
+    assert q.stride(-1) == 2
+    got = fp.sink_attention(q, k, v)
+    assert_matches(got, expected(q, k, v), torch.float32, False, False)
+    drop = torch.zeros(1, 7, dtype=torch.bool, device=device)
+    drop[0, 2:4] = True
+    out = fp.dual_path_attention(q, k, v, drop, gamma=0.5)
+    torch.testing.assert_close(out.cpu().double(), reference.dual_path_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), drop.cpu(), gamma=0.5)["out"], rtol=RTOL, atol=ATOL)
+
+
+def test_hand_made_key_masks_ends_are_clamped(target):
+    """Sink / statistics ends past Lk (or negative) in a hand-made KeyMasks act as Lk (or 0),
+    never as wrapped int32 values."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 9, 23, 16, torch.float32, device)
+    masks = key_masks(None, 2, 23, num_sink=2, stat_tokens=1, device=device)
+    wide = masks._replace(sink_end=torch.tensor([2**32 + 1, 23], device=device),
+                          stat_end=torch.tensor([-(2**32), 2**33], device=device))
+    clamped = masks._replace(sink_end=torch.tensor([23, 23], device=device), stat_end=torch.tensor([0, 23], device=device))
+    got = fp.sink_attention(q, k, v, key_padding_mask=wide, num_sink=2, window=4)
+    want = fp.sink_attention(q, k, v, key_padding_mask=clamped, num_sink=2, window=4)
+    for name in ("out", "lse", "sink_mass"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
 @pytest.mark.parametrize("num_sink,stat_tokens", [(0, 1), (3, 2), (0, 0)])
 @pytest.mark.parametrize("side", ["left", "right", "none"])
 def test_reused_key_masks_give_the_same_result(target, num_sink, stat_tokens, side):

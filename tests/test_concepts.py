@@ -188,6 +188,25 @@ def test_gradient_matches_autograd_of_reference(target, dtype):
     torch.testing.assert_close(got.cpu().double(), reference_gradient(logits, concepts, 0.8, weights), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gradient_at_extreme_logits(target, temperature):
+    """Logits ~1e4 with the concepts' variants near the row's max: the backward forms log p from
+    the forward's float64 lse as (x - shift) / T - offset, so the gradient keeps float32
+    accuracy (x / T - lse in float32 would be off by ~1e-3 relative here)."""
+    _, device = target
+    num_tokens, vocab, _ = shapes_for(target)[0]
+    logits = 1e4 * torch.randn(num_tokens, vocab)
+    top = logits.amax(-1, keepdim=True)
+    logits[:, :6] = top + 0.5 - 0.7 * torch.arange(6)  # token 0 is the new max, the rest close by
+    concepts = fp.ConceptSet.from_ids([[0, 2], [1, 3, 4], [5], [2, 5, vocab - 1]]).to(device)
+    logits = logits.to(device)
+    weights = [torch.randn(num_tokens, 4, device=device), torch.randn(num_tokens, 4, device=device),
+               torch.randn(num_tokens, device=device)]
+    got = fused_gradient(logits, concepts, temperature, weights)
+    torch.testing.assert_close(got.cpu().double(), reference_gradient(logits, concepts, temperature, weights),
+                               rtol=RTOL, atol=ATOL)
+
+
 def test_gradient_of_log_mass_only_with_masked_concepts(target):
     """Only log_mass in the loss (mass and lse get zero gradient), strided logits, and a
     concept masked everywhere, whose gradient is 0 by convention."""

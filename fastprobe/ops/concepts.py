@@ -395,7 +395,8 @@ def _concept_mass_op(
     dtype = output_dtype(logits)
     stats = [new_output((num_tokens, num_concepts), logits.device, dtype) for _ in range(4)]
     top_token = new_output((num_tokens, num_concepts), logits.device, torch.int64)
-    out = ConceptMass(*stats, top_token, new_output((num_tokens,), logits.device, dtype))
+    # lse in float64 (for every input dtype): the backward forms log p from it at full precision
+    out = ConceptMass(*stats, top_token, new_output((num_tokens,), logits.device, torch.float64))
     if num_tokens > 0:
         backend = resolve(logits.device, logits.dtype, "concept_mass")
         _FORWARD[backend](logits, index, inv_temperature, out)
@@ -409,7 +410,7 @@ def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, voca
     dtype = output_dtype(logits)
     stats = [logits.new_empty((num_tokens, num_concepts), dtype=dtype) for _ in range(4)]
     top_token = logits.new_empty((num_tokens, num_concepts), dtype=torch.int64)
-    return (*stats, top_token, logits.new_empty((num_tokens,), dtype=dtype))
+    return (*stats, top_token, logits.new_empty((num_tokens,), dtype=torch.float64))
 
 
 # -- backward: grad_z = (p (h - sum_c g_c) + sum_{c contains v} g_c q_cv) / T
@@ -475,8 +476,8 @@ def _concept_mass_backward_op(
     if logits.shape[0] > 0:
         # a concept that is all -inf in a row has log_mass -inf there, and gradient 0 by convention
         masked = log_mass == float("-inf")
-        grad_concept = torch.where(masked, 0.0, grad_log_mass.to(lse.dtype)).contiguous()
-        coef = (grad_lse.to(lse.dtype) - grad_concept.sum(-1)).contiguous()  # h - sum_c g_c
+        grad_concept = torch.where(masked, 0.0, grad_log_mass.to(log_mass.dtype)).contiguous()
+        coef = (grad_lse.to(log_mass.dtype) - grad_concept.sum(-1)).contiguous()  # h - sum_c g_c
         backend = resolve(logits.device, logits.dtype, "concept_mass")
         _BACKWARD[backend](logits, index, log_mass, lse, grad_concept, coef, inv_temperature, grad)
     return grad
@@ -570,7 +571,7 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     concepts = _check_concepts(concepts, logits)
     inv_temperature = 1.0 / check_temperature(temperature)
 
-    result = ConceptMass(*_concept_mass_op(logits, *concepts._index, inv_temperature))
+    *stats, lse = _concept_mass_op(logits, *concepts._index, inv_temperature)
     if not is_compiling() and logits.shape[0] > 0:
-        check_finite_lse(result.lse, lambda row: f"logits[{row}]")
-    return result
+        check_finite_lse(lse, lambda row: f"logits[{row}]")
+    return ConceptMass(*stats, lse.to(output_dtype(logits)))
