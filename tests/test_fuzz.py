@@ -16,7 +16,6 @@ import fastprobe as fp
 from fastprobe import reference
 
 from . import test_attention, test_bridge, test_concepts, test_divergence, test_dual_attention
-from .conftest import TARGETS
 
 # FASTPROBE_FUZZ=n multiplies the number of examples, for a longer search
 FUZZ_SCALE = int(os.environ.get("FASTPROBE_FUZZ", "1"))
@@ -94,15 +93,6 @@ def tolerance(scale):
     return (1e-4, 1e-4) if scale > 100 else (test_divergence.RTOL, test_divergence.ATOL)
 
 
-@pytest.fixture(params=TARGETS)
-def target(request):
-    """(backend, device), forced for the test (as the conftest's fixture; hypothesis calls the
-    test body many times per fixture)."""
-    backend, device = request.param
-    fp.set_backend(backend)
-    return backend, device
-
-
 def test_draft_divergence(target):
     fuzz(target, _draft_divergence_case, 40)
 
@@ -121,9 +111,10 @@ def call_or_raise(invalid, message, op, *args, **kwargs):
     return op(*args, **kwargs)
 
 
-def assert_untouched(originals, tensors):
-    for name, original in originals.items():
-        assert torch.equal(original, tensors[name]), f"{name} was modified"
+def assert_untouched(before, tensors):
+    """The inputs still hold what copies taken before the call hold."""
+    for i, (original, tensor) in enumerate(zip(before, tensors)):
+        assert torch.equal(original, tensor), f"input {i} was modified"
 
 
 def _draft_divergence_case(target, data):
@@ -141,15 +132,15 @@ def _draft_divergence_case(target, data):
         scale = max(scale, target_scale)
     weights = test_divergence.random_weights(num_drafts, device) if data.draw(st.booleans(), label="weighted") else None
     temperature = data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature")
-    inputs = {"draft": draft, "target": target_logits} if target_logits is not None else {"draft": draft}
-    originals = {name: x.clone() for name, x in inputs.items()}
+    inputs = [x for x in (draft, target_logits) if x is not None]
+    before = [x.clone() for x in inputs]
 
     # a broadcast along the vocabulary can turn a row all -inf: that must raise, naming the row
     result = call_or_raise(
         has_empty_row(draft, target_logits), "row", fp.draft_divergence, draft, target_logits, weights=weights,
         temperature=temperature,
     )  # fmt: skip
-    assert_untouched(originals, inputs)
+    assert_untouched(before, inputs)
     if result is not None:
         rtol, atol = tolerance(scale)
         want = test_divergence.expected(draft, target_logits, weights, temperature)
@@ -173,7 +164,7 @@ def _concept_mass_case(target, data):
     original = logits.clone()
 
     result = call_or_raise(has_empty_row(logits), "row", fp.concept_mass, logits, concepts, temperature=temperature)
-    assert_untouched({"logits": original}, {"logits": logits})
+    assert_untouched([original], [logits])
     if result is None:
         return
     rtol, atol = tolerance(scale)
@@ -216,9 +207,9 @@ def _bridge_loss_case(target, data):
     )
     if data.draw(st.booleans(), label="labels"):
         options["labels"] = test_bridge.random_labels(num_rows, device)
-    originals = {"student": student.clone(), "teacher": teacher.clone()}
+    before = [student.clone(), teacher.clone()]
     rows_options = dict(options, reduction="none")
-    want_rows = reference.bridge_loss(student.double(), teacher.double(), **rows_options)
+    want_rows = reference.bridge_loss(student.double(), teacher.double(), **rows_options).cpu()
     if not want_rows.isfinite().all():
         # a row whose P_S or Q does not exist (all -inf, e.g. after a broadcast along the
         # vocabulary) has loss NaN, found without a host synchronisation; a row where one side
@@ -228,7 +219,7 @@ def _bridge_loss_case(target, data):
         torch.testing.assert_close(rows.cpu().double(), want_rows, rtol=test_bridge.RTOL, atol=test_bridge.ATOL, equal_nan=True)
     else:
         test_bridge.assert_matches(student, teacher, **options)
-    assert_untouched(originals, {"student": student, "teacher": teacher})
+    assert_untouched(before, [student, teacher])
 
 
 def draw_attention_inputs(target, data):
@@ -256,10 +247,6 @@ def draw_attention_inputs(target, data):
 def attention_tolerance(magnitude):
     """Scores of ~30 x |k| carry float32 rounding of ~1e-5 relative into every weight."""
     return dict(rtol=test_attention.RTOL, atol=1e-4 if magnitude > 1 else test_attention.ATOL)
-
-
-def assert_inputs_untouched(before, tensors):
-    assert all(torch.equal(a, b) for a, b in zip(before, tensors)), "an input was modified"
 
 
 def test_sink_attention(target):
@@ -292,7 +279,7 @@ def _sink_attention_case(target, data):
     before = [x.clone() for x in (q, k, v)]
 
     result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **options)
-    assert_inputs_untouched(before, (q, k, v))
+    assert_untouched(before, (q, k, v))
     want = test_attention.expected(q, k, v, **options)
     test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **attention_tolerance(magnitude))
 
@@ -318,10 +305,65 @@ def _dual_path_attention_case(target, data):
     before = [x.clone() for x in (q, k, v)]
 
     got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
-    assert_inputs_untouched(before, (q, k, v))
+    assert_untouched(before, (q, k, v))
     want = test_dual_attention.expected(q, k, v, drop, **options)
     rtol, atol = test_attention.OUT_TOLERANCE[dtype]
     for name, value in zip(("out", "o_cond", "o_uncond"), got):
         assert value.dtype == dtype, name
         assert not torch.isnan(value).any(), f"{name} has NaN (unwritten or invalid)"
         torch.testing.assert_close(value.cpu().double(), want[name], rtol=rtol, atol=max(atol, attention_tolerance(magnitude)["atol"]), msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_linear_bridge_loss(target):
+    fuzz(target, _fused_linear_case, 25)
+
+
+def _fused_linear_case(target, data):
+    _, device = target
+    num_rows = data.draw(st.integers(1, 20), label="N")
+    hidden_s, hidden_t = data.draw(st.integers(1, 40), label="Hs"), data.draw(st.integers(1, 40), label="Ht")
+    vocab = data.draw(st.integers(1, 60 if small(target) else 300), label="V")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    h_s = draw_layout(data, torch.randn(num_rows, hidden_s).to(device=device, dtype=dtype), "student_hidden")
+    w_s = draw_layout(data, (torch.randn(vocab, hidden_s) / hidden_s**0.5).to(device=device, dtype=dtype), "student_weight")
+    h_t = draw_layout(data, torch.randn(num_rows, hidden_t).to(device=device, dtype=dtype), "teacher_hidden")
+    w_t = draw_layout(data, (torch.randn(vocab, hidden_t) / hidden_t**0.5).to(device=device, dtype=dtype), "teacher_weight")
+    b_s = torch.randn(vocab).to(device=device, dtype=dtype) if data.draw(st.booleans(), label="student bias") else None
+    b_t = torch.randn(vocab).to(device=device, dtype=dtype) if data.draw(st.booleans(), label="teacher bias") else None
+    labels = test_bridge.random_labels(num_rows, device) if data.draw(st.booleans(), label="labels") else None
+    options = dict(
+        beta=data.draw(st.sampled_from(test_bridge.BETAS), label="beta"),
+        temperature=data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature"),
+        direction=data.draw(st.sampled_from(["forward", "reverse"]), label="direction"),
+        reduction=data.draw(st.sampled_from(["mean", "sum"]), label="reduction"),
+    )
+    chunk_rows = data.draw(st.sampled_from([None, 1, 3, num_rows + 5]), label="chunk_rows")
+    float32_weight_grad = data.draw(st.booleans(), label="float32_weight_grad")
+
+    trained = [x.detach().clone().requires_grad_() for x in (h_s, w_s) + ((b_s,) if b_s is not None else ())]
+    loss_fn = fp.FusedLinearBridgeLoss(chunk_rows=chunk_rows, float32_weight_grad=float32_weight_grad, **options)
+    fused = loss_fn(trained[0], trained[1], h_t, w_t, labels=labels, student_bias=trained[2] if b_s is not None else None,
+                    teacher_bias=b_t)
+    fused.backward()
+
+    plain = [x.detach().cpu().double().requires_grad_() for x in trained]
+    logits_s = torch.nn.functional.linear(*plain)
+    logits_t = torch.nn.functional.linear(h_t.cpu().double(), w_t.cpu().double(), None if b_t is None else b_t.cpu().double())
+    if dtype != torch.float32:  # the fused form holds each chunk's logits in the input dtype
+        logits_t = logits_t.to(dtype).double()
+        logits_s = logits_s + (logits_s.to(dtype).double() - logits_s).detach()  # rounded, same gradient
+    logits_s.retain_grad()
+    want = reference.bridge_loss(logits_s, logits_t, labels=None if labels is None else labels.cpu(), **options)
+    want.backward()
+    # bfloat16 rounds each logit gradient to 8 bits before the products: an input gradient is
+    # off by a share of the sum of its terms' sizes (|dlogits| |W|, |dlogits|^T |h|, |dlogits|)
+    dlogits = logits_s.grad.abs()
+    term_sizes = [want.abs().item(), (dlogits @ plain[1].detach().abs()).max().item(),
+                  (dlogits.t() @ plain[0].detach().abs()).max().item(), dlogits.sum(0).max().item()]
+    for i, (name, got, expected) in enumerate([("loss", fused, want)] + [(f"grad {i}", x.grad, y.grad) for i, (x, y) in enumerate(zip(trained, plain))]):
+        assert got.dtype == (torch.float32 if name == "loss" else dtype), name
+        expected = expected.detach()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            torch.testing.assert_close(got.cpu().double(), expected, rtol=3e-2, atol=3e-2 * term_sizes[i] + 1e-6, msg=lambda m: f"{name}: {m}")
