@@ -317,9 +317,9 @@ void bind_concepts(py::module_& m) {
         py::arg("lse_ptr"), py::arg("num_threads"));
   m.def("concept_mass_backward", &concept_mass_backward, py::call_guard<py::gil_scoped_release>(),
         "Gradient of (log_mass, lse) w.r.t. the logits: grad [N, V] (contiguous, the logits'\n"
-        "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T, p from lse [N] float64. vocab_ids\n"
-        "[U], vocab_offsets"
-        "[U + 1], vocab_concepts [M] int64 (the incidence by vocabulary id) are checked first.",
+        "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T, p from lse [N] float64.\n"
+        "vocab_ids [U], vocab_offsets [U + 1], vocab_concepts [M] int64 (the incidence by\n"
+        "vocabulary id) are checked first.",
         py::arg("dtype"), py::arg("logits_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_n"),
         py::arg("stride_v"), py::arg("vocab_ids_ptr"), py::arg("U"), py::arg("vocab_offsets_ptr"),
         py::arg("vocab_concepts_ptr"), py::arg("M"), py::arg("C"), py::arg("log_mass_ptr"),

@@ -73,6 +73,13 @@ def draw_layout(data, x, label):
     return relayout(x, layout, dim)
 
 
+def draw_rows_vocab_dtype(target, data, min_rows, max_rows, max_vocab):
+    """(N, V, dtype); V at most 80 under the interpreter."""
+    num_rows = data.draw(st.integers(min_rows, max_rows), label="N")
+    vocab = data.draw(st.integers(1, 80 if small(target) else max_vocab), label="V")
+    return num_rows, vocab, data.draw(st.sampled_from(DTYPES), label="dtype")
+
+
 def draw_logits(data, shape, dtype, label, allow_empty_rows=False):
     """Random logits of `shape`: a scale (up to 1e4), a fraction of -inf entries, each row
     (last dim) keeping at least one finite entry unless allow_empty_rows."""
@@ -92,9 +99,6 @@ def tolerance(scale):
     """Logits of magnitude 1e4 leave float32 rounding of that size in each log-sum-exp."""
     return (1e-4, 1e-4) if scale > 100 else (test_divergence.RTOL, test_divergence.ATOL)
 
-
-def test_draft_divergence(target):
-    fuzz(target, _draft_divergence_case, 40)
 
 
 def has_empty_row(*logits):
@@ -120,9 +124,7 @@ def assert_untouched(before, tensors):
 def _draft_divergence_case(target, data):
     _, device = target
     num_drafts = data.draw(st.integers(1, 5), label="K")
-    num_tokens = data.draw(st.integers(0, 6), label="N")
-    vocab = data.draw(st.integers(1, 80 if small(target) else 700), label="V")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 0, 6, 700)
     draft, scale = draw_logits(data, (num_drafts, num_tokens, vocab), dtype, "draft")
     draft = draw_layout(data, draft.to(device), "draft")
     target_logits = None
@@ -147,15 +149,10 @@ def _draft_divergence_case(target, data):
         test_divergence.assert_matches(result, want, has_target=target_logits is not None, rtol=rtol, atol=atol)
 
 
-def test_concept_mass(target):
-    fuzz(target, _concept_mass_case, 40)
-
 
 def _concept_mass_case(target, data):
     _, device = target
-    num_tokens = data.draw(st.integers(0, 6), label="N")
-    vocab = data.draw(st.integers(1, 80 if small(target) else 900), label="V")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 0, 6, 900)
     logits, scale = draw_logits(data, (num_tokens, vocab), dtype, "logits", allow_empty_rows=True)
     logits = draw_layout(data, logits.to(device), "logits")
     num_concepts = data.draw(st.integers(1, 12), label="C")
@@ -184,15 +181,10 @@ def _concept_mass_case(target, data):
         torch.testing.assert_close(got.cpu().double(), want, rtol=grad_rtol, atol=grad_atol)
 
 
-def test_bridge_loss(target):
-    fuzz(target, _bridge_loss_case, 40)
-
 
 def _bridge_loss_case(target, data):
     _, device = target
-    num_rows = data.draw(st.integers(1, 7), label="N")
-    vocab = data.draw(st.integers(1, 80 if small(target) else 900), label="V")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    num_rows, vocab, dtype = draw_rows_vocab_dtype(target, data, 1, 7, 900)
     # one vocabulary mask shared by student and teacher (padded vocabulary entries)
     student, _ = draw_logits(data, (num_rows, vocab), torch.float64, "student")
     teacher = torch.randn(num_rows, vocab, dtype=torch.float64) * data.draw(st.sampled_from([1.0, 8.0]), label="teacher scale")
@@ -249,9 +241,6 @@ def attention_tolerance(magnitude):
     return dict(rtol=test_attention.RTOL, atol=1e-4 if magnitude > 1 else test_attention.ATOL)
 
 
-def test_sink_attention(target):
-    fuzz(target, _sink_attention_case, 40)
-
 
 def _sink_attention_case(target, data):
     _, device = target
@@ -284,9 +273,6 @@ def _sink_attention_case(target, data):
     test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **attention_tolerance(magnitude))
 
 
-def test_dual_path_attention(target):
-    fuzz(target, _dual_path_attention_case, 40)
-
 
 def _dual_path_attention_case(target, data):
     _, device = target
@@ -313,9 +299,6 @@ def _dual_path_attention_case(target, data):
         assert not torch.isnan(value).any(), f"{name} has NaN (unwritten or invalid)"
         torch.testing.assert_close(value.cpu().double(), want[name], rtol=rtol, atol=max(atol, attention_tolerance(magnitude)["atol"]), msg=lambda m: f"{name}: {m}")
 
-
-def test_fused_linear_bridge_loss(target):
-    fuzz(target, _fused_linear_case, 25)
 
 
 def _fused_linear_case(target, data):
@@ -367,3 +350,20 @@ def _fused_linear_case(target, data):
             torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
         else:
             torch.testing.assert_close(got.cpu().double(), expected, rtol=3e-2, atol=3e-2 * term_sizes[i] + 1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# each op's case and its number of examples per run (a quarter under the interpreter)
+CASES = {
+    "draft_divergence": (_draft_divergence_case, 40),
+    "concept_mass": (_concept_mass_case, 40),
+    "bridge_loss": (_bridge_loss_case, 40),
+    "sink_attention": (_sink_attention_case, 40),
+    "dual_path_attention": (_dual_path_attention_case, 40),
+    "fused_linear_bridge_loss": (_fused_linear_case, 25),
+}
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_random_calls(target, op):
+    case, examples = CASES[op]
+    fuzz(target, case, examples)
