@@ -5,6 +5,8 @@ against a clear error). The family test files pin each feature down one at a tim
 looks for the combinations they miss. `tests/sanitize.sh` runs it (and the rest of the suite)
 against a C++ extension built with AddressSanitizer and UndefinedBehaviorSanitizer."""
 
+import contextlib
+import functools
 import os
 
 import pytest
@@ -236,6 +238,30 @@ def draw_attention_inputs(target, data):
     return q, k, v, mask, dtype, magnitude
 
 
+@contextlib.contextmanager
+def triton_key_splits(target, data, rows):
+    """On Triton targets, a drawn split_keys for the attention launchers: None (their choice),
+    0 (the prefill kernel) or n >= 1 (the decode path: keys split across n programs, then
+    merged), which they would only choose for long caches. rows: (Hq / Hkv) Lq."""
+    backend, _ = target
+    if backend != "triton" or rows > 128:
+        yield
+        return
+    from fastprobe.kernels import attention as triton_attention
+    from fastprobe.kernels import dual_attention as triton_dual
+
+    splits = data.draw(st.sampled_from([None, 0, 1, 3]), label="split_keys")
+    launchers = [(triton_attention, "sink_attention"), (triton_dual, "dual_path_attention")]
+    originals = [getattr(module, name) for module, name in launchers]
+    for (module, name), original in zip(launchers, originals):
+        setattr(module, name, functools.partial(original, split_keys=splits))
+    try:
+        yield
+    finally:
+        for (module, name), original in zip(launchers, originals):
+            setattr(module, name, original)
+
+
 def attention_tolerance(magnitude):
     """Scores of ~30 x |k| carry float32 rounding of ~1e-5 relative into every weight."""
     return dict(rtol=test_attention.RTOL, atol=1e-4 if magnitude > 1 else test_attention.ATOL)
@@ -267,7 +293,8 @@ def _sink_attention_case(target, data):
     with_entropy = data.draw(st.booleans(), label="entropy")
     before = [x.clone() for x in (q, k, v)]
 
-    result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **options)
+    with triton_key_splits(target, data, heads // k.shape[1] * q.shape[2]):
+        result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **options)
     assert_untouched(before, (q, k, v))
     want = test_attention.expected(q, k, v, **options)
     test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **attention_tolerance(magnitude))
@@ -290,7 +317,8 @@ def _dual_path_attention_case(target, data):
     )
     before = [x.clone() for x in (q, k, v)]
 
-    got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+    with triton_key_splits(target, data, q.shape[1] // k.shape[1] * num_queries):
+        got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
     assert_untouched(before, (q, k, v))
     want = test_dual_attention.expected(q, k, v, drop, **options)
     rtol, atol = test_attention.OUT_TOLERANCE[dtype]
