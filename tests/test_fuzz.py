@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import fastprobe as fp
 from fastprobe import reference
+from fastprobe.ops.attention import key_masks
 
 from . import test_attention, test_bridge, test_concepts, test_divergence, test_dual_attention
 
@@ -154,6 +155,31 @@ def _draft_divergence_case(target, data):
 
 
 
+def _sharded_divergence_case(target, data):
+    """draft_divergence over a vocabulary cut into 1-4 uneven shards (the tensor-parallel
+    form's steps in one process), against the float64 reference of the whole vocabulary."""
+    _, device = target
+    num_drafts = data.draw(st.integers(1, 4), label="K")
+    num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 1, 5, 500)
+    cuts = sorted(data.draw(st.sets(st.integers(1, vocab - 1), max_size=3), label="shard cuts")) if vocab > 1 else []
+    shards = list(zip([0] + cuts, cuts + [vocab]))
+    draft, scale = draw_logits(data, (num_drafts, num_tokens, vocab), dtype, "draft")
+    draft = draw_layout(data, draft.to(device), "draft")
+    target_logits = None
+    if data.draw(st.booleans(), label="with target"):
+        target_logits, target_scale = draw_logits(data, (num_tokens, vocab), dtype, "target")
+        target_logits = draw_layout(data, target_logits.to(device), "target")
+        scale = max(scale, target_scale)
+    if has_empty_row(draft, target_logits):
+        return  # a broadcast along the vocabulary emptied a row: the unsharded case covers it
+    weights = test_divergence.random_weights(num_drafts, device)
+    temperature = data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature")
+    result, _ = test_divergence.combine_shards(draft, target_logits, weights, temperature, shards)
+    rtol, atol = tolerance(scale)
+    want = test_divergence.expected(draft, target_logits, weights, temperature)
+    test_divergence.assert_matches(result, want, has_target=target_logits is not None, rtol=rtol, atol=atol)
+
+
 def _concept_mass_case(target, data):
     _, device = target
     num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 0, 6, 900)
@@ -275,7 +301,6 @@ def attention_tolerance(q, k, v):
     return dict(rtol=test_attention.RTOL, atol=max(test_attention.ATOL, 8 * 2**-24 * bound * v_max))
 
 
-
 def _sink_attention_case(target, data):
     _, device = target
     q, k, v, mask, dtype = draw_attention_inputs(target, data)
@@ -301,8 +326,14 @@ def _sink_attention_case(target, data):
     with_entropy = data.draw(st.booleans(), label="entropy")
     before = [x.clone() for x in (q, k, v)]
 
+    call_options = dict(options)
+    if data.draw(st.booleans(), label="prepared KeyMasks"):  # as fastprobe.patch passes the mask
+        call_options["key_padding_mask"] = key_masks(
+            mask, batch, num_keys, num_sink=options["num_sink"], stat_tokens=options["stat_tokens"], device=device
+        )
+
     with triton_key_splits(target, data, heads // k.shape[1] * q.shape[2]):
-        result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **options)
+        result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **call_options)
     assert_untouched(before, (q, k, v))
     want = test_attention.expected(q, k, v, **options)
     test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **attention_tolerance(q, k, v))
@@ -391,6 +422,7 @@ def _fused_linear_case(target, data):
 # each op's case and its number of examples per run (a quarter on Triton targets)
 CASES = {
     "draft_divergence": (_draft_divergence_case, 40),
+    "draft_divergence_sharded": (_sharded_divergence_case, 25),
     "concept_mass": (_concept_mass_case, 40),
     "bridge_loss": (_bridge_loss_case, 40),
     "sink_attention": (_sink_attention_case, 40),
