@@ -126,10 +126,9 @@ def assert_untouched(before, tensors):
         assert torch.equal(original, tensor), f"input {i} was modified"
 
 
-def _draft_divergence_case(target, data):
+def draw_divergence_logits(target, data, num_drafts, num_tokens, vocab, dtype):
+    """Drafts [K, N, V] and, or not, a target [N, V], in drawn layouts; (draft, target, scale)."""
     _, device = target
-    num_drafts = data.draw(st.integers(1, 5), label="K")
-    num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 0, 6, 700)
     draft, scale = draw_logits(data, (num_drafts, num_tokens, vocab), dtype, "draft")
     draft = draw_layout(data, draft.to(device), "draft")
     target_logits = None
@@ -137,6 +136,14 @@ def _draft_divergence_case(target, data):
         target_logits, target_scale = draw_logits(data, (num_tokens, vocab), dtype, "target")
         target_logits = draw_layout(data, target_logits.to(device), "target")
         scale = max(scale, target_scale)
+    return draft, target_logits, scale
+
+
+def _draft_divergence_case(target, data):
+    _, device = target
+    num_drafts = data.draw(st.integers(1, 5), label="K")
+    num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 0, 6, 700)
+    draft, target_logits, scale = draw_divergence_logits(target, data, num_drafts, num_tokens, vocab, dtype)
     weights = test_divergence.random_weights(num_drafts, device) if data.draw(st.booleans(), label="weighted") else None
     temperature = data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature")
     inputs = [x for x in (draft, target_logits) if x is not None]
@@ -163,13 +170,7 @@ def _sharded_divergence_case(target, data):
     num_tokens, vocab, dtype = draw_rows_vocab_dtype(target, data, 1, 5, 500)
     cuts = sorted(data.draw(st.sets(st.integers(1, vocab - 1), max_size=3), label="shard cuts")) if vocab > 1 else []
     shards = list(zip([0] + cuts, cuts + [vocab]))
-    draft, scale = draw_logits(data, (num_drafts, num_tokens, vocab), dtype, "draft")
-    draft = draw_layout(data, draft.to(device), "draft")
-    target_logits = None
-    if data.draw(st.booleans(), label="with target"):
-        target_logits, target_scale = draw_logits(data, (num_tokens, vocab), dtype, "target")
-        target_logits = draw_layout(data, target_logits.to(device), "target")
-        scale = max(scale, target_scale)
+    draft, target_logits, scale = draw_divergence_logits(target, data, num_drafts, num_tokens, vocab, dtype)
     if has_empty_row(draft, target_logits):
         return  # a broadcast along the vocabulary emptied a row: the unsharded case covers it
     weights = test_divergence.random_weights(num_drafts, device)
