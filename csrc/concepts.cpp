@@ -16,6 +16,10 @@
 // kBlock for its online log-sum-exp, then each concept's variants are gathered.
 // Backward, with g[n, c] the gradient of log_mass and coef[n] = h[n] - sum_c g[n, c]:
 //   grad[n, v] = (coef p_v + sum_{c contains v} g[n, c] q_cv) / T
+// with log p_v = (x_v - shift) / T - offset from the row's double lse, and q_cv = p_v / mass_c
+// from the concept's own largest variant, as in the forward: log q_cv = (x_v - x_top) / T -
+// log s_c, x_top = x[top_token], log s_c = -log top_share (exact however far the concept lies
+// below the row's max).
 // one pass writes coef p_v / T for every v, then every concept token is overwritten once
 // with its total, read from the incidence by vocabulary id (the CSR transpose).
 //
@@ -174,7 +178,8 @@ struct Backward {
   int64_t N, V, stride_n, stride_v;
   ByToken tokens;
   int64_t C;
-  const float* log_mass;       // [N, C]
+  const float* top_share;      // [N, C]  1 / s_c (0: every variant masked)
+  const int64_t* top_token;    // [N, C]  the concept's largest variant (ids checked < V)
   const double* lse;           // [N]
   const float* grad_concept;   // [N, C]  g = d loss / d log_mass
   const float* coef;           // [N]     h - sum_c g[n, c]
@@ -197,17 +202,21 @@ inline void backward_row(const Backward& b, int64_t n, float* block) {
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) grad[v0 + i] = from_float<T>(scale * fast_exp(log_prob(log_p, block[i])));
   }
-  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T, q_cv = exp(log p_v - log_mass_c)
+  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T
   const ByToken& ts = b.tokens;
-  const float* log_mass = b.log_mass + n * b.C;
+  const float* top_share = b.top_share + n * b.C;
+  const int64_t* top_token = b.top_token + n * b.C;
   const float* g = b.grad_concept + n * b.C;
   for (int64_t u = 0; u < ts.U; ++u) {
     const int64_t v = ts.ids[u];
-    const float lp = log_prob(log_p, to_float<T>(row[v * b.stride_v]));
-    float total = b.coef[n] * fast_exp(lp);
+    const float x = to_float<T>(row[v * b.stride_v]);
+    float total = b.coef[n] * fast_exp(log_prob(log_p, x));
     for (int64_t j = ts.offsets[u]; j < ts.offsets[u + 1]; ++j) {
       const int64_t c = ts.concepts[j];
-      if (log_mass[c] != kNegInf) total += g[c] * fast_exp(lp - log_mass[c]);  // 0 if all -inf
+      if (top_share[c] > 0.0f) {  // (all variants -inf: gradient 0)
+        const float x_top = to_float<T>(row[top_token[c] * b.stride_v]);
+        total += g[c] * fast_exp((x - x_top) * b.inv_temperature + std::log(top_share[c]));  // q_cv
+      }
     }
     grad[v] = from_float<T>(total * b.inv_temperature);
   }
@@ -269,7 +278,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
 void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
                            int64_t stride_n, int64_t stride_v, uintptr_t vocab_ids_ptr, int64_t U,
                            uintptr_t vocab_offsets_ptr, uintptr_t vocab_concepts_ptr, int64_t M,
-                           int64_t C, uintptr_t log_mass_ptr, uintptr_t lse_ptr,
+                           int64_t C, uintptr_t top_share_ptr, uintptr_t top_token_ptr, uintptr_t lse_ptr,
                            uintptr_t grad_concept_ptr, uintptr_t coef_ptr, double inv_temperature,
                            uintptr_t grad_ptr, int64_t num_threads) {
   check_size(N, 0, "N");
@@ -288,8 +297,11 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_offsets(tokens.offsets, U, M, "vocab_offsets");
   check_ids(tokens.ids, U, V, "vocab_ids");
   check_ids(tokens.concepts, M, C, "vocab_concepts");
+  const int64_t* top_token = pointer<const int64_t>(top_token_ptr, true, "top_token");
+  check_ids(top_token, N * C, V, "top_token");
   const Backward b{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
-                   pointer<const float>(log_mass_ptr, true, "log_mass"), pointer<const double>(lse_ptr, true, "lse"),
+                   pointer<const float>(top_share_ptr, true, "top_share"), top_token,
+                   pointer<const double>(lse_ptr, true, "lse"),
                    pointer<const float>(grad_concept_ptr, true, "grad_concept"),
                    pointer<const float>(coef_ptr, true, "coef"), inv_t,
                    pointer<void>(grad_ptr, true, "grad")};
@@ -319,11 +331,11 @@ void bind_concepts(py::module_& m) {
         "Gradient of (log_mass, lse) w.r.t. the logits: grad [N, V] (contiguous, the logits'\n"
         "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T, p from lse [N] float64.\n"
         "vocab_ids [U], vocab_offsets [U + 1], vocab_concepts [M] int64 (the incidence by\n"
-        "vocabulary id) are checked first.",
+        "vocabulary id) and top_token [N, C] int64 are checked first; top_share [N, C] float32.",
         py::arg("dtype"), py::arg("logits_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_n"),
         py::arg("stride_v"), py::arg("vocab_ids_ptr"), py::arg("U"), py::arg("vocab_offsets_ptr"),
-        py::arg("vocab_concepts_ptr"), py::arg("M"), py::arg("C"), py::arg("log_mass_ptr"),
-        py::arg("lse_ptr"), py::arg("grad_concept_ptr"), py::arg("coef_ptr"),
+        py::arg("vocab_concepts_ptr"), py::arg("M"), py::arg("C"), py::arg("top_share_ptr"),
+        py::arg("top_token_ptr"), py::arg("lse_ptr"), py::arg("grad_concept_ptr"), py::arg("coef_ptr"),
         py::arg("inv_temperature"), py::arg("grad_ptr"), py::arg("num_threads"));
 }
 

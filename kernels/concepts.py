@@ -22,9 +22,11 @@ Forward:
 
 Backward (g: gradient of log_mass, coef = h - sum_c g_c with h that of lse), one program per
 row streaming it once:
-  grad[n, v] = (coef p_v + sum_{c contains v} g_c q_cv) / T,  q_cv = exp(y_v - lse - log_mass_c)
+  grad[n, v] = (coef p_v + sum_{c contains v} g_c q_cv) / T
 with log p_v = y_v - lse formed from the forward's float64 lse as (x_v - shift) / T - offset
-(shift = lse T rounded to float32, near the row's max), so it is exact at any magnitude.
+(shift = lse T rounded to float32, near the row's max), and q_cv = p_v / mass_c from the
+concept's own largest variant, as the forward does: q_cv = exp((x_v - x_top) / T) top_share_c,
+x_top = x[top_token]: both exact at any magnitude, however far below the row's max.
 Each block stores coef p_v / T for all its v, then (after a barrier, so the order of the two
 stores is fixed) overwrites each concept id in it once with its total, the concepts that
 contain it read from the transpose: overlapping concepts accumulate, no atomics.
@@ -253,7 +255,8 @@ def _concept_mass_backward_kernel(
     vocab_offsets_ptr,  # [U + 1] int64
     vocab_concepts_ptr,  # [M] int64: vocab_ids[u] is in concepts [vocab_offsets[u], vocab_offsets[u + 1])
     id_block_starts_ptr,  # [num_id_blocks + 1] int32
-    log_mass_ptr,  # [N, C] float32
+    top_share_ptr,  # [N, C] float32: 1 / s_c (0: every variant masked)
+    top_token_ptr,  # [N, C] int64: the concept's largest variant
     grad_concept_ptr,  # [N, C] float32: g
     lse_ptr,  # [N] float64
     coef_ptr,  # [N] float32: h - sum_c g_c
@@ -292,15 +295,19 @@ def _concept_mass_backward_kernel(
             ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
             first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
             count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
-            log2p = (_pick(x, b, row, ids, take, stride_v, BLOCK_V) - shift) * c - offset
-            total = coef * tl.exp2(log2p)
+            total = coef * tl.exp2((_pick(x, b, row, ids, take, stride_v, BLOCK_V) - shift) * c - offset)
+            x_v = _pick(x, b, row, ids, take, stride_v, BLOCK_V)
             for j in range(0, tl.max(count, axis=0).to(tl.int32)):
                 has = j < count
                 concept = tl.load(vocab_concepts_ptr + first + j, mask=has, other=0)
-                log_mass = tl.load(log_mass_ptr + n * C + concept, mask=has, other=float("-inf"))
+                share = tl.load(top_share_ptr + n * C + concept, mask=has, other=0.0)
+                top = tl.load(top_token_ptr + n * C + concept, mask=has, other=0)
+                top_ok = has & (top >= 0) & (top < V)  # (never read outside the row, whatever top_token holds)
+                x_top = tl.load(row + top * stride_v, mask=top_ok, other=0.0).to(tl.float32)
                 g = tl.load(grad_concept_ptr + n * C + concept, mask=has, other=0.0)
-                has_mass = log_mass != float("-inf")  # an all -inf concept contributes 0
-                q = tl.exp2(log2p - tl.where(has_mass, log_mass, 0.0) * _LOG2E)  # q_cv = p_v / mass_c
+                has_mass = share > 0  # an all -inf concept contributes 0
+                # q_cv = p_v / mass_c = 2^((x_v - x_top) c) top_share_c, from the concept's largest variant
+                q = tl.exp2((x_v - x_top) * c + tl.log2(tl.where(has_mass, share, 1.0)))
                 total += tl.where(has_mass, g * q, 0.0)
             tl.store(grad_row + ids, (total * inv_temperature).to(grad_ptr.dtype.element_ty), mask=take)
 
@@ -386,19 +393,23 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
         )
 
 
-def concept_mass_backward(logits, index, id_block, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+def concept_mass_backward(
+    logits, index, id_block, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad
+) -> None:
     """Launch the backward; writes every element of ``grad`` ([N, V] contiguous, logits' dtype).
 
-    log_mass, grad_concept [N, C] and coef [N]: float32 contiguous (coef = h - sum_c g_c); lse [N]
-    float64 contiguous (the forward's);
+    top_share, grad_concept [N, C] and coef [N]: float32 contiguous (coef = h - sum_c g_c);
+    top_token [N, C] int64 and lse [N] float64 contiguous (the forward's);
     index: the ConceptSet's _Index (vocab_ids, vocab_offsets, vocab_concepts, id_block_starts).
     """
     N, V = logits.shape
-    C = log_mass.shape[1]
+    C = top_share.shape[1]
     if grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous():
         raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
-    for name, tensor in (("log_mass", log_mass), ("grad_concept", grad_concept), ("lse", lse), ("coef", coef)):
-        dtype = torch.float64 if name == "lse" else torch.float32
+    named = (("top_share", top_share), ("top_token", top_token), ("grad_concept", grad_concept), ("lse", lse),
+             ("coef", coef))
+    for name, tensor in named:
+        dtype = {"lse": torch.float64, "top_token": torch.int64}.get(name, torch.float32)
         if tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor")
     inv_temperature = _check_inv_temperature(inv_temperature)
@@ -408,6 +419,6 @@ def concept_mass_backward(logits, index, id_block, log_mass, lse, grad_concept, 
     _launch(
         _concept_mass_backward_kernel, _backward_kernel_tuned, (N,),
         logits, index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts,
-        log_mass, grad_concept, lse, coef, grad, inv_temperature, V, C, index.id_block_starts.numel() - 1,
+        top_share, top_token, grad_concept, lse, coef, grad, inv_temperature, V, C, index.id_block_starts.numel() - 1,
         *logits.stride(), BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,
     )

@@ -190,17 +190,19 @@ def test_gradient_matches_autograd_of_reference(target, dtype):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_gradient_at_extreme_logits(target, temperature):
-    """Logits ~1e4 with the concepts' variants near the row's max: the backward forms log p from
-    the forward's float64 lse as (x - shift) / T - offset, so the gradient keeps float32
-    accuracy (x / T - lse in float32 would be off by ~1e-3 relative here)."""
+    """Logits ~1e4, concepts near the row's max and one 2e4 below it: the backward forms log p
+    from the forward's float64 lse as (x - shift) / T - offset, and q = p / mass from the
+    concept's own largest variant, so the gradient keeps float32 accuracy (x / T - lse in float32,
+    or q from the float32 log_mass ~ -2e4 / T, would be off by ~1e-3 relative here)."""
     _, device = target
     num_tokens, vocab, _ = shapes_for(target)[0]
     logits = 1e4 * torch.randn(num_tokens, vocab)
     top = logits.amax(-1, keepdim=True)
     logits[:, :6] = top + 0.5 - 0.7 * torch.arange(6)  # token 0 is the new max, the rest close by
-    concepts = fp.ConceptSet.from_ids([[0, 2], [1, 3, 4], [5], [2, 5, vocab - 1]]).to(device)
+    logits[:, 6:8] = top - 2e4 - 0.6 * torch.arange(2)  # a concept far below the max
+    concepts = fp.ConceptSet.from_ids([[0, 2], [1, 3, 4], [5], [2, 5, vocab - 1], [6, 7]]).to(device)
     logits = logits.to(device)
-    weights = [torch.randn(num_tokens, 4, device=device), torch.randn(num_tokens, 4, device=device),
+    weights = [torch.randn(num_tokens, 5, device=device), torch.randn(num_tokens, 5, device=device),
                torch.randn(num_tokens, device=device)]
     got = fused_gradient(logits, concepts, temperature, weights)
     torch.testing.assert_close(got.cpu().double(), reference_gradient(logits, concepts, temperature, weights),
@@ -462,15 +464,21 @@ def test_cpp_kernel_checks_ids_itself():
         with pytest.raises(IndexError, match=words):
             _concept_mass_op(logits, *args, 1.0)
     stats = _concept_mass_op(logits, *index, 1.0)
-    _, log_mass, _, _, _, lse = stats
+    _, log_mass, top_share, _, top_token, lse = stats
     grad = torch.ones_like(log_mass)
     vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
     with pytest.raises(IndexError, match="vocab_ids"):
-        _concept_mass_backward_op(grad, lse, logits, log_mass, lse, torch.tensor([1, 2, 99]), vocab_offsets,
+        _concept_mass_backward_op(grad, lse, logits, top_share, top_token, lse, torch.tensor([1, 2, 99]), vocab_offsets,
                                   vocab_concepts, starts, 1.0)
     with pytest.raises(IndexError, match="vocab_concepts"):
-        _concept_mass_backward_op(grad, lse, logits, log_mass, lse, vocab_ids, vocab_offsets,
+        _concept_mass_backward_op(grad, lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets,
                                   torch.tensor([0, 0, 5]), starts, 1.0)
+    for bad in (10, -1):  # the backward reads the logit at each concept's top_token
+        hostile = top_token.clone()
+        hostile[1, 0] = bad
+        with pytest.raises(IndexError, match="top_token"):
+            _concept_mass_backward_op(grad, lse, logits, top_share, hostile, lse, vocab_ids, vocab_offsets,
+                                      vocab_concepts, starts, 1.0)
 
 
 @pytest.mark.parametrize("where", ["masked", "nan", "posinf"])
@@ -543,8 +551,8 @@ def test_opcheck():
     index = tuple(fp.ConceptSet.from_ids([[1, 2, 3], [3, 30]])._index)
     torch.library.opcheck(_concept_mass_op.op, (logits, *index, 1.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    _, log_mass, _, _, _, lse = _concept_mass_op(logits.detach(), *index, 1.25)
+    _, _, top_share, _, top_token, lse = _concept_mass_op(logits.detach(), *index, 1.25)
     vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
-    args = (torch.randn(4, 2), torch.randn(4), logits.detach(), log_mass, lse, vocab_ids, vocab_offsets,
+    args = (torch.randn(4, 2), torch.randn(4), logits.detach(), top_share, top_token, lse, vocab_ids, vocab_offsets,
             vocab_concepts, starts, 1.25)
     torch.library.opcheck(_concept_mass_backward_op.op, args, test_utils=("test_schema", "test_faketensor"))

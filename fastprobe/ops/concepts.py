@@ -416,39 +416,41 @@ def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, voca
 # -- backward: grad_z = (p (h - sum_c g_c) + sum_{c contains v} g_c q_cv) / T
 
 
-def _reference_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+def _reference_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
     y = logits.to(lse.dtype) * inv_temperature
     base = torch.exp(y - lse[:, None]) * coef[:, None]  # p_v (h - sum_c g_c)
     counts = index.vocab_offsets.diff()
     ids = torch.repeat_interleave(index.vocab_ids, counts)  # one entry per (id, concept) membership
     concepts = index.vocab_concepts
-    lse_c = lse[:, None] + log_mass[:, concepts]
-    q = torch.exp(y[:, ids] - lse_c)  # q_cv = p_v / mass_c
-    term = torch.where(torch.isfinite(lse_c), grad_concept[:, concepts] * q, torch.zeros_like(q))
+    # q_cv = p_v / mass_c = exp(y_v - y_top) top_share_c, from the concept's largest variant
+    y_top = y.gather(1, top_token)[:, concepts]
+    share = top_share[:, concepts].to(lse.dtype)
+    q = torch.exp(y[:, ids] - y_top) * share
+    term = torch.where(share > 0, grad_concept[:, concepts] * q, torch.zeros_like(q))
     grad.copy_(base.index_add(1, ids, term) * inv_temperature)
 
 
-def _cpp_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+def _cpp_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
     num_tokens, vocab = logits.shape
     cpp().concept_mass_backward(
         DTYPE_NAMES[logits.dtype],
         logits.data_ptr(), num_tokens, vocab, *logits.stride(),
         index.vocab_ids.data_ptr(), index.vocab_ids.numel(),
         index.vocab_offsets.data_ptr(), index.vocab_concepts.data_ptr(), index.vocab_concepts.numel(),
-        log_mass.shape[1],
-        log_mass.data_ptr(), lse.data_ptr(), grad_concept.data_ptr(), coef.data_ptr(),
+        top_share.shape[1],
+        top_share.data_ptr(), top_token.data_ptr(), lse.data_ptr(), grad_concept.data_ptr(), coef.data_ptr(),
         inv_temperature,
         grad.data_ptr(),
         torch.get_num_threads(),
     )
 
 
-def _triton_backward(logits, index: _Index, log_mass, lse, grad_concept, coef, inv_temperature, grad) -> None:
+def _triton_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
     from ..kernels import concepts as triton_concepts
 
     with on_device(logits):
         triton_concepts.concept_mass_backward(
-            logits, index, ID_BLOCK, log_mass, lse, grad_concept, coef, inv_temperature, grad
+            logits, index, ID_BLOCK, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad
         )
 
 
@@ -460,7 +462,8 @@ def _concept_mass_backward_op(
     grad_log_mass: torch.Tensor,
     grad_lse: torch.Tensor,
     logits: torch.Tensor,
-    log_mass: torch.Tensor,
+    top_share: torch.Tensor,
+    top_token: torch.Tensor,
     lse: torch.Tensor,
     vocab_ids: torch.Tensor,
     vocab_offsets: torch.Tensor,
@@ -474,40 +477,40 @@ def _concept_mass_backward_op(
     index = _Index(empty, empty, vocab_ids, vocab_offsets, vocab_concepts, empty, id_block_starts)
     grad = new_output(logits.shape, logits.device, logits.dtype)
     if logits.shape[0] > 0:
-        # a concept that is all -inf in a row has log_mass -inf there, and gradient 0 by convention
-        masked = log_mass == float("-inf")
-        grad_concept = torch.where(masked, 0.0, grad_log_mass.to(log_mass.dtype)).contiguous()
-        coef = (grad_lse.to(log_mass.dtype) - grad_concept.sum(-1)).contiguous()  # h - sum_c g_c
+        # a concept that is all -inf in a row (top_share 0, log_mass -inf) has gradient 0 by convention
+        masked = top_share == 0
+        grad_concept = torch.where(masked, 0.0, grad_log_mass.to(top_share.dtype)).contiguous()
+        coef = (grad_lse.to(top_share.dtype) - grad_concept.sum(-1)).contiguous()  # h - sum_c g_c
         backend = resolve(logits.device, logits.dtype, "concept_mass")
-        _BACKWARD[backend](logits, index, log_mass, lse, grad_concept, coef, inv_temperature, grad)
+        _BACKWARD[backend](logits, index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad)
     return grad
 
 
 @_concept_mass_backward_op.register_fake
-def _(grad_log_mass, grad_lse, logits, log_mass, lse, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts,
-      inv_temperature):
+def _(grad_log_mass, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
+      id_block_starts, inv_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, _, _, vocab_ids, vocab_offsets, vocab_concepts, _, id_block_starts, inv_temperature = inputs
-    mass, log_mass, top_share, concentration_entropy, _, lse = output
+    mass, log_mass, top_share, concentration_entropy, top_token, lse = output
     ctx.mark_non_differentiable(top_share, concentration_entropy)
-    ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, log_mass, lse)
+    ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, lse)
     ctx.inv_temperature = inv_temperature
 
 
 def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, grad_lse):
-    logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, log_mass, lse = ctx.saved_tensors
+    logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, lse = ctx.saved_tensors
     # mass = exp(log_mass): its gradient reaches the logits through log_mass
-    grad_concept = torch.zeros_like(log_mass) if grad_log_mass is None else grad_log_mass
+    grad_concept = torch.zeros_like(top_share) if grad_log_mass is None else grad_log_mass
     if grad_mass is not None:
         grad_concept = grad_concept + grad_mass * mass
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
     grad = _concept_mass_backward_op(
-        grad_concept, grad_lse, logits, log_mass, lse, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts,
-        ctx.inv_temperature,
+        grad_concept, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
+        id_block_starts, ctx.inv_temperature,
     )
     return grad, None, None, None, None, None, None, None, None
 
