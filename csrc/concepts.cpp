@@ -188,7 +188,9 @@ struct Backward {
 };
 
 template <typename T>
-inline void backward_row(const Backward& b, int64_t n, float* block) {
+// block: kBlock floats of scratch; concept_scratch: 2 C floats (each concept's x_top / T and
+// log top_share for this row).
+inline void backward_row(const Backward& b, int64_t n, float* block, float* concept_scratch) {
   const T* row = static_cast<const T*>(b.logits) + n * b.stride_n;
   T* grad = static_cast<T*>(b.grad) + n * b.V;
   // log p_v = (x_v - shift) / T - offset from the double lse: exact near the row's max at any
@@ -202,10 +204,17 @@ inline void backward_row(const Backward& b, int64_t n, float* block) {
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) grad[v0 + i] = from_float<T>(scale * fast_exp(log_prob(log_p, block[i])));
   }
-  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T
-  const ByToken& ts = b.tokens;
+  // each concept once: its largest variant's logit and log top_share = -log s_c
   const float* top_share = b.top_share + n * b.C;
   const int64_t* top_token = b.top_token + n * b.C;
+  float* x_top = concept_scratch;
+  float* log_share = concept_scratch + b.C;
+  for (int64_t c = 0; c < b.C; ++c) {
+    x_top[c] = to_float<T>(row[top_token[c] * b.stride_v]);
+    log_share[c] = top_share[c] > 0.0f ? std::log(top_share[c]) : kNegInf;  // (all -inf: q = 0)
+  }
+  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T
+  const ByToken& ts = b.tokens;
   const float* g = b.grad_concept + n * b.C;
   for (int64_t u = 0; u < ts.U; ++u) {
     const int64_t v = ts.ids[u];
@@ -213,24 +222,22 @@ inline void backward_row(const Backward& b, int64_t n, float* block) {
     float total = b.coef[n] * fast_exp(log_prob(log_p, x));
     for (int64_t j = ts.offsets[u]; j < ts.offsets[u + 1]; ++j) {
       const int64_t c = ts.concepts[j];
-      if (top_share[c] > 0.0f) {  // (all variants -inf: gradient 0)
-        const float x_top = to_float<T>(row[top_token[c] * b.stride_v]);
-        total += g[c] * fast_exp((x - x_top) * b.inv_temperature + std::log(top_share[c]));  // q_cv
-      }
+      if (log_share[c] != kNegInf)  // q_cv = exp((x_v - x_top) / T) top_share_c
+        total += g[c] * fast_exp((x - x_top[c]) * b.inv_temperature + log_share[c]);
     }
     grad[v] = from_float<T>(total * b.inv_temperature);
   }
 }
 
-using BackwardRowFn = void (*)(const Backward&, int64_t, float*);
-FASTPROBE_SIMD_CLONES void backward_row_float32(const Backward& b, int64_t n, float* block) {
-  backward_row<float>(b, n, block);
+using BackwardRowFn = void (*)(const Backward&, int64_t, float*, float*);
+FASTPROBE_SIMD_CLONES void backward_row_float32(const Backward& b, int64_t n, float* block, float* scratch) {
+  backward_row<float>(b, n, block, scratch);
 }
-FASTPROBE_SIMD_CLONES void backward_row_bfloat16(const Backward& b, int64_t n, float* block) {
-  backward_row<bf16>(b, n, block);
+FASTPROBE_SIMD_CLONES void backward_row_bfloat16(const Backward& b, int64_t n, float* block, float* scratch) {
+  backward_row<bf16>(b, n, block, scratch);
 }
-FASTPROBE_SIMD_CLONES void backward_row_float16(const Backward& b, int64_t n, float* block) {
-  backward_row<fp16>(b, n, block);
+FASTPROBE_SIMD_CLONES void backward_row_float16(const Backward& b, int64_t n, float* block, float* scratch) {
+  backward_row<fp16>(b, n, block, scratch);
 }
 
 template <typename Fn>
@@ -308,9 +315,9 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> block(kBlock);
+    std::vector<float> block(kBlock), concept_scratch(size_t(2 * C));
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_fn(b, n, block.data());
+    for (int64_t n = 0; n < N; ++n) row_fn(b, n, block.data(), concept_scratch.data());
   }
 }
 
