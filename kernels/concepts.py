@@ -295,8 +295,8 @@ def _concept_mass_backward_kernel(
             ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
             first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
             count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
-            total = coef * tl.exp2((_pick(x, b, row, ids, take, stride_v, BLOCK_V) - shift) * c - offset)
             x_v = _pick(x, b, row, ids, take, stride_v, BLOCK_V)
+            total = coef * tl.exp2((x_v - shift) * c - offset)
             for j in range(0, tl.max(count, axis=0).to(tl.int32)):
                 has = j < count
                 concept = tl.load(vocab_concepts_ptr + first + j, mask=has, other=0)
