@@ -15,14 +15,13 @@ from the fused kernel, so no attention matrix is ever kept.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import numbers
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ._batching import require_pandas, text_batches
 from ..integrations.transformers import attention_layers, is_patched, patch, patch_options, record_attention, unpatch
 
 __all__ = [
@@ -31,65 +30,6 @@ __all__ = [
 ]
 
 _PRUNED = "_fastprobe_pruned"  # the model's active PrunedHeads handles, oldest first
-
-
-def _pandas():
-    try:
-        import pandas
-    except ImportError as error:
-        raise ImportError("fastprobe.methods.sinks returns pandas DataFrames: pip install pandas "
-                          "(or pip install 'fastprobe[plot]')") from error
-    return pandas
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _padding_ready(tokenizer) -> Iterator[None]:
-    """Batches need a pad token: a tokenizer without one (GPT-2's) borrows its eos token for the
-    duration. The tokenizer's padding side is kept; the attention mask makes either side right."""
-    if tokenizer.pad_token is not None:
-        yield
-        return
-    if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad batches with")
-    tokenizer.pad_token = tokenizer.eos_token
-    try:
-        yield
-    finally:
-        tokenizer.pad_token = None
-
-
-def _takes_position_ids(model) -> bool:
-    try:
-        return "position_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str):
-    """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
-    take them, position_ids counted over real tokens (as generate does), so a left-padded row sees
-    the same positions as the text alone."""
-    from tqdm.auto import tqdm
-
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts:
-        raise ValueError("texts is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device, positions = _device(model), _takes_position_ids(model)
-    starts = range(0, len(texts), batch_size)
-    with _padding_ready(tokenizer):
-        for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
-            encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                max_length=max_length, return_tensors="pt")
-            batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
-            if positions:
-                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            yield batch
 
 
 def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
@@ -101,9 +41,9 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
     Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
     model runs under fastprobe.record_attention (patched for the call if it is not already; a
     patched model keeps its options, so heads it prunes score 0). progress: a tqdm bar."""
-    pandas = _pandas()
+    pandas = require_pandas()
     with torch.no_grad(), record_attention(model, statistics="sink_mass") as record:
-        for batch in _batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
+        for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
             model(**batch)
     scores = record.sink_mass.float().cpu()  # [layers, heads]
     layers, heads = scores.shape
@@ -303,7 +243,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, m
     (non-padded) predicted token of `texts`, batched like score_heads."""
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
-        for batch in _batches(model, tokenizer, texts, batch_size, max_length, progress, "perplexity"):
+        for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "perplexity"):
             logits = getattr(model(**batch), "logits", None)
             if logits is None:
                 raise TypeError(f"perplexity needs a causal language model with logits, got {type(model).__name__}")

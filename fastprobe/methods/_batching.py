@@ -1,0 +1,69 @@
+"""What the methods share: tokenised batches on the model's device, padded correctly."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+from typing import Iterator, Sequence
+
+import torch
+
+
+def require_pandas():
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError("fastprobe's methods return pandas DataFrames: pip install pandas "
+                          "(or pip install 'fastprobe[plot]')") from error
+    return pandas
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _padding_ready(tokenizer) -> Iterator[None]:
+    """Batches need a pad token: a tokenizer without one (GPT-2's) borrows its eos token for the
+    duration. The tokenizer's padding side is kept; the attention mask makes either side right."""
+    if tokenizer.pad_token is not None:
+        yield
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad batches with")
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = None
+
+
+def _takes_position_ids(model) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str):
+    """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
+    take them, position_ids counted over real tokens (as generate does), so a left-padded row sees
+    the same positions as the text alone."""
+    from tqdm.auto import tqdm
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("texts is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device, positions = model_device(model), _takes_position_ids(model)
+    starts = range(0, len(texts), batch_size)
+    with _padding_ready(tokenizer):
+        for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
+            encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                max_length=max_length, return_tensors="pt")
+            batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
+            if positions:
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            yield batch
