@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -39,31 +39,60 @@ def _padding_ready(tokenizer) -> Iterator[None]:
         tokenizer.pad_token = None
 
 
-def _takes_position_ids(model) -> bool:
+def takes_position_ids(model) -> bool:
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str):
+@contextlib.contextmanager
+def _padding_side(tokenizer, side: Optional[str]) -> Iterator[None]:
+    """The tokenizer pads on `side` for the duration (None: its own side)."""
+    if side is None or tokenizer.padding_side == side:
+        yield
+        return
+    kept, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = kept
+
+
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counted over the real tokens of its row (what generate gives as
+    position_ids), 0 on padding before the first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of each row's last real token, for left or right padding."""
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (columns * (attention_mask != 0)).argmax(-1)
+
+
+def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
+                 *, padding_side: Optional[str] = None, position_ids: bool = True):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
-    take them, position_ids counted over real tokens (as generate does), so a left-padded row sees
-    the same positions as the text alone."""
+    take them (and unless position_ids=False, e.g. for generate, which makes its own),
+    position_ids counted over real tokens (as generate does), so a left-padded row sees the same
+    positions as the text alone. padding_side: "left" for generate; default the tokenizer's."""
     from tqdm.auto import tqdm
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise ValueError("texts is empty")
+    if not all(isinstance(text, str) for text in texts):
+        raise ValueError("texts must be a string or a list of strings")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device, positions = model_device(model), _takes_position_ids(model)
+    device, positions = model_device(model), position_ids and takes_position_ids(model)
     starts = range(0, len(texts), batch_size)
-    with _padding_ready(tokenizer):
+    with _padding_ready(tokenizer), _padding_side(tokenizer, padding_side):
         for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")
             batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
             if positions:
-                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                batch["position_ids"] = real_positions(batch["attention_mask"])
             yield batch

@@ -42,7 +42,7 @@ from ._common import (
     output_dtype,
 )
 
-__all__ = ["ConceptMass", "ConceptSet", "Variant", "concept_mass"]
+__all__ = ["ConceptMass", "ConceptSet", "Variant", "answer_variants", "concept_mass"]
 
 
 # ---------------------------------------------------------------- ConceptSet
@@ -226,19 +226,7 @@ class ConceptSet:
             items = [(answer, [answer]) for answer in answers]
         if not items:
             raise ValueError("answers is empty: need at least one concept")
-        forms = variants if callable(variants) else _surface_forms(frozenset(variants))
-        unknown = getattr(tokenizer, "unk_token_id", None)
-
-        per_concept: list[tuple[Variant, ...]] = []
-        for name, aliases in items:
-            if not aliases or not all(isinstance(alias, str) for alias in aliases):
-                raise ValueError(f"answer {name!r} needs a non-empty list of alias strings, got {aliases!r}")
-            found: dict[tuple[int, ...], Variant] = {}
-            for text in _unique(text for alias in aliases for text in forms(alias)):
-                token_ids = _encode(tokenizer, text)
-                if token_ids and token_ids not in found and unknown not in token_ids:
-                    found[token_ids] = Variant(text, token_ids)
-            per_concept.append(tuple(found.values()))
+        per_concept = [answer_variants(tokenizer, aliases, variants, name=name) for name, aliases in items]
 
         names = [name for name, _ in items]
         singles = [[v.token_ids[0] for v in found if v.single_token] for found in per_concept]
@@ -293,6 +281,30 @@ class ConceptSet:
         shown = ", ".join(self.names[:3]) + (", ..." if len(self) > 3 else "") if self.names else ""
         return (f"ConceptSet({len(self)} concepts, {self._index.token_ids.numel()} token ids"
                 f"{': ' + shown if shown else ''}; device={self.device})")
+
+
+def answer_variants(
+    tokenizer,
+    aliases: Union[str, Sequence[str]],
+    variants: Union[Iterable[str], Callable[[str], Iterable[str]]] = ("space", "lower", "title", "upper"),
+    *,
+    name: Optional[str] = None,
+) -> tuple[Variant, ...]:
+    """The distinct Variant(text, token_ids) of one answer's aliases under `tokenizer`, in
+    first-seen order: what ConceptSet.from_answers records per concept (see there for
+    `variants`), single- and multi-token alike. name: the answer, for error messages."""
+    aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+    if not aliases or not all(isinstance(alias, str) for alias in aliases):
+        what = "an answer" if name is None else f"answer {name!r}"
+        raise ValueError(f"{what} needs a non-empty list of alias strings, got {aliases!r}")
+    forms = variants if callable(variants) else _surface_forms(frozenset(variants))
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    found: dict[tuple[int, ...], Variant] = {}
+    for text in _unique(text for alias in aliases for text in forms(alias)):
+        token_ids = _encode(tokenizer, text)
+        if token_ids and token_ids not in found and unknown not in token_ids:
+            found[token_ids] = Variant(text, token_ids)
+    return tuple(found.values())
 
 
 _CASE_FORMS = {"lower": str.lower, "title": str.title, "upper": str.upper}

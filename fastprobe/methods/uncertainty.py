@@ -1,0 +1,224 @@
+"""Draft uncertainty: token-level epistemic uncertainty of a target model's text, from K small
+draft models that share its tokenizer.
+
+    tokens = token_uncertainty(target, drafts, tokenizer, texts)   # one row per scored token
+    table = sequence_scores(tokens)                                # one row per text: sums and means
+    auroc(table["epistemic_mean"], labels)                         # labels: 1 = e.g. a wrong answer
+    generated, tokens = generate_with_uncertainty(target, drafts, tokenizer, prompts, max_new_tokens=32)
+
+At each position the drafts' next-token distributions q_k and the target's p go through
+fastprobe.draft_divergence (fused: no [N, V] probabilities are formed). With the draft mixture
+m = sum_k w_k q_k:
+    jsd               = H(m) - sum_k w_k H(q_k)   the drafts' disagreement (variance term)
+    kl_mixture_target = KL(m || p)                the mixture's distance to the target (bias term)
+    epistemic         = jsd + kl = sum_k w_k KL(q_k || p)
+The row of token t_{i+1} holds the statistics of the distributions that predicted it (those at
+position i), for every real token but a text's first. Vocabularies that differ only by padding
+rows (e.g. 32000 vs 32064 logits) are compared on their shared first V entries; a tokenizer with
+more tokens than that is refused.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence, Union
+
+import torch
+
+from ..ops.divergence import draft_divergence
+from ._batching import model_device, real_positions, require_pandas, takes_position_ids, text_batches
+
+__all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "sequence_scores", "token_uncertainty"]
+
+MEASURES = ("epistemic", "jsd", "kl_mixture_target")  # summed and averaged per sequence
+
+
+def _drafts(drafts) -> list:
+    drafts = [drafts] if isinstance(drafts, torch.nn.Module) else list(drafts)
+    if not drafts or not all(isinstance(draft, torch.nn.Module) for draft in drafts):
+        raise ValueError("drafts must be a draft model or a non-empty list of draft models")
+    return drafts
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    """model's logits [B, L, V] for a batch, its inputs moved to the model's device
+    (position_ids only for models that take them)."""
+    device = model_device(model)
+    inputs = {name: value.to(device) for name, value in batch.items()
+              if name != "position_ids" or takes_position_ids(model)}
+    logits = getattr(model(**inputs), "logits", None)
+    if logits is None:
+        raise TypeError(f"draft uncertainty needs causal language models with logits, got {type(model).__name__}")
+    return logits
+
+
+def _shared_vocabulary(sizes: Sequence[int], tokenizer) -> int:
+    vocab = min(sizes)
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the models' vocabularies ({', '.join(map(str, sizes))} logits) differ beyond padding: the tokenizer "
+            f"has {len(tokenizer)} tokens, more than the smallest model scores; the drafts must share the "
+            "target's tokenizer"
+        )
+    return vocab
+
+
+def _scored_statistics(target, drafts, batch: dict, scored: torch.Tensor, weights, temperature: float, tokenizer):
+    """draft_divergence at the positions marked in scored [B, L] (True at i: the distributions
+    predicting token i + 1), as a dict of [N] float64 CPU tensors in row-major order."""
+    target_logits = _logits(target, batch)
+    device, scored = target_logits.device, scored.to(target_logits.device)
+    target_rows = target_logits[scored]  # [N, V_target]
+    draft_rows = [_logits(draft, batch)[scored.to(model_device(draft))].to(device) for draft in drafts]
+    vocab = _shared_vocabulary([target_rows.shape[-1]] + [rows.shape[-1] for rows in draft_rows], tokenizer)
+    dtype = target_rows.dtype
+    for rows in draft_rows:
+        dtype = torch.promote_types(dtype, rows.dtype)
+    draft_logits = torch.stack([rows[:, :vocab].to(dtype) for rows in draft_rows])  # [K, N, V]
+    result = draft_divergence(draft_logits, target_rows[:, :vocab].to(dtype), weights=weights, temperature=temperature)
+    columns = {name: getattr(result, name) for name in MEASURES + ("target_entropy", "mixture_entropy")}
+    return {name: values.double().cpu() for name, values in columns.items()}
+
+
+def _token_table(statistics: dict, tokenizer, text_index, position, token_id):
+    """The long table: one row per scored token, in text then position order."""
+    pandas = require_pandas()
+    ids = token_id.tolist()
+    table = pandas.DataFrame({
+        "text": text_index.numpy(), "position": position.numpy(), "token_id": ids,
+        "token": [tokenizer.decode([i]) for i in ids],
+    })
+    for name, values in statistics.items():
+        table[name] = values.numpy()
+    return table
+
+
+def _concat(pandas, tables: list, num_texts: int):
+    table = pandas.concat(tables, ignore_index=True)
+    table.attrs["num_texts"] = num_texts
+    return table
+
+
+def _check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]], *, weights=None,
+                      temperature: float = 1.0, batch_size: int = 8, max_length: int = 512, progress: bool = True):
+    """Per-token draft uncertainty of `texts` under a target model and its drafts (causal LMs
+    sharing `tokenizer`): a DataFrame with one row per real token after each text's first, in
+    order, with columns text (index into texts), position (the token's index in its text),
+    token_id, token (decoded), epistemic, jsd, kl_mixture_target, target_entropy and
+    mixture_entropy (nats). Texts are batched (padding on the tokenizer's side does not change
+    the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
+    (default uniform); temperature divides every logit."""
+    pandas, drafts = require_pandas(), _drafts(drafts)
+    _check_temperature(temperature)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tables, first = [], 0
+    with torch.no_grad():
+        for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty"):
+            real = batch["attention_mask"] != 0
+            scored = torch.zeros_like(real)
+            scored[:, :-1] = real[:, :-1] & real[:, 1:]  # position i predicts the real token i + 1
+            statistics = _scored_statistics(target, drafts, batch, scored, weights, temperature, tokenizer)
+            rows, columns = scored.nonzero(as_tuple=True)
+            tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(),
+                                       real_positions(batch["attention_mask"])[rows, columns + 1].cpu(),
+                                       batch["input_ids"][rows, columns + 1].cpu()))
+            first += real.shape[0]
+    return _concat(pandas, tables, len(texts))
+
+
+def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """[B, T] True for each generated token up to and including the row's first eos."""
+    if not eos_ids:
+        return torch.ones_like(new_tokens, dtype=torch.bool)
+    is_eos = torch.isin(new_tokens, torch.tensor(list(eos_ids), device=new_tokens.device))
+    ended_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return ~ended_before
+
+
+def _eos_ids(model, generate_kwargs: dict) -> list:
+    eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    return [] if eos is None else [int(i) for i in ([eos] if isinstance(eos, numbers.Integral) else eos)]
+
+
+def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Sequence[str]], *,
+                              max_new_tokens: int = 32, weights=None, temperature: float = 1.0, batch_size: int = 8,
+                              max_length: int = 512, progress: bool = True, **generate_kwargs):
+    """The target continues each prompt (target.generate with max_new_tokens and
+    generate_kwargs: greedy unless they or its generation config say otherwise), then the
+    target and the drafts score the continuation by teacher forcing. Returns (generated,
+    tokens): the continuations as strings (special tokens skipped), and a token table as
+    token_uncertainty's whose rows are the generated tokens up to and including each
+    continuation's first eos, position counted from the continuation's start."""
+    pandas, drafts = require_pandas(), _drafts(drafts)
+    _check_temperature(temperature)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    settings = dict(generate_kwargs, max_new_tokens=max_new_tokens)
+    if settings.get("pad_token_id") is None and target.generation_config.pad_token_id is None:
+        settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(target, generate_kwargs)
+    generated, tables, first = [], [], 0
+    with torch.no_grad():
+        for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
+                                  padding_side="left", position_ids=False):
+            prompt_length = batch["input_ids"].shape[1]
+            sequences = target.generate(**batch, **settings)
+            new_tokens = sequences[:, prompt_length:]
+            kept = _continuation_mask(new_tokens, eos_ids)
+            mask = torch.cat([batch["attention_mask"], kept.long()], dim=1)
+            full = {"input_ids": sequences, "attention_mask": mask, "position_ids": real_positions(mask)}
+            scored = torch.zeros_like(mask, dtype=torch.bool)
+            scored[:, prompt_length - 1:-1] = kept  # position i predicts generated token i + 1
+            statistics = _scored_statistics(target, drafts, full, scored, weights, temperature, tokenizer)
+            rows, steps = kept.nonzero(as_tuple=True)
+            tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(), steps.cpu(),
+                                       new_tokens[rows, steps].cpu()))
+            generated += [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(new_tokens, kept)]
+            first += new_tokens.shape[0]
+    return generated, _concat(pandas, tables, len(prompts))
+
+
+def sequence_scores(tokens):
+    """Per-text scores of a token table (token_uncertainty or generate_with_uncertainty): a
+    DataFrame indexed by text with num_tokens and, for each measure in MEASURES, its sum and
+    mean over the text's scored tokens (mean NaN for a text with none)."""
+    pandas = require_pandas()
+    num_texts = tokens.attrs.get("num_texts", int(tokens["text"].max()) + 1 if len(tokens) else 0)
+    grouped = tokens.groupby("text")
+    table = pandas.DataFrame({"num_tokens": grouped.size()})
+    for name in MEASURES:
+        table[f"{name}_sum"] = grouped[name].sum()
+        table[f"{name}_mean"] = grouped[name].mean()
+    table = table.reindex(pandas.RangeIndex(num_texts, name="text"))
+    table["num_tokens"] = table["num_tokens"].fillna(0).astype(int)
+    for name in MEASURES:
+        table[f"{name}_sum"] = table[f"{name}_sum"].fillna(0.0)
+    return table
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for telling labels 1 (positives) from 0: the
+    probability that a random positive scores higher than a random negative, ties counting
+    half (the Mann-Whitney U statistic over P * N, from average ranks)."""
+    pandas = require_pandas()
+    scores = pandas.Series(torch.as_tensor(scores, dtype=torch.float64).flatten().numpy())
+    labels = torch.as_tensor(labels).flatten()
+    if len(scores) != labels.numel():
+        raise ValueError(f"scores and labels must have the same length, got {len(scores)} and {labels.numel()}")
+    if scores.isna().any():
+        raise ValueError("scores hold NaN (a text with no scored token has no mean): drop those texts first")
+    if not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError("labels must be 0 / 1 (or bool)")
+    positive = labels.bool().numpy()
+    num_positive, num_negative = int(positive.sum()), int((~positive).sum())
+    if num_positive == 0 or num_negative == 0:
+        raise ValueError(f"labels must hold both classes, got {num_positive} positives and {num_negative} negatives")
+    ranks = scores.rank(method="average").to_numpy()  # 1-based, ties averaged
+    # U = sum of the positives' ranks - P (P + 1) / 2 counts the (positive, negative) pairs ordered right
+    return float((ranks[positive].sum() - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative))

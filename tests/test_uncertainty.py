@@ -1,0 +1,210 @@
+"""fastprobe.methods.uncertainty on small built-in models: per-token figures equal the float64
+reference on each text alone whatever the batching and padding, vocabularies padded differently
+are aligned, generation is scored up to its eos, and sequence scores and AUROC are right."""
+
+import itertools
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe.methods import uncertainty
+from fastprobe.models import DEMO_TEXTS, tiny_model, tiny_tokenizer
+
+pytest.importorskip("transformers")
+pandas = pytest.importorskip("pandas")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = DEMO_TEXTS[:5] + ["Short.", ""]  # the empty text is BOS alone: no token to score
+STATISTICS = ("epistemic", "jsd", "kl_mixture_target", "target_entropy", "mixture_entropy")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def sharp_model(tokenizer, arch="llama", seed=0, extra_vocab=0):
+    """A tiny model whose output layer is scaled up, so its next-token distributions are far
+    from uniform and the drafts really disagree."""
+    model = tiny_model(arch, vocab_size=len(tokenizer) + extra_vocab, seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    target = sharp_model(tokenizer, seed=0)
+    drafts = [sharp_model(tokenizer, seed=1), sharp_model(tokenizer, "gpt2", seed=2, extra_vocab=13)]
+    return target, drafts
+
+
+def expected_rows(target, drafts, tokenizer, text, weights=None, temperature=1.0):
+    """The float64 reference of every scored position of one text (or [1, L] token ids), run
+    alone (no padding)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"] if isinstance(text, str) else text
+    with torch.no_grad():
+        logits = [model(input_ids=ids).logits[0, :-1].double() for model in [target] + drafts]
+    vocab = len(tokenizer)
+    result = fp.reference.draft_divergence(torch.stack([l[:, :vocab] for l in logits[1:]]), logits[0][:, :vocab],
+                                           weights=weights, temperature=temperature)
+    return ids[0, 1:], result
+
+
+def check_against_reference(table, target, drafts, tokenizer, texts, **options):
+    assert list(table.columns) == ["text", "position", "token_id", "token"] + list(STATISTICS)
+    for index, text in enumerate(texts):
+        rows = table[table["text"] == index]
+        token_ids, result = expected_rows(target, drafts, tokenizer, text, **options)
+        assert rows["token_id"].tolist() == token_ids.tolist()
+        assert rows["position"].tolist() == list(range(1, len(token_ids) + 1))
+        assert rows["token"].tolist() == [tokenizer.decode([i]) for i in token_ids.tolist()]
+        for name in STATISTICS:
+            torch.testing.assert_close(torch.tensor(rows[name].to_numpy()), result[name], atol=2e-4, rtol=1e-4,
+                                       msg=lambda m: f"{name} of text {index}: {m}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_token_uncertainty_equals_the_reference_text_by_text(tokenizer, models, side):
+    target, drafts = models
+    tokenizer.padding_side = side
+    try:
+        table = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS, batch_size=3, progress=False)
+    finally:
+        tokenizer.padding_side = "right"
+    check_against_reference(table, target, drafts, tokenizer, TEXTS)
+    assert table["epistemic"].max() > 0.5  # sharp, disagreeing models: the test is not comparing near-zeros
+    assert table["text"].is_monotonic_increasing and 6 not in set(table["text"])
+
+
+def test_weights_and_temperature(tokenizer, models):
+    target, drafts = models
+    weights = torch.tensor([0.25, 0.75])
+    table = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:3], weights=weights, temperature=2.5,
+                                          batch_size=2, progress=False)
+    check_against_reference(table, target, drafts, tokenizer, TEXTS[:3], weights=weights.double(), temperature=2.5)
+
+
+def test_identical_drafts_give_zero_uncertainty(tokenizer, models):
+    target, _ = models
+    table = uncertainty.token_uncertainty(target, [target, target], tokenizer, TEXTS[:2], progress=False)
+    for name in ("epistemic", "jsd", "kl_mixture_target"):
+        assert table[name].abs().max() < 1e-4, name
+    assert (table["target_entropy"] > 0.01).all()
+
+
+def test_vocabularies_beyond_padding_are_refused(tokenizer, models):
+    target, _ = models
+    small = tiny_model("llama", vocab_size=len(tokenizer) - 1)
+    with pytest.raises(ValueError, match="differ beyond padding"):
+        uncertainty.token_uncertainty(target, [small], tokenizer, TEXTS[:1], progress=False)
+
+
+@pytest.mark.parametrize("function, drafts, options, match", [
+    ("token_uncertainty", [], {}, "drafts"),
+    ("token_uncertainty", ["model"], {}, "drafts"),
+    ("token_uncertainty", None, dict(temperature=0), "temperature"),
+    ("token_uncertainty", None, dict(texts=[]), "texts is empty"),
+    ("token_uncertainty", None, dict(batch_size=0), "batch_size"),
+    ("token_uncertainty", None, dict(weights=[0.5, 0.6]), "weights"),
+    ("generate_with_uncertainty", None, dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_input(tokenizer, models, function, drafts, options, match):
+    target, good_drafts = models
+    texts = options.pop("texts", TEXTS)
+    with pytest.raises(ValueError, match=match):
+        getattr(uncertainty, function)(target, good_drafts if drafts is None else drafts, tokenizer, texts,
+                                       progress=False, **options)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def greedy_alone(model, tokenizer, prompt, max_new_tokens, **kwargs):
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return ids, out[0, ids.shape[1]:]
+
+
+def test_generate_with_uncertainty_scores_each_continuation(tokenizer, models):
+    target, drafts = models
+    prompts = ["The river", "A small model can still show", "Stars"]
+    generated, table = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, prompts, max_new_tokens=5,
+                                                             batch_size=3, do_sample=False, progress=False)
+    assert len(generated) == 3
+    for index, prompt in enumerate(prompts):
+        prompt_ids, new = greedy_alone(target, tokenizer, prompt, 5)
+        rows = table[table["text"] == index]
+        assert rows["token_id"].tolist() == new.tolist() and rows["position"].tolist() == list(range(5))
+        assert generated[index] == tokenizer.decode(new, skip_special_tokens=True)
+        _, result = expected_rows(target, drafts, tokenizer, torch.cat([prompt_ids, new[None]], dim=1))
+        for name in STATISTICS:  # the continuation's rows are the last five of the whole text's
+            torch.testing.assert_close(torch.tensor(rows[name].to_numpy()), result[name][-5:], atol=2e-4, rtol=1e-4)
+
+
+def test_generation_is_scored_up_to_its_first_eos(tokenizer, models):
+    target, drafts = models
+    _, new = greedy_alone(target, tokenizer, "The river", 6)
+    stop = int(new[2])
+    first_stop = new.tolist().index(stop)
+    generated, table = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river", "Stars"],
+                                                             max_new_tokens=6, eos_token_id=stop, progress=False)
+    assert table[table["text"] == 0]["token_id"].tolist() == new[:first_stop + 1].tolist()
+    stopped = uncertainty._continuation_mask(torch.tensor([[5, 9, 7, 9, 3], [1, 2, 3, 4, 5]]), [9, 4])
+    assert stopped.tolist() == [[True, True, False, False, False], [True, True, True, True, False]]
+
+
+# ---------------------------------------------------------------- sequence scores and AUROC
+
+
+def test_sequence_scores(tokenizer, models):
+    target, drafts = models
+    table = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS, batch_size=4, progress=False)
+    scores = uncertainty.sequence_scores(table)
+    assert list(scores.index) == list(range(len(TEXTS)))
+    for index in range(len(TEXTS) - 1):
+        rows = table[table["text"] == index]
+        assert scores.loc[index, "num_tokens"] == len(rows)
+        for name in uncertainty.MEASURES:
+            assert scores.loc[index, f"{name}_sum"] == pytest.approx(rows[name].sum())
+            assert scores.loc[index, f"{name}_mean"] == pytest.approx(rows[name].mean())
+    empty = scores.loc[len(TEXTS) - 1]
+    assert empty["num_tokens"] == 0 and empty["epistemic_sum"] == 0 and pandas.isna(empty["epistemic_mean"])
+
+
+def pairwise_auroc(scores, labels):
+    pairs = [(s, t) for s, l in zip(scores, labels) if l for t, m in zip(scores, labels) if not m]
+    return sum(1.0 if s > t else 0.5 if s == t else 0.0 for s, t in pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auroc_equals_the_pairwise_count(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (40,), generator=generator).double()  # many ties
+    labels = torch.rand(40, generator=generator) < 0.4
+    assert uncertainty.auroc(scores, labels) == pytest.approx(pairwise_auroc(scores.tolist(), labels.tolist()))
+    assert uncertainty.auroc(scores.numpy(), labels.int().tolist()) == pytest.approx(
+        uncertainty.auroc(scores, labels))
+
+
+def test_auroc_extremes_and_bad_input():
+    assert uncertainty.auroc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0
+    assert uncertainty.auroc([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1]) == 0.0
+    assert uncertainty.auroc([0.5] * 4, [0, 1, 0, 1]) == 0.5
+    for scores, labels, match in [([0.1, 0.2], [0, 1, 1], "same length"), ([0.1, 0.2], [1, 1], "both classes"),
+                                  ([0.1, 0.2], [0, 2], "0 / 1"), ([0.1, float("nan")], [0, 1], "NaN")]:
+        with pytest.raises(ValueError, match=match):
+            uncertainty.auroc(scores, labels)
+
+
+def test_inputs_are_left_alone(tokenizer, models):
+    target, drafts = models
+    before = [p.detach().clone() for p in itertools.chain(target.parameters(), drafts[0].parameters())]
+    weights = torch.tensor([0.5, 0.5])
+    uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:2], weights=weights, progress=False)
+    after = list(itertools.chain(target.parameters(), drafts[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and weights.tolist() == [0.5, 0.5]
