@@ -1,0 +1,270 @@
+"""Answer availability: how much probability a model puts on the gold answer, over all of its
+surface forms, at the step where it commits to an answer.
+
+    table = answer_availability(model, tokenizer, prompts, answers, threshold=0.5)
+    table[["mass", "available", "top_share", "generated", "correct"]]
+    by_correctness(table)                 # mass, availability, concentration: correct vs incorrect
+    auroc(table["mass"], table["correct"])   # from fastprobe.methods.uncertainty
+
+The commitment step is the first answer token: the next-token distribution after the prompt, so a
+prompt should end where the answer begins ("Q: ... A:"; the variants carry their own leading
+space). The gold answer is a concept whose variants are its aliases' surface forms
+(fastprobe.ops.concepts.answer_variants: with and without a leading space, case forms, the
+tokenizer's normalisation). Its mass sums, over a set of token sequences none a prefix of another,
+    single-token variants v:   p(v | prompt)                      (the fused concept_mass)
+    multi-token variants s:    prod_i p(s_i | prompt, s_<i)       (teacher forcing)
+A variant that extends a shorter one (" US" then " US" + "A") adds nothing: its probability is
+already part of the shorter one's. top_share and concentration_entropy describe the single-token
+forms (the fused op's): top_share = 1 when all of their mass sits on one form; correct answers tend
+to concentrate it, hallucinations to disperse it.
+
+With generate=True the model also answers each prompt (greedy, max_new_tokens); an answer is
+correct when it begins with one of the aliases, compared lower-cased with surrounding whitespace
+and punctuation stripped and ending on a word boundary (or pass correct=[...] to judge yourself).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import string
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..ops.concepts import ConceptSet, answer_variants, concept_mass
+from ._batching import model_device, real_positions, require_pandas, takes_position_ids, text_batches
+
+__all__ = ["answer_availability", "by_correctness", "is_correct", "minimal_sequences", "sequence_log_probs"]
+
+_DEFAULT_VARIANTS = ("space", "lower", "title", "upper")
+
+
+def minimal_sequences(sequences: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """The distinct token sequences none of whose proper prefixes is also in the set, shortest
+    first: summing their probabilities counts every continuation once."""
+    kept: list[tuple[int, ...]] = []
+    for sequence in sorted(dict.fromkeys(map(tuple, sequences)), key=len):  # stable: first seen first
+        if not any(sequence[:len(shorter)] == shorter for shorter in kept):
+            kept.append(sequence)
+    return kept
+
+
+def _logits_to_keep(model, count: int) -> dict:
+    """The forward argument that makes a causal LM compute logits for its last `count` positions
+    only (transformers 4.50+: logits_to_keep; 4.45-4.49: num_logits_to_keep), if it has one."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return {name: count}
+    return {}
+
+
+def _last_logits(model, batch: dict, count: int) -> torch.Tensor:
+    """The logits [B, count, V] of the last `count` positions of a left-padded batch."""
+    logits = getattr(model(**batch, **_logits_to_keep(model, count)), "logits", None)
+    if logits is None:
+        raise TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
+    return logits[:, -count:]
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, model) -> dict:
+    """A left-padded batch of token-id lists on the model's device."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if takes_position_ids(model):
+        batch["position_ids"] = real_positions(attention_mask)
+    device = model_device(model)
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+@torch.no_grad()
+def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
+                       temperature: float = 1.0, pad_id: int = 0, batch_size: int = 8) -> torch.Tensor:
+    """[M] float64: log p(continuation | prefix) = sum_i log softmax(z_i / T)[s_i] under a causal
+    LM, by teacher forcing, for M (prefix, continuation) pairs of token-id lists (a prefix holds
+    at least one token), in batches of batch_size."""
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
+    if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
+        raise ValueError("every prefix and every continuation needs at least one token")
+    totals = []
+    for start in range(0, len(prefixes), batch_size):
+        pairs = list(zip(prefixes[start:start + batch_size], continuations[start:start + batch_size]))
+        longest = max(len(continuation) for _, continuation in pairs)
+        # the last `longest + 1` positions predict every continuation's tokens (rows end at the right edge)
+        logits = _last_logits(model, _left_padded([list(p) + list(c) for p, c in pairs], pad_id, model), longest + 1)
+        for row, (_, continuation) in enumerate(pairs):
+            predicting = logits[row, longest - len(continuation):longest].double() / temperature  # [m, V]
+            targets = torch.tensor(continuation, device=predicting.device)
+            log_probs = predicting.log_softmax(-1).gather(-1, targets[:, None])
+            totals.append(log_probs.sum().cpu())
+    return torch.stack(totals) if totals else torch.zeros(0, dtype=torch.float64)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).strip(string.punctuation + " ")
+
+
+def is_correct(generated: str, aliases: Union[str, Sequence[str]]) -> bool:
+    """Whether a generated answer begins with one of the aliases: lower-cased, whitespace
+    collapsed, surrounding punctuation stripped, the alias ending on a word boundary ("Paris."
+    and "paris, France" match "Paris"; "Parisian" does not)."""
+    answer = _normalise(generated)
+    for alias in [aliases] if isinstance(aliases, str) else aliases:
+        expected = _normalise(alias)
+        if expected and answer.startswith(expected) and not answer[len(expected):len(expected) + 1].isalnum():
+            return True
+    return False
+
+
+class _Answer:
+    """One question's gold answer: its aliases, single-token variant ids and multi-token
+    variant sequences (a minimal set), and the text of each single-token variant."""
+
+    def __init__(self, tokenizer, aliases, variants, index: int):
+        self.aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+        found = answer_variants(tokenizer, self.aliases, variants, name=f"answers[{index}]")
+        if not found:
+            raise ValueError(f"answers[{index}] ({self.aliases!r}) has no variant the tokenizer can encode")
+        kept = minimal_sequences([v.token_ids for v in found])
+        self.single_ids = [s[0] for s in kept if len(s) == 1]
+        self.multi = [s for s in kept if len(s) > 1]
+        self.text_of = {v.token_ids[0]: v.text for v in found if v.single_token}
+
+
+def _check_arguments(prompts, answers, threshold, temperature, correct):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if len(answers) != len(prompts):
+        raise ValueError(f"answers must hold one answer (an alias or a list of aliases) per prompt: "
+                         f"{len(prompts)} prompts, {len(answers)} answers")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if correct is not None and len(correct) != len(prompts):
+        raise ValueError(f"correct must hold one judgement per prompt, got {len(correct)} for {len(prompts)}")
+    return prompts, answers
+
+
+def _commitment_step(model, batch_answers: list, batch: dict, temperature: float) -> dict:
+    """Single-token concept statistics of a batch at the commitment step (each row against its
+    own answer: the diagonal of concept_mass over the batch's concepts)."""
+    step_logits = _last_logits(model, batch, 1)[:, 0]  # [B, V], left padded: the last real position
+    size = len(batch_answers)
+    out = {"single_token_mass": torch.zeros(size, dtype=torch.float64),
+           "top_share": torch.full((size,), math.nan, dtype=torch.float64),
+           "concentration_entropy": torch.full((size,), math.nan, dtype=torch.float64),
+           "top_token": torch.full((size,), -1, dtype=torch.long)}
+    rows = [i for i, answer in enumerate(batch_answers) if answer.single_ids]
+    if rows:
+        concepts = ConceptSet.from_ids([batch_answers[i].single_ids for i in rows]).to(step_logits.device)
+        result = concept_mass(step_logits[rows], concepts, temperature=temperature)
+        own = torch.arange(len(rows), device=step_logits.device)  # row r against concept r
+        out["single_token_mass"][rows] = result.mass[own, own].double().cpu()
+        out["top_share"][rows] = result.top_share[own, own].double().cpu()
+        out["concentration_entropy"][rows] = result.concentration_entropy[own, own].double().cpu()
+        out["top_token"][rows] = result.top_token[own, own].long().cpu()
+    return out
+
+
+def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: float, pad_id: int,
+                      batch_size: int) -> torch.Tensor:
+    """[B] float64: each row's summed probability of its answer's multi-token variants."""
+    real = batch["attention_mask"].bool().cpu()
+    prompt_ids = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"].cpu(), real)]
+    owners = [i for i, answer in enumerate(batch_answers) for _ in answer.multi]
+    sequences = [s for answer in batch_answers for s in answer.multi]
+    log_probs = sequence_log_probs(model, [prompt_ids[i] for i in owners], sequences, temperature=temperature,
+                                   pad_id=pad_id, batch_size=batch_size)
+    mass = torch.zeros(len(batch_answers), dtype=torch.float64)
+    return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
+
+
+def _answers_generated(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, progress) -> list:
+    """Greedy answers (special tokens skipped) to every prompt."""
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if model.generation_config.pad_token_id is None:
+        settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
+                              padding_side="left", position_ids=False):
+        new_tokens = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
+        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return answers
+
+
+def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], answers, *, threshold: float = 0.5,
+                        variants=_DEFAULT_VARIANTS, temperature: float = 1.0, generate: bool = True,
+                        max_new_tokens: int = 8, correct: Optional[Sequence[bool]] = None, batch_size: int = 8,
+                        max_length: int = 512, progress: bool = True):
+    """The gold answer's probability mass at each prompt's commitment step (see the module's
+    docstring): a DataFrame indexed by prompt with columns answer (the first alias), mass,
+    log_mass, single_token_mass, multi_token_mass, available (mass >= threshold), top_share,
+    concentration_entropy, top_variant (the most probable single-token form), num_variants
+    (single-token forms), num_multi_token; with generate=True also generated and correct, and
+    with correct given, that column as passed.
+
+    answers: one per prompt, an alias or a list of aliases. variants: which surface forms to add
+    (as ConceptSet.from_answers). temperature divides every logit. Prompts are batched
+    (batch_size, truncated to max_length tokens); multi-token variants are scored by teacher
+    forcing in batches of the same size."""
+    pandas = require_pandas()
+    prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct)
+    gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    parts, first = [], 0
+    with torch.no_grad():
+        for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
+                                  padding_side="left"):
+            batch_answers = gold[first:first + batch["input_ids"].shape[0]]
+            part = _commitment_step(model, batch_answers, batch, temperature)
+            part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size)
+            parts.append(part)
+            first += len(batch_answers)
+        generated = (_answers_generated(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, progress)
+                     if generate else None)
+    columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    mass = columns["single_token_mass"] + columns["multi_token_mass"]
+    table = pandas.DataFrame({
+        "answer": [answer.aliases[0] for answer in gold],
+        "mass": mass.numpy(),
+        "log_mass": mass.log().numpy(),
+        "single_token_mass": columns["single_token_mass"].numpy(),
+        "multi_token_mass": columns["multi_token_mass"].numpy(),
+        "available": (mass >= threshold).numpy(),
+        "top_share": columns["top_share"].numpy(),
+        "concentration_entropy": columns["concentration_entropy"].numpy(),
+        "top_variant": [answer.text_of.get(int(token)) for answer, token in zip(gold, columns["top_token"])],
+        "num_variants": [len(answer.single_ids) for answer in gold],
+        "num_multi_token": [len(answer.multi) for answer in gold],
+    }, index=pandas.RangeIndex(len(prompts), name="prompt"))
+    if generated is not None:
+        table["generated"] = generated
+        table["correct"] = [is_correct(text, answer.aliases) for text, answer in zip(generated, gold)]
+    if correct is not None:
+        table["correct"] = [bool(c) for c in correct]
+    return table
+
+
+def by_correctness(table):
+    """An answer_availability table summarised for correct vs incorrect answers: count, mean
+    mass, share available, mean top_share and mean concentration_entropy per group."""
+    if "correct" not in table.columns:
+        raise ValueError("the table has no correct column: run answer_availability with generate=True or correct=[...]")
+    grouped = table.groupby("correct")
+    summary = grouped.agg(count=("mass", "size"), mass=("mass", "mean"), available=("available", "mean"),
+                          top_share=("top_share", "mean"), concentration_entropy=("concentration_entropy", "mean"))
+    summary = summary.reindex([True, False])
+    summary["count"] = summary["count"].fillna(0).astype(int)
+    return summary

@@ -1,0 +1,170 @@
+"""fastprobe.methods.availability on a small built-in model: the answer mass equals a brute-force
+float64 computation over the full next-token distribution and teacher-forced sequence
+probabilities, prompt by prompt, whatever the batching and padding; prefixes are counted once;
+correctness, summaries and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from fastprobe.methods import availability
+from fastprobe.ops.concepts import answer_variants
+from fastprobe.models import tiny_model, tiny_tokenizer
+
+pytest.importorskip("transformers")
+pandas = pytest.importorskip("pandas")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["The river ran past the old", "Q: what did the train do? A:", "She opened the", "Stars appear to",
+           "The recipe asks for two"]
+ANSWERS = [["mill", "bridge"], "stopped", ["window", "door"], ["move", "Move"], "eggs"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # far from uniform: masses differ by orders of magnitude
+    return model
+
+
+def brute_force(model, tokenizer, prompt, aliases, variants=("space", "lower", "title", "upper"), temperature=1.0):
+    """The answer's mass from the full float64 next-token distribution and a separate
+    teacher-forced forward per multi-token variant, over the minimal set of variant sequences."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+    def log_prob(sequence):
+        full = torch.cat([ids, torch.tensor([sequence])], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, ids.shape[1] - 1:-1].double() / temperature
+        return logits.log_softmax(-1).gather(-1, torch.tensor(sequence)[:, None]).sum()
+
+    sequences = availability.minimal_sequences([v.token_ids for v in answer_variants(tokenizer, aliases, variants)])
+    single = [s[0] for s in sequences if len(s) == 1]
+    with torch.no_grad():
+        p = (model(input_ids=ids).logits[0, -1].double() / temperature).softmax(-1)
+    single_mass = float(p[single].sum()) if single else 0.0
+    multi_mass = sum(float(log_prob(list(s)).exp()) for s in sequences if len(s) > 1)
+    shares = p[single] / p[single].sum() if single else None
+    return dict(single_token_mass=single_mass, multi_token_mass=multi_mass, mass=single_mass + multi_mass,
+                top_share=float(shares.max()) if single else math.nan,
+                concentration_entropy=float(-(shares * shares.log()).sum()) if single else math.nan,
+                top_token=single[int(shares.argmax())] if single else None)
+
+
+def check_table(table, model, tokenizer, prompts, answers, **options):
+    for index, (prompt, aliases) in enumerate(zip(prompts, answers)):
+        expected = brute_force(model, tokenizer, prompt, aliases, **options)
+        row = table.loc[index]
+        for name in ("mass", "single_token_mass", "multi_token_mass"):
+            assert row[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-12), (index, name)
+        assert row["log_mass"] == pytest.approx(math.log(expected["mass"]), rel=1e-5)
+        for name in ("top_share", "concentration_entropy"):
+            assert row[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6, nan_ok=True), (index, name)
+        if expected["top_token"] is not None:
+            texts = {v.text for v in answer_variants(tokenizer, aliases) if v.token_ids == (expected["top_token"],)}
+            assert row["top_variant"] in texts
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mass_equals_brute_force_prompt_by_prompt(model, tokenizer, side):
+    tokenizer.padding_side = side
+    try:
+        table = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, batch_size=2, generate=False,
+                                                 progress=False)
+    finally:
+        tokenizer.padding_side = "right"
+    assert list(table.index) == list(range(len(PROMPTS))) and "correct" not in table.columns
+    check_table(table, model, tokenizer, PROMPTS, ANSWERS)
+    assert (table["multi_token_mass"] > 0).all() and (table["num_multi_token"] > 0).all()
+    assert (table["mass"] <= 1).all()
+    assert (table["available"] == (table["mass"] >= 0.5)).all()
+
+
+def test_temperature_and_variants(model, tokenizer):
+    table = availability.answer_availability(model, tokenizer, PROMPTS[:3], ANSWERS[:3], temperature=2.0,
+                                             variants=("space",), generate=False, progress=False)
+    check_table(table, model, tokenizer, PROMPTS[:3], ANSWERS[:3], temperature=2.0, variants=("space",))
+
+
+def test_an_extension_of_a_variant_adds_nothing(model, tokenizer):
+    # " seas" = " sea" + "s" and "seas" = "sea" + "s" under this tokenizer: every seas form extends a sea form
+    assert tokenizer.encode(" seas", add_special_tokens=False)[:1] == tokenizer.encode(" sea", add_special_tokens=False)
+    options = dict(variants=("space",), generate=False, progress=False)
+    sea = availability.answer_availability(model, tokenizer, PROMPTS[:2], ["sea", "sea"], **options)
+    both = availability.answer_availability(model, tokenizer, PROMPTS[:2], [["sea", "seas"], ["seas", "sea"]],
+                                            **options)
+    pandas.testing.assert_frame_equal(sea.drop(columns="answer"), both.drop(columns="answer"))
+    assert availability.minimal_sequences([(5, 6, 7), (5,), (5, 6), (8, 9), (8, 9), (8, 1)]) == [(5,), (8, 9), (8, 1)]
+
+
+def test_generated_answers_and_correctness(model, tokenizer):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+    greedy = tokenizer.decode(new, skip_special_tokens=True)
+    answers = [greedy.strip(), "zebra"]  # the model's own answer, and one it does not give
+    table = availability.answer_availability(model, tokenizer, PROMPTS[:2], answers, max_new_tokens=3, progress=False)
+    assert table.loc[0, "generated"] == greedy and table["correct"].tolist() == [True, False]
+    assert table.loc[0, "mass"] > 0.01 > table.loc[1, "mass"]
+    check_table(table, model, tokenizer, PROMPTS[:2], answers)
+    summary = availability.by_correctness(table)
+    assert summary.loc[True, "count"] == 1 and summary.loc[True, "mass"] == pytest.approx(table.loc[0, "mass"])
+    judged = availability.answer_availability(model, tokenizer, PROMPTS[:2], answers, generate=False,
+                                              correct=[False, False], progress=False)
+    summary = availability.by_correctness(judged)
+    assert summary.loc[True, "count"] == 0 and summary.loc[False, "count"] == 2
+    assert summary.loc[False, "mass"] == pytest.approx(judged["mass"].mean())
+
+
+@pytest.mark.parametrize("generated, aliases, expected", [
+    ("Paris", "Paris", True), (" paris, France.", ["Lyon", "Paris"], True), ("PARIS!", "paris", True),
+    ("Parisian food", "Paris", False), ("in Paris", "Paris", False), ("New  York city", "new york", True),
+    ("", "Paris", False), ("Paris", ["", "..."], False),
+])
+def test_is_correct(generated, aliases, expected):
+    assert availability.is_correct(generated, aliases) is expected
+
+
+def test_sequence_log_probs_equals_teacher_forcing(model, tokenizer):
+    prefixes = [[1, 40, 41, 42], [1, 7]]
+    continuations = [[5, 6], [9, 10, 11]]
+    got = availability.sequence_log_probs(model, prefixes, continuations, batch_size=2)
+    for value, prefix, continuation in zip(got, prefixes, continuations):
+        full = torch.tensor([prefix + continuation])
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, len(prefix) - 1:-1].double()
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None]).sum()
+        assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="pair up"):
+        availability.sequence_log_probs(model, prefixes, continuations[:1])
+    with pytest.raises(ValueError, match="at least one token"):
+        availability.sequence_log_probs(model, [[]], [[3]])
+
+
+@pytest.mark.parametrize("answers, options, match", [
+    (ANSWERS[:2], {}, "one answer"),
+    (ANSWERS, dict(threshold=1.5), "threshold"),
+    (ANSWERS, dict(temperature=0), "temperature"),
+    (ANSWERS, dict(correct=[True]), "correct"),
+    ([[]] + ANSWERS[1:], {}, r"answers\[0\]"),
+    (ANSWERS, dict(variants=("plural",)), "variants"),
+])
+def test_bad_input(model, tokenizer, answers, options, match):
+    with pytest.raises(ValueError, match=match):
+        availability.answer_availability(model, tokenizer, PROMPTS, answers, generate=False, progress=False, **options)
+
+
+def test_by_correctness_needs_a_correct_column(model, tokenizer):
+    table = availability.answer_availability(model, tokenizer, PROMPTS[:1], ANSWERS[:1], generate=False,
+                                             progress=False)
+    with pytest.raises(ValueError, match="no correct column"):
+        availability.by_correctness(table)
