@@ -5,7 +5,8 @@
                        a small built-in problem, checks them against the float64 reference and
                        prints a timing table per operation; then the sink-head pipeline on a small
                        built-in model (random weights with planted sink heads), and contrastive
-                       guidance on a tiny built-in vision-language model (LLaVA, random weights)
+                       guidance on a tiny built-in vision-language model (LLaVA, random weights),
+                       draft uncertainty and answer availability on the built-in model
     fastprobe sinks    scores every head of a local transformers checkpoint by its attention on
                        the first token, prunes the top sink heads and reports perplexity
 """
@@ -356,6 +357,80 @@ def _demo_guidance(device: torch.device, seed: int, new_tokens: int = 24) -> boo
     return ok
 
 
+# ---------------------------------------------------------------- uncertainty and answer availability
+
+
+def _confident_model(tokenizer, seed: int, device: torch.device):
+    """The built-in Llama with its output layer scaled up, so that its random predictions are
+    confident (far from uniform) like a trained model's."""
+    from .models import tiny_model
+
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2, hidden_size=64, seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model.to(device)
+
+
+def _noisy_copies(model, count: int, scale: float, seed: int) -> list:
+    """Copies of `model` whose output layers get independent Gaussian noise of `scale` times
+    their entries' standard deviation: drafts that agree with it less as the scale grows."""
+    import copy
+
+    generator = torch.Generator().manual_seed(seed)
+    copies = []
+    for _ in range(count):
+        draft = copy.deepcopy(model)
+        weight = draft.get_output_embeddings().weight
+        with torch.no_grad():
+            noise = torch.randn(weight.shape, generator=generator).to(weight.device)
+            weight.add_(scale * weight.std() * noise)
+        copies.append(draft)
+    return copies
+
+
+def _demo_methods(device: torch.device, seed: int) -> bool:
+    """Draft uncertainty with drafts planted near and far from the target; answer availability of
+    the model's own answers vs the texts' true next words."""
+    from .methods import availability, uncertainty
+    from .models import DEMO_TEXTS, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    target = _confident_model(tokenizer, seed, device)
+    print(f"draft uncertainty and answer availability: the built-in Llama (2 layers, hidden 64) on {device}, its "
+          "output layer scaled up so that it predicts confidently.")
+    print(f"  Its weights are RANDOM (seed {seed}): the figures only show the methods at work.")
+    means = {}
+    for scale in (0.1, 0.5):
+        drafts = _noisy_copies(target, 3, scale, seed)
+        tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, DEMO_TEXTS, batch_size=8, progress=False)
+        means[scale] = tokens[list(uncertainty.MEASURES)].mean()
+    near, far = means[0.1], means[0.5]
+    ok = bool((far > near).all())
+    print(f"  3 drafts = the target with noise on its output layer; mean per token over {len(tokens)} tokens of "
+          f"{len(DEMO_TEXTS)} texts:")
+    print(f"    {'drafts':<24}{'epistemic':>11}{'jsd':>9}{'kl(m||p)':>10}")
+    for name, values in (("noise 0.1 (near)", near), ("noise 0.5 (far)", far)):
+        print(f"    {name:<24}{values['epistemic']:>11.4f}{values['jsd']:>9.4f}{values['kl_mixture_target']:>10.4f}")
+    print(f"  farther drafts give more uncertainty on every measure -> {'OK' if ok else 'FAILED'}")
+
+    prompts = [" ".join(text.split()[:5]) for text in DEMO_TEXTS[:8]]
+    own = [answer.strip() for answer in availability.greedy_answers(target, tokenizer, prompts, max_new_tokens=2)]
+    truth = [text.split()[5].strip(",.:") for text in DEMO_TEXTS[:8]]
+    answers = [own[i] if i % 2 == 0 and own[i] else truth[i] for i in range(len(prompts))]
+    table = availability.answer_availability(target, tokenizer, prompts, answers, threshold=0.5, max_new_tokens=2,
+                                             progress=False)
+    print("  answer availability: gold answer = the model's own greedy answer (even rows) or the text's true "
+          "next word (odd rows):")
+    print(f"    {'prompt':<30}{'gold':>12}{'mass':>10}{'available':>10}{'top_share':>10}  generated")
+    for index, row in table.iterrows():
+        share = "-" if row["top_share"] != row["top_share"] else f"{row['top_share']:.2f}"
+        print(f"    {prompts[index][:29]:<30}{row['answer'][:11]:>12}{row['mass']:>10.2e}{str(row['available']):>10}"
+              f"{share:>10}  {row['generated']!r}")
+    summary = availability.by_correctness(table)
+    print(f"  mean mass: correct answers {summary.loc[True, 'mass']:.3f}, incorrect {summary.loc[False, 'mass']:.2e}")
+    return ok
+
+
 def _load_checkpoint(path: str, device: str, dtype: str):
     import transformers
 
@@ -413,6 +488,8 @@ def demo(args: argparse.Namespace) -> int:
     ok = _demo_sinks(device, args.seed, args.length) and ok
     print()
     ok = _demo_guidance(device, args.seed) and ok
+    print()
+    ok = _demo_methods(device, args.seed) and ok
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from fastprobe import cli
 from fastprobe.methods import availability
 from fastprobe.ops.concepts import answer_variants
 from fastprobe.models import tiny_model, tiny_tokenizer
@@ -161,6 +162,21 @@ def test_sequence_log_probs_equals_teacher_forcing(model, tokenizer):
 def test_bad_input(model, tokenizer, answers, options, match):
     with pytest.raises(ValueError, match=match):
         availability.answer_availability(model, tokenizer, PROMPTS, answers, generate=False, progress=False, **options)
+
+
+def test_max_new_tokens_is_checked_before_any_work(model, tokenizer):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, max_new_tokens=0, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=-1)
+
+
+def test_demo_methods_section(capsys):
+    """The demo's draft-uncertainty and availability section: near drafts give less uncertainty
+    than far ones on every measure."""
+    assert cli._demo_methods(torch.device("cpu"), seed=0)
+    out = capsys.readouterr().out
+    assert "-> OK" in out and "answer availability" in out
 
 
 def test_by_correctness_needs_a_correct_column(model, tokenizer):

@@ -10,6 +10,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 
+def check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def require_pandas():
     try:
         import pandas
@@ -84,8 +89,7 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         raise ValueError("texts is empty")
     if not all(isinstance(text, str) for text in texts):
         raise ValueError("texts must be a string or a list of strings")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     device, positions = model_device(model), position_ids and takes_position_ids(model)
     starts = range(0, len(texts), batch_size)
     with _padding_ready(tokenizer), _padding_side(tokenizer, padding_side):

@@ -34,9 +34,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
-from ._batching import model_device, real_positions, require_pandas, takes_position_ids, text_batches
+from ._batching import check_positive_int, model_device, real_positions, require_pandas, takes_position_ids, text_batches
 
-__all__ = ["answer_availability", "by_correctness", "is_correct", "minimal_sequences", "sequence_log_probs"]
+__all__ = [
+    "answer_availability", "by_correctness", "greedy_answers", "is_correct", "minimal_sequences", "sequence_log_probs",
+]
 
 _DEFAULT_VARIANTS = ("space", "lower", "title", "upper")
 
@@ -142,7 +144,7 @@ class _Answer:
         self.text_of = {v.token_ids[0]: v.text for v in found if v.single_token}
 
 
-def _check_arguments(prompts, answers, threshold, temperature, correct):
+def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_tokens):
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     answers = [answers] if isinstance(answers, str) else list(answers)
     if len(answers) != len(prompts):
@@ -152,6 +154,8 @@ def _check_arguments(prompts, answers, threshold, temperature, correct):
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if max_new_tokens is not None:
+        check_positive_int(max_new_tokens, "max_new_tokens")
     if correct is not None and len(correct) != len(prompts):
         raise ValueError(f"correct must hold one judgement per prompt, got {len(correct)} for {len(prompts)}")
     return prompts, answers
@@ -191,8 +195,11 @@ def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: floa
     return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
 
 
-def _answers_generated(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, progress) -> list:
-    """Greedy answers (special tokens skipped) to every prompt."""
+def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_new_tokens: int = 8,
+                   batch_size: int = 8, max_length: int = 512, progress: bool = False) -> list[str]:
+    """The model's greedy answer to every prompt (max_new_tokens at most, special tokens
+    skipped), batched with left padding."""
+    check_positive_int(max_new_tokens, "max_new_tokens")
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False)
     if model.generation_config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -220,7 +227,8 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     (batch_size, truncated to max_length tokens); multi-token variants are scored by teacher
     forcing in batches of the same size."""
     pandas = require_pandas()
-    prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct)
+    prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct,
+                                        max_new_tokens if generate else None)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     parts, first = [], 0
@@ -232,8 +240,8 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
             part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size)
             parts.append(part)
             first += len(batch_answers)
-        generated = (_answers_generated(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, progress)
-                     if generate else None)
+        generated = (greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    max_length=max_length, progress=progress) if generate else None)
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     mass = columns["single_token_mass"] + columns["multi_token_mass"]
     table = pandas.DataFrame({
