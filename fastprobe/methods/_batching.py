@@ -10,9 +10,12 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 
-def check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """value as an int, or a ValueError naming `name` unless it is an integer >= minimum (0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a non-negative" if minimum == 0 else "a positive"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+    return int(value)
 
 
 def require_pandas():
@@ -29,7 +32,7 @@ def model_device(model) -> torch.device:
 
 
 @contextlib.contextmanager
-def _padding_ready(tokenizer) -> Iterator[None]:
+def padding_ready(tokenizer) -> Iterator[None]:
     """Batches need a pad token: a tokenizer without one (GPT-2's) borrows its eos token for the
     duration. The tokenizer's padding side is kept; the attention mask makes either side right."""
     if tokenizer.pad_token is not None:
@@ -89,10 +92,11 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         raise ValueError("texts is empty")
     if not all(isinstance(text, str) for text in texts):
         raise ValueError("texts must be a string or a list of strings")
-    check_positive_int(batch_size, "batch_size")
+    check_count(batch_size, "batch_size")
+    check_count(max_length, "max_length")
     device, positions = model_device(model), position_ids and takes_position_ids(model)
     starts = range(0, len(texts), batch_size)
-    with _padding_ready(tokenizer), _padding_side(tokenizer, padding_side):
+    with padding_ready(tokenizer), _padding_side(tokenizer, padding_side):
         for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")

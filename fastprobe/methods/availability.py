@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
-from ._batching import check_positive_int, model_device, real_positions, require_pandas, takes_position_ids, text_batches
+from ._batching import check_count, model_device, real_positions, require_pandas, takes_position_ids, text_batches
 
 __all__ = [
     "answer_availability", "by_correctness", "greedy_answers", "is_correct", "minimal_sequences", "sequence_log_probs",
@@ -155,7 +155,7 @@ def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if max_new_tokens is not None:
-        check_positive_int(max_new_tokens, "max_new_tokens")
+        check_count(max_new_tokens, "max_new_tokens")
     if correct is not None and len(correct) != len(prompts):
         raise ValueError(f"correct must hold one judgement per prompt, got {len(correct)} for {len(prompts)}")
     return prompts, answers
@@ -199,7 +199,7 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
                    batch_size: int = 8, max_length: int = 512, progress: bool = False) -> list[str]:
     """The model's greedy answer to every prompt (max_new_tokens at most, special tokens
     skipped), batched with left padding."""
-    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_count(max_new_tokens, "max_new_tokens")
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False)
     if model.generation_config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -26,7 +26,7 @@ from typing import Sequence, Union
 import torch
 
 from ..ops.divergence import draft_divergence
-from ._batching import check_positive_int, model_device, real_positions, require_pandas, takes_position_ids, text_batches
+from ._batching import check_count, model_device, real_positions, require_pandas, takes_position_ids, text_batches
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "sequence_scores", "token_uncertainty"]
 
@@ -156,7 +156,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     continuation's first eos, position counted from the continuation's start."""
     pandas, drafts = require_pandas(), _drafts(drafts)
     _check_temperature(temperature)
-    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_count(max_new_tokens, "max_new_tokens")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens)
     if settings.get("pad_token_id") is None and target.generation_config.pad_token_id is None:

@@ -1,0 +1,395 @@
+"""fastprobe.methods.probes on small built-in models (random weights, no downloads): the collector
+equals output_hidden_states (Llama, Gemma 2, GPT-2, BERT, a tiny LLaVA) for every padding side and
+pooling, stops the forward after the deepest chosen block, leaves the model and the caller's
+batches as they were; the probes learn planted signals (linear, MLP, attentive on the one token
+that carries it), stay at chance on shuffled labels, are deterministic, keep their
+standardisation, and bad input raises a clear ValueError before any work."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastprobe.methods import probes
+from fastprobe.methods.probes import (
+    AttentiveProbe, LinearProbe, MLPProbe, collect_hidden_states, collect_hidden_states_from_batches, evaluate_probe,
+    predict, train_probe, transformer_blocks,
+)
+from fastprobe.models import DEMO_TEXTS, IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model, tiny_tokenizer
+
+pytest.importorskip("transformers")
+
+TEXTS = DEMO_TEXTS[:5]  # different lengths; batch_size=2 leaves a short last batch
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+_MODELS = {}
+
+
+def model_of(arch, tokenizer, num_layers=3):
+    key = (arch, num_layers)
+    if key not in _MODELS:
+        _MODELS[key] = tiny_model(arch, vocab_size=len(tokenizer), num_layers=num_layers)
+    return _MODELS[key]
+
+
+def alone(model, tokenizer, text):
+    """hidden_states of one text without padding (transformers' own output_hidden_states)."""
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True).hidden_states
+
+
+def final_norm(model):
+    return model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+
+
+def hooks_on(model) -> int:
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+
+
+# ---------------------------------------------------------------- the collector
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "bert"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collector_equals_output_hidden_states_whatever_the_padding(tokenizer, arch, side):
+    """Texts batched with padding give, layer by layer and token by token, what
+    output_hidden_states gives each text alone: layer i = hidden_states[i + 1]. The last block's
+    raw output, put through the final norm, is hidden_states[-1] (BERT has no final norm)."""
+    model = model_of(arch, tokenizer)
+    tokenizer.padding_side = side
+    try:
+        tokens = collect_hidden_states(model, tokenizer, TEXTS, layers=[0, 1, 2], pool=None, batch_size=2,
+                                       progress=False)
+        last = collect_hidden_states(model, tokenizer, TEXTS, layers=[0, 2], pool="last", batch_size=2, progress=False)
+        mean = collect_hidden_states(model, tokenizer, TEXTS, layers=[1], pool="mean", batch_size=2, progress=False)
+    finally:
+        tokenizer.padding_side = "right"
+    assert tokens.mask.dtype == torch.bool and tokens[0].dtype == torch.float32 and tokens[0].device.type == "cpu"
+    for row, text in enumerate(TEXTS):
+        want = alone(model, tokenizer, text)
+        length = want[0].shape[1]
+        assert tokens.mask[row].tolist() == [True] * length + [False] * (tokens.mask.shape[1] - length)
+        assert not tokens[1][row, length:].any()  # zeros after the real tokens
+        for layer in (0, 1):
+            torch.testing.assert_close(tokens[layer][row, :length], want[layer + 1][0], **TOLERANCE)
+        if arch == "bert":
+            torch.testing.assert_close(tokens[2][row, :length], want[3][0], **TOLERANCE)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(final_norm(model)(tokens[2][row, :length]), want[3][0], **TOLERANCE)
+        torch.testing.assert_close(last[0][row], want[1][0, -1], **TOLERANCE)
+        torch.testing.assert_close(last[-1][row], tokens[2][row, length - 1])
+        torch.testing.assert_close(mean[1][row], want[2][0].mean(0), **TOLERANCE)
+
+
+def test_collector_on_a_vision_language_models_batches():
+    """A processor's left-padded batch with images: the language model's blocks, every real
+    token equal to output_hidden_states, and each row equal to that prompt alone."""
+    processor = tiny_llava_processor()
+    model = tiny_llava(processor)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(3)]
+    prompts = [f"{IMAGE_TOKEN}\nDescribe it.", f"A photo: {IMAGE_TOKEN} What is in it? Tell me", f"{IMAGE_TOKEN} Hi"]
+    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    assert transformer_blocks(model)[0] is model.get_decoder().layers[0]
+    states = collect_hidden_states_from_batches(model, batch, layers=[0], pool=None, progress=False)
+    last = collect_hidden_states_from_batches(model, [batch], layers=[0], pool="last", progress=False)
+    with torch.no_grad():
+        want = model(**batch, output_hidden_states=True).hidden_states[1]
+    real = batch["attention_mask"].bool()
+    for row in range(3):
+        count = int(real[row].sum())
+        torch.testing.assert_close(states[0][row, :count], want[row][real[row]], **TOLERANCE)
+        single = processor(images=images[row:row + 1], text=prompts[row:row + 1], return_tensors="pt")
+        torch.testing.assert_close(
+            collect_hidden_states_from_batches(model, single, layers=[0], progress=False)[0][0], last[0][row],
+            **TOLERANCE)
+
+
+def test_collector_stops_after_the_deepest_layer(tokenizer):
+    """Blocks after the deepest chosen one and the LM head never run; the forward asks for no
+    hidden-state tuple, no attention weights and no cache; no hook is left behind."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=4)
+    blocks = transformer_blocks(model)
+    calls, seen = {2: 0, 3: 0, "head": 0}, []
+
+    def counter(key):
+        def count(*_):
+            calls[key] += 1
+        return count
+
+    handles = [blocks[2].register_forward_hook(counter(2)), blocks[3].register_forward_hook(counter(3)),
+               model.lm_head.register_forward_hook(counter("head")),
+               model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)]
+    before = hooks_on(model)
+    try:
+        states = collect_hidden_states(model, tokenizer, TEXTS, layers=[1, 0], batch_size=2, progress=False)
+        assert calls == {2: 0, 3: 0, "head": 0} and states.layers == [1, 0]
+        collect_hidden_states(model, tokenizer, TEXTS[:2], layers=[-1], progress=False)
+        assert calls == {2: 1, 3: 1, "head": 0}
+        assert hooks_on(model) == before
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(kwargs["use_cache"] is False and not kwargs.get("output_hidden_states")
+               and not kwargs.get("output_attentions") for kwargs in seen)
+
+
+def test_collector_outputs_and_layer_names(tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3, dtype=torch.bfloat16)
+    states = collect_hidden_states(model, tokenizer, TEXTS[:3], layers=[2, -1, 0], dtype=None, on_device=True,
+                                   progress=False)
+    assert states.layers == [2, 0] and len(states) == 3 and states.num_layers == 3
+    assert states[-1] is states[2] and states[2].dtype == torch.bfloat16 and states[2].shape == (3, 64)
+    with pytest.raises(KeyError, match="not collected"):
+        states[1]
+
+
+def test_caller_batches_are_left_alone(tokenizer):
+    model = model_of("llama", tokenizer)
+    tokenizer.padding_side = "left"
+    batch = dict(tokenizer(TEXTS[:3], padding=True, return_tensors="pt"))
+    tokenizer.padding_side = "right"
+    copy = {name: value.clone() for name, value in batch.items()}
+    left = collect_hidden_states_from_batches(model, batch, layers=[1], progress=False)
+    assert sorted(batch) == sorted(copy) and all(torch.equal(batch[n], copy[n]) for n in copy)
+    right = collect_hidden_states(model, tokenizer, TEXTS[:3], layers=[1], progress=False)
+    torch.testing.assert_close(left[1], right[1], **TOLERANCE)  # position ids made for the left padding
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(layers=[3]), "layers: layer 3 is out of range"),
+    (dict(layers=[-4]), "out of range"),
+    (dict(layers=[]), "layers is empty"),
+    (dict(layers=[True]), "layers must hold ints"),
+    (dict(layers=[0], pool="max"), "pool must be"),
+    (dict(layers=[0], dtype=torch.int64), "dtype"),
+    (dict(layers=[0], texts=[]), "texts is empty"),
+    (dict(layers=[0], batch_size=0), "batch_size"),
+])
+def test_collector_bad_input_raises_before_the_model_runs(tokenizer, call, match):
+    model = model_of("llama", tokenizer)
+    ran = []
+    handle = model.register_forward_pre_hook(lambda *_: ran.append(1))
+    call = dict(call)
+    texts = call.pop("texts", TEXTS)
+    try:
+        with pytest.raises(ValueError, match=match):
+            collect_hidden_states(model, tokenizer, texts, progress=False, **call)
+    finally:
+        handle.remove()
+    assert not ran
+
+
+@pytest.mark.parametrize("batches, match", [
+    ([], "batches is empty"),
+    (["text"], r"batches\[0\] must be a dict"),
+    ({"attention_mask": torch.ones(1, 3)}, "needs input_ids"),
+    ({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 4)}, "attention_mask must"),
+])
+def test_batches_bad_input(tokenizer, batches, match):
+    with pytest.raises(ValueError, match=match):
+        collect_hidden_states_from_batches(model_of("llama", tokenizer), batches, layers=[0], progress=False)
+
+
+def test_transformer_blocks_of_a_model_without_them():
+    with pytest.raises(NotImplementedError, match="transformer blocks"):
+        transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_probe_reads_the_last_token_from_collected_states(tokenizer):
+    """End to end: random token sequences labelled by which set their last token is from; the
+    layer-0 last-token states of a tiny Llama carry it, so a linear probe reads it."""
+    model = model_of("llama", tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (240, 7), generator=generator)
+    labels = torch.randint(0, 2, (240,), generator=generator)
+    ids[:, -1] = torch.where(labels == 1, 10 + ids[:, -1] % 8, 30 + ids[:, -1] % 8)
+    lengths = torch.randint(3, 8, (240,), generator=generator)  # right padding: the last real token moves
+    mask = torch.arange(7) < lengths[:, None]
+    ids[torch.arange(240), lengths - 1] = ids[:, -1].clone()
+    batches = [dict(input_ids=ids[i:i + 60], attention_mask=mask[i:i + 60].long()) for i in range(0, 240, 60)]
+    states = collect_hidden_states_from_batches(model, batches, layers=[0], progress=False)
+    fit = train_probe(states[0], labels, epochs=150)
+    assert fit.metrics["val_accuracy"] > 0.9
+
+
+# ---------------------------------------------------------------- the probes
+
+
+def planted(rows, width=24, classes=2, seed=0, offset=0.0, scale=1.0):
+    """Features with labels from random directions: argmax of x W (classes > 2), sign of x w."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(rows, width, generator=generator)
+    directions = torch.randn(width, max(classes, 2) if classes > 2 else 1, generator=torch.Generator().manual_seed(99))
+    scores = features @ directions
+    labels = scores.argmax(-1) if classes > 2 else (scores[:, 0] > 0).long()
+    return features * scale + offset, labels
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_probe_learns_a_planted_signal_and_not_shuffled_labels(kind):
+    features, labels = planted(600)
+    fit = train_probe(features, labels, kind=kind, epochs=150)
+    assert fit.metrics["val_accuracy"] > 0.9 and fit.metrics["train_accuracy"] > 0.9
+    fresh, fresh_labels = planted(400, seed=1)
+    assert (predict(fit.probe, fresh) == fresh_labels).float().mean() > 0.9
+    shuffled = labels[torch.randperm(600, generator=torch.Generator().manual_seed(3))]
+    chance = train_probe(features, shuffled, kind=kind, epochs=150)
+    assert 0.3 < chance.metrics["val_accuracy"] < 0.65
+    assert isinstance(fit.probe, LinearProbe if kind == "linear" else MLPProbe) and not fit.probe.training
+    assert len(fit.history) == 150 and fit.history[-1] < fit.history[0]
+
+
+def test_multiclass_regression_and_mini_batches():
+    features, labels = planted(600, classes=3)
+    fit = train_probe(features, labels, epochs=200, batch_size=64)
+    assert fit.probe.num_outputs == 3 and fit.metrics["val_accuracy"] > 0.85
+    assert predict(fit.probe, features[:5]).dtype == torch.long
+    direction = torch.randn(24)
+    values = (features * 50 + 7) @ direction + 1000 + 0.01 * torch.randn(600)  # large target scale and offset
+    fit = train_probe(features * 50 + 7, values, epochs=200)
+    assert fit.probe.task == "regression" and fit.metrics["val_r2"] > 0.99 and "val_accuracy" not in fit.metrics
+    torch.testing.assert_close(predict(fit.probe, features[:4] * 50 + 7), values[:4], rtol=1e-3, atol=1.0)
+    two = train_probe(features, torch.stack([values, -values], 1), kind="mlp", epochs=50)
+    assert predict(two.probe, features[:3]).shape == (3, 2)
+
+
+def signal_in_one_token(rows, length=8, width=16, seed=0):
+    """Token features where one real token per row (a random position, marked by +4 on dim 0)
+    carries the label as +-2 on dim 1; padding tokens carry the marker with a random sign, so a
+    probe that reads padding is misled."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(rows, length, width, generator=generator)
+    lengths = torch.randint(3, length + 1, (rows,), generator=generator)
+    mask = torch.arange(length) < lengths[:, None]
+    labels = torch.randint(0, 2, (rows,), generator=generator)
+    position = (torch.rand(rows, generator=generator) * lengths).long()
+    features[torch.arange(rows), position, 0] = 4.0
+    features[torch.arange(rows), position, 1] = 2.0 * (2 * labels - 1)
+    decoy = 2.0 * (2 * torch.randint(0, 2, (rows, length), generator=generator) - 1).float()
+    features[..., 0] = torch.where(mask, features[..., 0], torch.full_like(decoy, 4.0))
+    features[..., 1] = torch.where(mask, features[..., 1], decoy)
+    return features, mask, labels, position
+
+
+def test_attentive_probe_finds_the_one_token_that_carries_the_signal():
+    features, mask, labels, position = signal_in_one_token(600)
+    fit = train_probe(features, labels, kind="attentive", mask=mask, epochs=200)
+    assert isinstance(fit.probe, AttentiveProbe) and fit.metrics["val_accuracy"] > 0.95
+    fresh, fresh_mask, fresh_labels, fresh_position = signal_in_one_token(300, seed=1)
+    assert (predict(fit.probe, fresh, fresh_mask) == fresh_labels).float().mean() > 0.95
+    with torch.no_grad():
+        weights = fit.probe.attention_weights(fresh, fresh_mask)  # [N, Q, T]
+    assert float(weights.masked_select(~fresh_mask[:, None, :].expand_as(weights)).abs().max()) == 0.0
+    on_signal = weights[torch.arange(300), :, fresh_position].max(-1).values
+    assert float(on_signal.mean()) > 0.5  # some query looks at the marked token
+    pooled = (features * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert train_probe(pooled, labels, epochs=200).metrics["val_accuracy"] < fit.metrics["val_accuracy"] - 0.05
+
+
+def test_attentive_probe_ignores_what_padding_holds():
+    features, mask, labels, _ = signal_in_one_token(200)
+    probe = AttentiveProbe(16, 2, num_queries=3)
+    garbage = torch.where(mask[..., None], features, 1e3 * torch.randn_like(features))
+    torch.testing.assert_close(probe(garbage, mask), probe(features, mask), rtol=0, atol=1e-6)
+    assert not torch.allclose(probe(garbage), probe(features))
+
+
+def test_training_is_deterministic_and_leaves_inputs_alone():
+    features, labels = planted(300)
+    kept = features.clone(), labels.clone()
+    rng = torch.get_rng_state()
+    first = train_probe(features, labels, kind="mlp", epochs=30, batch_size=50, seed=5)
+    second = train_probe(features, labels, kind="mlp", epochs=30, batch_size=50, seed=5)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    assert first.metrics == second.metrics and first.history == second.history
+    assert all(torch.equal(a, b) for a, b in zip(first.probe.state_dict().values(), second.probe.state_dict().values()))
+    other = train_probe(features, labels, kind="mlp", epochs=30, batch_size=50, seed=6)
+    assert other.history != first.history
+    assert torch.equal(features, kept[0]) and torch.equal(labels, kept[1])
+    tokens, mask, token_labels, _ = signal_in_one_token(50)
+    kept = tokens.clone(), mask.clone()
+    train_probe(tokens, token_labels, kind="attentive", mask=mask, epochs=3)
+    assert torch.equal(tokens, kept[0]) and torch.equal(mask, kept[1])
+
+
+def test_standardisation_lives_in_the_probe():
+    features, labels = planted(400, offset=500.0, scale=100.0)
+    fit = train_probe(features, labels, epochs=150, validation_fraction=0.0)
+    assert "val_accuracy" not in fit.metrics and fit.metrics["train_accuracy"] > 0.9
+    torch.testing.assert_close(fit.probe.feature_mean, features.mean(0), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fit.probe.feature_scale, features.std(0, unbiased=False), rtol=1e-4, atol=1e-3)
+    rows = features[:5]
+    with torch.no_grad():  # the probe applies what training saw: W (x - mean) / std + b
+        manual = fit.probe.linear((rows - features.mean(0)) / features.std(0, unbiased=False))
+        torch.testing.assert_close(fit.probe(rows), manual, rtol=1e-4, atol=1e-4)
+    restored = LinearProbe(24, 2)
+    restored.load_state_dict(fit.probe.state_dict())
+    assert torch.equal(predict(restored, features), predict(fit.probe, features))
+    plain = train_probe(features, labels, epochs=5, standardize=False)
+    assert torch.equal(plain.probe.feature_mean, torch.zeros(24)) and torch.equal(plain.probe.feature_scale,
+                                                                                   torch.ones(24))
+
+
+def test_validation_data_and_evaluate():
+    features, labels = planted(300)
+    held_out, held_labels = planted(100, seed=2)
+    fit = train_probe(features, labels.tolist(), epochs=100, validation_data=(held_out.numpy(), held_labels))
+    assert fit.metrics["val_accuracy"] == evaluate_probe(fit.probe, held_out, held_labels)["accuracy"] > 0.9
+    assert set(fit.metrics) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(labels=torch.zeros(5, dtype=torch.long)), "labels has 5 rows but the features have 40"),
+    (dict(kind="tree"), "kind must be one of"),
+    (dict(kind="attentive"), r"features must be \[N, T, H\]"),
+    (dict(features=torch.randn(40, 3, 8)), r"features must be \[N, H\]"),
+    (dict(mask=torch.ones(40, 8, dtype=torch.bool)), "mask is for the attentive probe"),
+    (dict(features=torch.randn(0, 8), labels=torch.zeros(0, dtype=torch.long)), "features is empty"),
+    (dict(features=torch.full((40, 8), float("nan"))), "NaN"),
+    (dict(labels=torch.zeros(40, dtype=torch.long)), "single class"),
+    (dict(labels=-torch.ones(40, dtype=torch.long)), "class ids >= 0"),
+    (dict(labels=torch.rand(40), task="classification"), "labels must be class ids"),
+    (dict(task="ranking"), "task must be one of"),
+    (dict(labels=["yes", "no"] * 20), "labels must be a tensor or an array"),
+    (dict(validation_fraction=1.0), "validation_fraction"),
+    (dict(epochs=0), "epochs"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(kind="mlp", dropout=1.0), "dropout"),
+    (dict(validation_data=(torch.randn(5, 7), torch.zeros(5, dtype=torch.long))), "validation_data features"),
+])
+def test_train_probe_bad_input(call, match):
+    arguments = dict(features=torch.randn(40, 8), labels=torch.arange(40) % 2, epochs=2)
+    arguments.update(call)
+    features, labels = arguments.pop("features"), arguments.pop("labels")
+    kept = features.clone()
+    with pytest.raises(ValueError, match=match):
+        train_probe(features, labels, **arguments)
+    assert torch.equal(features, kept) or torch.isnan(kept).all()
+
+
+def test_attentive_mask_and_predict_bad_input():
+    tokens = torch.randn(6, 4, 8)
+    with pytest.raises(ValueError, match=r"mask must have shape \(6, 4\)"):
+        train_probe(tokens, torch.arange(6) % 2, kind="attentive", mask=torch.ones(6, 5, dtype=torch.bool))
+    empty_row = torch.ones(6, 4, dtype=torch.bool)
+    empty_row[2] = False
+    with pytest.raises(ValueError, match="at least one real token"):
+        train_probe(tokens, torch.arange(6) % 2, kind="attentive", mask=empty_row)
+    probe = LinearProbe(8, 2)
+    with pytest.raises(ValueError, match="the probe takes 8"):
+        predict(probe, torch.randn(3, 9))
+    with pytest.raises(ValueError, match="probe must be"):
+        predict(torch.nn.Linear(8, 2), torch.randn(3, 8))
+    with pytest.raises(ValueError, match="in_features"):
+        MLPProbe(0, 2)
+    assert probes.POOLS == ("last", "mean", None)

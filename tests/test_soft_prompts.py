@@ -1,0 +1,417 @@
+"""fastprobe.methods.soft_prompts on small built-in models (Llama, GPT-2, Gemma 3, LLaVA; random
+weights, in-process tokenizer): the fit equals torch's mean / std of the embedding table, the
+draws have its moments, seeds reproduce and fresh calls differ, the soft vectors reach the model
+right after each row's real tokens at the positions that follow them, left and right padded
+batches generate what each prompt alone does, n = 0 is plain generation, and misuse raises
+clear errors without touching the inputs or the table."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastprobe.methods import soft_prompts as sp
+from fastprobe.models import DEMO_TEXTS, IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model, tiny_tokenizer
+
+pytest.importorskip("transformers")
+
+TEXTS = [DEMO_TEXTS[2], "Hello there.", DEMO_TEXTS[9]]  # three lengths: every row but one is padded
+N = 3
+GREEDY = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tokenizer):
+    return tiny_model(request.param, vocab_size=len(tokenizer))
+
+
+def fresh_llama(tokenizer, **options):
+    return tiny_model("llama", vocab_size=len(tokenizer), **options)
+
+
+def encode(tokenizer, texts, side):
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        return tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = previous
+
+
+def table(model):
+    return model.get_input_embeddings().weight.detach()
+
+
+def assert_same_generation(got, want):
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+
+
+# ---------------------------------------------------------------- the fit
+
+
+def test_fit_equals_torch_statistics_of_the_table(tokenizer, monkeypatch):
+    """Scalar and per-dimension fits equal torch's float64 mean / std, also when the table is read
+    in many chunks (7 rows each, a ragged last one)."""
+    model = fresh_llama(tokenizer)
+    weight = table(model).double()
+    for chunk_entries in (sp._CHUNK_ENTRIES, 7 * weight.shape[1]):
+        monkeypatch.setattr(sp, "_CHUNK_ENTRIES", chunk_entries)
+        scalar = sp.fit_embedding_gaussian(model)
+        per_dimension = sp.fit_embedding_gaussian(model, per_dimension=True)
+        assert scalar.mean.shape == () and not scalar.per_dimension and scalar.hidden_size == 64
+        assert per_dimension.mean.shape == (64,) and per_dimension.per_dimension
+        assert scalar.mean.dtype == torch.float32
+        torch.testing.assert_close(scalar.mean.double(), weight.mean(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(scalar.std.double(), weight.std(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(per_dimension.mean.double(), weight.mean(0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(per_dimension.std.double(), weight.std(0), rtol=1e-6, atol=0)
+
+
+def test_fit_can_exclude_rows(tokenizer):
+    model = fresh_llama(tokenizer)
+    weight = table(model).double()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer.pad_token_id] = 5.0  # an outlier row
+    excluded = [tokenizer.pad_token_id, 7]
+    keep = torch.ones(len(weight), dtype=torch.bool)
+    keep[excluded] = False
+    fitted = sp.fit_embedding_gaussian(model, exclude_token_ids=excluded)
+    torch.testing.assert_close(fitted.mean.double(), weight[keep].mean(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fitted.std.double(), weight[keep].std(), rtol=1e-6, atol=0)
+    per_dimension = sp.fit_embedding_gaussian(model, per_dimension=True, exclude_token_ids=excluded)
+    torch.testing.assert_close(per_dimension.std.double(), weight[keep].std(0), rtol=1e-6, atol=0)
+    assert sp.fit_embedding_gaussian(model).std > 2 * fitted.std  # the outlier row counts by default
+
+
+def test_fit_follows_a_scaled_embedding(tokenizer):
+    """Gemma 3's embedding multiplies its rows by embed_scale: the fit is the table's times it."""
+    model = tiny_model("gemma3", vocab_size=len(tokenizer))
+    embedding, weight = model.get_input_embeddings(), table(model).double()
+    scale = float(embedding.embed_scale)
+    assert scale == pytest.approx(64 ** 0.5)
+    ids = torch.tensor([[1, 5, 9]])
+    torch.testing.assert_close(embedding(ids), table(model)[ids] * scale)  # what the scale means
+    fitted = sp.fit_embedding_gaussian(model, per_dimension=True)
+    torch.testing.assert_close(fitted.mean.double(), weight.mean(0) * scale, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fitted.std.double(), weight.std(0) * scale, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------- the draws
+
+
+def stretched_llama(tokenizer):
+    """A Llama whose embedding columns have means in [-1, 1] and standard deviations growing
+    from about 0.02 to 0.06: per-dimension and scalar fits differ clearly."""
+    model = fresh_llama(tokenizer)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight.mul_(torch.linspace(1.0, 3.0, weight.shape[1])).add_(torch.linspace(-1.0, 1.0, weight.shape[1]))
+    return model
+
+
+def test_draws_have_the_fitted_moments(tokenizer):
+    model = stretched_llama(tokenizer)
+    count = 20000
+    for per_dimension in (False, True):
+        fitted = sp.fit_embedding_gaussian(model, per_dimension=per_dimension)
+        draws = sp.draw_soft_prompts(model, count, per_dimension=per_dimension)
+        assert draws.shape == (count, 64) and draws.dtype == torch.float32
+        draws = draws.double()
+        mean, std = fitted.mean.double().expand(64), fitted.std.double().expand(64)
+        # per column: |sample mean - mu| < 6 sigma / sqrt(N), |sample std - sigma| < 6 sigma / sqrt(2N)
+        assert ((draws.mean(0) - mean).abs() < 6 * std / count ** 0.5).all()
+        assert ((draws.std(0) - std).abs() < 6 * std / (2 * count) ** 0.5).all()
+        # Gaussian: P(|x - mu| < sigma) = 0.6827 (sd of the fraction over 1.28M draws is 4e-4)
+        inside = ((draws - mean).abs() < std).double().mean()
+        assert abs(float(inside) - 0.6827) < 3e-3
+    # the scalar fit is isotropic: one std for every column, though the table's columns differ
+    scalar = sp.draw_soft_prompts(model, count).double()
+    assert scalar.std(0).max() / scalar.std(0).min() < 1.1
+    assert table(model).std(0).max() / table(model).std(0).min() > 2
+
+
+def test_draws_take_the_model_dtype_and_shape(tokenizer):
+    model = fresh_llama(tokenizer, dtype=torch.bfloat16)
+    assert sp.draw_soft_prompts(model, 4).shape == (4, 64)
+    batch = sp.draw_soft_prompts(model, 4, rows=3)
+    assert batch.shape == (3, 4, 64) and batch.dtype == torch.bfloat16
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])  # rows drawn independently
+    assert sp.draw_soft_prompts(model, 0, rows=2).shape == (2, 0, 64)
+
+
+def test_seeds_reproduce_and_fresh_calls_differ(tokenizer):
+    model = fresh_llama(tokenizer)
+    gaussian = sp.fit_embedding_gaussian(model)
+    state = torch.get_rng_state()
+    first = sp.draw_soft_prompts(model, 5, rows=2, gaussian=gaussian, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)  # an int seed leaves the global RNG alone
+    assert torch.equal(first, sp.draw_soft_prompts(model, 5, rows=2, gaussian=gaussian, seed=11))
+    assert not torch.equal(first, sp.draw_soft_prompts(model, 5, rows=2, gaussian=gaussian, seed=12))
+    assert not torch.equal(sp.draw_soft_prompts(model, 5, gaussian=gaussian),
+                           sp.draw_soft_prompts(model, 5, gaussian=gaussian))
+    generator = torch.Generator().manual_seed(11)
+    assert torch.equal(first, sp.draw_soft_prompts(model, 5, rows=2, gaussian=gaussian, seed=generator))
+    assert not torch.equal(first, sp.draw_soft_prompts(model, 5, rows=2, gaussian=gaussian, seed=generator))  # advanced
+
+
+# ---------------------------------------------------------------- placement
+
+
+def first_forward_inputs(model):
+    """A forward pre-hook recording the keyword inputs of the model's first forward call."""
+    seen = []
+
+    def record(module, args, kwargs):
+        if not seen:
+            seen.append(dict(kwargs))
+
+    return seen, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_soft_vectors_follow_each_rows_real_tokens(model, tokenizer, side):
+    """What generate's first forward gets: each row's real tokens at the right edge, then its soft
+    vectors, the mask extended over them, and positions 0 .. r + n - 1 over the real part."""
+    batch = encode(tokenizer, TEXTS, side)
+    seen, hook = first_forward_inputs(model)
+    try:
+        _, soft = sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, return_soft_prompts=True,
+                                          max_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    embeds, mask, positions = seen[0]["inputs_embeds"], seen[0]["attention_mask"], seen[0]["position_ids"]
+    width = batch["input_ids"].shape[1]
+    assert soft.shape == (len(TEXTS), N, 64) and embeds.shape == (len(TEXTS), width + N, 64)
+    for row, real in enumerate(batch["attention_mask"].bool()):
+        tokens = batch["input_ids"][row][real]
+        r = len(tokens)
+        torch.testing.assert_close(embeds[row, width:], soft[row], rtol=0, atol=0)
+        torch.testing.assert_close(embeds[row, width - r:width], table(model)[tokens], rtol=0, atol=0)
+        assert mask[row].tolist() == [0] * (width - r) + [1] * (r + N)
+        assert positions[row, width - r:].tolist() == list(range(r + N))
+
+
+def test_soft_prompt_inputs_leave_a_left_padded_batch_in_place_and_share_one_prompt(model, tokenizer):
+    batch = encode(tokenizer, TEXTS, "left")
+    soft = sp.draw_soft_prompts(model, N)  # [n, H]: the same for every row
+    inputs = sp.soft_prompt_inputs(model, batch["input_ids"], batch["attention_mask"], soft_prompts=soft)
+    width = batch["input_ids"].shape[1]
+    torch.testing.assert_close(inputs["inputs_embeds"][:, :width], table(model)[batch["input_ids"]], rtol=0, atol=0)
+    torch.testing.assert_close(inputs["inputs_embeds"][:, width:], soft.expand(len(TEXTS), -1, -1), rtol=0, atol=0)
+    assert torch.equal(inputs["attention_mask"][:, :width], batch["attention_mask"])
+    assert inputs["attention_mask"].dtype == batch["attention_mask"].dtype
+    one = sp.soft_prompt_inputs(model, batch["input_ids"][0], batch["attention_mask"][0], soft_prompts=soft)
+    torch.testing.assert_close(one["inputs_embeds"], inputs["inputs_embeds"][:1], rtol=0, atol=0)  # [L]: one prompt
+
+
+def test_gradients_reach_the_soft_prompts_not_the_table(tokenizer):
+    model = fresh_llama(tokenizer)
+    soft = sp.draw_soft_prompts(model, N).requires_grad_()
+    inputs = sp.soft_prompt_inputs(model, torch.tensor([[1, 40, 41]]), soft_prompts=soft)
+    model(**inputs).logits[0, -1].sum().backward()
+    assert soft.grad is not None and soft.grad.abs().sum() > 0
+    assert model.get_input_embeddings().weight.grad is None
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate_alone(model, tokenizer, text, soft):
+    """Greedy generation of one prompt followed by its soft vectors, inputs_embeds built by hand."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    embeds = torch.cat([table(model)[ids[0]], soft]).unsqueeze(0)
+    return model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                          **GREEDY)
+
+
+def test_padded_batches_generate_what_each_prompt_alone_does(model, tokenizer):
+    """Left and right padding (right is re-packed) give the same generations, and each row equals
+    its prompt alone with its soft vectors appended by hand."""
+    results = {}
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        try:
+            results[side] = sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=5, return_soft_prompts=True,
+                                                    **GREEDY)
+        finally:
+            tokenizer.padding_side = "right"
+    (left, soft), (right, soft_right) = results["left"], results["right"]
+    assert torch.equal(soft, soft_right)  # the same seed, the same draws
+    assert_same_generation(right, left)
+    for row, text in enumerate(TEXTS):
+        alone = generate_alone(model, tokenizer, text, soft[row])
+        assert torch.equal(left.sequences[row], alone.sequences[0])
+        for step, (batched, single) in enumerate(zip(left.logits, alone.logits)):
+            torch.testing.assert_close(batched[row], single[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_no_soft_vectors_is_plain_generation(tokenizer, arch, side):
+    model = tiny_model(arch, vocab_size=len(tokenizer))
+    plain_batch = encode(tokenizer, TEXTS, "left")
+    plain = model.generate(**plain_batch, **GREEDY)
+    batch = encode(tokenizer, TEXTS, side)
+    ours = sp.soft_prompt_generate(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], n=0,
+                                   **GREEDY)
+    assert torch.equal(ours.sequences, plain.sequences[:, plain_batch["input_ids"].shape[1]:])
+    for a, b in zip(ours.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_each_call_draws_fresh_vectors_and_generates_from_them(tokenizer):
+    model = fresh_llama(tokenizer)
+    first, soft_first = sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, return_soft_prompts=True, **GREEDY)
+    _, soft_second = sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, return_soft_prompts=True, **GREEDY)
+    assert not torch.equal(soft_first, soft_second)
+    batch = encode(tokenizer, TEXTS, "right")
+    again = model.generate(**sp.soft_prompt_inputs(model, batch["input_ids"], batch["attention_mask"],
+                                                   soft_prompts=soft_first), **GREEDY)
+    assert_same_generation(again, first)  # the returned vectors are the ones generation used
+    seeded = [sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=3, **GREEDY) for _ in range(2)]
+    assert_same_generation(seeded[0], seeded[1])
+
+
+def test_a_tokenizer_without_pad_token_borrows_eos(tokenizer):
+    """GPT-2 style: no pad token in the tokenizer or the generation config; the batch is padded
+    with eos for the call and generates what the padded tokenizer's batch does."""
+    model = tiny_model("gpt2", vocab_size=len(tokenizer))
+    model.generation_config.pad_token_id = None
+    bare = tiny_tokenizer()
+    bare.pad_token = None
+    want = sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=1, **GREEDY)
+    got = sp.soft_prompt_generate(model, bare, TEXTS, n=N, seed=1, **GREEDY)
+    assert bare.pad_token is None
+    assert_same_generation(got, want)
+
+
+def test_generation_takes_a_fitted_gaussian(tokenizer):
+    model = stretched_llama(tokenizer)
+    gaussian = sp.fit_embedding_gaussian(model, per_dimension=True)
+    _, soft = sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, gaussian=gaussian, seed=2,
+                                      return_soft_prompts=True, max_new_tokens=1)
+    torch.testing.assert_close(soft, sp.draw_soft_prompts(model, N, rows=len(TEXTS), gaussian=gaussian, seed=2))
+    per_dimension = sp.draw_soft_prompts(model, N, rows=len(TEXTS), per_dimension=True, seed=2)
+    torch.testing.assert_close(soft, per_dimension)
+
+
+# ---------------------------------------------------------------- a vision-language model (LLaVA)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    processor = tiny_llava_processor()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]
+    prompts = [f"{IMAGE_TOKEN}\nDescribe the picture.", f"A photo: {IMAGE_TOKEN} What is in it? Tell me"]
+    return processor, tiny_llava(processor), images, prompts
+
+
+def llava_batch(processor, images, prompts, side):
+    processor.tokenizer.padding_side = side
+    try:
+        return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = "left"
+
+
+def test_llava_generates_with_pixel_values_and_soft_prompts(llava):
+    """generate(inputs_embeds=..., pixel_values=...) merges the image features into the image
+    token positions (found by their embedding) and keeps the soft vectors after the prompt; n = 0
+    is plain generation, right padding is re-packed like left."""
+    processor, model, images, prompts = llava
+    left, right = (llava_batch(processor, images, prompts, side) for side in ("left", "right"))
+    plain = model.generate(**left, **GREEDY)
+    ours = sp.soft_prompt_generate(model, input_ids=left["input_ids"], attention_mask=left["attention_mask"], n=0,
+                                   pixel_values=left["pixel_values"], **GREEDY)
+    assert torch.equal(ours.sequences, plain.sequences[:, left["input_ids"].shape[1]:])
+
+    seen, hook = first_forward_inputs(model.model.language_model)  # the text model (4.53 and 5.x)
+    try:
+        runs = [sp.soft_prompt_generate(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        n=N, seed=4, pixel_values=batch["pixel_values"], return_soft_prompts=True,
+                                        **GREEDY) for batch in (left, right)]
+    finally:
+        hook.remove()
+    (from_left, soft), (from_right, _) = runs
+    assert_same_generation(from_right, from_left)
+    embeds = seen[0]["inputs_embeds"]
+    torch.testing.assert_close(embeds[:, -N:], soft, rtol=0, atol=0)
+    image_rows = left["input_ids"] == processor.image_token_id
+    image_embedding = table(model)[processor.image_token_id]
+    assert not (embeds[:, :-N][image_rows] == image_embedding).all(-1).any()  # replaced by image features
+    text_rows = left["attention_mask"].bool() & ~image_rows
+    torch.testing.assert_close(embeds[:, :-N][text_rows], table(model)[left["input_ids"][text_rows]], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- misuse
+
+
+def test_bad_arguments_raise_clear_errors(tokenizer):
+    model = fresh_llama(tokenizer)
+    ids = torch.tensor([[1, 40, 41, 0], [1, 50, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    saved = ids.clone(), mask.clone(), table(model).clone()
+    soft = sp.draw_soft_prompts(model, 2, rows=2)
+    for n in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="^n must"):
+            sp.draw_soft_prompts(model, n)
+        with pytest.raises(ValueError, match="^n must"):
+            sp.soft_prompt_generate(model, input_ids=ids, attention_mask=mask, n=n)
+    with pytest.raises(ValueError, match="^rows must"):
+        sp.draw_soft_prompts(model, 2, rows=0)
+    with pytest.raises(ValueError, match="^seed must"):
+        sp.draw_soft_prompts(model, 2, seed=-1)
+    with pytest.raises(ValueError, match="^seed must"):
+        sp.draw_soft_prompts(model, 2, seed="7")
+    with pytest.raises(ValueError, match="^gaussian was fitted to hidden size 32"):
+        sp.draw_soft_prompts(model, 2, gaussian=sp.EmbeddingGaussian(torch.zeros(32), torch.ones(32), 32))
+    with pytest.raises(ValueError, match="^gaussian must"):
+        sp.draw_soft_prompts(model, 2, gaussian=(0.0, 1.0))
+    with pytest.raises(ValueError, match="^exclude_token_ids"):
+        sp.fit_embedding_gaussian(model, exclude_token_ids=[len(tokenizer)])
+    with pytest.raises(ValueError, match="^exclude_token_ids"):
+        sp.fit_embedding_gaussian(model, exclude_token_ids=range(len(tokenizer) - 1))
+    for wrong in (soft[:1], soft[..., :10], soft[0, 0], soft.long()):
+        with pytest.raises(ValueError, match="^soft_prompts must"):
+            sp.soft_prompt_inputs(model, ids, mask, soft_prompts=wrong)
+    with pytest.raises(ValueError, match="^attention_mask must be a tensor of input_ids' shape"):
+        sp.soft_prompt_inputs(model, ids, mask[:, :3], soft_prompts=soft)
+    with pytest.raises(ValueError, match="^attention_mask must hold only 0"):
+        sp.soft_prompt_inputs(model, ids, mask * 2, soft_prompts=soft)
+    with pytest.raises(ValueError, match="^attention_mask: rows \\[1\\] have no real token"):
+        sp.soft_prompt_inputs(model, ids, mask * torch.tensor([[1], [0]]), soft_prompts=soft)
+    for wrong in (ids.float(), ids[:, :0], torch.empty(0, 4, dtype=torch.long), ids.tolist()):
+        with pytest.raises(ValueError, match="^input_ids"):
+            sp.soft_prompt_inputs(model, wrong, soft_prompts=soft)
+    with pytest.raises(ValueError, match="^input_ids must be token ids in \\[0, 512\\)"):
+        sp.soft_prompt_inputs(model, ids + 500, mask, soft_prompts=soft)
+    with pytest.raises(ValueError, match="^model: Linear has no input embedding table"):
+        sp.fit_embedding_gaussian(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="^model: Linear has no input embedding table"):
+        sp.draw_soft_prompts(torch.nn.Linear(4, 4), 2)
+    with pytest.raises(ValueError, match="^model: Linear has no input embedding table"):
+        sp.soft_prompt_generate(torch.nn.Linear(4, 4), input_ids=ids, n=2)
+    with pytest.raises(ValueError, match="not both"):
+        sp.soft_prompt_generate(model, tokenizer, TEXTS, input_ids=ids, n=1)
+    with pytest.raises(ValueError, match="^texts and tokenizer go together"):
+        sp.soft_prompt_generate(model, tokenizer, n=1)
+    with pytest.raises(ValueError, match="^give the prompts"):
+        sp.soft_prompt_generate(model, n=1)
+    with pytest.raises(ValueError, match="^texts must"):
+        sp.soft_prompt_generate(model, tokenizer, [], n=1)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        sp.soft_prompt_generate(model, input_ids=ids, n=1, inputs_embeds=soft)
+    # nothing was written: the caller's tensors and the embedding table are as they were
+    sp.soft_prompt_generate(model, input_ids=ids, attention_mask=mask, n=2, max_new_tokens=2, do_sample=False)
+    for before, after in zip(saved, (ids, mask, table(model))):
+        assert torch.equal(before, after)
