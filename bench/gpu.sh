@@ -36,7 +36,7 @@ setup_log=$outdir/setup.log
 tests=() benches=()
 for family in "${families[@]}"; do
   case $family in
-    patch) ;; # the integration tests have no GPU-only cases
+    patch) tests+=("tests/test_devices.py") ;; # patched models, guidance and the methods on CUDA
     divergence | concepts | bridge | attention | dual_attention | guidance) tests+=("tests/test_$family.py") ;;
     *) echo "unknown family '$family'" >&2; exit 2 ;;
   esac
