@@ -9,6 +9,8 @@
                        draft uncertainty and answer availability on the built-in model
     fastprobe sinks    scores every head of a local transformers checkpoint by its attention on
                        the first token, prunes the top sink heads and reports perplexity
+    fastprobe uncertainty   per-token draft uncertainty of texts: a target checkpoint and drafts
+    fastprobe availability  the gold answer's mass at the commitment step, correct vs incorrect
 """
 
 from __future__ import annotations
@@ -431,6 +433,42 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
     return ok
 
 
+def _read_texts(path: str) -> list[str]:
+    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no text (one text per line)")
+    return texts
+
+
+def _read_questions(path: str) -> tuple[list, list, list | None]:
+    """(prompts, answers, correct or None) from a JSON Lines file: {"prompt": ..., "answers":
+    alias or [aliases], optional "correct": true / false} per line."""
+    import json
+
+    prompts, answers, correct = [], [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompts.append(item["prompt"])
+            answers.append(item["answers"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with \"prompt\" and \"answers\" "
+                             f"({error!r})") from None
+        correct.append(item.get("correct"))
+    if not prompts:
+        raise ValueError(f"{path} holds no question")
+    judged = [c for c in correct if c is not None]
+    if judged and len(judged) != len(correct):
+        raise ValueError(f"{path}: give \"correct\" on every line or on none")
+    return prompts, answers, (correct if judged else None)
+
+
+def _device_of(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _load_checkpoint(path: str, device: str, dtype: str):
     import transformers
 
@@ -450,10 +488,8 @@ def sinks_command(args: argparse.Namespace) -> int:
     from .methods import sinks
 
     try:
-        texts = [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise ValueError(f"{args.texts} holds no text (one text per line)")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        texts = _read_texts(args.texts)
+        device = _device_of(args)
         model, tokenizer = _load_checkpoint(args.model, device, args.dtype)
         integrations.patch(model)
     except (OSError, ValueError, NotImplementedError, ImportError) as error:
@@ -472,6 +508,69 @@ def sinks_command(args: argparse.Namespace) -> int:
         print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
     if args.csv:
         table.to_csv(args.csv, index=False)
+        print(f"  table: {args.csv}")
+    return 0
+
+
+def uncertainty_command(args: argparse.Namespace) -> int:
+    from .methods import uncertainty
+
+    try:
+        texts = _read_texts(args.texts)
+        target, tokenizer = _load_checkpoint(args.target, _device_of(args), args.dtype)
+        drafts = [_load_checkpoint(path, _device_of(args), args.dtype)[0] for path in args.drafts]
+        tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, texts, temperature=args.temperature,
+                                               batch_size=args.batch_size, max_length=args.max_length,
+                                               progress=not args.no_progress)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        print(f"fastprobe uncertainty: error: {error}", file=sys.stderr)
+        return 2
+    scores = uncertainty.sequence_scores(tokens)
+    print(f"fastprobe uncertainty: target {args.target}, {len(drafts)} drafts, {len(texts)} texts, "
+          f"{len(tokens)} tokens scored")
+    print("  most uncertain tokens (nats):")
+    print(f"    {'text':>5}{'pos':>6}  {'token':<16}{'epistemic':>11}{'jsd':>9}{'kl(m||p)':>10}")
+    for _, row in tokens.nlargest(args.top, "epistemic").iterrows():
+        print(f"    {row['text']:>5}{row['position']:>6}  {row['token']!r:<16}{row['epistemic']:>11.4f}"
+              f"{row['jsd']:>9.4f}{row['kl_mixture_target']:>10.4f}")
+    print("  per text: tokens, epistemic sum and mean")
+    for index, row in scores.iterrows():
+        print(f"    {index:>5}{int(row['num_tokens']):>6}{row['epistemic_sum']:>11.3f}{row['epistemic_mean']:>9.4f}  "
+              f"{texts[index][:48]!r}")
+    if args.csv:
+        tokens.to_csv(args.csv, index=False)
+        print(f"  token table: {args.csv}")
+    return 0
+
+
+def availability_command(args: argparse.Namespace) -> int:
+    from .methods import availability, uncertainty
+
+    try:
+        prompts, answers, correct = _read_questions(args.questions)
+        model, tokenizer = _load_checkpoint(args.model, _device_of(args), args.dtype)
+        table = availability.answer_availability(
+            model, tokenizer, prompts, answers, threshold=args.threshold, generate=correct is None,
+            max_new_tokens=args.max_new_tokens, correct=correct, batch_size=args.batch_size,
+            max_length=args.max_length, progress=not args.no_progress)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        print(f"fastprobe availability: error: {error}", file=sys.stderr)
+        return 2
+    print(f"fastprobe availability: {args.model}, {len(prompts)} questions, threshold {args.threshold}")
+    print(f"    {'#':>4}  {'answer':<16}{'mass':>10}{'available':>10}{'top_share':>10}{'correct':>8}")
+    for index, row in table.iterrows():
+        share = "-" if row["top_share"] != row["top_share"] else f"{row['top_share']:.2f}"
+        print(f"    {index:>4}  {str(row['answer'])[:15]:<16}{row['mass']:>10.3g}{str(row['available']):>10}"
+              f"{share:>10}{str(row['correct']):>8}")
+    summary = availability.by_correctness(table)
+    print("  correct vs incorrect: count, mean mass, share available, mean top_share")
+    for judged, row in summary.iterrows():
+        print(f"    {'correct' if judged else 'incorrect':<10}{int(row['count']):>6}{row['mass']:>10.3g}"
+              f"{row['available']:>10.2f}{row['top_share']:>10.3f}")
+    if summary["count"].min() > 0:
+        print(f"  AUROC of mass for telling correct answers: {uncertainty.auroc(table['mass'], table['correct']):.3f}")
+    if args.csv:
+        table.to_csv(args.csv)
         print(f"  table: {args.csv}")
     return 0
 
@@ -521,12 +620,33 @@ def main(argv=None) -> int:
     sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     sinks_parser.add_argument("--seed", type=int, default=0, help="seed of the random heads pruned for comparison")
     sinks_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    uncertainty_parser = commands.add_parser(
+        "uncertainty", help="per-token uncertainty of texts under a target checkpoint and its draft checkpoints")
+    uncertainty_parser.add_argument("--target", required=True, help="the target model (a local checkpoint folder)")
+    uncertainty_parser.add_argument("--drafts", required=True, nargs="+", help="draft checkpoints (same tokenizer)")
+    uncertainty_parser.add_argument("--texts", required=True, help="a text file, one text per line")
+    uncertainty_parser.add_argument("--temperature", type=float, default=1.0)
+    uncertainty_parser.add_argument("--top", type=int, default=10, help="tokens to list (default 10)")
+    availability_parser = commands.add_parser(
+        "availability", help="the gold answer's probability mass at the commitment step, for a local checkpoint")
+    availability_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder")
+    availability_parser.add_argument("--questions", required=True,
+                                     help='JSON Lines: {"prompt": ..., "answers": [...], optional "correct": bool}')
+    availability_parser.add_argument("--threshold", type=_fraction, default=0.5, help="available when mass >= this")
+    availability_parser.add_argument("--max-new-tokens", type=int, default=8,
+                                     help="tokens of the greedy answer judged against the aliases")
+    for method_parser in (uncertainty_parser, availability_parser):
+        method_parser.add_argument("--csv", default=None, metavar="PATH", help="write the table as CSV")
+        method_parser.add_argument("--batch-size", type=int, default=8)
+        method_parser.add_argument("--max-length", type=int, default=512, help="tokens per text at most")
+        method_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        method_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    if args.command == "sinks":
-        return sinks_command(args)
-    return demo(args)
+    commands_run = {"info": lambda: info(), "sinks": lambda: sinks_command(args), "demo": lambda: demo(args),
+                    "uncertainty": lambda: uncertainty_command(args),
+                    "availability": lambda: availability_command(args)}
+    return commands_run[args.command]()
 
 
 def _fraction(text: str) -> float:

@@ -184,3 +184,40 @@ def test_by_correctness_needs_a_correct_column(model, tokenizer):
                                              progress=False)
     with pytest.raises(ValueError, match="no correct column"):
         availability.by_correctness(table)
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("judged", [False, True])
+def test_availability_command(model, tokenizer, tmp_path, capsys, judged):
+    import json
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    questions = tmp_path / "questions.jsonl"
+    lines = [dict(prompt=p, answers=a, **({"correct": i % 2 == 0} if judged else {}))
+             for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS))]
+    questions.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    csv = tmp_path / "table.csv"
+    code = cli.main(["availability", "--model", str(tmp_path / "model"), "--questions", str(questions),
+                     "--threshold", "0.2", "--max-new-tokens", "3", "--csv", str(csv), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"{len(PROMPTS)} questions, threshold 0.2" in printed
+    expected = availability.answer_availability(
+        model, tokenizer, PROMPTS, ANSWERS, threshold=0.2, max_new_tokens=3, generate=not judged, progress=False,
+        correct=[line["correct"] for line in lines] if judged else None)
+    written = pandas.read_csv(csv)
+    assert written["mass"].to_numpy() == pytest.approx(expected["mass"].to_numpy(), rel=1e-6)
+    assert written["correct"].tolist() == expected["correct"].tolist()
+    assert ("AUROC" in printed) == (expected["correct"].nunique() == 2)
+
+
+def test_availability_command_bad_questions(tmp_path, capsys):
+    questions = tmp_path / "questions.jsonl"
+    for content, match in [('{"prompt": "Q"}\n', "questions.jsonl:1"), ("\n", "holds no question"),
+                           ('{"prompt": "a", "answers": "b", "correct": true}\n{"prompt": "c", "answers": "d"}\n',
+                            "every line or on none")]:
+        questions.write_text(content)
+        assert cli.main(["availability", "--model", str(tmp_path), "--questions", str(questions)]) == 2
+        assert match in capsys.readouterr().err

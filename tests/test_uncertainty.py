@@ -208,3 +208,40 @@ def test_inputs_are_left_alone(tokenizer, models):
     uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:2], weights=weights, progress=False)
     after = list(itertools.chain(target.parameters(), drafts[0].parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and weights.tolist() == [0.5, 0.5]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_uncertainty_command(tokenizer, models, tmp_path, capsys):
+    from fastprobe import cli
+
+    target, drafts = models
+    folders = []
+    for name, model in [("target", target)] + [(f"draft{i}", d) for i, d in enumerate(drafts)]:
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS[:4]) + "\n\n")
+    csv = tmp_path / "tokens.csv"
+    code = cli.main(["uncertainty", "--target", folders[0], "--drafts", *folders[1:], "--texts", str(texts),
+                     "--csv", str(csv), "--no-progress", "--top", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 drafts, 4 texts" in printed
+    written = pandas.read_csv(csv, keep_default_na=False)
+    expected = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:4], progress=False)
+    assert written["token_id"].tolist() == expected["token_id"].tolist()
+    torch.testing.assert_close(torch.tensor(written["epistemic"].to_numpy()),
+                               torch.tensor(expected["epistemic"].to_numpy()), atol=1e-5, rtol=1e-5)
+    top = expected.nlargest(3, "epistemic")
+    assert f"{top['epistemic'].iloc[0]:.4f}" in printed
+
+
+def test_uncertainty_command_bad_paths(tmp_path, capsys):
+    from fastprobe import cli
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert cli.main(["uncertainty", "--target", str(tmp_path / "missing"), "--drafts", "x", "--texts", str(empty)]) == 2
+    assert "holds no text" in capsys.readouterr().err
