@@ -4,7 +4,7 @@
 # liger-kernel from bench/gpu_wheels.sh, go to a private site folder), runs the GPU tests, then
 # the benchmarks, and writes logs, one pytest-benchmark JSON and its table to OUTDIR (default
 # bench/results). FAMILY... (divergence, concepts, bridge, attention, dual_attention, patch,
-# guidance) limits the run to those families, benchmarked in the order given; the default is
+# guidance, methods) limits the run to those families, benchmarked in the order given; the default is
 # all of them, the attention families first.
 #
 #   GPU_BUDGET_S=540 bash bench/gpu.sh [OUTDIR] [FAMILY...]
@@ -23,7 +23,8 @@ cd "$(dirname "$0")/.."
 outdir=${1:-bench/results}
 shift $(($# > 0 ? 1 : 0))
 families=("$@")
-[ ${#families[@]} -gt 0 ] || families=(attention dual_attention patch bridge divergence concepts guidance)
+all_families=(attention dual_attention patch bridge divergence concepts guidance methods)
+[ ${#families[@]} -gt 0 ] || families=("${all_families[@]}")
 budget=${GPU_BUDGET_S:-540}
 end=$(($(date +%s) + budget))
 sweep=0 # the divergence kernel's config sweep at the end (bench/NOTES.md)
@@ -37,6 +38,7 @@ tests=() benches=()
 for family in "${families[@]}"; do
   case $family in
     patch) tests+=("tests/test_devices.py") ;; # patched models, guidance and the methods on CUDA
+    methods) ;; # their CUDA tests are in tests/test_devices.py (the patch family)
     divergence | concepts | bridge | attention | dual_attention | guidance) tests+=("tests/test_$family.py") ;;
     *) echo "unknown family '$family'" >&2; exit 2 ;;
   esac
@@ -83,7 +85,7 @@ fi
 
 device=$(python3 -c "from bench.conftest import device_slug; print(device_slug())")
 label=$(IFS=-; echo "${families[*]}")
-[ ${#families[@]} -eq 7 ] && label=all
+[ "${families[*]}" == "${all_families[*]}" ] && label=all
 json=$outdir/$device-$label.json
 run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$json" \
   --benchmark-columns=median,min,max,rounds || status=1

@@ -95,6 +95,26 @@ def test_identical_drafts_give_zero_uncertainty(tokenizer, models):
     assert (table["target_entropy"] > 0.01).all()
 
 
+def test_drafts_of_other_dtypes_and_padded_vocabularies(tokenizer, models):
+    """A bfloat16 draft after a float32 one (the stack widens) and drafts whose vocabularies are
+    padded differently (the stack narrows): the figures of their logits upcast and cut to the
+    shared vocabulary."""
+    target, drafts = models
+    mixed = [drafts[1], sharp_model(tokenizer, seed=4).to(torch.bfloat16), sharp_model(tokenizer, seed=5, extra_vocab=5)]
+    table = uncertainty.token_uncertainty(target, mixed, tokenizer, TEXTS[:3], batch_size=2, progress=False)
+    check_against_reference(table, target, mixed, tokenizer, TEXTS[:3])
+    batch = dict(tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
+    scored = batch["attention_mask"].bool()
+    target_rows = torch.zeros(int(scored.sum()), len(tokenizer) + 20, dtype=torch.bfloat16)
+    order = [mixed[1], mixed[0], mixed[2]]  # bfloat16 first: the stack starts narrow, then widens
+    stacked = uncertainty._stacked_drafts(order, batch, scored, target_rows, tokenizer)
+    assert stacked.dtype == torch.float32 and stacked.shape == (3, target_rows.shape[0], len(tokenizer))
+    for k, draft in enumerate(order):
+        with torch.no_grad():
+            expected = draft(**batch).logits[scored][:, :len(tokenizer)].float()
+        assert torch.equal(stacked[k], expected), k
+
+
 def test_vocabularies_beyond_padding_are_refused(tokenizer, models):
     target, _ = models
     small = tiny_model("llama", vocab_size=len(tokenizer) - 1)

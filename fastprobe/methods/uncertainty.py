@@ -63,19 +63,41 @@ def _shared_vocabulary(sizes: Sequence[int], tokenizer) -> int:
     return vocab
 
 
+def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tensor:
+    """model's logits at the scored positions, [N, V] on `device` (its [B, L, V] logits are
+    freed on return)."""
+    return _logits(model, batch)[scored.to(model_device(model))].to(device)
+
+
+def _stacked_drafts(drafts, batch: dict, scored: torch.Tensor, target_rows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[K, N, V] draft logits at the scored positions, V the vocabulary all share, written draft
+    by draft into one buffer (one model's logits alive at a time, no second copy of the stack)."""
+    stacked = None
+    for k, draft in enumerate(drafts):
+        rows = _scored_rows(draft, batch, scored, target_rows.device)
+        vocab = _shared_vocabulary([target_rows.shape[-1], rows.shape[-1]] +
+                                   ([stacked.shape[-1]] if stacked is not None else []), tokenizer)
+        dtype = torch.promote_types(target_rows.dtype, rows.dtype)
+        if stacked is None or dtype != stacked.dtype:  # the first draft, or a wider dtype than so far
+            wider = torch.empty((len(drafts), rows.shape[0], vocab), dtype=dtype, device=rows.device)
+            if stacked is not None:
+                wider[:k].copy_(stacked[:k, :, :vocab])
+            stacked = wider
+        stacked = stacked[..., :vocab]  # a draft with fewer (padding) columns narrows the view
+        stacked[k].copy_(rows[:, :vocab])
+        del rows  # before the next draft's forward
+    return stacked
+
+
 def _scored_statistics(target, drafts, batch: dict, scored: torch.Tensor, weights, temperature: float, tokenizer):
     """draft_divergence at the positions marked in scored [B, L] (True at i: the distributions
     predicting token i + 1), as a dict of [N] float64 CPU tensors in row-major order."""
-    target_logits = _logits(target, batch)
-    device, scored = target_logits.device, scored.to(target_logits.device)
-    target_rows = target_logits[scored]  # [N, V_target]
-    draft_rows = [_logits(draft, batch)[scored.to(model_device(draft))].to(device) for draft in drafts]
-    vocab = _shared_vocabulary([target_rows.shape[-1]] + [rows.shape[-1] for rows in draft_rows], tokenizer)
-    dtype = target_rows.dtype
-    for rows in draft_rows:
-        dtype = torch.promote_types(dtype, rows.dtype)
-    draft_logits = torch.stack([rows[:, :vocab].to(dtype) for rows in draft_rows])  # [K, N, V]
-    result = draft_divergence(draft_logits, target_rows[:, :vocab].to(dtype), weights=weights, temperature=temperature)
+    device = model_device(target)
+    target_rows = _scored_rows(target, batch, scored, device)  # [N, V_target]
+    draft_logits = _stacked_drafts(drafts, batch, scored, target_rows, tokenizer)  # [K, N, V]
+    vocab = draft_logits.shape[-1]
+    result = draft_divergence(draft_logits, target_rows[:, :vocab].to(draft_logits.dtype), weights=weights,
+                              temperature=temperature)
     columns = {name: getattr(result, name) for name in MEASURES + ("target_entropy", "mixture_entropy")}
     return {name: values.double().cpu() for name, values in columns.items()}
 
@@ -84,9 +106,10 @@ def _token_table(statistics: dict, tokenizer, text_index, position, token_id):
     """The long table: one row per scored token, in text then position order."""
     pandas = require_pandas()
     ids = token_id.tolist()
+    decoded = {i: tokenizer.decode([i]) for i in set(ids)}  # each distinct id once
     table = pandas.DataFrame({
         "text": text_index.numpy(), "position": position.numpy(), "token_id": ids,
-        "token": [tokenizer.decode([i]) for i in ids],
+        "token": [decoded[i] for i in ids],
     })
     for name, values in statistics.items():
         table[name] = values.numpy()
