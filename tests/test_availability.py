@@ -221,3 +221,18 @@ def test_availability_command_bad_questions(tmp_path, capsys):
         questions.write_text(content)
         assert cli.main(["availability", "--model", str(tmp_path), "--questions", str(questions)]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_long_prompts_keep_their_end(model, tokenizer):
+    """Truncated to max_length tokens, a prompt loses its beginning, not the end the answer follows."""
+    prompt, answer = PROMPTS[2], "window"  # " window" is one token
+    table = availability.answer_availability(model, tokenizer, [prompt], [answer], max_length=4, generate=False,
+                                             variants=("space",), progress=False)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = torch.cat([ids[:, :1], ids[:, -3:]], dim=1)  # the tokenizer keeps its BOS and the last 3 tokens
+    with torch.no_grad():
+        p = model(input_ids=ids).logits[0, -1].double().softmax(-1)
+    single = [s[0] for s in availability.minimal_sequences(
+        [v.token_ids for v in answer_variants(tokenizer, answer, ("space",))]) if len(s) == 1]
+    assert single and table.loc[0, "single_token_mass"] == pytest.approx(float(p[single].sum()), rel=1e-4)
+    assert tokenizer.truncation_side == "right" and tokenizer.padding_side == "right"  # restored

@@ -55,16 +55,18 @@ def takes_position_ids(model) -> bool:
 
 
 @contextlib.contextmanager
-def _padding_side(tokenizer, side: Optional[str]) -> Iterator[None]:
-    """The tokenizer pads on `side` for the duration (None: its own side)."""
-    if side is None or tokenizer.padding_side == side:
-        yield
-        return
-    kept, tokenizer.padding_side = tokenizer.padding_side, side
+def _sides(tokenizer, padding: Optional[str], truncation: Optional[str]) -> Iterator[None]:
+    """The tokenizer pads and truncates on the given sides for the duration (None: its own)."""
+    wanted = {"padding_side": padding, "truncation_side": truncation}
+    kept = {name: getattr(tokenizer, name) for name, side in wanted.items() if side is not None}
+    for name, side in wanted.items():
+        if side is not None:
+            setattr(tokenizer, name, side)
     try:
         yield
     finally:
-        tokenizer.padding_side = kept
+        for name, side in kept.items():
+            setattr(tokenizer, name, side)
 
 
 def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,11 +82,13 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
-                 *, padding_side: Optional[str] = None, position_ids: bool = True):
+                 *, prompts: bool = False, position_ids: bool = True):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
     take them (and unless position_ids=False, e.g. for generate, which makes its own),
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
-    positions as the text alone. padding_side: "left" for generate; default the tokenizer's."""
+    positions as the text alone. Texts are padded and truncated to max_length tokens on the
+    tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
+    left (a prompt keeps its end, where the continuation starts)."""
     from tqdm.auto import tqdm
 
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -96,7 +100,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     check_count(max_length, "max_length")
     device, positions = model_device(model), position_ids and takes_position_ids(model)
     starts = range(0, len(texts), batch_size)
-    with padding_ready(tokenizer), _padding_side(tokenizer, padding_side):
+    side = "left" if prompts else None
+    with padding_ready(tokenizer), _sides(tokenizer, padding=side, truncation=side):
         for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")

@@ -205,7 +205,7 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
-                              padding_side="left", position_ids=False):
+                              prompts=True, position_ids=False):
         new_tokens = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return answers
@@ -234,7 +234,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     parts, first = [], 0
     with torch.no_grad():
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
-                                  padding_side="left"):
+                                  prompts=True):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
             part = _commitment_step(model, batch_answers, batch, temperature)
             part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size)

@@ -655,10 +655,8 @@ def train_probe(
     labels = _tensor_of(labels, "labels")
     task = _infer_task(labels, task)
     labels = _as_labels(labels, features.shape[0], task).to(features.device)
-    for name, value in (("epochs", epochs), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (1 if name == "epochs" else 0):
-            raise ValueError(f"{name} must be a {'positive' if name == 'epochs' else 'non-negative'} integer, "
-                             f"got {value!r}")
+    check_count(epochs, "epochs")
+    check_count(seed, "seed", minimum=0)
     if batch_size is not None:
         check_count(batch_size, "batch_size")
     train_rows, val_rows = _split(features.shape[0], 0.0 if validation_data is not None else validation_fraction, seed)

@@ -188,7 +188,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     generated, tables, first = [], [], 0
     with torch.no_grad():
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
-                                  padding_side="left", position_ids=False):
+                                  prompts=True, position_ids=False):
             prompt_length = batch["input_ids"].shape[1]
             sequences = target.generate(**batch, **settings)
             new_tokens = sequences[:, prompt_length:]
