@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
 from ._batching import check_count, model_device, real_positions, require_pandas, takes_position_ids, text_batches
 
@@ -95,6 +96,7 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
     """[M] float64: log p(continuation | prefix) = sum_i log softmax(z_i / T)[s_i] under a causal
     LM, by teacher forcing, for M (prefix, continuation) pairs of token-id lists (a prefix holds
     at least one token), in batches of batch_size."""
+    temperature = check_temperature(temperature)
     if len(prefixes) != len(continuations):
         raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
@@ -152,8 +154,7 @@ def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_
                          f"{len(prompts)} prompts, {len(answers)} answers")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_temperature(temperature)
     if max_new_tokens is not None:
         check_count(max_new_tokens, "max_new_tokens")
     if correct is not None and len(correct) != len(prompts):

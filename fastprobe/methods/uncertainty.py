@@ -25,6 +25,7 @@ from typing import Sequence, Union
 
 import torch
 
+from ..ops._common import check_temperature
 from ..ops.divergence import draft_divergence
 from ._batching import check_count, model_device, real_positions, require_pandas, takes_position_ids, text_batches
 
@@ -96,6 +97,8 @@ def _scored_statistics(target, drafts, batch: dict, scored: torch.Tensor, weight
     target_rows = _scored_rows(target, batch, scored, device)  # [N, V_target]
     draft_logits = _stacked_drafts(drafts, batch, scored, target_rows, tokenizer)  # [K, N, V]
     vocab = draft_logits.shape[-1]
+    if isinstance(weights, torch.Tensor):  # given on any device: the statistics run on the target's
+        weights = weights.to(device)
     result = draft_divergence(draft_logits, target_rows[:, :vocab].to(draft_logits.dtype), weights=weights,
                               temperature=temperature)
     columns = {name: getattr(result, name) for name in MEASURES + ("target_entropy", "mixture_entropy")}
@@ -122,11 +125,6 @@ def _concat(pandas, tables: list, num_texts: int):
     return table
 
 
-def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-
-
 def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]], *, weights=None,
                       temperature: float = 1.0, batch_size: int = 8, max_length: int = 512, progress: bool = True):
     """Per-token draft uncertainty of `texts` under a target model and its drafts (causal LMs
@@ -137,7 +135,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
     (default uniform); temperature divides every logit."""
     pandas, drafts = require_pandas(), _drafts(drafts)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     texts = [texts] if isinstance(texts, str) else list(texts)
     tables, first = [], 0
     with torch.no_grad():
@@ -178,7 +176,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     token_uncertainty's whose rows are the generated tokens up to and including each
     continuation's first eos, position counted from the continuation's start."""
     pandas, drafts = require_pandas(), _drafts(drafts)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     check_count(max_new_tokens, "max_new_tokens")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens)
