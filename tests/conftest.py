@@ -8,7 +8,6 @@
   imported, so they run in their own pytest process (see README).
 """
 
-import os
 import random
 
 import pytest

@@ -1,7 +1,6 @@
 """concept_mass and ConceptSet: against the float64 reference (values and gradient),
 properties, tokenizer-built concept sets, and bad input."""
 
-import math
 
 import pytest
 import torch

@@ -47,11 +47,31 @@ def padding_ready(tokenizer) -> Iterator[None]:
         tokenizer.pad_token = None
 
 
-def takes_position_ids(model) -> bool:
+def forward_parameters(model) -> frozenset:
+    """The names model.forward takes (empty when its signature cannot be read)."""
     try:
-        return "position_ids" in inspect.signature(model.forward).parameters
+        return frozenset(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+
+
+def takes_position_ids(model) -> bool:
+    return "position_ids" in forward_parameters(model)
+
+
+def on_model(model, batch) -> dict:
+    """A copy of a batch of model inputs on the model's device (floating tensors, e.g. pixel
+    values, in its dtype), with position_ids counted over real tokens where the model takes them
+    and the batch has none, and without them where the model does not take them."""
+    parameter = next(model.parameters())
+    moved = {name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+             if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+    takes = takes_position_ids(model)
+    if not takes:
+        moved.pop("position_ids", None)
+    elif "position_ids" not in moved and moved.get("attention_mask") is not None:
+        moved["position_ids"] = real_positions(moved["attention_mask"])
+    return moved
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ and punctuation stripped and ending on a word boundary (or pass correct=[...] to
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import string
@@ -35,7 +34,7 @@ import torch
 
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
-from ._batching import check_count, model_device, real_positions, require_pandas, takes_position_ids, text_batches
+from ._batching import check_count, forward_parameters, on_model, require_pandas, text_batches
 
 __all__ = [
     "answer_availability", "by_correctness", "greedy_answers", "is_correct", "minimal_sequences", "sequence_log_probs",
@@ -57,10 +56,7 @@ def minimal_sequences(sequences: Sequence[Sequence[int]]) -> list[tuple[int, ...
 def _logits_to_keep(model, count: int) -> dict:
     """The forward argument that makes a causal LM compute logits for its last `count` positions
     only (transformers 4.50+: logits_to_keep; 4.45-4.49: num_logits_to_keep), if it has one."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
+    parameters = forward_parameters(model)
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in parameters:
             return {name: count}
@@ -83,11 +79,7 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, model) -> dict:
     for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if takes_position_ids(model):
-        batch["position_ids"] = real_positions(attention_mask)
-    device = model_device(model)
-    return {name: value.to(device) for name, value in batch.items()}
+    return on_model(model, {"input_ids": input_ids, "attention_mask": attention_mask})
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -42,7 +41,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ._batching import check_count, last_real_index, model_device, real_positions, takes_position_ids, text_batches
+from ._batching import check_count, forward_parameters, last_real_index, model_device, on_model, text_batches
 
 __all__ = [
     "AttentiveProbe", "HiddenStates", "LinearProbe", "MLPProbe", "ProbeFit", "collect_hidden_states",
@@ -260,10 +259,7 @@ def _real_tokens(batch: dict) -> torch.Tensor:
 def _quiet_options(model) -> dict:
     """Keyword arguments that keep a forward lean where the model takes them: no KV cache, no
     attention weights, no hidden-state tuple."""
-    try:
-        named = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
+    named = forward_parameters(model)
     wanted = {"use_cache": False, "output_attentions": False, "output_hidden_states": False}
     return {name: value for name, value in wanted.items() if name in named}
 
@@ -326,7 +322,7 @@ def collect_hidden_states_from_batches(model, batches, *, layers, pool: Optional
     batches = _checked_batches(batches)
     from tqdm.auto import tqdm
 
-    ready = (_on_model(model, batch) for batch in tqdm(batches, desc="hidden states", unit="batch",
+    ready = (on_model(model, batch) for batch in tqdm(batches, desc="hidden states", unit="batch",
                                                         disable=not progress))
     return _collect(model, ready, layers, pool, on_device, dtype)
 
@@ -350,22 +346,6 @@ def _checked_batches(batches) -> list:
 def _batch_rows(batch: Mapping) -> int:
     """How many rows (sequences) a batch of model inputs holds."""
     return int(batch.get("input_ids", batch.get("inputs_embeds")).shape[0])
-
-
-def _on_model(model, batch: Mapping) -> dict:
-    """A copy of the batch on the model's device (floating tensors in its dtype), with position
-    ids counted over real tokens for a left-padded batch that has none."""
-    parameter = next(model.parameters())
-    moved = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
-        moved[name] = value
-    mask = moved.get("attention_mask")
-    left_padded = mask is not None and bool((mask[:, 0] == 0).any())
-    if left_padded and "position_ids" not in moved and takes_position_ids(model):
-        moved["position_ids"] = real_positions(mask)
-    return moved
 
 
 # ---------------------------------------------------------------- the probes

@@ -27,7 +27,7 @@ import torch
 
 from ..ops._common import check_temperature
 from ..ops.divergence import draft_divergence
-from ._batching import check_count, model_device, real_positions, require_pandas, takes_position_ids, text_batches
+from ._batching import check_count, model_device, on_model, real_positions, require_pandas, text_batches
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "sequence_scores", "token_uncertainty"]
 
@@ -42,12 +42,8 @@ def _drafts(drafts) -> list:
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
-    """model's logits [B, L, V] for a batch, its inputs moved to the model's device
-    (position_ids only for models that take them)."""
-    device = model_device(model)
-    inputs = {name: value.to(device) for name, value in batch.items()
-              if name != "position_ids" or takes_position_ids(model)}
-    logits = getattr(model(**inputs), "logits", None)
+    """model's logits [B, L, V] for a batch (moved to the model's device)."""
+    logits = getattr(model(**on_model(model, batch)), "logits", None)
     if logits is None:
         raise TypeError(f"draft uncertainty needs causal language models with logits, got {type(model).__name__}")
     return logits
