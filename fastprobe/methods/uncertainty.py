@@ -86,11 +86,12 @@ def _stacked_drafts(drafts, batch: dict, scored: torch.Tensor, target_rows: torc
     return stacked
 
 
-def _scored_statistics(target, drafts, batch: dict, scored: torch.Tensor, weights, temperature: float, tokenizer):
+def _scored_statistics(target_rows: torch.Tensor, drafts, batch: dict, scored: torch.Tensor, weights,
+                       temperature: float, tokenizer):
     """draft_divergence at the positions marked in scored [B, L] (True at i: the distributions
-    predicting token i + 1), as a dict of [N] float64 CPU tensors in row-major order."""
-    device = model_device(target)
-    target_rows = _scored_rows(target, batch, scored, device)  # [N, V_target]
+    predicting token i + 1), given the target's logits there (target_rows [N, V], row-major
+    order), as a dict of [N] float64 CPU tensors."""
+    device = target_rows.device
     draft_logits = _stacked_drafts(drafts, batch, scored, target_rows, tokenizer)  # [K, N, V]
     vocab = draft_logits.shape[-1]
     if isinstance(weights, torch.Tensor):  # given on any device: the statistics run on the target's
@@ -139,7 +140,8 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
             real = batch["attention_mask"] != 0
             scored = torch.zeros_like(real)
             scored[:, :-1] = real[:, :-1] & real[:, 1:]  # position i predicts the real token i + 1
-            statistics = _scored_statistics(target, drafts, batch, scored, weights, temperature, tokenizer)
+            target_rows = _scored_rows(target, batch, scored, model_device(target))  # [N, V]
+            statistics = _scored_statistics(target_rows, drafts, batch, scored, weights, temperature, tokenizer)
             rows, columns = scored.nonzero(as_tuple=True)
             tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(),
                                        real_positions(batch["attention_mask"])[rows, columns + 1].cpu(),
@@ -166,8 +168,9 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
                               max_new_tokens: int = 32, weights=None, temperature: float = 1.0, batch_size: int = 8,
                               max_length: int = 512, progress: bool = True, **generate_kwargs):
     """The target continues each prompt (target.generate with max_new_tokens and
-    generate_kwargs: greedy unless they or its generation config say otherwise), then the
-    target and the drafts score the continuation by teacher forcing. Returns (generated,
+    generate_kwargs: greedy unless they or its generation config say otherwise), whose logits
+    for each new token (generate's, before any logits processor) are the target's side; the
+    drafts score the continuation by teacher forcing. Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
     continuation's first eos, position counted from the continuation's start."""
@@ -175,7 +178,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     check_temperature(temperature)
     check_count(max_new_tokens, "max_new_tokens")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    settings = dict(generate_kwargs, max_new_tokens=max_new_tokens)
+    settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
     if settings.get("pad_token_id") is None and target.generation_config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(target, generate_kwargs)
@@ -184,14 +187,17 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
                                   prompts=True, position_ids=False):
             prompt_length = batch["input_ids"].shape[1]
-            sequences = target.generate(**batch, **settings)
+            output = target.generate(**batch, **settings)
+            sequences = output.sequences
             new_tokens = sequences[:, prompt_length:]
             kept = _continuation_mask(new_tokens, eos_ids)
+            target_rows = torch.stack(output.logits, dim=1)[kept]  # [N, V]: step t's logits predict new token t
+            del output
             mask = torch.cat([batch["attention_mask"], kept.long()], dim=1)
             full = {"input_ids": sequences, "attention_mask": mask, "position_ids": real_positions(mask)}
             scored = torch.zeros_like(mask, dtype=torch.bool)
             scored[:, prompt_length - 1:-1] = kept  # position i predicts generated token i + 1
-            statistics = _scored_statistics(target, drafts, full, scored, weights, temperature, tokenizer)
+            statistics = _scored_statistics(target_rows, drafts, full, scored, weights, temperature, tokenizer)
             rows, steps = kept.nonzero(as_tuple=True)
             tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(), steps.cpu(),
                                        new_tokens[rows, steps].cpu()))
