@@ -154,10 +154,10 @@ def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_
     return prompts, answers
 
 
-def _commitment_step(model, batch_answers: list, batch: dict, temperature: float) -> dict:
-    """Single-token concept statistics of a batch at the commitment step (each row against its
-    own answer: the diagonal of concept_mass over the batch's concepts)."""
-    step_logits = _last_logits(model, batch, 1)[:, 0]  # [B, V], left padded: the last real position
+def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature: float) -> dict:
+    """Single-token concept statistics of a batch at the commitment step, from its logits there
+    [B, V] (each row against its own answer: the diagonal of concept_mass over the batch's
+    concepts)."""
     size = len(batch_answers)
     out = {"single_token_mass": torch.zeros(size, dtype=torch.float64),
            "top_share": torch.full((size,), math.nan, dtype=torch.float64),
@@ -188,19 +188,27 @@ def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: floa
     return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
 
 
+def _greedy(model, tokenizer, batch: dict, max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+    """(the greedy answers of a left-padded prompt batch, special tokens skipped; the logits
+    [B, V] of their first step, i.e. at the commitment step)."""
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if model.generation_config.pad_token_id is None:
+        settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**batch, **settings)
+    new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), output.logits[0]
+
+
 def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_new_tokens: int = 8,
                    batch_size: int = 8, max_length: int = 512, progress: bool = False) -> list[str]:
     """The model's greedy answer to every prompt (max_new_tokens at most, special tokens
     skipped), batched with left padding."""
     check_count(max_new_tokens, "max_new_tokens")
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=False)
-    if model.generation_config.pad_token_id is None:
-        settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
-                              prompts=True, position_ids=False):
-        new_tokens = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
-        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    with torch.no_grad():
+        for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
+                                  prompts=True, position_ids=False):
+            answers += _greedy(model, tokenizer, batch, max_new_tokens)[0]
     return answers
 
 
@@ -224,17 +232,21 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
                                         max_new_tokens if generate else None)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    parts, first = [], 0
+    parts, generated, first = [], [], 0
     with torch.no_grad():
+        # with generate, the answer's first step gives the commitment-step logits: one prefill per prompt
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
-                                  prompts=True):
+                                  prompts=True, position_ids=not generate):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
-            part = _commitment_step(model, batch_answers, batch, temperature)
+            if generate:
+                answered, step_logits = _greedy(model, tokenizer, batch, max_new_tokens)
+                generated += answered
+            else:
+                step_logits = _last_logits(model, batch, 1)[:, 0]  # left padded: each row's last real position
+            part = _commitment_step(step_logits, batch_answers, temperature)
             part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size)
             parts.append(part)
             first += len(batch_answers)
-        generated = (greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    max_length=max_length, progress=progress) if generate else None)
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     mass = columns["single_token_mass"] + columns["multi_token_mass"]
     table = pandas.DataFrame({
@@ -250,7 +262,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
         "num_variants": [len(answer.single_ids) for answer in gold],
         "num_multi_token": [len(answer.multi) for answer in gold],
     }, index=pandas.RangeIndex(len(prompts), name="prompt"))
-    if generated is not None:
+    if generate:
         table["generated"] = generated
         table["correct"] = [is_correct(text, answer.aliases) for text, answer in zip(generated, gold)]
     if correct is not None:
