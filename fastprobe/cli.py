@@ -469,18 +469,26 @@ def _device_of(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_checkpoint(path: str, device: str, dtype: str):
+def _load_model(path: str, device: str, dtype: str):
+    """A local causal-LM checkpoint (no downloads) on `device`, in eval mode."""
     import transformers
 
     from packaging.version import Version
 
     options = dict(local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **options)
     if dtype != "auto":  # transformers 4.56 renamed torch_dtype to dtype
         name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         options[name] = getattr(torch, dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
+
+
+def _load_checkpoint(path: str, device: str, dtype: str):
+    """(model, tokenizer) of a local checkpoint."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return _load_model(path, device, dtype), tokenizer
 
 
 def sinks_command(args: argparse.Namespace) -> int:
@@ -518,7 +526,7 @@ def uncertainty_command(args: argparse.Namespace) -> int:
     try:
         texts = _read_texts(args.texts)
         target, tokenizer = _load_checkpoint(args.target, _device_of(args), args.dtype)
-        drafts = [_load_checkpoint(path, _device_of(args), args.dtype)[0] for path in args.drafts]
+        drafts = [_load_model(path, _device_of(args), args.dtype) for path in args.drafts]
         tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, texts, temperature=args.temperature,
                                                batch_size=args.batch_size, max_length=args.max_length,
                                                progress=not args.no_progress)
