@@ -55,6 +55,8 @@ def info() -> int:
         ("torch", torch.__version__),
         ("triton", _version("triton")),
         ("transformers", _version("transformers")),
+        ("pandas (method tables)", _version("pandas")),
+        ("matplotlib (plots)", _version("matplotlib")),
         ("python", sys.version.split()[0]),
     ]
     width = max(len(name) for name, _ in rows)
