@@ -139,6 +139,19 @@ def test_bad_input(tokenizer, models, function, drafts, options, match):
                                        progress=False, **options)
 
 
+def test_bad_weights_are_refused_before_any_model_runs(tokenizer, models, monkeypatch):
+    target, drafts = models
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a model ran before the arguments were checked")
+
+    monkeypatch.setattr(target, "forward", no_forward)
+    for weights in ([0.5, 0.6], [1.0], torch.tensor([-0.5, 1.5]), [float("nan"), 1.0]):
+        for function in (uncertainty.token_uncertainty, uncertainty.generate_with_uncertainty):
+            with pytest.raises(ValueError, match="weights"):
+                function(target, drafts, tokenizer, TEXTS[:2], weights=weights, progress=False)
+
+
 # ---------------------------------------------------------------- generation
 
 

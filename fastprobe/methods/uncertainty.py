@@ -26,7 +26,7 @@ from typing import Sequence, Union
 import torch
 
 from ..ops._common import check_temperature
-from ..ops.divergence import draft_divergence
+from ..ops.divergence import check_weights, draft_divergence
 from ._batching import check_count, model_device, on_model, real_positions, require_pandas, text_batches
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "sequence_scores", "token_uncertainty"]
@@ -34,10 +34,14 @@ __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "sequence_scores", 
 MEASURES = ("epistemic", "jsd", "kl_mixture_target")  # summed and averaged per sequence
 
 
-def _drafts(drafts) -> list:
+def _check_models(drafts, weights, temperature) -> list:
+    """The drafts as a list, with weights and temperature checked before any model runs."""
     drafts = [drafts] if isinstance(drafts, torch.nn.Module) else list(drafts)
     if not drafts or not all(isinstance(draft, torch.nn.Module) for draft in drafts):
         raise ValueError("drafts must be a draft model or a non-empty list of draft models")
+    if weights is not None:
+        check_weights(weights, len(drafts), torch.empty(0, device=getattr(weights, "device", "cpu")))
+    check_temperature(temperature)
     return drafts
 
 
@@ -131,8 +135,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     mixture_entropy (nats). Texts are batched (padding on the tokenizer's side does not change
     the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
     (default uniform); temperature divides every logit."""
-    pandas, drafts = require_pandas(), _drafts(drafts)
-    check_temperature(temperature)
+    pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     texts = [texts] if isinstance(texts, str) else list(texts)
     tables, first = [], 0
     with torch.no_grad():
@@ -174,8 +177,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
     continuation's first eos, position counted from the continuation's start."""
-    pandas, drafts = require_pandas(), _drafts(drafts)
-    check_temperature(temperature)
+    pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     check_count(max_new_tokens, "max_new_tokens")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)

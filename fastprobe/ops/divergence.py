@@ -151,7 +151,9 @@ def _(draft, target, weights, inv_temperature, lse_in=None, lse_only=False):
     return stats, lse
 
 
-def _check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor:
+def check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor:
+    """The mixture weights [K] in draft's float dtype on its device (uniform when None), or an
+    error naming `weights`: wrong length, negative, not finite, not summing to 1."""
     dtype = output_dtype(draft)
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft.device)
@@ -194,7 +196,7 @@ def _check_inputs(draft_logits, target_logits, weights, temperature):
         if target.dtype != draft.dtype:
             raise TypeError(f"target_logits dtype {target.dtype} must match draft_logits dtype {draft.dtype}")
     inv_temperature = 1.0 / check_temperature(temperature)
-    return draft, target, _check_weights(weights, num_drafts, draft), inv_temperature
+    return draft, target, check_weights(weights, num_drafts, draft), inv_temperature
 
 
 def _check_lse(lse: torch.Tensor, has_target: bool) -> None:
