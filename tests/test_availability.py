@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from fastprobe import cli
 from fastprobe.methods import availability
@@ -236,3 +237,19 @@ def test_long_prompts_keep_their_end(model, tokenizer):
         [v.token_ids for v in answer_variants(tokenizer, answer, ("space",))]) if len(s) == 1]
     assert single and table.loc[0, "single_token_mass"] == pytest.approx(float(p[single].sum()), rel=1e-4)
     assert tokenizer.truncation_side == "right" and tokenizer.padding_side == "right"  # restored
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=4), max_size=12))
+def test_minimal_sequences_properties(sequences):
+    kept = availability.minimal_sequences(sequences)
+    as_tuples = [tuple(s) for s in sequences]
+    assert set(kept) <= set(as_tuples) and len(kept) == len(set(kept))
+    for a in kept:  # prefix-free: no kept sequence extends another
+        assert not any(a != b and a[:len(b)] == b for b in kept)
+    for s in as_tuples:  # every input continues (or is) a kept one: its probability is counted once
+        assert any(s[:len(k)] == k for k in kept)
+    assert [len(k) for k in kept] == sorted(len(k) for k in kept)

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import fastprobe as fp
 from fastprobe.methods import uncertainty
@@ -278,3 +279,28 @@ def test_uncertainty_command_bad_paths(tmp_path, capsys):
     empty.write_text("\n")
     assert cli.main(["uncertainty", "--target", str(tmp_path / "missing"), "--drafts", "x", "--texts", str(empty)]) == 2
     assert "holds no text" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-5, 5), st.booleans()), min_size=2, max_size=30).filter(
+    lambda pairs: len({label for _, label in pairs}) == 2))
+def test_auroc_properties(pairs):
+    scores, labels = [float(s) for s, _ in pairs], [label for _, label in pairs]
+    value = uncertainty.auroc(scores, labels)
+    assert 0.0 <= value <= 1.0
+    assert value == pytest.approx(pairwise_auroc(scores, labels))
+    assert uncertainty.auroc([-s for s in scores], labels) == pytest.approx(1.0 - value)  # reversed order
+    assert uncertainty.auroc([s ** 3 + 7 for s in scores], labels) == pytest.approx(value)  # monotone map
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=8), min_size=1, max_size=4).filter(
+    lambda rows: len({len(r) for r in rows}) == 1), st.sets(st.integers(0, 6), max_size=3))
+def test_continuation_mask_keeps_tokens_up_to_the_first_eos(rows, eos):
+    kept = uncertainty._continuation_mask(torch.tensor(rows), sorted(eos)).tolist()
+    for row, mask in zip(rows, kept):
+        stop = next((i for i, token in enumerate(row) if token in eos), len(row) - 1)
+        assert mask == [i <= stop for i in range(len(row))]
