@@ -136,9 +136,13 @@ def test_is_correct(generated, aliases, expected):
     assert availability.is_correct(generated, aliases) is expected
 
 
-def test_sequence_log_probs_equals_teacher_forcing(model, tokenizer):
-    prefixes = [[1, 40, 41, 42], [1, 7]]
-    continuations = [[5, 6], [9, 10, 11]]
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "gemma2", "qwen2"])
+def test_sequence_log_probs_equals_teacher_forcing(tokenizer, arch):
+    """Shared prefixes run once and their continuations from cached rows (sliding windows of 4
+    included): the same as each whole sequence run alone."""
+    model = tiny_model(arch, vocab_size=len(tokenizer), seed=5)
+    prefixes = [[1, 40, 41, 42, 43, 44, 45], [1, 7], [1, 40, 41, 42, 43, 44, 45], [1, 7], [1, 9, 9]]
+    continuations = [[5, 6], [9, 10, 11, 12, 13, 14], [8], [7, 7], [3, 4, 5]]
     got = availability.sequence_log_probs(model, prefixes, continuations, batch_size=2)
     for value, prefix, continuation in zip(got, prefixes, continuations):
         full = torch.tensor([prefix + continuation])
@@ -148,6 +152,7 @@ def test_sequence_log_probs_equals_teacher_forcing(model, tokenizer):
         assert float(value) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="pair up"):
         availability.sequence_log_probs(model, prefixes, continuations[:1])
+    assert availability.sequence_log_probs(model, [], []).shape == (0,)
     with pytest.raises(ValueError, match="at least one token"):
         availability.sequence_log_probs(model, [[]], [[3]])
 

@@ -55,6 +55,20 @@ def forward_parameters(model) -> frozenset:
         return frozenset()
 
 
+CACHE_NAMES = ("cache", "past_key_values")  # a forward's KV cache argument and output: transformers 5.x, then 4.x
+
+
+def cache_argument(model) -> str:
+    """The name under which model.forward takes a KV cache."""
+    parameters = forward_parameters(model)
+    return next((name for name in CACHE_NAMES if name in parameters), "past_key_values")
+
+
+def output_cache(output):
+    """The KV cache a forward returned (None when it returned none)."""
+    return next((getattr(output, name) for name in CACHE_NAMES if getattr(output, name, None) is not None), None)
+
+
 def takes_position_ids(model) -> bool:
     return "position_ids" in forward_parameters(model)
 

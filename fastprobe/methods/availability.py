@@ -25,6 +25,7 @@ and punctuation stripped and ending on a word boundary (or pass correct=[...] to
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import string
@@ -34,7 +35,9 @@ import torch
 
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
-from ._batching import check_count, forward_parameters, on_model, require_pandas, text_batches
+from ._batching import (
+    cache_argument, check_count, forward_parameters, on_model, output_cache, require_pandas, text_batches,
+)
 
 __all__ = [
     "answer_availability", "by_correctness", "greedy_answers", "is_correct", "minimal_sequences", "sequence_log_probs",
@@ -71,15 +74,48 @@ def _last_logits(model, batch: dict, count: int) -> torch.Tensor:
     return logits[:, -count:]
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, model) -> dict:
-    """A left-padded batch of token-id lists on the model's device."""
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) [len(rows), longest] of token-id lists, padded on the left or the right."""
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return on_model(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _continued(model, cache, prefix_mask: torch.Tensor, rows: list, tails: list, temperature: float,
+               pad_id: int) -> torch.Tensor:
+    """[R] float64: sum_{i >= 1} log p(s_i | prefix, s_<i) for continuations s whose tails
+    s[1:] follow the prefixes in `rows` of a cached, left-padded prefix batch: the tokens
+    s[:-1] run from a copy of those rows' KV cache (right padded), so no prefix runs again."""
+    fed, fed_mask = _padded([tail[:-1] for tail in tails], pad_id, left=False)
+    if fed.shape[1] == 0:  # every continuation is one token: all of it came from the prefix's logits
+        return torch.zeros(len(rows), dtype=torch.float64)
+    targets, target_mask = _padded([tail[1:] for tail in tails], pad_id, left=False)
+    selected = torch.tensor(rows, dtype=torch.long)
+    mask = prefix_mask[selected]
+    positions = mask.sum(-1, keepdim=True) + torch.arange(fed.shape[1])  # after each row's real prefix tokens
+    rows_cache = copy.deepcopy(cache)
+    rows_cache.batch_select_indices(selected)  # in place, on the copy
+    batch = on_model(model, {"input_ids": fed, "attention_mask": torch.cat([mask, fed_mask], dim=1),
+                             "position_ids": positions})
+    logits = model(**batch, **{cache_argument(model): rows_cache}, use_cache=True).logits  # [R, width, V]
+    log_probs = (logits.double() / temperature).log_softmax(-1).gather(-1, targets.to(logits.device)[..., None])
+    return (log_probs[..., 0] * target_mask.to(logits.device)).sum(-1).cpu()
+
+
+def _cache_object(output):
+    """The forward's KV cache as a transformers Cache (4.x models such as GPT-2 may still return
+    the legacy tuple of (key, value) pairs)."""
+    cache = output_cache(output)
+    if isinstance(cache, (tuple, list)):
+        from transformers import DynamicCache
+
+        cache = DynamicCache.from_legacy_cache(cache)
+    return cache
 
 
 @torch.no_grad()
@@ -87,24 +123,32 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
                        temperature: float = 1.0, pad_id: int = 0, batch_size: int = 8) -> torch.Tensor:
     """[M] float64: log p(continuation | prefix) = sum_i log softmax(z_i / T)[s_i] under a causal
     LM, by teacher forcing, for M (prefix, continuation) pairs of token-id lists (a prefix holds
-    at least one token), in batches of batch_size."""
+    at least one token). Each distinct prefix runs once, batch_size at a time, keeping its KV
+    cache; the continuations of those prefixes then run from copies of their cache rows,
+    batch_size at a time: a prefix shared by many continuations (an answer's surface forms after
+    one prompt) is not run again for each."""
     temperature = check_temperature(temperature)
     if len(prefixes) != len(continuations):
         raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
         raise ValueError("every prefix and every continuation needs at least one token")
-    totals = []
-    for start in range(0, len(prefixes), batch_size):
-        pairs = list(zip(prefixes[start:start + batch_size], continuations[start:start + batch_size]))
-        longest = max(len(continuation) for _, continuation in pairs)
-        # the last `longest + 1` positions predict every continuation's tokens (rows end at the right edge)
-        logits = _last_logits(model, _left_padded([list(p) + list(c) for p, c in pairs], pad_id, model), longest + 1)
-        for row, (_, continuation) in enumerate(pairs):
-            predicting = logits[row, longest - len(continuation):longest].double() / temperature  # [m, V]
-            targets = torch.tensor(continuation, device=predicting.device)
-            log_probs = predicting.log_softmax(-1).gather(-1, targets[:, None])
-            totals.append(log_probs.sum().cpu())
-    return torch.stack(totals) if totals else torch.zeros(0, dtype=torch.float64)
+    distinct = list(dict.fromkeys(tuple(p) for p in prefixes))
+    prefix_of = [distinct.index(tuple(p)) for p in prefixes]
+    totals = torch.zeros(len(prefixes), dtype=torch.float64)
+    for start in range(0, len(distinct), batch_size):
+        ids, prefix_mask = _padded(distinct[start:start + batch_size], pad_id, left=True)
+        output = model(**on_model(model, {"input_ids": ids, "attention_mask": prefix_mask}), use_cache=True,
+                       **_logits_to_keep(model, 1))
+        first = (output.logits[:, -1].double() / temperature).log_softmax(-1).cpu()  # [G, V]: each s_0
+        members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
+        for chunk_start in range(0, len(members), batch_size):
+            chunk = members[chunk_start:chunk_start + batch_size]
+            rows = [prefix_of[j] - start for j in chunk]
+            tails = [list(continuations[j]) for j in chunk]
+            head = first[rows, [tail[0] for tail in tails]]
+            rest = _continued(model, _cache_object(output), prefix_mask, rows, tails, temperature, pad_id)
+            totals[chunk] = head + rest
+    return totals
 
 
 def _normalise(text: str) -> str:

@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import numbers
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ._batching import CACHE_NAMES, cache_argument, output_cache
 from ..integrations.transformers import (
     ImageKeys, config_image_token_id, forward_arguments, is_patched, patch, patch_options, unpatch,
 )
 
 __all__ = ["guidance", "guided_generate", "prepare_inputs", "two_pass_contrast", "two_pass_generate"]
 
-_CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.x, then 4.x
 _IMAGE_ARGUMENTS = ("pixel_values", "mm_encoder_outputs", "image_sizes", "pixel_attention_mask")  # not in pass 2
 
 
@@ -191,8 +190,7 @@ class _TwoPassContrast:
         self.image_keys = ImageKeys(token_id)
         self.cache = None
         self.running = False
-        parameters = inspect.signature(model.forward).parameters
-        self.cache_name = next((name for name in _CACHE_NAMES if name in parameters), "past_key_values")
+        self.cache_name = cache_argument(model)
 
     def language_only_inputs(self, inputs: dict) -> dict:
         image_keys = self.image_keys.update(inputs)  # [B, T]
@@ -207,7 +205,7 @@ class _TwoPassContrast:
         if past > 0 and cached != past:
             raise RuntimeError(f"two_pass_contrast: the language-only cache holds {cached} tokens but this forward "
                                f"continues {past} (beam search, assisted decoding and cache edits are not supported)")
-        unconditional = {k: v for k, v in inputs.items() if k not in (*_CACHE_NAMES, *_IMAGE_ARGUMENTS)}
+        unconditional = {k: v for k, v in inputs.items() if k not in (*CACHE_NAMES, *_IMAGE_ARGUMENTS)}
         unconditional["attention_mask"] = (mask.bool() & ~image_keys.to(mask.device)).to(mask.dtype)
         unconditional[self.cache_name] = self.cache if past > 0 else None
         unconditional["use_cache"] = True
@@ -223,8 +221,7 @@ class _TwoPassContrast:
             language_only = model(**unconditional)
         finally:
             self.running = False
-        self.cache = next((getattr(language_only, name) for name in _CACHE_NAMES
-                           if getattr(language_only, name, None) is not None), None)
+        self.cache = output_cache(language_only)
         # logits = (1 + alpha) logits_cond - alpha logits_uncond
         output.logits = torch.add(output.logits * (1.0 + self.alpha), language_only.logits, alpha=-self.alpha)
         return output
