@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import fastprobe as fp
+from fastprobe.methods import probes, uncertainty
 
 try:
     from . import _memory
@@ -73,8 +74,6 @@ def describe(benchmark, device: str, impl: str, group: str, baseline: str) -> No
 
 def fastprobe_collect(batch):
     """Layer 1's states mean-pooled over real tokens, [B, H]: hooks, early stop."""
-    from fastprobe.methods import probes
-
     model = models(batch["input_ids"].device.type)[0]
     return probes.collect_hidden_states_from_batches(model, batch, layers=[LAYER], pool="mean", progress=False,
                                                      on_device=True)[LAYER]
@@ -118,8 +117,6 @@ def texts_and_tokenizer(device: str) -> tuple:
 def fastprobe_uncertainty(device, length=0):
     """Per-token draft uncertainty of the texts (cut to `length` tokens, default the case's):
     the method as users call it."""
-    from fastprobe.methods import uncertainty
-
     target, *drafts = models(device)
     texts, tokenizer = texts_and_tokenizer(device)
     return uncertainty.token_uncertainty(target, drafts, tokenizer, texts, batch_size=len(texts),
@@ -134,9 +131,7 @@ def eager_uncertainty(device, length=0):
     batch = tokenizer(texts, padding=True, truncation=True, max_length=length or CASES[device]["length"],
                       return_tensors="pt")
     batch = {name: batch[name].to(device) for name in ("input_ids", "attention_mask")}
-    real = batch["attention_mask"] != 0
-    scored = torch.zeros_like(real)
-    scored[:, :-1] = real[:, :-1] & real[:, 1:]
+    scored = uncertainty.scored_positions(batch["attention_mask"])
     target_rows = target(**batch).logits[scored]
     draft_rows = torch.stack([draft(**batch).logits[scored] for draft in drafts])
     return fp.reference.draft_divergence(draft_rows, target_rows)

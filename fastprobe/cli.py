@@ -527,8 +527,9 @@ def uncertainty_command(args: argparse.Namespace) -> int:
 
     try:
         texts = _read_texts(args.texts)
-        target, tokenizer = _load_checkpoint(args.target, _device_of(args), args.dtype)
-        drafts = [_load_model(path, _device_of(args), args.dtype) for path in args.drafts]
+        device = _device_of(args)
+        target, tokenizer = _load_checkpoint(args.target, device, args.dtype)
+        drafts = [_load_model(path, device, args.dtype) for path in args.drafts]
         tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, texts, temperature=args.temperature,
                                                batch_size=args.batch_size, max_length=args.max_length,
                                                progress=not args.no_progress)
@@ -586,7 +587,7 @@ def availability_command(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_device_of(args))
     print(f"fastprobe {__version__} demo on {device} ({torch.get_num_threads()} CPU threads)\n")
     ok = _demo_divergence(device, args.drafts, args.tokens, args.vocab, args.seed)
     print()

@@ -29,7 +29,7 @@ from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
 from ._batching import check_count, model_device, on_model, real_positions, require_pandas, text_batches
 
-__all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "sequence_scores", "token_uncertainty"]
+__all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
 
 MEASURES = ("epistemic", "jsd", "kl_mixture_target")  # summed and averaged per sequence
 
@@ -141,8 +141,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     with torch.no_grad():
         for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty"):
             real = batch["attention_mask"] != 0
-            scored = torch.zeros_like(real)
-            scored[:, :-1] = real[:, :-1] & real[:, 1:]  # position i predicts the real token i + 1
+            scored = scored_positions(batch["attention_mask"])
             target_rows = _scored_rows(target, batch, scored, model_device(target))  # [N, V]
             statistics = _scored_statistics(target_rows, drafts, batch, scored, weights, temperature, tokenizer)
             rows, columns = scored.nonzero(as_tuple=True)
@@ -151,6 +150,15 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
                                        batch["input_ids"][rows, columns + 1].cpu()))
             first += real.shape[0]
     return _concat(pandas, tables, len(texts))
+
+
+def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: True at position i when it and position i + 1 are real tokens, i.e. where
+    a next-token distribution predicts a real token of the text."""
+    real = attention_mask != 0
+    scored = torch.zeros_like(real)
+    scored[:, :-1] = real[:, :-1] & real[:, 1:]
+    return scored
 
 
 def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
