@@ -140,6 +140,22 @@ def test_decode_one_query(target, dtype, config):
         assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value_dim", [24, 72], ids=["narrower-v", "wider-v"])
+def test_value_head_dim_differs_from_query_head_dim(target, dtype, value_dim):
+    """Multi-head latent attention (DeepSeek-V3: D = 192, Dv = 128): v may be narrower or wider
+    than q and k. Prefill and decode, every option at once; scale defaults to D ** -0.5 of q."""
+    _, device = target
+    head_dim = 40
+    for num_queries, num_keys in [(23, 23), (1, 61)] if is_interpreter(target) else [(77, 77), (1, 517)]:
+        q, k, _ = random_qkv(2, 8, 2, num_queries, num_keys, head_dim, dtype, device)
+        v = torch.randn(2, 2, num_keys, value_dim).to(device=device, dtype=dtype)
+        options = make_options("everything", 2, 8, num_keys, device)
+        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+        assert result.out.shape == (2, 8, num_queries, value_dim)
+        assert_matches(result, expected(q, k, v, **options), dtype, True, True)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
@@ -327,7 +343,8 @@ def bad_cases():
         ("q must be a torch.Tensor", (q.numpy(), k, v), {}),
         ("q must have shape", (q[0], k, v), {}),
         ("q, k and v must share one dtype", (q, k.double(), v), {}),
-        ("k and v must have the same shape", (q, k, v[:, :, :6]), {}),
+        ("must agree on B, Hkv and Lk", (q, k, v[:, :, :6]), {}),
+        ("need head dims >= 1", (q, k, v[..., :0]), {}),
         ("multiple of the number of key/value heads", (q, k[:, :1].expand(2, 3, 7, 8), v[:, :1].expand(2, 3, 7, 8)), {}),
         ("head dim", (q, k[..., :4], v[..., :4]), {}),
         ("batch size", (q, k[:1], v[:1]), {}),
@@ -493,6 +510,13 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got[1], eager.sink_mass)
     torch.testing.assert_close(got[2], eager.group_mass)
     torch.testing.assert_close(got[3], eager.entropy)
+
+
+def test_torch_compile_with_a_narrower_value_head():
+    q, k, _ = random_qkv(2, 4, 2, 9, 9, 12, torch.float32, "cpu")
+    v = torch.randn(2, 2, 9, 8)
+    run = torch.compile(lambda q, k, v: fp.sink_attention(q, k, v, window=4).out * 2, fullgraph=True)
+    torch.testing.assert_close(run(q, k, v), fp.sink_attention(q, k, v, window=4).out * 2)
 
 
 @pytest.mark.parametrize("with_groups", [False, True])

@@ -56,6 +56,22 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
         assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value_dim", [8, 56], ids=["narrower-v", "wider-v"])
+def test_value_head_dim_differs_from_query_head_dim(target, dtype, value_dim):
+    """v of width Dv != D (multi-head latent attention): the three paths have Dv columns, the
+    norms and projections of the orthogonal correction are over those Dv."""
+    _, device = target
+    for batch, heads, kv_heads, num_queries, num_keys, head_dim in shapes(target):
+        q, k, _ = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
+        v = torch.randn(batch, kv_heads, num_keys, value_dim).to(device=device, dtype=dtype)
+        drop = image_keys(batch, num_keys, device)
+        options = dict(gamma=0.7, rows="all", key_padding_mask=padding_mask(batch, num_keys, "mixed", device))
+        got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+        assert all(path.shape == (batch, heads, num_queries, value_dim) for path in got)
+        assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_without_padding_and_bidirectional(target, causal):
     _, device = target

@@ -241,8 +241,8 @@ def _bridge_loss_case(target, data):
 
 
 def draw_attention_inputs(target, data):
-    """q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] in drawn layouts and the key padding mask (or None),
-    with Lq <= Lk, GQA ratios 1-4 and odd head dims; (q, k, v, mask, dtype)."""
+    """q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] in drawn layouts and the key padding
+    mask (or None), with Lq <= Lk, GQA ratios 1-4, odd head dims and Dv mostly D; (q, k, v, mask, dtype)."""
     _, device = target
     batch = data.draw(st.integers(1, 3), label="B")
     kv_heads = data.draw(st.integers(1, 3), label="Hkv")
@@ -253,6 +253,9 @@ def draw_attention_inputs(target, data):
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     magnitude = data.draw(st.sampled_from([1.0, 30.0]), label="q magnitude")
     q, k, v = test_attention.random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device, magnitude)
+    value_dim = data.draw(st.sampled_from([head_dim, head_dim, 8, 24]), label="Dv")
+    if value_dim != head_dim:  # multi-head latent attention's narrower (or wider) value heads
+        v = torch.randn(batch, kv_heads, num_keys, value_dim).to(device=device, dtype=dtype)
     q, k, v = (draw_layout(data, x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     mask = None
     if data.draw(st.booleans(), label="padding"):

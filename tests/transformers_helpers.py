@@ -11,9 +11,10 @@ transformers = pytest.importorskip("transformers")
 def routes_through_interfaces(model) -> bool:
     """Whether the installed transformers runs this model's attention through its AttentionInterface
     and its masks through the AttentionMaskInterface, which fastprobe needs: BERT only from 5.0
-    (4.5x's has its own attention classes), GPT-2 from 4.54 (4.53's builds its own 4D masks)."""
+    (4.5x's has its own attention classes), GPT-2 and OPT not in 4.53 (which builds their own 4D masks)."""
     base = type(model.base_model)
-    return getattr(base, "_supports_attention_backend", False) and not hasattr(base, "_update_causal_mask")
+    builds_own_masks = any(hasattr(type(module), "_update_causal_mask") for module in model.modules())  # OPT's decoder
+    return getattr(base, "_supports_attention_backend", False) and not builds_own_masks
 
 
 def patch_or_skip(model, **options):

@@ -474,6 +474,9 @@ class _MaskPattern(NamedTuple):
     # (num_sink, stat_tokens) -> the mask's KeyMasks, made by the first layer that needs them
     # and reused by the others of this forward
     key_masks: dict
+    # why fastprobe cannot reproduce the mask, raised only if a layer attends with it (models make
+    # masks for layer types they may not have, e.g. Qwen2-MoE a sliding one of window 0)
+    refused: Optional[str] = None
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -593,9 +596,12 @@ def key_padding_mask(
     padding mask (True = real; never an [L, L] mask), carrying the (causal, window) pattern."""
     if q_length is None and cache_position is not None:  # transformers 4.53-4.5x: positions, not offsets
         q_length, q_offset = cache_position.shape[0], cache_position[0]
-    causal, window = _mask_pattern(mask_function)
+    try:
+        causal, window, refused = *_mask_pattern(mask_function), None
+    except NotImplementedError as why:
+        causal, window, refused = True, None, str(why)
     q_offset = int(q_offset)  # a tensor only for static caches (one sync, then refused below)
-    if (causal or window is not None) and q_offset != kv_offset + kv_length - q_length:
+    if refused is None and (causal or window is not None) and q_offset != kv_offset + kv_length - q_length:
         raise NotImplementedError(
             f"fastprobe attention takes the queries to be the last keys (a dynamic cache); here queries start at "
             f"position {q_offset} but the keys are positions {kv_offset}..{kv_offset + kv_length - 1} (a static or "
@@ -612,7 +618,7 @@ def key_padding_mask(
     if kv_offset > 0:  # a sliding-window cache dropped its oldest kv_offset tokens
         first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
         dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
-    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}))
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused))
     return mask
 
 
@@ -621,6 +627,7 @@ def key_padding_mask(
 _IGNORED_KWARGS = {
     "position_ids", "cache_position", "use_cache", "position_embeddings", "past_key_values", "past_key_value",
     "output_hidden_states", "return_dict", "layer_idx", "encoder_hidden_states", "token_type_ids",
+    "logits_to_keep",  # the LM head's business (GOT-OCR2 passes its kwargs down to attention)
 }
 _UNSUPPORTED_KWARGS = {
     "cu_seq_lens_q": "packed (varlen) sequences", "cu_seq_lens_k": "packed (varlen) sequences",
@@ -643,6 +650,8 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
     """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
     if pattern is not None:
+        if pattern.refused is not None:
+            raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         return attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks
@@ -679,8 +688,8 @@ def attention_forward(
     is_causal: Optional[bool] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key and
-    value [B, Hkv, Lk, D] -> (attn_output [B, Lq, Hq, D], None). s_aux (gpt-oss's learned sinks) is
+    """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key
+    [B, Hkv, Lk, D] and value [B, Hkv, Lk, Dv] -> (attn_output [B, Lq, Hq, Dv], None). s_aux (gpt-oss's learned sinks) is
     the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
     _check_kwargs(kwargs)
     if dropout and module.training:

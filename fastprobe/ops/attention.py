@@ -31,7 +31,7 @@ __all__ = ["AttentionOutput", "KeyMasks", "key_masks", "sink_attention"]
 class AttentionOutput(NamedTuple):
     """Result of sink_attention. Statistics are float32 (float64 for float64 input)."""
 
-    out: torch.Tensor  # [B, Hq, Lq, D], input dtype; a view of a [B, Lq, Hq, D] buffer
+    out: torch.Tensor  # [B, Hq, Lq, Dv], input dtype; a view of a [B, Lq, Hq, max(D, Dv)] buffer
     lse: torch.Tensor  # [B, Hq, Lq], natural log of the softmax denominator (sink included)
     sink_mass: torch.Tensor  # [B, Hq, Lq], weight on the first stat_tokens real keys
     group_mass: Optional[torch.Tensor]  # [B, Hq, Lq, G] with key_groups, else None
@@ -293,7 +293,8 @@ def _check_softcap(softcap) -> float:
 
 
 def check_attention_inputs(q, k, v):
-    """The checks every attention op shares: (q, k, v in the kernels' layout, B, Lq, Lk)."""
+    """The checks every attention op shares: (q, k, v in the kernels' layout and one head width,
+    B, Lq, Lk, D of q and k, Dv of v); see _one_head_width."""
     q = check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
     k = check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
     v = check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
@@ -302,15 +303,17 @@ def check_attention_inputs(q, k, v):
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     batch, num_heads, num_queries, head_dim = q.shape
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k and v must have the same shape [B, Hkv, Lk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(k.shape[:3]) != tuple(v.shape[:3]):
+        raise ValueError(
+            f"k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] must agree on B, Hkv and Lk, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.shape[0] != batch:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {batch}")
-    num_kv_heads, num_keys, kv_head_dim = k.shape[1], k.shape[2], k.shape[3]
-    if kv_head_dim != head_dim:
-        raise ValueError(f"k and v have head dim {kv_head_dim} but q has {head_dim}; they must match")
-    if head_dim == 0:
-        raise ValueError("q has head dim D = 0")
+    num_kv_heads, num_keys, key_head_dim, value_dim = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    if key_head_dim != head_dim:
+        raise ValueError(f"k has head dim {key_head_dim} but q has {head_dim}; they must match")
+    if head_dim == 0 or value_dim == 0:
+        raise ValueError(f"q, k and v need head dims >= 1, got D = {head_dim} and Dv = {value_dim}")
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(
             f"the number of query heads ({num_heads}) must be a multiple of the number of key/value heads "
@@ -321,12 +324,29 @@ def check_attention_inputs(q, k, v):
             f"q has Lq = {num_queries} queries but k has only Lk = {num_keys} keys; queries are the last Lq of the "
             "Lk positions, so Lq <= Lk"
         )
-    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys
+    q, k, v = _one_head_width(q, k, v)
+    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys, head_dim, value_dim
+
+
+def _one_head_width(q, k, v):
+    """The kernels take one head width: v of width Dv != D (multi-head latent attention, e.g.
+    DeepSeek-V3: D = 192, Dv = 128) is zero-padded to D, or q and k to Dv. Zero columns add
+    nothing to q . k, and the output's first Dv columns are exactly sum_j p_j v_j, so callers
+    slice them off; the padding costs one copy of the narrower side per call."""
+    width = max(q.shape[-1], v.shape[-1])
+    pad = [tensor if tensor.shape[-1] == width else torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]))
+           for tensor in (q, k, v)]
+    return tuple(pad)
+
+
+def value_columns(out: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """The first Dv columns of an output of the padded width (a view; out itself when equal)."""
+    return out if out.shape[-1] == value_dim else out[..., :value_dim]
 
 
 def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap):
-    q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
-    num_heads, head_dim = q.shape[1], q.shape[3]
+    q, k, v, batch, num_queries, num_keys, head_dim, value_dim = check_attention_inputs(q, k, v)
+    num_heads = q.shape[1]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     window = 0 if window is None else check_int(window, "window", 1)
@@ -353,7 +373,7 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
         scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=masks.key_real,
         sink_end=masks.sink_end, stat_end=masks.stat_end,
         head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,
-        softcap=_check_softcap(softcap),
+        softcap=_check_softcap(softcap), value_dim=value_dim,
     )
 
 
@@ -382,8 +402,9 @@ def sink_attention(
         q: [B, Hq, Lq, D] queries (float32, bfloat16, float16; float64 runs the reference).
             They are the last Lq of the Lk key positions (prefill: Lq = Lk; decoding
             with a KV cache: Lq = 1).
-        k, v: [B, Hkv, Lk, D] keys and values, Hq a multiple of Hkv (query head h uses
-            key/value head h // (Hq / Hkv); K and V are never expanded).
+        k, v: [B, Hkv, Lk, D] keys and [B, Hkv, Lk, Dv] values, Hq a multiple of Hkv (query
+            head h uses key/value head h // (Hq / Hkv); K and V are never expanded). Dv may
+            differ from D (multi-head latent attention); the narrower side is zero-padded.
         scale: score scale (default D ** -0.5).
         causal: query at position p sees keys j <= p; False: every key.
         window: optional sliding window w >= 1: causal p - w < j <= p, bidirectional |p - j| < w.
@@ -405,7 +426,7 @@ def sink_attention(
         softcap: optional logit soft cap c (Gemma 2): scores become c tanh(score / c).
 
     Returns:
-        AttentionOutput(out [B, Hq, Lq, D] in q's dtype (a view of a [B, Lq, Hq, D] buffer),
+        AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, max(D, Dv)] buffer),
         lse, sink_mass [B, Hq, Lq], group_mass [B, Hq, Lq, G] or None, entropy [B, Hq, Lq] or
         None), statistics in float32. A query with nothing to attend to (every key masked and no
         sink logit) gets out 0, lse -inf and zero statistics.
@@ -419,11 +440,12 @@ def sink_attention(
     )
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    value_dim = args.pop("value_dim")
     out, lse, sink_mass, group_mass, entropy = _sink_attention_op(
         args.pop("q"), args.pop("k"), args.pop("v"), **args, return_entropy=return_entropy
     )
     return AttentionOutput(
-        out=out,
+        out=value_columns(out, value_dim),
         lse=lse,
         sink_mass=sink_mass,
         group_mass=group_mass if key_groups is not None else None,

@@ -22,7 +22,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
 )
-from .attention import check_attention_inputs, check_mask, check_scale
+from .attention import check_attention_inputs, check_mask, check_scale, value_columns
 
 __all__ = ["dual_path_attention"]
 
@@ -145,7 +145,8 @@ def dual_path_attention(
     out = o_cond + gamma * (o_cond - o_uncond) with the part along o_uncond removed.
 
     Args:
-        q, k, v: as in sink_attention ([B, Hq, Lq, D] and [B, Hkv, Lk, D], grouped-query heads).
+        q, k, v: as in sink_attention ([B, Hq, Lq, D], [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv],
+            grouped-query heads).
         drop_keys: [B, Lk] bool, True = a key the language-only path does not see (image token).
         gamma: guidance strength (0 gives plain attention exactly).
         orthogonalize: remove the component of the difference along o_uncond (per head).
@@ -156,11 +157,11 @@ def dual_path_attention(
         return_paths: also return o_cond and o_uncond.
 
     Returns:
-        out [B, Hq, Lq, D] in q's dtype, or (out, o_cond, o_uncond) with return_paths. A row
+        out [B, Hq, Lq, Dv] in q's dtype, or (out, o_cond, o_uncond) with return_paths. A row
         whose visible keys are all dropped has no language-only path: it is not guided
         (out = o_cond there) and its o_uncond is 0. Forward only.
     """
-    q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
+    q, k, v, batch, num_queries, num_keys, head_dim, value_dim = check_attention_inputs(q, k, v)
     drop = check_mask(drop_keys, "drop_keys", (batch, num_keys), "[B, Lk]", q)
     if drop is None:
         raise TypeError("drop_keys must be a boolean tensor of shape [B, Lk], got None")
@@ -176,8 +177,9 @@ def dual_path_attention(
         check_real(gamma, "gamma", positive=False),
         orthogonalize,
         check_real(eps, "eps", positive=True),
-        check_scale(scale, q.shape[-1]),
+        check_scale(scale, head_dim),
         causal,
         return_paths,
     )
+    out, o_cond, o_uncond = (value_columns(tensor, value_dim) for tensor in (out, o_cond, o_uncond))
     return (out, o_cond, o_uncond) if return_paths else out
