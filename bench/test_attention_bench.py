@@ -29,11 +29,17 @@ WINDOW, NUM_SINK = 1024, 4
 DECODE_KEYS = 32768
 
 
-def make_qkv(device, batch, heads, length, head_dim, dtype, num_queries=None):
+# Multi-head latent attention as DeepSeek-V3 attends in transformers: query/key heads of
+# 128 + 64 (no-rope + rope) dims, value heads of 128; fastprobe zero-pads v to 192.
+LATENT_CPU_CASE = dict(batch=1, heads=16, length=1024, head_dim=192, value_dim=128, dtype=torch.float32)
+LATENT_GPU_CASE = dict(batch=1, heads=32, length=4096, head_dim=192, value_dim=128, dtype=torch.bfloat16)
+
+
+def make_qkv(device, batch, heads, length, head_dim, dtype, num_queries=None, value_dim=None):
     num_queries = length if num_queries is None else num_queries
     q = torch.randn(batch, heads, num_queries, head_dim, device=device, dtype=dtype)
     k = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
-    v = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, heads, length, value_dim or head_dim, device=device, dtype=dtype)
     return q, k, v
 
 
@@ -74,6 +80,26 @@ def test_attention_cpu(benchmark, impl, request):
     )
     with torch.no_grad():
         _memory.measure(benchmark, request, "cpu", impl, CPU_IMPLS[impl], inputs, __file__)
+
+
+LATENT_IMPLS = {"fastprobe-latent": fastprobe_causal, "sdpa-latent": sdpa_causal}
+
+
+def _latent_info(benchmark, impl, case, inputs):
+    benchmark.group = f"sink_attention_latent-{inputs[0].device.type}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="sdpa-latent", dtype=str(case["dtype"]), input_bytes=sum(t.nbytes for t in inputs),
+        shape=dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"], Dv=case["value_dim"]),
+    )
+
+
+@pytest.mark.parametrize("impl", list(LATENT_IMPLS))
+def test_attention_latent_cpu(benchmark, impl, request):
+    """Value heads narrower than query heads (multi-head latent attention), causal prefill."""
+    inputs = make_qkv("cpu", **LATENT_CPU_CASE)
+    _latent_info(benchmark, impl, LATENT_CPU_CASE, inputs)
+    with torch.no_grad():
+        _memory.measure(benchmark, request, "cpu", impl, LATENT_IMPLS[impl], inputs, __file__)
 
 
 # ---- CUDA --------------------------------------------------------------------------------
@@ -171,9 +197,19 @@ def test_attention_decode_cuda(benchmark, impl, request):
         _memory.measure(benchmark, request, "cuda", impl, calls[impl], inputs, __file__)
 
 
+@cuda_only
+@pytest.mark.parametrize("impl", list(LATENT_IMPLS))
+def test_attention_latent_cuda(benchmark, impl, request):
+    inputs = make_qkv("cuda", **LATENT_GPU_CASE)
+    _latent_info(benchmark, impl, LATENT_GPU_CASE, inputs)
+    with torch.no_grad():
+        _memory.measure(benchmark, request, "cuda", impl, LATENT_IMPLS[impl], inputs, __file__)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
-    impl = CPU_IMPLS[sys.argv[2]]
-    small = make_qkv("cpu", 1, 2, 16, 8, torch.float32)
-    full = make_qkv("cpu", **CPU_CASE)
+    latent = sys.argv[2] in LATENT_IMPLS
+    impl = (LATENT_IMPLS if latent else CPU_IMPLS)[sys.argv[2]]
+    small = make_qkv("cpu", 1, 2, 16, 8, torch.float32, value_dim=4 if latent else None)
+    full = make_qkv("cpu", **(LATENT_CPU_CASE if latent else CPU_CASE))
     with torch.no_grad():
         _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

@@ -46,9 +46,13 @@ FAMILIES = {
     "smollm3": ("no rotary on some layers", {}),
     "gpt_bigcode": ("multi-query attention (one kv head)", {"multi_query": True}),
     "codegen": ("qkv split by its own layout", {}),
-    "minicpm3": ("multi-head latent attention: value heads narrower than query heads",
+    "deepseek_v3": ("multi-head latent attention: value heads narrower than query heads",
+                    {"qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
+                     "q_lora_rank": 16, "n_routed_experts": 4, "n_group": 1, "topk_group": 1,
+                     "first_k_dense_replace": 1}),
+    "minicpm3": ("multi-head latent attention, a smaller family",
                  {"qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
-                  "q_lora_rank": 16, "num_key_value_heads": 4}),
+                  "q_lora_rank": 16}),
 }
 
 
@@ -56,8 +60,9 @@ def small_config(model_type: str, extras: dict):
     """A config of model_type with the SMALL sizes it has fields for, layer types re-derived."""
     default = transformers.AutoConfig.for_model(model_type)
     settings = {name: value for name, value in SMALL.items() if hasattr(default, name)}
-    if hasattr(default, "kv_lora_rank"):  # latent attention: rotary dims come from qk_rope_head_dim
+    if hasattr(default, "kv_lora_rank"):  # latent attention: rotary dims from qk_rope_head_dim, no GQA
         settings.pop("head_dim", None)
+        settings["num_key_value_heads"] = settings["num_attention_heads"]
     settings.update(extras)
     if getattr(default, "layer_types", None) is not None:
         settings["layer_types"] = None  # the default lists one type per default layer

@@ -117,35 +117,6 @@ def test_gpt_oss_learned_sinks():
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
 
 
-def test_multi_head_latent_attention_with_a_narrower_value_head():
-    """DeepSeek-V3 attends with query/key heads of qk_nope + qk_rope = 24 dims and value heads of
-    16: the same logits and greedy tokens as unpatched, and the recorded sink mass of eager weights."""
-    if not hasattr(transformers, "DeepseekV3Config"):
-        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V3")
-    config = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-                  num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
-                  q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, pad_token_id=0)
-    made = {}
-    for name, implementation in (("reference", None), ("eager", "eager"), ("model", None)):
-        kwargs = {} if implementation is None else {"attn_implementation": implementation}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            made[name] = transformers.AutoModelForCausalLM.from_config(
-                transformers.DeepseekV3Config(**config), **kwargs).eval()
-    reference, eager, model = made["reference"], made["eager"], patch_or_skip(made["model"])
-    ids, mask = inputs()
-    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
-    with torch.no_grad():
-        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-        with fp.record_attention(model) as record:
-            model(input_ids=ids, attention_mask=mask)
-        torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
-        ids, mask = inputs(padding="left")
-        settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
-
-
 def test_vision_language_model_and_its_sub_configs():
     """A LLaVA (CLIP vision tower + Llama text model, each with its own sub-config): every config
     switches and is restored; the image-token forward equals the unpatched one."""

@@ -304,3 +304,18 @@ def test_continuation_mask_keeps_tokens_up_to_the_first_eos(rows, eos):
     for row, mask in zip(rows, kept):
         stop = next((i for i, token in enumerate(row) if token in eos), len(row) - 1)
         assert mask == [i <= stop for i in range(len(row))]
+
+
+def test_texts_longer_than_a_drafts_learned_positions_are_refused(tokenizer):
+    """A GPT-2 draft has a table of n_positions learned positions (rotary models have no such
+    limit): a longer batch is refused naming max_length, before any index runs past the table."""
+    from fastprobe.methods._batching import learned_positions
+
+    target, short_draft = sharp_model(tokenizer), tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=12)
+    assert learned_positions(target) is None and learned_positions(short_draft) == 12
+    assert learned_positions(tiny_model("bert")) == 8192 and learned_positions(tiny_model("gpt2")) == 8192
+    long_text = DEMO_TEXTS[0] + " " + DEMO_TEXTS[1]
+    with pytest.raises(ValueError, match="learned positions for 12 tokens only; pass max_length <= 12"):
+        uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], progress=False)
+    table = uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], max_length=12, progress=False)
+    assert len(table) == 11

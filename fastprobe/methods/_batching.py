@@ -73,6 +73,21 @@ def takes_position_ids(model) -> bool:
     return "position_ids" in forward_parameters(model)
 
 
+def learned_positions(model) -> Optional[int]:
+    """How many positions a model with a learned position table (GPT-2, OPT, BERT) takes, or None
+    for models without a hard limit (rotary, ALiBi): the config's context, when an embedding table
+    other than the tokens' has that many rows (OPT's has 2 more)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = next((value for value in (getattr(config, name, None) for name in ("n_positions", "max_position_embeddings"))
+                    if isinstance(value, int)), None)
+    if context is None:
+        return None
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = (module for module in model.modules() if isinstance(module, torch.nn.Embedding) and module is not tokens)
+    return context if any(context <= table.num_embeddings <= context + 2 for table in tables) else None
+
+
 def on_model(model, batch) -> dict:
     """A copy of a batch of model inputs on the model's device (floating tensors, e.g. pixel
     values, in its dtype), with position_ids counted over real tokens where the model takes them
@@ -116,13 +131,14 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
-                 *, prompts: bool = False, position_ids: bool = True):
+                 *, prompts: bool = False, position_ids: bool = True, readers: Sequence = ()):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
     take them (and unless position_ids=False, e.g. for generate, which makes its own),
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
     positions as the text alone. Texts are padded and truncated to max_length tokens on the
     tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
-    left (a prompt keeps its end, where the continuation starts)."""
+    left (a prompt keeps its end, where the continuation starts). A batch longer than the learned
+    positions of the model or of the other `readers` of the batches (drafts) is refused."""
     from tqdm.auto import tqdm
 
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -133,12 +149,18 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     check_count(batch_size, "batch_size")
     check_count(max_length, "max_length")
     device, positions = model_device(model), position_ids and takes_position_ids(model)
+    limit = min((found for found in map(learned_positions, (model, *readers)) if found is not None), default=None)
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
     with padding_ready(tokenizer), _sides(tokenizer, padding=side, truncation=side):
         for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")
+            if limit is not None and encoded["input_ids"].shape[1] > limit:
+                raise ValueError(
+                    f"{what}: texts of {encoded['input_ids'].shape[1]} tokens, but {type(model).__name__} has learned "
+                    f"positions for {limit} tokens only; pass max_length <= {limit} (they are truncated to it)"
+                )
             batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
             if positions:
                 batch["position_ids"] = real_positions(batch["attention_mask"])

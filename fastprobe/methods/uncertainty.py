@@ -139,7 +139,8 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     texts = [texts] if isinstance(texts, str) else list(texts)
     tables, first = [], 0
     with torch.no_grad():
-        for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty"):
+        for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty",
+                                  readers=drafts):
             real = batch["attention_mask"] != 0
             scored = scored_positions(batch["attention_mask"])
             target_rows = _scored_rows(target, batch, scored, model_device(target))  # [N, V]
