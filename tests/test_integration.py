@@ -3,6 +3,7 @@ configs (float32, 2 layers, hidden 64; no downloads): patched outputs and greedy
 equal the unpatched model's, recorded statistics equal eager attention weights, windows and
 sinks match transformers' own masks, and what fastprobe cannot reproduce is refused."""
 
+import copy
 import inspect
 
 import pytest
@@ -107,9 +108,10 @@ def test_gpt_oss_learned_sinks():
     with torch.no_grad():
         for layer in reference.model.layers:
             layer.self_attn.sinks.normal_()  # make the sinks matter
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config)).eval()  # patch switches its config
     model.load_state_dict(reference.state_dict())
     fp.patch(model)
+    assert reference.config._attn_implementation != "fastprobe"
     ids, mask = inputs(padding="left")
     assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
     with torch.no_grad():
@@ -127,7 +129,7 @@ def test_vision_language_model_and_its_sub_configs():
     config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=299,
                                       vision_feature_layer=-1)
     reference = transformers.LlavaForConditionalGeneration(config).eval()
-    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model = transformers.LlavaForConditionalGeneration(copy.deepcopy(config)).eval()  # patch switches its configs
     model.load_state_dict(reference.state_dict())
     before = {id(c): c._attn_implementation for c in integration._configs(model)}
     # LLaVA, CLIP vision, Llama text (in 4.53 the sub-models hold copies of the sub-configs: 5 configs)
@@ -135,6 +137,7 @@ def test_vision_language_model_and_its_sub_configs():
                                                                               "LlavaConfig"]
     fp.patch(model)
     assert all(c._attn_implementation == "fastprobe" for c in integration._configs(model))
+    assert not any(c._attn_implementation == "fastprobe" for c in integration._configs(reference))
     assert len(attention_layers(model)) == 2  # the text model's self-attention; the vision tower runs plain
     ids, mask = torch.randint(3, 290, (2, 10)), torch.ones(2, 10, dtype=torch.long)
     mask[0, :3] = 0
@@ -351,6 +354,40 @@ def test_masks_it_cannot_reproduce_are_refused_when_a_layer_attends_with_them():
     reference, model = models[0], patch_or_skip(models[1])
     ids, mask = inputs()
     assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+
+
+def test_gemma3_vision_language_model_on_text_and_on_images():
+    """Gemma 3's processor sends token_type_ids with every prompt, and its mask lets each image's
+    tokens attend to each other both ways: a batch without images is plain causal attention (the
+    image-block part unmasks nothing) and runs patched; a batch with images is refused clearly."""
+    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3")
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=4, pad_token_id=0,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=7)
+    models = []
+    for _ in range(2):  # each with its own config: patch switches the configs it finds
+        config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                           image_token_index=299, boi_token_index=297, eoi_token_index=298)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models.append(transformers.Gemma3ForConditionalGeneration(config).eval())
+    reference, model = models[0], patch_or_skip(models[1])
+    assert reference.config.get_text_config()._attn_implementation != "fastprobe"
+    ids, mask = inputs(batch=2, length=14)
+    ids = ids % 290
+    no_images = torch.zeros_like(ids)  # the reference runs without them (4.53's own sdpa mask breaks on them)
+    assert_real_close(outputs(model, ids, mask, token_type_ids=no_images), outputs(reference, ids, mask), mask)
+    with torch.no_grad():
+        settings = dict(attention_mask=inputs(batch=2, length=14, padding="left")[1], max_new_tokens=6,
+                        do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, token_type_ids=no_images, **settings), reference.generate(ids, **settings))
+    ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
+    with pytest.raises(NotImplementedError, match="image-token blocks"):
+        outputs(model, ids, torch.ones_like(ids), token_type_ids=(ids == 299).long(),
+                pixel_values=torch.randn(2, 3, 28, 28))
 
 
 def test_packing_one_sequence_per_row_is_plain_causal():

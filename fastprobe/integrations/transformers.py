@@ -528,14 +528,30 @@ def _packs_nothing(fn, masking_utils) -> bool:
     return not bool(_closure(fn)["packed_sequence_mask"][:, -1].any())  # one sync, as 5.x's own check
 
 
-def _without_empty_packing(fn, masking_utils):
-    """fn less a packed-sequence part that packs nothing: transformers 4.53-4.57 add one to every mask
-    made without an attention mask and a cache (5.x only to masks of really packed rows)."""
-    if not _is_masking_utils(fn, masking_utils, "and_masks."):
-        return fn
-    parts = _closure(fn)["mask_functions"]
-    kept = [part for part in parts if not _packs_nothing(part, masking_utils)]
-    return fn if len(kept) == len(parts) else masking_utils.and_masks(*kept)
+def _unmasks_nothing(fn, masking_utils) -> bool:
+    """An image-block part (bidirectional attention within each image's tokens) of a batch without
+    images, which unmasks nothing: 5.x's blockwise overlay with no block id >= 0, or 4.5x Gemma 3's
+    token-type function with no image token (its processor sends token_type_ids for text alone)."""
+    if _is_masking_utils(fn, masking_utils, "blockwise_overlay."):
+        return not bool((_closure(fn)["block_sequence_ids"] >= 0).any())
+    if getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and getattr(
+            fn, "__qualname__", "").startswith("token_type_ids_mask_function."):
+        return not bool((_closure(fn)["token_type_ids"] == 1).any())
+    return False
+
+
+def _without_no_ops(fn, masking_utils):
+    """fn less the parts that change nothing, at any depth: and-parts that pack nothing
+    (transformers 4.53-4.57 add one to every mask made without an attention mask and a cache; 5.x
+    only to really packed rows) and or-parts that unmask nothing."""
+    for prefix, no_op, combine in (("and_masks.", _packs_nothing, masking_utils.and_masks),
+                                   ("or_masks.", _unmasks_nothing, masking_utils.or_masks)):
+        if _is_masking_utils(fn, masking_utils, prefix):
+            parts = _closure(fn)["mask_functions"]
+            kept = [_without_no_ops(part, masking_utils) for part in parts if not no_op(part, masking_utils)]
+            changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
+            return combine(*kept) if changed else fn
+    return fn
 
 
 def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
@@ -545,7 +561,7 @@ def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
     masking_utils = _masking_utils()
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
-    mask_function = _without_empty_packing(mask_function, masking_utils)
+    mask_function = _without_no_ops(mask_function, masking_utils)
     try:
         structure = _mask_structure(mask_function, masking_utils)
     except ValueError as part:
