@@ -134,7 +134,7 @@ struct SinkAttention {
       if (!p.pruned(h)) continue;
       for (int64_t i = it.first_query; i < it.first_query + it.queries; ++i) {
         T* out = static_cast<T*>(p.out) + it.b * p.o_s0 + h * p.o_s1 + i * p.o_s2;
-        for (int64_t d = 0; d < p.D; ++d) out[d] = from_float<T>(0.0f);
+        for (int64_t d = 0; d < p.Dv; ++d) out[d] = from_float<T>(0.0f);
         const int64_t at = (it.b * p.Hq + h) * p.Lq + i;
         lse[at] = kNegInf;
         sink_mass[at] = 0.0f;
@@ -158,7 +158,7 @@ struct SinkAttention {
       const float l = st.l[r];
       const bool empty = l == 0.0f;
       const float inv_l = empty ? 0.0f : 1.0f / l;
-      for (int64_t d = 0; d < p.D; ++d) out[d] = from_float<T>(st.oT[d * R + r] * inv_l);
+      for (int64_t d = 0; d < p.Dv; ++d) out[d] = from_float<T>(st.oT[d * R + r] * inv_l);
       const float log_l = empty ? 0.0f : std::log(l);
       lse[at] = empty ? kNegInf : st.m[r] + log_l;
       sink_mass[at] = st.sink[r] * inv_l;
@@ -184,7 +184,8 @@ void check_groups(const int32_t* key_groups, int64_t count, int64_t G, int64_t L
 
 void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                     int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t num_queries,
-                    int64_t num_keys, int64_t head_dim, int64_t q_s0, int64_t q_s1, int64_t q_s2,
+                    int64_t num_keys, int64_t head_dim, int64_t value_dim, int64_t q_s0,
+                    int64_t q_s1, int64_t q_s2,
                     int64_t q_s3, int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t k_s3,
                     int64_t v_s0, int64_t v_s1, int64_t v_s2, int64_t v_s3, int64_t out_s0,
                     int64_t out_s1, int64_t out_s2, int64_t out_s3, double scale, bool causal,
@@ -196,7 +197,8 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
   Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads, num_queries,
-                                num_keys, head_dim, q_s0, q_s1, q_s2, q_s3, k_s0, k_s1, k_s2, k_s3,
+                                num_keys, head_dim, value_dim, q_s0, q_s1, q_s2, q_s3, k_s0, k_s1,
+                                k_s2, k_s3,
                                 v_s0, v_s1, v_s2, v_s3, out_s0, out_s1, out_s2, out_s3, scale,
                                 causal, key_real);
   check_size(window, 0, "window");
@@ -237,8 +239,8 @@ void bind_attention(py::module_& m) {
   m.def("sink_attention", &sink_attention, py::call_guard<py::gil_scoped_release>(),
         "Attention with sink keys, a window, head masks and a sink logit, and its statistics\n"
         "(see fastprobe.reference.sink_attention). Pointers are data_ptr() values, sizes and\n"
-        "strides (in elements, the last one 1) int64: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D],\n"
-        "out [B, Hq, Lq, D] (any strides), all of `dtype`. key_real uint8 [B, Lk] (0: all real),\n"
+        "strides (in elements, the last one 1) int64: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v\n"
+        "[B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv] (any strides), all of `dtype`. key_real uint8 [B, Lk] (0: all real),\n"
         "sink_end and stat_end int64 [B] (real keys below them are sinks / count in sink_mass),\n"
         "head_mask uint8 [Hq] (0: none), sink_logit float32 [Hq] (0: none), key_groups int32\n"
         "[B, Lk] in [0, num_groups) (0: none; checked, IndexError). Writes lse and sink_mass\n"

@@ -233,8 +233,8 @@ FASTPROBE_SIMD_CLONES static void scores_block(const float* qT, int64_t R, int64
   if (r < R) score_row_tile<1>(qT + r, R, keys, ldk, count, D, sT + r);
 }
 
-// Output update of one key block: oT [D][R] = alpha oT + vals^T eT, with eT [count][R] the
-// block's e = exp(s - m') and vals [count][D] (row stride ldv).
+// Output update of one key block: oT [Dv][R] = alpha oT + vals^T eT, with eT [count][R] the
+// block's e = exp(s - m') and vals [count][Dv] (row stride ldv; D here is the values' width).
 FASTPROBE_SIMD_CLONES static void values_block(const float* eT, int64_t R, int64_t count,
                                                const float* vals, int64_t ldv, int64_t D,
                                                const float* alpha, float* oT) {
@@ -309,7 +309,7 @@ FASTPROBE_SIMD_CLONES static void mask_block(float* sT, int64_t R, int64_t count
   }
 }
 
-// The running softmax state of R rows, each array [R] (groups [G][R], oT [D][R]).
+// The running softmax state of R rows, each array [R] (groups [G][R], oT [Dv][R]).
 struct RowState {
   float* m;       // running max (a start logit, or -inf)
   float* l;       // sum_j exp(s_j - m)
@@ -318,7 +318,7 @@ struct RowState {
   float* groups;  // per group, sum of exp(s_j - m)
   float* oT;      // sum_j exp(s_j - m) v_j, transposed
 
-  static int64_t floats(int64_t R, int64_t G, int64_t D) { return R * (4 + G + D); }
+  static int64_t floats(int64_t R, int64_t G, int64_t Dv) { return R * (4 + G + Dv); }
   static RowState over(float* base, int64_t R, int64_t G) {
     return {base, base + R, base + 2 * R, base + 3 * R, base + 4 * R, base + (4 + G) * R};
   }
@@ -449,7 +449,7 @@ FASTPROBE_SIMD_CLONES static void softmax_rows_block(float* sT, int64_t R, int64
 // sums and O likewise.
 FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t parts,
                                                int64_t part_floats, int64_t R, int64_t G,
-                                               int64_t D, RowState into, float* factor) {
+                                               int64_t Dv, RowState into, float* factor) {
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) into.m[r] = kNegInf;
   for (int64_t s = 0; s < parts; ++s) {
@@ -457,7 +457,7 @@ FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t pa
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) into.m[r] = m[r] > into.m[r] ? m[r] : into.m[r];
   }
-  const int64_t tail_rows = 2 + G + D;  // a, sink, groups, oT: R floats each, after m, l
+  const int64_t tail_rows = 2 + G + Dv;  // a, sink, groups, oT: R floats each, after m, l
   std::fill(into.l, into.l + R, 0.0f);
   std::fill(into.a, into.a + R * tail_rows, 0.0f);  // a, sink, groups, oT
   for (int64_t s = 0; s < parts; ++s) {
@@ -485,9 +485,9 @@ FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t pa
 struct Problem {
   const void* q;  // [B, Hq, Lq, D]
   const void* k;  // [B, Hkv, Lk, D]
-  const void* v;
-  void* out;  // [B, Hq, Lq, D]
-  int64_t B, Hq, Hkv, Lq, Lk, D;
+  const void* v;  // [B, Hkv, Lk, Dv]
+  void* out;      // [B, Hq, Lq, Dv]
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   int64_t q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, o_s0, o_s1, o_s2;
   float scale;
   bool causal;
@@ -512,7 +512,8 @@ struct Problem {
 // (batch or num_queries 0: the caller returns before running anything).
 Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                           int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t num_queries, int64_t num_keys, int64_t head_dim, int64_t q_s0,
+                          int64_t num_queries, int64_t num_keys, int64_t head_dim,
+                          int64_t value_dim, int64_t q_s0,
                           int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
                           int64_t k_s2, int64_t k_s3, int64_t v_s0, int64_t v_s1, int64_t v_s2,
                           int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
@@ -523,22 +524,23 @@ Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v,
   check_size(num_queries, 0, "num_queries");
   check_size(num_keys, 0, "num_keys");
   check_size(head_dim, 1, "head_dim");
+  check_size(value_dim, 1, "value_dim");
   if (num_heads % num_kv_heads != 0)
     invalid(op, "num_heads (" + std::to_string(num_heads) + ") must be a multiple of num_kv_heads (" +
                     std::to_string(num_kv_heads) + ")");
   if (num_queries > num_keys)
     invalid(op, "num_queries (" + std::to_string(num_queries) + ") must be <= num_keys (" +
                     std::to_string(num_keys) + ")");
-  // (with head_dim 1 the stride is never stepped: torch leaves it as it was, e.g. 2 in a view)
-  if (head_dim > 1 && (q_s3 != 1 || k_s3 != 1 || v_s3 != 1 || out_s3 != 1))
-    invalid(op, "the last (head_dim) stride of q, k, v and out must be 1");
+  // (with a head dim of 1 the stride is never stepped: torch leaves it as it was, e.g. 2 in a view)
+  if ((head_dim > 1 && (q_s3 != 1 || k_s3 != 1)) || (value_dim > 1 && (v_s3 != 1 || out_s3 != 1)))
+    invalid(op, "the last (head dim) stride of q, k, v and out must be 1");
   const float scale_f = float(scale);
   if (!(scale_f > 0.0f && std::isfinite(scale_f)))
     invalid(op, "scale must be finite and > 0 in float32");
   const bool used = batch > 0 && num_queries > 0;
   return {pointer<const void>(q, used, "q"), pointer<const void>(k, used, "k"),
           pointer<const void>(v, used, "v"), pointer<void>(out, used, "out"),
-          batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim,
+          batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim, value_dim,
           q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, out_s0, out_s1, out_s2,
           scale_f, causal, pointer<const uint8_t>(key_real, false, "key_real")};
 }
@@ -554,7 +556,8 @@ struct Plan {
   int64_t items;         // B * Hkv * query_blocks
   int64_t splits;        // key ranges per item
   int64_t state_floats;  // the states of max_R rows
-  int64_t padded_dim;    // head_dim rounded up to whole vectors (narrow items)
+  int64_t padded_dim;    // D rounded up to whole vectors (narrow items' q and k rows)
+  int64_t padded_value_dim;  // Dv likewise (narrow items' v and output rows)
 
   Plan(const Problem& p, int64_t states_per_row, int threads) : states(states_per_row) {
     group = p.Hq / p.Hkv;
@@ -571,16 +574,17 @@ struct Plan {
       const int64_t wanted = (2 * int64_t(threads) + items - 1) / items;
       splits = std::max<int64_t>(1, std::min(wanted, key_blocks / 4));
     }
-    state_floats = states * RowState::floats(max_R, p.G, p.D);
+    state_floats = states * RowState::floats(max_R, p.G, p.Dv);
     padded_dim = round_up(p.D, kLanes);
+    padded_value_dim = round_up(p.Dv, kLanes);
   }
 };
 
 // The states of an item of R rows, one after the other from base.
 template <int64_t S>
-std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t D) {
+std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t Dv) {
   std::array<RowState, S> st;
-  for (int64_t s = 0; s < S; ++s) st[s] = RowState::over(base + s * RowState::floats(R, G, D), R, G);
+  for (int64_t s = 0; s < S; ++s) st[s] = RowState::over(base + s * RowState::floats(R, G, Dv), R, G);
   return st;
 }
 
@@ -628,9 +632,9 @@ ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* ro
 struct Scratch {
   std::vector<float> storage;
   float *qT, *sT, *keys, *vals, *alpha, *block_sum, *shift, *new_max, *stat_sum, *state;
-  float *q_rows, *o_rows;  // narrow items: [kNarrowRows][Dp], o_rows once per state
+  float *q_rows, *o_rows;  // narrow items: q [kNarrowRows][Dp], o [kNarrowRows][Dvp] per state
   float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
-  float* row_out;          // [2][Dp]: an operation's per-row results before they are stored
+  float* row_out;          // [2][Dvp]: an operation's per-row results before they are stored
   std::vector<int64_t> row_head, row_query, position, key_pos, order, seen_list;
   std::vector<uint8_t> key_real, seen;
   int64_t seen_count = 0;  // groups seen by the item (sink_attention's group sums)
@@ -639,10 +643,10 @@ struct Scratch {
       : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), key_pos(kKeyBlock),
         order(kKeyBlock), seen_list(std::max<int64_t>(p.G, 1)), key_real(kKeyBlock),
         seen(std::max<int64_t>(p.G, 1)) {
-    const int64_t R = plan.max_R, D = p.D, Dp = plan.padded_dim;
-    const int64_t sizes[] = {D * R, kKeyBlock * R, kKeyBlock * Dp, kKeyBlock * Dp, R, R, R, R, R,
-                             plan.state_floats, kNarrowRows * Dp, plan.states * kNarrowRows * Dp,
-                             kKeyBlock, 2 * Dp};
+    const int64_t R = plan.max_R, D = p.D, Dp = plan.padded_dim, Dvp = plan.padded_value_dim;
+    const int64_t sizes[] = {D * R, kKeyBlock * R, kKeyBlock * Dp, kKeyBlock * Dvp, R, R, R, R, R,
+                             plan.state_floats, kNarrowRows * Dp, plan.states * kNarrowRows * Dvp,
+                             kKeyBlock, 2 * Dvp};
     float** slots[] = {&qT, &sT, &keys, &vals, &alpha, &block_sum, &shift, &new_max, &stat_sum, &state,
                        &q_rows, &o_rows, &key_scores, &row_out};
     int64_t total = 16;
@@ -732,12 +736,14 @@ inline void fold_softmax(const ItemRows& it, float* eT, int64_t count, int64_t s
 }
 
 // The arguments every attention binding starts with, in this order, for pybind11's m.def: the
-// dtype, q, k, v and out, the sizes, the strides of q, k, v and out, the scale and causal.
+// dtype, q, k, v and out, the sizes (head_dim D of q and k, value_dim Dv of v and out), the
+// strides of q, k, v and out, the scale and causal.
 #define FASTPROBE_ATTENTION_ARGS                                                                 \
   py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("batch"),  \
       py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("num_queries"), py::arg("num_keys"), \
-      py::arg("head_dim"), py::arg("q_s0"), py::arg("q_s1"), py::arg("q_s2"), py::arg("q_s3"),   \
-      py::arg("k_s0"), py::arg("k_s1"), py::arg("k_s2"), py::arg("k_s3"), py::arg("v_s0"),       \
+      py::arg("head_dim"), py::arg("value_dim"), py::arg("q_s0"), py::arg("q_s1"),               \
+      py::arg("q_s2"), py::arg("q_s3"), py::arg("k_s0"), py::arg("k_s1"), py::arg("k_s2"),       \
+      py::arg("k_s3"), py::arg("v_s0"),                                                          \
       py::arg("v_s1"), py::arg("v_s2"), py::arg("v_s3"), py::arg("out_s0"), py::arg("out_s1"),   \
       py::arg("out_s2"), py::arg("out_s3"), py::arg("scale"), py::arg("causal")
 
@@ -779,12 +785,13 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
   const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
                                 ws.position.data());
   if (it.rows == 0) return it;
-  const int64_t R = it.R, D = p.D, G = p.G;
-  const auto st = item_states<Op::kStates>(ws.state, R, G, D);
-  // narrow: lanes along head_dim (rows of Dp floats), else along rows (transposed, D floats)
+  const int64_t R = it.R, D = p.D, Dv = p.Dv, G = p.G;
+  const auto st = item_states<Op::kStates>(ws.state, R, G, Dv);
+  // narrow: lanes along the head dims (rows of Dp, Dvp floats), else along rows (transposed)
   const bool narrow = it.rows <= kNarrowRows;
   const int64_t Dp = narrow ? plan.padded_dim : D;
-  const int64_t o_rows_floats = kNarrowRows * Dp;  // per state
+  const int64_t Dvp = narrow ? plan.padded_value_dim : Dv;
+  const int64_t o_rows_floats = kNarrowRows * Dvp;  // per state
 
   // scale q: q_rows [rows][Dp] (narrow) or qT [D][R] (padding rows 0)
   for (int64_t r = 0; r < R; ++r) {
@@ -804,7 +811,7 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
       st[s].m[r] = c;
       st[s].l[r] = c == kNegInf ? 0.0f : 1.0f;
     }
-    std::fill(st[s].a, st[s].a + R * (2 + G + D), 0.0f);  // a, sink, groups, oT
+    std::fill(st[s].a, st[s].a + R * (2 + G + Dv), 0.0f);  // a, sink, groups, oT
   }
   if (narrow) std::fill(ws.o_rows, ws.o_rows + Op::kStates * o_rows_floats, 0.0f);
   op.begin_item(it, ws);
@@ -839,7 +846,7 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
       mask_block(ws.sT, R, count, ws.key_pos.data(), ws.key_real.data(), ws.position.data(), rule);
     }
     const float* vals =
-        block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, D, Dp, order, ws.vals, ldv);
+        block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, Dv, Dvp, order, ws.vals, ldv);
     for (int g = 0; g < route.segments; ++g) {
       const Segment& seg = route.segment[g];
       float* eT = ws.sT + seg.begin * R;
@@ -847,15 +854,15 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
       op.fold(it, j0, seg, eT, st[seg.state], ws);
       if (narrow)
         axpys_block(eT, R, it.rows, n, vals + seg.begin * ldv, ldv, ws.alpha,
-                    ws.o_rows + seg.state * o_rows_floats, Dp);
+                    ws.o_rows + seg.state * o_rows_floats, Dvp);
       else
-        values_block(eT, R, n, vals + seg.begin * ldv, ldv, D, ws.alpha, st[seg.state].oT);
+        values_block(eT, R, n, vals + seg.begin * ldv, ldv, Dv, ws.alpha, st[seg.state].oT);
     }
   }
   if (narrow)  // the states keep O transposed
     for (int64_t s = 0; s < Op::kStates; ++s)
       for (int64_t r = 0; r < it.rows; ++r)
-        for (int64_t d = 0; d < D; ++d) st[s].oT[d * R + r] = ws.o_rows[s * o_rows_floats + r * Dp + d];
+        for (int64_t d = 0; d < Dv; ++d) st[s].oT[d * R + r] = ws.o_rows[s * o_rows_floats + r * Dvp + d];
   return it;
 }
 
@@ -865,7 +872,7 @@ void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
   const ItemRows it = attend_item<Op, T>(op, plan, item, 0, plan.key_blocks, true, ws);
   op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
-    op.template write_rows<T>(it, ws, item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.D));
+    op.template write_rows<T>(it, ws, item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.Dv));
 }
 
 // One key range of an item, its states kept in `partial` for the merge.
@@ -878,7 +885,7 @@ void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split,
   const ItemRows it = attend_item<Op, T>(op, plan, item, kb_begin, kb_end, split == 0, ws);
   if (split == 0) op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
-    std::copy(ws.state, ws.state + Op::kStates * RowState::floats(it.R, op.p.G, op.p.D), partial);
+    std::copy(ws.state, ws.state + Op::kStates * RowState::floats(it.R, op.p.G, op.p.Dv), partial);
 }
 
 // Merges an item's key ranges, state by state, and writes its outputs.
@@ -889,10 +896,10 @@ void merge_item(const Op& op, const Plan& plan, int64_t item, const float* parti
   const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
                                 ws.position.data());
   if (it.rows == 0) return;
-  const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.D);
+  const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.Dv);
   for (int64_t s = 0; s < Op::kStates; ++s)
-    merge_states(partials + s * RowState::floats(it.R, p.G, p.D), plan.splits, plan.state_floats,
-                 it.R, p.G, p.D, st[s], ws.alpha);
+    merge_states(partials + s * RowState::floats(it.R, p.G, p.Dv), plan.splits, plan.state_floats,
+                 it.R, p.G, p.Dv, st[s], ws.alpha);
   op.template write_rows<T>(it, ws, st);
 }
 

@@ -82,12 +82,12 @@ struct DualPathAttention {
   template <typename T>
   void store(void* base, const ItemRows& it, int64_t h, int64_t i, const float* x) const {
     T* row = static_cast<T*>(base) + it.b * p.o_s0 + h * p.o_s1 + i * p.o_s2;
-    for (int64_t d = 0; d < p.D; ++d) row[d] = from_float<T>(x[d]);
+    for (int64_t d = 0; d < p.Dv; ++d) row[d] = from_float<T>(x[d]);
   }
 
   template <typename T>
   void write_rows(const ItemRows& it, Scratch& ws, const std::array<RowState, kStates>& st) const {
-    const int64_t R = it.R, D = p.D;
+    const int64_t R = it.R, D = p.Dv;  // the output's width
     float* cond = ws.row_out;
     float* uncond = ws.row_out + D;
     for (int64_t r = 0; r < it.rows; ++r) {
@@ -133,8 +133,8 @@ FASTPROBE_ATTENTION_ENTRIES(DualPathAttention)
 
 void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_t v,
                          uintptr_t out, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t num_queries, int64_t num_keys, int64_t head_dim, int64_t q_s0,
-                         int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
+                         int64_t num_queries, int64_t num_keys, int64_t head_dim,
+                         int64_t value_dim, int64_t q_s0, int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
                          int64_t k_s2, int64_t k_s3, int64_t v_s0, int64_t v_s1, int64_t v_s2,
                          int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
                          int64_t out_s3, double scale, bool causal, uintptr_t key_real,
@@ -144,7 +144,8 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
   const Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads,
-                                      num_queries, num_keys, head_dim, q_s0, q_s1, q_s2, q_s3,
+                                      num_queries, num_keys, head_dim, value_dim, q_s0, q_s1,
+                                      q_s2, q_s3,
                                       k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, out_s0,
                                       out_s1, out_s2, out_s3, scale, causal, key_real);
   const float gamma_f = float(gamma);

@@ -253,7 +253,7 @@ def draw_attention_inputs(target, data):
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     magnitude = data.draw(st.sampled_from([1.0, 30.0]), label="q magnitude")
     q, k, v = test_attention.random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device, magnitude)
-    value_dim = data.draw(st.sampled_from([head_dim, head_dim, 8, 24]), label="Dv")
+    value_dim = data.draw(st.sampled_from([head_dim, head_dim, 5, 24]), label="Dv")
     if value_dim != head_dim:  # multi-head latent attention's narrower (or wider) value heads
         v = torch.randn(batch, kv_heads, num_keys, value_dim).to(device=device, dtype=dtype)
     q, k, v = (draw_layout(data, x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))

@@ -31,7 +31,7 @@ __all__ = ["AttentionOutput", "KeyMasks", "key_masks", "sink_attention"]
 class AttentionOutput(NamedTuple):
     """Result of sink_attention. Statistics are float32 (float64 for float64 input)."""
 
-    out: torch.Tensor  # [B, Hq, Lq, Dv], input dtype; a view of a [B, Lq, Hq, max(D, Dv)] buffer
+    out: torch.Tensor  # [B, Hq, Lq, Dv], input dtype; a view of a [B, Lq, Hq, Dv] buffer
     lse: torch.Tensor  # [B, Hq, Lq], natural log of the softmax denominator (sink included)
     sink_mass: torch.Tensor  # [B, Hq, Lq], weight on the first stat_tokens real keys
     group_mass: Optional[torch.Tensor]  # [B, Hq, Lq, G] with key_groups, else None
@@ -140,7 +140,7 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
     cpp().sink_attention(
         DTYPE_NAMES[q.dtype],
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim,
+        batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim, v.shape[3],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         args["scale"], args["causal"], args["window"],
         _address(args["key_real"]), args["sink_end"].data_ptr(), args["stat_end"].data_ptr(),
@@ -154,20 +154,41 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
 def _triton_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
     from ..kernels import attention as triton_attention
 
-    with on_device(q):
+    def run(q, k, v, out):
         triton_attention.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)
+
+    with on_device(q):
+        at_one_head_width(run, q, k, v, [out])
+
+
+def at_one_head_width(run, q, k, v, outputs: list) -> None:
+    """run(q, k, v, *outputs) for kernels that take one head width (the Triton ones): when v's
+    width Dv differs from q and k's D, the narrower side is zero-padded (zero columns add nothing
+    to q . k, and the first Dv output columns are exactly sum_j p_j v_j), run writes wide outputs
+    and their first Dv columns are copied into `outputs` ([B, Hq, Lq, Dv] views, None skipped)."""
+    width = max(q.shape[-1], v.shape[-1])
+    if q.shape[-1] == v.shape[-1]:
+        run(q, k, v, *outputs)
+        return
+    q, k, v = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+    wide = [None if out is None else torch.empty(out.shape[0], out.shape[2], out.shape[1], width, dtype=out.dtype,
+                                                 device=out.device).transpose(1, 2) for out in outputs]
+    run(q, k, v, *wide)
+    for out, result in zip(outputs, wide):
+        if out is not None:
+            out.copy_(result[..., : out.shape[-1]])
 
 
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
 
 
-def _outputs(q: torch.Tensor, num_groups: int, return_entropy: bool, allocate):
-    """(out, lse, sink_mass, group_mass, entropy): out is the [B, Hq, Lq, D] view of a
-    [B, Lq, Hq, D] buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without
+def _outputs(q: torch.Tensor, value_dim: int, num_groups: int, return_entropy: bool, allocate):
+    """(out, lse, sink_mass, group_mass, entropy): out is the [B, Hq, Lq, Dv] view of a
+    [B, Lq, Hq, Dv] buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without
     groups) and entropy ([0] when not asked for) are always tensors (custom ops return no None)."""
-    batch, num_heads, num_queries, head_dim = q.shape
+    batch, num_heads, num_queries, _ = q.shape
     stats_dtype = output_dtype(q)
-    out = allocate((batch, num_queries, num_heads, head_dim), q.dtype).transpose(1, 2)
+    out = allocate((batch, num_queries, num_heads, value_dim), q.dtype).transpose(1, 2)
     lse = allocate((batch, num_heads, num_queries), stats_dtype)
     sink_mass = allocate((batch, num_heads, num_queries), stats_dtype)
     group_mass = allocate((batch, num_heads, num_queries, num_groups), stats_dtype)
@@ -194,7 +215,7 @@ def _sink_attention_op(
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none."""
-    outputs = _outputs(q, num_groups, return_entropy, lambda shape, dtype: new_output(shape, q.device, dtype))
+    outputs = _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, dtype: new_output(shape, q.device, dtype))
     out, lse, sink_mass, group_mass, entropy = outputs
     if out.numel() > 0 or lse.numel() > 0:
         args = dict(
@@ -213,7 +234,7 @@ def _sink_attention_op(
 
 @_sink_attention_op.register_fake
 def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, return_entropy):
-    return _outputs(q, num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+    return _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
 register_forward_only(_sink_attention_op, "sink_attention")
@@ -293,8 +314,9 @@ def _check_softcap(softcap) -> float:
 
 
 def check_attention_inputs(q, k, v):
-    """The checks every attention op shares: (q, k, v in the kernels' layout and one head width,
-    B, Lq, Lk, D of q and k, Dv of v); see _one_head_width."""
+    """The checks every attention op shares: (q, k, v in the kernels' layout, B, Lq, Lk); v's
+    head width Dv may differ from q and k's D (multi-head latent attention, e.g. DeepSeek-V3's
+    D = 192, Dv = 128)."""
     q = check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
     k = check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
     v = check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
@@ -324,29 +346,12 @@ def check_attention_inputs(q, k, v):
             f"q has Lq = {num_queries} queries but k has only Lk = {num_keys} keys; queries are the last Lq of the "
             "Lk positions, so Lq <= Lk"
         )
-    q, k, v = _one_head_width(q, k, v)
-    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys, head_dim, value_dim
-
-
-def _one_head_width(q, k, v):
-    """The kernels take one head width: v of width Dv != D (multi-head latent attention, e.g.
-    DeepSeek-V3: D = 192, Dv = 128) is zero-padded to D, or q and k to Dv. Zero columns add
-    nothing to q . k, and the output's first Dv columns are exactly sum_j p_j v_j, so callers
-    slice them off; the padding costs one copy of the narrower side per call."""
-    width = max(q.shape[-1], v.shape[-1])
-    pad = [tensor if tensor.shape[-1] == width else torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]))
-           for tensor in (q, k, v)]
-    return tuple(pad)
-
-
-def value_columns(out: torch.Tensor, value_dim: int) -> torch.Tensor:
-    """The first Dv columns of an output of the padded width (a view; out itself when equal)."""
-    return out if out.shape[-1] == value_dim else out[..., :value_dim]
+    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys
 
 
 def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap):
-    q, k, v, batch, num_queries, num_keys, head_dim, value_dim = check_attention_inputs(q, k, v)
-    num_heads = q.shape[1]
+    q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
+    num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     window = 0 if window is None else check_int(window, "window", 1)
@@ -373,7 +378,7 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
         scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=masks.key_real,
         sink_end=masks.sink_end, stat_end=masks.stat_end,
         head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,
-        softcap=_check_softcap(softcap), value_dim=value_dim,
+        softcap=_check_softcap(softcap),
     )
 
 
@@ -404,7 +409,7 @@ def sink_attention(
             with a KV cache: Lq = 1).
         k, v: [B, Hkv, Lk, D] keys and [B, Hkv, Lk, Dv] values, Hq a multiple of Hkv (query
             head h uses key/value head h // (Hq / Hkv); K and V are never expanded). Dv may
-            differ from D (multi-head latent attention); the narrower side is zero-padded.
+            differ from D (multi-head latent attention).
         scale: score scale (default D ** -0.5).
         causal: query at position p sees keys j <= p; False: every key.
         window: optional sliding window w >= 1: causal p - w < j <= p, bidirectional |p - j| < w.
@@ -426,7 +431,7 @@ def sink_attention(
         softcap: optional logit soft cap c (Gemma 2): scores become c tanh(score / c).
 
     Returns:
-        AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, max(D, Dv)] buffer),
+        AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, Dv] buffer),
         lse, sink_mass [B, Hq, Lq], group_mass [B, Hq, Lq, G] or None, entropy [B, Hq, Lq] or
         None), statistics in float32. A query with nothing to attend to (every key masked and no
         sink logit) gets out 0, lse -inf and zero statistics.
@@ -440,12 +445,11 @@ def sink_attention(
     )
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    value_dim = args.pop("value_dim")
     out, lse, sink_mass, group_mass, entropy = _sink_attention_op(
         args.pop("q"), args.pop("k"), args.pop("v"), **args, return_entropy=return_entropy
     )
     return AttentionOutput(
-        out=value_columns(out, value_dim),
+        out=out,
         lse=lse,
         sink_mass=sink_mass,
         group_mass=group_mass if key_groups is not None else None,

@@ -22,7 +22,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
 )
-from .attention import check_attention_inputs, check_mask, check_scale, value_columns
+from .attention import at_one_head_width, check_attention_inputs, check_mask, check_scale
 
 __all__ = ["dual_path_attention"]
 
@@ -46,7 +46,7 @@ def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     cpp().dual_path_attention(
         DTYPE_NAMES[q.dtype],
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim,
+        batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim, v.shape[3],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         args["scale"], args["causal"],
         0 if key_real is None else key_real.data_ptr(), args["drop"].data_ptr(), args["rows"].data_ptr(),
@@ -59,18 +59,21 @@ def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
 def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     from ..kernels import dual_attention as triton_dual
 
-    with on_device(q):
+    def run(q, k, v, out, o_cond, o_uncond):
         triton_dual.dual_path_attention(q, k, v, out, o_cond, o_uncond, **args)
+
+    with on_device(q):
+        at_one_head_width(run, q, k, v, [out, o_cond, o_uncond])
 
 
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
 
 
-def _outputs(q: torch.Tensor, return_paths: bool, allocate):
-    """out, o_cond, o_uncond: [B, Hq, Lq, D] views of [B, Lq, Hq, D] buffers (the paths
+def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool, allocate):
+    """out, o_cond, o_uncond: [B, Hq, Lq, Dv] views of [B, Lq, Hq, Dv] buffers (the paths
     share out's strides; [0] when not asked for: custom ops return no None)."""
-    batch, num_heads, num_queries, head_dim = q.shape
-    shape = (batch, num_queries, num_heads, head_dim)
+    batch, num_heads, num_queries, _ = q.shape
+    shape = (batch, num_queries, num_heads, value_dim)
     out = allocate(shape, q.dtype).transpose(1, 2)
     if not return_paths:
         return out, allocate((0,), q.dtype), allocate((0,), q.dtype)
@@ -94,7 +97,7 @@ def _dual_path_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
     [B, Lk] or None."""
-    outputs = _outputs(q, return_paths, lambda shape, dtype: new_output(shape, q.device, dtype))
+    outputs = _outputs(q, v.shape[-1], return_paths, lambda shape, dtype: new_output(shape, q.device, dtype))
     out, o_cond, o_uncond = outputs
     if out.numel() > 0:
         args = dict(scale=scale, causal=causal, key_real=key_real, drop=drop, rows=rows, gamma=gamma,
@@ -106,7 +109,7 @@ def _dual_path_attention_op(
 
 @_dual_path_attention_op.register_fake
 def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, return_paths):
-    return _outputs(q, return_paths, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+    return _outputs(q, v.shape[-1], return_paths, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
 register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)")
@@ -161,7 +164,7 @@ def dual_path_attention(
         whose visible keys are all dropped has no language-only path: it is not guided
         (out = o_cond there) and its o_uncond is 0. Forward only.
     """
-    q, k, v, batch, num_queries, num_keys, head_dim, value_dim = check_attention_inputs(q, k, v)
+    q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
     drop = check_mask(drop_keys, "drop_keys", (batch, num_keys), "[B, Lk]", q)
     if drop is None:
         raise TypeError("drop_keys must be a boolean tensor of shape [B, Lk], got None")
@@ -177,9 +180,8 @@ def dual_path_attention(
         check_real(gamma, "gamma", positive=False),
         orthogonalize,
         check_real(eps, "eps", positive=True),
-        check_scale(scale, head_dim),
+        check_scale(scale, q.shape[-1]),
         causal,
         return_paths,
     )
-    out, o_cond, o_uncond = (value_columns(tensor, value_dim) for tensor in (out, o_cond, o_uncond))
     return (out, o_cond, o_uncond) if return_paths else out
