@@ -379,6 +379,12 @@ def test_gemma3_vision_language_model_on_text_and_on_images():
     ids, mask = inputs(batch=2, length=14)
     ids = ids % 290
     no_images = torch.zeros_like(ids)  # the reference runs without them (4.53's own sdpa mask breaks on them)
+    try:
+        outputs(model, ids, mask, token_type_ids=no_images)
+    except ValueError as error:  # transformers' own requirement for image-block masks, not fastprobe's
+        if "torch>=2.6" not in str(error):
+            raise
+        pytest.skip(f"transformers {transformers.__version__} builds Gemma 3's image-block masks only with torch>=2.6")
     assert_real_close(outputs(model, ids, mask, token_type_ids=no_images), outputs(reference, ids, mask), mask)
     with torch.no_grad():
         settings = dict(attention_mask=inputs(batch=2, length=14, padding="left")[1], max_new_tokens=6,
