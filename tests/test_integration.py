@@ -5,6 +5,7 @@ sinks match transformers' own masks, and what fastprobe cannot reproduce is refu
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -595,3 +596,23 @@ def test_recording_pruned_heads_reads_zero():
     with fp.record_attention(model) as record:
         outputs(model, ids, mask)
     assert record.sink_mass[0, 1] == 0 and (record.sink_mass[0, [0, 2, 3]] > 0).all()
+
+
+def test_a_model_sharing_the_patched_models_config_is_warned_about():
+    """Two models made from one config object share it, so patching one switches the other to
+    fastprobe's attention as well: its forward warns (it is often meant as the unpatched reference);
+    the patched model's own forward does not, and unpatch ends it."""
+    config = tiny_config("llama")
+    reference = transformers.LlamaForCausalLM(config).eval()
+    model = fp.patch(transformers.LlamaForCausalLM(config).eval())
+    assert model.config is reference.config
+    ids, mask = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs(model, ids, mask)
+    with pytest.warns(UserWarning, match="shares its config object with a model that fastprobe.patch switched"):
+        outputs(reference, ids, mask)
+    fp.unpatch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs(reference, ids, mask)

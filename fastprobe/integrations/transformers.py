@@ -49,6 +49,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import warnings
+import weakref
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -65,6 +67,8 @@ __all__ = [
 KEY = "fastprobe"
 STATISTICS = ("sink_mass", "group_mass", "entropy")
 _STATE = "_fastprobe_state"  # on the patched model and on each of its self-attention modules
+# id(config) -> (a weak reference to the config, the _PatchState of the model whose patch switched it)
+_SWITCHED: dict = {}
 _PATTERN = "_fastprobe_pattern"  # on the key padding masks the mask function returns
 
 
@@ -311,6 +315,7 @@ class _PatchState:
         self._head_masks: dict = {}
         self.image_keys: Optional[ImageKeys] = None
         self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
+        self.module_ids: frozenset = frozenset()  # every module of the patched model
         self.set_options(options)
 
     def set_options(self, options: PatchOptions) -> None:
@@ -720,6 +725,8 @@ def attention_forward(
     state = getattr(module, _STATE, None)
     layer = state.index.get(id(module)) if state is not None else None
     if layer is None:  # cross-attention, or a model switched to "fastprobe" without patch()
+        if state is None:
+            _warn_if_switched_by_another(module)
         return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux), None
 
     state.calls += 1
@@ -751,6 +758,21 @@ def attention_forward(
     if record is not None:
         record.add(layer, result, padding, dropped)
     return result.out.transpose(1, 2), None
+
+
+def _warn_if_switched_by_another(module) -> None:
+    """A module of another model that shares a config object with a patched model (two models
+    made from one config) runs fastprobe's attention too: say so, since that model is often the
+    unpatched reference a patched one is compared with."""
+    config = getattr(module, "config", None)
+    config_ref, state = _SWITCHED.get(id(config), (None, None))
+    if config_ref is not None and config_ref() is config and id(module) not in state.module_ids:
+        warnings.warn(
+            f"fastprobe: this {type(module).__name__} runs fastprobe's attention (without options or recording) "
+            "because its model shares its config object with a model that fastprobe.patch switched. Give each "
+            "model its own config (copy.deepcopy(config)) to keep it unpatched, e.g. as a reference.",
+            stacklevel=2,
+        )
 
 
 def _last_real_rows(padding: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -837,7 +859,9 @@ def patch(
     """Runs the model's attention through fastprobe.sink_attention; returns the model.
 
     Registers "fastprobe" with transformers' AttentionInterface and AttentionMaskInterface and
-    switches this model instance (and its sub-models) to it; other models are untouched. Without
+    switches this model instance (and its sub-models) to it; other models are untouched, unless
+    they share a config object with it (two models made from one config): those run fastprobe's
+    attention too, without options, and their forwards warn. Without
     options the outputs equal the unpatched model's (within float rounding), with and without
     padding, in prefill and in generate with a dynamic KV cache. Calling patch() on a patched model
     replaces its options (omitted ones return to their defaults).
@@ -879,6 +903,9 @@ def patch(
         raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
 
     state = _PatchState(layers, previous, options)
+    state.module_ids = frozenset(id(module) for module in model.modules())
+    for config, _ in previous:
+        _SWITCHED[id(config)] = (weakref.ref(config), state)
     for module in layers:
         setattr(module, _STATE, state)
     setattr(model, _STATE, state)
@@ -916,6 +943,9 @@ def unpatch(model):
     if state.recorder is not None:
         raise RuntimeError("fastprobe.unpatch inside record_attention: leave the with block first")
     _restore(state.previous)
+    for config, _ in state.previous:
+        if _SWITCHED.get(id(config), (None, None))[1] is state:
+            del _SWITCHED[id(config)]
     for hook in state.hooks:
         hook.remove()
     for module in state.layers:
