@@ -185,9 +185,8 @@ void check_groups(const int32_t* key_groups, int64_t count, int64_t G, int64_t L
 void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                     int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t num_queries,
                     int64_t num_keys, int64_t head_dim, int64_t value_dim, int64_t q_s0,
-                    int64_t q_s1, int64_t q_s2,
-                    int64_t q_s3, int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t k_s3,
-                    int64_t v_s0, int64_t v_s1, int64_t v_s2, int64_t v_s3, int64_t out_s0,
+                    int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
+                    int64_t k_s2, int64_t k_s3, int64_t v_s0, int64_t v_s1, int64_t v_s2, int64_t v_s3, int64_t out_s0,
                     int64_t out_s1, int64_t out_s2, int64_t out_s3, double scale, bool causal,
                     int64_t window, uintptr_t key_real, uintptr_t sink_end, uintptr_t stat_end,
                     uintptr_t head_mask, uintptr_t sink_logit, uintptr_t key_groups,
@@ -198,9 +197,8 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
   const int threads = clamp_threads(num_threads);
   Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads, num_queries,
                                 num_keys, head_dim, value_dim, q_s0, q_s1, q_s2, q_s3, k_s0, k_s1,
-                                k_s2, k_s3,
-                                v_s0, v_s1, v_s2, v_s3, out_s0, out_s1, out_s2, out_s3, scale,
-                                causal, key_real);
+                                k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, out_s0, out_s1, out_s2, out_s3,
+                                scale, causal, key_real);
   check_size(window, 0, "window");
   check_size(num_groups, 0, "num_groups");
   const float softcap_f = float(softcap);
@@ -240,8 +238,8 @@ void bind_attention(py::module_& m) {
         "Attention with sink keys, a window, head masks and a sink logit, and its statistics\n"
         "(see fastprobe.reference.sink_attention). Pointers are data_ptr() values, sizes and\n"
         "strides (in elements, the last one 1) int64: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v\n"
-        "[B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv] (any strides), all of `dtype`. key_real uint8 [B, Lk] (0: all real),\n"
-        "sink_end and stat_end int64 [B] (real keys below them are sinks / count in sink_mass),\n"
+        "[B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv] (any strides), all of `dtype`. key_real uint8\n"
+        "[B, Lk] (0: all real), sink_end and stat_end int64 [B] (real keys below them are sinks / count in sink_mass),\n"
         "head_mask uint8 [Hq] (0: none), sink_logit float32 [Hq] (0: none), key_groups int32\n"
         "[B, Lk] in [0, num_groups) (0: none; checked, IndexError). Writes lse and sink_mass\n"
         "[B, Hq, Lq], group_mass [B, Hq, Lq, G] (with key_groups) and entropy [B, Hq, Lq]\n"

@@ -206,12 +206,12 @@ FASTPROBE_ALWAYS_INLINE void score_row_tile(const float* qT, int64_t R, const fl
   });
 }
 
-// All D dimensions of one row tile (MV vectors of rows), kTileWidth per register tile.
+// All Dv value dimensions of one row tile (MV vectors of rows), kTileWidth per register tile.
 template <int MV>
 FASTPROBE_ALWAYS_INLINE void value_row_tile(const float* eT, int64_t R, int64_t count,
-                                            const float* vals, int64_t ldv, int64_t D,
+                                            const float* vals, int64_t ldv, int64_t Dv,
                                             const float* alpha, float* oT) {
-  for_tiles<kTileWidth>(D, [&](auto width, int64_t d) FASTPROBE_LAMBDA_INLINE {
+  for_tiles<kTileWidth>(Dv, [&](auto width, int64_t d) FASTPROBE_LAMBDA_INLINE {
     float* out = oT + d * R;
     outer_tile<width, MV>(vals + d, ldv, 1, eT, R, count, out, R,
                           [&](int a, int b, Lanes& acc) FASTPROBE_LAMBDA_INLINE {
@@ -234,15 +234,15 @@ FASTPROBE_SIMD_CLONES static void scores_block(const float* qT, int64_t R, int64
 }
 
 // Output update of one key block: oT [Dv][R] = alpha oT + vals^T eT, with eT [count][R] the
-// block's e = exp(s - m') and vals [count][Dv] (row stride ldv; D here is the values' width).
+// block's e = exp(s - m') and vals [count][Dv] (row stride ldv).
 FASTPROBE_SIMD_CLONES static void values_block(const float* eT, int64_t R, int64_t count,
-                                               const float* vals, int64_t ldv, int64_t D,
+                                               const float* vals, int64_t ldv, int64_t Dv,
                                                const float* alpha, float* oT) {
   const int64_t tile_rows = kTileVectors * kLanes;
   int64_t r = 0;
   for (; r + tile_rows <= R; r += tile_rows)
-    value_row_tile<kTileVectors>(eT + r, R, count, vals, ldv, D, alpha + r, oT + r);
-  if (r < R) value_row_tile<1>(eT + r, R, count, vals, ldv, D, alpha + r, oT + r);
+    value_row_tile<kTileVectors>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
+  if (r < R) value_row_tile<1>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
 }
 
 // Narrow scores: sT [count][R] (rows < `rows` written) = keys [count][Dp] . q_rows [rows][Dp].
@@ -513,10 +513,9 @@ struct Problem {
 Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                           int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                           int64_t num_queries, int64_t num_keys, int64_t head_dim,
-                          int64_t value_dim, int64_t q_s0,
-                          int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
-                          int64_t k_s2, int64_t k_s3, int64_t v_s0, int64_t v_s1, int64_t v_s2,
-                          int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
+                          int64_t value_dim, int64_t q_s0, int64_t q_s1, int64_t q_s2,
+                          int64_t q_s3, int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t k_s3,
+                          int64_t v_s0, int64_t v_s1, int64_t v_s2, int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
                           int64_t out_s3, double scale, bool causal, uintptr_t key_real) {
   check_size(batch, 0, "batch");
   check_size(num_heads, 1, "num_heads");

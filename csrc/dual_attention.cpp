@@ -87,7 +87,7 @@ struct DualPathAttention {
 
   template <typename T>
   void write_rows(const ItemRows& it, Scratch& ws, const std::array<RowState, kStates>& st) const {
-    const int64_t R = it.R, D = p.Dv;  // the output's width
+    const int64_t R = it.R, D = p.Dv;  // the output's width (v's)
     float* cond = ws.row_out;
     float* uncond = ws.row_out + D;
     for (int64_t r = 0; r < it.rows; ++r) {
@@ -134,9 +134,9 @@ FASTPROBE_ATTENTION_ENTRIES(DualPathAttention)
 void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_t v,
                          uintptr_t out, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                          int64_t num_queries, int64_t num_keys, int64_t head_dim,
-                         int64_t value_dim, int64_t q_s0, int64_t q_s1, int64_t q_s2, int64_t q_s3, int64_t k_s0, int64_t k_s1,
-                         int64_t k_s2, int64_t k_s3, int64_t v_s0, int64_t v_s1, int64_t v_s2,
-                         int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
+                         int64_t value_dim, int64_t q_s0, int64_t q_s1, int64_t q_s2,
+                         int64_t q_s3, int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t k_s3,
+                         int64_t v_s0, int64_t v_s1, int64_t v_s2, int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
                          int64_t out_s3, double scale, bool causal, uintptr_t key_real,
                          uintptr_t drop, uintptr_t rows, double gamma, bool orthogonalize,
                          double eps, uintptr_t o_cond, uintptr_t o_uncond, int64_t num_threads) {
@@ -145,9 +145,8 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
   const int threads = clamp_threads(num_threads);
   const Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads,
                                       num_queries, num_keys, head_dim, value_dim, q_s0, q_s1,
-                                      q_s2, q_s3,
-                                      k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, out_s0,
-                                      out_s1, out_s2, out_s3, scale, causal, key_real);
+                                      q_s2, q_s3, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3,
+                                      out_s0, out_s1, out_s2, out_s3, scale, causal, key_real);
   const float gamma_f = float(gamma);
   if (!std::isfinite(gamma_f)) invalid(op, "gamma must be finite in float32");
   if (!(eps > 0.0 && std::isfinite(eps))) invalid(op, "eps must be finite and > 0");

@@ -710,8 +710,8 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key
-    [B, Hkv, Lk, D] and value [B, Hkv, Lk, Dv] -> (attn_output [B, Lq, Hq, Dv], None). s_aux (gpt-oss's learned sinks) is
-    the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
+    [B, Hkv, Lk, D] and value [B, Hkv, Lk, Dv] -> (attn_output [B, Lq, Hq, Dv], None). s_aux
+    (gpt-oss's learned sinks) is the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
     _check_kwargs(kwargs)
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")

@@ -319,7 +319,7 @@ def check_attention_inputs(q, k, v):
     D = 192, Dv = 128)."""
     q = check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
     k = check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
-    v = check_tensor(v, "v", 4, "[B, Hkv, Lk, D]")
+    v = check_tensor(v, "v", 4, "[B, Hkv, Lk, Dv]")
     check_same_device(q, "q", k, "k")
     check_same_device(q, "q", v, "v")
     if k.dtype != q.dtype or v.dtype != q.dtype:
