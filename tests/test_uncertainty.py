@@ -319,3 +319,12 @@ def test_texts_longer_than_a_drafts_learned_positions_are_refused(tokenizer):
         uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], progress=False)
     table = uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], max_length=12, progress=False)
     assert len(table) == 11
+    with pytest.raises(ValueError, match="plus 8 new tokens, but .* for 12 tokens only; pass max_length <= 4"):
+        uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=8,
+                                              progress=False)
+    with pytest.raises(ValueError, match="generate fewer new tokens"):
+        uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=12,
+                                              progress=False)
+    generated, _ = uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=4,
+                                                         max_length=8, progress=False)
+    assert len(generated) == 1

@@ -131,14 +131,15 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
-                 *, prompts: bool = False, position_ids: bool = True, readers: Sequence = ()):
+                 *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
     take them (and unless position_ids=False, e.g. for generate, which makes its own),
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
     positions as the text alone. Texts are padded and truncated to max_length tokens on the
     tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
-    left (a prompt keeps its end, where the continuation starts). A batch longer than the learned
-    positions of the model or of the other `readers` of the batches (drafts) is refused."""
+    left (a prompt keeps its end, where the continuation starts). A batch that, with the
+    `new_tokens` a caller appends (generate's), is longer than the learned positions of the model
+    or of the other `readers` of the batches (drafts) is refused."""
     from tqdm.auto import tqdm
 
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -156,11 +157,13 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")
-            if limit is not None and encoded["input_ids"].shape[1] > limit:
-                raise ValueError(
-                    f"{what}: texts of {encoded['input_ids'].shape[1]} tokens, but {type(model).__name__} has learned "
-                    f"positions for {limit} tokens only; pass max_length <= {limit} (they are truncated to it)"
-                )
+            length = encoded["input_ids"].shape[1]
+            if limit is not None and length + new_tokens > limit:
+                plus = f" plus {new_tokens} new tokens" if new_tokens else ""
+                fix = (f"pass max_length <= {limit - new_tokens} (texts are truncated to it)" if limit > new_tokens
+                       else "generate fewer new tokens")
+                raise ValueError(f"{what}: texts of {length} tokens{plus}, but {type(model).__name__} has learned "
+                                 f"positions for {limit} tokens only; {fix}")
             batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
             if positions:
                 batch["position_ids"] = real_positions(batch["attention_mask"])
