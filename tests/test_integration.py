@@ -390,7 +390,8 @@ def test_gemma3_vision_language_model_on_text_and_on_images():
     with torch.no_grad():
         settings = dict(attention_mask=inputs(batch=2, length=14, padding="left")[1], max_new_tokens=6,
                         do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(ids, token_type_ids=no_images, **settings), reference.generate(ids, **settings))
+        got = model.generate(ids, token_type_ids=no_images, **settings)
+        assert torch.equal(got, reference.generate(ids, **settings))
     ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
     with pytest.raises(NotImplementedError, match="image-token blocks"):
         outputs(model, ids, torch.ones_like(ids), token_type_ids=(ids == 299).long(),
@@ -616,3 +617,15 @@ def test_a_model_sharing_the_patched_models_config_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         outputs(reference, ids, mask)
+
+
+def test_a_patched_model_deleted_without_unpatch_is_freed():
+    """fastprobe keeps no strong reference to a patched model (nor to its attention modules)."""
+    import gc
+    import weakref
+
+    model = fp.patch(tiny_model("llama"))
+    layer = weakref.ref(attention_layers(model)[0])
+    del model
+    gc.collect()
+    assert layer() is None

@@ -79,8 +79,8 @@ def learned_positions(model) -> Optional[int]:
     other than the tokens' has that many rows (OPT's has 2 more)."""
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    context = next((value for value in (getattr(config, name, None) for name in ("n_positions", "max_position_embeddings"))
-                    if isinstance(value, int)), None)
+    sizes = (getattr(config, name, None) for name in ("n_positions", "max_position_embeddings"))
+    context = next((size for size in sizes if isinstance(size, int)), None)
     if context is None:
         return None
     tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
