@@ -629,3 +629,24 @@ def test_a_patched_model_deleted_without_unpatch_is_freed():
     del model
     gc.collect()
     assert layer() is None
+
+
+def test_two_patched_models_sharing_a_config_do_not_warn():
+    """Two LLaVAs made from one config, both patched: the vision tower of either (plain fastprobe
+    attention, not one of its patched layers) belongs to a patched model, so neither warns."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=28, patch_size=14)
+    text = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=299,
+                                      vision_feature_layer=-1)
+    first = fp.patch(transformers.LlavaForConditionalGeneration(config).eval())
+    second = fp.patch(transformers.LlavaForConditionalGeneration(config).eval())
+    ids, mask = torch.randint(3, 290, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    ids[:, 4:8] = 299
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for model in (first, second):
+            outputs(model, ids, mask, pixel_values=torch.randn(2, 3, 28, 28))
+    fp.unpatch(second)
+    fp.unpatch(first)

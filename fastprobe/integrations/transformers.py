@@ -67,8 +67,8 @@ __all__ = [
 KEY = "fastprobe"
 STATISTICS = ("sink_mass", "group_mass", "entropy")
 _STATE = "_fastprobe_state"  # on the patched model and on each of its self-attention modules
-# id(config) -> weak references to the config and to the _PatchState of the model whose patch
-# switched it (weak: a patched model deleted without unpatch must not be kept alive from here)
+# id(config) -> (a weak reference to the config, a WeakSet of the _PatchStates of the models whose
+# patch switched it); weak: a patched model deleted without unpatch must not be kept alive from here
 _SWITCHED: dict = {}
 _PATTERN = "_fastprobe_pattern"  # on the key padding masks the mask function returns
 
@@ -766,9 +766,8 @@ def _warn_if_switched_by_another(module) -> None:
     made from one config) runs fastprobe's attention too: say so, since that model is often the
     unpatched reference a patched one is compared with."""
     config = getattr(module, "config", None)
-    config_ref, state_ref = _SWITCHED.get(id(config), (None, None))
-    state = state_ref() if state_ref is not None else None
-    if state is not None and config_ref() is config and id(module) not in state.module_ids:
+    config_ref, states = _SWITCHED.get(id(config), (None, ()))
+    if states and config_ref() is config and not any(id(module) in state.module_ids for state in states):
         warnings.warn(
             f"fastprobe: this {type(module).__name__} runs fastprobe's attention (without options or recording) "
             "because its model shares its config object with a model that fastprobe.patch switched. Give each "
@@ -906,11 +905,14 @@ def patch(
 
     state = _PatchState(layers, previous, options)
     state.module_ids = frozenset(id(module) for module in model.modules())
-    for key, (config_ref, state_ref) in list(_SWITCHED.items()):
-        if config_ref() is None or state_ref() is None:  # a model or config gone without unpatch
+    for key, (config_ref, states) in list(_SWITCHED.items()):
+        if config_ref() is None or not states:  # configs or models gone without unpatch
             del _SWITCHED[key]
     for config, _ in previous:
-        _SWITCHED[id(config)] = (weakref.ref(config), weakref.ref(state))
+        config_ref, states = _SWITCHED.get(id(config), (None, None))
+        if config_ref is None or config_ref() is not config:
+            config_ref, states = _SWITCHED[id(config)] = (weakref.ref(config), weakref.WeakSet())
+        states.add(state)
     for module in layers:
         setattr(module, _STATE, state)
     setattr(model, _STATE, state)
@@ -949,8 +951,9 @@ def unpatch(model):
         raise RuntimeError("fastprobe.unpatch inside record_attention: leave the with block first")
     _restore(state.previous)
     for config, _ in state.previous:
-        if id(config) in _SWITCHED and _SWITCHED[id(config)][1]() is state:
-            del _SWITCHED[id(config)]
+        config_ref, states = _SWITCHED.get(id(config), (None, None))
+        if config_ref is not None and config_ref() is config:
+            states.discard(state)
     for hook in state.hooks:
         hook.remove()
     for module in state.layers:
