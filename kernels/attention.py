@@ -146,23 +146,27 @@ def _block_scores(
     end,  # keys >= end are not loaded (masked blocks only)
     offs_d,
     d_ok,
+    offs_dv,  # the value head dim's columns (BLOCK_DV) and which are < VALUE_DIM
+    dv_ok,
     qk_scale,  # scale log2(e); with a soft cap c: scale / c
     softcap,  # c log2(e) (HAS_SOFTCAP only)
     MASKED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Load one key block [start, start + BLOCK_N) of K and V; (offs_n, n_ok, rows, t, v) with
+    """Load one key block [start, start + BLOCK_N) of K [N, BLOCK_D] and V [N, BLOCK_DV] (value
+    heads may be narrower or wider than query / key heads); (offs_n, n_ok, rows, t, v) with
     the base-2 scores t = s log2(e) [R, BLOCK_N], before any visibility mask: s = scale q . k, or
     c tanh(scale q . k / c) with a soft cap. Keys >= end (MASKED) load as 0 (score 0)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < end
     rows = offs_n.to(tl.int64)
     k = _load_tile(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKED, EVEN_D)
-    v = _load_tile(v_base + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok, MASKED, EVEN_D)
+    v = _load_tile(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd, n_ok, dv_ok, MASKED, EVEN_DV)
     t = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
     if HAS_SOFTCAP:  # t = c log2(e) tanh(scale q . k / c)
         t = softcap * _tanh(t)
@@ -172,7 +176,7 @@ def _block_scores(
 @triton.jit
 def _softmax_step(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """The online-softmax update of one state (m, l = sum 2^(t - m), acc = sum 2^(t - m) v) by
-    a block of base-2 scores t [R, N] (-inf: not in this state) and its values v [N, BLOCK_D].
+    a block of base-2 scores t [R, N] (-inf: not in this state) and its values v [N, BLOCK_DV].
     Returns the new (m, l, acc) and, for the caller's other sums, m_use (the new reference
     point: m, or 0 while m = -inf, so that -inf - -inf never appears), alpha = 2^(m_old - m_use)
     (0 while m_old = -inf), the weights p = 2^(t - m_use) and p rounded to v's dtype."""
@@ -194,7 +198,7 @@ def _attend_block(
     q,  # [R, BLOCK_D] queries (input dtype)
     m_i,  # [R] running max of the base-2 logits (-inf: nothing seen yet)
     l_i,  # [R] sum 2^(t - m)
-    acc,  # [R, BLOCK_D] sum 2^(t - m) v
+    acc,  # [R, BLOCK_DV] sum 2^(t - m) v
     stat,  # [R] sum over stat keys 2^(t - m)
     grp,  # [R, G_PAD] per-group sums 2^(t - m)
     ent,  # [R] A = sum 2^(t - m) (t - m)
@@ -213,6 +217,8 @@ def _attend_block(
     pos,  # [R] query positions
     offs_d,
     d_ok,
+    offs_dv,
+    dv_ok,
     window,  # > every |p - j| when there is no window
     sink_end,
     stat_end,
@@ -225,6 +231,7 @@ def _attend_block(
     ENTROPY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     G_PAD: tl.constexpr,
     GROUP_DOT: tl.constexpr,  # group sums by a one-hot product (else by G_PAD masked row sums)
@@ -233,8 +240,8 @@ def _attend_block(
 ):
     """One key block [start, start + BLOCK_N) of the online softmax (see the module docstring)."""
     offs_n, n_ok, rows, t, v = _block_scores(
-        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, qk_scale, softcap,
-        MASKED, HAS_SOFTCAP, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
+        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
+        qk_scale, softcap, MASKED, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     if MASKED:
         key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
@@ -460,6 +467,8 @@ def _attention_fwd_kernel(
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,  # v's head dim (multi-head latent attention: may differ from HEAD_DIM)
+    BLOCK_DV: tl.constexpr,
     G_PAD: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
@@ -478,6 +487,9 @@ def _attention_fwd_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
 
     live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
     sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
@@ -494,7 +506,7 @@ def _attention_fwd_kernel(
     c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
     m_i = tl.zeros([BLOCK_M], tl.float32) + c0
     l_i = tl.zeros([BLOCK_M], tl.float32) + l0
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     stat = tl.zeros([BLOCK_M], tl.float32)
     grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_M], tl.float32)
@@ -503,34 +515,34 @@ def _attention_fwd_kernel(
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, sink_hi, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, sink_hi, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, Lk, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
-            False, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, Lk, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            False, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal, window, Lk)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, Lk, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     # ---- outputs ----
     inv_l, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent)
-    _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_d, m_ok, d_ok, acc * inv_l[:, None])
+    _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv, m_ok, dv_ok, acc * inv_l[:, None])
     row = bh * Lq + offs_m  # [B, Hq, Lq] index (int64)
     tl.store(lse_ptr + row, lse, mask=m_ok)
     tl.store(sink_mass_ptr + row, sink_mass, mask=m_ok)
@@ -581,14 +593,14 @@ def _split_keys(band_lo, split, chunk, Lk, live):
 
 
 @triton.jit
-def _store_partial(state_ptr, acc_ptr, part, r, offs_d, m, l, acc, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m, l, acc, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
     """A split's unnormalised state, every row (padding rows too: no masks): m, l into slots 0,
-    1 of state [parts, NSTATE, BLOCK_R], acc into [parts, BLOCK_R, BLOCK_D]. Returns the
+    1 of state [parts, NSTATE, BLOCK_R], acc into [parts, BLOCK_R, BLOCK_DV]. Returns the
     state row pointers (slot 0) for the caller's other slots."""
     s_ptrs = state_ptr + part * (NSTATE * BLOCK_R) + r
     tl.store(s_ptrs, m)
     tl.store(s_ptrs + BLOCK_R, l)
-    tl.store(acc_ptr + part * (BLOCK_R * BLOCK_D) + r[:, None] * BLOCK_D + offs_d[None, :], acc)
+    tl.store(acc_ptr + part * (BLOCK_R * BLOCK_DV) + r[:, None] * BLOCK_DV + offs_dv[None, :], acc)
     return s_ptrs
 
 
@@ -605,10 +617,10 @@ def _merge_row(Hq, Hkv, Lq, kv_group):
 
 
 @triton.jit
-def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Merge the partial states `part` [S_PAD] (s_ok: real ones) of row r by their max, with an
     initial (c0, l0) (a sink logit, or -inf, 0): m = max(c0, max_s m_s), shift = m (0 while
-    m = -inf), w_s = 2^(m_s - shift), l = w_c l0 + sum_s w_s l_s, acc = sum_s w_s acc_s [BLOCK_D].
+    m = -inf), w_s = 2^(m_s - shift), l = w_c l0 + sum_s w_s l_s, acc = sum_s w_s acc_s [BLOCK_DV].
     Returns (m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w_c)."""
     s_ptrs = state_ptr + part * (NSTATE * BLOCK_R) + r
     m_s = tl.load(s_ptrs, mask=s_ok, other=_NEG_INF)
@@ -618,8 +630,8 @@ def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr
     w_s = tl.exp2(m_s - shift)  # 0 for empty splits (m_s = -inf)
     w_c = tl.exp2(c0 - shift)
     l = tl.sum(w_s * l_s, axis=0) + w_c * l0
-    offs_d = tl.arange(0, BLOCK_D)
-    acc_s = tl.load(acc_ptr + part[:, None] * (BLOCK_R * BLOCK_D) + r * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc_s = tl.load(acc_ptr + part[:, None] * (BLOCK_R * BLOCK_DV) + r * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
     return m, l, tl.sum(w_s[:, None] * acc_s, axis=0), shift, w_s, m_s, l_s, s_ptrs, w_c
 
 
@@ -629,7 +641,7 @@ def _attention_split_kernel(
     k_ptr,
     v_ptr,
     state_ptr,  # [B * Hkv, S, 4, BLOCK_R] float32: m, l, stat, A
-    acc_ptr,  # [B * Hkv, S, BLOCK_R, BLOCK_D] float32
+    acc_ptr,  # [B * Hkv, S, BLOCK_R, BLOCK_DV] float32
     grp_ptr,  # [B * Hkv, S, BLOCK_R, G_PAD] float32 (dummy unless HAS_GROUPS)
     key_real_ptr,
     sink_end_ptr,
@@ -664,6 +676,8 @@ def _attention_split_kernel(
     stride_gn,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr,  # >= kv_group * Lq rows, >= 16 (tl.dot)
     G_PAD: tl.constexpr,  # >= num_groups
     CAUSAL: tl.constexpr,
@@ -678,9 +692,12 @@ def _attention_split_kernel(
 ):
     GROUP_DOT: tl.constexpr = False
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
     pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q = _split_program(
         q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_R
     )
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
 
     if HAS_HEAD_MASK:  # skip the keys when every query head of this kv head is pruned
         live = tl.load(head_mask_ptr + h, mask=r_ok, other=0) != 0
@@ -699,7 +716,7 @@ def _attention_split_kernel(
 
     m_i = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     stat = tl.zeros([BLOCK_R], tl.float32)
     grp = tl.zeros([BLOCK_R, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_R], tl.float32)
@@ -707,20 +724,20 @@ def _attention_split_kernel(
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, sink_hi, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, sink_hi, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, end, pos, offs_d, d_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, end, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
     part = bkv * num_splits + split
-    s_ptrs = _store_partial(state_ptr, acc_ptr, part, r, offs_d, m_i, l_i, acc, 4, BLOCK_R, BLOCK_D)
+    s_ptrs = _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m_i, l_i, acc, 4, BLOCK_R, BLOCK_DV)
     tl.store(s_ptrs + 2 * BLOCK_R, stat)
     tl.store(s_ptrs + 3 * BLOCK_R, ent)
     if HAS_GROUPS:
@@ -750,8 +767,8 @@ def _attention_merge_kernel(
     stride_oh,
     stride_om,
     stride_od,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr,
     G_PAD: tl.constexpr,
     S_PAD: tl.constexpr,
@@ -769,7 +786,7 @@ def _attention_merge_kernel(
     s_ok = s < tl.where(live, num_splits, 0)  # a pruned head merges nothing
     part = bkv * num_splits + s
     c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
-    m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w0 = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 4, BLOCK_R, BLOCK_D)
+    m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w0 = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 4, BLOCK_R, BLOCK_DV)
     stat = tl.sum(w_s * tl.load(s_ptrs + 2 * BLOCK_R, mask=s_ok, other=0.0), axis=0)
     if ENTROPY:
         a_s = tl.load(s_ptrs + 3 * BLOCK_R, mask=s_ok, other=0.0)
@@ -780,9 +797,9 @@ def _attention_merge_kernel(
         ent = 0.0
 
     inv_l, lse, sink_mass, entropy = _finish(m, l, stat, ent)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     qi1 = tl.zeros([1], tl.int64) + qi  # the row as a 1-row tile
-    _store_rows(out_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_d, qi1 >= 0, offs_d < HEAD_DIM,
+    _store_rows(out_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_dv, qi1 >= 0, offs_dv < VALUE_DIM,
                 (acc * inv_l)[None, :])  # fmt: skip
     tl.store(lse_ptr + row, lse)
     tl.store(sink_mass_ptr + row, sink_mass)
@@ -879,16 +896,23 @@ def _tile_values(kwargs, accumulators=1) -> int:
     return 3 + groups + bool(kwargs.get("ENTROPY")) + 2 * (accumulators - 1)
 
 
+def _model_widths(kwargs) -> tuple:
+    """(block_d, even_d) for the register and shared-memory model: the wider of the query / key
+    and value tiles (equal but for multi-head latent attention), and whether both are unpadded."""
+    block_d, block_dv = kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", kwargs["BLOCK_D"])
+    even = kwargs.get("HEAD_DIM", block_d) == block_d and kwargs.get("VALUE_DIM", block_dv) == block_dv
+    return max(block_d, block_dv), even
+
+
 def _prune_fwd(configs, named_args, accumulators=1, **kwargs):
     """Prefill configs that fit (see the register model); the kernel's constexprs in kwargs.
     accumulators: (rows x BLOCK_D) float32 accumulators of the kernel (functools.partial)."""
-    block_d = kwargs["BLOCK_D"]
+    block_d, even_d = _model_widths(kwargs)
     q = named_args.get("q_ptr")
     elt = q.element_size() if isinstance(q, torch.Tensor) else 2
     lq = named_args.get("Lq", 1 << 30)
     smem = _smem_of(q)
     c = _tile_values(kwargs, accumulators)
-    even_d = kwargs.get("HEAD_DIM", block_d) == block_d
     own = [cfg for cfg in configs if (id(cfg) in _F32_IDS) == (elt == 4)] or list(configs)
     if accumulators > 1 and elt != 4:  # and the 32-row tiles, when nothing larger fits (D = 256)
         own += [cfg for cfg in configs if id(cfg) in _F32_IDS]
@@ -911,12 +935,11 @@ def _prune_fwd(configs, named_args, accumulators=1, **kwargs):
 
 def _prune_split(configs, named_args, accumulators=1, **kwargs):
     """Decode (split) configs that fit; as _prune_fwd with BLOCK_R query rows."""
-    block_d, block_r = kwargs["BLOCK_D"], kwargs["BLOCK_R"]
+    (block_d, even_d), block_r = _model_widths(kwargs), kwargs["BLOCK_R"]
     q = named_args.get("q_ptr")
     elt = q.element_size() if isinstance(q, torch.Tensor) else 2
     smem = _smem_of(q)
     c = _tile_values(dict(kwargs, GROUP_DOT=False), accumulators)
-    even_d = kwargs.get("HEAD_DIM", block_d) == block_d
     own = [cfg for cfg in configs if elt != 4 or cfg.num_warps == 8]  # float32, 4 warps: spills (sm_90)
     if elt == 4 and accumulators > 1:  # float32 with two accumulators: 64-key blocks spill (sm_90)
         own = [cfg for cfg in own if cfg.kwargs["BLOCK_N"] <= 32]
@@ -932,12 +955,12 @@ def _prune_split(configs, named_args, accumulators=1, **kwargs):
 
 
 _FWD_KEY_SHAPES = ["LQ_BUCKET", "LK_BUCKET"]  # (see _lq_lk_buckets)
-_FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP", *_FWD_KEY_SHAPES]
+_FWD_KEY = ["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP", *_FWD_KEY_SHAPES]
 _attention_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(_attention_fwd_kernel)
 # tuned once per head dim and row count, not per length (decoding changes Lk every step)
-_SPLIT_KEY = ["HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP"]
+_SPLIT_KEY = ["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP"]
 _attention_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS, key=_SPLIT_KEY, prune_configs_by={"early_config_prune": _prune_split}
 )(_attention_split_kernel)
@@ -991,33 +1014,36 @@ def _check_layout(name, tensor, shape, dtype, contiguous=True):
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
-    """The checks every attention launcher shares: q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] with
-    Hq % Hkv == 0, one dtype of float32 / bfloat16 / float16, out [B, Hq, Lq, D] of that dtype
-    (any strides, a unit one along D). Returns (B, Hq, Hkv, Lq, Lk, D)."""
+    """The checks every attention launcher shares: q [B, Hq, Lq, D], k [B, Hkv, Lk, D] and
+    v [B, Hkv, Lk, Dv] with Hq % Hkv == 0, one dtype of float32 / bfloat16 / float16, out
+    [B, Hq, Lq, Dv] of that dtype (any strides, a unit one along the head dims). Returns
+    (B, Hq, Hkv, Lq, Lk, D, Dv)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D] and [B, Hkv, Lk, D]")
+        raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D], [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv]")
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if k.shape != (B, Hkv, Lk, D) or v.shape != k.shape or Hkv == 0 or Hq % Hkv != 0:
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape != (B, Hkv, Lk, D) or v.shape != (B, Hkv, Lk, Dv) or Dv == 0 or Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
-            "k and v must be [B, Hkv, Lk, D] with Hq % Hkv == 0; "
+            "k and v must be [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv] with Hq % Hkv == 0; "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     dtype = q.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
         raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
-    _check_layout("out", out, (B, Hq, Lq, D), dtype, contiguous=False)
+    _check_layout("out", out, (B, Hq, Lq, Dv), dtype, contiguous=False)
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):  # (d * stride_d is int32 math)
-        if D > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit stride along the head dimension D, got {x.stride(-1)}")
-    return B, Hq, Hkv, Lq, Lk, D
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride along its head dimension, got {x.stride(-1)}")
+    return B, Hq, Hkv, Lq, Lk, D, Dv
 
 
-def _dot_flags(dtype: torch.dtype, head_dim: int) -> dict:
+def _dot_flags(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
     """The constexprs of the products every attention kernel shares."""
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=_next_pow2_at_least(head_dim, 16),
+        VALUE_DIM=value_dim,
+        BLOCK_DV=_next_pow2_at_least(value_dim, 16),
         # float32 products in full float32 (tf32 would cost ~1e-3 relative); ignored otherwise
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interpreter_enabled() and dtype == torch.bfloat16,  # the interpreter's bfloat16 dot (see _dot)
@@ -1092,9 +1118,9 @@ def sink_attention(
     """Launch the attention kernels; writes every element of out, lse, sink_mass and (when
     given) group_mass and entropy.
 
-    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (Hq % Hkv == 0), float32 / bfloat16 / float16, any
-    strides with a unit stride along D. out [B, Hq, Lq, D] of their dtype, the same (e.g. a
-    transposed [B, Lq, Hq, D]).
+    q [B, Hq, Lq, D]; k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq % Hkv == 0; Dv may differ from
+    D), float32 / bfloat16 / float16, any strides with a unit stride along the head dims.
+    out [B, Hq, Lq, Dv] of their dtype, the same (e.g. a transposed [B, Lq, Hq, Dv]).
     lse, sink_mass, entropy [B, Hq, Lq] and group_mass [B, Hq, Lq, G] float32 contiguous
     (entropy None: not computed; group_mass None iff key_groups None). window 0: none.
     key_real uint8 [B, Lk] (1 = real key) or None; sink_end, stat_end int64 [B]: keys
@@ -1107,7 +1133,7 @@ def sink_attention(
     _DECODE_*); 0 forces the prefill kernel; n >= 1 forces the decode path with about n key
     splits (at most n; each split gets a multiple of 16 keys).
     """
-    B, Hq, Hkv, Lq, Lk, D = _check_qkv(q, k, v, out)
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v, out)
     _check_layout("lse", lse, (B, Hq, Lq), torch.float32)
     _check_layout("sink_mass", sink_mass, (B, Hq, Lq), torch.float32)
     _check_layout("sink_end", sink_end, (B,), torch.int64)
@@ -1169,7 +1195,7 @@ def sink_attention(
         HAS_GROUPS=has_groups,
         ENTROPY=entropy is not None,
         HAS_SOFTCAP=softcap > 0,
-        **_dot_flags(q.dtype, D),
+        **_dot_flags(q.dtype, D, Dv),
     )
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits > 0:
@@ -1212,13 +1238,13 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
                   qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    block_d = flags["BLOCK_D"]
+    block_dv = flags["BLOCK_DV"]
     # the split kernel sums groups by masked row sums: one per padded group, not a >= 16 wide product
     g_pad = _next_pow2_at_least(num_groups if flags["HAS_GROUPS"] else 1, 2)
     chunk, splits, block_r = _split_layout(q, Hkv, band, splits)
     dev = q.device
     state = torch.empty((B * Hkv, splits, 4, block_r), dtype=torch.float32, device=dev)
-    acc = torch.empty((B * Hkv, splits, block_r, block_d), dtype=torch.float32, device=dev)
+    acc = torch.empty((B * Hkv, splits, block_r, block_dv), dtype=torch.float32, device=dev)
     grp = state  # a dummy unless HAS_GROUPS
     if flags["HAS_GROUPS"]:
         grp = torch.empty((B * Hkv, splits, block_r, g_pad), dtype=torch.float32, device=dev)
@@ -1236,7 +1262,7 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     _attention_merge_kernel[(B * Hq * Lq,)](
         state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
         ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *out.stride(),
-        HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=block_d, BLOCK_R=block_r, G_PAD=g_pad,
+        VALUE_DIM=flags["VALUE_DIM"], BLOCK_DV=block_dv, BLOCK_R=block_r, G_PAD=g_pad,
         S_PAD=_next_pow2_at_least(splits, 1), HAS_HEAD_MASK=flags["HAS_HEAD_MASK"],
         HAS_SINK_LOGIT=flags["HAS_SINK_LOGIT"], HAS_GROUPS=flags["HAS_GROUPS"], ENTROPY=flags["ENTROPY"],
         num_warps=4,

@@ -98,7 +98,7 @@ def _dual_block(
     q,  # [R, BLOCK_D] queries (input dtype)
     m1,  # [R] state 1 (kept keys): running max of the base-2 scores
     l1,  # [R] sum 2^(t - m1)
-    acc1,  # [R, BLOCK_D] sum 2^(t - m1) v
+    acc1,  # [R, BLOCK_DV] sum 2^(t - m1) v
     m2,  # state 2 (dropped keys): likewise
     l2,
     acc2,
@@ -117,19 +117,22 @@ def _dual_block(
     pos,  # [R] query positions
     offs_d,
     d_ok,
+    offs_dv,  # the value head dim's columns and which are real
+    dv_ok,
     qk_scale,  # scale log2(e)
     MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """One key block [start, start + BLOCK_N): scores once, then the state(s) its keys feed."""
     offs_n, n_ok, rows, t, v = _block_scores(
-        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, qk_scale, 0.0,
-        MASKED, False, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
+        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
+        qk_scale, 0.0, MASKED, False, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     if MASKED:
         key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
@@ -156,11 +159,11 @@ def _dual_block(
 
 
 @triton.jit
-def _empty_states(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _empty_states(ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Both states of ROWS query rows before any key: (m, l, acc) = (-inf, 0, 0) twice."""
     m = tl.full([ROWS], _NEG_INF, tl.float32)
     l = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     return m, l, acc, m, l, acc
 
 
@@ -168,7 +171,7 @@ def _empty_states(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 def _guide(m1, l1, acc1, m2, l2, acc2, selected, gamma, eps, ORTHOGONALIZE: tl.constexpr, AXIS: tl.constexpr):
     """(out, o_cond, o_uncond) from the two final states (see the module docstring). acc1, acc2
     hold rows along 1 - AXIS and the head dim along AXIS; m, l and selected broadcast against
-    them (prefill: [R, 1] against [R, BLOCK_D], AXIS 1; merge: scalars against [BLOCK_D],
+    them (prefill: [R, 1] against [R, BLOCK_DV], AXIS 1; merge: scalars against [BLOCK_DV],
     AXIS 0). A state that saw nothing has m = -inf, l = acc = 0."""
     m = tl.maximum(m1, m2)
     shift = tl.where(m == _NEG_INF, 0.0, m)
@@ -247,6 +250,8 @@ def _dual_fwd_kernel(
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,  # v's head dim (may differ from HEAD_DIM)
+    BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
     ORTHOGONALIZE: tl.constexpr,
@@ -260,6 +265,9 @@ def _dual_fwd_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
     # no window (one wider than any |p - j|) and no sinks: the band is [0, band_end), blocks
     # [a, c) unmasked (a = 0), [c, band_end) masked
     _, _, a, c, band_end = _fwd_band(m0, Lq, Lk, Lk + Lq + 1, 0, h >= 0, CAUSAL, HAS_KEY_REAL, BLOCK_M, BLOCK_N)
@@ -270,26 +278,26 @@ def _dual_fwd_kernel(
     rows_m = offs_m.to(tl.int64)
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
 
-    m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_M, BLOCK_D)
+    m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_M, BLOCK_DV)
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, offs_d, d_ok,
-            qk_scale, False, CAUSAL, HAS_KEY_REAL, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
+            offs_dv, dv_ok, qk_scale, False, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(c, band_end, BLOCK_N):  # the band's edge (diagonal, padding, Lk)
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, offs_d, d_ok,
-            qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
+            offs_dv, dv_ok, qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     selected = tl.load(rows_ptr + b * stride_sb + rows_m * stride_sm, mask=m_ok, other=0) != 0
     out, o_cond, o_uncond = _guide(
         m1[:, None], l1[:, None], acc1, m2[:, None], l2[:, None], acc2, selected[:, None], gamma, eps, ORTHOGONALIZE, 1
     )
-    _store_paths(out_ptr, cond_ptr, uncond_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_d,
-                 m_ok, d_ok, out, o_cond, o_uncond, WRITE_PATHS)  # fmt: skip
+    _store_paths(out_ptr, cond_ptr, uncond_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv,
+                 m_ok, dv_ok, out, o_cond, o_uncond, WRITE_PATHS)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +311,7 @@ def _dual_split_kernel(
     k_ptr,
     v_ptr,
     state_ptr,  # [B * Hkv, S, 2 states, 2 (m, l), BLOCK_R] float32
-    acc_ptr,  # [B * Hkv, S, 2 states, BLOCK_R, BLOCK_D] float32
+    acc_ptr,  # [B * Hkv, S, 2 states, BLOCK_R, BLOCK_DV] float32
     key_real_ptr,
     drop_ptr,
     qk_scale,
@@ -331,6 +339,8 @@ def _dual_split_kernel(
     stride_dn,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr,  # >= kv_group * Lq rows, >= 16 (tl.dot)
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
@@ -339,24 +349,27 @@ def _dual_split_kernel(
     BLOCK_N: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
     pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q = _split_program(
         q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_R
     )
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < VALUE_DIM
     start0, end = _split_keys(0, split, chunk, Lk, pid >= 0)  # no window: the band is every key
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
     )
 
-    m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_R, BLOCK_D)
+    m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_R, BLOCK_DV)
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, offs_d, d_ok,
-            qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST,
+            offs_dv, dv_ok, qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     part = (bkv * num_splits + split) * 2  # state 1 at part, state 2 at part + 1
-    _store_partial(state_ptr, acc_ptr, part, r, offs_d, m1, l1, acc1, 2, BLOCK_R, BLOCK_D)
-    _store_partial(state_ptr, acc_ptr, part + 1, r, offs_d, m2, l2, acc2, 2, BLOCK_R, BLOCK_D)
+    _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m1, l1, acc1, 2, BLOCK_R, BLOCK_DV)
+    _store_partial(state_ptr, acc_ptr, part + 1, r, offs_dv, m2, l2, acc2, 2, BLOCK_R, BLOCK_DV)
 
 
 @triton.jit
@@ -380,8 +393,8 @@ def _dual_merge_kernel(
     stride_od,
     stride_sb,
     stride_sm,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr,
     S_PAD: tl.constexpr,
     ORTHOGONALIZE: tl.constexpr,
@@ -394,14 +407,14 @@ def _dual_merge_kernel(
     part = (bkv * num_splits + s) * 2
     s_ok = s < num_splits
     c0, l0 = _sink_state(state_ptr, h, h >= 0, False)  # no sink logit: (-inf, 0)
-    m1, l1, acc1, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_D)
-    m2, l2, acc2, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part + 1, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_D)
+    m1, l1, acc1, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_DV)
+    m2, l2, acc2, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part + 1, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_DV)
     selected = tl.load(rows_ptr + b * stride_sb + qi * stride_sm) != 0
     out, o_cond, o_uncond = _guide(m1, l1, acc1, m2, l2, acc2, selected, gamma, eps, ORTHOGONALIZE, 0)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     qi1 = tl.zeros([1], tl.int64) + qi  # the row as a 1-row tile
-    _store_paths(out_ptr, cond_ptr, uncond_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_d,
-                 qi1 >= 0, offs_d < HEAD_DIM, out[None, :], o_cond[None, :], o_uncond[None, :], WRITE_PATHS)  # fmt: skip
+    _store_paths(out_ptr, cond_ptr, uncond_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_dv,
+                 qi1 >= 0, offs_dv < VALUE_DIM, out[None, :], o_cond[None, :], o_uncond[None, :], WRITE_PATHS)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,12 +425,12 @@ _prune_dual_fwd = functools.partial(_prune_fwd, accumulators=2)
 _prune_dual_split = functools.partial(_prune_split, accumulators=2)
 _dual_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["HEAD_DIM", "CAUSAL", "HAS_KEY_REAL", *_FWD_KEY_SHAPES],
+    key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", *_FWD_KEY_SHAPES],
     prune_configs_by={"early_config_prune": _prune_dual_fwd},
 )(_dual_fwd_kernel)
 _dual_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS,
-    key=["HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL"],
+    key=["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL"],
     prune_configs_by={"early_config_prune": _prune_dual_split},
 )(_dual_split_kernel)
 
@@ -443,9 +456,9 @@ def dual_path_attention(
     """Launch the dual-path kernels; writes every element of out and (when given) o_cond and
     o_uncond.
 
-    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (Hq % Hkv == 0), float32 / bfloat16 / float16, any
-    strides with a unit stride along D. out [B, Hq, Lq, D] of their dtype, the same (e.g. a
-    transposed [B, Lq, Hq, D]);
+    q [B, Hq, Lq, D]; k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq % Hkv == 0; Dv may differ from
+    D), float32 / bfloat16 / float16, any strides with a unit stride along the head dims.
+    out [B, Hq, Lq, Dv] of their dtype, the same (e.g. a transposed [B, Lq, Hq, Dv]);
     o_cond, o_uncond both None or both tensors of out's shape, dtype and strides. key_real
     uint8 [B, Lk] (1 = real key) or None (all real); drop uint8 [B, Lk] (1 = dropped / image
     key); rows uint8 [B, Lq] (1 = guide this query row). gamma: guidance strength (0: out is
@@ -453,7 +466,7 @@ def dual_path_attention(
     split_keys: as in attention.sink_attention (None chooses, 0 prefill, n >= 1 about n key
     splits of the decode path).
     """
-    B, Hq, Hkv, Lq, Lk, D = _check_qkv(q, k, v, out)
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v, out)
     if (o_cond is None) != (o_uncond is None):
         raise ValueError("o_cond and o_uncond must both be given or both be None")
     for name, path in (("o_cond", o_cond), ("o_uncond", o_uncond)):
@@ -471,7 +484,7 @@ def dual_path_attention(
     real = key_real if key_real is not None else drop  # (a dummy: never read)
     stride_r = key_real.stride() if key_real is not None else (0, 0)
     qk_scale = float(scale) * 1.4426950408889634
-    flags = dict(CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, **_dot_flags(q.dtype, D))
+    flags = dict(CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, **_dot_flags(q.dtype, D, Dv))
     guidance = dict(ORTHOGONALIZE=bool(orthogonalize), WRITE_PATHS=write_paths)
     kv_group = Hq // Hkv
     splits, _, band = _decode_plan(q, Hkv, Lk, Lk + Lq + 1, split_keys)  # no window: band = Lk
@@ -486,9 +499,9 @@ def dual_path_attention(
         return
 
     chunk, splits, block_r = _split_layout(q, Hkv, band, splits)
-    block_d = flags["BLOCK_D"]
+    block_dv = flags["BLOCK_DV"]
     state = torch.empty((B * Hkv, splits, 2, 2, block_r), dtype=torch.float32, device=q.device)
-    acc = torch.empty((B * Hkv, splits, 2, block_r, block_d), dtype=torch.float32, device=q.device)
+    acc = torch.empty((B * Hkv, splits, 2, block_r, block_dv), dtype=torch.float32, device=q.device)
     args = (
         q, k, v, state, acc, real, drop, qk_scale, Hkv, Lq, Lk, kv_group, chunk, splits,
         *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(),
@@ -498,5 +511,6 @@ def dual_path_attention(
     _dual_merge_kernel[(B * Hq * Lq,)](
         state, acc, out, cond, uncond, rows, float(gamma), float(eps), Hq, Hkv, Lq, kv_group, splits,
         *out.stride(), *rows.stride(),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, S_PAD=_next_pow2_at_least(splits, 1), **guidance, num_warps=4,
+        VALUE_DIM=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, S_PAD=_next_pow2_at_least(splits, 1), **guidance,
+        num_warps=4,
     )  # fmt: skip

@@ -154,29 +154,8 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
 def _triton_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
     from ..kernels import attention as triton_attention
 
-    def run(q, k, v, out):
-        triton_attention.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)
-
     with on_device(q):
-        at_one_head_width(run, q, k, v, [out])
-
-
-def at_one_head_width(run, q, k, v, outputs: list) -> None:
-    """run(q, k, v, *outputs) for kernels that take one head width (the Triton ones): when v's
-    width Dv differs from q and k's D, the narrower side is zero-padded (zero columns add nothing
-    to q . k, and the first Dv output columns are exactly sum_j p_j v_j), run writes wide outputs
-    and their first Dv columns are copied into `outputs` ([B, Hq, Lq, Dv] views, None skipped)."""
-    width = max(q.shape[-1], v.shape[-1])
-    if q.shape[-1] == v.shape[-1]:
-        run(q, k, v, *outputs)
-        return
-    q, k, v = (x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
-    wide = [None if out is None else torch.empty(out.shape[0], out.shape[2], out.shape[1], width, dtype=out.dtype,
-                                                 device=out.device).transpose(1, 2) for out in outputs]
-    run(q, k, v, *wide)
-    for out, result in zip(outputs, wide):
-        if out is not None:
-            out.copy_(result[..., : out.shape[-1]])
+        triton_attention.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)
 
 
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}

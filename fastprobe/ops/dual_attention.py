@@ -22,7 +22,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
 )
-from .attention import at_one_head_width, check_attention_inputs, check_mask, check_scale
+from .attention import check_attention_inputs, check_mask, check_scale
 
 __all__ = ["dual_path_attention"]
 
@@ -59,11 +59,8 @@ def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
 def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     from ..kernels import dual_attention as triton_dual
 
-    def run(q, k, v, out, o_cond, o_uncond):
-        triton_dual.dual_path_attention(q, k, v, out, o_cond, o_uncond, **args)
-
     with on_device(q):
-        at_one_head_width(run, q, k, v, [out, o_cond, o_uncond])
+        triton_dual.dual_path_attention(q, k, v, out, o_cond, o_uncond, **args)
 
 
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
