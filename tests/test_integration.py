@@ -120,15 +120,21 @@ def test_gpt_oss_learned_sinks():
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
 
 
-def test_vision_language_model_and_its_sub_configs():
-    """A LLaVA (CLIP vision tower + Llama text model, each with its own sub-config): every config
-    switches and is restored; the image-token forward equals the unpatched one."""
+def small_llava_config():
+    """A LLaVA config: a CLIP vision tower (28 x 28 images, 2 x 2 patches) and a Llama text model,
+    image token 299."""
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=4, image_size=28, patch_size=14)
     text = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2)
-    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=299,
-                                      vision_feature_layer=-1)
+    return transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=299,
+                                    vision_feature_layer=-1)
+
+
+def test_vision_language_model_and_its_sub_configs():
+    """A LLaVA (CLIP vision tower + Llama text model, each with its own sub-config): every config
+    switches and is restored; the image-token forward equals the unpatched one."""
+    config = small_llava_config()
     reference = transformers.LlavaForConditionalGeneration(config).eval()
     model = transformers.LlavaForConditionalGeneration(copy.deepcopy(config)).eval()  # patch switches its configs
     model.load_state_dict(reference.state_dict())
@@ -634,12 +640,7 @@ def test_a_patched_model_deleted_without_unpatch_is_freed():
 def test_two_patched_models_sharing_a_config_do_not_warn():
     """Two LLaVAs made from one config, both patched: the vision tower of either (plain fastprobe
     attention, not one of its patched layers) belongs to a patched model, so neither warns."""
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, image_size=28, patch_size=14)
-    text = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2)
-    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_index=299,
-                                      vision_feature_layer=-1)
+    config = small_llava_config()
     first = fp.patch(transformers.LlavaForConditionalGeneration(config).eval())
     second = fp.patch(transformers.LlavaForConditionalGeneration(config).eval())
     ids, mask = torch.randint(3, 290, (2, 10)), torch.ones(2, 10, dtype=torch.long)
