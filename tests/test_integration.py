@@ -651,3 +651,69 @@ def test_two_patched_models_sharing_a_config_do_not_warn():
             outputs(model, ids, mask, pixel_values=torch.randn(2, 3, 28, 28))
     fp.unpatch(second)
     fp.unpatch(first)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vision_language_models_with_images(family):
+    """Qwen2-VL and Qwen2.5-VL (multimodal rotary positions, image tokens merged 2 x 2): with an
+    image in each prompt, the patched model gives the unpatched logits and greedy tokens, records
+    statistics, and guidance with gamma = 0 changes nothing."""
+    names = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+             "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}[family]
+    if not all(hasattr(transformers, name) for name in names):
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=0)
+    vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  **({"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2} if family == "qwen2_vl" else
+                     {"hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64}))
+    models = []
+    for _ in range(2):
+        config = getattr(transformers, names[0])(text_config=text, vision_config=vision, image_token_id=299,
+                                                 video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models.append(getattr(transformers, names[1])(config).eval())
+    reference, model = models[0], patch_or_skip(models[1])
+    ids = torch.randint(3, 290, (2, 14))
+    ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 296  # vision start, 4 merged image tokens (4 x 4 patches), end
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    images = dict(pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
+    if "mm_token_type_ids" in inspect.signature(reference.forward).parameters:  # (5.x: the processor's)
+        images["mm_token_type_ids"] = (ids == 299).long()
+    assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
+    with torch.no_grad():
+        settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, **images)
+        want = reference.generate(ids, **settings)
+        assert torch.equal(model.generate(ids, **settings), want)
+        with fp.record_attention(model) as record:
+            model(input_ids=ids, attention_mask=mask, **images)
+        assert record.sink_mass.shape == (2, 4) and bool((record.sink_mass > 0).all())
+        fp.patch(model, guidance=dict(gamma=0.0))
+        assert torch.equal(model.generate(ids, **settings), want)
+
+
+def test_packed_images_of_a_vision_tower_attend_within_themselves():
+    """cu_seq_lens on a module patch did not list (a vision tower): each packed sequence attends
+    only within itself, the 4D mask, if given, must be their block diagonal; anything else and
+    packing in a patched layer are refused."""
+    module = torch.nn.Module()
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    bounds = torch.tensor([0, 4, 9], dtype=torch.int32)
+    packed = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=5, max_length_k=5)
+    ids = torch.tensor([0] * 4 + [1] * 5)
+    block = torch.where(ids[:, None] == ids[None, :], 0.0, torch.finfo(torch.float32).min)[None, None]
+    got, _ = integration.attention_forward(module, q, k, v, block, scaling=0.3, is_causal=False, **packed)
+    want = torch.cat([fp.reference.sink_attention(q[:, :, s:e].double(), k[:, :, s:e].double(), v[:, :, s:e].double(),
+                                                  scale=0.3, causal=False)["out"] for s, e in ((0, 4), (4, 9))], dim=2)
+    torch.testing.assert_close(got.transpose(1, 2).double(), want, **TOLERANCE)
+    with pytest.raises(NotImplementedError, match="not their block diagonal"):
+        integration.attention_forward(module, q, k, v, torch.zeros_like(block), scaling=0.3, is_causal=False, **packed)
+    with pytest.raises(NotImplementedError, match="boundaries agree"):
+        integration.attention_forward(module, q, k, v, None, scaling=0.3, is_causal=False,
+                                      **dict(packed, cu_seq_lens_k=torch.tensor([0, 5, 9], dtype=torch.int32)))
+    model = fp.patch(tiny_model("llama"))
+    layer = attention_layers(model)[0]
+    with pytest.raises(NotImplementedError, match="packed"):
+        integration.attention_forward(layer, q, k, v, None, scaling=0.3, **packed)

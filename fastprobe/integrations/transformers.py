@@ -668,6 +668,40 @@ def _check_kwargs(kwargs: dict) -> None:
         raise NotImplementedError(f"fastprobe attention got {name}={type(value).__name__}: {why}")
 
 
+def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Optional[list]:
+    """[(start, end)] of the sequences packed in one row when the call passes cu_seq_lens (removed
+    from kwargs), else None. Taken only where fastprobe runs no options or statistics (a module
+    patch did not list: Qwen2-VL's vision tower in transformers 4.5x packs its images so), with one
+    row, the same query and key boundaries, and a 4D mask, if any, that is their block diagonal."""
+    if kwargs.get("cu_seq_lens_q") is None:
+        return None
+    state = getattr(module, _STATE, None)
+    if state is not None and id(module) in state.index:
+        return None  # a patched layer: refused by _check_kwargs (packed sequences)
+    bounds, key_bounds = kwargs.pop("cu_seq_lens_q"), kwargs.pop("cu_seq_lens_k", None)
+    kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
+    bounds = [int(x) for x in bounds.tolist()]
+    if key_bounds is None or [int(x) for x in key_bounds.tolist()] != bounds or query.shape[0] != 1 or (
+            query.shape[2] != key.shape[2] or bounds[0] != 0 or bounds[-1] != query.shape[2]):
+        raise NotImplementedError("fastprobe attention takes packed sequences (cu_seq_lens) only as one row of "
+                                  "self-attention whose query and key boundaries agree")
+    segments = [(start, end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    if attention_mask is not None:
+        if attention_mask.dim() != 4:
+            raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 2D mask")
+        length = query.shape[2]
+        ids = torch.zeros(length, dtype=torch.long, device=attention_mask.device)
+        for index, (start, end) in enumerate(segments):
+            ids[start:end] = index
+        block_diagonal = ids[:, None] == ids[None, :]
+        visible = attention_mask[..., -length:, -length:] == 0 if attention_mask.is_floating_point() else (
+            attention_mask[..., -length:, -length:].bool())
+        if not bool((visible == block_diagonal).all()):
+            raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 4D mask that is "
+                                      "not their block diagonal")
+    return segments
+
+
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
     """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
@@ -713,9 +747,15 @@ def attention_forward(
     """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key
     [B, Hkv, Lk, D] and value [B, Hkv, Lk, Dv] -> (attn_output [B, Lq, Hq, Dv], None). s_aux
     (gpt-oss's learned sinks) is the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
+    segments = _packed_segments(module, kwargs, attention_mask, query, key)
     _check_kwargs(kwargs)
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
+    if segments is not None:  # a vision tower's images packed in one row: each attends within itself
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        outs = [_plain_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, causal,
+                                 sliding_window, scaling, softcap, s_aux) for start, end in segments]
+        return torch.cat(outs, dim=1), None
     padding, causal, window, dropped, masks_made = _pattern_of(
         module, attention_mask, is_causal, sliding_window, key.shape[2]
     )
