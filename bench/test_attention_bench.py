@@ -83,23 +83,22 @@ def test_attention_cpu(benchmark, impl, request):
 
 
 LATENT_IMPLS = {"fastprobe-latent": fastprobe_causal, "sdpa-latent": sdpa_causal}
+LATENT_CASES = {"cpu": LATENT_CPU_CASE, "cuda": LATENT_GPU_CASE}
 
 
-def _latent_info(benchmark, impl, case, inputs):
-    benchmark.group = f"sink_attention_latent-{inputs[0].device.type}"
+@pytest.mark.parametrize("impl", list(LATENT_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_attention_latent(benchmark, device, impl, request):
+    """Value heads narrower than query heads (multi-head latent attention), causal prefill."""
+    case = LATENT_CASES[device]
+    inputs = make_qkv(device, **case)
+    benchmark.group = f"sink_attention_latent-{device}"
     benchmark.extra_info.update(
         impl=impl, baseline="sdpa-latent", dtype=str(case["dtype"]), input_bytes=sum(t.nbytes for t in inputs),
         shape=dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"], Dv=case["value_dim"]),
     )
-
-
-@pytest.mark.parametrize("impl", list(LATENT_IMPLS))
-def test_attention_latent_cpu(benchmark, impl, request):
-    """Value heads narrower than query heads (multi-head latent attention), causal prefill."""
-    inputs = make_qkv("cpu", **LATENT_CPU_CASE)
-    _latent_info(benchmark, impl, LATENT_CPU_CASE, inputs)
     with torch.no_grad():
-        _memory.measure(benchmark, request, "cpu", impl, LATENT_IMPLS[impl], inputs, __file__)
+        _memory.measure(benchmark, request, device, impl, LATENT_IMPLS[impl], inputs, __file__)
 
 
 # ---- CUDA --------------------------------------------------------------------------------
@@ -195,15 +194,6 @@ def test_attention_decode_cuda(benchmark, impl, request):
     )
     with torch.no_grad():
         _memory.measure(benchmark, request, "cuda", impl, calls[impl], inputs, __file__)
-
-
-@cuda_only
-@pytest.mark.parametrize("impl", list(LATENT_IMPLS))
-def test_attention_latent_cuda(benchmark, impl, request):
-    inputs = make_qkv("cuda", **LATENT_GPU_CASE)
-    _latent_info(benchmark, impl, LATENT_GPU_CASE, inputs)
-    with torch.no_grad():
-        _memory.measure(benchmark, request, "cuda", impl, LATENT_IMPLS[impl], inputs, __file__)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

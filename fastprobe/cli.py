@@ -427,7 +427,7 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
           "next word (odd rows):")
     print(f"    {'prompt':<30}{'gold':>12}{'mass':>10}{'available':>10}{'top_share':>10}  generated")
     for index, row in table.iterrows():
-        share = "-" if row["top_share"] != row["top_share"] else f"{row['top_share']:.2f}"
+        share = _share_text(row["top_share"])
         print(f"    {prompts[index][:29]:<30}{row['answer'][:11]:>12}{row['mass']:>10.2e}{str(row['available']):>10}"
               f"{share:>10}  {row['generated']!r}")
     summary = availability.by_correctness(table)
@@ -516,10 +516,20 @@ def sinks_command(args: argparse.Namespace) -> int:
         _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length)
     if args.plot:
         print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
-    if args.csv:
-        table.to_csv(args.csv, index=False)
-        print(f"  table: {args.csv}")
+    _save_table(table, args.csv, "table", index=False)
     return 0
+
+
+def _share_text(top_share: float) -> str:
+    """A row's top_share for the availability tables: "-" where it is NaN (no mass)."""
+    return "-" if top_share != top_share else f"{top_share:.2f}"
+
+
+def _save_table(table, path, label: str, index: bool) -> None:
+    """The command's DataFrame as CSV at `path` (None: not written), said on stdout."""
+    if path:
+        table.to_csv(path, index=index)
+        print(f"  {label}: {path}")
 
 
 def uncertainty_command(args: argparse.Namespace) -> int:
@@ -548,9 +558,7 @@ def uncertainty_command(args: argparse.Namespace) -> int:
     for index, row in scores.iterrows():
         print(f"    {index:>5}{int(row['num_tokens']):>6}{row['epistemic_sum']:>11.3f}{row['epistemic_mean']:>9.4f}  "
               f"{texts[index][:48]!r}")
-    if args.csv:
-        tokens.to_csv(args.csv, index=False)
-        print(f"  token table: {args.csv}")
+    _save_table(tokens, args.csv, "token table", index=False)
     return 0
 
 
@@ -570,7 +578,7 @@ def availability_command(args: argparse.Namespace) -> int:
     print(f"fastprobe availability: {args.model}, {len(prompts)} questions, threshold {args.threshold}")
     print(f"    {'#':>4}  {'answer':<16}{'mass':>10}{'available':>10}{'top_share':>10}{'correct':>8}")
     for index, row in table.iterrows():
-        share = "-" if row["top_share"] != row["top_share"] else f"{row['top_share']:.2f}"
+        share = _share_text(row["top_share"])
         print(f"    {index:>4}  {str(row['answer'])[:15]:<16}{row['mass']:>10.3g}{str(row['available']):>10}"
               f"{share:>10}{str(row['correct']):>8}")
     summary = availability.by_correctness(table)
@@ -580,9 +588,7 @@ def availability_command(args: argparse.Namespace) -> int:
               f"{row['available']:>10.2f}{row['top_share']:>10.3f}")
     if summary["count"].min() > 0:
         print(f"  AUROC of mass for telling correct answers: {uncertainty.auroc(table['mass'], table['correct']):.3f}")
-    if args.csv:
-        table.to_csv(args.csv)
-        print(f"  table: {args.csv}")
+    _save_table(table, args.csv, "table", index=True)
     return 0
 
 
