@@ -4,8 +4,9 @@
 //
 // Per batch b, query head h (kv head h / (Hq / Hkv), never expanded) and query i at
 // position p = Lk - Lq + i:
-//   visible(j) = real_j and (not causal or j <= p) and (no window or in_window or j < sink_end)
+//   visible(j) = real_j and (not causal or j <= reach_p) and (no window or in_window or j < sink_end)
 //     in_window: causal j > p - window, bidirectional |p - j| < window
+//     reach_p: p, or the end of p's bidirectional block (a causal horizon, attention_core.h)
 //   s_j = scale q_i . k_j on visible keys (with a soft cap c: s_j = c tanh(scale q_i . k_j / c));
 //   a sink logit c_h is one more, value-less entry:
 //   lse = log(sum_j exp(s_j) + exp(c_h)),   p_j = exp(s_j - lse)
@@ -191,7 +192,7 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
                     int64_t window, uintptr_t key_real, uintptr_t sink_end, uintptr_t stat_end,
                     uintptr_t head_mask, uintptr_t sink_logit, uintptr_t key_groups,
                     int64_t num_groups, uintptr_t lse, uintptr_t sink_mass, uintptr_t group_mass,
-                    uintptr_t entropy, int64_t num_threads, double softcap) {
+                    uintptr_t entropy, int64_t num_threads, double softcap, uintptr_t horizon) {
   const char* op = "sink_attention";
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
@@ -213,6 +214,7 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
   p.window = window >= num_keys ? 0 : window;  // a window of Lk keys or more hides nothing
   p.sink_end = pointer<const int64_t>(sink_end, true, "sink_end");
   p.head_mask = pointer<const uint8_t>(head_mask, false, "head_mask");
+  p.horizon = pointer<const int64_t>(horizon, false, "horizon");
   p.G = num_groups;
   const SinkAttention attention{p,
                                 softcap_f,
@@ -244,11 +246,13 @@ void bind_attention(py::module_& m) {
         "[B, Lk] in [0, num_groups) (0: none; checked, IndexError). Writes lse and sink_mass\n"
         "[B, Hq, Lq], group_mass [B, Hq, Lq, G] (with key_groups) and entropy [B, Hq, Lq]\n"
         "(0: skipped), float32 and contiguous. softcap > 0 caps the scores: s = softcap\n"
-        "tanh(s / softcap) (0: none).",
+        "tanh(s / softcap) (0: none). horizon int64 [B, Lk] (0: none): with causal, the query at\n"
+        "position p sees keys j <= horizon[b, p] (clamped to [p, Lk - 1]) in the causal order.",
         FASTPROBE_ATTENTION_ARGS, py::arg("window"), py::arg("key_real"),
         py::arg("sink_end"), py::arg("stat_end"), py::arg("head_mask"), py::arg("sink_logit"),
         py::arg("key_groups"), py::arg("num_groups"), py::arg("lse"), py::arg("sink_mass"),
-        py::arg("group_mass"), py::arg("entropy"), py::arg("num_threads"), py::arg("softcap") = 0.0);
+        py::arg("group_mass"), py::arg("entropy"), py::arg("num_threads"), py::arg("softcap") = 0.0,
+        py::arg("horizon") = 0);
 }
 
 }  // namespace fastprobe

@@ -7,8 +7,10 @@
 //
 // Per batch b, query head h (kv head h / (Hq / Hkv), never expanded) and query i at
 // position p = Lk - Lq + i:
-//   visible(j) = real_j and (not causal or j <= p) and (no window or in_window or j < sink_end)
+//   visible(j) = real_j and (not causal or j <= reach_p) and (no window or in_window or j < sink_end)
 //     in_window: causal j > p - window, bidirectional |p - j| < window
+//     reach_p = horizon[b, p] (clamped to [p, Lk - 1]) with a causal horizon, else p: the end of
+//       the bidirectional block holding p (Gemma 3's image tokens, PaliGemma's prefix)
 //   s_j = scale q_i . k_j on visible keys (-inf elsewhere)
 //
 // Online softmax per row and state over blocks of keys, with the running max m,
@@ -272,8 +274,8 @@ FASTPROBE_SIMD_CLONES static void axpys_block(const float* eT, int64_t R, int64_
 }
 
 // The mask of a block that needs one: sT[c][r] = -inf where key c, at position key_pos[c], is
-// invisible to the query at position[r]. key_real[c]: the key is not padding; keys below
-// sink_end are sinks.
+// invisible to the query at position[r], which sees keys up to reach[r] >= position[r] in the
+// causal order. key_real[c]: the key is not padding; keys below sink_end are sinks.
 struct MaskRule {
   bool causal;
   int64_t window;    // 0: none
@@ -282,7 +284,8 @@ struct MaskRule {
 
 FASTPROBE_SIMD_CLONES static void mask_block(float* sT, int64_t R, int64_t count,
                                              const int64_t* key_pos, const uint8_t* key_real,
-                                             const int64_t* position, MaskRule rule) {
+                                             const int64_t* position, const int64_t* reach,
+                                             MaskRule rule) {
   for (int64_t c = 0; c < count; ++c) {
     float* s = sT + c * R;
     const int64_t j = key_pos[c];
@@ -295,12 +298,12 @@ FASTPROBE_SIMD_CLONES static void mask_block(float* sT, int64_t R, int64_t count
     if (rule.window == 0 || sink) {  // only the causal order can hide it
       if (rule.causal) {
 #pragma omp simd
-        for (int64_t r = 0; r < R; ++r) s[r] = j <= position[r] ? s[r] : kNegInf;
+        for (int64_t r = 0; r < R; ++r) s[r] = j <= reach[r] ? s[r] : kNegInf;
       }
-    } else if (rule.causal) {  // p - window < j <= p
+    } else if (rule.causal) {  // p - window < j <= reach
 #pragma omp simd
       for (int64_t r = 0; r < R; ++r)
-        s[r] = (j <= position[r] && j > position[r] - rule.window) ? s[r] : kNegInf;
+        s[r] = (j <= reach[r] && j > position[r] - rule.window) ? s[r] : kNegInf;
     } else {  // |p - j| < window
 #pragma omp simd
       for (int64_t r = 0; r < R; ++r)
@@ -494,6 +497,7 @@ struct Problem {
   const uint8_t* key_real;             // [B, Lk] or null (all real)
   int64_t window = 0;                  // 0: none
   const int64_t* sink_end = nullptr;   // [B] or null (no sink keys)
+  const int64_t* horizon = nullptr;    // [B, Lk] or null: causal order up to horizon[b, p] (see top)
   const uint8_t* head_mask = nullptr;  // [Hq] or null
   int64_t G = 0;                       // group sums per state (sink_attention's key groups)
 
@@ -592,10 +596,11 @@ struct ItemRows {
   int64_t b, kv_head, first_query, queries;
   int64_t rows, R;
   int64_t first_position, last_position;  // of its queries
+  int64_t last_reach;                     // the furthest key any of its rows sees (causal order)
 };
 
 ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* row_head,
-                   int64_t* row_query, int64_t* position) {
+                   int64_t* row_query, int64_t* position, int64_t* reach) {
   // heaviest first: the last query blocks (most keys when causal) come first
   const int64_t per_block = p.B * p.Hkv;
   const int64_t qb = plan.query_blocks - 1 - item / per_block;
@@ -606,6 +611,7 @@ ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* ro
   it.queries = std::min(plan.block_queries, p.Lq - it.first_query);
   it.first_position = p.Lk - p.Lq + it.first_query;
   it.last_position = it.first_position + it.queries - 1;
+  it.last_reach = it.last_position;
   int64_t rows = 0;
   for (int64_t g = 0; g < plan.group; ++g) {
     const int64_t h = it.kv_head * plan.group + g;
@@ -614,6 +620,10 @@ ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* ro
       row_head[rows] = h;
       row_query[rows] = it.first_query + i;
       position[rows] = it.first_position + i;
+      reach[rows] = position[rows];
+      if (p.horizon != nullptr)  // clamped: any value keeps every read inside K and V
+        reach[rows] = std::min(std::max(p.horizon[it.b * p.Lk + position[rows]], position[rows]), p.Lk - 1);
+      it.last_reach = std::max(it.last_reach, reach[rows]);
     }
   }
   it.rows = rows;
@@ -622,6 +632,7 @@ ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* ro
     row_head[r] = rows > 0 ? row_head[rows - 1] : 0;
     row_query[r] = 0;
     position[r] = it.last_position;
+    reach[r] = it.last_position;
   }
   return it;
 }
@@ -634,12 +645,13 @@ struct Scratch {
   float *q_rows, *o_rows;  // narrow items: q [kNarrowRows][Dp], o [kNarrowRows][Dvp] per state
   float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
   float* row_out;          // [2][Dvp]: an operation's per-row results before they are stored
-  std::vector<int64_t> row_head, row_query, position, key_pos, order, seen_list;
+  std::vector<int64_t> row_head, row_query, position, reach, key_pos, order, seen_list;
   std::vector<uint8_t> key_real, seen;
   int64_t seen_count = 0;  // groups seen by the item (sink_attention's group sums)
 
   Scratch(const Problem& p, const Plan& plan)
-      : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), key_pos(kKeyBlock),
+      : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), reach(plan.max_R),
+        key_pos(kKeyBlock),
         order(kKeyBlock), seen_list(std::max<int64_t>(p.G, 1)), key_real(kKeyBlock),
         seen(std::max<int64_t>(p.G, 1)) {
     const int64_t R = plan.max_R, D = p.D, Dp = plan.padded_dim, Dvp = plan.padded_value_dim;
@@ -668,7 +680,7 @@ BlockKind classify_block(const Problem& p, const ItemRows& it, int64_t j0, int64
                          int64_t sink_end, const uint8_t* real_row) {
   const int64_t j1 = j0 + count;  // keys [j0, j1)
   const int64_t first = it.first_position, last = it.last_position;
-  if (p.causal && j0 > last) return BlockKind::Skip;
+  if (p.causal && j0 > it.last_reach) return BlockKind::Skip;
   bool any_in_window = true, all_in_window = true;
   if (p.window > 0) {
     if (p.causal) {  // p - window < j
@@ -782,7 +794,7 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
                      int64_t kb_end, bool first_range, Scratch& ws) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
-                                ws.position.data());
+                                ws.position.data(), ws.reach.data());
   if (it.rows == 0) return it;
   const int64_t R = it.R, D = p.D, Dv = p.Dv, G = p.G;
   const auto st = item_states<Op::kStates>(ws.state, R, G, Dv);
@@ -842,7 +854,8 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
         ws.key_pos[c] = j;
         ws.key_real[c] = real_row == nullptr || real_row[j];
       }
-      mask_block(ws.sT, R, count, ws.key_pos.data(), ws.key_real.data(), ws.position.data(), rule);
+      mask_block(ws.sT, R, count, ws.key_pos.data(), ws.key_real.data(), ws.position.data(),
+                 ws.reach.data(), rule);
     }
     const float* vals =
         block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, Dv, Dvp, order, ws.vals, ldv);
@@ -893,7 +906,7 @@ void merge_item(const Op& op, const Plan& plan, int64_t item, const float* parti
                 Scratch& ws) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
-                                ws.position.data());
+                                ws.position.data(), ws.reach.data());
   if (it.rows == 0) return;
   const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.Dv);
   for (int64_t s = 0; s < Op::kStates; ++s)

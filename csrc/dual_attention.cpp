@@ -2,7 +2,7 @@
 // into contrastive guidance (the math of fastprobe.reference.dual_path_attention).
 //
 // Per batch b, query head h and query i at position p = Lk - Lq + i (visible as in
-// attention_core.h: real and, when causal, j <= p), two running softmax states over the
+// attention_core.h: real and, when causal, j <= reach_p), two running softmax states over the
 // visible keys: state 0 over the kept keys, state 1 over the dropped ones (each key feeds
 // exactly one). With their (m_1, l_1, O_1) and (m_2, l_2, O_2) and m = max(m_1, m_2):
 //   o_uncond = O_1 / l_1                                              (0 when l_1 = 0)
@@ -139,19 +139,21 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
                          int64_t v_s0, int64_t v_s1, int64_t v_s2, int64_t v_s3, int64_t out_s0, int64_t out_s1, int64_t out_s2,
                          int64_t out_s3, double scale, bool causal, uintptr_t key_real,
                          uintptr_t drop, uintptr_t rows, double gamma, bool orthogonalize,
-                         double eps, uintptr_t o_cond, uintptr_t o_uncond, int64_t num_threads) {
+                         double eps, uintptr_t o_cond, uintptr_t o_uncond, int64_t num_threads,
+                         uintptr_t horizon) {
   const char* op = "dual_path_attention";
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
-  const Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads,
-                                      num_queries, num_keys, head_dim, value_dim, q_s0, q_s1,
-                                      q_s2, q_s3, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3,
-                                      out_s0, out_s1, out_s2, out_s3, scale, causal, key_real);
+  Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads,
+                                num_queries, num_keys, head_dim, value_dim, q_s0, q_s1,
+                                q_s2, q_s3, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3,
+                                out_s0, out_s1, out_s2, out_s3, scale, causal, key_real);
   const float gamma_f = float(gamma);
   if (!std::isfinite(gamma_f)) invalid(op, "gamma must be finite in float32");
   if (!(eps > 0.0 && std::isfinite(eps))) invalid(op, "eps must be finite and > 0");
   if (batch == 0 || num_queries == 0) return;  // empty outputs may come with null data pointers
 
+  p.horizon = pointer<const int64_t>(horizon, false, "horizon");
   const DualPathAttention attention{p,
                                     pointer<const uint8_t>(drop, true, "drop"),
                                     pointer<const uint8_t>(rows, true, "rows"),
@@ -170,10 +172,11 @@ void bind_dual_attention(py::module_& m) {
         "o_cond (every visible key), o_uncond (no dropped key) and out = o_cond + gamma dO in one pass\n"
         "(see fastprobe.reference.dual_path_attention). q, k, v, out as in sink_attention; key_real\n"
         "uint8 [B, Lk] (0: all real), drop uint8 [B, Lk] (1: dropped), rows uint8 [B, Lq] (1: guided),\n"
-        "contiguous; o_cond and o_uncond (0: not written) have out's shape and strides.",
+        "contiguous; o_cond and o_uncond (0: not written) have out's shape and strides. horizon int64\n"
+        "[B, Lk] (0: none): the causal order as in sink_attention.",
         FASTPROBE_ATTENTION_ARGS, py::arg("key_real"), py::arg("drop"),
         py::arg("rows"), py::arg("gamma"), py::arg("orthogonalize"), py::arg("eps"),
-        py::arg("o_cond"), py::arg("o_uncond"), py::arg("num_threads"));
+        py::arg("o_cond"), py::arg("o_uncond"), py::arg("num_threads"), py::arg("horizon") = 0);
 }
 
 }  // namespace fastprobe

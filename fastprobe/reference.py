@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dual_path_attention", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["dual_path_attention", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -280,20 +280,34 @@ def attention_key_masks(
 
 
 def attention_visible(
-    real: torch.Tensor, sink: torch.Tensor, num_queries: int, causal: bool, window: Optional[int]
+    real: torch.Tensor, sink: torch.Tensor, num_queries: int, causal: bool, window: Optional[int],
+    unordered: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """visible [B, Lq, Lk]: which keys each query sees. Query i sits at position
-    p = Lk - Lq + i (queries are the last Lq positions). Causal: j <= p. Window w: causal
-    p - w < j <= p, bidirectional |p - j| < w; sink keys are visible outside the window
-    (but never in a causal query's future). Padding keys are never visible."""
+    p = Lk - Lq + i (queries are the last Lq positions). Causal: j <= p, or the pair is in
+    `unordered` ([B, Lq, Lk] bool: pairs that see each other whatever the order, e.g. one
+    bidirectional block's tokens). Window w: causal p - w < j, bidirectional |p - j| < w; sink
+    keys are visible outside the window (but never in a causal query's future). Padding keys are
+    never visible."""
     num_keys = real.shape[-1]
     position = torch.arange(num_keys - num_queries, num_keys, device=real.device)[:, None]
     key = torch.arange(num_keys, device=real.device)[None, :]
-    in_order = key <= position if causal else torch.ones_like(key <= position)
-    in_window = torch.ones_like(in_order)
+    in_order = (key <= position)[None] if causal else torch.ones_like(key <= position)[None]
+    if causal and unordered is not None:
+        in_order = in_order | unordered
+    in_window = torch.ones_like(key <= position)
     if window is not None:
         in_window = key > position - window if causal else (key - position).abs() < window
-    return real[:, None, :] & in_order[None] & (in_window[None] | sink[:, None, :])
+    return real[:, None, :] & in_order & (in_window[None] | sink[:, None, :])
+
+
+def block_pairs(blocks: Optional[torch.Tensor], num_queries: int) -> Optional[torch.Tensor]:
+    """[B, Lq, Lk] bool: the (query, key) pairs of one bidirectional block (blocks [B, Lk]: the
+    same id >= 0; negative: no block), or None without blocks."""
+    if blocks is None:
+        return None
+    query_blocks = blocks[:, blocks.shape[1] - num_queries:]
+    return (query_blocks[:, :, None] == blocks[:, None, :]) & (query_blocks >= 0)[:, :, None]
 
 
 def sink_attention(
@@ -312,8 +326,13 @@ def sink_attention(
     num_groups: Optional[int] = None,
     stat_tokens: int = 1,
     softcap: Optional[float] = None,
+    bidirectional_blocks: Optional[torch.Tensor] = None,
 ) -> dict:
     """SPEC section 4 by materialising the [B, Hq, Lq, Lk] attention weights.
+
+    bidirectional_blocks [B, Lk] (ids; negative: none): with causal, positions of one block id
+    also see each other's later positions (Gemma 3's image tokens, PaliGemma's prefix); the
+    window and padding still apply.
 
     s_ij = scale q_i . k_j on visible keys (-inf elsewhere), or with a soft cap c (Gemma 2)
     s_ij = c tanh(scale q_i . k_j / c); with a sink logit c_h the
@@ -332,6 +351,7 @@ def sink_attention(
     return attention_from_masks(
         q, k, v, real, sink, stat, scale=scale, causal=causal, window=window, head_mask=head_mask,
         sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
+        unordered=block_pairs(bidirectional_blocks, q.shape[2]),
     )
 
 
@@ -351,8 +371,10 @@ def attention_from_masks(
     key_groups: Optional[torch.Tensor],
     num_groups: Optional[int],
     softcap: Optional[float] = None,
+    unordered: Optional[torch.Tensor] = None,
 ) -> dict:
-    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk])."""
+    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk]) and
+    the pairs that see each other whatever the causal order (see attention_visible)."""
     dtype = _compute_dtype(q)
     batch, num_heads, num_queries, _ = q.shape
     num_kv_heads = k.shape[1]
@@ -362,7 +384,7 @@ def attention_from_masks(
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), keys) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = attention_visible(real, sink, num_queries, causal, window)[:, None]
+    visible = attention_visible(real, sink, num_queries, causal, window, unordered)[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sink_logit is not None:  # the sink as one more column, dropped after the softmax
         extra = sink_logit.to(dtype).view(1, num_heads, 1, 1).expand(batch, num_heads, num_queries, 1)
@@ -415,6 +437,7 @@ def dual_path_attention(
     scale: Optional[float] = None,
     causal: bool = True,
     key_padding_mask: Optional[torch.Tensor] = None,
+    bidirectional_blocks: Optional[torch.Tensor] = None,
 ) -> dict:
     """SPEC section 5 with two separate attention calls (the two-pass formulation).
 
@@ -424,7 +447,8 @@ def dual_path_attention(
       out = o_cond + gamma (dO - <dO, u> u)   (orthogonalize=False: o_cond + gamma dO)
     on the selected rows; other rows get o_cond. A row whose kept-key set is empty (every
     visible key dropped) has no language-only path: o_uncond = 0 and out = o_cond there (no
-    guidance). Returns a dict of out, o_cond, o_uncond [B, Hq, Lq, D] in the compute dtype."""
+    guidance). bidirectional_blocks as in sink_attention. Returns a dict of out, o_cond,
+    o_uncond [B, Hq, Lq, D] in the compute dtype."""
     batch, num_keys = q.shape[0], k.shape[2]
     real = (
         torch.ones(batch, num_keys, dtype=torch.bool, device=q.device)
@@ -434,7 +458,8 @@ def dual_path_attention(
     kept = real & ~drop_keys.to(device=q.device, dtype=torch.bool)
     nothing = torch.zeros_like(real)
     options = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=None,
-                   head_mask=None, sink_logit=None, key_groups=None, num_groups=None)
+                   head_mask=None, sink_logit=None, key_groups=None, num_groups=None,
+                   unordered=block_pairs(bidirectional_blocks, q.shape[2]))
     conditional = attention_from_masks(q, k, v, real, nothing, nothing, **options)
     language_only = attention_from_masks(q, k, v, kept, nothing, nothing, **options)
     o_cond, o_uncond = conditional["out"], language_only["out"]

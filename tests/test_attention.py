@@ -46,6 +46,22 @@ def padding_mask(batch, num_keys, side, device):
     return mask.to(device)
 
 
+def image_blocks(batch, num_keys, device):
+    """[B, Lk] bidirectional block ids (-1: none): even rows hold an image-like block at a random
+    place in the middle and one over their last 3 positions (so the last queries of a decode
+    step see each other), odd rows a PaliGemma-like prefix block over their first half."""
+    blocks = torch.full((batch, num_keys), -1, dtype=torch.int64)
+    for b in range(batch):
+        if b % 2 == 0:
+            length = int(torch.randint(2, max(3, num_keys // 3), ()))
+            start = int(torch.randint(0, max(1, num_keys - length - 3), ()))
+            blocks[b, start : start + length] = 5
+            blocks[b, max(num_keys - 3, start + length) :] = 2
+        else:
+            blocks[b, : num_keys // 2] = 0
+    return blocks.to(device)
+
+
 def make_options(name, batch, num_heads, num_keys, device):
     """Keyword arguments of one named configuration."""
     window = max(3, num_keys // 5)
@@ -61,6 +77,11 @@ def make_options(name, batch, num_heads, num_keys, device):
         "head-mask": {"head_mask": torch.arange(num_heads, device=device) % 3 != 1},
         "sink-logit": {"sink_logit": torch.randn(num_heads, device=device) + 1.0},
         "key-groups": {"key_groups": torch.randint(0, 3, (batch, num_keys), device=device), "num_groups": 3},
+        "image-blocks": {"bidirectional_blocks": image_blocks(batch, num_keys, device)},
+        "image-blocks+window+padding": {
+            "bidirectional_blocks": image_blocks(batch, num_keys, device), "window": window, "num_sink": 2,
+            "key_padding_mask": padding_mask(batch, num_keys, "mixed", device),
+        },
         "everything": {
             "window": window,
             "num_sink": 3,
@@ -70,6 +91,7 @@ def make_options(name, batch, num_heads, num_keys, device):
             "key_groups": torch.randint(0, 4, (batch, num_keys), device=device),
             "num_groups": 4,
             "stat_tokens": 2,
+            "bidirectional_blocks": image_blocks(batch, num_keys, device),
         },
     }
     return dict(options[name])
@@ -77,7 +99,8 @@ def make_options(name, batch, num_heads, num_keys, device):
 
 CONFIGS = [
     "causal", "bidirectional", "window", "window+sinks", "bidirectional-window+sinks", "left-padding",
-    "right-padding", "bidirectional-padding", "head-mask", "sink-logit", "key-groups", "everything",
+    "right-padding", "bidirectional-padding", "head-mask", "sink-logit", "key-groups", "image-blocks",
+    "image-blocks+window+padding", "everything",
 ]
 
 
@@ -195,6 +218,11 @@ def test_reference_equals_masked_sdpa():
             continue
         real, sink, _ = reference.attention_key_masks(options.get("key_padding_mask"), batch, length, options.get("num_sink", 0), 1, "cpu")
         visible = reference.attention_visible(real, sink, length, options.get("causal", True), options.get("window"))
+        blocks = options.get("bidirectional_blocks")
+        if blocks is not None:  # a later key of the query's own block: visible if real and in the window
+            for b, i, j in torch.nonzero((blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]).tolist():
+                window = options.get("window")
+                visible[b, i, j] |= j > i and bool(real[b, j]) and (window is None or j > i - window or bool(sink[b, j]))
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
         want = torch.where(visible.any(-1)[:, None, :, None], want, torch.zeros_like(want))
         got = reference.sink_attention(q, k, v, **options)["out"]
@@ -366,6 +394,15 @@ def bad_cases():
         ("key_groups must hold ids", (q, k, v), {"key_groups": torch.full((2, 7), -1)}),
         ("key_groups must have shape", (q, k, v), {"key_groups": torch.zeros(2, 5, dtype=torch.long), "num_groups": 2}),
         ("key_groups must be an integer tensor", (q, k, v), {"key_groups": torch.zeros(2, 7), "num_groups": 2}),
+        ("bidirectional_blocks must be an integer tensor", (q, k, v), {"bidirectional_blocks": torch.zeros(2, 7)}),
+        ("bidirectional_blocks must be an integer tensor", (q, k, v), {"bidirectional_blocks": torch.ones(2, 7, dtype=torch.bool)}),
+        ("bidirectional_blocks must be an integer tensor of shape [B, Lk]", (q, k, v), {"bidirectional_blocks": [[0] * 7] * 2}),
+        ("bidirectional_blocks must have shape [B, Lk] = [2, 7]", (q, k, v), {"bidirectional_blocks": torch.zeros(2, 5, dtype=torch.long)}),
+        # queries are positions 2..6: block 1 at 3 and again at 5 would let query 3 see key 5 but not 4
+        ("block id 1 of row 1 resumes after other tokens", (q, k, v),
+         {"bidirectional_blocks": torch.tensor([[0, 0, 0, -1, -1, -1, -1], [-1, -1, -1, 1, -1, 1, -1]])}),
+        ("block id 0 of row 0 resumes", (q, k, v),
+         {"bidirectional_blocks": torch.tensor([[-1, 0, 0, 7, 0, -1, -1], [-1] * 7])}),
         ("num_groups was given without key_groups", (q, k, v), {"num_groups": 2}),
         ("num_groups must be >= 1", (q, k, v), {"key_groups": torch.zeros(2, 7, dtype=torch.long), "num_groups": 0}),
         ("return_entropy must be a bool", (q, k, v), {"return_entropy": "yes"}),
@@ -477,6 +514,31 @@ def test_cpp_rejects_out_of_range_group_ids_without_touching_memory():
         )
 
 
+@pytest.mark.parametrize("op", ["sink", "dual"])
+def test_cpp_clamps_a_hostile_horizon(op):
+    """The C++ kernels clamp a causal horizon to [p, Lk - 1] themselves (hostile callers bypass
+    the Python checks): below p it changes nothing, past the keys it means every key."""
+    from fastprobe.ops.attention import _sink_attention_op
+    from fastprobe.ops.dual_attention import _dual_path_attention_op
+
+    fp.set_backend("cpp")
+    q, k, v = random_qkv(2, 4, 2, 37, 41, 8, torch.float32, "cpu")
+    ends = torch.ones(2, dtype=torch.int64)
+    drop = (torch.rand(2, 41) < 0.3).to(torch.uint8)
+    rows = torch.ones(2, 37, dtype=torch.uint8)
+
+    def run(horizon, causal=True):
+        if op == "sink":
+            return _sink_attention_op(q, k, v, 0.3, causal, 0, None, ends, ends, None, None, None, 0, 0.0, horizon, True)
+        return _dual_path_attention_op(q, k, v, drop, rows, None, 0.5, True, 1e-6, 0.3, causal, horizon, True)
+
+    low = torch.full((2, 41), -(2**62), dtype=torch.int64)
+    high = torch.full((2, 41), 2**62, dtype=torch.int64)
+    for got, want in ((run(low), run(None)), (run(high), run(None, causal=False))):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
 def test_backward_raises_clear_error():
     q, k, v = random_qkv(1, 2, 1, 4, 4, 8, torch.float32, "cpu")
     q.requires_grad_()
@@ -498,14 +560,16 @@ def test_float64_runs_reference_exactly():
 def test_torch_compile_fullgraph():
     q, k, v = random_qkv(2, 4, 2, 9, 9, 8, torch.float32, "cpu")
     groups = torch.randint(0, 2, (2, 9))
+    blocks = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, -1], [3, 3, 3, 3, 3, -1, -1, -1, -1]])
+    options = dict(window=4, num_sink=1, num_groups=2, return_entropy=True)
 
     @torch.compile(fullgraph=True)
-    def run(q, k, v, groups):
-        result = fp.sink_attention(q, k, v, window=4, num_sink=1, key_groups=groups, num_groups=2, return_entropy=True)
+    def run(q, k, v, groups, blocks):
+        result = fp.sink_attention(q, k, v, key_groups=groups, bidirectional_blocks=blocks, **options)
         return result.out * 2, result.sink_mass, result.group_mass, result.entropy
 
-    got = run(q, k, v, groups)
-    eager = fp.sink_attention(q, k, v, window=4, num_sink=1, key_groups=groups, num_groups=2, return_entropy=True)
+    got = run(q, k, v, groups, blocks)
+    eager = fp.sink_attention(q, k, v, key_groups=groups, bidirectional_blocks=blocks, **options)
     torch.testing.assert_close(got[0], eager.out * 2)
     torch.testing.assert_close(got[1], eager.sink_mass)
     torch.testing.assert_close(got[2], eager.group_mass)
@@ -524,7 +588,8 @@ def test_opcheck(with_groups):
     q, k, v = random_qkv(2, 4, 2, 6, 9, 8, torch.float32, "cpu")
     ends = torch.tensor([1, 2])
     groups = torch.randint(0, 2, (2, 9), dtype=torch.int32) if with_groups else None
-    args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, True)
+    horizon = torch.tensor([[0, 1, 4, 4, 4, 5, 6, 8, 8]] * 2) if with_groups else None  # blocks [2, 4] and [7, 8]
+    args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, horizon, True)
     torch.library.opcheck(_sink_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

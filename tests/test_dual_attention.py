@@ -9,7 +9,7 @@ from fastprobe import reference
 from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
-from .test_attention import DTYPES, OUT_TOLERANCE, is_interpreter, padding_mask, random_qkv
+from .test_attention import DTYPES, OUT_TOLERANCE, image_blocks, is_interpreter, padding_mask, random_qkv
 
 
 def shapes(target):
@@ -51,7 +51,8 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
         q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
         drop = image_keys(batch, num_keys, device)
         chosen = torch.rand(batch, num_queries, device=device) < 0.5 if rows == "mask" else rows
-        options = dict(gamma=0.7, orthogonalize=orthogonalize, rows=chosen, key_padding_mask=padding_mask(batch, num_keys, "mixed", device))
+        options = dict(gamma=0.7, orthogonalize=orthogonalize, rows=chosen, key_padding_mask=padding_mask(batch, num_keys, "mixed", device),
+                       bidirectional_blocks=image_blocks(batch, num_keys, device))
         got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
         assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
@@ -166,8 +167,11 @@ def test_float64_runs_reference():
 def test_torch_compile_fullgraph_and_opcheck():
     q, k, v = random_qkv(2, 4, 2, 6, 9, 8, torch.float32, "cpu")
     drop = image_keys(2, 9, "cpu")
-    run = torch.compile(lambda q, k, v, d: fp.dual_path_attention(q, k, v, d, gamma=0.5, rows="all") * 2, fullgraph=True)
-    torch.testing.assert_close(run(q, k, v, drop), fp.dual_path_attention(q, k, v, drop, gamma=0.5, rows="all") * 2)
+    blocks = drop.long() - 1  # the images as bidirectional blocks (one run each)
+    guide = lambda q, k, v, d, blocks: fp.dual_path_attention(q, k, v, d, gamma=0.5, rows="all", bidirectional_blocks=blocks)
+    run = torch.compile(lambda *args: guide(*args) * 2, fullgraph=True)
+    torch.testing.assert_close(run(q, k, v, drop, blocks), guide(q, k, v, drop, blocks) * 2)
     rows = torch.ones(2, 6, dtype=torch.uint8)
-    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, True)
+    horizon = torch.arange(9).expand(2, 9).contiguous()
+    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, horizon, True)
     torch.library.opcheck(_dual_path_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

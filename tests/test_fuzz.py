@@ -265,6 +265,19 @@ def draw_attention_inputs(target, data):
     return q, k, v, mask, dtype
 
 
+def draw_blocks(data, batch, num_keys, device):
+    """Bidirectional block ids [B, Lk] (or None): rows cut into segments at random places, each
+    segment a block of its own id or no block (-1), as int32 or int64 in a drawn layout."""
+    if not data.draw(st.booleans(), label="bidirectional blocks"):
+        return None
+    cuts = torch.rand(batch, num_keys) < data.draw(st.sampled_from([0.05, 0.3]), label="block cut rate")
+    segment = cuts.long().cumsum(-1)
+    in_block = torch.rand(batch, num_keys + 1) < 0.6
+    blocks = torch.where(in_block.gather(1, segment), segment, -1)
+    blocks = blocks.to(device=device, dtype=data.draw(st.sampled_from([torch.int32, torch.int64]), label="block dtype"))
+    return draw_layout(data, blocks, "blocks")
+
+
 @contextlib.contextmanager
 def triton_key_splits(target, data, rows):
     """On Triton targets, a drawn split_keys for the attention launchers: None (their choice),
@@ -322,6 +335,7 @@ def _sink_attention_case(target, data):
         options["num_groups"] = num_groups
     if data.draw(st.booleans(), label="softcap"):
         options["softcap"] = data.draw(st.sampled_from([5.0, 30.0]), label="softcap value")
+    options["bidirectional_blocks"] = draw_blocks(data, batch, num_keys, device)
     with_entropy = data.draw(st.booleans(), label="entropy")
     before = [x.clone() for x in (q, k, v)]
 
@@ -352,6 +366,7 @@ def _dual_path_attention_case(target, data):
         causal=data.draw(st.booleans(), label="causal"),
         rows=torch.rand(batch, num_queries, device=device) < 0.5 if rows == "mask" else rows,
         key_padding_mask=mask,
+        bidirectional_blocks=draw_blocks(data, batch, num_keys, device),
     )
     before = [x.clone() for x in (q, k, v)]
 

@@ -107,7 +107,8 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
 
 # Every backend's path: the prepared arguments of _sink_attention_op and its preallocated
 # outputs -> None. key_real uint8 [B, Lk] or None (all real); sink_end, stat_end int64 [B];
-# head_mask uint8 [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] or None.
+# head_mask uint8 [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] or None;
+# horizon int64 [B, Lk] or None (causal_horizon).
 
 
 def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
@@ -121,6 +122,8 @@ def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -
         scale=args["scale"], causal=args["causal"], window=args["window"] or None,
         head_mask=args["head_mask"], sink_logit=args["sink_logit"],
         key_groups=args["key_groups"], num_groups=args["num_groups"], softcap=args["softcap"] or None,
+        # a horizon is itself block ids: positions of one run share it, others have their own
+        unordered=reference.block_pairs(args["horizon"], q.shape[2]),
     )
     out.copy_(result["out"])
     lse.copy_(result["lse"])
@@ -147,7 +150,7 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
         _address(args["head_mask"]), _address(args["sink_logit"]),
         _address(args["key_groups"]), args["num_groups"],
         lse.data_ptr(), sink_mass.data_ptr(), _address(group_mass), _address(entropy),
-        torch.get_num_threads(), softcap=args["softcap"],
+        torch.get_num_threads(), softcap=args["softcap"], horizon=_address(args["horizon"]),
     )
 
 
@@ -191,6 +194,7 @@ def _sink_attention_op(
     key_groups: Optional[torch.Tensor],
     num_groups: int,
     softcap: float,
+    horizon: Optional[torch.Tensor],
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none."""
@@ -200,6 +204,7 @@ def _sink_attention_op(
         args = dict(
             scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
             head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
+            horizon=horizon,
         )
         backend = resolve(q.device, q.dtype, "sink_attention")
         _KERNELS[backend](
@@ -212,7 +217,8 @@ def _sink_attention_op(
 
 
 @_sink_attention_op.register_fake
-def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, return_entropy):
+def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, horizon,
+      return_entropy):
     return _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
@@ -277,6 +283,50 @@ def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> 
     return key_groups.to(torch.int32).contiguous(), num_groups
 
 
+def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """bidirectional_blocks ([B, Lk] integer ids; negative: no block) as the kernels' causal
+    horizon: int64 [B, Lk], horizon[b, p] = the last position of the run of equal ids holding p
+    (p itself outside blocks), so that with causal the query at p sees keys j <= horizon[b, p].
+    None without blocks or without causal (blocks then change nothing). A block must be one run
+    from any query position on: an id that resumes after other tokens would make a query see
+    keys beyond a gap, which no horizon says."""
+    if blocks is None:
+        return None
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(f"bidirectional_blocks must be an integer tensor of shape [B, Lk], got {type(blocks).__name__}")
+    check_same_device(q, "q", blocks, "bidirectional_blocks")
+    if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
+        raise TypeError(f"bidirectional_blocks must be an integer tensor (block ids), got {blocks.dtype}")
+    if tuple(blocks.shape) != shape:
+        raise ValueError(f"bidirectional_blocks must have shape [B, Lk] = {list(shape)}, got {tuple(blocks.shape)}")
+    if not causal or blocks.numel() == 0:
+        return None
+    ids = blocks.to(torch.int64).clamp(min=-1)  # every negative id: no block
+    num_keys = shape[1]
+    position = torch.arange(num_keys, device=ids.device).expand_as(ids)
+    # a run goes on at p + 1 when p + 1 holds p's id >= 0; it ends at p otherwise
+    goes_on = torch.zeros_like(ids, dtype=torch.bool)
+    goes_on[:, :-1] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, :-1] >= 0)
+    run_end = torch.where(goes_on, num_keys, position)
+    horizon = run_end.flip(-1).cummin(-1).values.flip(-1)  # the first run end at or after p
+    if not is_compiling():
+        first_query = num_keys - num_queries
+        region = ids[:, first_query:]
+        # (a run entering the queries counts as starting at the first one)
+        starts = (region >= 0) & ~torch.cat([torch.zeros_like(goes_on[:, :1]), goes_on[:, first_query:-1]], 1)
+        # an id starting two runs among the queries: sort each row's run-start ids (others made
+        # distinct negatives) and look for neighbours that agree
+        marked = torch.where(starts, region, -2 - position[:, first_query:]).sort(-1).values
+        repeated = (marked[:, 1:] == marked[:, :-1]) & (marked[:, 1:] >= 0)
+        bad = first_bad_index(repeated)
+        if bad is not None:
+            raise ValueError(
+                f"bidirectional_blocks must give each block one contiguous run of positions from the first query "
+                f"on; block id {int(marked[bad[0], bad[1] + 1])} of row {bad[0]} resumes after other tokens"
+            )
+    return horizon.contiguous()
+
+
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """The kernels read the head dimension contiguously; other strides are free."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -328,7 +378,8 @@ def check_attention_inputs(q, k, v):
     return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys
 
 
-def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap):
+def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap,
+             bidirectional_blocks):
     q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
     num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(causal, bool):
@@ -358,6 +409,7 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
         sink_end=masks.sink_end, stat_end=masks.stat_end,
         head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,
         softcap=_check_softcap(softcap),
+        horizon=causal_horizon(bidirectional_blocks, (batch, num_keys), num_queries, causal, q),
     )
 
 
@@ -378,6 +430,7 @@ def sink_attention(
     stat_tokens: int = 1,
     return_entropy: bool = False,
     softcap: Optional[float] = None,
+    bidirectional_blocks: Optional[torch.Tensor] = None,
 ) -> AttentionOutput:
     """Fused attention with sinks, a sliding window, head masks and grouped-query heads,
     returning per-query attention statistics without materialising attention weights.
@@ -408,6 +461,11 @@ def sink_attention(
         return_entropy: also return each query's attention entropy (nats; the sink entry,
             when there is one, counts as one more outcome).
         softcap: optional logit soft cap c (Gemma 2): scores become c tanh(score / c).
+        bidirectional_blocks: optional [B, Lk] integer block ids (negative: none). With causal,
+            positions of one block also see the block's later positions (Gemma 3's image
+            tokens, PaliGemma's prefix: transformers' block_sequence_ids); the window and the
+            padding mask still apply. From the first query on, each block must be one run of
+            consecutive positions.
 
     Returns:
         AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, Dv] buffer),
@@ -420,7 +478,7 @@ def sink_attention(
     """
     args = _prepare(
         q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups,
-        stat_tokens, softcap,
+        stat_tokens, softcap, bidirectional_blocks,
     )
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
