@@ -326,6 +326,43 @@ def test_mask_pattern_windows_match_transformers_masks(window):
         assert torch.equal(visible, materialised(function, length))
 
 
+def test_blockwise_masks_match_transformers_masks():
+    """5.x's blockwise overlay (Gemma 3's image tokens, PaliGemma's prefix) becomes the kernels'
+    bidirectional blocks, which give exactly the mask sdpa builds: with full attention, with a
+    window and-ed over it (Gemma 3's sliding layers, blocks longer than the window included), and
+    with a window or-ed beside it while no block is longer than the window; a longer one there
+    is refused when a layer attends with it."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    if not hasattr(masking_utils, "blockwise_overlay"):
+        pytest.skip(f"transformers {transformers.__version__} has no blockwise overlay")
+    causal, overlay, and_masks, or_masks = (masking_utils.causal_mask_function, masking_utils.blockwise_overlay,
+                                            masking_utils.and_masks, masking_utils.or_masks)
+    window = masking_utils.sliding_window_overlay
+    length = 13
+    images = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, 1, 1, 1, -1, -1]])  # blocks of 3 and 5 positions
+    prefix = torch.tensor([[0] * 8 + [-1] * 5])
+    cases = [
+        or_masks(causal, overlay(images)),
+        or_masks(causal, overlay(prefix)),
+        and_masks(or_masks(causal, overlay(images)), window(3)),
+        or_masks(and_masks(causal, window(5)), overlay(images)),
+    ]
+    real = torch.ones(1, length, dtype=torch.bool)
+    for function in cases:
+        mask = integration.key_padding_mask(1, length, length, mask_function=function, cache_position=torch.arange(length),
+                                            attention_mask=real.long())
+        _, causal_order, ours, _, _, blocks = integration._pattern_of(None, mask, None, None, length)
+        assert blocks is not None
+        pairs = fp.reference.block_pairs(blocks, length)
+        visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal_order, ours, pairs)[0]
+        assert torch.equal(visible, materialised(function, length))
+    too_long = or_masks(and_masks(causal, window(4)), overlay(images))
+    mask = integration.key_padding_mask(1, length, length, mask_function=too_long, cache_position=torch.arange(length),
+                                        attention_mask=real.long())
+    with pytest.raises(NotImplementedError, match="no longer than the window"):
+        integration._pattern_of(None, mask, None, None, length)
+
+
 def test_mask_patterns_it_cannot_reproduce_are_refused():
     masking_utils = pytest.importorskip("transformers.masking_utils")
     chunking = masking_utils.chunked_causal_mask_function
@@ -366,7 +403,10 @@ def test_masks_it_cannot_reproduce_are_refused_when_a_layer_attends_with_them():
 def test_gemma3_vision_language_model_on_text_and_on_images():
     """Gemma 3's processor sends token_type_ids with every prompt, and its mask lets each image's
     tokens attend to each other both ways: a batch without images is plain causal attention (the
-    image-block part unmasks nothing) and runs patched; a batch with images is refused clearly."""
+    image-block part unmasks nothing) and runs patched. With images, 5.x's blockwise overlay runs
+    patched as bidirectional blocks (same logits and tokens, the sliding layers' window of 4 as long
+    as the images); 4.5x's token-type rule (|q - kv| <= tokens per image, which also joins two nearby
+    images) is refused clearly."""
     if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 3")
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -399,9 +439,49 @@ def test_gemma3_vision_language_model_on_text_and_on_images():
         got = model.generate(ids, token_type_ids=no_images, **settings)
         assert torch.equal(got, reference.generate(ids, **settings))
     ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
-    with pytest.raises(NotImplementedError, match="image-token blocks"):
-        outputs(model, ids, torch.ones_like(ids), token_type_ids=(ids == 299).long(),
-                pixel_values=torch.randn(2, 3, 28, 28))
+    images = dict(token_type_ids=(ids == 299).long(), pixel_values=torch.randn(2, 3, 28, 28))
+    if not hasattr(transformers.masking_utils, "blockwise_overlay"):
+        with pytest.raises(NotImplementedError, match="image-token blocks"):
+            outputs(model, ids, torch.ones_like(ids), **images)
+        return
+    mask = inputs(batch=2, length=14, padding="left")[1]
+    assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
+    with torch.no_grad():
+        got = model.generate(ids, **images, **settings)
+        assert torch.equal(got, reference.generate(ids, **images, **settings))
+
+
+def test_paligemma_prefix_attends_both_ways():
+    """PaliGemma's prefix (image and prompt, token_type_ids 0) attends to itself both ways, the
+    suffix causally. Its outer model builds that mask and hands it to the Gemma text model, which
+    builds one again: fastprobe keeps the outer one (as transformers keeps a 4D mask), so the
+    prefix stays bidirectional (the same logits and tokens as unpatched, padded or not)."""
+    if not hasattr(transformers.masking_utils, "blockwise_overlay"):
+        pytest.skip(f"transformers {transformers.__version__} builds PaliGemma's prefix mask with its own function")
+    text = dict(model_type="gemma", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=7, projection_dim=64)
+    models = []
+    for _ in range(2):
+        config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=299,
+                                              projection_dim=64)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models.append(transformers.PaliGemmaForConditionalGeneration(config).eval())
+    reference, model = models[0], patch_or_skip(models[1])
+    ids = torch.randint(3, 290, (2, 24))
+    ids[:, 1:17] = 299  # 16 image tokens after <bos>
+    suffix = torch.zeros_like(ids)
+    suffix[:, 20:] = 1  # the last 4 tokens are the suffix
+    images = dict(token_type_ids=suffix, pixel_values=torch.randn(2, 3, 28, 28))
+    for mask in (torch.ones_like(ids), inputs(batch=2, length=24, padding="left")[1]):
+        assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
+    prompt = dict(token_type_ids=suffix[:, :20], pixel_values=images["pixel_values"])
+    settings = dict(attention_mask=torch.ones(2, 20, dtype=torch.long), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids[:, :20], **prompt, **settings),
+                           reference.generate(ids[:, :20], **prompt, **settings))
 
 
 def test_packing_one_sequence_per_row_is_plain_causal():

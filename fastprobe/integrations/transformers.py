@@ -22,8 +22,10 @@ returns the 2D key padding mask [B, Lk] (True = real token; all True without pad
 kernel computes causality and windows from positions (queries are the last Lq keys: prefill, and
 decoding with a dynamic cache). The mask transformers would have built is read from its
 `mask_function`: only transformers' own index functions are accepted (causal, bidirectional,
-sliding-window overlays, combined with and_masks/or_masks); anything else (packed sequences,
-image-token blocks, chunked attention, a model's private overlay) is refused. The accepted
+sliding-window overlays, combined with and_masks/or_masks, and 5.x's blockwise overlay: the image
+tokens of Gemma 3 or the prefix of PaliGemma attending to each other, which the kernels take as
+bidirectional_blocks); anything else (packed sequences, chunked attention, a model's private
+overlay) is refused. The accepted
 function is evaluated on one row of positions, so the window is exactly what the sdpa and eager
 masks keep on the installed version. In transformers 5.x that is, for sliding_window = w:
     causal          kv > q - w and kv <= q   ->  fastprobe window w      (q - w < j <= q)
@@ -483,6 +485,7 @@ class _MaskPattern(NamedTuple):
     # why fastprobe cannot reproduce the mask, raised only if a layer attends with it (models make
     # masks for layer types they may not have, e.g. Qwen2-MoE a sliding one of window 0)
     refused: Optional[str] = None
+    blocks: Optional[torch.Tensor] = None  # [B, Lk] the keys' bidirectional block ids (blockwise overlay)
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -535,11 +538,9 @@ def _packs_nothing(fn, masking_utils) -> bool:
 
 
 def _unmasks_nothing(fn, masking_utils) -> bool:
-    """An image-block part (bidirectional attention within each image's tokens) of a batch without
-    images, which unmasks nothing: 5.x's blockwise overlay with no block id >= 0, or 4.5x Gemma 3's
-    token-type function with no image token (its processor sends token_type_ids for text alone)."""
-    if _is_masking_utils(fn, masking_utils, "blockwise_overlay."):
-        return not bool((_closure(fn)["block_sequence_ids"] >= 0).any())
+    """An image-block part of a batch without images, which unmasks nothing: 4.5x Gemma 3's
+    token-type function with no image token (its processor sends token_type_ids for text alone).
+    (5.x's blockwise overlay is taken out before, by _without_blocks.)"""
     if getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and getattr(
             fn, "__qualname__", "").startswith("token_type_ids_mask_function."):
         return not bool((_closure(fn)["token_type_ids"] == 1).any())
@@ -558,6 +559,58 @@ def _without_no_ops(fn, masking_utils):
             changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
             return combine(*kept) if changed else fn
     return fn
+
+
+def _has_window(fn, masking_utils) -> bool:
+    """fn is or holds (through and_masks / or_masks) a sliding-window overlay."""
+    if _is_masking_utils(fn, masking_utils, _OVERLAYS):
+        return True
+    return _is_masking_utils(fn, masking_utils, _COMBINATORS) and any(
+        _has_window(part, masking_utils) for part in _closure(fn)["mask_functions"])
+
+
+def _without_blocks(fn, masking_utils, found: list):
+    """fn less the blockwise overlays or-ed into it at any depth: what stays is the pattern they
+    are an exception to. Appends (block ids, whether a window is or-ed beside them) to found."""
+    for prefix, combine in (("and_masks.", masking_utils.and_masks), ("or_masks.", masking_utils.or_masks)):
+        if _is_masking_utils(fn, masking_utils, prefix):
+            parts, kept = _closure(fn)["mask_functions"], []
+            for part in parts:
+                if prefix == "or_masks." and _is_masking_utils(part, masking_utils, "blockwise_overlay."):
+                    beside_window = any(_has_window(other, masking_utils) for other in parts if other is not part)
+                    found.append((_closure(part)["block_sequence_ids"], beside_window))
+                else:
+                    kept.append(_without_blocks(part, masking_utils, found))
+            changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
+            return combine(*kept) if changed else fn
+    return fn
+
+
+def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[int]) -> Optional[torch.Tensor]:
+    """The keys' block ids [B, kv_length] (-1: none) from _without_blocks' finds (ids [B, >= T] over
+    absolute positions), or None when no key is in a block. The kernels apply a window to a block's
+    earlier tokens too, as and(window, or(causal, blocks)) does (5.x's Gemma 3); or(and(causal,
+    window), blocks) agrees with it only while no block is longer than the window, so a longer one
+    is refused."""
+    ids = found[0][0]
+    if any(other is not ids and not torch.equal(other, ids) for other, _ in found[1:]):
+        raise NotImplementedError("fastprobe attention got a mask with two different blockwise overlays")
+    ids = ids[:, kv_offset:kv_offset + kv_length]
+    if ids.shape[1] < kv_length:
+        ids = torch.nn.functional.pad(ids, (0, kv_length - ids.shape[1]), value=-1)
+    if not bool((ids >= 0).any()):
+        return None
+    if window is not None and any(beside for _, beside in found):
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = torch.cumsum(starts.flatten(), 0)[(ids >= 0).flatten()]  # run index of every block position
+        longest = int(torch.bincount(run).max()) if run.numel() else 0
+        if longest > window:
+            raise NotImplementedError(
+                f"fastprobe attention got bidirectional blocks (image tokens) of {longest} positions under a sliding "
+                f"window of {window}; fastprobe reproduces such masks only for blocks no longer than the window"
+            )
+    return ids
 
 
 def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
@@ -616,10 +669,20 @@ def key_padding_mask(
 ) -> torch.Tensor:
     """The "fastprobe" entry of transformers' AttentionMaskInterface: the [B, kv_length] key
     padding mask (True = real; never an [L, L] mask), carrying the (causal, window) pattern."""
+    if getattr(attention_mask, _PATTERN, None) is not None:
+        # a mask this function made for an outer model (PaliGemma's, with its prefix block), handed to
+        # the inner text model that makes one again: kept as is, as transformers keeps a 4D mask
+        return attention_mask
     if q_length is None and cache_position is not None:  # transformers 4.53-4.5x: positions, not offsets
         q_length, q_offset = cache_position.shape[0], cache_position[0]
+    found = []
+    if mask_function is not None:
+        mask_function = _without_blocks(mask_function, _masking_utils(), found)
+    blocks = None
     try:
         causal, window, refused = *_mask_pattern(mask_function), None
+        if found and causal:
+            blocks = _key_blocks(found, int(kv_offset), kv_length, window)
     except NotImplementedError as why:
         causal, window, refused = True, None, str(why)
     q_offset = int(q_offset)  # a tensor only for static caches (one sync, then refused below)
@@ -640,7 +703,7 @@ def key_padding_mask(
     if kv_offset > 0:  # a sliding-window cache dropped its oldest kv_offset tokens
         first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
         dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
-    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused))
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks))
     return mask
 
 
@@ -703,14 +766,15 @@ def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Option
 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
-    """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None)."""
+    """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None,
+    bidirectional block ids [B, Lk] or None)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
     if pattern is not None:
         if pattern.refused is not None:
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
-        return attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks
+        return attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks
     # Not made by our mask function: flash attention's reading of the module's arguments.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if attention_mask is not None:
@@ -722,7 +786,7 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         if attention_mask.shape[-1] < num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         attention_mask = attention_mask[:, -num_keys:] != 0
-    return attention_mask, causal, sliding_window, None, None
+    return attention_mask, causal, sliding_window, None, None, None
 
 
 def _narrowest(*windows: Optional[int]) -> Optional[int]:
@@ -754,27 +818,29 @@ def attention_forward(
     if segments is not None:  # a vision tower's images packed in one row: each attends within itself
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
         outs = [_plain_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, causal,
-                                 sliding_window, scaling, softcap, s_aux) for start, end in segments]
+                                 sliding_window, scaling, softcap, s_aux, None) for start, end in segments]
         return torch.cat(outs, dim=1), None
-    padding, causal, window, dropped, masks_made = _pattern_of(
+    padding, causal, window, dropped, masks_made, blocks = _pattern_of(
         module, attention_mask, is_causal, sliding_window, key.shape[2]
     )
     if padding is not None and padding.device != query.device:  # a model split over devices (device_map)
         padding = padding.to(query.device, non_blocking=True)
         dropped = None if dropped is None else dropped.to(query.device, non_blocking=True)
+        blocks = None if blocks is None else blocks.to(query.device, non_blocking=True)
         masks_made = None
     state = getattr(module, _STATE, None)
     layer = state.index.get(id(module)) if state is not None else None
     if layer is None:  # cross-attention, or a model switched to "fastprobe" without patch()
         if state is None:
             _warn_if_switched_by_another(module)
-        return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux), None
+        return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks), None
 
     state.calls += 1
     options, record = state.options, state.recorder
     window = _narrowest(window, options.window)
     if options.guidance is not None and layer in options.guidance.layers:
-        out = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux)
+        out = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux,
+                                blocks)
         return out.transpose(1, 2), None
     stat_tokens = options.stat_tokens
     if dropped is not None and (options.num_sink > 0 or (record is not None and stat_tokens > 1)):
@@ -795,6 +861,7 @@ def attention_forward(
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
         key_groups=groups, num_groups=num_groups, stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
+        bidirectional_blocks=blocks,
     )
     if record is not None:
         record.add(layer, result, padding, dropped)
@@ -823,7 +890,8 @@ def _last_real_rows(padding: torch.Tensor, num_queries: int) -> torch.Tensor:
     return torch.arange(num_queries, device=padding.device) == last[:, None]
 
 
-def _guided_attention(state, layer: int, query, key, value, padding, causal, window, scaling, softcap, s_aux):
+def _guided_attention(state, layer: int, query, key, value, padding, causal, window, scaling, softcap, s_aux,
+                      blocks):
     """dual_path_attention on a guided layer, with this forward's image keys: out [B, Hq, Lq, D]."""
     guidance = state.options.guidance
     if window is not None or s_aux is not None or softcap is not None or state.recorder is not None or (
@@ -853,11 +921,11 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
         rows = _last_real_rows(padding, num_queries)
     return dual_path_attention(
         query, key, value, drop, gamma=guidance.gamma, orthogonalize=guidance.orthogonalize, eps=guidance.eps,
-        rows=rows, scale=scaling, causal=causal, key_padding_mask=padding,
+        rows=rows, scale=scaling, causal=causal, key_padding_mask=padding, bidirectional_blocks=blocks,
     )
 
 
-def _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux) -> torch.Tensor:
+def _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks) -> torch.Tensor:
     """No options, no statistics. Bidirectional attention with more queries than keys (cross-
     attention) runs in query chunks of at most Lk: each query is independent there."""
     num_queries, num_keys = query.shape[2], key.shape[2]
@@ -866,7 +934,7 @@ def _plain_attention(query, key, value, padding, causal, window, scaling, softca
         chunks = query.split(num_keys, dim=2)
     outs = [
         sink_attention(chunk, key, value, scale=scaling, causal=causal, window=window, key_padding_mask=padding,
-                       sink_logit=s_aux, softcap=softcap).out.transpose(1, 2)
+                       sink_logit=s_aux, softcap=softcap, bidirectional_blocks=blocks).out.transpose(1, 2)
         for chunk in chunks
     ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
