@@ -3,9 +3,12 @@
 style), never materialising the [Lq, Lk] attention weights.
 
 Query i of a (batch b, head h) row sits at position p = Lk - Lq + i. Key j is visible iff
-  real[b, j]  and  (not causal or j <= p)  and  (no window or in_window(p, j) or j < sink_end[b])
-with in_window = j > p - w (causal) or |p - j| < w (bidirectional). Scores are kept in base 2,
-t_j = s_j log2(e) with s_j = scale q . k_j, or with a soft cap c > 0 (Gemma 2, HAS_SOFTCAP)
+  real[b, j]  and  (not causal or j <= r_p)  and  (no window or in_window(p, j) or j < sink_end[b])
+with in_window = j > p - w (causal) or |p - j| < w (bidirectional), and the causal reach r_p = p,
+or with a horizon (HAS_HORIZON, causal only) r_p = clamp(horizon[b, p], p, Lk - 1): the tokens of
+a bidirectional block (Gemma 3 image tokens, a PaliGemma prefix) see each other; the window
+stays j > p - w. Scores are kept in base 2, t_j = s_j log2(e) with s_j = scale q . k_j, or
+with a soft cap c > 0 (Gemma 2, HAS_SOFTCAP)
 s_j = c tanh(scale q . k_j / c) on every key before masking, and per query row the kernel keeps
   m = max_j t_j,  l = sum_j 2^(t_j - m),  acc = sum_j 2^(t_j - m) v_j,
   stat = sum_{j < stat_end} 2^(t_j - m),  grp[g] = sum_{group_j = g} 2^(t_j - m),
@@ -215,6 +218,7 @@ def _attend_block(
     start,  # first key of the block
     end,  # keys >= end are not in this program's range (masked blocks only)
     pos,  # [R] query positions
+    reach,  # [R] the last key each row sees in causal order (pos, or its horizon: _causal_reach)
     offs_d,
     d_ok,
     offs_dv,
@@ -248,8 +252,8 @@ def _attend_block(
         j = offs_n[None, :]
         p_row = pos[:, None]
         is_sink = j < sink_end
-        if CAUSAL:  # j <= p and (p - w < j or sink)
-            visible = (j <= p_row) & ((j > p_row - window) | is_sink)
+        if CAUSAL:  # j <= r and (p - w < j or sink)
+            visible = (j <= reach[:, None]) & ((j > p_row - window) | is_sink)
         else:  # |p - j| < w or sink
             visible = (tl.abs(p_row - j) < window) | is_sink
         t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
@@ -337,20 +341,25 @@ def _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _fwd_band(
-    m0, Lq, Lk, window, sink_end, live,
-    CAUSAL: tl.constexpr, HAS_KEY_REAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    m0, Lq, Lk, window, sink_end, live, reach,
+    CAUSAL: tl.constexpr, HAS_KEY_REAL: tl.constexpr, HAS_HORIZON: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The key range of the query block [m0, m0 + BLOCK_M): the causal / window band
     [lo_blk, band_end) (block aligned below), split into masked [lo_blk, a), unmasked interior
     [a, c) and masked [c, band_end), and the sink keys [0, sink_hi) before the band. Nothing for
     a pruned head (live false). Without a window (window > every |p - j|) lo_blk = a = 0 and
-    sink_hi = 0. Returns (sink_hi, lo_blk, a, c, band_end)."""
+    sink_hi = 0. reach [BLOCK_M]: the rows' causal reach (_causal_reach; read with HAS_HORIZON
+    only). Returns (sink_hi, lo_blk, a, c, band_end)."""
     p_first = Lk - Lq + m0
     p_last = Lk - Lq + tl.minimum(m0 + BLOCK_M, Lq) - 1
     lo = tl.maximum(p_first - window + 1, 0)  # j > p - w (both kinds of window)
     if CAUSAL:
-        hi = tl.minimum(p_last + 1, Lk)  # j <= p
-        full_hi = p_first + 1  # keys every query of the block sees (no window)
+        if HAS_HORIZON:  # j <= max_i r_i (r in [p, Lk - 1], -1 for padding rows)
+            hi = tl.max(reach, axis=0) + 1
+        else:  # j <= p
+            hi = tl.minimum(p_last + 1, Lk)
+        full_hi = p_first + 1  # keys every query of the block sees (no window; r >= p)
     else:
         hi = tl.minimum(p_last + window, Lk)  # j < p + w
         hi = tl.maximum(hi, tl.minimum(sink_end, Lk))  # sinks past the band stay visible
@@ -414,6 +423,19 @@ def _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL: tl.constexpr):
         return n_ok
 
 
+@triton.jit
+def _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON: tl.constexpr):
+    """[R] the last key each query row (positions pos) sees in causal order: r = p, or with a
+    horizon r = clamp(horizon[b, p], p, Lk - 1), clamped in int64 (a hostile horizon reads and
+    reaches nothing outside the keys); -1 (no key) for rows outside [0, Lk) (tile padding)."""
+    if HAS_HORIZON:
+        ok = (pos >= 0) & (pos < Lk)
+        reach = tl.load(horizon_ptr + b * stride_hb + pos, mask=ok, other=0)
+        return tl.where(ok, tl.minimum(tl.maximum(reach, pos), Lk - 1), -1).to(tl.int32)
+    else:
+        return pos
+
+
 # --------------------------------------------------------------------------------------------
 # prefill: one program per (query block, b, h)
 # --------------------------------------------------------------------------------------------
@@ -430,6 +452,7 @@ def _attention_fwd_kernel(
     group_mass_ptr,  # [B, Hq, Lq, num_groups] float32 (dummy unless HAS_GROUPS)
     entropy_ptr,  # [B, Hq, Lq] float32 (dummy unless ENTROPY)
     key_real_ptr,  # [B, Lk] uint8 (dummy unless HAS_KEY_REAL)
+    horizon_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_HORIZON)
     sink_end_ptr,  # [B] int64
     stat_end_ptr,  # [B] int64
     head_mask_ptr,  # [Hq] uint8 (dummy unless HAS_HEAD_MASK)
@@ -463,6 +486,7 @@ def _attention_fwd_kernel(
     stride_rn,
     stride_gb,
     stride_gn,
+    stride_hb,
     LQ_BUCKET,  # autotune key only (powers of two of Lq and Lk)
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
@@ -472,6 +496,7 @@ def _attention_fwd_kernel(
     G_PAD: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,  # bidirectional blocks (causal only)
     HAS_HEAD_MASK: tl.constexpr,
     HAS_SINK_LOGIT: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
@@ -493,7 +518,10 @@ def _attention_fwd_kernel(
 
     live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
     sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
-    sink_hi, lo_blk, a, c, band_end = _fwd_band(m0, Lq, Lk, window, sink_end, live, CAUSAL, HAS_KEY_REAL, BLOCK_M, BLOCK_N)
+    reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
+    sink_hi, lo_blk, a, c, band_end = _fwd_band(
+        m0, Lq, Lk, window, sink_end, live, reach, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, BLOCK_M, BLOCK_N
+    )
 
     # ---- pointers ----
     k_base, v_base, real_base, groups_base = _key_bases(
@@ -515,28 +543,28 @@ def _attention_fwd_kernel(
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, sink_hi, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            start, sink_hi, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
             True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            start, Lk, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
             True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            start, Lk, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
             False, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-    for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal, window, Lk)
+    for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal / horizon, window, Lk)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            start, Lk, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
             True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
@@ -644,6 +672,7 @@ def _attention_split_kernel(
     acc_ptr,  # [B * Hkv, S, BLOCK_R, BLOCK_DV] float32
     grp_ptr,  # [B * Hkv, S, BLOCK_R, G_PAD] float32 (dummy unless HAS_GROUPS)
     key_real_ptr,
+    horizon_ptr,
     sink_end_ptr,
     stat_end_ptr,
     head_mask_ptr,
@@ -674,6 +703,7 @@ def _attention_split_kernel(
     stride_rn,
     stride_gb,
     stride_gn,
+    stride_hb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     VALUE_DIM: tl.constexpr,
@@ -682,6 +712,7 @@ def _attention_split_kernel(
     G_PAD: tl.constexpr,  # >= num_groups
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,
     HAS_HEAD_MASK: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     ENTROPY: tl.constexpr,
@@ -705,6 +736,7 @@ def _attention_split_kernel(
     else:
         any_live = pid >= 0
     sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
+    reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)  # (the splits cover every key to Lk)
 
     # this split's keys [start, end) of the band [band_lo, Lk); split 0 also takes the sink
     # keys before the band
@@ -724,14 +756,14 @@ def _attention_split_kernel(
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, sink_hi, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            start, sink_hi, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
             True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, end, pos, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
+            start, end, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
             True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
@@ -955,12 +987,17 @@ def _prune_split(configs, named_args, accumulators=1, **kwargs):
 
 
 _FWD_KEY_SHAPES = ["LQ_BUCKET", "LK_BUCKET"]  # (see _lq_lk_buckets)
-_FWD_KEY = ["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP", *_FWD_KEY_SHAPES]
+_FWD_KEY = [
+    "HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP",
+    *_FWD_KEY_SHAPES,
+]  # fmt: skip
 _attention_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(_attention_fwd_kernel)
 # tuned once per head dim and row count, not per length (decoding changes Lk every step)
-_SPLIT_KEY = ["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP"]
+_SPLIT_KEY = [
+    "HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP",
+]  # fmt: skip
 _attention_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS, key=_SPLIT_KEY, prune_configs_by={"early_config_prune": _prune_split}
 )(_attention_split_kernel)
@@ -1114,6 +1151,7 @@ def sink_attention(
     num_groups: int,
     softcap: float = 0.0,
     split_keys: Optional[int] = None,
+    horizon: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the attention kernels; writes every element of out, lse, sink_mass and (when
     given) group_mass and entropy.
@@ -1129,6 +1167,9 @@ def sink_attention(
     [0, num_groups) (checked by the caller) or None.
     softcap: c > 0 caps every score, s = c tanh(scale q . k / c), before masking and all
     statistics (Gemma 2's attn_logit_softcapping); 0 (or None): no cap.
+    horizon: int64 [B, Lk] contiguous or None; with causal, query position p sees keys
+    j <= horizon[b, p] instead of j <= p (bidirectional blocks; the kernels clamp it to
+    [p, Lk - 1]); ignored without causal.
     split_keys: None chooses the path (decode split-K for a few queries over long keys, see
     _DECODE_*); 0 forces the prefill kernel; n >= 1 forces the decode path with about n key
     splits (at most n; each split gets a multiple of 16 keys).
@@ -1146,6 +1187,8 @@ def sink_attention(
         _check_layout("head_mask", head_mask, (Hq,), torch.uint8)
     if sink_logit is not None:
         _check_layout("sink_logit", sink_logit, (Hq,), torch.float32)
+    if horizon is not None:
+        _check_layout("horizon", horizon, (B, Lk), torch.int64)
     if (key_groups is None) != (group_mass is None):
         raise ValueError("group_mass must be given exactly when key_groups is")
     if key_groups is not None:
@@ -1174,10 +1217,12 @@ def sink_attention(
     else:
         qk_scale, cap = float(scale) * 1.4426950408889634, 0.0
     has_groups = key_groups is not None
+    has_horizon = horizon is not None and bool(causal)
     # a dummy pointer for what is not given (never read: its flag is off)
     dummy = lse
     ptrs = dict(
         key_real=key_real if key_real is not None else dummy,
+        horizon=horizon if has_horizon else dummy,
         head_mask=head_mask if head_mask is not None else dummy,
         sink_logit=sink_logit if sink_logit is not None else dummy,
         key_groups=key_groups if has_groups else dummy,
@@ -1186,10 +1231,12 @@ def sink_attention(
     )
     stride_r = key_real.stride() if key_real is not None else (0, 0)
     stride_g = key_groups.stride() if has_groups else (0, 0)
+    stride_h = (horizon.stride(0) if has_horizon else 0,)
     flags = dict(
         G_PAD=_next_pow2_at_least(num_groups if has_groups else 1, 16),
         CAUSAL=bool(causal),
         HAS_KEY_REAL=key_real is not None,
+        HAS_HORIZON=has_horizon,
         HAS_HEAD_MASK=head_mask is not None,
         HAS_SINK_LOGIT=sink_logit is not None,
         HAS_GROUPS=has_groups,
@@ -1199,10 +1246,10 @@ def sink_attention(
     )
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits > 0:
-        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
                       qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
     else:
-        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
                     qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
 
 
@@ -1220,21 +1267,21 @@ _INTERPRET_FWD_BLOCKS = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOC
 _INTERPRET_SPLIT_BLOCKS = dict(BLOCK_N=_INTERPRET_BLOCK_N)
 
 
-def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
                 qk_scale, cap, win, kv_group, num_groups):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     args = (
-        q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], sink_end, stat_end,
-        ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
+        q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], ptrs["horizon"],
+        sink_end, stat_end, ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
         qk_scale, cap, win, Hq, Lq, Lk, kv_group, num_groups,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *_lq_lk_buckets(Lq, Lk),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *stride_h, *_lq_lk_buckets(Lq, Lk),
     )  # fmt: skip
     _launch(_attention_fwd_kernel, _attention_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args, flags,
            _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
 
 
-def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, flags,
+def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
                   qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -1252,9 +1299,9 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     split_flags = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
     split_flags.update(G_PAD=g_pad, BLOCK_R=block_r)
     args = (
-        q, k, v, state, acc, grp, ptrs["key_real"], sink_end, stat_end, ptrs["head_mask"], ptrs["key_groups"],
-        qk_scale, cap, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g,
+        q, k, v, state, acc, grp, ptrs["key_real"], ptrs["horizon"], sink_end, stat_end, ptrs["head_mask"],
+        ptrs["key_groups"], qk_scale, cap, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
+        *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g, *stride_h,
     )  # fmt: skip
     _launch(_attention_split_kernel, _attention_split_tuned, _SPLIT_CONFIGS, _prune_split, (splits * B * Hkv,), args,
            split_flags, _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip

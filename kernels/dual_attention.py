@@ -3,8 +3,9 @@ pass over K and V, merged into contrastive guidance; the math of
 ``fastprobe.reference.dual_path_attention`` (two separate attention calls).
 
 Query i of (b, h) sits at position p = Lk - Lq + i and sees key j iff real[b, j] and (not
-causal or j <= p). Every visible key feeds exactly one of two online-softmax states per query
-row (base-2 scores t = scale q . k log2(e), as in attention.py):
+causal or j <= r_p), r_p = p or with a horizon (HAS_HORIZON) clamp(horizon[b, p], p, Lk - 1)
+(bidirectional blocks, as in attention.py). Every visible key feeds exactly one of two
+online-softmax states per query row (base-2 scores t = scale q . k log2(e), as in attention.py):
   state 1, kept keys (drop[b, j] = 0):    m1 = max t,  l1 = sum 2^(t - m1),  a1 = sum 2^(t - m1) v
   state 2, dropped keys (drop[b, j] = 1): m2, l2, a2 likewise
 each with its own max, so that neither underflows when the other kind dominates. At the end,
@@ -52,6 +53,7 @@ from .attention import (
     _NEG_INF,
     _SPLIT_CONFIGS,
     _block_scores,
+    _causal_reach,
     _check_layout,
     _check_qkv,
     _decode_plan,
@@ -114,7 +116,7 @@ def _dual_block(
     stride_dn,
     start,  # first key of the block
     end,  # keys >= end are not in this program's range (masked blocks only)
-    pos,  # [R] query positions
+    reach,  # [R] the last key each row sees in causal order (its position, or its horizon)
     offs_d,
     d_ok,
     offs_dv,  # the value head dim's columns and which are real
@@ -139,13 +141,13 @@ def _dual_block(
         drop = tl.load(drop_base + rows * stride_dn, mask=n_ok, other=0) != 0
         visible = key_ok[None, :]
         if CAUSAL:
-            visible = visible & (offs_n[None, :] <= pos[:, None])
+            visible = visible & (offs_n[None, :] <= reach[:, None])
         t = tl.where(visible, t, _NEG_INF)
         kinds = tl.where(key_ok, tl.where(drop, 1 << 16, 1), 0)
     else:
         drop = tl.load(drop_base + rows * stride_dn) != 0
         kinds = tl.where(drop, 1 << 16, 1)
-    # the keys in range (a superset of those some row sees: end <= the last query's p + 1)
+    # the keys in range (a superset of those some row sees: end <= the largest reach + 1)
     # counted by kind in one reduction: kept in the low 16 bits, dropped in the high ones
     kinds = tl.sum(kinds, axis=0)
     if (kinds >> 16) == 0:  # kept keys only (or none): state 1
@@ -215,6 +217,7 @@ def _dual_fwd_kernel(
     cond_ptr,  # like out (dummy unless WRITE_PATHS)
     uncond_ptr,
     key_real_ptr,  # [B, Lk] uint8 (dummy unless HAS_KEY_REAL)
+    horizon_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_HORIZON)
     drop_ptr,  # [B, Lk] uint8
     rows_ptr,  # [B, Lq] uint8
     qk_scale,  # scale log2(e)
@@ -246,6 +249,7 @@ def _dual_fwd_kernel(
     stride_dn,
     stride_sb,
     stride_sm,
+    stride_hb,
     LQ_BUCKET,  # autotune key only
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
@@ -254,6 +258,7 @@ def _dual_fwd_kernel(
     BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,  # bidirectional blocks (causal only)
     ORTHOGONALIZE: tl.constexpr,
     WRITE_PATHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -270,7 +275,10 @@ def _dual_fwd_kernel(
     dv_ok = offs_dv < VALUE_DIM
     # no window (one wider than any |p - j|) and no sinks: the band is [0, band_end), blocks
     # [a, c) unmasked (a = 0), [c, band_end) masked
-    _, _, a, c, band_end = _fwd_band(m0, Lq, Lk, Lk + Lq + 1, 0, h >= 0, CAUSAL, HAS_KEY_REAL, BLOCK_M, BLOCK_N)
+    reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
+    _, _, a, c, band_end = _fwd_band(
+        m0, Lq, Lk, Lk + Lq + 1, 0, h >= 0, reach, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, BLOCK_M, BLOCK_N
+    )
 
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
@@ -282,13 +290,13 @@ def _dual_fwd_kernel(
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, reach, offs_d, d_ok,
             offs_dv, dv_ok, qk_scale, False, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-    for start in range(c, band_end, BLOCK_N):  # the band's edge (diagonal, padding, Lk)
+    for start in range(c, band_end, BLOCK_N):  # the band's edge (diagonal / horizon, padding, Lk)
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, reach, offs_d, d_ok,
             offs_dv, dv_ok, qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
@@ -313,6 +321,7 @@ def _dual_split_kernel(
     state_ptr,  # [B * Hkv, S, 2 states, 2 (m, l), BLOCK_R] float32
     acc_ptr,  # [B * Hkv, S, 2 states, BLOCK_R, BLOCK_DV] float32
     key_real_ptr,
+    horizon_ptr,
     drop_ptr,
     qk_scale,
     Hkv,
@@ -337,6 +346,7 @@ def _dual_split_kernel(
     stride_rn,
     stride_db,
     stride_dn,
+    stride_hb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     VALUE_DIM: tl.constexpr,
@@ -344,6 +354,7 @@ def _dual_split_kernel(
     BLOCK_R: tl.constexpr,  # >= kv_group * Lq rows, >= 16 (tl.dot)
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -356,6 +367,7 @@ def _dual_split_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
     start0, end = _split_keys(0, split, chunk, Lk, pid >= 0)  # no window: the band is every key
+    reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
     )
@@ -364,7 +376,7 @@ def _dual_split_kernel(
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, reach, offs_d, d_ok,
             offs_dv, dv_ok, qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     part = (bkv * num_splits + split) * 2  # state 1 at part, state 2 at part + 1
@@ -425,12 +437,12 @@ _prune_dual_fwd = functools.partial(_prune_fwd, accumulators=2)
 _prune_dual_split = functools.partial(_prune_split, accumulators=2)
 _dual_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", *_FWD_KEY_SHAPES],
+    key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", *_FWD_KEY_SHAPES],
     prune_configs_by={"early_config_prune": _prune_dual_fwd},
 )(_dual_fwd_kernel)
 _dual_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS,
-    key=["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL"],
+    key=["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON"],
     prune_configs_by={"early_config_prune": _prune_dual_split},
 )(_dual_split_kernel)
 
@@ -452,6 +464,7 @@ def dual_path_attention(
     orthogonalize: bool,
     eps: float,
     split_keys: Optional[int] = None,
+    horizon: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the dual-path kernels; writes every element of out and (when given) o_cond and
     o_uncond.
@@ -464,7 +477,8 @@ def dual_path_attention(
     key); rows uint8 [B, Lq] (1 = guide this query row). gamma: guidance strength (0: out is
     o_cond exactly); orthogonalize: remove dO's component along o_uncond; eps > 0.
     split_keys: as in attention.sink_attention (None chooses, 0 prefill, n >= 1 about n key
-    splits of the decode path).
+    splits of the decode path). horizon: int64 [B, Lk] contiguous or None, as in
+    attention.sink_attention (with causal, p sees keys j <= horizon[b, p]; ignored without).
     """
     B, Hq, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v, out)
     if (o_cond is None) != (o_uncond is None):
@@ -476,6 +490,8 @@ def dual_path_attention(
         _check_layout("key_real", key_real, (B, Lk), torch.uint8, contiguous=False)
     _check_layout("drop", drop, (B, Lk), torch.uint8, contiguous=False)
     _check_layout("rows", rows, (B, Lq), torch.uint8, contiguous=False)
+    if horizon is not None:
+        _check_layout("horizon", horizon, (B, Lk), torch.int64)
     if B * Hq * Lq == 0:
         return
 
@@ -483,16 +499,20 @@ def dual_path_attention(
     cond, uncond = (o_cond, o_uncond) if write_paths else (out, out)  # (dummies: never written)
     real = key_real if key_real is not None else drop  # (a dummy: never read)
     stride_r = key_real.stride() if key_real is not None else (0, 0)
+    has_horizon = horizon is not None and bool(causal)
+    horizon_arg, stride_h = (horizon, horizon.stride(0)) if has_horizon else (drop, 0)  # (drop: a dummy)
     qk_scale = float(scale) * 1.4426950408889634
-    flags = dict(CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, **_dot_flags(q.dtype, D, Dv))
+    flags = dict(
+        CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, HAS_HORIZON=has_horizon, **_dot_flags(q.dtype, D, Dv)
+    )
     guidance = dict(ORTHOGONALIZE=bool(orthogonalize), WRITE_PATHS=write_paths)
     kv_group = Hq // Hkv
     splits, _, band = _decode_plan(q, Hkv, Lk, Lk + Lq + 1, split_keys)  # no window: band = Lk
     if splits == 0:
         args = (
-            q, k, v, out, cond, uncond, real, drop, rows, qk_scale, float(gamma), float(eps), Hq, Lq, Lk, kv_group,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(), *rows.stride(),
-            *_lq_lk_buckets(Lq, Lk),
+            q, k, v, out, cond, uncond, real, horizon_arg, drop, rows, qk_scale, float(gamma), float(eps), Hq, Lq, Lk,
+            kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(), *rows.stride(),
+            stride_h, *_lq_lk_buckets(Lq, Lk),
         )  # fmt: skip
         _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_dual_fwd, _fwd_grid(Lq, B * Hq), args,
                 dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
@@ -503,8 +523,8 @@ def dual_path_attention(
     state = torch.empty((B * Hkv, splits, 2, 2, block_r), dtype=torch.float32, device=q.device)
     acc = torch.empty((B * Hkv, splits, 2, block_r, block_dv), dtype=torch.float32, device=q.device)
     args = (
-        q, k, v, state, acc, real, drop, qk_scale, Hkv, Lq, Lk, kv_group, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(),
+        q, k, v, state, acc, real, horizon_arg, drop, qk_scale, Hkv, Lq, Lk, kv_group, chunk, splits,
+        *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(), stride_h,
     )  # fmt: skip
     _launch(_dual_split_kernel, _dual_split_tuned, _SPLIT_CONFIGS, _prune_dual_split, (splits * B * Hkv,), args,
             dict(flags, BLOCK_R=block_r), _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip
