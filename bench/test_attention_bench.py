@@ -30,7 +30,7 @@ DECODE_KEYS = 32768
 
 
 # Multi-head latent attention as DeepSeek-V3 attends in transformers: query/key heads of
-# 128 + 64 (no-rope + rope) dims, value heads of 128; fastprobe zero-pads v to 192.
+# 128 + 64 (no-rope + rope) dims, value heads of 128 (read at their own width).
 LATENT_CPU_CASE = dict(batch=1, heads=16, length=1024, head_dim=192, value_dim=128, dtype=torch.float32)
 LATENT_GPU_CASE = dict(batch=1, heads=32, length=4096, head_dim=192, value_dim=128, dtype=torch.bfloat16)
 
@@ -99,6 +99,55 @@ def test_attention_latent(benchmark, device, impl, request):
     )
     with torch.no_grad():
         _memory.measure(benchmark, request, device, impl, LATENT_IMPLS[impl], inputs, __file__)
+
+
+# A Gemma 3-style prompt with images: 256-token image blocks whose tokens attend to each other both
+# ways, causal elsewhere. transformers' SDPA path builds the [B, 1, L, L] boolean mask (once per
+# forward, so it is made outside the timed call here) and runs SDPA with it.
+BLOCKS_CASES = {
+    "cpu": dict(batch=1, heads=16, length=2048, head_dim=64, dtype=torch.float32, images=[(64, 320), (1024, 1280)]),
+    "cuda": dict(batch=1, heads=32, length=4096, head_dim=128, dtype=torch.bfloat16,
+                 images=[(64, 320), (1024, 1280), (2048, 2304), (3072, 3328)]),
+}
+
+
+def blocks_inputs(device, batch, heads, length, head_dim, dtype, images):
+    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask)."""
+    q, k, v = make_qkv(device, batch, heads, length, head_dim, dtype)
+    blocks = torch.full((batch, length), -1, dtype=torch.int64, device=device)
+    for index, (start, end) in enumerate(images):
+        blocks[:, start:end] = index
+    position = torch.arange(length, device=device)
+    same_block = (blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]
+    mask = (position[None, None, :] <= position[None, :, None]) | same_block
+    return q, k, v, blocks, mask[:, None]
+
+
+def fastprobe_blocks(q, k, v, blocks, mask):
+    return fp.sink_attention(q, k, v, bidirectional_blocks=blocks).out
+
+
+def sdpa_blocks(q, k, v, blocks, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+BLOCKS_IMPLS = {"fastprobe-blocks": fastprobe_blocks, "sdpa-blocks-mask": sdpa_blocks}
+
+
+@pytest.mark.parametrize("impl", list(BLOCKS_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_attention_blocks(benchmark, device, impl, request):
+    """Bidirectional image blocks in causal prefill (Gemma 3 with images)."""
+    case = BLOCKS_CASES[device]
+    inputs = blocks_inputs(device, **case)
+    benchmark.group = f"sink_attention_blocks-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="sdpa-blocks-mask", dtype=str(case["dtype"]), images=case["images"],
+        shape=dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"]),
+        input_bytes=sum(t.nbytes for t in inputs[:3]), mask_bytes=inputs[4].nbytes,
+    )
+    with torch.no_grad():
+        _memory.measure(benchmark, request, device, impl, BLOCKS_IMPLS[impl], inputs, __file__)
 
 
 # ---- CUDA --------------------------------------------------------------------------------
@@ -196,7 +245,12 @@ def test_attention_decode_cuda(benchmark, impl, request):
         _memory.measure(benchmark, request, "cuda", impl, calls[impl], inputs, __file__)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"] and sys.argv[2] in BLOCKS_IMPLS:
+    small = blocks_inputs("cpu", 1, 2, 16, 8, torch.float32, [(2, 6)])
+    full = blocks_inputs("cpu", **BLOCKS_CASES["cpu"])
+    with torch.no_grad():
+        _memory.print_rss_growth(lambda: BLOCKS_IMPLS[sys.argv[2]](*small), lambda: BLOCKS_IMPLS[sys.argv[2]](*full))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
     latent = sys.argv[2] in LATENT_IMPLS
     impl = (LATENT_IMPLS if latent else CPU_IMPLS)[sys.argv[2]]
     small = make_qkv("cpu", 1, 2, 16, 8, torch.float32, value_dim=4 if latent else None)
