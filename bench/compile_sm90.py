@@ -61,7 +61,9 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
                      int(spilled.group(1)) if spilled else None))
 
 
-def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual):
+def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual, blocks=False):
+    """One launch of the sink or dual-path kernels; blocks: with a causal horizon (bidirectional blocks)."""
+    horizon = torch.zeros(batch, keys, dtype=torch.int64) if blocks else None
     q = torch.zeros(batch, heads, queries, head_dim, dtype=dtype)
     k = torch.zeros(batch, kv_heads, keys, head_dim, dtype=dtype)
     v = torch.zeros(batch, kv_heads, keys, value_dim, dtype=dtype)
@@ -70,7 +72,7 @@ def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, sp
         dual_attention.dual_path_attention(
             q, k, v, out, None, None, scale=0.1, causal=True, key_real=None,
             drop=torch.zeros(batch, keys, dtype=torch.uint8), rows=torch.ones(batch, queries, dtype=torch.uint8),
-            gamma=1.0, orthogonalize=True, eps=1e-6, split_keys=split_keys,
+            gamma=1.0, orthogonalize=True, eps=1e-6, split_keys=split_keys, horizon=horizon,
         )
     else:
         stats = [torch.zeros(batch, heads, queries) for _ in range(3)]
@@ -78,7 +80,7 @@ def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, sp
         attention.sink_attention(
             q, k, v, out, stats[0], stats[1], None, stats[2], scale=0.1, causal=True, window=0, key_real=None,
             sink_end=ends, stat_end=ends, head_mask=None, sink_logit=None, key_groups=None, num_groups=0,
-            split_keys=split_keys,
+            split_keys=split_keys, horizon=horizon,
         )
 
 
@@ -93,8 +95,8 @@ CASES = {  # name: (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, split_keys: 0 prefill, n t
 if __name__ == "__main__":
     JITFunction.run = compile_only
     for name, case in CASES.items():
-        for dual in (False, True):
+        for dual, blocks in ((False, False), (True, False), (False, True), (True, True)):
             compiled.clear()
-            launch(*case, dual=dual)
-            print(f"{'dual_path' if dual else 'sink'} {name}: " + ", ".join(
+            launch(*case, dual=dual, blocks=blocks)
+            print(f"{'dual_path' if dual else 'sink'}{' +blocks' if blocks else ''} {name}: " + ", ".join(
                 f"{kernel} {registers} registers, {spilled} B spilled" for kernel, registers, spilled in compiled))
