@@ -131,6 +131,74 @@ def small_llava_config():
                                     vision_feature_layer=-1)
 
 
+def _vlm_case(name):
+    """(model class, config, image inputs) of a small vision-language model of family `name`, or a
+    skip when the installed transformers has none."""
+    classes = dict(llava_next="LlavaNext", llava_onevision="LlavaOnevision", mistral3="Mistral3", idefics3="Idefics3",
+                   internvl="InternVL")
+    prefix = classes[name]
+    if not hasattr(transformers, f"{prefix}ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
+    model_class, config_class = (getattr(transformers, f"{prefix}{suffix}") for suffix in ("ForConditionalGeneration", "Config"))
+    text = dict(model_type="qwen2" if name in ("internvl", "llava_onevision") else "llama", vocab_size=300, hidden_size=64,
+                intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    pinpoints = dict(image_grid_pinpoints=[[28, 28], [28, 56]], vision_feature_layer=-1)
+    sizes = torch.tensor([[28, 56], [28, 28]])  # anyres: one wide image, one square
+    if name == "llava_next":
+        config = config_class(vision_config=transformers.CLIPVisionConfig(**tower, image_size=28, patch_size=14).to_dict(),
+                              text_config=text, image_token_index=299, **pinpoints)
+        images = dict(pixel_values=torch.randn(2, 3, 3, 28, 28), image_sizes=sizes)
+    elif name == "llava_onevision":
+        config = config_class(vision_config=dict(model_type="siglip_vision_model", **tower, image_size=28, patch_size=14),
+                              text_config=text, image_token_index=299, **pinpoints)
+        images = dict(pixel_values=torch.randn(2, 3, 3, 28, 28), image_sizes=sizes)
+    elif name == "mistral3":  # Pixtral packs the images in one row under a block-diagonal 4D mask
+        config = config_class(vision_config=dict(model_type="pixtral", **tower, image_size=28, patch_size=7, head_dim=8),
+                              text_config=dict(text, model_type="mistral", head_dim=16), image_token_index=299,
+                              spatial_merge_size=2, vision_feature_layer=-1)
+        images = dict(pixel_values=torch.randn(2, 3, 28, 28), image_sizes=torch.tensor([[28, 28], [28, 28]]))
+    elif name == "idefics3":
+        config = config_class(vision_config=dict(**tower, image_size=28, patch_size=7), text_config=text,
+                              image_token_id=299, scale_factor=2)
+        images = dict(pixel_values=torch.randn(2, 1, 3, 28, 28))
+    else:
+        config = config_class(vision_config=dict(**tower, image_size=[28, 28], patch_size=[7, 7]), text_config=text,
+                              image_token_id=299, downsample_ratio=0.5, vision_feature_layer=-1)
+        images = dict(pixel_values=torch.randn(2, 3, 28, 28))
+    return model_class, config, images
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "mistral3", "idefics3", "internvl"])
+def test_vision_language_models_with_images(name):
+    """Vision-language families with images in a left-padded batch: the patched model's logits and
+    greedy tokens are the unpatched ones (their vision towers attend without fastprobe options;
+    Pixtral's block-diagonal mask over packed images runs image by image)."""
+    model_class, config, images = _vlm_case(name)
+    models = []
+    for _ in range(2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models.append(model_class(copy.deepcopy(config)).eval())
+    reference, model = models[0], patch_or_skip(models[1])
+    with torch.no_grad():
+        features = reference.model.get_image_features(**images)
+    features = getattr(features, "pooler_output", features)
+    if isinstance(features, torch.Tensor):  # [images, tokens, hidden], or flattened over the images
+        features = features.reshape(2, -1, features.shape[-1])
+    counts = [len(f) for f in features]  # image tokens per image
+    length = max(counts) + 8
+    ids, mask = torch.randint(3, 290, (2, length)), torch.ones(2, length, dtype=torch.long)
+    for row, count in enumerate(counts):
+        pad = length - count - 6
+        ids[row, :pad], mask[row, :pad] = 0, 0
+        ids[row, pad + 2:pad + 2 + count] = 299
+    assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **images)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+
+
 def test_vision_language_model_and_its_sub_configs():
     """A LLaVA (CLIP vision tower + Llama text model, each with its own sub-config): every config
     switches and is restored; the image-token forward equals the unpatched one."""

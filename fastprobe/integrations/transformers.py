@@ -732,37 +732,52 @@ def _check_kwargs(kwargs: dict) -> None:
 
 
 def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Optional[list]:
-    """[(start, end)] of the sequences packed in one row when the call passes cu_seq_lens (removed
-    from kwargs), else None. Taken only where fastprobe runs no options or statistics (a module
-    patch did not list: Qwen2-VL's vision tower in transformers 4.5x packs its images so), with one
-    row, the same query and key boundaries, and a 4D mask, if any, that is their block diagonal."""
-    if kwargs.get("cu_seq_lens_q") is None:
-        return None
+    """[(start, end)] of the sequences packed in one row of self-attention, each attending within
+    itself, else None. Taken only where fastprobe runs no options or statistics (a module patch did
+    not list: a vision tower), in two forms: cu_seq_lens (removed from kwargs; Qwen2-VL's tower in
+    transformers 4.5x), with query and key boundaries that agree and a 4D mask, if any, that is
+    their block diagonal; or a 4D mask alone that is a block diagonal (Pixtral's tower)."""
     state = getattr(module, _STATE, None)
-    if state is not None and id(module) in state.index:
+    patched = state is not None and id(module) in state.index
+    length = query.shape[2]
+    if kwargs.get("cu_seq_lens_q") is None:
+        if patched or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != 1 or (
+                key.shape[2] != length or tuple(attention_mask.shape[-2:]) != (length, length)):
+            return None
+        goes_on = _visible(attention_mask, length).reshape(-1, length, length)[0].diagonal(-1)  # i sees i - 1
+        cuts = [0] + [i + 1 for i in (~goes_on).nonzero().flatten().tolist()] + [length]
+        segments = list(zip(cuts[:-1], cuts[1:]))
+        return segments if _is_block_diagonal(attention_mask, segments, length) else None  # else refused later
+    if patched:
         return None  # a patched layer: refused by _check_kwargs (packed sequences)
     bounds, key_bounds = kwargs.pop("cu_seq_lens_q"), kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
     bounds = [int(x) for x in bounds.tolist()]
     if key_bounds is None or [int(x) for x in key_bounds.tolist()] != bounds or query.shape[0] != 1 or (
-            query.shape[2] != key.shape[2] or bounds[0] != 0 or bounds[-1] != query.shape[2]):
+            key.shape[2] != length or bounds[0] != 0 or bounds[-1] != length):
         raise NotImplementedError("fastprobe attention takes packed sequences (cu_seq_lens) only as one row of "
                                   "self-attention whose query and key boundaries agree")
     segments = [(start, end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
     if attention_mask is not None:
         if attention_mask.dim() != 4:
             raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 2D mask")
-        length = query.shape[2]
-        ids = torch.zeros(length, dtype=torch.long, device=attention_mask.device)
-        for index, (start, end) in enumerate(segments):
-            ids[start:end] = index
-        block_diagonal = ids[:, None] == ids[None, :]
-        visible = attention_mask[..., -length:, -length:] == 0 if attention_mask.is_floating_point() else (
-            attention_mask[..., -length:, -length:].bool())
-        if not bool((visible == block_diagonal).all()):
+        if not _is_block_diagonal(attention_mask, segments, length):
             raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 4D mask that is "
                                       "not their block diagonal")
     return segments
+
+
+def _visible(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A 4D mask's last [length, length] as booleans (additive float masks: visible where 0)."""
+    mask = attention_mask[..., -length:, -length:]
+    return mask == 0 if mask.is_floating_point() else mask.bool()
+
+
+def _is_block_diagonal(attention_mask: torch.Tensor, segments: list, length: int) -> bool:
+    ids = torch.zeros(length, dtype=torch.long, device=attention_mask.device)
+    for index, (start, end) in enumerate(segments):
+        ids[start:end] = index
+    return bool((_visible(attention_mask, length) == (ids[:, None] == ids[None, :])).all())
 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
