@@ -34,7 +34,8 @@ masks keep on the installed version. In transformers 5.x that is, for sliding_wi
 reference here). The pattern rides on the returned mask tensor as an attribute, so each layer
 gets the pattern of the mask it was given. A mask made elsewhere (a 2D mask the caller passes
 straight to the attention, or none) falls back to flash attention's reading of the module's
-arguments (is_causal, sliding_window); a 4D mask is refused.
+arguments (is_causal, sliding_window); a 4D mask is refused, except in a module patch did not
+list (a vision tower) when it is the block diagonal of images packed in one row (Pixtral's).
 
 Guidance. With patch(model, guidance=...) the chosen layers run fastprobe.dual_path_attention,
 which needs the image-key mask [B, Lk] of every call. The model's forward pre-hook keeps it:
