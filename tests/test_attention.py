@@ -480,6 +480,26 @@ def test_reused_key_masks_give_the_same_result(target, num_sink, stat_tokens, si
             assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
+def test_reused_block_horizon_gives_the_same_result(target):
+    """A BlockHorizon made once (block_horizon) serves calls with its keys and up to its queries,
+    with the results of the block ids themselves; one checked for fewer queries, or malformed, is
+    refused."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 37, 37, 16, torch.float32, device)
+    blocks = image_blocks(2, 37, device)
+    prepared = fp.ops.attention.block_horizon(blocks, 37)
+    for num_queries in (37, 3):
+        want = fp.sink_attention(q[:, :, -num_queries:], k, v, bidirectional_blocks=blocks, window=9)
+        got = fp.sink_attention(q[:, :, -num_queries:], k, v, bidirectional_blocks=prepared, window=9)
+        assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+    with pytest.raises(ValueError, match="checked for 3 queries"):
+        fp.sink_attention(q, k, v, bidirectional_blocks=fp.ops.attention.block_horizon(blocks, 3))
+    with pytest.raises(ValueError, match="not a contiguous int64 tensor"):
+        fp.sink_attention(q, k, v, bidirectional_blocks=prepared._replace(horizon=prepared.horizon.int()))
+    with pytest.raises(ValueError, match="resumes"):  # checked when made
+        fp.ops.attention.block_horizon(torch.tensor([[0, -1, 0]]), 3)
+
+
 @pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
 def test_bad_input_raises_clear_error(case):
     message, args, kwargs = case

@@ -421,7 +421,7 @@ def test_blockwise_masks_match_transformers_masks():
                                             attention_mask=real.long())
         _, causal_order, ours, _, _, blocks = integration._pattern_of(None, mask, None, None, length)
         assert blocks is not None
-        pairs = fp.reference.block_pairs(blocks, length)
+        pairs = fp.reference.block_pairs(blocks.horizon, length)  # (a horizon is itself block ids)
         visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal_order, ours, pairs)[0]
         assert torch.equal(visible, materialised(function, length))
     too_long = or_masks(and_masks(causal, window(4)), overlay(images))

@@ -59,7 +59,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ..ops._common import check_int, check_real
-from ..ops.attention import key_masks, sink_attention
+from ..ops.attention import BlockHorizon, block_horizon, key_masks, sink_attention
 from ..ops.dual_attention import dual_path_attention
 
 __all__ = [
@@ -486,7 +486,7 @@ class _MaskPattern(NamedTuple):
     # why fastprobe cannot reproduce the mask, raised only if a layer attends with it (models make
     # masks for layer types they may not have, e.g. Qwen2-MoE a sliding one of window 0)
     refused: Optional[str] = None
-    blocks: Optional[torch.Tensor] = None  # [B, Lk] the keys' bidirectional block ids (blockwise overlay)
+    blocks: Optional[BlockHorizon] = None  # the keys' bidirectional blocks (blockwise overlay)
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -587,9 +587,10 @@ def _without_blocks(fn, masking_utils, found: list):
     return fn
 
 
-def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[int]) -> Optional[torch.Tensor]:
-    """The keys' block ids [B, kv_length] (-1: none) from _without_blocks' finds (ids [B, >= T] over
-    absolute positions), or None when no key is in a block. The kernels apply a window to a block's
+def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[int],
+                q_length: int) -> Optional[BlockHorizon]:
+    """The keys' blocks from _without_blocks' finds (ids [B, >= T] over absolute positions) as the
+    kernels' horizon, checked once for the layers of this forward, or None when no key is in a block. The kernels apply a window to a block's
     earlier tokens too, as and(window, or(causal, blocks)) does (5.x's Gemma 3); or(and(causal,
     window), blocks) agrees with it only while no block is longer than the window, so a longer one
     is refused."""
@@ -611,7 +612,10 @@ def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[in
                 f"fastprobe attention got bidirectional blocks (image tokens) of {longest} positions under a sliding "
                 f"window of {window}; fastprobe reproduces such masks only for blocks no longer than the window"
             )
-    return ids
+    try:
+        return block_horizon(ids, q_length)
+    except ValueError as why:  # a block resuming after a gap
+        raise NotImplementedError(f"fastprobe attention cannot reproduce these bidirectional blocks: {why}") from None
 
 
 def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
@@ -683,7 +687,7 @@ def key_padding_mask(
     try:
         causal, window, refused = *_mask_pattern(mask_function), None
         if found and causal:
-            blocks = _key_blocks(found, int(kv_offset), kv_length, window)
+            blocks = _key_blocks(found, int(kv_offset), kv_length, window, int(q_length))
     except NotImplementedError as why:
         causal, window, refused = True, None, str(why)
     q_offset = int(q_offset)  # a tensor only for static caches (one sync, then refused below)
@@ -783,7 +787,7 @@ def _is_block_diagonal(attention_mask: torch.Tensor, segments: list, length: int
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
     """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None,
-    bidirectional block ids [B, Lk] or None)."""
+    bidirectional blocks (a BlockHorizon) or None)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
     if pattern is not None:
         if pattern.refused is not None:
@@ -842,7 +846,8 @@ def attention_forward(
     if padding is not None and padding.device != query.device:  # a model split over devices (device_map)
         padding = padding.to(query.device, non_blocking=True)
         dropped = None if dropped is None else dropped.to(query.device, non_blocking=True)
-        blocks = None if blocks is None else blocks.to(query.device, non_blocking=True)
+        if blocks is not None and blocks.horizon is not None:
+            blocks = blocks._replace(horizon=blocks.horizon.to(query.device, non_blocking=True))
         masks_made = None
     state = getattr(module, _STATE, None)
     layer = state.index.get(id(module)) if state is not None else None

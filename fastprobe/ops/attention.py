@@ -25,7 +25,7 @@ from ._common import (
     new_output, on_device, output_dtype, register_forward_only,
 )
 
-__all__ = ["AttentionOutput", "KeyMasks", "key_masks", "sink_attention"]
+__all__ = ["AttentionOutput", "BlockHorizon", "KeyMasks", "block_horizon", "key_masks", "sink_attention"]
 
 
 class AttentionOutput(NamedTuple):
@@ -283,15 +283,38 @@ def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> 
     return key_groups.to(torch.int32).contiguous(), num_groups
 
 
+class BlockHorizon(NamedTuple):
+    """bidirectional_blocks in the kernels' form, made once by block_horizon and reusable by every
+    causal call with the same keys and at most as many queries (the layers of one forward): it
+    skips re-checking the blocks (a sort and a host sync per call)."""
+
+    horizon: Optional[torch.Tensor]  # int64 [B, Lk] (see causal_horizon), or None: no block
+    num_queries: int  # it was checked for the last num_queries positions as queries
+
+
+def block_horizon(bidirectional_blocks: torch.Tensor, num_queries: int) -> BlockHorizon:
+    """bidirectional_blocks ([B, Lk] block ids) checked and turned into the kernels' causal horizon
+    for calls with up to num_queries queries."""
+    if isinstance(bidirectional_blocks, torch.Tensor) and bidirectional_blocks.dim() != 2:
+        raise ValueError(f"bidirectional_blocks must have shape [B, Lk], got {tuple(bidirectional_blocks.shape)}")
+    shape = tuple(getattr(bidirectional_blocks, "shape", ()))
+    num_queries = check_int(num_queries, "num_queries", 0)
+    if shape and num_queries > shape[1]:
+        raise ValueError(f"num_queries ({num_queries}) must be <= Lk ({shape[1]})")
+    return BlockHorizon(causal_horizon(bidirectional_blocks, shape, num_queries, True, bidirectional_blocks), num_queries)
+
+
 def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torch.Tensor) -> Optional[torch.Tensor]:
-    """bidirectional_blocks ([B, Lk] integer ids; negative: no block) as the kernels' causal
-    horizon: int64 [B, Lk], horizon[b, p] = the last position of the run of equal ids holding p
-    (p itself outside blocks), so that with causal the query at p sees keys j <= horizon[b, p].
-    None without blocks or without causal (blocks then change nothing). A block must be one run
-    from any query position on: an id that resumes after other tokens would make a query see
-    keys beyond a gap, which no horizon says."""
+    """bidirectional_blocks ([B, Lk] integer ids; negative: no block, or a BlockHorizon) as the
+    kernels' causal horizon: int64 [B, Lk], horizon[b, p] = the last position of the run of equal
+    ids holding p (p itself outside blocks), so that with causal the query at p sees keys
+    j <= horizon[b, p]. None without blocks or without causal (blocks then change nothing). A
+    block must be one run from any query position on: an id that resumes after other tokens
+    would make a query see keys beyond a gap, which no horizon says."""
     if blocks is None:
         return None
+    if isinstance(blocks, BlockHorizon):
+        return _check_block_horizon(blocks, shape, num_queries, q) if causal else None
     if not isinstance(blocks, torch.Tensor):
         raise TypeError(f"bidirectional_blocks must be an integer tensor of shape [B, Lk], got {type(blocks).__name__}")
     check_same_device(q, "q", blocks, "bidirectional_blocks")
@@ -325,6 +348,24 @@ def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torc
                 f"on; block id {int(marked[bad[0], bad[1] + 1])} of row {bad[0]} resumes after other tokens"
             )
     return horizon.contiguous()
+
+
+def _check_block_horizon(blocks: BlockHorizon, shape: tuple, num_queries: int,
+                         q: torch.Tensor) -> Optional[torch.Tensor]:
+    """A reused BlockHorizon must have been made for these keys and at least these queries."""
+    if blocks.num_queries < num_queries:
+        raise ValueError(f"bidirectional_blocks is a BlockHorizon checked for {blocks.num_queries} queries, but this "
+                         f"call has {num_queries}; make it with block_horizon(blocks, {num_queries})")
+    horizon = blocks.horizon
+    if horizon is None:
+        return None
+    if not isinstance(horizon, torch.Tensor):
+        raise TypeError(f"bidirectional_blocks is a BlockHorizon whose horizon is a {type(horizon).__name__}, not a tensor")
+    check_same_device(q, "q", horizon, "bidirectional_blocks.horizon")
+    if tuple(horizon.shape) != shape or horizon.dtype != torch.int64 or not horizon.is_contiguous():
+        raise ValueError(f"bidirectional_blocks is a BlockHorizon whose horizon is not a contiguous int64 tensor of "
+                         f"shape {list(shape)} (got {horizon.dtype}, {tuple(horizon.shape)}); make it with block_horizon")
+    return horizon
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -465,7 +506,8 @@ def sink_attention(
             positions of one block also see the block's later positions (Gemma 3's image
             tokens, PaliGemma's prefix: transformers' block_sequence_ids); the window and the
             padding mask still apply. From the first query on, each block must be one run of
-            consecutive positions.
+            consecutive positions. Or the BlockHorizon that block_horizon made from them, reused
+            by calls with the same keys (e.g. every layer of one forward).
 
     Returns:
         AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, Dv] buffer),
