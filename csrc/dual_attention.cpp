@@ -2,9 +2,9 @@
 // into contrastive guidance (the math of fastprobe.reference.dual_path_attention).
 //
 // Per batch b, query head h and query i at position p = Lk - Lq + i (visible as in
-// attention_core.h: real and, when causal, j <= reach_p), two running softmax states over the
-// visible keys: state 0 over the kept keys, state 1 over the dropped ones (each key feeds
-// exactly one). With their (m_1, l_1, O_1) and (m_2, l_2, O_2) and m = max(m_1, m_2):
+// attention_core.h: real, when causal j <= reach_p, and in the window, without sink keys), two
+// running softmax states over the visible keys: state 0 over the kept keys, state 1 over the
+// dropped ones (each key feeds exactly one). With their (m_1, l_1, O_1) and (m_2, l_2, O_2) and m = max(m_1, m_2):
 //   o_uncond = O_1 / l_1                                              (0 when l_1 = 0)
 //   o_cond   = (O_1 e^(m_1 - m) + O_2 e^(m_2 - m)) / (l_1 e^(m_1 - m) + l_2 e^(m_2 - m))
 //   dO = o_cond - o_uncond, orthogonalize: dO -= <dO, u> u with u = o_uncond / (||o_uncond|| + eps)
@@ -140,7 +140,7 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
                          int64_t out_s3, double scale, bool causal, uintptr_t key_real,
                          uintptr_t drop, uintptr_t rows, double gamma, bool orthogonalize,
                          double eps, uintptr_t o_cond, uintptr_t o_uncond, int64_t num_threads,
-                         uintptr_t horizon) {
+                         uintptr_t horizon, int64_t window) {
   const char* op = "dual_path_attention";
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
@@ -151,9 +151,11 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
   const float gamma_f = float(gamma);
   if (!std::isfinite(gamma_f)) invalid(op, "gamma must be finite in float32");
   if (!(eps > 0.0 && std::isfinite(eps))) invalid(op, "eps must be finite and > 0");
+  check_size(window, 0, "window");
   if (batch == 0 || num_queries == 0) return;  // empty outputs may come with null data pointers
 
   p.horizon = pointer<const int64_t>(horizon, false, "horizon");
+  p.window = window >= num_keys ? 0 : window;  // a window of Lk keys or more hides nothing
   const DualPathAttention attention{p,
                                     pointer<const uint8_t>(drop, true, "drop"),
                                     pointer<const uint8_t>(rows, true, "rows"),
@@ -173,10 +175,12 @@ void bind_dual_attention(py::module_& m) {
         "(see fastprobe.reference.dual_path_attention). q, k, v, out as in sink_attention; key_real\n"
         "uint8 [B, Lk] (0: all real), drop uint8 [B, Lk] (1: dropped), rows uint8 [B, Lq] (1: guided),\n"
         "contiguous; o_cond and o_uncond (0: not written) have out's shape and strides. horizon int64\n"
-        "[B, Lk] (0: none): the causal order as in sink_attention.",
+        "[B, Lk] (0: none): the causal order as in sink_attention. window (0: none) as in sink_attention,\n"
+        "without sink keys.",
         FASTPROBE_ATTENTION_ARGS, py::arg("key_real"), py::arg("drop"),
         py::arg("rows"), py::arg("gamma"), py::arg("orthogonalize"), py::arg("eps"),
-        py::arg("o_cond"), py::arg("o_uncond"), py::arg("num_threads"), py::arg("horizon") = 0);
+        py::arg("o_cond"), py::arg("o_uncond"), py::arg("num_threads"), py::arg("horizon") = 0,
+        py::arg("window") = 0);
 }
 
 }  // namespace fastprobe

@@ -438,6 +438,7 @@ def dual_path_attention(
     causal: bool = True,
     key_padding_mask: Optional[torch.Tensor] = None,
     bidirectional_blocks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
 ) -> dict:
     """SPEC section 5 with two separate attention calls (the two-pass formulation).
 
@@ -447,8 +448,8 @@ def dual_path_attention(
       out = o_cond + gamma (dO - <dO, u> u)   (orthogonalize=False: o_cond + gamma dO)
     on the selected rows; other rows get o_cond. A row whose kept-key set is empty (every
     visible key dropped) has no language-only path: o_uncond = 0 and out = o_cond there (no
-    guidance). bidirectional_blocks as in sink_attention. Returns a dict of out, o_cond,
-    o_uncond [B, Hq, Lq, D] in the compute dtype."""
+    guidance). bidirectional_blocks and window as in sink_attention (no sink keys). Returns a
+    dict of out, o_cond, o_uncond [B, Hq, Lq, D] in the compute dtype."""
     batch, num_keys = q.shape[0], k.shape[2]
     real = (
         torch.ones(batch, num_keys, dtype=torch.bool, device=q.device)
@@ -457,7 +458,7 @@ def dual_path_attention(
     )
     kept = real & ~drop_keys.to(device=q.device, dtype=torch.bool)
     nothing = torch.zeros_like(real)
-    options = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=None,
+    options = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=window,
                    head_mask=None, sink_logit=None, key_groups=None, num_groups=None,
                    unordered=block_pairs(bidirectional_blocks, q.shape[2]))
     conditional = attention_from_masks(q, k, v, real, nothing, nothing, **options)

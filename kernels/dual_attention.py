@@ -3,9 +3,11 @@ pass over K and V, merged into contrastive guidance; the math of
 ``fastprobe.reference.dual_path_attention`` (two separate attention calls).
 
 Query i of (b, h) sits at position p = Lk - Lq + i and sees key j iff real[b, j] and (not
-causal or j <= r_p), r_p = p or with a horizon (HAS_HORIZON) clamp(horizon[b, p], p, Lk - 1)
-(bidirectional blocks, as in attention.py). Every visible key feeds exactly one of two
-online-softmax states per query row (base-2 scores t = scale q . k log2(e), as in attention.py):
+causal or j <= r_p) and in_window(p, j), r_p = p or with a horizon (HAS_HORIZON)
+clamp(horizon[b, p], p, Lk - 1) (bidirectional blocks), in_window = j > p - w (causal) or
+|p - j| < w (bidirectional): attention.py's visibility without sink keys (no window: w wider
+than any |p - j|). Every visible key feeds exactly one of two online-softmax states per query
+row (base-2 scores t = scale q . k log2(e), as in attention.py):
   state 1, kept keys (drop[b, j] = 0):    m1 = max t,  l1 = sum 2^(t - m1),  a1 = sum 2^(t - m1) v
   state 2, dropped keys (drop[b, j] = 1): m2, l2, a2 likewise
 each with its own max, so that neither underflows when the other kind dominates. At the end,
@@ -24,15 +26,15 @@ practice, so at most two blocks per program are mixed.
 
 Two paths, the structure of attention.py (whose helpers, block ranges, configs, pruning and
 launch plumbing this module shares):
-  * prefill: one program per (query block, b, h), the key blocks of its causal band, blocks
-    every query of the block sees in full (no padding mask) without elementwise masks;
+  * prefill: one program per (query block, b, h), the key blocks of its causal / window band,
+    blocks every query of the block sees in full (no padding mask) without elementwise masks;
   * decode (few queries, long keys; attention.py's _decode_plan decides, split_keys forces):
-    split-K, one program per (key split, b, kv head) for all Hq / Hkv query heads of the kv
-    head (K / V read once), writing both unnormalised states of each split to float32 scratch;
-    a merge program per query row merges each state over the splits by its own max, then
-    applies the guidance above. Guided generation (Lq = 1 every step) takes this path once
-    the cache holds >= 512 keys (a prompt with an image already does); shorter caches run the
-    prefill kernel with one 64-row query tile per (b, h).
+    split-K over the band, one program per (key split, b, kv head) for all Hq / Hkv query
+    heads of the kv head (K / V read once), writing both unnormalised states of each split to
+    float32 scratch; a merge program per query row merges each state over the splits by its
+    own max, then applies the guidance above. Guided generation (Lq = 1 every step) takes this
+    path once the band (the cache, or the window) holds >= 512 keys (a prompt with an image
+    already does); shorter ones run the prefill kernel with one 64-row query tile per (b, h).
 """
 
 # No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
@@ -116,11 +118,13 @@ def _dual_block(
     stride_dn,
     start,  # first key of the block
     end,  # keys >= end are not in this program's range (masked blocks only)
+    pos,  # [R] query positions
     reach,  # [R] the last key each row sees in causal order (its position, or its horizon)
     offs_d,
     d_ok,
     offs_dv,  # the value head dim's columns and which are real
     dv_ok,
+    window,  # > every |p - j| when there is no window
     qk_scale,  # scale log2(e)
     MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
     CAUSAL: tl.constexpr,
@@ -139,16 +143,20 @@ def _dual_block(
     if MASKED:
         key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
         drop = tl.load(drop_base + rows * stride_dn, mask=n_ok, other=0) != 0
-        visible = key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= reach[:, None])
-        t = tl.where(visible, t, _NEG_INF)
+        j = offs_n[None, :]
+        p_row = pos[:, None]
+        if CAUSAL:  # j <= r and j > p - w
+            visible = (j <= reach[:, None]) & (j > p_row - window)
+        else:  # |p - j| < w
+            visible = tl.abs(p_row - j) < window
+        t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
         kinds = tl.where(key_ok, tl.where(drop, 1 << 16, 1), 0)
     else:
         drop = tl.load(drop_base + rows * stride_dn) != 0
         kinds = tl.where(drop, 1 << 16, 1)
-    # the keys in range (a superset of those some row sees: end <= the largest reach + 1)
-    # counted by kind in one reduction: kept in the low 16 bits, dropped in the high ones
+    # the keys in range (a superset of those some row sees: the band's blocks, end <= the
+    # largest reach + 1) counted by kind in one reduction: kept in the low 16 bits, dropped in
+    # the high ones
     kinds = tl.sum(kinds, axis=0)
     if (kinds >> 16) == 0:  # kept keys only (or none): state 1
         m1, l1, acc1 = _update(t, m1, l1, acc1, v, MASKED, DOT_PRECISION, UPCAST)
@@ -223,6 +231,7 @@ def _dual_fwd_kernel(
     qk_scale,  # scale log2(e)
     gamma,
     eps,
+    window,  # runtime int; > every |p - j| when there is no window
     Hq,
     Lq,
     Lk,
@@ -273,11 +282,12 @@ def _dual_fwd_kernel(
     EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
-    # no window (one wider than any |p - j|) and no sinks: the band is [0, band_end), blocks
-    # [a, c) unmasked (a = 0), [c, band_end) masked
+    # no sinks (sink_end 0, so no sink blocks before the band): the band [lo_blk, band_end),
+    # blocks [lo_blk, a) masked (the window's edge; none without a window: lo_blk = a = 0),
+    # [a, c) unmasked, [c, band_end) masked
     reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
-    _, _, a, c, band_end = _fwd_band(
-        m0, Lq, Lk, Lk + Lq + 1, 0, h >= 0, reach, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, BLOCK_M, BLOCK_N
+    _, lo_blk, a, c, band_end = _fwd_band(
+        m0, Lq, Lk, window, 0, h >= 0, reach, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, BLOCK_M, BLOCK_N
     )
 
     k_base, v_base, real_base, drop_base = _key_bases(
@@ -287,17 +297,26 @@ def _dual_fwd_kernel(
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
 
     m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_M, BLOCK_DV)
+    for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window)
+        m1, l1, acc1, m2, l2, acc2 = _dual_block(
+            q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
+            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+            True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, reach, offs_d, d_ok,
-            offs_dv, dv_ok, qk_scale, False, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
+            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+            False, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-    for start in range(c, band_end, BLOCK_N):  # the band's edge (diagonal / horizon, padding, Lk)
+    for start in range(c, band_end, BLOCK_N):  # the edge above (diagonal / horizon, window, padding, Lk)
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, reach, offs_d, d_ok,
-            offs_dv, dv_ok, qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
+            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+            True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     selected = tl.load(rows_ptr + b * stride_sb + rows_m * stride_sm, mask=m_ok, other=0) != 0
@@ -324,10 +343,12 @@ def _dual_split_kernel(
     horizon_ptr,
     drop_ptr,
     qk_scale,
+    window,  # > every |p - j| when there is no window
     Hkv,
     Lq,
     Lk,
     kv_group,
+    band_lo,  # first key of the band (no query sees a key before it)
     chunk,  # keys per split
     num_splits,
     stride_qb,
@@ -366,8 +387,8 @@ def _dual_split_kernel(
     )
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
-    start0, end = _split_keys(0, split, chunk, Lk, pid >= 0)  # no window: the band is every key
-    reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
+    start0, end = _split_keys(band_lo, split, chunk, Lk, pid >= 0)  # this split's keys of the band
+    reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)  # (the splits reach Lk)
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
     )
@@ -376,8 +397,9 @@ def _dual_split_kernel(
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, reach, offs_d, d_ok,
-            offs_dv, dv_ok, qk_scale, True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, reach,
+            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+            True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     part = (bkv * num_splits + split) * 2  # state 1 at part, state 2 at part + 1
     _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m1, l1, acc1, 2, BLOCK_R, BLOCK_DV)
@@ -465,6 +487,7 @@ def dual_path_attention(
     eps: float,
     split_keys: Optional[int] = None,
     horizon: Optional[torch.Tensor] = None,
+    window: int = 0,
 ) -> None:
     """Launch the dual-path kernels; writes every element of out and (when given) o_cond and
     o_uncond.
@@ -479,6 +502,8 @@ def dual_path_attention(
     split_keys: as in attention.sink_attention (None chooses, 0 prefill, n >= 1 about n key
     splits of the decode path). horizon: int64 [B, Lk] contiguous or None, as in
     attention.sink_attention (with causal, p sees keys j <= horizon[b, p]; ignored without).
+    window: 0 none, w >= 1 as in attention.sink_attention (causal: p sees keys j > p - w, also
+    with a horizon; bidirectional: |p - j| < w); there are no sink keys.
     """
     B, Hq, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v, out)
     if (o_cond is None) != (o_uncond is None):
@@ -492,6 +517,9 @@ def dual_path_attention(
     _check_layout("rows", rows, (B, Lq), torch.uint8, contiguous=False)
     if horizon is not None:
         _check_layout("horizon", horizon, (B, Lk), torch.int64)
+    window = int(window)
+    if window < 0:
+        raise ValueError("window must be >= 0 (0: no window)")
     if B * Hq * Lq == 0:
         return
 
@@ -502,17 +530,20 @@ def dual_path_attention(
     has_horizon = horizon is not None and bool(causal)
     horizon_arg, stride_h = (horizon, horizon.stride(0)) if has_horizon else (drop, 0)  # (drop: a dummy)
     qk_scale = float(scale) * 1.4426950408889634
+    # no window, or one at least as wide: one wider than any |p - j| (as in attention.sink_attention)
+    win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
     flags = dict(
         CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, HAS_HORIZON=has_horizon, **_dot_flags(q.dtype, D, Dv)
     )
     guidance = dict(ORTHOGONALIZE=bool(orthogonalize), WRITE_PATHS=write_paths)
     kv_group = Hq // Hkv
-    splits, _, band = _decode_plan(q, Hkv, Lk, Lk + Lq + 1, split_keys)  # no window: band = Lk
+    # the band [band_lo, Lk): keys any of the last Lq queries may see (no window: every key)
+    splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits == 0:
         args = (
-            q, k, v, out, cond, uncond, real, horizon_arg, drop, rows, qk_scale, float(gamma), float(eps), Hq, Lq, Lk,
-            kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(), *rows.stride(),
-            stride_h, *_lq_lk_buckets(Lq, Lk),
+            q, k, v, out, cond, uncond, real, horizon_arg, drop, rows, qk_scale, float(gamma), float(eps), win, Hq, Lq,
+            Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(),
+            *rows.stride(), stride_h, *_lq_lk_buckets(Lq, Lk),
         )  # fmt: skip
         _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_dual_fwd, _fwd_grid(Lq, B * Hq), args,
                 dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
@@ -523,7 +554,7 @@ def dual_path_attention(
     state = torch.empty((B * Hkv, splits, 2, 2, block_r), dtype=torch.float32, device=q.device)
     acc = torch.empty((B * Hkv, splits, 2, block_r, block_dv), dtype=torch.float32, device=q.device)
     args = (
-        q, k, v, state, acc, real, horizon_arg, drop, qk_scale, Hkv, Lq, Lk, kv_group, chunk, splits,
+        q, k, v, state, acc, real, horizon_arg, drop, qk_scale, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
         *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(), stride_h,
     )  # fmt: skip
     _launch(_dual_split_kernel, _dual_split_tuned, _SPLIT_CONFIGS, _prune_dual_split, (splits * B * Hkv,), args,

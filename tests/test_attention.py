@@ -550,7 +550,7 @@ def test_cpp_clamps_a_hostile_horizon(op):
     def run(horizon, causal=True):
         if op == "sink":
             return _sink_attention_op(q, k, v, 0.3, causal, 0, None, ends, ends, None, None, None, 0, 0.0, horizon, True)
-        return _dual_path_attention_op(q, k, v, drop, rows, None, 0.5, True, 1e-6, 0.3, causal, horizon, True)
+        return _dual_path_attention_op(q, k, v, drop, rows, None, 0.5, True, 1e-6, 0.3, causal, horizon, 0, True)
 
     low = torch.full((2, 41), -(2**62), dtype=torch.int64)
     high = torch.full((2, 41), 2**62, dtype=torch.int64)

@@ -73,6 +73,23 @@ def test_value_head_dim_differs_from_query_head_dim(target, dtype, value_dim):
         assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_sliding_window(target, dtype, causal):
+    """A sliding window (causal p - w < j, bidirectional |p - j| < w; no sink keys), with padding,
+    image blocks and windows narrower and wider than the image run, prefill and decode."""
+    _, device = target
+    for batch, heads, kv_heads, num_queries, num_keys, head_dim in shapes(target):
+        q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
+        drop = image_keys(batch, num_keys, device)
+        for window in (1, 5, num_keys // 2 + 1):
+            options = dict(gamma=0.7, rows="all", causal=causal, window=window,
+                           key_padding_mask=padding_mask(batch, num_keys, "mixed", device),
+                           bidirectional_blocks=image_blocks(batch, num_keys, device) if causal else None)
+            got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+            assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_without_padding_and_bidirectional(target, causal):
     _, device = target
@@ -143,6 +160,8 @@ def bad_cases():
         ("multiple of the number of key/value heads", (q, k[:, :1].expand(2, 3, 7, 8), v[:, :1].expand(2, 3, 7, 8), drop), {"gamma": 1.0}),
         ("key_padding_mask must have shape", (q, k, v, drop), {"gamma": 1.0, "key_padding_mask": torch.ones(2, 5, dtype=torch.bool)}),
         ("orthogonalize must be a bool", (q, k, v, drop), {"gamma": 1.0, "orthogonalize": None}),
+        ("window must be >= 1", (q, k, v, drop), {"gamma": 1.0, "window": 0}),
+        ("bidirectional_blocks must have shape", (q, k, v, drop), {"gamma": 1.0, "bidirectional_blocks": torch.zeros(2, 6, dtype=torch.long)}),
     ]
 
 
@@ -173,5 +192,5 @@ def test_torch_compile_fullgraph_and_opcheck():
     torch.testing.assert_close(run(q, k, v, drop, blocks), guide(q, k, v, drop, blocks) * 2)
     rows = torch.ones(2, 6, dtype=torch.uint8)
     horizon = torch.arange(9).expand(2, 9).contiguous()
-    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, horizon, True)
+    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, horizon, 4, True)
     torch.library.opcheck(_dual_path_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -367,6 +367,7 @@ def _dual_path_attention_case(target, data):
         rows=torch.rand(batch, num_queries, device=device) < 0.5 if rows == "mask" else rows,
         key_padding_mask=mask,
         bidirectional_blocks=draw_blocks(data, batch, num_keys, device),
+        window=data.draw(st.one_of(st.none(), st.integers(1, num_keys + 2)), label="window"),
     )
     before = [x.clone() for x in (q, k, v)]
 

@@ -517,8 +517,9 @@ def test_gemma3_vision_language_model_on_text_and_on_images():
     with torch.no_grad():
         got = model.generate(ids, **images, **settings)
         assert torch.equal(got, reference.generate(ids, **images, **settings))
-    # contrastive guidance on the full-attention layer keeps the blocks: gamma 0 is plain attention
-    fp.patch(model, guidance=dict(gamma=0.0, layers=[1], image_token_id=299))
+    # contrastive guidance on the sliding and the full-attention layer keeps the window and the
+    # blocks: gamma 0 is plain attention
+    fp.patch(model, guidance=dict(gamma=0.0, layers=[0, 1], image_token_id=299))
     assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
 
 

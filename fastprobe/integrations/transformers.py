@@ -915,10 +915,8 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
                       blocks):
     """dual_path_attention on a guided layer, with this forward's image keys: out [B, Hq, Lq, D]."""
     guidance = state.options.guidance
-    if window is not None or s_aux is not None or softcap is not None or state.recorder is not None or (
-            layer in state.options.head_mask):
+    if s_aux is not None or softcap is not None or state.recorder is not None or layer in state.options.head_mask:
         what = next(what for found, what in (
-            (window is not None, f"a sliding window ({window})"),
             (layer in state.options.head_mask, "a head mask"),
             (s_aux is not None, "learned sink logits (s_aux)"),
             (softcap is not None, "a logit soft cap"),
@@ -942,7 +940,7 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
         rows = _last_real_rows(padding, num_queries)
     return dual_path_attention(
         query, key, value, drop, gamma=guidance.gamma, orthogonalize=guidance.orthogonalize, eps=guidance.eps,
-        rows=rows, scale=scaling, causal=causal, key_padding_mask=padding, bidirectional_blocks=blocks,
+        rows=rows, scale=scaling, causal=causal, key_padding_mask=padding, bidirectional_blocks=blocks, window=window,
     )
 
 
@@ -1008,7 +1006,8 @@ def patch(
     ("last": the token being generated) or on every query ("all"). The image keys are the
     positions of image_token_id (default: the model config's image_token_id), tracked through
     generate and its KV cache (see ImageKeys). gamma = 0 gives the unguided outputs. A guided layer
-    takes no sliding window, head mask, learned sinks, soft cap or recording (NotImplementedError).
+    keeps its sliding window and bidirectional blocks but takes no head mask, learned sinks, soft cap
+    or recording (NotImplementedError).
 
     Raises NotImplementedError for a model whose attention does not go through transformers'
     attention interface (it is never left silently unpatched), TypeError / ValueError for bad
