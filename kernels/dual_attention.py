@@ -297,13 +297,6 @@ def _dual_fwd_kernel(
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
 
     m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_M, BLOCK_DV)
-    for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window)
-        m1, l1, acc1, m2, l2, acc2 = _dual_block(
-            q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
-            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
@@ -311,7 +304,12 @@ def _dual_fwd_kernel(
             offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
             False, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-    for start in range(c, band_end, BLOCK_N):  # the edge above (diagonal / horizon, window, padding, Lk)
+    # the band's edges, masked: below [lo_blk, a) (window), then above [c, band_end) (diagonal /
+    # horizon, window, padding, Lk), in one loop (a second inlined masked block spills, sm_90);
+    # a is a block start, or band_end (then c = a: a partial last block below)
+    below = tl.cdiv(a - lo_blk, BLOCK_N)
+    for i in range(0, below + tl.cdiv(band_end - c, BLOCK_N)):
+        start = tl.where(i < below, lo_blk + i * BLOCK_N, c + (i - below) * BLOCK_N)
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
