@@ -259,18 +259,23 @@ def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: tor
     return (mask != 0).to(torch.uint8).contiguous()
 
 
+def _check_key_ids(ids, name: str, what: str, shape: tuple, q: torch.Tensor) -> None:
+    """ids (key_groups, bidirectional_blocks) must be an integer tensor [B, Lk] on q's device."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape [B, Lk], got {type(ids).__name__}")
+    check_same_device(q, "q", ids, name)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor ({what}), got {ids.dtype}")
+    if tuple(ids.shape) != shape:
+        raise ValueError(f"{name} must have shape [B, Lk] = {list(shape)}, got {tuple(ids.shape)}")
+
+
 def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
     if key_groups is None:
         if num_groups is not None:
             raise ValueError("num_groups was given without key_groups")
         return None, 0
-    if not isinstance(key_groups, torch.Tensor):
-        raise TypeError(f"key_groups must be an integer tensor of shape [B, Lk], got {type(key_groups).__name__}")
-    check_same_device(q, "q", key_groups, "key_groups")
-    if key_groups.is_floating_point() or key_groups.is_complex() or key_groups.dtype == torch.bool:
-        raise TypeError(f"key_groups must be an integer tensor (group ids), got {key_groups.dtype}")
-    if tuple(key_groups.shape) != shape:
-        raise ValueError(f"key_groups must have shape [B, Lk] = {list(shape)}, got {tuple(key_groups.shape)}")
+    _check_key_ids(key_groups, "key_groups", "group ids", shape, q)
     if num_groups is None:
         if is_compiling():
             raise ValueError("num_groups must be given under torch.compile (it sets the output shape)")
@@ -315,13 +320,7 @@ def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torc
         return None
     if isinstance(blocks, BlockHorizon):
         return _check_block_horizon(blocks, shape, num_queries, q) if causal else None
-    if not isinstance(blocks, torch.Tensor):
-        raise TypeError(f"bidirectional_blocks must be an integer tensor of shape [B, Lk], got {type(blocks).__name__}")
-    check_same_device(q, "q", blocks, "bidirectional_blocks")
-    if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
-        raise TypeError(f"bidirectional_blocks must be an integer tensor (block ids), got {blocks.dtype}")
-    if tuple(blocks.shape) != shape:
-        raise ValueError(f"bidirectional_blocks must have shape [B, Lk] = {list(shape)}, got {tuple(blocks.shape)}")
+    _check_key_ids(blocks, "bidirectional_blocks", "block ids", shape, q)
     if not causal or blocks.numel() == 0:
         return None
     ids = blocks.to(torch.int64).clamp(min=-1)  # every negative id: no block
