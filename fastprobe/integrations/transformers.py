@@ -590,10 +590,10 @@ def _without_blocks(fn, masking_utils, found: list):
 def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[int],
                 q_length: int) -> Optional[BlockHorizon]:
     """The keys' blocks from _without_blocks' finds (ids [B, >= T] over absolute positions) as the
-    kernels' horizon, checked once for the layers of this forward, or None when no key is in a block. The kernels apply a window to a block's
-    earlier tokens too, as and(window, or(causal, blocks)) does (5.x's Gemma 3); or(and(causal,
-    window), blocks) agrees with it only while no block is longer than the window, so a longer one
-    is refused."""
+    kernels' horizon, checked once for the layers of this forward, or None when no key is in a
+    block. The kernels apply a window to a block's earlier tokens too, as and(window, or(causal,
+    blocks)) does (5.x's Gemma 3); or(and(causal, window), blocks) agrees with it only while no
+    block is longer than the window, so a longer one is refused."""
     ids = found[0][0]
     if any(other is not ids and not torch.equal(other, ids) for other, _ in found[1:]):
         raise NotImplementedError("fastprobe attention got a mask with two different blockwise overlays")
@@ -836,7 +836,9 @@ def attention_forward(
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
     if segments is not None:  # a vision tower's images packed in one row: each attends within itself
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        # (both ways under a block-diagonal mask, which alone decides, as in sdpa; else as flash reads it)
+        causal = attention_mask is None and bool(
+            is_causal if is_causal is not None else getattr(module, "is_causal", False))
         outs = [_plain_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, causal,
                                  sliding_window, scaling, softcap, s_aux, None) for start, end in segments]
         return torch.cat(outs, dim=1), None
