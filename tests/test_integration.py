@@ -199,6 +199,20 @@ def test_vision_language_models_with_images(name):
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
 
 
+def test_four_d_masks_of_unlisted_modules():
+    """In a module patch did not list (a vision tower), a 4D mask that only expands a key padding
+    mask (Idefics3's tower in 4.57) becomes that padding, bidirectional; one that depends on the
+    query (causal, here) is still refused."""
+    tower = torch.nn.Linear(1, 1)
+    padding = torch.tensor([[True] * 7 + [False] * 2, [True] * 9])
+    additive = torch.zeros(2, 1, 9, 9).masked_fill(~padding[:, None, None, :], torch.finfo(torch.float32).min)
+    got, causal, *_ = integration._pattern_of(tower, additive, None, None, 9)
+    assert torch.equal(got, padding) and causal is False
+    causal_4d = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+    with pytest.raises(NotImplementedError, match="4D mask"):
+        integration._pattern_of(tower, causal_4d, None, None, 9)
+
+
 def test_vision_language_model_and_its_sub_configs():
     """A LLaVA (CLIP vision tower + Llama text model, each with its own sub-config): every config
     switches and is restored; the image-token forward equals the unpatched one."""

@@ -35,7 +35,8 @@ reference here). The pattern rides on the returned mask tensor as an attribute, 
 gets the pattern of the mask it was given. A mask made elsewhere (a 2D mask the caller passes
 straight to the attention, or none) falls back to flash attention's reading of the module's
 arguments (is_causal, sliding_window); a 4D mask is refused, except in a module patch did not
-list (a vision tower) when it is the block diagonal of images packed in one row (Pixtral's).
+list (a vision tower) when it is the block diagonal of images packed in one row (Pixtral's) or
+only expands a key padding mask (Idefics3's in 4.57).
 
 Guidance. With patch(model, guidance=...) the chosen layers run fastprobe.dual_path_attention,
 which needs the image-key mask [B, Lk] of every call. The model's forward pre-hook keeps it:
@@ -749,7 +750,7 @@ def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Option
         if patched or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != 1 or (
                 key.shape[2] != length or tuple(attention_mask.shape[-2:]) != (length, length)):
             return None
-        goes_on = _visible(attention_mask, length).reshape(-1, length, length)[0].diagonal(-1)  # i sees i - 1
+        goes_on = _visible(attention_mask).reshape(-1, length, length)[0].diagonal(-1)  # i sees i - 1
         cuts = [0] + [i + 1 for i in (~goes_on).nonzero().flatten().tolist()] + [length]
         segments = list(zip(cuts[:-1], cuts[1:]))
         return segments if _is_block_diagonal(attention_mask, segments, length) else None  # else refused later
@@ -772,9 +773,8 @@ def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Option
     return segments
 
 
-def _visible(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    """A 4D mask's last [length, length] as booleans (additive float masks: visible where 0)."""
-    mask = attention_mask[..., -length:, -length:]
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """A 4D mask as booleans (additive float masks: visible where 0)."""
     return mask == 0 if mask.is_floating_point() else mask.bool()
 
 
@@ -782,7 +782,7 @@ def _is_block_diagonal(attention_mask: torch.Tensor, segments: list, length: int
     ids = torch.zeros(length, dtype=torch.long, device=attention_mask.device)
     for index, (start, end) in enumerate(segments):
         ids[start:end] = index
-    return bool((_visible(attention_mask, length) == (ids[:, None] == ids[None, :])).all())
+    return bool((_visible(attention_mask[..., -length:, -length:]) == (ids[:, None] == ids[None, :])).all())
 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
@@ -797,6 +797,9 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         return attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks
     # Not made by our mask function: flash attention's reading of the module's arguments.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    padding = _padding_of_4d(module, attention_mask, num_keys)
+    if padding is not None:  # (a 4D mask alone decides, as in sdpa: no causal order)
+        return padding, False, sliding_window, None, None, None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise NotImplementedError(
@@ -807,6 +810,19 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         attention_mask = attention_mask[:, -num_keys:] != 0
     return attention_mask, causal, sliding_window, None, None, None
+
+
+def _padding_of_4d(module, attention_mask, num_keys: int) -> Optional[torch.Tensor]:
+    """The key padding mask [B, Lk] that a 4D mask [B, 1 or H, Lq, Lk] expands when every query
+    (and head) sees the same keys, in a module patch did not list (Idefics3's vision tower in
+    transformers 4.57 expands its patch mask so); else None."""
+    state = getattr(module, _STATE, None)
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != num_keys or (
+            state is not None and id(module) in state.index):
+        return None
+    visible = _visible(attention_mask)
+    first = visible[:, :1, :1, :]
+    return first[:, 0, 0, :] if bool((visible == first).all()) else None
 
 
 def _narrowest(*windows: Optional[int]) -> Optional[int]:
