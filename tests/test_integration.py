@@ -485,10 +485,10 @@ def test_masks_it_cannot_reproduce_are_refused_when_a_layer_attends_with_them():
 def test_gemma3_vision_language_model_on_text_and_on_images():
     """Gemma 3's processor sends token_type_ids with every prompt, and its mask lets each image's
     tokens attend to each other both ways: a batch without images is plain causal attention (the
-    image-block part unmasks nothing) and runs patched. With images, 5.x's blockwise overlay runs
-    patched as bidirectional blocks (same logits and tokens, the sliding layers' window of 4 as long
-    as the images); 4.5x's token-type rule (|q - kv| <= tokens per image, which also joins two nearby
-    images) is refused clearly."""
+    image-block part unmasks nothing) and runs patched. With images, 5.x's blockwise overlay and the
+    image groups of later 4.5x releases run patched as bidirectional blocks (same logits and tokens,
+    the sliding layers' window of 4 as long as the images); 4.53's token-type rule (|q - kv| <=
+    tokens per image, which also joins two nearby images) is refused clearly."""
     if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 3")
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -522,7 +522,10 @@ def test_gemma3_vision_language_model_on_text_and_on_images():
         assert torch.equal(got, reference.generate(ids, **settings))
     ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
     images = dict(token_type_ids=(ids == 299).long(), pixel_values=torch.randn(2, 3, 28, 28))
-    if not hasattr(transformers.masking_utils, "blockwise_overlay"):
+    groups_images = "image_group_ids" in inspect.signature(
+        transformers.models.gemma3.modeling_gemma3.token_type_ids_mask_function).parameters if not hasattr(
+        transformers.masking_utils, "blockwise_overlay") else True
+    if not groups_images:
         with pytest.raises(NotImplementedError, match="image-token blocks"):
             outputs(model, ids, torch.ones_like(ids), **images)
         return

@@ -22,9 +22,9 @@ returns the 2D key padding mask [B, Lk] (True = real token; all True without pad
 kernel computes causality and windows from positions (queries are the last Lq keys: prefill, and
 decoding with a dynamic cache). The mask transformers would have built is read from its
 `mask_function`: only transformers' own index functions are accepted (causal, bidirectional,
-sliding-window overlays, combined with and_masks/or_masks, and 5.x's blockwise overlay: the image
-tokens of Gemma 3 or the prefix of PaliGemma attending to each other, which the kernels take as
-bidirectional_blocks); anything else (packed sequences, chunked attention, a model's private
+sliding-window overlays, combined with and_masks/or_masks, and blocks of tokens that see each
+other both ways, which the kernels take as bidirectional_blocks: 5.x's blockwise overlay (Gemma 3's
+image tokens, PaliGemma's prefix) and Gemma 3's image groups in 4.5x releases after 4.53); anything else (packed sequences, chunked attention, a model's private
 overlay) is refused. The accepted
 function is evaluated on one row of positions, so the window is exactly what the sdpa and eager
 masks keep on the installed version. In transformers 5.x that is, for sliding_window = w:
@@ -540,13 +540,29 @@ def _packs_nothing(fn, masking_utils) -> bool:
 
 
 def _unmasks_nothing(fn, masking_utils) -> bool:
-    """An image-block part of a batch without images, which unmasks nothing: 4.5x Gemma 3's
+    """An image-block part of a batch without images, which unmasks nothing: 4.53's Gemma 3
     token-type function with no image token (its processor sends token_type_ids for text alone).
-    (5.x's blockwise overlay is taken out before, by _without_blocks.)"""
-    if getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and getattr(
-            fn, "__qualname__", "").startswith("token_type_ids_mask_function."):
-        return not bool((_closure(fn)["token_type_ids"] == 1).any())
-    return False
+    (The block parts fastprobe reproduces are taken out before, by _without_blocks.)"""
+    return _is_gemma3_token_types(fn) and not bool((_closure(fn)["token_type_ids"] == 1).any())
+
+
+def _is_gemma3_token_types(fn) -> bool:
+    """fn is 4.5x Gemma 3's image-block mask function (token_type_ids_mask_function)."""
+    return getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and getattr(
+        fn, "__qualname__", "").startswith("token_type_ids_mask_function.")
+
+
+def _block_ids(fn, masking_utils) -> Optional[torch.Tensor]:
+    """The block ids [B, T] (-1: none) of a part whose blocks of tokens see each other both ways:
+    5.x's blockwise overlay, or Gemma 3's token-type function in the 4.5x releases that group the
+    image tokens (image_group_ids; 4.53's joins any image tokens within one image length instead,
+    which no blocks say); else None."""
+    if _is_masking_utils(fn, masking_utils, "blockwise_overlay."):
+        return _closure(fn)["block_sequence_ids"]
+    if _is_gemma3_token_types(fn) and "image_group_ids" in _closure(fn):
+        closure = _closure(fn)
+        return torch.where(closure["token_type_ids"] == 1, closure["image_group_ids"], -1)
+    return None
 
 
 def _without_no_ops(fn, masking_utils):
@@ -572,15 +588,16 @@ def _has_window(fn, masking_utils) -> bool:
 
 
 def _without_blocks(fn, masking_utils, found: list):
-    """fn less the blockwise overlays or-ed into it at any depth: what stays is the pattern they
-    are an exception to. Appends (block ids, whether a window is or-ed beside them) to found."""
+    """fn less the block parts (_block_ids) or-ed into it at any depth: what stays is the pattern
+    they are an exception to. Appends (block ids, whether a window is or-ed beside them) to found."""
     for prefix, combine in (("and_masks.", masking_utils.and_masks), ("or_masks.", masking_utils.or_masks)):
         if _is_masking_utils(fn, masking_utils, prefix):
             parts, kept = _closure(fn)["mask_functions"], []
             for part in parts:
-                if prefix == "or_masks." and _is_masking_utils(part, masking_utils, "blockwise_overlay."):
+                ids = _block_ids(part, masking_utils) if prefix == "or_masks." else None
+                if ids is not None:
                     beside_window = any(_has_window(other, masking_utils) for other in parts if other is not part)
-                    found.append((_closure(part)["block_sequence_ids"], beside_window))
+                    found.append((ids, beside_window))
                 else:
                     kept.append(_without_blocks(part, masking_utils, found))
             changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
