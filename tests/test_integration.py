@@ -199,6 +199,37 @@ def test_vision_language_models_with_images(name):
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
 
 
+def test_gemma4_vision_tokens_attend_both_ways():
+    """Gemma 4 with use_bidirectional_attention="vision": each image's tokens see each other both
+    ways (5.x's blockwise overlay, on sliding and full layers); patched, the logits and greedy
+    tokens are the unpatched ones (dropping the blocks would move the logits by ~0.06)."""
+    if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=16, pad_token_id=0,
+                layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    models = []
+    for _ in range(2):
+        config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=299,
+                                           boi_token_id=297, eoi_token_id=298)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models.append(transformers.Gemma4ForConditionalGeneration(config).eval())
+    reference, model = models[0], patch_or_skip(models[1])
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(16, 2)
+    images = dict(pixel_values=torch.rand(2, 16, 3 * 4 * 4), image_position_ids=grid.expand(2, 16, 2).clone())
+    ids, mask = inputs(batch=2, length=16, padding="left")  # rows 0 and 1: 5 and 2 padded tokens
+    ids = ids % 290
+    ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
+    images["mm_token_type_ids"] = (ids == 299).long()
+    assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **images)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+
+
 def test_four_d_masks_of_unlisted_modules():
     """In a module patch did not list (a vision tower), a 4D mask that only expands a key padding
     mask (Idefics3's tower in 4.57) becomes that padding, bidirectional; one that depends on the
