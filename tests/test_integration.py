@@ -193,10 +193,17 @@ def test_vision_language_models_with_images(name):
         pad = length - count - 6
         ids[row, :pad], mask[row, :pad] = 0, 0
         ids[row, pad + 2:pad + 2 + count] = 299
-    assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
+    want = outputs(reference, ids, mask, **images)
+    assert_real_close(outputs(model, ids, mask, **images), want, mask)
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **images)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+    # contrastive guidance on every layer, image keys tracked from the image token: gamma 0 is
+    # plain attention, gamma 1 moves the guided (last real) rows
+    fp.patch(model, guidance=dict(gamma=0.0, layers=[0, 1], image_token_id=299))
+    assert_real_close(outputs(model, ids, mask, **images), want, mask)
+    fp.patch(model, guidance=dict(gamma=1.0, layers=[0, 1], image_token_id=299))
+    assert (outputs(model, ids, mask, **images)[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
 def test_gemma4_vision_tokens_attend_both_ways():
