@@ -375,10 +375,11 @@ def test_what_a_guided_layer_cannot_do_is_refused(model, processor, images):
     with pytest.raises(NotImplementedError, match="a head mask"):
         with torch.no_grad():
             model(**batch)
-    fp.patch(model, guidance=dict(gamma=1.0, layers=[1]))
-    with pytest.raises(NotImplementedError, match="record_attention"):
-        with fp.record_attention(model), torch.no_grad():
+    fp.patch(model, window=3, num_sink=1, guidance=dict(gamma=1.0, layers=[1]))
+    with pytest.raises(NotImplementedError, match=r"sink keys \(num_sink\) outside its sliding window"):
+        with torch.no_grad():
             model(**batch)
+    fp.patch(model, guidance=dict(gamma=1.0, layers=[1]))
     with pytest.raises(NotImplementedError, match="got inputs_embeds; pass input_ids"):
         with torch.no_grad():
             model(inputs_embeds=torch.randn(1, 5, 64))
@@ -388,6 +389,24 @@ def test_what_a_guided_layer_cannot_do_is_refused(model, processor, images):
     with pytest.raises(RuntimeError, match="two_pass_contrast would guide both passes"):
         with guidance.two_pass_contrast(model, alpha=1.0):
             pass
+
+
+def test_recording_a_guided_model(model, processor, images):
+    """record_attention on a guided model: the guided layer's statistics are those of its attention
+    weights (guidance changes its output, not its weights), so guiding the last layer leaves every
+    layer's recorded statistics as without guidance, while the logits move."""
+    batch = batch_of(model, processor, images)
+    last = model.config.get_text_config().num_hidden_layers - 1
+    with torch.no_grad():
+        fp.patch(model)
+        with fp.record_attention(model, statistics=("sink_mass", "entropy")) as plain:
+            plain_logits = model(**batch).logits
+        fp.patch(model, guidance=dict(gamma=1.0, layers=[last]))
+        with fp.record_attention(model, statistics=("sink_mass", "entropy")) as guided:
+            guided_logits = model(**batch).logits
+    torch.testing.assert_close(guided.sink_mass, plain.sink_mass, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(guided.entropy, plain.entropy, rtol=2e-5, atol=2e-6)
+    assert (guided_logits - plain_logits).abs().max() > 1e-3
 
 
 def test_two_pass_refuses_beam_search_and_bad_alpha(model, processor, images):

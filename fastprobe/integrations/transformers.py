@@ -894,10 +894,14 @@ def attention_forward(
     state.calls += 1
     options, record = state.options, state.recorder
     window = _narrowest(window, options.window)
+    guided = None
     if options.guidance is not None and layer in options.guidance.layers:
-        out = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux,
-                                blocks)
-        return out.transpose(1, 2), None
+        guided = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux,
+                                   blocks)
+        if record is None:
+            return guided.transpose(1, 2), None
+        # recording a guided layer: its statistics (of the attention weights, which guidance leaves
+        # as they are) come from sink_attention over the same keys, a second pass
     stat_tokens = options.stat_tokens
     if dropped is not None and (options.num_sink > 0 or (record is not None and stat_tokens > 1)):
         raise NotImplementedError(
@@ -921,7 +925,7 @@ def attention_forward(
     )
     if record is not None:
         record.add(layer, result, padding, dropped)
-    return result.out.transpose(1, 2), None
+    return (result.out if guided is None else guided).transpose(1, 2), None
 
 
 def _warn_if_switched_by_another(module) -> None:
@@ -950,12 +954,13 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
                       blocks):
     """dual_path_attention on a guided layer, with this forward's image keys: out [B, Hq, Lq, D]."""
     guidance = state.options.guidance
-    if s_aux is not None or softcap is not None or state.recorder is not None or layer in state.options.head_mask:
+    sinks_outside_window = state.options.num_sink > 0 and window is not None
+    if s_aux is not None or softcap is not None or sinks_outside_window or layer in state.options.head_mask:
         what = next(what for found, what in (
             (layer in state.options.head_mask, "a head mask"),
             (s_aux is not None, "learned sink logits (s_aux)"),
             (softcap is not None, "a logit soft cap"),
-            (True, "record_attention (its statistics come from sink_attention)"),
+            (True, "sink keys (num_sink) outside its sliding window"),
         ) if found)
         raise NotImplementedError(f"guidance on layer {layer}: the dual-path kernel does not take {what}; "
                                   "guide other layers (guidance layers=[...]) or drop that option")
@@ -1042,7 +1047,8 @@ def patch(
     positions of image_token_id (default: the model config's image_token_id), tracked through
     generate and its KV cache (see ImageKeys). gamma = 0 gives the unguided outputs. A guided layer
     keeps its sliding window and bidirectional blocks but takes no head mask, learned sinks, soft cap
-    or recording (NotImplementedError).
+    or sink keys with a window (NotImplementedError); recording it costs a second attention pass
+    for the statistics.
 
     Raises NotImplementedError for a model whose attention does not go through transformers'
     attention interface (it is never left silently unpatched), TypeError / ValueError for bad
