@@ -31,8 +31,11 @@ DECODE_KEYS = 32768
 
 # Multi-head latent attention as DeepSeek-V3 attends in transformers: query/key heads of
 # 128 + 64 (no-rope + rope) dims, value heads of 128 (read at their own width).
-LATENT_CPU_CASE = dict(batch=1, heads=16, length=1024, head_dim=192, value_dim=128, dtype=torch.float32)
-LATENT_GPU_CASE = dict(batch=1, heads=32, length=4096, head_dim=192, value_dim=128, dtype=torch.bfloat16)
+LATENT_CASES = {
+    "cpu": dict(batch=1, heads=16, length=1024, head_dim=192, value_dim=128, dtype=torch.float32),
+    "cuda": dict(batch=1, heads=32, length=4096, head_dim=192, value_dim=128, dtype=torch.bfloat16),
+    "small": dict(batch=1, heads=2, length=16, head_dim=8, value_dim=4, dtype=torch.float32),
+}
 
 
 def make_qkv(device, batch, heads, length, head_dim, dtype, num_queries=None, value_dim=None):
@@ -83,22 +86,13 @@ def test_attention_cpu(benchmark, impl, request):
 
 
 LATENT_IMPLS = {"fastprobe-latent": fastprobe_causal, "sdpa-latent": sdpa_causal}
-LATENT_CASES = {"cpu": LATENT_CPU_CASE, "cuda": LATENT_GPU_CASE}
 
 
-@pytest.mark.parametrize("impl", list(LATENT_IMPLS))
-@pytest.mark.parametrize("device", _memory.bench_devices())
-def test_attention_latent(benchmark, device, impl, request):
-    """Value heads narrower than query heads (multi-head latent attention), causal prefill."""
-    case = LATENT_CASES[device]
+def latent_inputs(device, case):
+    """(q, k, v) and their description for the benchmark's extra info."""
     inputs = make_qkv(device, **case)
-    benchmark.group = f"sink_attention_latent-{device}"
-    benchmark.extra_info.update(
-        impl=impl, baseline="sdpa-latent", dtype=str(case["dtype"]), input_bytes=sum(t.nbytes for t in inputs),
-        shape=dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"], Dv=case["value_dim"]),
-    )
-    with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, LATENT_IMPLS[impl], inputs, __file__)
+    shape = dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"], Dv=case["value_dim"])
+    return inputs, dict(shape=shape, input_bytes=sum(t.nbytes for t in inputs))
 
 
 # A Gemma 3-style prompt with images: 256-token image blocks whose tokens attend to each other both
@@ -108,19 +102,23 @@ BLOCKS_CASES = {
     "cpu": dict(batch=1, heads=16, length=2048, head_dim=64, dtype=torch.float32, images=[(64, 320), (1024, 1280)]),
     "cuda": dict(batch=1, heads=32, length=4096, head_dim=128, dtype=torch.bfloat16,
                  images=[(64, 320), (1024, 1280), (2048, 2304), (3072, 3328)]),
+    "small": dict(batch=1, heads=2, length=16, head_dim=8, dtype=torch.float32, images=[(2, 6)]),
 }
 
 
-def blocks_inputs(device, batch, heads, length, head_dim, dtype, images):
-    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask)."""
-    q, k, v = make_qkv(device, batch, heads, length, head_dim, dtype)
+def blocks_inputs(device, case):
+    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask) and their description."""
+    batch, length = case["batch"], case["length"]
+    q, k, v = make_qkv(device, batch, case["heads"], length, case["head_dim"], case["dtype"])
     blocks = torch.full((batch, length), -1, dtype=torch.int64, device=device)
-    for index, (start, end) in enumerate(images):
+    for index, (start, end) in enumerate(case["images"]):
         blocks[:, start:end] = index
     position = torch.arange(length, device=device)
     same_block = (blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]
-    mask = (position[None, None, :] <= position[None, :, None]) | same_block
-    return q, k, v, blocks, mask[:, None]
+    mask = ((position[None, None, :] <= position[None, :, None]) | same_block)[:, None]
+    shape = dict(B=batch, H=case["heads"], L=length, D=case["head_dim"])
+    info = dict(images=case["images"], shape=shape, input_bytes=q.nbytes + k.nbytes + v.nbytes, mask_bytes=mask.nbytes)
+    return (q, k, v, blocks, mask), info
 
 
 def fastprobe_blocks(q, k, v, blocks, mask):
@@ -133,21 +131,25 @@ def sdpa_blocks(q, k, v, blocks, mask):
 
 BLOCKS_IMPLS = {"fastprobe-blocks": fastprobe_blocks, "sdpa-blocks-mask": sdpa_blocks}
 
+# Causal prefill variants, each against SDPA: family -> (cases per device and a "small" one for
+# the peak-memory child's warm-up, inputs(device, case) -> (inputs, extra info), impls, baseline)
+VARIANTS = {
+    "latent": (LATENT_CASES, latent_inputs, LATENT_IMPLS, "sdpa-latent"),
+    "blocks": (BLOCKS_CASES, blocks_inputs, BLOCKS_IMPLS, "sdpa-blocks-mask"),
+}
 
-@pytest.mark.parametrize("impl", list(BLOCKS_IMPLS))
+
+@pytest.mark.parametrize("family,impl", [(family, impl) for family, (_, _, impls, _) in VARIANTS.items() for impl in impls])
 @pytest.mark.parametrize("device", _memory.bench_devices())
-def test_attention_blocks(benchmark, device, impl, request):
-    """Bidirectional image blocks in causal prefill (Gemma 3 with images)."""
-    case = BLOCKS_CASES[device]
-    inputs = blocks_inputs(device, **case)
-    benchmark.group = f"sink_attention_blocks-{device}"
-    benchmark.extra_info.update(
-        impl=impl, baseline="sdpa-blocks-mask", dtype=str(case["dtype"]), images=case["images"],
-        shape=dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"]),
-        input_bytes=sum(t.nbytes for t in inputs[:3]), mask_bytes=inputs[4].nbytes,
-    )
+def test_attention_variant(benchmark, device, family, impl, request):
+    """Value heads narrower than query heads (multi-head latent attention, "latent") and
+    bidirectional image blocks (Gemma 3 with images, "blocks") in causal prefill."""
+    cases, make_inputs, impls, baseline = VARIANTS[family]
+    inputs, info = make_inputs(device, cases[device])
+    benchmark.group = f"sink_attention_{family}-{device}"
+    benchmark.extra_info.update(impl=impl, baseline=baseline, dtype=str(cases[device]["dtype"]), **info)
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, BLOCKS_IMPLS[impl], inputs, __file__)
+        _memory.measure(benchmark, request, device, impl, impls[impl], inputs, __file__)
 
 
 # ---- CUDA --------------------------------------------------------------------------------
@@ -245,15 +247,12 @@ def test_attention_decode_cuda(benchmark, impl, request):
         _memory.measure(benchmark, request, "cuda", impl, calls[impl], inputs, __file__)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"] and sys.argv[2] in BLOCKS_IMPLS:
-    small = blocks_inputs("cpu", 1, 2, 16, 8, torch.float32, [(2, 6)])
-    full = blocks_inputs("cpu", **BLOCKS_CASES["cpu"])
-    with torch.no_grad():
-        _memory.print_rss_growth(lambda: BLOCKS_IMPLS[sys.argv[2]](*small), lambda: BLOCKS_IMPLS[sys.argv[2]](*full))
-elif __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
-    latent = sys.argv[2] in LATENT_IMPLS
-    impl = (LATENT_IMPLS if latent else CPU_IMPLS)[sys.argv[2]]
-    small = make_qkv("cpu", 1, 2, 16, 8, torch.float32, value_dim=4 if latent else None)
-    full = make_qkv("cpu", **(LATENT_CPU_CASE if latent else CPU_CASE))
+if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
+    variant = next((v for v in VARIANTS.values() if sys.argv[2] in v[2]), None)
+    if variant is not None:
+        cases, make_inputs, impls, _ = variant
+        impl, small, full = impls[sys.argv[2]], make_inputs("cpu", cases["small"])[0], make_inputs("cpu", cases["cpu"])[0]
+    else:
+        impl, small, full = CPU_IMPLS[sys.argv[2]], make_qkv("cpu", 1, 2, 16, 8, torch.float32), make_qkv("cpu", **CPU_CASE)
     with torch.no_grad():
         _memory.print_rss_growth(lambda: impl(*small), lambda: impl(*full))

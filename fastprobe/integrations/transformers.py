@@ -569,11 +569,17 @@ def _without_no_ops(fn, masking_utils):
     """fn less the parts that change nothing, at any depth: and-parts that pack nothing
     (transformers 4.53-4.57 add one to every mask made without an attention mask and a cache; 5.x
     only to really packed rows) and or-parts that unmask nothing."""
-    for prefix, no_op, combine in (("and_masks.", _packs_nothing, masking_utils.and_masks),
-                                   ("or_masks.", _unmasks_nothing, masking_utils.or_masks)):
-        if _is_masking_utils(fn, masking_utils, prefix):
+    no_op = {"and": _packs_nothing, "or": _unmasks_nothing}
+    return _pruned(fn, masking_utils, lambda kind, part, _: no_op[kind](part, masking_utils))
+
+
+def _pruned(fn, masking_utils, drop):
+    """fn less, at any depth, the parts of its and_masks / or_masks for which drop(kind, part,
+    siblings) holds (kind "and" or "or"); fn itself when nothing is dropped."""
+    for kind, combine in (("and", masking_utils.and_masks), ("or", masking_utils.or_masks)):
+        if _is_masking_utils(fn, masking_utils, f"{kind}_masks."):
             parts = _closure(fn)["mask_functions"]
-            kept = [_without_no_ops(part, masking_utils) for part in parts if not no_op(part, masking_utils)]
+            kept = [_pruned(part, masking_utils, drop) for part in parts if not drop(kind, part, parts)]
             changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
             return combine(*kept) if changed else fn
     return fn
@@ -590,19 +596,13 @@ def _has_window(fn, masking_utils) -> bool:
 def _without_blocks(fn, masking_utils, found: list):
     """fn less the block parts (_block_ids) or-ed into it at any depth: what stays is the pattern
     they are an exception to. Appends (block ids, whether a window is or-ed beside them) to found."""
-    for prefix, combine in (("and_masks.", masking_utils.and_masks), ("or_masks.", masking_utils.or_masks)):
-        if _is_masking_utils(fn, masking_utils, prefix):
-            parts, kept = _closure(fn)["mask_functions"], []
-            for part in parts:
-                ids = _block_ids(part, masking_utils) if prefix == "or_masks." else None
-                if ids is not None:
-                    beside_window = any(_has_window(other, masking_utils) for other in parts if other is not part)
-                    found.append((ids, beside_window))
-                else:
-                    kept.append(_without_blocks(part, masking_utils, found))
-            changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
-            return combine(*kept) if changed else fn
-    return fn
+    def take(kind, part, siblings) -> bool:
+        ids = _block_ids(part, masking_utils) if kind == "or" else None
+        if ids is not None:
+            found.append((ids, any(_has_window(other, masking_utils) for other in siblings if other is not part)))
+        return ids is not None
+
+    return _pruned(fn, masking_utils, take)
 
 
 def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[int],
@@ -767,10 +767,11 @@ def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Option
         if patched or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != 1 or (
                 key.shape[2] != length or tuple(attention_mask.shape[-2:]) != (length, length)):
             return None
-        goes_on = _visible(attention_mask).reshape(-1, length, length)[0].diagonal(-1)  # i sees i - 1
+        visible = _visible(attention_mask)
+        goes_on = visible.reshape(-1, length, length)[0].diagonal(-1)  # i sees i - 1
         cuts = [0] + [i + 1 for i in (~goes_on).nonzero().flatten().tolist()] + [length]
         segments = list(zip(cuts[:-1], cuts[1:]))
-        return segments if _is_block_diagonal(attention_mask, segments, length) else None  # else refused later
+        return segments if _is_block_diagonal(visible, segments) else None  # else refused later
     if patched:
         return None  # a patched layer: refused by _check_kwargs (packed sequences)
     bounds, key_bounds = kwargs.pop("cu_seq_lens_q"), kwargs.pop("cu_seq_lens_k", None)
@@ -784,7 +785,7 @@ def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Option
     if attention_mask is not None:
         if attention_mask.dim() != 4:
             raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 2D mask")
-        if not _is_block_diagonal(attention_mask, segments, length):
+        if not _is_block_diagonal(_visible(attention_mask[..., -length:, -length:]), segments):
             raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 4D mask that is "
                                       "not their block diagonal")
     return segments
@@ -795,11 +796,12 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask == 0 if mask.is_floating_point() else mask.bool()
 
 
-def _is_block_diagonal(attention_mask: torch.Tensor, segments: list, length: int) -> bool:
-    ids = torch.zeros(length, dtype=torch.long, device=attention_mask.device)
+def _is_block_diagonal(visible: torch.Tensor, segments: list) -> bool:
+    """visible [..., L, L] is exactly the block diagonal of segments [(start, end)] covering L."""
+    ids = torch.zeros(visible.shape[-1], dtype=torch.long, device=visible.device)
     for index, (start, end) in enumerate(segments):
         ids[start:end] = index
-    return bool((_visible(attention_mask[..., -length:, -length:]) == (ids[:, None] == ids[None, :])).all())
+    return bool((visible == (ids[:, None] == ids[None, :])).all())
 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
