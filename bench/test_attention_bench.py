@@ -131,19 +131,87 @@ def sdpa_blocks(q, k, v, blocks, mask):
 
 BLOCKS_IMPLS = {"fastprobe-blocks": fastprobe_blocks, "sdpa-blocks-mask": sdpa_blocks}
 
+# Sequences packed in one row (training batches without padding; Llama 4's chunks look alike):
+# each attends causally within itself. transformers' SDPA path builds the block-diagonal causal
+# [B, 1, L, L] mask (outside the timed call, once per forward); the other peers run SDPA causal
+# on each sequence in turn (what a varlen-less setup does) and, on CUDA, FlexAttention with a
+# document mask (block mask made outside the timed call).
+PACKED_CASES = {
+    "cpu": dict(batch=1, heads=16, head_dim=64, dtype=torch.float32, lengths=[300, 200, 512, 100, 400, 250, 286]),
+    "cuda": dict(batch=1, heads=32, head_dim=128, dtype=torch.bfloat16,
+                 lengths=[1024, 700, 2048, 300, 1500, 1000, 1620]),
+    "small": dict(batch=1, heads=2, head_dim=8, dtype=torch.float32, lengths=[5, 11]),
+}
+
+
+def packed_inputs(device, case):
+    """(q, k, v, segment ids [B, L], the equivalent [B, 1, L, L] boolean mask, lengths) and their
+    description."""
+    batch, lengths = case["batch"], case["lengths"]
+    length = sum(lengths)
+    q, k, v = make_qkv(device, batch, case["heads"], length, case["head_dim"], case["dtype"])
+    segments = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                       torch.tensor(lengths, device=device)).expand(batch, length).contiguous()
+    position = torch.arange(length, device=device)
+    mask = ((position[None, :] <= position[:, None])[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
+    shape = dict(B=batch, H=case["heads"], L=length, D=case["head_dim"])
+    info = dict(lengths=lengths, shape=shape, input_bytes=q.nbytes + k.nbytes + v.nbytes, mask_bytes=mask.nbytes)
+    return (q, k, v, segments, mask, tuple(lengths)), info
+
+
+def fastprobe_packed(q, k, v, segments, mask, lengths):
+    return fp.sink_attention(q, k, v, segment_ids=segments).out
+
+
+def sdpa_packed_mask(q, k, v, segments, mask, lengths):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_packed_loop(q, k, v, segments, mask, lengths):
+    parts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+    return torch.cat([F.scaled_dot_product_attention(*part, is_causal=True) for part in parts], dim=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_documents(lengths, device):
+    """Compiled FlexAttention and its causal document block mask for these sequence lengths."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+
+    def causal_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document[q_idx] == document[kv_idx])
+
+    length = sum(lengths)
+    return torch.compile(flex_attention, dynamic=False), create_block_mask(causal_document, None, None, length, length,
+                                                                           device=device)
+
+
+def flex_packed(q, k, v, segments, mask, lengths):
+    flex, block_mask = _flex_documents(lengths, str(q.device))
+    return flex(q, k, v, block_mask=block_mask)
+
+
+PACKED_IMPLS = {"fastprobe-packed": fastprobe_packed, "sdpa-packed-mask": sdpa_packed_mask,
+                "sdpa-packed-loop": sdpa_packed_loop, "flex-packed": flex_packed}
+
 # Causal prefill variants, each against SDPA: family -> (cases per device and a "small" one for
 # the peak-memory child's warm-up, inputs(device, case) -> (inputs, extra info), impls, baseline)
 VARIANTS = {
     "latent": (LATENT_CASES, latent_inputs, LATENT_IMPLS, "sdpa-latent"),
     "blocks": (BLOCKS_CASES, blocks_inputs, BLOCKS_IMPLS, "sdpa-blocks-mask"),
+    "packed": (PACKED_CASES, packed_inputs, PACKED_IMPLS, "sdpa-packed-mask"),
 }
 
 
 @pytest.mark.parametrize("family,impl", [(family, impl) for family, (_, _, impls, _) in VARIANTS.items() for impl in impls])
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_attention_variant(benchmark, device, family, impl, request):
-    """Value heads narrower than query heads (multi-head latent attention, "latent") and
-    bidirectional image blocks (Gemma 3 with images, "blocks") in causal prefill."""
+    """Value heads narrower than query heads (multi-head latent attention, "latent"),
+    bidirectional image blocks (Gemma 3 with images, "blocks") and packed sequences ("packed")
+    in causal prefill."""
+    if impl.startswith("flex") and device == "cpu":
+        pytest.skip("FlexAttention is timed on CUDA (on CPU it compiles for minutes)")
     cases, make_inputs, impls, baseline = VARIANTS[family]
     inputs, info = make_inputs(device, cases[device])
     benchmark.group = f"sink_attention_{family}-{device}"

@@ -4,13 +4,16 @@
 //
 // Per batch b, query head h (kv head h / (Hq / Hkv), never expanded) and query i at
 // position p = Lk - Lq + i:
-//   visible(j) = real_j and (not causal or j <= reach_p) and (no window or in_window or j < sink_end)
+//   visible(j) = real_j and lo_p <= j <= hi_p and (no window or in_window or j < sink_end_p)
 //     in_window: causal j > p - window, bidirectional |p - j| < window
-//     reach_p: p, or the end of p's bidirectional block (a causal horizon, attention_core.h)
+//     [lo_p, hi_p]: p's segment from start and horizon (attention_core.h); without them
+//       [0, p] when causal, [0, Lk - 1] when not
+//     sink_end_p, stat_end_p: sink_end[b] and stat_end[b], or with row ends sink_end[b, p] and
+//       stat_end[b, p] (the first real keys of p's segment), clamped to [0, Lk]
 //   s_j = scale q_i . k_j on visible keys (with a soft cap c: s_j = c tanh(scale q_i . k_j / c));
 //   a sink logit c_h is one more, value-less entry:
 //   lse = log(sum_j exp(s_j) + exp(c_h)),   p_j = exp(s_j - lse)
-//   out = sum_j p_j v_j,   sink_mass = sum_{j < stat_end} p_j,   group_mass[g] = sum_{group_j = g} p_j
+//   out = sum_j p_j v_j,   sink_mass = sum_{j < stat_end_p} p_j,   group_mass[g] = sum_{group_j = g} p_j
 //   entropy = -sum_j p_j log p_j - p_sink log p_sink          (p_sink = exp(c_h - lse))
 // A row with nothing in its softmax, and every row of a pruned head, gets out 0, lse -inf,
 // masses 0 and entropy 0 (a pruned head costs no compute).
@@ -93,7 +96,6 @@ struct SinkAttention {
   static constexpr int64_t kStates = 1;
   Problem p;
   float softcap;             // 0: none
-  const int64_t* stat_end;   // [B]
   const float* sink_logit;   // [Hq] or null
   const int32_t* key_groups; // [B, Lk] or null
   float* lse;                // [B, Hq, Lq]
@@ -120,8 +122,7 @@ struct SinkAttention {
   void fold(const ItemRows& it, int64_t j0, const Segment& seg, float* eT, const RowState& st,
             Scratch& ws) const {
     const int64_t count = seg.end - seg.begin;
-    const int64_t stat_count = std::min(std::max(p.clamped_end(stat_end, it.b) - j0, int64_t(0)), count);
-    fold_softmax(it, eT, count, stat_count, entropy != nullptr, st, ws);
+    fold_softmax(it, eT, count, stat_keys(it, j0, count, ws), entropy != nullptr, st, ws);
     if (key_groups != nullptr)
       groups_block(eT, it.R, count, key_groups + it.b * p.Lk + j0, ws.alpha, ws.block_sum,
                    st.groups, ws.seen.data(), ws.seen_list.data(), ws.seen_count);
@@ -192,7 +193,8 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
                     int64_t window, uintptr_t key_real, uintptr_t sink_end, uintptr_t stat_end,
                     uintptr_t head_mask, uintptr_t sink_logit, uintptr_t key_groups,
                     int64_t num_groups, uintptr_t lse, uintptr_t sink_mass, uintptr_t group_mass,
-                    uintptr_t entropy, int64_t num_threads, double softcap, uintptr_t horizon) {
+                    uintptr_t entropy, int64_t num_threads, double softcap, uintptr_t horizon,
+                    uintptr_t start, bool row_ends) {
   const char* op = "sink_attention";
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
@@ -213,12 +215,14 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
 
   p.window = window >= num_keys ? 0 : window;  // a window of Lk keys or more hides nothing
   p.sink_end = pointer<const int64_t>(sink_end, true, "sink_end");
+  p.stat_end = pointer<const int64_t>(stat_end, true, "stat_end");
+  p.row_ends = row_ends;
   p.head_mask = pointer<const uint8_t>(head_mask, false, "head_mask");
+  p.start = pointer<const int64_t>(start, false, "start");
   p.horizon = pointer<const int64_t>(horizon, false, "horizon");
   p.G = num_groups;
   const SinkAttention attention{p,
                                 softcap_f,
-                                pointer<const int64_t>(stat_end, true, "stat_end"),
                                 pointer<const float>(sink_logit, false, "sink_logit"),
                                 pointer<const int32_t>(key_groups, false, "key_groups"),
                                 pointer<float>(lse, true, "lse"),
@@ -241,18 +245,21 @@ void bind_attention(py::module_& m) {
         "(see fastprobe.reference.sink_attention). Pointers are data_ptr() values, sizes and\n"
         "strides (in elements, the last one 1) int64: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v\n"
         "[B, Hkv, Lk, Dv], out [B, Hq, Lq, Dv] (any strides), all of `dtype`. key_real uint8\n"
-        "[B, Lk] (0: all real), sink_end and stat_end int64 [B] (real keys below them are sinks / count in sink_mass),\n"
+        "[B, Lk] (0: all real), sink_end and stat_end int64 [B] (real keys below them are sinks /\n"
+        "count in sink_mass; with row_ends [B, Lk]: those of the query at position p are the real\n"
+        "keys start[b, p] <= j < sink_end[b, p] / stat_end[b, p]; clamped to [0, Lk]),\n"
         "head_mask uint8 [Hq] (0: none), sink_logit float32 [Hq] (0: none), key_groups int32\n"
         "[B, Lk] in [0, num_groups) (0: none; checked, IndexError). Writes lse and sink_mass\n"
         "[B, Hq, Lq], group_mass [B, Hq, Lq, G] (with key_groups) and entropy [B, Hq, Lq]\n"
         "(0: skipped), float32 and contiguous. softcap > 0 caps the scores: s = softcap\n"
-        "tanh(s / softcap) (0: none). horizon int64 [B, Lk] (0: none): with causal, the query at\n"
-        "position p sees keys j <= horizon[b, p] (clamped to [p, Lk - 1]) in the causal order.",
+        "tanh(s / softcap) (0: none). start and horizon int64 [B, Lk] (0: none): the query at\n"
+        "position p sees only keys start[b, p] <= j <= horizon[b, p], sinks included (clamped to\n"
+        "[0, p] and [p, Lk - 1]; no start: 0, no horizon: p when causal, else Lk - 1).",
         FASTPROBE_ATTENTION_ARGS, py::arg("window"), py::arg("key_real"),
         py::arg("sink_end"), py::arg("stat_end"), py::arg("head_mask"), py::arg("sink_logit"),
         py::arg("key_groups"), py::arg("num_groups"), py::arg("lse"), py::arg("sink_mass"),
         py::arg("group_mass"), py::arg("entropy"), py::arg("num_threads"), py::arg("softcap") = 0.0,
-        py::arg("horizon") = 0);
+        py::arg("horizon") = 0, py::arg("start") = 0, py::arg("row_ends") = false);
 }
 
 }  // namespace fastprobe

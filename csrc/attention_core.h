@@ -7,10 +7,16 @@
 //
 // Per batch b, query head h (kv head h / (Hq / Hkv), never expanded) and query i at
 // position p = Lk - Lq + i:
-//   visible(j) = real_j and (not causal or j <= reach_p) and (no window or in_window or j < sink_end)
+//   visible(j) = real_j and lo_p <= j <= hi_p and (no window or in_window or j < sink_end_p)
 //     in_window: causal j > p - window, bidirectional |p - j| < window
-//     reach_p = horizon[b, p] (clamped to [p, Lk - 1]) with a causal horizon, else p: the end of
-//       the bidirectional block holding p (Gemma 3's image tokens, PaliGemma's prefix)
+//     sink_end_p = sink_end[b], or sink_end[b, p] with row ends (segments: the sinks of p's
+//       own segment), clamped to [0, Lk]; stat_end_p likewise: keys j < stat_end_p are the stat
+//       keys (the op's sink_mass)
+//     lo_p = start[b, p] clamped to [0, p] with a start, else 0: the first key of p's segment
+//       (packed sequences, chunked attention); it bounds sink keys too
+//     hi_p = horizon[b, p] clamped to [p, Lk - 1] with a horizon, else p when causal and Lk - 1
+//       when not: the end of p's bidirectional block (Gemma 3's image tokens, PaliGemma's
+//       prefix) or of its segment
 //   s_j = scale q_i . k_j on visible keys (-inf elsewhere)
 //
 // Online softmax per row and state over blocks of keys, with the running max m,
@@ -30,8 +36,10 @@
 // rows), the softmax is elementwise across rows, and P V updates the transposed output
 // oT[d][row] by a value element times a vector of probabilities. K and V are read in place
 // (float32) or converted block by block, never transposed. Items run over OpenMP, heaviest
-// (latest causal query blocks) first; when there are fewer than two items per thread, each
-// item's keys are split into ranges whose partial states are merged by their max.
+// (latest causal query blocks) first. An item visits only the key blocks that hold some row's
+// [lo_p, hi_p] (packed sequences cost only the block diagonal); when there are fewer than two
+// items per thread, these blocks are split into ranges whose partial states are merged by
+// their max.
 //
 // An item of at most kNarrowRows rows (decoding: one query per head) would leave most lanes
 // idle, so it puts the lanes along head_dim instead: scores are dot products of q and k rows,
@@ -274,42 +282,65 @@ FASTPROBE_SIMD_CLONES static void axpys_block(const float* eT, int64_t R, int64_
 }
 
 // The mask of a block that needs one: sT[c][r] = -inf where key c, at position key_pos[c], is
-// invisible to the query at position[r], which sees keys up to reach[r] >= position[r] in the
-// causal order. key_real[c]: the key is not padding; keys below sink_end are sinks.
+// invisible to the query at position[r], which sees keys lo[r] <= j <= hi[r] (see top) and
+// has the sinks j < sink_end[r]. key_real[c]: the key is not padding.
 struct MaskRule {
   bool causal;
-  int64_t window;    // 0: none
-  int64_t sink_end;  // clamped to [0, Lk]
+  int64_t window;        // 0: none
+  int64_t sink_end;      // keys below it are sinks of every row: the least sink_end[r]
+  int64_t max_sink_end;  // keys from it on are sinks of none (without row ends: sink_end)
+  bool lower, upper;     // whether lo (with a start) and hi (causal, or with a horizon) can hide a key
 };
 
 FASTPROBE_SIMD_CLONES static void mask_block(float* sT, int64_t R, int64_t count,
                                              const int64_t* key_pos, const uint8_t* key_real,
-                                             const int64_t* position, const int64_t* reach,
+                                             const int64_t* position, const int64_t* lo,
+                                             const int64_t* hi, const int64_t* sink_end,
                                              MaskRule rule) {
-  for (int64_t c = 0; c < count; ++c) {
-    float* s = sT + c * R;
-    const int64_t j = key_pos[c];
-    if (!key_real[c]) {
+  // the bounds that can hide a key, as compile-time flags: no work for the others
+  auto masked = [&](auto lower, auto upper) FASTPROBE_LAMBDA_INLINE {
+    auto in_bounds = [&](int64_t j, int64_t r) FASTPROBE_LAMBDA_INLINE {
+      return (!lower || lo[r] <= j) && (!upper || j <= hi[r]);
+    };
+    for (int64_t c = 0; c < count; ++c) {
+      float* s = sT + c * R;
+      const int64_t j = key_pos[c];
+      if (!key_real[c]) {
 #pragma omp simd
-      for (int64_t r = 0; r < R; ++r) s[r] = kNegInf;
-      continue;
-    }
-    const bool sink = j < rule.sink_end;
-    if (rule.window == 0 || sink) {  // only the causal order can hide it
-      if (rule.causal) {
-#pragma omp simd
-        for (int64_t r = 0; r < R; ++r) s[r] = j <= reach[r] ? s[r] : kNegInf;
+        for (int64_t r = 0; r < R; ++r) s[r] = kNegInf;
+        continue;
       }
-    } else if (rule.causal) {  // p - window < j <= reach
+      const bool sink = j < rule.sink_end;
+      if (rule.window == 0 || sink) {  // only the bounds can hide it
+        if constexpr (lower || upper) {
 #pragma omp simd
-      for (int64_t r = 0; r < R; ++r)
-        s[r] = (j <= reach[r] && j > position[r] - rule.window) ? s[r] : kNegInf;
-    } else {  // |p - j| < window
+          for (int64_t r = 0; r < R; ++r) s[r] = in_bounds(j, r) ? s[r] : kNegInf;
+        }
+      } else if (j < rule.max_sink_end) {  // row ends: a sink of the rows with j < sink_end[r]
 #pragma omp simd
-      for (int64_t r = 0; r < R; ++r)
-        s[r] = (j > position[r] - rule.window && j < position[r] + rule.window) ? s[r] : kNegInf;
+        for (int64_t r = 0; r < R; ++r) {
+          const bool in_window =
+              j > position[r] - rule.window && (rule.causal || j < position[r] + rule.window);
+          s[r] = (in_bounds(j, r) && (j < sink_end[r] || in_window)) ? s[r] : kNegInf;
+        }
+      } else if (rule.causal) {  // p - window < j
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r)
+          s[r] = (in_bounds(j, r) && j > position[r] - rule.window) ? s[r] : kNegInf;
+      } else {  // |p - j| < window
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r)
+          s[r] = (in_bounds(j, r) && j > position[r] - rule.window && j < position[r] + rule.window)
+                     ? s[r] : kNegInf;
+      }
     }
-  }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (rule.lower)
+    rule.upper ? masked(Yes(), Yes()) : masked(Yes(), No());
+  else
+    rule.upper ? masked(No(), Yes()) : masked(No(), No());
 }
 
 // The running softmax state of R rows, each array [R] (groups [G][R], oT [Dv][R]).
@@ -344,12 +375,26 @@ FASTPROBE_ALWAYS_INLINE float entropy_carry(float m_old, const RowStep& step, fl
   return m_old == kNegInf ? 0.0f : step.alpha * (a + (m_old - step.m) * l);
 }
 
+// The stat keys among a block's keys c < count, the first at position first: keys c < all are
+// stat keys of every row, keys all <= c < any those of row r with first + c < row_end[r]
+// (row ends; without them any = all and row_end is not read).
+struct StatKeys {
+  int64_t all = 0, any = 0;
+  int64_t first = 0;
+  const int64_t* row_end = nullptr;  // [R]: stat_end_p of each row (clamped)
+
+  // the number of row r's stat keys, c < count(r)
+  int64_t count(int64_t r) const {
+    return any == all ? all : std::min(std::max(row_end[r] - first, all), any);
+  }
+};
+
 // Folds one key block's scores sT [count][R] (-inf where masked) into the state's m, l, a
-// and sink (keys c < stat_count are stat keys). sT becomes e = exp(s - m'); alpha gets
+// and sink (the sum of e over the stat keys). sT becomes e = exp(s - m'); alpha gets
 // exp(m - m') and block_sum sum_c e (oT and the groups are rescaled by their own kernels).
 // `shift`, `new_max` and `stat_sum` are [R] scratch.
 FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t count,
-                                                int64_t stat_count, bool with_entropy,
+                                                StatKeys stat, bool with_entropy,
                                                 RowState state, float* alpha, float* block_sum,
                                                 float* shift, float* new_max, float* stat_sum) {
   // shift = the block's max per row, then m' (0 for a row that has seen nothing: its e are 0)
@@ -385,7 +430,7 @@ FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t co
         block_sum[r] += e;
         s[r] = e;
       }
-      if (c < stat_count) {
+      if (c < stat.all) {
 #pragma omp simd
         for (int64_t r = 0; r < R; ++r) stat_sum[r] += s[r];
       }
@@ -399,11 +444,17 @@ FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t co
         block_sum[r] += e;
         s[r] = e;
       }
-      if (c < stat_count) {
+      if (c < stat.all) {
 #pragma omp simd
         for (int64_t r = 0; r < R; ++r) stat_sum[r] += s[r];
       }
     }
+  }
+  for (int64_t c = stat.all; c < stat.any; ++c) {  // row ends: the stat keys of some rows
+    const float* e = sT + c * R;
+    const int64_t j = stat.first + c;
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) stat_sum[r] += j < stat.row_end[r] ? e[r] : 0.0f;
   }
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) {
@@ -417,10 +468,11 @@ FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t co
 // a time (its scores gathered from sT into x [count] and its e put back), instead of along R
 // lanes that are mostly padding. Padding rows get alpha = block_sum = 0.
 FASTPROBE_SIMD_CLONES static void softmax_rows_block(float* sT, int64_t R, int64_t rows,
-                                                     int64_t count, int64_t stat_count,
+                                                     int64_t count, StatKeys stat,
                                                      bool with_entropy, RowState state,
                                                      float* alpha, float* block_sum, float* x) {
   for (int64_t r = 0; r < rows; ++r) {
+    const int64_t stat_count = stat.count(r);
     for (int64_t c = 0; c < count; ++c) x[c] = sT[c * R + r];
     float block_max = kNegInf;
 #pragma omp simd reduction(max : block_max)
@@ -484,7 +536,8 @@ FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t pa
 
 // ---- The problem and its plan. -------------------------------------------------------------
 
-// What every attention operation shares: the tensors, the visibility rule and the head mask.
+// What every attention operation shares: the tensors, the visibility rule, the stat keys and
+// the head mask.
 struct Problem {
   const void* q;  // [B, Hq, Lq, D]
   const void* k;  // [B, Hkv, Lk, D]
@@ -496,13 +549,28 @@ struct Problem {
   bool causal;
   const uint8_t* key_real;             // [B, Lk] or null (all real)
   int64_t window = 0;                  // 0: none
-  const int64_t* sink_end = nullptr;   // [B] or null (no sink keys)
-  const int64_t* horizon = nullptr;    // [B, Lk] or null: causal order up to horizon[b, p] (see top)
+  const int64_t* sink_end = nullptr;   // [B] ([B, Lk] with row_ends) or null (no sink keys)
+  const int64_t* stat_end = nullptr;   // [B] ([B, Lk] with row_ends) or null (no stat keys)
+  bool row_ends = false;               // sink_end and stat_end per position (see top)
+  const int64_t* start = nullptr;      // [B, Lk] or null: lo_p (see top)
+  const int64_t* horizon = nullptr;    // [B, Lk] or null: hi_p (see top)
   const uint8_t* head_mask = nullptr;  // [Hq] or null
   int64_t G = 0;                       // group sums per state (sink_attention's key groups)
 
-  int64_t clamped_end(const int64_t* ends, int64_t b) const {
-    return ends == nullptr ? 0 : std::min(std::max(ends[b], int64_t(0)), Lk);
+  // sink_end_p or stat_end_p (see top) of the query at position pos, clamped to [0, Lk]
+  int64_t clamped_end(const int64_t* ends, int64_t b, int64_t pos) const {
+    if (ends == nullptr) return 0;
+    const int64_t end = row_ends ? ends[b * Lk + pos] : ends[b];
+    return std::min(std::max(end, int64_t(0)), Lk);
+  }
+  // [lo_p, hi_p] of the query at position pos (see top), clamped: any start or horizon value
+  // keeps every read inside K and V.
+  std::array<int64_t, 2> key_bounds(int64_t b, int64_t pos) const {
+    const int64_t lo = start == nullptr ? 0 : std::min(std::max(start[b * Lk + pos], int64_t(0)), pos);
+    const int64_t hi = horizon != nullptr ? std::min(std::max(horizon[b * Lk + pos], pos), Lk - 1)
+                       : causal           ? pos
+                                          : Lk - 1;
+    return {lo, hi};
   }
   bool pruned(int64_t h) const { return head_mask != nullptr && head_mask[h] == 0; }
 };
@@ -583,61 +651,6 @@ struct Plan {
   }
 };
 
-// The states of an item of R rows, one after the other from base.
-template <int64_t S>
-std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t Dv) {
-  std::array<RowState, S> st;
-  for (int64_t s = 0; s < S; ++s) st[s] = RowState::over(base + s * RowState::floats(R, G, Dv), R, G);
-  return st;
-}
-
-// One item's rows: the unpruned heads of its kv head times its queries, head-major.
-struct ItemRows {
-  int64_t b, kv_head, first_query, queries;
-  int64_t rows, R;
-  int64_t first_position, last_position;  // of its queries
-  int64_t last_reach;                     // the furthest key any of its rows sees (causal order)
-};
-
-ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, int64_t* row_head,
-                   int64_t* row_query, int64_t* position, int64_t* reach) {
-  // heaviest first: the last query blocks (most keys when causal) come first
-  const int64_t per_block = p.B * p.Hkv;
-  const int64_t qb = plan.query_blocks - 1 - item / per_block;
-  ItemRows it;
-  it.b = (item % per_block) / p.Hkv;
-  it.kv_head = item % p.Hkv;
-  it.first_query = qb * plan.block_queries;
-  it.queries = std::min(plan.block_queries, p.Lq - it.first_query);
-  it.first_position = p.Lk - p.Lq + it.first_query;
-  it.last_position = it.first_position + it.queries - 1;
-  it.last_reach = it.last_position;
-  int64_t rows = 0;
-  for (int64_t g = 0; g < plan.group; ++g) {
-    const int64_t h = it.kv_head * plan.group + g;
-    if (p.pruned(h)) continue;
-    for (int64_t i = 0; i < it.queries; ++i, ++rows) {
-      row_head[rows] = h;
-      row_query[rows] = it.first_query + i;
-      position[rows] = it.first_position + i;
-      reach[rows] = position[rows];
-      if (p.horizon != nullptr)  // clamped: any value keeps every read inside K and V
-        reach[rows] = std::min(std::max(p.horizon[it.b * p.Lk + position[rows]], position[rows]), p.Lk - 1);
-      it.last_reach = std::max(it.last_reach, reach[rows]);
-    }
-  }
-  it.rows = rows;
-  it.R = round_up(rows, kLanes);
-  for (int64_t r = rows; r < it.R; ++r) {  // padding rows: a copy of the last row's position
-    row_head[r] = rows > 0 ? row_head[rows - 1] : 0;
-    row_query[r] = 0;
-    position[r] = it.last_position;
-    reach[r] = it.last_position;
-  }
-  return it;
-}
-
-
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> storage;
@@ -645,13 +658,14 @@ struct Scratch {
   float *q_rows, *o_rows;  // narrow items: q [kNarrowRows][Dp], o [kNarrowRows][Dvp] per state
   float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
   float* row_out;          // [2][Dvp]: an operation's per-row results before they are stored
-  std::vector<int64_t> row_head, row_query, position, reach, key_pos, order, seen_list;
+  std::vector<int64_t> row_head, row_query, position, lo, hi, sink_end, stat_end, key_pos, order,
+      seen_list;
   std::vector<uint8_t> key_real, seen;
   int64_t seen_count = 0;  // groups seen by the item (sink_attention's group sums)
 
   Scratch(const Problem& p, const Plan& plan)
-      : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), reach(plan.max_R),
-        key_pos(kKeyBlock),
+      : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), lo(plan.max_R),
+        hi(plan.max_R), sink_end(plan.max_R), stat_end(plan.max_R), key_pos(kKeyBlock),
         order(kKeyBlock), seen_list(std::max<int64_t>(p.G, 1)), key_real(kKeyBlock),
         seen(std::max<int64_t>(p.G, 1)) {
     const int64_t R = plan.max_R, D = p.D, Dp = plan.padded_dim, Dvp = plan.padded_value_dim;
@@ -673,14 +687,88 @@ struct Scratch {
   }
 };
 
+// The states of an item of R rows, one after the other from base.
+template <int64_t S>
+std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t Dv) {
+  std::array<RowState, S> st;
+  for (int64_t s = 0; s < S; ++s) st[s] = RowState::over(base + s * RowState::floats(R, G, Dv), R, G);
+  return st;
+}
+
+// One item's rows: the unpruned heads of its kv head times its queries, head-major, with
+// their positions, key bounds and sink / stat ends in ws.
+struct ItemRows {
+  int64_t b, kv_head, first_query, queries;
+  int64_t rows, R;
+  int64_t first_position, last_position;  // of its queries
+  int64_t min_lo, max_hi;  // keys outside [min_lo, max_hi] are invisible to all its rows
+  int64_t max_lo, min_hi;  // keys inside [max_lo, min_hi] are within every row's bounds
+  // keys below min_*_end are sinks / stat keys of every row, from max_*_end on of none
+  // (without row ends min = max)
+  int64_t min_sink_end, max_sink_end, min_stat_end, max_stat_end;
+};
+
+ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, Scratch& ws) {
+  // heaviest first: the last query blocks (most keys when causal) come first
+  const int64_t per_block = p.B * p.Hkv;
+  const int64_t qb = plan.query_blocks - 1 - item / per_block;
+  ItemRows it;
+  it.b = (item % per_block) / p.Hkv;
+  it.kv_head = item % p.Hkv;
+  it.first_query = qb * plan.block_queries;
+  it.queries = std::min(plan.block_queries, p.Lq - it.first_query);
+  it.first_position = p.Lk - p.Lq + it.first_query;
+  it.last_position = it.first_position + it.queries - 1;
+  it.min_lo = it.min_hi = p.Lk - 1;
+  it.max_lo = it.max_hi = 0;
+  it.min_sink_end = it.min_stat_end = p.Lk;
+  it.max_sink_end = it.max_stat_end = 0;
+  int64_t rows = 0;
+  for (int64_t g = 0; g < plan.group; ++g) {
+    const int64_t h = it.kv_head * plan.group + g;
+    if (p.pruned(h)) continue;
+    for (int64_t i = 0; i < it.queries; ++i, ++rows) {
+      const int64_t pos = it.first_position + i;
+      const auto [lo, hi] = p.key_bounds(it.b, pos);
+      ws.row_head[rows] = h;
+      ws.row_query[rows] = it.first_query + i;
+      ws.position[rows] = pos;
+      ws.lo[rows] = lo;
+      ws.hi[rows] = hi;
+      ws.sink_end[rows] = p.clamped_end(p.sink_end, it.b, pos);
+      ws.stat_end[rows] = p.clamped_end(p.stat_end, it.b, pos);
+      it.min_lo = std::min(it.min_lo, lo);
+      it.max_lo = std::max(it.max_lo, lo);
+      it.min_hi = std::min(it.min_hi, hi);
+      it.max_hi = std::max(it.max_hi, hi);
+      it.min_sink_end = std::min(it.min_sink_end, ws.sink_end[rows]);
+      it.max_sink_end = std::max(it.max_sink_end, ws.sink_end[rows]);
+      it.min_stat_end = std::min(it.min_stat_end, ws.stat_end[rows]);
+      it.max_stat_end = std::max(it.max_stat_end, ws.stat_end[rows]);
+    }
+  }
+  it.rows = rows;
+  it.R = round_up(rows, kLanes);
+  for (int64_t r = rows; r < it.R; ++r) {  // padding rows: the last row's position, bounds, ends
+    ws.row_head[r] = ws.row_head[rows - 1];
+    ws.row_query[r] = 0;
+    ws.position[r] = ws.position[rows - 1];
+    ws.lo[r] = ws.lo[rows - 1];
+    ws.hi[r] = ws.hi[rows - 1];
+    ws.sink_end[r] = ws.sink_end[rows - 1];
+    ws.stat_end[r] = ws.stat_end[rows - 1];
+  }
+  return it;
+}
+
 // Which key blocks an item needs, and which need an elementwise mask.
 enum class BlockKind { Skip, Full, Masked };
 
+// A block within [min_lo, max_hi] (attend_item visits no other).
 BlockKind classify_block(const Problem& p, const ItemRows& it, int64_t j0, int64_t count,
-                         int64_t sink_end, const uint8_t* real_row) {
+                         const uint8_t* real_row) {
   const int64_t j1 = j0 + count;  // keys [j0, j1)
   const int64_t first = it.first_position, last = it.last_position;
-  if (p.causal && j0 > it.last_reach) return BlockKind::Skip;
   bool any_in_window = true, all_in_window = true;
   if (p.window > 0) {
     if (p.causal) {  // p - window < j
@@ -691,7 +779,7 @@ BlockKind classify_block(const Problem& p, const ItemRows& it, int64_t j0, int64
       all_in_window = j0 > last - p.window && j1 - 1 < first + p.window;
     }
   }
-  const bool has_sinks = j0 < sink_end;
+  const bool has_sinks = std::max(j0, it.min_lo) < it.max_sink_end;  // a sink key some row may see
   if (!any_in_window && !has_sinks) return BlockKind::Skip;
   int64_t real = count;
   if (real_row != nullptr) {
@@ -699,8 +787,8 @@ BlockKind classify_block(const Problem& p, const ItemRows& it, int64_t j0, int64
     for (int64_t c = 0; c < count; ++c) real += real_row[j0 + c] != 0;
     if (real == 0) return BlockKind::Skip;
   }
-  const bool all_visible = real == count && (!p.causal || j1 - 1 <= first) &&
-                           (all_in_window || j1 <= sink_end);
+  const bool all_visible = real == count && it.max_lo <= j0 && j1 - 1 <= it.min_hi &&
+                           (all_in_window || j1 <= it.min_sink_end);
   return all_visible ? BlockKind::Full : BlockKind::Masked;
 }
 
@@ -733,16 +821,22 @@ FASTPROBE_ALWAYS_INLINE const float* block_rows(const void* base, int64_t first,
 // gather and scatter of the scores cost more than the exps it saves).
 constexpr int64_t kNarrowSoftmaxRows = 2;
 
+// The stat keys (see top) of `count` keys in place from position j0, for the item's rows.
+inline StatKeys stat_keys(const ItemRows& it, int64_t j0, int64_t count, const Scratch& ws) {
+  auto keys_before = [&](int64_t end) { return std::min(std::max(end - j0, int64_t(0)), count); };
+  return {keys_before(it.min_stat_end), keys_before(it.max_stat_end), j0, ws.stat_end.data()};
+}
+
 // Folds a segment of `count` keys of an item's block (its scores eT, -inf where masked) into
 // its state: softmax_block, or softmax_rows_block for items of at most kNarrowSoftmaxRows
 // rows. Leaves e in eT and the state's rescale factor in ws.alpha, block_sum in ws.block_sum.
-inline void fold_softmax(const ItemRows& it, float* eT, int64_t count, int64_t stat_count,
+inline void fold_softmax(const ItemRows& it, float* eT, int64_t count, const StatKeys& stat,
                          bool with_entropy, const RowState& st, Scratch& ws) {
   if (it.rows <= kNarrowSoftmaxRows)
-    softmax_rows_block(eT, it.R, it.rows, count, stat_count, with_entropy, st, ws.alpha,
+    softmax_rows_block(eT, it.R, it.rows, count, stat, with_entropy, st, ws.alpha,
                        ws.block_sum, ws.key_scores);
   else
-    softmax_block(eT, it.R, count, stat_count, with_entropy, st, ws.alpha, ws.block_sum, ws.shift,
+    softmax_block(eT, it.R, count, stat, with_entropy, st, ws.alpha, ws.block_sum, ws.shift,
                   ws.new_max, ws.stat_sum);
 }
 
@@ -786,16 +880,19 @@ struct Route {
   static Route one(int64_t state, int64_t count) { return {1, {{state, 0, count}, {0, 0, 0}}, false}; }
 };
 
-// One item's key blocks [kb_begin, kb_end) folded into fresh states in ws.state; returns the
-// item's rows. first_range: state 0 starts from the op's start logit (only one of the key
-// ranges of an item does).
+// Range `split` (of plan.splits) of an item's key blocks, those holding [min_lo, max_hi],
+// folded into fresh states in ws.state; returns the item's rows. State 0 of range 0 starts
+// from the op's start logit.
 template <typename Op, typename T>
-ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_begin,
-                     int64_t kb_end, bool first_range, Scratch& ws) {
+ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t split, Scratch& ws) {
   const Problem& p = op.p;
-  const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
-                                ws.position.data(), ws.reach.data());
+  const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return it;
+  const int64_t kb_first = it.min_lo / kKeyBlock, kb_last = it.max_hi / kKeyBlock + 1;
+  const int64_t per_split = (kb_last - kb_first + plan.splits - 1) / plan.splits;
+  const int64_t kb_begin = std::min(kb_first + split * per_split, kb_last);
+  const int64_t kb_end = std::min(kb_begin + per_split, kb_last);
+  const bool first_range = split == 0;
   const int64_t R = it.R, D = p.D, Dv = p.Dv, G = p.G;
   const auto st = item_states<Op::kStates>(ws.state, R, G, Dv);
   // narrow: lanes along the head dims (rows of Dp, Dvp floats), else along rows (transposed)
@@ -827,16 +924,16 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
   if (narrow) std::fill(ws.o_rows, ws.o_rows + Op::kStates * o_rows_floats, 0.0f);
   op.begin_item(it, ws);
 
-  const int64_t sink_end = p.clamped_end(p.sink_end, it.b);
   const uint8_t* real_row = p.key_real != nullptr ? p.key_real + it.b * p.Lk : nullptr;
-  const MaskRule rule{p.causal, p.window, sink_end};
+  const MaskRule rule{p.causal, p.window, it.min_sink_end, it.max_sink_end, p.start != nullptr,
+                      p.causal || p.horizon != nullptr};
   const int64_t k_base = it.b * p.k_s0 + it.kv_head * p.k_s1;
   const int64_t v_base = it.b * p.v_s0 + it.kv_head * p.v_s1;
 
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t j0 = kb * kKeyBlock;
     const int64_t count = std::min(kKeyBlock, p.Lk - j0);
-    const BlockKind kind = classify_block(p, it, j0, count, sink_end, real_row);
+    const BlockKind kind = classify_block(p, it, j0, count, real_row);
     if (kind == BlockKind::Skip) continue;
     const Route route = op.route(it, j0, count, real_row, ws);
     const int64_t* order = route.reordered ? ws.order.data() : nullptr;
@@ -855,7 +952,7 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
         ws.key_real[c] = real_row == nullptr || real_row[j];
       }
       mask_block(ws.sT, R, count, ws.key_pos.data(), ws.key_real.data(), ws.position.data(),
-                 ws.reach.data(), rule);
+                 ws.lo.data(), ws.hi.data(), ws.sink_end.data(), rule);
     }
     const float* vals =
         block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, Dv, Dvp, order, ws.vals, ldv);
@@ -881,7 +978,7 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t kb_be
 // One item, whole: attend over all its keys and write its outputs.
 template <typename Op, typename T>
 void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
-  const ItemRows it = attend_item<Op, T>(op, plan, item, 0, plan.key_blocks, true, ws);
+  const ItemRows it = attend_item<Op, T>(op, plan, item, 0, ws);
   op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
     op.template write_rows<T>(it, ws, item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.Dv));
@@ -891,10 +988,7 @@ void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
 template <typename Op, typename T>
 void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split, float* partial,
                     Scratch& ws) {
-  const int64_t per_split = (plan.key_blocks + plan.splits - 1) / plan.splits;
-  const int64_t kb_begin = std::min(split * per_split, plan.key_blocks);
-  const int64_t kb_end = std::min(kb_begin + per_split, plan.key_blocks);
-  const ItemRows it = attend_item<Op, T>(op, plan, item, kb_begin, kb_end, split == 0, ws);
+  const ItemRows it = attend_item<Op, T>(op, plan, item, split, ws);
   if (split == 0) op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
     std::copy(ws.state, ws.state + Op::kStates * RowState::floats(it.R, op.p.G, op.p.Dv), partial);
@@ -905,8 +999,7 @@ template <typename Op, typename T>
 void merge_item(const Op& op, const Plan& plan, int64_t item, const float* partials,
                 Scratch& ws) {
   const Problem& p = op.p;
-  const ItemRows it = item_rows(p, plan, item, ws.row_head.data(), ws.row_query.data(),
-                                ws.position.data(), ws.reach.data());
+  const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return;
   const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.Dv);
   for (int64_t s = 0; s < Op::kStates; ++s)

@@ -2,7 +2,7 @@
 // into contrastive guidance (the math of fastprobe.reference.dual_path_attention).
 //
 // Per batch b, query head h and query i at position p = Lk - Lq + i (visible as in
-// attention_core.h: real, when causal j <= reach_p, and in the window, without sink keys), two
+// attention_core.h: real, lo_p <= j <= hi_p, and in the window, without sink keys), two
 // running softmax states over the visible keys: state 0 over the kept keys, state 1 over the
 // dropped ones (each key feeds exactly one). With their (m_1, l_1, O_1) and (m_2, l_2, O_2) and m = max(m_1, m_2):
 //   o_uncond = O_1 / l_1                                              (0 when l_1 = 0)
@@ -73,7 +73,7 @@ struct DualPathAttention {
 
   void fold(const ItemRows& it, int64_t, const Segment& seg, float* eT, const RowState& st,
             Scratch& ws) const {
-    fold_softmax(it, eT, seg.end - seg.begin, 0, false, st, ws);
+    fold_softmax(it, eT, seg.end - seg.begin, StatKeys{}, false, st, ws);
   }
 
   template <typename T>
@@ -140,7 +140,7 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
                          int64_t out_s3, double scale, bool causal, uintptr_t key_real,
                          uintptr_t drop, uintptr_t rows, double gamma, bool orthogonalize,
                          double eps, uintptr_t o_cond, uintptr_t o_uncond, int64_t num_threads,
-                         uintptr_t horizon, int64_t window) {
+                         uintptr_t horizon, int64_t window, uintptr_t start) {
   const char* op = "dual_path_attention";
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
@@ -154,6 +154,7 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
   check_size(window, 0, "window");
   if (batch == 0 || num_queries == 0) return;  // empty outputs may come with null data pointers
 
+  p.start = pointer<const int64_t>(start, false, "start");
   p.horizon = pointer<const int64_t>(horizon, false, "horizon");
   p.window = window >= num_keys ? 0 : window;  // a window of Lk keys or more hides nothing
   const DualPathAttention attention{p,
@@ -174,13 +175,13 @@ void bind_dual_attention(py::module_& m) {
         "o_cond (every visible key), o_uncond (no dropped key) and out = o_cond + gamma dO in one pass\n"
         "(see fastprobe.reference.dual_path_attention). q, k, v, out as in sink_attention; key_real\n"
         "uint8 [B, Lk] (0: all real), drop uint8 [B, Lk] (1: dropped), rows uint8 [B, Lq] (1: guided),\n"
-        "contiguous; o_cond and o_uncond (0: not written) have out's shape and strides. horizon int64\n"
-        "[B, Lk] (0: none): the causal order as in sink_attention. window (0: none) as in sink_attention,\n"
-        "without sink keys.",
+        "contiguous; o_cond and o_uncond (0: not written) have out's shape and strides. start and\n"
+        "horizon int64 [B, Lk] (0: none), both paths: the keys of each query as in sink_attention. window\n"
+        "(0: none) as in sink_attention, without sink keys.",
         FASTPROBE_ATTENTION_ARGS, py::arg("key_real"), py::arg("drop"),
         py::arg("rows"), py::arg("gamma"), py::arg("orthogonalize"), py::arg("eps"),
         py::arg("o_cond"), py::arg("o_uncond"), py::arg("num_threads"), py::arg("horizon") = 0,
-        py::arg("window") = 0);
+        py::arg("window") = 0, py::arg("start") = 0);
 }
 
 }  // namespace fastprobe

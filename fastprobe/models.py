@@ -26,7 +26,7 @@ __all__ = [
 IMAGE_TOKEN = "<image>"  # the tiny LLaVA's image placeholder (a special token of its tokenizer)
 
 # Causal language models, then the bidirectional encoder.
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2", "bert")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "llama4", "gpt2", "bert")
 
 DEMO_TEXTS = [
     "The river ran past the old mill and under the stone bridge before it reached the sea.",
@@ -76,7 +76,8 @@ def tiny_config(arch: str = "llama", *, vocab_size: int = 512, num_layers: int =
     """A small transformers config of architecture `arch` (one of ARCHITECTURES); head_dim =
     hidden_size / num_heads, grouped-query (num_kv_heads = num_heads / 2) where the architecture
     has it, float32, no dropout. Gemma 2/3 and Mistral get a sliding window of 4 tokens and Qwen2
-    one on its second layer (so short test inputs cross it); overrides win."""
+    one on its second layer, Llama 4 chunked attention in chunks of 4 on every layer but the last
+    (and mixture-of-experts MLPs on odd layers), so short test inputs cross them; overrides win."""
     import transformers
 
     head_dim = hidden_size // num_heads
@@ -94,6 +95,10 @@ def tiny_config(arch: str = "llama", *, vocab_size: int = 512, num_layers: int =
         "gemma2": ("Gemma2Config", dict(decoder, **gemma)),
         "gemma3": ("Gemma3TextConfig", dict(decoder, **gemma, layer_types=[
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)])),
+        "llama4": ("Llama4TextConfig", dict(
+            decoder, head_dim=head_dim, intermediate_size_mlp=2 * hidden_size, num_local_experts=2,
+            num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=4,
+            no_rope_layers=[int(i < num_layers - 1) for i in range(num_layers)])),  # 1: rotary, chunked
         "gpt2": ("GPT2Config", dict(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
                                     n_positions=8192, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                     bos_token_id=1, eos_token_id=2, pad_token_id=0)),

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dual_path_attention", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["dual_path_attention", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "segment_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -265,30 +265,38 @@ def reduce_rows(rows: torch.Tensor, keep: Optional[torch.Tensor], reduction: str
 
 
 def attention_key_masks(
-    key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: int, num_sink: int, stat_tokens: int, device
+    key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: int, num_sink: int, stat_tokens: int, device,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(real [B, Lk], sink [B, Lk], stat [B, Lk]) booleans: real = not padding; sink = one of
     the first num_sink real keys of the row (visible window or not); stat = one of the first
     stat_tokens real keys (whose attention weight is sink_mass). Counting real keys makes
-    "the first token" of a left-padded row its first real token."""
+    "the first token" of a left-padded row its first real token. With segment_ids the count
+    starts afresh in every segment: each segment is a sequence of its own."""
     if key_padding_mask is None:
         real = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
     else:
         real = key_padding_mask.to(device=device, dtype=torch.bool)
-    rank = real.long().cumsum(-1)  # 1-based index of each real key among the row's real keys
+    if segment_ids is None:
+        rank = real.long().cumsum(-1)  # 1-based index of each real key among the row's real keys
+    else:  # among the real keys of its segment
+        index = torch.arange(num_keys, device=device)
+        earlier = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (index[None, :] <= index[:, None])[None]
+        rank = (earlier & real[:, None, :]).sum(-1)
     return real, real & (rank <= num_sink), real & (rank <= stat_tokens)
 
 
 def attention_visible(
     real: torch.Tensor, sink: torch.Tensor, num_queries: int, causal: bool, window: Optional[int],
-    unordered: Optional[torch.Tensor] = None,
+    unordered: Optional[torch.Tensor] = None, same_segment: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """visible [B, Lq, Lk]: which keys each query sees. Query i sits at position
     p = Lk - Lq + i (queries are the last Lq positions). Causal: j <= p, or the pair is in
     `unordered` ([B, Lq, Lk] bool: pairs that see each other whatever the order, e.g. one
     bidirectional block's tokens). Window w: causal p - w < j, bidirectional |p - j| < w; sink
     keys are visible outside the window (but never in a causal query's future). Padding keys are
-    never visible."""
+    never visible, nor (with `same_segment`, [B, Lq, Lk] bool) keys of another segment, sink
+    keys included."""
     num_keys = real.shape[-1]
     position = torch.arange(num_keys - num_queries, num_keys, device=real.device)[:, None]
     key = torch.arange(num_keys, device=real.device)[None, :]
@@ -298,7 +306,16 @@ def attention_visible(
     in_window = torch.ones_like(key <= position)
     if window is not None:
         in_window = key > position - window if causal else (key - position).abs() < window
-    return real[:, None, :] & in_order & (in_window[None] | sink[:, None, :])
+    visible = real[:, None, :] & in_order & (in_window[None] | sink[:, None, :])
+    return visible if same_segment is None else visible & same_segment
+
+
+def segment_pairs(segments: Optional[torch.Tensor], num_queries: int) -> Optional[torch.Tensor]:
+    """[B, Lq, Lk] bool: the (query, key) pairs in one segment (segments [B, Lk]: equal ids;
+    packed sequences, chunked attention), or None without segments."""
+    if segments is None:
+        return None
+    return segments[:, segments.shape[1] - num_queries:, None] == segments[:, None, :]
 
 
 def block_pairs(blocks: Optional[torch.Tensor], num_queries: int) -> Optional[torch.Tensor]:
@@ -327,12 +344,15 @@ def sink_attention(
     stat_tokens: int = 1,
     softcap: Optional[float] = None,
     bidirectional_blocks: Optional[torch.Tensor] = None,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> dict:
     """SPEC section 4 by materialising the [B, Hq, Lq, Lk] attention weights.
 
     bidirectional_blocks [B, Lk] (ids; negative: none): with causal, positions of one block id
     also see each other's later positions (Gemma 3's image tokens, PaliGemma's prefix); the
-    window and padding still apply.
+    window and padding still apply. segment_ids [B, Lk]: a query sees only keys with its own
+    segment id (packed sequences, Llama 4's chunks), and each segment is a sequence of its own:
+    its sink and statistics keys are its first real keys.
 
     s_ij = scale q_i . k_j on visible keys (-inf elsewhere), or with a soft cap c (Gemma 2)
     s_ij = c tanh(scale q_i . k_j / c); with a sink logit c_h the
@@ -346,12 +366,12 @@ def sink_attention(
     Returns a dict of out [B, Hq, Lq, D] and lse, sink_mass, entropy [B, Hq, Lq], plus
     group_mass [B, Hq, Lq, G] with key_groups."""
     batch, num_keys = q.shape[0], k.shape[2]
-    real, sink, stat = attention_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q.device)
+    real, sink, stat = attention_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q.device, segment_ids)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return attention_from_masks(
         q, k, v, real, sink, stat, scale=scale, causal=causal, window=window, head_mask=head_mask,
         sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
-        unordered=block_pairs(bidirectional_blocks, q.shape[2]),
+        unordered=block_pairs(bidirectional_blocks, q.shape[2]), same_segment=segment_pairs(segment_ids, q.shape[2]),
     )
 
 
@@ -372,9 +392,11 @@ def attention_from_masks(
     num_groups: Optional[int],
     softcap: Optional[float] = None,
     unordered: Optional[torch.Tensor] = None,
+    same_segment: Optional[torch.Tensor] = None,
 ) -> dict:
-    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk]) and
-    the pairs that see each other whatever the causal order (see attention_visible)."""
+    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk]), the
+    pairs that see each other whatever the causal order and the pairs of one segment (see
+    attention_visible)."""
     dtype = _compute_dtype(q)
     batch, num_heads, num_queries, _ = q.shape
     num_kv_heads = k.shape[1]
@@ -384,7 +406,7 @@ def attention_from_masks(
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), keys) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = attention_visible(real, sink, num_queries, causal, window, unordered)[:, None]
+    visible = attention_visible(real, sink, num_queries, causal, window, unordered, same_segment)[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sink_logit is not None:  # the sink as one more column, dropped after the softmax
         extra = sink_logit.to(dtype).view(1, num_heads, 1, 1).expand(batch, num_heads, num_queries, 1)
@@ -439,6 +461,7 @@ def dual_path_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     bidirectional_blocks: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> dict:
     """SPEC section 5 with two separate attention calls (the two-pass formulation).
 
@@ -448,7 +471,7 @@ def dual_path_attention(
       out = o_cond + gamma (dO - <dO, u> u)   (orthogonalize=False: o_cond + gamma dO)
     on the selected rows; other rows get o_cond. A row whose kept-key set is empty (every
     visible key dropped) has no language-only path: o_uncond = 0 and out = o_cond there (no
-    guidance). bidirectional_blocks and window as in sink_attention (no sink keys). Returns a
+    guidance). bidirectional_blocks, window and segment_ids as in sink_attention (no sink keys). Returns a
     dict of out, o_cond, o_uncond [B, Hq, Lq, D] in the compute dtype."""
     batch, num_keys = q.shape[0], k.shape[2]
     real = (
@@ -460,7 +483,8 @@ def dual_path_attention(
     nothing = torch.zeros_like(real)
     options = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=window,
                    head_mask=None, sink_logit=None, key_groups=None, num_groups=None,
-                   unordered=block_pairs(bidirectional_blocks, q.shape[2]))
+                   unordered=block_pairs(bidirectional_blocks, q.shape[2]),
+                   same_segment=segment_pairs(segment_ids, q.shape[2]))
     conditional = attention_from_masks(q, k, v, real, nothing, nothing, **options)
     language_only = attention_from_masks(q, k, v, kept, nothing, nothing, **options)
     o_cond, o_uncond = conditional["out"], language_only["out"]

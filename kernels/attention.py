@@ -3,15 +3,20 @@
 style), never materialising the [Lq, Lk] attention weights.
 
 Query i of a (batch b, head h) row sits at position p = Lk - Lq + i. Key j is visible iff
-  real[b, j]  and  (not causal or j <= r_p)  and  (no window or in_window(p, j) or j < sink_end[b])
-with in_window = j > p - w (causal) or |p - j| < w (bidirectional), and the causal reach r_p = p,
-or with a horizon (HAS_HORIZON, causal only) r_p = clamp(horizon[b, p], p, Lk - 1): the tokens of
-a bidirectional block (Gemma 3 image tokens, a PaliGemma prefix) see each other; the window
-stays j > p - w. Scores are kept in base 2, t_j = s_j log2(e) with s_j = scale q . k_j, or
-with a soft cap c > 0 (Gemma 2, HAS_SOFTCAP)
-s_j = c tanh(scale q . k_j / c) on every key before masking, and per query row the kernel keeps
+  real[b, j]  and  f_p <= j <= r_p  and  (no window or in_window(p, j) or j < e_p)
+with in_window = j > p - w (causal) or |p - j| < w (bidirectional); the first key
+f_p = clamp(start[b, p], 0, p) with a start (HAS_START: a segment's first position, packed
+sequences, Llama 4's chunks; it bounds sink keys too), else 0; the reach
+r_p = clamp(horizon[b, p], p, Lk - 1) with a horizon (HAS_HORIZON: a bidirectional block, Gemma 3
+image tokens, a PaliGemma prefix, or a segment's last position), else p (causal) or Lk - 1. The
+window stays j > p - w. The sink end e_p = sink_end[b], or per position e_p = sink_end[b, p]
+(ROW_ENDS: segments, each a sequence of its own whose sink and statistics keys are its first
+real keys); the statistics end s_p likewise from stat_end; both clamped to [0, Lk]. Scores are
+kept in base 2, t_j = s_j log2(e) with s_j = scale q . k_j, or with a soft cap c > 0 (Gemma 2,
+HAS_SOFTCAP) s_j = c tanh(scale q . k_j / c) on every key before masking, and per query row
+the kernel keeps
   m = max_j t_j,  l = sum_j 2^(t_j - m),  acc = sum_j 2^(t_j - m) v_j,
-  stat = sum_{j < stat_end} 2^(t_j - m),  grp[g] = sum_{group_j = g} 2^(t_j - m),
+  stat = sum_{j < s_p} 2^(t_j - m),  grp[g] = sum_{group_j = g} 2^(t_j - m),
   A = sum_j 2^(t_j - m) (t_j - m)                                     (entropy, on request)
 over the visible keys. When a key block raises the max from m_old to m_new every sum is
 rescaled by alpha = 2^(m_old - m_new); A moves to the new reference point as
@@ -27,15 +32,17 @@ appears (a row that has seen only masked keys shifts by 0).
 
 Two paths:
   * prefill: one program per (query block, b, h). It loops only over the key blocks that meet
-    the causal / window band of its query block, plus (with a window) the blocks holding sink
-    keys before the band. Blocks inside the band for every query of the block (and with no
-    padding mask) run without elementwise masks.
+    the band of its query block (keys in [min f_p, max r_p] and in some query's window), plus
+    (with a window) the blocks holding sink keys >= min f_p before the band (to the largest
+    e_p of the rows with sink keys there). Blocks inside the band for every query of the block
+    (and with no padding mask) run without elementwise masks.
   * decode (few queries, long keys; split-K, "flash decoding"): one program per (key split,
     b, kv head) handles all Hq / Hkv query heads of its kv head at once (K / V read once per
     kv head), writing unnormalised partial states (m, l, stat, A, acc, grp) to float32
     scratch; a second kernel merges the splits of each query row by their max, adds the sink
-    logit and writes the outputs. Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for
-    float32) and the band holds >= 512 keys (see _DECODE_*); split_keys forces either path.
+    logit and writes the outputs. The splits cover the window's band to Lk (f_p and r_p are
+    masked per key). Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for float32) and the
+    band holds >= 512 keys (see _DECODE_*); split_keys forces either path.
 
 Products use tl.dot with float32 accumulation: 16-bit inputs on tensor cores (P rounded to
 the input dtype for P V, as FlashAttention does; the statistics use the float32 P), float32
@@ -197,6 +204,16 @@ def _softmax_step(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.c
 
 
 @triton.jit
+def _per_row(end, ROW_ENDS: tl.constexpr):
+    """A key end for comparisons with a [1, N] key tile: [R] per-row ends as a column [R, 1]
+    (ROW_ENDS), a scalar as it is."""
+    if ROW_ENDS:
+        return end[:, None]
+    else:
+        return end
+
+
+@triton.jit
 def _attend_block(
     q,  # [R, BLOCK_D] queries (input dtype)
     m_i,  # [R] running max of the base-2 logits (-inf: nothing seen yet)
@@ -218,18 +235,23 @@ def _attend_block(
     start,  # first key of the block
     end,  # keys >= end are not in this program's range (masked blocks only)
     pos,  # [R] query positions
-    reach,  # [R] the last key each row sees in causal order (pos, or its horizon: _causal_reach)
+    reach,  # [R] the last key each row sees (pos, or its horizon: _causal_reach; HAS_HORIZON or CAUSAL)
+    first,  # [R] the first key each row sees (_segment_first; HAS_START only)
     offs_d,
     d_ok,
     offs_dv,
     dv_ok,
     window,  # > every |p - j| when there is no window
-    sink_end,
-    stat_end,
+    sink_end,  # e: a scalar, or [R] with ROW_ENDS (_key_ends)
+    stat_end,  # s: likewise
+    stat_top,  # the largest s (s itself without ROW_ENDS)
     qk_scale,  # scale log2(e); with a soft cap c: scale / c
     softcap,  # c log2(e) (HAS_SOFTCAP only)
     MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
     CAUSAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,
+    HAS_START: tl.constexpr,
+    ROW_ENDS: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     ENTROPY: tl.constexpr,
@@ -251,11 +273,15 @@ def _attend_block(
         key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
         j = offs_n[None, :]
         p_row = pos[:, None]
-        is_sink = j < sink_end
+        is_sink = j < _per_row(sink_end, ROW_ENDS)  # j < e (per row: [R, 1] vs j [1, N])
         if CAUSAL:  # j <= r and (p - w < j or sink)
             visible = (j <= reach[:, None]) & ((j > p_row - window) | is_sink)
-        else:  # |p - j| < w or sink
+        else:  # |p - j| < w or sink (and j <= r)
             visible = (tl.abs(p_row - j) < window) | is_sink
+            if HAS_HORIZON:
+                visible = visible & (j <= reach[:, None])
+        if HAS_START:  # f <= j, sink keys too
+            visible = visible & (j >= first[:, None])
         t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
     m_new, l_new, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
     if ENTROPY:
@@ -268,8 +294,8 @@ def _attend_block(
             pt = p * (t - m_use[:, None])
         ent += tl.sum(pt, axis=1)
     stat = stat * alpha
-    if start < stat_end:  # stat keys are the first few real keys: usually block 0 only
-        stat += tl.sum(tl.where(offs_n[None, :] < stat_end, p, 0.0), axis=1)
+    if start < stat_top:  # stat keys are the first few real keys (of a segment): few blocks
+        stat += tl.sum(tl.where(offs_n[None, :] < _per_row(stat_end, ROW_ENDS), p, 0.0), axis=1)
     if HAS_GROUPS:
         if MASKED:
             gid = tl.load(groups_base + rows * stride_gn, mask=n_ok, other=-1)
@@ -340,17 +366,39 @@ def _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _sink_span(sink_end, first, below, HAS_START: tl.constexpr, ROW_ENDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys [sink_lo, sink_hi) holding every row's sink keys before the band (keys < below):
+    row i's are f_i <= j < min(e_i, below) (f_i = 0 without a start), so from the smallest f's
+    block to the largest such end over the rows that have one (f_i < min(e_i, below); across
+    segments only the first segment of a tile starts before its band: no gap to scan).
+    sink_end: a scalar, or [R] with ROW_ENDS; first [R] (read with HAS_START only)."""
+    sink_hi = tl.minimum(sink_end, below)
+    if ROW_ENDS:  # max_i of min(e_i, below) over the rows with f_i < min(e_i, below)
+        if HAS_START:
+            sink_hi = tl.where(first < sink_hi, sink_hi, 0)
+        sink_hi = tl.max(sink_hi, axis=0)
+    if HAS_START:  # no row sees a sink key below the smallest f
+        sink_lo = (tl.min(first, axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        sink_lo = 0
+    return sink_lo, sink_hi
+
+
+@triton.jit
 def _fwd_band(
-    m0, Lq, Lk, window, sink_end, live, reach,
-    CAUSAL: tl.constexpr, HAS_KEY_REAL: tl.constexpr, HAS_HORIZON: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    m0, Lq, Lk, window, sink_end, live, reach, first,
+    CAUSAL: tl.constexpr, HAS_KEY_REAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr,
+    ROW_ENDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The key range of the query block [m0, m0 + BLOCK_M): the causal / window band
-    [lo_blk, band_end) (block aligned below), split into masked [lo_blk, a), unmasked interior
-    [a, c) and masked [c, band_end), and the sink keys [0, sink_hi) before the band. Nothing for
-    a pruned head (live false). Without a window (window > every |p - j|) lo_blk = a = 0 and
-    sink_hi = 0. reach [BLOCK_M]: the rows' causal reach (_causal_reach; read with HAS_HORIZON
-    only). Returns (sink_hi, lo_blk, a, c, band_end)."""
+    """The key range of the query block [m0, m0 + BLOCK_M): the band [lo_blk, band_end) (block
+    aligned below) of keys some row may see (causal / window / first key / reach), split into
+    masked [lo_blk, a), unmasked interior [a, c) (keys every row sees) and masked
+    [c, band_end), and the sink keys [sink_lo, sink_hi) before the band. Nothing for a pruned
+    head (live false). Without a window (window > every |p - j|) nor start, lo_blk = a = 0 and
+    sink_hi = 0. reach, first [BLOCK_M]: the rows' last and first keys (_causal_reach, read
+    with HAS_HORIZON only; _segment_first, read with HAS_START only); sink_end: a scalar, or
+    [BLOCK_M] with ROW_ENDS (0 for padding rows). Returns (sink_lo, sink_hi, lo_blk, a, c,
+    band_end)."""
     p_first = Lk - Lq + m0
     p_last = Lk - Lq + tl.minimum(m0 + BLOCK_M, Lq) - 1
     lo = tl.maximum(p_first - window + 1, 0)  # j > p - w (both kinds of window)
@@ -362,13 +410,23 @@ def _fwd_band(
         full_hi = p_first + 1  # keys every query of the block sees (no window; r >= p)
     else:
         hi = tl.minimum(p_last + window, Lk)  # j < p + w
-        hi = tl.maximum(hi, tl.minimum(sink_end, Lk))  # sinks past the band stay visible
+        if ROW_ENDS:  # sinks past the band stay visible: j < max_i e_i
+            hi = tl.maximum(hi, tl.max(sink_end, axis=0))
+        else:
+            hi = tl.maximum(hi, tl.minimum(sink_end, Lk))
         full_hi = p_first + window
+        if HAS_HORIZON:  # j <= r: to the largest r (-1 for padding rows), for every row the smallest
+            hi = tl.minimum(hi, tl.max(reach, axis=0) + 1)
+            full_hi = tl.minimum(full_hi, tl.min(tl.where(reach < 0, Lk, reach), axis=0) + 1)
     full_lo = tl.maximum(p_last - window + 1, 0)  # keys in every query's window from below
+    if HAS_START:  # f <= j: from the smallest f (Lk for padding rows), for every row the largest
+        first_min = tl.min(first, axis=0)
+        lo = tl.maximum(lo, first_min)
+        full_lo = tl.maximum(full_lo, tl.max(tl.where(first < Lk, first, 0), axis=0))
     hi = tl.where(live, hi, 0)  # pruned head: no key block at all
     lo_blk = (lo // BLOCK_N) * BLOCK_N
     band_end = tl.maximum(hi, lo_blk)
-    sink_hi = tl.minimum(sink_end, lo_blk)
+    sink_lo, sink_hi = _sink_span(sink_end, first, lo_blk, HAS_START, ROW_ENDS, BLOCK_N)
     if CAUSAL:
         sink_hi = tl.minimum(sink_hi, hi)
     sink_hi = tl.where(live, sink_hi, 0)
@@ -378,7 +436,7 @@ def _fwd_band(
     else:
         c = tl.maximum((tl.minimum(full_hi, Lk) // BLOCK_N) * BLOCK_N, a)
         c = tl.minimum(c, band_end)
-    return sink_hi, lo_blk, a, c, band_end
+    return sink_lo, sink_hi, lo_blk, a, c, band_end
 
 
 @triton.jit
@@ -406,12 +464,26 @@ def _key_bases(k_ptr, v_ptr, real_ptr, keyed_ptr, b, kvh, stride_kb, stride_kh, 
 
 
 @triton.jit
-def _key_ends(sink_end_ptr, stat_end_ptr, b, Lk):
-    """Row b's sink and statistic key ends, clamped to [0, Lk] before the int32 cast (a
-    hand-made KeyMasks may hold anything)."""
-    sink_end = tl.minimum(tl.maximum(tl.load(sink_end_ptr + b), 0), Lk).to(tl.int32)
-    stat_end = tl.minimum(tl.maximum(tl.load(stat_end_ptr + b), 0), Lk).to(tl.int32)
-    return sink_end, stat_end
+def _clamp_end(end, Lk):
+    """A key end clamped to [0, Lk] in int64, then int32."""
+    return tl.minimum(tl.maximum(end, 0), Lk).to(tl.int32)
+
+
+@triton.jit
+def _key_ends(sink_end_ptr, stat_end_ptr, b, pos, Lk, ROW_ENDS: tl.constexpr):
+    """The sink and statistic key ends (e, s) of batch row b: scalars from [B] tensors, or with
+    ROW_ENDS each query row's (positions pos) from [B, Lk] contiguous ones, [R], 0 for rows
+    outside [0, Lk) (tile padding); clamped to [0, Lk] before the int32 cast (a hand-made
+    KeyMasks may hold anything). Returns (e, s, the largest s: s itself for scalars)."""
+    if ROW_ENDS:  # e_p = sink_end[b, p], s_p = stat_end[b, p]
+        ok = (pos >= 0) & (pos < Lk)
+        sink_end = _clamp_end(tl.load(sink_end_ptr + b * Lk + pos, mask=ok, other=0), Lk)
+        stat_end = _clamp_end(tl.load(stat_end_ptr + b * Lk + pos, mask=ok, other=0), Lk)
+        return sink_end, stat_end, tl.max(stat_end, axis=0)
+    else:
+        sink_end = _clamp_end(tl.load(sink_end_ptr + b), Lk)
+        stat_end = _clamp_end(tl.load(stat_end_ptr + b), Lk)
+        return sink_end, stat_end, stat_end
 
 
 @triton.jit
@@ -425,13 +497,27 @@ def _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL: tl.constexpr):
 
 @triton.jit
 def _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON: tl.constexpr):
-    """[R] the last key each query row (positions pos) sees in causal order: r = p, or with a
-    horizon r = clamp(horizon[b, p], p, Lk - 1), clamped in int64 (a hostile horizon reads and
-    reaches nothing outside the keys); -1 (no key) for rows outside [0, Lk) (tile padding)."""
+    """[R] the last key each query row (positions pos) sees: with a horizon
+    r = clamp(horizon[b, p], p, Lk - 1), clamped in int64 (a hostile horizon reads and reaches
+    nothing outside the keys), -1 (no key) for rows outside [0, Lk) (tile padding); without,
+    r = p (read in causal mode only)."""
     if HAS_HORIZON:
         ok = (pos >= 0) & (pos < Lk)
         reach = tl.load(horizon_ptr + b * stride_hb + pos, mask=ok, other=0)
         return tl.where(ok, tl.minimum(tl.maximum(reach, pos), Lk - 1), -1).to(tl.int32)
+    else:
+        return pos
+
+
+@triton.jit
+def _segment_first(start_ptr, b, pos, Lk, stride_fb, HAS_START: tl.constexpr):
+    """[R] the first key each query row (positions pos) sees: f = clamp(start[b, p], 0, p),
+    clamped in int64 as _causal_reach; Lk (no key) for rows outside [0, Lk) (tile padding).
+    Without a start (HAS_START off) pos, never read."""
+    if HAS_START:
+        ok = (pos >= 0) & (pos < Lk)
+        first = tl.load(start_ptr + b * stride_fb + pos, mask=ok, other=0)
+        return tl.where(ok, tl.minimum(tl.maximum(first, 0), pos), Lk).to(tl.int32)
     else:
         return pos
 
@@ -453,8 +539,9 @@ def _attention_fwd_kernel(
     entropy_ptr,  # [B, Hq, Lq] float32 (dummy unless ENTROPY)
     key_real_ptr,  # [B, Lk] uint8 (dummy unless HAS_KEY_REAL)
     horizon_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_HORIZON)
-    sink_end_ptr,  # [B] int64
-    stat_end_ptr,  # [B] int64
+    start_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_START)
+    sink_end_ptr,  # [B] int64, or [B, Lk] contiguous with ROW_ENDS
+    stat_end_ptr,  # likewise
     head_mask_ptr,  # [Hq] uint8 (dummy unless HAS_HEAD_MASK)
     sink_logit_ptr,  # [Hq] float32 (dummy unless HAS_SINK_LOGIT)
     key_groups_ptr,  # [B, Lk] int32 (dummy unless HAS_GROUPS)
@@ -487,6 +574,7 @@ def _attention_fwd_kernel(
     stride_gb,
     stride_gn,
     stride_hb,
+    stride_fb,
     LQ_BUCKET,  # autotune key only (powers of two of Lq and Lk)
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
@@ -496,7 +584,9 @@ def _attention_fwd_kernel(
     G_PAD: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
-    HAS_HORIZON: tl.constexpr,  # bidirectional blocks (causal only)
+    HAS_HORIZON: tl.constexpr,  # a last key per position (bidirectional blocks, segments)
+    HAS_START: tl.constexpr,  # a first key per position (segments)
+    ROW_ENDS: tl.constexpr,  # sink / statistic key ends per position (segments)
     HAS_HEAD_MASK: tl.constexpr,
     HAS_SINK_LOGIT: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
@@ -517,11 +607,13 @@ def _attention_fwd_kernel(
     dv_ok = offs_dv < VALUE_DIM
 
     live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
-    sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
+    sink_end, stat_end, stat_top = _key_ends(sink_end_ptr, stat_end_ptr, b, pos, Lk, ROW_ENDS)
     reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
-    sink_hi, lo_blk, a, c, band_end = _fwd_band(
-        m0, Lq, Lk, window, sink_end, live, reach, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, BLOCK_M, BLOCK_N
-    )
+    first = _segment_first(start_ptr, b, pos, Lk, stride_fb, HAS_START)
+    sink_lo, sink_hi, lo_blk, a, c, band_end = _fwd_band(
+        m0, Lq, Lk, window, sink_end, live, reach, first, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, HAS_START, ROW_ENDS,
+        BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
     # ---- pointers ----
     k_base, v_base, real_base, groups_base = _key_bases(
@@ -539,33 +631,33 @@ def _attention_fwd_kernel(
     grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_M], tl.float32)
 
-    for start in range(0, sink_hi, BLOCK_N):  # sink keys before the window band
+    for start in range(sink_lo, sink_hi, BLOCK_N):  # sink keys before the window band
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, sink_hi, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-    for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window)
+    for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window, first keys)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
-            False, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal / horizon, window, Lk)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, Lk, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     # ---- outputs ----
@@ -673,6 +765,7 @@ def _attention_split_kernel(
     grp_ptr,  # [B * Hkv, S, BLOCK_R, G_PAD] float32 (dummy unless HAS_GROUPS)
     key_real_ptr,
     horizon_ptr,
+    start_ptr,
     sink_end_ptr,
     stat_end_ptr,
     head_mask_ptr,
@@ -704,6 +797,7 @@ def _attention_split_kernel(
     stride_gb,
     stride_gn,
     stride_hb,
+    stride_fb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     VALUE_DIM: tl.constexpr,
@@ -713,6 +807,8 @@ def _attention_split_kernel(
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
     HAS_HORIZON: tl.constexpr,
+    HAS_START: tl.constexpr,
+    ROW_ENDS: tl.constexpr,
     HAS_HEAD_MASK: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     ENTROPY: tl.constexpr,
@@ -735,13 +831,16 @@ def _attention_split_kernel(
         any_live = tl.max(live.to(tl.int32), axis=0) > 0
     else:
         any_live = pid >= 0
-    sink_end, stat_end = _key_ends(sink_end_ptr, stat_end_ptr, b, Lk)
+    sink_end, stat_end, stat_top = _key_ends(sink_end_ptr, stat_end_ptr, b, pos, Lk, ROW_ENDS)
     reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)  # (the splits cover every key to Lk)
+    first = _segment_first(start_ptr, b, pos, Lk, stride_fb, HAS_START)  # (masked per key)
 
     # this split's keys [start, end) of the band [band_lo, Lk); split 0 also takes the sink
-    # keys before the band
+    # keys before the band, [sink_lo, sink_hi)
     start0, end = _split_keys(band_lo, split, chunk, Lk, any_live)
-    sink_hi = tl.where((split == 0) & any_live, tl.minimum(sink_end, band_lo), 0)
+    sinks_here = (split == 0) & any_live
+    sink_lo, sink_hi = _sink_span(sink_end, first, band_lo, HAS_START, ROW_ENDS, BLOCK_N)
+    sink_hi = tl.where(sinks_here, sink_hi, 0)
     k_base, v_base, real_base, groups_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, key_groups_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_gb
     )
@@ -752,19 +851,19 @@ def _attention_split_kernel(
     stat = tl.zeros([BLOCK_R], tl.float32)
     grp = tl.zeros([BLOCK_R, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, sink_hi, BLOCK_N):
+    for start in range(sink_lo, sink_hi, BLOCK_N):
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, sink_hi, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m_i, l_i, acc, stat, grp, ent = _attend_block(
             q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
-            start, end, pos, reach, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, qk_scale, softcap,
-            True, CAUSAL, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
@@ -988,15 +1087,16 @@ def _prune_split(configs, named_args, accumulators=1, **kwargs):
 
 _FWD_KEY_SHAPES = ["LQ_BUCKET", "LK_BUCKET"]  # (see _lq_lk_buckets)
 _FWD_KEY = [
-    "HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP",
-    *_FWD_KEY_SHAPES,
+    "HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", "ROW_ENDS", "HAS_GROUPS",
+    "ENTROPY", "HAS_SOFTCAP", *_FWD_KEY_SHAPES,
 ]  # fmt: skip
 _attention_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(_attention_fwd_kernel)
 # tuned once per head dim and row count, not per length (decoding changes Lk every step)
 _SPLIT_KEY = [
-    "HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP",
+    "HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", "ROW_ENDS",
+    "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP",
 ]  # fmt: skip
 _attention_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS, key=_SPLIT_KEY, prune_configs_by={"early_config_prune": _prune_split}
@@ -1152,6 +1252,7 @@ def sink_attention(
     softcap: float = 0.0,
     split_keys: Optional[int] = None,
     horizon: Optional[torch.Tensor] = None,
+    start: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the attention kernels; writes every element of out, lse, sink_mass and (when
     given) group_mass and entropy.
@@ -1162,14 +1263,17 @@ def sink_attention(
     lse, sink_mass, entropy [B, Hq, Lq] and group_mass [B, Hq, Lq, G] float32 contiguous
     (entropy None: not computed; group_mass None iff key_groups None). window 0: none.
     key_real uint8 [B, Lk] (1 = real key) or None; sink_end, stat_end int64 [B]: keys
-    j < sink_end[b] are sinks, real keys j < stat_end[b] count in sink_mass. head_mask uint8
+    j < sink_end[b] are sinks, real keys j < stat_end[b] count in sink_mass; or both int64
+    [B, Lk] contiguous, per query position p (segments): sink_end[b, p], stat_end[b, p] (the
+    kernels clamp every end to [0, Lk]). head_mask uint8
     [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] with ids in
     [0, num_groups) (checked by the caller) or None.
     softcap: c > 0 caps every score, s = c tanh(scale q . k / c), before masking and all
     statistics (Gemma 2's attn_logit_softcapping); 0 (or None): no cap.
-    horizon: int64 [B, Lk] contiguous or None; with causal, query position p sees keys
-    j <= horizon[b, p] instead of j <= p (bidirectional blocks; the kernels clamp it to
-    [p, Lk - 1]); ignored without causal.
+    horizon, start: int64 [B, Lk] contiguous or None; query position p sees only keys
+    j <= horizon[b, p] (with causal instead of j <= p: bidirectional blocks; a segment's last
+    position) and j >= start[b, p] (a segment's first position; sink keys too); the kernels
+    clamp horizon[b, p] to [p, Lk - 1] and start[b, p] to [0, p].
     split_keys: None chooses the path (decode split-K for a few queries over long keys, see
     _DECODE_*); 0 forces the prefill kernel; n >= 1 forces the decode path with about n key
     splits (at most n; each split gets a multiple of 16 keys).
@@ -1177,8 +1281,9 @@ def sink_attention(
     B, Hq, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v, out)
     _check_layout("lse", lse, (B, Hq, Lq), torch.float32)
     _check_layout("sink_mass", sink_mass, (B, Hq, Lq), torch.float32)
-    _check_layout("sink_end", sink_end, (B,), torch.int64)
-    _check_layout("stat_end", stat_end, (B,), torch.int64)
+    row_ends = sink_end.dim() == 2  # per query position (segments), else per batch row
+    _check_layout("sink_end", sink_end, (B, Lk) if row_ends else (B,), torch.int64)
+    _check_layout("stat_end", stat_end, sink_end.shape, torch.int64)
     if entropy is not None:
         _check_layout("entropy", entropy, (B, Hq, Lq), torch.float32)
     if key_real is not None:
@@ -1189,6 +1294,8 @@ def sink_attention(
         _check_layout("sink_logit", sink_logit, (Hq,), torch.float32)
     if horizon is not None:
         _check_layout("horizon", horizon, (B, Lk), torch.int64)
+    if start is not None:
+        _check_layout("start", start, (B, Lk), torch.int64)
     if (key_groups is None) != (group_mass is None):
         raise ValueError("group_mass must be given exactly when key_groups is")
     if key_groups is not None:
@@ -1217,12 +1324,13 @@ def sink_attention(
     else:
         qk_scale, cap = float(scale) * 1.4426950408889634, 0.0
     has_groups = key_groups is not None
-    has_horizon = horizon is not None and bool(causal)
+    has_horizon, has_start = horizon is not None, start is not None
     # a dummy pointer for what is not given (never read: its flag is off)
     dummy = lse
     ptrs = dict(
         key_real=key_real if key_real is not None else dummy,
         horizon=horizon if has_horizon else dummy,
+        start=start if has_start else dummy,
         head_mask=head_mask if head_mask is not None else dummy,
         sink_logit=sink_logit if sink_logit is not None else dummy,
         key_groups=key_groups if has_groups else dummy,
@@ -1231,12 +1339,14 @@ def sink_attention(
     )
     stride_r = key_real.stride() if key_real is not None else (0, 0)
     stride_g = key_groups.stride() if has_groups else (0, 0)
-    stride_h = (horizon.stride(0) if has_horizon else 0,)
+    stride_bounds = (horizon.stride(0) if has_horizon else 0, start.stride(0) if has_start else 0)
     flags = dict(
         G_PAD=_next_pow2_at_least(num_groups if has_groups else 1, 16),
         CAUSAL=bool(causal),
         HAS_KEY_REAL=key_real is not None,
         HAS_HORIZON=has_horizon,
+        HAS_START=has_start,
+        ROW_ENDS=row_ends,
         HAS_HEAD_MASK=head_mask is not None,
         HAS_SINK_LOGIT=sink_logit is not None,
         HAS_GROUPS=has_groups,
@@ -1246,10 +1356,10 @@ def sink_attention(
     )
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits > 0:
-        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
+        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
                       qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
     else:
-        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
+        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
                     qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
 
 
@@ -1267,21 +1377,21 @@ _INTERPRET_FWD_BLOCKS = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOC
 _INTERPRET_SPLIT_BLOCKS = dict(BLOCK_N=_INTERPRET_BLOCK_N)
 
 
-def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
+def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
                 qk_scale, cap, win, kv_group, num_groups):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     args = (
         q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], ptrs["horizon"],
-        sink_end, stat_end, ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
+        ptrs["start"], sink_end, stat_end, ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
         qk_scale, cap, win, Hq, Lq, Lk, kv_group, num_groups,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *stride_h, *_lq_lk_buckets(Lq, Lk),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *stride_bounds, *_lq_lk_buckets(Lq, Lk),
     )  # fmt: skip
     _launch(_attention_fwd_kernel, _attention_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args, flags,
            _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
 
 
-def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_h, flags,
+def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
                   qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -1299,9 +1409,9 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     split_flags = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
     split_flags.update(G_PAD=g_pad, BLOCK_R=block_r)
     args = (
-        q, k, v, state, acc, grp, ptrs["key_real"], ptrs["horizon"], sink_end, stat_end, ptrs["head_mask"],
+        q, k, v, state, acc, grp, ptrs["key_real"], ptrs["horizon"], ptrs["start"], sink_end, stat_end, ptrs["head_mask"],
         ptrs["key_groups"], qk_scale, cap, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g, *stride_h,
+        *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g, *stride_bounds,
     )  # fmt: skip
     _launch(_attention_split_kernel, _attention_split_tuned, _SPLIT_CONFIGS, _prune_split, (splits * B * Hkv,), args,
            split_flags, _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip

@@ -2,11 +2,12 @@
 pass over K and V, merged into contrastive guidance; the math of
 ``fastprobe.reference.dual_path_attention`` (two separate attention calls).
 
-Query i of (b, h) sits at position p = Lk - Lq + i and sees key j iff real[b, j] and (not
-causal or j <= r_p) and in_window(p, j), r_p = p or with a horizon (HAS_HORIZON)
-clamp(horizon[b, p], p, Lk - 1) (bidirectional blocks), in_window = j > p - w (causal) or
-|p - j| < w (bidirectional): attention.py's visibility without sink keys (no window: w wider
-than any |p - j|). Every visible key feeds exactly one of two online-softmax states per query
+Query i of (b, h) sits at position p = Lk - Lq + i and sees key j iff real[b, j] and
+f_p <= j <= r_p and in_window(p, j): attention.py's visibility without sink keys (first key
+f_p = clamp(start[b, p], 0, p) with HAS_START, else 0; reach
+r_p = clamp(horizon[b, p], p, Lk - 1) with HAS_HORIZON, else p (causal) or Lk - 1;
+in_window = j > p - w (causal) or |p - j| < w (bidirectional); no window: w wider than any
+|p - j|). Every visible key feeds exactly one of two online-softmax states per query
 row (base-2 scores t = scale q . k log2(e), as in attention.py):
   state 1, kept keys (drop[b, j] = 0):    m1 = max t,  l1 = sum 2^(t - m1),  a1 = sum 2^(t - m1) v
   state 2, dropped keys (drop[b, j] = 1): m2, l2, a2 likewise
@@ -26,7 +27,7 @@ practice, so at most two blocks per program are mixed.
 
 Two paths, the structure of attention.py (whose helpers, block ranges, configs, pruning and
 launch plumbing this module shares):
-  * prefill: one program per (query block, b, h), the key blocks of its causal / window band,
+  * prefill: one program per (query block, b, h), the key blocks of its band (attention.py),
     blocks every query of the block sees in full (no padding mask) without elementwise masks;
   * decode (few queries, long keys; attention.py's _decode_plan decides, split_keys forces):
     split-K over the band, one program per (key split, b, kv head) for all Hq / Hkv query
@@ -73,6 +74,7 @@ from .attention import (
     _prune_fwd,
     _prune_split,
     _real_keys,
+    _segment_first,
     _sink_state,
     _softmax_step,
     _split_keys,
@@ -119,7 +121,8 @@ def _dual_block(
     start,  # first key of the block
     end,  # keys >= end are not in this program's range (masked blocks only)
     pos,  # [R] query positions
-    reach,  # [R] the last key each row sees in causal order (its position, or its horizon)
+    reach,  # [R] the last key each row sees (its position, or its horizon; HAS_HORIZON or CAUSAL)
+    first,  # [R] the first key each row sees (_segment_first; HAS_START only)
     offs_d,
     d_ok,
     offs_dv,  # the value head dim's columns and which are real
@@ -128,6 +131,8 @@ def _dual_block(
     qk_scale,  # scale log2(e)
     MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
     CAUSAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,
+    HAS_START: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_DV: tl.constexpr,
@@ -147,8 +152,12 @@ def _dual_block(
         p_row = pos[:, None]
         if CAUSAL:  # j <= r and j > p - w
             visible = (j <= reach[:, None]) & (j > p_row - window)
-        else:  # |p - j| < w
+        else:  # |p - j| < w (and j <= r)
             visible = tl.abs(p_row - j) < window
+            if HAS_HORIZON:
+                visible = visible & (j <= reach[:, None])
+        if HAS_START:  # f <= j
+            visible = visible & (j >= first[:, None])
         t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
         kinds = tl.where(key_ok, tl.where(drop, 1 << 16, 1), 0)
     else:
@@ -226,6 +235,7 @@ def _dual_fwd_kernel(
     uncond_ptr,
     key_real_ptr,  # [B, Lk] uint8 (dummy unless HAS_KEY_REAL)
     horizon_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_HORIZON)
+    start_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_START)
     drop_ptr,  # [B, Lk] uint8
     rows_ptr,  # [B, Lq] uint8
     qk_scale,  # scale log2(e)
@@ -259,6 +269,7 @@ def _dual_fwd_kernel(
     stride_sb,
     stride_sm,
     stride_hb,
+    stride_fb,
     LQ_BUCKET,  # autotune key only
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
@@ -267,7 +278,8 @@ def _dual_fwd_kernel(
     BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
-    HAS_HORIZON: tl.constexpr,  # bidirectional blocks (causal only)
+    HAS_HORIZON: tl.constexpr,  # a last key per position (bidirectional blocks, segments)
+    HAS_START: tl.constexpr,  # a first key per position (segments)
     ORTHOGONALIZE: tl.constexpr,
     WRITE_PATHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -283,12 +295,14 @@ def _dual_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
     # no sinks (sink_end 0, so no sink blocks before the band): the band [lo_blk, band_end),
-    # blocks [lo_blk, a) masked (the window's edge; none without a window: lo_blk = a = 0),
-    # [a, c) unmasked, [c, band_end) masked
+    # blocks [lo_blk, a) masked (the window's / first keys' edge; none without either:
+    # lo_blk = a = 0), [a, c) unmasked, [c, band_end) masked
     reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)
-    _, lo_blk, a, c, band_end = _fwd_band(
-        m0, Lq, Lk, window, 0, h >= 0, reach, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, BLOCK_M, BLOCK_N
-    )
+    first = _segment_first(start_ptr, b, pos, Lk, stride_fb, HAS_START)
+    _, _, lo_blk, a, c, band_end = _fwd_band(
+        m0, Lq, Lk, window, 0, h >= 0, reach, first, CAUSAL, HAS_KEY_REAL, HAS_HORIZON, HAS_START, False,
+        BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
@@ -300,21 +314,22 @@ def _dual_fwd_kernel(
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach, first,
             offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            False, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            False, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-    # the band's edges, masked: below [lo_blk, a) (window), then above [c, band_end) (diagonal /
-    # horizon, window, padding, Lk), in one loop (a second inlined masked block spills, sm_90);
-    # a is a block start, or band_end (then c = a: a partial last block below)
+    # the band's edges, masked: below [lo_blk, a) (window, first keys), then above
+    # [c, band_end) (diagonal / horizon, window, padding, Lk), in one loop (a second inlined
+    # masked block spills, sm_90); a is a block start, or band_end (then c = a: a partial last
+    # block below)
     below = tl.cdiv(a - lo_blk, BLOCK_N)
     for i in range(0, below + tl.cdiv(band_end - c, BLOCK_N)):
         start = tl.where(i < below, lo_blk + i * BLOCK_N, c + (i - below) * BLOCK_N)
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach, first,
             offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     selected = tl.load(rows_ptr + b * stride_sb + rows_m * stride_sm, mask=m_ok, other=0) != 0
@@ -339,6 +354,7 @@ def _dual_split_kernel(
     acc_ptr,  # [B * Hkv, S, 2 states, BLOCK_R, BLOCK_DV] float32
     key_real_ptr,
     horizon_ptr,
+    start_ptr,
     drop_ptr,
     qk_scale,
     window,  # > every |p - j| when there is no window
@@ -366,6 +382,7 @@ def _dual_split_kernel(
     stride_db,
     stride_dn,
     stride_hb,
+    stride_fb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     VALUE_DIM: tl.constexpr,
@@ -374,6 +391,7 @@ def _dual_split_kernel(
     CAUSAL: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
     HAS_HORIZON: tl.constexpr,
+    HAS_START: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -387,6 +405,7 @@ def _dual_split_kernel(
     dv_ok = offs_dv < VALUE_DIM
     start0, end = _split_keys(band_lo, split, chunk, Lk, pid >= 0)  # this split's keys of the band
     reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)  # (the splits reach Lk)
+    first = _segment_first(start_ptr, b, pos, Lk, stride_fb, HAS_START)  # (masked per key)
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
     )
@@ -395,9 +414,9 @@ def _dual_split_kernel(
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, reach,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, reach, first,
             offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            True, CAUSAL, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     part = (bkv * num_splits + split) * 2  # state 1 at part, state 2 at part + 1
     _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m1, l1, acc1, 2, BLOCK_R, BLOCK_DV)
@@ -457,12 +476,12 @@ _prune_dual_fwd = functools.partial(_prune_fwd, accumulators=2)
 _prune_dual_split = functools.partial(_prune_split, accumulators=2)
 _dual_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", *_FWD_KEY_SHAPES],
+    key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", *_FWD_KEY_SHAPES],
     prune_configs_by={"early_config_prune": _prune_dual_fwd},
 )(_dual_fwd_kernel)
 _dual_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS,
-    key=["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON"],
+    key=["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START"],
     prune_configs_by={"early_config_prune": _prune_dual_split},
 )(_dual_split_kernel)
 
@@ -486,6 +505,7 @@ def dual_path_attention(
     split_keys: Optional[int] = None,
     horizon: Optional[torch.Tensor] = None,
     window: int = 0,
+    start: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the dual-path kernels; writes every element of out and (when given) o_cond and
     o_uncond.
@@ -498,8 +518,8 @@ def dual_path_attention(
     key); rows uint8 [B, Lq] (1 = guide this query row). gamma: guidance strength (0: out is
     o_cond exactly); orthogonalize: remove dO's component along o_uncond; eps > 0.
     split_keys: as in attention.sink_attention (None chooses, 0 prefill, n >= 1 about n key
-    splits of the decode path). horizon: int64 [B, Lk] contiguous or None, as in
-    attention.sink_attention (with causal, p sees keys j <= horizon[b, p]; ignored without).
+    splits of the decode path). horizon, start: int64 [B, Lk] contiguous or None, as in
+    attention.sink_attention (p sees only keys start[b, p] <= j <= horizon[b, p], clamped).
     window: 0 none, w >= 1 as in attention.sink_attention (causal: p sees keys j > p - w, also
     with a horizon; bidirectional: |p - j| < w); there are no sink keys.
     """
@@ -515,6 +535,8 @@ def dual_path_attention(
     _check_layout("rows", rows, (B, Lq), torch.uint8, contiguous=False)
     if horizon is not None:
         _check_layout("horizon", horizon, (B, Lk), torch.int64)
+    if start is not None:
+        _check_layout("start", start, (B, Lk), torch.int64)
     window = int(window)
     if window < 0:
         raise ValueError("window must be >= 0 (0: no window)")
@@ -525,13 +547,15 @@ def dual_path_attention(
     cond, uncond = (o_cond, o_uncond) if write_paths else (out, out)  # (dummies: never written)
     real = key_real if key_real is not None else drop  # (a dummy: never read)
     stride_r = key_real.stride() if key_real is not None else (0, 0)
-    has_horizon = horizon is not None and bool(causal)
+    has_horizon, has_start = horizon is not None, start is not None
     horizon_arg, stride_h = (horizon, horizon.stride(0)) if has_horizon else (drop, 0)  # (drop: a dummy)
+    start_arg, stride_f = (start, start.stride(0)) if has_start else (drop, 0)
     qk_scale = float(scale) * 1.4426950408889634
     # no window, or one at least as wide: one wider than any |p - j| (as in attention.sink_attention)
     win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
     flags = dict(
-        CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, HAS_HORIZON=has_horizon, **_dot_flags(q.dtype, D, Dv)
+        CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, HAS_HORIZON=has_horizon, HAS_START=has_start,
+        **_dot_flags(q.dtype, D, Dv),
     )
     guidance = dict(ORTHOGONALIZE=bool(orthogonalize), WRITE_PATHS=write_paths)
     kv_group = Hq // Hkv
@@ -539,9 +563,9 @@ def dual_path_attention(
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits == 0:
         args = (
-            q, k, v, out, cond, uncond, real, horizon_arg, drop, rows, qk_scale, float(gamma), float(eps), win, Hq, Lq,
-            Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(),
-            *rows.stride(), stride_h, *_lq_lk_buckets(Lq, Lk),
+            q, k, v, out, cond, uncond, real, horizon_arg, start_arg, drop, rows, qk_scale, float(gamma), float(eps),
+            win, Hq, Lq, Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(),
+            *rows.stride(), stride_h, stride_f, *_lq_lk_buckets(Lq, Lk),
         )  # fmt: skip
         _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_dual_fwd, _fwd_grid(Lq, B * Hq), args,
                 dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
@@ -552,8 +576,8 @@ def dual_path_attention(
     state = torch.empty((B * Hkv, splits, 2, 2, block_r), dtype=torch.float32, device=q.device)
     acc = torch.empty((B * Hkv, splits, 2, block_r, block_dv), dtype=torch.float32, device=q.device)
     args = (
-        q, k, v, state, acc, real, horizon_arg, drop, qk_scale, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(), stride_h,
+        q, k, v, state, acc, real, horizon_arg, start_arg, drop, qk_scale, win, Hkv, Lq, Lk, kv_group, band_lo, chunk,
+        splits, *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(), stride_h, stride_f,
     )  # fmt: skip
     _launch(_dual_split_kernel, _dual_split_tuned, _SPLIT_CONFIGS, _prune_dual_split, (splits * B * Hkv,), args,
             dict(flags, BLOCK_R=block_r), _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip

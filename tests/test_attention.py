@@ -62,9 +62,30 @@ def image_blocks(batch, num_keys, device):
     return blocks.to(device)
 
 
+def random_segments(batch, num_keys, device):
+    """[B, Lk] segment ids of packed sequences: each row cut at random places into runs, the ids
+    arbitrary distinct integers (negative ones too) in no particular order."""
+    ids = torch.empty(batch, num_keys, dtype=torch.int64)
+    for b in range(batch):
+        cuts = torch.rand(num_keys) < 3.0 / max(num_keys, 1)
+        cuts[0] = False
+        run = cuts.long().cumsum(0)
+        labels = torch.randperm(num_keys + 5)[: int(run[-1]) + 1] - 3
+        ids[b] = labels[run]
+    return ids.to(device)
+
+
+def chunk_ids(key_padding_mask, num_keys, chunk, device):
+    """Llama 4's chunked attention as segment ids: chunks of `chunk` positions counted from each
+    row's first real key (transformers' chunked_overlay with left padding)."""
+    left = (~key_padding_mask.cpu()).long().cumprod(-1).sum(-1)  # left-padding length of each row
+    return torch.div(torch.arange(num_keys)[None, :] - left[:, None], chunk, rounding_mode="floor").to(device)
+
+
 def make_options(name, batch, num_heads, num_keys, device):
     """Keyword arguments of one named configuration."""
     window = max(3, num_keys // 5)
+    left_padding = padding_mask(batch, num_keys, "left", device)
     options = {
         "causal": {},
         "bidirectional": {"causal": False},
@@ -82,6 +103,17 @@ def make_options(name, batch, num_heads, num_keys, device):
             "bidirectional_blocks": image_blocks(batch, num_keys, device), "window": window, "num_sink": 2,
             "key_padding_mask": padding_mask(batch, num_keys, "mixed", device),
         },
+        "segments": {"segment_ids": random_segments(batch, num_keys, device)},
+        "chunks+left-padding": {
+            "key_padding_mask": left_padding, "segment_ids": chunk_ids(left_padding, num_keys, max(2, num_keys // 4), device),
+        },
+        "bidirectional-segments+window+sinks": {
+            "causal": False, "segment_ids": random_segments(batch, num_keys, device), "window": window, "num_sink": 2,
+        },
+        "segments+image-blocks+window": {
+            "segment_ids": random_segments(batch, num_keys, device), "bidirectional_blocks": image_blocks(batch, num_keys, device),
+            "window": window, "num_sink": 2,
+        },
         "everything": {
             "window": window,
             "num_sink": 3,
@@ -92,6 +124,7 @@ def make_options(name, batch, num_heads, num_keys, device):
             "num_groups": 4,
             "stat_tokens": 2,
             "bidirectional_blocks": image_blocks(batch, num_keys, device),
+            "segment_ids": random_segments(batch, num_keys, device),
         },
     }
     return dict(options[name])
@@ -100,7 +133,8 @@ def make_options(name, batch, num_heads, num_keys, device):
 CONFIGS = [
     "causal", "bidirectional", "window", "window+sinks", "bidirectional-window+sinks", "left-padding",
     "right-padding", "bidirectional-padding", "head-mask", "sink-logit", "key-groups", "image-blocks",
-    "image-blocks+window+padding", "everything",
+    "image-blocks+window+padding", "segments", "chunks+left-padding", "bidirectional-segments+window+sinks",
+    "segments+image-blocks+window", "everything",
 ]
 
 
@@ -216,13 +250,18 @@ def test_reference_equals_masked_sdpa():
         options = make_options(config, batch, num_heads, length, "cpu")
         if {"sink_logit", "head_mask"} & options.keys():
             continue
-        real, sink, _ = reference.attention_key_masks(options.get("key_padding_mask"), batch, length, options.get("num_sink", 0), 1, "cpu")
+        real, sink, _ = reference.attention_key_masks(options.get("key_padding_mask"), batch, length, options.get("num_sink", 0), 1, "cpu",
+                                                      options.get("segment_ids"))
         visible = reference.attention_visible(real, sink, length, options.get("causal", True), options.get("window"))
         blocks = options.get("bidirectional_blocks")
         if blocks is not None:  # a later key of the query's own block: visible if real and in the window
             for b, i, j in torch.nonzero((blocks[:, :, None] == blocks[:, None, :]) & (blocks >= 0)[:, :, None]).tolist():
                 window = options.get("window")
                 visible[b, i, j] |= j > i and bool(real[b, j]) and (window is None or j > i - window or bool(sink[b, j]))
+        segments = options.get("segment_ids")
+        if segments is not None:  # nothing crosses a segment's border, sink keys included
+            for b, i, j in torch.nonzero(segments[:, :, None] != segments[:, None, :]).tolist():
+                visible[b, i, j] = False
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
         want = torch.where(visible.any(-1)[:, None, :, None], want, torch.zeros_like(want))
         got = reference.sink_attention(q, k, v, **options)["out"]
@@ -403,6 +442,14 @@ def bad_cases():
          {"bidirectional_blocks": torch.tensor([[0, 0, 0, -1, -1, -1, -1], [-1, -1, -1, 1, -1, 1, -1]])}),
         ("block id 0 of row 0 resumes", (q, k, v),
          {"bidirectional_blocks": torch.tensor([[-1, 0, 0, 7, 0, -1, -1], [-1] * 7])}),
+        ("segment_ids must be an integer tensor", (q, k, v), {"segment_ids": torch.zeros(2, 7)}),
+        ("segment_ids must be an integer tensor", (q, k, v), {"segment_ids": torch.ones(2, 7, dtype=torch.bool)}),
+        ("segment_ids must have shape [B, Lk] = [2, 7]", (q, k, v), {"segment_ids": torch.zeros(2, 6, dtype=torch.long)}),
+        # segment 4 of row 1 comes back after segment 9: a query in it would see keys across a gap
+        ("segment id 4 of row 1 resumes after other tokens", (q, k, v),
+         {"segment_ids": torch.tensor([[0] * 7, [4, 4, 9, 9, 4, 4, 4]])}),
+        ("segment_ids is a SegmentSpans whose start is not a contiguous int64", (q, k, v),
+         {"segment_ids": fp.ops.attention.SegmentSpans(torch.zeros(2, 7, dtype=torch.int32), torch.zeros(2, 7, dtype=torch.long))}),
         ("num_groups was given without key_groups", (q, k, v), {"num_groups": 2}),
         ("num_groups must be >= 1", (q, k, v), {"key_groups": torch.zeros(2, 7, dtype=torch.long), "num_groups": 0}),
         ("return_entropy must be a bool", (q, k, v), {"return_entropy": "yes"}),
@@ -500,6 +547,45 @@ def test_reused_block_horizon_gives_the_same_result(target):
         fp.ops.attention.block_horizon(torch.tensor([[0, -1, 0]]), 3)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_reused_segment_spans_give_the_same_result(target, causal):
+    """SegmentSpans made once (segment_spans) give exactly what the segment ids give, with and
+    without blocks; bad ids are refused when it is made."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 37, 37, 16, torch.float32, device)
+    segments, blocks = random_segments(2, 37, device), image_blocks(2, 37, device)
+    prepared = fp.ops.attention.segment_spans(segments)
+    for num_queries in (37, 3):
+        options = dict(bidirectional_blocks=blocks, window=9, num_sink=2, causal=causal)
+        want = fp.sink_attention(q[:, :, -num_queries:], k, v, segment_ids=segments, **options)
+        got = fp.sink_attention(q[:, :, -num_queries:], k, v, segment_ids=prepared, **options)
+        assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+    with pytest.raises(ValueError, match="segment id 1 of row 0 resumes"):
+        fp.ops.attention.segment_spans(torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, Lk\]"):
+        fp.ops.attention.segment_spans(torch.tensor([1, 0, 1]))
+
+
+def test_segments_are_independent_sequences(target):
+    """Packed sequences: attention over packed segments equals attention over each sequence
+    alone (the property packing relies on), statistics included: each segment's sinks and
+    "first token" are its own first real keys (here after some padding of its own)."""
+    _, device = target
+    lengths, pads = [5, 17, 1, 12], [0, 3, 0, 2]
+    q, k, v = random_qkv(1, 4, 2, sum(lengths), sum(lengths), 16, torch.float32, device)
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(device)
+    real = torch.cat([torch.arange(length) >= pad for length, pad in zip(lengths, pads)])[None].to(device)
+    options = dict(window=6, num_sink=2, stat_tokens=2, return_entropy=True)
+    packed = fp.sink_attention(q, k, v, segment_ids=segments, key_padding_mask=real, **options)
+    begin = 0
+    for length in lengths:
+        part = slice(begin, begin + length)
+        alone = fp.sink_attention(q[:, :, part], k[:, :, part], v[:, :, part], key_padding_mask=real[:, part], **options)
+        for name in ("out", "lse", "sink_mass", "entropy"):
+            torch.testing.assert_close(getattr(packed, name)[:, :, part], getattr(alone, name), msg=lambda m: f"{name}: {m}")
+        begin += length
+
+
 @pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
 def test_bad_input_raises_clear_error(case):
     message, args, kwargs = case
@@ -535,9 +621,10 @@ def test_cpp_rejects_out_of_range_group_ids_without_touching_memory():
 
 
 @pytest.mark.parametrize("op", ["sink", "dual"])
-def test_cpp_clamps_a_hostile_horizon(op):
-    """The C++ kernels clamp a causal horizon to [p, Lk - 1] themselves (hostile callers bypass
-    the Python checks): below p it changes nothing, past the keys it means every key."""
+def test_cpp_clamps_hostile_key_bounds(op):
+    """The C++ kernels clamp a horizon to [p, Lk - 1] and a start to [0, p] themselves (hostile
+    callers bypass the Python checks): a horizon below p means j <= p, past the keys every
+    later key; a start below 0 changes nothing, past p leaves only p itself."""
     from fastprobe.ops.attention import _sink_attention_op
     from fastprobe.ops.dual_attention import _dual_path_attention_op
 
@@ -547,14 +634,21 @@ def test_cpp_clamps_a_hostile_horizon(op):
     drop = (torch.rand(2, 41) < 0.3).to(torch.uint8)
     rows = torch.ones(2, 37, dtype=torch.uint8)
 
-    def run(horizon, causal=True):
+    def run(horizon, causal=True, start=None):
         if op == "sink":
-            return _sink_attention_op(q, k, v, 0.3, causal, 0, None, ends, ends, None, None, None, 0, 0.0, horizon, True)
-        return _dual_path_attention_op(q, k, v, drop, rows, None, 0.5, True, 1e-6, 0.3, causal, horizon, 0, True)
+            return _sink_attention_op(q, k, v, 0.3, causal, 0, None, ends, ends, None, None, None, 0, 0.0, horizon, start, True)
+        return _dual_path_attention_op(q, k, v, drop, rows, None, 0.5, True, 1e-6, 0.3, causal, horizon, start, 0, True)
 
     low = torch.full((2, 41), -(2**62), dtype=torch.int64)
     high = torch.full((2, 41), 2**62, dtype=torch.int64)
-    for got, want in ((run(low), run(None)), (run(high), run(None, causal=False))):
+    own = torch.arange(41).expand(2, 41).contiguous()  # every position its own segment
+    cases = [
+        (run(low), run(None)), (run(high), run(None, causal=False)),
+        (run(low, causal=False), run(None)), (run(high, causal=False), run(None, causal=False)),
+        (run(None, start=low), run(None)), (run(None, start=high), run(None, start=own)),
+        (run(high, causal=False, start=high), run(None, causal=False, start=own)),
+    ]
+    for got, want in cases:
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
 
@@ -581,15 +675,16 @@ def test_torch_compile_fullgraph():
     q, k, v = random_qkv(2, 4, 2, 9, 9, 8, torch.float32, "cpu")
     groups = torch.randint(0, 2, (2, 9))
     blocks = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, -1], [3, 3, 3, 3, 3, -1, -1, -1, -1]])
+    segments = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1], [7, 7, 7, 2, 2, 2, 2, 2, 2]])
     options = dict(window=4, num_sink=1, num_groups=2, return_entropy=True)
 
     @torch.compile(fullgraph=True)
-    def run(q, k, v, groups, blocks):
-        result = fp.sink_attention(q, k, v, key_groups=groups, bidirectional_blocks=blocks, **options)
+    def run(q, k, v, groups, blocks, segments):
+        result = fp.sink_attention(q, k, v, key_groups=groups, bidirectional_blocks=blocks, segment_ids=segments, **options)
         return result.out * 2, result.sink_mass, result.group_mass, result.entropy
 
-    got = run(q, k, v, groups, blocks)
-    eager = fp.sink_attention(q, k, v, key_groups=groups, bidirectional_blocks=blocks, **options)
+    got = run(q, k, v, groups, blocks, segments)
+    eager = fp.sink_attention(q, k, v, key_groups=groups, bidirectional_blocks=blocks, segment_ids=segments, **options)
     torch.testing.assert_close(got[0], eager.out * 2)
     torch.testing.assert_close(got[1], eager.sink_mass)
     torch.testing.assert_close(got[2], eager.group_mass)
@@ -609,7 +704,8 @@ def test_opcheck(with_groups):
     ends = torch.tensor([1, 2])
     groups = torch.randint(0, 2, (2, 9), dtype=torch.int32) if with_groups else None
     horizon = torch.tensor([[0, 1, 4, 4, 4, 5, 6, 8, 8]] * 2) if with_groups else None  # blocks [2, 4] and [7, 8]
-    args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, horizon, True)
+    start = torch.tensor([[0, 0, 0, 3, 3, 3, 3, 3, 8]] * 2) if with_groups else None  # segments [0, 2], [3, 7], [8]
+    args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, horizon, start, True)
     torch.library.opcheck(_sink_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

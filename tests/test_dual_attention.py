@@ -9,7 +9,9 @@ from fastprobe import reference
 from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
-from .test_attention import DTYPES, OUT_TOLERANCE, image_blocks, is_interpreter, padding_mask, random_qkv
+from .test_attention import (
+    DTYPES, OUT_TOLERANCE, chunk_ids, image_blocks, is_interpreter, padding_mask, random_qkv, random_segments,
+)
 
 
 def shapes(target):
@@ -90,6 +92,24 @@ def test_sliding_window(target, dtype, causal):
             assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_segments(target, dtype, causal):
+    """Segments (packed sequences, chunks counted from the first real key) with blocks crossing
+    their borders, padding and windows, prefill and decode: nothing crosses a segment."""
+    _, device = target
+    for batch, heads, kv_heads, num_queries, num_keys, head_dim in shapes(target):
+        q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
+        drop = image_keys(batch, num_keys, device)
+        padding = padding_mask(batch, num_keys, "left", device)
+        for segments, window in ((random_segments(batch, num_keys, device), None),
+                                 (chunk_ids(padding, num_keys, max(2, num_keys // 3), device), 5)):
+            options = dict(gamma=0.7, rows="all", causal=causal, window=window, key_padding_mask=padding,
+                           segment_ids=segments, bidirectional_blocks=image_blocks(batch, num_keys, device))
+            got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+            assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_without_padding_and_bidirectional(target, causal):
     _, device = target
@@ -162,6 +182,8 @@ def bad_cases():
         ("orthogonalize must be a bool", (q, k, v, drop), {"gamma": 1.0, "orthogonalize": None}),
         ("window must be >= 1", (q, k, v, drop), {"gamma": 1.0, "window": 0}),
         ("bidirectional_blocks must have shape", (q, k, v, drop), {"gamma": 1.0, "bidirectional_blocks": torch.zeros(2, 6, dtype=torch.long)}),
+        ("segment_ids must have shape", (q, k, v, drop), {"gamma": 1.0, "segment_ids": torch.zeros(2, 6, dtype=torch.long)}),
+        ("segment id 0 of row 0 resumes", (q, k, v, drop), {"gamma": 1.0, "segment_ids": torch.tensor([[0, 1, 0, 0, 0, 0, 0]] * 2)}),
     ]
 
 
@@ -187,10 +209,15 @@ def test_torch_compile_fullgraph_and_opcheck():
     q, k, v = random_qkv(2, 4, 2, 6, 9, 8, torch.float32, "cpu")
     drop = image_keys(2, 9, "cpu")
     blocks = drop.long() - 1  # the images as bidirectional blocks (one run each)
-    guide = lambda q, k, v, d, blocks: fp.dual_path_attention(q, k, v, d, gamma=0.5, rows="all", bidirectional_blocks=blocks)
+    segments = torch.tensor([[0] * 4 + [1] * 5, [3] * 9])
+
+    def guide(q, k, v, d, blocks, segments):
+        return fp.dual_path_attention(q, k, v, d, gamma=0.5, rows="all", bidirectional_blocks=blocks, segment_ids=segments)
+
     run = torch.compile(lambda *args: guide(*args) * 2, fullgraph=True)
-    torch.testing.assert_close(run(q, k, v, drop, blocks), guide(q, k, v, drop, blocks) * 2)
+    torch.testing.assert_close(run(q, k, v, drop, blocks, segments), guide(q, k, v, drop, blocks, segments) * 2)
     rows = torch.ones(2, 6, dtype=torch.uint8)
     horizon = torch.arange(9).expand(2, 9).contiguous()
-    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, horizon, 4, True)
+    start = torch.tensor([[0] * 4 + [4] * 5] * 2)
+    args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, horizon, start, 4, True)
     torch.library.opcheck(_dual_path_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -278,6 +278,18 @@ def draw_blocks(data, batch, num_keys, device):
     return draw_layout(data, blocks, "blocks")
 
 
+def draw_segments(data, batch, num_keys, device):
+    """Segment ids [B, Lk] (or None): rows cut into runs at random places, each run an arbitrary
+    id (negative ones too), as int32 or int64 in a drawn layout."""
+    if not data.draw(st.booleans(), label="segments"):
+        return None
+    cuts = torch.rand(batch, num_keys) < data.draw(st.sampled_from([0.02, 0.1, 0.4]), label="segment cut rate")
+    run = cuts.long().cumsum(-1)
+    ids = torch.randperm(2 * num_keys + 2).gather(0, run.flatten()).view(batch, num_keys) - num_keys
+    ids = ids.to(device=device, dtype=data.draw(st.sampled_from([torch.int32, torch.int64]), label="segment dtype"))
+    return draw_layout(data, ids, "segments")
+
+
 @contextlib.contextmanager
 def triton_key_splits(target, data, rows):
     """On Triton targets, a drawn split_keys for the attention launchers: None (their choice),
@@ -336,13 +348,18 @@ def _sink_attention_case(target, data):
     if data.draw(st.booleans(), label="softcap"):
         options["softcap"] = data.draw(st.sampled_from([5.0, 30.0]), label="softcap value")
     options["bidirectional_blocks"] = draw_blocks(data, batch, num_keys, device)
+    options["segment_ids"] = draw_segments(data, batch, num_keys, device)
     with_entropy = data.draw(st.booleans(), label="entropy")
     before = [x.clone() for x in (q, k, v)]
 
     call_options = dict(options)
     if data.draw(st.booleans(), label="prepared KeyMasks"):  # as fastprobe.patch passes the mask
+        segments = options["segment_ids"]
+        if segments is not None:
+            call_options["segment_ids"] = segments = fp.ops.attention.segment_spans(segments)
         call_options["key_padding_mask"] = key_masks(
-            mask, batch, num_keys, num_sink=options["num_sink"], stat_tokens=options["stat_tokens"], device=device
+            mask, batch, num_keys, num_sink=options["num_sink"], stat_tokens=options["stat_tokens"], device=device,
+            segment_ids=segments,
         )
 
     with triton_key_splits(target, data, heads // k.shape[1] * q.shape[2]):
@@ -368,6 +385,7 @@ def _dual_path_attention_case(target, data):
         key_padding_mask=mask,
         bidirectional_blocks=draw_blocks(data, batch, num_keys, device),
         window=data.draw(st.one_of(st.none(), st.integers(1, num_keys + 2)), label="window"),
+        segment_ids=draw_segments(data, batch, num_keys, device),
     )
     before = [x.clone() for x in (q, k, v)]
 

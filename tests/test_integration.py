@@ -58,17 +58,25 @@ def first_real(mask):
     return mask.to(torch.int64).argmax(-1)
 
 
-def eager_sink_mass(attentions, mask):
+def eager_sink_mass(attentions, mask, chunked=False):
     """[layers, heads] weight on each row's first real key, averaged over real queries and rows,
-    from eager attention weights [B, H, Lq, Lk] (prefill: Lq = Lk)."""
-    first = first_real(mask)
+    from eager attention weights [B, H, Lq, Lk] (prefill: Lq = Lk). chunked (Llama 4): on each
+    query's first visible key, the first real key of its chunk (a segment of its own)."""
     real = mask.bool()
     rows = []
     for weights in attentions:
         batch, heads, queries, _ = weights.shape
-        on_first = weights.gather(-1, first.view(batch, 1, 1, 1).expand(batch, heads, queries, 1))[..., 0]
+        on_first = weights.gather(-1, first_keys(weights, mask, chunked))[..., 0]
         rows.append((on_first * real[:, None]).sum((0, 2)) / real.sum())
     return torch.stack(rows)
+
+
+def first_keys(weights, mask, chunked):
+    """[B, H, Lq, 1] index of the key whose weight is sink_mass: the row's first real key, or with
+    chunked the query's first key of nonzero weight (the keys a query sees all have some)."""
+    if chunked:
+        return (weights > 0).to(torch.int8).argmax(-1, keepdim=True)
+    return first_real(mask).view(-1, 1, 1, 1).expand(*weights.shape[:3], 1)
 
 
 # ---------------------------------------------------------------- same outputs as unpatched
@@ -472,7 +480,7 @@ def test_blockwise_masks_match_transformers_masks():
     for function in cases:
         mask = integration.key_padding_mask(1, length, length, mask_function=function, cache_position=torch.arange(length),
                                             attention_mask=real.long())
-        _, causal_order, ours, _, _, blocks = integration._pattern_of(None, mask, None, None, length)
+        _, causal_order, ours, _, _, blocks, _ = integration._pattern_of(None, mask, None, None, length)
         assert blocks is not None
         pairs = fp.reference.block_pairs(blocks.horizon, length)  # (a horizon is itself block ids)
         visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal_order, ours, pairs)[0]
@@ -484,15 +492,53 @@ def test_blockwise_masks_match_transformers_masks():
         integration._pattern_of(None, mask, None, None, length)
 
 
+def test_chunked_and_packed_masks_match_transformers_masks():
+    """Chunked attention (counted from each row's first real token where the installed
+    transformers does so) and packed sequences (5.x remaps positions to each sequence's own)
+    become the kernels' segments, which give exactly the mask sdpa builds, prefill and decoding
+    from a sliding cache (keys = the last positions)."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    chunking, and_masks = masking_utils.chunked_causal_mask_function, masking_utils.and_masks
+    causal, window = masking_utils.causal_mask_function, masking_utils.sliding_window_overlay
+    padding = torch.tensor([[0, 0, 0] + [1] * 10, [1] * 13])  # row 0: three left-padding tokens
+    length, left = 13, (padding == 0).long().cumprod(-1).sum(-1)
+    chunked = chunking(4, left) if takes(chunking, "left_padding") else chunking(4)  # 4.53: from position 0
+    packed_ids = torch.tensor([[0] * 5 + [1] * 6 + [2] * 2] * 2)
+    packing = masking_utils.packed_sequence_mask_function(packed_ids)
+    positions = torch.cat([torch.arange(5), torch.arange(6), torch.arange(2)]).expand(2, -1)
+    remap = getattr(masking_utils, "remap_positions_for_packed_sequence", lambda function, _: function)  # 5.x
+    cases = [
+        (chunked, padding),
+        (and_masks(remap(causal, positions), packing), None),
+        (and_masks(remap(and_masks(causal, window(3)), positions), packing), None),
+    ]
+    for function, attention_mask in cases:
+        for kv_offset in (0, 5):  # prefill; 3 queries over the last 8 keys
+            kv_length = length - kv_offset
+            q_length = length if kv_offset == 0 else 3
+            if attention_mask is None and kv_offset:
+                continue  # transformers packs only without a cache
+            given = attention_mask if attention_mask is not None else torch.ones(2, length, dtype=torch.long)
+            mask = integration.key_padding_mask(
+                2, q_length, kv_length, q_offset=length - q_length, kv_offset=kv_offset, mask_function=function,
+                attention_mask=given, cache_position=torch.arange(length - q_length, length))
+            real, causal_order, ours, _, _, blocks, segments = integration._pattern_of(None, mask, None, None, kv_length)
+            assert segments is not None and blocks is None
+            visible = fp.reference.attention_visible(
+                real, torch.zeros_like(real), q_length, causal_order, ours,
+                same_segment=fp.reference.segment_pairs(segments.start, q_length))  # (a start is itself segment ids)
+            for row in range(2):
+                want = torch.tensor([[bool(function(*map(torch.tensor, (row, 0, q, kv)))) and bool(given[row, kv])
+                                      for kv in range(kv_offset, length)]
+                                     for q in range(length - q_length, length)])
+                assert torch.equal(visible[row], want), (function, kv_offset, row)
+
+
 def test_mask_patterns_it_cannot_reproduce_are_refused():
     masking_utils = pytest.importorskip("transformers.masking_utils")
-    chunking = masking_utils.chunked_causal_mask_function
-    left_padding = (torch.zeros(1, dtype=torch.long),) if takes(chunking, "left_padding") else ()  # 4.53: none
-    chunked = chunking(4, *left_padding)
     custom = masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv % 2 == 0)
-    for function in (chunked, custom):
-        with pytest.raises(NotImplementedError, match="cannot reproduce"):
-            integration._mask_pattern(function)
+    with pytest.raises(NotImplementedError, match="cannot reproduce"):
+        integration._mask_pattern(custom)
 
 
 def test_masks_it_cannot_reproduce_are_refused_when_a_layer_attends_with_them():
@@ -619,20 +665,44 @@ def test_paligemma_prefix_attends_both_ways():
 
 def test_packing_one_sequence_per_row_is_plain_causal():
     """transformers 4.53-4.57 add a packed-sequence part to every mask made without an attention
-    mask and a cache: one sequence per row packs nothing (plain causal attention, the same outputs),
-    real packing is refused."""
+    mask and a cache: one sequence per row packs nothing (plain causal attention, no segments,
+    the same outputs)."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
     causal, packing = masking_utils.causal_mask_function, masking_utils.packed_sequence_mask_function
     one_each = masking_utils.and_masks(causal, packing(torch.zeros(2, 8, dtype=torch.long)))
     assert integration._mask_pattern(one_each) == (True, None)
-    two_in_one = masking_utils.and_masks(causal, packing(torch.tensor([[0] * 8, [0] * 5 + [1] * 3])))
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        integration._mask_pattern(two_in_one)
+    mask = integration.key_padding_mask(2, 8, 8, mask_function=one_each, cache_position=torch.arange(8))
+    assert mask._fastprobe_pattern.segments is None
     reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
     ids, _ = inputs(padding="none")
     with torch.no_grad():
         want = reference(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, want, **TOLERANCE)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])  # causal; a sliding window; both, soft cap-free
+def test_packed_sequences_match_unpatched_and_each_sequence_alone(arch):
+    """Sequences packed in one row (position ids restarting at 0, no attention mask: how
+    transformers detects packing) give the unpatched model's logits, which are each sequence's
+    own; recorded sink mass is each sequence's weight on its own first token."""
+    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    lengths = [5, 9, 3, 7]
+    ids = torch.randint(3, VOCAB, (2, sum(lengths)))
+    positions = torch.cat([torch.arange(length) for length in lengths]).expand(2, -1)
+    with torch.no_grad():
+        want = reference(input_ids=ids, position_ids=positions, use_cache=False).logits
+        with fp.record_attention(model) as packed_record:
+            got = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(got, want, **TOLERANCE)
+        begin, mass = 0, 0
+        for length in lengths:
+            part = slice(begin, begin + length)
+            with fp.record_attention(model) as record:
+                alone = model(input_ids=ids[:, part], use_cache=False).logits
+            torch.testing.assert_close(got[:, part], alone, **TOLERANCE)
+            mass = mass + record.sink_mass * length
+            begin += length
+    torch.testing.assert_close(packed_record.sink_mass, mass / sum(lengths), **TOLERANCE)
 
 
 def test_mask_function_returns_a_key_padding_mask():
@@ -680,8 +750,6 @@ def test_refuses_what_it_cannot_reproduce():
     ids, mask = inputs()
     with pytest.raises(NotImplementedError, match="4D mask"):
         outputs(model, ids, torch.ones(3, 1, LENGTH, LENGTH, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        outputs(model, ids, None, position_ids=torch.arange(LENGTH).remainder(6).expand(3, -1), use_cache=False)
     with pytest.raises(NotImplementedError, match="static or offloaded cache"):
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, cache_implementation="static")
@@ -722,7 +790,7 @@ def test_recorded_sink_mass_matches_eager_weights(arch):
         weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
         with fp.record_attention(model) as record:
             model(input_ids=ids, attention_mask=mask)
-    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
+    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask, chunked=arch == "llama4"), **TOLERANCE)
     assert record.group_mass is None and record.entropy is None
     assert record.num_queries.tolist() == [mask.sum().item()] * len(weights)
 
@@ -763,10 +831,11 @@ def test_recorded_entropy_and_group_mass_match_eager_weights():
     torch.testing.assert_close(record.group_mass.sum(-1), torch.ones(2, 4), **TOLERANCE)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # a full cache; a sliding cache that drops the first tokens
-def test_recording_through_generate_matches_eager_weights(arch):
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache dropping the first
+def test_recording_through_generate_matches_eager_weights(arch):  # tokens; chunks (their own first tokens)
     """Pooled over the prefill and every decoding step; where a sliding cache has dropped a
-    row's first token, its weight there is 0 (it is outside every query's window)."""
+    row's first token, its weight there is 0 (it is outside every query's window). Llama 4's
+    chunked layers: the weight on the first token of the query's chunk."""
     eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
@@ -784,6 +853,8 @@ def test_recording_through_generate_matches_eager_weights(arch):
             offset = total - weights.shape[-1]
             index = (first - offset).clamp(min=0).view(3, 1, 1, 1).expand(*weights.shape[:3], 1)
             on_first = weights.gather(-1, index)[..., 0] * (first >= offset).view(3, 1, 1)
+            if arch == "llama4":
+                on_first = weights.gather(-1, first_keys(weights, mask, chunked=True))[..., 0]
             per_layer.append((on_first * real[:, None]).sum((0, 2)))
         sums = sums + torch.stack(per_layer)
         count += real.sum()

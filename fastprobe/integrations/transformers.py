@@ -22,10 +22,13 @@ returns the 2D key padding mask [B, Lk] (True = real token; all True without pad
 kernel computes causality and windows from positions (queries are the last Lq keys: prefill, and
 decoding with a dynamic cache). The mask transformers would have built is read from its
 `mask_function`: only transformers' own index functions are accepted (causal, bidirectional,
-sliding-window overlays, combined with and_masks/or_masks, and blocks of tokens that see each
-other both ways, which the kernels take as bidirectional_blocks: 5.x's blockwise overlay (Gemma 3's
-image tokens, PaliGemma's prefix) and Gemma 3's image groups in 4.5x releases after 4.53); anything else (packed sequences, chunked attention, a model's private
-overlay) is refused. The accepted
+sliding-window overlays, combined with and_masks/or_masks; blocks of tokens that see each other
+both ways, which the kernels take as bidirectional_blocks: 5.x's blockwise overlay (Gemma 3's
+image tokens, PaliGemma's prefix) and Gemma 3's image groups in 4.5x releases after 4.53; and
+segments that keep each token within its own, which the kernels take as segment_ids: packed
+sequences (position ids restarting, no attention mask) and Llama 4's chunked attention, whose
+chunks' first tokens are then the "first tokens" of sink_mass and num_sink); anything else (a
+model's private overlay) is refused. The accepted
 function is evaluated on one row of positions, so the window is exactly what the sdpa and eager
 masks keep on the installed version. In transformers 5.x that is, for sliding_window = w:
     causal          kv > q - w and kv <= q   ->  fastprobe window w      (q - w < j <= q)
@@ -60,7 +63,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ..ops._common import check_int, check_real
-from ..ops.attention import BlockHorizon, block_horizon, key_masks, sink_attention
+from ..ops.attention import BlockHorizon, SegmentSpans, block_horizon, key_masks, segment_spans, sink_attention
 from ..ops.dual_attention import dual_path_attention
 
 __all__ = [
@@ -488,6 +491,7 @@ class _MaskPattern(NamedTuple):
     # masks for layer types they may not have, e.g. Qwen2-MoE a sliding one of window 0)
     refused: Optional[str] = None
     blocks: Optional[BlockHorizon] = None  # the keys' bidirectional blocks (blockwise overlay)
+    segments: Optional[SegmentSpans] = None  # the keys' segments (packed sequences, chunked attention)
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -542,7 +546,7 @@ def _packs_nothing(fn, masking_utils) -> bool:
 def _unmasks_nothing(fn, masking_utils) -> bool:
     """An image-block part of a batch without images, which unmasks nothing: 4.53's Gemma 3
     token-type function with no image token (its processor sends token_type_ids for text alone).
-    (The block parts fastprobe reproduces are taken out before, by _without_blocks.)"""
+    (The block parts fastprobe reproduces are taken out before, by _without_key_parts.)"""
     return _is_gemma3_token_types(fn) and not bool((_closure(fn)["token_type_ids"] == 1).any())
 
 
@@ -570,16 +574,17 @@ def _without_no_ops(fn, masking_utils):
     (transformers 4.53-4.57 add one to every mask made without an attention mask and a cache; 5.x
     only to really packed rows) and or-parts that unmask nothing."""
     no_op = {"and": _packs_nothing, "or": _unmasks_nothing}
-    return _pruned(fn, masking_utils, lambda kind, part, _: no_op[kind](part, masking_utils))
+    return _rewritten(fn, masking_utils, lambda kind, part, _: None if no_op[kind](part, masking_utils) else part)
 
 
-def _pruned(fn, masking_utils, drop):
-    """fn less, at any depth, the parts of its and_masks / or_masks for which drop(kind, part,
-    siblings) holds (kind "and" or "or"); fn itself when nothing is dropped."""
+def _rewritten(fn, masking_utils, rewrite):
+    """fn with, at any depth, each part of its and_masks / or_masks replaced by rewrite(kind,
+    part, siblings) (kind "and" or "or"; None drops the part); fn itself when nothing changes."""
     for kind, combine in (("and", masking_utils.and_masks), ("or", masking_utils.or_masks)):
         if _is_masking_utils(fn, masking_utils, f"{kind}_masks."):
             parts = _closure(fn)["mask_functions"]
-            kept = [_pruned(part, masking_utils, drop) for part in parts if not drop(kind, part, parts)]
+            kept = [_rewritten(new, masking_utils, rewrite) for new in (rewrite(kind, part, parts) for part in parts)
+                    if new is not None]
             changed = len(kept) != len(parts) or any(new is not old for new, old in zip(kept, parts))
             return combine(*kept) if changed else fn
     return fn
@@ -593,21 +598,79 @@ def _has_window(fn, masking_utils) -> bool:
         _has_window(part, masking_utils) for part in _closure(fn)["mask_functions"])
 
 
-def _without_blocks(fn, masking_utils, found: list):
-    """fn less the block parts (_block_ids) or-ed into it at any depth: what stays is the pattern
-    they are an exception to. Appends (block ids, whether a window is or-ed beside them) to found."""
-    def take(kind, part, siblings) -> bool:
-        ids = _block_ids(part, masking_utils) if kind == "or" else None
-        if ids is not None:
-            found.append((ids, any(_has_window(other, masking_utils) for other in siblings if other is not part)))
-        return ids is not None
+def _segment_part(fn, masking_utils) -> Optional[tuple]:
+    """A part that keeps each token within its segment, as (packed sequence ids [B, T], None) or
+    (chunk size, left padding [B] or None: chunks counted from 0), else None: packed sequences
+    (packed_sequence_mask_function) and chunked attention (chunked_overlay; transformers 4.53's
+    and the legacy one of 4.5x with torch < 2.6 ignore left padding)."""
+    if _is_masking_utils(fn, masking_utils, "packed_sequence_mask_function."):
+        return _closure(fn)["packed_sequence_mask"], None
+    if _is_masking_utils(fn, masking_utils, ("chunked_overlay.", "_legacy_chunked_overlay.")):
+        closure = _closure(fn)
+        return int(closure["chunk_size"]), closure.get("left_padding")
+    return None
 
-    return _pruned(fn, masking_utils, take)
+
+def _without_key_parts(fn, masking_utils, blocks: list, segments: list):
+    """fn less the parts the kernels take from per-key tensors, at any depth: what stays is the
+    pattern they are an exception to. Block parts (_block_ids) or-ed in: appends (block ids,
+    whether a window is or-ed beside them) to blocks. Segment parts (_segment_part) and-ed in:
+    appends them to segments, and unwraps 5.x's remapping of positions to each packed sequence's
+    own beside them (positions go up by one within a sequence, so the pattern is the same)."""
+    def take(kind, part, siblings):
+        if kind == "or":
+            ids = _block_ids(part, masking_utils)
+            if ids is not None:
+                blocks.append((ids, any(_has_window(other, masking_utils) for other in siblings if other is not part)))
+            return None if ids is not None else part
+        if _packs_nothing(part, masking_utils):
+            return None
+        found = _segment_part(part, masking_utils)
+        if found is not None:
+            segments.append(found)
+            return None
+        packed_beside = any(_is_masking_utils(other, masking_utils, "packed_sequence_mask_function.") for other in siblings)
+        if packed_beside and _is_masking_utils(part, masking_utils, "remap_positions_for_packed_sequence."):
+            return _closure(part)["mask_function"]
+        return part
+
+    return _rewritten(fn, masking_utils, take)
+
+
+def _key_segments(found: list, kv_offset: int, kv_length: int, batch: int, device) -> tuple:
+    """(SegmentSpans of the keys, dropped [B] bool or None) from _without_key_parts' segment finds:
+    chunk ids floor((position - left padding) / chunk) of the absolute key positions, or packed
+    sequence ids. dropped: rows whose queries' segment began before the first cached key (a
+    sliding cache dropped its first tokens, e.g. a chunked layer's)."""
+    if len(found) > 1:
+        raise NotImplementedError("fastprobe attention got a mask with two segment parts (packed sequences and "
+                                  "chunks together)")
+    source, left_padding = found[0]
+    if isinstance(source, torch.Tensor):  # packed sequence ids (made without a cache: kv_offset 0)
+        ids = source[:, kv_offset:kv_offset + kv_length].to(torch.int64)
+        if ids.shape[1] != kv_length:
+            raise NotImplementedError(f"fastprobe attention got packed sequence ids for {source.shape[1]} positions "
+                                      f"but {kv_length} keys")
+        ids = ids.expand(batch, kv_length)
+        first_start = torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device)
+    else:
+        position = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+        shift = torch.zeros(batch, dtype=torch.int64, device=device) if left_padding is None else (
+            torch.as_tensor(left_padding, device=device).to(torch.int64).expand(batch))
+        ids = torch.div(position[None, :] - shift[:, None], source, rounding_mode="floor")
+        first_start = shift + ids[:, 0] * source  # where the first cached key's chunk began
+    dropped = None
+    if kv_offset > 0:
+        dropped = (first_start < kv_offset) & (ids[:, 0] == ids[:, -1])
+    try:
+        return segment_spans(ids.contiguous()), dropped
+    except ValueError as why:
+        raise NotImplementedError(f"fastprobe attention cannot reproduce these segments: {why}") from None
 
 
 def _key_blocks(found: list, kv_offset: int, kv_length: int, window: Optional[int],
                 q_length: int) -> Optional[BlockHorizon]:
-    """The keys' blocks from _without_blocks' finds (ids [B, >= T] over absolute positions) as the
+    """The keys' blocks from _without_key_parts' finds (ids [B, >= T] over absolute positions) as the
     kernels' horizon, checked once for the layers of this forward, or None when no key is in a
     block. The kernels apply a window to a block's earlier tokens too, as and(window, or(causal,
     blocks)) does (5.x's Gemma 3); or(and(causal, window), blocks) agrees with it only while no
@@ -698,14 +761,18 @@ def key_padding_mask(
         return attention_mask
     if q_length is None and cache_position is not None:  # transformers 4.53-4.5x: positions, not offsets
         q_length, q_offset = cache_position.shape[0], cache_position[0]
-    found = []
+    found, found_segments = [], []
     if mask_function is not None:
-        mask_function = _without_blocks(mask_function, _masking_utils(), found)
-    blocks = None
+        mask_function = _without_key_parts(mask_function, _masking_utils(), found, found_segments)
+    blocks = segments = segments_dropped = None
     try:
         causal, window, refused = *_mask_pattern(mask_function), None
         if found and causal:
             blocks = _key_blocks(found, int(kv_offset), kv_length, window, int(q_length))
+        if found_segments:
+            rows = batch_size if attention_mask is None else attention_mask.shape[0]
+            where = device if attention_mask is None else attention_mask.device
+            segments, segments_dropped = _key_segments(found_segments, int(kv_offset), kv_length, rows, where)
     except NotImplementedError as why:
         causal, window, refused = True, None, str(why)
     q_offset = int(q_offset)  # a tensor only for static caches (one sync, then refused below)
@@ -722,11 +789,11 @@ def key_padding_mask(
             raise ValueError(f"fastprobe attention expects a 2D attention mask covering the {kv_length} keys, "
                              f"got shape {tuple(attention_mask.shape)}")
         mask = attention_mask.to(torch.bool)[:, -kv_length:]  # a new view object: it carries the pattern
-    dropped = None
-    if kv_offset > 0:  # a sliding-window cache dropped its oldest kv_offset tokens
+    dropped = segments_dropped  # with segments, each one's first tokens count (see _key_segments)
+    if kv_offset > 0 and segments is None:  # a sliding-window cache dropped its oldest kv_offset tokens
         first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
         dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
-    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks))
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments))
     return mask
 
 
@@ -806,19 +873,20 @@ def _is_block_diagonal(visible: torch.Tensor, segments: list) -> bool:
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
     """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None,
-    bidirectional blocks (a BlockHorizon) or None)."""
+    bidirectional blocks (a BlockHorizon) or None, segments (SegmentSpans) or None)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
     if pattern is not None:
         if pattern.refused is not None:
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
-        return attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks
+        return (attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
+                pattern.segments)
     # Not made by our mask function: flash attention's reading of the module's arguments.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     padding = _padding_of_4d(module, attention_mask, num_keys)
     if padding is not None:  # (a 4D mask alone decides, as in sdpa: no causal order)
-        return padding, False, sliding_window, None, None, None
+        return padding, False, sliding_window, None, None, None, None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise NotImplementedError(
@@ -828,7 +896,7 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         if attention_mask.shape[-1] < num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         attention_mask = attention_mask[:, -num_keys:] != 0
-    return attention_mask, causal, sliding_window, None, None, None
+    return attention_mask, causal, sliding_window, None, None, None, None
 
 
 def _padding_of_4d(module, attention_mask, num_keys: int) -> Optional[torch.Tensor]:
@@ -866,18 +934,19 @@ def attention_forward(
     """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key
     [B, Hkv, Lk, D] and value [B, Hkv, Lk, Dv] -> (attn_output [B, Lq, Hq, Dv], None). s_aux
     (gpt-oss's learned sinks) is the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
-    segments = _packed_segments(module, kwargs, attention_mask, query, key)
+    packed = _packed_segments(module, kwargs, attention_mask, query, key)
     _check_kwargs(kwargs)
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
-    if segments is not None:  # a vision tower's images packed in one row: each attends within itself
+    if packed is not None:  # a vision tower's images packed in one row: each attends within itself
         # (both ways under a block-diagonal mask, which alone decides, as in sdpa; else as flash reads it)
         causal = attention_mask is None and bool(
             is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        outs = [_plain_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, causal,
-                                 sliding_window, scaling, softcap, s_aux, None) for start, end in segments]
-        return torch.cat(outs, dim=1), None
-    padding, causal, window, dropped, masks_made, blocks = _pattern_of(
+        lengths = torch.tensor([end - start for start, end in packed])
+        ids = torch.repeat_interleave(torch.arange(len(packed)), lengths)[None].to(query.device)
+        return _plain_attention(query, key, value, None, causal, sliding_window, scaling, softcap, s_aux, None,
+                                ids), None
+    padding, causal, window, dropped, masks_made, blocks, segments = _pattern_of(
         module, attention_mask, is_causal, sliding_window, key.shape[2]
     )
     if padding is not None and padding.device != query.device:  # a model split over devices (device_map)
@@ -885,13 +954,16 @@ def attention_forward(
         dropped = None if dropped is None else dropped.to(query.device, non_blocking=True)
         if blocks is not None and blocks.horizon is not None:
             blocks = blocks._replace(horizon=blocks.horizon.to(query.device, non_blocking=True))
+        if segments is not None:
+            segments = SegmentSpans(*(bound.to(query.device, non_blocking=True) for bound in segments))
         masks_made = None
     state = getattr(module, _STATE, None)
     layer = state.index.get(id(module)) if state is not None else None
     if layer is None:  # cross-attention, or a model switched to "fastprobe" without patch()
         if state is None:
             _warn_if_switched_by_another(module)
-        return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks), None
+        return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks,
+                                segments), None
 
     state.calls += 1
     options, record = state.options, state.recorder
@@ -899,7 +971,7 @@ def attention_forward(
     guided = None
     if options.guidance is not None and layer in options.guidance.layers:
         guided = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux,
-                                   blocks)
+                                   blocks, segments)
         if record is None:
             return guided.transpose(1, 2), None
         # recording a guided layer: its statistics (of the attention weights, which guidance leaves
@@ -915,7 +987,7 @@ def attention_forward(
         made_for = (options.num_sink, stat_tokens)
         if made_for not in masks_made:
             masks_made[made_for] = key_masks(padding, padding.shape[0], padding.shape[1], num_sink=options.num_sink,
-                                             stat_tokens=stat_tokens)
+                                             stat_tokens=stat_tokens, segment_ids=segments)
         keys = masks_made[made_for]
     groups, num_groups = record.key_groups_for(key) if record is not None else (None, None)
     result = sink_attention(
@@ -923,7 +995,7 @@ def attention_forward(
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
         key_groups=groups, num_groups=num_groups, stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
-        bidirectional_blocks=blocks,
+        bidirectional_blocks=blocks, segment_ids=segments,
     )
     if record is not None:
         record.add(layer, result, padding, dropped)
@@ -953,7 +1025,7 @@ def _last_real_rows(padding: torch.Tensor, num_queries: int) -> torch.Tensor:
 
 
 def _guided_attention(state, layer: int, query, key, value, padding, causal, window, scaling, softcap, s_aux,
-                      blocks):
+                      blocks, segments):
     """dual_path_attention on a guided layer, with this forward's image keys: out [B, Hq, Lq, D]."""
     guidance = state.options.guidance
     sinks_outside_window = state.options.num_sink > 0 and window is not None
@@ -983,10 +1055,12 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
     return dual_path_attention(
         query, key, value, drop, gamma=guidance.gamma, orthogonalize=guidance.orthogonalize, eps=guidance.eps,
         rows=rows, scale=scaling, causal=causal, key_padding_mask=padding, bidirectional_blocks=blocks, window=window,
+        segment_ids=segments,
     )
 
 
-def _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks) -> torch.Tensor:
+def _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks,
+                     segments) -> torch.Tensor:
     """No options, no statistics. Bidirectional attention with more queries than keys (cross-
     attention) runs in query chunks of at most Lk: each query is independent there."""
     num_queries, num_keys = query.shape[2], key.shape[2]
@@ -995,7 +1069,8 @@ def _plain_attention(query, key, value, padding, causal, window, scaling, softca
         chunks = query.split(num_keys, dim=2)
     outs = [
         sink_attention(chunk, key, value, scale=scaling, causal=causal, window=window, key_padding_mask=padding,
-                       sink_logit=s_aux, softcap=softcap, bidirectional_blocks=blocks).out.transpose(1, 2)
+                       sink_logit=s_aux, softcap=softcap, bidirectional_blocks=blocks,
+                       segment_ids=segments).out.transpose(1, 2)
         for chunk in chunks
     ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

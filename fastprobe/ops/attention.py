@@ -25,7 +25,10 @@ from ._common import (
     new_output, on_device, output_dtype, register_forward_only,
 )
 
-__all__ = ["AttentionOutput", "BlockHorizon", "KeyMasks", "block_horizon", "key_masks", "sink_attention"]
+__all__ = [
+    "AttentionOutput", "BlockHorizon", "KeyMasks", "SegmentSpans", "block_horizon", "key_masks", "segment_spans",
+    "sink_attention",
+]
 
 
 class AttentionOutput(NamedTuple):
@@ -45,20 +48,29 @@ class KeyMasks(NamedTuple):
     where each row's sinks and statistics tokens end."""
 
     key_real: Optional[torch.Tensor]  # uint8 [B, Lk], 1 = real key, or None (all real)
-    sink_end: torch.Tensor  # int64 [B]: real keys j < sink_end[b] are sinks
-    stat_end: torch.Tensor  # int64 [B]: real keys j < stat_end[b] count in sink_mass
+    # int64 [B]: real keys j < sink_end[b] are sinks; with segments [B, Lk]: the sinks of the
+    # query at p are the real keys of its segment j < sink_end[b, p]
+    sink_end: torch.Tensor
+    stat_end: torch.Tensor  # the same for the keys that count in sink_mass
     num_sink: int
     stat_tokens: int
 
 
 def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: int, *, num_sink: int = 0,
-              stat_tokens: int = 1, device=None) -> KeyMasks:
-    """key_padding_mask ([B, Lk] bool or 0/1, True = real key, or None) in the kernels' form."""
+              stat_tokens: int = 1, device=None, segment_ids=None) -> KeyMasks:
+    """key_padding_mask ([B, Lk] bool or 0/1, True = real key, or None) in the kernels' form;
+    with segment_ids (ids or SegmentSpans) the sinks and statistics keys are counted in every
+    segment afresh, and only calls with those segments may reuse it."""
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
     key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", key_padding_mask)
     if key_real is not None:
         device = key_real.device
+    if segment_ids is not None:
+        anchor = key_real if key_real is not None else getattr(segment_ids, "start", segment_ids)  # (its device)
+        spans = _segment_spans(segment_ids, (batch, num_keys), anchor)
+        return KeyMasks(key_real, _segment_real_keys_end(key_real, spans, num_sink),
+                        _segment_real_keys_end(key_real, spans, stat_tokens), num_sink, stat_tokens)
     return KeyMasks(
         key_real,
         _first_real_keys_end(key_real, batch, num_keys, num_sink, device),
@@ -68,17 +80,24 @@ def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: in
     )
 
 
-def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_tokens, q: torch.Tensor) -> KeyMasks:
-    """A reused KeyMasks must have been made for these keys and options."""
+def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_tokens, q: torch.Tensor,
+                     segmented: bool) -> KeyMasks:
+    """A reused KeyMasks must have been made for these keys and options (and with segments
+    exactly when the call has them)."""
     if masks.num_sink != num_sink or masks.stat_tokens != stat_tokens:
         raise ValueError(
             f"key_padding_mask is a KeyMasks made for num_sink={masks.num_sink}, stat_tokens={masks.stat_tokens}, "
             f"but this call has num_sink={num_sink}, stat_tokens={stat_tokens}"
         )
+    ends = (batch, num_keys) if segmented else (batch,)
+    if isinstance(masks.sink_end, torch.Tensor) and masks.sink_end.dim() != len(ends):
+        raise ValueError("key_padding_mask is a KeyMasks made " + ("without segments, but this call has segment_ids; "
+                         "make it with key_masks(..., segment_ids=...)" if segmented else
+                         "for segments, but this call has no segment_ids"))
     for name, tensor, shape, dtype in (
         ("key_real", masks.key_real, (batch, num_keys), torch.uint8),
-        ("sink_end", masks.sink_end, (batch,), torch.int64),
-        ("stat_end", masks.stat_end, (batch,), torch.int64),
+        ("sink_end", masks.sink_end, ends, torch.int64),
+        ("stat_end", masks.stat_end, ends, torch.int64),
     ):
         if tensor is None and name == "key_real":
             continue
@@ -91,6 +110,22 @@ def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_
             raise TypeError(f"key_padding_mask is a KeyMasks whose {name} is not a contiguous {dtype} tensor "
                             f"(got {tensor.dtype}); make it with key_masks")
     return masks
+
+
+def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", count: int) -> torch.Tensor:
+    """end [B, Lk] int64 such that the first `count` real keys of p's segment are exactly its
+    real keys j < end[b, p] (fewer: just past the segment). No host sync."""
+    start, last = spans
+    if count == 0:
+        return start.clone()
+    if real is None:
+        return torch.minimum(start + count, last + 1)
+    # real keys before each position, and the count that p's segment's count-th real key makes
+    before = torch.nn.functional.pad(real.to(torch.int64).cumsum(-1), (1, 0))  # [B, Lk + 1]
+    target = before.gather(1, start) + count
+    # before[p + 1] >= target first at the count-th real key p (before is non-decreasing)
+    position = torch.searchsorted(before[:, 1:].contiguous(), target.contiguous())
+    return torch.minimum(position + 1, last + 1)
 
 
 def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
@@ -108,22 +143,22 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
 # Every backend's path: the prepared arguments of _sink_attention_op and its preallocated
 # outputs -> None. key_real uint8 [B, Lk] or None (all real); sink_end, stat_end int64 [B];
 # head_mask uint8 [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] or None;
-# horizon int64 [B, Lk] or None (causal_horizon).
+# start, horizon int64 [B, Lk] or None (key_bounds).
 
 
 def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
     batch, num_keys = q.shape[0], k.shape[2]
     key_index = torch.arange(num_keys, device=q.device)
     real = torch.ones(batch, num_keys, dtype=torch.bool, device=q.device) if args["key_real"] is None else args["key_real"].bool()
-    sink = real & (key_index < args["sink_end"][:, None])
-    stat = real & (key_index < args["stat_end"][:, None])
+    # per-position ends hold for the keys of p's segment, which are the only ones p sees
+    sink = real & (key_index < (args["sink_end"] if args["sink_end"].dim() == 2 else args["sink_end"][:, None]))
+    stat = real & (key_index < (args["stat_end"] if args["stat_end"].dim() == 2 else args["stat_end"][:, None]))
     result = reference.attention_from_masks(
         q, k, v, real, sink, stat,
         scale=args["scale"], causal=args["causal"], window=args["window"] or None,
         head_mask=args["head_mask"], sink_logit=args["sink_logit"],
         key_groups=args["key_groups"], num_groups=args["num_groups"], softcap=args["softcap"] or None,
-        # a horizon is itself block ids: positions of one run share it, others have their own
-        unordered=reference.block_pairs(args["horizon"], q.shape[2]),
+        **_reference_pairs(args, q.shape[2]),
     )
     out.copy_(result["out"])
     lse.copy_(result["lse"])
@@ -132,6 +167,13 @@ def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -
         group_mass.copy_(result["group_mass"])
     if entropy is not None:
         entropy.copy_(result["entropy"])
+
+
+def _reference_pairs(args: dict, num_queries: int) -> dict:
+    """The reference's pair masks from the kernels' key bounds: a causal horizon is itself block
+    ids (positions of one run share it, others have their own) and a start is segment ids."""
+    return dict(unordered=reference.block_pairs(args["horizon"], num_queries) if args["causal"] else None,
+                same_segment=reference.segment_pairs(args["start"], num_queries))
 
 
 def _address(tensor: Optional[torch.Tensor]) -> int:
@@ -151,6 +193,7 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
         _address(args["key_groups"]), args["num_groups"],
         lse.data_ptr(), sink_mass.data_ptr(), _address(group_mass), _address(entropy),
         torch.get_num_threads(), softcap=args["softcap"], horizon=_address(args["horizon"]),
+        start=_address(args["start"]), row_ends=args["sink_end"].dim() == 2,
     )
 
 
@@ -195,6 +238,7 @@ def _sink_attention_op(
     num_groups: int,
     softcap: float,
     horizon: Optional[torch.Tensor],
+    start: Optional[torch.Tensor],
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none."""
@@ -204,7 +248,7 @@ def _sink_attention_op(
         args = dict(
             scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
             head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
-            horizon=horizon,
+            horizon=horizon, start=start,
         )
         backend = resolve(q.device, q.dtype, "sink_attention")
         _KERNELS[backend](
@@ -218,7 +262,7 @@ def _sink_attention_op(
 
 @_sink_attention_op.register_fake
 def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, horizon,
-      return_entropy):
+      start, return_entropy):
     return _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
@@ -309,6 +353,26 @@ def block_horizon(bidirectional_blocks: torch.Tensor, num_queries: int) -> Block
     return BlockHorizon(causal_horizon(bidirectional_blocks, shape, num_queries, True, bidirectional_blocks), num_queries)
 
 
+def _run_ends(goes_on: torch.Tensor) -> torch.Tensor:
+    """int64 [B, Lk]: the last position of the run holding p, where goes_on[b, p] says that p's
+    run goes on at p + 1."""
+    num_keys = goes_on.shape[-1]
+    position = torch.arange(num_keys, device=goes_on.device).expand_as(goes_on)
+    run_end = torch.where(goes_on, num_keys, position)
+    return run_end.flip(-1).cummin(-1).values.flip(-1)  # the first run end at or after p
+
+
+def _split_id(ids: torch.Tensor, ignore_negative: bool) -> Optional[tuple[int, int]]:
+    """(row, id) of the first id of ids [B, n] whose positions are not one run of consecutive
+    positions (negative ids ignored with ignore_negative), or None. One host sync."""
+    values, order = ids.sort(dim=-1, stable=True)  # equal ids in position order
+    split = (values[:, 1:] == values[:, :-1]) & (order[:, 1:] - order[:, :-1] != 1)
+    if ignore_negative:
+        split &= values[:, 1:] >= 0
+    bad = first_bad_index(split)
+    return None if bad is None else (bad[0], int(values[bad[0], bad[1] + 1]))
+
+
 def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torch.Tensor) -> Optional[torch.Tensor]:
     """bidirectional_blocks ([B, Lk] integer ids; negative: no block, or a BlockHorizon) as the
     kernels' causal horizon: int64 [B, Lk], horizon[b, p] = the last position of the run of equal
@@ -324,29 +388,80 @@ def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torc
     if not causal or blocks.numel() == 0:
         return None
     ids = blocks.to(torch.int64).clamp(min=-1)  # every negative id: no block
-    num_keys = shape[1]
-    position = torch.arange(num_keys, device=ids.device).expand_as(ids)
-    # a run goes on at p + 1 when p + 1 holds p's id >= 0; it ends at p otherwise
+    # a run goes on at p + 1 when p + 1 holds p's id >= 0
     goes_on = torch.zeros_like(ids, dtype=torch.bool)
     goes_on[:, :-1] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, :-1] >= 0)
-    run_end = torch.where(goes_on, num_keys, position)
-    horizon = run_end.flip(-1).cummin(-1).values.flip(-1)  # the first run end at or after p
     if not is_compiling():
-        first_query = num_keys - num_queries
-        region = ids[:, first_query:]
-        # (a run entering the queries counts as starting at the first one)
-        starts = (region >= 0) & ~torch.cat([torch.zeros_like(goes_on[:, :1]), goes_on[:, first_query:-1]], 1)
-        # an id starting two runs among the queries: sort each row's run-start ids (others made
-        # distinct negatives) and look for neighbours that agree
-        marked = torch.where(starts, region, -2 - position[:, first_query:]).sort(-1).values
-        repeated = (marked[:, 1:] == marked[:, :-1]) & (marked[:, 1:] >= 0)
-        bad = first_bad_index(repeated)
-        if bad is not None:
+        split = _split_id(ids[:, shape[1] - num_queries:], ignore_negative=True)
+        if split is not None:
             raise ValueError(
                 f"bidirectional_blocks must give each block one contiguous run of positions from the first query "
-                f"on; block id {int(marked[bad[0], bad[1] + 1])} of row {bad[0]} resumes after other tokens"
+                f"on; block id {split[1]} of row {split[0]} resumes after other tokens"
             )
-    return horizon.contiguous()
+    return _run_ends(goes_on).contiguous()
+
+
+class SegmentSpans(NamedTuple):
+    """segment_ids in the kernels' form, made once by segment_spans and reusable by every call
+    with the same keys (the layers of one forward): it skips re-checking the segments (a sort
+    and a host sync per call)."""
+
+    start: torch.Tensor  # int64 [B, Lk]: the first position of the segment holding p
+    end: torch.Tensor  # int64 [B, Lk]: its last position
+
+
+def segment_spans(segment_ids: torch.Tensor) -> SegmentSpans:
+    """segment_ids ([B, Lk] integer ids, each segment one run of consecutive positions) checked
+    and turned into the kernels' per-position key bounds."""
+    shape = tuple(getattr(segment_ids, "shape", ()))
+    if isinstance(segment_ids, torch.Tensor) and segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must have shape [B, Lk], got {shape}")
+    return _segment_spans(segment_ids, shape, segment_ids)
+
+
+def _segment_spans(segments, shape: tuple, q: torch.Tensor) -> Optional[SegmentSpans]:
+    if segments is None:
+        return None
+    if isinstance(segments, SegmentSpans):
+        for name in ("start", "end"):
+            bound = getattr(segments, name)
+            if not isinstance(bound, torch.Tensor):
+                raise TypeError(f"segment_ids is a SegmentSpans whose {name} is a {type(bound).__name__}, not a tensor")
+            check_same_device(q, "q", bound, f"segment_ids.{name}")
+            if tuple(bound.shape) != shape or bound.dtype != torch.int64 or not bound.is_contiguous():
+                raise ValueError(f"segment_ids is a SegmentSpans whose {name} is not a contiguous int64 tensor of "
+                                 f"shape {list(shape)} (got {bound.dtype}, {tuple(bound.shape)}); make it with segment_spans")
+        return segments
+    _check_key_ids(segments, "segment_ids", "segment ids", shape, q)
+    ids = segments.to(torch.int64)
+    if not is_compiling() and ids.numel() > 0:
+        split = _split_id(ids, ignore_negative=False)
+        if split is not None:
+            raise ValueError(f"segment_ids must give each segment one contiguous run of positions; segment id "
+                             f"{split[1]} of row {split[0]} resumes after other tokens")
+    goes_on = torch.zeros_like(ids, dtype=torch.bool)
+    goes_on[:, :-1] = ids[:, 1:] == ids[:, :-1]
+    # p starts a run unless p - 1 goes on into it: the start is the latest run start at or before p
+    starts_here = torch.ones_like(goes_on)
+    starts_here[:, 1:] = ~goes_on[:, :-1]
+    position = torch.arange(shape[1], device=ids.device).expand_as(ids)
+    start = torch.where(starts_here, position, 0).cummax(-1).values
+    return SegmentSpans(start.contiguous(), _run_ends(goes_on).contiguous())
+
+
+def key_bounds(blocks, segments, shape: tuple, num_queries: int, causal: bool,
+               q: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(start, horizon): the kernels' per-position key bounds, int64 [B, Lk] or None. The query
+    at p sees keys start[b, p] <= j <= horizon[b, p] (the kernels clamp both around p); without
+    a horizon: j <= p causal, every later key otherwise. Blocks extend the causal bound, the
+    segment ends limit it."""
+    horizon = causal_horizon(blocks, shape, num_queries, causal, q)
+    spans = _segment_spans(segments, shape, q)
+    if spans is None:
+        return None, horizon
+    if not causal:
+        return spans.start, spans.end
+    return spans.start, None if horizon is None else torch.minimum(horizon, spans.end)
 
 
 def _check_block_horizon(blocks: BlockHorizon, shape: tuple, num_queries: int,
@@ -419,7 +534,7 @@ def check_attention_inputs(q, k, v):
 
 
 def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap,
-             bidirectional_blocks):
+             bidirectional_blocks, segment_ids):
     q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
     num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(causal, bool):
@@ -427,13 +542,14 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     window = 0 if window is None else check_int(window, "window", 1)
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
+    spans = _segment_spans(segment_ids, (batch, num_keys), q)
     if isinstance(key_padding_mask, KeyMasks):
-        masks = _check_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q)
+        masks = _check_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q, spans is not None)
     else:
+        if isinstance(key_padding_mask, torch.Tensor):
+            check_same_device(q, "q", key_padding_mask, "key_padding_mask")
         masks = key_masks(key_padding_mask, batch, num_keys, num_sink=num_sink, stat_tokens=stat_tokens,
-                          device=q.device)
-        if masks.key_real is not None:
-            check_same_device(q, "q", masks.key_real, "key_padding_mask")
+                          device=q.device, segment_ids=spans)
     head_keep = check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
     if sink_logit is not None:
         if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
@@ -443,13 +559,14 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
             raise ValueError(f"sink_logit must have shape [Hq] = [{num_heads}], got {tuple(sink_logit.shape)}")
         sink_logit = sink_logit.to(output_dtype(q)).contiguous()
     groups, num_groups = _check_key_groups(key_groups, num_groups, (batch, num_keys), q)
+    start, horizon = key_bounds(bidirectional_blocks, spans, (batch, num_keys), num_queries, causal, q)
     return dict(
         q=q, k=k, v=v,
         scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=masks.key_real,
         sink_end=masks.sink_end, stat_end=masks.stat_end,
         head_mask=head_keep, sink_logit=sink_logit, key_groups=groups, num_groups=num_groups,
         softcap=_check_softcap(softcap),
-        horizon=causal_horizon(bidirectional_blocks, (batch, num_keys), num_queries, causal, q),
+        horizon=horizon, start=start,
     )
 
 
@@ -471,6 +588,7 @@ def sink_attention(
     return_entropy: bool = False,
     softcap: Optional[float] = None,
     bidirectional_blocks: Optional[torch.Tensor] = None,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> AttentionOutput:
     """Fused attention with sinks, a sliding window, head masks and grouped-query heads,
     returning per-query attention statistics without materialising attention weights.
@@ -507,6 +625,11 @@ def sink_attention(
             padding mask still apply. From the first query on, each block must be one run of
             consecutive positions. Or the BlockHorizon that block_horizon made from them, reused
             by calls with the same keys (e.g. every layer of one forward).
+        segment_ids: optional [B, Lk] integer segment ids: a query sees only the keys of its own
+            segment, sink keys included (packed sequences, Llama 4's chunked attention); each
+            segment must be one run of consecutive positions. Key blocks of other segments cost
+            nothing. Or the SegmentSpans that segment_spans made from them, reused by calls with
+            the same keys.
 
     Returns:
         AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, Dv] buffer),
@@ -519,7 +642,7 @@ def sink_attention(
     """
     args = _prepare(
         q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups,
-        stat_tokens, softcap, bidirectional_blocks,
+        stat_tokens, softcap, bidirectional_blocks, segment_ids,
     )
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")

@@ -22,7 +22,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
 )
-from .attention import causal_horizon, check_attention_inputs, check_mask, check_scale
+from .attention import check_attention_inputs, check_mask, check_scale, key_bounds
 
 __all__ = ["dual_path_attention"]
 
@@ -33,8 +33,9 @@ def _reference_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
         q, k, v, args["drop"].bool(), gamma=args["gamma"], orthogonalize=args["orthogonalize"], eps=args["eps"],
         rows=args["rows"].bool(), scale=args["scale"], causal=args["causal"],
         key_padding_mask=None if key_real is None else key_real.bool(),
-        bidirectional_blocks=args["horizon"],  # a horizon is itself block ids (see attention.causal_horizon)
+        bidirectional_blocks=args["horizon"] if args["causal"] else None,  # a horizon is itself block ids
         window=args["window"] or None,
+        segment_ids=args["start"],  # a start is itself segment ids
     )
     out.copy_(result["out"])
     if o_cond is not None:
@@ -55,7 +56,7 @@ def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
         args["gamma"], args["orthogonalize"], args["eps"],
         0 if o_cond is None else o_cond.data_ptr(), 0 if o_uncond is None else o_uncond.data_ptr(),
         torch.get_num_threads(), horizon=0 if args["horizon"] is None else args["horizon"].data_ptr(),
-        window=args["window"],
+        window=args["window"], start=0 if args["start"] is None else args["start"].data_ptr(),
     )
 
 
@@ -94,23 +95,24 @@ def _dual_path_attention_op(
     scale: float,
     causal: bool,
     horizon: Optional[torch.Tensor],
+    start: Optional[torch.Tensor],
     window: int,
     return_paths: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
-    [B, Lk] or None, horizon int64 [B, Lk] or None (attention.causal_horizon), window 0: none."""
+    [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none."""
     outputs = _outputs(q, v.shape[-1], return_paths, lambda shape, dtype: new_output(shape, q.device, dtype))
     out, o_cond, o_uncond = outputs
     if out.numel() > 0:
         args = dict(scale=scale, causal=causal, key_real=key_real, drop=drop, rows=rows, gamma=gamma,
-                    orthogonalize=orthogonalize, eps=eps, horizon=horizon, window=window)
+                    orthogonalize=orthogonalize, eps=eps, horizon=horizon, start=start, window=window)
         backend = resolve(q.device, q.dtype, "dual_path_attention")
         _KERNELS[backend](q, k, v, args, out, o_cond if return_paths else None, o_uncond if return_paths else None)
     return outputs
 
 
 @_dual_path_attention_op.register_fake
-def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, horizon, window, return_paths):
+def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, horizon, start, window, return_paths):
     return _outputs(q, v.shape[-1], return_paths, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
 
 
@@ -146,6 +148,7 @@ def dual_path_attention(
     return_paths: bool = False,
     bidirectional_blocks: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
+    segment_ids: Optional[torch.Tensor] = None,
 ):
     """Contrastive attention guidance in one pass: attention with every key (o_cond) and
     without the dropped keys (o_uncond, e.g. without image tokens), merged as
@@ -160,8 +163,8 @@ def dual_path_attention(
         eps: added to ||o_uncond|| before dividing (> 0).
         rows: "last" (default, the token being generated), "all", or a bool mask [Lq] or
             [B, Lq] of the query rows to guide; other rows get o_cond.
-        scale, causal, key_padding_mask, bidirectional_blocks, window: as in sink_attention (there
-            are no sink keys here).
+        scale, causal, key_padding_mask, bidirectional_blocks, window, segment_ids: as in
+            sink_attention (there are no sink keys here).
         return_paths: also return o_cond and o_uncond.
 
     Returns:
@@ -178,6 +181,7 @@ def dual_path_attention(
     for name, flag in (("orthogonalize", orthogonalize), ("return_paths", return_paths)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    start, horizon = key_bounds(bidirectional_blocks, segment_ids, (batch, num_keys), num_queries, causal, q)
     out, o_cond, o_uncond = _dual_path_attention_op(
         q, k, v, drop,
         _check_rows(rows, batch, num_queries, q),
@@ -187,7 +191,8 @@ def dual_path_attention(
         check_real(eps, "eps", positive=True),
         check_scale(scale, q.shape[-1]),
         causal,
-        causal_horizon(bidirectional_blocks, (batch, num_keys), num_queries, causal, q),
+        horizon,
+        start,
         0 if window is None else check_int(window, "window", 1),
         return_paths,
     )
