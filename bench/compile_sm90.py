@@ -61,9 +61,12 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
                      int(spilled.group(1)) if spilled else None))
 
 
-def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual, blocks=False):
-    """One launch of the sink or dual-path kernels; blocks: with a causal horizon (bidirectional blocks)."""
+def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual, blocks=False,
+           segments=False):
+    """One launch of the sink or dual-path kernels; blocks: with a causal horizon (bidirectional
+    blocks); segments: with a start per position and (sink_attention) per-position sink ends."""
     horizon = torch.zeros(batch, keys, dtype=torch.int64) if blocks else None
+    start = torch.zeros(batch, keys, dtype=torch.int64) if segments else None
     q = torch.zeros(batch, heads, queries, head_dim, dtype=dtype)
     k = torch.zeros(batch, kv_heads, keys, head_dim, dtype=dtype)
     v = torch.zeros(batch, kv_heads, keys, value_dim, dtype=dtype)
@@ -72,15 +75,15 @@ def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, sp
         dual_attention.dual_path_attention(
             q, k, v, out, None, None, scale=0.1, causal=True, key_real=None,
             drop=torch.zeros(batch, keys, dtype=torch.uint8), rows=torch.ones(batch, queries, dtype=torch.uint8),
-            gamma=1.0, orthogonalize=True, eps=1e-6, split_keys=split_keys, horizon=horizon,
+            gamma=1.0, orthogonalize=True, eps=1e-6, split_keys=split_keys, horizon=horizon, start=start,
         )
     else:
         stats = [torch.zeros(batch, heads, queries) for _ in range(3)]
-        ends = torch.zeros(batch, dtype=torch.int64)
+        ends = torch.zeros((batch, keys) if segments else (batch,), dtype=torch.int64)
         attention.sink_attention(
             q, k, v, out, stats[0], stats[1], None, stats[2], scale=0.1, causal=True, window=0, key_real=None,
             sink_end=ends, stat_end=ends, head_mask=None, sink_logit=None, key_groups=None, num_groups=0,
-            split_keys=split_keys, horizon=horizon,
+            split_keys=split_keys, horizon=horizon, start=start,
         )
 
 
@@ -95,8 +98,10 @@ CASES = {  # name: (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, split_keys: 0 prefill, n t
 if __name__ == "__main__":
     JITFunction.run = compile_only
     for name, case in CASES.items():
-        for dual, blocks in ((False, False), (True, False), (False, True), (True, True)):
+        for dual, blocks, segments in ((False, False, False), (True, False, False), (False, True, False),
+                                       (True, True, False), (False, False, True), (True, False, True)):
             compiled.clear()
-            launch(*case, dual=dual, blocks=blocks)
-            print(f"{'dual_path' if dual else 'sink'}{' +blocks' if blocks else ''} {name}: " + ", ".join(
+            launch(*case, dual=dual, blocks=blocks, segments=segments)
+            extra = (" +blocks" if blocks else "") + (" +segments" if segments else "")
+            print(f"{'dual_path' if dual else 'sink'}{extra} {name}: " + ", ".join(
                 f"{kernel} {registers} registers, {spilled} B spilled" for kernel, registers, spilled in compiled))
