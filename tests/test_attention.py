@@ -705,6 +705,8 @@ def test_opcheck(with_groups):
     groups = torch.randint(0, 2, (2, 9), dtype=torch.int32) if with_groups else None
     horizon = torch.tensor([[0, 1, 4, 4, 4, 5, 6, 8, 8]] * 2) if with_groups else None  # blocks [2, 4] and [7, 8]
     start = torch.tensor([[0, 0, 0, 3, 3, 3, 3, 3, 8]] * 2) if with_groups else None  # segments [0, 2], [3, 7], [8]
+    if with_groups:  # per-position sink / stat ends: each segment's first key
+        ends = torch.tensor([[1, 1, 1, 4, 4, 4, 4, 4, 9]] * 2)
     args = (q, k, v, 0.3, True, 4, None, ends, ends, None, None, groups, 2 if with_groups else 0, 0.0, horizon, start, True)
     torch.library.opcheck(_sink_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

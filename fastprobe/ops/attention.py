@@ -141,7 +141,8 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
 
 
 # Every backend's path: the prepared arguments of _sink_attention_op and its preallocated
-# outputs -> None. key_real uint8 [B, Lk] or None (all real); sink_end, stat_end int64 [B];
+# outputs -> None. key_real uint8 [B, Lk] or None (all real); sink_end, stat_end int64 [B] (or
+# [B, Lk] per position with segments, see KeyMasks);
 # head_mask uint8 [Hq] or None; sink_logit float32 [Hq] or None; key_groups int32 [B, Lk] or None;
 # start, horizon int64 [B, Lk] or None (key_bounds).
 
