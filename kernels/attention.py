@@ -40,8 +40,8 @@ Two paths:
     b, kv head) handles all Hq / Hkv query heads of its kv head at once (K / V read once per
     kv head), writing unnormalised partial states (m, l, stat, A, acc, grp) to float32
     scratch; a second kernel merges the splits of each query row by their max, adds the sink
-    logit and writes the outputs. The splits cover the window's band to Lk (f_p and r_p are
-    masked per key). Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for float32) and the
+    logit and writes the outputs. The splits cover the window's band to Lk, less the keys below
+    every row's f_p (f_p and r_p are masked per key). Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for float32) and the
     band holds >= 512 keys (see _DECODE_*); split_keys forces either path.
 
 Products use tl.dot with float32 accumulation: 16-bit inputs on tensor cores (P rounded to
@@ -705,10 +705,13 @@ def _split_program(
 
 
 @triton.jit
-def _split_keys(band_lo, split, chunk, Lk, live):
-    """This split's keys [start, end) of the band [band_lo, Lk); empty unless live."""
+def _split_keys(band_lo, split, chunk, Lk, live, first, HAS_START: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This split's keys [start, end) of the band [band_lo, Lk); empty unless live. With a start,
+    none below the rows' smallest first key (first [R], _segment_first): a split there is empty."""
     start = band_lo + split * chunk
     end = tl.minimum(start + chunk, Lk)
+    if HAS_START:
+        start = tl.minimum(tl.maximum(start, (tl.min(first, axis=0) // BLOCK_N) * BLOCK_N), end)
     return start, tl.where(live, end, start)
 
 
@@ -837,7 +840,7 @@ def _attention_split_kernel(
 
     # this split's keys [start, end) of the band [band_lo, Lk); split 0 also takes the sink
     # keys before the band, [sink_lo, sink_hi)
-    start0, end = _split_keys(band_lo, split, chunk, Lk, any_live)
+    start0, end = _split_keys(band_lo, split, chunk, Lk, any_live, first, HAS_START, BLOCK_N)
     sinks_here = (split == 0) & any_live
     sink_lo, sink_hi = _sink_span(sink_end, first, band_lo, HAS_START, ROW_ENDS, BLOCK_N)
     sink_hi = tl.where(sinks_here, sink_hi, 0)

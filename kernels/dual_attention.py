@@ -403,9 +403,9 @@ def _dual_split_kernel(
     )
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
-    start0, end = _split_keys(band_lo, split, chunk, Lk, pid >= 0)  # this split's keys of the band
     reach = _causal_reach(horizon_ptr, b, pos, Lk, stride_hb, HAS_HORIZON)  # (the splits reach Lk)
     first = _segment_first(start_ptr, b, pos, Lk, stride_fb, HAS_START)  # (masked per key)
+    start0, end = _split_keys(band_lo, split, chunk, Lk, pid >= 0, first, HAS_START, BLOCK_N)  # this split's keys
     k_base, v_base, real_base, drop_base = _key_bases(
         k_ptr, v_ptr, key_real_ptr, drop_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_db
     )

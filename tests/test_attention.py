@@ -1,6 +1,7 @@
 """sink_attention against materialised float64 attention (the reference), PyTorch's SDPA,
 properties of the statistics, and bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -225,11 +226,13 @@ def test_triton_split_key_decode_path(monkeypatch, dtype, splits):
 
     monkeypatch.setattr(triton_attention, "sink_attention", functools.partial(triton_attention.sink_attention, split_keys=splits))
     fp.set_backend("triton")
-    for num_queries, num_keys in [(1, 70), (2, 97)]:
+    for (num_queries, num_keys), config in itertools.product([(1, 70), (2, 97)], ["everything", "chunks+left-padding"]):
         q, k, v = random_qkv(2, 8, 2, num_queries, num_keys, 16, dtype, "cpu")
-        options = make_options("everything", 2, 8, num_keys, "cpu")
+        options = make_options(config, 2, 8, num_keys, "cpu")
+        if num_queries == 2:  # the two queries in different segments: one program's rows start apart
+            options["segment_ids"][:, -1] = options["segment_ids"].max() + 1
         result = fp.sink_attention(q, k, v, return_entropy=True, **options)
-        assert_matches(result, expected(q, k, v, **options), dtype, True, True)
+        assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
