@@ -651,17 +651,14 @@ def _key_segments(found: list, kv_offset: int, kv_length: int, batch: int, devic
         if ids.shape[1] != kv_length:
             raise NotImplementedError(f"fastprobe attention got packed sequence ids for {source.shape[1]} positions "
                                       f"but {kv_length} keys")
-        ids = ids.expand(batch, kv_length)
-        first_start = torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device)
+        ids, dropped = ids.expand(batch, kv_length), None
     else:
         position = torch.arange(kv_offset, kv_offset + kv_length, device=device)
         shift = torch.zeros(batch, dtype=torch.int64, device=device) if left_padding is None else (
             torch.as_tensor(left_padding, device=device).to(torch.int64).expand(batch))
         ids = torch.div(position[None, :] - shift[:, None], source, rounding_mode="floor")
         first_start = shift + ids[:, 0] * source  # where the first cached key's chunk began
-    dropped = None
-    if kv_offset > 0:
-        dropped = (first_start < kv_offset) & (ids[:, 0] == ids[:, -1])
+        dropped = (first_start < kv_offset) & (ids[:, 0] == ids[:, -1]) if kv_offset > 0 else None
     try:
         return segment_spans(ids.contiguous()), dropped
     except ValueError as why:

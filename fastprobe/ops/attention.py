@@ -68,7 +68,7 @@ def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: in
         device = key_real.device
     if segment_ids is not None:
         anchor = key_real if key_real is not None else getattr(segment_ids, "start", segment_ids)  # (its device)
-        spans = _segment_spans(segment_ids, (batch, num_keys), anchor)
+        spans = check_segments(segment_ids, (batch, num_keys), anchor)
         return KeyMasks(key_real, _segment_real_keys_end(key_real, spans, num_sink),
                         _segment_real_keys_end(key_real, spans, stat_tokens), num_sink, stat_tokens)
     return KeyMasks(
@@ -151,9 +151,9 @@ def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -
     batch, num_keys = q.shape[0], k.shape[2]
     key_index = torch.arange(num_keys, device=q.device)
     real = torch.ones(batch, num_keys, dtype=torch.bool, device=q.device) if args["key_real"] is None else args["key_real"].bool()
-    # per-position ends hold for the keys of p's segment, which are the only ones p sees
-    sink = real & (key_index < (args["sink_end"] if args["sink_end"].dim() == 2 else args["sink_end"][:, None]))
-    stat = real & (key_index < (args["stat_end"] if args["stat_end"].dim() == 2 else args["stat_end"][:, None]))
+    # [B] ends hold for the row; per-position ends for the keys of p's segment, the only ones p sees
+    sink, stat = (real & (key_index < (ends if ends.dim() == 2 else ends[:, None]))
+                  for ends in (args["sink_end"], args["stat_end"]))
     result = reference.attention_from_masks(
         q, k, v, real, sink, stat,
         scale=args["scale"], causal=args["causal"], window=args["window"] or None,
@@ -417,21 +417,17 @@ def segment_spans(segment_ids: torch.Tensor) -> SegmentSpans:
     shape = tuple(getattr(segment_ids, "shape", ()))
     if isinstance(segment_ids, torch.Tensor) and segment_ids.dim() != 2:
         raise ValueError(f"segment_ids must have shape [B, Lk], got {shape}")
-    return _segment_spans(segment_ids, shape, segment_ids)
+    return check_segments(segment_ids, shape, segment_ids)
 
 
-def _segment_spans(segments, shape: tuple, q: torch.Tensor) -> Optional[SegmentSpans]:
+def check_segments(segments, shape: tuple, q: torch.Tensor) -> Optional[SegmentSpans]:
+    """segment_ids (ids [B, Lk] or a SegmentSpans) checked against the call (shape, q's device)
+    and in the kernels' form, or None."""
     if segments is None:
         return None
     if isinstance(segments, SegmentSpans):
-        for name in ("start", "end"):
-            bound = getattr(segments, name)
-            if not isinstance(bound, torch.Tensor):
-                raise TypeError(f"segment_ids is a SegmentSpans whose {name} is a {type(bound).__name__}, not a tensor")
-            check_same_device(q, "q", bound, f"segment_ids.{name}")
-            if tuple(bound.shape) != shape or bound.dtype != torch.int64 or not bound.is_contiguous():
-                raise ValueError(f"segment_ids is a SegmentSpans whose {name} is not a contiguous int64 tensor of "
-                                 f"shape {list(shape)} (got {bound.dtype}, {tuple(bound.shape)}); make it with segment_spans")
+        for field in ("start", "end"):
+            _check_prepared(segments, field, "segment_ids", "segment_spans", shape, q)
         return segments
     _check_key_ids(segments, "segment_ids", "segment ids", shape, q)
     ids = segments.to(torch.int64)
@@ -450,14 +446,14 @@ def _segment_spans(segments, shape: tuple, q: torch.Tensor) -> Optional[SegmentS
     return SegmentSpans(start.contiguous(), _run_ends(goes_on).contiguous())
 
 
-def key_bounds(blocks, segments, shape: tuple, num_queries: int, causal: bool,
+def key_bounds(blocks, spans: Optional[SegmentSpans], shape: tuple, num_queries: int, causal: bool,
                q: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(start, horizon): the kernels' per-position key bounds, int64 [B, Lk] or None. The query
-    at p sees keys start[b, p] <= j <= horizon[b, p] (the kernels clamp both around p); without
-    a horizon: j <= p causal, every later key otherwise. Blocks extend the causal bound, the
-    segment ends limit it."""
+    """(start, horizon): the kernels' per-position key bounds, int64 [B, Lk] or None, from the
+    blocks and the checked segments (check_segments). The query at p sees keys
+    start[b, p] <= j <= horizon[b, p] (the kernels clamp both around p); without a horizon:
+    j <= p causal, every later key otherwise. Blocks extend the causal bound, the segment ends
+    limit it."""
     horizon = causal_horizon(blocks, shape, num_queries, causal, q)
-    spans = _segment_spans(segments, shape, q)
     if spans is None:
         return None, horizon
     if not causal:
@@ -471,16 +467,23 @@ def _check_block_horizon(blocks: BlockHorizon, shape: tuple, num_queries: int,
     if blocks.num_queries < num_queries:
         raise ValueError(f"bidirectional_blocks is a BlockHorizon checked for {blocks.num_queries} queries, but this "
                          f"call has {num_queries}; make it with block_horizon(blocks, {num_queries})")
-    horizon = blocks.horizon
-    if horizon is None:
+    if blocks.horizon is None:
         return None
-    if not isinstance(horizon, torch.Tensor):
-        raise TypeError(f"bidirectional_blocks is a BlockHorizon whose horizon is a {type(horizon).__name__}, not a tensor")
-    check_same_device(q, "q", horizon, "bidirectional_blocks.horizon")
-    if tuple(horizon.shape) != shape or horizon.dtype != torch.int64 or not horizon.is_contiguous():
-        raise ValueError(f"bidirectional_blocks is a BlockHorizon whose horizon is not a contiguous int64 tensor of "
-                         f"shape {list(shape)} (got {horizon.dtype}, {tuple(horizon.shape)}); make it with block_horizon")
-    return horizon
+    return _check_prepared(blocks, "horizon", "bidirectional_blocks", "block_horizon", shape, q)
+
+
+def _check_prepared(prepared: NamedTuple, field: str, argument: str, maker: str, shape: tuple,
+                    q: torch.Tensor) -> torch.Tensor:
+    """A prepared form's (BlockHorizon, SegmentSpans) tensor field must be what the kernels read:
+    a contiguous int64 tensor of `shape` on q's device."""
+    tensor, kind = getattr(prepared, field), type(prepared).__name__
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{argument} is a {kind} whose {field} is a {type(tensor).__name__}, not a tensor")
+    check_same_device(q, "q", tensor, f"{argument}.{field}")
+    if tuple(tensor.shape) != shape or tensor.dtype != torch.int64 or not tensor.is_contiguous():
+        raise ValueError(f"{argument} is a {kind} whose {field} is not a contiguous int64 tensor of shape "
+                         f"{list(shape)} (got {tensor.dtype}, {tuple(tensor.shape)}); make it with {maker}")
+    return tensor
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -543,7 +546,7 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     window = 0 if window is None else check_int(window, "window", 1)
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
-    spans = _segment_spans(segment_ids, (batch, num_keys), q)
+    spans = check_segments(segment_ids, (batch, num_keys), q)
     if isinstance(key_padding_mask, KeyMasks):
         masks = _check_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q, spans is not None)
     else:

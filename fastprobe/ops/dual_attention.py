@@ -22,7 +22,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
 )
-from .attention import check_attention_inputs, check_mask, check_scale, key_bounds
+from .attention import check_attention_inputs, check_mask, check_scale, check_segments, key_bounds
 
 __all__ = ["dual_path_attention"]
 
@@ -181,7 +181,8 @@ def dual_path_attention(
     for name, flag in (("orthogonalize", orthogonalize), ("return_paths", return_paths)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    start, horizon = key_bounds(bidirectional_blocks, segment_ids, (batch, num_keys), num_queries, causal, q)
+    spans = check_segments(segment_ids, (batch, num_keys), q)
+    start, horizon = key_bounds(bidirectional_blocks, spans, (batch, num_keys), num_queries, causal, q)
     out, o_cond, o_uncond = _dual_path_attention_op(
         q, k, v, drop,
         _check_rows(rows, batch, num_queries, q),
