@@ -2,10 +2,11 @@
 # Runs on a CUDA machine that already has torch and triton, in one call that fits a short device
 # lease: installs fastprobe (no build isolation, no downloads; wheels carried in .whl/, such as
 # liger-kernel from bench/gpu_wheels.sh, go to a private site folder), runs the GPU tests, then
-# the benchmarks, and writes logs, one pytest-benchmark JSON and its table to OUTDIR (default
-# bench/results). FAMILY... (divergence, concepts, bridge, attention, dual_attention, patch,
-# guidance, methods) limits the run to those families, benchmarked in the order given; the default is
-# all of them, the attention families first.
+# the benchmarks, and writes logs, the tests' JUnit XML, one pytest-benchmark JSON and its table
+# to OUTDIR (default bench/results; at most 8 files, what a device call brings back). FAMILY...
+# (divergence, concepts, bridge, attention, dual_attention, patch, guidance, methods) limits the
+# run to those families, benchmarked in the order given; the default is all of them, the
+# attention families first.
 #
 #   GPU_BUDGET_S=540 bash bench/gpu.sh [OUTDIR] [FAMILY...]
 #
@@ -55,7 +56,7 @@ python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_
 python3 -m fastprobe.cli info 2>&1 | tee -a "$setup_log"
 
 parallel=()
-python3 -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_TEST_PROCS:-8}")
+python3 -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_TEST_PROCS:-$(nproc)}") # compiles are CPU-bound
 
 # run_phase PERCENT LOG PYTEST-ARGS...: pytest with FASTPROBE_DEADLINE at PERCENT of the time
 # left (before the reserve), hard-stopped a minute after it; returns pytest's exit status.
@@ -72,7 +73,8 @@ run_phase() {
 
 status=0
 if [ ${#tests[@]} -gt 0 ]; then
-  FASTPROBE_AUTOTUNE=0 run_phase 35 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}"
+  FASTPROBE_AUTOTUNE=0 run_phase 35 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
+    --junitxml="$outdir/gpu-tests.xml" # which tests passed, failed or were skipped by the deadline
   code=$?
   [ "$code" -eq 0 ] || [ "$code" -eq 5 ] || status=1 # 5: no GPU-only tests in these families
 fi
