@@ -10,6 +10,8 @@
 #
 #   GPU_BUDGET_S=540 bash bench/gpu.sh [OUTDIR] [FAMILY...]
 #
+# With the attention family, setup.log also gets bench/host_overhead.py's table (host vs GPU
+# time of a few attention calls, at most a minute).
 # Time: everything ends within GPU_BUDGET_S seconds (default 540). The phases share what is left:
 #   1. the GPU tests (at most 35%), in parallel processes (pytest-xdist, where installed), whose
 #      kernels run their first pruned config (FASTPROBE_AUTOTUNE=0);
@@ -54,6 +56,9 @@ fi
 python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_log" 2>&1 \
   || { tail -30 "$setup_log"; exit 1; }
 python3 -m fastprobe.cli info 2>&1 | tee -a "$setup_log"
+if [[ " ${families[*]} " == *" attention "* ]]; then # host and GPU shares of a few attention calls
+  timeout 60 python3 bench/host_overhead.py >>"$setup_log" 2>&1 || echo "host_overhead.py: exit $?" >>"$setup_log"
+fi
 
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_TEST_PROCS:-$(nproc)}") # compiles are CPU-bound

@@ -1,0 +1,134 @@
+"""Where a call's time goes on a CUDA machine: the host's share and the GPU's.
+
+The H200 run of 2026-11-30 (bench/NOTES.md) saw every fastprobe call cost about 0.2 ms more
+than its kernels could explain (a decoding step over a 4096-key window took 0.29 ms, prefill
+of 1024 tokens 0.32 ms against SDPA's 0.10 ms), while the same Python path takes about 35 us
+per call on this project's CPU machine. This script splits each call's time into:
+  host:   until the call returns, the GPU idle before it (Python, checks, launches);
+  graph:  one replay of the call captured in a CUDA graph (its kernels alone, no host work;
+          "-" when the call cannot be captured, e.g. a check that syncs);
+  whole:  one call and a synchronize, what the benchmarks time;
+medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one.
+It runs in bench/gpu.sh before the benchmarks (into setup.log), and alone:
+
+    python3 bench/host_overhead.py
+"""
+
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastprobe as fp
+from fastprobe.kernels import attention as triton_attention
+
+ROUNDS = 200
+
+
+def medians(call) -> tuple:
+    """(host, whole) median seconds of ROUNDS calls, each started on an idle GPU."""
+    host, whole = [], []
+    for _ in range(ROUNDS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        returned = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(returned - start)
+        whole.append(time.perf_counter() - start)
+    return statistics.median(host), statistics.median(whole)
+
+
+def graph_replay(call):
+    """Median seconds of one replay of `call` captured in a CUDA graph, or None."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            call()  # (allocations of the capture come from the graph's pool)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+    except Exception as error:  # a host sync or an unsupported launch inside the call
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(ROUNDS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(times), None
+
+
+def cases() -> dict:
+    device, dtype = "cuda", torch.bfloat16
+    heads, dim = 32, 128
+
+    def qkv(queries, keys):
+        shape = lambda length: (1, heads, length, dim)  # noqa: E731
+        return (torch.randn(shape(queries), device=device, dtype=dtype),
+                torch.randn(shape(keys), device=device, dtype=dtype),
+                torch.randn(shape(keys), device=device, dtype=dtype))  # fmt: skip
+
+    q, k, v = qkv(1024, 1024)
+    groups = (torch.arange(1024, device=device) % 3).expand(1, -1)
+    keep = torch.ones(heads, dtype=torch.bool, device=device)
+    dq, dk, dv = qkv(1, 32768)
+    # the launcher alone, on outputs allocated once (what the op layer adds is the difference)
+    out, lse, sink_mass = torch.empty_like(q), *(torch.empty(1, heads, 1024, device=device) for _ in range(2))
+    ends = torch.ones(1, dtype=torch.int64, device=device)
+    launcher_args = dict(scale=dim**-0.5, causal=True, window=0, key_real=None, sink_end=ends, stat_end=ends,
+                         head_mask=None, sink_logit=None, key_groups=None, num_groups=1)  # fmt: skip
+    return {
+        "sdpa causal L=1024": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "fastprobe causal L=1024": lambda: fp.sink_attention(q, k, v),
+        "triton launcher only L=1024": lambda: triton_attention.sink_attention(
+            q, k, v, out, lse, sink_mass, None, None, **launcher_args
+        ),
+        "fastprobe head_mask L=1024": lambda: fp.sink_attention(q, k, v, head_mask=keep),
+        "fastprobe groups+entropy L=1024": lambda: fp.sink_attention(
+            q, k, v, key_groups=groups, num_groups=3, return_entropy=True
+        ),
+        "sdpa decode Lk=32768": lambda: F.scaled_dot_product_attention(dq, dk, dv),
+        "fastprobe decode Lk=32768": lambda: fp.sink_attention(dq, dk, dv),
+        "fastprobe decode window=4096": lambda: fp.sink_attention(dq, dk, dv, window=4096, num_sink=4),
+    }
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    with open("/proc/cpuinfo") as cpuinfo:
+        print(next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "cpu ?"))
+    print(f"{'call':34s} {'host us':>9s} {'graph us':>9s} {'whole us':>9s}")
+    slowest, slowest_host = None, 0.0
+    for name, call in cases().items():
+        for _ in range(10):  # compile, autotune, caches
+            call()
+        host, whole = medians(call)
+        replay, why = graph_replay(call)
+        shown = "-" if replay is None else f"{replay * 1e6:9.1f}"
+        print(f"{name:34s} {host * 1e6:9.1f} {shown:>9s} {whole * 1e6:9.1f}" + (f"  ({why})" if why else ""))
+        if name.startswith("fastprobe") and host > slowest_host:
+            slowest, slowest_host = (name, call), host
+    name, call = slowest
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(ROUNDS):
+        call()
+    torch.cuda.synchronize()
+    profiler.disable()
+    report = io.StringIO()
+    pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(25)
+    print(f"\ncProfile of {ROUNDS} calls of '{name}', by own time:")
+    print("\n".join(report.getvalue().splitlines()[:60]))
+
+
+if __name__ == "__main__":
+    main()
