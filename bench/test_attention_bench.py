@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastprobe as fp
+from fastprobe.ops.attention import block_horizon, key_masks, segment_spans
 
 try:
     from . import _memory
@@ -107,7 +108,8 @@ BLOCKS_CASES = {
 
 
 def blocks_inputs(device, case):
-    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask) and their description."""
+    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask, the blocks and key masks
+    in the kernels' form) and their description."""
     batch, length = case["batch"], case["length"]
     q, k, v = make_qkv(device, batch, case["heads"], length, case["head_dim"], case["dtype"])
     blocks = torch.full((batch, length), -1, dtype=torch.int64, device=device)
@@ -118,18 +120,27 @@ def blocks_inputs(device, case):
     mask = ((position[None, None, :] <= position[None, :, None]) | same_block)[:, None]
     shape = dict(B=batch, H=case["heads"], L=length, D=case["head_dim"])
     info = dict(images=case["images"], shape=shape, input_bytes=q.nbytes + k.nbytes + v.nbytes, mask_bytes=mask.nbytes)
-    return (q, k, v, blocks, mask), info
+    prepared = (block_horizon(blocks, length), key_masks(None, batch, length, device=device))
+    return (q, k, v, blocks, mask, prepared), info
 
 
-def fastprobe_blocks(q, k, v, blocks, mask):
+def fastprobe_blocks(q, k, v, blocks, mask, prepared):
     return fp.sink_attention(q, k, v, bidirectional_blocks=blocks).out
 
 
-def sdpa_blocks(q, k, v, blocks, mask):
+def fastprobe_blocks_prepared(q, k, v, blocks, mask, prepared):
+    """The blocks and key masks made outside the timed call, as fastprobe.patch makes them once per
+    forward (and as the peers' masks are made): the call without its checks of the ids."""
+    horizon, masks = prepared
+    return fp.sink_attention(q, k, v, bidirectional_blocks=horizon, key_padding_mask=masks).out
+
+
+def sdpa_blocks(q, k, v, blocks, mask, prepared):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-BLOCKS_IMPLS = {"fastprobe-blocks": fastprobe_blocks, "sdpa-blocks-mask": sdpa_blocks}
+BLOCKS_IMPLS = {"fastprobe-blocks": fastprobe_blocks, "fastprobe-blocks-prepared": fastprobe_blocks_prepared,
+                "sdpa-blocks-mask": sdpa_blocks}
 
 # Sequences packed in one row (training batches without padding; Llama 4's chunks look alike):
 # each attends causally within itself. transformers' SDPA path builds the block-diagonal causal
@@ -145,8 +156,8 @@ PACKED_CASES = {
 
 
 def packed_inputs(device, case):
-    """(q, k, v, segment ids [B, L], the equivalent [B, 1, L, L] boolean mask, lengths) and their
-    description."""
+    """(q, k, v, segment ids [B, L], the equivalent [B, 1, L, L] boolean mask, lengths, the segments
+    and key masks in the kernels' form) and their description."""
     batch, lengths = case["batch"], case["lengths"]
     length = sum(lengths)
     q, k, v = make_qkv(device, batch, case["heads"], length, case["head_dim"], case["dtype"])
@@ -156,18 +167,26 @@ def packed_inputs(device, case):
     mask = ((position[None, :] <= position[:, None])[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
     shape = dict(B=batch, H=case["heads"], L=length, D=case["head_dim"])
     info = dict(lengths=lengths, shape=shape, input_bytes=q.nbytes + k.nbytes + v.nbytes, mask_bytes=mask.nbytes)
-    return (q, k, v, segments, mask, tuple(lengths)), info
+    spans = segment_spans(segments)
+    prepared = (spans, key_masks(None, batch, length, segment_ids=spans))
+    return (q, k, v, segments, mask, tuple(lengths), prepared), info
 
 
-def fastprobe_packed(q, k, v, segments, mask, lengths):
+def fastprobe_packed(q, k, v, segments, mask, lengths, prepared):
     return fp.sink_attention(q, k, v, segment_ids=segments).out
 
 
-def sdpa_packed_mask(q, k, v, segments, mask, lengths):
+def fastprobe_packed_prepared(q, k, v, segments, mask, lengths, prepared):
+    """The segments and key masks made outside the timed call (see fastprobe_blocks_prepared)."""
+    spans, masks = prepared
+    return fp.sink_attention(q, k, v, segment_ids=spans, key_padding_mask=masks).out
+
+
+def sdpa_packed_mask(q, k, v, segments, mask, lengths, prepared):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def sdpa_packed_loop(q, k, v, segments, mask, lengths):
+def sdpa_packed_loop(q, k, v, segments, mask, lengths, prepared):
     parts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
     return torch.cat([F.scaled_dot_product_attention(*part, is_causal=True) for part in parts], dim=2)
 
@@ -187,12 +206,13 @@ def _flex_documents(lengths, device):
                                                                            device=device)
 
 
-def flex_packed(q, k, v, segments, mask, lengths):
+def flex_packed(q, k, v, segments, mask, lengths, prepared):
     flex, block_mask = _flex_documents(lengths, str(q.device))
     return flex(q, k, v, block_mask=block_mask)
 
 
-PACKED_IMPLS = {"fastprobe-packed": fastprobe_packed, "sdpa-packed-mask": sdpa_packed_mask,
+PACKED_IMPLS = {"fastprobe-packed": fastprobe_packed, "fastprobe-packed-prepared": fastprobe_packed_prepared,
+                "sdpa-packed-mask": sdpa_packed_mask,
                 "sdpa-packed-loop": sdpa_packed_loop, "flex-packed": flex_packed}
 
 # Causal prefill variants, each against SDPA: family -> (cases per device and a "small" one for
