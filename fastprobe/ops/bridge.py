@@ -132,8 +132,12 @@ def _backward(ctx, grad_rows, _grad_of_grad):
             "(or grad mode was off) when the loss was computed"
         )
     # d loss_n / d z_n scaled by each row's incoming gradient (out of place: the saved buffer
-    # stays valid for a second backward through the same graph, and it is freed after this)
-    return grad * grad_rows.to(torch.float32)[:, None], None, None, None, None, None, None, None
+    # stays valid for a second backward through the same graph, and it is freed after this),
+    # multiplied in float32 and stored in the logits' dtype: one pass, no [N, V] float32 tensor
+    # for autograd to cast back (that round trip moved three times the bytes)
+    scaled = torch.empty_like(grad)
+    torch.mul(grad, grad_rows.to(torch.promote_types(grad.dtype, torch.float32))[:, None], out=scaled)
+    return scaled, None, None, None, None, None, None, None
 
 
 _bridge_loss_op.register_autograd(_backward, setup_context=_setup_context)
