@@ -1,6 +1,7 @@
 """Compile the attention Triton kernels for sm_90 on a machine without a GPU, for the launches
 the host code makes (with FASTPROBE_AUTOTUNE=0: each kernel's first config that survives
-pruning), and print each kernel's registers and spilled bytes as ptxas reports them.
+pruning), and print each kernel's registers and spilled bytes as ptxas reports them, and what its
+PTX holds (asynchronous copies, 16-byte and 2-byte global loads, wgmma instructions).
 
     python bench/compile_sm90.py
 
@@ -20,35 +21,32 @@ os.environ["FASTPROBE_AUTOTUNE"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from fastprobe.kernels import attention, dual_attention  # noqa: E402
 
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
-         torch.int64: "i64", torch.int32: "i32"}
+TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas*"))[0]
 compiled = []  # (kernel, registers, spilled bytes) of the launches since the last clear
 
 
 def compile_only(kernel, *args, grid, warmup, **kwargs):
-    """JITFunction.run without a device: the signature from the bound arguments, then ptxas."""
-    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
-    bound = dict(zip([param.name for param in kernel.params], args), **kwargs)
-    signature, constexprs = {}, {}
-    for index, param in enumerate(kernel.params):
-        value = bound[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[(index,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + TYPES[value.dtype]
-        elif isinstance(value, int):
-            signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
-        else:
-            signature[param.name] = "fp32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    """JITFunction.run without a device: Triton's own binder for an sm_90 target gives the
+    signature, constexprs and specialisations a real launch gets (integers equal to 1 become
+    constants, pointers and integers divisible by 16 are marked so: what lets the compiler use
+    16-byte loads and asynchronous copies), then the compile and ptxas."""
+    kwargs["debug"] = False
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # (the run-time options of newer Triton)
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    binary = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
     with tempfile.TemporaryDirectory() as folder:
         ptx = os.path.join(folder, "kernel.ptx")
         with open(ptx, "w") as file:
@@ -57,8 +55,13 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
                                 capture_output=True, text=True).stderr
     registers = re.search(r"Used (\d+) registers", report)
     spilled = re.search(r"(\d+) bytes spill stores", report)
+    ptx_text = binary.asm["ptx"]
+    # in the PTX: asynchronous (pipelined) copies, 16-byte global loads, Hopper matrix instructions
+    shape = {what: len(re.findall(pattern, ptx_text)) for what, pattern in
+             (("cp.async", r"\bcp\.async\.c[ga]\b"), ("16-byte loads", r"\bld\.global(?:\.nc)?\.v4\.b32\b"),
+              ("2-byte loads", r"\bld\.global(?:\.nc)?\.b16\b"), ("wgmma", r"\bwgmma\.mma_async\b"))}
     compiled.append((kernel.__name__, int(registers.group(1)) if registers else None,
-                     int(spilled.group(1)) if spilled else None))
+                     int(spilled.group(1)) if spilled else None, shape))
 
 
 def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual, blocks=False,
@@ -103,5 +106,7 @@ if __name__ == "__main__":
             compiled.clear()
             launch(*case, dual=dual, blocks=blocks, segments=segments)
             extra = (" +blocks" if blocks else "") + (" +segments" if segments else "")
-            print(f"{'dual_path' if dual else 'sink'}{extra} {name}: " + ", ".join(
-                f"{kernel} {registers} registers, {spilled} B spilled" for kernel, registers, spilled in compiled))
+            print(f"{'dual_path' if dual else 'sink'}{extra} {name}: " + "; ".join(
+                f"{kernel} {registers} registers, {spilled} B spilled ("
+                + ", ".join(f"{what} {count}" for what, count in shape.items()) + ")"
+                for kernel, registers, spilled, shape in compiled))
