@@ -983,6 +983,9 @@ _SPLIT_CONFIGS = [
 # branch three ways) was fitted separately: each extra accumulator costs about twice its size
 # (its registers and the copies the branches keep), c = 5, and its decode kernel (mma v2
 # products of few rows) also keeps the K and V operand tiles (2 BLOCK_N x BLOCK_D) live.
+# (Fitted on compiles without the launch's specialisations; rechecked with them for D = 128
+# 16-bit prefill, bench/NOTES.md "compile_sm90.py, corrected": it keeps no config that spills
+# and drops a few that do not, e.g. the dual path's 128 x 32.)
 _MAX_TILE_REGS = 192
 # float32 (FMA) products: rows x BLOCK_N x BLOCK_D / threads past ~512 spill (~256 with a
 # padded head dim, whose masks cost registers too)
