@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
+from ._launch import cdiv, launch_tuned, next_pow2
 
 __all__ = ["sink_attention"]
 
@@ -1142,12 +1143,12 @@ def _auto_splits(band: int, programs: int, device: torch.device) -> int:
     """Splits so that programs * splits fills the GPU about twice over, with at least
     _MIN_KEYS_PER_SPLIT keys each."""
     sms = _sm_count(device.index if device.index is not None else 0) if device.type == "cuda" else 132
-    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+    want = cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
     return max(1, min(want, band // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
 def _next_pow2_at_least(n: int, least: int) -> int:
-    return max(least, triton.next_power_of_2(max(int(n), 1)))
+    return max(least, next_pow2(n))
 
 
 def _check_layout(name, tensor, shape, dtype, contiguous=True):
@@ -1218,18 +1219,19 @@ def _split_layout(q: torch.Tensor, Hkv: int, band: int, splits: int):
     """(chunk, splits, BLOCK_R) of the decode path: keys per split, a multiple of _SPLIT_ALIGN
     (so fewer splits may remain: none left empty by the rounding), and the padded query rows of
     a program's tile (>= 16 for tl.dot)."""
-    chunk = triton.cdiv(triton.cdiv(max(band, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    chunk = cdiv(cdiv(max(band, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     block_r = _next_pow2_at_least(q.shape[1] // Hkv * q.shape[2], 16)
-    return chunk, max(1, triton.cdiv(band, chunk)), block_r
+    return chunk, max(1, cdiv(band, chunk)), block_r
 
 
-def _launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args):
+def _launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets=()):
     """Run `kernel` on `grid`: fixed small blocks under the interpreter, the autotuned version
-    (`tuned`), or with FASTPROBE_AUTOTUNE=0 the first config that survives `prune`."""
+    (`tuned`: its choice per dtype, constexprs and length buckets, see launch_tuned), or with
+    FASTPROBE_AUTOTUNE=0 the first config that survives `prune`."""
     if interpreter_enabled():
         kernel[grid](*args, **flags, **interpret_blocks, num_warps=4)
     elif autotune_enabled():
-        tuned[grid](*args, **flags)
+        launch_tuned(tuned, kernel, grid, args, flags, (prune_args["q_ptr"].dtype, *flags.values(), *buckets))
     else:
         cfg = prune(configs, prune_args, **flags)[0]
         kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -1371,12 +1373,12 @@ def sink_attention(
 
 def _lq_lk_buckets(Lq: int, Lk: int) -> tuple:
     """The prefill autotune keys LQ_BUCKET, LK_BUCKET: powers of two of Lq and Lk."""
-    return min(triton.next_power_of_2(Lq), 1 << 16), min(triton.next_power_of_2(max(Lk, 1)), 1 << 16)
+    return min(next_pow2(Lq), 1 << 16), min(next_pow2(Lk), 1 << 16)
 
 
 def _fwd_grid(Lq: int, programs: int):
     """The prefill grid: cdiv(Lq, BLOCK_M) query blocks of each of `programs` (b, h)."""
-    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * programs,)
+    return lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * programs,)
 
 
 _INTERPRET_FWD_BLOCKS = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
@@ -1387,14 +1389,15 @@ def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r
                 qk_scale, cap, win, kv_group, num_groups):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
+    buckets = _lq_lk_buckets(Lq, Lk)
     args = (
         q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], ptrs["horizon"],
         ptrs["start"], sink_end, stat_end, ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
         qk_scale, cap, win, Hq, Lq, Lk, kv_group, num_groups,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *stride_bounds, *_lq_lk_buckets(Lq, Lk),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *stride_bounds, *buckets,
     )  # fmt: skip
     _launch(_attention_fwd_kernel, _attention_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args, flags,
-           _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
+           _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
 
 
 def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,

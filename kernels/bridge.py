@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
+from ._launch import launch_tuned, next_pow2
 
 __all__ = ["bridge_loss"]
 
@@ -236,7 +237,7 @@ def _prune_configs(configs, named_args, **kwargs):
     (a tiny V keeps the narrowest blocks)."""
     vocab = named_args.get("V", kwargs.get("V", 1))
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] // (32 * cfg.num_warps) <= _MAX_ELEMENTS_PER_THREAD]
-    narrow = [cfg for cfg in kept if cfg.kwargs["BLOCK_V"] <= max(triton.next_power_of_2(vocab), 1)]
+    narrow = [cfg for cfg in kept if cfg.kwargs["BLOCK_V"] <= next_pow2(vocab)]
     if not narrow:
         least = min(cfg.kwargs["BLOCK_V"] for cfg in kept)
         narrow = [cfg for cfg in kept if cfg.kwargs["BLOCK_V"] == least]
@@ -320,7 +321,7 @@ def bridge_loss(
     if interpreter_enabled():
         _bridge_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
     elif autotune_enabled():
-        _bridge_kernel_tuned[grid](*args, **flags)
+        launch_tuned(_bridge_kernel_tuned, _bridge_kernel, grid, args, flags, (student.dtype, V, *flags.values()))
     else:
         config = _prune_configs(_AUTOTUNE_CONFIGS, {"V": V})[0]
         _bridge_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
+from ._launch import launch_tuned, next_pow2
 
 __all__ = ["draft_divergence"]
 
@@ -366,7 +367,7 @@ def draft_divergence(
     stride_tn, stride_tv = target.stride() if has_target else (0, 0)
     tensors = (draft, t, weights, stats, lse)
     scalars = (inv_temperature, N, V, K, *draft.stride(), stride_tn, stride_tv)
-    K_PAD = triton.next_power_of_2(K)
+    K_PAD = next_pow2(K)
     lse_given = lse_in is not None
     # lse_in is a dummy (never read) unless given
 
@@ -376,7 +377,7 @@ def draft_divergence(
     if interpreter_enabled():
         _divergence_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, LANES=UNTUNED_LANES, num_warps=4)
     elif config is None and autotune_enabled():
-        _divergence_kernel_tuned[grid](*args, **flags)
+        launch_tuned(_divergence_kernel_tuned, _divergence_kernel, grid, args, flags, (draft.dtype, V, *flags.values()))
     else:
         kept = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)
         config = config or next(cfg for cfg in kept if cfg.kwargs["LANES"] == UNTUNED_LANES)

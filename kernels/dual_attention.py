@@ -562,13 +562,14 @@ def dual_path_attention(
     # the band [band_lo, Lk): keys any of the last Lq queries may see (no window: every key)
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits == 0:
+        buckets = _lq_lk_buckets(Lq, Lk)
         args = (
             q, k, v, out, cond, uncond, real, horizon_arg, start_arg, drop, rows, qk_scale, float(gamma), float(eps),
             win, Hq, Lq, Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(),
-            *rows.stride(), stride_h, stride_f, *_lq_lk_buckets(Lq, Lk),
+            *rows.stride(), stride_h, stride_f, *buckets,
         )  # fmt: skip
         _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_dual_fwd, _fwd_grid(Lq, B * Hq), args,
-                dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq})  # fmt: skip
+                dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
         return
 
     chunk, splits, block_r = _split_layout(q, Hkv, band, splits)

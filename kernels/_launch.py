@@ -1,0 +1,38 @@
+"""Host-side helpers every Triton kernel module shares: launching an autotuned kernel without
+triton.autotune's per-launch cost, and integer arithmetic without Triton's constexpr-function
+wrappers (triton.cdiv and triton.next_power_of_2 cost about 1.5 us a call in newer Triton,
+several per launch).
+
+triton.autotune's run() rebuilds a dict of every argument and tests each name's membership in a
+list of argument names (quadratic in the ~50-70 arguments of the attention kernels), then
+collects every tensor's dtype, on every launch: about 30 us of host time per launch on this
+project's CPU machine, paid on every decoding step. The first launch of a key still goes through
+it (it prunes, benchmarks the configs and keeps the best); later launches with the same key
+launch the kernel with that config directly.
+"""
+
+from typing import Hashable
+
+_CHOSEN: dict = {}  # (autotuner, key) -> the config it chose
+
+
+def launch_tuned(tuned, kernel, grid, args: tuple, flags: dict, key: Hashable) -> None:
+    """kernel[grid](*args, **flags) with the config `tuned` (kernel's triton.autotune wrapper)
+    chose. key must determine the autotuner's own key: every value it tunes on (flags and the
+    arguments it names) and the dtypes of the tensors whose dtype can vary."""
+    config = _CHOSEN.get((tuned, key))
+    if config is None:
+        tuned[grid](*args, **flags)
+        _CHOSEN[(tuned, key)] = tuned.best_config
+        return
+    kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers, b > 0, as triton.cdiv."""
+    return -(-a // b)

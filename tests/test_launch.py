@@ -1,0 +1,88 @@
+"""The Triton launch helpers every kernel module shares (kernels/_launch.py): an autotuned
+kernel is launched through triton.autotune once per key, then with the config it chose; and
+the keys the attention launchers give separate everything the autotuner tunes on."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+
+from fastprobe.kernels import _launch  # noqa: E402
+from fastprobe.kernels import attention as triton_attention  # noqa: E402
+
+
+def test_integer_helpers_match_triton():
+    for n in [*range(0, 5000), 2**20 - 1, 2**20, 2**20 + 1, 2**40 + 3]:
+        assert _launch.next_pow2(n) == triton.next_power_of_2(max(n, 1)), n
+    for a in [*range(0, 300), 2**31 - 1, 2**31, 2**40 + 7]:
+        for b in (1, 2, 3, 16, 17, 64, 255):
+            assert _launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+class FakeLaunchable:
+    """Stands for kernel / autotuner[grid]: records each launch; as an autotuner, remembers the
+    config it "chose" in best_config, as triton.autotune does."""
+
+    def __init__(self, chooses=None):
+        self.launches, self.chooses, self.best_config = [], chooses, None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            if self.chooses is not None:
+                self.best_config = self.chooses
+
+        return run
+
+
+def test_launch_tuned_tunes_once_per_key_then_launches_the_choice():
+    chosen = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=3)
+    tuned, kernel = FakeLaunchable(chooses=chosen), FakeLaunchable()
+    args, flags = (1, 2), {"CAUSAL": True}
+    _launch.launch_tuned(tuned, kernel, (4,), args, flags, ("key", 1))
+    assert len(tuned.launches) == 1 and not kernel.launches
+    _launch.launch_tuned(tuned, kernel, (5,), args, flags, ("key", 1))
+    assert len(tuned.launches) == 1
+    assert kernel.launches == [((5,), args, dict(flags, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3))]
+    _launch.launch_tuned(tuned, kernel, (4,), args, flags, ("key", 2))  # another key: tuned again
+    assert len(tuned.launches) == 2 and len(kernel.launches) == 1
+    other_choice = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+    other_tuned = FakeLaunchable(chooses=other_choice)  # another kernel with the same key: its own choice
+    _launch.launch_tuned(other_tuned, kernel, (4,), args, flags, ("key", 1))
+    assert len(other_tuned.launches) == 1 and len(kernel.launches) == 1
+
+
+@pytest.fixture
+def captured_keys(monkeypatch):
+    """The keys the attention launchers give launch_tuned (no kernel runs)."""
+    keys = []
+    monkeypatch.setattr(triton_attention, "launch_tuned", lambda tuned, kernel, grid, args, flags, key: keys.append(key))
+    monkeypatch.setattr(triton_attention, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(triton_attention, "autotune_enabled", lambda: True)
+    return keys
+
+
+def _launch_sink_attention(dtype, queries, keys, entropy=False):
+    q = torch.zeros(1, 4, queries, 16, dtype=dtype)
+    k = v = torch.zeros(1, 2, keys, 16, dtype=dtype)
+    out = torch.zeros_like(q)
+    stats = [torch.zeros(1, 4, queries) for _ in range(3)]
+    ends = torch.zeros(1, dtype=torch.int64)
+    triton_attention.sink_attention(
+        q, k, v, out, stats[0], stats[1], None, stats[2] if entropy else None, scale=0.25, causal=True, window=0,
+        key_real=None, sink_end=ends, stat_end=ends, head_mask=None, sink_logit=None, key_groups=None, num_groups=1,
+        split_keys=0,
+    )
+
+
+def test_attention_keys_separate_dtype_constexprs_and_length_buckets(captured_keys):
+    _launch_sink_attention(torch.bfloat16, 100, 100)
+    _launch_sink_attention(torch.bfloat16, 120, 110)  # same buckets (128, 128): the same key
+    _launch_sink_attention(torch.float16, 100, 100)  # another dtype
+    _launch_sink_attention(torch.bfloat16, 100, 300)  # another key-length bucket
+    _launch_sink_attention(torch.bfloat16, 300, 300)  # another query-length bucket
+    _launch_sink_attention(torch.bfloat16, 100, 100, entropy=True)  # another constexpr
+    first, same, *others = captured_keys
+    assert first == same
+    assert len({first, *others}) == 1 + len(others)
