@@ -705,6 +705,124 @@ def test_packed_sequences_match_unpatched_and_each_sequence_alone(arch):
     torch.testing.assert_close(packed_record.sink_mass, mass / sum(lengths), **TOLERANCE)
 
 
+def flattened(ids, lengths):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s batch of the sequences of
+    `lengths` cut from ids [L]: input_ids and position_ids [1, L], int32 cu_seq_lens_q/k
+    [sequences + 1], int max_length_q/k (labels dropped)."""
+    cuts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    features = [{"input_ids": ids[start:end].tolist()} for start, end in zip(cuts[:-1], cuts[1:])]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    batch.pop("labels")
+    return dict(batch)
+
+
+def each_alone(model, ids, lengths, absolute_positions=False):
+    """(logits of each sequence run alone, concatenated [1, L, V], sink_mass recorded over them
+    weighted by length: the mean over all their queries). absolute_positions: each sequence at
+    the positions it has in the row, else from 0."""
+    logits, mass, begin = [], 0, 0
+    for length in lengths:
+        part = slice(begin, begin + length)
+        positions = torch.arange(begin, begin + length)[None] if absolute_positions else None
+        with fp.record_attention(model) as record:
+            logits.append(model(input_ids=ids[None, part], position_ids=positions, use_cache=False).logits)
+        mass = mass + record.sink_mass * length
+        begin += length
+    return torch.cat(logits, dim=1), mass / sum(lengths)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])  # causal; a sliding window; both (two masks)
+def test_flash_packing_kwargs_match_each_sequence_alone(arch):
+    """Patched layers take flash attention's packing kwargs (cu_seq_lens_q/k, max_length_q/k, as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them): each sequence attends
+    within itself, with its own first token as the sink, the same as the packed call without
+    them (packed position ids), as the unpatched model (which ignores them) and as each sequence
+    run alone."""
+    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    lengths = [5, 9, 3, 7]
+    batch = flattened(torch.randint(3, VOCAB, (sum(lengths),)), lengths)
+    without = {name: batch[name] for name in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        with fp.record_attention(model) as record:
+            got = model(**batch, use_cache=False).logits
+        torch.testing.assert_close(got, model(**without, use_cache=False).logits, **TOLERANCE)
+        torch.testing.assert_close(got, reference(**batch, use_cache=False).logits, **TOLERANCE)
+        alone, mass = each_alone(model, batch["input_ids"][0], lengths)
+    torch.testing.assert_close(got, alone, **TOLERANCE)
+    torch.testing.assert_close(record.sink_mass, mass, **TOLERANCE)
+
+
+def test_flash_packing_kwargs_alone_split_the_row():
+    """cu_seq_lens without packed position ids (omitted: positions run on through the row; and
+    a default cache) still give each sequence its own attention and sink, as flash attention
+    does: each sequence's logits and sink mass are its own at its positions in the row."""
+    model = fp.patch(tiny_model("llama"))
+    lengths = [5, 9, 3, 7]
+    batch = flattened(torch.randint(3, VOCAB, (sum(lengths),)), lengths)
+    del batch["position_ids"]
+    with torch.no_grad():
+        with fp.record_attention(model) as record:
+            got = model(**batch).logits
+        alone, mass = each_alone(model, batch["input_ids"][0], lengths, absolute_positions=True)
+        whole_row = model(input_ids=batch["input_ids"]).logits  # one sequence: attends across the cuts
+    torch.testing.assert_close(got, alone, **TOLERANCE)
+    torch.testing.assert_close(record.sink_mass, mass, **TOLERANCE)
+    assert not torch.allclose(whole_row[:, 5:], alone[:, 5:], **TOLERANCE)
+
+
+def test_flash_packing_kwargs_are_read_once_per_forward(monkeypatch):
+    """The cu_seq_lens are read (a host sync) by the first layer of a forward and the mask is
+    checked against them once per mask kind, not per layer: Gemma 3 alternates full and sliding
+    layers (two masks); a new forward reads them afresh."""
+    read, checked = [], []
+    reading, checking = integration._packed_ids, integration._layer_packed_segments
+    monkeypatch.setattr(integration, "_packed_ids", lambda *args: read.append(1) or reading(*args))
+    monkeypatch.setattr(integration, "_layer_packed_segments",
+                        lambda *args: checked.append(args[4].get(integration._PACKED) is None) or checking(*args))
+    model = fp.patch(tiny_model("gemma3", num_layers=4), num_sink=1)
+    batch = flattened(torch.randint(3, VOCAB, (16,)), [6, 10])
+    with torch.no_grad():
+        for forwards in (1, 2):
+            model(**batch, use_cache=False)
+            assert len(read) == forwards and sum(checked) == 2 * forwards and len(checked) == 4 * forwards
+
+
+def test_flash_packing_kwargs_it_cannot_honour_are_refused():
+    """cu_seq_lens that disagree with packed position ids, over more than one row, with query and
+    key boundaries that differ, that do not cover the row, with cached keys or with padding are
+    refused, naming cu_seq_lens."""
+    model = fp.patch(tiny_model("llama"))
+    lengths = [5, 9, 3, 7]
+    batch = flattened(torch.randint(3, VOCAB, (sum(lengths),)), lengths)
+
+    def run(**changes):
+        with torch.no_grad():
+            return model(**{**batch, **changes}, use_cache=False)
+
+    other = torch.tensor([0, 6, 14, 17, 24], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seq_lens boundaries differ"):
+        run(cu_seq_lens_q=other, cu_seq_lens_k=other)
+    run(cu_seq_lens_q=other, cu_seq_lens_k=other, position_ids=None)  # no packed position ids: nothing to disagree
+    with pytest.raises(NotImplementedError, match="cu_seq_lens.*2 rows"):
+        run(input_ids=batch["input_ids"].expand(2, -1), position_ids=batch["position_ids"].expand(2, -1))
+    with pytest.raises(NotImplementedError, match="cu_seq_lens.*boundaries agree"):
+        run(cu_seq_lens_k=other)
+    with pytest.raises(NotImplementedError, match="cu_seq_lens=.*from 0 to the row's 24"):
+        run(cu_seq_lens_q=batch["cu_seq_lens_q"][:-1], cu_seq_lens_k=None)
+    no_padding = torch.ones(1, sum(lengths), dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="cu_seq_lens.*padding"):
+        run(position_ids=None, attention_mask=no_padding.index_fill(1, torch.tensor([23]), 0))
+    run(position_ids=None, attention_mask=no_padding)  # fine
+    with pytest.raises(NotImplementedError, match="without cu_seq_lens_q"):
+        run(cu_seq_lens_q=None)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x, 4.5x
+    with torch.no_grad():
+        cache = generated_cache(model(input_ids=batch["input_ids"][:, :5], use_cache=True))
+        with pytest.raises(NotImplementedError, match="cu_seq_lens.*no cached keys"):
+            model(input_ids=batch["input_ids"][:, 5:], **{cache_name: cache},
+                  cu_seq_lens_q=torch.tensor([0, 19], dtype=torch.int32), max_length_q=19)
+
+
 def test_mask_function_returns_a_key_padding_mask():
     """Never an [L, L] mask: [B, kv_length], the last kv_length columns of the 2D mask."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
@@ -980,8 +1098,8 @@ def test_qwen_vision_language_models_with_images(family):
 
 def test_packed_images_of_a_vision_tower_attend_within_themselves():
     """cu_seq_lens on a module patch did not list (a vision tower): each packed sequence attends
-    only within itself, the 4D mask, if given, must be their block diagonal; anything else and
-    packing in a patched layer are refused."""
+    only within itself, the 4D mask, if given, must be their block diagonal; anything else is
+    refused. A patched layer takes them too (causal within each sequence, as flash attention)."""
     module = torch.nn.Module()
     q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
     bounds = torch.tensor([0, 4, 9], dtype=torch.int32)
@@ -999,5 +1117,9 @@ def test_packed_images_of_a_vision_tower_attend_within_themselves():
                                       **dict(packed, cu_seq_lens_k=torch.tensor([0, 5, 9], dtype=torch.int32)))
     model = fp.patch(tiny_model("llama"))
     layer = attention_layers(model)[0]
-    with pytest.raises(NotImplementedError, match="packed"):
-        integration.attention_forward(layer, q, k, v, None, scaling=0.3, **packed)
+    got, _ = integration.attention_forward(layer, q, k, v, None, scaling=0.3, **packed)
+    want = torch.cat([fp.reference.sink_attention(q[:, :, s:e].double(), k[:, :, s:e].double(), v[:, :, s:e].double(),
+                                                  scale=0.3, causal=True)["out"] for s, e in ((0, 4), (4, 9))], dim=2)
+    torch.testing.assert_close(got.transpose(1, 2).double(), want, **TOLERANCE)
+    with pytest.raises(NotImplementedError, match="cu_seq_lens.*2D mask"):  # unlisted: a 4D mask or none
+        integration.attention_forward(module, q, k, v, torch.ones(1, 9, dtype=torch.bool), scaling=0.3, **packed)

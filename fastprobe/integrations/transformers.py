@@ -39,7 +39,12 @@ gets the pattern of the mask it was given. A mask made elsewhere (a 2D mask the 
 straight to the attention, or none) falls back to flash attention's reading of the module's
 arguments (is_causal, sliding_window); a 4D mask is refused, except in a module patch did not
 list (a vision tower) when it is the block diagonal of images packed in one row (Pixtral's) or
-only expands a key padding mask (Idefics3's in 4.57).
+only expands a key padding mask (Idefics3's in 4.57). Flash attention's packing kwargs
+(cu_seq_lens_q/k, max_length_q/k: DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s, or
+Qwen2-VL's tower's in 4.5x) are read as flash attention reads them: one row, no cached keys, each
+sequence attending within itself. In a patched layer they are its segments (those of sink_mass and
+num_sink), with or without packed position ids: the mask must hold no padding, and segments it has
+must be theirs (else refused; see _layer_packed_segments).
 
 Guidance. With patch(model, guidance=...) the chosen layers run fastprobe.dual_path_attention,
 which needs the image-key mask [B, Lk] of every call. The model's forward pre-hook keeps it:
@@ -324,6 +329,7 @@ class _PatchState:
         self.image_keys: Optional[ImageKeys] = None
         self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
         self.module_ids: frozenset = frozenset()  # every module of the patched model
+        self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.set_options(options)
 
     def set_options(self, options: PatchOptions) -> None:
@@ -340,6 +346,38 @@ class _PatchState:
         if key not in self._head_masks:
             self._head_masks[key] = keep.to(device)
         return self._head_masks[key]
+
+    def packed_spans(self, bounds: torch.Tensor, key_bounds: Optional[torch.Tensor], length: int,
+                     device: torch.device) -> SegmentSpans:
+        """The SegmentSpans on `device` of the sequences packed at cu_seq_lens bounds (and key_bounds).
+
+        Made once per forward: a model hands the same cu_seq_lens tensors to every layer, so they are
+        read (a host sync) by the first layer, and the others find them here by identity. The cache
+        is the patch state's rather than a mask's (_MaskPattern.key_masks): the boundaries are the
+        same for every layer, while a forward can have two masks (full and sliding layers) or none
+        made by key_padding_mask. Weak references, so a later tensor reusing a freed one's id never
+        matches; emptied when the model's forward starts, so boundaries written in place between
+        forwards are read afresh."""
+        found = self.packing
+        if found is None or found.length != length or found.bounds() is not bounds or (
+                (found.key_bounds is None) != (key_bounds is None)) or (
+                key_bounds is not None and found.key_bounds() is not key_bounds):
+            on_cpu = segment_spans(_packed_ids(bounds, key_bounds, length))  # (checked on the CPU: no device sync)
+            key_ref = None if key_bounds is None else weakref.ref(key_bounds)
+            found = self.packing = _Packing(weakref.ref(bounds), key_ref, length, {on_cpu.start.device: on_cpu})
+        if device not in found.spans:
+            on_cpu = next(iter(found.spans.values()))
+            found.spans[device] = SegmentSpans(*(bound.to(device) for bound in on_cpu))
+        return found.spans[device]
+
+
+class _Packing(NamedTuple):
+    """cu_seq_lens read once (_PatchState.packed_spans)."""
+
+    bounds: weakref.ref  # cu_seq_lens_q
+    key_bounds: Optional[weakref.ref]  # cu_seq_lens_k, if given
+    length: int  # the row's tokens
+    spans: dict  # device -> SegmentSpans (first: the CPU's)
 
 
 # ---------------------------------------------------------------- transformers lookups
@@ -485,7 +523,7 @@ class _MaskPattern(NamedTuple):
     window: Optional[int]  # fastprobe's window: causal q - w < j <= q, bidirectional |q - j| < w
     dropped: Optional[torch.Tensor]  # [B] bool: the row's first real token left a sliding cache
     # (num_sink, stat_tokens) -> the mask's KeyMasks, made by the first layer that needs them
-    # and reused by the others of this forward
+    # and reused by the others of this forward; _PACKED -> the cu_seq_lens segments checked against it
     key_masks: dict
     # why fastprobe cannot reproduce the mask, raised only if a layer attends with it (models make
     # masks for layer types they may not have, e.g. Qwen2-MoE a sliding one of window 0)
@@ -801,13 +839,15 @@ _IGNORED_KWARGS = {
     "output_hidden_states", "return_dict", "layer_idx", "encoder_hidden_states", "token_type_ids",
     "logits_to_keep",  # the LM head's business (GOT-OCR2 passes its kwargs down to attention)
 }
-_UNSUPPORTED_KWARGS = {
-    "cu_seq_lens_q": "packed (varlen) sequences", "cu_seq_lens_k": "packed (varlen) sequences",
-    "max_length_q": "packed (varlen) sequences", "max_length_k": "packed (varlen) sequences",
+_UNSUPPORTED_KWARGS = {  # (the packing kwargs arrive here only without cu_seq_lens_q: see _packing_boundaries)
+    "cu_seq_lens_k": "packed-sequence boundaries without cu_seq_lens_q",
+    "max_length_q": "a packed-sequence length without cu_seq_lens_q",
+    "max_length_k": "a packed-sequence length without cu_seq_lens_q",
     "position_bias": "an additive position bias", "attention_bias": "an additive attention bias",
     "head_mask": "transformers' head_mask (use fastprobe.patch(model, head_mask=...))",
     "output_attentions": "attention weights (use fastprobe.record_attention for statistics)",
 }
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _check_kwargs(kwargs: dict) -> None:
@@ -818,41 +858,70 @@ def _check_kwargs(kwargs: dict) -> None:
         raise NotImplementedError(f"fastprobe attention got {name}={type(value).__name__}: {why}")
 
 
-def _packed_segments(module, kwargs: dict, attention_mask, query, key) -> Optional[list]:
-    """[(start, end)] of the sequences packed in one row of self-attention, each attending within
-    itself, else None. Taken only where fastprobe runs no options or statistics (a module patch did
-    not list: a vision tower), in two forms: cu_seq_lens (removed from kwargs; Qwen2-VL's tower in
-    transformers 4.5x), with query and key boundaries that agree and a 4D mask, if any, that is
-    their block diagonal; or a 4D mask alone that is a block diagonal (Pixtral's tower)."""
-    state = getattr(module, _STATE, None)
-    patched = state is not None and id(module) in state.index
-    length = query.shape[2]
+def _packing_boundaries(kwargs: dict, query, key) -> Optional[tuple]:
+    """(cu_seq_lens_q, cu_seq_lens_k or None), flash attention's packing kwargs, popped from kwargs
+    with max_length_q/k (which only size flash attention's work); None without cu_seq_lens_q.
+    They are integer [sequences + 1] boundaries (DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True) makes int32 ones) of sequences packed in one row of self-attention: checked here without a
+    host sync, their values by _packed_ids."""
     if kwargs.get("cu_seq_lens_q") is None:
-        if patched or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != 1 or (
+        return None
+    bounds, key_bounds, _, _ = (kwargs.pop(name, None) for name in _PACKING_KWARGS)
+    for name, given in (("cu_seq_lens_q", bounds), ("cu_seq_lens_k", key_bounds)):
+        if given is not None and (not isinstance(given, torch.Tensor) or given.dim() != 1 or
+                                  given.is_floating_point() or given.is_complex() or given.dtype == torch.bool):
+            what = getattr(given, "dtype", type(given).__name__)
+            raise TypeError(f"fastprobe attention takes {name} as a 1-D integer tensor [sequences + 1], got "
+                            f"{what} of shape {tuple(getattr(given, 'shape', ()))}")
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        raise NotImplementedError(
+            "fastprobe attention takes packed sequences (cu_seq_lens_q/k) only as flash attention packs them: one "
+            f"row of self-attention with no cached keys; got {query.shape[0]} rows, {query.shape[2]} queries and "
+            f"{key.shape[2]} keys"
+        )
+    return bounds, key_bounds
+
+
+def _packed_ids(bounds: torch.Tensor, key_bounds: Optional[torch.Tensor], length: int) -> torch.Tensor:
+    """Segment ids int64 [1, length] (on the CPU) of the packed sequences whose boundaries are
+    bounds (0 = b_0 <= b_1 <= ... <= b_n = length: sequence i is b_i <= p < b_{i+1}); key_bounds,
+    if given, must be the same. Reads the boundaries: one host sync."""
+    given = [bounds] if key_bounds is None else [bounds, key_bounds.to(bounds.device)]
+    values = torch.cat(given).tolist()
+    cuts, key_cuts = values[:bounds.shape[0]], values[bounds.shape[0]:]
+    if key_bounds is not None and key_cuts != cuts:
+        raise NotImplementedError("fastprobe attention takes packed sequences (cu_seq_lens) only where the query and "
+                                  f"key boundaries agree; got cu_seq_lens_q={cuts} and cu_seq_lens_k={key_cuts}")
+    lengths = [end - start for start, end in zip(cuts[:-1], cuts[1:])]
+    if not cuts or cuts[0] != 0 or cuts[-1] != length or any(size < 0 for size in lengths):
+        raise NotImplementedError(f"fastprobe attention got cu_seq_lens={cuts}: packed-sequence boundaries must go "
+                                  f"up from 0 to the row's {length} tokens")
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.int64))[None]
+
+
+def _tower_segments(packed: Optional[tuple], attention_mask, query, key) -> Optional[torch.Tensor]:
+    """Segment ids [1, L] of the sequences packed in one row of self-attention in a module patch did
+    not list (a vision tower), each attending within itself, else None; fastprobe runs no options
+    or statistics there. Two forms: cu_seq_lens (_packing_boundaries; Qwen2-VL's tower in
+    transformers 4.5x) with a 4D mask, if any, that is their block diagonal; or a 4D mask alone
+    that is a block diagonal (Pixtral's tower)."""
+    length = query.shape[2]
+    if packed is None:
+        if attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != 1 or (
                 key.shape[2] != length or tuple(attention_mask.shape[-2:]) != (length, length)):
             return None
         visible = _visible(attention_mask)
         goes_on = visible.reshape(-1, length, length)[0].diagonal(-1)  # i sees i - 1
-        cuts = [0] + [i + 1 for i in (~goes_on).nonzero().flatten().tolist()] + [length]
-        segments = list(zip(cuts[:-1], cuts[1:]))
-        return segments if _is_block_diagonal(visible, segments) else None  # else refused later
-    if patched:
-        return None  # a patched layer: refused by _check_kwargs (packed sequences)
-    bounds, key_bounds = kwargs.pop("cu_seq_lens_q"), kwargs.pop("cu_seq_lens_k", None)
-    kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
-    bounds = [int(x) for x in bounds.tolist()]
-    if key_bounds is None or [int(x) for x in key_bounds.tolist()] != bounds or query.shape[0] != 1 or (
-            key.shape[2] != length or bounds[0] != 0 or bounds[-1] != length):
-        raise NotImplementedError("fastprobe attention takes packed sequences (cu_seq_lens) only as one row of "
-                                  "self-attention whose query and key boundaries agree")
-    segments = [(start, end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+        ids = torch.nn.functional.pad((~goes_on).cumsum(0), (1, 0))  # a new segment wherever i does not
+        return ids[None] if _is_block_diagonal(visible, ids) else None  # else refused later
+    ids = _packed_ids(*packed, length).to(query.device)
     if attention_mask is not None:
         if attention_mask.dim() != 4:
             raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 2D mask")
-        if not _is_block_diagonal(_visible(attention_mask[..., -length:, -length:]), segments):
+        if not _is_block_diagonal(_visible(attention_mask[..., -length:, -length:]), ids[0].to(attention_mask.device)):
             raise NotImplementedError("fastprobe attention got packed sequences (cu_seq_lens) with a 4D mask that is "
                                       "not their block diagonal")
-    return segments
+    return ids
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
@@ -860,12 +929,44 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask == 0 if mask.is_floating_point() else mask.bool()
 
 
-def _is_block_diagonal(visible: torch.Tensor, segments: list) -> bool:
-    """visible [..., L, L] is exactly the block diagonal of segments [(start, end)] covering L."""
-    ids = torch.zeros(visible.shape[-1], dtype=torch.long, device=visible.device)
-    for index, (start, end) in enumerate(segments):
-        ids[start:end] = index
+def _is_block_diagonal(visible: torch.Tensor, ids: torch.Tensor) -> bool:
+    """visible [..., L, L] is exactly the block diagonal of the segments with ids [L] (runs)."""
     return bool((visible == (ids[:, None] == ids[None, :])).all())
+
+
+_PACKED = "cu_seq_lens"  # the key of the checked packing in a mask's per-forward cache (_MaskPattern.key_masks)
+
+
+def _layer_packed_segments(state, packed: tuple, padding, segments, masks_made, length: int, device) -> SegmentSpans:
+    """The segments of a patched layer given cu_seq_lens: the boundaries' SegmentSpans, checked
+    against the mask: it must hold no padding, and the segments it has (transformers 5.x's from
+    packed position ids, made by key_padding_mask) must be the same. The check is made once per
+    mask of a forward: masks_made (the mask's per-forward cache) remembers the spans it passed, and
+    the KeyMasks made there before are dropped (made for other segments). A 2D mask not made by
+    key_padding_mask (no cache) is checked at every call."""
+    spans = state.packed_spans(*packed, length, device)
+    if masks_made is not None and masks_made.get(_PACKED) is spans:
+        return spans
+    no_padding = torch.ones((), dtype=torch.bool, device=device) if padding is None else padding.all()
+    agree = torch.ones_like(no_padding) if segments is None else (
+        (segments.start == spans.start).all() & (segments.end == spans.end).all())
+    no_padding, agree = torch.stack([no_padding, agree]).tolist()  # one host sync
+    if not no_padding:
+        raise NotImplementedError(
+            "fastprobe attention takes packed sequences (cu_seq_lens) in a row without padding (flash attention "
+            "would ignore cu_seq_lens there); this attention mask pads some tokens: drop the attention mask "
+            "(DataCollatorWithFlattening makes none) or the cu_seq_lens kwargs"
+        )
+    if not agree:
+        raise ValueError(
+            "fastprobe attention got packed sequences whose cu_seq_lens boundaries differ from the segments of the "
+            "attention mask (position_ids restarting at other tokens, or chunked attention's chunks); it will not "
+            "pick one: give position_ids that restart exactly at the cu_seq_lens boundaries, or omit them"
+        )
+    if masks_made is not None:
+        masks_made.clear()
+        masks_made[_PACKED] = spans
+    return spans
 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
@@ -931,21 +1032,25 @@ def attention_forward(
     """The "fastprobe" entry of transformers' AttentionInterface: query [B, Hq, Lq, D], key
     [B, Hkv, Lk, D] and value [B, Hkv, Lk, Dv] -> (attn_output [B, Lq, Hq, Dv], None). s_aux
     (gpt-oss's learned sinks) is the kernel's sink_logit, softcap Gemma 2's logit soft cap."""
-    packed = _packed_segments(module, kwargs, attention_mask, query, key)
+    packed = _packing_boundaries(kwargs, query, key)
     _check_kwargs(kwargs)
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
-    if packed is not None:  # a vision tower's images packed in one row: each attends within itself
+    state = getattr(module, _STATE, None)
+    layer = state.index.get(id(module)) if state is not None else None
+    tower = _tower_segments(packed, attention_mask, query, key) if layer is None else None
+    if tower is not None:  # a vision tower's images packed in one row: each attends within itself
         # (both ways under a block-diagonal mask, which alone decides, as in sdpa; else as flash reads it)
         causal = attention_mask is None and bool(
             is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        lengths = torch.tensor([end - start for start, end in packed])
-        ids = torch.repeat_interleave(torch.arange(len(packed)), lengths)[None].to(query.device)
         return _plain_attention(query, key, value, None, causal, sliding_window, scaling, softcap, s_aux, None,
-                                ids), None
+                                tower), None
     padding, causal, window, dropped, masks_made, blocks, segments = _pattern_of(
         module, attention_mask, is_causal, sliding_window, key.shape[2]
     )
+    if packed is not None:  # a patched layer's packed sequences (flash attention's kwargs): its segments
+        where = query.device if padding is None else padding.device
+        segments = _layer_packed_segments(state, packed, padding, segments, masks_made, key.shape[2], where)
     if padding is not None and padding.device != query.device:  # a model split over devices (device_map)
         padding = padding.to(query.device, non_blocking=True)
         dropped = None if dropped is None else dropped.to(query.device, non_blocking=True)
@@ -954,8 +1059,6 @@ def attention_forward(
         if segments is not None:
             segments = SegmentSpans(*(bound.to(query.device, non_blocking=True) for bound in segments))
         masks_made = None
-    state = getattr(module, _STATE, None)
-    layer = state.index.get(id(module)) if state is not None else None
     if layer is None:  # cross-attention, or a model switched to "fastprobe" without patch()
         if state is None:
             _warn_if_switched_by_another(module)
@@ -1126,8 +1229,11 @@ def patch(
 
     Raises NotImplementedError for a model whose attention does not go through transformers'
     attention interface (it is never left silently unpatched), TypeError / ValueError for bad
-    options. At run time, masks fastprobe cannot reproduce (custom 4D masks, packed sequences,
-    static caches) and training-mode dropout raise instead of computing something else.
+    options. At run time, masks fastprobe cannot reproduce (custom 4D masks, packed sequences with
+    padding or over several rows, static caches) and training-mode dropout raise instead of computing
+    something else. Packed sequences (position ids restarting at 0 without an attention mask, and/or
+    flash attention's cu_seq_lens kwargs) each attend within themselves, with their own sinks and
+    statistics.
     """
     _masking_utils()
     state = getattr(model, _STATE, None)
@@ -1168,6 +1274,7 @@ def _forward_started(model, args, kwargs) -> None:
     state = getattr(model, _STATE)
     state.calls_at_forward = state.calls
     state.in_forward = False
+    state.packing = None
     if state.image_keys is not None:  # guidance: the image-key mask of this forward's keys
         state.image_keys.update(forward_arguments(model, args, kwargs))
     state.in_forward = True
