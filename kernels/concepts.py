@@ -7,7 +7,9 @@ past id k * ID_BLOCK.
 
 Forward:
   1. One program per row streams it in blocks for the online log-sum-exp (raw max M,
-     S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S). The concept ids inside
+     S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S), kept per row (a max and a
+     sum across the warps every block) or per lane (LANES: one exp2 per element, reduced once
+     after the loop), divergence.py's _lse_fold / _lse_rows either way. The concept ids inside
      each block (found from id_block_starts, no search) are picked out of the block already
      in registers (tl.gather) and written, in concept order, to a small [N, T] buffer of the
      logits' dtype (T concept tokens; no [N, V] temporary). So the logits are read once.
@@ -46,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from .divergence import _shift_from_lse
+from ._launch import cdiv, launch_tuned
+from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _shift_from_lse, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
 
@@ -79,6 +82,12 @@ def _id_range(id_block_starts_ptr, num_id_blocks, b, ID_BLOCKS_PER_BLOCK: tl.con
     lo = tl.load(id_block_starts_ptr + tl.minimum(b * ID_BLOCKS_PER_BLOCK, num_id_blocks))
     hi = tl.load(id_block_starts_ptr + tl.minimum((b + 1) * ID_BLOCKS_PER_BLOCK, num_id_blocks))
     return lo, hi
+
+
+@triton.jit
+def _scalar(tile):
+    """The value of a [1, 1] tile, as a scalar (max: right even if its copies were combined)."""
+    return tl.max(tl.max(tile, axis=1), axis=0)
 
 
 @triton.jit
@@ -174,40 +183,40 @@ def _concept_mass_kernel(
     WITH_STATS: tl.constexpr,  # also compute the concept statistics (else _concept_stats_kernel does)
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    LANES: tl.constexpr,  # online max / sum per lane (reduced once after the loop) or per row (every block)
 ):
     n = tl.program_id(0).to(tl.int64)
     c = inv_temperature * _LOG2E
     row = logits_ptr + n * stride_n
     gathered_row = gathered_ptr + n * T
-    mx = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # scalar -inf
-    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # scalar 0
+    # the row's running max and sum: [1, BLOCK_V] per lane, or [1, 1]
+    mx = _state(1, BLOCK_V, float("-inf"), LANES)
+    s = _state(1, BLOCK_V, 0.0, LANES)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
-        offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)
-        raw = tl.load(row + offs_v.to(tl.int64) * stride_v, mask=offs_v < V, other=float("-inf"))
+        # [1, BLOCK_V], as the states, so the block meets them without a layout conversion
+        col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
+        raw = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
         # the concept ids in this block, picked out of it, to every position they hold in the CSR
         lo, hi = _id_range(id_block_starts_ptr, num_id_blocks, b, BLOCK_V // ID_BLOCK)
         for w in range(lo, hi, BLOCK_U):
             slot = w + tl.arange(0, BLOCK_U)
             take = slot < hi
             ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
-            values = _pick(raw, b, row, ids, take, stride_v, BLOCK_V)
+            values = _pick(tl.reshape(raw, [BLOCK_V]), b, row, ids, take, stride_v, BLOCK_V)
             first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
             count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
             for k in range(0, tl.max(count, axis=0).to(tl.int32)):
                 member = take & (k < count)
                 position = tl.load(vocab_positions_ptr + first + k, mask=member, other=0)
                 tl.store(gathered_row + position, values, mask=member)
-        # online log-sum-exp; while only -inf was seen, shift by 0 so -inf - -inf never appears
-        x = raw.to(tl.float32)
-        new_mx = tl.maximum(mx, tl.max(x, axis=0))
-        shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-        s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=0)
-        mx = new_mx
+        mx, s = _lse_fold(raw.to(tl.float32), mx, s, c, LANES)  # online log-sum-exp
 
-    # lse = M / T + ln S in float64, where M / T is exact: the backward forms log p from it at
-    # full precision (-inf for a row of -inf; NaN for NaN or +inf input)
+    # (M, S) of the row; lse = M / T + ln S in float64, where M / T is exact: the backward forms
+    # log p from it at full precision (-inf for a row of -inf; NaN for NaN or +inf input)
+    row_mx, row_s = _lse_rows(mx, s, c)
+    mx, s = _scalar(row_mx), _scalar(row_s)
+    tl.store(lse_ptr + n, _lse_value(mx, s, inv_temperature))
     log_s = tl.log2(s) * _LN2
-    tl.store(lse_ptr + n, tl.cast(mx, tl.float64) * tl.cast(inv_temperature, tl.float64) + tl.cast(log_s, tl.float64))
     if WITH_STATS:
         tl.debug_barrier()  # the gathered row is complete
         for c0 in range(0, C, BLOCK_C):
@@ -317,8 +326,19 @@ def _concept_mass_backward_kernel(
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv in (2048, 4096) for nw in (4, 8)
 ]
-_concept_mass_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
+# The forward tries both ways of keeping the online log-sum-exp for each of those (LANES False:
+# per row, a max and a sum across the warps every block; True: per lane, reduced once after
+# the loop, not yet measured on a GPU).
+_FORWARD_CONFIGS = [
+    triton.Config({**config.kwargs, "LANES": lanes}, num_warps=config.num_warps, num_stages=config.num_stages)
+    for lanes in (False, True)
+    for config in _AUTOTUNE_CONFIGS
+]
+_concept_mass_kernel_tuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
 _backward_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V"])(_concept_mass_backward_kernel)
+# The forward's variant that untuned launches use (the interpreter, FASTPROBE_AUTOTUNE=0): the
+# first config with this LANES. Tests switch it to run both variants.
+UNTUNED_LANES = False
 
 _GPU_BLOCKS = dict(BLOCK_U=256, BLOCK_C=64, BLOCK_J=8)
 # Through the Triton interpreter (CPU tests): small blocks, so that tiny shapes still span
@@ -329,17 +349,18 @@ _INTERPRET_BLOCKS = dict(BLOCK_V=256, BLOCK_U=8, BLOCK_C=4, BLOCK_J=2)
 _STATS_ENV = "FASTPROBE_CONCEPTS_STATS"
 
 
-def _launch(kernel, tuned, grid, *args, **meta) -> None:
-    """The interpreter's fixed blocks, the tuned kernel, or (no tuning) the first config."""
-    block_sizes = [_INTERPRET_BLOCKS["BLOCK_V"]] + [config.kwargs["BLOCK_V"] for config in _AUTOTUNE_CONFIGS]
+def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
+    """The tuned kernel, or (no tuning) the first of its configs with UNTUNED_LANES (where the
+    configs carry LANES), through the interpreter with its fixed block."""
+    block_sizes = [_INTERPRET_BLOCKS["BLOCK_V"]] + [config.kwargs["BLOCK_V"] for config in configs]
     if any(block % meta["ID_BLOCK"] for block in block_sizes):
         raise ValueError(f"vocabulary blocks must be multiples of the ConceptSet's id blocks ({meta['ID_BLOCK']})")
+    config = next(config for config in configs if config.kwargs.get("LANES", UNTUNED_LANES) == UNTUNED_LANES)
     if interpreter_enabled():
-        kernel[grid](*args, **meta, BLOCK_V=_INTERPRET_BLOCKS["BLOCK_V"])
-    elif autotune_enabled():
-        tuned[grid](*args, **meta)
+        kernel[grid](*args, **meta, **{**config.kwargs, "BLOCK_V": _INTERPRET_BLOCKS["BLOCK_V"]})
+    elif autotune_enabled():  # (tuned per dtype, V and the constexprs; args[0]: the logits [N, V])
+        launch_tuned(tuned, kernel, grid, args, meta, (args[0].dtype, args[0].shape[1], *meta.values()))
     else:
-        config = _AUTOTUNE_CONFIGS[0]
         kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -379,7 +400,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     concepts = (index.token_ids, index.offsets)
     stats = (out.mass, out.log_mass, out.top_share, out.concentration_entropy, out.top_token)
     _launch(
-        _concept_mass_kernel, _concept_mass_kernel_tuned, (N,),
+        _concept_mass_kernel, _concept_mass_kernel_tuned, _FORWARD_CONFIGS, (N,),
         logits, index.vocab_ids, index.vocab_offsets, index.vocab_positions, index.id_block_starts, *concepts,
         gathered, row_state, *stats, out.lse,
         inv_temperature, N, V, T, C, index.id_block_starts.numel() - 1, *logits.stride(),
@@ -387,7 +408,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
         BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
     )
     if not with_stats:
-        _concept_stats_kernel[(N, triton.cdiv(C, blocks["BLOCK_C"]))](
+        _concept_stats_kernel[(N, cdiv(C, blocks["BLOCK_C"]))](
             gathered, *concepts, row_state, *stats, inv_temperature, N, T, C,
             BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
         )
@@ -417,7 +438,7 @@ def concept_mass_backward(
         return
     blocks = _INTERPRET_BLOCKS if interpreter_enabled() else _GPU_BLOCKS
     _launch(
-        _concept_mass_backward_kernel, _backward_kernel_tuned, (N,),
+        _concept_mass_backward_kernel, _backward_kernel_tuned, _AUTOTUNE_CONFIGS, (N,),
         logits, index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts,
         top_share, top_token, grad_concept, lse, coef, grad, inv_temperature, V, C, index.id_block_starts.numel() - 1,
         *logits.stride(), BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,

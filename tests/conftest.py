@@ -8,6 +8,7 @@
   imported, so they run in their own pytest process (see README).
 """
 
+import importlib
 import random
 
 import pytest
@@ -78,6 +79,27 @@ def target(request):
     backend, device = request.param
     fastprobe.set_backend(backend)
     return backend, device
+
+
+def _per_lane(param):
+    (backend, device), = param.values
+    return pytest.param((backend, device, True), id=f"{param.id}-lanes", marks=param.marks)
+
+
+def lanes_target(module: str):
+    """The `target` fixture of a family whose Triton kernel keeps its running sums per row or per
+    lane (an autotuned choice; untuned launches take fastprobe.kernels.<module>.UNTUNED_LANES):
+    every Triton target runs twice (ids ending in -lanes: per lane), and both ways must be right."""
+
+    @pytest.fixture(params=TARGETS + [_per_lane(param) for param in TARGETS if param.values[0][0] == "triton"])
+    def target(request, monkeypatch):
+        backend, device, *per_lane = request.param
+        fastprobe.set_backend(backend)
+        if backend == "triton":
+            monkeypatch.setattr(importlib.import_module(f"fastprobe.kernels.{module}"), "UNTUNED_LANES", bool(per_lane))
+        return backend, device
+
+    return target
 
 
 # Kernels accumulate in float32 whatever the input dtype, and tests compare them with

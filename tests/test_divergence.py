@@ -13,28 +13,13 @@ import fastprobe as fp
 from fastprobe import reference
 from fastprobe.ops.divergence import EPISTEMIC, JSD, KL_MIXTURE_TARGET, _draft_divergence_op, _result
 
-from .conftest import ATOL, RTOL, TARGETS
+from .conftest import ATOL, RTOL, lanes_target
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _per_lane(param):
-    (backend, device), = param.values
-    return pytest.param((backend, device, True), id=f"{param.id}-lanes", marks=param.marks)
+target = lanes_target("divergence")
 
-
-@pytest.fixture(params=TARGETS + [_per_lane(param) for param in TARGETS if param.values[0][0] == "triton"])
-def target(request, monkeypatch):
-    """(backend, device) as in conftest, and every Triton target twice: the kernel keeps its
-    running sums per row or per lane (an autotuned choice; untuned launches take
-    UNTUNED_LANES), and both ways must be right."""
-    backend, device, *per_lane = request.param
-    fp.set_backend(backend)
-    if backend == "triton":
-        from fastprobe.kernels import divergence as triton_divergence
-
-        monkeypatch.setattr(triton_divergence, "UNTUNED_LANES", bool(per_lane))
-    return backend, device
 FIELDS = ["jsd", "kl_mixture_target", "epistemic", "mixture_entropy", "draft_entropy", "target_entropy"]
 
 
