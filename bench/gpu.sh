@@ -12,6 +12,10 @@
 #
 # With the attention family, setup.log also gets bench/host_overhead.py's table (host vs GPU
 # time of a few attention calls, at most a minute).
+# Kernels compiled ahead: `python bench/precompile_triton.py` (Python 3.12 + triton 3.6.0, see its
+# docstring) here, right before the device call, then carry .triton-cache as well (with .whl).
+# This script unpacks it into TRITON_CACHE_DIR; setup.log says whether its keys match this
+# machine's and, at the end, how many kernels compiled here anyway (and which).
 # Time: everything ends within GPU_BUDGET_S seconds (default 540). The phases share what is left:
 #   1. the GPU tests (at most 35%), in parallel processes (pytest-xdist, where installed), whose
 #      kernels run their first pruned config (FASTPROBE_AUTOTUNE=0);
@@ -55,6 +59,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_log" 2>&1 \
   || { tail -30 "$setup_log"; exit 1; }
+if [ -f .triton-cache/kernels.tar.xz ]; then # kernels compiled ahead (bench/precompile_triton.py)
+  export TRITON_CACHE_DIR=/tmp/fastprobe-triton-cache FASTPROBE_TRITON_LOG=/tmp/fastprobe-triton-compiles.log
+  export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:+$PYTEST_ADDOPTS }-p bench.precompile_triton" # logs each compile
+  rm -f "$FASTPROBE_TRITON_LOG"
+  python3 bench/precompile_triton.py --install "$TRITON_CACHE_DIR" 2>&1 | tee -a "$setup_log"
+fi
 python3 -m fastprobe.cli info 2>&1 | tee -a "$setup_log"
 if [[ " ${families[*]} " == *" attention "* ]]; then # host and GPU shares of a few attention calls
   timeout 60 python3 bench/host_overhead.py >>"$setup_log" 2>&1 || echo "host_overhead.py: exit $?" >>"$setup_log"
@@ -100,5 +110,7 @@ run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$jso
 if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
   timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee "$outdir/sweep-divergence.log"
 fi
+[ -n "${FASTPROBE_TRITON_LOG:-}" ] \
+  && python3 bench/precompile_triton.py --report "$TRITON_CACHE_DIR" "$FASTPROBE_TRITON_LOG" 2>&1 | tee -a "$setup_log"
 echo "== $(date -u +%T) done with $((end - $(date +%s))) s of the budget left; status $status"
 exit $status
