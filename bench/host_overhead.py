@@ -67,8 +67,9 @@ def graph_replay(call):
     return statistics.median(times), None
 
 
-def cases() -> dict:
-    device, dtype = "cuda", torch.bfloat16
+def cases(device: str = "cuda") -> dict:
+    """name -> call; on `device` (bench/precompile_triton.py compiles the same launches on CPU tensors)."""
+    dtype = torch.bfloat16
     heads, dim = 32, 128
 
     def qkv(queries, keys):

@@ -611,20 +611,12 @@ def _launch_case(name: str) -> None:
             q, k, v = bench.make_qkv(cpu, 1, bench.GPU_HEADS, bench.DECODE_KEYS, bench.GPU_HEAD_DIM, bf16, num_queries=1)
             bench.fastprobe_causal(q, k, v)
             bench.fastprobe_sink_window(q, k, v)
-        elif rest == "host_overhead":  # bench/host_overhead.py's calls beyond the benchmarks'
-            from fastprobe.kernels import attention as triton_attention
+        elif rest == "host_overhead":  # bench/host_overhead.py's calls (the benchmarks' and a few more)
+            from bench import host_overhead
 
-            heads, dim = 32, 128
-            q, k, v = (torch.zeros(1, heads, 1024, dim, dtype=bf16) for _ in range(3))
-            out, lse, sink_mass = torch.empty_like(q), *(torch.empty(1, heads, 1024) for _ in range(2))
-            ends = torch.ones(1, dtype=torch.int64)
-            triton_attention.sink_attention(q, k, v, out, lse, sink_mass, None, None, scale=dim**-0.5, causal=True,
-                                            window=0, key_real=None, sink_end=ends, stat_end=ends, head_mask=None,
-                                            sink_logit=None, key_groups=None, num_groups=1)
-            fp.sink_attention(q, k, v, head_mask=torch.ones(heads, dtype=torch.bool))
-            dq = torch.zeros(1, heads, 1, dim, dtype=bf16)
-            dk, dv = (torch.zeros(1, heads, 32768, dim, dtype=bf16) for _ in range(2))
-            fp.sink_attention(dq, dk, dv, window=4096, num_sink=4)
+            for label, call in host_overhead.cases(cpu).items():
+                if not label.startswith("sdpa"):
+                    call()
         else:  # latent, blocks, packed
             cases, make_inputs, impls, _ = bench.VARIANTS[rest]
             inputs, _ = make_inputs(cpu, cases["cuda"])
