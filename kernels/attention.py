@@ -980,13 +980,13 @@ _SPLIT_CONFIGS = [
 # (rows x BLOCK_D) and about `c` float32 values per score-tile element (scores, weights and the
 # 16-bit copy for P @ V: c = 3; the group product keeps the weights and their hi / lo parts
 # live: +2; entropy: +1), spread over 32 x num_warps threads. Past ~192 of them ptxas spills.
-# A kernel with two accumulators (dual_path_attention's two softmax states, whose key blocks
-# branch three ways) was fitted separately: each extra accumulator costs about twice its size
-# (its registers and the copies the branches keep), c = 5, and its decode kernel (mma v2
-# products of few rows) also keeps the K and V operand tiles (2 BLOCK_N x BLOCK_D) live.
-# (Fitted on compiles without the launch's specialisations; rechecked with them for D = 128
-# 16-bit prefill, bench/NOTES.md "compile_sm90.py, corrected": it keeps no config that spills
-# and drops a few that do not, e.g. the dual path's 128 x 32.)
+# A kernel with two accumulators (dual_path_attention's decode splits: two softmax states whose
+# key blocks branch three ways) was fitted separately: each extra accumulator costs about twice
+# its size (its registers and the copies the branches keep), c = 5, and (mma v2 products of few
+# rows) it also keeps the K and V operand tiles (2 BLOCK_N x BLOCK_D) live. dual_path_attention's
+# prefill keeps one state per loop, as here. (Fitted on compiles without the launch's
+# specialisations; rechecked with them for D = 128 16-bit prefill, bench/NOTES.md
+# "compile_sm90.py, corrected": it keeps no config that spills and drops a few that do not.)
 _MAX_TILE_REGS = 192
 # float32 (FMA) products: rows x BLOCK_N x BLOCK_D / threads past ~512 spill (~256 with a
 # padded head dim, whose masks cost registers too)
@@ -1042,30 +1042,25 @@ def _model_widths(kwargs) -> tuple:
     return max(block_d, block_dv), even
 
 
-def _prune_fwd(configs, named_args, accumulators=1, **kwargs):
-    """Prefill configs that fit (see the register model); the kernel's constexprs in kwargs.
-    accumulators: (rows x BLOCK_D) float32 accumulators of the kernel (functools.partial)."""
+def _prune_fwd(configs, named_args, **kwargs):
+    """Prefill configs that fit (see the register model); the kernel's constexprs in kwargs."""
     block_d, even_d = _model_widths(kwargs)
     q = named_args.get("q_ptr")
     elt = q.element_size() if isinstance(q, torch.Tensor) else 2
     lq = named_args.get("Lq", 1 << 30)
     smem = _smem_of(q)
-    c = _tile_values(kwargs, accumulators)
+    c = _tile_values(kwargs)
     own = [cfg for cfg in configs if (id(cfg) in _F32_IDS) == (elt == 4)] or list(configs)
-    if accumulators > 1 and elt != 4:  # and the 32-row tiles, when nothing larger fits (D = 256)
-        own += [cfg for cfg in configs if id(cfg) in _F32_IDS]
     kept = []
     for cfg in own:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if bm > 64 and lq <= 64:  # a 128-row tile for <= 64 queries is mostly padding
             continue
-        # two warpgroups want 2 x 64 rows; with two accumulators, 8 warps over 64 rows split
-        # their columns instead (half the registers each: the spill-free tiles for D = 128)
-        if elt != 4 and cfg.num_warps == 8 and bm < 128 and accumulators == 1:
+        if elt != 4 and cfg.num_warps == 8 and bm < 128:  # two warpgroups want 2 x 64 rows
             continue
         if elt != 4 and bn < 32 and block_d < 256:
             continue
-        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d, accumulators):
+        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d):
             kept.append(cfg)
     # nothing fits (a very large head dim): the smallest tiles
     return kept or [min(own, key=lambda cfg: (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"], cfg.num_stages))]

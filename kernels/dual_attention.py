@@ -19,11 +19,21 @@ with m = max(m1, m2) and w_i = 2^(m_i - m):
   dO -= <dO, u> u;  out = o_cond + gamma dO on rows with rows[b, i] = 1 and l1 > 0 (and
   gamma != 0, so that gamma = 0 gives o_cond bit for bit), out = o_cond elsewhere.
 
-Cost close to one attention call: S = Q K^T once per key block, and one P V product per block:
-each block is classified by a one-number reduction over its keys in range (some query of the
-program may see them) as holding only kept keys (state 1 only), only dropped keys (state 2
-only) or both (two masked updates, two P V products). Image tokens are one contiguous run in
-practice, so at most two blocks per program are mixed.
+Cost close to one attention call: S = Q K^T once per key block and one P V product per block,
+and loops as attention.py's, of one state each.
+  * prefill: the program first scans the drop flags of its band for the run [d_lo, d_hi)
+    holding its dropped keys (one run in practice: an image). State 2 takes the blocks meeting
+    the run (unmasked where the run covers the block and every row sees it), and parks its
+    accumulator in float32 scratch (out itself when out is float32); state 1 then takes every
+    other block (unmasked in the band's interior) plus, masked per key, the blocks the run
+    covers only in part; with several runs, every block between d_lo and d_hi is masked. Only
+    query blocks that need the two paths apart keep them apart: with a guided row, or when
+    the paths are returned; the others (rows="last": all but the last) take every key in one
+    state, which is o_cond. Work beyond one attention call: the scan (one flag per key), two
+    partly covered blocks per program, the scratch round trip, the guidance epilogue.
+  * decode splits: each block is classified by a one-number reduction over its keys in range
+    as holding only kept keys (state 1 only), only dropped keys (state 2 only) or both (two
+    masked updates, two P V products), both states held at once (a few query rows).
 
 Two paths, the structure of attention.py (whose helpers, block ranges, configs, pruning and
 launch plumbing this module shares):
@@ -86,6 +96,8 @@ from .attention import (
 
 __all__ = ["dual_path_attention"]
 
+_SCAN_BLOCK = tl.constexpr(1024)  # drop flags read per step of the prefill's scan of its band
+
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
@@ -97,6 +109,80 @@ def _update(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constex
     """One state's online-softmax update (m, l, acc) by the scores t (-inf: not its keys)."""
     m_i, l_i, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _visible_scores(t, offs_n, n_ok, rows, real_base, stride_rn, pos, reach, first, window,
+                    CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr,
+                    HAS_KEY_REAL: tl.constexpr):  # fmt: skip
+    """A masked block's scores t [R, N], -inf where the row does not see the key (see the module
+    docstring), and which of its keys are real and in range [N]."""
+    key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
+    j = offs_n[None, :]
+    p_row = pos[:, None]
+    if CAUSAL:  # j <= r and j > p - w
+        visible = (j <= reach[:, None]) & (j > p_row - window)
+    else:  # |p - j| < w (and j <= r)
+        visible = tl.abs(p_row - j) < window
+        if HAS_HORIZON:
+            visible = visible & (j <= reach[:, None])
+    if HAS_START:  # f <= j
+        visible = visible & (j >= first[:, None])
+    return tl.where(visible & key_ok[None, :], t, _NEG_INF), key_ok
+
+
+@triton.jit
+def _kind_block(
+    q,  # [R, BLOCK_D] queries (input dtype)
+    m_i,  # [R] the state's running max of the base-2 scores
+    l_i,  # [R] sum 2^(t - m)
+    acc,  # [R, BLOCK_DV] sum 2^(t - m) v
+    k_base,
+    v_base,
+    real_base,
+    drop_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_rn,
+    stride_dn,
+    start,  # first key of the block
+    end,  # keys >= end are not in this program's range (masked blocks only)
+    pos,  # [R] query positions
+    reach,  # [R] the last key each row sees (HAS_HORIZON or CAUSAL)
+    first,  # [R] the first key each row sees (HAS_START only)
+    offs_d,
+    d_ok,
+    offs_dv,
+    dv_ok,
+    window,  # > every |p - j| when there is no window
+    qk_scale,  # scale log2(e)
+    kind,  # the keys of this state: 1 dropped, 0 kept, -1 every key (masked blocks only)
+    MASKED: tl.constexpr,  # False: every key of the block is real, visible to every row and of the kind
+    CAUSAL: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,
+    HAS_START: tl.constexpr,
+    HAS_KEY_REAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One key block [start, start + BLOCK_N) of one state (prefill): its visible keys of the kind."""
+    offs_n, n_ok, rows, t, v = _block_scores(
+        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
+        qk_scale, 0.0, MASKED, False, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    if MASKED:
+        t, _ = _visible_scores(
+            t, offs_n, n_ok, rows, real_base, stride_rn, pos, reach, first, window, CAUSAL, HAS_HORIZON, HAS_START,
+            HAS_KEY_REAL,
+        )  # fmt: skip
+        dropped = (tl.load(drop_base + rows * stride_dn, mask=n_ok, other=0) != 0).to(tl.int32)
+        t = tl.where(((dropped == kind) | (kind < 0))[None, :], t, _NEG_INF)
+    return _update(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -119,7 +205,7 @@ def _dual_block(
     stride_rn,
     stride_dn,
     start,  # first key of the block
-    end,  # keys >= end are not in this program's range (masked blocks only)
+    end,  # keys >= end are not in this program's range
     pos,  # [R] query positions
     reach,  # [R] the last key each row sees (its position, or its horizon; HAS_HORIZON or CAUSAL)
     first,  # [R] the first key each row sees (_segment_first; HAS_START only)
@@ -129,7 +215,6 @@ def _dual_block(
     dv_ok,
     window,  # > every |p - j| when there is no window
     qk_scale,  # scale log2(e)
-    MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
     CAUSAL: tl.constexpr,
     HAS_HORIZON: tl.constexpr,
     HAS_START: tl.constexpr,
@@ -140,37 +225,24 @@ def _dual_block(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One key block [start, start + BLOCK_N): scores once, then the state(s) its keys feed."""
+    """One key block [start, start + BLOCK_N) of both states (decode splits): scores once, then
+    the state(s) its keys feed."""
     offs_n, n_ok, rows, t, v = _block_scores(
         q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
-        qk_scale, 0.0, MASKED, False, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        qk_scale, 0.0, True, False, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
-    if MASKED:
-        key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
-        drop = tl.load(drop_base + rows * stride_dn, mask=n_ok, other=0) != 0
-        j = offs_n[None, :]
-        p_row = pos[:, None]
-        if CAUSAL:  # j <= r and j > p - w
-            visible = (j <= reach[:, None]) & (j > p_row - window)
-        else:  # |p - j| < w (and j <= r)
-            visible = tl.abs(p_row - j) < window
-            if HAS_HORIZON:
-                visible = visible & (j <= reach[:, None])
-        if HAS_START:  # f <= j
-            visible = visible & (j >= first[:, None])
-        t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
-        kinds = tl.where(key_ok, tl.where(drop, 1 << 16, 1), 0)
-    else:
-        drop = tl.load(drop_base + rows * stride_dn) != 0
-        kinds = tl.where(drop, 1 << 16, 1)
-    # the keys in range (a superset of those some row sees: the band's blocks, end <= the
-    # largest reach + 1) counted by kind in one reduction: kept in the low 16 bits, dropped in
-    # the high ones
-    kinds = tl.sum(kinds, axis=0)
+    t, key_ok = _visible_scores(
+        t, offs_n, n_ok, rows, real_base, stride_rn, pos, reach, first, window, CAUSAL, HAS_HORIZON, HAS_START,
+        HAS_KEY_REAL,
+    )  # fmt: skip
+    drop = tl.load(drop_base + rows * stride_dn, mask=n_ok, other=0) != 0
+    # the keys in range (a superset of those some row sees) counted by kind in one reduction:
+    # kept in the low 16 bits, dropped in the high ones
+    kinds = tl.sum(tl.where(key_ok, tl.where(drop, 1 << 16, 1), 0), axis=0)
     if (kinds >> 16) == 0:  # kept keys only (or none): state 1
-        m1, l1, acc1 = _update(t, m1, l1, acc1, v, MASKED, DOT_PRECISION, UPCAST)
+        m1, l1, acc1 = _update(t, m1, l1, acc1, v, True, DOT_PRECISION, UPCAST)
     elif (kinds & 0xFFFF) == 0:  # dropped keys only: state 2
-        m2, l2, acc2 = _update(t, m2, l2, acc2, v, MASKED, DOT_PRECISION, UPCAST)
+        m2, l2, acc2 = _update(t, m2, l2, acc2, v, True, DOT_PRECISION, UPCAST)
     else:  # both kinds (the edges of the image run): each key feeds its own state
         m1, l1, acc1 = _update(tl.where(drop[None, :], _NEG_INF, t), m1, l1, acc1, v, True, DOT_PRECISION, UPCAST)
         m2, l2, acc2 = _update(tl.where(drop[None, :], t, _NEG_INF), m2, l2, acc2, v, True, DOT_PRECISION, UPCAST)
@@ -187,25 +259,98 @@ def _empty_states(ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
 
 
 @triton.jit
+def _drop_run(drop_base, stride_dn, lo, hi, SCAN: tl.constexpr):
+    """The dropped keys of [lo, hi): (first, last + 1, how many); (hi, hi, 0) when none."""
+    d_lo = hi + 0
+    d_hi = lo + 0
+    count = lo * 0
+    for s in range(lo, hi, SCAN):
+        offs = s + tl.arange(0, SCAN)
+        dropped = tl.load(drop_base + offs.to(tl.int64) * stride_dn, mask=offs < hi, other=0) != 0
+        d_lo = tl.minimum(d_lo, tl.min(tl.where(dropped, offs, hi), axis=0))
+        d_hi = tl.maximum(d_hi, tl.max(tl.where(dropped, offs + 1, lo), axis=0))
+        count += tl.sum(dropped.to(tl.int32), axis=0)
+    return tl.where(count > 0, d_lo, hi), tl.where(count > 0, d_hi, hi), count
+
+
+@triton.jit
+def _run_blocks(lo, hi, BLOCK_N: tl.constexpr):
+    """How many key blocks start in [lo, hi), lo a block start (none when hi <= lo)."""
+    return tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+
+
+@triton.jit
+def _kind_pass(
+    q,
+    kind,  # the keys of the state: 1 dropped, 0 kept, -1 every key
+    plain0, plain0_end, plain1, plain1_end,  # runs of blocks without masks
+    mixed0, mixed0_end, mixed1, mixed1_end, mixed2, mixed2_end, mixed3, mixed3_end,  # runs of masked blocks
+    k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
+    end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+    CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr, HAS_KEY_REAL: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax state (m, l, acc) of the prefill over the key blocks of the runs
+    [start, end) given (each a block start, and an end that is one or the band's end): two
+    loops of one update each, the first without masks (so it pipelines as attention.py's
+    interior does), the second masked (visibility, padding, the kind)."""
+    m, l, acc, _, _, _ = _empty_states(BLOCK_M, BLOCK_DV)
+    n0 = _run_blocks(plain0, plain0_end, BLOCK_N)
+    for i in range(0, n0 + _run_blocks(plain1, plain1_end, BLOCK_N)):
+        start = tl.where(i < n0, plain0 + i * BLOCK_N, plain1 + (i - n0) * BLOCK_N)
+        m, l, acc = _kind_block(
+            q, m, l, acc, k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_rn, stride_dn, start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale, kind,
+            False, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    c0 = _run_blocks(mixed0, mixed0_end, BLOCK_N)
+    c1 = c0 + _run_blocks(mixed1, mixed1_end, BLOCK_N)
+    c2 = c1 + _run_blocks(mixed2, mixed2_end, BLOCK_N)
+    for i in range(0, c2 + _run_blocks(mixed3, mixed3_end, BLOCK_N)):
+        start = tl.where(i < c1, tl.where(i < c0, mixed0 + i * BLOCK_N, mixed1 + (i - c0) * BLOCK_N),
+                         tl.where(i < c2, mixed2 + (i - c1) * BLOCK_N, mixed3 + (i - c2) * BLOCK_N))  # fmt: skip
+        m, l, acc = _kind_block(
+            q, m, l, acc, k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_rn, stride_dn, start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale, kind,
+            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+    return m, l, acc
+
+
+@triton.jit
 def _guide(m1, l1, acc1, m2, l2, acc2, selected, gamma, eps, ORTHOGONALIZE: tl.constexpr, AXIS: tl.constexpr):
     """(out, o_cond, o_uncond) from the two final states (see the module docstring). acc1, acc2
     hold rows along 1 - AXIS and the head dim along AXIS; m, l and selected broadcast against
     them (prefill: [R, 1] against [R, BLOCK_DV], AXIS 1; merge: scalars against [BLOCK_DV],
-    AXIS 0). A state that saw nothing has m = -inf, l = acc = 0."""
+    AXIS 0). A state that saw nothing has m = -inf, l = acc = 0.
+    Each path is a1 acc1 + a2 acc2 with per-row coefficients, so no more than the two
+    accumulators are ever live: with w_i = 2^(m_i - m), l = w1 l1 + w2 l2,
+      o_cond = (w1 acc1 + w2 acc2) / l,  o_uncond = acc1 / l1,
+      dO = o_cond - o_uncond = (w2 / l) (acc2 - (l2 / l1) acc1)    (no difference of two tiles),
+    and orthogonalised, with u = o_uncond / (||o_uncond|| + eps) = acc1 / den, den = ||acc1|| + eps l1:
+      dO -= <dO, u> u,  <dO, u> = (w2 / l) (<acc1, acc2> - (l2 / l1) ||acc1||^2) / den."""
     m = tl.maximum(m1, m2)
     shift = tl.where(m == _NEG_INF, 0.0, m)
     w1 = tl.exp2(m1 - shift)
     w2 = tl.exp2(m2 - shift)
     l = w1 * l1 + w2 * l2
-    o_cond = (w1 * acc1 + w2 * acc2) * tl.where(l > 0, 1.0 / l, 0.0)
+    inv_l = tl.where(l > 0, 1.0 / l, 0.0)
+    cond1 = w1 * inv_l  # o_cond = cond1 acc1 + cond2 acc2
+    cond2 = w2 * inv_l
     has_kept = l1 > 0
-    o_uncond = acc1 * tl.where(has_kept, 1.0 / l1, 0.0)
-    delta = o_cond - o_uncond
-    if ORTHOGONALIZE:  # (padded head-dim columns are 0 in both)
-        u = o_uncond / (tl.sqrt(tl.sum(o_uncond * o_uncond, axis=AXIS, keep_dims=True)) + eps)
-        delta = delta - tl.sum(delta * u, axis=AXIS, keep_dims=True) * u
+    inv_l1 = tl.where(has_kept, 1.0 / l1, 0.0)
+    ratio = l2 * inv_l1
+    delta1 = -cond2 * ratio  # dO = delta1 acc1 + cond2 acc2
+    if ORTHOGONALIZE:
+        norm2 = tl.sum(acc1 * acc1, axis=AXIS, keep_dims=True)
+        den = tl.sqrt(norm2) + eps * l1  # > 0 on guided rows (l1 > 0)
+        along = cond2 * (tl.sum(acc1 * acc2, axis=AXIS, keep_dims=True) - ratio * norm2) / den
+        delta1 -= along / den
     guided = selected & has_kept & (gamma != 0.0)
-    return tl.where(guided, o_cond + gamma * delta, o_cond), o_cond, o_uncond
+    out1 = tl.where(guided, cond1 + gamma * delta1, cond1)  # (unguided rows: o_cond, bit for bit)
+    out2 = tl.where(guided, cond2 + gamma * cond2, cond2)
+    return out1 * acc1 + out2 * acc2, cond1 * acc1 + cond2 * acc2, inv_l1 * acc1
 
 
 @triton.jit
@@ -238,6 +383,7 @@ def _dual_fwd_kernel(
     start_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_START)
     drop_ptr,  # [B, Lk] uint8
     rows_ptr,  # [B, Lq] uint8
+    scratch_ptr,  # [B, Hq, Lq, Dv] float32, any strides: state 2's acc between the passes (may be out)
     qk_scale,  # scale log2(e)
     gamma,
     eps,
@@ -262,6 +408,10 @@ def _dual_fwd_kernel(
     stride_oh,
     stride_om,
     stride_od,
+    stride_xb,
+    stride_xh,
+    stride_xm,
+    stride_xd,
     stride_rb,
     stride_rn,
     stride_db,
@@ -310,29 +460,54 @@ def _dual_fwd_kernel(
     rows_m = offs_m.to(tl.int64)
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
 
-    m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_M, BLOCK_DV)
-    for start in range(a, c, BLOCK_N):  # interior: no masks
-        m1, l1, acc1, m2, l2, acc2 = _dual_block(
-            q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach, first,
-            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            False, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-    # the band's edges, masked: below [lo_blk, a) (window, first keys), then above
-    # [c, band_end) (diagonal / horizon, window, padding, Lk), in one loop (a second inlined
-    # masked block spills, sm_90); a is a block start, or band_end (then c = a: a partial last
-    # block below)
-    below = tl.cdiv(a - lo_blk, BLOCK_N)
-    for i in range(0, below + tl.cdiv(band_end - c, BLOCK_N)):
-        start = tl.where(i < below, lo_blk + i * BLOCK_N, c + (i - below) * BLOCK_N)
-        m1, l1, acc1, m2, l2, acc2 = _dual_block(
-            q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, band_end, pos, reach, first,
-            offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-
     selected = tl.load(rows_ptr + b * stride_sb + rows_m * stride_sm, mask=m_ok, other=0) != 0
+    if WRITE_PATHS:  # every row needs both paths
+        split = h >= 0
+    else:  # only guided rows need the language-only path; the others take every key in one state
+        split = tl.max(selected.to(tl.int32), axis=0) > 0
+    # the band's dropped keys: [d_lo, d_hi) holds them (one run in practice: an image), in the
+    # blocks [out_lo, out_hi); the blocks [in_lo, in_hi) hold nothing else when they are one run
+    d_lo, d_hi, d_count = _drop_run(drop_base, stride_dn, lo_blk, band_end, _SCAN_BLOCK)
+    split = split & (d_count > 0)
+    d_lo = tl.where(split, d_lo, band_end)  # (no run: state 1 takes every block of the band)
+    d_hi = tl.where(split, d_hi, band_end)
+    out_lo = (d_lo // BLOCK_N) * BLOCK_N
+    out_hi = tl.cdiv(d_hi, BLOCK_N) * BLOCK_N
+    one_run = d_count == d_hi - d_lo
+    in_lo = tl.where(one_run, tl.cdiv(d_lo, BLOCK_N) * BLOCK_N, out_hi)
+    in_hi = tl.maximum(tl.where(one_run, (d_hi // BLOCK_N) * BLOCK_N, out_hi), in_lo)
+
+    # state 2, the dropped keys: unmasked over the interior's all-dropped blocks [x, y), masked
+    # over the band's other blocks in [out_lo, out_hi); parked in float32 scratch until the end
+    x = tl.maximum(a, in_lo)
+    y = tl.minimum(c, in_hi)
+    lo2 = tl.maximum(lo_blk, out_lo)
+    hi2 = tl.where(split, tl.minimum(band_end, out_hi), lo2)
+    inner = split & (x < y)
+    x = tl.where(inner, x, hi2)
+    y = tl.where(inner, y, hi2)
+    m2, l2, acc2 = _kind_pass(
+        q, 1, x, y, y, y, lo2, x, y, hi2, y, y, y, y,
+        k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
+        band_end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+        CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    parked = tl.where(split, m_ok, False)  # (m_ok & split: not a bool mask under the interpreter)
+    _store_rows(scratch_ptr, b, h, rows_m, stride_xb, stride_xh, stride_xm, stride_xd, offs_dv, parked, dv_ok, acc2)
+
+    # state 1, the kept keys (every key when no row needs the paths apart): unmasked over the
+    # interior less [out_lo, out_hi), masked over the band's edges and the interior's blocks in
+    # [out_lo, out_hi) that are not all dropped
+    m1, l1, acc1 = _kind_pass(
+        q, tl.where(split, 0, -1), a, tl.minimum(c, out_lo), tl.maximum(a, out_hi), c,
+        lo_blk, a, c, band_end, tl.maximum(a, out_lo), tl.minimum(c, in_lo), tl.maximum(a, in_hi), tl.minimum(c, out_hi),
+        k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
+        band_end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
+        CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    tl.debug_barrier()  # the scratch written above by other threads of the program
+    acc2 = _load_rows(scratch_ptr, b, h, rows_m, stride_xb, stride_xh, stride_xm, stride_xd, offs_dv, parked, dv_ok, EVEN_DV)
+
     out, o_cond, o_uncond = _guide(
         m1[:, None], l1[:, None], acc1, m2[:, None], l2[:, None], acc2, selected[:, None], gamma, eps, ORTHOGONALIZE, 1
     )
@@ -416,7 +591,7 @@ def _dual_split_kernel(
             q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, reach, first,
             offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     part = (bkv * num_splits + split) * 2  # state 1 at part, state 2 at part + 1
     _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m1, l1, acc1, 2, BLOCK_R, BLOCK_DV)
@@ -472,12 +647,11 @@ def _dual_merge_kernel(
 # configs and launch (attention.py's config lists, with two accumulators in the register model)
 # --------------------------------------------------------------------------------------------
 
-_prune_dual_fwd = functools.partial(_prune_fwd, accumulators=2)
 _prune_dual_split = functools.partial(_prune_split, accumulators=2)
 _dual_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
     key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", *_FWD_KEY_SHAPES],
-    prune_configs_by={"early_config_prune": _prune_dual_fwd},
+    prune_configs_by={"early_config_prune": _prune_fwd},
 )(_dual_fwd_kernel)
 _dual_split_tuned = triton.autotune(
     configs=_SPLIT_CONFIGS,
@@ -563,12 +737,14 @@ def dual_path_attention(
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits == 0:
         buckets = _lq_lk_buckets(Lq, Lk)
+        # state 2's float32 accumulator between the kernel's two passes: out itself when it is float32
+        scratch = out if out.dtype == torch.float32 else torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device)
         args = (
-            q, k, v, out, cond, uncond, real, horizon_arg, start_arg, drop, rows, qk_scale, float(gamma), float(eps),
-            win, Hq, Lq, Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *drop.stride(),
-            *rows.stride(), stride_h, stride_f, *buckets,
+            q, k, v, out, cond, uncond, real, horizon_arg, start_arg, drop, rows, scratch, qk_scale, float(gamma),
+            float(eps), win, Hq, Lq, Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *scratch.stride(), *stride_r, *drop.stride(), *rows.stride(), stride_h, stride_f, *buckets,
         )  # fmt: skip
-        _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_dual_fwd, _fwd_grid(Lq, B * Hq), args,
+        _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args,
                 dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
         return
 

@@ -110,6 +110,60 @@ def test_segments(target, dtype, causal):
             assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
 
+DROP_PATTERNS = ["one-run", "two-runs", "scattered", "block-aligned", "one-key", "first-keys", "last-keys", "all", "none"]
+
+
+def drop_pattern(name, batch, num_keys, device):
+    """[B, Lk] bool dropped keys of one shape: the kernels read one run of dropped keys per
+    query block apart (its all-dropped key blocks are skipped by the kept path) and must get
+    every other shape right too. "block-aligned" lines the run up with the interpreter's
+    16-key blocks."""
+    drop = torch.zeros(batch, num_keys, dtype=torch.bool)
+    if name == "one-run":
+        drop[:, 3 : num_keys - 5] = True
+    elif name == "two-runs":
+        drop[:, 2:9] = True
+        drop[:, num_keys // 2 : num_keys - 3] = True
+    elif name == "scattered":
+        drop = torch.rand(batch, num_keys) < 0.4
+    elif name == "block-aligned":
+        drop[:, 16 : min(32, num_keys)] = True
+    elif name == "one-key":
+        drop[:, num_keys // 3] = True
+    elif name == "first-keys":
+        drop[:, : num_keys // 2] = True
+    elif name == "last-keys":
+        drop[:, num_keys // 2 :] = True
+    elif name == "all":
+        drop[:] = True
+    return drop.to(device)
+
+
+@pytest.mark.parametrize("pattern", DROP_PATTERNS)
+@pytest.mark.parametrize("paths", [True, False], ids=["paths", "out-only"])
+def test_drop_patterns(target, pattern, paths):
+    """Every shape of dropped-key set, with the paths (both states for every row) and without
+    (only the query blocks that hold a guided row keep the two states apart), rows "last",
+    "all" and a mask, causal and bidirectional."""
+    _, device = target
+    # (without padding, the blocks every row of a query block sees run unmasked: a long
+    # prefill has such blocks inside, around and beside the dropped run)
+    for batch, heads, kv_heads, num_queries, num_keys, head_dim in [*shapes(target), (1, 2, 1, 70, 70, 16)]:
+        q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, torch.float32, device)
+        drop = drop_pattern(pattern, batch, num_keys, device)
+        for rows, causal, padded in (("last", True, True), ("all", False, False), ("mask", True, False)):
+            chosen = torch.rand(batch, num_queries, device=device) < 0.3 if rows == "mask" else rows
+            padding = padding_mask(batch, num_keys, "mixed", device) if padded else None
+            options = dict(gamma=1.3, rows=chosen, causal=causal, key_padding_mask=padding)
+            want = expected(q, k, v, drop, **options)
+            got = fp.dual_path_attention(q, k, v, drop, return_paths=paths, **options)
+            if paths:
+                assert_paths_match(got, want, torch.float32)
+            else:
+                assert not torch.isnan(got).any()
+                torch.testing.assert_close(got.cpu().double(), want["out"], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_without_padding_and_bidirectional(target, causal):
     _, device = target
