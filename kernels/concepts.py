@@ -2,19 +2,22 @@
 
 The concepts arrive as the ConceptSet's index (``fastprobe.ops.concepts._Index``): the CSR by
 concept, and its transpose by vocabulary id: the distinct concept ids ``vocab_ids`` in
-increasing order with their memberships, and ``id_block_starts[k]``, the first of them at or
-past id k * ID_BLOCK.
+increasing order (slot u holds vocab_ids[u]) with their memberships, ``token_slots[t]`` the slot
+of concept token t, and ``id_block_starts[k]``, the first slot of an id at or past k * ID_BLOCK.
 
 Forward:
   1. One program per row streams it in blocks for the online log-sum-exp (raw max M,
      S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S), kept per row (a max and a
      sum across the warps every block) or per lane (LANES: one exp2 per element, reduced once
      after the loop), divergence.py's _lse_fold / _lse_rows either way. The concept ids inside
-     each block (found from id_block_starts, no search) are picked out of the block already
-     in registers (tl.gather) and written, in concept order, to a small [N, T] buffer of the
-     logits' dtype (T concept tokens; no [N, V] temporary). So the logits are read once.
+     each block (its slots [lo, hi) from id_block_starts, no search) are picked out of the
+     block already in registers (tl.gather) and written to their slots of a small [N, U]
+     buffer of the logits' dtype (U distinct concept ids; no [N, V] temporary). So the logits
+     are read once. The loads of block b + 1 (logits, slot range, ids) are issued before
+     block b is worked on, so no block waits on a chain of dependent loads.
   2. Per tile of concepts (in the same program after a barrier, or in a second launch), read
-     each concept's variants from that buffer and form, with m_c the largest variant logit,
+     each concept's variants from that buffer through token_slots and form, with m_c the
+     largest variant logit,
      s_c = sum_{v in c} exp(d_v), d_v = (x_v - m_c) / T:
         log_mass  = lse_c - lse = (m_c - M) / T + (ln s_c - ln S)   (lse_c = m_c / T + ln s_c;
                     two large lse values are never subtracted),   mass = exp(log_mass)
@@ -91,8 +94,18 @@ def _scalar(tile):
 
 
 @triton.jit
+def _variants(gathered_row, token_slots_ptr, first, count, j0, j):
+    """[BLOCK_C, BLOCK_J] variant logits j0 + j of a tile of concepts (their CSR starts `first`,
+    `count` variants each), float32, -inf past each concept's last variant."""
+    has = (j0 + j)[None, :] < count[:, None]
+    slot = tl.load(token_slots_ptr + first[:, None] + (j0 + j)[None, :], mask=has, other=0)
+    return tl.load(gathered_row + slot, mask=has, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _concept_tile(
-    gathered_row,  # [T] this row's concept logits, in concept order
+    gathered_row,  # [U] this row's logits of the distinct concept ids, by slot
+    token_slots_ptr,  # [T] the slot of each concept token
     token_ids_ptr,
     offsets_ptr,
     out_row,  # offset n * C of this row's outputs
@@ -120,8 +133,7 @@ def _concept_tile(
     x_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
     top = tl.zeros([BLOCK_C], tl.int32)
     for j0 in range(0, longest, BLOCK_J):
-        has = (j0 + j)[None, :] < count[:, None]
-        x = tl.load(gathered_row + first[:, None] + (j0 + j)[None, :], mask=has, other=float("-inf")).to(tl.float32)
+        x = _variants(gathered_row, token_slots_ptr, first, count, j0, j)
         tile_max = tl.max(x, axis=1)
         tile_top = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32) + j0
         better = tile_max > x_max  # strict: an earlier variant keeps a tie
@@ -133,8 +145,7 @@ def _concept_tile(
     s = tl.zeros([BLOCK_C], tl.float32)
     e_d = tl.zeros([BLOCK_C], tl.float32)
     for j0 in range(0, longest, BLOCK_J):
-        has = (j0 + j)[None, :] < count[:, None]
-        x = tl.load(gathered_row + first[:, None] + (j0 + j)[None, :], mask=has, other=float("-inf")).to(tl.float32)
+        x = _variants(gathered_row, token_slots_ptr, first, count, j0, j)
         d = (x - shift[:, None]) * inv_temperature
         e = tl.exp(d)
         s += tl.sum(e, axis=1)
@@ -156,12 +167,11 @@ def _concept_tile(
 def _concept_mass_kernel(
     logits_ptr,  # [N, V] any float dtype, any strides
     vocab_ids_ptr,  # [U] int64, increasing
-    vocab_offsets_ptr,  # [U + 1] int64: memberships of vocab_ids[u]
-    vocab_positions_ptr,  # [T] int64: CSR position of each membership
+    token_slots_ptr,  # [T] int64: the slot u of each concept token (vocab_ids[u] is its id)
     id_block_starts_ptr,  # [num_id_blocks + 1] int32
     token_ids_ptr,  # [T] int64
     offsets_ptr,  # [C + 1] int64
-    gathered_ptr,  # [N, T] the logits' dtype (scratch): gathered[n, t] = logits[n, token_ids[t]]
+    gathered_ptr,  # [N, U] the logits' dtype (scratch): gathered[n, u] = logits[n, vocab_ids[u]]
     row_state_ptr,  # [2, N] float32 (scratch): M and ln S of each row
     mass_ptr,  # [N, C] float32 (out), and the three below
     log_mass_ptr,
@@ -172,7 +182,7 @@ def _concept_mass_kernel(
     inv_temperature,
     N,
     V,
-    T,
+    U,
     C,
     num_id_blocks,
     stride_n,
@@ -188,28 +198,36 @@ def _concept_mass_kernel(
     n = tl.program_id(0).to(tl.int64)
     c = inv_temperature * _LOG2E
     row = logits_ptr + n * stride_n
-    gathered_row = gathered_ptr + n * T
+    gathered_row = gathered_ptr + n * U
+    ID_BLOCKS: tl.constexpr = BLOCK_V // ID_BLOCK
+    u = tl.arange(0, BLOCK_U)
     # the row's running max and sum: [1, BLOCK_V] per lane, or [1, 1]
     mx = _state(1, BLOCK_V, float("-inf"), LANES)
     s = _state(1, BLOCK_V, 0.0, LANES)
+    # Each iteration works on a block loaded by the one before (its logits, its slot range and
+    # its first BLOCK_U concept ids), and issues the loads of the next block first: the loads
+    # travel while a block is worked on, and nothing in a block waits on a chain of loads.
+    col, v_ok = _block_columns(0, V, BLOCK_V)
+    raw_next = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
+    lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, 0, ID_BLOCKS)
+    ids_next = tl.load(vocab_ids_ptr + lo_next + u, mask=lo_next + u < hi_next, other=0)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
-        # [1, BLOCK_V], as the states, so the block meets them without a layout conversion
-        col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
-        raw = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
-        # the concept ids in this block, picked out of it, to every position they hold in the CSR
-        lo, hi = _id_range(id_block_starts_ptr, num_id_blocks, b, BLOCK_V // ID_BLOCK)
-        for w in range(lo, hi, BLOCK_U):
-            slot = w + tl.arange(0, BLOCK_U)
+        raw, lo, hi, ids = raw_next, lo_next, hi_next, ids_next
+        col, v_ok = _block_columns((b + 1) * BLOCK_V, V, BLOCK_V)  # (past V: nothing loads)
+        raw_next = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
+        lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, b + 1, ID_BLOCKS)
+        # the block's concept ids, picked out of it into their slots (a block with more than
+        # BLOCK_U of them reads the rest in further windows)
+        block = tl.reshape(raw, [BLOCK_V])
+        take = lo + u < hi
+        tl.store(gathered_row + lo + u, _pick(block, b, row, ids, take, stride_v, BLOCK_V), mask=take)
+        for w in range(lo + BLOCK_U, hi, BLOCK_U):
+            slot = w + u
             take = slot < hi
-            ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
-            values = _pick(tl.reshape(raw, [BLOCK_V]), b, row, ids, take, stride_v, BLOCK_V)
-            first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
-            count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
-            for k in range(0, tl.max(count, axis=0).to(tl.int32)):
-                member = take & (k < count)
-                position = tl.load(vocab_positions_ptr + first + k, mask=member, other=0)
-                tl.store(gathered_row + position, values, mask=member)
+            more = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
+            tl.store(gathered_row + slot, _pick(block, b, row, more, take, stride_v, BLOCK_V), mask=take)
         mx, s = _lse_fold(raw.to(tl.float32), mx, s, c, LANES)  # online log-sum-exp
+        ids_next = tl.load(vocab_ids_ptr + lo_next + u, mask=lo_next + u < hi_next, other=0)
 
     # (M, S) of the row; lse = M / T + ln S in float64, where M / T is exact: the backward forms
     # log p from it at full precision (-inf for a row of -inf; NaN for NaN or +inf input)
@@ -221,7 +239,7 @@ def _concept_mass_kernel(
         tl.debug_barrier()  # the gathered row is complete
         for c0 in range(0, C, BLOCK_C):
             _concept_tile(
-                gathered_row, token_ids_ptr, offsets_ptr, n * C,
+                gathered_row, token_slots_ptr, token_ids_ptr, offsets_ptr, n * C,
                 mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
                 c0 + tl.arange(0, BLOCK_C), C, mx, log_s, inv_temperature, BLOCK_C, BLOCK_J,
             )
@@ -232,7 +250,8 @@ def _concept_mass_kernel(
 
 @triton.jit
 def _concept_stats_kernel(
-    gathered_ptr,  # [N, T]
+    gathered_ptr,  # [N, U]
+    token_slots_ptr,
     token_ids_ptr,
     offsets_ptr,
     row_state_ptr,  # [2, N] float32: M and ln S of each row
@@ -243,14 +262,14 @@ def _concept_stats_kernel(
     top_token_ptr,
     inv_temperature,
     N,
-    T,
+    U,
     C,
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     _concept_tile(
-        gathered_ptr + n * T, token_ids_ptr, offsets_ptr, n * C,
+        gathered_ptr + n * U, token_slots_ptr, token_ids_ptr, offsets_ptr, n * C,
         mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
         tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C,
         tl.load(row_state_ptr + n), tl.load(row_state_ptr + N + n), inv_temperature, BLOCK_C, BLOCK_J,
@@ -383,7 +402,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     N, V = logits.shape
-    C, T = index.offsets.numel() - 1, index.token_ids.numel()
+    C, U = index.offsets.numel() - 1, index.vocab_ids.numel()
     for name, tensor in zip(out._fields, out):
         shape = (N,) if name == "lse" else (N, C)
         dtype = {"top_token": torch.int64, "lse": torch.float64}.get(name, torch.float32)
@@ -395,21 +414,21 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
 
     blocks = _INTERPRET_BLOCKS if interpreter_enabled() else _GPU_BLOCKS
     with_stats = os.environ.get(_STATS_ENV, "fused") != "separate"
-    gathered = torch.empty((N, T), dtype=logits.dtype, device=logits.device)
+    gathered = torch.empty((N, U), dtype=logits.dtype, device=logits.device)
     row_state = gathered.new_empty((2, N), dtype=torch.float32)  # read back only without WITH_STATS
-    concepts = (index.token_ids, index.offsets)
+    concepts = (index.token_slots, index.token_ids, index.offsets)
     stats = (out.mass, out.log_mass, out.top_share, out.concentration_entropy, out.top_token)
     _launch(
         _concept_mass_kernel, _concept_mass_kernel_tuned, _FORWARD_CONFIGS, (N,),
-        logits, index.vocab_ids, index.vocab_offsets, index.vocab_positions, index.id_block_starts, *concepts,
+        logits, index.vocab_ids, index.token_slots, index.id_block_starts, *concepts[1:],
         gathered, row_state, *stats, out.lse,
-        inv_temperature, N, V, T, C, index.id_block_starts.numel() - 1, *logits.stride(),
+        inv_temperature, N, V, U, C, index.id_block_starts.numel() - 1, *logits.stride(),
         BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block, WITH_STATS=with_stats,
         BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
     )
     if not with_stats:
         _concept_stats_kernel[(N, cdiv(C, blocks["BLOCK_C"]))](
-            gathered, *concepts, row_state, *stats, inv_temperature, N, T, C,
+            gathered, *concepts, row_state, *stats, inv_temperature, N, U, C,
             BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
         )
 

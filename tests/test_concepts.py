@@ -91,6 +91,17 @@ def test_matches_reference(target, dtype, temperature):
         assert_matches(result, expected(logits, concepts, temperature))
 
 
+def test_statistics_in_a_second_launch(target, monkeypatch):
+    """FASTPROBE_CONCEPTS_STATS=separate: the Triton forward leaves the concept statistics to a
+    second kernel (one program per row and tile of concepts); the same values."""
+    _, device = target
+    monkeypatch.setenv("FASTPROBE_CONCEPTS_STATS", "separate")
+    for num_tokens, vocab, num_concepts in shapes_for(target):
+        logits = (3 * torch.randn(num_tokens, vocab)).to(device=device, dtype=torch.bfloat16)
+        concepts = random_concepts(vocab, num_concepts, device=device)
+        assert_matches(fp.concept_mass(logits, concepts, temperature=0.7), expected(logits, concepts, 0.7))
+
+
 def test_masked_vocabulary(target):
     """-inf logits contribute nothing: a masked region, scattered masks, a concept masked
     everywhere (mass 0, log_mass -inf, top_share 0, entropy 0, its first variant on top)."""

@@ -69,17 +69,18 @@ class _Index(NamedTuple):
 
     By concept (CSR): concept c owns token_ids[offsets[c]:offsets[c + 1]].
     By vocabulary id (its transpose): vocab_ids holds the U distinct ids in increasing order;
-    id vocab_ids[u] has the memberships j in [vocab_offsets[u], vocab_offsets[u + 1]): it is
-    token_ids[vocab_positions[j]], a variant of concept vocab_concepts[j]. All int64, except
-    id_block_starts (int32): the first u with vocab_ids[u] >= k * ID_BLOCK, for
-    k = 0 .. ceil((max id + 1) / ID_BLOCK) (the last entry is U)."""
+    id vocab_ids[u] has the memberships j in [vocab_offsets[u], vocab_offsets[u + 1]), each a
+    variant of concept vocab_concepts[j]; token_slots[t] is the slot u of token_ids[t]
+    (vocab_ids[token_slots[t]] == token_ids[t]). All int64, except id_block_starts (int32):
+    the first u with vocab_ids[u] >= k * ID_BLOCK, for k = 0 .. ceil((max id + 1) / ID_BLOCK)
+    (the last entry is U)."""
 
     token_ids: torch.Tensor  # [T]
     offsets: torch.Tensor  # [C + 1]
     vocab_ids: torch.Tensor  # [U]
     vocab_offsets: torch.Tensor  # [U + 1]
     vocab_concepts: torch.Tensor  # [T]
-    vocab_positions: torch.Tensor  # [T]
+    token_slots: torch.Tensor  # [T]
     id_block_starts: torch.Tensor  # [ceil((max id + 1) / ID_BLOCK) + 1] int32
 
 
@@ -101,13 +102,15 @@ def _index_array(value, name: str) -> np.ndarray:
 
 
 def _transpose(token_ids: np.ndarray, concept_of: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(vocab_ids, vocab_offsets, vocab_concepts, vocab_positions, id_block_starts): see _Index."""
+    """(vocab_ids, vocab_offsets, vocab_concepts, token_slots, id_block_starts): see _Index."""
     order = np.argsort(token_ids, kind="stable")  # memberships by id
     vocab_ids, counts = np.unique(token_ids[order], return_counts=True)
     vocab_offsets = np.concatenate([[0], np.cumsum(counts)])
+    token_slots = np.empty_like(order)
+    token_slots[order] = np.repeat(np.arange(vocab_ids.size), counts)  # membership j is token order[j]
     num_blocks = -(-(int(vocab_ids[-1]) + 1) // ID_BLOCK)
     id_block_starts = np.searchsorted(vocab_ids, np.arange(num_blocks + 1) * ID_BLOCK).astype(np.int32)
-    return vocab_ids, vocab_offsets, concept_of[order], order, id_block_starts
+    return vocab_ids, vocab_offsets, concept_of[order], token_slots, id_block_starts
 
 
 class ConceptSet:
@@ -396,13 +399,13 @@ def _concept_mass_op(
     vocab_ids: torch.Tensor,
     vocab_offsets: torch.Tensor,
     vocab_concepts: torch.Tensor,
-    vocab_positions: torch.Tensor,
+    token_slots: torch.Tensor,
     id_block_starts: torch.Tensor,
     inv_temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mass, log_mass, top_share, concentration_entropy, top_token, lse) for the concepts
     given by an _Index (the transpose is read by the Triton forward and by the backward)."""
-    index = _Index(token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, vocab_positions, id_block_starts)
+    index = _Index(token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, token_slots, id_block_starts)
     num_tokens, num_concepts = logits.shape[0], offsets.numel() - 1
     dtype = output_dtype(logits)
     stats = [new_output((num_tokens, num_concepts), logits.device, dtype) for _ in range(4)]
@@ -416,7 +419,7 @@ def _concept_mass_op(
 
 
 @_concept_mass_op.register_fake
-def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, vocab_positions, id_block_starts,
+def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, token_slots, id_block_starts,
       inv_temperature):
     num_tokens, num_concepts = logits.shape[0], offsets.shape[0] - 1
     dtype = output_dtype(logits)
