@@ -1142,10 +1142,12 @@ def _sm_count(device_index: int) -> int:
 
 
 def _auto_splits(band: int, programs: int, device: torch.device) -> int:
-    """Splits so that programs * splits fills the GPU about twice over, with at least
+    """Splits so that programs * splits fills the GPU's _PROGRAMS_PER_SM programs per SM once
+    and no more (32 kv heads on 132 SMs: 8 splits, 256 programs in one wave, where 9 would make
+    288: a second wave of 24 programs, taking as long as the first), with at least
     _MIN_KEYS_PER_SPLIT keys each."""
     sms = _sm_count(device.index if device.index is not None else 0) if device.type == "cuda" else 132
-    want = cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+    want = _PROGRAMS_PER_SM * sms // max(programs, 1)
     return max(1, min(want, band // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
