@@ -62,8 +62,17 @@ def _block_columns(start, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _load_row(row, col, v_ok, stride_v):
-    """A [BLOCK_V] block of one row's logits, float32, -inf past V."""
-    return tl.load(row + col * stride_v, mask=v_ok, other=float("-inf")).to(tl.float32)
+    """A [BLOCK_V] block of one row's logits, in their dtype, -inf past V (none loads past V)."""
+    return tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
+
+
+@triton.jit
+def _load_pair(s_row, t_row, start, V, stride_sv, stride_tv, BLOCK_V: tl.constexpr):
+    """Block [start, start + BLOCK_V) of the student's and the teacher's row, in their dtype;
+    columns outside [0, V) load nothing (-inf)."""
+    col, v_ok = _block_columns(start, V, BLOCK_V)
+    v_ok = v_ok & (col >= 0)
+    return _load_row(s_row, col, v_ok, stride_sv), _load_row(t_row, col, v_ok, stride_tv)
 
 
 @triton.jit
@@ -146,10 +155,12 @@ def _bridge_kernel(
         c = inv_temperature * _LOG2E  # x inv_T = (x c) / log2(e): base-2 exponent scale
         masked_bx = tl.where(beta == 0.0, 0.0, float("-inf"))
 
+        # Every pass loads block b + 1 (in its order) before it works on block b, and carries
+        # it into the next iteration: the loads travel while a block is worked on.
         # ---- anchors for the bridged logit: the first block's largest finite logits ----
-        col0, ok0 = _block_columns(0, V, BLOCK_V)
-        a_s = _anchor(_load_row(s_row, col0, ok0, stride_sv))
-        a_t = _anchor(_load_row(t_row, col0, ok0, stride_tv))
+        x_next, y_next = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
+        a_s = _anchor(x_next.to(tl.float32))
+        a_t = _anchor(y_next.to(tl.float32))
 
         # ---- pass 1: online log-sum-exp of x and u, per lane; one cross-lane reduce after ----
         mx_s = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -157,9 +168,8 @@ def _bridge_kernel(
         mx_u = tl.full([BLOCK_V], float("-inf"), tl.float32)
         sum_u = tl.zeros([BLOCK_V], tl.float32)
         for b in range(0, nblk):
-            col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
-            x = _load_row(s_row, col, v_ok, stride_sv)
-            y = _load_row(t_row, col, v_ok, stride_tv)
+            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+            x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
             mx_s, sum_s = _lse_step_lanes(x, mx_s, sum_s, c)
             mx_u, sum_u = _lse_step_lanes(_bridged(y, x, a_t, a_s, beta, masked_bx), mx_u, sum_u, c)
         shift_s, log2s_s = _lse_combine(mx_s, sum_s, c)
@@ -167,10 +177,12 @@ def _bridge_kernel(
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
         acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane base-2 loss sums
+        x_next, y_next = _load_pair(s_row, t_row, (nblk - 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
         for i in range(0, nblk):
             col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
-            x = _load_row(s_row, col, v_ok, stride_sv)
-            y = _load_row(t_row, col, v_ok, stride_tv)
+            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+            # (the block before block 0 starts at -BLOCK_V: every column masked, nothing loads)
+            x_next, y_next = _load_pair(s_row, t_row, (nblk - 2 - i) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
             log2p = (x - shift_s) * c - log2s_s
             log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
             if REVERSE:  # KL(P || Q) = sum P (log P - log Q)
@@ -186,10 +198,11 @@ def _bridge_kernel(
 
         # ---- pass 3 (reverse direction only; blocks forward, pass 2 ended at block 0) ----
         if REVERSE and HAS_GRAD:
+            x_next, y_next = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
             for b in range(0, nblk):
                 col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
-                x = _load_row(s_row, col, v_ok, stride_sv)
-                y = _load_row(t_row, col, v_ok, stride_tv)
+                x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+                x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
                 log2p = (x - shift_s) * c - log2s_s
                 log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
                 p = tl.exp2(log2p)
