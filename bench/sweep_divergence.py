@@ -1,4 +1,4 @@
-"""Times every autotune config (block size, warps, per-row or per-lane sums) of the Triton draft_divergence kernel at the GPU
+"""Times every autotune config (block size, warps, per-row or per-lane sums, prefetch) of the Triton draft_divergence kernel at the GPU
 benchmark shape and prints them against the device's copy bandwidth.
 
     python bench/sweep_divergence.py
@@ -30,6 +30,7 @@ def main():
         rows.append((ms, config))
     for ms, config in sorted(rows, key=lambda row: row[0]):
         print(f"BLOCK_V={config.kwargs['BLOCK_V']:5d} warps={config.num_warps:2d} lanes={config.kwargs['LANES']:d} "
+              f"prefetch={config.kwargs['PREFETCH']:d} "
               f"{ms:7.3f} ms  {one_read / (ms * 1e-3) / copy:5.1%} of copy bandwidth (one read)")
 
 

@@ -124,10 +124,18 @@ def _block_columns(start, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _load_drafts(d_rows, col, v_ok, k_ok, stride_dv):
-    """d_rows, k_ok [K_PAD, 1]; col, v_ok [1, BLOCK_V]: the [K_PAD, BLOCK_V] tile of draft logits at columns col, float32, -inf where masked."""
+def _load_block(d_rows, k_ok, t_row, start, V, stride_dv, stride_tv, HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Columns [start, start + BLOCK_V) of the drafts (d_rows, k_ok [K_PAD, 1]: a [K_PAD, BLOCK_V]
+    tile) and of the target ([1, BLOCK_V]; -inf float32 without one), in the logits' dtype, -inf
+    where masked; columns outside [0, V) load nothing."""
+    col, v_ok = _block_columns(start, V, BLOCK_V)
+    v_ok = v_ok & (col >= 0)
     x = tl.load(d_rows + col * stride_dv, mask=k_ok & v_ok, other=float("-inf"))
-    return x.to(tl.float32)
+    if HAS_TARGET:
+        y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf"))
+    else:
+        y = tl.full([1, BLOCK_V], float("-inf"), tl.float32)
+    return x, y
 
 
 @triton.jit
@@ -174,6 +182,7 @@ def _divergence_kernel(
     LSE_ONLY: tl.constexpr,  # pass 1 only: stats are 0
     BLOCK_V: tl.constexpr,
     LANES: tl.constexpr,  # running sums per lane (reduced once at the end) or per row (every block)
+    PREFETCH: tl.constexpr,  # load each block one iteration ahead (registers for a second block)
 ):
     n = tl.program_id(0).to(tl.int64)
     N64 = n * 0 + N  # N as int64, so that row * N never overflows int32
@@ -200,12 +209,18 @@ def _divergence_kernel(
         s_q = _state(K_PAD, BLOCK_V, 0.0, LANES)
         mx_p = _state(1, BLOCK_V, float("-inf"), LANES)
         s_p = _state(1, BLOCK_V, 0.0, LANES)
+        # (PREFETCH: each pass loads block b + 1, in its order, before it works on block b, and
+        # carries it into the next iteration: the loads travel while a block is worked on)
+        x_next, y_next = _load_block(d_rows, k_ok, t_row, 0, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
         for b in range(0, nblk):
-            col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
-            mx_q, s_q = _lse_fold(_load_drafts(d_rows, col, v_ok, k_ok, stride_dv), mx_q, s_q, c, LANES)
+            if PREFETCH:
+                x, y = x_next, y_next
+                x_next, y_next = _load_block(d_rows, k_ok, t_row, (b + 1) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
+            else:
+                x, y = _load_block(d_rows, k_ok, t_row, b * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
+            mx_q, s_q = _lse_fold(x.to(tl.float32), mx_q, s_q, c, LANES)
             if HAS_TARGET:
-                y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
-                mx_p, s_p = _lse_fold(y, mx_p, s_p, c, LANES)
+                mx_p, s_p = _lse_fold(y.to(tl.float32), mx_p, s_p, c, LANES)
         mx_q, s_q = _lse_rows(mx_q, s_q, c)
         mx_p, s_p = _lse_rows(mx_p, s_p, c)
         lse_q = _lse_value(mx_q, s_q, inv_temperature)
@@ -226,9 +241,14 @@ def _divergence_kernel(
     kl_acc = _state(1, BLOCK_V, 0.0, LANES)  # m (log2 m - log2 p)
     hp_acc = _state(1, BLOCK_V, 0.0, LANES)  # p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
+        x_next, y_next = _load_block(d_rows, k_ok, t_row, (nblk - 1) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
         for i in range(0, nblk):
-            col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
-            x = _load_drafts(d_rows, col, v_ok, k_ok, stride_dv)
+            if PREFETCH:  # (the block before block 0 starts at -BLOCK_V: nothing loads)
+                x, y = x_next, y_next
+                x_next, y_next = _load_block(d_rows, k_ok, t_row, (nblk - 2 - i) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
+            else:
+                x, y = _load_block(d_rows, k_ok, t_row, (nblk - 1 - i) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
+            x, y = x.to(tl.float32), y.to(tl.float32)
             if HAS_TARGET:  # columns the mixture has: a finite logit in a draft of weight > 0
                 in_m = tl.max(tl.where(w > 0, x, float("-inf")), axis=0, keep_dims=True) > float("-inf")
             log2q = (x - shift_q) * c - log2s_q  # log2 q_kv (-inf if masked)
@@ -241,7 +261,6 @@ def _divergence_kernel(
             jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y(wq, log2q - log2m), axis=0, keep_dims=True), LANES)
             hm_acc = _fold_sum(hm_acc, _xlog2y(m, log2m), LANES)
             if HAS_TARGET:
-                y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf")).to(tl.float32)
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
                 p = tl.exp2(log2p)
                 # a column the mixture has and the target masks makes KL(m || p) +inf, also where
@@ -276,32 +295,46 @@ def _divergence_kernel(
 # is safe. num_stages=1: no software pipelining (the plain loads gain little from it, and its
 # shared-memory buffers would cost occupancy); other resident programs hide the latency.
 # Both ways of keeping the running sums are tried (LANES False: per row, a cross-warp reduction
-# every block, measured on an H200; True: per lane, reduced once at the end, not yet measured).
+# every block, measured on an H200; True: per lane, reduced once at the end, not yet measured),
+# each with and without loading every block one iteration ahead (PREFETCH, not yet measured).
 _AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_V": bv, "LANES": lanes}, num_warps=nw, num_stages=1)
+    triton.Config({"BLOCK_V": bv, "LANES": lanes, "PREFETCH": prefetch}, num_warps=nw, num_stages=1)
+    for prefetch in (False, True)
     for lanes in (False, True)
     for bv in (1024, 2048, 4096)
     for nw in (4, 8, 16)
 ]
 # Pass 2 keeps about two float32 values per tile element live (log2 q and q); past ~32
 # elements per thread ptxas spills (seen compiling for sm_90), so such configs are not tried.
+# A prefetched block costs about as much again (compiled for sm_90: 1024 x 4 warps with K = 4,
+# 118 -> 229 registers per row), so prefetching configs count their elements twice, and with
+# 16 warps (at most 128 registers a thread) four times (2048 x 16 warps per lane spilled 164 B).
 _MAX_ELEMENTS_PER_THREAD = 32
 # The variant that untuned launches use (the interpreter, FASTPROBE_AUTOTUNE=0): the first
-# surviving config with this LANES. Tests switch it to run both variants.
+# surviving config with this LANES and PREFETCH. Tests switch them to run every variant.
 UNTUNED_LANES = False
+UNTUNED_PREFETCH = False
 
 
 def _prune_configs(configs, named_args, **kwargs):
     k_pad = kwargs.get("K_PAD", named_args.get("K_PAD", 1))
 
     def per_thread(cfg):
-        return k_pad * cfg.kwargs["BLOCK_V"] // (32 * cfg.num_warps)
+        weight = (4 if cfg.num_warps > 8 else 2) if cfg.kwargs["PREFETCH"] else 1
+        return weight * k_pad * cfg.kwargs["BLOCK_V"] // (32 * cfg.num_warps)
 
     kept = [cfg for cfg in configs if per_thread(cfg) <= _MAX_ELEMENTS_PER_THREAD]
     if not kept:  # very many drafts: keep the smallest tiles per thread
         least = min(per_thread(cfg) for cfg in configs)
         kept = [cfg for cfg in configs if per_thread(cfg) == least]
     return kept
+
+
+def _untuned(kept):
+    """The config of untuned launches: the first with UNTUNED_LANES and UNTUNED_PREFETCH (with
+    very many drafts, the first with UNTUNED_LANES)."""
+    chosen = [cfg for cfg in kept if cfg.kwargs["LANES"] == UNTUNED_LANES]
+    return next((cfg for cfg in chosen if cfg.kwargs["PREFETCH"] == UNTUNED_PREFETCH), (chosen or kept)[0])
 
 
 _divergence_kernel_tuned = triton.autotune(
@@ -375,12 +408,14 @@ def draft_divergence(
     flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only)
     grid = (N,)
     if interpreter_enabled():
-        _divergence_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, LANES=UNTUNED_LANES, num_warps=4)
+        _divergence_kernel[grid](
+            *args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, LANES=UNTUNED_LANES, PREFETCH=UNTUNED_PREFETCH, num_warps=4
+        )
     elif config is None and autotune_enabled():
         launch_tuned(_divergence_kernel_tuned, _divergence_kernel, grid, args, flags, (draft.dtype, V, *flags.values()))
     else:
         kept = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)
-        config = config or next(cfg for cfg in kept if cfg.kwargs["LANES"] == UNTUNED_LANES)
+        config = config or _untuned(kept)
         _divergence_kernel[grid](
             *args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )

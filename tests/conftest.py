@@ -89,14 +89,19 @@ def _per_lane(param):
 def lanes_target(module: str):
     """The `target` fixture of a family whose Triton kernel keeps its running sums per row or per
     lane (an autotuned choice; untuned launches take fastprobe.kernels.<module>.UNTUNED_LANES):
-    every Triton target runs twice (ids ending in -lanes: per lane), and both ways must be right."""
+    every Triton target runs twice (ids ending in -lanes: per lane), and both ways must be right.
+    A module that can also load each block one iteration ahead (UNTUNED_PREFETCH) runs the
+    per-lane variant with it and the per-row one without."""
 
     @pytest.fixture(params=TARGETS + [_per_lane(param) for param in TARGETS if param.values[0][0] == "triton"])
     def target(request, monkeypatch):
         backend, device, *per_lane = request.param
         fastprobe.set_backend(backend)
         if backend == "triton":
-            monkeypatch.setattr(importlib.import_module(f"fastprobe.kernels.{module}"), "UNTUNED_LANES", bool(per_lane))
+            kernels = importlib.import_module(f"fastprobe.kernels.{module}")
+            monkeypatch.setattr(kernels, "UNTUNED_LANES", bool(per_lane))
+            if hasattr(kernels, "UNTUNED_PREFETCH"):
+                monkeypatch.setattr(kernels, "UNTUNED_PREFETCH", bool(per_lane))
         return backend, device
 
     return target
