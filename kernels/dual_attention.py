@@ -133,43 +133,19 @@ def _visible_scores(t, offs_n, n_ok, rows, real_base, stride_rn, pos, reach, fir
 
 @triton.jit
 def _kind_block(
-    q,  # [R, BLOCK_D] queries (input dtype)
-    m_i,  # [R] the state's running max of the base-2 scores
-    l_i,  # [R] sum 2^(t - m)
-    acc,  # [R, BLOCK_DV] sum 2^(t - m) v
-    k_base,
-    v_base,
-    real_base,
-    drop_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_rn,
-    stride_dn,
-    start,  # first key of the block
-    end,  # keys >= end are not in this program's range (masked blocks only)
-    pos,  # [R] query positions
-    reach,  # [R] the last key each row sees (HAS_HORIZON or CAUSAL)
-    first,  # [R] the first key each row sees (HAS_START only)
-    offs_d,
-    d_ok,
-    offs_dv,
-    dv_ok,
+    q, m_i, l_i, acc,  # [R, BLOCK_D] queries; the state: [R] max and sum of 2^(t - m), [R, BLOCK_DV] acc
+    k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
+    start, end,  # the block's first key; keys >= end are not in this program's range (masked blocks)
+    pos, reach, first,  # [R] the rows' positions, last keys (HAS_HORIZON or CAUSAL), first keys (HAS_START)
+    offs_d, d_ok, offs_dv, dv_ok,
     window,  # > every |p - j| when there is no window
     qk_scale,  # scale log2(e)
     kind,  # the keys of this state: 1 dropped, 0 kept, -1 every key (masked blocks only)
     MASKED: tl.constexpr,  # False: every key of the block is real, visible to every row and of the kind
-    CAUSAL: tl.constexpr,
-    HAS_HORIZON: tl.constexpr,
-    HAS_START: tl.constexpr,
-    HAS_KEY_REAL: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr, HAS_KEY_REAL: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-):
+):  # fmt: skip
     """One key block [start, start + BLOCK_N) of one state (prefill): its visible keys of the kind."""
     offs_n, n_ok, rows, t, v = _block_scores(
         q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
