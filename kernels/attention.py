@@ -145,8 +145,29 @@ def _tanh(x):
 
 
 @triton.jit
+def _tail_columns(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """The head dim's tail columns [BLOCK_D, BLOCK_D + BLOCK_DT) and which are < HEAD_DIM."""
+    offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+    return offs_dt, offs_dt < HEAD_DIM
+
+
+@triton.jit
+def _tail_rows(ptr, b, h, rows, stride_b, stride_h, stride_m, stride_d, row_ok, q,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):  # fmt: skip
+    """The tail columns of rows `rows` of head (b, h) of a [B, H, L, D] tensor: [R, BLOCK_DT], 0
+    outside; q (the head columns, a stand-in never read) when there is no tail (BLOCK_DT = 0)."""
+    if BLOCK_DT > 0:
+        offs_dt, dt_ok = _tail_columns(HEAD_DIM, BLOCK_D, BLOCK_DT)
+        return _load_rows(ptr, b, h, rows, stride_b, stride_h, stride_m, stride_d, offs_dt, row_ok, dt_ok,
+                          HEAD_DIM == BLOCK_D + BLOCK_DT)  # fmt: skip
+    else:
+        return q
+
+
+@triton.jit
 def _block_scores(
-    q,  # [R, BLOCK_D] queries (input dtype)
+    q,  # [R, BLOCK_D] queries (input dtype): head-dim columns [0, BLOCK_D)
+    q_t,  # [R, BLOCK_DT] columns [BLOCK_D, BLOCK_D + BLOCK_DT) (_tail_rows; q itself when BLOCK_DT = 0)
     k_base,
     v_base,
     stride_kn,
@@ -163,7 +184,9 @@ def _block_scores(
     softcap,  # c log2(e) (HAS_SOFTCAP only)
     MASKED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
     EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -176,9 +199,15 @@ def _block_scores(
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < end
     rows = offs_n.to(tl.int64)
-    k = _load_tile(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKED, EVEN_D)
+    k = _load_tile(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKED, HEAD_DIM >= BLOCK_D)
     v = _load_tile(v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd, n_ok, dv_ok, MASKED, EVEN_DV)
-    t = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale
+    t = _dot(q, tl.trans(k), None, DOT_PRECISION, UPCAST)
+    if BLOCK_DT > 0:  # the head dim's tail (e.g. 192 = 128 + 64): its own product, added
+        offs_dt, dt_ok = _tail_columns(HEAD_DIM, BLOCK_D, BLOCK_DT)
+        k_t = _load_tile(k_base + rows[:, None] * stride_kn + offs_dt[None, :] * stride_kd, n_ok, dt_ok, MASKED,
+                         HEAD_DIM == BLOCK_D + BLOCK_DT)  # fmt: skip
+        t = _dot(q_t, tl.trans(k_t), t, DOT_PRECISION, UPCAST)
+    t = t * qk_scale
     if HAS_SOFTCAP:  # t = c log2(e) tanh(scale q . k / c)
         t = softcap * _tanh(t)
     return offs_n, n_ok, rows, t, v
@@ -217,6 +246,7 @@ def _per_row(end, ROW_ENDS: tl.constexpr):
 @triton.jit
 def _attend_block(
     q,  # [R, BLOCK_D] queries (input dtype)
+    q_t,  # [R, BLOCK_DT] their head dim's tail (see _block_scores)
     m_i,  # [R] running max of the base-2 logits (-inf: nothing seen yet)
     l_i,  # [R] sum 2^(t - m)
     acc,  # [R, BLOCK_DV] sum 2^(t - m) v
@@ -257,7 +287,9 @@ def _attend_block(
     HAS_GROUPS: tl.constexpr,
     ENTROPY: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
     EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -267,8 +299,8 @@ def _attend_block(
 ):
     """One key block [start, start + BLOCK_N) of the online softmax (see the module docstring)."""
     offs_n, n_ok, rows, t, v = _block_scores(
-        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
-        qk_scale, softcap, MASKED, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        q, q_t, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
+        qk_scale, softcap, MASKED, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     if MASKED:
         key_ok = _real_keys(real_base, rows, stride_rn, n_ok, HAS_KEY_REAL)
@@ -580,6 +612,7 @@ def _attention_fwd_kernel(
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,  # the head dim's tail past BLOCK_D (0: none; see _dot_flags)
     VALUE_DIM: tl.constexpr,  # v's head dim (multi-head latent attention: may differ from HEAD_DIM)
     BLOCK_DV: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -600,7 +633,7 @@ def _attention_fwd_kernel(
 ):
     GROUP_DOT: tl.constexpr = _GROUP_DOT
     bh, b, h, kvh, m0, offs_m, m_ok, pos = _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_D: tl.constexpr = HEAD_DIM >= BLOCK_D  # (the head columns are all real)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
@@ -622,6 +655,7 @@ def _attention_fwd_kernel(
     )
     rows_m = offs_m.to(tl.int64)
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
+    q_t = _tail_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, m_ok, q, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
     # ---- online softmax state ----
     c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
@@ -634,31 +668,31 @@ def _attention_fwd_kernel(
 
     for start in range(sink_lo, sink_hi, BLOCK_N):  # sink keys before the window band
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
             start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window, first keys)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
             start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(a, c, BLOCK_N):  # interior: no masks
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
             start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal / horizon, window, Lk)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
             start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     # ---- outputs ----
@@ -683,12 +717,12 @@ def _attention_fwd_kernel(
 @triton.jit
 def _split_program(
     q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """The (key split, b, kv head) of a decode program on a 1-D grid of num_splits B Hkv, its
     query rows r = (query head kvh kv_group + r // Lq, query r % Lq) for r < kv_group Lq, and
     their queries. Returns (pid, split, bkv, b, kvh, r, r_ok, h [R], pos [R], offs_d, d_ok,
-    q [BLOCK_R, BLOCK_D])."""
+    q [BLOCK_R, BLOCK_D], q_t [BLOCK_R, BLOCK_DT]: the head dim's tail, q without one)."""
     pid = tl.program_id(0).to(tl.int64)
     split = (pid % num_splits).to(tl.int32)
     bkv = pid // num_splits
@@ -701,8 +735,12 @@ def _split_program(
     h = kvh * kv_group + r // Lq
     qi = r % Lq
     q_rows = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh + qi.to(tl.int64) * stride_qm
-    q = _load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, r_ok, d_ok, True, HEAD_DIM == BLOCK_D)
-    return pid, split, bkv, b, kvh, r, r_ok, h, Lk - Lq + qi, offs_d, d_ok, q
+    q = _load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, r_ok, d_ok, True, HEAD_DIM >= BLOCK_D)
+    q_t = q
+    if BLOCK_DT > 0:
+        offs_dt, dt_ok = _tail_columns(HEAD_DIM, BLOCK_D, BLOCK_DT)
+        q_t = _load_tile(q_rows[:, None] + offs_dt[None, :] * stride_qd, r_ok, dt_ok, True, HEAD_DIM == BLOCK_D + BLOCK_DT)
+    return pid, split, bkv, b, kvh, r, r_ok, h, Lk - Lq + qi, offs_d, d_ok, q, q_t
 
 
 @triton.jit
@@ -804,6 +842,7 @@ def _attention_split_kernel(
     stride_fb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,  # the head dim's tail past BLOCK_D (0: none; see _dot_flags)
     VALUE_DIM: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr,  # >= kv_group * Lq rows, >= 16 (tl.dot)
@@ -822,10 +861,10 @@ def _attention_split_kernel(
     BLOCK_N: tl.constexpr,
 ):
     GROUP_DOT: tl.constexpr = False
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
-    pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q = _split_program(
-        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_R
+    pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q, q_t = _split_program(
+        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_DT,
+        BLOCK_R
     )
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
@@ -857,17 +896,17 @@ def _attention_split_kernel(
     ent = tl.zeros([BLOCK_R], tl.float32)
     for start in range(sink_lo, sink_hi, BLOCK_N):
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
             start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
             start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, EVEN_D, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
 
     # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
@@ -1039,7 +1078,8 @@ def _tile_values(kwargs, accumulators=1) -> int:
 def _model_widths(kwargs) -> tuple:
     """(block_d, even_d) for the register and shared-memory model: the wider of the query / key
     and value tiles (equal but for multi-head latent attention), and whether both are unpadded."""
-    block_d, block_dv = kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", kwargs["BLOCK_D"])
+    block_d = kwargs["BLOCK_D"] + kwargs.get("BLOCK_DT", 0)  # (a head dim in two blocks: their sum)
+    block_dv = kwargs.get("BLOCK_DV", block_d)
     even = kwargs.get("HEAD_DIM", block_d) == block_d and kwargs.get("VALUE_DIM", block_dv) == block_dv
     return max(block_d, block_dv), even
 
@@ -1185,11 +1225,25 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     return B, Hq, Hkv, Lq, Lk, D, Dv
 
 
+def _head_blocks(head_dim: int) -> tuple:
+    """(BLOCK_D, BLOCK_DT): the query / key head dim as one power-of-two block, or as a head
+    block and a tail block (each a power of two >= 16, for tl.dot) when the two cover less
+    padding: 192 = 128 + 64 (not 256), 96 = 64 + 32, 80 = 64 + 16, 40 = 32 + 16 (not 64)."""
+    whole = _next_pow2_at_least(head_dim, 16)
+    head = whole // 2
+    tail = _next_pow2_at_least(head_dim - head, 16) if head_dim > head else 0
+    if head >= 16 and tail and head + tail < whole:
+        return head, tail
+    return whole, 0
+
+
 def _dot_flags(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
     """The constexprs of the products every attention kernel shares."""
+    block_d, block_dt = _head_blocks(head_dim)
     return dict(
         HEAD_DIM=head_dim,
-        BLOCK_D=_next_pow2_at_least(head_dim, 16),
+        BLOCK_D=block_d,
+        BLOCK_DT=block_dt,
         VALUE_DIM=value_dim,
         BLOCK_DV=_next_pow2_at_least(value_dim, 16),
         # float32 products in full float32 (tf32 would cost ~1e-3 relative); ignored otherwise

@@ -92,6 +92,7 @@ from .attention import (
     _split_program,
     _store_partial,
     _store_rows,
+    _tail_rows,
 )
 
 __all__ = ["dual_path_attention"]
@@ -133,7 +134,7 @@ def _visible_scores(t, offs_n, n_ok, rows, real_base, stride_rn, pos, reach, fir
 
 @triton.jit
 def _kind_block(
-    q, m_i, l_i, acc,  # [R, BLOCK_D] queries; the state: [R] max and sum of 2^(t - m), [R, BLOCK_DV] acc
+    q, q_t, m_i, l_i, acc,  # queries (head, tail: see _block_scores); the state: [R] m and l, [R, BLOCK_DV] acc
     k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
     start, end,  # the block's first key; keys >= end are not in this program's range (masked blocks)
     pos, reach, first,  # [R] the rows' positions, last keys (HAS_HORIZON or CAUSAL), first keys (HAS_START)
@@ -143,13 +144,13 @@ def _kind_block(
     kind,  # the keys of this state: 1 dropped, 0 kept, -1 every key (masked blocks only)
     MASKED: tl.constexpr,  # False: every key of the block is real, visible to every row and of the kind
     CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr, HAS_KEY_REAL: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One key block [start, start + BLOCK_N) of one state (prefill): its visible keys of the kind."""
     offs_n, n_ok, rows, t, v = _block_scores(
-        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
-        qk_scale, 0.0, MASKED, False, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        q, q_t, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
+        qk_scale, 0.0, MASKED, False, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     if MASKED:
         t, _ = _visible_scores(
@@ -164,6 +165,7 @@ def _kind_block(
 @triton.jit
 def _dual_block(
     q,  # [R, BLOCK_D] queries (input dtype)
+    q_t,  # [R, BLOCK_DT] their head dim's tail (see attention.py's _block_scores)
     m1,  # [R] state 1 (kept keys): running max of the base-2 scores
     l1,  # [R] sum 2^(t - m1)
     acc1,  # [R, BLOCK_DV] sum 2^(t - m1) v
@@ -195,7 +197,9 @@ def _dual_block(
     HAS_HORIZON: tl.constexpr,
     HAS_START: tl.constexpr,
     HAS_KEY_REAL: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
     EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -204,8 +208,8 @@ def _dual_block(
     """One key block [start, start + BLOCK_N) of both states (decode splits): scores once, then
     the state(s) its keys feed."""
     offs_n, n_ok, rows, t, v = _block_scores(
-        q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
-        qk_scale, 0.0, True, False, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        q, q_t, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, offs_d, d_ok, offs_dv, dv_ok,
+        qk_scale, 0.0, True, False, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     t, key_ok = _visible_scores(
         t, offs_n, n_ok, rows, real_base, stride_rn, pos, reach, first, window, CAUSAL, HAS_HORIZON, HAS_START,
@@ -257,15 +261,16 @@ def _run_blocks(lo, hi, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _kind_pass(
-    q,
+    q, q_t,  # queries: the head dim's head and tail columns (see attention.py's _block_scores)
     kind,  # the keys of the state: 1 dropped, 0 kept, -1 every key
     plain0, plain0_end, plain1, plain1_end,  # runs of blocks without masks
     mixed0, mixed0_end, mixed1, mixed1_end, mixed2, mixed2_end, mixed3, mixed3_end,  # runs of masked blocks
     k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
     end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
     CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr, HAS_KEY_REAL: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax state (m, l, acc) of the prefill over the key blocks of the runs
     [start, end) given (each a block start, and an end that is one or the band's end): two
@@ -276,9 +281,9 @@ def _kind_pass(
     for i in range(0, n0 + _run_blocks(plain1, plain1_end, BLOCK_N)):
         start = tl.where(i < n0, plain0 + i * BLOCK_N, plain1 + (i - n0) * BLOCK_N)
         m, l, acc = _kind_block(
-            q, m, l, acc, k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            q, q_t, m, l, acc, k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_rn, stride_dn, start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale, kind,
-            False, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            False, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     c0 = _run_blocks(mixed0, mixed0_end, BLOCK_N)
     c1 = c0 + _run_blocks(mixed1, mixed1_end, BLOCK_N)
@@ -287,9 +292,9 @@ def _kind_pass(
         start = tl.where(i < c1, tl.where(i < c0, mixed0 + i * BLOCK_N, mixed1 + (i - c0) * BLOCK_N),
                          tl.where(i < c2, mixed2 + (i - c1) * BLOCK_N, mixed3 + (i - c2) * BLOCK_N))  # fmt: skip
         m, l, acc = _kind_block(
-            q, m, l, acc, k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            q, q_t, m, l, acc, k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_rn, stride_dn, start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale, kind,
-            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            True, CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     return m, l, acc
 
@@ -400,6 +405,7 @@ def _dual_fwd_kernel(
     LK_BUCKET,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,  # the head dim's tail past BLOCK_D (0: none)
     VALUE_DIM: tl.constexpr,  # v's head dim (may differ from HEAD_DIM)
     BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -414,7 +420,7 @@ def _dual_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     bh, b, h, kvh, m0, offs_m, m_ok, pos = _fwd_program(Hq, Lq, Lk, kv_group, BLOCK_M)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_D: tl.constexpr = HEAD_DIM >= BLOCK_D  # (the head columns are all real)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
@@ -435,6 +441,7 @@ def _dual_fwd_kernel(
     )
     rows_m = offs_m.to(tl.int64)
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
+    q_t = _tail_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, m_ok, q, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
     selected = tl.load(rows_ptr + b * stride_sb + rows_m * stride_sm, mask=m_ok, other=0) != 0
     if WRITE_PATHS:  # every row needs both paths
@@ -463,10 +470,11 @@ def _dual_fwd_kernel(
     x = tl.where(inner, x, hi2)
     y = tl.where(inner, y, hi2)
     m2, l2, acc2 = _kind_pass(
-        q, 1, x, y, y, y, lo2, x, y, hi2, y, y, y, y,
+        q, q_t, 1, x, y, y, y, lo2, x, y, hi2, y, y, y, y,
         k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
         band_end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-        CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N,
+        DOT_PRECISION, UPCAST,
     )  # fmt: skip
     parked = tl.where(split, m_ok, False)  # (m_ok & split: not a bool mask under the interpreter)
     _store_rows(scratch_ptr, b, h, rows_m, stride_xb, stride_xh, stride_xm, stride_xd, offs_dv, parked, dv_ok, acc2)
@@ -475,11 +483,12 @@ def _dual_fwd_kernel(
     # interior less [out_lo, out_hi), masked over the band's edges and the interior's blocks in
     # [out_lo, out_hi) that are not all dropped
     m1, l1, acc1 = _kind_pass(
-        q, tl.where(split, 0, -1), a, tl.minimum(c, out_lo), tl.maximum(a, out_hi), c,
+        q, q_t, tl.where(split, 0, -1), a, tl.minimum(c, out_lo), tl.maximum(a, out_hi), c,
         lo_blk, a, c, band_end, tl.maximum(a, out_lo), tl.minimum(c, in_lo), tl.maximum(a, in_hi), tl.minimum(c, out_hi),
         k_base, v_base, real_base, drop_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn,
         band_end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-        CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+        CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N,
+        DOT_PRECISION, UPCAST,
     )  # fmt: skip
     tl.debug_barrier()  # the scratch written above by other threads of the program
     acc2 = _load_rows(scratch_ptr, b, h, rows_m, stride_xb, stride_xh, stride_xm, stride_xd, offs_dv, parked, dv_ok, EVEN_DV)
@@ -536,6 +545,7 @@ def _dual_split_kernel(
     stride_fb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,  # the head dim's tail past BLOCK_D (0: none)
     VALUE_DIM: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_R: tl.constexpr,  # >= kv_group * Lq rows, >= 16 (tl.dot)
@@ -547,10 +557,10 @@ def _dual_split_kernel(
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = VALUE_DIM == BLOCK_DV
-    pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q = _split_program(
-        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_R
+    pid, split, bkv, b, kvh, r, r_ok, h, pos, offs_d, d_ok, q, q_t = _split_program(
+        q_ptr, stride_qb, stride_qh, stride_qm, stride_qd, Hkv, Lq, Lk, kv_group, num_splits, HEAD_DIM, BLOCK_D, BLOCK_DT,
+        BLOCK_R,
     )
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < VALUE_DIM
@@ -564,10 +574,10 @@ def _dual_split_kernel(
     m1, l1, acc1, m2, l2, acc2 = _empty_states(BLOCK_R, BLOCK_DV)
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
         m1, l1, acc1, m2, l2, acc2 = _dual_block(
-            q, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
+            q, q_t, m1, l1, acc1, m2, l2, acc2, k_base, v_base, real_base, drop_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_dn, start, end, pos, reach, first,
             offs_d, d_ok, offs_dv, dv_ok, window, qk_scale,
-            CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, EVEN_D, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
+            CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, DOT_PRECISION, UPCAST,
         )  # fmt: skip
     part = (bkv * num_splits + split) * 2  # state 1 at part, state 2 at part + 1
     _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m1, l1, acc1, 2, BLOCK_R, BLOCK_DV)
