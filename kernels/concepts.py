@@ -374,11 +374,13 @@ def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
     block_sizes = [_INTERPRET_BLOCKS["BLOCK_V"]] + [config.kwargs["BLOCK_V"] for config in configs]
     if any(block % meta["ID_BLOCK"] for block in block_sizes):
         raise ValueError(f"vocabulary blocks must be multiples of the ConceptSet's id blocks ({meta['ID_BLOCK']})")
+    if autotune_enabled() and not interpreter_enabled():
+        # tuned per dtype, V and the constexprs (args[0]: the logits [N, V])
+        launch_tuned(tuned, kernel, grid, args, meta, (args[0].dtype, args[0].shape[1], *meta.values()))
+        return
     config = next(config for config in configs if config.kwargs.get("LANES", UNTUNED_LANES) == UNTUNED_LANES)
     if interpreter_enabled():
         kernel[grid](*args, **meta, **{**config.kwargs, "BLOCK_V": _INTERPRET_BLOCKS["BLOCK_V"]})
-    elif autotune_enabled():  # (tuned per dtype, V and the constexprs; args[0]: the logits [N, V])
-        launch_tuned(tuned, kernel, grid, args, meta, (args[0].dtype, args[0].shape[1], *meta.values()))
     else:
         kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 

@@ -211,7 +211,8 @@ def _divergence_kernel(
         s_p = _state(1, BLOCK_V, 0.0, LANES)
         # (PREFETCH: each pass loads block b + 1, in its order, before it works on block b, and
         # carries it into the next iteration: the loads travel while a block is worked on)
-        x_next, y_next = _load_block(d_rows, k_ok, t_row, 0, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
+        if PREFETCH:
+            x_next, y_next = _load_block(d_rows, k_ok, t_row, 0, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
         for b in range(0, nblk):
             if PREFETCH:
                 x, y = x_next, y_next
@@ -241,7 +242,8 @@ def _divergence_kernel(
     kl_acc = _state(1, BLOCK_V, 0.0, LANES)  # m (log2 m - log2 p)
     hp_acc = _state(1, BLOCK_V, 0.0, LANES)  # p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
-        x_next, y_next = _load_block(d_rows, k_ok, t_row, (nblk - 1) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
+        if PREFETCH:
+            x_next, y_next = _load_block(d_rows, k_ok, t_row, (nblk - 1) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
         for i in range(0, nblk):
             if PREFETCH:  # (the block before block 0 starts at -BLOCK_V: nothing loads)
                 x, y = x_next, y_next
