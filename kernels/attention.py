@@ -1060,13 +1060,11 @@ def _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d, accumulators=1, oper
     return (rows * block_d + c * rows * block_n + kv) / threads / _MAX_TILE_REGS + extra_acc
 
 
-def _fits(rows, block_n, block_d, elt, cfg, smem, c, even_d, accumulators=1, operands=False, spill_free=False) -> bool:
-    """Whether a config's tiles fit the registers (model above; spill_free: known to, whatever
-    the model says) and shared memory (Q, and K + V for each pipeline stage: this estimate
-    matched Triton's allocation exactly for 16-bit)."""
+def _fits(rows, block_n, block_d, elt, cfg, smem, c, even_d, accumulators=1, operands=False) -> bool:
+    """Whether a config's tiles fit the registers (model above) and shared memory (Q, and K + V
+    for each pipeline stage: this estimate matched Triton's allocation exactly for 16-bit)."""
     shared = (rows * block_d + 2 * cfg.num_stages * block_n * block_d) * elt
-    regs_ok = spill_free or _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d, accumulators, operands) <= 1
-    return regs_ok and shared <= smem
+    return _tile_regs(rows, block_n, block_d, elt, cfg, c, even_d, accumulators, operands) <= 1 and shared <= smem
 
 
 def _tile_values(kwargs, accumulators=1) -> int:
@@ -1092,7 +1090,6 @@ def _prune_fwd(configs, named_args, **kwargs):
     lq = named_args.get("Lq", 1 << 30)
     smem = _smem_of(q)
     c = _tile_values(kwargs)
-    stats = bool(kwargs.get("HAS_GROUPS") or kwargs.get("ENTROPY"))
     own = [cfg for cfg in configs if (id(cfg) in _F32_IDS) == (elt == 4)] or list(configs)
     kept = []
     for cfg in own:
@@ -1103,11 +1100,7 @@ def _prune_fwd(configs, named_args, **kwargs):
             continue
         if elt != 4 and bn < 32 and block_d < 256:
             continue
-        # the model over-counts the statistics for this tile: 128 x 64, 8 warps, 3 stages
-        # compiles for sm_90 without spills with 3 key groups and / or the entropy at D = 64
-        # and 128 (bench/NOTES.md, "Statistics tiles"), where the model allows only 32-key blocks
-        stats_tile = stats and elt != 4 and block_d <= 128 and (bm, bn, cfg.num_warps, cfg.num_stages) == (128, 64, 8, 3)
-        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d, spill_free=stats_tile):
+        if _fits(bm, bn, block_d, elt, cfg, smem, c, even_d):
             kept.append(cfg)
     # nothing fits (a very large head dim): the smallest tiles
     return kept or [min(own, key=lambda cfg: (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"], cfg.num_stages))]

@@ -184,6 +184,58 @@ def test_matches_reference(target, dtype, ratio, config):
         assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
 
 
+def each_prefill_config(monkeypatch, module, target, call):
+    """Calls call() once per prefill config that pruning keeps for its launch on this device and
+    yields (config name, result): the autotuner may pick any of them, untuned runs test only the
+    first (on an H200, one of them miscompiled with key groups, 2026-11-30). On CUDA each
+    config runs as the only one (untuned); under the interpreter, which ignores warps and
+    stages, each distinct tile of every config (pruned or not: the logic of each tile)."""
+    kept, launch = [], module._launch
+    interpreted = target[1] != "cuda"
+
+    def spy(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets=()):
+        if prune is module._prune_fwd:
+            kept[:] = configs if interpreted else prune(configs, prune_args, **flags)
+        launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets)
+
+    monkeypatch.setenv("FASTPROBE_AUTOTUNE", "0")
+    monkeypatch.setattr(module, "_launch", spy)
+    call()
+    monkeypatch.setattr(module, "_launch", launch)
+    assert kept, "no prefill launch"
+    tiles = {}
+    for cfg in kept:
+        tiles.setdefault((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]), cfg)
+    for cfg in tiles.values() if interpreted else kept:
+        if interpreted:
+            monkeypatch.setattr(module, "_INTERPRET_FWD_BLOCKS", dict(cfg.kwargs))
+        else:
+            monkeypatch.setattr(module, "_FWD_CONFIGS", [cfg])
+        yield f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}", call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", ["key-groups", "everything"])
+def test_every_prefill_config(monkeypatch, target, dtype, config):
+    """Each prefill config pruning keeps (see each_prefill_config), with the statistics on."""
+    backend, device = target
+    if backend != "triton":
+        pytest.skip("configs are the Triton kernel's")
+    from fastprobe.kernels import attention as kernels
+
+    shapes = [(1, 2, 140, 140, 32)] if is_interpreter(target) else [(1, 4, 300, 300, 128), (2, 4, 150, 170, 64)]
+    for batch, num_heads, num_queries, num_keys, head_dim in shapes:
+        q, k, v = random_qkv(batch, num_heads, num_heads // 2, num_queries, num_keys, head_dim, dtype, device)
+        options = make_options(config, batch, num_heads, num_keys, device)
+        want = expected(q, k, v, **options)
+        run = lambda: fp.sink_attention(q, k, v, return_entropy=True, **options)  # noqa: E731
+        for name, result in each_prefill_config(monkeypatch, kernels, target, run):
+            try:
+                assert_matches(result, want, dtype, "key_groups" in options, True)
+            except AssertionError as error:
+                raise AssertionError(f"config {name}: {error}") from None
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", ["causal", "window+sinks", "left-padding", "everything"])
 def test_decode_one_query(target, dtype, config):

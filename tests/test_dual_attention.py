@@ -10,7 +10,8 @@ from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
 from .test_attention import (
-    DTYPES, OUT_TOLERANCE, chunk_ids, image_blocks, is_interpreter, padding_mask, random_qkv, random_segments,
+    DTYPES, OUT_TOLERANCE, chunk_ids, each_prefill_config, image_blocks, is_interpreter, padding_mask, random_qkv,
+    random_segments,
 )
 
 
@@ -57,6 +58,29 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
                        bidirectional_blocks=image_blocks(batch, num_keys, device))
         got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
         assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_every_prefill_config(monkeypatch, target, dtype, rows):
+    """Each prefill config that pruning keeps (each_prefill_config in test_attention.py)."""
+    backend, device = target
+    if backend != "triton":
+        pytest.skip("configs are the Triton kernel's")
+    from fastprobe.kernels import dual_attention as kernels
+
+    shapes = [(1, 2, 1, 140, 140, 32)] if is_interpreter(target) else [(1, 4, 2, 300, 300, 128), (2, 4, 4, 150, 170, 64)]
+    for batch, heads, kv_heads, num_queries, num_keys, head_dim in shapes:
+        q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
+        drop = image_keys(batch, num_keys, device)
+        options = dict(gamma=0.7, rows=rows, key_padding_mask=padding_mask(batch, num_keys, "mixed", device))
+        want = expected(q, k, v, drop, **options)
+        run = lambda: fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)  # noqa: E731
+        for name, got in each_prefill_config(monkeypatch, kernels, target, run):
+            try:
+                assert_paths_match(got, want, dtype)
+            except AssertionError as error:
+                raise AssertionError(f"config {name}: {error}") from None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
