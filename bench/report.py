@@ -1,4 +1,5 @@
-"""Markdown results table from pytest-benchmark JSON files (bench/results/*.json).
+"""Markdown results table from pytest-benchmark JSON files (bench/results/*.json). A row measured
+again (same op, device, problem and implementation) in a later run replaces the earlier one.
 
     python bench/report.py bench/results/*.json
 """
@@ -43,9 +44,17 @@ def main(paths):
               "of copy bandwidth", "date")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row)
     for path in paths:
+        with open(path) as handle:
+            when = json.load(handle).get("datetime", "")
         for row in rows(path):
-            print("| " + " | ".join(row) + " |")
+            key = row[:4]
+            first = latest[key][1] if key in latest else len(latest)
+            if key not in latest or when >= latest[key][0]:
+                latest[key] = (when, first, row)
+    for _, _, row in sorted(latest.values(), key=lambda entry: entry[1]):
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
