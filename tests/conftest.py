@@ -3,6 +3,9 @@
 * Every output a kernel returns starts as NaN (fastprobe.ops._common.POISON_OUTPUTS),
   so an element a kernel forgot to write fails the comparison.
 * Inputs are fresh random draws each run; the seed is printed on failure.
+* A test that loses the CUDA context (illegal memory access, ...) takes down only itself: its
+  xdist worker exits and is replaced, or in one process later gpu tests are skipped
+  (tests/_worker_guard.py).
 * `-m gpu` tests need CUDA; `-m interpreter` tests run the Triton kernels on CPU
   through the Triton interpreter and need TRITON_INTERPRET=1 set before triton is
   imported, so they run in their own pytest process (see README).
@@ -18,10 +21,17 @@ import fastprobe
 from fastprobe.backend import interpreter_enabled
 from fastprobe.ops import _common
 
+from . import _worker_guard
+
 _common.POISON_OUTPUTS = True
 
 INTERPRETER = interpreter_enabled()
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.is_registered(_worker_guard):  # unless loaded with -p
+        config.pluginmanager.register(_worker_guard, "fastprobe_worker_guard")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,7 +50,10 @@ def pytest_collection_modifyitems(config, items):
 def fresh_seed(request):
     """A new seed per test, reported in the failure output."""
     seed = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(seed)
+    if _worker_guard.lost_by is None:
+        torch.manual_seed(seed)
+    else:  # the CUDA context is lost (one process, no xdist): seeding CUDA would raise again
+        torch.default_generator.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield seed
     fastprobe.set_backend(None)
