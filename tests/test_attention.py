@@ -565,6 +565,44 @@ def test_hand_made_key_masks_ends_are_clamped(target):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
+def test_key_ends_without_padding_are_made_once(target):
+    """A call without a padding mask reuses one constant key-ends tensor per (B, end, device);
+    the results stay those of the reference in and out of inference mode, for every batch size."""
+    from fastprobe.ops import attention as attention_ops
+
+    _, device = target
+    for batch in (1, 3):
+        masks = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
+        again = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
+        assert masks.sink_end is again.sink_end and masks.stat_end is again.stat_end
+        assert masks.sink_end.tolist() == [2] * batch and masks.stat_end.tolist() == [1] * batch
+        q, k, v = random_qkv(batch, 2, 2, 7, 9, 16, torch.float32, device)
+        want = expected(q, k, v, num_sink=2, window=3)
+        with torch.inference_mode():
+            assert_matches(fp.sink_attention(q, k, v, num_sink=2, window=3), want, torch.float32, False, False)
+        assert_matches(fp.sink_attention(q, k, v, num_sink=2, window=3), want, torch.float32, False, False)
+    assert attention_ops._constant_ends(1, 2, device) is not attention_ops._constant_ends(1, 3, device)
+
+
+@pytest.mark.gpu
+def test_key_ends_first_made_inside_a_cuda_graph_capture():
+    """A call whose constant key ends do not exist yet, captured in a CUDA graph: they are made
+    fresh there (filled only at replay) and not kept, so later eager calls get filled ones."""
+    batch = 5  # a batch size no other test uses, so its key ends are made inside the capture
+    q, k, v = random_qkv(batch, 4, 2, 33, 33, 64, torch.bfloat16, "cuda")
+    fp.sink_attention(q[:1], k[:1], v[:1])  # compiled (and tuned) outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = fp.sink_attention(q, k, v, num_sink=7, stat_tokens=3)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = expected(q, k, v, num_sink=7, stat_tokens=3)
+    assert_matches(captured, want, torch.bfloat16, False, False)
+    assert_matches(fp.sink_attention(q, k, v, num_sink=7, stat_tokens=3), want, torch.bfloat16, False, False)
+
+
 @pytest.mark.parametrize("num_sink,stat_tokens", [(0, 1), (3, 2), (0, 0)])
 @pytest.mark.parametrize("side", ["left", "right", "none"])
 def test_reused_key_masks_give_the_same_result(target, num_sink, stat_tokens, side):

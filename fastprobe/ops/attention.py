@@ -128,11 +128,37 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
     return torch.minimum(position + 1, last + 1)
 
 
+_CONSTANT_ENDS: dict = {}  # (B, end, device) -> int64 [B] filled with end; only ever read
+
+
+def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
+    """torch.full((batch,), end), made once per (batch, end, device) and then reused: the key ends
+    of every call without a padding mask, so such a call allocates and launches two fills fewer
+    (host time is most of a short call's on a GPU, bench/NOTES.md). Made fresh while compiling
+    or capturing a CUDA graph (a tensor made inside a capture is filled only at replay)."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (batch, end, device)
+    ends = _CONSTANT_ENDS.get(key)
+    if ends is None:
+        if is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return torch.full((batch,), end, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):  # a plain tensor, also when first made in inference mode
+            ends = torch.full((batch,), end, dtype=torch.int64, device=device)
+        if device.type == "cuda":  # filled before any stream reads it
+            torch.cuda.current_stream(device).synchronize()
+        if len(_CONSTANT_ENDS) >= 256:
+            _CONSTANT_ENDS.clear()
+        _CONSTANT_ENDS[key] = ends
+    return ends
+
+
 def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
     """end [B] int64 such that the first `count` real keys of row b are exactly the real keys
     j < end[b] (when the row has fewer real keys: an end past all of them). No host sync."""
     if real is None or count == 0:
-        return torch.full((batch,), min(count, num_keys), dtype=torch.int64, device=device)
+        return _constant_ends(batch, min(count, num_keys), device)
     if count == 1:  # just past the first real key (a row without one has nothing to count anyway)
         return real.argmax(-1) + 1
     reached = real.to(torch.int32).cumsum(-1) >= count
@@ -256,9 +282,7 @@ def _sink_attention_op(
             q, k, v, args, out, lse, sink_mass,
             group_mass if key_groups is not None else None, entropy if return_entropy else None,
         )
-    if key_groups is None:
-        group_mass.zero_()  # [.., 0]: nothing to write, kept for a uniform signature
-    return outputs
+    return outputs  # without key_groups, group_mass is [.., 0]: nothing to write
 
 
 @_sink_attention_op.register_fake
