@@ -297,8 +297,9 @@ def _divergence_kernel(
 # is safe. num_stages=1: no software pipelining (the plain loads gain little from it, and its
 # shared-memory buffers would cost occupancy); other resident programs hide the latency.
 # Both ways of keeping the running sums are tried (LANES False: per row, a cross-warp reduction
-# every block, measured on an H200; True: per lane, reduced once at the end, not yet measured),
-# each with and without loading every block one iteration ahead (PREFETCH, not yet measured).
+# every block; True: per lane, reduced once at the end), each with and without loading every
+# block one iteration ahead (PREFETCH). On the H200 at K=4, V=151936 (2026-11-30) per lane was
+# 4% faster at 1024 x 4 warps and 4% slower at 2048 x 8; PREFETCH helped no config.
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv, "LANES": lanes, "PREFETCH": prefetch}, num_warps=nw, num_stages=1)
     for prefetch in (False, True)
@@ -312,6 +313,13 @@ _AUTOTUNE_CONFIGS = [
 # 118 -> 229 registers per row), so prefetching configs count their elements twice, and with
 # 16 warps (at most 128 registers a thread) four times (2048 x 16 warps per lane spilled 164 B).
 _MAX_ELEMENTS_PER_THREAD = 32
+# At most 4 vocabulary columns per thread (1024 x 8 warps, 1024 x 16, 2048 x 16) ran 3-10x
+# slower than 8 per thread on the H200 (bench/sweep_divergence.py, 2026-11-30: 21.9-82.3 ms
+# against 7.0-9.1 ms), in every variant: such configs are not tried.
+_MIN_COLUMNS_PER_THREAD = 8
+# The tile of untuned launches (FASTPROBE_AUTOTUNE=0) where it survives pruning: the fastest
+# in that sweep (2048 x 8 warps per row, 7.01 ms; 1024 x 4, the first config, 7.61).
+_UNTUNED_TILE = (2048, 8)
 # The variant that untuned launches use (the interpreter, FASTPROBE_AUTOTUNE=0): the first
 # surviving config with this LANES and PREFETCH. Tests switch them to run every variant.
 UNTUNED_LANES = False
@@ -325,18 +333,21 @@ def _prune_configs(configs, named_args, **kwargs):
         weight = (4 if cfg.num_warps > 8 else 2) if cfg.kwargs["PREFETCH"] else 1
         return weight * k_pad * cfg.kwargs["BLOCK_V"] // (32 * cfg.num_warps)
 
-    kept = [cfg for cfg in configs if per_thread(cfg) <= _MAX_ELEMENTS_PER_THREAD]
-    if not kept:  # very many drafts: keep the smallest tiles per thread
-        least = min(per_thread(cfg) for cfg in configs)
-        kept = [cfg for cfg in configs if per_thread(cfg) == least]
+    wide = [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] >= _MIN_COLUMNS_PER_THREAD * 32 * cfg.num_warps]
+    kept = [cfg for cfg in wide if per_thread(cfg) <= _MAX_ELEMENTS_PER_THREAD]
+    if not kept:  # very many drafts (K > 4): the smallest tiles per thread, 8 columns or more (not timed)
+        least = min(per_thread(cfg) for cfg in wide)
+        kept = [cfg for cfg in wide if per_thread(cfg) == least]
     return kept
 
 
 def _untuned(kept):
-    """The config of untuned launches: the first with UNTUNED_LANES and UNTUNED_PREFETCH (with
-    very many drafts, the first with UNTUNED_LANES)."""
+    """The config of untuned launches: with UNTUNED_LANES and UNTUNED_PREFETCH, the tile
+    _UNTUNED_TILE where kept, else the first (with very many drafts, the first with UNTUNED_LANES)."""
     chosen = [cfg for cfg in kept if cfg.kwargs["LANES"] == UNTUNED_LANES]
-    return next((cfg for cfg in chosen if cfg.kwargs["PREFETCH"] == UNTUNED_PREFETCH), (chosen or kept)[0])
+    variant = [cfg for cfg in chosen if cfg.kwargs["PREFETCH"] == UNTUNED_PREFETCH]
+    tile = [cfg for cfg in variant if (cfg.kwargs["BLOCK_V"], cfg.num_warps) == _UNTUNED_TILE]
+    return (tile or variant or chosen or kept)[0]
 
 
 _divergence_kernel_tuned = triton.autotune(
