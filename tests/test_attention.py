@@ -76,6 +76,19 @@ def random_segments(batch, num_keys, device):
     return ids.to(device)
 
 
+def group_runs(batch, num_keys, device):
+    """[B, Lk] key group ids in runs, as BOS / image / text groups are: row b has runs of random
+    lengths (some a single key, some longer than a key block, boundaries anywhere), ids in [0, 4)
+    in random order, group 3 in no row of an odd batch index."""
+    ids = torch.empty(batch, num_keys, dtype=torch.int64)
+    for b in range(batch):
+        lengths = torch.randint(1, max(2, num_keys // 2), (num_keys,))
+        lengths[torch.rand(num_keys) < 0.3] = 1
+        run = torch.repeat_interleave(torch.arange(num_keys), lengths)[:num_keys]
+        ids[b] = torch.randperm(3 if b % 2 else 4)[run % (3 if b % 2 else 4)]
+    return ids.to(device)
+
+
 def chunk_ids(key_padding_mask, num_keys, chunk, device):
     """Llama 4's chunked attention as segment ids: chunks of `chunk` positions counted from each
     row's first real key (transformers' chunked_overlay with left padding)."""
@@ -99,6 +112,7 @@ def make_options(name, batch, num_heads, num_keys, device):
         "head-mask": {"head_mask": torch.arange(num_heads, device=device) % 3 != 1},
         "sink-logit": {"sink_logit": torch.randn(num_heads, device=device) + 1.0},
         "key-groups": {"key_groups": torch.randint(0, 3, (batch, num_keys), device=device), "num_groups": 3},
+        "key-group-runs": {"key_groups": group_runs(batch, num_keys, device), "num_groups": 4},
         "image-blocks": {"bidirectional_blocks": image_blocks(batch, num_keys, device)},
         "image-blocks+window+padding": {
             "bidirectional_blocks": image_blocks(batch, num_keys, device), "window": window, "num_sink": 2,
@@ -133,7 +147,7 @@ def make_options(name, batch, num_heads, num_keys, device):
 
 CONFIGS = [
     "causal", "bidirectional", "window", "window+sinks", "bidirectional-window+sinks", "left-padding",
-    "right-padding", "bidirectional-padding", "head-mask", "sink-logit", "key-groups", "image-blocks",
+    "right-padding", "bidirectional-padding", "head-mask", "sink-logit", "key-groups", "key-group-runs", "image-blocks",
     "image-blocks+window+padding", "segments", "chunks+left-padding", "bidirectional-segments+window+sinks",
     "segments+image-blocks+window", "everything",
 ]
@@ -215,7 +229,7 @@ def each_prefill_config(monkeypatch, module, target, call):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", ["key-groups", "everything"])
+@pytest.mark.parametrize("config", ["key-groups", "key-group-runs", "everything"])
 def test_every_prefill_config(monkeypatch, target, dtype, config):
     """Each prefill config pruning keeps (see each_prefill_config), with the statistics on."""
     backend, device = target
@@ -237,7 +251,7 @@ def test_every_prefill_config(monkeypatch, target, dtype, config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", ["causal", "window+sinks", "left-padding", "everything"])
+@pytest.mark.parametrize("config", ["causal", "window+sinks", "left-padding", "key-group-runs", "everything"])
 def test_decode_one_query(target, dtype, config):
     """Lq = 1 against a long cache (the decoding path), with and without masks."""
     _, device = target
