@@ -603,7 +603,7 @@ def _launch_case(name: str) -> None:
             group, length = rest.split(" L=")
             q, k, v = bench.make_qkv(cpu, 1, bench.GPU_HEADS, int(length), bench.GPU_HEAD_DIM, bf16)
             calls = {"causal": [bench.fastprobe_causal], "sink-window": [bench.fastprobe_sink_window],
-                     "all-stats": [bench.fastprobe_all_stats],
+                     "all-stats": [bench.fastprobe_all_stats, bench.fastprobe_all_stats_runs],
                      "head-mask": [bench.fastprobe_masked(f) for f in (0.0, 0.25, 0.5)]}[group]
             for call in calls:
                 call(q, k, v)

@@ -52,7 +52,18 @@ def fastprobe_causal(q, k, v):
 
 
 def fastprobe_all_stats(q, k, v):
+    """3 key groups that change at every key (every key block mixed) and the entropy."""
     groups = (torch.arange(k.shape[2], device=k.device) % 3).expand(k.shape[0], -1)
+    result = fp.sink_attention(q, k, v, key_groups=groups, num_groups=3, return_entropy=True)
+    return result.out
+
+
+def fastprobe_all_stats_runs(q, k, v):
+    """3 key groups in runs, as a prompt's are (BOS, then 576 image tokens, then text), and the
+    entropy: key blocks inside a run add their row sums to its group."""
+    groups = torch.full((k.shape[0], k.shape[2]), 2, dtype=torch.int64, device=k.device)
+    groups[:, 0] = 0
+    groups[:, 1:577] = 1
     result = fp.sink_attention(q, k, v, key_groups=groups, num_groups=3, return_entropy=True)
     return result.out
 
@@ -299,7 +310,11 @@ GPU_GROUPS = {
         {"fastprobe": fastprobe_sink_window, "flex": flex_sink_window, "flex+lse-mass": flex_sink_window_mass},
         "flex+lse-mass",
     ),
-    "statistics": ({"fastprobe-sink-mass": fastprobe_causal, "fastprobe-all-stats": fastprobe_all_stats}, "fastprobe-sink-mass"),
+    "statistics": (
+        {"fastprobe-sink-mass": fastprobe_causal, "fastprobe-all-stats": fastprobe_all_stats,
+         "fastprobe-all-stats-runs": fastprobe_all_stats_runs},
+        "fastprobe-sink-mass",
+    ),
     "head-mask": ({f"fastprobe-{int(f * 100)}%-masked": fastprobe_masked(f) for f in (0.0, 0.25, 0.5)}, "fastprobe-0%-masked"),
 }
 

@@ -244,6 +244,18 @@ def _per_row(end, ROW_ENDS: tl.constexpr):
 
 
 @triton.jit
+def _block_group_ids(groups_base, stride_gn, start, end, HAS_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The group ids of keys [start, start + BLOCK_N), -1 at keys >= end (zeros without groups,
+    never read). The key loops load the next block's ids while they work on this one: read by a
+    reduction in the block (_attend_block), the load would otherwise wait in every block."""
+    keys = start + tl.arange(0, BLOCK_N)
+    if HAS_GROUPS:
+        return tl.load(groups_base + keys.to(tl.int64) * stride_gn, mask=keys < end, other=-1)
+    else:
+        return tl.zeros([BLOCK_N], tl.int32)
+
+
+@triton.jit
 def _attend_block(
     q,  # [R, BLOCK_D] queries (input dtype)
     q_t,  # [R, BLOCK_DT] their head dim's tail (see _block_scores)
@@ -253,16 +265,15 @@ def _attend_block(
     stat,  # [R] sum over stat keys 2^(t - m)
     grp,  # [R, G_PAD] per-group sums 2^(t - m)
     ent,  # [R] A = sum 2^(t - m) (t - m)
+    gid,  # [BLOCK_N] the block's key group ids, -1 past end (HAS_GROUPS only; _block_group_ids)
     k_base,
     v_base,
     real_base,
-    groups_base,
     stride_kn,
     stride_kd,
     stride_vn,
     stride_vd,
     stride_rn,
-    stride_gn,
     start,  # first key of the block
     end,  # keys >= end are not in this program's range (masked blocks only)
     pos,  # [R] query positions
@@ -330,12 +341,13 @@ def _attend_block(
     if start < stat_top:  # stat keys are the first few real keys (of a segment): few blocks
         stat += tl.sum(tl.where(offs_n[None, :] < _per_row(stat_end, ROW_ENDS), p, 0.0), axis=1)
     if HAS_GROUPS:
-        if MASKED:
-            gid = tl.load(groups_base + rows * stride_gn, mask=n_ok, other=-1)
-        else:
-            gid = tl.load(groups_base + rows * stride_gn)
         g_cols = tl.arange(0, G_PAD)
-        if GROUP_DOT:  # grp[r, g] += sum_j p[r, j] [group_j = g]: a small tensor-core product
+        # keys of one group (groups are mostly runs: BOS, image, text): the block's row sums are
+        # that group's masses, no per-score work (keys past end, p = 0, do not count)
+        g_lo = tl.min(tl.where(gid < 0, G_PAD, gid), axis=0)
+        if g_lo == tl.max(gid, axis=0):
+            grp = grp * alpha[:, None] + tl.where(g_cols[None, :] == g_lo, tl.sum(p, axis=1)[:, None], 0.0)
+        elif GROUP_DOT:  # grp[r, g] += sum_j p[r, j] [group_j = g]: a small tensor-core product
             onehot = gid[:, None] == g_cols[None, :]
             grp = _mass_dot(p, p_in, onehot, grp * alpha[:, None], DOT_PRECISION, UPCAST)
         else:  # few rows (decode): a masked row sum per group (a product with N = G_PAD would
@@ -666,34 +678,46 @@ def _attention_fwd_kernel(
     grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_M], tl.float32)
 
+    gid = _block_group_ids(groups_base, stride_gn, sink_lo, sink_hi, HAS_GROUPS, BLOCK_N)
     for start in range(sink_lo, sink_hi, BLOCK_N):  # sink keys before the window band
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, sink_hi, HAS_GROUPS, BLOCK_N)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
+        gid = gid_next
+    gid = _block_group_ids(groups_base, stride_gn, lo_blk, Lk, HAS_GROUPS, BLOCK_N)
     for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window, first keys)
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, Lk, HAS_GROUPS, BLOCK_N)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
+        gid = gid_next
+    gid = _block_group_ids(groups_base, stride_gn, a, Lk, HAS_GROUPS, BLOCK_N)
     for start in range(a, c, BLOCK_N):  # interior: no masks
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, Lk, HAS_GROUPS, BLOCK_N)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
+        gid = gid_next
+    gid = _block_group_ids(groups_base, stride_gn, c, Lk, HAS_GROUPS, BLOCK_N)
     for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal / horizon, window, Lk)
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, Lk, HAS_GROUPS, BLOCK_N)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
+        gid = gid_next
 
     # ---- outputs ----
     inv_l, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent)
@@ -894,20 +918,26 @@ def _attention_split_kernel(
     stat = tl.zeros([BLOCK_R], tl.float32)
     grp = tl.zeros([BLOCK_R, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_R], tl.float32)
+    gid = _block_group_ids(groups_base, stride_gn, sink_lo, sink_hi, HAS_GROUPS, BLOCK_N)
     for start in range(sink_lo, sink_hi, BLOCK_N):
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, sink_hi, HAS_GROUPS, BLOCK_N)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
+        gid = gid_next
+    gid = _block_group_ids(groups_base, stride_gn, start0, end, HAS_GROUPS, BLOCK_N)
     for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, end, HAS_GROUPS, BLOCK_N)
         m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
+        gid = gid_next
 
     # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
     part = bkv * num_splits + split
