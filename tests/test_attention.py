@@ -598,6 +598,18 @@ def test_key_ends_without_padding_are_made_once(target):
     assert attention_ops._constant_ends(1, 2, device) is not attention_ops._constant_ends(1, 3, device)
 
 
+def test_key_ends_made_under_fake_tensors_are_not_kept():
+    """Key ends made under a dispatch mode (fake tensors, as torch.compile and opcheck use) are
+    made fresh and not reused by later real calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = key_masks(None, 7, 9, num_sink=2, device="cpu")
+    real = key_masks(None, 7, 9, num_sink=2, device="cpu")
+    assert real.sink_end is not fake.sink_end and type(real.sink_end) is torch.Tensor
+    assert real.sink_end.tolist() == [2] * 7
+
+
 @pytest.mark.gpu
 def test_key_ends_first_made_inside_a_cuda_graph_capture():
     """A call whose constant key ends do not exist yet, captured in a CUDA graph: they are made

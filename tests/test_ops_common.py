@@ -63,16 +63,16 @@ def test_eager_shortcut_skips_the_dispatcher_and_matches_it(name):
 
 def test_plain_call_is_decided_per_argument():
     plain = torch.randn(3)
-    assert _common._runs_plain([plain, None, 1.5, "x"])
-    assert not _common._runs_plain([torch.randn(3, requires_grad=True)])
+    assert _common.runs_plain([plain, None, 1.5, "x"])
+    assert not _common.runs_plain([torch.randn(3, requires_grad=True)])
     with torch.no_grad():  # no autograd to record: still plain
-        assert _common._runs_plain([torch.randn(3, requires_grad=True)])
-    assert not _common._runs_plain([torch.empty(3, device="meta")])
-    assert not _common._runs_plain([torch.nn.Parameter(torch.randn(3))])  # a subclass
+        assert _common.runs_plain([torch.randn(3, requires_grad=True)])
+    assert not _common.runs_plain([torch.empty(3, device="meta")])
+    assert not _common.runs_plain([torch.nn.Parameter(torch.randn(3))])  # a subclass
     with NoOpFunctionMode():
-        assert not _common._runs_plain([plain])
+        assert not _common.runs_plain([plain])
     with OpLog():
-        assert not _common._runs_plain([plain])
+        assert not _common.runs_plain([plain])
 
 
 def test_meta_tensors_get_shapes_from_the_fake_implementation():

@@ -122,7 +122,7 @@ def check_real(value, name: str, positive: bool) -> float:
     return number
 
 
-def _runs_plain(values) -> bool:
+def runs_plain(values) -> bool:
     """True when an op call needs nothing from torch's dispatcher: not tracing or compiling, no
     dispatch / function mode or functorch transform active, every tensor a plain torch.Tensor
     (no fake, meta or subclass tensor) and none that autograd has to record."""
@@ -155,7 +155,7 @@ class CustomOp:
         self.op = torch.library.custom_op(name, body, mutates_args=())
 
     def __call__(self, *args, **kwargs):
-        if _runs_plain(itertools.chain(args, kwargs.values())):
+        if runs_plain(itertools.chain(args, kwargs.values())):
             return self.body(*args, **kwargs)
         return self.op(*args, **kwargs)
 

@@ -22,7 +22,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling,
-    new_output, on_device, output_dtype, register_forward_only,
+    new_output, on_device, output_dtype, register_forward_only, runs_plain,
 )
 
 __all__ = [
@@ -134,15 +134,18 @@ _CONSTANT_ENDS: dict = {}  # (B, end, device) -> int64 [B] filled with end; only
 def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
     """torch.full((batch,), end), made once per (batch, end, device) and then reused: the key ends
     of every call without a padding mask, so such a call allocates and launches two fills fewer
-    (host time is most of a short call's on a GPU, bench/NOTES.md). Made fresh while compiling
-    or capturing a CUDA graph (a tensor made inside a capture is filled only at replay)."""
+    (host time is most of a short call's on a GPU, bench/NOTES.md). Made fresh, and not kept,
+    while tracing or compiling, under a dispatch mode (fake tensors) or while capturing a CUDA
+    graph (a tensor made inside a capture is filled only at replay)."""
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (batch, end, device)
+    if not runs_plain(()):  # traced, compiled or under a dispatch mode (fake tensors): never kept
+        return torch.full((batch,), end, dtype=torch.int64, device=device)
     ends = _CONSTANT_ENDS.get(key)
     if ends is None:
-        if is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return torch.full((batch,), end, dtype=torch.int64, device=device)
         with torch.inference_mode(False):  # a plain tensor, also when first made in inference mode
             ends = torch.full((batch,), end, dtype=torch.int64, device=device)
