@@ -63,6 +63,7 @@ def run_session(tmp_path, *args):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_lost_cuda_context_replaces_the_xdist_worker(tmp_path, workers):
+    pytest.importorskip("xdist")
     out, err, ran = run_session(tmp_path, "-p", "xdist.plugin", "-n", workers)
     # test_boom fails with its own traceback, and it is the one blamed for the crash, not a test
     # that was queued after it (a second FAILED line, for the crash, is xdist's)
