@@ -198,17 +198,19 @@ def test_matches_reference(target, dtype, ratio, config):
         assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
 
 
-def each_prefill_config(monkeypatch, module, target, call):
-    """Calls call() once per prefill config that pruning keeps for its launch on this device and
-    yields (config name, result): the autotuner may pick any of them, untuned runs test only the
-    first (on an H200, one of them miscompiled with key groups, 2026-11-30). On CUDA each
-    config runs as the only one (untuned); under the interpreter, which ignores warps and
-    stages, each distinct tile of every config (pruned or not: the logic of each tile)."""
+def each_config(monkeypatch, module, target, call, decode=False):
+    """Calls call() once per prefill config (decode: per decode-split config) that pruning keeps
+    for its launch on this device and yields (config name, result): the autotuner may pick any
+    of them, untuned runs test only the first (on an H200, one of them miscompiled with key
+    groups, 2026-11-30). On CUDA each config runs as the only one (untuned); under the
+    interpreter, which ignores warps and stages, each distinct tile of every config (pruned or
+    not: the logic of each tile)."""
+    configs_name, blocks_name = ("_SPLIT_CONFIGS", "_INTERPRET_SPLIT_BLOCKS") if decode else ("_FWD_CONFIGS", "_INTERPRET_FWD_BLOCKS")
     kept, launch = [], module._launch
     interpreted = target[1] != "cuda"
 
     def spy(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets=()):
-        if prune is module._prune_fwd:
+        if configs is getattr(module, configs_name):
             kept[:] = configs if interpreted else prune(configs, prune_args, **flags)
         launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets)
 
@@ -216,22 +218,19 @@ def each_prefill_config(monkeypatch, module, target, call):
     monkeypatch.setattr(module, "_launch", spy)
     call()
     monkeypatch.setattr(module, "_launch", launch)
-    assert kept, "no prefill launch"
+    assert kept, f"no {'decode' if decode else 'prefill'} launch"
     tiles = {}
     for cfg in kept:
-        tiles.setdefault((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]), cfg)
+        tiles.setdefault(tuple(sorted(cfg.kwargs.items())), cfg)
     for cfg in tiles.values() if interpreted else kept:
-        if interpreted:
-            monkeypatch.setattr(module, "_INTERPRET_FWD_BLOCKS", dict(cfg.kwargs))
-        else:
-            monkeypatch.setattr(module, "_FWD_CONFIGS", [cfg])
+        monkeypatch.setattr(module, blocks_name if interpreted else configs_name, dict(cfg.kwargs) if interpreted else [cfg])
         yield f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}", call()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", ["key-groups", "key-group-runs", "everything"])
 def test_every_prefill_config(monkeypatch, target, dtype, config):
-    """Each prefill config pruning keeps (see each_prefill_config), with the statistics on."""
+    """Each prefill config pruning keeps (see each_config), with the statistics on."""
     backend, device = target
     if backend != "triton":
         pytest.skip("configs are the Triton kernel's")
@@ -243,11 +242,33 @@ def test_every_prefill_config(monkeypatch, target, dtype, config):
         options = make_options(config, batch, num_heads, num_keys, device)
         want = expected(q, k, v, **options)
         run = lambda: fp.sink_attention(q, k, v, return_entropy=True, **options)  # noqa: E731
-        for name, result in each_prefill_config(monkeypatch, kernels, target, run):
+        for name, result in each_config(monkeypatch, kernels, target, run):
             try:
                 assert_matches(result, want, dtype, "key_groups" in options, True)
             except AssertionError as error:
                 raise AssertionError(f"config {name}: {error}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", ["key-group-runs", "everything"])
+def test_every_decode_config(monkeypatch, target, dtype, config):
+    """Each decode-split config pruning keeps (see each_config), one query against a long cache."""
+    backend, device = target
+    if backend != "triton":
+        pytest.skip("configs are the Triton kernel's")
+    from fastprobe.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_DECODE_MIN_KEYS", 16)  # the split path for the interpreter's short caches too
+    num_keys, head_dim = (203, 16) if is_interpreter(target) else (3001, 64)
+    q, k, v = random_qkv(2, 8, 2, 1, num_keys, head_dim, dtype, device)
+    options = make_options(config, 2, 8, num_keys, device)
+    want = expected(q, k, v, **options)
+    run = lambda: fp.sink_attention(q, k, v, return_entropy=True, **options)  # noqa: E731
+    for name, result in each_config(monkeypatch, kernels, target, run, decode=True):
+        try:
+            assert_matches(result, want, dtype, "key_groups" in options, True)
+        except AssertionError as error:
+            raise AssertionError(f"config {name}: {error}") from None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

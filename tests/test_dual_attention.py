@@ -10,7 +10,7 @@ from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
 from .test_attention import (
-    DTYPES, OUT_TOLERANCE, chunk_ids, each_prefill_config, image_blocks, is_interpreter, padding_mask, random_qkv,
+    DTYPES, OUT_TOLERANCE, chunk_ids, each_config, image_blocks, is_interpreter, padding_mask, random_qkv,
     random_segments,
 )
 
@@ -63,7 +63,7 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ["last", "all"])
 def test_every_prefill_config(monkeypatch, target, dtype, rows):
-    """Each prefill config that pruning keeps (each_prefill_config in test_attention.py)."""
+    """Each prefill config that pruning keeps (each_config in test_attention.py)."""
     backend, device = target
     if backend != "triton":
         pytest.skip("configs are the Triton kernel's")
@@ -76,11 +76,35 @@ def test_every_prefill_config(monkeypatch, target, dtype, rows):
         options = dict(gamma=0.7, rows=rows, key_padding_mask=padding_mask(batch, num_keys, "mixed", device))
         want = expected(q, k, v, drop, **options)
         run = lambda: fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)  # noqa: E731
-        for name, got in each_prefill_config(monkeypatch, kernels, target, run):
+        for name, got in each_config(monkeypatch, kernels, target, run):
             try:
                 assert_paths_match(got, want, dtype)
             except AssertionError as error:
                 raise AssertionError(f"config {name}: {error}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_decode_config(monkeypatch, target, dtype):
+    """Each decode-split config that pruning keeps (each_config in test_attention.py)."""
+    backend, device = target
+    if backend != "triton":
+        pytest.skip("configs are the Triton kernel's")
+    from fastprobe.kernels import dual_attention as kernels
+
+    from fastprobe.kernels import attention
+
+    monkeypatch.setattr(attention, "_DECODE_MIN_KEYS", 16)  # the split path for the interpreter's short caches too
+    num_keys, head_dim = (203, 16) if is_interpreter(target) else (3001, 64)
+    q, k, v = random_qkv(2, 8, 2, 1, num_keys, head_dim, dtype, device)
+    drop = image_keys(2, num_keys, device)
+    options = dict(gamma=0.7, rows="all", key_padding_mask=padding_mask(2, num_keys, "mixed", device))
+    want = expected(q, k, v, drop, **options)
+    run = lambda: fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)  # noqa: E731
+    for name, got in each_config(monkeypatch, kernels, target, run, decode=True):
+        try:
+            assert_paths_match(got, want, dtype)
+        except AssertionError as error:
+            raise AssertionError(f"config {name}: {error}") from None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
