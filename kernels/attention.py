@@ -360,6 +360,31 @@ def _attend_block(
 
 
 @triton.jit
+def _attend_range(
+    q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+    lo, hi, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr, ROW_ENDS: tl.constexpr,
+    HAS_KEY_REAL: tl.constexpr, HAS_GROUPS: tl.constexpr, ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    G_PAD: tl.constexpr, GROUP_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """_attend_block over the key blocks starting in [lo, hi) (keys >= end out of range), each
+    block's group ids loaded while the block before it is worked on (_block_group_ids)."""
+    gid = _block_group_ids(groups_base, stride_gn, lo, end, HAS_GROUPS, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, end, HAS_GROUPS, BLOCK_N)
+        m_i, l_i, acc, stat, grp, ent = _attend_block(
+            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
+            start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+            MASKED, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+        )  # fmt: skip
+        gid = gid_next
+    return m_i, l_i, acc, stat, grp, ent
+
+
+@triton.jit
 def _finish(m, l, stat, ent):
     """(1 / l, lse, sink_mass, entropy) from a final state, elementwise; l = 0 (nothing in the
     softmax): (0, -inf, 0, 0). Entropy = (log2 l - A / l) ln 2, clamped at 0 from rounding."""
@@ -678,46 +703,30 @@ def _attention_fwd_kernel(
     grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_M], tl.float32)
 
-    gid = _block_group_ids(groups_base, stride_gn, sink_lo, sink_hi, HAS_GROUPS, BLOCK_N)
-    for start in range(sink_lo, sink_hi, BLOCK_N):  # sink keys before the window band
-        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, sink_hi, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
-            start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-        gid = gid_next
-    gid = _block_group_ids(groups_base, stride_gn, lo_blk, Lk, HAS_GROUPS, BLOCK_N)
-    for start in range(lo_blk, a, BLOCK_N):  # the band's edge below (window, first keys)
-        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, Lk, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
-            start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-        gid = gid_next
-    gid = _block_group_ids(groups_base, stride_gn, a, Lk, HAS_GROUPS, BLOCK_N)
-    for start in range(a, c, BLOCK_N):  # interior: no masks
-        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, Lk, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
-            start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-        gid = gid_next
-    gid = _block_group_ids(groups_base, stride_gn, c, Lk, HAS_GROUPS, BLOCK_N)
-    for start in range(c, band_end, BLOCK_N):  # the band's edge above (diagonal / horizon, window, Lk)
-        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, Lk, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
-            start, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-        gid = gid_next
+    m_i, l_i, acc, stat, grp, ent = _attend_range(  # sink keys before the window band
+        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+        sink_lo, sink_hi, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+        True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    m_i, l_i, acc, stat, grp, ent = _attend_range(  # the band's edge below (window, first keys)
+        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+        lo_blk, a, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+        True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    m_i, l_i, acc, stat, grp, ent = _attend_range(  # interior: no masks
+        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+        a, c, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+        False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    m_i, l_i, acc, stat, grp, ent = _attend_range(  # the band's edge above (diagonal / horizon, window, Lk)
+        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+        c, band_end, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+        True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
 
     # ---- outputs ----
     inv_l, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent)
@@ -918,26 +927,18 @@ def _attention_split_kernel(
     stat = tl.zeros([BLOCK_R], tl.float32)
     grp = tl.zeros([BLOCK_R, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_R], tl.float32)
-    gid = _block_group_ids(groups_base, stride_gn, sink_lo, sink_hi, HAS_GROUPS, BLOCK_N)
-    for start in range(sink_lo, sink_hi, BLOCK_N):
-        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, sink_hi, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
-            start, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-        gid = gid_next
-    gid = _block_group_ids(groups_base, stride_gn, start0, end, HAS_GROUPS, BLOCK_N)
-    for start in range(start0, end, BLOCK_N):  # masked: decode is bound by the K / V reads
-        gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, end, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
-            start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
-            True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
-        )  # fmt: skip
-        gid = gid_next
+    m_i, l_i, acc, stat, grp, ent = _attend_range(
+        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+        sink_lo, sink_hi, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+        True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    m_i, l_i, acc, stat, grp, ent = _attend_range(  # masked: decode is bound by the K / V reads
+        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
+        start0, end, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
+        True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
 
     # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
     part = bkv * num_splits + split
