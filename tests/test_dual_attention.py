@@ -10,7 +10,7 @@ from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
 from .test_attention import (
-    DTYPES, OUT_TOLERANCE, chunk_ids, each_config, image_blocks, is_interpreter, padding_mask, random_qkv,
+    CONFIG_DTYPES, DTYPES, OUT_TOLERANCE, chunk_ids, each_config, image_blocks, is_interpreter, padding_mask, random_qkv,
     random_segments,
 )
 
@@ -60,7 +60,7 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
         assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ["last", "all"])
 def test_every_prefill_config(monkeypatch, target, dtype, rows):
     """Each prefill config that pruning keeps (each_config in test_attention.py)."""
@@ -83,7 +83,7 @@ def test_every_prefill_config(monkeypatch, target, dtype, rows):
                 raise AssertionError(f"config {name}: {error}") from None
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 def test_every_decode_config(monkeypatch, target, dtype):
     """Each decode-split config that pruning keeps (each_config in test_attention.py)."""
     backend, device = target
