@@ -1,6 +1,7 @@
 """sink_attention against materialised float64 attention (the reference), PyTorch's SDPA,
 properties of the statistics, and bad input."""
 
+import importlib
 import itertools
 import math
 
@@ -202,14 +203,23 @@ def test_matches_reference(target, dtype, ratio, config):
 CONFIG_DTYPES = [torch.float32, torch.bfloat16]
 
 
-def each_config(monkeypatch, module, target, call, decode=False):
-    """Calls call() once per prefill config (decode: per decode-split config) that pruning keeps
-    for its launch on this device and yields (config name, result): the autotuner may pick any
-    of them, untuned runs test only the first (on an H200, one of them miscompiled with key
-    groups, 2026-11-30). On CUDA each config runs as the only one (untuned); under the
-    interpreter, which ignores warps and stages, each distinct tile of every config (pruned or
-    not: the logic of each tile)."""
+def triton_kernels(target, name):
+    """fastprobe.kernels.<name> for a Triton target; other targets skip (configs are Triton's)."""
+    if target[0] != "triton":
+        pytest.skip("configs are the Triton kernel's")
+    return importlib.import_module(f"fastprobe.kernels.{name}")
+
+
+def check_every_config(monkeypatch, module, target, call, check, decode=False):
+    """check(call()) once per prefill config (decode: per decode-split config, the split path
+    taken from 16 keys on) that pruning keeps for the launch on this device, a failure naming
+    the config: the autotuner may pick any of them, untuned runs test only the first (on an
+    H200, one of them miscompiled with key groups, 2026-11-30). On CUDA each config runs as the
+    only one (untuned); under the interpreter, which ignores warps and stages, each distinct
+    tile of every config (pruned or not: the logic of each tile)."""
     configs_name, blocks_name = ("_SPLIT_CONFIGS", "_INTERPRET_SPLIT_BLOCKS") if decode else ("_FWD_CONFIGS", "_INTERPRET_FWD_BLOCKS")
+    if decode:  # the split path for the interpreter's short caches too
+        monkeypatch.setattr(importlib.import_module("fastprobe.kernels.attention"), "_DECODE_MIN_KEYS", 16)
     kept, launch = [], module._launch
     interpreted = target[1] != "cuda"
 
@@ -228,51 +238,41 @@ def each_config(monkeypatch, module, target, call, decode=False):
         tiles.setdefault(tuple(sorted(cfg.kwargs.items())), cfg)
     for cfg in tiles.values() if interpreted else kept:
         monkeypatch.setattr(module, blocks_name if interpreted else configs_name, dict(cfg.kwargs) if interpreted else [cfg])
-        yield f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}", call()
+        try:
+            check(call())
+        except AssertionError as error:
+            raise AssertionError(f"config {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}: {error}") from None
 
 
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("config", ["key-groups", "key-group-runs", "everything"])
 def test_every_prefill_config(monkeypatch, target, dtype, config):
-    """Each prefill config pruning keeps (see each_config), with the statistics on."""
-    backend, device = target
-    if backend != "triton":
-        pytest.skip("configs are the Triton kernel's")
-    from fastprobe.kernels import attention as kernels
-
+    """Each prefill config pruning keeps (see check_every_config), with the statistics on."""
+    kernels = triton_kernels(target, "attention")
+    device = target[1]
     shapes = [(1, 2, 140, 140, 32)] if is_interpreter(target) else [(1, 4, 300, 300, 128), (2, 4, 150, 170, 64)]
     for batch, num_heads, num_queries, num_keys, head_dim in shapes:
         q, k, v = random_qkv(batch, num_heads, num_heads // 2, num_queries, num_keys, head_dim, dtype, device)
         options = make_options(config, batch, num_heads, num_keys, device)
         want = expected(q, k, v, **options)
         run = lambda: fp.sink_attention(q, k, v, return_entropy=True, **options)  # noqa: E731
-        for name, result in each_config(monkeypatch, kernels, target, run):
-            try:
-                assert_matches(result, want, dtype, "key_groups" in options, True)
-            except AssertionError as error:
-                raise AssertionError(f"config {name}: {error}") from None
+        check_every_config(monkeypatch, kernels, target, run,
+                           lambda result: assert_matches(result, want, dtype, "key_groups" in options, True))
 
 
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("config", ["key-group-runs", "everything"])
 def test_every_decode_config(monkeypatch, target, dtype, config):
-    """Each decode-split config pruning keeps (see each_config), one query against a long cache."""
-    backend, device = target
-    if backend != "triton":
-        pytest.skip("configs are the Triton kernel's")
-    from fastprobe.kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "_DECODE_MIN_KEYS", 16)  # the split path for the interpreter's short caches too
+    """Each decode-split config pruning keeps (see check_every_config), one query against a long cache."""
+    kernels = triton_kernels(target, "attention")
+    device = target[1]
     num_keys, head_dim = (203, 16) if is_interpreter(target) else (3001, 64)
     q, k, v = random_qkv(2, 8, 2, 1, num_keys, head_dim, dtype, device)
     options = make_options(config, 2, 8, num_keys, device)
     want = expected(q, k, v, **options)
     run = lambda: fp.sink_attention(q, k, v, return_entropy=True, **options)  # noqa: E731
-    for name, result in each_config(monkeypatch, kernels, target, run, decode=True):
-        try:
-            assert_matches(result, want, dtype, "key_groups" in options, True)
-        except AssertionError as error:
-            raise AssertionError(f"config {name}: {error}") from None
+    check_every_config(monkeypatch, kernels, target, run,
+                       lambda result: assert_matches(result, want, dtype, "key_groups" in options, True), decode=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -10,8 +10,8 @@ from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
 from .test_attention import (
-    CONFIG_DTYPES, DTYPES, OUT_TOLERANCE, chunk_ids, each_config, image_blocks, is_interpreter, padding_mask, random_qkv,
-    random_segments,
+    CONFIG_DTYPES, DTYPES, OUT_TOLERANCE, check_every_config, chunk_ids, image_blocks, is_interpreter, padding_mask,
+    random_qkv, random_segments, triton_kernels,
 )
 
 
@@ -63,12 +63,9 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ["last", "all"])
 def test_every_prefill_config(monkeypatch, target, dtype, rows):
-    """Each prefill config that pruning keeps (each_config in test_attention.py)."""
-    backend, device = target
-    if backend != "triton":
-        pytest.skip("configs are the Triton kernel's")
-    from fastprobe.kernels import dual_attention as kernels
-
+    """Each prefill config that pruning keeps (check_every_config in test_attention.py)."""
+    kernels = triton_kernels(target, "dual_attention")
+    device = target[1]
     shapes = [(1, 2, 1, 140, 140, 32)] if is_interpreter(target) else [(1, 4, 2, 300, 300, 128), (2, 4, 4, 150, 170, 64)]
     for batch, heads, kv_heads, num_queries, num_keys, head_dim in shapes:
         q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, device)
@@ -76,35 +73,21 @@ def test_every_prefill_config(monkeypatch, target, dtype, rows):
         options = dict(gamma=0.7, rows=rows, key_padding_mask=padding_mask(batch, num_keys, "mixed", device))
         want = expected(q, k, v, drop, **options)
         run = lambda: fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)  # noqa: E731
-        for name, got in each_config(monkeypatch, kernels, target, run):
-            try:
-                assert_paths_match(got, want, dtype)
-            except AssertionError as error:
-                raise AssertionError(f"config {name}: {error}") from None
+        check_every_config(monkeypatch, kernels, target, run, lambda got: assert_paths_match(got, want, dtype))
 
 
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 def test_every_decode_config(monkeypatch, target, dtype):
-    """Each decode-split config that pruning keeps (each_config in test_attention.py)."""
-    backend, device = target
-    if backend != "triton":
-        pytest.skip("configs are the Triton kernel's")
-    from fastprobe.kernels import dual_attention as kernels
-
-    from fastprobe.kernels import attention
-
-    monkeypatch.setattr(attention, "_DECODE_MIN_KEYS", 16)  # the split path for the interpreter's short caches too
+    """Each decode-split config that pruning keeps (check_every_config in test_attention.py)."""
+    kernels = triton_kernels(target, "dual_attention")
+    device = target[1]
     num_keys, head_dim = (203, 16) if is_interpreter(target) else (3001, 64)
     q, k, v = random_qkv(2, 8, 2, 1, num_keys, head_dim, dtype, device)
     drop = image_keys(2, num_keys, device)
     options = dict(gamma=0.7, rows="all", key_padding_mask=padding_mask(2, num_keys, "mixed", device))
     want = expected(q, k, v, drop, **options)
     run = lambda: fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)  # noqa: E731
-    for name, got in each_config(monkeypatch, kernels, target, run, decode=True):
-        try:
-            assert_paths_match(got, want, dtype)
-        except AssertionError as error:
-            raise AssertionError(f"config {name}: {error}") from None
+    check_every_config(monkeypatch, kernels, target, run, lambda got: assert_paths_match(got, want, dtype), decode=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
