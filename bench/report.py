@@ -16,9 +16,8 @@ def _size(num_bytes):
     return f"{num_bytes / 2**20:,.1f} MiB"
 
 
-def rows(path):
-    with open(path) as handle:
-        data = json.load(handle)
+def rows(data):
+    """The table rows of one pytest-benchmark JSON document."""
     machine = data["machine_info"]
     device = machine.get("gpu") or f"CPU, {machine.get('cpu_threads')} threads"
     for bench in data["benchmarks"]:
@@ -47,8 +46,9 @@ def main(paths):
     latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row)
     for path in paths:
         with open(path) as handle:
-            when = json.load(handle).get("datetime", "")
-        for row in rows(path):
+            data = json.load(handle)
+        when = data.get("datetime", "")
+        for row in rows(data):
             key = row[:4]
             first = latest[key][1] if key in latest else len(latest)
             if key not in latest or when >= latest[key][0]:
