@@ -19,6 +19,7 @@ import io
 import pstats
 import statistics
 import time
+import timeit
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,65 @@ def cases(device: str = "cuda") -> dict:
     }
 
 
+def loop_us(call, number: int = 2000) -> float:
+    """Best of 5 loops of `number` calls, microseconds per call (host-only work, no launches)."""
+    return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6
+
+
+def launch_parts(device: str = "cuda") -> None:
+    """Triton's share of one prefill launch, and what a few host primitives cost on this machine
+    (the same loop on the project's CPU machine tells how much slower this host runs Python)."""
+    q, k, v = (torch.randn(1, 32, 1024, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out, lse, sink_mass = torch.empty_like(q), *(torch.empty(1, 32, 1024, device=device) for _ in range(2))
+    ends = torch.ones(1, dtype=torch.int64, device=device)
+    kernel, captured = triton_attention._attention_fwd_kernel, {}
+    unbound_run = type(kernel).run
+
+    def spy(self, *args, grid, warmup, **kwargs):
+        captured.update(args=args, kwargs=kwargs, grid=grid)
+        captured["compiled"] = unbound_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return captured["compiled"]
+
+    kernel.run = spy.__get__(kernel)
+    try:
+        for _ in range(3):
+            triton_attention.sink_attention(q, k, v, out, lse, sink_mass, None, None, scale=128**-0.5, causal=True,
+                                            window=0, key_real=None, sink_end=ends, stat_end=ends, head_mask=None,
+                                            sink_logit=None, key_groups=None, num_groups=1)  # fmt: skip
+    finally:
+        del kernel.run
+    args, kwargs, grid, compiled = captured["args"], captured["kwargs"], captured["grid"], captured["compiled"]
+    binder = kernel.device_caches[torch.cuda.current_device()][-1]
+    bound = binder(*args, **kwargs)[0]
+    grid = grid(bound) if callable(grid) else grid
+    values = tuple(bound.values())
+    launches = {
+        "kernel[grid](*args, **flags) (Triton's run)": lambda: kernel[grid](*args, **kwargs),
+        "compiled[grid](*bound values) (no binder)": lambda: compiled[grid](*values),
+    }
+    print(f"\nOne prefill launch ({len(args)} arguments, {len(kwargs)} keywords), host us, median of {ROUNDS}:")
+    for name, call in launches.items():
+        print(f"  {name:48s} {medians(call)[0] * 1e6:8.1f}")
+    shape, bf16 = (1, 32, 1024, 128), torch.bfloat16
+
+    def device_context():
+        with torch.cuda.device(q.device):
+            pass
+
+    primitives = {
+        "Triton's binder alone": lambda: binder(*args, **kwargs),
+        "torch.empty on the GPU": lambda: torch.empty(shape, dtype=bf16, device=q.device),
+        "torch.empty on the CPU": lambda: torch.empty(shape, dtype=bf16),
+        "with torch.cuda.device(q.device): pass": device_context,
+        "q.stride()": q.stride,
+        "tuple(q.shape)": lambda: tuple(q.shape),
+        "pure Python: sum(range(100))": lambda: sum(range(100)),
+    }
+    print("Host primitives, us per call (best of 5 x 2000):")
+    for name, call in primitives.items():
+        print(f"  {name:48s} {loop_us(call):8.2f}")
+
+
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     with open("/proc/cpuinfo") as cpuinfo:
@@ -129,6 +189,7 @@ def main() -> None:
     pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(25)
     print(f"\ncProfile of {ROUNDS} calls of '{name}', by own time:")
     print("\n".join(report.getvalue().splitlines()[:60]))
+    launch_parts()
 
 
 if __name__ == "__main__":
