@@ -10,6 +10,8 @@
 #
 #   GPU_BUDGET_S=540 bash bench/gpu.sh [OUTDIR] [FAMILY...]
 #
+# GPU_TESTS_ONLY=1: the GPU tests alone, with the whole budget (no benchmarks).
+#
 # With the attention family, setup.log also gets bench/host_overhead.py's table (host vs GPU
 # time of a few attention calls, at most a minute).
 # Kernels compiled ahead: `python bench/precompile_triton.py` (Python 3.12 + triton 3.6.0, see its
@@ -87,30 +89,33 @@ run_phase() {
 }
 
 status=0
+tests_only=${GPU_TESTS_ONLY:-0}
 if [ ${#tests[@]} -gt 0 ]; then
-  FASTPROBE_AUTOTUNE=0 run_phase 35 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
+  FASTPROBE_AUTOTUNE=0 run_phase $((tests_only == 1 ? 100 : 35)) "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
     --junitxml="$outdir/gpu-tests.xml" # which tests passed, failed or were skipped by the deadline
   code=$?
   [ "$code" -eq 0 ] || [ "$code" -eq 5 ] || status=1 # 5: no GPU-only tests in these families
 fi
 
-if [ ${#parallel[@]} -gt 0 ]; then
-  run_phase 40 "$outdir/warm-up.log" "${benches[@]}" -k "cuda and (fastprobe or flex or compile or liger)" \
-    --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
-  tail -5 "$outdir/warm-up.log"
-fi
-
-device=$(python3 -c "from bench.conftest import device_slug; print(device_slug())")
-label=$(IFS=-; echo "${families[*]}")
-[ "${families[*]}" == "${all_families[*]}" ] && label=all
-json=$outdir/$device-$label.json
-run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$json" \
-  --benchmark-columns=median,min,max,rounds || status=1
-[ -s "$json" ] && python3 bench/report.py "$json" | tee "$outdir/table.md"
-if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
-  timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee "$outdir/sweep-divergence.log"
+if [ "$tests_only" -ne 1 ]; then
+  if [ ${#parallel[@]} -gt 0 ]; then
+    run_phase 40 "$outdir/warm-up.log" "${benches[@]}" -k "cuda and (fastprobe or flex or compile or liger)" \
+      --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
+    tail -5 "$outdir/warm-up.log"
+  fi
+  device=$(python3 -c "from bench.conftest import device_slug; print(device_slug())")
+  label=$(IFS=-; echo "${families[*]}")
+  [ "${families[*]}" == "${all_families[*]}" ] && label=all
+  json=$outdir/$device-$label.json
+  run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$json" \
+    --benchmark-columns=median,min,max,rounds || status=1
+  [ -s "$json" ] && python3 bench/report.py "$json" | tee "$outdir/table.md"
+  if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
+    timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee "$outdir/sweep-divergence.log"
+  fi
 fi
 [ -n "${FASTPROBE_TRITON_LOG:-}" ] \
-  && python3 bench/precompile_triton.py --report "$TRITON_CACHE_DIR" "$FASTPROBE_TRITON_LOG" 2>&1 | tee -a "$setup_log"
+  && python3 bench/precompile_triton.py --report "$TRITON_CACHE_DIR" "$FASTPROBE_TRITON_LOG" 2>&1 | tee -a "$setup_log" \
+  && cp "$FASTPROBE_TRITON_LOG" "$outdir/triton-compiles.log" # which kernels compiled here, and when
 echo "== $(date -u +%T) done with $((end - $(date +%s))) s of the budget left; status $status"
 exit $status

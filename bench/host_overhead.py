@@ -134,7 +134,8 @@ def launch_parts(device: str = "cuda") -> None:
     args, kwargs, grid, compiled = captured["args"], captured["kwargs"], captured["grid"], captured["compiled"]
     binder = kernel.device_caches[torch.cuda.current_device()][-1]
     bound = binder(*args, **kwargs)[0]
-    grid = grid(bound) if callable(grid) else grid
+    grid = tuple(grid(bound) if callable(grid) else grid)
+    grid += (1,) * (3 - len(grid))  # (a compiled kernel takes all three)
     values = tuple(bound.values())
     launches = {
         "kernel[grid](*args, **flags) (Triton's run)": lambda: kernel[grid](*args, **kwargs),

@@ -70,7 +70,9 @@ TEST_FILES = {"patch": "tests/test_devices.py"}  # (the others: tests/test_FAMIL
 
 
 def _add_listener(path: str) -> None:
-    """Append '<hit|compiled> <kernel> <ms> <cache folder>' to `path` for each Triton compile."""
+    """Append '<hit|compiled> <kernel> <ms> <cache folder>' to `path` for each Triton compile, and
+    for a compile the test that made it, its constexprs and specialisations (what the precompile
+    missed)."""
     from triton import knobs
 
     def listener(src, metadata, metadata_group, times, cache_hit):
@@ -79,6 +81,10 @@ def _add_listener(path: str) -> None:
             with open(path, "a") as log:
                 log.write(f"{'hit' if cache_hit else 'compiled'} {metadata.get('name', '?')} "
                           f"{times.total / 1000:.0f} {folder}\n")
+                if not cache_hit:
+                    constants = {key: value for key, value in getattr(src, "constants", {}).items()}
+                    log.write(f"  test {os.environ.get('PYTEST_CURRENT_TEST', '-')}\n"
+                              f"  constants {constants}\n  attrs {getattr(src, 'attrs', '-')}\n")
         except Exception:  # never fail a run over the log
             pass
 
@@ -325,7 +331,7 @@ def report(cache_dir: str, log_path: str) -> int:
         with open(log_path) as log:
             for line in log:
                 parts = line.split()
-                if len(parts) >= 3:
+                if len(parts) >= 3 and not line.startswith(" "):  # (indented: a compile's details)
                     table = hits if parts[0] == "hit" else compiled
                     seconds, number = table.get(parts[1], (0.0, 0))
                     table[parts[1]] = (seconds + float(parts[2]) / 1000, number + 1)
