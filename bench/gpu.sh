@@ -70,6 +70,8 @@ fi
 python3 -m fastprobe.cli info 2>&1 | tee -a "$setup_log"
 if [[ " ${families[*]} " == *" attention "* ]]; then # host and GPU shares of a few attention calls
   timeout 60 python3 bench/host_overhead.py >>"$setup_log" 2>&1 || echo "host_overhead.py: exit $?" >>"$setup_log"
+  # the same Python path with Triton's run stubbed, as on the project's CPU machine (how fast this host runs it)
+  timeout 60 python3 bench/host_python.py >>"$setup_log" 2>&1 || echo "host_python.py: exit $?" >>"$setup_log"
 fi
 
 parallel=()

@@ -8,6 +8,8 @@ per call on this project's CPU machine. This script splits each call's time into
   graph:  one replay of the call captured in a CUDA graph (its kernels alone, no host work;
           "-" when the call cannot be captured, e.g. a check that syncs);
   whole:  one call and a synchronize, what the benchmarks time;
+  b2b:    per call of ROUNDS calls back to back, one synchronize at the end (as in a model's
+          forward: host time overlaps the GPU's, so the larger of the two shows);
 medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one.
 It runs in bench/gpu.sh before the benchmarks (into setup.log), and alone:
 
@@ -42,6 +44,16 @@ def medians(call) -> tuple:
         host.append(returned - start)
         whole.append(time.perf_counter() - start)
     return statistics.median(host), statistics.median(whole)
+
+
+def back_to_back(call) -> float:
+    """Seconds per call of ROUNDS calls launched back to back, then one synchronize."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(ROUNDS):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / ROUNDS
 
 
 def graph_replay(call):
@@ -168,7 +180,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     with open("/proc/cpuinfo") as cpuinfo:
         print(next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "cpu ?"))
-    print(f"{'call':34s} {'host us':>9s} {'graph us':>9s} {'whole us':>9s}")
+    print(f"{'call':34s} {'host us':>9s} {'graph us':>9s} {'whole us':>9s} {'b2b us':>9s}")
     slowest, slowest_host = None, 0.0
     for name, call in cases().items():
         for _ in range(10):  # compile, autotune, caches
@@ -176,7 +188,9 @@ def main() -> None:
         host, whole = medians(call)
         replay, why = graph_replay(call)
         shown = "-" if replay is None else f"{replay * 1e6:9.1f}"
-        print(f"{name:34s} {host * 1e6:9.1f} {shown:>9s} {whole * 1e6:9.1f}" + (f"  ({why})" if why else ""))
+        chained = back_to_back(call)
+        print(f"{name:34s} {host * 1e6:9.1f} {shown:>9s} {whole * 1e6:9.1f} {chained * 1e6:9.1f}"
+              + (f"  ({why})" if why else ""))
         if name.startswith("fastprobe") and host > slowest_host:
             slowest, slowest_host = (name, call), host
     name, call = slowest

@@ -800,6 +800,8 @@ def main(argv) -> int:
         with open(used_log) as log:
             for line in log:
                 parts = line.split()
+                if line.startswith(" "):  # (a compile's details)
+                    continue
                 if parts[0] == "compiled":
                     compiled, compile_ms = compiled + 1, compile_ms + float(parts[2])
                 used.add(parts[-1])

@@ -1262,7 +1262,13 @@ def _head_blocks(head_dim: int) -> tuple:
 
 
 def _dot_flags(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
-    """The constexprs of the products every attention kernel shares."""
+    """The constexprs of the products every attention kernel shares (one dict per combination,
+    made once: callers only read it)."""
+    return _dot_flags_of(dtype, head_dim, value_dim, interpreter_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_flags_of(dtype: torch.dtype, head_dim: int, value_dim: int, interpreted: bool) -> dict:
     block_d, block_dt = _head_blocks(head_dim)
     return dict(
         HEAD_DIM=head_dim,
@@ -1272,7 +1278,7 @@ def _dot_flags(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
         BLOCK_DV=_next_pow2_at_least(value_dim, 16),
         # float32 products in full float32 (tf32 would cost ~1e-3 relative); ignored otherwise
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST=interpreter_enabled() and dtype == torch.bfloat16,  # the interpreter's bfloat16 dot (see _dot)
+        UPCAST=interpreted and dtype == torch.bfloat16,  # the interpreter's bfloat16 dot (see _dot)
     )
 
 

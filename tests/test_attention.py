@@ -604,6 +604,11 @@ def test_hand_made_key_masks_ends_are_clamped(target):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
+def q_device(device: str) -> torch.device:
+    """The device of a tensor made on `device` ("cuda" gets the current index)."""
+    return torch.empty(0, device=device).device
+
+
 def test_key_ends_without_padding_are_made_once(target):
     """A call without a padding mask reuses one constant key-ends tensor per (B, end, device);
     the results stay those of the reference in and out of inference mode, for every batch size."""
@@ -614,6 +619,9 @@ def test_key_ends_without_padding_are_made_once(target):
         masks = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
         again = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
         assert masks.sink_end is again.sink_end and masks.stat_end is again.stat_end
+        # a tensor's device (what sink_attention passes): the KeyMasks itself is kept, one lookup a call
+        assert key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=q_device(device)) is \
+            key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=q_device(device))
         assert masks.sink_end.tolist() == [2] * batch and masks.stat_end.tolist() == [1] * batch
         q, k, v = random_qkv(batch, 2, 2, 7, 9, 16, torch.float32, device)
         want = expected(q, k, v, num_sink=2, window=3)
@@ -633,6 +641,9 @@ def test_key_ends_made_under_fake_tensors_are_not_kept():
     real = key_masks(None, 7, 9, num_sink=2, device="cpu")
     assert real.sink_end is not fake.sink_end and type(real.sink_end) is torch.Tensor
     assert real.sink_end.tolist() == [2] * 7
+    assert key_masks(None, 7, 9, num_sink=2, device=torch.device("cpu")) is real  # kept now
+    with FakeTensorMode():  # and the kept one is not handed to fake-tensor code
+        assert type(key_masks(None, 7, 9, num_sink=2, device=torch.device("cpu")).sink_end) is not torch.Tensor
 
 
 @pytest.mark.gpu

@@ -105,6 +105,8 @@ def check_finite_lse(lse: torch.Tensor, describe: Callable[..., str]) -> None:
 
 def check_int(value, name: str, minimum: int) -> int:
     """An integer >= minimum (bools refused), or a TypeError/ValueError naming `name`."""
+    if type(value) is int and value >= minimum:  # (the common case, without the ABC check)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
     if value < minimum:
@@ -122,23 +124,32 @@ def check_real(value, name: str, positive: bool) -> float:
     return number
 
 
+def plain_mode() -> bool:
+    """True when nothing that torch's dispatcher must see is active: not tracing or compiling, no
+    dispatch / function mode and no functorch transform."""
+    if is_compiling() or torch.jit.is_tracing():  # (first: dynamo traces only these two)
+        return False
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+                or torch._C._are_functorch_transforms_active())
+
+
 def runs_plain(values) -> bool:
-    """True when an op call needs nothing from torch's dispatcher: not tracing or compiling, no
-    dispatch / function mode or functorch transform active, every tensor a plain torch.Tensor
-    (no fake, meta or subclass tensor) and none that autograd has to record."""
-    if is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
-        return False
-    if torch._C._are_functorch_transforms_active():
+    """True when an op call needs nothing from torch's dispatcher: plain_mode(), every tensor a
+    plain torch.Tensor (no fake, meta or subclass tensor) and none that autograd has to record."""
+    if not plain_mode():
         return False
     grad = torch.is_grad_enabled()
     for value in values:
-        if isinstance(value, torch.Tensor) and (
-            type(value) is not torch.Tensor or value.is_meta or (grad and value.requires_grad)
-        ):
+        kind = type(value)
+        if kind is torch.Tensor:
+            if value.is_meta or (grad and value.requires_grad):
+                return False
+        elif kind not in _NOT_TENSORS and isinstance(value, torch.Tensor):  # a subclass
             return False
     return True
+
+
+_NOT_TENSORS = frozenset((int, float, bool, str, type(None)))  # (skips the isinstance of most arguments)
 
 
 class CustomOp:

@@ -22,7 +22,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling,
-    new_output, on_device, output_dtype, register_forward_only, runs_plain,
+    new_output, on_device, output_dtype, plain_mode, register_forward_only,
 )
 
 __all__ = [
@@ -63,6 +63,8 @@ def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: in
     segment afresh, and only calls with those segments may reuse it."""
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
+    if key_padding_mask is None and segment_ids is None:
+        return _constant_key_masks(batch, num_keys, num_sink, stat_tokens, device)
     key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", key_padding_mask)
     if key_real is not None:
         device = key_real.device
@@ -129,6 +131,7 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
 
 
 _CONSTANT_ENDS: dict = {}  # (B, end, device) -> int64 [B] filled with end; only ever read
+_CONSTANT_MASKS: dict = {}  # (B, Lk, num_sink, stat_tokens, device) -> KeyMasks of kept constant ends
 
 
 def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
@@ -137,11 +140,14 @@ def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
     (host time is most of a short call's on a GPU, bench/NOTES.md). Made fresh, and not kept,
     while tracing or compiling, under a dispatch mode (fake tensors) or while capturing a CUDA
     graph (a tensor made inside a capture is filled only at replay)."""
+    ends = _CONSTANT_ENDS.get((batch, end, device))  # (a tensor's device: already in the key's form)
+    if ends is not None and plain_mode():
+        return ends
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (batch, end, device)
-    if not runs_plain(()):  # traced, compiled or under a dispatch mode (fake tensors): never kept
+    if not plain_mode():  # traced, compiled or under a dispatch mode (fake tensors): never kept
         return torch.full((batch,), end, dtype=torch.int64, device=device)
     ends = _CONSTANT_ENDS.get(key)
     if ends is None:
@@ -153,8 +159,24 @@ def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
             torch.cuda.current_stream(device).synchronize()
         if len(_CONSTANT_ENDS) >= 256:
             _CONSTANT_ENDS.clear()
+            _CONSTANT_MASKS.clear()
         _CONSTANT_ENDS[key] = ends
     return ends
+
+
+def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: int, device) -> KeyMasks:
+    """key_masks without padding or segments: the same ends in every row, from _constant_ends,
+    and the KeyMasks itself kept with them (one lookup per call)."""
+    masks = _CONSTANT_MASKS.get((batch, num_keys, num_sink, stat_tokens, device))
+    if masks is not None and plain_mode():  # (a tensor's device is already in the key's form)
+        return masks
+    ends = [_constant_ends(batch, min(count, num_keys), device) for count in (num_sink, stat_tokens)]
+    masks = KeyMasks(None, *ends, num_sink, stat_tokens)
+    kept = all(_CONSTANT_ENDS.get((batch, min(count, num_keys), end.device)) is end
+               for end, count in zip(ends, (num_sink, stat_tokens)))
+    if kept:  # (not made fresh while tracing, compiling or capturing)
+        _CONSTANT_MASKS[(batch, num_keys, num_sink, stat_tokens, ends[0].device)] = masks
+    return masks
 
 
 def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
@@ -238,16 +260,16 @@ _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _trito
 
 
 def _outputs(q: torch.Tensor, value_dim: int, num_groups: int, return_entropy: bool, allocate):
-    """(out, lse, sink_mass, group_mass, entropy): out is the [B, Hq, Lq, Dv] view of a
+    """allocate(shape, device, dtype): new_output, or a fake tensor maker. (out, lse, sink_mass, group_mass, entropy): out is the [B, Hq, Lq, Dv] view of a
     [B, Lq, Hq, Dv] buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without
     groups) and entropy ([0] when not asked for) are always tensors (custom ops return no None)."""
     batch, num_heads, num_queries, _ = q.shape
-    stats_dtype = output_dtype(q)
-    out = allocate((batch, num_queries, num_heads, value_dim), q.dtype).transpose(1, 2)
-    lse = allocate((batch, num_heads, num_queries), stats_dtype)
-    sink_mass = allocate((batch, num_heads, num_queries), stats_dtype)
-    group_mass = allocate((batch, num_heads, num_queries, num_groups), stats_dtype)
-    entropy = allocate((batch, num_heads, num_queries) if return_entropy else (0,), stats_dtype)
+    stats_dtype, device = output_dtype(q), q.device
+    out = allocate((batch, num_queries, num_heads, value_dim), device, q.dtype).transpose(1, 2)
+    lse = allocate((batch, num_heads, num_queries), device, stats_dtype)
+    sink_mass = allocate((batch, num_heads, num_queries), device, stats_dtype)
+    group_mass = allocate((batch, num_heads, num_queries, num_groups), device, stats_dtype)
+    entropy = allocate((batch, num_heads, num_queries) if return_entropy else (0,), device, stats_dtype)
     return out, lse, sink_mass, group_mass, entropy
 
 
@@ -272,7 +294,7 @@ def _sink_attention_op(
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none."""
-    outputs = _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, dtype: new_output(shape, q.device, dtype))
+    outputs = _outputs(q, v.shape[-1], num_groups, return_entropy, new_output)
     out, lse, sink_mass, group_mass, entropy = outputs
     if out.numel() > 0 or lse.numel() > 0:
         args = dict(
@@ -291,7 +313,7 @@ def _sink_attention_op(
 @_sink_attention_op.register_fake
 def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, horizon,
       start, return_entropy):
-    return _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+    return _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, device, dtype: q.new_empty(shape, dtype=dtype))
 
 
 register_forward_only(_sink_attention_op, "sink_attention")

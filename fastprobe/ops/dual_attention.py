@@ -71,14 +71,14 @@ _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _trito
 
 
 def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool, allocate):
-    """out, o_cond, o_uncond: [B, Hq, Lq, Dv] views of [B, Lq, Hq, Dv] buffers (the paths
+    """allocate(shape, device, dtype): new_output, or a fake tensor maker. out, o_cond, o_uncond: [B, Hq, Lq, Dv] views of [B, Lq, Hq, Dv] buffers (the paths
     share out's strides; [0] when not asked for: custom ops return no None)."""
     batch, num_heads, num_queries, _ = q.shape
-    shape = (batch, num_queries, num_heads, value_dim)
-    out = allocate(shape, q.dtype).transpose(1, 2)
+    shape, device, dtype = (batch, num_queries, num_heads, value_dim), q.device, q.dtype
+    out = allocate(shape, device, dtype).transpose(1, 2)
     if not return_paths:
-        return out, allocate((0,), q.dtype), allocate((0,), q.dtype)
-    return out, allocate(shape, q.dtype).transpose(1, 2), allocate(shape, q.dtype).transpose(1, 2)
+        return out, allocate((0,), device, dtype), allocate((0,), device, dtype)
+    return out, allocate(shape, device, dtype).transpose(1, 2), allocate(shape, device, dtype).transpose(1, 2)
 
 
 @custom_op("fastprobe::dual_path_attention")
@@ -101,7 +101,7 @@ def _dual_path_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
     [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none."""
-    outputs = _outputs(q, v.shape[-1], return_paths, lambda shape, dtype: new_output(shape, q.device, dtype))
+    outputs = _outputs(q, v.shape[-1], return_paths, new_output)
     out, o_cond, o_uncond = outputs
     if out.numel() > 0:
         args = dict(scale=scale, causal=causal, key_real=key_real, drop=drop, rows=rows, gamma=gamma,
@@ -113,7 +113,7 @@ def _dual_path_attention_op(
 
 @_dual_path_attention_op.register_fake
 def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, horizon, start, window, return_paths):
-    return _outputs(q, v.shape[-1], return_paths, lambda shape, dtype: q.new_empty(shape, dtype=dtype))
+    return _outputs(q, v.shape[-1], return_paths, lambda shape, device, dtype: q.new_empty(shape, dtype=dtype))
 
 
 register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)")
