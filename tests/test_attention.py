@@ -619,9 +619,10 @@ def test_key_ends_without_padding_are_made_once(target):
         masks = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
         again = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
         assert masks.sink_end is again.sink_end and masks.stat_end is again.stat_end
-        # a tensor's device (what sink_attention passes): the KeyMasks itself is kept, one lookup a call
+        # a tensor's device (what sink_attention passes): the KeyMasks itself is kept, one lookup a
+        # call, also for a decoding step's longer keys
         assert key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=q_device(device)) is \
-            key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=q_device(device))
+            key_masks(None, batch, 10, num_sink=2, stat_tokens=1, device=q_device(device))
         assert masks.sink_end.tolist() == [2] * batch and masks.stat_end.tolist() == [1] * batch
         q, k, v = random_qkv(batch, 2, 2, 7, 9, 16, torch.float32, device)
         want = expected(q, k, v, num_sink=2, window=3)

@@ -131,7 +131,7 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
 
 
 _CONSTANT_ENDS: dict = {}  # (B, end, device) -> int64 [B] filled with end; only ever read
-_CONSTANT_MASKS: dict = {}  # (B, Lk, num_sink, stat_tokens, device) -> KeyMasks of kept constant ends
+_CONSTANT_MASKS: dict = {}  # (B, both ends, num_sink, stat_tokens, device) -> KeyMasks of kept ends
 
 
 def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
@@ -166,16 +166,17 @@ def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
 
 def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: int, device) -> KeyMasks:
     """key_masks without padding or segments: the same ends in every row, from _constant_ends,
-    and the KeyMasks itself kept with them (one lookup per call)."""
-    masks = _CONSTANT_MASKS.get((batch, num_keys, num_sink, stat_tokens, device))
+    and the KeyMasks itself kept with them (one lookup per call; a decoding step's longer keys
+    find the same one)."""
+    ends_at = (min(num_sink, num_keys), min(stat_tokens, num_keys))
+    masks = _CONSTANT_MASKS.get((batch, *ends_at, num_sink, stat_tokens, device))
     if masks is not None and plain_mode():  # (a tensor's device is already in the key's form)
         return masks
-    ends = [_constant_ends(batch, min(count, num_keys), device) for count in (num_sink, stat_tokens)]
+    ends = [_constant_ends(batch, end, device) for end in ends_at]
     masks = KeyMasks(None, *ends, num_sink, stat_tokens)
-    kept = all(_CONSTANT_ENDS.get((batch, min(count, num_keys), end.device)) is end
-               for end, count in zip(ends, (num_sink, stat_tokens)))
-    if kept:  # (not made fresh while tracing, compiling or capturing)
-        _CONSTANT_MASKS[(batch, num_keys, num_sink, stat_tokens, ends[0].device)] = masks
+    kept = all(_CONSTANT_ENDS.get((batch, end, tensor.device)) is tensor for end, tensor in zip(ends_at, ends))
+    if kept:  # (neither made fresh while tracing, compiling or capturing)
+        _CONSTANT_MASKS[(batch, *ends_at, num_sink, stat_tokens, ends[0].device)] = masks
     return masks
 
 
@@ -260,9 +261,10 @@ _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _trito
 
 
 def _outputs(q: torch.Tensor, value_dim: int, num_groups: int, return_entropy: bool, allocate):
-    """allocate(shape, device, dtype): new_output, or a fake tensor maker. (out, lse, sink_mass, group_mass, entropy): out is the [B, Hq, Lq, Dv] view of a
-    [B, Lq, Hq, Dv] buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without
-    groups) and entropy ([0] when not asked for) are always tensors (custom ops return no None)."""
+    """(out, lse, sink_mass, group_mass, entropy), each made by allocate(shape, device, dtype)
+    (new_output, or a fake tensor maker): out is the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv]
+    buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without groups) and
+    entropy ([0] when not asked for) are always tensors (custom ops return no None)."""
     batch, num_heads, num_queries, _ = q.shape
     stats_dtype, device = output_dtype(q), q.device
     out = allocate((batch, num_queries, num_heads, value_dim), device, q.dtype).transpose(1, 2)

@@ -71,8 +71,9 @@ _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _trito
 
 
 def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool, allocate):
-    """allocate(shape, device, dtype): new_output, or a fake tensor maker. out, o_cond, o_uncond: [B, Hq, Lq, Dv] views of [B, Lq, Hq, Dv] buffers (the paths
-    share out's strides; [0] when not asked for: custom ops return no None)."""
+    """out, o_cond, o_uncond, each made by allocate(shape, device, dtype) (new_output, or a fake
+    tensor maker): [B, Hq, Lq, Dv] views of [B, Lq, Hq, Dv] buffers (the paths share out's
+    strides; [0] when not asked for: custom ops return no None)."""
     batch, num_heads, num_queries, _ = q.shape
     shape, device, dtype = (batch, num_queries, num_heads, value_dim), q.device, q.dtype
     out = allocate(shape, device, dtype).transpose(1, 2)
