@@ -3,7 +3,8 @@
 # lease: installs fastprobe (no build isolation, no downloads; wheels carried in .whl/, such as
 # liger-kernel from bench/gpu_wheels.sh, go to a private site folder), runs the GPU tests, then
 # the benchmarks, and writes logs, the tests' JUnit XML, one pytest-benchmark JSON and its table
-# to OUTDIR (default bench/results; at most 8 files, what a device call brings back). FAMILY...
+# to OUTDIR (default bench/results; 8 files at most, what a device call brings back: setup.log,
+# gpu-tests.log / .xml, warm-up.log, bench.log, the JSON, table.md, triton-compiles.log). FAMILY...
 # (divergence, concepts, bridge, attention, dual_attention, patch, guidance, methods) limits the
 # run to those families, benchmarked in the order given; the default is all of them, the
 # attention families first.
@@ -112,8 +113,12 @@ if [ "$tests_only" -ne 1 ]; then
   run_phase 100 "$outdir/bench.log" "${benches[@]}" -k cuda --benchmark-json="$json" \
     --benchmark-columns=median,min,max,rounds || status=1
   [ -s "$json" ] && python3 bench/report.py "$json" | tee "$outdir/table.md"
+  # the sweeps (bench/NOTES.md), with what time is left, into bench.log (a call brings back 8 files)
   if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
-    timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee "$outdir/sweep-divergence.log"
+    timeout $((end - $(date +%s) - 5)) python3 bench/sweep_divergence.py 2>&1 | tee -a "$outdir/bench.log"
+  fi
+  if [[ " ${families[*]} " == *" attention "* ]] && [ $((end - $(date +%s))) -gt 60 ]; then
+    timeout $((end - $(date +%s) - 5)) python3 bench/sweep_attention_stats.py 2>&1 | tee -a "$outdir/bench.log"
   fi
 fi
 [ -n "${FASTPROBE_TRITON_LOG:-}" ] \

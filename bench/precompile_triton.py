@@ -84,7 +84,8 @@ def _add_listener(path: str) -> None:
                 if not cache_hit:
                     constants = {key: value for key, value in getattr(src, "constants", {}).items()}
                     log.write(f"  test {os.environ.get('PYTEST_CURRENT_TEST', '-')}\n"
-                              f"  constants {constants}\n  attrs {getattr(src, 'attrs', '-')}\n")
+                              f"  constants {constants}\n  attrs {getattr(src, 'attrs', '-')}\n"
+                              f"  signature {getattr(src, 'signature', '-')}\n  source {src.hash()[:16]}\n")
         except Exception:  # never fail a run over the log
             pass
 
@@ -136,22 +137,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.own_markers = [mark for mark in item.own_markers
                             if not (mark.name == "skip" and "CUDA" in str(mark.kwargs.get("reason", "")))]
-
-
-try:
-    import pytest
-
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_fixture_setup(fixturedef, request):
-        """--tests: the target ("triton", "cuda") runs on CPU tensors (compile-only launches)."""
-        outcome = yield
-        if os.environ.get("FASTPROBE_PRECOMPILE") == "tests" and fixturedef.argname == "target":
-            cached = fixturedef.cached_result
-            if cached is not None and cached[0] == ("triton", "cuda"):
-                fixturedef.cached_result = (("triton", "cpu"), *cached[1:])
-                outcome.force_result(("triton", "cpu"))
-except ImportError:  # (the script itself needs no pytest)
-    pass
 
 
 # ---- what the keys hash beyond the kernels, here and on the GPU machine ----
@@ -583,7 +568,7 @@ def _cases(families) -> list:
         cases += [f"attention {group} L={length}" for group in ("causal", "sink-window", "all-stats", "head-mask")
                   for length in (1024, 4096, 16384)]
         cases += ["attention decode", "attention host_overhead", "attention latent", "attention blocks",
-                  "attention packed"]
+                  "attention packed", "attention stats-sweep"]
     if "dual_attention" in families:
         cases += ["dual_attention"]
     if "bridge" in families:
@@ -617,6 +602,12 @@ def _launch_case(name: str) -> None:
             q, k, v = bench.make_qkv(cpu, 1, bench.GPU_HEADS, bench.DECODE_KEYS, bench.GPU_HEAD_DIM, bf16, num_queries=1)
             bench.fastprobe_causal(q, k, v)
             bench.fastprobe_sink_window(q, k, v)
+        elif rest == "stats-sweep":  # bench/sweep_attention_stats.py's variants (autotuned: every kept config)
+            from bench import sweep_attention_stats as sweep
+
+            q, k, v = bench.make_qkv(cpu, 1, sweep.HEADS, 4096, sweep.HEAD_DIM, bf16)
+            for options in sweep.variants(4096, cpu).values():
+                fp.sink_attention(q, k, v, **options)
         elif rest == "host_overhead":  # bench/host_overhead.py's calls (the benchmarks' and a few more)
             from bench import host_overhead
 

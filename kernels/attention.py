@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import cdiv, launch_tuned, next_pow2
+from ._launch import cdiv, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["sink_attention"]
 
@@ -1521,3 +1521,6 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
         HAS_SINK_LOGIT=flags["HAS_SINK_LOGIT"], HAS_GROUPS=flags["HAS_GROUPS"], ENTROPY=flags["ENTROPY"],
         num_warps=4,
     )  # fmt: skip
+
+
+settle_cache_keys(globals())  # (the same cache keys in every process, see _launch.py)

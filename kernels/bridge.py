@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import launch_tuned, next_pow2
+from ._launch import launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["bridge_loss"]
 
@@ -338,3 +338,6 @@ def bridge_loss(
     else:
         config = _prune_configs(_AUTOTUNE_CONFIGS, {"V": V})[0]
         _bridge_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+settle_cache_keys(globals())  # (the same cache keys in every process, see _launch.py)

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import cdiv, launch_tuned
+from ._launch import cdiv, launch_tuned, settle_cache_keys
 from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _shift_from_lse, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
@@ -464,3 +464,6 @@ def concept_mass_backward(
         top_share, top_token, grad_concept, lse, coef, grad, inv_temperature, V, C, index.id_block_starts.numel() - 1,
         *logits.stride(), BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,
     )
+
+
+settle_cache_keys(globals())  # (the same cache keys in every process, see _launch.py)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import launch_tuned, next_pow2
+from ._launch import launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["draft_divergence"]
 
@@ -432,3 +432,6 @@ def draft_divergence(
         _divergence_kernel[grid](
             *args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )
+
+
+settle_cache_keys(globals())  # (the same cache keys in every process, see _launch.py)

@@ -58,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import settle_cache_keys
 from .attention import (
     _FWD_CONFIGS,
     _FWD_KEY_SHAPES,
@@ -750,3 +751,6 @@ def dual_path_attention(
         VALUE_DIM=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, S_PAD=_next_pow2_at_least(splits, 1), **guidance,
         num_warps=4,
     )  # fmt: skip
+
+
+settle_cache_keys(globals())  # (the same cache keys in every process, see _launch.py)
