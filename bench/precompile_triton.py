@@ -31,14 +31,15 @@ once; torch only has to import, CPU tensors only):
     /tmp/t36/bin/pip install --no-deps --force-reinstall triton==3.6.0   # (torch 2.13 pulls 3.7)
 
 How: the benchmarks' own launches (bench/test_*_bench.py's CUDA shapes and dtypes, through the op
-layer, plus bench/host_overhead.py's and bench/sweep_divergence.py's) on CPU tensors, with the op
-layer on the Triton kernels, a stand-in driver that reports an sm_90 device, every launch turned
-into a compile (JITFunction.run with warmup=True: the real binder, specialisation and cache, no
-launch), the autotuner "timing" each config that survives pruning by compiling it, and the
+layer, plus those of bench/host_overhead.py, sweep_divergence.py and sweep_attention_stats.py)
+on CPU tensors, with the op layer on the Triton kernels, a stand-in driver that reports an sm_90
+device, every launch turned into a compile (JITFunction.run with warmup=True: the real binder,
+specialisation and cache, no launch), the autotuner "timing" each config that survives pruning by compiling it, and the
 pruning given the H200's shared memory. The fused-linear loss's matrix products are faked (its
 kernels need only the chunk shapes). Under --tests each Triton call also runs the reference
 implementation into the outputs, so the tests go on past their comparisons, and a torch function
-mode keeps the tensors a test puts on "cuda" on the CPU. Each kernel's launcher (the C module the
+mode keeps the tensors a test puts on "cuda" on the CPU (the tests still see the target
+("triton", "cuda"), so they launch their CUDA shapes and configs). Each kernel's launcher (the C module the
 GPU machine builds with gcc once per signature) is built too, linked against a stub
 libcuda.so.1 (FASTPROBE_PRECOMPILE_LAUNCHERS=0: not). Not covered: the model-level benchmarks
 (patch, guidance, methods), inductor's kernels (torch.compile / Flex peers), and shapes drawn at
@@ -71,8 +72,8 @@ TEST_FILES = {"patch": "tests/test_devices.py"}  # (the others: tests/test_FAMIL
 
 def _add_listener(path: str) -> None:
     """Append '<hit|compiled> <kernel> <ms> <cache folder>' to `path` for each Triton compile, and
-    for a compile the test that made it, its constexprs and specialisations (what the precompile
-    missed)."""
+    for a compile the test that made it, its constexprs, specialisations, signature and source
+    hash (what the precompile missed, and why)."""
     from triton import knobs
 
     def listener(src, metadata, metadata_group, times, cache_hit):
@@ -82,9 +83,8 @@ def _add_listener(path: str) -> None:
                 log.write(f"{'hit' if cache_hit else 'compiled'} {metadata.get('name', '?')} "
                           f"{times.total / 1000:.0f} {folder}\n")
                 if not cache_hit:
-                    constants = {key: value for key, value in getattr(src, "constants", {}).items()}
                     log.write(f"  test {os.environ.get('PYTEST_CURRENT_TEST', '-')}\n"
-                              f"  constants {constants}\n  attrs {getattr(src, 'attrs', '-')}\n"
+                              f"  constants {getattr(src, 'constants', '-')}\n  attrs {getattr(src, 'attrs', '-')}\n"
                               f"  signature {getattr(src, 'signature', '-')}\n  source {src.hash()[:16]}\n")
         except Exception:  # never fail a run over the log
             pass

@@ -43,13 +43,14 @@ def cdiv(a: int, b: int) -> int:
 def settle_cache_keys(namespace: dict) -> None:
     """Give the Triton functions in `namespace` (a kernel module's globals: its kernels and the
     helpers it calls or imports) the cache keys they get in any process, whatever it launches
-    first. Triton 3.3-3.8 hash a kernel with the constexpr globals its helpers use only when those
+    first. Triton 3.6 hashes a kernel with the constexpr globals its helpers use only when those
     helpers were hashed before it (it merges a helper's globals, then hashes the helper), so a
     kernel's key depended on which kernel the process hashed first: dual_path_attention's
     differed between a process that first ran sink_attention and one that did not, and compiled
     again on the GPU machine although bench/precompile_triton.py had compiled it (bench/NOTES.md,
     "H200, third run"). Hashing again, until no key changes, gives every function the globals of
-    all it calls. (Triton 3.0 keeps no globals in the key; 3.9 hashes the helper first.)"""
+    all it calls. (Triton 3.0 keeps no globals in the key; 3.9 hashes the helper first, so its
+    keys come out the same; versions between were not checked.)"""
     functions = [value for value in namespace.values() if isinstance(value, JITFunction)]
     for _ in range(8):  # (a pass completes one more level of calls; the kernels nest fewer)
         keys = [function.cache_key for function in functions]
