@@ -100,11 +100,24 @@ def test_attention_cpu(benchmark, impl, request):
 LATENT_IMPLS = {"fastprobe-latent": fastprobe_causal, "sdpa-latent": sdpa_causal}
 
 
-def latent_inputs(device, case):
+def qkv_inputs(device, case):
     """(q, k, v) and their description for the benchmark's extra info."""
     inputs = make_qkv(device, **case)
-    shape = dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"], Dv=case["value_dim"])
+    shape = dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"])
+    if "value_dim" in case:
+        shape["Dv"] = case["value_dim"]
     return inputs, dict(shape=shape, input_bytes=sum(t.nbytes for t in inputs))
+
+
+# The attention of the model-level recording benchmark (bench/test_patch_bench.py: the built-in
+# model's 8 heads of 16 dims at L = 8192) alone: how much of the recording's time over SDPA's
+# forward the kernel takes at this narrow head dim.
+NARROW_CASES = {
+    "cpu": dict(batch=1, heads=8, length=2048, head_dim=16, dtype=torch.float32),
+    "cuda": dict(batch=1, heads=8, length=8192, head_dim=16, dtype=torch.bfloat16),
+    "small": dict(batch=1, heads=2, length=16, head_dim=8, dtype=torch.float32),
+}
+NARROW_IMPLS = {"fastprobe-narrow": fastprobe_causal, "sdpa-narrow": sdpa_causal}
 
 
 # A Gemma 3-style prompt with images: 256-token image blocks whose tokens attend to each other both
@@ -229,7 +242,8 @@ PACKED_IMPLS = {"fastprobe-packed": fastprobe_packed, "fastprobe-packed-prepared
 # Causal prefill variants, each against SDPA: family -> (cases per device and a "small" one for
 # the peak-memory child's warm-up, inputs(device, case) -> (inputs, extra info), impls, baseline)
 VARIANTS = {
-    "latent": (LATENT_CASES, latent_inputs, LATENT_IMPLS, "sdpa-latent"),
+    "latent": (LATENT_CASES, qkv_inputs, LATENT_IMPLS, "sdpa-latent"),
+    "narrow": (NARROW_CASES, qkv_inputs, NARROW_IMPLS, "sdpa-narrow"),
     "blocks": (BLOCKS_CASES, blocks_inputs, BLOCKS_IMPLS, "sdpa-blocks-mask"),
     "packed": (PACKED_CASES, packed_inputs, PACKED_IMPLS, "sdpa-packed-mask"),
 }
@@ -238,8 +252,8 @@ VARIANTS = {
 @pytest.mark.parametrize("family,impl", [(family, impl) for family, (_, _, impls, _) in VARIANTS.items() for impl in impls])
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_attention_variant(benchmark, device, family, impl, request):
-    """Value heads narrower than query heads (multi-head latent attention, "latent"),
-    bidirectional image blocks (Gemma 3 with images, "blocks") and packed sequences ("packed")
+    """Value heads narrower than query heads (multi-head latent attention, "latent"), the
+    recording benchmark's 16-dim heads ("narrow"), bidirectional image blocks (Gemma 3 with images, "blocks") and packed sequences ("packed")
     in causal prefill."""
     if impl.startswith("flex") and device == "cpu":
         pytest.skip("FlexAttention is timed on CUDA (on CPU it compiles for minutes)")
