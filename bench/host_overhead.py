@@ -10,7 +10,8 @@ per call on this project's CPU machine. This script splits each call's time into
   whole:  one call and a synchronize, what the benchmarks time;
   b2b:    per call of ROUNDS calls back to back, one synchronize at the end (as in a model's
           forward: host time overlaps the GPU's, so the larger of the two shows);
-medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one.
+medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one, and
+one prefill launch split into Triton's binder and its launcher, beside a few host primitives.
 It runs in bench/gpu.sh before the benchmarks (into setup.log), and alone:
 
     python3 bench/host_overhead.py
@@ -151,6 +152,7 @@ def launch_parts(device: str = "cuda") -> None:
     values = tuple(bound.values())
     launches = {
         "kernel[grid](*args, **flags) (Triton's run)": lambda: kernel[grid](*args, **kwargs),
+        # (Triton 3.3+'s launcher takes every bound argument, constexprs too; 3.0's only the others)
         "compiled[grid](*bound values) (no binder)": lambda: compiled[grid](*values),
     }
     print(f"\nOne prefill launch ({len(args)} arguments, {len(kwargs)} keywords), host us, median of {ROUNDS}:")
