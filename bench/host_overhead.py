@@ -152,7 +152,7 @@ def launch_parts(device: str = "cuda") -> None:
     values = tuple(bound.values())
     launches = {
         "kernel[grid](*args, **flags) (Triton's run)": lambda: kernel[grid](*args, **kwargs),
-        # (Triton 3.3+'s launcher takes every bound argument, constexprs too; 3.0's only the others)
+        # (Triton 3.6's and 3.9's launcher takes every bound argument, constexprs too; 3.0's the others)
         "compiled[grid](*bound values) (no binder)": lambda: compiled[grid](*values),
     }
     print(f"\nOne prefill launch ({len(args)} arguments, {len(kwargs)} keywords), host us, median of {ROUNDS}:")
