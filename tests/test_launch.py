@@ -86,3 +86,57 @@ def test_attention_keys_separate_dtype_constexprs_and_length_buckets(captured_ke
     first, same, *others = captured_keys
     assert first == same
     assert len({first, *others}) == 1 + len(others)
+
+
+import triton.language as tl  # noqa: E402
+
+_SCALE = tl.constexpr(2.0)  # a constexpr global of a helper: part of the cache keys that call it
+
+
+@triton.jit
+def _scaled(x):
+    return x * _SCALE
+
+
+@triton.jit
+def _scale_kernel(pointer):
+    tl.store(pointer, _scaled(tl.load(pointer)))
+
+
+def _rehash(*functions):
+    for function in functions:
+        function.hash = None
+
+
+def test_settled_cache_keys_do_not_depend_on_what_was_hashed_first(monkeypatch):
+    """Triton 3.6 merged a helper's constexpr globals into its caller's key before hashing the
+    helper, so a kernel hashed before its helpers got another key than one hashed after them (a
+    kernel compiled ahead by bench/precompile_triton.py then compiled again on the GPU machine).
+    That order, put into this Triton's DependenciesFinder, and settle_cache_keys must still give
+    the key of hashing the helper first."""
+    from triton.runtime import jit
+
+    if not isinstance(_scale_kernel, jit.JITFunction) or not hasattr(jit.DependenciesFinder, "_update_hash"):
+        pytest.skip("needs Triton's compiler (not the interpreter) and its DependenciesFinder")
+
+    def update_hash_as_triton_3_6(self, func):  # merge the helper's globals, then hash it
+        self.used_global_vals.update(func.used_global_vals)
+        self.hasher.update((func.cache_key + str(getattr(func, "noinline", False))).encode("utf-8"))
+
+    monkeypatch.setattr(jit.DependenciesFinder, "_update_hash", update_hash_as_triton_3_6)
+    _rehash(_scale_kernel, _scaled)
+    _scaled.used_global_vals = {}
+    kernel_first = _scale_kernel.cache_key
+    _rehash(_scale_kernel, _scaled)
+    _scaled.cache_key  # noqa: B018  (the helper first)
+    helper_first = _scale_kernel.cache_key
+    if kernel_first == helper_first:
+        pytest.skip("this Triton keeps no helper globals in its cache keys (3.0): no order to settle")
+    _rehash(_scale_kernel, _scaled)
+    _scaled.used_global_vals = {}
+    _scale_kernel.cache_key  # noqa: B018  (the kernel first again)
+    _launch.settle_cache_keys({"_scale_kernel": _scale_kernel, "_scaled": _scaled, "other": 3})
+    assert _scale_kernel.cache_key == helper_first
+    monkeypatch.undo()
+    _rehash(_scale_kernel, _scaled)
+    assert _scale_kernel.cache_key == helper_first  # (and what this Triton computes by itself)
