@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastprobe as fp
-from fastprobe.ops.attention import block_horizon, key_masks, segment_spans
+from fastprobe.ops.attention import KeyGroups, block_horizon, key_masks, prepare_key_groups, segment_spans
 
 try:
     from . import _memory
@@ -51,21 +51,32 @@ def fastprobe_causal(q, k, v):
     return fp.sink_attention(q, k, v).out
 
 
+@functools.lru_cache(maxsize=8)
+def prepared_groups(layout: str, batch: int, num_keys: int, device: torch.device) -> KeyGroups:
+    """3 key groups, checked once (prepare_key_groups), as a recording forward's layers get
+    them: "cyclic" changes group at every key (every key block mixed), "runs" is a prompt's
+    layout (BOS, then 576 image tokens, then text). The rows timed with them cost the kernel's
+    statistics, not the ids' check (a host sync per call with raw ids)."""
+    if layout == "cyclic":
+        groups = (torch.arange(num_keys, device=device) % 3).expand(batch, -1)
+    else:
+        groups = torch.full((batch, num_keys), 2, dtype=torch.int64, device=device)
+        groups[:, 0] = 0
+        groups[:, 1:577] = 1
+    return prepare_key_groups(groups, 3)
+
+
 def fastprobe_all_stats(q, k, v):
-    """3 key groups that change at every key (every key block mixed) and the entropy."""
-    groups = (torch.arange(k.shape[2], device=k.device) % 3).expand(k.shape[0], -1)
-    result = fp.sink_attention(q, k, v, key_groups=groups, num_groups=3, return_entropy=True)
-    return result.out
+    """3 key groups that change at every key, and the entropy."""
+    groups = prepared_groups("cyclic", k.shape[0], k.shape[2], k.device)
+    return fp.sink_attention(q, k, v, key_groups=groups, return_entropy=True).out
 
 
 def fastprobe_all_stats_runs(q, k, v):
-    """3 key groups in runs, as a prompt's are (BOS, then 576 image tokens, then text), and the
-    entropy: key blocks inside a run add their row sums to its group."""
-    groups = torch.full((k.shape[0], k.shape[2]), 2, dtype=torch.int64, device=k.device)
-    groups[:, 0] = 0
-    groups[:, 1:577] = 1
-    result = fp.sink_attention(q, k, v, key_groups=groups, num_groups=3, return_entropy=True)
-    return result.out
+    """3 key groups in runs, and the entropy: key blocks inside a run add their row sums to its
+    group."""
+    groups = prepared_groups("runs", k.shape[0], k.shape[2], k.device)
+    return fp.sink_attention(q, k, v, key_groups=groups, return_entropy=True).out
 
 
 def sdpa_causal(q, k, v):

@@ -703,6 +703,56 @@ def test_reused_block_horizon_gives_the_same_result(target):
         fp.ops.attention.block_horizon(torch.tensor([[0, -1, 0]]), 3)
 
 
+def test_prepared_key_groups_give_the_same_result(target):
+    """KeyGroups made once (prepare_key_groups) give exactly what the ids give, at one call's
+    keys and with num_groups inferred or repeated; bad ids are refused when it is made, a
+    KeyGroups for other keys or with another layout or num_groups when it is used."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 37, 37, 16, torch.float32, device)
+    groups = torch.randint(0, 3, (2, 37), device=device)
+    prepared = fp.ops.attention.prepare_key_groups(groups, 4)  # a group no key is in: mass 0
+    assert prepared.num_groups == 4 and prepared.ids.dtype == torch.int32
+    for num_groups in (None, 4):
+        want = fp.sink_attention(q, k, v, key_groups=groups, num_groups=4, return_entropy=True, window=9)
+        got = fp.sink_attention(q, k, v, key_groups=prepared, num_groups=num_groups, return_entropy=True, window=9)
+        for name in ("out", "lse", "sink_mass", "group_mass", "entropy"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert fp.ops.attention.prepare_key_groups(groups).num_groups == 3
+    with pytest.raises(ValueError, match=r"num_groups \(3\) differs from the KeyGroups' num_groups \(4\)"):
+        fp.sink_attention(q, k, v, key_groups=prepared, num_groups=3)
+    with pytest.raises(ValueError, match="not a contiguous int32 tensor of shape \\[2, 36\\]"):
+        fp.sink_attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], key_groups=prepared)
+    with pytest.raises(ValueError, match="not a contiguous int32 tensor"):
+        fp.sink_attention(q, k, v, key_groups=prepared._replace(ids=groups))
+    with pytest.raises(ValueError, match=r"key_groups must hold ids in \[0, num_groups = 3\)"):
+        fp.ops.attention.prepare_key_groups(torch.full((2, 37), 3, device=device), 3)
+    with pytest.raises(TypeError, match="key_groups must be an integer tensor"):
+        fp.ops.attention.prepare_key_groups(groups.float())
+    with pytest.raises(ValueError, match="key_groups must have shape \\[B, Lk\\]"):
+        fp.ops.attention.prepare_key_groups(groups[0])
+
+
+def test_key_groups_changed_after_their_check_stay_in_bounds(target):
+    """A KeyGroups is not re-checked: one holding ids outside [0, num_groups) (built by hand, or
+    changed after prepare_key_groups) is refused by the C++ kernel, and counted in no group by
+    the Triton kernel, which reads group ids only into registers."""
+    backend, device = target
+    q, k, v = random_qkv(2, 4, 2, 37, 37, 16, torch.float32, device)
+    groups = torch.randint(0, 3, (2, 37), device=device)
+    groups[1, 5], groups[0, 30] = 7, -2
+    hostile = fp.ops.attention.KeyGroups(groups.to(torch.int32), 3)
+    if backend == "cpp":
+        with pytest.raises(IndexError, match=r"key_groups\[0, 30\] = -2 is outside \[0, 3\)"):
+            fp.sink_attention(q, k, v, key_groups=hostile)
+        return
+    got = fp.sink_attention(q, k, v, key_groups=hostile).group_mass
+    outside = groups.clamp(max=3).masked_fill(groups < 0, 3)  # both bad keys in a 4th group
+    with fp.use_backend("reference"):
+        want = fp.sink_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), key_groups=outside.cpu(),
+                                 num_groups=4).group_mass
+    torch.testing.assert_close(got.cpu().double(), want[..., :3], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_reused_segment_spans_give_the_same_result(target, causal):
     """SegmentSpans made once (segment_spans) give exactly what the segment ids give, with and
@@ -845,6 +895,10 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got[1], eager.sink_mass)
     torch.testing.assert_close(got[2], eager.group_mass)
     torch.testing.assert_close(got[3], eager.entropy)
+    prepared = fp.ops.attention.prepare_key_groups(groups, 2)  # a KeyGroups argument, traced
+    masses = torch.compile(lambda q, k, v, groups: fp.sink_attention(q, k, v, key_groups=groups).group_mass,
+                           fullgraph=True)
+    torch.testing.assert_close(masses(q, k, v, prepared), fp.sink_attention(q, k, v, key_groups=groups).group_mass)
 
 
 def test_torch_compile_with_a_narrower_value_head():

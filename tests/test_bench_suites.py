@@ -41,3 +41,20 @@ def test_method_bench_implementations_agree(monkeypatch):
     finally:
         for cached in (suite.models, suite.texts_and_tokenizer):
             cached.cache_clear()
+
+
+def test_attention_statistics_rows_time_what_they_name():
+    """The GPU statistics rows take the key groups their docstrings name, prepared once; on a
+    small CPU case they run and their groups are those ids."""
+    import fastprobe as fp
+    from bench import test_attention_bench as suite
+
+    q, k, v = suite.make_qkv("cpu", 2, 4, 600, 16, torch.float32)
+    runs = torch.full((2, 600), 2)
+    runs[:, 0], runs[:, 1:577] = 0, 1
+    for layout, run, raw in (("cyclic", suite.fastprobe_all_stats, torch.arange(600).expand(2, -1) % 3),
+                             ("runs", suite.fastprobe_all_stats_runs, runs)):
+        prepared = suite.prepared_groups(layout, 2, 600, k.device)
+        assert prepared.num_groups == 3 and torch.equal(prepared.ids, raw.int())
+        want = fp.sink_attention(q, k, v, key_groups=raw, num_groups=3, return_entropy=True).out
+        assert torch.equal(run(q, k, v), want)

@@ -949,6 +949,34 @@ def test_recorded_entropy_and_group_mass_match_eager_weights():
     torch.testing.assert_close(record.group_mass.sum(-1), torch.ones(2, 4), **TOLERANCE)
 
 
+def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
+    """The recorder checks its key groups when they are set (bad ids are refused there), not in
+    every layer's call, and gives each forward the groups of its keys (the last Lk tokens): two
+    forwards of different lengths pool to the group masses of the eager weights."""
+    eager, model = tiny_model("llama", attn_implementation="eager"), fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    groups = torch.randint(0, 3, ids.shape)
+    batches = [(ids, mask), (ids[:, 4:], mask[:, 4:]), (ids, mask)]
+    checks = []
+    check = fp.ops.attention._checked_group_ids
+    monkeypatch.setattr(fp.ops.attention, "_checked_group_ids", lambda *args: checks.append(1) or check(*args))
+    sums, count = 0, 0
+    with torch.no_grad():
+        with fp.record_attention(model, key_groups=groups, statistics=("group_mass",)) as record:
+            for batch_ids, batch_mask in batches:
+                model(input_ids=batch_ids, attention_mask=batch_mask)
+        for batch_ids, batch_mask in batches:
+            weights = eager(input_ids=batch_ids, attention_mask=batch_mask, output_attentions=True).attentions
+            one_hot = torch.nn.functional.one_hot(groups[:, -batch_ids.shape[1]:], 3).float()  # [B, Lk, G]
+            real = batch_mask.bool()[:, None, :, None]
+            sums = sums + torch.stack([((w @ one_hot[:, None]) * real).sum((0, 2)) for w in weights])
+            count += batch_mask.sum()
+    assert len(checks) == 1  # when set; not in the 3 x 4 layers' calls
+    torch.testing.assert_close(record.group_mass, sums / count, **TOLERANCE)
+    with pytest.raises(ValueError, match=r"key_groups must hold ids in \[0, num_groups = 2\)"):
+        record.set_key_groups(groups + 1, num_groups=2)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache dropping the first
 def test_recording_through_generate_matches_eager_weights(arch):  # tokens; chunks (their own first tokens)
     """Pooled over the prefill and every decoding step; where a sliding cache has dropped a

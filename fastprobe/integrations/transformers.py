@@ -67,8 +67,10 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ..ops._common import check_int, check_real
-from ..ops.attention import BlockHorizon, SegmentSpans, block_horizon, key_masks, segment_spans, sink_attention
+from ..ops._common import check_int, check_real, is_compiling
+from ..ops.attention import (
+    BlockHorizon, KeyGroups, SegmentSpans, block_horizon, key_masks, prepare_key_groups, segment_spans, sink_attention,
+)
 from ..ops.dual_attention import dual_path_attention
 
 __all__ = [
@@ -1089,11 +1091,10 @@ def attention_forward(
             masks_made[made_for] = key_masks(padding, padding.shape[0], padding.shape[1], num_sink=options.num_sink,
                                              stat_tokens=stat_tokens, segment_ids=segments)
         keys = masks_made[made_for]
-    groups, num_groups = record.key_groups_for(key) if record is not None else (None, None)
     result = sink_attention(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
-        key_groups=groups, num_groups=num_groups, stat_tokens=stat_tokens,
+        key_groups=record.key_groups_for(key) if record is not None else None, stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
         bidirectional_blocks=blocks, segment_ids=segments,
     )
@@ -1329,7 +1330,8 @@ class AttentionRecord:
     Sums accumulate in place on the model's device, in tables allocated when recording starts (no
     [L, L] weights, no host sync, nothing left allocated per layer); the fields are computed when
     read. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
-    tensor over the tokens of the batch (the last Lk of them are the keys of a call).
+    tensor over the tokens of the batch (the last Lk of them are the keys of a call), or the
+    KeyGroups that prepare_key_groups made from it; checked once, not per layer.
     """
 
     def __init__(self, num_layers: int, num_heads: Optional[int], statistics: tuple, device=None,
@@ -1339,8 +1341,9 @@ class AttentionRecord:
         self._device, self._dtype = device, dtype
         self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums
         self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
-        self._groups: Optional[torch.Tensor] = None
+        self._groups: Optional[torch.Tensor] = None  # int32 [B, L], checked
         self._num_groups: Optional[int] = None
+        self._views: dict = {}  # device -> (Lk, KeyGroups of the last Lk tokens there)
         if num_heads is not None:
             for name in statistics:
                 if name != "group_mass":
@@ -1360,26 +1363,38 @@ class AttentionRecord:
         return table
 
     def set_key_groups(self, key_groups: Optional[torch.Tensor], num_groups: Optional[int] = None) -> None:
-        """Key groups [B, L] (ids in [0, num_groups)) for the following forward passes; None: none."""
+        """Key groups [B, L] (ids in [0, num_groups)) for the following forward passes; None: none.
+        Checked here, once (a host sync or two); the layers' calls reuse them unchecked."""
+        self._views = {}
         if key_groups is None:
             self._groups = self._num_groups = None
             return
-        if not isinstance(key_groups, torch.Tensor) or key_groups.dim() != 2:
+        if not isinstance(key_groups, (torch.Tensor, KeyGroups)) or (
+                isinstance(key_groups, torch.Tensor) and key_groups.dim() != 2):
             raise TypeError("key_groups must be an integer tensor of shape [batch, tokens]")
-        if num_groups is None:
-            num_groups = int(key_groups.max()) + 1 if key_groups.numel() else 1  # one sync, here
-        self._groups, self._num_groups = key_groups, check_int(num_groups, "num_groups", 1)
+        if isinstance(key_groups, torch.Tensor):
+            key_groups = prepare_key_groups(key_groups, num_groups)
+        elif num_groups is not None and num_groups != key_groups.num_groups:
+            raise ValueError(f"num_groups ({num_groups}) differs from the KeyGroups' ({key_groups.num_groups})")
+        self._groups, self._num_groups = key_groups.ids, key_groups.num_groups
         if "group_mass" in self.statistics and self.num_heads is not None:
             self._table("group_mass", (self._num_groups,))
 
-    def key_groups_for(self, key: torch.Tensor) -> tuple:
+    def key_groups_for(self, key: torch.Tensor) -> Optional[KeyGroups]:
+        """The checked groups of this call's keys (the last Lk tokens) on its device, made once
+        for the layers of a forward that share them."""
         if self._groups is None or "group_mass" not in self.statistics:
-            return None, None
+            return None
         batch, num_keys = key.shape[0], key.shape[2]
         if self._groups.shape[0] != batch or self._groups.shape[1] < num_keys:
             raise ValueError(f"key_groups has shape {tuple(self._groups.shape)} but this call has batch {batch} and "
                              f"{num_keys} keys: give a group to every token (set_key_groups before each batch)")
-        return self._groups[:, -num_keys:].to(key.device), self._num_groups
+        made = self._views.get(key.device)
+        if made is None or made[0] != num_keys:
+            made = (num_keys, KeyGroups(self._groups[:, -num_keys:].to(key.device).contiguous(), self._num_groups))
+            if not is_compiling():  # (a traced forward makes them in its graph)
+                self._views[key.device] = made
+        return made[1]
 
     def add(self, layer: int, result, padding: Optional[torch.Tensor], dropped: Optional[torch.Tensor]) -> None:
         sink_mass = result.sink_mass

@@ -26,8 +26,8 @@ from ._common import (
 )
 
 __all__ = [
-    "AttentionOutput", "BlockHorizon", "KeyMasks", "SegmentSpans", "block_horizon", "key_masks", "segment_spans",
-    "sink_attention",
+    "AttentionOutput", "BlockHorizon", "KeyGroups", "KeyMasks", "SegmentSpans", "block_horizon", "key_masks",
+    "prepare_key_groups", "segment_spans", "sink_attention",
 ]
 
 
@@ -366,12 +366,29 @@ def _check_key_ids(ids, name: str, what: str, shape: tuple, q: torch.Tensor) -> 
         raise ValueError(f"{name} must have shape [B, Lk] = {list(shape)}, got {tuple(ids.shape)}")
 
 
-def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
-    if key_groups is None:
-        if num_groups is not None:
-            raise ValueError("num_groups was given without key_groups")
-        return None, 0
-    _check_key_ids(key_groups, "key_groups", "group ids", shape, q)
+class KeyGroups(NamedTuple):
+    """key_groups in the kernels' form, made once by prepare_key_groups and reusable by every
+    call with the same keys (the layers of one forward): it skips re-checking the ids' range (a
+    host sync per call). Ids changed after it was made are not re-checked: the C++ kernel then
+    refuses them, the Triton kernel counts a key of an id outside [0, num_groups) in no group."""
+
+    ids: torch.Tensor  # int32 [B, Lk], contiguous, every id in [0, num_groups)
+    num_groups: int
+
+
+def prepare_key_groups(key_groups: torch.Tensor, num_groups: Optional[int] = None) -> KeyGroups:
+    """key_groups ([B, Lk] integer ids in [0, num_groups); num_groups default max id + 1)
+    checked once and in the kernels' form, for calls with these keys."""
+    shape = tuple(getattr(key_groups, "shape", ()))
+    if isinstance(key_groups, torch.Tensor) and key_groups.dim() != 2:
+        raise ValueError(f"key_groups must have shape [B, Lk], got {shape}")
+    _check_key_ids(key_groups, "key_groups", "group ids", shape, key_groups)
+    return KeyGroups(*_checked_group_ids(key_groups, num_groups))
+
+
+def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tensor, int]:
+    """(int32 contiguous ids, G) with every id in [0, G): one host sync (two without
+    num_groups), skipped under torch.compile, which needs num_groups."""
     if num_groups is None:
         if is_compiling():
             raise ValueError("num_groups must be given under torch.compile (it sets the output shape)")
@@ -382,6 +399,22 @@ def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> 
         if bad is not None:
             raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {key_groups[bad].item()} at {list(bad)}")
     return key_groups.to(torch.int32).contiguous(), num_groups
+
+
+def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
+    if key_groups is None:
+        if num_groups is not None:
+            raise ValueError("num_groups was given without key_groups")
+        return None, 0
+    if isinstance(key_groups, KeyGroups):
+        prepared_count = check_int(key_groups.num_groups, "key_groups.num_groups", 1)
+        if num_groups is not None and num_groups != prepared_count:
+            raise ValueError(f"num_groups ({num_groups}) differs from the KeyGroups' num_groups ({prepared_count}); "
+                             "leave it out")
+        ids = _check_prepared(key_groups, "ids", "key_groups", "prepare_key_groups", shape, q, torch.int32)
+        return ids, prepared_count
+    _check_key_ids(key_groups, "key_groups", "group ids", shape, q)
+    return _checked_group_ids(key_groups, num_groups)
 
 
 class BlockHorizon(NamedTuple):
@@ -524,15 +557,15 @@ def _check_block_horizon(blocks: BlockHorizon, shape: tuple, num_queries: int,
 
 
 def _check_prepared(prepared: NamedTuple, field: str, argument: str, maker: str, shape: tuple,
-                    q: torch.Tensor) -> torch.Tensor:
-    """A prepared form's (BlockHorizon, SegmentSpans) tensor field must be what the kernels read:
-    a contiguous int64 tensor of `shape` on q's device."""
+                    q: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A prepared form's (BlockHorizon, SegmentSpans, KeyGroups) tensor field must be what the
+    kernels read: a contiguous tensor of `dtype` and `shape` on q's device."""
     tensor, kind = getattr(prepared, field), type(prepared).__name__
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{argument} is a {kind} whose {field} is a {type(tensor).__name__}, not a tensor")
     check_same_device(q, "q", tensor, f"{argument}.{field}")
-    if tuple(tensor.shape) != shape or tensor.dtype != torch.int64 or not tensor.is_contiguous():
-        raise ValueError(f"{argument} is a {kind} whose {field} is not a contiguous int64 tensor of shape "
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_contiguous():
+        raise ValueError(f"{argument} is a {kind} whose {field} is not a contiguous {str(dtype)[6:]} tensor of shape "
                          f"{list(shape)} (got {tensor.dtype}, {tuple(tensor.shape)}); make it with {maker}")
     return tensor
 
@@ -667,8 +700,11 @@ def sink_attention(
             compute spent on it.
         sink_logit: optional [Hq] learned sink logits: exp(sink_logit) joins the softmax
             denominator (a value-less entry; it lowers every key's weight).
-        key_groups: optional [B, Lk] integer group id of every key, in [0, num_groups).
-        num_groups: G (default: max id + 1, one host sync; required under torch.compile).
+        key_groups: optional [B, Lk] integer group id of every key, in [0, num_groups) (checked:
+            a host sync per call). Or the KeyGroups that prepare_key_groups made from them,
+            checked once and reused by calls with the same keys (e.g. every layer of one forward).
+        num_groups: G (default: max id + 1, one more host sync; required under torch.compile;
+            a KeyGroups carries its own).
         stat_tokens: sink_mass is the weight on the first stat_tokens real keys (default 1,
             the BOS sink).
         return_entropy: also return each query's attention entropy (nats; the sink entry,
