@@ -24,13 +24,16 @@ and loops as attention.py's, of one state each.
   * prefill: the program first scans the drop flags of its band for the run [d_lo, d_hi)
     holding its dropped keys (one run in practice: an image). State 2 takes the blocks meeting
     the run (unmasked where the run covers the block and every row sees it), and parks its
-    accumulator in float32 scratch (out itself when out is float32); state 1 then takes every
+    output o2 = a2 / l2 in out (whose rows the program writes last; no scratch), in out's
+    dtype: for 16-bit out one more rounding of o2, weighted by its share w2 l2 / l of o_cond
+    and by 1 + gamma in out (bench/NOTES.md, "Dual path without scratch"); state 1 then takes every
     other block (unmasked in the band's interior) plus, masked per key, the blocks the run
     covers only in part; with several runs, every block between d_lo and d_hi is masked. Only
-    query blocks that need the two paths apart keep them apart: with a guided row, or when
-    the paths are returned; the others (rows="last": all but the last) take every key in one
-    state, which is o_cond. Work beyond one attention call: the scan (one flag per key), two
-    partly covered blocks per program, the scratch round trip, the guidance epilogue.
+    query blocks that need the two paths apart keep them apart: with a guided row and
+    gamma != 0, or when the paths are returned; the others (rows="last": all but the last;
+    every block with gamma = 0) take every key in one state, which is o_cond. Work beyond one
+    attention call: the scan (one flag per key), two partly covered blocks per program, the
+    parked rows' round trip through out, the guidance epilogue.
   * decode splits: each block is classified by a one-number reduction over its keys in range
     as holding only kept keys (state 1 only), only dropped keys (state 2 only) or both (two
     masked updates, two P V products), both states held at once (a few query rows).
@@ -365,7 +368,6 @@ def _dual_fwd_kernel(
     start_ptr,  # [B, Lk] int64, unit stride along Lk (dummy unless HAS_START)
     drop_ptr,  # [B, Lk] uint8
     rows_ptr,  # [B, Lq] uint8
-    scratch_ptr,  # [B, Hq, Lq, Dv] float32, any strides: state 2's acc between the passes (may be out)
     qk_scale,  # scale log2(e)
     gamma,
     eps,
@@ -390,10 +392,6 @@ def _dual_fwd_kernel(
     stride_oh,
     stride_om,
     stride_od,
-    stride_xb,
-    stride_xh,
-    stride_xm,
-    stride_xd,
     stride_rb,
     stride_rn,
     stride_db,
@@ -447,8 +445,8 @@ def _dual_fwd_kernel(
     selected = tl.load(rows_ptr + b * stride_sb + rows_m * stride_sm, mask=m_ok, other=0) != 0
     if WRITE_PATHS:  # every row needs both paths
         split = h >= 0
-    else:  # only guided rows need the language-only path; the others take every key in one state
-        split = tl.max(selected.to(tl.int32), axis=0) > 0
+    else:  # only guided rows (gamma != 0) need the language-only path; the others take every key in one state
+        split = (tl.max(selected.to(tl.int32), axis=0) > 0) & (gamma != 0.0)
     # the band's dropped keys: [d_lo, d_hi) holds them (one run in practice: an image), in the
     # blocks [out_lo, out_hi); the blocks [in_lo, in_hi) hold nothing else when they are one run
     d_lo, d_hi, d_count = _drop_run(drop_base, stride_dn, lo_blk, band_end, _SCAN_BLOCK)
@@ -462,7 +460,7 @@ def _dual_fwd_kernel(
     in_hi = tl.maximum(tl.where(one_run, (d_hi // BLOCK_N) * BLOCK_N, out_hi), in_lo)
 
     # state 2, the dropped keys: unmasked over the interior's all-dropped blocks [x, y), masked
-    # over the band's other blocks in [out_lo, out_hi); parked in float32 scratch until the end
+    # over the band's other blocks in [out_lo, out_hi); its output o2 = a2 / l2 parked in out
     x = tl.maximum(a, in_lo)
     y = tl.minimum(c, in_hi)
     lo2 = tl.maximum(lo_blk, out_lo)
@@ -478,7 +476,9 @@ def _dual_fwd_kernel(
         DOT_PRECISION, UPCAST,
     )  # fmt: skip
     parked = tl.where(split, m_ok, False)  # (m_ok & split: not a bool mask under the interpreter)
-    _store_rows(scratch_ptr, b, h, rows_m, stride_xb, stride_xh, stride_xm, stride_xd, offs_dv, parked, dv_ok, acc2)
+    inv_l2 = tl.where(l2 > 0.0, 1.0 / l2, 0.0)  # (o2 fits any dtype's range: a2 may not)
+    _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv, parked, dv_ok,
+                acc2 * inv_l2[:, None])  # fmt: skip
 
     # state 1, the kept keys (every key when no row needs the paths apart): unmasked over the
     # interior less [out_lo, out_hi), masked over the band's edges and the interior's blocks in
@@ -491,8 +491,9 @@ def _dual_fwd_kernel(
         CAUSAL, HAS_HORIZON, HAS_START, HAS_KEY_REAL, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_M, BLOCK_DV, BLOCK_N,
         DOT_PRECISION, UPCAST,
     )  # fmt: skip
-    tl.debug_barrier()  # the scratch written above by other threads of the program
-    acc2 = _load_rows(scratch_ptr, b, h, rows_m, stride_xb, stride_xh, stride_xm, stride_xd, offs_dv, parked, dv_ok, EVEN_DV)
+    tl.debug_barrier()  # the rows parked above by other threads of the program
+    o2 = _load_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv, parked, dv_ok, EVEN_DV)
+    acc2 = o2.to(tl.float32) * l2[:, None]
 
     out, o_cond, o_uncond = _guide(
         m1[:, None], l1[:, None], acc1, m2[:, None], l2[:, None], acc2, selected[:, None], gamma, eps, ORTHOGONALIZE, 1
@@ -724,12 +725,10 @@ def dual_path_attention(
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits == 0:
         buckets = _lq_lk_buckets(Lq, Lk)
-        # state 2's float32 accumulator between the kernel's two passes: out itself when it is float32
-        scratch = out if out.dtype == torch.float32 else torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device)
         args = (
-            q, k, v, out, cond, uncond, real, horizon_arg, start_arg, drop, rows, scratch, qk_scale, float(gamma),
+            q, k, v, out, cond, uncond, real, horizon_arg, start_arg, drop, rows, qk_scale, float(gamma),
             float(eps), win, Hq, Lq, Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *scratch.stride(), *stride_r, *drop.stride(), *rows.stride(), stride_h, stride_f, *buckets,
+            *stride_r, *drop.stride(), *rows.stride(), stride_h, stride_f, *buckets,
         )  # fmt: skip
         _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args,
                 dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip

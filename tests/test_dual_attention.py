@@ -213,7 +213,10 @@ def test_gamma_zero_is_plain_attention(target):
     drop = image_keys(batch, num_keys, device)
     out, o_cond, _ = fp.dual_path_attention(q, k, v, drop, gamma=0.0, rows="all", return_paths=True)
     assert torch.equal(out, o_cond)
-    torch.testing.assert_close(out, fp.sink_attention(q, k, v).out, rtol=RTOL, atol=ATOL)
+    plain = fp.sink_attention(q, k, v).out
+    torch.testing.assert_close(out, plain, rtol=RTOL, atol=ATOL)
+    # without the paths, no row needs them apart: every key in one state
+    torch.testing.assert_close(fp.dual_path_attention(q, k, v, drop, gamma=0.0, rows="all"), plain, rtol=RTOL, atol=ATOL)
 
 
 def test_rows_without_kept_keys_are_not_guided(target):
