@@ -21,7 +21,8 @@ LSE_ONLY runs pass 1 only (stats are written as 0); LSE_GIVEN reads each row's f
 over the whole vocabulary instead of running pass 1, so pass 2 writes this shard's shares
 of the sums, with log2 q = (x - shift) c - offset, shift = lse T rounded to float32 (near
 the row max, so x - shift is exact there) and offset its rounding remainder.
-Conventions: 0 log 0 = 0 (every x log y is guarded by x > 0), -inf logits give q = 0,
+Conventions: 0 log 0 = 0 (x log y guarded by x > 0, or with log y floored at the lowest
+float where x = 0 wherever y = 0, and log m floored at -126), -inf logits give q = 0,
 a row with no finite logit gets lse = -inf and zero probabilities, NaN / +inf input
 gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
 """
@@ -46,9 +47,31 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
+def _log2_floor(x, SFU: tl.constexpr):
+    """log2 max(x, 2^-126) for x >= 0 (NaN stays NaN): finite, so that x log2 x needs no
+    guard (x < 2^-126 adds < 2^-119 to a sum of such terms). SFU: one lg2.approx.ftz instruction
+    on the special-function unit (absolute error ~2^-22; the clamp keeps a denormal x from
+    flushing to -inf). Otherwise (the Triton interpreter, which runs no PTX) tl.log2, on a GPU
+    libdevice's exact log2f, about 30 instructions: the largest single cost of pass 2 there."""
+    y = tl.maximum(x, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+    if SFU:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [y], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        return tl.log2(y)
+
+
+@triton.jit
 def _xlog2y(x, log2y):
     """x * log2(y) with 0 log 0 = 0 (x == 0 never meets -inf, so no NaN)."""
     return tl.where(x > 0, x * log2y, 0.0)
+
+
+@triton.jit
+def _xlog2y_exp(x, log2y):
+    """x * log2(y) where x = 0 wherever log2 y = -inf (x = 2^log2y, or w times it): the -inf
+    floored to the lowest float, so 0 log 0 = 0 without a compare and select per term."""
+    return x * tl.maximum(log2y, -3.4028234663852886e38)
 
 
 @triton.jit
@@ -183,6 +206,7 @@ def _divergence_kernel(
     BLOCK_V: tl.constexpr,
     LANES: tl.constexpr,  # running sums per lane (reduced once at the end) or per row (every block)
     PREFETCH: tl.constexpr,  # load each block one iteration ahead (registers for a second block)
+    SFU_LOG2: tl.constexpr,  # log2 m on the special-function unit (False: the interpreter)
 ):
     n = tl.program_id(0).to(tl.int64)
     N64 = n * 0 + N  # N as int64, so that row * N never overflows int32
@@ -257,11 +281,10 @@ def _divergence_kernel(
             q = tl.exp2(log2q)
             wq = w * q
             m = tl.sum(wq, axis=0, keep_dims=True)  # m_v = sum_k w_k q_kv, [1, BLOCK_V]
-            log2m = tl.log2(m)  # -inf where m_v = 0 (only used under m > 0 or wq > 0)
-            hq_acc = _fold_sum(hq_acc, _xlog2y(q, log2q), LANES)
-            # wq > 0 implies m_v >= wq > 0, so log2 m is finite wherever it is used
-            jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y(wq, log2q - log2m), axis=0, keep_dims=True), LANES)
-            hm_acc = _fold_sum(hm_acc, _xlog2y(m, log2m), LANES)
+            log2m = _log2_floor(m, SFU_LOG2)  # finite: m log2 m, and log2 q - log2 m only -inf with q
+            hq_acc = _fold_sum(hq_acc, _xlog2y_exp(q, log2q), LANES)
+            jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y_exp(wq, log2q - log2m), axis=0, keep_dims=True), LANES)
+            hm_acc = _fold_sum(hm_acc, m * log2m, LANES)
             if HAS_TARGET:
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
                 p = tl.exp2(log2p)
@@ -269,7 +292,7 @@ def _divergence_kernel(
                 # m_v underflows to 0
                 outside = in_m & (y == float("-inf"))
                 kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlog2y(m, log2m - log2p)), LANES)
-                hp_acc = _fold_sum(hp_acc, _xlog2y(p, log2p), LANES)
+                hp_acc = _fold_sum(hp_acc, _xlog2y_exp(p, log2p), LANES)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2) ----
     # JSD >= 0 term by term; rounding (log q from the lse, log m from log2) can leave -1e-7
@@ -418,7 +441,8 @@ def draft_divergence(
     # lse_in is a dummy (never read) unless given
 
     args = (*tensors, lse_in if lse_given else lse, *scalars)
-    flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only)
+    flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only,
+                 SFU_LOG2=not interpreter_enabled())
     grid = (N,)
     if interpreter_enabled():
         _divergence_kernel[grid](
