@@ -95,10 +95,12 @@ def _scalar(tile):
 
 @triton.jit
 def _variants(gathered_row, token_slots_ptr, first, count, j0, j):
-    """[BLOCK_C, BLOCK_J] variant logits j0 + j of a tile of concepts (their CSR starts `first`,
-    `count` variants each), float32, -inf past each concept's last variant."""
-    has = (j0 + j)[None, :] < count[:, None]
-    slot = tl.load(token_slots_ptr + first[:, None] + (j0 + j)[None, :], mask=has, other=0)
+    """[BLOCK_J, BLOCK_C] variant logits j0 + j of a tile of concepts (their CSR starts `first`,
+    `count` variants each), float32, -inf past each concept's last variant. Variants run down
+    the tile, concepts along it: the layout spreads the threads along the concepts, so the
+    reductions over variants stay within a thread (no shuffles)."""
+    has = (j0 + j)[:, None] < count[None, :]
+    slot = tl.load(token_slots_ptr + first[None, :] + (j0 + j)[:, None], mask=has, other=0)
     return tl.load(gathered_row + slot, mask=has, other=float("-inf")).to(tl.float32)
 
 
@@ -134,8 +136,8 @@ def _concept_tile(
     top = tl.zeros([BLOCK_C], tl.int32)
     for j0 in range(0, longest, BLOCK_J):
         x = _variants(gathered_row, token_slots_ptr, first, count, j0, j)
-        tile_max = tl.max(x, axis=1)
-        tile_top = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32) + j0
+        tile_max = tl.max(x, axis=0)
+        tile_top = tl.argmax(x, axis=0, tie_break_left=True).to(tl.int32) + j0
         better = tile_max > x_max  # strict: an earlier variant keeps a tie
         top = tl.where(better, tile_top, top)
         x_max = tl.where(better, tile_max, x_max)
@@ -146,10 +148,10 @@ def _concept_tile(
     e_d = tl.zeros([BLOCK_C], tl.float32)
     for j0 in range(0, longest, BLOCK_J):
         x = _variants(gathered_row, token_slots_ptr, first, count, j0, j)
-        d = (x - shift[:, None]) * inv_temperature
+        d = (x - shift[None, :]) * inv_temperature
         e = tl.exp(d)
-        s += tl.sum(e, axis=1)
-        e_d += tl.sum(e * tl.where(e > 0, d, 0.0), axis=1)  # 0 log 0 = 0 (and no -inf * 0)
+        s += tl.sum(e, axis=0)
+        e_d += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)  # 0 log 0 = 0 (and no -inf * 0)
 
     has_mass = s > 0
     safe_s = tl.where(has_mass, s, 1.0)
