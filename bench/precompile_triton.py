@@ -608,6 +608,10 @@ def _launch_case(name: str) -> None:
             q, k, v = bench.make_qkv(cpu, 1, sweep.HEADS, 4096, sweep.HEAD_DIM, bf16)
             for options in sweep.variants(4096, cpu).values():
                 fp.sink_attention(q, k, v, **options)
+            *_, launches = sweep.narrow_launches(cpu, bf16, sweep.NARROW["length"])  # each config forced
+            for call, configs, _ in launches.values():
+                for cfg in configs:
+                    sweep.forced(call, cfg)
         elif rest == "host_overhead":  # bench/host_overhead.py's calls (the benchmarks' and a few more)
             from bench import host_overhead
 

@@ -6,23 +6,34 @@ together at +70-105% over the sink mass alone (bench/NOTES.md), against a goal o
 that: per statistic, the time of each kept config and the autotuner's choice, so that a tile
 choice (the fastest tile is pruned or not picked) shows apart from the statistic's own work.
 
+Then the narrow heads of the recording benchmark's model (B=1, H=8, L=8192, D=16, bfloat16,
+causal; bench/NOTES.md "Narrow heads"): every kept config and the wider tiles that compile there
+without spills but that the register model prunes (NARROW_CANDIDATES), each checked against the
+first kept config's outputs (a miscompiled tile shows as a difference), and SDPA at that shape.
+
     python bench/sweep_attention_stats.py [L ...]        # on a CUDA machine; default L = 4096
     TRITON_INTERPRET=1 python bench/sweep_attention_stats.py --smoke   # the script itself, on CPU
 
 It runs in bench/gpu.sh after the attention benchmarks when a minute is left (into bench.log).
 """
 
+import contextlib
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
+import triton
 
 from fastprobe.kernels import attention as kernels
 from fastprobe.ops import attention as attention_ops
 from fastprobe.ops._common import new_output
 
 HEADS, HEAD_DIM = 32, 128
+NARROW = dict(heads=8, length=8192, head_dim=16)  # bench/test_patch_bench.py's model at L=8192
+# (BLOCK_M, BLOCK_N, warps, stages): spill-free for sm_90 at D <= 32, pruned by the register model
+NARROW_CANDIDATES = [(128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3)]
 
 
 def variants(length: int, device: str) -> dict:
@@ -67,7 +78,27 @@ def launcher(q, k, v, options: dict):
     out, lse, sink_mass, group_mass, entropy = attention_ops._outputs(q, v.shape[-1], args["num_groups"], entropy_on,
                                                                       new_output)
     group_mass, entropy = group_mass if groups_on else None, entropy if entropy_on else None
-    return lambda: kernels.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)
+
+    def call():
+        kernels.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)
+
+    call.outputs = [tensor for tensor in (out, lse, sink_mass, group_mass, entropy) if tensor is not None]
+    return call
+
+
+@contextlib.contextmanager
+def untuned():
+    """Launches inside take the first config pruning keeps (FASTPROBE_AUTOTUNE=0); the variable
+    is restored after."""
+    before = os.environ.get("FASTPROBE_AUTOTUNE")
+    os.environ["FASTPROBE_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTPROBE_AUTOTUNE"]
+        else:
+            os.environ["FASTPROBE_AUTOTUNE"] = before
 
 
 def kept_configs(call) -> list:
@@ -89,20 +120,14 @@ def kept_configs(call) -> list:
 
 def sweep(length: int, device: str, dtype: torch.dtype, most: int) -> None:
     q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
-    measure, all_configs = timer(device), kernels._FWD_CONFIGS
+    measure = timer(device)
     best_plain = None
     print(f"\n== L = {length}: B=1, H={HEADS}, D={HEAD_DIM}, {str(dtype).removeprefix('torch.')}, causal")
     for name, options in variants(length, device).items():
         call = launcher(q, k, v, options)
-        os.environ["FASTPROBE_AUTOTUNE"] = "0"
-        rows = []
-        for cfg in kept_configs(call)[:most]:
-            kernels._FWD_CONFIGS = [cfg]  # (pruning a list of one keeps it: the launch runs this config)
-            try:
-                rows.append((measure(call), cfg))
-            finally:
-                kernels._FWD_CONFIGS = all_configs
-        os.environ["FASTPROBE_AUTOTUNE"] = "1"
+        with untuned():
+            kept = kept_configs(call)
+        rows = [(measure(lambda: forced(call, cfg)), cfg) for cfg in kept[:most]]
         tuned = measure(call) if device == "cuda" else float("nan")
         rows.sort(key=lambda row: row[0])
         best = rows[0][0]
@@ -114,13 +139,63 @@ def sweep(length: int, device: str, dtype: torch.dtype, most: int) -> None:
             print(f"   {ms:8.3f} ms  {blocks} warps={cfg.num_warps} stages={cfg.num_stages}")
 
 
+def narrow_launches(device: str, dtype: torch.dtype, length: int) -> tuple:
+    """(q, k, v, {name: launch}) of the narrow sweep: per statistic set, the kept configs and
+    the candidates, each a triton.Config."""
+    q, k, v = (torch.randn(1, NARROW["heads"], length, NARROW["head_dim"], device=device, dtype=dtype)
+               for _ in range(3))
+    candidates = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+                  for bm, bn, nw, ns in NARROW_CANDIDATES]
+    launches = {}
+    for name, options in (("sink mass", {}), ("entropy", dict(return_entropy=True))):
+        call = launcher(q, k, v, options)
+        with untuned():
+            kept = kept_configs(call)
+        launches[name] = (call, kept + [cfg for cfg in candidates if cfg not in kept], len(kept))
+    return q, k, v, launches
+
+
+def forced(call, cfg):
+    """Runs call with its prefill launch on cfg alone: untuned (the autotuner keeps its own list),
+    from a config list of one (pruning a list of one keeps it)."""
+    all_configs = kernels._FWD_CONFIGS
+    kernels._FWD_CONFIGS = [cfg]
+    try:
+        with untuned():
+            return call()
+    finally:
+        kernels._FWD_CONFIGS = all_configs
+
+
+def sweep_narrow(device: str, dtype: torch.dtype, length: int) -> None:
+    q, k, v, launches = narrow_launches(device, dtype, length)
+    measure = timer(device)
+    sdpa = measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    print(f"\n== narrow heads: B=1, H={NARROW['heads']}, L={length}, D={NARROW['head_dim']}, "
+          f"{str(dtype).removeprefix('torch.')}, causal; SDPA {sdpa:.3f} ms")
+    for name, (call, configs, num_kept) in launches.items():
+        rows, first = [], None
+        for index, cfg in enumerate(configs):
+            forced(call, cfg)
+            outputs = [tensor.float() for tensor in call.outputs]  # (copies: the next launch overwrites)
+            first = outputs if first is None else first
+            diff = max(float((a - b).abs().nan_to_num(float("inf")).max()) for a, b in zip(outputs, first))
+            rows.append((measure(lambda: forced(call, cfg)), cfg, index < num_kept, diff))
+        for ms, cfg, kept, diff in sorted(rows, key=lambda row: row[0]):
+            blocks = " ".join(f"{key}={value}" for key, value in cfg.kwargs.items())
+            print(f"-- {name}: {ms:8.3f} ms ({ms / sdpa:.2f}x SDPA)  {blocks} warps={cfg.num_warps} "
+                  f"stages={cfg.num_stages}  {'kept' if kept else 'candidate'}, max |diff| vs the first {diff:.2e}")
+
+
 def main(argv) -> int:
     smoke = "--smoke" in argv
     lengths = [int(arg) for arg in argv if arg.isdigit()] or ([40] if smoke else [4096])
     device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
     with torch.inference_mode():
         for length in lengths:
-            sweep(length, device, torch.float32 if smoke else torch.bfloat16, 2 if smoke else 1 << 10)
+            sweep(length, device, dtype, 2 if smoke else 1 << 10)
+        sweep_narrow(device, dtype, 40 if smoke else NARROW["length"])
     return 0
 
 
