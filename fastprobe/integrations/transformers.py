@@ -1371,7 +1371,7 @@ class AttentionRecord:
             return
         if not isinstance(key_groups, (torch.Tensor, KeyGroups)) or (
                 isinstance(key_groups, torch.Tensor) and key_groups.dim() != 2):
-            raise TypeError("key_groups must be an integer tensor of shape [batch, tokens]")
+            raise TypeError("key_groups must be an integer tensor of shape [batch, tokens], or a KeyGroups")
         if isinstance(key_groups, torch.Tensor):
             key_groups = prepare_key_groups(key_groups, num_groups)
         elif num_groups is not None and num_groups != key_groups.num_groups:
