@@ -14,7 +14,7 @@ work=${SANITIZE_DIR:-/tmp/fastprobe-sanitize}
 rm -rf "$work"
 mkdir -p "$work/src" "$work/run"
 cp -r "$root"/{pyproject.toml,CMakeLists.txt,README.md,csrc,kernels,fastprobe} "$work/src/"
-cp -r "$root"/tests "$root"/pyproject.toml "$work/run/"
+cp -r "$root"/tests "$root"/bench "$root"/pyproject.toml "$work/run/"
 
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 echo "building the sanitized extension into $work/site ..."
