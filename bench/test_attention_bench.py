@@ -264,8 +264,8 @@ VARIANTS = {
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_attention_variant(benchmark, device, family, impl, request):
     """Value heads narrower than query heads (multi-head latent attention, "latent"), the
-    recording benchmark's 16-dim heads ("narrow"), bidirectional image blocks (Gemma 3 with images, "blocks") and packed sequences ("packed")
-    in causal prefill."""
+    recording benchmark's 16-dim heads ("narrow"), bidirectional image blocks (Gemma 3 with
+    images, "blocks") and packed sequences ("packed") in causal prefill."""
     if impl.startswith("flex") and device == "cpu":
         pytest.skip("FlexAttention is timed on CUDA (on CPU it compiles for minutes)")
     cases, make_inputs, impls, baseline = VARIANTS[family]

@@ -216,7 +216,8 @@ def test_gamma_zero_is_plain_attention(target):
     plain = fp.sink_attention(q, k, v).out
     torch.testing.assert_close(out, plain, rtol=RTOL, atol=ATOL)
     # without the paths, no row needs them apart: every key in one state
-    torch.testing.assert_close(fp.dual_path_attention(q, k, v, drop, gamma=0.0, rows="all"), plain, rtol=RTOL, atol=ATOL)
+    one_state = fp.dual_path_attention(q, k, v, drop, gamma=0.0, rows="all")
+    torch.testing.assert_close(one_state, plain, rtol=RTOL, atol=ATOL)
 
 
 def test_rows_without_kept_keys_are_not_guided(target):

@@ -565,7 +565,8 @@ def _check_prepared(prepared: NamedTuple, field: str, argument: str, maker: str,
         raise TypeError(f"{argument} is a {kind} whose {field} is a {type(tensor).__name__}, not a tensor")
     check_same_device(q, "q", tensor, f"{argument}.{field}")
     if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_contiguous():
-        raise ValueError(f"{argument} is a {kind} whose {field} is not a contiguous {str(dtype).removeprefix('torch.')} tensor of shape "
+        kind_of = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{argument} is a {kind} whose {field} is not a contiguous {kind_of} tensor of shape "
                          f"{list(shape)} (got {tensor.dtype}, {tuple(tensor.shape)}); make it with {maker}")
     return tensor
 
