@@ -483,7 +483,7 @@ def test_blockwise_masks_match_transformers_masks():
     for function in cases:
         mask = integration.key_padding_mask(1, length, length, mask_function=function, cache_position=torch.arange(length),
                                             attention_mask=real.long())
-        _, causal_order, ours, _, _, blocks, _ = integration._pattern_of(None, mask, None, None, length)
+        _, causal_order, ours, _, _, blocks, _, _ = integration._pattern_of(None, mask, None, None, length)
         assert blocks is not None
         pairs = fp.reference.block_pairs(blocks.horizon, length)  # (a horizon is itself block ids)
         visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal_order, ours, pairs)[0]
@@ -525,7 +525,9 @@ def test_chunked_and_packed_masks_match_transformers_masks():
             mask = integration.key_padding_mask(
                 2, q_length, kv_length, q_offset=length - q_length, kv_offset=kv_offset, mask_function=function,
                 attention_mask=given, cache_position=torch.arange(length - q_length, length))
-            real, causal_order, ours, _, _, blocks, segments = integration._pattern_of(None, mask, None, None, kv_length)
+            real, causal_order, ours, _, _, blocks, segments, first_key = integration._pattern_of(
+                None, mask, None, None, kv_length)
+            assert first_key == kv_offset  # (the recorder's key groups are taken from there)
             assert segments is not None and blocks is None
             visible = fp.reference.attention_visible(
                 real, torch.zeros_like(real), q_length, causal_order, ours,
@@ -958,12 +960,12 @@ def test_recorded_entropy_and_group_mass_match_eager_weights():
 
 def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
     """The recorder checks its key groups when they are set (bad ids are refused there), not in
-    every layer's call, and gives each forward the groups of its keys (the last Lk tokens): two
-    forwards of different lengths pool to the group masses of the eager weights."""
+    every layer's call, and gives each forward the groups of its tokens' positions: forwards of
+    two lengths pool to the group masses of the eager weights; a longer one is refused."""
     eager, model = tiny_model("llama", attn_implementation="eager"), fp.patch(tiny_model("llama"))
     ids, mask = inputs()
     groups = torch.randint(0, 3, ids.shape)
-    batches = [(ids, mask), (ids[:, 4:], mask[:, 4:]), (ids, mask)]
+    batches = [(ids, mask), (ids[:, :-4], mask[:, :-4]), (ids, mask)]
     checks = []
     check = fp.ops.attention._checked_group_ids
     monkeypatch.setattr(fp.ops.attention, "_checked_group_ids", lambda *args: checks.append(1) or check(*args))
@@ -974,7 +976,7 @@ def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
                 model(input_ids=batch_ids, attention_mask=batch_mask)
         for batch_ids, batch_mask in batches:
             weights = eager(input_ids=batch_ids, attention_mask=batch_mask, output_attentions=True).attentions
-            one_hot = torch.nn.functional.one_hot(groups[:, -batch_ids.shape[1]:], 3).float()  # [B, Lk, G]
+            one_hot = torch.nn.functional.one_hot(groups[:, :batch_ids.shape[1]], 3).float()  # [B, Lk, G]
             real = batch_mask.bool()[:, None, :, None]
             sums = sums + torch.stack([((w @ one_hot[:, None]) * real).sum((0, 2)) for w in weights])
             count += batch_mask.sum()
@@ -982,6 +984,9 @@ def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
     torch.testing.assert_close(record.group_mass, sums / count, **TOLERANCE)
     with pytest.raises(ValueError, match=r"key_groups must hold ids in \[0, num_groups = 2\)"):
         record.set_key_groups(groups + 1, num_groups=2)
+    with pytest.raises(ValueError, match="key_groups has shape"):  # a prompt longer than its groups
+        with fp.record_attention(model, key_groups=groups[:, :-1]), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache dropping the first
@@ -1012,6 +1017,36 @@ def test_recording_through_generate_matches_eager_weights(arch):  # tokens; chun
         sums = sums + torch.stack(per_layer)
         count += real.sum()
     torch.testing.assert_close(record.sink_mass, sums / count, **TOLERANCE)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache; chunked layers
+def test_recorded_group_mass_through_generate_matches_eager_weights(arch):
+    """Groups given for the prompt's tokens: every decoding step's keys take the groups of their
+    positions (a sliding cache's first kept key is not position 0), and the generated tokens are
+    in none, so the pooled group mass is the eager weights' mass on each group of prompt tokens."""
+    eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    groups = torch.randint(0, 3, ids.shape)
+    settings = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        steps = eager.generate(ids, output_attentions=True, return_dict_in_generate=True, **settings).attentions
+        with fp.record_attention(model, key_groups=groups, statistics=("group_mass",)) as record:
+            model.generate(ids, **settings)
+    sums, count = 0, 0
+    for step, layers in enumerate(steps):
+        total = LENGTH + step  # tokens seen after this step's queries
+        real = mask.bool() if step == 0 else torch.ones(3, 1, dtype=torch.bool)
+        per_layer = []
+        for weights in layers:  # [B, H, Lq, Lk]: the last Lk of the `total` tokens
+            positions = torch.arange(total - weights.shape[-1], total)
+            in_prompt = (positions < LENGTH).float()  # generated tokens: in no group
+            one_hot = torch.nn.functional.one_hot(groups[:, positions.clamp(max=LENGTH - 1)], 3).float()
+            mass = weights @ (one_hot * in_prompt[None, :, None])[:, None]  # [B, H, Lq, G]
+            per_layer.append((mass * real[:, None, :, None]).sum((0, 2)))
+        sums = sums + torch.stack(per_layer)
+        count += real.sum()
+    torch.testing.assert_close(record.group_mass, sums / count, **TOLERANCE)
+    assert bool((record.group_mass.sum(-1) < 1 - 1e-3).all())  # some weight went to generated tokens
 
 
 def test_record_attention_patches_temporarily_and_nests_safely():

@@ -532,6 +532,7 @@ class _MaskPattern(NamedTuple):
     refused: Optional[str] = None
     blocks: Optional[BlockHorizon] = None  # the keys' bidirectional blocks (blockwise overlay)
     segments: Optional[SegmentSpans] = None  # the keys' segments (packed sequences, chunked attention)
+    kv_offset: int = 0  # the position of the first key in its row (> 0: a sliding cache dropped the tokens before)
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -830,7 +831,7 @@ def key_padding_mask(
     if kv_offset > 0 and segments is None:  # a sliding-window cache dropped its oldest kv_offset tokens
         first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
         dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
-    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments))
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset)))
     return mask
 
 
@@ -973,7 +974,8 @@ def _layer_packed_segments(state, packed: tuple, padding, segments, masks_made, 
 
 def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int):
     """(key padding mask [B, Lk] or None, causal, window, dropped, the mask's KeyMasks cache or None,
-    bidirectional blocks (a BlockHorizon) or None, segments (SegmentSpans) or None)."""
+    bidirectional blocks (a BlockHorizon) or None, segments (SegmentSpans) or None, the position of
+    the first key in its row)."""
     pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
     if pattern is not None:
         if pattern.refused is not None:
@@ -981,12 +983,12 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         if attention_mask.shape[-1] != num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         return (attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
-                pattern.segments)
+                pattern.segments, pattern.kv_offset)
     # Not made by our mask function: flash attention's reading of the module's arguments.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     padding = _padding_of_4d(module, attention_mask, num_keys)
     if padding is not None:  # (a 4D mask alone decides, as in sdpa: no causal order)
-        return padding, False, sliding_window, None, None, None, None
+        return padding, False, sliding_window, None, None, None, None, 0
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise NotImplementedError(
@@ -995,8 +997,10 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
             )
         if attention_mask.shape[-1] < num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
-        attention_mask = attention_mask[:, -num_keys:] != 0
-    return attention_mask, causal, sliding_window, None, None, None, None
+        # (a 2D mask covers every token of the row so far; the keys are the last of them)
+        return attention_mask[:, -num_keys:] != 0, causal, sliding_window, None, None, None, None, \
+            attention_mask.shape[-1] - num_keys
+    return attention_mask, causal, sliding_window, None, None, None, None, 0
 
 
 def _padding_of_4d(module, attention_mask, num_keys: int) -> Optional[torch.Tensor]:
@@ -1047,7 +1051,7 @@ def attention_forward(
             is_causal if is_causal is not None else getattr(module, "is_causal", False))
         return _plain_attention(query, key, value, None, causal, sliding_window, scaling, softcap, s_aux, None,
                                 tower), None
-    padding, causal, window, dropped, masks_made, blocks, segments = _pattern_of(
+    padding, causal, window, dropped, masks_made, blocks, segments, kv_offset = _pattern_of(
         module, attention_mask, is_causal, sliding_window, key.shape[2]
     )
     if packed is not None:  # a patched layer's packed sequences (flash attention's kwargs): its segments
@@ -1094,7 +1098,8 @@ def attention_forward(
     result = sink_attention(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
-        key_groups=record.key_groups_for(key) if record is not None else None, stat_tokens=stat_tokens,
+        key_groups=record.key_groups_for(key, kv_offset, query.shape[2]) if record is not None else None,
+        stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
         bidirectional_blocks=blocks, segment_ids=segments,
     )
@@ -1330,8 +1335,11 @@ class AttentionRecord:
     Sums accumulate in place on the model's device, in tables allocated when recording starts (no
     [L, L] weights, no host sync, nothing left allocated per layer); the fields are computed when
     read. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
-    tensor over the tokens of the batch (the last Lk of them are the keys of a call), or the
-    KeyGroups that prepare_key_groups made from it; checked once, not per layer.
+    tensor, the group of the token at each position of each row (padding included), or the
+    KeyGroups that prepare_key_groups made from it; checked once, not per layer. A forward from
+    position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
+    generated ones) are in no group, so while generating a row of group_mass sums to 1 less the
+    weight on generated tokens.
     """
 
     def __init__(self, num_layers: int, num_heads: Optional[int], statistics: tuple, device=None,
@@ -1343,7 +1351,7 @@ class AttentionRecord:
         self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
         self._groups: Optional[torch.Tensor] = None  # int32 [B, L], checked
         self._num_groups: Optional[int] = None
-        self._views: dict = {}  # device -> (Lk, KeyGroups of the last Lk tokens there)
+        self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
         if num_heads is not None:
             for name in statistics:
                 if name != "group_mass":
@@ -1380,21 +1388,32 @@ class AttentionRecord:
         if "group_mass" in self.statistics and self.num_heads is not None:
             self._table("group_mass", (self._num_groups,))
 
-    def key_groups_for(self, key: torch.Tensor) -> Optional[KeyGroups]:
-        """The checked groups of this call's keys (the last Lk tokens) on its device, made once
-        for the layers of a forward that share them."""
+    def key_groups_for(self, key: torch.Tensor, key_offset: int, num_queries: int) -> Optional[KeyGroups]:
+        """The checked groups of this call's keys, the tokens at positions key_offset ..
+        key_offset + Lk - 1 of each row, on its device; made once for the layers of a forward that
+        share them. Keys past the given tokens (appended by decoding) go in group G, which the
+        kernel counts and add() leaves out."""
         if self._groups is None or "group_mass" not in self.statistics:
             return None
         batch, num_keys = key.shape[0], key.shape[2]
-        if self._groups.shape[0] != batch or self._groups.shape[1] < num_keys:
+        given, count = self._groups.shape[1], self._num_groups
+        fresh = key_offset + num_keys == num_queries  # a forward from position 0: no cache before it
+        if self._groups.shape[0] != batch or (fresh and num_keys > given):
             raise ValueError(f"key_groups has shape {tuple(self._groups.shape)} but this call has batch {batch} and "
-                             f"{num_keys} keys: give a group to every token (set_key_groups before each batch)")
-        made = self._views.get(key.device)
-        if made is None or made[0] != num_keys:
-            made = (num_keys, KeyGroups(self._groups[:, -num_keys:].to(key.device).contiguous(), self._num_groups))
+                             f"{num_keys} tokens: give a group to every token (set_key_groups before each batch)")
+        where = (key.device, key_offset, num_keys)
+        made = self._views.get(where)
+        if made is None:
+            ids = self._groups[:, key_offset:key_offset + num_keys].to(key.device)
+            if ids.shape[1] < num_keys:  # decoded tokens past the given ones: group G
+                ids = torch.cat([ids, ids.new_full((batch, num_keys - ids.shape[1]), count)], dim=1)
+                count += 1
+            made = KeyGroups(ids.contiguous(), count)
             if not is_compiling():  # (a traced forward makes them in its graph)
-                self._views[key.device] = made
-        return made[1]
+                if len(self._views) >= 8:  # one per kind of layer (full, sliding, chunked) and device
+                    self._views.clear()
+                self._views[where] = made
+        return made
 
     def add(self, layer: int, result, padding: Optional[torch.Tensor], dropped: Optional[torch.Tensor]) -> None:
         sink_mass = result.sink_mass
@@ -1404,7 +1423,10 @@ class AttentionRecord:
         weight = None
         if padding is not None:  # real queries: the last Lq keys' padding mask
             weight = padding[:, -num_queries:].to(sink_mass.dtype).view(batch, 1, num_queries)
-        found = {"sink_mass": sink_mass, "group_mass": result.group_mass, "entropy": result.entropy}
+        group_mass = result.group_mass
+        if group_mass is not None:  # (without group G of decoded tokens past the given ones)
+            group_mass = group_mass[..., :self._num_groups]
+        found = {"sink_mass": sink_mass, "group_mass": group_mass, "entropy": result.entropy}
         for name in self.statistics:
             values = found[name]
             if values is None:
@@ -1461,7 +1483,8 @@ def record_attention(
         record.sink_mass   # [layers, heads]
 
     statistics defaults to the model's patch option `record` ("sink_mass"); "group_mass" also
-    needs key_groups ([B, L] integer ids), "entropy" asks the kernel for it. A model that is not
+    needs key_groups ([B, L] integer ids, the group of each token position; tokens generated past
+    them are in none, see AttentionRecord), "entropy" asks the kernel for it. A model that is not
     patched is patched (no options) for the duration of the block.
     """
     temporary = not is_patched(model)
