@@ -718,6 +718,10 @@ def test_prepared_key_groups_give_the_same_result(target):
         for name in ("out", "lse", "sink_mass", "group_mass", "entropy"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert fp.ops.attention.prepare_key_groups(groups).num_groups == 3
+    own = groups.to(torch.int32)
+    kept = fp.ops.attention.prepare_key_groups(own, 4)
+    own[0, 0] = 9  # the caller's tensor changes after the check; the KeyGroups does not
+    assert torch.equal(kept.ids, prepared.ids)
     with pytest.raises(ValueError, match=r"num_groups \(3\) differs from the KeyGroups' num_groups \(4\)"):
         fp.sink_attention(q, k, v, key_groups=prepared, num_groups=3)
     with pytest.raises(ValueError, match="not a contiguous int32 tensor of shape \\[2, 36\\]"):

@@ -369,8 +369,9 @@ def _check_key_ids(ids, name: str, what: str, shape: tuple, q: torch.Tensor) -> 
 class KeyGroups(NamedTuple):
     """key_groups in the kernels' form, made once by prepare_key_groups and reusable by every
     call with the same keys (the layers of one forward): it skips re-checking the ids' range (a
-    host sync per call). Ids changed after it was made are not re-checked: the C++ kernel then
-    refuses them, the Triton kernel counts a key of an id outside [0, num_groups) in no group."""
+    host sync per call). It holds its own copy of the ids; a KeyGroups built by hand, or whose ids
+    were changed, is not re-checked: the C++ kernel then refuses an id outside [0, num_groups),
+    the Triton kernel counts such a key in no group."""
 
     ids: torch.Tensor  # int32 [B, Lk], contiguous, every id in [0, num_groups)
     num_groups: int
@@ -383,7 +384,9 @@ def prepare_key_groups(key_groups: torch.Tensor, num_groups: Optional[int] = Non
     if isinstance(key_groups, torch.Tensor) and key_groups.dim() != 2:
         raise ValueError(f"key_groups must have shape [B, Lk], got {shape}")
     _check_key_ids(key_groups, "key_groups", "group ids", shape, key_groups)
-    return KeyGroups(*_checked_group_ids(key_groups, num_groups))
+    ids, num_groups = _checked_group_ids(key_groups, num_groups)
+    # the caller's own int32 ids are copied: writing to them later cannot change what was checked
+    return KeyGroups(ids.clone() if ids is key_groups else ids, num_groups)
 
 
 def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tensor, int]:
