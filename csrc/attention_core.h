@@ -478,16 +478,19 @@ FASTPROBE_SIMD_CLONES static void softmax_rows_block(float* sT, int64_t R, int64
 #pragma omp simd reduction(max : block_max)
     for (int64_t c = 0; c < count; ++c) block_max = x[c] > block_max ? x[c] : block_max;
     const RowStep step = row_step(state.m[r], block_max);
-    float sum = 0.0f, stat = 0.0f, entropy = 0.0f;
-#pragma omp simd reduction(+ : sum, stat, entropy)
+    float sum = 0.0f, entropy = 0.0f;
+#pragma omp simd reduction(+ : sum, entropy)
     for (int64_t c = 0; c < count; ++c) {
       const float centered = x[c] - step.shift;
       const float e = fast_exp(centered);
       entropy += e > 0.0f ? e * centered : 0.0f;  // 0 log 0 = 0
       sum += e;
-      stat += c < stat_count ? e : 0.0f;
       x[c] = e;
     }
+    // the stat keys' e after the loop: a `c < stat_count` select inside it gets the loop split
+    // at stat_count by GCC, and the part after the stat keys (nearly all) was left scalar
+    float stat = 0.0f;
+    for (int64_t c = 0; c < std::min(stat_count, count); ++c) stat += x[c];
     for (int64_t c = 0; c < count; ++c) sT[c * R + r] = x[c];
     if (with_entropy) state.a[r] = entropy_carry(state.m[r], step, state.a[r], state.l[r]) + entropy;
     alpha[r] = step.alpha;
@@ -816,9 +819,10 @@ FASTPROBE_ALWAYS_INLINE const float* block_rows(const void* base, int64_t first,
 }
 
 
-// Items of at most this many rows take softmax_rows_block: measured on AVX-512 decoding, it
-// saves ~7% of a one-row item, is even at two rows, and loses 5-15% at three and four (the
-// gather and scatter of the scores cost more than the exps it saves).
+// Items of at most this many rows take softmax_rows_block. Measured on AVX-512 decoding
+// (2 threads, Lk = 1024, D = 64 and 128) once its exp loop was vectorised (2026-12-01): within
+// noise of softmax_block at three and four rows, so the limit stays at two; one-row items (MHA
+// decoding) are 20-25% faster whole-call than before that fix.
 constexpr int64_t kNarrowSoftmaxRows = 2;
 
 // The stat keys (see top) of `count` keys in place from position j0, for the item's rows.

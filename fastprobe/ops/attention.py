@@ -235,6 +235,8 @@ def _address(tensor: Optional[torch.Tensor]) -> int:
 
 def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
     batch, num_heads, num_queries, head_dim = q.shape
+    # every argument by position, in the binding's order (csrc/attention.cpp): pybind11 matches
+    # keywords by name, ~1 us each, which a decoding step's call pays per layer
     cpp().sink_attention(
         DTYPE_NAMES[q.dtype],
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
@@ -245,8 +247,8 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
         _address(args["head_mask"]), _address(args["sink_logit"]),
         _address(args["key_groups"]), args["num_groups"],
         lse.data_ptr(), sink_mass.data_ptr(), _address(group_mass), _address(entropy),
-        torch.get_num_threads(), softcap=args["softcap"], horizon=_address(args["horizon"]),
-        start=_address(args["start"]), row_ends=args["sink_end"].dim() == 2,
+        torch.get_num_threads(), args["softcap"], _address(args["horizon"]),  # softcap, horizon
+        _address(args["start"]), args["sink_end"].dim() == 2,  # start, row_ends
     )
 
 

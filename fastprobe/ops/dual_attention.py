@@ -55,9 +55,9 @@ def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
         0 if key_real is None else key_real.data_ptr(), args["drop"].data_ptr(), args["rows"].data_ptr(),
         args["gamma"], args["orthogonalize"], args["eps"],
         0 if o_cond is None else o_cond.data_ptr(), 0 if o_uncond is None else o_uncond.data_ptr(),
-        torch.get_num_threads(), horizon=0 if args["horizon"] is None else args["horizon"].data_ptr(),
-        window=args["window"], start=0 if args["start"] is None else args["start"].data_ptr(),
-    )
+        torch.get_num_threads(), 0 if args["horizon"] is None else args["horizon"].data_ptr(),  # horizon
+        args["window"], 0 if args["start"] is None else args["start"].data_ptr(),  # window, start
+    )  # (by position, in the binding's order: keywords cost ~1 us each in pybind11)
 
 
 def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
