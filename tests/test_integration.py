@@ -989,34 +989,52 @@ def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
             model(input_ids=ids, attention_mask=mask)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache dropping the first
-def test_recording_through_generate_matches_eager_weights(arch):  # tokens; chunks (their own first tokens)
-    """Pooled over the prefill and every decoding step; where a sliding cache has dropped a
-    row's first token, its weight there is 0 (it is outside every query's window). Llama 4's
-    chunked layers: the weight on the first token of the query's chunk."""
+def recorded_generate(arch: str, **record_options) -> tuple:
+    """(record, mask, steps): record_attention(**record_options) through greedy generate of the
+    left-padded inputs on the patched model, and the eager model's attention weights of the same
+    generate, per step and layer [B, H, Lq, Lk] (the last Lk of the tokens seen so far)."""
     eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         steps = eager.generate(ids, output_attentions=True, return_dict_in_generate=True, **settings).attentions
-        with fp.record_attention(model) as record:
+        with fp.record_attention(model, **record_options) as record:
             model.generate(ids, **settings)
-    first = first_real(mask)
+    return record, mask, steps
+
+
+def pooled_over_steps(steps, mask, statistic) -> torch.Tensor:
+    """[layers, H, ...]: statistic(weights, offset) ([B, H, Lq, ...] from a step's weights and the
+    position of their first key) averaged over the real queries of every step, per layer."""
     sums, count = 0, 0
     for step, layers in enumerate(steps):
         total = LENGTH + step  # tokens seen after this step's queries
         real = mask.bool() if step == 0 else torch.ones(3, 1, dtype=torch.bool)
         per_layer = []
-        for weights in layers:  # [B, H, Lq, Lk]: the last Lk of the `total` tokens
-            offset = total - weights.shape[-1]
-            index = (first - offset).clamp(min=0).view(3, 1, 1, 1).expand(*weights.shape[:3], 1)
-            on_first = weights.gather(-1, index)[..., 0] * (first >= offset).view(3, 1, 1)
-            if arch == "llama4":
-                on_first = weights.gather(-1, first_keys(weights, mask, chunked=True))[..., 0]
-            per_layer.append((on_first * real[:, None]).sum((0, 2)))
+        for weights in layers:
+            values = statistic(weights, total - weights.shape[-1])
+            weight = real.view(3, 1, real.shape[1], *([1] * (values.dim() - 3)))
+            per_layer.append((values * weight).sum((0, 2)))
         sums = sums + torch.stack(per_layer)
         count += real.sum()
-    torch.testing.assert_close(record.sink_mass, sums / count, **TOLERANCE)
+    return sums / count
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache dropping the first
+def test_recording_through_generate_matches_eager_weights(arch):  # tokens; chunks (their own first tokens)
+    """Pooled over the prefill and every decoding step; where a sliding cache has dropped a
+    row's first token, its weight there is 0 (it is outside every query's window). Llama 4's
+    chunked layers: the weight on the first token of the query's chunk."""
+    record, mask, steps = recorded_generate(arch)
+    first = first_real(mask)
+
+    def on_first(weights, offset):
+        if arch == "llama4":
+            return weights.gather(-1, first_keys(weights, mask, chunked=True))[..., 0]
+        index = (first - offset).clamp(min=0).view(3, 1, 1, 1).expand(*weights.shape[:3], 1)
+        return weights.gather(-1, index)[..., 0] * (first >= offset).view(3, 1, 1)
+
+    torch.testing.assert_close(record.sink_mass, pooled_over_steps(steps, mask, on_first), **TOLERANCE)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "llama4"])  # full cache; sliding cache; chunked layers
@@ -1024,28 +1042,16 @@ def test_recorded_group_mass_through_generate_matches_eager_weights(arch):
     """Groups given for the prompt's tokens: every decoding step's keys take the groups of their
     positions (a sliding cache's first kept key is not position 0), and the generated tokens are
     in none, so the pooled group mass is the eager weights' mass on each group of prompt tokens."""
-    eager, model = tiny_model(arch, attn_implementation="eager"), fp.patch(tiny_model(arch))
-    ids, mask = inputs(padding="left")
-    groups = torch.randint(0, 3, ids.shape)
-    settings = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        steps = eager.generate(ids, output_attentions=True, return_dict_in_generate=True, **settings).attentions
-        with fp.record_attention(model, key_groups=groups, statistics=("group_mass",)) as record:
-            model.generate(ids, **settings)
-    sums, count = 0, 0
-    for step, layers in enumerate(steps):
-        total = LENGTH + step  # tokens seen after this step's queries
-        real = mask.bool() if step == 0 else torch.ones(3, 1, dtype=torch.bool)
-        per_layer = []
-        for weights in layers:  # [B, H, Lq, Lk]: the last Lk of the `total` tokens
-            positions = torch.arange(total - weights.shape[-1], total)
-            in_prompt = (positions < LENGTH).float()  # generated tokens: in no group
-            one_hot = torch.nn.functional.one_hot(groups[:, positions.clamp(max=LENGTH - 1)], 3).float()
-            mass = weights @ (one_hot * in_prompt[None, :, None])[:, None]  # [B, H, Lq, G]
-            per_layer.append((mass * real[:, None, :, None]).sum((0, 2)))
-        sums = sums + torch.stack(per_layer)
-        count += real.sum()
-    torch.testing.assert_close(record.group_mass, sums / count, **TOLERANCE)
+    groups = torch.randint(0, 3, (3, LENGTH))
+    record, mask, steps = recorded_generate(arch, key_groups=groups, statistics=("group_mass",))
+
+    def group_mass(weights, offset):  # [B, H, Lq, G]
+        positions = torch.arange(offset, offset + weights.shape[-1])
+        in_prompt = (positions < LENGTH).float()  # generated tokens: in no group
+        one_hot = torch.nn.functional.one_hot(groups[:, positions.clamp(max=LENGTH - 1)], 3).float()
+        return weights @ (one_hot * in_prompt[None, :, None])[:, None]
+
+    torch.testing.assert_close(record.group_mass, pooled_over_steps(steps, mask, group_mass), **TOLERANCE)
     assert bool((record.group_mass.sum(-1) < 1 - 1e-3).all())  # some weight went to generated tokens
 
 
