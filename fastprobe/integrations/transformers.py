@@ -1349,8 +1349,7 @@ class AttentionRecord:
         self._device, self._dtype = device, dtype
         self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums
         self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
-        self._groups: Optional[torch.Tensor] = None  # int32 [B, L], checked
-        self._num_groups: Optional[int] = None
+        self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
         if num_heads is not None:
             for name in statistics:
@@ -1375,7 +1374,7 @@ class AttentionRecord:
         Checked here, once (a host sync or two); the layers' calls reuse them unchecked."""
         self._views = {}
         if key_groups is None:
-            self._groups = self._num_groups = None
+            self._key_groups = None
             return
         if not isinstance(key_groups, (torch.Tensor, KeyGroups)) or (
                 isinstance(key_groups, torch.Tensor) and key_groups.dim() != 2):
@@ -1384,27 +1383,27 @@ class AttentionRecord:
             key_groups = prepare_key_groups(key_groups, num_groups)
         elif num_groups is not None and num_groups != key_groups.num_groups:
             raise ValueError(f"num_groups ({num_groups}) differs from the KeyGroups' ({key_groups.num_groups})")
-        self._groups, self._num_groups = key_groups.ids, key_groups.num_groups
+        self._key_groups = key_groups
         if "group_mass" in self.statistics and self.num_heads is not None:
-            self._table("group_mass", (self._num_groups,))
+            self._table("group_mass", (key_groups.num_groups,))
 
     def key_groups_for(self, key: torch.Tensor, key_offset: int, num_queries: int) -> Optional[KeyGroups]:
         """The checked groups of this call's keys, the tokens at positions key_offset ..
         key_offset + Lk - 1 of each row, on its device; made once for the layers of a forward that
         share them. Keys past the given tokens (appended by decoding) go in group G, which the
         kernel counts and add() leaves out."""
-        if self._groups is None or "group_mass" not in self.statistics:
+        if self._key_groups is None or "group_mass" not in self.statistics:
             return None
         batch, num_keys = key.shape[0], key.shape[2]
-        given, count = self._groups.shape[1], self._num_groups
+        groups, count = self._key_groups
         fresh = key_offset + num_keys == num_queries  # a forward from position 0: no cache before it
-        if self._groups.shape[0] != batch or (fresh and num_keys > given):
-            raise ValueError(f"key_groups has shape {tuple(self._groups.shape)} but this call has batch {batch} and "
+        if groups.shape[0] != batch or (fresh and num_keys > groups.shape[1]):
+            raise ValueError(f"key_groups has shape {tuple(groups.shape)} but this call has batch {batch} and "
                              f"{num_keys} tokens: give a group to every token (set_key_groups before each batch)")
         where = (key.device, key_offset, num_keys)
         made = self._views.get(where)
         if made is None:
-            ids = self._groups[:, key_offset:key_offset + num_keys].to(key.device)
+            ids = groups[:, key_offset:key_offset + num_keys].to(key.device)
             if ids.shape[1] < num_keys:  # decoded tokens past the given ones: group G
                 ids = torch.cat([ids, ids.new_full((batch, num_keys - ids.shape[1]), count)], dim=1)
                 count += 1
@@ -1425,7 +1424,7 @@ class AttentionRecord:
             weight = padding[:, -num_queries:].to(sink_mass.dtype).view(batch, 1, num_queries)
         group_mass = result.group_mass
         if group_mass is not None:  # (without group G of decoded tokens past the given ones)
-            group_mass = group_mass[..., :self._num_groups]
+            group_mass = group_mass[..., :self._key_groups.num_groups]
         found = {"sink_mass": sink_mass, "group_mass": group_mass, "entropy": result.entropy}
         for name in self.statistics:
             values = found[name]
