@@ -71,6 +71,11 @@ def on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def address(tensor: Optional[torch.Tensor]) -> int:
+    """A C++ kernel's pointer argument: the tensor's data_ptr(), 0 for none."""
+    return 0 if tensor is None else tensor.data_ptr()
+
+
 def cpp():
     """The compiled CPU extension (imported on first use)."""
     from .. import _C

@@ -21,8 +21,8 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling,
-    new_output, on_device, output_dtype, plain_mode, register_forward_only,
+    DTYPE_NAMES, address, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index,
+    is_compiling, new_output, on_device, output_dtype, plain_mode, register_forward_only,
 )
 
 __all__ = [
@@ -229,10 +229,6 @@ def _reference_pairs(args: dict, num_queries: int) -> dict:
                 same_segment=reference.segment_pairs(args["start"], num_queries))
 
 
-def _address(tensor: Optional[torch.Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
 def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
     batch, num_heads, num_queries, head_dim = q.shape
     # every argument by position, in the binding's order (csrc/attention.cpp): pybind11 matches
@@ -243,12 +239,12 @@ def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None
         batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim, v.shape[3],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         args["scale"], args["causal"], args["window"],
-        _address(args["key_real"]), args["sink_end"].data_ptr(), args["stat_end"].data_ptr(),
-        _address(args["head_mask"]), _address(args["sink_logit"]),
-        _address(args["key_groups"]), args["num_groups"],
-        lse.data_ptr(), sink_mass.data_ptr(), _address(group_mass), _address(entropy),
-        torch.get_num_threads(), args["softcap"], _address(args["horizon"]),  # softcap, horizon
-        _address(args["start"]), args["sink_end"].dim() == 2,  # start, row_ends
+        address(args["key_real"]), args["sink_end"].data_ptr(), args["stat_end"].data_ptr(),
+        address(args["head_mask"]), address(args["sink_logit"]),
+        address(args["key_groups"]), args["num_groups"],
+        lse.data_ptr(), sink_mass.data_ptr(), address(group_mass), address(entropy),
+        torch.get_num_threads(), args["softcap"], address(args["horizon"]),  # softcap, horizon
+        address(args["start"]), args["sink_end"].dim() == 2,  # start, row_ends
     )
 
 

@@ -20,7 +20,8 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device, register_forward_only,
+    DTYPE_NAMES, address, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device,
+    register_forward_only,
 )
 from .attention import check_attention_inputs, check_mask, check_scale, check_segments, key_bounds
 
@@ -45,18 +46,15 @@ def _reference_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
 
 def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     batch, num_heads, num_queries, head_dim = q.shape
-    key_real = args["key_real"]
     cpp().dual_path_attention(
         DTYPE_NAMES[q.dtype],
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
         batch, num_heads, k.shape[1], num_queries, k.shape[2], head_dim, v.shape[3],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         args["scale"], args["causal"],
-        0 if key_real is None else key_real.data_ptr(), args["drop"].data_ptr(), args["rows"].data_ptr(),
-        args["gamma"], args["orthogonalize"], args["eps"],
-        0 if o_cond is None else o_cond.data_ptr(), 0 if o_uncond is None else o_uncond.data_ptr(),
-        torch.get_num_threads(), 0 if args["horizon"] is None else args["horizon"].data_ptr(),  # horizon
-        args["window"], 0 if args["start"] is None else args["start"].data_ptr(),  # window, start
+        address(args["key_real"]), args["drop"].data_ptr(), args["rows"].data_ptr(),
+        args["gamma"], args["orthogonalize"], args["eps"], address(o_cond), address(o_uncond),
+        torch.get_num_threads(), address(args["horizon"]), args["window"], address(args["start"]),
     )  # (by position, in the binding's order: keywords cost ~1 us each in pybind11)
 
 
