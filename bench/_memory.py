@@ -6,6 +6,8 @@ process and the growth of the process's peak resident set (VmHWM) across the cal
 is reported; libraries and threads are warmed up on a tiny input first.
 """
 
+import ctypes
+import ctypes.util
 import subprocess
 import sys
 import threading
@@ -45,17 +47,37 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _return_freed_memory() -> None:
+    """glibc's malloc_trim(0): memory freed by earlier calls goes back to the OS instead of
+    staying resident in malloc's arenas, where a later call would reuse it without growing the
+    resident set (no-op without glibc)."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
 def print_rss_growth(warm_up, call) -> None:
     """In the child: warm up, then print how far the resident set peaks above its size
-    before `call` (bytes). The peak (VmHWM) is reset to the current size first by writing
-    5 to /proc/self/clear_refs; getrusage's ru_maxrss cannot be used, as Linux carries it
-    over from the parent through fork and exec."""
+    before `call` (bytes). What the warm-up freed is returned to the OS first (so a warm-up
+    on the full inputs, e.g. a torch.compile peer's compile, hides nothing), then the peak
+    (VmHWM) is reset to the current size by writing 5 to /proc/self/clear_refs; getrusage's
+    ru_maxrss cannot be used, as Linux carries it over from the parent through fork and exec."""
     warm_up()
+    _return_freed_memory()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
     before = _status_bytes("VmRSS")
     call()
     print(max(_status_bytes("VmHWM") - before, 0))
+
+
+def print_peak_of(impl_name: str, impl, small: tuple, full: tuple) -> None:
+    """print_rss_growth of impl(*full) in the child, warmed up on the small inputs; a
+    torch.compile peer warms up on the full ones (it compiles for their shapes, and the
+    compile's memory is not the call's)."""
+    warm = full if impl_name == "torch.compile" else small
+    print_rss_growth(lambda: impl(*warm), lambda: impl(*full))
 
 
 def on_fresh_thread(run) -> None:
