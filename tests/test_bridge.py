@@ -230,6 +230,33 @@ def test_second_backward_through_one_loss():
     torch.testing.assert_close(second, 3 * first)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_makes_one_vocabulary_sized_tensor(reduction):
+    """The backward's only [N, V] allocation is the gradient it returns: the op's gradient
+    buffer, an output no loss differentiates, must not be handed a zero-filled [N, V] gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    num_rows, vocab = 6, 53
+
+    class VocabularySized(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (num_rows, vocab):
+                    self.storages.add(tensor.untyped_storage().data_ptr())
+            return result
+
+    student = torch.randn(num_rows, vocab, requires_grad=True)
+    loss = fp.bridge_loss(student, torch.randn(num_rows, vocab), beta=0.5, reduction=reduction)
+    with VocabularySized() as made:
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert made.storages == {grad.untyped_storage().data_ptr()}
+
+
 def test_no_gradient_without_requires_grad():
     student, teacher = torch.randn(4, 30), torch.randn(4, 30)
     loss = fp.bridge_loss(student, teacher, beta=0.5)

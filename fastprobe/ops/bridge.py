@@ -122,10 +122,17 @@ def _(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, co
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
+    # The gradient buffer is an output no loss differentiates; autograd would otherwise hand the
+    # backward a zero-filled [N, V] tensor as its incoming gradient (one more [N, V] allocation
+    # and fill per backward: 750 against 500 MiB peak at N=2048, V=32000 float32).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_rows, _grad_of_grad):
+def _backward(ctx, grad_rows, _grad_of_buffer):
     (grad,) = ctx.saved_tensors
+    if grad_rows is None:  # (no gradient reached the per-row losses)
+        return None, None, None, None, None, None, None, None
     if grad.numel() == 0:
         raise RuntimeError(
             "bridge_loss: no gradient was computed, because student_logits did not require grad "

@@ -511,6 +511,7 @@ def _setup_context(ctx, inputs, output) -> None:
     logits, _, _, vocab_ids, vocab_offsets, vocab_concepts, _, id_block_starts, inv_temperature = inputs
     mass, log_mass, top_share, concentration_entropy, top_token, lse = output
     ctx.mark_non_differentiable(top_share, concentration_entropy)
+    ctx.set_materialize_grads(False)  # an output no loss used passes None, not a zero-filled tensor
     ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, lse)
     ctx.inv_temperature = inv_temperature
 
