@@ -317,6 +317,20 @@ def _chunk_logits(device: torch.device) -> int:
     return 1 << (28 if device.type == "cuda" else 23)
 
 
+# Elements of the product a lower-precision chunk's weight gradient is formed in before it is
+# added into the float32 weight gradient (64 MiB in bfloat16): the whole [V, H] product would
+# be one more weight-sized tensor (1 GiB at V = 128256, H = 4096).
+_WEIGHT_GRAD_SLAB = 1 << 25
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """grad_weight (float32 [V, H]) += grad_logits^T [V, n] @ hidden [n, H], a product in the
+    inputs' dtype formed a slab of vocabulary rows at a time (no float32 copy of either input)."""
+    slab = max(1, _WEIGHT_GRAD_SLAB // max(hidden.shape[1], 1))
+    for first in range(0, grad_weight.shape[0], slab):
+        grad_weight[first:first + slab].add_(grad_logits[:, first:first + slab].t() @ hidden)
+
+
 class _FusedLinearBridge(torch.autograd.Function):
     """Rows in chunks: logits of a chunk (student with, teacher without gradient), the fused
     op's loss and logit gradient, then that chunk's share of the input and weight gradients.
@@ -355,8 +369,8 @@ class _FusedLinearBridge(torch.autograd.Function):
             if grad_weight is not None:  # += [V, n] @ [n, H]
                 if weight_dtype == grad_logits.dtype:
                     grad_weight.addmm_(grad_logits.t(), student_hidden[rows])
-                else:  # float32 accumulation of a lower-precision product, chunk by chunk (no float32 copy)
-                    grad_weight.add_(grad_logits.t() @ student_hidden[rows])
+                else:
+                    _accumulate_weight_grad(grad_weight, grad_logits, student_hidden[rows])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
         rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=torch.float32)
