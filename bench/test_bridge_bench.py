@@ -111,6 +111,9 @@ liger_kl_step = _logits_step(
     lambda z, t: _liger().LigerKLDIVLoss(reduction="batchmean", log_target=True)(z.log_softmax(-1), t.log_softmax(-1))
 )
 fastprobe_fused_linear_forward_kl_step = _linear_step(lambda h, w, th, tw: fp.FusedLinearBridgeLoss(beta=0.0)(h, w, th, tw))
+# the weight gradient accumulated in the weights' dtype, as Liger's is (the default accumulates in float32)
+fastprobe_fused_linear_forward_kl_16bit_grad_step = _linear_step(
+    lambda h, w, th, tw: fp.FusedLinearBridgeLoss(beta=0.0, float32_weight_grad=False)(h, w, th, tw))
 liger_fused_linear_jsd_step = _linear_step(lambda h, w, th, tw: _liger().LigerFusedLinearJSD(jsd_beta=0.0)(h, w, th, tw, None))
 
 
@@ -122,6 +125,7 @@ LIGER_GROUPS = {
     "bridge_fused_linear_forward_kl": (
         make_hidden,
         {"fastprobe-fused-linear": fastprobe_fused_linear_forward_kl_step,
+         "fastprobe-fused-linear-16bit-grad": fastprobe_fused_linear_forward_kl_16bit_grad_step,
          "liger-fused-linear-jsd": liger_fused_linear_jsd_step},
         "liger-fused-linear-jsd",
     ),
