@@ -362,6 +362,7 @@ class _FusedLinearBridge(torch.autograd.Function):
             loss, grad_logits = _bridge_loss_op(
                 student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, True
             )
+            del student_logits, teacher_logits  # (freed now, not when the next chunk's replace them)
             losses.append(loss)
             grad_logits.mul_(row_scale.to(grad_logits.dtype))  # d(reduced loss) / d logits
             if grad_hidden is not None:
@@ -373,6 +374,7 @@ class _FusedLinearBridge(torch.autograd.Function):
                     _accumulate_weight_grad(grad_weight, grad_logits, student_hidden[rows])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
+            del grad_logits  # at most one chunk's three [rows, V] tensors live at a time
         rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype, ctx.bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
