@@ -28,6 +28,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -107,8 +108,12 @@ inline LseState row_lse(const T* row, int64_t V, int64_t stride, float inv_tempe
   LseState state;
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t count = std::min(kBlock, V - v0);
-    load_scaled(row + v0 * stride, stride, count, 1.0f, block);
-    lse_update(state, block, count, inv_temperature);
+    // contiguous float32 is read in place; other rows are converted into the block first
+    const float* x = block;
+    if constexpr (std::is_same_v<T, float>)
+      if (stride == 1) x = row + v0;
+    if (x == block) load_scaled(row + v0 * stride, stride, count, 1.0f, block);
+    lse_update(state, x, count, inv_temperature);
   }
   return state;
 }
@@ -139,8 +144,11 @@ inline ConceptStats concept_stats(const float* x, const int64_t* ids, int64_t co
   return {log_mass, std::exp(log_mass), 1.0f / s, log_s - e_d / s, ids[top]};
 }
 
+// Always inlined into the multi-versioned entries below: GCC's own choice not to (it declined once
+// the row_lse above grew) leaves one out-of-line copy compiled for the default target, whose
+// vector loops are 4-wide SSE without FMA (3x slower, 2026-12-01).
 template <typename T>
-inline void forward_row(const Forward& f, int64_t n, ForwardScratch& ws) {
+__attribute__((always_inline)) inline void forward_row(const Forward& f, int64_t n, ForwardScratch& ws) {
   const T* row = static_cast<const T*>(f.logits) + n * f.stride_n;
   const LseState lse = row_lse(row, f.V, f.stride_v, f.inv_temperature, ws.block.data());
   f.lse[n] = lse.value(f.inv_temperature);
