@@ -64,7 +64,6 @@
 namespace fastprobe {
 namespace {
 
-#define FASTPROBE_ALWAYS_INLINE inline __attribute__((always_inline))
 // Lambdas in the kernels: inlined into the multi-versioned caller, so compiled for its target
 // (a lambda's own body would be compiled for the default target).
 #define FASTPROBE_LAMBDA_INLINE __attribute__((always_inline))

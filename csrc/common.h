@@ -32,6 +32,12 @@ namespace fastprobe {
 #define FASTPROBE_SIMD_CLONES
 #endif
 
+// For templates and helpers that a FASTPROBE_SIMD_CLONES function calls: inlined into each
+// clone, so compiled for its target. Where GCC declines to inline (a body that grew), its one
+// out-of-line copy is compiled for the default target: 4-wide SSE without FMA, 3x slower
+// (concept_mass, 2026-12-01).
+#define FASTPROBE_ALWAYS_INLINE inline __attribute__((always_inline))
+
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNegInf = -kInf;
 constexpr float kLn2 = 0.6931471805599453f;

@@ -144,11 +144,8 @@ inline ConceptStats concept_stats(const float* x, const int64_t* ids, int64_t co
   return {log_mass, std::exp(log_mass), 1.0f / s, log_s - e_d / s, ids[top]};
 }
 
-// Always inlined into the multi-versioned entries below: GCC's own choice not to (it declined once
-// the row_lse above grew) leaves one out-of-line copy compiled for the default target, whose
-// vector loops are 4-wide SSE without FMA (3x slower, 2026-12-01).
 template <typename T>
-__attribute__((always_inline)) inline void forward_row(const Forward& f, int64_t n, ForwardScratch& ws) {
+FASTPROBE_ALWAYS_INLINE void forward_row(const Forward& f, int64_t n, ForwardScratch& ws) {
   const T* row = static_cast<const T*>(f.logits) + n * f.stride_n;
   const LseState lse = row_lse(row, f.V, f.stride_v, f.inv_temperature, ws.block.data());
   f.lse[n] = lse.value(f.inv_temperature);
@@ -198,7 +195,7 @@ struct Backward {
 template <typename T>
 // block: kBlock floats of scratch; concept_scratch: 2 C floats (each concept's x_top / T and
 // log top_share for this row).
-inline void backward_row(const Backward& b, int64_t n, float* block, float* concept_scratch) {
+FASTPROBE_ALWAYS_INLINE void backward_row(const Backward& b, int64_t n, float* block, float* concept_scratch) {
   const T* row = static_cast<const T*>(b.logits) + n * b.stride_n;
   T* grad = static_cast<T*>(b.grad) + n * b.V;
   // log p_v = (x_v - shift) / T - offset from the double lse: exact near the row's max at any
