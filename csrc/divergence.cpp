@@ -109,6 +109,7 @@ FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax 
 
 struct Problem {
   LoadFn load;
+  bool float32;  // float32 logits: rows with a unit vocabulary stride are read in place
   const void* draft;  // [K, N, V]
   int64_t K, N, V, stride_dk, stride_dn, stride_dv;
   const void* target;  // [N, V] or nullptr
@@ -124,12 +125,15 @@ struct Problem {
   int64_t rows() const { return has_target() ? K + 1 : K; }  // draft rows, then the target
 
   // Logits of row r (draft k = r < K, else the target) of token n, elements
-  // [v0, v0 + count) of the vocabulary, into out.
-  void load_row(int64_t r, int64_t n, int64_t v0, int64_t count, float* out) const {
-    if (r < K)
-      load(draft, r * stride_dk + n * stride_dn + v0 * stride_dv, stride_dv, count, out);
-    else
-      load(target, n * stride_tn + v0 * stride_tv, stride_tv, count, out);
+  // [v0, v0 + count) of the vocabulary: the row itself for contiguous float32, else
+  // converted into scratch.
+  const float* load_row(int64_t r, int64_t n, int64_t v0, int64_t count, float* scratch) const {
+    const void* base = r < K ? draft : target;
+    const int64_t first = r < K ? r * stride_dk + n * stride_dn + v0 * stride_dv : n * stride_tn + v0 * stride_tv;
+    const int64_t stride = r < K ? stride_dv : stride_tv;
+    if (float32 && stride == 1) return static_cast<const float*>(base) + first;
+    load(base, first, stride, count, scratch);
+    return scratch;
   }
 };
 
@@ -137,12 +141,12 @@ struct Problem {
 struct Workspace {
   explicit Workspace(int64_t K)
       : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock), in_m(kBlock),
-        lse_state(K + 1), row_lse(K + 1), log_softmax(K + 1), q_log_q(K) {}
+        lse_state(K + 1), row_lse(K + 1), log_softmax(K + 1), q_log_q(K), rows(size_t(K + 1)) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
   float* q_row(int64_t k) { return q.data() + k * kBlock; }
 
-  std::vector<float> logits;  // [K + 1, kBlock] logits of the current block
+  std::vector<float> logits;  // [K + 1, kBlock] converted logits of the current block
   std::vector<float> q;       // [K, kBlock] q_kv of the current block
   std::vector<float> m;       // [kBlock] m_v
   std::vector<float> log_m;   // [kBlock] log m_v
@@ -151,6 +155,7 @@ struct Workspace {
   std::vector<double> row_lse;          // [K + 1] per row of this token
   std::vector<LogSoftmax> log_softmax;  // [K + 1] per row of this token
   std::vector<double> q_log_q;  // [K] sum_v q_kv log q_kv of this token
+  std::vector<const float*> rows;  // [K + 1] the current block's logits (load_row)
 };
 
 // The lse and log-softmax of every row of token n: given (lse_in mode), else pass 1.
@@ -166,10 +171,8 @@ static void token_lse(const Problem& p, int64_t n, Workspace& ws) {
   std::fill(ws.lse_state.begin(), ws.lse_state.end(), LseState{});
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
-    for (int64_t r = 0; r < p.rows(); ++r) {
-      p.load_row(r, n, v0, count, ws.logits_row(r));
-      lse_block(ws.lse_state[r], ws.logits_row(r), count, p.inv_temperature);
-    }
+    for (int64_t r = 0; r < p.rows(); ++r)
+      lse_block(ws.lse_state[r], p.load_row(r, n, v0, count, ws.logits_row(r)), count, p.inv_temperature);
   }
   for (int64_t r = 0; r < p.rows(); ++r) {
     ws.row_lse[r] = ws.lse_state[r].value(p.inv_temperature);
@@ -188,21 +191,21 @@ static TokenSums token_sums(const Problem& p, int64_t n, Workspace& ws) {
   TokenSums s;
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
-    for (int64_t r = 0; r < p.rows(); ++r) p.load_row(r, n, v0, count, ws.logits_row(r));
+    for (int64_t r = 0; r < p.rows(); ++r) ws.rows[r] = p.load_row(r, n, v0, count, ws.logits_row(r));
 
     std::fill(ws.m.begin(), ws.m.begin() + count, 0.0f);
     std::fill(ws.in_m.begin(), ws.in_m.begin() + count, 0.0f);
     for (int64_t k = 0; k < p.K; ++k)
-      ws.q_log_q[k] += draft_block(ws.logits_row(k), ws.log_softmax[k], p.weights[k], count,
+      ws.q_log_q[k] += draft_block(ws.rows[k], ws.log_softmax[k], p.weights[k], count,
                                    ws.q_row(k), ws.m.data(), ws.in_m.data());
     s.m_log_m += mixture_block(ws.m.data(), count, ws.log_m.data());
     // JSD = sum_k w_k KL(q_k || m)
     for (int64_t k = 0; k < p.K; ++k)
       s.jsd += double(p.weights[k]) *
-               jsd_block(ws.logits_row(k), ws.log_softmax[k], ws.q_row(k), ws.log_m.data(),
+               jsd_block(ws.rows[k], ws.log_softmax[k], ws.q_row(k), ws.log_m.data(),
                          count);
     if (p.has_target()) {
-      const TargetSums t = target_block(ws.logits_row(p.K), ws.log_softmax[p.K], ws.m.data(),
+      const TargetSums t = target_block(ws.rows[p.K], ws.log_softmax[p.K], ws.m.data(),
                                         ws.log_m.data(), ws.in_m.data(), count);
       s.kl_mt += t.kl;
       s.p_log_p += t.p_log_p;
@@ -249,7 +252,9 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   if (lse_only && lse_in_ptr != 0)
     throw std::invalid_argument("fastprobe._C: lse_only computes the lse, so lse_in must be 0");
   const bool any = N > 0;  // empty outputs may come with null data pointers
-  const Problem p{loader_for(parse_dtype(dtype)),
+  const DType type = parse_dtype(dtype);
+  const Problem p{loader_for(type),
+                  type == DType::Float32,
                   pointer<const void>(draft_ptr, any, "draft"),
                   K, N, V, stride_dk, stride_dn, stride_dv,
                   pointer<const void>(target_ptr, false, "target"),

@@ -158,6 +158,9 @@ def test_non_contiguous_inputs(target):
     assert not draft.is_contiguous() and not target_logits.is_contiguous()
     result = fp.draft_divergence(draft, target_logits)
     assert_matches(result, expected(draft, target_logits, None, 1.0))
+    # one side read in place (contiguous float32 rows), the other converted: both orders
+    for mixed in ((draft.contiguous(), target_logits), (draft, target_logits.contiguous())):
+        assert_matches(fp.draft_divergence(*mixed), expected(*mixed, None, 1.0))
 
 
 def test_inputs_untouched_and_outputs_fresh(target):
