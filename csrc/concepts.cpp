@@ -13,7 +13,8 @@
 // concentration_entropy 0 and top_token its first variant.
 //
 // Forward: rows are spread over OpenMP threads; each row is streamed once in blocks of
-// kBlock for its online log-sum-exp, then each concept's variants are gathered.
+// kBlock for its online log-sum-exp (contiguous float32 read in place, other rows converted
+// into scratch), then each concept's variants are gathered.
 // Backward, with g[n, c] the gradient of log_mass and coef[n] = h[n] - sum_c g[n, c]:
 //   grad[n, v] = (coef p_v + sum_{c contains v} g[n, c] q_cv) / T
 // with log p_v = (x_v - shift) / T - offset from the row's double lse, and q_cv = p_v / mass_c

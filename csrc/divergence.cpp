@@ -21,8 +21,8 @@
 // Tokens are spread over OpenMP threads. Each token takes two streaming passes
 // over the vocabulary in blocks of kBlock: pass 1 folds every row into an online
 // log-sum-exp, pass 2 forms q, m and p from it and accumulates all the sums.
-// Blocks are converted to float32 (unscaled) into per-thread buffers of
-// O((K + 1) kBlock) floats. Log-probabilities are formed as (x - max) / T - log(sum)
+// Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
+// buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place. Log-probabilities are formed as (x - max) / T - log(sum)
 // with max the row's largest raw logit: x - max is exact near the max, so the
 // result keeps float32 precision however large the logits are. A given lse is used the
 // same way: (x - shift) / T - offset with shift = lse T rounded to float (near the max)
