@@ -130,7 +130,7 @@ struct SinkAttention {
 
   // The outputs of an item's pruned heads: out 0, lse -inf, masses and entropy 0.
   template <typename T>
-  void write_pruned(const Plan& plan, const ItemRows& it) const {
+  FASTPROBE_ALWAYS_INLINE void write_pruned(const Plan& plan, const ItemRows& it) const {
     for (int64_t g = 0; g < plan.group; ++g) {
       const int64_t h = it.kv_head * plan.group + g;
       if (!p.pruned(h)) continue;
@@ -150,7 +150,7 @@ struct SinkAttention {
   // An item's outputs from its final state: out = O / l, lse = m + log l, the sums / l,
   // entropy = log l - A / l; an empty row (l = 0) gets out 0, lse -inf, masses and entropy 0.
   template <typename T>
-  void write_rows(const ItemRows& it, Scratch& ws, const std::array<RowState, kStates>& states) const {
+  FASTPROBE_ALWAYS_INLINE void write_rows(const ItemRows& it, Scratch& ws, const std::array<RowState, kStates>& states) const {
     const RowState& st = states[0];
     const int64_t R = it.R;
     for (int64_t r = 0; r < it.rows; ++r) {

@@ -912,7 +912,7 @@ struct Route {
 // folded into fresh states in ws.state; returns the item's rows. State 0 of range 0 starts
 // from the op's start logit.
 template <typename Op, typename T>
-ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t split, Scratch& ws) {
+FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t split, Scratch& ws) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return it;
@@ -1005,7 +1005,7 @@ ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t split
 
 // One item, whole: attend over all its keys and write its outputs.
 template <typename Op, typename T>
-void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
+FASTPROBE_ALWAYS_INLINE void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
   const ItemRows it = attend_item<Op, T>(op, plan, item, 0, ws);
   op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
@@ -1014,7 +1014,7 @@ void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
 
 // One key range of an item, its states kept in `partial` for the merge.
 template <typename Op, typename T>
-void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split, float* partial,
+FASTPROBE_ALWAYS_INLINE void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split, float* partial,
                     Scratch& ws) {
   const ItemRows it = attend_item<Op, T>(op, plan, item, split, ws);
   if (split == 0) op.template write_pruned<T>(plan, it);
@@ -1024,7 +1024,7 @@ void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split,
 
 // Merges an item's key ranges, state by state, and writes its outputs.
 template <typename Op, typename T>
-void merge_item(const Op& op, const Plan& plan, int64_t item, const float* partials,
+FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t item, const float* partials,
                 Scratch& ws) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws);
