@@ -15,8 +15,8 @@
 // Rows are spread over OpenMP threads. Each row is streamed over the vocabulary in blocks of
 // kBlock: pass 1 folds s and t into online log-sum-exps, pass 2 sums the loss (and forward
 // writes the gradient), pass 3 (reverse, with a gradient) writes the gradient, which needs the
-// row's loss. Blocks of both rows are converted to float32 (unscaled) into per-thread buffers;
-// the gradient is formed in float32 and stored in the logits' dtype (round to nearest even).
+// row's loss. Contiguous float32 rows are read in place, other rows' blocks converted to
+// float32 (unscaled) into per-thread buffers; the gradient is formed in float32 and stored in the logits' dtype (round to nearest even).
 //
 // Precision: log-probabilities are (x - max) / T - log(sum) with max the row's largest raw
 // value, so x - max is exact near the max and logits ~1e4 keep float32 precision. The bridge's
@@ -91,12 +91,13 @@ FASTPROBE_SIMD_CLONES static float reference_point(const float* x, int64_t count
   return largest == kNegInf ? 0.0f : largest;
 }
 
-// Turns a block of teacher logits into the bridge's raw logits c, in place. Every pass forms
-// c here, so all see the same rounding (the row's largest c gives log Q exactly -log(sum)).
-FASTPROBE_SIMD_CLONES static void bridge_block(const float* s, float* t, Bridge bridge,
-                                               int64_t count) {
+// The bridge's raw logits c of a block from its student and teacher logits (c may be t).
+// Every pass forms c here, so all see the same rounding (the row's largest c gives log Q
+// exactly -log(sum)).
+FASTPROBE_SIMD_CLONES static void bridge_block(const float* s, const float* t, Bridge bridge,
+                                               int64_t count, float* c) {
 #pragma omp simd
-  for (int64_t v = 0; v < count; ++v) t[v] = bridge.logit(s[v], t[v]);
+  for (int64_t v = 0; v < count; ++v) c[v] = bridge.logit(s[v], t[v]);
 }
 
 // Forward, one block: grad_v = (P_v - Q_v) / T; returns sum_v Q_v (log Q_v - log P_v).
@@ -148,6 +149,7 @@ FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float
 
 struct Problem {
   LoadFn load;
+  bool float32;   // float32 logits: rows with a unit vocabulary stride are read in place
   StoreFn store;  // nullptr for float32: blocks are formed in the output
   const void* student;  // [N, V], any strides
   const void* teacher;  // [N, V], any strides
@@ -162,11 +164,12 @@ struct Problem {
 
   bool ignored(int64_t n) const { return labels != nullptr && labels[n] == ignore_index; }
 
-  void load_student(int64_t n, int64_t v0, int64_t count, float* out) const {
-    load(student, n * stride_sn + v0 * stride_sv, stride_sv, count, out);
+  // Elements [v0, v0 + count) of row n as float32 (float_block: in place or into scratch).
+  const float* student_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
+    return float_block(load, float32, student, n * stride_sn + v0 * stride_sv, stride_sv, count, scratch);
   }
-  void load_teacher(int64_t n, int64_t v0, int64_t count, float* out) const {
-    load(teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, out);
+  const float* teacher_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
+    return float_block(load, float32, teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, scratch);
   }
 
   // Where the float32 gradient of a block is formed: the output itself for float32,
@@ -186,8 +189,8 @@ struct Problem {
 // Per-thread scratch, allocated once per thread.
 struct Workspace {
   Workspace() : s(kBlock), c(kBlock), grad(kBlock) {}
-  std::vector<float> s;     // [kBlock] student logits of the current block
-  std::vector<float> c;     // [kBlock] teacher logits, then the bridge's
+  std::vector<float> s;     // [kBlock] student logits of the current block (when converted)
+  std::vector<float> c;     // [kBlock] teacher logits (when converted), then the bridge's
   std::vector<float> grad;  // [kBlock] gradient of the current block (not float32)
 };
 
@@ -197,12 +200,12 @@ struct RowSoftmax {
   LogSoftmax log_p, log_q;
 };
 
-// Block [v0, v0 + count) of row n: student logits into ws.s, the bridge c into ws.c.
-static void load_block(const Problem& p, int64_t n, int64_t v0, int64_t count, Bridge bridge,
-                       Workspace& ws) {
-  p.load_student(n, v0, count, ws.s.data());
-  p.load_teacher(n, v0, count, ws.c.data());
-  bridge_block(ws.s.data(), ws.c.data(), bridge, count);
+// Block [v0, v0 + count) of row n: returns its student logits, the bridge c into ws.c.
+static const float* load_block(const Problem& p, int64_t n, int64_t v0, int64_t count,
+                               Bridge bridge, Workspace& ws) {
+  const float* s = p.student_block(n, v0, count, ws.s.data());
+  bridge_block(s, p.teacher_block(n, v0, count, ws.c.data()), bridge, count, ws.c.data());
+  return s;
 }
 
 // Pass 1: online log-sum-exp of s and of the bridge, whose reference point comes from the
@@ -212,12 +215,11 @@ static RowSoftmax row_softmax(const Problem& p, int64_t n, Workspace& ws) {
   LseState lse_s, lse_t;
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
-    p.load_student(n, v0, count, ws.s.data());
-    p.load_teacher(n, v0, count, ws.c.data());
-    if (v0 == 0)
-      bridge = {p.beta, reference_point(ws.s.data(), count), reference_point(ws.c.data(), count)};
-    bridge_block(ws.s.data(), ws.c.data(), bridge, count);
-    lse_block(lse_s, ws.s.data(), count, p.inv_temperature);  // log sum_v exp(s_v / T)
+    const float* s = p.student_block(n, v0, count, ws.s.data());
+    const float* t = p.teacher_block(n, v0, count, ws.c.data());
+    if (v0 == 0) bridge = {p.beta, reference_point(s, count), reference_point(t, count)};
+    bridge_block(s, t, bridge, count, ws.c.data());
+    lse_block(lse_s, s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
     lse_block(lse_t, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
   }
   return {bridge, LogSoftmax::from_state(lse_s, p.inv_temperature),
@@ -229,9 +231,9 @@ static double forward_pass(const Problem& p, int64_t n, const RowSoftmax& r, Wor
   double kl = 0.0;
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
-    load_block(p, n, v0, count, r.bridge, ws);
+    const float* s = load_block(p, n, v0, count, r.bridge, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    kl += forward_block(ws.s.data(), ws.c.data(), r.log_p, r.log_q, count, grad);
+    kl += forward_block(s, ws.c.data(), r.log_p, r.log_q, count, grad);
     p.store_grad(n, v0, count, grad);
   }
   return kl;
@@ -242,8 +244,8 @@ static double reverse_pass(const Problem& p, int64_t n, const RowSoftmax& r, Wor
   double kl = 0.0;
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
-    load_block(p, n, v0, count, r.bridge, ws);
-    kl += reverse_block(ws.s.data(), ws.c.data(), r.log_p, r.log_q, count);
+    const float* s = load_block(p, n, v0, count, r.bridge, ws);
+    kl += reverse_block(s, ws.c.data(), r.log_p, r.log_q, count);
   }
   return kl;
 }
@@ -253,9 +255,9 @@ static void reverse_grad_pass(const Problem& p, int64_t n, const RowSoftmax& r, 
                               Workspace& ws) {
   for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
-    load_block(p, n, v0, count, r.bridge, ws);
+    const float* s = load_block(p, n, v0, count, r.bridge, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    reverse_grad_block(ws.s.data(), ws.c.data(), r.log_p, r.log_q, loss, count, grad);
+    reverse_grad_block(s, ws.c.data(), r.log_p, r.log_q, loss, count, grad);
     p.store_grad(n, v0, count, grad);
   }
 }
@@ -289,6 +291,7 @@ void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teac
   const DType type = parse_dtype(dtype);
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const Problem p{loader_for(type),
+                  type == DType::Float32,
                   storer_for(type),
                   pointer<const void>(student_ptr, any, "student"),
                   pointer<const void>(teacher_ptr, any, "teacher"),

@@ -183,6 +183,15 @@ static inline LoadFn loader_for(DType dtype) {
   throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
 
+// Elements [first, first + count) of a row (stride in elements) as float32: the input itself
+// when it is float32 with a unit stride, else converted into scratch by `load`.
+inline const float* float_block(LoadFn load, bool float32, const void* base, int64_t first,
+                                int64_t stride, int64_t count, float* scratch) {
+  if (float32 && stride == 1) return static_cast<const float*>(base) + first;
+  load(base, first, stride, count, scratch);
+  return scratch;
+}
+
 // exp(x) for float32, vectorisable: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
 // degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built in the exponent bits.
 // exp(-inf) = 0 and anything below the float32 normal range flushes to 0.

@@ -130,10 +130,7 @@ struct Problem {
   const float* load_row(int64_t r, int64_t n, int64_t v0, int64_t count, float* scratch) const {
     const void* base = r < K ? draft : target;
     const int64_t first = r < K ? r * stride_dk + n * stride_dn + v0 * stride_dv : n * stride_tn + v0 * stride_tv;
-    const int64_t stride = r < K ? stride_dv : stride_tv;
-    if (float32 && stride == 1) return static_cast<const float*>(base) + first;
-    load(base, first, stride, count, scratch);
-    return scratch;
+    return float_block(load, float32, base, first, r < K ? stride_dv : stride_tv, count, scratch);
   }
 };
 

@@ -204,7 +204,10 @@ def test_non_contiguous_and_leading_dims(target):
     student = torch.randn(2 * vocab, num_rows, device=device).t()[:, ::2]  # [N, V], no unit stride
     teacher = torch.randn(num_rows, 3, vocab, device=device)[:, 1]
     assert not student.is_contiguous() and not teacher.is_contiguous()
+    # the C++ kernel reads rows of unit vocabulary stride in place and converts others (the
+    # teacher's here): both ways round
     assert_matches(student, teacher, beta=0.37, temperature=1.3)
+    assert_matches(teacher, student, beta=0.37, temperature=1.3)
     # [B, L, V] logits with [B, L] labels: "none" keeps the leading shape
     batch = torch.randn(2, 3, 17, device=device)
     per_row = fp.bridge_loss(batch, torch.randn(2, 3, 17, device=device), beta=0.5, reduction="none",
@@ -255,6 +258,70 @@ def test_backward_makes_one_vocabulary_sized_tensor(reduction):
     with VocabularySized() as made:
         (grad,) = torch.autograd.grad(loss.sum(), student)
     assert made.storages == {grad.untyped_storage().data_ptr()}
+
+
+def test_backward_scales_the_buffer_in_place_unless_the_graph_is_kept():
+    """With the graph freed after the backward, the gradient returned is the op's own buffer,
+    scaled in place (no second [N, V] tensor); with retain_graph it is a new tensor and the
+    buffer stays intact for the second backward. torch 2.4 cannot tell: always a new tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    num_rows, vocab = 6, 53
+
+    class VocabularySized(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (num_rows, vocab):
+                    self.storages.add(tensor.untyped_storage().data_ptr())
+            return result
+
+    student, teacher = torch.randn(num_rows, vocab, requires_grad=True), torch.randn(num_rows, vocab)
+    can_tell = hasattr(torch._C._autograd, "_get_current_graph_task_keep_graph")
+    with VocabularySized() as made:
+        loss = fp.bridge_loss(student, teacher, beta=0.5)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert (grad.untyped_storage().data_ptr() in made.storages) == can_tell
+    want = expected(student, teacher, beta=0.5)[1]
+    torch.testing.assert_close(grad.double(), want, **grad_tolerance(torch.float32, want, student))
+
+    with VocabularySized() as made:
+        loss = fp.bridge_loss(student, teacher, beta=0.5)
+    (first,) = torch.autograd.grad(loss, student, retain_graph=True)
+    assert first.untyped_storage().data_ptr() not in made.storages
+    (second,) = torch.autograd.grad(2 * loss, student)
+    torch.testing.assert_close(second, 2 * first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_incoming_gradients(target, dtype, monkeypatch):
+    """reduction="none" with a different incoming gradient per row (no shared factor; 16-bit
+    gradients on the CPU are scaled a few rows at a time: 7 here, so the rows end mid-chunk)."""
+    from fastprobe.ops import bridge as bridge_ops
+
+    monkeypatch.setattr(bridge_ops, "_SCALE_ROWS_CHUNK", 7)
+    _, device = target
+    num_rows, vocab = shapes_for(target)[0]
+    student = (3 * torch.randn(num_rows, vocab)).to(device=device, dtype=dtype)
+    teacher = (3 * torch.randn(num_rows, vocab)).to(device=device, dtype=dtype)
+    weights = torch.randn(num_rows, device=device)
+    z = student.clone().requires_grad_()
+    (fp.bridge_loss(z, teacher, beta=0.37, reduction="none") * weights).sum().backward()
+    want_z = student.double().requires_grad_()
+    (reference.bridge_loss(want_z, teacher.double(), beta=0.37, reduction="none") * weights.double()).sum().backward()
+    want = want_z.grad.cpu()
+    torch.testing.assert_close(z.grad.cpu().double(), want, **grad_tolerance(dtype, want, student))
+
+
+def test_zero_rows_have_an_empty_gradient():
+    student = torch.randn(0, 9, requires_grad=True)
+    loss = fp.bridge_loss(student, torch.randn(0, 9), beta=0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == (0, 9)
 
 
 def test_no_gradient_without_requires_grad():
@@ -368,10 +435,18 @@ def test_fused_linear_teacher_side_takes_no_gradient_and_rejects_none():
     h_t, w_t = torch.randn(4, 6, requires_grad=True), torch.randn(30, 6, requires_grad=True)
     fp.FusedLinearBridgeLoss(beta=1.0)(h_s, w_s, h_t, w_t).backward()
     assert h_t.grad is None and w_t.grad is None and h_s.grad is not None and w_s.grad is not None
+    # a second backward through one loss: the gradients of a kept graph are scaled out of place
+    # (torch >= 2.5 tells); torch 2.4 cannot tell, scales in place and refuses the second
+    h_s.grad = w_s.grad = None
     loss = fp.FusedLinearBridgeLoss(beta=1.0)(h_s, w_s, h_t, w_t)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
-        loss.backward()
+    first = torch.autograd.grad(loss, (h_s, w_s), retain_graph=True)
+    if hasattr(torch._C._autograd, "_get_current_graph_task_keep_graph"):
+        second = torch.autograd.grad(2 * loss, (h_s, w_s))
+        for got, want in zip(second, first):
+            torch.testing.assert_close(got, 2 * want)
+    else:
+        with pytest.raises(RuntimeError, match="second backward"):
+            torch.autograd.grad(loss, (h_s, w_s))
     with pytest.raises(ValueError, match="reduction"):
         fp.FusedLinearBridgeLoss(beta=1.0, reduction="none")
     with pytest.raises(ValueError, match="teacher_weight"):

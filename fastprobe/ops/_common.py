@@ -154,6 +154,15 @@ def runs_plain(values) -> bool:
     return True
 
 
+def graph_kept() -> Optional[bool]:
+    """Inside a backward: whether autograd keeps the graph after it (retain_graph or create_graph),
+    so that tensors saved for it may be read again and must not be changed in place. None when
+    that cannot be known: while tracing or compiling, and on torch without the query (2.4).
+    (Outside a backward torch answers True.)"""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return None if query is None or not plain_mode() else bool(query())
+
+
 _NOT_TENSORS = frozenset((int, float, bool, str, type(None)))  # (skips the isinstance of most arguments)
 
 
