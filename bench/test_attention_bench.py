@@ -115,6 +115,8 @@ def qkv_inputs(device, case):
     """(q, k, v) and their description for the benchmark's extra info."""
     inputs = make_qkv(device, **case)
     shape = dict(B=case["batch"], H=case["heads"], L=case["length"], D=case["head_dim"])
+    if "num_queries" in case:
+        shape = dict(B=case["batch"], H=case["heads"], Lq=case["num_queries"], Lk=case["length"], D=case["head_dim"])
     if "value_dim" in case:
         shape["Dv"] = case["value_dim"]
     return inputs, dict(shape=shape, input_bytes=sum(t.nbytes for t in inputs))
@@ -129,6 +131,23 @@ NARROW_CASES = {
     "small": dict(batch=1, heads=2, length=16, head_dim=8, dtype=torch.float32),
 }
 NARROW_IMPLS = {"fastprobe-narrow": fastprobe_causal, "sdpa-narrow": sdpa_causal}
+
+
+# 16-bit inputs on the CPU (a model loaded in bfloat16 or float16, e.g. under fastprobe.patch):
+# the kernels convert key and value blocks to float32 as they stream them; causal prefill at the
+# CPU case's shape and one-token decoding against a 4096-token cache. On CUDA float16 prefill (the
+# other CUDA rows are bfloat16).
+def _sixteen_bit(dtype, decode):
+    shape = dict(batch=1, heads=16, length=4096, head_dim=128, num_queries=1) if decode else \
+        dict(batch=1, heads=16, length=2048, head_dim=64)
+    cases = {"cpu": dict(shape, dtype=dtype), "small": dict(batch=1, heads=2, length=16, head_dim=8, dtype=dtype)}
+    if dtype == torch.float16 and not decode:
+        cases["cuda"] = dict(batch=1, heads=32, length=4096, head_dim=128, dtype=dtype)
+    name = str(dtype).replace("torch.", "") + ("-decode" if decode else "")
+    return name, (cases, qkv_inputs, {f"fastprobe-{name}": fastprobe_causal, f"sdpa-{name}": sdpa_causal}, f"sdpa-{name}")
+
+
+SIXTEEN_BIT = dict(_sixteen_bit(dtype, decode) for dtype in (torch.bfloat16, torch.float16) for decode in (False, True))
 
 
 # A Gemma 3-style prompt with images: 256-token image blocks whose tokens attend to each other both
@@ -257,6 +276,7 @@ VARIANTS = {
     "narrow": (NARROW_CASES, qkv_inputs, NARROW_IMPLS, "sdpa-narrow"),
     "blocks": (BLOCKS_CASES, blocks_inputs, BLOCKS_IMPLS, "sdpa-blocks-mask"),
     "packed": (PACKED_CASES, packed_inputs, PACKED_IMPLS, "sdpa-packed-mask"),
+    **SIXTEEN_BIT,
 }
 
 
@@ -269,6 +289,8 @@ def test_attention_variant(benchmark, device, family, impl, request):
     if impl.startswith("flex") and device == "cpu":
         pytest.skip("FlexAttention is timed on CUDA (on CPU it compiles for minutes)")
     cases, make_inputs, impls, baseline = VARIANTS[family]
+    if device not in cases:
+        pytest.skip(f"{family} is timed on the CPU only (the CUDA rows are bfloat16 prefill already)")
     inputs, info = make_inputs(device, cases[device])
     benchmark.group = f"sink_attention_{family}-{device}"
     benchmark.extra_info.update(impl=impl, baseline=baseline, dtype=str(cases[device]["dtype"]), **info)
