@@ -3,6 +3,7 @@ reference and autograd of it, and bad input."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprobe as fp
 from fastprobe import reference
@@ -233,29 +234,30 @@ def test_second_backward_through_one_loss():
     torch.testing.assert_close(second, 3 * first)
 
 
+class VocabularySized(TorchDispatchMode):
+    """Records the storages of the tensors of one shape that the ops run under it return."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.storages = tuple(shape), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == self.shape:
+                self.storages.add(tensor.untyped_storage().data_ptr())
+        return result
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_backward_makes_one_vocabulary_sized_tensor(reduction):
     """The backward's only [N, V] allocation is the gradient it returns: the op's gradient
     buffer, an output no loss differentiates, must not be handed a zero-filled [N, V] gradient."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     num_rows, vocab = 6, 53
-
-    class VocabularySized(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.storages = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for tensor in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (num_rows, vocab):
-                    self.storages.add(tensor.untyped_storage().data_ptr())
-            return result
 
     student = torch.randn(num_rows, vocab, requires_grad=True)
     loss = fp.bridge_loss(student, torch.randn(num_rows, vocab), beta=0.5, reduction=reduction)
-    with VocabularySized() as made:
+    with VocabularySized((num_rows, vocab)) as made:
         (grad,) = torch.autograd.grad(loss.sum(), student)
     assert made.storages == {grad.untyped_storage().data_ptr()}
 
@@ -264,32 +266,18 @@ def test_backward_scales_the_buffer_in_place_unless_the_graph_is_kept():
     """With the graph freed after the backward, the gradient returned is the op's own buffer,
     scaled in place (no second [N, V] tensor); with retain_graph it is a new tensor and the
     buffer stays intact for the second backward. torch 2.4 cannot tell: always a new tensor."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     num_rows, vocab = 6, 53
-
-    class VocabularySized(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.storages = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for tensor in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (num_rows, vocab):
-                    self.storages.add(tensor.untyped_storage().data_ptr())
-            return result
 
     student, teacher = torch.randn(num_rows, vocab, requires_grad=True), torch.randn(num_rows, vocab)
     can_tell = hasattr(torch._C._autograd, "_get_current_graph_task_keep_graph")
-    with VocabularySized() as made:
+    with VocabularySized((num_rows, vocab)) as made:
         loss = fp.bridge_loss(student, teacher, beta=0.5)
     (grad,) = torch.autograd.grad(loss, student)
     assert (grad.untyped_storage().data_ptr() in made.storages) == can_tell
     want = expected(student, teacher, beta=0.5)[1]
     torch.testing.assert_close(grad.double(), want, **grad_tolerance(torch.float32, want, student))
 
-    with VocabularySized() as made:
+    with VocabularySized((num_rows, vocab)) as made:
         loss = fp.bridge_loss(student, teacher, beta=0.5)
     (first,) = torch.autograd.grad(loss, student, retain_graph=True)
     assert first.untyped_storage().data_ptr() not in made.storages
