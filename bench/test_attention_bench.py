@@ -144,7 +144,8 @@ def _sixteen_bit(dtype, decode):
     if dtype == torch.float16 and not decode:
         cases["cuda"] = dict(batch=1, heads=32, length=4096, head_dim=128, dtype=dtype)
     name = str(dtype).replace("torch.", "") + ("-decode" if decode else "")
-    return name, (cases, qkv_inputs, {f"fastprobe-{name}": fastprobe_causal, f"sdpa-{name}": sdpa_causal}, f"sdpa-{name}")
+    impls = {f"fastprobe-{name}": fastprobe_causal, f"sdpa-{name}": sdpa_causal}
+    return name, (cases, qkv_inputs, impls, f"sdpa-{name}")
 
 
 SIXTEEN_BIT = dict(_sixteen_bit(dtype, decode) for dtype in (torch.bfloat16, torch.float16) for decode in (False, True))

@@ -150,7 +150,8 @@ struct SinkAttention {
   // An item's outputs from its final state: out = O / l, lse = m + log l, the sums / l,
   // entropy = log l - A / l; an empty row (l = 0) gets out 0, lse -inf, masses and entropy 0.
   template <typename T>
-  FASTPROBE_ALWAYS_INLINE void write_rows(const ItemRows& it, Scratch& ws, const std::array<RowState, kStates>& states) const {
+  FASTPROBE_ALWAYS_INLINE void write_rows(const ItemRows& it, Scratch& ws,
+                                          const std::array<RowState, kStates>& states) const {
     const RowState& st = states[0];
     const int64_t R = it.R;
     for (int64_t r = 0; r < it.rows; ++r) {

@@ -912,7 +912,8 @@ struct Route {
 // folded into fresh states in ws.state; returns the item's rows. State 0 of range 0 starts
 // from the op's start logit.
 template <typename Op, typename T>
-FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int64_t item, int64_t split, Scratch& ws) {
+FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int64_t item,
+                                             int64_t split, Scratch& ws) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return it;
@@ -1014,8 +1015,8 @@ FASTPROBE_ALWAYS_INLINE void run_item(const Op& op, const Plan& plan, int64_t it
 
 // One key range of an item, its states kept in `partial` for the merge.
 template <typename Op, typename T>
-FASTPROBE_ALWAYS_INLINE void run_item_range(const Op& op, const Plan& plan, int64_t item, int64_t split, float* partial,
-                    Scratch& ws) {
+FASTPROBE_ALWAYS_INLINE void run_item_range(const Op& op, const Plan& plan, int64_t item,
+                                            int64_t split, float* partial, Scratch& ws) {
   const ItemRows it = attend_item<Op, T>(op, plan, item, split, ws);
   if (split == 0) op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
@@ -1024,8 +1025,8 @@ FASTPROBE_ALWAYS_INLINE void run_item_range(const Op& op, const Plan& plan, int6
 
 // Merges an item's key ranges, state by state, and writes its outputs.
 template <typename Op, typename T>
-FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t item, const float* partials,
-                Scratch& ws) {
+FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t item,
+                                        const float* partials, Scratch& ws) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return;

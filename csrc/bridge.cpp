@@ -16,7 +16,8 @@
 // kBlock: pass 1 folds s and t into online log-sum-exps, pass 2 sums the loss (and forward
 // writes the gradient), pass 3 (reverse, with a gradient) writes the gradient, which needs the
 // row's loss. Contiguous float32 rows are read in place, other rows' blocks converted to
-// float32 (unscaled) into per-thread buffers; the gradient is formed in float32 and stored in the logits' dtype (round to nearest even).
+// float32 (unscaled) into per-thread buffers; the gradient is formed in float32 and stored in
+// the logits' dtype (round to nearest even).
 //
 // Precision: log-probabilities are (x - max) / T - log(sum) with max the row's largest raw
 // value, so x - max is exact near the max and logits ~1e4 keep float32 precision. The bridge's
@@ -149,7 +150,7 @@ FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float
 
 struct Problem {
   LoadFn load;
-  bool float32;   // float32 logits: rows with a unit vocabulary stride are read in place
+  bool float32;  // float32 logits: rows with a unit vocabulary stride are read in place
   StoreFn store;  // nullptr for float32: blocks are formed in the output
   const void* student;  // [N, V], any strides
   const void* teacher;  // [N, V], any strides

@@ -80,13 +80,15 @@ struct DualPathAttention {
   void write_pruned(const Plan&, const ItemRows&) const {}  // no head mask
 
   template <typename T>
-  FASTPROBE_ALWAYS_INLINE void store(void* base, const ItemRows& it, int64_t h, int64_t i, const float* x) const {
+  FASTPROBE_ALWAYS_INLINE void store(void* base, const ItemRows& it, int64_t h, int64_t i,
+                                     const float* x) const {
     T* row = static_cast<T*>(base) + it.b * p.o_s0 + h * p.o_s1 + i * p.o_s2;
     for (int64_t d = 0; d < p.Dv; ++d) row[d] = from_float<T>(x[d]);
   }
 
   template <typename T>
-  FASTPROBE_ALWAYS_INLINE void write_rows(const ItemRows& it, Scratch& ws, const std::array<RowState, kStates>& st) const {
+  FASTPROBE_ALWAYS_INLINE void write_rows(const ItemRows& it, Scratch& ws,
+                                          const std::array<RowState, kStates>& st) const {
     const int64_t R = it.R, D = p.Dv;  // the output's width (v's)
     float* cond = ws.row_out;
     float* uncond = ws.row_out + D;

@@ -139,9 +139,9 @@ def _scale_rows(grad: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) ->
     """out = grad * weights[:, None] (out may be grad), the product in float32, rounded once to
     grad's dtype. weights [N] float32 or float64; one weight for every row (an expanded scalar:
     the "mean" and "sum" reductions) is applied as a 0-dim multiplier, the fast path."""
-    factor_dtype = torch.promote_types(grad.dtype, torch.float32)
     if weights.numel() == 0:
         return
+    factor_dtype = torch.promote_types(grad.dtype, torch.float32)
     if weights.stride(0) == 0:
         torch.mul(grad, weights[0].to(factor_dtype), out=out)
     elif grad.dtype == factor_dtype or grad.device.type != "cpu":
@@ -258,7 +258,8 @@ def bridge_loss(
     (when student_logits requires grad) into a buffer of the op's own, [N, V] in the logits'
     dtype, kept until the backward, which scales it by each row's incoming gradient in place
     (into a second [N, V] tensor only when the graph is kept, retain_graph=True, or on torch
-    without a way to tell, before 2.5; FusedLinearBridgeLoss avoids [N, V] altogether). A row whose student or bridge logits are all -inf gives NaN.
+    without a way to tell, before 2.5; FusedLinearBridgeLoss avoids [N, V] altogether). A row
+    whose student or bridge logits are all -inf gives NaN.
     """
     student, teacher = _check_logits(student_logits, teacher_logits)
     leading_shape = student_logits.shape[:-1]
