@@ -568,7 +568,7 @@ def _cases(families) -> list:
         cases += [f"attention {group} L={length}" for group in ("causal", "sink-window", "all-stats", "head-mask")
                   for length in (1024, 4096, 16384)]
         cases += ["attention decode", "attention host_overhead", "attention latent", "attention blocks",
-                  "attention packed", "attention narrow", "attention stats-sweep"]
+                  "attention packed", "attention narrow", "attention float16", "attention stats-sweep"]
     if "dual_attention" in families:
         cases += ["dual_attention"]
     if "bridge" in families:
@@ -618,7 +618,7 @@ def _launch_case(name: str) -> None:
             for label, call in host_overhead.cases(cpu).items():
                 if not label.startswith("sdpa"):
                     call()
-        else:  # latent, narrow, blocks, packed
+        else:  # latent, narrow, blocks, packed, float16 (the 16-bit families with a CUDA case)
             cases, make_inputs, impls, _ = bench.VARIANTS[rest]
             inputs, _ = make_inputs(cpu, cases["cuda"])
             for impl, call in impls.items():

@@ -103,7 +103,9 @@ def _bridge_loss_op(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [N] (float32; float64 for float64 logits) and, with compute_grad, the
-    gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0])."""
+    gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0]).
+    That gradient is the autograd backward's buffer: a backward that frees the graph scales it
+    in place and returns it, so a caller of this op keeps it only if it runs no such backward."""
     num_rows, vocab = student.shape
     loss = new_output((num_rows,), student.device, output_dtype(student))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
