@@ -9,6 +9,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #ifdef FASTPROBE_OPENMP
 #include <omp.h>
@@ -189,6 +190,17 @@ inline const float* float_block(LoadFn load, bool float32, const void* base, int
                                 int64_t stride, int64_t count, float* scratch) {
   if (float32 && stride == 1) return static_cast<const float*>(base) + first;
   load(base, first, stride, count, scratch);
+  return scratch;
+}
+
+// The same for rows whose element type is known at compile time: converted inline, in the
+// calling clone's target (concept_mass's rows).
+template <typename T>
+FASTPROBE_ALWAYS_INLINE const float* float_block(const T* row, int64_t stride, int64_t count,
+                                                 float* scratch) {
+  if constexpr (std::is_same_v<T, float>)
+    if (stride == 1) return row;
+  load_scaled(row, stride, count, 1.0f, scratch);
   return scratch;
 }
 

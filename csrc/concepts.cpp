@@ -29,7 +29,6 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -110,11 +109,7 @@ inline LseState row_lse(const T* row, int64_t V, int64_t stride, float inv_tempe
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t count = std::min(kBlock, V - v0);
     // contiguous float32 is read in place; other rows are converted into the block first
-    const float* x = block;
-    if constexpr (std::is_same_v<T, float>)
-      if (stride == 1) x = row + v0;
-    if (x == block) load_scaled(row + v0 * stride, stride, count, 1.0f, block);
-    lse_update(state, x, count, inv_temperature);
+    lse_update(state, float_block(row + v0 * stride, stride, count, block), count, inv_temperature);
   }
   return state;
 }

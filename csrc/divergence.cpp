@@ -22,7 +22,8 @@
 // over the vocabulary in blocks of kBlock: pass 1 folds every row into an online
 // log-sum-exp, pass 2 forms q, m and p from it and accumulates all the sums.
 // Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
-// buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place. Log-probabilities are formed as (x - max) / T - log(sum)
+// buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place (float_block).
+// Log-probabilities are formed as (x - max) / T - log(sum)
 // with max the row's largest raw logit: x - max is exact near the max, so the
 // result keeps float32 precision however large the logits are. A given lse is used the
 // same way: (x - shift) / T - offset with shift = lse T rounded to float (near the max)
@@ -129,7 +130,8 @@ struct Problem {
   // converted into scratch.
   const float* load_row(int64_t r, int64_t n, int64_t v0, int64_t count, float* scratch) const {
     const void* base = r < K ? draft : target;
-    const int64_t first = r < K ? r * stride_dk + n * stride_dn + v0 * stride_dv : n * stride_tn + v0 * stride_tv;
+    const int64_t first =
+        r < K ? r * stride_dk + n * stride_dn + v0 * stride_dv : n * stride_tn + v0 * stride_tv;
     return float_block(load, float32, base, first, r < K ? stride_dv : stride_tv, count, scratch);
   }
 };
