@@ -24,6 +24,38 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("simd_clone", &fastprobe::simd_clone);
+  m.def("has_f16c", []() {
+#ifdef FASTPROBE_F16C
+    return fastprobe::cpu_has_f16c();
+#else
+    return false;
+#endif
+  });
+  // For tests: float16 <-> float32 of count contiguous elements by the F16C instructions
+  // (hardware=true; needs has_f16c()) or the portable code that other CPUs run.
+  m.def("_fp16_to_float", [](uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
+    const auto* halves = reinterpret_cast<const uint16_t*>(src);
+    auto* floats = reinterpret_cast<float*>(out);
+    if (hardware) {
+#ifdef FASTPROBE_F16C
+      if (fastprobe::cpu_has_f16c()) return fastprobe::f16c_load(halves, count, 1.0f, floats);
+#endif
+      throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
+    }
+    for (int64_t i = 0; i < count; ++i) floats[i] = fastprobe::fp16_to_float(halves[i]);
+  });
+  m.def("_float_to_fp16", [](uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
+    const auto* floats = reinterpret_cast<const float*>(src);
+    auto* halves = reinterpret_cast<uint16_t*>(out);
+    if (hardware) {
+#ifdef FASTPROBE_F16C
+      if (fastprobe::cpu_has_f16c()) return fastprobe::f16c_store(floats, count, halves);
+#endif
+      throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
+    }
+    for (int64_t i = 0; i < count; ++i) halves[i] = fastprobe::float_to_fp16_bits(floats[i]);
+  });
   fastprobe::bind_divergence(m);
   fastprobe::bind_concepts(m);
   fastprobe::bind_bridge(m);

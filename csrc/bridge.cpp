@@ -44,16 +44,12 @@ using StoreFn = void (*)(const float* in, int64_t count, void* base, int64_t fir
 
 FASTPROBE_SIMD_CLONES static void store_bfloat16(const float* in, int64_t count, void* base,
                                                  int64_t first) {
-  bf16* out = static_cast<bf16*>(base) + first;
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) out[i] = from_float<bf16>(in[i]);
+  store_run(in, count, static_cast<bf16*>(base) + first);
 }
 
 FASTPROBE_SIMD_CLONES static void store_float16(const float* in, int64_t count, void* base,
                                                 int64_t first) {
-  fp16* out = static_cast<fp16*>(base) + first;
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) out[i] = from_float<fp16>(in[i]);
+  store_run(in, count, static_cast<fp16*>(base) + first);
 }
 
 // float32 needs no store: its blocks are formed in the output itself.

@@ -63,7 +63,9 @@ def cpp_status() -> tuple[bool, str]:
         from . import _C  # noqa: F401
     except ImportError as error:  # built without a compiler, or a broken install
         return False, f"fastprobe._C did not import ({error})"
-    return True, "compiled extension fastprobe._C" + (" with OpenMP" if _C.has_openmp() else " without OpenMP")
+    threads = "with OpenMP" if _C.has_openmp() else "without OpenMP"
+    float16 = ", F16C float16 conversion" if _C.has_f16c() else ""
+    return True, f"compiled extension fastprobe._C {threads}; {_C.simd_clone()} code{float16}"
 
 
 @functools.lru_cache(maxsize=None)
