@@ -203,8 +203,7 @@ FASTPROBE_ALWAYS_INLINE void backward_row(const Backward& b, int64_t n, float* b
     const int64_t count = std::min(kBlock, b.V - v0);
     load_scaled(row + v0 * b.stride_v, b.stride_v, count, 1.0f, block);
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) block[i] = scale * fast_exp(log_prob(log_p, block[i]));
-    store_run(block, count, grad + v0);
+    for (int64_t i = 0; i < count; ++i) grad[v0 + i] = from_float<T>(scale * fast_exp(log_prob(log_p, block[i])));
   }
   // each concept once: its largest variant's logit and log top_share = -log s_c
   const float* top_share = b.top_share + n * b.C;
