@@ -14,6 +14,9 @@
 #ifdef FASTPROBE_OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace fastprobe {
 
@@ -127,7 +130,6 @@ inline float to_float<fp16>(fp16 x) { return fp16_to_float(x.bits); }
 // may not contain AVX code, so the CPU is asked once, at the first call.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTPROBE_NO_F16C)
 #define FASTPROBE_F16C 1
-#include <immintrin.h>
 
 inline bool cpu_has_f16c() {
   static const bool has = [] {

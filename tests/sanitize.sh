@@ -6,6 +6,12 @@
 #   bash tests/sanitize.sh [PYTEST ARGS...]      (default: the whole suite)
 #   FASTPROBE_FUZZ=20 bash tests/sanitize.sh tests/test_fuzz.py    (a longer random search)
 #
+# The multi-versioned C++ code runs only the version this CPU picks (csrc/common.h). The others
+# can be built alone and tested the same way, with SANITIZE_EXTRA_FLAGS added to the compiler's:
+#   "-DFASTPROBE_NO_CLONES -DFASTPROBE_NO_F16C"           the baseline x86-64 (SSE2) version and
+#                                                         the portable float16 conversions
+#   "-DFASTPROBE_NO_CLONES -march=x86-64-v3"              the AVX2 version
+#
 # The sanitized build goes to a private folder ($SANITIZE_DIR, default /tmp/fastprobe-sanitize);
 # an installed fastprobe (editable or not) is left alone and shadowed only inside the run.
 set -euo pipefail
@@ -16,7 +22,7 @@ mkdir -p "$work/src" "$work/run"
 cp -r "$root"/{pyproject.toml,CMakeLists.txt,README.md,csrc,kernels,fastprobe} "$work/src/"
 cp -r "$root"/tests "$root"/bench "$root"/pyproject.toml "$work/run/"
 
-flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g ${SANITIZE_EXTRA_FLAGS:-}"
 echo "building the sanitized extension into $work/site ..."
 python -m pip install -q --no-deps --no-build-isolation --target "$work/site" "$work/src" \
   -Ccmake.build-type=RelWithDebInfo "-Ccmake.define.CMAKE_CXX_FLAGS=$flags" \
@@ -40,6 +46,8 @@ runtime() { "$compiler" -print-file-name="$1" 2>/dev/null || gcc -print-file-nam
 preload="$(runtime libasan.so):$(runtime libubsan.so)"
 cd "$work/run"
 PYTHONPATH="$work/site" python -c "import fastprobe; assert fastprobe.__file__.startswith('$work/site'), fastprobe.__file__"
+LD_PRELOAD="$preload" PYTHONPATH="$work/site" ASAN_OPTIONS=detect_leaks=0 \
+  python -c "from fastprobe import _C; print('C++ code:', _C.simd_clone(), '| F16C:', _C.has_f16c())"
 echo "running pytest against $work/site (LD_PRELOAD=$preload)"
 # detect_leaks=0: CPython and torch keep allocations alive at exit by design
 LD_PRELOAD="$preload" PYTHONPATH="$work/site" \
