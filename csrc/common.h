@@ -15,13 +15,16 @@
 #include <omp.h>
 #endif
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
 namespace fastprobe {
 
 // Hot loops are compiled for AVX-512, AVX2 (+FMA) and plain x86-64 and picked at load
-// time by CPU features (GCC function multi-versioning); other targets get one version.
+// time by CPU features (GCC function multi-versioning); other targets and compilers get one
+// version (clang 14's target_clones gives functions in an anonymous namespace resolvers that
+// collide between source files, and its LTO link crashed on them).
 // Each comma-separated name is its own clone ("avx2,fma" would make an AVX2 clone
 // without FMA and a 128-bit FMA one), so whole ISA levels are named where GCC knows
 // them: x86-64-v4 = AVX-512 F/BW/DQ/VL, x86-64-v3 = AVX2, FMA, F16C, BMI.
@@ -131,10 +134,14 @@ inline float to_float<fp16>(fp16 x) { return fp16_to_float(x.bits); }
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTPROBE_NO_F16C)
 #define FASTPROBE_F16C 1
 
+// AVX usable (the CPU has it and the OS saves its registers) and F16C (CPUID.1:ECX), asked by
+// cpuid: clang before 17 knows no "f16c" for __builtin_cpu_supports.
 inline bool cpu_has_f16c() {
   static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx") && __get_cpuid(1, &eax, &ebx, &ecx, &edx) &&
+           (ecx & bit_F16C) != 0;
   }();
   return has;
 }
