@@ -23,8 +23,9 @@ namespace fastprobe {
 
 // Hot loops are compiled for AVX-512, AVX2 (+FMA) and plain x86-64 and picked at load
 // time by CPU features (GCC function multi-versioning); other targets and compilers get one
-// version (clang 14's target_clones gives functions in an anonymous namespace resolvers that
-// collide between source files, and its LTO link crashed on them).
+// version (clang's target_clones, tried: clang 14 gave functions in an anonymous namespace
+// resolvers that collide between source files, and its LTO link crashed; clang 19 built a module
+// that cannot load, LseState's implicit constructor left undefined).
 // Each comma-separated name is its own clone ("avx2,fma" would make an AVX2 clone
 // without FMA and a 128-bit FMA one), so whole ISA levels are named where GCC knows
 // them: x86-64-v4 = AVX-512 F/BW/DQ/VL, x86-64-v3 = AVX2, FMA, F16C, BMI.
