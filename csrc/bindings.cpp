@@ -15,6 +15,40 @@ void bind_attention(py::module_& m);
 void bind_dual_attention(py::module_& m);
 }  // namespace fastprobe
 
+namespace {
+
+bool has_f16c() {
+#ifdef FASTPROBE_F16C
+  return fastprobe::cpu_has_f16c();
+#else
+  return false;
+#endif
+}
+
+// For tests: count contiguous float16 -> float32 (and back, below) by the F16C instructions
+// (hardware; needs has_f16c()) or by the portable code that other CPUs run.
+void fp16_to_float_for_test(uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
+  const auto* halves = reinterpret_cast<const uint16_t*>(src);
+  auto* floats = reinterpret_cast<float*>(out);
+  if (hardware && !has_f16c()) throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
+#ifdef FASTPROBE_F16C
+  if (hardware) return fastprobe::f16c_load(halves, count, 1.0f, floats);
+#endif
+  for (int64_t i = 0; i < count; ++i) floats[i] = fastprobe::fp16_to_float(halves[i]);
+}
+
+void float_to_fp16_for_test(uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
+  const auto* floats = reinterpret_cast<const float*>(src);
+  auto* halves = reinterpret_cast<uint16_t*>(out);
+  if (hardware && !has_f16c()) throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
+#ifdef FASTPROBE_F16C
+  if (hardware) return fastprobe::f16c_store(floats, count, halves);
+#endif
+  for (int64_t i = 0; i < count; ++i) halves[i] = fastprobe::float_to_fp16_bits(floats[i]);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastprobe CPU kernels (torch-free; called through fastprobe.ops)";
   m.def("has_openmp", []() {
@@ -25,37 +59,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   m.def("simd_clone", &fastprobe::simd_clone);
-  m.def("has_f16c", []() {
-#ifdef FASTPROBE_F16C
-    return fastprobe::cpu_has_f16c();
-#else
-    return false;
-#endif
-  });
-  // For tests: float16 <-> float32 of count contiguous elements by the F16C instructions
-  // (hardware=true; needs has_f16c()) or the portable code that other CPUs run.
-  m.def("_fp16_to_float", [](uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
-    const auto* halves = reinterpret_cast<const uint16_t*>(src);
-    auto* floats = reinterpret_cast<float*>(out);
-    if (hardware) {
-#ifdef FASTPROBE_F16C
-      if (fastprobe::cpu_has_f16c()) return fastprobe::f16c_load(halves, count, 1.0f, floats);
-#endif
-      throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
-    }
-    for (int64_t i = 0; i < count; ++i) floats[i] = fastprobe::fp16_to_float(halves[i]);
-  });
-  m.def("_float_to_fp16", [](uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
-    const auto* floats = reinterpret_cast<const float*>(src);
-    auto* halves = reinterpret_cast<uint16_t*>(out);
-    if (hardware) {
-#ifdef FASTPROBE_F16C
-      if (fastprobe::cpu_has_f16c()) return fastprobe::f16c_store(floats, count, halves);
-#endif
-      throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
-    }
-    for (int64_t i = 0; i < count; ++i) halves[i] = fastprobe::float_to_fp16_bits(floats[i]);
-  });
+  m.def("has_f16c", &has_f16c);
+  m.def("_fp16_to_float", &fp16_to_float_for_test);
+  m.def("_float_to_fp16", &float_to_fp16_for_test);
   fastprobe::bind_divergence(m);
   fastprobe::bind_concepts(m);
   fastprobe::bind_bridge(m);

@@ -30,6 +30,7 @@ namespace fastprobe {
 // without FMA and a 128-bit FMA one), so whole ISA levels are named where GCC knows
 // them: x86-64-v4 = AVX-512 F/BW/DQ/VL, x86-64-v3 = AVX2, FMA, F16C, BMI.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTPROBE_NO_CLONES)
+#define FASTPROBE_CLONES 1
 #if __GNUC__ >= 12
 #define FASTPROBE_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -42,7 +43,7 @@ namespace fastprobe {
 
 // The version of the FASTPROBE_SIMD_CLONES functions that runs on this CPU (`fastprobe info`).
 inline const char* simd_clone() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTPROBE_NO_CLONES)
+#ifdef FASTPROBE_CLONES
   __builtin_cpu_init();
 #if __GNUC__ >= 12
   if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
@@ -127,7 +128,8 @@ inline float to_float<bf16>(bf16 x) { return bf16_to_float(x.bits); }
 template <>
 inline float to_float<fp16>(fp16 x) { return fp16_to_float(x.bits); }
 
-// ---- float16 by the F16C instructions where the CPU has them (x86-64-v3 and up) --------
+// ---- float16 by the F16C instructions where the CPU has them (since Ivy Bridge / Piledriver;
+// every x86-64-v3 CPU) ---------------------------------------------------------------------
 // One vcvtph2ps / vcvtps2ph per 8 elements in place of ~12 integer and float operations per
 // element; both conversions are exact IEEE (round to nearest even), as the portable code.
 // These functions are called, not inlined, from the multi-versioned ones: the default clone
