@@ -83,7 +83,7 @@ struct DualPathAttention {
   FASTPROBE_ALWAYS_INLINE void store(void* base, const ItemRows& it, int64_t h, int64_t i,
                                      const float* x) const {
     T* row = static_cast<T*>(base) + it.b * p.o_s0 + h * p.o_s1 + i * p.o_s2;
-    for (int64_t d = 0; d < p.Dv; ++d) row[d] = from_float<T>(x[d]);
+    store_run(x, p.Dv, row);
   }
 
   template <typename T>
