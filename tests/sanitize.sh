@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite against a C++ extension built with AddressSanitizer and
 # UndefinedBehaviorSanitizer (GCC or Clang): any read or write outside a buffer, or undefined
-# behaviour, in csrc/ stops the run with a report.
+# behaviour, in csrc/ stops the run with a report. The attention kernels' scratch, left
+# uninitialised in release builds, is filled with NaN here (FASTPROBE_POISON_SCRATCH): a scratch
+# value read before it is written then fails the comparison with the reference.
 #
 #   bash tests/sanitize.sh [PYTEST ARGS...]      (default: the whole suite)
 #   FASTPROBE_FUZZ=20 bash tests/sanitize.sh tests/test_fuzz.py    (a longer random search)
@@ -22,7 +24,7 @@ mkdir -p "$work/src" "$work/run"
 cp -r "$root"/{pyproject.toml,CMakeLists.txt,README.md,csrc,kernels,fastprobe} "$work/src/"
 cp -r "$root"/tests "$root"/bench "$root"/pyproject.toml "$work/run/"
 
-flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g ${SANITIZE_EXTRA_FLAGS:-}"
+flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -DFASTPROBE_POISON_SCRATCH ${SANITIZE_EXTRA_FLAGS:-}"
 echo "building the sanitized extension into $work/site ..."
 python -m pip install -q --no-deps --no-build-isolation --target "$work/site" "$work/src" \
   -Ccmake.build-type=RelWithDebInfo "-Ccmake.define.CMAKE_CXX_FLAGS=$flags" \

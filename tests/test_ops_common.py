@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprobe as fp
-from fastprobe.ops import _common
+from fastprobe.ops import _common, attention, dual_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,6 +59,31 @@ def test_eager_shortcut_skips_the_dispatcher_and_matches_it(name):
         if got is not None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
             torch.testing.assert_close(got, other, rtol=0, atol=0)
+
+
+# What a plain eager call must not reach: sink_attention's public function calls its kernels itself
+# (no custom op at all: a decoding step calls it per layer); dual_path_attention's custom op runs
+# its body directly (CustomOp), never the registered op.
+NEVER_REACHED = {
+    "sink_attention": (attention, "_sink_attention_op"),
+    "dual_path_attention": (dual_attention._dual_path_attention_op, "op"),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_plain_eager_call_skips_the_op(name, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the op ran")
+
+    monkeypatch.setattr(*NEVER_REACHED[name], refuse)
+    inputs = attention_inputs()
+    CALLS[name](*inputs)
+    with torch.inference_mode():
+        CALLS[name](*inputs)
+    with pytest.raises(AssertionError, match="the op ran"), NoOpFunctionMode():
+        CALLS[name](*inputs)
+    with pytest.raises(AssertionError, match="the op ran"):
+        CALLS[name](inputs[0].requires_grad_(), *inputs[1:])
 
 
 def test_plain_call_is_decided_per_argument():

@@ -4,6 +4,7 @@ output allocation (poisoned with NaN under test), and calls into the C++ kernels
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import numbers
 import os
@@ -19,11 +20,17 @@ POISON_OUTPUTS = os.environ.get("FASTPROBE_POISON", "0") not in ("", "0")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32,
+               stride: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """An uninitialised output (poisoned under test); stride: a dense layout other than the
+    contiguous one (e.g. the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] buffer)."""
+    if stride is None:
+        output = torch.empty(tuple(shape), dtype=dtype, device=device)
+    else:
+        output = torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype, device=device)
     if POISON_OUTPUTS:
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+        output.fill_(float("nan") if dtype.is_floating_point else -1)
+    return output
 
 
 def is_compiling() -> bool:
@@ -76,8 +83,10 @@ def address(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
+@functools.lru_cache(maxsize=None)
 def cpp():
-    """The compiled CPU extension (imported on first use)."""
+    """The compiled CPU extension (imported on first use, then kept: a decoding step calls this
+    per layer, and an import statement costs ~0.5 us even when the module is loaded)."""
     from .. import _C
 
     return _C

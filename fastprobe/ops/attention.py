@@ -22,7 +22,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, address, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index,
-    is_compiling, new_output, on_device, output_dtype, plain_mode, register_forward_only,
+    is_compiling, new_output, on_device, output_dtype, plain_mode, register_forward_only, runs_plain,
 )
 
 __all__ = [
@@ -258,18 +258,45 @@ def _triton_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> N
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
 
 
-def _outputs(q: torch.Tensor, value_dim: int, num_groups: int, return_entropy: bool, allocate):
-    """(out, lse, sink_mass, group_mass, entropy), each made by allocate(shape, device, dtype)
-    (new_output, or a fake tensor maker): out is the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv]
-    buffer (transformers' layout); group_mass [B, Hq, Lq, G] ([.., 0] without groups) and
-    entropy ([0] when not asked for) are always tensors (custom ops return no None)."""
+def new_attention_output(q: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """A fresh out [B, Hq, Lq, Dv] in q's dtype, strided as a [B, Lq, Hq, Dv] buffer: transformers'
+    layout, whose transpose(1, 2) the integration hands on without a copy."""
     batch, num_heads, num_queries, _ = q.shape
-    stats_dtype, device = output_dtype(q), q.device
-    out = allocate((batch, num_queries, num_heads, value_dim), device, q.dtype).transpose(1, 2)
-    lse = allocate((batch, num_heads, num_queries), device, stats_dtype)
-    sink_mass = allocate((batch, num_heads, num_queries), device, stats_dtype)
-    group_mass = allocate((batch, num_heads, num_queries, num_groups), device, stats_dtype)
-    entropy = allocate((batch, num_heads, num_queries) if return_entropy else (0,), device, stats_dtype)
+    return new_output((batch, num_heads, num_queries, value_dim), q.device, q.dtype,
+                      (num_queries * num_heads * value_dim, value_dim, num_heads * value_dim, 1))
+
+
+def _outputs(q: torch.Tensor, value_dim: int, num_groups: Optional[int], return_entropy: bool):
+    """(out, lse, sink_mass, group_mass, entropy), fresh: out from new_attention_output, the
+    statistics contiguous; group_mass [B, Hq, Lq, G] only with num_groups, entropy only when asked
+    for (else None)."""
+    stats_shape, stats_dtype, device = tuple(q.shape[:3]), output_dtype(q), q.device
+    out = new_attention_output(q, value_dim)
+    lse = new_output(stats_shape, device, stats_dtype)
+    sink_mass = new_output(stats_shape, device, stats_dtype)
+    group_mass = None if num_groups is None else new_output((*stats_shape, num_groups), device, stats_dtype)
+    entropy = new_output(stats_shape, device, stats_dtype) if return_entropy else None
+    return out, lse, sink_mass, group_mass, entropy
+
+
+def _attend(q, k, v, args: dict, return_entropy: bool) -> tuple:
+    """The call on prepared arguments (see _prepare) by the backend that resolve picks, into
+    fresh outputs (_outputs; group_mass with key_groups, entropy when asked for, else None)."""
+    num_groups = None if args["key_groups"] is None else args["num_groups"]
+    outputs = _outputs(q, v.shape[-1], num_groups, return_entropy)
+    if outputs[0].numel() > 0 or outputs[1].numel() > 0:
+        _KERNELS[resolve(q.device, q.dtype, "sink_attention")](q, k, v, args, *outputs)
+    return outputs
+
+
+def _op_outputs(outputs: tuple) -> tuple:
+    """The custom op's five tensors (it returns no None): an absent group_mass is [B, Hq, Lq, 0],
+    an absent entropy [0]."""
+    out, lse, sink_mass, group_mass, entropy = outputs
+    if group_mass is None:
+        group_mass = new_output((*lse.shape, 0), lse.device, lse.dtype)
+    if entropy is None:
+        entropy = new_output((0,), lse.device, lse.dtype)
     return out, lse, sink_mass, group_mass, entropy
 
 
@@ -293,27 +320,21 @@ def _sink_attention_op(
     start: Optional[torch.Tensor],
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none."""
-    outputs = _outputs(q, v.shape[-1], num_groups, return_entropy, new_output)
-    out, lse, sink_mass, group_mass, entropy = outputs
-    if out.numel() > 0 or lse.numel() > 0:
-        args = dict(
-            scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
-            head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
-            horizon=horizon, start=start,
-        )
-        backend = resolve(q.device, q.dtype, "sink_attention")
-        _KERNELS[backend](
-            q, k, v, args, out, lse, sink_mass,
-            group_mass if key_groups is not None else None, entropy if return_entropy else None,
-        )
-    return outputs  # without key_groups, group_mass is [.., 0]: nothing to write
+    """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none. What
+    torch.compile, autograd and dispatch modes see; plain eager calls take _attend directly."""
+    args = dict(
+        scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
+        head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
+        horizon=horizon, start=start,
+    )
+    return _op_outputs(_attend(q, k, v, args, return_entropy))
 
 
 @_sink_attention_op.register_fake
 def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, softcap, horizon,
       start, return_entropy):
-    return _outputs(q, v.shape[-1], num_groups, return_entropy, lambda shape, device, dtype: q.new_empty(shape, dtype=dtype))
+    # (new_output makes fake or meta tensors here, like q)
+    return _op_outputs(_outputs(q, v.shape[-1], None if key_groups is None else num_groups, return_entropy))
 
 
 register_forward_only(_sink_attention_op, "sink_attention")
@@ -325,6 +346,8 @@ register_forward_only(_sink_attention_op, "sink_attention")
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
+    if type(scale) is float and 0.0 < scale < float("inf"):  # (the common case, without the ABC check)
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a positive number or None, got {type(scale).__name__}")
     value = float(scale)
@@ -739,6 +762,8 @@ def sink_attention(
     )
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if runs_plain(args.values()):  # eager, nothing for the dispatcher: no custom op between
+        return AttentionOutput(*_attend(args.pop("q"), args.pop("k"), args.pop("v"), args, return_entropy))
     out, lse, sink_mass, group_mass, entropy = _sink_attention_op(
         args.pop("q"), args.pop("k"), args.pop("v"), **args, return_entropy=return_entropy
     )

@@ -23,7 +23,7 @@ from ._common import (
     DTYPE_NAMES, address, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device,
     register_forward_only,
 )
-from .attention import check_attention_inputs, check_mask, check_scale, check_segments, key_bounds
+from .attention import check_attention_inputs, check_mask, check_scale, check_segments, key_bounds, new_attention_output
 
 __all__ = ["dual_path_attention"]
 
@@ -68,16 +68,13 @@ def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
 
 
-def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool, allocate):
-    """out, o_cond, o_uncond, each made by allocate(shape, device, dtype) (new_output, or a fake
-    tensor maker): [B, Hq, Lq, Dv] views of [B, Lq, Hq, Dv] buffers (the paths share out's
-    strides; [0] when not asked for: custom ops return no None)."""
-    batch, num_heads, num_queries, _ = q.shape
-    shape, device, dtype = (batch, num_queries, num_heads, value_dim), q.device, q.dtype
-    out = allocate(shape, device, dtype).transpose(1, 2)
+def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool):
+    """out, o_cond, o_uncond, fresh (attention.new_attention_output; [0] when not asked for:
+    custom ops return no None)."""
     if not return_paths:
-        return out, allocate((0,), device, dtype), allocate((0,), device, dtype)
-    return out, allocate(shape, device, dtype).transpose(1, 2), allocate(shape, device, dtype).transpose(1, 2)
+        unused = (new_output((0,), q.device, q.dtype) for _ in range(2))
+        return new_attention_output(q, value_dim), *unused
+    return tuple(new_attention_output(q, value_dim) for _ in range(3))
 
 
 @custom_op("fastprobe::dual_path_attention")
@@ -100,7 +97,7 @@ def _dual_path_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
     [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none."""
-    outputs = _outputs(q, v.shape[-1], return_paths, new_output)
+    outputs = _outputs(q, v.shape[-1], return_paths)
     out, o_cond, o_uncond = outputs
     if out.numel() > 0:
         args = dict(scale=scale, causal=causal, key_real=key_real, drop=drop, rows=rows, gamma=gamma,
@@ -112,7 +109,7 @@ def _dual_path_attention_op(
 
 @_dual_path_attention_op.register_fake
 def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, horizon, start, window, return_paths):
-    return _outputs(q, v.shape[-1], return_paths, lambda shape, device, dtype: q.new_empty(shape, dtype=dtype))
+    return _outputs(q, v.shape[-1], return_paths)  # (new_output makes fake or meta tensors here, like q)
 
 
 register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)")
