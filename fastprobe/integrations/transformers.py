@@ -525,7 +525,8 @@ class _MaskPattern(NamedTuple):
     window: Optional[int]  # fastprobe's window: causal q - w < j <= q, bidirectional |q - j| < w
     dropped: Optional[torch.Tensor]  # [B] bool: the row's first real token left a sliding cache
     # (num_sink, stat_tokens) -> the mask's KeyMasks, made by the first layer that needs them
-    # and reused by the others of this forward; _PACKED -> the cu_seq_lens segments checked against it
+    # and reused by the others of this forward; _PACKED -> the cu_seq_lens segments checked against it;
+    # (_RECORD_WEIGHTS, Lq, dtype) -> the recorder's weights of the real queries (AttentionRecord.add)
     key_masks: dict
     # why fastprobe cannot reproduce the mask, raised only if a layer attends with it (models make
     # masks for layer types they may not have, e.g. Qwen2-MoE a sliding one of window 0)
@@ -938,6 +939,7 @@ def _is_block_diagonal(visible: torch.Tensor, ids: torch.Tensor) -> bool:
 
 
 _PACKED = "cu_seq_lens"  # the key of the checked packing in a mask's per-forward cache (_MaskPattern.key_masks)
+_RECORD_WEIGHTS = "record weights"  # (the first part of) the key of the recorder's query weights there
 
 
 def _layer_packed_segments(state, packed: tuple, padding, segments, masks_made, length: int, device) -> SegmentSpans:
@@ -1104,7 +1106,7 @@ def attention_forward(
         bidirectional_blocks=blocks, segment_ids=segments,
     )
     if record is not None:
-        record.add(layer, result, padding, dropped)
+        record.add(layer, result, padding, dropped, masks_made)
     return (result.out if guided is None else guided).transpose(1, 2), None
 
 
@@ -1414,14 +1416,18 @@ class AttentionRecord:
                 self._views[where] = made
         return made
 
-    def add(self, layer: int, result, padding: Optional[torch.Tensor], dropped: Optional[torch.Tensor]) -> None:
+    def add(self, layer: int, result, padding: Optional[torch.Tensor], dropped: Optional[torch.Tensor],
+            shared: Optional[dict] = None) -> None:
+        """Adds one attention call's statistics (its AttentionOutput) to the layer's sums. shared: the
+        forward's per-mask cache (_MaskPattern.key_masks), where the layers that share the padding
+        mask share the weights of its real queries, or None."""
         sink_mass = result.sink_mass
         batch, _, num_queries = sink_mass.shape
         if dropped is not None:  # the first token left the sliding cache: its weight is 0
             sink_mass = sink_mass.masked_fill(dropped.view(batch, 1, 1), 0.0)
         weight = None
-        if padding is not None:  # real queries: the last Lq keys' padding mask
-            weight = padding[:, -num_queries:].to(sink_mass.dtype).view(batch, 1, num_queries)
+        if padding is not None:
+            weight, real_queries = self._query_weights(padding, num_queries, sink_mass.dtype, shared)
         group_mass = result.group_mass
         if group_mass is not None:  # (without group G of decoded tokens past the given ones)
             group_mass = group_mass[..., :self._key_groups.num_groups]
@@ -1435,7 +1441,22 @@ class AttentionRecord:
             pooled = values.sum(dim=(0, 2))
             self._table(name, tuple(pooled.shape[1:]), pooled)[layer].add_(pooled)
         counts = self._counts if self._counts.device == sink_mass.device else self._move_counts(sink_mass.device)
-        counts[layer].add_(batch * num_queries if weight is None else weight.sum())
+        counts[layer].add_(batch * num_queries if weight is None else real_queries)
+
+    @staticmethod
+    def _query_weights(padding: torch.Tensor, num_queries: int, dtype: torch.dtype,
+                       shared: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [B, 1, Lq]: 1 for a real query, the last Lq keys' padding mask; their count),
+        made once per forward where `shared` keeps them (a decoding step's layers add ~4 small ops
+        fewer each)."""
+        key = (_RECORD_WEIGHTS, num_queries, dtype)
+        made = None if shared is None else shared.get(key)
+        if made is None:
+            weight = padding[:, -num_queries:].to(dtype).view(padding.shape[0], 1, num_queries)
+            made = (weight, weight.sum())
+            if shared is not None:
+                shared[key] = made
+        return made
 
     def _move_counts(self, device) -> torch.Tensor:
         self._counts = self._counts.to(device)
