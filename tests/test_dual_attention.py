@@ -255,6 +255,30 @@ def test_inputs_untouched_and_single_output(target):
     assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v, drop)))
 
 
+def test_guided_rows_are_made_once(target):
+    """rows="last" and "all" are constant tensors, one per (B, Lq, device), reused by every call
+    (a decoding step's guided layers); made inside inference mode they still serve calls outside
+    it, and under fake tensors they are made fresh and not kept."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastprobe.ops.dual_attention import _check_rows
+
+    _, device = target
+    batch, num_queries = 3, 6  # (sizes no other test uses: made here first)
+    q, k, v = random_qkv(batch, 4, 2, num_queries, 11, 16, torch.float32, device)
+    drop = image_keys(batch, 11, device)
+    with torch.inference_mode():
+        first = fp.dual_path_attention(q, k, v, drop, gamma=0.8, return_paths=True)
+    assert_paths_match(first, expected(q, k, v, drop, gamma=0.8), torch.float32)
+    assert_paths_match(fp.dual_path_attention(q, k, v, drop, gamma=0.8, return_paths=True),
+                       expected(q, k, v, drop, gamma=0.8), torch.float32)
+    last, every = _check_rows("last", batch, num_queries, q), _check_rows("all", batch, num_queries, q)
+    assert last is _check_rows("last", batch, num_queries, q) and not last.is_inference()
+    assert last.tolist() == [[0] * (num_queries - 1) + [1]] * batch and every.tolist() == [[1] * num_queries] * batch
+    with FakeTensorMode():
+        assert type(_check_rows("last", batch, num_queries, torch.empty(1, device=device))) is not torch.Tensor
+
+
 def bad_cases():
     q, k, v = random_qkv(2, 4, 2, 5, 7, 8, torch.float32, "cpu")
     drop = torch.zeros(2, 7, dtype=torch.bool)

@@ -14,7 +14,7 @@ matrix is ever materialised. `fastprobe.reference.sink_attention` is the specifi
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -130,38 +130,48 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
     return torch.minimum(position + 1, last + 1)
 
 
-_CONSTANT_ENDS: dict = {}  # (B, end, device) -> int64 [B] filled with end; only ever read
+_CONSTANTS: dict = {}  # (what, its sizes..., device) -> a tensor that is only ever read
 _CONSTANT_MASKS: dict = {}  # (B, both ends, num_sink, stat_tokens, device) -> KeyMasks of kept ends
 
 
-def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
-    """torch.full((batch,), end), made once per (batch, end, device) and then reused: the key ends
-    of every call without a padding mask, so such a call allocates and launches two fills fewer
-    (host time is most of a short call's on a GPU, bench/NOTES.md). Made fresh, and not kept,
-    while tracing or compiling, under a dispatch mode (fake tensors) or while capturing a CUDA
-    graph (a tensor made inside a capture is filled only at replay)."""
-    ends = _CONSTANT_ENDS.get((batch, end, device))  # (a tensor's device: already in the key's form)
-    if ends is not None and plain_mode():
-        return ends
+def constant_tensor(key: tuple, device, make: Callable[[torch.device], torch.Tensor]) -> torch.Tensor:
+    """make(device), made once per (key, device) and then reused: tensors that every call of a
+    kind reads and none writes (the key ends of calls without a padding mask, dual_path_attention's
+    guided rows), so such a call allocates and fills nothing for them (host time is most of a
+    short call's, bench/NOTES.md). Made fresh, and not kept, while tracing or compiling, under a
+    dispatch mode (fake tensors) or while capturing a CUDA graph (a tensor made inside a capture
+    is filled only at replay)."""
+    kept = _CONSTANTS.get((*key, device))  # (a tensor's device: already in the key's form)
+    if kept is not None and plain_mode():
+        return kept
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (batch, end, device)
     if not plain_mode():  # traced, compiled or under a dispatch mode (fake tensors): never kept
-        return torch.full((batch,), end, dtype=torch.int64, device=device)
-    ends = _CONSTANT_ENDS.get(key)
-    if ends is None:
+        return make(device)
+    kept = _CONSTANTS.get((*key, device))
+    if kept is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.full((batch,), end, dtype=torch.int64, device=device)
+            return make(device)
         with torch.inference_mode(False):  # a plain tensor, also when first made in inference mode
-            ends = torch.full((batch,), end, dtype=torch.int64, device=device)
+            kept = make(device)
         if device.type == "cuda":  # filled before any stream reads it
             torch.cuda.current_stream(device).synchronize()
-        if len(_CONSTANT_ENDS) >= 256:
-            _CONSTANT_ENDS.clear()
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
             _CONSTANT_MASKS.clear()
-        _CONSTANT_ENDS[key] = ends
-    return ends
+        _CONSTANTS[(*key, device)] = kept
+    return kept
+
+
+def is_kept_constant(key: tuple, tensor: torch.Tensor) -> bool:
+    return _CONSTANTS.get((*key, tensor.device)) is tensor
+
+
+def _constant_ends(batch: int, end: int, device) -> torch.Tensor:
+    """torch.full((batch,), end), a constant_tensor: the key ends of every call without a padding mask."""
+    return constant_tensor(("key ends", batch, end), device,
+                           lambda where: torch.full((batch,), end, dtype=torch.int64, device=where))
 
 
 def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: int, device) -> KeyMasks:
@@ -174,7 +184,7 @@ def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: i
         return masks
     ends = [_constant_ends(batch, end, device) for end in ends_at]
     masks = KeyMasks(None, *ends, num_sink, stat_tokens)
-    kept = all(_CONSTANT_ENDS.get((batch, end, tensor.device)) is tensor for end, tensor in zip(ends_at, ends))
+    kept = all(is_kept_constant(("key ends", batch, end), tensor) for end, tensor in zip(ends_at, ends))
     if kept:  # (neither made fresh while tracing, compiling or capturing)
         _CONSTANT_MASKS[(batch, *ends_at, num_sink, stat_tokens, ends[0].device)] = masks
     return masks

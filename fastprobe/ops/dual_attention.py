@@ -21,9 +21,11 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, address, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device,
-    register_forward_only,
+    register_forward_only, runs_plain,
 )
-from .attention import check_attention_inputs, check_mask, check_scale, check_segments, key_bounds, new_attention_output
+from .attention import (
+    check_attention_inputs, check_mask, check_scale, check_segments, constant_tensor, key_bounds, new_attention_output,
+)
 
 __all__ = ["dual_path_attention"]
 
@@ -68,13 +70,27 @@ def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
 
 
-def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool):
-    """out, o_cond, o_uncond, fresh (attention.new_attention_output; [0] when not asked for:
-    custom ops return no None)."""
+def _outputs(q: torch.Tensor, value_dim: int, return_paths: bool) -> tuple:
+    """out, o_cond, o_uncond, fresh (attention.new_attention_output); the paths None when not
+    asked for."""
     if not return_paths:
-        unused = (new_output((0,), q.device, q.dtype) for _ in range(2))
-        return new_attention_output(q, value_dim), *unused
+        return new_attention_output(q, value_dim), None, None
     return tuple(new_attention_output(q, value_dim) for _ in range(3))
+
+
+def _attend(q, k, v, args: dict, return_paths: bool) -> tuple:
+    """The call on prepared arguments (see _dual_path_attention_op) by the backend that resolve
+    picks, into fresh outputs (_outputs)."""
+    outputs = _outputs(q, v.shape[-1], return_paths)
+    if outputs[0].numel() > 0:
+        _KERNELS[resolve(q.device, q.dtype, "dual_path_attention")](q, k, v, args, *outputs)
+    return outputs
+
+
+def _op_outputs(outputs: tuple) -> tuple:
+    """The custom op's three tensors (it returns no None): absent paths are [0]."""
+    out = outputs[0]
+    return out, *(new_output((0,), out.device, out.dtype) if path is None else path for path in outputs[1:])
 
 
 @custom_op("fastprobe::dual_path_attention")
@@ -96,31 +112,28 @@ def _dual_path_attention_op(
     return_paths: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
-    [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none."""
-    outputs = _outputs(q, v.shape[-1], return_paths)
-    out, o_cond, o_uncond = outputs
-    if out.numel() > 0:
-        args = dict(scale=scale, causal=causal, key_real=key_real, drop=drop, rows=rows, gamma=gamma,
-                    orthogonalize=orthogonalize, eps=eps, horizon=horizon, start=start, window=window)
-        backend = resolve(q.device, q.dtype, "dual_path_attention")
-        _KERNELS[backend](q, k, v, args, out, o_cond if return_paths else None, o_uncond if return_paths else None)
-    return outputs
+    [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none.
+    What torch.compile, autograd and dispatch modes see; plain eager calls take _attend directly."""
+    args = dict(drop=drop, rows=rows, key_real=key_real, gamma=gamma, orthogonalize=orthogonalize, eps=eps,
+                scale=scale, causal=causal, horizon=horizon, start=start, window=window)
+    return _op_outputs(_attend(q, k, v, args, return_paths))
 
 
 @_dual_path_attention_op.register_fake
 def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, horizon, start, window, return_paths):
-    return _outputs(q, v.shape[-1], return_paths)  # (new_output makes fake or meta tensors here, like q)
+    return _op_outputs(_outputs(q, v.shape[-1], return_paths))  # (new_output makes fake or meta tensors here, like q)
 
 
 register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)")
 
 
 def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Tensor:
-    """rows as uint8 [B, Lq]."""
+    """rows as uint8 [B, Lq] ("last" and "all": a constant_tensor, made once)."""
     if isinstance(rows, str):
         if rows not in ("last", "all"):
             raise ValueError(f"rows must be 'last', 'all' or a boolean mask over query rows, got {rows!r}")
-        return bool_as_uint8(reference.guidance_rows(rows, batch, num_queries, q.device))
+        return constant_tensor(("guided rows", rows, batch, num_queries), q.device,
+                               lambda where: bool_as_uint8(reference.guidance_rows(rows, batch, num_queries, where)))
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows must be 'last', 'all' or a boolean tensor [Lq] or [B, Lq], got {type(rows).__name__}")
     shape = (num_queries,) if rows.dim() == 1 else (batch, num_queries)
@@ -179,18 +192,21 @@ def dual_path_attention(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     spans = check_segments(segment_ids, (batch, num_keys), q)
     start, horizon = key_bounds(bidirectional_blocks, spans, (batch, num_keys), num_queries, causal, q)
-    out, o_cond, o_uncond = _dual_path_attention_op(
-        q, k, v, drop,
-        _check_rows(rows, batch, num_queries, q),
-        check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q),
-        check_real(gamma, "gamma", positive=False),
-        orthogonalize,
-        check_real(eps, "eps", positive=True),
-        check_scale(scale, q.shape[-1]),
-        causal,
-        horizon,
-        start,
-        0 if window is None else check_int(window, "window", 1),
-        return_paths,
+    args = dict(
+        q=q, k=k, v=v, drop=drop,
+        rows=_check_rows(rows, batch, num_queries, q),
+        key_real=check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", q),
+        gamma=check_real(gamma, "gamma", positive=False),
+        orthogonalize=orthogonalize,
+        eps=check_real(eps, "eps", positive=True),
+        scale=check_scale(scale, q.shape[-1]),
+        causal=causal,
+        horizon=horizon,
+        start=start,
+        window=0 if window is None else check_int(window, "window", 1),
     )
+    if runs_plain(args.values()):  # eager, nothing for the dispatcher: no custom op between
+        out, o_cond, o_uncond = _attend(args.pop("q"), args.pop("k"), args.pop("v"), args, return_paths)
+    else:
+        out, o_cond, o_uncond = _dual_path_attention_op(**args, return_paths=return_paths)
     return (out, o_cond, o_uncond) if return_paths else out
