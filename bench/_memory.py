@@ -76,7 +76,7 @@ def print_peak_of(impl_name: str, impl, small: tuple, full: tuple) -> None:
     """print_rss_growth of impl(*full) in the child, warmed up on the small inputs; a
     torch.compile peer warms up on the full ones (it compiles for their shapes, and the
     compile's memory is not the call's)."""
-    warm = full if impl_name == "torch.compile" else small
+    warm = full if impl_name.startswith("torch.compile") else small
     print_rss_growth(lambda: impl(*warm), lambda: impl(*full))
 
 

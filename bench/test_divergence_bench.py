@@ -1,6 +1,7 @@
 """draft_divergence: fastprobe vs the eager PyTorch computation (softmax, mixture,
 logs) and vs torch.compile of the same code (compiled before the timing), measured in the
-same run.
+same run: many tokens a call, and one token a call (drafts scoring each decoding step; the C++
+kernel then spreads the vocabulary over the threads).
 
     pytest bench/test_divergence_bench.py --benchmark-json=bench/results/<device>.json
 """
@@ -22,6 +23,11 @@ except ImportError:  # run as a script for the CPU peak-memory child
 CASES = {
     "cpu": dict(num_drafts=4, num_tokens=256, vocab=32000, dtype=torch.float32),
     "cuda": dict(num_drafts=4, num_tokens=4096, vocab=151936, dtype=torch.bfloat16),
+}
+# One token a call, a Qwen-sized vocabulary.
+STEP_CASES = {
+    "cpu": dict(num_drafts=4, num_tokens=1, vocab=151936, dtype=torch.float32),
+    "cuda": dict(num_drafts=4, num_tokens=1, vocab=151936, dtype=torch.bfloat16),
 }
 
 
@@ -52,16 +58,15 @@ IMPLS = {
 }
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("device", _memory.bench_devices())
-def test_draft_divergence(benchmark, device, impl, request):
-    case = CASES[device]
+STEP_IMPLS = {f"{name}-step": call for name, call in IMPLS.items()}
+
+
+def run_case(benchmark, request, device, impl, call, case, op, baseline):
     drafts, target = make_inputs(device, **case)
-    call = IMPLS[impl]
-    benchmark.group = f"draft_divergence-{device}"
+    benchmark.group = f"{op}-{device}"
     benchmark.extra_info.update(
         impl=impl,
-        baseline="eager",
+        baseline=baseline,
         shape=dict(K=case["num_drafts"], N=case["num_tokens"], V=case["vocab"]),
         dtype=str(case["dtype"]),
         input_bytes=drafts.nbytes + target.nbytes,
@@ -70,9 +75,23 @@ def test_draft_divergence(benchmark, device, impl, request):
     _memory.measure(benchmark, request, device, impl, call, (drafts, target), __file__)
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_draft_divergence(benchmark, device, impl, request):
+    run_case(benchmark, request, device, impl, IMPLS[impl], CASES[device], "draft_divergence", "eager")
+
+
+@pytest.mark.parametrize("impl", list(STEP_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_draft_divergence_step(benchmark, device, impl, request):
+    run_case(benchmark, request, device, impl, STEP_IMPLS[impl], STEP_CASES[device], "draft_divergence_step",
+             "eager-step")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
     name = sys.argv[2]
-    impl = IMPLS[name]
+    step = name.endswith("-step")
+    impl = (STEP_IMPLS if step else IMPLS)[name]
     small = make_inputs("cpu", 2, 2, 64, torch.float32)
-    full = make_inputs("cpu", **CASES["cpu"])
+    full = make_inputs("cpu", **(STEP_CASES if step else CASES)["cpu"])
     _memory.print_peak_of(name, impl, small, full)

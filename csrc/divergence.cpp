@@ -18,9 +18,10 @@
 //             pass 1 is skipped; pass 2 writes the shard's share of every sum (shares add
 //             up over the shards) and lse is written as the given one.
 //
-// Tokens are spread over OpenMP threads. Each token takes two streaming passes
-// over the vocabulary in blocks of kBlock: pass 1 folds every row into an online
-// log-sum-exp, pass 2 forms q, m and p from it and accumulates all the sums.
+// Tokens are spread over OpenMP threads (with fewer tokens than threads, ranges of a token's
+// vocabulary: see kRangeBlocks). Each token takes two streaming passes over the vocabulary in
+// blocks of kBlock: pass 1 folds every row into an online log-sum-exp, pass 2 forms q, m and p
+// from it and accumulates all the sums.
 // Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
 // buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place (float_block).
 // Log-probabilities are formed as (x - max) / T - log(sum)
@@ -136,11 +137,23 @@ struct Problem {
   }
 };
 
+// A token's vocabulary is folded in ranges of kRangeBlocks blocks: each range's lse states
+// (pass 1) and sums (pass 2) start afresh and are merged in range order, so a token's
+// statistics are the same bits however many tokens share the call and however many threads
+// run it. With fewer tokens than threads, the ranges of one token run on different threads
+// (decoding: one token a call) instead of one thread taking the whole vocabulary.
+constexpr int64_t kRangeBlocks = 4;  // 8192 logits
+constexpr int64_t kRange = kRangeBlocks * kBlock;
+
+// The sums of a range, or of a token (every one 0 until pass 2 adds to it): slots
+// jsd, m_log_m, kl_mt, p_log_p, then sum_v q_kv log q_kv for every draft k.
+enum SumSlot : int64_t { kJsd, kMLogM, kKlMt, kPLogP, kQLogQ };
+
 // Per-thread scratch, allocated once per thread.
 struct Workspace {
   explicit Workspace(int64_t K)
       : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock), in_m(kBlock),
-        lse_state(K + 1), row_lse(K + 1), log_softmax(K + 1), q_log_q(K), rows(size_t(K + 1)) {}
+        rows(size_t(K + 1)) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
   float* q_row(int64_t k) { return q.data() + k * kBlock; }
@@ -150,91 +163,154 @@ struct Workspace {
   std::vector<float> m;       // [kBlock] m_v
   std::vector<float> log_m;   // [kBlock] log m_v
   std::vector<float> in_m;    // [kBlock] 1 where some draft of weight > 0 has a finite logit
-  std::vector<LseState> lse_state;      // [K + 1] per row of this token
-  std::vector<double> row_lse;          // [K + 1] per row of this token
-  std::vector<LogSoftmax> log_softmax;  // [K + 1] per row of this token
-  std::vector<double> q_log_q;  // [K] sum_v q_kv log q_kv of this token
   std::vector<const float*> rows;  // [K + 1] the current block's logits (load_row)
 };
 
-// The lse and log-softmax of every row of token n: given (lse_in mode), else pass 1.
-static void token_lse(const Problem& p, int64_t n, Workspace& ws) {
-  if (p.lse_in != nullptr) {
-    for (int64_t r = 0; r < p.rows(); ++r) {
-      ws.row_lse[r] = p.lse_in[r * p.N + n];
-      ws.log_softmax[r] = LogSoftmax::from_lse(ws.row_lse[r], p.inv_temperature);
-    }
-    return;
-  }
-  // Pass 1: online log-sum-exp of every row.
-  std::fill(ws.lse_state.begin(), ws.lse_state.end(), LseState{});
-  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+// Pass 1 over range `range` of token n: a fresh online log-sum-exp of every row into lse[r].
+static void range_lse(const Problem& p, int64_t n, int64_t range, Workspace& ws, LseState* lse) {
+  std::fill(lse, lse + p.rows(), LseState{});
+  for (int64_t v0 = range * kRange; v0 < std::min(p.V, (range + 1) * kRange); v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
     for (int64_t r = 0; r < p.rows(); ++r)
-      lse_block(ws.lse_state[r], p.load_row(r, n, v0, count, ws.logits_row(r)), count, p.inv_temperature);
-  }
-  for (int64_t r = 0; r < p.rows(); ++r) {
-    ws.row_lse[r] = ws.lse_state[r].value(p.inv_temperature);
-    ws.log_softmax[r] = LogSoftmax::from_state(ws.lse_state[r], p.inv_temperature);
+      lse_block(lse[r], p.load_row(r, n, v0, count, ws.logits_row(r)), count, p.inv_temperature);
   }
 }
 
-// The sums of token n (every one 0 until pass 2 adds to it); sum_v q_kv log q_kv is in
-// the workspace's q_log_q.
-struct TokenSums {
-  double jsd = 0.0, m_log_m = 0.0, kl_mt = 0.0, p_log_p = 0.0;
-};
-
-// Pass 2: every sum, block by block, from the rows' log-softmax.
-static TokenSums token_sums(const Problem& p, int64_t n, Workspace& ws) {
-  TokenSums s;
-  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+// Pass 2 over range `range` of token n, from the rows' log-softmax: every sum into sums[slot].
+static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoftmax* log_softmax,
+                       Workspace& ws, double* sums) {
+  std::fill(sums, sums + kQLogQ + p.K, 0.0);
+  for (int64_t v0 = range * kRange; v0 < std::min(p.V, (range + 1) * kRange); v0 += kBlock) {
     const int64_t count = block_size(p.V, v0);
     for (int64_t r = 0; r < p.rows(); ++r) ws.rows[r] = p.load_row(r, n, v0, count, ws.logits_row(r));
 
     std::fill(ws.m.begin(), ws.m.begin() + count, 0.0f);
     std::fill(ws.in_m.begin(), ws.in_m.begin() + count, 0.0f);
     for (int64_t k = 0; k < p.K; ++k)
-      ws.q_log_q[k] += draft_block(ws.rows[k], ws.log_softmax[k], p.weights[k], count,
-                                   ws.q_row(k), ws.m.data(), ws.in_m.data());
-    s.m_log_m += mixture_block(ws.m.data(), count, ws.log_m.data());
+      sums[kQLogQ + k] += draft_block(ws.rows[k], log_softmax[k], p.weights[k], count,
+                                      ws.q_row(k), ws.m.data(), ws.in_m.data());
+    sums[kMLogM] += mixture_block(ws.m.data(), count, ws.log_m.data());
     // JSD = sum_k w_k KL(q_k || m)
     for (int64_t k = 0; k < p.K; ++k)
-      s.jsd += double(p.weights[k]) *
-               jsd_block(ws.rows[k], ws.log_softmax[k], ws.q_row(k), ws.log_m.data(),
-                         count);
+      sums[kJsd] += double(p.weights[k]) *
+                    jsd_block(ws.rows[k], log_softmax[k], ws.q_row(k), ws.log_m.data(), count);
     if (p.has_target()) {
-      const TargetSums t = target_block(ws.rows[p.K], ws.log_softmax[p.K], ws.m.data(),
+      const TargetSums t = target_block(ws.rows[p.K], log_softmax[p.K], ws.m.data(),
                                         ws.log_m.data(), ws.in_m.data(), count);
-      s.kl_mt += t.kl;
-      s.p_log_p += t.p_log_p;
+      sums[kKlMt] += t.kl;
+      sums[kPLogP] += t.p_log_p;
     }
   }
-  return s;
 }
 
-// Token n in the chosen mode; writes its column of stats and lse.
-static void token_divergence(const Problem& p, int64_t n, Workspace& ws) {
-  token_lse(p, n, ws);
-  std::fill(ws.q_log_q.begin(), ws.q_log_q.end(), 0.0);
-  const TokenSums s = p.lse_only ? TokenSums{} : token_sums(p, n, ws);
+// Merges the online log-sum-exp `part` (a later range) into `state`; a NaN in either stays.
+static void merge_lse(LseState& state, const LseState& part, float scale) {
+  if (part.max == kNegInf) {  // nothing finite in the part: only a NaN counts
+    if (part.sum != part.sum) state.sum = part.sum;
+    return;
+  }
+  if (state.max == kNegInf) {  // (sum 0, or NaN, which stays)
+    state = {part.max, state.sum != state.sum ? state.sum : part.sum};
+    return;
+  }
+  const float max = std::max(state.max, part.max);
+  state.sum = state.sum * fast_exp((state.max - max) * scale) + part.sum * fast_exp((part.max - max) * scale);
+  state.max = max;
+}
 
+// Token n's lse (float64) and log-softmax of every row from its ranges' lse states
+// (lse_parts[range * rows + r]), or from the given lse (lse_in mode).
+static void token_log_softmax(const Problem& p, int64_t n, int64_t ranges, const LseState* lse_parts,
+                              double* row_lse, LogSoftmax* log_softmax) {
+  for (int64_t r = 0; r < p.rows(); ++r) {
+    if (p.lse_in != nullptr) {
+      row_lse[r] = p.lse_in[r * p.N + n];
+      log_softmax[r] = LogSoftmax::from_lse(row_lse[r], p.inv_temperature);
+      continue;
+    }
+    LseState state = lse_parts[r];
+    for (int64_t range = 1; range < ranges; ++range)
+      merge_lse(state, lse_parts[range * p.rows() + r], p.inv_temperature);
+    row_lse[r] = state.value(p.inv_temperature);
+    log_softmax[r] = LogSoftmax::from_state(state, p.inv_temperature);
+  }
+}
+
+// Writes token n's column of stats and lse from its ranges' sums (sum_parts[range * slots +
+// slot], slots = kQLogQ + K; none in lse_only mode: every stat 0).
+static void write_token(const Problem& p, int64_t n, int64_t ranges, const double* sum_parts,
+                        const double* row_lse) {
+  const int64_t slots = kQLogQ + p.K;
+  auto total = [&](int64_t slot) {
+    double sum = 0.0;
+    for (int64_t range = 0; sum_parts != nullptr && range < ranges; ++range) sum += sum_parts[range * slots + slot];
+    return sum;
+  };
   // JSD >= 0 exactly (log-sum inequality per v), and so is a shard's share of it (a sum of
   // the same non-negative terms); log q (from the lse) and log m (fast_log) round
   // differently, which can leave -1e-7 where the JSD is 0 (K = 1, equal drafts).
   // std::max keeps a NaN.
-  const double jsd = std::max(s.jsd, 0.0);
+  const double jsd = std::max(total(kJsd), 0.0), kl_mt = total(kKlMt);
   auto stat = [&](int64_t row) -> float& { return p.stats[row * p.N + n]; };
   stat(0) = float(jsd);
-  stat(1) = p.has_target() ? float(s.kl_mt) : 0.0f;
-  stat(2) = p.has_target() ? float(jsd + s.kl_mt) : 0.0f;  // = sum_k w_k KL(q_k || p)
-  stat(3) = float(-s.m_log_m);                              // H(m)
-  stat(4) = p.has_target() ? float(-s.p_log_p) : 0.0f;     // H(p)
+  stat(1) = p.has_target() ? float(kl_mt) : 0.0f;
+  stat(2) = p.has_target() ? float(jsd + kl_mt) : 0.0f;  // = sum_k w_k KL(q_k || p)
+  stat(3) = float(-total(kMLogM));                        // H(m)
+  stat(4) = p.has_target() ? float(-total(kPLogP)) : 0.0f;  // H(p)
   for (int64_t k = 0; k < p.K; ++k) {
-    stat(5 + k) = float(-ws.q_log_q[k]);  // H(q_k)
-    p.lse[k * p.N + n] = ws.row_lse[k];
+    stat(5 + k) = float(-total(kQLogQ + k));  // H(q_k)
+    p.lse[k * p.N + n] = row_lse[k];
   }
-  p.lse[p.K * p.N + n] = p.has_target() ? ws.row_lse[p.K] : 0.0;
+  p.lse[p.K * p.N + n] = p.has_target() ? row_lse[p.K] : 0.0;
+}
+
+// Every token on its own thread, its ranges in turn (at least as many tokens as threads).
+static void run_by_token(const Problem& p, int64_t ranges, int threads) {
+  const int64_t slots = kQLogQ + p.K;
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws(p.K);
+    std::vector<LseState> lse_parts(size_t(ranges * p.rows()));
+    std::vector<double> sum_parts(size_t(ranges * slots)), row_lse(size_t(p.rows()));
+    std::vector<LogSoftmax> log_softmax(size_t(p.rows()));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < p.N; ++n) {
+      for (int64_t range = 0; p.lse_in == nullptr && range < ranges; ++range)
+        range_lse(p, n, range, ws, lse_parts.data() + range * p.rows());
+      token_log_softmax(p, n, ranges, lse_parts.data(), row_lse.data(), log_softmax.data());
+      for (int64_t range = 0; !p.lse_only && range < ranges; ++range)
+        range_sums(p, n, range, log_softmax.data(), ws, sum_parts.data() + range * slots);
+      write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data(), row_lse.data());
+    }
+  }
+}
+
+// Every (token, range) on its own: pass 1 of all, the tokens' log-softmax, pass 2 of all, the
+// tokens' sums (fewer tokens than threads).
+static void run_by_range(const Problem& p, int64_t ranges, int threads) {
+  const int64_t slots = kQLogQ + p.K, units = p.N * ranges;
+  std::vector<LseState> lse_parts(size_t(units * p.rows()));
+  std::vector<double> sum_parts(size_t(units * slots)), row_lse(size_t(p.N * p.rows()));
+  std::vector<LogSoftmax> log_softmax(size_t(p.N * p.rows()));
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws(p.K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < units; ++unit)
+      if (p.lse_in == nullptr) range_lse(p, unit / ranges, unit % ranges, ws, lse_parts.data() + unit * p.rows());
+#pragma omp single
+    for (int64_t n = 0; n < p.N; ++n)
+      token_log_softmax(p, n, ranges, lse_parts.data() + n * ranges * p.rows(), row_lse.data() + n * p.rows(),
+                        log_softmax.data() + n * p.rows());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < units; ++unit)
+      if (!p.lse_only)
+        range_sums(p, unit / ranges, unit % ranges, log_softmax.data() + unit / ranges * p.rows(), ws,
+                   sum_parts.data() + unit * slots);
+  }
+  for (int64_t n = 0; n < p.N; ++n)
+    write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data() + n * ranges * slots,
+                row_lse.data() + n * p.rows());
 }
 
 void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,
@@ -246,7 +322,7 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   check_size(K, 1, "K");
   check_size(N, 0, "N");
   check_size(V, 1, "V");
-  [[maybe_unused]] const int threads = clamp_threads(num_threads);  // unused without OpenMP
+  const int threads = clamp_threads(num_threads);
   const float inv_t = checked_inv_temperature(inv_temperature);
   if (lse_only && lse_in_ptr != 0)
     throw std::invalid_argument("fastprobe._C: lse_only computes the lse, so lse_in must be 0");
@@ -265,12 +341,11 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
                   pointer<float>(stats_ptr, any, "stats"),
                   pointer<double>(lse_ptr, any, "lse")};
 
-#pragma omp parallel num_threads(threads)
-  {
-    Workspace ws(K);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) token_divergence(p, n, ws);
-  }
+  const int64_t ranges = (V + kRange - 1) / kRange;
+  if (N < threads && ranges > 1)
+    run_by_range(p, ranges, threads);
+  else if (N > 0)
+    run_by_token(p, ranges, threads);
 }
 
 }  // namespace

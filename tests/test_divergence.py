@@ -311,6 +311,49 @@ def test_shard_shares_extreme_logits(target, dtype, temperature):
     assert_matches(result, expected(draft, target_logits, None, temperature), rtol=1e-4, atol=1e-4)
 
 
+def test_few_tokens_split_the_vocabulary_and_keep_their_bits():
+    """With fewer tokens than threads the C++ kernel spreads each token's vocabulary over the
+    threads (ranges of 8192 logits, merged in a fixed order): a token's statistics and lse are
+    the same bits alone, in a batch and under any thread count, unsharded and in both sharded
+    modes, and match the reference, with masked ranges, masked rows and extreme logits."""
+    num_drafts, num_tokens, vocab = 3, 5, 3 * 8192 + 777  # four ranges, the last one short
+    draft = 3 * torch.randn(num_drafts, num_tokens, vocab)
+    target_logits = 3 * torch.randn(num_tokens, vocab)
+    draft[:, 1, 8192:16384] = float("-inf")  # a whole range masked everywhere in token 1
+    target_logits[1, 8192:16384] = float("-inf")
+    draft[0, 2, :16384] = float("-inf")  # one draft row's first two ranges masked
+    draft[:, 3] *= 3e3  # nearly one-hot rows, their max in some range
+    target_logits[3] *= 3e3
+    draft[torch.rand_like(draft) < 0.05] = float("-inf")
+    draft[..., -1] = 0.0
+    weights = random_weights(num_drafts, "cpu")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        with fp.use_backend("cpp"):
+            for count in (1, 2, 5):
+                torch.set_num_threads(count)
+                for tokens in [slice(None)] + [slice(n, n + 1) for n in range(num_tokens)]:
+                    d, t = draft[:, tokens], target_logits[tokens]
+                    whole = _draft_divergence_op(d, t, weights, 1 / 0.9)
+                    sharded = combine_shards(d, t, weights, 0.9, vocab_shards(vocab))
+                    runs.append((count, tokens, whole, sharded))
+    finally:
+        torch.set_num_threads(threads)
+    first = {tokens.start: (whole, sharded) for count, tokens, whole, sharded in runs if count == 1}
+    for count, tokens, (stats, lse), (shares, shard_lse) in runs:
+        for n in range(num_tokens) if tokens.start is None else [tokens.start]:
+            column = n if tokens.start is None else 0
+            (want_stats, want_lse), (want_shares, want_shard_lse) = first[None]
+            assert torch.equal(stats[:, column], want_stats[:, n]) and torch.equal(lse[:, column], want_lse[:, n]), \
+                (count, tokens, n)
+            assert torch.equal(shard_lse[:, column], want_shard_lse[:, n]), (count, tokens, n)
+            for field in FIELDS:
+                assert torch.equal(getattr(shares, field)[..., column], getattr(want_shares, field)[..., n]), \
+                    (count, tokens, field)
+    assert_matches(_result(first[None][0][0], True), expected(draft, target_logits, weights, 0.9), rtol=1e-4, atol=1e-4)
+
+
 def test_shard_shares_reference_backend():
     num_drafts, num_tokens, vocab = 3, 5, 97
     draft, target_logits = 2 * torch.randn(num_drafts, num_tokens, vocab), 2 * torch.randn(num_tokens, vocab)
