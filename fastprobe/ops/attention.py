@@ -165,6 +165,8 @@ def constant_tensor(key: tuple, device, make: Callable[[torch.device], torch.Ten
 
 
 def is_kept_constant(key: tuple, tensor: torch.Tensor) -> bool:
+    """Whether constant_tensor kept `tensor` for key (not one made fresh while tracing, compiling
+    or capturing)."""
     return _CONSTANTS.get((*key, tensor.device)) is tensor
 
 
