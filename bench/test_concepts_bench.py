@@ -1,6 +1,7 @@
 """concept_mass: fastprobe vs the eager PyTorch computation (softmax, gather, segment
 sums: fastprobe.reference.concept_mass) and vs torch.compile of the same code (compiled
-before the timing), measured in the same run.
+before the timing), measured in the same run: many rows a call, and one row a call (an answer's
+availability at each decoding step; the C++ kernel then spreads the row over the threads).
 
     pytest bench/test_concepts_bench.py --benchmark-json=bench/results/<device>.json
 """
@@ -24,6 +25,7 @@ CASES = {
     "cpu": dict(num_tokens=512, vocab=151936, num_concepts=1000, variants=8, dtype=torch.float32),
     "cuda": dict(num_tokens=4096, vocab=151936, num_concepts=1000, variants=8, dtype=torch.bfloat16),
 }
+STEP_CASES = {device: dict(case, num_tokens=1) for device, case in CASES.items()}
 
 
 def make_inputs(device, num_tokens, vocab, num_concepts, variants, dtype):
@@ -55,18 +57,15 @@ def compiled(logits, concepts):
 
 
 IMPLS = {"fastprobe": fastprobe_call, "eager": eager, "torch.compile": compiled}
+STEP_IMPLS = {f"{name}-step": call for name, call in IMPLS.items()}
 
 
-@pytest.mark.parametrize("impl", ["fastprobe", "eager", "torch.compile"])
-@pytest.mark.parametrize("device", _memory.bench_devices())
-def test_concept_mass(benchmark, device, impl, request):
-    case = CASES[device]
+def run_case(benchmark, request, device, impl, call, case, op, baseline):
     logits, concepts = make_inputs(device, **case)
-    call = IMPLS[impl]
-    benchmark.group = f"concept_mass-{device}"
+    benchmark.group = f"{op}-{device}"
     benchmark.extra_info.update(
         impl=impl,
-        baseline="eager",
+        baseline=baseline,
         shape=dict(N=case["num_tokens"], V=case["vocab"], C=case["num_concepts"], variants=case["variants"]),
         dtype=str(case["dtype"]),
         input_bytes=logits.nbytes,
@@ -75,9 +74,22 @@ def test_concept_mass(benchmark, device, impl, request):
     _memory.measure(benchmark, request, device, impl, call, (logits, concepts), __file__)
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_concept_mass(benchmark, device, impl, request):
+    run_case(benchmark, request, device, impl, IMPLS[impl], CASES[device], "concept_mass", "eager")
+
+
+@pytest.mark.parametrize("impl", list(STEP_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_concept_mass_step(benchmark, device, impl, request):
+    run_case(benchmark, request, device, impl, STEP_IMPLS[impl], STEP_CASES[device], "concept_mass_step", "eager-step")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
     name = sys.argv[2]
-    impl = IMPLS[name]
+    step = name.endswith("-step")
+    impl = (STEP_IMPLS if step else IMPLS)[name]
     small = make_inputs("cpu", 2, 64, 4, 2, torch.float32)
-    full = make_inputs("cpu", **CASES["cpu"])
+    full = make_inputs("cpu", **(STEP_CASES if step else CASES)["cpu"])
     _memory.print_peak_of(name, impl, small, full)

@@ -185,7 +185,7 @@ struct Problem {
 
 // Per-thread scratch, allocated once per thread.
 struct Workspace {
-  Workspace() : s(kBlock), c(kBlock), grad(kBlock) {}
+  Workspace() : s(scratch_floats(kBlock)), c(scratch_floats(kBlock)), grad(scratch_floats(kBlock)) {}
   std::vector<float> s;     // [kBlock] student logits of the current block (when converted)
   std::vector<float> c;     // [kBlock] teacher logits (when converted), then the bridge's
   std::vector<float> grad;  // [kBlock] gradient of the current block (not float32)

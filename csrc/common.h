@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #ifdef FASTPROBE_OPENMP
 #include <omp.h>
@@ -382,6 +383,28 @@ inline void lse_update(LseState& state, const float* x, int64_t count, float sca
   lse_update(state, x, count, scale);
 }
 
+// A row's vocabulary is folded in ranges of kRange logits, each into a fresh online
+// log-sum-exp, merged in range order: the same bits however the ranges are spread over threads.
+constexpr int64_t kRangeBlocks = 4;  // 8192 logits
+constexpr int64_t kRange = kRangeBlocks * kBlock;
+
+inline int64_t range_count(int64_t V) { return (V + kRange - 1) / kRange; }
+
+// Merges the online log-sum-exp `part` (a later range) into `state`; a NaN in either stays.
+inline void merge_lse(LseState& state, const LseState& part, float scale) {
+  if (part.max == kNegInf) {  // nothing finite in the part: only a NaN counts
+    if (part.sum != part.sum) state.sum = part.sum;
+    return;
+  }
+  if (state.max == kNegInf) {  // (sum 0, or NaN, which stays)
+    state = {part.max, state.sum != state.sum ? state.sum : part.sum};
+    return;
+  }
+  const float max = std::max(state.max, part.max);
+  state.sum = state.sum * fast_exp((state.max - max) * scale) + part.sum * fast_exp((part.max - max) * scale);
+  state.max = max;
+}
+
 // Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - shift) scale - offset, with
 // shift near the row's largest logit, so x_v - shift is exact near the max and large logits
 // keep float32 precision. A row with no finite logit (or a non-finite lse) gives NaN.
@@ -402,6 +425,25 @@ struct LogSoftmax {
 
 inline float log_prob(const LogSoftmax& row, float x) {
   return (x - row.shift) * row.scale - row.offset;
+}
+
+// Per-thread float scratch: zeros, or NaN in the builds of tests/sanitize.sh
+// (FASTPROBE_POISON_SCRATCH), where a value read before it is written shows in the outputs.
+inline std::vector<float> scratch_floats(int64_t count) {
+#ifdef FASTPROBE_POISON_SCRATCH
+  return std::vector<float>(size_t(count), std::numeric_limits<float>::quiet_NaN());
+#else
+  return std::vector<float>(size_t(count));
+#endif
+}
+
+// This thread's number in the enclosing OpenMP team (0 without OpenMP).
+inline int thread_index() {
+#ifdef FASTPROBE_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
 }
 
 inline int clamp_threads(int64_t requested) {

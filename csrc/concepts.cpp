@@ -12,17 +12,22 @@
 // A concept whose variants are all -inf gets mass 0, log_mass -inf, top_share 0,
 // concentration_entropy 0 and top_token its first variant.
 //
-// Forward: rows are spread over OpenMP threads; each row is streamed once in blocks of
-// kBlock for its online log-sum-exp (contiguous float32 read in place, other rows converted
-// into scratch), then each concept's variants are gathered.
 // Backward, with g[n, c] the gradient of log_mass and coef[n] = h[n] - sum_c g[n, c]:
 //   grad[n, v] = (coef p_v + sum_{c contains v} g[n, c] q_cv) / T
 // with log p_v = (x_v - shift) / T - offset from the row's double lse, and q_cv = p_v / mass_c
 // from the concept's own largest variant, as in the forward: log q_cv = (x_v - x_top) / T -
 // log s_c, x_top = x[top_token], log s_c = -log top_share (exact however far the concept lies
 // below the row's max).
-// one pass writes coef p_v / T for every v, then every concept token is overwritten once
-// with its total, read from the incidence by vocabulary id (the CSR transpose).
+//
+// Work: each row's vocabulary is taken in ranges of kRange logits (common.h), its concepts (in
+// the backward, its concept tokens) in chunks of at most kChunk. Forward: each range folds into a
+// fresh online log-sum-exp (contiguous float32 read in place, other rows converted block by
+// block), merged in range order; then each chunk gathers its variants' logits and forms its
+// concepts' statistics, the exp and log vectorised across the chunk. Backward: each range writes
+// coef p_v / T for its v; then each chunk overwrites its concept tokens with their totals, read
+// from the incidence by vocabulary id (the CSR transpose). With at least as many rows as threads
+// a thread takes whole rows; with fewer (decoding: one row a call) the ranges and chunks of a row
+// run on different threads. A row's results are the same bits either way.
 //
 // Every index read from the concept arrays is checked before any row is processed: the
 // kernels never read or write outside their buffers, whatever the caller passed.
@@ -59,14 +64,17 @@ struct ByToken {
   throw std::out_of_range("fastprobe._C.concept_mass: " + what);
 }
 
-// offsets[0..count] rises from 0 to `total` without decreasing; returns the longest segment.
-int64_t check_offsets(const int64_t* offsets, int64_t count, int64_t total, const char* name) {
+// offsets[0..count] rises from 0 to `total`, each step at least `min_length`; returns the
+// longest step.
+int64_t check_offsets(const int64_t* offsets, int64_t count, int64_t total, int64_t min_length, const char* name) {
   if (offsets[0] != 0 || offsets[count] != total)
     out_of_range(std::string(name) + " must go from 0 to " + std::to_string(total));
   int64_t longest = 0;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t length = offsets[i + 1] - offsets[i];
-    if (length < 0) out_of_range(std::string(name) + " decreases at " + std::to_string(i));
+    if (length < min_length)
+      out_of_range(std::string(name) + (length < 0 ? " decreases" : " has an empty entry") + " at " +
+                   std::to_string(i));
     longest = std::max(longest, length);
   }
   return longest;
@@ -79,9 +87,109 @@ void check_ids(const int64_t* values, int64_t count, int64_t limit, const char* 
                    " is outside [0, " + std::to_string(limit) + ")");
 }
 
+// ---- Reading and writing the logits' dtype, picked once per call. -----------------
+
+// out[i] = float(base[first + ids[i] * stride]) for i < count.
+using GatherFn = void (*)(const void* base, int64_t first, int64_t stride, const int64_t* ids, int64_t count,
+                          float* out);
+// base[first + i] = T(in[i]) for i < count.
+using StoreFn = void (*)(const float* in, int64_t count, void* base, int64_t first);
+// base[first + ids[i]] = T(in[i]) for i < count.
+using ScatterFn = void (*)(const float* in, const int64_t* ids, int64_t count, void* base, int64_t first);
+
+template <typename T>
+void gather(const void* base, int64_t first, int64_t stride, const int64_t* ids, int64_t count, float* out) {
+  const T* row = static_cast<const T*>(base) + first;
+  for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[ids[i] * stride]);
+}
+
+template <typename T>
+void scatter(const float* in, const int64_t* ids, int64_t count, void* base, int64_t first) {
+  T* row = static_cast<T*>(base) + first;
+  for (int64_t i = 0; i < count; ++i) row[ids[i]] = from_float<T>(in[i]);
+}
+
+FASTPROBE_SIMD_CLONES void store_bfloat16(const float* in, int64_t count, void* base, int64_t first) {
+  store_run(in, count, static_cast<bf16*>(base) + first);
+}
+FASTPROBE_SIMD_CLONES void store_float16(const float* in, int64_t count, void* base, int64_t first) {
+  store_run(in, count, static_cast<fp16*>(base) + first);
+}
+
+struct DTypeIo {
+  bool float32;  // float32 rows with a unit stride are read in place, float32 grads written in place
+  LoadFn load;
+  GatherFn gather;
+  StoreFn store;  // (none for float32)
+  ScatterFn scatter;
+};
+
+DTypeIo io_for(const std::string& dtype) {
+  switch (parse_dtype(dtype)) {
+    case DType::Float32: return {true, load_float32, gather<float>, nullptr, scatter<float>};
+    case DType::BFloat16: return {false, load_bfloat16, gather<bf16>, store_bfloat16, scatter<bf16>};
+    case DType::Float16: return {false, load_float16, gather<fp16>, store_float16, scatter<fp16>};
+  }
+  throw std::invalid_argument("fastprobe._C: unsupported dtype");
+}
+
+// ---- Splitting a row's work. --------------------------------------------------------
+
+// Item c owns members [offsets[c], offsets[c + 1]) (concepts and their variants; vocabulary
+// ids and their memberships). Returns chunk starts 0 = s_0 < ... < s_k = count: a chunk holds
+// at most kChunk items and at most max(kChunk, longest) members.
+constexpr int64_t kChunk = 2048;
+
+std::vector<int64_t> chunk_starts(const int64_t* offsets, int64_t count) {
+  std::vector<int64_t> starts{0};
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t first = starts.back();
+    if (c > first && (c - first == kChunk || offsets[c + 1] - offsets[first] > kChunk)) starts.push_back(c);
+  }
+  starts.push_back(count);
+  return starts;
+}
+
+// Per-row state kept between a row's steps lives in `slot_count` slots: a thread's own with
+// whole rows per thread, a row's own when rows are split (fewer rows than threads).
+inline bool split_rows(int64_t N, int threads) { return N < threads; }
+inline int64_t slot_count(int64_t N, int threads) { return split_rows(N, threads) ? N : threads; }
+
+// Runs, for every row n: range_step(n, range, slot, ws) for each vocabulary range, then
+// row_step(n, slot, ws), then chunk_step(n, chunk, slot, ws) for each chunk.
+template <typename MakeScratch, typename RangeStep, typename RowStep, typename ChunkStep>
+void run_rows(int64_t N, int64_t ranges, int64_t chunks, int threads, MakeScratch make_scratch,
+              RangeStep range_step, RowStep row_step, ChunkStep chunk_step) {
+  if (!split_rows(N, threads)) {
+#pragma omp parallel num_threads(threads)
+    {
+      auto ws = make_scratch();
+      const int64_t slot = thread_index();
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t range = 0; range < ranges; ++range) range_step(n, range, slot, ws);
+        row_step(n, slot, ws);
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) chunk_step(n, chunk, slot, ws);
+      }
+    }
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    auto ws = make_scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < N * ranges; ++unit) range_step(unit / ranges, unit % ranges, unit / ranges, ws);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) row_step(n, n, ws);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < N * chunks; ++unit) chunk_step(unit / chunks, unit % chunks, unit / chunks, ws);
+  }
+}
+
 // ---- Forward. ----------------------------------------------------------------------
 
 struct Forward {
+  DTypeIo io;
   const void* logits;  // [N, V], any strides
   int64_t N, V, stride_n, stride_v;
   ByConcept concepts;
@@ -94,87 +202,90 @@ struct Forward {
   double* lse;         // [N] (double: the backward forms log p from it at full precision)
 };
 
-// Per-thread scratch: one block of the row, and one concept's gathered logits.
+// Per-thread scratch: one block of a row; a chunk's variants (their logits, then d_v and
+// e_v d_v; e_v) and concepts (x_top, s_c, sum e_v d_v).
 struct ForwardScratch {
-  explicit ForwardScratch(int64_t longest) : block(kBlock), variants(longest) {}
-  std::vector<float> block;
-  std::vector<float> variants;
+  explicit ForwardScratch(int64_t members)
+      : block(scratch_floats(kBlock)), d(scratch_floats(members)), e(scratch_floats(members)),
+        x_top(scratch_floats(kChunk)), sum_e(scratch_floats(kChunk)), sum_e_d(scratch_floats(kChunk)) {}
+  std::vector<float> block, d, e, x_top, sum_e, sum_e_d;
 };
 
-// The row's online log-sum-exp of y = x / T, folded block by block: max is the largest raw
-// logit (so x - max stays exact), sum = sum_v exp((x_v - max) / T).
-template <typename T>
-inline LseState row_lse(const T* row, int64_t V, int64_t stride, float inv_temperature, float* block) {
+// Range `range` of row n folded into a fresh online log-sum-exp of y = x / T: max is the largest
+// raw logit (so x - max stays exact), sum = sum_v exp((x_v - max) / T).
+LseState range_lse(const Forward& f, int64_t n, int64_t range, float* block) {
   LseState state;
-  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
-    const int64_t count = std::min(kBlock, V - v0);
-    // contiguous float32 is read in place; other rows are converted into the block first
-    lse_update(state, float_block(row + v0 * stride, stride, count, block), count, inv_temperature);
+  for (int64_t v0 = range * kRange; v0 < std::min(f.V, (range + 1) * kRange); v0 += kBlock) {
+    const int64_t count = block_size(f.V, v0);
+    lse_block(state,
+              float_block(f.io.load, f.io.float32, f.logits, n * f.stride_n + v0 * f.stride_v, f.stride_v, count, block),
+              count, f.inv_temperature);
   }
   return state;
 }
 
-struct ConceptStats {
-  float log_mass, mass, top_share, entropy;
-  int64_t top_token;
-};
-
-// One concept from its variants' raw logits x[0..count) (ids alongside) and the row's
-// log-sum-exp state.
-inline ConceptStats concept_stats(const float* x, const int64_t* ids, int64_t count,
-                                  const LseState& row, float inv_temperature) {
-  int64_t top = 0;  // first largest logit: m_c = x[top] / T
-  for (int64_t i = 1; i < count; ++i)
-    if (x[i] > x[top]) top = i;
-  const float x_max = x[top];
-  if (x_max == kNegInf) return {kNegInf, 0.0f, 0.0f, 0.0f, ids[0]};  // all variants masked
-  float s = 0.0f, e_d = 0.0f;  // s_c = sum e_v, e_d = sum e_v d_v
-  for (int64_t i = 0; i < count; ++i) {
-    const float d = (x[i] - x_max) * inv_temperature;  // d_v = y_v - m_c <= 0
-    const float e = fast_exp(d);
-    s += e;
-    e_d += e > 0.0f ? e * d : 0.0f;  // 0 log 0 = 0
-  }
-  const float log_s = std::log(s);
-  const float log_mass = (x_max - row.max) * inv_temperature + (log_s - std::log(row.sum));
-  return {log_mass, std::exp(log_mass), 1.0f / s, log_s - e_d / s, ids[top]};
-}
-
-template <typename T>
-FASTPROBE_ALWAYS_INLINE void forward_row(const Forward& f, int64_t n, ForwardScratch& ws) {
-  const T* row = static_cast<const T*>(f.logits) + n * f.stride_n;
-  const LseState lse = row_lse(row, f.V, f.stride_v, f.inv_temperature, ws.block.data());
-  f.lse[n] = lse.value(f.inv_temperature);
+// Statistics of concepts [c0, c1) of row n, from the row's log-sum-exp.
+FASTPROBE_SIMD_CLONES void concept_chunk(const Forward& f, int64_t n, int64_t c0, int64_t c1, const LseState& row,
+                                         ForwardScratch& ws) {
   const ByConcept& cs = f.concepts;
-  for (int64_t c = 0; c < cs.C; ++c) {
-    const int64_t first = cs.offsets[c], count = cs.offsets[c + 1] - first;
-    const int64_t* ids = cs.token_ids + first;
-    for (int64_t i = 0; i < count; ++i) ws.variants[i] = to_float<T>(row[ids[i] * f.stride_v]);
-    const ConceptStats stats = concept_stats(ws.variants.data(), ids, count, lse, f.inv_temperature);
-    const int64_t at = n * cs.C + c;
-    f.log_mass[at] = stats.log_mass;
-    f.mass[at] = stats.mass;
-    f.top_share[at] = stats.top_share;
-    f.entropy[at] = stats.entropy;
-    f.top_token[at] = stats.top_token;
+  const int64_t* offsets = cs.offsets + c0;
+  const int64_t t0 = offsets[0], tokens = cs.offsets[c1] - t0, count = c1 - c0;
+  const int64_t* ids = cs.token_ids + t0;
+  float* d = ws.d.data();
+  float* e = ws.e.data();
+  float* x_top = ws.x_top.data();
+  f.io.gather(f.logits, n * f.stride_n, f.stride_v, ids, tokens, d);  // x_v
+  const float inv_t = f.inv_temperature;
+  // each concept's first largest variant (m_c = x_top / T), and d_v = (x_v - x_top) / T <= 0
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t first = offsets[c] - t0, last = offsets[c + 1] - t0;
+    int64_t top = first;
+    float largest = d[first];
+    for (int64_t t = first + 1; t < last; ++t) {  // (selects, not branches: random logits mispredict)
+      const bool larger = d[t] > largest;
+      largest = larger ? d[t] : largest;
+      top = larger ? t : top;
+    }
+    x_top[c] = largest;
+    f.top_token[n * cs.C + c0 + c] = ids[top];
+    for (int64_t t = first; t < last; ++t) d[t] = (d[t] - x_top[c]) * inv_t;
   }
-}
-
-// One multi-versioned entry per dtype: the templates above are inlined into each clone.
-using ForwardRowFn = void (*)(const Forward&, int64_t, ForwardScratch&);
-FASTPROBE_SIMD_CLONES void forward_row_float32(const Forward& f, int64_t n, ForwardScratch& ws) {
-  forward_row<float>(f, n, ws);
-}
-FASTPROBE_SIMD_CLONES void forward_row_bfloat16(const Forward& f, int64_t n, ForwardScratch& ws) {
-  forward_row<bf16>(f, n, ws);
-}
-FASTPROBE_SIMD_CLONES void forward_row_float16(const Forward& f, int64_t n, ForwardScratch& ws) {
-  forward_row<fp16>(f, n, ws);
+  // e_v = exp(d_v) and e_v d_v (0 log 0 = 0); NaN where the concept is all -inf (not used)
+#pragma omp simd
+  for (int64_t t = 0; t < tokens; ++t) {
+    e[t] = fast_exp(d[t]);
+    d[t] = e[t] > 0.0f ? e[t] * d[t] : 0.0f;
+  }
+  for (int64_t c = 0; c < count; ++c) {  // s_c = sum e_v, sum e_v d_v
+    float s = 0.0f, e_d = 0.0f;
+    for (int64_t t = offsets[c] - t0; t < offsets[c + 1] - t0; ++t) {
+      s += e[t];
+      e_d += d[t];
+    }
+    ws.sum_e[c] = s;
+    ws.sum_e_d[c] = e_d;
+  }
+  const float log_row_sum = std::log(row.sum);
+  const int64_t at = n * cs.C + c0;
+#pragma omp simd
+  for (int64_t c = 0; c < count; ++c) {
+    const float s = ws.sum_e[c];  // >= 1, or NaN
+    const float log_s = s == s ? fast_log(s) : s;
+    const float log_mass = (x_top[c] - row.max) * inv_t + (log_s - log_row_sum);
+    const bool masked = x_top[c] == kNegInf;  // every variant -inf
+    f.log_mass[at + c] = masked ? kNegInf : log_mass;
+    f.mass[at + c] = masked ? 0.0f : fast_exp(log_mass);
+    f.top_share[at + c] = masked ? 0.0f : 1.0f / s;
+    f.entropy[at + c] = masked ? 0.0f : log_s - ws.sum_e_d[c] / s;
+  }
+  for (int64_t c = 0; c < count; ++c)  // fast_exp flushes below -87: the subnormal masses from exp
+    if (f.log_mass[at + c] < -87.0f) f.mass[at + c] = std::exp(f.log_mass[at + c]);
 }
 
 // ---- Backward. ---------------------------------------------------------------------
 
 struct Backward {
+  DTypeIo io;
   const void* logits;  // [N, V], any strides
   int64_t N, V, stride_n, stride_v;
   ByToken tokens;
@@ -188,67 +299,72 @@ struct Backward {
   void* grad;                  // [N, V] contiguous, the logits' dtype
 };
 
-template <typename T>
-// block: kBlock floats of scratch; concept_scratch: 2 C floats (each concept's x_top / T and
-// log top_share for this row).
-FASTPROBE_ALWAYS_INLINE void backward_row(const Backward& b, int64_t n, float* block, float* concept_scratch) {
-  const T* row = static_cast<const T*>(b.logits) + n * b.stride_n;
-  T* grad = static_cast<T*>(b.grad) + n * b.V;
+// Per-thread scratch: a block of a row in and out; a chunk's ids (their logits x_u, then their
+// totals) and memberships (their exponents and weights).
+struct BackwardScratch {
+  explicit BackwardScratch(int64_t members)
+      : block(scratch_floats(kBlock)), out(scratch_floats(kBlock)), x(scratch_floats(kChunk)),
+        arg(scratch_floats(members)), weight(scratch_floats(members)) {}
+  std::vector<float> block, out, x, arg, weight;
+};
+
+// Range `range` of row n: grad_v = coef p_v / T.
+FASTPROBE_SIMD_CLONES void grad_range(const Backward& b, int64_t n, int64_t range, BackwardScratch& ws) {
   // log p_v = (x_v - shift) / T - offset from the double lse: exact near the row's max at any
   // magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4)
   const LogSoftmax log_p = LogSoftmax::from_lse(b.lse[n], b.inv_temperature);
   const float scale = b.coef[n] * b.inv_temperature;
-  // every v: coef p_v / T
-  for (int64_t v0 = 0; v0 < b.V; v0 += kBlock) {
-    const int64_t count = std::min(kBlock, b.V - v0);
-    load_scaled(row + v0 * b.stride_v, b.stride_v, count, 1.0f, block);
+  for (int64_t v0 = range * kRange; v0 < std::min(b.V, (range + 1) * kRange); v0 += kBlock) {
+    const int64_t count = block_size(b.V, v0);
+    const float* x = float_block(b.io.load, b.io.float32, b.logits, n * b.stride_n + v0 * b.stride_v, b.stride_v,
+                                 count, ws.block.data());
+    float* out = b.io.float32 ? static_cast<float*>(b.grad) + n * b.V + v0 : ws.out.data();
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) grad[v0 + i] = from_float<T>(scale * fast_exp(log_prob(log_p, block[i])));
+    for (int64_t i = 0; i < count; ++i) out[i] = scale * fast_exp(log_prob(log_p, x[i]));
+    if (!b.io.float32) b.io.store(out, count, b.grad, n * b.V + v0);
   }
-  // each concept once: its largest variant's logit and log top_share = -log s_c
+}
+
+// Row n's concepts: x_top[c] (the logit of the largest variant) and log_share[c] = log top_share
+// = -log s_c (-inf where every variant is masked: q = 0).
+FASTPROBE_SIMD_CLONES void concept_tops(const Backward& b, int64_t n, float* x_top, float* log_share) {
+  b.io.gather(b.logits, n * b.stride_n, b.stride_v, b.top_token + n * b.C, b.C, x_top);
   const float* top_share = b.top_share + n * b.C;
-  const int64_t* top_token = b.top_token + n * b.C;
-  float* x_top = concept_scratch;
-  float* log_share = concept_scratch + b.C;
-  for (int64_t c = 0; c < b.C; ++c) {
-    x_top[c] = to_float<T>(row[top_token[c] * b.stride_v]);
-    log_share[c] = top_share[c] > 0.0f ? std::log(top_share[c]) : kNegInf;  // (all -inf: q = 0)
-  }
-  // concept tokens: (coef p_v + sum_{c contains v} g_c q_cv) / T
+#pragma omp simd
+  for (int64_t c = 0; c < b.C; ++c) log_share[c] = top_share[c] > 0.0f ? fast_log(top_share[c]) : kNegInf;
+}
+
+// Concept tokens u in [u0, u1) of row n: grad_v = (coef p_v + sum_{c contains v} g_c q_cv) / T.
+FASTPROBE_SIMD_CLONES void grad_chunk(const Backward& b, int64_t n, int64_t u0, int64_t u1, const float* x_top,
+                                      const float* log_share, BackwardScratch& ws) {
   const ByToken& ts = b.tokens;
+  const int64_t count = u1 - u0, j0 = ts.offsets[u0], members = ts.offsets[u1] - j0;
+  const float inv_t = b.inv_temperature;
   const float* g = b.grad_concept + n * b.C;
-  for (int64_t u = 0; u < ts.U; ++u) {
-    const int64_t v = ts.ids[u];
-    const float x = to_float<T>(row[v * b.stride_v]);
-    float total = b.coef[n] * fast_exp(log_prob(log_p, x));
-    for (int64_t j = ts.offsets[u]; j < ts.offsets[u + 1]; ++j) {
-      const int64_t c = ts.concepts[j];
-      if (log_share[c] != kNegInf)  // q_cv = exp((x_v - x_top) / T) top_share_c
-        total += g[c] * fast_exp((x - x_top[c]) * b.inv_temperature + log_share[c]);
+  float* x = ws.x.data();
+  float* arg = ws.arg.data();
+  float* weight = ws.weight.data();
+  b.io.gather(b.logits, n * b.stride_n, b.stride_v, ts.ids + u0, count, x);  // x_u
+  // membership j of id u in concept c: g_c q_cv = g_c exp((x_u - x_top) / T + log top_share)
+  for (int64_t u = 0; u < count; ++u)
+    for (int64_t j = ts.offsets[u0 + u] - j0; j < ts.offsets[u0 + u + 1] - j0; ++j) {
+      const int64_t c = ts.concepts[j0 + j];
+      const bool masked = log_share[c] == kNegInf;
+      arg[j] = masked ? kNegInf : (x[u] - x_top[c]) * inv_t + log_share[c];
+      weight[j] = masked ? 0.0f : g[c];
     }
-    grad[v] = from_float<T>(total * b.inv_temperature);
+#pragma omp simd
+  for (int64_t j = 0; j < members; ++j) arg[j] = weight[j] * fast_exp(arg[j]);
+  const LogSoftmax log_p = LogSoftmax::from_lse(b.lse[n], inv_t);
+  const float coef = b.coef[n];
+#pragma omp simd
+  for (int64_t u = 0; u < count; ++u) x[u] = coef * fast_exp(log_prob(log_p, x[u]));  // coef p_v
+  for (int64_t u = 0; u < count; ++u) {
+    float total = x[u];
+    for (int64_t j = ts.offsets[u0 + u] - j0; j < ts.offsets[u0 + u + 1] - j0; ++j) total += arg[j];
+    x[u] = total * inv_t;
   }
-}
-
-using BackwardRowFn = void (*)(const Backward&, int64_t, float*, float*);
-FASTPROBE_SIMD_CLONES void backward_row_float32(const Backward& b, int64_t n, float* block, float* scratch) {
-  backward_row<float>(b, n, block, scratch);
-}
-FASTPROBE_SIMD_CLONES void backward_row_bfloat16(const Backward& b, int64_t n, float* block, float* scratch) {
-  backward_row<bf16>(b, n, block, scratch);
-}
-FASTPROBE_SIMD_CLONES void backward_row_float16(const Backward& b, int64_t n, float* block, float* scratch) {
-  backward_row<fp16>(b, n, block, scratch);
-}
-
-template <typename Fn>
-Fn for_dtype(const std::string& dtype, Fn float32, Fn bfloat16, Fn float16) {
-  switch (parse_dtype(dtype)) {
-    case DType::Float32: return float32;
-    case DType::BFloat16: return bfloat16;
-    case DType::Float16: return float16;
-  }
-  throw std::invalid_argument("fastprobe._C: unsupported dtype");
+  b.io.scatter(x, ts.ids + u0, count, b.grad, n * b.V);
 }
 
 void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
@@ -262,25 +378,35 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   check_size(T, 1, "T");
   const int threads = clamp_threads(num_threads);
   const float inv_t = checked_inv_temperature(inv_temperature);
-  const ForwardRowFn row_fn =
-      for_dtype<ForwardRowFn>(dtype, forward_row_float32, forward_row_bfloat16, forward_row_float16);
+  const DTypeIo io = io_for(dtype);
   if (N == 0) return;  // empty outputs may come with null data pointers
   const ByConcept concepts{pointer<const int64_t>(token_ids_ptr, true, "token_ids"),
                            pointer<const int64_t>(offsets_ptr, true, "offsets"), T, C};
-  const int64_t longest = check_offsets(concepts.offsets, C, T, "offsets");
+  const int64_t longest = check_offsets(concepts.offsets, C, T, 1, "offsets");
   check_ids(concepts.token_ids, T, V, "token_ids");
-  const Forward f{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, concepts,
+  const Forward f{io, pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, concepts,
                   inv_t,
                   pointer<float>(mass_ptr, true, "mass"), pointer<float>(log_mass_ptr, true, "log_mass"),
                   pointer<float>(top_share_ptr, true, "top_share"), pointer<float>(entropy_ptr, true, "entropy"),
                   pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<double>(lse_ptr, true, "lse")};
 
-#pragma omp parallel num_threads(threads)
-  {
-    ForwardScratch ws(longest);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_fn(f, n, ws);
-  }
+  const std::vector<int64_t> chunks = chunk_starts(concepts.offsets, C);
+  const int64_t ranges = range_count(V), slots = slot_count(N, threads);
+  std::vector<LseState> range_parts(static_cast<size_t>(slots * ranges)), row_states(static_cast<size_t>(slots));
+  run_rows(
+      N, ranges, int64_t(chunks.size()) - 1, threads, [&] { return ForwardScratch(std::max(kChunk, longest)); },
+      [&](int64_t n, int64_t range, int64_t slot, ForwardScratch& ws) {
+        range_parts[slot * ranges + range] = range_lse(f, n, range, ws.block.data());
+      },
+      [&](int64_t n, int64_t slot, ForwardScratch&) {  // the ranges merged in order
+        LseState state = range_parts[slot * ranges];
+        for (int64_t range = 1; range < ranges; ++range) merge_lse(state, range_parts[slot * ranges + range], inv_t);
+        row_states[slot] = state;
+        f.lse[n] = state.value(inv_t);
+      },
+      [&](int64_t n, int64_t chunk, int64_t slot, ForwardScratch& ws) {
+        concept_chunk(f, n, chunks[chunk], chunks[chunk + 1], row_states[slot], ws);
+      });
 }
 
 void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
@@ -296,30 +422,37 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_size(C, 1, "C");
   const int threads = clamp_threads(num_threads);
   const float inv_t = checked_inv_temperature(inv_temperature);
-  const BackwardRowFn row_fn =
-      for_dtype<BackwardRowFn>(dtype, backward_row_float32, backward_row_bfloat16, backward_row_float16);
+  const DTypeIo io = io_for(dtype);
   if (N == 0) return;
   const ByToken tokens{pointer<const int64_t>(vocab_ids_ptr, true, "vocab_ids"),
                        pointer<const int64_t>(vocab_offsets_ptr, true, "vocab_offsets"),
                        pointer<const int64_t>(vocab_concepts_ptr, true, "vocab_concepts"), U, M};
-  check_offsets(tokens.offsets, U, M, "vocab_offsets");
+  const int64_t longest = check_offsets(tokens.offsets, U, M, 0, "vocab_offsets");
   check_ids(tokens.ids, U, V, "vocab_ids");
   check_ids(tokens.concepts, M, C, "vocab_concepts");
   const int64_t* top_token = pointer<const int64_t>(top_token_ptr, true, "top_token");
   check_ids(top_token, N * C, V, "top_token");
-  const Backward b{pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
+  const Backward b{io, pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
                    pointer<const float>(top_share_ptr, true, "top_share"), top_token,
                    pointer<const double>(lse_ptr, true, "lse"),
                    pointer<const float>(grad_concept_ptr, true, "grad_concept"),
                    pointer<const float>(coef_ptr, true, "coef"), inv_t,
                    pointer<void>(grad_ptr, true, "grad")};
 
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> block(kBlock), concept_scratch(size_t(2 * C));
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_fn(b, n, block.data(), concept_scratch.data());
-  }
+  const std::vector<int64_t> chunks = chunk_starts(tokens.offsets, U);
+  const int64_t slots = slot_count(N, threads);
+  std::vector<float> tops = scratch_floats(slots * 2 * C);  // per slot: x_top [C], then log_share [C]
+  run_rows(
+      N, range_count(V), int64_t(chunks.size()) - 1, threads,
+      [&] { return BackwardScratch(std::max(kChunk, longest)); },
+      [&](int64_t n, int64_t range, int64_t, BackwardScratch& ws) { grad_range(b, n, range, ws); },
+      [&](int64_t n, int64_t slot, BackwardScratch&) {
+        concept_tops(b, n, tops.data() + slot * 2 * C, tops.data() + (slot * 2 + 1) * C);
+      },
+      [&](int64_t n, int64_t chunk, int64_t slot, BackwardScratch& ws) {
+        grad_chunk(b, n, chunks[chunk], chunks[chunk + 1], tops.data() + slot * 2 * C,
+                   tops.data() + (slot * 2 + 1) * C, ws);
+      });
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 //             up over the shards) and lse is written as the given one.
 //
 // Tokens are spread over OpenMP threads (with fewer tokens than threads, ranges of a token's
-// vocabulary: see kRangeBlocks). Each token takes two streaming passes over the vocabulary in
+// vocabulary: see kRange). Each token takes two streaming passes over the vocabulary in
 // blocks of kBlock: pass 1 folds every row into an online log-sum-exp, pass 2 forms q, m and p
 // from it and accumulates all the sums.
 // Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
@@ -137,13 +137,11 @@ struct Problem {
   }
 };
 
-// A token's vocabulary is folded in ranges of kRangeBlocks blocks: each range's lse states
+// A token's vocabulary is folded in ranges of kRange logits (common.h): each range's lse states
 // (pass 1) and sums (pass 2) start afresh and are merged in range order, so a token's
 // statistics are the same bits however many tokens share the call and however many threads
 // run it. With fewer tokens than threads, the ranges of one token run on different threads
 // (decoding: one token a call) instead of one thread taking the whole vocabulary.
-constexpr int64_t kRangeBlocks = 4;  // 8192 logits
-constexpr int64_t kRange = kRangeBlocks * kBlock;
 
 // The sums of a range, or of a token (every one 0 until pass 2 adds to it): slots
 // jsd, m_log_m, kl_mt, p_log_p, then sum_v q_kv log q_kv for every draft k.
@@ -152,8 +150,8 @@ enum SumSlot : int64_t { kJsd, kMLogM, kKlMt, kPLogP, kQLogQ };
 // Per-thread scratch, allocated once per thread.
 struct Workspace {
   explicit Workspace(int64_t K)
-      : logits(size_t(K + 1) * kBlock), q(size_t(K) * kBlock), m(kBlock), log_m(kBlock), in_m(kBlock),
-        rows(size_t(K + 1)) {}
+      : logits(scratch_floats((K + 1) * kBlock)), q(scratch_floats(K * kBlock)), m(scratch_floats(kBlock)),
+        log_m(scratch_floats(kBlock)), in_m(scratch_floats(kBlock)), rows(size_t(K + 1)) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
   float* q_row(int64_t k) { return q.data() + k * kBlock; }
@@ -201,21 +199,6 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
       sums[kPLogP] += t.p_log_p;
     }
   }
-}
-
-// Merges the online log-sum-exp `part` (a later range) into `state`; a NaN in either stays.
-static void merge_lse(LseState& state, const LseState& part, float scale) {
-  if (part.max == kNegInf) {  // nothing finite in the part: only a NaN counts
-    if (part.sum != part.sum) state.sum = part.sum;
-    return;
-  }
-  if (state.max == kNegInf) {  // (sum 0, or NaN, which stays)
-    state = {part.max, state.sum != state.sum ? state.sum : part.sum};
-    return;
-  }
-  const float max = std::max(state.max, part.max);
-  state.sum = state.sum * fast_exp((state.max - max) * scale) + part.sum * fast_exp((part.max - max) * scale);
-  state.max = max;
 }
 
 // Token n's lse (float64) and log-softmax of every row from its ranges' lse states
@@ -341,7 +324,7 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
                   pointer<float>(stats_ptr, any, "stats"),
                   pointer<double>(lse_ptr, any, "lse")};
 
-  const int64_t ranges = (V + kRange - 1) / kRange;
+  const int64_t ranges = range_count(V);
   if (N < threads && ranges > 1)
     run_by_range(p, ranges, threads);
   else if (N > 0)

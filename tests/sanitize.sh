@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite against a C++ extension built with AddressSanitizer and
 # UndefinedBehaviorSanitizer (GCC or Clang): any read or write outside a buffer, or undefined
-# behaviour, in csrc/ stops the run with a report. The attention kernels' scratch, left
-# uninitialised in release builds, is filled with NaN here (FASTPROBE_POISON_SCRATCH): a scratch
-# value read before it is written then fails the comparison with the reference.
+# behaviour, in csrc/ stops the run with a report. The kernels' scratch (uninitialised or zeroed
+# in release builds) is filled with NaN here (FASTPROBE_POISON_SCRATCH): a scratch value read
+# before it is written then fails the comparison with the reference.
 #
 #   bash tests/sanitize.sh [PYTEST ARGS...]      (default: the whole suite)
 #   FASTPROBE_FUZZ=20 bash tests/sanitize.sh tests/test_fuzz.py    (a longer random search)

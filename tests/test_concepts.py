@@ -471,7 +471,9 @@ def test_cpp_kernel_checks_ids_itself():
     logits = torch.randn(3, 10)
     index = list(fp.ConceptSet.from_ids([[1, 2], [3]])._index)
     for position, bad, words in [(0, [1, 2, 10], "token_ids"), (0, [1, -1, 3], "token_ids"),
-                                 (1, [0, 2, 4], "offsets"), (1, [0, 3, 2], "offsets")]:
+                                 (1, [0, 2, 4], "offsets"), (1, [0, 3, 2], "offsets"),
+                                 (1, [0, 3, 3], "offsets has an empty entry at 1"),  # would read token_ids[3]
+                                 (1, [0, 2, 2, 3], "offsets has an empty entry at 1")]:
         args = list(index)
         args[position] = torch.tensor(bad)
         with pytest.raises(IndexError, match=words):
@@ -492,6 +494,65 @@ def test_cpp_kernel_checks_ids_itself():
         with pytest.raises(IndexError, match="top_token"):
             _concept_mass_backward_op(grad, lse, logits, top_share, hostile, lse, vocab_ids, vocab_offsets,
                                       vocab_concepts, starts, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_few_rows_split_the_work_and_keep_their_bits(dtype):
+    """With fewer rows than threads the C++ kernels spread each row's vocabulary ranges (8192
+    logits, their log-sum-exps merged in a fixed order) and concept chunks (2048 concepts or
+    variants; in the backward, vocabulary ids or memberships) over the threads: a row's
+    statistics, lse and gradient are the same bits alone, in a batch and under any thread count,
+    and match the reference. Chunks are cut by concept count and by variant count, one concept is
+    longer than a chunk, one id belongs to more concepts than a chunk holds, a range is masked in
+    one row, a concept is all -inf there, one row has logits ~1e4; float16 rows are strided."""
+    from fastprobe.ops.concepts import _concept_mass_backward_op, _concept_mass_op
+
+    num_tokens, vocab = 5, 3 * 8192 + 777  # four ranges, the last one short
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(num_tokens, vocab, generator=generator)
+    logits[1, 8192:16384] = float("-inf")
+    logits[3] *= 3e3
+    logits[torch.rand(logits.shape, generator=generator) < 0.05] = float("-inf")
+    logits[:, -1] = 0.0
+    if dtype == torch.float16:  # (logits ~1e4 stay inside float16's range)
+        logits = logits.t().contiguous().t()
+    logits = logits.to(dtype)
+    lists = [[7] + torch.randint(0, vocab, (3,), generator=generator).tolist() for _ in range(2500)]
+    lists.append(torch.randperm(vocab, generator=generator)[:3000].tolist())
+    lists.append(list(range(8200, 8210)))
+    sizes = torch.randint(1, 9, (1500,), generator=generator).tolist()
+    lists += [torch.randint(0, vocab, (size,), generator=generator).tolist() for size in sizes]
+    concepts = fp.ConceptSet.from_ids(lists)
+    index = concepts._index
+    grad_log_mass = torch.randn(num_tokens, len(concepts), generator=generator)
+    grad_lse = torch.randn(num_tokens, generator=generator, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        with fp.use_backend("cpp"):
+            for count in (1, 2, 5, 8):  # 8: the batch split too
+                torch.set_num_threads(count)
+                for rows in [slice(None)] + [slice(n, n + 1) for n in range(num_tokens)]:
+                    stats = _concept_mass_op(logits[rows], *index, 1 / 0.8)
+                    _, _, top_share, _, top_token, lse = stats
+                    grad = _concept_mass_backward_op(
+                        grad_log_mass[rows], grad_lse[rows], logits[rows], top_share, top_token, lse,
+                        index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts, 1 / 0.8)
+                    runs.append((count, rows, (*stats, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    whole = runs[0][2]
+    for count, rows, outputs in runs:
+        for n in range(num_tokens) if rows.start is None else [rows.start]:
+            at = n if rows.start is None else 0
+            for got, want in zip(outputs, whole):
+                assert torch.equal(got[at], want[n]), (count, rows, n)
+    result = fp.ConceptMass(*whole[:5], whole[5].float())  # (the op keeps lse in float64)
+    assert result.log_mass[1, len(concepts) - 1501] == float("-inf")  # the concept masked in row 1
+    assert_matches(result, expected(logits, concepts, 0.8), rtol=1e-4, atol=1e-4)
+    rtol, atol = GRAD_TOLERANCE[dtype]
+    want = reference_gradient(logits, concepts, 0.8, [grad_log_mass, torch.zeros_like(grad_log_mass), grad_lse])
+    torch.testing.assert_close(whole[6].double(), want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("where", ["masked", "nan", "posinf"])

@@ -108,3 +108,14 @@ def test_autograd_still_reaches_the_forward_only_error():
     out = fp.sink_attention(q.requires_grad_(), k, v).out
     with pytest.raises(RuntimeError, match="forward-only"):
         out.sum().backward()
+
+
+def test_check_finite_lse_names_the_first_bad_row_and_only_a_bad_one():
+    """One sum decides; a non-finite sum is looked at row by row, so finite rows whose sum
+    overflows (float32 lse ~3e38) pass and the first -inf, +inf or NaN row is named."""
+    _common.check_finite_lse(torch.tensor([3e38, 3e38, -1.0]), lambda row: f"row {row}")
+    _common.check_finite_lse(torch.zeros(0, dtype=torch.float64), lambda row: f"row {row}")
+    for bad in (float("-inf"), float("inf"), float("nan")):
+        lse = torch.tensor([[0.5, 2.0, 1.0], [3.0, bad, bad]], dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"^row \(1, 1\) has no finite log-sum-exp"):
+            _common.check_finite_lse(lse, lambda *index: f"row {index}")
