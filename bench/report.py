@@ -16,6 +16,12 @@ def _size(num_bytes):
     return f"{num_bytes / 2**20:,.1f} MiB"
 
 
+def _milliseconds(seconds):
+    """Two decimals, or three significant digits below 1 ms (one-token calls)."""
+    ms = seconds * 1e3
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def rows(data):
     """The table rows of one pytest-benchmark JSON document."""
     machine = data["machine_info"]
@@ -30,7 +36,7 @@ def rows(data):
             device,
             f"{shape}, {info.get('dtype', '').replace('torch.', '')}",
             info.get("impl", bench["name"]),
-            f"{bench['stats']['median'] * 1e3:.2f}",
+            _milliseconds(bench["stats"]["median"]),
             f"{speedup:.2f}x vs {info['baseline']}" if speedup is not None else "-",
             _size(info.get("peak_extra_bytes")),
             f"{bandwidth:.0%}" if bandwidth is not None else "-",
