@@ -451,6 +451,48 @@ inline int clamp_threads(int64_t requested) {
   return int(requested > 1024 ? 1024 : requested);
 }
 
+// A job over N rows in steps, each row's state kept in a slot between them: for every row n,
+// range_step(n, range, slot, ws) for each of `ranges`, row_step(n, slot, ws), part_step(n, part,
+// slot, ws) for each of `parts`, then finish_step(n, slot, ws); ws is the thread's scratch from
+// make_scratch(). With at least as many rows as threads each thread takes whole rows (slot: the
+// thread's number); with fewer (decoding: one row a call) the steps of all rows are spread over
+// the threads, one kind of step after the other (slot: the row). A row runs the same steps
+// either way, so its results are the same bits. Slots: row_slots(N, threads).
+inline bool split_rows(int64_t N, int threads) { return N < threads; }
+inline int64_t row_slots(int64_t N, int threads) { return split_rows(N, threads) ? N : threads; }
+
+template <typename MakeScratch, typename RangeStep, typename RowStep, typename PartStep, typename FinishStep>
+void run_rows(int64_t N, int64_t ranges, int64_t parts, int threads, MakeScratch make_scratch, RangeStep range_step,
+              RowStep row_step, PartStep part_step, FinishStep finish_step) {
+  if (!split_rows(N, threads)) {
+#pragma omp parallel num_threads(threads)
+    {
+      auto ws = make_scratch();
+      const int64_t slot = thread_index();
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t range = 0; range < ranges; ++range) range_step(n, range, slot, ws);
+        row_step(n, slot, ws);
+        for (int64_t part = 0; part < parts; ++part) part_step(n, part, slot, ws);
+        finish_step(n, slot, ws);
+      }
+    }
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    auto ws = make_scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < N * ranges; ++unit) range_step(unit / ranges, unit % ranges, unit / ranges, ws);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) row_step(n, n, ws);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < N * parts; ++unit) part_step(unit / parts, unit % parts, unit / parts, ws);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) finish_step(n, n, ws);
+  }
+}
+
 // The inverse temperature as the float32 the kernels use: finite and > 0 there (a double
 // such as 1e-50 would round to 0 and make every logit 0 * x).
 inline float checked_inv_temperature(double inv_temperature) {

@@ -150,42 +150,6 @@ std::vector<int64_t> chunk_starts(const int64_t* offsets, int64_t count) {
   return starts;
 }
 
-// Per-row state kept between a row's steps lives in `slot_count` slots: a thread's own with
-// whole rows per thread, a row's own when rows are split (fewer rows than threads).
-inline bool split_rows(int64_t N, int threads) { return N < threads; }
-inline int64_t slot_count(int64_t N, int threads) { return split_rows(N, threads) ? N : threads; }
-
-// Runs, for every row n: range_step(n, range, slot, ws) for each vocabulary range, then
-// row_step(n, slot, ws), then chunk_step(n, chunk, slot, ws) for each chunk.
-template <typename MakeScratch, typename RangeStep, typename RowStep, typename ChunkStep>
-void run_rows(int64_t N, int64_t ranges, int64_t chunks, int threads, MakeScratch make_scratch,
-              RangeStep range_step, RowStep row_step, ChunkStep chunk_step) {
-  if (!split_rows(N, threads)) {
-#pragma omp parallel num_threads(threads)
-    {
-      auto ws = make_scratch();
-      const int64_t slot = thread_index();
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t range = 0; range < ranges; ++range) range_step(n, range, slot, ws);
-        row_step(n, slot, ws);
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) chunk_step(n, chunk, slot, ws);
-      }
-    }
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    auto ws = make_scratch();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < N * ranges; ++unit) range_step(unit / ranges, unit % ranges, unit / ranges, ws);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_step(n, n, ws);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < N * chunks; ++unit) chunk_step(unit / chunks, unit % chunks, unit / chunks, ws);
-  }
-}
-
 // ---- Forward. ----------------------------------------------------------------------
 
 struct Forward {
@@ -391,7 +355,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
                   pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<double>(lse_ptr, true, "lse")};
 
   const std::vector<int64_t> chunks = chunk_starts(concepts.offsets, C);
-  const int64_t ranges = range_count(V), slots = slot_count(N, threads);
+  const int64_t ranges = range_count(V), slots = row_slots(N, threads);
   std::vector<LseState> range_parts(static_cast<size_t>(slots * ranges)), row_states(static_cast<size_t>(slots));
   run_rows(
       N, ranges, int64_t(chunks.size()) - 1, threads, [&] { return ForwardScratch(std::max(kChunk, longest)); },
@@ -406,7 +370,8 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
       },
       [&](int64_t n, int64_t chunk, int64_t slot, ForwardScratch& ws) {
         concept_chunk(f, n, chunks[chunk], chunks[chunk + 1], row_states[slot], ws);
-      });
+      },
+      [](int64_t, int64_t, ForwardScratch&) {});
 }
 
 void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
@@ -440,7 +405,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
                    pointer<void>(grad_ptr, true, "grad")};
 
   const std::vector<int64_t> chunks = chunk_starts(tokens.offsets, U);
-  const int64_t slots = slot_count(N, threads);
+  const int64_t slots = row_slots(N, threads);
   std::vector<float> tops = scratch_floats(slots * 2 * C);  // per slot: x_top [C], then log_share [C]
   run_rows(
       N, range_count(V), int64_t(chunks.size()) - 1, threads,
@@ -452,7 +417,8 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
       [&](int64_t n, int64_t chunk, int64_t slot, BackwardScratch& ws) {
         grad_chunk(b, n, chunks[chunk], chunks[chunk + 1], tops.data() + slot * 2 * C,
                    tops.data() + (slot * 2 + 1) * C, ws);
-      });
+      },
+      [](int64_t, int64_t, BackwardScratch&) {});
 }
 
 }  // namespace

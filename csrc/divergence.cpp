@@ -247,53 +247,30 @@ static void write_token(const Problem& p, int64_t n, int64_t ranges, const doubl
   p.lse[p.K * p.N + n] = p.has_target() ? row_lse[p.K] : 0.0;
 }
 
-// Every token on its own thread, its ranges in turn (at least as many tokens as threads).
-static void run_by_token(const Problem& p, int64_t ranges, int threads) {
-  const int64_t slots = kQLogQ + p.K;
-#pragma omp parallel num_threads(threads)
-  {
-    Workspace ws(p.K);
-    std::vector<LseState> lse_parts(size_t(ranges * p.rows()));
-    std::vector<double> sum_parts(size_t(ranges * slots)), row_lse(size_t(p.rows()));
-    std::vector<LogSoftmax> log_softmax(size_t(p.rows()));
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < p.N; ++n) {
-      for (int64_t range = 0; p.lse_in == nullptr && range < ranges; ++range)
-        range_lse(p, n, range, ws, lse_parts.data() + range * p.rows());
-      token_log_softmax(p, n, ranges, lse_parts.data(), row_lse.data(), log_softmax.data());
-      for (int64_t range = 0; !p.lse_only && range < ranges; ++range)
-        range_sums(p, n, range, log_softmax.data(), ws, sum_parts.data() + range * slots);
-      write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data(), row_lse.data());
-    }
-  }
-}
-
-// Every (token, range) on its own: pass 1 of all, the tokens' log-softmax, pass 2 of all, the
-// tokens' sums (fewer tokens than threads).
-static void run_by_range(const Problem& p, int64_t ranges, int threads) {
-  const int64_t slots = kQLogQ + p.K, units = p.N * ranges;
-  std::vector<LseState> lse_parts(size_t(units * p.rows()));
-  std::vector<double> sum_parts(size_t(units * slots)), row_lse(size_t(p.N * p.rows()));
-  std::vector<LogSoftmax> log_softmax(size_t(p.N * p.rows()));
-#pragma omp parallel num_threads(threads)
-  {
-    Workspace ws(p.K);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < units; ++unit)
-      if (p.lse_in == nullptr) range_lse(p, unit / ranges, unit % ranges, ws, lse_parts.data() + unit * p.rows());
-#pragma omp single
-    for (int64_t n = 0; n < p.N; ++n)
-      token_log_softmax(p, n, ranges, lse_parts.data() + n * ranges * p.rows(), row_lse.data() + n * p.rows(),
-                        log_softmax.data() + n * p.rows());
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < units; ++unit)
-      if (!p.lse_only)
-        range_sums(p, unit / ranges, unit % ranges, log_softmax.data() + unit / ranges * p.rows(), ws,
-                   sum_parts.data() + unit * slots);
-  }
-  for (int64_t n = 0; n < p.N; ++n)
-    write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data() + n * ranges * slots,
-                row_lse.data() + n * p.rows());
+// Every token in ranges (run_rows): pass 1 of each range, the token's log-softmax, pass 2 of each
+// range, its statistics written.
+static void run(const Problem& p, int threads) {
+  const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads), rows = p.rows(), sums = kQLogQ + p.K;
+  std::vector<LseState> lse_parts(size_t(slots * ranges * rows));
+  std::vector<double> sum_parts(size_t(slots * ranges * sums)), row_lse(size_t(slots * rows));
+  std::vector<LogSoftmax> log_softmax(size_t(slots * rows));
+  run_rows(
+      p.N, ranges, ranges, threads, [&] { return Workspace(p.K); },
+      [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (p.lse_in == nullptr) range_lse(p, n, range, ws, lse_parts.data() + (slot * ranges + range) * rows);
+      },
+      [&](int64_t n, int64_t slot, Workspace&) {
+        token_log_softmax(p, n, ranges, lse_parts.data() + slot * ranges * rows, row_lse.data() + slot * rows,
+                          log_softmax.data() + slot * rows);
+      },
+      [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (!p.lse_only)
+          range_sums(p, n, range, log_softmax.data() + slot * rows, ws, sum_parts.data() + (slot * ranges + range) * sums);
+      },
+      [&](int64_t n, int64_t slot, Workspace&) {
+        write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data() + slot * ranges * sums,
+                    row_lse.data() + slot * rows);
+      });
 }
 
 void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,
@@ -324,11 +301,7 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
                   pointer<float>(stats_ptr, any, "stats"),
                   pointer<double>(lse_ptr, any, "lse")};
 
-  const int64_t ranges = range_count(V);
-  if (N < threads && ranges > 1)
-    run_by_range(p, ranges, threads);
-  else if (N > 0)
-    run_by_token(p, ranges, threads);
+  if (N > 0) run(p, threads);
 }
 
 }  // namespace
