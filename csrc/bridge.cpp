@@ -37,31 +37,6 @@ namespace py = pybind11;
 namespace fastprobe {
 namespace {
 
-// ---- Storing the gradient: the only code that writes it. ------------------------
-
-// base[first + i] = dtype(in[i]) for i < count, rounded to nearest even.
-using StoreFn = void (*)(const float* in, int64_t count, void* base, int64_t first);
-
-FASTPROBE_SIMD_CLONES static void store_bfloat16(const float* in, int64_t count, void* base,
-                                                 int64_t first) {
-  store_run(in, count, static_cast<bf16*>(base) + first);
-}
-
-FASTPROBE_SIMD_CLONES static void store_float16(const float* in, int64_t count, void* base,
-                                                int64_t first) {
-  store_run(in, count, static_cast<fp16*>(base) + first);
-}
-
-// float32 needs no store: its blocks are formed in the output itself.
-static StoreFn storer_for(DType dtype) {
-  switch (dtype) {
-    case DType::Float32: return nullptr;
-    case DType::BFloat16: return store_bfloat16;
-    case DType::Float16: return store_float16;
-  }
-  throw std::invalid_argument("fastprobe._C: unsupported dtype");
-}
-
 static int64_t element_size(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
 
 // ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------

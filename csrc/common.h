@@ -275,6 +275,29 @@ static inline LoadFn loader_for(DType dtype) {
   throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
 
+// ---- Storing by dtype (gradients): float32 is formed in the output itself, so has none. ----
+
+// base[first + i] = dtype(in[i]) for i < count, rounded to nearest even.
+using StoreFn = void (*)(const float* in, int64_t count, void* base, int64_t first);
+
+FASTPROBE_SIMD_CLONES static void store_bfloat16(const float* in, int64_t count, void* base, int64_t first) {
+  store_run(in, count, static_cast<bf16*>(base) + first);
+}
+
+FASTPROBE_SIMD_CLONES static void store_float16(const float* in, int64_t count, void* base, int64_t first) {
+  store_run(in, count, static_cast<fp16*>(base) + first);
+}
+
+// nullptr for float32.
+static inline StoreFn storer_for(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return nullptr;
+    case DType::BFloat16: return store_bfloat16;
+    case DType::Float16: return store_float16;
+  }
+  throw std::invalid_argument("fastprobe._C: unsupported dtype");
+}
+
 // Elements [first, first + count) of a row (stride in elements) as float32: the input itself
 // when it is float32 with a unit stride, else converted into scratch by `load`.
 inline const float* float_block(LoadFn load, bool float32, const void* base, int64_t first,

@@ -92,8 +92,6 @@ void check_ids(const int64_t* values, int64_t count, int64_t limit, const char* 
 // out[i] = float(base[first + ids[i] * stride]) for i < count.
 using GatherFn = void (*)(const void* base, int64_t first, int64_t stride, const int64_t* ids, int64_t count,
                           float* out);
-// base[first + i] = T(in[i]) for i < count.
-using StoreFn = void (*)(const float* in, int64_t count, void* base, int64_t first);
 // base[first + ids[i]] = T(in[i]) for i < count.
 using ScatterFn = void (*)(const float* in, const int64_t* ids, int64_t count, void* base, int64_t first);
 
@@ -109,13 +107,6 @@ void scatter(const float* in, const int64_t* ids, int64_t count, void* base, int
   for (int64_t i = 0; i < count; ++i) row[ids[i]] = from_float<T>(in[i]);
 }
 
-FASTPROBE_SIMD_CLONES void store_bfloat16(const float* in, int64_t count, void* base, int64_t first) {
-  store_run(in, count, static_cast<bf16*>(base) + first);
-}
-FASTPROBE_SIMD_CLONES void store_float16(const float* in, int64_t count, void* base, int64_t first) {
-  store_run(in, count, static_cast<fp16*>(base) + first);
-}
-
 struct DTypeIo {
   bool float32;  // float32 rows with a unit stride are read in place, float32 grads written in place
   LoadFn load;
@@ -124,11 +115,17 @@ struct DTypeIo {
   ScatterFn scatter;
 };
 
+template <typename T>
+DTypeIo io_of(DType type) {
+  return {std::is_same_v<T, float>, loader_for(type), gather<T>, storer_for(type), scatter<T>};
+}
+
 DTypeIo io_for(const std::string& dtype) {
-  switch (parse_dtype(dtype)) {
-    case DType::Float32: return {true, load_float32, gather<float>, nullptr, scatter<float>};
-    case DType::BFloat16: return {false, load_bfloat16, gather<bf16>, store_bfloat16, scatter<bf16>};
-    case DType::Float16: return {false, load_float16, gather<fp16>, store_float16, scatter<fp16>};
+  const DType type = parse_dtype(dtype);
+  switch (type) {
+    case DType::Float32: return io_of<float>(type);
+    case DType::BFloat16: return io_of<bf16>(type);
+    case DType::Float16: return io_of<fp16>(type);
   }
   throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
