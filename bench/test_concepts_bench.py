@@ -60,6 +60,40 @@ IMPLS = {"fastprobe": fastprobe_call, "eager": eager, "torch.compile": compiled}
 STEP_IMPLS = {f"{name}-step": call for name, call in IMPLS.items()}
 
 
+# Forward and backward of a weighted sum of log_mass (training through an answer's mass): the
+# gradient with respect to the logits. CPU only for now: the GPU sessions' device time is
+# planned to the second (bench/NOTES.md, "The next GPU session").
+def with_weights(logits, concepts):
+    """(logits, concepts, a fixed random weight per row and concept)."""
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(logits.shape[0], len(concepts), generator=generator).to(logits.device)
+    return logits, concepts, weights
+
+
+def fastprobe_grad(logits, concepts, weights):
+    z = logits.detach().requires_grad_()
+    return torch.autograd.grad((weights * fp.concept_mass(z, concepts).log_mass).sum(), z)
+
+
+def eager_grad(logits, concepts, weights):
+    z = logits.detach().requires_grad_()
+    log_mass = reference.concept_mass(z, concepts.token_ids, concepts.offsets)["log_mass"]
+    return torch.autograd.grad((weights * log_mass).sum(), z)
+
+
+_compiled_grad = None
+
+
+def compiled_grad(logits, concepts, weights):
+    global _compiled_grad
+    if _compiled_grad is None:
+        _compiled_grad = torch.compile(eager_grad, dynamic=False)
+    return _compiled_grad(logits, concepts, weights)
+
+
+GRAD_IMPLS = {"fastprobe-grad": fastprobe_grad, "eager-grad": eager_grad, "torch.compile-grad": compiled_grad}
+
+
 def run_case(benchmark, request, device, impl, call, case, op, baseline):
     logits, concepts = make_inputs(device, **case)
     benchmark.group = f"{op}-{device}"
@@ -80,6 +114,22 @@ def test_concept_mass(benchmark, device, impl, request):
     run_case(benchmark, request, device, impl, IMPLS[impl], CASES[device], "concept_mass", "eager")
 
 
+@pytest.mark.parametrize("impl", list(GRAD_IMPLS))
+@pytest.mark.parametrize("device", ["cpu"])
+def test_concept_mass_forward_backward(benchmark, device, impl, request):
+    case = CASES[device]
+    inputs = with_weights(*make_inputs(device, **case))
+    benchmark.group = f"concept_mass_forward_backward-{device}"
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline="eager-grad",
+        shape=dict(N=case["num_tokens"], V=case["vocab"], C=case["num_concepts"], variants=case["variants"]),
+        dtype=str(case["dtype"]),
+        input_bytes=inputs[0].nbytes,
+    )
+    _memory.measure(benchmark, request, device, impl, GRAD_IMPLS[impl], inputs, __file__)
+
+
 @pytest.mark.parametrize("impl", list(STEP_IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_concept_mass_step(benchmark, device, impl, request):
@@ -88,8 +138,10 @@ def test_concept_mass_step(benchmark, device, impl, request):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
     name = sys.argv[2]
-    step = name.endswith("-step")
-    impl = (STEP_IMPLS if step else IMPLS)[name]
+    step, grad = name.endswith("-step"), name.endswith("-grad")
+    impl = {**IMPLS, **STEP_IMPLS, **GRAD_IMPLS}[name]
     small = make_inputs("cpu", 2, 64, 4, 2, torch.float32)
     full = make_inputs("cpu", **(STEP_CASES if step else CASES)["cpu"])
+    if grad:
+        small, full = with_weights(*small), with_weights(*full)
     _memory.print_peak_of(name, impl, small, full)
