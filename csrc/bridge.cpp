@@ -12,12 +12,14 @@
 // the log's denominator masks (Q_v > 0 = P_v forward, P_v > 0 = Q_v reverse) makes the loss
 // +inf. A row whose labels[n] == ignore_index has loss 0 and gradient 0.
 //
-// Rows are spread over OpenMP threads. Each row is streamed over the vocabulary in blocks of
-// kBlock: pass 1 folds s and t into online log-sum-exps, pass 2 sums the loss (and forward
-// writes the gradient), pass 3 (reverse, with a gradient) writes the gradient, which needs the
-// row's loss. Contiguous float32 rows are read in place, other rows' blocks converted to
-// float32 (unscaled) into per-thread buffers; the gradient is formed in float32 and stored in
-// the logits' dtype (round to nearest even).
+// Each row is streamed over its vocabulary in ranges of kRange logits, blocks of kBlock within:
+// pass 1 folds s and t into online log-sum-exps (fresh per range, merged in range order), pass 2
+// sums the loss (and forward writes the gradient), pass 3 (reverse, with a gradient) writes the
+// gradient, which needs the row's loss. Whole rows go to OpenMP threads, or with fewer rows than
+// threads each pass's ranges (run_rows); a row's results are the same bits either way.
+// Contiguous float32 rows are read in place, other rows' blocks converted to float32 (unscaled)
+// into per-thread buffers; the gradient is formed in float32 and stored in the logits' dtype
+// (round to nearest even).
 //
 // Precision: log-probabilities are (x - max) / T - log(sum) with max the row's largest raw
 // value, so x - max is exact near the max and logits ~1e4 keep float32 precision. The bridge's
@@ -25,7 +27,7 @@
 // logits of its first block, else 0):  c_v = (z_T,v - r_T) + beta (z_S,v - r_S)
 // = z_T,v + beta z_S,v - const, the constant dropping out of Q. Both differences are exact for
 // logits near the reference, so rounding z_T + beta z_S at magnitude 1e4 (and beta to float)
-// never reaches Q. Block sums are float32, per-row accumulators double.
+// never reaches Q. Block sums are float32, range and row accumulators double.
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -153,8 +155,8 @@ struct Problem {
   void store_grad(int64_t n, int64_t v0, int64_t count, const float* block) const {
     if (grad != nullptr && store != nullptr) store(block, count, grad, n * V + v0);
   }
-  void zero_grad(int64_t n) const {  // +0 is all zero bits in every dtype
-    std::memset(static_cast<char*>(grad) + n * V * grad_bytes, 0, size_t(V * grad_bytes));
+  void zero_grad(int64_t n, int64_t v0, int64_t v1) const {  // [v0, v1); +0 is all zero bits in every dtype
+    std::memset(static_cast<char*>(grad) + (n * V + v0) * grad_bytes, 0, size_t((v1 - v0) * grad_bytes));
   }
 };
 
@@ -166,10 +168,12 @@ struct Workspace {
   std::vector<float> grad;  // [kBlock] gradient of the current block (not float32)
 };
 
-// What pass 1 finds of a row: the bridge's reference point and both log-softmaxes.
+// What a row keeps between its stages: the bridge's reference point, both log-softmaxes and
+// the loss (the reverse gradient's).
 struct RowSoftmax {
   Bridge bridge;
   LogSoftmax log_p, log_q;
+  float loss;
 };
 
 // Block [v0, v0 + count) of row n: returns its student logits, the bridge c into ws.c.
@@ -180,72 +184,99 @@ static const float* load_block(const Problem& p, int64_t n, int64_t v0, int64_t 
   return s;
 }
 
-// Pass 1: online log-sum-exp of s and of the bridge, whose reference point comes from the
-// first block.
-static RowSoftmax row_softmax(const Problem& p, int64_t n, Workspace& ws) {
-  Bridge bridge{p.beta, 0.0f, 0.0f};
-  LseState lse_s, lse_t;
-  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
-    const int64_t count = block_size(p.V, v0);
-    const float* s = p.student_block(n, v0, count, ws.s.data());
-    const float* t = p.teacher_block(n, v0, count, ws.c.data());
-    if (v0 == 0) bridge = {p.beta, reference_point(s, count), reference_point(t, count)};
-    bridge_block(s, t, bridge, count, ws.c.data());
-    lse_block(lse_s, s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
-    lse_block(lse_t, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
-  }
-  return {bridge, LogSoftmax::from_state(lse_s, p.inv_temperature),
-          LogSoftmax::from_state(lse_t, p.inv_temperature)};
+// The blocks of vocabulary range `range`: f(v0, count) for each.
+template <typename F>
+static void for_blocks(int64_t V, int64_t range, F&& f) {
+  for (int64_t v0 = range * kRange; v0 < std::min(V, (range + 1) * kRange); v0 += kBlock) f(v0, block_size(V, v0));
 }
 
-// Pass 2, forward: KL(Q || P), writing the gradient block by block.
-static double forward_pass(const Problem& p, int64_t n, const RowSoftmax& r, Workspace& ws) {
+// The row's reference point: the largest finite logits of its first block.
+static Bridge row_bridge(const Problem& p, int64_t n, Workspace& ws) {
+  const int64_t count = block_size(p.V, 0);
+  return {p.beta, reference_point(p.student_block(n, 0, count, ws.s.data()), count),
+          reference_point(p.teacher_block(n, 0, count, ws.c.data()), count)};
+}
+
+// Pass 1 over a range: fresh online log-sum-exps of s and of the bridge, into lse[0], lse[1].
+static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, Workspace& ws, LseState* lse) {
+  lse[0] = lse[1] = LseState{};
+  for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
+    const float* s = load_block(p, n, v0, count, bridge, ws);
+    lse_block(lse[0], s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
+    lse_block(lse[1], ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
+  });
+}
+
+// Pass 2 over a range: its share of the loss; forward writes its gradient too.
+static double range_loss(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
   double kl = 0.0;
-  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
-    const int64_t count = block_size(p.V, v0);
+  for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
+    if (p.reverse) {
+      kl += reverse_block(s, ws.c.data(), r.log_p, r.log_q, count);  // KL(P || Q)
+      return;
+    }
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    kl += forward_block(s, ws.c.data(), r.log_p, r.log_q, count, grad);
+    kl += forward_block(s, ws.c.data(), r.log_p, r.log_q, count, grad);  // KL(Q || P)
     p.store_grad(n, v0, count, grad);
-  }
+  });
   return kl;
 }
 
-// Pass 2, reverse: KL(P || Q).
-static double reverse_pass(const Problem& p, int64_t n, const RowSoftmax& r, Workspace& ws) {
-  double kl = 0.0;
-  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
-    const int64_t count = block_size(p.V, v0);
-    const float* s = load_block(p, n, v0, count, r.bridge, ws);
-    kl += reverse_block(s, ws.c.data(), r.log_p, r.log_q, count);
-  }
-  return kl;
-}
-
-// Pass 3, reverse: the gradient, from the row's loss.
-static void reverse_grad_pass(const Problem& p, int64_t n, const RowSoftmax& r, float loss,
-                              Workspace& ws) {
-  for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
-    const int64_t count = block_size(p.V, v0);
+// Pass 3 over a range, reverse: its gradient, from the row's loss.
+static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
+  for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    reverse_grad_block(s, ws.c.data(), r.log_p, r.log_q, loss, count, grad);
+    reverse_grad_block(s, ws.c.data(), r.log_p, r.log_q, r.loss, count, grad);
     p.store_grad(n, v0, count, grad);
-  }
+  });
 }
 
-// Row n: its loss, and its gradient when one is wanted.
-static void row_bridge(const Problem& p, int64_t n, Workspace& ws) {
-  if (p.ignored(n)) {
-    p.loss[n] = 0.0f;
-    if (p.grad != nullptr) p.zero_grad(n);
-    return;
-  }
-  const RowSoftmax r = row_softmax(p, n, ws);
-  const double kl = p.reverse ? reverse_pass(p, n, r, ws) : forward_pass(p, n, r, ws);
-  if (p.reverse && p.grad != nullptr) reverse_grad_pass(p, n, r, float(kl), ws);
-  // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.
-  p.loss[n] = float(std::max(kl, 0.0));
+// Every row in ranges (run_rows): its reference point, pass 1 of each range, its log-softmaxes,
+// pass 2 of each range, its loss, then (reverse, with a gradient) pass 3 of each range. An
+// ignored row reads nothing: loss 0, gradient 0.
+static void run(const Problem& p, int threads) {
+  const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads);
+  std::vector<RowSoftmax> rows(size_t(slots), RowSoftmax{});
+  std::vector<LseState> lse_parts(size_t(slots * ranges * 2));
+  std::vector<double> loss_parts(size_t(slots * ranges));
+  const bool reverse_grad = p.reverse && p.grad != nullptr;
+  run_rows(
+      p.N, threads, [] { return Workspace(); },
+      each_row([&](int64_t n, int64_t slot, Workspace& ws) {
+        if (!p.ignored(n)) rows[slot].bridge = row_bridge(p, n, ws);
+      }),
+      each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (!p.ignored(n)) range_lse(p, n, range, rows[slot].bridge, ws, &lse_parts[(slot * ranges + range) * 2]);
+      }),
+      each_row([&](int64_t n, int64_t slot, Workspace&) {  // the ranges merged in order
+        if (p.ignored(n)) return;
+        LseState lse_s = lse_parts[slot * ranges * 2], lse_t = lse_parts[slot * ranges * 2 + 1];
+        for (int64_t range = 1; range < ranges; ++range) {
+          merge_lse(lse_s, lse_parts[(slot * ranges + range) * 2], p.inv_temperature);
+          merge_lse(lse_t, lse_parts[(slot * ranges + range) * 2 + 1], p.inv_temperature);
+        }
+        rows[slot].log_p = LogSoftmax::from_state(lse_s, p.inv_temperature);
+        rows[slot].log_q = LogSoftmax::from_state(lse_t, p.inv_temperature);
+      }),
+      each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (p.ignored(n)) {
+          if (p.grad != nullptr) p.zero_grad(n, range * kRange, std::min(p.V, (range + 1) * kRange));
+          return;
+        }
+        loss_parts[slot * ranges + range] = range_loss(p, n, range, rows[slot], ws);
+      }),
+      each_row([&](int64_t n, int64_t slot, Workspace&) {
+        double kl = 0.0;
+        for (int64_t range = 0; range < ranges && !p.ignored(n); ++range) kl += loss_parts[slot * ranges + range];
+        rows[slot].loss = float(kl);
+        // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.
+        p.loss[n] = float(std::max(kl, 0.0));
+      }),
+      each_part(reverse_grad ? ranges : 0, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (!p.ignored(n)) range_reverse_grad(p, n, range, rows[slot], ws);  // (ignored: zeroed above)
+      }));
 }
 
 void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teacher_ptr,
@@ -255,7 +286,7 @@ void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teac
                  bool compute_grad, int64_t num_threads) {
   check_size(N, 0, "N");
   check_size(V, 1, "V");
-  [[maybe_unused]] const int threads = clamp_threads(num_threads);  // unused without OpenMP
+  const int threads = clamp_threads(num_threads);
   const float beta_f = float(beta);
   if (!std::isfinite(beta_f))
     throw std::invalid_argument("fastprobe._C: beta must be finite in float32");
@@ -277,12 +308,7 @@ void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teac
                   compute_grad ? pointer<void>(grad_ptr, any, "grad") : nullptr,
                   element_size(type)};
 
-#pragma omp parallel num_threads(threads)
-  {
-    Workspace ws;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_bridge(p, n, ws);
-  }
+  if (N > 0) run(p, threads);
 }
 
 }  // namespace

@@ -474,45 +474,71 @@ inline int clamp_threads(int64_t requested) {
   return int(requested > 1024 ? 1024 : requested);
 }
 
-// A job over N rows in steps, each row's state kept in a slot between them: for every row n,
-// range_step(n, range, slot, ws) for each of `ranges`, row_step(n, slot, ws), part_step(n, part,
-// slot, ws) for each of `parts`, then finish_step(n, slot, ws); ws is the thread's scratch from
-// make_scratch(). With at least as many rows as threads each thread takes whole rows (slot: the
-// thread's number); with fewer (decoding: one row a call) the steps of all rows are spread over
-// the threads, one kind of step after the other (slot: the row). A row runs the same steps
-// either way, so its results are the same bits. Slots: row_slots(N, threads).
+// A job over N rows in stages, each row's state kept in a slot between them. A stage is
+// each_part(count, step), step(n, part, slot, ws) for every part in [0, count) (a row's vocabulary
+// ranges, its concept chunks), or each_row(step), step(n, slot, ws) once (merging the parts); ws is
+// the thread's scratch from make_scratch(). With at least as many rows as threads each thread takes
+// whole rows, every stage of a row in turn (slot: the thread's number); with fewer (decoding: one row
+// a call) each stage runs for all rows, its (row, part) steps spread over the threads, before the
+// next begins (slot: the row). A row runs the same steps on the same data either way, so its results
+// are the same bits. Slots: row_slots(N, threads).
 inline bool split_rows(int64_t N, int threads) { return N < threads; }
 inline int64_t row_slots(int64_t N, int threads) { return split_rows(N, threads) ? N : threads; }
 
-template <typename MakeScratch, typename RangeStep, typename RowStep, typename PartStep, typename FinishStep>
-void run_rows(int64_t N, int64_t ranges, int64_t parts, int threads, MakeScratch make_scratch, RangeStep range_step,
-              RowStep row_step, PartStep part_step, FinishStep finish_step) {
+template <typename Step>
+struct EachPart {
+  int64_t count;
+  Step step;
+};
+template <typename Step>
+struct EachRow {
+  Step step;
+};
+template <typename Step>
+EachPart<Step> each_part(int64_t count, Step step) { return {count, step}; }
+template <typename Step>
+EachRow<Step> each_row(Step step) { return {step}; }
+
+// One stage of row n, whole rows per thread.
+template <typename Step, typename Scratch>
+void run_stage(const EachPart<Step>& stage, int64_t n, int64_t slot, Scratch& ws) {
+  for (int64_t part = 0; part < stage.count; ++part) stage.step(n, part, slot, ws);
+}
+template <typename Step, typename Scratch>
+void run_stage(const EachRow<Step>& stage, int64_t n, int64_t slot, Scratch& ws) {
+  stage.step(n, slot, ws);
+}
+
+// One stage of all N rows spread over the threads of the enclosing parallel region (every thread
+// calls it; the loop's implicit barrier ends the stage).
+template <typename Step, typename Scratch>
+void run_stage_spread(const EachPart<Step>& stage, int64_t N, Scratch& ws) {
+  const int64_t count = stage.count;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t unit = 0; unit < N * count; ++unit) stage.step(unit / count, unit % count, unit / count, ws);
+}
+template <typename Step, typename Scratch>
+void run_stage_spread(const EachRow<Step>& stage, int64_t N, Scratch& ws) {
+#pragma omp for schedule(static)
+  for (int64_t n = 0; n < N; ++n) stage.step(n, n, ws);
+}
+
+template <typename MakeScratch, typename... Stages>
+void run_rows(int64_t N, int threads, MakeScratch make_scratch, const Stages&... stages) {
   if (!split_rows(N, threads)) {
 #pragma omp parallel num_threads(threads)
     {
       auto ws = make_scratch();
       const int64_t slot = thread_index();
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t range = 0; range < ranges; ++range) range_step(n, range, slot, ws);
-        row_step(n, slot, ws);
-        for (int64_t part = 0; part < parts; ++part) part_step(n, part, slot, ws);
-        finish_step(n, slot, ws);
-      }
+      for (int64_t n = 0; n < N; ++n) (run_stage(stages, n, slot, ws), ...);
     }
     return;
   }
 #pragma omp parallel num_threads(threads)
   {
     auto ws = make_scratch();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < N * ranges; ++unit) range_step(unit / ranges, unit % ranges, unit / ranges, ws);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_step(n, n, ws);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < N * parts; ++unit) part_step(unit / parts, unit % parts, unit / parts, ws);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) finish_step(n, n, ws);
+    (run_stage_spread(stages, N, ws), ...);
   }
 }
 

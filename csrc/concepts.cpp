@@ -320,10 +320,12 @@ FASTPROBE_SIMD_CLONES void grad_chunk(const Backward& b, int64_t n, int64_t u0, 
   const float coef = b.coef[n];
 #pragma omp simd
   for (int64_t u = 0; u < count; ++u) x[u] = coef * fast_exp(log_prob(log_p, x[u]));  // coef p_v
+  // an id's sum in double: an id in thousands of concepts (a common first token) adds thousands of
+  // terms of either sign, whose float32 sum would lose ~1e-4 of their size
   for (int64_t u = 0; u < count; ++u) {
-    float total = x[u];
+    double total = x[u];
     for (int64_t j = ts.offsets[u0 + u] - j0; j < ts.offsets[u0 + u + 1] - j0; ++j) total += arg[j];
-    x[u] = total * inv_t;
+    x[u] = float(total * inv_t);
   }
   b.io.scatter(x, ts.ids + u0, count, b.grad, n * b.V);
 }
@@ -355,20 +357,20 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   const int64_t ranges = range_count(V), slots = row_slots(N, threads);
   std::vector<LseState> range_parts(static_cast<size_t>(slots * ranges)), row_states(static_cast<size_t>(slots));
   run_rows(
-      N, ranges, int64_t(chunks.size()) - 1, threads, [&] { return ForwardScratch(std::max(kChunk, longest)); },
-      [&](int64_t n, int64_t range, int64_t slot, ForwardScratch& ws) {
-        range_parts[slot * ranges + range] = range_lse(f, n, range, ws.block.data());
-      },
-      [&](int64_t n, int64_t slot, ForwardScratch&) {  // the ranges merged in order
+      N, threads, [&] { return ForwardScratch(std::max(kChunk, longest)); },
+      each_part(ranges,
+                [&](int64_t n, int64_t range, int64_t slot, ForwardScratch& ws) {
+                  range_parts[slot * ranges + range] = range_lse(f, n, range, ws.block.data());
+                }),
+      each_row([&](int64_t n, int64_t slot, ForwardScratch&) {  // the ranges merged in order
         LseState state = range_parts[slot * ranges];
         for (int64_t range = 1; range < ranges; ++range) merge_lse(state, range_parts[slot * ranges + range], inv_t);
         row_states[slot] = state;
         f.lse[n] = state.value(inv_t);
-      },
-      [&](int64_t n, int64_t chunk, int64_t slot, ForwardScratch& ws) {
+      }),
+      each_part(int64_t(chunks.size()) - 1, [&](int64_t n, int64_t chunk, int64_t slot, ForwardScratch& ws) {
         concept_chunk(f, n, chunks[chunk], chunks[chunk + 1], row_states[slot], ws);
-      },
-      [](int64_t, int64_t, ForwardScratch&) {});
+      }));
 }
 
 void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
@@ -405,17 +407,15 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   const int64_t slots = row_slots(N, threads);
   std::vector<float> tops = scratch_floats(slots * 2 * C);  // per slot: x_top [C], then log_share [C]
   run_rows(
-      N, range_count(V), int64_t(chunks.size()) - 1, threads,
-      [&] { return BackwardScratch(std::max(kChunk, longest)); },
-      [&](int64_t n, int64_t range, int64_t, BackwardScratch& ws) { grad_range(b, n, range, ws); },
-      [&](int64_t n, int64_t slot, BackwardScratch&) {
+      N, threads, [&] { return BackwardScratch(std::max(kChunk, longest)); },
+      each_part(range_count(V), [&](int64_t n, int64_t range, int64_t, BackwardScratch& ws) { grad_range(b, n, range, ws); }),
+      each_row([&](int64_t n, int64_t slot, BackwardScratch&) {
         concept_tops(b, n, tops.data() + slot * 2 * C, tops.data() + (slot * 2 + 1) * C);
-      },
-      [&](int64_t n, int64_t chunk, int64_t slot, BackwardScratch& ws) {
+      }),
+      each_part(int64_t(chunks.size()) - 1, [&](int64_t n, int64_t chunk, int64_t slot, BackwardScratch& ws) {
         grad_chunk(b, n, chunks[chunk], chunks[chunk + 1], tops.data() + slot * 2 * C,
                    tops.data() + (slot * 2 + 1) * C, ws);
-      },
-      [](int64_t, int64_t, BackwardScratch&) {});
+      }));
 }
 
 }  // namespace

@@ -255,22 +255,24 @@ static void run(const Problem& p, int threads) {
   std::vector<double> sum_parts(size_t(slots * ranges * sums)), row_lse(size_t(slots * rows));
   std::vector<LogSoftmax> log_softmax(size_t(slots * rows));
   run_rows(
-      p.N, ranges, ranges, threads, [&] { return Workspace(p.K); },
-      [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (p.lse_in == nullptr) range_lse(p, n, range, ws, lse_parts.data() + (slot * ranges + range) * rows);
-      },
-      [&](int64_t n, int64_t slot, Workspace&) {
+      p.N, threads, [&] { return Workspace(p.K); },
+      each_part(p.lse_in == nullptr ? ranges : 0,
+                [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+                  range_lse(p, n, range, ws, lse_parts.data() + (slot * ranges + range) * rows);
+                }),
+      each_row([&](int64_t n, int64_t slot, Workspace&) {
         token_log_softmax(p, n, ranges, lse_parts.data() + slot * ranges * rows, row_lse.data() + slot * rows,
                           log_softmax.data() + slot * rows);
-      },
-      [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.lse_only)
-          range_sums(p, n, range, log_softmax.data() + slot * rows, ws, sum_parts.data() + (slot * ranges + range) * sums);
-      },
-      [&](int64_t n, int64_t slot, Workspace&) {
+      }),
+      each_part(p.lse_only ? 0 : ranges,
+                [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+                  range_sums(p, n, range, log_softmax.data() + slot * rows, ws,
+                             sum_parts.data() + (slot * ranges + range) * sums);
+                }),
+      each_row([&](int64_t n, int64_t slot, Workspace&) {
         write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data() + slot * ranges * sums,
                     row_lse.data() + slot * rows);
-      });
+      }));
 }
 
 void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,

@@ -305,6 +305,54 @@ def test_per_row_incoming_gradients(target, dtype, monkeypatch):
     torch.testing.assert_close(z.grad.cpu().double(), want, **grad_tolerance(dtype, want, student))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_few_rows_split_the_work_and_keep_their_bits(dtype, direction):
+    """With fewer rows than threads the C++ kernel spreads each row's vocabulary ranges (8192
+    logits, their log-sum-exps and loss shares merged in a fixed order) over the threads: a row's
+    loss and gradient are the same bits alone, in a batch and under any thread count, and match
+    the reference. Four ranges, the last short; one row is ignored (zero gradient in every range),
+    one has a range masked in both models, one has logits ~1e4; float16 rows are strided."""
+    from fastprobe.ops.bridge import _bridge_loss_op
+
+    num_rows, vocab = 5, 3 * 8192 + 777
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = (3 * torch.randn(num_rows, vocab, generator=generator) for _ in range(2))
+    student[1, 8192:16384] = teacher[1, 8192:16384] = float("-inf")
+    student[3] *= 3e3
+    teacher[3] = student[3] + torch.randn(vocab, generator=generator)
+    masked = torch.rand(student.shape, generator=generator) < 0.05
+    student[masked] = teacher[masked] = float("-inf")
+    if dtype == torch.float16:  # (logits ~1e4 stay inside float16's range)
+        student = student.t().contiguous().t()
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    labels = torch.tensor([0, 1, -100, 3, 4])
+    reverse = direction == "reverse"
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        with fp.use_backend("cpp"):
+            for count in (1, 2, 5, 8):  # 8: the batch split too
+                torch.set_num_threads(count)
+                for rows in [slice(None)] + [slice(n, n + 1) for n in range(num_rows)]:
+                    loss, grad = _bridge_loss_op(student[rows], teacher[rows], labels[rows], -100, 0.37, 1 / 0.8,
+                                                 reverse, True)
+                    runs.append((count, rows, (loss, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    whole = runs[0][2]
+    for count, rows, outputs in runs:
+        for n in range(num_rows) if rows.start is None else [rows.start]:
+            at = n if rows.start is None else 0
+            for got, want in zip(outputs, whole):
+                assert torch.equal(got[at], want[n]), (count, rows, n)
+    assert whole[0][2] == 0 and torch.equal(whole[1][2], torch.zeros(vocab, dtype=dtype))
+    kwargs = dict(beta=0.37, temperature=0.8, direction=direction, labels=labels, reduction="none")
+    want_loss, want_grad = expected(student, teacher, **kwargs)
+    torch.testing.assert_close(whole[0].double(), want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole[1].double(), want_grad, **grad_tolerance(dtype, want_grad, student, 0.8))
+
+
 def test_zero_rows_have_an_empty_gradient():
     student = torch.randn(0, 9, requires_grad=True)
     loss = fp.bridge_loss(student, torch.randn(0, 9), beta=0.5)

@@ -233,7 +233,7 @@ def _concept_mass_case(target, data):
 
 def _bridge_loss_case(target, data):
     _, device = target
-    num_rows, vocab, dtype = draw_rows_vocab_dtype(target, data, 1, 7, 900)
+    num_rows, vocab, dtype = draw_rows_vocab_dtype(target, data, 1, 7, 900, long_vocab=20000)
     # one vocabulary mask shared by student and teacher (padded vocabulary entries)
     student, _ = draw_logits(data, (num_rows, vocab), torch.float64, "student")
     teacher = torch.randn(num_rows, vocab, dtype=torch.float64) * data.draw(st.sampled_from([1.0, 8.0]), label="teacher scale")
