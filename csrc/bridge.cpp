@@ -187,7 +187,7 @@ static const float* load_block(const Problem& p, int64_t n, int64_t v0, int64_t 
 // The blocks of vocabulary range `range`: f(v0, count) for each.
 template <typename F>
 static void for_blocks(int64_t V, int64_t range, F&& f) {
-  for (int64_t v0 = range * kRange; v0 < std::min(V, (range + 1) * kRange); v0 += kBlock) f(v0, block_size(V, v0));
+  for (int64_t v0 = range * kRange; v0 < range_end(V, range); v0 += kBlock) f(v0, block_size(V, v0));
 }
 
 // The row's reference point: the largest finite logits of its first block.
@@ -262,7 +262,7 @@ static void run(const Problem& p, int threads) {
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) {
-          if (p.grad != nullptr) p.zero_grad(n, range * kRange, std::min(p.V, (range + 1) * kRange));
+          if (p.grad != nullptr) p.zero_grad(n, range * kRange, range_end(p.V, range));
           return;
         }
         loss_parts[slot * ranges + range] = range_loss(p, n, range, rows[slot], ws);

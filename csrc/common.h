@@ -412,6 +412,8 @@ constexpr int64_t kRangeBlocks = 4;  // 8192 logits
 constexpr int64_t kRange = kRangeBlocks * kBlock;
 
 inline int64_t range_count(int64_t V) { return (V + kRange - 1) / kRange; }
+// Range `range` of a row is [range * kRange, range_end(V, range)).
+inline int64_t range_end(int64_t V, int64_t range) { return std::min(V, (range + 1) * kRange); }
 
 // Merges the online log-sum-exp `part` (a later range) into `state`; a NaN in either stays.
 inline void merge_lse(LseState& state, const LseState& part, float scale) {

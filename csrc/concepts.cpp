@@ -176,7 +176,7 @@ struct ForwardScratch {
 // raw logit (so x - max stays exact), sum = sum_v exp((x_v - max) / T).
 LseState range_lse(const Forward& f, int64_t n, int64_t range, float* block) {
   LseState state;
-  for (int64_t v0 = range * kRange; v0 < std::min(f.V, (range + 1) * kRange); v0 += kBlock) {
+  for (int64_t v0 = range * kRange; v0 < range_end(f.V, range); v0 += kBlock) {
     const int64_t count = block_size(f.V, v0);
     lse_block(state,
               float_block(f.io.load, f.io.float32, f.logits, n * f.stride_n + v0 * f.stride_v, f.stride_v, count, block),
@@ -275,7 +275,7 @@ FASTPROBE_SIMD_CLONES void grad_range(const Backward& b, int64_t n, int64_t rang
   // magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4)
   const LogSoftmax log_p = LogSoftmax::from_lse(b.lse[n], b.inv_temperature);
   const float scale = b.coef[n] * b.inv_temperature;
-  for (int64_t v0 = range * kRange; v0 < std::min(b.V, (range + 1) * kRange); v0 += kBlock) {
+  for (int64_t v0 = range * kRange; v0 < range_end(b.V, range); v0 += kBlock) {
     const int64_t count = block_size(b.V, v0);
     const float* x = float_block(b.io.load, b.io.float32, b.logits, n * b.stride_n + v0 * b.stride_v, b.stride_v,
                                  count, ws.block.data());
