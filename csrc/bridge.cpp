@@ -197,14 +197,17 @@ static Bridge row_bridge(const Problem& p, int64_t n, Workspace& ws) {
           reference_point(p.teacher_block(n, 0, count, ws.c.data()), count)};
 }
 
-// Pass 1 over a range: fresh online log-sum-exps of s and of the bridge, into lse[0], lse[1].
+// Pass 1 over a range: fresh online log-sum-exps of s and of the bridge, into lse[0], lse[1]
+// (folded in locals: the slots of other threads' rows may share lse's cache line).
 static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, Workspace& ws, LseState* lse) {
-  lse[0] = lse[1] = LseState{};
+  LseState lse_s, lse_c;
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, bridge, ws);
-    lse_block(lse[0], s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
-    lse_block(lse[1], ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
+    lse_block(lse_s, s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
+    lse_block(lse_c, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
   });
+  lse[0] = lse_s;
+  lse[1] = lse_c;
 }
 
 // Pass 2 over a range: its share of the loss; forward writes its gradient too.
