@@ -308,10 +308,10 @@ def test_per_row_incoming_gradients(target, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_few_rows_split_the_work_and_keep_their_bits(dtype, direction):
-    """With fewer rows than threads the C++ kernel spreads each row's vocabulary ranges (8192
-    logits, their log-sum-exps and loss shares merged in a fixed order) over the threads: a row's
-    loss and gradient are the same bits alone, in a batch and under any thread count, and match
-    the reference. Four ranges, the last short; one row is ignored (zero gradient in every range),
+    """With fewer rows than threads (or fewer than twice as many, not a multiple of them) the C++
+    kernel spreads each row's vocabulary ranges (8192 logits, their log-sum-exps and loss shares
+    merged in a fixed order) over the threads: a row's loss and gradient are the same bits alone,
+    in a batch and under any thread count, and match the reference. Four ranges, the last short; one row is ignored (zero gradient in every range),
     one has a range masked in both models, one has logits ~1e4; float16 rows are strided."""
     from fastprobe.ops.bridge import _bridge_loss_op
 
@@ -332,7 +332,7 @@ def test_few_rows_split_the_work_and_keep_their_bits(dtype, direction):
     runs = []
     try:
         with fp.use_backend("cpp"):
-            for count in (1, 2, 5, 8):  # 8: the batch split too
+            for count in (1, 2, 3, 5, 8):  # 3 and 8: the batch split too (5 rows on 3 threads, 8 threads)
                 torch.set_num_threads(count)
                 for rows in [slice(None)] + [slice(n, n + 1) for n in range(num_rows)]:
                     loss, grad = _bridge_loss_op(student[rows], teacher[rows], labels[rows], -100, 0.37, 1 / 0.8,

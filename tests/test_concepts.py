@@ -498,11 +498,11 @@ def test_cpp_kernel_checks_ids_itself():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_few_rows_split_the_work_and_keep_their_bits(dtype):
-    """With fewer rows than threads the C++ kernels spread each row's vocabulary ranges (8192
-    logits, their log-sum-exps merged in a fixed order) and concept chunks (2048 concepts or
-    variants; in the backward, vocabulary ids or memberships) over the threads: a row's
-    statistics, lse and gradient are the same bits alone, in a batch and under any thread count,
-    and match the reference. Chunks are cut by concept count and by variant count, one concept is
+    """With fewer rows than threads (or fewer than twice as many, not a multiple of them) the C++
+    kernels spread each row's vocabulary ranges (8192 logits, their log-sum-exps merged in a fixed
+    order) and concept chunks (2048 concepts or variants; in the backward, vocabulary ids or
+    memberships) over the threads: a row's statistics, lse and gradient are the same bits alone,
+    in a batch and under any thread count, and match the reference. Chunks are cut by concept count and by variant count, one concept is
     longer than a chunk, one id belongs to more concepts than a chunk holds, a range is masked in
     one row, a concept is all -inf there, one row has logits ~1e4; float16 rows are strided."""
     from fastprobe.ops.concepts import _concept_mass_backward_op, _concept_mass_op
@@ -530,7 +530,7 @@ def test_few_rows_split_the_work_and_keep_their_bits(dtype):
     runs = []
     try:
         with fp.use_backend("cpp"):
-            for count in (1, 2, 5, 8):  # 8: the batch split too
+            for count in (1, 2, 3, 5, 8):  # 3 and 8: the batch split too (5 rows on 3 threads, 8 threads)
                 torch.set_num_threads(count)
                 for rows in [slice(None)] + [slice(n, n + 1) for n in range(num_tokens)]:
                     stats = _concept_mass_op(logits[rows], *index, 1 / 0.8)

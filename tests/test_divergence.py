@@ -312,10 +312,11 @@ def test_shard_shares_extreme_logits(target, dtype, temperature):
 
 
 def test_few_tokens_split_the_vocabulary_and_keep_their_bits():
-    """With fewer tokens than threads the C++ kernel spreads each token's vocabulary over the
-    threads (ranges of 8192 logits, merged in a fixed order): a token's statistics and lse are
-    the same bits alone, in a batch and under any thread count, unsharded and in both sharded
-    modes, and match the reference, with masked ranges, masked rows and extreme logits."""
+    """With fewer tokens than threads (or fewer than twice as many, not a multiple of them) the C++
+    kernel spreads each token's vocabulary over the threads (ranges of 8192 logits, merged in a
+    fixed order): a token's statistics and lse are the same bits alone, in a batch and under any
+    thread count, unsharded and in both sharded modes, and match the reference, with masked
+    ranges, masked rows and extreme logits."""
     num_drafts, num_tokens, vocab = 3, 5, 3 * 8192 + 777  # four ranges, the last one short
     draft = 3 * torch.randn(num_drafts, num_tokens, vocab)
     target_logits = 3 * torch.randn(num_tokens, vocab)
@@ -331,7 +332,7 @@ def test_few_tokens_split_the_vocabulary_and_keep_their_bits():
     runs = []
     try:
         with fp.use_backend("cpp"):
-            for count in (1, 2, 5):
+            for count in (1, 2, 3, 5, 8):  # 3: five tokens split over three threads; 8: more threads than tokens
                 torch.set_num_threads(count)
                 for tokens in [slice(None)] + [slice(n, n + 1) for n in range(num_tokens)]:
                     d, t = draft[:, tokens], target_logits[tokens]

@@ -26,7 +26,8 @@ TOLERANCE = dict(rtol=2e-5, atol=2e-5)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TORCH_BEFORE_2_6 = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6)
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+TORCH_BEFORE_2_6 = TORCH_RELEASE < (2, 6)
 PACKING_NEEDS_TORCH_2_6 = ("transformers reads packed sequences from position ids only with torch >= 2.6 (before, the "
                            "unpatched model attends across them, or its sliding-window mask fails on them)")
 
@@ -91,7 +92,20 @@ def test_patched_prefill_matches_unpatched(arch, padding):
     reference, model = tiny_model(arch), patch_or_skip(tiny_model(arch))
     assert model.config._attn_implementation == "fastprobe"
     ids, mask = inputs(padding=padding)
-    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+    want = outputs(reference, ids, mask)
+    if padding != "none" and TORCH_RELEASE < (2, 5) and _padding_reaches_real_tokens(reference, ids, mask, want):
+        pytest.skip(f"transformers {transformers.__version__}'s {arch} carries padded tokens into real ones, "
+                    "and with torch < 2.5 transformers makes a padded query with no visible key attend to every key "
+                    "(fastprobe gives it 0): the real outputs differ by what the padding held")
+    assert_real_close(outputs(model, ids, mask), want, mask)
+
+
+def _padding_reaches_real_tokens(model, ids, mask, real_outputs) -> bool:
+    """Whether the model's outputs at real positions change with the padded tokens' ids (transformers
+    4.55's Llama 4 mixes them in; 4.57's does not)."""
+    other_ids = torch.where(mask.bool(), ids, (ids + 1) % VOCAB)
+    real = mask.bool()
+    return not torch.equal(outputs(model, other_ids, mask)[real], real_outputs[real])
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
