@@ -479,12 +479,13 @@ inline int clamp_threads(int64_t requested) {
 // A job over N rows in stages, each row's state kept in a slot between them. A stage is
 // each_part(count, step), step(n, part, slot, ws) for every part in [0, count) (a row's vocabulary
 // ranges, its concept chunks), or each_row(step), step(n, slot, ws) once (merging the parts); ws is
-// the thread's scratch from make_scratch(). With at least as many rows as threads each thread takes
-// whole rows, every stage of a row in turn (slot: the thread's number); with fewer (decoding: one row
-// a call), or fewer than twice as many that whole rows would leave threads idle for a row's time
-// (N = 3 on 2 threads, N = 65 on 64), each stage runs for all rows, its (row, part) steps spread over
-// the threads, before the next begins (slot: the row; at most 2 x threads slots). A row runs the same
-// steps on the same data either way, so its results are the same bits. Slots: row_slots(N, threads).
+// the thread's scratch from make_scratch(). Each thread takes whole rows, every stage of a row in
+// turn (slot: the thread's number), unless split_rows: fewer rows than threads (decoding: one row a
+// call), or fewer than twice as many and not a multiple of them, where whole rows would leave
+// threads idle for a row's time (N = 3 on 2 threads, N = 65 on 64). Then each stage runs for all
+// rows, its (row, part) steps spread over the threads, before the next begins (slot: the row; fewer
+// than 2 x threads slots). A row runs the same steps on the same data either way, so its results
+// are the same bits. Slots: row_slots(N, threads).
 inline bool split_rows(int64_t N, int threads) { return N % threads != 0 && N < 2 * int64_t(threads); }
 inline int64_t row_slots(int64_t N, int threads) { return split_rows(N, threads) ? N : threads; }
 
