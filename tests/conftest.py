@@ -78,6 +78,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def same_bits_per_row(call, num_rows: int, axis: int = 0, thread_counts=(1, 2, 3, 5, 8)) -> tuple:
+    """The C++ kernels' row split (csrc/common.h, run_rows): call(rows) returns tensors whose
+    dimension `axis` holds the rows; it runs with the C++ backend on the whole batch and on each
+    row alone under every thread count (5 rows: whole rows at 1 and 5 threads, the rows' ranges
+    spread at 3 and 8, a row alone at 2 and more). Asserts that each row's outputs are the same bits
+    every time and returns the whole batch's at the first count."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        with fastprobe.use_backend("cpp"):
+            for count in thread_counts:
+                torch.set_num_threads(count)
+                for rows in [slice(None)] + [slice(n, n + 1) for n in range(num_rows)]:
+                    runs.append((count, rows, call(rows)))
+    finally:
+        torch.set_num_threads(threads)
+    whole = runs[0][2]
+    for count, rows, outputs in runs:
+        for n in range(num_rows) if rows.start is None else [rows.start]:
+            at = n if rows.start is None else 0
+            for got, want in zip(outputs, whole):
+                assert torch.equal(got.select(axis, at), want.select(axis, n)), (count, rows, n)
+    return whole
+
+
 # The execution targets a family's tests run on: (backend, device, pytest marks).
 TARGETS = [
     pytest.param(("cpp", "cpu"), id="cpp"),

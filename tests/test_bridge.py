@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastprobe as fp
 from fastprobe import reference
 
-from .conftest import ATOL, RTOL
+from .conftest import ATOL, RTOL, same_bits_per_row
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BETAS = [0.0, 0.37, 1.0, 2.0]
@@ -328,24 +328,9 @@ def test_few_rows_split_the_work_and_keep_their_bits(dtype, direction):
     student, teacher = student.to(dtype), teacher.to(dtype)
     labels = torch.tensor([0, 1, -100, 3, 4])
     reverse = direction == "reverse"
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        with fp.use_backend("cpp"):
-            for count in (1, 2, 3, 5, 8):  # 3 and 8: the batch split too (5 rows on 3 threads, 8 threads)
-                torch.set_num_threads(count)
-                for rows in [slice(None)] + [slice(n, n + 1) for n in range(num_rows)]:
-                    loss, grad = _bridge_loss_op(student[rows], teacher[rows], labels[rows], -100, 0.37, 1 / 0.8,
-                                                 reverse, True)
-                    runs.append((count, rows, (loss, grad)))
-    finally:
-        torch.set_num_threads(threads)
-    whole = runs[0][2]
-    for count, rows, outputs in runs:
-        for n in range(num_rows) if rows.start is None else [rows.start]:
-            at = n if rows.start is None else 0
-            for got, want in zip(outputs, whole):
-                assert torch.equal(got[at], want[n]), (count, rows, n)
+    whole = same_bits_per_row(
+        lambda rows: _bridge_loss_op(student[rows], teacher[rows], labels[rows], -100, 0.37, 1 / 0.8, reverse, True),
+        num_rows)
     assert whole[0][2] == 0 and torch.equal(whole[1][2], torch.zeros(vocab, dtype=dtype))
     kwargs = dict(beta=0.37, temperature=0.8, direction=direction, labels=labels, reduction="none")
     want_loss, want_grad = expected(student, teacher, **kwargs)
