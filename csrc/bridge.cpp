@@ -15,8 +15,8 @@
 // Each row is streamed over its vocabulary in ranges of kRange logits, blocks of kBlock within:
 // pass 1 folds s and t into online log-sum-exps (fresh per range, merged in range order), pass 2
 // sums the loss (and forward writes the gradient), pass 3 (reverse, with a gradient) writes the
-// gradient, which needs the row's loss. Whole rows go to OpenMP threads, or with fewer rows than
-// threads each pass's ranges (run_rows); a row's results are the same bits either way.
+// gradient, which needs the row's loss. Whole rows go to OpenMP threads, or with few rows each
+// pass's ranges (run_rows, split_rows in common.h); a row's results are the same bits either way.
 // Contiguous float32 rows are read in place, other rows' blocks converted to float32 (unscaled)
 // into per-thread buffers; the gradient is formed in float32 and stored in the logits' dtype
 // (round to nearest even).

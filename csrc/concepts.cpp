@@ -25,9 +25,9 @@
 // block), merged in range order; then each chunk gathers its variants' logits and forms its
 // concepts' statistics, the exp and log vectorised across the chunk. Backward: each range writes
 // coef p_v / T for its v; then each chunk overwrites its concept tokens with their totals, read
-// from the incidence by vocabulary id (the CSR transpose). With at least as many rows as threads
-// a thread takes whole rows; with fewer (decoding: one row a call) the ranges and chunks of a row
-// run on different threads. A row's results are the same bits either way.
+// from the incidence by vocabulary id (the CSR transpose). A thread takes whole rows, or with few
+// rows (decoding: one row a call; split_rows in common.h) the ranges and chunks of a row run on
+// different threads. A row's results are the same bits either way.
 //
 // Every index read from the concept arrays is checked before any row is processed: the
 // kernels never read or write outside their buffers, whatever the caller passed.

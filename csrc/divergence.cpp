@@ -18,8 +18,8 @@
 //             pass 1 is skipped; pass 2 writes the shard's share of every sum (shares add
 //             up over the shards) and lse is written as the given one.
 //
-// Tokens are spread over OpenMP threads (with fewer tokens than threads, ranges of a token's
-// vocabulary: see kRange). Each token takes two streaming passes over the vocabulary in
+// Tokens are spread over OpenMP threads (with few tokens, ranges of a token's vocabulary: see
+// kRange). Each token takes two streaming passes over the vocabulary in
 // blocks of kBlock: pass 1 folds every row into an online log-sum-exp, pass 2 forms q, m and p
 // from it and accumulates all the sums.
 // Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
@@ -140,8 +140,8 @@ struct Problem {
 // A token's vocabulary is folded in ranges of kRange logits (common.h): each range's lse states
 // (pass 1) and sums (pass 2) start afresh and are merged in range order, so a token's
 // statistics are the same bits however many tokens share the call and however many threads
-// run it. With fewer tokens than threads, the ranges of one token run on different threads
-// (decoding: one token a call) instead of one thread taking the whole vocabulary.
+// run it. With few tokens (split_rows in common.h; decoding: one token a call), the ranges of one
+// token run on different threads instead of one thread taking the whole vocabulary.
 
 // The sums of a range, or of a token (every one 0 until pass 2 adds to it): slots
 // jsd, m_log_m, kl_mt, p_log_p, then sum_v q_kv log q_kv for every draft k.
