@@ -10,12 +10,15 @@
 //            grad_v = P_v (g_v - loss) / T                        (sum_v P_v g_v = loss)
 // with 0 log 0 = 0: a -inf logit is a masked entry; an entry that only the distribution in
 // the log's denominator masks (Q_v > 0 = P_v forward, P_v > 0 = Q_v reverse) makes the loss
-// +inf. A row whose labels[n] == ignore_index has loss 0 and gradient 0.
+// +inf. Such a loss stays +inf for every nearby z_S (the supports do not move), so its row's
+// gradient is 0 (as the reference's autograd gives). A row whose labels[n] == ignore_index has
+// loss 0 and gradient 0.
 //
 // Each row is streamed over its vocabulary in ranges of kRange logits, blocks of kBlock within:
 // pass 1 folds s and t into online log-sum-exps (fresh per range, merged in range order), pass 2
 // sums the loss (and forward writes the gradient), pass 3 (reverse, with a gradient) writes the
-// gradient, which needs the row's loss. Whole rows go to OpenMP threads, or with few rows each
+// gradient, which needs the row's loss (and zeroes the gradient of a +inf loss, either
+// direction). Whole rows go to OpenMP threads, or with few rows each
 // pass's ranges (run_rows, split_rows in common.h); a row's results are the same bits either way.
 // Contiguous float32 rows are read in place, other rows' blocks converted to float32 (unscaled)
 // into per-thread buffers; the gradient is formed in float32 and stored in the logits' dtype
@@ -237,14 +240,14 @@ static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const
 }
 
 // Every row in ranges (run_rows): its reference point, pass 1 of each range, its log-softmaxes,
-// pass 2 of each range, its loss, then (reverse, with a gradient) pass 3 of each range. An
-// ignored row reads nothing: loss 0, gradient 0.
+// pass 2 of each range, its loss, then (with a gradient) pass 3 of each range: reverse, the
+// gradient; either direction, zeros for a loss of +inf. An ignored row reads nothing: loss 0,
+// gradient 0.
 static void run(const Problem& p, int threads) {
   const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads);
   std::vector<RowSoftmax> rows(size_t(slots), RowSoftmax{});
   std::vector<LseState> lse_parts(size_t(slots * ranges * 2));
   std::vector<double> loss_parts(size_t(slots * ranges));
-  const bool reverse_grad = p.reverse && p.grad != nullptr;
   run_rows(
       p.N, threads, [] { return Workspace(); },
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
@@ -277,8 +280,13 @@ static void run(const Problem& p, int threads) {
         // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.
         p.loss[n] = float(std::max(kl, 0.0));
       }),
-      each_part(reverse_grad ? ranges : 0, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n)) range_reverse_grad(p, n, range, rows[slot], ws);  // (ignored: zeroed above)
+      each_part(p.grad != nullptr ? ranges : 0, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (p.ignored(n)) return;  // (zeroed above)
+        if (rows[slot].loss == kInf) {
+          p.zero_grad(n, range * kRange, range_end(p.V, range));  // (a constant +inf: no gradient)
+        } else if (p.reverse) {
+          range_reverse_grad(p, n, range, rows[slot], ws);
+        }
       }));
 }
 

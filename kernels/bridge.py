@@ -27,9 +27,10 @@ makes t = -inf (Q = 0) when beta != 0 (for beta > 0 that is the limit P_S^beta -
 beta < 0 it keeps masked vocabulary masked instead of giving the bridge +inf logits). A row with
 no finite logit (student or bridge) has no P or no Q: its loss and gradient are NaN (as in the
 C++ kernel and the reference), found without a host synchronisation.
-Reverse with Q = 0 where P > 0: loss +inf, gradient +inf on those entries, -inf on the other
-entries with P > 0, 0 where P = 0 (never inf - inf = NaN). On a GPU exp2 flushes results below
-2^-126 to 0, so such probabilities count as 0.
+A loss of +inf (reverse: Q = 0 where P > 0; forward, beta = 0: P = 0 where Q > 0) stays +inf
+for every nearby z_S (its supports do not move), so the row's gradient is 0 (as the reference's
+autograd gives). On a GPU exp2 flushes results below 2^-126 to 0, so such probabilities count
+as 0.
 NaN input gives a NaN loss. Rows with labels[n] == ignore_index get loss 0 and a zero gradient
 row. beta, inv_temperature and ignore_index are runtime scalars (never tl.constexpr).
 """
@@ -122,6 +123,15 @@ def _xlog2ratio(a, log2a, log2b):
 
 
 @triton.jit
+def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
+    """A gradient row of zeros (an ignored row, or one whose loss is +inf)."""
+    zero = tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty)
+    for b in range(0, tl.cdiv(V, BLOCK_V)):
+        col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
+        tl.store(g_row + col, zero, mask=v_ok)
+
+
+@triton.jit
 def _bridge_kernel(
     s_ptr,  # [N, V] student logits, any float dtype, any strides
     t_ptr,  # [N, V] teacher logits, same dtype, any strides
@@ -195,6 +205,9 @@ def _bridge_kernel(
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
         loss = tl.sum(acc, axis=0) * _LN2
         tl.store(loss_ptr + n, loss)
+        if HAS_GRAD and not REVERSE:
+            if loss == float("inf"):  # (a constant +inf: no gradient)
+                _zero_row(g_row, V, BLOCK_V)
 
         # ---- pass 3 (reverse direction only; blocks forward, pass 2 ended at block 0) ----
         if REVERSE and HAS_GRAD:
@@ -206,18 +219,17 @@ def _bridge_kernel(
                 log2p = (x - shift_s) * c - log2s_s
                 log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
                 p = tl.exp2(log2p)
-                # g - loss, g = log P - log Q; where Q = 0 (and P > 0, so loss = +inf) take +inf
-                d = tl.where(log2q == float("-inf"), float("inf"), (log2p - log2q) * _LN2 - loss)
-                g = tl.where(p == 0.0, 0.0, p * d) * inv_temperature  # P (g - loss) / T
+                # P (g - loss) / T, g = log P - log Q; 0 where P = 0, and in a row whose loss is
+                # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf)
+                d = (log2p - log2q) * _LN2 - loss
+                g = tl.where(p == 0.0, 0.0, p * d) * inv_temperature
+                g = tl.where(loss == float("inf"), 0.0, g)
                 tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
     else:
         # ---- an ignored row: loss 0, gradient 0 ----
         tl.store(loss_ptr + n, 0.0)
         if HAS_GRAD:
-            zero = tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty)
-            for b in range(0, nblk):
-                col, v_ok = _block_columns(b * BLOCK_V, V, BLOCK_V)
-                tl.store(g_row + col, zero, mask=v_ok)
+            _zero_row(g_row, V, BLOCK_V)
 
 
 # On a GPU the block size and warp count are tuned per (V, REVERSE, HAS_GRAD) (and, by

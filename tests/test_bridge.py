@@ -146,6 +146,35 @@ def test_infinite_divergence_is_reported_as_inf_not_nan(target):
     assert reverse[1].item() == float("inf")
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_infinite_loss_has_zero_gradient(target, direction):
+    """A loss of +inf (reverse: Q = 0 < P somewhere; forward, beta = 0: P = 0 < Q) is +inf for
+    every nearby z_S, so its row's gradient is 0, as autograd of the reference gives, never NaN:
+    a weight of 0 on such a row (dropping it) leaves the other rows' gradients as they are.
+    Across several ranges of the C++ kernel's rows too (one row: its ranges split)."""
+    backend, device = target
+    beta = 0.0 if direction == "forward" else 0.5
+    shapes = shapes_for(target) + ([] if backend == "triton" and device == "cpu" else [(1, 3 * 8192 + 5)])
+    for num_rows, vocab in shapes:
+        if vocab < 4:
+            continue
+        student, teacher = torch.randn(num_rows, vocab), torch.randn(num_rows, vocab)
+        infinite = torch.arange(num_rows) % 3 == 0
+        (teacher if direction == "reverse" else student)[infinite, vocab // 2] = float("-inf")
+        dropped = torch.rand(num_rows) * (torch.arange(num_rows) % 2 == 1)  # row 0 (infinite) weighs 0
+        for weights in (dropped, torch.ones(num_rows)):
+            z = student.to(device).clone().requires_grad_()
+            rows = fp.bridge_loss(z, teacher.to(device), beta=beta, direction=direction, reduction="none")
+            (rows * weights.to(device)).sum().backward()
+            z_ref = student.double().requires_grad_()
+            want = reference.bridge_loss(z_ref, teacher.double(), beta=beta, direction=direction, reduction="none")
+            (want * weights.double()).sum().backward()
+            assert (rows.cpu()[infinite] == float("inf")).all() and (z.grad.cpu()[infinite] == 0).all()
+            torch.testing.assert_close(rows.detach().cpu().double(), want.detach(), rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(z.grad.cpu().double(), z_ref.grad,
+                                       **grad_tolerance(torch.float32, z_ref.grad, student))
+
+
 def test_infinite_divergence_is_decided_by_support_not_underflow(target):
     """Reverse KL(P || Q) with P_4 = e^-200 (underflows float32) and Q_4 = 0 is +inf: the
     supports decide. Forward KL(Q || P) with Q_4 = 0 there is finite."""
@@ -369,17 +398,46 @@ def test_gradcheck_float64():
 
 
 def test_torch_compile_fullgraph():
+    """Under fullgraph compile, with beta changing between calls as a schedule changes it (a
+    runtime value: its checks must trace on a dynamic float)."""
     student, teacher = torch.randn(6, 130), torch.randn(6, 130)
     labels = torch.tensor([0, 1, -100, 2, 3, 4])
 
-    def step(z, t):
-        return fp.bridge_loss(z, t, beta=0.5, temperature=0.9, labels=labels) * 2
+    def step(z, t, beta):
+        return fp.bridge_loss(z, t, beta=beta, temperature=0.9, labels=labels) * 2
 
     compiled = torch.compile(step, fullgraph=True)
-    z1, z2 = student.clone().requires_grad_(), student.clone().requires_grad_()
-    compiled(z1, teacher).backward()
-    step(z2, teacher).backward()
-    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-7)
+    for beta in (0.5, 0.7, 0.2):
+        z1, z2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+        compiled(z1, teacher, beta).backward()
+        step(z2, teacher, beta).backward()
+        torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_student_gives_the_teacher_no_gradient():
+    """teacher_logits take no gradient: a loss of a frozen student and a teacher that carries a
+    graph has none (backward of it alone is torch's own error), and in a sum with a teacher
+    loss the teacher gets only that loss's gradient."""
+    student, teacher = torch.randn(3, 17), torch.randn(3, 17, requires_grad=True)
+    loss = fp.bridge_loss(student, teacher, beta=0.5)
+    assert not loss.requires_grad
+    (loss + teacher.square().sum()).backward()
+    torch.testing.assert_close(teacher.grad, 2 * teacher.detach())
+
+
+def test_the_op_checks_what_its_kernels_read():
+    """torch.ops.fastprobe.bridge_loss is reachable past bridge_loss's checks: teacher and
+    labels that do not match the student are refused before any kernel reads them."""
+    from fastprobe.ops.bridge import _bridge_loss_op
+
+    student = torch.randn(4, 31)
+    for teacher, labels in ((torch.randn(4, 31, dtype=torch.bfloat16), None), (torch.randn(2, 31), None),
+                            (torch.randn(4, 31), torch.zeros(2, dtype=torch.int64)),
+                            (torch.randn(4, 31), torch.zeros(4, dtype=torch.int32))):
+        with pytest.raises(ValueError, match="teacher|labels"):
+            torch.ops.fastprobe.bridge_loss(student, teacher, labels, -100, 0.5, 1.0, False, True)
+        with pytest.raises(ValueError, match="teacher|labels"):
+            _bridge_loss_op(student, teacher, labels, -100, 0.5, 1.0, False, True)
 
 
 def test_opcheck():
@@ -451,6 +509,25 @@ def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, monkeypatch)
         assert_near(got.grad.double(), want.grad)
 
 
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=str)
+def test_fused_linear_teacher_of_another_dtype(student_dtype, teacher_dtype):
+    """A teacher in another dtype than the student (a bfloat16 teacher distilled into a float32
+    student): its logits are taken in the student's dtype, the loss as bridge_loss on those."""
+    torch.manual_seed(0)
+    h_s, w_s = torch.randn(9, 16).to(student_dtype), (torch.randn(300, 16) / 4).to(student_dtype)
+    h_t, w_t = torch.randn(9, 12).to(teacher_dtype), (torch.randn(300, 12) / 3).to(teacher_dtype)
+    h_fused, h_plain = h_s.clone().requires_grad_(), h_s.clone().requires_grad_()
+    fused = fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=4)(h_fused, w_s, h_t, w_t)
+    fused.backward()
+    logits_t = torch.nn.functional.linear(h_t, w_t).to(student_dtype)
+    plain = fp.bridge_loss(torch.nn.functional.linear(h_plain, w_s), logits_t, beta=0.5)
+    plain.backward()
+    tolerance = dict(rtol=1e-5, atol=1e-6) if student_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused, plain, **tolerance)
+    torch.testing.assert_close(h_fused.grad.float(), h_plain.grad.float(), **tolerance)
+
+
 def test_fused_linear_teacher_side_takes_no_gradient_and_rejects_none():
     h_s, w_s = torch.randn(4, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     h_t, w_t = torch.randn(4, 6, requires_grad=True), torch.randn(30, 6, requires_grad=True)
@@ -493,6 +570,10 @@ def bad_cases():
         ("beta tensor", (s, t), {"beta": torch.tensor(0.5)}, TypeError, "beta"),
         ("beta nan", (s, t), {"beta": float("nan")}, ValueError, "beta"),
         ("temperature", (s, t), {"temperature": -1.0}, ValueError, "temperature"),
+        ("temperature below float32", (s, t), {"temperature": 1e-50}, ValueError, "temperature"),
+        ("beta beyond float32", (s, t), {"beta": 1e39}, ValueError, "beta"),
+        ("ignore_index beyond int64", (s, t), {"ignore_index": 2**63}, ValueError, "ignore_index"),
+        ("ignore_index float", (s, t), {"ignore_index": 1.0}, TypeError, "ignore_index"),
         ("empty vocabulary", (torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, "V = 0"),
     ]
 

@@ -306,6 +306,7 @@ def bad_sets():
         ("float offsets", ([1, 2], [0.0, 2.0]), TypeError, "offsets must hold integers"),
         ("2-D ids", (torch.tensor([[1, 2]]), [0, 2]), ValueError, "token_ids must be 1-D"),
         ("negative id", ([1, -3], [0, 1, 2]), ValueError, r"token_ids must be >= 0, got -3 in concept 1"),
+        ("id beyond int32", ([1, 2**40], [0, 1, 2]), ValueError, r"token_ids must be < 2\*\*31 .*, got 1099511627776 in concept 1"),
         ("offsets start", ([1, 2], [1, 2]), ValueError, "start at 0"),
         ("offsets end", ([1, 2, 3], [0, 2]), ValueError, "end at len"),
         ("offsets decrease", ([1, 2, 3], [0, 2, 1, 3]), ValueError, "non-decreasing"),
@@ -411,6 +412,11 @@ def test_from_answers_variant_options(bpe_tokenizer):
         fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"], "Rome": ["Rome"]})
     with pytest.raises(ValueError, match="non-empty list of alias strings"):
         fp.ConceptSet.from_answers(tok, {"Paris": []})
+    # a blank alias (datasets have them) would score the whitespace token: it is left out
+    with_blank = fp.ConceptSet.from_answers(tok, {"Paris": ["Paris", "", "  "]})
+    assert with_blank.variants == fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"]}).variants
+    with pytest.raises(ValueError, match="not all blank"):
+        fp.ConceptSet.from_answers(tok, {"Paris": ["", " "]})
     with pytest.raises(TypeError, match="mapping"):
         fp.ConceptSet.from_answers(tok, "Paris")
 
@@ -428,6 +434,15 @@ def test_from_answers_wordpiece_normalisation(wordpiece_tokenizer):
     new, york = tok.convert_tokens_to_ids(["new", "york"])
     assert concepts.variant_ids(2) == [york] and concepts.multi_token[2] == ((new, york),)
     assert concepts.multi_token_prefixes[2] == (new,)
+
+
+def test_from_answers_drops_unknown_forms_of_a_tokenizers_tokenizer(wordpiece_tokenizer):
+    """A tokenizers.Tokenizer has no unk_token_id: its model's unk_token tells the forms to drop."""
+    raw = wordpiece_tokenizer.backend_tokenizer
+    assert not hasattr(raw, "unk_token_id")
+    concepts = fp.ConceptSet.from_answers(raw, {"Paris": ["Paris"], "Zurich": ["Zürich", "ZRH"]})
+    assert concepts.variant_ids(0) == [raw.token_to_id("paris")]
+    assert concepts.variant_ids(1) == [raw.token_to_id("zurich")]  # ZRH is [UNK]: dropped
 
 
 # ---------------------------------------------------------------- bad input

@@ -355,7 +355,7 @@ def test_tokenizer_instead_of_processor(model, processor, images):
     (dict(gamma=True), TypeError, "gamma must be a real number"),
     (dict(gamma=1.0, rows="first"), ValueError, "rows must be 'last' or 'all'"),
     (dict(gamma=1.0, orthogonalize=1), TypeError, "orthogonalize must be a bool"),
-    (dict(gamma=1.0, eps=0.0), ValueError, "eps must be a finite positive number"),
+    (dict(gamma=1.0, eps=0.0), ValueError, "eps must be a positive number"),
     (dict(gamma=1.0, strength=2), ValueError, r"unknown keys \['strength'\]"),
 ])
 def test_bad_guidance_options_leave_the_model_alone(model, bad, error, match):

@@ -65,13 +65,26 @@ def check_same_device(reference: torch.Tensor, reference_name: str, other: torch
         raise ValueError(f"{name} is on {other.device} but {reference_name} is on {reference.device}; move them to one device")
 
 
+# The kernels compute in float32, so a scalar argument must be a float32 number; a positive one
+# (a temperature, a scale) at least float32's smallest normal, so that it and its inverse are
+# finite and nonzero there. (Comparisons only: torch.compile traces them on a dynamic float.)
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
+def check_float32_range(value: float, name: str, positive: bool) -> float:
+    """value (a float) if float32 holds it (positive: in [tiny, max]), else a ValueError naming `name`."""
+    if positive and not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name} must be a positive number in float32's range [1.2e-38, 3.4e38], got {value}")
+    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite number in float32's range (|{name}| <= 3.4e38), got {value}")
+    return value
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
-    value = float(temperature)
-    if not (value > 0.0 and value < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return value
+    return check_float32_range(float(temperature), "temperature", positive=True)
 
 
 def on_device(tensor: torch.Tensor):
@@ -122,25 +135,28 @@ def check_finite_lse(lse: torch.Tensor, describe: Callable[..., str]) -> None:
     )
 
 
+INT64_MAX = 2**63 - 1  # what the kernels' integer arguments hold
+
+
 def check_int(value, name: str, minimum: int) -> int:
-    """An integer >= minimum (bools refused), or a TypeError/ValueError naming `name`."""
-    if type(value) is int and value >= minimum:  # (the common case, without the ABC check)
+    """An integer in [minimum, 2^63 - 1] (bools refused), or a TypeError/ValueError naming `name`."""
+    if type(value) is int and minimum <= value <= INT64_MAX:  # (the common case, without the ABC check)
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{name} must be < 2**63 (an int64), got {value}")
     return int(value)
 
 
 def check_real(value, name: str, positive: bool) -> float:
-    """A finite real number (> 0 when `positive`; bools refused) as a float, or an error naming `name`."""
+    """A real number that float32 holds (check_float32_range; bools refused) as a float, or an
+    error naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    number = float(value)
-    if not abs(number) < float("inf") or (positive and not number > 0.0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
-    return number
+    return check_float32_range(float(value), name, positive)
 
 
 def plain_mode() -> bool:

@@ -21,8 +21,9 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, address, bool_as_uint8, check_int, check_same_device, check_tensor, cpp, custom_op, first_bad_index,
-    is_compiling, new_output, on_device, output_dtype, plain_mode, register_forward_only, runs_plain,
+    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_float32_range, check_int, check_same_device,
+    check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device, output_dtype, plain_mode,
+    register_forward_only, runs_plain,
 )
 
 __all__ = [
@@ -358,14 +359,11 @@ register_forward_only(_sink_attention_op, "sink_attention")
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
-    if type(scale) is float and 0.0 < scale < float("inf"):  # (the common case, without the ABC check)
+    if type(scale) is float and FLOAT32_TINY <= scale <= FLOAT32_MAX:  # (the common case, without the ABC check)
         return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a positive number or None, got {type(scale).__name__}")
-    value = float(scale)
-    if not (0.0 < value < float("inf")):
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    return value
+    return check_float32_range(float(scale), "scale", positive=True)
 
 
 def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: torch.Tensor) -> Optional[torch.Tensor]:
@@ -617,9 +615,7 @@ def _check_softcap(softcap) -> float:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-    if not (0.0 < float(softcap) < float("inf")):
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
-    return float(softcap)
+    return check_float32_range(float(softcap), "softcap", positive=True)
 
 
 def check_attention_inputs(q, k, v):

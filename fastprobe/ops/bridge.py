@@ -13,7 +13,6 @@ backward exactly the per-row scale, whatever the reduction.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
@@ -23,6 +22,8 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
+    check_int,
+    check_real,
     check_same_device,
     check_temperature,
     check_tensor,
@@ -63,7 +64,8 @@ def _reference_rows(student, teacher, labels, ignore_index, beta, inv_temperatur
             row_grad = p * (g - rows[:, None]) * inv_temperature
         else:  # (P - Q) / T
             row_grad = (p - log_q.exp()) * inv_temperature
-        grad.copy_(torch.where(keep[:, None], row_grad, torch.zeros_like(row_grad)))
+        # (an ignored row, and a loss of +inf, a constant for every nearby z_S: gradient 0)
+        grad.copy_(torch.where((keep & (rows != float("inf")))[:, None], row_grad, torch.zeros_like(row_grad)))
 
 
 def _cpp_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
@@ -107,6 +109,15 @@ def _bridge_loss_op(
     That gradient is the autograd backward's buffer: a backward that frees the graph scales it
     in place and returns it, so a caller of this op keeps it only if it runs no such backward."""
     num_rows, vocab = student.shape
+    # what the kernels read through raw pointers, checked here too: this op is reachable directly
+    # (torch.ops.fastprobe.bridge_loss), past the public functions' checks
+    if teacher.shape != student.shape or teacher.dtype != student.dtype or teacher.device != student.device:
+        raise ValueError(f"bridge_loss: teacher {teacher.dtype} {tuple(teacher.shape)} on {teacher.device} must match "
+                         f"student {student.dtype} {tuple(student.shape)} on {student.device}")
+    if labels is not None and (labels.shape != (num_rows,) or labels.dtype != torch.int64
+                               or labels.device != student.device or not labels.is_contiguous()):
+        raise ValueError(f"bridge_loss: labels must be a contiguous int64 [{num_rows}] tensor on {student.device}, got "
+                         f"{labels.dtype} {tuple(labels.shape)} on {labels.device}")
     loss = new_output((num_rows,), student.device, output_dtype(student))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:
@@ -186,11 +197,11 @@ def _check_choice(value, name: str, choices) -> str:
 def _check_beta(beta) -> float:
     if isinstance(beta, torch.Tensor):
         raise TypeError("beta must be a Python float (a runtime value), got a tensor; use float(beta)")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
-    if not math.isfinite(float(beta)):
-        raise ValueError(f"beta must be finite, got {beta}")
-    return float(beta)
+    return check_real(beta, "beta", positive=False)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    return check_int(ignore_index, "ignore_index", -(2**63))
 
 
 def _check_logits(student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +272,9 @@ def bridge_loss(
     dtype, kept until the backward, which scales it by each row's incoming gradient in place
     (into a second [N, V] tensor only when the graph is kept, retain_graph=True, or on torch
     without a way to tell, before 2.5; FusedLinearBridgeLoss avoids [N, V] altogether). A row
-    whose student or bridge logits are all -inf gives NaN.
+    whose student or bridge logits are all -inf gives NaN. A row whose loss is +inf (reverse: Q
+    masks a token P keeps; forward with beta = 0: P masks a token Q keeps) has gradient 0: its
+    loss is +inf for every nearby z_S.
     """
     student, teacher = _check_logits(student_logits, teacher_logits)
     leading_shape = student_logits.shape[:-1]
@@ -270,12 +283,12 @@ def bridge_loss(
     inv_temperature = 1.0 / check_temperature(temperature)
     reverse = _check_choice(direction, "direction", DIRECTIONS) == "reverse"
     _check_choice(reduction, "reduction", REDUCTIONS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(ignore_index)
 
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    # (detached: the teacher takes no gradient, so a loss of a frozen student has none to give)
     rows, _ = _bridge_loss_op(
-        student, teacher, flat_labels, int(ignore_index), beta, inv_temperature, reverse, compute_grad
+        student, teacher.detach(), flat_labels, ignore_index, beta, inv_temperature, reverse, compute_grad
     )
     keep = None if flat_labels is None else flat_labels != ignore_index
     return reference.reduce_rows(rows, keep, reduction).reshape(leading_shape if reduction == "none" else ())
@@ -382,7 +395,9 @@ class _FusedLinearBridge(torch.autograd.Function):
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
             student_logits = torch.nn.functional.linear(student_hidden[rows], student_weight, student_bias)
+            # (in the student's dtype, which the fused op needs: e.g. a bfloat16 teacher, a float32 student)
             teacher_logits = torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            teacher_logits = teacher_logits.to(student_logits.dtype)
             chunk_labels = None if labels is None else labels[rows]
             loss, grad_logits = _bridge_loss_op(
                 student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, True
@@ -479,7 +494,7 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
         chunk_rows = self.chunk_rows or max(1, _chunk_logits(hidden.device) // vocab)
         options = (
             _check_beta(self.beta_at(step)), 1.0 / check_temperature(self.temperature),
-            _check_choice(self.direction, "direction", DIRECTIONS) == "reverse", int(self.ignore_index),
+            _check_choice(self.direction, "direction", DIRECTIONS) == "reverse", _check_ignore_index(self.ignore_index),
             self.reduction, chunk_rows, self.float32_weight_grad,
         )
         with torch.no_grad():  # the teacher side never takes a gradient

@@ -62,6 +62,7 @@ class Variant(NamedTuple):
 # The vocabulary is cut into blocks of this many ids for the kernels that stream it and
 # pick out the concept ids as they pass (id_block_starts below).
 ID_BLOCK = 256
+MAX_TOKEN_ID = 2**31  # ids are below it: the id index then takes at most 32 MiB
 
 
 class _Index(NamedTuple):
@@ -155,6 +156,10 @@ class ConceptSet:
         if (ids < 0).any():
             t = int(np.flatnonzero(ids < 0)[0])
             raise ValueError(f"token_ids must be >= 0, got {ids[t]} in concept {self._label(int(concept_of[t]))}")
+        if (ids >= MAX_TOKEN_ID).any():  # (the id index's size grows with the largest id)
+            t = int(np.flatnonzero(ids >= MAX_TOKEN_ID)[0])
+            raise ValueError(f"token_ids must be < 2**31 (a vocabulary's ids), got {ids[t]} in concept "
+                             f"{self._label(int(concept_of[t]))}")
 
         # drop repeated ids within a concept, keeping first occurrences in order
         _, first = np.unique(np.stack([concept_of, ids]), axis=1, return_index=True)
@@ -297,13 +302,15 @@ def answer_variants(
     first-seen order: what ConceptSet.from_answers records per concept (see there for
     `variants`), single- and multi-token alike. name: the answer, for error messages."""
     aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-    if not aliases or not all(isinstance(alias, str) for alias in aliases):
+    if not all(isinstance(alias, str) for alias in aliases) or not any(alias.strip() for alias in aliases):
         what = "an answer" if name is None else f"answer {name!r}"
-        raise ValueError(f"{what} needs a non-empty list of alias strings, got {aliases!r}")
+        raise ValueError(f"{what} needs a non-empty list of alias strings (not all blank), got {aliases!r}")
     forms = variants if callable(variants) else _surface_forms(frozenset(variants))
-    unknown = getattr(tokenizer, "unk_token_id", None)
+    unknown = _unknown_id(tokenizer)
     found: dict[tuple[int, ...], Variant] = {}
-    for text in _unique(text for alias in aliases for text in forms(alias)):
+    # (a blank alias, or a blank form of one, would score the whitespace token, not an answer)
+    texts = (text for alias in aliases if alias.strip() for text in forms(alias) if text.strip())
+    for text in _unique(texts):
         token_ids = _encode(tokenizer, text)
         if token_ids and token_ids not in found and unknown not in token_ids:
             found[token_ids] = Variant(text, token_ids)
@@ -338,6 +345,15 @@ def _csr(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 def _unique(items: Iterable) -> list:
     """Distinct items in first-seen order."""
     return list(dict.fromkeys(items))
+
+
+def _unknown_id(tokenizer) -> Optional[int]:
+    """The unknown token's id: a transformers tokenizer's unk_token_id, or the unk_token of a
+    tokenizers.Tokenizer's model (None when it has none)."""
+    if hasattr(tokenizer, "unk_token_id"):
+        return tokenizer.unk_token_id
+    token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+    return tokenizer.token_to_id(token) if token and hasattr(tokenizer, "token_to_id") else None
 
 
 def _encode(tokenizer, text: str) -> tuple[int, ...]:
