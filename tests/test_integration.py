@@ -341,6 +341,24 @@ def test_two_models_patched_differently():
     assert patch_options(plain).head_mask == {}
 
 
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
+    """copy.deepcopy of a patched model (a frozen reference, an EMA copy) runs patched with the
+    same options, records its own statistics, and unpatching it leaves the original patched."""
+    model = fp.patch(tiny_model("llama"), head_mask={1: [True, False, True, True]})
+    ids, mask = inputs()
+    want = outputs(model, ids, mask)
+    twin = copy.deepcopy(model)
+    assert is_patched(twin) and patch_options(twin).head_mask[1].tolist() == [True, False, True, True]
+    assert torch.equal(outputs(twin, ids, mask), want)
+    with fp.record_attention(twin) as record:
+        outputs(twin, ids, mask)
+    assert torch.isfinite(record.sink_mass).all()
+    fp.unpatch(twin)
+    assert not is_patched(twin) and not twin._forward_hooks and not twin._forward_pre_hooks
+    assert twin.config._attn_implementation == "sdpa" and model.config._attn_implementation == "fastprobe"
+    assert is_patched(model) and model._forward_hooks and torch.equal(outputs(model, ids, mask), want)
+
+
 def test_patch_again_replaces_options():
     model = fp.patch(tiny_model("llama"), window=3, num_sink=1)
     fp.patch(model, head_mask=torch.ones(2, 4, dtype=torch.bool))

@@ -167,15 +167,21 @@ def test_prune_and_restore(tokenizer):
 
 
 def test_prune_on_a_patched_model_keeps_its_options(tokenizer):
-    model = fp.patch(planted_model(tokenizer), window=5, head_mask={2: [True, True, False, True]})
+    """Every other option (guidance among them) is kept while pruned and after restore."""
+    model = fp.patch(planted_model(tokenizer), window=5, head_mask={2: [True, True, False, True]}, num_sink=1,
+                     stat_tokens=2, record=("sink_mass", "entropy"), guidance=dict(gamma=1.5, layers=[1], image_token_id=7))
+    before = patch_options(model)
     handle = sinks.prune_heads(model, [(0, 1), (2, 0)])
     options = patch_options(model)
-    assert options.window == 5
     assert options.head_mask[0].tolist() == [True, False, True, True]
     assert options.head_mask[2].tolist() == [False, True, False, True]
     handle.restore()
-    assert is_patched(model) and patch_options(model).head_mask[2].tolist() == [True, True, False, True]
-    assert set(patch_options(model).head_mask) == {2}
+    after = patch_options(model)
+    assert is_patched(model) and after.head_mask[2].tolist() == [True, True, False, True]
+    assert set(after.head_mask) == {2}
+    for kept in (options, after):
+        assert (kept.window, kept.num_sink, kept.stat_tokens, kept.record, kept.guidance) == \
+            (before.window, before.num_sink, before.stat_tokens, before.record, before.guidance)
 
 
 def test_restore_after_unpatch_does_not_repatch(tokenizer):

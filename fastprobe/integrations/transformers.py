@@ -75,7 +75,7 @@ from ..ops.dual_attention import dual_path_attention
 
 __all__ = [
     "AttentionRecord", "GuidanceOptions", "ImageKeys", "PatchOptions", "attention_layers", "forward_arguments",
-    "is_patched", "patch", "patch_options", "record_attention", "unpatch",
+    "is_patched", "patch", "patch_options", "record_attention", "unpatch", "update_patch",
 ]
 
 KEY = "fastprobe"
@@ -333,6 +333,14 @@ class _PatchState:
         self.module_ids: frozenset = frozenset()  # every module of the patched model
         self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.set_options(options)
+
+    def __setstate__(self, attributes: dict) -> None:
+        """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
+        are then the copy's modules, which the id-keyed tables must name (the copy is patched as
+        the original was, and unpatch(copy) restores the copy only)."""
+        self.__dict__.update(attributes)
+        self.index = {id(module): i for i, module in enumerate(self.layers)}
+        self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
 
     def set_options(self, options: PatchOptions) -> None:
         self.options = options
@@ -1197,6 +1205,14 @@ def patch_options(model) -> PatchOptions:
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched: call fastprobe.patch(model) first")
     return state.options
+
+
+def update_patch(model, **changes):
+    """patch(model) again with its current options, those named in `changes` replaced (the
+    others kept, unlike patch(), which resets omitted options to their defaults)."""
+    current = patch_options(model)
+    options = {field.name: getattr(current, field.name) for field in dataclasses.fields(current)}
+    return patch(model, **{**options, **changes})
 
 
 def patch(

@@ -35,7 +35,7 @@ import torch
 
 from ._batching import CACHE_NAMES, cache_argument, output_cache
 from ..integrations.transformers import (
-    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch, patch_options, unpatch,
+    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch, patch_options, unpatch, update_patch,
 )
 
 __all__ = ["guidance", "guided_generate", "prepare_inputs", "two_pass_contrast", "two_pass_generate"]
@@ -139,13 +139,12 @@ def guidance(
         finally:
             unpatch(model)
         return
-    previous = patch_options(model)
-    others = {field.name: getattr(previous, field.name) for field in dataclasses.fields(previous)}
-    patch(model, **dict(others, guidance=options))
+    previous = patch_options(model).guidance
+    update_patch(model, guidance=options)
     try:
         yield model
     finally:
-        patch(model, **others)
+        update_patch(model, guidance=previous)
 
 
 def guided_generate(

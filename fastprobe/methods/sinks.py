@@ -22,7 +22,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ._batching import require_pandas, text_batches
-from ..integrations.transformers import attention_layers, is_patched, patch, patch_options, record_attention, unpatch
+from ..integrations.transformers import (
+    attention_layers, is_patched, patch, patch_options, record_attention, unpatch, update_patch,
+)
 
 __all__ = [
     "PrunedHeads", "perplexity", "plot_sink_heads", "prune_heads", "random_heads", "restore_heads", "score_heads",
@@ -192,7 +194,7 @@ def _prune_by_mask(model, layers: list, pairs: list, num_heads: int):
     masks = {layer: keep.clone() for layer, keep in previous.head_mask.items()}
     for layer, head in pairs:
         masks.setdefault(layer, torch.ones(num_heads, dtype=torch.bool))[head] = False
-    _set_options(model, previous, masks)
+    update_patch(model, head_mask=masks)  # (the other options, guidance among them, kept)
 
     def undo():
         if not is_patched(model):  # the user unpatched in between: nothing left to undo
@@ -200,14 +202,9 @@ def _prune_by_mask(model, layers: list, pairs: list, num_heads: int):
         if patched_here:
             unpatch(model)
         else:
-            _set_options(model, previous, previous.head_mask)
+            update_patch(model, head_mask=previous.head_mask)
 
     return undo
-
-
-def _set_options(model, options, head_mask) -> None:
-    patch(model, num_sink=options.num_sink, window=options.window, head_mask=dict(head_mask),
-          record=options.record, stat_tokens=options.stat_tokens)
 
 
 def _prune_by_projection(model, layers: list, pairs: list, num_heads: int):
