@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -453,12 +453,20 @@ def _read_questions(path: str) -> tuple[list, list, list | None]:
             continue
         try:
             item = json.loads(line)
-            prompts.append(item["prompt"])
-            answers.append(item["answers"])
+            prompt, aliases = item["prompt"], item["answers"]
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}:{number}: each line must be a JSON object with \"prompt\" and \"answers\" "
                              f"({error!r})") from None
-        correct.append(item.get("correct"))
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}:{number}: \"prompt\" must be a string, got {prompt!r}")
+        if not (isinstance(aliases, str) or isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+            raise ValueError(f"{path}:{number}: \"answers\" must be a string or a list of strings, got {aliases!r}")
+        judged = item.get("correct")
+        if judged is not None and not isinstance(judged, bool):
+            raise ValueError(f"{path}:{number}: \"correct\" must be true or false, got {judged!r}")
+        prompts.append(prompt)
+        answers.append(aliases)
+        correct.append(judged)
     if not prompts:
         raise ValueError(f"{path} holds no question")
     judged = [c for c in correct if c is not None]
@@ -471,12 +479,54 @@ def _device_of(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _device(text: str) -> str:
+    """--device: a device torch knows and this machine has (checked before any model loads)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"not a device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: fastprobe runs on cpu or cuda")
+    return text
+
+
+def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
+    """Where the command will write, checked before any model runs: an existing folder, and for
+    the plot a format matplotlib writes (and matplotlib itself)."""
+    for path in filter(None, (csv, plot)):
+        if not Path(path).parent.is_dir():
+            raise ValueError(f"{path}: there is no folder {Path(path).parent} to write it into")
+    if plot:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install 'fastprobe[plot]'") from None
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        suffix = Path(plot).suffix.lstrip(".").lower()
+        if suffix not in formats:
+            raise ValueError(f"--plot {plot}: matplotlib writes {', '.join(sorted(formats))} (by extension), "
+                             f"not {suffix or 'a file without an extension'}")
+
+
+def _check_prune(fraction: float, num_heads: int) -> None:
+    """--prune prunes round(fraction x heads) top heads, then as many random other heads."""
+    count = int(round(fraction * num_heads))
+    if 2 * count > num_heads:
+        raise ValueError(f"--prune {fraction}: the top {count} of the model's {num_heads} heads leave "
+                         f"{num_heads - count} others, fewer than the {count} random heads to compare with; "
+                         "give a fraction of at most 0.5")
+
+
 def _load_model(path: str, device: str, dtype: str):
     """A local causal-LM checkpoint (no downloads) on `device`, in eval mode."""
     import transformers
 
     from packaging.version import Version
 
+    if not Path(path).is_dir():
+        raise ValueError(f"{path}: no such checkpoint folder (fastprobe loads local checkpoints only)")
     options = dict(local_files_only=True)
     if dtype != "auto":  # transformers 4.56 renamed torch_dtype to dtype
         name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -489,8 +539,8 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     """(model, tokenizer) of a local checkpoint."""
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return _load_model(path, device, dtype), tokenizer
+    model = _load_model(path, device, dtype)
+    return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def sinks_command(args: argparse.Namespace) -> int:
@@ -498,25 +548,29 @@ def sinks_command(args: argparse.Namespace) -> int:
     from .methods import sinks
 
     try:
+        _check_outputs(args.csv, args.plot)
         texts = _read_texts(args.texts)
         device = _device_of(args)
         model, tokenizer = _load_checkpoint(args.model, device, args.dtype)
         integrations.patch(model)
-    except (OSError, ValueError, NotImplementedError, ImportError) as error:
+        layers = integrations.attention_layers(model)
+        if args.prune is not None:
+            _check_prune(args.prune, len(layers) * sinks._num_heads(layers[0]))
+        parameter = next(model.parameters())
+        print(f"fastprobe sinks: {args.model} ({type(model).__name__}, {len(layers)} layers), {len(texts)} texts, "
+              f"{device}, {resolve(parameter.device, parameter.dtype, 'sinks')} backend")
+        table = sinks.score_heads(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
+                                  progress=not args.no_progress)
+        print(f"  strongest sink heads of {len(table)}:")
+        _print_head_table(table, args.top)
+        if args.prune is not None:
+            _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length)
+        if args.plot:
+            print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
+        _save_table(table, args.csv, "table", index=False)
+    except (OSError, ValueError, TypeError, NotImplementedError, ImportError) as error:
         print(f"fastprobe sinks: error: {error}", file=sys.stderr)
         return 2
-    layers = integrations.attention_layers(model)
-    print(f"fastprobe sinks: {args.model} ({type(model).__name__}, {len(layers)} layers), {len(texts)} texts, "
-          f"{device}, {resolve(next(model.parameters()).device, next(model.parameters()).dtype, 'sinks')} backend")
-    table = sinks.score_heads(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                              progress=not args.no_progress)
-    print(f"  strongest sink heads of {len(table)}:")
-    _print_head_table(table, args.top)
-    if args.prune is not None:
-        _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length)
-    if args.plot:
-        print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
-    _save_table(table, args.csv, "table", index=False)
     return 0
 
 
@@ -536,6 +590,7 @@ def uncertainty_command(args: argparse.Namespace) -> int:
     from .methods import uncertainty
 
     try:
+        _check_outputs(args.csv)
         texts = _read_texts(args.texts)
         device = _device_of(args)
         target, tokenizer = _load_checkpoint(args.target, device, args.dtype)
@@ -566,6 +621,7 @@ def availability_command(args: argparse.Namespace) -> int:
     from .methods import availability, uncertainty
 
     try:
+        _check_outputs(args.csv)
         prompts, answers, correct = _read_questions(args.questions)
         model, tokenizer = _load_checkpoint(args.model, _device_of(args), args.dtype)
         table = availability.answer_availability(
@@ -615,7 +671,8 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, backends and why one is unavailable, threads, library versions")
     demo_parser = commands.add_parser("demo", help="run the fused ops on a built-in problem, check and time them")
-    demo_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo_parser.add_argument("--device", type=_device, default=None,
+                                     help="cpu or cuda (default: cuda when available)")
     demo_parser.add_argument("--drafts", type=int, default=4)
     demo_parser.add_argument("--tokens", type=int, default=256)
     demo_parser.add_argument("--vocab", type=int, default=32000)
@@ -633,7 +690,8 @@ def main(argv=None) -> int:
     sinks_parser.add_argument("--top", type=int, default=10, help="heads to list (default 10)")
     sinks_parser.add_argument("--batch-size", type=int, default=8)
     sinks_parser.add_argument("--max-length", type=int, default=512, help="tokens per text at most")
-    sinks_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    sinks_parser.add_argument("--device", type=_device, default=None,
+                                     help="cpu or cuda (default: cuda when available)")
     sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     sinks_parser.add_argument("--seed", type=int, default=0, help="seed of the random heads pruned for comparison")
     sinks_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -656,7 +714,8 @@ def main(argv=None) -> int:
         method_parser.add_argument("--csv", default=None, metavar="PATH", help="write the table as CSV")
         method_parser.add_argument("--batch-size", type=int, default=8)
         method_parser.add_argument("--max-length", type=int, default=512, help="tokens per text at most")
-        method_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        method_parser.add_argument("--device", type=_device, default=None,
+                                     help="cpu or cuda (default: cuda when available)")
         method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
         method_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

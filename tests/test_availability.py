@@ -223,10 +223,21 @@ def test_availability_command_bad_questions(tmp_path, capsys):
     questions = tmp_path / "questions.jsonl"
     for content, match in [('{"prompt": "Q"}\n', "questions.jsonl:1"), ("\n", "holds no question"),
                            ('{"prompt": "a", "answers": "b", "correct": true}\n{"prompt": "c", "answers": "d"}\n',
-                            "every line or on none")]:
+                            "every line or on none"),
+                           ('{"prompt": "a", "answers": "b", "correct": "false"}\n', '"correct" must be true or false'),
+                           ('{"prompt": "a", "answers": 7}\n', '"answers" must be a string or a list of strings'),
+                           ('{"prompt": ["a"], "answers": "b"}\n', '"prompt" must be a string')]:
         questions.write_text(content)
         assert cli.main(["availability", "--model", str(tmp_path), "--questions", str(questions)]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_correct_must_hold_judgements(model, tokenizer):
+    """bool("false") is True: judgements are bools (or 0 / 1), anything else is refused."""
+    for correct in (["false", True, False, True, True], [0.5, 1, 0, 1, 1]):
+        with pytest.raises(TypeError, match="correct must hold bools"):
+            availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, generate=False, correct=correct,
+                                             progress=False)
 
 
 def test_long_prompts_keep_their_end(model, tokenizer):

@@ -30,8 +30,13 @@ def test_demo_op_sections_pass_their_checks(section, capsys):
     assert "OK" in printed and "FAILED" not in printed
 
 
+NO_CUDA = [] if torch.cuda.is_available() else [["sinks", "--model", "m", "--texts", "t", "--device", "cuda"],
+                                                 ["demo", "--device", "cuda:0"]]
+
+
 @pytest.mark.parametrize("argv", [[], ["nonsense"], ["sinks"], ["availability", "--model", "m"],
-                                  ["sinks", "--model", "m", "--texts", "t", "--prune", "1.5"]])
+                                  ["sinks", "--model", "m", "--texts", "t", "--prune", "1.5"],
+                                  ["demo", "--device", "gpu"], *NO_CUDA])
 def test_bad_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main(argv)

@@ -265,6 +265,22 @@ def test_sinks_command_bad_paths(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, match", [
+    (["--prune", "0.75"], "give a fraction of at most 0.5"),  # too few other heads for the random control
+    (["--csv", "{tmp}/no/table.csv"], "there is no folder"),
+    (["--plot", "{tmp}/heads.xyz"], "matplotlib writes"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+])
+def test_sinks_command_refuses_what_it_cannot_do_before_it_runs(checkpoint, tmp_path, capsys, options, match):
+    """A clear error and status 2, never a traceback; outputs and --prune are checked before scoring."""
+    folder, texts = checkpoint
+    options = [option.replace("{tmp}", str(tmp_path)) for option in options]
+    assert cli.main(["sinks", "--model", str(folder), "--texts", str(texts), "--no-progress", *options]) == 2
+    captured = capsys.readouterr()
+    assert match in captured.err and "Traceback" not in captured.err
+    assert "strongest sink heads" not in captured.out or "--batch-size" in options
+
+
 def test_demo_sinks_section(capsys):
     """The demo's pipeline on its built-in model (short timing input)."""
     assert cli._demo_sinks(torch.device("cpu"), seed=0, length=64)

@@ -180,6 +180,29 @@ def test_generate_with_uncertainty_scores_each_continuation(tokenizer, models):
             torch.testing.assert_close(torch.tensor(rows[name].to_numpy()), result[name][-5:], atol=2e-4, rtol=1e-4)
 
 
+def test_several_continuations_per_prompt(tokenizer, models):
+    """num_return_sequences = 2 with top_k = 1 sampling (so both continuations are the greedy
+    one): continuations prompt after prompt, each scored as its prompt's greedy one; beam search
+    is refused."""
+    target, drafts = models
+    prompts = ["The river", "A small model can still show", "Stars"]
+    _, greedy = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, prompts, max_new_tokens=4,
+                                                      do_sample=False, progress=False)
+    generated, table = uncertainty.generate_with_uncertainty(
+        target, drafts, tokenizer, prompts, max_new_tokens=4, batch_size=2, do_sample=True, top_k=1,
+        num_return_sequences=2, progress=False)
+    assert len(generated) == 6 and table.attrs["num_texts"] == 6
+    assert list(uncertainty.sequence_scores(table).index) == list(range(6))
+    for text in range(6):
+        rows, want = table[table["text"] == text], greedy[greedy["text"] == text // 2]
+        assert (rows["prompt"] == text // 2).all() and rows["token_id"].tolist() == want["token_id"].tolist()
+        for name in STATISTICS:
+            torch.testing.assert_close(torch.tensor(rows[name].to_numpy()), torch.tensor(want[name].to_numpy()),
+                                       atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="beam search"):
+        uncertainty.generate_with_uncertainty(target, drafts, tokenizer, prompts, num_beams=2, progress=False)
+
+
 def test_generation_is_scored_up_to_its_first_eos(tokenizer, models):
     target, drafts = models
     _, new = greedy_alone(target, tokenizer, "The river", 6)

@@ -195,6 +195,10 @@ def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_
         check_count(max_new_tokens, "max_new_tokens")
     if correct is not None and len(correct) != len(prompts):
         raise ValueError(f"correct must hold one judgement per prompt, got {len(correct)} for {len(prompts)}")
+    if correct is not None:  # (bool("false") would be True)
+        wrong = next((c for c in correct if isinstance(c, (str, bytes)) or c not in (0, 1)), None)
+        if wrong is not None:
+            raise TypeError(f"correct must hold bools (or 0 / 1), got {wrong!r}")
     return prompts, answers
 
 

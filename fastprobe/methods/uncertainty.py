@@ -185,9 +185,16 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     drafts score the continuation by teacher forcing. Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
-    continuation's first eos, position counted from the continuation's start."""
+    continuation's first eos, position counted from the continuation's start. With
+    num_return_sequences = n (sampling several continuations of a prompt) there are n
+    continuations per prompt, prompt after prompt: the table's text is the continuation's
+    index, prompt its prompt's. Beam search is refused: its per-step logits belong to beams
+    that are reordered and dropped, not to the returned sequences."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     check_count(max_new_tokens, "max_new_tokens")
+    if (generate_kwargs.get("num_beams") or target.generation_config.num_beams or 1) > 1:
+        raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
+                         "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
     if settings.get("pad_token_id") is None and target.generation_config.pad_token_id is None:
@@ -200,21 +207,23 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
             prompt_length = batch["input_ids"].shape[1]
             output = target.generate(**batch, **settings)
             sequences = output.sequences
+            per_prompt = sequences.shape[0] // batch["input_ids"].shape[0]  # num_return_sequences, prompt-major
             new_tokens = sequences[:, prompt_length:]
             kept = _continuation_mask(new_tokens, eos_ids)
             target_rows = torch.stack(output.logits, dim=1)[kept]  # [N, V]: step t's logits predict new token t
             del output
-            mask = torch.cat([batch["attention_mask"], kept.long()], dim=1)
+            mask = torch.cat([batch["attention_mask"].repeat_interleave(per_prompt, 0), kept.long()], dim=1)
             full = {"input_ids": sequences, "attention_mask": mask, "position_ids": real_positions(mask)}
             scored = torch.zeros_like(mask, dtype=torch.bool)
             scored[:, prompt_length - 1:-1] = kept  # position i predicts generated token i + 1
             statistics = _scored_statistics(target_rows, drafts, full, scored, weights, temperature, tokenizer)
             rows, steps = kept.nonzero(as_tuple=True)
-            tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(), steps.cpu(),
-                                       new_tokens[rows, steps].cpu()))
+            table = _token_table(statistics, tokenizer, (rows + first).cpu(), steps.cpu(), new_tokens[rows, steps].cpu())
+            table.insert(1, "prompt", table["text"] // per_prompt)
+            tables.append(table)
             generated += [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(new_tokens, kept)]
             first += new_tokens.shape[0]
-    return generated, _concat(pandas, tables, len(prompts))
+    return generated, _concat(pandas, tables, len(generated))
 
 
 def sequence_scores(tokens):
