@@ -1,5 +1,7 @@
 """Logit-bridge distillation with transformers models: a plain loop and the Trainer."""
 
+import copy
+
 import pytest
 import torch
 
@@ -96,3 +98,35 @@ def test_trainer_compute_loss(tmp_path):
     assert steps_seen == [0, 1, 2]
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, student.lm_head.weight.detach())
+
+
+def test_trainer_gradient_accumulation_takes_the_mean_of_micro_batches(tmp_path):
+    """One SGD step on two equal-length examples: batch 1 with 2 accumulation steps updates as
+    batch 2 without accumulation does, and as a plain loop on the two losses' mean (the Trainer
+    does not divide by the steps itself for a model that accepts loss kwargs)."""
+    pytest.importorskip("accelerate")
+    teacher, base = tiny_gpt2(seed=1), tiny_gpt2(seed=0).train()
+    data = batch()
+    examples = [{name: value[i] for name, value in data.items()} for i in (1, 2)]  # (unpadded: equal token counts)
+
+    def update(batch_size, accumulation):
+        student = copy.deepcopy(base)
+
+        class DistillationTrainer(transformers.Trainer):
+            compute_loss = trainer_compute_loss(teacher, fp.BridgeLoss(beta=0.5))
+
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+            max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no", logging_strategy="no",
+            use_cpu=True, disable_tqdm=True)
+        DistillationTrainer(model=student, args=args, train_dataset=examples).train()
+        return student.lm_head.weight.detach() - base.lm_head.weight.detach()
+
+    student = copy.deepcopy(base)
+    loss_fn = fp.BridgeLoss(beta=0.5)
+    losses = [distillation_loss(student, teacher, {k: v[None] for k, v in e.items()}, loss_fn)[0] for e in examples]
+    (sum(losses) / 2).backward()
+    want = -student.lm_head.weight.grad
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        torch.testing.assert_close(update(batch_size, accumulation), want, rtol=1e-4, atol=1e-6)

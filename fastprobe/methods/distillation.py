@@ -62,10 +62,27 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
 
 def trainer_compute_loss(teacher, loss_fn):
     """A compute_loss method for a transformers.Trainer subclass that distils `teacher`
-    into the trained model with loss_fn; the beta schedule follows trainer.state.global_step."""
+    into the trained model with loss_fn; the beta schedule follows trainer.state.global_step.
+    With gradient accumulation, each micro-batch's loss counts 1 / (accumulation steps): the
+    update is the one of the micro-batches' mean loss, as without accumulation on equal-sized
+    micro-batches."""
 
     def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = distillation_loss(model, teacher, inputs, loss_fn, step=trainer.state.global_step)
+        if not _trainer_divides_by_accumulation(trainer, num_items_in_batch):
+            loss = loss / getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
         return (loss, outputs) if return_outputs else loss
 
     return compute_loss
+
+
+def _trainer_divides_by_accumulation(trainer, num_items_in_batch) -> bool:
+    """Whether the Trainer divides compute_loss's loss by the accumulation steps itself. It does
+    not when it takes that loss to be normalised by num_items_in_batch already (a model that
+    accepts loss kwargs, or a compute_loss_func), which this loss (a mean per micro-batch) is not;
+    transformers 5 lets a Trainer say so in loss_is_scaled_for_ga."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or \
+            getattr(trainer, "compute_loss_func", None) is not None
+    return not scaled
