@@ -114,6 +114,37 @@ def test_collector_on_a_vision_language_models_batches():
             **TOLERANCE)
 
 
+def test_collector_leaves_multimodal_rotary_positions_to_the_model():
+    """Qwen2-VL computes its 3D (temporal, height, width) positions of image tokens only when it
+    gets no position_ids: the collector must not hand it 2D ones counted over real tokens."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen2VLForConditionalGeneration"):
+        pytest.skip("this transformers has no Qwen2-VL")
+    image, start, end = 500, 501, 502
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters=rope, rope_scaling=dict(rope, type="mrope"))  # (5.x, 4.5x)
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=image, vision_start_token_id=start,
+        vision_end_token_id=end)).eval()
+    with torch.no_grad():  # sharp attention: positions show
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    ids = torch.tensor([[5, 6, start] + [image] * 4 + [end, 7, 8, 9]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == image).int(),
+             "pixel_values": torch.randn(16, 3 * 2 * 14 * 14), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    states = collect_hidden_states_from_batches(model, batch, layers=[0], pool=None, progress=False)
+    with torch.no_grad():
+        want = model(**batch, output_hidden_states=True).hidden_states[1]
+        flat = model(**batch, position_ids=torch.arange(11)[None], output_hidden_states=True).hidden_states[1]
+    assert (flat - want).abs().max() > 1e-2  # (2D positions would show)
+    torch.testing.assert_close(states[0], want, **TOLERANCE)
+
+
 def test_collector_stops_after_the_deepest_layer(tokenizer):
     """Blocks after the deepest chosen one and the LM head never run; the forward asks for no
     hidden-state tuple, no attention weights and no cache; no hook is left behind."""

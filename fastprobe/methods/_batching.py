@@ -73,6 +73,16 @@ def takes_position_ids(model) -> bool:
     return "position_ids" in forward_parameters(model)
 
 
+def multimodal_positions(model) -> bool:
+    """Whether the model has multimodal rotary positions (Qwen2-VL's mrope: temporal, height and
+    width positions for image tokens), which it computes from the batch (image grids, attention
+    mask) only when it is given no position_ids: 2D ones would put image tokens at text positions."""
+    config = getattr(model, "config", None)
+    configs = (config, getattr(config, "text_config", None))
+    ropes = (getattr(c, name, None) for c in configs for name in ("rope_parameters", "rope_scaling"))
+    return any(isinstance(rope, dict) and "mrope_section" in rope for rope in ropes)
+
+
 def learned_positions(model) -> Optional[int]:
     """How many positions a model with a learned position table (GPT-2, OPT, BERT) takes, or None
     for models without a hard limit (rotary, ALiBi): the config's context, when an embedding table
@@ -91,14 +101,15 @@ def learned_positions(model) -> Optional[int]:
 def on_model(model, batch) -> dict:
     """A copy of a batch of model inputs on the model's device (floating tensors, e.g. pixel
     values, in its dtype), with position_ids counted over real tokens where the model takes them
-    and the batch has none, and without them where the model does not take them."""
+    and the batch has none (not for multimodal rotary positions, which the model computes), and
+    without them where the model does not take them."""
     parameter = next(model.parameters())
     moved = {name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
              if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
     takes = takes_position_ids(model)
     if not takes:
         moved.pop("position_ids", None)
-    elif "position_ids" not in moved and moved.get("attention_mask") is not None:
+    elif "position_ids" not in moved and moved.get("attention_mask") is not None and not multimodal_positions(model):
         moved["position_ids"] = real_positions(moved["attention_mask"])
     return moved
 
@@ -149,7 +160,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         raise ValueError("texts must be a string or a list of strings")
     check_count(batch_size, "batch_size")
     check_count(max_length, "max_length")
-    device, positions = model_device(model), position_ids and takes_position_ids(model)
+    device = model_device(model)
+    positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
     limit = min((found for found in map(learned_positions, (model, *readers)) if found is not None), default=None)
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
