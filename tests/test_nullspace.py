@@ -87,6 +87,9 @@ def test_bias_subspace_recovers_planted_directions():
     (torch.full((5, 8), float("nan")), 1, "NaN"),
     (torch.zeros(5, 8), 1, "fewer than k"),
     (torch.ones(5, 8), 2, "fewer than k = 2"),
+    # float32 multiples of one vector: rank 1 up to float32 rounding, which leaves ~1e-8 s_0
+    (torch.linspace(0.5, 3.0, 10)[:, None] * torch.randn(1, 64), 3, "fewer than k = 3"),
+    ((torch.linspace(0.5, 3.0, 10)[:, None] * torch.randn(1, 64)).bfloat16(), 2, "fewer than k = 2"),
 ])
 def test_bias_subspace_bad_input(shifts, k, match):
     with pytest.raises(ValueError, match=match):

@@ -400,6 +400,8 @@ def test_validation_data_and_evaluate():
     (dict(batch_size=0), "batch_size"),
     (dict(kind="mlp", dropout=1.0), "dropout"),
     (dict(validation_data=(torch.randn(5, 7), torch.zeros(5, dtype=torch.long))), "validation_data features"),
+    (dict(labels=torch.randn(40, 2), validation_data=(torch.randn(5, 8), torch.randn(5))),
+     r"validation_data labels must have 2 target\(s\) per row"),  # (checked before training)
 ])
 def test_train_probe_bad_input(call, match):
     arguments = dict(features=torch.randn(40, 8), labels=torch.arange(40) % 2, epochs=2)
@@ -409,6 +411,12 @@ def test_train_probe_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         train_probe(features, labels, **arguments)
     assert torch.equal(features, kept) or torch.isnan(kept).all()
+
+
+def test_evaluate_probe_checks_the_regression_width():
+    fit = train_probe(torch.randn(30, 6), torch.randn(30, 2), epochs=2)
+    with pytest.raises(ValueError, match=r"labels must have 2 target\(s\) per row, got shape \(30,\)"):
+        evaluate_probe(fit.probe, torch.randn(30, 6), torch.randn(30))
 
 
 def test_attentive_mask_and_predict_bad_input():

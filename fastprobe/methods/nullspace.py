@@ -120,7 +120,8 @@ def bias_subspace(shifts: torch.Tensor, k: int) -> torch.Tensor:
     """U [H, k] float32 (on the shifts' device): the top-k right singular vectors of the stacked
     shift vectors [M, H] (any floating dtype; the SVD runs in float64 on the CPU), orthonormal
     columns, ordered by singular value, each column's sign fixed so its largest entry is
-    positive. k must be in 1..min(M, H); shifts of rank below k raise ValueError."""
+    positive. k must be in 1..min(M, H); shifts of rank below k (singular values at their
+    dtype's rounding level count as 0) raise ValueError."""
     if not isinstance(shifts, torch.Tensor) or not shifts.is_floating_point():
         raise ValueError(f"shifts must be a floating tensor [M, H], got {getattr(shifts, 'dtype', type(shifts))}")
     if shifts.dim() != 2 or shifts.numel() == 0:
@@ -133,7 +134,10 @@ def bias_subspace(shifts: torch.Tensor, k: int) -> torch.Tensor:
     if not bool(torch.isfinite(stacked).all()):
         raise ValueError("shifts hold NaN or infinite values")
     _, singular, right = torch.linalg.svd(stacked, full_matrices=False)  # S = A diag(s) B^T, right = B^T
-    if float(singular[k - 1]) <= 1e-12 * max(float(singular[0]), 1e-300):
+    # a direction whose singular value is at the input dtype's rounding level (relative to the
+    # largest) is noise: float32 shifts that are multiples of one vector leave ~1e-8 s_0
+    noise = max(torch.finfo(shifts.dtype).eps, 1e-12) * max(float(singular[0]), 1e-300)
+    if float(singular[k - 1]) <= noise:
         raise ValueError(f"the shifts span fewer than k = {k} directions (singular values {singular[:k].tolist()}): "
                          "choose a smaller k")
     basis = right[:k].T.contiguous()  # [H, k]

@@ -504,7 +504,13 @@ def _infer_task(labels: torch.Tensor, task: str) -> str:
     return task
 
 
-def _as_labels(labels, rows: int, task: str, name: str = "labels") -> torch.Tensor:
+def _targets_per_row(labels: torch.Tensor) -> int:
+    """A regression's targets per row: 1 for [N], D for [N, D]."""
+    return 1 if labels.dim() == 1 else labels.shape[1]
+
+
+def _as_labels(labels, rows: int, task: str, name: str = "labels", width: Optional[int] = None) -> torch.Tensor:
+    """labels checked for the task (width: the targets per row a regression must have, if fixed)."""
     labels = _tensor_of(labels, name)
     if labels.dim() == 0 or labels.shape[0] != rows:
         raise ValueError(f"{name} has {labels.shape[0] if labels.dim() else 'no'} rows but the features have {rows}")
@@ -518,6 +524,8 @@ def _as_labels(labels, rows: int, task: str, name: str = "labels") -> torch.Tens
     if labels.dim() > 2:
         raise ValueError(f"{name} must be [N] or [N, D] for regression, got {tuple(labels.shape)}")
     labels = labels.float()
+    if width is not None and _targets_per_row(labels) != width:
+        raise ValueError(f"{name} must have {width} target(s) per row, got shape {tuple(labels.shape)}")
     if not bool(torch.isfinite(labels).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
     return labels
@@ -641,7 +649,7 @@ def train_probe(
         check_count(batch_size, "batch_size")
     train_rows, val_rows = _split(features.shape[0], 0.0 if validation_data is not None else validation_fraction, seed)
     train = (_rows(features, train_rows), _rows(labels, train_rows), _rows(mask, train_rows))
-    validation = _validation_set(validation_data, kind, task, features) if validation_data is not None else \
+    validation = _validation_set(validation_data, kind, task, features, labels) if validation_data is not None else \
         (_rows(features, val_rows), _rows(labels, val_rows), _rows(mask, val_rows)) if len(val_rows) else None
     num_outputs = _num_outputs(task, labels, validation)
     with _fork_rng(features.device):
@@ -658,7 +666,7 @@ def train_probe(
     return ProbeFit(probe, metrics, history)
 
 
-def _validation_set(validation_data, kind: str, task: str, features: torch.Tensor) -> tuple:
+def _validation_set(validation_data, kind: str, task: str, features: torch.Tensor, labels: torch.Tensor) -> tuple:
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
         raise ValueError("validation_data must be (features, labels) or (features, labels, mask)")
     val_features = _as_features(validation_data[0], "validation_data features").to(features.device, torch.float32)
@@ -670,13 +678,14 @@ def _validation_set(validation_data, kind: str, task: str, features: torch.Tenso
     if kind != "attentive" and val_mask is not None:
         raise ValueError(f"validation_data has a mask, but the {kind} probe takes pooled features")
     val_mask = _as_mask(val_mask, val_features, "validation_data mask")
-    val_labels = _as_labels(validation_data[1], val_features.shape[0], task, "validation_data labels")
+    width = _targets_per_row(labels) if task == "regression" else None  # (as the training labels)
+    val_labels = _as_labels(validation_data[1], val_features.shape[0], task, "validation_data labels", width)
     return val_features, val_labels.to(features.device), val_mask
 
 
 def _num_outputs(task: str, labels: torch.Tensor, validation: Optional[tuple]) -> int:
     if task == "regression":
-        return 1 if labels.dim() == 1 else labels.shape[1]
+        return _targets_per_row(labels)
     highest = int(labels.max()) if validation is None else max(int(labels.max()), int(validation[1].max()))
     if highest < 1:
         raise ValueError("labels hold a single class: a classifier needs at least two")
@@ -759,7 +768,7 @@ def evaluate_probe(probe: _Probe, features, labels, mask=None, *, batch_size: in
     """{"loss", "accuracy"} (classification) or {"loss", "r2"} (regression) of the probe on
     these rows, as floats."""
     outputs = _outputs(probe, features, mask, batch_size)
-    labels = _as_labels(labels, outputs.shape[0], probe.task).to(outputs.device)
+    labels = _as_labels(labels, outputs.shape[0], probe.task, width=probe.num_outputs).to(outputs.device)
     if probe.task == "classification" and int(labels.max()) >= probe.num_outputs:
         raise ValueError(f"labels hold class {int(labels.max())} but the probe has {probe.num_outputs} classes")
     metrics = {"loss": float(_loss(outputs, labels, probe.task))}
