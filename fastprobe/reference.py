@@ -20,10 +20,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _xlogy(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
-    """x * log_y with the convention 0 * log 0 = 0 (also when log_y is -inf or NaN there).
-    log_y is masked before the product, so its gradient is 0 (not NaN) where x = 0."""
-    positive = x > 0
-    return torch.where(positive, x * torch.where(positive, log_y, torch.zeros_like(log_y)), torch.zeros_like(x))
+    """x * log_y with the convention 0 * log 0 = 0 (also when log_y is -inf or NaN there); a NaN
+    x stays NaN (NaN input must not read as an empty entry). log_y is masked before the product,
+    so its gradient is 0 (not NaN) where x = 0."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), x * torch.where(zero, torch.zeros_like(log_y), log_y))
 
 
 def entropy(log_p: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -387,12 +387,13 @@ def _attend_range(
 @triton.jit
 def _finish(m, l, stat, ent):
     """(1 / l, lse, sink_mass, entropy) from a final state, elementwise; l = 0 (nothing in the
-    softmax): (0, -inf, 0, 0). Entropy = (log2 l - A / l) ln 2, clamped at 0 from rounding."""
-    has = l > 0
-    inv_l = tl.where(has, 1.0 / l, 0.0)
-    log2_l = tl.log2(tl.where(has, l, 1.0))
-    lse = tl.where(has, (m + log2_l) * _LN2, _NEG_INF)
-    entropy = tl.where(has, (log2_l - ent * inv_l) * _LN2, 0.0)
+    softmax): (0, -inf, 0, 0); a NaN l (NaN or +inf scores) gives NaN, as in the C++ kernel, not
+    an empty row's values. Entropy = (log2 l - A / l) ln 2, clamped at 0 from rounding."""
+    empty = l == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / l)
+    log2_l = tl.log2(tl.where(empty, 1.0, l))
+    lse = tl.where(empty, _NEG_INF, (m + log2_l) * _LN2)
+    entropy = tl.where(empty, 0.0, (log2_l - ent * inv_l) * _LN2)
     entropy = tl.where(entropy < 0, 0.0, entropy)  # (NaN passes)
     return inv_l, lse, stat * inv_l, entropy
 

@@ -577,6 +577,28 @@ def test_window_wider_than_any_distance_is_no_window(target, causal):
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=RTOL, atol=ATOL, msg=name)
 
 
+@pytest.mark.parametrize("num_queries", [9, 1], ids=["prefill", "decode"])
+def test_nan_scores_give_nan_statistics_not_an_empty_rows(target, num_queries):
+    """A query that sees a key with +inf entries (NaN / inf scores) gets NaN out, lse, sink_mass
+    and entropy in every backend, as in the reference: never the values of a row with nothing to
+    attend to (lse -inf, masses 0), which would hide bad input. Queries before that key are
+    untouched."""
+    _, device = target
+    q, k, v = random_qkv(1, 4, 2, num_queries, 9, 16, torch.float32, device)
+    k[0, 1, 6] = float("inf")  # heads 2, 3 (kv head 1), key 6: seen by positions >= 6
+    got = fp.sink_attention(q, k, v, num_sink=1, return_entropy=True)
+    want = expected(q, k, v, num_sink=1)
+    sees = torch.zeros(1, 4, num_queries, dtype=torch.bool)
+    sees[0, 2:, torch.arange(9 - num_queries, 9) >= 6] = True
+    for name in ("lse", "sink_mass", "entropy"):
+        value = getattr(got, name).cpu().double()
+        assert value[sees].isnan().all() and want[name][sees].isnan().all(), name
+        torch.testing.assert_close(value[~sees], want[name][~sees], rtol=RTOL, atol=ATOL, msg=name)
+    out = got.out.cpu().double()
+    assert out[sees].isnan().all() and not out[~sees].isnan().any()
+    torch.testing.assert_close(out[~sees], want["out"][~sees], rtol=1e-4, atol=1e-5)
+
+
 def test_head_dim_one_with_any_stride(target):
     """D = 1 views keep whatever stride their parent had along D (torch calls them contiguous
     either way); the kernels never step it."""

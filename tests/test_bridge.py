@@ -206,6 +206,19 @@ def test_row_without_a_distribution_gives_nan(target, direction):
     torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=RTOL, atol=ATOL, equal_nan=True)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_nan_or_inf_input_gives_a_nan_loss(target, direction):
+    """A NaN or +inf logit (student or teacher) makes its row's loss NaN in every backend and in
+    the reference (whose 0 log 0 = 0 guard must not read NaN as an empty entry), never 0."""
+    _, device = target
+    student, teacher = torch.randn(4, 9), torch.randn(4, 9)
+    student[0, 3], teacher[1, 5], student[2, 0] = float("nan"), float("nan"), float("inf")
+    loss = fp.bridge_loss(student.to(device), teacher.to(device), beta=0.5, direction=direction, reduction="none")
+    want = reference.bridge_loss(student.double(), teacher.double(), beta=0.5, direction=direction, reduction="none")
+    assert loss[:3].isnan().all() and want[:3].isnan().all()
+    torch.testing.assert_close(loss[3:].cpu().double(), want[3:], rtol=RTOL, atol=ATOL)
+
+
 def test_extreme_logits(target):
     """Logits of magnitude 1e4: no overflow or NaN, and results as accurate as float32 allows."""
     _, device = target
