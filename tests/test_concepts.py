@@ -222,6 +222,27 @@ def test_gradient_at_extreme_logits(target, temperature):
                                rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e30])
+def test_temperature_range_ends(target, temperature):
+    """The ends of the temperatures taken: values as the reference's, and at 1e30 gradients too
+    (of size 1 / T, compared relatively; at ~1e38 the log-softmax's shift lse * T overflowed
+    float32 and the gradient was NaN); beyond them a ValueError before any kernel runs."""
+    _, device = target
+    num_tokens, vocab, _ = shapes_for(target)[0]
+    logits = (3 * torch.randn(num_tokens, vocab)).to(device)
+    concepts = fp.ConceptSet.from_ids([[0, 2], [1, 3, 4], [5]]).to(device)
+    assert_matches(fp.concept_mass(logits, concepts, temperature=temperature), expected(logits, concepts, temperature))
+    if temperature > 1.0:
+        weights = [torch.randn(num_tokens, 3, device=device), torch.randn(num_tokens, 3, device=device),
+                   torch.randn(num_tokens, device=device)]
+        got = fused_gradient(logits, concepts, temperature, weights)
+        want = reference_gradient(logits, concepts, temperature, weights)
+        assert want.abs().max() > 1e-33
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-6 / temperature)
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[1e-30, 1e30\]"):
+        fp.concept_mass(logits, concepts, temperature=temperature * 10 if temperature > 1 else temperature / 10)
+
+
 def test_gradient_of_log_mass_only_with_masked_concepts(target):
     """Only log_mass in the loss (mass and lse get zero gradient), strided logits, and a
     concept masked everywhere, whose gradient is 0 by convention."""
@@ -645,6 +666,27 @@ def test_reference_backend_forced():
         got = fused_gradient(logits, concepts, 1.0, weights)
     assert_matches(result, expected(logits, concepts))
     torch.testing.assert_close(got.double(), reference_gradient(logits, concepts, 1.0, weights), rtol=RTOL, atol=ATOL)
+
+
+def test_rows_refused_in_eager_mode_give_nan_under_compile(target):
+    """Under torch.compile the check that refuses a row with no finite log-sum-exp (a host sync) is
+    skipped: that row's statistics are NaN in every backend (a NaN logit read as -inf by one
+    kernel's guards gave mass 0 there), the other rows as in eager mode."""
+    _, device = target
+    logits = torch.randn(5, 40)
+    logits[1] = float("-inf")
+    logits[3, 5] = float("nan")
+    logits = logits.to(device)
+    concepts = fp.ConceptSet.from_ids([[5, 7], [2], [30, 31, 32]]).to(device)
+
+    def statistics(z):
+        result = fp.concept_mass(z, concepts)
+        return torch.stack([result.mass, result.log_mass, result.top_share, result.concentration_entropy])
+
+    got = torch.compile(statistics, fullgraph=True, backend="eager")(logits).cpu()
+    bad = torch.tensor([False, True, False, True, False])
+    assert got[:, bad].isnan().all()
+    torch.testing.assert_close(got[:, ~bad], statistics(logits[~bad]).cpu(), rtol=1e-6, atol=1e-6)
 
 
 def test_torch_compile_fullgraph():

@@ -311,6 +311,20 @@ def test_shard_shares_extreme_logits(target, dtype, temperature):
     assert_matches(result, expected(draft, target_logits, None, temperature), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e30])
+def test_shard_shares_at_the_temperature_range_ends(target, temperature):
+    """The ends of the temperatures taken, sharded and not (at ~1e38 the shards' shift lse * T
+    overflowed float32: H(m) came out 0 or NaN instead of log V)."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = (3 * torch.randn(num_drafts, num_tokens, vocab)).to(device)
+    target_logits = (3 * torch.randn(num_tokens, vocab)).to(device)
+    want = expected(draft, target_logits, None, temperature)
+    result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
+    assert_matches(result, want, rtol=1e-4, atol=1e-4)
+    assert_matches(fp.draft_divergence(draft, target_logits, temperature=temperature), want, rtol=1e-4, atol=1e-4)
+
+
 def test_few_tokens_split_the_vocabulary_and_keep_their_bits():
     """With fewer tokens than threads (or fewer than twice as many, not a multiple of them) the C++
     kernel spreads each token's vocabulary over the threads (ranges of 8192 logits, merged in a
@@ -488,6 +502,7 @@ def bad_cases():
         ("weights device", (d, t), {"weights": torch.empty(3, device="meta")}, ValueError, "weights"),
         ("temperature zero", (d, t), {"temperature": 0.0}, ValueError, "temperature"),
         ("temperature nan", (d, t), {"temperature": float("nan")}, ValueError, "temperature"),
+        ("temperature beyond 1e30", (d, t), {"temperature": 1e31}, ValueError, r"temperature must be a number in"),
         ("not a tensor", ([[1.0]], t), {}, TypeError, "draft_logits"),
     ]
 
@@ -593,6 +608,31 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(uncertainty, fullgraph=True)
     eager = uncertainty(draft, target_logits)
     torch.testing.assert_close(compiled(draft, target_logits), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_rows_refused_in_eager_mode_give_nan_under_compile(target):
+    """Under torch.compile the check that refuses a row with no finite log-sum-exp (a host sync) is
+    skipped: every statistic of such a token is NaN, in every backend (the kernels' own guards
+    made 0s, finite values or +inf), and the other tokens are as in eager mode."""
+    _, device = target
+    draft, target_logits = torch.randn(3, 6, 40), torch.randn(6, 40)
+    draft[1, 0] = float("-inf")  # token 0: a draft row all -inf
+    target_logits[2] = float("-inf")  # token 2: the target row all -inf
+    draft[0, 4, 7] = float("nan")  # token 4: NaN
+    draft, target_logits = draft.to(device), target_logits.to(device)
+
+    def statistics(d, t):
+        result = fp.draft_divergence(d, t)
+        return torch.stack([result.jsd, result.kl_mixture_target, result.epistemic, result.mixture_entropy])
+
+    got = torch.compile(statistics, fullgraph=True, backend="eager")(draft, target_logits).cpu()
+    bad = torch.tensor([True, False, True, False, True, False])
+    assert got[:, bad].isnan().all()
+    keep = ~bad
+    want = statistics(draft[:, keep], target_logits[keep]).cpu()
+    torch.testing.assert_close(got[:, keep], want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="has no finite log-sum-exp"):
+        statistics(draft, target_logits)
 
 
 @pytest.mark.parametrize("mode", ["full", "lse_only", "lse_in"])

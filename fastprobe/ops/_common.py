@@ -81,10 +81,18 @@ def check_float32_range(value: float, name: str, positive: bool) -> float:
     return value
 
 
+# Temperatures the kernels take: a log-softmax's shift lse * T = max(x) + T log(sum ...) must stay
+# finite in float32 (T ~ 1e38 overflows it: NaN gradients), and so must 1 / T.
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
-    return check_float32_range(float(temperature), "temperature", positive=True)
+    value = float(temperature)
+    if not TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        raise ValueError(f"temperature must be a number in [1e-30, 1e30], got {temperature}")
+    return value
 
 
 def on_device(tensor: torch.Tensor):
@@ -136,6 +144,13 @@ def check_finite_lse(lse: torch.Tensor, describe: Callable[..., str]) -> None:
 
 
 INT64_MAX = 2**63 - 1  # what the kernels' integer arguments hold
+
+
+def nan_where_not_finite(values: torch.Tensor, row_finite: torch.Tensor) -> torch.Tensor:
+    """values with NaN in the rows whose lse is not finite (row_finite False, broadcast against
+    values): under torch.compile, where the check that refuses such rows (a host sync) is
+    skipped, they give NaN in every backend rather than whatever each kernel's guards make."""
+    return torch.where(row_finite, values, torch.full_like(values, float("nan")))
 
 
 def check_int(value, name: str, minimum: int) -> int:

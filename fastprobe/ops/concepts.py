@@ -37,6 +37,7 @@ from ._common import (
     cpp,
     custom_op,
     is_compiling,
+    nan_where_not_finite,
     new_output,
     on_device,
     output_dtype,
@@ -598,7 +599,8 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     Raises TypeError/ValueError naming the argument for bad shapes, dtypes, devices,
     temperature or token ids outside [0, V) before any kernel runs, and ValueError after
     the kernel for a row whose logits are all -inf or not finite (found from the kernel's
-    lse, no extra pass; skipped under torch.compile, where such a row gives NaN).
+    lse, no extra pass; under torch.compile, where it would be a host sync, such a row's
+    statistics are NaN instead).
     """
     logits = check_tensor(logits, "logits", 2, "[N, V]")
     if logits.shape[1] == 0:
@@ -606,7 +608,10 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     concepts = _check_concepts(concepts, logits)
     inv_temperature = 1.0 / check_temperature(temperature)
 
-    *stats, lse = _concept_mass_op(logits, *concepts._index, inv_temperature)
-    if not is_compiling() and logits.shape[0] > 0:
+    mass, log_mass, top_share, entropy, top_token, lse = _concept_mass_op(logits, *concepts._index, inv_temperature)
+    if is_compiling():  # (no host sync: such a row's statistics are NaN)
+        finite = torch.isfinite(lse)[:, None]
+        mass, log_mass, top_share, entropy = (nan_where_not_finite(x, finite) for x in (mass, log_mass, top_share, entropy))
+    elif logits.shape[0] > 0:
         check_finite_lse(lse, lambda row: f"logits[{row}]")
-    return ConceptMass(*stats, lse.to(output_dtype(logits)))
+    return ConceptMass(mass, log_mass, top_share, entropy, top_token, lse.to(output_dtype(logits)))

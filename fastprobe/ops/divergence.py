@@ -31,6 +31,7 @@ from ._common import (
     cpp,
     custom_op,
     is_compiling,
+    nan_where_not_finite,
     new_output,
     on_device,
     output_dtype,
@@ -199,16 +200,20 @@ def _check_inputs(draft_logits, target_logits, weights, temperature):
     return draft, target, check_weights(weights, num_drafts, draft), inv_temperature
 
 
-def _check_lse(lse: torch.Tensor, has_target: bool) -> None:
-    """A ValueError naming the first row whose lse is not finite (rows: the K drafts, then
-    the target's, meaningful only with a target). Skipped under torch.compile."""
-    if is_compiling() or lse.shape[1] == 0:
-        return
+def _check_lse(stats: torch.Tensor, lse: torch.Tensor, has_target: bool) -> torch.Tensor:
+    """stats, after a ValueError naming the first row whose lse is not finite (rows: the K
+    drafts, then the target's, meaningful only with a target). Under torch.compile, no check:
+    every statistic of such a token is NaN."""
+    if is_compiling():
+        return nan_where_not_finite(stats, torch.isfinite(lse if has_target else lse[:-1]).all(0))
+    if lse.shape[1] == 0:
+        return stats
     num_drafts = lse.shape[0] - 1
     check_finite_lse(
         lse if has_target else lse[:-1],
         lambda row, token: f"target_logits[{token}]" if row == num_drafts else f"draft_logits[{row}][{token}]",
     )
+    return stats
 
 
 def _result(stats: torch.Tensor, has_target: bool) -> DraftDivergence:
@@ -247,13 +252,12 @@ def draft_divergence(
     Raises ValueError or TypeError naming the argument for bad shapes, dtypes,
     devices or weights before any kernel runs, and ValueError after the kernel for
     a row whose logits are all -inf or not finite (the kernel reports each row's
-    log-sum-exp, so this check needs no extra pass over the logits; it is skipped
-    under torch.compile, where such a row gives NaN).
+    log-sum-exp, so this check needs no extra pass over the logits; under torch.compile,
+    where it would be a host sync, such a token's statistics are NaN instead).
     """
     draft, target, mixture_weights, inv_temperature = _check_inputs(draft_logits, target_logits, weights, temperature)
     stats, lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature)
-    _check_lse(lse, target is not None)
-    return _result(stats, target is not None)
+    return _result(_check_lse(stats, lse, target is not None), target is not None)
 
 
 def _global_lse(shard_lse: torch.Tensor, group) -> torch.Tensor:
@@ -320,10 +324,9 @@ def draft_divergence_sharded(
     _, shard_lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_only=True)
     # 2. the whole vocabulary's lse, the same on every rank, so every rank raises together
     lse = _global_lse(shard_lse, group)
-    _check_lse(lse, has_target)
     # 3. this shard's shares of every sum (pass 2 only), 4. added over the ranks
     shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=lse)
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
     if has_target:
         shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
-    return _result(shares, has_target)
+    return _result(_check_lse(shares, lse, has_target), has_target)
