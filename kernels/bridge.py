@@ -26,7 +26,8 @@ plain distillation, so Q > 0 with P = 0 there and the forward loss is +inf, corr
 makes t = -inf (Q = 0) when beta != 0 (for beta > 0 that is the limit P_S^beta -> 0; for
 beta < 0 it keeps masked vocabulary masked instead of giving the bridge +inf logits). A row with
 no finite logit (student or bridge) has no P or no Q: its loss and gradient are NaN (as in the
-C++ kernel and the reference), found without a host synchronisation.
+C++ kernel and the reference; in reverse, entries where P = 0 keep gradient 0), found without a
+host synchronisation.
 A loss of +inf (reverse: Q = 0 where P > 0; forward, beta = 0: P = 0 where Q > 0) stays +inf
 for every nearby z_S (its supports do not move), so the row's gradient is 0 (as the reference's
 autograd gives). On a GPU exp2 flushes results below 2^-126 to 0, so such probabilities count
