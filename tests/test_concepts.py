@@ -243,6 +243,19 @@ def test_temperature_range_ends(target, temperature):
         fp.concept_mass(logits, concepts, temperature=temperature * 10 if temperature > 1 else temperature / 10)
 
 
+def test_float64_gradient_at_the_smallest_temperature():
+    """float64 runs the reference backward formula: at T = 1e-30 it forms p by a softmax (the row's
+    max first), not exp(x / T - lse), which loses p where x / T ~ 1e30 (an ulp of ~1e14)."""
+    logits = 3 * torch.randn(3, 40, dtype=torch.float64)
+    concepts = fp.ConceptSet.from_ids([[0, 2], [1, 3, 4], [5]])
+    weights = [torch.randn(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64),
+               torch.randn(3, dtype=torch.float64)]
+    got = fused_gradient(logits, concepts, 1e-30, weights)
+    want = reference_gradient(logits, concepts, 1e-30, weights)
+    assert want.abs().max() > 1e29
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
+
+
 def test_gradient_of_log_mass_only_with_masked_concepts(target):
     """Only log_mass in the loss (mass and lse get zero gradient), strided logits, and a
     concept masked everywhere, whose gradient is 0 by convention."""

@@ -450,7 +450,9 @@ def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, toke
 
 def _reference_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
     y = logits.to(lse.dtype) * inv_temperature
-    base = torch.exp(y - lse[:, None]) * coef[:, None]  # p_v (h - sum_c g_c)
+    # p_v (h - sum_c g_c); p by softmax, which subtracts the row's max from y first: exp(y - lse)
+    # loses p wherever y ~ lse is large (T = 1e-30: y ~ 1e30, whose ulp is ~1e14)
+    base = torch.softmax(y, dim=-1) * coef[:, None]
     counts = index.vocab_offsets.diff()
     ids = torch.repeat_interleave(index.vocab_ids, counts)  # one entry per (id, concept) membership
     concepts = index.vocab_concepts
