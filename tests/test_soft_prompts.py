@@ -90,6 +90,8 @@ def test_fit_can_exclude_rows(tokenizer):
     per_dimension = sp.fit_embedding_gaussian(model, per_dimension=True, exclude_token_ids=excluded)
     torch.testing.assert_close(per_dimension.std.double(), weight[keep].std(0), rtol=1e-6, atol=0)
     assert sp.fit_embedding_gaussian(model).std > 2 * fitted.std  # the outlier row counts by default
+    as_tensor = sp.fit_embedding_gaussian(model, exclude_token_ids=torch.tensor(excluded))  # (a tensor of ids too)
+    assert torch.equal(as_tensor.mean, fitted.mean) and torch.equal(as_tensor.std, fitted.std)
 
 
 def test_fit_follows_a_scaled_embedding(tokenizer):
@@ -379,6 +381,8 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         sp.draw_soft_prompts(model, 2, gaussian=(0.0, 1.0))
     with pytest.raises(ValueError, match="^exclude_token_ids"):
         sp.fit_embedding_gaussian(model, exclude_token_ids=[len(tokenizer)])
+    with pytest.raises(ValueError, match="^exclude_token_ids must hold integer token ids"):
+        sp.fit_embedding_gaussian(model, exclude_token_ids=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="^exclude_token_ids"):
         sp.fit_embedding_gaussian(model, exclude_token_ids=range(len(tokenizer) - 1))
     for wrong in (soft[:1], soft[..., :10], soft[0, 0], soft.long()):

@@ -85,6 +85,10 @@ def _embedding_scale(embedding, weight: torch.Tensor) -> float:
 
 
 def _kept_rows(exclude_token_ids: Iterable[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    if isinstance(exclude_token_ids, torch.Tensor):  # (its elements are 0-dim tensors, not integers)
+        if exclude_token_ids.is_floating_point() or exclude_token_ids.dtype == torch.bool:
+            raise ValueError(f"exclude_token_ids must hold integer token ids, got a {exclude_token_ids.dtype} tensor")
+        exclude_token_ids = exclude_token_ids.flatten().tolist()
     excluded = list(exclude_token_ids)
     bad = [i for i in excluded if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab_size]
     if bad:
