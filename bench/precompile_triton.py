@@ -70,6 +70,9 @@ TEST_FILES = {"patch": "tests/test_devices.py"}  # (the others: tests/test_FAMIL
 # ---- pytest plugin: the compile log on the GPU machine; the compile-only set-up under --tests ----
 
 
+_KERNELS_SEEN = [0]  # compiles and cache hits in this process (_add_listener's count)
+
+
 def _add_listener(path: str) -> None:
     """Append '<hit|compiled> <kernel> <ms> <cache folder>' to `path` for each Triton compile, and
     for a compile the test that made it, its constexprs, specialisations, signature and source
@@ -77,6 +80,7 @@ def _add_listener(path: str) -> None:
     from triton import knobs
 
     def listener(src, metadata, metadata_group, times, cache_hit):
+        _KERNELS_SEEN[0] += 1
         try:
             folder = _base32(metadata["hash"]) if "hash" in metadata else "?"
             with open(path, "a") as log:
@@ -418,8 +422,10 @@ def _setup(cache_dir: str, tests: bool = False) -> None:
     def triton_backend(device, dtype, op):
         return "triton" if dtype in backend.KERNEL_DTYPES else "reference"
 
-    def zeros_output(shape, device, dtype=torch.float32):  # finite outputs for checks after a launch
-        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    def zeros_output(shape, device, dtype=torch.float32, stride=None):  # finite outputs (new_output's signature)
+        if stride is None:
+            return torch.zeros(tuple(shape), dtype=dtype, device=device)
+        return torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype, device=device).zero_()
 
     def then_reference(triton_call, reference_call):
         def call(*args, **kwargs):
@@ -676,14 +682,20 @@ def _run_case(name: str, work: str, used_log: str) -> int:
 
     import resource
 
+    def compiles() -> int:  # kernels this process compiled or found in the cache so far
+        return _KERNELS_SEEN[0]
+
     torch.randn = zeros
-    note = ""
+    note, before = "", compiles()
     try:
         with torch.no_grad():
             _launch_case(name)
     except Exception as error:  # e.g. a check after a launch that did not run; its compiles are done
-        note = f"; after its launches: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    print(f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB{note}")
+        what = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        # (an error before the first launch compiled nothing: the case is broken, not done)
+        note = f"; after its launches: {what}" if compiles() > before else f"; FAILED before any launch: {what}"
+    print(f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB, "
+          f"{compiles() - before} kernels{note}")
     return 0
 
 
