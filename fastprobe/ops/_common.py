@@ -248,3 +248,24 @@ def register_forward_only(op, name: str, why: str = "") -> None:
         )
 
     op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def check_op_tensors(op: str, device: torch.device, specs) -> None:
+    """What a custom op's kernels read through raw pointers, checked in the op's body (the op is
+    reachable directly, as torch.ops.fastprobe.<op>, past the public function's checks). Each of
+    specs is (name, tensor or None (skipped), shape, dtype (None: any, the body converts it),
+    contiguous): the tensor must have that shape and dtype, lie on `device` and, with
+    contiguous, be contiguous; else a TypeError (dtype) or ValueError naming it. Tensor metadata
+    only: no host sync."""
+    for name, tensor, shape, dtype, contiguous in specs:
+        if tensor is None:
+            continue
+        if dtype is not None and tensor.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be a {str(dtype).removeprefix('torch.')} tensor, got {tensor.dtype}")
+        if tensor.shape != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.device != device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but the other tensors are on {device}")
+        if contiguous and not tensor.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (the kernels read it densely), got strides "
+                             f"{tensor.stride()}")

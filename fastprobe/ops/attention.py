@@ -21,9 +21,9 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_float32_range, check_int, check_same_device,
-    check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device, output_dtype, plain_mode,
-    register_forward_only, runs_plain,
+    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_float32_range, check_int, check_op_tensors,
+    check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device, output_dtype,
+    plain_mode, register_forward_only, runs_plain,
 )
 
 __all__ = [
@@ -313,6 +313,36 @@ def _op_outputs(outputs: tuple) -> tuple:
     return out, lse, sink_mass, group_mass, entropy
 
 
+def _check_op_args(q, k, v, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, horizon,
+                   start) -> None:
+    """What the kernels read through raw pointers, checked in the op: it is reachable directly
+    (torch.ops.fastprobe.sink_attention), past sink_attention's checks. Sizes come from q [B, Hq,
+    Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit head-dim
+    strides) and the values (group ids; ends and key bounds are clamped)."""
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(f"sink_attention: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, "
+                         f"{list(v_shape)}")
+    batch, num_heads, _, head_dim = q_shape
+    _, num_kv_heads, num_keys, _ = k_shape
+    keys = (batch, num_keys)
+    ends = keys if sink_end.dim() == 2 else (batch,)  # ([B, Lk]: per position, with segments)
+    if key_groups is not None and num_groups < 1:
+        raise ValueError(f"sink_attention: num_groups must be >= 1 with key_groups, got {num_groups}")
+    check_op_tensors("sink_attention", q.device, (
+        ("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),  # (any strides)
+        ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False),
+        ("key_real", key_real, keys, torch.uint8, True),
+        ("sink_end", sink_end, ends, torch.int64, True),
+        ("stat_end", stat_end, ends, torch.int64, True),
+        ("head_mask", head_mask, (num_heads,), torch.uint8, True),
+        ("sink_logit", sink_logit, (num_heads,), None if sink_logit is None else output_dtype(q), True),
+        ("key_groups", key_groups, keys, torch.int32, True),
+        ("horizon", horizon, keys, torch.int64, True),
+        ("start", start, keys, torch.int64, True),
+    ))
+
+
 @custom_op("fastprobe::sink_attention")
 def _sink_attention_op(
     q: torch.Tensor,
@@ -335,6 +365,7 @@ def _sink_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none. What
     torch.compile, autograd and dispatch modes see; plain eager calls take _attend directly."""
+    _check_op_args(q, k, v, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, horizon, start)
     args = dict(
         scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
         head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,

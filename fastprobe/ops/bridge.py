@@ -23,6 +23,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
     check_int,
+    check_op_tensors,
     check_real,
     check_same_device,
     check_temperature,
@@ -111,13 +112,10 @@ def _bridge_loss_op(
     num_rows, vocab = student.shape
     # what the kernels read through raw pointers, checked here too: this op is reachable directly
     # (torch.ops.fastprobe.bridge_loss), past the public functions' checks
-    if teacher.shape != student.shape or teacher.dtype != student.dtype or teacher.device != student.device:
-        raise ValueError(f"bridge_loss: teacher {teacher.dtype} {tuple(teacher.shape)} on {teacher.device} must match "
-                         f"student {student.dtype} {tuple(student.shape)} on {student.device}")
-    if labels is not None and (labels.shape != (num_rows,) or labels.dtype != torch.int64
-                               or labels.device != student.device or not labels.is_contiguous()):
-        raise ValueError(f"bridge_loss: labels must be a contiguous int64 [{num_rows}] tensor on {student.device}, got "
-                         f"{labels.dtype} {tuple(labels.shape)} on {labels.device}")
+    check_op_tensors("bridge_loss", student.device, (
+        ("teacher", teacher, student.shape, student.dtype, False),  # (any strides)
+        ("labels", labels, (num_rows,), torch.int64, True),
+    ))
     loss = new_output((num_rows,), student.device, output_dtype(student))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:

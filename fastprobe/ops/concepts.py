@@ -32,6 +32,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
     check_finite_lse,
+    check_op_tensors,
     check_temperature,
     check_tensor,
     cpp,
@@ -408,6 +409,28 @@ def _triton_forward(logits, index: _Index, inv_temperature, out: ConceptMass) ->
 _FORWARD = {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward}
 
 
+def _check_op_args(op: str, logits, specs, vocab_ids, vocab_offsets, vocab_concepts, memberships: int,
+                   id_block_starts) -> None:
+    """What the kernels read through raw pointers, checked in the ops: they are reachable directly
+    (torch.ops.fastprobe.concept_mass, concept_mass_backward), past concept_mass's checks.
+    logits [N, V] floating-point; specs (check_op_tensors) and the transpose's tensors: 1-D,
+    contiguous, int64 (vocab_concepts of `memberships` entries), id_block_starts int32 with at
+    least one entry. The ids' values are the C++ kernels' to check (they do, before any row)."""
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be [N, V], got {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{op}: logits must be a floating-point tensor, got {logits.dtype}")
+    if id_block_starts.numel() == 0:
+        raise ValueError(f"{op}: id_block_starts must have at least 1 entry, got 0")
+    check_op_tensors(op, logits.device, (
+        *specs,
+        ("vocab_ids", vocab_ids, (vocab_ids.numel(),), torch.int64, True),
+        ("vocab_offsets", vocab_offsets, (vocab_ids.numel() + 1,), torch.int64, True),
+        ("vocab_concepts", vocab_concepts, (memberships,), torch.int64, True),
+        ("id_block_starts", id_block_starts, (id_block_starts.numel(),), torch.int32, True),
+    ))
+
+
 @custom_op("fastprobe::concept_mass")
 def _concept_mass_op(
     logits: torch.Tensor,
@@ -422,6 +445,13 @@ def _concept_mass_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mass, log_mass, top_share, concentration_entropy, top_token, lse) for the concepts
     given by an _Index (the transpose is read by the Triton forward and by the backward)."""
+    if offsets.numel() < 2:
+        raise ValueError(f"concept_mass: offsets must have C + 1 >= 2 entries, got {offsets.numel()}")
+    num_ids = token_ids.numel()  # T, and the memberships in vocab_concepts: one per concept token
+    specs = (("token_ids", token_ids, (num_ids,), torch.int64, True),
+             ("offsets", offsets, (offsets.numel(),), torch.int64, True),
+             ("token_slots", token_slots, (num_ids,), torch.int64, True))
+    _check_op_args("concept_mass", logits, specs, vocab_ids, vocab_offsets, vocab_concepts, num_ids, id_block_starts)
     index = _Index(token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, token_slots, id_block_starts)
     num_tokens, num_concepts = logits.shape[0], offsets.numel() - 1
     dtype = output_dtype(logits)
@@ -507,6 +537,16 @@ def _concept_mass_backward_op(
 ) -> torch.Tensor:
     """Gradient of (log_mass, lse) with respect to the logits, in the logits' dtype; the only
     [N, V] allocation."""
+    if top_share.dim() != 2:
+        raise ValueError(f"concept_mass_backward: top_share must be [N, C], got {list(top_share.shape)}")
+    num_tokens, num_concepts = logits.shape[0] if logits.dim() else 0, top_share.shape[1]  # (logits: checked below)
+    specs = (("grad_log_mass", grad_log_mass, (num_tokens, num_concepts), None, False),  # (converted below)
+             ("grad_lse", grad_lse, (num_tokens,), None, False),
+             ("top_share", top_share, (num_tokens, num_concepts), output_dtype(logits), True),
+             ("top_token", top_token, (num_tokens, num_concepts), torch.int64, True),
+             ("lse", lse, (num_tokens,), torch.float64, True))
+    _check_op_args("concept_mass_backward", logits, specs, vocab_ids, vocab_offsets, vocab_concepts,
+                   vocab_concepts.numel(), id_block_starts)
     empty = vocab_ids.new_empty(0)
     index = _Index(empty, empty, vocab_ids, vocab_offsets, vocab_concepts, empty, id_block_starts)
     grad = new_output(logits.shape, logits.device, logits.dtype)

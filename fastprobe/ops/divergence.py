@@ -25,6 +25,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
     check_finite_lse,
+    check_op_tensors,
     check_same_device,
     check_temperature,
     check_tensor,
@@ -114,6 +115,23 @@ def _triton_packed(draft, target, weights, inv_temperature, lse_in, lse_only, st
 _PACKED = {"reference": _reference_packed, "cpp": _cpp_packed, "triton": _triton_packed}
 
 
+def _check_op_args(draft, target, weights, lse_in, lse_only) -> None:
+    """What the kernels read through raw pointers, checked in the op: it is reachable directly
+    (torch.ops.fastprobe.draft_divergence), past draft_divergence's checks."""
+    if draft.dim() != 3 or draft.shape[0] == 0 or draft.shape[2] == 0:
+        raise ValueError(f"draft_divergence: draft must be [K, N, V] with K, V >= 1, got {list(draft.shape)}")
+    if not draft.is_floating_point():
+        raise TypeError(f"draft_divergence: draft must be a floating-point tensor, got {draft.dtype}")
+    if lse_only and lse_in is not None:
+        raise ValueError("draft_divergence: lse_only computes the lse, so lse_in must be None")
+    num_drafts, num_tokens, vocab = draft.shape
+    check_op_tensors("draft_divergence", draft.device, (
+        ("target", target, (num_tokens, vocab), draft.dtype, False),  # (any strides)
+        ("weights", weights, (num_drafts,), output_dtype(draft), True),
+        ("lse_in", lse_in, (num_drafts + 1, num_tokens), torch.float64, True),
+    ))
+
+
 @custom_op("fastprobe::draft_divergence")
 def _draft_divergence_op(
     draft: torch.Tensor,
@@ -126,16 +144,11 @@ def _draft_divergence_op(
     """Packed form: stats [5 + K, N] (rows JSD, KL_MIXTURE_TARGET, EPISTEMIC,
     MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k)) and lse [K + 1, N] (row K: target;
     float64, so that it keeps the precision of large logits). For the sharded form:
-    lse_in [K + 1, N] gives each row's lse over the whole vocabulary, of which draft and
-    target are one shard, and stats are then this shard's shares of every sum (lse is
-    written as lse_in); lse_only computes the lse only (stats are 0)."""
+    lse_in (float64 [K + 1, N], contiguous) gives each row's lse over the whole vocabulary,
+    of which draft and target are one shard, and stats are then this shard's shares of every
+    sum (lse is written as lse_in); lse_only computes the lse only (stats are 0)."""
+    _check_op_args(draft, target, weights, lse_in, lse_only)
     num_drafts, num_tokens, _ = draft.shape
-    if lse_in is not None:
-        if lse_only:
-            raise ValueError("lse_only computes the lse, so lse_in must be None")
-        if tuple(lse_in.shape) != (num_drafts + 1, num_tokens):
-            raise ValueError(f"lse_in must have shape [K + 1, N] = [{num_drafts + 1}, {num_tokens}], got {tuple(lse_in.shape)}")
-        lse_in = lse_in.to(torch.float64).contiguous()
     stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, output_dtype(draft))
     lse = new_output((num_drafts + 1, num_tokens), draft.device, torch.float64)
     if num_tokens > 0:

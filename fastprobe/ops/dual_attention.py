@@ -20,8 +20,8 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, address, bool_as_uint8, check_int, check_real, cpp, custom_op, new_output, on_device,
-    register_forward_only, runs_plain,
+    DTYPE_NAMES, address, bool_as_uint8, check_int, check_op_tensors, check_real, cpp, custom_op, new_output,
+    on_device, register_forward_only, runs_plain,
 )
 from .attention import (
     check_attention_inputs, check_mask, check_scale, check_segments, constant_tensor, key_bounds, new_attention_output,
@@ -93,6 +93,29 @@ def _op_outputs(outputs: tuple) -> tuple:
     return out, *(new_output((0,), out.device, out.dtype) if path is None else path for path in outputs[1:])
 
 
+def _check_op_args(q, k, v, drop, rows, key_real, horizon, start) -> None:
+    """What the kernels read through raw pointers, checked in the op: it is reachable directly
+    (torch.ops.fastprobe.dual_path_attention), past dual_path_attention's checks. Sizes come from
+    q [B, Hq, Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit
+    head-dim strides) and clamp the key bounds."""
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(f"dual_path_attention: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, "
+                         f"{list(v_shape)}")
+    batch, _, num_queries, head_dim = q_shape
+    _, num_kv_heads, num_keys, _ = k_shape
+    keys = (batch, num_keys)
+    check_op_tensors("dual_path_attention", q.device, (
+        ("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),  # (any strides)
+        ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False),
+        ("drop", drop, keys, torch.uint8, True),
+        ("rows", rows, (batch, num_queries), torch.uint8, True),
+        ("key_real", key_real, keys, torch.uint8, True),
+        ("horizon", horizon, keys, torch.int64, True),
+        ("start", start, keys, torch.int64, True),
+    ))
+
+
 @custom_op("fastprobe::dual_path_attention")
 def _dual_path_attention_op(
     q: torch.Tensor,
@@ -114,6 +137,7 @@ def _dual_path_attention_op(
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
     [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none.
     What torch.compile, autograd and dispatch modes see; plain eager calls take _attend directly."""
+    _check_op_args(q, k, v, drop, rows, key_real, horizon, start)
     args = dict(drop=drop, rows=rows, key_real=key_real, gamma=gamma, orthogonalize=orthogonalize, eps=eps,
                 scale=scale, causal=causal, horizon=horizon, start=start, window=window)
     return _op_outputs(_attend(q, k, v, args, return_paths))
