@@ -313,25 +313,31 @@ def _op_outputs(outputs: tuple) -> tuple:
     return out, lse, sink_mass, group_mass, entropy
 
 
+def op_qkv_specs(op: str, q, k, v) -> tuple:
+    """(q's shape, Lk, check_op_tensors' specs of k and v) for an attention op's body: q, k, v 4-D,
+    k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] in q's dtype (any strides)."""
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(f"{op}: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, {list(v_shape)}")
+    batch, head_dim, (_, num_kv_heads, num_keys, _) = q_shape[0], q_shape[3], k_shape
+    return q_shape, num_keys, (("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),
+                               ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False))
+
+
 def _check_op_args(q, k, v, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, horizon,
                    start) -> None:
     """What the kernels read through raw pointers, checked in the op: it is reachable directly
     (torch.ops.fastprobe.sink_attention), past sink_attention's checks. Sizes come from q [B, Hq,
     Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit head-dim
     strides) and the values (group ids; ends and key bounds are clamped)."""
-    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
-    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
-        raise ValueError(f"sink_attention: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, "
-                         f"{list(v_shape)}")
-    batch, num_heads, _, head_dim = q_shape
-    _, num_kv_heads, num_keys, _ = k_shape
+    q_shape, num_keys, qkv_specs = op_qkv_specs("sink_attention", q, k, v)
+    batch, num_heads = q_shape[0], q_shape[1]
     keys = (batch, num_keys)
     ends = keys if sink_end.dim() == 2 else (batch,)  # ([B, Lk]: per position, with segments)
     if key_groups is not None and num_groups < 1:
         raise ValueError(f"sink_attention: num_groups must be >= 1 with key_groups, got {num_groups}")
     check_op_tensors("sink_attention", q.device, (
-        ("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),  # (any strides)
-        ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False),
+        *qkv_specs,
         ("key_real", key_real, keys, torch.uint8, True),
         ("sink_end", sink_end, ends, torch.int64, True),
         ("stat_end", stat_end, ends, torch.int64, True),

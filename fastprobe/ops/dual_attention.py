@@ -25,6 +25,7 @@ from ._common import (
 )
 from .attention import (
     check_attention_inputs, check_mask, check_scale, check_segments, constant_tensor, key_bounds, new_attention_output,
+    op_qkv_specs,
 )
 
 __all__ = ["dual_path_attention"]
@@ -98,16 +99,11 @@ def _check_op_args(q, k, v, drop, rows, key_real, horizon, start) -> None:
     (torch.ops.fastprobe.dual_path_attention), past dual_path_attention's checks. Sizes come from
     q [B, Hq, Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit
     head-dim strides) and clamp the key bounds."""
-    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
-    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
-        raise ValueError(f"dual_path_attention: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, "
-                         f"{list(v_shape)}")
-    batch, _, num_queries, head_dim = q_shape
-    _, num_kv_heads, num_keys, _ = k_shape
+    q_shape, num_keys, qkv_specs = op_qkv_specs("dual_path_attention", q, k, v)
+    batch, num_queries = q_shape[0], q_shape[2]
     keys = (batch, num_keys)
     check_op_tensors("dual_path_attention", q.device, (
-        ("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),  # (any strides)
-        ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False),
+        *qkv_specs,
         ("drop", drop, keys, torch.uint8, True),
         ("rows", rows, (batch, num_queries), torch.uint8, True),
         ("key_real", key_real, keys, torch.uint8, True),
