@@ -66,7 +66,7 @@ def check_same_device(reference: torch.Tensor, reference_name: str, other: torch
 
 
 # The kernels compute in float32, so a scalar argument must be a float32 number; a positive one
-# (a temperature, a scale) at least float32's smallest normal, so that it and its inverse are
+# (a scale, a softcap, eps) at least float32's smallest normal, so that it and its inverse are
 # finite and nonzero there. (Comparisons only: torch.compile traces them on a dynamic float.)
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
