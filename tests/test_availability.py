@@ -131,6 +131,8 @@ def test_generated_answers_and_correctness(model, tokenizer):
     ("Paris", "Paris", True), (" paris, France.", ["Lyon", "Paris"], True), ("PARIS!", "paris", True),
     ("Parisian food", "Paris", False), ("in Paris", "Paris", False), ("New  York city", "new york", True),
     ("", "Paris", False), ("Paris", ["", "..."], False),
+    ("1,000 people", "1", False), ("3.5", "3", False), ("1,000", "1,000", True), ("3. Then", "3", True),
+    ("3, 4", "3", True), ("v2.0", "v2", False),
 ])
 def test_is_correct(generated, aliases, expected):
     assert availability.is_correct(generated, aliases) is expected

@@ -158,13 +158,23 @@ def _normalise(text: str) -> str:
 def is_correct(generated: str, aliases: Union[str, Sequence[str]]) -> bool:
     """Whether a generated answer begins with one of the aliases: lower-cased, whitespace
     collapsed, surrounding punctuation stripped, the alias ending on a word boundary ("Paris."
-    and "paris, France" match "Paris"; "Parisian" does not)."""
+    and "paris, France" match "Paris"; "Parisian" does not) and, for a number, not inside a
+    longer number ("1,000" and "3.5" do not match "1" and "3"; "3." does)."""
     answer = _normalise(generated)
     for alias in [aliases] if isinstance(aliases, str) else aliases:
         expected = _normalise(alias)
-        if expected and answer.startswith(expected) and not answer[len(expected):len(expected) + 1].isalnum():
+        if expected and answer.startswith(expected) and not _continues(answer, len(expected)):
             return True
     return False
+
+
+def _continues(answer: str, end: int) -> bool:
+    """Whether the word or number that answer[:end] ends in goes on past end."""
+    following = answer[end:end + 1]
+    if following.isalnum():
+        return True
+    number_goes_on = following in ",." and answer[end - 1:end].isdigit() and answer[end + 1:end + 2].isdigit()
+    return number_goes_on
 
 
 class _Answer:
