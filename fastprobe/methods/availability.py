@@ -66,12 +66,13 @@ def _logits_to_keep(model, count: int) -> dict:
     return {}
 
 
-def _last_logits(model, batch: dict, count: int) -> torch.Tensor:
-    """The logits [B, count, V] of the last `count` positions of a left-padded batch."""
-    logits = getattr(model(**batch, **_logits_to_keep(model, count)), "logits", None)
-    if logits is None:
+def _prompt_forward(model, batch: dict, count: int, use_cache: bool = False):
+    """The model's output for a left-padded batch, its logits for the last `count` positions
+    only where the model can (a KV cache with use_cache)."""
+    output = model(**batch, use_cache=use_cache, **_logits_to_keep(model, count))
+    if getattr(output, "logits", None) is None:
         raise TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
-    return logits[:, -count:]
+    return output
 
 
 def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,15 +140,26 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
         ids, prefix_mask = _padded(distinct[start:start + batch_size], pad_id, left=True)
         output = model(**on_model(model, {"input_ids": ids, "attention_mask": prefix_mask}), use_cache=True,
                        **_logits_to_keep(model, 1))
-        first = (output.logits[:, -1].double() / temperature).log_softmax(-1).cpu()  # [G, V]: each s_0
         members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
-        for chunk_start in range(0, len(members), batch_size):
-            chunk = members[chunk_start:chunk_start + batch_size]
-            rows = [prefix_of[j] - start for j in chunk]
-            tails = [list(continuations[j]) for j in chunk]
-            head = first[rows, [tail[0] for tail in tails]]
-            rest = _continued(model, _cache_object(output), prefix_mask, rows, tails, temperature, pad_id)
-            totals[chunk] = head + rest
+        totals[members] = _after_prefill(model, output, prefix_mask, [prefix_of[j] - start for j in members],
+                                         [continuations[j] for j in members], temperature, pad_id, batch_size)
+    return totals
+
+
+def _after_prefill(model, output, prefix_mask: torch.Tensor, rows: list, continuations: list, temperature: float,
+                   pad_id: int, batch_size: int) -> torch.Tensor:
+    """[M] float64: log p(continuations[j] | prefix rows[j]) for the prefixes of a left-padded
+    batch already run with use_cache (output: its last position's logits and its KV cache):
+    s_0 from those logits, the rest from copies of the cache rows, batch_size at a time."""
+    first = (output.logits[:, -1].double() / temperature).log_softmax(-1).cpu()  # [G, V]: each s_0
+    prefix_mask = prefix_mask.cpu()
+    totals = torch.zeros(len(rows), dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = slice(start, start + batch_size)
+        tails = [list(continuation) for continuation in continuations[chunk]]
+        head = first[rows[chunk], [tail[0] for tail in tails]]
+        rest = _continued(model, _cache_object(output), prefix_mask, rows[chunk], tails, temperature, pad_id)
+        totals[chunk] = head + rest
     return totals
 
 
@@ -234,14 +246,19 @@ def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature
 
 
 def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: float, pad_id: int,
-                      batch_size: int) -> torch.Tensor:
-    """[B] float64: each row's summed probability of its answer's multi-token variants."""
-    real = batch["attention_mask"].bool().cpu()
-    prompt_ids = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"].cpu(), real)]
+                      batch_size: int, prefill=None) -> torch.Tensor:
+    """[B] float64: each row's summed probability of its answer's multi-token variants, from the
+    batch's own forward with use_cache when given as `prefill` (else the prompts run again)."""
     owners = [i for i, answer in enumerate(batch_answers) for _ in answer.multi]
     sequences = [s for answer in batch_answers for s in answer.multi]
-    log_probs = sequence_log_probs(model, [prompt_ids[i] for i in owners], sequences, temperature=temperature,
-                                   pad_id=pad_id, batch_size=batch_size)
+    if prefill is not None:
+        log_probs = _after_prefill(model, prefill, batch["attention_mask"], owners, sequences, temperature, pad_id,
+                                   batch_size)
+    else:
+        real = batch["attention_mask"].bool().cpu()
+        prompt_ids = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"].cpu(), real)]
+        log_probs = sequence_log_probs(model, [prompt_ids[i] for i in owners], sequences, temperature=temperature,
+                                       pad_id=pad_id, batch_size=batch_size)
     mass = torch.zeros(len(batch_answers), dtype=torch.float64)
     return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
 
@@ -296,13 +313,16 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
                                   prompts=True, position_ids=not generate):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
+            prefill = None
             if generate:
                 answered, step_logits = _greedy(model, tokenizer, batch, max_new_tokens)
                 generated += answered
-            else:
-                step_logits = _last_logits(model, batch, 1)[:, 0]  # left padded: each row's last real position
+            else:  # one prefill, whose cache the multi-token variants continue from
+                prefill = _prompt_forward(model, batch, 1, use_cache=any(answer.multi for answer in batch_answers))
+                step_logits = prefill.logits[:, -1]  # left padded: each row's last real position
             part = _commitment_step(step_logits, batch_answers, temperature)
-            part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size)
+            part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size,
+                                                         prefill)
             parts.append(part)
             first += len(batch_answers)
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
