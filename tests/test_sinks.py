@@ -58,9 +58,11 @@ def test_score_heads_finds_planted_sink_heads(tokenizer, side):
     assert (top["sink_score"] > 0.95).all() and table["sink_score"].between(0, 1).all()
 
 
-def test_score_heads_equals_eager_weights_text_by_text(tokenizer):
+@pytest.mark.parametrize("stat_tokens", [None, 2])
+def test_score_heads_equals_eager_weights_text_by_text(tokenizer, stat_tokens):
     """Batched with padding (both sides) = one text at a time without padding, pooled over all
-    real queries: each row's first token is its first real one."""
+    real queries: each row's first token is its first real one. A model patched to record the
+    mass on its first 2 tokens still scores the first alone, and keeps its option."""
     model = planted_model(tokenizer)
     eager = planted_model(tokenizer, attn_implementation="eager")
     sums, count = 0, 0
@@ -71,12 +73,17 @@ def test_score_heads_equals_eager_weights_text_by_text(tokenizer):
             sums = sums + torch.stack([w[0, :, :, 0].sum(-1) for w in weights])
             count += ids.shape[1]
     want = (sums / count).flatten()
+    if stat_tokens is not None:
+        fp.patch(model, stat_tokens=stat_tokens)
     for side in ("left", "right"):
         tokenizer.padding_side = side
         table = sinks.score_heads(model, tokenizer, TEXTS, batch_size=4, progress=False)
         torch.testing.assert_close(torch.tensor(table["sink_score"].to_numpy()), want, rtol=2e-5, atol=2e-5)
     tokenizer.padding_side = "right"
-    assert not is_patched(model)  # patched only for the call
+    if stat_tokens is None:
+        assert not is_patched(model)  # patched only for the call
+    else:
+        assert patch_options(model).stat_tokens == stat_tokens
 
 
 def test_score_heads_keeps_a_patched_models_options(tokenizer):

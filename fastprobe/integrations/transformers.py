@@ -1215,6 +1215,26 @@ def update_patch(model, **changes):
     return patch(model, **{**options, **changes})
 
 
+@contextlib.contextmanager
+def patched_with(model, **changes) -> Iterator[Any]:
+    """Context manager: the model runs with `changes` to its patch options inside the block
+    (update_patch) and gets the previous values back afterwards; a model that was not patched is
+    patched with them and unpatched afterwards. Yields the model."""
+    if not is_patched(model):
+        patch(model, **changes)
+        try:
+            yield model
+        finally:
+            unpatch(model)
+        return
+    previous = {name: getattr(patch_options(model), name) for name in changes}
+    update_patch(model, **changes)
+    try:
+        yield model
+    finally:
+        update_patch(model, **previous)
+
+
 def patch(
     model,
     *,

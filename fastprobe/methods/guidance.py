@@ -27,7 +27,6 @@ stopping see the contrasted logits. alpha = 0 is plain generation.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import numbers
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -35,7 +34,7 @@ import torch
 
 from ._batching import CACHE_NAMES, cache_argument, output_cache
 from ..integrations.transformers import (
-    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch, patch_options, unpatch, update_patch,
+    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with,
 )
 
 __all__ = ["guidance", "guided_generate", "prepare_inputs", "two_pass_contrast", "two_pass_generate"]
@@ -132,19 +131,8 @@ def guidance(
     model config's."""
     options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps,
                    image_token_id=image_token_id)
-    if not is_patched(model):
-        patch(model, guidance=options)
-        try:
-            yield model
-        finally:
-            unpatch(model)
-        return
-    previous = patch_options(model).guidance
-    update_patch(model, guidance=options)
-    try:
+    with patched_with(model, guidance=options):
         yield model
-    finally:
-        update_patch(model, guidance=previous)
 
 
 def guided_generate(

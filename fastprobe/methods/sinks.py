@@ -23,7 +23,7 @@ import torch
 
 from ._batching import require_pandas, text_batches
 from ..integrations.transformers import (
-    attention_layers, is_patched, patch, patch_options, record_attention, unpatch, update_patch,
+    attention_layers, is_patched, patch, patch_options, patched_with, record_attention, unpatch, update_patch,
 )
 
 __all__ = [
@@ -42,9 +42,10 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
 
     Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
     model runs under fastprobe.record_attention (patched for the call if it is not already; a
-    patched model keeps its options, so heads it prunes score 0). progress: a tqdm bar."""
+    patched model keeps its options, so heads it prunes score 0, except stat_tokens, which is 1
+    for the call). progress: a tqdm bar."""
     pandas = require_pandas()
-    with torch.no_grad(), record_attention(model, statistics="sink_mass") as record:
+    with torch.no_grad(), patched_with(model, stat_tokens=1), record_attention(model, statistics="sink_mass") as record:
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
             model(**batch)
     scores = record.sink_mass.float().cpu()  # [layers, heads]

@@ -13,7 +13,6 @@ backward exactly the per-row scale, whatever the reduction.
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
