@@ -10,6 +10,7 @@ run the call raises instead of falling back.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -20,7 +21,8 @@ import torch
 BACKENDS = ("auto", "reference", "cpp", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_forced: Optional[str] = None
+_forced: Optional[str] = None  # set_backend's, for the whole process
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastprobe_backend", default=None)
 
 
 def _check_name(name: str, source: str) -> str:
@@ -37,7 +39,11 @@ def set_backend(name: Optional[str]) -> None:
 
 
 def get_backend() -> str:
-    """The backend in force: set_backend()'s, else FASTPROBE_BACKEND's, else "auto"."""
+    """The backend in force: the innermost use_backend()'s in this thread, else set_backend()'s,
+    else FASTPROBE_BACKEND's, else "auto"."""
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
     if _forced is not None:
         return _forced
     return _check_name(os.environ.get("FASTPROBE_BACKEND", "auto"), "FASTPROBE_BACKEND")
@@ -45,14 +51,14 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of set_backend()."""
-    global _forced
-    previous = _forced
-    set_backend(name)
+    """Context manager: force a backend inside the block, for this thread (or asyncio task) only,
+    where set_backend() is process-wide. (A backward that autograd runs on another thread, as
+    for CUDA tensors, uses the backend its forward saw.)"""
+    token = _scoped.set(_check_name(name, "backend"))
     try:
         yield
     finally:
-        _forced = previous
+        _scoped.reset(token)
 
 
 @functools.lru_cache(maxsize=None)

@@ -573,6 +573,43 @@ def test_reference_backend_forced():
     assert_matches(result, expected(draft, target_logits, None, 1.0))
 
 
+def test_use_backend_is_per_thread_and_unwinds_in_any_order():
+    """use_backend forces a backend for its own thread only; set_backend for the process. Two
+    threads whose blocks exit out of order both leave the process's choice as it was."""
+    import threading
+
+    entered, first_left = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def scoped(name, exit_first):
+        with fp.use_backend(name):
+            entered.wait()
+            seen[name] = fp.get_backend()
+            if exit_first:
+                first_left.set()
+            else:
+                first_left.wait()
+                seen["while the other left"] = fp.get_backend()
+
+    threads = [threading.Thread(target=scoped, args=("reference", True)),
+               threading.Thread(target=scoped, args=("cpp", False))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"reference": "reference", "cpp": "cpp", "while the other left": "cpp"}
+    assert fp.get_backend() == "auto"
+    fp.set_backend("reference")
+    with fp.use_backend("cpp"):
+        assert fp.get_backend() == "cpp"
+        other = []
+        thread = threading.Thread(target=lambda: other.append(fp.get_backend()))
+        thread.start()
+        thread.join()
+        assert other == ["reference"]  # another thread sees the process's choice
+    assert fp.get_backend() == "reference"
+
+
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
     from fastprobe.backend import interpreter_enabled
 

@@ -119,3 +119,66 @@ def test_check_finite_lse_names_the_first_bad_row_and_only_a_bad_one():
         lse = torch.tensor([[0.5, 2.0, 1.0], [3.0, bad, bad]], dtype=torch.float64)
         with pytest.raises(ValueError, match=r"^row \(1, 1\) has no finite log-sum-exp"):
             _common.check_finite_lse(lse, lambda *index: f"row {index}")
+
+
+# ---------------------------------------------------------------- autograd modes the ops do not have
+
+def _concepts():
+    return fp.ConceptSet.from_ids([[1, 4], [2], [0, 3, 5]])
+
+
+FORWARD_MODE_CALLS = {  # (name, f(x) -> a tensor, input)
+    "bridge_loss": (lambda x: fp.bridge_loss(x, x.detach().flip(0), beta=0.5), torch.randn(3, 7)),
+    "concept_mass": (lambda x: fp.concept_mass(x, _concepts()).log_mass, torch.randn(3, 7)),
+    "draft_divergence": (lambda x: fp.draft_divergence(x, x[0].detach()).jsd, torch.randn(2, 3, 7)),
+    "sink_attention": (lambda q: fp.sink_attention(q, q.detach(), q.detach()).out, torch.randn(1, 2, 5, 4)),
+    "dual_path_attention": (lambda q: fp.dual_path_attention(q, q.detach(), q.detach(), torch.arange(5)[None] % 2 == 0,
+                                                             gamma=0.5), torch.randn(1, 2, 5, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_MODE_CALLS))
+def test_forward_mode_and_func_grad_are_refused_by_name(name):
+    """torch.func.jvp / grad and forward-AD dual tensors would drop the tangent (a silent 0) or
+    fail deep in torch: refused with the op's name. vmap still runs, and matches a loop."""
+    import torch.autograd.forward_ad as forward_ad
+
+    call, x = FORWARD_MODE_CALLS[name]
+    refused = f"fastprobe.{name} supports reverse-mode autograd only"
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.jvp(call, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.grad(lambda x: call(x).sum())(x)
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=refused):
+        call(forward_ad.make_dual(x, torch.ones_like(x)))
+    with forward_ad.dual_level():  # a dual level alone, no dual tensor: runs
+        torch.testing.assert_close(call(x), call(x.clone()))
+    batched = torch.stack([x, x * 2 - 1])
+    torch.testing.assert_close(torch.func.vmap(call)(batched), torch.stack([call(x) for x in batched]))
+
+
+def test_vmap_of_an_all_masked_row_gives_nan_instead_of_the_host_check():
+    """Under vmap the finite-lse check (a host sync) cannot run: such a row's statistics are NaN,
+    as under torch.compile."""
+    logits = torch.randn(2, 3, 7)
+    logits[1, 2] = float("-inf")
+    result = torch.func.vmap(lambda x: fp.concept_mass(x, _concepts()).mass)(logits)
+    assert result[1, 2].isnan().all() and result[1, :2].isfinite().all() and result[0].isfinite().all()
+    jsd = torch.func.vmap(lambda x: fp.draft_divergence(x[None]).jsd)(logits)
+    assert jsd[1, 2].isnan() and jsd[1, :2].isfinite().all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_double_backward_through_bridge_loss_is_refused(fused):
+    """Its gradients are formed in the forward: a second derivative through them would be 0."""
+    student, teacher = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9)
+    if fused:
+        weight = torch.randn(9, 5)
+        loss = fp.FusedLinearBridgeLoss(beta=0.5)(student[:, :5], weight.requires_grad_(), teacher[:, :5], weight)
+        name = "FusedLinearBridgeLoss"
+    else:
+        loss, name = fp.bridge_loss(student, teacher, beta=0.5), "bridge_loss"
+    with pytest.raises(RuntimeError, match=f"fastprobe.{name} has no second derivative"):
+        torch.autograd.grad(loss, student, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, student)  # first order alone: fine
+    assert grad.abs().sum() > 0

@@ -13,6 +13,7 @@ import typing
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 # Tests set this so every output starts as NaN (or -1 for integers): an element a
 # kernel forgot to write then fails the comparison instead of passing as zero.
@@ -37,6 +38,12 @@ def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = 
 def is_compiling() -> bool:
     """True while torch.compile traces: data-dependent checks (host syncs) are skipped then."""
     return torch.compiler.is_compiling()
+
+
+def skips_host_checks() -> bool:
+    """True where data-dependent checks (host syncs) cannot run: while torch.compile traces, and
+    under a functorch transform (vmap has no .item()); the ops then give NaN where they refuse."""
+    return is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -176,11 +183,36 @@ def check_real(value, name: str, positive: bool) -> float:
 
 def plain_mode() -> bool:
     """True when nothing that torch's dispatcher must see is active: not tracing or compiling, no
-    dispatch / function mode and no functorch transform."""
+    dispatch / function mode, no functorch transform and no forward-mode AD level."""
     if is_compiling() or torch.jit.is_tracing():  # (first: dynamo traces only these two)
         return False
     return not (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-                or torch._C._are_functorch_transforms_active())
+                or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0)
+
+
+def refuse_forward_mode(op: str, values) -> None:
+    """A NotImplementedError naming the op under torch.func.grad / jvp (jacrev, jacfwd, hessian)
+    or with a forward-mode dual tensor among `values`: the ops' autograd is reverse mode through
+    torch.autograd, and these would meet an error deep in torch or, worse, drop the tangent and
+    give 0. (vmap alone passes.)"""
+    if is_compiling():
+        return
+    refused = False
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        refused = bool(kinds & {TransformType.Grad, TransformType.Jvp})
+    if not refused and _forward_ad._current_level >= 0:
+        refused = any(isinstance(value, torch.Tensor) and _forward_ad.unpack_dual(value).tangent is not None
+                      for value in values)
+    if refused:
+        raise NotImplementedError(
+            f"fastprobe.{op} supports reverse-mode autograd only (loss.backward(), torch.autograd.grad), "
+            "not torch.func.grad / jvp / jacrev / jacfwd or forward-mode AD (dual tensors); torch.func.vmap "
+            "works on its own"
+        )
 
 
 def runs_plain(values) -> bool:
@@ -197,6 +229,18 @@ def runs_plain(values) -> bool:
         elif kind not in _NOT_TENSORS and isinstance(value, torch.Tensor):  # a subclass
             return False
     return True
+
+
+def refuse_double_backward(op: str) -> None:
+    """In a backward that returns gradients formed in the forward (no graph links them back to the
+    inputs): a RuntimeError naming the op under create_graph=True (grad mode on in the backward),
+    where a second derivative through them would silently be 0. Eager only: tracing (a dispatch
+    mode) passes."""
+    if torch.is_grad_enabled() and plain_mode():
+        raise RuntimeError(
+            f"fastprobe.{op} has no second derivative: backward with create_graph=True (double backward, "
+            "gradient penalties) is not supported through it"
+        )
 
 
 def graph_kept() -> Optional[bool]:
@@ -219,6 +263,7 @@ class CustomOp:
 
     def __init__(self, name: str, body: Callable):
         self.body = body
+        self.public_name = name.rpartition("::")[2]
         # The op modules use `from __future__ import annotations`; torch 2.4's custom_op infers the
         # schema from the raw (string) annotations and refuses them, so hand it the evaluated ones.
         body.__annotations__ = typing.get_type_hints(body)
@@ -227,6 +272,7 @@ class CustomOp:
     def __call__(self, *args, **kwargs):
         if runs_plain(itertools.chain(args, kwargs.values())):
             return self.body(*args, **kwargs)
+        refuse_forward_mode(self.public_name, itertools.chain(args, kwargs.values()))
         return self.op(*args, **kwargs)
 
     def __getattr__(self, name: str):

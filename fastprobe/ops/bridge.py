@@ -33,6 +33,7 @@ from ._common import (
     new_output,
     on_device,
     output_dtype,
+    refuse_double_backward,
 )
 
 __all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
@@ -163,6 +164,7 @@ def _scale_rows(grad: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) ->
 
 
 def _backward(ctx, grad_rows, _grad_of_buffer):
+    refuse_double_backward("bridge_loss")
     (grad,) = ctx.saved_tensors
     if grad_rows is None:  # (no gradient reached the per-row losses)
         return None, None, None, None, None, None, None, None
@@ -422,6 +424,7 @@ class _FusedLinearBridge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_double_backward("FusedLinearBridgeLoss")
         # The gradients were formed in the forward: scale them by the loss's gradient (a 0-dim
         # float32 factor) in place, no second copy of a weight-sized tensor, unless the graph is
         # kept for another backward. Where torch cannot tell (2.4, tracing) in place too, and a

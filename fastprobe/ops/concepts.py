@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import reference
-from ..backend import resolve
+from ..backend import get_backend, resolve, use_backend
 from ._common import (
     DTYPE_NAMES,
     check_finite_lse,
@@ -37,11 +37,11 @@ from ._common import (
     check_tensor,
     cpp,
     custom_op,
-    is_compiling,
     nan_where_not_finite,
     new_output,
     on_device,
     output_dtype,
+    skips_host_checks,
 )
 
 __all__ = ["ConceptMass", "ConceptSet", "Variant", "answer_variants", "concept_mass"]
@@ -573,6 +573,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # an output no loss used passes None, not a zero-filled tensor
     ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, lse)
     ctx.inv_temperature = inv_temperature
+    ctx.backend = get_backend()  # (for a backward on autograd's device thread, outside use_backend's scope)
 
 
 def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, grad_lse):
@@ -583,10 +584,11 @@ def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, g
         grad_concept = grad_concept + grad_mass * mass
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    grad = _concept_mass_backward_op(
-        grad_concept, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
-        id_block_starts, ctx.inv_temperature,
-    )
+    with use_backend(ctx.backend):
+        grad = _concept_mass_backward_op(
+            grad_concept, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
+            id_block_starts, ctx.inv_temperature,
+        )
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -651,7 +653,7 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     inv_temperature = 1.0 / check_temperature(temperature)
 
     mass, log_mass, top_share, entropy, top_token, lse = _concept_mass_op(logits, *concepts._index, inv_temperature)
-    if is_compiling():  # (no host sync: such a row's statistics are NaN)
+    if skips_host_checks():  # (no host sync: such a row's statistics are NaN)
         finite = torch.isfinite(lse)[:, None]
         mass, log_mass, top_share, entropy = (nan_where_not_finite(x, finite) for x in (mass, log_mass, top_share, entropy))
     elif logits.shape[0] > 0:
