@@ -169,3 +169,19 @@ def check_methods(tokenizer, device):
     drawn = soft_prompts.soft_prompt_generate(target_on, tokenizer, TEXTS, n=3, seed=0, max_new_tokens=4,
                                               do_sample=False)
     assert drawn.device.type == device and drawn.shape == none.shape
+
+
+@pytest.mark.gpu
+def test_distillation_with_the_teacher_on_another_device(tokenizer):
+    """A teacher kept on the CPU while the student trains on CUDA: inputs go to the teacher's
+    device and its logits come back; the loss equals the all-CPU one."""
+    from fastprobe.methods.distillation import distillation_loss
+
+    student, teacher = tiny_model("llama", vocab_size=len(tokenizer), seed=0), tiny_model("gpt2", vocab_size=len(tokenizer), seed=1)
+    batch = batch_on(tokenizer, "cpu", side="right")
+    inputs = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
+    want, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))
+    on_cuda = {name: value.to("cuda") for name, value in inputs.items()}
+    got, _ = distillation_loss(student.to("cuda"), teacher, on_cuda, fp.BridgeLoss(beta=0.5))
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)

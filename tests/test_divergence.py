@@ -678,3 +678,13 @@ def test_opcheck(mode):
     args = (torch.randn(2, 4, 31), torch.randn(4, 31), torch.tensor([0.4, 0.6]), 1.25)
     kwargs = {"full": {}, "lse_only": {"lse_only": True}, "lse_in": {"lse_in": torch.randn(3, 4, dtype=torch.float64)}}
     torch.library.opcheck(_draft_divergence_op.op, args, kwargs[mode], test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_is_refused_clearly():
+    """draft_divergence measures, it does not train: a backward through it names it."""
+    draft = torch.randn(2, 3, 10, requires_grad=True)
+    result = fp.draft_divergence(draft, torch.randn(3, 10))
+    with pytest.raises(RuntimeError, match="fastprobe.draft_divergence is forward-only.*detach draft_logits"):
+        result.epistemic.sum().backward()
+    with torch.no_grad():
+        assert not fp.draft_divergence(draft).jsd.requires_grad

@@ -203,6 +203,24 @@ def test_several_continuations_per_prompt(tokenizer, models):
         uncertainty.generate_with_uncertainty(target, drafts, tokenizer, prompts, num_beams=2, progress=False)
 
 
+def test_temperature_is_generates_sampling_temperature_too(tokenizer, models):
+    """Sampling at temperature 1e-3 is greedy (the argument reaches generate), and the scores are
+    at that temperature: those of token_uncertainty at 1e-3 on the same text."""
+    target, drafts = models
+    _, greedy = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=5,
+                                                      do_sample=False, progress=False)
+    torch.manual_seed(0)
+    generated, sampled = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"],
+                                                               max_new_tokens=5, do_sample=True, temperature=1e-3,
+                                                               progress=False)
+    assert sampled["token_id"].tolist() == greedy["token_id"].tolist()
+    cold = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=5,
+                                                 do_sample=False, temperature=1e-3, progress=False)[1]
+    for name in STATISTICS:
+        torch.testing.assert_close(torch.tensor(sampled[name].to_numpy()), torch.tensor(cold[name].to_numpy()))
+    assert not torch.allclose(torch.tensor(sampled["epistemic"].to_numpy()), torch.tensor(greedy["epistemic"].to_numpy()))
+
+
 def test_generation_is_scored_up_to_its_first_eos(tokenizer, models):
     target, drafts = models
     _, new = greedy_alone(target, tokenizer, "The river", 6)
@@ -246,6 +264,19 @@ def test_auroc_equals_the_pairwise_count(seed):
     assert uncertainty.auroc(scores, labels) == pytest.approx(pairwise_auroc(scores.tolist(), labels.tolist()))
     assert uncertainty.auroc(scores.numpy(), labels.int().tolist()) == pytest.approx(
         uncertainty.auroc(scores, labels))
+
+
+def test_auroc_of_filtered_pandas_columns():
+    """Series whose index has gaps (rows dropped, as the NaN error tells one to) or is shuffled
+    are taken by position, as their values stand."""
+    pandas = pytest.importorskip("pandas")
+    table = pandas.DataFrame({"score": [0.1, float("nan"), 0.9, 0.8, 0.2], "label": [0, 1, 1, 1, 0]},
+                             index=[5, 6, 7, 8, 9])
+    kept = table.dropna()
+    assert uncertainty.auroc(kept["score"], kept["label"]) == 1.0
+    shuffled = kept.sample(frac=1.0, random_state=0)
+    assert uncertainty.auroc(shuffled["score"], shuffled["label"]) == 1.0
+    assert uncertainty.auroc(kept["score"], kept["label"].astype(bool)) == 1.0
 
 
 def test_auroc_extremes_and_bad_input():

@@ -45,18 +45,21 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     """(loss, student outputs) for one batch: both models run on the inputs (the teacher
     without gradient), and loss_fn (a BridgeLoss) compares their next-token distributions
     on the non-ignored positions. Vocabularies that differ only by padding rows (e.g.
-    32000 vs 32064) are compared on the shared first V entries."""
+    32000 vs 32064) are compared on the shared first V entries. A teacher on another device
+    (a second GPU, or the CPU) gets the inputs there and hands its logits back."""
     labels = inputs.get("labels")
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
     student_outputs = student(**model_inputs)
+    teacher_device = next(teacher.parameters()).device
     with torch.no_grad():
-        teacher_logits = teacher(**model_inputs).logits
+        teacher_logits = teacher(**{name: value.to(teacher_device) if isinstance(value, torch.Tensor) else value
+                                    for name, value in model_inputs.items()}).logits
     student_logits = student_outputs.logits
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     targets = next_token_targets(labels, inputs.get("attention_mask"), student_logits.shape[:2],
                                  loss_fn.ignore_index, student_logits.device)
-    loss = loss_fn(student_logits[..., :vocab], teacher_logits[..., :vocab].to(student_logits.dtype),
-                   labels=targets, step=step)
+    teacher_logits = teacher_logits[..., :vocab].to(student_logits.device, student_logits.dtype)
+    loss = loss_fn(student_logits[..., :vocab], teacher_logits, labels=targets, step=step)
     return loss, student_outputs
 
 

@@ -21,7 +21,7 @@ more tokens than that is refused.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -177,12 +177,15 @@ def _eos_ids(model, generate_kwargs: dict) -> list:
 
 
 def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Sequence[str]], *,
-                              max_new_tokens: int = 32, weights=None, temperature: float = 1.0, batch_size: int = 8,
-                              max_length: int = 512, progress: bool = True, **generate_kwargs):
+                              max_new_tokens: int = 32, weights=None, temperature: Optional[float] = None,
+                              batch_size: int = 8, max_length: int = 512, progress: bool = True, **generate_kwargs):
     """The target continues each prompt (target.generate with max_new_tokens and
     generate_kwargs: greedy unless they or its generation config say otherwise), whose logits
     for each new token (generate's, before any logits processor) are the target's side; the
-    drafts score the continuation by teacher forcing. Returns (generated,
+    drafts score the continuation by teacher forcing. temperature divides every logit of the
+    scores and, when generate samples, is its sampling temperature too (the distribution
+    sampled from is the one scored); None: the generation config's when sampling, else 1.
+    max_length truncates the prompts (generate's length is max_new_tokens). Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
     continuation's first eos, position counted from the continuation's start. With
@@ -190,6 +193,9 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     continuations per prompt, prompt after prompt: the table's text is the continuation's
     index, prompt its prompt's. Beam search is refused: its per-step logits belong to beams
     that are reordered and dropped, not to the returned sequences."""
+    sampling = bool(generate_kwargs.get("do_sample", target.generation_config.do_sample))
+    if temperature is None:
+        temperature = (target.generation_config.temperature or 1.0) if sampling else 1.0
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     check_count(max_new_tokens, "max_new_tokens")
     if (generate_kwargs.get("num_beams") or target.generation_config.num_beams or 1) > 1:
@@ -197,6 +203,8 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
                          "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
+    if sampling:
+        settings["temperature"] = temperature
     if settings.get("pad_token_id") is None and target.generation_config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(target, generate_kwargs)
@@ -244,13 +252,23 @@ def sequence_scores(tokens):
     return table
 
 
+def _flat(values) -> torch.Tensor:
+    """A CPU tensor of a tensor, array, list or pandas Series, flattened. (A Series goes through
+    numpy: torch.as_tensor indexes it by label, and a filtered one's labels have gaps.)"""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().flatten()
+    import numpy
+
+    return torch.as_tensor(numpy.asarray(values)).flatten()
+
+
 def auroc(scores, labels) -> float:
     """Area under the ROC curve of `scores` for telling labels 1 (positives) from 0: the
     probability that a random positive scores higher than a random negative, ties counting
     half (the Mann-Whitney U statistic over P * N, from average ranks)."""
     pandas = require_pandas()
-    scores = pandas.Series(torch.as_tensor(scores, dtype=torch.float64).flatten().numpy())
-    labels = torch.as_tensor(labels).flatten()
+    scores = pandas.Series(_flat(scores).to(torch.float64).numpy())
+    labels = _flat(labels)
     if len(scores) != labels.numel():
         raise ValueError(f"scores and labels must have the same length, got {len(scores)} and {labels.numel()}")
     if scores.isna().any():

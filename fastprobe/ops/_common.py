@@ -284,13 +284,13 @@ def custom_op(name: str) -> Callable[[Callable], CustomOp]:
     return lambda body: CustomOp(name, body)
 
 
-def register_forward_only(op, name: str, why: str = "") -> None:
+def register_forward_only(op, name: str, why: str = "", inputs: str = "its inputs") -> None:
     """Autograd for an inference-only custom op: backward raises a clear error."""
 
     def backward(ctx, *grads):
         raise RuntimeError(
             f"fastprobe.{name} is forward-only{why}: training through it is not supported yet. "
-            "Use it under torch.no_grad() / torch.inference_mode(), or detach q, k and v."
+            f"Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}."
         )
 
     op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

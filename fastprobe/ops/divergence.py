@@ -35,6 +35,7 @@ from ._common import (
     new_output,
     on_device,
     output_dtype,
+    register_forward_only,
     skips_host_checks,
 )
 
@@ -163,6 +164,10 @@ def _(draft, target, weights, inv_temperature, lse_in=None, lse_only=False):
     stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft))
     lse = draft.new_empty((num_drafts + 1, num_tokens), dtype=torch.float64)
     return stats, lse
+
+
+register_forward_only(_draft_divergence_op, "draft_divergence", " (an uncertainty measure)",
+                      inputs="draft_logits and target_logits")
 
 
 def check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor:

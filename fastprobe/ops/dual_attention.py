@@ -144,7 +144,7 @@ def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, h
     return _op_outputs(_outputs(q, v.shape[-1], return_paths))  # (new_output makes fake or meta tensors here, like q)
 
 
-register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)")
+register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)", inputs="q, k and v")
 
 
 def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Tensor:
