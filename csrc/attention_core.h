@@ -119,8 +119,11 @@ FASTPROBE_ALWAYS_INLINE void for_tiles(int64_t n, Tile&& tile) {
 // vectors of kLanes floats,
 //   out[a][b] = init(a, b) + sum_{i < n} x[i x_step + a x_stride] y[i y_step + b kLanes]
 // with out[a][b] at out + a ld_out + b kLanes and the NA x NB accumulators in registers;
-// init(a, b, acc) sets an accumulator's start (nullptr: 0). AHEAD > 0: the y of iteration
-// i + AHEAD is prefetched (a cache hint, within the n rows) while iteration i computes.
+// init(a, b, base) gives the term the block's sum is added to (nullptr: 0). The sum starts
+// from 0, not from init: a running output (alpha o) then takes one block sum per block, as the
+// softmax denominator l does, and does not stop growing once it is 2^24 times one key's term
+// (2^26 near-uniform keys gave half the output). AHEAD > 0: the y of iteration i + AHEAD is
+// prefetched (a cache hint, within the n rows) while iteration i computes.
 template <int NA, int NB, typename Init, int AHEAD = 0>
 FASTPROBE_ALWAYS_INLINE void outer_tile(const float* x, int64_t x_step, int64_t x_stride,
                                         const float* y, int64_t y_step, int64_t n, float* out,
@@ -129,12 +132,7 @@ FASTPROBE_ALWAYS_INLINE void outer_tile(const float* x, int64_t x_step, int64_t 
 #pragma GCC unroll 8
   for (int a = 0; a < NA; ++a)
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) {
-      if constexpr (std::is_same_v<Init, std::nullptr_t>)
-        acc[a][b] = Lanes{};
-      else
-        init(a, b, acc[a][b]);
-    }
+    for (int b = 0; b < NB; ++b) acc[a][b] = Lanes{};
   for (int64_t i = 0; i < n; ++i) {
     if constexpr (AHEAD > 0)
       if (i + AHEAD < n)
@@ -154,7 +152,14 @@ FASTPROBE_ALWAYS_INLINE void outer_tile(const float* x, int64_t x_step, int64_t 
 #pragma GCC unroll 8
   for (int a = 0; a < NA; ++a)
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) STORE_LANES(out + a * ld_out + b * kLanes, acc[a][b]);
+    for (int b = 0; b < NB; ++b) {
+      if constexpr (!std::is_same_v<Init, std::nullptr_t>) {
+        Lanes base;
+        init(a, b, base);
+        acc[a][b] += base;
+      }
+      STORE_LANES(out + a * ld_out + b * kLanes, acc[a][b]);
+    }
 }
 
 // ---- Narrow items (at most kNarrowRows rows, e.g. decoding one query per head): the lanes
@@ -666,7 +671,8 @@ struct Plan {
     key_blocks = (p.Lk + kKeyBlock - 1) / kKeyBlock;
     items = p.B * p.Hkv * query_blocks;
     // Few items (decoding): split each item's keys so that every thread has work; ranges of
-    // at least 4 blocks keep the merge cheap.
+    // at least 4 blocks keep the merge cheap. (So the ranges, and the last bits of a decoding
+    // call's results, depend on the thread count; a range's own order does not.)
     splits = 1;
     if (items < 2 * int64_t(threads)) {
       const int64_t wanted = (2 * int64_t(threads) + items - 1) / items;

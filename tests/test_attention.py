@@ -467,6 +467,20 @@ def test_cuda_long_sequences(head_dim, length):
     assert_matches(result, expected(q, k, v, **options), torch.bfloat16, True, True, atol=1e-4)
 
 
+@pytest.mark.usefixtures("one_thread")  # two heads on one thread: one key range per head
+@pytest.mark.parametrize("num_queries", [1, 8])  # the narrow (decoding) and the wide kernels
+def test_cpu_output_over_2_pow_26_equal_keys(num_queries):
+    """2^26 + 1 keys of one score and value 1 (expanded: nothing allocated): out must be 1. The
+    running output once took each key's term alone and stopped growing at 2^24 of them, while
+    the denominator took block sums: out was 0.5 (2^26 / Lk)."""
+    length = 2**26 + 1
+    q = torch.ones(1, 2, num_queries, 1)
+    k = v = torch.ones(1, 1, 1, 1).expand(1, 2, length, 1)
+    result = fp.sink_attention(q, k, v, causal=False)
+    torch.testing.assert_close(result.out, torch.ones_like(q), rtol=1e-5, atol=0)
+    torch.testing.assert_close(result.lse, torch.full((1, 2, num_queries), 1 + math.log(length)), rtol=1e-6, atol=0)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     length=st.integers(1, 40),
