@@ -232,7 +232,7 @@ def test_image_keys_are_tracked_through_generate(model, processor, images):
     fp.patch(model, guidance=dict(gamma=1.0))
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
-    tracked = model._fastprobe_state.image_keys.mask
+    tracked = model._fastprobe_state.forward.image_keys.mask
     prompt = batch["input_ids"].shape[1]
     assert tracked.shape == (2, out.shape[1] - 1)  # the last token is never fed
     assert torch.equal(tracked[:, :prompt], image_positions(batch, processor))

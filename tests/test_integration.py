@@ -1107,6 +1107,97 @@ def test_record_attention_patches_temporarily_and_nests_safely():
             outputs(model, ids, mask)
 
 
+def test_record_attention_leaves_no_patch_behind_when_its_arguments_are_bad():
+    model = tiny_model("llama")
+    for bad, error in ((dict(statistics=["foo"]), ValueError), (dict(key_groups=torch.zeros(3, 5)), TypeError)):
+        with pytest.raises(error):
+            with fp.record_attention(model, **bad):
+                pass
+        assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_key_groups_for_a_generate_that_expands_the_batch_say_how():
+    model = tiny_model("llama")
+    ids, mask = inputs(batch=2, padding="none")
+    with pytest.raises(ValueError, match=r"num_return_sequences.*key_groups.repeat_interleave\(2, 0\)"):
+        with fp.record_attention(model, key_groups=torch.zeros(2, LENGTH, dtype=torch.long)):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, num_beams=2, do_sample=False)
+    groups = torch.arange(LENGTH).expand(2, LENGTH) % 3
+    with fp.record_attention(model, key_groups=groups.repeat_interleave(2, 0), num_groups=3) as record:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, num_beams=2, do_sample=False)
+    assert record.group_mass.shape == (2, 4, 3)
+
+
+def test_concurrent_forwards_of_one_patched_model():
+    """Forwards of one patched model in several threads at once: each thread tracks its own
+    forward (the safety net's call counts once mixed, and a forward raised at random), and a
+    record open meanwhile pools every thread's passes, none lost."""
+    import threading
+
+    model = fp.patch(tiny_model("llama"))
+    batches = [inputs(padding=padding) for padding in ("none", "left", "mixed", "none")]
+    want = [outputs(model, ids, mask) for ids, mask in batches]
+    got, errors = {}, []
+
+    def run(index):
+        try:
+            for _ in range(8):
+                got[index] = outputs(model, *batches[index])
+        except Exception as error:  # (reported below)
+            errors.append(error)
+
+    with fp.record_attention(model) as record:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    for index, (ids, mask) in enumerate(batches):
+        assert_real_close(got[index], want[index], mask)
+    real_queries = sum(int(mask.sum()) for _, mask in batches) * 8
+    assert record.num_queries.tolist() == [real_queries] * 2
+
+
+def test_a_sub_model_of_a_patched_model_is_patched_through_it():
+    """patch / record_attention on a sub-model of a patched model (or the reverse) would replace
+    the other's options and strip its patch on the way out: refused, naming the patched model."""
+    model = fp.patch(tiny_model("llama"), head_mask={0: [True, False, False, True]})
+    ids, mask = inputs()
+    want = outputs(model, ids, mask)
+    for attempt in (lambda: fp.patch(model.model), lambda: fp.record_attention(model.model).__enter__()):
+        with pytest.raises(ValueError, match="already patched as part of a LlamaForCausalLM"):
+            attempt()
+    assert not is_patched(model.model) and 0 in patch_options(model).head_mask
+    torch.testing.assert_close(outputs(model, ids, mask), want)
+    fp.unpatch(model)
+    inner = tiny_model("llama")
+    fp.patch(inner.model)
+    with pytest.raises(ValueError, match="already patched as part of a LlamaModel"):
+        fp.patch(inner)
+    fp.unpatch(inner.model)
+    fp.unpatch(fp.patch(inner))
+
+
+def test_two_models_sharing_a_config_unpatched_in_any_order_get_it_back():
+    """Patched one after the other, the second sees the first's switch: each remembers the config's
+    own implementation, and the config goes back only when neither patch is left."""
+    for order in ("first, second", "second, first"):
+        config = tiny_config("llama")
+        config._attn_implementation = "eager"
+        first = fp.patch(transformers.LlamaForCausalLM(config).eval())
+        second = fp.patch(transformers.LlamaForCausalLM(config).eval())
+        ids, mask = inputs()
+        models = [first, second] if order == "first, second" else [second, first]
+        fp.unpatch(models[0])
+        assert config._attn_implementation == "fastprobe"  # the other still runs patched
+        outputs(models[1], ids, mask)
+        fp.unpatch(models[1])
+        assert config._attn_implementation == "eager"
+        for model in (first, second):
+            assert outputs(model, ids, mask, output_attentions=True).shape[0] == 3  # eager gives weights again
+
+
 def test_recording_pruned_heads_reads_zero():
     model = fp.patch(tiny_model("llama"), head_mask={0: [True, False, True, True]})
     ids, mask = inputs()

@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import threading
 import warnings
 import weakref
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
@@ -315,37 +316,65 @@ def _cached_length(inputs: Mapping[str, Any], num_new: int) -> int:
     return 0
 
 
+class _ForwardState:
+    """What the forward passes of a patched model run by one thread track: a patched model may run
+    in several threads at once (their calls, cu_seq_lens and image keys must not mix)."""
+
+    def __init__(self):
+        self.calls = 0  # fastprobe attention calls (the safety net of _forward_done)
+        self.calls_at_forward = 0
+        self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
+        self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
+        self.image_keys: Optional[ImageKeys] = None
+        self.options_version = -1  # the options the image keys were made for
+
+
 class _PatchState:
     """Everything patch() put on a model: the options, the self-attention modules (their order is
-    fastprobe's layer index), what to restore, the active recorder and a call counter."""
+    fastprobe's layer index), what to restore, the active recorder and, per thread, the state of
+    its forward passes."""
 
     def __init__(self, layers: list, previous: list, options: PatchOptions):
         self.layers = layers
         self.index = {id(module): i for i, module in enumerate(layers)}
         self.previous = previous
         self.recorder: Optional[AttentionRecord] = None
-        self.calls = 0
-        self.calls_at_forward = 0
         self.hooks: list = []
         self._head_masks: dict = {}
-        self.image_keys: Optional[ImageKeys] = None
-        self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
+        self._threads = threading.local()  # .forward: the thread's _ForwardState
+        self._options_version = 0
         self.module_ids: frozenset = frozenset()  # every module of the patched model
-        self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
+        self.model_name = "model"  # the patched model's class name
         self.set_options(options)
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_threads"}
 
     def __setstate__(self, attributes: dict) -> None:
         """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
         are then the copy's modules, which the id-keyed tables must name (the copy is patched as
         the original was, and unpatch(copy) restores the copy only)."""
         self.__dict__.update(attributes)
+        self._threads = threading.local()
         self.index = {id(module): i for i, module in enumerate(self.layers)}
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
 
     def set_options(self, options: PatchOptions) -> None:
         self.options = options
         self._head_masks = {}
-        self.image_keys = None if options.guidance is None else ImageKeys(options.guidance.image_token_id)
+        self._options_version += 1  # (each thread's image keys start afresh)
+
+    @property
+    def forward(self) -> _ForwardState:
+        """This thread's _ForwardState (with fresh image keys after the options changed)."""
+        found = getattr(self._threads, "forward", None)
+        if found is None:
+            found = self._threads.forward = _ForwardState()
+        if found.options_version != self._options_version:
+            guidance = self.options.guidance
+            found.image_keys = None if guidance is None else ImageKeys(guidance.image_token_id)
+            found.options_version = self._options_version
+        return found
 
     def head_mask(self, layer: int, device: torch.device) -> Optional[torch.Tensor]:
         """The layer's head mask on the attention's device (copied there once)."""
@@ -368,13 +397,14 @@ class _PatchState:
         made by key_padding_mask. Weak references, so a later tensor reusing a freed one's id never
         matches; emptied when the model's forward starts, so boundaries written in place between
         forwards are read afresh."""
-        found = self.packing
+        forward = self.forward
+        found = forward.packing
         if found is None or found.length != length or found.bounds() is not bounds or (
                 (found.key_bounds is None) != (key_bounds is None)) or (
                 key_bounds is not None and found.key_bounds() is not key_bounds):
             on_cpu = segment_spans(_packed_ids(bounds, key_bounds, length))  # (checked on the CPU: no device sync)
             key_ref = None if key_bounds is None else weakref.ref(key_bounds)
-            found = self.packing = _Packing(weakref.ref(bounds), key_ref, length, {on_cpu.start.device: on_cpu})
+            found = forward.packing = _Packing(weakref.ref(bounds), key_ref, length, {on_cpu.start.device: on_cpu})
         if device not in found.spans:
             on_cpu = next(iter(found.spans.values()))
             found.spans[device] = SegmentSpans(*(bound.to(device) for bound in on_cpu))
@@ -487,6 +517,23 @@ def _switch(model, layers: list, configs: list) -> None:
     if all(_layer_config(m, model) is not model.config for m in layers):
         # a wrapper with no attention code of its own (LLaVA's): 4.54-4.55 leave its config, 4.56+ switch it
         _write_implementation(model.config, KEY)
+
+
+def _live_states(config) -> Any:
+    """The _PatchStates of the live patches that switched this config object (several models may
+    share one config), or ()."""
+    config_ref, states = _SWITCHED.get(id(config), (None, ()))
+    return states if config_ref is not None and config_ref() is config else ()
+
+
+def _implementation_before_fastprobe(config) -> Optional[str]:
+    """The config's attention implementation as it was before any live patch switched it: its own,
+    or, where the patch of another model sharing the config switched it, what that one restores."""
+    for other in _live_states(config):
+        for known, implementation in other.previous:
+            if known is config:
+                return implementation
+    return _implementation(config)
 
 
 def _restore(previous: list) -> None:
@@ -1081,7 +1128,7 @@ def attention_forward(
         return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks,
                                 segments), None
 
-    state.calls += 1
+    state.forward.calls += 1
     options, record = state.options, state.recorder
     window = _narrowest(window, options.window)
     guided = None
@@ -1154,7 +1201,8 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
         ) if found)
         raise NotImplementedError(f"guidance on layer {layer}: the dual-path kernel does not take {what}; "
                                   "guide other layers (guidance layers=[...]) or drop that option")
-    image_keys = state.image_keys.mask if state.in_forward else None
+    forward = state.forward
+    image_keys = forward.image_keys.mask if forward.in_forward else None
     batch, num_queries, num_keys = query.shape[0], query.shape[2], key.shape[2]
     if image_keys is None or image_keys.shape[0] != batch or image_keys.shape[1] < num_keys:
         seen = "none" if image_keys is None else f"{tuple(image_keys.shape)}"
@@ -1282,13 +1330,15 @@ def patch(
     _masking_utils()
     state = getattr(model, _STATE, None)
     layers = state.layers if state is not None else _check_architecture(model)
+    if state is None:
+        _refuse_layers_patched_through_another(model, layers)
     options = _make_options(len(layers), _num_heads(layers), num_sink, window, head_mask, record, stat_tokens,
                             guidance, model)
     if state is not None:
         state.set_options(options)
         return model
 
-    previous = [(config, _implementation(config)) for config in _configs(model)]
+    previous = [(config, _implementation_before_fastprobe(config)) for config in _configs(model)]
     _switch(model, layers, [config for config, _ in previous])
     # set_attn_implementation only warns for a class it cannot switch: check every layer did.
     stuck = sorted({type(m).__name__ for m in layers if _implementation(_layer_config(m, model)) != KEY})
@@ -1298,6 +1348,7 @@ def patch(
 
     state = _PatchState(layers, previous, options)
     state.module_ids = frozenset(id(module) for module in model.modules())
+    state.model_name = type(model).__name__
     for key, (config_ref, states) in list(_SWITCHED.items()):
         if config_ref() is None or not states:  # configs or models gone without unpatch
             del _SWITCHED[key]
@@ -1314,21 +1365,34 @@ def patch(
     return model
 
 
+def _refuse_layers_patched_through_another(model, layers: list) -> None:
+    """A model whose attention layers are already patched as part of another model (a sub-model of
+    a patched model, or the model around a patched sub-model): patching it too would replace their
+    options and unpatching it would strip them from the other. Refused, naming that model."""
+    owner = next((found for found in (getattr(module, _STATE, None) for module in layers) if found is not None), None)
+    if owner is not None:
+        raise ValueError(
+            f"{type(model).__name__}'s attention layers are already patched as part of a {owner.model_name} (the "
+            "model fastprobe.patch was called on, which contains this one or is contained in it): patch, record and "
+            "unpatch through that model"
+        )
+
+
 def _forward_started(model, args, kwargs) -> None:
-    state = getattr(model, _STATE)
-    state.calls_at_forward = state.calls
-    state.in_forward = False
-    state.packing = None
-    if state.image_keys is not None:  # guidance: the image-key mask of this forward's keys
-        state.image_keys.update(forward_arguments(model, args, kwargs))
-    state.in_forward = True
+    forward = getattr(model, _STATE).forward
+    forward.calls_at_forward = forward.calls
+    forward.in_forward = False
+    forward.packing = None
+    if forward.image_keys is not None:  # guidance: the image-key mask of this forward's keys
+        forward.image_keys.update(forward_arguments(model, args, kwargs))
+    forward.in_forward = True
 
 
 def _forward_done(model, args, output) -> None:
     """The safety net: a forward of a patched model that never reached fastprobe's attention."""
-    state = getattr(model, _STATE)
-    state.in_forward = False
-    if state.calls == state.calls_at_forward:
+    forward = getattr(model, _STATE).forward
+    forward.in_forward = False
+    if forward.calls == forward.calls_at_forward:
         raise RuntimeError(
             f"{type(model).__name__} ran a forward pass without calling fastprobe's attention: its attention does "
             "not go through transformers' AttentionInterface (call fastprobe.unpatch(model))"
@@ -1343,11 +1407,12 @@ def unpatch(model):
         return model
     if state.recorder is not None:
         raise RuntimeError("fastprobe.unpatch inside record_attention: leave the with block first")
-    _restore(state.previous)
     for config, _ in state.previous:
-        config_ref, states = _SWITCHED.get(id(config), (None, None))
-        if config_ref is not None and config_ref() is config:
+        states = _live_states(config)
+        if states:
             states.discard(state)
+    # a config that another live patch (a model sharing it) still switched stays switched: that one restores it
+    _restore([(config, implementation) for config, implementation in state.previous if not _live_states(config)])
     for hook in state.hooks:
         hook.remove()
     for module in state.layers:
@@ -1363,7 +1428,8 @@ class AttentionRecord:
     """Per-layer, per-head attention statistics of the forward passes run inside
     record_attention, averaged over real (non-padded) query positions and the batch, pooled over
     calls (prefill and every decoding step of generate). Rows are fastprobe's layers (self-attention
-    modules in model order); a layer that never ran is NaN.
+    modules in model order); a layer that never ran is NaN, and a head that the patch's head_mask
+    switches off records 0 (its weights are all 0).
 
         sink_mass   [layers, heads]     weight on the first stat_tokens real tokens (the BOS sink)
         group_mass  [layers, heads, G]  weight on each key group (with key groups), else None
@@ -1389,12 +1455,20 @@ class AttentionRecord:
         self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
         self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
+        self._lock = threading.Lock()
         if num_heads is not None:
             for name in statistics:
                 if name != "group_mass":
                     self._table(name, ())
         if key_groups is not None:
             self.set_key_groups(key_groups, num_groups)
+
+    def __getstate__(self) -> dict:  # (copy.deepcopy of a record: a snapshot)
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+
+    def __setstate__(self, attributes: dict) -> None:
+        self.__dict__.update(attributes)
+        self._lock = threading.Lock()
 
     def _table(self, name: str, tail: tuple, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The [layers, H, *tail] sums of a statistic, made once (zeros)."""
@@ -1436,8 +1510,13 @@ class AttentionRecord:
         groups, count = self._key_groups
         fresh = key_offset + num_keys == num_queries  # a forward from position 0: no cache before it
         if groups.shape[0] != batch or (fresh and num_keys > groups.shape[1]):
+            expanded = ""
+            if batch != groups.shape[0] and batch % groups.shape[0] == 0:
+                expanded = (f"; generate with num_beams or num_return_sequences n runs n rows per input row: pass "
+                            f"key_groups.repeat_interleave({batch // groups.shape[0]}, 0)")
             raise ValueError(f"key_groups has shape {tuple(groups.shape)} but this call has batch {batch} and "
-                             f"{num_keys} tokens: give a group to every token (set_key_groups before each batch)")
+                             f"{num_keys} tokens: give a group to every token (set_key_groups before each "
+                             f"batch){expanded}")
         where = (key.device, key_offset, num_keys)
         made = self._views.get(where)
         if made is None:
@@ -1461,13 +1540,21 @@ class AttentionRecord:
         batch, _, num_queries = sink_mass.shape
         if dropped is not None:  # the first token left the sliding cache: its weight is 0
             sink_mass = sink_mass.masked_fill(dropped.view(batch, 1, 1), 0.0)
-        weight = None
+        weight = real_queries = None
         if padding is not None:
             weight, real_queries = self._query_weights(padding, num_queries, sink_mass.dtype, shared)
         group_mass = result.group_mass
         if group_mass is not None:  # (without group G of decoded tokens past the given ones)
             group_mass = group_mass[..., :self._key_groups.num_groups]
         found = {"sink_mass": sink_mass, "group_mass": group_mass, "entropy": result.entropy}
+        if is_compiling():  # (a traced forward: the graph adds them)
+            self._accumulate(layer, found, weight, real_queries, batch, num_queries)
+        else:
+            with self._lock:  # forwards of several threads may add at once (in-place sums)
+                self._accumulate(layer, found, weight, real_queries, batch, num_queries)
+
+    def _accumulate(self, layer: int, found: dict, weight: Optional[torch.Tensor], real_queries, batch: int,
+                    num_queries: int) -> None:
         for name in self.statistics:
             values = found[name]
             if values is None:
@@ -1476,7 +1563,8 @@ class AttentionRecord:
                 values = values * weight.view(batch, 1, num_queries, *([1] * (values.dim() - 3)))
             pooled = values.sum(dim=(0, 2))
             self._table(name, tuple(pooled.shape[1:]), pooled)[layer].add_(pooled)
-        counts = self._counts if self._counts.device == sink_mass.device else self._move_counts(sink_mass.device)
+        device = found["sink_mass"].device
+        counts = self._counts if self._counts.device == device else self._move_counts(device)
         counts[layer].add_(batch * num_queries if weight is None else real_queries)
 
     @staticmethod
@@ -1542,25 +1630,33 @@ def record_attention(
     needs key_groups ([B, L] integer ids, the group of each token position; tokens generated past
     them are in none, see AttentionRecord), "entropy" asks the kernel for it. A model that is not
     patched is patched (no options) for the duration of the block.
+
+    Every forward pass of the model while the block is open counts, whichever thread runs it
+    (generate in a streamer's thread included): keep other threads' passes off the model while
+    recording if they should not be pooled in. Each pass counts whole: with assisted or
+    prompt-lookup generation, the candidate tokens the model rejects are in the record too.
     """
+    chosen = None if statistics is None else _check_statistics(statistics, "statistics")
     temporary = not is_patched(model)
     if temporary:
         patch(model)
-    state = getattr(model, _STATE)
-    if state.recorder is not None:
-        raise RuntimeError("record_attention is already active on this model")
-    chosen = state.options.record if statistics is None else _check_statistics(statistics, "statistics")
-    if key_groups is not None and "group_mass" not in chosen:
-        chosen = chosen + ("group_mass",)
-    parameter = next(model.parameters(), None)
-    dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
-    record = AttentionRecord(len(state.layers), _num_heads(state.layers), chosen,
-                             device=None if parameter is None else parameter.device, dtype=dtype,
-                             key_groups=key_groups, num_groups=num_groups)
-    state.recorder = record
-    try:
-        yield record
+    try:  # (a model patched for the block is unpatched whatever fails, the checks below included)
+        state = getattr(model, _STATE)
+        if state.recorder is not None:
+            raise RuntimeError("record_attention is already active on this model")
+        chosen = state.options.record if chosen is None else chosen
+        if key_groups is not None and "group_mass" not in chosen:
+            chosen = chosen + ("group_mass",)
+        parameter = next(model.parameters(), None)
+        dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
+        record = AttentionRecord(len(state.layers), _num_heads(state.layers), chosen,
+                                 device=None if parameter is None else parameter.device, dtype=dtype,
+                                 key_groups=key_groups, num_groups=num_groups)
+        state.recorder = record
+        try:
+            yield record
+        finally:
+            state.recorder = None
     finally:
-        state.recorder = None
         if temporary:
             unpatch(model)
