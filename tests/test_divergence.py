@@ -388,6 +388,23 @@ def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, 
             out["error"] = str(error)
         # every rank raised at the same point, so the group is still in step
         out["after_error"] = fp.draft_divergence_sharded(*mine, weights=weights, temperature=0.8)._asdict()
+        # calls that differ between the ranks: refused on both, before any statistic is mixed
+        differing = {
+            "target": ((mine[0], mine[1] if rank == 0 else None), dict(weights=weights)),
+            "temperature": (mine, dict(weights=weights, temperature=1.0 + rank)),
+            "weights": (mine, dict(weights=weights if rank == 0 else None)),
+            "drafts": ((mine[0][:2 + rank], mine[1]), {}),
+        }
+        out["disagree"] = {}
+        for name, (tensors, options) in differing.items():
+            try:
+                fp.draft_divergence_sharded(*tensors, **options)
+                out["disagree"][name] = None
+            except ValueError as error:
+                out["disagree"][name] = str(error)
+        # all of the vocabulary on rank 0, none on rank 1 (an empty shard adds nothing)
+        whole = (draft, target_logits) if rank == 0 else (draft[..., :0], target_logits[..., :0])
+        out["one_shard_empty"] = fp.draft_divergence_sharded(*whole, weights=weights, temperature=0.8)._asdict()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still finishes a collective
     finally:
@@ -438,6 +455,25 @@ def test_sharded_distributed_matches_unsharded(sharded_run):
             if ranks[0][key][field] is not None:
                 assert torch.equal(ranks[0][key][field], ranks[1][key][field]), field
     assert ranks[0]["empty"]["jsd"].shape == (0,)
+
+
+def test_sharded_distributed_refuses_calls_that_differ_between_ranks(sharded_run):
+    """A target on one rank only, different temperatures, weights or draft counts: every rank
+    raises, naming what differs (they once mixed silently: a negative KL, or gloo aborted)."""
+    _, ranks = sharded_run
+    names = {"target": "whether target_logits is given", "temperature": "1 / temperature", "weights": "weights",
+             "drafts": "K (draft_logits' drafts)"}
+    for rank in ranks:
+        for case, name in names.items():
+            error = rank["disagree"][case]
+            assert error is not None and f"the ranks disagree on {name}" in error, (case, error)
+
+
+def test_sharded_distributed_with_an_empty_shard(sharded_run):
+    (draft, target_logits, weights), ranks = sharded_run
+    unsharded = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.8)
+    for rank in ranks:
+        assert_same_result(fp.DraftDivergence(**rank["one_shard_empty"]), unsharded)
 
 
 def test_sharded_distributed_all_masked_row_raises_on_every_rank(sharded_run):

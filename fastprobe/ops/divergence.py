@@ -194,14 +194,14 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor
     return weights
 
 
-def _check_inputs(draft_logits, target_logits, weights, temperature):
+def _check_inputs(draft_logits, target_logits, weights, temperature, empty_vocabulary: bool = False):
     """The checks both forms share: (draft, target or None, weights [K], inv_temperature),
-    or a ValueError/TypeError naming the argument."""
+    or a ValueError/TypeError naming the argument. empty_vocabulary: V = 0 is allowed (a shard)."""
     draft = check_tensor(draft_logits, "draft_logits", 3, "[K, N, V]")
     num_drafts, num_tokens, vocab = draft.shape
     if num_drafts == 0:
         raise ValueError("draft_logits has K = 0 drafts: need at least one draft model")
-    if vocab == 0:
+    if vocab == 0 and not empty_vocabulary:
         raise ValueError("draft_logits has an empty vocabulary (V = 0)")
     target = None
     if target_logits is not None:
@@ -293,6 +293,34 @@ def _global_lse(shard_lse: torch.Tensor, group) -> torch.Tensor:
     return shift + total.log()
 
 
+def _check_ranks_agree(draft: torch.Tensor, has_target: bool, weights: torch.Tensor, inv_temperature: float,
+                       group) -> None:
+    """A ValueError on every rank of `group` at once when the ranks' calls differ in what must be
+    the same (K, N, whether there is a target, temperature, weights): the collectives would
+    otherwise mix them silently, or fail on buffers of different sizes. One all-reduce (MAX) of
+    the settings and their negatives, i.e. their max and min over the ranks; the weights enter
+    by two position-weighted sums, which tell apart every mistake short of a crafted one."""
+    import torch.distributed as dist
+
+    positions = torch.arange(1, weights.shape[0] + 1, dtype=torch.float64, device=weights.device)
+    weights = weights.double()
+    plain = [float(draft.shape[0]), float(draft.shape[1]), float(has_target), inv_temperature]
+    settings = torch.cat([torch.tensor(plain, dtype=torch.float64, device=draft.device),
+                          torch.stack([(weights * positions).sum(), (weights * positions.square()).sum()])])
+    extremes = torch.cat([settings, -settings])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    high, low = extremes[:6].tolist(), (-extremes[6:]).tolist()
+    names = ("K (draft_logits' drafts)", "N (draft_logits' tokens)", "whether target_logits is given",
+             "1 / temperature", "weights", "weights")
+    differ = [name for name, top, bottom in zip(names, high, low) if top != bottom]
+    if differ:
+        raise ValueError(
+            f"draft_divergence_sharded: the ranks disagree on {', '.join(dict.fromkeys(differ))}; every rank must "
+            "pass the same K, N, target (given or not), weights and temperature, each with its own shard of the "
+            "vocabulary"
+        )
+
+
 def draft_divergence_sharded(
     draft_logits: torch.Tensor,
     target_logits: Optional[torch.Tensor] = None,
@@ -324,26 +352,37 @@ def draft_divergence_sharded(
 
     Raises the errors of draft_divergence for bad input (on the rank that has it, before
     any communication: the other ranks then wait in the first all-reduce, as with any
-    collective), RuntimeError if torch.distributed is not initialised, and
-    ValueError naming the row if a row's logits are all -inf (or hold NaN/+inf) over the
-    WHOLE vocabulary; that check is on the combined lse, so every rank raises it together.
-    A row that is all -inf on some ranks' shards only is fine.
+    collective), RuntimeError if torch.distributed is not initialised, ValueError on every
+    rank when the ranks disagree on K, N, the target, weights or temperature (one more small
+    all-reduce, checked first), and ValueError naming the row if a row's logits are all -inf
+    (or hold NaN/+inf) over the WHOLE vocabulary; that check is on the combined lse, so every
+    rank raises it together. A row that is all -inf on some ranks' shards only is fine, and so
+    is a rank whose shard is empty (V_r = 0: it adds nothing).
     """
     import torch.distributed as dist
 
-    draft, target, mixture_weights, inv_temperature = _check_inputs(draft_logits, target_logits, weights, temperature)
+    draft, target, mixture_weights, inv_temperature = _check_inputs(draft_logits, target_logits, weights, temperature,
+                                                                    empty_vocabulary=True)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "draft_divergence_sharded needs torch.distributed initialised "
             "(torch.distributed.init_process_group); use draft_divergence for an unsharded vocabulary"
         )
     has_target = target is not None
-    # 1. this shard's lse of every row (pass 1 only)
-    _, shard_lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_only=True)
+    _check_ranks_agree(draft, has_target, mixture_weights, inv_temperature, group)
+    num_drafts, num_tokens, vocab = draft.shape
+    # 1. this shard's lse of every row (pass 1 only; an empty shard's sums are empty: lse -inf)
+    if vocab > 0:
+        _, shard_lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_only=True)
+    else:
+        shard_lse = torch.full((num_drafts + 1, num_tokens), float("-inf"), dtype=torch.float64, device=draft.device)
     # 2. the whole vocabulary's lse, the same on every rank, so every rank raises together
     lse = _global_lse(shard_lse, group)
-    # 3. this shard's shares of every sum (pass 2 only), 4. added over the ranks
-    shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=lse)
+    # 3. this shard's shares of every sum (pass 2 only; an empty shard's are 0), 4. added over the ranks
+    if vocab > 0:
+        shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=lse)
+    else:
+        shares = torch.zeros((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft), device=draft.device)
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
     if has_target:
         shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
