@@ -554,9 +554,10 @@ def test_bad_input_raises_clear_error(case):
         assert torch.equal(original, copy)
 
 
-@pytest.mark.parametrize("case", bad_cases(), ids=lambda case: case[0])
+@pytest.mark.parametrize("case", [case for case in bad_cases() if case[0] != "empty V"], ids=lambda case: case[0])
 def test_sharded_bad_input_raises_like_unsharded(case):
-    """The same checks run before any communication (no process group needed to fail)."""
+    """The same checks run before any communication (no process group needed to fail); an empty
+    shard of the vocabulary is fine (test_sharded_distributed_with_an_empty_shard)."""
     _, args, kwargs, error, words = case
     with pytest.raises(error, match=words):
         fp.draft_divergence_sharded(*args, **kwargs)
