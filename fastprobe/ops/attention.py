@@ -769,7 +769,8 @@ def sink_attention(
         head_mask: optional [Hq], False = pruned head: out 0, lse -inf, statistics 0, no
             compute spent on it.
         sink_logit: optional [Hq] learned sink logits: exp(sink_logit) joins the softmax
-            denominator (a value-less entry; it lowers every key's weight).
+            denominator (a value-less entry; it lowers every key's weight). Finite: it is not
+            checked (a host sync per call); +inf or NaN gives NaN outputs.
         key_groups: optional [B, Lk] integer group id of every key, in [0, num_groups) (checked:
             a host sync per call). Or the KeyGroups that prepare_key_groups made from them,
             checked once and reused by calls with the same keys (e.g. every layer of one forward).
