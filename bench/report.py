@@ -1,7 +1,10 @@
 """Markdown results table from pytest-benchmark JSON files (bench/results/*.json). A row measured
 again (same op, device, problem and implementation) in a later run replaces the earlier one.
+Files that are empty or not pytest-benchmark JSON (a run killed before writing) are skipped, with
+a line on stderr.
 
     python bench/report.py bench/results/*.json
+    python -m bench.report --merge OUT.json PART.json...   # (bench/gpu.sh: one JSON of its per-family runs)
 """
 
 import json
@@ -32,7 +35,9 @@ def rows(data):
         speedup = info.get("speedup_vs_baseline")
         bandwidth = info.get("fraction_of_copy_bandwidth")
         yield (
-            bench["group"].split("-")[0],
+            # every suite names its groups "<op>-<device>", and op names hold hyphens of their own
+            # (sink_attention_head-mask_L4096, sink_attention_bfloat16-decode): cut the last one only
+            bench["group"].rsplit("-", 1)[0],
             device,
             f"{shape}, {info.get('dtype', '').replace('torch.', '')}",
             info.get("impl", bench["name"]),
@@ -44,6 +49,39 @@ def rows(data):
         )
 
 
+def load(path):
+    """The pytest-benchmark document in `path`, or None (and a line on stderr) if it has none."""
+    try:  # a run cut before pytest-benchmark wrote its JSON leaves it empty: the other files still count
+        with open(path) as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict) or not {"machine_info", "benchmarks"} <= data.keys():
+            raise ValueError("not a pytest-benchmark JSON document")
+    except (OSError, ValueError) as error:  # (json's JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        print(f"report.py: skipped {path}: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+    return data
+
+
+def merge(out, paths):
+    """One document of the runs in `paths` (bench/gpu.sh runs each family in a process of its own):
+    the first run's machine_info, commit_info and datetime, every run's benchmarks in order. Each
+    benchmark's speed-ups were computed inside its own run (a group never spans two families)."""
+    merged, runs = None, 0
+    for data in filter(None, map(load, paths)):
+        runs += 1
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"].extend(data["benchmarks"])
+    if merged is None:
+        print("report.py: nothing to merge", file=sys.stderr)
+        return 1
+    with open(out, "w") as handle:
+        json.dump(merged, handle, indent=4)
+    print(f"report.py: {len(merged['benchmarks'])} benchmarks of {runs} runs into {out}", file=sys.stderr)
+    return 0
+
+
 def main(paths):
     header = ("op", "device", "problem", "implementation", "median ms", "speed-up", "peak extra memory",
               "of copy bandwidth", "date")
@@ -51,8 +89,9 @@ def main(paths):
     print("|" + "---|" * len(header))
     latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row)
     for path in paths:
-        with open(path) as handle:
-            data = json.load(handle)
+        data = load(path)
+        if data is None:
+            continue
         when = data.get("datetime", "")
         for row in rows(data):
             key = row[:4]
@@ -64,4 +103,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--merge"]:
+        sys.exit(merge(sys.argv[2], sys.argv[3:]))
     main(sys.argv[1:])

@@ -28,7 +28,6 @@ import triton
 
 from fastprobe.kernels import attention as kernels
 from fastprobe.ops import attention as attention_ops
-from fastprobe.ops._common import new_output
 
 HEADS, HEAD_DIM = 32, 128
 NARROW = dict(heads=8, length=8192, head_dim=16)  # bench/test_patch_bench.py's model at L=8192
@@ -75,9 +74,9 @@ def launcher(q, k, v, options: dict):
                                   options.get("num_groups"), 1, None, None, None)
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     entropy_on, groups_on = options.get("return_entropy", False), args["key_groups"] is not None
-    out, lse, sink_mass, group_mass, entropy = attention_ops._outputs(q, v.shape[-1], args["num_groups"], entropy_on,
-                                                                      new_output)
-    group_mass, entropy = group_mass if groups_on else None, entropy if entropy_on else None
+    # the op layer's own allocation (_attend's): group_mass only with groups, entropy only when asked for
+    out, lse, sink_mass, group_mass, entropy = attention_ops._outputs(
+        q, v.shape[-1], args["num_groups"] if groups_on else None, entropy_on)
 
     def call():
         kernels.sink_attention(q, k, v, out, lse, sink_mass, group_mass, entropy, **args)

@@ -1,7 +1,7 @@
 """Times every autotune config (block size, warps, per-row or per-lane sums, prefetch) of the Triton draft_divergence kernel at the GPU
 benchmark shape and prints them against the device's copy bandwidth.
 
-    python bench/sweep_divergence.py
+    python -m bench.sweep_divergence   # from the repository root: it imports bench.* (as bench/gpu.sh runs it)
 """
 
 import torch

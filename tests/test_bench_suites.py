@@ -69,3 +69,45 @@ def test_concept_gradient_rows_time_the_same_gradient():
     (fused,), (eager,) = suite.fastprobe_grad(logits, concepts, weights), suite.eager_grad(logits, concepts, weights)
     assert fused.abs().sum() > 0
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_stats_sweep_allocates_through_the_op_layer():
+    """bench/sweep_attention_stats.py's launcher calls the op layer's private _prepare / _outputs
+    (their signatures change with it): its launches are built on CPU without running a kernel,
+    with the outputs each statistic set asks for."""
+    pytest.importorskip("triton")
+    from bench import sweep_attention_stats as sweep
+
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    for name, options in sweep.variants(40, "cpu").items():
+        call = sweep.launcher(q, k, v, options)
+        groups, entropy = "key_groups" in options, options.get("return_entropy", False)
+        assert len(call.outputs) == 3 + groups + entropy, name
+
+
+def test_report_labels_splits_and_skips(tmp_path, capsys):
+    """bench/report.py: the op column is the group less its device suffix (op names hold hyphens),
+    an empty or foreign JSON is skipped with a line on stderr, and --merge joins per-family runs."""
+    import json
+
+    from bench import report
+
+    def document(*groups):
+        return {"machine_info": {"gpu": "NVIDIA H200", "date": "2026-12-01T00:00:00"}, "datetime": "2026-12-01",
+                "benchmarks": [{"group": group, "name": f"test[{group}]", "stats": {"median": 1e-3},
+                                "extra_info": {"impl": "fastprobe", "shape": {"L": 4096}}} for group in groups]}
+
+    (tmp_path / "a.json").write_text(json.dumps(document("sink_attention_head-mask_L4096-cuda",
+                                                         "sink_attention_sink-window_L4096-cuda")))
+    (tmp_path / "b.json").write_text(json.dumps(document("sink_attention_bfloat16-decode-cpu",
+                                                         "draft_divergence-cuda")))
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "list.json").write_text("[]")
+    paths = [str(tmp_path / name) for name in ("a.json", "empty.json", "b.json", "list.json")]
+    assert report.merge(str(tmp_path / "merged.json"), paths) == 0
+    report.main([str(tmp_path / "merged.json"), str(tmp_path / "missing.json")])
+    out, err = capsys.readouterr()
+    ops = [line.split(" | ")[0].removeprefix("| ") for line in out.splitlines()[2:]]
+    assert ops == ["sink_attention_head-mask_L4096", "sink_attention_sink-window_L4096",
+                   "sink_attention_bfloat16-decode", "draft_divergence"]
+    assert all(f"skipped {tmp_path / name}" in err for name in ("empty.json", "list.json", "missing.json"))
