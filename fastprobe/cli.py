@@ -27,6 +27,7 @@ import torch
 
 from . import __version__, reference
 from .backend import cpp_status, get_backend, resolve, triton_status
+from .ops._common import INT64_MAX
 from .ops.bridge import bridge_loss
 from .ops.concepts import ConceptSet, concept_mass
 from .ops.divergence import draft_divergence
@@ -673,12 +674,13 @@ def main(argv=None) -> int:
     demo_parser = commands.add_parser("demo", help="run the fused ops on a built-in problem, check and time them")
     demo_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
-    demo_parser.add_argument("--drafts", type=int, default=4)
-    demo_parser.add_argument("--tokens", type=int, default=256)
-    demo_parser.add_argument("--vocab", type=int, default=32000)
-    demo_parser.add_argument("--concepts", type=int, default=1000, help="concepts for concept_mass")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    demo_parser.add_argument("--length", type=int, default=1024, help="tokens per row for the sink-recording timing")
+    demo_parser.add_argument("--drafts", type=_positive_int, default=4)
+    demo_parser.add_argument("--tokens", type=_positive_int, default=256)
+    demo_parser.add_argument("--vocab", type=_positive_int, default=32000)
+    demo_parser.add_argument("--concepts", type=_positive_int, default=1000, help="concepts for concept_mass")
+    demo_parser.add_argument("--seed", type=_non_negative_int, default=0)
+    demo_parser.add_argument("--length", type=_positive_int, default=1024,
+                             help="tokens per row for the sink-recording timing")
     sinks_parser = commands.add_parser("sinks", help="score, prune and plot the sink heads of a local checkpoint")
     sinks_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder (no downloads)")
     sinks_parser.add_argument("--texts", required=True, help="a text file, one text per line")
@@ -687,13 +689,14 @@ def main(argv=None) -> int:
                                    "report perplexity")
     sinks_parser.add_argument("--plot", default=None, metavar="PATH", help="write a layer x head heat map (matplotlib)")
     sinks_parser.add_argument("--csv", default=None, metavar="PATH", help="write the head table as CSV")
-    sinks_parser.add_argument("--top", type=int, default=10, help="heads to list (default 10)")
-    sinks_parser.add_argument("--batch-size", type=int, default=8)
-    sinks_parser.add_argument("--max-length", type=int, default=512, help="tokens per text at most")
+    sinks_parser.add_argument("--top", type=_positive_int, default=10, help="heads to list (default 10)")
+    sinks_parser.add_argument("--batch-size", type=_positive_int, default=8)
+    sinks_parser.add_argument("--max-length", type=_positive_int, default=512, help="tokens per text at most")
     sinks_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
     sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    sinks_parser.add_argument("--seed", type=int, default=0, help="seed of the random heads pruned for comparison")
+    sinks_parser.add_argument("--seed", type=_non_negative_int, default=0,
+                              help="seed of the random heads pruned for comparison")
     sinks_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     uncertainty_parser = commands.add_parser(
         "uncertainty", help="per-token uncertainty of texts under a target checkpoint and its draft checkpoints")
@@ -701,19 +704,19 @@ def main(argv=None) -> int:
     uncertainty_parser.add_argument("--drafts", required=True, nargs="+", help="draft checkpoints (same tokenizer)")
     uncertainty_parser.add_argument("--texts", required=True, help="a text file, one text per line")
     uncertainty_parser.add_argument("--temperature", type=float, default=1.0)
-    uncertainty_parser.add_argument("--top", type=int, default=10, help="tokens to list (default 10)")
+    uncertainty_parser.add_argument("--top", type=_positive_int, default=10, help="tokens to list (default 10)")
     availability_parser = commands.add_parser(
         "availability", help="the gold answer's probability mass at the commitment step, for a local checkpoint")
     availability_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder")
     availability_parser.add_argument("--questions", required=True,
                                      help='JSON Lines: {"prompt": ..., "answers": [...], optional "correct": bool}')
     availability_parser.add_argument("--threshold", type=_fraction, default=0.5, help="available when mass >= this")
-    availability_parser.add_argument("--max-new-tokens", type=int, default=8,
+    availability_parser.add_argument("--max-new-tokens", type=_positive_int, default=8,
                                      help="tokens of the greedy answer judged against the aliases")
     for method_parser in (uncertainty_parser, availability_parser):
         method_parser.add_argument("--csv", default=None, metavar="PATH", help="write the table as CSV")
-        method_parser.add_argument("--batch-size", type=int, default=8)
-        method_parser.add_argument("--max-length", type=int, default=512, help="tokens per text at most")
+        method_parser.add_argument("--batch-size", type=_positive_int, default=8)
+        method_parser.add_argument("--max-length", type=_positive_int, default=512, help="tokens per text at most")
         method_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
         method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -730,6 +733,28 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"a fraction in [0, 1], got {text}")
     return value
+
+
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, 2^63 - 1] (what torch's sizes and seeds hold), so
+    that a bad count or seed ends the command with its usage (exit 2) before any work."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if value > INT64_MAX:
+            raise argparse.ArgumentTypeError(f"must be < 2**63 (an int64), got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _integer_at_least(1)  # counts, sizes and lengths
+_non_negative_int = _integer_at_least(0)  # seeds
 
 
 if __name__ == "__main__":

@@ -601,3 +601,64 @@ def test_bad_input_raises_clear_error(case):
         fp.bridge_loss(*args, **kwargs)
     for original, copy in zip(real, copies):
         assert torch.equal(original, copy)
+
+
+def fused_linear_bad_cases():
+    vocab = 30
+    return [
+        ("student_bias [V + 1]", {"student_bias": torch.randn(vocab + 1)}, ValueError,
+         r"student_bias must have shape \[V\]"),
+        ("student_bias [1]", {"student_bias": torch.zeros(1)}, ValueError, "student_bias"),
+        ("teacher_bias [3]", {"teacher_bias": torch.randn(3)}, ValueError, r"teacher_bias must have shape \[V\]"),
+        ("student_bias 2-D", {"student_bias": torch.randn(1, vocab)}, ValueError, "student_bias"),
+        ("integer bias", {"student_bias": torch.zeros(vocab, dtype=torch.long)}, TypeError, "student_bias"),
+        ("bias a list", {"student_bias": [0.0] * vocab}, TypeError, "student_bias"),
+        ("bias dtype", {"teacher_bias": torch.randn(vocab).half()}, TypeError, "teacher_bias dtype"),
+        ("bias device", {"student_bias": torch.empty(vocab, device="meta")}, ValueError, "student_bias is on meta"),
+        ("student dtypes", {"student_weight": torch.randn(vocab, 8).half()}, TypeError,
+         "student_weight dtype torch.float16 must match student_hidden"),
+        ("teacher dtypes", {"teacher_hidden": torch.randn(4, 6).bfloat16()}, TypeError,
+         "teacher_weight dtype torch.float32 must match teacher_hidden"),
+    ]
+
+
+@pytest.mark.parametrize("case", fused_linear_bad_cases(), ids=lambda case: case[0])
+def test_fused_linear_bad_input_raises_clear_error(case):
+    """Biases (None or a floating [V] tensor of the weight's dtype, on the hidden states' device)
+    and each side's hidden / weight dtypes are checked by name before any chunk runs (they failed
+    in torch's linear, or a [1] bias broadcast silently); the inputs are left untouched."""
+    _, changes, error, words = case
+    inputs = {"student_hidden": torch.randn(4, 8, requires_grad=True), "student_weight": torch.randn(30, 8),
+              "teacher_hidden": torch.randn(4, 6), "teacher_weight": torch.randn(30, 6), **changes}
+    copies = {name: value.clone() for name, value in inputs.items()
+              if isinstance(value, torch.Tensor) and value.device.type != "meta"}
+    with pytest.raises(error, match=words):
+        fp.FusedLinearBridgeLoss(beta=0.5)(**inputs)
+    for name, copy in copies.items():
+        assert torch.equal(inputs[name], copy)
+    assert inputs["student_hidden"].grad is None
+
+
+@pytest.mark.parametrize("chunk_rows, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("4", TypeError),
+                                               (True, TypeError)])
+def test_fused_linear_chunk_rows_checked_at_construction(chunk_rows, error):
+    with pytest.raises(error, match="chunk_rows must be"):
+        fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=chunk_rows)
+
+
+def test_fused_linear_under_autocast_takes_mixed_dtypes():
+    """Mixed-precision training: bfloat16 hidden states (autocast's) with float32 weights, as
+    autocast's matrix products take them; the loss equals bridge_loss on the same logits."""
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(50, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fp.FusedLinearBridgeLoss(beta=0.5)(hidden, weight, teacher_hidden, teacher_weight)
+        student_logits, teacher_logits = hidden @ weight.t(), teacher_hidden @ teacher_weight.t()
+    loss.backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
+    want = fp.bridge_loss(student_logits.detach(), teacher_logits, beta=0.5)
+    torch.testing.assert_close(loss.detach(), want.to(loss.dtype), rtol=1e-3, atol=1e-3)
+    with pytest.raises(TypeError, match="student_weight dtype torch.float32 must match"):
+        fp.FusedLinearBridgeLoss(beta=0.5)(hidden, weight, teacher_hidden, teacher_weight)

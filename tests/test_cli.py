@@ -41,3 +41,44 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main(argv)
     assert raised.value.code == 2 and "usage" in capsys.readouterr().err
+
+
+COMMANDS = {"demo": [], "sinks": ["--model", "m", "--texts", "t"],
+            "uncertainty": ["--target", "m", "--drafts", "d", "--texts", "t"],
+            "availability": ["--model", "m", "--questions", "q"]}
+INTEGER_OPTIONS = [("demo", "--drafts"), ("demo", "--tokens"), ("demo", "--vocab"), ("demo", "--concepts"),
+                   ("demo", "--length"), ("demo", "--seed"), ("sinks", "--top"), ("sinks", "--batch-size"),
+                   ("sinks", "--max-length"), ("sinks", "--seed"), ("uncertainty", "--top"),
+                   ("uncertainty", "--batch-size"), ("uncertainty", "--max-length"),
+                   ("availability", "--max-new-tokens"), ("availability", "--batch-size"),
+                   ("availability", "--max-length")]
+
+
+def _stub_commands(monkeypatch) -> list:
+    """Every command replaced by one that records its arguments: what the parser let through."""
+    ran = []
+    for name in ("demo", "sinks_command", "uncertainty_command", "availability_command"):
+        monkeypatch.setattr(cli, name, lambda args: ran.append(args) or 0)
+    return ran
+
+
+@pytest.mark.parametrize("command, option, value", [
+    (command, option, value) for command, option in INTEGER_OPTIONS for value in ("-1", "0", "2.5", "x", str(2**63))
+    if not (option == "--seed" and value == "0")])
+def test_bad_integer_options_exit_with_usage_naming_the_option(command, option, value, capsys, monkeypatch):
+    """Counts and sizes must be >= 1, seeds >= 0 (0 is a seed, not a count): anything else ends
+    the command with usage (exit 2) naming the option, before any work (they crashed with a
+    traceback, the demo's after a minute of it, or printed empty tables: --top 0)."""
+    ran = _stub_commands(monkeypatch)
+    with pytest.raises(SystemExit) as raised:
+        cli.main([command, *COMMANDS[command], option, value])
+    assert raised.value.code == 2 and not ran
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", INTEGER_OPTIONS)
+def test_smallest_integer_options_are_accepted(command, option, monkeypatch):
+    ran = _stub_commands(monkeypatch)
+    smallest = 0 if option == "--seed" else 1
+    assert cli.main([command, *COMMANDS[command], option, str(smallest)]) == 0
+    assert getattr(ran[0], option.lstrip("-").replace("-", "_")) == smallest

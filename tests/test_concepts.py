@@ -455,6 +455,42 @@ def test_from_answers_variant_options(bpe_tokenizer):
         fp.ConceptSet.from_answers(tok, "Paris")
 
 
+@pytest.mark.parametrize("concepts, words", [
+    ([1, 2, 3], r"concepts\[0\] must be a list of token ids .* got 1; one concept of ids 12 and 40 is \[\[12, 40\]\]"),
+    (torch.tensor([1, 2, 3]), r"concepts\[0\] must be a list of token ids"),
+    ({"a": 1}, r"concepts\['a'\] must be a list of token ids"),
+    ([[1], "ab"], r"concepts\[1\] must be a list of token ids"),
+    ("abc", "concepts must be a mapping {name: token ids} or a list of token-id lists, got str"),
+    (None, "concepts must be a mapping .* got NoneType"),
+], ids=["flat list", "flat tensor", "mapping to ids", "a string concept", "string", "None"])
+def test_from_ids_refuses_what_is_not_one_list_per_concept(concepts, words):
+    """A flat list of ids (it crashed in numpy, or read a string as ids), a string, None: a
+    TypeError naming concepts (or the entry that is not a list)."""
+    with pytest.raises(TypeError, match=words):
+        fp.ConceptSet.from_ids(concepts)
+
+
+def test_from_answers_checks_its_arguments(bpe_tokenizer):
+    """tokenizer None (or a model name), answers None or with a value that is no alias list,
+    variants neither names nor a callable: a TypeError naming the argument before any encoding
+    (they failed deep inside with AttributeError / 'int' object is not iterable). One variant
+    name given as a string is that one name (it was split into its letters)."""
+    tok = bpe_tokenizer
+    for tokenizer in (None, "gpt2"):
+        with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+            fp.ConceptSet.from_answers(tokenizer, ["Paris"])
+    with pytest.raises(TypeError, match="answers must be a mapping .* got NoneType"):
+        fp.ConceptSet.from_answers(tok, None)
+    with pytest.raises(TypeError, match=r"answers\['Paris'\] must be an alias string or a list of alias strings"):
+        fp.ConceptSet.from_answers(tok, {"Paris": 1})
+    for variants in (None, 5):
+        with pytest.raises(TypeError, match="variants must be a collection of form names"):
+            fp.ConceptSet.from_answers(tok, ["Paris"], variants=variants)
+    one_name = fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"]}, variants="space")
+    assert one_name.variants == fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"]}, variants=("space",)).variants
+    assert {v.text for v in one_name.variants[0]} == {"Paris", " Paris"}
+
+
 def test_from_answers_wordpiece_normalisation(wordpiece_tokenizer):
     """An uncased WordPiece maps every case and space form to one token, strips accents,
     and an alias it does not know ([UNK]) is dropped rather than scored."""

@@ -205,12 +205,24 @@ def test_restore_after_unpatch_does_not_repatch(tokenizer):
     ([(0, 1)], {"mode": "zero"}, ValueError, "mode"),
     ([(0, 1)], {"fraction": 0.5}, TypeError, "score_heads table"),
     ([(0, 1, 2)], {}, TypeError, "pairs"),
+    # one pair instead of a list of pairs, None, a string, a float layer: refused by name (they
+    # failed with "'int' object is not iterable", or the float was truncated to layer 0)
+    ((0, 1), {}, TypeError, r"heads must be a list of \(layer, head\) pairs.* got the entry 0 \(one head is"),
+    (None, {}, TypeError, r"heads must be a list of \(layer, head\) pairs.* got NoneType"),
+    ("0,1", {}, TypeError, r"heads must be .* got str"),
+    ([(0.5, 1)], {}, TypeError, r"got the entry \(0.5, 1\)"),
 ])
 def test_prune_heads_bad_input(tokenizer, heads, kwargs, error, match):
     model = planted_model(tokenizer)
     with pytest.raises(error, match=match):
         sinks.prune_heads(model, heads, **kwargs)
     assert not is_patched(model) and not hasattr(model, "_fastprobe_pruned")
+
+
+def test_prune_heads_takes_pairs_of_any_integer_kind(tokenizer):
+    model = planted_model(tokenizer)
+    with sinks.prune_heads(model, [[0, 1], torch.tensor([1, 2])]) as handle:
+        assert handle.heads == [(0, 1), (1, 2)]
 
 
 # ---------------------------------------------------------------- perplexity, plot, command
@@ -241,6 +253,18 @@ def test_plot_sink_heads(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"fastprobe\[plot\]"):
         sinks.plot_sink_heads(table, tmp_path / "again.png")
+
+
+def test_plot_sink_heads_refuses_what_is_not_a_score_heads_table(tmp_path):
+    """(a list failed with "'list' object has no attribute 'pivot'", a table without the columns
+    with a KeyError); nothing is written."""
+    import pandas
+
+    with pytest.raises(TypeError, match="table must be a score_heads DataFrame .* got list"):
+        sinks.plot_sink_heads([1, 2, 3], tmp_path / "list.png")
+    with pytest.raises(ValueError, match="table must be a score_heads DataFrame: it has no column head, sink_score"):
+        sinks.plot_sink_heads(pandas.DataFrame({"layer": [0, 1]}), tmp_path / "columns.png")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +300,6 @@ def test_sinks_command_bad_paths(tmp_path, capsys):
     (["--prune", "0.75"], "give a fraction of at most 0.5"),  # too few other heads for the random control
     (["--csv", "{tmp}/no/table.csv"], "there is no folder"),
     (["--plot", "{tmp}/heads.xyz"], "matplotlib writes"),
-    (["--batch-size", "0"], "batch_size must be a positive integer"),
 ])
 def test_sinks_command_refuses_what_it_cannot_do_before_it_runs(checkpoint, tmp_path, capsys, options, match):
     """A clear error and status 2, never a traceback; outputs and --prune are checked before scoring."""
@@ -285,7 +308,7 @@ def test_sinks_command_refuses_what_it_cannot_do_before_it_runs(checkpoint, tmp_
     assert cli.main(["sinks", "--model", str(folder), "--texts", str(texts), "--no-progress", *options]) == 2
     captured = capsys.readouterr()
     assert match in captured.err and "Traceback" not in captured.err
-    assert "strongest sink heads" not in captured.out or "--batch-size" in options
+    assert "strongest sink heads" not in captured.out
 
 
 def test_demo_sinks_section(capsys):

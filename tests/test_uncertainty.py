@@ -123,6 +123,35 @@ def test_vocabularies_beyond_padding_are_refused(tokenizer, models):
         uncertainty.token_uncertainty(target, [small], tokenizer, TEXTS[:1], progress=False)
 
 
+@pytest.mark.parametrize("function", ["token_uncertainty", "generate_with_uncertainty"])
+def test_a_model_whose_embedding_table_is_smaller_than_the_tokenizer_is_refused_before_any_model_runs(
+        tokenizer, models, monkeypatch, function):
+    """A draft (or target) with fewer input embeddings than the tokenizer has tokens: refused by
+    _shared_vocabulary's rule before any forward pass (it failed inside torch's embedding with
+    "IndexError: index out of range in self" once a text held one of the ids it lacks)."""
+    target, drafts = models
+    small = tiny_model("llama", vocab_size=100, seed=3)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a model ran before the arguments were checked")
+
+    for model in (target, *drafts, small):
+        monkeypatch.setattr(model, "forward", no_forward)
+    run = getattr(uncertainty, function)
+    words = rf"vocabularies \({len(tokenizer)}, {len(tokenizer)}, {len(tokenizer) + 13}, 100 input embeddings\) differ"
+    with pytest.raises(ValueError, match=words):
+        run(target, [*drafts, small], tokenizer, TEXTS[:2], progress=False)
+    with pytest.raises(ValueError, match=r"\(100, \d+, \d+ input embeddings\) differ beyond padding"):
+        run(small, drafts, tokenizer, TEXTS[:2], progress=False)
+
+
+@pytest.mark.parametrize("function", ["token_uncertainty", "generate_with_uncertainty"])
+def test_drafts_none_is_refused_by_name(tokenizer, models, function):
+    target, _ = models
+    with pytest.raises(TypeError, match="drafts must be a draft model or a non-empty list of draft models, got None"):
+        getattr(uncertainty, function)(target, None, tokenizer, TEXTS[:2], progress=False)
+
+
 @pytest.mark.parametrize("function, drafts, options, match", [
     ("token_uncertainty", [], {}, "drafts"),
     ("token_uncertainty", ["model"], {}, "drafts"),
@@ -249,6 +278,15 @@ def test_sequence_scores(tokenizer, models):
             assert scores.loc[index, f"{name}_mean"] == pytest.approx(rows[name].mean())
     empty = scores.loc[len(TEXTS) - 1]
     assert empty["num_tokens"] == 0 and empty["epistemic_sum"] == 0 and pandas.isna(empty["epistemic_mean"])
+
+
+def test_sequence_scores_refuses_what_is_not_a_token_table():
+    """(a list failed with "'list' object has no attribute 'attrs'", a table without the measures
+    with a KeyError)"""
+    with pytest.raises(TypeError, match="tokens must be the token table .* got list"):
+        uncertainty.sequence_scores([1, 2])
+    with pytest.raises(ValueError, match="it has no column jsd, kl_mixture_target"):
+        uncertainty.sequence_scores(pandas.DataFrame({"text": [0, 0], "epistemic": [0.1, 0.2]}))
 
 
 def pairwise_auroc(scores, labels):

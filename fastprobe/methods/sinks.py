@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -117,6 +118,9 @@ def _head_dim(attention, num_heads: int, weight: torch.Tensor, axis: int) -> int
     return weight.shape[axis] // num_heads
 
 
+_HEADS_FORMS = "heads must be a list of (layer, head) pairs, a score_heads table, or a table with fraction="
+
+
 def _heads_of(heads, fraction: Optional[float]) -> list[tuple[int, int]]:
     if fraction is not None:
         if not hasattr(heads, "columns"):
@@ -124,10 +128,19 @@ def _heads_of(heads, fraction: Optional[float]) -> list[tuple[int, int]]:
         return top_heads(heads, fraction)
     if hasattr(heads, "columns"):  # a table: every row
         return [(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])]
-    pairs = [tuple(pair) for pair in heads]
-    if any(len(pair) != 2 for pair in pairs):
-        raise TypeError("heads must be (layer, head) pairs, a score_heads table, or a table with fraction=")
-    return [(int(l), int(h)) for l, h in pairs]
+    if isinstance(heads, str) or not isinstance(heads, Iterable):
+        raise TypeError(f"{_HEADS_FORMS}, got {type(heads).__name__}")
+    return [_layer_and_head(pair) for pair in heads]
+
+
+def _layer_and_head(pair) -> tuple[int, int]:
+    """One entry of a list of heads as (layer, head) ints, or a TypeError naming heads."""
+    try:
+        layer, head = pair
+        return operator.index(layer), operator.index(head)
+    except (TypeError, ValueError):
+        raise TypeError(f"{_HEADS_FORMS}, got the entry {pair!r} (one head is a list of one pair: "
+                        "[(layer, head)])") from None
 
 
 class PrunedHeads:
@@ -260,6 +273,13 @@ def plot_sink_heads(table, path, *, title: Optional[str] = None):
     """Writes a layer x head heat map of a score_heads table's sink_score to `path` (any format
     matplotlib saves, by extension); returns the path. Needs matplotlib (pip install
     'fastprobe[plot]'). Draws on its own figure: the pyplot state and backend are left alone."""
+    pandas = require_pandas()
+    if not isinstance(table, pandas.DataFrame):
+        raise TypeError(f"table must be a score_heads DataFrame (columns layer, head, sink_score), got "
+                        f"{type(table).__name__}")
+    missing = [column for column in ("layer", "head", "sink_score") if column not in table.columns]
+    if missing:
+        raise ValueError(f"table must be a score_heads DataFrame: it has no column {', '.join(missing)}")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -21,7 +21,7 @@ more tokens than that is refused.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -36,6 +36,9 @@ MEASURES = ("epistemic", "jsd", "kl_mixture_target")  # summed and averaged per 
 
 def _check_models(drafts, weights, temperature) -> list:
     """The drafts as a list, with weights and temperature checked before any model runs."""
+    if not isinstance(drafts, (torch.nn.Module, Iterable)):
+        raise TypeError("drafts must be a draft model or a non-empty list of draft models, got "
+                        f"{type(drafts).__name__}")
     drafts = [drafts] if isinstance(drafts, torch.nn.Module) else list(drafts)
     if not drafts or not all(isinstance(draft, torch.nn.Module) for draft in drafts):
         raise ValueError("drafts must be a draft model or a non-empty list of draft models")
@@ -53,15 +56,36 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return logits
 
 
-def _shared_vocabulary(sizes: Sequence[int], tokenizer) -> int:
+def _shared_vocabulary(sizes: Sequence[int], tokenizer, what: str = "logits") -> int:
+    """The vocabulary the models share, min(sizes) (their logits, or their input embeddings:
+    `what`), or a ValueError if the tokenizer has more tokens than that."""
     vocab = min(sizes)
     if len(tokenizer) > vocab:
         raise ValueError(
-            f"the models' vocabularies ({', '.join(map(str, sizes))} logits) differ beyond padding: the tokenizer "
-            f"has {len(tokenizer)} tokens, more than the smallest model scores; the drafts must share the "
+            f"the models' vocabularies ({', '.join(map(str, sizes))} {what}) differ beyond padding: the tokenizer "
+            f"has {len(tokenizer)} tokens, more than the smallest model has; the drafts must share the "
             "target's tokenizer"
         )
     return vocab
+
+
+def _embedding_rows(model) -> Optional[int]:
+    """Rows of model's input-embedding table; None where the model does not tell."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def _check_input_embeddings(models: Sequence, tokenizer) -> None:
+    """Every model's input-embedding table holds the tokenizer's ids (_shared_vocabulary's rule),
+    checked before any forward pass: a smaller table fails deep inside torch's embedding. (Models
+    that do not tell their table's size are skipped; their logits are checked as they come.)"""
+    sizes = [rows for rows in map(_embedding_rows, models) if rows is not None]
+    if sizes:
+        _shared_vocabulary(sizes, tokenizer, "input embeddings")
 
 
 def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tensor:
@@ -136,6 +160,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
     (default uniform); temperature divides every logit."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
+    _check_input_embeddings([target, *drafts], tokenizer)
     texts = [texts] if isinstance(texts, str) else list(texts)
     tables, first = [], 0
     with torch.no_grad():
@@ -197,6 +222,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     if temperature is None:
         temperature = (target.generation_config.temperature or 1.0) if sampling else 1.0
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
+    _check_input_embeddings([target, *drafts], tokenizer)
     check_count(max_new_tokens, "max_new_tokens")
     if (generate_kwargs.get("num_beams") or target.generation_config.num_beams or 1) > 1:
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
@@ -239,6 +265,13 @@ def sequence_scores(tokens):
     DataFrame indexed by text with num_tokens and, for each measure in MEASURES, its sum and
     mean over the text's scored tokens (mean NaN for a text with none)."""
     pandas = require_pandas()
+    if not isinstance(tokens, pandas.DataFrame):
+        raise TypeError("tokens must be the token table (a DataFrame) of token_uncertainty or "
+                        f"generate_with_uncertainty, got {type(tokens).__name__}")
+    missing = [column for column in ("text", *MEASURES) if column not in tokens.columns]
+    if missing:
+        raise ValueError(f"tokens must be the token table of token_uncertainty or generate_with_uncertainty: it has "
+                         f"no column {', '.join(missing)}")
     num_texts = tokens.attrs.get("num_texts", int(tokens["text"].max()) + 1 if len(tokens) else 0)
     grouped = tokens.groupby("text")
     table = pandas.DataFrame({"num_tokens": grouped.size()})

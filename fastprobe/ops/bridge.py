@@ -368,6 +368,14 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
         grad_weight[first:first + slab].add_(grad_logits[:, first:first + slab].t() @ hidden)
 
 
+def _autocast_enabled(device: torch.device) -> bool:
+    """Whether torch.autocast is on for this device type."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # (a torch whose query takes no device type: CUDA's; the CPU's has its own)
+        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
+
+
 class _FusedLinearBridge(torch.autograd.Function):
     """Rows in chunks: logits of a chunk (student with, teacher without gradient), the fused
     op's loss and logit gradient, then that chunk's share of the input and weight gradients.
@@ -456,8 +464,15 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
         loss_fn = FusedLinearBridgeLoss(beta=0.5)
         loss = loss_fn(student_hidden, lm_head_s.weight, teacher_hidden, lm_head_t.weight, labels=labels)
 
-    chunk_rows: rows per chunk (default: about 8M logits per chunk on CPU and 256M on CUDA, at
-    least 1 row; see _chunk_logits).
+    Each side's hidden states, weight [V, H] and optional bias [V] share one dtype (as
+    torch.nn.functional.linear needs them outside torch.autocast: a mismatch is refused, never
+    converted, so no silent copy of a weight is made; under autocast, e.g. bfloat16 hidden states
+    with float32 weights, its products take them) and student_hidden's device. The two sides may differ in dtype:
+    the teacher's logits are taken in the student's dtype (e.g. a bfloat16 teacher distilled into
+    a float32 student).
+
+    chunk_rows: rows per chunk, an integer >= 1 (default: about 8M logits per chunk on CPU and
+    256M on CUDA, at least 1 row; see _chunk_logits).
     """
 
     def __init__(self, beta: Optional[float] = None, *, temperature: float = 1.0, direction: str = "forward",
@@ -467,8 +482,8 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"FusedLinearBridgeLoss supports reduction 'mean' or 'sum', got {reduction!r}")
-        if chunk_rows is not None and chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        if chunk_rows is not None:
+            chunk_rows = check_int(chunk_rows, "chunk_rows", 1)
         self._init_beta(beta, beta_start, beta_end, total_steps)
         self.temperature, self.direction, self.ignore_index, self.reduction = temperature, direction, ignore_index, reduction
         self.chunk_rows, self.float32_weight_grad = chunk_rows, float32_weight_grad
@@ -487,10 +502,25 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
             raise ValueError(f"teacher_weight has V = {t_weight.shape[0]} rows but student_weight has {weight.shape[0]}")
         if t_hidden.shape[0] != hidden.shape[0]:
             raise ValueError(f"teacher_hidden has {t_hidden.shape[0]} rows but student_hidden has {hidden.shape[0]}")
-        for name, tensor in (("student_weight", weight), ("teacher_hidden", t_hidden), ("teacher_weight", t_weight)):
-            check_same_device(hidden, "student_hidden", tensor, name)
-        flat_labels = _check_labels(labels, hidden.shape[:1], hidden.device)
         vocab = weight.shape[0]
+        autocast = _autocast_enabled(hidden.device)  # (its matrix products take mixed dtypes)
+        for side, side_hidden, side_weight, bias in (("student", hidden, weight, student_bias),
+                                                     ("teacher", t_hidden, t_weight, teacher_bias)):
+            if side_weight.dtype != side_hidden.dtype and not autocast:
+                raise TypeError(f"{side}_weight dtype {side_weight.dtype} must match {side}_hidden dtype "
+                                f"{side_hidden.dtype} (outside torch.autocast)")
+            if bias is not None:
+                check_tensor(bias, f"{side}_bias", 1, f"[V] = [{vocab}] (or None)")
+                if bias.shape[0] != vocab:
+                    raise ValueError(f"{side}_bias must have shape [V] = [{vocab}], got {list(bias.shape)}")
+                if bias.dtype != side_weight.dtype and not autocast:
+                    raise TypeError(f"{side}_bias dtype {bias.dtype} must match {side}_weight dtype "
+                                    f"{side_weight.dtype}")
+        for name, tensor in (("student_weight", weight), ("student_bias", student_bias), ("teacher_hidden", t_hidden),
+                             ("teacher_weight", t_weight), ("teacher_bias", teacher_bias)):
+            if tensor is not None:
+                check_same_device(hidden, "student_hidden", tensor, name)
+        flat_labels = _check_labels(labels, hidden.shape[:1], hidden.device)
         chunk_rows = self.chunk_rows or max(1, _chunk_logits(hidden.device) // vocab)
         options = (
             _check_beta(self.beta_at(step)), 1.0 / check_temperature(self.temperature),

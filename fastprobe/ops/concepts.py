@@ -192,9 +192,19 @@ class ConceptSet:
 
     @classmethod
     def from_ids(cls, concepts: Union[Mapping[str, Sequence[int]], Sequence[Sequence[int]]]) -> "ConceptSet":
-        """From one list of token ids per concept: ``{"Paris": [12, 40], ...}`` or ``[[12, 40], ...]``."""
+        """From one list of token ids per concept: ``{"Paris": [12, 40], ...}`` or ``[[12, 40], ...]``
+        (one concept is ``[[12, 40]]``: a flat list of ids is refused, not read as one concept
+        per id)."""
+        if isinstance(concepts, (str, bytes)) or not isinstance(concepts, Iterable):
+            raise TypeError("concepts must be a mapping {name: token ids} or a list of token-id lists, got "
+                            f"{type(concepts).__name__}")
         names = list(concepts.keys()) if isinstance(concepts, Mapping) else None
-        lists = list(concepts.values()) if isinstance(concepts, Mapping) else concepts
+        lists = list(concepts.values()) if isinstance(concepts, Mapping) else list(concepts)
+        for c, ids in enumerate(lists):
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or getattr(ids, "ndim", 1) == 0:
+                where = f"concepts[{names[c]!r}]" if names is not None else f"concepts[{c}]"
+                raise TypeError(f"{where} must be a list of token ids (one list per concept), got {ids!r}; "
+                                "one concept of ids 12 and 40 is [[12, 40]]")
         return cls(*_csr(lists), names)
 
     @classmethod
@@ -207,7 +217,11 @@ class ConceptSet:
         """Concepts from answer strings: ``{"Paris": ["Paris", "paris"], ...}`` (or a list of
         answers, each its own concept), with the surface variants a model may produce.
 
-        variants: which forms of each alias to add (a collection of names), or a callable
+        tokenizer: a transformers tokenizer or a tokenizers.Tokenizer (anything with ``encode``).
+        answers: a mapping {name: alias string or list of alias strings}, or a list of answer
+        strings (not one string).
+        variants: which forms of each alias to add (a collection of names; one name alone,
+        ``variants="space"``, is taken as ``("space",)``), or a callable
         ``alias -> iterable of surface strings``:
           "lower", "title", "upper"  the alias lower-cased, Title-cased (str.title), UPPER-cased,
                                      besides the alias as given;
@@ -228,10 +242,23 @@ class ConceptSet:
         kept apart: never mixed into the single-token mass). A concept with no single-token
         variant raises ValueError (the fused op has nothing to score for it).
         """
+        if isinstance(tokenizer, str) or not callable(getattr(tokenizer, "encode", None)):
+            raise TypeError("tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer (with an encode "
+                            f"method), got {type(tokenizer).__name__}")
+        if isinstance(variants, str):  # one form's name, not a collection of its letters
+            variants = (variants,)
+        elif not (callable(variants) or isinstance(variants, Iterable)):
+            raise TypeError("variants must be a collection of form names (e.g. ('space', 'lower')) or a callable "
+                            f"alias -> surface strings, got {type(variants).__name__}")
         if isinstance(answers, Mapping):
+            for name, aliases in answers.items():
+                if not isinstance(aliases, Iterable):
+                    raise TypeError(f"answers[{name!r}] must be an alias string or a list of alias strings, got "
+                                    f"{type(aliases).__name__}")
             items = [(name, [aliases] if isinstance(aliases, str) else list(aliases)) for name, aliases in answers.items()]
-        elif isinstance(answers, str):
-            raise TypeError("answers must be a mapping {name: aliases} or a list of answer strings, got one string")
+        elif isinstance(answers, str) or not isinstance(answers, Iterable):
+            raise TypeError("answers must be a mapping {name: aliases} or a list of answer strings, got "
+                            + ("one string" if isinstance(answers, str) else type(answers).__name__))
         else:
             items = [(answer, [answer]) for answer in answers]
         if not items:
