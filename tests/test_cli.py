@@ -17,13 +17,14 @@ def test_info(capsys):
     assert {"triton (CUDA)", "pandas (method tables)", "python"} <= {name.strip() for name in printed}
 
 
+@pytest.mark.parametrize("vocab", [301, 3])  # 3: every concept holds nearly all the mass, log_mass ~ 0
 @pytest.mark.parametrize("section", ["divergence", "concepts", "bridge"])
-def test_demo_op_sections_pass_their_checks(section, capsys):
+def test_demo_op_sections_pass_their_checks(section, vocab, capsys):
     device, seed = torch.device("cpu"), 0
     run = {
-        "divergence": lambda: cli._demo_divergence(device, num_drafts=3, num_tokens=17, vocab=301, seed=seed),
-        "concepts": lambda: cli._demo_concepts(device, num_tokens=17, vocab=301, num_concepts=9, seed=seed),
-        "bridge": lambda: cli._demo_bridge(device, num_tokens=17, vocab=301, seed=seed),
+        "divergence": lambda: cli._demo_divergence(device, num_drafts=3, num_tokens=17, vocab=vocab, seed=seed),
+        "concepts": lambda: cli._demo_concepts(device, num_tokens=17, vocab=vocab, num_concepts=9, seed=seed),
+        "bridge": lambda: cli._demo_bridge(device, num_tokens=17, vocab=vocab, seed=seed),
     }[section]
     assert run()
     printed = capsys.readouterr().out
