@@ -261,8 +261,9 @@ def reduce_rows(rows: torch.Tensor, keep: Optional[torch.Tensor], reduction: str
         return rows
     if reduction == "sum":
         return rows.sum()
-    kept = rows.new_tensor(rows.numel()) if keep is None else keep.sum()
-    return rows.sum() / kept.clamp(min=1).to(rows.dtype)
+    if keep is None:  # (a Python count: torch 2.4's vmap cannot make a tensor like a batched one)
+        return rows.sum() / max(rows.numel(), 1)
+    return rows.sum() / keep.sum().clamp(min=1).to(rows.dtype)
 
 
 def attention_key_masks(
