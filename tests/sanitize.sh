@@ -30,7 +30,8 @@ python -m pip install -q --no-deps --no-build-isolation --target "$work/site" "$
   -Ccmake.build-type=RelWithDebInfo "-Ccmake.define.CMAKE_CXX_FLAGS=$flags" \
   "-Ccmake.define.CMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined"
 
-ldd "$work"/site/fastprobe/_C*.so | grep -q asan || { echo "the extension is not instrumented" >&2; exit 1; }
+# (grep reads all of ldd's output: with -q it could stop early, ldd would die of SIGPIPE, and pipefail fail the check)
+ldd "$work"/site/fastprobe/_C*.so | grep asan >/dev/null || { echo "the extension is not instrumented" >&2; exit 1; }
 
 # An editable install puts a finder for `fastprobe` ahead of sys.path; this sitecustomize (on
 # PYTHONPATH, so also in spawned workers) drops it, so `fastprobe` is the sanitized copy.
