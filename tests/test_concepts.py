@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import fastprobe as fp
 from fastprobe import reference
+from fastprobe.ops.concepts import answer_variants
 
 from .conftest import ATOL, RTOL, lanes_target, same_bits_per_row
 
@@ -488,6 +489,9 @@ def test_from_answers_checks_its_arguments(bpe_tokenizer):
             fp.ConceptSet.from_answers(tok, ["Paris"], variants=variants)
     one_name = fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"]}, variants="space")
     assert one_name.variants == fp.ConceptSet.from_answers(tok, {"Paris": ["Paris"]}, variants=("space",)).variants
+    assert answer_variants(tok, "Paris", "space") == answer_variants(tok, "Paris", ("space",))  # not its letters
+    with pytest.raises(TypeError, match="variants must be a collection of form names"):
+        answer_variants(tok, "Paris", 5)
     assert {v.text for v in one_name.variants[0]} == {"Paris", " Paris"}
 
 

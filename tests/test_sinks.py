@@ -265,6 +265,11 @@ def test_plot_sink_heads_refuses_what_is_not_a_score_heads_table(tmp_path):
     with pytest.raises(ValueError, match="table must be a score_heads DataFrame: it has no column head, sink_score"):
         sinks.plot_sink_heads(pandas.DataFrame({"layer": [0, 1]}), tmp_path / "columns.png")
     assert not list(tmp_path.iterdir())
+    for pick in (lambda table: sinks.top_heads(table, 0.5), lambda table: sinks.random_heads(table, 1)):
+        with pytest.raises(TypeError, match="table must be a score_heads DataFrame .* got list"):
+            pick([(0, 1)])
+        with pytest.raises(ValueError, match="it has no column head"):
+            pick(pandas.DataFrame({"layer": [0, 1], "rank": [1, 2]}))
 
 
 @pytest.fixture(scope="module")

@@ -411,8 +411,10 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         sp.soft_prompt_generate(model, tokenizer, n=1)
     with pytest.raises(ValueError, match="^give the prompts"):
         sp.soft_prompt_generate(model, n=1)
-    with pytest.raises(ValueError, match="^texts must"):
+    with pytest.raises(ValueError, match="^texts is empty"):
         sp.soft_prompt_generate(model, tokenizer, [], n=1)
+    with pytest.raises(TypeError, match="^texts must be a string or a list of strings, got an element 3"):
+        sp.soft_prompt_generate(model, tokenizer, ["a", 3], n=1)
     with pytest.raises(ValueError, match="inputs_embeds"):
         sp.soft_prompt_generate(model, input_ids=ids, n=1, inputs_embeds=soft)
     # nothing was written: the caller's tensors and the embedding table are as they were

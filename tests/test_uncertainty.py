@@ -420,3 +420,12 @@ def test_texts_longer_than_a_drafts_learned_positions_are_refused(tokenizer):
     generated, _ = uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=4,
                                                          max_length=8, progress=False)
     assert len(generated) == 1
+
+
+@pytest.mark.parametrize("texts, error", [(None, TypeError), (7, TypeError), ([], ValueError), (["a", None], TypeError)])
+def test_texts_and_prompts_that_are_not_strings_are_named(tokenizer, models, texts, error):
+    target, drafts = models
+    with pytest.raises(error, match="^texts"):
+        uncertainty.token_uncertainty(target, drafts, tokenizer, texts, progress=False)
+    with pytest.raises(error, match="^prompts"):
+        uncertainty.generate_with_uncertainty(target, drafts, tokenizer, texts, progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -141,6 +141,22 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (columns * (attention_mask != 0)).argmax(-1)
 
 
+def as_texts(texts, name: str = "texts") -> list[str]:
+    """texts as a non-empty list of strings (one string: a list of one), else a TypeError or
+    ValueError naming them."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Iterable):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{name} is empty")
+    wrong = [text for text in texts if not isinstance(text, str)]
+    if wrong:
+        raise TypeError(f"{name} must be a string or a list of strings, got an element {wrong[0]!r}")
+    return texts
+
+
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
                  *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
@@ -153,11 +169,7 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     or of the other `readers` of the batches (drafts) is refused."""
     from tqdm.auto import tqdm
 
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts:
-        raise ValueError("texts is empty")
-    if not all(isinstance(text, str) for text in texts):
-        raise ValueError("texts must be a string or a list of strings")
+    texts = as_texts(texts)
     check_count(batch_size, "batch_size")
     check_count(max_length, "max_length")
     device = model_device(model)

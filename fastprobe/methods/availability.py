@@ -36,7 +36,7 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
 from ._batching import (
-    cache_argument, check_count, forward_parameters, on_model, output_cache, require_pandas, text_batches,
+    as_texts, cache_argument, check_count, forward_parameters, on_model, output_cache, require_pandas, text_batches,
 )
 
 __all__ = [
@@ -205,7 +205,7 @@ class _Answer:
 
 
 def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_tokens):
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = as_texts(prompts, "prompts")
     answers = [answers] if isinstance(answers, str) else list(answers)
     if len(answers) != len(prompts):
         raise ValueError(f"answers must hold one answer (an alias or a list of aliases) per prompt: "

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._batching import CACHE_NAMES, cache_argument, output_cache
+from ._batching import CACHE_NAMES, as_texts, cache_argument, output_cache
 from ..integrations.transformers import (
     ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with,
 )
@@ -71,9 +71,7 @@ def prepare_inputs(model, processor, images, prompts: Union[str, Sequence[str]])
     needs), on the model's device, pixel values in its dtype. Every prompt must hold the image
     placeholder (processor.image_token, e.g. "<image>"); ValueError otherwise."""
     token_id = _image_token_id(model, processor)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a string or a non-empty list of strings")
+    prompts = as_texts(prompts, "prompts")
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
         raise TypeError(f"processor must be a vision-language processor (a tokenizer and an image processor, e.g. "

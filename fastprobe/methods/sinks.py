@@ -60,8 +60,21 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
     return table
 
 
+def _check_table(table, columns: tuple) -> None:
+    """A TypeError / ValueError naming `table` unless it is a DataFrame with these columns (a
+    score_heads table)."""
+    pandas = require_pandas()
+    if not isinstance(table, pandas.DataFrame):
+        raise TypeError(f"table must be a score_heads DataFrame (columns {', '.join(columns)}), got "
+                        f"{type(table).__name__}")
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise ValueError(f"table must be a score_heads DataFrame: it has no column {', '.join(missing)}")
+
+
 def top_heads(table, fraction: float) -> list[tuple[int, int]]:
     """The round(fraction * heads) best-ranked (layer, head) pairs of a score_heads table."""
+    _check_table(table, ("layer", "head", "rank"))
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     count = int(round(fraction * len(table)))
@@ -72,6 +85,7 @@ def top_heads(table, fraction: float) -> list[tuple[int, int]]:
 def random_heads(table, count: int, *, seed: int = 0, exclude: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
     """`count` (layer, head) pairs of a score_heads table drawn uniformly without replacement
     (seeded), leaving out `exclude`: the control for pruning the top sink heads."""
+    _check_table(table, ("layer", "head"))
     excluded = set(map(tuple, exclude))
     pool = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"]) if (int(l), int(h)) not in excluded]
     if count > len(pool):
@@ -273,13 +287,7 @@ def plot_sink_heads(table, path, *, title: Optional[str] = None):
     """Writes a layer x head heat map of a score_heads table's sink_score to `path` (any format
     matplotlib saves, by extension); returns the path. Needs matplotlib (pip install
     'fastprobe[plot]'). Draws on its own figure: the pyplot state and backend are left alone."""
-    pandas = require_pandas()
-    if not isinstance(table, pandas.DataFrame):
-        raise TypeError(f"table must be a score_heads DataFrame (columns layer, head, sink_score), got "
-                        f"{type(table).__name__}")
-    missing = [column for column in ("layer", "head", "sink_score") if column not in table.columns]
-    if missing:
-        raise ValueError(f"table must be a score_heads DataFrame: it has no column {', '.join(missing)}")
+    _check_table(table, ("layer", "head", "sink_score"))
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

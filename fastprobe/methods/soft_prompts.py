@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from ._batching import check_count, padding_ready
+from ._batching import as_texts, check_count, padding_ready
 
 __all__ = [
     "EmbeddingGaussian", "draw_soft_prompts", "fit_embedding_gaussian", "soft_prompt_generate", "soft_prompt_inputs",
@@ -273,9 +273,7 @@ def _prompt_batch(tokenizer, texts, input_ids, attention_mask):
         raise ValueError("give the prompts either as texts with a tokenizer or as input_ids, not both")
     if tokenizer is None or texts is None:
         raise ValueError("texts and tokenizer go together: give both (or input_ids instead)")
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts or not all(isinstance(text, str) for text in texts):
-        raise ValueError("texts must be a string or a non-empty list of strings")
+    texts = as_texts(texts)
     with padding_ready(tokenizer):
         encoded = tokenizer(texts, padding=True, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]

@@ -27,7 +27,7 @@ import torch
 
 from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
-from ._batching import check_count, model_device, on_model, real_positions, require_pandas, text_batches
+from ._batching import as_texts, check_count, model_device, on_model, real_positions, require_pandas, text_batches
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
 
@@ -161,7 +161,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     (default uniform); temperature divides every logit."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     _check_input_embeddings([target, *drafts], tokenizer)
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = as_texts(texts)
     tables, first = [], 0
     with torch.no_grad():
         for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty",
@@ -227,7 +227,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     if (generate_kwargs.get("num_beams") or target.generation_config.num_beams or 1) > 1:
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
                          "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = as_texts(prompts, "prompts")
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
     if sampling:
         settings["temperature"] = temperature

@@ -245,11 +245,7 @@ class ConceptSet:
         if isinstance(tokenizer, str) or not callable(getattr(tokenizer, "encode", None)):
             raise TypeError("tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer (with an encode "
                             f"method), got {type(tokenizer).__name__}")
-        if isinstance(variants, str):  # one form's name, not a collection of its letters
-            variants = (variants,)
-        elif not (callable(variants) or isinstance(variants, Iterable)):
-            raise TypeError("variants must be a collection of form names (e.g. ('space', 'lower')) or a callable "
-                            f"alias -> surface strings, got {type(variants).__name__}")
+        variants = _variant_forms(variants)  # (checked once, before any concept)
         if isinstance(answers, Mapping):
             for name, aliases in answers.items():
                 if not isinstance(aliases, Iterable):
@@ -334,7 +330,7 @@ def answer_variants(
     if not all(isinstance(alias, str) for alias in aliases) or not any(alias.strip() for alias in aliases):
         what = "an answer" if name is None else f"answer {name!r}"
         raise ValueError(f"{what} needs a non-empty list of alias strings (not all blank), got {aliases!r}")
-    forms = variants if callable(variants) else _surface_forms(frozenset(variants))
+    forms = _variant_forms(variants)
     unknown = _unknown_id(tokenizer)
     found: dict[tuple[int, ...], Variant] = {}
     # (a blank alias, or a blank form of one, would score the whitespace token, not an answer)
@@ -348,6 +344,19 @@ def answer_variants(
 
 _CASE_FORMS = {"lower": str.lower, "title": str.title, "upper": str.upper}
 _VARIANT_NAMES = frozenset(_CASE_FORMS) | {"space"}
+
+
+def _variant_forms(variants) -> Callable[[str], Iterable[str]]:
+    """alias -> its surface forms: a callable as given, or the named forms (a collection of names,
+    or one name: "space" is ("space",), not its letters); else a TypeError naming variants."""
+    if callable(variants):
+        return variants
+    if isinstance(variants, str):
+        variants = (variants,)
+    elif not isinstance(variants, Iterable):
+        raise TypeError("variants must be a collection of form names (e.g. ('space', 'lower')) or a callable "
+                        f"alias -> surface strings, got {type(variants).__name__}")
+    return _surface_forms(frozenset(variants))
 
 
 def _surface_forms(variants: frozenset) -> Callable[[str], list[str]]:
