@@ -32,8 +32,9 @@ def _check_name(name: str, source: str) -> str:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force a backend for every operation ("auto": choose by device, whatever
-    FASTPROBE_BACKEND says; None: follow FASTPROBE_BACKEND again)."""
+    """Force a backend for every operation, in every thread ("auto": choose by device, whatever
+    FASTPROBE_BACKEND says; None: follow FASTPROBE_BACKEND again). A use_backend block takes
+    precedence in its own thread."""
     global _forced
     _forced = None if name is None else _check_name(name, "backend")
 

@@ -1198,6 +1198,27 @@ def test_two_models_sharing_a_config_unpatched_in_any_order_get_it_back():
             assert outputs(model, ids, mask, output_attentions=True).shape[0] == 3  # eager gives weights again
 
 
+def test_patched_with_restores_options_and_names_a_wrong_one():
+    from fastprobe.integrations import patched_with
+
+    model = fp.patch(tiny_model("llama"), stat_tokens=2)
+    with pytest.raises(RuntimeError, match="inside"):
+        with patched_with(model, stat_tokens=3, num_sink=1):
+            assert (patch_options(model).stat_tokens, patch_options(model).num_sink) == (3, 1)
+            raise RuntimeError("inside")
+    assert (patch_options(model).stat_tokens, patch_options(model).num_sink) == (2, 0)
+    for patched in (True, False):
+        with pytest.raises(TypeError, match="stat_token is not a patch option"):
+            with patched_with(model, stat_token=3):
+                pass
+        fp.unpatch(model)
+    assert not is_patched(model)
+    fp.patch(model)
+    with patched_with(model, stat_tokens=3):
+        fp.unpatch(model)  # the block's own choice: nothing to restore afterwards
+    assert not is_patched(model)
+
+
 def test_recording_pruned_heads_reads_zero():
     model = fp.patch(tiny_model("llama"), head_mask={0: [True, False, True, True]})
     ids, mask = inputs()

@@ -250,6 +250,28 @@ def test_temperature_is_generates_sampling_temperature_too(tokenizer, models):
     assert not torch.allclose(torch.tensor(sampled["epistemic"].to_numpy()), torch.tensor(greedy["epistemic"].to_numpy()))
 
 
+def test_temperature_of_a_generation_config_passed_to_generate(tokenizer, models):
+    """A generation_config given among generate's arguments is the one sampled with: its
+    temperature is the scores' (default), and an explicit temperature overrides both."""
+    from transformers import GenerationConfig
+
+    target, drafts = models
+    sampled = {}
+    for temperature in (None, 1e-3):
+        config = GenerationConfig(do_sample=True, temperature=1e-3 if temperature is None else 50.0, top_k=0,
+                                  max_new_tokens=5)
+        torch.manual_seed(0)
+        sampled[temperature] = uncertainty.generate_with_uncertainty(
+            target, drafts, tokenizer, ["The river"], max_new_tokens=5, generation_config=config,
+            temperature=temperature, progress=False)[1]
+    cold = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=5,
+                                                 do_sample=False, temperature=1e-3, progress=False)[1]
+    for table in sampled.values():
+        assert table["token_id"].tolist() == cold["token_id"].tolist()  # sampled at 1e-3: greedy
+        for name in STATISTICS:
+            torch.testing.assert_close(torch.tensor(table[name].to_numpy()), torch.tensor(cold[name].to_numpy()))
+
+
 def test_generation_is_scored_up_to_its_first_eos(tokenizer, models):
     target, drafts = models
     _, new = greedy_alone(target, tokenizer, "The river", 6)

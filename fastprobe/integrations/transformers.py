@@ -1266,8 +1266,14 @@ def update_patch(model, **changes):
 @contextlib.contextmanager
 def patched_with(model, **changes) -> Iterator[Any]:
     """Context manager: the model runs with `changes` to its patch options inside the block
-    (update_patch) and gets the previous values back afterwards; a model that was not patched is
-    patched with them and unpatched afterwards. Yields the model."""
+    (update_patch) and gets the previous values back afterwards (unless the block unpatched it);
+    a model that was not patched is patched with them and unpatched afterwards. Yields the model.
+    Options belong to the model, not to a thread: blocks of several threads on one model that
+    overlap without nesting leave it with the options of whichever exits last."""
+    unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(PatchOptions)})
+    if unknown:
+        raise TypeError(f"patched_with: {', '.join(unknown)} is not a patch option "
+                        f"(see fastprobe.integrations.PatchOptions)")
     if not is_patched(model):
         patch(model, **changes)
         try:
@@ -1280,7 +1286,8 @@ def patched_with(model, **changes) -> Iterator[Any]:
     try:
         yield model
     finally:
-        update_patch(model, **previous)
+        if is_patched(model):
+            update_patch(model, **previous)
 
 
 def patch(

@@ -218,13 +218,14 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     continuations per prompt, prompt after prompt: the table's text is the continuation's
     index, prompt its prompt's. Beam search is refused: its per-step logits belong to beams
     that are reordered and dropped, not to the returned sequences."""
-    sampling = bool(generate_kwargs.get("do_sample", target.generation_config.do_sample))
+    config = generate_kwargs.get("generation_config") or target.generation_config  # (what generate starts from)
+    sampling = bool(generate_kwargs.get("do_sample", config.do_sample))
     if temperature is None:
-        temperature = (target.generation_config.temperature or 1.0) if sampling else 1.0
+        temperature = (config.temperature or 1.0) if sampling else 1.0
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     _check_input_embeddings([target, *drafts], tokenizer)
     check_count(max_new_tokens, "max_new_tokens")
-    if (generate_kwargs.get("num_beams") or target.generation_config.num_beams or 1) > 1:
+    if (generate_kwargs.get("num_beams") or config.num_beams or 1) > 1:
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
                          "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
     prompts = as_texts(prompts, "prompts")
