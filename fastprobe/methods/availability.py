@@ -66,10 +66,10 @@ def _logits_to_keep(model, count: int) -> dict:
     return {}
 
 
-def _prompt_forward(model, batch: dict, count: int, use_cache: bool = False):
-    """The model's output for a left-padded batch, its logits for the last `count` positions
-    only where the model can (a KV cache with use_cache)."""
-    output = model(**batch, use_cache=use_cache, **_logits_to_keep(model, count))
+def _prompt_forward(model, batch: dict, use_cache: bool):
+    """The model's output for a left-padded batch, its logits for the last position only where
+    the model can (a KV cache with use_cache)."""
+    output = model(**batch, use_cache=use_cache, **_logits_to_keep(model, 1))
     if getattr(output, "logits", None) is None:
         raise TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
     return output
@@ -183,10 +183,8 @@ def is_correct(generated: str, aliases: Union[str, Sequence[str]]) -> bool:
 def _continues(answer: str, end: int) -> bool:
     """Whether the word or number that answer[:end] ends in goes on past end."""
     following = answer[end:end + 1]
-    if following.isalnum():
-        return True
     number_goes_on = following in ",." and answer[end - 1:end].isdigit() and answer[end + 1:end + 2].isdigit()
-    return number_goes_on
+    return following.isalnum() or number_goes_on
 
 
 class _Answer:
@@ -318,7 +316,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
                 answered, step_logits = _greedy(model, tokenizer, batch, max_new_tokens)
                 generated += answered
             else:  # one prefill, whose cache the multi-token variants continue from
-                prefill = _prompt_forward(model, batch, 1, use_cache=any(answer.multi for answer in batch_answers))
+                prefill = _prompt_forward(model, batch, use_cache=any(answer.multi for answer in batch_answers))
                 step_logits = prefill.logits[:, -1]  # left padded: each row's last real position
             part = _commitment_step(step_logits, batch_answers, temperature)
             part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size,
