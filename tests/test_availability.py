@@ -127,6 +127,36 @@ def test_generated_answers_and_correctness(model, tokenizer):
     assert summary.loc[False, "mass"] == pytest.approx(judged["mass"].mean())
 
 
+@pytest.mark.parametrize("arch, reuses_cache", [("llama", True), ("gpt2", True), ("gemma2", False)])
+def test_generate_scores_multi_token_variants_from_its_own_cache(tokenizer, monkeypatch, arch, reuses_cache):
+    """With generate=True the multi-token variants continue from generate's KV cache cut back to
+    the prompts (no second pass over them) where every layer attends to all keys; a model with
+    sliding-window layers (4 tokens here), whose cache has dropped the prompts' oldest keys by
+    then, runs the prompts again. The masses are generate=False's either way."""
+    model = tiny_model(arch, vocab_size=len(tokenizer), seed=3)
+    options = dict(batch_size=2, progress=False)
+    expected = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, generate=False, **options)
+    reruns, original = [], availability.sequence_log_probs
+    monkeypatch.setattr(availability, "sequence_log_probs", lambda *args, **kw: reruns.append(1) or original(*args, **kw))
+    table = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, max_new_tokens=6, **options)
+    assert (not reruns) == reuses_cache
+    pandas.testing.assert_frame_equal(table[expected.columns], expected, rtol=1e-6, atol=1e-12)
+    assert (table["multi_token_mass"] > 0).all()
+
+
+def test_generation_is_greedy_whatever_the_generation_config_says(model, tokenizer, monkeypatch):
+    """A model whose generation config asks for beam search (num_beams rows per prompt in
+    generate's logits and cache) still answers greedily, each row scored from its own prompt."""
+    options = dict(max_new_tokens=4, batch_size=len(PROMPTS), progress=False)
+    expected = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, **options)
+    greedy = availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4)
+    monkeypatch.setattr(model.generation_config, "num_beams", 3)
+    table = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, **options)
+    assert table["generated"].tolist() == greedy == expected["generated"].tolist()
+    assert availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4) == greedy
+    pandas.testing.assert_frame_equal(table, expected, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("generated, aliases, expected", [
     ("Paris", "Paris", True), (" paris, France.", ["Lyon", "Paris"], True), ("PARIS!", "paris", True),
     ("Parisian food", "Paris", False), ("in Paris", "Paris", False), ("New  York city", "new york", True),

@@ -141,24 +141,26 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
         output = model(**on_model(model, {"input_ids": ids, "attention_mask": prefix_mask}), use_cache=True,
                        **_logits_to_keep(model, 1))
         members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
-        totals[members] = _after_prefill(model, output, prefix_mask, [prefix_of[j] - start for j in members],
-                                         [continuations[j] for j in members], temperature, pad_id, batch_size)
+        totals[members] = _after_prefill(model, output.logits[:, -1], _cache_object(output), prefix_mask,
+                                         [prefix_of[j] - start for j in members], [continuations[j] for j in members],
+                                         temperature, pad_id, batch_size)
     return totals
 
 
-def _after_prefill(model, output, prefix_mask: torch.Tensor, rows: list, continuations: list, temperature: float,
-                   pad_id: int, batch_size: int) -> torch.Tensor:
+def _after_prefill(model, last_logits: torch.Tensor, cache, prefix_mask: torch.Tensor, rows: list,
+                   continuations: list, temperature: float, pad_id: int, batch_size: int) -> torch.Tensor:
     """[M] float64: log p(continuations[j] | prefix rows[j]) for the prefixes of a left-padded
-    batch already run with use_cache (output: its last position's logits and its KV cache):
-    s_0 from those logits, the rest from copies of the cache rows, batch_size at a time."""
-    first = (output.logits[:, -1].double() / temperature).log_softmax(-1).cpu()  # [G, V]: each s_0
+    batch already run with use_cache (last_logits [G, V]: their last position's logits; cache:
+    their KV cache, no longer than the batch): s_0 from those logits, the rest from copies of
+    the cache rows, batch_size at a time."""
+    first = (last_logits.double() / temperature).log_softmax(-1).cpu()  # [G, V]: each s_0
     prefix_mask = prefix_mask.cpu()
     totals = torch.zeros(len(rows), dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         chunk = slice(start, start + batch_size)
         tails = [list(continuation) for continuation in continuations[chunk]]
         head = first[rows[chunk], [tail[0] for tail in tails]]
-        rest = _continued(model, _cache_object(output), prefix_mask, rows[chunk], tails, temperature, pad_id)
+        rest = _continued(model, cache, prefix_mask, rows[chunk], tails, temperature, pad_id)
         totals[chunk] = head + rest
     return totals
 
@@ -244,14 +246,15 @@ def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature
 
 
 def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: float, pad_id: int,
-                      batch_size: int, prefill=None) -> torch.Tensor:
-    """[B] float64: each row's summed probability of its answer's multi-token variants, from the
-    batch's own forward with use_cache when given as `prefill` (else the prompts run again)."""
+                      batch_size: int, step_logits: torch.Tensor, cache=None) -> torch.Tensor:
+    """[B] float64: each row's summed probability of its answer's multi-token variants, continued
+    from the batch's KV cache where given (the prompts' own, with step_logits their last
+    position's logits), else with the prompts run again."""
     owners = [i for i, answer in enumerate(batch_answers) for _ in answer.multi]
     sequences = [s for answer in batch_answers for s in answer.multi]
-    if prefill is not None:
-        log_probs = _after_prefill(model, prefill, batch["attention_mask"], owners, sequences, temperature, pad_id,
-                                   batch_size)
+    if cache is not None:
+        log_probs = _after_prefill(model, step_logits, cache, batch["attention_mask"], owners, sequences, temperature,
+                                   pad_id, batch_size)
     else:
         real = batch["attention_mask"].bool().cpu()
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"].cpu(), real)]
@@ -261,15 +264,34 @@ def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: floa
     return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
 
 
-def _greedy(model, tokenizer, batch: dict, max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
     """(the greedy answers of a left-padded prompt batch, special tokens skipped; the logits
-    [B, V] of their first step, i.e. at the commitment step)."""
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    [B, V] of their first step, i.e. at the commitment step; generate's KV cache, None when it
+    returns none)."""
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,  # (whatever the model's config says)
+                    output_logits=True, return_dict_in_generate=True)
     if model.generation_config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(**batch, **settings)
     new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), output.logits[0]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), output.logits[0], output_cache(output)
+
+
+def _prompt_cache(cache, prompt_length: int):
+    """generate's KV cache cut back to the prompt's `prompt_length` positions (the generated
+    tokens' keys dropped, in place), or None where that would not be the prompt's own cache: any
+    layer but a plain full-attention DynamicLayer (a sliding-window or chunked layer has dropped
+    the prompt's oldest keys; static, quantized, shared), or no cache layers (transformers 4.x)."""
+    from transformers import cache_utils
+
+    full_layer = getattr(cache_utils, "DynamicLayer", None)
+    layers = getattr(cache, "layers", None)
+    if full_layer is None or not layers or any(type(layer) is not full_layer for layer in layers):
+        return None
+    generated = cache.get_seq_length() - prompt_length
+    if generated > 0:
+        cache.crop(-generated)
+    return cache
 
 
 def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_new_tokens: int = 8,
@@ -299,7 +321,9 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     answers: one per prompt, an alias or a list of aliases. variants: which surface forms to add
     (as ConceptSet.from_answers). temperature divides every logit. Prompts are batched
     (batch_size, truncated to max_length tokens); multi-token variants are scored by teacher
-    forcing in batches of the same size."""
+    forcing in batches of the same size, from the KV cache of the prompts' one pass (generate's,
+    cut back to the prompts, with generate=True; a model with sliding-window or chunked layers,
+    whose cache has dropped old keys by then, runs the prompts once more)."""
     pandas = require_pandas()
     prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)
@@ -307,20 +331,21 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     parts, generated, first = [], [], 0
     with torch.no_grad():
-        # with generate, the answer's first step gives the commitment-step logits: one prefill per prompt
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
                                   prompts=True, position_ids=not generate):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
-            prefill = None
-            if generate:
-                answered, step_logits = _greedy(model, tokenizer, batch, max_new_tokens)
+            multi = any(answer.multi for answer in batch_answers)
+            if generate:  # generate's prefill: the commitment step's logits and, cut back to the prompts, its cache
+                answered, step_logits, cache = _greedy(model, tokenizer, batch, max_new_tokens)
+                cache = _prompt_cache(cache, batch["input_ids"].shape[1]) if multi else None
                 generated += answered
             else:  # one prefill, whose cache the multi-token variants continue from
-                prefill = _prompt_forward(model, batch, use_cache=any(answer.multi for answer in batch_answers))
+                prefill = _prompt_forward(model, batch, use_cache=multi)
                 step_logits = prefill.logits[:, -1]  # left padded: each row's last real position
+                cache = _cache_object(prefill) if multi else None
             part = _commitment_step(step_logits, batch_answers, temperature)
             part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size,
-                                                         prefill)
+                                                         step_logits, cache)
             parts.append(part)
             first += len(batch_answers)
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
