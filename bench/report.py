@@ -1,7 +1,9 @@
 """Markdown results table from pytest-benchmark JSON files (bench/results/*.json). A row measured
 again (same op, device, problem and implementation) in a later run replaces the earlier one.
 Files that are empty or not pytest-benchmark JSON (a run killed before writing) are skipped, with
-a line on stderr.
+a line on stderr. A fastprobe row's speed-up is given against its suite's declared baseline and
+against the fastest peer (an implementation that is not fastprobe's) of its group in the same run;
+the device is the group's ("-cpu" or "-cuda"), so a run on a CUDA machine labels its CPU rows CPU.
 
     python bench/report.py bench/results/*.json
     python -m bench.report --merge OUT.json PART.json...   # (bench/gpu.sh: one JSON of its per-family runs)
@@ -25,24 +27,49 @@ def _milliseconds(seconds):
     return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
 
 
+def _is_fastprobe(bench):
+    return bench["extra_info"].get("impl", "").startswith("fastprobe")
+
+
+def fastest_peers(data):
+    """group -> the fastest benchmark in it that is not fastprobe's (a peer), from one document
+    (one run: a group never spans two runs)."""
+    fastest = {}
+    for bench in data["benchmarks"]:
+        if _is_fastprobe(bench):
+            continue
+        best = fastest.get(bench["group"])
+        if best is None or bench["stats"]["median"] < best["stats"]["median"]:
+            fastest[bench["group"]] = bench
+    return fastest
+
+
 def rows(data):
     """The table rows of one pytest-benchmark JSON document."""
     machine = data["machine_info"]
-    device = machine.get("gpu") or f"CPU, {machine.get('cpu_threads')} threads"
+    cpu = f"CPU, {machine.get('cpu_threads')} threads"
+    peers = fastest_peers(data)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         shape = ", ".join(f"{k}={v}" for k, v in info.get("shape", {}).items())
         speedup = info.get("speedup_vs_baseline")
         bandwidth = info.get("fraction_of_copy_bandwidth")
+        # every suite names its groups "<op>-<device>", and op names hold hyphens of their own
+        # (sink_attention_head-mask_L4096, sink_attention_bfloat16-decode): cut the last one only.
+        # The device is the group's, not the machine's: a run on a CUDA machine has CPU rows too
+        op, device = bench["group"].rsplit("-", 1) if "-" in bench["group"] else (bench["group"], "")
+        # the project's ratio: against the strongest (fastest) peer measured in the same run
+        peer = peers.get(bench["group"]) if _is_fastprobe(bench) else None
+        peer_speedup = "-" if peer is None else \
+            f"{peer['stats']['median'] / bench['stats']['median']:.2f}x vs {peer['extra_info']['impl']}"
         yield (
-            # every suite names its groups "<op>-<device>", and op names hold hyphens of their own
-            # (sink_attention_head-mask_L4096, sink_attention_bfloat16-decode): cut the last one only
-            bench["group"].rsplit("-", 1)[0],
-            device,
+            op,
+            cpu if device == "cpu" else machine.get("gpu") or device,
             f"{shape}, {info.get('dtype', '').replace('torch.', '')}",
             info.get("impl", bench["name"]),
             _milliseconds(bench["stats"]["median"]),
             f"{speedup:.2f}x vs {info['baseline']}" if speedup is not None else "-",
+            peer_speedup,
             _size(info.get("peak_extra_bytes")),
             f"{bandwidth:.0%}" if bandwidth is not None else "-",
             machine.get("date", "")[:10],
@@ -83,8 +110,8 @@ def merge(out, paths):
 
 
 def main(paths):
-    header = ("op", "device", "problem", "implementation", "median ms", "speed-up", "peak extra memory",
-              "of copy bandwidth", "date")
+    header = ("op", "device", "problem", "implementation", "median ms", "speed-up", "vs fastest peer",
+              "peak extra memory", "of copy bandwidth", "date")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row)

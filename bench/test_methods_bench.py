@@ -8,7 +8,7 @@ layer runs and every layer's states are kept), mean-pooled the same way.
 Draft uncertainty: fastprobe.methods.uncertainty.token_uncertainty on B texts (tokenising, the
 forwards, the fused draft_divergence on the scored rows, the token table) vs the same batch and
 forwards followed by the eager statistics (softmax of every model's logits, the mixture, its
-logarithm: fastprobe.reference.draft_divergence in the logits' dtype).
+logarithm: fastprobe.reference.draft_divergence, in float32 for float32 and 16-bit logits alike).
 
 The models are built-in Llama-architecture ones (random weights): 8 layers, hidden 256, 8 heads,
 vocabulary 32000; a target and 3 drafts for uncertainty. CPU: float32, batch 4 x 256 tokens;

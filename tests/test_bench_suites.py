@@ -1,6 +1,7 @@
 """The benchmark suites stay runnable (they run only on demand and on the rare GPU machine, where a
-broken suite would cost device time): every suite collects, and the method-layer suite's
-implementations compute the same figures on a small case."""
+broken suite would cost device time): every suite collects, and the implementations each group
+times compute the same figures on a small case (the suites time them without comparing outputs,
+but for the Liger peers, which need CUDA), and bench/report.py labels its rows right."""
 
 import subprocess
 import sys
@@ -111,3 +112,112 @@ def test_report_labels_splits_and_skips(tmp_path, capsys):
     assert ops == ["sink_attention_head-mask_L4096", "sink_attention_sink-window_L4096",
                    "sink_attention_bfloat16-decode", "draft_divergence"]
     assert all(f"skipped {tmp_path / name}" in err for name in ("empty.json", "list.json", "missing.json"))
+
+
+def test_report_devices_and_fastest_peer(tmp_path, capsys):
+    """bench/report.py: a row's device is its group's (a run on a CUDA machine has CPU rows too, not
+    the GPU's), and each fastprobe row is also compared with the fastest peer of its group (here
+    torch.compile, not the declared eager baseline); a group without peers gets "-"."""
+    import json
+
+    from bench import report
+
+    def bench(group, impl, median, baseline):
+        return {"group": group, "name": f"test[{impl}]", "stats": {"median": median},
+                "extra_info": {"impl": impl, "baseline": baseline, "speedup_vs_baseline": 1.0}}
+
+    benchmarks = [bench(f"op-{device}", impl, median, "eager") for device in ("cpu", "cuda")
+                  for impl, median in (("fastprobe", 1.0), ("eager", 8.0), ("torch.compile", 4.0))]
+    benchmarks.append(bench("stats-cuda", "fastprobe-more", 2.0, "fastprobe"))
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"machine_info": {"gpu": "NVIDIA H200", "cpu_threads": 16, "date": "2026-12-01"}, "benchmarks": benchmarks}))
+    report.main([str(tmp_path / "run.json")])
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()]
+    column = {name: index for index, name in enumerate(table[0])}
+    got = [(row[column["device"]], row[column["implementation"]], row[column["vs fastest peer"]]) for row in table[2:]]
+    assert got == [("CPU, 16 threads", "fastprobe", "4.00x vs torch.compile"), ("CPU, 16 threads", "eager", "-"),
+                   ("CPU, 16 threads", "torch.compile", "-"), ("NVIDIA H200", "fastprobe", "4.00x vs torch.compile"),
+                   ("NVIDIA H200", "eager", "-"), ("NVIDIA H200", "torch.compile", "-"),
+                   ("NVIDIA H200", "fastprobe-more", "-")]
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """torch.compile as the identity: a compiled peer's wrapper still runs (its compile would take
+    minutes here). The suites' caches of compiled functions are emptied before and after."""
+    from bench import test_attention_bench, test_bridge_bench, test_concepts_bench, test_divergence_bench
+    from bench import test_dual_attention_bench
+
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    for suite, name in ((test_divergence_bench, "_compiled_eager"), (test_concepts_bench, "_compiled_eager"),
+                        (test_concepts_bench, "_compiled_grad")):
+        monkeypatch.setattr(suite, name, None)
+    monkeypatch.setattr(test_bridge_bench, "_compiled", {})
+    flex_caches = (test_attention_bench._flex, test_attention_bench._flex_documents, test_dual_attention_bench._flex)
+    for cache in flex_caches:
+        cache.cache_clear()
+    yield
+    for cache in flex_caches:
+        cache.cache_clear()
+
+
+def _fields(result):
+    return result if isinstance(result, dict) else result._asdict()
+
+
+def test_vocabulary_peers_compute_what_fastprobe_computes(uncompiled):
+    """Every implementation timed in a draft_divergence, concept_mass or bridge_loss group computes
+    what fastprobe's computes, on a small case (the suites time them without comparing)."""
+    from bench import test_bridge_bench as bridge
+    from bench import test_concepts_bench as concepts
+    from bench import test_divergence_bench as divergence
+
+    for suite, inputs in ((divergence, divergence.make_inputs("cpu", 3, 5, 300, torch.float32)),
+                          (concepts, concepts.make_inputs("cpu", 3, 500, 20, 4, torch.float32))):
+        impls = {**suite.IMPLS, **suite.STEP_IMPLS}
+        want = _fields(impls["fastprobe"](*inputs))
+        for name, call in impls.items():
+            got = _fields(call(*inputs))
+            for field, value in want.items():
+                torch.testing.assert_close(got[field], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {field}")
+    for impls, make in ((bridge.LOGIT_IMPLS, bridge.make_logits), (bridge.LINEAR_IMPLS, bridge.make_hidden)):
+        inputs = make("cpu", 16, 300, 8, torch.float32)
+        want = next(call for name, call in impls.items() if name.startswith("fastprobe"))(*inputs)
+        for name, call in impls.items():
+            for got, value in zip(call(*inputs), want, strict=True):
+                torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_peers_compute_what_fastprobe_computes(uncompiled, monkeypatch):
+    """Every implementation timed in an attention group computes fastprobe's output (and the
+    first-token mass where it reads one) on a small case, the CUDA-only FlexAttention peers too
+    (uncompiled), with a window that binds; dual_path_attention's peers its guided output."""
+    import fastprobe as fp
+    from bench import test_attention_bench as attention
+    from bench import test_dual_attention_bench as dual
+
+    monkeypatch.setattr(attention, "WINDOW", 48)
+    small = dict(batch=1, heads=2, length=16, head_dim=8, dtype=torch.float32)
+    families = {"cpu": (small, lambda device, case: (attention.make_qkv(device, **case), None), attention.CPU_IMPLS)}
+    for family, (cases, make, impls, _) in attention.VARIANTS.items():
+        families[family] = (cases["small"], make, impls)
+    with torch.no_grad():
+        for family, (case, make, impls) in families.items():
+            inputs, _ = make("cpu", case)
+            sixteen_bit = case["dtype"] != torch.float32
+            want = next(call for name, call in impls.items() if name.startswith("fastprobe"))(*inputs)
+            for name, call in impls.items():
+                got = call(*inputs)
+                torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want, msg=f"{family}: {name}",
+                                           rtol=1e-2 if sixteen_bit else 1e-4, atol=1e-2 if sixteen_bit else 1e-5)
+        for num_queries in (200, 1):  # prefill and decoding, sinks + window
+            q, k, v = attention.make_qkv("cpu", 1, 2, 200, 8, torch.float32, num_queries=num_queries)
+            want = fp.sink_attention(q, k, v, window=48, num_sink=attention.NUM_SINK)
+            out, mass = attention.flex_sink_window_mass(q, k, v)
+            for got in (attention.fastprobe_sink_window(q, k, v), attention.flex_sink_window(q, k, v), out):
+                torch.testing.assert_close(got, want.out, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(mass, want.sink_mass, rtol=1e-4, atol=1e-6)
+        inputs = dual.make_inputs("cpu", 1, 2, 600, 8, torch.float32)
+        want = dual.fastprobe_dual(*inputs)
+        for name in ("sdpa-two-calls", "flex-two-calls"):
+            torch.testing.assert_close(dual.IMPLS[name](*inputs), want, rtol=1e-4, atol=1e-5, msg=name)
