@@ -163,9 +163,21 @@ def test_generation_is_greedy_whatever_the_generation_config_says(model, tokeniz
     ("", "Paris", False), ("Paris", ["", "..."], False),
     ("1,000 people", "1", False), ("3.5", "3", False), ("1,000", "1,000", True), ("3. Then", "3", True),
     ("3, 4", "3", True), ("v2.0", "v2", False),
+    # a minus sign and a word's closing + or # belong to the answer; other edge punctuation does not
+    ("-5", "5", False), ("5 degrees", "-5", False), ("It is -5.", "-5", False), ("-5 degrees.", "-5", True),
+    ("-5.5", "-5", False), ("- Paris", "Paris", True), ("C#", "C++", False), ("C++", "C", False),
+    ("C", "C++", False), ("F#", "F", False), ("A+", "A", False), ('"C++".', "c++", True), ("C#, then", "c#", True),
 ])
 def test_is_correct(generated, aliases, expected):
     assert availability.is_correct(generated, aliases) is expected
+
+
+def test_is_correct_needs_strings():
+    with pytest.raises(TypeError, match="^generated must be a string"):
+        availability.is_correct(None, "Paris")
+    for aliases in (1945, [1945], b"Paris"):
+        with pytest.raises(TypeError, match="^aliases must be a string or a list of strings"):
+            availability.is_correct("1945", aliases)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "gemma2", "qwen2"])

@@ -165,17 +165,32 @@ def _after_prefill(model, last_logits: torch.Tensor, cache, prefix_mask: torch.T
     return totals
 
 
+_EDGES = string.punctuation + " "  # stripped around an answer
+_WORD_SUFFIXES = "+#"  # but part of it right after a word: "C++", "C#", "A+"
+
+
 def _normalise(text: str) -> str:
-    return " ".join(text.lower().split()).strip(string.punctuation + " ")
+    """Lower-cased, whitespace collapsed, surrounding punctuation stripped but for what belongs
+    to the answer: a minus sign before a digit ("-5") and a + or # run ending a word ("c++")."""
+    text = " ".join(text.lower().split())
+    start = len(text) - len(text.lstrip(_EDGES))
+    if text[start - 1:start] == "-" and text[start:start + 1].isdigit():
+        start -= 1
+    body = text[start:].rstrip(_EDGES)
+    after = text[start + len(body):]
+    return body + after[:len(after) - len(after.lstrip(_WORD_SUFFIXES))]
 
 
 def is_correct(generated: str, aliases: Union[str, Sequence[str]]) -> bool:
     """Whether a generated answer begins with one of the aliases: lower-cased, whitespace
-    collapsed, surrounding punctuation stripped, the alias ending on a word boundary ("Paris."
-    and "paris, France" match "Paris"; "Parisian" does not) and, for a number, not inside a
-    longer number ("1,000" and "3.5" do not match "1" and "3"; "3." does)."""
+    collapsed, surrounding punctuation stripped (not a number's minus sign, nor the + or # that
+    ends "C++" or "C#"), the alias ending on a word boundary ("Paris." and "paris, France" match
+    "Paris"; "Parisian" does not; "C++" does not match "C") and, for a number, not inside a
+    longer number ("1,000" and "3.5" do not match "1" and "3"; "3." does; "-5" does not match "5")."""
+    if not isinstance(generated, str):
+        raise TypeError(f"generated must be a string, got {type(generated).__name__}")
     answer = _normalise(generated)
-    for alias in [aliases] if isinstance(aliases, str) else aliases:
+    for alias in as_texts(aliases, "aliases"):
         expected = _normalise(alias)
         if expected and answer.startswith(expected) and not _continues(answer, len(expected)):
             return True
@@ -185,8 +200,10 @@ def is_correct(generated: str, aliases: Union[str, Sequence[str]]) -> bool:
 def _continues(answer: str, end: int) -> bool:
     """Whether the word or number that answer[:end] ends in goes on past end."""
     following = answer[end:end + 1]
+    if not following:  # the answer ends there
+        return False
     number_goes_on = following in ",." and answer[end - 1:end].isdigit() and answer[end + 1:end + 2].isdigit()
-    return following.isalnum() or number_goes_on
+    return following.isalnum() or following in _WORD_SUFFIXES or number_goes_on
 
 
 class _Answer:
