@@ -243,3 +243,16 @@ def test_shift_vectors_bad_input(model, tokenizer):
     finally:
         handle.remove()
     assert not ran
+
+
+def test_shift_vectors_read_generators_once(model, tokenizer):
+    """Inputs given as generators (of texts, or of batches) are read once: the same shifts as
+    lists, not "texts is empty" from a generator already used up to count its rows."""
+    with_prefix = [PREFIX + text for text in TEXTS[:3]]
+    want = shift_vectors(model, with_prefix, TEXTS[:3], layer=0, tokenizer=tokenizer, progress=False)
+    got = shift_vectors(model, (text for text in with_prefix), (text for text in TEXTS[:3]), layer=0,
+                        tokenizer=tokenizer, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    batches = (dict(tokenizer([text], return_tensors="pt")) for text in TEXTS[:3])
+    torch.testing.assert_close(shift_vectors(model, with_prefix, batches, layer=0, tokenizer=tokenizer,
+                                             progress=False), want, rtol=1e-5, atol=1e-5)

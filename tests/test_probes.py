@@ -435,3 +435,116 @@ def test_attentive_mask_and_predict_bad_input():
     with pytest.raises(ValueError, match="in_features"):
         MLPProbe(0, 2)
     assert probes.POOLS == ("last", "mean", None)
+
+
+def test_collector_refuses_inputs_without_tokens(tokenizer):
+    """A row with no real token (an empty text from a tokenizer without BOS, an attention_mask
+    row of zeros) has nothing to pool: a ValueError naming it, not a padding token's state
+    ("last") or zeros ("mean"); no hook is left behind."""
+    model = model_of("llama", tokenizer)
+    hooks = hooks_on(model)
+    batch = dict(tokenizer(TEXTS[:3], padding=True, return_tensors="pt"))
+    batch["attention_mask"] = batch["attention_mask"].clone()
+    batch["attention_mask"][1] = 0
+    for pool in ("last", "mean", None):
+        with pytest.raises(ValueError, match="input 1 has no tokens"):
+            collect_hidden_states_from_batches(model, batch, layers=[0], pool=pool, progress=False)
+    without_bos = tiny_tokenizer()
+    without_bos.add_bos_token = False
+    assert without_bos("")["input_ids"] == []
+    with pytest.raises(ValueError, match="input 3 has no tokens"):
+        collect_hidden_states(model, without_bos, [*TEXTS[:3], ""], layers=[0], batch_size=2, progress=False)
+    assert hooks_on(model) == hooks
+
+
+def test_collector_gives_the_tokenizer_back_when_the_model_fails(tokenizer):
+    """A tokenizer without a pad token borrows eos for the batches; when the forward raises, it is
+    given back at once, even while the traceback is kept (as a notebook keeps the last one)."""
+    import sys
+
+    model = model_of("llama", tokenizer)
+
+    def fail(*_):
+        raise KeyError("the model failed")
+
+    handle = transformer_blocks(model)[0].register_forward_hook(fail)
+    tokenizer.pad_token = None
+    try:
+        with pytest.raises(KeyError):
+            try:
+                collect_hidden_states(model, tokenizer, TEXTS, layers=[1], batch_size=2, progress=False)
+            except KeyError:
+                kept = sys.exc_info()  # the traceback holds the collector's frames
+                assert tokenizer.pad_token is None
+                raise
+        del kept
+    finally:
+        handle.remove()
+        tokenizer.pad_token = "<pad>"
+
+
+def test_training_on_features_that_require_grad():
+    """States collected with autograd on (a leaf, or the output of a graph) train as plain
+    values: no "backward through the graph a second time", no gradient written into the
+    caller's tensors."""
+    weights = torch.randn(8, 8, requires_grad=True)
+    features = torch.randn(60, 8) @ weights  # not a leaf, requires grad
+    labels = (features[:, 0] > 0).long()
+    fit = train_probe(features, labels, epochs=3)
+    assert weights.grad is None and predict(fit.probe, features).shape == (60,)
+    leaf = torch.randn(60, 8, requires_grad=True)
+    targets = torch.randn(60, requires_grad=True)
+    fit = train_probe(leaf, targets, epochs=3, validation_data=(leaf[:10], targets[:10]))
+    assert leaf.grad is None and targets.grad is None and fit.probe.task == "regression"
+    tokens = torch.randn(12, 4, 8, requires_grad=True)
+    train_probe(tokens, torch.arange(12) % 2, kind="attentive", epochs=2)
+    assert tokens.grad is None
+
+
+def test_probes_learn_at_any_feature_and_target_scale():
+    """Standardisation makes the fit scale-free: tiny features (std 1e-13, once taken for
+    constant columns), tiny (1e-15) and huge (1e20, whose squares overflow float32) regression
+    targets, and outputs of very different units in one regression all fit as well as at scale 1.
+    float64 features beyond float32's range are refused by name, not reported as infinite."""
+    features, labels = planted(400, width=16)
+    reference = train_probe(features, labels, epochs=100).metrics["val_accuracy"]
+    assert reference > 0.9
+    assert train_probe(features * 1e-13, labels, epochs=100).metrics["val_accuracy"] == pytest.approx(reference,
+                                                                                                      abs=0.02)
+    values = features @ torch.randn(16, generator=torch.Generator().manual_seed(1))
+    for scale in (1e-15, 1.0, 1e20):
+        metrics = train_probe(features, values * scale, epochs=100).metrics
+        assert metrics["val_r2"] > 0.99, (scale, metrics)
+    generator = torch.Generator().manual_seed(2)
+    bent = [torch.tanh(features @ torch.randn(16, generator=generator)) for _ in range(2)]
+    fit = train_probe(features, torch.stack([bent[0], 1e-4 * bent[1]], 1), kind="mlp", epochs=100,
+                      validation_fraction=0.0)
+    predicted = predict(fit.probe, features)
+    r2 = [evaluate_probe_r2(predicted[:, column], target) for column, target in enumerate((bent[0], 1e-4 * bent[1]))]
+    assert r2[1] > r2[0] - 0.05, r2  # the small output is not neglected (0.70 against 0.97 when it was)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        train_probe(features.double() * 1e200, labels, epochs=2)
+    with pytest.raises(ValueError, match="labels holds values beyond float32's range"):
+        train_probe(features, values.double() * 1e300, epochs=2)
+
+
+def evaluate_probe_r2(predicted, target) -> float:
+    """1 - sum (y - f)^2 / sum (y - mean y)^2 of one output, in float64."""
+    predicted, target = predicted.double(), target.double()
+    return float(1 - (target - predicted).pow(2).sum() / (target - target.mean()).pow(2).sum())
+
+
+def test_training_touches_no_other_generator(monkeypatch):
+    """Seeding is local: training on the CPU seeds the CPU generator for the call and gives its
+    state back, and leaves the GPUs' generators alone (torch.manual_seed reseeded them all, so
+    a model's sampling on the GPU restarted from the probe's seed after every train_probe)."""
+    reseeded = []
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda seed, name=name: reseeded.append(name))
+    features, labels = planted(60)
+    state = torch.get_rng_state()
+    first = train_probe(features, labels, kind="mlp", epochs=2, seed=3)
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # another global state: the same probe
+    second = train_probe(features, labels, kind="mlp", epochs=2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first.probe.state_dict().values(), second.probe.state_dict().values()))

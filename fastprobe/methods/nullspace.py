@@ -43,11 +43,12 @@ __all__ = ["Projection", "bias_subspace", "project_out", "shift_vectors"]
 # ---------------------------------------------------------------- shift vectors
 
 
-def _kind_of(inputs, name: str) -> str:
-    """"texts" (a string or a list of strings) or "batches" (a dict of model inputs or a list
-    of them); ValueError otherwise."""
+def _kind_of(inputs, name: str) -> tuple:
+    """("texts", inputs) for a string or strings, ("batches", inputs) for a dict of model inputs or
+    dicts of them, the strings or dicts read into a list once (a generator is read once); ValueError
+    otherwise."""
     if isinstance(inputs, str) or isinstance(inputs, Mapping):
-        return "texts" if isinstance(inputs, str) else "batches"
+        return "texts" if isinstance(inputs, str) else "batches", inputs
     try:
         items = list(inputs)
     except TypeError:
@@ -55,15 +56,15 @@ def _kind_of(inputs, name: str) -> str:
     if not items:
         raise ValueError(f"{name} is empty")
     if all(isinstance(item, str) for item in items):
-        return "texts"
+        return "texts", items
     if all(isinstance(item, Mapping) for item in items):
-        return "batches"
+        return "batches", items
     raise ValueError(f"{name} must be all texts or all batches (dicts of model inputs), not a mix")
 
 
 def _rows_of(inputs, kind: str) -> int:
     if kind == "texts":
-        return 1 if isinstance(inputs, str) else len(list(inputs))
+        return 1 if isinstance(inputs, str) else len(inputs)
     return sum(_batch_rows(batch) for batch in _checked_batches(inputs))
 
 
@@ -100,7 +101,9 @@ def shift_vectors(
     if pool not in ("last", "mean"):
         raise ValueError(f"pool must be 'last' or 'mean' (a shift is one vector per input), got {pool!r}")
     _resolve_layer(layer, len(transformer_blocks(model)))
-    kinds = _kind_of(with_modality, "with_modality"), _kind_of(without_modality, "without_modality")
+    with_kind, with_modality = _kind_of(with_modality, "with_modality")
+    without_kind, without_modality = _kind_of(without_modality, "without_modality")
+    kinds = with_kind, without_kind
     if "texts" in kinds and tokenizer is None:
         raise ValueError("texts need a tokenizer: pass tokenizer=")
     rows = [_rows_of(inputs, kind) for inputs, kind in zip((with_modality, without_modality), kinds)]

@@ -207,6 +207,7 @@ class _Collector:
         self.features = {layer: [] for layer in layers}
         self.masks: list = []
         self.real: Optional[torch.Tensor] = None  # bool [B, T] of the running batch
+        self.rows = 0  # rows of the batches run before it
         self.handles = [blocks[layer].register_forward_hook(self.hook_for(layer)) for layer in layers]
 
     def hook_for(self, layer: int):
@@ -228,6 +229,12 @@ class _Collector:
 
     def run(self, model, batch: dict, options: dict) -> None:
         self.real = _real_tokens(batch)
+        has_tokens = self.real.any(dim=1)
+        if not bool(has_tokens.all()):  # its "last" would be a padding token's state, its "mean" zeros
+            row = self.rows + int((~has_tokens).nonzero()[0])
+            raise ValueError(f"input {row} has no tokens (an empty text, or an attention_mask row of zeros): "
+                             "there is nothing to pool")
+        self.rows += self.real.shape[0]
         try:
             model(**batch, **options)
         except _StopForward:
@@ -277,6 +284,8 @@ def _collect(model, batches: Iterable[dict], layers, pool, on_device: bool, dtyp
                 collector.run(model, batch, options)
     finally:
         collector.remove()
+        if hasattr(batches, "close"):  # a generator of tokenised texts gives the tokenizer's pad token back now,
+            batches.close()             # not when a kept traceback (a notebook's) finally lets it go
     return collector.result(len(blocks))
 
 
@@ -458,9 +467,11 @@ def _check_dropout(dropout) -> None:
 
 
 def _tensor_of(value, name: str) -> torch.Tensor:
-    """value as a tensor (numpy arrays and lists of numbers are read, not copied where possible)."""
+    """value as a tensor outside autograd (numpy arrays and lists of numbers are read, not copied
+    where possible; a tensor that requires grad is detached: training never backpropagates into
+    the caller's graph)."""
     if isinstance(value, torch.Tensor):
-        return value
+        return value.detach()
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
@@ -473,9 +484,18 @@ def _as_features(features, name: str = "features") -> torch.Tensor:
         raise ValueError(f"{name} must be floating point, got {features.dtype}")
     if features.dim() == 0 or features.numel() == 0:
         raise ValueError(f"{name} is empty")
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError(f"{name} holds NaN or infinite values")
+    _check_finite(features, name)
     return features
+
+
+def _check_finite(values: torch.Tensor, name: str) -> None:
+    """ValueError for NaN or infinite values, or values beyond float32's range (probes compute in
+    float32)."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    if values.dtype == torch.float64 and float(values.abs().max()) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} holds values beyond float32's range ({float(values.abs().max()):.3g}); probes "
+                         "compute in float32: rescale them")
 
 
 def _check_rank(features: torch.Tensor, kind_rank: int, kind: str, name: str = "features") -> None:
@@ -523,12 +543,11 @@ def _as_labels(labels, rows: int, task: str, name: str = "labels", width: Option
         return labels.long()
     if labels.dim() > 2:
         raise ValueError(f"{name} must be [N] or [N, D] for regression, got {tuple(labels.shape)}")
-    labels = labels.float()
     if width is not None and _targets_per_row(labels) != width:
         raise ValueError(f"{name} must have {width} target(s) per row, got shape {tuple(labels.shape)}")
-    if not bool(torch.isfinite(labels).all()):
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return labels
+    if labels.is_floating_point():
+        _check_finite(labels, name)
+    return labels.float()
 
 
 # ---------------------------------------------------------------- training
@@ -537,7 +556,9 @@ def _as_labels(labels, rows: int, task: str, name: str = "labels", width: Option
 class ProbeFit(NamedTuple):
     """train_probe's result: the trained probe (eval mode), metrics (train_loss, and
     train_accuracy for classification or train_r2 for regression; val_* the same on the
-    validation rows when there are any) and history (the training loss after each epoch)."""
+    validation rows when there are any) and history (per epoch, the mean of the training loss
+    over its steps as they ran: cross-entropy, or for regression the mean squared error of the
+    standardised targets; the metrics' losses are in the targets' own units)."""
 
     probe: torch.nn.Module
     metrics: dict
@@ -555,10 +576,12 @@ def _make_probe(kind: str, in_features: int, num_outputs: int, task: str, hidden
 
 def _mean_and_scale(rows: torch.Tensor) -> tuple:
     """Per-column mean and std of [R, C] (in float64 on the CPU); scale 1 where a column is
-    constant."""
+    constant: its std is at rounding level relative to its mean, or below float32's smallest
+    normal number (a column of tiny but varying values is scaled like any other)."""
     rows = rows.detach().to("cpu", torch.float64)
     mean, std = rows.mean(0), rows.std(0, unbiased=False)
-    return mean, torch.where(std > 1e-12, std, torch.ones_like(std))
+    constant = (std <= 1e-12 * mean.abs()) | (std < torch.finfo(torch.float32).tiny)
+    return mean, torch.where(constant, torch.ones_like(std), std)
 
 
 def _set_standardization(probe: _Probe, features: torch.Tensor, labels: torch.Tensor,
@@ -575,10 +598,15 @@ def _set_standardization(probe: _Probe, features: torch.Tensor, labels: torch.Te
                 buffer.copy_(value)
 
 
-def _loss(outputs: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+def _loss(outputs: torch.Tensor, labels: torch.Tensor, task: str,
+          target_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy, or the mean squared error mean((y - f)^2); with target_scale (training) that
+    of the standardised targets, mean(((y - f) / target_scale)^2), so every output counts alike
+    whatever its units and the loss stays of order 1."""
     if task == "classification":
         return torch.nn.functional.cross_entropy(outputs, labels)
-    return torch.nn.functional.mse_loss(outputs, labels.reshape(outputs.shape))
+    error = labels.reshape(outputs.shape) - outputs
+    return (error if target_scale is None else error / target_scale).pow(2).mean()
 
 
 def _split(rows: int, fraction, seed: int) -> tuple:
@@ -596,9 +624,17 @@ def _rows(tensor: Optional[torch.Tensor], index: torch.Tensor) -> Optional[torch
     return None if tensor is None else tensor[index.to(tensor.device)]
 
 
-def _fork_rng(device: torch.device):
-    devices = [device.index or 0] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """For the block, the CPU generator (parameter init) and, when training on CUDA, that device's
+    (dropout) seeded with `seed`, their states given back after it; no other generator is touched
+    (torch.manual_seed would reseed every GPU's, even when training on the CPU)."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def train_probe(
@@ -629,10 +665,11 @@ def train_probe(
     binary is 2 classes), floating labels [N] or [N, D] regression (mean squared error).
     Validation rows: validation_data=(features, labels) or (features, labels, mask), else a
     seeded random validation_fraction of the rows (0 = none). standardize: per-feature mean and
-    std of the training rows (and, for regression, the targets' mean and std), kept in the
-    probe (applied at predict time too). Seeded and
-    deterministic (the global RNG is left as it was); trains on the features' device; the
-    caller's tensors are never modified."""
+    std of the training rows (and, for regression, the targets' mean and std: training
+    minimises the squared error of the standardised targets, each output alike whatever its
+    units), kept in the probe (applied at predict time too). Seeded and deterministic (the
+    global RNG is left as it was); trains on the features' device; the caller's tensors are
+    never modified (nor backpropagated into: they are read detached)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     features = _as_features(features).to(torch.float32)  # a copy unless already float32; never written
@@ -652,8 +689,7 @@ def train_probe(
     validation = _validation_set(validation_data, kind, task, features, labels) if validation_data is not None else \
         (_rows(features, val_rows), _rows(labels, val_rows), _rows(mask, val_rows)) if len(val_rows) else None
     num_outputs = _num_outputs(task, labels, validation)
-    with _fork_rng(features.device):
-        torch.manual_seed(seed)
+    with _seeded(features.device, seed):
         probe = _make_probe(kind, features.shape[-1], num_outputs, task, hidden_size, dropout, num_queries)
         probe.to(features.device)
         if standardize:
@@ -709,7 +745,7 @@ def _fit(probe: _Probe, train: tuple, epochs: int, batch_size: Optional[int], lr
         for start in range(0, rows, step):
             index = None if order is None else order[start:start + step]
             batch = (features, labels, mask) if index is None else (features[index], labels[index], _rows(mask, index))
-            loss = _loss(probe(batch[0], batch[2]), batch[1], probe.task)
+            loss = _loss(probe(batch[0], batch[2]), batch[1], probe.task, probe.target_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -765,10 +801,13 @@ def predict(probe: _Probe, features, mask=None, *, batch_size: int = 4096) -> to
 
 
 def evaluate_probe(probe: _Probe, features, labels, mask=None, *, batch_size: int = 4096) -> dict:
-    """{"loss", "accuracy"} (classification) or {"loss", "r2"} (regression) of the probe on
-    these rows, as floats."""
-    outputs = _outputs(probe, features, mask, batch_size)
-    labels = _as_labels(labels, outputs.shape[0], probe.task, width=probe.num_outputs).to(outputs.device)
+    """{"loss", "accuracy"} (classification: cross-entropy) or {"loss", "r2"} (regression: mean
+    squared error in the targets' units; r2 pooled over outputs, 1 - sum (y - f)^2 /
+    sum (y - mean y)^2) of the probe on these rows, as floats computed in float64."""
+    # on the CPU in float64: squares of large targets stay finite (and MPS has no float64)
+    outputs = _outputs(probe, features, mask, batch_size).to("cpu", torch.float64)
+    labels = _as_labels(labels, outputs.shape[0], probe.task, width=probe.num_outputs).cpu()
+    labels = labels.double() if probe.task == "regression" else labels
     if probe.task == "classification" and int(labels.max()) >= probe.num_outputs:
         raise ValueError(f"labels hold class {int(labels.max())} but the probe has {probe.num_outputs} classes")
     metrics = {"loss": float(_loss(outputs, labels, probe.task))}
