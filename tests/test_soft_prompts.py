@@ -224,6 +224,21 @@ def test_gradients_reach_the_soft_prompts_not_the_table(tokenizer):
     assert model.get_input_embeddings().weight.grad is None
 
 
+def test_a_forward_of_a_padded_batch_with_counted_positions_is_each_prompt_alone(tokenizer):
+    """The recipe soft_prompt_inputs' docstring gives for a forward (GPT-2: learned positions,
+    which a left-padded row would see shifted without it)."""
+    model = tiny_model("gpt2", vocab_size=len(tokenizer))
+    batch = encode(tokenizer, TEXTS, "right")
+    soft = sp.draw_soft_prompts(model, N, rows=len(TEXTS), seed=0)
+    inputs = sp.soft_prompt_inputs(model, batch["input_ids"], batch["attention_mask"], soft_prompts=soft)
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        last = model(**inputs, position_ids=positions).logits[:, -1]
+        for row, real in enumerate(batch["attention_mask"].bool()):
+            alone = sp.soft_prompt_inputs(model, batch["input_ids"][row][real], soft_prompts=soft[row])
+            torch.testing.assert_close(last[row], model(**alone).logits[0, -1], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- generation
 
 
@@ -379,6 +394,17 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         sp.draw_soft_prompts(model, 2, gaussian=sp.EmbeddingGaussian(torch.zeros(32), torch.ones(32), 32))
     with pytest.raises(ValueError, match="^gaussian must"):
         sp.draw_soft_prompts(model, 2, gaussian=(0.0, 1.0))
+    for mean, std, match in [(torch.zeros(32), torch.ones(64), "gaussian.mean must be a floating tensor of shape"),
+                             (torch.zeros(2, 64), torch.ones(64), "gaussian.mean must"),
+                             (0.0, torch.ones(64), "gaussian.mean must"),
+                             (torch.zeros(64), torch.ones(64, dtype=torch.long), "gaussian.std must be a floating"),
+                             (torch.tensor(0.0), torch.tensor(-1.0), "gaussian.std must be non-negative")]:
+        with pytest.raises(ValueError, match=f"^{match}"):
+            sp.draw_soft_prompts(model, 2, gaussian=sp.EmbeddingGaussian(mean, std, 64))
+    with pytest.raises(ValueError, match="^per_dimension=True, but the gaussian given is isotropic"):
+        sp.draw_soft_prompts(model, 2, gaussian=sp.fit_embedding_gaussian(model), per_dimension=True)
+    with pytest.raises(TypeError, match="^exclude_token_ids must be a collection of token ids, got int"):
+        sp.fit_embedding_gaussian(model, exclude_token_ids=5)
     with pytest.raises(ValueError, match="^exclude_token_ids"):
         sp.fit_embedding_gaussian(model, exclude_token_ids=[len(tokenizer)])
     with pytest.raises(ValueError, match="^exclude_token_ids must hold integer token ids"):

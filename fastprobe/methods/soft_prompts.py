@@ -89,6 +89,8 @@ def _kept_rows(exclude_token_ids: Iterable[int], vocab_size: int, device: torch.
         if exclude_token_ids.is_floating_point() or exclude_token_ids.dtype == torch.bool:
             raise ValueError(f"exclude_token_ids must hold integer token ids, got a {exclude_token_ids.dtype} tensor")
         exclude_token_ids = exclude_token_ids.flatten().tolist()
+    if isinstance(exclude_token_ids, (str, bytes)) or not isinstance(exclude_token_ids, Iterable):
+        raise TypeError(f"exclude_token_ids must be a collection of token ids, got {type(exclude_token_ids).__name__}")
     excluded = list(exclude_token_ids)
     bad = [i for i in excluded if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab_size]
     if bad:
@@ -159,6 +161,16 @@ def _gaussian_for(model, weight: torch.Tensor, gaussian: Optional[EmbeddingGauss
                          f"got {type(gaussian).__name__}")
     if gaussian.hidden_size != weight.shape[1]:
         raise ValueError(f"gaussian was fitted to hidden size {gaussian.hidden_size}, the model's is {weight.shape[1]}")
+    shapes = ((), (gaussian.hidden_size,))
+    for name in ("mean", "std"):
+        value = getattr(gaussian, name)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) not in shapes:
+            raise ValueError(f"gaussian.{name} must be a floating tensor of shape [] or [{gaussian.hidden_size}], "
+                             f"got {_describe(value)}")
+    if not bool((gaussian.std >= 0).all()):
+        raise ValueError("gaussian.std must be non-negative")
+    if per_dimension and not gaussian.per_dimension:
+        raise ValueError("per_dimension=True, but the gaussian given is isotropic (fitted with per_dimension=False)")
     return gaussian
 
 
@@ -246,7 +258,10 @@ def soft_prompt_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[
     embeddings (model.get_input_embeddings() of its real tokens, left packed) followed by its soft
     vectors, and the mask extended by ones over them. soft_prompts: [B, n, H] (one per row, e.g.
     draw_soft_prompts(model, n, rows=B)) or [n, H] (the same for every row), cast to the model's
-    dtype; gradients flow to them, not to the table. Left or right padding both work."""
+    dtype; gradients flow to them, not to the table. Left or right padding both work. generate
+    counts positions over the mask; a forward of a padded batch needs them given,
+    position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), or a model with learned
+    positions (GPT-2) sees a padded row's tokens shifted by its padding."""
     embedding, weight = _input_embeddings(model)
     ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], weight.device)
     soft = _check_soft_prompts(soft_prompts, ids.shape[0], weight.shape[1])
