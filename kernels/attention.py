@@ -1240,6 +1240,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
             "k and v must be [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv] with Hq % Hkv == 0; "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if Lq > Lk:  # (queries are the last Lq of the Lk positions; the C++ kernels refuse this too)
+        raise ValueError(f"q has Lq = {Lq} queries but k has only Lk = {Lk} keys: the queries are the last Lq of "
+                         "the Lk positions, so Lq <= Lk")
     dtype = q.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
         raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")

@@ -307,6 +307,20 @@ def test_valid_arguments_run(op, target):
         assert len(direct) == len(OPS[op][1](*args))
 
 
+@pytest.mark.parametrize("op", ["sink_attention", "dual_path_attention"])
+def test_more_queries_than_keys_are_refused_by_every_kernel(op, target):
+    """Queries are the last Lq of the Lk positions: besides the public functions, every kernel
+    backend refuses Lq > Lk when the op is called directly (the Triton launchers ran such a call,
+    leaving the queries before the first key nothing to attend to, where C++ raised)."""
+    backend, device = target
+    args = on(device, BASE[op]())
+    args["q"] = torch.randn(2, 4, 10, 8, device=device)  # Lq = 10 > Lk = 9
+    if op == "dual_path_attention":
+        args["rows"] = torch.ones(2, 10, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"num_queries \(10\) must be <= num_keys \(9\)|Lq = 10 .* Lk = 9"):
+        getattr(torch.ops.fastprobe, op)(*args.values())
+
+
 @pytest.mark.parametrize("op, what, change, error, words", CASES, ids=[f"{case[0]}: {case[1]}" for case in CASES])
 def test_inconsistent_arguments_are_refused_before_any_kernel(op, what, change, error, words, monkeypatch):
     module, op_object = OPS[op]
