@@ -182,6 +182,9 @@ def test_collector_outputs_and_layer_names(tokenizer):
     assert states[-1] is states[2] and states[2].dtype == torch.bfloat16 and states[2].shape == (3, 64)
     with pytest.raises(KeyError, match="not collected"):
         states[1]
+    once = collect_hidden_states(model, tokenizer, TEXTS[:3], layers=(layer for layer in (2, 0)), dtype=None,
+                                 on_device=True, progress=False)  # a generator of layers, read once
+    assert once.layers == [2, 0] and torch.equal(once[2], states[2])
 
 
 def test_caller_batches_are_left_alone(tokenizer):

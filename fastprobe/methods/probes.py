@@ -271,12 +271,11 @@ def _quiet_options(model) -> dict:
     return {name: value for name, value in wanted.items() if name in named}
 
 
-def _collect(model, batches: Iterable[dict], layers, pool, on_device: bool, dtype) -> HiddenStates:
-    blocks = transformer_blocks(model)
-    resolved = _resolve_layers(layers, len(blocks))
-    _check_pool(pool)
+def _collect(model, blocks: list, layers: list[int], batches: Iterable[dict], pool, on_device: bool,
+             dtype) -> HiddenStates:
+    """Runs the batches with hooks on blocks[layer] for the (resolved) layers."""
     device = model_device(model) if on_device else torch.device("cpu")
-    collector = _Collector(blocks, resolved, pool, device, dtype)
+    collector = _Collector(blocks, layers, pool, device, dtype)
     options = _quiet_options(model)
     try:
         with torch.no_grad():
@@ -308,11 +307,11 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, layers, poo
     float32, or on the model's device with on_device=True; dtype=None keeps the model's dtype.
     progress: a tqdm bar over batches."""
     blocks = transformer_blocks(model)
-    _resolve_layers(layers, len(blocks))  # bad arguments fail before the tokenizer runs
+    layers = _resolve_layers(layers, len(blocks))  # bad arguments fail before the tokenizer runs
     _check_pool(pool)
     _check_output(dtype, on_device)
     batches = text_batches(model, tokenizer, texts, batch_size, max_length, progress, "hidden states")
-    return _collect(model, batches, layers, pool, on_device, dtype)
+    return _collect(model, blocks, layers, batches, pool, on_device, dtype)
 
 
 def collect_hidden_states_from_batches(model, batches, *, layers, pool: Optional[str] = "last",
@@ -325,7 +324,7 @@ def collect_hidden_states_from_batches(model, batches, *, layers, pool: Optional
     A left-padded batch without position_ids gets them counted over real tokens (as generate
     does), where the model takes them. The caller's batches are not modified."""
     blocks = transformer_blocks(model)
-    _resolve_layers(layers, len(blocks))
+    layers = _resolve_layers(layers, len(blocks))
     _check_pool(pool)
     _check_output(dtype, on_device)
     batches = _checked_batches(batches)
@@ -333,7 +332,7 @@ def collect_hidden_states_from_batches(model, batches, *, layers, pool: Optional
 
     ready = (on_model(model, batch) for batch in tqdm(batches, desc="hidden states", unit="batch",
                                                         disable=not progress))
-    return _collect(model, ready, layers, pool, on_device, dtype)
+    return _collect(model, blocks, layers, ready, pool, on_device, dtype)
 
 
 def _checked_batches(batches) -> list:
