@@ -802,7 +802,8 @@ def predict(probe: _Probe, features, mask=None, *, batch_size: int = 4096) -> to
 def evaluate_probe(probe: _Probe, features, labels, mask=None, *, batch_size: int = 4096) -> dict:
     """{"loss", "accuracy"} (classification: cross-entropy) or {"loss", "r2"} (regression: mean
     squared error in the targets' units; r2 pooled over outputs, 1 - sum (y - f)^2 /
-    sum (y - mean y)^2) of the probe on these rows, as floats computed in float64."""
+    sum (y - mean y)^2, NaN for constant targets) of the probe on these rows, as floats computed
+    in float64."""
     # on the CPU in float64: squares of large targets stay finite (and MPS has no float64)
     outputs = _outputs(probe, features, mask, batch_size).to("cpu", torch.float64)
     labels = _as_labels(labels, outputs.shape[0], probe.task, width=probe.num_outputs).cpu()
