@@ -453,6 +453,20 @@ def test_the_op_checks_what_its_kernels_read():
             _bridge_loss_op(student, teacher, labels, -100, 0.5, 1.0, False, True)
 
 
+@pytest.mark.parametrize("student, error", [(torch.randn(4, 0), ValueError), (torch.randn(31), ValueError),
+                                            (torch.ones(4, 31, dtype=torch.int64), TypeError)],
+                         ids=["empty-vocabulary", "1-D", "int64"])
+def test_the_op_refuses_a_student_its_kernels_cannot_take(student, error):
+    """Called directly, the op refuses in every backend what bridge_loss refuses: V = 0 (C++
+    raised, Triton gave loss 0, the reference NaN), a 1-D student (an unpacking error) and
+    integer logits (the reference backend, the default for them, gave loss 0)."""
+    from fastprobe.ops.bridge import _bridge_loss_op
+
+    for call in (torch.ops.fastprobe.bridge_loss, _bridge_loss_op):
+        with pytest.raises(error, match="bridge_loss: student must be"):
+            call(student, torch.zeros_like(student), None, -100, 0.5, 1.0, False, True)
+
+
 def test_opcheck():
     from fastprobe.ops.bridge import _bridge_loss_op
 

@@ -109,9 +109,13 @@ def _bridge_loss_op(
     gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0]).
     That gradient is the autograd backward's buffer: a backward that frees the graph scales it
     in place and returns it, so a caller of this op keeps it only if it runs no such backward."""
-    num_rows, vocab = student.shape
     # what the kernels read through raw pointers, checked here too: this op is reachable directly
     # (torch.ops.fastprobe.bridge_loss), past the public functions' checks
+    if student.dim() != 2 or student.shape[1] == 0:
+        raise ValueError(f"bridge_loss: student must be [N, V] with V >= 1, got {list(student.shape)}")
+    if not student.is_floating_point():
+        raise TypeError(f"bridge_loss: student must be a floating-point tensor, got {student.dtype}")
+    num_rows, vocab = student.shape
     check_op_tensors("bridge_loss", student.device, (
         ("teacher", teacher, student.shape, student.dtype, False),  # (any strides)
         ("labels", labels, (num_rows,), torch.int64, True),
