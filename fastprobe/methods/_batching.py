@@ -177,18 +177,20 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     limit = min((found for found in map(learned_positions, (model, *readers)) if found is not None), default=None)
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
-    with padding_ready(tokenizer), _sides(tokenizer, padding=side, truncation=side):
-        for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
+    for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
+        # the tokenizer is lent a pad token and sides for this call only, not across the yield: a
+        # caller whose loop raises (its traceback kept, the generator left open) gets it back as it was
+        with padding_ready(tokenizer), _sides(tokenizer, padding=side, truncation=side):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")
-            length = encoded["input_ids"].shape[1]
-            if limit is not None and length + new_tokens > limit:
-                plus = f" plus {new_tokens} new tokens" if new_tokens else ""
-                fix = (f"pass max_length <= {limit - new_tokens} (texts are truncated to it)" if limit > new_tokens
-                       else "generate fewer new tokens")
-                raise ValueError(f"{what}: texts of {length} tokens{plus}, but {type(model).__name__} has learned "
-                                 f"positions for {limit} tokens only; {fix}")
-            batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
-            if positions:
-                batch["position_ids"] = real_positions(batch["attention_mask"])
-            yield batch
+        length = encoded["input_ids"].shape[1]
+        if limit is not None and length + new_tokens > limit:
+            plus = f" plus {new_tokens} new tokens" if new_tokens else ""
+            fix = (f"pass max_length <= {limit - new_tokens} (texts are truncated to it)" if limit > new_tokens
+                   else "generate fewer new tokens")
+            raise ValueError(f"{what}: texts of {length} tokens{plus}, but {type(model).__name__} has learned "
+                             f"positions for {limit} tokens only; {fix}")
+        batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
+        if positions:
+            batch["position_ids"] = real_positions(batch["attention_mask"])
+        yield batch
