@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from fastprobe import cli
 from fastprobe.methods import availability
 from fastprobe.ops.concepts import answer_variants
-from fastprobe.models import tiny_model, tiny_tokenizer
+from fastprobe.models import DEMO_TEXTS, tiny_model, tiny_tokenizer
 
 pytest.importorskip("transformers")
 pandas = pytest.importorskip("pandas")
@@ -297,6 +297,21 @@ def test_long_prompts_keep_their_end(model, tokenizer):
         [v.token_ids for v in answer_variants(tokenizer, answer, ("space",))]) if len(s) == 1]
     assert single and table.loc[0, "single_token_mass"] == pytest.approx(float(p[single].sum()), rel=1e-4)
     assert tokenizer.truncation_side == "right" and tokenizer.padding_side == "right"  # restored
+
+
+def test_prompts_leave_room_for_the_tokens_that_follow_them(tokenizer):
+    """A model with 16 learned positions (GPT-2): a prompt plus generate's tokens, or plus a
+    multi-token variant (" stopped" is 3 tokens: 2 follow the prompt), must fit, or a clear
+    error says how long the prompts may be (not an index error from inside the model)."""
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), seed=3, n_positions=16)
+    prompt, options = [DEMO_TEXTS[0]], dict(variants=("space",), progress=False)  # 20+ tokens, truncated
+    for generate, room in ((False, 2), (True, 4)):
+        with pytest.raises(ValueError, match=f"16 tokens plus {room} new tokens.*pass max_length <= {16 - room}"):
+            availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate, max_length=16,
+                                             max_new_tokens=4, **options)
+        table = availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate,
+                                                 max_length=16 - room, max_new_tokens=4, **options)
+        assert table.loc[0, "multi_token_mass"] > 0
 
 
 # ---------------------------------------------------------------- properties

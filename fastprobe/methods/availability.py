@@ -346,10 +346,12 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
                                         max_new_tokens if generate else None)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # tokens that follow a prompt: generate's, and a multi-token variant's but its last (teacher forcing)
+    new_tokens = max([max_new_tokens if generate else 0] + [len(s) - 1 for answer in gold for s in answer.multi])
     parts, generated, first = [], [], 0
     with torch.no_grad():
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
-                                  prompts=True, position_ids=not generate):
+                                  prompts=True, position_ids=not generate, new_tokens=new_tokens):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
             multi = any(answer.multi for answer in batch_answers)
             if generate:  # generate's prefill: the commitment step's logits and, cut back to the prompts, its cache
