@@ -139,6 +139,7 @@ CASES = [
     # concept_mass: logits [N, V]; the _Index's int64 tensors (id_block_starts int32), 1-D, contiguous
     ("concept_mass", "logits 3-D", lambda a: dict(logits=torch.randn(1, 3, 10)), ValueError, "logits must be"),
     ("concept_mass", "logits int", lambda a: dict(logits=a["logits"].to(I64)), TypeError, "logits must be"),
+    ("concept_mass", "logits empty vocabulary", lambda a: dict(logits=torch.randn(3, 0)), ValueError, "V >= 1"),
     ("concept_mass", "token_ids int32", lambda a: dict(token_ids=a["token_ids"].to(I32)), TypeError, "token_ids must"),
     ("concept_mass", "token_ids 2-D", lambda a: dict(token_ids=fresh(a["token_ids"][None])),
      ValueError, "token_ids must"),
@@ -171,6 +172,8 @@ CASES = [
     ("concept_mass_backward", "logits more rows", lambda a: dict(logits=torch.randn(4, 10)),
      ValueError, "grad_log_mass must have shape"),
     ("concept_mass_backward", "logits 1-D", lambda a: dict(logits=torch.randn(10)), ValueError, "logits must be"),
+    ("concept_mass_backward", "logits empty vocabulary", lambda a: dict(logits=torch.randn(3, 0)), ValueError,
+     "V >= 1"),
     ("concept_mass_backward", "grad_log_mass one row", lambda a: dict(grad_log_mass=fresh(a["grad_log_mass"][:1])),
      ValueError, "grad_log_mass must"),
     ("concept_mass_backward", "grad_lse one row", lambda a: dict(grad_lse=fresh(a["grad_lse"][:1])),

@@ -449,11 +449,11 @@ def _check_op_args(op: str, logits, specs, vocab_ids, vocab_offsets, vocab_conce
                    id_block_starts) -> None:
     """What the kernels read through raw pointers, checked in the ops: they are reachable directly
     (torch.ops.fastprobe.concept_mass, concept_mass_backward), past concept_mass's checks.
-    logits [N, V] floating-point; specs (check_op_tensors) and the transpose's tensors: 1-D,
+    logits [N, V] floating-point with V >= 1; specs (check_op_tensors) and the transpose's tensors: 1-D,
     contiguous, int64 (vocab_concepts of `memberships` entries), id_block_starts int32 with at
     least one entry. The ids' values are the C++ kernels' to check (they do, before any row)."""
-    if logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be [N, V], got {list(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[1] == 0:  # (V = 0: every id is outside the vocabulary)
+        raise ValueError(f"{op}: logits must be [N, V] with V >= 1, got {list(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"{op}: logits must be a floating-point tensor, got {logits.dtype}")
     if id_block_starts.numel() == 0:
