@@ -312,6 +312,9 @@ def test_prompts_leave_room_for_the_tokens_that_follow_them(tokenizer):
         table = availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate,
                                                  max_length=16 - room, max_new_tokens=4, **options)
         assert table.loc[0, "multi_token_mass"] > 0
+    with pytest.raises(ValueError, match="16 tokens plus 4 new tokens.*pass max_length <= 12"):
+        availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=16)
+    assert len(availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=12)) == 1
 
 
 # ---------------------------------------------------------------- properties

@@ -319,7 +319,7 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
     answers = []
     with torch.no_grad():
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
-                                  prompts=True, position_ids=False):
+                                  prompts=True, position_ids=False, new_tokens=max_new_tokens):
             answers += _greedy(model, tokenizer, batch, max_new_tokens)[0]
     return answers
 
