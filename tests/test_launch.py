@@ -78,7 +78,7 @@ def _launch_sink_attention(dtype, queries, keys, entropy=False):
 
 def test_attention_keys_separate_dtype_constexprs_and_length_buckets(captured_keys):
     _launch_sink_attention(torch.bfloat16, 100, 100)
-    _launch_sink_attention(torch.bfloat16, 120, 110)  # same buckets (128, 128): the same key
+    _launch_sink_attention(torch.bfloat16, 110, 120)  # same buckets (128, 128): the same key
     _launch_sink_attention(torch.float16, 100, 100)  # another dtype
     _launch_sink_attention(torch.bfloat16, 100, 300)  # another key-length bucket
     _launch_sink_attention(torch.bfloat16, 300, 300)  # another query-length bucket
