@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import statistics
 import sys
@@ -27,7 +28,7 @@ import torch
 
 from . import __version__, reference
 from .backend import cpp_status, get_backend, resolve, triton_status
-from .ops._common import INT64_MAX
+from .ops._common import INT64_MAX, check_temperature
 from .ops.bridge import bridge_loss
 from .ops.concepts import ConceptSet, concept_mass
 from .ops.divergence import draft_divergence
@@ -439,8 +440,16 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
     return ok
 
 
+def _read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (a file that is not UTF-8 is named in the error)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error})") from None
+
+
 def _read_texts(path: str) -> list[str]:
-    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [line.strip() for line in _read_lines(path) if line.strip()]
     if not texts:
         raise ValueError(f"{path} holds no text (one text per line)")
     return texts
@@ -452,7 +461,7 @@ def _read_questions(path: str) -> tuple[list, list, list | None]:
     import json
 
     prompts, answers, correct = [], [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -502,6 +511,8 @@ def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
     for path in filter(None, (csv, plot)):
         if not Path(path).parent.is_dir():
             raise ValueError(f"{path}: there is no folder {Path(path).parent} to write it into")
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a folder: give a file name to write to")
     if plot:
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -544,7 +555,28 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     import transformers
 
     model = _load_model(path, device, dtype)
-    return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no tokenizer could be loaded from the checkpoint folder ({error})") from None
+    return model, tokenizer
+
+
+def _check_draft_tokenizer(path: str, tokenizer) -> None:
+    """A draft checkpoint that has a tokenizer must give each of the target tokenizer's tokens the
+    same id (tokens it adds after them are ignored, like padding rows of the logits); a folder
+    without a tokenizer is taken on trust."""
+    import transformers
+
+    try:
+        draft_vocabulary = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab()
+    except (OSError, ValueError):  # no tokenizer in the folder
+        return
+    differ = [token for token, index in tokenizer.get_vocab().items() if draft_vocabulary.get(token) != index]
+    if differ:
+        raise ValueError(f"--drafts {path}: its tokenizer is not the target's ({len(differ)} of the target's "
+                         f"{len(tokenizer)} tokens have another id or none there, e.g. {differ[0]!r}); the drafts "
+                         "must share the target's tokenizer")
 
 
 def sinks_command(args: argparse.Namespace) -> int:
@@ -598,6 +630,8 @@ def uncertainty_command(args: argparse.Namespace) -> int:
         texts = _read_texts(args.texts)
         device = _device_of(args)
         target, tokenizer = _load_checkpoint(args.target, device, args.dtype)
+        for path in args.drafts:
+            _check_draft_tokenizer(path, tokenizer)
         drafts = [_load_model(path, device, args.dtype) for path in args.drafts]
         tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, texts, temperature=args.temperature,
                                                batch_size=args.batch_size, max_length=args.max_length,
@@ -670,6 +704,9 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+TEXTS_HELP = "a UTF-8 text file, one text per line (stripped; blank lines skipped; texts numbered from 0)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastprobe", description="fused kernels for looking inside language models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -686,7 +723,7 @@ def main(argv=None) -> int:
                              help="tokens per row for the sink-recording timing")
     sinks_parser = commands.add_parser("sinks", help="score, prune and plot the sink heads of a local checkpoint")
     sinks_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder (no downloads)")
-    sinks_parser.add_argument("--texts", required=True, help="a text file, one text per line")
+    sinks_parser.add_argument("--texts", required=True, help=TEXTS_HELP)
     sinks_parser.add_argument("--prune", type=_fraction, default=None, metavar="FRACTION",
                               help="prune this fraction of heads (top sink heads, then as many random ones) and "
                                    "report perplexity")
@@ -704,9 +741,12 @@ def main(argv=None) -> int:
     uncertainty_parser = commands.add_parser(
         "uncertainty", help="per-token uncertainty of texts under a target checkpoint and its draft checkpoints")
     uncertainty_parser.add_argument("--target", required=True, help="the target model (a local checkpoint folder)")
-    uncertainty_parser.add_argument("--drafts", required=True, nargs="+", help="draft checkpoints (same tokenizer)")
-    uncertainty_parser.add_argument("--texts", required=True, help="a text file, one text per line")
-    uncertainty_parser.add_argument("--temperature", type=float, default=1.0)
+    uncertainty_parser.add_argument("--drafts", required=True, nargs="+",
+                                    help="draft checkpoints sharing the target's tokenizer (a draft folder with "
+                                         "another tokenizer is refused)")
+    uncertainty_parser.add_argument("--texts", required=True, help=TEXTS_HELP)
+    uncertainty_parser.add_argument("--temperature", type=_temperature, default=1.0,
+                                    help="divides every logit (default 1)")
     uncertainty_parser.add_argument("--top", type=_positive_int, default=10, help="tokens to list (default 10)")
     availability_parser = commands.add_parser(
         "availability", help="the gold answer's probability mass at the commitment step, for a local checkpoint")
@@ -728,7 +768,26 @@ def main(argv=None) -> int:
     commands_run = {"info": lambda: info(), "sinks": lambda: sinks_command(args), "demo": lambda: demo(args),
                     "uncertainty": lambda: uncertainty_command(args),
                     "availability": lambda: availability_command(args)}
-    return commands_run[args.command]()
+    with _progress_bars(not getattr(args, "no_progress", False)):
+        return commands_run[args.command]()
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """--no-progress: transformers' progress bars (loading a checkpoint's weights) are off too,
+    for the command's duration."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _fraction(text: str) -> float:
@@ -754,6 +813,14 @@ def _integer_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _temperature(text: str) -> float:
+    """--temperature: a number draft_divergence takes, checked before any model loads."""
+    try:
+        return check_temperature(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 _positive_int = _integer_at_least(1)  # counts, sizes and lengths

@@ -83,3 +83,87 @@ def test_smallest_integer_options_are_accepted(command, option, monkeypatch):
     smallest = 0 if option == "--seed" else 1
     assert cli.main([command, *COMMANDS[command], option, str(smallest)]) == 0
     assert getattr(ran[0], option.lstrip("-").replace("-", "_")) == smallest
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e31", "x"])
+def test_a_bad_temperature_exits_with_usage_before_any_model_loads(value, capsys, monkeypatch):
+    """(it was checked by token_uncertainty, after the target and every draft had loaded)"""
+    ran = _stub_commands(monkeypatch)
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["uncertainty", *COMMANDS["uncertainty"], "--temperature", value])
+    assert raised.value.code == 2 and not ran
+    assert "argument --temperature:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", [("uncertainty", "--texts"), ("availability", "--questions")])
+def test_an_input_file_that_is_not_utf8_is_named(command, option, tmp_path, capsys):
+    """(the error was the codec's alone: "'utf-8' codec can't decode byte 0xff ...", no file)"""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9\n".encode("latin-1"))
+    argv = [command, *COMMANDS[command]]
+    argv[argv.index(option) + 1] = str(latin1)
+    assert cli.main(argv) == 2
+    assert f"error: {latin1} is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Local checkpoint folders of tiny Llamas: the target and a draft with the target's tokenizer,
+    a draft whose tokenizer gives the same tokens other ids, and a model without a tokenizer."""
+    from fastprobe.models import tiny_model, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    tokenizer = tiny_tokenizer()
+    other = tiny_tokenizer(texts=["zebra quartz jumps over lazy wolves", "xylophone kayak"])
+    folders = {}
+    for name, seed, own in [("target", 0, tokenizer), ("draft", 1, tokenizer), ("other_tokenizer", 2, other),
+                            ("no_tokenizer", 3, None)]:
+        folders[name] = root / name
+        tiny_model("llama", vocab_size=len(tokenizer), seed=seed).save_pretrained(folders[name])
+        if own is not None:
+            own.save_pretrained(folders[name])
+    texts = root / "texts.txt"
+    texts.write_text("The river ran past the mill.\nStars\n")
+    return {name: str(path) for name, path in folders.items()}, str(texts)
+
+
+def _uncertainty(folders, texts, target, *drafts) -> list:
+    return ["uncertainty", "--target", folders[target], "--drafts", *(folders[d] for d in drafts), "--texts", texts,
+            "--no-progress"]
+
+
+def test_a_draft_with_another_tokenizer_is_refused(checkpoints, capsys):
+    """A draft checkpoint whose tokenizer gives the target's tokens other ids: refused by name (a
+    vocabulary of the same size was scored silently, its ids meaning other tokens); a draft
+    without a tokenizer is taken on trust."""
+    folders, texts = checkpoints
+    assert cli.main(_uncertainty(folders, texts, "target", "draft", "other_tokenizer")) == 2
+    error = capsys.readouterr().err
+    assert f"--drafts {folders['other_tokenizer']}: its tokenizer is not the target's" in error
+    assert cli.main(_uncertainty(folders, texts, "target", "draft", "no_tokenizer")) == 0
+
+
+def test_no_progress_switches_off_the_checkpoint_loading_bars(checkpoints, capsys):
+    """--no-progress: nothing on stderr (transformers' 'Loading weights' bars were), and
+    transformers' bars are on again afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    folders, texts = checkpoints
+    assert cli.main(_uncertainty(folders, texts, "target", "draft")) == 0
+    printed = capsys.readouterr()
+    assert "2 texts" in printed.out and printed.err == ""
+    assert transformers_logging.is_progress_bar_enabled()
+
+
+def test_a_target_without_a_tokenizer_is_named(checkpoints, capsys):
+    """(the error was transformers' alone, a few lines on converting slow tokenizers, no folder)"""
+    folders, texts = checkpoints
+    assert cli.main(_uncertainty(folders, texts, "no_tokenizer", "draft")) == 2
+    assert f"error: {folders['no_tokenizer']}: no tokenizer could be loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sinks", "uncertainty", "availability"])
+def test_a_csv_path_that_is_a_folder_is_refused_before_any_model_loads(command, tmp_path, capsys):
+    """(it was found when the table was written, after the whole run: "[Errno 21] Is a directory")"""
+    assert cli.main([command, *COMMANDS[command], "--csv", str(tmp_path)]) == 2
+    assert f"error: {tmp_path} is a folder" in capsys.readouterr().err

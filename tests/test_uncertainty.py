@@ -80,6 +80,15 @@ def test_token_uncertainty_equals_the_reference_text_by_text(tokenizer, models, 
     assert table["text"].is_monotonic_increasing and 6 not in set(table["text"])
 
 
+def test_drafts_in_a_module_list(tokenizer, models):
+    """A ModuleList of drafts is the list of them (it was taken as one draft model, and failed
+    with "_forward_unimplemented() got an unexpected keyword argument 'input_ids'")."""
+    target, drafts = models
+    table = uncertainty.token_uncertainty(target, torch.nn.ModuleList(drafts), tokenizer, TEXTS[:2], progress=False)
+    expected = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:2], progress=False)
+    pandas.testing.assert_frame_equal(table, expected)
+
+
 def test_weights_and_temperature(tokenizer, models):
     target, drafts = models
     weights = torch.tensor([0.25, 0.75])
@@ -114,6 +123,22 @@ def test_drafts_of_other_dtypes_and_padded_vocabularies(tokenizer, models):
         with torch.no_grad():
             expected = draft(**batch).logits[scored][:, :len(tokenizer)].float()
         assert torch.equal(stacked[k], expected), k
+
+
+def test_the_stack_never_narrows_to_a_later_drafts_dtype(tokenizer, models):
+    """A bfloat16 target, a float32 draft, then a bfloat16 one: the stack is float32 and the
+    float32 draft's logits are kept exactly (the stack took the last draft's dtype with the
+    target's, so the same drafts in this order were rounded to bfloat16, in the other not)."""
+    _, drafts = models
+    batch = dict(tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
+    scored = batch["attention_mask"].bool()
+    target_rows = torch.zeros(int(scored.sum()), len(tokenizer), dtype=torch.bfloat16)
+    order = [drafts[0], sharp_model(tokenizer, seed=4).to(torch.bfloat16)]
+    stacked = uncertainty._stacked_drafts(order, batch, scored, target_rows, tokenizer)
+    assert stacked.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(stacked[0], drafts[0](**batch).logits[scored])
+        assert torch.equal(stacked[1], order[1](**batch).logits[scored].float())
 
 
 def test_vocabularies_beyond_padding_are_refused(tokenizer, models):
@@ -272,14 +297,27 @@ def test_temperature_of_a_generation_config_passed_to_generate(tokenizer, models
             torch.testing.assert_close(torch.tensor(table[name].to_numpy()), torch.tensor(cold[name].to_numpy()))
 
 
-def test_generation_is_scored_up_to_its_first_eos(tokenizer, models):
+@pytest.mark.parametrize("given", ["argument", "generation_config"])
+def test_generation_is_scored_up_to_its_first_eos(tokenizer, models, given):
+    """The eos generate stops at, given as an argument or in a generation_config passed to
+    generate (that one's eos was ignored: the padding after it was scored as generated tokens)."""
+    import copy
+
     target, drafts = models
     _, new = greedy_alone(target, tokenizer, "The river", 6)
+    _, other = greedy_alone(target, tokenizer, "Stars", 6)
     stop = int(new[2])
     first_stop = new.tolist().index(stop)
+    assert stop not in other.tolist()  # the other row goes on: the stopped one is padded
+    if given == "argument":
+        options = dict(eos_token_id=stop)
+    else:
+        options = dict(generation_config=copy.deepcopy(target.generation_config))
+        options["generation_config"].eos_token_id = stop
     generated, table = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river", "Stars"],
-                                                             max_new_tokens=6, eos_token_id=stop, progress=False)
+                                                             max_new_tokens=6, progress=False, **options)
     assert table[table["text"] == 0]["token_id"].tolist() == new[:first_stop + 1].tolist()
+    assert table[table["text"] == 1]["token_id"].tolist() == other.tolist()
     stopped = uncertainty._continuation_mask(torch.tensor([[5, 9, 7, 9, 3], [1, 2, 3, 4, 5]]), [9, 4])
     assert stopped.tolist() == [[True, True, False, False, False], [True, True, True, True, False]]
 
@@ -337,6 +375,18 @@ def test_auroc_of_filtered_pandas_columns():
     shuffled = kept.sample(frac=1.0, random_state=0)
     assert uncertainty.auroc(shuffled["score"], shuffled["label"]) == 1.0
     assert uncertainty.auroc(kept["score"], kept["label"].astype(bool)) == 1.0
+
+
+def test_auroc_copies_a_pandas_columns_values():
+    """A Series' array is read-only under pandas' copy-on-write: _flat copies it rather than
+    wrapping it in a tensor that shares it (torch warned on stderr: 'The given NumPy array is not
+    writable', e.g. under the availability command's AUROC)."""
+    import numpy
+
+    column = pandas.Series([0.1, 0.9, 0.4])
+    values = uncertainty._flat(column)
+    assert not numpy.shares_memory(values.numpy(), column.to_numpy())
+    assert values.tolist() == [0.1, 0.9, 0.4]
 
 
 def test_auroc_extremes_and_bad_input():

@@ -39,7 +39,8 @@ def _check_models(drafts, weights, temperature) -> list:
     if not isinstance(drafts, (torch.nn.Module, Iterable)):
         raise TypeError("drafts must be a draft model or a non-empty list of draft models, got "
                         f"{type(drafts).__name__}")
-    drafts = [drafts] if isinstance(drafts, torch.nn.Module) else list(drafts)
+    one_model = isinstance(drafts, torch.nn.Module) and not isinstance(drafts, torch.nn.ModuleList)
+    drafts = [drafts] if one_model else list(drafts)  # a ModuleList holds drafts: it is not one
     if not drafts or not all(isinstance(draft, torch.nn.Module) for draft in drafts):
         raise ValueError("drafts must be a draft model or a non-empty list of draft models")
     if weights is not None:
@@ -102,7 +103,8 @@ def _stacked_drafts(drafts, batch: dict, scored: torch.Tensor, target_rows: torc
         rows = _scored_rows(draft, batch, scored, target_rows.device)
         vocab = _shared_vocabulary([target_rows.shape[-1], rows.shape[-1]] +
                                    ([stacked.shape[-1]] if stacked is not None else []), tokenizer)
-        dtype = torch.promote_types(target_rows.dtype, rows.dtype)
+        # the widest dtype of the target and the drafts so far (never narrower than the stack)
+        dtype = torch.promote_types(target_rows.dtype if stacked is None else stacked.dtype, rows.dtype)
         if stacked is None or dtype != stacked.dtype:  # the first draft, or a wider dtype than so far
             wider = torch.empty((len(drafts), rows.shape[0], vocab), dtype=dtype, device=rows.device)
             if stacked is not None:
@@ -196,8 +198,10 @@ def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> torc
     return ~ended_before
 
 
-def _eos_ids(model, generate_kwargs: dict) -> list:
-    eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+def _eos_ids(config, generate_kwargs: dict) -> list:
+    """The ids generate stops at: its eos_token_id argument, else the generation config's (the
+    one passed to generate, else the model's)."""
+    eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
     return [] if eos is None else [int(i) for i in ([eos] if isinstance(eos, numbers.Integral) else eos)]
 
 
@@ -232,9 +236,9 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
     if sampling:
         settings["temperature"] = temperature
-    if settings.get("pad_token_id") is None and target.generation_config.pad_token_id is None:
+    if settings.get("pad_token_id") is None and config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(target, generate_kwargs)
+    eos_ids = _eos_ids(config, generate_kwargs)
     generated, tables, first = [], [], 0
     with torch.no_grad():
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
@@ -293,7 +297,7 @@ def _flat(values) -> torch.Tensor:
         return values.detach().cpu().flatten()
     import numpy
 
-    return torch.as_tensor(numpy.asarray(values)).flatten()
+    return torch.as_tensor(numpy.array(values)).flatten()  # a copy: a Series' own array is read-only
 
 
 def auroc(scores, labels) -> float:
