@@ -359,6 +359,80 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
     assert is_patched(model) and model._forward_hooks and torch.equal(outputs(model, ids, mask), want)
 
 
+def test_a_pickled_patched_model_runs_where_fastprobe_was_never_registered(monkeypatch):
+    """pickle (torch.save) of a patched model, loaded in a fresh process: there transformers has no
+    "fastprobe" attention until something registers it, and the copy's config names it; unpickling
+    the patch registers it again (the forward raised KeyError)."""
+    import pickle
+
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    model = fp.patch(tiny_model("llama"), head_mask={1: [True, False, True, True]})
+    ids, mask = inputs()
+    want = outputs(model, ids, mask)
+    saved = pickle.dumps(model)
+    for interface in (AttentionInterface, AttentionMaskInterface):  # as in a fresh process
+        monkeypatch.delitem(interface._global_mapping, integration.KEY)
+    loaded = pickle.loads(saved)
+    assert is_patched(loaded) and torch.equal(outputs(loaded, ids, mask), want)
+
+
+def cpu_replicas(model, count: int, monkeypatch) -> list:
+    """torch.nn.DataParallel's replicas of a model (torch.nn.parallel.replicate), made on the CPU:
+    the broadcast of the parameters to the devices becomes plain copies."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach: [[t.detach().clone() for t in tensors] for _ in devices])
+    return replicate.replicate(model, list(range(count)))
+
+
+def test_data_parallel_replicas_of_a_patched_model(monkeypatch):
+    """torch.nn.DataParallel runs a replica of the model per device, each in its own thread on its
+    slice of the batch. A replica's modules are copies that keep the originals' attributes, so they
+    share the model's patch: they run with its options and add to its record (they ran plain
+    attention, and the forward's safety net raised). A replica's vision tower does not warn that it
+    shares a patched model's config (it did)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = fp.patch(tiny_model("llama"), head_mask={1: [True, False, True, True]})
+    ids, mask = inputs(batch=4)
+    want = outputs(model, ids, mask)
+    with fp.record_attention(model) as whole:
+        outputs(model, ids, mask)
+    replicas = cpu_replicas(model, 2, monkeypatch)
+    with fp.record_attention(model) as record, ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda i: outputs(replicas[i], ids[2 * i:2 * i + 2], mask[2 * i:2 * i + 2]), (0, 1)))
+    assert_real_close(torch.cat(got), want, mask)
+    torch.testing.assert_close(record.sink_mass, whole.sink_mass, **TOLERANCE)
+    assert record.num_queries.tolist() == whole.num_queries.tolist()
+
+    vlm = fp.patch(transformers.LlavaForConditionalGeneration(small_llava_config()).eval())
+    ids = torch.randint(3, 290, (1, 10))
+    ids[:, 4:8] = 299
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs(cpu_replicas(vlm, 1, monkeypatch)[0], ids, torch.ones_like(ids), pixel_values=torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.gpu
+def test_a_record_pools_layers_on_other_devices():
+    """A model split over devices (device_map) or DataParallel's replicas run layers on other
+    devices than the record's tables: their statistics are added there (the in-place sum raised)."""
+    record = integration.AttentionRecord(2, 4, ("sink_mass", "entropy"), device=torch.device("cpu"))
+    sink_mass, entropy = torch.rand(2, 2, 4, 3), torch.rand(2, 2, 4, 3)
+    padding = torch.tensor([[False, True, True], [True, True, True]])
+    for layer, device in enumerate(("cpu", "cuda")):
+        result = fp.AttentionOutput(None, None, sink_mass[layer].to(device), None, entropy[layer].to(device))
+        record.add(layer, result, padding.to(device), None)
+    weight = padding.float().view(2, 1, 3)
+    torch.testing.assert_close(record.sink_mass, (sink_mass * weight).sum((1, 3)) / 5)
+    torch.testing.assert_close(record.entropy, (entropy * weight).sum((1, 3)) / 5)
+    assert record.num_queries.tolist() == [5, 5]
+
+
 def test_patch_again_replaces_options():
     model = fp.patch(tiny_model("llama"), window=3, num_sink=1)
     fp.patch(model, head_mask=torch.ones(2, 4, dtype=torch.bool))

@@ -82,6 +82,10 @@ __all__ = [
 KEY = "fastprobe"
 STATISTICS = ("sink_mass", "group_mass", "entropy")
 _STATE = "_fastprobe_state"  # on the patched model and on each of its self-attention modules
+# on each self-attention module: its layer index. On the module rather than in a table keyed by the
+# module's id, so copies of the module that keep its attributes (copy.deepcopy, pickle, and
+# DataParallel's replicas, which share the model's state: options, recorder) find their layer
+_LAYER = "_fastprobe_layer"
 # id(config) -> (a weak reference to the config, a WeakSet of the _PatchStates of the models whose
 # patch switched it); weak: a patched model deleted without unpatch must not be kept alive from here
 _SWITCHED: dict = {}
@@ -336,7 +340,6 @@ class _PatchState:
 
     def __init__(self, layers: list, previous: list, options: PatchOptions):
         self.layers = layers
-        self.index = {id(module): i for i, module in enumerate(layers)}
         self.previous = previous
         self.recorder: Optional[AttentionRecord] = None
         self.hooks: list = []
@@ -352,12 +355,13 @@ class _PatchState:
 
     def __setstate__(self, attributes: dict) -> None:
         """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
-        are then the copy's modules, which the id-keyed tables must name (the copy is patched as
-        the original was, and unpatch(copy) restores the copy only)."""
+        are then the copy's modules (the copy is patched as the original was, and unpatch(copy)
+        restores the copy only). Unpickled in another process, it registers "fastprobe" with
+        transformers again: the copy's config names it."""
         self.__dict__.update(attributes)
         self._threads = threading.local()
-        self.index = {id(module): i for i, module in enumerate(self.layers)}
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
+        _masking_utils()
 
     def set_options(self, options: PatchOptions) -> None:
         self.options = options
@@ -1064,9 +1068,8 @@ def _padding_of_4d(module, attention_mask, num_keys: int) -> Optional[torch.Tens
     """The key padding mask [B, Lk] that a 4D mask [B, 1 or H, Lq, Lk] expands when every query
     (and head) sees the same keys, in a module patch did not list (Idefics3's vision tower in
     transformers 4.57 expands its patch mask so); else None."""
-    state = getattr(module, _STATE, None)
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != num_keys or (
-            state is not None and id(module) in state.index):
+            hasattr(module, _LAYER)):
         return None
     visible = _visible(attention_mask)
     first = visible[:, :1, :1, :]
@@ -1100,7 +1103,7 @@ def attention_forward(
     if dropout and module.training:
         raise NotImplementedError(f"fastprobe attention is for inference: attention dropout {dropout} in training mode")
     state = getattr(module, _STATE, None)
-    layer = state.index.get(id(module)) if state is not None else None
+    layer = getattr(module, _LAYER, None) if state is not None else None
     tower = _tower_segments(packed, attention_mask, query, key) if layer is None else None
     if tower is not None:  # a vision tower's images packed in one row: each attends within itself
         # (both ways under a block-diagonal mask, which alone decides, as in sdpa; else as flash reads it)
@@ -1169,6 +1172,8 @@ def _warn_if_switched_by_another(module) -> None:
     """A module of another model that shares a config object with a patched model (two models
     made from one config) runs fastprobe's attention too: say so, since that model is often the
     unpatched reference a patched one is compared with."""
+    if getattr(module, "_is_replica", False):  # a DataParallel replica shares its own model's config
+        return
     config = getattr(module, "config", None)
     config_ref, states = _SWITCHED.get(id(config), (None, ()))
     if states and config_ref() is config and not any(id(module) in state.module_ids for state in states):
@@ -1364,8 +1369,9 @@ def patch(
         if config_ref is None or config_ref() is not config:
             config_ref, states = _SWITCHED[id(config)] = (weakref.ref(config), weakref.WeakSet())
         states.add(state)
-    for module in layers:
+    for index, module in enumerate(layers):
         setattr(module, _STATE, state)
+        setattr(module, _LAYER, index)
     setattr(model, _STATE, state)
     state.hooks = [model.register_forward_pre_hook(_forward_started, with_kwargs=True),
                    model.register_forward_hook(_forward_done)]
@@ -1424,6 +1430,7 @@ def unpatch(model):
         hook.remove()
     for module in state.layers:
         delattr(module, _STATE)
+        delattr(module, _LAYER)
     delattr(model, _STATE)
     return model
 
@@ -1443,9 +1450,10 @@ class AttentionRecord:
         entropy     [layers, heads]     attention entropy in nats (when recorded), else None
         num_queries [layers]            real queries averaged over
 
-    Sums accumulate in place on the model's device, in tables allocated when recording starts (no
-    [L, L] weights, no host sync, nothing left allocated per layer); the fields are computed when
-    read. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
+    Sums accumulate in place on the device of the model's first parameter (layers elsewhere, in a
+    model split over devices or a DataParallel replica, add theirs there), in tables allocated when
+    recording starts (no [L, L] weights, no host sync, nothing left allocated per layer); the fields
+    are computed when read. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
     tensor, the group of the token at each position of each row (padding included), or the
     KeyGroups that prepare_key_groups made from it; checked once, not per layer. A forward from
     position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
@@ -1569,10 +1577,11 @@ class AttentionRecord:
             if weight is not None:  # [B, H, Lq, ...] -> sum over real (b, q): [H, ...]
                 values = values * weight.view(batch, 1, num_queries, *([1] * (values.dim() - 3)))
             pooled = values.sum(dim=(0, 2))
-            self._table(name, tuple(pooled.shape[1:]), pooled)[layer].add_(pooled)
-        device = found["sink_mass"].device
-        counts = self._counts if self._counts.device == device else self._move_counts(device)
-        counts[layer].add_(batch * num_queries if weight is None else real_queries)
+            table = self._table(name, tuple(pooled.shape[1:]), pooled)
+            # (a layer on another device than the tables: a model split over devices, a DataParallel replica)
+            table[layer].add_(pooled.to(table.device))
+        count = batch * num_queries if weight is None else real_queries.to(self._counts.device)
+        self._counts[layer].add_(count)
 
     @staticmethod
     def _query_weights(padding: torch.Tensor, num_queries: int, dtype: torch.dtype,
@@ -1588,10 +1597,6 @@ class AttentionRecord:
             if shared is not None:
                 shared[key] = made
         return made
-
-    def _move_counts(self, device) -> torch.Tensor:
-        self._counts = self._counts.to(device)
-        return self._counts
 
     def _mean(self, name: str) -> Optional[torch.Tensor]:
         if not bool((self._counts > 0).any()):
@@ -1641,7 +1646,10 @@ def record_attention(
     Every forward pass of the model while the block is open counts, whichever thread runs it
     (generate in a streamer's thread included): keep other threads' passes off the model while
     recording if they should not be pooled in. Each pass counts whole: with assisted or
-    prompt-lookup generation, the candidate tokens the model rejects are in the record too.
+    prompt-lookup generation, the candidate tokens the model rejects are in the record too. The
+    passes of torch.nn.DataParallel's replicas of the model count (they share its patch), but
+    key_groups cannot follow them: each replica runs a slice of the batch, which its [B, L] rows
+    no longer match (refused).
     """
     chosen = None if statistics is None else _check_statistics(statistics, "statistics")
     temporary = not is_patched(model)
