@@ -53,6 +53,8 @@ FAMILIES = {
     "minicpm3": ("multi-head latent attention, a smaller family",
                  {"qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
                   "q_lora_rank": 16}),
+    "mimo_v2_flash": ("value heads narrower than query heads (head_dim 16, v_head_dim 8), learned sinks and "
+                      "more kv heads on its sliding layers", {"v_head_dim": 8, "sliding_window": 4, "n_routed_experts": 4}),
 }
 
 

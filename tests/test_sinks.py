@@ -147,6 +147,41 @@ def test_mask_and_zero_o_proj_prune_the_same(tokenizer, arch, kv_heads):
     assert torch.equal(restored, base)
 
 
+def test_zero_o_proj_prunes_a_heads_value_width():
+    """MiMo-V2-Flash's values are narrower than its queries and keys (v_head_dim 8, head_dim 16):
+    a head's input columns of o_proj are its value width, so zeroing them prunes the same head as
+    the mask (it zeroed head_dim columns: other heads' too, or out of range)."""
+    from .test_architectures import FAMILIES, build
+
+    try:
+        model = fp.patch(build("mimo_v2_flash", FAMILIES["mimo_v2_flash"][1]))
+    except ValueError:
+        pytest.skip("the installed transformers has no MiMo-V2-Flash")
+    ids = torch.randint(3, 512, (2, 9))
+    run = lambda: model(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():
+        base = run()
+        for heads in ([(0, 0)], [(1, 3), (0, 2)]):
+            with sinks.prune_heads(model, heads, mode="mask"):
+                masked = run()
+            with sinks.prune_heads(model, heads, mode="zero_o_proj"):
+                zeroed = run()
+            torch.testing.assert_close(zeroed, masked, rtol=1e-5, atol=1e-6)
+            assert (masked - base).abs().max() > 1e-4
+
+
+def test_zero_o_proj_that_cannot_prune_a_head_changes_no_weight(tokenizer):
+    """A head whose projection is not found is refused before any column is zeroed (the heads
+    listed before it were left zeroed, with no handle to restore them)."""
+    model = planted_model(tokenizer)
+    model.model.layers[1].self_attn.o_proj = torch.nn.Identity()  # (same shapes: no projection to find)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(NotImplementedError, match="no output projection found"):
+        sinks.prune_heads(model, [(0, 1), (1, 0)], mode="zero_o_proj")
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert not hasattr(model, sinks._PRUNED)
+
+
 def bert_outputs(model, tokenizer):
     batch = tokenizer(TEXTS[:4], padding=True, return_tensors="pt")
     with torch.no_grad():

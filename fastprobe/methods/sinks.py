@@ -44,7 +44,8 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
     Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
     model runs under fastprobe.record_attention (patched for the call if it is not already; a
     patched model keeps its options, so heads it prunes score 0, except stat_tokens, which is 1
-    for the call). progress: a tqdm bar."""
+    for the call: an option of the model, so for other threads' forwards on it meanwhile too).
+    progress: a tqdm bar."""
     pandas = require_pandas()
     with torch.no_grad(), patched_with(model, stat_tokens=1), record_attention(model, statistics="sink_mass") as record:
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
@@ -125,11 +126,15 @@ def _num_heads(attention) -> int:
     raise NotImplementedError(f"cannot tell how many heads {type(attention).__name__} has")
 
 
-def _head_dim(attention, num_heads: int, weight: torch.Tensor, axis: int) -> int:
-    for name in ("head_dim", "attention_head_size"):
-        if isinstance(getattr(attention, name, None), int):
-            return getattr(attention, name)
-    return weight.shape[axis] // num_heads
+def _head_width(attention, num_heads: int, weight: torch.Tensor, axis: int) -> int:
+    """A head's share of the output projection's input features: its value width, which is not
+    head_dim where values are narrower than queries and keys (MiMo-V2-Flash's v_head_dim,
+    latent attention's)."""
+    features = weight.shape[axis]
+    if features % num_heads:
+        raise NotImplementedError(f"the output projection of {type(attention).__name__} reads {features} features, "
+                                  f"not a multiple of its {num_heads} heads: use mode='mask'")
+    return features // num_heads
 
 
 _HEADS_FORMS = "heads must be a list of (layer, head) pairs, a score_heads table, or a table with fraction="
@@ -236,13 +241,14 @@ def _prune_by_mask(model, layers: list, pairs: list, num_heads: int):
 
 
 def _prune_by_projection(model, layers: list, pairs: list, num_heads: int):
-    saved = []
-    with torch.no_grad():
+    saved = []  # (a head's columns, their values), all found before any is zeroed: a head that cannot be
+    with torch.no_grad():  # pruned leaves every weight as it was
         for layer, head in pairs:
             weight, axis = _output_projection(model, layers[layer])
-            size = _head_dim(layers[layer], num_heads, weight, axis)
+            size = _head_width(layers[layer], num_heads, weight, axis)
             columns = weight.narrow(axis, head * size, size)
             saved.append((columns, columns.clone()))
+        for columns, _ in saved:
             columns.zero_()
 
     def undo():
