@@ -410,8 +410,13 @@ def test_recording_a_guided_model(model, processor, images):
 
 
 def test_two_pass_refuses_beam_search_and_bad_alpha(model, processor, images):
+    """Beam search reorders the model's cache, not the language-only pass's: refused, also when a
+    generation_config passed to generate asks for it (that one ran, with wrong logits)."""
     with pytest.raises(ValueError, match="beam search"):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, num_beams=2)
+    beams = transformers.GenerationConfig(num_beams=2, do_sample=False, max_new_tokens=2)
+    with pytest.raises(ValueError, match="beam search"):
+        guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, generation_config=beams)
     with pytest.raises(ValueError, match="alpha must be finite"):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=float("inf"))
     assert not model._forward_hooks

@@ -126,7 +126,10 @@ def guidance(
     keeps its other options and gets its previous guidance back afterwards; a model that was not
     patched is unpatched. gamma: strength (0 = plain). rows: "last" guides each row's last real
     query (the token being generated), "all" every query. image_token_id defaults to the
-    model config's."""
+    model config's. The options belong to the model, not to a thread (patched_with): while the
+    block is open, the model's forwards in every thread are guided, and blocks of several threads
+    on one model must not overlap (to guide concurrently, give each thread its own model, e.g. a
+    copy.deepcopy)."""
     options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps,
                    image_token_id=image_token_id)
     with patched_with(model, guidance=options):
@@ -254,7 +257,8 @@ def two_pass_generate(
     generation exactly. Raises as guided_generate, and ValueError for beam search."""
     _image_token_id(model, processor)
     _check_alpha(alpha)
-    if (generate_kwargs.get("num_beams") or model.generation_config.num_beams or 1) > 1:
+    config = generate_kwargs.get("generation_config") or model.generation_config  # (what generate starts from)
+    if (generate_kwargs.get("num_beams") or config.num_beams or 1) > 1:
         raise ValueError("two_pass_generate does not support beam search (the language-only cache is not reordered)")
     settings = _generate_settings(model, processor, generate_kwargs)
     batch = prepare_inputs(model, processor, images, prompts)
