@@ -116,6 +116,12 @@ def test_top_and_random_heads(tokenizer):
         sinks.top_heads(table, 1.5)
     with pytest.raises(ValueError, match="cannot draw"):
         sinks.random_heads(table, 13)
+    # a negative count drew all but that many heads, a float failed in slicing: refused by name
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        sinks.random_heads(table, -1)
+    with pytest.raises(TypeError, match="count must be an integer"):
+        sinks.random_heads(table, 2.0)
+    assert sinks.random_heads(table, 0) == []
 
 
 # ---------------------------------------------------------------- pruning

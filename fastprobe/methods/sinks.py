@@ -23,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ._batching import require_pandas, text_batches
+from ..ops._common import check_int
 from ..integrations.transformers import (
     attention_layers, is_patched, patch, patch_options, patched_with, record_attention, unpatch, update_patch,
 )
@@ -87,6 +88,7 @@ def random_heads(table, count: int, *, seed: int = 0, exclude: Iterable[tuple[in
     """`count` (layer, head) pairs of a score_heads table drawn uniformly without replacement
     (seeded), leaving out `exclude`: the control for pruning the top sink heads."""
     _check_table(table, ("layer", "head"))
+    count = check_int(count, "count", 0)  # (a negative count sliced the draw from its end)
     excluded = set(map(tuple, exclude))
     pool = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"]) if (int(l), int(h)) not in excluded]
     if count > len(pool):
