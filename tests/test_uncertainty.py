@@ -297,6 +297,33 @@ def test_temperature_of_a_generation_config_passed_to_generate(tokenizer, models
             torch.testing.assert_close(torch.tensor(table[name].to_numpy()), torch.tensor(cold[name].to_numpy()))
 
 
+def test_a_generation_config_is_passed_to_generate_alone(tokenizer, models, monkeypatch):
+    """generate gets a passed generation_config's copy with the scoring's own settings folded
+    in, not the config beside generation fields (deprecated by transformers); the caller's
+    config is left as it was."""
+    from transformers import GenerationConfig
+
+    target, drafts = models
+    config = GenerationConfig(do_sample=False, max_new_tokens=2, eos_token_id=None)
+    kept = config.to_dict()
+    calls, generate = [], target.generate
+
+    def recording(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(target, "generate", recording)
+    generated, table = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"],
+                                                             max_new_tokens=4, generation_config=config,
+                                                             progress=False)
+    (passed,) = calls
+    assert set(passed) == {"input_ids", "attention_mask", "generation_config"}
+    folded = passed["generation_config"]
+    assert folded is not config and config.to_dict() == kept
+    assert (folded.max_new_tokens, folded.output_logits, folded.return_dict_in_generate) == (4, True, True)
+    assert len(table) == 4
+
+
 @pytest.mark.parametrize("given", ["argument", "generation_config"])
 def test_generation_is_scored_up_to_its_first_eos(tokenizer, models, given):
     """The eos generate stops at, given as an argument or in a generation_config passed to

@@ -20,6 +20,7 @@ more tokens than that is refused.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Iterable, Optional, Sequence, Union
 
@@ -238,6 +239,10 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
         settings["temperature"] = temperature
     if settings.get("pad_token_id") is None and config.pad_token_id is None:
         settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    given = settings.pop("generation_config", None)
+    if given is not None:  # generate takes a config or its fields, not both: the fields go into a copy
+        folded = copy.deepcopy(given)
+        settings = dict(folded.update(**settings), generation_config=folded)
     eos_ids = _eos_ids(config, generate_kwargs)
     generated, tables, first = [], [], 0
     with torch.no_grad():
