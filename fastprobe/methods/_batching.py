@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import numbers
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
@@ -45,6 +46,28 @@ def padding_ready(tokenizer) -> Iterator[None]:
         yield
     finally:
         tokenizer.pad_token = None
+
+
+def generate_settings(model, pad_token_id: Optional[int], generate_kwargs: dict, **ours) -> dict:
+    """generate's keyword arguments: the caller's, `ours` over them, and pad_token_id where neither
+    a passed generation_config nor the model's has one (generate warns at every call otherwise).
+    With a passed generation_config the fields are folded into a copy of it: generate takes a
+    config or its fields, not both (transformers deprecates the mix); the caller's is left alone."""
+    settings = dict(generate_kwargs, **ours)
+    given = settings.pop("generation_config", None)
+    config = given if given is not None else getattr(model, "generation_config", None)
+    if settings.get("pad_token_id") is None and getattr(config, "pad_token_id", None) is None \
+            and pad_token_id is not None:
+        settings["pad_token_id"] = pad_token_id
+    if given is None:
+        return settings
+    folded = copy.deepcopy(given)
+    return dict(folded.update(**settings), generation_config=folded)  # update returns the non-fields
+
+
+def pad_or_eos(tokenizer) -> Optional[int]:
+    """The id generate pads finished rows with: the tokenizer's pad token, else its eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def forward_parameters(model) -> frozenset:

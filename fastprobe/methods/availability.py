@@ -36,7 +36,8 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, forward_parameters, on_model, output_cache, require_pandas, text_batches,
+    as_texts, cache_argument, check_count, forward_parameters, generate_settings, on_model, output_cache, pad_or_eos,
+    require_pandas, text_batches,
 )
 
 __all__ = [
@@ -285,10 +286,9 @@ def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
     """(the greedy answers of a left-padded prompt batch, special tokens skipped; the logits
     [B, V] of their first step, i.e. at the commitment step; generate's KV cache, None when it
     returns none)."""
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,  # (whatever the model's config says)
-                    output_logits=True, return_dict_in_generate=True)
-    if model.generation_config.pad_token_id is None:
-        settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = generate_settings(model, pad_or_eos(tokenizer), {}, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1,  # (whatever the model's config says)
+                                 output_logits=True, return_dict_in_generate=True)
     output = model.generate(**batch, **settings)
     new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), output.logits[0], output_cache(output)

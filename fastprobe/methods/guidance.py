@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._batching import CACHE_NAMES, as_texts, cache_argument, output_cache
+from ._batching import CACHE_NAMES, as_texts, cache_argument, generate_settings, output_cache
 from ..integrations.transformers import (
     ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with,
 )
@@ -96,12 +96,8 @@ def prepare_inputs(model, processor, images, prompts: Union[str, Sequence[str]])
     return batch.to(device=device, dtype=dtype)  # casts the floating tensors only (pixel values)
 
 
-def _generate_settings(model, processor, generate_kwargs: dict) -> dict:
-    settings = dict(generate_kwargs)
-    pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
-    if "pad_token_id" not in settings and model.generation_config.pad_token_id is None and pad is not None:
-        settings["pad_token_id"] = pad
-    return settings
+def _pad_id(processor) -> Optional[int]:
+    return getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
 
 
 # ---------------------------------------------------------------- one pass: dual-path attention
@@ -160,7 +156,7 @@ def guided_generate(
     of range (fastprobe.integrations.attention_layers(model) are the layers)."""
     _image_token_id(model, processor)
     options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps)
-    settings = _generate_settings(model, processor, generate_kwargs)
+    settings = generate_settings(model, _pad_id(processor), generate_kwargs)
     with guidance(model, **options):  # the options are checked before the processor runs
         batch = prepare_inputs(model, processor, images, prompts)
         return model.generate(**batch, **settings)
@@ -260,7 +256,7 @@ def two_pass_generate(
     config = generate_kwargs.get("generation_config") or model.generation_config  # (what generate starts from)
     if (generate_kwargs.get("num_beams") or config.num_beams or 1) > 1:
         raise ValueError("two_pass_generate does not support beam search (the language-only cache is not reordered)")
-    settings = _generate_settings(model, processor, generate_kwargs)
+    settings = generate_settings(model, _pad_id(processor), generate_kwargs)
     batch = prepare_inputs(model, processor, images, prompts)
     with two_pass_contrast(model, alpha=alpha):
         return model.generate(**batch, **settings)

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from ._batching import as_texts, check_count, padding_ready
+from ._batching import as_texts, check_count, generate_settings, pad_or_eos, padding_ready
 
 __all__ = [
     "EmbeddingGaussian", "draw_soft_prompts", "fit_embedding_gaussian", "soft_prompt_generate", "soft_prompt_inputs",
@@ -299,13 +299,7 @@ def _generate_settings(model, tokenizer, generate_kwargs: dict) -> dict:
     if given:
         raise ValueError(f"soft_prompt_generate builds the model inputs itself: do not pass {given} "
                          "(give input_ids and attention_mask as its own arguments)")
-    settings = dict(generate_kwargs)
-    configured = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    if tokenizer is not None and "pad_token_id" not in settings and configured is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is not None:
-            settings["pad_token_id"] = pad
-    return settings
+    return generate_settings(model, None if tokenizer is None else pad_or_eos(tokenizer), generate_kwargs)
 
 
 def soft_prompt_generate(

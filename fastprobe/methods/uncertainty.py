@@ -20,7 +20,6 @@ more tokens than that is refused.
 
 from __future__ import annotations
 
-import copy
 import numbers
 from typing import Iterable, Optional, Sequence, Union
 
@@ -28,7 +27,10 @@ import torch
 
 from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
-from ._batching import as_texts, check_count, model_device, on_model, real_positions, require_pandas, text_batches
+from ._batching import (
+    as_texts, check_count, generate_settings, model_device, on_model, pad_or_eos, real_positions, require_pandas,
+    text_batches,
+)
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
 
@@ -234,15 +236,9 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
                          "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
     prompts = as_texts(prompts, "prompts")
-    settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
-    if sampling:
-        settings["temperature"] = temperature
-    if settings.get("pad_token_id") is None and config.pad_token_id is None:
-        settings["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    given = settings.pop("generation_config", None)
-    if given is not None:  # generate takes a config or its fields, not both: the fields go into a copy
-        folded = copy.deepcopy(given)
-        settings = dict(folded.update(**settings), generation_config=folded)
+    settings = generate_settings(target, pad_or_eos(tokenizer), generate_kwargs, max_new_tokens=max_new_tokens,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 **({"temperature": temperature} if sampling else {}))
     eos_ids = _eos_ids(config, generate_kwargs)
     generated, tables, first = [], [], 0
     with torch.no_grad():
