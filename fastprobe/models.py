@@ -138,12 +138,33 @@ def plant_sink_heads(model, heads, *, bos_token_id: int | None = None, strength:
     query reads dimension 0 and its key dimension 1, both on the rotary pair that turns slowest,
     so q.k is about strength^2 * |x_0| |x_1| (tens of nats) for BOS and 0 for every other key,
     at any distance. The key row is shared by the query heads of one key/value group; the others
-    in the group keep their random queries (a small push towards BOS)."""
+    in the group keep their random queries (a small push towards BOS).
+
+    Needs Llama-style attention (q_proj, k_proj, head_dim, num_key_value_groups) without
+    per-head query/key norms (Qwen 3's and Gemma 3's q_norm / k_norm, Llama 4's qk_norm on its
+    rotary layers, rescale the planted rows to a weak push): other attention, or a layer or head
+    out of range, is a ValueError, raised before any weight changes. Where a layer has a sliding
+    window or chunks (Mistral, Gemma 2), BOS is out of sight of later queries, so a head planted
+    there is a sink only near BOS."""
     from .integrations.transformers import attention_layers
 
     bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
     embedding = model.get_input_embeddings().weight
     layers = attention_layers(model)
+    for layer, chosen in heads.items():
+        if not (isinstance(layer, int) and 0 <= layer < len(layers)):
+            raise ValueError(f"heads: layer {layer!r} is not a layer index in [0, {len(layers)})")
+        attention = layers[layer]
+        if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "num_key_value_groups")):
+            raise ValueError(f"plant_sink_heads needs Llama-style attention (q_proj, k_proj, head_dim, "
+                             f"num_key_value_groups); layer {layer} is a {type(attention).__name__}")
+        if any(getattr(attention, name, None) is not None for name in ("q_norm", "k_norm", "qk_norm")):
+            raise ValueError(f"plant_sink_heads: layer {layer} ({type(attention).__name__}) normalises each head's "
+                             "queries and keys (q_norm / k_norm / qk_norm), which would undo the planted rows")
+        num_heads = attention.q_proj.out_features // attention.head_dim
+        for head in chosen:
+            if not (isinstance(head, int) and 0 <= head < num_heads):
+                raise ValueError(f"heads: head {head!r} of layer {layer} is not a head index in [0, {num_heads})")
     with torch.no_grad():
         embedding[:, 0] = 0.3
         embedding[:, 1] = 0.0

@@ -197,8 +197,10 @@ def concept_mass(
 
 
 def bridge_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """z_T + beta z_S, the bridge target's logits. A masked student entry (-inf) stays masked
-    whatever beta is: beta = 0 adds nothing (0 * -inf would be NaN), beta < 0 would give +inf."""
+    """z_T + beta z_S, the bridge target's logits. For beta != 0 a masked student entry (-inf)
+    stays masked (beta < 0 would give +inf there). beta = 0 gives z_T itself (0 * -inf would be
+    NaN): Q = P_T, ordinary distillation, so a token the student masks and the teacher does not
+    makes the forward loss +inf."""
     if beta == 0:
         return teacher_logits
     bridge = teacher_logits + beta * student_logits
@@ -218,8 +220,9 @@ def bridge_rows(
     P_S = softmax(z_S / T) and the bridge target Q = softmax((z_T + beta stopgrad(z_S)) / T),
     i.e. Q proportional to P_T P_S^beta; "forward": KL(Q || P_S), "reverse": KL(P_S || Q).
     beta = 0 is ordinary forward-KL distillation. Q is a constant for the gradient. A masked
-    student entry (-inf) is masked in Q too, for any beta. A row where P_S or Q does not exist
-    (its logits are all -inf) has loss NaN.
+    student entry (-inf) is masked in Q too for beta != 0; beta = 0 keeps Q = P_T exactly
+    (bridge_logits). A row where P_S or Q does not exist (its logits are all -inf) has loss NaN;
+    a row whose loss is +inf has gradient 0.
     """
     dtype = _compute_dtype(student_logits)
     z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
@@ -361,6 +364,8 @@ def sink_attention(
     softmax has one more, value-less entry: p_ij = exp(s_ij) / (sum_j exp(s_ij) + exp(c_h)).
       out       = sum_j p_ij v_j                   lse = log(sum_j exp(s_ij) + exp(c_h))
       sink_mass = sum_{j in stat keys} p_ij        group_mass[g] = sum_{j: group_j = g} p_ij
+    (stat keys: the row's first stat_tokens real keys, visible to the query or not: a query whose
+    window hides them, with no sink keys, has sink_mass 0.)
       entropy   = -sum_j p_ij log p_ij - p_sink log p_sink   (p_sink = exp(c_h - lse))
     A row with nothing in the softmax (no visible key, no sink) and a pruned head
     (head_mask False) give out 0, lse -inf, masses 0, entropy 0. K and V heads are shared by
