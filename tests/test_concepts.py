@@ -333,6 +333,18 @@ def test_concept_set_csr_and_deduplication():
     assert concepts.to("cpu") is concepts
 
 
+def test_concept_set_index_cannot_be_changed_through_its_properties():
+    """token_ids and offsets are copies: the kernels trust the index checked on construction (a
+    Triton backward wrote past the gradient for an id set >= V in place)."""
+    concepts = fp.ConceptSet.from_ids([[4, 2], [9]])
+    concepts.token_ids[0] = 10**6
+    concepts.offsets[1] = 0
+    assert concepts.token_ids.tolist() == [4, 2, 9] and concepts.offsets.tolist() == [0, 2, 3]
+    logits = torch.randn(3, 16)
+    torch.testing.assert_close(fp.concept_mass(logits, concepts).mass,
+                               fp.reference.concept_mass(logits.double(), torch.tensor([4, 2, 9]), torch.tensor([0, 2, 3]))["mass"].float())
+
+
 def bad_sets():
     return [
         ("float ids", ([1.0, 2.0], [0, 2]), TypeError, "token_ids must hold integers"),

@@ -278,15 +278,18 @@ class ConceptSet:
 
     # -- accessors
 
+    # The properties give copies: the index was checked once, on construction, and the kernels trust it
+    # (an id written in place past the vocabulary would be a write past the gradient on the GPU).
+
     @property
     def token_ids(self) -> torch.Tensor:
-        """[T] int64 variant ids, concept after concept."""
-        return self._index.token_ids
+        """[T] int64 variant ids, concept after concept (a copy)."""
+        return self._index.token_ids.clone()
 
     @property
     def offsets(self) -> torch.Tensor:
-        """[C + 1] int64: concept c owns token_ids[offsets[c]:offsets[c + 1]]."""
-        return self._index.offsets
+        """[C + 1] int64: concept c owns token_ids[offsets[c]:offsets[c + 1]] (a copy)."""
+        return self._index.offsets.clone()
 
     @property
     def device(self) -> torch.device:
