@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprobe as fp
 from fastprobe import reference
+from fastprobe.ops.bridge import beta_tensor
 
 from .conftest import ATOL, RTOL, same_bits_per_row
 
@@ -371,7 +372,8 @@ def test_few_rows_split_the_work_and_keep_their_bits(dtype, direction):
     labels = torch.tensor([0, 1, -100, 3, 4])
     reverse = direction == "reverse"
     whole = same_bits_per_row(
-        lambda rows: _bridge_loss_op(student[rows], teacher[rows], labels[rows], -100, 0.37, 1 / 0.8, reverse, True),
+        lambda rows: _bridge_loss_op(student[rows], teacher[rows], labels[rows], -100, beta_tensor(0.37), 1 / 0.8, reverse,
+                                     True),
         num_rows)
     assert whole[0][2] == 0 and torch.equal(whole[1][2], torch.zeros(vocab, dtype=dtype))
     kwargs = dict(beta=0.37, temperature=0.8, direction=direction, labels=labels, reduction="none")
@@ -410,21 +412,48 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(loss, (student,), eps=1e-6, atol=1e-6)
 
 
-def test_torch_compile_fullgraph():
-    """Under fullgraph compile, with beta changing between calls as a schedule changes it (a
-    runtime value: its checks must trace on a dynamic float)."""
+def test_torch_compile_fullgraph_takes_beta_at_run_time():
+    """Under fullgraph compile, with beta changing between calls as a schedule changes it: beta
+    is a runtime value, so the second value recompiles once and every later one reuses that
+    graph. (Handed to the op as a Python float it was specialized: one graph per value, and
+    fullgraph=True failed at torch's recompile limit, the 9th value.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     student, teacher = torch.randn(6, 130), torch.randn(6, 130)
     labels = torch.tensor([0, 1, -100, 2, 3, 4])
+    loss_fn = fp.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=10, temperature=0.9)
 
-    def step(z, t, beta):
-        return fp.bridge_loss(z, t, beta=beta, temperature=0.9, labels=labels) * 2
+    def step(z, t, step):
+        return loss_fn(z, t, labels=labels, step=step) * 2
 
-    compiled = torch.compile(step, fullgraph=True)
-    for beta in (0.5, 0.7, 0.2):
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for at in range(10):
         z1, z2 = student.clone().requires_grad_(), student.clone().requires_grad_()
-        compiled(z1, teacher, beta).backward()
-        step(z2, teacher, beta).backward()
+        compiled(z1, teacher, at).backward()
+        step(z2, teacher, at).backward()
         torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-7)
+    assert counter.frame_count <= 2
+
+
+def test_fused_linear_under_torch_compile_takes_beta_at_run_time():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    hidden, weight, teacher_hidden, teacher_weight = torch.randn(6, 8), torch.randn(17, 8), torch.randn(6, 8), torch.randn(17, 8)
+    loss_fn = fp.FusedLinearBridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=10, chunk_rows=4)
+
+    def step(weight, at):
+        return loss_fn(hidden, weight, teacher_hidden, teacher_weight, step=at)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for at in range(10):
+        w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+        compiled(w1, at).backward()
+        step(w2, at).backward()
+        torch.testing.assert_close(w1.grad, w2.grad)
+    assert counter.frame_count <= 2
 
 
 def test_frozen_student_gives_the_teacher_no_gradient():
@@ -448,9 +477,9 @@ def test_the_op_checks_what_its_kernels_read():
                             (torch.randn(4, 31), torch.zeros(2, dtype=torch.int64)),
                             (torch.randn(4, 31), torch.zeros(4, dtype=torch.int32))):
         with pytest.raises((TypeError, ValueError), match="teacher|labels"):
-            torch.ops.fastprobe.bridge_loss(student, teacher, labels, -100, 0.5, 1.0, False, True)
+            torch.ops.fastprobe.bridge_loss(student, teacher, labels, -100, beta_tensor(0.5), 1.0, False, True)
         with pytest.raises((TypeError, ValueError), match="teacher|labels"):
-            _bridge_loss_op(student, teacher, labels, -100, 0.5, 1.0, False, True)
+            _bridge_loss_op(student, teacher, labels, -100, beta_tensor(0.5), 1.0, False, True)
 
 
 @pytest.mark.parametrize("student, error", [(torch.randn(4, 0), ValueError), (torch.randn(31), ValueError),
@@ -464,14 +493,14 @@ def test_the_op_refuses_a_student_its_kernels_cannot_take(student, error):
 
     for call in (torch.ops.fastprobe.bridge_loss, _bridge_loss_op):
         with pytest.raises(error, match="bridge_loss: student must be"):
-            call(student, torch.zeros_like(student), None, -100, 0.5, 1.0, False, True)
+            call(student, torch.zeros_like(student), None, -100, beta_tensor(0.5), 1.0, False, True)
 
 
 def test_opcheck():
     from fastprobe.ops.bridge import _bridge_loss_op
 
     student = torch.randn(4, 31, requires_grad=True)
-    args = (student, torch.randn(4, 31), torch.tensor([1, -100, 2, 3]), -100, 0.4, 1.25, False, True)
+    args = (student, torch.randn(4, 31), torch.tensor([1, -100, 2, 3]), -100, beta_tensor(0.4), 1.25, False, True)
     torch.library.opcheck(_bridge_loss_op.op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -94,19 +94,29 @@ def _triton_rows(student, teacher, labels, ignore_index, beta, inv_temperature, 
 _ROWS = {"reference": _reference_rows, "cpp": _cpp_rows, "triton": _triton_rows}
 
 
+def beta_tensor(beta: float) -> torch.Tensor:
+    """beta as the op takes it: a float64 0-dim CPU tensor. Under torch.compile a Python float
+    handed to a custom op (or to a tensor constructor) is specialized, one compiled graph per
+    value: a beta schedule recompiled every step and hit the recompile limit after 8 values
+    (fullgraph=True: an error). One that feeds a tensor op, as this addition, stays a runtime
+    input."""
+    return torch.zeros((), dtype=torch.float64, device="cpu") + beta
+
+
 @custom_op("fastprobe::bridge_loss")
 def _bridge_loss_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
     ignore_index: int,
-    beta: float,
+    beta: torch.Tensor,
     inv_temperature: float,
     reverse: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [N] (float32; float64 for float64 logits) and, with compute_grad, the
     gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0]).
+    beta: a float64 0-dim CPU tensor (beta_tensor).
     That gradient is the autograd backward's buffer: a backward that frees the graph scales it
     in place and returns it, so a caller of this op keeps it only if it runs no such backward."""
     # what the kernels read through raw pointers, checked here too: this op is reachable directly
@@ -120,11 +130,12 @@ def _bridge_loss_op(
         ("teacher", teacher, student.shape, student.dtype, False),  # (any strides)
         ("labels", labels, (num_rows,), torch.int64, True),
     ))
+    check_op_tensors("bridge_loss", torch.device("cpu"), (("beta", beta, (), torch.float64, False),))
     loss = new_output((num_rows,), student.device, output_dtype(student))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:
         backend = resolve(student.device, student.dtype, "bridge_loss")
-        _ROWS[backend](student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad)
+        _ROWS[backend](student, teacher, labels, ignore_index, beta.item(), inv_temperature, reverse, loss, grad)
     return loss, grad
 
 
@@ -263,8 +274,10 @@ def bridge_loss(
         student_logits, teacher_logits: [N, V] (or [..., V], flattened) logits of one dtype
             (float32, bfloat16, float16; float64 runs the reference). teacher_logits get no
             gradient. -inf entries are masked vocabulary.
-        beta: the bridge exponent, a Python float (a runtime value: changing it never
-            recompiles anything).
+        beta: the bridge exponent, a Python float (a runtime value: changing it recompiles no
+            kernel, and under torch.compile a second value recompiles once, into a graph that
+            takes every later value as an input; a new temperature, direction or reduction
+            recompiles there).
         labels: optional integer tensor of the logits' leading shape; rows whose label is
             ignore_index give loss 0 and gradient 0.
         reduction: "mean" over the kept rows (0 when no row is kept, never NaN), "sum", or
@@ -291,7 +304,7 @@ def bridge_loss(
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     # (detached: the teacher takes no gradient, so a loss of a frozen student has none to give)
     rows, _ = _bridge_loss_op(
-        student, teacher.detach(), flat_labels, ignore_index, beta, inv_temperature, reverse, compute_grad
+        student, teacher.detach(), flat_labels, ignore_index, beta_tensor(beta), inv_temperature, reverse, compute_grad
     )
     keep = None if flat_labels is None else flat_labels != ignore_index
     return reference.reduce_rows(rows, keep, reduction).reshape(leading_shape if reduction == "none" else ())
@@ -389,6 +402,7 @@ class _FusedLinearBridge(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 labels, options):
         beta, inv_temperature, reverse, ignore_index, reduction, chunk_rows, float32_weight_grad = options
+        beta = beta_tensor(beta)
         num_rows = student_hidden.shape[0]
         want = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(student_hidden) if want[0] else None
