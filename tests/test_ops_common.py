@@ -103,6 +103,42 @@ def test_meta_tensors_get_shapes_from_the_fake_implementation():
     assert result.entropy.shape == q.shape[:3]
 
 
+DYNAMIC_LENGTH_CALLS = {  # (q, k, v) -> a tensor; neither has a padding mask: the cached key ends are used
+    "sink_attention": lambda q, k, v: fp.sink_attention(q, k, v, num_sink=1, window=3).out,
+    "dual_path_attention": lambda q, k, v: fp.dual_path_attention(
+        q, k, v, torch.arange(k.shape[2]).expand(q.shape[0], -1) % 2 == 1, gamma=0.5, rows="all"),
+}
+
+
+def _qkv(length):
+    return torch.randn(2, 2, length, 8), torch.randn(2, 1, length, 8), torch.randn(2, 1, length, 8)
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC_LENGTH_CALLS))
+def test_dynamic_lengths_under_export_and_compile(name):
+    """A symbolic sequence length reaches the key ends and guided rows that eager calls cache by
+    their sizes: under non-strict torch.export the cache lookup hashed a SymInt (TypeError:
+    unhashable type), and torch.compile(dynamic=True) specialized the length to hash it (one
+    graph per length for dual_path_attention)."""
+    from torch._dynamo.testing import CompileCounter
+
+    call = DYNAMIC_LENGTH_CALLS[name]
+
+    class Module(torch.nn.Module):
+        def forward(self, q, k, v):
+            return call(q, k, v)
+
+    length = torch.export.Dim("length", min=2, max=64)
+    exported = torch.export.export(Module(), _qkv(6), dynamic_shapes=({2: length},) * 3, strict=False).module()
+    counter = CompileCounter()
+    compiled = torch.compile(call, backend=counter, fullgraph=True, dynamic=True)
+    for size in (6, 7, 11):
+        inputs = _qkv(size)
+        torch.testing.assert_close(exported(*inputs), call(*inputs))
+        torch.testing.assert_close(compiled(*inputs), call(*inputs))
+    assert counter.frame_count == 1
+
+
 def test_autograd_still_reaches_the_forward_only_error():
     q, k, v, _ = attention_inputs()
     out = fp.sink_attention(q.requires_grad_(), k, v).out

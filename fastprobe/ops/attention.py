@@ -141,14 +141,17 @@ def constant_tensor(key: tuple, device, make: Callable[[torch.device], torch.Ten
     guided rows), so such a call allocates and fills nothing for them (host time is most of a
     short call's, bench/NOTES.md). Made fresh, and not kept, while tracing or compiling, under a
     dispatch mode (fake tensors) or while capturing a CUDA graph (a tensor made inside a capture
-    is filled only at replay)."""
-    kept = _CONSTANTS.get((*key, device))  # (a tensor's device: already in the key's form)
-    if kept is not None and plain_mode():
-        return kept
+    is filled only at replay). (Looked up in plain mode only: a traced size is a SymInt, which
+    has no hash.)"""
+    plain = plain_mode()
+    if plain:
+        kept = _CONSTANTS.get((*key, device))  # (a tensor's device: already in the key's form)
+        if kept is not None:
+            return kept
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if not plain_mode():  # traced, compiled or under a dispatch mode (fake tensors): never kept
+    if not plain:  # traced, compiled or under a dispatch mode (fake tensors): never kept
         return make(device)
     kept = _CONSTANTS.get((*key, device))
     if kept is None:
@@ -182,12 +185,14 @@ def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: i
     and the KeyMasks itself kept with them (one lookup per call; a decoding step's longer keys
     find the same one)."""
     ends_at = (min(num_sink, num_keys), min(stat_tokens, num_keys))
-    masks = _CONSTANT_MASKS.get((batch, *ends_at, num_sink, stat_tokens, device))
-    if masks is not None and plain_mode():  # (a tensor's device is already in the key's form)
-        return masks
+    plain = plain_mode()  # (else never looked up nor kept: traced sizes are SymInts, which have no hash)
+    if plain:
+        masks = _CONSTANT_MASKS.get((batch, *ends_at, num_sink, stat_tokens, device))
+        if masks is not None:  # (a tensor's device is already in the key's form)
+            return masks
     ends = [_constant_ends(batch, end, device) for end in ends_at]
     masks = KeyMasks(None, *ends, num_sink, stat_tokens)
-    kept = all(is_kept_constant(("key ends", batch, end), tensor) for end, tensor in zip(ends_at, ends))
+    kept = plain and all(is_kept_constant(("key ends", batch, end), tensor) for end, tensor in zip(ends_at, ends))
     if kept:  # (neither made fresh while tracing, compiling or capturing)
         _CONSTANT_MASKS[(batch, *ends_at, num_sink, stat_tokens, ends[0].device)] = masks
     return masks
