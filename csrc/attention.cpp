@@ -203,13 +203,14 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
                                 num_keys, head_dim, value_dim, q_s0, q_s1, q_s2, q_s3, k_s0, k_s1,
                                 k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, out_s0, out_s1, out_s2, out_s3,
                                 scale, causal, key_real);
-  check_size(window, 0, "window");
+  if (window < 0) invalid(op, "window must be >= 0 (0: none), got " + std::to_string(window));
   check_size(num_groups, 0, "num_groups");
   const float softcap_f = float(softcap);
   if (!(softcap_f >= 0.0f && std::isfinite(softcap_f)) || (softcap > 0.0 && softcap_f == 0.0f))
     invalid(op, "softcap must be 0 (none) or finite and > 0 in float32");
   if (num_groups > std::numeric_limits<int32_t>::max())
     invalid(op, "num_groups must fit the int32 group ids, got " + std::to_string(num_groups));
+  check_layout("group_mass", {batch, num_heads, num_queries, num_groups});
   if ((key_groups != 0) != (num_groups > 0))
     invalid(op, "key_groups and num_groups > 0 go together (num_groups is 0 without key_groups)");
   if (batch == 0 || num_queries == 0) return;  // empty outputs may come with null data pointers

@@ -52,8 +52,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <exception>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -637,6 +635,12 @@ Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v,
   // (with a head dim of 1 the stride is never stepped: torch leaves it as it was, e.g. 2 in a view)
   if ((head_dim > 1 && (q_s3 != 1 || k_s3 != 1)) || (value_dim > 1 && (v_s3 != 1 || out_s3 != 1)))
     invalid(op, "the last (head dim) stride of q, k, v and out must be 1");
+  check_layout("q", {batch, num_heads, num_queries, head_dim}, {q_s0, q_s1, q_s2, q_s3});
+  check_layout("k", {batch, num_kv_heads, num_keys, head_dim}, {k_s0, k_s1, k_s2, k_s3});
+  check_layout("v", {batch, num_kv_heads, num_keys, value_dim}, {v_s0, v_s1, v_s2, v_s3});
+  check_layout("out", {batch, num_heads, num_queries, value_dim}, {out_s0, out_s1, out_s2, out_s3});
+  check_layout("the [B, Lk] key arrays", {batch, num_keys});  // key_real, ends, start, horizon, ...
+  check_layout("the [B, Hq, Lq] statistics", {batch, num_heads, num_queries});
   const float scale_f = float(scale);
   if (!(scale_f > 0.0f && std::isfinite(scale_f)))
     invalid(op, "scale must be finite and > 0 in float32");
@@ -1085,38 +1089,19 @@ struct Entries {
   }
 
 // Runs body(i, scratch) for i < count over the threads. An exception (bad_alloc) is kept and
-// rethrown after the parallel region, never let out of it; every thread still goes through
-// the loop (its barrier), skipping the work once anything has failed.
+// rethrown after the parallel region, never let out of it (ThreadErrors, common.h).
 template <typename Body>
 void parallel_items(int threads, int64_t count, const Problem& p, const Plan& plan, Body body) {
-  std::exception_ptr error = nullptr;
-  std::atomic<bool> failed{false};
-  auto keep = [&]() {
-#ifdef FASTPROBE_OPENMP
-#pragma omp critical(fastprobe_attention_error)
-#endif
-    if (!error) error = std::current_exception();
-    failed.store(true, std::memory_order_relaxed);
-  };
+  ThreadErrors errors;
 #pragma omp parallel num_threads(threads)
   {
     std::unique_ptr<Scratch> ws;
-    try {
-      ws = std::make_unique<Scratch>(p, plan);
-    } catch (...) {
-      keep();
-    }
+    errors.run([&] { ws = std::make_unique<Scratch>(p, plan); });
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < count; ++i) {
-      if (ws == nullptr || failed.load(std::memory_order_relaxed)) continue;
-      try {
-        body(i, *ws);
-      } catch (...) {
-        keep();
-      }
-    }
+    for (int64_t i = 0; i < count; ++i)
+      if (ws != nullptr) errors.run([&] { body(i, *ws); });
   }
-  if (error) std::rethrow_exception(error);
+  errors.rethrow();
 }
 
 // Runs an operation over all its items: whole items, or (few items) key ranges merged after.

@@ -1,6 +1,8 @@
 // The fastprobe._C module: each operation family registers its functions here.
 // Arguments are raw data pointers, sizes and strides (in elements) from the Python
-// layer, which validated them; every function releases the GIL while it runs.
+// layer, which validated them; every function releases the GIL while it runs. The functions
+// check again what they can without the buffers' lengths (check_size and check_layout in
+// common.h, and every index read from the data), since they can be called directly.
 #include <pybind11/pybind11.h>
 
 #include "common.h"
@@ -47,6 +49,33 @@ void float_to_fp16_for_test(uintptr_t src, int64_t count, uintptr_t out, bool ha
   for (int64_t i = 0; i < count; ++i) halves[i] = fastprobe::float_to_fp16_bits(floats[i]);
 }
 
+// For tests: run_rows (common.h) over N rows of two stages (each_part(2, ...), then each_row), with
+// an exception thrown where `fail` says: 1 making thread 0's scratch, 2 in part 1 of row
+// fail_row, 3 in the row stage of fail_row (0: nowhere). Returns the steps that ran.
+int64_t run_rows_for_test(int64_t N, int64_t num_threads, int64_t fail, int64_t fail_row) {
+  fastprobe::check_size(N, 0, "N");
+  const int threads = fastprobe::clamp_threads(num_threads);
+  std::atomic<int64_t> steps{0};
+  auto fail_if = [](bool condition) {
+    if (condition) throw std::runtime_error("fastprobe._C: the failure a test asked for");
+  };
+  fastprobe::run_rows(
+      N, threads,
+      [&] {
+        fail_if(fail == 1 && fastprobe::thread_index() == 0);
+        return fastprobe::scratch_floats(16);
+      },
+      fastprobe::each_part(2, [&](int64_t n, int64_t part, int64_t, std::vector<float>&) {
+        fail_if(fail == 2 && n == fail_row && part == 1);
+        steps += 1;
+      }),
+      fastprobe::each_row([&](int64_t n, int64_t, std::vector<float>&) {
+        fail_if(fail == 3 && n == fail_row);
+        steps += 1;
+      }));
+  return steps.load();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_f16c", &has_f16c);
   m.def("_fp16_to_float", &fp16_to_float_for_test);
   m.def("_float_to_fp16", &float_to_fp16_for_test);
+  m.def("_run_rows", &run_rows_for_test, py::call_guard<py::gil_scoped_release>());
   fastprobe::bind_divergence(m);
   fastprobe::bind_concepts(m);
   fastprobe::bind_bridge(m);

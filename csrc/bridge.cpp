@@ -302,6 +302,9 @@ void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teac
   if (!std::isfinite(beta_f))
     throw std::invalid_argument("fastprobe._C: beta must be finite in float32");
   const float inv_t = checked_inv_temperature(inv_temperature);
+  check_layout("student", {N, V}, {stride_sn, stride_sv});
+  check_layout("teacher", {N, V}, {stride_tn, stride_tv});
+  if (compute_grad) check_layout("grad", {N, V});
   const DType type = parse_dtype(dtype);
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const Problem p{loader_for(type),

@@ -3,10 +3,14 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <initializer_list>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -503,6 +507,34 @@ EachPart<Step> each_part(int64_t count, Step step) { return {count, step}; }
 template <typename Step>
 EachRow<Step> each_row(Step step) { return {step}; }
 
+// The first exception thrown on any thread of an OpenMP parallel region, kept and rethrown after
+// it (an exception that leaves the region calls std::terminate: a bad_alloc of a thread's scratch
+// would abort Python instead of raising MemoryError). Every thread still runs each worksharing
+// loop (its barrier), skipping the work once anything has failed.
+class ThreadErrors {
+ public:
+  template <typename Work>
+  void run(Work&& work) noexcept {
+    if (failed_.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+#ifdef FASTPROBE_OPENMP
+#pragma omp critical(fastprobe_thread_errors)
+#endif
+      if (!error_) error_ = std::current_exception();
+      failed_.store(true, std::memory_order_relaxed);
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  std::atomic<bool> failed_{false};
+};
+
 // One stage of row n, whole rows per thread.
 template <typename Step, typename Scratch>
 void run_stage(const EachPart<Step>& stage, int64_t n, int64_t slot, Scratch& ws) {
@@ -514,36 +546,40 @@ void run_stage(const EachRow<Step>& stage, int64_t n, int64_t slot, Scratch& ws)
 }
 
 // One stage of all N rows spread over the threads of the enclosing parallel region (every thread
-// calls it; the loop's implicit barrier ends the stage).
+// calls it; the loop's implicit barrier ends the stage). ws: the thread's scratch (none if making
+// it failed: the thread then only takes part in the loop).
 template <typename Step, typename Scratch>
-void run_stage_spread(const EachPart<Step>& stage, int64_t N, Scratch& ws) {
+void run_stage_spread(const EachPart<Step>& stage, int64_t N, std::optional<Scratch>& ws, ThreadErrors& errors) {
   const int64_t count = stage.count;
 #pragma omp for schedule(dynamic, 1)
-  for (int64_t unit = 0; unit < N * count; ++unit) stage.step(unit / count, unit % count, unit / count, ws);
+  for (int64_t unit = 0; unit < N * count; ++unit)
+    if (ws) errors.run([&] { stage.step(unit / count, unit % count, unit / count, *ws); });
 }
 template <typename Step, typename Scratch>
-void run_stage_spread(const EachRow<Step>& stage, int64_t N, Scratch& ws) {
+void run_stage_spread(const EachRow<Step>& stage, int64_t N, std::optional<Scratch>& ws, ThreadErrors& errors) {
 #pragma omp for schedule(static)
-  for (int64_t n = 0; n < N; ++n) stage.step(n, n, ws);
+  for (int64_t n = 0; n < N; ++n)
+    if (ws) errors.run([&] { stage.step(n, n, *ws); });
 }
 
 template <typename MakeScratch, typename... Stages>
 void run_rows(int64_t N, int threads, MakeScratch make_scratch, const Stages&... stages) {
-  if (!split_rows(N, threads)) {
-#pragma omp parallel num_threads(threads)
-    {
-      auto ws = make_scratch();
-      const int64_t slot = thread_index();
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) (run_stage(stages, n, slot, ws), ...);
-    }
-    return;
-  }
+  ThreadErrors errors;
+  const bool spread = split_rows(N, threads);
 #pragma omp parallel num_threads(threads)
   {
-    auto ws = make_scratch();
-    (run_stage_spread(stages, N, ws), ...);
+    std::optional<decltype(make_scratch())> ws;
+    errors.run([&] { ws.emplace(make_scratch()); });
+    if (!spread) {
+      const int64_t slot = thread_index();
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n)
+        if (ws) errors.run([&] { (run_stage(stages, n, slot, *ws), ...); });
+    } else {
+      (run_stage_spread(stages, N, ws, errors), ...);
+    }
   }
+  errors.rethrow();
 }
 
 // The inverse temperature as the float32 the kernels use: finite and > 0 there (a double
@@ -555,10 +591,43 @@ inline float checked_inv_temperature(double inv_temperature) {
   return inv_t;
 }
 
+// The largest size, element count or element offset the bindings take: 2^62, so that the sums and
+// products the kernels form from sizes and strides (K + 5 rows, a range's end past V, row * stride)
+// stay inside int64 (hostile sizes, e.g. 2^40 x 2^40 elements, would otherwise wrap into small
+// indices).
+constexpr int64_t kMaxExtent = int64_t(1) << 62;
+
 inline void check_size(int64_t value, int64_t min_value, const char* name) {
-  if (value < min_value)
-    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " must be >= " +
-                                std::to_string(min_value) + ", got " + std::to_string(value));
+  if (value < min_value || value > kMaxExtent)
+    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " must be in [" +
+                                std::to_string(min_value) + ", 2^62], got " + std::to_string(value));
+}
+
+// A tensor argument's sizes (each checked by check_size) and strides, in elements: every stride
+// of a dimension the kernels step through (size > 1) is >= 0 (torch makes no negative strides), and
+// the largest element offset, sum (size - 1) stride, is at most kMaxExtent. Without strides: a
+// contiguous buffer of at most kMaxExtent elements. (That the buffer behind the pointer holds
+// these elements, no binding can check: the caller's part.)
+inline void check_layout(const char* name, std::initializer_list<int64_t> sizes,
+                         std::initializer_list<int64_t> strides = {}) {
+  auto fail = [name](const std::string& what) {
+    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " " + what);
+  };
+  const bool contiguous = strides.size() == 0;
+  int64_t total = contiguous ? 1 : 0;  // the element count, or the largest offset
+  const int64_t* stride = strides.begin();
+  for (const int64_t size : sizes) {
+    bool overflow = false;
+    if (contiguous) {
+      overflow = __builtin_mul_overflow(total, size, &total);
+    } else if (const int64_t step = *stride++; size > 1) {  // (a size-1 dimension is never stepped)
+      if (step < 0) fail("has a negative stride " + std::to_string(step) + " (strides must be >= 0)");
+      int64_t span;  // (size - 1) stride
+      overflow = __builtin_mul_overflow(size - 1, step, &span) || __builtin_add_overflow(total, span, &total);
+    }
+    if (overflow || total > kMaxExtent)
+      fail(contiguous ? "has more than 2^62 elements" : "has an element offset beyond 2^62 (sizes times strides)");
+  }
 }
 
 // A data pointer from Python; null is an error where the caller needs the data.

@@ -65,17 +65,20 @@ struct ByToken {
 }
 
 // offsets[0..count] rises from 0 to `total`, each step at least `min_length`; returns the
-// longest step.
+// longest step. Each entry is checked to lie in [offsets[i], total] before a difference is taken,
+// so no subtraction overflows (entries near -2^63 and 2^63 once wrapped into steps that passed).
 int64_t check_offsets(const int64_t* offsets, int64_t count, int64_t total, int64_t min_length, const char* name) {
   if (offsets[0] != 0 || offsets[count] != total)
     out_of_range(std::string(name) + " must go from 0 to " + std::to_string(total));
   int64_t longest = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t length = offsets[i + 1] - offsets[i];
-    if (length < min_length)
-      out_of_range(std::string(name) + (length < 0 ? " decreases" : " has an empty entry") + " at " +
-                   std::to_string(i));
-    longest = std::max(longest, length);
+    const int64_t next = offsets[i + 1];  // offsets[i] is in [0, total]: checked a step before
+    const char* wrong = next < offsets[i]                ? " decreases"
+                        : next > total                   ? " goes past the end"
+                        : next - offsets[i] < min_length ? " has an empty entry"
+                                                         : nullptr;
+    if (wrong != nullptr) out_of_range(std::string(name) + wrong + " at " + std::to_string(i));
+    longest = std::max(longest, next - offsets[i]);
   }
   return longest;
 }
@@ -341,6 +344,8 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   check_size(T, 1, "T");
   const int threads = clamp_threads(num_threads);
   const float inv_t = checked_inv_temperature(inv_temperature);
+  check_layout("logits", {N, V}, {stride_n, stride_v});
+  check_layout("outputs", {N, C});
   const DTypeIo io = io_for(dtype);
   if (N == 0) return;  // empty outputs may come with null data pointers
   const ByConcept concepts{pointer<const int64_t>(token_ids_ptr, true, "token_ids"),
@@ -386,6 +391,9 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_size(C, 1, "C");
   const int threads = clamp_threads(num_threads);
   const float inv_t = checked_inv_temperature(inv_temperature);
+  check_layout("logits", {N, V}, {stride_n, stride_v});
+  check_layout("grad", {N, V});
+  check_layout("top_token", {N, C});
   const DTypeIo io = io_for(dtype);
   if (N == 0) return;
   const ByToken tokens{pointer<const int64_t>(vocab_ids_ptr, true, "vocab_ids"),

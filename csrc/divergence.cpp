@@ -288,6 +288,10 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   const float inv_t = checked_inv_temperature(inv_temperature);
   if (lse_only && lse_in_ptr != 0)
     throw std::invalid_argument("fastprobe._C: lse_only computes the lse, so lse_in must be 0");
+  check_layout("draft", {K, N, V}, {stride_dk, stride_dn, stride_dv});
+  if (target_ptr != 0) check_layout("target", {N, V}, {stride_tn, stride_tv});
+  check_layout("stats", {5 + K, N});
+  check_layout("lse", {K + 1, N});
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const DType type = parse_dtype(dtype);
   const Problem p{loader_for(type),

@@ -153,7 +153,7 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
   const float gamma_f = float(gamma);
   if (!std::isfinite(gamma_f)) invalid(op, "gamma must be finite in float32");
   if (!(eps > 0.0 && std::isfinite(eps))) invalid(op, "eps must be finite and > 0");
-  check_size(window, 0, "window");
+  if (window < 0) invalid(op, "window must be >= 0 (0: none), got " + std::to_string(window));
   if (batch == 0 || num_queries == 0) return;  // empty outputs may come with null data pointers
 
   p.start = pointer<const int64_t>(start, false, "start");

@@ -5,6 +5,7 @@ every other CPU runs (and that the ops here never reach when the CPU has F16C)."
 import pytest
 import torch
 
+import fastprobe as fp
 from fastprobe.backend import cpp_status
 
 pytestmark = pytest.mark.skipif(not cpp_status()[0], reason="needs the C++ extension")
@@ -91,3 +92,18 @@ def test_info_names_the_code_path():
 
     assert isinstance(_C.simd_clone(), str) and _C.simd_clone()
     assert ("F16C" in cpp_status()[1]) == _C.has_f16c()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_op_rows_read_every_finite_value_exactly(dtype, layout):
+    """What the kernels' multi-versioned loaders (csrc/common.h, load_scaled) make of every finite
+    float16 and bfloat16 value, seen through an op: a one-token vocabulary's lse is its logit
+    itself (exp(0) = 1, log 1 = 0), in float64. Contiguous float16 rows take F16C where the CPU has
+    it; a vocabulary stride other than 1 takes the portable conversion inside the clone."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = every[torch.isfinite(every)]
+    logits = finite[:, None] if layout == "contiguous" else finite[None, :].t()  # [N, 1], stride_v 1 or N
+    with fp.use_backend("cpp"):
+        lse = fp.concept_mass(logits, fp.ConceptSet([0], [0, 1])).lse
+    assert torch.equal(lse, finite.double())

@@ -1,0 +1,184 @@
+"""The C++ kernels (csrc/) called directly through fastprobe._C, as a hostile caller could: the
+bindings check what they can (sizes, strides, the concept arrays) before reading anything, and an
+error on one of the OpenMP threads comes back as a Python exception instead of aborting Python."""
+
+import os
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe.backend import cpp_status
+
+pytestmark = pytest.mark.skipif(not cpp_status()[0], reason="needs the C++ extension")
+
+INT64_MIN = -(2**63)
+
+
+def cpp():
+    from fastprobe import _C
+
+    return _C
+
+
+# ---- errors on the threads of run_rows (csrc/common.h) ----------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])  # whole rows per thread, and rows spread (split_rows)
+def test_run_rows_raises_an_error_of_any_thread(rows, threads):
+    """Three steps a row (two parts, one row step) run when nothing fails; a failure making a
+    thread's scratch or in any step comes back as RuntimeError and the process lives on."""
+    assert cpp()._run_rows(rows, threads, 0, 0) == 3 * rows
+    with pytest.raises(RuntimeError, match="the failure a test asked for"):
+        cpp()._run_rows(rows, threads, 1, 0)  # thread 0's scratch
+    for stage in (2, 3):
+        for failing_row in {0, rows - 1}:
+            with pytest.raises(RuntimeError, match="the failure a test asked for"):
+                cpp()._run_rows(rows, threads, stage, failing_row)
+    assert cpp()._run_rows(rows, threads, 0, 0) == 3 * rows
+
+
+def _under_address_sanitizer() -> bool:
+    return "asan" in os.environ.get("LD_PRELOAD", "")
+
+
+def _address_space() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+@pytest.mark.skipif(_under_address_sanitizer(), reason="ASan aborts on a failed allocation by design")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_scratch_that_cannot_be_allocated_raises_memory_error():
+    """draft_divergence's per-thread scratch is [K + 1, 2048] floats: 250k drafts (one broadcast
+    value) ask 2 GB a thread, which a process kept to 1 GB more address space cannot have. The
+    bad_alloc on the threads once called std::terminate (Python aborted)."""
+    resource = pytest.importorskip("resource")
+    draft = torch.zeros(1, 1, 1).expand(250_000, 1, 1)
+    threads = torch.get_num_threads()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        torch.set_num_threads(2)
+        with fp.use_backend("cpp"):
+            resource.setrlimit(resource.RLIMIT_AS, (_address_space() + (1 << 30), hard))
+            with pytest.raises(MemoryError):
+                fp.draft_divergence(draft)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        torch.set_num_threads(threads)
+    with fp.use_backend("cpp"):  # and the kernels still run
+        assert torch.isfinite(fp.draft_divergence(torch.randn(2, 3, 5)).jsd).all()
+
+
+# ---- the concept arrays (csrc/concepts.cpp) ----------------------------------------------------
+
+
+def _concept_mass(offsets, token_ids=None, vocab=8):
+    """concept_mass called directly with these offsets ([C + 1]) over one row of `vocab` logits."""
+    logits = torch.randn(1, vocab)
+    token_ids = torch.arange(vocab, dtype=torch.int64) if token_ids is None else token_ids
+    offsets = torch.tensor(offsets, dtype=torch.int64)
+    num_concepts = offsets.numel() - 1
+    outputs = [torch.full((1, num_concepts), float("nan")) for _ in range(4)]
+    outputs += [torch.full((1, num_concepts), -1, dtype=torch.int64), torch.full((1,), float("nan"), dtype=torch.float64)]
+    cpp().concept_mass("float32", logits.data_ptr(), 1, vocab, *logits.stride(), token_ids.data_ptr(),
+                       token_ids.numel(), offsets.data_ptr(), num_concepts, 1.0,
+                       *(tensor.data_ptr() for tensor in outputs), 2)
+    return outputs
+
+
+def _concept_mass_backward(vocab_offsets, vocab=8):
+    """concept_mass_backward called directly with these vocab_offsets ([U + 1]) over one concept
+    that holds every id, one row."""
+    logits = torch.randn(1, vocab)
+    vocab_offsets = torch.tensor(vocab_offsets, dtype=torch.int64)
+    num_ids = vocab_offsets.numel() - 1
+    vocab_ids = torch.arange(num_ids, dtype=torch.int64)
+    memberships = int(vocab_offsets[-1])
+    vocab_concepts = torch.zeros(memberships, dtype=torch.int64)
+    top_share, top_token = torch.full((1, 1), 0.5), torch.zeros(1, 1, dtype=torch.int64)
+    lse, grad_concept, coef = torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), torch.zeros(1)
+    grad = torch.full((1, vocab), float("nan"))
+    cpp().concept_mass_backward("float32", logits.data_ptr(), 1, vocab, *logits.stride(), vocab_ids.data_ptr(),
+                                num_ids, vocab_offsets.data_ptr(), vocab_concepts.data_ptr(), memberships, 1,
+                                top_share.data_ptr(), top_token.data_ptr(), lse.data_ptr(), grad_concept.data_ptr(),
+                                coef.data_ptr(), 1.0, grad.data_ptr(), 2)
+    return grad
+
+
+def test_concept_offsets_checked_without_overflow():
+    """Offsets whose steps wrap around int64 (2^62 four times is 2^64 = 0) once passed the check
+    and the kernel then read token_ids at offsets near 2^62 (here: std::terminate)."""
+    _concept_mass([0, 3, 8])  # (valid)
+    wrapping = [0, 2**62, INT64_MIN, -(2**62), 0, 8]
+    with pytest.raises(IndexError, match="offsets goes past the end at 0"):
+        _concept_mass(wrapping)
+    with pytest.raises(IndexError, match="offsets decreases at 1"):
+        _concept_mass([0, 5, 3, 8])
+    with pytest.raises(IndexError, match="offsets has an empty entry at 1"):
+        _concept_mass([0, 3, 3, 8])
+    _concept_mass_backward([0, 1, 1, 2])  # (valid: an id may belong to no concept)
+    with pytest.raises(IndexError, match="vocab_offsets goes past the end at 0"):
+        _concept_mass_backward([0, 2**62, INT64_MIN, -(2**62), 0, 2])
+
+
+# ---- sizes and strides -------------------------------------------------------------------------
+
+
+def _divergence(sizes, strides, draft=None, stats_rows=None):
+    """draft_divergence called directly on a float32 draft with these [K, N, V] sizes and strides."""
+    num_drafts, num_tokens, vocab = sizes
+    draft = torch.randn(2, 3, 5) if draft is None else draft
+    weights = torch.full((num_drafts,), 1.0 / num_drafts) if num_drafts < 100 else torch.ones(1)
+    stats = torch.full((5 + min(num_drafts, 100), min(num_tokens, 100)), float("nan"))
+    lse = torch.full((1 + min(num_drafts, 100), min(num_tokens, 100)), float("nan"), dtype=torch.float64)
+    cpp().draft_divergence("float32", draft.data_ptr(), num_drafts, num_tokens, vocab, *strides, 0, 0, 0,
+                           weights.data_ptr(), 1.0, 0, False, stats.data_ptr(), lse.data_ptr(), 1)
+    return stats, lse
+
+
+def test_negative_strides_are_refused():
+    """torch makes no negative strides: one would read before the buffer."""
+    draft = torch.randn(2, 3, 5)
+    _divergence((2, 3, 5), draft.stride(), draft)
+    with pytest.raises(ValueError, match="draft has a negative stride -1"):
+        _divergence((2, 3, 5), (15, 5, -1), draft)
+    # a dimension of size 1 is never stepped: its stride may be anything (torch leaves some as they were)
+    _divergence((1, 3, 5), (-7, 5, 1), draft)
+
+
+def test_sizes_whose_offsets_overflow_int64_are_refused():
+    """Sizes times strides past 2^62 (a hostile call: no buffer is that large) are refused before
+    anything is read, instead of wrapping into small offsets."""
+    draft = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="draft has an element offset beyond 2"):
+        _divergence((2, 2**40, 5), (15, 2**30, 1), draft)
+    with pytest.raises(ValueError, match=r"N must be in \[0, 2\^62\]"):
+        _divergence((2, 2**63 - 1, 5), (15, 0, 1), draft)
+    with pytest.raises(ValueError, match="stats has more than 2"):  # broadcast input, [5 + K, N] output
+        _divergence((2**31, 2**31, 5), (0, 0, 1), draft)
+    # broadcast inputs (stride 0) of sizes a real output can hold are fine
+    stats, _ = _divergence((3, 4, 5), (0, 0, 1), draft)
+    assert torch.isfinite(stats).all()
+
+
+def test_attention_layout_checks():
+    """The attention bindings check q, k, v and out the same way: negative strides and offsets past
+    2^62 are refused, before any pointer is read (here: nulls)."""
+    def call(batch=1, num_keys=4, q_strides=(32, 32, 8, 1), head_dim=8):
+        cpp().sink_attention("float32", 0, 0, 0, 0, batch, 1, 1, 4, num_keys, head_dim, 8,
+                             *q_strides, 32, 32, 8, 1, 32, 32, 8, 1, 32, 32, 8, 1,
+                             0.5, True, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+
+    with pytest.raises(ValueError, match="q has a negative stride"):
+        call(q_strides=(32, 32, -8, 1))
+    with pytest.raises(ValueError, match="q has an element offset beyond 2"):
+        call(batch=2**40, q_strides=(2**30, 32, 8, 1))
+    with pytest.raises(ValueError, match=r"the \[B, Lk\] key arrays has more than 2"):
+        call(batch=2**31, num_keys=2**32, q_strides=(0, 0, 0, 1))
+    with pytest.raises(ValueError, match="q pointer is null"):  # (what the valid sizes reach)
+        call()
