@@ -139,6 +139,44 @@ def test_dynamic_lengths_under_export_and_compile(name):
     assert counter.frame_count == 1
 
 
+def _layout(tensors):
+    return [None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in tensors]
+
+
+META_CALLS = {  # (tensors on a device, that device) -> (outputs, [gradients])
+    "bridge_loss": lambda x, device: (lambda loss: (loss, torch.autograd.grad(loss.sum(), x[0])))(
+        fp.bridge_loss(x[0], x[1], beta=0.5, reduction="none", labels=torch.tensor([1, -100, 2, 0, 3], device=device))),
+    "draft_divergence": lambda x, device: (fp.draft_divergence(torch.stack([x[0], x[1]]).detach(), x[1],
+                                                               weights=[0.25, 0.75]), ()),
+    "concept_mass": lambda x, device: (lambda result: (result, torch.autograd.grad(result.log_mass.sum(), x[0])))(
+        fp.concept_mass(x[0], _concepts().to(device), temperature=0.7)),
+    "sink_attention": lambda x, device: (fp.sink_attention(
+        *x[2:], num_sink=1, window=3, return_entropy=True, key_groups=torch.arange(11, device=device).expand(2, 11) % 3,
+        num_groups=3, key_padding_mask=(torch.arange(11, device=device) > 0).to(torch.int64).expand(2, 11)), ()),
+    "dual_path_attention": lambda x, device: (fp.dual_path_attention(
+        *x[2:], torch.arange(11, device=device).expand(2, 11) % 3 == 1, gamma=0.5, return_paths=True), ()),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(META_CALLS))
+def test_meta_tensors_give_the_real_layouts(name, dtype):
+    """On meta tensors (shape propagation: no data) every op gives outputs and gradients of the
+    real call's shapes, strides and dtypes. The checks that read data (finite rows, 0/1 masks,
+    group ids, weights) are skipped there: draft_divergence and concept_mass raised torch's
+    "Tensor.item() cannot be called on meta tensors", sink_attention did with integer masks."""
+    logits = [torch.randn(5, 7, dtype=dtype, requires_grad=True), torch.randn(5, 7, dtype=dtype)]
+    qkv = [torch.randn(2, 4, 5, 8, dtype=dtype), torch.randn(2, 2, 11, 8, dtype=dtype), torch.randn(2, 2, 11, 6, dtype=dtype)]
+    real = META_CALLS[name](logits + qkv, "cpu")
+    meta = [x.detach().to("meta").requires_grad_(x.requires_grad) for x in logits + qkv]
+    got = META_CALLS[name](meta, "meta")
+    for real_part, meta_part in zip(real, got):
+        real_part, meta_part = [real_part] if isinstance(real_part, torch.Tensor) else real_part, \
+            [meta_part] if isinstance(meta_part, torch.Tensor) else meta_part
+        assert _layout(meta_part) == _layout(real_part)
+        assert all(t is None or t.is_meta for t in meta_part)
+
+
 def test_autograd_still_reaches_the_forward_only_error():
     q, k, v, _ = attention_inputs()
     out = fp.sink_attention(q.requires_grad_(), k, v).out
@@ -185,6 +223,8 @@ def test_forward_mode_and_func_grad_are_refused_by_name(name):
         torch.func.jvp(call, (x,), (torch.ones_like(x),))
     with pytest.raises(NotImplementedError, match=refused):
         torch.func.grad(lambda x: call(x).sum())(x)
+    with pytest.raises(NotImplementedError, match=r"not torch\.func\.grad / vjp / jvp"):  # (reverse mode too, named)
+        torch.func.vjp(call, x)
     with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=refused):
         call(forward_ad.make_dual(x, torch.ones_like(x)))
     with forward_ad.dual_level():  # a dual level alone, no dual tensor: runs
@@ -202,6 +242,33 @@ def test_vmap_of_an_all_masked_row_gives_nan_instead_of_the_host_check():
     assert result[1, 2].isnan().all() and result[1, :2].isfinite().all() and result[0].isfinite().all()
     jsd = torch.func.vmap(lambda x: fp.draft_divergence(x[None]).jsd)(logits)
     assert jsd[1, 2].isnan() and jsd[1, :2].isfinite().all()
+
+
+VMAP_INDEX_CALLS = {  # (q, k, v, ids [B, Lk] int64) -> a tensor: integer masks and ids, checked by a host sync in eager
+    "padding mask": lambda q, k, v, ids: fp.sink_attention(q, k, v, key_padding_mask=ids.clamp(max=1)).out,
+    "key groups": lambda q, k, v, ids: fp.sink_attention(q, k, v, key_groups=ids, num_groups=3).group_mass,
+    "segment ids": lambda q, k, v, ids: fp.sink_attention(q, k, v, segment_ids=ids.cummax(-1).values).out,
+    "blocks": lambda q, k, v, ids: fp.sink_attention(q, k, v, bidirectional_blocks=ids.cummax(-1).values - 1).out,
+    "dual padding and rows": lambda q, k, v, ids: fp.dual_path_attention(
+        q, k, v, ids == 2, gamma=0.5, key_padding_mask=ids.clamp(max=1), rows=ids[:, -q.shape[2]:].clamp(max=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(VMAP_INDEX_CALLS))
+def test_vmap_of_attention_with_integer_masks_and_ids(name):
+    """Under vmap the 0/1 and id-range checks (host syncs) cannot run, and are skipped as under
+    torch.compile; they made vmap fail in torch ("data-dependent control flow")."""
+    call = VMAP_INDEX_CALLS[name]
+    q, k, v = torch.randn(3, 1, 2, 5, 4), torch.randn(3, 1, 1, 5, 4), torch.randn(3, 1, 1, 5, 4)
+    ids = torch.tensor([[0, 1, 1, 2, 2], [1, 1, 2, 2, 2], [1, 2, 2, 2, 2]])[:, None]
+    batched = torch.func.vmap(call)(q, k, v, ids)
+    torch.testing.assert_close(batched, torch.stack([call(*inputs) for inputs in zip(q, k, v, ids)]))
+
+
+def test_vmap_needs_num_groups_with_key_groups():
+    q = torch.randn(2, 1, 1, 5, 4)
+    with pytest.raises(ValueError, match=r"num_groups must be given where key_groups cannot be read \(torch.compile, torch.func.vmap"):
+        torch.func.vmap(lambda q, ids: fp.sink_attention(q, q, q, key_groups=ids).group_mass)(q, torch.zeros(2, 1, 5, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -40,10 +40,12 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def skips_host_checks() -> bool:
-    """True where data-dependent checks (host syncs) cannot run: while torch.compile traces, and
-    under a functorch transform (vmap has no .item()); the ops then give NaN where they refuse."""
-    return is_compiling() or torch._C._are_functorch_transforms_active()
+def skips_host_checks(*tensors: torch.Tensor) -> bool:
+    """True where data-dependent checks (host syncs) cannot run: while torch.compile traces, under
+    a functorch transform (vmap has no .item()), and when one of `tensors` (those the check
+    reads) is a meta tensor (no data: the call only propagates shapes); the ops then give NaN
+    where they refuse."""
+    return is_compiling() or torch._C._are_functorch_transforms_active() or any(t.is_meta for t in tensors)
 
 
 def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -191,7 +193,7 @@ def plain_mode() -> bool:
 
 
 def refuse_forward_mode(op: str, values) -> None:
-    """A NotImplementedError naming the op under torch.func.grad / jvp (jacrev, jacfwd, hessian)
+    """A NotImplementedError naming the op under torch.func.grad / vjp / jvp (jacrev, jacfwd, hessian)
     or with a forward-mode dual tensor among `values`: the ops' autograd is reverse mode through
     torch.autograd, and these would meet an error deep in torch or, worse, drop the tangent and
     give 0. (vmap alone passes.)"""
@@ -210,8 +212,8 @@ def refuse_forward_mode(op: str, values) -> None:
     if refused:
         raise NotImplementedError(
             f"fastprobe.{op} supports reverse-mode autograd only (loss.backward(), torch.autograd.grad), "
-            "not torch.func.grad / jvp / jacrev / jacfwd or forward-mode AD (dual tensors); torch.func.vmap "
-            "works on its own"
+            "not torch.func.grad / vjp / jvp / jacrev / jacfwd or forward-mode AD (dual tensors); "
+            "torch.func.vmap works on its own"
         )
 
 

@@ -22,8 +22,8 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_float32_range, check_int, check_op_tensors,
-    check_same_device, check_tensor, cpp, custom_op, first_bad_index, is_compiling, new_output, on_device, output_dtype,
-    plain_mode, register_forward_only, runs_plain,
+    check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output, on_device, output_dtype,
+    plain_mode, register_forward_only, runs_plain, skips_host_checks,
 )
 
 __all__ = [
@@ -419,7 +419,7 @@ def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: tor
         raise ValueError(f"{name} must have shape {layout} = {list(shape)}, got {tuple(mask.shape)}")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{name} must be a boolean or integer (0/1) tensor, got {mask.dtype}")
-    if mask.dtype != torch.bool and not is_compiling():
+    if mask.dtype != torch.bool and not skips_host_checks(mask):
         bad = first_bad_index((mask != 0) & (mask != 1))
         if bad is not None:
             raise ValueError(f"{name} must hold only 0/1 (or True/False), got {mask[bad].item()} at {list(bad)}")
@@ -464,13 +464,14 @@ def prepare_key_groups(key_groups: torch.Tensor, num_groups: Optional[int] = Non
 
 def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tensor, int]:
     """(int32 contiguous ids, G) with every id in [0, G): one host sync (two without
-    num_groups), skipped under torch.compile, which needs num_groups."""
+    num_groups), skipped under torch.compile and torch.func.vmap, which need num_groups."""
     if num_groups is None:
-        if is_compiling():
-            raise ValueError("num_groups must be given under torch.compile (it sets the output shape)")
+        if skips_host_checks(key_groups):
+            raise ValueError("num_groups must be given where key_groups cannot be read (torch.compile, "
+                             "torch.func.vmap, meta tensors): it sets the output shape")
         num_groups = max(int(key_groups.max()) + 1, 1) if key_groups.numel() else 1
     num_groups = check_int(num_groups, "num_groups", 1)
-    if not is_compiling():
+    if not skips_host_checks(key_groups):
         bad = first_bad_index((key_groups < 0) | (key_groups >= num_groups))
         if bad is not None:
             raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {key_groups[bad].item()} at {list(bad)}")
@@ -552,7 +553,7 @@ def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torc
     # a run goes on at p + 1 when p + 1 holds p's id >= 0
     goes_on = torch.zeros_like(ids, dtype=torch.bool)
     goes_on[:, :-1] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, :-1] >= 0)
-    if not is_compiling():
+    if not skips_host_checks(ids):
         split = _split_id(ids[:, shape[1] - num_queries:], ignore_negative=True)
         if split is not None:
             raise ValueError(
@@ -591,7 +592,7 @@ def check_segments(segments, shape: tuple, q: torch.Tensor) -> Optional[SegmentS
         return segments
     _check_key_ids(segments, "segment_ids", "segment ids", shape, q)
     ids = segments.to(torch.int64)
-    if not is_compiling() and ids.numel() > 0:
+    if not skips_host_checks(ids) and ids.numel() > 0:
         split = _split_id(ids, ignore_negative=False)
         if split is not None:
             raise ValueError(f"segment_ids must give each segment one contiguous run of positions; segment id "
@@ -779,8 +780,8 @@ def sink_attention(
         key_groups: optional [B, Lk] integer group id of every key, in [0, num_groups) (checked:
             a host sync per call). Or the KeyGroups that prepare_key_groups made from them,
             checked once and reused by calls with the same keys (e.g. every layer of one forward).
-        num_groups: G (default: max id + 1, one more host sync; required under torch.compile;
-            a KeyGroups carries its own).
+        num_groups: G (default: max id + 1, one more host sync; required under torch.compile,
+            torch.func.vmap and with meta tensors; a KeyGroups carries its own).
         stat_tokens: sink_mass is the weight on the first stat_tokens real keys (default 1,
             the BOS sink).
         return_entropy: also return each query's attention entropy (nats; the sink entry,
@@ -805,7 +806,10 @@ def sink_attention(
         sink logit) gets out 0, lse -inf and zero statistics.
 
     Forward only: backward through it raises. Raises TypeError / ValueError naming the argument
-    for bad shapes, dtypes, devices, masks or group ids before any kernel runs.
+    for bad shapes, dtypes, devices, masks or group ids before any kernel runs. The checks of
+    values (0/1 masks, group ids in range, blocks and segments as runs) are host syncs, skipped
+    under torch.compile and torch.func.vmap and for meta tensors (the C++ kernel still refuses a
+    group id out of range). torch.autocast does not change the computation: it runs in q's dtype.
     """
     args = _prepare(
         q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups,

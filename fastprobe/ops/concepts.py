@@ -692,7 +692,7 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     inv_temperature = 1.0 / check_temperature(temperature)
 
     mass, log_mass, top_share, entropy, top_token, lse = _concept_mass_op(logits, *concepts._index, inv_temperature)
-    if skips_host_checks():  # (no host sync: such a row's statistics are NaN)
+    if skips_host_checks(lse):  # (no host sync: such a row's statistics are NaN)
         finite = torch.isfinite(lse)[:, None]
         mass, log_mass, top_share, entropy = (nan_where_not_finite(x, finite) for x in (mass, log_mass, top_share, entropy))
     elif logits.shape[0] > 0:

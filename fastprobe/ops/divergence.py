@@ -185,7 +185,7 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor
     if tuple(weights.shape) != (num_drafts,):
         raise ValueError(f"weights must have shape [K] = [{num_drafts}] (one per draft), got {tuple(weights.shape)}")
     weights = weights.to(dtype).contiguous()
-    if not skips_host_checks():
+    if not skips_host_checks(weights):
         if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
             raise ValueError(f"weights must be finite and non-negative, got {weights.tolist()}")
         total = float(weights.sum())
@@ -222,7 +222,7 @@ def _check_lse(stats: torch.Tensor, lse: torch.Tensor, has_target: bool) -> torc
     """stats, after a ValueError naming the first row whose lse is not finite (rows: the K
     drafts, then the target's, meaningful only with a target). Under torch.compile, no check:
     every statistic of such a token is NaN."""
-    if skips_host_checks():
+    if skips_host_checks(lse):
         return nan_where_not_finite(stats, torch.isfinite(lse if has_target else lse[:-1]).all(0))
     if lse.shape[1] == 0:
         return stats
