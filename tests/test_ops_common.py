@@ -182,6 +182,10 @@ def test_autograd_still_reaches_the_forward_only_error():
     out = fp.sink_attention(q.requires_grad_(), k, v).out
     with pytest.raises(RuntimeError, match="forward-only"):
         out.sum().backward()
+    # a learned sink logit (a model's parameter) alone: the message names it among what to detach
+    out = fp.sink_attention(q.detach(), k, v, sink_logit=torch.zeros(4, requires_grad=True)).out
+    with pytest.raises(RuntimeError, match="forward-only.*detach q, k, v and sink_logit"):
+        out.sum().backward()
 
 
 def test_check_finite_lse_names_the_first_bad_row_and_only_a_bad_one():

@@ -392,7 +392,7 @@ def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, s
     return _op_outputs(_outputs(q, v.shape[-1], None if key_groups is None else num_groups, return_entropy))
 
 
-register_forward_only(_sink_attention_op, "sink_attention", inputs="q, k and v")
+register_forward_only(_sink_attention_op, "sink_attention", inputs="q, k, v and sink_logit")
 
 
 # ---- Argument checks (before any kernel runs; every message names the argument). ----
