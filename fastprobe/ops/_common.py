@@ -263,13 +263,13 @@ class CustomOp:
     microseconds per call, as much as a decoding step's attention kernel. register_fake,
     register_autograd and the rest go to the registered op."""
 
-    def __init__(self, name: str, body: Callable):
+    def __init__(self, name: str, body: Callable, tags: tuple = ()):
         self.body = body
         self.public_name = name.rpartition("::")[2]
         # The op modules use `from __future__ import annotations`; torch 2.4's custom_op infers the
         # schema from the raw (string) annotations and refuses them, so hand it the evaluated ones.
         body.__annotations__ = typing.get_type_hints(body)
-        self.op = torch.library.custom_op(name, body, mutates_args=())
+        self.op = torch.library.custom_op(name, body, mutates_args=(), **({"tags": tags} if tags else {}))
 
     def __call__(self, *args, **kwargs):
         if runs_plain(itertools.chain(args, kwargs.values())):
@@ -281,9 +281,17 @@ class CustomOp:
         return getattr(self.op, name)
 
 
-def custom_op(name: str) -> Callable[[Callable], CustomOp]:
-    """Decorator: register `body` as the custom op `name` (no mutated arguments), see CustomOp."""
-    return lambda body: CustomOp(name, body)
+def custom_op(name: str, tags: tuple = ()) -> Callable[[Callable], CustomOp]:
+    """Decorator: register `body` as the custom op `name` (no mutated arguments, torch.Tag tags),
+    see CustomOp."""
+    return lambda body: CustomOp(name, body, tags)
+
+
+# The tag of an op whose body reads a tensor argument on the host (a CPU scalar tensor that torch.compile
+# keeps a runtime value): a CUDA graph that captured its launch would replay the captured value, so
+# inductor leaves such an op outside the graphs it captures. (Absent before torch 2.8, which captured
+# no graph with a CPU tensor in it.)
+CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 def register_forward_only(op, name: str, why: str = "", inputs: str = "its inputs") -> None:

@@ -20,6 +20,7 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
+    CUDAGRAPH_UNSAFE,
     DTYPE_NAMES,
     check_int,
     check_op_tensors,
@@ -99,11 +100,11 @@ def beta_tensor(beta: float) -> torch.Tensor:
     handed to a custom op (or to a tensor constructor) is specialized, one compiled graph per
     value: a beta schedule recompiled every step and hit the recompile limit after 8 values
     (fullgraph=True: an error). One that feeds a tensor op, as this addition, stays a runtime
-    input."""
+    input. (The op reads it on the host, so CUDA graphs leave the op out: CUDAGRAPH_UNSAFE.)"""
     return torch.zeros((), dtype=torch.float64, device="cpu") + beta
 
 
-@custom_op("fastprobe::bridge_loss")
+@custom_op("fastprobe::bridge_loss", tags=CUDAGRAPH_UNSAFE)
 def _bridge_loss_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
