@@ -159,7 +159,11 @@ def concept_mass(
     token_ids, offsets = token_ids.to(logits.device, torch.int64), offsets.to(logits.device, torch.int64)
     concept_of = torch.repeat_interleave(torch.arange(num_concepts, device=logits.device), offsets.diff())  # [T]
     y = logits.to(dtype) / temperature
-    lse = torch.logsumexp(y, dim=-1)  # [N]
+    # lse = M + log S, S = sum exp(y - M), M the row's largest y (0 if all -inf)
+    row_max = y.detach().amax(dim=-1)
+    row_shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    log_total = torch.log(torch.exp(y - row_shift[:, None]).sum(dim=-1))  # [N] log S
+    lse = row_shift + log_total
     y_c = y[:, token_ids]  # [N, T] the variants' scaled logits
 
     def segment(reduce: str, values: torch.Tensor, initial: float) -> torch.Tensor:  # [N, T] -> [N, C]
@@ -174,11 +178,14 @@ def concept_mass(
     s = segment("sum", e, 0.0)  # [N, C]
     # an all -inf concept: log_mass = -inf with gradient 0 (not NaN), top_share 0, entropy 0
     has_mass = s > 0
-    safe_lse_c = shift + torch.log(torch.where(has_mass, s, torch.ones_like(s)))
-    log_mass = torch.where(has_mass, safe_lse_c - lse[:, None], torch.full_like(s, float("-inf")))
-    # q_v = p_v / mass within the concept
-    log_q = y_c - safe_lse_c[:, concept_of]
-    top_share = torch.where(has_mass, torch.exp(top - safe_lse_c), torch.zeros_like(s))
+    log_s = torch.log(torch.where(has_mass, s, torch.ones_like(s)))
+    # log_mass = lse_c - lse = (m_c - M) + log s - log S: the shifts subtracted first, so logits
+    # of 1e17 (or T = 1e-30) keep log s and log S, which m_c + log s would round away
+    log_mass = torch.where(has_mass, (shift - row_shift[:, None]) + log_s - log_total[:, None],
+                           torch.full_like(s, float("-inf")))
+    # q_v = p_v / mass within the concept: log q_v = (y_v - m_c) - log s; the top variant's is -log s
+    log_q = (y_c - shift[:, concept_of]) - log_s[:, concept_of]
+    top_share = torch.where(has_mass, 1.0 / torch.where(has_mass, s, torch.ones_like(s)), torch.zeros_like(s))
     concentration_entropy = segment("sum", -_xlogy(log_q.exp(), log_q), 0.0)
     # top token: the first variant (in concept order) whose logit equals the concept's max
     # (for an all -inf concept that is its first variant; a NaN row falls back to it too)

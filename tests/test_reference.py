@@ -271,6 +271,21 @@ def test_concept_mass_matches_independent(temperature):
         assert got["top_share"][3, 4].item() == 1.0 and got["concentration_entropy"][3, 4].item() == 0.0
 
 
+@pytest.mark.parametrize("shift, temperature", [(1e15, 1.0), (1e17, 1.0), (1.0, 1e-30)])
+def test_concept_mass_keeps_its_precision_at_huge_scaled_logits(shift, temperature):
+    """The concept's and the row's log-sum-exps are compared after their shifts are taken out:
+    with scaled logits of 1e17 (or T = 1e-30), m_c + log s rounded log s away (mass 1.0 for
+    0.06 among 50 equal logits, top_share 1.0 for 1/3)."""
+    logits = torch.full((1, 50), shift, dtype=torch.float64)
+    logits[0, 10] -= shift  # one smaller logit, far below: no mass
+    result = reference.concept_mass(logits, torch.tensor([0, 1, 2, 10]), torch.tensor([0, 3, 4]),
+                                    temperature=temperature)
+    expected_mass = torch.tensor([[3 / 49, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(result["mass"], expected_mass, rtol=1e-12, atol=1e-300)
+    assert result["top_share"][0, 0].item() == pytest.approx(1 / 3, rel=1e-12)
+    assert result["concentration_entropy"][0, 0].item() == pytest.approx(math.log(3), rel=1e-12)
+
+
 def test_log_mass_gradient():
     logits = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     token_ids, offsets = torch.tensor([1, 2, 5, 0, 9, 2]), torch.tensor([0, 3, 4, 6])
