@@ -483,6 +483,9 @@ def test_the_op_checks_what_its_kernels_read():
             torch.ops.fastprobe.bridge_loss(student, teacher, labels, -100, beta_tensor(0.5), 1.0, False, True)
         with pytest.raises((TypeError, ValueError), match="teacher|labels"):
             _bridge_loss_op(student, teacher, labels, -100, beta_tensor(0.5), 1.0, False, True)
+    for beta in (torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)):  # beta: a float64 0-dim CPU tensor
+        with pytest.raises((TypeError, ValueError), match="bridge_loss: beta must"):
+            torch.ops.fastprobe.bridge_loss(student, student, None, -100, beta, 1.0, False, True)
 
 
 @pytest.mark.parametrize("student, error", [(torch.randn(4, 0), ValueError), (torch.randn(31), ValueError),
