@@ -1,6 +1,7 @@
 """sink_attention against materialised float64 attention (the reference), PyTorch's SDPA,
 properties of the statistics, and bad input."""
 
+import functools
 import importlib
 import itertools
 import math
@@ -521,6 +522,7 @@ def bad_cases():
         ("must agree on B, Hkv and Lk", (q, k, v[:, :, :6]), {}),
         ("need head dims >= 1", (q, k, v[..., :0]), {}),
         ("multiple of the number of key/value heads", (q, k[:, :1].expand(2, 3, 7, 8), v[:, :1].expand(2, 3, 7, 8)), {}),
+        ("k and v need at least one key/value head, got k of shape (2, 0, 7, 8)", (q[:, :0], k[:, :0], v[:, :0]), {}),
         ("head dim", (q, k[..., :4], v[..., :4]), {}),
         ("batch size", (q, k[:1], v[:1]), {}),
         ("Lq <= Lk", (q, k[:, :, :3], v[:, :, :3]), {}),
@@ -793,6 +795,29 @@ def test_key_groups_changed_after_their_check_stay_in_bounds(target):
         want = fp.sink_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), key_groups=outside.cpu(),
                                  num_groups=4).group_mass
     torch.testing.assert_close(got.cpu().double(), want[..., :3], rtol=RTOL, atol=ATOL)
+
+
+def test_unchecked_group_ids_never_wrap_into_range(target):
+    """Where the id check cannot run (torch.func.vmap, torch.compile), an int64 id outside
+    [0, num_groups) is not cast into it (2**32 + 1 -> 1): the C++ kernel refuses it, Triton's
+    counts it in no group, as for an unchecked KeyGroups."""
+    backend, device = target
+    q, k, v = random_qkv(1, 2, 1, 6, 6, 8, torch.float32, device)
+    groups = torch.tensor([[0, 1, 2**32 + 1, 0, 1, -(2**32) + 1]], device=device)
+
+    def group_mass(q, k, v, ids):
+        return fp.sink_attention(q, k, v, key_groups=ids, num_groups=2).group_mass
+
+    batched = functools.partial(torch.func.vmap(group_mass), q[None], k[None], v[None], groups[None])
+    if backend == "cpp":
+        with pytest.raises(IndexError, match=r"key_groups\[0, 2\] = -1 is outside \[0, 2\)"):
+            batched()
+        return
+    outside = torch.tensor([[0, 1, 2, 0, 1, 2]])  # both bad keys in a third group
+    with fp.use_backend("reference"):
+        want = fp.sink_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), key_groups=outside,
+                                 num_groups=3).group_mass
+    torch.testing.assert_close(batched()[0].cpu().double(), want[..., :2], rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -464,15 +464,20 @@ def prepare_key_groups(key_groups: torch.Tensor, num_groups: Optional[int] = Non
 
 def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tensor, int]:
     """(int32 contiguous ids, G) with every id in [0, G): one host sync (two without
-    num_groups), skipped under torch.compile and torch.func.vmap, which need num_groups."""
+    num_groups), skipped under torch.compile and torch.func.vmap, which need num_groups; there an
+    id outside [0, G) becomes -1 before the cast (not 2**32 + 1 -> 1): refused by the C++
+    kernel, counted in no group by Triton's, as an unchecked KeyGroups."""
     if num_groups is None:
         if skips_host_checks(key_groups):
             raise ValueError("num_groups must be given where key_groups cannot be read (torch.compile, "
                              "torch.func.vmap, meta tensors): it sets the output shape")
         num_groups = max(int(key_groups.max()) + 1, 1) if key_groups.numel() else 1
     num_groups = check_int(num_groups, "num_groups", 1)
-    if not skips_host_checks(key_groups):
-        bad = first_bad_index((key_groups < 0) | (key_groups >= num_groups))
+    outside = (key_groups < 0) | (key_groups >= num_groups)
+    if skips_host_checks(key_groups):
+        key_groups = key_groups.masked_fill(outside, -1)
+    else:
+        bad = first_bad_index(outside)
         if bad is not None:
             raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {key_groups[bad].item()} at {list(bad)}")
     return key_groups.to(torch.int32).contiguous(), num_groups
@@ -684,7 +689,9 @@ def check_attention_inputs(q, k, v):
         raise ValueError(f"k has head dim {key_head_dim} but q has {head_dim}; they must match")
     if head_dim == 0 or value_dim == 0:
         raise ValueError(f"q, k and v need head dims >= 1, got D = {head_dim} and Dv = {value_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+    if num_kv_heads == 0:
+        raise ValueError(f"k and v need at least one key/value head, got k of shape {tuple(k.shape)}")
+    if num_heads % num_kv_heads != 0:
         raise ValueError(
             f"the number of query heads ({num_heads}) must be a multiple of the number of key/value heads "
             f"({num_kv_heads}) for grouped-query attention"
