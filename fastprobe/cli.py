@@ -550,6 +550,11 @@ def _load_model(path: str, device: str, dtype: str):
     return model.to(device).eval()
 
 
+# what AutoTokenizer raises for a folder without a tokenizer: OSError or ValueError, or on
+# transformers 4.x without protobuf installed an ImportError naming protobuf
+_NO_TOKENIZER = (OSError, ValueError, ImportError)
+
+
 def _load_checkpoint(path: str, device: str, dtype: str):
     """(model, tokenizer) of a local checkpoint."""
     import transformers
@@ -557,8 +562,9 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     model = _load_model(path, device, dtype)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: no tokenizer could be loaded from the checkpoint folder ({error})") from None
+    except _NO_TOKENIZER as error:  # transformers' reason, several lines, on one
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{path}: no tokenizer could be loaded from the checkpoint folder ({reason})") from None
     return model, tokenizer
 
 
@@ -570,7 +576,7 @@ def _check_draft_tokenizer(path: str, tokenizer) -> None:
 
     try:
         draft_vocabulary = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab()
-    except (OSError, ValueError):  # no tokenizer in the folder
+    except _NO_TOKENIZER:  # no tokenizer in the folder
         return
     differ = [token for token, index in tokenizer.get_vocab().items() if draft_vocabulary.get(token) != index]
     if differ:

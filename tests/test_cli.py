@@ -156,10 +156,14 @@ def test_no_progress_switches_off_the_checkpoint_loading_bars(checkpoints, capsy
 
 
 def test_a_target_without_a_tokenizer_is_named(checkpoints, capsys):
-    """(the error was transformers' alone, a few lines on converting slow tokenizers, no folder)"""
+    """(the error was transformers' alone, a few lines on converting slow tokenizers, no folder),
+    on one line whatever transformers raises (4.x without protobuf: an ImportError naming it,
+    which escaped as that alone)"""
     folders, texts = checkpoints
     assert cli.main(_uncertainty(folders, texts, "no_tokenizer", "draft")) == 2
-    assert f"error: {folders['no_tokenizer']}: no tokenizer could be loaded" in capsys.readouterr().err
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and f"error: {folders['no_tokenizer']}: no tokenizer could be loaded" in error[0]
+    assert error[0].endswith(")")  # transformers' reason, closed on the same line
 
 
 @pytest.mark.parametrize("command", ["sinks", "uncertainty", "availability"])
