@@ -133,6 +133,12 @@ def test_generate_scores_multi_token_variants_from_its_own_cache(tokenizer, monk
     the prompts (no second pass over them) where every layer attends to all keys; a model with
     sliding-window layers (4 tokens here), whose cache has dropped the prompts' oldest keys by
     then, runs the prompts again. The masses are generate=False's either way."""
+    from transformers import cache_utils
+
+    if not hasattr(cache_utils, "DynamicLayer"):
+        reuses_cache = False  # earlier transformers 4.x: a cache without layers to check is never reused
+    elif not hasattr(cache_utils, "DynamicSlidingWindowLayer"):
+        reuses_cache = True  # later 4.x: a sliding-window layer's dynamic cache is a DynamicLayer keeping every key
     model = tiny_model(arch, vocab_size=len(tokenizer), seed=3)
     options = dict(batch_size=2, progress=False)
     expected = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, generate=False, **options)

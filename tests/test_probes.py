@@ -444,6 +444,8 @@ def test_collector_refuses_inputs_without_tokens(tokenizer):
     """A row with no real token (an empty text from a tokenizer without BOS, an attention_mask
     row of zeros) has nothing to pool: a ValueError naming it, not a padding token's state
     ("last") or zeros ("mean"); no hook is left behind."""
+    from tokenizers import processors
+
     model = model_of("llama", tokenizer)
     hooks = hooks_on(model)
     batch = dict(tokenizer(TEXTS[:3], padding=True, return_tensors="pt"))
@@ -452,8 +454,8 @@ def test_collector_refuses_inputs_without_tokens(tokenizer):
     for pool in ("last", "mean", None):
         with pytest.raises(ValueError, match="input 1 has no tokens"):
             collect_hidden_states_from_batches(model, batch, layers=[0], pool=pool, progress=False)
-    without_bos = tiny_tokenizer()
-    without_bos.add_bos_token = False
+    without_bos = tiny_tokenizer()  # its template no longer prepends <s> (transformers 4.x ignores add_bos_token=False)
+    without_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     assert without_bos("")["input_ids"] == []
     with pytest.raises(ValueError, match="input 3 has no tokens"):
         collect_hidden_states(model, without_bos, [*TEXTS[:3], ""], layers=[0], batch_size=2, progress=False)

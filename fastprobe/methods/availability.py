@@ -298,7 +298,8 @@ def _prompt_cache(cache, prompt_length: int):
     """generate's KV cache cut back to the prompt's `prompt_length` positions (the generated
     tokens' keys dropped, in place), or None where that would not be the prompt's own cache: any
     layer but a plain full-attention DynamicLayer (a sliding-window or chunked layer has dropped
-    the prompt's oldest keys; static, quantized, shared), or no cache layers (transformers 4.x)."""
+    the prompt's oldest keys; static, quantized, shared), or no cache layers (earlier transformers
+    4.x). (Later 4.x keeps a sliding-window layer's keys in full in a DynamicLayer: reused.)"""
     from transformers import cache_utils
 
     full_layer = getattr(cache_utils, "DynamicLayer", None)
