@@ -13,6 +13,11 @@ from .conftest import ATOL, RTOL, same_bits_per_row
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BETAS = [0.0, 0.37, 1.0, 2.0]
+# compiles of a 10-step beta schedule driven by an int step (BridgeLoss(step=...)): the first
+# value, then one graph that takes step (and so beta) as an input. Older dynamo (torch 2.4)
+# specializes the int step on its first three values (0, 1, 2) before making it symbolic: 4.
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+SCHEDULE_COMPILES = 2 if TORCH_RELEASE >= (2, 11) else 4
 
 
 def shapes_for(target):
@@ -433,7 +438,9 @@ def test_torch_compile_fullgraph_takes_beta_at_run_time():
         compiled(z1, teacher, at).backward()
         step(z2, teacher, at).backward()
         torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-7)
-    assert counter.frame_count <= 2
+        if at == SCHEDULE_COMPILES - 1:
+            settled = counter.frame_count
+    assert counter.frame_count == settled <= SCHEDULE_COMPILES  # every later beta reused the last graph
     # the op reads beta on the host: a CUDA graph must not capture it (a replay would keep the captured beta)
     if hasattr(torch.Tag, "cudagraph_unsafe"):
         assert torch.Tag.cudagraph_unsafe in torch.ops.fastprobe.bridge_loss.default.tags
@@ -456,7 +463,9 @@ def test_fused_linear_under_torch_compile_takes_beta_at_run_time():
         compiled(w1, at).backward()
         step(w2, at).backward()
         torch.testing.assert_close(w1.grad, w2.grad)
-    assert counter.frame_count <= 2
+        if at == SCHEDULE_COMPILES - 1:
+            settled = counter.frame_count
+    assert counter.frame_count == settled <= SCHEDULE_COMPILES  # every later beta reused the last graph
 
 
 def test_frozen_student_gives_the_teacher_no_gradient():

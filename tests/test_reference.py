@@ -424,20 +424,22 @@ def test_sink_attention_matches_loops(fresh_seed):
 def test_sink_attention_matches_sdpa(batch, heads, kv_heads, num_queries, num_keys):
     q = torch.randn(batch, heads, num_queries, 8, dtype=torch.float64)
     k, v = torch.randn(2, batch, kv_heads, num_keys, 8, dtype=torch.float64)
+    # each key/value head serves heads // kv_heads query heads (SDPA's enable_gqa needs torch 2.5)
+    k_per_head, v_per_head = (t.repeat_interleave(heads // kv_heads, 1) for t in (k, v))
     position = torch.arange(num_keys - num_queries, num_keys)[:, None]  # queries are the last Lq positions
     key = torch.arange(num_keys)[None, :]
     causal = key <= position
     for window in (None, 1, 2, num_keys):
         mask = causal if window is None else causal & (key > position - window)
         got = reference.sink_attention(q, k, v, window=window)
-        torch.testing.assert_close(got["out"], F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
-        scores = q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) / math.sqrt(8)
+        torch.testing.assert_close(got["out"], F.scaled_dot_product_attention(q, k_per_head, v_per_head, attn_mask=mask))
+        scores = q @ k_per_head.transpose(-1, -2) / math.sqrt(8)
         torch.testing.assert_close(got["lse"], scores.masked_fill(~mask, NEG_INF).logsumexp(-1))
     if num_queries == num_keys:
         torch.testing.assert_close(reference.sink_attention(q, k, v)["out"],
-                                   F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+                                   F.scaled_dot_product_attention(q, k_per_head, v_per_head, is_causal=True))
     torch.testing.assert_close(reference.sink_attention(q, k, v, causal=False)["out"],
-                               F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                               F.scaled_dot_product_attention(q, k_per_head, v_per_head))
 
 
 def test_window_counts_the_query_itself():

@@ -52,8 +52,11 @@ def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
     """A contiguous bool tensor as uint8 (what the kernels read): the same bytes, no copy, in eager
     mode. Under torch.compile a converting copy instead: torch 2.4's inductor cannot lower
     view(dtype) from bool ("torch.bool is not supported by torch.iinfo"), and inductor fuses
-    the copy anyway."""
-    return mask.to(torch.uint8) if is_compiling() else mask.view(torch.uint8)
+    the copy anyway. Under a functorch transform too: torch 2.4's vmap has no batching rule for
+    view(dtype)."""
+    if is_compiling() or torch._C._are_functorch_transforms_active():
+        return mask.to(torch.uint8)
+    return mask.view(torch.uint8)
 
 
 def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:

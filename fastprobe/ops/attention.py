@@ -14,6 +14,7 @@ matrix is ever materialised. `fastprobe.reference.sink_attention` is the specifi
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -400,7 +401,10 @@ register_forward_only(_sink_attention_op, "sink_attention", inputs="q, k, v and 
 
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
-        return head_dim**-0.5
+        # D ** -0.5 as a plain float: operator.index pins a symbolic head_dim (torch.compile
+        # dynamic=True) to its value, a guard on D; of the SymInt itself the op's float argument
+        # got a float guard that torch 2.4 could not evaluate, so it recompiled on every call
+        return operator.index(head_dim) ** -0.5
     if type(scale) is float and FLOAT32_TINY <= scale <= FLOAT32_MAX:  # (the common case, without the ABC check)
         return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):

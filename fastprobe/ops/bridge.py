@@ -278,7 +278,10 @@ def bridge_loss(
         beta: the bridge exponent, a Python float (a runtime value: changing it recompiles no
             kernel, and under torch.compile a second value recompiles once, into a graph that
             takes every later value as an input; a new temperature, direction or reduction
-            recompiles there).
+            recompiles there). Older torch (2.4) specializes a Python float that is an input of
+            the compiled function itself, one graph per value (fullgraph=True: an error at the
+            recompile limit); there give the compiled function an int step and let
+            BridgeLoss(step=...) derive beta inside it (at most 4 compiles on torch 2.4).
         labels: optional integer tensor of the logits' leading shape; rows whose label is
             ignore_index give loss 0 and gradient 0.
         reduction: "mean" over the kept rows (0 when no row is kept, never NaN), "sum", or
