@@ -149,3 +149,4 @@ def lanes_target(module: str):
 # the float64 reference run on the same (already rounded) input values, so one
 # float32-level tolerance serves every input dtype.
 RTOL, ATOL = 2e-5, 2e-5
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (major, minor)

@@ -9,14 +9,13 @@ import fastprobe as fp
 from fastprobe import reference
 from fastprobe.ops.bridge import beta_tensor
 
-from .conftest import ATOL, RTOL, same_bits_per_row
+from .conftest import ATOL, RTOL, TORCH_RELEASE, same_bits_per_row
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BETAS = [0.0, 0.37, 1.0, 2.0]
 # compiles of a 10-step beta schedule driven by an int step (BridgeLoss(step=...)): the first
 # value, then one graph that takes step (and so beta) as an input. Older dynamo (torch 2.4)
 # specializes the int step on its first three values (0, 1, 2) before making it symbolic: 4.
-TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 SCHEDULE_COMPILES = 2 if TORCH_RELEASE >= (2, 11) else 4
 
 

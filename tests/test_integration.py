@@ -15,6 +15,7 @@ from fastprobe.integrations import attention_layers, is_patched, patch_options
 from fastprobe.integrations import transformers as integration
 from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
 
+from .conftest import TORCH_RELEASE
 from .transformers_helpers import cached_keys_values, generated_cache, patch_or_skip
 
 transformers = pytest.importorskip("transformers")
@@ -26,7 +27,6 @@ TOLERANCE = dict(rtol=2e-5, atol=2e-5)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 TORCH_BEFORE_2_6 = TORCH_RELEASE < (2, 6)
 PACKING_NEEDS_TORCH_2_6 = ("transformers reads packed sequences from position ids only with torch >= 2.6 (before, the "
                            "unpatched model attends across them, or its sliding-window mask fails on them)")
