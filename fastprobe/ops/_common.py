@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import math
 import numbers
@@ -294,7 +295,8 @@ def custom_op(name: str, tags: tuple = ()) -> Callable[[Callable], CustomOp]:
 # keeps a runtime value): a CUDA graph that captured its launch would replay the captured value, so
 # inductor leaves such an op outside the graphs it captures. (Absent before torch 2.8, which captured
 # no graph with a CPU tensor in it.)
-CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+CUDAGRAPH_UNSAFE = ((torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe")
+                    and "tags" in inspect.signature(torch.library.custom_op).parameters else ())
 
 
 def register_forward_only(op, name: str, why: str = "", inputs: str = "its inputs") -> None:
