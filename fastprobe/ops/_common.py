@@ -311,6 +311,18 @@ def register_forward_only(op, name: str, why: str = "", inputs: str = "its input
     op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def check_op_logits(op: str, name: str, logits: torch.Tensor, layout: str) -> None:
+    """The logits a custom op's kernels stream, checked in the op's body (reachable directly, past
+    the public checks): floating point, of `layout`'s dimensions (e.g. "[K, N, V]"), none of them
+    0 but N (an empty vocabulary leaves every id outside it); else a ValueError/TypeError naming it."""
+    sizes = layout.strip("[]").split(", ")
+    if logits.dim() != len(sizes) or any(size == 0 for size, axis in zip(logits.shape, sizes) if axis != "N"):
+        nonempty = ", ".join(axis for axis in sizes if axis != "N")
+        raise ValueError(f"{op}: {name} must be {layout} with {nonempty} >= 1, got {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {logits.dtype}")
+
+
 def check_op_tensors(op: str, device: torch.device, specs) -> None:
     """What a custom op's kernels read through raw pointers, checked in the op's body (the op is
     reachable directly, as torch.ops.fastprobe.<op>, past the public function's checks). Each of

@@ -23,6 +23,7 @@ from ._common import (
     CUDAGRAPH_UNSAFE,
     DTYPE_NAMES,
     check_int,
+    check_op_logits,
     check_op_tensors,
     check_real,
     check_same_device,
@@ -122,10 +123,7 @@ def _bridge_loss_op(
     in place and returns it, so a caller of this op keeps it only if it runs no such backward."""
     # what the kernels read through raw pointers, checked here too: this op is reachable directly
     # (torch.ops.fastprobe.bridge_loss), past the public functions' checks
-    if student.dim() != 2 or student.shape[1] == 0:
-        raise ValueError(f"bridge_loss: student must be [N, V] with V >= 1, got {list(student.shape)}")
-    if not student.is_floating_point():
-        raise TypeError(f"bridge_loss: student must be a floating-point tensor, got {student.dtype}")
+    check_op_logits("bridge_loss", "student", student, "[N, V]")
     num_rows, vocab = student.shape
     check_op_tensors("bridge_loss", student.device, (
         ("teacher", teacher, student.shape, student.dtype, False),  # (any strides)

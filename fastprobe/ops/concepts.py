@@ -32,6 +32,7 @@ from ..backend import get_backend, resolve, use_backend
 from ._common import (
     DTYPE_NAMES,
     check_finite_lse,
+    check_op_logits,
     check_op_tensors,
     check_temperature,
     check_tensor,
@@ -455,10 +456,7 @@ def _check_op_args(op: str, logits, specs, vocab_ids, vocab_offsets, vocab_conce
     logits [N, V] floating-point with V >= 1; specs (check_op_tensors) and the transpose's tensors: 1-D,
     contiguous, int64 (vocab_concepts of `memberships` entries), id_block_starts int32 with at
     least one entry. The ids' values are the C++ kernels' to check (they do, before any row)."""
-    if logits.dim() != 2 or logits.shape[1] == 0:  # (V = 0: every id is outside the vocabulary)
-        raise ValueError(f"{op}: logits must be [N, V] with V >= 1, got {list(logits.shape)}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{op}: logits must be a floating-point tensor, got {logits.dtype}")
+    check_op_logits(op, "logits", logits, "[N, V]")
     if id_block_starts.numel() == 0:
         raise ValueError(f"{op}: id_block_starts must have at least 1 entry, got 0")
     check_op_tensors(op, logits.device, (

@@ -25,6 +25,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
     check_finite_lse,
+    check_op_logits,
     check_op_tensors,
     check_same_device,
     check_temperature,
@@ -119,10 +120,7 @@ _PACKED = {"reference": _reference_packed, "cpp": _cpp_packed, "triton": _triton
 def _check_op_args(draft, target, weights, lse_in, lse_only) -> None:
     """What the kernels read through raw pointers, checked in the op: it is reachable directly
     (torch.ops.fastprobe.draft_divergence), past draft_divergence's checks."""
-    if draft.dim() != 3 or draft.shape[0] == 0 or draft.shape[2] == 0:
-        raise ValueError(f"draft_divergence: draft must be [K, N, V] with K, V >= 1, got {list(draft.shape)}")
-    if not draft.is_floating_point():
-        raise TypeError(f"draft_divergence: draft must be a floating-point tensor, got {draft.dtype}")
+    check_op_logits("draft_divergence", "draft", draft, "[K, N, V]")
     if lse_only and lse_in is not None:
         raise ValueError("draft_divergence: lse_only computes the lse, so lse_in must be None")
     num_drafts, num_tokens, vocab = draft.shape
