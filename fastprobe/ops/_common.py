@@ -55,9 +55,7 @@ def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
     view(dtype) from bool ("torch.bool is not supported by torch.iinfo"), and inductor fuses
     the copy anyway. Under a functorch transform too: torch 2.4's vmap has no batching rule for
     view(dtype)."""
-    if is_compiling() or torch._C._are_functorch_transforms_active():
-        return mask.to(torch.uint8)
-    return mask.view(torch.uint8)
+    return mask.to(torch.uint8) if skips_host_checks() else mask.view(torch.uint8)
 
 
 def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
