@@ -8,6 +8,7 @@ is reported; libraries and threads are warmed up on a tiny input first.
 
 import ctypes
 import ctypes.util
+import importlib.util
 import subprocess
 import sys
 import threading
@@ -20,6 +21,17 @@ import torch
 def bench_devices():
     """The devices a suite measures on: the CPU, and CUDA when present."""
     return [pytest.param("cpu")] + ([pytest.param("cuda")] if torch.cuda.is_available() else [])
+
+
+def skip_flex_unless_timed(impl: str, device: str) -> None:
+    """Skips a FlexAttention row (impl "flex...") where it is not timed: on the CPU (it compiles
+    for minutes there) and with a torch that has no FlexAttention (before 2.5)."""
+    if not impl.startswith("flex"):
+        return
+    if device == "cpu":
+        pytest.skip("FlexAttention is timed on CUDA only (on the CPU it compiles for minutes)")
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        pytest.skip(f"FlexAttention needs torch 2.5+ (this is {torch.__version__})")
 
 
 def cuda_peak_extra_bytes(call) -> int:

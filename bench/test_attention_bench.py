@@ -287,8 +287,7 @@ def test_attention_variant(benchmark, device, family, impl, request):
     """Value heads narrower than query heads (multi-head latent attention, "latent"), the
     recording benchmark's 16-dim heads ("narrow"), bidirectional image blocks (Gemma 3 with
     images, "blocks") and packed sequences ("packed") in causal prefill."""
-    if impl.startswith("flex") and device == "cpu":
-        pytest.skip("FlexAttention is timed on CUDA (on CPU it compiles for minutes)")
+    _memory.skip_flex_unless_timed(impl, device)
     cases, make_inputs, impls, baseline = VARIANTS[family]
     if device not in cases:
         pytest.skip(f"{family} is timed on the CPU only (the CUDA rows are bfloat16 prefill already)")
@@ -371,6 +370,7 @@ GPU_GROUPS = {
 @pytest.mark.parametrize("length", GPU_LENGTHS)
 @pytest.mark.parametrize("group,impl", [(g, i) for g, (impls, _) in GPU_GROUPS.items() for i in impls])
 def test_attention_cuda(benchmark, group, impl, length, request):
+    _memory.skip_flex_unless_timed(impl, "cuda")
     impls, baseline = GPU_GROUPS[group]
     inputs = make_qkv("cuda", 1, GPU_HEADS, length, GPU_HEAD_DIM, torch.bfloat16)
     benchmark.group = f"sink_attention_{group}_L{length}-cuda"
@@ -386,6 +386,7 @@ def test_attention_cuda(benchmark, group, impl, length, request):
 @pytest.mark.parametrize("impl", ["fastprobe", "sdpa-flash", "fastprobe-sink-window", "flex"])
 def test_attention_decode_cuda(benchmark, impl, request):
     """One query token against a 32k-token cache (decoding latency)."""
+    _memory.skip_flex_unless_timed(impl, "cuda")
     calls = {"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash, "fastprobe-sink-window": fastprobe_sink_window, "flex": flex_sink_window}
     inputs = make_qkv("cuda", 1, GPU_HEADS, DECODE_KEYS, GPU_HEAD_DIM, torch.bfloat16, num_queries=1)
     benchmark.group = "sink_attention_decode-cuda"

@@ -91,8 +91,7 @@ IMPLS = {
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_dual_path_attention(benchmark, device, impl, request):
-    if impl == "flex-two-calls" and device == "cpu":
-        pytest.skip("FlexAttention is measured on CUDA only")
+    _memory.skip_flex_unless_timed(impl, device)
     case = CASES[device]
     inputs = make_inputs(device, **case)
     benchmark.group = f"dual_path_attention-{device}"

@@ -228,3 +228,21 @@ def test_attention_peers_compute_what_fastprobe_computes(uncompiled, monkeypatch
         want = dual.fastprobe_dual(*inputs)
         for name in ("sdpa-two-calls", "flex-two-calls") if HAS_FLEX else ("sdpa-two-calls",):
             torch.testing.assert_close(dual.IMPLS[name](*inputs), want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_flex_rows_skip_where_they_are_not_timed(monkeypatch):
+    """A FlexAttention row skips on the CPU and, on CUDA, with a torch that has no FlexAttention
+    (torch 2.4: its import would fail the row); every other row, and flex on a CUDA torch 2.5+, runs."""
+    from bench import _memory
+
+    _memory.skip_flex_unless_timed("sdpa-flash", "cpu")  # not a flex row: no skip
+    with pytest.raises(pytest.skip.Exception, match="CUDA only"):
+        _memory.skip_flex_unless_timed("flex-two-calls", "cpu")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.endswith("flex_attention") else real_find_spec(name, *a))
+    with pytest.raises(pytest.skip.Exception, match="torch 2.5"):
+        _memory.skip_flex_unless_timed("flex+lse-mass", "cuda")
+    monkeypatch.undo()
+    if HAS_FLEX:
+        _memory.skip_flex_unless_timed("flex", "cuda")  # torch 2.5+: the row runs
