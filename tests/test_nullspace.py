@@ -1,9 +1,9 @@
 """fastprobe.methods.nullspace on small built-in models (random weights, no downloads): the
 subspace recovers planted directions and checks k; the projection leaves no component along U at
-its layer (and exactly h - (h U) U^T there), changes the outputs, keeps the dtype, works in
-generate with a KV cache, and comes off leaving the outputs bit for bit as before; shift vectors
-from text pairs on a tiny Llama and image / no-image pairs on a tiny LLaVA; bad input raises a
-clear ValueError with the model left alone."""
+its layer (and exactly h - (h U) U^T there; a rounded U loses its whole span), changes the
+outputs, keeps the dtype, works in generate with a KV cache, and comes off leaving the outputs
+bit for bit as before; shift vectors from text pairs on a tiny Llama and image / no-image pairs
+on a tiny LLaVA; bad input raises a clear ValueError with the model left alone."""
 
 import numpy as np
 import pytest
@@ -134,6 +134,24 @@ def test_projection_keeps_the_dtype(tokenizer):
     assert states[0].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
     along = states[0].float() @ basis
     assert float(along[states.mask].abs().max()) < 0.05 * float(states[0].float().abs().max())
+
+
+def test_a_rounded_basis_still_removes_its_whole_span(model, tokenizer):
+    """A basis stored in bfloat16 (orthonormal to ~1e-3, which project_out accepts) projects out
+    exactly the span of its columns, not (I - U U^T) of the rounded U, which would leave ~1e-3 of
+    the component along them; the caller's basis is left as it was."""
+    exact = torch.linalg.qr(torch.randn(64, 3, dtype=torch.float64)).Q
+    rounded = exact.to(torch.bfloat16)
+    kept, span = rounded.clone(), torch.linalg.qr(rounded.double()).Q  # orthonormal, spanning what rounded does
+    with project_out(model, rounded, layer=1) as handle:
+        hidden = torch.randn(4, 7, 64, dtype=torch.float64)
+        along = handle.project(hidden) @ span
+        states = collect_hidden_states(model, tokenizer, TEXTS[:3], layers=[1], pool=None, progress=False)
+    assert float(along.abs().max()) < 1e-8 * float(hidden.abs().max())
+    residual = (states[1].double() @ span)[states.mask]
+    assert float(residual.abs().max()) < 1e-5 * float(states[1].abs().max())
+    torch.testing.assert_close(handle.basis.T @ handle.basis, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(rounded, kept)
 
 
 def test_generate_with_the_projection(model, tokenizer, text_basis):

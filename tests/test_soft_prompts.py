@@ -2,8 +2,9 @@
 weights, in-process tokenizer): the fit equals torch's mean / std of the embedding table, the
 draws have its moments, seeds reproduce and fresh calls differ, the soft vectors reach the model
 right after each row's real tokens at the positions that follow them, left and right padded
-batches generate what each prompt alone does, n = 0 is plain generation, and misuse raises
-clear errors without touching the inputs or the table."""
+batches generate what each prompt alone does, n = 0 is plain generation, learned positions
+(GPT-2) bound n and max_new_tokens with a ValueError, and misuse raises clear errors without
+touching the inputs or the table."""
 
 import numpy as np
 import pytest
@@ -105,6 +106,27 @@ def test_fit_follows_a_scaled_embedding(tokenizer):
     fitted = sp.fit_embedding_gaussian(model, per_dimension=True)
     torch.testing.assert_close(fitted.mean.double(), weight.mean(0) * scale, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(fitted.std.double(), weight.std(0) * scale, rtol=1e-6, atol=0)
+
+
+def test_a_table_with_non_finite_rows_is_refused_unless_they_are_excluded(tokenizer):
+    """An inf or NaN row makes the fit NaN: a ValueError naming the rows, and leaving them out
+    with exclude_token_ids fits the others (0 * inf would still be NaN in a weighted sum)."""
+    model = fresh_llama(tokenizer)
+    weight = table(model).double()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[7, 3] = float("inf")
+        model.get_input_embeddings().weight[40, 0] = float("nan")
+    for per_dimension in (False, True):
+        with pytest.raises(ValueError, match=r"^model: the input embedding table has NaN or infinite entries in "
+                                             r"rows \[7, 40\].*exclude_token_ids"):
+            sp.fit_embedding_gaussian(model, per_dimension=per_dimension)
+    keep = torch.ones(len(weight), dtype=torch.bool)
+    keep[[7, 40]] = False
+    fitted = sp.fit_embedding_gaussian(model, exclude_token_ids=[7, 40])
+    torch.testing.assert_close(fitted.mean.double(), weight[keep].mean(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fitted.std.double(), weight[keep].std(), rtol=1e-6, atol=0)
+    per_dimension = sp.fit_embedding_gaussian(model, per_dimension=True, exclude_token_ids=[7, 40])
+    torch.testing.assert_close(per_dimension.std.double(), weight[keep].std(0), rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------- the draws
@@ -321,6 +343,71 @@ def test_generation_takes_a_fitted_gaussian(tokenizer):
     torch.testing.assert_close(soft, per_dimension)
 
 
+# ---------------------------------------------------------------- learned positions (GPT-2)
+
+
+POSITIONS = 16
+# row 0 right padded (2 real tokens), row 1 six: positions count real tokens, so the longest row
+# (6) plus n soft vectors plus the new tokens less one (the last is never fed back) must fit in 16
+SHORT_AND_LONG = torch.tensor([[5, 6, 0, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 12]])
+SHORT_AND_LONG_MASK = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
+
+
+def forward_counter(model):
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+
+def test_learned_positions_bound_n_and_max_new_tokens_before_the_model_runs(tokenizer):
+    """GPT-2 with 16 positions: 6 real tokens + n = 4 soft vectors leave room for 7 new tokens
+    (positions 0..15); 8, or n = 11, or max_new_tokens in a generation config, is a ValueError
+    naming the argument before any forward (not an IndexError inside the position table)."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=POSITIONS)
+    prompts = dict(input_ids=SHORT_AND_LONG, attention_mask=SHORT_AND_LONG_MASK)
+    fits = sp.soft_prompt_generate(model, **prompts, n=4, max_new_tokens=7, min_new_tokens=7, do_sample=False)
+    assert fits.shape == (2, 7)
+    assert sp.soft_prompt_generate(model, **prompts, n=10, max_new_tokens=1, do_sample=False).shape == (2, 1)
+    calls, hook = forward_counter(model)
+    try:
+        with pytest.raises(ValueError, match="^max_new_tokens=8: .*room for 7 new tokens"):
+            sp.soft_prompt_generate(model, **prompts, n=4, max_new_tokens=8, do_sample=False)
+        with pytest.raises(ValueError, match="^max_new_tokens=2: .*room for 1 new token"):
+            sp.soft_prompt_generate(model, **prompts, n=10, max_new_tokens=2)
+        with pytest.raises(ValueError, match="^max_new_tokens=8: "):
+            sp.soft_prompt_generate(model, **prompts, n=4, generation_config=GenerationConfig(max_new_tokens=8))
+        with pytest.raises(ValueError, match="^n=11: the longest prompt has 6 real tokens"):
+            sp.soft_prompt_generate(model, **prompts, n=11, max_new_tokens=1)
+        with pytest.raises(ValueError, match="^soft_prompts: the longest prompt has 6 real tokens"):
+            sp.soft_prompt_inputs(model, **prompts, soft_prompts=sp.draw_soft_prompts(model, 11))
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_learned_positions_bound_generation_by_max_length(tokenizer):
+    """Without max_new_tokens (generate's default length, or max_length, whose meaning with
+    inputs_embeds differs between transformers versions) the position that would run past the
+    table is a ValueError, not an IndexError, and the guard comes off the model."""
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=POSITIONS)
+    model.generation_config.max_new_tokens = None
+    with pytest.raises(ValueError, match="^generate .*room for 7 new tokens in the 16 learned .*max_new_tokens <= 7"):
+        sp.soft_prompt_generate(model, input_ids=SHORT_AND_LONG, attention_mask=SHORT_AND_LONG_MASK, n=4,
+                                max_length=64, do_sample=False)
+    assert not model._forward_pre_hooks
+    short = sp.soft_prompt_generate(model, input_ids=SHORT_AND_LONG[:1, :2], n=4, max_length=8, do_sample=False)
+    assert 0 < short.shape[1] <= 8 and not model._forward_pre_hooks
+
+
+def test_rotary_positions_are_not_bounded(tokenizer):
+    """Llama's max_position_embeddings is no table: generation past it is the model's business."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=POSITIONS)
+    out = sp.soft_prompt_generate(model, input_ids=SHORT_AND_LONG, attention_mask=SHORT_AND_LONG_MASK, n=11,
+                                  max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 8)
+
+
 # ---------------------------------------------------------------- a vision-language model (LLaVA)
 
 
@@ -371,6 +458,32 @@ def test_llava_generates_with_pixel_values_and_soft_prompts(llava):
 
 
 # ---------------------------------------------------------------- misuse
+
+
+def test_misuse_is_found_before_the_table_is_read_or_the_model_runs(tokenizer, monkeypatch):
+    """A bad seed is refused before the fit (which reads the whole table), a non-finite given
+    Gaussian before drawing, position_ids (generate counts them over the extended mask) before
+    generate."""
+    model = fresh_llama(tokenizer)
+    fits, real_moments = [], sp._table_moments
+    monkeypatch.setattr(sp, "_table_moments", lambda *args: fits.append(1) or real_moments(*args))
+    calls, hook = forward_counter(model)
+    ids = torch.tensor([[1, 40, 41]])
+    try:
+        with pytest.raises(ValueError, match="^seed must"):
+            sp.draw_soft_prompts(model, 2, seed="7")
+        with pytest.raises(ValueError, match="^seed must"):
+            sp.soft_prompt_generate(model, input_ids=ids, n=2, seed=-1, max_new_tokens=1)
+        assert not fits
+        for mean, std, name in [(float("nan"), 1.0, "mean"), (0.0, float("inf"), "std"), (0.0, float("nan"), "std")]:
+            gaussian = sp.EmbeddingGaussian(torch.tensor(mean), torch.tensor(std), 64)
+            with pytest.raises(ValueError, match=f"^gaussian.{name} must be finite"):
+                sp.draw_soft_prompts(model, 2, gaussian=gaussian)
+        with pytest.raises(ValueError, match="^soft_prompt_generate builds the model inputs itself: .*position_ids"):
+            sp.soft_prompt_generate(model, input_ids=ids, n=2, max_new_tokens=1, position_ids=torch.arange(3)[None])
+    finally:
+        hook.remove()
+    assert not calls
 
 
 def test_bad_arguments_raise_clear_errors(tokenizer):

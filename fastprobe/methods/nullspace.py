@@ -20,8 +20,9 @@ the bias). Computed in float64.
 
 The projection. A forward hook on block `layer` replaces its output hidden state (every
 position, prompt and generated tokens alike, so generate with a KV cache sees it on every step)
-by h - (h U) U^T, in the hidden state's dtype and device. The model's weights and U are never
-modified; remove() restores the model's outputs exactly.
+by h - (h U) U^T, in the hidden state's dtype and device (U re-orthonormalised in float64 first,
+so a rounded one still removes its whole span). The model's weights and U are never modified;
+remove() restores the model's outputs exactly.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def _hidden_size(model) -> Optional[int]:
 
 
 def _checked_basis(basis, hidden_size: Optional[int]) -> torch.Tensor:
-    """The basis as a float64 CPU copy [H, k] (a vector [H] is one direction), checked for
-    orthonormal columns."""
+    """An orthonormal float64 CPU basis [H, k] of the span of `basis` (a vector [H] is one
+    direction), which must have orthonormal columns up to its dtype's rounding."""
     if not isinstance(basis, torch.Tensor) or not basis.is_floating_point():
         raise ValueError(f"basis must be a floating tensor [H, k] (bias_subspace's U), got "
                          f"{getattr(basis, 'dtype', type(basis))}")
@@ -177,7 +178,10 @@ def _checked_basis(basis, hidden_size: Optional[int]) -> torch.Tensor:
     if float((gram - torch.eye(copy.shape[1], dtype=torch.float64)).abs().max()) > tolerance:
         raise ValueError("basis must have orthonormal columns (U^T U = I), as bias_subspace returns: "
                          "a projection needs them")
-    return copy
+    # re-orthonormalise: a rounded U (bfloat16) makes I - U U^T miss its own span by ~1e-3;
+    # U = Q R with diag(R) > 0 gives Q ~ U column by column and I - Q Q^T the exact projection
+    q, r = torch.linalg.qr(copy)
+    return q * torch.sign(torch.diagonal(r))
 
 
 class Projection:
@@ -186,7 +190,7 @@ class Projection:
 
     def __init__(self, model, basis: torch.Tensor, layer: int):
         self.model, self.layer = model, layer
-        self.basis = basis  # float64 CPU copy [H, k]
+        self.basis = basis  # orthonormal float64 CPU copy [H, k]
         self._converted: dict = {}  # (device, dtype) -> basis there
         self._handle = transformer_blocks(model)[layer].register_forward_hook(self._hook)
 
@@ -235,7 +239,9 @@ def project_out(model, basis: torch.Tensor, *, layer: int) -> Projection:
     `layer` (negative from the end): h <- (I - U U^T) h at every position, in every forward and
     generate call until the returned Projection is removed (.remove(), or use it in a with
     block). Checks the layer and the basis (width = the model's hidden size, orthonormal
-    columns) before touching the model; U is copied, never modified."""
+    columns, up to their dtype's rounding) before touching the model. U is copied, never
+    modified, and the copy made exactly orthonormal in float64 (Q of U = Q R), so a rounded U
+    (bfloat16) still has its whole span removed."""
     blocks = transformer_blocks(model)
     resolved = _resolve_layer(layer, len(blocks))
     return Projection(model, _checked_basis(basis, _hidden_size(model)), resolved)

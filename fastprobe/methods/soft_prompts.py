@@ -23,25 +23,36 @@ left-padded one is kept as is), the row's n soft vectors follow them, and the at
 extended by n ones. Generate counts positions over the mask (cumsum - 1), so in a row with r
 real tokens the soft vectors sit at positions r .. r + n - 1 and the first new token at r + n,
 as for that prompt alone. With inputs_embeds, generate returns the new tokens only; use
-max_new_tokens (max_length would count the soft vectors too). n = 0 is plain generation.
+max_new_tokens (what max_length counts with inputs_embeds differs between transformers
+versions). n = 0 is plain generation.
+
+Learned positions. A model with a table of learned positions (GPT-2: config.n_positions) takes
+r + n + new - 1 positions for its longest row (the last new token is never fed back): a prompt
+with its soft vectors, or a max_new_tokens, that runs past the table is a ValueError naming n or
+max_new_tokens before the model runs. Without max_new_tokens generate goes by max_length, which
+with inputs_embeds counts differently across transformers versions: then the forward that would
+run past the table raises the ValueError instead. Rotary and other unbounded positions are not
+limited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from ._batching import as_texts, check_count, generate_settings, pad_or_eos, padding_ready
+from ._batching import as_texts, check_count, generate_settings, learned_positions, pad_or_eos, padding_ready
 
 __all__ = [
     "EmbeddingGaussian", "draw_soft_prompts", "fit_embedding_gaussian", "soft_prompt_generate", "soft_prompt_inputs",
 ]
 
 _CHUNK_ENTRIES = 1 << 22  # table entries per float64 chunk while fitting (32 MiB): the table is never copied whole
-_MODEL_INPUTS = ("inputs", "input_ids", "inputs_embeds", "attention_mask")  # soft_prompt_generate builds these
+# soft_prompt_generate builds these (generate counts position_ids over the extended mask)
+_MODEL_INPUTS = ("inputs", "input_ids", "inputs_embeds", "attention_mask", "position_ids")
 
 
 # ---------------------------------------------------------------- the Gaussian
@@ -103,10 +114,10 @@ def _kept_rows(exclude_token_ids: Iterable[int], vocab_size: int, device: torch.
 
 
 def _row_chunks(weight: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype):
-    """(rows, kept) per chunk of the table: rows [c, H] in `dtype`, kept [c, 1] as 0/1 weights."""
+    """(rows, kept) per chunk of the table: rows [c, H] in `dtype`, kept [c, 1] bool."""
     step = max(1, _CHUNK_ENTRIES // weight.shape[1])
     for start in range(0, weight.shape[0], step):
-        yield weight[start:start + step].to(dtype), keep[start:start + step, None].to(dtype)
+        yield weight[start:start + step].to(dtype), keep[start:start + step, None]
 
 
 def _table_moments(weight: torch.Tensor, keep: torch.Tensor, per_dimension: bool):
@@ -115,10 +126,10 @@ def _table_moments(weight: torch.Tensor, keep: torch.Tensor, per_dimension: bool
     dtype = torch.float32 if weight.device.type == "mps" else torch.float64
     reduce = (lambda x: x.sum(0)) if per_dimension else (lambda x: x.sum())
     count = keep.sum().to(dtype) * (1 if per_dimension else weight.shape[1])
-    # mean = sum_kept x / count
-    mean = sum(reduce(rows * kept) for rows, kept in _row_chunks(weight, keep, dtype)) / count
+    # mean = sum_kept x / count   (left-out rows selected away, not weighted by 0: 0 * inf is NaN)
+    mean = sum(reduce(rows.where(kept, 0)) for rows, kept in _row_chunks(weight, keep, dtype)) / count
     # var = sum_kept (x - mean)^2 / (count - 1)   (two passes: no cancellation)
-    squares = sum(reduce((rows - mean).square() * kept) for rows, kept in _row_chunks(weight, keep, dtype))
+    squares = sum(reduce((rows - mean).square().where(kept, 0)) for rows, kept in _row_chunks(weight, keep, dtype))
     return mean, (squares / (count - 1)).sqrt()
 
 
@@ -128,11 +139,16 @@ def fit_embedding_gaussian(model, *, per_dimension: bool = False,
     (unbiased, as torch.std) of all its entries (default), or of each hidden dimension's column
     (per_dimension=True). Every row counts, padding rows included, except exclude_token_ids (e.g.
     [tokenizer.pad_token_id]). Times the embedding module's embed_scale where it has one. Computed
-    in float64 over chunks of rows on the table's device; the table is read, never changed."""
+    in float64 over chunks of rows on the table's device; the table is read, never changed. Rows
+    with NaN or infinite entries are a ValueError naming them, unless excluded."""
     embedding, weight = _input_embeddings(model)
     keep = _kept_rows(exclude_token_ids, weight.shape[0], weight.device)
     with torch.no_grad():
         mean, std = _table_moments(weight.detach(), keep, bool(per_dimension))
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
+            bad = ((~torch.isfinite(weight.detach())).any(-1) & keep).nonzero().flatten().tolist()
+            raise ValueError(f"model: the input embedding table has NaN or infinite entries in rows "
+                             f"{bad[:20]}{' ...' if len(bad) > 20 else ''}; leave them out with exclude_token_ids")
     scale = _embedding_scale(embedding, weight)
     return EmbeddingGaussian(mean=(mean * scale).float(), std=(std * abs(scale)).float(), hidden_size=weight.shape[1])
 
@@ -140,15 +156,21 @@ def fit_embedding_gaussian(model, *, per_dimension: bool = False,
 # ---------------------------------------------------------------- drawing
 
 
+def _check_seed(seed) -> None:
+    if seed is None or isinstance(seed, torch.Generator):
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be None, an integer in [0, 2**64) or a torch.Generator, got {seed!r}")
+
+
 def _standard_normal(shape: tuple, seed, device: torch.device) -> torch.Tensor:
     """z ~ N(0, I) in float32: from torch's global generator on `device` (seed None), a fresh CPU
-    generator seeded with an int (the same draws on every device), or the given torch.Generator."""
+    generator seeded with an int (the same draws on every device), or the given torch.Generator
+    (the seed checked by _check_seed)."""
     if seed is None:
         return torch.randn(shape, dtype=torch.float32, device=device)
     if isinstance(seed, torch.Generator):
         return torch.randn(shape, dtype=torch.float32, device=seed.device, generator=seed)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be None, an integer in [0, 2**64) or a torch.Generator, got {seed!r}")
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(shape, dtype=torch.float32, generator=generator)
 
@@ -167,6 +189,8 @@ def _gaussian_for(model, weight: torch.Tensor, gaussian: Optional[EmbeddingGauss
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) not in shapes:
             raise ValueError(f"gaussian.{name} must be a floating tensor of shape [] or [{gaussian.hidden_size}], "
                              f"got {_describe(value)}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"gaussian.{name} must be finite, got NaN or infinite values")
     if not bool((gaussian.std >= 0).all()):
         raise ValueError("gaussian.std must be non-negative")
     if per_dimension and not gaussian.per_dimension:
@@ -186,6 +210,7 @@ def draw_soft_prompts(model, n: int, *, rows: Optional[int] = None, gaussian: Op
     n = check_count(n, "n", 0)
     if rows is not None:
         rows = check_count(rows, "rows", 1)
+    _check_seed(seed)
     _, weight = _input_embeddings(model)
     gaussian = _gaussian_for(model, weight, gaussian, per_dimension)
     shape = (n, weight.shape[1]) if rows is None else (rows, n, weight.shape[1])
@@ -245,6 +270,19 @@ def _check_soft_prompts(soft_prompts, batch_size: int, hidden_size: int) -> torc
     return soft_prompts
 
 
+def _position_limit(model, mask: torch.Tensor, n: int, name: str):
+    """(the model's learned positions or None, the longest row's real tokens r); ValueError naming
+    `name` when r + n soft vectors already run past the positions (positions count real tokens)."""
+    limit = learned_positions(model)
+    longest = int(mask.sum(-1).max())
+    if limit is not None and longest + n > limit:
+        raise ValueError(f"{name}: the longest prompt has {longest} real tokens, plus {n} soft vectors is "
+                         f"{longest + n} positions, but {type(model).__name__} has learned positions for {limit} "
+                         f"tokens only; " + (f"use at most {limit - longest} soft vectors or shorter prompts"
+                                             if longest <= limit else "shorten the prompts"))
+    return limit, longest
+
+
 def _left_packed(ids: torch.Tensor, mask: torch.Tensor):
     """Each row's real tokens moved to the right edge, in order, its padding to the left: a stable
     sort of the row by its mask (0 before 1). A left-padded batch comes back unchanged."""
@@ -265,6 +303,7 @@ def soft_prompt_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[
     embedding, weight = _input_embeddings(model)
     ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], weight.device)
     soft = _check_soft_prompts(soft_prompts, ids.shape[0], weight.shape[1])
+    _position_limit(model, mask, soft.shape[1], "soft_prompts")
     ids, mask = _left_packed(ids, mask)
     with torch.no_grad():
         prompt = embedding(ids)  # [B, L, H]
@@ -302,6 +341,45 @@ def _generate_settings(model, tokenizer, generate_kwargs: dict) -> dict:
     return generate_settings(model, None if tokenizer is None else pad_or_eos(tokenizer), generate_kwargs)
 
 
+def _max_new_tokens(model, settings: dict) -> Optional[int]:
+    """max_new_tokens as generate will read it: given, in the generation_config passed, or (none
+    passed) in the model's; None when generate goes by max_length instead."""
+    given = settings.get("generation_config")
+    for source in (settings, given if given is not None else getattr(model, "generation_config", None)):
+        value = source.get("max_new_tokens") if isinstance(source, dict) else getattr(source, "max_new_tokens", None)
+        if value is not None:
+            return value
+    return None
+
+
+def _room_message(model, limit: int, longest: int, n: int) -> str:
+    room = limit - longest - n + 1  # one new token per forward at positions longest + n - 1 .. limit - 1
+    return (f"the longest prompt ({longest} real tokens) and n={n} soft vectors leave room for {room} new "
+            f"token{'s' if room != 1 else ''} in the {limit} learned positions of {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def _position_guard(model, limit: Optional[int], longest: int, n: int):
+    """For the duration: a ValueError, before the forward that would feed a position past the
+    learned ones (generate counts them from the mask and passes them as position_ids)."""
+    if limit is None:
+        yield
+        return
+
+    def check(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.numel() and int(positions.max()) >= limit:
+            raise ValueError("generate (going by max_length, no max_new_tokens given) would run past the learned "
+                             f"positions: {_room_message(model, limit, longest, n)}; "
+                             f"pass max_new_tokens <= {limit - longest - n + 1}")
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def soft_prompt_generate(
     model,
     tokenizer=None,
@@ -327,11 +405,17 @@ def soft_prompt_generate(
     covers the soft vectors only, not generate's sampling; the num_return_sequences copies of a
     row share its soft prompt."""
     n = check_count(n, "n", 0)
+    _check_seed(seed)
     _, weight = _input_embeddings(model)
     settings = _generate_settings(model, tokenizer, generate_kwargs)
     input_ids, attention_mask = _prompt_batch(tokenizer, texts, input_ids, attention_mask)
     ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], weight.device)
+    limit, longest = _position_limit(model, mask, n, f"n={n}")
+    new_tokens = _max_new_tokens(model, settings)
+    if limit is not None and new_tokens is not None and longest + n + new_tokens - 1 > limit:
+        raise ValueError(f"max_new_tokens={new_tokens}: {_room_message(model, limit, longest, n)}")
     soft = draw_soft_prompts(model, n, rows=ids.shape[0], gaussian=gaussian, per_dimension=per_dimension, seed=seed)
     inputs = soft_prompt_inputs(model, ids, mask, soft_prompts=soft)
-    output = model.generate(**inputs, **settings)
+    with _position_guard(model, None if new_tokens is not None else limit, longest, n):
+        output = model.generate(**inputs, **settings)
     return (output, soft) if return_soft_prompts else output
