@@ -1,7 +1,7 @@
 """Host-side helpers every Triton kernel module shares: launching an autotuned kernel without
 triton.autotune's per-launch cost, and integer arithmetic without Triton's constexpr-function
 wrappers (triton.cdiv and triton.next_power_of_2 cost about 1.5 us a call in newer Triton,
-several per launch).
+several per launch). And the check of the inverse temperature the vocabulary kernels take.
 
 triton.autotune's run() rebuilds a dict of every argument and tests each name's membership in a
 list of argument names (quadratic in the ~50-70 arguments of the attention kernels), then
@@ -28,6 +28,20 @@ def launch_tuned(tuned, kernel, grid, args: tuple, flags: dict, key: Hashable) -
         _CHOSEN[(tuned, key)] = tuned.best_config
         return
     kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # torch.finfo(torch.float32)
+
+
+def check_inv_temperature(inv_temperature) -> float:
+    """inv_temperature as a Python float (a float argument: an int 1 would be specialized), or a
+    ValueError unless the float32 the kernels take it as holds it finite, > 0 and normal
+    ([1.2e-38, 3.4e38]: 1e39 would be inf there and 1e-50 zero, NaN statistics either way;
+    the C++ kernels refuse them too)."""
+    value = float(inv_temperature)
+    if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:
+        raise ValueError(f"inv_temperature must be finite and > 0 in float32 ([1.2e-38, 3.4e38]), got {value}")
+    return value
 
 
 def next_pow2(n: int) -> int:

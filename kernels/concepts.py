@@ -36,14 +36,20 @@ Each block stores coef p_v / T for all its v, then (after a barrier, so the orde
 stores is fixed) overwrites each concept id in it once with its total, the concepts that
 contain it read from the transpose: overlapping concepts accumulate, no atomics.
 
-Token ids are not bounds-checked here: the op layer checks them against V before launch.
+The index's values are not trusted (the raw ops, torch.ops.fastprobe.concept_mass and
+concept_mass_backward, take it unchecked, and a check on the device would cost a host sync):
+every address formed from one is kept inside its buffer. Ranges read from id_block_starts,
+offsets and vocab_offsets are clamped to the table they index, ids outside the vocabulary
+block being worked on are skipped (_in_block), and slots and concepts outside [0, U) and
+[0, C) are masked. Hostile values then give unspecified statistics, never an access outside
+a buffer; a ConceptSet's index (checked on construction, its ids against V by the op) is
+never changed by these guards.
 Temperature is a runtime float (1 / T), never a compile-time constant.
 """
 
 # No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
 # constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
-import math
 import os
 
 import torch
@@ -51,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import cdiv, launch_tuned, settle_cache_keys
+from ._launch import cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
 from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _shift_from_lse, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
@@ -67,24 +73,39 @@ if hasattr(tl, "gather"):
 
     @triton.jit
     def _pick(block, b, row, ids, take, stride_v, BLOCK_V: tl.constexpr):
-        """block[ids - b * BLOCK_V] (lanes not in `take` read block[0]), from registers."""
+        """block[ids - b * BLOCK_V] (lanes not in `take` read block[0]), from registers; the ids
+        of lanes in `take` lie in block b (_in_block)."""
         return tl.gather(block, tl.where(take, ids - b * BLOCK_V, 0).to(tl.int32), axis=0)
 
 else:
 
     @triton.jit
     def _pick(block, b, row, ids, take, stride_v, BLOCK_V: tl.constexpr):
-        """The logits row[ids] in block's dtype (lanes not in `take` read 0), from memory."""
+        """The logits row[ids] in block's dtype (lanes not in `take` read 0), from memory; the
+        ids of lanes in `take` lie in block b (_in_block)."""
         return tl.load(row + ids.to(tl.int64) * stride_v, mask=take, other=0.0).to(block.dtype)
 
 
 @triton.jit
-def _id_range(id_block_starts_ptr, num_id_blocks, b, ID_BLOCKS_PER_BLOCK: tl.constexpr):
+def _clamp(value, low, high):
+    """value limited to [low, high] (an index read from memory, kept inside its table)."""
+    return tl.minimum(tl.maximum(value, low), high)
+
+
+@triton.jit
+def _id_range(id_block_starts_ptr, num_id_blocks, b, U, ID_BLOCKS_PER_BLOCK: tl.constexpr):
     """[lo, hi): the slots u of the concept ids in vocabulary block b (id blocks past the
-    largest concept id hold none: the table ends there, at U)."""
+    largest concept id hold none: the table ends there, at U), clamped to [0, U]."""
     lo = tl.load(id_block_starts_ptr + tl.minimum(b * ID_BLOCKS_PER_BLOCK, num_id_blocks))
     hi = tl.load(id_block_starts_ptr + tl.minimum((b + 1) * ID_BLOCKS_PER_BLOCK, num_id_blocks))
-    return lo, hi
+    return _clamp(lo, 0, U), _clamp(hi, 0, U)
+
+
+@triton.jit
+def _in_block(ids, b, V, BLOCK_V: tl.constexpr):
+    """Which ids lie in vocabulary block b and below V: the only ones _pick reads and the
+    backward writes (a ConceptSet's ids in block b's slot range always do)."""
+    return (ids >= b * BLOCK_V) & (ids < (b + 1) * BLOCK_V) & (ids < V)
 
 
 @triton.jit
@@ -94,13 +115,15 @@ def _scalar(tile):
 
 
 @triton.jit
-def _variants(gathered_row, token_slots_ptr, first, count, j0, j):
+def _variants(gathered_row, token_slots_ptr, first, count, j0, j, U):
     """[BLOCK_J, BLOCK_C] variant logits j0 + j of a tile of concepts (their CSR starts `first`,
-    `count` variants each), float32, -inf past each concept's last variant. Variants run down
-    the tile, concepts along it: the layout spreads the threads along the concepts, so the
-    reductions over variants stay within a thread (no shuffles)."""
+    `count` variants each), float32, -inf past each concept's last variant (and for a slot
+    outside [0, U)). Variants run down the tile, concepts along it: the layout spreads the
+    threads along the concepts, so the reductions over variants stay within a thread (no
+    shuffles)."""
     has = (j0 + j)[:, None] < count[None, :]
     slot = tl.load(token_slots_ptr + first[None, :] + (j0 + j)[:, None], mask=has, other=0)
+    has = has & (slot >= 0) & (slot < U)
     return tl.load(gathered_row + slot, mask=has, other=float("-inf")).to(tl.float32)
 
 
@@ -118,6 +141,8 @@ def _concept_tile(
     top_token_ptr,
     concept,  # [BLOCK_C] concept indices
     C,
+    T,  # concept tokens: the length of token_ids and token_slots
+    U,  # distinct concept ids: the length of a gathered row
     row_max,
     row_log_s,
     inv_temperature,
@@ -126,8 +151,9 @@ def _concept_tile(
 ):
     """The statistics of a tile of concepts, their variants read BLOCK_J at a time."""
     ok = concept < C
-    first = tl.load(offsets_ptr + concept, mask=ok, other=0)
-    count = tl.load(offsets_ptr + concept + 1, mask=ok, other=0) - first
+    # the concept's variants [first, first + count), kept inside [0, T]
+    first = _clamp(tl.load(offsets_ptr + concept, mask=ok, other=0), 0, T)
+    count = _clamp(tl.load(offsets_ptr + concept + 1, mask=ok, other=0), first, T) - first
     longest = tl.max(count, axis=0).to(tl.int32)
     j = tl.arange(0, BLOCK_J)
 
@@ -135,7 +161,7 @@ def _concept_tile(
     x_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
     top = tl.zeros([BLOCK_C], tl.int32)
     for j0 in range(0, longest, BLOCK_J):
-        x = _variants(gathered_row, token_slots_ptr, first, count, j0, j)
+        x = _variants(gathered_row, token_slots_ptr, first, count, j0, j, U)
         tile_max = tl.max(x, axis=0)
         tile_top = tl.argmax(x, axis=0, tie_break_left=True).to(tl.int32) + j0
         better = tile_max > x_max  # strict: an earlier variant keeps a tie
@@ -147,7 +173,7 @@ def _concept_tile(
     s = tl.zeros([BLOCK_C], tl.float32)
     e_d = tl.zeros([BLOCK_C], tl.float32)
     for j0 in range(0, longest, BLOCK_J):
-        x = _variants(gathered_row, token_slots_ptr, first, count, j0, j)
+        x = _variants(gathered_row, token_slots_ptr, first, count, j0, j, U)
         d = (x - shift[None, :]) * inv_temperature
         e = tl.exp(d)
         s += tl.sum(e, axis=0)
@@ -162,7 +188,8 @@ def _concept_tile(
     tl.store(mass_ptr + out, tl.exp(log_mass), mask=ok)
     tl.store(top_share_ptr + out, tl.where(has_mass, 1.0 / safe_s, 0.0), mask=ok)
     tl.store(entropy_ptr + out, tl.where(has_mass, log_s - e_d / safe_s, 0.0), mask=ok)
-    tl.store(top_token_ptr + out, tl.load(token_ids_ptr + first + top, mask=ok, other=0), mask=ok)
+    top_id = tl.load(token_ids_ptr + first + top, mask=ok & (top < count), other=0)  # (none when count is 0)
+    tl.store(top_token_ptr + out, top_id, mask=ok)
 
 
 @triton.jit
@@ -186,6 +213,7 @@ def _concept_mass_kernel(
     V,
     U,
     C,
+    T,
     num_id_blocks,
     stride_n,
     stride_v,
@@ -211,22 +239,22 @@ def _concept_mass_kernel(
     # travel while a block is worked on, and nothing in a block waits on a chain of loads.
     col, v_ok = _block_columns(0, V, BLOCK_V)
     raw_next = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
-    lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, 0, ID_BLOCKS)
+    lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, 0, U, ID_BLOCKS)
     ids_next = tl.load(vocab_ids_ptr + lo_next + u, mask=lo_next + u < hi_next, other=0)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
         raw, lo, hi, ids = raw_next, lo_next, hi_next, ids_next
         col, v_ok = _block_columns((b + 1) * BLOCK_V, V, BLOCK_V)  # (past V: nothing loads)
         raw_next = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
-        lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, b + 1, ID_BLOCKS)
+        lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, b + 1, U, ID_BLOCKS)
         # the block's concept ids, picked out of it into their slots (a block with more than
         # BLOCK_U of them reads the rest in further windows)
         block = tl.reshape(raw, [BLOCK_V])
-        take = lo + u < hi
+        take = (lo + u < hi) & _in_block(ids, b, V, BLOCK_V)
         tl.store(gathered_row + lo + u, _pick(block, b, row, ids, take, stride_v, BLOCK_V), mask=take)
         for w in range(lo + BLOCK_U, hi, BLOCK_U):
             slot = w + u
-            take = slot < hi
-            more = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
+            more = tl.load(vocab_ids_ptr + slot, mask=slot < hi, other=0)
+            take = (slot < hi) & _in_block(more, b, V, BLOCK_V)
             tl.store(gathered_row + slot, _pick(block, b, row, more, take, stride_v, BLOCK_V), mask=take)
         mx, s = _lse_fold(raw.to(tl.float32), mx, s, c, LANES)  # online log-sum-exp
         ids_next = tl.load(vocab_ids_ptr + lo_next + u, mask=lo_next + u < hi_next, other=0)
@@ -243,7 +271,7 @@ def _concept_mass_kernel(
             _concept_tile(
                 gathered_row, token_slots_ptr, token_ids_ptr, offsets_ptr, n * C,
                 mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
-                c0 + tl.arange(0, BLOCK_C), C, mx, log_s, inv_temperature, BLOCK_C, BLOCK_J,
+                c0 + tl.arange(0, BLOCK_C), C, T, U, mx, log_s, inv_temperature, BLOCK_C, BLOCK_J,
             )
     else:
         tl.store(row_state_ptr + n, mx)
@@ -266,16 +294,20 @@ def _concept_stats_kernel(
     N,
     U,
     C,
+    T,
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    """Row program_id(0), tiles of concepts program_id(1), program_id(1) + the grid's second
+    size, ... (the tiles can outnumber a grid's y axis, 65535: they are folded onto it)."""
     n = tl.program_id(0).to(tl.int64)
-    _concept_tile(
-        gathered_ptr + n * U, token_slots_ptr, token_ids_ptr, offsets_ptr, n * C,
-        mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
-        tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C,
-        tl.load(row_state_ptr + n), tl.load(row_state_ptr + N + n), inv_temperature, BLOCK_C, BLOCK_J,
-    )
+    row_max, row_log_s = tl.load(row_state_ptr + n), tl.load(row_state_ptr + N + n)
+    for tile in range(tl.program_id(1), tl.cdiv(C, BLOCK_C), tl.num_programs(1)):
+        _concept_tile(
+            gathered_ptr + n * U, token_slots_ptr, token_ids_ptr, offsets_ptr, n * C,
+            mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
+            tile * BLOCK_C + tl.arange(0, BLOCK_C), C, T, U, row_max, row_log_s, inv_temperature, BLOCK_C, BLOCK_J,
+        )
 
 
 @triton.jit
@@ -294,6 +326,8 @@ def _concept_mass_backward_kernel(
     inv_temperature,
     V,
     C,
+    U,
+    M,
     num_id_blocks,
     stride_n,
     stride_v,
@@ -318,18 +352,20 @@ def _concept_mass_backward_kernel(
         tl.store(grad_row + offs_v, (coef * p * inv_temperature).to(grad_ptr.dtype.element_ty), mask=v_ok)
         tl.debug_barrier()  # those stores come before the overwrites below
         # the concept ids of this block: (coef p_v + sum_{c contains v} g_c q_cv) / T
-        lo, hi = _id_range(id_block_starts_ptr, num_id_blocks, b, BLOCK_V // ID_BLOCK)
+        lo, hi = _id_range(id_block_starts_ptr, num_id_blocks, b, U, BLOCK_V // ID_BLOCK)
         for w in range(lo, hi, BLOCK_U):
             slot = w + tl.arange(0, BLOCK_U)
-            take = slot < hi
-            ids = tl.load(vocab_ids_ptr + slot, mask=take, other=0)
-            first = tl.load(vocab_offsets_ptr + slot, mask=take, other=0)
-            count = tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0) - first
+            ids = tl.load(vocab_ids_ptr + slot, mask=slot < hi, other=0)
+            take = (slot < hi) & _in_block(ids, b, V, BLOCK_V)
+            # the id's memberships [first, first + count), kept inside [0, M]
+            first = _clamp(tl.load(vocab_offsets_ptr + slot, mask=take, other=0), 0, M)
+            count = _clamp(tl.load(vocab_offsets_ptr + slot + 1, mask=take, other=0), first, M) - first
             x_v = _pick(x, b, row, ids, take, stride_v, BLOCK_V)
             total = coef * tl.exp2((x_v - shift) * c - offset)
             for j in range(0, tl.max(count, axis=0).to(tl.int32)):
                 has = j < count
                 concept = tl.load(vocab_concepts_ptr + first + j, mask=has, other=0)
+                has = has & (concept >= 0) & (concept < C)
                 share = tl.load(top_share_ptr + n * C + concept, mask=has, other=0.0)
                 top = tl.load(top_token_ptr + n * C + concept, mask=has, other=0)
                 top_ok = has & (top >= 0) & (top < V)  # (never read outside the row, whatever top_token holds)
@@ -366,8 +402,10 @@ _GPU_BLOCKS = dict(BLOCK_U=256, BLOCK_C=64, BLOCK_J=8)
 # several vocabulary blocks, ragged tails, several gather windows and concept tiles.
 _INTERPRET_BLOCKS = dict(BLOCK_V=256, BLOCK_U=8, BLOCK_C=4, BLOCK_J=2)
 # FASTPROBE_CONCEPTS_STATS=separate computes the statistics in a second launch (one
-# program per row and tile of concepts) instead of at the end of each row's program.
+# program per row and tile of concepts, the tiles past the grid's y limit folded onto it)
+# instead of at the end of each row's program.
 _STATS_ENV = "FASTPROBE_CONCEPTS_STATS"
+_GRID_Y_LIMIT = 65535  # CUDA's largest grid size on the y (and z) axis; x takes 2^31 - 1
 
 
 def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
@@ -385,13 +423,6 @@ def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
         kernel[grid](*args, **meta, **{**config.kwargs, "BLOCK_V": _INTERPRET_BLOCKS["BLOCK_V"]})
     else:
         kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def _check_inv_temperature(inv_temperature) -> float:
-    inv_temperature = float(inv_temperature)  # a float argument (an int 1 would be specialized)
-    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
-        raise ValueError("inv_temperature must be finite and > 0")
-    return inv_temperature
 
 
 def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: float, out) -> None:
@@ -412,7 +443,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
         dtype = {"top_token": torch.int64, "lse": torch.float64}.get(name, torch.float32)
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)}")
-    inv_temperature = _check_inv_temperature(inv_temperature)
+    inv_temperature = check_inv_temperature(inv_temperature)
     if N == 0:
         return
 
@@ -426,13 +457,14 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
         _concept_mass_kernel, _concept_mass_kernel_tuned, _FORWARD_CONFIGS, (N,),
         logits, index.vocab_ids, index.token_slots, index.id_block_starts, *concepts[1:],
         gathered, row_state, *stats, out.lse,
-        inv_temperature, N, V, U, C, index.id_block_starts.numel() - 1, *logits.stride(),
+        inv_temperature, N, V, U, C, index.token_ids.numel(), index.id_block_starts.numel() - 1, *logits.stride(),
         BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block, WITH_STATS=with_stats,
         BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
     )
-    if not with_stats:
-        _concept_stats_kernel[(N, cdiv(C, blocks["BLOCK_C"]))](
-            gathered, *concepts, row_state, *stats, inv_temperature, N, U, C,
+    if not with_stats:  # rows on the grid's x axis (as the forward's), tiles of concepts folded onto y
+        tiles = min(cdiv(C, blocks["BLOCK_C"]), _GRID_Y_LIMIT)
+        _concept_stats_kernel[(N, tiles)](
+            gathered, *concepts, row_state, *stats, inv_temperature, N, U, C, index.token_ids.numel(),
             BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
         )
 
@@ -456,15 +488,16 @@ def concept_mass_backward(
         dtype = {"lse": torch.float64, "top_token": torch.int64}.get(name, torch.float32)
         if tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor")
-    inv_temperature = _check_inv_temperature(inv_temperature)
+    inv_temperature = check_inv_temperature(inv_temperature)
     if N == 0:
         return
     blocks = _INTERPRET_BLOCKS if interpreter_enabled() else _GPU_BLOCKS
     _launch(
         _concept_mass_backward_kernel, _backward_kernel_tuned, _AUTOTUNE_CONFIGS, (N,),
         logits, index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts,
-        top_share, top_token, grad_concept, lse, coef, grad, inv_temperature, V, C, index.id_block_starts.numel() - 1,
-        *logits.stride(), BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,
+        top_share, top_token, grad_concept, lse, coef, grad, inv_temperature, V, C, index.vocab_ids.numel(),
+        index.vocab_concepts.numel(), index.id_block_starts.numel() - 1, *logits.stride(),
+        BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,
     )
 
 

@@ -30,7 +30,6 @@ gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
 # No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
 # constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
-import math
 from typing import Optional
 
 import torch
@@ -38,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import launch_tuned, next_pow2, settle_cache_keys
+from ._launch import check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["draft_divergence"]
 
@@ -425,9 +424,7 @@ def draft_divergence(
             raise ValueError(f"{name} must be a contiguous {str(dtype).removeprefix('torch.')} [{rows}, N] tensor")
     if lse_only and lse_in is not None:
         raise ValueError("lse_only computes the lse, so lse_in must be None")
-    inv_temperature = float(inv_temperature)  # a float argument (an int 1 would be specialized)
-    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
-        raise ValueError("inv_temperature must be finite and > 0")
+    inv_temperature = check_inv_temperature(inv_temperature)
     if N == 0:
         return
 

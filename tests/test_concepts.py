@@ -103,6 +103,32 @@ def test_statistics_in_a_second_launch(target, monkeypatch):
         assert_matches(fp.concept_mass(logits, concepts, temperature=0.7), expected(logits, concepts, 0.7))
 
 
+@pytest.mark.interpreter
+def test_second_launch_folds_its_concept_tiles_onto_the_grid_y_limit(monkeypatch):
+    """The statistics' second launch keeps rows on the grid's x axis and its tiles of concepts on
+    y, whose size CUDA limits to 65535 (C > 4.2M concepts in tiles of 64 exceeded it): past the
+    limit each program takes every limit-th tile. With the limit lowered to 2, 3 and 5 tiles of
+    4 concepts fold onto 2 programs per row and give the reference's values."""
+    from fastprobe.kernels import concepts as triton_concepts
+
+    kernel, grids = triton_concepts._concept_stats_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_concepts, "_concept_stats_kernel", Recorder())
+    monkeypatch.setattr(triton_concepts, "_GRID_Y_LIMIT", 2, raising=False)
+    monkeypatch.setenv("FASTPROBE_CONCEPTS_STATS", "separate")
+    fp.set_backend("triton")
+    for num_concepts in (12, 17):  # 3 tiles; 5 tiles, the last one ragged
+        logits = 3 * torch.randn(3, 70)
+        concepts = random_concepts(70, num_concepts)
+        assert_matches(fp.concept_mass(logits, concepts), expected(logits, concepts))
+    assert grids == [(3, 2), (3, 2)]
+
+
 def test_masked_vocabulary(target):
     """-inf logits contribute nothing: a masked region, scattered masks, a concept masked
     everywhere (mass 0, log_mass -inf, top_share 0, entropy 0, its first variant on top)."""
@@ -334,8 +360,8 @@ def test_concept_set_csr_and_deduplication():
 
 
 def test_concept_set_index_cannot_be_changed_through_its_properties():
-    """token_ids and offsets are copies: the kernels trust the index checked on construction (a
-    Triton backward wrote past the gradient for an id set >= V in place)."""
+    """token_ids and offsets are copies: the statistics rest on the index checked on construction
+    (an id set >= V in place would be refused by the C++ kernels and skipped by the Triton ones)."""
     concepts = fp.ConceptSet.from_ids([[4, 2], [9]])
     concepts.token_ids[0] = 10**6
     concepts.offsets[1] = 0
@@ -595,6 +621,114 @@ def test_cpp_kernel_checks_ids_itself():
         with pytest.raises(IndexError, match="top_token"):
             _concept_mass_backward_op(grad, lse, logits, top_share, hostile, lse, vocab_ids, vocab_offsets,
                                       vocab_concepts, starts, 1.0)
+
+
+# The Triton kernels read the index through the raw op unchecked (a check of its values would be a
+# host sync): they mask every address it yields, so no value reaches outside a buffer. Hostile
+# values for a valid index of V = 301 (two interpreter blocks of 256) and concepts
+# [[1, 2], [3, 300], [7], [260, 2]]: T = 7 tokens, U = 6 distinct ids, id_block_starts [0, 4, 6].
+HOSTILE_VOCAB = 301
+HOSTILE_CONCEPTS = [[1, 2], [3, 300], [7], [260, 2]]
+FORWARD_FIELDS = ("token_ids", "offsets", "vocab_ids", "vocab_offsets", "vocab_concepts", "token_slots",
+                  "id_block_starts")
+HOSTILE_FORWARD = [
+    ("vocab_ids", [1, 2, 3, 7, 260, 301]),  # = V, inside the last block's range
+    ("vocab_ids", [1, 2, 3, 7, 260, 5000]),
+    ("vocab_ids", [-5, 2, 3, 7, 260, 300]),
+    ("vocab_ids", [1, 2, 3, 7, 2**40, 300]),
+    ("token_ids", [1, 2, 3, 999, 7, 260, -2]),
+    ("offsets", [0, 2, 1, 5, 7]),  # decreasing
+    ("offsets", [0, 2, 4, 5, 9]),  # past T
+    ("offsets", [-3, 2, 4, 5, 7]),
+    ("offsets", [0, 2, 4, 7, 7]),  # an empty last concept: its first variant would be token_ids[T]
+    ("offsets", [0, 2, 2**40, 5, 7]),
+    ("token_slots", [0, 1, 2, 6, 3, 4, 1]),  # = U
+    ("token_slots", [0, -1, 2, 5, 3, 4, 1]),
+    ("token_slots", [0, 1, 2, 2**40, 3, 4, 1]),
+    ("id_block_starts", [0, 4, 9]),  # past U
+    ("id_block_starts", [-2, 4, 6]),
+    ("id_block_starts", [0, 6, 2]),  # decreasing
+    ("id_block_starts", [0, 0, 6]),  # block 0's ids claimed by block 1
+    ("id_block_starts", [0, 2**30, 2**30]),
+]
+HOSTILE_BACKWARD = [
+    ("vocab_ids", [1, 2, 3, 7, 260, 301]),  # a write past the last row
+    ("vocab_ids", [-1, 2, 3, 7, 260, 300]),
+    ("vocab_ids", [1, 2, 3, 7, 260, 2**40]),
+    ("vocab_offsets", [0, 1, 3, 2, 5, 6, 7]),  # decreasing
+    ("vocab_offsets", [0, 1, 3, 4, 5, 6, 12]),  # past M
+    ("vocab_offsets", [-4, 1, 3, 4, 5, 6, 7]),
+    ("vocab_offsets", [0, 1, 3, 4, 5, 6, 2**40]),
+    ("vocab_concepts", [0, 0, 4, 1, 2, 3, 1]),  # = C
+    ("vocab_concepts", [0, 0, -1, 1, 2, 3, 1]),
+    ("vocab_concepts", [0, 0, 3, 2**40, 2, 3, 1]),
+    ("id_block_starts", [0, 4, 9]),
+    ("id_block_starts", [-2, 4, 6]),
+    ("id_block_starts", [0, 0, 6]),
+]
+
+
+def hostile_index(field, values):
+    index = fp.ConceptSet.from_ids(HOSTILE_CONCEPTS)._index
+    dtype = torch.int32 if field == "id_block_starts" else torch.int64
+    return index._replace(**{field: torch.tensor(values, dtype=dtype)})
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("stats", ["fused", "separate"])
+@pytest.mark.parametrize("case", HOSTILE_FORWARD, ids=lambda case: f"{case[0]}={case[1]}")
+def test_triton_forward_reads_no_index_value_outside_its_buffers(case, stats, monkeypatch):
+    """torch.ops.fastprobe.concept_mass with hostile index values on the Triton backend: every load,
+    store and gather stays inside the buffers (checked by the interpreter), and the call ends
+    (no loop runs to a hostile bound). The statistics of such a call are unspecified."""
+    from fastprobe.ops.concepts import _concept_mass_op
+
+    from ._interpreter_bounds import bounds_checked
+
+    fp.set_backend("triton")
+    monkeypatch.setenv("FASTPROBE_CONCEPTS_STATS", stats)
+    logits = torch.randn(2, HOSTILE_VOCAB)
+    with bounds_checked() as launches:
+        _concept_mass_op(logits, *hostile_index(*case), 1.0)
+    assert len(launches) == (2 if stats == "separate" else 1)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("inv_temperature", [1e39, 1e-50])
+def test_triton_refuses_an_inverse_temperature_float32_cannot_hold(inv_temperature):
+    """The raw ops' inv_temperature reaches the Triton kernels as a float32: one that is not a
+    positive finite float32 is refused, as by the C++ kernels, not run into NaN statistics."""
+    from fastprobe.ops.concepts import _concept_mass_backward_op, _concept_mass_op
+
+    fp.set_backend("triton")
+    logits, index = torch.randn(2, 40), fp.ConceptSet.from_ids([[1, 2], [7]])._index
+    with pytest.raises(ValueError, match="inv_temperature"):
+        _concept_mass_op(logits, *index, inv_temperature)
+    _, log_mass, top_share, _, top_token, lse = _concept_mass_op(logits, *index, 1.0)
+    with pytest.raises(ValueError, match="inv_temperature"):
+        _concept_mass_backward_op(log_mass, lse, logits, top_share, top_token, lse, index.vocab_ids,
+                                  index.vocab_offsets, index.vocab_concepts, index.id_block_starts, inv_temperature)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", HOSTILE_BACKWARD, ids=lambda case: f"{case[0]}={case[1]}")
+def test_triton_backward_reads_and_writes_no_index_value_outside_its_buffers(case):
+    """torch.ops.fastprobe.concept_mass_backward with hostile index values on the Triton backend:
+    no load, store (the gradient's concept ids are written) or gather leaves its buffer."""
+    from fastprobe.ops.concepts import _concept_mass_backward_op, _concept_mass_op
+
+    from ._interpreter_bounds import bounds_checked
+
+    fp.set_backend("triton")
+    logits = torch.randn(2, HOSTILE_VOCAB)
+    valid = hostile_index("token_ids", fp.ConceptSet.from_ids(HOSTILE_CONCEPTS).token_ids.tolist())
+    _, log_mass, top_share, _, top_token, lse = _concept_mass_op(logits, *valid, 1.0)
+    index = hostile_index(*case)
+    with bounds_checked() as launches:
+        _concept_mass_backward_op(torch.randn_like(log_mass), torch.randn_like(lse), logits, top_share, top_token,
+                                  lse, index.vocab_ids, index.vocab_offsets, index.vocab_concepts,
+                                  index.id_block_starts, 1.0)
+    assert len(launches) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -725,3 +725,38 @@ def test_backward_is_refused_clearly():
         result.epistemic.sum().backward()
     with torch.no_grad():
         assert not fp.draft_divergence(draft).jsd.requires_grad
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("mode", ["full", "no target", "lse_only", "lse_in"])
+def test_triton_kernel_stays_inside_its_buffers(mode, prefetch, monkeypatch):
+    """The raw op's Triton launch with strided views, K = 3 drafts (padded to 4 rows) and V = 300
+    (a ragged third block; PREFETCH loads a block before block 0): every load and store of
+    every mode stays inside the buffers (checked by the interpreter, tests/_interpreter_bounds.py).
+    What reaches the kernel's addresses is the shapes and strides, checked by the op: the weights,
+    K and the temperature only scale values."""
+    from fastprobe.kernels import divergence as triton_divergence
+
+    from ._interpreter_bounds import bounds_checked
+
+    monkeypatch.setattr(triton_divergence, "UNTUNED_PREFETCH", prefetch)
+    fp.set_backend("triton")
+    draft = torch.randn(3, 2, 600)[:, :, ::2]  # stride 2 along the vocabulary
+    target = torch.randn(300, 2).t() if mode != "no target" else None  # columns
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    lse_in = torch.randn(4, 2, dtype=torch.float64) if mode == "lse_in" else None
+    with bounds_checked() as launches:
+        stats, lse = _draft_divergence_op(draft, target, weights, 1.25, lse_in=lse_in, lse_only=mode == "lse_only")
+    assert len(launches) == 1 and not stats.isnan().any() and not lse.isnan().any()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("inv_temperature", [1e39, 1e-50, float("inf"), 0.0])
+def test_triton_refuses_an_inverse_temperature_float32_cannot_hold(inv_temperature):
+    """The raw op's inv_temperature reaches the Triton kernel as a float32: one that is not a
+    positive finite float32 (1e39 -> inf, 1e-50 -> 0) is refused, as by the C++ kernel, not run
+    into NaN statistics."""
+    fp.set_backend("triton")
+    with pytest.raises(ValueError, match="inv_temperature"):
+        _draft_divergence_op(torch.randn(2, 3, 40), None, torch.tensor([0.5, 0.5]), inv_temperature)

@@ -279,8 +279,9 @@ class ConceptSet:
 
     # -- accessors
 
-    # The properties give copies: the index was checked once, on construction, and the kernels trust it
-    # (an id written in place past the vocabulary would be a write past the gradient on the GPU).
+    # The properties give copies: the index was checked once, on construction, and the results rest on
+    # it (an id written in place past the vocabulary would go unnoticed: the C++ kernels would refuse it,
+    # the Triton kernels skip it and give wrong statistics).
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -455,7 +456,10 @@ def _check_op_args(op: str, logits, specs, vocab_ids, vocab_offsets, vocab_conce
     (torch.ops.fastprobe.concept_mass, concept_mass_backward), past concept_mass's checks.
     logits [N, V] floating-point with V >= 1; specs (check_op_tensors) and the transpose's tensors: 1-D,
     contiguous, int64 (vocab_concepts of `memberships` entries), id_block_starts int32 with at
-    least one entry. The ids' values are the C++ kernels' to check (they do, before any row)."""
+    least one entry. The values are not checked here (that would be a host sync per call): the
+    C++ kernels check them before any row, and the Triton kernels keep every address formed
+    from one inside its buffer (a hostile index gives unspecified statistics there, never an
+    access outside a buffer; see kernels/concepts.py)."""
     check_op_logits(op, "logits", logits, "[N, V]")
     if id_block_starts.numel() == 0:
         raise ValueError(f"{op}: id_block_starts must have at least 1 entry, got 0")
