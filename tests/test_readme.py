@@ -1,5 +1,10 @@
-"""The README's examples run as written."""
+"""The README's examples run as written, and the signatures and command options it writes out are the
+code's."""
 
+import ast
+import importlib
+import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -24,3 +29,127 @@ def test_quick_start_runs_and_its_shapes_are_as_commented():
     assert names["c"].mass.shape == (2, 2)
     assert names["a"].sink_mass.shape == (1, 8, 2048)
     assert names["record"].sink_mass.shape == (2, 4)
+
+
+def readme_arguments(call: str) -> str:
+    """The argument list written after the README's first inline `call(` (it may span lines)."""
+    text = " ".join(README.read_text().split())
+    start = text.index(f"`{call}(") + len(call) + 2
+    depth, end = 1, start
+    while depth:
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        end += 1
+    return text[start:end - 1]
+
+
+PLACEHOLDER = object()  # `x=...`: the README names the argument, not its value
+
+
+def readme_default(node: ast.expr):
+    """`a | b | c` lists the choices, the default first (`mode="mask" | "zero_o_proj"`)."""
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        node = node.left
+    value = ast.literal_eval(node)
+    return PLACEHOLDER if value is Ellipsis or (isinstance(value, list) and Ellipsis in value) else value
+
+
+def readme_parameters(call: str) -> list:
+    """(name, kind, default) for each parameter the README writes for `call`; kind as inspect's."""
+    arguments = ast.parse(f"def f({readme_arguments(call)}): pass").body[0].args
+    positional = arguments.args
+    defaults = [inspect.Parameter.empty] * (len(positional) - len(arguments.defaults)) + arguments.defaults
+    parameters = [(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, d) for a, d in zip(positional, defaults)]
+    parameters += [(a.arg, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty if d is None else d)
+                   for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults)]
+    if arguments.kwarg is not None:
+        parameters.append((arguments.kwarg.arg, inspect.Parameter.VAR_KEYWORD, inspect.Parameter.empty))
+    return [(name, kind, readme_default(default) if isinstance(default, ast.expr) else default)
+            for name, kind, default in parameters]
+
+
+def resolve(path: str):
+    """`fastprobe.methods.sinks.prune_heads` -> the function (attributes after the module)."""
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(path)
+
+
+# The README's API section writes these signatures out in full: names, order, `*`, defaults.
+COMPLETE = {
+    "fp.draft_divergence": "fastprobe.draft_divergence",
+    "fp.draft_divergence_sharded": "fastprobe.draft_divergence_sharded",
+    "fp.ConceptSet": "fastprobe.ConceptSet",
+    "fp.ConceptSet.from_ids": "fastprobe.ConceptSet.from_ids",
+    "fp.ConceptSet.from_answers": "fastprobe.ConceptSet.from_answers",
+    "fp.concept_mass": "fastprobe.concept_mass",
+    "fp.bridge_loss": "fastprobe.bridge_loss",
+    "fp.beta_schedule": "fastprobe.beta_schedule",
+    "fp.sink_attention": "fastprobe.sink_attention",
+    "fp.dual_path_attention": "fastprobe.dual_path_attention",
+    "fp.patch": "fastprobe.patch",
+    "fp.unpatch": "fastprobe.unpatch",
+    "fastprobe.integrations.update_patch": "fastprobe.integrations.update_patch",
+}
+
+# The method layer's are shortened: the parameters written are the function's (positional ones in
+# their place), with the function's defaults; the rest are left out.
+SHORTENED = {
+    "distillation_loss": "fastprobe.methods.distillation.distillation_loss",
+    "trainer_compute_loss": "fastprobe.methods.distillation.trainer_compute_loss",
+    "prune_heads": "fastprobe.methods.sinks.prune_heads",
+    "guided_generate": "fastprobe.methods.guidance.guided_generate",
+    "token_uncertainty": "fastprobe.methods.uncertainty.token_uncertainty",
+    "sequence_scores": "fastprobe.methods.uncertainty.sequence_scores",
+    "auroc": "fastprobe.methods.uncertainty.auroc",
+    "answer_availability": "fastprobe.methods.availability.answer_availability",
+    "by_correctness": "fastprobe.methods.availability.by_correctness",
+    "soft_prompt_generate": "fastprobe.methods.soft_prompts.soft_prompt_generate",
+    "shift_vectors": "fastprobe.methods.nullspace.shift_vectors",
+    "bias_subspace": "fastprobe.methods.nullspace.bias_subspace",
+    "project_out": "fastprobe.methods.nullspace.project_out",
+    "collect_hidden_states": "fastprobe.methods.probes.collect_hidden_states",
+    "train_probe": "fastprobe.methods.probes.train_probe",
+    "fp.record_attention": "fastprobe.record_attention",
+}
+
+
+def code_parameters(path: str) -> list:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(resolve(path)).parameters.values()]
+
+
+@pytest.mark.parametrize("call", sorted(COMPLETE))
+def test_the_api_sections_signatures_are_the_codes(call):
+    assert readme_parameters(call) == code_parameters(COMPLETE[call])
+
+
+@pytest.mark.parametrize("call", sorted(SHORTENED))
+def test_the_method_layers_shortened_signatures_name_real_parameters(call):
+    code = {name: (kind, default) for name, kind, default in code_parameters(SHORTENED[call])}
+    code_order = list(code)
+    takes_any_keyword = any(kind == inspect.Parameter.VAR_KEYWORD for kind, _ in code.values())
+    for position, (name, kind, default) in enumerate(readme_parameters(call)):
+        if default is inspect.Parameter.empty:  # written positionally: that parameter, in that place
+            assert code_order[position] == name, f"{call}: argument {position} is {code_order[position]}, not {name}"
+            continue
+        assert name in code or takes_any_keyword, f"{call} has no parameter {name}"
+        if name in code and default is not PLACEHOLDER:
+            assert code[name][1] == default, f"{call}: {name} defaults to {code[name][1]!r}, not {default!r}"
+
+
+@pytest.mark.parametrize("command", ["sinks", "uncertainty", "availability"])
+def test_the_command_lines_options_exist(command, capsys):
+    from fastprobe import cli
+
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    usage = capsys.readouterr().out
+    written = re.search(rf"`fastprobe {command} ([^`]*)`", README.read_text().replace("\n", " "))
+    options = set(re.findall(r"--[a-z][a-z-]*", written.group(1))) | {"--csv"}  # "each command's `--csv`"
+    assert {option for option in options if option not in usage} == set()
