@@ -409,17 +409,89 @@ def test_recording_a_guided_model(model, processor, images):
     assert (guided_logits - plain_logits).abs().max() > 1e-3
 
 
-def test_two_pass_refuses_beam_search_and_bad_alpha(model, processor, images):
-    """Beam search reorders the model's cache, not the language-only pass's: refused, also when a
-    generation_config passed to generate asks for it (that one ran, with wrong logits)."""
-    with pytest.raises(ValueError, match="beam search"):
-        guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, num_beams=2)
-    beams = transformers.GenerationConfig(num_beams=2, do_sample=False, max_new_tokens=2)
-    with pytest.raises(ValueError, match="beam search"):
-        guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, generation_config=beams)
+def test_two_pass_refuses_bad_alpha(model, processor, images):
     with pytest.raises(ValueError, match="alpha must be finite"):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=float("inf"))
-    assert not model._forward_hooks
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=True)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+# Each step's logits without a cache (every forward reruns the whole sequence: both passes start
+# afresh) are the reference for the cached two-pass run. The image token is suppressed so that
+# no generated token is one (an uncached forward would take it for an image key).
+def uncached_twin(model, processor, batch, **settings):
+    settings = dict(settings, suppress_tokens=[processor.image_token_id], output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        cached = model.generate(**batch, **settings)
+        uncached = model.generate(**batch, **settings, use_cache=False)
+    return cached, uncached
+
+
+def assert_same_generation(got, want):
+    assert torch.equal(got.sequences, want.sequences)
+    assert_logits_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("search", [
+    dict(num_beams=3),  # beam search reorders the model's cache after every step
+    dict(num_beams=3, num_return_sequences=2),
+    dict(do_sample=True, top_k=1, num_return_sequences=2),  # rows expanded before the prefill
+])
+def test_two_pass_beam_search_and_expanded_rows(model, processor, images, search):
+    """Beam search reorders the model's KV cache between steps (reorder_cache): the language-only
+    cache and the image-key rows must follow, or each beam's language-only pass continues another
+    beam's history (it did: wrong logits from the third step on, no error). Whether the beams come
+    from generate's arguments or from two_pass_generate."""
+    batch = batch_of(model, processor, images)
+    settings = {"max_new_tokens": 5, "do_sample": False, **search}  # (top_k=1 sampling: deterministic)
+    with guidance.two_pass_contrast(model, alpha=2.0):
+        cached, uncached = uncached_twin(model, processor, batch, **settings)
+    assert_same_generation(cached, uncached)
+    assert not vars(generated_cache(cached)).keys() & {"reorder_cache", "crop"}  # its own methods again
+    wrapped = guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=2.0, output_logits=True,
+                                         return_dict_in_generate=True, suppress_tokens=[processor.image_token_id],
+                                         **settings)
+    assert_same_generation(wrapped, cached)
+
+
+def test_two_pass_beams_from_the_generation_config(model, processor, images):
+    """The model's own generation_config asking for beams (no generate argument) is followed too."""
+    batch = batch_of(model, processor, images)
+    model.generation_config.num_beams = 2
+    with guidance.two_pass_contrast(model, alpha=1.5):
+        cached, uncached = uncached_twin(model, processor, batch, max_new_tokens=5, do_sample=False)
+    assert cached.sequences.shape[0] == 2  # (one returned beam per row)
+    assert_same_generation(cached, uncached)
+
+
+def test_two_pass_assisted_decoding_crops_both_caches(model, processor, images):
+    """Prompt-lookup (assisted) decoding crops the model's cache to the accepted tokens: the
+    language-only cache follows, so greedy search with it equals greedy search without it
+    (it raised as soon as a candidate was rejected)."""
+    row = {name: value[:1] for name, value in batch_of(model, processor, images).items()}
+    settings = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                    suppress_tokens=[processor.image_token_id], pad_token_id=processor.tokenizer.pad_token_id)
+    for alpha in (0.0, 0.3, 1.0):
+        with guidance.two_pass_contrast(model, alpha=alpha), torch.no_grad():
+            plain = model.generate(**row, **settings)
+            assisted = model.generate(**row, **settings, prompt_lookup_num_tokens=3)
+        assert torch.equal(assisted.sequences, plain.sequences), alpha
+
+
+def test_two_pass_rows_without_padding(model, processor, images):
+    """A batch without padding: transformers 5.x's generate passes no attention mask then, and the
+    two-pass hook read where the forward starts from the model's cache after the forward had grown
+    it (RuntimeError at the prefill). A prompt alone equals it in a padded batch."""
+    alone = guidance.two_pass_generate(model, processor, images[1:], PROMPTS[1:], alpha=1.0, **GREEDY)
+    batched = guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, **GREEDY)
+    assert torch.equal(alone.sequences[0], batched.sequences[1])
+    assert_logits_close([step[1:] for step in batched.logits], list(alone.logits), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = model.generate(**batch_of(model, processor, images[1:], PROMPTS[1:]), **GREEDY)
+    unchanged = guidance.two_pass_generate(model, processor, images[1:], PROMPTS[1:], alpha=0.0, **GREEDY)
+    assert torch.equal(unchanged.sequences, plain.sequences)
 
 
 # ---------------------------------------------------------------- the demo

@@ -427,8 +427,25 @@ class _Packing(NamedTuple):
 # ---------------------------------------------------------------- transformers lookups
 
 
+_INTERFACES: Optional[tuple] = None  # (masking_utils, AttentionInterface, AttentionMaskInterface), imported once
+
+
 def _masking_utils():
-    """transformers.masking_utils, after registering "fastprobe" (idempotent)."""
+    """transformers.masking_utils, after registering "fastprobe" (idempotent). The mask function
+    calls it at every forward: the imports (~3 us through transformers' lazy modules) run once,
+    the registrations are checked every time (two dict lookups)."""
+    global _INTERFACES
+    if _INTERFACES is None:
+        _INTERFACES = _import_interfaces()
+    masking_utils, AttentionInterface, AttentionMaskInterface = _INTERFACES
+    if AttentionInterface._global_mapping.get(KEY) is not attention_forward:
+        AttentionInterface.register(KEY, attention_forward)
+    if AttentionMaskInterface._global_mapping.get(KEY) is not key_padding_mask:
+        AttentionMaskInterface.register(KEY, key_padding_mask)
+    return masking_utils
+
+
+def _import_interfaces() -> tuple:
     try:
         import transformers
     except ImportError as error:
@@ -442,11 +459,7 @@ def _masking_utils():
             f"fastprobe.patch needs transformers >= 4.53 (masking_utils and the AttentionMaskInterface); "
             f"found {transformers.__version__}"
         ) from error
-    if AttentionInterface._global_mapping.get(KEY) is not attention_forward:
-        AttentionInterface.register(KEY, attention_forward)
-    if AttentionMaskInterface._global_mapping.get(KEY) is not key_padding_mask:
-        AttentionMaskInterface.register(KEY, key_padding_mask)
-    return masking_utils
+    return masking_utils, AttentionInterface, AttentionMaskInterface
 
 
 def _is_cross_attention(module) -> bool:
@@ -608,7 +621,9 @@ def _mask_structure(fn, masking_utils) -> tuple:
     """`fn` as a nested tuple of the transformers index functions it is made of (names and
     sliding windows), which alone decide its pattern; raises for any part that is not one of
     them (it may index per-token tensors: packed sequences, image blocks)."""
-    name = getattr(fn, "__qualname__", repr(fn))
+    name = getattr(fn, "__qualname__", None)
+    if name is None:  # (repr only when needed: this runs at every forward)
+        name = repr(fn)
     if getattr(fn, "__module__", None) != masking_utils.__name__:
         raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
     if name in _LEAVES:
@@ -914,6 +929,8 @@ _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length
 
 
 def _check_kwargs(kwargs: dict) -> None:
+    if _IGNORED_KWARGS.issuperset(kwargs):  # (the usual call: a decoding step's layers pay ~0.2 us less)
+        return
     for name, value in kwargs.items():
         if name in _IGNORED_KWARGS or value is None or value is False:
             continue
@@ -1133,7 +1150,8 @@ def attention_forward(
 
     state.forward.calls += 1
     options, record = state.options, state.recorder
-    window = _narrowest(window, options.window)
+    if options.window is not None:
+        window = _narrowest(window, options.window)
     guided = None
     if options.guidance is not None and layer in options.guidance.layers:
         guided = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux,
@@ -1151,13 +1169,15 @@ def attention_forward(
     keys = padding
     if masks_made is not None:  # the layers of one forward share the mask: prepare it once
         made_for = (options.num_sink, stat_tokens)
-        if made_for not in masks_made:
-            masks_made[made_for] = key_masks(padding, padding.shape[0], padding.shape[1], num_sink=options.num_sink,
-                                             stat_tokens=stat_tokens, segment_ids=segments)
-        keys = masks_made[made_for]
+        keys = masks_made.get(made_for)
+        if keys is None:
+            keys = masks_made[made_for] = key_masks(padding, padding.shape[0], padding.shape[1],
+                                                    num_sink=options.num_sink, stat_tokens=stat_tokens,
+                                                    segment_ids=segments)
     result = sink_attention(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
-        key_padding_mask=keys, head_mask=state.head_mask(layer, query.device), sink_logit=s_aux,
+        key_padding_mask=keys, head_mask=state.head_mask(layer, query.device) if options.head_mask else None,
+        sink_logit=s_aux,
         key_groups=record.key_groups_for(key, kv_offset, query.shape[2]) if record is not None else None,
         stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,

@@ -21,13 +21,17 @@ Two-pass contrastive decoding (the baseline). Every forward runs twice: as is (l
 again with the image keys masked out of the attention mask (logits_uncond; the language-only
 path: positions unchanged, no pixel values, its own KV cache); the model returns
 (1 + alpha) * logits_cond - alpha * logits_uncond, so generate's processors, sampling and
-stopping see the contrasted logits. alpha = 0 is plain generation.
+stopping see the contrasted logits. alpha = 0 is plain generation. The edits generate makes to
+the model's cache between steps (beam search's reorder, assisted decoding's crop) are made to the
+language-only cache too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
+import weakref
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -40,6 +44,8 @@ from ..integrations.transformers import (
 __all__ = ["guidance", "guided_generate", "prepare_inputs", "two_pass_contrast", "two_pass_generate"]
 
 _IMAGE_ARGUMENTS = ("pixel_values", "mm_encoder_outputs", "image_sizes", "pixel_attention_mask")  # not in pass 2
+_CACHE_EDITS = ("reorder_cache", "crop")  # generate's edits of a cache between steps (beam search, assisted decoding)
+_FOLLOWED = "_fastprobe_two_pass"  # on a model cache whose edits the language-only cache follows
 
 
 # ---------------------------------------------------------------- inputs
@@ -175,9 +181,56 @@ class _TwoPassContrast:
         self.cache = None
         self.running = False
         self.cache_name = cache_argument(model)
+        self.inputs: Optional[dict] = None  # the running forward's arguments (before())
+        self.followed: list = []  # weak references to the model caches follow() edited
+
+    def follow(self, cache) -> None:
+        """Makes the edits generate applies to the model's cache between forwards apply to the
+        language-only cache too: beam search's reorder_cache(beam_idx) (each beam continues the
+        history of the beam it was picked from; the image-key rows move with them) and assisted
+        decoding's crop (the rejected candidate tokens leave). Without it the language-only pass
+        would continue other beams' or rejected tokens' histories. Set on the cache instance, once;
+        undone by unfollow()."""
+        attributes = getattr(cache, "__dict__", None)  # (None for a legacy tuple cache, which generate never edits)
+        if attributes is None or _FOLLOWED in attributes:
+            return
+        for name in _CACHE_EDITS:
+            edit = getattr(cache, name, None)
+            if edit is not None:
+                setattr(cache, name, functools.partial(self._edit_both, name, edit))
+        setattr(cache, _FOLLOWED, True)
+        self.followed.append(weakref.ref(cache))
+
+    def _edit_both(self, name: str, edit, *args, **kwargs):
+        """The model cache's edit `name` (the bound method `edit`), then the same on the
+        language-only cache and, for reorder_cache(beam_idx), on the rows of the image keys."""
+        result = edit(*args, **kwargs)
+        if self.cache is not None:
+            getattr(self.cache, name)(*args, **kwargs)
+        mask = self.image_keys.mask
+        if name == "reorder_cache" and mask is not None:
+            beam_idx = args[0] if args else kwargs["beam_idx"]  # row b continues row beam_idx[b]
+            self.image_keys.mask = mask.index_select(0, beam_idx.to(mask.device))
+        return result
+
+    def unfollow(self) -> None:
+        """The model caches follow() edited get their own methods back."""
+        for cache in filter(None, (ref() for ref in self.followed)):
+            for name in (*_CACHE_EDITS, _FOLLOWED):
+                vars(cache).pop(name, None)
+        self.followed = []
+
+    def before(self, model, args, kwargs) -> None:
+        """The forward pre-hook: the forward's arguments and its image keys, read before the forward
+        adds its tokens to the model's cache (whose length says where it starts when no 2D attention
+        mask does: transformers 5.x's generate passes none for rows without padding)."""
+        if self.running:  # the language-only pass itself
+            return
+        self.inputs = forward_arguments(model, args, kwargs)
+        self.image_keys.update(self.inputs)
 
     def language_only_inputs(self, inputs: dict) -> dict:
-        image_keys = self.image_keys.update(inputs)  # [B, T]
+        image_keys = self.image_keys.mask  # [B, T]
         past = image_keys.shape[1] - inputs["input_ids"].shape[1]
         mask = inputs.get("attention_mask")
         if mask is None:
@@ -188,7 +241,8 @@ class _TwoPassContrast:
         cached = 0 if self.cache is None else self.cache.get_seq_length()
         if past > 0 and cached != past:
             raise RuntimeError(f"two_pass_contrast: the language-only cache holds {cached} tokens but this forward "
-                               f"continues {past} (beam search, assisted decoding and cache edits are not supported)")
+                               f"continues {past} (edits of the model's cache other than generate's reorder_cache "
+                               "and crop are not supported)")
         unconditional = {k: v for k, v in inputs.items() if k not in (*CACHE_NAMES, *_IMAGE_ARGUMENTS)}
         unconditional["attention_mask"] = (mask.bool() & ~image_keys.to(mask.device)).to(mask.dtype)
         unconditional[self.cache_name] = self.cache if past > 0 else None
@@ -198,7 +252,7 @@ class _TwoPassContrast:
     def __call__(self, model, args, kwargs, output):
         if self.running:  # the language-only pass itself
             return None
-        inputs = forward_arguments(model, args, kwargs)
+        inputs, self.inputs = self.inputs, None
         unconditional = self.language_only_inputs(inputs)
         self.running = True
         try:
@@ -206,6 +260,7 @@ class _TwoPassContrast:
         finally:
             self.running = False
         self.cache = output_cache(language_only)
+        self.follow(output_cache(output))
         # logits = (1 + alpha) logits_cond - alpha logits_uncond
         output.logits = torch.add(output.logits * (1.0 + self.alpha), language_only.logits, alpha=-self.alpha)
         return output
@@ -225,17 +280,26 @@ def two_pass_contrast(model, *, alpha: float, image_token_id: Optional[int] = No
     contrasted logits (1 + alpha) * logits_cond - alpha * logits_uncond, where logits_uncond come
     from a second forward with the image keys masked out of the attention mask (same positions,
     no pixel values, its own KV cache). The two-pass contrastive decoding baseline; yields the
-    model. Not for beam search or assisted decoding (they reorder or crop the cache)."""
+    model. Beam search (num_beams, from generate's arguments or a generation config; group beam
+    search in 4.5x) and assisted decoding reorder or crop the model's cache between forwards
+    (reorder_cache, crop): the language-only cache follows those edits. Other edits that change its
+    length or batch raise RuntimeError (contrastive search's batch expansion in 4.5x); a model
+    class that reorders caches itself (_reorder_cache: RAG, XLNet, no vision-language model) is
+    not followed."""
     alpha = _check_alpha(alpha)
     token_id = _image_token_id(model) if image_token_id is None else image_token_id
     if is_patched(model) and patch_options(model).guidance is not None:
         raise RuntimeError("the model is patched with guidance: two_pass_contrast would guide both passes; "
                            "remove the guidance option first")
-    handle = model.register_forward_hook(_TwoPassContrast(model, alpha, int(token_id)), with_kwargs=True)
+    contrast = _TwoPassContrast(model, alpha, int(token_id))
+    handles = [model.register_forward_pre_hook(contrast.before, with_kwargs=True),
+               model.register_forward_hook(contrast, with_kwargs=True)]
     try:
         yield model
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        contrast.unfollow()
 
 
 def two_pass_generate(
@@ -249,13 +313,10 @@ def two_pass_generate(
 ):
     """Two-pass contrastive decoding (the baseline guided_generate is compared with): the
     processor's batch (left padded), then model.generate inside two_pass_contrast(model, alpha).
-    Two forwards per step, two KV caches. Returns what generate returns; alpha = 0 gives plain
-    generation exactly. Raises as guided_generate, and ValueError for beam search."""
+    Two forwards per step, two KV caches (beam search reorders both). Returns what generate
+    returns; alpha = 0 gives plain generation exactly. Raises as guided_generate."""
     _image_token_id(model, processor)
     _check_alpha(alpha)
-    config = generate_kwargs.get("generation_config") or model.generation_config  # (what generate starts from)
-    if (generate_kwargs.get("num_beams") or config.num_beams or 1) > 1:
-        raise ValueError("two_pass_generate does not support beam search (the language-only cache is not reordered)")
     settings = generate_settings(model, _pad_id(processor), generate_kwargs)
     batch = prepare_inputs(model, processor, images, prompts)
     with two_pass_contrast(model, alpha=alpha):
