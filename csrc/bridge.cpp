@@ -26,11 +26,16 @@
 //
 // Precision: log-probabilities are (x - max) / T - log(sum) with max the row's largest raw
 // value, so x - max is exact near the max and logits ~1e4 keep float32 precision. The bridge's
-// raw value is taken relative to a reference point (r_T, r_S) of the row (the largest finite
-// logits of its first block, else 0):  c_v = (z_T,v - r_T) + beta (z_S,v - r_S)
-// = z_T,v + beta z_S,v - const, the constant dropping out of Q. Both differences are exact for
-// logits near the reference, so rounding z_T + beta z_S at magnitude 1e4 (and beta to float)
-// never reaches Q. Block sums are float32, range and row accumulators double.
+// raw value is taken relative to an anchor token a of the row (r_T = z_T,a, r_S = z_S,a):
+// c_v = (z_T,v - r_T) + beta (z_S,v - r_S) = z_T,v + beta z_S,v - const, the constant dropping
+// out of Q. Both differences are exact for tokens near the anchor, so it must sit where Q's mass
+// is, at the bridge's largest c, not at the largest logits (with beta < 0 that is among the
+// student's lowest; anywhere, an outlier may lie past the first block). The anchor is first the
+// token of the row's first block with the largest c; if pass 1 finds a c more than kReanchor T
+// above it, the row is re-anchored at that c's token and pass 1 runs again for that row (rare:
+// ordinary rows' largest c is within tens of T of their first block's). Then rounding
+// z_T + beta z_S at magnitude 1e4 (and beta to float) never reaches Q's large entries. Block
+// sums are float32, range and row accumulators double.
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -46,7 +51,7 @@ static int64_t element_size(DType dtype) { return dtype == DType::Float32 ? 4 : 
 
 // ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
 
-// The bridge's raw logit relative to the row's reference point:
+// The bridge's raw logit relative to the row's anchor (r_T, r_S):
 //   c = (z_T - r_T) + beta (z_S - r_S)        (beta = 0: c = z_T - r_T, whatever z_S)
 // A masked student entry (z_S = -inf) is masked in Q too for beta != 0 (beta < 0 would
 // otherwise give +inf).
@@ -59,13 +64,35 @@ struct Bridge {
   }
 };
 
-// The largest finite value of a block, or 0 if it has none: a row's reference point.
-FASTPROBE_SIMD_CLONES static float reference_point(const float* x, int64_t count) {
+// A row is re-anchored when pass 1 finds a bridge logit this many temperatures above its anchor:
+// below, c is rounded by at most 2^-24 kReanchor T, moving log Q by at most 2^-24 kReanchor = 4e-6
+// (as the old anchor, the first block's maxima, did for ordinary rows). Ordinary LLM rows stay
+// well below it (their largest logits are tens, not 64 T, above their first block's); outliers
+// of ~1e4 (beta < 0: the student's masked-like tokens) are far above it.
+constexpr float kReanchor = 64.0f;
+
+// A block's largest value and where it is (-1: none): a position in the row, or in pass 1 the
+// block's first position (found in the block only when a row is re-anchored there).
+struct BlockMax {
+  float value;
+  int64_t at;
+};
+
+// The first position of `value` in a block (count if absent).
+FASTPROBE_SIMD_CLONES static int64_t first_index(const float* x, int64_t count, float value) {
+  int64_t first = count;
+#pragma omp simd reduction(min : first)
+  for (int64_t i = 0; i < count; ++i) first = x[i] == value && i < first ? i : first;
+  return first;
+}
+
+// The largest finite value of a block and its first position (-inf, -1 if it has none).
+FASTPROBE_SIMD_CLONES static BlockMax largest_finite(const float* x, int64_t count) {
   float largest = kNegInf;
 #pragma omp simd reduction(max : largest)
   for (int64_t i = 0; i < count; ++i)
     largest = x[i] > largest && x[i] < kInf ? x[i] : largest;
-  return largest == kNegInf ? 0.0f : largest;
+  return largest == kNegInf ? BlockMax{kNegInf, -1} : BlockMax{largest, first_index(x, count, largest)};
 }
 
 // The bridge's raw logits c of a block from its student and teacher logits (c may be t).
@@ -171,12 +198,20 @@ struct Workspace {
   std::vector<float> grad;  // [kBlock] gradient of the current block (not float32)
 };
 
-// What a row keeps between its stages: the bridge's reference point, both log-softmaxes and
-// the loss (the reverse gradient's).
+// What a row keeps between its stages: the bridge's anchor (and whether pass 1 runs again at a
+// new one), both log-softmaxes and the loss (the reverse gradient's).
 struct RowSoftmax {
   Bridge bridge;
+  bool reanchored;
   LogSoftmax log_p, log_q;
   float loss;
+};
+
+// What pass 1 finds in a range (or, merged, in a row): the online log-sum-exps of s and of the
+// bridge c, and c's largest finite value and its (first) vocabulary id.
+struct RangeLse {
+  LseState s, c;
+  BlockMax c_max;
 };
 
 // Block [v0, v0 + count) of row n: returns its student logits, the bridge c into ws.c.
@@ -193,24 +228,50 @@ static void for_blocks(int64_t V, int64_t range, F&& f) {
   for (int64_t v0 = range * kRange; v0 < range_end(V, range); v0 += kBlock) f(v0, block_size(V, v0));
 }
 
-// The row's reference point: the largest finite logits of its first block.
-static Bridge row_bridge(const Problem& p, int64_t n, Workspace& ws) {
-  const int64_t count = block_size(p.V, 0);
-  return {p.beta, reference_point(p.student_block(n, 0, count, ws.s.data()), count),
-          reference_point(p.teacher_block(n, 0, count, ws.c.data()), count)};
+// The bridge anchored at token v of row n (r_S = 0 where z_S,v is not finite: beta = 0).
+static Bridge anchored_at(const Problem& p, int64_t n, int64_t v, Workspace& ws) {
+  if (v < 0) return {p.beta, 0.0f, 0.0f};  // (no finite bridge logit: the row has no Q)
+  const float s = *p.student_block(n, v, 1, ws.s.data()), t = *p.teacher_block(n, v, 1, ws.c.data());
+  return {p.beta, std::isfinite(s) ? s : 0.0f, t};
 }
 
-// Pass 1 over a range: fresh online log-sum-exps of s and of the bridge, into lse[0], lse[1]
-// (folded in locals: the slots of other threads' rows may share lse's cache line).
-static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, Workspace& ws, LseState* lse) {
-  LseState lse_s, lse_c;
+// The row's first anchor: the token of its first block with the largest bridge logit.
+static Bridge row_bridge(const Problem& p, int64_t n, Workspace& ws) {
+  const int64_t count = block_size(p.V, 0);
+  load_block(p, n, 0, count, Bridge{p.beta, 0.0f, 0.0f}, ws);
+  return anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
+}
+
+// The row re-anchored at its largest bridge logit, which pass 1 found in the block at `v0`.
+static Bridge reanchored(const Problem& p, int64_t n, Bridge bridge, BlockMax c_max, Workspace& ws) {
+  const int64_t count = block_size(p.V, c_max.at);
+  load_block(p, n, c_max.at, count, bridge, ws);
+  return anchored_at(p, n, c_max.at + first_index(ws.c.data(), count, c_max.value), ws);
+}
+
+// Pass 1 over a range: fresh online log-sum-exps of s and of the bridge, and the bridge's largest
+// value (folded in locals: the slots of other threads' rows may share part's cache line).
+static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, Workspace& ws, RangeLse* part) {
+  RangeLse found{LseState{}, LseState{}, BlockMax{kNegInf, -1}};
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, bridge, ws);
-    lse_block(lse_s, s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
-    lse_block(lse_c, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
+    lse_block(found.s, s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
+    const float c_max = found.c.max;
+    lse_block(found.c, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
+    if (found.c.max > c_max && found.c.max < kInf) found.c_max = {found.c.max, v0};  // (in this block)
   });
-  lse[0] = lse_s;
-  lse[1] = lse_c;
+  *part = found;
+}
+
+// A row's ranges of pass 1 merged in order.
+static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_temperature) {
+  RangeLse row = parts[0];
+  for (int64_t range = 1; range < ranges; ++range) {
+    merge_lse(row.s, parts[range].s, inv_temperature);
+    merge_lse(row.c, parts[range].c, inv_temperature);
+    if (parts[range].c_max.value > row.c_max.value) row.c_max = parts[range].c_max;
+  }
+  return row;
 }
 
 // Pass 2 over a range: its share of the loss; forward writes its gradient too.
@@ -239,32 +300,48 @@ static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const
   });
 }
 
-// Every row in ranges (run_rows): its reference point, pass 1 of each range, its log-softmaxes,
-// pass 2 of each range, its loss, then (with a gradient) pass 3 of each range: reverse, the
-// gradient; either direction, zeros for a loss of +inf. An ignored row reads nothing: loss 0,
-// gradient 0.
+// Every row in ranges (run_rows): its anchor, pass 1 of each range, then (only for a row whose
+// largest bridge logit is far above its anchor) a new anchor there and pass 1 again, its
+// log-softmaxes, pass 2 of each range, its loss, then (with a gradient) pass 3 of each range:
+// reverse, the gradient; either direction, zeros for a loss of +inf. An ignored row reads
+// nothing: loss 0, gradient 0.
 static void run(const Problem& p, int threads) {
   const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads);
   std::vector<RowSoftmax> rows(size_t(slots), RowSoftmax{});
-  std::vector<LseState> lse_parts(size_t(slots * ranges * 2));
+  std::vector<RangeLse> lse_parts(size_t(slots * ranges));
   std::vector<double> loss_parts(size_t(slots * ranges));
+  const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+    range_lse(p, n, range, rows[slot].bridge, ws, &lse_parts[slot * ranges + range]);
+  };
+  const auto set_softmax = [&](int64_t slot, const RangeLse& row) {
+    rows[slot].log_p = LogSoftmax::from_state(row.s, p.inv_temperature);
+    rows[slot].log_q = LogSoftmax::from_state(row.c, p.inv_temperature);
+  };
   run_rows(
       p.N, threads, [] { return Workspace(); },
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (!p.ignored(n)) rows[slot].bridge = row_bridge(p, n, ws);
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n)) range_lse(p, n, range, rows[slot].bridge, ws, &lse_parts[(slot * ranges + range) * 2]);
+        if (!p.ignored(n)) pass1(n, range, slot, ws);
       }),
-      each_row([&](int64_t n, int64_t slot, Workspace&) {  // the ranges merged in order
+      each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) return;
-        LseState lse_s = lse_parts[slot * ranges * 2], lse_t = lse_parts[slot * ranges * 2 + 1];
-        for (int64_t range = 1; range < ranges; ++range) {
-          merge_lse(lse_s, lse_parts[(slot * ranges + range) * 2], p.inv_temperature);
-          merge_lse(lse_t, lse_parts[(slot * ranges + range) * 2 + 1], p.inv_temperature);
+        const RangeLse row = merge_ranges(&lse_parts[slot * ranges], ranges, p.inv_temperature);
+        // c_max / T > kReanchor (a NaN row, with no c_max, keeps its anchor)
+        rows[slot].reanchored = row.c_max.at >= 0 && row.c_max.value * p.inv_temperature > kReanchor;
+        if (rows[slot].reanchored) {
+          rows[slot].bridge = reanchored(p, n, rows[slot].bridge, row.c_max, ws);
+        } else {
+          set_softmax(slot, row);
         }
-        rows[slot].log_p = LogSoftmax::from_state(lse_s, p.inv_temperature);
-        rows[slot].log_q = LogSoftmax::from_state(lse_t, p.inv_temperature);
+      }),
+      each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
+        if (!p.ignored(n) && rows[slot].reanchored) pass1(n, range, slot, ws);
+      }),
+      each_row([&](int64_t n, int64_t slot, Workspace&) {
+        if (!p.ignored(n) && rows[slot].reanchored)
+          set_softmax(slot, merge_ranges(&lse_parts[slot * ranges], ranges, p.inv_temperature));
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) {

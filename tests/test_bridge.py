@@ -246,6 +246,38 @@ def test_extreme_logits(target):
         torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-2, atol=1e-2 * scale + cancellation)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("beta", [-2.0, -1.0, -0.5, 0.5, 2.0])
+def test_outlier_rows_keep_float32_precision(direction, beta):
+    """Q's mass sits where z_T + beta z_S is largest: with beta < 0 on the student's lowest logits
+    (~-1e4), far from its largest ones; with any beta on outliers past the first vocabulary block.
+    The C++ kernel forms the bridge relative to an anchor token near that maximum (re-anchoring
+    after pass 1 when it is far), so near-tied outliers keep float32 precision: the gradient is
+    as accurate as for ordinary rows (taken relative to the first block's maxima it was off by
+    up to 3e-4), but for the reverse gradient's cancellation (test_extreme_logits). Rows: outliers near-tied (spread 0.01) anywhere; on both sides of the student;
+    with -inf entries; only in the last block; in the teacher too."""
+    fp.set_backend("cpp")
+    vocab, block = 2 * 2048 + 301, 2048
+    student, teacher = torch.randn(5, vocab), torch.randn(5, vocab)
+    side = 1.0 if beta > 0 else -1.0  # (where the bridge's weight goes)
+    anywhere, late = torch.randperm(vocab)[:8], block + torch.randperm(vocab - block)[:8]
+    student[0, anywhere] = side * (1e4 + 0.01 * torch.randn(8))
+    student[1, anywhere[:4]], student[1, anywhere[4:]] = 1e4 + torch.randn(4), -1e4 + torch.randn(4)
+    student[2, anywhere] = side * (1e4 + torch.randn(8))
+    student[2, anywhere[0]], teacher[2, anywhere[1]], student[2, 5] = float("-inf"), float("-inf"), float("-inf")
+    student[3, late] = side * (1e4 + 0.01 * torch.randn(8))
+    student[4, late], teacher[4, late] = side * (1e4 + torch.randn(8)), 1e4 + torch.randn(8)
+    kwargs = dict(beta=beta, direction=direction, reduction="none")
+    loss, grad = run(student, teacher, **kwargs)
+    want_loss, want_grad = expected(student, teacher, **kwargs)
+    finite = want_loss.isfinite()  # (reverse: row 2's Q masks a token its P keeps)
+    torch.testing.assert_close(loss.double()[finite], want_loss[finite], rtol=RTOL, atol=ATOL)
+    tolerance = grad_tolerance(torch.float32, want_grad, student)
+    if direction == "reverse":  # P (g - KL) cancels numbers of the row's KL (~1e4 with beta < 0): its ulps
+        tolerance["atol"] += 8 * 2.0**-24 * want_loss[finite].max().item()
+    torch.testing.assert_close(grad.double(), want_grad, **tolerance)
+
+
 def test_non_contiguous_and_leading_dims(target):
     _, device = target
     num_rows, vocab = shapes_for(target)[0]
@@ -496,6 +528,23 @@ def test_the_op_checks_what_its_kernels_read():
             torch.ops.fastprobe.bridge_loss(student, student, None, -100, beta, 1.0, False, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_op_refuses_scalars_its_kernels_cannot_take(dtype):
+    """Called directly, the op refuses a beta or inverse temperature that is not a finite float32
+    (inv_temperature also > 0) with an error naming it, in every backend: the reference (float64
+    logits) divided by 0 or returned NaN, the C++ kernel's message named no op."""
+    from fastprobe.ops.bridge import _bridge_loss_op
+
+    student = torch.randn(4, 31, dtype=dtype)
+    for call in (torch.ops.fastprobe.bridge_loss, _bridge_loss_op):
+        for inv_temperature in (0.0, -1.0, float("nan"), float("inf"), 1e39):
+            with pytest.raises(ValueError, match="bridge_loss: inv_temperature must"):
+                call(student, student, None, -100, beta_tensor(0.5), inv_temperature, False, True)
+        for beta in (float("nan"), float("-inf"), 1e39):
+            with pytest.raises(ValueError, match="bridge_loss: beta must"):
+                call(student, student, None, -100, beta_tensor(beta), 1.0, False, True)
+
+
 @pytest.mark.parametrize("student, error", [(torch.randn(4, 0), ValueError), (torch.randn(31), ValueError),
                                             (torch.ones(4, 31, dtype=torch.int64), TypeError)],
                          ids=["empty-vocabulary", "1-D", "int64"])
@@ -540,10 +589,12 @@ def test_bridge_loss_module_follows_schedule():
         fp.BridgeLoss()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("chunk_rows", [1, 7, None])
 def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, monkeypatch):
+    """float64 keeps float64 precision: its loss, mean factor and weight and bias gradients are
+    formed in float64 (float32_weight_grad widens lower precisions only), not in float32."""
     num_rows, hidden_s, hidden_t, vocab = 19, 24, 40, 301
     if chunk_rows == 7:  # bfloat16's weight gradient formed in slabs of 50 vocabulary rows (the last of 1)
         monkeypatch.setattr("fastprobe.ops.bridge._WEIGHT_GRAD_SLAB", 50 * hidden_s)
@@ -568,7 +619,9 @@ def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, monkeypatch)
     def assert_near(got, want):
         # bfloat16 rounds logit gradients and matmul outputs to 8 bits: errors scale with the
         # largest entry, not with each entry
-        if dtype == torch.float32:
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        elif dtype == torch.float32:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         else:
             torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
@@ -577,6 +630,23 @@ def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, monkeypatch)
     for got, want in zip(fused_inputs, plain_inputs):
         assert got.grad.dtype == got.dtype
         assert_near(got.grad.double(), want.grad)
+
+
+def test_fused_linear_under_no_grad_forms_no_gradient():
+    """An evaluation under torch.no_grad (a trainable student, no backward to come) gives the same
+    loss and forms no gradient: before, autograd.Function's needs_input_grad (True under no_grad)
+    made it form the [N, H] and float32 [V, H] gradients and the chunks' [rows, V] ones."""
+    num_rows, hidden, vocab = 6, 10, 53
+    h_s, w_s = torch.randn(num_rows, hidden, requires_grad=True), torch.randn(vocab, hidden, requires_grad=True)
+    h_t, w_t = torch.randn(num_rows, 7), torch.randn(vocab, 7)
+    loss_fn = fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=4)
+    with torch.no_grad():
+        with VocabularySized((vocab, hidden)) as weight_sized, VocabularySized((4, vocab)) as logit_grads:
+            loss = loss_fn(h_s, w_s, h_t, w_t)
+    assert not loss.requires_grad and not weight_sized.storages
+    # (the chunk's logits of student and teacher only, no gradient buffer)
+    assert len(logit_grads.storages) <= 2
+    torch.testing.assert_close(loss, loss_fn(h_s, w_s, h_t, w_t).detach())
 
 
 @pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],

@@ -22,6 +22,8 @@ from ..backend import resolve
 from ._common import (
     CUDAGRAPH_UNSAFE,
     DTYPE_NAMES,
+    FLOAT32_MAX,
+    FLOAT32_TINY,
     check_int,
     check_op_logits,
     check_op_tensors,
@@ -130,11 +132,17 @@ def _bridge_loss_op(
         ("labels", labels, (num_rows,), torch.int64, True),
     ))
     check_op_tensors("bridge_loss", torch.device("cpu"), (("beta", beta, (), torch.float64, False),))
+    # (the kernels compute in float32; the reference would give NaN or divide by 0 silently)
+    beta_value = beta.item()
+    if not -FLOAT32_MAX <= beta_value <= FLOAT32_MAX:
+        raise ValueError(f"bridge_loss: beta must be finite in float32, got {beta_value}")
+    if not FLOAT32_TINY <= inv_temperature <= FLOAT32_MAX:
+        raise ValueError(f"bridge_loss: inv_temperature must be a positive number in float32's range, got {inv_temperature}")
     loss = new_output((num_rows,), student.device, output_dtype(student))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:
         backend = resolve(student.device, student.dtype, "bridge_loss")
-        _ROWS[backend](student, teacher, labels, ignore_index, beta.item(), inv_temperature, reverse, loss, grad)
+        _ROWS[backend](student, teacher, labels, ignore_index, beta_value, inv_temperature, reverse, loss, grad)
     return loss, grad
 
 
@@ -403,19 +411,26 @@ class _FusedLinearBridge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 labels, options):
-        beta, inv_temperature, reverse, ignore_index, reduction, chunk_rows, float32_weight_grad = options
+        beta, inv_temperature, reverse, ignore_index, reduction, chunk_rows, float32_weight_grad, grad_mode = options
         beta = beta_tensor(beta)
         num_rows = student_hidden.shape[0]
-        want = ctx.needs_input_grad
+        # (needs_input_grad says which inputs require grad even under torch.no_grad, where no
+        # backward will run: there an evaluation would form a float32 [V, H] weight gradient)
+        want = ctx.needs_input_grad if grad_mode else (False,) * 3
+        compute_grad = any(want[:3])
         grad_hidden = torch.zeros_like(student_hidden) if want[0] else None
-        weight_dtype = torch.float32 if float32_weight_grad else student_weight.dtype
+        # (accumulated in float32 at least, float64 for float64 weights)
+        weight_dtype = torch.promote_types(student_weight.dtype, torch.float32) if float32_weight_grad else student_weight.dtype
         grad_weight = torch.zeros_like(student_weight, dtype=weight_dtype) if want[1] else None
-        grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if student_bias is not None and want[2] else None
-        # mean: every row's gradient is divided by the number of kept rows (a tensor, no sync)
+        grad_bias = None
+        if student_bias is not None and want[2]:
+            grad_bias = torch.zeros_like(student_bias, dtype=torch.promote_types(student_bias.dtype, torch.float32))
+        # the loss's dtype: float32, float64 for float64 hidden states (as the op's)
+        loss_dtype = output_dtype(student_hidden)
         device = student_hidden.device
         if reduction == "mean":  # d mean / d row = 1 / (kept rows), a tensor: no host sync
             kept = torch.tensor(num_rows, device=device) if labels is None else (labels != ignore_index).sum()
-            row_scale = 1.0 / kept.clamp(min=1).to(torch.float32)
+            row_scale = 1.0 / kept.clamp(min=1).to(loss_dtype)
         else:  # sum: the rows' gradients as they are
             row_scale = None
         losses = []
@@ -427,11 +442,11 @@ class _FusedLinearBridge(torch.autograd.Function):
             teacher_logits = teacher_logits.to(student_logits.dtype)
             chunk_labels = None if labels is None else labels[rows]
             loss, grad_logits = _bridge_loss_op(
-                student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, True
+                student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, compute_grad
             )
             del student_logits, teacher_logits  # (freed now, not when the next chunk's replace them)
             losses.append(loss)
-            if row_scale is not None:  # d(reduced loss) / d logits, the product in float32
+            if row_scale is not None:  # d(reduced loss) / d logits, the product in float32 (or float64)
                 grad_logits.mul_(row_scale)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ student_weight  # [n, V] @ [V, H]
@@ -441,9 +456,9 @@ class _FusedLinearBridge(torch.autograd.Function):
                 else:
                     _accumulate_weight_grad(grad_weight, grad_logits, student_hidden[rows])
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+                grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
             del grad_logits  # at most one chunk's three [rows, V] tensors live at a time
-        rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=torch.float32)
+        rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=loss_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype, ctx.bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
         ctx.scaled_in_place = False
@@ -478,8 +493,8 @@ class _FusedLinearBridge(torch.autograd.Function):
 class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
     """bridge_loss computed from hidden states and LM-head weights, chunk by chunk, so the
     full [N, V] logits never exist. Gradients flow to student_hidden, student_weight and
-    student_bias (accumulated in float32 across chunks with float32_weight_grad, the
-    default); the teacher side gets none. Reductions "mean" and "sum".
+    student_bias (accumulated across chunks in float32, float64 for float64 weights, with
+    float32_weight_grad, the default); the teacher side gets none. Reductions "mean" and "sum".
 
         loss_fn = FusedLinearBridgeLoss(beta=0.5)
         loss = loss_fn(student_hidden, lm_head_s.weight, teacher_hidden, lm_head_t.weight, labels=labels)
@@ -545,7 +560,7 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
         options = (
             _check_beta(self.beta_at(step)), 1.0 / check_temperature(self.temperature),
             _check_choice(self.direction, "direction", DIRECTIONS) == "reverse", _check_ignore_index(self.ignore_index),
-            self.reduction, chunk_rows, self.float32_weight_grad,
+            self.reduction, chunk_rows, self.float32_weight_grad, torch.is_grad_enabled(),
         )
         with torch.no_grad():  # the teacher side never takes a gradient
             t_hidden, t_weight = t_hidden.detach(), t_weight.detach()
