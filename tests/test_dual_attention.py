@@ -335,3 +335,78 @@ def test_torch_compile_fullgraph_and_opcheck():
     start = torch.tensor([[0] * 4 + [4] * 5] * 2)
     args = (q, k, v, drop.to(torch.uint8), rows, None, 0.5, True, 1e-6, 0.35, True, horizon, start, 4, True)
     torch.library.opcheck(_dual_path_attention_op.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _op_args(**change) -> dict:
+    """Valid arguments of the custom op (its schema order), with `change` applied."""
+    q, k, v = random_qkv(2, 4, 2, 5, 9, 8, torch.float32, "cpu")
+    args = dict(q=q, k=k, v=v, drop=image_keys(2, 9, "cpu").to(torch.uint8), rows=torch.ones(2, 5, dtype=torch.uint8),
+                key_real=None, gamma=0.5, orthogonalize=True, eps=1e-6, scale=0.3, causal=True, horizon=None,
+                start=None, window=0, return_paths=True)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(gamma=float("nan")), "gamma must be a finite number"),
+    (dict(gamma=float("inf")), "gamma must be a finite number"),
+    (dict(gamma=1e300), "gamma must be a finite number"),
+    (dict(eps=0.0), "eps must be a positive number"),
+    (dict(eps=-1.0), "eps must be a positive number"),
+    (dict(eps=float("nan")), "eps must be a positive number"),
+    (dict(eps=1e-300), "eps must be a positive number"),  # (0 in float32: Triton divided by ||o_uncond|| alone)
+    (dict(scale=0.0), "scale must be a positive number"),
+    (dict(scale=-0.3), "scale must be a positive number"),
+    (dict(scale=float("nan")), "scale must be a positive number"),
+    (dict(scale=float("inf")), "scale must be a positive number"),
+    (dict(window=-1), "window must be >= 0"),
+], ids=lambda x: str(x) if isinstance(x, dict) else None)
+def test_direct_op_refuses_bad_scalars_before_any_kernel(monkeypatch, change, words):
+    """torch.ops.fastprobe.dual_path_attention, reachable past the public checks, refuses the
+    scalars no kernel takes, by name and before choosing a kernel: the reference and Triton ran
+    with a NaN gamma, eps <= 0 or scale <= 0 (NaN or silently wrong output), the C++ kernel raised
+    its own error."""
+    from fastprobe.ops import dual_attention
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was about to run")
+
+    monkeypatch.setattr(dual_attention, "resolve", no_kernel)
+    with pytest.raises(ValueError, match=words):
+        torch.ops.fastprobe.dual_path_attention(*_op_args(**change).values())
+
+
+@pytest.mark.parametrize("num_queries, num_keys", [(9, 9), (1, 520)], ids=["prefill", "decode-split"])
+def test_nan_scores_give_nan_paths_not_an_unguided_row(target, num_queries, num_keys):
+    """A query that sees a key with +inf entries (NaN / inf scores), or whose own q holds a NaN,
+    gets NaN in out and o_cond, and in o_uncond when that key is a kept one, in every backend as in
+    the reference (sink_attention's rule: NaN propagates, never the values of a row with no kept key
+    or no key at all, which would hide bad input). Rows that do not see it are untouched. Decoding
+    over 520 keys takes the key-split paths (C++ ranges, Triton's split kernel and merge)."""
+    _, device = target
+    q, k, v = random_qkv(1, 6, 3, num_queries, num_keys, 16, torch.float32, device)
+    drop = torch.zeros(1, num_keys, dtype=torch.bool, device=device)
+    drop[0, 2:5] = True
+    kept_bad, dropped_bad = num_keys - 3, 3
+    k[0, 0, kept_bad] = float("inf")  # heads 0, 1 (kv head 0): a kept key, seen from position num_keys - 3 on
+    k[0, 1, dropped_bad] = float("inf")  # heads 2, 3: a dropped key, seen from position 3 on
+    q[0, 5, 0, 0] = float("nan")  # head 5 (kv head 2, no bad key), its first query
+    position = torch.arange(num_keys - num_queries, num_keys, device=device)
+    sees_kept, sees_any = torch.zeros(2, 1, 6, num_queries, dtype=torch.bool, device=device)
+    sees_kept[0, :2] = sees_any[0, :2] = position >= kept_bad
+    sees_any[0, 2:4] = position >= dropped_bad
+    sees_kept[0, 5, 0] = sees_any[0, 5, 0] = True
+    options = dict(gamma=1.5, rows="all")
+    got = dict(zip(("out", "o_cond", "o_uncond"), fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)))
+    got["out only"] = fp.dual_path_attention(q, k, v, drop, **options)
+    want = expected(q, k, v, drop, **options)
+    assert sees_any.any() and (~sees_any).any() and (sees_any & ~sees_kept).any()
+    for name, value in got.items():
+        nan_rows = value.isnan().any(-1)
+        bad = sees_kept if name == "o_uncond" else sees_any
+        reference_rows = want[name.removesuffix(" only")].isnan().any(-1).to(device)
+        assert torch.equal(reference_rows, bad), f"reference {name}: NaN rows"
+        assert torch.equal(nan_rows, bad), f"{name}: NaN rows {nan_rows.nonzero().tolist()}, expected {bad.nonzero().tolist()}"
+        fine = ~bad.cpu()
+        torch.testing.assert_close(value.cpu().double()[fine], want[name.removesuffix(" only")][fine], rtol=1e-4,
+                                   atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -94,11 +94,17 @@ def _op_outputs(outputs: tuple) -> tuple:
     return out, *(new_output((0,), out.device, out.dtype) if path is None else path for path in outputs[1:])
 
 
-def _check_op_args(q, k, v, drop, rows, key_real, horizon, start) -> None:
-    """What the kernels read through raw pointers, checked in the op: it is reachable directly
-    (torch.ops.fastprobe.dual_path_attention), past dual_path_attention's checks. Sizes come from
+def _check_op_args(q, k, v, drop, rows, key_real, horizon, start, gamma, eps, scale, window) -> None:
+    """What the kernels read through raw pointers, and the scalars they take, checked in the op:
+    it is reachable directly (torch.ops.fastprobe.dual_path_attention), past
+    dual_path_attention's checks, and every backend must refuse what one refuses (the C++ kernel
+    raised on a NaN gamma or a scale <= 0 where the reference and Triton ran). Sizes come from
     q [B, Hq, Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit
     head-dim strides) and clamp the key bounds."""
+    check_real(gamma, "gamma", positive=False)
+    check_real(eps, "eps", positive=True)
+    check_scale(scale, q.shape[-1])
+    check_int(window, "window", 0)  # (0: none)
     q_shape, num_keys, qkv_specs = op_qkv_specs("dual_path_attention", q, k, v)
     batch, num_queries = q_shape[0], q_shape[2]
     keys = (batch, num_keys)
@@ -133,7 +139,7 @@ def _dual_path_attention_op(
     """The op on prepared arguments: drop uint8 [B, Lk], rows uint8 [B, Lq], key_real uint8
     [B, Lk] or None, start and horizon int64 [B, Lk] or None (attention.key_bounds), window 0: none.
     What torch.compile, autograd and dispatch modes see; plain eager calls take _attend directly."""
-    _check_op_args(q, k, v, drop, rows, key_real, horizon, start)
+    _check_op_args(q, k, v, drop, rows, key_real, horizon, start, gamma, eps, scale, window)
     args = dict(drop=drop, rows=rows, key_real=key_real, gamma=gamma, orthogonalize=orthogonalize, eps=eps,
                 scale=scale, causal=causal, horizon=horizon, start=start, window=window)
     return _op_outputs(_attend(q, k, v, args, return_paths))
@@ -199,7 +205,9 @@ def dual_path_attention(
     Returns:
         out [B, Hq, Lq, Dv] in q's dtype, or (out, o_cond, o_uncond) with return_paths. A row
         whose visible keys are all dropped has no language-only path: it is not guided
-        (out = o_cond there) and its o_uncond is 0. Forward only.
+        (out = o_cond there) and its o_uncond is 0. NaN propagates as in sink_attention: a row
+        that sees a NaN score (NaN in q or k, a +inf key) gets NaN out and o_cond, and NaN
+        o_uncond when that score is a kept key's. Forward only.
     """
     q, k, v, batch, num_queries, num_keys = check_attention_inputs(q, k, v)
     drop = check_mask(drop_keys, "drop_keys", (batch, num_keys), "[B, Lk]", q)
