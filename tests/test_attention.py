@@ -839,6 +839,26 @@ def test_reused_segment_spans_give_the_same_result(target, causal):
         fp.ops.attention.segment_spans(torch.tensor([1, 0, 1]))
 
 
+def test_hand_made_segment_spans_with_hostile_starts_act_clamped(target):
+    """A SegmentSpans is not re-checked: starts outside [0, Lk) (built by hand) index nothing
+    outside a buffer where the sink and statistics ends are found (with a padding mask: a gather,
+    a device-side assert on CUDA) and act as the kernels clamp them, to [0, p]: far below, as one
+    segment from key 0; far above, with ends at p, as every position its own segment."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 29, 37, 16, torch.float32, device)
+    mask = padding_mask(2, 37, "mixed", device)
+    position = torch.arange(37, device=device).expand(2, 37).contiguous()
+    options = dict(key_padding_mask=mask, window=5, num_sink=2, stat_tokens=2, return_entropy=True)
+    one = fp.ops.attention.SegmentSpans(torch.zeros_like(position), torch.full_like(position, 36))
+    own = fp.ops.attention.SegmentSpans(position, position)
+    for hostile, valid in [(one._replace(start=torch.full_like(position, -(2**40))), one),
+                           (own._replace(start=torch.full_like(position, 2**40)), own)]:
+        got = fp.sink_attention(q, k, v, segment_ids=hostile, **options)
+        want = fp.sink_attention(q, k, v, segment_ids=valid, **options)
+        for name in ("out", "lse", "sink_mass", "entropy"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
 def test_segments_are_independent_sequences(target):
     """Packed sequences: attention over packed segments equals attention over each sequence
     alone (the property packing relies on), statistics included: each segment's sinks and

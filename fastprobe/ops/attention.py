@@ -126,7 +126,10 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
         return torch.minimum(start + count, last + 1)
     # real keys before each position, and the count that p's segment's count-th real key makes
     before = torch.nn.functional.pad(real.to(torch.int64).cumsum(-1), (1, 0))  # [B, Lk + 1]
-    target = before.gather(1, start) + count
+    # (a hand-made SegmentSpans is not re-checked: its starts are clamped into before's [0, Lk]
+    # for the gather, which would index outside it, a device-side assert on CUDA; checked ones are
+    # in [0, p] already, and the kernels clamp the starts they read themselves)
+    target = before.gather(1, start.clamp(0, before.shape[1] - 1)) + count
     # before[p + 1] >= target first at the count-th real key p (before is non-decreasing)
     position = torch.searchsorted(before[:, 1:].contiguous(), target.contiguous())
     return torch.minimum(position + 1, last + 1)
@@ -575,7 +578,9 @@ def causal_horizon(blocks, shape: tuple, num_queries: int, causal: bool, q: torc
 class SegmentSpans(NamedTuple):
     """segment_ids in the kernels' form, made once by segment_spans and reusable by every call
     with the same keys (the layers of one forward): it skips re-checking the segments (a sort
-    and a host sync per call)."""
+    and a host sync per call). One built by hand, or changed after its check, is not re-checked
+    either: the kernels clamp a start to [0, p] and an end to [p, Lk - 1], and nothing indexes
+    outside a buffer with them."""
 
     start: torch.Tensor  # int64 [B, Lk]: the first position of the segment holding p
     end: torch.Tensor  # int64 [B, Lk]: its last position
