@@ -9,6 +9,8 @@ The kernel works in base 2 and converts to natural units (times ln 2) only where
         kept PER LANE (running max m_j and sum s_j = sum 2^((x - m_j) c), one exp2 per element),
         reduced across lanes once after the loop: M = max_j m_j, S = sum_j s_j 2^((m_j - M) c);
         then log2 P_v = (x_v - M_x) c - log2 S_x and log2 Q_v = (u_v - M_u) c - log2 S_u
+        (rare: a row whose M_u lies more than 64 T above its anchor is re-anchored at a token
+        within T of M_u, and u's log-sum-exp taken again, see Precision)
   pass 2 (vocabulary blocks, REVERSE order, so the last blocks of pass 1 are L2 hits):
         forward: loss = sum Q (log Q - log P), grad_v = (P_v - Q_v) / T   (stored here)
         reverse: loss = sum P (log P - log Q)                            (per-lane sums, one reduce)
@@ -16,9 +18,17 @@ The kernel works in base 2 and converts to natural units (times ln 2) only where
         grad_v = P_v (g_v - loss) / T,  g = log P - log Q
 
 Precision: the maxima are subtracted from RAW logits before scaling (x - M is exact for nearby
-values), and the bridged logit is formed from logits less the anchors a_T, a_S (the largest
-finite logit of the row's first block, 0 if it has none), so y + beta x is rounded at the
-scale of the row's spread, not of the logits' magnitude (logits ~1e4 keep float32 accuracy).
+values). The bridged logit is formed from logits less the anchors a_T = y_a, a_S = x_a of one
+token a (a_S = 0 where x_a = -inf, beta = 0), so both differences are exact for tokens near a,
+and a must sit where Q's mass is: at the largest y + beta x, not at the largest logits (with
+beta < 0 those are among the student's lowest; for any beta an outlier may lie past the first
+block). a is first the token of the row's first block with the largest y + beta x (none finite:
+a_T = a_S = 0); if pass 1 finds M_u more than 64 T above it, a rare path finds the first token
+whose u is within T of M_u (M_u's own, or one as good), makes it the anchor and takes u's
+log-sum-exp again (ordinary rows' largest bridged logit lies within tens of T of their first
+block's). Below 64 T, u is rounded by at most 2^-24 64 T, moving log Q by 4e-6; so rows with
+logits ~1e4 keep float32 accuracy. (As the C++ kernel, csrc/bridge.cpp, which re-anchors at M_u's
+own token: the margin of T keeps the search from depending on recomputing M_u to the bit.)
 
 Conventions: 0 log 0 = 0 (every x log y is guarded by x == 0); -inf logits are masked
 vocabulary. A student -inf contributes beta x = 0 to the bridge when beta == 0 (t = y / T:
@@ -39,7 +49,6 @@ row. beta, inv_temperature and ignore_index are runtime scalars (never tl.conste
 # No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
 # constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
-import math
 from typing import Optional
 
 import torch
@@ -47,12 +56,15 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import launch_tuned, next_pow2, settle_cache_keys
+from ._launch import check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["bridge_loss"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+# A row is re-anchored when pass 1 finds a bridged logit this many temperatures above its anchor
+# (csrc/bridge.cpp's kReanchor): below, u is rounded by at most 2^-24 * 64 T (log Q by 4e-6).
+_REANCHOR = tl.constexpr(64.0)
 
 
 @triton.jit
@@ -78,13 +90,6 @@ def _load_pair(s_row, t_row, start, V, stride_sv, stride_tv, BLOCK_V: tl.constex
 
 
 @triton.jit
-def _anchor(x):
-    """The largest finite value of a block, 0 if it has none (all -inf, or NaN / inf input)."""
-    a = tl.max(x, axis=0)
-    return tl.where(tl.abs(a) < float("inf"), a, 0.0)
-
-
-@triton.jit
 def _bridged(y, x, a_t, a_s, beta, masked_bx):
     """u = (y - a_T) + beta (x - a_S): the raw bridged logit y + beta x less a_T + beta a_S,
     formed from small differences so it is never rounded at the logits' magnitude.
@@ -102,6 +107,66 @@ def _lse_step_lanes(x, mx, s, c):
     e = tl.exp2(tl.where(x == float("-inf"), float("-inf"), -tl.abs(x - mx)) * c)
     s = tl.where(x > mx, s * e + 1.0, s + e)
     return tl.maximum(mx, x), s
+
+
+@triton.jit
+def _anchors_at(s_row, t_row, col, V, a_t, a_s, stride_sv, stride_tv):
+    """The anchors (a_T, a_S) = (y_col, x_col) at vocabulary id col (a_S = 0 where x_col = -inf:
+    only beta = 0 takes such a token), or the given ones when col >= V (no token found)."""
+    found = col < V
+    col = col.to(tl.int64)  # (col * stride in int64, as every address)
+    x_a = tl.load(s_row + col * stride_sv, mask=found, other=0.0).to(tl.float32)
+    y_a = tl.load(t_row + col * stride_tv, mask=found, other=0.0).to(tl.float32)
+    return tl.where(found, y_a, a_t), tl.where(found, tl.where(x_a == float("-inf"), 0.0, x_a), a_s)
+
+
+@triton.jit
+def _first_anchors(s_row, t_row, x, y, V, beta, masked_bx, stride_sv, stride_tv):
+    """The anchors at the first block's first token (x, y: its logits) with the largest finite
+    y + beta x (formed as u with zero anchors: rounded, it only locates the token); (0, 0) if none
+    is finite (the row has no Q)."""
+    w = _bridged(y, x, 0.0, 0.0, beta, masked_bx)
+    finite = tl.where(tl.abs(w) < float("inf"), w, float("-inf"))  # (NaN and +inf left out too)
+    at = tl.argmax(finite, axis=0).to(tl.int64)  # (the first of equal values)
+    at = tl.where(tl.max(finite, axis=0) > float("-inf"), at, V)
+    return _anchors_at(s_row, t_row, at, V, 0.0, 0.0, stride_sv, stride_tv)
+
+
+# (not inlined: inlined, this loop's registers added to the whole kernel's, on sm_90 up to 40 more
+# per thread where V is not a multiple of 16; called, the kernel keeps about its old count)
+@triton.jit(noinline=True)
+def _reanchored(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv, threshold, BLOCK_V: tl.constexpr):
+    """The rare path: the anchors at the row's first token whose u >= threshold, or the given ones
+    (a_T, a_S) if there is none. Per lane the first such vocabulary id, one reduction after the loop
+    (a reduction per block cost more registers)."""
+    first = tl.full([BLOCK_V], 0x7FFFFFFF, tl.int32)
+    for b in range(0, tl.cdiv(V, BLOCK_V)):
+        x, y = _load_pair(s_row, t_row, b * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
+        u = _bridged(y.to(tl.float32), x.to(tl.float32), a_t, a_s, beta, masked_bx)  # (-inf past V)
+        first = tl.minimum(first, tl.where(u >= threshold, b * BLOCK_V + tl.arange(0, BLOCK_V), 0x7FFFFFFF))
+    at = tl.min(first, axis=0)
+    return _anchors_at(s_row, t_row, at, V, a_t, a_s, stride_sv, stride_tv)
+
+
+@triton.jit
+def _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c, stride_sv, stride_tv,
+           STUDENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1 from the first block's logits (x_next, y_next, loaded by the caller): the row's
+    (M, log2 S) of x (only if STUDENT, else unused values) and of u: per-lane online log-sum-exps,
+    one cross-lane reduce after."""
+    mx_s = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    sum_s = tl.zeros([BLOCK_V], tl.float32)
+    mx_u = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    sum_u = tl.zeros([BLOCK_V], tl.float32)
+    for b in range(0, tl.cdiv(V, BLOCK_V)):
+        x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+        x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
+        if STUDENT:
+            mx_s, sum_s = _lse_step_lanes(x, mx_s, sum_s, c)
+        mx_u, sum_u = _lse_step_lanes(_bridged(y, x, a_t, a_s, beta, masked_bx), mx_u, sum_u, c)
+    shift_s, log2s_s = _lse_combine(mx_s, sum_s, c)
+    shift_u, log2s_u = _lse_combine(mx_u, sum_u, c)
+    return shift_s, log2s_s, shift_u, log2s_u
 
 
 @triton.jit
@@ -168,23 +233,23 @@ def _bridge_kernel(
 
         # Every pass loads block b + 1 (in its order) before it works on block b, and carries
         # it into the next iteration: the loads travel while a block is worked on.
-        # ---- anchors for the bridged logit: the first block's largest finite logits ----
+        # ---- anchors: the first block's token with the largest bridged logit y + beta x ----
         x_next, y_next = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
-        a_s = _anchor(x_next.to(tl.float32))
-        a_t = _anchor(y_next.to(tl.float32))
+        a_t, a_s = _first_anchors(s_row, t_row, x_next.to(tl.float32), y_next.to(tl.float32), V, beta, masked_bx,
+                                  stride_sv, stride_tv)
 
-        # ---- pass 1: online log-sum-exp of x and u, per lane; one cross-lane reduce after ----
-        mx_s = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        sum_s = tl.zeros([BLOCK_V], tl.float32)
-        mx_u = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        sum_u = tl.zeros([BLOCK_V], tl.float32)
-        for b in range(0, nblk):
-            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
-            x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
-            mx_s, sum_s = _lse_step_lanes(x, mx_s, sum_s, c)
-            mx_u, sum_u = _lse_step_lanes(_bridged(y, x, a_t, a_s, beta, masked_bx), mx_u, sum_u, c)
-        shift_s, log2s_s = _lse_combine(mx_s, sum_s, c)
-        shift_u, log2s_u = _lse_combine(mx_u, sum_u, c)
+        # ---- pass 1: online log-sum-exps of x and u ----
+        shift_s, log2s_s, shift_u, log2s_u = _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c,
+                                                    stride_sv, stride_tv, True, BLOCK_V)
+        # (rare) the largest u lies over 64 T above the anchor: re-anchor at the first token within
+        # T of it (the largest u, or one as good: u ends <= T above the anchor) and take u's
+        # log-sum-exp again (x's does not depend on the anchor)
+        if (shift_u * inv_temperature > _REANCHOR) & (shift_u < float("inf")):
+            a_t, a_s = _reanchored(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv,
+                                   shift_u - 1.0 / inv_temperature, BLOCK_V)
+            x_first, y_first = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
+            _, _, shift_u, log2s_u = _pass1(s_row, t_row, x_first, y_first, V, a_t, a_s, beta, masked_bx, c,
+                                            stride_sv, stride_tv, False, BLOCK_V)
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
         acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane base-2 loss sums
@@ -280,6 +345,8 @@ _bridge_kernel_tuned = triton.autotune(
 # spans several blocks and a ragged tail.
 _INTERPRET_BLOCK_V = 128
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -299,7 +366,7 @@ def bridge_loss(
     student, teacher [N, V] float32 / bfloat16 / float16 (the same), any strides
     labels   [N] int64 contiguous, or None (every row kept); rows with labels == ignore_index
              get loss 0 and a zero gradient row
-    beta     any finite float (runtime argument); inv_temperature finite float > 0
+    beta     a float, finite in float32 (runtime argument); inv_temperature > 0, normal and finite in float32
     reverse  False: KL(Q || P_S), gradient (P_S - Q) / T; True: KL(P_S || Q), gradient
              P_S (g - KL) / T with g = log P_S - log Q (Q is a constant for the gradient)
     loss     [N] float32 contiguous (out, natural log)
@@ -319,11 +386,9 @@ def bridge_loss(
     if grad is not None and (grad.shape != (N, V) or grad.dtype != student.dtype or not grad.is_contiguous()):
         raise ValueError("grad must be a contiguous [N, V] tensor of the logits' dtype")
     # float arguments (an int 0 or 1 would be specialized into the compiled kernel)
-    beta, inv_temperature = float(beta), float(inv_temperature)
-    if not math.isfinite(beta):
-        raise ValueError("beta must be finite")
-    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
-        raise ValueError("inv_temperature must be finite and > 0")
+    beta, inv_temperature = float(beta), check_inv_temperature(inv_temperature)
+    if not abs(beta) <= _FLOAT32_MAX:  # (the kernel takes it as a float32: 1e39 would be inf there)
+        raise ValueError(f"beta must be finite in float32, got {beta}")
     if N == 0:
         return
 

@@ -246,18 +246,35 @@ def test_extreme_logits(target):
         torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-2, atol=1e-2 * scale + cancellation)
 
 
+def first_block_width(target) -> int:
+    """The widest first vocabulary block a backend's kernel may take: outliers past it lie
+    outside every first block (C++: kBlock; Triton: the interpreter's block, or the largest
+    autotuned one on a GPU)."""
+    backend, device = target
+    if backend == "cpp":
+        return 2048
+    from fastprobe.kernels import bridge as triton_bridge
+
+    if device == "cpu":
+        return triton_bridge._INTERPRET_BLOCK_V
+    return max(config.kwargs["BLOCK_V"] for config in triton_bridge._AUTOTUNE_CONFIGS)
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("beta", [-2.0, -1.0, -0.5, 0.5, 2.0])
-def test_outlier_rows_keep_float32_precision(direction, beta):
+def test_outlier_rows_keep_float32_precision(target, direction, beta):
     """Q's mass sits where z_T + beta z_S is largest: with beta < 0 on the student's lowest logits
     (~-1e4), far from its largest ones; with any beta on outliers past the first vocabulary block.
-    The C++ kernel forms the bridge relative to an anchor token near that maximum (re-anchoring
+    The kernels form the bridge relative to an anchor token near that maximum (re-anchoring
     after pass 1 when it is far), so near-tied outliers keep float32 precision: the gradient is
     as accurate as for ordinary rows (taken relative to the first block's maxima it was off by
-    up to 3e-4), but for the reverse gradient's cancellation (test_extreme_logits). Rows: outliers near-tied (spread 0.01) anywhere; on both sides of the student;
-    with -inf entries; only in the last block; in the teacher too."""
-    fp.set_backend("cpp")
-    vocab, block = 2 * 2048 + 301, 2048
+    up to 3e-4 in C++, 5e-4 in Triton), but for the reverse gradient's cancellation
+    (test_extreme_logits). Two blocks and a ragged third. Rows: outliers near-tied (spread 0.01)
+    anywhere; on both sides of the student; with -inf entries; only past the first block; in the
+    teacher too."""
+    _, device = target
+    block = first_block_width(target)
+    vocab = 2 * block + 301
     student, teacher = torch.randn(5, vocab), torch.randn(5, vocab)
     side = 1.0 if beta > 0 else -1.0  # (where the bridge's weight goes)
     anywhere, late = torch.randperm(vocab)[:8], block + torch.randperm(vocab - block)[:8]
@@ -267,8 +284,10 @@ def test_outlier_rows_keep_float32_precision(direction, beta):
     student[2, anywhere[0]], teacher[2, anywhere[1]], student[2, 5] = float("-inf"), float("-inf"), float("-inf")
     student[3, late] = side * (1e4 + 0.01 * torch.randn(8))
     student[4, late], teacher[4, late] = side * (1e4 + torch.randn(8)), 1e4 + torch.randn(8)
+    student, teacher = student.to(device), teacher.to(device)
     kwargs = dict(beta=beta, direction=direction, reduction="none")
     loss, grad = run(student, teacher, **kwargs)
+    loss, grad = loss.cpu(), grad.cpu()
     want_loss, want_grad = expected(student, teacher, **kwargs)
     finite = want_loss.isfinite()  # (reverse: row 2's Q masks a token its P keeps)
     torch.testing.assert_close(loss.double()[finite], want_loss[finite], rtol=RTOL, atol=ATOL)
@@ -543,6 +562,72 @@ def test_the_op_refuses_scalars_its_kernels_cannot_take(dtype):
         for beta in (float("nan"), float("-inf"), 1e39):
             with pytest.raises(ValueError, match="bridge_loss: beta must"):
                 call(student, student, None, -100, beta_tensor(beta), 1.0, False, True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("labels", [False, True], ids=["no-labels", "labels"])
+@pytest.mark.parametrize("compute_grad", [False, True], ids=["loss", "grad"])
+def test_triton_kernel_stays_inside_its_buffers(dtype, direction, labels, compute_grad):
+    """The raw op's Triton launch with strided views (the student a transposed buffer's rows at
+    vocabulary stride 2N, the teacher one slice of [N, 3, V]) and V = 300 (two interpreter blocks
+    and a ragged third): every load and store stays inside the buffers (checked by the
+    interpreter, tests/_interpreter_bounds.py), in the rare re-anchoring path too (row 1: its
+    largest bridged logit, far above the first block's, in the last column), for rows with no
+    finite logit (rows 2 and 3: no P, no Q), ignored rows (labels, ignore_index 7) and a +inf
+    loss (row 5)."""
+    from fastprobe.ops.bridge import _bridge_loss_op
+
+    from ._interpreter_bounds import bounds_checked
+
+    fp.set_backend("triton")
+    num_rows, vocab = 6, 300
+    student = torch.randn(2 * vocab, num_rows, dtype=dtype).t()[:, ::2]
+    teacher = torch.randn(num_rows, 3, vocab, dtype=dtype)[:, 1]
+    student[1, 200:], teacher[1, 200:] = 1e4 + torch.randn(vocab - 200), 1e4 + torch.randn(vocab - 200)
+    student[1, -1] = teacher[1, -1] = 1e4 + 100.0  # (past the first block, far above it: re-anchored there)
+    student[2], teacher[3] = float("-inf"), float("-inf")
+    student[5, 7] = float("-inf")  # (forward, beta = 0: Q > 0 = P; reverse: Q = 0 < P)
+    teacher[5, 9] = float("-inf")
+    assert student.stride() == (1, 2 * num_rows) and teacher.stride() == (3 * vocab, 1)
+    row_labels = torch.tensor([0, 1, 7, 2, 7, 3]) if labels else None
+    beta = 0.0 if direction == "forward" else 0.5
+    with bounds_checked() as launches:
+        loss, grad = _bridge_loss_op(student, teacher, row_labels, 7, beta_tensor(beta), 1.25, direction == "reverse",
+                                     compute_grad)
+    assert len(launches) == 1
+    want = reference.bridge_loss(student.double(), teacher.double(), beta=beta, direction=direction,
+                                 temperature=0.8, reduction="none")
+    if labels:
+        want[row_labels == 7] = 0.0
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-4, equal_nan=True)
+    if compute_grad:
+        assert grad.shape == (num_rows, vocab) and not grad[[0, 1]].isnan().any()
+
+
+@pytest.mark.parametrize("inv_temperature", [1e39, 1e-50, float("inf"), 0.0])
+def test_triton_launcher_refuses_an_inverse_temperature_float32_cannot_hold(inv_temperature):
+    """The Triton launcher takes inv_temperature as a float32 (kernels/_launch.py's
+    check_inv_temperature, as the other vocabulary launchers): 1e39 (inf there) and 1e-50 (0)
+    are refused before any launch, not run into NaN losses (its own check was float64's)."""
+    from fastprobe.kernels import bridge as triton_bridge
+
+    student = torch.randn(2, 40)
+    loss = torch.empty(2)
+    with pytest.raises(ValueError, match="inv_temperature"):
+        triton_bridge.bridge_loss(student, student, None, -100, 0.5, inv_temperature, False, loss, None)
+
+
+@pytest.mark.parametrize("beta", [1e39, -1e39, float("nan")])
+def test_triton_launcher_refuses_a_beta_float32_cannot_hold(beta):
+    """The Triton launcher takes beta as a float32: 1e39 (inf there) is refused before any launch,
+    as by the op and the C++ kernel (its check was float64's isfinite)."""
+    from fastprobe.kernels import bridge as triton_bridge
+
+    student = torch.randn(2, 40)
+    with pytest.raises(ValueError, match="beta"):
+        triton_bridge.bridge_loss(student, student, None, -100, beta, 1.0, False, torch.empty(2), None)
 
 
 @pytest.mark.parametrize("student, error", [(torch.randn(4, 0), ValueError), (torch.randn(31), ValueError),
