@@ -562,6 +562,11 @@ def bad_cases():
          {"segment_ids": fp.ops.attention.SegmentSpans(torch.zeros(2, 7, dtype=torch.int32), torch.zeros(2, 7, dtype=torch.long))}),
         ("num_groups was given without key_groups", (q, k, v), {"num_groups": 2}),
         ("num_groups must be >= 1", (q, k, v), {"key_groups": torch.zeros(2, 7, dtype=torch.long), "num_groups": 0}),
+        # (the C++ kernel refused more after group_mass [B, Hq, Lq, G] was allocated; the reference ran)
+        ("num_groups must fit the kernels' int32 group ids", (q, k, v),
+         {"key_groups": torch.zeros(2, 7, dtype=torch.long), "num_groups": 2**31}),
+        ("key_groups.num_groups must fit the kernels' int32 group ids", (q, k, v),
+         {"key_groups": fp.ops.attention.KeyGroups(torch.zeros(2, 7, dtype=torch.int32), 2**31)}),
         ("return_entropy must be a bool", (q, k, v), {"return_entropy": "yes"}),
         ("softcap must be a positive number in float32's range", (q, k, v), {"softcap": 0.0}),
         ("scale must be a positive number in float32's range", (q, k, v), {"scale": 1e39}),
@@ -1020,3 +1025,47 @@ def test_math_of_statistics_by_hand():
     torch.testing.assert_close(result.sink_mass[0, 0, 0], p[0])
     torch.testing.assert_close(result.group_mass[0, 0, 0], torch.stack([p[1], p[0]]))
     torch.testing.assert_close(result.entropy[0, 0, 0], -(p * p.log()).sum())
+
+
+def _op_args(**change) -> dict:
+    """Valid arguments of the custom op (its schema order), with `change` applied."""
+    q, k, v = random_qkv(2, 4, 2, 5, 9, 8, torch.float32, "cpu")
+    ends = torch.ones(2, dtype=torch.int64)
+    args = dict(q=q, k=k, v=v, scale=0.3, causal=True, window=0, key_real=None, sink_end=ends, stat_end=ends,
+                head_mask=None, sink_logit=None, key_groups=None, num_groups=0, softcap=0.0, horizon=None,
+                start=None, return_entropy=True)
+    if change.pop("with_groups", False):
+        args["key_groups"] = torch.zeros(2, 9, dtype=torch.int32)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(scale=0.0), "scale must be a positive number"),
+    (dict(scale=-1.0), "scale must be a positive number"),
+    (dict(scale=float("nan")), "scale must be a positive number"),
+    (dict(scale=float("inf")), "scale must be a positive number"),
+    (dict(scale=1e-300), "scale must be a positive number"),  # (0 in float32)
+    (dict(window=-1), "window must be >= 0"),
+    (dict(softcap=-1.0), "softcap must be a positive number"),
+    (dict(softcap=float("nan")), "softcap must be a positive number"),
+    (dict(softcap=float("inf")), "softcap must be a positive number"),
+    (dict(softcap=1e-300), "softcap must be a positive number"),  # (0 in float32)
+    (dict(num_groups=-1), "num_groups must be 0 without key_groups"),
+    (dict(num_groups=3), "num_groups must be 0 without key_groups"),
+    (dict(with_groups=True, num_groups=0), "num_groups must be >= 1"),
+    (dict(with_groups=True, num_groups=2**31), "num_groups must fit the kernels' int32 group ids"),
+], ids=lambda x: str(x) if isinstance(x, dict) else None)
+def test_direct_op_refuses_bad_scalars_before_any_kernel(monkeypatch, change, words):
+    """torch.ops.fastprobe.sink_attention, reachable past the public checks, refuses the scalars
+    no kernel takes, by name and before choosing a kernel: the reference and Triton ran with a NaN
+    or negative scale, a negative window or softcap (NaN or silently wrong output), the C++ kernel
+    raised its own error."""
+    from fastprobe.ops import attention
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was about to run")
+
+    monkeypatch.setattr(attention, "resolve", no_kernel)
+    with pytest.raises(ValueError, match=words):
+        torch.ops.fastprobe.sink_attention(*_op_args(**change).values())

@@ -23,8 +23,8 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_float32_range, check_int, check_op_tensors,
-    check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output, on_device, output_dtype,
-    plain_mode, register_forward_only, runs_plain, skips_host_checks,
+    check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output, on_device,
+    output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
 )
 
 __all__ = [
@@ -87,7 +87,9 @@ def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: in
 def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_tokens, q: torch.Tensor,
                      segmented: bool) -> KeyMasks:
     """A reused KeyMasks must have been made for these keys and options (and with segments
-    exactly when the call has them)."""
+    exactly when the call has them). Every layer of a forward checks it again (a NamedTuple holds
+    no mark, and resize_ or set_ could change a tensor after a check): each tensor's metadata is
+    read once, q's device once."""
     if masks.num_sink != num_sink or masks.stat_tokens != stat_tokens:
         raise ValueError(
             f"key_padding_mask is a KeyMasks made for num_sink={masks.num_sink}, stat_tokens={masks.stat_tokens}, "
@@ -98,6 +100,7 @@ def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_
         raise ValueError("key_padding_mask is a KeyMasks made " + ("without segments, but this call has segment_ids; "
                          "make it with key_masks(..., segment_ids=...)" if segmented else
                          "for segments, but this call has no segment_ids"))
+    device = q.device
     for name, tensor, shape, dtype in (
         ("key_real", masks.key_real, (batch, num_keys), torch.uint8),
         ("sink_end", masks.sink_end, ends, torch.int64),
@@ -107,8 +110,9 @@ def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_
             continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"key_padding_mask is a KeyMasks whose {name} is a {type(tensor).__name__}, not a tensor")
-        check_same_device(q, "q", tensor, f"key_padding_mask.{name}")
-        if tuple(tensor.shape) != shape:
+        if tensor.device != device:
+            check_same_device(q, "q", tensor, f"key_padding_mask.{name}")
+        if tensor.shape != shape:
             raise ValueError(f"key_padding_mask is a KeyMasks whose {name} has shape {tuple(tensor.shape)}, not {list(shape)}")
         if tensor.dtype != dtype or not tensor.is_contiguous():  # what the kernels read
             raise TypeError(f"key_padding_mask is a KeyMasks whose {name} is not a contiguous {dtype} tensor "
@@ -333,18 +337,27 @@ def op_qkv_specs(op: str, q, k, v) -> tuple:
                                ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False))
 
 
-def _check_op_args(q, k, v, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, horizon,
-                   start) -> None:
-    """What the kernels read through raw pointers, checked in the op: it is reachable directly
-    (torch.ops.fastprobe.sink_attention), past sink_attention's checks. Sizes come from q [B, Hq,
-    Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit head-dim
+def _check_op_args(q, k, v, scale, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups,
+                   num_groups, softcap, horizon, start) -> None:
+    """What the kernels read through raw pointers, and the scalars they take, checked in the op:
+    it is reachable directly (torch.ops.fastprobe.sink_attention), past sink_attention's checks,
+    and every backend must refuse what one refuses (the C++ kernel raised on a NaN scale or a
+    negative window or softcap where the reference and Triton ran). Sizes come from q [B, Hq, Lq,
+    D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit head-dim
     strides) and the values (group ids; ends and key bounds are clamped)."""
     q_shape, num_keys, qkv_specs = op_qkv_specs("sink_attention", q, k, v)
     batch, num_heads = q_shape[0], q_shape[1]
+    check_scale(scale, q_shape[3])
+    check_int(window, "window", 0)  # (0: none)
+    if softcap != 0:  # (0: none; NaN is not 0)
+        check_real(softcap, "softcap", positive=True)
     keys = (batch, num_keys)
     ends = keys if sink_end.dim() == 2 else (batch,)  # ([B, Lk]: per position, with segments)
-    if key_groups is not None and num_groups < 1:
-        raise ValueError(f"sink_attention: num_groups must be >= 1 with key_groups, got {num_groups}")
+    if key_groups is None:
+        if num_groups != 0:  # (what the C++ kernel refuses; the others ignored it)
+            raise ValueError(f"sink_attention: num_groups must be 0 without key_groups, got {num_groups}")
+    else:
+        check_num_groups(num_groups, "sink_attention: num_groups")
     check_op_tensors("sink_attention", q.device, (
         *qkv_specs,
         ("key_real", key_real, keys, torch.uint8, True),
@@ -380,7 +393,8 @@ def _sink_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on prepared arguments (see _prepare); window 0 and softcap 0 mean none. What
     torch.compile, autograd and dispatch modes see; plain eager calls take _attend directly."""
-    _check_op_args(q, k, v, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups, horizon, start)
+    _check_op_args(q, k, v, scale, window, key_real, sink_end, stat_end, head_mask, sink_logit, key_groups, num_groups,
+                   softcap, horizon, start)
     args = dict(
         scale=scale, causal=causal, window=window, key_real=key_real, sink_end=sink_end, stat_end=stat_end,
         head_mask=head_mask, sink_logit=sink_logit, key_groups=key_groups, num_groups=num_groups, softcap=softcap,
@@ -469,6 +483,18 @@ def prepare_key_groups(key_groups: torch.Tensor, num_groups: Optional[int] = Non
     return KeyGroups(ids.clone() if ids is key_groups else ids, num_groups)
 
 
+INT32_MAX = 2**31 - 1  # the largest group count the kernels' int32 ids allow
+
+
+def check_num_groups(num_groups, name: str = "num_groups") -> int:
+    """G in [1, 2^31 - 1] (the kernels' group ids are int32; the C++ kernel refuses more, and
+    group_mass [B, Hq, Lq, G] is allocated before it runs), or an error naming `name`."""
+    num_groups = check_int(num_groups, name, 1)
+    if num_groups > INT32_MAX:
+        raise ValueError(f"{name} must fit the kernels' int32 group ids (<= 2**31 - 1), got {num_groups}")
+    return num_groups
+
+
 def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tensor, int]:
     """(int32 contiguous ids, G) with every id in [0, G): one host sync (two without
     num_groups), skipped under torch.compile and torch.func.vmap, which need num_groups; there an
@@ -479,7 +505,7 @@ def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tens
             raise ValueError("num_groups must be given where key_groups cannot be read (torch.compile, "
                              "torch.func.vmap, meta tensors): it sets the output shape")
         num_groups = max(int(key_groups.max()) + 1, 1) if key_groups.numel() else 1
-    num_groups = check_int(num_groups, "num_groups", 1)
+    num_groups = check_num_groups(num_groups)
     outside = (key_groups < 0) | (key_groups >= num_groups)
     if skips_host_checks(key_groups):
         key_groups = key_groups.masked_fill(outside, -1)
@@ -496,7 +522,7 @@ def _check_key_groups(key_groups, num_groups, shape: tuple, q: torch.Tensor) -> 
             raise ValueError("num_groups was given without key_groups")
         return None, 0
     if isinstance(key_groups, KeyGroups):
-        prepared_count = check_int(key_groups.num_groups, "key_groups.num_groups", 1)
+        prepared_count = check_num_groups(key_groups.num_groups, "key_groups.num_groups")
         if num_groups is not None and num_groups != prepared_count:
             raise ValueError(f"num_groups ({num_groups}) differs from the KeyGroups' num_groups ({prepared_count}); "
                              "leave it out")
@@ -678,28 +704,31 @@ def _check_softcap(softcap) -> float:
 def check_attention_inputs(q, k, v):
     """The checks every attention op shares: (q, k, v in the kernels' layout, B, Lq, Lk); v's
     head width Dv may differ from q and k's D (multi-head latent attention, e.g. DeepSeek-V3's
-    D = 192, Dv = 128)."""
+    D = 192, Dv = 128). (Each shape and q's device read once: a decoding step pays this per layer.)"""
     q = check_tensor(q, "q", 4, "[B, Hq, Lq, D]")
     k = check_tensor(k, "k", 4, "[B, Hkv, Lk, D]")
     v = check_tensor(v, "v", 4, "[B, Hkv, Lk, Dv]")
-    check_same_device(q, "q", k, "k")
-    check_same_device(q, "q", v, "v")
+    device = q.device
+    if k.device != device or v.device != device:
+        check_same_device(q, "q", k, "k")
+        check_same_device(q, "q", v, "v")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    batch, num_heads, num_queries, head_dim = q.shape
-    if tuple(k.shape[:3]) != tuple(v.shape[:3]):
+    (batch, num_heads, num_queries, head_dim), k_shape, v_shape = q.shape, k.shape, v.shape
+    if k_shape[:3] != v_shape[:3]:
         raise ValueError(
-            f"k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] must agree on B, Hkv and Lk, got {tuple(k.shape)} and {tuple(v.shape)}"
+            f"k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] must agree on B, Hkv and Lk, got {tuple(k_shape)} and {tuple(v_shape)}"
         )
-    if k.shape[0] != batch:
-        raise ValueError(f"k has batch size {k.shape[0]} but q has {batch}")
-    num_kv_heads, num_keys, key_head_dim, value_dim = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    if k_shape[0] != batch:
+        raise ValueError(f"k has batch size {k_shape[0]} but q has {batch}")
+    _, num_kv_heads, num_keys, key_head_dim = k_shape
+    value_dim = v_shape[3]
     if key_head_dim != head_dim:
         raise ValueError(f"k has head dim {key_head_dim} but q has {head_dim}; they must match")
     if head_dim == 0 or value_dim == 0:
         raise ValueError(f"q, k and v need head dims >= 1, got D = {head_dim} and Dv = {value_dim}")
     if num_kv_heads == 0:
-        raise ValueError(f"k and v need at least one key/value head, got k of shape {tuple(k.shape)}")
+        raise ValueError(f"k and v need at least one key/value head, got k of shape {tuple(k_shape)}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(
             f"the number of query heads ({num_heads}) must be a multiple of the number of key/value heads "
