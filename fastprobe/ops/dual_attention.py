@@ -101,11 +101,11 @@ def _check_op_args(q, k, v, drop, rows, key_real, horizon, start, gamma, eps, sc
     raised on a NaN gamma or a scale <= 0 where the reference and Triton ran). Sizes come from
     q [B, Hq, Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit
     head-dim strides) and clamp the key bounds."""
+    q_shape, num_keys, qkv_specs = op_qkv_specs("dual_path_attention", q, k, v)
     check_real(gamma, "gamma", positive=False)
     check_real(eps, "eps", positive=True)
-    check_scale(scale, q.shape[-1])
+    check_scale(scale, q_shape[3])
     check_int(window, "window", 0)  # (0: none)
-    q_shape, num_keys, qkv_specs = op_qkv_specs("dual_path_attention", q, k, v)
     batch, num_queries = q_shape[0], q_shape[2]
     keys = (batch, num_keys)
     check_op_tensors("dual_path_attention", q.device, (
