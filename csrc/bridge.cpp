@@ -242,7 +242,7 @@ static Bridge row_bridge(const Problem& p, int64_t n, Workspace& ws) {
   return anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
 }
 
-// The row re-anchored at its largest bridge logit, which pass 1 found in the block at `v0`.
+// The row re-anchored at its largest bridge logit, which pass 1 found in the block at c_max.at.
 static Bridge reanchored(const Problem& p, int64_t n, Bridge bridge, BlockMax c_max, Workspace& ws) {
   const int64_t count = block_size(p.V, c_max.at);
   load_block(p, n, c_max.at, count, bridge, ws);

@@ -15,6 +15,8 @@ from typing import Hashable
 
 from triton.runtime.jit import JITFunction
 
+from ..ops._common import check_float32_range
+
 _CHOSEN: dict = {}  # (autotuner, key) -> the config it chose
 
 
@@ -30,18 +32,12 @@ def launch_tuned(tuned, kernel, grid, args: tuple, flags: dict, key: Hashable) -
     kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-_FLOAT32_TINY, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # torch.finfo(torch.float32)
-
-
 def check_inv_temperature(inv_temperature) -> float:
     """inv_temperature as a Python float (a float argument: an int 1 would be specialized), or a
     ValueError unless the float32 the kernels take it as holds it finite, > 0 and normal
     ([1.2e-38, 3.4e38]: 1e39 would be inf there and 1e-50 zero, NaN statistics either way;
     the C++ kernels refuse them too)."""
-    value = float(inv_temperature)
-    if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:
-        raise ValueError(f"inv_temperature must be finite and > 0 in float32 ([1.2e-38, 3.4e38]), got {value}")
-    return value
+    return check_float32_range(float(inv_temperature), "inv_temperature", positive=True)
 
 
 def next_pow2(n: int) -> int:

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
+from ..ops._common import check_float32_range
 from ._launch import check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["bridge_loss"]
@@ -345,8 +346,6 @@ _bridge_kernel_tuned = triton.autotune(
 # spans several blocks and a ragged tail.
 _INTERPRET_BLOCK_V = 128
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -386,9 +385,9 @@ def bridge_loss(
     if grad is not None and (grad.shape != (N, V) or grad.dtype != student.dtype or not grad.is_contiguous()):
         raise ValueError("grad must be a contiguous [N, V] tensor of the logits' dtype")
     # float arguments (an int 0 or 1 would be specialized into the compiled kernel)
-    beta, inv_temperature = float(beta), check_inv_temperature(inv_temperature)
-    if not abs(beta) <= _FLOAT32_MAX:  # (the kernel takes it as a float32: 1e39 would be inf there)
-        raise ValueError(f"beta must be finite in float32, got {beta}")
+    # (the kernel takes both as float32: 1e39 would be inf there)
+    beta = check_float32_range(float(beta), "beta", positive=False)
+    inv_temperature = check_inv_temperature(inv_temperature)
     if N == 0:
         return
 
