@@ -15,12 +15,21 @@ one prefill launch split into Triton's binder and its launcher, beside a few hos
 It runs in bench/gpu.sh before the benchmarks (into setup.log), and alone:
 
     python3 bench/host_overhead.py
+
+With --decode (no GPU needed): the host cost of one decoding step's attention call on the CPU, in a
+tiny Llama (Lq = 1, Lk = 26, 1 thread), fastprobe's patched attention function against sdpa's, each
+called with the arguments its model handed layer 0 (captured from a real step); microseconds per
+call of CPU time (time.process_time: a loaded machine's preemption does not count), min and median
+of the rounds, the two alternated in every round:
+
+    python3 bench/host_overhead.py --decode [ROUNDS]
 """
 
 import cProfile
 import io
 import pstats
 import statistics
+import sys
 import time
 import timeit
 
@@ -183,6 +192,69 @@ def launch_parts(device: str = "cuda") -> None:
         print(f"  {name:48s} {loop_us(call):8.2f}")
 
 
+def decode_step_calls() -> dict:
+    """name -> call: layer 0's attention function of one decoding step of a tiny Llama (transformers'
+    sdpa, then fastprobe's after fp.patch), called with the arguments the model handed it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, 128, (1, 25))
+    get_interface = ALL_ATTENTION_FUNCTIONS.get_interface
+    calls = {}
+    for name in ("sdpa", "fastprobe"):
+        if name == "fastprobe":
+            fp.patch(model)
+        with torch.no_grad():
+            prefill = model(prompt, use_cache=True)
+        captured = {}
+
+        def spy(implementation, default):
+            function = get_interface(implementation, default)
+
+            def first_call(module, *args, **kwargs):
+                captured.setdefault("call", (function, module, args, kwargs))
+                return function(module, *args, **kwargs)
+
+            return first_call
+
+        ALL_ATTENTION_FUNCTIONS.get_interface = spy  # (an instance attribute over the method)
+        try:
+            with torch.no_grad():
+                model(prefill.logits[:, -1:].argmax(-1), past_key_values=prefill.past_key_values, use_cache=True)
+        finally:
+            del ALL_ATTENTION_FUNCTIONS.get_interface
+        function, module, args, kwargs = captured["call"]
+        calls[name] = lambda function=function, module=module, args=args, kwargs=kwargs: function(
+            module, *args, **kwargs)
+    return calls
+
+
+def decode_step(rounds: int = 7, number: int = 2000) -> None:
+    """Print decode_step_calls' CPU time per call (see the module docstring)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    calls = decode_step_calls()
+    times = {name: [] for name in calls}
+    with torch.no_grad():  # (as in generate)
+        for _ in range(rounds):
+            for name, call in calls.items():
+                for _ in range(200):
+                    call()
+                best = min(timeit.repeat(call, number=number, repeat=3, timer=time.process_time))
+                times[name].append(best / number * 1e6)
+    print(f"decode-step attention call, tiny Llama (Lq = 1, Lk = 26, 1 thread), CPU us per call over {rounds} rounds:")
+    for name, values in times.items():
+        print(f"  {name:10s} min {min(values):6.2f}  median {statistics.median(values):6.2f}  "
+              f"({', '.join(f'{value:.1f}' for value in values)})")
+
+
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     with open("/proc/cpuinfo") as cpuinfo:
@@ -215,4 +287,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--decode"]:
+        decode_step(*(int(value) for value in sys.argv[2:3]))
+    else:
+        main()

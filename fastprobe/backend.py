@@ -14,7 +14,7 @@ import contextvars
 import functools
 import importlib.util
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -22,6 +22,32 @@ BACKENDS = ("auto", "reference", "cpp", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _forced: Optional[str] = None  # set_backend's, for the whole process
+
+
+def _environment_variable(name: str, default: str) -> Callable[[], str]:
+    """A function that reads os.environ.get(name, default) now, every call (monkeypatch.setenv and
+    os.environ[name] = ... take effect at once), but without os.environ.get's KeyError for an unset
+    name, ~1-5 us per read and most of resolve()'s time on a decoding step: one lookup in the dict
+    that os.environ's own setters keep current. os.environ.get itself if os.environ was replaced
+    or has no such dict (not CPython)."""
+    environ = os.environ
+    data, encode, decode = (getattr(environ, attribute, None) for attribute in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return lambda: os.environ.get(name, default)
+    key = encode(name)
+
+    def read() -> str:
+        if os.environ is not environ:
+            return os.environ.get(name, default)
+        value = data.get(key)
+        return default if value is None else decode(value)
+
+    return read
+
+
+_backend_variable = _environment_variable("FASTPROBE_BACKEND", "auto")
+_interpret_variable = _environment_variable("TRITON_INTERPRET", "0")
+_autotune_variable = _environment_variable("FASTPROBE_AUTOTUNE", "1")
 _scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastprobe_backend", default=None)
 
 
@@ -47,7 +73,7 @@ def get_backend() -> str:
         return scoped
     if _forced is not None:
         return _forced
-    return _check_name(os.environ.get("FASTPROBE_BACKEND", "auto"), "FASTPROBE_BACKEND")
+    return _check_name(_backend_variable(), "FASTPROBE_BACKEND")
 
 
 @contextlib.contextmanager
@@ -82,13 +108,13 @@ def _triton_installed() -> bool:
 
 def interpreter_enabled() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _interpret_variable() not in ("", "0")
 
 
 def autotune_enabled() -> bool:
     """FASTPROBE_AUTOTUNE=0 makes the Triton launchers use their first config that survives
     pruning instead of tuning (GPU test runs, where tuning every shape would dominate)."""
-    return os.environ.get("FASTPROBE_AUTOTUNE", "1") != "0"
+    return _autotune_variable() != "0"
 
 
 def triton_status(device_type: str = "cuda") -> tuple[bool, str]:

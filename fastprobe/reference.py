@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dual_path_attention", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "segment_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
+__all__ = ["dual_path_attention", "dual_path_from_masks", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "key_range_pairs", "segment_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -301,25 +301,58 @@ def attention_key_masks(
 def attention_visible(
     real: torch.Tensor, sink: torch.Tensor, num_queries: int, causal: bool, window: Optional[int],
     unordered: Optional[torch.Tensor] = None, same_segment: Optional[torch.Tensor] = None,
+    key_range: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """visible [B, Lq, Lk]: which keys each query sees. Query i sits at position
     p = Lk - Lq + i (queries are the last Lq positions). Causal: j <= p, or the pair is in
     `unordered` ([B, Lq, Lk] bool: pairs that see each other whatever the order, e.g. one
     bidirectional block's tokens). Window w: causal p - w < j, bidirectional |p - j| < w; sink
-    keys are visible outside the window (but never in a causal query's future). Padding keys are
-    never visible, nor (with `same_segment`, [B, Lq, Lk] bool) keys of another segment, sink
-    keys included."""
+    keys (sink [B, Lk], or [B, Lq, Lk] per query) are visible outside the window (but never in a
+    causal query's future). Padding keys are never visible, nor (with `same_segment`, [B, Lq, Lk]
+    bool) keys of another segment, sink keys included. key_range ([B, Lq, Lk] bool, from
+    key_range_pairs) replaces the order rule (causal and `unordered`) with the kernels' key bounds."""
     num_keys = real.shape[-1]
     position = torch.arange(num_keys - num_queries, num_keys, device=real.device)[:, None]
     key = torch.arange(num_keys, device=real.device)[None, :]
-    in_order = (key <= position)[None] if causal else torch.ones_like(key <= position)[None]
-    if causal and unordered is not None:
-        in_order = in_order | unordered
+    if key_range is not None:
+        in_order = key_range
+    else:
+        in_order = (key <= position)[None] if causal else torch.ones_like(key <= position)[None]
+        if causal and unordered is not None:
+            in_order = in_order | unordered
     in_window = torch.ones_like(key <= position)
     if window is not None:
         in_window = key > position - window if causal else (key - position).abs() < window
-    visible = real[:, None, :] & in_order & (in_window[None] | sink[:, None, :])
+    visible = real[:, None, :] & in_order & (in_window[None] | _per_query(sink))
     return visible if same_segment is None else visible & same_segment
+
+
+def _per_query(keys: torch.Tensor) -> torch.Tensor:
+    """A key mask [B, Lk] (the same for every query) or [B, Lq, Lk] (per query) as [B, Lq or 1, Lk]."""
+    return keys[:, None, :] if keys.dim() == 2 else keys
+
+
+def key_range_pairs(start: Optional[torch.Tensor], horizon: Optional[torch.Tensor], num_queries: int,
+                    causal: bool) -> Optional[torch.Tensor]:
+    """[B, Lq, Lk] bool: the keys inside the kernels' per-position key bounds (start, horizon:
+    int64 [B, Lk] or None, any values; None when both are), which the kernels clamp around the
+    query's position p:
+      lo_p = clamp(start[b, p], 0, p)  (0 without a start)
+      hi_p = clamp(horizon[b, p], p, Lk - 1)  (without a horizon: p causal, Lk - 1 otherwise)
+    and the query at p sees keys lo_p <= j <= hi_p (p itself always)."""
+    bounds = start if start is not None else horizon
+    if bounds is None:
+        return None
+    num_keys, device = bounds.shape[1], bounds.device
+    position = torch.arange(num_keys - num_queries, num_keys, device=device)  # [Lq]
+    key = torch.arange(num_keys, device=device)[None, None, :]
+    lo = (torch.zeros_like(position)[None] if start is None
+          else torch.minimum(start[:, position].clamp(min=0), position))  # [B or 1, Lq]
+    if horizon is None:
+        hi = (position if causal else torch.full_like(position, num_keys - 1))[None]
+    else:
+        hi = torch.maximum(horizon[:, position], position).clamp(max=num_keys - 1)
+    return (lo[..., None] <= key) & (key <= hi[..., None])
 
 
 def segment_pairs(segments: Optional[torch.Tensor], num_queries: int) -> Optional[torch.Tensor]:
@@ -407,10 +440,11 @@ def attention_from_masks(
     softcap: Optional[float] = None,
     unordered: Optional[torch.Tensor] = None,
     same_segment: Optional[torch.Tensor] = None,
+    key_range: Optional[torch.Tensor] = None,
 ) -> dict:
-    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk]), the
-    pairs that see each other whatever the causal order and the pairs of one segment (see
-    attention_visible)."""
+    """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk]; sink and
+    stat may be [B, Lq, Lk], per query), the pairs that see each other whatever the causal order,
+    the pairs of one segment and the key range (see attention_visible)."""
     dtype = _compute_dtype(q)
     batch, num_heads, num_queries, _ = q.shape
     num_kv_heads = k.shape[1]
@@ -420,7 +454,8 @@ def attention_from_masks(
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), keys) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = attention_visible(real, sink, num_queries, causal, window, unordered, same_segment)[:, None]
+    visible = attention_visible(real, sink, num_queries, causal, window, unordered, same_segment, key_range)
+    visible = visible[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sink_logit is not None:  # the sink as one more column, dropped after the softmax
         extra = sink_logit.to(dtype).view(1, num_heads, 1, 1).expand(batch, num_heads, num_queries, 1)
@@ -435,7 +470,7 @@ def attention_from_masks(
     result = {
         "out": weights @ values,
         "lse": lse,
-        "sink_mass": (weights * stat[:, None, None, :]).sum(-1),
+        "sink_mass": (weights * _per_query(stat)[:, None]).sum(-1),
         "entropy": -_xlogy(p_all, log_p).sum(-1),
     }
     if key_groups is not None:
@@ -494,11 +529,19 @@ def dual_path_attention(
         else key_padding_mask.to(device=q.device, dtype=torch.bool)
     )
     kept = real & ~drop_keys.to(device=q.device, dtype=torch.bool)
+    return dual_path_from_masks(q, k, v, real, kept, gamma=gamma, orthogonalize=orthogonalize, eps=eps, rows=rows,
+                                scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=window,
+                                unordered=block_pairs(bidirectional_blocks, q.shape[2]),
+                                same_segment=segment_pairs(segment_ids, q.shape[2]))
+
+
+def dual_path_from_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, kept: torch.Tensor, *,
+                         gamma: float, orthogonalize: bool, eps: float, rows, **options) -> dict:
+    """dual_path_attention given the keys of the two paths (real: every key that is not padding;
+    kept: those not dropped, [B, Lk] bool) and attention_from_masks' options (scale, causal,
+    window, the pair masks)."""
     nothing = torch.zeros_like(real)
-    options = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, window=window,
-                   head_mask=None, sink_logit=None, key_groups=None, num_groups=None,
-                   unordered=block_pairs(bidirectional_blocks, q.shape[2]),
-                   same_segment=segment_pairs(segment_ids, q.shape[2]))
+    options.update(head_mask=None, sink_logit=None, key_groups=None, num_groups=None)
     conditional = attention_from_masks(q, k, v, real, nothing, nothing, **options)
     language_only = attention_from_masks(q, k, v, kept, nothing, nothing, **options)
     o_cond, o_uncond = conditional["out"], language_only["out"]
@@ -507,6 +550,6 @@ def dual_path_attention(
     if orthogonalize:
         u = o_uncond / (o_uncond.norm(dim=-1, keepdim=True) + eps)
         delta = delta - (delta * u).sum(-1, keepdim=True) * u
-    selected = guidance_rows(rows, batch, q.shape[2], q.device)[:, None, :] & has_kept
+    selected = guidance_rows(rows, q.shape[0], q.shape[2], q.device)[:, None, :] & has_kept
     out = torch.where(selected[..., None], o_cond + gamma * delta, o_cond)
     return {"out": out, "o_cond": o_cond, "o_uncond": o_uncond}

@@ -82,7 +82,7 @@ BASE = {
 # ---------------------------------------------------------------- inconsistent arguments
 
 U8, I32, I64 = torch.uint8, torch.int32, torch.int64
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+F16, BF16, F32, F64, F8 = torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn
 
 
 def expanded(shape, dtype, fill=1):
@@ -114,6 +114,8 @@ CASES = [
     # draft_divergence: draft [K, N, V], target [N, V], weights [K], lse_in [K + 1, N] float64
     ("draft_divergence", "draft 2-D", lambda a: dict(draft=torch.randn(5, 37)), ValueError, "draft must be"),
     ("draft_divergence", "draft int", lambda a: dict(draft=a["draft"].to(I64)), TypeError, "draft must be"),
+    ("draft_divergence", "draft float8", lambda a: dict(draft=a["draft"].to(F8), target=a["target"].to(F8)),
+     TypeError, "draft must be a float32, bfloat16, float16 or float64 tensor"),
     ("draft_divergence", "draft K=0", lambda a: dict(draft=torch.randn(0, 5, 37), weights=torch.ones(0)),
      ValueError, "draft must be"),
     ("draft_divergence", "target fewer rows", lambda a: dict(target=torch.randn(2, 37)), ValueError, "target must"),
@@ -139,6 +141,8 @@ CASES = [
     # concept_mass: logits [N, V]; the _Index's int64 tensors (id_block_starts int32), 1-D, contiguous
     ("concept_mass", "logits 3-D", lambda a: dict(logits=torch.randn(1, 3, 10)), ValueError, "logits must be"),
     ("concept_mass", "logits int", lambda a: dict(logits=a["logits"].to(I64)), TypeError, "logits must be"),
+    ("concept_mass", "logits float8", lambda a: dict(logits=a["logits"].to(F8)),
+     TypeError, "logits must be a float32, bfloat16, float16 or float64 tensor"),
     ("concept_mass", "logits empty vocabulary", lambda a: dict(logits=torch.randn(3, 0)), ValueError, "V >= 1"),
     ("concept_mass", "token_ids int32", lambda a: dict(token_ids=a["token_ids"].to(I32)), TypeError, "token_ids must"),
     ("concept_mass", "token_ids 2-D", lambda a: dict(token_ids=fresh(a["token_ids"][None])),
@@ -172,6 +176,8 @@ CASES = [
     ("concept_mass_backward", "logits more rows", lambda a: dict(logits=torch.randn(4, 10)),
      ValueError, "grad_log_mass must have shape"),
     ("concept_mass_backward", "logits 1-D", lambda a: dict(logits=torch.randn(10)), ValueError, "logits must be"),
+    ("concept_mass_backward", "logits float8", lambda a: dict(logits=a["logits"].to(F8)),
+     TypeError, "logits must be a float32, bfloat16, float16 or float64 tensor"),
     ("concept_mass_backward", "logits empty vocabulary", lambda a: dict(logits=torch.randn(3, 0)), ValueError,
      "V >= 1"),
     ("concept_mass_backward", "grad_log_mass one row", lambda a: dict(grad_log_mass=fresh(a["grad_log_mass"][:1])),
@@ -218,6 +224,8 @@ for _op in ("sink_attention", "dual_path_attention"):
         (_op, "k batch 1", lambda a: dict(k=fresh(a["k"][:1])), ValueError, "k must have shape"),
         (_op, "k head dim", lambda a: dict(k=fresh(a["k"][..., :4])), ValueError, "k must have shape"),
         (_op, "k bfloat16", lambda a: dict(k=a["k"].to(BF16)), TypeError, "k must be a float32"),
+        (_op, "q, k, v float8", lambda a: {name: a[name].to(F8) for name in "qkv"},
+         TypeError, "q must be a float32, bfloat16, float16 or float64 tensor"),
         (_op, "v fewer keys", lambda a: dict(v=fresh(a["v"][:, :, :7])), ValueError, "v must have shape"),
         (_op, "v fewer heads", lambda a: dict(v=fresh(a["v"][:, :1])), ValueError, "v must have shape"),
         (_op, "v float16", lambda a: dict(v=a["v"].to(F16)), TypeError, "v must be a float32"),

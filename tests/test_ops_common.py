@@ -3,6 +3,8 @@ custom op's body directly, everything that needs torch's dispatcher (autograd, d
 function modes, fake / meta tensors, torch.compile) goes through the registered op, and both
 give the same results."""
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -289,3 +291,30 @@ def test_double_backward_through_bridge_loss_is_refused(fused):
         torch.autograd.grad(loss, student, create_graph=True)
     (grad,) = torch.autograd.grad(loss, student)  # first order alone: fine
     assert grad.abs().sum() > 0
+
+
+def test_environment_variables_are_read_on_every_call(monkeypatch):
+    """backend.resolve reads FASTPROBE_BACKEND (and the Triton switches) without os.environ.get's
+    cost, but every change still takes effect at the next call: os.environ's setters,
+    monkeypatch.setenv / delenv, and os.environ replaced by another mapping."""
+    from fastprobe import backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTPROBE_BACKEND", raising=False)
+    assert backend.get_backend() == "auto"
+    monkeypatch.setenv("FASTPROBE_BACKEND", "reference")
+    assert backend.resolve(cpu, torch.float32, "op") == "reference"
+    os.environ["FASTPROBE_BACKEND"] = "cpp"
+    assert backend.get_backend() == "cpp"
+    monkeypatch.setenv("FASTPROBE_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="FASTPROBE_BACKEND must be one of"):
+        backend.get_backend()
+    monkeypatch.delenv("FASTPROBE_BACKEND")
+    assert backend.get_backend() == "auto"
+    monkeypatch.setenv("FASTPROBE_AUTOTUNE", "0")
+    assert not backend.autotune_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.interpreter_enabled()
+    monkeypatch.setattr(os, "environ", {"FASTPROBE_BACKEND": "reference", "TRITON_INTERPRET": "0"})
+    assert backend.get_backend() == "reference"
+    assert not backend.interpreter_enabled() and backend.autotune_enabled()

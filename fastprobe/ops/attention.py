@@ -22,9 +22,9 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_float32_range, check_int, check_op_tensors,
-    check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output, on_device,
-    output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
+    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_dtype, check_float32_range, check_int,
+    check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output,
+    on_device, output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
 )
 
 __all__ = [
@@ -226,18 +226,20 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
 
 
 def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
-    batch, num_keys = q.shape[0], k.shape[2]
+    batch, num_queries, num_keys = q.shape[0], q.shape[2], k.shape[2]
     key_index = torch.arange(num_keys, device=q.device)
     real = torch.ones(batch, num_keys, dtype=torch.bool, device=q.device) if args["key_real"] is None else args["key_real"].bool()
-    # [B] ends hold for the row; per-position ends for the keys of p's segment, the only ones p sees
-    sink, stat = (real & (key_index < (ends if ends.dim() == 2 else ends[:, None]))
+    # sink keys j < sink_end[b] (the row's), or with per-position ends j < sink_end[b, p] (the
+    # query's: [B, Lq, Lk]); the same for the statistics keys
+    sink, stat = (real & (key_index < ends[:, None]) if ends.dim() == 1
+                  else real[:, None, :] & (key_index < ends[:, num_keys - num_queries:, None])
                   for ends in (args["sink_end"], args["stat_end"]))
     result = reference.attention_from_masks(
         q, k, v, real, sink, stat,
         scale=args["scale"], causal=args["causal"], window=args["window"] or None,
         head_mask=args["head_mask"], sink_logit=args["sink_logit"],
         key_groups=args["key_groups"], num_groups=args["num_groups"], softcap=args["softcap"] or None,
-        **_reference_pairs(args, q.shape[2]),
+        key_range=reference.key_range_pairs(args["start"], args["horizon"], num_queries, args["causal"]),
     )
     out.copy_(result["out"])
     lse.copy_(result["lse"])
@@ -246,13 +248,6 @@ def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -
         group_mass.copy_(result["group_mass"])
     if entropy is not None:
         entropy.copy_(result["entropy"])
-
-
-def _reference_pairs(args: dict, num_queries: int) -> dict:
-    """The reference's pair masks from the kernels' key bounds: a causal horizon is itself block
-    ids (positions of one run share it, others have their own) and a start is segment ids."""
-    return dict(unordered=reference.block_pairs(args["horizon"], num_queries) if args["causal"] else None,
-                same_segment=reference.segment_pairs(args["start"], num_queries))
 
 
 def _cpp_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
@@ -296,7 +291,8 @@ def _outputs(q: torch.Tensor, value_dim: int, num_groups: Optional[int], return_
     """(out, lse, sink_mass, group_mass, entropy), fresh: out from new_attention_output, the
     statistics contiguous; group_mass [B, Hq, Lq, G] only with num_groups, entropy only when asked
     for (else None)."""
-    stats_shape, stats_dtype, device = tuple(q.shape[:3]), output_dtype(q), q.device
+    batch, num_heads, num_queries, _ = q.shape
+    stats_shape, stats_dtype, device = (batch, num_heads, num_queries), output_dtype(q), q.device
     out = new_attention_output(q, value_dim)
     lse = new_output(stats_shape, device, stats_dtype)
     sink_mass = new_output(stats_shape, device, stats_dtype)
@@ -328,10 +324,11 @@ def _op_outputs(outputs: tuple) -> tuple:
 
 def op_qkv_specs(op: str, q, k, v) -> tuple:
     """(q's shape, Lk, check_op_tensors' specs of k and v) for an attention op's body: q, k, v 4-D,
-    k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] in q's dtype (any strides)."""
+    k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] in q's dtype (any strides), one of INPUT_DTYPES."""
     q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
     if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
         raise ValueError(f"{op}: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, {list(v_shape)}")
+    check_dtype(q, f"{op}: q")
     batch, head_dim, (_, num_kv_heads, num_keys, _) = q_shape[0], q_shape[3], k_shape
     return q_shape, num_keys, (("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),
                                ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False))
@@ -763,6 +760,7 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     if sink_logit is not None:
         if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
             raise TypeError("sink_logit must be a floating-point tensor of shape [Hq]")
+        check_dtype(sink_logit, "sink_logit")
         check_same_device(q, "q", sink_logit, "sink_logit")
         if tuple(sink_logit.shape) != (num_heads,):
             raise ValueError(f"sink_logit must have shape [Hq] = [{num_heads}], got {tuple(sink_logit.shape)}")

@@ -24,6 +24,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
+    check_dtype,
     check_finite_lse,
     check_op_logits,
     check_op_tensors,
@@ -179,6 +180,7 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor
     elif not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor of shape [K], got {weights.dtype}")
     else:
+        check_dtype(weights, "weights")
         check_same_device(draft, "draft_logits", weights, "weights")
     if tuple(weights.shape) != (num_drafts,):
         raise ValueError(f"weights must have shape [K] = [{num_drafts}] (one per draft), got {tuple(weights.shape)}")

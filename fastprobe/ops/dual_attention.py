@@ -33,13 +33,13 @@ __all__ = ["dual_path_attention"]
 
 def _reference_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     key_real = args["key_real"]
-    result = reference.dual_path_attention(
-        q, k, v, args["drop"].bool(), gamma=args["gamma"], orthogonalize=args["orthogonalize"], eps=args["eps"],
-        rows=args["rows"].bool(), scale=args["scale"], causal=args["causal"],
-        key_padding_mask=None if key_real is None else key_real.bool(),
-        bidirectional_blocks=args["horizon"] if args["causal"] else None,  # a horizon is itself block ids
+    real = (torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=q.device) if key_real is None
+            else key_real.bool())
+    result = reference.dual_path_from_masks(
+        q, k, v, real, real & ~args["drop"].bool(), gamma=args["gamma"], orthogonalize=args["orthogonalize"],
+        eps=args["eps"], rows=args["rows"].bool(), scale=args["scale"], causal=args["causal"],
         window=args["window"] or None,
-        segment_ids=args["start"],  # a start is itself segment ids
+        key_range=reference.key_range_pairs(args["start"], args["horizon"], q.shape[2], args["causal"]),
     )
     out.copy_(result["out"])
     if o_cond is not None:
