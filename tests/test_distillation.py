@@ -1,12 +1,14 @@
 """Logit-bridge distillation with transformers models: a plain loop and the Trainer."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import fastprobe as fp
 from fastprobe.methods.distillation import distillation_loss, next_token_targets, trainer_compute_loss
+from fastprobe.models import tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,6 +18,11 @@ def tiny_gpt2(vocab_size=101, seed=0):
     config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
 
 
 def batch(vocab_size=101):
@@ -56,23 +63,112 @@ def test_beta_zero_distillation_is_forward_kl_on_next_tokens():
     torch.testing.assert_close(loss, per_position[keep].mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_plain_training_loop_reduces_the_loss_and_pads_vocabularies():
-    """A teacher whose vocabulary has 7 padding rows more; beta = 0.5 throughout."""
-    student, teacher = tiny_gpt2(vocab_size=101, seed=0).train(), tiny_gpt2(vocab_size=108, seed=1)
+def test_plain_training_loop_reduces_the_loss_and_pads_vocabularies(tokenizer):
+    """A teacher whose vocabulary has 7 padding rows more (beyond the tokenizer's); beta = 0.5 throughout."""
+    student = tiny_gpt2(vocab_size=len(tokenizer), seed=0).train()
+    teacher = tiny_gpt2(vocab_size=len(tokenizer) + 7, seed=1)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(20)  # a sharper teacher: something to learn
-    inputs = batch()
+    inputs = batch(len(tokenizer))
     loss_fn = fp.BridgeLoss(beta=0.5)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
-        loss, _ = distillation_loss(student, teacher, inputs, loss_fn)
+        loss, _ = distillation_loss(student, teacher, inputs, loss_fn, tokenizer=tokenizer)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def teacher_forced_loss(student, teacher, inputs, vocab, **options):
+    """bridge_loss of the two models' logits cut to the first `vocab` entries, on the positions
+    whose next label is kept."""
+    model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    s_logits, t_logits = student(**model_inputs).logits[:, :-1, :vocab], teacher(**model_inputs).logits[:, :-1, :vocab]
+    keep = inputs["labels"][:, 1:] != -100
+    return fp.bridge_loss(s_logits[keep], t_logits[keep], **options)
+
+
+@pytest.mark.parametrize("padded", ["teacher", "student"])
+def test_vocabularies_padded_beyond_the_tokenizer_compare_the_shared_tokens(tokenizer, padded):
+    """Either model's vocabulary padded beyond the tokenizer's length (an embedding matrix rounded
+    up): the loss compares the first min(V) entries, given the tokenizer."""
+    sizes = {"student": len(tokenizer), "teacher": len(tokenizer)}
+    sizes[padded] += 64 - len(tokenizer) % 64 or 64
+    student, teacher = tiny_gpt2(sizes["student"], seed=0), tiny_gpt2(sizes["teacher"], seed=1)
+    inputs = batch(len(tokenizer))
+    loss, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5), tokenizer=tokenizer)
+    torch.testing.assert_close(loss, teacher_forced_loss(student, teacher, inputs, len(tokenizer), beta=0.5))
+
+
+def test_vocabularies_of_other_sizes_are_refused_without_the_tokenizer():
+    """Without a tokenizer nothing tells padding rows from a different tokenizer: a ValueError that
+    names both sizes (the first min(V) entries were compared silently)."""
+    student, teacher = tiny_gpt2(101, seed=0), tiny_gpt2(108, seed=1)
+    with pytest.raises(ValueError, match=r"student.* 101 .*teacher.* 108\b.*tokenizer"):
+        distillation_loss(student, teacher, batch(), fp.BridgeLoss(beta=0.5))
+
+
+def test_vocabularies_that_differ_beyond_the_tokenizer_are_refused(tokenizer):
+    """The smaller model has fewer entries than the tokenizer has tokens: not padding, another
+    tokenizer (or a truncated head); refused naming the sizes, with equal sizes too."""
+    small, large = tiny_gpt2(len(tokenizer) - 1, seed=0), tiny_gpt2(len(tokenizer) + 64, seed=1)
+    inputs = batch(len(tokenizer) - 1)
+    for student, teacher in ((small, large), (large, small), (small, small)):
+        with pytest.raises(ValueError, match=f"{len(tokenizer)} tokens.*{len(tokenizer) - 1}"):
+            distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5), tokenizer=tokenizer)
+
+
+def fake_trainer(**attributes):
+    """What compute_loss reads of a transformers.Trainer (one that divides by the accumulation steps itself)."""
+    return SimpleNamespace(state=SimpleNamespace(global_step=0), loss_is_scaled_for_ga=False, **attributes)
+
+
+def test_trainer_compute_loss_takes_the_tokenizer_from_the_trainer(tokenizer):
+    """The Trainer's processing_class is the tokenizer that tells padding rows apart; one given to
+    trainer_compute_loss wins; with neither, other sizes are refused."""
+    student, teacher = tiny_gpt2(len(tokenizer), seed=0), tiny_gpt2(len(tokenizer) + 7, seed=1)
+    inputs = batch(len(tokenizer))
+    want = teacher_forced_loss(student, teacher, inputs, len(tokenizer), beta=0.5)
+    compute_loss = trainer_compute_loss(teacher, fp.BridgeLoss(beta=0.5))
+    torch.testing.assert_close(compute_loss(fake_trainer(processing_class=tokenizer), student, inputs), want)
+    given = trainer_compute_loss(teacher, fp.BridgeLoss(beta=0.5), tokenizer=tokenizer)
+    torch.testing.assert_close(given(fake_trainer(processing_class=None), student, inputs), want)
+    with pytest.raises(ValueError, match="tokenizer"):
+        compute_loss(fake_trainer(processing_class=None), student, inputs)
+
+
+def test_labels_must_be_token_ids_or_the_ignore_index():
+    """HF-style -100 labels with another ignore_index: -100 is no token id, and scoring those
+    positions (the prompt's, the padding's) is never meant: refused, naming both values. The same
+    positions marked with the module's ignore_index give the default's loss."""
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    inputs = batch()
+    default, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))
+    with pytest.raises(ValueError, match=r"labels.*-100.*ignore_index.*-1"):
+        distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5, ignore_index=-1))
+    marked = dict(inputs, labels=inputs["labels"].masked_fill(inputs["labels"] == -100, -1))
+    loss, _ = distillation_loss(student, teacher, marked, fp.BridgeLoss(beta=0.5, ignore_index=-1))
+    torch.testing.assert_close(loss, default)
+    stray = inputs["labels"].clone()
+    stray[1, 3] = -7
+    with pytest.raises(ValueError, match="labels hold -7"):
+        distillation_loss(student, teacher, dict(inputs, labels=stray), fp.BridgeLoss(beta=0.5))
+
+
+def test_without_labels_any_ignore_index_scores_every_real_next_token():
+    """Without labels every position whose next token is real is scored, whatever the module's
+    ignore_index: with ignore_index=0 (the marker of a scored position) nothing was, loss 0."""
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    inputs = {name: value for name, value in batch().items() if name != "labels"}
+    default, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))
+    assert default > 0
+    for ignore_index in (0, 1, -1):
+        loss, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5, ignore_index=ignore_index))
+        torch.testing.assert_close(loss, default)
 
 
 def test_trainer_compute_loss(tmp_path):
@@ -130,3 +226,22 @@ def test_trainer_gradient_accumulation_takes_the_mean_of_micro_batches(tmp_path)
     want = -student.lm_head.weight.grad
     for batch_size, accumulation in ((2, 1), (1, 2)):
         torch.testing.assert_close(update(batch_size, accumulation), want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_teacher_builds_no_kv_cache():
+    """The teacher's forward is one pass with no generation after it: asked for no KV cache, it
+    holds no keys and values of every layer at once (a transformers model in eval mode built
+    one by default, the size of the batch's keys and values across all layers, at the teacher
+    forward's peak). The loss is the same."""
+    from fastprobe.methods._batching import output_cache
+
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    inputs = batch()
+    caches = []
+    handle = teacher.register_forward_hook(lambda module, args, output: caches.append(output_cache(output)))
+    try:
+        loss, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))
+    finally:
+        handle.remove()
+    assert caches == [None]
+    torch.testing.assert_close(loss, teacher_forced_loss(student, teacher, inputs, 101, beta=0.5))

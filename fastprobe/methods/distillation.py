@@ -18,44 +18,95 @@ from typing import Mapping, Optional
 
 import torch
 
-__all__ = ["distillation_loss", "next_token_targets", "trainer_compute_loss"]
+from ._batching import forward_parameters, model_device
+
+__all__ = ["check_labels", "distillation_loss", "next_token_targets", "shared_vocabulary", "trainer_compute_loss"]
 
 
 def next_token_targets(labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                        shape: torch.Size, ignore_index: int, device: torch.device) -> torch.Tensor:
     """For logits [B, L, V], the label each position predicts: the next position's label
     (causal LMs' shift), ignore_index at the last position. Without labels, a next position
-    that the attention mask marks as padding is ignored; with or without labels, so is every
-    padding position itself (with left padding, the last pad would otherwise be scored on the
-    first real token). Keeping all L positions (rather than slicing the logits to L - 1) lets
-    the loss read the logits without copying them."""
+    that the attention mask marks as padding is ignored (a scored one gets a marker other than
+    ignore_index); with or without labels, so is every padding position itself (with left
+    padding, the last pad would otherwise be scored on the first real token). Keeping all L
+    positions (rather than slicing the logits to L - 1) lets the loss read the logits without
+    copying them."""
     targets = torch.full(shape, ignore_index, dtype=torch.long, device=device)
+    scored = 1 if ignore_index == 0 else 0  # (the loss reads the targets only as scored or not)
     if labels is not None:
         targets[:, :-1] = labels[:, 1:]
     elif attention_mask is not None:
-        targets[:, :-1] = torch.where(attention_mask[:, 1:] == 0, ignore_index, 0)
+        targets[:, :-1] = torch.where(attention_mask[:, 1:] == 0, ignore_index, scored)
     else:
-        targets[:, :-1] = 0
+        targets[:, :-1] = scored
     if attention_mask is not None:
         targets.masked_fill_(attention_mask.to(device) == 0, ignore_index)
     return targets
 
 
-def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss_fn, step: Optional[int] = None):
+def check_labels(labels: Optional[torch.Tensor], ignore_index: int) -> None:
+    """labels hold token ids (>= 0) or ignore_index: any other negative value (HF's -100 with
+    another ignore_index) is refused, as scoring those positions is never meant. (One host
+    synchronisation per batch.)"""
+    if labels is None:
+        return
+    unknown = labels[(labels < 0) & (labels != ignore_index)]
+    if unknown.numel() > 0:
+        raise ValueError(
+            f"labels hold {unknown[0].item()}, which is neither a token id nor loss_fn's ignore_index "
+            f"({ignore_index}); mark the positions to ignore with ignore_index, or give loss_fn that "
+            f"ignore_index (e.g. BridgeLoss(ignore_index={unknown[0].item()}))"
+        )
+
+
+def shared_vocabulary(student_size: int, teacher_size: int, tokenizer=None) -> int:
+    """The logits' entries the loss compares, the first min(student_size, teacher_size): sizes
+    may differ only by padding rows (an embedding matrix rounded up, e.g. to a multiple of 64),
+    entries at or beyond len(tokenizer), which no token id reaches. Without a tokenizer nothing
+    tells padding from another tokenizer's vocabulary, so other sizes are refused; a tokenizer
+    with more tokens than either model has entries is refused too."""
+    vocab = min(student_size, teacher_size)
+    sizes = f"student logits have {student_size} vocabulary entries, teacher logits {teacher_size}"
+    if tokenizer is None:
+        if student_size != teacher_size:
+            raise ValueError(
+                f"{sizes}; pass tokenizer= (the tokenizer both models use; with the Trainer, its "
+                f"processing_class serves) to compare them on the first {vocab}, allowed when the extra "
+                "entries are padding beyond len(tokenizer)"
+            )
+        return vocab
+    tokens = len(getattr(tokenizer, "tokenizer", tokenizer))  # (a processor's tokenizer)
+    if tokens > vocab:
+        raise ValueError(
+            f"the tokenizer has {tokens} tokens but {sizes} ({vocab} at least): the vocabularies differ "
+            "beyond padding; student and teacher must share the tokenizer"
+        )
+    return vocab
+
+
+def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss_fn, step: Optional[int] = None,
+                      *, tokenizer=None):
     """(loss, student outputs) for one batch: both models run on the inputs (the teacher
     without gradient), and loss_fn (a BridgeLoss) compares their next-token distributions
-    on the non-ignored positions. Vocabularies that differ only by padding rows (e.g.
-    32000 vs 32064) are compared on the shared first V entries. A teacher on another device
+    on the non-ignored positions. inputs["labels"], if any, holds token ids or
+    loss_fn.ignore_index (check_labels). Vocabularies that differ only by padding rows beyond
+    the tokenizer's tokens (e.g. 32000 vs 32064) are compared on the shared first V entries;
+    that takes the tokenizer both models use (shared_vocabulary). A teacher on another device
     (a second GPU, or the CPU) gets the inputs there and hands its logits back."""
     labels = inputs.get("labels")
+    check_labels(labels, loss_fn.ignore_index)
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
     student_outputs = student(**model_inputs)
-    teacher_device = next(teacher.parameters()).device
+    teacher_device = model_device(teacher)
+    teacher_inputs = {name: value.to(teacher_device) if isinstance(value, torch.Tensor) else value
+                      for name, value in model_inputs.items()}
+    if "use_cache" not in teacher_inputs and "use_cache" in forward_parameters(teacher):
+        teacher_inputs["use_cache"] = False  # (one pass: no KV cache of every layer held at its peak)
     with torch.no_grad():
-        teacher_logits = teacher(**{name: value.to(teacher_device) if isinstance(value, torch.Tensor) else value
-                                    for name, value in model_inputs.items()}).logits
+        teacher_logits = teacher(**teacher_inputs).logits
     student_logits = student_outputs.logits
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    vocab = shared_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], tokenizer)
     targets = next_token_targets(labels, inputs.get("attention_mask"), student_logits.shape[:2],
                                  loss_fn.ignore_index, student_logits.device)
     teacher_logits = teacher_logits[..., :vocab].to(student_logits.device, student_logits.dtype)
@@ -63,15 +114,18 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     return loss, student_outputs
 
 
-def trainer_compute_loss(teacher, loss_fn):
+def trainer_compute_loss(teacher, loss_fn, *, tokenizer=None):
     """A compute_loss method for a transformers.Trainer subclass that distils `teacher`
     into the trained model with loss_fn; the beta schedule follows trainer.state.global_step.
-    With gradient accumulation, each micro-batch's loss counts 1 / (accumulation steps): the
-    update is the one of the micro-batches' mean loss, as without accumulation on equal-sized
-    micro-batches."""
+    tokenizer (default: the Trainer's processing_class) tells vocabulary padding rows apart
+    (distillation_loss). With gradient accumulation, each micro-batch's loss counts
+    1 / (accumulation steps): the update is the one of the micro-batches' mean loss, as without
+    accumulation on equal-sized micro-batches."""
 
     def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = distillation_loss(model, teacher, inputs, loss_fn, step=trainer.state.global_step)
+        shared_tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
+        loss, outputs = distillation_loss(model, teacher, inputs, loss_fn, step=trainer.state.global_step,
+                                          tokenizer=shared_tokenizer)
         if not _trainer_divides_by_accumulation(trainer, num_items_in_batch):
             loss = loss / getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
         return (loss, outputs) if return_outputs else loss

@@ -329,25 +329,58 @@ def beta_schedule(step: int, total: int, beta_start: float, beta_end: float) -> 
     return float(beta_start + (beta_end - beta_start) * fraction)
 
 
-class _BetaMixin:
-    """beta, or a linear schedule of it over `total_steps` (beta_start -> beta_end)."""
+def _optional(check):
+    """check, letting None through (an option that may be unset)."""
+    return lambda value: None if value is None else check(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+class _LossOptions:
+    """The loss modules' options: beta, or a linear schedule of it over `total_steps` (beta_start
+    -> beta_end), and the loss's own. Each is checked where it is set, at construction and on any
+    later assignment (loss_fn.reduction = ...), and stored as checked (floats as float): a bad
+    value raises there, never at a later call. (Listed before torch.nn.Module among a module's
+    bases, so that this __setattr__ runs before Module's.)"""
+
+    _OPTION_CHECKS = {
+        "beta": _optional(_check_beta),
+        "beta_start": _optional(lambda value: check_real(value, "beta_start", positive=False)),
+        "beta_end": _optional(lambda value: check_real(value, "beta_end", positive=False)),
+        "total_steps": _optional(lambda value: check_int(value, "total_steps", 1)),
+        "temperature": check_temperature,
+        "direction": lambda value: _check_choice(value, "direction", DIRECTIONS),
+        "ignore_index": _check_ignore_index,
+        "reduction": lambda value: _check_choice(value, "reduction", REDUCTIONS),
+    }
+
+    def __setattr__(self, name, value) -> None:
+        check = self._OPTION_CHECKS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     def _init_beta(self, beta, beta_start, beta_end, total_steps) -> None:
-        scheduled = total_steps is not None
-        if scheduled and (beta_start is None or beta_end is None):
-            raise ValueError("a beta schedule needs beta_start, beta_end and total_steps")
-        if not scheduled and beta is None:
+        if total_steps is None and beta is None:
             raise ValueError("give beta, or beta_start, beta_end and total_steps for a schedule")
         self.beta, self.beta_start, self.beta_end, self.total_steps = beta, beta_start, beta_end, total_steps
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.total_steps is not None and (self.beta_start is None or self.beta_end is None):
+            raise ValueError("a beta schedule needs beta_start, beta_end and total_steps")
 
     def beta_at(self, step: Optional[int]) -> float:
         """The schedule's beta at `step` (the fixed beta without a schedule or a step)."""
         if self.total_steps is None or step is None:
             return self.beta if self.beta is not None else self.beta_start
+        self._check_schedule()
         return beta_schedule(step, self.total_steps, self.beta_start, self.beta_end)
 
 
-class BridgeLoss(torch.nn.Module, _BetaMixin):
+class BridgeLoss(_LossOptions, torch.nn.Module):
     """bridge_loss as a module, with an optional linear beta schedule.
 
         loss_fn = BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=10_000)
@@ -490,7 +523,7 @@ class _FusedLinearBridge(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
+class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
     """bridge_loss computed from hidden states and LM-head weights, chunk by chunk, so the
     full [N, V] logits never exist. Gradients flow to student_hidden, student_weight and
     student_bias (accumulated across chunks in float32, float64 for float64 weights, with
@@ -510,15 +543,18 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
     256M on CUDA, at least 1 row; see _chunk_logits).
     """
 
+    _OPTION_CHECKS = {
+        **_LossOptions._OPTION_CHECKS,
+        "reduction": lambda value: _check_choice(value, "FusedLinearBridgeLoss's reduction", ("mean", "sum")),
+        "chunk_rows": _optional(lambda value: check_int(value, "chunk_rows", 1)),
+        "float32_weight_grad": lambda value: _check_bool(value, "float32_weight_grad"),
+    }
+
     def __init__(self, beta: Optional[float] = None, *, temperature: float = 1.0, direction: str = "forward",
                  ignore_index: int = -100, reduction: str = "mean", chunk_rows: Optional[int] = None,
                  float32_weight_grad: bool = True, beta_start: Optional[float] = None,
                  beta_end: Optional[float] = None, total_steps: Optional[int] = None):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"FusedLinearBridgeLoss supports reduction 'mean' or 'sum', got {reduction!r}")
-        if chunk_rows is not None:
-            chunk_rows = check_int(chunk_rows, "chunk_rows", 1)
         self._init_beta(beta, beta_start, beta_end, total_steps)
         self.temperature, self.direction, self.ignore_index, self.reduction = temperature, direction, ignore_index, reduction
         self.chunk_rows, self.float32_weight_grad = chunk_rows, float32_weight_grad
@@ -538,6 +574,8 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
         if t_hidden.shape[0] != hidden.shape[0]:
             raise ValueError(f"teacher_hidden has {t_hidden.shape[0]} rows but student_hidden has {hidden.shape[0]}")
         vocab = weight.shape[0]
+        if vocab == 0:
+            raise ValueError("student_weight has no rows: an empty vocabulary (V = 0)")
         autocast = _autocast_enabled(hidden.device)  # (its matrix products take mixed dtypes)
         for side, side_hidden, side_weight, bias in (("student", hidden, weight, student_bias),
                                                      ("teacher", t_hidden, t_weight, teacher_bias)):
@@ -558,8 +596,8 @@ class FusedLinearBridgeLoss(torch.nn.Module, _BetaMixin):
         flat_labels = _check_labels(labels, hidden.shape[:1], hidden.device)
         chunk_rows = self.chunk_rows or max(1, _chunk_logits(hidden.device) // vocab)
         options = (
-            _check_beta(self.beta_at(step)), 1.0 / check_temperature(self.temperature),
-            _check_choice(self.direction, "direction", DIRECTIONS) == "reverse", _check_ignore_index(self.ignore_index),
+            _check_beta(self.beta_at(step)), 1.0 / self.temperature,  # (the options were checked when set)
+            self.direction == "reverse", self.ignore_index,
             self.reduction, chunk_rows, self.float32_weight_grad, torch.is_grad_enabled(),
         )
         with torch.no_grad():  # the teacher side never takes a gradient

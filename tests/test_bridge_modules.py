@@ -1,0 +1,98 @@
+"""BridgeLoss and FusedLinearBridgeLoss options: checked where they are set, at construction
+and on any later assignment, so a bad value never reaches a forward."""
+
+import pytest
+import torch
+
+import fastprobe as fp
+
+# (attribute, a bad value, the error, words of its message); every one is refused by both modules
+BAD_OPTIONS = [
+    ("temperature", 0.0, ValueError, "temperature"),
+    ("temperature", "1.0", TypeError, "temperature"),
+    ("direction", "sideways", ValueError, "direction"),
+    ("ignore_index", 1.5, TypeError, "ignore_index"),
+    ("ignore_index", 2**63, ValueError, "ignore_index"),
+    ("reduction", "average", ValueError, "reduction"),
+    ("beta", torch.tensor(0.5), TypeError, "beta"),
+    ("beta", float("nan"), ValueError, "beta"),
+    ("beta_start", "0", TypeError, "beta_start"),
+    ("beta_end", float("inf"), ValueError, "beta_end"),
+    ("total_steps", 0, ValueError, "total_steps"),
+    ("total_steps", 2.5, TypeError, "total_steps"),
+]
+FUSED_ONLY = [
+    ("reduction", "none", ValueError, "reduction"),  # (the fused form gives a scalar only)
+    ("chunk_rows", -1, ValueError, "chunk_rows must be"),
+    ("chunk_rows", 0, ValueError, "chunk_rows must be"),
+    ("float32_weight_grad", "yes", TypeError, "float32_weight_grad"),
+]
+
+
+def fused_inputs(num_rows=5, hidden=8, vocab=23):
+    torch.manual_seed(0)
+    return (torch.randn(num_rows, hidden, requires_grad=True), torch.randn(vocab, hidden),
+            torch.randn(num_rows, hidden), torch.randn(vocab, hidden))
+
+
+@pytest.mark.parametrize("module, case", [(module, case) for module in (fp.BridgeLoss, fp.FusedLinearBridgeLoss)
+                                          for case in BAD_OPTIONS] +
+                         [(fp.FusedLinearBridgeLoss, case) for case in FUSED_ONLY],
+                         ids=lambda value: value.__name__ if isinstance(value, type) else f"{value[0]}={value[1]!r}")
+def test_an_option_set_after_construction_is_checked(module, case):
+    """A bad option assigned to a built module raises at the assignment and leaves the module as
+    it was. (FusedLinearBridgeLoss checked reduction and chunk_rows in its constructor only: a
+    reduction of "none" set later gave the sum, a chunk_rows of -1 a loss of 0 from no chunk.)"""
+    name, value, error, words = case
+    loss_fn = module(beta=0.5)
+    before = dict(vars(loss_fn))
+    with pytest.raises(error, match=words):
+        setattr(loss_fn, name, value)
+    assert vars(loss_fn) == before
+
+
+@pytest.mark.parametrize("module", [fp.BridgeLoss, fp.FusedLinearBridgeLoss], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("case", BAD_OPTIONS, ids=lambda case: f"{case[0]}={case[1]!r}")
+def test_a_bad_option_is_refused_at_construction(module, case):
+    """The same checks at construction: BridgeLoss(temperature=0) raised only at its first call."""
+    name, value, error, words = case
+    options = {"beta": 0.5, name: value}
+    if name in ("beta_start", "beta_end", "total_steps"):
+        options = {"beta_start": 0.0, "beta_end": 1.0, "total_steps": 10, name: value}
+    with pytest.raises(error, match=words):
+        module(**options)
+
+
+def test_a_good_option_set_after_construction_takes_effect():
+    """Assignment of valid values keeps working: the next call uses them."""
+    student, teacher = torch.randn(4, 19), torch.randn(4, 19)
+    loss_fn = fp.BridgeLoss(beta=0.5)
+    loss_fn.reduction, loss_fn.temperature, loss_fn.beta = "sum", 2, 0.25
+    assert isinstance(loss_fn.temperature, float)
+    torch.testing.assert_close(loss_fn(student, teacher), fp.bridge_loss(student, teacher, beta=0.25, temperature=2.0,
+                                                                         reduction="sum"))
+    fused = fp.FusedLinearBridgeLoss(beta=0.5)
+    hidden, weight, t_hidden, t_weight = fused_inputs()
+    mean = fused(hidden, weight, t_hidden, t_weight)
+    fused.reduction, fused.chunk_rows = "sum", 2
+    torch.testing.assert_close(fused(hidden, weight, t_hidden, t_weight), mean * hidden.shape[0])
+
+
+def test_a_schedule_made_incomplete_after_construction_is_a_clear_error():
+    """total_steps set on a module built with a fixed beta: the schedule has no ends, a
+    ValueError that says so at the next call (it was a TypeError from arithmetic on None)."""
+    loss_fn = fp.BridgeLoss(beta=0.5)
+    loss_fn.total_steps = 10
+    with pytest.raises(ValueError, match="beta_start, beta_end and total_steps"):
+        loss_fn(torch.randn(2, 5), torch.randn(2, 5), step=3)
+    assert loss_fn.beta_at(None) == 0.5  # (no step: the fixed beta)
+
+
+def test_fused_linear_refuses_an_empty_vocabulary():
+    """Weights with no rows (V = 0) are refused by name, as bridge_loss refuses V = 0 (the default
+    chunk size divided by V: a ZeroDivisionError)."""
+    hidden, _, t_hidden, _ = fused_inputs()
+    for chunk_rows in (None, 2):
+        with pytest.raises(ValueError, match=r"student_weight.*V = 0"):
+            fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=chunk_rows)(hidden, torch.randn(0, 8), t_hidden,
+                                                                       torch.randn(0, 8))
