@@ -1,7 +1,9 @@
 """Fused draft-divergence kernel (Triton): the math of ``fastprobe.reference.draft_divergence``.
 
 One program per token n. With x the raw logits, c = inv_T * log2(e), the kernel works in
-base 2 and converts to natural units (times ln 2) only when it stores:
+base 2 and converts to natural units (times ln 2) only when it stores, except for the KL: a
+target logit ~3e38 from the mixture's mass makes log p ~ -3e38, finite in nats but not in bits
+(x 1.44), so the KL's terms use ln p = (y - M_p) inv_T - ln S_p, one more FMA per target logit:
 
   pass 1 (vocabulary blocks, forward):  online log-sum-exp per row,
         M_r = max_v x_rv,  S_r = sum_v 2^((x_rv - M_r) c),  lse_r = M_r inv_T + ln S_r
@@ -61,9 +63,9 @@ def _log2_floor(x, SFU: tl.constexpr):
 
 
 @triton.jit
-def _xlog2y(x, log2y):
-    """x * log2(y) with 0 log 0 = 0 (x == 0 never meets -inf, so no NaN)."""
-    return tl.where(x > 0, x * log2y, 0.0)
+def _xlogy(x, logy):
+    """x * log(y) (any base) with 0 log 0 = 0 (x == 0 never meets -inf, so no NaN)."""
+    return tl.where(x > 0, x * logy, 0.0)
 
 
 @triton.jit
@@ -252,6 +254,7 @@ def _divergence_kernel(
         shift_q, log2s_q = _safe_shift(mx_q, s_q)
         shift_p, log2s_p = _safe_shift(mx_p, s_p)
 
+    ln_s_p = log2s_p * _LN2  # log p = (y - shift_p) inv_T - ln_s_p, for the KL in nats
     tl.store(lse_ptr + lse_q_at, lse_q, mask=k_ok)
     if HAS_TARGET:
         tl.store(lse_ptr + lse_p_at, lse_p)
@@ -262,7 +265,7 @@ def _divergence_kernel(
     hq_acc = _state(K_PAD, BLOCK_V, 0.0, LANES)  # q log2 q, per draft
     jsd_acc = _state(1, BLOCK_V, 0.0, LANES)  # sum_k w q (log2 q - log2 m)
     hm_acc = _state(1, BLOCK_V, 0.0, LANES)  # m log2 m
-    kl_acc = _state(1, BLOCK_V, 0.0, LANES)  # m (log2 m - log2 p)
+    kl_acc = _state(1, BLOCK_V, 0.0, LANES)  # m (ln m - ln p), in nats
     hp_acc = _state(1, BLOCK_V, 0.0, LANES)  # p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
         if PREFETCH:
@@ -287,13 +290,16 @@ def _divergence_kernel(
             if HAS_TARGET:
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
                 p = tl.exp2(log2p)
+                # KL in nats: log p_v (finite for a finite logit) where log2 p_v overflows to -inf
+                # below -2.4e38, and a KL near float32's top would in bits (x log2(e))
+                log_p = (y - shift_p) * inv_temperature - ln_s_p
                 # a column the mixture has and the target masks makes KL(m || p) +inf, also where
                 # m_v underflows to 0
                 outside = in_m & (y == float("-inf"))
-                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlog2y(m, log2m - log2p)), LANES)
+                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlogy(m, log2m * _LN2 - log_p)), LANES)
                 hp_acc = _fold_sum(hp_acc, _xlog2y_exp(p, log2p), LANES)
 
-    # ---- store, converting base-2 logs to natural ones (times ln 2) ----
+    # ---- store, converting base-2 logs to natural ones (times ln 2; the KL is in nats) ----
     # JSD >= 0 term by term; rounding (log q from the lse, log m from log2) can leave -1e-7
     # where it is 0 (K = 1, equal drafts): clamp as the C++ kernel does (NaN passes through)
     jsd_sum = _total(jsd_acc)  # [1, 1]
@@ -302,7 +308,7 @@ def _divergence_kernel(
     tl.store(stats_ptr + 0 * N64 + token, jsd)
     tl.store(stats_ptr + 3 * N64 + token, -_total(hm_acc) * _LN2)  # H(m)
     if HAS_TARGET:
-        kl = _total(kl_acc) * _LN2
+        kl = _total(kl_acc)
         tl.store(stats_ptr + 1 * N64 + token, kl)  # KL(m || p)
         tl.store(stats_ptr + 2 * N64 + token, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)
         tl.store(stats_ptr + 4 * N64 + token, -_total(hp_acc) * _LN2)  # H(p)

@@ -314,7 +314,11 @@ def _guide(m1, l1, acc1, m2, l2, acc2, selected, gamma, eps, ORTHOGONALIZE: tl.c
       o_cond = (w1 acc1 + w2 acc2) / l,  o_uncond = acc1 / l1,
       dO = o_cond - o_uncond = (w2 / l) (acc2 - (l2 / l1) acc1)    (no difference of two tiles),
     and orthogonalised, with u = o_uncond / (||o_uncond|| + eps) = acc1 / den, den = ||acc1|| + eps l1:
-      dO -= <dO, u> u,  <dO, u> = (w2 / l) (<acc1, acc2> - (l2 / l1) ||acc1||^2) / den."""
+      dO -= <dO, u> u,  <dO, u> = (w2 / l) (<acc1, acc2> - (l2 / l1) ||acc1||^2) / den.
+    The squares are taken of x = acc1 / s, s = max_d |acc1_d| (at least the smallest normal float):
+    acc1 ~ 1e19 overflowed them and ~1e-23 underflowed them (wrong with a tiny eps). With
+    ||acc1|| = s ||x||, den = s den_x, den_x = ||x|| + eps l1 / s, each factor stays in range:
+      <dO, u> u = (w2 / l) (<x, acc2> / den_x (1 / s) / den_x - (l2 / l1) ||x||^2 / den_x^2) acc1."""
     m = tl.maximum(m1, m2)
     shift = tl.where(m == _NEG_INF, 0.0, m)
     w1 = tl.exp2(m1 - shift)
@@ -328,10 +332,13 @@ def _guide(m1, l1, acc1, m2, l2, acc2, selected, gamma, eps, ORTHOGONALIZE: tl.c
     ratio = l2 * inv_l1
     delta1 = -cond2 * ratio  # dO = delta1 acc1 + cond2 acc2
     if ORTHOGONALIZE:
-        norm2 = tl.sum(acc1 * acc1, axis=AXIS, keep_dims=True)
-        den = tl.sqrt(norm2) + eps * l1  # > 0 on guided rows (l1 > 0)
-        along = cond2 * (tl.sum(acc1 * acc2, axis=AXIS, keep_dims=True) - ratio * norm2) / den
-        delta1 -= along / den
+        inv_s = 1.0 / tl.maximum(tl.max(tl.abs(acc1), axis=AXIS, keep_dims=True), 1.1754943508222875e-38)  # 1 / s
+        x = acc1 * inv_s  # |x| <= 1, so ||x||^2 <= the head dim
+        norm_x2 = tl.sum(x * x, axis=AXIS, keep_dims=True)
+        # den / s, > 0 on guided rows (l1 > 0); inf where eps l1 >> ||acc1||: u = 0, no correction
+        den_x = tl.sqrt(norm_x2) + eps * l1 * inv_s
+        dot_x = tl.sum(x * acc2, axis=AXIS, keep_dims=True)  # <acc1, acc2> / s
+        delta1 -= cond2 * ((dot_x / den_x) * (inv_s / den_x) - ratio * (norm_x2 / den_x / den_x))
     guided = selected & has_kept & (gamma != 0.0)
     out1 = tl.where(guided, cond1 + gamma * delta1, cond1)  # (unguided rows: o_cond, bit for bit)
     out2 = tl.where(guided, cond2 + gamma * cond2, cond2)

@@ -133,6 +133,31 @@ def test_extreme_logits(target, dtype):
     assert_matches(result, expected(draft, target_logits, None, 1.0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "shards"])
+def test_kl_near_the_float32_limit_is_finite(target, sharded):
+    """KL(m || p) up to ~3e38, finite in float32, comes out finite and right, whole and sharded:
+    a target logit -3e38 where the drafts put mass (log p ~ -3e38), a target logit 3e38 (log p ~
+    -3e38 at every other column), and a draft logit 2e38 against it. The Triton kernel formed log2 p
+    = log p log2(e), which overflows to -inf below -2.4e38, and summed the KL in base 2 (x 1.44):
+    +inf where the C++ kernel and the reference are finite."""
+    _, device = target
+    num_drafts, num_tokens, vocab = 2, 4, 200  # (under the interpreter: two vocabulary blocks)
+    draft = torch.randn(num_drafts, num_tokens, vocab)
+    target_logits = torch.randn(num_tokens, vocab)
+    target_logits[0, 7] = -3e38  # mass m_7 ~ 1 / V at log p ~ -3e38: KL ~ 1.5e36
+    target_logits[1, 150] = 3e38  # p one-hot at 150: KL ~ 3e38 (1 - m_150)
+    draft[0, 2, 40], target_logits[2, 41] = 2e38, 3e38  # m_40 ~ 1/2: KL ~ 3e38
+    target_logits[3, 0], target_logits[3, 199] = -3e38, 3e37  # log p_0 ~ -3.3e38: KL ~ 3e37 + m_0 3.3e38
+    draft, target_logits = draft.to(device), target_logits.to(device)
+    if sharded:
+        result, _ = combine_shards(draft, target_logits, None, 1.0, vocab_shards(vocab))
+    else:
+        result = fp.draft_divergence(draft, target_logits)
+    want = expected(draft, target_logits, None, 1.0)
+    assert want["kl_mixture_target"][1:3].min() > 2.5e38 and want["kl_mixture_target"].max() < 3.4e38
+    assert_matches(result, want, rtol=1e-5, atol=1e-5)
+
+
 def test_epistemic_identity(target):
     """epistemic == sum_k w_k KL(q_k || p), computed independently in float64."""
     _, device = target

@@ -245,6 +245,31 @@ def test_orthogonal_correction_is_orthogonal_to_uncond(target):
     assert cosine.abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("path", ["prefill", "decode-split"])
+@pytest.mark.parametrize("kept_scale, dropped_scale, eps", [
+    (1e20, 1e20, 1e-6), (1e34, 1e34, 1e-6), (1e30, 1.0, 1e-6), (1e-25, 1e-25, 1e-30), (1e-25, 1.0, 1e-30),
+], ids=["1e20", "1e34", "kept-1e30", "1e-25-tiny-eps", "kept-1e-25-tiny-eps"])  # fmt: skip
+def test_orthogonalization_of_extreme_values(target, path, kept_scale, dropped_scale, eps):
+    """Values from 1e-25 to 1e34 (legal float32, outputs finite) are guided right, prefill and
+    decode, also with a tiny eps: the orthogonalisation squares o_uncond's components (the Triton
+    kernel: unnormalised ones, ~Lk |v|), which overflowed float32 from ~1e19 on (NaN out) and
+    underflowed below ~1e-23 (with eps 1e-30, ||o_uncond|| taken as 0: out off by 1e9). Checked
+    divided by the largest value scale, so that every path's error counts at float32 level."""
+    _, device = target
+    num_queries, num_keys = (9, 9) if path == "prefill" else (1, 520)
+    q, k, v = random_qkv(1, 4, 2, num_queries, num_keys, 16, torch.float32, device)
+    drop = torch.zeros(1, num_keys, dtype=torch.bool, device=device)
+    drop[0, 2 : num_keys // 2] = True
+    v = v * torch.where(drop[0], dropped_scale, kept_scale)[None, None, :, None]  # per key
+    options = dict(gamma=0.7, rows="all", eps=eps)
+    got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+    want = expected(q, k, v, drop, **options)
+    assert all(bool(torch.isfinite(value).all()) for value in want.values())
+    unit = max(kept_scale, dropped_scale)
+    assert_paths_match([value / unit for value in got], {name: value / unit for name, value in want.items()},
+                       torch.float32)
+
+
 def test_inputs_untouched_and_single_output(target):
     _, device = target
     q, k, v = random_qkv(2, 4, 2, 7, 7, 16, torch.float32, device)
