@@ -12,20 +12,23 @@ image tokens, a PaliGemma prefix, or a segment's last position), else p (causal)
 window stays j > p - w. The sink end e_p = sink_end[b], or per position e_p = sink_end[b, p]
 (ROW_ENDS: segments, each a sequence of its own whose sink and statistics keys are its first
 real keys); the statistics end s_p likewise from stat_end; both clamped to [0, Lk]. Scores are
-kept in base 2, t_j = s_j log2(e) with s_j = scale q . k_j, or with a soft cap c > 0 (Gemma 2,
-HAS_SOFTCAP) s_j = c tanh(scale q . k_j / c) on every key before masking, and per query row
-the kernel keeps
+kept in base 2, t_j = s_j log2(e) with s_j = scale q . k_j (t_j = (scale log2(e)) (q . k_j)), or
+with a soft cap c > 0 (Gemma 2, HAS_SOFTCAP) s_j = c tanh(scale q . k_j / c) on every key before
+masking (t_j = (c tanh((scale / c) (q . k_j))) log2(e): c log2(e) may overflow float32), and per
+query row the kernel keeps
   m = max_j t_j,  l = sum_j 2^(t_j - m),  acc = sum_j 2^(t_j - m) v_j,
   stat = sum_{j < s_p} 2^(t_j - m),  grp[g] = sum_{group_j = g} 2^(t_j - m),
   A = sum_j 2^(t_j - m) (t_j - m)                                     (entropy, on request)
 over the visible keys. When a key block raises the max from m_old to m_new every sum is
 rescaled by alpha = 2^(m_old - m_new); A moves to the new reference point as
-  A <- alpha (A + (m_old - m_new) l_old).
-A per-head sink logit c is one more, value-less key: the state starts at m = c log2(e), l = 1.
-At the end (natural units, ln 2 = 1 / log2(e)):
-  out = acc / l,  lse = (m + log2 l) ln 2,  sink_mass = stat / l,  group_mass = grp / l,
-  entropy = -sum_j p_j ln p_j = (log2 l - A / l) ln 2       (p_j = 2^(t_j - m) / l).
-A row with nothing in its softmax (l = 0: no visible key, no sink logit) gets out 0,
+  A <- alpha (A + (m_old - m_new) l_old)      (0 where alpha = 0: m_old - m_new may be -inf)
+and a weight 2^(t_j - m) = 0 adds 0 to A (t_j - m may be -inf: scores of both signs near
+float max / 2). At the end the keys' state meets a per-head sink logit c (one more, value-less
+key), in natural units (ln 2 = 1 / log2(e); c log2(e) may overflow float32 where c does not):
+  M = max(m ln 2, c),  w = e^(m ln 2 - M),  w_c = e^(c - M),  L = w l + w_c,
+  out = w acc / L,  lse = M + ln L,  sink_mass = w stat / L,  group_mass = w grp / L,
+  entropy = -sum_j p_j ln p_j - p_c ln p_c = ln L - (w (A ln 2 + (m ln 2 - M) l) + w_c (c - M)) / L.
+A row with nothing in its softmax (L = 0: no visible key, no sink logit) gets out 0,
 lse -inf, masses 0, entropy 0; so does a pruned head (head_mask[h] == 0), whose programs
 load no K / V: their key loops are empty. Shifts by m are guarded so that -inf - -inf never
 appears (a row that has seen only masked keys shifts by 0).
@@ -40,9 +43,10 @@ Two paths:
     b, kv head) handles all Hq / Hkv query heads of its kv head at once (K / V read once per
     kv head), writing unnormalised partial states (m, l, stat, A, acc, grp) to float32
     scratch; a second kernel merges the splits of each query row by their max, adds the sink
-    logit and writes the outputs. The splits cover the window's band to Lk, less the keys below
-    every row's f_p (f_p and r_p are masked per key). Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for float32) and the
-    band holds >= 512 keys (see _DECODE_*); split_keys forces either path.
+    logit (_finish, as at the prefill kernel's end) and writes the outputs. The splits cover
+    the window's band to Lk, less the keys below every row's f_p (f_p and r_p are masked per
+    key). Chosen when Lq <= 4, (Hq / Hkv) Lq <= 128 rows (16 for float32) and the band holds
+    >= 512 keys (see _DECODE_*); split_keys forces either path.
 
 Products use tl.dot with float32 accumulation: 16-bit inputs on tensor cores (P rounded to
 the input dtype for P V, as FlashAttention does; the statistics use the float32 P), float32
@@ -181,7 +185,7 @@ def _block_scores(
     offs_dv,  # the value head dim's columns (BLOCK_DV) and which are < VALUE_DIM
     dv_ok,
     qk_scale,  # scale log2(e); with a soft cap c: scale / c
-    softcap,  # c log2(e) (HAS_SOFTCAP only)
+    softcap,  # c (HAS_SOFTCAP only)
     MASKED: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -208,8 +212,8 @@ def _block_scores(
                          HEAD_DIM == BLOCK_D + BLOCK_DT)  # fmt: skip
         t = _dot(q_t, tl.trans(k_t), t, DOT_PRECISION, UPCAST)
     t = t * qk_scale
-    if HAS_SOFTCAP:  # t = c log2(e) tanh(scale q . k / c)
-        t = softcap * _tanh(t)
+    if HAS_SOFTCAP:  # t = (c tanh(scale q . k / c)) log2(e): |c tanh| <= c, where c log2(e) may overflow
+        t = (softcap * _tanh(t)) * _LOG2E
     return offs_n, n_ok, rows, t, v
 
 
@@ -288,7 +292,7 @@ def _attend_block(
     stat_end,  # s: likewise
     stat_top,  # the largest s (s itself without ROW_ENDS)
     qk_scale,  # scale log2(e); with a soft cap c: scale / c
-    softcap,  # c log2(e) (HAS_SOFTCAP only)
+    softcap,  # c (HAS_SOFTCAP only)
     MASKED: tl.constexpr,  # False: every key of the block is real, < end and visible to every row
     CAUSAL: tl.constexpr,
     HAS_HORIZON: tl.constexpr,
@@ -329,14 +333,11 @@ def _attend_block(
         t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
     m_new, l_new, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
     if ENTROPY:
-        # A <- alpha (A + (m_old - m_new) l_old) + sum p (t - m_new); m_old = -inf means A = l = 0
-        shift = tl.where(m_i == _NEG_INF, 0.0, m_i - m_use)  # (alpha = A = l = 0 then)
-        ent = alpha * (ent + shift * l_i)
-        if MASKED:
-            pt = tl.where(p > 0, p * (t - m_use[:, None]), 0.0)  # masked: 0 (-inf) -> 0
-        else:
-            pt = p * (t - m_use[:, None])
-        ent += tl.sum(pt, axis=1)
+        # A <- alpha (A + (m_old - m_new) l_old) + sum p (t - m_new), 0 where the weight is 0:
+        # m_old = -inf (A = l = 0), masked keys (t = -inf), and differences of scores of both
+        # signs near float max / 2 that overflow to -inf
+        ent = tl.where(alpha > 0, alpha * (ent + (m_i - m_use) * l_i), 0.0)
+        ent += tl.sum(tl.where(p > 0, p * (t - m_use[:, None]), 0.0), axis=1)
     stat = stat * alpha
     if start < stat_top:  # stat keys are the first few real keys (of a segment): few blocks
         stat += tl.sum(tl.where(offs_n[None, :] < _per_row(stat_end, ROW_ENDS), p, 0.0), axis=1)
@@ -385,17 +386,29 @@ def _attend_range(
 
 
 @triton.jit
-def _finish(m, l, stat, ent):
-    """(1 / l, lse, sink_mass, entropy) from a final state, elementwise; l = 0 (nothing in the
-    softmax): (0, -inf, 0, 0); a NaN l (NaN or +inf scores) gives NaN, as in the C++ kernel, not
-    an empty row's values. Entropy = (log2 l - A / l) ln 2, clamped at 0 from rounding."""
-    empty = l == 0.0
-    inv_l = tl.where(empty, 0.0, 1.0 / l)
-    log2_l = tl.log2(tl.where(empty, 1.0, l))
-    lse = tl.where(empty, _NEG_INF, (m + log2_l) * _LN2)
-    entropy = tl.where(empty, 0.0, (log2_l - ent * inv_l) * _LN2)
+def _finish(m, l, stat, ent, sink):
+    """(norm, lse, sink_mass, entropy) from the keys' final state (m, l, stat, A: base 2) and the
+    sink logit c (natural units; -inf: none), elementwise, in natural units (module docstring):
+    norm = w / L scales the key sums (acc, grp). L = 0 (nothing in the softmax): (0, -inf, 0, 0);
+    a NaN l (NaN or +inf scores) gives NaN, as in the C++ kernel, not an empty row's values.
+    Entropy is clamped at 0 from rounding."""
+    m_nat = m * _LN2  # (finite or -inf: |m ln 2| < |m|)
+    top = tl.maximum(m_nat, sink)
+    top = tl.where(top == _NEG_INF, 0.0, top)  # M; 0 with nothing (then w = w_c = 0)
+    w_keys = tl.exp2((m_nat - top) * _LOG2E)  # w = e^(m ln 2 - M): 1 where the keys hold the max
+    w_sink = tl.exp2((sink - top) * _LOG2E)  # w_c = e^(c - M)
+    total = w_keys * l + w_sink  # L
+    empty = total == 0.0
+    inv_total = tl.where(empty, 0.0, 1.0 / total)
+    log_total = tl.log(tl.where(empty, 1.0, total))
+    lse = tl.where(empty, _NEG_INF, top + log_total)
+    # w (A ln 2 + (m ln 2 - M) l) + w_c (c - M), 0 from a zero weight (its shift may be -inf)
+    centred = tl.where(w_keys > 0, w_keys * (ent * _LN2 + (m_nat - top) * l), 0.0)
+    centred += tl.where(w_sink > 0, w_sink * (sink - top), 0.0)
+    entropy = tl.where(empty, 0.0, log_total - centred * inv_total)
     entropy = tl.where(entropy < 0, 0.0, entropy)  # (NaN passes)
-    return inv_l, lse, stat * inv_l, entropy
+    norm = w_keys * inv_total
+    return norm, lse, stat * norm, entropy
 
 
 @triton.jit
@@ -408,14 +421,21 @@ def _head_live(head_mask_ptr, h, HAS_HEAD_MASK: tl.constexpr):
 
 
 @triton.jit
-def _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT: tl.constexpr):
-    """Initial (m, l) of a row of head h: the sink logit as a value-less key (m = c log2 e,
-    l = 1), or nothing (-inf, 0); nothing for a pruned head."""
+def _sink_logit(sink_logit_ptr, h, live, HAS_SINK_LOGIT: tl.constexpr):
+    """The sink logit of head h in natural units (_finish adds it to the keys' state), -inf
+    without one and for a pruned head."""
     if HAS_SINK_LOGIT:
-        c = tl.load(sink_logit_ptr + h).to(tl.float32) * _LOG2E
-        c = tl.where(live, c, _NEG_INF)
+        return tl.where(live, tl.load(sink_logit_ptr + h).to(tl.float32), _NEG_INF)
     else:
-        c = tl.where(live, _NEG_INF, _NEG_INF)
+        return tl.where(live, _NEG_INF, _NEG_INF)
+
+
+@triton.jit
+def _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT: tl.constexpr):
+    """Initial (m, l) of a row of head h in base 2 from _sink_logit: (c log2 e, 1), or (-inf, 0)
+    (dual_attention's merge takes it without a sink logit; sink_attention adds its sink in
+    _finish instead, in natural units, since c log2(e) may overflow where c does not)."""
+    c = _sink_logit(sink_logit_ptr, h, live, HAS_SINK_LOGIT) * _LOG2E
     return c, tl.where(c == _NEG_INF, 0.0, 1.0)
 
 
@@ -617,7 +637,7 @@ def _attention_fwd_kernel(
     sink_logit_ptr,  # [Hq] float32 (dummy unless HAS_SINK_LOGIT)
     key_groups_ptr,  # [B, Lk] int32 (dummy unless HAS_GROUPS)
     qk_scale,  # scale log2(e), runtime float; with a soft cap c: scale / c
-    softcap,  # c log2(e), runtime float (read only with HAS_SOFTCAP)
+    softcap,  # c, runtime float (read only with HAS_SOFTCAP)
     window,  # runtime int; > every |p - j| when there is no window
     Hq,
     Lq,
@@ -695,10 +715,9 @@ def _attention_fwd_kernel(
     q = _load_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, offs_d, m_ok, d_ok, EVEN_D)
     q_t = _tail_rows(q_ptr, b, h, rows_m, stride_qb, stride_qh, stride_qm, stride_qd, m_ok, q, HEAD_DIM, BLOCK_D, BLOCK_DT)
 
-    # ---- online softmax state ----
-    c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
-    m_i = tl.zeros([BLOCK_M], tl.float32) + c0
-    l_i = tl.zeros([BLOCK_M], tl.float32) + l0
+    # ---- online softmax state of the keys (the sink logit joins at the end, _finish) ----
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     stat = tl.zeros([BLOCK_M], tl.float32)
     grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
@@ -730,8 +749,9 @@ def _attention_fwd_kernel(
     )  # fmt: skip
 
     # ---- outputs ----
-    inv_l, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent)
-    _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv, m_ok, dv_ok, acc * inv_l[:, None])
+    sink = _sink_logit(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
+    norm, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent, sink)
+    _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv, m_ok, dv_ok, acc * norm[:, None])
     row = bh * Lq + offs_m  # [B, Hq, Lq] index (int64)
     tl.store(lse_ptr + row, lse, mask=m_ok)
     tl.store(sink_mass_ptr + row, sink_mass, mask=m_ok)
@@ -740,7 +760,7 @@ def _attention_fwd_kernel(
     if HAS_GROUPS:
         g = tl.arange(0, G_PAD)
         g_ptrs = group_mass_ptr + row[:, None] * num_groups + g[None, :]
-        tl.store(g_ptrs, grp * inv_l[:, None], mask=m_ok[:, None] & (g < num_groups)[None, :])
+        tl.store(g_ptrs, grp * norm[:, None], mask=m_ok[:, None] & (g < num_groups)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -984,29 +1004,30 @@ def _attention_merge_kernel(
     ENTROPY: tl.constexpr,
 ):
     """One program per query row (b, h, i): merge the splits' states by their max,
-    m = max(c, max_s m_s), w_s = 2^(m_s - m): l = w_c + sum_s w_s l_s, acc = sum_s w_s acc_s,
-    stat, grp likewise, A = sum_s w_s (A_s + (m_s - m) l_s) + w_c (c - m)."""
+    m = max_s m_s, w_s = 2^(m_s - m): l = sum_s w_s l_s, acc = sum_s w_s acc_s, stat, grp
+    likewise, A = sum_s w_s (A_s + (m_s - m) l_s); then the sink logit joins (_finish)."""
     row, b, h, qi, bkv, r = _merge_row(Hq, Hkv, Lq, kv_group)
     live = _head_live(head_mask_ptr, h, HAS_HEAD_MASK)
     s = tl.arange(0, S_PAD)
     s_ok = s < tl.where(live, num_splits, 0)  # a pruned head merges nothing
     part = bkv * num_splits + s
-    c0, l0 = _sink_state(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
-    m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w0 = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 4, BLOCK_R, BLOCK_DV)
+    c0, l0 = _sink_state(sink_logit_ptr, h, live, False)  # (-inf, 0): the sink joins in _finish
+    m, l, acc, shift, w_s, m_s, l_s, s_ptrs, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 4, BLOCK_R, BLOCK_DV)
     stat = tl.sum(w_s * tl.load(s_ptrs + 2 * BLOCK_R, mask=s_ok, other=0.0), axis=0)
     if ENTROPY:
         a_s = tl.load(s_ptrs + 3 * BLOCK_R, mask=s_ok, other=0.0)
-        # (empty splits and no sink: m = -inf, l = A = 0, so their shift is taken as 0)
-        ent = tl.sum(w_s * (a_s + tl.where(l_s > 0, m_s - shift, 0.0) * l_s), axis=0)
-        ent += w0 * tl.where(l0 > 0, c0 - shift, 0.0)
+        # 0 from a zero weight: empty splits (m_s = -inf, l = A = 0), and m_s - m overflowing to
+        # -inf (splits' maxima of both signs near float max / 2)
+        ent = tl.sum(tl.where(w_s > 0, w_s * (a_s + (m_s - shift) * l_s), 0.0), axis=0)
     else:
         ent = 0.0
 
-    inv_l, lse, sink_mass, entropy = _finish(m, l, stat, ent)
+    sink = _sink_logit(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
+    norm, lse, sink_mass, entropy = _finish(m, l, stat, ent, sink)
     offs_dv = tl.arange(0, BLOCK_DV)
     qi1 = tl.zeros([1], tl.int64) + qi  # the row as a 1-row tile
     _store_rows(out_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_dv, qi1 >= 0, offs_dv < VALUE_DIM,
-                (acc * inv_l)[None, :])  # fmt: skip
+                (acc * norm)[None, :])  # fmt: skip
     tl.store(lse_ptr + row, lse)
     tl.store(sink_mass_ptr + row, sink_mass)
     if ENTROPY:
@@ -1016,7 +1037,7 @@ def _attention_merge_kernel(
         grp_ptrs = grp_ptr + part[:, None] * (BLOCK_R * G_PAD) + r * G_PAD + g[None, :]
         grp_s = tl.load(grp_ptrs, mask=s_ok[:, None], other=0.0)
         grp = tl.sum(w_s[:, None] * grp_s, axis=0)
-        tl.store(group_mass_ptr + row * num_groups + g, grp * inv_l, mask=g < num_groups)
+        tl.store(group_mass_ptr + row * num_groups + g, grp * norm, mask=g < num_groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1417,12 +1438,7 @@ def sink_attention(
     # always holds and the band is every key. A wider window hides nothing either, and is
     # capped to that (a window near 2^31 would overflow p + window in int32 in the kernel)
     win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
-    # base-2 scores t = s log2(e): the kernels compute t = qk_scale q . k, then with a soft cap
-    # t = softcap tanh(t): qk_scale = scale / c, softcap = c log2(e)
-    if softcap > 0:
-        qk_scale, cap = float(scale) / softcap, softcap * 1.4426950408889634
-    else:
-        qk_scale, cap = float(scale) * 1.4426950408889634, 0.0
+    q, qk_scale, cap = _base2_scale(q, float(scale), softcap)
     has_groups = key_groups is not None
     has_horizon, has_start = horizon is not None, start is not None
     # a dummy pointer for what is not given (never read: its flag is off)
@@ -1461,6 +1477,25 @@ def sink_attention(
     else:
         _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
                     qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _base2_scale(q: torch.Tensor, scale: float, softcap: float) -> tuple:
+    """(q, qk_scale, cap) of the kernels' base-2 scores t = s log2(e), which they compute as
+    t = qk_scale q . k, then with a soft cap c > 0 as t = (cap tanh(t)) log2(e):
+      soft cap: qk_scale = scale / c, cap = c. A scale / c past float max becomes float max:
+        tanh(q . k float max) = +-1 as with the true factor (|q . k| >= 2^-126), and 0, not
+        0 inf = NaN, for q . k = 0.
+      no cap: qk_scale = scale log2(e), cap = 0. For a scale in (float max / log2(e), float max]
+        that overflows: q doubled in a copy (exact unless q overflows) and qk_scale halved."""
+    if softcap > 0:
+        return q, min(scale / softcap, _FLOAT32_MAX), softcap
+    qk_scale = scale * 1.4426950408889634
+    if qk_scale > _FLOAT32_MAX:
+        return q * 2.0, qk_scale / 2.0, 0.0
+    return q, qk_scale, 0.0
 
 
 def _lq_lk_buckets(Lq: int, Lk: int) -> tuple:
