@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -32,6 +33,23 @@ def skip_flex_unless_timed(impl: str, device: str) -> None:
         pytest.skip("FlexAttention is timed on CUDA only (on the CPU it compiles for minutes)")
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         pytest.skip(f"FlexAttention needs torch 2.5+ (this is {torch.__version__})")
+
+
+def skip_unless_sdpa_backend_runs(impl: str, call, inputs: tuple) -> None:
+    """Skips a row pinned to one SDPA backend (impl "sdpa-cudnn...") where that backend has no kernel
+    for the case (its device, dtype, shape or torch version), with torch's reasons; a row that
+    runs has made its first call (outside the timing, as measure's own first call)."""
+    if "cudnn" not in impl:
+        return
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            call(*inputs)
+        except RuntimeError as error:
+            if not any(text in str(error) for text in ("No available kernel", "No viable backend")):
+                raise
+            reasons = "; ".join(dict.fromkeys(str(warning.message) for warning in caught)) or str(error)
+            pytest.skip(f"{impl}: SDPA's backend has no kernel for this case ({reasons})"[:500])
 
 
 def cuda_peak_extra_bytes(call) -> int:

@@ -5,12 +5,16 @@ Each benchmark records in extra_info: `impl` (fastprobe or a peer), `baseline`
 `peak_extra_bytes` (memory allocated beyond the inputs during one call) and,
 for memory-bound ops, `bytes_one_read` (the bytes of one read of the inputs).
 At the end of the run, speed-ups against the baseline and, on CUDA, the fraction
-of the device's copy bandwidth (measured in the same run) are added to the JSON.
+of the device's copy bandwidth (measured in the same run) are added to the JSON;
+machine_info records the command that ran (for bench/report.py's list of runs).
+torch.compile'd peers never fall back to eager code (compile_without_eager_fallback).
 """
 
 import datetime
 import importlib.metadata
+import os
 import platform
+import shlex
 
 import pytest
 import torch
@@ -42,6 +46,29 @@ def measure_copy_bandwidth(device, num_bytes=2 << 30):
 _COPY_BANDWIDTH = {}
 
 
+def compile_without_eager_fallback(limit=64):
+    """The compiled peers (torch.compile'd references, FlexAttention) compile once per shape and
+    mask (dynamic=False), and one family's process compiles flex_attention for every length and
+    mask it times. Past dynamo's default of 8 compiles of one function it silently runs that
+    function uncompiled: the H200 runs of 2026-11-30 timed FlexAttention decoding at 2.7 ms with a
+    1 GiB peak and the dual path's two Flex calls at 35 ms with 7 GiB (eager Flex materialises the
+    scores). So the limit is raised, and reaching it fails the row instead of timing eager code
+    (the option's names since torch 2.6; 2.4-2.5 have the limit as cache_size_limit, no switch)."""
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo, name, None) is not None:
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
+            break
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if getattr(dynamo, name, None) is not None:
+            setattr(dynamo, name, True)
+            break
+
+
+compile_without_eager_fallback()
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth():
     """Measured once per run on the CUDA device (bytes/s)."""
@@ -54,6 +81,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastprobe_device"] = device_slug()
     machine_info["cpu_threads"] = torch.get_num_threads()
     machine_info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # what ran, for the report's list of runs: bench/gpu.sh's command line where it ran the suite
+    machine_info["command"] = os.environ.get("FASTPROBE_BENCH_COMMAND") or \
+        "python -m pytest " + shlex.join(str(arg) for arg in config.invocation_params.args)
     machine_info["versions"] = {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -12,6 +12,12 @@
 #   GPU_BUDGET_S=540 bash bench/gpu.sh [OUTDIR] [FAMILY...]
 #
 # GPU_TESTS_ONLY=1: the GPU tests alone, with the whole budget (no benchmarks).
+# GPU_DRY_RUN=1: a rehearsal of this script on any machine (tests/test_bench_suites.py runs one on
+# the CPU): nothing is installed (the checkout's own build runs) and no Triton archive unpacked;
+# with GPU_BENCH_SELECT="cpu and ..." it times CPU rows. GPU_BENCH_SELECT: the pytest -k of the
+# timed pass (default "cuda"; the warm-up takes its compiled rows). GPU_FAMILY_MIN_S: seconds the
+# timed pass keeps for each family still to come (default 30), so that a long first family (the
+# attention suite's ~60 rows) cannot leave the last ones no time. GPU_WARM_PROCS=0: no warm-up.
 #
 # With the attention family, setup.log also gets bench/host_overhead.py's table (host vs GPU
 # time of a few attention calls, at most a minute).
@@ -28,8 +34,10 @@
 #      land in their on-disk caches and the timed pass, which autotunes, mostly loads them;
 #   3. the timed benchmarks, one pytest process per family, in turn (then, for divergence,
 #      bench/sweep_divergence.py): a sticky CUDA error (an illegal memory access fails every later
-#      CUDA call of its process) costs its own family's rows, not the later families'. Each writes
-#      its JSON under /tmp; report.py --merge makes them the one JSON that comes back.
+#      CUDA call of its process) costs its own family's rows, not the later families'. Each family
+#      ends by a deadline that leaves GPU_FAMILY_MIN_S for each family after it, and writes its JSON
+#      under /tmp; after each family report.py --merge rewrites the one JSON that comes back, and
+#      its table, so that a call killed later (its timeout_s) still returns the families done.
 # A phase that reaches its deadline skips its remaining tests (bench/_deadline.py) and still
 # writes its results; the skips are listed at the end of its log. A test that runs on past the
 # deadline is interrupted (SIGINT) a minute after it, or at the end of the budget if that is
@@ -42,6 +50,9 @@ cd "$(dirname "$0")/.."
 outdir=${1:-bench/results}
 shift $(($# > 0 ? 1 : 0))
 families=("$@")
+dry_run=${GPU_DRY_RUN:-0}
+select=${GPU_BENCH_SELECT:-cuda}
+family_min=${GPU_FAMILY_MIN_S:-30}
 all_families=(attention dual_attention patch bridge divergence concepts guidance methods)
 [ ${#families[@]} -gt 0 ] || families=("${all_families[@]}")
 budget=${GPU_BUDGET_S:-540}
@@ -49,6 +60,10 @@ end=$(($(date +%s) + budget))
 sweep=0 # the divergence kernel's config sweep at the end (bench/NOTES.md)
 [[ " ${families[*]} " == *" divergence "* ]] && sweep=1
 reserve=$((20 + 40 * sweep)) # seconds kept for the table at the end (and the sweep)
+# how this run was started, for the JSON (bench/conftest.py) and so for report.py's list of runs
+knobs=$(env | grep -E '^GPU_(DRY_RUN|BENCH_SELECT|FAMILY_MIN_S|WARM_PROCS|TEST_PROCS|TESTS_ONLY)=' | sort \
+  | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')
+export FASTPROBE_BENCH_COMMAND="GPU_BUDGET_S=$budget ${knobs}bash bench/gpu.sh OUTDIR ${families[*]}"
 mkdir -p "$outdir"
 export PYTHONUNBUFFERED=1
 setup_log=$outdir/setup.log
@@ -64,14 +79,16 @@ for family in "${families[@]}"; do
   benches+=("bench/test_${family}_bench.py")
 done
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "$dry_run" -eq 1 ]; then
+  echo "GPU_DRY_RUN=1: nothing installed, no kernel archive unpacked" | tee -a "$setup_log"
+elif compgen -G ".whl/*.whl" >/dev/null; then
   site=/tmp/fastprobe-site
   python3 -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     >>"$setup_log" 2>&1 && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_log" 2>&1 \
+[ "$dry_run" -eq 1 ] || python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_log" 2>&1 \
   || { tail -30 "$setup_log"; exit 1; }
-if [ -f .triton-cache/kernels.tar.xz ]; then # kernels compiled ahead (bench/precompile_triton.py)
+if [ "$dry_run" -ne 1 ] && [ -f .triton-cache/kernels.tar.xz ]; then # kernels compiled ahead (bench/precompile_triton.py)
   export TRITON_CACHE_DIR=/tmp/fastprobe-triton-cache FASTPROBE_TRITON_LOG=/tmp/fastprobe-triton-compiles.log
   export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:+$PYTEST_ADDOPTS }-p bench.precompile_triton" # logs each compile
   rm -f "$FASTPROBE_TRITON_LOG"
@@ -87,14 +104,14 @@ fi
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_TEST_PROCS:-$(nproc)}") # compiles are CPU-bound
 
-# run_phase PERCENT LOG PYTEST-ARGS...: pytest with FASTPROBE_DEADLINE at PERCENT of the time
-# left (before the reserve), appending to LOG; returns pytest's exit status, or 5 (pytest's "no
-# tests ran") when no time is left to start it.
+# run_phase PERCENT HOLD LOG PYTEST-ARGS...: pytest with FASTPROBE_DEADLINE at PERCENT of the
+# time left before the reserve and HOLD more seconds (kept for later phases), appending to LOG;
+# returns pytest's exit status, or 5 (pytest's "no tests ran") when no time is left to start it.
 run_phase() {
-  local percent=$1 log=$2 now deadline limit
-  shift 2
+  local percent=$1 hold=$2 log=$3 now deadline limit
+  shift 3
   now=$(date +%s)
-  deadline=$((now + (end - reserve - now) * percent / 100))
+  deadline=$((now + (end - reserve - hold - now) * percent / 100))
   if [ "$deadline" -le "$now" ]; then # (`timeout 0` would mean no limit, a negative one fails: rc 125)
     echo "== $(date -u +%T) skipped, no time left ($((end - now)) s of the budget): pytest $*" | tee -a "$log"
     return 5
@@ -116,16 +133,16 @@ status=0
 tests_only=${GPU_TESTS_ONLY:-0}
 rm -f "$outdir/gpu-tests.log" "$outdir/warm-up.log" "$outdir/bench.log" # (run_phase appends)
 if [ ${#tests[@]} -gt 0 ]; then
-  FASTPROBE_AUTOTUNE=0 run_phase $((tests_only == 1 ? 100 : 35)) "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
+  FASTPROBE_AUTOTUNE=0 run_phase $((tests_only == 1 ? 100 : 35)) 0 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
     --junitxml="$outdir/gpu-tests.xml" # which tests passed, failed or were skipped by the deadline
   code=$?
   [ "$code" -eq 0 ] || [ "$code" -eq 5 ] || status=1 # 5: no GPU-only tests in these families
 fi
 
 if [ "$tests_only" -ne 1 ]; then
-  if [ ${#parallel[@]} -gt 0 ]; then
-    run_phase 40 "$outdir/warm-up.log" "${benches[@]}" -k "cuda and (fastprobe or flex or compile or liger)" \
-      --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
+  if [ ${#parallel[@]} -gt 0 ] && [ "${GPU_WARM_PROCS:-4}" -gt 0 ]; then
+    run_phase 40 0 "$outdir/warm-up.log" "${benches[@]}" \
+      -k "($select) and (fastprobe or flex or compile or liger)" --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
     tail -5 "$outdir/warm-up.log"
   fi
   device=$(python3 -c "from bench.conftest import device_slug; print(device_slug())")
@@ -134,22 +151,33 @@ if [ "$tests_only" -ne 1 ]; then
   json=$outdir/$device-$label.json
   parts_dir=/tmp/fastprobe-bench-parts # (not in OUTDIR: a call brings back 8 files, gpu.sh writes 8)
   rm -rf "$parts_dir" && mkdir -p "$parts_dir"
+  rm -f "$json" "$outdir/table.md" # (an earlier run's, in OUTDIR, would pass for this one's)
   parts=()
-  for family in "${families[@]}"; do # each family in its own process, all sharing one deadline
-    run_phase 100 "$outdir/bench.log" "bench/test_${family}_bench.py" -k cuda \
+  left=${#families[@]}
+  for family in "${families[@]}"; do # each family in its own process
+    left=$((left - 1))
+    # held for the families after this one: GPU_FAMILY_MIN_S each, but never more than their even
+    # share of what is left (a short budget is then split evenly, not spent on the last family)
+    hold=$((left * family_min)) fair=$(((end - reserve - $(date +%s)) * left / (left + 1)))
+    [ "$hold" -le "$fair" ] || hold=$((fair > 0 ? fair : 0))
+    run_phase 100 "$hold" "$outdir/bench.log" "bench/test_${family}_bench.py" -k "$select" \
       --benchmark-json="$parts_dir/$family.json" --benchmark-columns=median,min,max,rounds
     code=$?
     [ "$code" -eq 0 ] || [ "$code" -eq 5 ] || status=1 # 5: nothing ran (no time left)
-    [ -e "$parts_dir/$family.json" ] && parts+=("$parts_dir/$family.json")
+    [ -s "$parts_dir/$family.json" ] || continue
+    parts+=("$parts_dir/$family.json")
+    # the families so far, in their order, into OUTDIR now (report.py skips, with a line on
+    # stderr, a part left empty or unreadable)
+    python3 -m bench.report --merge "$json" "${parts[@]}" 2>&1 | tee -a "$outdir/bench.log"
+    [ -s "$json" ] && python3 -m bench.report "$json" >"$outdir/table.md"
   done
-  # in the families' order (report.py skips, with a line on stderr, a part left empty or unreadable)
-  [ ${#parts[@]} -gt 0 ] && python3 -m bench.report --merge "$json" "${parts[@]}" 2>&1 | tee -a "$outdir/bench.log"
-  [ -s "$json" ] && python3 -m bench.report "$json" | tee "$outdir/table.md"
+  [ -s "$outdir/table.md" ] && cat "$outdir/table.md"
   # the sweeps (bench/NOTES.md), with what time is left, into bench.log (a call brings back 8 files)
+  [ "$dry_run" -eq 1 ] && sweep=0 # (they need CUDA)
   if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
     timeout $((end - $(date +%s) - 5)) python3 -m bench.sweep_divergence 2>&1 | tee -a "$outdir/bench.log"
   fi
-  if [[ " ${families[*]} " == *" attention "* ]] && [ $((end - $(date +%s))) -gt 60 ]; then
+  if [ "$dry_run" -ne 1 ] && [[ " ${families[*]} " == *" attention "* ]] && [ $((end - $(date +%s))) -gt 60 ]; then
     timeout $((end - $(date +%s) - 5)) python3 -m bench.sweep_attention_stats 2>&1 | tee -a "$outdir/bench.log"
   fi
 fi

@@ -4,12 +4,16 @@ Files that are empty or not pytest-benchmark JSON (a run killed before writing) 
 a line on stderr. A fastprobe row's speed-up is given against its suite's declared baseline and
 against the fastest peer (an implementation that is not fastprobe's) of its group in the same run;
 the device is the group's ("-cpu" or "-cuda"), so a run on a CUDA machine labels its CPU rows CPU.
+Under the table, each run whose rows it shows: its file, device (and the copy bandwidth the
+fractions are of), date, versions and command (bench/conftest.py records bench/gpu.sh's command
+line where gpu.sh ran the suite, else pytest's; a merged JSON keeps each distinct one).
 
     python bench/report.py bench/results/*.json
     python -m bench.report --merge OUT.json PART.json...   # (bench/gpu.sh: one JSON of its per-family runs)
 """
 
 import json
+import os
 import sys
 
 
@@ -93,9 +97,10 @@ def merge(out, paths):
     """One document of the runs in `paths` (bench/gpu.sh runs each family in a process of its own):
     the first run's machine_info, commit_info and datetime, every run's benchmarks in order. Each
     benchmark's speed-ups were computed inside its own run (a group never spans two families)."""
-    merged, runs = None, 0
+    merged, runs, commands = None, 0, []
     for data in filter(None, map(load, paths)):
         runs += 1
+        commands += [command for command in _commands(data["machine_info"]) if command not in commands]
         if merged is None:
             merged = data
         else:
@@ -103,10 +108,28 @@ def merge(out, paths):
     if merged is None:
         print("report.py: nothing to merge", file=sys.stderr)
         return 1
+    merged["machine_info"]["commands"] = commands
     with open(out, "w") as handle:
         json.dump(merged, handle, indent=4)
     print(f"report.py: {len(merged['benchmarks'])} benchmarks of {runs} runs into {out}", file=sys.stderr)
     return 0
+
+
+def _commands(machine):
+    """The commands of a run as recorded (a merged run's: each distinct one of its parts)."""
+    return machine.get("commands") or ([machine["command"]] if machine.get("command") else [])
+
+
+def run_line(path, data):
+    """A run's provenance under the table: file, device, date, versions, command(s)."""
+    machine = data["machine_info"]
+    device = machine.get("gpu") or f"CPU, {machine.get('cpu_threads')} threads"
+    if machine.get("copy_bandwidth_bytes_per_s"):  # what "of copy bandwidth" is a fraction of
+        device += f" (copy bandwidth {machine['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)"
+    versions = ", ".join(f"{name} {version}" for name, version in machine.get("versions", {}).items()
+                         if name in ("torch", "triton", "transformers") and version)
+    commands = "; ".join(f"`{command}`" for command in _commands(machine)) or "command not recorded"
+    return f"- `{os.path.basename(path)}`: {device}, {machine.get('date', '')[:10]}, {versions}: {commands}"
 
 
 def main(paths):
@@ -114,19 +137,26 @@ def main(paths):
               "peak extra memory", "of copy bandwidth", "date")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row)
+    latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row, run)
+    runs = []
     for path in paths:
         data = load(path)
         if data is None:
             continue
+        runs.append(run_line(path, data))
         when = data.get("datetime", "")
         for row in rows(data):
             key = row[:4]
             first = latest[key][1] if key in latest else len(latest)
             if key not in latest or when >= latest[key][0]:
-                latest[key] = (when, first, row)
-    for _, _, row in sorted(latest.values(), key=lambda entry: entry[1]):
+                latest[key] = (when, first, row, len(runs) - 1)
+    for _, _, row, _ in sorted(latest.values(), key=lambda entry: entry[1]):
         print("| " + " | ".join(row) + " |")
+    shown = sorted({entry[3] for entry in latest.values()})  # the runs with a row in the table
+    if shown:
+        print("\nRuns:")
+        for index in shown:
+            print(runs[index])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """sink_attention: fastprobe vs PyTorch's scaled_dot_product_attention (the speed peer) and
 vs eager attention that materialises the weights to read their first-token mass (what
 transformers users do today with output_attentions=True), in the same run, with peak memory.
-On CUDA also vs FlexAttention with the equivalent sink + window block mask (and an lse
-epilogue for the sink mass), the cost of extra statistics, head masking, and decoding.
+On CUDA also vs SDPA's cuDNN backend (on Hopper faster than its default flash backend) and
+FlexAttention with the equivalent sink + window block mask (and an lse epilogue for the sink
+mass), the cost of extra statistics, head masking, and decoding.
 
     pytest bench/test_attention_bench.py --benchmark-json=bench/results/<device>.json
 """
@@ -83,6 +84,16 @@ def sdpa_causal(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
 
 
+def sdpa_cudnn(q, k, v):
+    """SDPA on its cuDNN backend: on Hopper faster than the flash backend that SDPA's fixed priority
+    picks first (transformers prefers cuDNN there), so the stronger SDPA peer on an H200. Where
+    cuDNN has no kernel for a case the row skips (_memory.skip_unless_sdpa_backend_runs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+
+
 def eager_with_weights(q, k, v):
     """softmax(q k^T scale + causal mask) materialised, its first-token mass, and the output."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -136,7 +147,7 @@ NARROW_IMPLS = {"fastprobe-narrow": fastprobe_causal, "sdpa-narrow": sdpa_causal
 # 16-bit inputs on the CPU (a model loaded in bfloat16 or float16, e.g. under fastprobe.patch):
 # the kernels convert key and value blocks to float32 as they stream them; causal prefill at the
 # CPU case's shape and one-token decoding against a 4096-token cache. On CUDA float16 prefill (the
-# other CUDA rows are bfloat16).
+# other CUDA rows are bfloat16), against SDPA's default (flash) and cuDNN backends.
 def _sixteen_bit(dtype, decode):
     shape = dict(batch=1, heads=16, length=4096, head_dim=128, num_queries=1) if decode else \
         dict(batch=1, heads=16, length=2048, head_dim=64)
@@ -145,6 +156,8 @@ def _sixteen_bit(dtype, decode):
         cases["cuda"] = dict(batch=1, heads=32, length=4096, head_dim=128, dtype=dtype)
     name = str(dtype).replace("torch.", "") + ("-decode" if decode else "")
     impls = {f"fastprobe-{name}": fastprobe_causal, f"sdpa-{name}": sdpa_causal}
+    if "cuda" in cases:
+        impls[f"sdpa-cudnn-{name}"] = sdpa_cudnn
     return name, (cases, qkv_inputs, impls, f"sdpa-{name}")
 
 
@@ -153,7 +166,9 @@ SIXTEEN_BIT = dict(_sixteen_bit(dtype, decode) for dtype in (torch.bfloat16, tor
 
 # A Gemma 3-style prompt with images: 256-token image blocks whose tokens attend to each other both
 # ways, causal elsewhere. transformers' SDPA path builds the [B, 1, L, L] boolean mask (once per
-# forward, so it is made outside the timed call here) and runs SDPA with it.
+# forward, so it is made outside the timed call here) and runs SDPA with it; on CUDA also
+# FlexAttention with the same mask as a block mask (made outside the timed call), which skips
+# the blocks above the diagonal that no image reaches.
 BLOCKS_CASES = {
     "cpu": dict(batch=1, heads=16, length=2048, head_dim=64, dtype=torch.float32, images=[(64, 320), (1024, 1280)]),
     "cuda": dict(batch=1, heads=32, length=4096, head_dim=128, dtype=torch.bfloat16,
@@ -163,8 +178,8 @@ BLOCKS_CASES = {
 
 
 def blocks_inputs(device, case):
-    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask, the blocks and key masks
-    in the kernels' form) and their description."""
+    """(q, k, v, block ids [B, L], the equivalent [B, 1, L, L] boolean mask, the images' (start, end)
+    spans, the blocks and key masks in the kernels' form) and their description."""
     batch, length = case["batch"], case["length"]
     q, k, v = make_qkv(device, batch, case["heads"], length, case["head_dim"], case["dtype"])
     blocks = torch.full((batch, length), -1, dtype=torch.int64, device=device)
@@ -176,26 +191,47 @@ def blocks_inputs(device, case):
     shape = dict(B=batch, H=case["heads"], L=length, D=case["head_dim"])
     info = dict(images=case["images"], shape=shape, input_bytes=q.nbytes + k.nbytes + v.nbytes, mask_bytes=mask.nbytes)
     prepared = (block_horizon(blocks, length), key_masks(None, batch, length, device=device))
-    return (q, k, v, blocks, mask, prepared), info
+    return (q, k, v, blocks, mask, tuple(map(tuple, case["images"])), prepared), info
 
 
-def fastprobe_blocks(q, k, v, blocks, mask, prepared):
+def fastprobe_blocks(q, k, v, blocks, mask, images, prepared):
     return fp.sink_attention(q, k, v, bidirectional_blocks=blocks).out
 
 
-def fastprobe_blocks_prepared(q, k, v, blocks, mask, prepared):
+def fastprobe_blocks_prepared(q, k, v, blocks, mask, images, prepared):
     """The blocks and key masks made outside the timed call, as fastprobe.patch makes them once per
     forward (and as the peers' masks are made): the call without its checks of the ids."""
     horizon, masks = prepared
     return fp.sink_attention(q, k, v, bidirectional_blocks=horizon, key_padding_mask=masks).out
 
 
-def sdpa_blocks(q, k, v, blocks, mask, prepared):
+def sdpa_blocks(q, k, v, blocks, mask, images, prepared):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _flex_blocks(images, length, device):
+    """Compiled FlexAttention and its causal-or-same-image block mask for these image spans."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    image = torch.full((length,), -1, device=device)
+    for index, (start, end) in enumerate(images):
+        image[start:end] = index
+
+    def causal_or_same_image(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | ((image[q_idx] == image[kv_idx]) & (image[q_idx] >= 0))
+
+    return torch.compile(flex_attention, dynamic=False), create_block_mask(causal_or_same_image, None, None, length,
+                                                                           length, device=device)
+
+
+def flex_blocks(q, k, v, blocks, mask, images, prepared):
+    flex, block_mask = _flex_blocks(images, k.shape[2], str(q.device))
+    return flex(q, k, v, block_mask=block_mask)
+
+
 BLOCKS_IMPLS = {"fastprobe-blocks": fastprobe_blocks, "fastprobe-blocks-prepared": fastprobe_blocks_prepared,
-                "sdpa-blocks-mask": sdpa_blocks}
+                "sdpa-blocks-mask": sdpa_blocks, "flex-blocks": flex_blocks}
 
 # Sequences packed in one row (training batches without padding; Llama 4's chunks look alike):
 # each attends causally within itself. transformers' SDPA path builds the block-diagonal causal
@@ -292,6 +328,7 @@ def test_attention_variant(benchmark, device, family, impl, request):
     if device not in cases:
         pytest.skip(f"{family} is timed on the CPU only (the CUDA rows are bfloat16 prefill already)")
     inputs, info = make_inputs(device, cases[device])
+    _memory.skip_unless_sdpa_backend_runs(impl, impls[impl], inputs)
     benchmark.group = f"sink_attention_{family}-{device}"
     benchmark.extra_info.update(impl=impl, baseline=baseline, dtype=str(cases[device]["dtype"]), **info)
     with torch.no_grad():
@@ -352,7 +389,7 @@ def fastprobe_masked(fraction):
 
 
 GPU_GROUPS = {
-    "causal": ({"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash}, "sdpa-flash"),
+    "causal": ({"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash, "sdpa-cudnn": sdpa_cudnn}, "sdpa-flash"),
     "sink-window": (
         {"fastprobe": fastprobe_sink_window, "flex": flex_sink_window, "flex+lse-mass": flex_sink_window_mass},
         "flex+lse-mass",
@@ -366,6 +403,10 @@ GPU_GROUPS = {
 }
 
 
+DECODE_IMPLS = {"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash, "sdpa-cudnn": sdpa_cudnn,
+                "fastprobe-sink-window": fastprobe_sink_window, "flex": flex_sink_window}
+
+
 @cuda_only
 @pytest.mark.parametrize("length", GPU_LENGTHS)
 @pytest.mark.parametrize("group,impl", [(g, i) for g, (impls, _) in GPU_GROUPS.items() for i in impls])
@@ -373,6 +414,7 @@ def test_attention_cuda(benchmark, group, impl, length, request):
     _memory.skip_flex_unless_timed(impl, "cuda")
     impls, baseline = GPU_GROUPS[group]
     inputs = make_qkv("cuda", 1, GPU_HEADS, length, GPU_HEAD_DIM, torch.bfloat16)
+    _memory.skip_unless_sdpa_backend_runs(impl, impls[impl], inputs)
     benchmark.group = f"sink_attention_{group}_L{length}-cuda"
     benchmark.extra_info.update(
         impl=impl, baseline=baseline, dtype="torch.bfloat16",
@@ -383,12 +425,12 @@ def test_attention_cuda(benchmark, group, impl, length, request):
 
 
 @cuda_only
-@pytest.mark.parametrize("impl", ["fastprobe", "sdpa-flash", "fastprobe-sink-window", "flex"])
+@pytest.mark.parametrize("impl", list(DECODE_IMPLS))
 def test_attention_decode_cuda(benchmark, impl, request):
     """One query token against a 32k-token cache (decoding latency)."""
     _memory.skip_flex_unless_timed(impl, "cuda")
-    calls = {"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash, "fastprobe-sink-window": fastprobe_sink_window, "flex": flex_sink_window}
     inputs = make_qkv("cuda", 1, GPU_HEADS, DECODE_KEYS, GPU_HEAD_DIM, torch.bfloat16, num_queries=1)
+    _memory.skip_unless_sdpa_backend_runs(impl, DECODE_IMPLS[impl], inputs)
     benchmark.group = "sink_attention_decode-cuda"
     benchmark.extra_info.update(
         impl=impl, baseline="sdpa-flash", dtype="torch.bfloat16",
@@ -396,7 +438,7 @@ def test_attention_decode_cuda(benchmark, impl, request):
         input_bytes=sum(t.nbytes for t in inputs), bytes_one_read=sum(t.nbytes for t in inputs),
     )
     with torch.no_grad():
-        _memory.measure(benchmark, request, "cuda", impl, calls[impl], inputs, __file__)
+        _memory.measure(benchmark, request, "cuda", impl, DECODE_IMPLS[impl], inputs, __file__)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

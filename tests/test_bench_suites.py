@@ -110,7 +110,8 @@ def test_report_labels_splits_and_skips(tmp_path, capsys):
     assert report.merge(str(tmp_path / "merged.json"), paths) == 0
     report.main([str(tmp_path / "merged.json"), str(tmp_path / "missing.json")])
     out, err = capsys.readouterr()
-    ops = [line.split(" | ")[0].removeprefix("| ") for line in out.splitlines()[2:]]
+    table = out.partition("\nRuns:")[0].strip().splitlines()  # (the list of runs follows the table)
+    ops = [line.split(" | ")[0].removeprefix("| ") for line in table[2:]]
     assert ops == ["sink_attention_head-mask_L4096", "sink_attention_sink-window_L4096",
                    "sink_attention_bfloat16-decode", "draft_divergence"]
     assert all(f"skipped {tmp_path / name}" in err for name in ("empty.json", "list.json", "missing.json"))
@@ -134,7 +135,8 @@ def test_report_devices_and_fastest_peer(tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(
         {"machine_info": {"gpu": "NVIDIA H200", "cpu_threads": 16, "date": "2026-12-01"}, "benchmarks": benchmarks}))
     report.main([str(tmp_path / "run.json")])
-    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.partition("\nRuns:")[0].strip().splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     column = {name: index for index, name in enumerate(table[0])}
     got = [(row[column["device"]], row[column["implementation"]], row[column["vs fastest peer"]]) for row in table[2:]]
     assert got == [("CPU, 16 threads", "fastprobe", "4.00x vs torch.compile"), ("CPU, 16 threads", "eager", "-"),
@@ -155,7 +157,8 @@ def uncompiled(monkeypatch):
                         (test_concepts_bench, "_compiled_grad")):
         monkeypatch.setattr(suite, name, None)
     monkeypatch.setattr(test_bridge_bench, "_compiled", {})
-    flex_caches = (test_attention_bench._flex, test_attention_bench._flex_documents, test_dual_attention_bench._flex)
+    flex_caches = (test_attention_bench._flex, test_attention_bench._flex_documents, test_attention_bench._flex_blocks,
+                   test_dual_attention_bench._flex)
     for cache in flex_caches:
         cache.cache_clear()
     yield
@@ -210,7 +213,7 @@ def test_attention_peers_compute_what_fastprobe_computes(uncompiled, monkeypatch
             sixteen_bit = case["dtype"] != torch.float32
             want = next(call for name, call in impls.items() if name.startswith("fastprobe"))(*inputs)
             for name, call in impls.items():
-                if name.startswith("flex") and not HAS_FLEX:
+                if (name.startswith("flex") and not HAS_FLEX) or "cudnn" in name:  # (cuDNN: CUDA only)
                     continue
                 got = call(*inputs)
                 torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want, msg=f"{family}: {name}",
@@ -246,3 +249,150 @@ def test_flex_rows_skip_where_they_are_not_timed(monkeypatch):
     monkeypatch.undo()
     if HAS_FLEX:
         _memory.skip_flex_unless_timed("flex", "cuda")  # torch 2.5+: the row runs
+
+
+def test_compiled_peers_never_fall_back_to_eager():
+    """bench/conftest.py raises dynamo's recompile limit: one family's process compiles
+    flex_attention once per shape and mask, and past the default 8 compiles dynamo silently ran it
+    uncompiled (the H200's FlexAttention decode and dual-path rows timed eager code). Ten shapes of
+    one function compile ten times, here with a backend that only counts."""
+    import torch._dynamo.config as dynamo
+
+    limit = "recompile_limit" if getattr(dynamo, "recompile_limit", None) is not None else "cache_size_limit"
+    defaults = {limit: 8}
+    if getattr(dynamo, "fail_on_recompile_limit_hit", None) is not None:
+        defaults["fail_on_recompile_limit_hit"] = False
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(len(example_inputs))
+        return graph.forward
+
+    def scaled(x):
+        return x * 2 + 1
+
+    with dynamo.patch(**defaults):  # (the suite's settings last only as long as this block)
+        import bench.conftest as bench_conftest
+
+        bench_conftest.compile_without_eager_fallback()
+        compiled = torch.compile(scaled, backend=counting_backend, dynamic=False)
+        try:
+            for length in range(1, 11):
+                torch.testing.assert_close(compiled(torch.ones(length)), torch.full((length,), 3.0))
+        finally:
+            torch._dynamo.reset()
+    assert len(compiles) == 10
+
+
+def test_sdpa_backend_rows_skip_where_the_backend_has_no_kernel():
+    """The causal and decoding groups time SDPA's cuDNN backend beside its flash one (on Hopper
+    cuDNN is the faster); a row pinned to a backend that has no kernel for the case skips and says
+    why (here: the CPU has no cuDNN attention), other errors still fail the row, and rows not pinned
+    to cuDNN are not called."""
+    from bench import _memory
+    from bench import test_attention_bench as attention
+
+    assert "sdpa-cudnn" in attention.GPU_GROUPS["causal"][0] and "sdpa-cudnn" in attention.DECODE_IMPLS
+    inputs = attention.make_qkv("cpu", 1, 2, 16, 8, torch.float32)
+    with pytest.raises(pytest.skip.Exception, match="sdpa-cudnn: SDPA's backend has no kernel for this case"):
+        _memory.skip_unless_sdpa_backend_runs("sdpa-cudnn", attention.sdpa_cudnn, inputs)
+
+    def broken(*inputs):
+        raise RuntimeError("shapes do not match")
+
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        _memory.skip_unless_sdpa_backend_runs("sdpa-cudnn", broken, inputs)
+    _memory.skip_unless_sdpa_backend_runs("sdpa-flash", broken, inputs)
+
+
+def test_gpu_sh_returns_each_family_as_it_ends(tmp_path):
+    """bench/gpu.sh rehearsed on the CPU (GPU_DRY_RUN=1: no installs, CPU rows): the merged JSON and
+    its table are in OUTDIR as soon as the first family ends, so that a device call killed later
+    (its timeout_s) still returns that family's rows (they used to be merged only after the last
+    family); and the first family's deadline keeps GPU_FAMILY_MIN_S for the family after it."""
+    import json
+    import os
+    import re
+    import signal
+    import time
+
+    outdir, budget, hold = tmp_path / "out", 600, 100
+    # (without this run's PYTEST_* variables: under xdist PYTEST_XDIST_WORKER turns pytest-benchmark off)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env.update(GPU_DRY_RUN="1", GPU_BENCH_SELECT="cpu and step and fastprobe", GPU_TEST_PROCS="0", GPU_WARM_PROCS="0",
+               GPU_BUDGET_S=str(budget), GPU_FAMILY_MIN_S=str(hold))
+    started = time.time()
+    run = subprocess.Popen(["bash", "bench/gpu.sh", str(outdir), "divergence", "concepts"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = second = None
+    try:
+        while second is None and run.poll() is None and time.time() < started + 400:
+            time.sleep(0.5)
+            log = (outdir / "bench.log").read_text() if (outdir / "bench.log").exists() else ""
+            if first is None and "pytest bench/test_divergence_bench.py" in log:
+                first = time.time(), int(re.search(r"test_divergence_bench.py.*\(deadline in (\d+) s", log)[1])
+            if "pytest bench/test_concepts_bench.py" in log:
+                second = time.time()
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # as the device tool kills a call at its timeout
+        run.wait()
+    assert first is not None and second is not None, (outdir / "bench.log").read_text()
+    # the budget ends at started + budget; the timed pass keeps 60 s (the sweep's reserve) and `hold`
+    seen, deadline = first
+    assert deadline <= started + budget - 60 - hold - seen + 5
+    found = list(outdir.glob("cpu-*.json"))
+    assert len(found) == 1, (outdir / "bench.log").read_text()
+    (merged,) = found
+    names = [bench["name"] for bench in json.loads(merged.read_text())["benchmarks"]]
+    assert names == ["test_draft_divergence_step[cpu-fastprobe-step]"]
+    assert "| draft_divergence_step | CPU" in (outdir / "table.md").read_text()
+
+
+def test_report_names_the_runs_behind_its_rows(tmp_path, capsys, monkeypatch):
+    """Under the table, bench/report.py lists each run that has a row in it: file, device, the copy
+    bandwidth the fractions are of, versions, and the command (bench/conftest.py records pytest's,
+    or bench/gpu.sh's, which it exports; a merged run names each distinct one). A run whose rows were
+    all measured again later is not listed. A partial run (the declared baseline skipped) shows
+    "-" for that speed-up and the peer it has as the fastest."""
+    import json
+    from types import SimpleNamespace
+
+    from bench import conftest, report
+
+    machine = {}
+    monkeypatch.delenv("FASTPROBE_BENCH_COMMAND", raising=False)
+    config = SimpleNamespace(invocation_params=SimpleNamespace(args=("bench/test_x_bench.py", "-k", "cuda and x")))
+    conftest.pytest_benchmark_update_machine_info(config, machine)
+    assert machine["command"] == "python -m pytest bench/test_x_bench.py -k 'cuda and x'"
+    monkeypatch.setenv("FASTPROBE_BENCH_COMMAND", "GPU_BUDGET_S=360 bash bench/gpu.sh OUTDIR x y")
+    conftest.pytest_benchmark_update_machine_info(config, machine)
+    assert machine["command"] == "GPU_BUDGET_S=360 bash bench/gpu.sh OUTDIR x y"
+
+    def document(when, command, *benches):
+        info = {"gpu": "NVIDIA H200", "date": when, "copy_bandwidth_bytes_per_s": 4.27e12,
+                "versions": {"torch": "2.11.0", "triton": "3.6.0", "python": "3.12.3"}}
+        if command:
+            info["command"] = command
+        return {"machine_info": info, "datetime": when, "benchmarks": [
+            {"group": group, "name": f"test[{impl}]", "stats": {"median": median},
+             "extra_info": dict(impl=impl, baseline="eager", **extra)} for group, impl, median, extra in benches]}
+
+    gpu_sh = "GPU_BUDGET_S=360 bash bench/gpu.sh OUTDIR x y"
+    parts = {"old.json": document("2026-11-30", None, ("x-cuda", "fastprobe", 2.0, {})),
+             "x.json": document("2026-12-02", gpu_sh, ("x-cuda", "fastprobe", 1.0, {}),
+                                ("x-cuda", "compiled", 3.0, {})),
+             "y.json": document("2026-12-02", gpu_sh, ("y-cuda", "fastprobe", 1.0, {})),
+             "cpu.json": document("2026-12-01", None, ("z-cpu", "fastprobe", 1.0, {"speedup_vs_baseline": 2.0}))}
+    for name, data in parts.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    assert report.merge(str(tmp_path / "merged.json"), [str(tmp_path / n) for n in ("x.json", "y.json")]) == 0
+    assert json.loads((tmp_path / "merged.json").read_text())["machine_info"]["commands"] == [gpu_sh]
+    report.main([str(tmp_path / name) for name in ("old.json", "merged.json", "cpu.json")])
+    out = capsys.readouterr().out
+    table, _, runs = out.partition("\nRuns:\n")
+    fastprobe_x = next(line for line in table.splitlines() if line.startswith("| x |") and "fastprobe" in line)
+    assert "| - | 3.00x vs compiled |" in fastprobe_x  # no eager row in this run: no declared speed-up
+    assert runs.splitlines() == [
+        f"- `merged.json`: NVIDIA H200 (copy bandwidth 4.27 TB/s), 2026-12-02, torch 2.11.0, triton 3.6.0: `{gpu_sh}`",
+        "- `cpu.json`: NVIDIA H200 (copy bandwidth 4.27 TB/s), 2026-12-01, torch 2.11.0, triton 3.6.0: "
+        "command not recorded"]
