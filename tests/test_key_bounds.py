@@ -48,20 +48,28 @@ OPTIONS = [
 ]
 
 
+def shared_inputs(shape, options, device):
+    """q, k, v, key_real and the hand-made (start, horizon) (None where options leave them out)."""
+    num_queries, num_keys = shape
+    _, _, with_start, with_horizon, _ = options
+    q = torch.randn(BATCH, HEADS, num_queries, HEAD_DIM, device=device)
+    k, v = torch.randn(2, BATCH, KV_HEADS, num_keys, HEAD_DIM, device=device).unbind(0)
+    key_real = (torch.rand(BATCH, num_keys, device=device) < 0.85).to(torch.uint8)
+    start = hand_made(num_keys).to(device) if with_start else None
+    horizon = hand_made(num_keys).to(device) if with_horizon else None
+    return q, k, v, key_real, start, horizon
+
+
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "causal" if o[0] else "bidirectional")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}q{s[1]}k")
 def test_sink_attention_op_with_hand_made_bounds_matches_reference(target, shape, options):
     _, device = target
     num_queries, num_keys = shape
-    causal, window, with_start, with_horizon, row_ends = options
-    q = torch.randn(BATCH, HEADS, num_queries, HEAD_DIM, device=device)
-    k, v = torch.randn(2, BATCH, KV_HEADS, num_keys, HEAD_DIM, device=device).unbind(0)
-    key_real = (torch.rand(BATCH, num_keys, device=device) < 0.85).to(torch.uint8)
+    causal, window, _, _, row_ends = options
+    q, k, v, key_real, start, horizon = shared_inputs(shape, options, device)
     # sink / statistics ends per position ([B, Lk], as with segments) or per row ([B])
     sink_end, stat_end = ((ends if row_ends else ends[:, 0].contiguous()).to(device)
                           for ends in (hand_made(num_keys), hand_made(num_keys)))
-    start = hand_made(num_keys).to(device) if with_start else None
-    horizon = hand_made(num_keys).to(device) if with_horizon else None
     groups = torch.randint(0, 3, (BATCH, num_keys), dtype=torch.int32, device=device)
 
     def call(q, k, v):
@@ -77,14 +85,10 @@ def test_sink_attention_op_with_hand_made_bounds_matches_reference(target, shape
 def test_dual_path_attention_op_with_hand_made_bounds_matches_reference(target, shape, options):
     _, device = target
     num_queries, num_keys = shape
-    causal, window, with_start, with_horizon, _ = options
-    q = torch.randn(BATCH, HEADS, num_queries, HEAD_DIM, device=device)
-    k, v = torch.randn(2, BATCH, KV_HEADS, num_keys, HEAD_DIM, device=device).unbind(0)
-    key_real = (torch.rand(BATCH, num_keys, device=device) < 0.85).to(torch.uint8)
+    causal, window, _, _, _ = options
+    q, k, v, key_real, start, horizon = shared_inputs(shape, options, device)
     drop = (torch.rand(BATCH, num_keys, device=device) < 0.3).to(torch.uint8)
     rows = (torch.rand(BATCH, num_queries, device=device) < 0.7).to(torch.uint8)
-    start = hand_made(num_keys).to(device) if with_start else None
-    horizon = hand_made(num_keys).to(device) if with_horizon else None
 
     def call(q, k, v):
         return _dual_path_attention_op(q, k, v, drop, rows, key_real, 0.7, True, 1e-6, 0.3, causal, horizon, start,
