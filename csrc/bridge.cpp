@@ -8,6 +8,8 @@
 //   forward: loss = KL(Q || P) = sum_v Q_v (log Q_v - log P_v)    grad_v = (P_v - Q_v) / T
 //   reverse: loss = KL(P || Q) = sum_v P_v g_v, g_v = log P_v - log Q_v
 //            grad_v = P_v (g_v - loss) / T                        (sum_v P_v g_v = loss)
+//            formed centred at a token a (see Precision): d_v = g_v - g_a,
+//            loss = g_a + D, D = sum_v P_v d_v,   grad_v = P_v (d_v - D) / T
 // with 0 log 0 = 0: a -inf logit is a masked entry; an entry that only the distribution in
 // the log's denominator masks (Q_v > 0 = P_v forward, P_v > 0 = Q_v reverse) makes the loss
 // +inf. Such a loss stays +inf for every nearby z_S (the supports do not move), so its row's
@@ -15,7 +17,7 @@
 // loss 0 and gradient 0.
 //
 // Each row is streamed over its vocabulary in ranges of kRange logits, blocks of kBlock within:
-// pass 1 folds s and t into online log-sum-exps (fresh per range, merged in range order), pass 2
+// pass 1 folds s and c into online log-sum-exps (fresh per range, merged in range order), pass 2
 // sums the loss (and forward writes the gradient), pass 3 (reverse, with a gradient) writes the
 // gradient, which needs the row's loss (and zeroes the gradient of a +inf loss, either
 // direction). Whole rows go to OpenMP threads, or with few rows each
@@ -33,9 +35,21 @@
 // student's lowest; anywhere, an outlier may lie past the first block). The anchor is first the
 // token of the row's first block with the largest c; if pass 1 finds a c more than kReanchor T
 // above it, the row is re-anchored at that c's token and pass 1 runs again for that row (rare:
-// ordinary rows' largest c is within tens of T of their first block's). Then rounding
-// z_T + beta z_S at magnitude 1e4 (and beta to float) never reaches Q's large entries. Block
-// sums are float32, range and row accumulators double.
+// ordinary rows' largest c is within tens of T of their first block's; the rerun folds only c,
+// as s does not depend on the anchor). Then rounding z_T + beta z_S at magnitude 1e4 (and beta to
+// float) never reaches Q's large entries.
+// The reverse direction's g_v and loss are of the KL's size (~1e4 when beta < 0 puts Q's mass far
+// from P's), so P_v (g_v - loss) would cancel numbers of that size (errors ~1e-3). Its passes 2
+// and 3 are centred at a token a where P's mass is, its student's largest logit, with the bridge
+// anchored at a (c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)):
+//   d_v = g_v - g_a = ((z_S,v - z_S,a) - c'_v) / T,  loss = g_a + D,  D = sum_v P_v d_v,
+//   grad_v = P_v (d_v - D) / T
+// d_v and D are differences of logits near a where P has mass, exact there; g_a = log P_a - log Q_a
+// is formed once per row in double, from a's bridge logit relative to pass 1's anchor (exact in
+// double), so the loss is as accurate as float32 holds it. a is the token of the first block's
+// largest student logit, or of the row's largest when that lies more than kReanchor T above it
+// (found in the block where pass 1 saw it; nothing reruns). Block sums are float32, range and row
+// accumulators double.
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -54,13 +68,14 @@ static int64_t element_size(DType dtype) { return dtype == DType::Float32 ? 4 : 
 // The bridge's raw logit relative to the row's anchor (r_T, r_S):
 //   c = (z_T - r_T) + beta (z_S - r_S)        (beta = 0: c = z_T - r_T, whatever z_S)
 // A masked student entry (z_S = -inf) is masked in Q too for beta != 0 (beta < 0 would
-// otherwise give +inf).
+// otherwise give +inf). In double (a row's few tokens) c is exact for float logits.
 struct Bridge {
   float beta, ref_s, ref_t;
-  float logit(float s, float t) const {
-    const float shifted_s = beta == 0.0f ? 0.0f : beta * (s - ref_s);
-    const float c = (t - ref_t) + shifted_s;
-    return s == kNegInf && beta != 0.0f ? kNegInf : c;
+  template <typename Real = float>
+  Real logit(float s, float t) const {
+    const Real shifted_s = beta == 0.0f ? Real(0) : Real(beta) * (Real(s) - Real(ref_s));
+    const Real c = (Real(t) - Real(ref_t)) + shifted_s;
+    return s == kNegInf && beta != 0.0f ? Real(kNegInf) : c;
   }
 };
 
@@ -68,7 +83,8 @@ struct Bridge {
 // below, c is rounded by at most 2^-24 kReanchor T, moving log Q by at most 2^-24 kReanchor = 4e-6
 // (as the old anchor, the first block's maxima, did for ordinary rows). Ordinary LLM rows stay
 // well below it (their largest logits are tens, not 64 T, above their first block's); outliers
-// of ~1e4 (beta < 0: the student's masked-like tokens) are far above it.
+// of ~1e4 (beta < 0: the student's masked-like tokens) are far above it. The reverse centre a
+// moves to the student's largest logit by the same rule (d_v is then rounded by at most 4e-6).
 constexpr float kReanchor = 64.0f;
 
 // A block's largest value and where it is (-1: none): a position in the row, or in pass 1 the
@@ -121,31 +137,32 @@ FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
   return kl;
 }
 
-// Reverse, one block: returns sum_v P_v g_v, g_v = log P_v - log Q_v.
+// Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored at a): returns
+// sum_v P_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T.
 FASTPROBE_SIMD_CLONES static float reverse_block(const float* s, const float* c,
-                                                 LogSoftmax log_p, LogSoftmax log_q,
-                                                 int64_t count) {
-  float kl = 0.0f;
-#pragma omp simd reduction(+ : kl)
+                                                 LogSoftmax log_p, float centre_s, int64_t count) {
+  float spread = 0.0f;
+#pragma omp simd reduction(+ : spread)
   for (int64_t v = 0; v < count; ++v) {
-    const float lp = log_prob(log_p, s[v]);  // log P_v
-    const float lq = log_prob(log_q, c[v]);  // log Q_v
-    const float term = lq == kNegInf ? kInf : fast_exp(lp) * (lp - lq);  // Q_v = 0 < P_v: +inf
-    kl += lp == kNegInf ? 0.0f : term;                                   // P_v = 0: 0 log 0 = 0
+    const float lp = log_prob(log_p, s[v]);                          // log P_v
+    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;        // g_v - g_a
+    const float term = c[v] == kNegInf ? kInf : fast_exp(lp) * d;   // Q_v = 0 < P_v: +inf
+    spread += lp == kNegInf ? 0.0f : term;                           // P_v = 0: 0 log 0 = 0
   }
-  return kl;
+  return spread;
 }
 
-// Reverse gradient, one block, given the row's loss: grad_v = P_v (g_v - loss) / T.
+// Reverse gradient, one block, centred as reverse_block, given the row's D = sum_v P_v d_v:
+// grad_v = P_v (g_v - loss) / T = P_v (d_v - D) / T.
 FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float* c,
-                                                     LogSoftmax log_p, LogSoftmax log_q,
-                                                     float loss, int64_t count, float* grad) {
+                                                     LogSoftmax log_p, float centre_s, float spread,
+                                                     int64_t count, float* grad) {
 #pragma omp simd
   for (int64_t v = 0; v < count; ++v) {
-    const float lp = log_prob(log_p, s[v]);  // log P_v
-    const float lq = log_prob(log_q, c[v]);  // log Q_v
-    const float g = fast_exp(lp) * ((lp - lq) - loss) * log_p.scale;  // P_v (g_v - loss) / T
-    grad[v] = lp == kNegInf ? 0.0f : g;                                 // P_v = 0: no gradient
+    const float lp = log_prob(log_p, s[v]);                    // log P_v
+    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;  // g_v - g_a
+    const float g = fast_exp(lp) * (d - spread) * log_p.scale; // P_v (d_v - D) / T
+    grad[v] = lp == kNegInf ? 0.0f : g;                        // P_v = 0: no gradient
   }
 }
 
@@ -199,19 +216,23 @@ struct Workspace {
 };
 
 // What a row keeps between its stages: the bridge's anchor (and whether pass 1 runs again at a
-// new one), both log-softmaxes and the loss (the reverse gradient's).
+// new one), both log-softmaxes and the loss; reverse: its centre (see Precision).
 struct RowSoftmax {
-  Bridge bridge;
+  Bridge bridge;  // anchored for pass 1 (and forward's pass 2); reverse, once centred: at a
   bool reanchored;
   LogSoftmax log_p, log_q;
+  BlockMax first_s, s_max;  // reverse: the first block's largest s (its token), the row's (its block)
+  float centre_s;           // reverse: z_S,a
+  double centre_g;          // reverse: g_a = log P_a - log Q_a
+  float spread;             // reverse: D = sum_v P_v d_v, d_v = g_v - g_a
   float loss;
 };
 
 // What pass 1 finds in a range (or, merged, in a row): the online log-sum-exps of s and of the
-// bridge c, and c's largest finite value and its (first) vocabulary id.
+// bridge c, and the largest finite value of each with the block it is in (pass 1's BlockMax).
 struct RangeLse {
   LseState s, c;
-  BlockMax c_max;
+  BlockMax s_max, c_max;
 };
 
 // Block [v0, v0 + count) of row n: returns its student logits, the bridge c into ws.c.
@@ -228,37 +249,82 @@ static void for_blocks(int64_t V, int64_t range, F&& f) {
   for (int64_t v0 = range * kRange; v0 < range_end(V, range); v0 += kBlock) f(v0, block_size(V, v0));
 }
 
-// The bridge anchored at token v of row n (r_S = 0 where z_S,v is not finite: beta = 0).
+// A token's student and teacher logits.
+struct Token {
+  float s, t;
+};
+static Token token_at(const Problem& p, int64_t n, int64_t v, Workspace& ws) {
+  return {*p.student_block(n, v, 1, ws.s.data()), *p.teacher_block(n, v, 1, ws.c.data())};
+}
+
+// The bridge anchored at token v of row n (r_S = 0 where z_S,v is not finite: beta = 0; r_T = 0
+// where z_T,v is not: a reverse centre the teacher masks, whose row's loss is +inf).
 static Bridge anchored_at(const Problem& p, int64_t n, int64_t v, Workspace& ws) {
   if (v < 0) return {p.beta, 0.0f, 0.0f};  // (no finite bridge logit: the row has no Q)
-  const float s = *p.student_block(n, v, 1, ws.s.data()), t = *p.teacher_block(n, v, 1, ws.c.data());
-  return {p.beta, std::isfinite(s) ? s : 0.0f, t};
+  const Token a = token_at(p, n, v, ws);
+  return {p.beta, std::isfinite(a.s) ? a.s : 0.0f, std::isfinite(a.t) ? a.t : 0.0f};
 }
 
-// The row's first anchor: the token of its first block with the largest bridge logit.
-static Bridge row_bridge(const Problem& p, int64_t n, Workspace& ws) {
+// The row's first anchor: the token of its first block with the largest bridge logit; reverse,
+// also its first block's largest student logit (the centre's first candidate).
+static void row_bridge(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
   const int64_t count = block_size(p.V, 0);
-  load_block(p, n, 0, count, Bridge{p.beta, 0.0f, 0.0f}, ws);
-  return anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
+  const float* s = load_block(p, n, 0, count, Bridge{p.beta, 0.0f, 0.0f}, ws);
+  if (p.reverse) r.first_s = largest_finite(s, count);
+  r.bridge = anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
 }
 
-// The row re-anchored at its largest bridge logit, which pass 1 found in the block at c_max.at.
-static Bridge reanchored(const Problem& p, int64_t n, Bridge bridge, BlockMax c_max, Workspace& ws) {
-  const int64_t count = block_size(p.V, c_max.at);
-  load_block(p, n, c_max.at, count, bridge, ws);
-  return anchored_at(p, n, c_max.at + first_index(ws.c.data(), count, c_max.value), ws);
+// The first position in row n of `largest`'s value, found in its block (largest.at): among the
+// student logits, or the bridge's.
+static int64_t located(const Problem& p, int64_t n, Bridge bridge, BlockMax largest, bool student, Workspace& ws) {
+  const int64_t count = block_size(p.V, largest.at);
+  const float* s = load_block(p, n, largest.at, count, bridge, ws);
+  return largest.at + first_index(student ? s : ws.c.data(), count, largest.value);
 }
 
-// Pass 1 over a range: fresh online log-sum-exps of s and of the bridge, and the bridge's largest
-// value (folded in locals: the slots of other threads' rows may share part's cache line).
-static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, Workspace& ws, RangeLse* part) {
-  RangeLse found{LseState{}, LseState{}, BlockMax{kNegInf, -1}};
+// log P_a - log Q_a in double, from a's logits and the row's log-softmaxes (c_a: a's bridge logit).
+static double log_ratio(const LogSoftmax& log_p, double s_a, const LogSoftmax& log_q, double c_a) {
+  const double log_p_a = (s_a - log_p.shift) * log_p.scale - log_p.offset;
+  return log_p_a - ((c_a - log_q.shift) * log_q.scale - log_q.offset);
+}
+
+// Reverse: the row's centre a (see Precision), the first block's largest student logit unless the
+// row's lies more than kReanchor T above it; then g_a, and the bridge anchored at a for passes 2
+// and 3. No finite student logit: no P, the loss is NaN.
+static void centre_row(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
+  int64_t a = r.first_s.at;
+  if (r.s_max.at >= 0 && (r.s_max.value - r.first_s.value) * p.inv_temperature > kReanchor)
+    a = located(p, n, r.bridge, r.s_max, true, ws);
+  if (a < 0) {
+    r.centre_s = 0.0f;
+    r.centre_g = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+  const Token at = token_at(p, n, a, ws);
+  r.centre_g = log_ratio(r.log_p, at.s, r.log_q, r.bridge.logit<double>(at.s, at.t));  // g_a
+  r.centre_s = at.s;
+  r.bridge = anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
+}
+
+// Folds a block of x (starting at v0) into an online log-sum-exp of x / T, and notes the block
+// where its largest finite value rose.
+static void fold_block(LseState& lse, BlockMax& largest, const float* x, int64_t v0, int64_t count, float inv_t) {
+  const float before = lse.max;
+  lse_block(lse, x, count, inv_t);  // log sum_v exp(x_v / T)
+  if (lse.max > before && lse.max < kInf) largest = {lse.max, v0};  // (in this block)
+}
+
+// Pass 1 over a range: fresh online log-sum-exps of the bridge and, with `student`, of s (a rerun
+// at a new anchor keeps the range's s, which does not depend on the anchor), with their largest
+// values (folded in locals: the slots of other threads' rows may share part's cache line).
+static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, bool student, Workspace& ws,
+                      RangeLse* part) {
+  const BlockMax none{kNegInf, -1};
+  RangeLse found{student ? LseState{} : part->s, LseState{}, student ? none : part->s_max, none};
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, bridge, ws);
-    lse_block(found.s, s, count, p.inv_temperature);            // log sum_v exp(s_v / T)
-    const float c_max = found.c.max;
-    lse_block(found.c, ws.c.data(), count, p.inv_temperature);  // log sum_v exp(c_v / T)
-    if (found.c.max > c_max && found.c.max < kInf) found.c_max = {found.c.max, v0};  // (in this block)
+    if (student) fold_block(found.s, found.s_max, s, v0, count, p.inv_temperature);
+    fold_block(found.c, found.c_max, ws.c.data(), v0, count, p.inv_temperature);
   });
   *part = found;
 }
@@ -269,6 +335,7 @@ static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_te
   for (int64_t range = 1; range < ranges; ++range) {
     merge_lse(row.s, parts[range].s, inv_temperature);
     merge_lse(row.c, parts[range].c, inv_temperature);
+    if (parts[range].s_max.value > row.s_max.value) row.s_max = parts[range].s_max;
     if (parts[range].c_max.value > row.c_max.value) row.c_max = parts[range].c_max;
   }
   return row;
@@ -280,7 +347,7 @@ static double range_loss(const Problem& p, int64_t n, int64_t range, const RowSo
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
     if (p.reverse) {
-      kl += reverse_block(s, ws.c.data(), r.log_p, r.log_q, count);  // KL(P || Q)
+      kl += reverse_block(s, ws.c.data(), r.log_p, r.centre_s, count);  // KL(P || Q) - g_a
       return;
     }
     float* grad = p.grad_block(n, v0, ws.grad.data());
@@ -290,40 +357,41 @@ static double range_loss(const Problem& p, int64_t n, int64_t range, const RowSo
   return kl;
 }
 
-// Pass 3 over a range, reverse: its gradient, from the row's loss.
+// Pass 3 over a range, reverse: its gradient, from the row's D.
 static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    reverse_grad_block(s, ws.c.data(), r.log_p, r.log_q, r.loss, count, grad);
+    reverse_grad_block(s, ws.c.data(), r.log_p, r.centre_s, r.spread, count, grad);
     p.store_grad(n, v0, count, grad);
   });
 }
 
 // Every row in ranges (run_rows): its anchor, pass 1 of each range, then (only for a row whose
-// largest bridge logit is far above its anchor) a new anchor there and pass 1 again, its
-// log-softmaxes, pass 2 of each range, its loss, then (with a gradient) pass 3 of each range:
-// reverse, the gradient; either direction, zeros for a loss of +inf. An ignored row reads
-// nothing: loss 0, gradient 0.
+// largest bridge logit is far above its anchor) a new anchor there and pass 1's bridge half
+// again, its log-softmaxes (reverse: its centre), pass 2 of each range, its loss, then (with a
+// gradient) pass 3 of each range: reverse, the gradient; either direction, zeros for a loss of
+// +inf. An ignored row reads nothing: loss 0, gradient 0.
 static void run(const Problem& p, int threads) {
   const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads);
   std::vector<RowSoftmax> rows(size_t(slots), RowSoftmax{});
   std::vector<RangeLse> lse_parts(size_t(slots * ranges));
   std::vector<double> loss_parts(size_t(slots * ranges));
-  const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-    range_lse(p, n, range, rows[slot].bridge, ws, &lse_parts[slot * ranges + range]);
+  const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, bool student, Workspace& ws) {
+    range_lse(p, n, range, rows[slot].bridge, student, ws, &lse_parts[slot * ranges + range]);
   };
   const auto set_softmax = [&](int64_t slot, const RangeLse& row) {
     rows[slot].log_p = LogSoftmax::from_state(row.s, p.inv_temperature);
     rows[slot].log_q = LogSoftmax::from_state(row.c, p.inv_temperature);
+    rows[slot].s_max = row.s_max;
   };
   run_rows(
       p.N, threads, [] { return Workspace(); },
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n)) rows[slot].bridge = row_bridge(p, n, ws);
+        if (!p.ignored(n)) row_bridge(p, n, rows[slot], ws);
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n)) pass1(n, range, slot, ws);
+        if (!p.ignored(n)) pass1(n, range, slot, true, ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) return;
@@ -331,17 +399,19 @@ static void run(const Problem& p, int threads) {
         // c_max / T > kReanchor (a NaN row, with no c_max, keeps its anchor)
         rows[slot].reanchored = row.c_max.at >= 0 && row.c_max.value * p.inv_temperature > kReanchor;
         if (rows[slot].reanchored) {
-          rows[slot].bridge = reanchored(p, n, rows[slot].bridge, row.c_max, ws);
+          rows[slot].bridge = anchored_at(p, n, located(p, n, rows[slot].bridge, row.c_max, false, ws), ws);
         } else {
           set_softmax(slot, row);
         }
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n) && rows[slot].reanchored) pass1(n, range, slot, ws);
+        if (!p.ignored(n) && rows[slot].reanchored) pass1(n, range, slot, false, ws);
       }),
-      each_row([&](int64_t n, int64_t slot, Workspace&) {
-        if (!p.ignored(n) && rows[slot].reanchored)
+      each_row([&](int64_t n, int64_t slot, Workspace& ws) {
+        if (p.ignored(n)) return;
+        if (rows[slot].reanchored)
           set_softmax(slot, merge_ranges(&lse_parts[slot * ranges], ranges, p.inv_temperature));
+        if (p.reverse) centre_row(p, n, rows[slot], ws);
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) {
@@ -353,6 +423,10 @@ static void run(const Problem& p, int threads) {
       each_row([&](int64_t n, int64_t slot, Workspace&) {
         double kl = 0.0;
         for (int64_t range = 0; range < ranges && !p.ignored(n); ++range) kl += loss_parts[slot * ranges + range];
+        if (p.reverse && !p.ignored(n)) {  // the ranges summed D: loss = g_a + D
+          rows[slot].spread = float(kl);
+          kl += rows[slot].centre_g;
+        }
         rows[slot].loss = float(kl);
         // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.
         p.loss[n] = float(std::max(kl, 0.0));

@@ -13,9 +13,10 @@ The kernel works in base 2 and converts to natural units (times ln 2) only where
         within T of M_u, and u's log-sum-exp taken again, see Precision)
   pass 2 (vocabulary blocks, REVERSE order, so the last blocks of pass 1 are L2 hits):
         forward: loss = sum Q (log Q - log P), grad_v = (P_v - Q_v) / T   (stored here)
-        reverse: loss = sum P (log P - log Q)                            (per-lane sums, one reduce)
+        reverse: loss = sum P g, g = log P - log Q, formed centred at a token e (see Precision):
+                 loss = g_e + D, D = sum_v P_v d_v, d_v = g_v - g_e       (per-lane sums, one reduce)
   pass 3 (reverse direction with a gradient only, forward order: pass 2 ended at block 0):
-        grad_v = P_v (g_v - loss) / T,  g = log P - log Q
+        grad_v = P_v (g_v - loss) / T = P_v (d_v - D) / T
 
 Precision: the maxima are subtracted from RAW logits before scaling (x - M is exact for nearby
 values). The bridged logit is formed from logits less the anchors a_T = y_a, a_S = x_a of one
@@ -29,6 +30,15 @@ log-sum-exp again (ordinary rows' largest bridged logit lies within tens of T of
 block's). Below 64 T, u is rounded by at most 2^-24 64 T, moving log Q by 4e-6; so rows with
 logits ~1e4 keep float32 accuracy. (As the C++ kernel, csrc/bridge.cpp, which re-anchors at M_u's
 own token: the margin of T keeps the search from depending on recomputing M_u to the bit.)
+The reverse direction's g and loss are of the KL's size (~1e4 when beta < 0 puts Q's mass far from
+P's), so P (g - loss) would cancel numbers of that size (errors ~1e-3). Its passes 2 and 3 centre g
+at a token e where P's mass is, with the bridge anchored at e (e_T = y_e, e_S = x_e):
+        d_v = g_v - g_e = ((x_v - e_S) - u'_v) / T,  u'_v = (y_v - e_T) + beta (x_v - e_S)
+so d and D are differences of logits near e where P has mass, exact there; g_e = log P_e - log Q_e
+is formed once per row in float64 (e's u relative to a_T, a_S exact there), so the loss is as
+accurate as float32 holds it. e is the first block's token with the largest x, or, when M_x lies
+more than 64 T above it (rare), the first token within T of M_x (d is then rounded by at most
+4e-6, as u). (As the C++ kernel, which centres at M_x's own token.)
 
 Conventions: 0 log 0 = 0 (every x log y is guarded by x == 0); -inf logits are masked
 vocabulary. A student -inf contributes beta x = 0 to the bridge when beta == 0 (t = y / T:
@@ -113,12 +123,24 @@ def _lse_step_lanes(x, mx, s, c):
 @triton.jit
 def _anchors_at(s_row, t_row, col, V, a_t, a_s, stride_sv, stride_tv):
     """The anchors (a_T, a_S) = (y_col, x_col) at vocabulary id col (a_S = 0 where x_col = -inf:
-    only beta = 0 takes such a token), or the given ones when col >= V (no token found)."""
+    only beta = 0 takes such a token; a_T = 0 where y_col is not finite: only a reverse centre the
+    teacher masks, whose row's loss is +inf), or the given ones when col >= V (no token found)."""
     found = col < V
     col = col.to(tl.int64)  # (col * stride in int64, as every address)
     x_a = tl.load(s_row + col * stride_sv, mask=found, other=0.0).to(tl.float32)
     y_a = tl.load(t_row + col * stride_tv, mask=found, other=0.0).to(tl.float32)
+    y_a = tl.where(tl.abs(y_a) < float("inf"), y_a, 0.0)
     return tl.where(found, y_a, a_t), tl.where(found, tl.where(x_a == float("-inf"), 0.0, x_a), a_s)
+
+
+@triton.jit
+def _first_largest(w, V):
+    """The largest finite value of a first block's w and its first vocabulary id (-inf and V if w has
+    no finite value; NaN and +inf are left out)."""
+    finite = tl.where(tl.abs(w) < float("inf"), w, float("-inf"))
+    largest = tl.max(finite, axis=0)
+    at = tl.argmax(finite, axis=0).to(tl.int64)  # (the first of equal values)
+    return largest, tl.where(largest > float("-inf"), at, V)
 
 
 @triton.jit
@@ -126,27 +148,35 @@ def _first_anchors(s_row, t_row, x, y, V, beta, masked_bx, stride_sv, stride_tv)
     """The anchors at the first block's first token (x, y: its logits) with the largest finite
     y + beta x (formed as u with zero anchors: rounded, it only locates the token); (0, 0) if none
     is finite (the row has no Q)."""
-    w = _bridged(y, x, 0.0, 0.0, beta, masked_bx)
-    finite = tl.where(tl.abs(w) < float("inf"), w, float("-inf"))  # (NaN and +inf left out too)
-    at = tl.argmax(finite, axis=0).to(tl.int64)  # (the first of equal values)
-    at = tl.where(tl.max(finite, axis=0) > float("-inf"), at, V)
+    _, at = _first_largest(_bridged(y, x, 0.0, 0.0, beta, masked_bx), V)
     return _anchors_at(s_row, t_row, at, V, 0.0, 0.0, stride_sv, stride_tv)
 
 
 # (not inlined: inlined, this loop's registers added to the whole kernel's, on sm_90 up to 40 more
 # per thread where V is not a multiple of 16; called, the kernel keeps about its old count)
 @triton.jit(noinline=True)
-def _reanchored(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv, threshold, BLOCK_V: tl.constexpr):
-    """The rare path: the anchors at the row's first token whose u >= threshold, or the given ones
-    (a_T, a_S) if there is none. Per lane the first such vocabulary id, one reduction after the loop
+def _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv, threshold,
+                    STUDENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The rare paths: the row's first vocabulary id whose u (STUDENT: whose x) is >= threshold,
+    or 0x7FFFFFFF (>= V) if there is none. Per lane the first such id, one reduction after the loop
     (a reduction per block cost more registers)."""
     first = tl.full([BLOCK_V], 0x7FFFFFFF, tl.int32)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
         x, y = _load_pair(s_row, t_row, b * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
-        u = _bridged(y.to(tl.float32), x.to(tl.float32), a_t, a_s, beta, masked_bx)  # (-inf past V)
-        first = tl.minimum(first, tl.where(u >= threshold, b * BLOCK_V + tl.arange(0, BLOCK_V), 0x7FFFFFFF))
-    at = tl.min(first, axis=0)
-    return _anchors_at(s_row, t_row, at, V, a_t, a_s, stride_sv, stride_tv)
+        if STUDENT:
+            w = x.to(tl.float32)  # (-inf past V)
+        else:
+            w = _bridged(y.to(tl.float32), x.to(tl.float32), a_t, a_s, beta, masked_bx)
+        first = tl.minimum(first, tl.where(w >= threshold, b * BLOCK_V + tl.arange(0, BLOCK_V), 0x7FFFFFFF))
+    return tl.min(first, axis=0)
+
+
+@triton.jit
+def _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature):
+    """Reverse, centred at token e (anchors e_T = y_e, e_S = x_e): d = g - g_e = ((x - e_S) - u') / T
+    (natural units), u' = (y - e_T) + beta (x - e_S), and where Q masks the entry (u' = -inf)."""
+    u = _bridged(y, x, e_t, e_s, beta, masked_bx)
+    return ((x - e_s) - u) * inv_temperature, u == float("-inf")
 
 
 @triton.jit
@@ -182,11 +212,17 @@ def _lse_combine(mx, s, c):
 
 
 @triton.jit
+def _xratio(a, log2a, b_masked, log_ratio):
+    """a log(a / b), given log_ratio (any base), with 0 log 0 = 0; +inf where a has the entry
+    (log2 a > -inf, even if a underflows to 0) and b masks it: the supports decide; NaN stays NaN."""
+    outside = (log2a > float("-inf")) & b_masked
+    return tl.where(outside, float("inf"), tl.where(a == 0.0, 0.0, a * log_ratio))
+
+
+@triton.jit
 def _xlog2ratio(a, log2a, log2b):
-    """a (log2 a - log2 b) with 0 log 0 = 0; +inf where a has the entry (log2 a > -inf, even if a
-    underflows to 0) and b masks it (log2 b = -inf): the supports decide; NaN stays NaN."""
-    outside = (log2a > float("-inf")) & (log2b == float("-inf"))
-    return tl.where(outside, float("inf"), tl.where(a == 0.0, 0.0, a * (log2a - log2b)))
+    """a (log2 a - log2 b), as _xratio."""
+    return _xratio(a, log2a, log2b == float("-inf"), log2a - log2b)
 
 
 @triton.jit
@@ -238,6 +274,8 @@ def _bridge_kernel(
         x_next, y_next = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
         a_t, a_s = _first_anchors(s_row, t_row, x_next.to(tl.float32), y_next.to(tl.float32), V, beta, masked_bx,
                                   stride_sv, stride_tv)
+        if REVERSE:  # the centre's first candidate: the first block's largest x
+            centre_x, centre = _first_largest(x_next.to(tl.float32), V)
 
         # ---- pass 1: online log-sum-exps of x and u ----
         shift_s, log2s_s, shift_u, log2s_u = _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c,
@@ -246,11 +284,29 @@ def _bridge_kernel(
         # T of it (the largest u, or one as good: u ends <= T above the anchor) and take u's
         # log-sum-exp again (x's does not depend on the anchor)
         if (shift_u * inv_temperature > _REANCHOR) & (shift_u < float("inf")):
-            a_t, a_s = _reanchored(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv,
-                                   shift_u - 1.0 / inv_temperature, BLOCK_V)
+            at = _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv,
+                                 shift_u - 1.0 / inv_temperature, False, BLOCK_V)
+            a_t, a_s = _anchors_at(s_row, t_row, at, V, a_t, a_s, stride_sv, stride_tv)
             x_first, y_first = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
             _, _, shift_u, log2s_u = _pass1(s_row, t_row, x_first, y_first, V, a_t, a_s, beta, masked_bx, c,
                                             stride_sv, stride_tv, False, BLOCK_V)
+
+        if REVERSE:
+            # (rare) the largest x lies over 64 T above the first block's: centre at the first token
+            # within T of it
+            if ((shift_s - centre_x) * inv_temperature > _REANCHOR) & (shift_s < float("inf")):
+                centre = _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv,
+                                         shift_s - 1.0 / inv_temperature, True, BLOCK_V).to(tl.int64)
+            e_t, e_s = _anchors_at(s_row, t_row, centre, V, 0.0, 0.0, stride_sv, stride_tv)
+            # g_e = log P_e - log Q_e = ((x_e - M_x) - (u_e - M_u)) / T - (log S_x - log S_u), in float64
+            # (u_e relative to a_T, a_S is exact there); NaN without a centre (no finite x: no P)
+            zero = tl.zeros([], tl.float64)  # (zero + a float32 value: that value in float64)
+            x_e = tl.load(s_row + centre * stride_sv, mask=centre < V, other=0.0) + zero
+            y_e = tl.load(t_row + centre * stride_tv, mask=centre < V, other=0.0) + zero
+            u_e = _bridged(y_e, x_e, zero + a_t, zero + a_s, zero + beta, masked_bx)
+            gap_e = (x_e - (zero + shift_s)) - (u_e - (zero + shift_u))
+            g_e = gap_e * (zero + inv_temperature) - ((zero + log2s_s) - log2s_u) * _LN2
+            g_e = tl.where(centre < V, g_e, float("nan"))
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
         acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane base-2 loss sums
@@ -261,16 +317,21 @@ def _bridge_kernel(
             # (the block before block 0 starts at -BLOCK_V: every column masked, nothing loads)
             x_next, y_next = _load_pair(s_row, t_row, (nblk - 2 - i) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
             log2p = (x - shift_s) * c - log2s_s
-            log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
-            if REVERSE:  # KL(P || Q) = sum P (log P - log Q)
-                acc += _xlog2ratio(tl.exp2(log2p), log2p, log2q)
+            if REVERSE:  # KL(P || Q) - g_e = sum P d (natural units)
+                d, q_masked = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
+                acc += _xratio(tl.exp2(log2p), log2p, q_masked, d)
             else:  # KL(Q || P) = sum Q (log Q - log P); Q > 0 with P = 0 gives +inf
+                log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
                 q = tl.exp2(log2q)
                 acc += _xlog2ratio(q, log2q, log2p)
                 if HAS_GRAD:  # (P - Q) / T
                     g = (tl.exp2(log2p) - q) * inv_temperature
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
-        loss = tl.sum(acc, axis=0) * _LN2
+        if REVERSE:  # loss = g_e + D
+            spread = tl.sum(acc, axis=0)
+            loss = (g_e + spread.to(tl.float64)).to(tl.float32)
+        else:
+            loss = tl.sum(acc, axis=0) * _LN2
         tl.store(loss_ptr + n, loss)
         if HAS_GRAD and not REVERSE:
             if loss == float("inf"):  # (a constant +inf: no gradient)
@@ -284,12 +345,11 @@ def _bridge_kernel(
                 x, y = x_next.to(tl.float32), y_next.to(tl.float32)
                 x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
                 log2p = (x - shift_s) * c - log2s_s
-                log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
+                d, _ = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
                 p = tl.exp2(log2p)
-                # P (g - loss) / T, g = log P - log Q; 0 where P = 0, and in a row whose loss is
+                # P (g - loss) / T = P (d - D) / T; 0 where P = 0, and in a row whose loss is
                 # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf)
-                d = (log2p - log2q) * _LN2 - loss
-                g = tl.where(p == 0.0, 0.0, p * d) * inv_temperature
+                g = tl.where(p == 0.0, 0.0, p * (d - spread)) * inv_temperature
                 g = tl.where(loss == float("inf"), 0.0, g)
                 tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
     else:
