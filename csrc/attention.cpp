@@ -48,11 +48,11 @@ inline float fast_tanh(float x) {
   return magnitude < 0.3f ? series : far;  // NaN: far is NaN
 }
 
-// Soft cap of one block's scores (Gemma 2): s = cap tanh(s / cap).
-FASTPROBE_SIMD_CLONES static void softcap_block(float* sT, int64_t size, float cap) {
-  const float inv_cap = 1.0f / cap;
+// Soft cap of one block's dot products x = q . k (Gemma 2): s = cap tanh(x factor), factor =
+// scale / cap (q is not scaled first, see sink_attention).
+FASTPROBE_SIMD_CLONES static void softcap_block(float* sT, int64_t size, float cap, float factor) {
 #pragma omp simd
-  for (int64_t i = 0; i < size; ++i) sT[i] = cap * fast_tanh(sT[i] * inv_cap);
+  for (int64_t i = 0; i < size; ++i) sT[i] = cap * fast_tanh(sT[i] * factor);
 }
 
 // Group sums of one block: groups[g] = alpha groups[g] for the groups seen so far, then
@@ -96,6 +96,7 @@ struct SinkAttention {
   static constexpr int64_t kStates = 1;
   Problem p;
   float softcap;             // 0: none
+  float cap_factor;          // with a soft cap: scale / softcap, at most float max
   const float* sink_logit;   // [Hq] or null
   const int32_t* key_groups; // [B, Lk] or null
   float* lse;                // [B, Hq, Lq]
@@ -115,7 +116,7 @@ struct SinkAttention {
   }
 
   void transform_scores(float* sT, int64_t size) const {
-    if (softcap > 0.0f) softcap_block(sT, size, softcap);
+    if (softcap > 0.0f) softcap_block(sT, size, softcap, cap_factor);
   }
 
   // The whole block (one segment from key j0): softmax with the sink / entropy sums, groups.
@@ -223,8 +224,18 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
   p.start = pointer<const int64_t>(start, false, "start");
   p.horizon = pointer<const int64_t>(horizon, false, "horizon");
   p.G = num_groups;
+  // With a soft cap the scale goes after the dot, into the cap's factor scale / c (as Triton's):
+  // q scaled first can overflow q . k (inf - inf = NaN) where the capped score is within +-c. A
+  // factor past float max becomes float max: tanh(x float max) rounds to +-1 as with the true
+  // factor where |x| >= 2^-124, and is 0 for x = 0.
+  float cap_factor = 0.0f;
+  if (softcap_f > 0.0f) {
+    cap_factor = float(std::min(scale / double(softcap_f), double(std::numeric_limits<float>::max())));
+    p.scale = 1.0f;
+  }
   const SinkAttention attention{p,
                                 softcap_f,
+                                cap_factor,
                                 pointer<const float>(sink_logit, false, "sink_logit"),
                                 pointer<const int32_t>(key_groups, false, "key_groups"),
                                 pointer<float>(lse, true, "lse"),

@@ -397,9 +397,10 @@ FASTPROBE_ALWAYS_INLINE RowStep row_step(float m_old, float block_max) {
   return {m_new, m_old == kNegInf ? 0.0f : fast_exp(m_old - m_new), m_new == kNegInf ? 0.0f : m_new};
 }
 
-// The entropy sum's old part after a step: alpha (A + (m - m') l) (0 from an empty state).
+// The entropy sum's old part after a step: alpha (A + (m - m') l), 0 where alpha = 0 (an empty
+// state, or m' - m past float max, where m - m' = -inf and 0 * -inf would be NaN).
 FASTPROBE_ALWAYS_INLINE float entropy_carry(float m_old, const RowStep& step, float a, float l) {
-  return m_old == kNegInf ? 0.0f : step.alpha * (a + (m_old - step.m) * l);
+  return step.alpha == 0.0f ? 0.0f : step.alpha * (a + (m_old - step.m) * l);
 }
 
 // The stat keys among a block's keys c < count, the first at position first: keys c < all are
@@ -553,7 +554,8 @@ FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t pa
       const float f = empty ? 0.0f : fast_exp(part.m[r] - into.m[r]);
       factor[r] = f;
       into.l[r] += f * part.l[r];
-      into.a[r] += empty ? 0.0f : f * (part.a[r] + (part.m[r] - into.m[r]) * part.l[r]);
+      // 0 where f = 0: an empty part, or one whose m - m' overflows to -inf (0 * -inf = NaN)
+      into.a[r] += f == 0.0f ? 0.0f : f * (part.a[r] + (part.m[r] - into.m[r]) * part.l[r]);
     }
     for (int64_t k = 1; k < tail_rows; ++k) {  // sink (k = 1), groups, oT
       const float* x = part.a + k * R;

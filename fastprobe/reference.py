@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .ops._common import first_bad_index, skips_host_checks
+
 __all__ = ["dual_path_attention", "dual_path_from_masks", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "key_range_pairs", "segment_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
@@ -422,6 +424,16 @@ def sink_attention(
     )
 
 
+def _check_group_ids(key_groups: torch.Tensor, num_groups: int) -> None:
+    """An IndexError naming the first id outside [0, num_groups) (as the C++ kernel's; one host
+    sync, skipped where the ids cannot be read)."""
+    if skips_host_checks(key_groups):
+        return
+    bad = first_bad_index((key_groups < 0) | (key_groups >= num_groups))
+    if bad is not None:
+        raise IndexError(f"key_groups{list(bad)} = {key_groups[bad].item()} is outside [0, num_groups = {num_groups})")
+
+
 def attention_from_masks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -445,6 +457,8 @@ def attention_from_masks(
     """sink_attention given the key masks of attention_key_masks (real, sink, stat [B, Lk]; sink and
     stat may be [B, Lq, Lk], per query), the pairs that see each other whatever the causal order,
     the pairs of one segment and the key range (see attention_visible)."""
+    if key_groups is not None:
+        _check_group_ids(key_groups, num_groups)
     dtype = _compute_dtype(q)
     batch, num_heads, num_queries, _ = q.shape
     num_kv_heads = k.shape[1]
@@ -464,7 +478,9 @@ def attention_from_masks(
     logits = torch.cat([scores, extra], dim=-1)
     lse = torch.logsumexp(logits, dim=-1)
     empty = lse == float("-inf")
-    log_p = torch.where(empty[..., None], torch.full_like(logits, float("-inf")), logits - lse[..., None])
+    # log p = (x - max) - log sum exp(x - max), not x - lse: near float max, lse rounds to the max
+    # itself and every tied maximum would get p = 1 (an empty row: 0 in, -inf out)
+    log_p = torch.log_softmax(logits.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty[..., None], float("-inf"))
     p_all = log_p.exp()
     weights = p_all[..., :-1]
     result = {
@@ -474,7 +490,9 @@ def attention_from_masks(
         "entropy": -_xlogy(p_all, log_p).sum(-1),
     }
     if key_groups is not None:
-        one_hot = torch.nn.functional.one_hot(key_groups.long(), num_groups).to(dtype)  # [B, Lk, G]
+        # [B, Lk, G]: key j in group g iff key_groups[b, j] = g (an id outside [0, G) is refused
+        # above, or, where it cannot be read, counted in no group)
+        one_hot = (key_groups[..., None] == torch.arange(num_groups, device=q.device)).to(dtype)
         result["group_mass"] = weights @ one_hot[:, None]
     if head_mask is not None:
         pruned = ~head_mask.to(device=q.device, dtype=torch.bool).view(1, num_heads, 1)

@@ -69,6 +69,7 @@ from .attention import (
     _INTERPRET_SPLIT_BLOCKS,
     _NEG_INF,
     _SPLIT_CONFIGS,
+    _base2_scale,
     _block_scores,
     _causal_reach,
     _check_layout,
@@ -719,7 +720,7 @@ def dual_path_attention(
     has_horizon, has_start = horizon is not None, start is not None
     horizon_arg, stride_h = (horizon, horizon.stride(0)) if has_horizon else (drop, 0)  # (drop: a dummy)
     start_arg, stride_f = (start, start.stride(0)) if has_start else (drop, 0)
-    qk_scale = float(scale) * 1.4426950408889634
+    q, qk_scale, _ = _base2_scale(q, float(scale), 0.0)  # scale log2(e), kept finite (q doubled past float max)
     # no window, or one at least as wide: one wider than any |p - j| (as in attention.sink_attention)
     win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
     flags = dict(

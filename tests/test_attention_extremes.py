@@ -27,14 +27,14 @@ def random_qkv(num_queries, q_scale=1.0, k_scale=1.0):
     return q, k, torch.randn(BATCH, KV_HEADS, KEYS, DIM)
 
 
-def one_hot_scores(num_queries, scores):
+def one_hot_scores(num_queries, scores, batch=BATCH, num_keys=KEYS):
     """q = e_0 and k[:, 0] = scores, so that with scale 1 every query's score on key j is exactly
     scores[j] (a float32 value of any size: the product q . k never overflows)."""
-    q = torch.zeros(BATCH, HEADS, num_queries, DIM)
+    q = torch.zeros(batch, HEADS, num_queries, DIM)
     q[..., 0] = 1.0
-    k = torch.zeros(BATCH, KV_HEADS, KEYS, DIM)
+    k = torch.zeros(batch, KV_HEADS, num_keys, DIM)
     k[..., 0] = torch.as_tensor(scores, dtype=torch.float32)
-    return q, k, torch.randn(BATCH, KV_HEADS, KEYS, DIM)
+    return q, k, torch.randn(batch, KV_HEADS, num_keys, DIM)
 
 
 def far_keys_and_sinks(num_queries):
@@ -92,9 +92,8 @@ CASES = [
 ]
 
 
-# cases the C++ kernel gets wrong (csrc/attention_core.h, entropy_carry: alpha (A + (m - m') l) with
-# alpha = 0 and m - m' = -inf, here from the sink logit -3e38 to keys at +1e38, gives NaN entropy)
-CPP_KNOWN = {"sink_logit=+-3e38-far-keys": "C++ entropy carry: 0 * -inf = NaN when the max jumps by > float max"}
+# cases the C++ kernel gets wrong (none at present)
+CPP_KNOWN = {}
 
 
 def zero_first_query(qkv):
@@ -134,13 +133,11 @@ def test_extreme_values_match_reference(target, num_queries, case, request):
     assert_matches(result, want, torch.float32, "key_groups" in options, True, rtol=RTOL, atol=ATOL)
 
 
-def test_scale_times_scores_overflow_tamed_by_softcap(target, num_queries, request):
+def test_scale_times_scores_overflow_tamed_by_softcap(target, num_queries):
     """scale q . k overflows float32 (scale 1e38, |q . k| ~ 1..50) where the soft cap brings
-    every score back to [-30, 30]: the Triton kernels multiply q . k by scale / c, never by scale
-    alone. (The C++ kernel multiplies q by the scale first, so q . k overflows there: query 0 on
-    key 0, whose products are 9e38 and -9e38, gets NaN for its true score 0.)"""
-    if target[0] == "cpp":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="C++ scales q before the cap: q . k overflows"))
+    every score back to [-30, 30]: the kernels multiply q . k by scale / c, never by scale
+    alone. (Multiplying q by the scale first, q . k overflows: query 0 on key 0, whose products
+    are 9e38 and -9e38, would get NaN for its true score 0.)"""
     _, device = target
     q, k, v = random_qkv(num_queries)
     q[..., 0, :2] = 3.0
@@ -150,3 +147,31 @@ def test_scale_times_scores_overflow_tamed_by_softcap(target, num_queries, reque
     want = expected(q, k, v, **options)
     result = fp.sink_attention(q.to(device), k.to(device), v.to(device), return_entropy=True, **options)
     assert_matches(result, want, torch.float32, False, True)
+
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_max_jump_past_float_max_between_blocks_and_splits(target, mode, monkeypatch):
+    """The running max jumping by more than float max between key blocks (C++: 64 keys; Triton:
+    its block size) and between the key ranges a decoding call merges (C++: the 512 keys of one
+    item make two ranges; Triton: split_keys=2): the old part of the entropy sum, alpha (A +
+    (m - m') l), has alpha = 0 and m - m' = -inf there, which must count as 0, not NaN. Keys
+    128..255 (blocks 2 and 3) score about +1.75e38, the others about -1.75e38 (head 0; head 1
+    the negation), each row's largest unique: head 0's max jumps up at key 128, and the first
+    range's max lies 3.5e38 above the second's. 64 queries or one."""
+    backend, device = target
+    num_keys, num_queries = 512, 64 if mode == "prefill" else 1
+    if backend == "triton" and mode == "decode":
+        from fastprobe.kernels import attention as triton_attention
+
+        monkeypatch.setattr(triton_attention, "sink_attention",
+                            functools.partial(triton_attention.sink_attention, split_keys=2))
+    key = torch.arange(num_keys, dtype=torch.float64)
+    sign = torch.where((key >= 128) & (key < 256), 1.0, -1.0)
+    q, k, v = one_hot_scores(num_queries, sign * 1.75e38 - 1e35 * key, batch=1, num_keys=num_keys)
+    q[:, 1] = -q[:, 1]
+    options = dict(scale=1.0, causal=False, num_sink=1, sink_logit=torch.tensor([-3e38, -3e38]))
+    want = expected(q, k, v, **options)
+    moved = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in options.items()}
+    result = fp.sink_attention(q.to(device), k.to(device), v.to(device), return_entropy=True, **moved)
+    assert_matches(result, want, torch.float32, False, True, rtol=RTOL, atol=ATOL)

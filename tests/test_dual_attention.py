@@ -435,3 +435,21 @@ def test_nan_scores_give_nan_paths_not_an_unguided_row(target, num_queries, num_
         fine = ~bad.cpu()
         torch.testing.assert_close(value.cpu().double()[fine], want[name.removesuffix(" only")][fine], rtol=1e-4,
                                    atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("scale", [3e38, torch.finfo(torch.float32).max], ids=["3e38", "float-max"])
+@pytest.mark.parametrize("num_queries, num_keys", [(9, 9), (1, 520)], ids=["prefill", "decode-split"])
+def test_scale_near_float_max(target, scale, num_queries, num_keys):
+    """A scale past float max / log2(e) ~ 2.36e38 with tiny keys (moderate scores): the Triton
+    kernels' base-2 factor scale log2(e) would overflow to inf (inf q . k: NaN or inf scores);
+    kernels.attention._base2_scale halves it and doubles q instead. Decoding over 520 keys
+    takes the key-split paths."""
+    _, device = target
+    q = 0.2 * torch.randn(1, 4, num_queries, 16).clamp(-4.0, 4.0)  # |q| scale <= 0.8 float max (C++ scales q)
+    k, v = 1e-37 * torch.randn(1, 2, num_keys, 16), torch.randn(1, 2, num_keys, 16)
+    drop = torch.zeros(1, num_keys, dtype=torch.bool)
+    drop[0, 2:5] = True
+    options = dict(gamma=0.7, rows="all", scale=scale)
+    got = fp.dual_path_attention(q.to(device), k.to(device), v.to(device), drop.to(device), return_paths=True,
+                                 **options)
+    assert_paths_match(got, expected(q, k, v, drop, **options), torch.float32)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastprobe
 from fastprobe import reference
 from fastprobe.models import plant_sink_heads, tiny_model
 
@@ -479,6 +480,46 @@ def test_fully_masked_rows():
     with_sink = reference.sink_attention(q, k, v, key_padding_mask=padding, sink_logit=sink)
     torch.testing.assert_close(with_sink["lse"][0, :, :2], sink[:, None].expand(2, 2))
     assert (with_sink["out"][0, :, :2] == 0).all() and (with_sink["entropy"][0, :, :2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sink_attention_splits_huge_tied_scores(dtype):
+    """Scores +-1.5e38 (q = e_0, scale 1): the keys at +1.5e38 tie for the maximum and share
+    the softmax, p = 1/4 each; their lse is 1.5e38 + log 4, which rounds to 1.5e38, so
+    log p = s - lse would give each p = 1 (sink_mass 1, entropy 0, out the sum of their v)."""
+    scores = torch.tensor([1.5e38, -1.5e38] * 4, dtype=dtype)
+    q = torch.zeros(1, 1, 2, 4, dtype=dtype)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 8, 4, dtype=dtype)
+    k[..., 0] = scores
+    v = torch.randn(1, 1, 8, 3, dtype=dtype)
+    groups = torch.tensor([[0, 1, 0, 1, 0, 1, 1, 0]])  # the tied keys 0, 2, 4, 6: groups 0, 0, 0, 1
+    got = reference.sink_attention(q, k, v, scale=1.0, causal=False, num_sink=1, key_groups=groups, num_groups=2)
+    quarter = torch.full((1, 1, 2), 0.25, dtype=dtype)
+    torch.testing.assert_close(got["sink_mass"], quarter)
+    torch.testing.assert_close(got["entropy"], torch.full_like(quarter, math.log(4)))
+    torch.testing.assert_close(got["group_mass"], torch.tensor([0.75, 0.25], dtype=dtype).expand(1, 1, 2, 2))
+    torch.testing.assert_close(got["out"], v[:, :, ::2].mean(2, keepdim=True).expand(1, 1, 2, 3))
+    # the two paths of dual_path_attention likewise: o_uncond over the tied keys not dropped
+    drop = torch.tensor([[True, False, True, False, False, False, False, False]])
+    dual = reference.dual_path_attention(q, k, v, drop, gamma=0.0, scale=1.0, causal=False)
+    torch.testing.assert_close(dual["o_cond"], got["out"])
+    torch.testing.assert_close(dual["o_uncond"], v[:, :, 4::2].mean(2, keepdim=True).expand(1, 1, 2, 3))
+
+
+@pytest.mark.parametrize("bad_id", [2, -1])
+def test_group_ids_outside_the_groups_raise_index_error(bad_id):
+    """attention_from_masks (the reference backend's kernel, given a hand-made KeyGroups the op
+    does not re-check) refuses an id outside [0, num_groups) as the C++ kernel does: an
+    IndexError naming the key and the id, not one_hot's 'Class values must be ...'."""
+    q, k, v = torch.randn(3, 1, 1, 4, 2, dtype=torch.float64)
+    groups = torch.tensor([[0, 1, bad_id, 0]])
+    message = rf"key_groups\[0, 2\] = {bad_id} is outside \[0, num_groups = 2\)"
+    with pytest.raises(IndexError, match=message):
+        reference.sink_attention(q, k, v, key_groups=groups, num_groups=2)
+    hand_made = fastprobe.ops.attention.KeyGroups(groups.to(torch.int32), 2)
+    with fastprobe.use_backend("reference"), pytest.raises(IndexError, match=message):
+        fastprobe.sink_attention(q.float(), k.float(), v.float(), key_groups=hand_made)
 
 
 # ---------------------------------------------------------------- 5. dual_path_attention
