@@ -1486,8 +1486,8 @@ def _base2_scale(q: torch.Tensor, scale: float, softcap: float) -> tuple:
     """(q, qk_scale, cap) of the kernels' base-2 scores t = s log2(e), which they compute as
     t = qk_scale q . k, then with a soft cap c > 0 as t = (cap tanh(t)) log2(e):
       soft cap: qk_scale = scale / c, cap = c. A scale / c past float max becomes float max:
-        tanh(q . k float max) = +-1 as with the true factor (|q . k| >= 2^-126), and 0, not
-        0 inf = NaN, for q . k = 0.
+        tanh(q . k float max) = +-1 in float32 as with the true factor (|q . k| >= 2^-124: tanh
+        rounds to 1 from ~9), and 0, not 0 inf = NaN, for q . k = 0.
       no cap: qk_scale = scale log2(e), cap = 0. For a scale in (float max / log2(e), float max]
         that overflows: q doubled in a copy (exact unless q overflows) and qk_scale halved."""
     if softcap > 0:

@@ -27,6 +27,14 @@ def random_qkv(num_queries, q_scale=1.0, k_scale=1.0):
     return q, k, torch.randn(BATCH, KV_HEADS, KEYS, DIM)
 
 
+def sign_qkv(num_queries):
+    """q and k of entries +-1, so that q . k is an even integer in [-16, 16]: times scale / c it is
+    0 or a normal float32, never a subnormal that a process flushing them (FTZ/DAZ, which loading
+    torch 2.4's compiled CPU code turns on) would make 0."""
+    q = torch.randn(BATCH, HEADS, num_queries, DIM).sign()
+    k = torch.randn(BATCH, KV_HEADS, KEYS, DIM).sign()
+    return q, k, torch.randn(BATCH, KV_HEADS, KEYS, DIM)
+
 def one_hot_scores(num_queries, scores, batch=BATCH, num_keys=KEYS):
     """q = e_0 and k[:, 0] = scores, so that with scale 1 every query's score on key j is exactly
     scores[j] (a float32 value of any size: the product q . k never overflows)."""
@@ -76,7 +84,7 @@ CASES = [
         key_padding_mask=torch.arange(KEYS).expand(BATCH, KEYS) >= torch.tensor([[KEYS], [3]])))),
     # a soft cap near float max: c log2(e) overflows (the cap is then nearly the identity); scale
     # 4 keeps scale / c a normal float32 (Triton 3.0's interpreter takes a subnormal as float64)
-    ("softcap=3e38", lambda n: (*random_qkv(n, q_scale=0.25), dict(softcap=3e38, scale=4.0, num_sink=1))),
+    ("softcap=3e38", lambda n: (*sign_qkv(n), dict(softcap=3e38, scale=4.0, num_sink=1))),
     # ... and with scores ~1e30 (scale / c ~ 3e-9): a one-hot softmax, lse ~1e30
     ("softcap=float-max", lambda n: (*random_qkv(n), dict(softcap=FLOAT32_MAX, scale=1e30,
                                                            sink_logit=torch.tensor([1.0, 2.0])))),
