@@ -85,8 +85,10 @@ CASES = [
     # a soft cap near float max: c log2(e) overflows (the cap is then nearly the identity); scale
     # 4 keeps scale / c a normal float32 (Triton 3.0's interpreter takes a subnormal as float64)
     ("softcap=3e38", lambda n: (*sign_qkv(n), dict(softcap=3e38, scale=4.0, num_sink=1))),
-    # ... and with scores ~1e30 (scale / c ~ 3e-9): a one-hot softmax, lse ~1e30
-    ("softcap=float-max", lambda n: (*random_qkv(n), dict(softcap=FLOAT32_MAX, scale=1e30,
+    # ... and with scores ~1e30 (scale / c ~ 3e-9): a one-hot softmax, lse ~1e30 (q . k exact: lse
+    # is then a score itself, and a float32 dot product's cancellation, e.g. 0.0038 from terms
+    # summing to 9 in magnitude, would be its relative error)
+    ("softcap=float-max", lambda n: (*sign_qkv(n), dict(softcap=FLOAT32_MAX, scale=1e30,
                                                            sink_logit=torch.tensor([1.0, 2.0])))),
     # scale / c = 1e41 overflows float32: the capped scores are +-c, or 0 for a zero query
     ("scale/softcap-overflows", lambda n: (*zero_first_query(random_qkv(n, q_scale=1e-3)),
