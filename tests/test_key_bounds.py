@@ -48,8 +48,10 @@ OPTIONS = [
 ]
 
 
-def shared_inputs(shape, options, device):
-    """q, k, v, key_real and the hand-made (start, horizon) (None where options leave them out)."""
+def shared_inputs(target, shape, options):
+    """The device, q, k, v, key_real and the hand-made (start, horizon) (None where options leave
+    them out)."""
+    _, device = target
     num_queries, num_keys = shape
     _, _, with_start, with_horizon, _ = options
     q = torch.randn(BATCH, HEADS, num_queries, HEAD_DIM, device=device)
@@ -57,16 +59,20 @@ def shared_inputs(shape, options, device):
     key_real = (torch.rand(BATCH, num_keys, device=device) < 0.85).to(torch.uint8)
     start = hand_made(num_keys).to(device) if with_start else None
     horizon = hand_made(num_keys).to(device) if with_horizon else None
-    return q, k, v, key_real, start, horizon
+    return device, q, k, v, key_real, start, horizon
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "causal" if o[0] else "bidirectional")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}q{s[1]}k")
+def each_case(test):
+    """test parametrised over SHAPES and OPTIONS."""
+    test = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}q{s[1]}k")(test)
+    return pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "causal" if o[0] else "bidirectional")(test)
+
+
+@each_case
 def test_sink_attention_op_with_hand_made_bounds_matches_reference(target, shape, options):
-    _, device = target
-    num_queries, num_keys = shape
+    device, q, k, v, key_real, start, horizon = shared_inputs(target, shape, options)
     causal, window, _, _, row_ends = options
-    q, k, v, key_real, start, horizon = shared_inputs(shape, options, device)
+    num_keys = shape[1]
     # sink / statistics ends per position ([B, Lk], as with segments) or per row ([B])
     sink_end, stat_end = ((ends if row_ends else ends[:, 0].contiguous()).to(device)
                           for ends in (hand_made(num_keys), hand_made(num_keys)))
@@ -80,13 +86,11 @@ def test_sink_attention_op_with_hand_made_bounds_matches_reference(target, shape
     assert_agree(call(q, k, v), reference_of(call, q, k, v))
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "causal" if o[0] else "bidirectional")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}q{s[1]}k")
+@each_case
 def test_dual_path_attention_op_with_hand_made_bounds_matches_reference(target, shape, options):
-    _, device = target
+    device, q, k, v, key_real, start, horizon = shared_inputs(target, shape, options)
+    causal, window = options[:2]
     num_queries, num_keys = shape
-    causal, window, _, _, _ = options
-    q, k, v, key_real, start, horizon = shared_inputs(shape, options, device)
     drop = (torch.rand(BATCH, num_keys, device=device) < 0.3).to(torch.uint8)
     rows = (torch.rand(BATCH, num_queries, device=device) < 0.7).to(torch.uint8)
 
