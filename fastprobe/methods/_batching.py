@@ -19,6 +19,19 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def shared_vocabulary(sizes: Sequence[int], tokenizer, what: str, models: str) -> int:
+    """The vocabulary the models share, min(sizes) (their logits, or their input embeddings:
+    `what`): sizes may differ only by padding rows past len(tokenizer) (an embedding matrix rounded
+    up, e.g. to a multiple of 64), which no token id reaches; else a ValueError saying that
+    `models` (e.g. "the drafts and the target") must share the tokenizer."""
+    vocab = min(sizes)
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the models' vocabularies ({', '.join(map(str, sizes))} "
+            f"{what}) differ beyond padding: the smallest has fewer entries; {models} must share the tokenizer"
+        )
+    return vocab
+
 def require_pandas():
     try:
         import pandas

@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from . import _batching
 from ._batching import forward_parameters, model_device
 
 __all__ = ["check_labels", "distillation_loss", "next_token_targets", "shared_vocabulary", "trainer_compute_loss"]
@@ -66,23 +67,18 @@ def shared_vocabulary(student_size: int, teacher_size: int, tokenizer=None) -> i
     entries at or beyond len(tokenizer), which no token id reaches. Without a tokenizer nothing
     tells padding from another tokenizer's vocabulary, so other sizes are refused; a tokenizer
     with more tokens than either model has entries is refused too."""
-    vocab = min(student_size, teacher_size)
-    sizes = f"student logits have {student_size} vocabulary entries, teacher logits {teacher_size}"
-    if tokenizer is None:
-        if student_size != teacher_size:
-            raise ValueError(
-                f"{sizes}; pass tokenizer= (the tokenizer both models use; with the Trainer, its "
-                f"processing_class serves) to compare them on the first {vocab}, allowed when the extra "
-                "entries are padding beyond len(tokenizer)"
-            )
-        return vocab
-    tokens = len(getattr(tokenizer, "tokenizer", tokenizer))  # (a processor's tokenizer)
-    if tokens > vocab:
+    if tokenizer is not None:
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # (a processor's tokenizer)
+        return _batching.shared_vocabulary([student_size, teacher_size], tokenizer, "logits: student, teacher",
+                                           "student and teacher")
+    if student_size != teacher_size:
         raise ValueError(
-            f"the tokenizer has {tokens} tokens but {sizes} ({vocab} at least): the vocabularies differ "
-            "beyond padding; student and teacher must share the tokenizer"
+            f"student logits have {student_size} vocabulary entries, teacher logits {teacher_size}; pass "
+            "tokenizer= (the tokenizer both models use; with the Trainer, its processing_class serves) to "
+            f"compare them on the first {min(student_size, teacher_size)}, allowed when the extra entries "
+            "are padding beyond len(tokenizer)"
         )
-    return vocab
+    return student_size
 
 
 def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss_fn, step: Optional[int] = None,

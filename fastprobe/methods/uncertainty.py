@@ -29,12 +29,13 @@ from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
 from ._batching import (
     as_texts, check_count, generate_settings, model_device, on_model, pad_or_eos, real_positions, require_pandas,
-    text_batches,
+    shared_vocabulary, text_batches,
 )
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
 
 MEASURES = ("epistemic", "jsd", "kl_mixture_target")  # summed and averaged per sequence
+_SHARERS = "the drafts and the target"  # (shared_vocabulary's error)
 
 
 def _check_models(drafts, weights, temperature) -> list:
@@ -60,19 +61,6 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return logits
 
 
-def _shared_vocabulary(sizes: Sequence[int], tokenizer, what: str = "logits") -> int:
-    """The vocabulary the models share, min(sizes) (their logits, or their input embeddings:
-    `what`), or a ValueError if the tokenizer has more tokens than that."""
-    vocab = min(sizes)
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"the models' vocabularies ({', '.join(map(str, sizes))} {what}) differ beyond padding: the tokenizer "
-            f"has {len(tokenizer)} tokens, more than the smallest model has; the drafts must share the "
-            "target's tokenizer"
-        )
-    return vocab
-
-
 def _embedding_rows(model) -> Optional[int]:
     """Rows of model's input-embedding table; None where the model does not tell."""
     try:
@@ -84,12 +72,12 @@ def _embedding_rows(model) -> Optional[int]:
 
 
 def _check_input_embeddings(models: Sequence, tokenizer) -> None:
-    """Every model's input-embedding table holds the tokenizer's ids (_shared_vocabulary's rule),
+    """Every model's input-embedding table holds the tokenizer's ids (shared_vocabulary's rule),
     checked before any forward pass: a smaller table fails deep inside torch's embedding. (Models
     that do not tell their table's size are skipped; their logits are checked as they come.)"""
     sizes = [rows for rows in map(_embedding_rows, models) if rows is not None]
     if sizes:
-        _shared_vocabulary(sizes, tokenizer, "input embeddings")
+        shared_vocabulary(sizes, tokenizer, "input embeddings", _SHARERS)
 
 
 def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tensor:
@@ -104,8 +92,8 @@ def _stacked_drafts(drafts, batch: dict, scored: torch.Tensor, target_rows: torc
     stacked = None
     for k, draft in enumerate(drafts):
         rows = _scored_rows(draft, batch, scored, target_rows.device)
-        vocab = _shared_vocabulary([target_rows.shape[-1], rows.shape[-1]] +
-                                   ([stacked.shape[-1]] if stacked is not None else []), tokenizer)
+        vocab = shared_vocabulary([target_rows.shape[-1], rows.shape[-1]] +
+                                  ([stacked.shape[-1]] if stacked is not None else []), tokenizer, "logits", _SHARERS)
         # the widest dtype of the target and the drafts so far (never narrower than the stack)
         dtype = torch.promote_types(target_rows.dtype if stacked is None else stacked.dtype, rows.dtype)
         if stacked is None or dtype != stacked.dtype:  # the first draft, or a wider dtype than so far
