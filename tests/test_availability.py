@@ -14,6 +14,8 @@ from fastprobe.methods import availability
 from fastprobe.ops.concepts import answer_variants
 from fastprobe.models import DEMO_TEXTS, tiny_model, tiny_tokenizer
 
+from .dropout_helpers import check_eval_mode, with_dropout
+
 pytest.importorskip("transformers")
 pandas = pytest.importorskip("pandas")
 
@@ -205,6 +207,33 @@ def test_sequence_log_probs_equals_teacher_forcing(tokenizer, arch):
     assert availability.sequence_log_probs(model, [], []).shape == (0,)
     with pytest.raises(ValueError, match="at least one token"):
         availability.sequence_log_probs(model, [[]], [[3]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_left_in_train_mode_is_measured_without_dropout(tokenizer, arch):
+    """answer_availability (with and without generate), greedy_answers and sequence_log_probs of a
+    model in train mode with dropout (mixed flags) give what they give in eval mode, and every
+    module's flag comes back, also after a failed forward. (They ran with dropout on.)"""
+    model = with_dropout(tiny_model(arch, vocab_size=len(tokenizer), seed=3))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+
+    def measure():
+        generated = availability.answer_availability(model, tokenizer, PROMPTS[:3], ANSWERS[:3], batch_size=2,
+                                                     max_new_tokens=3, progress=False)
+        scored = availability.answer_availability(model, tokenizer, PROMPTS[:3], ANSWERS[:3], generate=False,
+                                                  batch_size=2, progress=False)
+        answers = availability.greedy_answers(model, tokenizer, PROMPTS[:2], max_new_tokens=3)
+        log_probs = availability.sequence_log_probs(model, [[1, 40, 41], [1, 7]], [[5, 6], [9, 10, 11]])
+        return generated, scored, answers, log_probs
+
+    def compare(got, want):
+        pandas.testing.assert_frame_equal(got[0], want[0])
+        pandas.testing.assert_frame_equal(got[1], want[1])
+        assert got[2] == want[2]
+        torch.testing.assert_close(got[3], want[3], rtol=0, atol=0)
+
+    check_eval_mode([model], measure, compare)
 
 
 @pytest.mark.parametrize("answers, options, match", [

@@ -50,3 +50,33 @@ def test_generate_settings_fold_into_a_copy_of_a_passed_generation_config():
     assert generate_settings(model, 7, {"do_sample": False}) == {"do_sample": False, "pad_token_id": 7}
     model.generation_config.pad_token_id = 0
     assert generate_settings(model, 7, {}, max_new_tokens=2) == {"max_new_tokens": 2}
+
+
+def test_eval_mode_turns_dropout_off_and_gives_every_module_its_flag_back():
+    """eval_mode(*models): every module of the models in eval mode inside the block, and each
+    module's own training flag back afterwards (mixed flags too: model.train(flag) on the model
+    would set them all alike), also when the block raises; a module shared by two models once."""
+    import pytest
+
+    from fastprobe.methods._batching import eval_mode
+
+    from .dropout_helpers import training_flags, with_dropout
+
+    model = with_dropout(tiny_model("gpt2", vocab_size=64, num_layers=2, resid_pdrop=0.5, embd_pdrop=0.5))
+    other = torch.nn.Sequential(torch.nn.Dropout(0.5), model.transformer.h[0])  # shares a block with model
+    other.train()
+    before = training_flags(model), training_flags(other)
+    assert len(set(before[0].values())) == 2  # (mixed)
+    ids = torch.randint(0, 64, (2, 9))
+    with eval_mode(model, other):
+        assert not any(module.training for module in (*model.modules(), *other.modules()))
+        inside = model(ids).logits
+    assert (training_flags(model), training_flags(other)) == before
+    with pytest.raises(ZeroDivisionError), eval_mode(model, other):
+        1 / 0
+    assert (training_flags(model), training_flags(other)) == before
+    model.eval()
+    torch.testing.assert_close(inside, model(ids).logits, rtol=0, atol=0)
+    with eval_mode(model):  # all in eval mode already: left alone
+        assert not any(module.training for module in model.modules())
+    assert not any(module.training for module in model.modules())

@@ -96,3 +96,26 @@ def test_fused_linear_refuses_an_empty_vocabulary():
         with pytest.raises(ValueError, match=r"student_weight.*V = 0"):
             fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=chunk_rows)(hidden, torch.randn(0, 8), t_hidden,
                                                                        torch.randn(0, 8))
+
+
+@pytest.mark.parametrize("module", [fp.BridgeLoss, fp.FusedLinearBridgeLoss], ids=lambda m: m.__name__)
+def test_unsetting_the_only_beta_is_refused_at_the_assignment(module):
+    """beta = None on a module without a schedule (or total_steps = None on one with only a
+    schedule) leaves it no beta: a ValueError naming the option at the assignment, the module
+    unchanged. (It raised a TypeError from the loss at the next call.) With a schedule, beta may
+    be unset, and a fixed beta lets the schedule go."""
+    fixed = module(beta=0.5)
+    before = dict(vars(fixed))
+    with pytest.raises(ValueError, match="beta = None.*beta_start, beta_end and total_steps"):
+        fixed.beta = None
+    assert vars(fixed) == before
+    scheduled = module(beta_start=0.0, beta_end=1.0, total_steps=10)
+    before = dict(vars(scheduled))
+    with pytest.raises(ValueError, match="total_steps = None"):
+        scheduled.total_steps = None
+    assert vars(scheduled) == before
+    both = module(beta=0.5, beta_start=0.0, beta_end=1.0, total_steps=10)
+    both.beta = None
+    assert both.beta_at(5) == 0.5 and both.beta_at(None) == 0.0
+    both.beta, both.total_steps = 0.25, None
+    assert both.beta_at(5) == 0.25

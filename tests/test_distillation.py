@@ -10,6 +10,8 @@ import fastprobe as fp
 from fastprobe.methods.distillation import distillation_loss, next_token_targets, trainer_compute_loss
 from fastprobe.models import tiny_tokenizer
 
+from .dropout_helpers import check_eval_mode, training_flags, with_dropout
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -245,3 +247,49 @@ def test_the_teacher_builds_no_kv_cache():
         handle.remove()
     assert caches == [None]
     torch.testing.assert_close(loss, teacher_forced_loss(student, teacher, inputs, 101, beta=0.5))
+
+
+def test_a_teacher_left_in_train_mode_runs_without_dropout():
+    """A teacher in train mode with dropout (mixed flags) gives the loss of the teacher in eval
+    mode, and every module's flag comes back, also after a failed teacher forward; the student
+    runs in the mode it is in (training, dropout on). (The teacher ran with dropout on: a noisy
+    target.)"""
+    student, teacher = with_dropout(tiny_gpt2(seed=0)), with_dropout(tiny_gpt2(seed=1))
+    student_flags = training_flags(student)
+    inputs = batch()
+    seen = []
+    student.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    with torch.no_grad():
+        twin = copy.deepcopy(student).eval()  # the student's logits without its dropout, for the check
+
+    def measure():
+        # the student's dropout drawn from a fixed seed, so that only the teacher's could differ
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))[0]
+
+    check_eval_mode([teacher], measure, lambda got, want: torch.testing.assert_close(got, want, rtol=0, atol=0))
+    assert training_flags(student) == student_flags and seen and all(seen)
+    loss = measure()
+    assert not torch.allclose(loss, teacher_forced_loss(twin, teacher, inputs, 101, beta=0.5))  # student: dropout
+
+
+def test_the_teachers_floating_inputs_take_its_dtype():
+    """A bfloat16 teacher of a float32 student: floating inputs (here inputs_embeds; pixel values
+    likewise) reach it in bfloat16, ids and masks as they are, and the caller's tensors are left
+    alone. (They reached it in float32: a dtype error in its first layer norm.)"""
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1).to(torch.bfloat16)
+    inputs = batch()
+    inputs["inputs_embeds"] = student.transformer.wte(inputs.pop("input_ids")).detach()
+    kept = {name: value.clone() for name, value in inputs.items()}
+    seen = {}
+    teacher.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    loss, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))
+    assert seen["inputs_embeds"].dtype == torch.bfloat16 and seen["attention_mask"].dtype == torch.long
+    assert all(torch.equal(inputs[name], kept[name]) and inputs[name].dtype == kept[name].dtype for name in kept)
+    with torch.no_grad():
+        mask = inputs["attention_mask"]
+        s_logits = student(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask).logits[:, :-1]
+        t_logits = teacher(inputs_embeds=inputs["inputs_embeds"].bfloat16(), attention_mask=mask).logits[:, :-1]
+    keep = inputs["labels"][:, 1:] != -100
+    torch.testing.assert_close(loss, fp.bridge_loss(s_logits[keep], t_logits[keep].float(), beta=0.5))

@@ -14,6 +14,7 @@ from fastprobe.integrations import attention_layers, is_patched, patch_options
 from fastprobe.methods import guidance
 from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
 
+from .dropout_helpers import check_eval_mode, with_dropout
 from .transformers_helpers import cached_keys_values, generated_cache
 
 transformers = pytest.importorskip("transformers")
@@ -200,6 +201,24 @@ def test_gamma_zero_is_plain_generation(model, processor, images, rows):
     assert torch.equal(guided.sequences, plain.sequences)
     assert_logits_close(guided.logits, plain.logits)
     assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_left_in_train_mode_generates_without_dropout(model, processor, images):
+    """guided_generate and two_pass_generate with a model in train mode with dropout (mixed flags)
+    give what they give in eval mode, and every module's flag comes back, also after a failed
+    forward. (They generated with dropout on; a guided layer with attention dropout refused to run.)"""
+    with_dropout(model)
+
+    def measure():
+        return (guidance.guided_generate(model, processor, images, PROMPTS, gamma=2.0, **GREEDY),
+                guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, **GREEDY))
+
+    def compare(got, want):
+        for one, other in zip(got, want):
+            assert torch.equal(one.sequences, other.sequences)
+            assert_logits_close(one.logits, other.logits, rtol=0, atol=0)
+
+    check_eval_mode([model], measure, compare)
 
 
 @pytest.mark.parametrize("rows, layers", [("all", [0, 1]), ("last", [1])])

@@ -14,6 +14,7 @@ from fastprobe.integrations import is_patched, patch_options
 from fastprobe.methods import sinks
 from fastprobe.models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
 
+from .dropout_helpers import check_eval_mode, with_dropout
 from .transformers_helpers import patch_or_skip
 
 pytest.importorskip("transformers")
@@ -285,6 +286,25 @@ def test_perplexity_is_batch_and_padding_independent(tokenizer):
     assert sinks.perplexity(model, tokenizer, TEXTS[:1]) == pytest.approx(loss.exp().item(), rel=1e-5)
     with pytest.raises(ValueError, match="texts is empty"):
         sinks.perplexity(model, tokenizer, [])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_left_in_train_mode_is_measured_without_dropout(tokenizer, arch):
+    """score_heads and perplexity of a model in train mode with dropout (mixed flags) are those of
+    the model in eval mode, and every module's flag comes back, also after a failed forward. (They
+    ran with dropout on: random, unrepeatable figures; a patched layer with attention dropout
+    refused to run at all.)"""
+    model = with_dropout(planted_model(tokenizer) if arch == "llama" else
+                         tiny_model("gpt2", vocab_size=len(tokenizer), num_layers=2))
+
+    def measure():
+        table = sinks.score_heads(model, tokenizer, TEXTS[:3], batch_size=2, progress=False)
+        return table["sink_score"].to_numpy(), sinks.perplexity(model, tokenizer, TEXTS[:3], batch_size=2)
+
+    def compare(got, want):
+        assert got[0].tolist() == want[0].tolist() and got[1] == want[1]
+
+    check_eval_mode([model], measure, compare)
 
 
 def test_plot_sink_heads(tokenizer, tmp_path, monkeypatch):

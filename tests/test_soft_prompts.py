@@ -13,6 +13,8 @@ import torch
 from fastprobe.methods import soft_prompts as sp
 from fastprobe.models import DEMO_TEXTS, IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model, tiny_tokenizer
 
+from .dropout_helpers import check_eval_mode, with_dropout
+
 pytest.importorskip("transformers")
 
 TEXTS = [DEMO_TEXTS[2], "Hello there.", DEMO_TEXTS[9]]  # three lengths: every row but one is padded
@@ -318,6 +320,19 @@ def test_each_call_draws_fresh_vectors_and_generates_from_them(tokenizer):
     assert_same_generation(again, first)  # the returned vectors are the ones generation used
     seeded = [sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=3, **GREEDY) for _ in range(2)]
     assert_same_generation(seeded[0], seeded[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_left_in_train_mode_generates_without_dropout(tokenizer, arch):
+    """soft_prompt_generate with a model in train mode with dropout (mixed flags) gives what it
+    gives in eval mode (seeded soft vectors), and every module's flag comes back, also after a
+    failed forward. (It generated with dropout on: random beyond the soft vectors' randomness.)"""
+    model = with_dropout(tiny_model(arch, vocab_size=len(tokenizer)))
+
+    def measure():
+        return sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=2, **GREEDY)
+
+    check_eval_mode([model], measure, assert_same_generation)
 
 
 def test_a_tokenizer_without_pad_token_borrows_eos(tokenizer):

@@ -12,6 +12,8 @@ import fastprobe as fp
 from fastprobe.methods import uncertainty
 from fastprobe.models import DEMO_TEXTS, tiny_model, tiny_tokenizer
 
+from .dropout_helpers import check_eval_mode, with_dropout
+
 pytest.importorskip("transformers")
 pandas = pytest.importorskip("pandas")
 
@@ -205,6 +207,27 @@ def test_bad_weights_are_refused_before_any_model_runs(tokenizer, models, monkey
         for function in (uncertainty.token_uncertainty, uncertainty.generate_with_uncertainty):
             with pytest.raises(ValueError, match="weights"):
                 function(target, drafts, tokenizer, TEXTS[:2], weights=weights, progress=False)
+
+
+def test_models_left_in_train_mode_are_measured_without_dropout(tokenizer):
+    """token_uncertainty and generate_with_uncertainty with a target and drafts in train mode with
+    dropout (mixed flags) give what they give in eval mode, and every module's flag comes back,
+    also after a failed forward. (They ran with dropout on: random, unrepeatable uncertainty.)"""
+    target = with_dropout(sharp_model(tokenizer, "gpt2", seed=0))
+    drafts = [with_dropout(sharp_model(tokenizer, seed=1)), with_dropout(sharp_model(tokenizer, "gpt2", seed=2))]
+
+    def measure():
+        tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:3], batch_size=2, progress=False)
+        generated = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river", "Stars"],
+                                                          max_new_tokens=3, do_sample=False, progress=False)
+        return tokens, generated
+
+    def compare(got, want):
+        pandas.testing.assert_frame_equal(got[0], want[0])
+        assert got[1][0] == want[1][0]
+        pandas.testing.assert_frame_equal(got[1][1], want[1][1])
+
+    check_eval_mode([target, *drafts], measure, compare)
 
 
 # ---------------------------------------------------------------- generation

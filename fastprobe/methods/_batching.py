@@ -46,6 +46,26 @@ def model_device(model) -> torch.device:
 
 
 @contextlib.contextmanager
+def eval_mode(*models) -> Iterator[None]:
+    """The models in eval mode for the duration (no dropout: a measurement is reproducible and
+    the same as from a model loaded for inference), then every module's own training flag back as
+    it was, mixed flags included, also when the block raises. Models already in eval mode are
+    left alone. (Each flag is put back on its module alone: module.train(flag) would set the
+    module's children too.)"""
+    flags = {id(module): (module, module.training) for model in models for module in model.modules()}
+    if not any(training for _, training in flags.values()):
+        yield
+        return
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in flags.values():
+            module.training = training
+
+
+@contextlib.contextmanager
 def padding_ready(tokenizer) -> Iterator[None]:
     """Batches need a pad token: a tokenizer without one (GPT-2's) borrows its eos token for the
     duration. The tokenizer's padding side is kept; the attention mask makes either side right."""
@@ -134,14 +154,21 @@ def learned_positions(model) -> Optional[int]:
     return context if any(context <= table.num_embeddings <= context + 2 for table in tables) else None
 
 
+def moved_to(model, inputs: Mapping) -> dict:
+    """A copy of a mapping of model inputs with its tensors on the model's device, the floating
+    ones (pixel values, input embeddings) in its parameters' dtype, the others (ids, masks) in
+    their own; other values as they are."""
+    parameter = next(model.parameters())
+    return {name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+            if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+
 def on_model(model, batch) -> dict:
     """A copy of a batch of model inputs on the model's device (floating tensors, e.g. pixel
     values, in its dtype), with position_ids counted over real tokens where the model takes them
     and the batch has none (not for multimodal rotary positions, which the model computes), and
     without them where the model does not take them."""
-    parameter = next(model.parameters())
-    moved = {name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
-             if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+    moved = moved_to(model, batch)
     takes = takes_position_ids(model)
     if not takes:
         moved.pop("position_ids", None)

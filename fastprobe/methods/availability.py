@@ -36,7 +36,7 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, forward_parameters, generate_settings, on_model, output_cache, pad_or_eos,
+    as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, on_model, output_cache, pad_or_eos,
     require_pandas, text_batches,
 )
 
@@ -128,7 +128,8 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
     at least one token). Each distinct prefix runs once, batch_size at a time, keeping its KV
     cache; the continuations of those prefixes then run from copies of their cache rows,
     batch_size at a time: a prefix shared by many continuations (an answer's surface forms after
-    one prompt) is not run again for each."""
+    one prompt) is not run again for each. The model runs in eval mode (no dropout), each
+    module's training flag restored afterwards."""
     temperature = check_temperature(temperature)
     if len(prefixes) != len(continuations):
         raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
@@ -137,14 +138,15 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
     distinct = list(dict.fromkeys(tuple(p) for p in prefixes))
     prefix_of = [distinct.index(tuple(p)) for p in prefixes]
     totals = torch.zeros(len(prefixes), dtype=torch.float64)
-    for start in range(0, len(distinct), batch_size):
-        ids, prefix_mask = _padded(distinct[start:start + batch_size], pad_id, left=True)
-        output = model(**on_model(model, {"input_ids": ids, "attention_mask": prefix_mask}), use_cache=True,
-                       **_logits_to_keep(model, 1))
-        members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
-        totals[members] = _after_prefill(model, output.logits[:, -1], _cache_object(output), prefix_mask,
-                                         [prefix_of[j] - start for j in members], [continuations[j] for j in members],
-                                         temperature, pad_id, batch_size)
+    with eval_mode(model):
+        for start in range(0, len(distinct), batch_size):
+            ids, prefix_mask = _padded(distinct[start:start + batch_size], pad_id, left=True)
+            output = model(**on_model(model, {"input_ids": ids, "attention_mask": prefix_mask}), use_cache=True,
+                           **_logits_to_keep(model, 1))
+            members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
+            totals[members] = _after_prefill(model, output.logits[:, -1], _cache_object(output), prefix_mask,
+                                             [prefix_of[j] - start for j in members],
+                                             [continuations[j] for j in members], temperature, pad_id, batch_size)
     return totals
 
 
@@ -315,10 +317,10 @@ def _prompt_cache(cache, prompt_length: int):
 def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_new_tokens: int = 8,
                    batch_size: int = 8, max_length: int = 512, progress: bool = False) -> list[str]:
     """The model's greedy answer to every prompt (max_new_tokens at most, special tokens
-    skipped), batched with left padding."""
+    skipped), batched with left padding, in eval mode (as sequence_log_probs)."""
     check_count(max_new_tokens, "max_new_tokens")
     answers = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
                                   prompts=True, position_ids=False, new_tokens=max_new_tokens):
             answers += _greedy(model, tokenizer, batch, max_new_tokens)[0]
@@ -341,7 +343,8 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     (batch_size, truncated to max_length tokens); multi-token variants are scored by teacher
     forcing in batches of the same size, from the KV cache of the prompts' one pass (generate's,
     cut back to the prompts, with generate=True; a model with sliding-window or chunked layers,
-    whose cache has dropped old keys by then, runs the prompts once more)."""
+    whose cache has dropped old keys by then, runs the prompts once more). The model runs in eval
+    mode (no dropout), each module's training flag restored afterwards."""
     pandas = require_pandas()
     prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)
@@ -350,7 +353,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     # tokens that follow a prompt: generate's, and a multi-token variant's but its last (teacher forcing)
     new_tokens = max([max_new_tokens if generate else 0] + [len(s) - 1 for answer in gold for s in answer.multi])
     parts, generated, first = [], [], 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
                                   prompts=True, position_ids=not generate, new_tokens=new_tokens):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]

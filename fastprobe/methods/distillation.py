@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import _batching
-from ._batching import forward_parameters, model_device
+from ._batching import eval_mode, forward_parameters, moved_to
 
 __all__ = ["check_labels", "distillation_loss", "next_token_targets", "shared_vocabulary", "trainer_compute_loss"]
 
@@ -89,17 +89,18 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     loss_fn.ignore_index (check_labels). Vocabularies that differ only by padding rows beyond
     the tokenizer's tokens (e.g. 32000 vs 32064) are compared on the shared first V entries;
     that takes the tokenizer both models use (shared_vocabulary). A teacher on another device
-    (a second GPU, or the CPU) gets the inputs there and hands its logits back."""
+    (a second GPU, or the CPU) or in another dtype gets the inputs there, floating ones (pixel
+    values) in its dtype, and hands its logits back. The teacher runs in eval mode (no dropout: a
+    fixed target), each of its modules' training flags restored afterwards; the student runs as
+    it is (train mode for training)."""
     labels = inputs.get("labels")
     check_labels(labels, loss_fn.ignore_index)
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
     student_outputs = student(**model_inputs)
-    teacher_device = model_device(teacher)
-    teacher_inputs = {name: value.to(teacher_device) if isinstance(value, torch.Tensor) else value
-                      for name, value in model_inputs.items()}
+    teacher_inputs = moved_to(teacher, model_inputs)  # (ids and masks keep their dtype)
     if "use_cache" not in teacher_inputs and "use_cache" in forward_parameters(teacher):
         teacher_inputs["use_cache"] = False  # (one pass: no KV cache of every layer held at its peak)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(teacher):
         teacher_logits = teacher(**teacher_inputs).logits
     student_logits = student_outputs.logits
     vocab = shared_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], tokenizer)

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._batching import CACHE_NAMES, as_texts, cache_argument, generate_settings, output_cache
+from ._batching import CACHE_NAMES, as_texts, cache_argument, eval_mode, generate_settings, output_cache
 from ..integrations.transformers import (
     ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with,
 )
@@ -159,11 +159,14 @@ def guided_generate(
 
     Raises TypeError for a model whose config names no image token (not a VLM) or a processor
     without an image processor, ValueError for a prompt without an image token and for layers out
-    of range (fastprobe.integrations.attention_layers(model) are the layers)."""
+    of range (fastprobe.integrations.attention_layers(model) are the layers). The model generates
+    in eval mode (no dropout), each module's training flag restored afterwards; inside guidance()
+    and two_pass_contrast() your own calls run in the mode you leave the model in."""
     _image_token_id(model, processor)
     options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps)
     settings = generate_settings(model, _pad_id(processor), generate_kwargs)
-    with guidance(model, **options):  # the options are checked before the processor runs
+    # (the options are checked before the processor runs)
+    with guidance(model, **options), eval_mode(model):
         batch = prepare_inputs(model, processor, images, prompts)
         return model.generate(**batch, **settings)
 
@@ -314,10 +317,11 @@ def two_pass_generate(
     """Two-pass contrastive decoding (the baseline guided_generate is compared with): the
     processor's batch (left padded), then model.generate inside two_pass_contrast(model, alpha).
     Two forwards per step, two KV caches (beam search reorders both). Returns what generate
-    returns; alpha = 0 gives plain generation exactly. Raises as guided_generate."""
+    returns; alpha = 0 gives plain generation exactly. Raises as guided_generate, and generates
+    in eval mode likewise."""
     _image_token_id(model, processor)
     _check_alpha(alpha)
     settings = generate_settings(model, _pad_id(processor), generate_kwargs)
     batch = prepare_inputs(model, processor, images, prompts)
-    with two_pass_contrast(model, alpha=alpha):
+    with two_pass_contrast(model, alpha=alpha), eval_mode(model):
         return model.generate(**batch, **settings)

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ._batching import require_pandas, text_batches
+from ._batching import eval_mode, require_pandas, text_batches
 from ..ops._common import check_int
 from ..integrations.transformers import (
     attention_layers, is_patched, patch, patch_options, patched_with, record_attention, unpatch, update_patch,
@@ -46,9 +46,11 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
     model runs under fastprobe.record_attention (patched for the call if it is not already; a
     patched model keeps its options, so heads it prunes score 0, except stat_tokens, which is 1
     for the call: an option of the model, so for other threads' forwards on it meanwhile too).
+    The model runs in eval mode (no dropout), each module's training flag restored afterwards.
     progress: a tqdm bar."""
     pandas = require_pandas()
-    with torch.no_grad(), patched_with(model, stat_tokens=1), record_attention(model, statistics="sink_mass") as record:
+    with torch.no_grad(), eval_mode(model), patched_with(model, stat_tokens=1), \
+            record_attention(model, statistics="sink_mass") as record:
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
             model(**batch)
     scores = record.sink_mass.float().cpu()  # [layers, heads]
@@ -273,9 +275,9 @@ def restore_heads(model) -> None:
 def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
                progress: bool = False) -> float:
     """exp(mean next-token negative log-likelihood) of a causal language model over every real
-    (non-padded) predicted token of `texts`, batched like score_heads."""
+    (non-padded) predicted token of `texts`, batched like score_heads (in eval mode likewise)."""
     total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "perplexity"):
             logits = getattr(model(**batch), "logits", None)
             if logits is None:

@@ -44,7 +44,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from ._batching import as_texts, check_count, generate_settings, learned_positions, pad_or_eos, padding_ready
+from ._batching import (
+    as_texts, check_count, eval_mode, generate_settings, learned_positions, pad_or_eos, padding_ready,
+)
 
 __all__ = [
     "EmbeddingGaussian", "draw_soft_prompts", "fit_embedding_gaussian", "soft_prompt_generate", "soft_prompt_inputs",
@@ -403,7 +405,9 @@ def soft_prompt_generate(
     Returns what generate returns (the new token ids [B, new] by default), or (that, the soft
     prompts [B, n, H]) with return_soft_prompts=True. n = 0 gives plain generation. The seed
     covers the soft vectors only, not generate's sampling; the num_return_sequences copies of a
-    row share its soft prompt."""
+    row share its soft prompt. The model generates in eval mode (no dropout: the randomness is
+    the soft vectors'), each module's training flag restored afterwards; soft_prompt_inputs leaves
+    the mode of your own calls to you."""
     n = check_count(n, "n", 0)
     _check_seed(seed)
     _, weight = _input_embeddings(model)
@@ -416,6 +420,6 @@ def soft_prompt_generate(
         raise ValueError(f"max_new_tokens={new_tokens}: {_room_message(model, limit, longest, n)}")
     soft = draw_soft_prompts(model, n, rows=ids.shape[0], gaussian=gaussian, per_dimension=per_dimension, seed=seed)
     inputs = soft_prompt_inputs(model, ids, mask, soft_prompts=soft)
-    with _position_guard(model, None if new_tokens is not None else limit, longest, n):
+    with _position_guard(model, None if new_tokens is not None else limit, longest, n), eval_mode(model):
         output = model.generate(**inputs, **settings)
     return (output, soft) if return_soft_prompts else output

@@ -28,7 +28,7 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
 from ._batching import (
-    as_texts, check_count, generate_settings, model_device, on_model, pad_or_eos, real_positions, require_pandas,
+    as_texts, check_count, eval_mode, generate_settings, model_device, on_model, pad_or_eos, real_positions, require_pandas,
     shared_vocabulary, text_batches,
 )
 
@@ -151,12 +151,13 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     token_id, token (decoded), epistemic, jsd, kl_mixture_target, target_entropy and
     mixture_entropy (nats). Texts are batched (padding on the tokenizer's side does not change
     the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
-    (default uniform); temperature divides every logit."""
+    (default uniform); temperature divides every logit. The models run in eval mode (no
+    dropout), each module's training flag restored afterwards."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     _check_input_embeddings([target, *drafts], tokenizer)
     texts = as_texts(texts)
     tables, first = [], 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(target, *drafts):
         for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty",
                                   readers=drafts):
             real = batch["attention_mask"] != 0
@@ -212,7 +213,8 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     num_return_sequences = n (sampling several continuations of a prompt) there are n
     continuations per prompt, prompt after prompt: the table's text is the continuation's
     index, prompt its prompt's. Beam search is refused: its per-step logits belong to beams
-    that are reordered and dropped, not to the returned sequences."""
+    that are reordered and dropped, not to the returned sequences. The models run in eval mode,
+    as token_uncertainty's."""
     config = generate_kwargs.get("generation_config") or target.generation_config  # (what generate starts from)
     sampling = bool(generate_kwargs.get("do_sample", config.do_sample))
     if temperature is None:
@@ -229,7 +231,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
                                  **({"temperature": temperature} if sampling else {}))
     eos_ids = _eos_ids(config, generate_kwargs)
     generated, tables, first = [], [], 0
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(target, *drafts):
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
                                   prompts=True, position_ids=False, readers=drafts, new_tokens=max_new_tokens):
             prompt_length = batch["input_ids"].shape[1]

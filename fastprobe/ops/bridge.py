@@ -358,9 +358,17 @@ class _LossOptions:
         "reduction": lambda value: _check_choice(value, "reduction", REDUCTIONS),
     }
 
+    # beta comes from a fixed beta or a schedule (total_steps): unsetting one needs the other
+    _BETA_SOURCES = {"beta": "total_steps", "total_steps": "beta"}
+
     def __setattr__(self, name, value) -> None:
         check = self._OPTION_CHECKS.get(name)
-        super().__setattr__(name, value if check is None else check(value))
+        value = value if check is None else check(value)
+        other = self._BETA_SOURCES.get(name)
+        if value is None and other is not None and other in vars(self) and vars(self)[other] is None:
+            raise ValueError(f"{name} = None would leave the loss without a beta ({other} is None too): give beta, "
+                             "or beta_start, beta_end and total_steps for a schedule")
+        super().__setattr__(name, value)
 
     def _init_beta(self, beta, beta_start, beta_end, total_steps) -> None:
         if total_steps is None and beta is None:
