@@ -34,10 +34,10 @@ class Raised(Exception):
     """What the failing_forward hook raises."""
 
 
-def failing_forward(model):
-    """A forward hook on model's last leaf module that raises Raised (after the method has put the
-    model in eval mode); returns its handle."""
-    leaf = [module for module in model.modules() if not list(module.children())][-1]
+def failing_forward(model, module=None):
+    """A forward hook on `module` (default: model's last leaf module) that raises Raised (after the
+    method has put the model in eval mode); returns its handle."""
+    leaf = module if module is not None else [module for module in model.modules() if not list(module.children())][-1]
 
     def fail(module, args, output):
         raise Raised("a forward failed")
@@ -45,15 +45,16 @@ def failing_forward(model):
     return leaf.register_forward_hook(fail)
 
 
-def check_eval_mode(models, measure, compare) -> None:
+def check_eval_mode(models, measure, compare, raise_in=None) -> None:
     """measure() (a method's call on `models`, left in train mode by with_dropout) leaves every
     module's training flag as it was, also when a forward raises inside it, and gives what it
     gives with the models in eval mode (compare(got, wanted) asserts it); the models end in eval
-    mode."""
+    mode. raise_in: the module whose forward raises (default: each model's last leaf; give one
+    that runs when the method stops before the last leaf)."""
     before = [training_flags(model) for model in models]
     got = measure()
     assert [training_flags(model) for model in models] == before
-    handles = [failing_forward(model) for model in models]
+    handles = [failing_forward(model, raise_in) for model in models]
     try:
         with pytest.raises(Raised):
             measure()

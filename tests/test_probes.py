@@ -16,6 +16,8 @@ from fastprobe.methods.probes import (
 )
 from fastprobe.models import DEMO_TEXTS, IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model, tiny_tokenizer
 
+from .dropout_helpers import check_eval_mode, with_dropout
+
 pytest.importorskip("transformers")
 
 TEXTS = DEMO_TEXTS[:5]  # different lengths; batch_size=2 leaves a short last batch
@@ -553,3 +555,20 @@ def test_training_touches_no_other_generator(monkeypatch):
     torch.rand(5)  # another global state: the same probe
     second = train_probe(features, labels, kind="mlp", epochs=2, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first.probe.state_dict().values(), second.probe.state_dict().values()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_left_in_train_mode_gives_its_inference_states(tokenizer, arch):
+    """Collecting runs the model in eval mode (dropout off: the states of a model loaded for
+    inference), each module's training flag back afterwards, also when a forward raises."""
+    model = with_dropout(tiny_model(arch, vocab_size=len(tokenizer), num_layers=3))
+
+    def measure():
+        return collect_hidden_states(model, tokenizer, TEXTS, layers=[0, 2], pool=None, batch_size=2,
+                                     progress=False)
+
+    def compare(got, wanted):
+        for layer in (0, 2):
+            torch.testing.assert_close(got[layer], wanted[layer], rtol=0, atol=0)
+
+    check_eval_mode([model], measure, compare, raise_in=transformer_blocks(model)[1])

@@ -18,7 +18,8 @@ hidden_states[-1]; layer -1 here is the last block's raw output). The blocks are
 transformer_blocks(model): model.layers (Llama family), transformer.h (GPT-2), encoder.layer
 (BERT), a vision-language model's language model.
 
-Collecting is a forward pass with a forward hook on each chosen block, under torch.no_grad, without
+Collecting is a forward pass with a forward hook on each chosen block, under torch.no_grad and in
+eval mode (no dropout; every module's training flag restored afterwards), without
 output_hidden_states, attention weights or a KV cache; the hook of the deepest chosen block stops
 the pass, so deeper blocks (and the LM head) never run. Pooling: "last" (each row's last real
 token, for left or right padding), "mean" (over real tokens), or None (every token: [N, T, H]
@@ -41,7 +42,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ._batching import check_count, forward_parameters, last_real_index, model_device, on_model, text_batches
+from ._batching import check_count, eval_mode, forward_parameters, last_real_index, model_device, on_model, text_batches
 
 __all__ = [
     "AttentiveProbe", "HiddenStates", "LinearProbe", "MLPProbe", "ProbeFit", "collect_hidden_states",
@@ -278,7 +279,7 @@ def _collect(model, blocks: list, layers: list[int], batches: Iterable[dict], po
     collector = _Collector(blocks, layers, pool, device, dtype)
     options = _quiet_options(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # (no dropout; each module's flag back afterwards)
             for batch in batches:
                 collector.run(model, batch, options)
     finally:
