@@ -35,6 +35,21 @@ def skip_flex_unless_timed(impl: str, device: str) -> None:
         pytest.skip(f"FlexAttention needs torch 2.5+ (this is {torch.__version__})")
 
 
+def on_sdpa_backend(backend: str, call):
+    """`call` with SDPA pinned to one backend (a torch.nn.attention.SDPBackend name, e.g.
+    "CUDNN_ATTENTION": on Hopper faster than the flash backend that SDPA's fixed priority picks
+    first). Where that backend has no kernel for a case, SDPA raises: skip_unless_sdpa_backend_runs."""
+
+    def pinned(*inputs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return call(*inputs)
+
+    pinned.__name__ = pinned.__qualname__ = f"{call.__name__}_on_{backend.lower()}"
+    return pinned
+
+
 def skip_unless_sdpa_backend_runs(impl: str, call, inputs: tuple) -> None:
     """Skips a row pinned to one SDPA backend (impl "sdpa-cudnn...") where that backend has no kernel
     for the case (its device, dtype, shape or torch version), with torch's reasons; a row that

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on a CUDA machine that already has torch and triton, in one call that fits a short device
-# lease: installs fastprobe (no build isolation, no downloads; wheels carried in .whl/, such as
-# liger-kernel from bench/gpu_wheels.sh, go to a private site folder), runs the GPU tests, then
+# lease: installs fastprobe (no build isolation, no downloads: the editable wheel with the C++
+# compiled ahead, .whl/fastprobe from bench/gpu_wheels.sh, where it matches this tree, else `pip
+# install -e .` compiles it here; wheels carried in .whl/, such as liger-kernel from
+# bench/gpu_wheels.sh, go to a private site folder), runs the GPU tests, then
 # the benchmarks, and writes logs, the tests' JUnit XML, one pytest-benchmark JSON and its table
 # to OUTDIR (default bench/results; 8 files at most, what a device call brings back: setup.log,
 # gpu-tests.log / .xml, warm-up.log, bench.log, the JSON, table.md, triton-compiles.log). FAMILY...
@@ -20,7 +22,8 @@
 # attention suite's ~60 rows) cannot leave the last ones no time. GPU_WARM_PROCS=0: no warm-up.
 #
 # With the attention family, setup.log also gets bench/host_overhead.py's table (host vs GPU
-# time of a few attention calls, at most a minute).
+# time of a few attention calls) and bench/host_python.py's, within GPU_HOST_PERCENT (default 15)
+# of the budget.
 # Kernels compiled ahead: `python bench/precompile_triton.py` (Python 3.12 + triton 3.6.0, see its
 # docstring) here, right before the device call, then carry .triton-cache as well (with .whl).
 # This script unpacks it into TRITON_CACHE_DIR; setup.log says whether its keys match this
@@ -31,7 +34,9 @@
 #      kernels run their first pruned config (FASTPROBE_AUTOTUNE=0);
 #   2. a warm-up pass (at most 40% of the rest): every fastprobe and compiled peer benchmark runs
 #      once, in parallel processes, so that Triton's and inductor's compilations (on the CPU)
-#      land in their on-disk caches and the timed pass, which autotunes, mostly loads them;
+#      land in their on-disk caches and the timed pass, which autotunes, mostly loads them; its
+#      autotuners compile (or load, from the archive) and run each config once, untimed
+#      (bench/_warm_up.py: their choices die with the warm-up's processes);
 #   3. the timed benchmarks, one pytest process per family, in turn (then, for divergence,
 #      bench/sweep_divergence.py): a sticky CUDA error (an illegal memory access fails every later
 #      CUDA call of its process) costs its own family's rows, not the later families'. Each family
@@ -61,7 +66,7 @@ sweep=0 # the divergence kernel's config sweep at the end (bench/NOTES.md)
 [[ " ${families[*]} " == *" divergence "* ]] && sweep=1
 reserve=$((20 + 40 * sweep)) # seconds kept for the table at the end (and the sweep)
 # how this run was started, for the JSON (bench/conftest.py) and so for report.py's list of runs
-knobs=$(env | grep -E '^GPU_(DRY_RUN|BENCH_SELECT|FAMILY_MIN_S|WARM_PROCS|TEST_PROCS|TESTS_ONLY)=' | sort \
+knobs=$(env | grep -E '^GPU_(DRY_RUN|BENCH_SELECT|FAMILY_MIN_S|WARM_PROCS|TEST_PROCS|TESTS_ONLY|HOST_PERCENT)=' | sort \
   | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')
 export FASTPROBE_BENCH_COMMAND="GPU_BUDGET_S=$budget ${knobs}bash bench/gpu.sh OUTDIR ${families[*]}"
 mkdir -p "$outdir"
@@ -86,8 +91,16 @@ elif compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     >>"$setup_log" 2>&1 && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
-[ "$dry_run" -eq 1 ] || python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_log" 2>&1 \
-  || { tail -30 "$setup_log"; exit 1; }
+# fastprobe: the editable wheel whose C++ bench/gpu_wheels.sh compiled ahead (.whl/fastprobe, where it
+# was built from this tree's C++ and for this Python: bench/prebuilt.py), else compiled here as before
+if [ "$dry_run" -ne 1 ]; then
+  start=$(date +%s)
+  python3 -m bench.prebuilt install .whl/fastprobe >>"$setup_log" 2>&1 \
+    || { echo "== compiling fastprobe here (pip install -e .)" >>"$setup_log"
+         python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$setup_log" 2>&1; } \
+    || { tail -30 "$setup_log"; exit 1; }
+  echo "== fastprobe installed in $(($(date +%s) - start)) s" >>"$setup_log"
+fi
 if [ "$dry_run" -ne 1 ] && [ -f .triton-cache/kernels.tar.xz ]; then # kernels compiled ahead (bench/precompile_triton.py)
   export TRITON_CACHE_DIR=/tmp/fastprobe-triton-cache FASTPROBE_TRITON_LOG=/tmp/fastprobe-triton-compiles.log
   export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:+$PYTEST_ADDOPTS }-p bench.precompile_triton" # logs each compile
@@ -95,10 +108,24 @@ if [ "$dry_run" -ne 1 ] && [ -f .triton-cache/kernels.tar.xz ]; then # kernels c
   python3 -m bench.precompile_triton --install "$TRITON_CACHE_DIR" 2>&1 | tee -a "$setup_log"
 fi
 python3 -m fastprobe.cli info 2>&1 | tee -a "$setup_log"
-if [[ " ${families[*]} " == *" attention "* ]]; then # host and GPU shares of a few attention calls
-  timeout 60 python3 -m bench.host_overhead >>"$setup_log" 2>&1 || echo "host_overhead.py: exit $?" >>"$setup_log"
-  # the same Python path with Triton's run stubbed, as on the project's CPU machine (how fast this host runs it)
-  timeout 60 python3 -m bench.host_python >>"$setup_log" 2>&1 || echo "host_python.py: exit $?" >>"$setup_log"
+if [[ " ${families[*]} " == *" attention "* ]]; then
+  # host and GPU shares of a few attention calls (host_overhead), and the same Python path with
+  # Triton's run stubbed, as on the project's CPU machine (host_python: how fast this host runs it).
+  # One deadline for both, GPU_HOST_PERCENT (default 15) of the time left before the reserve: they
+  # stop between cases once it has passed (bench/_deadline.py); one still running 10 s after it
+  # is interrupted (what it printed stays in setup.log), and one that would start later is skipped.
+  now=$(date +%s)
+  host_deadline=$((now + (end - reserve - now) * ${GPU_HOST_PERCENT:-15} / 100))
+  echo "== $(date -u +%T) host-time scripts (deadline in $((host_deadline - now)) s)" >>"$setup_log"
+  for script in host_overhead host_python; do
+    limit=$((host_deadline + 10 - $(date +%s)))
+    if [ "$limit" -le 10 ]; then
+      echo "bench/$script.py: skipped, past the host scripts' deadline" >>"$setup_log"
+      continue
+    fi
+    FASTPROBE_DEADLINE=$host_deadline timeout -s INT -k 5 "$limit" python3 -m "bench.$script" >>"$setup_log" 2>&1 \
+      || echo "bench/$script.py: exit $?" >>"$setup_log"
+  done
 fi
 
 parallel=()
@@ -141,7 +168,7 @@ fi
 
 if [ "$tests_only" -ne 1 ]; then
   if [ ${#parallel[@]} -gt 0 ] && [ "${GPU_WARM_PROCS:-4}" -gt 0 ]; then
-    run_phase 40 0 "$outdir/warm-up.log" "${benches[@]}" \
+    run_phase 40 0 "$outdir/warm-up.log" "${benches[@]}" -p bench._warm_up \
       -k "($select) and (fastprobe or flex or compile or liger)" --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
     tail -5 "$outdir/warm-up.log"
   fi

@@ -12,7 +12,8 @@ per call on this project's CPU machine. This script splits each call's time into
           forward: host time overlaps the GPU's, so the larger of the two shows);
 medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one, and
 one prefill launch split into Triton's binder and its launcher, beside a few host primitives.
-It runs in bench/gpu.sh before the benchmarks (into setup.log), and alone:
+It runs in bench/gpu.sh before the benchmarks (into setup.log), where the cases left when its
+deadline (FASTPROBE_DEADLINE, bench/_deadline.py) has passed are skipped, and alone:
 
     python3 bench/host_overhead.py
 
@@ -39,6 +40,11 @@ import torch.nn.functional as F
 import fastprobe as fp
 from fastprobe.kernels import attention as triton_attention
 from fastprobe.ops.attention import prepare_key_groups
+
+try:
+    from bench._deadline import past_deadline
+except ImportError:  # run as a script (bench/ itself on sys.path)
+    from _deadline import past_deadline
 
 ROUNDS = 200
 
@@ -262,6 +268,9 @@ def main() -> None:
     print(f"{'call':34s} {'host us':>9s} {'graph us':>9s} {'whole us':>9s} {'b2b us':>9s}")
     slowest, slowest_host = None, 0.0
     for name, call in cases().items():
+        if past_deadline():  # (bench/gpu.sh's FASTPROBE_DEADLINE: each case compiles, then times)
+            print(f"{name:34s} skipped: past the deadline (FASTPROBE_DEADLINE)")
+            continue
         for _ in range(10):  # compile, autotune, caches
             call()
         host, whole = medians(call)
@@ -272,6 +281,9 @@ def main() -> None:
               + (f"  ({why})" if why else ""))
         if name.startswith("fastprobe") and host > slowest_host:
             slowest, slowest_host = (name, call), host
+    if slowest is None or past_deadline():
+        print("cProfile and the launch's parts skipped: past the deadline (FASTPROBE_DEADLINE)")
+        return
     name, call = slowest
     profiler = cProfile.Profile()
     profiler.enable()

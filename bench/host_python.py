@@ -3,7 +3,8 @@ bfloat16 CPU tensors forced onto the Triton path, with Triton's JITFunction.run 
 no-op (so: the op layer, the launcher and the autotune lookup; not Triton's binder, the CUDA
 launch or torch's CUDA allocations, which bench/host_overhead.py sees on a GPU). Each case is
 timed as it runs now and as it ran before kernels/_launch.py (every launch through
-triton.autotune's run(), triton.cdiv and triton.next_power_of_2), interleaved, best of 6 x 1000.
+triton.autotune's run(), triton.cdiv and triton.next_power_of_2), interleaved, best of 6 x 1000
+(fewer rounds, or none, once bench/gpu.sh's FASTPROBE_DEADLINE has passed: bench/_deadline.py).
 
     python bench/host_python.py
 """
@@ -18,6 +19,11 @@ from triton.runtime.jit import JITFunction
 import fastprobe as fp
 from fastprobe.kernels import attention as triton_attention
 from fastprobe.ops import attention as attention_ops
+
+try:
+    from bench._deadline import past_deadline
+except ImportError:  # run as a script (bench/ itself on sys.path)
+    from _deadline import past_deadline
 
 
 class _Chosen(dict):
@@ -55,6 +61,9 @@ def main() -> None:
     for name, call in cases.items():
         best = {}
         for _ in range(6):
+            if past_deadline():  # (bench/gpu.sh's FASTPROBE_DEADLINE: the rounds so far, or none)
+                print(f"{name}: {'rounds cut' if best else 'skipped'}: past the deadline (FASTPROBE_DEADLINE)")
+                break
             for label, helpers in (("before", before), ("now", now)):
                 triton_attention.launch_tuned, triton_attention.next_pow2, triton_attention.cdiv = helpers
                 for _ in range(100):
@@ -63,7 +72,8 @@ def main() -> None:
                 for _ in range(1000):
                     call()
                 best[label] = min(best.get(label, float("inf")), (time.perf_counter() - start) / 1000 * 1e6)
-        print(f"{name}: before {best['before']:.1f} us, now {best['now']:.1f} us per call")
+        if len(best) == 2:
+            print(f"{name}: before {best['before']:.1f} us, now {best['now']:.1f} us per call")
 
 
 if __name__ == "__main__":

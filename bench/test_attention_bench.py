@@ -84,14 +84,10 @@ def sdpa_causal(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
 
 
-def sdpa_cudnn(q, k, v):
-    """SDPA on its cuDNN backend: on Hopper faster than the flash backend that SDPA's fixed priority
-    picks first (transformers prefers cuDNN there), so the stronger SDPA peer on an H200. Where
-    cuDNN has no kernel for a case the row skips (_memory.skip_unless_sdpa_backend_runs)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+# SDPA on its cuDNN backend: on Hopper faster than the flash backend that SDPA's fixed priority picks
+# first (transformers prefers cuDNN there), so the stronger SDPA peer on an H200. Where cuDNN has no
+# kernel for a case the row skips (_memory.skip_unless_sdpa_backend_runs).
+sdpa_cudnn = _memory.on_sdpa_backend("CUDNN_ATTENTION", sdpa_causal)
 
 
 def eager_with_weights(q, k, v):
@@ -340,11 +336,7 @@ def test_attention_variant(benchmark, device, family, impl, request):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def sdpa_flash(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+sdpa_flash = _memory.on_sdpa_backend("FLASH_ATTENTION", sdpa_causal)
 
 
 @functools.lru_cache(maxsize=None)

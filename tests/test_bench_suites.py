@@ -233,6 +233,44 @@ def test_attention_peers_compute_what_fastprobe_computes(uncompiled, monkeypatch
             torch.testing.assert_close(dual.IMPLS[name](*inputs), want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_dual_path_sdpa_peers_time_only_their_attention():
+    """The dual-path SDPA peers take their mask as an input, made outside the timed call as every
+    other peer's (they made the causal and text masks inside it, ~2% of their time): a call makes no
+    boolean [.., L, L] tensor. The cuDNN row (both calls on SDPA's cuDNN backend) skips, with torch's
+    reason, where that backend has no kernel (here: the CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from bench import _memory
+    from bench import test_dual_attention_bench as dual
+
+    inputs = dual.make_inputs("cpu", 1, 2, 600, 8, torch.float32)
+    length = inputs[0].shape[2]
+
+    class MasksMade(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.made += [str(func) for value in tree_leaves(out) if isinstance(value, torch.Tensor)
+                          and value.dtype == torch.bool and tuple(value.shape[-2:]) == (length, length)]
+            return out
+
+    peers = [name for name in dual.IMPLS if name.startswith("sdpa") and "cudnn" not in name]
+    assert peers
+    with torch.no_grad():
+        for name in peers:
+            dual.IMPLS[name](*inputs)  # (as measure's untimed first call)
+            with MasksMade() as mode:
+                dual.IMPLS[name](*inputs)
+            assert mode.made == [], f"{name} made masks inside its call: {mode.made}"
+        assert "sdpa-cudnn-two-calls" in dual.IMPLS
+        with pytest.raises(pytest.skip.Exception, match="sdpa-cudnn-two-calls: SDPA's backend has no kernel"):
+            _memory.skip_unless_sdpa_backend_runs("sdpa-cudnn-two-calls", dual.IMPLS["sdpa-cudnn-two-calls"], inputs)
+
+
 def test_flex_rows_skip_where_they_are_not_timed(monkeypatch):
     """A FlexAttention row skips on the CPU and, on CUDA, with a torch that has no FlexAttention
     (torch 2.4: its import would fail the row); every other row, and flex on a CUDA torch 2.5+, runs."""
@@ -346,6 +384,136 @@ def test_gpu_sh_returns_each_family_as_it_ends(tmp_path):
     names = [bench["name"] for bench in json.loads(merged.read_text())["benchmarks"]]
     assert names == ["test_draft_divergence_step[cpu-fastprobe-step]"]
     assert "| draft_divergence_step | CPU" in (outdir / "table.md").read_text()
+
+
+def test_host_scripts_stop_at_the_deadline(monkeypatch, capsys):
+    """bench/host_overhead.py and host_python.py run in bench/gpu.sh's budget under FASTPROBE_DEADLINE
+    (bench/_deadline.py), as the pytest phases do: past it they time no further case (they used to
+    run on for up to 60 s each whatever the budget had left)."""
+    import os
+    import time
+
+    pytest.importorskip("triton")
+    from bench import host_overhead
+
+    monkeypatch.setenv("FASTPROBE_DEADLINE", str(time.time() - 1))
+    ran = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "a GPU")
+    monkeypatch.setattr(host_overhead, "cases", lambda: {name: lambda name=name: ran.append(name) for name in "ab"})
+    monkeypatch.setattr(host_overhead, "launch_parts", lambda: ran.append("launch_parts"))
+    host_overhead.main()
+    assert ran == [] and capsys.readouterr().out.count("past the deadline") == 3
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    run = subprocess.run([sys.executable, "-m", "bench.host_python"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("skipped: past the deadline") == 2 and "per call" not in run.stdout, run.stdout
+
+
+def test_gpu_sh_gives_the_host_scripts_a_deadline(tmp_path):
+    """bench/gpu.sh runs the host-time scripts (attention family) under one deadline, GPU_HOST_PERCENT
+    of the budget left before the reserve (here 1% of 40 s: none), and skips a script that would start
+    within 10 s of its end (they used to get 60 s each whatever the budget)."""
+    import os
+    import signal
+    import time
+
+    outdir = tmp_path / "out"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env.update(GPU_DRY_RUN="1", GPU_TEST_PROCS="0", GPU_WARM_PROCS="0", GPU_BUDGET_S="60", GPU_HOST_PERCENT="1")
+    run = subprocess.Popen(["bash", "bench/gpu.sh", str(outdir), "attention"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started = time.time()
+    try:  # (until the GPU tests' phase begins: the host scripts are done)
+        while run.poll() is None and not (outdir / "gpu-tests.log").exists() and time.time() < started + 200:
+            time.sleep(0.5)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    setup = (outdir / "setup.log").read_text()
+    assert "host-time scripts (deadline in 0 s)" in setup, setup[-3000:]
+    for script in ("host_overhead", "host_python"):
+        assert f"bench/{script}.py: skipped, past the host scripts' deadline" in setup, setup[-3000:]
+
+
+def test_warm_up_compiles_every_config_without_timing_it(monkeypatch):
+    """bench/gpu.sh's warm-up (`-p bench._warm_up`) runs each config of an autotuned kernel once (its
+    compile, or its load from the precompiled archive) and times none: its choices die with its
+    processes (the timed pass tunes again), so the timing was wasted device time."""
+    import functools
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(inspect.getattr_static(Autotuner, "do_bench", None), (property, functools.cached_property)):
+        pytest.skip("this Triton's autotuner times through a module function (3.0, 3.1): left timing")
+    monkeypatch.setattr(Autotuner, "do_bench", inspect.getattr_static(Autotuner, "do_bench"))  # (restored after)
+    from bench import _warm_up
+
+    _warm_up.pytest_configure(None)
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": block}) for block in (16, 32)], key=["n"])
+    @triton.jit
+    def kernel(x, n, BLOCK: triton.language.constexpr):
+        pass
+
+    launches = []
+    monkeypatch.setattr(kernel.fn, "run", lambda *args, **flags: launches.append(flags["BLOCK"]), raising=False)
+    monkeypatch.setattr(kernel, "nargs", {"x": torch.empty(4), "n": 4}, raising=False)  # (as its run() sets)
+    timings = [kernel._bench(torch.empty(4), 4, config=config) for config in kernel.configs]
+    assert launches == [16, 32] and timings == [[1.0, 1.0, 1.0]] * 2
+
+
+def test_prebuilt_wheel_is_used_only_for_the_tree_it_was_built_from(tmp_path, monkeypatch, capsys):
+    """bench/gpu.sh installs fastprobe from bench/gpu_wheels.sh's editable wheel (C++ compiled ahead,
+    bench/prebuilt.py) instead of compiling it in the device lease, only where the wheel's stamp is
+    this tree's: a changed C++ source or build file, or a module added, means `pip install -e .` as
+    before (nothing is installed); a Python module's edit does not (the finder maps onto the sources).
+    Installed, the finder's paths of the build tree are rewritten to this checkout's."""
+    import json
+    import shutil
+
+    from bench import prebuilt
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("CMakeLists.txt", "pyproject.toml"):
+        shutil.copy(ROOT / name, tree / name)
+    for folder in ("csrc", "fastprobe", "kernels"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    built = prebuilt.stamp(str(tree))
+    assert built == prebuilt.stamp(str(ROOT))
+    (tree / "kernels" / "attention.py").write_text((tree / "kernels" / "attention.py").read_text() + "\n# edited\n")
+    assert prebuilt.stamp(str(tree)) == built
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / prebuilt.STAMP_FILE).write_text(json.dumps(
+        {"stamp": built, "root": "/elsewhere/tree", "python": prebuilt.python_tag(), "wheel": "fastprobe.whl"}))
+    monkeypatch.setattr(prebuilt.subprocess, "run", lambda *args, **kwargs: pytest.fail(f"ran {args}"))
+    for change in ("csrc/common.h", "CMakeLists.txt", "fastprobe/ops/new_module.py"):
+        path = tree / change
+        path.write_text((path.read_text() if path.exists() else "") + "\n// changed\n")
+        assert prebuilt.stamp(str(tree)) != built, change
+        assert prebuilt.install(str(wheels), str(tree)) == 1
+        assert "built from other C++ sources" in capsys.readouterr().out
+        if (ROOT / change).exists():
+            shutil.copy(ROOT / change, path)
+        else:
+            path.unlink()
+    assert prebuilt.stamp(str(tree)) == built
+    # the finder as scikit-build-core writes it: paths of the build tree and of its parent
+    finder, pth = tmp_path / "_editable_skbc_fastprobe.py", tmp_path / "_editable_skbc_fastprobe.pth"
+    finder.write_text("install({'fastprobe': '/elsewhere/tree/fastprobe/__init__.py', 'fastprobe.kernels': "
+                      "'/elsewhere/tree/kernels/__init__.py'}, {'fastprobe._C': 'fastprobe/_C.so'}, "
+                      "{'fastprobe': ['/elsewhere/tree', '/elsewhere/tree/fastprobe', 'fastprobe']})\n")
+    pth.write_text("import _editable_skbc_fastprobe\n/elsewhere/tree\n/elsewhere\n")
+    assert prebuilt.relocate([str(finder), str(pth)], "/elsewhere/tree", "/run/here/repo") == 2
+    assert finder.read_text() == (
+        "install({'fastprobe': '/run/here/repo/fastprobe/__init__.py', 'fastprobe.kernels': "
+        "'/run/here/repo/kernels/__init__.py'}, {'fastprobe._C': 'fastprobe/_C.so'}, "
+        "{'fastprobe': ['/run/here/repo', '/run/here/repo/fastprobe', 'fastprobe']})\n")
+    assert pth.read_text() == "import _editable_skbc_fastprobe\n/run/here/repo\n/run/here\n"
 
 
 def test_report_names_the_runs_behind_its_rows(tmp_path, capsys, monkeypatch):
