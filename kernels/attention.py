@@ -1254,12 +1254,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     (B, Hq, Hkv, Lq, Lk, D, Dv)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D], [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv]")
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape != (B, Hkv, Lk, D) or v.shape != (B, Hkv, Lk, Dv) or Dv == 0 or Hkv == 0 or Hq % Hkv != 0:
+    (B, Hq, Lq, D), k_shape, v_shape = q.shape, k.shape, v.shape  # (each read once: a decoding step's launch)
+    _, Hkv, Lk, _ = k_shape
+    Dv = v_shape[3]
+    if k_shape != (B, Hkv, Lk, D) or v_shape != (B, Hkv, Lk, Dv) or Dv == 0 or Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             "k and v must be [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv] with Hq % Hkv == 0; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"got q {tuple(q.shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}"
         )
     if Lq > Lk:  # (queries are the last Lq of the Lk positions; the C++ kernels refuse this too)
         raise ValueError(f"q has Lq = {Lq} queries but k has only Lk = {Lk} keys: the queries are the last Lq of "
@@ -1268,9 +1269,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != dtype or v.dtype != dtype:
         raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
     _check_layout("out", out, (B, Hq, Lq, Dv), dtype, contiguous=False)
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):  # (d * stride_d is int32 math)
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit stride along its head dimension, got {x.stride(-1)}")
+    # (d * stride_d is int32 math; stride() whole: stride(-1) parses its argument, ~2x slower)
+    for name, x, width in (("q", q, D), ("k", k, D), ("v", v, Dv), ("out", out, Dv)):
+        if width > 1 and x.stride()[-1] != 1:
+            raise ValueError(f"{name} must have a unit stride along its head dimension, got {x.stride()[-1]}")
     return B, Hq, Hkv, Lq, Lk, D, Dv
 
 

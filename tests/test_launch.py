@@ -140,3 +140,29 @@ def test_settled_cache_keys_do_not_depend_on_what_was_hashed_first(monkeypatch):
     monkeypatch.undo()
     _rehash(_scale_kernel, _scaled)
     assert _scale_kernel.cache_key == helper_first  # (and what this Triton computes by itself)
+
+
+def test_attention_launcher_still_refuses_what_it_cannot_launch(captured_keys):
+    """The launcher's own checks (it is reachable past the op's): k and v of another batch or head
+    width, and a head dimension without a unit stride, are refused by name before any launch."""
+    q = torch.zeros(1, 4, 3, 16)
+    k = v = torch.zeros(1, 2, 5, 16)
+    stats = [torch.zeros(1, 4, 3) for _ in range(2)]
+    ends = torch.zeros(1, dtype=torch.int64)
+
+    def launch(q, k, v, out):
+        triton_attention.sink_attention(
+            q, k, v, out, *stats, None, None, scale=0.25, causal=True, window=0, key_real=None, sink_end=ends,
+            stat_end=ends, head_mask=None, sink_logit=None, key_groups=None, num_groups=1, split_keys=0,
+        )
+
+    with pytest.raises(ValueError, match="k and v must be"):
+        launch(q, torch.zeros(2, 2, 5, 16), v, torch.zeros_like(q))
+    with pytest.raises(ValueError, match="k and v must be"):
+        launch(q, torch.zeros(1, 2, 5, 8), v, torch.zeros_like(q))
+    with pytest.raises(ValueError, match="out must have a unit stride along its head dimension, got 2"):
+        launch(q, k, v, torch.zeros(1, 4, 3, 32)[..., ::2])
+    with pytest.raises(ValueError, match="v must have a unit stride along its head dimension, got 3"):
+        launch(q, k, torch.zeros(1, 2, 5, 48)[..., ::3], torch.zeros_like(q))
+    launch(q, k, torch.zeros(1, 2, 5, 3)[..., ::3], torch.zeros(1, 4, 3, 1))  # (a width of 1: any stride)
+    assert len(captured_keys) == 1

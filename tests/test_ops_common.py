@@ -318,3 +318,35 @@ def test_environment_variables_are_read_on_every_call(monkeypatch):
     monkeypatch.setattr(os, "environ", {"FASTPROBE_BACKEND": "reference", "TRITON_INTERPRET": "0"})
     assert backend.get_backend() == "reference"
     assert not backend.interpreter_enabled() and backend.autotune_enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64], ids=str)
+def test_new_output_like_is_fresh_poisoned_and_laid_out_as_its_model(dtype):
+    """new_output_like (an op's second and third statistics, made from the first): the model's
+    shape, strides, dtype and device, its own storage, and poisoned under test as new_output is."""
+    model = _common.new_output((2, 3, 5), torch.device("cpu"), dtype)
+    transposed = model.transpose(0, 2)  # (a dense layout other than the contiguous one keeps its strides)
+    for like in (model, transposed):
+        other = _common.new_output_like(like)
+        assert (other.shape, other.stride(), other.dtype, other.device) == (like.shape, like.stride(), like.dtype,
+                                                                             like.device)
+        assert other.untyped_storage().data_ptr() != like.untyped_storage().data_ptr()
+        assert bool(other.isnan().all() if dtype.is_floating_point else (other == -1).all())
+
+
+def test_auto_backend_follows_each_device_type():
+    """resolve keeps each device's type after the first call (device.type makes a new string
+    per read): devices of different types, and of one type with other indices, still get their
+    own backend, in any order."""
+    from fastprobe import backend
+
+    if backend.get_backend() != "auto":
+        pytest.skip("a backend is forced in this run")
+    cpu_backend = "cpp" if backend.cpp_status()[0] else "reference"
+    cuda_backend = "triton" if backend._triton_installed() and not backend.interpreter_enabled() else "reference"
+    expected = {torch.device("cpu"): cpu_backend, torch.device("meta"): "reference",
+                torch.device("cuda", 0): cuda_backend, torch.device("cuda", 1): cuda_backend}
+    for _ in range(2):
+        for device, chosen in [*expected.items(), *reversed(expected.items())]:
+            assert backend.resolve(device, torch.float32, "op") == chosen, device
+            assert backend.resolve(device, torch.float64, "op") == "reference", device

@@ -38,6 +38,15 @@ def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = 
     return output
 
 
+def new_output_like(output: torch.Tensor) -> torch.Tensor:
+    """A fresh output of `output`'s shape, strides, dtype and device (poisoned under test): ~0.2 us
+    less than new_output, which parses them again."""
+    other = torch.empty_like(output)
+    if POISON_OUTPUTS:
+        other.fill_(float("nan") if output.dtype.is_floating_point else -1)
+    return other
+
+
 def is_compiling() -> bool:
     """True while torch.compile traces: data-dependent checks (host syncs) are skipped then."""
     return torch.compiler.is_compiling()

@@ -24,7 +24,7 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_dtype, check_float32_range, check_int,
     check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output,
-    on_device, output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
+    new_output_like, on_device, output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
 )
 
 __all__ = [
@@ -295,9 +295,9 @@ def _outputs(q: torch.Tensor, value_dim: int, num_groups: Optional[int], return_
     stats_shape, stats_dtype, device = (batch, num_heads, num_queries), output_dtype(q), q.device
     out = new_attention_output(q, value_dim)
     lse = new_output(stats_shape, device, stats_dtype)
-    sink_mass = new_output(stats_shape, device, stats_dtype)
+    sink_mass = new_output_like(lse)
     group_mass = None if num_groups is None else new_output((*stats_shape, num_groups), device, stats_dtype)
-    entropy = new_output(stats_shape, device, stats_dtype) if return_entropy else None
+    entropy = new_output_like(lse) if return_entropy else None
     return out, lse, sink_mass, group_mass, entropy
 
 
@@ -687,7 +687,7 @@ def _check_prepared(prepared: NamedTuple, field: str, argument: str, maker: str,
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """The kernels read the head dimension contiguously; other strides are free."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return x if x.stride()[-1] == 1 else x.contiguous()  # (stride() whole: stride(-1) parses its argument, ~2x slower)
 
 
 def _check_softcap(softcap) -> float:
@@ -748,7 +748,9 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     window = 0 if window is None else check_int(window, "window", 1)
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
-    spans = check_segments(segment_ids, (batch, num_keys), q)
+    keys = (batch, num_keys)
+    # (the options a plain call leaves None skip their checks' calls: a decoding step pays these per layer)
+    spans = None if segment_ids is None else check_segments(segment_ids, keys, q)
     if isinstance(key_padding_mask, KeyMasks):
         masks = _check_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q, spans is not None)
     else:
@@ -756,7 +758,7 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
             check_same_device(q, "q", key_padding_mask, "key_padding_mask")
         masks = key_masks(key_padding_mask, batch, num_keys, num_sink=num_sink, stat_tokens=stat_tokens,
                           device=q.device, segment_ids=spans)
-    head_keep = check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
+    head_keep = None if head_mask is None else check_mask(head_mask, "head_mask", (num_heads,), "[Hq]", q)
     if sink_logit is not None:
         if not isinstance(sink_logit, torch.Tensor) or not sink_logit.is_floating_point():
             raise TypeError("sink_logit must be a floating-point tensor of shape [Hq]")
@@ -765,8 +767,10 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
         if tuple(sink_logit.shape) != (num_heads,):
             raise ValueError(f"sink_logit must have shape [Hq] = [{num_heads}], got {tuple(sink_logit.shape)}")
         sink_logit = sink_logit.to(output_dtype(q)).contiguous()
-    groups, num_groups = _check_key_groups(key_groups, num_groups, (batch, num_keys), q)
-    start, horizon = key_bounds(bidirectional_blocks, spans, (batch, num_keys), num_queries, causal, q)
+    groups, num_groups = _check_key_groups(key_groups, num_groups, keys, q)
+    start = horizon = None
+    if bidirectional_blocks is not None or spans is not None:
+        start, horizon = key_bounds(bidirectional_blocks, spans, keys, num_queries, causal, q)
     return dict(
         q=q, k=k, v=v,
         scale=check_scale(scale, head_dim), causal=causal, window=window, key_real=masks.key_real,
