@@ -238,7 +238,7 @@ def test_dual_path_sdpa_peers_time_only_their_attention():
     other peer's (they made the causal and text masks inside it, ~2% of their time): a call makes no
     boolean [.., L, L] tensor. The cuDNN row (both calls on SDPA's cuDNN backend) skips, with torch's
     reason, where that backend has no kernel (here: the CPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
 
     from bench import _memory
@@ -247,12 +247,12 @@ def test_dual_path_sdpa_peers_time_only_their_attention():
     inputs = dual.make_inputs("cpu", 1, 2, 600, 8, torch.float32)
     length = inputs[0].shape[2]
 
-    class MasksMade(TorchDispatchMode):
-        def __init__(self):
+    class MasksMade(TorchFunctionMode):  # (torch-level calls: not SDPA's own internals, as torch 2.4's
+        def __init__(self):               # math path negating a boolean mask)
             super().__init__()
             self.made = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.made += [str(func) for value in tree_leaves(out) if isinstance(value, torch.Tensor)
                           and value.dtype == torch.bool and tuple(value.shape[-2:]) == (length, length)]
