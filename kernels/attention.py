@@ -62,7 +62,7 @@ the launch plumbing (config lists, register-model pruning, decode plan, launch).
 # constexpr only when its annotation is the tl.constexpr object, not the string "tl.constexpr".
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -1288,14 +1288,10 @@ def _head_blocks(head_dim: int) -> tuple:
     return whole, 0
 
 
-def _dot_flags(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
-    """The constexprs of the products every attention kernel shares (one dict per combination,
-    made once: callers only read it)."""
-    return _dot_flags_of(dtype, head_dim, value_dim, interpreter_enabled())
-
-
 @functools.lru_cache(maxsize=None)
-def _dot_flags_of(dtype: torch.dtype, head_dim: int, value_dim: int, interpreted: bool) -> dict:
+def _dot_flags(dtype: torch.dtype, head_dim: int, value_dim: int, interpreted: bool) -> dict:
+    """The constexprs of the products every attention kernel shares (one dict per combination,
+    made once: callers only read it). interpreted: interpreter_enabled(), read once per launch."""
     block_d, block_dt = _head_blocks(head_dim)
     return dict(
         HEAD_DIM=head_dim,
@@ -1307,6 +1303,68 @@ def _dot_flags_of(dtype: torch.dtype, head_dim: int, value_dim: int, interpreted
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=interpreted and dtype == torch.bfloat16,  # the interpreter's bfloat16 dot (see _dot)
     )
+
+
+def _split_rows(rows: int) -> int:
+    """BLOCK_R: a decode program's (Hq / Hkv) Lq query rows, padded (>= 16, for tl.dot)."""
+    return _next_pow2_at_least(rows, 16)
+
+
+class _Options(NamedTuple):
+    """Everything sink_attention's constexprs follow: the key of _fwd_flags and _decode_flags,
+    which build each combination's constexprs once (a decoding step's launch only looks them up)."""
+
+    dtype: torch.dtype
+    head_dim: int
+    value_dim: int
+    interpreted: bool  # interpreter_enabled()
+    causal: bool
+    has_key_real: bool
+    has_horizon: bool
+    has_start: bool
+    row_ends: bool  # sink_end / stat_end per query position
+    has_head_mask: bool
+    has_sink_logit: bool
+    num_groups: int  # 0: no key groups
+    entropy: bool
+    softcap: bool  # a soft cap c > 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_flags(options: _Options) -> dict:
+    """The prefill kernel's constexprs (made once per combination: callers only read them)."""
+    return dict(
+        G_PAD=_next_pow2_at_least(max(options.num_groups, 1), 16),
+        CAUSAL=options.causal,
+        HAS_KEY_REAL=options.has_key_real,
+        HAS_HORIZON=options.has_horizon,
+        HAS_START=options.has_start,
+        ROW_ENDS=options.row_ends,
+        HAS_HEAD_MASK=options.has_head_mask,
+        HAS_SINK_LOGIT=options.has_sink_logit,
+        HAS_GROUPS=options.num_groups > 0,
+        ENTROPY=options.entropy,
+        HAS_SOFTCAP=options.softcap,
+        **_dot_flags(options.dtype, options.head_dim, options.value_dim, options.interpreted),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_flags(options: _Options, rows: int) -> tuple:
+    """(split kernel's, merge kernel's but S_PAD) constexprs of the decode path for `rows` =
+    (Hq / Hkv) Lq query rows per program (made once per combination: callers only read them).
+    The split kernel takes the prefill kernel's less HAS_SINK_LOGIT (the merge adds the sink)."""
+    flags, block_r = _fwd_flags(options), _split_rows(rows)
+    # the split kernel sums groups by masked row sums: one per padded group, not a >= 16 wide product
+    g_pad = _next_pow2_at_least(max(options.num_groups, 1), 2)
+    split = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
+    split.update(G_PAD=g_pad, BLOCK_R=block_r)
+    merge = dict(
+        VALUE_DIM=options.value_dim, BLOCK_DV=flags["BLOCK_DV"], BLOCK_R=block_r, G_PAD=g_pad,
+        HAS_HEAD_MASK=options.has_head_mask, HAS_SINK_LOGIT=options.has_sink_logit, HAS_GROUPS=flags["HAS_GROUPS"],
+        ENTROPY=options.entropy,
+    )  # fmt: skip
+    return split, merge
 
 
 def _decode_plan(q: torch.Tensor, Hkv: int, Lk: int, win: int, split_keys: Optional[int]):
@@ -1330,13 +1388,11 @@ def _decode_plan(q: torch.Tensor, Hkv: int, Lk: int, win: int, split_keys: Optio
     return splits, band_lo, band
 
 
-def _split_layout(q: torch.Tensor, Hkv: int, band: int, splits: int):
-    """(chunk, splits, BLOCK_R) of the decode path: keys per split, a multiple of _SPLIT_ALIGN
-    (so fewer splits may remain: none left empty by the rounding), and the padded query rows of
-    a program's tile (>= 16 for tl.dot)."""
+def _split_layout(band: int, splits: int):
+    """(chunk, splits) of the decode path: keys per split, a multiple of _SPLIT_ALIGN (so fewer
+    splits may remain: none left empty by the rounding)."""
     chunk = cdiv(cdiv(max(band, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    block_r = _next_pow2_at_least(q.shape[1] // Hkv * q.shape[2], 16)
-    return chunk, max(1, cdiv(band, chunk)), block_r
+    return chunk, max(1, cdiv(band, chunk))
 
 
 def _launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets=()):
@@ -1458,27 +1514,17 @@ def sink_attention(
     stride_r = key_real.stride() if key_real is not None else (0, 0)
     stride_g = key_groups.stride() if has_groups else (0, 0)
     stride_bounds = (horizon.stride(0) if has_horizon else 0, start.stride(0) if has_start else 0)
-    flags = dict(
-        G_PAD=_next_pow2_at_least(num_groups if has_groups else 1, 16),
-        CAUSAL=bool(causal),
-        HAS_KEY_REAL=key_real is not None,
-        HAS_HORIZON=has_horizon,
-        HAS_START=has_start,
-        ROW_ENDS=row_ends,
-        HAS_HEAD_MASK=head_mask is not None,
-        HAS_SINK_LOGIT=sink_logit is not None,
-        HAS_GROUPS=has_groups,
-        ENTROPY=entropy is not None,
-        HAS_SOFTCAP=softcap > 0,
-        **_dot_flags(q.dtype, D, Dv),
-    )
+    options = _Options(
+        q.dtype, D, Dv, interpreter_enabled(), bool(causal), key_real is not None, has_horizon, has_start, row_ends,
+        head_mask is not None, sink_logit is not None, num_groups if has_groups else 0, entropy is not None, softcap > 0,
+    )  # fmt: skip
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
     if splits > 0:
-        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
+        _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, options,
                       qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
     else:
-        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
-                    qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
+        _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds,
+                    _fwd_flags(options), qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -1529,23 +1575,20 @@ def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r
            _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
 
 
-def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
+def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, options,
                   qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    block_dv = flags["BLOCK_DV"]
-    # the split kernel sums groups by masked row sums: one per padded group, not a >= 16 wide product
-    g_pad = _next_pow2_at_least(num_groups if flags["HAS_GROUPS"] else 1, 2)
-    chunk, splits, block_r = _split_layout(q, Hkv, band, splits)
+    split_flags, merge_flags = _decode_flags(options, kv_group * Lq)
+    block_r, block_dv, g_pad = split_flags["BLOCK_R"], split_flags["BLOCK_DV"], split_flags["G_PAD"]
+    chunk, splits = _split_layout(band, splits)
     dev = q.device
     state = torch.empty((B * Hkv, splits, 4, block_r), dtype=torch.float32, device=dev)
     acc = torch.empty((B * Hkv, splits, block_r, block_dv), dtype=torch.float32, device=dev)
     grp = state  # a dummy unless HAS_GROUPS
-    if flags["HAS_GROUPS"]:
+    if split_flags["HAS_GROUPS"]:
         grp = torch.empty((B * Hkv, splits, block_r, g_pad), dtype=torch.float32, device=dev)
 
-    split_flags = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
-    split_flags.update(G_PAD=g_pad, BLOCK_R=block_r)
     args = (
         q, k, v, state, acc, grp, ptrs["key_real"], ptrs["horizon"], ptrs["start"], sink_end, stat_end, ptrs["head_mask"],
         ptrs["key_groups"], qk_scale, cap, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
@@ -1557,10 +1600,7 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     _attention_merge_kernel[(B * Hq * Lq,)](
         state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
         ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *out.stride(),
-        VALUE_DIM=flags["VALUE_DIM"], BLOCK_DV=block_dv, BLOCK_R=block_r, G_PAD=g_pad,
-        S_PAD=_next_pow2_at_least(splits, 1), HAS_HEAD_MASK=flags["HAS_HEAD_MASK"],
-        HAS_SINK_LOGIT=flags["HAS_SINK_LOGIT"], HAS_GROUPS=flags["HAS_GROUPS"], ENTROPY=flags["ENTROPY"],
-        num_warps=4,
+        **merge_flags, S_PAD=_next_pow2_at_least(splits, 1), num_warps=4,
     )  # fmt: skip
 
 

@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import interpreter_enabled
 from ._launch import settle_cache_keys
 from .attention import (
     _FWD_CONFIGS,
@@ -95,6 +96,7 @@ from .attention import (
     _split_keys,
     _split_layout,
     _split_program,
+    _split_rows,
     _store_partial,
     _store_rows,
     _tail_rows,
@@ -656,6 +658,22 @@ _dual_split_tuned = triton.autotune(
 )(_dual_split_kernel)
 
 
+@functools.lru_cache(maxsize=1024)
+def _dual_flags(dtype, head_dim, value_dim, interpreted, causal, has_key_real, has_horizon, has_start, orthogonalize,
+                write_paths, split_rows) -> tuple:
+    """(the kernel's constexprs, the guidance constexprs) for one combination of the options, made
+    once (callers only read them): split_rows 0: the prefill kernel's, which guides itself; else
+    the decode split kernel's for (Hq / Hkv) Lq = split_rows query rows per program (the merge
+    guides)."""
+    flags = dict(
+        CAUSAL=causal, HAS_KEY_REAL=has_key_real, HAS_HORIZON=has_horizon, HAS_START=has_start,
+        **_dot_flags(dtype, head_dim, value_dim, interpreted),
+    )
+    guidance = dict(ORTHOGONALIZE=orthogonalize, WRITE_PATHS=write_paths)
+    flags.update(guidance if split_rows == 0 else {"BLOCK_R": _split_rows(split_rows)})
+    return flags, guidance
+
+
 def dual_path_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -723,14 +741,11 @@ def dual_path_attention(
     q, qk_scale, _ = _base2_scale(q, float(scale), 0.0)  # scale log2(e), kept finite (q doubled past float max)
     # no window, or one at least as wide: one wider than any |p - j| (as in attention.sink_attention)
     win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
-    flags = dict(
-        CAUSAL=bool(causal), HAS_KEY_REAL=key_real is not None, HAS_HORIZON=has_horizon, HAS_START=has_start,
-        **_dot_flags(q.dtype, D, Dv),
-    )
-    guidance = dict(ORTHOGONALIZE=bool(orthogonalize), WRITE_PATHS=write_paths)
     kv_group = Hq // Hkv
     # the band [band_lo, Lk): keys any of the last Lq queries may see (no window: every key)
     splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
+    flags, guidance = _dual_flags(q.dtype, D, Dv, interpreter_enabled(), bool(causal), key_real is not None, has_horizon,
+                                  has_start, bool(orthogonalize), write_paths, kv_group * Lq if splits else 0)  # fmt: skip
     if splits == 0:
         buckets = _lq_lk_buckets(Lq, Lk)
         args = (
@@ -738,12 +753,12 @@ def dual_path_attention(
             float(eps), win, Hq, Lq, Lk, kv_group, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *stride_r, *drop.stride(), *rows.stride(), stride_h, stride_f, *buckets,
         )  # fmt: skip
-        _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args,
-                dict(flags, **guidance), _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
+        _launch(_dual_fwd_kernel, _dual_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args, flags,
+                _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
         return
 
-    chunk, splits, block_r = _split_layout(q, Hkv, band, splits)
-    block_dv = flags["BLOCK_DV"]
+    chunk, splits = _split_layout(band, splits)
+    block_r, block_dv = flags["BLOCK_R"], flags["BLOCK_DV"]
     state = torch.empty((B * Hkv, splits, 2, 2, block_r), dtype=torch.float32, device=q.device)
     acc = torch.empty((B * Hkv, splits, 2, block_r, block_dv), dtype=torch.float32, device=q.device)
     args = (
@@ -751,7 +766,7 @@ def dual_path_attention(
         splits, *q.stride(), *k.stride(), *v.stride(), *stride_r, *drop.stride(), stride_h, stride_f,
     )  # fmt: skip
     _launch(_dual_split_kernel, _dual_split_tuned, _SPLIT_CONFIGS, _prune_dual_split, (splits * B * Hkv,), args,
-            dict(flags, BLOCK_R=block_r), _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip
+            flags, _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip
     _dual_merge_kernel[(B * Hq * Lq,)](
         state, acc, out, cond, uncond, rows, float(gamma), float(eps), Hq, Hkv, Lq, kv_group, splits,
         *out.stride(), *rows.stride(),

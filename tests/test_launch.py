@@ -166,3 +166,151 @@ def test_attention_launcher_still_refuses_what_it_cannot_launch(captured_keys):
         launch(q, k, torch.zeros(1, 2, 5, 48)[..., ::3], torch.zeros_like(q))
     launch(q, k, torch.zeros(1, 2, 5, 3)[..., ::3], torch.zeros(1, 4, 3, 1))  # (a width of 1: any stride)
     assert len(captured_keys) == 1
+
+
+# ---- the constexprs each launch gets (kept per combination of options by the launchers) ----
+
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from fastprobe.kernels import dual_attention as triton_dual  # noqa: E402
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Every kernel launch as (kernel name, grid, {argument name: value}), none run: Triton's
+    JITFunction.run is replaced, so the launchers' real path (checks, constexprs, pruning without
+    a device, grids) is what is recorded. Untuned (FASTPROBE_AUTOTUNE=0: no benchmarking)."""
+    if not isinstance(triton_attention._attention_fwd_kernel, JITFunction):
+        pytest.skip("the kernels are the interpreter's here (TRITON_INTERPRET=1 before import)")
+    launches = []
+
+    def run(kernel, *args, grid, warmup, **kwargs):
+        named = dict(zip(kernel.arg_names, args), **kwargs)
+        launches.append((kernel.fn.__name__, grid(named) if callable(grid) else grid, named))
+
+    monkeypatch.setattr(JITFunction, "run", run)
+    monkeypatch.setenv("FASTPROBE_AUTOTUNE", "0")
+    return launches
+
+
+def _pad(n, least):  # max(least, the smallest power of two >= n)
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+# each on its own, all at once, none (then the same in reverse: a constexpr kept from another
+# combination would show)
+_ATTENTION_OPTIONS = [
+    {}, {"causal": False}, {"key_real": True}, {"horizon": True}, {"start": True}, {"row_ends": True},
+    {"head_mask": True}, {"sink_logit": True}, {"groups": 3}, {"groups": 20}, {"entropy": True}, {"softcap": 2.0},
+    {"causal": False, "key_real": True, "horizon": True, "start": True, "row_ends": True, "head_mask": True,
+     "sink_logit": True, "groups": 5, "entropy": True, "softcap": 1.5},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("split_keys", [0, 2], ids=["prefill", "split"])
+def test_attention_launches_get_the_constexprs_of_their_own_options(recorded_launches, monkeypatch, interpreted, dtype,
+                                                                   split_keys):  # fmt: skip
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreted else "0")  # (the launchers' branch and UPCAST)
+    B, Hq, Hkv, Lq, Lk, D, Dv = 2, 4, 2, 3, 40, 40, 24
+    for options in _ATTENTION_OPTIONS + _ATTENTION_OPTIONS[::-1]:
+        q, k = torch.zeros(B, Hq, Lq, D, dtype=dtype), torch.zeros(B, Hkv, Lk, D, dtype=dtype)
+        v = torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
+        out, stats = torch.zeros(B, Hq, Lq, Dv, dtype=dtype), [torch.zeros(B, Hq, Lq) for _ in range(3)]
+        groups = options.get("groups", 0)
+        ends = torch.zeros((B, Lk) if options.get("row_ends") else (B,), dtype=torch.int64)
+        given = dict(
+            key_real=torch.ones(B, Lk, dtype=torch.uint8) if options.get("key_real") else None,
+            horizon=torch.zeros(B, Lk, dtype=torch.int64) if options.get("horizon") else None,
+            start=torch.zeros(B, Lk, dtype=torch.int64) if options.get("start") else None,
+            head_mask=torch.ones(Hq, dtype=torch.uint8) if options.get("head_mask") else None,
+            sink_logit=torch.zeros(Hq) if options.get("sink_logit") else None,
+            key_groups=torch.zeros(B, Lk, dtype=torch.int32) if groups else None,
+        )
+        group_mass = torch.zeros(B, Hq, Lq, groups) if groups else None
+        entropy = stats[2] if options.get("entropy") else None
+        recorded_launches.clear()
+        triton_attention.sink_attention(
+            q, k, v, out, stats[0], stats[1], group_mass, entropy, scale=0.5, causal=options.get("causal", True),
+            window=0, sink_end=ends, stat_end=ends, num_groups=max(groups, 1), softcap=options.get("softcap", 0.0),
+            split_keys=split_keys, **given,
+        )  # fmt: skip
+        expected = dict(
+            CAUSAL=options.get("causal", True), HAS_KEY_REAL="key_real" in options, HAS_HORIZON="horizon" in options,
+            HAS_START="start" in options, ROW_ENDS="row_ends" in options, HAS_HEAD_MASK="head_mask" in options,
+            HAS_GROUPS=groups > 0, ENTROPY="entropy" in options, HAS_SOFTCAP="softcap" in options, HEAD_DIM=D,
+            VALUE_DIM=Dv, BLOCK_DV=_pad(Dv, 16), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            UPCAST=interpreted and dtype == torch.bfloat16,
+        )  # fmt: skip
+        merged = {}
+        if split_keys:
+            (split, split_grid, split_args), (merge, merge_grid, merge_args) = recorded_launches
+            assert (split, merge) == ("_attention_split_kernel", "_attention_merge_kernel")
+            block_r, splits = _pad(Hq // Hkv * Lq, 16), split_args["num_splits"]
+            assert split_grid == (splits * B * Hkv,) and merge_grid == (B * Hq * Lq,)
+            assert merge_args["num_splits"] == splits
+            launched = split_args
+            expected.update(G_PAD=_pad(max(groups, 1), 2), BLOCK_R=block_r)
+            merged = dict(VALUE_DIM=Dv, BLOCK_DV=_pad(Dv, 16), BLOCK_R=block_r, G_PAD=_pad(max(groups, 1), 2),
+                          S_PAD=_pad(splits, 1), HAS_HEAD_MASK="head_mask" in options,
+                          HAS_SINK_LOGIT="sink_logit" in options, HAS_GROUPS=groups > 0, ENTROPY="entropy" in options)
+            assert {name: merge_args[name] for name in merged} == merged, options
+            assert "HAS_SINK_LOGIT" not in split_args  # (the merge adds the sink logit)
+        else:
+            ((kernel, grid, launched),) = recorded_launches
+            assert kernel == "_attention_fwd_kernel"
+            assert grid == (-(-Lq // launched["BLOCK_M"]) * B * Hq,)
+            expected.update(G_PAD=_pad(max(groups, 1), 16), HAS_SINK_LOGIT="sink_logit" in options)
+        assert {name: launched[name] for name in expected} == expected, options
+        for name, tensor in given.items():  # what is given is what the kernel reads
+            if tensor is not None:
+                assert launched.get(f"{name}_ptr", merge_args.get(f"{name}_ptr") if merged else None) is tensor, name
+
+
+_DUAL_OPTIONS = [
+    {}, {"causal": False}, {"key_real": True}, {"horizon": True}, {"start": True}, {"orthogonalize": False},
+    {"paths": True},
+    {"causal": False, "key_real": True, "horizon": True, "start": True, "orthogonalize": False, "paths": True},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
+@pytest.mark.parametrize("split_keys", [0, 2], ids=["prefill", "split"])
+def test_dual_attention_launches_get_the_constexprs_of_their_own_options(recorded_launches, monkeypatch, interpreted,
+                                                                        split_keys):  # fmt: skip
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreted else "0")
+    B, Hq, Hkv, Lq, Lk, D, Dv, dtype = 1, 4, 1, 2, 40, 32, 16, torch.bfloat16
+    for options in _DUAL_OPTIONS + _DUAL_OPTIONS[::-1]:
+        q, k = torch.zeros(B, Hq, Lq, D, dtype=dtype), torch.zeros(B, Hkv, Lk, D, dtype=dtype)
+        v = torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
+        out = torch.zeros(B, Hq, Lq, Dv, dtype=dtype)
+        paths = [torch.zeros_like(out), torch.zeros_like(out)] if options.get("paths") else [None, None]
+        recorded_launches.clear()
+        triton_dual.dual_path_attention(
+            q, k, v, out, *paths, scale=0.5, causal=options.get("causal", True),
+            key_real=torch.ones(B, Lk, dtype=torch.uint8) if options.get("key_real") else None,
+            drop=torch.zeros(B, Lk, dtype=torch.uint8), rows=torch.ones(B, Lq, dtype=torch.uint8), gamma=1.0,
+            orthogonalize=options.get("orthogonalize", True), eps=1e-6, split_keys=split_keys,
+            horizon=torch.zeros(B, Lk, dtype=torch.int64) if options.get("horizon") else None,
+            start=torch.zeros(B, Lk, dtype=torch.int64) if options.get("start") else None,
+        )  # fmt: skip
+        expected = dict(
+            CAUSAL=options.get("causal", True), HAS_KEY_REAL="key_real" in options, HAS_HORIZON="horizon" in options,
+            HAS_START="start" in options, HEAD_DIM=D, VALUE_DIM=Dv, BLOCK_DV=_pad(Dv, 16), UPCAST=interpreted,
+        )  # fmt: skip
+        guidance = dict(ORTHOGONALIZE=options.get("orthogonalize", True), WRITE_PATHS="paths" in options)
+        if split_keys:
+            (split, split_grid, split_args), (merge, merge_grid, merge_args) = recorded_launches
+            assert (split, merge) == ("_dual_split_kernel", "_dual_merge_kernel")
+            block_r, splits = _pad(Hq // Hkv * Lq, 16), split_args["num_splits"]
+            assert split_grid == (splits * B * Hkv,) and merge_grid == (B * Hq * Lq,)
+            assert {name: split_args[name] for name in expected} == expected, options
+            assert split_args["BLOCK_R"] == block_r and not {"ORTHOGONALIZE", "WRITE_PATHS"} & split_args.keys()
+            merged = dict(guidance, VALUE_DIM=Dv, BLOCK_DV=_pad(Dv, 16), BLOCK_R=block_r, S_PAD=_pad(splits, 1))
+            assert {name: merge_args[name] for name in merged} == merged, options
+        else:
+            ((kernel, grid, launched),) = recorded_launches
+            assert kernel == "_dual_fwd_kernel" and grid == (-(-Lq // launched["BLOCK_M"]) * B * Hq,)
+            expected.update(guidance)
+            assert {name: launched[name] for name in expected} == expected, options
