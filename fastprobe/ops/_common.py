@@ -128,8 +128,10 @@ def check_temperature(temperature) -> float:
 
 
 def on_device(tensor: torch.Tensor):
-    """Context that makes tensor's CUDA device current for a Triton launch (no-op on CPU)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    """Context that makes tensor's CUDA device current for a Triton launch (no-op on CPU). (By
+    index: torch.cuda.device(torch.device) resolves the index through ~1 us of Python checks, an
+    int through ~0.2 us; a CUDA tensor's get_device() is its device's index.)"""
+    return torch.cuda.device(tensor.get_device()) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def address(tensor: Optional[torch.Tensor]) -> int:
