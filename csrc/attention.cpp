@@ -107,7 +107,7 @@ struct SinkAttention {
   float start_logit(int64_t head) const { return sink_logit != nullptr ? sink_logit[head] : kNegInf; }
 
   void begin_item(const ItemRows&, Scratch& ws) const {
-    std::fill(ws.seen.begin(), ws.seen.end(), uint8_t(0));
+    std::fill_n(ws.seen, p.G, uint8_t(0));
     ws.seen_count = 0;
   }
 
@@ -126,7 +126,7 @@ struct SinkAttention {
     fold_softmax(it, eT, count, stat_keys(it, j0, count, ws), entropy != nullptr, st, ws);
     if (key_groups != nullptr)
       groups_block(eT, it.R, count, key_groups + it.b * p.Lk + j0, ws.alpha, ws.block_sum,
-                   st.groups, ws.seen.data(), ws.seen_list.data(), ws.seen_count);
+                   st.groups, ws.seen, ws.seen_list, ws.seen_count);
   }
 
   // The outputs of an item's pruned heads: out 0, lse -inf, masses and entropy 0.

@@ -36,7 +36,8 @@
 // rows), the softmax is elementwise across rows, and P V updates the transposed output
 // oT[d][row] by a value element times a vector of probabilities. K and V are read in place
 // (float32) or converted block by block, never transposed. Items run over OpenMP, heaviest
-// (latest causal query blocks) first. An item visits only the key blocks that hold some row's
+// (latest causal query blocks) first; a call of little work runs on the calling thread alone
+// (kInlineWork). An item visits only the key blocks that hold some row's
 // [lo_p, hi_p] (packed sequences cost only the block diagonal); when there are fewer than two
 // items per thread, these blocks are split into ranges whose partial states are merged by
 // their max.
@@ -690,45 +691,65 @@ struct Plan {
   }
 };
 
-// Per-thread scratch, sized once per call.
+// Per-thread scratch, sized once per call: one allocation (a decoding call's fixed cost was
+// ~10% malloc / free when each of its twelve small arrays was a vector of its own).
 struct Scratch {
-  std::unique_ptr<float[]> storage;
   float *qT, *sT, *keys, *vals, *alpha, *block_sum, *shift, *new_max, *stat_sum, *state;
   float *q_rows, *o_rows;  // narrow items: q [kNarrowRows][Dp], o [kNarrowRows][Dvp] per state
   float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
   float* row_out;          // [2][Dvp]: an operation's per-row results before they are stored
-  std::vector<int64_t> row_head, row_query, position, lo, hi, sink_end, stat_end, key_pos, order,
-      seen_list;
-  std::vector<uint8_t> key_real, seen;
-  int64_t seen_count = 0;  // groups seen by the item (sink_attention's group sums)
+  int64_t *row_head, *row_query, *position, *lo, *hi, *sink_end, *stat_end;  // [max_R]
+  int64_t *key_pos, *order;  // [kKeyBlock]
+  int64_t* seen_list;        // [max(G, 1)]
+  uint8_t* key_real;         // [kKeyBlock]
+  uint8_t* seen;             // [max(G, 1)]
+  int64_t seen_count = 0;    // groups seen by the item (sink_attention's group sums)
 
-  Scratch(const Problem& p, const Plan& plan)
-      : row_head(plan.max_R), row_query(plan.max_R), position(plan.max_R), lo(plan.max_R),
-        hi(plan.max_R), sink_end(plan.max_R), stat_end(plan.max_R), key_pos(kKeyBlock),
-        order(kKeyBlock), seen_list(std::max<int64_t>(p.G, 1)), key_real(kKeyBlock),
-        seen(std::max<int64_t>(p.G, 1)) {
-    const int64_t R = plan.max_R, D = p.D, Dp = plan.padded_dim, Dvp = plan.padded_value_dim;
-    const int64_t sizes[] = {D * R, kKeyBlock * R, kKeyBlock * Dp, kKeyBlock * Dvp, R, R, R, R, R,
-                             plan.state_floats, kNarrowRows * Dp, plan.states * kNarrowRows * Dvp,
-                             kKeyBlock, 2 * Dvp};
-    float** slots[] = {&qT, &sT, &keys, &vals, &alpha, &block_sum, &shift, &new_max, &stat_sum, &state,
-                       &q_rows, &o_rows, &key_scores, &row_out};
-    int64_t total = 16;
-    for (int64_t size : sizes) total += round_up(size, 16);
+  Scratch(const Problem& p, const Plan& plan) {
+    const size_t bytes = lay_out(0, p, plan);  // (sizes only)
     // uninitialised: every slot is written before it is read (zeroing ~80 KB at D = 128 cost a
     // decoding call ~2 us per thread); tests/sanitize.sh builds with FASTPROBE_POISON_SCRATCH,
-    // NaN everywhere, so a slot read before it is written shows in the outputs
-    storage.reset(new float[total]);
+    // all bits set (floats NaN, indices -1), so a slot read before it is written shows in the
+    // outputs or as a read outside a buffer
+    storage_.reset(new char[bytes + kAlign]);
 #ifdef FASTPROBE_POISON_SCRATCH
-    std::fill(storage.get(), storage.get() + total, std::numeric_limits<float>::quiet_NaN());
+    std::memset(storage_.get(), 0xff, bytes + kAlign);
 #endif
-    // 64-byte aligned slots
-    float* base = storage.get();
-    base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = base;
-      base += round_up(sizes[i], 16);
-    }
+    lay_out(uintptr_t(round_up(int64_t(reinterpret_cast<uintptr_t>(storage_.get())), kAlign)), p, plan);
+  }
+
+ private:
+  static constexpr int64_t kAlign = 64;  // every slot starts on a cache line
+  std::unique_ptr<char[]> storage_;
+
+  // Points every slot into the bytes from `base`, one after the other; returns their size.
+  size_t lay_out(uintptr_t base, const Problem& p, const Plan& plan) {
+    const int64_t R = plan.max_R, Dp = plan.padded_dim, Dvp = plan.padded_value_dim;
+    const int64_t groups = std::max<int64_t>(p.G, 1);
+    uintptr_t at = base;
+    auto take = [&](auto*& slot, int64_t count) {
+      using Element = std::remove_reference_t<decltype(*slot)>;
+      slot = reinterpret_cast<Element*>(at);
+      at += round_up(count * int64_t(sizeof(Element)), kAlign);
+    };
+    take(qT, p.D * R);
+    take(sT, kKeyBlock * R);
+    take(keys, kKeyBlock * Dp);
+    take(vals, kKeyBlock * Dvp);
+    for (float** row_slot : {&alpha, &block_sum, &shift, &new_max, &stat_sum}) take(*row_slot, R);
+    take(state, plan.state_floats);
+    take(q_rows, kNarrowRows * Dp);
+    take(o_rows, plan.states * kNarrowRows * Dvp);
+    take(key_scores, kKeyBlock);
+    take(row_out, 2 * Dvp);
+    for (int64_t** row_slot : {&row_head, &row_query, &position, &lo, &hi, &sink_end, &stat_end})
+      take(*row_slot, R);
+    take(key_pos, kKeyBlock);
+    take(order, kKeyBlock);
+    take(seen_list, groups);
+    take(key_real, kKeyBlock);
+    take(seen, groups);
+    return at - base;
   }
 };
 
@@ -869,7 +890,7 @@ constexpr int64_t kNarrowSoftmaxRows = 2;
 // The stat keys (see top) of `count` keys in place from position j0, for the item's rows.
 inline StatKeys stat_keys(const ItemRows& it, int64_t j0, int64_t count, const Scratch& ws) {
   auto keys_before = [&](int64_t end) { return std::min(std::max(end - j0, int64_t(0)), count); };
-  return {keys_before(it.min_stat_end), keys_before(it.max_stat_end), j0, ws.stat_end.data()};
+  return {keys_before(it.min_stat_end), keys_before(it.max_stat_end), j0, ws.stat_end};
 }
 
 // Folds a segment of `count` keys of an item's block (its scores eT, -inf where masked) into
@@ -982,7 +1003,7 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
     const BlockKind kind = classify_block(p, it, j0, count, real_row);
     if (kind == BlockKind::Skip) continue;
     const Route route = op.route(it, j0, count, real_row, ws);
-    const int64_t* order = route.reordered ? ws.order.data() : nullptr;
+    const int64_t* order = route.reordered ? ws.order : nullptr;
     int64_t ldk, ldv;
     const float* keys =
         block_rows<T>(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D, Dp, order, ws.keys, ldk);
@@ -997,8 +1018,8 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
         ws.key_pos[c] = j;
         ws.key_real[c] = real_row == nullptr || real_row[j];
       }
-      mask_block(ws.sT, R, count, ws.key_pos.data(), ws.key_real.data(), ws.position.data(),
-                 ws.lo.data(), ws.hi.data(), ws.sink_end.data(), rule);
+      mask_block(ws.sT, R, count, ws.key_pos, ws.key_real, ws.position,
+                 ws.lo, ws.hi, ws.sink_end, rule);
     }
     const float* vals =
         block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, Dv, Dvp, order, ws.vals, ldv);
@@ -1090,12 +1111,19 @@ struct Entries {
     throw std::invalid_argument("fastprobe._C: unsupported dtype");                            \
   }
 
-// Runs body(i, scratch) for i < count over the threads. An exception (bad_alloc) is kept and
-// rethrown after the parallel region, never let out of it (ThreadErrors, common.h).
+// Runs body(i, scratch) for i < count over at most `threads` threads, inline when that is one
+// (team_size, common.h). An exception (bad_alloc) is kept and rethrown after the parallel
+// region, never let out of it (ThreadErrors, common.h); inline it leaves as it came.
 template <typename Body>
 void parallel_items(int threads, int64_t count, const Problem& p, const Plan& plan, Body body) {
+  const int team = team_size(threads, count);
+  if (team == 1) {
+    Scratch ws(p, plan);
+    for (int64_t i = 0; i < count; ++i) body(i, ws);
+    return;
+  }
   ThreadErrors errors;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team)
   {
     std::unique_ptr<Scratch> ws;
     errors.run([&] { ws = std::make_unique<Scratch>(p, plan); });
@@ -1106,22 +1134,33 @@ void parallel_items(int threads, int64_t count, const Problem& p, const Plan& pl
   errors.rethrow();
 }
 
+// A call of fewer multiply-adds than this, B Hq Lq Lk (D + Dv) (a bound: masked keys are skipped),
+// runs on the calling thread: below it, two threads were no faster, having to start a parallel
+// region and a second scratch (2026-12-02, 2 shared cores, decoding 8 heads, D = 64, us on 1 / 2
+// threads, two runs: float32 2^15 3.1 / 5.7 and 3.6 / 4.4, 2^16 4.2 / 6.2 and 5.1 / 5.3, 2^17
+// 6.8 / 7.9 and 8.8 / 7.7; bfloat16 2^15 4.0 / 6.2 and 4.5 / 4.9, 2^16 5.9 / 7.2 and 7.0 / 6.5).
+constexpr double kInlineWork = double(1 << 16);
+
 // Runs an operation over all its items: whole items, or (few items) key ranges merged after.
+// The plan comes from `threads` even when the call runs inline: its results are those of any
+// other call on as many threads.
 template <typename Op>
 void run_attention(const Op& op, const Entries<Op>& run, int threads) {
   const Problem& p = op.p;
   const Plan plan(p, Op::kStates, threads);
+  const double work = double(p.B) * double(p.Hq) * double(p.Lq) * double(p.Lk) * double(p.D + p.Dv);
+  const int team = work < kInlineWork ? 1 : threads;
   if (plan.splits == 1) {
-    parallel_items(threads, plan.items, p, plan,
+    parallel_items(team, plan.items, p, plan,
                    [&](int64_t item, Scratch& ws) { run.run(op, plan, item, ws); });
     return;
   }
   std::vector<float> partials(size_t(plan.items * plan.splits * plan.state_floats));
-  parallel_items(threads, plan.items * plan.splits, p, plan, [&](int64_t unit, Scratch& ws) {
+  parallel_items(team, plan.items * plan.splits, p, plan, [&](int64_t unit, Scratch& ws) {
     run.run_range(op, plan, unit / plan.splits, unit % plan.splits,
                   partials.data() + unit * plan.state_floats, ws);
   });
-  parallel_items(threads, plan.items, p, plan, [&](int64_t item, Scratch& ws) {
+  parallel_items(team, plan.items, p, plan, [&](int64_t item, Scratch& ws) {
     run.merge(op, plan, item, partials.data() + item * plan.splits * plan.state_floats, ws);
   });
 }

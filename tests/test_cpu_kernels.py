@@ -182,3 +182,51 @@ def test_attention_layout_checks():
         call(batch=2**31, num_keys=2**32, q_strides=(0, 0, 0, 1))
     with pytest.raises(ValueError, match="q pointer is null"):  # (what the valid sizes reach)
         call()
+
+
+# ---- thread counts and the inline path (csrc/attention_core.h, run_attention) -------------------
+
+
+def _bits(tensors) -> list:
+    """The tensors' bits, to compare exactly (NaN payloads included)."""
+    return [None if t is None else t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+            for t in tensors]
+
+
+# (B, Hq, Hkv, Lq, Lk): decoding and prefill, each below the C++ kernel's inline work limit
+# (kInlineWork, 2^16 multiply-adds: one thread at any thread count) and above it (a parallel
+# region at 2 and 3 threads). Lk < 512 keeps one key range per item at every count: the same plan.
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1, 9), (1, 8, 8, 1, 300), (1, 2, 1, 8, 8), (2, 4, 2, 45, 70)],
+                         ids=["decode-inline", "decode-parallel", "prefill-inline", "prefill-parallel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_same_bits_at_any_thread_count(shape, dtype):
+    """sink_attention and dual_path_attention give the same bits on 1, 2 and 3 threads, inline or
+    in a parallel region: each item's rows see the same keys in the same order wherever it runs."""
+    B, Hq, Hkv, Lq, Lk = shape
+    D = 64
+    q = torch.randn(B, Hq, Lq, D).to(dtype)
+    k, v = torch.randn(B, Hkv, Lk, D).to(dtype), torch.randn(B, Hkv, Lk, D).to(dtype)
+    key_groups = torch.randint(0, 3, (B, Lk))
+    drop_keys = torch.rand(B, Lk) < 0.3
+    sink_logit = torch.randn(Hq)
+
+    def calls():
+        sink = fp.sink_attention(q, k, v, num_sink=2, window=7, sink_logit=sink_logit, key_groups=key_groups,
+                                 num_groups=3, return_entropy=True)
+        dual = fp.dual_path_attention(q, k, v, drop_keys, gamma=0.5, rows="all", return_paths=True)
+        return _bits(list(sink) + list(dual))
+
+    threads = torch.get_num_threads()
+    try:
+        with fp.use_backend("cpp"):
+            runs = []
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                runs.append(calls())
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for expected, got in zip(runs[0], run):
+            assert (expected is None) == (got is None)
+            if expected is not None:
+                assert torch.equal(expected, got)
