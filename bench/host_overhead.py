@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import fastprobe as fp
 from fastprobe.kernels import attention as triton_attention
+from fastprobe.methods._batching import cache_argument, output_cache
 from fastprobe.ops.attention import prepare_key_groups
 
 try:
@@ -231,7 +232,8 @@ def decode_step_calls() -> dict:
         ALL_ATTENTION_FUNCTIONS.get_interface = spy  # (an instance attribute over the method)
         try:
             with torch.no_grad():
-                model(prefill.logits[:, -1:].argmax(-1), past_key_values=prefill.past_key_values, use_cache=True)
+                cache = {cache_argument(model): output_cache(prefill)}  # (transformers 5.x: cache; 4.x: past_key_values)
+                model(prefill.logits[:, -1:].argmax(-1), **cache, use_cache=True)
         finally:
             del ALL_ATTENTION_FUNCTIONS.get_interface
         function, module, args, kwargs = captured["call"]
