@@ -36,8 +36,8 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, on_model, output_cache, pad_or_eos,
-    require_pandas, text_batches,
+    as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, on_model, output_cache,
+    pad_or_eos, require_pandas, text_batches,
 )
 
 __all__ = [

@@ -28,8 +28,8 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
 from ._batching import (
-    as_texts, check_count, eval_mode, generate_settings, model_device, on_model, pad_or_eos, real_positions, require_pandas,
-    shared_vocabulary, text_batches,
+    as_texts, check_count, eval_mode, generate_settings, model_device, on_model, pad_or_eos, real_positions,
+    require_pandas, shared_vocabulary, text_batches,
 )
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
