@@ -211,7 +211,6 @@ def decode_step_calls() -> dict:
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).eval()
     prompt = torch.randint(0, 128, (1, 25))
-    get_interface = ALL_ATTENTION_FUNCTIONS.get_interface
     calls = {}
     for name in ("sdpa", "fastprobe"):
         if name == "fastprobe":
@@ -219,23 +218,20 @@ def decode_step_calls() -> dict:
         with torch.no_grad():
             prefill = model(prompt, use_cache=True)
         captured = {}
+        function = ALL_ATTENTION_FUNCTIONS[name]
 
-        def spy(implementation, default):
-            function = get_interface(implementation, default)
+        def first_call(module, *args, function=function, **kwargs):
+            captured.setdefault("call", (function, module, args, kwargs))
+            return function(module, *args, **kwargs)
 
-            def first_call(module, *args, **kwargs):
-                captured.setdefault("call", (function, module, args, kwargs))
-                return function(module, *args, **kwargs)
-
-            return first_call
-
-        ALL_ATTENTION_FUNCTIONS.get_interface = spy  # (an instance attribute over the method)
+        # a local override of the registry's entry (4.x and 5.x models both look it up there), taken back after
+        ALL_ATTENTION_FUNCTIONS[name] = first_call
         try:
             with torch.no_grad():
                 cache = {cache_argument(model): output_cache(prefill)}  # (transformers 5.x: cache; 4.x: past_key_values)
                 model(prefill.logits[:, -1:].argmax(-1), **cache, use_cache=True)
         finally:
-            del ALL_ATTENTION_FUNCTIONS.get_interface
+            del ALL_ATTENTION_FUNCTIONS[name]
         function, module, args, kwargs = captured["call"]
         calls[name] = lambda function=function, module=module, args=args, kwargs=kwargs: function(
             module, *args, **kwargs)

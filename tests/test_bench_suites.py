@@ -564,3 +564,21 @@ def test_report_names_the_runs_behind_its_rows(tmp_path, capsys, monkeypatch):
         f"- `merged.json`: NVIDIA H200 (copy bandwidth 4.27 TB/s), 2026-12-02, torch 2.11.0, triton 3.6.0: `{gpu_sh}`",
         "- `cpu.json`: NVIDIA H200 (copy bandwidth 4.27 TB/s), 2026-12-01, torch 2.11.0, triton 3.6.0: "
         "command not recorded"]
+
+
+def test_host_overhead_decode_step_captures_each_attention_call_and_leaves_the_registry_alone():
+    """bench/host_overhead.py --decode replays layer 0's attention call of a decoding step, as the
+    model made it, for transformers' sdpa and fastprobe's; the registry's entries are the same after
+    (it overrides them for one forward), on 4.x (models index the registry) as on 5.x (get_interface)."""
+    pytest.importorskip("transformers")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from bench import host_overhead
+
+    before = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ("sdpa",)}
+    calls = host_overhead.decode_step_calls()
+    assert sorted(calls) == ["fastprobe", "sdpa"]
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before["sdpa"]
+    assert ALL_ATTENTION_FUNCTIONS["fastprobe"].__name__ != "first_call"
+    outputs = {name: call()[0] for name, call in calls.items()}  # [B, Lq, H, D] each
+    torch.testing.assert_close(outputs["fastprobe"], outputs["sdpa"], rtol=1e-4, atol=1e-5)
