@@ -33,18 +33,21 @@ def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = 
         output = torch.empty(*shape, dtype=dtype, device=device)
     else:
         output = torch.empty((), dtype=dtype, device=device)
-    if POISON_OUTPUTS:
-        output.fill_(float("nan") if dtype.is_floating_point else -1)
-    return output
+    return _poisoned(output)
 
 
 def new_output_like(output: torch.Tensor) -> torch.Tensor:
     """A fresh output of `output`'s shape, strides, dtype and device (poisoned under test): ~0.2 us
     less than new_output, which parses them again."""
-    other = torch.empty_like(output)
+    return _poisoned(torch.empty_like(output))
+
+
+def _poisoned(output: torch.Tensor) -> torch.Tensor:
+    """output, filled with NaN (floating) or -1 under test (FASTPROBE_POISON): an element a kernel
+    leaves unwritten then fails the comparison."""
     if POISON_OUTPUTS:
-        other.fill_(float("nan") if output.dtype.is_floating_point else -1)
-    return other
+        output.fill_(float("nan") if output.dtype.is_floating_point else -1)
+    return output
 
 
 def is_compiling() -> bool:
