@@ -1,6 +1,7 @@
 """Input dtypes outside SPEC's list (float32, bfloat16, float16; float64 runs the reference): the
 float8 variants are refused by every public op with a TypeError naming the argument, before any
-kernel runs (they used to run through the reference backend)."""
+kernel runs (they used to run through the reference backend). And the attention ops under
+torch.autocast: they take q, k and v as SDPA does there (cast to autocast's dtype)."""
 
 import pytest
 import torch
@@ -55,3 +56,63 @@ def test_check_dtype_accepts_spec_dtypes_only(dtype):
     else:
         with pytest.raises(TypeError, match=f"x must be a float32, bfloat16, float16 or float64 tensor, got {dtype}"):
             _common.check_dtype(tensor, "x")
+
+
+def _attention_calls():
+    """(name, call(q, k, v) -> output tuple) for the two attention ops, statistics included."""
+    image = torch.tensor([[False, True, True, False, False]])
+    return [
+        ("sink", lambda q, k, v: tuple(fp.sink_attention(q, k, v, num_sink=1, window=2, return_entropy=True))[:3]
+         + (fp.sink_attention(q, k, v, return_entropy=True).entropy,)),
+        ("dual", lambda q, k, v: tuple(fp.dual_path_attention(q, k, v, image, gamma=0.5, return_paths=True))),
+    ]
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name, call", _attention_calls(), ids=[c[0] for c in _attention_calls()])
+def test_attention_under_autocast_takes_qkv_as_sdpa_does(name, call, autocast):
+    """A model run under torch.autocast hands attention float32 q and k (its rotary embedding
+    promotes them) with a lower-precision v; SDPA casts all three to autocast's dtype, and so do
+    the attention ops: the same bits as the cast inputs outside autocast. (It used to refuse
+    the mixed dtypes, and float32 inputs ran in float32.)"""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).to(autocast)
+    with torch.autocast("cpu", dtype=autocast):
+        got = call(q, k, v)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        uniform = call(q, k.to(autocast), v.float())  # (any mix of the three lower-precision dtypes)
+    want = call(q.to(autocast), k.to(autocast), v)
+    assert got[0].dtype == sdpa.dtype == autocast
+    for got_field, uniform_field, want_field in zip(got, uniform, want):
+        if want_field is not None:
+            assert torch.equal(got_field, want_field) and torch.equal(uniform_field, want_field)
+    with torch.autocast("cpu", dtype=autocast):  # float64 is left alone (it runs the reference)
+        assert call(q.double(), k.double(), v.double())[0].dtype == torch.float64
+        with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+            call(q.double(), k, v)  # (SDPA refuses that mix under autocast too)
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):  # outside autocast: no casts
+        call(q, k, v)
+
+
+def test_autocast_of_another_device_type_casts_nothing(monkeypatch):
+    """Only autocast for the inputs' device type applies (CUDA's autocast leaves CPU tensors alone)."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    real_enabled = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda kind="cuda": kind != "cpu" or real_enabled(kind))
+    monkeypatch.setattr(_common, "_any_autocast", lambda: True)  # (as with CUDA's autocast on)
+    assert fp.sink_attention(q, k, v).out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp.sink_attention(q, k, v).out.dtype == torch.bfloat16
+
+
+def test_attention_under_autocast_compiles_fullgraph():
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).bfloat16()
+
+    def run(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = fp.sink_attention(q, k, v, return_entropy=True)
+        return result.out, result.entropy
+
+    got = torch.compile(run, fullgraph=True)(q, k, v)
+    want = run(q, k, v)
+    assert got[0].dtype == torch.bfloat16
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

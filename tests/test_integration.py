@@ -121,6 +121,36 @@ def test_patched_generate_is_identical(arch):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2"])
+def test_patched_model_under_autocast(arch):
+    """Mixed precision (a float32 model under torch.autocast): the rotary embedding hands
+    attention float32 q and k with a bfloat16 v, which SDPA and eager attention take; so does
+    fastprobe (it used to refuse the mixed dtypes). Logits as the unpatched model's under
+    autocast, the same greedy tokens, and the statistics of the float32 run within bfloat16's
+    precision. Decoding (greedy tokens can tie at bfloat16's resolution): each step's scores as
+    the unpatched model's logits at that position of the generated sequences."""
+    reference, model = tiny_model(arch), patch_or_skip(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    new_tokens = 6
+    with fp.record_attention(model) as full_precision:
+        outputs(model, ids, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = outputs(reference, ids, mask)
+        with fp.record_attention(model) as record:
+            got = outputs(model, ids, mask)
+        with torch.no_grad():
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        sequences = generated.sequences
+        whole_mask = torch.cat([mask, torch.ones(len(ids), sequences.shape[1] - LENGTH, dtype=mask.dtype)], 1)
+        want_scores = outputs(reference, sequences, whole_mask)[:, LENGTH - 1:-1]
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_real_close(got.float(), want.float(), mask, rtol=0, atol=0.05)
+    assert sequences.shape[1] == LENGTH + new_tokens
+    torch.testing.assert_close(torch.stack(generated.scores, 1).float(), want_scores.float(), rtol=0, atol=0.05)
+    torch.testing.assert_close(record.sink_mass, full_precision.sink_mass, rtol=0, atol=0.02)
+
+
 def test_gpt_oss_learned_sinks():
     """gpt-oss passes its per-head sink logits as s_aux: the kernel's sink_logit."""
     if not hasattr(transformers, "GptOssConfig"):

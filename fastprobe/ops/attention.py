@@ -22,7 +22,7 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, bool_as_uint8, check_dtype, check_float32_range, check_int,
+    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, autocast_cast, bool_as_uint8, check_dtype, check_float32_range, check_int,
     check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output,
     new_output_like, on_device, output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
 )
@@ -709,6 +709,7 @@ def check_attention_inputs(q, k, v):
     if k.device != device or v.device != device:
         check_same_device(q, "q", k, "k")
         check_same_device(q, "q", v, "v")
+    q, k, v = autocast_cast((q, k, v), device)  # (as SDPA under torch.autocast)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     (batch, num_heads, num_queries, head_dim), k_shape, v_shape = q.shape, k.shape, v.shape
@@ -856,7 +857,8 @@ def sink_attention(
     for bad shapes, dtypes, devices, masks or group ids before any kernel runs. The checks of
     values (0/1 masks, group ids in range, blocks and segments as runs) are host syncs, skipped
     under torch.compile and torch.func.vmap and for meta tensors (the C++ kernel still refuses a
-    group id out of range). torch.autocast does not change the computation: it runs in q's dtype.
+    group id out of range). Under torch.autocast, as SDPA, float32/bfloat16/float16 q, k and v
+    are cast to autocast's dtype for their device (float64 is left alone).
     """
     args = _prepare(
         q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups,

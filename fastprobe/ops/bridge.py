@@ -24,6 +24,7 @@ from ._common import (
     DTYPE_NAMES,
     FLOAT32_MAX,
     FLOAT32_TINY,
+    autocast_dtype,
     check_int,
     check_op_logits,
     check_op_tensors,
@@ -436,14 +437,6 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
         grad_weight[first:first + slab].add_(grad_logits[:, first:first + slab].t() @ hidden)
 
 
-def _autocast_enabled(device: torch.device) -> bool:
-    """Whether torch.autocast is on for this device type."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # (a torch whose query takes no device type: CUDA's; the CPU's has its own)
-        return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
-
-
 class _FusedLinearBridge(torch.autograd.Function):
     """Rows in chunks: logits of a chunk (student with, teacher without gradient), the fused
     op's loss and logit gradient, then that chunk's share of the input and weight gradients.
@@ -584,7 +577,7 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
         vocab = weight.shape[0]
         if vocab == 0:
             raise ValueError("student_weight has no rows: an empty vocabulary (V = 0)")
-        autocast = _autocast_enabled(hidden.device)  # (its matrix products take mixed dtypes)
+        autocast = autocast_dtype(hidden.device) is not None  # (its matrix products take mixed dtypes)
         for side, side_hidden, side_weight, bias in (("student", hidden, weight, student_bias),
                                                      ("teacher", t_hidden, t_weight, teacher_bias)):
             if side_weight.dtype != side_hidden.dtype and not autocast:
