@@ -1,7 +1,7 @@
 """The method layer's shared batching (fastprobe/methods/_batching.py)."""
 import torch
 
-from fastprobe.methods._batching import text_batches
+from fastprobe.methods._batching import autocast_off, text_batches
 from fastprobe.models import tiny_model, tiny_tokenizer
 
 
@@ -80,3 +80,23 @@ def test_eval_mode_turns_dropout_off_and_gives_every_module_its_flag_back():
     with eval_mode(model):  # all in eval mode already: left alone
         assert not any(module.training for module in model.modules())
     assert not any(module.training for module in model.modules())
+
+
+def test_autocast_off_for_the_block_only():
+    """Inside torch.autocast, autocast_off(device) turns it off for that device's type for the block
+    (a float32 matrix product stays float32) and back on after it, also when the block raises;
+    outside autocast it does nothing."""
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    cpu = torch.device("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+        with autocast_off(cpu):
+            assert not torch.is_autocast_enabled("cpu") and (a @ b).dtype == torch.float32
+        try:
+            with autocast_off(cpu):
+                raise KeyError
+        except KeyError:
+            pass
+        assert torch.is_autocast_enabled("cpu") and (a @ b).dtype == torch.bfloat16
+    with autocast_off(cpu):
+        assert not torch.is_autocast_enabled("cpu") and (a @ b).dtype == torch.float32

@@ -328,6 +328,30 @@ def test_baseline_and_guided_differ_and_are_finite(model, processor, images):
 # ---------------------------------------------------------------- errors
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_guided_and_two_pass_generation_under_autocast(model, processor, images, dtype):
+    """A float32 VLM under torch.autocast, where the rotary embedding hands attention float32 q
+    and k with a low-precision v (refused as a dtype mismatch before the attention ops followed
+    autocast): guided (dual-path) and two-pass generation give the tokens they give outside it,
+    and logits equal to autocast's rounding (~3e-3 here) step by step, up to a near tie that the
+    rounding may break the other way (the random tiny model has them), after which the
+    histories differ."""
+    calls = (lambda: guidance.guided_generate(model, processor, images, PROMPTS, gamma=1.0, **GREEDY),
+             lambda: guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, **GREEDY))
+    tolerance = 0.03
+    for call in calls:
+        want = call()
+        with torch.autocast("cpu", dtype=dtype):
+            got = call()
+        tokens, wanted = (run.sequences[:, -len(run.logits):] for run in (got, want))
+        for step, (got_logits, want_logits) in enumerate(zip(got.logits, want.logits)):
+            torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=tolerance)
+            if not torch.equal(tokens[:, step], wanted[:, step]):  # only where the exact logits nearly tie
+                picked = want_logits.gather(-1, tokens[:, step, None])[:, 0]
+                assert bool((picked >= want_logits.max(-1).values - 2 * tolerance).all())
+                break
+
 def test_no_image_token_in_a_prompt(model, processor, images):
     with pytest.raises(ValueError, match=r"prompts \[1\] contain no image token '<image>'"):
         guidance.guided_generate(model, processor, images, [PROMPTS[0], "no picture here"], gamma=1.0)

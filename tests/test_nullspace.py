@@ -154,6 +154,23 @@ def test_a_rounded_basis_still_removes_its_whole_span(model, tokenizer):
     assert torch.equal(rounded, kept)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_projection_removes_its_whole_span_under_autocast(model, tokenizer, text_basis, dtype):
+    """A float32 model run under torch.autocast: the projection is computed in float32 all the
+    same (autocast's low-precision matrix products left ~1e-3 of the component along U), and
+    project gives what it gives outside autocast."""
+    hidden = torch.randn(3, 5, 64)
+    with project_out(model, text_basis, layer=1) as handle:
+        want = handle.project(hidden)
+        with torch.autocast("cpu", dtype=dtype):
+            got = handle.project(hidden)
+            states = collect_hidden_states(model, tokenizer, TEXTS[:3], layers=[1], pool=None, dtype=None,
+                                           progress=False)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    residual = (states[1].double() @ text_basis.double())[states.mask]
+    assert float(residual.abs().max()) < 1e-5 * float(states[1].abs().max())
+
 def test_generate_with_the_projection(model, tokenizer, text_basis):
     """Greedy generate under the hook: different logits from plain generation, the same with
     and without the KV cache (the hook acts on every step), and plain generation afterwards."""

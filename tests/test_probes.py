@@ -361,6 +361,34 @@ def test_training_is_deterministic_and_leaves_inputs_alone():
     assert torch.equal(tokens, kept[0]) and torch.equal(mask, kept[1])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probes_train_and_predict_in_float32_under_autocast(dtype):
+    """train_probe, predict and evaluate_probe inside torch.autocast give what they give outside
+    it: autocast caches each weight's low-precision cast for its whole region, so a training loop
+    run under it kept running the initial weights (chance accuracy); predictions come back in
+    float32, unrounded."""
+    features, labels = planted(300)
+    values = features @ torch.linspace(-1, 1, 24) + 3.0
+    tokens, mask, token_labels, _ = signal_in_one_token(60)
+    calls = [lambda: train_probe(features, labels, kind="linear", epochs=40),
+             lambda: train_probe(features, values, kind="mlp", epochs=40, batch_size=64),
+             lambda: train_probe(tokens, token_labels, kind="attentive", mask=mask, epochs=20)]
+    for call in calls:
+        want = call()
+        with torch.autocast("cpu", dtype=dtype):
+            got = call()
+            predicted = predict(got.probe, features if got.probe.rank == 2 else tokens,
+                                None if got.probe.rank == 2 else mask)
+            metrics = evaluate_probe(got.probe, features, values) if got.probe.task == "regression" else None
+        assert got.metrics == want.metrics and got.history == want.history
+        assert all(torch.equal(a, b) for a, b in zip(got.probe.state_dict().values(), want.probe.state_dict().values()))
+        if got.probe.task == "regression":
+            assert predicted.dtype == torch.float32
+            assert torch.equal(predicted, predict(want.probe, features))
+            assert metrics == evaluate_probe(want.probe, features, values)
+    assert want.metrics["train_accuracy"] > 0.7  # (the last fit learned something to compare)
+
 def test_standardisation_lives_in_the_probe():
     features, labels = planted(400, offset=500.0, scale=100.0)
     fit = train_probe(features, labels, epochs=150, validation_fraction=0.0)

@@ -288,6 +288,30 @@ def test_perplexity_is_batch_and_padding_independent(tokenizer):
         sinks.perplexity(model, tokenizer, [])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_score_prune_and_perplexity_under_autocast(tokenizer, dtype):
+    """A float32 model under torch.autocast (its rotary embedding hands attention float32 q and k
+    with a low-precision v, refused before the attention ops followed autocast): the sink scores,
+    the pruning and the perplexity are those outside it, to autocast's rounding."""
+    model = planted_model(tokenizer)
+
+    def measure():
+        table = sinks.score_heads(model, tokenizer, TEXTS, batch_size=3, progress=False)
+        with sinks.prune_heads(model, planted_pairs()):
+            pruned = sinks.perplexity(model, tokenizer, TEXTS, batch_size=3)
+        return table, sinks.perplexity(model, tokenizer, TEXTS, batch_size=3), pruned
+
+    want = measure()
+    with torch.autocast("cpu", dtype=dtype):
+        got = measure()
+    top = sinks.top_heads(got[0], 0.25)
+    assert top == sinks.top_heads(want[0], 0.25) and sorted(top) == planted_pairs()
+    assert (got[0]["sink_score"] - want[0]["sink_score"]).abs().max() < 2e-3
+    for got_perplexity, want_perplexity in zip(got[1:], want[1:]):
+        assert abs(got_perplexity / want_perplexity - 1) < 1e-3
+    assert not is_patched(model)
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_model_left_in_train_mode_is_measured_without_dropout(tokenizer, arch):
     """score_heads and perplexity of a model in train mode with dropout (mixed flags) are those of

@@ -10,6 +10,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from ..ops._common import autocast_dtype
+
 
 def check_count(value, name: str, minimum: int = 1) -> int:
     """value as an int, or a ValueError naming `name` unless it is an integer >= minimum (0 or 1)."""
@@ -63,6 +65,20 @@ def eval_mode(*models) -> Iterator[None]:
     finally:
         for module, training in flags.values():
             module.training = training
+
+
+@contextlib.contextmanager
+def autocast_off(device: torch.device) -> Iterator[None]:
+    """For the block, torch.autocast off on `device`'s type where it is on, so the block computes in
+    its tensors' own dtypes (float32 for float32), then autocast as it was; nothing done where it
+    is off. For math that must not drop to autocast's bfloat16 / float16 (a projection, fitting a
+    probe): autocast also caches the cast of a weight that requires grad for its whole region, so
+    an optimizer loop inside one would keep running the first step's weights."""
+    if autocast_dtype(device) is None:
+        yield
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 @contextlib.contextmanager

@@ -20,8 +20,9 @@ the bias). Computed in float64.
 
 The projection. A forward hook on block `layer` replaces its output hidden state (every
 position, prompt and generated tokens alike, so generate with a KV cache sees it on every step)
-by h - (h U) U^T, in the hidden state's dtype and device (U re-orthonormalised in float64 first,
-so a rounded one still removes its whole span). The model's weights and U are never modified;
+by h - (h U) U^T, in the hidden state's dtype and device, computed in float32 or wider even under
+torch.autocast (U re-orthonormalised in float64 first, so a rounded one still removes its whole
+span). The model's weights and U are never modified;
 remove() restores the model's outputs exactly.
 """
 
@@ -33,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from ._batching import autocast_off
 from .probes import (
     _batch_rows, _checked_batches, _hidden_of, _resolve_layer, collect_hidden_states,
     collect_hidden_states_from_batches, transformer_blocks,
@@ -98,7 +100,9 @@ def shift_vectors(
     with_modality / without_modality: M paired inputs each, as texts (tokenizer needed; batched by
     batch_size, truncated to max_length) or as batches of model inputs (a dict or a list of dicts,
     e.g. a processor's output with and without pixel values), rows in pair order. The two sides
-    may be of different kinds. ValueError when they hold different numbers of rows."""
+    may be of different kinds. ValueError when they hold different numbers of rows. The model runs
+    as called: under torch.autocast its states carry autocast's rounding, and a shift, the
+    difference of two of them, carries it relative to the (smaller) shift."""
     if pool not in ("last", "mean"):
         raise ValueError(f"pool must be 'last' or 'mean' (a shift is one vector per input), got {pool!r}")
     _resolve_layer(layer, len(transformer_blocks(model)))
@@ -199,7 +203,8 @@ class Projection:
         return self._handle is not None
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """h - (h U) U^T, computed in float32 or wider, returned in h's dtype and device."""
+        """h - (h U) U^T, computed in float32 or wider (under torch.autocast too, whose bfloat16
+        matrix products would leave ~1e-3 of the span in), returned in h's dtype and device."""
         if hidden.shape[-1] != self.basis.shape[0]:
             raise ValueError(f"block {self.layer}'s hidden state has {hidden.shape[-1]} features but the basis "
                              f"{self.basis.shape[0]} rows")
@@ -208,7 +213,8 @@ class Projection:
         if key not in self._converted:
             self._converted[key] = self.basis.to(hidden.device, dtype)
         basis, work = self._converted[key], hidden.to(dtype)
-        return (work - (work @ basis) @ basis.T).to(hidden.dtype)
+        with autocast_off(hidden.device):
+            return (work - (work @ basis) @ basis.T).to(hidden.dtype)
 
     def _hook(self, module, args, output):
         projected = self.project(_hidden_of(output))

@@ -42,7 +42,9 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-from ._batching import check_count, eval_mode, forward_parameters, last_real_index, model_device, on_model, text_batches
+from ._batching import (
+    autocast_off, check_count, eval_mode, forward_parameters, last_real_index, model_device, on_model, text_batches,
+)
 
 __all__ = [
     "AttentiveProbe", "HiddenStates", "LinearProbe", "MLPProbe", "ProbeFit", "collect_hidden_states",
@@ -305,7 +307,9 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, layers, poo
 
     pool: "last" (each text's last real token), "mean" (over its real tokens) -> [N, H] per
     layer; None -> [N, T, H] per layer and HiddenStates.mask [N, T]. Results on the CPU in
-    float32, or on the model's device with on_device=True; dtype=None keeps the model's dtype.
+    float32, or on the model's device with on_device=True; dtype=None keeps the dtype the blocks
+    return (the model's: under torch.autocast a float32 model's residual stream stays float32,
+    computed in autocast's precision).
     progress: a tqdm bar over batches."""
     blocks = transformer_blocks(model)
     layers = _resolve_layers(layers, len(blocks))  # bad arguments fail before the tokenizer runs
@@ -668,8 +672,9 @@ def train_probe(
     std of the training rows (and, for regression, the targets' mean and std: training
     minimises the squared error of the standardised targets, each output alike whatever its
     units), kept in the probe (applied at predict time too). Seeded and deterministic (the
-    global RNG is left as it was); trains on the features' device; the caller's tensors are
-    never modified (nor backpropagated into: they are read detached)."""
+    global RNG is left as it was); trains on the features' device in float32, also under
+    torch.autocast (which is off for the call: the fit is the same inside and outside it); the
+    caller's tensors are never modified (nor backpropagated into: they are read detached)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     features = _as_features(features).to(torch.float32)  # a copy unless already float32; never written
@@ -689,7 +694,9 @@ def train_probe(
     validation = _validation_set(validation_data, kind, task, features, labels) if validation_data is not None else \
         (_rows(features, val_rows), _rows(labels, val_rows), _rows(mask, val_rows)) if len(val_rows) else None
     num_outputs = _num_outputs(task, labels, validation)
-    with _seeded(features.device, seed):
+    # in float32 under torch.autocast too: its region caches each weight's bfloat16 cast, so every
+    # step would run the first step's weights
+    with _seeded(features.device, seed), autocast_off(features.device):
         probe = _make_probe(kind, features.shape[-1], num_outputs, task, hidden_size, dropout, num_queries)
         probe.to(features.device)
         if standardize:
@@ -782,7 +789,7 @@ def _outputs(probe: _Probe, features, mask, batch_size: int) -> torch.Tensor:
     mask = _as_mask(mask, features)
     device = probe.feature_mean.device
     pieces = []
-    with _evaluating(probe):
+    with _evaluating(probe), autocast_off(device):  # (in float32, as trained)
         for start in range(0, features.shape[0], batch_size):
             chunk = features[start:start + batch_size].to(device, torch.float32)
             chunk_mask = None if mask is None else mask[start:start + batch_size].to(device)
@@ -793,7 +800,8 @@ def _outputs(probe: _Probe, features, mask, batch_size: int) -> torch.Tensor:
 def predict(probe: _Probe, features, mask=None, *, batch_size: int = 4096) -> torch.Tensor:
     """The probe's predictions for `features` ([N, H], or [N, T, H] and mask for the attentive
     probe), standardised as in training: class ids [N] for classification, values [N] (or
-    [N, D]) for regression. Eval mode and no gradient for the call."""
+    [N, D]) for regression, in float32 also under torch.autocast (as train_probe). Eval mode and
+    no gradient for the call."""
     outputs = _outputs(probe, features, mask, batch_size)
     if probe.task == "classification":
         return outputs.argmax(dim=-1)
@@ -804,7 +812,7 @@ def evaluate_probe(probe: _Probe, features, labels, mask=None, *, batch_size: in
     """{"loss", "accuracy"} (classification: cross-entropy) or {"loss", "r2"} (regression: mean
     squared error in the targets' units; r2 pooled over outputs, 1 - sum (y - f)^2 /
     sum (y - mean y)^2, NaN for constant targets) of the probe on these rows, as floats computed
-    in float64."""
+    in float64 from the probe's float32 outputs (also under torch.autocast)."""
     # on the CPU in float64: squares of large targets stay finite (and MPS has no float64)
     outputs = _outputs(probe, features, mask, batch_size).to("cpu", torch.float64)
     labels = _as_labels(labels, outputs.shape[0], probe.task, width=probe.num_outputs).cpu()
