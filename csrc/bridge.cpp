@@ -22,9 +22,12 @@
 // gradient, which needs the row's loss (and zeroes the gradient of a +inf loss, either
 // direction). Whole rows go to OpenMP threads, or with few rows each
 // pass's ranges (run_rows, split_rows in common.h); a row's results are the same bits either way.
-// Contiguous float32 rows are read in place, other rows' blocks converted to float32 (unscaled)
-// into per-thread buffers; the gradient is formed in float32 and stored in the logits' dtype
-// (round to nearest even).
+// Student and teacher may differ in dtype (float32, bfloat16, float16; e.g. a bfloat16 student
+// under autocast, a float32 teacher): each is read in its own dtype by its own loader, never
+// copied whole. Contiguous float32 rows (of either) are read in place, other rows' blocks
+// converted to float32 (unscaled, exactly) into per-thread buffers, so a call gives the bits it
+// gives with the narrower input cast up beforehand; the gradient is formed in float32 and stored
+// in the student's dtype (round to nearest even).
 //
 // Precision: log-probabilities are (x - max) / T - log(sum) with max the row's largest raw
 // value, so x - max is exact near the max and logits ~1e4 keep float32 precision. The bridge's
@@ -169,9 +172,8 @@ FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float
 // ---- Per-row driver. ------------------------------------------------------------
 
 struct Problem {
-  LoadFn load;
-  bool float32;  // float32 logits: rows with a unit vocabulary stride are read in place
-  StoreFn store;  // nullptr for float32: blocks are formed in the output
+  RowReader student_type, teacher_type;  // each input's own dtype
+  StoreFn store;  // the gradient's (the student's dtype); nullptr for float32: blocks are formed in the output
   const void* student;  // [N, V], any strides
   const void* teacher;  // [N, V], any strides
   int64_t N, V, stride_sn, stride_sv, stride_tn, stride_tv;
@@ -180,17 +182,17 @@ struct Problem {
   float beta, inv_temperature;
   bool reverse;
   float* loss;         // [N]
-  void* grad;          // [N, V] contiguous, the logits' dtype; nullptr: no gradient
+  void* grad;          // [N, V] contiguous, the student's dtype; nullptr: no gradient
   int64_t grad_bytes;  // bytes per gradient element
 
   bool ignored(int64_t n) const { return labels != nullptr && labels[n] == ignore_index; }
 
   // Elements [v0, v0 + count) of row n as float32 (float_block: in place or into scratch).
   const float* student_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
-    return float_block(load, float32, student, n * stride_sn + v0 * stride_sv, stride_sv, count, scratch);
+    return student_type.block(student, n * stride_sn + v0 * stride_sv, stride_sv, count, scratch);
   }
   const float* teacher_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
-    return float_block(load, float32, teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, scratch);
+    return teacher_type.block(teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, scratch);
   }
 
   // Where the float32 gradient of a block is formed: the output itself for float32,
@@ -441,7 +443,8 @@ static void run(const Problem& p, int threads) {
       }));
 }
 
-void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teacher_ptr,
+void bridge_loss(const std::string& student_dtype, const std::string& teacher_dtype, uintptr_t student_ptr,
+                 uintptr_t teacher_ptr,
                  int64_t N, int64_t V, int64_t stride_sn, int64_t stride_sv, int64_t stride_tn,
                  int64_t stride_tv, uintptr_t labels_ptr, int64_t ignore_index, double beta,
                  double inv_temperature, bool reverse, uintptr_t loss_ptr, uintptr_t grad_ptr,
@@ -456,10 +459,11 @@ void bridge_loss(const std::string& dtype, uintptr_t student_ptr, uintptr_t teac
   check_layout("student", {N, V}, {stride_sn, stride_sv});
   check_layout("teacher", {N, V}, {stride_tn, stride_tv});
   if (compute_grad) check_layout("grad", {N, V});
-  const DType type = parse_dtype(dtype);
+  const DType type = parse_dtype(student_dtype);  // (the gradient's too)
+  const DType teacher_type = parse_dtype(teacher_dtype);
   const bool any = N > 0;  // empty outputs may come with null data pointers
-  const Problem p{loader_for(type),
-                  type == DType::Float32,
+  const Problem p{RowReader::of(type),
+                  RowReader::of(teacher_type),
                   storer_for(type),
                   pointer<const void>(student_ptr, any, "student"),
                   pointer<const void>(teacher_ptr, any, "teacher"),
@@ -482,13 +486,15 @@ void bind_bridge(py::module_& m) {
   m.def("bridge_loss", &bridge_loss, py::call_guard<py::gil_scoped_release>(),
         "Logit-bridge distillation loss per row (see fastprobe.reference.bridge_rows), with\n"
         "Q = softmax((z_T + beta z_S) / T) a constant: forward KL(Q || P_S), reverse\n"
-        "KL(P_S || Q). Pointers are data_ptr() values, strides in elements; labels_ptr (0: none)\n"
-        "is int64 [N], rows equal to ignore_index get loss 0 and gradient 0. Writes loss [N]\n"
-        "(float32) and, with compute_grad, grad [N, V] (contiguous, the logits' dtype): the\n"
-        "gradient of each row's loss w.r.t. the student logits.",
-        py::arg("dtype"), py::arg("student_ptr"), py::arg("teacher_ptr"), py::arg("N"),
-        py::arg("V"), py::arg("stride_sn"), py::arg("stride_sv"), py::arg("stride_tn"),
-        py::arg("stride_tv"), py::arg("labels_ptr"), py::arg("ignore_index"), py::arg("beta"),
+        "KL(P_S || Q). student_dtype and teacher_dtype name each input's dtype (float32,\n"
+        "bfloat16, float16; they may differ). Pointers are data_ptr() values, strides in elements;\n"
+        "labels_ptr (0: none) is int64 [N], rows equal to ignore_index get loss 0 and gradient 0.\n"
+        "Writes loss [N] (float32) and, with compute_grad, grad [N, V] (contiguous, the student's\n"
+        "dtype): the gradient of each row's loss w.r.t. the student logits.",
+        py::arg("student_dtype"), py::arg("teacher_dtype"), py::arg("student_ptr"),
+        py::arg("teacher_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_sn"),
+        py::arg("stride_sv"), py::arg("stride_tn"), py::arg("stride_tv"), py::arg("labels_ptr"),
+        py::arg("ignore_index"), py::arg("beta"),
         py::arg("inv_temperature"), py::arg("reverse"), py::arg("loss_ptr"), py::arg("grad_ptr"),
         py::arg("compute_grad"), py::arg("num_threads"));
 }

@@ -311,6 +311,19 @@ inline const float* float_block(LoadFn load, bool float32, const void* base, int
   return scratch;
 }
 
+// How one input's rows are read as float32: its loader, and whether it is float32 (rows with a
+// unit stride are then read in place). The inputs of one call may differ in dtype: one each.
+struct RowReader {
+  LoadFn load;
+  bool float32;
+
+  static RowReader of(DType type) { return {loader_for(type), type == DType::Float32}; }
+
+  const float* block(const void* base, int64_t first, int64_t stride, int64_t count, float* scratch) const {
+    return float_block(load, float32, base, first, stride, count, scratch);
+  }
+};
+
 // The same for rows whose element type is known at compile time: converted inline, in the
 // calling clone's target (concept_mass's rows).
 template <typename T>

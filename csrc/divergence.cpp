@@ -24,6 +24,9 @@
 // from it and accumulates all the sums.
 // Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
 // buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place (float_block).
+// The drafts and the target have a dtype each (a float32 draft with a bfloat16 target, or the
+// reverse): each is loaded by its own loader, so neither is copied, and the float32 values
+// the sums see are those of the input cast up beforehand (the same bits).
 // Log-probabilities are formed as (x - max) / T - log(sum)
 // with max the row's largest raw logit: x - max is exact near the max, so the
 // result keeps float32 precision however large the logits are. A given lse is used the
@@ -110,8 +113,7 @@ FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax 
 // ---- Per-token driver. ----------------------------------------------------------
 
 struct Problem {
-  LoadFn load;
-  bool float32;  // float32 logits: rows with a unit vocabulary stride are read in place
+  RowReader draft_input, target_input;  // each input's own dtype
   const void* draft;  // [K, N, V]
   int64_t K, N, V, stride_dk, stride_dn, stride_dv;
   const void* target;  // [N, V] or nullptr
@@ -130,10 +132,12 @@ struct Problem {
   // [v0, v0 + count) of the vocabulary: the row itself for contiguous float32, else
   // converted into scratch.
   const float* load_row(int64_t r, int64_t n, int64_t v0, int64_t count, float* scratch) const {
-    const void* base = r < K ? draft : target;
+    const bool is_draft = r < K;
+    const RowReader& input = is_draft ? draft_input : target_input;
+    const void* base = is_draft ? draft : target;
     const int64_t first =
-        r < K ? r * stride_dk + n * stride_dn + v0 * stride_dv : n * stride_tn + v0 * stride_tv;
-    return float_block(load, float32, base, first, r < K ? stride_dv : stride_tv, count, scratch);
+        is_draft ? r * stride_dk + n * stride_dn + v0 * stride_dv : n * stride_tn + v0 * stride_tv;
+    return input.block(base, first, is_draft ? stride_dv : stride_tv, count, scratch);
   }
 };
 
@@ -280,7 +284,7 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
                       uintptr_t target_ptr, int64_t stride_tn, int64_t stride_tv,
                       uintptr_t weights_ptr, double inv_temperature, uintptr_t lse_in_ptr,
                       bool lse_only, uintptr_t stats_ptr, uintptr_t lse_ptr,
-                      int64_t num_threads) {
+                      int64_t num_threads, const std::string& target_dtype) {
   check_size(K, 1, "K");
   check_size(N, 0, "N");
   check_size(V, 1, "V");
@@ -293,9 +297,11 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   check_layout("stats", {5 + K, N});
   check_layout("lse", {K + 1, N});
   const bool any = N > 0;  // empty outputs may come with null data pointers
-  const DType type = parse_dtype(dtype);
-  const Problem p{loader_for(type),
-                  type == DType::Float32,
+  // the target's dtype: its own, or the draft's where none is given ("")
+  const DType draft_type = parse_dtype(dtype);
+  const DType target_type = target_dtype.empty() ? draft_type : parse_dtype(target_dtype);
+  const Problem p{RowReader::of(draft_type),
+                  RowReader::of(target_type),
                   pointer<const void>(draft_ptr, any, "draft"),
                   K, N, V, stride_dk, stride_dn, stride_dv,
                   pointer<const void>(target_ptr, false, "target"),
@@ -315,6 +321,7 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
 void bind_divergence(py::module_& m) {
   m.def("draft_divergence", &draft_divergence, py::call_guard<py::gil_scoped_release>(),
         "Draft/target divergence statistics per token (see fastprobe.reference.draft_divergence).\n"
+        "dtype is the draft's, target_dtype the target's (\"\": the draft's); each is read in its own.\n"
         "Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N]\n"
         "(float32) and lse [K + 1, N] (float64), both contiguous. lse_in_ptr (0: compute it)\n"
         "gives each row's float64 lse over the whole vocabulary, of which the input is one\n"
@@ -325,7 +332,7 @@ void bind_divergence(py::module_& m) {
         py::arg("stride_tn"), py::arg("stride_tv"), py::arg("weights_ptr"),
         py::arg("inv_temperature"), py::arg("lse_in_ptr"), py::arg("lse_only"),
         py::arg("stats_ptr"), py::arg("lse_ptr"),
-        py::arg("num_threads"));
+        py::arg("num_threads"), py::arg("target_dtype") = std::string());
 }
 
 }  // namespace fastprobe

@@ -17,8 +17,9 @@ from .ops._common import first_bad_index, skips_host_checks
 __all__ = ["dual_path_attention", "dual_path_from_masks", "guidance_rows", "attention_from_masks", "attention_key_masks", "attention_visible", "block_pairs", "key_range_pairs", "segment_pairs", "sink_attention", "bridge_logits", "bridge_loss", "bridge_rows", "reduce_rows", "concept_mass", "draft_divergence", "draft_divergence_shares", "entropy", "kl"]
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 when any input is float64 (inputs may mix dtypes), else float32."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
 def _xlogy(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ def draft_divergence(
       draft_entropy     [K, N]  H(q_k)
       target_entropy    [N]     H(p)                       (None without a target)
     """
-    dtype = _compute_dtype(draft_logits)
+    dtype = _compute_dtype(draft_logits, target_logits)
     w = _mixture_weights(weights, draft_logits.shape[0], dtype, draft_logits.device)
     log_q = torch.log_softmax(draft_logits.to(dtype) / temperature, dim=-1)  # [K, N, V]
     log_p = None if target_logits is None else torch.log_softmax(target_logits.to(dtype) / temperature, dim=-1)
@@ -119,7 +120,7 @@ def draft_divergence_shares(
     and the returned fields (same keys as draft_divergence) are sums over this shard only:
     adding them over all shards gives draft_divergence of the whole vocabulary.
     """
-    dtype = _compute_dtype(draft_logits)
+    dtype = _compute_dtype(draft_logits, target_logits)
     num_drafts = draft_logits.shape[0]
     w = _mixture_weights(weights, num_drafts, dtype, draft_logits.device)
     lse = lse.to(torch.float64)
@@ -233,7 +234,7 @@ def bridge_rows(
     (bridge_logits). A row where P_S or Q does not exist (its logits are all -inf) has loss NaN;
     a row whose loss is +inf has gradient 0.
     """
-    dtype = _compute_dtype(student_logits)
+    dtype = _compute_dtype(student_logits, teacher_logits)
     z_s, z_t = student_logits.to(dtype), teacher_logits.to(dtype)
     bridge = bridge_logits(z_s.detach(), z_t, beta)
     log_p = torch.log_softmax(z_s / temperature, dim=-1)

@@ -40,6 +40,11 @@ accurate as float32 holds it. e is the first block's token with the largest x, o
 more than 64 T above it (rare), the first token within T of M_x (d is then rounded by at most
 4e-6, as u). (As the C++ kernel, which centres at M_x's own token.)
 
+Dtypes: student and teacher may differ (float32, bfloat16, float16 each): Triton specialises the
+kernel on each pointer's element type, every load is in that input's own dtype and is converted to
+float32 (exactly) before any arithmetic, so a launch gives the bits of one with the narrower input
+cast up beforehand (with the same block size). The gradient is stored in the student's dtype.
+
 Conventions: 0 log 0 = 0 (every x log y is guarded by x == 0); -inf logits are masked
 vocabulary. A student -inf contributes beta x = 0 to the bridge when beta == 0 (t = y / T:
 plain distillation, so Q > 0 with P = 0 there and the forward loss is +inf, correctly), and
@@ -236,11 +241,11 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _bridge_kernel(
-    s_ptr,  # [N, V] student logits, any float dtype, any strides
-    t_ptr,  # [N, V] teacher logits, same dtype, any strides
+    s_ptr,  # [N, V] student logits, float32 / bfloat16 / float16, any strides
+    t_ptr,  # [N, V] teacher logits, float32 / bfloat16 / float16 (the student's or another), any strides
     labels_ptr,  # [N] int64 (a dummy when not HAS_LABELS)
     loss_ptr,  # [N] float32 contiguous (out)
-    grad_ptr,  # [N, V] contiguous, the logits' dtype (out; a dummy when not HAS_GRAD)
+    grad_ptr,  # [N, V] contiguous, the student's dtype (out; a dummy when not HAS_GRAD)
     beta,  # runtime float
     inv_temperature,  # runtime float
     ignore_index,  # runtime int
@@ -360,8 +365,8 @@ def _bridge_kernel(
 
 
 # On a GPU the block size and warp count are tuned per (V, REVERSE, HAS_GRAD) (and, by
-# Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
-# is safe. num_stages=1: no software pipelining (it gained nothing for the divergence kernel,
+# Triton, per dtype of each tensor argument: the student's and the teacher's apart). The kernel
+# overwrites every output, so re-running it while tuning is safe. num_stages=1: no software pipelining (it gained nothing for the divergence kernel,
 # and its shared-memory buffers would cost occupancy); other resident programs hide latency.
 # The first config is the one used without tuning (FASTPROBE_AUTOTUNE=0): 1024 columns and
 # 4 warps was the divergence kernel's best on the H200 (bench/NOTES.md).
@@ -422,28 +427,28 @@ def bridge_loss(
 ) -> None:
     """Launch the fused kernel; writes every element of ``loss`` and ``grad``.
 
-    student, teacher [N, V] float32 / bfloat16 / float16 (the same), any strides
+    student, teacher [N, V] float32 / bfloat16 / float16 (each its own: they may differ), any strides
     labels   [N] int64 contiguous, or None (every row kept); rows with labels == ignore_index
              get loss 0 and a zero gradient row
     beta     a float, finite in float32 (runtime argument); inv_temperature > 0, normal and finite in float32
     reverse  False: KL(Q || P_S), gradient (P_S - Q) / T; True: KL(P_S || Q), gradient
              P_S (g - KL) / T with g = log P_S - log Q (Q is a constant for the gradient)
     loss     [N] float32 contiguous (out, natural log)
-    grad     [N, V] contiguous in the logits' dtype (out), or None: no gradient computed
+    grad     [N, V] contiguous in the student's dtype (out), or None: no gradient computed
     """
     if student.dim() != 2:
         raise ValueError(f"student must be [N, V], got shape {tuple(student.shape)}")
     N, V = student.shape
     if student.dtype not in _DTYPES:
         raise ValueError(f"student must be float32, bfloat16 or float16, got {student.dtype}")
-    if teacher.shape != (N, V) or teacher.dtype != student.dtype:
-        raise ValueError("teacher must be [N, V] with the student's dtype")
+    if teacher.shape != (N, V) or teacher.dtype not in _DTYPES:
+        raise ValueError("teacher must be [N, V], float32, bfloat16 or float16")
     if labels is not None and (labels.shape != (N,) or labels.dtype != torch.int64 or not labels.is_contiguous()):
         raise ValueError("labels must be a contiguous int64 [N] tensor")
     if loss.shape != (N,) or loss.dtype != torch.float32 or not loss.is_contiguous():
         raise ValueError("loss must be a contiguous float32 [N] tensor")
     if grad is not None and (grad.shape != (N, V) or grad.dtype != student.dtype or not grad.is_contiguous()):
-        raise ValueError("grad must be a contiguous [N, V] tensor of the logits' dtype")
+        raise ValueError("grad must be a contiguous [N, V] tensor of the student's dtype")
     # float arguments (an int 0 or 1 would be specialized into the compiled kernel)
     # (the kernel takes both as float32: 1e39 would be inf there)
     beta = check_float32_range(float(beta), "beta", positive=False)
@@ -471,7 +476,8 @@ def bridge_loss(
     if interpreter_enabled():
         _bridge_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
     elif autotune_enabled():
-        launch_tuned(_bridge_kernel_tuned, _bridge_kernel, grid, args, flags, (student.dtype, V, *flags.values()))
+        key = (student.dtype, teacher.dtype, V, *flags.values())  # (Triton's autotuner keys on both dtypes)
+        launch_tuned(_bridge_kernel_tuned, _bridge_kernel, grid, args, flags, key)
     else:
         config = _prune_configs(_AUTOTUNE_CONFIGS, {"V": V})[0]
         _bridge_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -150,8 +150,9 @@ def _block_columns(start, V, BLOCK_V: tl.constexpr):
 @triton.jit
 def _load_block(d_rows, k_ok, t_row, start, V, stride_dv, stride_tv, HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr):
     """Columns [start, start + BLOCK_V) of the drafts (d_rows, k_ok [K_PAD, 1]: a [K_PAD, BLOCK_V]
-    tile) and of the target ([1, BLOCK_V]; -inf float32 without one), in the logits' dtype, -inf
-    where masked; columns outside [0, V) load nothing."""
+    tile) and of the target ([1, BLOCK_V]; -inf float32 without one), each in its own input's
+    dtype (the callers convert both to float32), -inf where masked; columns outside [0, V) load
+    nothing."""
     col, v_ok = _block_columns(start, V, BLOCK_V)
     v_ok = v_ok & (col >= 0)
     x = tl.load(d_rows + col * stride_dv, mask=k_ok & v_ok, other=float("-inf"))
@@ -186,7 +187,7 @@ def _shift_from_lse(lse, inv_temperature):
 @triton.jit
 def _divergence_kernel(
     draft_ptr,  # [K, N, V] any float dtype, any strides
-    target_ptr,  # [N, V] (a dummy when not HAS_TARGET)
+    target_ptr,  # [N, V] its own float dtype (the draft's or another), any strides; a dummy when not HAS_TARGET
     w_ptr,  # [K] float32
     stats_ptr,  # [5 + K, N] float32 contiguous
     lse_ptr,  # [K + 1, N] float64 contiguous
@@ -321,9 +322,10 @@ def _divergence_kernel(
 
 
 # On a GPU the block size and warp count are tuned per (V, K_PAD, HAS_TARGET, mode) (and,
-# by Triton, per input dtype). The kernel overwrites every output, so re-running it while tuning
-# is safe. num_stages=1: no software pipelining (the plain loads gain little from it, and its
-# shared-memory buffers would cost occupancy); other resident programs hide the latency.
+# by Triton, per pair of the draft's and the target's dtypes). The kernel overwrites every
+# output, so re-running it while tuning is safe. num_stages=1: no software pipelining (the
+# plain loads gain little from it, and its shared-memory buffers would cost occupancy); other
+# resident programs hide the latency.
 # Both ways of keeping the running sums are tried (LANES False: per row, a cross-warp reduction
 # every block; True: per lane, reduced once at the end), each with and without loading every
 # block one iteration ahead (PREFETCH). On the H200 at K=4, V=151936 (2026-11-30) per lane was
@@ -384,6 +386,8 @@ _divergence_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_divergence_kernel)
 
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 # Through the Triton interpreter (CPU tests): one small block, so that a tiny V still
 # spans several blocks and a ragged tail.
 _INTERPRET_BLOCK_V = 128
@@ -403,7 +407,8 @@ def draft_divergence(
     """Launch the fused kernel; writes every element of ``stats`` and ``lse``.
 
     draft   [K, N, V] float32 / bfloat16 / float16, any strides
-    target  [N, V] same dtype, any strides, or None
+    target  [N, V] float32 / bfloat16 / float16 (the draft's dtype or another: Triton compiles
+            the kernel per pair of pointer types, each loaded as it is), any strides, or None
     weights [K] float32 contiguous, same device
     stats   [5 + K, N] float32 contiguous (out): jsd, KL(m||p), epistemic, H(m), H(p), H(q_k)
     lse     [K + 1, N] float64 contiguous (out): logsumexp of each scaled row, the target's last
@@ -417,8 +422,8 @@ def draft_divergence(
     if draft.dim() != 3:
         raise ValueError(f"draft must be [K, N, V], got shape {tuple(draft.shape)}")
     K, N, V = draft.shape
-    if target is not None and (target.shape != (N, V) or target.dtype != draft.dtype):
-        raise ValueError("target must be [N, V] with the draft's dtype")
+    if target is not None and (target.shape != (N, V) or target.dtype not in _LOGIT_DTYPES):
+        raise ValueError("target must be a float32, bfloat16 or float16 [N, V] tensor")
     if weights.shape != (K,) or weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError("weights must be a contiguous float32 [K] tensor")
     for name, tensor, rows, dtype in (
@@ -452,7 +457,8 @@ def draft_divergence(
             *args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, LANES=UNTUNED_LANES, PREFETCH=UNTUNED_PREFETCH, num_warps=4
         )
     elif config is None and autotune_enabled():
-        launch_tuned(_divergence_kernel_tuned, _divergence_kernel, grid, args, flags, (draft.dtype, V, *flags.values()))
+        launch_tuned(_divergence_kernel_tuned, _divergence_kernel, grid, args, flags,
+                     (draft.dtype, t.dtype, V, *flags.values()))
     else:
         kept = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)
         config = config or _untuned(kept)

@@ -119,3 +119,32 @@ def test_unsetting_the_only_beta_is_refused_at_the_assignment(module):
     assert both.beta_at(5) == 0.5 and both.beta_at(None) == 0.0
     both.beta, both.total_steps = 0.25, None
     assert both.beta_at(5) == 0.25
+
+
+@pytest.mark.parametrize("student_dtype, teacher_dtype",
+                         [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16)],
+                         ids=str)
+def test_modules_take_student_and_teacher_of_different_dtypes(student_dtype, teacher_dtype):
+    """BridgeLoss on a schedule and FusedLinearBridgeLoss take a student and a teacher of different
+    dtypes (each read in its own): BridgeLoss gives bridge_loss's loss on the teacher cast up
+    (the same bits), the gradient in the student's dtype; FusedLinearBridgeLoss, whose two sides may
+    differ (each side's own hidden states and weight agreeing), gives the plain loss on its logits."""
+    loss_fn = fp.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=4, direction="reverse", reduction="sum")
+    student = torch.randn(5, 37).to(student_dtype).requires_grad_()
+    teacher = torch.randn(5, 37).to(teacher_dtype)
+    loss = loss_fn(student, teacher, step=3)
+    loss.backward()
+    assert student.grad.dtype == student_dtype
+    common = torch.promote_types(student_dtype, teacher_dtype)
+    want = fp.bridge_loss(student.detach().to(common), teacher.to(common), beta=0.75, direction="reverse",
+                          reduction="sum")
+    assert torch.equal(loss.detach(), want)
+
+    hidden, weight, t_hidden, t_weight = fused_inputs()
+    hidden, weight = hidden.detach().to(student_dtype).requires_grad_(), weight.to(student_dtype)
+    t_hidden, t_weight = t_hidden.to(teacher_dtype), t_weight.to(teacher_dtype)
+    fused = fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=2)(hidden, weight, t_hidden, t_weight)
+    fused.backward()
+    assert hidden.grad.dtype == student_dtype
+    plain = fp.bridge_loss(hidden.detach() @ weight.t(), t_hidden @ t_weight.t(), beta=0.5)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -293,3 +293,22 @@ def test_the_teachers_floating_inputs_take_its_dtype():
         t_logits = teacher(inputs_embeds=inputs["inputs_embeds"].bfloat16(), attention_mask=mask).logits[:, :-1]
     keep = inputs["labels"][:, 1:] != -100
     torch.testing.assert_close(loss, fp.bridge_loss(s_logits[keep], t_logits[keep].float(), beta=0.5))
+
+
+def test_the_teachers_logits_reach_the_loss_in_its_dtype():
+    """A bfloat16 teacher of a float32 student: its logits reach the loss in bfloat16, not copied
+    into the student's dtype ([B, L, V] more memory; bridge_loss reads mixed dtypes as they are),
+    and the loss is the one of those logits cast up (bridge_loss's dtype rule), bit for bit."""
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1).to(torch.bfloat16)
+    inputs = batch()
+    seen = []
+    loss_fn = fp.BridgeLoss(beta=0.5, reduction="none")
+    loss_fn.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[1].dtype)))
+    rows, _ = distillation_loss(student, teacher, inputs, loss_fn)
+    assert seen == [(torch.float32, torch.bfloat16)]
+    with torch.no_grad():
+        s_logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        t_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    keep = inputs["labels"][:, 1:] != -100
+    want = fp.bridge_loss(s_logits[keep], t_logits[keep].float(), beta=0.5, reduction="none")
+    assert torch.equal(rows[:, :-1][keep].detach(), want)

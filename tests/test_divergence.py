@@ -188,6 +188,171 @@ def test_non_contiguous_inputs(target):
         assert_matches(fp.draft_divergence(*mixed), expected(*mixed, None, 1.0))
 
 
+# ---------------------------------------------------------------- drafts and target in different dtypes
+
+MIXES = [(a, b) for a in DTYPES for b in DTYPES if a != b]  # (the same dtype twice: test_matches_reference)
+
+
+def mix_id(mix):
+    return "-".join(str(dtype).removeprefix("torch.") for dtype in mix)
+
+
+def strided_copy(values, device):
+    """values (a [K, N, V] or [N, V] tensor) in a layout with no unit stride anywhere: drafts as
+    [N, K, 2V][..., ::2] transposed, a target as the transpose of a [V, N] tensor."""
+    if values.dim() == 3:
+        num_drafts, num_tokens, vocab = values.shape
+        buffer = torch.empty(num_tokens, num_drafts, 2 * vocab, dtype=values.dtype, device=device)
+        view = buffer.transpose(0, 1)[..., ::2]
+    else:
+        view = torch.empty(tuple(reversed(values.shape)), dtype=values.dtype, device=device).t()
+    return view.copy_(values)
+
+
+def same_as_upcast(result, upcast, target):
+    """The mixed-dtype call against the same call on both inputs cast up to the wider dtype: the
+    same bits (the kernels convert to float32 as they load), except on a GPU with autotuning on,
+    where another dtype pair may be tuned to another block size (float32 rounding)."""
+    from fastprobe.backend import autotune_enabled
+
+    if target[1] == "cuda" and autotune_enabled():
+        assert_same_result(result, upcast, rtol=1e-5, atol=1e-6)
+        return
+    for field in FIELDS:
+        got, want = getattr(result, field), getattr(upcast, field)
+        assert (got is None) == (want is None), field
+        assert got is None or torch.equal(got, want), field
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("mix", MIXES, ids=mix_id)
+def test_mixed_dtypes_equal_the_upcast_call_and_the_reference(target, mix, layout):
+    """draft_logits and target_logits of different dtypes (each read in its own: a contiguous
+    float32 one in place, the other converted as it loads): odd shapes, -inf entries, strided
+    views, weights and a temperature. The result is the float64 reference's on the same values,
+    and that of the call with the narrower input cast up first; no output element is left
+    unwritten (the outputs start as NaN)."""
+    _, device = target
+    draft_dtype, target_dtype = mix
+    wide = torch.promote_types(draft_dtype, target_dtype)
+    for num_drafts, num_tokens, vocab in shapes_for(target):
+        draft = 3 * torch.randn(num_drafts, num_tokens, vocab)
+        target_logits = 3 * torch.randn(num_tokens, vocab)
+        masked = slice(vocab // 3, vocab // 2)  # (empty for V = 1)
+        draft[..., masked], target_logits[..., masked] = float("-inf"), float("-inf")
+        draft[torch.rand_like(draft) < 0.1] = float("-inf")
+        draft[..., 0] = 0.0  # every row keeps a finite logit
+        draft, target_logits = draft.to(device, draft_dtype), target_logits.to(device, target_dtype)
+        if layout == "strided":
+            draft, target_logits = strided_copy(draft, device), strided_copy(target_logits, device)
+            assert not draft.is_contiguous() and not target_logits.is_contiguous() or vocab == 1
+        weights = random_weights(num_drafts, device)
+        result = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.7)
+        assert_matches(result, expected(draft, target_logits, weights, 0.7))
+        upcast = fp.draft_divergence(draft.to(wide), target_logits.to(wide), weights=weights, temperature=0.7)
+        same_as_upcast(result, upcast, target)
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=mix_id)
+def test_shard_shares_with_mixed_dtypes(target, mix):
+    """The sharded form's two kernel modes (lse_only, lse_in) with the drafts and the target in
+    different dtypes: combined over uneven shards, the unsharded call and the reference."""
+    _, device = target
+    draft_dtype, target_dtype = mix
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = (3 * torch.randn(num_drafts, num_tokens, vocab)).to(device, draft_dtype)
+    target_logits = strided_copy((3 * torch.randn(num_tokens, vocab)).to(device, target_dtype), device)
+    draft[0, 1, : vocab // 5] = float("-inf")  # a draft row all -inf on shard 0
+    weights = random_weights(num_drafts, device)
+    result, _ = combine_shards(draft, target_logits, weights, 0.8, vocab_shards(vocab))
+    unsharded = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.8)
+    assert_same_result(result, unsharded)
+    assert_matches(result, expected(draft, target_logits, weights, 0.8))
+
+
+FLOAT64_MIXES = [(torch.float64, dtype) for dtype in DTYPES] + [(dtype, torch.float64) for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("mix", FLOAT64_MIXES, ids=mix_id)
+def test_a_float64_input_runs_the_reference_in_float64(mix):
+    """Either input float64: the reference runs in float64 (the other input taken up to float64:
+    a float32 draft with a float64 target was computed in float32) and every statistic is float64,
+    whole and sharded; weights given in float32 are taken up too. A forced kernel backend refuses
+    it, naming float64."""
+    draft_dtype, target_dtype = mix
+    draft = (3 * torch.randn(3, 6, 97)).to(draft_dtype)
+    target_logits = (3 * torch.randn(6, 97)).to(target_dtype)
+    draft[1, 2, :40] = float("-inf")
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    result = fp.draft_divergence(draft, target_logits, weights=weights, temperature=0.9)
+    assert all(value.dtype == torch.float64 for value in result)
+    want = reference.draft_divergence(draft.double(), target_logits.double(), weights=weights.double(), temperature=0.9)
+    for field in FIELDS:
+        torch.testing.assert_close(getattr(result, field), want[field], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"{field}: {m}")
+    shares, _ = combine_shards(draft, target_logits, weights.double(), 0.9, vocab_shards(97))
+    assert_same_result(shares, result, rtol=1e-12, atol=1e-12)
+    fp.set_backend("cpp")
+    with pytest.raises(RuntimeError, match="float64"):
+        fp.draft_divergence(draft, target_logits)
+
+
+def test_the_op_checks_weights_and_target_against_the_mixed_dtypes():
+    """The raw op (reachable past the public checks): the weights must be in the statistics'
+    dtype (float64 with a float64 target, whatever the draft's), and a target outside the four
+    dtypes is refused by name before any kernel runs."""
+    draft = torch.randn(2, 4, 31)
+    with pytest.raises(TypeError, match="draft_divergence: weights must be a float64 tensor"):
+        _draft_divergence_op(draft, torch.randn(4, 31, dtype=torch.float64), torch.tensor([0.5, 0.5]), 1.0)
+    with pytest.raises(TypeError, match="draft_divergence: target must be a float32, bfloat16, float16 or float64"):
+        _draft_divergence_op(draft, torch.randint(0, 3, (4, 31)), torch.tensor([0.5, 0.5]), 1.0)
+    stats, _ = _draft_divergence_op(draft, torch.randn(4, 31, dtype=torch.float64),
+                                    torch.tensor([0.5, 0.5], dtype=torch.float64), 1.0)
+    assert stats.dtype == torch.float64
+
+
+def test_cpp_binding_reads_the_target_in_its_own_dtype():
+    """The C++ entry point's target_dtype: the target's own (here bfloat16 beside float32 drafts),
+    defaulting to the draft's where not given (the call of callers that pass one dtype)."""
+    from fastprobe.ops._common import cpp
+
+    draft, target_logits = torch.randn(2, 3, 40), torch.randn(3, 40).bfloat16()
+    weights = torch.tensor([0.5, 0.5])
+
+    def run(target, **dtype):
+        stats = torch.full((7, 3), float("nan"))
+        lse = torch.full((3, 3), float("nan"), dtype=torch.float64)
+        cpp().draft_divergence("float32", draft.data_ptr(), 2, 3, 40, *draft.stride(), target.data_ptr(),
+                               *target.stride(), weights.data_ptr(), 1.0, 0, False, stats.data_ptr(), lse.data_ptr(),
+                               1, **dtype)
+        return stats, lse
+
+    got = run(target_logits, target_dtype="bfloat16")
+    want = run(target_logits.float())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        run(target_logits, target_dtype="int8")
+
+
+def test_torch_compile_fullgraph_mixed_dtypes():
+    """The fake implementation gives the statistics' dtype of the mix (float32; float64 with a
+    float64 input), so a compiled graph matches eager mode."""
+    draft = torch.randn(3, 9, 130).bfloat16()
+    weights = torch.tensor([0.2, 0.3, 0.5])
+
+    def uncertainty(d, t):
+        result = fp.draft_divergence(d, t, weights=weights, temperature=0.9)
+        return result.epistemic * 2 + result.jsd
+
+    compiled = torch.compile(uncertainty, fullgraph=True)
+    for target_logits in (torch.randn(9, 130), torch.randn(9, 130, dtype=torch.float16),
+                          torch.randn(9, 130, dtype=torch.float64)):
+        eager = uncertainty(draft, target_logits)
+        got = compiled(draft, target_logits)
+        assert got.dtype == eager.dtype == (torch.float64 if target_logits.dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+
+
 def test_inputs_untouched_and_outputs_fresh(target):
     _, device = target
     draft = torch.randn(2, 4, 33, device=device)
@@ -430,6 +595,12 @@ def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, 
         # all of the vocabulary on rank 0, none on rank 1 (an empty shard adds nothing)
         whole = (draft, target_logits) if rank == 0 else (draft[..., :0], target_logits[..., :0])
         out["one_shard_empty"] = fp.draft_divergence_sharded(*whole, weights=weights, temperature=0.8)._asdict()
+        # the drafts and the target in different dtypes, each rank's shard read as it is
+        out["mixed"] = fp.draft_divergence_sharded(mine[0].bfloat16(), mine[1], weights=weights,
+                                                   temperature=0.8)._asdict()
+        # a float64 target makes every statistic float64, also on the rank whose shard is empty
+        out["float64_target"] = fp.draft_divergence_sharded(whole[0], whole[1].double(), weights=weights,
+                                                            temperature=0.8)._asdict()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still finishes a collective
     finally:
@@ -492,6 +663,20 @@ def test_sharded_distributed_refuses_calls_that_differ_between_ranks(sharded_run
         for case, name in names.items():
             error = rank["disagree"][case]
             assert error is not None and f"the ranks disagree on {name}" in error, (case, error)
+
+
+def test_sharded_distributed_mixed_dtypes(sharded_run):
+    """bfloat16 drafts with a float32 target on every rank: the unsharded call on the same values;
+    a float64 target with float32 drafts, one rank's shard empty: float64 statistics on both ranks
+    (the empty rank's zero shares took the draft's float32, and the all-reduce mixed dtypes)."""
+    (draft, target_logits, weights), ranks = sharded_run
+    mixed = fp.draft_divergence(draft.bfloat16(), target_logits, weights=weights, temperature=0.8)
+    wide = fp.draft_divergence(draft.double(), target_logits.double(), weights=weights, temperature=0.8)
+    for rank in ranks:
+        assert_same_result(fp.DraftDivergence(**rank["mixed"]), mixed)
+        got = fp.DraftDivergence(**rank["float64_target"])
+        assert all(value.dtype == torch.float64 for value in got)
+        assert_same_result(got, wide, rtol=1e-12, atol=1e-12)
 
 
 def test_sharded_distributed_with_an_empty_shard(sharded_run):
@@ -558,7 +743,7 @@ def bad_cases():
         ("weights int", (d, t), {"weights": torch.tensor([1, 0, 0])}, TypeError, "weights"),
         ("integer logits", (torch.randint(0, 5, (3, 4, 10)), t), {}, TypeError, "draft_logits"),
         ("integer target", (d, torch.randint(0, 5, (4, 10))), {}, TypeError, "target_logits"),
-        ("dtype mismatch", (d, t.half()), {}, TypeError, "target_logits"),
+        ("complex target", (d, t.to(torch.complex64)), {}, TypeError, "target_logits"),
         ("other device", (d, torch.empty(4, 10, device="meta")), {}, ValueError, "target_logits"),
         ("weights device", (d, t), {"weights": torch.empty(3, device="meta")}, ValueError, "weights"),
         ("temperature zero", (d, t), {"temperature": 0.0}, ValueError, "temperature"),
@@ -734,10 +919,16 @@ def test_rows_refused_in_eager_mode_give_nan_under_compile(target):
         statistics(draft, target_logits)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16), (torch.float32, torch.float64)], ids=str)
 @pytest.mark.parametrize("mode", ["full", "lse_only", "lse_in"])
-def test_opcheck(mode):
-    """torch.library's own consistency checks on the registered op (schema, fake, dispatch)."""
-    args = (torch.randn(2, 4, 31), torch.randn(4, 31), torch.tensor([0.4, 0.6]), 1.25)
+def test_opcheck(mode, dtypes):
+    """torch.library's own consistency checks on the registered op (schema, fake, dispatch), also
+    with the drafts and the target in different dtypes (a float64 target: float64 stats)."""
+    draft_dtype, target_dtype = dtypes
+    weights_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    args = (torch.randn(2, 4, 31, dtype=draft_dtype), torch.randn(4, 31, dtype=target_dtype),
+            torch.tensor([0.4, 0.6], dtype=weights_dtype), 1.25)
     kwargs = {"full": {}, "lse_only": {"lse_only": True}, "lse_in": {"lse_in": torch.randn(3, 4, dtype=torch.float64)}}
     torch.library.opcheck(_draft_divergence_op.op, args, kwargs[mode], test_utils=("test_schema", "test_faketensor"))
 
@@ -753,12 +944,14 @@ def test_backward_is_refused_clearly():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("mode", ["full", "no target", "lse_only", "lse_in"])
-def test_triton_kernel_stays_inside_its_buffers(mode, prefetch, monkeypatch):
+def test_triton_kernel_stays_inside_its_buffers(mode, prefetch, target_dtype, monkeypatch):
     """The raw op's Triton launch with strided views, K = 3 drafts (padded to 4 rows) and V = 300
     (a ragged third block; PREFETCH loads a block before block 0): every load and store of
-    every mode stays inside the buffers (checked by the interpreter, tests/_interpreter_bounds.py).
+    every mode stays inside the buffers (checked by the interpreter, tests/_interpreter_bounds.py),
+    with a float32 target and a bfloat16 one (2-byte elements beside the drafts' 4-byte ones).
     What reaches the kernel's addresses is the shapes and strides, checked by the op: the weights,
     K and the temperature only scale values."""
     from fastprobe.kernels import divergence as triton_divergence
@@ -768,7 +961,7 @@ def test_triton_kernel_stays_inside_its_buffers(mode, prefetch, monkeypatch):
     monkeypatch.setattr(triton_divergence, "UNTUNED_PREFETCH", prefetch)
     fp.set_backend("triton")
     draft = torch.randn(3, 2, 600)[:, :, ::2]  # stride 2 along the vocabulary
-    target = torch.randn(300, 2).t() if mode != "no target" else None  # columns
+    target = torch.randn(300, 2, dtype=target_dtype).t() if mode != "no target" else None  # columns, own dtype
     weights = torch.tensor([0.2, 0.5, 0.3])
     lse_in = torch.randn(4, 2, dtype=torch.float64) if mode == "lse_in" else None
     with bounds_checked() as launches:

@@ -143,6 +143,54 @@ def test_the_stack_never_narrows_to_a_later_drafts_dtype(tokenizer, models):
         assert torch.equal(stacked[1], order[1](**batch).logits[scored].float())
 
 
+def _spy_on_draft_divergence(monkeypatch) -> list:
+    """The (draft_logits, target_logits) of every draft_divergence call the method makes."""
+    calls = []
+
+    def spy(draft_logits, target_logits, **options):
+        calls.append((draft_logits, target_logits))
+        return fp.draft_divergence(draft_logits, target_logits, **options)
+
+    monkeypatch.setattr(uncertainty, "draft_divergence", spy)
+    return calls
+
+
+def test_a_bfloat16_target_with_float32_drafts_is_not_copied(tokenizer, models, monkeypatch):
+    """A bfloat16 target's logits reach draft_divergence as they are (a view of its rows, not a
+    float32 copy of the [N, V] logits: the op reads each input in its own dtype), and the figures
+    are the same bits as with the target's logits cast to float32 first (what the method did)."""
+    target, drafts = models
+    batch = dict(tokenizer(TEXTS[:3], padding=True, return_tensors="pt"))
+    scored = uncertainty.scored_positions(batch["attention_mask"])
+    with torch.no_grad():
+        target_rows = target.to(torch.bfloat16)(**batch).logits[scored]  # [N, V] bfloat16
+    target.float()
+    calls = _spy_on_draft_divergence(monkeypatch)
+    mixed = uncertainty._scored_statistics(target_rows, drafts, batch, scored, None, 1.3, tokenizer)
+    draft_logits, target_logits = calls[0]
+    assert draft_logits.dtype == torch.float32 and target_logits.dtype == torch.bfloat16
+    assert target_logits.data_ptr() == target_rows.data_ptr()
+    cast_first = uncertainty._scored_statistics(target_rows.float(), drafts, batch, scored, None, 1.3, tokenizer)
+    for name, values in mixed.items():
+        assert torch.equal(values, cast_first[name]), name
+
+
+def test_bfloat16_drafts_of_a_float32_target_stay_bfloat16(tokenizer, models, monkeypatch):
+    """The drafts' stack takes the widest of the drafts' dtypes, not the target's: bfloat16 drafts
+    of a float32 target make a bfloat16 stack (it was float32, a [K, N, V] float32 copy), and the
+    table holds the float64 reference's figures on the logits the op was given. (Against each text
+    run alone, as check_against_reference does, bfloat16 drafts differ by their batching and padding.)"""
+    target, _ = models
+    drafts = [sharp_model(tokenizer, seed=4).to(torch.bfloat16), sharp_model(tokenizer, seed=5).to(torch.bfloat16)]
+    calls = _spy_on_draft_divergence(monkeypatch)
+    table = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:3], batch_size=2, progress=False)
+    assert calls and [(d.dtype, t.dtype) for d, t in calls] == [(torch.bfloat16, torch.float32)] * len(calls)
+    want = [fp.reference.draft_divergence(d.double(), t.double()) for d, t in calls]
+    for name in STATISTICS:
+        torch.testing.assert_close(torch.tensor(table[name].to_numpy()), torch.cat([w[name] for w in want]),
+                                   atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_vocabularies_beyond_padding_are_refused(tokenizer, models):
     target, _ = models
     small = tiny_model("llama", vocab_size=len(tokenizer) - 1)

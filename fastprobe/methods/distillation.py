@@ -90,9 +90,10 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     the tokenizer's tokens (e.g. 32000 vs 32064) are compared on the shared first V entries;
     that takes the tokenizer both models use (shared_vocabulary). A teacher on another device
     (a second GPU, or the CPU) or in another dtype gets the inputs there, floating ones (pixel
-    values) in its dtype, and hands its logits back. The teacher runs in eval mode (no dropout: a
-    fixed target), each of its modules' training flags restored afterwards; the student runs as
-    it is (train mode for training)."""
+    values) in its dtype, and hands its logits back, moved to the student's device but kept in
+    their dtype (the loss reads mixed dtypes as they are, see fastprobe.bridge_loss). The
+    teacher runs in eval mode (no dropout: a fixed target), each of its modules' training flags
+    restored afterwards; the student runs as it is (train mode for training)."""
     labels = inputs.get("labels")
     check_labels(labels, loss_fn.ignore_index)
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
@@ -106,7 +107,9 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     vocab = shared_vocabulary(student_logits.shape[-1], teacher_logits.shape[-1], tokenizer)
     targets = next_token_targets(labels, inputs.get("attention_mask"), student_logits.shape[:2],
                                  loss_fn.ignore_index, student_logits.device)
-    teacher_logits = teacher_logits[..., :vocab].to(student_logits.device, student_logits.dtype)
+    # (on the student's device; in the teacher's own dtype, which bridge_loss reads as it is: no
+    # [B, L, V] copy in the student's dtype)
+    teacher_logits = teacher_logits[..., :vocab].to(student_logits.device)
     loss = loss_fn(student_logits[..., :vocab], teacher_logits, labels=targets, step=step)
     return loss, student_outputs
 

@@ -88,14 +88,16 @@ def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tens
 
 def _stacked_drafts(drafts, batch: dict, scored: torch.Tensor, target_rows: torch.Tensor, tokenizer) -> torch.Tensor:
     """[K, N, V] draft logits at the scored positions, V the vocabulary all share, written draft
-    by draft into one buffer (one model's logits alive at a time, no second copy of the stack)."""
+    by draft into one buffer (one model's logits alive at a time, no second copy of the stack),
+    in the widest of the drafts' dtypes: the target's does not enter (draft_divergence reads the
+    target in its own dtype, so bfloat16 drafts of a float32 target stay bfloat16)."""
     stacked = None
     for k, draft in enumerate(drafts):
         rows = _scored_rows(draft, batch, scored, target_rows.device)
         vocab = shared_vocabulary([target_rows.shape[-1], rows.shape[-1]] +
                                   ([stacked.shape[-1]] if stacked is not None else []), tokenizer, "logits", _SHARERS)
-        # the widest dtype of the target and the drafts so far (never narrower than the stack)
-        dtype = torch.promote_types(target_rows.dtype if stacked is None else stacked.dtype, rows.dtype)
+        # the widest dtype of the drafts so far (never narrower than the stack)
+        dtype = rows.dtype if stacked is None else torch.promote_types(stacked.dtype, rows.dtype)
         if stacked is None or dtype != stacked.dtype:  # the first draft, or a wider dtype than so far
             wider = torch.empty((len(drafts), rows.shape[0], vocab), dtype=dtype, device=rows.device)
             if stacked is not None:
@@ -117,8 +119,8 @@ def _scored_statistics(target_rows: torch.Tensor, drafts, batch: dict, scored: t
     vocab = draft_logits.shape[-1]
     if isinstance(weights, torch.Tensor):  # given on any device: the statistics run on the target's
         weights = weights.to(device)
-    result = draft_divergence(draft_logits, target_rows[:, :vocab].to(draft_logits.dtype), weights=weights,
-                              temperature=temperature)
+    # the target in its own dtype (draft_divergence takes the drafts' or another): no [N, V] copy
+    result = draft_divergence(draft_logits, target_rows[:, :vocab], weights=weights, temperature=temperature)
     columns = {name: getattr(result, name) for name in MEASURES + ("target_entropy", "mixture_entropy")}
     return {name: values.double().cpu() for name, values in columns.items()}
 

@@ -179,9 +179,16 @@ def first_bad_index(bad: torch.Tensor) -> Optional[tuple]:
     return tuple(int(i) for i in bad.nonzero()[0])
 
 
-def output_dtype(logits: torch.Tensor) -> torch.dtype:
-    """Statistics are float32, or float64 when the logits are float64 (the reference runs)."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def output_dtype(*inputs: Optional[torch.Tensor]) -> torch.dtype:
+    """Statistics are float32, or float64 when any input (None: absent) is float64 (the reference
+    runs; inputs may mix dtypes)."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in inputs) else torch.float32
+
+
+def backend_dtype(first: torch.Tensor, *others: Optional[torch.Tensor]) -> torch.dtype:
+    """The one dtype backend selection goes by for inputs that may mix dtypes: float64 when any is
+    (only the reference takes it), else the first's (the kernels read each in its own dtype)."""
+    return torch.float64 if output_dtype(first, *others) == torch.float64 else first.dtype
 
 
 def check_finite_lse(lse: torch.Tensor, describe: Callable[..., str]) -> None:

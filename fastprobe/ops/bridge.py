@@ -9,6 +9,14 @@ and its gradient in one call (online log-sum-exp over the vocabulary), into a gr
 buffer of their own; the backward only scales that buffer by the incoming gradient of
 each row. Reductions are plain tensor ops on the per-row losses, so autograd hands the
 backward exactly the per-row scale, whatever the reduction.
+
+Dtypes: student and teacher logits may differ in dtype (a bfloat16 student under autocast, a
+float32 teacher; or the reverse). Among float32, bfloat16 and float16 the fast kernels read each
+input in its own dtype (no [N, V] copy of either) and compute in float32, giving the bits of the
+same call with both cast to their common dtype (torch.promote_types: the wider one; float32 for
+bfloat16 with float16) beforehand, the gradient then rounded to the student's dtype. With a
+float64 input the reference runs, in float64. The loss is float32, or float64 when either input
+is float64; the gradient w.r.t. the student logits is in the student's dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from ._common import (
     FLOAT32_MAX,
     FLOAT32_TINY,
     autocast_dtype,
+    backend_dtype,
+    check_dtype,
     check_int,
     check_op_logits,
     check_op_tensors,
@@ -55,13 +65,14 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _reference_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
-    # The gradient by SPEC's formulas (autograd is not available below the op's dispatch).
+    # The gradient by SPEC's formulas (autograd is not available below the op's dispatch), in the
+    # loss's dtype (float64 when either input is: a float32 student with a float64 teacher too).
     temperature = 1.0 / inv_temperature
-    rows = reference.bridge_rows(student, teacher, beta=beta, temperature=temperature, direction=DIRECTIONS[int(reverse)])
+    z_s, z_t = student.to(loss.dtype), teacher.to(loss.dtype)
+    rows = reference.bridge_rows(z_s, z_t, beta=beta, temperature=temperature, direction=DIRECTIONS[int(reverse)])
     keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
     loss.copy_(torch.where(keep, rows, torch.zeros_like(rows)))
     if grad.numel() > 0:
-        z_s, z_t = student.to(loss.dtype), teacher.to(loss.dtype)
         log_p = torch.log_softmax(z_s * inv_temperature, dim=-1)
         log_q = torch.log_softmax(reference.bridge_logits(z_s, z_t, beta) * inv_temperature, dim=-1)
         p = log_p.exp()
@@ -77,7 +88,7 @@ def _reference_rows(student, teacher, labels, ignore_index, beta, inv_temperatur
 def _cpp_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
     num_rows, vocab = student.shape
     cpp().bridge_loss(
-        DTYPE_NAMES[student.dtype],
+        DTYPE_NAMES[student.dtype], DTYPE_NAMES[teacher.dtype],  # (each read in its own dtype)
         student.data_ptr(), teacher.data_ptr(), num_rows, vocab, *student.stride(), *teacher.stride(),
         0 if labels is None else labels.data_ptr(), ignore_index,
         beta, inv_temperature, int(reverse),
@@ -119,8 +130,9 @@ def _bridge_loss_op(
     reverse: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [N] (float32; float64 for float64 logits) and, with compute_grad, the
-    gradient of each row's loss w.r.t. the student logits [N, V] in their dtype (else [0]).
+    """Per-row loss [N] (float32; float64 when either logits are float64) and, with compute_grad,
+    the gradient of each row's loss w.r.t. the student logits [N, V] in the student's dtype (else
+    [0]). student and teacher may differ in dtype: each is read in its own (see the module's doc).
     beta: a float64 0-dim CPU tensor (beta_tensor).
     That gradient is the autograd backward's buffer: a backward that frees the graph scales it
     in place and returns it, so a caller of this op keeps it only if it runs no such backward."""
@@ -128,8 +140,9 @@ def _bridge_loss_op(
     # (torch.ops.fastprobe.bridge_loss), past the public functions' checks
     check_op_logits("bridge_loss", "student", student, "[N, V]")
     num_rows, vocab = student.shape
+    check_dtype(teacher, "bridge_loss: teacher")  # (any of the logits' dtypes, the student's or not)
     check_op_tensors("bridge_loss", student.device, (
-        ("teacher", teacher, student.shape, student.dtype, False),  # (any strides)
+        ("teacher", teacher, student.shape, None, False),  # (any strides)
         ("labels", labels, (num_rows,), torch.int64, True),
     ))
     check_op_tensors("bridge_loss", torch.device("cpu"), (("beta", beta, (), torch.float64, False),))
@@ -139,10 +152,12 @@ def _bridge_loss_op(
         raise ValueError(f"bridge_loss: beta must be finite in float32, got {beta_value}")
     if not FLOAT32_TINY <= inv_temperature <= FLOAT32_MAX:
         raise ValueError(f"bridge_loss: inv_temperature must be a positive number in float32's range, got {inv_temperature}")
-    loss = new_output((num_rows,), student.device, output_dtype(student))
+    loss = new_output((num_rows,), student.device, output_dtype(student, teacher))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:
-        backend = resolve(student.device, student.dtype, "bridge_loss")
+        # the fast backends take any mix of float32, bfloat16 and float16; a float64 input makes the
+        # common dtype float64: the reference
+        backend = resolve(student.device, backend_dtype(student, teacher), "bridge_loss")
         _ROWS[backend](student, teacher, labels, ignore_index, beta_value, inv_temperature, reverse, loss, grad)
     return loss, grad
 
@@ -150,7 +165,7 @@ def _bridge_loss_op(
 @_bridge_loss_op.register_fake
 def _(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, compute_grad):
     num_rows, vocab = student.shape
-    loss = student.new_empty((num_rows,), dtype=output_dtype(student))
+    loss = student.new_empty((num_rows,), dtype=output_dtype(student, teacher))
     grad = student.new_empty((num_rows, vocab) if compute_grad else (0,))
     return loss, grad
 
@@ -227,7 +242,8 @@ def _check_ignore_index(ignore_index) -> int:
 
 
 def _check_logits(student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both [N, V] (or [..., V]), one dtype and device; returned flattened to [N, V]."""
+    """Both [N, V] (or [..., V]) on one device, each of the logits' dtypes (not necessarily the
+    same one); returned flattened to [N, V]."""
     ndim = student_logits.dim() if isinstance(student_logits, torch.Tensor) else 2
     student = check_tensor(student_logits, "student_logits", max(ndim, 2), "[N, V] (or [..., V])")
     teacher = check_tensor(teacher_logits, "teacher_logits", ndim, f"{list(student.shape)} like student_logits")
@@ -236,8 +252,6 @@ def _check_logits(student_logits, teacher_logits) -> tuple[torch.Tensor, torch.T
         raise ValueError(
             f"teacher_logits must have the shape of student_logits {tuple(student.shape)}, got {tuple(teacher.shape)}"
         )
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher_logits dtype {teacher.dtype} must match student_logits dtype {student.dtype}")
     if student.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary (V = 0)")
     return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
@@ -279,9 +293,12 @@ def bridge_loss(
     recipe no T^2 factor is applied: multiply the loss by T^2 yourself if you want it.
 
     Args:
-        student_logits, teacher_logits: [N, V] (or [..., V], flattened) logits of one dtype
-            (float32, bfloat16, float16; float64 runs the reference). teacher_logits get no
-            gradient. -inf entries are masked vocabulary.
+        student_logits, teacher_logits: [N, V] (or [..., V], flattened) logits, each float32,
+            bfloat16 or float16 (float64 runs the reference, in float64). Their dtypes may
+            differ (a bfloat16 student under autocast, a float32 teacher): each is read in its
+            own, with no converted copy, and the result is the one of both cast to their common
+            dtype (torch.promote_types) beforehand. teacher_logits get no gradient. -inf
+            entries are masked vocabulary.
         beta: the bridge exponent, a Python float (a runtime value: changing it recompiles no
             kernel, and under torch.compile a second value recompiles once, into a graph that
             takes every later value as an input; a new temperature, direction or reduction
@@ -294,10 +311,10 @@ def bridge_loss(
         reduction: "mean" over the kept rows (0 when no row is kept, never NaN), "sum", or
             "none" (the per-row losses, in the logits' leading shape).
 
-    The loss is float32 (float64 for float64 logits). The gradient is computed with the loss
-    (when student_logits requires grad) into a buffer of the op's own, [N, V] in the logits'
-    dtype, kept until the backward, which scales it by each row's incoming gradient in place
-    (into a second [N, V] tensor only when the graph is kept, retain_graph=True, or on torch
+    The loss is float32 (float64 when either logits are float64). The gradient is computed with
+    the loss (when student_logits requires grad) into a buffer of the op's own, [N, V] in
+    student_logits' dtype, kept until the backward, which scales it by each row's incoming
+    gradient in place (into a second [N, V] tensor only when the graph is kept, retain_graph=True, or on torch
     without a way to tell, before 2.5; FusedLinearBridgeLoss avoids [N, V] altogether). A row
     whose student or bridge logits are all -inf gives NaN. A row whose loss is +inf (reverse: Q
     masks a token P keeps; forward with beta = 0: P masks a token Q keeps) has gradient 0: its
@@ -459,8 +476,8 @@ class _FusedLinearBridge(torch.autograd.Function):
         grad_bias = None
         if student_bias is not None and want[2]:
             grad_bias = torch.zeros_like(student_bias, dtype=torch.promote_types(student_bias.dtype, torch.float32))
-        # the loss's dtype: float32, float64 for float64 hidden states (as the op's)
-        loss_dtype = output_dtype(student_hidden)
+        # the loss's dtype: float32, float64 when either side's hidden states are (as the op's)
+        loss_dtype = torch.float64 if torch.float64 in (student_hidden.dtype, teacher_hidden.dtype) else torch.float32
         device = student_hidden.device
         if reduction == "mean":  # d mean / d row = 1 / (kept rows), a tensor: no host sync
             kept = torch.tensor(num_rows, device=device) if labels is None else (labels != ignore_index).sum()
@@ -471,9 +488,9 @@ class _FusedLinearBridge(torch.autograd.Function):
         for start in range(0, num_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_rows))
             student_logits = torch.nn.functional.linear(student_hidden[rows], student_weight, student_bias)
-            # (in the student's dtype, which the fused op needs: e.g. a bfloat16 teacher, a float32 student)
+            # (in the teacher's own dtype, which the fused op reads as it is: e.g. a bfloat16 teacher,
+            # a float32 student, no float32 copy of the teacher's chunk)
             teacher_logits = torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
-            teacher_logits = teacher_logits.to(student_logits.dtype)
             chunk_labels = None if labels is None else labels[rows]
             loss, grad_logits = _bridge_loss_op(
                 student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, compute_grad
@@ -536,9 +553,11 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
     Each side's hidden states, weight [V, H] and optional bias [V] share one dtype (as
     torch.nn.functional.linear needs them outside torch.autocast: a mismatch is refused, never
     converted, so no silent copy of a weight is made; under autocast, e.g. bfloat16 hidden states
-    with float32 weights, its products take them) and student_hidden's device. The two sides may differ in dtype:
-    the teacher's logits are taken in the student's dtype (e.g. a bfloat16 teacher distilled into
-    a float32 student).
+    with float32 weights, its products take them) and student_hidden's device. The two sides may
+    differ in dtype (e.g. a bfloat16 teacher distilled into a float32 student): each chunk's logits
+    reach the fused op in their side's dtype, read as they are, with no copy in the other's
+    (bridge_loss's dtype rule: the loss is the one of both cast to their common dtype; float64 on
+    either side runs the reference in float64 and gives a float64 loss).
 
     chunk_rows: rows per chunk, an integer >= 1 (default: about 8M logits per chunk on CPU and
     256M on CUDA, at least 1 row; see _chunk_logits).

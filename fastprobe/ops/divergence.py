@@ -24,6 +24,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES,
+    backend_dtype,
     check_dtype,
     check_finite_lse,
     check_op_logits,
@@ -49,7 +50,7 @@ NUM_FIXED_ROWS = 5
 
 
 class DraftDivergence(NamedTuple):
-    """Per-token results of draft_divergence (float32; float64 for float64 input).
+    """Per-token results of draft_divergence (float32; float64 when either input is float64).
     Fields that need a target are None without one."""
 
     jsd: torch.Tensor  # [N]
@@ -66,7 +67,8 @@ class DraftDivergence(NamedTuple):
 
 
 def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
-    """The reference, written into the packed layout the kernels use."""
+    """The reference, written into the packed layout the kernels use (in float64 when either
+    input is float64, else float32)."""
     temperature = 1.0 / inv_temperature
     if lse_in is not None:
         lse.copy_(lse_in)
@@ -105,6 +107,7 @@ def _cpp_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats
         stats.data_ptr(),
         lse.data_ptr(),
         torch.get_num_threads(),
+        DTYPE_NAMES[draft.dtype if target is None else target.dtype],
     )
 
 
@@ -125,9 +128,11 @@ def _check_op_args(draft, target, weights, lse_in, lse_only) -> None:
     if lse_only and lse_in is not None:
         raise ValueError("draft_divergence: lse_only computes the lse, so lse_in must be None")
     num_drafts, num_tokens, vocab = draft.shape
+    if target is not None:  # (its own dtype: the kernels load each input as it is)
+        check_dtype(target, "draft_divergence: target")
     check_op_tensors("draft_divergence", draft.device, (
-        ("target", target, (num_tokens, vocab), draft.dtype, False),  # (any strides)
-        ("weights", weights, (num_drafts,), output_dtype(draft), True),
+        ("target", target, (num_tokens, vocab), None, False),  # (any strides)
+        ("weights", weights, (num_drafts,), output_dtype(draft, target), True),
         ("lse_in", lse_in, (num_drafts + 1, num_tokens), torch.float64, True),
     ))
 
@@ -142,17 +147,18 @@ def _draft_divergence_op(
     lse_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed form: stats [5 + K, N] (rows JSD, KL_MIXTURE_TARGET, EPISTEMIC,
-    MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k)) and lse [K + 1, N] (row K: target;
-    float64, so that it keeps the precision of large logits). For the sharded form:
+    MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k); float32, float64 when draft or target is
+    float64) and lse [K + 1, N] (row K: target; float64, so that it keeps the precision of large
+    logits). draft and target may differ in dtype: each is read in its own. For the sharded form:
     lse_in (float64 [K + 1, N], contiguous) gives each row's lse over the whole vocabulary,
     of which draft and target are one shard, and stats are then this shard's shares of every
     sum (lse is written as lse_in); lse_only computes the lse only (stats are 0)."""
     _check_op_args(draft, target, weights, lse_in, lse_only)
     num_drafts, num_tokens, _ = draft.shape
-    stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, output_dtype(draft))
+    stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, output_dtype(draft, target))
     lse = new_output((num_drafts + 1, num_tokens), draft.device, torch.float64)
     if num_tokens > 0:
-        backend = resolve(draft.device, draft.dtype, "draft_divergence")
+        backend = resolve(draft.device, backend_dtype(draft, target), "draft_divergence")
         _PACKED[backend](draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse)
     return stats, lse
 
@@ -160,7 +166,7 @@ def _draft_divergence_op(
 @_draft_divergence_op.register_fake
 def _(draft, target, weights, inv_temperature, lse_in=None, lse_only=False):
     num_drafts, num_tokens, _ = draft.shape
-    stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft))
+    stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft, target))
     lse = draft.new_empty((num_drafts + 1, num_tokens), dtype=torch.float64)
     return stats, lse
 
@@ -169,10 +175,12 @@ register_forward_only(_draft_divergence_op, "draft_divergence", " (an uncertaint
                       inputs="draft_logits and target_logits")
 
 
-def check_weights(weights, num_drafts: int, draft: torch.Tensor) -> torch.Tensor:
-    """The mixture weights [K] in draft's float dtype on its device (uniform when None), or an
-    error naming `weights`: wrong length, negative, not finite, not summing to 1."""
-    dtype = output_dtype(draft)
+def check_weights(weights, num_drafts: int, draft: torch.Tensor,
+                  target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mixture weights [K] in the statistics' dtype (float32; float64 when draft or target is
+    float64) on draft's device (uniform when None), or an error naming `weights`: wrong length,
+    negative, not finite, not summing to 1."""
+    dtype = output_dtype(draft, target)
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft.device)
     if not isinstance(weights, torch.Tensor):
@@ -212,10 +220,8 @@ def _check_inputs(draft_logits, target_logits, weights, temperature, empty_vocab
                 f"target_logits must have shape [N, V] = [{num_tokens}, {vocab}] to match draft_logits "
                 f"{tuple(draft.shape)}, got {tuple(target.shape)}"
             )
-        if target.dtype != draft.dtype:
-            raise TypeError(f"target_logits dtype {target.dtype} must match draft_logits dtype {draft.dtype}")
     inv_temperature = 1.0 / check_temperature(temperature)
-    return draft, target, check_weights(weights, num_drafts, draft), inv_temperature
+    return draft, target, check_weights(weights, num_drafts, draft, target), inv_temperature
 
 
 def _check_lse(stats: torch.Tensor, lse: torch.Tensor, has_target: bool) -> torch.Tensor:
@@ -258,13 +264,23 @@ def draft_divergence(
         draft_logits: [K, N, V] logits of K draft models at N token positions
             (float32, bfloat16, float16; float64 runs the reference). -inf entries
             are masked vocabulary.
-        target_logits: optional [N, V] logits of the target model, same dtype.
+        target_logits: optional [N, V] logits of the target model, of any of those dtypes,
+            the draft's or another (see Dtypes).
         weights: optional [K] non-negative mixture weights summing to 1 (default uniform).
         temperature: divides every logit.
 
+    Dtypes: draft_logits and target_logits may differ in dtype (a float32 draft with a
+    bfloat16 target, or the reverse): the fused kernels read each in its own dtype and
+    convert it to float32 as they load it, so neither is copied or cast, and the result is
+    the same as that of the call with the narrower input cast up to the wider dtype first:
+    the same bits in the C++ kernel, and in the Triton kernel under the same launch config
+    (autotuning may choose another block size for another pair of dtypes, which changes
+    float32 rounding only). If either is float64 the reference runs, in float64 (the other
+    input is taken up to float64), and the results are float64.
+
     Returns:
         DraftDivergence(jsd, kl_mixture_target, epistemic, mixture_entropy,
-        draft_entropy, target_entropy), float32 (float64 for float64 input);
+        draft_entropy, target_entropy), float32 (float64 when either input is float64);
         target fields are None without target_logits.
 
     Raises ValueError or TypeError naming the argument for bad shapes, dtypes,
@@ -333,9 +349,11 @@ def draft_divergence_sharded(
 
     Each rank of `group` passes its shard of the vocabulary: draft_logits [K, N, V_r] and
     target_logits [N, V_r] (shards may differ in size; K, N, whether there is a target,
-    weights and temperature must be the same on every rank). Returns the DraftDivergence of
-    the whole vocabulary (the same statistics as draft_divergence on the concatenated
-    logits, up to float rounding), identical on every rank.
+    weights and temperature must be the same on every rank, and so must the dtypes, which
+    follow draft_divergence's rule: draft and target may differ, float64 gives float64).
+    Returns the DraftDivergence of the whole vocabulary (the same statistics as
+    draft_divergence on the concatenated logits, up to float rounding), identical on every
+    rank.
 
     Every statistic is a sum over the vocabulary of per-element terms once each row's
     log-sum-exp (lse) is known, so each rank computes its shard's lse per row, the ranks
@@ -382,7 +400,8 @@ def draft_divergence_sharded(
     if vocab > 0:
         shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=lse)
     else:
-        shares = torch.zeros((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft), device=draft.device)
+        shares = torch.zeros((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft, target),
+                             device=draft.device)
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
     if has_target:
         shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
