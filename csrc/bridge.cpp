@@ -49,9 +49,18 @@
 //   grad_v = P_v (d_v - D) / T
 // d_v and D are differences of logits near a where P has mass, exact there; g_a = log P_a - log Q_a
 // is formed once per row in double, from a's bridge logit relative to pass 1's anchor (exact in
-// double), so the loss is as accurate as float32 holds it. a is the token of the first block's
-// largest student logit, or of the row's largest when that lies more than kReanchor T above it
-// (found in the block where pass 1 saw it; nothing reruns). Block sums are float32, range and row
+// double). a is the token of the row's largest student logit (its first; found in the block where
+// pass 1 saw it), where P's mass is: a token with little of it (say the first block's largest, 20
+// below the row's) can have a g_a far from the loss (a teacher logit 1e3 below there: g_a ~ 1e3 for
+// a loss of ~5), and then d_v ~ g_a would be rounded by ~1e-4 where P has mass. Even at the
+// largest logit, g_a and D can be of opposite signs and larger than the loss (P_a ~ 0.1), and the
+// float32 log-sum-exp's relative error e (P~ = P (1 + e), log P~ = log P + e) would reach the loss
+// as e (1 + D), not e: pass 2 also sums the mass it forms, M = sum_v P~_v, and normalises by it
+// (exact to first order in e):
+//   loss = (g~_a - log M) + D~ / M,  D~ = sum_v P~_v d_v,   grad_v = (P~_v / M) (d_v - D~ / M) / T
+// Pass 2's block sums are double (float32 terms added in order would let a large P_v d_v swallow
+// the small same-signed terms after it: 6e-5 of a loss of 1.4 where a block is summed
+// sequentially, as in the sanitizer's build). Pass 1's block sums are float32, its range and row
 // accumulators double.
 #include <pybind11/pybind11.h>
 
@@ -86,12 +95,11 @@ struct Bridge {
 // below, c is rounded by at most 2^-24 kReanchor T, moving log Q by at most 2^-24 kReanchor = 4e-6
 // (as the old anchor, the first block's maxima, did for ordinary rows). Ordinary LLM rows stay
 // well below it (their largest logits are tens, not 64 T, above their first block's); outliers
-// of ~1e4 (beta < 0: the student's masked-like tokens) are far above it. The reverse centre a
-// moves to the student's largest logit by the same rule (d_v is then rounded by at most 4e-6).
+// of ~1e4 (beta < 0: the student's masked-like tokens) are far above it.
 constexpr float kReanchor = 64.0f;
 
 // A block's largest value and where it is (-1: none): a position in the row, or in pass 1 the
-// block's first position (found in the block only when a row is re-anchored there).
+// block's first position (found in the block only where a row is re-anchored or centred there).
 struct BlockMax {
   float value;
   int64_t at;
@@ -140,32 +148,40 @@ FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
   return kl;
 }
 
+// Pass 2's sums over a block or range (double, see Precision): forward, KL(Q || P)'s terms (mass
+// unused); reverse, sum_v P~_v d_v and the mass sum_v P~_v, P~ = exp(log_prob(log_p, .)) as formed.
+struct Pass2Sums {
+  double sum = 0.0, mass = 0.0;
+};
+
 // Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored at a): returns
-// sum_v P_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T.
-FASTPROBE_SIMD_CLONES static float reverse_block(const float* s, const float* c,
-                                                 LogSoftmax log_p, float centre_s, int64_t count) {
-  float spread = 0.0f;
-#pragma omp simd reduction(+ : spread)
+// sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T, and sum_v P~_v.
+FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float* c,
+                                                       LogSoftmax log_p, float centre_s, int64_t count) {
+  double spread = 0.0, mass = 0.0;
+#pragma omp simd reduction(+ : spread, mass)
   for (int64_t v = 0; v < count; ++v) {
-    const float lp = log_prob(log_p, s[v]);                          // log P_v
-    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;        // g_v - g_a
-    const float term = c[v] == kNegInf ? kInf : fast_exp(lp) * d;   // Q_v = 0 < P_v: +inf
-    spread += lp == kNegInf ? 0.0f : term;                           // P_v = 0: 0 log 0 = 0
+    const float lp = log_prob(log_p, s[v]);                    // log P~_v
+    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;  // g_v - g_a
+    const float p = fast_exp(lp);                              // P~_v (0: masked)
+    const float term = c[v] == kNegInf ? kInf : p * d;         // Q_v = 0 < P_v: +inf
+    spread += double(lp == kNegInf ? 0.0f : term);             // P_v = 0: 0 log 0 = 0
+    mass += double(p);
   }
-  return spread;
+  return {spread, mass};
 }
 
-// Reverse gradient, one block, centred as reverse_block, given the row's D = sum_v P_v d_v:
-// grad_v = P_v (g_v - loss) / T = P_v (d_v - D) / T.
+// Reverse gradient, one block, centred as reverse_block, given the row's D = sum_v P_v d_v and
+// grad_scale = 1 / (M T) (P_v = P~_v / M): grad_v = P_v (g_v - loss) / T = P~_v (d_v - D) / (M T).
 FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float* c,
                                                      LogSoftmax log_p, float centre_s, float spread,
-                                                     int64_t count, float* grad) {
+                                                     float grad_scale, int64_t count, float* grad) {
 #pragma omp simd
   for (int64_t v = 0; v < count; ++v) {
-    const float lp = log_prob(log_p, s[v]);                    // log P_v
-    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;  // g_v - g_a
-    const float g = fast_exp(lp) * (d - spread) * log_p.scale; // P_v (d_v - D) / T
-    grad[v] = lp == kNegInf ? 0.0f : g;                        // P_v = 0: no gradient
+    const float lp = log_prob(log_p, s[v]);                     // log P~_v
+    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;   // g_v - g_a
+    const float g = fast_exp(lp) * (d - spread) * grad_scale;   // P~_v (d_v - D) / (M T)
+    grad[v] = lp == kNegInf ? 0.0f : g;                         // P_v = 0: no gradient
   }
 }
 
@@ -223,10 +239,11 @@ struct RowSoftmax {
   Bridge bridge;  // anchored for pass 1 (and forward's pass 2); reverse, once centred: at a
   bool reanchored;
   LogSoftmax log_p, log_q;
-  BlockMax first_s, s_max;  // reverse: the first block's largest s (its token), the row's (its block)
+  BlockMax s_max;           // reverse: the row's largest s (its block)
   float centre_s;           // reverse: z_S,a
-  double centre_g;          // reverse: g_a = log P_a - log Q_a
+  double centre_g;          // reverse: g~_a = log P~_a - log Q_a
   float spread;             // reverse: D = sum_v P_v d_v, d_v = g_v - g_a
+  float grad_scale;         // reverse: 1 / (M T), M = sum_v P~_v
   float loss;
 };
 
@@ -267,12 +284,10 @@ static Bridge anchored_at(const Problem& p, int64_t n, int64_t v, Workspace& ws)
   return {p.beta, std::isfinite(a.s) ? a.s : 0.0f, std::isfinite(a.t) ? a.t : 0.0f};
 }
 
-// The row's first anchor: the token of its first block with the largest bridge logit; reverse,
-// also its first block's largest student logit (the centre's first candidate).
+// The row's first anchor: the token of its first block with the largest bridge logit.
 static void row_bridge(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
   const int64_t count = block_size(p.V, 0);
-  const float* s = load_block(p, n, 0, count, Bridge{p.beta, 0.0f, 0.0f}, ws);
-  if (p.reverse) r.first_s = largest_finite(s, count);
+  load_block(p, n, 0, count, Bridge{p.beta, 0.0f, 0.0f}, ws);
   r.bridge = anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
 }
 
@@ -290,20 +305,17 @@ static double log_ratio(const LogSoftmax& log_p, double s_a, const LogSoftmax& l
   return log_p_a - ((c_a - log_q.shift) * log_q.scale - log_q.offset);
 }
 
-// Reverse: the row's centre a (see Precision), the first block's largest student logit unless the
-// row's lies more than kReanchor T above it; then g_a, and the bridge anchored at a for passes 2
-// and 3. No finite student logit: no P, the loss is NaN.
+// Reverse: the row's centre a (see Precision), its largest student logit; then g~_a, and the bridge
+// anchored at a for passes 2 and 3. No finite student logit: no P, the loss is NaN.
 static void centre_row(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
-  int64_t a = r.first_s.at;
-  if (r.s_max.at >= 0 && (r.s_max.value - r.first_s.value) * p.inv_temperature > kReanchor)
-    a = located(p, n, r.bridge, r.s_max, true, ws);
+  const int64_t a = r.s_max.at >= 0 ? located(p, n, r.bridge, r.s_max, true, ws) : -1;
   if (a < 0) {
     r.centre_s = 0.0f;
     r.centre_g = std::numeric_limits<double>::quiet_NaN();
     return;
   }
   const Token at = token_at(p, n, a, ws);
-  r.centre_g = log_ratio(r.log_p, at.s, r.log_q, r.bridge.logit<double>(at.s, at.t));  // g_a
+  r.centre_g = log_ratio(r.log_p, at.s, r.log_q, r.bridge.logit<double>(at.s, at.t));  // g~_a
   r.centre_s = at.s;
   r.bridge = anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
 }
@@ -343,20 +355,23 @@ static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_te
   return row;
 }
 
-// Pass 2 over a range: its share of the loss; forward writes its gradient too.
-static double range_loss(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
-  double kl = 0.0;
+// Pass 2 over a range: its share of the loss (forward: of KL(Q || P), writing its gradient too;
+// reverse: of D~ = sum_v P~_v d_v and of the mass M).
+static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
+  Pass2Sums sums;
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
     if (p.reverse) {
-      kl += reverse_block(s, ws.c.data(), r.log_p, r.centre_s, count);  // KL(P || Q) - g_a
+      const Pass2Sums block = reverse_block(s, ws.c.data(), r.log_p, r.centre_s, count);
+      sums.sum += block.sum;
+      sums.mass += block.mass;
       return;
     }
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    kl += forward_block(s, ws.c.data(), r.log_p, r.log_q, count, grad);  // KL(Q || P)
+    sums.sum += forward_block(s, ws.c.data(), r.log_p, r.log_q, count, grad);  // KL(Q || P)
     p.store_grad(n, v0, count, grad);
   });
-  return kl;
+  return sums;
 }
 
 // Pass 3 over a range, reverse: its gradient, from the row's D.
@@ -364,7 +379,7 @@ static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    reverse_grad_block(s, ws.c.data(), r.log_p, r.centre_s, r.spread, count, grad);
+    reverse_grad_block(s, ws.c.data(), r.log_p, r.centre_s, r.spread, r.grad_scale, count, grad);
     p.store_grad(n, v0, count, grad);
   });
 }
@@ -378,7 +393,7 @@ static void run(const Problem& p, int threads) {
   const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads);
   std::vector<RowSoftmax> rows(size_t(slots), RowSoftmax{});
   std::vector<RangeLse> lse_parts(size_t(slots * ranges));
-  std::vector<double> loss_parts(size_t(slots * ranges));
+  std::vector<Pass2Sums> loss_parts(size_t(slots * ranges));
   const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, bool student, Workspace& ws) {
     range_lse(p, n, range, rows[slot].bridge, student, ws, &lse_parts[slot * ranges + range]);
   };
@@ -423,11 +438,16 @@ static void run(const Problem& p, int threads) {
         loss_parts[slot * ranges + range] = range_loss(p, n, range, rows[slot], ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace&) {
-        double kl = 0.0;
-        for (int64_t range = 0; range < ranges && !p.ignored(n); ++range) kl += loss_parts[slot * ranges + range];
-        if (p.reverse && !p.ignored(n)) {  // the ranges summed D: loss = g_a + D
-          rows[slot].spread = float(kl);
-          kl += rows[slot].centre_g;
+        double kl = 0.0, mass = 0.0;
+        for (int64_t range = 0; range < ranges && !p.ignored(n); ++range) {
+          kl += loss_parts[slot * ranges + range].sum;
+          mass += loss_parts[slot * ranges + range].mass;
+        }
+        if (p.reverse && !p.ignored(n)) {  // the ranges summed D~ and M: loss = (g~_a - log M) + D~ / M
+          const double spread = kl / mass;
+          rows[slot].spread = float(spread);
+          rows[slot].grad_scale = float(p.inv_temperature / mass);
+          kl = (rows[slot].centre_g - std::log(mass)) + spread;
         }
         rows[slot].loss = float(kl);
         // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.

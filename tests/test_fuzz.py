@@ -146,13 +146,15 @@ def assert_untouched(before, tensors):
 
 
 def draw_divergence_logits(target, data, num_drafts, num_tokens, vocab, dtype):
-    """Drafts [K, N, V] and, or not, a target [N, V], in drawn layouts; (draft, target, scale)."""
+    """Drafts [K, N, V] and, or not, a target [N, V] (in the drafts' dtype or another), in drawn
+    layouts; (draft, target, scale)."""
     _, device = target
     draft, scale = draw_logits(data, (num_drafts, num_tokens, vocab), dtype, "draft")
     draft = draw_layout(data, draft.to(device), "draft")
     target_logits = None
     if data.draw(st.booleans(), label="with target"):
-        target_logits, target_scale = draw_logits(data, (num_tokens, vocab), dtype, "target")
+        target_dtype = data.draw(st.sampled_from([dtype, *DTYPES]), label="target dtype")
+        target_logits, target_scale = draw_logits(data, (num_tokens, vocab), target_dtype, "target")
         target_logits = draw_layout(data, target_logits.to(device), "target")
         scale = max(scale, target_scale)
     return draft, target_logits, scale
@@ -239,7 +241,8 @@ def _bridge_loss_case(target, data):
     teacher = torch.randn(num_rows, vocab, dtype=torch.float64) * data.draw(st.sampled_from([1.0, 8.0]), label="teacher scale")
     teacher[student == float("-inf")] = float("-inf")
     student = draw_layout(data, student.to(device=device, dtype=dtype), "student")
-    teacher = draw_layout(data, teacher.to(device=device, dtype=dtype), "teacher")
+    teacher_dtype = data.draw(st.sampled_from([dtype, *DTYPES]), label="teacher dtype")  # (the student's, or another)
+    teacher = draw_layout(data, teacher.to(device=device, dtype=teacher_dtype), "teacher")
     options = dict(
         beta=data.draw(st.sampled_from(test_bridge.BETAS), label="beta"),
         temperature=data.draw(st.sampled_from([1.0, 0.6, 2.5]), label="temperature"),
