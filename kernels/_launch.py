@@ -13,11 +13,16 @@ launch the kernel with that config directly.
 
 from typing import Hashable
 
+import torch
 from triton.runtime.jit import JITFunction
 
 from ..ops._common import check_float32_range
 
 _CHOSEN: dict = {}  # (autotuner, key) -> the config it chose
+
+
+# The dtypes the kernels read (each input pointer its own: Triton compiles per pointer type).
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def launch_tuned(tuned, kernel, grid, args: tuple, flags: dict, key: Hashable) -> None:

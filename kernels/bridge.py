@@ -72,7 +72,7 @@ import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
 from ..ops._common import check_float32_range
-from ._launch import check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["bridge_loss"]
 
@@ -366,8 +366,9 @@ def _bridge_kernel(
 
 # On a GPU the block size and warp count are tuned per (V, REVERSE, HAS_GRAD) (and, by
 # Triton, per dtype of each tensor argument: the student's and the teacher's apart). The kernel
-# overwrites every output, so re-running it while tuning is safe. num_stages=1: no software pipelining (it gained nothing for the divergence kernel,
-# and its shared-memory buffers would cost occupancy); other resident programs hide latency.
+# overwrites every output, so re-running it while tuning is safe. num_stages=1: no software
+# pipelining (it gained nothing for the divergence kernel, and its shared-memory buffers would
+# cost occupancy); other resident programs hide latency.
 # The first config is the one used without tuning (FASTPROBE_AUTOTUNE=0): 1024 columns and
 # 4 warps was the divergence kernel's best on the H200 (bench/NOTES.md).
 _AUTOTUNE_CONFIGS = [
@@ -411,7 +412,6 @@ _bridge_kernel_tuned = triton.autotune(
 # spans several blocks and a ragged tail.
 _INTERPRET_BLOCK_V = 128
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def bridge_loss(
@@ -439,9 +439,9 @@ def bridge_loss(
     if student.dim() != 2:
         raise ValueError(f"student must be [N, V], got shape {tuple(student.shape)}")
     N, V = student.shape
-    if student.dtype not in _DTYPES:
+    if student.dtype not in LOGIT_DTYPES:
         raise ValueError(f"student must be float32, bfloat16 or float16, got {student.dtype}")
-    if teacher.shape != (N, V) or teacher.dtype not in _DTYPES:
+    if teacher.shape != (N, V) or teacher.dtype not in LOGIT_DTYPES:
         raise ValueError("teacher must be [N, V], float32, bfloat16 or float16")
     if labels is not None and (labels.shape != (N,) or labels.dtype != torch.int64 or not labels.is_contiguous()):
         raise ValueError("labels must be a contiguous int64 [N] tensor")

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["draft_divergence"]
 
@@ -386,8 +386,6 @@ _divergence_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_divergence_kernel)
 
-_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 # Through the Triton interpreter (CPU tests): one small block, so that a tiny V still
 # spans several blocks and a ragged tail.
 _INTERPRET_BLOCK_V = 128
@@ -422,7 +420,7 @@ def draft_divergence(
     if draft.dim() != 3:
         raise ValueError(f"draft must be [K, N, V], got shape {tuple(draft.shape)}")
     K, N, V = draft.shape
-    if target is not None and (target.shape != (N, V) or target.dtype not in _LOGIT_DTYPES):
+    if target is not None and (target.shape != (N, V) or target.dtype not in LOGIT_DTYPES):
         raise ValueError("target must be a float32, bfloat16 or float16 [N, V] tensor")
     if weights.shape != (K,) or weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError("weights must be a contiguous float32 [K] tensor")
