@@ -58,10 +58,12 @@
 // as e (1 + D), not e: pass 2 also sums the mass it forms, M = sum_v P~_v, and normalises by it
 // (exact to first order in e):
 //   loss = (g~_a - log M) + D~ / M,  D~ = sum_v P~_v d_v,   grad_v = (P~_v / M) (d_v - D~ / M) / T
-// Pass 2's block sums are double (float32 terms added in order would let a large P_v d_v swallow
-// the small same-signed terms after it: 6e-5 of a loss of 1.4 where a block is summed
-// sequentially, as in the sanitizer's build). Pass 1's block sums are float32, its range and row
-// accumulators double.
+// Reverse pass 2's block sums are double: float32 terms added in order would let a large P_v d_v
+// swallow the small same-signed ones after it (6e-5 of a loss of 1.4 where a block is summed
+// sequentially, as in the sanitizer's build), and where g_a is ~1e3 from the loss (a near-uniform
+// P) float32 sums of D~ ~ 1e3 would be off by ~5e-5 even summed in SIMD lanes. Forward's block
+// sums and pass 1's are float32 (each row's relative error in the loss, not amplified), their
+// range and row accumulators double.
 #include <pybind11/pybind11.h>
 
 #include <vector>

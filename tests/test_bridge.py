@@ -330,6 +330,34 @@ def test_large_reverse_divergence_keeps_float32_precision(target, beta):
         tolerance = grad_tolerance(torch.float32, want_grad[row], student[row])
         torch.testing.assert_close(grad[row].cpu().double(), want_grad[row], **tolerance)
 
+
+@pytest.mark.parametrize("beta", [2.0, 0.37, -0.5])
+def test_reverse_loss_is_formed_where_p_has_mass(target, beta, request):
+    """Reverse: the kernels form the loss as g_a + sum_v P_v (g_v - g_a) at a centre token a.
+    Where g_a is far from the loss (a teacher logit far below a's), the roundings of g_v - g_a
+    and the float32 log-sum-exp's relative error (which scales P against log P) reached the loss
+    multiplied by |g_a|: centred at the first block's top student logit, with P's sum taken as 1,
+    the loss was off by up to 6e-3 on rows of kind 1, 6e-4 (of 0.65) on kind 2 (and 6e-5 on 3
+    randn rows with beta = 2 where a block was summed in order). Rows: (1) the first block's top
+    student logit 20 below the row's, the teacher 1e4 below there; (2) near-uniform student and
+    teacher (as at the start of distillation), the student's top logit in the first block, the
+    teacher 1e3 below there."""
+    backend, device = target
+    if backend == "triton":  # (off by 3e-3 in the interpreter: the kernel has the C++'s old centre and sums)
+        request.applymarker(pytest.mark.xfail(reason="kernels/bridge.py: reverse not yet centred at the "
+                                              "row's top student logit nor normalised by P's mass"))
+    block = first_block_width(target)
+    vocab, rows = 2 * block + 3, torch.arange(4)
+    student, teacher = 3 * torch.randn(8, vocab), 3 * torch.randn(8, vocab)
+    student[:4, :block] -= 20
+    teacher[rows, student[:4, :block].argmax(-1)] = -1e4
+    student[4:], teacher[4:] = 0.1 * torch.randn(4, vocab), 0.1 * torch.randn(4, vocab)
+    student[4:, 5] = student[4:].max(-1).values + 0.05
+    teacher[4:, 5] = -1e3
+    student, teacher = student.to(device), teacher.to(device)
+    assert_matches(student, teacher, beta=beta, temperature=0.7, direction="reverse", reduction="none")
+
+
 def test_non_contiguous_and_leading_dims(target):
     _, device = target
     num_rows, vocab = shapes_for(target)[0]
