@@ -10,13 +10,16 @@ The kernel works in base 2 and converts to natural units (times ln 2) only where
         reduced across lanes once after the loop: M = max_j m_j, S = sum_j s_j 2^((m_j - M) c);
         then log2 P_v = (x_v - M_x) c - log2 S_x and log2 Q_v = (u_v - M_u) c - log2 S_u
         (rare: a row whose M_u lies more than 64 T above its anchor is re-anchored at a token
-        within T of M_u, and u's log-sum-exp taken again, see Precision)
+        within T of M_u, and u's log-sum-exp taken again, see Precision); reverse, also the
+        token of the row's first largest x (per lane the block where its maximum last rose)
   pass 2 (vocabulary blocks, REVERSE order, so the last blocks of pass 1 are L2 hits):
         forward: loss = sum Q (log Q - log P), grad_v = (P_v - Q_v) / T   (stored here)
         reverse: loss = sum P g, g = log P - log Q, formed centred at a token e (see Precision):
-                 loss = g_e + D, D = sum_v P_v d_v, d_v = g_v - g_e       (per-lane sums, one reduce)
+                 loss = g_e + D, D = sum_v P_v d_v, d_v = g_v - g_e, as P~ = 2^(log2 P) is formed:
+                 loss = (g~_e - log M) + D~ / M, D~ = sum_v P~_v d_v, M = sum_v P~_v
+                 (per-lane float32 sums, one float64 reduce)
   pass 3 (reverse direction with a gradient only, forward order: pass 2 ended at block 0):
-        grad_v = P_v (g_v - loss) / T = P_v (d_v - D) / T
+        grad_v = P_v (g_v - loss) / T = P~_v (d_v - D) / (M T),  D = D~ / M
 
 Precision: the maxima are subtracted from RAW logits before scaling (x - M is exact for nearby
 values). The bridged logit is formed from logits less the anchors a_T = y_a, a_S = x_a of one
@@ -35,10 +38,18 @@ P's), so P (g - loss) would cancel numbers of that size (errors ~1e-3). Its pass
 at a token e where P's mass is, with the bridge anchored at e (e_T = y_e, e_S = x_e):
         d_v = g_v - g_e = ((x_v - e_S) - u'_v) / T,  u'_v = (y_v - e_T) + beta (x_v - e_S)
 so d and D are differences of logits near e where P has mass, exact there; g_e = log P_e - log Q_e
-is formed once per row in float64 (e's u relative to a_T, a_S exact there), so the loss is as
-accurate as float32 holds it. e is the first block's token with the largest x, or, when M_x lies
-more than 64 T above it (rare), the first token within T of M_x (d is then rounded by at most
-4e-6, as u). (As the C++ kernel, which centres at M_x's own token.)
+is formed once per row in float64 (e's u relative to a_T, a_S exact there). e is the token of the
+row's largest x (its first), found in pass 1: a token with little of P's mass (the first block's
+largest x, 20 below the row's, as this kernel took before) can have g_e far from the loss (a
+teacher logit 1e3 below there: g_e ~ 1e3 for a loss of ~5), and d ~ g_e is then rounded by ~1e-4
+where P has mass. Even at the largest x, g_e and D can be of opposite signs and larger than the
+loss, and the float32 log-sum-exp's relative error r (P~ = P (1 + r), log P~ = log P + r) would
+reach the loss as r (1 + D), not r: pass 2 also sums the mass it forms, M = sum_v P~_v, and
+normalises by it (exact to first order in r): loss = (g~_e - log M) + D~ / M,
+grad_v = P~_v (d_v - D~ / M) / (M T). Pass 2's sums are per lane in float32 (each lane adds one
+term per block), their lanes reduced in float64 (a float32 tree's top levels round D~ ~ 1e3 by
+~5e-5); the float32 roundings of d_v ~ 1e3 remain (~1e-4 each, averaging out over the row).
+(As the C++ kernel, csrc/bridge.cpp, whose block sums are double.)
 
 Dtypes: student and teacher may differ (float32, bfloat16, float16 each): Triton specialises the
 kernel on each pointer's element type, every load is in that input's own dtype and is converted to
@@ -161,17 +172,14 @@ def _first_anchors(s_row, t_row, x, y, V, beta, masked_bx, stride_sv, stride_tv)
 # per thread where V is not a multiple of 16; called, the kernel keeps about its old count)
 @triton.jit(noinline=True)
 def _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv, threshold,
-                    STUDENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The rare paths: the row's first vocabulary id whose u (STUDENT: whose x) is >= threshold,
-    or 0x7FFFFFFF (>= V) if there is none. Per lane the first such id, one reduction after the loop
-    (a reduction per block cost more registers)."""
+                    BLOCK_V: tl.constexpr):
+    """The rare path: the row's first vocabulary id whose u is >= threshold, or 0x7FFFFFFF (>= V)
+    if there is none. Per lane the first such id, one reduction after the loop (a reduction per
+    block cost more registers)."""
     first = tl.full([BLOCK_V], 0x7FFFFFFF, tl.int32)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
         x, y = _load_pair(s_row, t_row, b * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
-        if STUDENT:
-            w = x.to(tl.float32)  # (-inf past V)
-        else:
-            w = _bridged(y.to(tl.float32), x.to(tl.float32), a_t, a_s, beta, masked_bx)
+        w = _bridged(y.to(tl.float32), x.to(tl.float32), a_t, a_s, beta, masked_bx)
         first = tl.minimum(first, tl.where(w >= threshold, b * BLOCK_V + tl.arange(0, BLOCK_V), 0x7FFFFFFF))
     return tl.min(first, axis=0)
 
@@ -186,10 +194,12 @@ def _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature):
 
 @triton.jit
 def _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c, stride_sv, stride_tv,
-           STUDENT: tl.constexpr, BLOCK_V: tl.constexpr):
+           STUDENT: tl.constexpr, TOP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 1 from the first block's logits (x_next, y_next, loaded by the caller): the row's
     (M, log2 S) of x (only if STUDENT, else unused values) and of u: per-lane online log-sum-exps,
-    one cross-lane reduce after."""
+    one cross-lane reduce after; and (TOP, with STUDENT, else V) the vocabulary id of the row's
+    first largest finite x (V if none): per lane the block where its maximum rose last."""
+    top_block = tl.zeros([BLOCK_V], tl.int32)  # (TOP) per lane: the block of its first largest x
     mx_s = tl.full([BLOCK_V], float("-inf"), tl.float32)
     sum_s = tl.zeros([BLOCK_V], tl.float32)
     mx_u = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -198,11 +208,18 @@ def _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c, stride
         x, y = x_next.to(tl.float32), y_next.to(tl.float32)
         x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
         if STUDENT:
+            if TOP:
+                top_block = tl.where(x > mx_s, b, top_block)  # (strictly above: a lane's first)
             mx_s, sum_s = _lse_step_lanes(x, mx_s, sum_s, c)
         mx_u, sum_u = _lse_step_lanes(_bridged(y, x, a_t, a_s, beta, masked_bx), mx_u, sum_u, c)
     shift_s, log2s_s = _lse_combine(mx_s, sum_s, c)
     shift_u, log2s_u = _lse_combine(mx_u, sum_u, c)
-    return shift_s, log2s_s, shift_u, log2s_u
+    top = tl.zeros([], tl.int64) + V
+    if STUDENT and TOP:  # the least id among the lanes holding the row's largest x, if finite
+        lane_top = top_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        top = tl.min(tl.where(mx_s == shift_s, lane_top, 0x7FFFFFFF), axis=0).to(tl.int64)
+        top = tl.where(tl.abs(shift_s) < float("inf"), top, V)
+    return shift_s, log2s_s, shift_u, log2s_u, top
 
 
 @triton.jit
@@ -279,31 +296,25 @@ def _bridge_kernel(
         x_next, y_next = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
         a_t, a_s = _first_anchors(s_row, t_row, x_next.to(tl.float32), y_next.to(tl.float32), V, beta, masked_bx,
                                   stride_sv, stride_tv)
-        if REVERSE:  # the centre's first candidate: the first block's largest x
-            centre_x, centre = _first_largest(x_next.to(tl.float32), V)
 
-        # ---- pass 1: online log-sum-exps of x and u ----
-        shift_s, log2s_s, shift_u, log2s_u = _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c,
-                                                    stride_sv, stride_tv, True, BLOCK_V)
+        # ---- pass 1: online log-sum-exps of x and u; reverse, the centre: the row's first largest x ----
+        shift_s, log2s_s, shift_u, log2s_u, centre = _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta,
+                                                            masked_bx, c, stride_sv, stride_tv, True, REVERSE,
+                                                            BLOCK_V)
         # (rare) the largest u lies over 64 T above the anchor: re-anchor at the first token within
         # T of it (the largest u, or one as good: u ends <= T above the anchor) and take u's
         # log-sum-exp again (x's does not depend on the anchor)
         if (shift_u * inv_temperature > _REANCHOR) & (shift_u < float("inf")):
             at = _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv,
-                                 shift_u - 1.0 / inv_temperature, False, BLOCK_V)
+                                 shift_u - 1.0 / inv_temperature, BLOCK_V)
             a_t, a_s = _anchors_at(s_row, t_row, at, V, a_t, a_s, stride_sv, stride_tv)
             x_first, y_first = _load_pair(s_row, t_row, 0, V, stride_sv, stride_tv, BLOCK_V)
-            _, _, shift_u, log2s_u = _pass1(s_row, t_row, x_first, y_first, V, a_t, a_s, beta, masked_bx, c,
-                                            stride_sv, stride_tv, False, BLOCK_V)
+            _, _, shift_u, log2s_u, _ = _pass1(s_row, t_row, x_first, y_first, V, a_t, a_s, beta, masked_bx, c,
+                                               stride_sv, stride_tv, False, False, BLOCK_V)
 
         if REVERSE:
-            # (rare) the largest x lies over 64 T above the first block's: centre at the first token
-            # within T of it
-            if ((shift_s - centre_x) * inv_temperature > _REANCHOR) & (shift_s < float("inf")):
-                centre = _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, stride_tv,
-                                         shift_s - 1.0 / inv_temperature, True, BLOCK_V).to(tl.int64)
             e_t, e_s = _anchors_at(s_row, t_row, centre, V, 0.0, 0.0, stride_sv, stride_tv)
-            # g_e = log P_e - log Q_e = ((x_e - M_x) - (u_e - M_u)) / T - (log S_x - log S_u), in float64
+            # g~_e = log P~_e - log Q_e = ((x_e - M_x) - (u_e - M_u)) / T - (log S_x - log S_u), in float64
             # (u_e relative to a_T, a_S is exact there); NaN without a centre (no finite x: no P)
             zero = tl.zeros([], tl.float64)  # (zero + a float32 value: that value in float64)
             x_e = tl.load(s_row + centre * stride_sv, mask=centre < V, other=0.0) + zero
@@ -314,7 +325,9 @@ def _bridge_kernel(
             g_e = tl.where(centre < V, g_e, float("nan"))
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
-        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane base-2 loss sums
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane loss sums (forward: base 2; reverse: D~)
+        if REVERSE:
+            mass = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums of P~
         x_next, y_next = _load_pair(s_row, t_row, (nblk - 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
         for i in range(0, nblk):
             col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
@@ -322,9 +335,11 @@ def _bridge_kernel(
             # (the block before block 0 starts at -BLOCK_V: every column masked, nothing loads)
             x_next, y_next = _load_pair(s_row, t_row, (nblk - 2 - i) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
             log2p = (x - shift_s) * c - log2s_s
-            if REVERSE:  # KL(P || Q) - g_e = sum P d (natural units)
+            if REVERSE:  # D~ = sum P~ d and M = sum P~ (natural units)
                 d, q_masked = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
-                acc += _xratio(tl.exp2(log2p), log2p, q_masked, d)
+                p = tl.exp2(log2p)
+                acc += _xratio(p, log2p, q_masked, d)
+                mass += p
             else:  # KL(Q || P) = sum Q (log Q - log P); Q > 0 with P = 0 gives +inf
                 log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
                 q = tl.exp2(log2q)
@@ -332,9 +347,13 @@ def _bridge_kernel(
                 if HAS_GRAD:  # (P - Q) / T
                     g = (tl.exp2(log2p) - q) * inv_temperature
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
-        if REVERSE:  # loss = g_e + D
-            spread = tl.sum(acc, axis=0)
-            loss = (g_e + spread.to(tl.float64)).to(tl.float32)
+        if REVERSE:  # loss = (g~_e - log M) + D~ / M (lanes reduced in float64, see Precision)
+            mass_sum = tl.sum(mass.to(tl.float64), axis=0)
+            spread64 = tl.sum(acc.to(tl.float64), axis=0) / mass_sum  # D = D~ / M
+            log_mass = tl.log2(mass_sum.to(tl.float32)) * _LN2  # (M ~ 1: float32 is exact enough)
+            loss = ((g_e - log_mass) + spread64).to(tl.float32)
+            spread = spread64.to(tl.float32)
+            grad_scale = ((zero + inv_temperature) / mass_sum).to(tl.float32)  # 1 / (M T)
         else:
             loss = tl.sum(acc, axis=0) * _LN2
         tl.store(loss_ptr + n, loss)
@@ -352,9 +371,9 @@ def _bridge_kernel(
                 log2p = (x - shift_s) * c - log2s_s
                 d, _ = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
                 p = tl.exp2(log2p)
-                # P (g - loss) / T = P (d - D) / T; 0 where P = 0, and in a row whose loss is
+                # P (g - loss) / T = P~ (d - D) / (M T); 0 where P = 0, and in a row whose loss is
                 # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf)
-                g = tl.where(p == 0.0, 0.0, p * (d - spread)) * inv_temperature
+                g = tl.where(p == 0.0, 0.0, p * (d - spread)) * grad_scale
                 g = tl.where(loss == float("inf"), 0.0, g)
                 tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
     else:
