@@ -190,7 +190,7 @@ FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float
 // ---- Per-row driver. ------------------------------------------------------------
 
 struct Problem {
-  RowReader student_type, teacher_type;  // each input's own dtype
+  RowReader student_input, teacher_input;  // each input's own dtype
   StoreFn store;  // the gradient's (the student's dtype); nullptr for float32: blocks are formed in the output
   const void* student;  // [N, V], any strides
   const void* teacher;  // [N, V], any strides
@@ -207,10 +207,10 @@ struct Problem {
 
   // Elements [v0, v0 + count) of row n as float32 (float_block: in place or into scratch).
   const float* student_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
-    return student_type.block(student, n * stride_sn + v0 * stride_sv, stride_sv, count, scratch);
+    return student_input.block(student, n * stride_sn + v0 * stride_sv, stride_sv, count, scratch);
   }
   const float* teacher_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
-    return teacher_type.block(teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, scratch);
+    return teacher_input.block(teacher, n * stride_tn + v0 * stride_tv, stride_tv, count, scratch);
   }
 
   // Where the float32 gradient of a block is formed: the output itself for float32,

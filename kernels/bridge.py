@@ -432,7 +432,6 @@ _bridge_kernel_tuned = triton.autotune(
 _INTERPRET_BLOCK_V = 128
 
 
-
 def bridge_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,

@@ -477,7 +477,7 @@ class _FusedLinearBridge(torch.autograd.Function):
         if student_bias is not None and want[2]:
             grad_bias = torch.zeros_like(student_bias, dtype=torch.promote_types(student_bias.dtype, torch.float32))
         # the loss's dtype: float32, float64 when either side's hidden states are (as the op's)
-        loss_dtype = torch.float64 if torch.float64 in (student_hidden.dtype, teacher_hidden.dtype) else torch.float32
+        loss_dtype = output_dtype(student_hidden, teacher_hidden)
         device = student_hidden.device
         if reduction == "mean":  # d mean / d row = 1 / (kept rows), a tensor: no host sync
             kept = torch.tensor(num_rows, device=device) if labels is None else (labels != ignore_index).sum()
