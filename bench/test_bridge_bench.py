@@ -1,5 +1,7 @@
 """bridge_loss forward + backward: fastprobe vs the eager PyTorch computation
-(fastprobe.reference.bridge_loss and autograd) and vs torch.compile of it; the
+(fastprobe.reference.bridge_loss and autograd) and vs torch.compile of it, in both
+directions (the default KL(Q || P_S), and "reverse", KL(P_S || Q): its rows first check
+that every implementation computes fastprobe's loss and gradient on the timed inputs); the
 fused-linear form vs computing the logits and then the loss (logits materialised).
 On CUDA with liger-kernel installed, also at beta = 0 (forward KL, the same math) vs
 Liger's JSD and KL-divergence losses and its fused-linear JSD. Measured in the same run,
@@ -136,7 +138,29 @@ LIGER_GROUPS = {
     ),
 }
 
+# ---- the reverse direction, KL(P_S || Q): (loss, its gradient for the student logits)
+fastprobe_reverse_step = _logits_step(lambda z, t: fp.bridge_loss(z, t, beta=BETA, direction="reverse"))
+eager_reverse_step = _logits_step(lambda z, t: reference.bridge_loss(z, t, beta=BETA, direction="reverse"))
+
+
+def compiled_reverse_step(student, teacher):
+    if "reverse" not in _compiled:
+        _compiled["reverse"] = torch.compile(eager_reverse_step, dynamic=False)
+    return _compiled["reverse"](student, teacher)
+
+
+def assert_same_values(got, want, dtype, name):
+    """Each output of a row (loss, gradient) is the other implementation's, to the inputs'
+    precision relative to that output's largest entry (a mean's gradient entries are ~1 / (N V))."""
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for output, value, wanted in zip(("loss", "gradient"), got, want, strict=True):
+        torch.testing.assert_close(value.float(), wanted.float(), rtol=tolerance, atol=tolerance * wanted.abs().max().item(),
+                                   msg=lambda text: f"{name}, {output}: {text}")
+
+
 LOGIT_IMPLS = {"fastprobe": fastprobe_step, "eager": eager_step, "torch.compile": compiled_step}
+REVERSE_IMPLS = {"fastprobe-reverse": fastprobe_reverse_step, "eager-reverse": eager_reverse_step,
+                 "torch.compile-reverse": compiled_reverse_step}
 LINEAR_IMPLS = {"fastprobe-fused-linear": fused_linear_step, "eager-linear": materialised_linear_step}
 
 
@@ -151,6 +175,22 @@ def test_bridge_loss_forward_backward(benchmark, device, impl, request):
         input_bytes=sum(t.nbytes for t in inputs),
     )
     _memory.measure(benchmark, request, device, impl, LOGIT_IMPLS[impl], inputs, __file__)
+
+
+@pytest.mark.parametrize("impl", list(REVERSE_IMPLS))
+@pytest.mark.parametrize("device", _memory.bench_devices())
+def test_bridge_loss_reverse_forward_backward(benchmark, device, impl, request):
+    case = CASES[device]
+    inputs = make_logits(device, **case)
+    # the row times what fastprobe computes (fastprobe's row: what the eager formula computes)
+    other = "eager-reverse" if impl.startswith("fastprobe") else "fastprobe-reverse"
+    assert_same_values(REVERSE_IMPLS[impl](*inputs), REVERSE_IMPLS[other](*inputs), case["dtype"], f"{impl} vs {other}")
+    benchmark.group = f"bridge_loss_reverse-{device}"
+    benchmark.extra_info.update(
+        impl=impl, baseline="eager-reverse", shape=dict(N=case["num_rows"], V=case["vocab"]), dtype=str(case["dtype"]),
+        input_bytes=sum(t.nbytes for t in inputs),
+    )
+    _memory.measure(benchmark, request, device, impl, REVERSE_IMPLS[impl], inputs, __file__)
 
 
 @pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
@@ -189,8 +229,8 @@ def test_vs_liger_cuda(benchmark, group, impl, request):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:
     name = sys.argv[2]
-    if name in LOGIT_IMPLS:
-        impl, make = LOGIT_IMPLS[name], make_logits
+    if name in LOGIT_IMPLS or name in REVERSE_IMPLS:
+        impl, make = {**LOGIT_IMPLS, **REVERSE_IMPLS}[name], make_logits
     else:
         impl, make = LINEAR_IMPLS[name], make_hidden
     small = make("cpu", 4, 64, 16, torch.float32)

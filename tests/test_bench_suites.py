@@ -185,12 +185,38 @@ def test_vocabulary_peers_compute_what_fastprobe_computes(uncompiled):
             got = _fields(call(*inputs))
             for field, value in want.items():
                 torch.testing.assert_close(got[field], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {field}")
-    for impls, make in ((bridge.LOGIT_IMPLS, bridge.make_logits), (bridge.LINEAR_IMPLS, bridge.make_hidden)):
+    for impls, make in ((bridge.LOGIT_IMPLS, bridge.make_logits), (bridge.REVERSE_IMPLS, bridge.make_logits),
+                        (bridge.LINEAR_IMPLS, bridge.make_hidden)):
         inputs = make("cpu", 16, 300, 8, torch.float32)
         want = next(call for name, call in impls.items() if name.startswith("fastprobe"))(*inputs)
         for name, call in impls.items():
             for got, value in zip(call(*inputs), want, strict=True):
                 torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bridge_reverse_rows_time_the_reverse_loss(uncompiled):
+    """The reverse bridge_loss rows take the loss KL(P_S || Q) (the reference's per-row formula, not
+    the default direction's) and its gradient; the check every such row makes before timing passes
+    for each of them and rejects the default direction's figures."""
+    import fastprobe as fp
+    from bench import test_bridge_bench as bridge
+    from fastprobe import reference
+
+    student, teacher = bridge.make_logits("cpu", 16, 300, 8, torch.float32)
+    student = 4 * student  # (peaked distributions: the two directions' losses differ by far more than the tolerance)
+    rows = {direction: reference.bridge_rows(student, teacher, beta=bridge.BETA, direction=direction)
+            for direction in ("forward", "reverse")}
+    assert not torch.allclose(rows["reverse"].mean(), rows["forward"].mean(), rtol=1e-2)
+    fastprobe_figures = bridge.fastprobe_reverse_step(student, teacher)
+    for name, call in bridge.REVERSE_IMPLS.items():
+        figures = call(student, teacher)
+        torch.testing.assert_close(figures[0], rows["reverse"].mean(), msg=name)
+        bridge.assert_same_values(figures, fastprobe_figures, torch.float32, name)
+    z = student.detach().requires_grad_()
+    forward_loss = fp.bridge_loss(z, teacher, beta=bridge.BETA)
+    forward_figures = (forward_loss.detach(), *torch.autograd.grad(forward_loss, z))
+    with pytest.raises(AssertionError, match="default direction, loss"):
+        bridge.assert_same_values(forward_figures, fastprobe_figures, torch.float32, "default direction")
 
 
 def test_attention_peers_compute_what_fastprobe_computes(uncompiled, monkeypatch):
