@@ -203,6 +203,16 @@ def test_gamma_zero_is_plain_generation(model, processor, images, rows):
     assert not is_patched(model) and model.config._attn_implementation == "sdpa"
 
 
+def test_guided_generation_with_a_static_cache(model, processor, images):
+    """A static cache (its buffer's unwritten slots, the masks generate makes ahead) guides as the
+    dynamic cache does: the same tokens and logits."""
+    dynamic = guidance.guided_generate(model, processor, images, PROMPTS, gamma=2.0, **GREEDY)
+    static = guidance.guided_generate(model, processor, images, PROMPTS, gamma=2.0, cache_implementation="static",
+                                      **GREEDY)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert_logits_close(static.logits, dynamic.logits)
+
+
 def test_a_model_left_in_train_mode_generates_without_dropout(model, processor, images):
     """guided_generate and two_pass_generate with a model in train mode with dropout (mixed flags)
     give what they give in eval mode, and every module's flag comes back, also after a failed

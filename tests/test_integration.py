@@ -121,6 +121,120 @@ def test_patched_generate_is_identical(arch):
     assert torch.equal(got, want)
 
 
+# ---------------------------------------------------------------- static caches
+
+
+STATISTICS = ("sink_mass", "group_mass", "entropy")
+
+
+def static_generate(model, ids, **settings):
+    """generate with a static cache (the compiled-decoding cache); None where transformers' own
+    generate fails on it (5.17's Llama 4: create_chunked_causal_mask gets block_sequence_ids)."""
+    try:
+        with torch.no_grad():
+            return model.generate(ids, cache_implementation="static", output_scores=True, return_dict_in_generate=True,
+                                  **settings)
+    except TypeError as why:
+        if "unexpected keyword argument" not in str(why):
+            raise
+        return None
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_static_cache_generate_matches_unpatched(arch):
+    """generate(cache_implementation="static"): the cache hands attention its whole buffer (keys past
+    the tokens unwritten) and, for full-attention layers, the query offset as a tensor. Left padding,
+    past the sliding windows (their static layers roll): each step's scores as the unpatched model's
+    with the same cache, and the same tokens."""
+    reference, model = tiny_model(arch), patch_or_skip(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = static_generate(reference, ids, **settings)
+    if want is None:
+        pytest.skip(f"transformers {transformers.__version__}'s generate fails on {arch} with a static cache")
+    got = static_generate(model, ids, **settings)
+    for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
+    assert torch.equal(got.sequences, want.sequences)
+
+
+@pytest.mark.parametrize("arch,options", [("llama", dict(num_sink=1, window=6)), ("mistral", {})])
+def test_static_cache_records_and_honours_options_as_a_dynamic_cache(arch, options):
+    """The same statistics, and the same outputs with sinks and a window (full layers; Mistral's
+    sliding layers, of window 4, drop the sinks), as with a dynamic cache: the unwritten slots are
+    no keys."""
+    model = fp.patch(tiny_model(arch), **options)
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                    output_scores=True, return_dict_in_generate=True)
+    groups, runs = torch.randint(0, 3, ids.shape), []
+    for cache in ("static", None):
+        with torch.no_grad(), fp.record_attention(model, key_groups=groups, statistics=STATISTICS) as record:
+            result = model.generate(ids, cache_implementation=cache, **settings)
+        runs.append((result, record))
+    (static, static_record), (dynamic, dynamic_record) = runs
+    for static_scores, dynamic_scores in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(static_scores, dynamic_scores, **TOLERANCE)
+    for statistic in STATISTICS:
+        torch.testing.assert_close(getattr(static_record, statistic), getattr(dynamic_record, statistic), **TOLERANCE)
+    assert static_record.num_queries.tolist() == dynamic_record.num_queries.tolist()
+
+
+def test_static_cache_in_chunks_and_without_a_mask():
+    """A static cache filled by direct calls: a prefill in two chunks (queries at a tensor offset
+    > 0, the offset read) and decoding steps, with and without an attention mask; as unpatched."""
+    reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
+    ids, mask = inputs(padding="left")
+    steps = [(0, 7), (7, LENGTH)] + [(LENGTH + i, LENGTH + i + 1) for i in range(3)]
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], 3, dtype=mask.dtype)], 1)
+
+    def run(net, with_mask):
+        cache = transformers.StaticCache(config=net.config, max_cache_len=LENGTH + 4, max_batch_size=ids.shape[0])
+        logits, tokens = [], ids
+        with torch.no_grad():
+            for start, end in steps:
+                kwargs = dict(attention_mask=full_mask[:, :end]) if with_mask else {}
+                out = net(input_ids=tokens[:, start:end], past_key_values=cache, use_cache=True,
+                          position_ids=torch.arange(start, end)[None].expand(ids.shape[0], -1), **kwargs)
+                logits.append(out.logits)
+                if end >= LENGTH:
+                    tokens = torch.cat([tokens, out.logits[:, -1:].argmax(-1)], 1)
+        return logits
+
+    # (torch < 2.5: transformers' own static-cache mask without an attention mask fails)
+    for with_mask in (True, False) if TORCH_RELEASE >= (2, 5) else (True,):
+        for (start, end), got, want in zip(steps, run(model, with_mask), run(reference, with_mask), strict=True):
+            real = full_mask[:, start:end].bool() if with_mask else torch.ones(got.shape[:2], dtype=torch.bool)
+            torch.testing.assert_close(got[real], want[real], **TOLERANCE)  # (padded queries: unspecified)
+
+
+@pytest.mark.skipif(TORCH_BEFORE_2_6, reason="torch.compile of transformers' generate needs a recent torch")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # one mask for every layer; masks by layer type
+def test_compiled_decoding_with_a_static_cache(arch):
+    """generate's own torch.compile of the decoding step (a static cache; here the aot_eager backend on
+    CPU): the unpatched model's tokens, and from transformers 5 (4.5x breaks in its own attention
+    lookup) not one graph break: the masks generate makes ahead keep their pattern inside the compiled
+    forward, and nothing reads the query offset on the host."""
+    from torch._dynamo.utils import counters
+
+    reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    want = static_generate(reference, ids, **settings)
+    config = transformers.CompileConfig(backend="aot_eager", mode=None, fullgraph=False, dynamic=None)
+    config._compile_all_devices = True  # (generate compiles on accelerators only, unless told)
+    torch._dynamo.reset()
+    counters.clear()
+    got = static_generate(model, ids, compile_config=config, **settings)
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+    assert torch.equal(got.sequences, want.sequences)
+    for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2"])
 def test_patched_model_under_autocast(arch):
     """Mixed precision (a float32 model under torch.autocast): the rotary embedding hands
@@ -985,6 +1099,33 @@ def test_mask_function_returns_a_key_padding_mask():
     assert none.shape == (2, 6) and bool(none.all())
 
 
+def test_mask_function_on_a_static_cache():
+    """A static cache's buffer of kv_length slots: the mask covers the slots that hold tokens. A
+    decoding step with generate's mask (one column per token so far) needs no host read of the
+    tensor offset (a meta tensor here: reading it would raise) and, for a compilable cache, comes
+    as [B, 1, 1, Lk]; other calls read the offset; queries past the keys are refused when used."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    fp.patch(tiny_model("llama"))  # registers the key
+    function = masking_utils.AttentionMaskInterface()["fastprobe"]
+    causal = masking_utils.causal_mask_function
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    offset = torch.empty((), dtype=torch.int64, device="meta")
+    step = function(batch_size=2, q_length=1, kv_length=16, q_offset=offset, kv_offset=0, attention_mask=mask,
+                    mask_function=causal, allow_is_causal_skip=False)
+    assert step.shape == (2, 1, 1, 5) and torch.equal(step[:, 0, 0], mask) and step._fastprobe_pattern.static
+    assert function(batch_size=2, q_length=1, kv_length=16, q_offset=offset, attention_mask=mask,
+                    mask_function=causal).shape == (2, 5)  # a dynamic-cache-like call keeps the 2D form
+    chunk = function(batch_size=2, q_length=3, kv_length=16, q_offset=torch.tensor(4), attention_mask=None,
+                     mask_function=causal, device="cpu")
+    assert chunk.shape == (2, 7) and bool(chunk.all()) and chunk._fastprobe_pattern.static
+    full = function(batch_size=2, q_length=3, kv_length=7, q_offset=torch.tensor(4), attention_mask=None,
+                    mask_function=causal, device="cpu")
+    assert full.shape == (2, 7) and not full._fastprobe_pattern.static
+    beyond = function(batch_size=2, q_length=3, kv_length=7, q_offset=6, attention_mask=None, mask_function=causal,
+                      device="cpu")
+    assert "queries start at position 6" in beyond._fastprobe_pattern.refused
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -1013,9 +1154,6 @@ def test_refuses_what_it_cannot_reproduce():
     ids, mask = inputs()
     with pytest.raises(NotImplementedError, match="4D mask"):
         outputs(model, ids, torch.ones(3, 1, LENGTH, LENGTH, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="static or offloaded cache"):
-        with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, cache_implementation="static")
     with pytest.raises(NotImplementedError, match="output_attentions"):
         outputs(model, ids, mask, output_attentions=True)
     model.train()

@@ -20,7 +20,9 @@ modules share), so two models in one process can be patched differently.
 Mask semantics. The mask function never builds an [Lq, Lk] mask: like flash attention's, it
 returns the 2D key padding mask [B, Lk] (True = real token; all True without padding) and the
 kernel computes causality and windows from positions (queries are the last Lq keys: prefill, and
-decoding with a dynamic cache). The mask transformers would have built is read from its
+decoding with a dynamic cache; a static cache's buffer is cut to the slots that hold tokens, which
+the mask covers, without a host sync while decoding, and a compiled decoding step gets the mask as
+[B, 1, 1, Lk]: see _written_keys). The mask transformers would have built is read from its
 `mask_function`: only transformers' own index functions are accepted (causal, bidirectional,
 sliding-window overlays, combined with and_masks/or_masks; blocks of tokens that see each other
 both ways, which the kernels take as bidirectional_blocks: 5.x's blockwise overlay (Gemma 3's
@@ -310,9 +312,18 @@ class ImageKeys:
 
 def _cached_length(inputs: Mapping[str, Any], num_new: int) -> int:
     """Tokens already in the cache: the 2D attention mask's width minus the new tokens (what
-    generate passes), else the cache's own length, else 0."""
+    generate passes), else the cache's own length, else 0. With a static cache generate passes the
+    masks it made ahead with key_padding_mask (one, or one per layer type), which cover one layer
+    type's keys: the tokens so far where they start at position 0 (kv_offset; a static buffer's
+    keys are cut to its written slots)."""
     mask = inputs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+    masks = mask.values() if isinstance(mask, Mapping) else [mask]
+    made = [each for each in masks if getattr(each, _PATTERN, None) is not None]
+    if made:
+        from_start = [each for each in made if getattr(each, _PATTERN).kv_offset == 0]
+        if from_start:
+            return max(from_start[0].shape[-1] - num_new, 0)
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return max(mask.shape[1] - num_new, 0)
     cache = inputs.get("cache", inputs.get("past_key_values"))
     if cache is not None and hasattr(cache, "get_seq_length"):
@@ -325,8 +336,10 @@ class _ForwardState:
     in several threads at once (their calls, cu_seq_lens and image keys must not mix)."""
 
     def __init__(self):
-        self.calls = 0  # fastprobe attention calls (the safety net of _forward_done)
-        self.calls_at_forward = 0
+        # this forward reached fastprobe's attention (the safety net of _forward_done). A flag set
+        # afresh by each forward, not a running count: torch.compile guards on what a forward reads
+        # of it, and a count read at the start would recompile every decoding step
+        self.attended = False
         self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
         self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.image_keys: Optional[ImageKeys] = None
@@ -606,6 +619,9 @@ class _MaskPattern(NamedTuple):
     blocks: Optional[BlockHorizon] = None  # the keys' bidirectional blocks (blockwise overlay)
     segments: Optional[SegmentSpans] = None  # the keys' segments (packed sequences, chunked attention)
     kv_offset: int = 0  # the position of the first key in its row (> 0: a sliding cache dropped the tokens before)
+    # the keys are a static cache's buffer: its first slots (as many as the mask covers) hold the
+    # row's tokens, the others are not written yet, and the attention reads the first ones only
+    static: bool = False
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -864,10 +880,13 @@ def key_padding_mask(
     attention_mask: Optional[torch.Tensor] = None,
     cache_position: Optional[torch.Tensor] = None,
     device=None,
+    allow_is_causal_skip: bool = True,
     **unused: Any,
 ) -> torch.Tensor:
-    """The "fastprobe" entry of transformers' AttentionMaskInterface: the [B, kv_length] key
-    padding mask (True = real; never an [L, L] mask), carrying the (causal, window) pattern."""
+    """The "fastprobe" entry of transformers' AttentionMaskInterface: the [B, Lk] key padding mask
+    (True = real; never an [L, L] mask), carrying the (causal, window) pattern; [B, 1, 1, Lk] for a
+    decoding step with a compilable cache (see below). Lk is kv_length, or with a static cache the
+    slots that hold tokens (_written_keys)."""
     if getattr(attention_mask, _PATTERN, None) is not None:
         # a mask this function made for an outer model (PaliGemma's, with its prefix block), handed to
         # the inner text model that makes one again: kept as is, as transformers keeps a 4D mask
@@ -878,36 +897,68 @@ def key_padding_mask(
     if mask_function is not None:
         mask_function = _without_key_parts(mask_function, _masking_utils(), found, found_segments)
     blocks = segments = segments_dropped = None
+    written = kv_length  # the keys that hold tokens (fewer in a static cache: see _written_keys)
     try:
         causal, window, refused = *_mask_pattern(mask_function), None
+        if causal or window is not None:  # (bidirectional without a window: no order to keep)
+            written = _written_keys(q_offset, int(q_length), int(kv_offset), kv_length, attention_mask)
         if found and causal:
-            blocks = _key_blocks(found, int(kv_offset), kv_length, window, int(q_length))
+            blocks = _key_blocks(found, int(kv_offset), written, window, int(q_length))
         if found_segments:
             rows = batch_size if attention_mask is None else attention_mask.shape[0]
             where = device if attention_mask is None else attention_mask.device
-            segments, segments_dropped = _key_segments(found_segments, int(kv_offset), kv_length, rows, where)
+            segments, segments_dropped = _key_segments(found_segments, int(kv_offset), written, rows, where)
     except NotImplementedError as why:
         causal, window, refused = True, None, str(why)
-    q_offset = int(q_offset)  # a tensor only for static caches (one sync, then refused below)
-    if refused is None and (causal or window is not None) and q_offset != kv_offset + kv_length - q_length:
-        raise NotImplementedError(
-            f"fastprobe attention takes the queries to be the last keys (a dynamic cache); here queries start at "
-            f"position {q_offset} but the keys are positions {kv_offset}..{kv_offset + kv_length - 1} (a static or "
-            "offloaded cache?). Use the default dynamic cache."
-        )
+    static = written < kv_length
     if attention_mask is None:
-        mask = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        mask = torch.ones(batch_size, written, dtype=torch.bool, device=device)
     else:
-        if attention_mask.dim() != 2 or attention_mask.shape[-1] < kv_length:
-            raise ValueError(f"fastprobe attention expects a 2D attention mask covering the {kv_length} keys, "
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] < (kv_offset + written if static else kv_length):
+            raise ValueError(f"fastprobe attention expects a 2D attention mask covering the {written} keys, "
                              f"got shape {tuple(attention_mask.shape)}")
-        mask = attention_mask.to(torch.bool)[:, -kv_length:]  # a new view object: it carries the pattern
+        # A new object (a view, or a copy), never the caller's: it carries the pattern. Contiguous, since
+        # generate makes the masks of compilable (static) caches once per step and passes on their
+        # .contiguous(), which must be the mask itself to keep the pattern. A static cache's tokens
+        # are the mask's first columns.
+        mask = attention_mask.to(torch.bool)
+        mask = (mask[:, kv_offset:kv_offset + written] if static else mask[:, -kv_length:]).contiguous()
     dropped = segments_dropped  # with segments, each one's first tokens count (see _key_segments)
     if kv_offset > 0 and segments is None:  # a sliding-window cache dropped its oldest kv_offset tokens
         first_real = attention_mask.to(torch.int8).argmax(-1) if attention_mask is not None else 0
         dropped = torch.as_tensor(first_real < kv_offset, device=mask.device).expand(mask.shape[0])
-    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset)))
+    if q_length == 1 and not allow_is_causal_skip:
+        # A decoding step with a compilable (static) cache: generate makes this mask ahead and hands it
+        # to the compiled forward, whose mask function (this one) sees it again. transformers returns
+        # a 4D mask as it is, but runs a 2D one through .to(), which under torch.compile loses the
+        # pattern and would re-read the mask function (Python introspection: a graph break a step).
+        mask = mask[:, None, None, :]  # [B, 1, 1, Lk] (_pattern_of reads it back as [B, Lk])
+    setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset),
+                                         static))
     return mask
+
+
+def _written_keys(q_offset, q_length: int, kv_offset: int, kv_length: int, attention_mask) -> int:
+    """How many of the kv_length keys (positions kv_offset..) hold tokens, the queries being the last
+    of them. A dynamic cache holds exactly the tokens so far; a static cache hands over its whole
+    buffer, whose slots past the queries are unwritten (zeros), and gives the query offset as a
+    tensor on the device, so that compiled decoding needs no host sync. Decoding (one query) with a
+    2D attention mask that ends before the buffer does (generate's: one column per token so far)
+    takes the tokens from the mask's width, without a sync; keys past the mask are padding to
+    transformers too. Otherwise the offset is read (one sync per mask, i.e. per forward)."""
+    if isinstance(q_offset, torch.Tensor):
+        if q_length == 1 and attention_mask is not None and attention_mask.dim() == 2 and (
+                attention_mask.shape[-1] < kv_offset + kv_length):
+            return max(attention_mask.shape[-1] - kv_offset, 1)
+        q_offset = int(q_offset)
+    written = q_offset + q_length - kv_offset
+    if not q_length <= written <= kv_length:
+        raise NotImplementedError(
+            f"fastprobe attention takes the queries to be the last of the keys it attends to; here {q_length} "
+            f"queries start at position {q_offset} but the keys are positions {kv_offset}..{kv_offset + kv_length - 1}"
+            " (a cache fastprobe does not know?). Use a dynamic or static cache."
+        )
+    return written
 
 
 # ---------------------------------------------------------------- the attention function
@@ -1060,7 +1111,8 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
-        return (attention_mask, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
+        padding = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
+        return (padding, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
                 pattern.segments, pattern.kv_offset)
     # Not made by our mask function: flash attention's reading of the module's arguments.
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -1079,6 +1131,16 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         return attention_mask[:, -num_keys:] != 0, causal, sliding_window, None, None, None, None, \
             attention_mask.shape[-1] - num_keys
     return attention_mask, causal, sliding_window, None, None, None, None, 0
+
+
+def _written_part(attention_mask, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values that hold tokens: a static cache's buffer (_MaskPattern.static) is cut to
+    the slots its mask covers (views; the kernels take any stride but the head dimension's)."""
+    pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
+    if pattern is None or not pattern.static or key.shape[2] <= attention_mask.shape[-1]:
+        return key, value
+    written = attention_mask.shape[-1]
+    return key[:, :, :written], value[:, :, :written]
 
 
 def _padding_of_4d(module, attention_mask, num_keys: int) -> Optional[torch.Tensor]:
@@ -1128,6 +1190,7 @@ def attention_forward(
             is_causal if is_causal is not None else getattr(module, "is_causal", False))
         return _plain_attention(query, key, value, None, causal, sliding_window, scaling, softcap, s_aux, None,
                                 tower), None
+    key, value = _written_part(attention_mask, key, value)
     padding, causal, window, dropped, masks_made, blocks, segments, kv_offset = _pattern_of(
         module, attention_mask, is_causal, sliding_window, key.shape[2]
     )
@@ -1148,7 +1211,7 @@ def attention_forward(
         return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks,
                                 segments), None
 
-    state.forward.calls += 1
+    state.forward.attended = True
     options, record = state.options, state.recorder
     if options.window is not None:
         window = _narrowest(window, options.window)
@@ -1354,7 +1417,7 @@ def patch(
     Raises NotImplementedError for a model whose attention does not go through transformers'
     attention interface (it is never left silently unpatched), TypeError / ValueError for bad
     options. At run time, masks fastprobe cannot reproduce (custom 4D masks, packed sequences with
-    padding or over several rows, static caches) and training-mode dropout raise instead of computing
+    padding or over several rows) and training-mode dropout raise instead of computing
     something else. Packed sequences (position ids restarting at 0 without an attention mask, and/or
     flash attention's cu_seq_lens kwargs) each attend within themselves, with their own sinks and
     statistics.
@@ -1413,7 +1476,7 @@ def _refuse_layers_patched_through_another(model, layers: list) -> None:
 
 def _forward_started(model, args, kwargs) -> None:
     forward = getattr(model, _STATE).forward
-    forward.calls_at_forward = forward.calls
+    forward.attended = False
     forward.in_forward = False
     forward.packing = None
     if forward.image_keys is not None:  # guidance: the image-key mask of this forward's keys
@@ -1425,7 +1488,7 @@ def _forward_done(model, args, output) -> None:
     """The safety net: a forward of a patched model that never reached fastprobe's attention."""
     forward = getattr(model, _STATE).forward
     forward.in_forward = False
-    if forward.calls == forward.calls_at_forward:
+    if not forward.attended:
         raise RuntimeError(
             f"{type(model).__name__} ran a forward pass without calling fastprobe's attention: its attention does "
             "not go through transformers' AttentionInterface (call fastprobe.unpatch(model))"
