@@ -279,12 +279,11 @@ static void run(const Problem& p, int threads) {
       }));
 }
 
-void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, int64_t N,
-                      int64_t V, int64_t stride_dk, int64_t stride_dn, int64_t stride_dv,
+void draft_divergence(const std::string& draft_dtype, const std::string& target_dtype, uintptr_t draft_ptr,
+                      int64_t K, int64_t N, int64_t V, int64_t stride_dk, int64_t stride_dn, int64_t stride_dv,
                       uintptr_t target_ptr, int64_t stride_tn, int64_t stride_tv,
                       uintptr_t weights_ptr, double inv_temperature, uintptr_t lse_in_ptr,
-                      bool lse_only, uintptr_t stats_ptr, uintptr_t lse_ptr,
-                      int64_t num_threads, const std::string& target_dtype) {
+                      bool lse_only, uintptr_t stats_ptr, uintptr_t lse_ptr, int64_t num_threads) {
   check_size(K, 1, "K");
   check_size(N, 0, "N");
   check_size(V, 1, "V");
@@ -297,11 +296,8 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
   check_layout("stats", {5 + K, N});
   check_layout("lse", {K + 1, N});
   const bool any = N > 0;  // empty outputs may come with null data pointers
-  // the target's dtype: its own, or the draft's where none is given ("")
-  const DType draft_type = parse_dtype(dtype);
-  const DType target_type = target_dtype.empty() ? draft_type : parse_dtype(target_dtype);
-  const Problem p{RowReader::of(draft_type),
-                  RowReader::of(target_type),
+  const Problem p{RowReader::of(parse_dtype(draft_dtype)),
+                  RowReader::of(parse_dtype(target_dtype)),  // (checked, and unused, without a target)
                   pointer<const void>(draft_ptr, any, "draft"),
                   K, N, V, stride_dk, stride_dn, stride_dv,
                   pointer<const void>(target_ptr, false, "target"),
@@ -321,18 +317,20 @@ void draft_divergence(const std::string& dtype, uintptr_t draft_ptr, int64_t K, 
 void bind_divergence(py::module_& m) {
   m.def("draft_divergence", &draft_divergence, py::call_guard<py::gil_scoped_release>(),
         "Draft/target divergence statistics per token (see fastprobe.reference.draft_divergence).\n"
-        "dtype is the draft's, target_dtype the target's (\"\": the draft's); each is read in its own.\n"
-        "Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N]\n"
+        "draft_dtype and target_dtype name each input's dtype (float32, bfloat16, float16; they may\n"
+        "differ, each is read in its own; without a target (target_ptr 0) pass any of them, e.g. the\n"
+        "draft's). Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N]\n"
         "(float32) and lse [K + 1, N] (float64), both contiguous. lse_in_ptr (0: compute it)\n"
         "gives each row's float64 lse over the whole vocabulary, of which the input is one\n"
         "shard: stats are then this shard's shares of every sum. lse_only: pass 1 only,\n"
         "stats are 0.",
-        py::arg("dtype"), py::arg("draft_ptr"), py::arg("K"), py::arg("N"), py::arg("V"),
+        py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("draft_ptr"), py::arg("K"), py::arg("N"),
+        py::arg("V"),
         py::arg("stride_dk"), py::arg("stride_dn"), py::arg("stride_dv"), py::arg("target_ptr"),
         py::arg("stride_tn"), py::arg("stride_tv"), py::arg("weights_ptr"),
         py::arg("inv_temperature"), py::arg("lse_in_ptr"), py::arg("lse_only"),
         py::arg("stats_ptr"), py::arg("lse_ptr"),
-        py::arg("num_threads"), py::arg("target_dtype") = std::string());
+        py::arg("num_threads"));
 }
 
 }  // namespace fastprobe

@@ -312,26 +312,29 @@ def test_the_op_checks_weights_and_target_against_the_mixed_dtypes():
 
 
 def test_cpp_binding_reads_the_target_in_its_own_dtype():
-    """The C++ entry point's target_dtype: the target's own (here bfloat16 beside float32 drafts),
-    defaulting to the draft's where not given (the call of callers that pass one dtype)."""
+    """The C++ entry point takes (draft_dtype, target_dtype, ...) as bridge_loss takes (student_dtype,
+    teacher_dtype, ...): the target is read in its own dtype (here bfloat16 beside float32 drafts),
+    the same bits as the target cast up; a target dtype is required and checked."""
     from fastprobe.ops._common import cpp
 
     draft, target_logits = torch.randn(2, 3, 40), torch.randn(3, 40).bfloat16()
     weights = torch.tensor([0.5, 0.5])
 
-    def run(target, **dtype):
+    def run(target, *dtypes):
         stats = torch.full((7, 3), float("nan"))
         lse = torch.full((3, 3), float("nan"), dtype=torch.float64)
-        cpp().draft_divergence("float32", draft.data_ptr(), 2, 3, 40, *draft.stride(), target.data_ptr(),
+        cpp().draft_divergence(*dtypes, draft.data_ptr(), 2, 3, 40, *draft.stride(), target.data_ptr(),
                                *target.stride(), weights.data_ptr(), 1.0, 0, False, stats.data_ptr(), lse.data_ptr(),
-                               1, **dtype)
+                               1)
         return stats, lse
 
-    got = run(target_logits, target_dtype="bfloat16")
-    want = run(target_logits.float())
+    got = run(target_logits, "float32", "bfloat16")
+    want = run(target_logits.float(), "float32", "float32")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
-        run(target_logits, target_dtype="int8")
+        run(target_logits, "float32", "int8")
+    with pytest.raises(TypeError):  # (the target dtype is no longer optional)
+        run(target_logits, "float32")
 
 
 def test_torch_compile_fullgraph_mixed_dtypes():
@@ -584,6 +587,10 @@ def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, 
             "temperature": (mine, dict(weights=weights, temperature=1.0 + rank)),
             "weights": (mine, dict(weights=weights if rank == 0 else None)),
             "drafts": ((mine[0][:2 + rank], mine[1]), {}),
+            # float64 statistics on one rank only: float32 weights there are rounded otherwise (once
+            # reported as disagreeing weights), and with exact ones gloo aborted the process
+            "float64_target": ((mine[0], mine[1].double() if rank == 0 else mine[1]), dict(weights=weights)),
+            "float64_draft": ((mine[0][:2].double() if rank == 1 else mine[0][:2],), {}),
         }
         out["disagree"] = {}
         for name, (tensors, options) in differing.items():
@@ -598,6 +605,10 @@ def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, 
         # the drafts and the target in different dtypes, each rank's shard read as it is
         out["mixed"] = fp.draft_divergence_sharded(mine[0].bfloat16(), mine[1], weights=weights,
                                                    temperature=0.8)._asdict()
+        # and different 16-bit or float32 dtypes on different ranks (all-reduced as float32 shares)
+        out["mixed_ranks"] = fp.draft_divergence_sharded(mine[0].bfloat16() if rank == 0 else mine[0],
+                                                         mine[1].half() if rank == 1 else mine[1],
+                                                         weights=weights, temperature=0.8)._asdict()
         # a float64 target makes every statistic float64, also on the rank whose shard is empty
         out["float64_target"] = fp.draft_divergence_sharded(whole[0], whole[1].double(), weights=weights,
                                                             temperature=0.8)._asdict()
@@ -657,23 +668,32 @@ def test_sharded_distributed_refuses_calls_that_differ_between_ranks(sharded_run
     """A target on one rank only, different temperatures, weights or draft counts: every rank
     raises, naming what differs (they once mixed silently: a negative KL, or gloo aborted)."""
     _, ranks = sharded_run
+    float64 = "whether draft_logits or target_logits is float64"
     names = {"target": "whether target_logits is given", "temperature": "1 / temperature", "weights": "weights",
-             "drafts": "K (draft_logits' drafts)"}
+             "drafts": "K (draft_logits' drafts)", "float64_target": float64, "float64_draft": float64}
     for rank in ranks:
         for case, name in names.items():
             error = rank["disagree"][case]
             assert error is not None and f"the ranks disagree on {name}" in error, (case, error)
+        for case in ("float64_target", "float64_draft"):  # that alone: weights differ there by rounding only
+            assert rank["disagree"][case].split("; ")[0].endswith(f"disagree on {float64}"), rank["disagree"][case]
 
 
 def test_sharded_distributed_mixed_dtypes(sharded_run):
-    """bfloat16 drafts with a float32 target on every rank: the unsharded call on the same values;
+    """bfloat16 drafts with a float32 target on every rank, or 16-bit shards on some ranks only: the
+    unsharded call on the same values;
     a float64 target with float32 drafts, one rank's shard empty: float64 statistics on both ranks
     (the empty rank's zero shares took the draft's float32, and the all-reduce mixed dtypes)."""
     (draft, target_logits, weights), ranks = sharded_run
     mixed = fp.draft_divergence(draft.bfloat16(), target_logits, weights=weights, temperature=0.8)
     wide = fp.draft_divergence(draft.double(), target_logits.double(), weights=weights, temperature=0.8)
+    # rank 0's shard [:200] of the drafts in bfloat16, rank 1's of the target in float16
+    mixed_ranks = fp.draft_divergence(torch.cat([draft[..., :200].bfloat16().float(), draft[..., 200:]], -1),
+                                      torch.cat([target_logits[:, :200], target_logits[:, 200:].half().float()], -1),
+                                      weights=weights, temperature=0.8)
     for rank in ranks:
         assert_same_result(fp.DraftDivergence(**rank["mixed"]), mixed)
+        assert_same_result(fp.DraftDivergence(**rank["mixed_ranks"]), mixed_ranks)
         got = fp.DraftDivergence(**rank["float64_target"])
         assert all(value.dtype == torch.float64 for value in got)
         assert_same_result(got, wide, rtol=1e-12, atol=1e-12)

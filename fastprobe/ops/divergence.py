@@ -96,7 +96,7 @@ def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only,
 def _cpp_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     num_drafts, num_tokens, vocab = draft.shape
     cpp().draft_divergence(
-        DTYPE_NAMES[draft.dtype],
+        DTYPE_NAMES[draft.dtype], DTYPE_NAMES[(draft if target is None else target).dtype],  # (each read in its own)
         draft.data_ptr(), num_drafts, num_tokens, vocab, *draft.stride(),
         0 if target is None else target.data_ptr(),
         *((0, 0) if target is None else target.stride()),
@@ -107,7 +107,6 @@ def _cpp_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats
         stats.data_ptr(),
         lse.data_ptr(),
         torch.get_num_threads(),
-        DTYPE_NAMES[draft.dtype if target is None else target.dtype],
     )
 
 
@@ -309,31 +308,38 @@ def _global_lse(shard_lse: torch.Tensor, group) -> torch.Tensor:
     return shift + total.log()
 
 
-def _check_ranks_agree(draft: torch.Tensor, has_target: bool, weights: torch.Tensor, inv_temperature: float,
-                       group) -> None:
+def _check_ranks_agree(draft: torch.Tensor, target: Optional[torch.Tensor], weights: torch.Tensor,
+                       inv_temperature: float, group) -> None:
     """A ValueError on every rank of `group` at once when the ranks' calls differ in what must be
-    the same (K, N, whether there is a target, temperature, weights): the collectives would
-    otherwise mix them silently, or fail on buffers of different sizes. One all-reduce (MAX) of
-    the settings and their negatives, i.e. their max and min over the ranks; the weights enter
-    by two position-weighted sums, which tell apart every mistake short of a crafted one."""
+    the same (K, N, whether there is a target, temperature, weights, and whether the statistics
+    are float64, i.e. the dtype of the shares the last all-reduce adds: float32 on one rank and
+    float64 on another made gloo abort the process): the collectives would otherwise mix them
+    silently, or fail on buffers of different sizes. One all-reduce (MAX) of the settings and
+    their negatives, i.e. their max and min over the ranks; the weights enter by two
+    position-weighted sums, which tell apart every mistake short of a crafted one. Draft and
+    target dtypes may otherwise differ between ranks (bfloat16 on one, float32 on another): each
+    rank reads its shard in its own dtype into float32 shares, as draft_divergence does."""
     import torch.distributed as dist
 
     positions = torch.arange(1, weights.shape[0] + 1, dtype=torch.float64, device=weights.device)
+    wide = output_dtype(draft, target) == torch.float64  # the shares' dtype (and the weights', check_weights)
     weights = weights.double()
-    plain = [float(draft.shape[0]), float(draft.shape[1]), float(has_target), inv_temperature]
+    plain = [float(draft.shape[0]), float(draft.shape[1]), float(target is not None), inv_temperature, float(wide)]
     settings = torch.cat([torch.tensor(plain, dtype=torch.float64, device=draft.device),
                           torch.stack([(weights * positions).sum(), (weights * positions.square()).sum()])])
     extremes = torch.cat([settings, -settings])
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-    high, low = extremes[:6].tolist(), (-extremes[6:]).tolist()
+    high, low = extremes[:len(settings)].tolist(), (-extremes[len(settings):]).tolist()
     names = ("K (draft_logits' drafts)", "N (draft_logits' tokens)", "whether target_logits is given",
-             "1 / temperature", "weights", "weights")
+             "1 / temperature", "whether draft_logits or target_logits is float64", "weights", "weights")
     differ = [name for name, top, bottom in zip(names, high, low) if top != bottom]
+    if names[4] in differ:  # weights rounded to float32 on some ranks only may differ by that alone
+        differ = [name for name in differ if name != "weights"]
     if differ:
         raise ValueError(
             f"draft_divergence_sharded: the ranks disagree on {', '.join(dict.fromkeys(differ))}; every rank must "
             "pass the same K, N, target (given or not), weights and temperature, each with its own shard of the "
-            "vocabulary"
+            "vocabulary, and a float64 draft_logits or target_logits on every rank or on none"
         )
 
 
@@ -349,8 +355,9 @@ def draft_divergence_sharded(
 
     Each rank of `group` passes its shard of the vocabulary: draft_logits [K, N, V_r] and
     target_logits [N, V_r] (shards may differ in size; K, N, whether there is a target,
-    weights and temperature must be the same on every rank, and so must the dtypes, which
-    follow draft_divergence's rule: draft and target may differ, float64 gives float64).
+    weights and temperature must be the same on every rank, and so must whether an input is
+    float64 (draft_divergence's rule: float64 gives float64 statistics); the 16-bit and float32
+    dtypes may differ, between draft and target and between ranks, each shard read in its own).
     Returns the DraftDivergence of the whole vocabulary (the same statistics as
     draft_divergence on the concatenated logits, up to float rounding), identical on every
     rank.
@@ -371,10 +378,10 @@ def draft_divergence_sharded(
     Raises the errors of draft_divergence for bad input (on the rank that has it, before
     any communication: the other ranks then wait in the first all-reduce, as with any
     collective), RuntimeError if torch.distributed is not initialised, ValueError on every
-    rank when the ranks disagree on K, N, the target, weights or temperature (one more small
-    all-reduce, checked first), and ValueError naming the row if a row's logits are all -inf
-    (or hold NaN/+inf) over the WHOLE vocabulary; that check is on the combined lse, so every
-    rank raises it together. A row that is all -inf on some ranks' shards only is fine, and so
+    rank when the ranks disagree on K, N, the target, weights, temperature or float64 (one
+    more small all-reduce, checked first), and ValueError naming the row if a row's logits are
+    all -inf (or hold NaN/+inf) over the WHOLE vocabulary; that check is on the combined lse, so
+    every rank raises it together. A row that is all -inf on some ranks' shards only is fine, and so
     is a rank whose shard is empty (V_r = 0: it adds nothing).
     """
     import torch.distributed as dist
@@ -387,7 +394,7 @@ def draft_divergence_sharded(
             "(torch.distributed.init_process_group); use draft_divergence for an unsharded vocabulary"
         )
     has_target = target is not None
-    _check_ranks_agree(draft, has_target, mixture_weights, inv_temperature, group)
+    _check_ranks_agree(draft, target, mixture_weights, inv_temperature, group)
     num_drafts, num_tokens, vocab = draft.shape
     # 1. this shard's lse of every row (pass 1 only; an empty shard's sums are empty: lse -inf)
     if vocab > 0:
