@@ -318,6 +318,28 @@ def test_two_pass_language_only_logits_mask_exactly_the_image_keys(model, proces
     assert not model._forward_hooks  # the hook is gone
 
 
+def test_two_pass_contrast_is_rounded_once(processor, images):
+    """A bfloat16 model: the contrasted logits are (1 + alpha) cond - alpha uncond of its own two
+    passes rounded once to bfloat16, within half a unit in the last place (they were formed in
+    bfloat16: 1.7 cond rounded, then the difference; up to a whole unit off)."""
+    model = tiny_llava().to(torch.bfloat16)
+    batch = batch_of(model, processor, images)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    seen = []  # the language-only pass ends first, then the conditional one (before the contrast)
+    hook = model.register_forward_hook(lambda module, args, output: seen.append(output.logits.clone()))
+    try:
+        with torch.no_grad(), guidance.two_pass_contrast(model, alpha=0.7):
+            contrasted = model(**batch).logits
+    finally:
+        hook.remove()
+    cond, uncond = seen  # (this hook runs first: on the conditional pass, then on the language-only one)
+    exact = 1.7 * cond.double() - 0.7 * uncond.double()
+    unit = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 7)  # bfloat16's at |exact|
+    formed = 2.0 ** -23 * (1.7 * cond.double().abs() + 0.7 * uncond.double().abs())  # float32's error forming it
+    assert contrasted.dtype == torch.bfloat16
+    assert bool(((contrasted.double() - exact).abs() <= 0.5 * unit + formed).all())
+
+
 def test_baseline_and_guided_differ_and_are_finite(model, processor, images):
     batch = batch_of(model, processor, images)
     with torch.no_grad():

@@ -264,8 +264,12 @@ class _TwoPassContrast:
             self.running = False
         self.cache = output_cache(language_only)
         self.follow(output_cache(output))
-        # logits = (1 + alpha) logits_cond - alpha logits_uncond
-        output.logits = torch.add(output.logits * (1.0 + self.alpha), language_only.logits, alpha=-self.alpha)
+        # logits = (1 + alpha) logits_cond - alpha logits_uncond, formed in float32 (or float64) and
+        # rounded once to the logits' dtype (a bfloat16 model's, or under autocast)
+        cond = output.logits
+        wide = torch.promote_types(cond.dtype, torch.float32)
+        contrast = torch.add(cond.to(wide) * (1.0 + self.alpha), language_only.logits.to(wide), alpha=-self.alpha)
+        output.logits = contrast.to(cond.dtype)
         return output
 
 
