@@ -158,6 +158,22 @@ def test_static_cache_generate_matches_unpatched(arch):
     assert torch.equal(got.sequences, want.sequences)
 
 
+def test_gemma_checkpoints_hybrid_cache():
+    """Gemma 2 and 3 checkpoints ship generation_config.cache_implementation = "hybrid" (a static
+    cache with sliding layers), so their plain generate() used it and a patched one was refused."""
+    reference, model = tiny_model("gemma2"), fp.patch(tiny_model("gemma2"))
+    for net in (reference, model):
+        net.generation_config.cache_implementation = "hybrid"
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        want, got = (net.generate(ids, **settings) for net in (reference, model))
+    for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
+    assert torch.equal(got.sequences, want.sequences)
+
+
 @pytest.mark.parametrize("arch,options", [("llama", dict(num_sink=1, window=6)), ("mistral", {})])
 def test_static_cache_records_and_honours_options_as_a_dynamic_cache(arch, options):
     """The same statistics, and the same outputs with sinks and a window (full layers; Mistral's
