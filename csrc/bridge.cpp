@@ -62,8 +62,8 @@
 // swallow the small same-signed ones after it (6e-5 of a loss of 1.4 where a block is summed
 // sequentially, as in the sanitizer's build), and where g_a is ~1e3 from the loss (a near-uniform
 // P) float32 sums of D~ ~ 1e3 would be off by ~5e-5 even summed in SIMD lanes. Forward's block
-// sums and pass 1's are float32 (each row's relative error in the loss, not amplified), their
-// range and row accumulators double.
+// sums and pass 1's are float32 (each row's relative error in the loss, not amplified) over runs
+// of kLseRun terms (common.h), added in double, as are their range and row accumulators.
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -370,7 +370,9 @@ static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const Ro
       return;
     }
     float* grad = p.grad_block(n, v0, ws.grad.data());
-    sums.sum += forward_block(s, ws.c.data(), r.log_p, r.log_q, count, grad);  // KL(Q || P)
+    for_runs(count, [&](int64_t first, int64_t run) {  // float32 sums of kLseRun terms, added in double
+      sums.sum += forward_block(s + first, ws.c.data() + first, r.log_p, r.log_q, run, grad + first);  // KL(Q || P)
+    });
     p.store_grad(n, v0, count, grad);
   });
   return sums;

@@ -403,6 +403,15 @@ struct LseState {
 // +3.5-4% on 2, paired runs on a 2-core AVX-512 machine, 2026-12-02.)
 constexpr int64_t kLseRun = 512;
 
+// f(first, run_count) for each run of kLseRun elements of a block of `count`, in order: the
+// other kernels that sum a block's terms in float32 (draft_divergence's, bridge_loss forward's)
+// are called once per run, and the runs' sums added in double, for the same reason. (Cost, paired
+// Release runs as above: draft_divergence -1.3..-2.9%, bridge_loss forward +1.0..+1.4%.)
+template <typename F>
+inline void for_runs(int64_t count, F&& f) {
+  for (int64_t first = 0; first < count; first += kLseRun) f(first, std::min(kLseRun, count - first));
+}
+
 // Folds one block of float32 values into an online log-sum-exp of scale * x (scale > 0).
 // Subtracting the max before scaling keeps x - max exact near the max, so large logits
 // lose no precision. Inlined into the callers' multi-versioned kernels, so it is

@@ -31,8 +31,9 @@
 // with max the row's largest raw logit: x - max is exact near the max, so the
 // result keeps float32 precision however large the logits are. A given lse is used the
 // same way: (x - shift) / T - offset with shift = lse T rounded to float (near the max)
-// and offset the rounding's remainder over T. Block sums are float32, per-token
-// accumulators are double.
+// and offset the rounding's remainder over T. Block sums are float32 over runs of
+// kLseRun terms (common.h: a build that does not vectorise them adds each run's terms in order),
+// added in double, as are the per-token accumulators.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -186,22 +187,26 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
     const int64_t count = block_size(p.V, v0);
     for (int64_t r = 0; r < p.rows(); ++r) ws.rows[r] = p.load_row(r, n, v0, count, ws.logits_row(r));
 
-    std::fill(ws.m.begin(), ws.m.begin() + count, 0.0f);
-    std::fill(ws.in_m.begin(), ws.in_m.begin() + count, 0.0f);
-    for (int64_t k = 0; k < p.K; ++k)
-      sums[kQLogQ + k] += draft_block(ws.rows[k], log_softmax[k], p.weights[k], count,
-                                      ws.q_row(k), ws.m.data(), ws.in_m.data());
-    sums[kMLogM] += mixture_block(ws.m.data(), count, ws.log_m.data());
-    // JSD = sum_k w_k KL(q_k || m)
-    for (int64_t k = 0; k < p.K; ++k)
-      sums[kJsd] += double(p.weights[k]) *
-                    jsd_block(ws.rows[k], log_softmax[k], ws.q_row(k), ws.log_m.data(), count);
-    if (p.has_target()) {
-      const TargetSums t = target_block(ws.rows[p.K], log_softmax[p.K], ws.m.data(),
-                                        ws.log_m.data(), ws.in_m.data(), count);
-      sums[kKlMt] += t.kl;
-      sums[kPLogP] += t.p_log_p;
-    }
+    // Every term is of one v: the kernels take the block in runs of kLseRun (common.h), each
+    // run's float32 sums added in double.
+    for_runs(count, [&](int64_t first, int64_t run) {
+      float *m = ws.m.data() + first, *log_m = ws.log_m.data() + first, *in_m = ws.in_m.data() + first;
+      std::fill(m, m + run, 0.0f);
+      std::fill(in_m, in_m + run, 0.0f);
+      for (int64_t k = 0; k < p.K; ++k)
+        sums[kQLogQ + k] +=
+            draft_block(ws.rows[k] + first, log_softmax[k], p.weights[k], run, ws.q_row(k) + first, m, in_m);
+      sums[kMLogM] += mixture_block(m, run, log_m);
+      // JSD = sum_k w_k KL(q_k || m)
+      for (int64_t k = 0; k < p.K; ++k)
+        sums[kJsd] += double(p.weights[k]) *
+                      jsd_block(ws.rows[k] + first, log_softmax[k], ws.q_row(k) + first, log_m, run);
+      if (p.has_target()) {
+        const TargetSums t = target_block(ws.rows[p.K] + first, log_softmax[p.K], m, log_m, in_m, run);
+        sums[kKlMt] += t.kl;
+        sums[kPLogP] += t.p_log_p;
+      }
+    });
   }
 }
 

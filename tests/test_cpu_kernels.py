@@ -254,3 +254,35 @@ def test_lse_of_many_near_tied_logits_keeps_its_precision(vocab, gap):
         _, divergence_lse = _draft_divergence_op(logits[None], logits, torch.ones(1), 1.0)
     torch.testing.assert_close(concept_lse.double(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(divergence_lse, torch.stack([want, want]), rtol=0, atol=1e-5)
+
+
+# ---- float32 block sums in runs (for_runs in csrc/common.h) ----------------------------------
+
+
+@pytest.mark.parametrize("vocab", [2048, 8192, 32000])
+@pytest.mark.parametrize("gap", [0.1, 0.5, 1.5])
+def test_sums_of_many_near_tied_terms_keep_their_precision(vocab, gap):
+    """Rows of one logit 0 (10 for the bridge's student) and every other -gap (a second draft
+    -gap / 2, the target -0.3): every block sum of draft_divergence and of bridge_loss forward
+    adds the same term 2047 times. Added in order in float32 (a build whose loops are not
+    vectorised, e.g. tests/sanitize.sh's) the entropies were off by up to 1.5 times the tolerance
+    below and the bridge's loss by 1.4; the sums in float32 runs of kLseRun added in double keep them
+    within it."""
+    from fastprobe import reference
+
+    drafts = torch.full((2, 1, vocab), -gap)
+    drafts[:, :, 0] = 0.0
+    drafts[1] *= 0.5
+    target = torch.full((1, vocab), -0.3)
+    target[:, 0] = 0.0
+    student = torch.full((1, vocab), -gap)
+    student[:, 0] = 10.0
+    with fp.use_backend("cpp"):
+        result = fp.draft_divergence(drafts, target)
+        loss = fp.bridge_loss(student, target, beta=0.0, reduction="none")
+    want = reference.draft_divergence(drafts.double(), target.double())
+    for field in ("jsd", "kl_mixture_target", "mixture_entropy", "draft_entropy", "target_entropy"):
+        torch.testing.assert_close(getattr(result, field).double(), want[field], rtol=2e-5, atol=2e-5,
+                                   msg=lambda m: f"{field}: {m}")
+    want_loss = reference.bridge_loss(student.double(), target.double(), beta=0.0, reduction="none")
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-5)
