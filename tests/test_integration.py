@@ -203,6 +203,8 @@ def test_static_cache_in_chunks_and_without_a_mask():
     ids, mask = inputs(padding="left")
     steps = [(0, 7), (7, LENGTH)] + [(LENGTH + i, LENGTH + i + 1) for i in range(3)]
     full_mask = torch.cat([mask, torch.ones(ids.shape[0], 3, dtype=mask.dtype)], 1)
+    # (transformers 5.x names it cache, and deprecates past_key_values)
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def run(net, with_mask):
         cache = transformers.StaticCache(config=net.config, max_cache_len=LENGTH + 4, max_batch_size=ids.shape[0])
@@ -210,7 +212,8 @@ def test_static_cache_in_chunks_and_without_a_mask():
         with torch.no_grad():
             for start, end in steps:
                 kwargs = dict(attention_mask=full_mask[:, :end]) if with_mask else {}
-                out = net(input_ids=tokens[:, start:end], past_key_values=cache, use_cache=True,
+                kwargs[cache_argument] = cache
+                out = net(input_ids=tokens[:, start:end], use_cache=True,
                           position_ids=torch.arange(start, end)[None].expand(ids.shape[0], -1), **kwargs)
                 logits.append(out.logits)
                 if end >= LENGTH:
