@@ -1136,8 +1136,10 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
 def _written_part(attention_mask, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values that hold tokens: a static cache's buffer (_MaskPattern.static) is cut to
     the slots its mask covers (views; the kernels take any stride but the head dimension's)."""
-    pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
-    if pattern is None or not pattern.static or key.shape[2] <= attention_mask.shape[-1]:
+    if attention_mask is None or key.shape[2] <= attention_mask.shape[-1]:  # (every call but a static cache's)
+        return key, value
+    pattern = getattr(attention_mask, _PATTERN, None)
+    if pattern is None or not pattern.static:
         return key, value
     written = attention_mask.shape[-1]
     return key[:, :, :written], value[:, :, :written]
