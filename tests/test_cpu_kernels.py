@@ -286,3 +286,49 @@ def test_sums_of_many_near_tied_terms_keep_their_precision(vocab, gap):
                                    msg=lambda m: f"{field}: {m}")
     want_loss = reference.bridge_loss(student.double(), target.double(), beta=0.0, reduction="none")
     torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-5)
+
+
+# ---- small calls: thread counts (run_rows in csrc/common.h) ------------------------------------
+
+
+# One vocabulary range a row: 5 rows are whole rows at 1 and 5 threads, their steps spread at 3 and
+# 8, and a row alone runs inline (no parallel region) at any count.
+@pytest.mark.parametrize("vocab", [64, 200, 4000])
+def test_row_kernels_same_bits_for_small_calls(vocab):
+    """draft_divergence, bridge_loss (loss and gradient) and concept_mass (forward and backward)
+    give each row of a small call (V <= 4000) the same bits alone, in a batch and on 1, 2, 3, 5 and
+    8 threads, and match the reference."""
+    from .conftest import same_bits_per_row
+    from fastprobe import reference
+
+    generator = torch.Generator().manual_seed(0)
+    drafts = 3 * torch.randn(3, 5, vocab, generator=generator)
+    target = 3 * torch.randn(5, vocab, generator=generator)
+    student = 3 * torch.randn(5, vocab, generator=generator)
+    concepts = fp.ConceptSet.from_ids([[c, (7 * c + 3) % vocab] for c in range(20)])
+
+    def divergence(rows):
+        result = fp.draft_divergence(drafts[:, rows], target[rows])
+        return tuple(getattr(result, field) for field in ("jsd", "kl_mixture_target", "target_entropy"))
+
+    def bridge(rows):
+        logits = student[rows].clone().requires_grad_()
+        loss = fp.bridge_loss(logits, target[rows], beta=0.5, reduction="none")
+        loss.sum().backward()
+        return loss.detach(), logits.grad
+
+    def concept(rows):
+        logits = student[rows].clone().requires_grad_()
+        result = fp.concept_mass(logits, concepts)
+        result.log_mass.sum().backward()
+        return result.mass, result.concentration_entropy, logits.grad
+
+    jsd = same_bits_per_row(divergence, 5)[0]
+    loss = same_bits_per_row(bridge, 5)[0]
+    mass = same_bits_per_row(concept, 5)[0]
+    want = reference.draft_divergence(drafts.double(), target.double())
+    torch.testing.assert_close(jsd.double(), want["jsd"], rtol=1e-5, atol=1e-5)
+    want_loss = reference.bridge_loss(student.double(), target.double(), beta=0.5, reduction="none")
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    want_mass = reference.concept_mass(student.double(), concepts.token_ids, concepts.offsets)["mass"]
+    torch.testing.assert_close(mass.double(), want_mass, rtol=1e-5, atol=1e-6)
