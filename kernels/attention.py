@@ -1251,7 +1251,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     """The checks every attention launcher shares: q [B, Hq, Lq, D], k [B, Hkv, Lk, D] and
     v [B, Hkv, Lk, Dv] with Hq % Hkv == 0, one dtype of float32 / bfloat16 / float16, out
     [B, Hq, Lq, Dv] of that dtype (any strides, a unit one along the head dims). Returns
-    (B, Hq, Hkv, Lq, Lk, D, Dv)."""
+    ((B, Hq, Hkv, Lq, Lk, D, Dv), the strides of q, k, v and out in one 16-tuple: the kernels'
+    stride arguments, read once)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be 4-D: [B, Hq, Lq, D], [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv]")
     (B, Hq, Lq, D), k_shape, v_shape = q.shape, k.shape, v.shape  # (each read once: a decoding step's launch)
@@ -1270,10 +1271,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
         raise ValueError("q, k and v must share one dtype: float32, bfloat16 or float16")
     _check_layout("out", out, (B, Hq, Lq, Dv), dtype, contiguous=False)
     # (d * stride_d is int32 math; stride() whole: stride(-1) parses its argument, ~2x slower)
-    for name, x, width in (("q", q, D), ("k", k, D), ("v", v, Dv), ("out", out, Dv)):
-        if width > 1 and x.stride()[-1] != 1:
-            raise ValueError(f"{name} must have a unit stride along its head dimension, got {x.stride()[-1]}")
-    return B, Hq, Hkv, Lq, Lk, D, Dv
+    strides = q.stride() + k.stride() + v.stride() + out.stride()  # (q's [0:4], k's [4:8], v's [8:12], out's [12:16])
+    if (D > 1 and (strides[3] != 1 or strides[7] != 1)) or (Dv > 1 and (strides[11] != 1 or strides[15] != 1)):
+        for name, width, stride_d in (("q", D, strides[3]), ("k", D, strides[7]), ("v", Dv, strides[11]),
+                                      ("out", Dv, strides[15])):  # fmt: skip
+            if width > 1 and stride_d != 1:
+                raise ValueError(f"{name} must have a unit stride along its head dimension, got {stride_d}")
+    return (B, Hq, Hkv, Lq, Lk, D, Dv), strides
 
 
 def _head_blocks(head_dim: int) -> tuple:
@@ -1367,12 +1371,12 @@ def _decode_flags(options: _Options, rows: int) -> tuple:
     return split, merge
 
 
-def _decode_plan(q: torch.Tensor, Hkv: int, Lk: int, win: int, split_keys: Optional[int]):
+def _decode_plan(q: torch.Tensor, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, win: int, split_keys: Optional[int]):
     """Whether to take the decode (split-K) path and how: (splits, band_lo, band), splits = 0
-    for the prefill kernel. Keys before band_lo can only be sinks for the last Lq queries
-    (win: the window, > every |p - j| when there is none). split_keys: None chooses (a few
-    queries over a long band, see _DECODE_*), 0 forces prefill, n >= 1 about n splits."""
-    B, Hq, Lq, _ = q.shape
+    for the prefill kernel. q [B, Hq, Lq, D] (its sizes given: _check_qkv's), k [B, Hkv, Lk, D].
+    Keys before band_lo can only be sinks for the last Lq queries (win: the window, > every
+    |p - j| when there is none). split_keys: None chooses (a few queries over a long band, see
+    _DECODE_*), 0 forces prefill, n >= 1 about n splits."""
     band_lo = max(0, Lk - Lq - win + 1) // _SPLIT_ALIGN * _SPLIT_ALIGN
     band = Lk - band_lo
     rows = Hq // Hkv * Lq
@@ -1398,7 +1402,8 @@ def _split_layout(band: int, splits: int):
 def _launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets=()):
     """Run `kernel` on `grid`: fixed small blocks under the interpreter, the autotuned version
     (`tuned`: its choice per dtype, constexprs and length buckets, see launch_tuned), or with
-    FASTPROBE_AUTOTUNE=0 the first config that survives `prune`."""
+    FASTPROBE_AUTOTUNE=0 the first config that survives `prune`. (The signature
+    tests/test_attention.py's check_every_config spies on.)"""
     if interpreter_enabled():
         kernel[grid](*args, **flags, **interpret_blocks, num_warps=4)
     elif autotune_enabled():
@@ -1457,7 +1462,8 @@ def sink_attention(
     _DECODE_*); 0 forces the prefill kernel; n >= 1 forces the decode path with about n key
     splits (at most n; each split gets a multiple of 16 keys).
     """
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check_qkv(q, k, v, out)
+    sizes, strides = _check_qkv(q, k, v, out)
+    B, Hq, Hkv, Lq, Lk, D, Dv = sizes
     _check_layout("lse", lse, (B, Hq, Lq), torch.float32)
     _check_layout("sink_mass", sink_mass, (B, Hq, Lq), torch.float32)
     row_ends = sink_end.dim() == 2  # per query position (segments), else per batch row
@@ -1491,12 +1497,11 @@ def sink_attention(
     if B * Hq * Lq == 0:
         return
 
-    kv_group = Hq // Hkv
     # no window: one wider than any |p - j| (p in [Lk - Lq, Lk), j in [0, Lk)), so in_window
     # always holds and the band is every key. A wider window hides nothing either, and is
     # capped to that (a window near 2^31 would overflow p + window in int32 in the kernel)
     win = window if 0 < window < Lk + Lq + 1 else Lk + Lq + 1
-    q, qk_scale, cap = _base2_scale(q, float(scale), softcap)
+    q, strides, qk_scale, cap = _scaled_q(q, strides, float(scale), softcap)
     has_groups = key_groups is not None
     has_horizon, has_start = horizon is not None, start is not None
     # a dummy pointer for what is not given (never read: its flag is off)
@@ -1518,13 +1523,13 @@ def sink_attention(
         q.dtype, D, Dv, interpreter_enabled(), bool(causal), key_real is not None, has_horizon, has_start, row_ends,
         head_mask is not None, sink_logit is not None, num_groups if has_groups else 0, entropy is not None, softcap > 0,
     )  # fmt: skip
-    splits, band_lo, band = _decode_plan(q, Hkv, Lk, win, split_keys)
+    splits, band_lo, band = _decode_plan(q, B, Hq, Hkv, Lq, Lk, win, split_keys)
     if splits > 0:
         _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, options,
-                      qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits)  # fmt: skip
+                      sizes, strides, qk_scale, cap, win, num_groups, band_lo, band, splits)  # fmt: skip
     else:
         _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds,
-                    _fwd_flags(options), qk_scale, cap, win, kv_group, num_groups)  # fmt: skip
+                    _fwd_flags(options), sizes, strides, qk_scale, cap, win, num_groups)  # fmt: skip
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -1546,6 +1551,15 @@ def _base2_scale(q: torch.Tensor, scale: float, softcap: float) -> tuple:
     return q, qk_scale, 0.0
 
 
+def _scaled_q(q: torch.Tensor, strides: tuple, scale: float, softcap: float) -> tuple:
+    """(q, strides, qk_scale, cap): _base2_scale's, with the 16 strides of _check_qkv (q's first)
+    still those of the q returned (a doubled copy has its own)."""
+    scaled, qk_scale, cap = _base2_scale(q, scale, softcap)
+    if scaled is not q:
+        strides = scaled.stride() + strides[4:]
+    return scaled, strides, qk_scale, cap
+
+
 def _lq_lk_buckets(Lq: int, Lk: int) -> tuple:
     """The prefill autotune keys LQ_BUCKET, LK_BUCKET: powers of two of Lq and Lk."""
     return min(next_pow2(Lq), 1 << 16), min(next_pow2(Lk), 1 << 16)
@@ -1561,45 +1575,47 @@ _INTERPRET_SPLIT_BLOCKS = dict(BLOCK_N=_INTERPRET_BLOCK_N)
 
 
 def _launch_fwd(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, flags,
-                qk_scale, cap, win, kv_group, num_groups):  # fmt: skip
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
+                sizes, strides, qk_scale, cap, win, num_groups):  # fmt: skip
+    """The prefill kernel: flags from _fwd_flags, sizes and strides from _check_qkv."""
+    B, Hq, Hkv, Lq, Lk, _, _ = sizes
     buckets = _lq_lk_buckets(Lq, Lk)
     args = (
         q, k, v, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["key_real"], ptrs["horizon"],
         ptrs["start"], sink_end, stat_end, ptrs["head_mask"], ptrs["sink_logit"], ptrs["key_groups"],
-        qk_scale, cap, win, Hq, Lq, Lk, kv_group, num_groups,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *stride_r, *stride_g, *stride_bounds, *buckets,
+        qk_scale, cap, win, Hq, Lq, Lk, Hq // Hkv, num_groups,
+        *strides, *stride_r, *stride_g, *stride_bounds, *buckets,
     )  # fmt: skip
     _launch(_attention_fwd_kernel, _attention_fwd_tuned, _FWD_CONFIGS, _prune_fwd, _fwd_grid(Lq, B * Hq), args, flags,
            _INTERPRET_FWD_BLOCKS, {"q_ptr": q, "Lq": Lq}, buckets)  # fmt: skip
 
 
 def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride_r, stride_g, stride_bounds, options,
-                  qk_scale, cap, win, kv_group, num_groups, band_lo, band, splits):  # fmt: skip
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+                  sizes, strides, qk_scale, cap, win, num_groups, band_lo, band, splits):  # fmt: skip
+    """The decode split and merge kernels (sizes and strides from _check_qkv)."""
+    B, Hq, Hkv, Lq, Lk, _, _ = sizes
+    kv_group = Hq // Hkv
     split_flags, merge_flags = _decode_flags(options, kv_group * Lq)
-    block_r, block_dv, g_pad = split_flags["BLOCK_R"], split_flags["BLOCK_DV"], split_flags["G_PAD"]
+    block_r, block_dv = split_flags["BLOCK_R"], split_flags["BLOCK_DV"]
     chunk, splits = _split_layout(band, splits)
-    dev = q.device
-    state = torch.empty((B * Hkv, splits, 4, block_r), dtype=torch.float32, device=dev)
-    acc = torch.empty((B * Hkv, splits, block_r, block_dv), dtype=torch.float32, device=dev)
+    programs, dev = B * Hkv, q.device
+    # float32 scratch of the partial states (sizes as separate arguments: ~0.3 us less than a tuple)
+    state = torch.empty(programs, splits, 4, block_r, dtype=torch.float32, device=dev)
+    acc = torch.empty(programs, splits, block_r, block_dv, dtype=torch.float32, device=dev)
     grp = state  # a dummy unless HAS_GROUPS
     if split_flags["HAS_GROUPS"]:
-        grp = torch.empty((B * Hkv, splits, block_r, g_pad), dtype=torch.float32, device=dev)
+        grp = torch.empty(programs, splits, block_r, split_flags["G_PAD"], dtype=torch.float32, device=dev)
 
     args = (
         q, k, v, state, acc, grp, ptrs["key_real"], ptrs["horizon"], ptrs["start"], sink_end, stat_end, ptrs["head_mask"],
         ptrs["key_groups"], qk_scale, cap, win, Hkv, Lq, Lk, kv_group, band_lo, chunk, splits,
-        *q.stride(), *k.stride(), *v.stride(), *stride_r, *stride_g, *stride_bounds,
+        *strides[:12], *stride_r, *stride_g, *stride_bounds,
     )  # fmt: skip
-    _launch(_attention_split_kernel, _attention_split_tuned, _SPLIT_CONFIGS, _prune_split, (splits * B * Hkv,), args,
+    _launch(_attention_split_kernel, _attention_split_tuned, _SPLIT_CONFIGS, _prune_split, (splits * programs,), args,
            split_flags, _INTERPRET_SPLIT_BLOCKS, {"q_ptr": q})  # fmt: skip
 
     _attention_merge_kernel[(B * Hq * Lq,)](
         state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
-        ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *out.stride(),
+        ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *strides[12:],
         **merge_flags, S_PAD=_next_pow2_at_least(splits, 1), num_warps=4,
     )  # fmt: skip
 

@@ -13,6 +13,7 @@ on the guided rows (other rows: o_cond). A row with no kept key (l_1 = 0) is not
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -61,11 +62,18 @@ def _cpp_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     )  # (by position, in the binding's order: keywords cost ~1 us each in pybind11)
 
 
-def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
-    from ..kernels import dual_attention as triton_dual
+@functools.lru_cache(maxsize=None)
+def _triton_dual_attention():
+    """The Triton launchers' module, imported on first use and then kept (as _common.cpp: an
+    import statement costs ~0.3-0.5 us a call even when the module is loaded)."""
+    from ..kernels import dual_attention
 
+    return dual_attention
+
+
+def _triton_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     with on_device(q):
-        triton_dual.dual_path_attention(q, k, v, out, o_cond, o_uncond, **args)
+        _triton_dual_attention().dual_path_attention(q, k, v, out, o_cond, o_uncond, **args)
 
 
 _KERNELS = {"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel}
