@@ -3,6 +3,7 @@ float64 computation over the full next-token distribution and teacher-forced seq
 probabilities, prompt by prompt, whatever the batching and padding; prefixes are counted once;
 correctness, summaries and bad input."""
 
+import copy
 import math
 
 import pytest
@@ -129,7 +130,8 @@ def test_generated_answers_and_correctness(model, tokenizer):
     assert summary.loc[False, "mass"] == pytest.approx(judged["mass"].mean())
 
 
-@pytest.mark.parametrize("arch, reuses_cache", [("llama", True), ("gpt2", True), ("gemma2", False)])
+@pytest.mark.parametrize("arch, reuses_cache", [("llama", True), ("gpt2", True), ("gemma2", False),
+                                                 ("mistral", False)])
 def test_generate_scores_multi_token_variants_from_its_own_cache(tokenizer, monkeypatch, arch, reuses_cache):
     """With generate=True the multi-token variants continue from generate's KV cache cut back to
     the prompts (no second pass over them) where every layer attends to all keys; a model with
@@ -138,7 +140,7 @@ def test_generate_scores_multi_token_variants_from_its_own_cache(tokenizer, monk
     from transformers import cache_utils
 
     if not hasattr(cache_utils, "DynamicLayer"):
-        reuses_cache = False  # earlier transformers 4.x: a cache without layers to check is never reused
+        reuses_cache = True  # earlier transformers 4.x: a DynamicCache keeps every key (sliding windows are masks)
     elif not hasattr(cache_utils, "DynamicSlidingWindowLayer"):
         reuses_cache = True  # later 4.x: a sliding-window layer's dynamic cache is a DynamicLayer keeping every key
     model = tiny_model(arch, vocab_size=len(tokenizer), seed=3)
@@ -150,6 +152,27 @@ def test_generate_scores_multi_token_variants_from_its_own_cache(tokenizer, monk
     assert (not reruns) == reuses_cache
     pandas.testing.assert_frame_equal(table[expected.columns], expected, rtol=1e-6, atol=1e-12)
     assert (table["multi_token_mass"] > 0).all()
+
+
+def test_only_a_plain_dynamic_cache_is_cut_back(model, tokenizer):
+    """A cache class of the model's own (MiniMax's DynamicCache subclass adds linear-attention
+    state that crop does not cut) or one with a layer short of keys is not reused: None, the
+    cache untouched."""
+    from transformers import DynamicCache
+
+    class OwnCache(DynamicCache):
+        pass
+
+    ids = tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=True).past_key_values
+    plain, own = copy.deepcopy(full), OwnCache()
+    layers = [(layer.keys, layer.values) for layer in full.layers] if hasattr(full, "layers") \
+        else zip(full.key_cache, full.value_cache)  # earlier transformers 4.x
+    for layer, (keys, values) in enumerate(layers):
+        own.update(keys, values, layer)
+    assert availability._prompt_cache(own, 2) is None and own.get_seq_length() == ids.shape[1]
+    assert availability._prompt_cache(plain, 2).get_seq_length() == 2
 
 
 def test_generation_is_greedy_whatever_the_generation_config_says(model, tokenizer, monkeypatch):

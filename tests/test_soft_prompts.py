@@ -575,3 +575,50 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
     sp.soft_prompt_generate(model, input_ids=ids, attention_mask=mask, n=2, max_new_tokens=2, do_sample=False)
     for before, after in zip(saved, (ids, mask, table(model))):
         assert torch.equal(before, after)
+
+
+def with_table(model, weight):
+    """The model with its input embedding weight replaced (not trained)."""
+    model.get_input_embeddings().weight = torch.nn.Parameter(weight, requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("stored", ["int8", "uint8", "packed 4-bit"])
+def test_a_table_of_quantized_codes_is_refused(tokenizer, monkeypatch, stored):
+    """An embedding table stored as integers holds quantized codes, not embeddings: fitting its
+    Gaussian or drawing in its dtype is a ValueError naming model (before the table is read or
+    the model runs), not moments of the raw integers."""
+    model = fresh_llama(tokenizer)
+    vocab, hidden = table(model).shape
+    codes = {"int8": torch.randint(-128, 128, (vocab, hidden), dtype=torch.int8),
+             "uint8": torch.randint(0, 256, (vocab, hidden), dtype=torch.uint8),
+             "packed 4-bit": torch.randint(0, 256, (vocab, hidden // 2), dtype=torch.uint8)}[stored]
+    with_table(model, codes)
+    fits, real_moments = [], sp._table_moments
+    monkeypatch.setattr(sp, "_table_moments", lambda *args: fits.append(1) or real_moments(*args))
+    calls, hook = forward_counter(model)
+    gaussian = sp.EmbeddingGaussian(torch.tensor(0.0), torch.tensor(1.0), codes.shape[1])
+    try:
+        with pytest.raises(ValueError, match=f"^model: .*stored as {codes.dtype}"):
+            sp.fit_embedding_gaussian(model)
+        with pytest.raises(ValueError, match=f"^model: .*stored as {codes.dtype}"):
+            sp.draw_soft_prompts(model, 2, gaussian=gaussian)  # (draws cast to int8 would be garbage)
+        with pytest.raises(ValueError, match=f"^model: .*stored as {codes.dtype}"):
+            sp.soft_prompt_generate(model, input_ids=torch.tensor([[1, 40, 41]]), n=2, max_new_tokens=1)
+    finally:
+        hook.remove()
+    assert not fits and not calls
+    assert torch.equal(table(model), codes)
+
+
+def test_a_float8_table_is_fitted_from_its_values(tokenizer):
+    """A float8 table's entries are the embeddings (rounded): its fit is the fit of those values
+    in float32, and the draws come in its dtype."""
+    model = fresh_llama(tokenizer)
+    rounded = table(model).to(torch.float8_e4m3fn)
+    with_table(model, rounded)
+    expected = sp.fit_embedding_gaussian(with_table(fresh_llama(tokenizer), rounded.float()))
+    got = sp.fit_embedding_gaussian(model)
+    torch.testing.assert_close(got.mean, expected.mean)
+    torch.testing.assert_close(got.std, expected.std)
+    assert sp.draw_soft_prompts(model, 3, seed=0).dtype == torch.float8_e4m3fn

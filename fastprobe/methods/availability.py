@@ -298,16 +298,26 @@ def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
 
 def _prompt_cache(cache, prompt_length: int):
     """generate's KV cache cut back to the prompt's `prompt_length` positions (the generated
-    tokens' keys dropped, in place), or None where that would not be the prompt's own cache: any
-    layer but a plain full-attention DynamicLayer (a sliding-window or chunked layer has dropped
-    the prompt's oldest keys; static, quantized, shared), or no cache layers (earlier transformers
-    4.x). (Later 4.x keeps a sliding-window layer's keys in full in a DynamicLayer: reused.)"""
-    from transformers import cache_utils
+    tokens' keys dropped, in place), or None where that would not be the prompt's own cache: not
+    a plain DynamicCache (static, hybrid, offloaded, quantized, a model's own subclass with more
+    state, such as MiniMax's linear-attention cache), or a layer that is not a plain full-attention
+    DynamicLayer (a sliding-window or chunked layer has dropped the prompt's oldest keys).
+    Earlier transformers 4.x (no cache layers: key_cache lists) keeps every key in each layer of
+    a DynamicCache, sliding windows being masks only: reused when every layer holds the same
+    positions. (Later 4.x keeps a sliding-window layer's keys in full in a DynamicLayer: reused.)"""
+    from transformers import DynamicCache, cache_utils
 
+    if type(cache) is not DynamicCache:
+        return None
     full_layer = getattr(cache_utils, "DynamicLayer", None)
     layers = getattr(cache, "layers", None)
-    if full_layer is None or not layers or any(type(layer) is not full_layer for layer in layers):
-        return None
+    if full_layer is not None and layers is not None:
+        if not layers or any(type(layer) is not full_layer for layer in layers):
+            return None
+    else:  # [B, H, positions, D] per layer; a skipped layer holds an empty 1-D tensor
+        positions = {keys.shape[-2] if keys.dim() == 4 else 0 for keys in getattr(cache, "key_cache", [])}
+        if len(positions) != 1:  # a layer short of keys, or no layer
+            return None
     generated = cache.get_seq_length() - prompt_length
     if generated > 0:
         cache.crop(-generated)

@@ -88,6 +88,20 @@ def _input_embeddings(model):
     return embedding, weight
 
 
+def _float_table(model, weight: torch.Tensor) -> torch.Tensor:
+    """The embedding table where its entries are the embeddings themselves (a floating dtype,
+    float8 included); a table stored as integers (int8 / uint8 quantized, packed 4-bit) holds
+    codes, not embeddings, so fitting or drawing in its dtype would be silently wrong: a
+    ValueError naming `model`."""
+    if not weight.dtype.is_floating_point:
+        raise ValueError(
+            f"model: {type(model).__name__}'s input embedding table is stored as {weight.dtype} (quantized codes, "
+            "not embeddings), so its Gaussian cannot be fitted from it nor soft vectors drawn in its dtype; load the "
+            "model with the embedding table unquantized, or fit the Gaussian on a float model with the same table "
+            "(EmbeddingGaussian) and pass soft prompts to soft_prompt_inputs yourself")
+    return weight
+
+
 def _embedding_scale(embedding, weight: torch.Tensor) -> float:
     """The constant the embedding module multiplies its rows by (Gemma 3: sqrt(H), rounded to the
     table's dtype as its forward does); 1 for a plain nn.Embedding."""
@@ -144,6 +158,7 @@ def fit_embedding_gaussian(model, *, per_dimension: bool = False,
     in float64 over chunks of rows on the table's device; the table is read, never changed. Rows
     with NaN or infinite entries are a ValueError naming them, unless excluded."""
     embedding, weight = _input_embeddings(model)
+    weight = _float_table(model, weight)
     keep = _kept_rows(exclude_token_ids, weight.shape[0], weight.device)
     with torch.no_grad():
         mean, std = _table_moments(weight.detach(), keep, bool(per_dimension))
@@ -214,6 +229,7 @@ def draw_soft_prompts(model, n: int, *, rows: Optional[int] = None, gaussian: Op
         rows = check_count(rows, "rows", 1)
     _check_seed(seed)
     _, weight = _input_embeddings(model)
+    weight = _float_table(model, weight)  # (the draws are cast to its dtype)
     gaussian = _gaussian_for(model, weight, gaussian, per_dimension)
     shape = (n, weight.shape[1]) if rows is None else (rows, n, weight.shape[1])
     noise = _standard_normal(shape, seed, weight.device)
