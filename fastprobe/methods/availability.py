@@ -111,13 +111,57 @@ def _continued(model, cache, prefix_mask: torch.Tensor, rows: list, tails: list,
 
 def _cache_object(output):
     """The forward's KV cache as a transformers Cache (4.x models such as GPT-2 may still return
-    the legacy tuple of (key, value) pairs)."""
+    the legacy tuple of (key, value) pairs), or None where it is none that _continued can copy rows
+    of and run on from (see _continuable)."""
     cache = output_cache(output)
     if isinstance(cache, (tuple, list)):
         from transformers import DynamicCache
 
         cache = DynamicCache.from_legacy_cache(cache)
-    return cache
+    return cache if _continuable(cache) else None
+
+
+def _continuable(cache) -> bool:
+    """Whether a forward's cache holds only keys and values of the library's own dynamic kinds,
+    whose rows _continued copies out (batch_select_indices) and runs on from: not recurrent or
+    linear-attention state (Mamba, Jamba, Bamba, LFM2, Qwen3-Next: LinearAttention layers, which
+    cannot select rows; MiniMax's own cache class), static layers, or no cache (RecurrentGemma).
+    Earlier transformers 4.x (no cache layers): a cache class of transformers.cache_utils that can
+    select rows."""
+    from transformers import cache_utils
+
+    if cache is None or type(cache).__module__ != cache_utils.__name__:  # (a model's own subclass)
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return hasattr(cache, "batch_select_indices")
+    kinds = tuple(getattr(cache_utils, name) for name in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                  if hasattr(cache_utils, name))
+    return bool(layers) and all(type(layer) in kinds for layer in layers)
+
+
+def _whole_sequences(model, prefixes: list, continuations: list, temperature: float, pad_id: int,
+                     batch_size: int) -> torch.Tensor:
+    """[M] float64: sequence_log_probs without a cache, for models whose state cannot be copied
+    and run on from: each prefix + continuation runs whole, right padded (a causal model's real
+    positions never see the padding after them, whatever it does with the mask), batch_size at a
+    time; only the continuation's positions are taken to float64."""
+    totals = torch.zeros(len(prefixes), dtype=torch.float64)
+    for start in range(0, len(prefixes), batch_size):
+        pairs = list(zip(prefixes[start:start + batch_size], continuations[start:start + batch_size]))
+        ids, mask = _padded([list(prefix) + list(continuation) for prefix, continuation in pairs], pad_id, left=False)
+        # token i of a continuation after a prefix of n tokens is predicted at position n - 1 + i
+        rows = [r for r, (_, continuation) in enumerate(pairs) for _ in continuation]
+        positions = [len(prefix) - 1 + i for prefix, continuation in pairs for i in range(len(continuation))]
+        targets = torch.tensor([token for _, continuation in pairs for token in continuation], dtype=torch.long)
+        # (use_cache: 4.x RecurrentGemma keeps its state in its modules, sized by the last cached call's batch;
+        # a cached forward sizes it anew, an uncached one of another batch size fails)
+        logits = model(**on_model(model, {"input_ids": ids, "attention_mask": mask}), use_cache=True).logits
+        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(positions, device=logits.device)]
+        log_probs = (picked.double() / temperature).log_softmax(-1).gather(-1, targets.to(logits.device)[:, None])
+        totals[start:start + len(pairs)] = torch.zeros(len(pairs), dtype=torch.float64).index_add_(
+            0, torch.tensor(rows, dtype=torch.long), log_probs[:, 0].cpu())
+    return totals
 
 
 @torch.no_grad()
@@ -128,23 +172,41 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
     at least one token). Each distinct prefix runs once, batch_size at a time, keeping its KV
     cache; the continuations of those prefixes then run from copies of their cache rows,
     batch_size at a time: a prefix shared by many continuations (an answer's surface forms after
-    one prompt) is not run again for each. The model runs in eval mode (no dropout), each
-    module's training flag restored afterwards."""
+    one prompt) is not run again for each. A model whose cache cannot be copied row by row and run
+    on from (recurrent or linear-attention state: Mamba, Jamba, Qwen3-Next, MiniMax; or none
+    returned) runs each prefix + continuation whole instead, right padded. The model runs in eval
+    mode (no dropout), each module's training flag restored afterwards."""
     temperature = check_temperature(temperature)
     if len(prefixes) != len(continuations):
         raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
         raise ValueError("every prefix and every continuation needs at least one token")
+    with eval_mode(model):
+        return _sequence_log_probs(model, prefixes, continuations, temperature, pad_id, batch_size, cached=True)
+
+
+def _sequence_log_probs(model, prefixes, continuations, temperature: float, pad_id: int, batch_size: int,
+                        cached: bool) -> torch.Tensor:
+    """sequence_log_probs in the model's current mode: with cached, the distinct prefixes run once
+    and their continuations from copies of their cache rows, until a prefix batch returns a cache
+    that cannot be run on from (_continuable); from there on, and without cached, whole sequences."""
     distinct = list(dict.fromkeys(tuple(p) for p in prefixes))
     prefix_of = [distinct.index(tuple(p)) for p in prefixes]
     totals = torch.zeros(len(prefixes), dtype=torch.float64)
-    with eval_mode(model):
-        for start in range(0, len(distinct), batch_size):
+    for start in range(0, len(distinct), batch_size):
+        members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
+        cache = None
+        if cached:
             ids, prefix_mask = _padded(distinct[start:start + batch_size], pad_id, left=True)
             output = model(**on_model(model, {"input_ids": ids, "attention_mask": prefix_mask}), use_cache=True,
                            **_logits_to_keep(model, 1))
-            members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
-            totals[members] = _after_prefill(model, output.logits[:, -1], _cache_object(output), prefix_mask,
+            cache = _cache_object(output)
+            cached = cache is not None  # (a model's cache is of one kind: later batches go whole at once)
+        if cache is None:
+            totals[members] = _whole_sequences(model, [prefixes[j] for j in members],
+                                               [continuations[j] for j in members], temperature, pad_id, batch_size)
+        else:
+            totals[members] = _after_prefill(model, output.logits[:, -1], cache, prefix_mask,
                                              [prefix_of[j] - start for j in members],
                                              [continuations[j] for j in members], temperature, pad_id, batch_size)
     return totals
@@ -266,10 +328,12 @@ def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature
 
 
 def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: float, pad_id: int,
-                      batch_size: int, step_logits: torch.Tensor, cache=None) -> torch.Tensor:
+                      batch_size: int, step_logits: torch.Tensor, cache=None, cached: bool = True) -> torch.Tensor:
     """[B] float64: each row's summed probability of its answer's multi-token variants, continued
     from the batch's KV cache where given (the prompts' own, with step_logits their last
-    position's logits), else with the prompts run again."""
+    position's logits), else with the prompts run again: once each, their variants continued from
+    the prompts' cache, or with cached False (a model whose cache cannot be run on from) each
+    prompt + variant whole."""
     owners = [i for i, answer in enumerate(batch_answers) for _ in answer.multi]
     sequences = [s for answer in batch_answers for s in answer.multi]
     if cache is not None:
@@ -278,8 +342,8 @@ def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: floa
     else:
         real = batch["attention_mask"].bool().cpu()
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"].cpu(), real)]
-        log_probs = sequence_log_probs(model, [prompt_ids[i] for i in owners], sequences, temperature=temperature,
-                                       pad_id=pad_id, batch_size=batch_size)
+        log_probs = _sequence_log_probs(model, [prompt_ids[i] for i in owners], sequences, temperature, pad_id,
+                                        batch_size, cached)
     mass = torch.zeros(len(batch_answers), dtype=torch.float64)
     return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
 
@@ -353,8 +417,11 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     (batch_size, truncated to max_length tokens); multi-token variants are scored by teacher
     forcing in batches of the same size, from the KV cache of the prompts' one pass (generate's,
     cut back to the prompts, with generate=True; a model with sliding-window or chunked layers,
-    whose cache has dropped old keys by then, runs the prompts once more). The model runs in eval
-    mode (no dropout), each module's training flag restored afterwards."""
+    whose cache has dropped old keys by then, runs the prompts once more; a recurrent or hybrid model,
+    whose state cannot be copied row by row, runs each prompt + variant whole). Prompts run left
+    padded: a model whose forward lets padding into its state (transformers 4.x RecurrentGemma)
+    needs batch_size=1. The model runs in eval mode (no dropout), each module's training flag
+    restored afterwards."""
     pandas = require_pandas()
     prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)
@@ -369,16 +436,18 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
             multi = any(answer.multi for answer in batch_answers)
             if generate:  # generate's prefill: the commitment step's logits and, cut back to the prompts, its cache
-                answered, step_logits, cache = _greedy(model, tokenizer, batch, max_new_tokens)
-                cache = _prompt_cache(cache, batch["input_ids"].shape[1]) if multi else None
+                answered, step_logits, generated_cache = _greedy(model, tokenizer, batch, max_new_tokens)
+                cached = _continuable(generated_cache)  # (before the cut: its layers' kinds)
+                cache = _prompt_cache(generated_cache, batch["input_ids"].shape[1]) if multi and cached else None
                 generated += answered
             else:  # one prefill, whose cache the multi-token variants continue from
                 prefill = _prompt_forward(model, batch, use_cache=multi)
                 step_logits = prefill.logits[:, -1]  # left padded: each row's last real position
                 cache = _cache_object(prefill) if multi else None
+                cached = cache is not None
             part = _commitment_step(step_logits, batch_answers, temperature)
             part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size,
-                                                         step_logits, cache)
+                                                         step_logits, cache, cached)
             parts.append(part)
             first += len(batch_answers)
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
