@@ -12,9 +12,13 @@ def routes_through_interfaces(model) -> bool:
     """Whether the installed transformers runs this model's attention through its AttentionInterface
     and its masks through the AttentionMaskInterface, which fastprobe needs: BERT only from 5.0
     (4.5x's has its own attention classes), GPT-2 and OPT not in 4.53 (which builds their own 4D masks)."""
+    from fastprobe.integrations.transformers import _HYBRID_FAMILIES
+
     base = type(model.base_model)
     builds_own_masks = any(hasattr(type(module), "_update_causal_mask") for module in model.modules())  # OPT's decoder
-    return getattr(base, "_supports_attention_backend", False) and not builds_own_masks
+    # hybrids of attention and linear-attention / state-space layers: the interface without the flag
+    hybrid = getattr(model.config, "model_type", None) in _HYBRID_FAMILIES
+    return (getattr(base, "_supports_attention_backend", False) or hybrid) and not builds_own_masks
 
 
 def patch_or_skip(model, **options):

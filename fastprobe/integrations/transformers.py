@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import numbers
 import threading
 import warnings
@@ -587,7 +588,8 @@ def _check_architecture(model) -> list:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"fastprobe.patch takes a transformers PreTrainedModel, got {type(model).__name__}")
     # The flag transformers sets on models whose attention goes through the AttentionInterface.
-    if not getattr(type(model), "_supports_attention_backend", False):
+    flagged = getattr(type(model), "_supports_attention_backend", False)
+    if not flagged and not _hybrid_family(model):
         raise _refuse(model, "its attention does not go through transformers' AttentionInterface "
                              "(the class does not set _supports_attention_backend)")
     # transformers 4.53's GPT-2 (and other models not yet on masking_utils) build their own 4D masks
@@ -599,7 +601,36 @@ def _check_architecture(model) -> list:
     layers = _self_attention_modules(model)
     if not layers:
         raise _refuse(model, "no self-attention module (with layer_idx and is_causal) was found")
+    bypassing = [] if flagged else [type(m).__name__ for m in layers if not _calls_interface(type(m))]
+    if bypassing:
+        raise _refuse(model, f"{', '.join(sorted(set(bypassing)))} does not dispatch through transformers' "
+                             "AttentionInterface (ALL_ATTENTION_FUNCTIONS)")
     return layers
+
+
+# Decoder families whose attention layers dispatch through the AttentionInterface though their
+# classes do not set _supports_attention_backend: hybrids of attention layers with linear-attention
+# or state-space layers (the latter are not attention to fastprobe: they run as they are). Each
+# is checked against SDPA in tests/test_integration.py (test_hybrid_models_*); its attention
+# modules must also name ALL_ATTENTION_FUNCTIONS (_calls_interface).
+_HYBRID_FAMILIES = frozenset({
+    "bamba", "falcon_h1", "jamba", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
+    "qwen3_5_moe_text", "qwen3_next", "zamba2",
+})
+
+
+def _hybrid_family(model) -> bool:
+    """Whether a decoder-only model (its own config, not an encoder-decoder's) is of _HYBRID_FAMILIES."""
+    config = model.config
+    return not getattr(config, "is_encoder_decoder", False) and getattr(config, "model_type", None) in _HYBRID_FAMILIES
+
+
+def _calls_interface(module_class) -> bool:
+    """Whether an attention module's forward (under its decorators) looks its attention up in
+    transformers' ALL_ATTENTION_FUNCTIONS."""
+    forward = inspect.unwrap(module_class.forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
 # ---------------------------------------------------------------- the mask function
