@@ -24,6 +24,10 @@ path: positions unchanged, no pixel values, its own KV cache); the model returns
 stopping see the contrasted logits. alpha = 0 is plain generation. The edits generate makes to
 the model's cache between steps (beam search's reorder, assisted decoding's crop) are made to the
 language-only cache too.
+
+In a hybrid model (Qwen 3.5's vision-language model: attention layers among linear-attention
+layers) both remove the image keys from the attention layers only: a linear-attention or
+state-space layer has no keys to drop, and its state still holds what it read of the image tokens.
 """
 
 from __future__ import annotations
