@@ -1141,7 +1141,12 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         if pattern.refused is not None:
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
-            raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
+            raise ValueError(
+                f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}: the model "
+                f"made its mask for another number of keys than layer {getattr(module, 'layer_idx', None)} holds (e.g. "
+                "MiniMax in transformers 5.x while decoding sizes it from its first, linear-attention layer's cache); "
+                "SDPA and eager would broadcast a one-key mask over every key and ignore the padding, fastprobe "
+                "refuses it")
         padding = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
         return (padding, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
                 pattern.segments, pattern.kv_offset)
@@ -1157,7 +1162,12 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
                 "mask (a custom or precomputed mask), which it will not guess the meaning of"
             )
         if attention_mask.shape[-1] < num_keys:
-            raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
+            raise ValueError(
+                f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}: the model "
+                f"made its mask for another number of keys than layer {getattr(module, 'layer_idx', None)} holds (e.g. "
+                "MiniMax in transformers 5.x while decoding sizes it from its first, linear-attention layer's cache); "
+                "SDPA and eager would broadcast a one-key mask over every key and ignore the padding, fastprobe "
+                "refuses it")
         # (a 2D mask covers every token of the row so far; the keys are the last of them)
         return attention_mask[:, -num_keys:] != 0, causal, sliding_window, None, None, None, None, \
             attention_mask.shape[-1] - num_keys
