@@ -64,7 +64,12 @@ FAMILIES = {
     # are); their classes do not set _supports_attention_backend, their attention goes through the interface
     "qwen3_next": ("gated delta-net layers, gated attention, partial rotary", dict(_LINEAR, layer_types=_HYBRID)),
     "qwen3_5_text": ("Qwen 3.5: gated delta-net layers, gated attention", dict(_LINEAR, layer_types=_HYBRID)),
+    "qwen3_5_moe_text": ("Qwen 3.5 MoE: gated delta-net layers, experts", dict(_LINEAR, layer_types=_HYBRID)),
     "olmo_hybrid": ("gated delta-net layers", dict(layer_types=_HYBRID)),
+    "kimi_linear": ("Kimi Linear: delta-attention layers, latent attention (value heads narrower)", dict(
+        layer_types=_HYBRID, mlp_layer_types=["dense", "sparse"], kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, linear_head_dim=8, linear_num_heads=4, num_experts=4,
+        num_experts_per_token=2, num_expert_group=1, num_key_value_heads=4)),
     "jamba": ("Mamba layers, attention on every second layer", dict(
         attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4,
         mamba_expand=2, use_mamba_kernels=False)),
@@ -78,7 +83,8 @@ FAMILIES = {
 }
 
 
-HYBRIDS = ("qwen3_next", "qwen3_5_text", "olmo_hybrid", "jamba", "bamba", "falcon_h1", "nemotron_h", "zamba2")
+HYBRIDS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear", "jamba", "bamba", "falcon_h1",
+           "nemotron_h", "zamba2")
 
 # Families whose float32 logits drift more between attention implementations: Zamba2 (Mamba 2 layers
 # and shared attention blocks) over 40 inputs: eager vs SDPA up to 7.1e-5 (logits ~6), fastprobe vs SDPA
@@ -151,26 +157,30 @@ def test_a_hybrid_whose_attention_bypasses_the_interface_is_refused(monkeypatch)
     assert is_patched(fp.patch(model))
 
 
-def test_qwen3_5_vision_language_model_with_images():
-    """Qwen 3.5's vision-language model (a hybrid text model, multimodal rotary positions, no class
-    flag): with an image in each padded prompt, the patched model gives the unpatched logits and
-    greedy tokens, records statistics of its one attention layer, and guidance with gamma = 0
-    changes nothing."""
-    if not hasattr(transformers, "Qwen3_5ForConditionalGeneration"):
-        pytest.skip(f"transformers {transformers.__version__} has no qwen3_5")
+@pytest.mark.parametrize("family", ["Qwen3_5", "Qwen3_5Moe"])
+def test_qwen3_5_vision_language_model_with_images(family):
+    """Qwen 3.5's vision-language models, dense and MoE (a hybrid text model, multimodal rotary
+    positions, no class flag): with an image in each padded prompt, the patched model gives the
+    unpatched logits and greedy tokens, records statistics of its one attention layer, and
+    guidance with gamma = 0 changes nothing."""
+    if not hasattr(transformers, f"{family}ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no {family}ForConditionalGeneration")
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
             "partial_rotary_factor": 1.0}
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 head_dim=16, num_key_value_heads=2, pad_token_id=0, layer_types=_HYBRID, rope_parameters=rope, **_LINEAR)
+    if family == "Qwen3_5Moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   hidden_size=32, out_hidden_size=64, intermediate_size=64, num_position_embeddings=64)
     models = []
     for _ in range(2):
-        config = transformers.Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=299,
-                                            video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)
+        config = getattr(transformers, f"{family}Config")(
+            text_config=text, vision_config=vision, image_token_id=299, video_token_id=298, vision_start_token_id=297,
+            vision_end_token_id=296)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            models.append(transformers.Qwen3_5ForConditionalGeneration(config).eval())
+            models.append(getattr(transformers, f"{family}ForConditionalGeneration")(config).eval())
     reference, model = models[0], fp.patch(models[1])
     ids = torch.randint(3, 290, (2, 14))
     ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 296  # vision start, 4 merged image tokens (4 x 4 patches), end

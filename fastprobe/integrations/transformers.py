@@ -614,7 +614,7 @@ def _check_architecture(model) -> list:
 # is checked against SDPA in tests/test_integration.py (test_hybrid_models_*); its attention
 # modules must also name ALL_ATTENTION_FUNCTIONS (_calls_interface).
 _HYBRID_FAMILIES = frozenset({
-    "bamba", "falcon_h1", "jamba", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
+    "bamba", "falcon_h1", "jamba", "kimi_linear", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
     "qwen3_5_moe_text", "qwen3_next", "zamba2",
 })
 
