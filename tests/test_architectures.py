@@ -76,15 +76,16 @@ FAMILIES = {
     "bamba": ("Mamba 2 layers", dict(_MAMBA2, attn_layer_indices=[1])),
     "falcon_h1": ("Mamba 2 beside attention in every layer", dict(_MAMBA2, mamba_d_ssm=128)),
     "nemotron_h": ("Mamba 2 layers by a pattern", dict(
-        hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=4, n_groups=1, chunk_size=8)),
+        hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=4, n_groups=1,
+        chunk_size=8)),
     "zamba2": ("Mamba 2 layers and attention blocks with shared weights", dict(
         num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"], num_mem_blocks=1, mamba_d_state=4,
         mamba_headdim=8, n_mamba_heads=16, mamba_ngroups=1, chunk_size=8, use_mem_rope=False, num_key_value_heads=4)),
 }
 
 
-HYBRIDS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear", "jamba", "bamba", "falcon_h1",
-           "nemotron_h", "zamba2")
+HYBRIDS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear", "jamba", "bamba",
+           "falcon_h1", "nemotron_h", "zamba2")
 
 # Families whose float32 logits drift more between attention implementations: Zamba2 (Mamba 2 layers
 # and shared attention blocks) over 40 inputs: eager vs SDPA up to 7.1e-5 (logits ~6), fastprobe vs SDPA
@@ -168,7 +169,8 @@ def test_qwen3_5_vision_language_model_with_images(family):
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
             "partial_rotary_factor": 1.0}
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                head_dim=16, num_key_value_heads=2, pad_token_id=0, layer_types=_HYBRID, rope_parameters=rope, **_LINEAR)
+                head_dim=16, num_key_value_heads=2, pad_token_id=0, layer_types=_HYBRID, rope_parameters=rope,
+                **_LINEAR)
     if family == "Qwen3_5Moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
