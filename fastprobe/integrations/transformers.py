@@ -611,8 +611,8 @@ def _check_architecture(model) -> list:
 # Decoder families whose attention layers dispatch through the AttentionInterface though their
 # classes do not set _supports_attention_backend: hybrids of attention layers with linear-attention
 # or state-space layers (the latter are not attention to fastprobe: they run as they are). Each
-# is checked against SDPA in tests/test_integration.py (test_hybrid_models_*); its attention
-# modules must also name ALL_ATTENTION_FUNCTIONS (_calls_interface).
+# is checked against SDPA in tests/test_architectures.py (HYBRIDS); its attention modules must
+# also name ALL_ATTENTION_FUNCTIONS (_calls_interface).
 _HYBRID_FAMILIES = frozenset({
     "bamba", "falcon_h1", "jamba", "kimi_linear", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_text", "qwen3_5_moe",
     "qwen3_5_moe_text", "qwen3_next", "zamba2",
@@ -1162,12 +1162,7 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
                 "mask (a custom or precomputed mask), which it will not guess the meaning of"
             )
         if attention_mask.shape[-1] < num_keys:
-            raise ValueError(
-                f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}: the model "
-                f"made its mask for another number of keys than layer {getattr(module, 'layer_idx', None)} holds (e.g. "
-                "MiniMax in transformers 5.x while decoding sizes it from its first, linear-attention layer's cache); "
-                "SDPA and eager would broadcast a one-key mask over every key and ignore the padding, fastprobe "
-                "refuses it")
+            raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
         # (a 2D mask covers every token of the row so far; the keys are the last of them)
         return attention_mask[:, -num_keys:] != 0, causal, sliding_window, None, None, None, None, \
             attention_mask.shape[-1] - num_keys

@@ -436,9 +436,9 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
             multi = any(answer.multi for answer in batch_answers)
             if generate:  # generate's prefill: the commitment step's logits and, cut back to the prompts, its cache
-                answered, step_logits, generated_cache = _greedy(model, tokenizer, batch, max_new_tokens)
-                cached = _continuable(generated_cache)  # (before the cut: its layers' kinds)
-                cache = _prompt_cache(generated_cache, batch["input_ids"].shape[1]) if multi and cached else None
+                answered, step_logits, cache = _greedy(model, tokenizer, batch, max_new_tokens)
+                cache = _prompt_cache(cache, batch["input_ids"].shape[1]) if multi else None
+                cached = True  # (else: the prompts' own forward's cache decides, see _sequence_log_probs)
                 generated += answered
             else:  # one prefill, whose cache the multi-token variants continue from
                 prefill = _prompt_forward(model, batch, use_cache=multi)
