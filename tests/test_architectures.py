@@ -13,7 +13,9 @@ import torch
 import fastprobe as fp
 from fastprobe.integrations import is_patched
 
-from .test_integration import TOLERANCE, assert_real_close, eager_sink_mass, inputs, outputs
+from .test_integration import (
+    TOLERANCE, assert_real_close, check_qwen_vision_language_model, eager_sink_mass, inputs, outputs,
+)
 from .transformers_helpers import patch_or_skip
 
 transformers = pytest.importorskip("transformers")
@@ -161,9 +163,8 @@ def test_a_hybrid_whose_attention_bypasses_the_interface_is_refused(monkeypatch)
 @pytest.mark.parametrize("family", ["Qwen3_5", "Qwen3_5Moe"])
 def test_qwen3_5_vision_language_model_with_images(family):
     """Qwen 3.5's vision-language models, dense and MoE (a hybrid text model, multimodal rotary
-    positions, no class flag): with an image in each padded prompt, the patched model gives the
-    unpatched logits and greedy tokens, records statistics of its one attention layer, and
-    guidance with gamma = 0 changes nothing."""
+    positions, no class flag), as test_integration's Qwen2-VL: the unpatched logits and greedy
+    tokens with images, statistics of its one attention layer, guidance with gamma = 0 a no-op."""
     if not hasattr(transformers, f"{family}ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no {family}ForConditionalGeneration")
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
@@ -183,20 +184,4 @@ def test_qwen3_5_vision_language_model_with_images(family):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             models.append(getattr(transformers, f"{family}ForConditionalGeneration")(config).eval())
-    reference, model = models[0], fp.patch(models[1])
-    ids = torch.randint(3, 290, (2, 14))
-    ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 296  # vision start, 4 merged image tokens (4 x 4 patches), end
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    images = dict(pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]),
-                  mm_token_type_ids=(ids == 299).long())
-    assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)
-    with torch.no_grad():
-        settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, **images)
-        want = reference.generate(ids, **settings)
-        assert torch.equal(model.generate(ids, **settings), want)
-        with fp.record_attention(model) as record:
-            model(input_ids=ids, attention_mask=mask, **images)
-        assert record.sink_mass.shape == (1, 4) and bool((record.sink_mass > 0).all())
-        fp.patch(model, guidance=dict(gamma=0.0))
-        assert torch.equal(model.generate(ids, **settings), want)
+    check_qwen_vision_language_model(models[0], fp.patch(models[1]))

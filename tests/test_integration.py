@@ -1557,7 +1557,14 @@ def test_qwen_vision_language_models_with_images(family):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             models.append(getattr(transformers, names[1])(config).eval())
-    reference, model = models[0], patch_or_skip(models[1])
+    check_qwen_vision_language_model(models[0], patch_or_skip(models[1]))
+
+
+def check_qwen_vision_language_model(reference, model):
+    """A patched Qwen-VL-style model (image token 299 between 297 and 296, 14-pixel patches merged
+    2 x 2, 4 heads) against its unpatched twin, with an image in each of two prompts (one
+    left-padded): the same logits and greedy tokens, statistics recorded for every attention
+    layer, and guidance with gamma = 0 changing nothing."""
     ids = torch.randint(3, 290, (2, 14))
     ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 296  # vision start, 4 merged image tokens (4 x 4 patches), end
     mask = torch.ones_like(ids)
@@ -1572,7 +1579,7 @@ def test_qwen_vision_language_models_with_images(family):
         assert torch.equal(model.generate(ids, **settings), want)
         with fp.record_attention(model) as record:
             model(input_ids=ids, attention_mask=mask, **images)
-        assert record.sink_mass.shape == (2, 4) and bool((record.sink_mass > 0).all())
+        assert record.sink_mass.shape == (len(attention_layers(model)), 4) and bool((record.sink_mass > 0).all())
         fp.patch(model, guidance=dict(gamma=0.0))
         assert torch.equal(model.generate(ids, **settings), want)
 
