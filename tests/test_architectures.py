@@ -185,3 +185,36 @@ def test_qwen3_5_vision_language_model_with_images(family):
             torch.manual_seed(0)
             models.append(getattr(transformers, f"{family}ForConditionalGeneration")(config).eval())
     check_qwen_vision_language_model(models[0], fp.patch(models[1]))
+
+
+def test_minimax_decoding_reads_the_rows_padding():
+    """MiniMax (transformers 5.x) sizes each decoding step's mask from its first layer's cache, a
+    linear-attention layer's, which holds no keys: SDPA and eager broadcast that one-key mask over
+    every key, so left padding is ignored and a padded row's scores come out wrong (patched, the
+    steps were refused). Patched, the attention layers read the row's 2D mask: each row's scores and
+    tokens are those of the row generated alone, unpadded; an unpadded batch gives the unpatched ones."""
+    from .test_availability import RECURRENT
+
+    try:
+        transformers.AutoConfig.for_model("minimax")
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no minimax")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("4.x MiniMax's one-key decoding masks put the query at its position, past that key: refused")
+    reference, model = build("minimax", RECURRENT["minimax"]), fp.patch(build("minimax", RECURRENT["minimax"]))
+    ids, mask = inputs(padding="left")
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, **settings)
+        for row in range(ids.shape[0]):
+            real = ids[row:row + 1, mask[row].bool()]
+            alone = reference.generate(real, attention_mask=torch.ones_like(real), **settings)
+            for got_scores, alone_scores in zip(got.scores, alone.scores, strict=True):
+                torch.testing.assert_close(got_scores[row:row + 1], alone_scores, **TOLERANCE)
+            assert torch.equal(got.sequences[row, ids.shape[1]:], alone.sequences[0, real.shape[1]:])
+        ids, mask = inputs(padding="none")
+        got, want = (net.generate(ids, attention_mask=mask, **settings) for net in (model, reference))
+    for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
+    assert torch.equal(got.sequences, want.sequences)

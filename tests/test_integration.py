@@ -1118,6 +1118,37 @@ def test_mask_function_returns_a_key_padding_mask():
     assert none.shape == (2, 6) and bool(none.all())
 
 
+
+def test_a_mask_sized_for_fewer_keys_than_the_layer_holds():
+    """A causal mask made for fewer keys than a layer holds (MiniMax's decoding masks, sized from a
+    linear-attention layer's empty cache: one key, at offset 0) is read from the 2D mask it was made from: the
+    layer's keys are the row's last tokens. A mask over more keys, one with a window, one without
+    enough 2D mask, or a static cache's, is refused."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    row = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    step = integration.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=row,
+                                        mask_function=masking_utils.causal_mask_function)
+    for keys in (5, 3):
+        padding, causal, window, dropped, _, blocks, segments, first = integration._pattern_of(None, step, None, None,
+                                                                                              keys)
+        assert torch.equal(padding, row[:, -keys:].bool()) and causal and first == 5 - keys
+        assert window is None and dropped is None and blocks is None and segments is None
+    unpadded = integration.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=None, device="cpu",
+                                            mask_function=masking_utils.causal_mask_function)
+    assert integration._pattern_of(None, unpadded, None, None, 5)[:3] == (None, True, None)
+    with pytest.raises(ValueError, match="covers 1 keys but there are 6"):
+        integration._pattern_of(None, step, None, None, 6)
+    windowed = integration.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=row,
+                                            mask_function=masking_utils.sliding_window_causal_mask_function(3))
+    wide = integration.key_padding_mask(2, 1, 5, q_offset=0, attention_mask=row,
+                                        mask_function=masking_utils.causal_mask_function)
+    static = integration.key_padding_mask(2, 1, 16, q_offset=torch.tensor(4), attention_mask=row,
+                                          mask_function=masking_utils.causal_mask_function)
+    for mask, keys in ((windowed, 5), (wide, 4), (static, 16)):
+        with pytest.raises(ValueError, match="cannot move its pattern"):
+            integration._pattern_of(None, mask, None, None, keys)
+
+
 def test_mask_function_on_a_static_cache():
     """A static cache's buffer of kv_length slots: the mask covers the slots that hold tokens. A
     decoding step with generate's mask (one column per token so far) needs no host read of the

@@ -653,6 +653,9 @@ class _MaskPattern(NamedTuple):
     # the keys are a static cache's buffer: its first slots (as many as the mask covers) hold the
     # row's tokens, the others are not written yet, and the attention reads the first ones only
     static: bool = False
+    # the 2D mask over the row's tokens so far (a dynamic cache's full-attention keys are its last
+    # columns), for a layer that holds more keys than the mask was sized for (_pattern_over_the_row)
+    row: Optional[torch.Tensor] = None
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -964,8 +967,9 @@ def key_padding_mask(
         # a 4D mask as it is, but runs a 2D one through .to(), which under torch.compile loses the
         # pattern and would re-read the mask function (Python introspection: a graph break a step).
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk] (_pattern_of reads it back as [B, Lk])
+    row = None if static else attention_mask
     setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset),
-                                         static))
+                                         static, row))
     return mask
 
 
@@ -1141,12 +1145,7 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         if pattern.refused is not None:
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
-            raise ValueError(
-                f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}: the model "
-                f"made its mask for another number of keys than layer {getattr(module, 'layer_idx', None)} holds (e.g. "
-                "MiniMax in transformers 5.x while decoding sizes it from its first, linear-attention layer's cache); "
-                "SDPA and eager would broadcast a one-key mask over every key and ignore the padding, fastprobe "
-                "refuses it")
+            return _pattern_over_the_row(module, attention_mask, pattern, num_keys)
         padding = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
         return (padding, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
                 pattern.segments, pattern.kv_offset)
@@ -1167,6 +1166,27 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         return attention_mask[:, -num_keys:] != 0, causal, sliding_window, None, None, None, None, \
             attention_mask.shape[-1] - num_keys
     return attention_mask, causal, sliding_window, None, None, None, None, 0
+
+
+def _pattern_over_the_row(module, attention_mask: torch.Tensor, pattern: _MaskPattern, num_keys: int):
+    """_pattern_of for a causal full-attention layer that holds more keys than its mask was made
+    for. MiniMax (transformers 5.x) sizes its decoding masks from its first layer's cache, a
+    linear-attention layer's, which holds no keys: each step's mask covers one key, and SDPA and
+    eager broadcast it over all of them, so left padding is ignored and a padded row's tokens come
+    out wrong. Here the keys are the row's last tokens (a dynamic cache's layer holds every token
+    so far), read from the 2D mask the pattern was made from, as for a plain 2D mask."""
+    row = pattern.row
+    moved = pattern.causal and pattern.window is None and pattern.blocks is None and pattern.segments is None
+    too_short = row is not None and row.shape[-1] < num_keys
+    if attention_mask.shape[-1] > num_keys or pattern.static or not moved or too_short:
+        raise ValueError(
+            f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}: the model made its "
+            f"mask for another number of keys than layer {getattr(module, 'layer_idx', None)} holds, and fastprobe "
+            "cannot move its pattern onto them (more keys in the mask, a static cache, a window, blocks, segments, "
+            "or a 2D mask over fewer tokens)")
+    if row is None:  # (made without a 2D mask: no padding)
+        return None, True, None, None, None, None, None, 0
+    return row[:, -num_keys:] != 0, True, None, None, None, None, None, row.shape[-1] - num_keys
 
 
 def _written_part(attention_mask, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
