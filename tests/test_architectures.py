@@ -191,8 +191,9 @@ def test_minimax_decoding_reads_the_rows_padding():
     """MiniMax (transformers 5.x) sizes each decoding step's mask from its first layer's cache, a
     linear-attention layer's, which holds no keys: SDPA and eager broadcast that one-key mask over
     every key, so left padding is ignored and a padded row's scores come out wrong (patched, the
-    steps were refused). Patched, the attention layers read the row's 2D mask: each row's scores and
-    tokens are those of the row generated alone, unpadded; an unpadded batch gives the unpatched ones."""
+    steps were refused). Patched: the unpatched prefill logits and eager's sink mass; decoding reads
+    the row's 2D mask, so each row's scores and tokens are those of the row generated alone,
+    unpadded; an unpadded batch gives the unpatched ones."""
     from .test_availability import RECURRENT
 
     try:
@@ -202,6 +203,14 @@ def test_minimax_decoding_reads_the_rows_padding():
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("4.x MiniMax's one-key decoding masks put the query at its position, past that key: refused")
     reference, model = build("minimax", RECURRENT["minimax"]), fp.patch(build("minimax", RECURRENT["minimax"]))
+    eager = build("minimax", RECURRENT["minimax"], attn_implementation="eager")
+    ids, mask = inputs()
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+    with torch.no_grad(), fp.record_attention(model) as record:
+        model(input_ids=ids, attention_mask=mask)
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    weights = [each for each, kind in zip(weights, eager.config.layer_types, strict=True) if kind == "full_attention"]
+    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
     ids, mask = inputs(padding="left")
     settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
                     return_dict_in_generate=True)
