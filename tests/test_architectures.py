@@ -227,3 +227,18 @@ def test_minimax_decoding_reads_the_rows_padding():
     for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
         torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
     assert torch.equal(got.sequences, want.sequences)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_with_an_indexer_is_refused(model_type):
+    """DeepSeek-V3.2's and GLM-MoE-DSA's attention attends to the keys an indexer selects per query
+    (from a 4D mask it indexes): patch refuses it, naming the module, instead of a patched model
+    failing in its first forward."""
+    try:
+        transformers.AutoConfig.for_model(model_type)
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    model = build(model_type, {})
+    with pytest.raises(NotImplementedError, match="Attention attends to the keys its indexer selects"):
+        fp.patch(model)
+    assert not is_patched(model)

@@ -605,6 +605,11 @@ def _check_architecture(model) -> list:
     if bypassing:
         raise _refuse(model, f"{', '.join(sorted(set(bypassing)))} does not dispatch through transformers' "
                              "AttentionInterface (ALL_ATTENTION_FUNCTIONS)")
+    # DeepSeek-V3.2, GLM-MoE-DSA, GLM-5-Next, Qwen4-Exp: an indexer picks each query's keys
+    sparse = sorted({type(m).__name__ for m in layers if getattr(m, "indexer", None) is not None})
+    if sparse:
+        raise _refuse(model, f"{', '.join(sparse)} attends to the keys its indexer selects for each query (sparse "
+                             "attention), which fastprobe does not reproduce")
     return layers
 
 
