@@ -80,6 +80,8 @@ FAMILIES = {
     "nemotron_h": ("Mamba 2 layers by a pattern", dict(
         hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=4, n_groups=1,
         chunk_size=8)),
+    "granitemoehybrid": ("Granite 4.0-H: Mamba 2 layers, experts (the class sets the flag)", dict(
+        _MAMBA2, layer_types=["mamba", "attention"])),  # (4.x's names; 5.x maps them to its own)
     "zamba2": ("Mamba 2 layers and attention blocks with shared weights", dict(
         num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"], num_mem_blocks=1, mamba_d_state=4,
         mamba_headdim=8, n_mamba_heads=16, mamba_ngroups=1, chunk_size=8, use_mem_rope=False, num_key_value_heads=4)),
@@ -87,7 +89,7 @@ FAMILIES = {
 
 
 HYBRIDS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear", "jamba", "bamba",
-           "falcon_h1", "nemotron_h", "zamba2")
+           "falcon_h1", "nemotron_h", "zamba2", "granitemoehybrid")
 
 # Families whose float32 logits drift more between attention implementations: Zamba2 (Mamba 2 layers
 # and shared attention blocks) over 40 inputs: eager vs SDPA up to 7.1e-5 (logits ~6), fastprobe vs SDPA
