@@ -254,3 +254,93 @@ def test_sparse_attention_with_an_indexer_is_refused(model_type):
     with pytest.raises(NotImplementedError, match="Attention attends to the keys its indexer selects"):
         fp.patch(model)
     assert not is_patched(model)
+
+
+def kv_sharing_model(family: str, **changes):
+    """A small Gemma 4 or Gemma 3n text model: sliding and full layers, per-layer inputs, and its
+    last two layers attending with the keys and values of earlier ones (num_kv_shared_layers, as
+    the E2B / E4B checkpoints); Gemma 4's full layers have wider heads (per-layer head_dim)."""
+    settings = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=4, pad_token_id=0, hidden_size_per_layer_input=8,
+                    vocab_size_per_layer_input=512, layer_types=["sliding_attention", "full_attention"] * 2,
+                    num_kv_shared_layers=2)
+    if family == "Gemma4":
+        settings["per_layer_config"] = {"01": {"head_dim": 32}, "03": {"head_dim": 32}}
+    else:  # Gemma 3n: its LAuReL blocks small, no activation sparsity (the default pattern is per layer)
+        settings.update(laurel_rank=8, activation_sparsity_pattern=[0.0] * 4)
+    settings.update(changes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = getattr(transformers, f"{family}TextConfig")(**settings)
+        return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("family,changes", [("Gemma4", {}), ("Gemma4", dict(attention_k_eq_v=True)),
+                                            ("Gemma4", dict(num_kv_shared_layers=0)), ("Gemma3n", {})],
+                         ids=["gemma4", "gemma4_k_eq_v", "gemma4_no_sharing", "gemma3n"])
+def test_kv_shared_layers(family, changes):
+    """Gemma 4's and Gemma 3n's KV-shared layers attend with keys and values of earlier layers; from
+    5.2x a Gemma 4 prefill runs them on the last logits_to_keep queries only, cutting the 4D masks'
+    query rows, which failed on fastprobe's key padding masks (every forward of a patched Gemma 4
+    E2B / E4B). Patched: the unpatched logits and eager's sink mass; generate's scores and tokens
+    with dynamic and static caches; and a one-token generate records, in the shared layers, one
+    query per row where the cut runs, and every real token in the others."""
+    if not hasattr(transformers, f"{family}TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    reference, model = kv_sharing_model(family, **changes), fp.patch(kv_sharing_model(family, **changes))
+    eager = kv_sharing_model(family, **changes)
+    eager.config._attn_implementation = "eager"
+    ids, mask = inputs()
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with fp.record_attention(model) as record:
+            model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        for cache in (None, "static"):
+            got, want = (net.generate(ids, cache_implementation=cache, **settings) for net in (model, reference))
+            for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
+                torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
+            assert torch.equal(got.sequences, want.sequences)
+        with fp.record_attention(model) as record:
+            model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    shared = model.config.num_kv_shared_layers
+    kept = hasattr(type(model.model), "_maybe_slice_kv_shared_inputs")
+    per_layer = [float(mask.sum())] * (4 - shared) + [float(ids.shape[0] if kept else mask.sum())] * shared
+    assert record.num_queries.tolist() == per_layer
+
+
+def test_a_pickled_kv_sharing_model_runs_in_a_fresh_process(monkeypatch):
+    """A patched Gemma 4 with KV-shared layers, pickled and loaded in a fresh process (there
+    transformers' class has its own _maybe_slice_kv_shared_inputs, unwrapped, and no "fastprobe"
+    attention): unpickling wraps the class again, and generate gives the tokens it gave before."""
+    import pickle
+
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    from fastprobe.integrations import transformers as integration
+
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    model = fp.patch(kv_sharing_model("Gemma4"))
+    owner = type(model.model)
+    if "_maybe_slice_kv_shared_inputs" not in vars(owner):
+        pytest.skip(f"transformers {transformers.__version__}'s Gemma 4 runs every query through its shared layers")
+    ids, mask = inputs(padding="left")
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **settings)
+    saved = pickle.dumps(model)
+    unwrapped = vars(owner)["_maybe_slice_kv_shared_inputs"].__wrapped__
+    monkeypatch.setattr(owner, "_maybe_slice_kv_shared_inputs", unwrapped)  # (as in a fresh process)
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        monkeypatch.delitem(interface._global_mapping, integration.KEY)
+    loaded = pickle.loads(saved)
+    assert vars(owner)["_maybe_slice_kv_shared_inputs"] is not unwrapped
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids, **settings), want)

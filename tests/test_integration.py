@@ -396,13 +396,14 @@ def test_vision_language_models_with_images(name):
 
 def test_gemma4_vision_tokens_attend_both_ways():
     """Gemma 4 with use_bidirectional_attention="vision": each image's tokens see each other both
-    ways (5.x's blockwise overlay, on sliding and full layers); patched, the logits and greedy
-    tokens are the unpatched ones (dropping the blocks would move the logits by ~0.06)."""
+    ways (5.x's blockwise overlay, on sliding and full layers, the last two sharing earlier layers'
+    keys and values); patched, the logits and greedy tokens are the unpatched ones (dropping the
+    blocks moves the logits by up to ~0.5)."""
     if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
-    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, sliding_window=16, pad_token_id=0,
-                layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision")
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=16, pad_token_id=0, num_kv_shared_layers=2,
+                layer_types=["sliding_attention", "full_attention"] * 2, use_bidirectional_attention="vision")
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
                   head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
     models = []
@@ -1147,6 +1148,34 @@ def test_a_mask_sized_for_fewer_keys_than_the_layer_holds():
     for mask, keys in ((windowed, 5), (wide, 4), (static, 16)):
         with pytest.raises(ValueError, match="cannot move its pattern"):
             integration._pattern_of(None, mask, None, None, keys)
+
+
+
+def test_kv_shared_query_cut_passes_fastprobe_masks_untouched():
+    """A class's _maybe_slice_kv_shared_inputs (Gemma 4's query cut before its KV-shared layers),
+    wrapped by patch: fastprobe's key padding masks come back as they were (the mask mapping
+    positional or by keyword), other masks are cut as before, and a mapping without fastprobe's
+    masks goes through untouched; wrapping twice wraps once."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+
+    class Cutting:
+        def _maybe_slice_kv_shared_inputs(self, hidden, causal_mask_mapping, keep, cache=None):
+            cut = {kind: None if mask is None else mask[:, :, -keep:, :] for kind, mask in causal_mask_mapping.items()}
+            return hidden[:, -keep:], cut
+
+    integration._pass_masks_through(Cutting)
+    wrapped = Cutting.__dict__["_maybe_slice_kv_shared_inputs"]
+    integration._pass_masks_through(Cutting)
+    assert Cutting.__dict__["_maybe_slice_kv_shared_inputs"] is wrapped
+    ours = integration.key_padding_mask(2, 6, 6, attention_mask=torch.ones(2, 6, dtype=torch.bool),
+                                        mask_function=masking_utils.causal_mask_function)
+    theirs, hidden = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril(), torch.randn(2, 6, 4)
+    for call in (lambda masks: Cutting()._maybe_slice_kv_shared_inputs(hidden, masks, 1),
+                 lambda masks: Cutting()._maybe_slice_kv_shared_inputs(hidden, keep=1, causal_mask_mapping=masks)):
+        kept, masks = call({"full_attention": ours, "other": theirs})
+        assert torch.equal(kept, hidden[:, -1:]) and masks["full_attention"] is ours
+        assert torch.equal(masks["other"], theirs[:, :, -1:, :])
+        assert torch.equal(call({"other": theirs})[1]["other"], theirs[:, :, -1:, :])
 
 
 def test_mask_function_on_a_static_cache():

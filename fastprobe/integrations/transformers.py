@@ -362,6 +362,7 @@ class _PatchState:
         self._options_version = 0
         self.module_ids: frozenset = frozenset()  # every module of the patched model
         self.model_name = "model"  # the patched model's class name
+        self.kv_sharing: tuple = ()  # classes _pass_masks_through wrapped for this model
         self.set_options(options)
 
     def __getstate__(self) -> dict:
@@ -371,11 +372,13 @@ class _PatchState:
         """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
         are then the copy's modules (the copy is patched as the original was, and unpatch(copy)
         restores the copy only). Unpickled in another process, it registers "fastprobe" with
-        transformers again: the copy's config names it."""
+        transformers again (the copy's config names it) and wraps the KV-sharing classes again."""
         self.__dict__.update(attributes)
         self._threads = threading.local()
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
         _masking_utils()
+        for cls in self.__dict__.setdefault("kv_sharing", ()):
+            _pass_masks_through(cls)
 
     def set_options(self, options: PatchOptions) -> None:
         self.options = options
@@ -1496,6 +1499,9 @@ def patch(
         state.set_options(options)
         return model
 
+    kv_sharing = _kv_sharing_classes(model)
+    for cls in kv_sharing:
+        _pass_masks_through(cls)
     previous = [(config, _implementation_before_fastprobe(config)) for config in _configs(model)]
     _switch(model, layers, [config for config, _ in previous])
     # set_attn_implementation only warns for a class it cannot switch: check every layer did.
@@ -1505,6 +1511,7 @@ def patch(
         raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
 
     state = _PatchState(layers, previous, options)
+    state.kv_sharing = kv_sharing
     state.module_ids = frozenset(id(module) for module in model.modules())
     state.model_name = type(model).__name__
     for key, (config_ref, states) in list(_SWITCHED.items()):
@@ -1522,6 +1529,50 @@ def patch(
     state.hooks = [model.register_forward_pre_hook(_forward_started, with_kwargs=True),
                    model.register_forward_hook(_forward_done)]
     return model
+
+
+_SLICES_KV_SHARED = "_maybe_slice_kv_shared_inputs"
+_PASSES_MASKS = "_fastprobe_passes_masks"
+
+
+def _kv_sharing_classes(model) -> tuple:
+    """Gemma 4 (transformers 5.2x) with KV-shared layers: before the first of them, a prefill keeps
+    only the last logits_to_keep queries (those layers write no cache) and cuts the 4D masks' query
+    rows to match (_maybe_slice_kv_shared_inputs), which fails on fastprobe's [B, Lk] key padding
+    masks. Those need no cut: fastprobe's queries are always the last of the keys. The classes of
+    the model's modules that define the method (_pass_masks_through wraps them)."""
+    owners = {next((cls for cls in type(module).__mro__ if _SLICES_KV_SHARED in cls.__dict__), None)
+              for module in model.modules()}
+    return tuple(sorted(owners - {None}, key=lambda cls: cls.__qualname__))
+
+
+def _pass_masks_through(cls) -> None:
+    """Wraps cls's _maybe_slice_kv_shared_inputs, once: fastprobe's masks go around it untouched,
+    any other mask (an unpatched model's) through it as before."""
+    original = cls.__dict__[_SLICES_KV_SHARED]
+    if getattr(original, _PASSES_MASKS, False):
+        return
+    parameters = list(inspect.signature(original).parameters)
+    if "causal_mask_mapping" not in parameters:
+        return
+    at = parameters.index("causal_mask_mapping")  # (self included, as in args)
+
+    def passing_masks(*args, **kwargs):
+        masks = args[at] if len(args) > at else kwargs["causal_mask_mapping"]
+        ours = {kind: mask for kind, mask in masks.items() if getattr(mask, _PATTERN, None) is not None}
+        if not ours:
+            return original(*args, **kwargs)
+        uncut = {kind: None if kind in ours else mask for kind, mask in masks.items()}
+        if len(args) > at:
+            args = (*args[:at], uncut, *args[at + 1:])
+        else:
+            kwargs = {**kwargs, "causal_mask_mapping": uncut}
+        *sliced, cut_masks = original(*args, **kwargs)
+        return (*sliced, {**cut_masks, **ours})
+
+    setattr(passing_masks, _PASSES_MASKS, True)
+    passing_masks.__wrapped__ = original
+    setattr(cls, _SLICES_KV_SHARED, passing_masks)
 
 
 def _refuse_layers_patched_through_another(model, layers: list) -> None:
