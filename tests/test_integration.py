@@ -394,11 +394,10 @@ def test_vision_language_models_with_images(name):
     assert (outputs(model, ids, mask, **images)[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
-def test_gemma4_vision_tokens_attend_both_ways():
-    """Gemma 4 with use_bidirectional_attention="vision": each image's tokens see each other both
-    ways (5.x's blockwise overlay, on sliding and full layers, the last two sharing earlier layers'
-    keys and values); patched, the logits and greedy tokens are the unpatched ones (dropping the
-    blocks moves the logits by up to ~0.5)."""
+def gemma4_vision_language_models(count: int) -> list:
+    """count identical small Gemma 4 vision-language models (use_bidirectional_attention="vision":
+    each image's tokens see each other both ways; sliding and full layers, the last two sharing
+    earlier layers' keys and values; a one-layer vision tower whose attention is a fastprobe layer)."""
     if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -407,24 +406,70 @@ def test_gemma4_vision_tokens_attend_both_ways():
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
                   head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
     models = []
-    for _ in range(2):
+    for _ in range(count):
         config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=299,
                                            boi_token_id=297, eoi_token_id=298)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             models.append(transformers.Gemma4ForConditionalGeneration(config).eval())
-    reference, model = models[0], patch_or_skip(models[1])
+    return models
+
+
+def gemma4_inputs() -> tuple:
+    """input_ids, attention mask and image arguments for gemma4_vision_language_models: two rows
+    (5 and 2 left-padded tokens), an image of 4 tokens in each."""
     grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(16, 2)
     images = dict(pixel_values=torch.rand(2, 16, 3 * 4 * 4), image_position_ids=grid.expand(2, 16, 2).clone())
-    ids, mask = inputs(batch=2, length=16, padding="left")  # rows 0 and 1: 5 and 2 padded tokens
+    ids, mask = inputs(batch=2, length=16, padding="left")
     ids = ids % 290
     ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
     images["mm_token_type_ids"] = (ids == 299).long()
+    return ids, mask, images
+
+
+def test_gemma4_vision_tokens_attend_both_ways():
+    """Gemma 4's blockwise overlay (5.x; each image's tokens see each other both ways, on sliding and
+    full layers, some sharing earlier layers' keys and values): patched, the logits and greedy
+    tokens are the unpatched ones (dropping the blocks moves the logits by up to ~0.5)."""
+    reference, model = gemma4_vision_language_models(2)
+    model = patch_or_skip(model)
+    ids, mask, images = gemma4_inputs()
     want = unless_masks_need_newer_torch(lambda: outputs(reference, ids, mask, **images))
     assert_real_close(outputs(model, ids, mask, **images), want, mask)
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **images)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+
+
+def test_gemma4_guidance_leaves_its_vision_tower_alone():
+    """Gemma 4's vision tower attention is a fastprobe layer (layer 0, not causal): guidance's
+    default layers are the causal ones (its language model's), and naming the tower's is refused
+    (the image-key mask is over the token sequence, not over patches; at equal lengths it was
+    silently applied there, and generate, which runs the tower before the forward in 5.2x, failed).
+    gamma = 0 gives the unpatched logits and tokens; gamma = 1 moves only each row's last logits."""
+    reference, model = gemma4_vision_language_models(2)
+    model = patch_or_skip(model)
+    layers = attention_layers(model)
+    assert [module.is_causal for module in layers] == [False] + [True] * 4
+    with pytest.raises(ValueError, match=r"layer 0 \(Gemma4VisionAttention\), which is not causal"):
+        fp.patch(model, guidance=dict(gamma=1.0, layers=[0, 1]))
+    ids, mask, images = gemma4_inputs()
+    want = unless_masks_need_newer_torch(lambda: outputs(reference, ids, mask, **images))
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **images)
+    with torch.no_grad():
+        plain = reference.generate(ids, **settings)
+    for gamma in (0.0, 1.0):
+        fp.patch(model, guidance=dict(gamma=gamma))
+        assert patch_options(model).guidance.layers == (1, 2, 3, 4)
+        got = outputs(model, ids, mask, **images)
+        with torch.no_grad():
+            tokens = model.generate(ids, **settings)
+        if gamma == 0.0:
+            assert_real_close(got, want, mask)
+            assert torch.equal(tokens, plain)
+        else:
+            assert_real_close(got[:, :-1], want[:, :-1], mask[:, :-1])
+            assert (got[:, -1] - want[:, -1]).abs().max() > 1e-2
 
 
 def test_four_d_masks_of_unlisted_modules():

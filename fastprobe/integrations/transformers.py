@@ -191,9 +191,10 @@ def config_image_token_id(model) -> Optional[int]:
 _GUIDANCE_KEYS = ("gamma", "layers", "image_token_id", "orthogonalize", "rows", "eps")
 
 
-def _guidance_options(guidance, num_layers: int, model) -> Optional[GuidanceOptions]:
-    """GuidanceOptions from a mapping (gamma required; layers default: every layer) or from
-    GuidanceOptions, checked against the model."""
+def _guidance_options(guidance, layers: list, model) -> Optional[GuidanceOptions]:
+    """GuidanceOptions from a mapping (gamma required; layers default: every causal layer, i.e. the
+    language model's, not a vision tower's) or from GuidanceOptions, checked against the model's
+    layers (attention modules in attention_layers order)."""
     if guidance is None:
         return None
     if isinstance(guidance, GuidanceOptions):
@@ -206,17 +207,22 @@ def _guidance_options(guidance, num_layers: int, model) -> Optional[GuidanceOpti
         raise ValueError(f"guidance got unknown keys {unknown}; it takes {list(_GUIDANCE_KEYS)}")
     if "gamma" not in guidance:
         raise ValueError("guidance needs gamma (the guidance strength), e.g. guidance=dict(gamma=1.0)")
-    layers = guidance.get("layers")
-    if layers is None:
-        layers = range(num_layers)
-    elif isinstance(layers, numbers.Integral) or isinstance(layers, (str, bytes)):
-        raise TypeError(f"guidance layers must be a list of layer indices (or None: every layer), got {layers!r}")
-    chosen = sorted({check_int(layer, "guidance layer", 0) for layer in layers})
+    num_layers, named = len(layers), guidance.get("layers")
+    if named is None:  # (a vision tower's attention may be a fastprobe layer: Gemma 4's)
+        named = [index for index, module in enumerate(layers) if module.is_causal]
+    elif isinstance(named, numbers.Integral) or isinstance(named, (str, bytes)):
+        raise TypeError(f"guidance layers must be a list of layer indices (or None: every causal one), got {named!r}")
+    chosen = sorted({check_int(layer, "guidance layer", 0) for layer in named})
     if not chosen:
         raise ValueError("guidance layers is empty: name at least one layer (or omit guidance)")
     if chosen[-1] >= num_layers:
         raise ValueError(f"guidance layers names layer {chosen[-1]}, but the model has {num_layers} self-attention "
                          f"layers (0..{num_layers - 1})")
+    bidirectional = [f"{index} ({type(layers[index]).__name__})" for index in chosen if not layers[index].is_causal]
+    if bidirectional:
+        raise ValueError(f"guidance layers names layer {', '.join(bidirectional)}, which is not causal (a vision "
+                         "tower's or an encoder's): guidance drops the image tokens' keys of the language model's "
+                         "layers")
     image_token_id = guidance.get("image_token_id")
     if image_token_id is None:
         image_token_id = config_image_token_id(model)
@@ -239,15 +245,15 @@ def _guidance_options(guidance, num_layers: int, model) -> Optional[GuidanceOpti
     )
 
 
-def _make_options(num_layers: int, num_heads: Optional[int], num_sink=0, window=None, head_mask=None,
-                  record=("sink_mass",), stat_tokens=1, guidance=None, model=None) -> PatchOptions:
+def _make_options(layers: list, num_sink=0, window=None, head_mask=None, record=("sink_mass",), stat_tokens=1,
+                  guidance=None, model=None) -> PatchOptions:
     return PatchOptions(
         num_sink=check_int(num_sink, "num_sink", 0),
         window=None if window is None else check_int(window, "window", 1),
-        head_mask=_head_mask_rows(head_mask, num_layers, num_heads),
+        head_mask=_head_mask_rows(head_mask, len(layers), _num_heads(layers)),
         record=_check_statistics(record),
         stat_tokens=check_int(stat_tokens, "stat_tokens", 0),
-        guidance=_guidance_options(guidance, num_layers, model),
+        guidance=_guidance_options(guidance, layers, model),
     )
 
 
@@ -1471,7 +1477,8 @@ def patch(
 
     guidance=dict(gamma=..., layers=[...], orthogonalize=True, rows="last", eps=1e-6,
     image_token_id=None) runs fastprobe.dual_path_attention on the chosen layers (default: every
-    layer) of a vision-language model: o_cond over every key, o_uncond without the image keys,
+    causal layer, the language model's; a vision tower's cannot be chosen) of a vision-language
+    model: o_cond over every key, o_uncond without the image keys,
     out = o_cond + gamma * (o_cond - o_uncond) (orthogonalized) on each row's last real query
     ("last": the token being generated) or on every query ("all"). The image keys are the
     positions of image_token_id (default: the model config's image_token_id), tracked through
@@ -1493,7 +1500,7 @@ def patch(
     layers = state.layers if state is not None else _check_architecture(model)
     if state is None:
         _refuse_layers_patched_through_another(model, layers)
-    options = _make_options(len(layers), _num_heads(layers), num_sink, window, head_mask, record, stat_tokens,
+    options = _make_options(layers, num_sink, window, head_mask, record, stat_tokens,
                             guidance, model)
     if state is not None:
         state.set_options(options)

@@ -155,7 +155,7 @@ def guided_generate(
     eps: float = 1e-6,
     **generate_kwargs: Any,
 ):
-    """Generation with contrastive guidance (dual-path attention on `layers`, default every layer)
+    """Generation with contrastive guidance (dual-path attention on `layers`, default every causal one)
     for a transformers vision-language model: the processor's batch of images and prompts (left
     padded), then model.generate(**batch, **generate_kwargs) inside guidance(...). Returns what
     generate returns (token ids [B, prompt + new] by default). gamma = 0 gives exactly the
