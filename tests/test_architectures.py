@@ -102,10 +102,17 @@ HYBRIDS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kim
 LOGITS_TOLERANCE = {"zamba2": dict(rtol=5e-4, atol=5e-4)}
 
 
+def _has_field(config, name: str) -> bool:
+    try:
+        return hasattr(config, name)
+    except RuntimeError:  # (Gemma 4's per-layer fields: set for every layer, unreadable as one value)
+        return True
+
+
 def small_config(model_type: str, extras: dict):
     """A config of model_type with the SMALL sizes it has fields for, layer types re-derived."""
     default = transformers.AutoConfig.for_model(model_type)
-    settings = {name: value for name, value in SMALL.items() if hasattr(default, name)}
+    settings = {name: value for name, value in SMALL.items() if _has_field(default, name)}
     if hasattr(default, "kv_lora_rank"):  # latent attention: rotary dims from qk_rope_head_dim, no GQA
         settings.pop("head_dim", None)
         settings["num_key_value_heads"] = settings["num_attention_heads"]
