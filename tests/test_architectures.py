@@ -179,22 +179,30 @@ def test_a_hybrid_whose_attention_bypasses_the_interface_is_refused(monkeypatch)
     assert is_patched(fp.patch(model))
 
 
-@pytest.mark.parametrize("family", ["Qwen3_5", "Qwen3_5Moe"])
-def test_qwen3_5_vision_language_model_with_images(family):
+@pytest.mark.parametrize("family", ["Qwen3_5", "Qwen3_5Moe", "Qwen3VL", "Qwen3VLMoe"])
+def test_qwen3_vision_language_models_with_images(family):
     """Qwen 3.5's vision-language models, dense and MoE (a hybrid text model, multimodal rotary
-    positions, no class flag), as test_integration's Qwen2-VL: the unpatched logits and greedy
-    tokens with images, statistics of its one attention layer, guidance with gamma = 0 a no-op."""
+    positions, no class flag), and Qwen3-VL's (DeepStack: vision features added into the first text
+    layers), as test_integration's Qwen2-VL: the unpatched logits and greedy tokens with images,
+    statistics of every attention layer, guidance with gamma = 0 a no-op."""
     if not hasattr(transformers, f"{family}ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no {family}ForConditionalGeneration")
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
-            "partial_rotary_factor": 1.0}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                head_dim=16, num_key_value_heads=2, pad_token_id=0, layer_types=_HYBRID, rope_parameters=rope,
-                **_LINEAR)
-    if family == "Qwen3_5Moe":
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+                head_dim=16, num_key_value_heads=2, pad_token_id=0, rope_parameters=rope)
     vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   hidden_size=32, out_hidden_size=64, intermediate_size=64, num_position_embeddings=64)
+    if family.startswith("Qwen3_5"):
+        text.update(layer_types=_HYBRID, **_LINEAR)
+        rope["partial_rotary_factor"] = 1.0
+    else:
+        vision["deepstack_visual_indexes"] = [0]
+        if int(transformers.__version__.split(".")[0]) < 5:  # (4.x reads the multimodal sections from here)
+            text["rope_scaling"] = dict(rope)
+    if family.endswith("Moe"):
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if family == "Qwen3_5Moe":
+            text["shared_expert_intermediate_size"] = 32
     models = []
     for _ in range(2):
         config = getattr(transformers, f"{family}Config")(
