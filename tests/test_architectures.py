@@ -203,15 +203,41 @@ def test_qwen3_vision_language_models_with_images(family):
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
         if family == "Qwen3_5Moe":
             text["shared_expert_intermediate_size"] = 32
+    reference, model = twin_models(family, text, vision, vision_start_token_id=297, vision_end_token_id=296)
+    check_qwen_vision_language_model(reference, fp.patch(model))
+
+
+@pytest.mark.parametrize("family", ["Glm4v", "Glm4vMoe"])
+def test_glm4v_vision_language_models_with_images(family):
+    """GLM-4.1V / 4.5V-style models, dense and MoE (Qwen2-VL-style images, partial multimodal
+    rotary), as test_integration's Qwen2-VL."""
+    if not hasattr(transformers, f"{family}ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no {family}ForConditionalGeneration")
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                head_dim=16, num_key_value_heads=2, pad_token_id=0, rope_parameters=rope)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # 4.x reads the sections from rope_scaling, and its dense model splits the whole head dimension
+        text["rope_scaling"] = dict(rope, mrope_section=[2, 3, 3] if family == "Glm4v" else [1, 1, 2])
+    if family == "Glm4vMoe":
+        text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                    n_group=1, topk_group=1)
+    vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  hidden_size=32, out_hidden_size=64, intermediate_size=64, image_size=56)
+    reference, model = twin_models(family, text, vision, image_start_token_id=297, image_end_token_id=296)
+    check_qwen_vision_language_model(reference, fp.patch(model))
+
+
+def twin_models(family: str, text: dict, vision: dict, **tokens) -> list:
+    """Two identical {family}ForConditionalGeneration models (image token 299, video token 298)."""
     models = []
     for _ in range(2):
-        config = getattr(transformers, f"{family}Config")(
-            text_config=text, vision_config=vision, image_token_id=299, video_token_id=298, vision_start_token_id=297,
-            vision_end_token_id=296)
+        config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision, image_token_id=299,
+                                                          video_token_id=298, **tokens)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             models.append(getattr(transformers, f"{family}ForConditionalGeneration")(config).eval())
-    check_qwen_vision_language_model(models[0], fp.patch(models[1]))
+    return models
 
 
 def test_minimax_decoding_reads_the_rows_padding():
