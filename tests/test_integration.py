@@ -323,7 +323,7 @@ def _vlm_case(name):
     """(model class, config, image inputs) of a small vision-language model of family `name`, or a
     skip when the installed transformers has none."""
     classes = dict(llava_next="LlavaNext", llava_onevision="LlavaOnevision", mistral3="Mistral3", idefics3="Idefics3",
-                   internvl="InternVL")
+                   internvl="InternVL", smolvlm="SmolVLM", aya_vision="AyaVision", lfm2_vl="Lfm2Vl")
     prefix = classes[name]
     if not hasattr(transformers, f"{prefix}ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
@@ -346,10 +346,22 @@ def _vlm_case(name):
                               text_config=dict(text, model_type="mistral", head_dim=16), image_token_index=299,
                               spatial_merge_size=2, vision_feature_layer=-1)
         images = dict(pixel_values=torch.randn(2, 3, 28, 28), image_sizes=torch.tensor([[28, 28], [28, 28]]))
-    elif name == "idefics3":
+    elif name in ("idefics3", "smolvlm"):
         config = config_class(vision_config=dict(**tower, image_size=28, patch_size=7), text_config=text,
                               image_token_id=299, scale_factor=2)
         images = dict(pixel_values=torch.randn(2, 1, 3, 28, 28))
+    elif name == "aya_vision":
+        config = config_class(vision_config=dict(model_type="siglip_vision_model", **tower, image_size=28, patch_size=7),
+                              text_config=dict(text, model_type="cohere2"), image_token_index=299,
+                              downsample_factor=2, vision_feature_layer=-1)
+        images = dict(pixel_values=torch.randn(2, 3, 28, 28))
+    elif name == "lfm2_vl":
+        config = config_class(vision_config=dict(model_type="siglip2_vision_model", **tower, patch_size=7,
+                                                 num_patches=16), text_config=dict(text, model_type="lfm2"),
+                              image_token_id=299, downsample_factor=2)
+        images = dict(pixel_values=torch.randn(2, 16, 3 * 7 * 7),
+                      pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
+                      spatial_shapes=torch.tensor([[4, 4], [4, 4]]))
     else:
         config = config_class(vision_config=dict(**tower, image_size=[28, 28], patch_size=[7, 7]), text_config=text,
                               image_token_id=299, downsample_ratio=0.5, vision_feature_layer=-1)
@@ -357,7 +369,8 @@ def _vlm_case(name):
     return model_class, config, images
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "mistral3", "idefics3", "internvl"])
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "mistral3", "idefics3", "internvl", "smolvlm",
+                                  "aya_vision", "lfm2_vl"])
 def test_vision_language_models_with_images(name):
     """Vision-language families with images in a left-padded batch: the patched model's logits and
     greedy tokens are the unpatched ones (their vision towers attend without fastprobe options;
