@@ -130,6 +130,20 @@ def build(model_type: str, extras: dict, **kwargs):
         return transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs).eval()
 
 
+def check_prefill(model, reference, eager, attending=None, **tolerance):
+    """On a mixed-padded batch: the patched model's logits are the unpatched ones, and its recorded
+    sink mass that of eager's weights (of the layers in `attending`, default all: a hybrid's eager
+    weights may list its linear-attention layers too)."""
+    ids, mask = inputs()
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask, **tolerance)
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with fp.record_attention(model) as record:
+            model(input_ids=ids, attention_mask=mask)
+    weights = [weights[index] for index in (range(len(weights)) if attending is None else attending)]
+    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
+
+
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_family_patched_equals_unpatched(model_type):
     try:
@@ -144,14 +158,8 @@ def test_family_patched_equals_unpatched(model_type):
     extras = FAMILIES[model_type][1]
     reference, eager = build(model_type, extras), build(model_type, extras, attn_implementation="eager")
     model = patch_or_skip(build(model_type, extras))
-    ids, mask = inputs()
-    tolerance = LOGITS_TOLERANCE.get(model_type, {})
-    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask, **tolerance)
+    check_prefill(model, reference, eager, **LOGITS_TOLERANCE.get(model_type, {}))
     with torch.no_grad():
-        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-        with fp.record_attention(model) as record:
-            model(input_ids=ids, attention_mask=mask)
-        torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
         ids, mask = inputs(padding="left")
         settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
@@ -257,13 +265,8 @@ def test_minimax_decoding_reads_the_rows_padding():
         pytest.skip("4.x MiniMax's one-key decoding masks put the query at its position, past that key: refused")
     reference, model = build("minimax", RECURRENT["minimax"]), fp.patch(build("minimax", RECURRENT["minimax"]))
     eager = build("minimax", RECURRENT["minimax"], attn_implementation="eager")
-    ids, mask = inputs()
-    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
-    with torch.no_grad(), fp.record_attention(model) as record:
-        model(input_ids=ids, attention_mask=mask)
-        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-    weights = [each for each, kind in zip(weights, eager.config.layer_types, strict=True) if kind == "full_attention"]
-    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
+    check_prefill(model, reference, eager, [index for index, kind in enumerate(eager.config.layer_types)
+                                            if kind == "full_attention"])
     ids, mask = inputs(padding="left")
     settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
                     return_dict_in_generate=True)
@@ -331,13 +334,7 @@ def test_kv_shared_layers(family, changes):
     reference, model = kv_sharing_model(family, **changes), fp.patch(kv_sharing_model(family, **changes))
     eager = kv_sharing_model(family, **changes)
     eager.config._attn_implementation = "eager"
-    ids, mask = inputs()
-    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
-    with torch.no_grad():
-        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-        with fp.record_attention(model) as record:
-            model(input_ids=ids, attention_mask=mask)
-    torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask), **TOLERANCE)
+    check_prefill(model, reference, eager)
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
                     return_dict_in_generate=True)
