@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import numbers
 import threading
@@ -1500,8 +1501,7 @@ def patch(
     layers = state.layers if state is not None else _check_architecture(model)
     if state is None:
         _refuse_layers_patched_through_another(model, layers)
-    options = _make_options(layers, num_sink, window, head_mask, record, stat_tokens,
-                            guidance, model)
+    options = _make_options(layers, num_sink, window, head_mask, record, stat_tokens, guidance, model)
     if state is not None:
         state.set_options(options)
         return model
@@ -1564,6 +1564,7 @@ def _pass_masks_through(cls) -> None:
         return
     at = parameters.index("causal_mask_mapping")  # (self included, as in args)
 
+    @functools.wraps(original)
     def passing_masks(*args, **kwargs):
         masks = args[at] if len(args) > at else kwargs["causal_mask_mapping"]
         ours = {kind: mask for kind, mask in masks.items() if getattr(mask, _PATTERN, None) is not None}
@@ -1578,7 +1579,6 @@ def _pass_masks_through(cls) -> None:
         return (*sliced, {**cut_masks, **ours})
 
     setattr(passing_masks, _PASSES_MASKS, True)
-    passing_masks.__wrapped__ = original
     setattr(cls, _SLICES_KV_SHARED, passing_masks)
 
 
