@@ -300,6 +300,24 @@ def test_sparse_attention_with_an_indexer_is_refused(model_type):
     assert not is_patched(model)
 
 
+@pytest.mark.parametrize("model_type, extras, words", [
+    ("mamba", {}, "it has no attention layers"),
+    ("jamba", {"attn_layer_offset": 4}, "it has no attention layers"),  # two Mamba layers, no attention yet
+    ("doge", {}, "DogeAttention does not declare is_causal"),  # a dynamic additive mask of its own
+])
+def test_a_model_refused_for_want_of_attention_says_why(model_type, extras, words):
+    """Models with nothing for fastprobe to run (only state-space layers), or whose attention
+    modules do not say how they mask, are refused with that reason, not a generic one."""
+    try:
+        transformers.AutoConfig.for_model(model_type)
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    model = build(model_type, extras)
+    with pytest.raises(NotImplementedError, match=words):
+        fp.patch(model)
+    assert not is_patched(model)
+
+
 def kv_sharing_model(family: str, **changes):
     """A small Gemma 4 or Gemma 3n text model: sliding and full layers, per-layer inputs, and its
     last two layers attending with the keys and values of earlier ones (num_kv_shared_layers, as

@@ -585,11 +585,9 @@ def _restore(previous: list) -> None:
         _write_implementation(config, implementation)
 
 
-def _refuse(model, why: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"fastprobe cannot patch {type(model).__name__}: {why}. Its attention would not run through "
-        "fastprobe, so it is refused rather than left silently unpatched."
-    )
+def _refuse(model, why: str, consequence: str = "Its attention would not run through fastprobe, so it is refused "
+                                                 "rather than left silently unpatched.") -> NotImplementedError:
+    return NotImplementedError(f"fastprobe cannot patch {type(model).__name__}: {why}. {consequence}")
 
 
 def _check_architecture(model) -> list:
@@ -597,6 +595,11 @@ def _check_architecture(model) -> list:
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"fastprobe.patch takes a transformers PreTrainedModel, got {type(model).__name__}")
+    attention_like = sorted({type(m).__name__ for m in model.modules()
+                             if not isinstance(m, PreTrainedModel) and _named_attention(type(m))})
+    if not attention_like:
+        raise _refuse(model, "it has no attention layers (in this configuration all its layers are recurrent, "
+                             "state-space or convolutional)", "There is nothing for fastprobe's attention to run.")
     # The flag transformers sets on models whose attention goes through the AttentionInterface.
     flagged = getattr(type(model), "_supports_attention_backend", False)
     if not flagged and not _hybrid_family(model):
@@ -610,7 +613,14 @@ def _check_architecture(model) -> list:
                              "asking transformers' AttentionMaskInterface")
     layers = _self_attention_modules(model)
     if not layers:
-        raise _refuse(model, "no self-attention module (with layer_idx and is_causal) was found")
+        # Doge: a layer_idx but no is_causal (its attention adds a dynamic mask of its own)
+        undeclared = sorted({type(m).__name__ for m in model.modules() if _named_attention(type(m))
+                             and isinstance(getattr(m, "layer_idx", None), int) and not hasattr(m, "is_causal")})
+        if undeclared:
+            raise _refuse(model, f"{', '.join(undeclared)} does not declare is_causal, so fastprobe cannot tell how "
+                                 "it masks its keys")
+        raise _refuse(model, f"no self-attention module (with layer_idx and is_causal) was found among "
+                             f"{', '.join(attention_like)}")
     bypassing = [] if flagged else [type(m).__name__ for m in layers if not _calls_interface(type(m))]
     if bypassing:
         raise _refuse(model, f"{', '.join(sorted(set(bypassing)))} does not dispatch through transformers' "
@@ -621,6 +631,12 @@ def _check_architecture(model) -> list:
         raise _refuse(model, f"{', '.join(sparse)} attends to the keys its indexer selects for each query (sparse "
                              "attention), which fastprobe does not reproduce")
     return layers
+
+
+def _named_attention(cls) -> bool:
+    """Whether a module class is named as attention (LlamaAttention, GPT2Attention, MultiheadAttn...)."""
+    name = cls.__name__.lower()
+    return "attention" in name or "attn" in name
 
 
 # Decoder families whose attention layers dispatch through the AttentionInterface though their
