@@ -236,6 +236,20 @@ def test_glm4v_vision_language_models_with_images(family):
     check_qwen_vision_language_model(reference, fp.patch(model))
 
 
+def test_llava_onevision_1_5_with_images():
+    """LLaVA-OneVision-1.5 (transformers 5.25+): a Qwen3 text model, a RICE vision tower that runs
+    each image as its own attention call, with one-frame patches and the processor's
+    mm_token_type_ids passed down to every attention call; as test_integration's Qwen2-VL."""
+    if not hasattr(transformers, "LlavaOnevision15ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no LLaVA-OneVision-1.5")
+    text = dict(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, hidden_size=32, out_hidden_size=64,
+                  intermediate_size=64)
+    reference, model = twin_models("LlavaOnevision15", text, vision, vision_start_token_id=297, vision_end_token_id=296)
+    check_qwen_vision_language_model(reference, fp.patch(model), frames_per_patch=1)
+
+
 def twin_models(family: str, text: dict, vision: dict, **tokens) -> list:
     """Two identical {family}ForConditionalGeneration models (image token 299, video token 298)."""
     models = []

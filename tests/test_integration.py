@@ -1693,16 +1693,17 @@ def test_qwen_vision_language_models_with_images(family):
     check_qwen_vision_language_model(models[0], patch_or_skip(models[1]))
 
 
-def check_qwen_vision_language_model(reference, model):
-    """A patched Qwen-VL-style model (image token 299 between 297 and 296, 14-pixel patches merged
-    2 x 2, 4 heads) against its unpatched twin, with an image in each of two prompts (one
+def check_qwen_vision_language_model(reference, model, frames_per_patch=2):
+    """A patched Qwen-VL-style model (image token 299 between 297 and 296, 14-pixel patches of
+    frames_per_patch frames merged 2 x 2, 4 heads) against its unpatched twin, with an image in each of two prompts (one
     left-padded): the same logits and greedy tokens, statistics recorded for every attention
     layer, and guidance with gamma = 0 changing nothing."""
     ids = torch.randint(3, 290, (2, 14))
     ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 296  # vision start, 4 merged image tokens (4 x 4 patches), end
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    images = dict(pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
+    images = dict(pixel_values=torch.randn(32, 3 * frames_per_patch * 14 * 14),
+                  image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
     if "mm_token_type_ids" in inspect.signature(reference.forward).parameters:  # (5.x: the processor's)
         images["mm_token_type_ids"] = (ids == 299).long()
     assert_real_close(outputs(model, ids, mask, **images), outputs(reference, ids, mask, **images), mask)

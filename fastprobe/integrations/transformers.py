@@ -1033,6 +1033,7 @@ _IGNORED_KWARGS = {
     "position_ids", "cache_position", "use_cache", "position_embeddings", "past_key_values", "past_key_value",
     "output_hidden_states", "return_dict", "layer_idx", "encoder_hidden_states", "token_type_ids",
     "logits_to_keep",  # the LM head's business (GOT-OCR2 passes its kwargs down to attention)
+    "mm_token_type_ids",  # which tokens are images: the masks already say it (LLaVA-OV-1.5's tower gets it)
 }
 _UNSUPPORTED_KWARGS = {  # (the packing kwargs arrive here only without cu_seq_lens_q: see _packing_boundaries)
     "cu_seq_lens_k": "packed-sequence boundaries without cu_seq_lens_q",
