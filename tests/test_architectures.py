@@ -236,17 +236,25 @@ def test_glm4v_vision_language_models_with_images(family):
     check_qwen_vision_language_model(reference, fp.patch(model))
 
 
-def test_llava_onevision_1_5_with_images():
-    """LLaVA-OneVision-1.5 (transformers 5.25+): a Qwen3 text model, a RICE vision tower that runs
-    each image as its own attention call, with one-frame patches and the processor's
-    mm_token_type_ids passed down to every attention call; as test_integration's Qwen2-VL."""
-    if not hasattr(transformers, "LlavaOnevision15ForConditionalGeneration"):
-        pytest.skip(f"transformers {transformers.__version__} has no LLaVA-OneVision-1.5")
+@pytest.mark.parametrize("family", ["LlavaOnevision15", "Ovis2_5"])
+def test_one_frame_qwen_style_vision_language_models_with_images(family):
+    """LLaVA-OneVision-1.5 and Ovis 2.5 (transformers 5.25+): Qwen3 text models, vision towers on
+    one-frame patches (RICE, which runs each image as its own attention call and passes the
+    processor's mm_token_type_ids down to it; Ovis's windowed NaViT with a visual vocabulary); as
+    test_integration's Qwen2-VL."""
+    if not hasattr(transformers, f"{family}ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no {family}ForConditionalGeneration")
     text = dict(model_type="qwen3", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
-    vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, hidden_size=32, out_hidden_size=64,
-                  intermediate_size=64)
-    reference, model = twin_models("LlavaOnevision15", text, vision, vision_start_token_id=297, vision_end_token_id=296)
+    if family == "LlavaOnevision15":
+        vision = dict(depth=1, num_heads=4, patch_size=14, spatial_merge_size=2, hidden_size=32, out_hidden_size=64,
+                      intermediate_size=64)
+        tokens = dict(vision_start_token_id=297, vision_end_token_id=296)
+    else:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
+                      spatial_merge_size=2, image_size=56, window_size=28, vocab_size=64, max_position_embeddings=64)
+        tokens = dict(image_start_token_id=297, image_end_token_id=296)
+    reference, model = twin_models(family, text, vision, **tokens)
     check_qwen_vision_language_model(reference, fp.patch(model), frames_per_patch=1)
 
 
