@@ -243,6 +243,12 @@ for _op in ("sink_attention", "dual_path_attention"):
         (_op, "meta horizon", lambda a: dict(horizon=meta(a["horizon"])), ValueError, "horizon is on meta"),
     ]
 
+CASES += [  # (every backend refuses what one refuses: the reference would run on any inverse temperature)
+    (op, f"inv_temperature {value}", lambda a, value=value: dict(inv_temperature=value), ValueError,
+     f"{op}: inv_temperature must be a positive number")
+    for op in ("draft_divergence", "concept_mass", "concept_mass_backward")
+    for value in (-1.0, 0.0, 1e-50, float("nan"), float("inf"), 1e39)
+]
 CASES += [
     # sink_attention: sink_end, stat_end int64 [B] (or both [B, Lk]); head_mask uint8 [Hq]; sink_logit float32 [Hq];
     # key_groups int32 [B, Lk] with num_groups >= 1

@@ -137,6 +137,13 @@ def check_float32_range(value: float, name: str, positive: bool) -> float:
     return value
 
 
+def check_op_inv_temperature(op: str, inv_temperature: float) -> None:
+    """In an op's body (reachable directly, past the public checks): the kernels take 1 / T in
+    float32, and every backend refuses what one does (the reference would run on anything)."""
+    if not FLOAT32_TINY <= inv_temperature <= FLOAT32_MAX:
+        raise ValueError(f"{op}: inv_temperature must be a positive number in float32's range, got {inv_temperature}")
+
+
 # Temperatures the kernels take: a log-softmax's shift lse * T = max(x) + T log(sum ...) must stay
 # finite in float32 (T ~ 1e38 overflows it: NaN gradients), and so must 1 / T.
 TEMPERATURE_RANGE = (1e-30, 1e30)

@@ -31,11 +31,11 @@ from ._common import (
     CUDAGRAPH_UNSAFE,
     DTYPE_NAMES,
     FLOAT32_MAX,
-    FLOAT32_TINY,
     autocast_dtype,
     backend_dtype,
     check_dtype,
     check_int,
+    check_op_inv_temperature,
     check_op_logits,
     check_op_tensors,
     check_real,
@@ -150,8 +150,7 @@ def _bridge_loss_op(
     beta_value = beta.item()
     if not -FLOAT32_MAX <= beta_value <= FLOAT32_MAX:
         raise ValueError(f"bridge_loss: beta must be finite in float32, got {beta_value}")
-    if not FLOAT32_TINY <= inv_temperature <= FLOAT32_MAX:
-        raise ValueError(f"bridge_loss: inv_temperature must be a positive number in float32's range, got {inv_temperature}")
+    check_op_inv_temperature("bridge_loss", inv_temperature)
     loss = new_output((num_rows,), student.device, output_dtype(student, teacher))
     grad = new_output((num_rows, vocab) if compute_grad else (0,), student.device, student.dtype)
     if num_rows > 0:

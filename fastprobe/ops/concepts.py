@@ -32,6 +32,7 @@ from ..backend import get_backend, resolve, use_backend
 from ._common import (
     DTYPE_NAMES,
     check_finite_lse,
+    check_op_inv_temperature,
     check_op_logits,
     check_op_tensors,
     check_temperature,
@@ -451,7 +452,7 @@ _FORWARD = {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _tri
 
 
 def _check_op_args(op: str, logits, specs, vocab_ids, vocab_offsets, vocab_concepts, memberships: int,
-                   id_block_starts) -> None:
+                   id_block_starts, inv_temperature: float) -> None:
     """What the kernels read through raw pointers, checked in the ops: they are reachable directly
     (torch.ops.fastprobe.concept_mass, concept_mass_backward), past concept_mass's checks.
     logits [N, V] floating-point with V >= 1; specs (check_op_tensors) and the transpose's tensors: 1-D,
@@ -470,6 +471,7 @@ def _check_op_args(op: str, logits, specs, vocab_ids, vocab_offsets, vocab_conce
         ("vocab_concepts", vocab_concepts, (memberships,), torch.int64, True),
         ("id_block_starts", id_block_starts, (id_block_starts.numel(),), torch.int32, True),
     ))
+    check_op_inv_temperature(op, inv_temperature)
 
 
 @custom_op("fastprobe::concept_mass")
@@ -492,7 +494,8 @@ def _concept_mass_op(
     specs = (("token_ids", token_ids, (num_ids,), torch.int64, True),
              ("offsets", offsets, (offsets.numel(),), torch.int64, True),
              ("token_slots", token_slots, (num_ids,), torch.int64, True))
-    _check_op_args("concept_mass", logits, specs, vocab_ids, vocab_offsets, vocab_concepts, num_ids, id_block_starts)
+    _check_op_args("concept_mass", logits, specs, vocab_ids, vocab_offsets, vocab_concepts, num_ids, id_block_starts,
+                   inv_temperature)
     index = _Index(token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, token_slots, id_block_starts)
     num_tokens, num_concepts = logits.shape[0], offsets.numel() - 1
     dtype = output_dtype(logits)
@@ -587,7 +590,7 @@ def _concept_mass_backward_op(
              ("top_token", top_token, (num_tokens, num_concepts), torch.int64, True),
              ("lse", lse, (num_tokens,), torch.float64, True))
     _check_op_args("concept_mass_backward", logits, specs, vocab_ids, vocab_offsets, vocab_concepts,
-                   vocab_concepts.numel(), id_block_starts)
+                   vocab_concepts.numel(), id_block_starts, inv_temperature)
     empty = vocab_ids.new_empty(0)
     index = _Index(empty, empty, vocab_ids, vocab_offsets, vocab_concepts, empty, id_block_starts)
     grad = new_output(logits.shape, logits.device, logits.dtype)

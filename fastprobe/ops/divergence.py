@@ -27,6 +27,7 @@ from ._common import (
     backend_dtype,
     check_dtype,
     check_finite_lse,
+    check_op_inv_temperature,
     check_op_logits,
     check_op_tensors,
     check_same_device,
@@ -120,7 +121,7 @@ def _triton_packed(draft, target, weights, inv_temperature, lse_in, lse_only, st
 _PACKED = {"reference": _reference_packed, "cpp": _cpp_packed, "triton": _triton_packed}
 
 
-def _check_op_args(draft, target, weights, lse_in, lse_only) -> None:
+def _check_op_args(draft, target, weights, inv_temperature, lse_in, lse_only) -> None:
     """What the kernels read through raw pointers, checked in the op: it is reachable directly
     (torch.ops.fastprobe.draft_divergence), past draft_divergence's checks."""
     check_op_logits("draft_divergence", "draft", draft, "[K, N, V]")
@@ -134,6 +135,7 @@ def _check_op_args(draft, target, weights, lse_in, lse_only) -> None:
         ("weights", weights, (num_drafts,), output_dtype(draft, target), True),
         ("lse_in", lse_in, (num_drafts + 1, num_tokens), torch.float64, True),
     ))
+    check_op_inv_temperature("draft_divergence", inv_temperature)
 
 
 @custom_op("fastprobe::draft_divergence")
@@ -152,7 +154,7 @@ def _draft_divergence_op(
     lse_in (float64 [K + 1, N], contiguous) gives each row's lse over the whole vocabulary,
     of which draft and target are one shard, and stats are then this shard's shares of every
     sum (lse is written as lse_in); lse_only computes the lse only (stats are 0)."""
-    _check_op_args(draft, target, weights, lse_in, lse_only)
+    _check_op_args(draft, target, weights, inv_temperature, lse_in, lse_only)
     num_drafts, num_tokens, _ = draft.shape
     stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, output_dtype(draft, target))
     lse = new_output((num_drafts + 1, num_tokens), draft.device, torch.float64)
