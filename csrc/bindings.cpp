@@ -30,8 +30,9 @@ bool has_f16c() {
 // For tests: count contiguous float16 -> float32 (and back, below) by the F16C instructions
 // (hardware; needs has_f16c()) or by the portable code that other CPUs run.
 void fp16_to_float_for_test(uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
-  const auto* halves = reinterpret_cast<const uint16_t*>(src);
-  auto* floats = reinterpret_cast<float*>(out);
+  fastprobe::check_size(count, 0, "count");
+  const auto* halves = fastprobe::pointer<const uint16_t>(src, count > 0, "src");
+  auto* floats = fastprobe::pointer<float>(out, count > 0, "out");
   if (hardware && !has_f16c()) throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
 #ifdef FASTPROBE_F16C
   if (hardware) return fastprobe::f16c_load(halves, count, 1.0f, floats);
@@ -40,8 +41,9 @@ void fp16_to_float_for_test(uintptr_t src, int64_t count, uintptr_t out, bool ha
 }
 
 void float_to_fp16_for_test(uintptr_t src, int64_t count, uintptr_t out, bool hardware) {
-  const auto* floats = reinterpret_cast<const float*>(src);
-  auto* halves = reinterpret_cast<uint16_t*>(out);
+  fastprobe::check_size(count, 0, "count");
+  const auto* floats = fastprobe::pointer<const float>(src, count > 0, "src");
+  auto* halves = fastprobe::pointer<uint16_t>(out, count > 0, "out");
   if (hardware && !has_f16c()) throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
 #ifdef FASTPROBE_F16C
   if (hardware) return fastprobe::f16c_store(floats, count, halves);

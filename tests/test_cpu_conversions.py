@@ -107,3 +107,20 @@ def test_op_rows_read_every_finite_value_exactly(dtype, layout):
     with fp.use_backend("cpp"):
         lse = fp.concept_mass(logits, fp.ConceptSet([0], [0, 1])).lse
     assert torch.equal(lse, finite.double())
+
+
+@pytest.mark.parametrize("convert", ["_fp16_to_float", "_float_to_fp16"])
+def test_conversion_bindings_refuse_null_pointers_and_negative_counts(convert):
+    """The test bindings check what every binding checks: a null buffer or a count outside
+    [0, 2^62] is an error, before anything is read (they used to dereference null)."""
+    from fastprobe import _C
+
+    function = getattr(_C, convert)
+    buffer = torch.zeros(4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="src pointer is null"):
+        function(0, 4, buffer.data_ptr(), False)
+    with pytest.raises(ValueError, match="out pointer is null"):
+        function(buffer.data_ptr(), 4, 0, False)
+    with pytest.raises(ValueError, match=r"count must be in \[0, 2\^62\], got -1"):
+        function(buffer.data_ptr(), -1, buffer.data_ptr(), False)
+    function(0, 0, 0, False)  # nothing to convert: no buffer needed
