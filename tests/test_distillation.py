@@ -230,6 +230,32 @@ def test_trainer_gradient_accumulation_takes_the_mean_of_micro_batches(tmp_path)
         torch.testing.assert_close(update(batch_size, accumulation), want, rtol=1e-4, atol=1e-6)
 
 
+def test_trainer_evaluation_reports_the_loss_undivided_by_accumulation(tmp_path):
+    """Trainer.evaluate with 4 accumulation steps reports the mean distillation loss of the eval
+    examples, as without accumulation (transformers 5 passes num_items_in_batch to evaluation's
+    compute_loss too: the loss was divided by 4 there)."""
+    pytest.importorskip("accelerate")
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    data = batch()
+    examples = [{name: value[i] for name, value in data.items()} for i in (1, 2)]  # (unpadded: equal token counts)
+
+    class DistillationTrainer(transformers.Trainer):
+        compute_loss = trainer_compute_loss(teacher, fp.BridgeLoss(beta=0.5))
+
+    reported = []
+    for accumulation in (1, 4):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_eval_batch_size=1, gradient_accumulation_steps=accumulation,
+            report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+        trainer = DistillationTrainer(model=student, args=args, eval_dataset=examples)
+        reported.append(trainer.evaluate()["eval_loss"])
+    with torch.no_grad():
+        losses = [distillation_loss(student.eval(), teacher, {k: v[None] for k, v in e.items()},
+                                    fp.BridgeLoss(beta=0.5))[0] for e in examples]
+    want = float(sum(losses) / 2)
+    assert reported == pytest.approx([want, want], rel=1e-5)
+
+
 def test_the_teacher_builds_no_kv_cache():
     """The teacher's forward is one pass with no generation after it: asked for no KV cache, it
     holds no keys and values of every layer at once (a transformers model in eval mode built

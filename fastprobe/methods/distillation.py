@@ -120,13 +120,14 @@ def trainer_compute_loss(teacher, loss_fn, *, tokenizer=None):
     tokenizer (default: the Trainer's processing_class) tells vocabulary padding rows apart
     (distillation_loss). With gradient accumulation, each micro-batch's loss counts
     1 / (accumulation steps): the update is the one of the micro-batches' mean loss, as without
-    accumulation on equal-sized micro-batches."""
+    accumulation on equal-sized micro-batches. Evaluation (the model in eval mode) reports the loss
+    undivided."""
 
     def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         shared_tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
         loss, outputs = distillation_loss(model, teacher, inputs, loss_fn, step=trainer.state.global_step,
                                           tokenizer=shared_tokenizer)
-        if not _trainer_divides_by_accumulation(trainer, num_items_in_batch):
+        if model.training and not _trainer_divides_by_accumulation(trainer, num_items_in_batch):
             loss = loss / getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
         return (loss, outputs) if return_outputs else loss
 
