@@ -320,6 +320,34 @@ def test_bad_input(model, tokenizer, answers, options, match):
         availability.answer_availability(model, tokenizer, PROMPTS, answers, generate=False, progress=False, **options)
 
 
+@pytest.mark.parametrize("answer", [5, None, b"Paris"])
+def test_an_answer_that_is_not_text_is_named(model, tokenizer, answer):
+    with pytest.raises(TypeError, match=r"^answers\[1\] must be an alias string or a list of alias strings"):
+        availability.answer_availability(model, tokenizer, PROMPTS, [ANSWERS[0], answer] + ANSWERS[2:], generate=False,
+                                         progress=False)
+
+
+def test_sequence_log_probs_checks_its_arguments(tokenizer):
+    """batch_size is a positive integer, and every token id (pad_id too) is one the model embeds:
+    a negative id wrapped to the vocabulary's end, -1 batches gave zeros, both silently."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=5)
+    vocab = model.get_input_embeddings().num_embeddings
+    for batch_size in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
+            availability.sequence_log_probs(model, [[1, 2]], [[3]], batch_size=batch_size)
+    bad = [(dict(prefixes=[[1, 2], [1, -2]]), r"prefixes\[1\] holds -2"),
+           (dict(continuations=[[3], [vocab]]), rf"continuations\[1\] holds {vocab}"),
+           (dict(continuations=[[3], [2.0]]), r"continuations\[1\] holds 2.0"),
+           (dict(continuations=[[3], [True]]), r"continuations\[1\] holds True"),
+           (dict(pad_id=-1), "pad_id holds -1")]
+    for change, match in bad:
+        arguments = dict(prefixes=[[1, 2], [1, 2]], continuations=[[3], [4]], pad_id=0) | change
+        with pytest.raises(ValueError, match=f"^{match}, not a token id in \\[0, {vocab}\\)"):
+            availability.sequence_log_probs(model, **arguments)
+    ids = availability.sequence_log_probs(model, [torch.tensor([1, vocab - 1])], [torch.tensor([0])])
+    torch.testing.assert_close(ids, availability.sequence_log_probs(model, [[1, vocab - 1]], [[0]]))
+
+
 def test_max_new_tokens_is_checked_before_any_work(model, tokenizer):
     with pytest.raises(ValueError, match="max_new_tokens"):
         availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, max_new_tokens=0, progress=False)

@@ -28,8 +28,9 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 import string
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -181,8 +182,34 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
         raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
         raise ValueError("every prefix and every continuation needs at least one token")
+    batch_size = check_count(batch_size, "batch_size")
+    vocab = _embedding_rows(model)
+    for name, sequences in (("prefixes", prefixes), ("continuations", continuations)):
+        _check_token_ids(name, sequences, vocab)
+    _check_token_ids("pad_id", [[pad_id]], vocab)
     with eval_mode(model):
         return _sequence_log_probs(model, prefixes, continuations, temperature, pad_id, batch_size, cached=True)
+
+
+def _embedding_rows(model) -> Optional[int]:
+    """How many token ids the model embeds (its input embedding's rows), None where it does not say."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def _check_token_ids(name: str, sequences, vocab: Optional[int]) -> None:
+    """A ValueError naming `name` unless every id in sequences is an integer in [0, vocab) (a
+    negative id would wrap to the vocabulary's end; one past it fails inside the model)."""
+    for i, sequence in enumerate(sequences):
+        for token in sequence:
+            try:
+                value = None if isinstance(token, bool) else operator.index(token)  # (ints, integer 0-d tensors)
+            except TypeError:
+                value = None
+            if value is None or value < 0 or (vocab is not None and value >= vocab):
+                where = name if name == "pad_id" else f"{name}[{i}]"
+                within = "[0, " + ("..." if vocab is None else str(vocab)) + ")"
+                raise ValueError(f"{where} holds {token!r}, not a token id in {within} of the model's vocabulary")
 
 
 def _sequence_log_probs(model, prefixes, continuations, temperature: float, pad_id: int, batch_size: int,
@@ -276,6 +303,9 @@ class _Answer:
     variant sequences (a minimal set), and the text of each single-token variant."""
 
     def __init__(self, tokenizer, aliases, variants, index: int):
+        if not isinstance(aliases, str) and not isinstance(aliases, Iterable) or isinstance(aliases, bytes):
+            raise TypeError(f"answers[{index}] must be an alias string or a list of alias strings, "
+                            f"got {type(aliases).__name__}")
         self.aliases = [aliases] if isinstance(aliases, str) else list(aliases)
         found = answer_variants(tokenizer, self.aliases, variants, name=f"answers[{index}]")
         if not found:
