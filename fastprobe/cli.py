@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.metadata
 import statistics
 import sys
@@ -46,10 +47,17 @@ def _availability(status: tuple[bool, str]) -> str:
     return ("available: " if available else "unavailable: ") + why
 
 
+def _backend_in_force() -> str:
+    try:
+        return get_backend()
+    except ValueError as error:  # (a bad FASTPROBE_BACKEND: info still shows the rest)
+        return f"invalid: {error}"
+
+
 def info() -> int:
     rows = [
         ("fastprobe", __version__),
-        ("backend in force", get_backend()),
+        ("backend in force", _backend_in_force()),
         ("cpp (CPU)", _availability(cpp_status())),
         ("triton (CUDA)", _availability(triton_status("cuda"))),
         ("triton (CPU interpreter)", _availability(triton_status("cpu"))),
@@ -64,7 +72,7 @@ def info() -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    return 0
+    return 2 if rows[1][1].startswith("invalid") else 0
 
 
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -425,16 +433,19 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
     prompts = [" ".join(text.split()[:5]) for text in DEMO_TEXTS[:8]]
     own = [answer.strip() for answer in availability.greedy_answers(target, tokenizer, prompts, max_new_tokens=2)]
     truth = [text.split()[5].strip(",.:") for text in DEMO_TEXTS[:8]]
-    answers = [own[i] if i % 2 == 0 and own[i] else truth[i] for i in range(len(prompts))]
+    # even rows: the model's own answer, unless it is empty or cut inside a character (U+FFFD)
+    from_model = [i % 2 == 0 and own[i] != "" and "\ufffd" not in own[i] for i in range(len(prompts))]
+    answers = [own[i] if from_model[i] else truth[i] for i in range(len(prompts))]
     table = availability.answer_availability(target, tokenizer, prompts, answers, threshold=0.5, max_new_tokens=2,
                                              progress=False)
-    print("  answer availability: gold answer = the model's own greedy answer (even rows) or the text's true "
-          "next word (odd rows):")
-    print(f"    {'prompt':<30}{'gold':>12}{'mass':>10}{'available':>10}{'top_share':>10}  generated")
+    print("  answer availability: gold answer = the model's own greedy answer (even rows, where it is whole text) "
+          "or the text's true next word:")
+    print(f"    {'prompt':<30}{'gold':>12}{'from':>7}{'mass':>10}{'available':>10}{'top_share':>10}  generated")
     for index, row in table.iterrows():
         share = _share_text(row["top_share"])
-        print(f"    {prompts[index][:29]:<30}{row['answer'][:11]:>12}{row['mass']:>10.2e}{str(row['available']):>10}"
-              f"{share:>10}  {row['generated']!r}")
+        source = "model" if from_model[index] else "text"
+        print(f"    {prompts[index][:29]:<30}{row['answer'][:11]:>12}{source:>7}{row['mass']:>10.2e}"
+              f"{str(row['available']):>10}{share:>10}  {row['generated']!r}")
     summary = availability.by_correctness(table)
     print(f"  mean mass: correct answers {summary.loc[True, 'mass']:.3f}, incorrect {summary.loc[False, 'mass']:.2e}")
     return ok
@@ -506,13 +517,21 @@ def _device(text: str) -> str:
 
 
 def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
-    """Where the command will write, checked before any model runs: an existing folder, and for
-    the plot a format matplotlib writes (and matplotlib itself)."""
+    """Where the command will write, checked before any model runs: a file it may write in an
+    existing folder, and for the plot a format matplotlib writes (and matplotlib itself)."""
     for path in filter(None, (csv, plot)):
         if not Path(path).parent.is_dir():
             raise ValueError(f"{path}: there is no folder {Path(path).parent} to write it into")
         if Path(path).is_dir():
             raise ValueError(f"{path} is a folder: give a file name to write to")
+        existed = Path(path).exists()
+        try:  # (appending nothing: an existing file is left as it is until the command writes it)
+            with open(path, "a"):
+                pass
+        except OSError as error:
+            raise ValueError(f"{path} cannot be written: {error.strerror or error}") from None
+        if not existed:
+            Path(path).unlink()
     if plot:
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -534,20 +553,63 @@ def _check_prune(fraction: float, num_heads: int) -> None:
                          "give a fraction of at most 0.5")
 
 
-def _load_model(path: str, device: str, dtype: str):
-    """A local causal-LM checkpoint (no downloads) on `device`, in eval mode."""
-    import transformers
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (transformers' run over several), cut at `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
+
+def _load_model(path: str, device: str, dtype: str):
+    """A local causal-LM checkpoint (no downloads) on `device`, in eval mode. A folder that is not
+    one (no config.json, a model transformers has no causal-LM class for, an encoder such as BERT,
+    a head the checkpoint lacks weights for: random) or that fails to load (a corrupt weights file,
+    sizes that do not match the config) is refused in one line naming the folder."""
+    import transformers
     from packaging.version import Version
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if not Path(path).is_dir():
         raise ValueError(f"{path}: no such checkpoint folder (fastprobe loads local checkpoints only)")
-    options = dict(local_files_only=True)
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json there, so not a transformers checkpoint folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # (what transformers raises varies: OSError, ValueError, KeyError...)
+        raise ValueError(f"{path}: its config.json could not be read ({_one_line(error)})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{path} holds a {config.model_type!r} model, which transformers has no causal language "
+                         "model class for; fastprobe's commands take causal (decoder-only) language models")
+    options = dict(local_files_only=True, output_loading_info=True)
     if dtype != "auto":  # transformers 4.56 renamed torch_dtype to dtype
         name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         options[name] = getattr(torch, dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
+    try:
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
+    except ImportError:  # (a package the model needs: its own message says which)
+        raise
+    except Exception as error:  # a corrupt file, sizes that do not match the config, ...
+        raise ValueError(f"{path}: the checkpoint could not be loaded ({type(error).__name__}: "
+                         f"{_one_line(error)})") from None
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no weights for {len(missing)} of {type(model).__name__}'s "
+                         f"parameters (e.g. {missing[0]}), which would be random; is it a causal language model?")
+    _check_causal(model, path)
     return model.to(device).eval()
+
+
+def _check_causal(model, path: str) -> None:
+    """Refuses a model whose attention layers all say they are not causal (BERT and other encoders
+    that AutoModelForCausalLM loads: each token would see the tokens after it). Attention modules
+    say so in is_causal (transformers 5; is_decoder in 4.x's BERT-like layers)."""
+    from .integrations.transformers import _named_attention
+
+    flags = [getattr(module, "is_causal", getattr(module, "is_decoder", None))
+             for module in model.modules() if _named_attention(type(module))]
+    flags = [flag for flag in flags if isinstance(flag, bool)]
+    if flags and not any(flags):
+        raise ValueError(f"{path}: its attention is bidirectional ({type(model).__name__}: an encoder, not a causal "
+                         "language model); fastprobe's commands take causal (decoder-only) language models")
 
 
 # what AutoTokenizer raises for a folder without a tokenizer: OSError or ValueError, or on
@@ -562,9 +624,9 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     model = _load_model(path, device, dtype)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except _NO_TOKENIZER as error:  # transformers' reason, several lines, on one
-        reason = " ".join(str(error).split())
-        raise ValueError(f"{path}: no tokenizer could be loaded from the checkpoint folder ({reason})") from None
+    except Exception as error:  # (none, or a corrupt one: a KeyError from tokenizer.json, ...); transformers' reason
+        raise ValueError(f"{path}: no tokenizer could be loaded from the checkpoint folder ({type(error).__name__}: "
+                         f"{_one_line(error)})") from None
     return model, tokenizer
 
 
@@ -578,6 +640,8 @@ def _check_draft_tokenizer(path: str, tokenizer) -> None:
         draft_vocabulary = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab()
     except _NO_TOKENIZER:  # no tokenizer in the folder
         return
+    except Exception as error:  # a corrupt one
+        raise ValueError(f"--drafts {path}: its tokenizer could not be loaded ({_one_line(error)})") from None
     differ = [token for token, index in tokenizer.get_vocab().items() if draft_vocabulary.get(token) != index]
     if differ:
         raise ValueError(f"--drafts {path}: its tokenizer is not the target's ({len(differ)} of the target's "
@@ -642,6 +706,9 @@ def uncertainty_command(args: argparse.Namespace) -> int:
         tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, texts, temperature=args.temperature,
                                                batch_size=args.batch_size, max_length=args.max_length,
                                                progress=not args.no_progress)
+        if len(tokens) == 0:
+            raise ValueError(f"no token to score: every text has fewer than two tokens (at most --max-length "
+                             f"{args.max_length} each)")
     except (OSError, ValueError, TypeError, ImportError) as error:
         print(f"fastprobe uncertainty: error: {error}", file=sys.stderr)
         return 2
@@ -771,6 +838,13 @@ def main(argv=None) -> int:
         method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
         method_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    try:
+        if args.command != "info":
+            _check_backend(torch.device(_device_of(args)))
+            _require_packages(args.command)
+    except (ValueError, ImportError) as error:
+        print(f"fastprobe {args.command}: error: {error}", file=sys.stderr)
+        return 2
     commands_run = {"info": lambda: info(), "sinks": lambda: sinks_command(args), "demo": lambda: demo(args),
                     "uncertainty": lambda: uncertainty_command(args),
                     "availability": lambda: availability_command(args)}
@@ -778,14 +852,41 @@ def main(argv=None) -> int:
         return commands_run[args.command]()
 
 
+def _check_backend(device: torch.device) -> None:
+    """The backend in force (FASTPROBE_BACKEND, or fastprobe.set_backend) can run on the command's
+    device: a ValueError saying why not, before any work."""
+    try:
+        resolve(device, torch.float32, "")
+    except RuntimeError as error:  # ": backend 'triton' cannot run on cpu tensors: ..."
+        raise ValueError(f"{str(error).removeprefix(': ')} (the backend in force; without FASTPROBE_BACKEND "
+                         "fastprobe chooses one that runs)") from None
+
+
+def _require_packages(command: str) -> None:
+    """The packages every command but info needs besides torch (the demo's model sections too),
+    named before any work: an ImportError saying how to install them."""
+    missing = []
+    for package in ("transformers", "pandas"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ImportError(f"{command} needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+                          "(or pip install 'fastprobe[test]', which has them)")
+
+
 @contextlib.contextmanager
 def _progress_bars(shown: bool):
     """--no-progress: transformers' progress bars (loading a checkpoint's weights) are off too,
     for the command's duration."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # (no bars to switch off; a command that needs transformers says so)
+        shown = True
     if shown:
         yield
         return
-    from transformers.utils import logging as transformers_logging
 
     enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
@@ -797,9 +898,12 @@ def _progress_bars(shown: bool):
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a fraction in [0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text!r}")
     return value
 
 

@@ -355,12 +355,19 @@ def test_max_new_tokens_is_checked_before_any_work(model, tokenizer):
         availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=-1)
 
 
-def test_demo_methods_section(capsys):
+@pytest.mark.parametrize("seed", [0, 2**63 - 1])
+def test_demo_methods_section(capsys, seed):
     """The demo's draft-uncertainty and availability section: near drafts give less uncertainty
-    than far ones on every measure."""
-    assert cli._demo_methods(torch.device("cpu"), seed=0)
+    than far ones on every measure. A gold answer taken from the model is whole text (at seed
+    2^63 - 1 two of its answers end inside a character, U+FFFD: they were labelled the model's
+    answer though not what it generated); rows say where their gold answer is from."""
+    assert cli._demo_methods(torch.device("cpu"), seed=seed)
     out = capsys.readouterr().out
     assert "-> OK" in out and "answer availability" in out
+    rows = out.split("  generated\n")[1].split("  mean mass")[0].splitlines()
+    gold, sources = [row[34:46].strip() for row in rows], [row[46:53].strip() for row in rows]  # (fixed widths)
+    assert len(rows) == 8 and set(sources) <= {"model", "text"} and "model" in sources
+    assert all("\ufffd" not in answer for answer, source in zip(gold, sources) if source == "model")
 
 
 def test_by_correctness_needs_a_correct_column(model, tokenizer):
@@ -440,13 +447,13 @@ def test_prompts_leave_room_for_the_tokens_that_follow_them(tokenizer):
     model = tiny_model("gpt2", vocab_size=len(tokenizer), seed=3, n_positions=16)
     prompt, options = [DEMO_TEXTS[0]], dict(variants=("space",), progress=False)  # 20+ tokens, truncated
     for generate, room in ((False, 2), (True, 4)):
-        with pytest.raises(ValueError, match=f"16 tokens plus {room} new tokens.*pass max_length <= {16 - room}"):
+        with pytest.raises(ValueError, match=f"16 tokens plus {room} tokens that follow them.*pass max_length <= {16 - room}"):
             availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate, max_length=16,
                                              max_new_tokens=4, **options)
         table = availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate,
                                                  max_length=16 - room, max_new_tokens=4, **options)
         assert table.loc[0, "multi_token_mass"] > 0
-    with pytest.raises(ValueError, match="16 tokens plus 4 new tokens.*pass max_length <= 12"):
+    with pytest.raises(ValueError, match="16 tokens plus 4 tokens that follow them.*pass max_length <= 12"):
         availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=16)
     assert len(availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=12)) == 1
 

@@ -1,6 +1,8 @@
 """The fastprobe command: info reports the backends and versions, the demo's op sections check
 themselves against the float64 reference on small problems, and bad arguments are refused."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,3 +173,144 @@ def test_a_csv_path_that_is_a_folder_is_refused_before_any_model_loads(command, 
     """(it was found when the table was written, after the whole run: "[Errno 21] Is a directory")"""
     assert cli.main([command, *COMMANDS[command], "--csv", str(tmp_path)]) == 2
     assert f"error: {tmp_path} is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-0.1", "1.5"])
+def test_a_bad_fraction_is_named(value, capsys):
+    """(--prune abc said "invalid _fraction value: 'abc'")"""
+    for argv in (["sinks", *COMMANDS["sinks"], "--prune", value], ["availability", *COMMANDS["availability"],
+                                                                   "--threshold", value]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert f"must be a fraction in [0, 1], got '{value}'" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, command: str) -> str:
+    """The one line a refused command prints last on stderr (an exception it did not catch would
+    have reached the test)."""
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1].startswith(f"fastprobe {command}: error: "), lines
+    assert sum(line.startswith(f"fastprobe {command}: error: ") for line in lines) == 1
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["demo", "sinks", "uncertainty", "availability"])
+def test_a_backend_that_cannot_run_is_refused_before_any_work(command, capsys, monkeypatch):
+    """A bad FASTPROBE_BACKEND, or a forced backend that cannot run on the command's device, ends
+    the command in one line (exit 2) before any work (both were tracebacks, the demo's and
+    the methods' after loading); info shows the bad name in its table and exits 2."""
+    import fastprobe
+
+    ran = _stub_commands(monkeypatch)
+    monkeypatch.setenv("FASTPROBE_BACKEND", "foo")
+    assert cli.main([command, *COMMANDS[command]]) == 2 and not ran
+    assert "FASTPROBE_BACKEND must be one of auto, reference, cpp, triton; got 'foo'" in _one_error_line(capsys, command)
+    assert cli.main(["info"]) == 2
+    printed = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
+    assert printed["backend in force"].strip().startswith("invalid: FASTPROBE_BACKEND must be one of")
+    monkeypatch.delenv("FASTPROBE_BACKEND")
+    if torch.cuda.is_available():
+        return
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with fastprobe.use_backend("triton"):
+        assert cli.main([command, *COMMANDS[command], "--device", "cpu"]) == 2 and not ran
+    assert "backend 'triton' cannot run on cpu tensors" in _one_error_line(capsys, command)
+
+
+@pytest.mark.parametrize("missing", ["transformers", "pandas"])
+@pytest.mark.parametrize("command", ["demo", "sinks", "uncertainty", "availability"])
+def test_a_missing_package_is_named_before_any_work(command, missing, capsys, monkeypatch):
+    """Without transformers or pandas every command but info says which to install, in one line
+    (the demo failed with a traceback after its op sections; --no-progress failed at once)."""
+    import sys
+
+    ran = _stub_commands(monkeypatch)
+    monkeypatch.setitem(sys.modules, missing, None)  # (import fails)
+    assert cli.main([command, *COMMANDS[command], "--no-progress"] if command != "demo" else ["demo"]) == 2
+    assert not ran
+    assert f"{command} needs {missing}: pip install {missing}" in _one_error_line(capsys, command)
+
+
+@pytest.mark.parametrize("command", ["sinks", "uncertainty", "availability"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_model_loads(command, tmp_path, capsys):
+    """(a path the command may not write was found when the table was written, after the whole
+    run); checking leaves no file behind and an existing one as it was."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (Linux), where no file can be created")
+    assert cli.main([command, *COMMANDS[command], "--csv", "/proc/fastprobe-table.csv"]) == 2
+    assert "error: /proc/fastprobe-table.csv cannot be written" in _one_error_line(capsys, command)
+    existing, new = tmp_path / "kept.csv", tmp_path / "new.csv"
+    existing.write_text("kept")
+    for path in (existing, new):  # (the command then stops at its missing input file)
+        assert cli.main([command, *COMMANDS[command], "--csv", str(path)]) == 2
+        assert "No such file or directory" in _one_error_line(capsys, command)
+    assert existing.read_text() == "kept" and not new.exists()
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(tmp_path_factory, checkpoints):
+    """Folders that are not causal-LM checkpoints, or broken ones, each with the tiny tokenizer:
+    name -> (folder, what the one-line error says)."""
+    import json
+    import shutil
+
+    import transformers
+
+    from fastprobe.models import tiny_tokenizer
+
+    root, tokenizer = tmp_path_factory.mktemp("broken"), tiny_tokenizer()
+    good = Path(checkpoints[0]["target"])
+    cases = {}
+
+    def copy(name: str) -> Path:
+        shutil.copytree(good, root / name)
+        return root / name
+
+    (copy("corrupt_weights") / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    cases["corrupt_weights"] = "the checkpoint could not be loaded (SafetensorError"
+    (copy("corrupt_config") / "config.json").write_text("{not json")
+    cases["corrupt_config"] = "its config.json could not be read"
+    config = json.loads((copy("other_sizes") / "config.json").read_text())
+    (root / "other_sizes" / "config.json").write_text(json.dumps(config | {"hidden_size": 2 * config["hidden_size"]}))
+    cases["other_sizes"] = "the checkpoint could not be loaded (RuntimeError"
+    (copy("corrupt_tokenizer") / "tokenizer.json").write_text("{}")
+    cases["corrupt_tokenizer"] = "no tokenizer could be loaded from the checkpoint folder (KeyError"
+    (root / "empty").mkdir()
+    cases["empty"] = "no config.json there, so not a transformers checkpoint folder"
+    bert = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=64)
+    t5 = transformers.T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    for name, model, says in [
+        ("bert_masked_lm", transformers.BertForMaskedLM(bert), "its attention is bidirectional (BertLMHeadModel"),
+        ("bert_encoder", transformers.BertModel(bert), "the checkpoint has no weights for 6 of BertLMHeadModel's"),
+        ("t5", transformers.T5ForConditionalGeneration(t5), "holds a 't5' model, which transformers has no causal"),
+    ]:
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        cases[name] = says
+    return {name: (str(root / name), says) for name, says in cases.items()}
+
+
+BROKEN = ["corrupt_weights", "corrupt_config", "other_sizes", "corrupt_tokenizer", "empty", "bert_masked_lm",
+          "bert_encoder", "t5"]
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_folder_that_is_no_causal_lm_checkpoint_is_refused_in_one_line(name, broken_checkpoints, checkpoints,
+                                                                          capsys):
+    """Corrupt files, sizes other than the config's, an empty folder, an encoder (BERT: loaded as
+    BertLMHeadModel it attended both ways, or ran with a random head) and an encoder-decoder:
+    one line naming the folder, exit 2 (they were tracebacks, a 3,000-character list of
+    transformers' classes, or silently scored)."""
+    folder, says = broken_checkpoints[name]
+    texts = checkpoints[1]
+    assert cli.main(["sinks", "--model", folder, "--texts", texts, "--no-progress"]) == 2
+    assert f"error: {folder}" in (line := _one_error_line(capsys, "sinks")) and says in line
+    assert len(line) < 600
+
+
+def test_uncertainty_with_no_token_to_score_is_an_error(checkpoints, capsys):
+    """(texts of one token each, after --max-length 1: the command printed empty tables and NaN means, exit 0)"""
+    folders, texts = checkpoints
+    assert cli.main([*_uncertainty(folders, texts, "target", "draft"), "--max-length", "1"]) == 2
+    assert "no token to score: every text has fewer than two tokens" in _one_error_line(capsys, "uncertainty")

@@ -577,11 +577,12 @@ def test_texts_longer_than_a_drafts_learned_positions_are_refused(tokenizer):
     assert learned_positions(target) is None and learned_positions(short_draft) == 12
     assert learned_positions(tiny_model("bert")) == 8192 and learned_positions(tiny_model("gpt2")) == 8192
     long_text = DEMO_TEXTS[0] + " " + DEMO_TEXTS[1]
-    with pytest.raises(ValueError, match="learned positions for 12 tokens only; pass max_length <= 12"):
+    with pytest.raises(ValueError, match=r"but a draft \(GPT2LMHeadModel\) has learned positions for 12 tokens only; "
+                                         "pass max_length <= 12"):
         uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], progress=False)
     table = uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], max_length=12, progress=False)
     assert len(table) == 11
-    with pytest.raises(ValueError, match="plus 8 new tokens, but .* for 12 tokens only; pass max_length <= 4"):
+    with pytest.raises(ValueError, match="plus 8 tokens that follow them, but .* for 12 tokens only; pass max_length <= 4"):
         uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=8,
                                               progress=False)
     with pytest.raises(ValueError, match="generate fewer new tokens"):

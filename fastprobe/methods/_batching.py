@@ -245,7 +245,7 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
     left (a prompt keeps its end, where the continuation starts). A batch that, with the
     `new_tokens` a caller appends (generate's), is longer than the learned positions of the model
-    or of the other `readers` of the batches (drafts) is refused."""
+    or of the other `readers` of the batches (drafts) is refused, naming the one."""
     from tqdm.auto import tqdm
 
     texts = as_texts(texts)
@@ -253,7 +253,10 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     check_count(max_length, "max_length")
     device = model_device(model)
     positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
-    limit = min((found for found in map(learned_positions, (model, *readers)) if found is not None), default=None)
+    # the fewest learned positions among the model and the readers, and whose they are
+    limit, limited = min(((found, reader) for reader in (model, *readers)
+                          if (found := learned_positions(reader)) is not None), key=lambda pair: pair[0],
+                         default=(None, None))
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
     for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
@@ -264,11 +267,12 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
                                 max_length=max_length, return_tensors="pt")
         length = encoded["input_ids"].shape[1]
         if limit is not None and length + new_tokens > limit:
-            plus = f" plus {new_tokens} new tokens" if new_tokens else ""
-            fix = (f"pass max_length <= {limit - new_tokens} (texts are truncated to it)" if limit > new_tokens
-                   else "generate fewer new tokens")
-            raise ValueError(f"{what}: texts of {length} tokens{plus}, but {type(model).__name__} has learned "
-                             f"positions for {limit} tokens only; {fix}")
+            plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""
+            whose = type(limited).__name__ if limited is model else f"a draft ({type(limited).__name__})"
+            fix = (f"pass max_length <= {limit - new_tokens} (texts are truncated to it; --max-length in the "
+                   "fastprobe command)" if limit > new_tokens else "generate fewer new tokens")
+            raise ValueError(f"{what}: texts of {length} tokens{plus}, but {whose} has learned positions for "
+                             f"{limit} tokens only; {fix}")
         batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
         if positions:
             batch["position_ids"] = real_positions(batch["attention_mask"])
