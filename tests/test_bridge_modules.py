@@ -115,8 +115,11 @@ def test_unsetting_the_only_beta_is_refused_at_the_assignment(module):
         scheduled.total_steps = None
     assert vars(scheduled) == before
     both = module(beta=0.5, beta_start=0.0, beta_end=1.0, total_steps=10)
+    assert both.beta_at(None) == 0.5  # (the fixed beta without a step)
     both.beta = None
-    assert both.beta_at(5) == 0.5 and both.beta_at(None) == 0.0
+    assert both.beta_at(5) == 0.5
+    with pytest.raises(ValueError, match="follows a beta schedule .* pass step="):  # (it gave beta_start)
+        both.beta_at(None)
     both.beta, both.total_steps = 0.25, None
     assert both.beta_at(5) == 0.25
 

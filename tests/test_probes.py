@@ -446,6 +446,13 @@ def test_train_probe_bad_input(call, match):
     assert torch.equal(features, kept) or torch.isnan(kept).all()
 
 
+@pytest.mark.parametrize("standardize", ["no", 0, None])
+def test_standardize_is_a_bool(standardize):
+    """(standardize="no" is truthy: the probe was standardised)"""
+    with pytest.raises(TypeError, match=f"standardize must be True or False, got {standardize!r}"):
+        train_probe(torch.randn(40, 8), torch.arange(40) % 2, epochs=2, standardize=standardize)
+
+
 def test_evaluate_probe_checks_the_regression_width():
     fit = train_probe(torch.randn(30, 6), torch.randn(30, 2), epochs=2)
     with pytest.raises(ValueError, match=r"labels must have 2 target\(s\) per row, got shape \(30,\)"):

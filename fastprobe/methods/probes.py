@@ -687,6 +687,8 @@ def train_probe(
     labels = _as_labels(labels, features.shape[0], task).to(features.device)
     check_count(epochs, "epochs")
     check_count(seed, "seed", minimum=0)
+    if not isinstance(standardize, bool):  # (standardize="no" is truthy)
+        raise TypeError(f"standardize must be True or False, got {standardize!r}")
     if batch_size is not None:
         check_count(batch_size, "batch_size")
     train_rows, val_rows = _split(features.shape[0], 0.0 if validation_data is not None else validation_fraction, seed)

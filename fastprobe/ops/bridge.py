@@ -398,9 +398,15 @@ class _LossOptions:
             raise ValueError("a beta schedule needs beta_start, beta_end and total_steps")
 
     def beta_at(self, step: Optional[int]) -> float:
-        """The schedule's beta at `step` (the fixed beta without a schedule or a step)."""
+        """The schedule's beta at `step` (the fixed beta without a schedule or a step). A loss
+        with only a schedule needs the step (without it, a loop that forgot step= trained at
+        beta_start throughout)."""
         if self.total_steps is None or step is None:
-            return self.beta if self.beta is not None else self.beta_start
+            if self.beta is None:
+                raise ValueError(f"this {type(self).__name__} follows a beta schedule (beta_start {self.beta_start} to "
+                                 f"beta_end {self.beta_end} over {self.total_steps} steps) and has no fixed beta: "
+                                 "pass step= (the training step)")
+            return self.beta
         self._check_schedule()
         return beta_schedule(step, self.total_steps, self.beta_start, self.beta_end)
 
