@@ -5,6 +5,8 @@ batches as they were; the probes learn planted signals (linear, MLP, attentive o
 that carries it), stay at chance on shuffled labels, are deterministic, keep their
 standardisation, and bad input raises a clear ValueError before any work."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -444,6 +446,21 @@ def test_train_probe_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         train_probe(features, labels, **arguments)
     assert torch.equal(features, kept) or torch.isnan(kept).all()
+
+
+def test_filtered_pandas_rows_are_read_by_position():
+    """A pandas Series or DataFrame whose index no longer starts at 0 (rows filtered out) is read
+    row by row as the same numbers in an array are (it was refused: "labels must be a tensor or
+    an array of numbers, got Series"); no warning for pandas' read-only arrays."""
+    pandas = pytest.importorskip("pandas")
+    features, labels = torch.randn(50, 8), torch.arange(50) % 2
+    table, series = pandas.DataFrame(features.numpy()), pandas.Series(labels.numpy())
+    kept = series.index >= 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_pandas = train_probe(table[kept], series[kept], epochs=3)
+    from_tensors = train_probe(features[10:], labels[10:], epochs=3)
+    assert from_pandas.metrics == from_tensors.metrics
 
 
 @pytest.mark.parametrize("standardize", ["no", 0, None])

@@ -476,6 +476,10 @@ def _tensor_of(value, name: str) -> torch.Tensor:
     the caller's graph)."""
     if isinstance(value, torch.Tensor):
         return value.detach()
+    if callable(getattr(value, "to_numpy", None)):  # a pandas Series or DataFrame: by position, whatever its index
+        value = value.to_numpy()
+    if not getattr(getattr(value, "flags", None), "writeable", True):  # (pandas' copy-on-write arrays: torch warns)
+        value = value.copy()
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
