@@ -23,7 +23,9 @@ position, prompt and generated tokens alike, so generate with a KV cache sees it
 by h - (h U) U^T, in the hidden state's dtype and device, computed in float32 or wider even under
 torch.autocast (U re-orthonormalised in float64 first, so a rounded one still removes its whole
 span). The model's weights and U are never modified;
-remove() restores the model's outputs exactly.
+remove() restores the model's outputs exactly. (transformers 4.5x's output_hidden_states records
+a block's output inside its forward, before any hook: it shows block `layer`'s state before the
+projection, though every later block reads the projected one; transformers 5 records after it.)
 """
 
 from __future__ import annotations
