@@ -297,6 +297,21 @@ def test_a_float64_input_runs_the_reference_in_float64(mix):
         fp.draft_divergence(draft, target_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_sum_to_1_up_to_their_rounding(dtype):
+    """[1/3] * 3 in bfloat16 sums to 1.002 (they were refused: "weights must sum to 1"): 16-bit
+    weights may miss 1 by their dtype's eps and are rescaled to sum to 1; farther is refused."""
+    draft, target_logits = torch.randn(3, 5, 41, dtype=dtype), torch.randn(5, 41, dtype=dtype)
+    for weights in (torch.full((3,), 1 / 3, dtype=dtype), torch.tensor([0.1, 0.3, 0.6], dtype=dtype)):
+        result = fp.draft_divergence(draft, target_logits, weights=weights)
+        exact = weights.double() / weights.double().sum()
+        want = fp.draft_divergence(draft.double(), target_logits.double(), weights=exact)
+        for field in ("jsd", "kl_mixture_target", "epistemic"):
+            torch.testing.assert_close(getattr(result, field).double(), getattr(want, field), rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="weights must sum to 1"):
+        fp.draft_divergence(draft, target_logits, weights=torch.tensor([0.1, 0.3, 0.62], dtype=dtype))
+
+
 def test_the_op_checks_weights_and_target_against_the_mixed_dtypes():
     """The raw op (reachable past the public checks): the weights must be in the statistics'
     dtype (float64 with a float64 target, whatever the draft's), and a target outside the four

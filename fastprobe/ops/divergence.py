@@ -180,7 +180,7 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
                   target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mixture weights [K] in the statistics' dtype (float32; float64 when draft or target is
     float64) on draft's device (uniform when None), or an error naming `weights`: wrong length,
-    negative, not finite, not summing to 1."""
+    negative, not finite, not summing to 1 (to 1e-4; 16-bit weights to their eps, then rescaled)."""
     dtype = output_dtype(draft, target)
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft.device)
@@ -193,14 +193,18 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
         check_same_device(draft, "draft_logits", weights, "weights")
     if tuple(weights.shape) != (num_drafts,):
         raise ValueError(f"weights must have shape [K] = [{num_drafts}] (one per draft), got {tuple(weights.shape)}")
+    # 16-bit weights sum to 1 only up to their rounding (each by up to eps / 2 of itself: [1/3] * 3
+    # in bfloat16 sum to 1.002): that much is allowed, and they are rescaled to sum to 1
+    rounded = weights.dtype in (torch.bfloat16, torch.float16)
+    tolerance = torch.finfo(weights.dtype).eps if rounded else 1e-4
     weights = weights.to(dtype).contiguous()
     if not skips_host_checks(weights):
         if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
             raise ValueError(f"weights must be finite and non-negative, got {weights.tolist()}")
         total = float(weights.sum())
-        if abs(total - 1.0) > 1e-4:
+        if abs(total - 1.0) > tolerance:
             raise ValueError(f"weights must sum to 1, got sum {total:.6g}")
-    return weights
+    return weights / weights.sum() if rounded else weights
 
 
 def _check_inputs(draft_logits, target_logits, weights, temperature, empty_vocabulary: bool = False):
