@@ -274,7 +274,8 @@ def broken_checkpoints(tmp_path_factory, checkpoints):
     (root / "other_sizes" / "config.json").write_text(json.dumps(config | {"hidden_size": 2 * config["hidden_size"]}))
     cases["other_sizes"] = "the checkpoint could not be loaded (RuntimeError"
     (copy("corrupt_tokenizer") / "tokenizer.json").write_text("{}")
-    cases["corrupt_tokenizer"] = "no tokenizer could be loaded from the checkpoint folder (KeyError"
+    # (transformers' reason: 5.x a KeyError; 4.5x falls back to the slow tokenizer, which may need protobuf)
+    cases["corrupt_tokenizer"] = "no tokenizer could be loaded from the checkpoint folder ("
     (root / "empty").mkdir()
     cases["empty"] = "no config.json there, so not a transformers checkpoint folder"
     bert = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
@@ -305,8 +306,8 @@ def test_a_folder_that_is_no_causal_lm_checkpoint_is_refused_in_one_line(name, b
     folder, says = broken_checkpoints[name]
     texts = checkpoints[1]
     assert cli.main(["sinks", "--model", folder, "--texts", texts, "--no-progress"]) == 2
-    assert f"error: {folder}" in (line := _one_error_line(capsys, "sinks")) and says in line
-    assert len(line) < 600
+    line = _one_error_line(capsys, "sinks")
+    assert f"error: {folder}" in line and says in line and len(line) < 600
 
 
 def test_uncertainty_with_no_token_to_score_is_an_error(checkpoints, capsys):
