@@ -680,6 +680,27 @@ def test_patch_again_replaces_options():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_an_implementation_switched_after_patch_is_named_and_patch_switches_back():
+    """set_attn_implementation("sdpa") on a patched model: its forward says the implementation
+    was switched (it said the attention does not go through the AttentionInterface), patch()
+    switches it back with the same logits (it only replaced the options, leaving sdpa), and
+    unpatch restores what the model had before the first patch."""
+    model = fp.patch(tiny_model("llama"), window=3)
+    if not hasattr(model, "set_attn_implementation"):
+        pytest.skip("transformers 4.53 has no set_attn_implementation")
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(RuntimeError, match="attention implementation was switched to 'sdpa' since"):
+            model(input_ids=ids)
+        fp.patch(model, window=3)
+        assert model.config._attn_implementation == "fastprobe"
+        assert torch.equal(model(input_ids=ids).logits, before)
+    fp.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
 # ---------------------------------------------------------------- options vs transformers' own masks
 
 

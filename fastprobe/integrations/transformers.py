@@ -1520,6 +1520,9 @@ def patch(
         _refuse_layers_patched_through_another(model, layers)
     options = _make_options(layers, num_sink, window, head_mask, record, stat_tokens, guidance, model)
     if state is not None:
+        if any(_implementation(_layer_config(m, model)) != KEY for m in layers):
+            # switched away since (set_attn_implementation): switched back; unpatch still restores what it had before
+            _switch(model, layers, [config for config, _ in state.previous])
         state.set_options(options)
         return model
 
@@ -1627,6 +1630,12 @@ def _forward_done(model, args, output) -> None:
     forward = getattr(model, _STATE).forward
     forward.in_forward = False
     if not forward.attended:
+        switched = sorted({str(_implementation(_layer_config(m, model))) for m in getattr(model, _STATE).layers} - {KEY})
+        if switched:
+            raise RuntimeError(
+                f"{type(model).__name__} is patched but its attention implementation was switched to "
+                f"{', '.join(map(repr, switched))} since (set_attn_implementation?), so this forward ran without "
+                "fastprobe: call fastprobe.patch(model, ...) to switch back, or fastprobe.unpatch(model) first")
         raise RuntimeError(
             f"{type(model).__name__} ran a forward pass without calling fastprobe's attention: its attention does "
             "not go through transformers' AttentionInterface (call fastprobe.unpatch(model))"
