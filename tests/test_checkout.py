@@ -1,0 +1,39 @@
+"""Running from a source checkout (python -m pytest, python in the checkout's root) puts the
+checkout's root on sys.path, where kernels/ (installed as fastprobe.kernels) would shadow the
+Hugging Face `kernels` package that transformers >= 5.25 imports when it is installed: the
+folder hands a top-level import over to that package."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import sys
+sys.path[:0] = [{checkout!r}] + {elsewhere!r}
+import kernels
+import fastprobe.kernels
+from fastprobe.kernels import divergence
+print(getattr(kernels, "CUDAProperties", "ours"), kernels.__file__ != fastprobe.kernels.__file__,
+      fastprobe.kernels.__name__, divergence.__name__)
+"""
+
+
+def _run(elsewhere: list) -> str:
+    code = PROBE.format(checkout=str(CHECKOUT), elsewhere=[str(path) for path in elsewhere])
+    done = subprocess.run([sys.executable, "-c", code], cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_a_top_level_kernels_import_gets_the_installed_kernels_package(tmp_path):
+    """(transformers 5.25 with kernels installed failed to import from the checkout: "cannot
+    import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)")"""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'hub'\n")
+    assert _run([tmp_path]) == ["hub", "True", "fastprobe.kernels", "fastprobe.kernels.divergence"]
+
+
+def test_without_another_kernels_package_the_folder_imports_as_itself(tmp_path):
+    assert _run([tmp_path])[0] == "ours"
