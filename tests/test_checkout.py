@@ -3,6 +3,7 @@ checkout's root on sys.path, where kernels/ (installed as fastprobe.kernels) wou
 Hugging Face `kernels` package that transformers >= 5.25 imports when it is installed: the
 folder hands a top-level import over to that package."""
 
+import importlib.machinery
 import subprocess
 import sys
 from pathlib import Path
@@ -35,5 +36,9 @@ def test_a_top_level_kernels_import_gets_the_installed_kernels_package(tmp_path)
     assert _run([tmp_path]) == ["hub", "True", "fastprobe.kernels", "fastprobe.kernels.divergence"]
 
 
-def test_without_another_kernels_package_the_folder_imports_as_itself(tmp_path):
-    assert _run([tmp_path])[0] == "ours"
+def test_without_a_stand_in_the_import_gets_what_is_installed(tmp_path):
+    """The folder imports as itself where no other `kernels` is installed, else as that one."""
+    installed = importlib.machinery.PathFinder.find_spec(
+        "kernels", [entry for entry in sys.path if Path(entry or ".").resolve() != CHECKOUT])
+    first = _run([tmp_path])[0]
+    assert first == "ours" if installed is None else first != "ours"

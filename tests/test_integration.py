@@ -1314,11 +1314,18 @@ def test_refuses_architectures_without_the_attention_interface():
 
 
 def test_forward_that_skips_fastprobe_raises():
-    """The safety net: a patched model whose forward never reached fastprobe's attention."""
+    """The safety net: a patched model whose forward never reached fastprobe's attention, its
+    implementation switched back behind fastprobe's back (named as such) or its attention
+    modules not calling the attention interface."""
     model = fp.patch(tiny_model("llama"))
-    model.config._attn_implementation_internal = "sdpa"  # switched back behind fastprobe's back
+    model.config._attn_implementation_internal = "sdpa"
     ids, mask = inputs()
-    with pytest.raises(RuntimeError, match="without calling fastprobe's attention"):
+    with pytest.raises(RuntimeError, match="switched to 'sdpa' since .*, so this forward ran without fastprobe"):
+        outputs(model, ids, mask)
+    model = fp.patch(tiny_model("llama"))
+    for layer in model.model.layers:
+        layer.self_attn.forward = lambda hidden_states, **kwargs: (torch.zeros_like(hidden_states), None)
+    with pytest.raises(RuntimeError, match="without calling fastprobe's attention: its attention does not go"):
         outputs(model, ids, mask)
 
 
