@@ -47,17 +47,14 @@ def _availability(status: tuple[bool, str]) -> str:
     return ("available: " if available else "unavailable: ") + why
 
 
-def _backend_in_force() -> str:
-    try:
-        return get_backend()
-    except ValueError as error:  # (a bad FASTPROBE_BACKEND: info still shows the rest)
-        return f"invalid: {error}"
-
-
 def info() -> int:
+    try:
+        backend, valid = get_backend(), True
+    except ValueError as error:  # (a bad FASTPROBE_BACKEND: info still shows the rest, and exits 2)
+        backend, valid = f"invalid: {error}", False
     rows = [
         ("fastprobe", __version__),
-        ("backend in force", _backend_in_force()),
+        ("backend in force", backend),
         ("cpp (CPU)", _availability(cpp_status())),
         ("triton (CUDA)", _availability(triton_status("cuda"))),
         ("triton (CPU interpreter)", _availability(triton_status("cpu"))),
@@ -72,7 +69,7 @@ def info() -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    return 2 if rows[1][1].startswith("invalid") else 0
+    return 0 if valid else 2
 
 
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
