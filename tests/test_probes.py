@@ -476,6 +476,15 @@ def test_evaluate_probe_checks_the_regression_width():
         evaluate_probe(fit.probe, torch.randn(30, 6), torch.randn(30))
 
 
+def test_predict_and_evaluate_take_train_probes_result_as_it_is():
+    """predict / evaluate_probe accept the ProbeFit that train_probe returns, with the same
+    results as its .probe."""
+    features, labels = torch.randn(40, 6), torch.arange(40) % 3
+    fit = train_probe(features, labels, epochs=3)
+    assert torch.equal(predict(fit, features), predict(fit.probe, features))
+    assert evaluate_probe(fit, features, labels) == evaluate_probe(fit.probe, features, labels)
+
+
 def test_attentive_mask_and_predict_bad_input():
     tokens = torch.randn(6, 4, 8)
     with pytest.raises(ValueError, match=r"mask must have shape \(6, 4\)"):
@@ -487,8 +496,10 @@ def test_attentive_mask_and_predict_bad_input():
     probe = LinearProbe(8, 2)
     with pytest.raises(ValueError, match="the probe takes 8"):
         predict(probe, torch.randn(3, 9))
-    with pytest.raises(ValueError, match="probe must be"):
+    with pytest.raises(TypeError, match="probe must be"):
         predict(torch.nn.Linear(8, 2), torch.randn(3, 8))
+    with pytest.raises(TypeError, match="probe must be"):
+        evaluate_probe(torch.nn.Linear(8, 2), torch.randn(3, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="in_features"):
         MLPProbe(0, 2)
     assert probes.POOLS == ("last", "mean", None)

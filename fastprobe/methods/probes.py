@@ -781,9 +781,16 @@ def _evaluating(probe: torch.nn.Module):
         probe.train(was_training)
 
 
-def _outputs(probe: _Probe, features, mask, batch_size: int) -> torch.Tensor:
+def _probe_of(probe) -> _Probe:
+    """The probe module: itself, or the one a ProbeFit (train_probe's result) holds."""
+    probe = probe.probe if isinstance(probe, ProbeFit) else probe
     if not isinstance(probe, _Probe):
-        raise ValueError(f"probe must be a LinearProbe, MLPProbe or AttentiveProbe, got {type(probe).__name__}")
+        raise TypeError(f"probe must be a LinearProbe, MLPProbe or AttentiveProbe (or train_probe's ProbeFit), "
+                        f"got {type(probe).__name__}")
+    return probe
+
+
+def _outputs(probe: _Probe, features, mask, batch_size: int) -> torch.Tensor:
     check_count(batch_size, "batch_size")
     features = _as_features(features)
     kind = type(probe).__name__
@@ -804,10 +811,11 @@ def _outputs(probe: _Probe, features, mask, batch_size: int) -> torch.Tensor:
 
 
 def predict(probe: _Probe, features, mask=None, *, batch_size: int = 4096) -> torch.Tensor:
-    """The probe's predictions for `features` ([N, H], or [N, T, H] and mask for the attentive
-    probe), standardised as in training: class ids [N] for classification, values [N] (or
-    [N, D]) for regression, in float32 also under torch.autocast (as train_probe). Eval mode and
-    no gradient for the call."""
+    """The probe's (or a ProbeFit's probe's) predictions for `features` ([N, H], or [N, T, H] and
+    mask for the attentive probe), standardised as in training: class ids [N] for classification,
+    values [N] (or [N, D]) for regression, in float32 also under torch.autocast (as train_probe).
+    Eval mode and no gradient for the call."""
+    probe = _probe_of(probe)
     outputs = _outputs(probe, features, mask, batch_size)
     if probe.task == "classification":
         return outputs.argmax(dim=-1)
@@ -818,7 +826,9 @@ def evaluate_probe(probe: _Probe, features, labels, mask=None, *, batch_size: in
     """{"loss", "accuracy"} (classification: cross-entropy) or {"loss", "r2"} (regression: mean
     squared error in the targets' units; r2 pooled over outputs, 1 - sum (y - f)^2 /
     sum (y - mean y)^2, NaN for constant targets) of the probe on these rows, as floats computed
-    in float64 from the probe's float32 outputs (also under torch.autocast)."""
+    in float64 from the probe's float32 outputs (also under torch.autocast). probe may be a
+    ProbeFit."""
+    probe = _probe_of(probe)
     # on the CPU in float64: squares of large targets stay finite (and MPS has no float64)
     outputs = _outputs(probe, features, mask, batch_size).to("cpu", torch.float64)
     labels = _as_labels(labels, outputs.shape[0], probe.task, width=probe.num_outputs).cpu()
