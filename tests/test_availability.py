@@ -97,6 +97,13 @@ def test_temperature_and_variants(model, tokenizer):
     table = availability.answer_availability(model, tokenizer, PROMPTS[:3], ANSWERS[:3], temperature=2.0,
                                              variants=("space",), generate=False, progress=False)
     check_table(table, model, tokenizer, PROMPTS[:3], ANSWERS[:3], temperature=2.0, variants=("space",))
+    # available = mass >= threshold: a threshold equal to a row's mass counts that row in
+    threshold = float(table["mass"].iloc[0])
+    at_its_mass = availability.answer_availability(model, tokenizer, PROMPTS[:3], ANSWERS[:3], temperature=2.0,
+                                                   variants=("space",), generate=False, progress=False,
+                                                   threshold=threshold)
+    assert at_its_mass["available"].iloc[0]
+    assert at_its_mass["available"].tolist() == (table["mass"] >= threshold).tolist()
 
 
 def test_an_extension_of_a_variant_adds_nothing(model, tokenizer):

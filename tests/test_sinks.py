@@ -110,6 +110,9 @@ def test_top_and_random_heads(tokenizer):
     table = sinks.score_heads(planted_model(tokenizer), tokenizer, TEXTS, progress=False)
     assert sorted(sinks.top_heads(table, 0.25)) == planted_pairs()
     assert sinks.top_heads(table, 0.0) == []
+    # round(fraction * heads) of the 12 heads: 2.52 -> 3, 2.4 -> 2 (the best-ranked first)
+    assert sinks.top_heads(table, 0.21) == sinks.top_heads(table, 0.25)
+    assert sinks.top_heads(table, 0.2) == sinks.top_heads(table, 0.25)[:2]
     drawn = sinks.random_heads(table, 3, seed=1, exclude=planted_pairs())
     assert len(set(drawn)) == 3 and not set(drawn) & set(planted_pairs())
     assert drawn == sinks.random_heads(table, 3, seed=1, exclude=planted_pairs())

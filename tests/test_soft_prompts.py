@@ -108,6 +108,9 @@ def test_fit_follows_a_scaled_embedding(tokenizer):
     fitted = sp.fit_embedding_gaussian(model, per_dimension=True)
     torch.testing.assert_close(fitted.mean.double(), weight.mean(0) * scale, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(fitted.std.double(), weight.std(0) * scale, rtol=1e-6, atol=0)
+    embedding.embed_scale = -embedding.embed_scale  # a negative scale flips the mean; the spread stays positive
+    flipped = sp.fit_embedding_gaussian(model, per_dimension=True)
+    assert torch.equal(flipped.mean, -fitted.mean) and torch.equal(flipped.std, fitted.std)
 
 
 def test_a_table_with_non_finite_rows_is_refused_unless_they_are_excluded(tokenizer):
