@@ -598,6 +598,34 @@ def test_probes_learn_at_any_feature_and_target_scale():
         train_probe(features, values.double() * 1e300, epochs=2)
 
 
+def test_features_varying_little_around_a_large_mean_are_standardised():
+    """A column's std far below its mean (1e-5 of it here) is still a signal, scaled to 1 like any
+    other: only a std at rounding level relative to the mean counts as a constant column."""
+    features, labels = planted(400, width=16)
+    reference = train_probe(features, labels, epochs=100).metrics["val_accuracy"]
+    offset = train_probe(features * 1e-2 + 1000.0, labels, epochs=100).metrics["val_accuracy"]
+    assert offset == pytest.approx(reference, abs=0.02)
+
+
+def test_evaluate_probe_metrics_are_their_formulas():
+    """evaluate_probe's figures, from predict's outputs: regression loss = mean (y - f)^2 and
+    r2 = 1 - sum (y - f)^2 / sum (y - mean y)^2 pooled over the outputs; classification loss =
+    cross-entropy of the logits, accuracy = share of argmax hits."""
+    features, labels = planted(120, width=8, classes=3)
+    targets = torch.stack([features[:, 0] - 2 * features[:, 1], features[:, 2].tanh() * 1e-3], 1)
+    fit = train_probe(features, targets, epochs=20)
+    metrics = evaluate_probe(fit, features, targets)
+    f, y = predict(fit, features).double(), targets.double()
+    assert metrics["loss"] == pytest.approx(float((y - f).pow(2).mean()), rel=1e-9)
+    assert metrics["r2"] == pytest.approx(float(1 - (y - f).pow(2).sum() / (y - y.mean(0)).pow(2).sum()), rel=1e-9)
+    fit = train_probe(features, labels, epochs=20)
+    metrics = evaluate_probe(fit, features, labels)
+    with torch.no_grad():
+        logits = fit.probe(features).double()
+    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).double().mean()))
+
+
 def evaluate_probe_r2(predicted, target) -> float:
     """1 - sum (y - f)^2 / sum (y - mean y)^2 of one output, in float64."""
     predicted, target = predicted.double(), target.double()
