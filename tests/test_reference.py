@@ -272,6 +272,17 @@ def test_concept_mass_matches_independent(temperature):
         assert got["top_share"][3, 4].item() == 1.0 and got["concentration_entropy"][3, 4].item() == 0.0
 
 
+def test_concept_mass_top_token_without_a_largest_logit_is_the_first_variant():
+    """A concept whose variants are all -inf, or whose logits hold a NaN (no largest one), names
+    its first variant in concept order as top_token (the kernels do the same)."""
+    logits = torch.randn(3, 8, dtype=torch.float64)
+    logits[0, [4, 6]] = NEG_INF
+    logits[1, 6] = float("nan")
+    got = reference.concept_mass(logits, torch.tensor([6, 4, 2, 4, 6]), torch.tensor([0, 2, 3, 5]))["top_token"]
+    assert got[0].tolist() == [6, 2, 4] and got[1].tolist()[0::2] == [6, 4]
+    assert got[2, 0] == (6 if logits[2, 6] >= logits[2, 4] else 4)
+
+
 @pytest.mark.parametrize("shift, temperature", [(1e15, 1.0), (1e17, 1.0), (1.0, 1e-30)])
 def test_concept_mass_keeps_its_precision_at_huge_scaled_logits(shift, temperature):
     """The concept's and the row's log-sum-exps are compared after their shifts are taken out:

@@ -688,7 +688,8 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     temperature or token ids outside [0, V) before any kernel runs, and ValueError after
     the kernel for a row whose logits are all -inf or not finite (found from the kernel's
     lse, no extra pass; under torch.compile, where it would be a host sync, such a row's
-    statistics are NaN instead).
+    statistics are NaN instead, and the top_token of a concept holding a NaN logit is one of its
+    variants, which one depending on the backend).
     """
     logits = check_tensor(logits, "logits", 2, "[N, V]")
     if logits.shape[1] == 0:
