@@ -434,9 +434,9 @@ def _fused_linear_case(target, data):
     vocab = data.draw(st.integers(1, 60 if small(target) else 300), label="V")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     # Hidden states and weights go to torch's matmul, not to a fastprobe kernel. Its bfloat16 CPU
-    # GEMM (torch 2.13, oneDNN) reads the element after each row of odd length, times 0: a NaN
-    # there (a gap of a row-strided view) made 16 of 17 rows NaN. A large finite poison still
-    # shows any gap element that is used.
+    # GEMM (torch 2.13, 17+ rows) reads some rows of odd length past their end (31 -> 32 elements,
+    # 33 -> more), times 0: a NaN there (a gap of a row-strided view) made 16 of 17 rows NaN. A large
+    # finite poison still shows any gap element that is used.
     poison = 1e4
     h_s = draw_layout(data, torch.randn(num_rows, hidden_s).to(device=device, dtype=dtype), "student_hidden", poison)
     w_s = draw_layout(data, (torch.randn(vocab, hidden_s) / hidden_s**0.5).to(device=device, dtype=dtype), "student_weight", poison)
