@@ -22,7 +22,8 @@ work=${SANITIZE_DIR:-/tmp/fastprobe-sanitize}
 rm -rf "$work"
 mkdir -p "$work/src" "$work/run"
 cp -r "$root"/{pyproject.toml,CMakeLists.txt,README.md,csrc,kernels,fastprobe} "$work/src/"
-cp -r "$root"/tests "$root"/bench "$root"/pyproject.toml "$work/run/"
+# the tree but the package (imported from the sanitized build), for the tests that read its files
+cp -r "$root"/{tests,bench,pyproject.toml,README.md,CMakeLists.txt,csrc,kernels} "$work/run/"
 
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -DFASTPROBE_POISON_SCRATCH ${SANITIZE_EXTRA_FLAGS:-}"
 echo "building the sanitized extension into $work/site ..."
