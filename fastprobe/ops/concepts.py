@@ -689,7 +689,7 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     the kernel for a row whose logits are all -inf or not finite (found from the kernel's
     lse, no extra pass; under torch.compile, where it would be a host sync, such a row's
     statistics are NaN instead, and the top_token of a concept holding a NaN logit is one of its
-    variants, which one depending on the backend).
+    variants, which one depending on the backend and the variants' order).
     """
     logits = check_tensor(logits, "logits", 2, "[N, V]")
     if logits.shape[1] == 0:
