@@ -1443,6 +1443,36 @@ def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
             model(input_ids=ids, attention_mask=mask)
 
 
+def test_a_record_copies_as_a_snapshot_and_takes_prepared_key_groups():
+    """copy.deepcopy (and pickle) of a record is a snapshot: later forwards change the record, not
+    the copy, and the copy can record on its own (a lock of its own). set_key_groups takes the
+    KeyGroups that prepare_key_groups made (num_groups, if given, must be its own) and refuses
+    anything else by name."""
+    import pickle
+
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    groups = torch.randint(0, 3, ids.shape)
+    prepared = fp.ops.attention.prepare_key_groups(groups, 3)
+    with torch.no_grad(), fp.record_attention(model, statistics=("sink_mass", "group_mass")) as record:
+        record.set_key_groups(prepared)
+        model(input_ids=ids, attention_mask=mask)
+        snapshot, pickled = copy.deepcopy(record), pickle.loads(pickle.dumps(record))
+        model(input_ids=ids[:, :5], attention_mask=mask[:, :5])
+    for copied in (snapshot, pickled):
+        assert torch.equal(copied.num_queries, mask.sum().float().repeat(record.num_layers))
+        assert not torch.equal(copied.sink_mass, record.sink_mass)
+        torch.testing.assert_close(copied.group_mass.sum(-1), torch.ones_like(copied.sink_mass), **TOLERANCE)
+        with copied._lock:  # its own
+            assert not record._lock.locked()
+    with pytest.raises(ValueError, match=r"num_groups \(4\) differs from the KeyGroups' \(3\)"):
+        record.set_key_groups(prepared, num_groups=4)
+    with pytest.raises(TypeError, match="key_groups must be an integer tensor"):
+        record.set_key_groups(groups[0])
+    record.set_key_groups(None)
+    assert record._key_groups is None
+
+
 def recorded_generate(arch: str, **record_options) -> tuple:
     """(record, mask, steps): record_attention(**record_options) through greedy generate of the
     left-padded inputs on the patched model, and the eager model's attention weights of the same
