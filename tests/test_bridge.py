@@ -1022,6 +1022,9 @@ def bad_cases():
         ("ignore_index beyond int64", (s, t), {"ignore_index": 2**63}, ValueError, "ignore_index"),
         ("ignore_index float", (s, t), {"ignore_index": 1.0}, TypeError, "ignore_index"),
         ("empty vocabulary", (torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, "V = 0"),
+        ("labels a list", (s, t), {"labels": [0, 1, 2, 3]}, TypeError, r"labels must be an integer tensor of shape \[4\], got list"),
+        ("labels device", (s, t), {"labels": torch.zeros(4, dtype=torch.long, device="meta")}, ValueError,
+         "labels is on meta but student_logits is on cpu"),
     ]
 
 
@@ -1053,6 +1056,12 @@ def fused_linear_bad_cases():
          "student_weight dtype torch.float16 must match student_hidden"),
         ("teacher dtypes", {"teacher_hidden": torch.randn(4, 6).bfloat16()}, TypeError,
          "teacher_weight dtype torch.float32 must match teacher_hidden"),
+        ("student width", {"student_weight": torch.randn(vocab, 7)}, ValueError,
+         r"student_weight must be \[V, Hs\] with Hs = 8, got \[30, 7\]"),
+        ("teacher width", {"teacher_weight": torch.randn(vocab, 5)}, ValueError,
+         r"teacher_weight must be \[V, Ht\] with Ht = 6, got \[30, 5\]"),
+        ("teacher rows", {"teacher_hidden": torch.randn(3, 6)}, ValueError,
+         "teacher_hidden has 3 rows but student_hidden has 4"),
     ]
 
 

@@ -387,6 +387,8 @@ def bad_sets():
         ("no concepts", ([], [0]), ValueError, "at least one concept"),
         ("names length", ([1, 2], [0, 1, 2], ["a"]), ValueError, "names has 1 entries"),
         ("names type", ([1, 2], [0, 1, 2], "ab"), TypeError, "names"),
+        ("offsets device", (torch.tensor([1, 2]), torch.tensor([0, 2], device="meta")), ValueError,
+         "offsets is on meta but token_ids is on cpu"),
     ]
 
 
@@ -522,6 +524,9 @@ def test_from_answers_checks_its_arguments(bpe_tokenizer):
         fp.ConceptSet.from_answers(tok, None)
     with pytest.raises(TypeError, match=r"answers\['Paris'\] must be an alias string or a list of alias strings"):
         fp.ConceptSet.from_answers(tok, {"Paris": 1})
+    for empty in ({}, []):
+        with pytest.raises(ValueError, match="answers is empty: need at least one concept"):
+            fp.ConceptSet.from_answers(tok, empty)
     for variants in (None, 5):
         with pytest.raises(TypeError, match="variants must be a collection of form names"):
             fp.ConceptSet.from_answers(tok, ["Paris"], variants=variants)
