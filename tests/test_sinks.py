@@ -270,6 +270,21 @@ def test_prune_heads_takes_pairs_of_any_integer_kind(tokenizer):
         assert handle.heads == [(0, 1), (1, 2)]
 
 
+def test_prune_heads_takes_a_filtered_table_as_its_rows(tokenizer):
+    """A score_heads table without fraction prunes every row it has (a filtered table: the heads
+    the user picked), as the list of its (layer, head) pairs does."""
+    model = planted_model(tokenizer)
+    table = sinks.score_heads(model, tokenizer, TEXTS, progress=False)
+    picked = table[table["rank"] <= 3]
+    with sinks.prune_heads(model, picked) as handle:
+        assert sorted(handle.heads) == sorted(sinks.top_heads(table, 0.25)) == planted_pairs()
+        from_table = sinks.perplexity(model, tokenizer, TEXTS)
+    with sinks.prune_heads(model, planted_pairs()):
+        assert sinks.perplexity(model, tokenizer, TEXTS) == from_table
+    with pytest.raises(TypeError, match="fraction needs the score_heads table"):
+        sinks.prune_heads(model, planted_pairs(), fraction=0.25)
+
+
 # ---------------------------------------------------------------- perplexity, plot, command
 
 
@@ -289,6 +304,8 @@ def test_perplexity_is_batch_and_padding_independent(tokenizer):
     assert sinks.perplexity(model, tokenizer, TEXTS[:1]) == pytest.approx(loss.exp().item(), rel=1e-5)
     with pytest.raises(ValueError, match="texts is empty"):
         sinks.perplexity(model, tokenizer, [])
+    with pytest.raises(ValueError, match="no token to predict: every text is shorter than two tokens"):
+        sinks.perplexity(model, tokenizer, ["a"] if len(tokenizer("a")["input_ids"]) < 2 else [""])
 
 
 
