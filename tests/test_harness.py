@@ -113,3 +113,24 @@ def test_is_sticky(error, sticky):
         raise AssertionError("kernel failed") from error
     except AssertionError as wrapped:
         assert is_sticky(wrapped) is sticky
+
+
+def test_interpreter_flags_report_marks_flags_that_ran_one_way(tmp_path, capsys):
+    """tests/interpreter_flags.py's report: a boolean constexpr seen with one value only is marked
+    and fails the report (exit status 1), unless the flag is one the interpreter cannot run the
+    other way (GPU_ONLY); flags seen both ways, over processes' files, pass."""
+    from . import interpreter_flags
+
+    def launches(name, *flag_sets):
+        (tmp_path / name).write_text("".join(f'["k.kernel", {flags}]\n' for flags in flag_sets))
+
+    launches("1.jsonl", '{"CAUSAL": "True", "SFU_LOG2": "False", "BLOCK": "16"}')
+    launches("2.jsonl", '{"CAUSAL": "False", "SFU_LOG2": "False", "BLOCK": "32"}')
+    assert interpreter_flags.report(str(tmp_path)) == 0
+    assert "k.kernel: 2 combinations" in capsys.readouterr().out
+    launches("3.jsonl", '{"CAUSAL": "True", "SFU_LOG2": "False", "BLOCK": "16", "ENTROPY": "True"}')
+    assert interpreter_flags.report(str(tmp_path)) == 1
+    printed = capsys.readouterr().out
+    assert "ENTROPY: True  <- one way only" in printed and "ran one way only: k.kernel.ENTROPY" in printed
+    assert "SFU_LOG2: False  <- one way only (inline PTX" in printed
+    assert interpreter_flags.report(str(tmp_path / "none")) == 1
