@@ -309,9 +309,12 @@ def test_value_head_dim_differs_from_query_head_dim(target, dtype, value_dim):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_triton_split_key_decode_path(monkeypatch, dtype, splits):
+@pytest.mark.parametrize("entropy", [True, False], ids=["entropy", "no-entropy"])
+def test_triton_split_key_decode_path(monkeypatch, dtype, splits, entropy):
     """The Triton decoding path (keys split across programs, then merged) forced on small
-    caches, where the automatic choice would take the prefill kernel."""
+    caches, where the automatic choice would take the prefill kernel; with and without the
+    entropy (the split and merge kernels' ENTROPY flag: without it, it was left to the fuzz's
+    draws, tests/interpreter_flags.py found)."""
     import functools
 
     from fastprobe.kernels import attention as triton_attention
@@ -323,8 +326,8 @@ def test_triton_split_key_decode_path(monkeypatch, dtype, splits):
         options = make_options(config, 2, 8, num_keys, "cpu")
         if num_queries == 2:  # the two queries in different segments: one program's rows start apart
             options["segment_ids"][:, -1] = options["segment_ids"].max() + 1
-        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
-        assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
+        result = fp.sink_attention(q, k, v, return_entropy=entropy, **options)
+        assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, entropy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -141,6 +141,38 @@ def test_segments(target, dtype, causal):
             assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("pattern", ["bidirectional", "blocks", "segments+window"])
+def test_triton_split_key_decode_path(monkeypatch, dtype, splits, pattern):
+    """The Triton decoding path (keys split across programs, then merged) forced on small caches
+    for the patterns the shapes above decode without it: bidirectional, image blocks (a causal
+    horizon) and segments (their starts) with a window. The split kernel's CAUSAL, HAS_HORIZON and
+    HAS_START flags ran one way only unless the fuzz drew them (tests/interpreter_flags.py)."""
+    import functools
+
+    from fastprobe.kernels import dual_attention as triton_dual
+
+    monkeypatch.setattr(triton_dual, "dual_path_attention", functools.partial(triton_dual.dual_path_attention,
+                                                                              split_keys=splits))
+    fp.set_backend("triton")
+    for num_queries, num_keys in [(1, 70), (2, 97)]:
+        q, k, v = random_qkv(2, 4, 2, num_queries, num_keys, 16, dtype, "cpu")
+        drop = image_keys(2, num_keys, "cpu")
+        options = dict(gamma=0.7, rows="all", key_padding_mask=padding_mask(2, num_keys, "mixed", "cpu"))
+        if pattern == "bidirectional":
+            options["causal"] = False
+        elif pattern == "blocks":  # the last keys in one block: the first query sees the second
+            blocks = image_blocks(2, num_keys, "cpu")
+            blocks[:, -num_queries:] = blocks.max() + 1
+            options["bidirectional_blocks"] = blocks
+        else:
+            options.update(segment_ids=random_segments(2, num_keys, "cpu"), window=9)
+        got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+        assert_paths_match(got, expected(q, k, v, drop, **options), dtype)
+
+
 DROP_PATTERNS = ["one-run", "two-runs", "scattered", "block-aligned", "one-key", "first-keys", "last-keys", "all", "none"]
 
 
