@@ -145,11 +145,13 @@ def test_segments(target, dtype, causal):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("pattern", ["bidirectional", "blocks", "segments+window"])
-def test_triton_split_key_decode_path(monkeypatch, dtype, splits, pattern):
+@pytest.mark.parametrize("orthogonalize", [True, False], ids=["orthogonal", "plain"])
+def test_triton_split_key_decode_path(monkeypatch, dtype, splits, pattern, orthogonalize):
     """The Triton decoding path (keys split across programs, then merged) forced on small caches
     for the patterns the shapes above decode without it: bidirectional, image blocks (a causal
-    horizon) and segments (their starts) with a window. The split kernel's CAUSAL, HAS_HORIZON and
-    HAS_START flags ran one way only unless the fuzz drew them (tests/interpreter_flags.py)."""
+    horizon) and segments (their starts) with a window, with and without the orthogonal
+    correction. The split kernel's CAUSAL, HAS_HORIZON and HAS_START flags and the merge kernel's
+    ORTHOGONALIZE=False ran only when the fuzz drew them (tests/interpreter_flags.py)."""
     import functools
 
     from fastprobe.kernels import dual_attention as triton_dual
@@ -160,7 +162,8 @@ def test_triton_split_key_decode_path(monkeypatch, dtype, splits, pattern):
     for num_queries, num_keys in [(1, 70), (2, 97)]:
         q, k, v = random_qkv(2, 4, 2, num_queries, num_keys, 16, dtype, "cpu")
         drop = image_keys(2, num_keys, "cpu")
-        options = dict(gamma=0.7, rows="all", key_padding_mask=padding_mask(2, num_keys, "mixed", "cpu"))
+        options = dict(gamma=0.7, rows="all", orthogonalize=orthogonalize,
+                       key_padding_mask=padding_mask(2, num_keys, "mixed", "cpu"))
         if pattern == "bidirectional":
             options["causal"] = False
         elif pattern == "blocks":  # the last keys in one block: the first query sees the second
