@@ -12,14 +12,17 @@ if __name__ == "kernels":
     import os
     import sys
 
+    with open(__file__, encoding="utf-8") as _this:
+        _first_line = _this.readline()
+
     def _is_this_folder(origin: str) -> bool:
         """Whether a found kernels/__init__.py is this file or a copy of it (another clone's, the
         sanitizer's copy of the tree), which would hand the import back, and so on forever."""
         if os.path.realpath(origin) == os.path.realpath(__file__):
             return True
         try:
-            with open(origin, encoding="utf-8") as found, open(__file__, encoding="utf-8") as this:
-                return found.readline() == this.readline()
+            with open(origin, encoding="utf-8") as found:
+                return found.readline() == _first_line
         except (OSError, UnicodeDecodeError):
             return False
 

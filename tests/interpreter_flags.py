@@ -31,13 +31,20 @@ def pytest_configure(config):
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     log = open(Path(folder) / f"{os.getpid()}.jsonl", "a")
-    launch, written = interpreter.InterpretedFunction.run, set()
+    launch, written, signatures = interpreter.InterpretedFunction.run, set(), {}
+
+    def constexprs(fn) -> tuple:
+        """(every parameter's name, the constexpr parameters), found once per kernel."""
+        if fn not in signatures:
+            parameters = list(inspect.signature(fn).parameters.values())
+            signatures[fn] = ([parameter.name for parameter in parameters],
+                              [parameter for parameter in parameters if parameter.annotation in (tl.constexpr, "tl.constexpr")])
+        return signatures[fn]
 
     def recorded_launch(self, *args, grid, warmup, **kwargs):
-        parameters = inspect.signature(self.fn).parameters.values()
-        given = dict(zip([parameter.name for parameter in parameters], args), **kwargs)
-        flags = {parameter.name: repr(given.get(parameter.name, parameter.default)) for parameter in parameters
-                 if parameter.annotation in (tl.constexpr, "tl.constexpr")}
+        names, flagged = constexprs(self.fn)
+        given = dict(zip(names, args), **kwargs)
+        flags = {parameter.name: repr(given.get(parameter.name, parameter.default)) for parameter in flagged}
         line = json.dumps([f"{self.fn.__module__}.{self.fn.__name__}", flags], sort_keys=True)
         if line not in written:
             written.add(line)

@@ -306,6 +306,14 @@ def test_value_head_dim_differs_from_query_head_dim(target, dtype, value_dim):
         assert_matches(result, expected(q, k, v, **options), dtype, True, True)
 
 
+def force_triton_split_keys(monkeypatch, family: str, op: str, splits: int) -> None:
+    """The Triton backend for the test, its `family` launcher's `op` with keys split across
+    `splits` programs (the decoding path) whatever the cache's length."""
+    module = importlib.import_module(f"fastprobe.kernels.{family}")
+    monkeypatch.setattr(module, op, functools.partial(getattr(module, op), split_keys=splits))
+    fp.set_backend("triton")
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
@@ -315,12 +323,7 @@ def test_triton_split_key_decode_path(monkeypatch, dtype, splits, entropy):
     caches, where the automatic choice would take the prefill kernel; with and without the
     entropy (the split and merge kernels' ENTROPY flag: without it, it was left to the fuzz's
     draws, tests/interpreter_flags.py found)."""
-    import functools
-
-    from fastprobe.kernels import attention as triton_attention
-
-    monkeypatch.setattr(triton_attention, "sink_attention", functools.partial(triton_attention.sink_attention, split_keys=splits))
-    fp.set_backend("triton")
+    force_triton_split_keys(monkeypatch, "attention", "sink_attention", splits)
     for (num_queries, num_keys), config in itertools.product([(1, 70), (2, 97)], ["everything", "chunks+left-padding"]):
         q, k, v = random_qkv(2, 8, 2, num_queries, num_keys, 16, dtype, "cpu")
         options = make_options(config, 2, 8, num_keys, "cpu")

@@ -10,8 +10,8 @@ from fastprobe.ops.dual_attention import _dual_path_attention_op
 
 from .conftest import ATOL, RTOL
 from .test_attention import (
-    CONFIG_DTYPES, DTYPES, OUT_TOLERANCE, check_every_config, chunk_ids, image_blocks, is_interpreter, padding_mask,
-    random_qkv, random_segments, triton_kernels,
+    CONFIG_DTYPES, DTYPES, OUT_TOLERANCE, check_every_config, chunk_ids, force_triton_split_keys, image_blocks,
+    is_interpreter, padding_mask, random_qkv, random_segments, triton_kernels,
 )
 
 
@@ -152,13 +152,7 @@ def test_triton_split_key_decode_path(monkeypatch, dtype, splits, pattern, ortho
     horizon) and segments (their starts) with a window, with and without the orthogonal
     correction. The split kernel's CAUSAL, HAS_HORIZON and HAS_START flags and the merge kernel's
     ORTHOGONALIZE=False ran only when the fuzz drew them (tests/interpreter_flags.py)."""
-    import functools
-
-    from fastprobe.kernels import dual_attention as triton_dual
-
-    monkeypatch.setattr(triton_dual, "dual_path_attention", functools.partial(triton_dual.dual_path_attention,
-                                                                              split_keys=splits))
-    fp.set_backend("triton")
+    force_triton_split_keys(monkeypatch, "dual_attention", "dual_path_attention", splits)
     for num_queries, num_keys in [(1, 70), (2, 97)]:
         q, k, v = random_qkv(2, 4, 2, num_queries, num_keys, 16, dtype, "cpu")
         drop = image_keys(2, num_keys, "cpu")
