@@ -1,5 +1,8 @@
-"""Markdown results table from pytest-benchmark JSON files (bench/results/*.json). A row measured
-again (same op, device, problem and implementation) in a later run replaces the earlier one.
+"""Markdown results table from pytest-benchmark JSON files (bench/results/*.json). The rows of one
+comparison (same op, device and problem) all come from one run, since its ratios hold only within a
+run: the run that measured the most peers (implementations that are not fastprobe's) in it, the
+latest of those. A later run that timed fresh rows with fewer peers (some skipped, or cut by a
+deadline) does not hide an earlier fuller comparison; a peer is never shown beside rows of another run.
 Files that are empty or not pytest-benchmark JSON (a run killed before writing) are skipped, with
 a line on stderr. A fastprobe row's speed-up is given against its suite's declared baseline and
 against the fastest peer (an implementation that is not fastprobe's) of its group in the same run;
@@ -137,22 +140,28 @@ def main(paths):
               "peak extra memory", "of copy bandwidth", "date")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    latest = {}  # (op, device, problem, implementation) -> (run's time, order of first appearance, row, run)
+    chosen = {}  # (op, device, problem) -> (number of peers, run's time, run's index, its rows)
+    order = []  # comparisons in order of first appearance
     runs = []
     for path in paths:
         data = load(path)
         if data is None:
             continue
         runs.append(run_line(path, data))
-        when = data.get("datetime", "")
+        comparisons = {}
         for row in rows(data):
-            key = row[:4]
-            first = latest[key][1] if key in latest else len(latest)
-            if key not in latest or when >= latest[key][0]:
-                latest[key] = (when, first, row, len(runs) - 1)
-    for _, _, row, _ in sorted(latest.values(), key=lambda entry: entry[1]):
-        print("| " + " | ".join(row) + " |")
-    shown = sorted({entry[3] for entry in latest.values()})  # the runs with a row in the table
+            comparisons.setdefault(row[:3], []).append(row)
+        for key, group in comparisons.items():
+            peers = sum(not row[3].startswith("fastprobe") for row in group)
+            candidate = (peers, data.get("datetime", ""), len(runs) - 1, group)
+            if key not in chosen:
+                order.append(key)
+            if key not in chosen or candidate[:3] >= chosen[key][:3]:
+                chosen[key] = candidate
+    for key in order:
+        for row in chosen[key][3]:
+            print("| " + " | ".join(row) + " |")
+    shown = sorted({chosen[key][2] for key in order})  # the runs with a row in the table
     if shown:
         print("\nRuns:")
         for index in shown:

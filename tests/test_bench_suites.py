@@ -594,6 +594,49 @@ def test_report_names_the_runs_behind_its_rows(tmp_path, capsys, monkeypatch):
         "command not recorded"]
 
 
+def test_report_takes_each_comparison_whole_from_one_run(tmp_path, capsys):
+    """bench/report.py: the rows of one comparison (op, device, problem) come from one run, as its
+    ratios do: the run with the most peers in it, the latest of those. A later run that timed
+    fastprobe alone, or with fewer peers, leaves the earlier fuller comparison in place; a later run
+    with as many peers replaces the whole comparison, so no row of an earlier run sits beside it; a
+    problem of another size is a comparison of its own."""
+    import json
+
+    from bench import report
+
+    def document(when, *benches):
+        return {"machine_info": {"gpu": "NVIDIA H200", "date": when}, "datetime": when, "benchmarks": [
+            {"group": group, "name": f"test[{impl}]", "stats": {"median": median},
+             "extra_info": {"impl": impl, "shape": {"L": size}, "dtype": "bfloat16"}} for group, impl, median, size in benches]}
+
+    runs = {"full.json": document("2026-11-30", ("a-cuda", "fastprobe", 1.0, 8), ("a-cuda", "eager", 4.0, 8),
+                                  ("a-cuda", "compiled", 2.0, 8), ("b-cuda", "fastprobe", 1.0, 8),
+                                  ("b-cuda", "eager", 3.0, 8)),
+            "fuller.json": document("2026-11-29", ("c-cuda", "fastprobe", 2.0, 8), ("c-cuda", "eager", 8.0, 8),
+                                    ("c-cuda", "compiled", 4.0, 8), ("c-cuda", "fastprobe-x", 3.0, 8)),
+            "alone.json": document("2026-12-04", ("a-cuda", "fastprobe", 0.5, 8), ("a-cuda", "fastprobe-x", 0.6, 8),
+                                   ("b-cuda", "fastprobe", 2.0, 8), ("b-cuda", "eager", 5.0, 8),
+                                   ("c-cuda", "fastprobe", 1.0, 8), ("c-cuda", "eager", 2.0, 8),
+                                   ("a-cuda", "fastprobe", 9.0, 16))}
+    for name, data in runs.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    report.main([str(tmp_path / name) for name in runs])
+    table, _, listed = capsys.readouterr().out.partition("\nRuns:\n")
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    assert [(row[0], row[2], row[3], row[4], row[6], row[9]) for row in cells] == [
+        ("a", "L=8, bfloat16", "fastprobe", "1000.00", "2.00x vs compiled", "2026-11-30"),
+        ("a", "L=8, bfloat16", "eager", "4000.00", "-", "2026-11-30"),
+        ("a", "L=8, bfloat16", "compiled", "2000.00", "-", "2026-11-30"),
+        ("b", "L=8, bfloat16", "fastprobe", "2000.00", "2.50x vs eager", "2026-12-04"),
+        ("b", "L=8, bfloat16", "eager", "5000.00", "-", "2026-12-04"),
+        ("c", "L=8, bfloat16", "fastprobe", "2000.00", "2.00x vs compiled", "2026-11-29"),
+        ("c", "L=8, bfloat16", "eager", "8000.00", "-", "2026-11-29"),
+        ("c", "L=8, bfloat16", "compiled", "4000.00", "-", "2026-11-29"),
+        ("c", "L=8, bfloat16", "fastprobe-x", "3000.00", "1.33x vs compiled", "2026-11-29"),
+        ("a", "L=16, bfloat16", "fastprobe", "9000.00", "-", "2026-12-04")]
+    assert [line.split("`")[1] for line in listed.splitlines()] == ["full.json", "fuller.json", "alone.json"]
+
+
 def test_host_overhead_decode_step_captures_each_attention_call_and_leaves_the_registry_alone():
     """bench/host_overhead.py --decode replays layer 0's attention call of a decoding step, as the
     model made it, for transformers' sdpa and fastprobe's; the registry's entries are the same after
