@@ -16,7 +16,7 @@ from fastprobe.integrations import is_patched
 from .test_integration import (
     TOLERANCE, assert_real_close, check_qwen_vision_language_model, eager_sink_mass, inputs, outputs,
 )
-from .transformers_helpers import patch_or_skip
+from .transformers_helpers import patch_or_skip, unpatched_or_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,7 +165,8 @@ def test_family_patched_equals_unpatched(model_type):
         assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
         if model_type in HYBRIDS:  # their static caches: attention layers beside fixed-size recurrent state
             settings["cache_implementation"] = "static"
-            assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+            want = unpatched_or_skip(lambda: reference.generate(ids, **settings), f"{model_type} with a static cache")
+            assert torch.equal(model.generate(ids, **settings), want)
 
 
 def test_a_hybrid_whose_attention_bypasses_the_interface_is_refused(monkeypatch):
@@ -287,6 +288,12 @@ def test_minimax_decoding_reads_the_rows_padding():
         pytest.skip("4.x MiniMax's one-key decoding masks put the query at its position, past that key: refused")
     reference, model = build("minimax", RECURRENT["minimax"]), fp.patch(build("minimax", RECURRENT["minimax"]))
     eager = build("minimax", RECURRENT["minimax"], attn_implementation="eager")
+    with torch.no_grad():
+        ids, mask = inputs()
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    if all(w.shape[-2:] != (ids.shape[1],) * 2 for w in weights):  # (5.13 hands out the linear layer's state)
+        pytest.skip(f"transformers {transformers.__version__}'s MiniMax returns no attention weights to compare: "
+                    f"output_attentions gives shapes {[tuple(w.shape) for w in weights]} for {ids.shape[1]} tokens")
     check_prefill(model, reference, eager, [index for index, kind in enumerate(eager.config.layer_types)
                                             if kind == "full_attention"])
     ids, mask = inputs(padding="left")
@@ -359,7 +366,9 @@ def kv_sharing_model(family: str, **changes):
         return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
-@pytest.mark.parametrize("family,changes", [("Gemma4", {}), ("Gemma4", dict(attention_k_eq_v=True)),
+# (num_global_key_value_heads: the full layers' KV heads, which 5.13's Gemma 4 needs with attention_k_eq_v;
+# 5.2x's takes them from per_layer_config, whose default is num_key_value_heads, the value given here)
+@pytest.mark.parametrize("family,changes", [("Gemma4", {}), ("Gemma4", dict(attention_k_eq_v=True, num_global_key_value_heads=2)),
                                             ("Gemma4", dict(num_kv_shared_layers=0)), ("Gemma3n", {})],
                          ids=["gemma4", "gemma4_k_eq_v", "gemma4_no_sharing", "gemma3n"])
 def test_kv_shared_layers(family, changes):

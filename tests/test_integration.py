@@ -16,7 +16,7 @@ from fastprobe.integrations import transformers as integration
 from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
 
 from .conftest import TORCH_RELEASE
-from .transformers_helpers import cached_keys_values, generated_cache, patch_or_skip
+from .transformers_helpers import cached_keys_values, generated_cache, patch_or_skip, unpatched_or_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -404,12 +404,7 @@ def test_vision_language_models_with_images(name):
         pad = length - count - 6
         ids[row, :pad], mask[row, :pad] = 0, 0
         ids[row, pad + 2:pad + 2 + count] = 299
-    try:
-        want = outputs(reference, ids, mask, **images)
-    except AttributeError as error:  # transformers' own forward, unpatched
-        if "image_outputs" not in str(error):
-            raise
-        pytest.skip(f"transformers {transformers.__version__}'s {model_class.__name__} fails unpatched: {error}")
+    want = unpatched_or_skip(lambda: outputs(reference, ids, mask, **images), model_class.__name__)
     assert_real_close(outputs(model, ids, mask, **images), want, mask)
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **images)
     with torch.no_grad():
