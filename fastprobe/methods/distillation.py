@@ -93,7 +93,11 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     values) in its dtype, and hands its logits back, moved to the student's device but kept in
     their dtype (the loss reads mixed dtypes as they are, see fastprobe.bridge_loss). The
     teacher runs in eval mode (no dropout: a fixed target), each of its modules' training flags
-    restored afterwards; the student runs as it is (train mode for training)."""
+    restored afterwards; the student runs as it is (train mode for training). Both models get
+    the inputs as they are: without position_ids most models number a left-padded row from its
+    first pad, so its first real token sits at its pad count, not 0. Rotary embeddings see only
+    distances, so that changes nothing; with absolute ones (GPT-2's) pass position_ids, e.g.
+    (attention_mask.cumsum(-1) - 1).clamp(min=0)."""
     labels = inputs.get("labels")
     check_labels(labels, loss_fn.ignore_index)
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
