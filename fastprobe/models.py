@@ -150,7 +150,10 @@ def plant_sink_heads(model, heads, *, bos_token_id: int | None = None, strength:
 
     bos = model.config.bos_token_id if bos_token_id is None else bos_token_id
     embedding = model.get_input_embeddings().weight
-    layers = attention_layers(model)
+    try:
+        layers = attention_layers(model)
+    except NotImplementedError as error:  # (attention fastprobe cannot reach: GPT-2 on transformers 4.53)
+        raise ValueError(f"plant_sink_heads needs Llama-style attention that fastprobe can patch: {error}") from error
     for layer, chosen in heads.items():
         if not (isinstance(layer, int) and 0 <= layer < len(layers)):
             raise ValueError(f"heads: layer {layer!r} is not a layer index in [0, {len(layers)})")

@@ -391,7 +391,11 @@ def test_vision_language_models_with_images(name):
             models.append(model_class(copy.deepcopy(config)).eval())
     reference, model = models[0], patch_or_skip(models[1])
     with torch.no_grad():
-        select = {"vision_feature_select_strategy": "default"} if name == "llama4" else {}  # needed before 5.2x
+        select = {}  # (Llama 4's before 5.2x takes these by name; 4.53's has no defaults for them)
+        if name == "llama4":
+            select = {"vision_feature_select_strategy": "default"}
+            if hasattr(config.vision_config, "vision_feature_layer"):  # (4.5x)
+                select["vision_feature_layer"] = config.vision_config.vision_feature_layer
         features = getattr(reference, "model", reference).get_image_features(**images, **select)
     pooled = getattr(features, "pooler_output", features)
     features = features.last_hidden_state if pooled is None else pooled  # Llama 4 pools nothing

@@ -15,9 +15,9 @@ from fastprobe.methods import sinks
 from fastprobe.models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
 
 from .dropout_helpers import check_eval_mode, with_dropout
-from .transformers_helpers import patch_or_skip
+from .transformers_helpers import patch_or_skip, routes_through_interfaces
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pandas = pytest.importorskip("pandas")
 
 PLANTED = {0: [1], 1: [0, 3]}
@@ -340,6 +340,8 @@ def test_a_model_left_in_train_mode_is_measured_without_dropout(tokenizer, arch)
     refused to run at all.)"""
     model = with_dropout(planted_model(tokenizer) if arch == "llama" else
                          tiny_model("gpt2", vocab_size=len(tokenizer), num_layers=2))
+    if not routes_through_interfaces(model):  # (GPT-2 on 4.53: score_heads refuses it, see patch_or_skip)
+        pytest.skip(f"transformers {transformers.__version__} does not run {type(model).__name__} through its interfaces")
 
     def measure():
         table = sinks.score_heads(model, tokenizer, TEXTS[:3], batch_size=2, progress=False)
