@@ -579,3 +579,9 @@ def test_plant_sink_heads_refuses_what_it_cannot_plant():
     for arch, message in (("gpt2", "Llama-style attention"), ("qwen3", "q_norm")):
         with pytest.raises(ValueError, match=message):
             plant_sink_heads(tiny_model(arch, num_layers=1), {0: [0]})
+    # a model whose attention fastprobe cannot reach (none here; GPT-2 on transformers 4.53) is the same error
+    transformers = pytest.importorskip("transformers")
+    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4,
+                                                                   num_hidden_layers=1))
+    with pytest.raises(ValueError, match="Llama-style attention that fastprobe can patch: .*no attention layers"):
+        plant_sink_heads(mamba, {0: [0]})
