@@ -29,9 +29,28 @@ INTERPRETER = interpreter_enabled()
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
 
 
+def interpreter_numpy_problem(triton_version: str, numpy_version: str):
+    """Why the Triton interpreter cannot run the kernels with these versions, or None. Triton 3.0's
+    and 3.1's interpreter read scalars out of numpy arrays in ways numpy 2 refuses or computes
+    otherwise (checked 2026-12-04: every interpreter test failed with 3.0 and numpy 2.4, and both
+    failed with numpy 2.3, where 3.0 with numpy 1.26 passed)."""
+    major_minor = tuple(int(part) for part in triton_version.split(".")[:2])
+    if major_minor < (3, 2) and int(numpy_version.split(".")[0]) >= 2:
+        return (f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version}: "
+                "install numpy<2 (or a newer Triton: 3.9's runs them with numpy 2) for the -m interpreter tests")
+    return None
+
+
 def pytest_configure(config):
     if not config.pluginmanager.is_registered(_worker_guard):  # unless loaded with -p
         config.pluginmanager.register(_worker_guard, "fastprobe_worker_guard")
+    if INTERPRETER:  # (a clear refusal instead of hundreds of failures deep inside the interpreter)
+        import numpy
+        import triton
+
+        problem = interpreter_numpy_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise pytest.UsageError(problem)
 
 
 def pytest_collection_modifyitems(config, items):

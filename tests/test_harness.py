@@ -134,3 +134,16 @@ def test_interpreter_flags_report_marks_flags_that_ran_one_way(tmp_path, capsys)
     assert "ENTROPY: True  <- one way only" in printed and "ran one way only: k.kernel.ENTROPY" in printed
     assert "SFU_LOG2: False  <- one way only (inline PTX" in printed
     assert interpreter_flags.report(str(tmp_path / "none")) == 1
+
+
+def test_the_interpreter_run_refuses_a_triton_that_cannot_read_numpy_2():
+    """Triton 3.0's and 3.1's interpreter with numpy 2 failed every interpreter test deep inside the
+    interpreter: conftest refuses that pair at start-up, naming both versions and the way out."""
+    from .conftest import interpreter_numpy_problem
+
+    problem = interpreter_numpy_problem("3.0.0", "2.4.6")
+    assert "Triton 3.0.0" in problem and "numpy 2.4.6" in problem and "numpy<2" in problem
+    assert interpreter_numpy_problem("3.1.0", "2.3.5")
+    assert interpreter_numpy_problem("3.0.0", "1.26.4") is None
+    assert interpreter_numpy_problem("3.9.0", "2.4.6") is None
+    assert interpreter_numpy_problem("3.2.0+git1a2b", "2.0.0") is None
