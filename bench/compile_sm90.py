@@ -1,20 +1,25 @@
-"""Compile the attention Triton kernels for sm_90 on a machine without a GPU, for the launches
-the host code makes (with FASTPROBE_AUTOTUNE=0: each kernel's first config that survives
-pruning), and print each kernel's registers and spilled bytes as ptxas reports them, and what its
-PTX holds (asynchronous copies, 16-byte and 2-byte global loads, wgmma instructions).
+"""Compile Triton kernels for sm_90 on a machine without a GPU, for the launches the host code
+makes (with FASTPROBE_AUTOTUNE=0: each kernel's first config that survives pruning), and print
+each kernel's registers and spilled bytes as ptxas reports them, its SASS instruction count, and
+what its PTX holds (asynchronous copies, 16-byte and 2-byte global loads, wgmma instructions).
 
-    python bench/compile_sm90.py
+    python bench/compile_sm90.py                 # the attention and dual-path kernels
+    python bench/compile_sm90.py concepts        # concept_mass's forward (bf16, V=151936, 1000 x 8)
+    python bench/compile_sm90.py concepts --tree /tmp/old   # the kernels/ of another checkout
 
 It replaces triton's JITFunction.run for the process: a launch compiles (triton.compile with an
-sm_90 target, then ptxas -v) and runs nothing. The inputs are CPU tensors; only their dtypes and
-the sizes the host code derives from them matter. A check of what a change does to the kernels'
-resources (compare with and without it), not a measurement of speed.
+sm_90 target, then ptxas -v and cuobjdump -sass) and runs nothing. The inputs are CPU tensors;
+only their dtypes and the sizes the host code derives from them matter. A check of what a change
+does to the kernels' resources (compare with and without it, e.g. a `git worktree` of the commit
+before it given as --tree), not a measurement of speed.
 """
 
 import glob
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 os.environ["FASTPROBE_AUTOTUNE"] = "0"
@@ -26,11 +31,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fastprobe.kernels import attention, dual_attention  # noqa: E402
+import fastprobe  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas*"))[0]
-compiled = []  # (kernel, registers, spilled bytes) of the launches since the last clear
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = glob.glob(os.path.join(TOOLS, "ptxas*"))[0]
+compiled = []  # (kernel, registers, spilled bytes, PTX and SASS counts) of the launches since the last clear
 
 
 def compile_only(kernel, *args, grid, warmup, **kwargs):
@@ -51,8 +57,10 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
         ptx = os.path.join(folder, "kernel.ptx")
         with open(ptx, "w") as file:
             file.write(binary.asm["ptx"])
-        report = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(folder, "kernel.cubin")],
-                                capture_output=True, text=True).stderr
+        cubin = os.path.join(folder, "kernel.cubin")
+        report = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin], capture_output=True,
+                                text=True).stderr
+        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     registers = re.search(r"Used (\d+) registers", report)
     spilled = re.search(r"(\d+) bytes spill stores", report)
     ptx_text = binary.asm["ptx"]
@@ -60,6 +68,7 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
     shape = {what: len(re.findall(pattern, ptx_text)) for what, pattern in
              (("cp.async", r"\bcp\.async\.c[ga]\b"), ("16-byte loads", r"\bld\.global(?:\.nc)?\.v4\.b32\b"),
               ("2-byte loads", r"\bld\.global(?:\.nc)?\.b16\b"), ("wgmma", r"\bwgmma\.mma_async\b"))}
+    shape["SASS instructions"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE))
     compiled.append((kernel.__name__, int(registers.group(1)) if registers else None,
                      int(spilled.group(1)) if spilled else None, shape))
 
@@ -74,6 +83,8 @@ def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, sp
     k = torch.zeros(batch, kv_heads, keys, head_dim, dtype=dtype)
     v = torch.zeros(batch, kv_heads, keys, value_dim, dtype=dtype)
     out = torch.zeros(batch, queries, heads, value_dim, dtype=dtype).transpose(1, 2)
+    from fastprobe.kernels import attention, dual_attention
+
     if dual:
         dual_attention.dual_path_attention(
             q, k, v, out, None, None, scale=0.1, causal=True, key_real=None,
@@ -98,15 +109,69 @@ CASES = {  # name: (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, split_keys: 0 prefill, n t
     "decode D=192 Dv=128 bf16": (1, 16, 16, 1, 4096, 192, 128, torch.bfloat16, 4),
 }
 
+def concepts() -> None:
+    """concept_mass's forward over bf16 logits [4, 151936] and 1000 concepts of 8 random ids
+    (the benchmark's vocabulary and concepts; the row count does not change the kernel)."""
+    import numpy as np
+
+    from fastprobe.kernels import concepts as triton_concepts
+    from fastprobe.ops import concepts as concept_ops
+
+    rows, vocab, num_concepts, variants = 4, 151936, 1000, 8
+    draw = np.random.default_rng(0)
+    concept_set = fastprobe.ConceptSet.from_ids([draw.choice(vocab, variants, replace=False).tolist()
+                                                 for _ in range(num_concepts)])
+    out = fastprobe.ConceptMass(*(torch.zeros(rows, num_concepts) for _ in range(4)),
+                                torch.zeros(rows, num_concepts, dtype=torch.int64), torch.zeros(rows, dtype=torch.float64))
+    triton_concepts.concept_mass(torch.zeros(rows, vocab, dtype=torch.bfloat16), concept_set._index,
+                                 concept_ops.ID_BLOCK, 1.0, out)
+
+
+class _TreeKernels:
+    """A meta path finder that resolves fastprobe.kernels and its modules to another checkout's
+    kernels/ (ahead of an editable install's finder, which maps them by name)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastprobe.kernels":
+            return importlib.util.spec_from_file_location(name, os.path.join(self.folder, "__init__.py"),
+                                                          submodule_search_locations=[self.folder])
+        file = os.path.join(self.folder, name.rpartition(".")[2] + ".py")
+        if name.startswith("fastprobe.kernels.") and os.path.exists(file):
+            return importlib.util.spec_from_file_location(name, file)
+        return None
+
+
+def use_tree(tree: str) -> None:
+    """fastprobe.kernels from another checkout's kernels/ (the op layer stays this one's: the
+    launchers' signatures must match it)."""
+    sys.meta_path.insert(0, _TreeKernels(os.path.join(os.path.abspath(tree), "kernels")))
+
+
+def report(label: str) -> None:
+    print(f"{label}: " + "; ".join(
+        f"{kernel} {registers} registers, {spilled} B spilled (" + ", ".join(f"{what} {count}" for what, count in
+                                                                           shape.items()) + ")"
+        for kernel, registers, spilled, shape in compiled))
+
+
 if __name__ == "__main__":
     JITFunction.run = compile_only
+    arguments = sys.argv[1:]
+    if "--tree" in arguments:
+        where = arguments.index("--tree")
+        use_tree(arguments[where + 1])
+        del arguments[where:where + 2]
+    if arguments == ["concepts"]:
+        concepts()
+        report("concept_mass bf16 V=151936, 1000 x 8")
+        sys.exit(0)
     for name, case in CASES.items():
         for dual, blocks, segments in ((False, False, False), (True, False, False), (False, True, False),
                                        (True, True, False), (False, False, True), (True, False, True)):
             compiled.clear()
             launch(*case, dual=dual, blocks=blocks, segments=segments)
             extra = (" +blocks" if blocks else "") + (" +segments" if segments else "")
-            print(f"{'dual_path' if dual else 'sink'}{extra} {name}: " + "; ".join(
-                f"{kernel} {registers} registers, {spilled} B spilled ("
-                + ", ".join(f"{what} {count}" for what, count in shape.items()) + ")"
-                for kernel, registers, spilled, shape in compiled))
+            report(f"{'dual_path' if dual else 'sink'}{extra} {name}")

@@ -4,6 +4,7 @@ times compute the same figures on a small case (the suites time them without com
 but for the Liger peers, which need CUDA), and bench/report.py labels its rows right."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -653,3 +654,22 @@ def test_host_overhead_decode_step_captures_each_attention_call_and_leaves_the_r
     assert ALL_ATTENTION_FUNCTIONS["fastprobe"].__name__ != "first_call"
     outputs = {name: call()[0] for name, call in calls.items()}  # [B, Lq, H, D] each
     torch.testing.assert_close(outputs["fastprobe"], outputs["sdpa"], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_sm90_counts_a_kernels_sass_and_reads_another_trees_kernels(tmp_path):
+    """bench/compile_sm90.py concepts compiles concept_mass's forward for sm_90 without a GPU and
+    prints its registers and SASS instruction count; with --tree DIR it compiles DIR/kernels/
+    instead of this checkout's (here a tree whose concepts.py says where it was read from)."""
+    pytest.importorskip("triton.knobs", reason="bench/compile_sm90.py needs a Triton with knobs (3.4+)")
+    script = [sys.executable, str(ROOT / "bench" / "compile_sm90.py"), "concepts"]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    registers, instructions = re.search(r"_concept_mass_kernel (\d+) registers, 0 B spilled .*SASS instructions (\d+)",
+                                        line).groups()
+    assert int(registers) > 0 and int(instructions) > 100
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "kernels" / "concepts.py").write_text("raise ImportError('concepts.py of the other tree')\n")
+    done = subprocess.run(script + ["--tree", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "concepts.py of the other tree" in done.stderr
