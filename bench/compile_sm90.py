@@ -76,15 +76,16 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
 def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual, blocks=False,
            segments=False):
     """One launch of the sink or dual-path kernels; blocks: with a causal horizon (bidirectional
-    blocks); segments: with a start per position and (sink_attention) per-position sink ends."""
+    blocks); segments: with a start per position and (sink_attention) per-position sink ends.
+    (The kernels are imported here, after --tree may have redirected fastprobe.kernels.)"""
+    from fastprobe.kernels import attention, dual_attention
+
     horizon = torch.zeros(batch, keys, dtype=torch.int64) if blocks else None
     start = torch.zeros(batch, keys, dtype=torch.int64) if segments else None
     q = torch.zeros(batch, heads, queries, head_dim, dtype=dtype)
     k = torch.zeros(batch, kv_heads, keys, head_dim, dtype=dtype)
     v = torch.zeros(batch, kv_heads, keys, value_dim, dtype=dtype)
     out = torch.zeros(batch, queries, heads, value_dim, dtype=dtype).transpose(1, 2)
-    from fastprobe.kernels import attention, dual_attention
-
     if dual:
         dual_attention.dual_path_attention(
             q, k, v, out, None, None, scale=0.1, causal=True, key_real=None,
@@ -108,6 +109,7 @@ CASES = {  # name: (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, split_keys: 0 prefill, n t
     "prefill D=192 Dv=128 bf16": (1, 16, 16, 1024, 1024, 192, 128, torch.bfloat16, 0),
     "decode D=192 Dv=128 bf16": (1, 16, 16, 1, 4096, 192, 128, torch.bfloat16, 4),
 }
+
 
 def concepts() -> None:
     """concept_mass's forward over bf16 logits [4, 151936] and 1000 concepts of 8 random ids
