@@ -9,6 +9,8 @@ is reported; libraries and threads are warmed up on a tiny input first.
 import ctypes
 import ctypes.util
 import importlib.util
+import math
+import statistics
 import subprocess
 import sys
 import threading
@@ -148,14 +150,70 @@ def on_fresh_thread(run) -> None:
         raise failure[0]
 
 
-def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, script: str) -> None:
+# Interleaved rounds of a fastprobe row and each peer on the CPU: a shared machine's speed drifts
+# by tens of percent within a minute (2026-12-04: the dual path took 1.05x and 1.84x one
+# sink_attention call in two runs of the same suite minutes apart), which moves the ratio of two
+# medians timed one after the other; a ratio taken within each pair of neighbouring calls does not.
+PAIRED_BUDGET_S = 3.0  # time aimed at per peer; at least PAIRED_ROUNDS[0] pairs, at most [1]
+PAIRED_ROUNDS = (5, 15)
+
+
+def paired_speedup(call, peer, inputs: tuple, clock=time.perf_counter) -> dict:
+    """The peer's time over call's, each pair of rounds run back to back, in alternating order
+    (call then peer, then peer then call, ...: a steady drift favours neither): the median of the
+    pairs' ratios, their quartiles, and the number of pairs."""
+
+    def timed(run):
+        start = clock()
+        run(*inputs)
+        return clock() - start
+
+    timed(peer)  # (untimed: a compiled peer compiles here)
+    first = timed(call) + timed(peer)
+    pairs = min(max(math.ceil(PAIRED_BUDGET_S / max(first, 1e-9)), PAIRED_ROUNDS[0]), PAIRED_ROUNDS[1])
+    ratios = []
+    for index in range(pairs):
+        if index % 2 == 0:
+            mine = timed(call)
+            theirs = timed(peer)
+        else:
+            theirs = timed(peer)
+            mine = timed(call)
+        ratios.append(theirs / max(mine, 1e-12))
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return dict(speedup=statistics.median(ratios), low=low, high=high, rounds=pairs)
+
+
+def paired_peers(impl: str, baseline, peers: dict) -> list:
+    """The implementations a fastprobe row is paired with: its suite's declared baseline (first;
+    it may be another fastprobe row, e.g. the dual path's one sink_attention call) and every peer
+    (an implementation that is not fastprobe's)."""
+    names = [baseline] if baseline in peers and baseline != impl else []
+    return names + [name for name in peers if not name.startswith("fastprobe") and name not in names]
+
+
+def _timed_on(device: str, name: str, call, inputs: tuple) -> bool:
+    """Whether the suite times `name` on this device (its own row is not skipped there)."""
+    try:
+        skip_flex_unless_timed(name, device)
+        skip_unless_sdpa_backend_runs(name, call, inputs)
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
+def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, script: str, peers=None) -> None:
     """Times `call(*inputs)` with pytest-benchmark and records its peak extra memory.
 
     CUDA: compile/autotune first, then 20 synchronised rounds (200 for a call under a
     millisecond, e.g. decoding, whose round-to-round spread is larger); the run's copy bandwidth
     is measured once (the JSON then reports each op's fraction of it). CPU: the peak is taken
     in a fresh process running `script --peak-rss impl`, and the rounds run on a fresh thread
-    (see on_fresh_thread); fastprobe gets 15 rounds, the slower peers 5."""
+    (see on_fresh_thread); fastprobe gets 15 rounds, the slower peers 5. `peers`: the suite's
+    implementations by name (taking the same inputs); on the CPU a fastprobe row is then also
+    timed in alternation with each of paired_peers (paired_speedup), recorded in extra_info
+    "paired" (peer -> speedup, low, high, rounds); not on CUDA, whose rounds do not drift so and
+    whose device time is budgeted."""
     if device == "cuda":
         request.getfixturevalue("copy_bandwidth")
         call(*inputs)
@@ -173,3 +231,9 @@ def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, scr
         benchmark.extra_info["peak_extra_bytes"] = cpu_peak_extra_bytes(script, impl)
         rounds = 15 if impl.startswith("fastprobe") else 5
         on_fresh_thread(lambda: benchmark.pedantic(lambda: call(*inputs), rounds=rounds, warmup_rounds=1, iterations=1))
+        if peers is None or not impl.startswith("fastprobe") or getattr(benchmark, "disabled", False):
+            return
+        paired = benchmark.extra_info["paired"] = {}
+        for name in paired_peers(impl, benchmark.extra_info.get("baseline"), peers):
+            if _timed_on(device, name, peers[name], inputs):
+                on_fresh_thread(lambda name=name: paired.update({name: paired_speedup(call, peers[name], inputs)}))

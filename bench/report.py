@@ -7,6 +7,9 @@ Files that are empty or not pytest-benchmark JSON (a run killed before writing) 
 a line on stderr. A fastprobe row's speed-up is given against its suite's declared baseline and
 against the fastest peer (an implementation that is not fastprobe's) of its group in the same run;
 the device is the group's ("-cpu" or "-cuda"), so a run on a CUDA machine labels its CPU rows CPU.
+Where the run also timed the row in alternation with those two peers (bench/_memory.py's
+paired_speedup, CPU runs since 2026-12-04), the "paired" column gives the median of the pairs'
+ratios with its quartiles: on a machine whose speed drifts, the better figure of the two.
 Under the table, each run whose rows it shows: its file, device (and the copy bandwidth the
 fractions are of), date, versions and command (bench/conftest.py records bench/gpu.sh's command
 line where gpu.sh ran the suite, else pytest's; a merged JSON keeps each distinct one).
@@ -51,6 +54,14 @@ def fastest_peers(data):
     return fastest
 
 
+def _paired(info, names):
+    """The row's paired speed-ups against the peers `names` (its baseline, its fastest peer), or "-"."""
+    paired = info.get("paired") or {}
+    found = [f"{paired[name]['speedup']:.2f}x ({paired[name]['low']:.2f}-{paired[name]['high']:.2f}) vs {name}"
+             for name in dict.fromkeys(names) if name in paired]
+    return "; ".join(found) or "-"
+
+
 def rows(data):
     """The table rows of one pytest-benchmark JSON document."""
     machine = data["machine_info"]
@@ -69,6 +80,7 @@ def rows(data):
         peer = peers.get(bench["group"]) if _is_fastprobe(bench) else None
         peer_speedup = "-" if peer is None else \
             f"{peer['stats']['median'] / bench['stats']['median']:.2f}x vs {peer['extra_info']['impl']}"
+        paired = _paired(info, [info.get("baseline")] + ([] if peer is None else [peer["extra_info"]["impl"]]))
         yield (
             op,
             cpu if device == "cpu" else machine.get("gpu") or device,
@@ -77,6 +89,7 @@ def rows(data):
             _milliseconds(bench["stats"]["median"]),
             f"{speedup:.2f}x vs {info['baseline']}" if speedup is not None else "-",
             peer_speedup,
+            paired,
             _size(info.get("peak_extra_bytes")),
             f"{bandwidth:.0%}" if bandwidth is not None else "-",
             machine.get("date", "")[:10],
@@ -137,7 +150,7 @@ def run_line(path, data):
 
 def main(paths):
     header = ("op", "device", "problem", "implementation", "median ms", "speed-up", "vs fastest peer",
-              "peak extra memory", "of copy bandwidth", "date")
+              "paired (quartiles)", "peak extra memory", "of copy bandwidth", "date")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     chosen = {}  # (op, device, problem) -> (number of peers, run's time, run's index, its rows)

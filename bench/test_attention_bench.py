@@ -112,7 +112,7 @@ def test_attention_cpu(benchmark, impl, request):
         input_bytes=sum(t.nbytes for t in inputs),
     )
     with torch.no_grad():
-        _memory.measure(benchmark, request, "cpu", impl, CPU_IMPLS[impl], inputs, __file__)
+        _memory.measure(benchmark, request, "cpu", impl, CPU_IMPLS[impl], inputs, __file__, peers=CPU_IMPLS)
 
 
 LATENT_IMPLS = {"fastprobe-latent": fastprobe_causal, "sdpa-latent": sdpa_causal}
@@ -328,7 +328,7 @@ def test_attention_variant(benchmark, device, family, impl, request):
     benchmark.group = f"sink_attention_{family}-{device}"
     benchmark.extra_info.update(impl=impl, baseline=baseline, dtype=str(cases[device]["dtype"]), **info)
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, impls[impl], inputs, __file__)
+        _memory.measure(benchmark, request, device, impl, impls[impl], inputs, __file__, peers=impls)
 
 
 # ---- CUDA --------------------------------------------------------------------------------

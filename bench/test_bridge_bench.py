@@ -174,7 +174,7 @@ def test_bridge_loss_forward_backward(benchmark, device, impl, request):
         impl=impl, baseline="eager", shape=dict(N=case["num_rows"], V=case["vocab"]), dtype=str(case["dtype"]),
         input_bytes=sum(t.nbytes for t in inputs),
     )
-    _memory.measure(benchmark, request, device, impl, LOGIT_IMPLS[impl], inputs, __file__)
+    _memory.measure(benchmark, request, device, impl, LOGIT_IMPLS[impl], inputs, __file__, peers=LOGIT_IMPLS)
 
 
 @pytest.mark.parametrize("impl", list(REVERSE_IMPLS))
@@ -190,7 +190,7 @@ def test_bridge_loss_reverse_forward_backward(benchmark, device, impl, request):
         impl=impl, baseline="eager-reverse", shape=dict(N=case["num_rows"], V=case["vocab"]), dtype=str(case["dtype"]),
         input_bytes=sum(t.nbytes for t in inputs),
     )
-    _memory.measure(benchmark, request, device, impl, REVERSE_IMPLS[impl], inputs, __file__)
+    _memory.measure(benchmark, request, device, impl, REVERSE_IMPLS[impl], inputs, __file__, peers=REVERSE_IMPLS)
 
 
 @pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
@@ -204,7 +204,7 @@ def test_fused_linear_forward_backward(benchmark, device, impl, request):
         shape=dict(N=case["num_rows"], H=case["hidden"], V=case["vocab"]),
         input_bytes=sum(t.nbytes for t in inputs),
     )
-    _memory.measure(benchmark, request, device, impl, LINEAR_IMPLS[impl], inputs, __file__)
+    _memory.measure(benchmark, request, device, impl, LINEAR_IMPLS[impl], inputs, __file__, peers=LINEAR_IMPLS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -94,7 +94,7 @@ def compiled_grad(logits, concepts, weights):
 GRAD_IMPLS = {"fastprobe-grad": fastprobe_grad, "eager-grad": eager_grad, "torch.compile-grad": compiled_grad}
 
 
-def run_case(benchmark, request, device, impl, call, case, op, baseline, make=make_inputs):
+def run_case(benchmark, request, device, impl, impls, case, op, baseline, make=make_inputs):
     inputs = make(device, **case)
     benchmark.group = f"{op}-{device}"
     benchmark.extra_info.update(
@@ -106,26 +106,26 @@ def run_case(benchmark, request, device, impl, call, case, op, baseline, make=ma
     )
     if make is make_inputs:  # a forward: one read of the logits is its floor
         benchmark.extra_info["bytes_one_read"] = inputs[0].nbytes
-    _memory.measure(benchmark, request, device, impl, call, inputs, __file__)
+    _memory.measure(benchmark, request, device, impl, impls[impl], inputs, __file__, peers=impls)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_concept_mass(benchmark, device, impl, request):
-    run_case(benchmark, request, device, impl, IMPLS[impl], CASES[device], "concept_mass", "eager")
+    run_case(benchmark, request, device, impl, IMPLS, CASES[device], "concept_mass", "eager")
 
 
 @pytest.mark.parametrize("impl", list(GRAD_IMPLS))
 @pytest.mark.parametrize("device", ["cpu"])
 def test_concept_mass_forward_backward(benchmark, device, impl, request):
-    run_case(benchmark, request, device, impl, GRAD_IMPLS[impl], CASES[device], "concept_mass_forward_backward",
+    run_case(benchmark, request, device, impl, GRAD_IMPLS, CASES[device], "concept_mass_forward_backward",
              "eager-grad", make=lambda device, **case: with_weights(*make_inputs(device, **case)))
 
 
 @pytest.mark.parametrize("impl", list(STEP_IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_concept_mass_step(benchmark, device, impl, request):
-    run_case(benchmark, request, device, impl, STEP_IMPLS[impl], STEP_CASES[device], "concept_mass_step", "eager-step")
+    run_case(benchmark, request, device, impl, STEP_IMPLS, STEP_CASES[device], "concept_mass_step", "eager-step")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

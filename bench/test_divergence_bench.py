@@ -61,7 +61,7 @@ IMPLS = {
 STEP_IMPLS = {f"{name}-step": call for name, call in IMPLS.items()}
 
 
-def run_case(benchmark, request, device, impl, call, case, op, baseline):
+def run_case(benchmark, request, device, impl, impls, case, op, baseline):
     drafts, target = make_inputs(device, **case)
     benchmark.group = f"{op}-{device}"
     benchmark.extra_info.update(
@@ -72,19 +72,19 @@ def run_case(benchmark, request, device, impl, call, case, op, baseline):
         input_bytes=drafts.nbytes + target.nbytes,
         bytes_one_read=drafts.nbytes + target.nbytes,
     )
-    _memory.measure(benchmark, request, device, impl, call, (drafts, target), __file__)
+    _memory.measure(benchmark, request, device, impl, impls[impl], (drafts, target), __file__, peers=impls)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_draft_divergence(benchmark, device, impl, request):
-    run_case(benchmark, request, device, impl, IMPLS[impl], CASES[device], "draft_divergence", "eager")
+    run_case(benchmark, request, device, impl, IMPLS, CASES[device], "draft_divergence", "eager")
 
 
 @pytest.mark.parametrize("impl", list(STEP_IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_draft_divergence_step(benchmark, device, impl, request):
-    run_case(benchmark, request, device, impl, STEP_IMPLS[impl], STEP_CASES[device], "draft_divergence_step",
+    run_case(benchmark, request, device, impl, STEP_IMPLS, STEP_CASES[device], "draft_divergence_step",
              "eager-step")
 
 

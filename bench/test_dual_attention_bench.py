@@ -112,7 +112,7 @@ def test_dual_path_attention(benchmark, device, impl, request):
         input_bytes=sum(t.nbytes for t in inputs[:4]), mask_bytes=inputs[4].nbytes,
     )
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__)
+        _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__, peers=IMPLS)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

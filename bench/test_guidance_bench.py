@@ -100,7 +100,7 @@ def test_guided_generation(benchmark, device, impl, request):
         backend=fp.backend.resolve(torch.device(device), DTYPES[device], "dual_path_attention"),
     )
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, IMPLS[impl], (device,), __file__)
+        _memory.measure(benchmark, request, device, impl, IMPLS[impl], (device,), __file__, peers=IMPLS)
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         benchmark.extra_info["tokens_per_s"] = num_rows * NEW_TOKENS / median

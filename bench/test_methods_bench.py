@@ -96,7 +96,8 @@ def test_hidden_states_for_probes(benchmark, device, impl, request):
     describe(benchmark, device, impl, "methods_hidden_states", "output-hidden-states")
     benchmark.extra_info["layer"] = LAYER
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, HIDDEN_IMPLS[impl], (make_batch(device),), __file__)
+        _memory.measure(benchmark, request, device, impl, HIDDEN_IMPLS[impl], (make_batch(device),), __file__,
+                        peers=HIDDEN_IMPLS)
 
 
 # ---------------------------------------------------------------- draft uncertainty
@@ -146,7 +147,8 @@ def test_draft_uncertainty(benchmark, device, impl, request):
     describe(benchmark, device, impl, "methods_uncertainty", "eager-statistics")
     benchmark.extra_info["drafts"] = NUM_DRAFTS
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, UNCERTAINTY_IMPLS[impl], (device,), __file__)
+        _memory.measure(benchmark, request, device, impl, UNCERTAINTY_IMPLS[impl], (device,), __file__,
+                        peers=UNCERTAINTY_IMPLS)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--peak-rss"]:

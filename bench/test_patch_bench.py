@@ -101,7 +101,7 @@ def test_record_sink_statistics(benchmark, device, impl, request):
     inputs = make_inputs(device, **case)
     describe(benchmark, device, impl, f"patch_record_L{case['length']}", "sdpa-forward", B=1, L=case["length"])
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__)
+        _memory.measure(benchmark, request, device, impl, IMPLS[impl], inputs, __file__, peers=IMPLS)
 
 
 NEW_TOKENS, PROMPT = 32, 128
@@ -142,7 +142,8 @@ def test_patched_generate(benchmark, device, impl, request):
     describe(benchmark, device, impl, f"patch_generate_T{NEW_TOKENS}", "sdpa-generate", B=2, prompt=PROMPT)
     benchmark.extra_info["new_tokens"] = NEW_TOKENS
     with torch.no_grad():
-        _memory.measure(benchmark, request, device, impl, GENERATE_IMPLS[impl], (inputs,), __file__)
+        _memory.measure(benchmark, request, device, impl, GENERATE_IMPLS[impl], (inputs,), __file__,
+                        peers=GENERATE_IMPLS)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["ms_per_step"] = 1e3 * benchmark.stats.stats.median / NEW_TOKENS
 

@@ -146,6 +146,113 @@ def test_report_devices_and_fastest_peer(tmp_path, capsys):
                    ("NVIDIA H200", "fastprobe-more", "-")]
 
 
+def test_report_shows_paired_speedups_against_the_baseline_and_the_fastest_peer(tmp_path, capsys):
+    """bench/report.py: a row timed in alternation with its peers shows those paired speed-ups
+    (median and quartiles), against its declared baseline and its fastest peer, once each; rows
+    without them (older runs, the peers' own rows) show "-"."""
+    import json
+
+    from bench import report
+
+    paired = {"eager": dict(speedup=7.5, low=7.25, high=8.0, rounds=5),
+              "torch.compile": dict(speedup=3.5, low=3.25, high=3.75, rounds=9)}
+    benchmarks = [{"group": "op-cpu", "name": f"test[{impl}]", "stats": {"median": median},
+                   "extra_info": {"impl": impl, "baseline": baseline, **extra}}
+                  for impl, median, baseline, extra in (("fastprobe", 1.0, "eager", {"paired": paired}),
+                                                        ("fastprobe-old", 1.0, "torch.compile", {}),
+                                                        ("fastprobe-same", 1.0, "torch.compile", {"paired": paired}),
+                                                        ("eager", 8.0, "eager", {}),
+                                                        ("torch.compile", 4.0, "eager", {}))]
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"machine_info": {"cpu_threads": 2, "date": "2026-12-04"}, "benchmarks": benchmarks}))
+    report.main([str(tmp_path / "run.json")])
+    lines = capsys.readouterr().out.partition("\nRuns:")[0].strip().splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    column = table[0].index("paired (quartiles)")
+    assert [row[column] for row in table[2:]] == [
+        "7.50x (7.25-8.00) vs eager; 3.50x (3.25-3.75) vs torch.compile", "-",
+        "3.50x (3.25-3.75) vs torch.compile", "-", "-"]
+
+
+class _SteadilySlowingMachine:
+    """A clock and two calls on a machine that slows down steadily: each call costs its base time
+    times 1 + 0.05 per call made before it; the peer's base time is twice the call's."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def clock(self):
+        return self.now
+
+    def work(self, base):
+        self.now += base * (1 + 0.05 * self.calls)
+        self.calls += 1
+
+    def call(self):
+        self.work(0.01)
+
+    def peer(self):
+        self.work(0.02)
+
+
+def test_paired_speedup_holds_on_a_machine_whose_speed_drifts():
+    """_memory.paired_speedup: on a machine that slows down call after call, the ratio of two
+    medians timed one after the other is off (here the peer's rounds, run later, look 2.7x
+    slower), the median of the pairs' ratios is not; the number of pairs follows the budget."""
+    from bench import _memory
+
+    machine = _SteadilySlowingMachine()
+    separate = [machine.clock()]
+    for run in [machine.call] * 15 + [machine.peer] * 5:  # (measure's rounds, one row after the other)
+        run()
+        separate.append(machine.clock())
+    times = [b - a for a, b in zip(separate, separate[1:])]
+    assert sorted(times[15:])[2] / sorted(times[:15])[7] > 2.5  # the drift, as separate rows see it
+
+    machine = _SteadilySlowingMachine()
+    found = _memory.paired_speedup(machine.call, machine.peer, (), clock=machine.clock)
+    assert found["rounds"] == _memory.PAIRED_ROUNDS[1]  # 3 s of budget, ~0.03 s a pair: the most pairs
+    assert abs(found["speedup"] - 2.0) < 0.1 and found["low"] <= found["speedup"] <= found["high"]
+    slow = _SteadilySlowingMachine()
+    slow.call, slow.peer = (lambda: slow.work(1.0)), (lambda: slow.work(2.0))
+    assert _memory.paired_speedup(slow.call, slow.peer, (), clock=slow.clock)["rounds"] == _memory.PAIRED_ROUNDS[0]
+
+
+def test_measure_pairs_a_cpu_fastprobe_row_with_its_baseline_and_the_peers_timed_there(monkeypatch):
+    """_memory.measure on the CPU with the suite's implementations: a fastprobe row is paired with
+    its declared baseline (here another fastprobe row, as the dual path's) and each peer the suite
+    times on the CPU (not FlexAttention, skipped there); a peer's row and a disabled benchmark
+    (--benchmark-disable) are not paired."""
+    from bench import _memory
+
+    class Benchmark:
+        disabled = False
+
+        def __init__(self, baseline):
+            self.extra_info = {"baseline": baseline}
+
+        def pedantic(self, run, rounds, warmup_rounds, iterations):
+            for _ in range(warmup_rounds + rounds):
+                run()
+
+    calls = []
+    impls = {name: (lambda *inputs, name=name: calls.append(name))
+             for name in ("fastprobe-dual", "fastprobe-sink_attention", "sdpa-two-calls", "flex-two-calls")}
+    monkeypatch.setattr(_memory, "cpu_peak_extra_bytes", lambda script, impl: 0)
+    monkeypatch.setattr(_memory, "PAIRED_BUDGET_S", 0.0)
+    benchmark = Benchmark("fastprobe-sink_attention")
+    _memory.measure(benchmark, None, "cpu", "fastprobe-dual", impls["fastprobe-dual"], (), "suite.py", peers=impls)
+    assert list(benchmark.extra_info["paired"]) == ["fastprobe-sink_attention", "sdpa-two-calls"]
+    assert {found["rounds"] for found in benchmark.extra_info["paired"].values()} == {_memory.PAIRED_ROUNDS[0]}
+    assert "flex-two-calls" not in calls
+    for impl, disabled in (("sdpa-two-calls", False), ("fastprobe-dual", True)):
+        benchmark = Benchmark("fastprobe-sink_attention")
+        benchmark.disabled = disabled
+        calls.clear()
+        _memory.measure(benchmark, None, "cpu", impl, impls[impl], (), "suite.py", peers=impls)
+        assert "paired" not in benchmark.extra_info and set(calls) == {impl}
+
+
 @pytest.fixture
 def uncompiled(monkeypatch):
     """torch.compile as the identity: a compiled peer's wrapper still runs (its compile would take
@@ -624,7 +731,7 @@ def test_report_takes_each_comparison_whole_from_one_run(tmp_path, capsys):
     report.main([str(tmp_path / name) for name in runs])
     table, _, listed = capsys.readouterr().out.partition("\nRuns:\n")
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
-    assert [(row[0], row[2], row[3], row[4], row[6], row[9]) for row in cells] == [
+    assert [(row[0], row[2], row[3], row[4], row[6], row[-1]) for row in cells] == [
         ("a", "L=8, bfloat16", "fastprobe", "1000.00", "2.00x vs compiled", "2026-11-30"),
         ("a", "L=8, bfloat16", "eager", "4000.00", "-", "2026-11-30"),
         ("a", "L=8, bfloat16", "compiled", "2000.00", "-", "2026-11-30"),
