@@ -153,15 +153,17 @@ def on_fresh_thread(run) -> None:
 # Interleaved rounds of a fastprobe row and each peer on the CPU: a shared machine's speed drifts
 # by tens of percent within a minute (2026-12-04: the dual path took 1.05x and 1.84x one
 # sink_attention call in two runs of the same suite minutes apart), which moves the ratio of two
-# medians timed one after the other; a ratio taken within each pair of neighbouring calls does not.
-PAIRED_BUDGET_S = 3.0  # time aimed at per peer; at least PAIRED_ROUNDS[0] pairs, at most [1]
-PAIRED_ROUNDS = (5, 15)
+# medians timed one after the other; a ratio taken within a block of neighbouring calls does not.
+PAIRED_BUDGET_S = 3.0  # time aimed at per peer; at least PAIRED_BLOCKS[0] blocks, at most [1]
+PAIRED_BLOCKS = (4, 10)
 
 
 def paired_speedup(call, peer, inputs: tuple, clock=time.perf_counter) -> dict:
-    """The peer's time over call's, each pair of rounds run back to back, in alternating order
-    (call then peer, then peer then call, ...: a steady drift favours neither): the median of the
-    pairs' ratios, their quartiles, and the number of pairs."""
+    """The peer's time over call's in blocks of four neighbouring calls, call, peer, peer, call:
+    in each block a steady drift adds as much to the two calls as to the two peers', and each
+    side runs once first and once second after the other, so neither drift nor the order of a
+    pair favours one. Returns the median of the blocks' ratios (the peer's two times over
+    call's), their quartiles, and the number of blocks."""
 
     def timed(run):
         start = clock()
@@ -170,18 +172,15 @@ def paired_speedup(call, peer, inputs: tuple, clock=time.perf_counter) -> dict:
 
     timed(peer)  # (untimed: a compiled peer compiles here)
     first = timed(call) + timed(peer)
-    pairs = min(max(math.ceil(PAIRED_BUDGET_S / max(first, 1e-9)), PAIRED_ROUNDS[0]), PAIRED_ROUNDS[1])
+    blocks = min(max(math.ceil(PAIRED_BUDGET_S / max(2 * first, 1e-9)), PAIRED_BLOCKS[0]), PAIRED_BLOCKS[1])
     ratios = []
-    for index in range(pairs):
-        if index % 2 == 0:
-            mine = timed(call)
-            theirs = timed(peer)
-        else:
-            theirs = timed(peer)
-            mine = timed(call)
+    for _ in range(blocks):
+        mine = timed(call)
+        theirs = timed(peer) + timed(peer)
+        mine += timed(call)
         ratios.append(theirs / max(mine, 1e-12))
     low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-    return dict(speedup=statistics.median(ratios), low=low, high=high, rounds=pairs)
+    return dict(speedup=statistics.median(ratios), low=low, high=high, blocks=blocks)
 
 
 def paired_peers(impl: str, baseline, peers: dict) -> list:
@@ -212,7 +211,7 @@ def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, scr
     (see on_fresh_thread); fastprobe gets 15 rounds, the slower peers 5. `peers`: the suite's
     implementations by name (taking the same inputs); on the CPU a fastprobe row is then also
     timed in alternation with each of paired_peers (paired_speedup), recorded in extra_info
-    "paired" (peer -> speedup, low, high, rounds); not on CUDA, whose rounds do not drift so and
+    "paired" (peer -> speedup, low, high, blocks); not on CUDA, whose rounds do not drift so and
     whose device time is budgeted."""
     if device == "cuda":
         request.getfixturevalue("copy_bandwidth")

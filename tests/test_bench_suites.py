@@ -154,8 +154,8 @@ def test_report_shows_paired_speedups_against_the_baseline_and_the_fastest_peer(
 
     from bench import report
 
-    paired = {"eager": dict(speedup=7.5, low=7.25, high=8.0, rounds=5),
-              "torch.compile": dict(speedup=3.5, low=3.25, high=3.75, rounds=9)}
+    paired = {"eager": dict(speedup=7.5, low=7.25, high=8.0, blocks=4),
+              "torch.compile": dict(speedup=3.5, low=3.25, high=3.75, blocks=9)}
     benchmarks = [{"group": "op-cpu", "name": f"test[{impl}]", "stats": {"median": median},
                    "extra_info": {"impl": impl, "baseline": baseline, **extra}}
                   for impl, median, baseline, extra in (("fastprobe", 1.0, "eager", {"paired": paired}),
@@ -198,7 +198,7 @@ class _SteadilySlowingMachine:
 def test_paired_speedup_holds_on_a_machine_whose_speed_drifts():
     """_memory.paired_speedup: on a machine that slows down call after call, the ratio of two
     medians timed one after the other is off (here the peer's rounds, run later, look 2.7x
-    slower), the median of the pairs' ratios is not; the number of pairs follows the budget."""
+    slower), the median of the blocks' ratios is not; the number of blocks follows the budget."""
     from bench import _memory
 
     machine = _SteadilySlowingMachine()
@@ -211,11 +211,28 @@ def test_paired_speedup_holds_on_a_machine_whose_speed_drifts():
 
     machine = _SteadilySlowingMachine()
     found = _memory.paired_speedup(machine.call, machine.peer, (), clock=machine.clock)
-    assert found["rounds"] == _memory.PAIRED_ROUNDS[1]  # 3 s of budget, ~0.03 s a pair: the most pairs
-    assert abs(found["speedup"] - 2.0) < 0.1 and found["low"] <= found["speedup"] <= found["high"]
+    assert found["blocks"] == _memory.PAIRED_BLOCKS[1]  # 3 s of budget, ~0.06 s a block: the most blocks
+    assert found["low"] == pytest.approx(2.0) and found["speedup"] == pytest.approx(2.0)
+    assert found["high"] == pytest.approx(2.0)  # (a linear drift cancels within each block exactly)
     slow = _SteadilySlowingMachine()
     slow.call, slow.peer = (lambda: slow.work(1.0)), (lambda: slow.work(2.0))
-    assert _memory.paired_speedup(slow.call, slow.peer, (), clock=slow.clock)["rounds"] == _memory.PAIRED_ROUNDS[0]
+    assert _memory.paired_speedup(slow.call, slow.peer, (), clock=slow.clock)["blocks"] == _memory.PAIRED_BLOCKS[0]
+
+
+def test_paired_speedup_is_not_moved_by_which_call_of_a_pair_runs_second():
+    """_memory.paired_speedup against a machine where a call that follows another function's call
+    runs 20% slower (caches the other evicted) and the two functions cost the same: each side
+    runs as often first as second after the other in a block, so the speed-up is 1."""
+    from bench import _memory
+
+    machine, last = _SteadilySlowingMachine(), []
+
+    def run(name):
+        machine.now += 0.01 * (1.2 if last and last[-1] != name else 1.0)
+        last.append(name)
+
+    found = _memory.paired_speedup(lambda: run("call"), lambda: run("peer"), (), clock=machine.clock)
+    assert found["speedup"] == pytest.approx(1.0)
 
 
 def test_measure_pairs_a_cpu_fastprobe_row_with_its_baseline_and_the_peers_timed_there(monkeypatch):
@@ -243,7 +260,7 @@ def test_measure_pairs_a_cpu_fastprobe_row_with_its_baseline_and_the_peers_timed
     benchmark = Benchmark("fastprobe-sink_attention")
     _memory.measure(benchmark, None, "cpu", "fastprobe-dual", impls["fastprobe-dual"], (), "suite.py", peers=impls)
     assert list(benchmark.extra_info["paired"]) == ["fastprobe-sink_attention", "sdpa-two-calls"]
-    assert {found["rounds"] for found in benchmark.extra_info["paired"].values()} == {_memory.PAIRED_ROUNDS[0]}
+    assert {found["blocks"] for found in benchmark.extra_info["paired"].values()} == {_memory.PAIRED_BLOCKS[0]}
     assert "flex-two-calls" not in calls
     for impl, disabled in (("sdpa-two-calls", False), ("fastprobe-dual", True)):
         benchmark = Benchmark("fastprobe-sink_attention")
