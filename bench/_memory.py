@@ -211,8 +211,8 @@ def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, scr
     (see on_fresh_thread); fastprobe gets 15 rounds, the slower peers 5. `peers`: the suite's
     implementations by name (taking the same inputs); on the CPU a fastprobe row is then also
     timed in alternation with each of paired_peers (paired_speedup), recorded in extra_info
-    "paired" (peer -> speedup, low, high, blocks); not on CUDA, whose rounds do not drift so and
-    whose device time is budgeted."""
+    "paired" (peer -> speedup, low, high, blocks); not on CUDA, whose device time is budgeted to
+    the second (bench/NOTES.md, "The next GPU session")."""
     if device == "cuda":
         request.getfixturevalue("copy_bandwidth")
         call(*inputs)
