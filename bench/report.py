@@ -8,7 +8,7 @@ a line on stderr. A fastprobe row's speed-up is given against its suite's declar
 against the fastest peer (an implementation that is not fastprobe's) of its group in the same run;
 the device is the group's ("-cpu" or "-cuda"), so a run on a CUDA machine labels its CPU rows CPU.
 Where the run also timed the row in alternation with those two peers (bench/_memory.py's
-paired_speedup, CPU runs since 2026-12-04), the "paired" column gives the median of the pairs'
+paired_speedup, CPU runs since 2026-12-04), the "paired" column gives the median of the blocks'
 ratios with its quartiles: on a machine whose speed drifts, the better figure of the two.
 Under the table, each run whose rows it shows: its file, device (and the copy bandwidth the
 fractions are of), date, versions and command (bench/conftest.py records bench/gpu.sh's command
