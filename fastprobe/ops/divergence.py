@@ -278,9 +278,9 @@ def draft_divergence(
     bfloat16 target, or the reverse): the fused kernels read each in its own dtype and
     convert it to float32 as they load it, so neither is copied or cast, and the result is
     the same as that of the call with the narrower input cast up to the wider dtype first:
-    the same bits in the C++ kernel, and in the Triton kernel under the same launch config
-    (autotuning may choose another block size for another pair of dtypes, which changes
-    float32 rounding only). If either is float64 the reference runs, in float64 (the other
+    the same bits in the C++ kernel; within float32 rounding in the Triton kernel on a GPU,
+    whose tiles are laid out by element size and stride (and autotuning may choose another
+    block size for another pair of dtypes), which changes the order of float32 sums only. If either is float64 the reference runs, in float64 (the other
     input is taken up to float64), and the results are float64.
 
     Returns:
