@@ -201,6 +201,36 @@ def _timed_on(device: str, name: str, call, inputs: tuple) -> bool:
     return True
 
 
+def triton_configs(call) -> list:
+    """What one more call of `call` launches through kernels/_launch.py's launch_tuned, in launch
+    order without repeats: "kernel: BLOCK_V=2048, ..., num_warps=8, num_stages=1", the config
+    this process's autotuner chose for each (tuning on that call if it had not). The pick can
+    differ between runs where configs time alike: concept_mass's H200 medians moved between 0.91
+    and 1.30 ms across runs of the same kernel (bench/NOTES.md, session 38), each run's spread narrow."""
+    from fastprobe.kernels import _launch
+
+    original = _launch.launch_tuned
+    used = []
+
+    def recording(tuned, kernel, grid, args, flags, key):
+        original(tuned, kernel, grid, args, flags, key)
+        config = _launch._CHOSEN[(tuned, key)]
+        settings = [f"{name}={value}" for name, value in config.kwargs.items()]
+        settings += [f"num_warps={config.num_warps}", f"num_stages={config.num_stages}"]
+        used.append(f"{kernel.__name__}: {', '.join(settings)}")
+
+    modules = [module for name, module in list(sys.modules.items())
+               if name.startswith("fastprobe.kernels.") and getattr(module, "launch_tuned", None) is original]
+    for module in modules:
+        module.launch_tuned = recording
+    try:
+        call()
+    finally:
+        for module in modules:
+            module.launch_tuned = original
+    return list(dict.fromkeys(used))
+
+
 def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, script: str, peers=None) -> None:
     """Times `call(*inputs)` with pytest-benchmark and records its peak extra memory.
 
@@ -212,11 +242,14 @@ def measure(benchmark, request, device: str, impl: str, call, inputs: tuple, scr
     implementations by name (taking the same inputs); on the CPU a fastprobe row is then also
     timed in alternation with each of paired_peers (paired_speedup), recorded in extra_info
     "paired" (peer -> speedup, low, high, blocks); not on CUDA, whose device time is budgeted to
-    the second (bench/NOTES.md, "The next GPU session")."""
+    the second (bench/NOTES.md, "The next GPU session"). On CUDA a fastprobe row records the
+    autotuned configs it runs with in extra_info "triton_configs" (triton_configs)."""
     if device == "cuda":
         request.getfixturevalue("copy_bandwidth")
         call(*inputs)
         benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra_bytes(lambda: call(*inputs))
+        if impl.startswith("fastprobe"):
+            benchmark.extra_info["triton_configs"] = triton_configs(lambda: call(*inputs))
 
         def run():
             call(*inputs)

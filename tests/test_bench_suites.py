@@ -270,6 +270,57 @@ def test_measure_pairs_a_cpu_fastprobe_row_with_its_baseline_and_the_peers_timed
         assert "paired" not in benchmark.extra_info and set(calls) == {impl}
 
 
+def test_triton_configs_names_what_the_autotuner_chose_for_each_launch(monkeypatch):
+    """_memory.triton_configs: one more call, each launch through a kernel module's launch_tuned
+    named with the config chosen for it (tuned on that call, or earlier), in launch order without
+    repeats; the modules get their own launch_tuned back, even when the call raises."""
+    pytest.importorskip("triton")
+    import triton
+
+    from bench import _memory
+    from fastprobe.kernels import _launch, divergence
+
+    launched = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.__name__ = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: launched.append((self.__name__, options))
+
+    class Tuned:
+        def __init__(self, kernel, config):
+            self.kernel, self.best_config = kernel, config
+
+        def __getitem__(self, grid):
+            return self.kernel[grid]
+
+    monkeypatch.setattr(_launch, "_CHOSEN", {})
+    first = Tuned(Kernel("_first_kernel"), triton.Config({"BLOCK_V": 2048, "LANES": False}, num_warps=8, num_stages=1))
+    second = Tuned(Kernel("_second_kernel"), triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3))
+    _launch._CHOSEN[(second, "key")] = second.best_config  # tuned by an earlier row
+
+    def call():
+        for tuned in (first, second, first):
+            divergence.launch_tuned(tuned, tuned.kernel, (1,), (), {"K_PAD": 4}, "key")
+
+    assert _memory.triton_configs(call) == [
+        "_first_kernel: BLOCK_V=2048, LANES=False, num_warps=8, num_stages=1",
+        "_second_kernel: BLOCK_M=64, num_warps=4, num_stages=3",
+    ]
+    assert len(launched) == 3 and launched[1] == ("_second_kernel", {"K_PAD": 4, "BLOCK_M": 64, "num_warps": 4,
+                                                                     "num_stages": 3})
+    assert divergence.launch_tuned is _launch.launch_tuned
+
+    def failing():
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError):
+        _memory.triton_configs(failing)
+    assert divergence.launch_tuned is _launch.launch_tuned
+
+
 @pytest.fixture
 def uncompiled(monkeypatch):
     """torch.compile as the identity: a compiled peer's wrapper still runs (its compile would take
