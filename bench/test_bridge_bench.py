@@ -116,8 +116,9 @@ fastprobe_fused_linear_forward_kl_step = _linear_step(lambda h, w, th, tw: fp.Fu
 # the weight gradient accumulated in the weights' dtype, as Liger's is (the default accumulates in float32)
 fastprobe_fused_linear_forward_kl_16bit_grad_step = _linear_step(
     lambda h, w, th, tw: fp.FusedLinearBridgeLoss(beta=0.0, float32_weight_grad=False)(h, w, th, tw))
-# and in 512-row chunks (64M logits at V = 128256) instead of the default 256M logits: less memory
-# (predicted below Liger's), more passes over the weights (time unknown until a GPU measures it)
+# and in 512-row chunks (64M logits at V = 128256) instead of the default 256M logits: less memory,
+# more passes over the weights (H200, 2026-12-04: 1,442 MiB against Liger's 2,193, 67.7 ms against
+# 60.9 in the default chunks and Liger's 102.4)
 fastprobe_fused_linear_forward_kl_small_chunks_step = _linear_step(
     lambda h, w, th, tw: fp.FusedLinearBridgeLoss(beta=0.0, float32_weight_grad=False, chunk_rows=512)(h, w, th, tw))
 liger_fused_linear_jsd_step = _linear_step(lambda h, w, th, tw: _liger().LigerFusedLinearJSD(jsd_beta=0.0)(h, w, th, tw, None))
