@@ -131,6 +131,22 @@ fi
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_TEST_PROCS:-$(nproc)}") # compiles are CPU-bound
 
+# with_threads PROCS COMMAND...: COMMAND with OMP_NUM_THREADS (torch's intra-op threads) set to
+# the cores each of PROCS parallel pytest processes gets, at least 1 (unchanged without xdist or
+# with PROCS 0). The tests' float64 references run on the CPU, and 16 workers of 16 threads each
+# leave every small op waiting at OpenMP barriers for a core: on the H200 of 2026-12-04 each
+# attention test that ran took 13-21 s (96 of 345 in the phase's 101 s); here, 8 workers running
+# test_attention's C++ reference cases on 2 cores took 68.5 s, and 30.0 s with one thread each.
+with_threads() {
+  local procs=$1
+  shift
+  if [ ${#parallel[@]} -gt 0 ] && [ "$procs" -gt 0 ] 2>/dev/null; then
+    OMP_NUM_THREADS=$(($(nproc) / procs > 0 ? $(nproc) / procs : 1)) "$@"
+  else
+    "$@"
+  fi
+}
+
 # run_phase PERCENT HOLD LOG PYTEST-ARGS...: pytest with FASTPROBE_DEADLINE at PERCENT of the
 # time left before the reserve and HOLD more seconds (kept for later phases), appending to LOG;
 # returns pytest's exit status, or 5 (pytest's "no tests ran") when no time is left to start it.
@@ -148,7 +164,8 @@ run_phase() {
   limit=$((deadline - now + 60))
   [ "$limit" -le $((end - now)) ] || limit=$((end - now))
   [ "$limit" -ge 1 ] || limit=1
-  echo "== $(date -u +%T) pytest $* (deadline in $((deadline - now)) s, stopped in $limit s)" | tee -a "$log"
+  echo "== $(date -u +%T) pytest $* (deadline in $((deadline - now)) s, stopped in $limit s;" \
+    "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})" | tee -a "$log"
   # SIGINT: pytest stops as on ^C and still writes its --junitxml and --benchmark-json (SIGTERM
   # kills it with neither written); SIGKILL 10 s later if it hangs (in a CUDA call, say)
   FASTPROBE_DEADLINE=$deadline timeout -s INT -k 10 "$limit" \
@@ -160,7 +177,8 @@ status=0
 tests_only=${GPU_TESTS_ONLY:-0}
 rm -f "$outdir/gpu-tests.log" "$outdir/warm-up.log" "$outdir/bench.log" # (run_phase appends)
 if [ ${#tests[@]} -gt 0 ]; then
-  FASTPROBE_AUTOTUNE=0 run_phase $((tests_only == 1 ? 100 : 35)) 0 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
+  FASTPROBE_AUTOTUNE=0 with_threads "${GPU_TEST_PROCS:-$(nproc)}" \
+    run_phase $((tests_only == 1 ? 100 : 35)) 0 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \
     --junitxml="$outdir/gpu-tests.xml" # which tests passed, failed or were skipped by the deadline
   code=$?
   [ "$code" -eq 0 ] || [ "$code" -eq 5 ] || status=1 # 5: no GPU-only tests in these families
@@ -168,7 +186,7 @@ fi
 
 if [ "$tests_only" -ne 1 ]; then
   if [ ${#parallel[@]} -gt 0 ] && [ "${GPU_WARM_PROCS:-4}" -gt 0 ]; then
-    run_phase 40 0 "$outdir/warm-up.log" "${benches[@]}" -p bench._warm_up \
+    with_threads "${GPU_WARM_PROCS:-4}" run_phase 40 0 "$outdir/warm-up.log" "${benches[@]}" -p bench._warm_up \
       -k "($select) and (fastprobe or flex or compile or liger)" --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
     tail -5 "$outdir/warm-up.log"
   fi

@@ -638,6 +638,26 @@ def test_gpu_sh_gives_the_host_scripts_a_deadline(tmp_path):
         assert f"bench/{script}.py: skipped, past the host scripts' deadline" in setup, setup[-3000:]
 
 
+def test_gpu_sh_gives_each_parallel_test_process_its_share_of_the_cores(tmp_path):
+    """bench/gpu.sh's test phase runs its pytest-xdist workers with OMP_NUM_THREADS = cores /
+    workers (at least 1), and leaves it unset without workers: each worker's torch would otherwise
+    start a thread per core for the tests' CPU references, cores x workers threads in all."""
+    import os
+
+    pytest.importorskip("xdist")
+    cores = len(os.sched_getaffinity(0))
+    for procs, expected in (("2", f"OMP_NUM_THREADS={max(1, cores // 2)})"), ("0", "OMP_NUM_THREADS=unset)")):
+        outdir = tmp_path / f"out-{procs}"
+        env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+        env.pop("OMP_NUM_THREADS", None)
+        env.update(GPU_DRY_RUN="1", GPU_TESTS_ONLY="1", GPU_TEST_PROCS=procs, GPU_BUDGET_S="120")
+        run = subprocess.run(["bash", "bench/gpu.sh", str(outdir), "patch"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        log = (outdir / "gpu-tests.log").read_text()
+        header = next(line for line in log.splitlines() if line.startswith("== "))
+        assert header.endswith(expected), (header, run.stdout[-2000:], run.stderr[-2000:])
+
+
 def test_warm_up_compiles_every_config_without_timing_it(monkeypatch):
     """bench/gpu.sh's warm-up (`-p bench._warm_up`) runs each config of an autotuned kernel once (its
     compile, or its load from the precompiled archive) and times none: its choices die with its
