@@ -280,8 +280,9 @@ def draft_divergence(
     the same as that of the call with the narrower input cast up to the wider dtype first:
     the same bits in the C++ kernel; within float32 rounding in the Triton kernel on a GPU,
     whose tiles are laid out by element size and stride (and autotuning may choose another
-    block size for another pair of dtypes), which changes the order of float32 sums only. If either is float64 the reference runs, in float64 (the other
-    input is taken up to float64), and the results are float64.
+    block size for another pair of dtypes), which changes the order of float32 sums only. If
+    either is float64 the reference runs, in float64 (the other input is taken up to float64),
+    and the results are float64.
 
     Returns:
         DraftDivergence(jsd, kl_mixture_target, epistemic, mixture_entropy,
