@@ -646,6 +646,7 @@ def _launch_case(name: str) -> None:
                 student.requires_grad_()
                 for beta in (bench.BETA, 0.0):  # fastprobe_step, fastprobe_forward_kl_step
                     fp.bridge_loss(student, teacher, beta=beta)
+                fp.bridge_loss(student, teacher, beta=bench.BETA, direction="reverse")  # fastprobe_reverse_step
             else:
                 with _FakeProducts():
                     hidden, weight, teacher_hidden, teacher_weight = bench.make_hidden(cpu, **case)
@@ -655,11 +656,13 @@ def _launch_case(name: str) -> None:
     elif family == "concepts":
         from bench import test_concepts_bench as bench
 
-        bench.fastprobe_call(*bench.make_inputs(cpu, **bench.CASES["cuda"]))
+        for cases in (bench.CASES, bench.STEP_CASES):  # many rows, and one (N = 1 is a constant to Triton)
+            bench.fastprobe_call(*bench.make_inputs(cpu, **cases["cuda"]))
     elif family == "divergence":
         from bench import test_divergence_bench as bench
         from fastprobe.kernels import divergence as kernels
 
+        fp.draft_divergence(*bench.make_inputs(cpu, **bench.STEP_CASES["cuda"]))  # one token (N = 1: another key)
         drafts, target = bench.make_inputs(cpu, **bench.CASES["cuda"])
         fp.draft_divergence(drafts, target)
         K, N, V = drafts.shape  # bench/sweep_divergence.py: every config
