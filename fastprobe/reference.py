@@ -477,7 +477,8 @@ def attention_from_masks(
     else:
         extra = torch.full((batch, num_heads, num_queries, 1), float("-inf"), dtype=dtype, device=q.device)
     logits = torch.cat([scores, extra], dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)
+    # a +inf sink logit leaves no finite weight: NaN, as for NaN (logsumexp alone would give +inf)
+    lse = torch.logsumexp(logits, dim=-1).masked_fill(extra[..., 0] == float("inf"), float("nan"))
     empty = lse == float("-inf")
     # log p = (x - max) - log sum exp(x - max), not x - lse: near float max, lse rounds to the max
     # itself and every tied maximum would get p = 1 (an empty row: 0 in, -inf out)

@@ -642,6 +642,24 @@ def test_nan_scores_give_nan_statistics_not_an_empty_rows(target, num_queries):
     torch.testing.assert_close(out[~sees], want["out"][~sees], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_queries", [9, 1], ids=["prefill", "decode"])
+def test_non_finite_sink_logit_gives_nan_outputs_for_its_head(target, num_queries):
+    """sink_logit +inf or NaN (documented: NaN outputs) gives NaN out, lse, sink_mass and
+    entropy for every query of that head in every backend and in the reference (whose
+    logsumexp alone gives lse +inf for +inf); the other heads, one with a -inf sink logit (no
+    sink), are as without the bad ones."""
+    _, device = target
+    q, k, v = random_qkv(1, 4, 2, num_queries, 9, 16, torch.float32, device)
+    sink_logit = torch.tensor([float("inf"), float("nan"), 0.5, float("-inf")], device=device)
+    got = fp.sink_attention(q, k, v, sink_logit=sink_logit, return_entropy=True)
+    want = expected(q, k, v, sink_logit=sink_logit)
+    for name in ("out", "lse", "sink_mass", "entropy"):
+        value = getattr(got, name).cpu().double()
+        assert value[:, :2].isnan().all() and want[name][:, :2].isnan().all(), name
+        tolerance = dict(rtol=1e-4, atol=1e-5) if name == "out" else dict(rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(value[:, 2:], want[name][:, 2:], msg=name, **tolerance)
+
+
 def test_head_dim_one_with_any_stride(target):
     """D = 1 views keep whatever stride their parent had along D (torch calls them contiguous
     either way); the kernels never step it."""
