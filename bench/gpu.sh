@@ -13,7 +13,8 @@
 #
 #   GPU_BUDGET_S=540 bash bench/gpu.sh [OUTDIR] [FAMILY...]
 #
-# GPU_TESTS_ONLY=1: the GPU tests alone, with the whole budget (no benchmarks).
+# GPU_TESTS_ONLY=1: the GPU tests alone, with the whole budget (no benchmarks). GPU_TESTS=0: no
+# GPU tests (the benchmarks alone, for a second call after a tests-only one).
 # GPU_DRY_RUN=1: a rehearsal of this script on any machine (tests/test_bench_suites.py runs one on
 # the CPU): nothing is installed (the checkout's own build runs) and no Triton archive unpacked;
 # with GPU_BENCH_SELECT="cpu and ..." it times CPU rows. GPU_BENCH_SELECT: the pytest -k of the
@@ -66,7 +67,7 @@ sweep=0 # the divergence kernel's config sweep at the end (bench/NOTES.md)
 [[ " ${families[*]} " == *" divergence "* ]] && sweep=1
 reserve=$((20 + 40 * sweep)) # seconds kept for the table at the end (and the sweep)
 # how this run was started, for the JSON (bench/conftest.py) and so for report.py's list of runs
-knobs=$(env | grep -E '^GPU_(DRY_RUN|BENCH_SELECT|FAMILY_MIN_S|WARM_PROCS|TEST_PROCS|TESTS_ONLY|HOST_PERCENT)=' | sort \
+knobs=$(env | grep -E '^GPU_(DRY_RUN|BENCH_SELECT|FAMILY_MIN_S|WARM_PROCS|TEST_PROCS|TESTS_ONLY|TESTS|HOST_PERCENT)=' | sort \
   | sed -E "s/=(.*)/='\1'/" | tr '\n' ' ')
 export FASTPROBE_BENCH_COMMAND="GPU_BUDGET_S=$budget ${knobs}bash bench/gpu.sh OUTDIR ${families[*]}"
 mkdir -p "$outdir"
@@ -176,6 +177,7 @@ run_phase() {
 status=0
 tests_only=${GPU_TESTS_ONLY:-0}
 rm -f "$outdir/gpu-tests.log" "$outdir/warm-up.log" "$outdir/bench.log" # (run_phase appends)
+[ "${GPU_TESTS:-1}" -eq 0 ] && [ "$tests_only" -ne 1 ] && tests=() # (GPU_TESTS=0: benchmarks only)
 if [ ${#tests[@]} -gt 0 ]; then
   FASTPROBE_AUTOTUNE=0 with_threads "${GPU_TEST_PROCS:-$(nproc)}" \
     run_phase $((tests_only == 1 ? 100 : 35)) 0 "$outdir/gpu-tests.log" "${tests[@]}" -m gpu "${parallel[@]}" \

@@ -10,7 +10,8 @@ per call on this project's CPU machine. This script splits each call's time into
   whole:  one call and a synchronize, what the benchmarks time;
   b2b:    per call of ROUNDS calls back to back, one synchronize at the end (as in a model's
           forward: host time overlaps the GPU's, so the larger of the two shows);
-medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one, and
+medians of 200 rounds, in microseconds, then a cProfile of the host side of the slowest one (by
+own and by cumulative time), torch.profiler's table of its dispatcher ops and CUDA runtime calls, and
 one prefill launch split into Triton's binder and its launcher, beside a few host primitives.
 It runs in bench/gpu.sh before the benchmarks (into setup.log), where the cases left when its
 deadline (FASTPROBE_DEADLINE, bench/_deadline.py) has passed are skipped, and alone:
@@ -289,11 +290,31 @@ def main() -> None:
         call()
     torch.cuda.synchronize()
     profiler.disable()
-    report = io.StringIO()
-    pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(25)
-    print(f"\ncProfile of {ROUNDS} calls of '{name}', by own time:")
-    print("\n".join(report.getvalue().splitlines()[:60]))
+    for order, rows in (("tottime", 25), ("cumulative", 40)):
+        report = io.StringIO()
+        pstats.Stats(profiler, stream=report).sort_stats(order).print_stats(rows)
+        print(f"\ncProfile of {ROUNDS} calls of '{name}', by {order}:")
+        print("\n".join(report.getvalue().splitlines()[:rows + 12]))
+    runtime_profile(name, call)
     launch_parts()
+
+
+def runtime_profile(name: str, call) -> None:
+    """torch.profiler's CPU side of ROUNDS calls: the dispatcher's ops (CUDA allocations included)
+    and the CUDA runtime and driver calls (kernel launches), by self CPU time; what cProfile
+    cannot see inside C calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            for _ in range(ROUNDS):
+                call()
+            torch.cuda.synchronize()
+    except Exception as error:  # (no CUPTI, say: the launch's parts still run)
+        print(f"\ntorch.profiler failed: {type(error).__name__}: {error}")
+        return
+    print(f"\ntorch.profiler, {ROUNDS} calls of '{name}', by self CPU time:")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=48))
 
 
 if __name__ == "__main__":

@@ -658,6 +658,27 @@ def test_gpu_sh_gives_each_parallel_test_process_its_share_of_the_cores(tmp_path
         assert header.endswith(expected), (header, run.stdout[-2000:], run.stderr[-2000:])
 
 
+def test_gpu_sh_without_tests_goes_straight_to_the_benchmarks(tmp_path):
+    """GPU_TESTS=0 (a benchmark call after a tests-only one): bench/gpu.sh runs no GPU test phase
+    (no gpu-tests.log) and starts the timed pass; GPU_TESTS_ONLY=1 still wins over it."""
+    import os
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env.update(GPU_DRY_RUN="1", GPU_TESTS="0", GPU_TEST_PROCS="0", GPU_WARM_PROCS="0", GPU_BUDGET_S="120",
+               GPU_BENCH_SELECT="cpu and step and fastprobe")
+    outdir = tmp_path / "bench-only"
+    run = subprocess.run(["bash", "bench/gpu.sh", str(outdir), "concepts"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert not (outdir / "gpu-tests.log").exists(), run.stdout[-2000:]
+    assert "pytest bench/test_concepts_bench.py" in (outdir / "bench.log").read_text(), run.stdout[-2000:]
+    env.update(GPU_TESTS_ONLY="1")
+    outdir = tmp_path / "tests-only"
+    run = subprocess.run(["bash", "bench/gpu.sh", str(outdir), "concepts"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "-m gpu" in (outdir / "gpu-tests.log").read_text() and not (outdir / "bench.log").exists(), \
+        run.stdout[-2000:]
+
+
 def test_warm_up_compiles_every_config_without_timing_it(monkeypatch):
     """bench/gpu.sh's warm-up (`-p bench._warm_up`) runs each config of an autotuned kernel once (its
     compile, or its load from the precompiled archive) and times none: its choices die with its
