@@ -227,6 +227,11 @@ if [ "$tests_only" -ne 1 ]; then
   if [ "$dry_run" -ne 1 ] && [[ " ${families[*]} " == *" attention "* ]] && [ $((end - $(date +%s))) -gt 60 ]; then
     timeout $((end - $(date +%s) - 5)) python3 -m bench.sweep_attention_stats 2>&1 | tee -a "$outdir/bench.log"
   fi
+  # the goals' ratios timed in pairs (bench/paired_cuda.py), with the budget's last seconds
+  if [ "$dry_run" -ne 1 ] && [[ " ${families[*]} " =~ \ (dual_attention|patch)\  ]] && [ $((end - $(date +%s))) -gt 40 ]; then
+    FASTPROBE_DEADLINE=$((end - 15)) timeout -s INT -k 5 $((end - $(date +%s) - 5)) python3 -m bench.paired_cuda 60 2>&1 \
+      | tee -a "$outdir/bench.log"
+  fi
 fi
 [ -n "${FASTPROBE_TRITON_LOG:-}" ] \
   && python3 -m bench.precompile_triton --report "$TRITON_CACHE_DIR" "$FASTPROBE_TRITON_LOG" 2>&1 | tee -a "$setup_log" \

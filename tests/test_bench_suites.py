@@ -889,3 +889,25 @@ def test_compile_sm90_counts_a_kernels_sass_and_reads_another_trees_kernels(tmp_
     (tmp_path / "kernels" / "concepts.py").write_text("raise ImportError('concepts.py of the other tree')\n")
     done = subprocess.run(script + ["--tree", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "concepts.py of the other tree" in done.stderr
+
+
+def test_paired_cuda_ratio_is_the_rows_time_over_its_peers_within_each_block(monkeypatch):
+    """bench/paired_cuda.py: each block times row, peer, peer, row; the ratio is the row's two
+    times over the peer's two (the median of the blocks', with quartiles), so a drift within a
+    block counts on both sides; no block starts past FASTPROBE_DEADLINE."""
+    import itertools
+
+    from bench import paired_cuda
+
+    clock = itertools.count(1)  # a drifting machine: every call takes one unit longer than the last
+    times = {"row": 2.0, "peer": 1.0}
+
+    def timer(call, inputs):
+        return times[call] * next(clock)
+
+    ratio, low, high, mine, theirs, ran = paired_cuda.paired(timer, "row", "peer", (), blocks=5)
+    # block k (calls t, t+1, t+2, t+3): row 2t + 2(t+3), peer (t+1) + (t+2): 2 exactly, drift or not
+    assert ran == 5 and ratio == low == high == 2.0
+    assert mine > theirs
+    monkeypatch.setenv("FASTPROBE_DEADLINE", "0")
+    assert paired_cuda.paired(timer, "row", "peer", (), blocks=5) is None
