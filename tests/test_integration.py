@@ -1538,6 +1538,32 @@ def test_recorded_group_mass_through_generate_matches_eager_weights(arch):
     assert bool((record.group_mass.sum(-1) < 1 - 1e-3).all())  # some weight went to generated tokens
 
 
+def test_reading_a_record_does_not_wait_for_the_device():
+    """record.sink_mass (and its siblings) are device tensors computed without a host sync: no op
+    that reads a value back to Python (bool or item of a tensor) runs while they are formed, so a
+    loop that reads them each step on a GPU does not stall its stream. Seen on the CPU through the
+    dispatcher's ops. The emptiness check ("nothing was recorded") counts calls on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ReadBacks(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("is_nonzero", "_local_scalar_dense", "item"):
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("llama")
+    ids, mask = inputs()
+    with fp.record_attention(model, statistics=("sink_mass", "entropy")) as record:
+        outputs(model, ids, mask)
+        with ReadBacks() as watched:
+            fields = record.sink_mass, record.entropy, record.num_queries
+        assert watched.seen == [] and all(torch.isfinite(field).all() for field in fields)
+
+
 def test_record_attention_patches_temporarily_and_nests_safely():
     model = tiny_model("llama")
     ids, mask = inputs()

@@ -1683,7 +1683,7 @@ class AttentionRecord:
     Sums accumulate in place on the device of the model's first parameter (layers elsewhere, in a
     model split over devices or a DataParallel replica, add theirs there), in tables allocated when
     recording starts (no [L, L] weights, no host sync, nothing left allocated per layer); the fields
-    are computed when read. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
+    are computed when read, without waiting for the device. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
     tensor, the group of the token at each position of each row (padding included), or the
     KeyGroups that prepare_key_groups made from it; checked once, not per layer. A forward from
     position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
@@ -1698,6 +1698,7 @@ class AttentionRecord:
         self._device, self._dtype = device, dtype
         self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums
         self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
+        self._calls = 0  # attention calls added (on the host: reading the fields needs no sync)
         self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
         self._lock = threading.Lock()
@@ -1812,6 +1813,7 @@ class AttentionRecord:
             table[layer].add_(pooled.to(table.device))
         count = batch * num_queries if weight is None else real_queries.to(self._counts.device)
         self._counts[layer].add_(count)
+        self._calls += 1
 
     @staticmethod
     def _query_weights(padding: torch.Tensor, num_queries: int, dtype: torch.dtype,
@@ -1829,7 +1831,7 @@ class AttentionRecord:
         return made
 
     def _mean(self, name: str) -> Optional[torch.Tensor]:
-        if not bool((self._counts > 0).any()):
+        if self._calls == 0:  # (not the device counts: a bool of them would wait for the GPU)
             raise RuntimeError("nothing was recorded: run the model inside `with fastprobe.record_attention(model)`")
         table = self._sums.get(name)
         if table is None or name not in self.statistics:
