@@ -1683,9 +1683,10 @@ class AttentionRecord:
     Sums accumulate in place on the device of the model's first parameter (layers elsewhere, in a
     model split over devices or a DataParallel replica, add theirs there), in tables allocated when
     recording starts (no [L, L] weights, no host sync, nothing left allocated per layer); the fields
-    are computed when read, without waiting for the device. Key groups: record_attention(key_groups=...) or set_key_groups(), an integer [B, L]
-    tensor, the group of the token at each position of each row (padding included), or the
-    KeyGroups that prepare_key_groups made from it; checked once, not per layer. A forward from
+    are computed when read, without waiting for the device. Key groups:
+    record_attention(key_groups=...) or set_key_groups(), an integer [B, L] tensor, the group of
+    the token at each position of each row (padding included), or the KeyGroups that
+    prepare_key_groups made from it; checked once, not per layer. A forward from
     position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
     generated ones) are in no group, so while generating a row of group_mass sums to 1 less the
     weight on generated tokens.
