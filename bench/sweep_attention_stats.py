@@ -11,6 +11,12 @@ causal; bench/NOTES.md "Narrow heads"): every kept config and the wider tiles th
 without spills but that the register model prunes (NARROW_CANDIDATES), each checked against the
 first kept config's outputs (a miscompiled tile shows as a difference), and SDPA at that shape.
 
+Then the dual path (bench/test_dual_attention_bench.py's case: B=1, H=32, D=128, 576 image keys
+after 5 text tokens, every row guided): every config pruning keeps, the dual kernel beside one
+sink_attention launch on the same config, each checked against the first config's output. The
+dual path's goal is 1.15x one call; on the H200 of 2026-12-04 it took 1.17-1.24x, its autotuner
+picking 64-row tiles where sink_attention picks 128 (bench/NOTES.md, "H200 runs of session 39").
+
     python bench/sweep_attention_stats.py [L ...]        # on a CUDA machine; default L = 4096
     TRITON_INTERPRET=1 python bench/sweep_attention_stats.py --smoke   # the script itself, on CPU
 
@@ -27,12 +33,14 @@ import torch.nn.functional as F
 import triton
 
 from fastprobe.kernels import attention as kernels
+from fastprobe.kernels import dual_attention
 from fastprobe.ops import attention as attention_ops
 
 HEADS, HEAD_DIM = 32, 128
 NARROW = dict(heads=8, length=8192, head_dim=16)  # bench/test_patch_bench.py's model at L=8192
 # (BLOCK_M, BLOCK_N, warps, stages): spill-free for sm_90 at D <= 32, pruned by the register model
 NARROW_CANDIDATES = [(128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3)]
+IMAGE_START, IMAGE_TOKENS = 5, 576  # the dual path's dropped (image) keys, as in its benchmark
 
 
 def variants(length: int, device: str) -> dict:
@@ -100,20 +108,38 @@ def untuned():
             os.environ["FASTPROBE_AUTOTUNE"] = before
 
 
-def kept_configs(call) -> list:
-    """The prefill configs that pruning keeps for `call`'s launch (its first one)."""
-    kept, launch = [], kernels._launch
+def dual_launcher(q, k, v):
+    """The kernels' launch of the dual path over q, k, v (every row guided, gamma 1, the image
+    keys of the benchmark dropped), its output allocated once."""
+    drop = torch.zeros(q.shape[0], k.shape[2], dtype=torch.uint8, device=q.device)
+    drop[:, IMAGE_START:IMAGE_START + IMAGE_TOKENS] = 1
+    rows = torch.ones(q.shape[0], q.shape[2], dtype=torch.uint8, device=q.device)
+    out = torch.empty_like(q)
+
+    def call():
+        dual_attention.dual_path_attention(q, k, v, out, None, None, scale=q.shape[-1] ** -0.5, causal=True,
+                                           key_real=None, drop=drop, rows=rows, gamma=1.0, orthogonalize=True,
+                                           eps=1e-6, split_keys=0)  # fmt: skip
+
+    call.outputs = [out]
+    return call
+
+
+def kept_configs(call, module=kernels) -> list:
+    """The prefill configs that pruning keeps for `call`'s launch (its first one) through
+    `module`'s _launch (the kernel module's, attention or dual_attention)."""
+    kept, launch = [], module._launch
 
     def spy(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets=()):
-        if configs is kernels._FWD_CONFIGS and not kept:
+        if configs is module._FWD_CONFIGS and not kept:
             kept.extend(prune(configs, prune_args, **flags))
         launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, prune_args, buckets)
 
-    kernels._launch = spy
+    module._launch = spy
     try:
         call()
     finally:
-        kernels._launch = launch
+        module._launch = launch
     return kept
 
 
@@ -154,16 +180,44 @@ def narrow_launches(device: str, dtype: torch.dtype, length: int) -> tuple:
     return q, k, v, launches
 
 
-def forced(call, cfg):
-    """Runs call with its prefill launch on cfg alone: untuned (the autotuner keeps its own list),
-    from a config list of one (pruning a list of one keeps it)."""
-    all_configs = kernels._FWD_CONFIGS
-    kernels._FWD_CONFIGS = [cfg]
+def forced(call, cfg, module=kernels):
+    """Runs call with its prefill launch (through `module`, as in kept_configs) on cfg alone:
+    untuned (the autotuner keeps its own list), from a config list of one (pruning a list of one
+    keeps it)."""
+    all_configs = module._FWD_CONFIGS
+    module._FWD_CONFIGS = [cfg]
     try:
         with untuned():
             return call()
     finally:
-        kernels._FWD_CONFIGS = all_configs
+        module._FWD_CONFIGS = all_configs
+
+
+def sweep_dual(device: str, dtype: torch.dtype, length: int, most: int) -> None:
+    q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
+    dual, single = dual_launcher(q, k, v), launcher(q, k, v, {})
+    measure = timer(device)
+    with untuned():
+        kept = kept_configs(dual, dual_attention)
+    tuned_dual, tuned_single = (measure(dual), measure(single)) if device == "cuda" else (float("nan"),) * 2
+    print(f"\n== dual path: B=1, H={HEADS}, L={length}, D={HEAD_DIM}, {str(dtype).removeprefix('torch.')}, causal, "
+          f"{IMAGE_TOKENS} image keys; autotuned {tuned_dual:.3f} ms against one sink_attention "
+          f"{tuned_single:.3f} ms ({tuned_dual / tuned_single:.2f}x)")
+    rows, first = [], None
+    for cfg in kept[:most]:
+        dual.outputs[0].fill_(float("nan"))  # (poisoned: what a config leaves unwritten shows as a difference)
+        forced(dual, cfg, dual_attention)
+        output = dual.outputs[0].float()  # (a copy: the next launch overwrites)
+        first = output if first is None else first
+        diff = float((output - first).abs().nan_to_num(float("inf")).max())
+        rows.append((measure(lambda: forced(dual, cfg, dual_attention)), measure(lambda: forced(single, cfg)), cfg,
+                     diff))
+    best_single = min(row[1] for row in rows)
+    for dual_ms, single_ms, cfg, diff in sorted(rows, key=lambda row: row[0]):
+        blocks = " ".join(f"{key}={value}" for key, value in cfg.kwargs.items())
+        print(f"-- {dual_ms:8.3f} ms ({dual_ms / best_single:.2f}x the best single call), one call {single_ms:8.3f} ms "
+              f"on this config ({dual_ms / single_ms:.2f}x)  {blocks} warps={cfg.num_warps} stages={cfg.num_stages}"
+              f"  max |diff| vs the first {diff:.2e}")
 
 
 def sweep_narrow(device: str, dtype: torch.dtype, length: int) -> None:
@@ -175,6 +229,8 @@ def sweep_narrow(device: str, dtype: torch.dtype, length: int) -> None:
     for name, (call, configs, num_kept) in launches.items():
         rows, first = [], None
         for index, cfg in enumerate(configs):
+            for tensor in call.outputs:  # (poisoned: what a config leaves unwritten shows as a difference)
+                tensor.fill_(float("nan"))
             forced(call, cfg)
             outputs = [tensor.float() for tensor in call.outputs]  # (copies: the next launch overwrites)
             first = outputs if first is None else first
@@ -192,6 +248,7 @@ def main(argv) -> int:
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.bfloat16
     with torch.inference_mode():
+        sweep_dual(device, dtype, 40 if smoke else 4096, 2 if smoke else 1 << 10)  # (first: the newest question)
         for length in lengths:
             sweep(length, device, dtype, 2 if smoke else 1 << 10)
         sweep_narrow(device, dtype, 40 if smoke else NARROW["length"])

@@ -89,6 +89,19 @@ def test_attention_stats_sweep_allocates_through_the_op_layer():
         assert len(call.outputs) == 3 + groups + entropy, name
 
 
+@pytest.mark.interpreter
+def test_dual_path_sweep_times_each_kept_config_beside_one_attention_call(capsys):
+    """bench/sweep_attention_stats.py's dual-path part (through the Triton interpreter): the dual
+    kernel's kept configs, each forced through dual_attention's own launch, timed beside one
+    sink_attention launch on the same config, with the output's difference from the first config
+    (the output is poisoned with NaN before each config runs: what one leaves unwritten differs)."""
+    from bench import sweep_attention_stats as sweep
+
+    sweep.sweep_dual("cpu", torch.float32, 24, 2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("-- ")]
+    assert len(lines) == 2 and all("one call" in line and "max |diff| vs the first 0.00e+00" in line for line in lines)
+
+
 def test_report_labels_splits_and_skips(tmp_path, capsys):
     """bench/report.py: the op column is the group less its device suffix (op names hold hyphens),
     an empty or foreign JSON is skipped with a line on stderr, and --merge joins per-family runs."""
