@@ -40,7 +40,10 @@ HEADS, HEAD_DIM = 32, 128
 NARROW = dict(heads=8, length=8192, head_dim=16)  # bench/test_patch_bench.py's model at L=8192
 # (BLOCK_M, BLOCK_N, warps, stages): spill-free for sm_90 at D <= 32, pruned by the register model
 NARROW_CANDIDATES = [(128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3)]
-IMAGE_START, IMAGE_TOKENS = 5, 576  # the dual path's dropped (image) keys, as in its benchmark
+try:  # the dual path's dropped (image) keys: its benchmark's
+    from bench.test_dual_attention_bench import IMAGE_START, IMAGE_TOKENS
+except ImportError:  # run as a script (bench/ itself on sys.path)
+    from test_dual_attention_bench import IMAGE_START, IMAGE_TOKENS
 
 
 def variants(length: int, device: str) -> dict:
