@@ -1,11 +1,13 @@
 """Compile Triton kernels for sm_90 on a machine without a GPU, for the launches the host code
 makes (with FASTPROBE_AUTOTUNE=0: each kernel's first config that survives pruning), and print
-each kernel's registers and spilled bytes as ptxas reports them, its SASS instruction count, and
-what its PTX holds (asynchronous copies, 16-byte and 2-byte global loads, wgmma instructions).
+each kernel's registers and spilled bytes as ptxas reports them, its SASS instruction count, the
+instruction count of each loop body (a streaming kernel's cost per block), and what its PTX
+holds (asynchronous copies, 16-byte and 2-byte global loads, wgmma instructions).
 
     python bench/compile_sm90.py                 # the attention and dual-path kernels
     python bench/compile_sm90.py concepts        # concept_mass's forward (bf16, V=151936, 1000 x 8)
     python bench/compile_sm90.py concepts --tree /tmp/old   # the kernels/ of another checkout
+    python bench/compile_sm90.py divergence      # draft_divergence (bf16, K=4, V=151936), each kept config
 
 It replaces triton's JITFunction.run for the process: a launch compiles (triton.compile with an
 sm_90 target, then ptxas -v and cuobjdump -sass) and runs nothing. The inputs are CPU tensors;
@@ -69,8 +71,21 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
              (("cp.async", r"\bcp\.async\.c[ga]\b"), ("16-byte loads", r"\bld\.global(?:\.nc)?\.v4\.b32\b"),
               ("2-byte loads", r"\bld\.global(?:\.nc)?\.b16\b"), ("wgmma", r"\bwgmma\.mma_async\b"))}
     shape["SASS instructions"] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE))
+    shape["loop bodies"] = loop_bodies(sass)
     compiled.append((kernel.__name__, int(registers.group(1)) if registers else None,
                      int(spilled.group(1)) if spilled else None, shape))
+
+
+def loop_bodies(sass: str) -> list:
+    """The SASS instruction count of each loop body, in code order: the instructions from a
+    backward branch's target to the branch (a loop nested in another counts in both)."""
+    instructions = [int(address, 16) for address in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/", sass, flags=re.MULTILINE)]
+    bodies = []
+    for address, target in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/[^;\n]*\bBRA\s+(?:`\()?0x([0-9a-f]+)", sass, flags=re.MULTILINE):
+        address, target = int(address, 16), int(target, 16)
+        if target < address:
+            bodies.append(sum(target <= at <= address for at in instructions))
+    return bodies
 
 
 def launch(batch, heads, kv_heads, queries, keys, head_dim, value_dim, dtype, split_keys, dual, blocks=False,
@@ -129,6 +144,22 @@ def concepts() -> None:
                                  concept_ops.ID_BLOCK, 1.0, out)
 
 
+def divergence() -> None:
+    """draft_divergence's kernel for the benchmark's drafts (K=4 and a target, bf16 [4, 151936]
+    rows; the token count does not change the kernel), once per config the autotuner keeps."""
+    from fastprobe.kernels import divergence as triton_divergence
+
+    drafts, rows, vocab = 4, 4, 151936
+    draft = torch.zeros(drafts, rows, vocab, dtype=torch.bfloat16)
+    target = torch.zeros(rows, vocab, dtype=torch.bfloat16)
+    for config in triton_divergence._prune_configs(triton_divergence._AUTOTUNE_CONFIGS, {}, K_PAD=drafts):
+        compiled.clear()
+        triton_divergence.draft_divergence(draft, target, torch.full((drafts,), 1.0 / drafts), 1.0,
+                                           torch.zeros(5 + drafts, rows),
+                                           torch.zeros(drafts + 1, rows, dtype=torch.float64), config=config)
+        report(f"draft_divergence bf16 K=4 V=151936 {config.kwargs} {config.num_warps} warps")
+
+
 class _TreeKernels:
     """A meta path finder that resolves fastprobe.kernels and its modules to another checkout's
     kernels/ (ahead of an editable install's finder, which maps them by name)."""
@@ -169,6 +200,9 @@ if __name__ == "__main__":
     if arguments == ["concepts"]:
         concepts()
         report("concept_mass bf16 V=151936, 1000 x 8")
+        sys.exit(0)
+    if arguments == ["divergence"]:
+        divergence()
         sys.exit(0)
     for name, case in CASES.items():
         for dual, blocks, segments in ((False, False, False), (True, False, False), (False, True, False),

@@ -29,8 +29,7 @@ def main():
         ms = triton.testing.do_bench(launch, warmup=25, rep=100, return_mode="median")
         rows.append((ms, config))
     for ms, config in sorted(rows, key=lambda row: row[0]):
-        print(f"BLOCK_V={config.kwargs['BLOCK_V']:5d} warps={config.num_warps:2d} lanes={config.kwargs['LANES']:d} "
-              f"prefetch={config.kwargs['PREFETCH']:d} "
+        print(f"BLOCK_V={config.kwargs['BLOCK_V']:5d} warps={config.num_warps:2d} prefetch={config.kwargs['PREFETCH']:d} "
               f"{ms:7.3f} ms  {one_read / (ms * 1e-3) / copy:5.1%} of copy bandwidth (one read)")
 
 

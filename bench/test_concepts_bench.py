@@ -6,6 +6,7 @@ availability at each decoding step; the C++ kernel then spreads the row over the
     pytest bench/test_concepts_bench.py --benchmark-json=bench/results/<device>.json
 """
 
+import os
 import sys
 
 import pytest
@@ -42,6 +43,24 @@ def fastprobe_call(logits, concepts):
     return fp.concept_mass(logits, concepts)
 
 
+def fastprobe_separate_stats(logits, concepts):
+    """The Triton path with the concept statistics in a second launch (one program per row and
+    tile of concepts) instead of at the end of each row's program, where the row's dependent
+    index loads run with no vocabulary streaming beside them (GPU only: the C++ kernel has one
+    way)."""
+    from fastprobe.kernels import concepts as triton_concepts
+
+    before = os.environ.get(triton_concepts._STATS_ENV)
+    os.environ[triton_concepts._STATS_ENV] = "separate"
+    try:
+        return fp.concept_mass(logits, concepts)
+    finally:
+        if before is None:
+            del os.environ[triton_concepts._STATS_ENV]
+        else:
+            os.environ[triton_concepts._STATS_ENV] = before
+
+
 def eager(logits, concepts):
     return reference.concept_mass(logits, concepts.token_ids, concepts.offsets)
 
@@ -58,6 +77,7 @@ def compiled(logits, concepts):
 
 IMPLS = {"fastprobe": fastprobe_call, "eager": eager, "torch.compile": compiled}
 STEP_IMPLS = {f"{name}-step": call for name, call in IMPLS.items()}
+GPU_IMPLS = {"fastprobe-separate-stats": fastprobe_separate_stats}
 
 
 # Forward and backward of a weighted sum of log_mass (training through an answer's mass): the
@@ -109,10 +129,12 @@ def run_case(benchmark, request, device, impl, impls, case, op, baseline, make=m
     _memory.measure(benchmark, request, device, impl, impls[impl], inputs, __file__, peers=impls)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", list(IMPLS) + list(GPU_IMPLS))
 @pytest.mark.parametrize("device", _memory.bench_devices())
 def test_concept_mass(benchmark, device, impl, request):
-    run_case(benchmark, request, device, impl, IMPLS, CASES[device], "concept_mass", "eager")
+    if impl in GPU_IMPLS and device != "cuda":
+        pytest.skip(f"{impl}: a way of the Triton kernel only")
+    run_case(benchmark, request, device, impl, {**IMPLS, **GPU_IMPLS}, CASES[device], "concept_mass", "eager")
 
 
 @pytest.mark.parametrize("impl", list(GRAD_IMPLS))

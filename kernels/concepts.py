@@ -7,9 +7,9 @@ of concept token t, and ``id_block_starts[k]``, the first slot of an id at or pa
 
 Forward:
   1. One program per row streams it in blocks for the online log-sum-exp (raw max M,
-     S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S), kept per row (a max and a
-     sum across the warps every block) or per lane (LANES: one exp2 per element, reduced once
-     after the loop), divergence.py's _lse_fold / _lse_rows either way. The concept ids inside
+     S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S), kept per chunk of the columns
+     a thread holds and reduced across threads once after the loop (divergence.py's _lse_fold
+     / _lse_rows). The concept ids inside
      each block (its slots [lo, hi) from id_block_starts, no search) are picked out of the
      block already in registers (tl.gather) and written to their slots of a small [N, U]
      buffer of the logits' dtype (U distinct concept ids; no [N, V] temporary). So the logits
@@ -223,7 +223,7 @@ def _concept_mass_kernel(
     WITH_STATS: tl.constexpr,  # also compute the concept statistics (else _concept_stats_kernel does)
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
-    LANES: tl.constexpr,  # online max / sum per lane (reduced once after the loop) or per row (every block)
+    CH: tl.constexpr,  # columns a thread holds in a block: one 16-byte load of the logits' dtype
 ):
     n = tl.program_id(0).to(tl.int64)
     c = inv_temperature * _LOG2E
@@ -231,9 +231,9 @@ def _concept_mass_kernel(
     gathered_row = gathered_ptr + n * U
     ID_BLOCKS: tl.constexpr = BLOCK_V // ID_BLOCK
     u = tl.arange(0, BLOCK_U)
-    # the row's running max and sum: [1, BLOCK_V] per lane, or [1, 1]
-    mx = _state(1, BLOCK_V, float("-inf"), LANES)
-    s = _state(1, BLOCK_V, 0.0, LANES)
+    # the row's running max and sum per chunk of CH columns, [1, BLOCK_V // CH]
+    mx = _state(1, BLOCK_V // CH, float("-inf"))
+    s = _state(1, BLOCK_V // CH, 0.0)
     # Each iteration works on a block loaded by the one before (its logits, its slot range and
     # its first BLOCK_U concept ids), and issues the loads of the next block first: the loads
     # travel while a block is worked on, and nothing in a block waits on a chain of loads.
@@ -246,6 +246,7 @@ def _concept_mass_kernel(
         col, v_ok = _block_columns((b + 1) * BLOCK_V, V, BLOCK_V)  # (past V: nothing loads)
         raw_next = tl.load(row + col * stride_v, mask=v_ok, other=float("-inf"))
         lo_next, hi_next = _id_range(id_block_starts_ptr, num_id_blocks, b + 1, U, ID_BLOCKS)
+        mx, s = _lse_fold(raw.to(tl.float32), mx, s, c, CH)  # online log-sum-exp
         # the block's concept ids, picked out of it into their slots (a block with more than
         # BLOCK_U of them reads the rest in further windows)
         block = tl.reshape(raw, [BLOCK_V])
@@ -256,7 +257,6 @@ def _concept_mass_kernel(
             more = tl.load(vocab_ids_ptr + slot, mask=slot < hi, other=0)
             take = (slot < hi) & _in_block(more, b, V, BLOCK_V)
             tl.store(gathered_row + slot, _pick(block, b, row, more, take, stride_v, BLOCK_V), mask=take)
-        mx, s = _lse_fold(raw.to(tl.float32), mx, s, c, LANES)  # online log-sum-exp
         ids_next = tl.load(vocab_ids_ptr + lo_next + u, mask=lo_next + u < hi_next, other=0)
 
     # (M, S) of the row; lse = M / T + ln S in float64, where M / T is exact: the backward forms
@@ -383,19 +383,8 @@ def _concept_mass_backward_kernel(
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv in (2048, 4096) for nw in (4, 8)
 ]
-# The forward tries both ways of keeping the online log-sum-exp for each of those (LANES False:
-# per row, a max and a sum across the warps every block; True: per lane, reduced once after
-# the loop, not yet measured on a GPU).
-_FORWARD_CONFIGS = [
-    triton.Config({**config.kwargs, "LANES": lanes}, num_warps=config.num_warps, num_stages=config.num_stages)
-    for lanes in (False, True)
-    for config in _AUTOTUNE_CONFIGS
-]
-_concept_mass_kernel_tuned = triton.autotune(configs=_FORWARD_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
+_concept_mass_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
 _backward_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V"])(_concept_mass_backward_kernel)
-# The forward's variant that untuned launches use (the interpreter, FASTPROBE_AUTOTUNE=0): the
-# first config with this LANES. Tests switch it to run both variants.
-UNTUNED_LANES = False
 
 _GPU_BLOCKS = dict(BLOCK_U=256, BLOCK_C=64, BLOCK_J=8)
 # Through the Triton interpreter (CPU tests): small blocks, so that tiny shapes still span
@@ -409,8 +398,8 @@ _GRID_Y_LIMIT = 65535  # CUDA's largest grid size on the y (and z) axis; x takes
 
 
 def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
-    """The tuned kernel, or (no tuning) the first of its configs with UNTUNED_LANES (where the
-    configs carry LANES), through the interpreter with its fixed block."""
+    """The tuned kernel, or (no tuning) the first of its configs, through the interpreter with its
+    fixed block."""
     block_sizes = [_INTERPRET_BLOCKS["BLOCK_V"]] + [config.kwargs["BLOCK_V"] for config in configs]
     if any(block % meta["ID_BLOCK"] for block in block_sizes):
         raise ValueError(f"vocabulary blocks must be multiples of the ConceptSet's id blocks ({meta['ID_BLOCK']})")
@@ -418,7 +407,7 @@ def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
         # tuned per dtype, V and the constexprs (args[0]: the logits [N, V])
         launch_tuned(tuned, kernel, grid, args, meta, (args[0].dtype, args[0].shape[1], *meta.values()))
         return
-    config = next(config for config in configs if config.kwargs.get("LANES", UNTUNED_LANES) == UNTUNED_LANES)
+    config = configs[0]
     if interpreter_enabled():
         kernel[grid](*args, **meta, **{**config.kwargs, "BLOCK_V": _INTERPRET_BLOCKS["BLOCK_V"]})
     else:
@@ -454,12 +443,12 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     concepts = (index.token_slots, index.token_ids, index.offsets)
     stats = (out.mass, out.log_mass, out.top_share, out.concentration_entropy, out.top_token)
     _launch(
-        _concept_mass_kernel, _concept_mass_kernel_tuned, _FORWARD_CONFIGS, (N,),
+        _concept_mass_kernel, _concept_mass_kernel_tuned, _AUTOTUNE_CONFIGS, (N,),
         logits, index.vocab_ids, index.token_slots, index.id_block_starts, *concepts[1:],
         gathered, row_state, *stats, out.lse,
         inv_temperature, N, V, U, C, index.token_ids.numel(), index.id_block_starts.numel() - 1, *logits.stride(),
         BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block, WITH_STATS=with_stats,
-        BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
+        BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"], CH=16 // logits.element_size(),
     )
     if not with_stats:  # rows on the grid's x axis (as the forward's), tiles of concepts folded onto y
         tiles = min(cdiv(C, blocks["BLOCK_C"]), _GRID_Y_LIMIT)

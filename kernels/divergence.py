@@ -76,22 +76,26 @@ def _xlog2y_exp(x, log2y):
 
 
 @triton.jit
-def _state(R: tl.constexpr, BLOCK_V: tl.constexpr, value, LANES: tl.constexpr):
-    """A float32 running quantity for R rows: one per lane ([R, BLOCK_V]) or one per row ([R, 1])."""
-    if LANES:
-        return tl.full([R, BLOCK_V], value, tl.float32)
-    else:
-        return tl.full([R, 1], value, tl.float32)
+def _state(R: tl.constexpr, W: tl.constexpr, value):
+    """A float32 running quantity per row and chunk position, [R, W] (W = BLOCK_V // CH)."""
+    return tl.full([R, W], value, tl.float32)
 
 
 @triton.jit
-def _fold_sum(acc, tile, LANES: tl.constexpr):
-    """acc plus the [R, BLOCK_V] tile: per lane (LANES; reduced once, after the loop, by
-    _total), or the tile's row sums (a reduction across the warps in every block)."""
-    if LANES:
-        return acc + tile
-    else:
-        return acc + tl.sum(tile, axis=1, keep_dims=True)
+def _chunks(tile, CH: tl.constexpr):
+    """A [R, BLOCK_V] tile as [R, BLOCK_V // CH, CH]: chunks of CH contiguous columns, each held
+    by one thread (CH = one 16-byte load), so a reduction over a chunk stays within a thread.
+    (Tiles are loaded 2D and reshaped: loaded as 3D, Triton 3.6 spread a tile's K rows over
+    threads, and its pass 2 grew from 628 to 1,144 SASS instructions a block, compiled for sm_90.)"""
+    return tl.reshape(tile, [tile.shape[0], tile.shape[1] // CH, CH])
+
+
+@triton.jit
+def _fold_sum(acc, tile, CH: tl.constexpr):
+    """acc [R, W] plus the chunk sums of the [R, BLOCK_V] tile: each thread adds up the CH
+    columns it holds (no communication between threads); _total reduces the chunks once, after
+    the loop."""
+    return acc + tl.sum(_chunks(tile, CH), axis=2)
 
 
 @triton.jit
@@ -101,31 +105,25 @@ def _total(acc):
 
 
 @triton.jit
-def _lse_fold(x, mx, s, c, LANES: tl.constexpr):
+def _lse_fold(x, mx, s, c, CH: tl.constexpr):
     """Online log-sum-exp of the rows of a [R, BLOCK_V] tile of raw logits (-inf where masked),
-    with mx = the largest x seen and s = sum 2^((x - mx) c) over what was seen.
-
-    LANES: per-lane states, one exp2 per element and no communication between threads: with
-    y the smaller of (mx, x), e = 2^((y - max) c); a new max rescales s by e and adds 1, else
-    s gains e. Otherwise per-row states: the block's max and sum across the warps."""
-    if LANES:
-        new_mx = tl.maximum(mx, x)
-        e = tl.exp2((tl.minimum(mx, x) - new_mx) * c)
-        e = tl.where(new_mx == float("-inf"), 0.0, e)  # nothing finite seen yet: no -inf - -inf
-        s = tl.where(x > mx, s * e + 1.0, s + e)
-        return new_mx, tl.where(x != x, x, s)  # max / min may drop a NaN: keep it in s
-    else:
-        new_mx = tl.maximum(mx, tl.max(x, axis=1, keep_dims=True))
-        # while a row has seen only -inf, shift by 0 so that -inf - -inf never appears
-        shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-        s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift) * c), axis=1, keep_dims=True)
-        return new_mx, s
+    states [R, W] per chunk of CH columns (the columns a thread holds), mx = the largest x seen
+    at that chunk position and s = sum 2^((x - mx) c) over what was seen there:
+        M' = max(mx, max_chunk x),  s' = s 2^((mx - M') c) + sum_chunk 2^((x - M') c)
+    One exp2 per element plus one per chunk, and no communication between threads. While a
+    chunk has seen only -inf, the shift is 0, so -inf - -inf never appears; NaN or +inf input
+    makes s NaN."""
+    x = _chunks(x, CH)
+    new_mx = tl.maximum(mx, tl.max(x, axis=2))
+    shift = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+    s = s * tl.exp2((mx - shift) * c) + tl.sum(tl.exp2((x - shift[:, :, None]) * c), axis=2)
+    return new_mx, s
 
 
 @triton.jit
 def _lse_rows(mx, s, c):
-    """Each row's (M, S), [R, 1], from its [R, W] states: M = max mx, S = sum s 2^((mx - M) c)
-    (a lane that saw nothing finite has s = 0 and adds 0; a NaN in s stays)."""
+    """Each row's (M, S), [R, 1], from its [R, W] chunk states: M = max mx, S = sum s 2^((mx - M) c)
+    (a chunk that saw nothing finite has s = 0 and adds 0; a NaN in s stays)."""
     row_mx = tl.max(mx, axis=1, keep_dims=True)
     shift = tl.where(row_mx == float("-inf"), 0.0, row_mx)
     return row_mx, _total(tl.where(s > 0, s * tl.exp2((mx - shift) * c), s))
@@ -140,11 +138,11 @@ def _safe_shift(mx, s):
 
 @triton.jit
 def _block_columns(start, V, BLOCK_V: tl.constexpr):
-    """Vocabulary ids [start, start + BLOCK_V) as a [1, BLOCK_V] int64 tile, and which are < V.
-    Every tile is 2D along the vocabulary ([K_PAD, BLOCK_V] drafts, [1, BLOCK_V] target and
-    mixture), so the mixture meets the target without a layout conversion in the loops."""
+    """Vocabulary ids [start, start + BLOCK_V) as a [1, BLOCK_V] int64 tile, and which are in
+    [0, V). Every tile is 2D along the vocabulary ([K_PAD, BLOCK_V] drafts, [1, BLOCK_V] target
+    and mixture), so the mixture meets the target without a layout conversion in the loops."""
     offs_v = start + tl.arange(0, BLOCK_V)[None, :]
-    return offs_v.to(tl.int64), offs_v < V
+    return offs_v.to(tl.int64), (offs_v < V) & (offs_v >= 0)
 
 
 @triton.jit
@@ -154,7 +152,6 @@ def _load_block(d_rows, k_ok, t_row, start, V, stride_dv, stride_tv, HAS_TARGET:
     dtype (the callers convert both to float32), -inf where masked; columns outside [0, V) load
     nothing."""
     col, v_ok = _block_columns(start, V, BLOCK_V)
-    v_ok = v_ok & (col >= 0)
     x = tl.load(d_rows + col * stride_dv, mask=k_ok & v_ok, other=float("-inf"))
     if HAS_TARGET:
         y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf"))
@@ -206,7 +203,7 @@ def _divergence_kernel(
     LSE_GIVEN: tl.constexpr,  # read the lse instead of pass 1: stats are this shard's shares
     LSE_ONLY: tl.constexpr,  # pass 1 only: stats are 0
     BLOCK_V: tl.constexpr,
-    LANES: tl.constexpr,  # running sums per lane (reduced once at the end) or per row (every block)
+    CH: tl.constexpr,  # columns a thread holds in a row of a block: one 16-byte load of the drafts' dtype
     PREFETCH: tl.constexpr,  # load each block one iteration ahead (registers for a second block)
     SFU_LOG2: tl.constexpr,  # log2 m on the special-function unit (False: the interpreter)
 ):
@@ -214,6 +211,7 @@ def _divergence_kernel(
     N64 = n * 0 + N  # N as int64, so that row * N never overflows int32
     c = inv_temperature * _LOG2E  # x inv_T = (x c) / log2(e): base-2 exponent scale
 
+    W: tl.constexpr = BLOCK_V // CH  # chunks of CH columns in a block
     k = tl.arange(0, K_PAD)[:, None]  # [K_PAD, 1]: draft rows
     k_ok = k < K
     d_rows = draft_ptr + (n * stride_dn + k.to(tl.int64) * stride_dk)  # row starts
@@ -231,10 +229,10 @@ def _divergence_kernel(
         shift_p, log2s_p = _shift_from_lse(lse_p, inv_temperature)
     else:
         # ---- pass 1: online log-sum-exp of every row ([K_PAD, 1] drafts, [1, 1] target after) ----
-        mx_q = _state(K_PAD, BLOCK_V, float("-inf"), LANES)
-        s_q = _state(K_PAD, BLOCK_V, 0.0, LANES)
-        mx_p = _state(1, BLOCK_V, float("-inf"), LANES)
-        s_p = _state(1, BLOCK_V, 0.0, LANES)
+        mx_q = _state(K_PAD, W, float("-inf"))
+        s_q = _state(K_PAD, W, 0.0)
+        mx_p = _state(1, W, float("-inf"))
+        s_p = _state(1, W, 0.0)
         # (PREFETCH: each pass loads block b + 1, in its order, before it works on block b, and
         # carries it into the next iteration: the loads travel while a block is worked on)
         if PREFETCH:
@@ -245,9 +243,9 @@ def _divergence_kernel(
                 x_next, y_next = _load_block(d_rows, k_ok, t_row, (b + 1) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
             else:
                 x, y = _load_block(d_rows, k_ok, t_row, b * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
-            mx_q, s_q = _lse_fold(x.to(tl.float32), mx_q, s_q, c, LANES)
+            mx_q, s_q = _lse_fold(x.to(tl.float32), mx_q, s_q, c, CH)
             if HAS_TARGET:
-                mx_p, s_p = _lse_fold(y.to(tl.float32), mx_p, s_p, c, LANES)
+                mx_p, s_p = _lse_fold(y.to(tl.float32), mx_p, s_p, c, CH)
         mx_q, s_q = _lse_rows(mx_q, s_q, c)
         mx_p, s_p = _lse_rows(mx_p, s_p, c)
         lse_q = _lse_value(mx_q, s_q, inv_temperature)
@@ -263,11 +261,11 @@ def _divergence_kernel(
         tl.store(lse_ptr + lse_p_at, tl.zeros([1, 1], tl.float64))
 
     # ---- pass 2: the sums, vocabulary blocks in reverse (L2 still holds the last ones) ----
-    hq_acc = _state(K_PAD, BLOCK_V, 0.0, LANES)  # q log2 q, per draft
-    jsd_acc = _state(1, BLOCK_V, 0.0, LANES)  # sum_k w q (log2 q - log2 m)
-    hm_acc = _state(1, BLOCK_V, 0.0, LANES)  # m log2 m
-    kl_acc = _state(1, BLOCK_V, 0.0, LANES)  # m (ln m - ln p), in nats
-    hp_acc = _state(1, BLOCK_V, 0.0, LANES)  # p log2 p
+    hq_acc = _state(K_PAD, W, 0.0)  # q log2 q, per draft
+    jsd_acc = _state(1, W, 0.0)  # sum_k w q (log2 q - log2 m)
+    hm_acc = _state(1, W, 0.0)  # m log2 m
+    kl_acc = _state(1, W, 0.0)  # m (ln m - ln p), in nats
+    hp_acc = _state(1, W, 0.0)  # p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
         if PREFETCH:
             x_next, y_next = _load_block(d_rows, k_ok, t_row, (nblk - 1) * BLOCK_V, V, stride_dv, stride_tv, HAS_TARGET, BLOCK_V)
@@ -285,9 +283,9 @@ def _divergence_kernel(
             wq = w * q
             m = tl.sum(wq, axis=0, keep_dims=True)  # m_v = sum_k w_k q_kv, [1, BLOCK_V]
             log2m = _log2_floor(m, SFU_LOG2)  # finite: m log2 m, and log2 q - log2 m only -inf with q
-            hq_acc = _fold_sum(hq_acc, _xlog2y_exp(q, log2q), LANES)
-            jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y_exp(wq, log2q - log2m), axis=0, keep_dims=True), LANES)
-            hm_acc = _fold_sum(hm_acc, m * log2m, LANES)
+            hq_acc = _fold_sum(hq_acc, _xlog2y_exp(q, log2q), CH)
+            jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y_exp(wq, log2q - log2m), axis=0, keep_dims=True), CH)
+            hm_acc = _fold_sum(hm_acc, m * log2m, CH)
             if HAS_TARGET:
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
                 p = tl.exp2(log2p)
@@ -297,8 +295,8 @@ def _divergence_kernel(
                 # a column the mixture has and the target masks makes KL(m || p) +inf, also where
                 # m_v underflows to 0
                 outside = in_m & (y == float("-inf"))
-                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlogy(m, log2m * _LN2 - log_p)), LANES)
-                hp_acc = _fold_sum(hp_acc, _xlog2y_exp(p, log2p), LANES)
+                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlogy(m, log2m * _LN2 - log_p)), CH)
+                hp_acc = _fold_sum(hp_acc, _xlog2y_exp(p, log2p), CH)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2; the KL is in nats) ----
     # JSD >= 0 term by term; rounding (log q from the lse, log m from log2) can leave -1e-7
@@ -326,14 +324,16 @@ def _divergence_kernel(
 # output, so re-running it while tuning is safe. num_stages=1: no software pipelining (the
 # plain loads gain little from it, and its shared-memory buffers would cost occupancy); other
 # resident programs hide the latency.
-# Both ways of keeping the running sums are tried (LANES False: per row, a cross-warp reduction
-# every block; True: per lane, reduced once at the end), each with and without loading every
-# block one iteration ahead (PREFETCH). On the H200 at K=4, V=151936 (2026-11-30) per lane was
-# 4% faster at 1024 x 4 warps and 4% slower at 2048 x 8; PREFETCH helped no config.
+# Each tile is tried with and without loading every block one iteration ahead (PREFETCH; on
+# the H200 at K=4, V=151936, 2026-11-30, it helped no config). The running sums are kept per
+# chunk of CH columns, within each thread, and reduced across threads once after each loop.
+# (Until 2026-12-04 they were kept either per row, a reduction across the warps every block,
+# or per column with an online max per element. Compiled for sm_90 with Triton 3.6 at K=4,
+# bf16, 2048 x 8 warps, the two passes took 538 + 786 (per row) or 626 + 628 (per column) SASS
+# instructions a block; now 350 + 628: bench/NOTES.md.)
 _AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_V": bv, "LANES": lanes, "PREFETCH": prefetch}, num_warps=nw, num_stages=1)
+    triton.Config({"BLOCK_V": bv, "PREFETCH": prefetch}, num_warps=nw, num_stages=1)
     for prefetch in (False, True)
-    for lanes in (False, True)
     for bv in (1024, 2048, 4096)
     for nw in (4, 8, 16)
 ]
@@ -351,8 +351,7 @@ _MIN_COLUMNS_PER_THREAD = 8
 # in that sweep (2048 x 8 warps per row, 7.01 ms; 1024 x 4, the first config, 7.61).
 _UNTUNED_TILE = (2048, 8)
 # The variant that untuned launches use (the interpreter, FASTPROBE_AUTOTUNE=0): the first
-# surviving config with this LANES and PREFETCH. Tests switch them to run every variant.
-UNTUNED_LANES = False
+# surviving config with this PREFETCH.
 UNTUNED_PREFETCH = False
 
 
@@ -372,12 +371,11 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _untuned(kept):
-    """The config of untuned launches: with UNTUNED_LANES and UNTUNED_PREFETCH, the tile
-    _UNTUNED_TILE where kept, else the first (with very many drafts, the first with UNTUNED_LANES)."""
-    chosen = [cfg for cfg in kept if cfg.kwargs["LANES"] == UNTUNED_LANES]
-    variant = [cfg for cfg in chosen if cfg.kwargs["PREFETCH"] == UNTUNED_PREFETCH]
+    """The config of untuned launches: with UNTUNED_PREFETCH, the tile _UNTUNED_TILE where kept,
+    else the first."""
+    variant = [cfg for cfg in kept if cfg.kwargs["PREFETCH"] == UNTUNED_PREFETCH]
     tile = [cfg for cfg in variant if (cfg.kwargs["BLOCK_V"], cfg.num_warps) == _UNTUNED_TILE]
-    return (tile or variant or chosen or kept)[0]
+    return (tile or variant or kept)[0]
 
 
 _divergence_kernel_tuned = triton.autotune(
@@ -447,12 +445,13 @@ def draft_divergence(
     # lse_in is a dummy (never read) unless given
 
     args = (*tensors, lse_in if lse_given else lse, *scalars)
+    # CH: one 16-byte load of the drafts' dtype per thread and row (8 columns of a 16-bit dtype, 4 of float32)
     flags = dict(K_PAD=K_PAD, HAS_TARGET=has_target, LSE_GIVEN=lse_given, LSE_ONLY=lse_only,
-                 SFU_LOG2=not interpreter_enabled())
+                 SFU_LOG2=not interpreter_enabled(), CH=16 // draft.element_size())
     grid = (N,)
     if interpreter_enabled():
         _divergence_kernel[grid](
-            *args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, LANES=UNTUNED_LANES, PREFETCH=UNTUNED_PREFETCH, num_warps=4
+            *args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, PREFETCH=UNTUNED_PREFETCH, num_warps=4
         )
     elif config is None and autotune_enabled():
         launch_tuned(_divergence_kernel_tuned, _divergence_kernel, grid, args, flags,

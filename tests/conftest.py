@@ -138,27 +138,24 @@ def target(request):
     return backend, device
 
 
-def _per_lane(param):
+def _prefetching(param):
     (backend, device), = param.values
-    return pytest.param((backend, device, True), id=f"{param.id}-lanes", marks=param.marks)
+    return pytest.param((backend, device, True), id=f"{param.id}-prefetch", marks=param.marks)
 
 
-def lanes_target(module: str):
-    """The `target` fixture of a family whose Triton kernel keeps its running sums per row or per
-    lane (an autotuned choice; untuned launches take fastprobe.kernels.<module>.UNTUNED_LANES):
-    every Triton target runs twice (ids ending in -lanes: per lane), and both ways must be right.
-    A module that can also load each block one iteration ahead (UNTUNED_PREFETCH) runs the
-    per-lane variant with it and the per-row one without."""
+def prefetch_target(module: str):
+    """The `target` fixture of a family whose Triton kernel can load each vocabulary block one
+    iteration ahead (an autotuned choice; untuned launches take
+    fastprobe.kernels.<module>.UNTUNED_PREFETCH): every Triton target runs twice (ids ending in
+    -prefetch: with it), and both ways must be right."""
 
-    @pytest.fixture(params=TARGETS + [_per_lane(param) for param in TARGETS if param.values[0][0] == "triton"])
+    @pytest.fixture(params=TARGETS + [_prefetching(param) for param in TARGETS if param.values[0][0] == "triton"])
     def target(request, monkeypatch):
-        backend, device, *per_lane = request.param
+        backend, device, *prefetch = request.param
         fastprobe.set_backend(backend)
         if backend == "triton":
             kernels = importlib.import_module(f"fastprobe.kernels.{module}")
-            monkeypatch.setattr(kernels, "UNTUNED_LANES", bool(per_lane))
-            if hasattr(kernels, "UNTUNED_PREFETCH"):
-                monkeypatch.setattr(kernels, "UNTUNED_PREFETCH", bool(per_lane))
+            monkeypatch.setattr(kernels, "UNTUNED_PREFETCH", bool(prefetch))
         return backend, device
 
     return target

@@ -310,7 +310,7 @@ def test_triton_configs_names_what_the_autotuner_chose_for_each_launch(monkeypat
             return self.kernel[grid]
 
     monkeypatch.setattr(_launch, "_CHOSEN", {})
-    first = Tuned(Kernel("_first_kernel"), triton.Config({"BLOCK_V": 2048, "LANES": False}, num_warps=8, num_stages=1))
+    first = Tuned(Kernel("_first_kernel"), triton.Config({"BLOCK_V": 2048, "PREFETCH": False}, num_warps=8, num_stages=1))
     second = Tuned(Kernel("_second_kernel"), triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3))
     _launch._CHOSEN[(second, "key")] = second.best_config  # tuned by an earlier row
 
@@ -319,7 +319,7 @@ def test_triton_configs_names_what_the_autotuner_chose_for_each_launch(monkeypat
             divergence.launch_tuned(tuned, tuned.kernel, (1,), (), {"K_PAD": 4}, "key")
 
     assert _memory.triton_configs(call) == [
-        "_first_kernel: BLOCK_V=2048, LANES=False, num_warps=8, num_stages=1",
+        "_first_kernel: BLOCK_V=2048, PREFETCH=False, num_warps=8, num_stages=1",
         "_second_kernel: BLOCK_M=64, num_warps=4, num_stages=3",
     ]
     assert len(launched) == 3 and launched[1] == ("_second_kernel", {"K_PAD": 4, "BLOCK_M": 64, "num_warps": 4,
@@ -902,6 +902,21 @@ def test_compile_sm90_counts_a_kernels_sass_and_reads_another_trees_kernels(tmp_
     (tmp_path / "kernels" / "concepts.py").write_text("raise ImportError('concepts.py of the other tree')\n")
     done = subprocess.run(script + ["--tree", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "concepts.py of the other tree" in done.stderr
+
+
+def test_compile_sm90_counts_each_loop_body_from_its_backward_branch():
+    """bench/compile_sm90.py's loop_bodies: a loop is the instructions from a backward branch's
+    target to the branch (cuobjdump's /*address*/ lines), in code order; a forward branch and
+    the kernel's closing branch to itself are none, and a nested loop counts in its outer one."""
+    pytest.importorskip("triton.knobs", reason="bench/compile_sm90.py needs a Triton with knobs (3.4+)")
+    from bench import compile_sm90
+
+    lines = ["LDC R1, c[0x0][0x28] ;", "@!P0 BRA 0x0070 ;",  # 0x00, 0x10 (forward: no loop)
+             "FADD R2, R2, R3 ;", "MUFU.EX2 R4, R2 ;",  # 0x20, 0x30: outer loop from here
+             "FMUL R5, R4, R4 ;", "@P1 BRA 0x0040 ;",  # 0x40, 0x50: inner loop 0x40-0x50
+             "@P2 BRA 0x0020 ;", "EXIT ;", "BRA 0x0080 ;"]  # 0x60: outer loop 0x20-0x60; 0x70, 0x80
+    sass = "\n".join(f"        /*{16 * at:04x}*/                   {line}  /* 0x0 */" for at, line in enumerate(lines))
+    assert compile_sm90.loop_bodies(sass) == [2, 5]
 
 
 def test_paired_cuda_ratio_is_the_rows_time_over_its_peers_within_each_block(monkeypatch):

@@ -11,15 +11,12 @@ import fastprobe as fp
 from fastprobe import reference
 from fastprobe.ops.concepts import answer_variants
 
-from .conftest import ATOL, RTOL, lanes_target, same_bits_per_row
+from .conftest import ATOL, RTOL, same_bits_per_row
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOAT_FIELDS = ["mass", "log_mass", "top_share", "concentration_entropy", "lse"]
 # Gradients come back in the logits' dtype, so low-precision ones carry its rounding.
 GRAD_TOLERANCE = {torch.float32: (RTOL, ATOL), torch.bfloat16: (1e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
-
-
-target = lanes_target("concepts")
 
 
 def shapes_for(target):
@@ -818,32 +815,6 @@ def test_non_finite_row_raises(target, where):
 
 
 # ---------------------------------------------------------------- backends and tracing
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("per_lane", [False, True])
-def test_untuned_forward_runs_untuned_lanes(monkeypatch, per_lane):
-    """Untuned launches (the interpreter here, FASTPROBE_AUTOTUNE=0 on a GPU) run the forward
-    variant UNTUNED_LANES names, per row unless a test switches it: so the -lanes targets above
-    do test the per-lane kernel."""
-    from fastprobe.kernels import concepts as triton_concepts
-
-    assert triton_concepts.UNTUNED_LANES is False
-    kernel, launched = triton_concepts._concept_mass_kernel, []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launched.append(meta["LANES"])
-                return kernel[grid](*args, **meta)
-
-            return launch
-
-    monkeypatch.setattr(triton_concepts, "_concept_mass_kernel", Recorder())
-    monkeypatch.setattr(triton_concepts, "UNTUNED_LANES", per_lane)
-    fp.set_backend("triton")
-    fp.concept_mass(torch.randn(2, 40), fp.ConceptSet.from_ids([[1, 2], [7]]))
-    assert launched == [per_lane]
 
 
 def test_float64_runs_reference_exactly():
