@@ -1,4 +1,4 @@
-"""Times every autotune config (block size, warps, per-row or per-lane sums, prefetch) of the Triton draft_divergence kernel at the GPU
+"""Times every autotune config (block size, warps, prefetch) of the Triton draft_divergence kernel at the GPU
 benchmark shape and prints them against the device's copy bandwidth.
 
     python -m bench.sweep_divergence   # from the repository root: it imports bench.* (as bench/gpu.sh runs it)
