@@ -158,12 +158,32 @@ PAIRED_BUDGET_S = 3.0  # time aimed at per peer; at least PAIRED_BLOCKS[0] block
 PAIRED_BLOCKS = (4, 10)
 
 
+def paired_blocks(time_row, time_peer, blocks: int, stop=lambda: False) -> list:
+    """Timings in blocks of four neighbouring calls, row, peer, peer, row: in each block a steady
+    drift adds as much to the row's two times as to the peer's two, and each side runs once first
+    and once second after the other, so neither drift nor the order of a pair favours one.
+    time_row / time_peer: () -> seconds of one call; no block starts once stop() is true.
+    Returns [(row's two times, peer's two times)] a block."""
+    timings = []
+    for _ in range(blocks):
+        if stop():
+            break
+        first = time_row()
+        peer_times = (time_peer(), time_peer())
+        timings.append(((first, time_row()), peer_times))
+    return timings
+
+
+def median_quartiles(values: list) -> tuple:
+    """(median, low quartile, high quartile) of two or more values."""
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), low, high
+
+
 def paired_speedup(call, peer, inputs: tuple, clock=time.perf_counter) -> dict:
-    """The peer's time over call's in blocks of four neighbouring calls, call, peer, peer, call:
-    in each block a steady drift adds as much to the two calls as to the two peers', and each
-    side runs once first and once second after the other, so neither drift nor the order of a
-    pair favours one. Returns the median of the blocks' ratios (the peer's two times over
-    call's), their quartiles, and the number of blocks."""
+    """The peer's time over call's in paired_blocks (call, peer, peer, call). Returns the median
+    of the blocks' ratios (the peer's two times over call's), their quartiles, and the number of
+    blocks."""
 
     def timed(run):
         start = clock()
@@ -173,14 +193,9 @@ def paired_speedup(call, peer, inputs: tuple, clock=time.perf_counter) -> dict:
     timed(peer)  # (untimed: a compiled peer compiles here)
     first = timed(call) + timed(peer)
     blocks = min(max(math.ceil(PAIRED_BUDGET_S / max(2 * first, 1e-9)), PAIRED_BLOCKS[0]), PAIRED_BLOCKS[1])
-    ratios = []
-    for _ in range(blocks):
-        mine = timed(call)
-        theirs = timed(peer) + timed(peer)
-        mine += timed(call)
-        ratios.append(theirs / max(mine, 1e-12))
-    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-    return dict(speedup=statistics.median(ratios), low=low, high=high, blocks=blocks)
+    timings = paired_blocks(lambda: timed(call), lambda: timed(peer), blocks)
+    speedup, low, high = median_quartiles([sum(theirs) / max(sum(mine), 1e-12) for mine, theirs in timings])
+    return dict(speedup=speedup, low=low, high=high, blocks=blocks)
 
 
 def paired_peers(impl: str, baseline, peers: dict) -> list:

@@ -1,5 +1,5 @@
 """Ratios that are goals, timed in pairs on one device: each block runs a row, its peer, the peer,
-the row (bench/_memory.py's paired_speedup scheme), so that the host's and the GPU's drift within a
+the row (bench/_memory.py's paired_blocks), so that the host's and the GPU's drift within a
 run (the H200 machine's host time per call moved 107 -> 163 us between two calls of one session)
 adds to both sides alike. Two clocks per side:
   whole:  each call waited for (torch.cuda.synchronize), what the pytest-benchmark rows time;
@@ -30,8 +30,10 @@ from bench import test_patch_bench as patch
 
 try:
     from bench._deadline import past_deadline
+    from bench._memory import median_quartiles, paired_blocks
 except ImportError:  # (bench/ itself on sys.path)
     from _deadline import past_deadline
+    from _memory import median_quartiles, paired_blocks
 
 STREAM_CALLS = 10
 
@@ -83,18 +85,13 @@ def paired(timer, row, peer, inputs, blocks: int) -> tuple:
     """(ratio median, low quartile, high quartile, row's median s, peer's median s, blocks run)."""
     for call in (row, peer, row, peer):  # compiles, autotunes, caches
         timer(call, inputs)
-    ratios, mine, theirs = [], [], []
-    for _ in range(blocks):
-        if past_deadline():
-            break
-        first, peer_times, last = timer(row, inputs), [timer(peer, inputs), timer(peer, inputs)], timer(row, inputs)
-        ratios.append((first + last) / sum(peer_times))
-        mine += [first, last]
-        theirs += peer_times
-    if len(ratios) < 2:
+    timings = paired_blocks(lambda: timer(row, inputs), lambda: timer(peer, inputs), blocks, stop=past_deadline)
+    if len(timings) < 2:
         return None
-    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-    return statistics.median(ratios), low, high, statistics.median(mine), statistics.median(theirs), len(ratios)
+    ratio, low, high = median_quartiles([sum(mine) / sum(theirs) for mine, theirs in timings])
+    mine = statistics.median([time for times, _ in timings for time in times])
+    theirs = statistics.median([time for _, times in timings for time in times])
+    return ratio, low, high, mine, theirs, len(timings)
 
 
 def main(blocks: int = 30) -> None:
