@@ -9,9 +9,9 @@ Forward:
   1. One program per row streams it in blocks for the online log-sum-exp (raw max M,
      S = sum 2^((x - M) c), c = log2(e) / T, lse = M / T + ln S), kept per chunk of the columns
      a thread holds and reduced across threads once after the loop (divergence.py's _lse_fold
-     / _lse_rows). The concept ids inside
-     each block (its slots [lo, hi) from id_block_starts, no search) are picked out of the
-     block already in registers (tl.gather) and written to their slots of a small [N, U]
+     / _lse_rows). The concept ids inside each block (its slots [lo, hi) from id_block_starts,
+     no search) are picked out of the block already in registers (tl.gather) and written to
+     their slots of a small [N, U]
      buffer of the logits' dtype (U distinct concept ids; no [N, V] temporary). So the logits
      are read once. The loads of block b + 1 (logits, slot range, ids) are issued before
      block b is worked on, so no block waits on a chain of dependent loads.
