@@ -45,6 +45,7 @@ __all__ = ["draft_divergence"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest float32
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def _xlogy(x, logy):
 def _xlog2y_exp(x, log2y):
     """x * log2(y) where x = 0 wherever log2 y = -inf (x = 2^log2y, or w times it): the -inf
     floored to the lowest float, so 0 log 0 = 0 without a compare and select per term."""
-    return x * tl.maximum(log2y, -3.4028234663852886e38)
+    return x * tl.maximum(log2y, _LOWEST)
 
 
 @triton.jit
@@ -278,13 +279,15 @@ def _divergence_kernel(
             x, y = x.to(tl.float32), y.to(tl.float32)
             if HAS_TARGET:  # columns the mixture has: a finite logit in a draft of weight > 0
                 in_m = tl.max(tl.where(w > 0, x, float("-inf")), axis=0, keep_dims=True) > float("-inf")
-            log2q = (x - shift_q) * c - log2s_q  # log2 q_kv (-inf if masked)
+            # log2 q_kv, floored at the lowest float where masked (q = 0 there): q log2 q and
+            # w q (log2 q - log2 m) need no guard (one floor serves both terms; NaN stays NaN)
+            log2q = tl.maximum((x - shift_q) * c - log2s_q, _LOWEST, propagate_nan=tl.PropagateNan.ALL)
             q = tl.exp2(log2q)
             wq = w * q
             m = tl.sum(wq, axis=0, keep_dims=True)  # m_v = sum_k w_k q_kv, [1, BLOCK_V]
-            log2m = _log2_floor(m, SFU_LOG2)  # finite: m log2 m, and log2 q - log2 m only -inf with q
-            hq_acc = _fold_sum(hq_acc, _xlog2y_exp(q, log2q), CH)
-            jsd_acc = _fold_sum(jsd_acc, tl.sum(_xlog2y_exp(wq, log2q - log2m), axis=0, keep_dims=True), CH)
+            log2m = _log2_floor(m, SFU_LOG2)  # finite: m log2 m
+            hq_acc = _fold_sum(hq_acc, q * log2q, CH)
+            jsd_acc = _fold_sum(jsd_acc, tl.sum(wq * (log2q - log2m), axis=0, keep_dims=True), CH)
             hm_acc = _fold_sum(hm_acc, m * log2m, CH)
             if HAS_TARGET:
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
@@ -330,7 +333,7 @@ def _divergence_kernel(
 # (Until 2026-12-04 they were kept either per row, a reduction across the warps every block,
 # or per column with an online max per element. Compiled for sm_90 with Triton 3.6 at K=4,
 # bf16, 2048 x 8 warps, the two passes took 538 + 786 (per row) or 626 + 628 (per column) SASS
-# instructions a block; now 350 + 628: bench/NOTES.md.)
+# instructions a block; now 350 + 596: bench/NOTES.md.)
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv, "PREFETCH": prefetch}, num_warps=nw, num_stages=1)
     for prefetch in (False, True)
