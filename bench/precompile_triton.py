@@ -658,6 +658,8 @@ def _launch_case(name: str) -> None:
 
         for cases in (bench.CASES, bench.STEP_CASES):  # many rows, and one (N = 1 is a constant to Triton)
             bench.fastprobe_call(*bench.make_inputs(cpu, **cases["cuda"]))
+        for call in bench.GPU_IMPLS.values():  # (the statistics in a second launch)
+            call(*bench.make_inputs(cpu, **bench.CASES["cuda"]))
     elif family == "divergence":
         from bench import test_divergence_bench as bench
         from fastprobe.kernels import divergence as kernels
