@@ -196,6 +196,18 @@ def forced(call, cfg, module=kernels):
         module._FWD_CONFIGS = all_configs
 
 
+def checked_run(call, cfg, first, module=kernels) -> tuple:
+    """Runs call forced onto cfg (forced) with its outputs poisoned with NaN first, so that what a
+    config leaves unwritten shows as a difference. Returns (copies of its outputs, the largest
+    |difference| from `first`'s, the first config's copies, or 0 when first is None)."""
+    for tensor in call.outputs:
+        tensor.fill_(float("nan"))
+    forced(call, cfg, module)
+    outputs = [tensor.float() for tensor in call.outputs]  # (copies: the next launch overwrites)
+    first = outputs if first is None else first
+    return outputs, max(float((a - b).abs().nan_to_num(float("inf")).max()) for a, b in zip(outputs, first))
+
+
 def sweep_dual(device: str, dtype: torch.dtype, length: int, most: int) -> None:
     q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
     dual, single = dual_launcher(q, k, v), launcher(q, k, v, {})
@@ -208,11 +220,8 @@ def sweep_dual(device: str, dtype: torch.dtype, length: int, most: int) -> None:
           f"{tuned_single:.3f} ms ({tuned_dual / tuned_single:.2f}x)")
     rows, first = [], None
     for cfg in kept[:most]:
-        dual.outputs[0].fill_(float("nan"))  # (poisoned: what a config leaves unwritten shows as a difference)
-        forced(dual, cfg, dual_attention)
-        output = dual.outputs[0].float()  # (a copy: the next launch overwrites)
-        first = output if first is None else first
-        diff = float((output - first).abs().nan_to_num(float("inf")).max())
+        outputs, diff = checked_run(dual, cfg, first, dual_attention)
+        first = first or outputs
         rows.append((measure(lambda: forced(dual, cfg, dual_attention)), measure(lambda: forced(single, cfg)), cfg,
                      diff))
     best_single = min(row[1] for row in rows)
@@ -232,12 +241,8 @@ def sweep_narrow(device: str, dtype: torch.dtype, length: int) -> None:
     for name, (call, configs, num_kept) in launches.items():
         rows, first = [], None
         for index, cfg in enumerate(configs):
-            for tensor in call.outputs:  # (poisoned: what a config leaves unwritten shows as a difference)
-                tensor.fill_(float("nan"))
-            forced(call, cfg)
-            outputs = [tensor.float() for tensor in call.outputs]  # (copies: the next launch overwrites)
-            first = outputs if first is None else first
-            diff = max(float((a - b).abs().nan_to_num(float("inf")).max()) for a, b in zip(outputs, first))
+            outputs, diff = checked_run(call, cfg, first)
+            first = first or outputs
             rows.append((measure(lambda: forced(call, cfg)), cfg, index < num_kept, diff))
         for ms, cfg, kept, diff in sorted(rows, key=lambda row: row[0]):
             blocks = " ".join(f"{key}={value}" for key, value in cfg.kwargs.items())

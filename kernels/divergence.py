@@ -139,11 +139,11 @@ def _safe_shift(mx, s):
 
 @triton.jit
 def _block_columns(start, V, BLOCK_V: tl.constexpr):
-    """Vocabulary ids [start, start + BLOCK_V) as a [1, BLOCK_V] int64 tile, and which are in
-    [0, V). Every tile is 2D along the vocabulary ([K_PAD, BLOCK_V] drafts, [1, BLOCK_V] target
-    and mixture), so the mixture meets the target without a layout conversion in the loops."""
+    """Vocabulary ids [start, start + BLOCK_V) as a [1, BLOCK_V] int64 tile, and which are < V.
+    Every tile is 2D along the vocabulary ([K_PAD, BLOCK_V] drafts, [1, BLOCK_V] target and
+    mixture), so the mixture meets the target without a layout conversion in the loops."""
     offs_v = start + tl.arange(0, BLOCK_V)[None, :]
-    return offs_v.to(tl.int64), (offs_v < V) & (offs_v >= 0)
+    return offs_v.to(tl.int64), offs_v < V
 
 
 @triton.jit
@@ -153,6 +153,7 @@ def _load_block(d_rows, k_ok, t_row, start, V, stride_dv, stride_tv, HAS_TARGET:
     dtype (the callers convert both to float32), -inf where masked; columns outside [0, V) load
     nothing."""
     col, v_ok = _block_columns(start, V, BLOCK_V)
+    v_ok = v_ok & (col >= 0)  # (pass 2's prefetch reaches the block before block 0)
     x = tl.load(d_rows + col * stride_dv, mask=k_ok & v_ok, other=float("-inf"))
     if HAS_TARGET:
         y = tl.load(t_row + col * stride_tv, mask=v_ok, other=float("-inf"))
