@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprobe as fp
 from fastprobe.integrations import attention_layers, is_patched, patch_options
@@ -86,12 +87,15 @@ def first_keys(weights, mask, chunked):
 # ---------------------------------------------------------------- same outputs as unpatched
 
 
-@pytest.mark.parametrize("padding", ["mixed", "none"])
+@pytest.mark.parametrize("padding", ["mixed", "none", "no mask"])  # "no mask": attention_mask=None (no padding)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_patched_prefill_matches_unpatched(arch, padding):
     reference, model = tiny_model(arch), patch_or_skip(tiny_model(arch))
     assert model.config._attn_implementation == "fastprobe"
-    ids, mask = inputs(padding=padding)
+    ids, mask = inputs(padding="none" if padding == "no mask" else padding)
+    if padding == "no mask":
+        assert_real_close(outputs(model, ids, None), outputs(reference, ids, None), mask)
+        return
     want = outputs(reference, ids, mask)
     if padding != "none" and TORCH_RELEASE < (2, 5) and _padding_reaches_real_tokens(reference, ids, mask, want):
         pytest.skip(f"transformers {transformers.__version__}'s {arch} carries padded tokens into real ones, "
@@ -1362,6 +1366,19 @@ def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
 # ---------------------------------------------------------------- recording vs eager weights
 
 
+class ReadBacks(TorchDispatchMode):
+    """The ops that read a tensor's value back to Python (a host sync on a GPU) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("is_nonzero", "_local_scalar_dense", "item"):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_recorded_sink_mass_matches_eager_weights(arch):
     eager, model = tiny_model(arch, attn_implementation="eager"), patch_or_skip(tiny_model(arch))
@@ -1373,6 +1390,50 @@ def test_recorded_sink_mass_matches_eager_weights(arch):
     torch.testing.assert_close(record.sink_mass, eager_sink_mass(weights, mask, chunked=arch == "llama4"), **TOLERANCE)
     assert record.group_mass is None and record.entropy is None
     assert record.num_queries.tolist() == [mask.sum().item()] * len(weights)
+
+
+@pytest.mark.parametrize("batch, padded", [(1, False), (3, False), (1, True)])
+def test_recording_one_row_or_no_mask_matches_eager_weights(batch, padded):
+    """Batch 1 (the recorder sums its statistics over the queries as a matrix-vector product,
+    weighted by the real queries when padded) and forwards given no attention mask (no key padding
+    mask, query counts kept on the host): the record the eager weights give, pooled over two
+    forwards, and read without waiting for the device."""
+    eager, model = tiny_model("qwen3", attn_implementation="eager"), fp.patch(tiny_model("qwen3"))
+    ids, mask = inputs(batch=batch, padding="none")
+    mask[0, -4:] = 0 if padded else 1  # right padding: its padded queries see real keys
+    given = mask if padded else None
+    groups = torch.randint(0, 3, ids.shape)
+    forwards = [(ids, given), (ids[:, :9], None if given is None else given[:, :9])]  # the second shorter
+    with torch.no_grad():
+        with fp.record_attention(model, key_groups=groups, statistics=STATISTICS) as record:
+            for each, each_mask in forwards:
+                model(input_ids=each, attention_mask=each_mask)
+            with ReadBacks() as watched:
+                fields = record.sink_mass, record.entropy, record.group_mass, record.num_queries
+        weights = [eager(input_ids=each, attention_mask=each_mask, output_attentions=True).attentions
+                   for each, each_mask in forwards]
+    assert watched.seen == []
+    one_hot = torch.nn.functional.one_hot(groups, 3).float()  # [B, L, G]
+    first = first_real(mask).view(-1, 1, 1, 1)
+    count = mask.sum() + mask[:, :9].sum()
+
+    def pooled(statistic):  # [layers, H, ...] over the real queries of both forwards
+        sums = []
+        for layer in range(len(weights[0])):
+            total = 0
+            for forward, (each, _) in zip(weights, forwards):
+                w = forward[layer]
+                values = statistic(w)
+                real = mask[:, :each.shape[1]].bool().view(batch, 1, -1, *([1] * (values.dim() - 3)))
+                total = total + (values * real).sum((0, 2))
+            sums.append(total / count)
+        return torch.stack(sums)
+
+    on_first = pooled(lambda w: w.gather(-1, first.expand(*w.shape[:3], 1))[..., 0])
+    torch.testing.assert_close(fields[0], on_first, **TOLERANCE)
+    torch.testing.assert_close(fields[1], pooled(lambda w: -torch.xlogy(w, w).sum(-1)), **TOLERANCE)
+    torch.testing.assert_close(fields[2], pooled(lambda w: w @ one_hot[:, None, :w.shape[-1]]), **TOLERANCE)
+    assert fields[3].tolist() == [count.item()] * len(weights[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # plain causal; sliding windows with a soft cap
@@ -1543,18 +1604,6 @@ def test_reading_a_record_does_not_wait_for_the_device():
     that reads a value back to Python (bool or item of a tensor) runs while they are formed, so a
     loop that reads them each step on a GPU does not stall its stream. Seen on the CPU through the
     dispatcher's ops. The emptiness check ("nothing was recorded") counts calls on the host."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ReadBacks(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.split(".")[0] in ("is_nonzero", "_local_scalar_dense", "item"):
-                self.seen.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = tiny_model("llama")
     ids, mask = inputs()
     with fp.record_attention(model, statistics=("sink_mass", "entropy")) as record:

@@ -687,6 +687,9 @@ class _MaskPattern(NamedTuple):
     # the 2D mask over the row's tokens so far (a dynamic cache's full-attention keys are its last
     # columns), for a layer that holds more keys than the mask was sized for (_pattern_over_the_row)
     row: Optional[torch.Tensor] = None
+    # made without a 2D mask (the model got no attention_mask): every key is real, so the layers
+    # attend with no key padding mask (the kernels' unmasked path; nothing per forward to prepare)
+    no_padding: bool = False
 
 
 _LEAVES = ("causal_mask_function", "bidirectional_mask_function")
@@ -999,8 +1002,9 @@ def key_padding_mask(
         # pattern and would re-read the mask function (Python introspection: a graph break a step).
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk] (_pattern_of reads it back as [B, Lk])
     row = None if static else attention_mask
+    no_padding = attention_mask is None and dropped is None and segments is None and not static
     setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset),
-                                         static, row))
+                                         static, row, no_padding))
     return mask
 
 
@@ -1178,7 +1182,7 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
             return _pattern_over_the_row(module, attention_mask, pattern, num_keys)
-        padding = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
+        padding = None if pattern.no_padding else attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
         return (padding, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
                 pattern.segments, pattern.kv_offset)
     # Not made by our mask function: flash attention's reading of the module's arguments.
@@ -1320,13 +1324,13 @@ def attention_forward(
             "be honoured while decoding past the window; use them in prefill, or with a full (non-sliding) cache"
         )
     keys = padding
-    if masks_made is not None:  # the layers of one forward share the mask: prepare it once
-        made_for = (options.num_sink, stat_tokens)
+    if masks_made is not None and (padding is not None or segments is not None):
+        made_for = (options.num_sink, stat_tokens)  # the layers of one forward share the mask: prepared once
         keys = masks_made.get(made_for)
         if keys is None:
-            keys = masks_made[made_for] = key_masks(padding, padding.shape[0], padding.shape[1],
-                                                    num_sink=options.num_sink, stat_tokens=stat_tokens,
-                                                    segment_ids=segments)
+            keys = masks_made[made_for] = key_masks(padding, key.shape[0], key.shape[2], num_sink=options.num_sink,
+                                                    stat_tokens=stat_tokens, segment_ids=segments,
+                                                    device=key.device)
     result = sink_attention(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device) if options.head_mask else None,
@@ -1698,7 +1702,9 @@ class AttentionRecord:
         self.num_layers, self.num_heads = num_layers, num_heads
         self._device, self._dtype = device, dtype
         self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums
-        self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer
+        self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer: padded calls'
+        self._host_counts = [0] * num_layers  # the others' (known on the host: no launch a layer)
+        self._ones: dict = {}  # (device, dtype) -> a vector of ones, the unweighted sums' (_add_as_matvec)
         self._calls = 0  # attention calls added (on the host: reading the fields needs no sync)
         self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
@@ -1804,7 +1810,7 @@ class AttentionRecord:
                     num_queries: int) -> None:
         for name in self.statistics:
             values = found[name]
-            if values is None:
+            if values is None or self._add_as_matvec(self._sums.get(name), layer, values, weight):
                 continue
             if weight is not None:  # [B, H, Lq, ...] -> sum over real (b, q): [H, ...]
                 values = values * weight.view(batch, 1, num_queries, *([1] * (values.dim() - 3)))
@@ -1812,9 +1818,36 @@ class AttentionRecord:
             table = self._table(name, tuple(pooled.shape[1:]), pooled)
             # (a layer on another device than the tables: a model split over devices, a DataParallel replica)
             table[layer].add_(pooled.to(table.device))
-        count = batch * num_queries if weight is None else real_queries.to(self._counts.device)
-        self._counts[layer].add_(count)
+        if weight is None and not is_compiling():
+            self._host_counts[layer] += batch * num_queries
+        else:
+            count = batch * num_queries if weight is None else real_queries.to(self._counts.device)
+            self._counts[layer].add_(count)
         self._calls += 1
+
+    def _add_as_matvec(self, table: Optional[torch.Tensor], layer: int, values: torch.Tensor,
+                       weight: Optional[torch.Tensor]) -> bool:
+        """table[layer, h] += sum over (b, q) of values[b, h, q] (times weight[b, 0, q]) as one
+        matrix-vector product, one launch for the two or three of the general form, where the (b, q)
+        pairs lie along one stride of values: batch 1 (prefill of one row) or one query (a decoding
+        step). False (nothing added) elsewhere."""
+        batch, heads, num_queries = values.shape[:3]
+        if (table is None or values.dim() != 3 or table.shape[1] != heads or table.dtype != values.dtype
+                or table.device != values.device or (batch != 1 and num_queries != 1)):
+            return False
+        matrix = values[0] if batch == 1 else values[:, :, 0].t()  # [H, Lq] or [H, B]
+        if weight is not None:
+            vector = weight.reshape(-1).to(values.dtype)
+        else:
+            where = (values.device, values.dtype)
+            vector = self._ones.get(where)
+            if vector is None or vector.shape[0] < matrix.shape[1]:
+                vector = torch.ones(max(matrix.shape[1], 64), dtype=values.dtype, device=values.device)
+                if not is_compiling():
+                    self._ones[where] = vector
+            vector = vector[:matrix.shape[1]]
+        table[layer].addmv_(matrix, vector)
+        return True
 
     @staticmethod
     def _query_weights(padding: torch.Tensor, num_queries: int, dtype: torch.dtype,
@@ -1837,7 +1870,7 @@ class AttentionRecord:
         table = self._sums.get(name)
         if table is None or name not in self.statistics:
             return None
-        counts = self._counts.to(table.device, table.dtype).view(-1, *([1] * (table.dim() - 1)))
+        counts = self._counts_on(table.device, table.dtype).view(-1, *([1] * (table.dim() - 1)))
         return torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
 
     @property
@@ -1852,9 +1885,18 @@ class AttentionRecord:
     def entropy(self) -> Optional[torch.Tensor]:
         return self._mean("entropy")
 
+    def _counts_on(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """The real queries per layer, the device's and the host's counts together (the host's
+        copied without waiting for the device)."""
+        counts = self._counts.to(device, dtype)
+        if any(self._host_counts):
+            on_host = torch.tensor(self._host_counts, dtype=dtype)
+            counts = counts + on_host.to(device, non_blocking=True)
+        return counts
+
     @property
     def num_queries(self) -> torch.Tensor:
-        return self._counts.clone()
+        return self._counts_on(self._counts.device, self._counts.dtype)
 
 
 @contextlib.contextmanager
