@@ -1434,6 +1434,8 @@ def test_recording_one_row_or_no_mask_matches_eager_weights(batch, padded):
     torch.testing.assert_close(fields[1], pooled(lambda w: -torch.xlogy(w, w).sum(-1)), **TOLERANCE)
     torch.testing.assert_close(fields[2], pooled(lambda w: w @ one_hot[:, None, :w.shape[-1]]), **TOLERANCE)
     assert fields[3].tolist() == [count.item()] * len(weights[0])
+    fields[3].zero_()  # a copy: the record's own counts stay
+    assert record.num_queries.tolist() == [count.item()] * len(weights[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # plain causal; sliding windows with a soft cap

@@ -1886,9 +1886,9 @@ class AttentionRecord:
         return self._mean("entropy")
 
     def _counts_on(self, device, dtype: torch.dtype) -> torch.Tensor:
-        """The real queries per layer, the device's and the host's counts together (the host's
-        copied without waiting for the device)."""
-        counts = self._counts.to(device, dtype)
+        """The real queries per layer, a new tensor: the device's and the host's counts together
+        (the host's copied without waiting for the device)."""
+        counts = self._counts.to(device, dtype, copy=True)
         if any(self._host_counts):
             on_host = torch.tensor(self._host_counts, dtype=dtype)
             counts = counts + on_host.to(device, non_blocking=True)
