@@ -335,12 +335,10 @@ FASTPROBE_ALWAYS_INLINE const float* float_block(const T* row, int64_t stride, i
   return scratch;
 }
 
-// exp(x) for float32, vectorisable: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
-// degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built in the exponent bits.
-// exp(-inf) = 0 and anything below the float32 normal range flushes to 0.
-inline float fast_exp(float x) {
-  const float low = x > -87.0f ? x : -87.0f;
-  const float clamped = low < 88.0f ? low : 88.0f;
+// exp(x) for float32 x in [-87, 88], vectorisable: x = n ln2 + r with |r| <= ln2/2, exp(r) by
+// a degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built in the exponent bits. A NaN x
+// gives NaN.
+FASTPROBE_ALWAYS_INLINE float exp_in_range(float clamped) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float shifted = clamped * kLog2e + magic;
   const float n = shifted - magic;
@@ -354,10 +352,21 @@ inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scale = bits_to_float(uint32_t(ni + 127) << 23);
-  const float result = x < -87.0f ? 0.0f : p * scale;
-  return x == x ? result : x;  // NaN stays NaN
+  return p * bits_to_float(uint32_t(ni + 127) << 23);
 }
+
+// exp(x) for any float32 x: exp(-inf) = 0, anything below the float32 normal range flushes to
+// 0, overflow saturates at exp(88); NaN stays NaN.
+inline float fast_exp(float x) {
+  const float low = x > -87.0f ? x : -87.0f;
+  const float result = x < -87.0f ? 0.0f : exp_in_range(low < 88.0f ? low : 88.0f);
+  return x == x ? result : x;
+}
+
+// exp(x) of a log-sum-exp's term, x = scale (x_i - max) <= 0 or NaN: fast_exp without its
+// overflow clamp and its two selects. x below -87 (-inf included) gives exp(-87) ~ 1.6e-38, not
+// 0, which no such sum can see (its max's term is 1); the clamp keeps a NaN (x < -87 is false).
+inline float exp_of_lse_term(float x) { return exp_in_range(x < -87.0f ? -87.0f : x); }
 
 // log(x) for finite x > 0, vectorisable: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
 // log(m) = 2 atanh(s), s = (m-1)/(m+1), odd series to s^11 (|s| < 0.172, error < 1e-9).
@@ -433,7 +442,7 @@ inline void lse_update(LseState& state, const float* x, int64_t count, float sca
     const float* xs = x + first;
     float run_sum = 0.0f;
 #pragma omp simd reduction(+ : run_sum)
-    for (int64_t i = 0; i < run; ++i) run_sum += fast_exp((xs[i] - new_max) * scale);
+    for (int64_t i = 0; i < run; ++i) run_sum += exp_of_lse_term((xs[i] - new_max) * scale);
     block_sum += run_sum;
   });
   state.sum = state.sum * fast_exp((state.max - new_max) * scale) + float(block_sum);
