@@ -1182,7 +1182,9 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
             raise NotImplementedError(pattern.refused)
         if attention_mask.shape[-1] != num_keys:
             return _pattern_over_the_row(module, attention_mask, pattern, num_keys)
-        padding = None if pattern.no_padding else attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
+        padding = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
+        if pattern.no_padding:  # (made without a 2D mask: every key real, no mask to read)
+            padding = None
         return (padding, pattern.causal, pattern.window, pattern.dropped, pattern.key_masks, pattern.blocks,
                 pattern.segments, pattern.kv_offset)
     # Not made by our mask function: flash attention's reading of the module's arguments.
