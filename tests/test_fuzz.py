@@ -419,11 +419,7 @@ def _dual_path_attention_case(target, data):
         got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
     assert_untouched(before, (q, k, v))
     want = test_dual_attention.expected(q, k, v, drop, **options)
-    rtol, atol = test_attention.OUT_TOLERANCE[dtype]
-    for name, value in zip(("out", "o_cond", "o_uncond"), got):
-        assert value.dtype == dtype, name
-        assert not torch.isnan(value).any(), f"{name} has NaN (unwritten or invalid)"
-        torch.testing.assert_close(value.cpu().double(), want[name], rtol=rtol, atol=max(atol, attention_tolerance(q, k, v)["atol"]), msg=lambda m: f"{name}: {m}")
+    test_dual_attention.assert_paths_match(got, want, dtype, options, atol=attention_tolerance(q, k, v)["atol"])
 
 
 
