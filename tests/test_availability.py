@@ -448,21 +448,22 @@ def test_long_prompts_keep_their_end(model, tokenizer):
 
 
 def test_prompts_leave_room_for_the_tokens_that_follow_them(tokenizer):
-    """A model with 16 learned positions (GPT-2): a prompt plus generate's tokens, or plus a
-    multi-token variant (" stopped" is 3 tokens: 2 follow the prompt), must fit, or a clear
-    error says how long the prompts may be (not an index error from inside the model)."""
+    """A model with 16 learned positions (GPT-2): a prompt plus the generated tokens fed back (all
+    but the last: 3 of 4), or plus a multi-token variant (" stopped" is 3 tokens: 2 follow the
+    prompt), must fit, or a clear error says how long the prompts may be (not an index error from
+    inside the model); a call that fits exactly runs."""
     model = tiny_model("gpt2", vocab_size=len(tokenizer), seed=3, n_positions=16)
     prompt, options = [DEMO_TEXTS[0]], dict(variants=("space",), progress=False)  # 20+ tokens, truncated
-    for generate, room in ((False, 2), (True, 4)):
+    for generate, room in ((False, 2), (True, 3)):
         with pytest.raises(ValueError, match=f"16 tokens plus {room} tokens that follow them.*pass max_length <= {16 - room}"):
             availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate, max_length=16,
                                              max_new_tokens=4, **options)
         table = availability.answer_availability(model, tokenizer, prompt, ["stopped"], generate=generate,
                                                  max_length=16 - room, max_new_tokens=4, **options)
         assert table.loc[0, "multi_token_mass"] > 0
-    with pytest.raises(ValueError, match="16 tokens plus 4 tokens that follow them.*pass max_length <= 12"):
+    with pytest.raises(ValueError, match="16 tokens plus 3 tokens that follow them.*pass max_length <= 13"):
         availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=16)
-    assert len(availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=12)) == 1
+    assert len(availability.greedy_answers(model, tokenizer, prompt, max_new_tokens=4, max_length=13)) == 1
 
 
 # ---------------------------------------------------------------- properties

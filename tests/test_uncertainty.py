@@ -368,6 +368,31 @@ def test_temperature_of_a_generation_config_passed_to_generate(tokenizer, models
             torch.testing.assert_close(torch.tensor(table[name].to_numpy()), torch.tensor(cold[name].to_numpy()))
 
 
+def test_sampling_settings_of_the_model_beside_a_passed_config(tokenizer, models, monkeypatch):
+    """A passed generation_config that leaves do_sample, temperature and num_beams unset runs with
+    the model's (transformers completes it from the model's generation config), and so is scored:
+    sampling at the model's temperature 1e-3 is scored as the cold greedy call (it was scored at
+    T = 1, ~1000x off), and the model's beam search is refused by name (it was an IndexError)."""
+    from transformers import GenerationConfig
+
+    target, drafts = models
+    cold = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=5,
+                                                 do_sample=False, temperature=1e-3, progress=False)[1]
+    for name, value in (("do_sample", True), ("temperature", 1e-3), ("top_k", 0)):
+        monkeypatch.setattr(target.generation_config, name, value)
+    table = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=5,
+                                                  generation_config=GenerationConfig(max_new_tokens=5),
+                                                  progress=False)[1]
+    assert table["token_id"].tolist() == cold["token_id"].tolist()  # sampled at 1e-3: greedy
+    for name in STATISTICS:
+        torch.testing.assert_close(torch.tensor(table[name].to_numpy()), torch.tensor(cold[name].to_numpy()))
+    monkeypatch.setattr(target.generation_config, "do_sample", False)
+    monkeypatch.setattr(target.generation_config, "num_beams", 2)
+    with pytest.raises(ValueError, match="does not support beam search"):
+        uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=3,
+                                              generation_config=GenerationConfig(max_new_tokens=3), progress=False)
+
+
 def test_a_generation_config_is_passed_to_generate_alone(tokenizer, models, monkeypatch):
     """generate gets a passed generation_config's copy with the scoring's own settings folded
     in, not the config beside generation fields (deprecated by transformers); the caller's
@@ -395,11 +420,15 @@ def test_a_generation_config_is_passed_to_generate_alone(tokenizer, models, monk
     assert len(table) == 4
 
 
-@pytest.mark.parametrize("given", ["argument", "generation_config"])
-def test_generation_is_scored_up_to_its_first_eos(tokenizer, models, given):
-    """The eos generate stops at, given as an argument or in a generation_config passed to
-    generate (that one's eos was ignored: the padding after it was scored as generated tokens)."""
+@pytest.mark.parametrize("given", ["argument", "generation_config", "model's, beside a passed config"])
+def test_generation_is_scored_up_to_its_first_eos(tokenizer, models, given, monkeypatch):
+    """The eos generate stops at, given as an argument, in a generation_config passed to
+    generate, or in the model's generation config when the passed one leaves it unset
+    (transformers completes a passed config from the model's). Ignored, the padding after it was
+    scored as generated tokens."""
     import copy
+
+    from transformers import GenerationConfig
 
     target, drafts = models
     _, new = greedy_alone(target, tokenizer, "The river", 6)
@@ -409,6 +438,9 @@ def test_generation_is_scored_up_to_its_first_eos(tokenizer, models, given):
     assert stop not in other.tolist()  # the other row goes on: the stopped one is padded
     if given == "argument":
         options = dict(eos_token_id=stop)
+    elif given.startswith("model's"):
+        monkeypatch.setattr(target.generation_config, "eos_token_id", stop)
+        options = dict(generation_config=GenerationConfig(max_new_tokens=6))
     else:
         options = dict(generation_config=copy.deepcopy(target.generation_config))
         options["generation_config"].eos_token_id = stop

@@ -114,6 +114,23 @@ def generate_settings(model, pad_token_id: Optional[int], generate_kwargs: dict,
     return dict(folded.update(**settings), generation_config=folded)  # update returns the non-fields
 
 
+def effective_generation_config(model, generate_kwargs: dict):
+    """The GenerationConfig that model.generate(**generate_kwargs) runs with: the passed
+    generation_config (else the model's), completed from the model's as transformers completes it
+    (5.x: each field the passed one leaves None; 4.5x: each field at its global default), with
+    generate_kwargs' fields over it. Asked of transformers itself (generate's own preparation, on
+    copies), so a passed config that leaves eos, do_sample, temperature or num_beams unset reads
+    as the model's values, as generate reads it."""
+    settings = generate_settings(model, None, generate_kwargs)  # (fields folded into a passed config: no
+    given = settings.pop("generation_config", None)             # warning about the mix, as generate gets them)
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if prepare is not None:
+        return prepare(given, **settings)[0]
+    config = copy.deepcopy(given if given is not None else model.generation_config)
+    config.update(**settings)
+    return config
+
+
 def pad_or_eos(tokenizer) -> Optional[int]:
     """The id generate pads finished rows with: the tokenizer's pad token, else its eos."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -426,7 +426,7 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
     answers = []
     with torch.no_grad(), eval_mode(model):
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
-                                  prompts=True, position_ids=False, new_tokens=max_new_tokens):
+                                  prompts=True, position_ids=False, new_tokens=max_new_tokens - 1):  # (the last is not fed back)
             answers += _greedy(model, tokenizer, batch, max_new_tokens)[0]
     return answers
 
@@ -457,8 +457,9 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
                                         max_new_tokens if generate else None)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    # tokens that follow a prompt: generate's, and a multi-token variant's but its last (teacher forcing)
-    new_tokens = max([max_new_tokens if generate else 0] + [len(s) - 1 for answer in gold for s in answer.multi])
+    # tokens that follow a prompt into the model: generate's but its last (never fed back), and a
+    # multi-token variant's but its last (teacher forcing)
+    new_tokens = max([max_new_tokens - 1 if generate else 0] + [len(s) - 1 for answer in gold for s in answer.multi])
     parts, generated, first = [], [], 0
     with torch.no_grad(), eval_mode(model):
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",

@@ -45,7 +45,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from ._batching import (
-    as_texts, check_count, eval_mode, generate_settings, learned_positions, pad_or_eos, padding_ready,
+    as_texts, check_count, effective_generation_config, eval_mode, generate_settings, learned_positions, pad_or_eos,
+    padding_ready,
 )
 
 __all__ = [
@@ -360,14 +361,9 @@ def _generate_settings(model, tokenizer, generate_kwargs: dict) -> dict:
 
 
 def _max_new_tokens(model, settings: dict) -> Optional[int]:
-    """max_new_tokens as generate will read it: given, in the generation_config passed, or (none
-    passed) in the model's; None when generate goes by max_length instead."""
-    given = settings.get("generation_config")
-    for source in (settings, given if given is not None else getattr(model, "generation_config", None)):
-        value = source.get("max_new_tokens") if isinstance(source, dict) else getattr(source, "max_new_tokens", None)
-        if value is not None:
-            return value
-    return None
+    """max_new_tokens as generate will read it (effective_generation_config: given, in the
+    generation_config passed, else the model's); None when generate goes by max_length instead."""
+    return effective_generation_config(model, settings).max_new_tokens
 
 
 def _room_message(model, limit: int, longest: int, n: int) -> str:

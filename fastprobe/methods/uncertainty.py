@@ -28,8 +28,8 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
 from ._batching import (
-    as_texts, check_count, eval_mode, generate_settings, model_device, on_model, pad_or_eos, real_positions,
-    require_pandas, shared_vocabulary, text_batches,
+    as_texts, check_count, effective_generation_config, eval_mode, generate_settings, model_device, on_model,
+    pad_or_eos, real_positions, require_pandas, shared_vocabulary, text_batches,
 )
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
@@ -192,10 +192,10 @@ def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> torc
     return ~ended_before
 
 
-def _eos_ids(config, generate_kwargs: dict) -> list:
-    """The ids generate stops at: its eos_token_id argument, else the generation config's (the
-    one passed to generate, else the model's)."""
-    eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
+def _eos_ids(config) -> list:
+    """The ids generate stops at: the eos_token_id of the config it runs with
+    (effective_generation_config)."""
+    eos = config.eos_token_id
     return [] if eos is None else [int(i) for i in ([eos] if isinstance(eos, numbers.Integral) else eos)]
 
 
@@ -217,21 +217,21 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     index, prompt its prompt's. Beam search is refused: its per-step logits belong to beams
     that are reordered and dropped, not to the returned sequences. The models run in eval mode,
     as token_uncertainty's."""
-    config = generate_kwargs.get("generation_config") or target.generation_config  # (what generate starts from)
-    sampling = bool(generate_kwargs.get("do_sample", config.do_sample))
+    config = effective_generation_config(target, generate_kwargs)  # (a passed config completed from the model's)
+    sampling = bool(config.do_sample)
     if temperature is None:
         temperature = (config.temperature or 1.0) if sampling else 1.0
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
     _check_input_embeddings([target, *drafts], tokenizer)
     check_count(max_new_tokens, "max_new_tokens")
-    if (generate_kwargs.get("num_beams") or config.num_beams or 1) > 1:
+    if (config.num_beams or 1) > 1:
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
                          "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
     prompts = as_texts(prompts, "prompts")
     settings = generate_settings(target, pad_or_eos(tokenizer), generate_kwargs, max_new_tokens=max_new_tokens,
                                  output_logits=True, return_dict_in_generate=True,
                                  **({"temperature": temperature} if sampling else {}))
-    eos_ids = _eos_ids(config, generate_kwargs)
+    eos_ids = _eos_ids(config)
     generated, tables, first = [], [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
