@@ -580,7 +580,10 @@ def bad_cases():
         ("softcap must be a positive number", (q, k, v), {"softcap": "30"}),
         ("made for num_sink=0, stat_tokens=1, but this call has num_sink=2",
          (q, k, v), {"key_padding_mask": key_masks(torch.ones(2, 7, dtype=torch.bool), 2, 7), "num_sink": 2}),
-        ("whose key_real has shape (2, 6)", (q, k, v), {"key_padding_mask": key_masks(torch.ones(2, 6, dtype=torch.bool), 2, 6)}),
+        ("made for Lk = 6 keys, but this call has Lk = 7", (q, k, v),
+         {"key_padding_mask": key_masks(torch.ones(2, 6, dtype=torch.bool), 2, 6)}),
+        ("whose key_real has shape (2, 6)", (q, k, v),
+         {"key_padding_mask": key_masks(torch.ones(2, 6, dtype=torch.bool), 2, 6)._replace(num_keys=None)}),
         ("whose sink_end has shape (1,)", (q, k, v), {"key_padding_mask": key_masks(None, 1, 7, device="cpu")}),
         ("whose stat_end is not a contiguous torch.int64", (q, k, v),
          {"key_padding_mask": key_masks(None, 2, 7, device="cpu")._replace(stat_end=torch.ones(2, dtype=torch.int32))}),
@@ -696,23 +699,28 @@ def q_device(device: str) -> torch.device:
 
 def test_key_ends_without_padding_are_made_once(target):
     """A call without a padding mask reuses one constant key-ends tensor per (B, end, device);
-    the results stay those of the reference in and out of inference mode, for every batch size."""
+    the results stay those of the reference in and out of inference mode, for every batch size.
+    key_masks(None, ...) hands out copies: writing into them leaves later unmasked calls alone
+    (it gave them the shared ends, so one caller's write changed every later call's sinks)."""
     from fastprobe.ops import attention as attention_ops
 
     _, device = target
+    shared = attention_ops._constant_key_masks
     for batch in (1, 3):
-        masks = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
-        again = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
+        masks, again = (shared(batch, 9, 2, 1, q_device(device)) for _ in range(2))
         assert masks.sink_end is again.sink_end and masks.stat_end is again.stat_end
-        # a tensor's device (what sink_attention passes): the KeyMasks itself is kept, one lookup a
-        # call, also for a decoding step's longer keys
-        assert key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=q_device(device)) is \
-            key_masks(None, batch, 10, num_sink=2, stat_tokens=1, device=q_device(device))
+        # the KeyMasks itself is kept, one lookup a call, also for a decoding step's longer keys
+        assert masks is shared(batch, 10, 2, 1, q_device(device))
         assert masks.sink_end.tolist() == [2] * batch and masks.stat_end.tolist() == [1] * batch
         q, k, v = random_qkv(batch, 2, 2, 7, 9, 16, torch.float32, device)
         want = expected(q, k, v, num_sink=2, window=3)
         with torch.inference_mode():
             assert_matches(fp.sink_attention(q, k, v, num_sink=2, window=3), want, torch.float32, False, False)
+        assert_matches(fp.sink_attention(q, k, v, num_sink=2, window=3), want, torch.float32, False, False)
+        own = key_masks(None, batch, 9, num_sink=2, stat_tokens=1, device=device)
+        assert own.sink_end is not masks.sink_end and own.stat_end is not masks.stat_end
+        assert own.sink_end.tolist() == [2] * batch and own.num_keys == 9
+        own.sink_end.fill_(0), own.stat_end.fill_(5)
         assert_matches(fp.sink_attention(q, k, v, num_sink=2, window=3), want, torch.float32, False, False)
     assert attention_ops._constant_ends(1, 2, device) is not attention_ops._constant_ends(1, 3, device)
 
@@ -722,14 +730,43 @@ def test_key_ends_made_under_fake_tensors_are_not_kept():
     made fresh and not reused by later real calls."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastprobe.ops.attention import _constant_key_masks
+
     with FakeTensorMode():
-        fake = key_masks(None, 7, 9, num_sink=2, device="cpu")
-    real = key_masks(None, 7, 9, num_sink=2, device="cpu")
+        fake = _constant_key_masks(7, 9, 2, 1, "cpu")
+    real = _constant_key_masks(7, 9, 2, 1, "cpu")
     assert real.sink_end is not fake.sink_end and type(real.sink_end) is torch.Tensor
     assert real.sink_end.tolist() == [2] * 7
-    assert key_masks(None, 7, 9, num_sink=2, device=torch.device("cpu")) is real  # kept now
+    assert _constant_key_masks(7, 9, 2, 1, torch.device("cpu")) is real  # kept now
     with FakeTensorMode():  # and the kept one is not handed to fake-tensor code
-        assert type(key_masks(None, 7, 9, num_sink=2, device=torch.device("cpu")).sink_end) is not torch.Tensor
+        assert type(_constant_key_masks(7, 9, 2, 1, torch.device("cpu")).sink_end) is not torch.Tensor
+
+
+def test_key_masks_are_used_only_for_their_keys(target):
+    """A KeyMasks made without padding carries the Lk it was made for: one made for 6 keys with
+    num_sink=10 holds ends clamped to 6, and a call with 100 keys is refused by name (it ran with
+    6 sink keys instead of 10); with the same Lk it gives what the tensor mask (None) gives."""
+    _, device = target
+    q, k, v = random_qkv(1, 2, 2, 4, 100, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="made for Lk = 6 keys, but this call has Lk = 100"):
+        fp.sink_attention(q, k, v, num_sink=10, window=5,
+                          key_padding_mask=key_masks(None, 1, 6, num_sink=10, stat_tokens=1, device=device))
+    got = fp.sink_attention(q, k, v, num_sink=10, window=5,
+                            key_padding_mask=key_masks(None, 1, 100, num_sink=10, stat_tokens=1, device=device))
+    want = fp.sink_attention(q, k, v, num_sink=10, window=5)
+    assert torch.equal(got.out, want.out) and torch.equal(got.sink_mass, want.sink_mass)
+
+
+def test_a_bool_mask_is_read_by_its_bytes(target):
+    """A bool mask whose bytes are not all 0 / 1 (view(torch.bool) of other bytes): any nonzero
+    byte is a real key, in the kernels and in where the sinks end (a byte of 2 counted as 2 real
+    keys put the first-token statistic on the wrong key)."""
+    _, device = target
+    q, k, v = random_qkv(2, 2, 1, 6, 6, 8, torch.float32, device)
+    bytes_ = torch.tensor([[1, 2, 1, 1, 3, 1], [0, 0, 2, 1, 0, 5]], dtype=torch.uint8, device=device)
+    for options in (dict(), dict(num_sink=2, window=2, stat_tokens=2)):
+        got = fp.sink_attention(q, k, v, key_padding_mask=bytes_.view(torch.bool), **options)
+        assert_matches(got, expected(q, k, v, key_padding_mask=bytes_ != 0, **options), torch.float32, False, False)
 
 
 @pytest.mark.gpu

@@ -57,17 +57,20 @@ class KeyMasks(NamedTuple):
     stat_end: torch.Tensor  # the same for the keys that count in sink_mass
     num_sink: int
     stat_tokens: int
+    num_keys: Optional[int] = None  # the Lk it was made for, checked on reuse (None: not checked)
 
 
 def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: int, *, num_sink: int = 0,
               stat_tokens: int = 1, device=None, segment_ids=None) -> KeyMasks:
     """key_padding_mask ([B, Lk] bool or 0/1, True = real key, or None) in the kernels' form;
     with segment_ids (ids or SegmentSpans) the sinks and statistics keys are counted in every
-    segment afresh, and only calls with those segments may reuse it."""
+    segment afresh, and only calls with those segments may reuse it. Its tensors are the caller's
+    own (without padding, copies of the ends that unmasked calls share)."""
     num_sink = check_int(num_sink, "num_sink", 0)
     stat_tokens = check_int(stat_tokens, "stat_tokens", 0)
     if key_padding_mask is None and segment_ids is None:
-        return _constant_key_masks(batch, num_keys, num_sink, stat_tokens, device)
+        shared = _constant_key_masks(batch, num_keys, num_sink, stat_tokens, device)
+        return shared._replace(sink_end=shared.sink_end.clone(), stat_end=shared.stat_end.clone(), num_keys=num_keys)
     key_real = check_mask(key_padding_mask, "key_padding_mask", (batch, num_keys), "[B, Lk]", key_padding_mask)
     if key_real is not None:
         device = key_real.device
@@ -75,13 +78,14 @@ def key_masks(key_padding_mask: Optional[torch.Tensor], batch: int, num_keys: in
         anchor = key_real if key_real is not None else getattr(segment_ids, "start", segment_ids)  # (its device)
         spans = check_segments(segment_ids, (batch, num_keys), anchor)
         return KeyMasks(key_real, _segment_real_keys_end(key_real, spans, num_sink),
-                        _segment_real_keys_end(key_real, spans, stat_tokens), num_sink, stat_tokens)
+                        _segment_real_keys_end(key_real, spans, stat_tokens), num_sink, stat_tokens, num_keys)
     return KeyMasks(
         key_real,
         _first_real_keys_end(key_real, batch, num_keys, num_sink, device),
         _first_real_keys_end(key_real, batch, num_keys, stat_tokens, device),
         num_sink,
         stat_tokens,
+        num_keys,
     )
 
 
@@ -96,6 +100,9 @@ def _check_key_masks(masks: KeyMasks, batch: int, num_keys: int, num_sink, stat_
             f"key_padding_mask is a KeyMasks made for num_sink={masks.num_sink}, stat_tokens={masks.stat_tokens}, "
             f"but this call has num_sink={num_sink}, stat_tokens={stat_tokens}"
         )
+    if masks.num_keys is not None and masks.num_keys != num_keys:  # (without key_real, nothing else says)
+        raise ValueError(f"key_padding_mask is a KeyMasks made for Lk = {masks.num_keys} keys, but this call has "
+                         f"Lk = {num_keys}; make one for these keys with key_masks")
     ends = (batch, num_keys) if segmented else (batch,)
     if isinstance(masks.sink_end, torch.Tensor) and masks.sink_end.dim() != len(ends):
         raise ValueError("key_padding_mask is a KeyMasks made " + ("without segments, but this call has segment_ids; "
@@ -130,7 +137,7 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
     if real is None:
         return torch.minimum(start + count, last + 1)
     # real keys before each position, and the count that p's segment's count-th real key makes
-    before = torch.nn.functional.pad(real.to(torch.int64).cumsum(-1), (1, 0))  # [B, Lk + 1]
+    before = torch.nn.functional.pad(real.clamp(max=1).cumsum(-1, dtype=torch.int64), (1, 0))  # [B, Lk + 1] (as above)
     # (a hand-made SegmentSpans is not re-checked: its starts are clamped into before's [0, Lk]
     # for the gather, which would index outside it, a device-side assert on CUDA; checked ones are
     # in [0, p] already, and the kernels clamp the starts they read themselves)
@@ -212,9 +219,11 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
     j < end[b] (when the row has fewer real keys: an end past all of them). No host sync."""
     if real is None or count == 0:
         return _constant_ends(batch, min(count, num_keys), device)
+    # real: uint8, any nonzero byte a real key as the kernels read it (a bool mask's bytes are not
+    # all 0/1 when made by view(torch.bool) of other bytes): counted as 1 each
     if count == 1:  # just past the first real key (a row without one has nothing to count anyway)
-        return real.argmax(-1) + 1
-    reached = real.to(torch.int32).cumsum(-1) >= count
+        return real.clamp(max=1).argmax(-1) + 1
+    reached = real.clamp(max=1).cumsum(-1, dtype=torch.int32) >= count
     first = reached.to(torch.int8).argmax(-1) + 1
     return torch.where(reached.any(-1), first, torch.full_like(first, num_keys))
 
@@ -762,6 +771,8 @@ def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_ma
     spans = None if segment_ids is None else check_segments(segment_ids, keys, q)
     if isinstance(key_padding_mask, KeyMasks):
         masks = _check_key_masks(key_padding_mask, batch, num_keys, num_sink, stat_tokens, q, spans is not None)
+    elif key_padding_mask is None and spans is None:  # the ends every unmasked call shares
+        masks = _constant_key_masks(batch, num_keys, num_sink, stat_tokens, q.device)
     else:
         if isinstance(key_padding_mask, torch.Tensor):
             check_same_device(q, "q", key_padding_mask, "key_padding_mask")
