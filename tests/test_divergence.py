@@ -959,6 +959,36 @@ def test_rows_refused_in_eager_mode_give_nan_under_compile(target):
         statistics(draft, target_logits)
 
 
+@pytest.mark.parametrize("transform", ["vmap", "compile"])
+def test_weights_refused_in_eager_mode_give_nan_under_transforms(target, transform):
+    """Under torch.func.vmap and torch.compile the weights' checks (host syncs) are skipped:
+    weights eager mode refuses (negative, not summing to 1, not finite) make every statistic of
+    the mixture NaN in every backend (the C++ kernel returned finite numbers for them, and 0 or a
+    finite KL where a weight was NaN); the drafts' and target's own entropies, and calls with
+    valid weights, are as in eager mode."""
+    _, device = target
+    draft, target_logits = torch.randn(4, 2, 5, 33, device=device), torch.randn(4, 5, 33, device=device)
+    weights = torch.tensor([[0.25, 0.75], [2.0, -1.0], [3.0, 3.0], [float("nan"), 0.5]], device=device)
+    mixture = ("jsd", "kl_mixture_target", "epistemic", "mixture_entropy")
+
+    def statistics(d, t, w):
+        result = fp.draft_divergence(d, t, weights=w)
+        return torch.stack([getattr(result, name) for name in (*mixture, "target_entropy")] + [*result.draft_entropy])
+
+    if transform == "vmap":
+        got = torch.vmap(statistics)(draft, target_logits, weights).cpu()
+    else:
+        compiled = torch.compile(statistics, fullgraph=True, backend="eager")
+        got = torch.stack([compiled(draft[i], target_logits[i], weights[i]) for i in range(4)]).cpu()
+    for i in (1, 2, 3):
+        with pytest.raises(ValueError, match="weights must"):
+            statistics(draft[i], target_logits[i], weights[i])
+        assert got[i, :len(mixture)].isnan().all()
+        own = statistics(draft[i], target_logits[i], None).cpu()[len(mixture):]  # no weight enters these
+        torch.testing.assert_close(got[i, len(mixture):], own, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0], statistics(draft[0], target_logits[0], weights[0]).cpu(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                     (torch.float32, torch.float16), (torch.float32, torch.float64)], ids=str)
 @pytest.mark.parametrize("mode", ["full", "lse_only", "lse_in"])

@@ -204,6 +204,9 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
         total = float(weights.sum())
         if abs(total - 1.0) > tolerance:
             raise ValueError(f"weights must sum to 1, got sum {total:.6g}")
+    else:  # (no host sync under torch.compile / vmap: weights that would be refused make every statistic NaN)
+        bad = (weights < 0).any() | ~torch.isfinite(weights).all() | ((weights.sum() - 1.0).abs() > tolerance)
+        weights = torch.where(bad, torch.full_like(weights, float("nan")), weights)
     return weights / weights.sum() if rounded else weights
 
 
@@ -229,12 +232,15 @@ def _check_inputs(draft_logits, target_logits, weights, temperature, empty_vocab
     return draft, target, check_weights(weights, num_drafts, draft, target), inv_temperature
 
 
-def _check_lse(stats: torch.Tensor, lse: torch.Tensor, has_target: bool) -> torch.Tensor:
+def _check_lse(stats: torch.Tensor, lse: torch.Tensor, has_target: bool, weights: torch.Tensor) -> torch.Tensor:
     """stats, after a ValueError naming the first row whose lse is not finite (rows: the K
     drafts, then the target's, meaningful only with a target). Under torch.compile, no check:
-    every statistic of such a token is NaN."""
+    every statistic of such a token is NaN, and with weights check_weights made NaN (refused
+    ones) every statistic of the mixture is (the kernels' guards left some finite)."""
     if skips_host_checks(lse):
-        return nan_where_not_finite(stats, torch.isfinite(lse if has_target else lse[:-1]).all(0))
+        stats = nan_where_not_finite(stats, torch.isfinite(lse if has_target else lse[:-1]).all(0))
+        mixture_rows = torch.arange(stats.shape[0], device=stats.device)[:, None] < TARGET_ENTROPY
+        return nan_where_not_finite(stats, ~(mixture_rows & torch.isnan(weights).any()))
     if lse.shape[1] == 0:
         return stats
     num_drafts = lse.shape[0] - 1
@@ -297,7 +303,7 @@ def draft_divergence(
     """
     draft, target, mixture_weights, inv_temperature = _check_inputs(draft_logits, target_logits, weights, temperature)
     stats, lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature)
-    return _result(_check_lse(stats, lse, target is not None), target is not None)
+    return _result(_check_lse(stats, lse, target is not None, mixture_weights), target is not None)
 
 
 def _global_lse(shard_lse: torch.Tensor, group) -> torch.Tensor:
@@ -419,4 +425,4 @@ def draft_divergence_sharded(
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
     if has_target:
         shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
-    return _result(_check_lse(shares, lse, has_target), has_target)
+    return _result(_check_lse(shares, lse, has_target, mixture_weights), has_target)
