@@ -781,6 +781,8 @@ def bad_cases():
         ("weights negative", (d, t), {"weights": torch.tensor([1.5, -0.25, -0.25])}, ValueError, "non-negative"),
         ("weights sum", (d, t), {"weights": torch.tensor([0.2, 0.2, 0.2])}, ValueError, "sum to 1"),
         ("weights int", (d, t), {"weights": torch.tensor([1, 0, 0])}, TypeError, "weights"),
+        ("weights a string", (d, t), {"weights": "abc"}, TypeError, r"weights must be a \[K\] tensor or a sequence"),
+        ("weights not numbers", (d, t), {"weights": [0.5, None, 0.5]}, TypeError, r"weights must be a \[K\] tensor"),
         ("integer logits", (torch.randint(0, 5, (3, 4, 10)), t), {}, TypeError, "draft_logits"),
         ("integer target", (d, torch.randint(0, 5, (4, 10))), {}, TypeError, "target_logits"),
         ("complex target", (d, t.to(torch.complex64)), {}, TypeError, "target_logits"),

@@ -185,7 +185,12 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft.device)
     if not isinstance(weights, torch.Tensor):
-        weights = torch.as_tensor(weights, dtype=dtype, device=draft.device)
+        try:
+            if isinstance(weights, (str, bytes)):
+                raise TypeError(type(weights).__name__)
+            weights = torch.as_tensor(weights, dtype=dtype, device=draft.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"weights must be a [K] tensor or a sequence of K numbers, got {weights!r:.80}") from error
     elif not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor of shape [K], got {weights.dtype}")
     else:
