@@ -232,6 +232,7 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
   if (softcap_f > 0.0f) {
     cap_factor = float(std::min(scale / double(softcap_f), double(std::numeric_limits<float>::max())));
     p.scale = 1.0f;
+    p.score_scale = 1.0f;
   }
   const SinkAttention attention{p,
                                 softcap_f,

@@ -270,6 +270,12 @@ FASTPROBE_SIMD_CLONES static void values_block(const float* eT, int64_t R, int64
   if (r < R) value_row_tile<1>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
 }
 
+// Scores scaled after the dot (Problem::score_scale): sT[i] *= factor.
+FASTPROBE_SIMD_CLONES static void scale_block(float* sT, int64_t size, float factor) {
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) sT[i] *= factor;
+}
+
 // Narrow scores: sT [count][R] (rows < `rows` written) = keys [count][Dp] . q_rows [rows][Dp].
 // Decoding reads each key and value row once, from memory. With several rows per item
 // (grouped-query heads) a tile holds few keys or value vectors, too few loads in flight to
@@ -578,9 +584,13 @@ struct Problem {
   void* out;      // [B, Hq, Lq, Dv]
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   int64_t q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, o_s0, o_s1, o_s2;
+  // s = scale q . k as (q scale) . k with scale <= 1 (q . k itself may overflow where s does not),
+  // and as (q . k) score_scale with scale > 1 (q scale may overflow where s does not); both 1 under
+  // a soft cap, whose factor holds the scale
   float scale;
   bool causal;
   const uint8_t* key_real;             // [B, Lk] or null (all real)
+  float score_scale = 1.0f;
   int64_t window = 0;                  // 0: none
   const int64_t* sink_end = nullptr;   // [B] ([B, Lk] with row_ends) or null (no sink keys)
   const int64_t* stat_end = nullptr;   // [B] ([B, Lk] with row_ends) or null (no stat keys)
@@ -648,11 +658,13 @@ Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v,
   if (!(scale_f > 0.0f && std::isfinite(scale_f)))
     invalid(op, "scale must be finite and > 0 in float32");
   const bool used = batch > 0 && num_queries > 0;
-  return {pointer<const void>(q, used, "q"), pointer<const void>(k, used, "k"),
-          pointer<const void>(v, used, "v"), pointer<void>(out, used, "out"),
-          batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim, value_dim,
-          q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, out_s0, out_s1, out_s2,
-          scale_f, causal, pointer<const uint8_t>(key_real, false, "key_real")};
+  Problem p{pointer<const void>(q, used, "q"), pointer<const void>(k, used, "k"),
+            pointer<const void>(v, used, "v"), pointer<void>(out, used, "out"),
+            batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim, value_dim,
+            q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, out_s0, out_s1, out_s2,
+            std::min(scale_f, 1.0f), causal, pointer<const uint8_t>(key_real, false, "key_real")};
+  p.score_scale = std::max(scale_f, 1.0f);
+  return p;
 }
 
 struct Plan {
@@ -1011,6 +1023,7 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
       dots_block(ws.q_rows, it.rows, Dp, keys, ldk, count, ws.sT, R);
     else
       scores_block(ws.qT, R, D, keys, ldk, count, ws.sT);
+    if (p.score_scale != 1.0f) scale_block(ws.sT, count * R, p.score_scale);
     op.transform_scores(ws.sT, count * R);
     if (kind == BlockKind::Masked) {
       for (int64_t c = 0; c < count; ++c) {

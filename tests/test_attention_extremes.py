@@ -20,8 +20,7 @@ BATCH, HEADS, KV_HEADS, KEYS, DIM = 2, 2, 1, 20, 16  # 20 keys: two interpreter 
 
 
 def random_qkv(num_queries, q_scale=1.0, k_scale=1.0):
-    """q and k drawn at q_scale and k_scale, q within 4 q_scale (the C++ kernel multiplies q by
-    the scale first: with scale = float max / q_scale, a larger q would overflow there)."""
+    """q and k drawn at q_scale and k_scale, q within 4 q_scale."""
     q = q_scale * torch.randn(BATCH, HEADS, num_queries, DIM).clamp(-4.0, 4.0)
     k = k_scale * torch.randn(BATCH, KV_HEADS, KEYS, DIM)
     return q, k, torch.randn(BATCH, KV_HEADS, KEYS, DIM)
@@ -96,6 +95,9 @@ CASES = [
     # scale log2(e) overflows float32 while the scores are moderate (tiny keys)
     ("scale=3e38", lambda n: (*random_qkv(n, q_scale=0.2, k_scale=1e-37), dict(scale=3e38, num_sink=1))),
     ("scale=float-max", lambda n: (*random_qkv(n, q_scale=0.2, k_scale=1e-37), dict(scale=FLOAT32_MAX))),
+    # ... with |q| up to 20: q scale overflows float32, scale (q . k) does not (the C++ kernel scaled
+    # q first, NaN or nothing visible; it scales the dot product when scale > 1)
+    ("scale=3e38-large-q", lambda n: (*random_qkv(n, q_scale=5.0, k_scale=1e-37), dict(scale=3e38, num_sink=1))),
     # scores of both signs near float max / 2: differences of base-2 scores overflow
     ("scores=+-1.2e38", lambda n: (*one_hot_scores(n, spread_scores()), dict(scale=1.0, num_sink=1,
                                                                              key_groups=groups(), num_groups=3))),

@@ -508,10 +508,11 @@ def test_nan_scores_give_nan_paths_not_an_unguided_row(target, num_queries, num_
 def test_scale_near_float_max(target, scale, num_queries, num_keys):
     """A scale past float max / log2(e) ~ 2.36e38 with tiny keys (moderate scores): the Triton
     kernels' base-2 factor scale log2(e) would overflow to inf (inf q . k: NaN or inf scores);
-    kernels.attention._base2_scale halves it and doubles q instead. Decoding over 520 keys
-    takes the key-split paths."""
+    kernels.attention._base2_scale halves it and doubles q instead. q scale itself overflows
+    (|q| up to 20), which the C++ kernel, scaling q before the dot product, turned into NaN.
+    Decoding over 520 keys takes the key-split paths."""
     _, device = target
-    q = 0.2 * torch.randn(1, 4, num_queries, 16).clamp(-4.0, 4.0)  # |q| scale <= 0.8 float max (C++ scales q)
+    q = 5.0 * torch.randn(1, 4, num_queries, 16).clamp(-4.0, 4.0)  # q scale overflows (C++ scaled q first)
     k, v = 1e-37 * torch.randn(1, 2, num_keys, 16), torch.randn(1, 2, num_keys, 16)
     drop = torch.zeros(1, num_keys, dtype=torch.bool)
     drop[0, 2:5] = True
