@@ -162,6 +162,19 @@ def random_qkv(batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim, 
     return q, k, v
 
 
+def score_tolerance(q, k, v, scale=None):
+    """A float32 score carries rounding of about 2^-24 scale sum_i |q_i k_i|; every weight, lse
+    and statistic inherits that absolute error, and out that times |v|. Allowed: 8 times the
+    largest such term (scores reach hundreds when q and k align, e.g. broadcast along D), and at
+    least the usual tolerance: dict(rtol, atol)."""
+    group = q.shape[1] // k.shape[1]
+    k_abs = k.detach().cpu().double().abs().repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bound = (q.detach().cpu().double().abs() @ k_abs.transpose(-1, -2)).max().item() * scale
+    v_max = max(v.detach().abs().max().item(), 1.0)
+    return dict(rtol=RTOL, atol=max(ATOL, 8 * 2**-24 * bound * v_max))
+
+
 def expected(q, k, v, **options):
     """The float64 reference on exactly the (rounded) values the kernel sees, on the CPU."""
     moved = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in options.items()}

@@ -340,17 +340,6 @@ def triton_key_splits(target, data, rows):
             setattr(module, name, original)
 
 
-def attention_tolerance(q, k, v):
-    """A float32 score carries rounding of about 2^-24 scale sum_i |q_i k_i|; every weight, lse
-    and statistic inherits that absolute error, and out that times |v|. Allowed: 8 times the
-    largest such term (scores reach hundreds when q and k align, e.g. broadcast along D)."""
-    group = q.shape[1] // k.shape[1]
-    k_abs = k.detach().cpu().double().abs().repeat_interleave(group, dim=1)
-    bound = (q.detach().cpu().double().abs() @ k_abs.transpose(-1, -2)).max().item() * q.shape[-1] ** -0.5
-    v_max = max(v.detach().abs().max().item(), 1.0)
-    return dict(rtol=test_attention.RTOL, atol=max(test_attention.ATOL, 8 * 2**-24 * bound * v_max))
-
-
 def _sink_attention_case(target, data):
     _, device = target
     q, k, v, mask, dtype = draw_attention_inputs(target, data)
@@ -392,7 +381,7 @@ def _sink_attention_case(target, data):
         result = fp.sink_attention(q, k, v, return_entropy=with_entropy, **call_options)
     assert_untouched(before, (q, k, v))
     want = test_attention.expected(q, k, v, **options)
-    test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **attention_tolerance(q, k, v))
+    test_attention.assert_matches(result, want, dtype, "key_groups" in options, with_entropy, **test_attention.score_tolerance(q, k, v))
 
 
 
@@ -419,7 +408,7 @@ def _dual_path_attention_case(target, data):
         got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
     assert_untouched(before, (q, k, v))
     want = test_dual_attention.expected(q, k, v, drop, **options)
-    test_dual_attention.assert_paths_match(got, want, dtype, options, atol=attention_tolerance(q, k, v)["atol"])
+    test_dual_attention.assert_paths_match(got, want, dtype, options, atol=test_attention.score_tolerance(q, k, v)["atol"])
 
 
 
