@@ -536,6 +536,10 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         sp.draw_soft_prompts(model, 2, gaussian=sp.fit_embedding_gaussian(model), per_dimension=True)
     with pytest.raises(TypeError, match="^exclude_token_ids must be a collection of token ids, got int"):
         sp.fit_embedding_gaussian(model, exclude_token_ids=5)
+    for call in (lambda: sp.fit_embedding_gaussian(model, per_dimension="no"),  # (truthy: it fitted per dimension)
+                 lambda: sp.draw_soft_prompts(model, 2, gaussian=sp.fit_embedding_gaussian(model), per_dimension=1)):
+        with pytest.raises(TypeError, match="^per_dimension must be True or False"):
+            call()
     with pytest.raises(ValueError, match="^exclude_token_ids"):
         sp.fit_embedding_gaussian(model, exclude_token_ids=[len(tokenizer)])
     with pytest.raises(ValueError, match="^exclude_token_ids must hold integer token ids"):

@@ -158,11 +158,13 @@ def fit_embedding_gaussian(model, *, per_dimension: bool = False,
     [tokenizer.pad_token_id]). Times the embedding module's embed_scale where it has one. Computed
     in float64 over chunks of rows on the table's device; the table is read, never changed. Rows
     with NaN or infinite entries are a ValueError naming them, unless excluded."""
+    if not isinstance(per_dimension, bool):  # (per_dimension="no" is truthy)
+        raise TypeError(f"per_dimension must be True or False, got {per_dimension!r}")
     embedding, weight = _input_embeddings(model)
     weight = _float_table(model, weight)
     keep = _kept_rows(exclude_token_ids, weight.shape[0], weight.device)
     with torch.no_grad():
-        mean, std = _table_moments(weight.detach(), keep, bool(per_dimension))
+        mean, std = _table_moments(weight.detach(), keep, per_dimension)
         if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
             bad = ((~torch.isfinite(weight.detach())).any(-1) & keep).nonzero().flatten().tolist()
             raise ValueError(f"model: the input embedding table has NaN or infinite entries in rows "
@@ -194,6 +196,8 @@ def _standard_normal(shape: tuple, seed, device: torch.device) -> torch.Tensor:
 
 
 def _gaussian_for(model, weight: torch.Tensor, gaussian: Optional[EmbeddingGaussian], per_dimension: bool):
+    if not isinstance(per_dimension, bool):  # (per_dimension="no" is truthy)
+        raise TypeError(f"per_dimension must be True or False, got {per_dimension!r}")
     if gaussian is None:
         return fit_embedding_gaussian(model, per_dimension=per_dimension)
     if not isinstance(gaussian, EmbeddingGaussian):
