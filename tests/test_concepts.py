@@ -374,6 +374,8 @@ def bad_sets():
         ("float tensor ids", (torch.tensor([1.0]), [0, 1]), TypeError, "token_ids"),
         ("bool ids", (torch.tensor([True]), [0, 1]), TypeError, "token_ids"),
         ("float offsets", ([1, 2], [0.0, 2.0]), TypeError, "offsets must hold integers"),
+        ("meta ids", (torch.tensor([1, 2], device="meta"), torch.tensor([0, 2], device="meta")), ValueError,
+         "token_ids is a meta tensor"),
         ("2-D ids", (torch.tensor([[1, 2]]), [0, 2]), ValueError, "token_ids must be 1-D"),
         ("negative id", ([1, -3], [0, 1, 2]), ValueError, r"token_ids must be >= 0, got -3 in concept 1"),
         ("id beyond int32", ([1, 2**40], [0, 1, 2]), ValueError, r"token_ids must be < 2\*\*31 .*, got 1099511627776 in concept 1"),

@@ -94,6 +94,8 @@ def _index_array(value, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must hold integers (int32 or int64), got {value.dtype}")
+        if value.is_meta:  # (no values to read: the set's index is built from them)
+            raise ValueError(f"{name} is a meta tensor (no data); a ConceptSet needs the ids themselves")
         array = value.detach().cpu().numpy()
     else:
         array = np.asarray(value)
