@@ -121,14 +121,9 @@ def effective_generation_config(model, generate_kwargs: dict):
     generate_kwargs' fields over it. Asked of transformers itself (generate's own preparation, on
     copies), so a passed config that leaves eos, do_sample, temperature or num_beams unset reads
     as the model's values, as generate reads it."""
-    settings = generate_settings(model, None, generate_kwargs)  # (fields folded into a passed config: no
-    given = settings.pop("generation_config", None)             # warning about the mix, as generate gets them)
-    prepare = getattr(model, "_prepare_generation_config", None)
-    if prepare is not None:
-        return prepare(given, **settings)[0]
-    config = copy.deepcopy(given if given is not None else model.generation_config)
-    config.update(**settings)
-    return config
+    # (the fields folded into a passed config, as generate gets them: no warning about the mix)
+    settings = generate_settings(model, None, generate_kwargs)
+    return model._prepare_generation_config(settings.pop("generation_config", None), **settings)[0]
 
 
 def pad_or_eos(tokenizer) -> Optional[int]:

@@ -425,8 +425,9 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
     check_count(max_new_tokens, "max_new_tokens")
     answers = []
     with torch.no_grad(), eval_mode(model):
+        # (new_tokens: those fed back into the model, all but the last)
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
-                                  prompts=True, position_ids=False, new_tokens=max_new_tokens - 1):  # (the last is not fed back)
+                                  prompts=True, position_ids=False, new_tokens=max_new_tokens - 1):
             answers += _greedy(model, tokenizer, batch, max_new_tokens)[0]
     return answers
 

@@ -137,7 +137,8 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
     if real is None:
         return torch.minimum(start + count, last + 1)
     # real keys before each position, and the count that p's segment's count-th real key makes
-    before = torch.nn.functional.pad(real.clamp(max=1).cumsum(-1, dtype=torch.int64), (1, 0))  # [B, Lk + 1] (as above)
+    before = torch.nn.functional.pad(real.clamp(max=1).cumsum(-1, dtype=torch.int64), (1, 0))  # [B, Lk + 1]
+    # (clamped: any nonzero byte is one real key, see _first_real_keys_end)
     # (a hand-made SegmentSpans is not re-checked: its starts are clamped into before's [0, Lk]
     # for the gather, which would index outside it, a device-side assert on CUDA; checked ones are
     # in [0, p] already, and the kernels clamp the starts they read themselves)
