@@ -599,6 +599,23 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
     assert is_patched(model) and model._forward_hooks and torch.equal(outputs(model, ids, mask), want)
 
 
+def test_a_copy_made_while_recording_is_not_recording():
+    """A deep copy taken inside record_attention (a snapshot mid-analysis) records nothing of the
+    original's block: the copy can open its own record and be unpatched after the block."""
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    with fp.record_attention(model) as record:
+        outputs(model, ids, mask)
+        twin = copy.deepcopy(model)
+        outputs(twin, ids, mask)  # (not counted in the original's record)
+    with fp.record_attention(twin) as copied:
+        outputs(twin, ids, mask)
+    assert torch.equal(copied.num_queries, record.num_queries)  # (one forward each)
+    assert torch.allclose(copied.sink_mass, record.sink_mass)
+    fp.unpatch(twin)
+    assert not is_patched(twin) and is_patched(model)
+
+
 def test_a_pickled_patched_model_runs_where_fastprobe_was_never_registered(monkeypatch):
     """pickle (torch.save) of a patched model, loaded in a fresh process: there transformers has no
     "fastprobe" attention until something registers it, and the copy's config names it; unpickling

@@ -373,7 +373,8 @@ class _PatchState:
         self.set_options(options)
 
     def __getstate__(self) -> dict:
-        return {name: value for name, value in self.__dict__.items() if name != "_threads"}
+        # (a copy made inside record_attention is not recording: that block ends for the original only)
+        return {name: value for name, value in self.__dict__.items() if name not in ("_threads", "recorder")}
 
     def __setstate__(self, attributes: dict) -> None:
         """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
@@ -381,6 +382,7 @@ class _PatchState:
         restores the copy only). Unpickled in another process, it registers "fastprobe" with
         transformers again (the copy's config names it) and wraps the KV-sharing classes again."""
         self.__dict__.update(attributes)
+        self.recorder = None
         self._threads = threading.local()
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
         _masking_utils()
