@@ -425,17 +425,18 @@ def test_vision_language_models_with_images(name):
     assert (outputs(model, ids, mask, **images)[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
-def gemma4_vision_language_models(count: int) -> list:
+def gemma4_vision_language_models(count: int, vision_heads: int = 4, vocab_size: int = 300) -> list:
     """count identical small Gemma 4 vision-language models (use_bidirectional_attention="vision":
     each image's tokens see each other both ways; sliding and full layers, the last two sharing
     earlier layers' keys and values; a one-layer vision tower whose attention is a fastprobe layer)."""
     if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
-    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, sliding_window=16, pad_token_id=0, num_kv_shared_layers=2,
-                layer_types=["sliding_attention", "full_attention"] * 2, use_bidirectional_attention="vision")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                  head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16, pad_token_id=0,
+                num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+                use_bidirectional_attention="vision")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=vision_heads,
+                  num_key_value_heads=vision_heads, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
     models = []
     for _ in range(count):
         config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=299,
@@ -1520,6 +1521,78 @@ def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
     with pytest.raises(ValueError, match="key_groups has shape"):  # a prompt longer than its groups
         with fp.record_attention(model, key_groups=groups[:, :-1]), torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
+
+
+def test_group_mass_averages_over_the_forwards_with_key_groups():
+    """Key groups set mid-record: group_mass averages over the forwards that had them (sink_mass
+    over all); more groups set later widen group_mass, the earlier forwards' weight on the new
+    group 0 (the table was replaced by zeros and still divided by every forward's queries)."""
+    eager, model = tiny_model("llama", attn_implementation="eager"), fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    three = torch.randint(0, 3, ids.shape)
+    four = torch.where(torch.rand(ids.shape) < 0.3, 3, three)
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with fp.record_attention(model, statistics=("sink_mass", "group_mass")) as record:
+            model(input_ids=ids, attention_mask=mask)  # no groups: in sink_mass only
+            record.set_key_groups(three, 3)
+            model(input_ids=ids, attention_mask=mask)
+            record.set_key_groups(four, 4)
+            model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()[:, None, :, None]
+
+    def sums(groups):  # [layers, H, 4]
+        one_hot = torch.nn.functional.one_hot(groups, 4).float()
+        return torch.stack([((w @ one_hot[:, None]) * real).sum((0, 2)) for w in weights])
+
+    torch.testing.assert_close(record.group_mass, (sums(three) + sums(four)) / (2 * mask.sum()), **TOLERANCE)
+    torch.testing.assert_close(record.group_mass.sum(-1), torch.ones(2, 4), **TOLERANCE)
+    with torch.no_grad(), fp.record_attention(model) as once:
+        model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(record.sink_mass, once.sink_mass, **TOLERANCE)  # (three forwards of the same)
+    assert record.num_queries.tolist() == [3 * mask.sum().item()] * 2
+
+
+def test_a_record_of_layers_with_different_head_counts():
+    """Layers with other head counts than the first's (a vision tower beside a text model; a layer
+    whose config says none) widen the tables to the most heads: each layer's columns past its own
+    heads are NaN, the others its means, for the batched form and the one-row matrix-vector one."""
+    record = integration.AttentionRecord(3, [2, 4, None], ("sink_mass", "entropy"), device=torch.device("cpu"))
+    padding = torch.tensor([[False, True, True], [True, True, True]])
+    want_sink, want_entropy = torch.full((3, 4), float("nan")), torch.full((3, 4), float("nan"))
+    for layer, heads in ((0, 2), (1, 4), (2, 3)):
+        sink_mass, entropy = torch.rand(2, heads, 3), torch.rand(2, heads, 3)
+        record.add(layer, fp.AttentionOutput(None, None, sink_mass, None, entropy), padding, None)
+        one_row = torch.rand(1, heads, 3)  # (no padding: one row, one matrix-vector product)
+        record.add(layer, fp.AttentionOutput(None, None, one_row, None, one_row), None, None)
+        weight = padding.float().view(2, 1, 3)
+        want_sink[layer, :heads] = ((sink_mass * weight).sum((0, 2)) + one_row.sum((0, 2))) / 8
+        want_entropy[layer, :heads] = ((entropy * weight).sum((0, 2)) + one_row.sum((0, 2))) / 8
+    torch.testing.assert_close(record.sink_mass, want_sink, equal_nan=True)
+    torch.testing.assert_close(record.entropy, want_entropy, equal_nan=True)
+    assert record.num_queries.tolist() == [8, 8, 8]
+
+
+def test_gemma4_with_a_vision_tower_of_other_heads():
+    """Gemma 4 whose vision tower has 2 heads and text layers 4 (the record failed on a size
+    mismatch): the record has 4 columns, NaN past the tower's 2; head_mask is checked against each layer's own heads; score_heads on texts
+    leaves out the tower, which texts never reach (its NaN rows failed the ranking)."""
+    from fastprobe.methods import sinks
+
+    tokenizer = fp.models.tiny_tokenizer()
+    model = patch_or_skip(gemma4_vision_language_models(1, vision_heads=2, vocab_size=len(tokenizer))[0])
+    ids, mask, images = gemma4_inputs()
+    with fp.record_attention(model) as record:
+        outputs(model, ids, mask, **images)
+    assert record.sink_mass.shape == (5, 4)
+    assert torch.isnan(record.sink_mass[0, 2:]).all()
+    assert torch.isfinite(record.sink_mass[0, :2]).all() and torch.isfinite(record.sink_mass[1:]).all()
+    fp.patch(model, head_mask={0: [True, False], 1: [True] * 4})
+    with pytest.raises(ValueError, match=r"head_mask\[0\] must have shape \[heads\] = \[2\]"):
+        fp.patch(model, head_mask={0: [True] * 4})
+    table = sinks.score_heads(model, tokenizer, fp.models.DEMO_TEXTS[:3], progress=False)
+    assert sorted(set(table["layer"])) == [1, 2, 3, 4] and len(table) == 16
+    assert sorted(table["rank"]) == list(range(1, 17)) and table["sink_score"].notna().all()
 
 
 def test_a_record_copies_as_a_snapshot_and_takes_prepared_key_groups():

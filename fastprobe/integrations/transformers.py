@@ -149,8 +149,10 @@ def _check_statistics(record, name: str = "record") -> tuple:
     return record
 
 
-def _head_mask_rows(head_mask, num_layers: int, num_heads: Optional[int]) -> dict:
-    """{layer: bool [H] on the CPU} from a mapping layer -> [H] or a [layers, H] tensor."""
+def _head_mask_rows(head_mask, layer_heads: list) -> dict:
+    """{layer: bool [H] on the CPU} from a mapping layer -> [H] or a [layers, H] tensor, checked
+    against each layer's heads where its config says them (layer_heads)."""
+    num_layers = len(layer_heads)
     if head_mask is None:
         return {}
     if isinstance(head_mask, torch.Tensor):
@@ -170,6 +172,7 @@ def _head_mask_rows(head_mask, num_layers: int, num_heads: Optional[int]) -> dic
         if keep.is_floating_point() or keep.is_complex() or keep.dim() != 1:
             raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or 0/1) tensor of shape [heads], "
                             f"got {keep.dtype} of shape {tuple(keep.shape)}")
+        num_heads = layer_heads[layer]
         if num_heads is not None and keep.shape[0] != num_heads:
             raise ValueError(f"head_mask[{layer}] must have shape [heads] = [{num_heads}], got {tuple(keep.shape)}")
         if ((keep != 0) & (keep != 1)).any():
@@ -251,7 +254,7 @@ def _make_options(layers: list, num_sink=0, window=None, head_mask=None, record=
     return PatchOptions(
         num_sink=check_int(num_sink, "num_sink", 0),
         window=None if window is None else check_int(window, "window", 1),
-        head_mask=_head_mask_rows(head_mask, len(layers), _num_heads(layers)),
+        head_mask=_head_mask_rows(head_mask, _layer_heads(layers)),
         record=_check_statistics(record),
         stat_tokens=check_int(stat_tokens, "stat_tokens", 0),
         guidance=_guidance_options(guidance, layers, model),
@@ -511,10 +514,11 @@ def attention_layers(model) -> list:
     return list(state.layers) if state is not None else _check_architecture(model)
 
 
-def _num_heads(layers: list) -> Optional[int]:
-    counts = {getattr(module.config, "num_attention_heads", None) for module in layers if hasattr(module, "config")}
-    counts.discard(None)
-    return counts.pop() if len(counts) == 1 else None
+def _layer_heads(layers: list) -> list:
+    """Each layer's query heads as its config says (None where it says none): a vision tower's
+    layers may have other counts than the text model's."""
+    counts = [getattr(getattr(module, "config", None), "num_attention_heads", None) for module in layers]
+    return [count if isinstance(count, int) and not isinstance(count, bool) else None for count in counts]
 
 
 def _configs(model) -> list:
@@ -1681,7 +1685,9 @@ class AttentionRecord:
     record_attention, averaged over real (non-padded) query positions and the batch, pooled over
     calls (prefill and every decoding step of generate). Rows are fastprobe's layers (self-attention
     modules in model order); a layer that never ran is NaN, and a head that the patch's head_mask
-    switches off records 0 (its weights are all 0).
+    switches off records 0 (its weights are all 0). Columns are heads, as many as the layer with
+    the most has: a layer with fewer (a vision tower's, beside the text model's) is NaN past its
+    own.
 
         sink_mass   [layers, heads]     weight on the first stat_tokens real tokens (the BOS sink)
         group_mass  [layers, heads, G]  weight on each key group (with key groups), else None
@@ -1697,23 +1703,33 @@ class AttentionRecord:
     prepare_key_groups made from it; checked once, not per layer. A forward from
     position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
     generated ones) are in no group, so while generating a row of group_mass sums to 1 less the
-    weight on generated tokens.
+    weight on generated tokens. group_mass averages over the queries of the calls that had key
+    groups (groups set mid-record leave the earlier calls out); with more groups set later, G
+    grows, the earlier calls' weight on the new groups 0.
     """
 
-    def __init__(self, num_layers: int, num_heads: Optional[int], statistics: tuple, device=None,
+    def __init__(self, num_layers: int, num_heads, statistics: tuple, device=None,
                  dtype: torch.dtype = torch.float32, key_groups=None, num_groups=None):
+        """num_heads: the heads of every layer (an int), or each layer's (a list, None where unknown),
+        or None (all learnt from the layers' calls)."""
         self.statistics = statistics
-        self.num_layers, self.num_heads = num_layers, num_heads
+        self.num_layers = num_layers
+        heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else [num_heads] * num_layers
+        self._head_counts: list = heads  # each layer's heads (None until known: from its first call)
+        # the tables' width, the most heads of a layer (None: made by the first call)
+        self.num_heads = None if None in heads or not heads else max(heads)
         self._device, self._dtype = device, dtype
-        self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums
-        self._counts = torch.zeros(num_layers, dtype=dtype, device=device)  # real queries per layer: padded calls'
-        self._host_counts = [0] * num_layers  # the others' (known on the host: no launch a layer)
+        self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums (H, G: the most seen)
+        # real queries per layer, [all calls, calls with key groups] (group_mass averages over the
+        # latter): padded calls' (a device sum), the others' (known on the host: no launch a layer)
+        self._counts = torch.zeros(2, num_layers, dtype=dtype, device=device)
+        self._host_counts = [[0] * num_layers, [0] * num_layers]
         self._ones: dict = {}  # (device, dtype) -> a vector of ones, the unweighted sums' (_add_as_matvec)
         self._calls = 0  # attention calls added (on the host: reading the fields needs no sync)
         self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
         self._lock = threading.Lock()
-        if num_heads is not None:
+        if self.num_heads is not None:
             for name in statistics:
                 if name != "group_mass":
                     self._table(name, ())
@@ -1728,14 +1744,19 @@ class AttentionRecord:
         self._lock = threading.Lock()
 
     def _table(self, name: str, tail: tuple, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The [layers, H, *tail] sums of a statistic, made once (zeros)."""
+        """The [layers, H, *tail] sums of a statistic, made once (zeros) and widened (zeros
+        appended) for a layer with more heads than the others or for more key groups."""
         table = self._sums.get(name)
-        if table is None or table.shape[2:] != tail:
-            heads = self.num_heads if like is None else like.shape[0]
+        shape = (self.num_heads if like is None else like.shape[0], *tail)
+        if table is None:
             dtype = self._dtype if like is None else torch.promote_types(self._dtype, like.dtype)
             device = self._device if like is None else like.device
-            table = torch.zeros(self.num_layers, heads, *tail, dtype=dtype, device=device)
+            table = torch.zeros(self.num_layers, *shape, dtype=dtype, device=device)
             self._sums[name] = table
+        elif any(want > have for want, have in zip(shape, table.shape[1:])):
+            wider = table.new_zeros(self.num_layers, *map(max, shape, table.shape[1:]))
+            wider[(slice(None), *map(slice, table.shape[1:]))] = table
+            table = self._sums[name] = wider
         return table
 
     def set_key_groups(self, key_groups: Optional[torch.Tensor], num_groups: Optional[int] = None) -> None:
@@ -1812,6 +1833,9 @@ class AttentionRecord:
 
     def _accumulate(self, layer: int, found: dict, weight: Optional[torch.Tensor], real_queries, batch: int,
                     num_queries: int) -> None:
+        heads = found["sink_mass"].shape[1]
+        if self._head_counts[layer] != heads:  # (a layer's first call where its config did not say)
+            self._head_counts[layer] = heads
         for name in self.statistics:
             values = found[name]
             if values is None or self._add_as_matvec(self._sums.get(name), layer, values, weight):
@@ -1821,12 +1845,14 @@ class AttentionRecord:
             pooled = values.sum(dim=(0, 2))
             table = self._table(name, tuple(pooled.shape[1:]), pooled)
             # (a layer on another device than the tables: a model split over devices, a DataParallel replica)
-            table[layer].add_(pooled.to(table.device))
+            table[layer][tuple(map(slice, pooled.shape))].add_(pooled.to(table.device))
+        grouped = 2 if found["group_mass"] is not None and "group_mass" in self.statistics else 1
         if weight is None and not is_compiling():
-            self._host_counts[layer] += batch * num_queries
+            for counts in self._host_counts[:grouped]:
+                counts[layer] += batch * num_queries
         else:
             count = batch * num_queries if weight is None else real_queries.to(self._counts.device)
-            self._counts[layer].add_(count)
+            self._counts[:grouped, layer].add_(count)
         self._calls += 1
 
     def _add_as_matvec(self, table: Optional[torch.Tensor], layer: int, values: torch.Tensor,
@@ -1836,7 +1862,7 @@ class AttentionRecord:
         pairs lie along one stride of values: batch 1 (prefill of one row) or one query (a decoding
         step). False (nothing added) elsewhere."""
         batch, heads, num_queries = values.shape[:3]
-        if (table is None or values.dim() != 3 or table.shape[1] != heads or table.dtype != values.dtype
+        if (table is None or values.dim() != 3 or table.shape[1] < heads or table.dtype != values.dtype
                 or table.device != values.device or (batch != 1 and num_queries != 1)):
             return False
         matrix = values[0] if batch == 1 else values[:, :, 0].t()  # [H, Lq] or [H, B]
@@ -1850,7 +1876,7 @@ class AttentionRecord:
                 if not is_compiling():
                     self._ones[where] = vector
             vector = vector[:matrix.shape[1]]
-        table[layer].addmv_(matrix, vector)
+        table[layer, :heads].addmv_(matrix, vector)
         return True
 
     @staticmethod
@@ -1874,8 +1900,16 @@ class AttentionRecord:
         table = self._sums.get(name)
         if table is None or name not in self.statistics:
             return None
-        counts = self._counts_on(table.device, table.dtype).view(-1, *([1] * (table.dim() - 1)))
-        return torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
+        counts = self._counts_on(table.device, table.dtype, int(name == "group_mass"))
+        counts = counts.view(-1, *([1] * (table.dim() - 1)))
+        mean = torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
+        width = table.shape[1]
+        if any(heads is not None and heads < width for heads in self._head_counts):  # layers with fewer heads
+            heads = torch.tensor([width if heads is None else heads for heads in self._head_counts])
+            missing = torch.arange(width) >= heads.view(-1, 1)  # [layers, H]: heads the layer does not have
+            missing = missing.view(*missing.shape, *([1] * (table.dim() - 2))).to(mean.device, non_blocking=True)
+            mean = mean.masked_fill(missing, float("nan"))
+        return mean
 
     @property
     def sink_mass(self) -> torch.Tensor:
@@ -1889,12 +1923,13 @@ class AttentionRecord:
     def entropy(self) -> Optional[torch.Tensor]:
         return self._mean("entropy")
 
-    def _counts_on(self, device, dtype: torch.dtype) -> torch.Tensor:
-        """The real queries per layer, a new tensor: the device's and the host's counts together
-        (the host's copied without waiting for the device)."""
-        counts = self._counts.to(device, dtype, copy=True)
-        if any(self._host_counts):
-            on_host = torch.tensor(self._host_counts, dtype=dtype)
+    def _counts_on(self, device, dtype: torch.dtype, kind: int = 0) -> torch.Tensor:
+        """The real queries per layer (kind 0: of every call, 1: of the calls with key groups), a new
+        tensor: the device's and the host's counts together (the host's copied without waiting for
+        the device)."""
+        counts = self._counts[kind].to(device, dtype, copy=True)
+        if any(self._host_counts[kind]):
+            on_host = torch.tensor(self._host_counts[kind], dtype=dtype)
             counts = counts + on_host.to(device, non_blocking=True)
         return counts
 
@@ -1943,7 +1978,7 @@ def record_attention(
             chosen = chosen + ("group_mass",)
         parameter = next(model.parameters(), None)
         dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
-        record = AttentionRecord(len(state.layers), _num_heads(state.layers), chosen,
+        record = AttentionRecord(len(state.layers), _layer_heads(state.layers), chosen,
                                  device=None if parameter is None else parameter.device, dtype=dtype,
                                  key_groups=key_groups, num_groups=num_groups)
         state.recorder = record

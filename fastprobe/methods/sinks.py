@@ -40,7 +40,8 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
                 progress: bool = True):
     """Every head's BOS sink score over `texts`: a DataFrame with one row per (layer, head),
     in that order, and columns layer, head, sink_score (attention weight on the first real token,
-    averaged over all real query positions) and rank (1 = the strongest sink head).
+    averaged over all real query positions) and rank (1 = the strongest sink head). Heads the
+    texts never reach have no row: a vision tower's, run by images only.
 
     Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
     model runs under fastprobe.record_attention (patched for the call if it is not already; a
@@ -53,13 +54,9 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
             record_attention(model, statistics="sink_mass") as record:
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
             model(**batch)
-    scores = record.sink_mass.float().cpu()  # [layers, heads]
-    layers, heads = scores.shape
-    table = pandas.DataFrame({
-        "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
-        "head": torch.arange(heads).repeat(layers).numpy(),
-        "sink_score": scores.flatten().numpy(),
-    })
+    scores = record.sink_mass.float().cpu()  # [layers, heads]: NaN where no text reached (layer, head)
+    layer, head = scores.isfinite().nonzero(as_tuple=True)  # (row-major: in order)
+    table = pandas.DataFrame({"layer": layer.numpy(), "head": head.numpy(), "sink_score": scores[layer, head].numpy()})
     table["rank"] = table["sink_score"].rank(ascending=False, method="first").astype(int)
     return table
 
