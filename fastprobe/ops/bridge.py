@@ -17,6 +17,12 @@ same call with both cast to their common dtype (torch.promote_types: the wider o
 bfloat16 with float16) beforehand, the gradient then rounded to the student's dtype. With a
 float64 input the reference runs, in float64. The loss is float32, or float64 when either input
 is float64; the gradient w.r.t. the student logits is in the student's dtype.
+
+Range: the fast kernels form each bridge logit as (z_T - a_T) + beta (z_S - a_S) in float32, from
+per-row anchors a. Where beta times the spread of a row's student logits, or the teacher's spread,
+nears float32's largest value (3.4e38: |beta| ~ 1e36 with ordinary logits; logits ~ 1e38 with
+beta ~ 1, a teacher's cancelling a student's), that row's loss is NaN, inf or imprecise (the
+float64 reference's is not). Logits of magnitude 1e4 at |beta| up to 2 are tested exact to float32.
 """
 
 from __future__ import annotations
