@@ -658,7 +658,7 @@ def sinks_command(args: argparse.Namespace) -> int:
         integrations.patch(model)
         layers = integrations.attention_layers(model)
         if args.prune is not None:
-            _check_prune(args.prune, len(layers) * sinks._num_heads(layers[0]))
+            _check_prune(args.prune, sum(map(sinks._num_heads, layers)))
         parameter = next(model.parameters())
         print(f"fastprobe sinks: {args.model} ({type(model).__name__}, {len(layers)} layers), {len(texts)} texts, "
               f"{device}, {resolve(parameter.device, parameter.dtype, 'sinks')} backend")

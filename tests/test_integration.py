@@ -1575,24 +1575,49 @@ def test_a_record_of_layers_with_different_head_counts():
 
 def test_gemma4_with_a_vision_tower_of_other_heads():
     """Gemma 4 whose vision tower has 2 heads and text layers 4 (the record failed on a size
-    mismatch): the record has 4 columns, NaN past the tower's 2; head_mask is checked against each layer's own heads; score_heads on texts
-    leaves out the tower, which texts never reach (its NaN rows failed the ranking)."""
+    mismatch): the record has 4 columns, NaN past the tower's 2; head_mask is checked against each
+    layer's own heads (a [layers, heads] tensor cannot hold both: refused by name); score_heads on
+    texts leaves out the tower, which texts never reach (its NaN rows failed the ranking), and
+    prune_heads prunes each layer's own heads (it sized every layer by the tower's: refused, or
+    zeroed another head's o_proj columns). Key groups (over tokens) skip the tower (over patches;
+    more patches than tokens were refused)."""
     from fastprobe.methods import sinks
 
     tokenizer = fp.models.tiny_tokenizer()
     model = patch_or_skip(gemma4_vision_language_models(1, vision_heads=2, vocab_size=len(tokenizer))[0])
     ids, mask, images = gemma4_inputs()
-    with fp.record_attention(model) as record:
-        outputs(model, ids, mask, **images)
-    assert record.sink_mass.shape == (5, 4)
+    short = slice(5, 13)  # 8 tokens, the image's among them: fewer than its 16 patches
+    groups = torch.randint(0, 3, (2, 8))
+    with torch.no_grad(), fp.record_attention(model, key_groups=groups) as record:
+        model(input_ids=ids[:, short], attention_mask=mask[:, short], pixel_values=images["pixel_values"],
+              image_position_ids=images["image_position_ids"], mm_token_type_ids=images["mm_token_type_ids"][:, short])
+    assert record.sink_mass.shape == (5, 4) and record.heads_per_layer == [2, 4, 4, 4, 4]
     assert torch.isnan(record.sink_mass[0, 2:]).all()
     assert torch.isfinite(record.sink_mass[0, :2]).all() and torch.isfinite(record.sink_mass[1:]).all()
+    assert torch.isnan(record.group_mass[0]).all() and torch.isfinite(record.group_mass[1:]).all()
     fp.patch(model, head_mask={0: [True, False], 1: [True] * 4})
     with pytest.raises(ValueError, match=r"head_mask\[0\] must have shape \[heads\] = \[2\]"):
         fp.patch(model, head_mask={0: [True] * 4})
+    with pytest.raises(ValueError, match=r"needs one head count, but the layers have \[2, 4\] heads"):
+        fp.patch(model, head_mask=torch.ones(5, 4, dtype=torch.bool))
+    fp.patch(model)
     table = sinks.score_heads(model, tokenizer, fp.models.DEMO_TEXTS[:3], progress=False)
     assert sorted(set(table["layer"])) == [1, 2, 3, 4] and len(table) == 16
     assert sorted(table["rank"]) == list(range(1, 17)) and table["sink_score"].notna().all()
+    handle = sinks.prune_heads(model, table, fraction=0.25)
+    assert sorted(patch_options(model).head_mask) == sorted({layer for layer, _ in handle.heads})
+    assert all(len(keep) == 4 for keep in patch_options(model).head_mask.values())
+    handle.restore()
+    weight = model.model.language_model.layers[0].self_attn.o_proj.weight
+    before = weight.detach().clone()
+    tower = model.model.vision_tower.encoder.layers[0].self_attn.o_proj.linear.weight
+    tower_before = tower.detach().clone()
+    with sinks.prune_heads(model, [(1, 1), (0, 1)], mode="zero_o_proj"):
+        zeroed = (weight != before).any(0)
+        assert zeroed.nonzero().flatten().tolist() == list(range(16, 32))  # head 1's 16 value dimensions
+        assert (tower != tower_before).any(0).nonzero().flatten().tolist() == list(range(8, 16))
+    with pytest.raises(ValueError, match=r"head \(0, 2\) is outside layer 0's 2 heads"):
+        sinks.prune_heads(model, [(0, 2)])
 
 
 def test_a_record_copies_as_a_snapshot_and_takes_prepared_key_groups():

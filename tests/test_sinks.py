@@ -94,6 +94,16 @@ def test_score_heads_keeps_a_patched_models_options(tokenizer):
     assert is_patched(model) and 0 in patch_options(model).head_mask
 
 
+def test_score_heads_names_heads_whose_scores_are_not_finite(tokenizer):
+    """A layer whose numbers fail (queries of inf: NaN weights) is named, not left out of the table
+    as a head the texts never reach would be (nor a NaN rank that pandas cannot make an int)."""
+    model = planted_model(tokenizer)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"sink scores of \(layer, head\) \[\[1, 0\], \[1, 1\]"):
+        sinks.score_heads(model, tokenizer, TEXTS[:3], progress=False)
+
+
 def test_tokenizer_without_pad_token_borrows_eos(tokenizer):
     model = planted_model(tokenizer)
     tokenizer.pad_token = None

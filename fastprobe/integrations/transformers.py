@@ -159,6 +159,10 @@ def _head_mask_rows(head_mask, layer_heads: list) -> dict:
         if head_mask.dim() != 2 or head_mask.shape[0] != num_layers:
             raise ValueError(f"head_mask as a tensor must have shape [layers, heads] = [{num_layers}, H], "
                              f"got {tuple(head_mask.shape)}")
+        counts = sorted({heads for heads in layer_heads if heads is not None})
+        if len(counts) > 1:
+            raise ValueError(f"head_mask as a [layers, heads] tensor needs one head count, but the layers have "
+                             f"{counts} heads: pass a mapping layer -> bool [that layer's heads]")
         head_mask = dict(enumerate(head_mask))
     if not isinstance(head_mask, Mapping):
         raise TypeError("head_mask must be a mapping layer -> bool [heads] or a [layers, heads] tensor, "
@@ -373,6 +377,7 @@ class _PatchState:
         self.module_ids: frozenset = frozenset()  # every module of the patched model
         self.model_name = "model"  # the patched model's class name
         self.kv_sharing: tuple = ()  # classes _pass_masks_through wrapped for this model
+        self.tower_layers: frozenset = frozenset()  # layers of a vision or audio tower (_tower_layers)
         self.set_options(options)
 
     def __getstate__(self) -> dict:
@@ -388,6 +393,7 @@ class _PatchState:
         self.recorder = None
         self._threads = threading.local()
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
+        self.__dict__.setdefault("tower_layers", frozenset())
         _masking_utils()
         for cls in self.__dict__.setdefault("kv_sharing", ()):
             _pass_masks_through(cls)
@@ -519,6 +525,16 @@ def _layer_heads(layers: list) -> list:
     layers may have other counts than the text model's."""
     counts = [getattr(getattr(module, "config", None), "num_attention_heads", None) for module in layers]
     return [count if isinstance(count, int) and not isinstance(count, bool) else None for count in counts]
+
+
+def _tower_layers(model, layers: list) -> frozenset:
+    """The layers of a vision or audio tower that are fastprobe layers (Gemma 4's): their config is
+    the model's vision_config or audio_config, and their keys are an image's patches, not the
+    token sequence that key groups describe."""
+    towers = {id(getattr(config, name)) for config in _configs(model)
+              for name in getattr(config, "sub_configs", {}) or {}
+              if name.startswith(("vision", "audio")) and getattr(config, name, None) is not None}
+    return frozenset(index for index, module in enumerate(layers) if id(getattr(module, "config", None)) in towers)
 
 
 def _configs(model) -> list:
@@ -1343,7 +1359,8 @@ def attention_forward(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device) if options.head_mask else None,
         sink_logit=s_aux,
-        key_groups=record.key_groups_for(key, kv_offset, query.shape[2]) if record is not None else None,
+        key_groups=record.key_groups_for(key, kv_offset, query.shape[2])
+        if record is not None and layer not in state.tower_layers else None,
         stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
         bidirectional_blocks=blocks, segment_ids=segments,
@@ -1553,6 +1570,7 @@ def patch(
     state.kv_sharing = kv_sharing
     state.module_ids = frozenset(id(module) for module in model.modules())
     state.model_name = type(model).__name__
+    state.tower_layers = _tower_layers(model, layers)
     for key, (config_ref, states) in list(_SWITCHED.items()):
         if config_ref() is None or not states:  # configs or models gone without unpatch
             del _SWITCHED[key]
@@ -1692,7 +1710,8 @@ class AttentionRecord:
         sink_mass   [layers, heads]     weight on the first stat_tokens real tokens (the BOS sink)
         group_mass  [layers, heads, G]  weight on each key group (with key groups), else None
         entropy     [layers, heads]     attention entropy in nats (when recorded), else None
-        num_queries [layers]            real queries averaged over
+        num_queries [layers]            real queries averaged over (group_mass: those of the
+                                        forwards with key groups)
 
     Sums accumulate in place on the device of the model's first parameter (layers elsewhere, in a
     model split over devices or a DataParallel replica, add theirs there), in tables allocated when
@@ -1703,9 +1722,10 @@ class AttentionRecord:
     prepare_key_groups made from it; checked once, not per layer. A forward from
     position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
     generated ones) are in no group, so while generating a row of group_mass sums to 1 less the
-    weight on generated tokens. group_mass averages over the queries of the calls that had key
-    groups (groups set mid-record leave the earlier calls out); with more groups set later, G
-    grows, the earlier calls' weight on the new groups 0.
+    weight on generated tokens. A vision tower's layers (Gemma 4's; their keys are patches) take
+    no key groups: their group_mass is NaN. group_mass averages over the queries of the calls that
+    had key groups (groups set mid-record leave the earlier calls out); with more groups set later,
+    G grows, the earlier calls' weight on the new groups 0.
     """
 
     def __init__(self, num_layers: int, num_heads, statistics: tuple, device=None,
@@ -1716,8 +1736,6 @@ class AttentionRecord:
         self.num_layers = num_layers
         heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else [num_heads] * num_layers
         self._head_counts: list = heads  # each layer's heads (None until known: from its first call)
-        # the tables' width, the most heads of a layer (None: made by the first call)
-        self.num_heads = None if None in heads or not heads else max(heads)
         self._device, self._dtype = device, dtype
         self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums (H, G: the most seen)
         # real queries per layer, [all calls, calls with key groups] (group_mass averages over the
@@ -1729,12 +1747,22 @@ class AttentionRecord:
         self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
         self._lock = threading.Lock()
-        if self.num_heads is not None:
+        if heads and None not in heads:  # (else the first calls make them)
             for name in statistics:
                 if name != "group_mass":
                     self._table(name, ())
         if key_groups is not None:
             self.set_key_groups(key_groups, num_groups)
+
+    @property
+    def num_heads(self) -> Optional[int]:
+        """The most heads of a layer, the fields' width (None before any is known)."""
+        return max((heads for heads in self._head_counts if heads is not None), default=None)
+
+    @property
+    def heads_per_layer(self) -> list:
+        """Each layer's heads (None for a layer whose config says none and that has not run)."""
+        return list(self._head_counts)
 
     def __getstate__(self) -> dict:  # (copy.deepcopy of a record: a snapshot)
         return {name: value for name, value in self.__dict__.items() if name != "_lock"}

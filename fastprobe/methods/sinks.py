@@ -54,8 +54,15 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
             record_attention(model, statistics="sink_mass") as record:
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
             model(**batch)
-    scores = record.sink_mass.float().cpu()  # [layers, heads]: NaN where no text reached (layer, head)
-    layer, head = scores.isfinite().nonzero(as_tuple=True)  # (row-major: in order)
+    scores = record.sink_mass.float().cpu()  # [layers, heads]: NaN past a layer's heads, in layers never run
+    width = scores.shape[1]
+    heads = torch.tensor([width if count is None else count for count in record.heads_per_layer])
+    reached = (record.num_queries.cpu() > 0)[:, None] & (torch.arange(width) < heads[:, None])
+    broken = reached & ~scores.isfinite()
+    if broken.any():  # (the model's numbers failed there: an overflow, a NaN weight)
+        raise FloatingPointError(f"score_heads: the sink scores of (layer, head) {broken.nonzero().tolist()[:8]} "
+                                 "are not finite (the model's outputs overflow or are NaN there?)")
+    layer, head = reached.nonzero(as_tuple=True)  # (row-major: in order)
     table = pandas.DataFrame({"layer": layer.numpy(), "head": head.numpy(), "sink_score": scores[layer, head].numpy()})
     table["rank"] = table["sink_score"].rank(ascending=False, method="first").astype(int)
     return table
@@ -101,8 +108,9 @@ def random_heads(table, count: int, *, seed: int = 0, exclude: Iterable[tuple[in
 
 def _output_projection(model, attention):
     """(weight, axis) of the projection that reads the attention's per-head outputs, where
-    weight.narrow(axis, h * D, D) are head h's input features: o_proj / out_proj (Linear, axis 1),
-    GPT-2's c_proj (Conv1D, weight [in, out], axis 0), BERT's sibling output.dense."""
+    weight.narrow(axis, h * D, D) are head h's input features: o_proj / out_proj (Linear, axis 1;
+    or a module wrapping one as .linear), GPT-2's c_proj (Conv1D, weight [in, out], axis 0), BERT's
+    sibling output.dense."""
     from transformers.pytorch_utils import Conv1D
 
     candidates = [getattr(attention, name, None) for name in ("o_proj", "out_proj", "c_proj", "dense")]
@@ -112,6 +120,8 @@ def _output_projection(model, attention):
     output = getattr(parent, "output", None)  # BERT: attention.self (scores) + attention.output.dense
     candidates.append(getattr(output, "dense", None))
     for module in candidates:
+        inner = getattr(module, "linear", None)  # (a wrapper: Gemma 4's vision tower's ClippableLinear)
+        module = inner if isinstance(inner, torch.nn.Linear) else module
         if isinstance(module, Conv1D):
             return module.weight, 0
         if isinstance(module, torch.nn.Linear):
@@ -207,10 +217,12 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
         raise ValueError(f"mode must be 'mask' or 'zero_o_proj', got {mode!r}")
     pairs = sorted(set(_heads_of(heads, fraction)))
     layers = attention_layers(model)
-    num_heads = _num_heads(layers[0])
+    num_heads = [_num_heads(module) for module in layers]  # each layer's own (a vision tower's may differ)
     for layer, head in pairs:
-        if not (0 <= layer < len(layers) and 0 <= head < num_heads):
-            raise ValueError(f"head ({layer}, {head}) is outside the model's {len(layers)} layers x {num_heads} heads")
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"head ({layer}, {head}) is outside the model's {len(layers)} layers")
+        if not 0 <= head < num_heads[layer]:
+            raise ValueError(f"head ({layer}, {head}) is outside layer {layer}'s {num_heads[layer]} heads")
     handle = PrunedHeads(model, pairs, mode)
     handle._undo = _prune_by_mask(model, layers, pairs, num_heads) if mode == "mask" else \
         _prune_by_projection(model, layers, pairs, num_heads)
@@ -220,14 +232,14 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
     return handle
 
 
-def _prune_by_mask(model, layers: list, pairs: list, num_heads: int):
+def _prune_by_mask(model, layers: list, pairs: list, num_heads: list):
     patched_here = not is_patched(model)
     if patched_here:
         patch(model)
     previous = patch_options(model)
     masks = {layer: keep.clone() for layer, keep in previous.head_mask.items()}
     for layer, head in pairs:
-        masks.setdefault(layer, torch.ones(num_heads, dtype=torch.bool))[head] = False
+        masks.setdefault(layer, torch.ones(num_heads[layer], dtype=torch.bool))[head] = False
     update_patch(model, head_mask=masks)  # (the other options, guidance among them, kept)
 
     def undo():
@@ -241,12 +253,12 @@ def _prune_by_mask(model, layers: list, pairs: list, num_heads: int):
     return undo
 
 
-def _prune_by_projection(model, layers: list, pairs: list, num_heads: int):
+def _prune_by_projection(model, layers: list, pairs: list, num_heads: list):
     saved = []  # (a head's columns, their values), all found before any is zeroed: a head that cannot be
     with torch.no_grad():  # pruned leaves every weight as it was
         for layer, head in pairs:
             weight, axis = _output_projection(model, layers[layer])
-            size = _head_width(layers[layer], num_heads, weight, axis)
+            size = _head_width(layers[layer], num_heads[layer], weight, axis)
             columns = weight.narrow(axis, head * size, size)
             saved.append((columns, columns.clone()))
         for columns, _ in saved:
