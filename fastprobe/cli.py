@@ -245,7 +245,8 @@ def _pruning_report(model, tokenizer, texts, table, fraction: float, seed: int, 
     with sinks.prune_heads(model, control, mode="mask"):
         pruned_random = sinks.perplexity(model, tokenizer, texts, **settings)
     print(f"  perplexity {baseline:12.4f}  unpruned")
-    print(f"             {pruned_top:12.4f}  top {fraction:.0%} sink heads pruned ({len(top)} heads, head mask)")
+    print(f"             {pruned_top:12.4f}  top {len(top)} of {len(table)} sink heads pruned (--prune {fraction:g}; "
+          "head mask)")
     print(f"             {pruned_random:12.4f}  {len(control)} random other heads pruned (seed {seed})")
     return baseline, pruned_top, pruned_random
 
@@ -443,21 +444,25 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
         source = "model" if from_model[index] else "text"
         print(f"    {prompts[index][:29]:<30}{row['answer'][:11]:>12}{source:>7}{row['mass']:>10.2e}"
               f"{str(row['available']):>10}{share:>10}  {row['generated']!r}")
+    print(_SHARE_LEGEND)
     summary = availability.by_correctness(table)
     print(f"  mean mass: correct answers {summary.loc[True, 'mass']:.3f}, incorrect {summary.loc[False, 'mass']:.2e}")
     return ok
 
 
-def _read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file (a file that is not UTF-8 is named in the error)."""
+def _read_lines(path: str, option: str) -> list[str]:
+    """The lines of a UTF-8 text file, the command's `option` (a file that is missing, a folder or
+    not UTF-8 is named with its option in the error)."""
     try:
         return Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error})") from None
+        raise ValueError(f"{option} {path} is not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise ValueError(f"{option} {path}: {error.strerror or error}") from None
 
 
 def _read_texts(path: str) -> list[str]:
-    texts = [line.strip() for line in _read_lines(path) if line.strip()]
+    texts = [line.strip() for line in _read_lines(path, "--texts") if line.strip()]
     if not texts:
         raise ValueError(f"{path} holds no text (one text per line)")
     return texts
@@ -469,7 +474,7 @@ def _read_questions(path: str) -> tuple[list, list, list | None]:
     import json
 
     prompts, answers, correct = [], [], []
-    for number, line in enumerate(_read_lines(path), start=1):
+    for number, line in enumerate(_read_lines(path, "--questions"), start=1):
         if not line.strip():
             continue
         try:
@@ -482,6 +487,8 @@ def _read_questions(path: str) -> tuple[list, list, list | None]:
             raise ValueError(f"{path}:{number}: \"prompt\" must be a string, got {prompt!r}")
         if not (isinstance(aliases, str) or isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
             raise ValueError(f"{path}:{number}: \"answers\" must be a string or a list of strings, got {aliases!r}")
+        if not any(alias.strip() for alias in ([aliases] if isinstance(aliases, str) else aliases)):
+            raise ValueError(f"{path}:{number}: \"answers\" needs an alias that is not blank, got {aliases!r}")
         judged = item.get("correct")
         if judged is not None and not isinstance(judged, bool):
             raise ValueError(f"{path}:{number}: \"correct\" must be true or false, got {judged!r}")
@@ -565,6 +572,8 @@ def _load_model(path: str, device: str, dtype: str):
     from packaging.version import Version
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if Path(path).is_file():
+        raise ValueError(f"{path} is a file: give the checkpoint's folder (with config.json and the weights)")
     if not Path(path).is_dir():
         raise ValueError(f"{path}: no such checkpoint folder (fastprobe loads local checkpoints only)")
     if not (Path(path) / "config.json").is_file():
@@ -580,6 +589,8 @@ def _load_model(path: str, device: str, dtype: str):
     if dtype != "auto":  # transformers 4.56 renamed torch_dtype to dtype
         name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         options[name] = getattr(torch, dtype)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # (its load report: what is refused below is said in one line)
     try:
         model, loading = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
     except ImportError:  # (a package the model needs: its own message says which)
@@ -587,11 +598,13 @@ def _load_model(path: str, device: str, dtype: str):
     except Exception as error:  # a corrupt file, sizes that do not match the config, ...
         raise ValueError(f"{path}: the checkpoint could not be loaded ({type(error).__name__}: "
                          f"{_one_line(error)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    _check_causal(model, path)  # (an encoder's missing language-model head is not the news)
     missing = sorted(loading["missing_keys"])
     if missing:
         raise ValueError(f"{path}: the checkpoint has no weights for {len(missing)} of {type(model).__name__}'s "
                          f"parameters (e.g. {missing[0]}), which would be random; is it a causal language model?")
-    _check_causal(model, path)
     return model.to(device).eval()
 
 
@@ -612,6 +625,9 @@ def _check_causal(model, path: str) -> None:
 # what AutoTokenizer raises for a folder without a tokenizer: OSError or ValueError, or on
 # transformers 4.x without protobuf installed an ImportError naming protobuf
 _NO_TOKENIZER = (OSError, ValueError, ImportError)
+# the files a saved tokenizer writes, one at least: tokenizer.json / tokenizer_config.json, or a
+# slow tokenizer's own (vocab.json, vocab.txt, merges.txt, a sentencepiece .model)
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model")
 
 
 def _load_checkpoint(path: str, device: str, dtype: str):
@@ -619,6 +635,9 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     import transformers
 
     model = _load_model(path, device, dtype)
+    if not any(any(Path(path).glob(pattern)) for pattern in _TOKENIZER_FILES):
+        raise ValueError(f"{path}: the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+                         "save the tokenizer with the model (tokenizer.save_pretrained)")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as error:  # (none, or a corrupt one: a KeyError from tokenizer.json, ...); transformers' reason
@@ -678,8 +697,12 @@ def sinks_command(args: argparse.Namespace) -> int:
 
 
 def _share_text(top_share: float) -> str:
-    """A row's top_share for the availability tables: "-" where it is NaN (no mass)."""
+    """A row's top_share for the availability tables: "-" where it is NaN (see _SHARE_LEGEND)."""
     return "-" if top_share != top_share else f"{top_share:.2f}"
+
+
+_SHARE_LEGEND = ("  top_share: the share of the answer's single-token forms' mass on the likeliest one "
+                 "(- : the answer has no single-token form)")
 
 
 def _save_table(table, path, label: str, index: bool) -> None:
@@ -717,9 +740,10 @@ def uncertainty_command(args: argparse.Namespace) -> int:
     for _, row in tokens.nlargest(args.top, "epistemic").iterrows():
         print(f"    {row['text']:>5}{row['position']:>6}  {row['token']!r:<16}{row['epistemic']:>11.4f}"
               f"{row['jsd']:>9.4f}{row['kl_mixture_target']:>10.4f}")
-    print("  per text: tokens, epistemic sum and mean")
+    print("  per text (nats):")
+    print(f"    {'text':>5}{'tokens':>7}{'epistemic sum':>15}{'mean':>9}  start")
     for index, row in scores.iterrows():
-        print(f"    {index:>5}{int(row['num_tokens']):>6}{row['epistemic_sum']:>11.3f}{row['epistemic_mean']:>9.4f}  "
+        print(f"    {index:>5}{int(row['num_tokens']):>7}{row['epistemic_sum']:>15.4f}{row['epistemic_mean']:>9.4f}  "
               f"{texts[index][:48]!r}")
     _save_table(tokens, args.csv, "token table", index=False)
     return 0
@@ -745,6 +769,7 @@ def availability_command(args: argparse.Namespace) -> int:
         share = _share_text(row["top_share"])
         print(f"    {index:>4}  {str(row['answer'])[:15]:<16}{row['mass']:>10.3g}{str(row['available']):>10}"
               f"{share:>10}{str(row['correct']):>8}")
+    print(_SHARE_LEGEND)
     summary = availability.by_correctness(table)
     print("  correct vs incorrect: count, mean mass, share available, mean top_share")
     for judged, row in summary.iterrows():
@@ -759,6 +784,18 @@ def availability_command(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     device = torch.device(_device_of(args))
     print(f"fastprobe {__version__} demo on {device} ({torch.get_num_threads()} CPU threads)\n")
+    try:
+        return _demo_sections(device, args)
+    except (MemoryError, RuntimeError) as error:  # (torch's allocators raise RuntimeErrors: CPU, CUDA)
+        if not isinstance(error, MemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
+            raise
+        print(f"fastprobe demo: error: out of memory at --drafts {args.drafts} --tokens {args.tokens} --vocab "
+              f"{args.vocab} --length {args.length} (the eager peers hold [drafts, tokens, vocab] probabilities and "
+              f"[length, length] weights): give smaller sizes ({_one_line(error, 200)})", file=sys.stderr)
+        return 2
+
+
+def _demo_sections(device: torch.device, args: argparse.Namespace) -> int:
     ok = _demo_divergence(device, args.drafts, args.tokens, args.vocab, args.seed)
     print()
     ok = _demo_concepts(device, args.tokens, args.vocab, args.concepts, args.seed) and ok
@@ -779,18 +816,21 @@ TEXTS_HELP = "a UTF-8 text file, one text per line (stripped; blank lines skippe
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastprobe", description="fused kernels for looking inside language models")
+    parser.add_argument("--version", action="version", version=f"fastprobe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, backends and why one is unavailable, threads, library versions")
     demo_parser = commands.add_parser("demo", help="run the fused ops on a built-in problem, check and time them")
     demo_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
-    demo_parser.add_argument("--drafts", type=_positive_int, default=4)
-    demo_parser.add_argument("--tokens", type=_positive_int, default=256)
-    demo_parser.add_argument("--vocab", type=_positive_int, default=32000)
-    demo_parser.add_argument("--concepts", type=_positive_int, default=1000, help="concepts for concept_mass")
-    demo_parser.add_argument("--seed", type=_non_negative_int, default=0)
+    demo_parser.add_argument("--drafts", type=_positive_int, default=4, help="draft models K (default 4)")
+    demo_parser.add_argument("--tokens", type=_positive_int, default=256,
+                             help="tokens N of the vocabulary ops (default 256)")
+    demo_parser.add_argument("--vocab", type=_positive_int, default=32000, help="vocabulary V (default 32000)")
+    demo_parser.add_argument("--concepts", type=_positive_int, default=1000,
+                             help="concepts for concept_mass (default 1000)")
+    demo_parser.add_argument("--seed", type=_non_negative_int, default=0, help="of every random input (default 0)")
     demo_parser.add_argument("--length", type=_positive_int, default=1024,
-                             help="tokens per row for the sink-recording timing")
+                             help="tokens per row for the sink-recording timing (default 1024)")
     sinks_parser = commands.add_parser("sinks", help="score, prune and plot the sink heads of a local checkpoint")
     sinks_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder (no downloads)")
     sinks_parser.add_argument("--texts", required=True, help=TEXTS_HELP)
@@ -801,7 +841,8 @@ def main(argv=None) -> int:
     sinks_parser.add_argument("--csv", default=None, metavar="PATH", help="write the head table as CSV")
     sinks_parser.add_argument("--top", type=_positive_int, default=10, help="heads to list (default 10)")
     sinks_parser.add_argument("--batch-size", type=_positive_int, default=8)
-    sinks_parser.add_argument("--max-length", type=_positive_int, default=512, help="tokens per text at most")
+    sinks_parser.add_argument("--max-length", type=_integer_at_least(2), default=512,
+                              help="tokens per text at most (2 at least: a token to score and one to predict)")
     sinks_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
     sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

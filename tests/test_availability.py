@@ -371,7 +371,7 @@ def test_demo_methods_section(capsys, seed):
     assert cli._demo_methods(torch.device("cpu"), seed=seed)
     out = capsys.readouterr().out
     assert "-> OK" in out and "answer availability" in out
-    rows = out.split("  generated\n")[1].split("  mean mass")[0].splitlines()
+    rows = out.split("  generated\n")[1].split("  top_share: ")[0].splitlines()
     gold, sources = [row[34:46].strip() for row in rows], [row[46:53].strip() for row in rows]  # (fixed widths)
     assert len(rows) == 8 and set(sources) <= {"model", "text"} and "model" in sources
     assert all("\ufffd" not in answer for answer, source in zip(gold, sources) if source == "model")

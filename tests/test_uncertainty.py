@@ -213,10 +213,11 @@ def test_a_model_whose_embedding_table_is_smaller_than_the_tokenizer_is_refused_
     for model in (target, *drafts, small):
         monkeypatch.setattr(model, "forward", no_forward)
     run = getattr(uncertainty, function)
-    words = rf"vocabularies \({len(tokenizer)}, {len(tokenizer)}, {len(tokenizer) + 13}, 100 input embeddings\) differ"
+    rows = r"input embedding rows: the target's, then each draft's"
+    words = rf"vocabularies \({len(tokenizer)}, {len(tokenizer)}, {len(tokenizer) + 13}, 100 {rows}\) differ"
     with pytest.raises(ValueError, match=words):
         run(target, [*drafts, small], tokenizer, TEXTS[:2], progress=False)
-    with pytest.raises(ValueError, match=r"\(100, \d+, \d+ input embeddings\) differ beyond padding"):
+    with pytest.raises(ValueError, match=rf"\(100, \d+, \d+ {rows}\) differ beyond padding"):
         run(small, drafts, tokenizer, TEXTS[:2], progress=False)
 
 

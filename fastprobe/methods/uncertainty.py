@@ -77,7 +77,7 @@ def _check_input_embeddings(models: Sequence, tokenizer) -> None:
     that do not tell their table's size are skipped; their logits are checked as they come.)"""
     sizes = [rows for rows in map(_embedding_rows, models) if rows is not None]
     if sizes:
-        shared_vocabulary(sizes, tokenizer, "input embeddings", _SHARERS)
+        shared_vocabulary(sizes, tokenizer, "input embedding rows: the target's, then each draft's", _SHARERS)
 
 
 def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tensor:

@@ -1,0 +1,7 @@
+"""python -m fastprobe: the fastprobe command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
