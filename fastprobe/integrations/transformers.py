@@ -1539,9 +1539,9 @@ def patch(
     options. At run time, masks fastprobe cannot reproduce (custom 4D masks, packed sequences with
     padding or over several rows) and training-mode dropout raise instead of computing
     something else. The attention is forward-only: a backward through a patched model raises (run
-    it under torch.no_grad(); unpatch to train). Packed sequences (position ids restarting at 0 without an attention mask, and/or
-    flash attention's cu_seq_lens kwargs) each attend within themselves, with their own sinks and
-    statistics.
+    it under torch.no_grad(); unpatch to train). Packed sequences (position ids restarting at 0
+    without an attention mask, and/or flash attention's cu_seq_lens kwargs) each attend within
+    themselves, with their own sinks and statistics.
     """
     _masking_utils()
     state = getattr(model, _STATE, None)
