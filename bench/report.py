@@ -34,7 +34,7 @@ def _size(num_bytes):
 def _milliseconds(seconds):
     """Two decimals, or three significant digits below 1 ms (one-token calls)."""
     ms = seconds * 1e3
-    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:#.3g}"  # (#: trailing zeros kept, 0.500)
 
 
 def _is_fastprobe(bench):
@@ -153,7 +153,7 @@ def main(paths):
               "paired (quartiles)", "peak extra memory", "of copy bandwidth", "date")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    chosen = {}  # (op, device, problem) -> (number of peers, run's time, run's index, its rows)
+    chosen = {}  # (op, device, problem) -> ((a fastprobe row?, peers), run's time, run's index, its rows)
     order = []  # comparisons in order of first appearance
     runs = []
     for path in paths:
@@ -165,8 +165,9 @@ def main(paths):
         for row in rows(data):
             comparisons.setdefault(row[:3], []).append(row)
         for key, group in comparisons.items():
-            peers = sum(not row[3].startswith("fastprobe") for row in group)
-            candidate = (peers, data.get("datetime", ""), len(runs) - 1, group)
+            # (a later run whose fastprobe row failed does not replace a whole comparison)
+            ours = sum(row[3].startswith("fastprobe") for row in group)
+            candidate = ((ours > 0, len(group) - ours), data.get("datetime", ""), len(runs) - 1, group)
             if key not in chosen:
                 order.append(key)
             if key not in chosen or candidate[:3] >= chosen[key][:3]:

@@ -397,6 +397,7 @@ GPU_GROUPS = {
 
 DECODE_IMPLS = {"fastprobe": fastprobe_causal, "sdpa-flash": sdpa_flash, "sdpa-cudnn": sdpa_cudnn,
                 "fastprobe-sink-window": fastprobe_sink_window, "flex": flex_sink_window}
+DECODE_WINDOWED = ("fastprobe-sink-window", "flex")  # (reading NUM_SINK + WINDOW keys)
 
 
 @cuda_only
@@ -423,11 +424,15 @@ def test_attention_decode_cuda(benchmark, impl, request):
     _memory.skip_flex_unless_timed(impl, "cuda")
     inputs = make_qkv("cuda", 1, GPU_HEADS, DECODE_KEYS, GPU_HEAD_DIM, torch.bfloat16, num_queries=1)
     _memory.skip_unless_sdpa_backend_runs(impl, DECODE_IMPLS[impl], inputs)
-    benchmark.group = "sink_attention_decode-cuda"
+    # sink + window decoding reads NUM_SINK + WINDOW keys, not the whole cache: a group of its own
+    windowed = impl in DECODE_WINDOWED
+    q, k, v = inputs
+    read = q.nbytes + (k.nbytes + v.nbytes) * (NUM_SINK + WINDOW if windowed else DECODE_KEYS) // DECODE_KEYS
+    benchmark.group = "sink_attention_decode_sink-window-cuda" if windowed else "sink_attention_decode-cuda"
     benchmark.extra_info.update(
-        impl=impl, baseline="sdpa-flash", dtype="torch.bfloat16",
+        impl=impl, baseline="flex" if windowed else "sdpa-flash", dtype="torch.bfloat16",
         shape=dict(B=1, H=GPU_HEADS, Lq=1, Lk=DECODE_KEYS, D=GPU_HEAD_DIM),
-        input_bytes=sum(t.nbytes for t in inputs), bytes_one_read=sum(t.nbytes for t in inputs),
+        input_bytes=sum(t.nbytes for t in inputs), bytes_one_read=read,
     )
     with torch.no_grad():
         _memory.measure(benchmark, request, "cuda", impl, DECODE_IMPLS[impl], inputs, __file__)
