@@ -1765,6 +1765,16 @@ class AttentionRecord:
         """Each layer's heads (None for a layer whose config says none and that has not run)."""
         return list(self._head_counts)
 
+    @property
+    def has_head(self) -> torch.Tensor:
+        """[layers, heads] bool on the CPU, as wide as the fields: the layer has that head (the
+        fields' other columns are NaN; a layer whose heads are unknown has them all)."""
+        return self._has_head(max((table.shape[1] for table in self._sums.values()), default=self.num_heads or 0))
+
+    def _has_head(self, width: int) -> torch.Tensor:
+        heads = torch.tensor([width if heads is None else heads for heads in self._head_counts], dtype=torch.long)
+        return torch.arange(width) < heads.view(-1, 1)
+
     def __getstate__(self) -> dict:  # (copy.deepcopy of a record: a snapshot)
         return {name: value for name, value in self.__dict__.items() if name != "_lock"}
 
@@ -1932,12 +1942,10 @@ class AttentionRecord:
         counts = self._counts_on(table.device, table.dtype, int(name == "group_mass"))
         counts = counts.view(-1, *([1] * (table.dim() - 1)))
         mean = torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
-        width = table.shape[1]
-        if any(heads is not None and heads < width for heads in self._head_counts):  # layers with fewer heads
-            heads = torch.tensor([width if heads is None else heads for heads in self._head_counts])
-            missing = torch.arange(width) >= heads.view(-1, 1)  # [layers, H]: heads the layer does not have
-            missing = missing.view(*missing.shape, *([1] * (table.dim() - 2))).to(mean.device, non_blocking=True)
-            mean = mean.masked_fill(missing, float("nan"))
+        if any(heads is not None and heads < table.shape[1] for heads in self._head_counts):  # (on the host)
+            has_head = self._has_head(table.shape[1])  # (layers with fewer heads than the widest)
+            missing = ~has_head.view(*has_head.shape, *([1] * (table.dim() - 2)))
+            mean = mean.masked_fill(missing.to(mean.device, non_blocking=True), float("nan"))
         return mean
 
     @property

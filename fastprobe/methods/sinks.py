@@ -55,9 +55,7 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
         for batch in text_batches(model, tokenizer, texts, batch_size, max_length, progress, "sink scores"):
             model(**batch)
     scores = record.sink_mass.float().cpu()  # [layers, heads]: NaN past a layer's heads, in layers never run
-    width = scores.shape[1]
-    heads = torch.tensor([width if count is None else count for count in record.heads_per_layer])
-    reached = (record.num_queries.cpu() > 0)[:, None] & (torch.arange(width) < heads[:, None])
+    reached = (record.num_queries.cpu() > 0)[:, None] & record.has_head
     broken = reached & ~scores.isfinite()
     if broken.any():  # (the model's numbers failed there: an overflow, a NaN weight)
         raise FloatingPointError(f"score_heads: the sink scores of (layer, head) {broken.nonzero().tolist()[:8]} "
