@@ -466,6 +466,19 @@ def test_what_a_guided_layer_cannot_do_is_refused(model, processor, images):
             pass
 
 
+def test_a_failed_forward_leaves_no_image_keys_behind(model, processor, images):
+    """A forward that raises part-way (after its image keys were tracked) must not leave them for a
+    later direct call of a sub-module, which would be guided with another batch's image keys."""
+    batch = batch_of(model, processor, images)
+    fp.patch(model, guidance=dict(gamma=1.0, layers=[1]))
+    with pytest.raises(RuntimeError, match="channels"), torch.no_grad():
+        model(**{**batch, "pixel_values": batch["pixel_values"][:, :1]})  # the vision tower refuses 1 channel
+    with pytest.raises(RuntimeError, match="call the patched model itself"), torch.no_grad():
+        model.model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():  # and the model itself still runs guided
+        assert torch.isfinite(model(**batch).logits).all()
+
+
 def test_recording_a_guided_model(model, processor, images):
     """record_attention on a guided model: the guided layer's statistics are those of its attention
     weights (guidance changes its output, not its weights), so guiding the last layer leaves every

@@ -1585,6 +1585,7 @@ def patch(
         setattr(module, _LAYER, index)
     setattr(model, _STATE, state)
     state.hooks = [model.register_forward_pre_hook(_forward_started, with_kwargs=True),
+                   model.register_forward_hook(_forward_left, always_call=True),
                    model.register_forward_hook(_forward_done)]
     return model
 
@@ -1656,10 +1657,15 @@ def _forward_started(model, args, kwargs) -> None:
     forward.in_forward = True
 
 
+def _forward_left(model, args, output) -> None:
+    """A forward of the patched model ended, returning or raising (always_call): its image keys
+    are no longer current (a later call of a sub-module must not guide with them)."""
+    getattr(model, _STATE).forward.in_forward = False
+
+
 def _forward_done(model, args, output) -> None:
     """The safety net: a forward of a patched model that never reached fastprobe's attention."""
     forward = getattr(model, _STATE).forward
-    forward.in_forward = False
     if not forward.attended:
         switched = sorted({str(_implementation(_layer_config(m, model))) for m in getattr(model, _STATE).layers} - {KEY})
         if switched:
