@@ -667,6 +667,7 @@ def _check_draft_tokenizer(path: str, tokenizer) -> None:
 
 def sinks_command(args: argparse.Namespace) -> int:
     from . import integrations
+    from .integrations.transformers import layer_heads
     from .methods import sinks
 
     try:
@@ -677,7 +678,7 @@ def sinks_command(args: argparse.Namespace) -> int:
         integrations.patch(model)
         layers = integrations.attention_layers(model)
         if args.prune is not None:
-            _check_prune(args.prune, sum(map(sinks._num_heads, layers)))
+            _check_prune(args.prune, sum(count or 0 for count in layer_heads(layers)))
         parameter = next(model.parameters())
         print(f"fastprobe sinks: {args.model} ({type(model).__name__}, {len(layers)} layers), {len(texts)} texts, "
               f"{device}, {resolve(parameter.device, parameter.dtype, 'sinks')} backend")

@@ -258,7 +258,7 @@ def _make_options(layers: list, num_sink=0, window=None, head_mask=None, record=
     return PatchOptions(
         num_sink=check_int(num_sink, "num_sink", 0),
         window=None if window is None else check_int(window, "window", 1),
-        head_mask=_head_mask_rows(head_mask, _layer_heads(layers)),
+        head_mask=_head_mask_rows(head_mask, layer_heads(layers)),
         record=_check_statistics(record),
         stat_tokens=check_int(stat_tokens, "stat_tokens", 0),
         guidance=_guidance_options(guidance, layers, model),
@@ -520,11 +520,19 @@ def attention_layers(model) -> list:
     return list(state.layers) if state is not None else _check_architecture(model)
 
 
-def _layer_heads(layers: list) -> list:
-    """Each layer's query heads as its config says (None where it says none): a vision tower's
-    layers may have other counts than the text model's."""
-    counts = [getattr(getattr(module, "config", None), "num_attention_heads", None) for module in layers]
-    return [count if isinstance(count, int) and not isinstance(count, bool) else None for count in counts]
+def layer_heads(layers: list) -> list:
+    """Each layer's query heads (None where neither the module nor its config says): the module's
+    own count first (num_heads, num_attention_heads), then its config's num_attention_heads. A
+    vision tower's layers may have other counts than the text model's, and a model with per-layer
+    counts keeps them on its modules."""
+    def count(module):
+        for owner, name in ((module, "num_heads"), (module, "num_attention_heads"),
+                            (getattr(module, "config", None), "num_attention_heads")):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+    return [count(module) for module in layers]
 
 
 def _tower_layers(model, layers: list) -> frozenset:
@@ -2021,7 +2029,7 @@ def record_attention(
             chosen = chosen + ("group_mass",)
         parameter = next(model.parameters(), None)
         dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
-        record = AttentionRecord(len(state.layers), _layer_heads(state.layers), chosen,
+        record = AttentionRecord(len(state.layers), layer_heads(state.layers), chosen,
                                  device=None if parameter is None else parameter.device, dtype=dtype,
                                  key_groups=key_groups, num_groups=num_groups)
         state.recorder = record

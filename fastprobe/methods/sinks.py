@@ -25,7 +25,8 @@ import torch
 from ._batching import eval_mode, require_pandas, text_batches
 from ..ops._common import check_int
 from ..integrations.transformers import (
-    attention_layers, is_patched, patch, patch_options, patched_with, record_attention, unpatch, update_patch,
+    attention_layers, is_patched, layer_heads, patch, patch_options, patched_with, record_attention, unpatch,
+    update_patch,
 )
 
 __all__ = [
@@ -127,14 +128,6 @@ def _output_projection(model, attention):
     raise NotImplementedError(f"no output projection found for {type(attention).__name__}: use mode='mask'")
 
 
-def _num_heads(attention) -> int:
-    for owner, name in ((attention, "num_heads"), (attention, "num_attention_heads"),
-                        (getattr(attention, "config", None), "num_attention_heads")):
-        if isinstance(getattr(owner, name, None), int):
-            return getattr(owner, name)
-    raise NotImplementedError(f"cannot tell how many heads {type(attention).__name__} has")
-
-
 def _head_width(attention, num_heads: int, weight: torch.Tensor, axis: int) -> int:
     """A head's share of the output projection's input features: its value width, which is not
     head_dim where values are narrower than queries and keys (MiMo-V2-Flash's v_head_dim,
@@ -215,10 +208,12 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
         raise ValueError(f"mode must be 'mask' or 'zero_o_proj', got {mode!r}")
     pairs = sorted(set(_heads_of(heads, fraction)))
     layers = attention_layers(model)
-    num_heads = [_num_heads(module) for module in layers]  # each layer's own (a vision tower's may differ)
+    num_heads = layer_heads(layers)  # each layer's own (a vision tower's may differ)
     for layer, head in pairs:
         if not 0 <= layer < len(layers):
             raise ValueError(f"head ({layer}, {head}) is outside the model's {len(layers)} layers")
+        if num_heads[layer] is None:
+            raise NotImplementedError(f"cannot tell how many heads {type(layers[layer]).__name__} (layer {layer}) has")
         if not 0 <= head < num_heads[layer]:
             raise ValueError(f"head ({layer}, {head}) is outside layer {layer}'s {num_heads[layer]} heads")
     handle = PrunedHeads(model, pairs, mode)
