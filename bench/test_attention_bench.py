@@ -359,10 +359,20 @@ def flex_sink_window(q, k, v):
     return flex(q, k, v, block_mask=mask)
 
 
+def _flex_with_lse(flex, q, k, v, mask):
+    """(out, lse) of FlexAttention: return_aux where this torch has it (return_lse is deprecated there)."""
+    from torch.nn.attention import flex_attention as module
+
+    if hasattr(module, "AuxRequest"):
+        out, aux = flex(q, k, v, block_mask=mask, return_aux=module.AuxRequest(lse=True))
+        return out, aux.lse
+    return flex(q, k, v, block_mask=mask, return_lse=True)
+
+
 def flex_sink_window_mass(q, k, v):
     """FlexAttention with its lse, then the first-token mass exp(s_0 - lse) as an epilogue."""
     flex, mask = _flex(k.shape[2], q.shape[2], str(q.device))
-    out, lse = flex(q, k, v, block_mask=mask, return_lse=True)
+    out, lse = _flex_with_lse(flex, q, k, v, mask)
     first_score = (q.float() @ k[:, :, :1].float().transpose(-1, -2))[..., 0] * q.shape[-1] ** -0.5
     return out, torch.exp(first_score - lse)
 
