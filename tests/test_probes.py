@@ -149,6 +149,32 @@ def test_collector_leaves_multimodal_rotary_positions_to_the_model():
     torch.testing.assert_close(states[0], want, **TOLERANCE)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collector_numbers_positions_as_roberta_does(tokenizer, side):
+    """RoBERTa's learned positions start at padding_idx + 1 (the rows below are padding's): the
+    collector's position_ids must count from there, else every state is another text's (the
+    last token off by ~2 with 0-based ids). Its limit is the table's rows less those."""
+    transformers = pytest.importorskip("transformers")
+    from fastprobe.methods._batching import learned_positions
+
+    torch.manual_seed(0)
+    model = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=40)).eval()
+    assert learned_positions(model) == 40 - (tokenizer.pad_token_id + 1)
+    tokenizer.padding_side = side
+    try:
+        last = collect_hidden_states(model, tokenizer, TEXTS, layers=[1], pool="last", batch_size=2, progress=False)
+        batch = dict(tokenizer(TEXTS[:3], return_tensors="pt", padding=True))
+    finally:
+        tokenizer.padding_side = "right"
+    for row, text in enumerate(TEXTS):
+        torch.testing.assert_close(last[1][row], alone(model, tokenizer, text)[2][0, -1], **TOLERANCE)
+    from_batches = collect_hidden_states_from_batches(model, batch, layers=[1], pool="mean", progress=False)
+    for row, text in enumerate(TEXTS[:3]):
+        torch.testing.assert_close(from_batches[1][row], alone(model, tokenizer, text)[2][0].mean(0), **TOLERANCE)
+
+
 def test_collector_stops_after_the_deepest_layer(tokenizer):
     """Blocks after the deepest chosen one and the LM head never run; the forward asks for no
     hidden-state tuple, no attention weights and no cache; no hook is left behind."""

@@ -82,6 +82,37 @@ def test_token_uncertainty_equals_the_reference_text_by_text(tokenizer, models, 
     assert table["text"].is_monotonic_increasing and 6 not in set(table["text"])
 
 
+def test_each_model_gets_position_ids_in_its_own_numbering(tokenizer, models):
+    """A RoBERTa-family draft (learned positions from padding_idx + 1) beside a Llama target: each
+    model reads the batch with its own position_ids, for texts and for a generation's scoring."""
+    transformers = pytest.importorskip("transformers")
+    target, drafts = models
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        roberta = transformers.RobertaForCausalLM(transformers.RobertaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+            num_attention_heads=4, pad_token_id=tokenizer.pad_token_id, is_decoder=True,
+            max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        roberta.get_output_embeddings().weight.mul_(30.0)
+    tokenizer.padding_side = "left"
+    try:
+        table = uncertainty.token_uncertainty(target, [drafts[0], roberta], tokenizer, TEXTS, batch_size=3,
+                                              progress=False)
+    finally:
+        tokenizer.padding_side = "right"
+    check_against_reference(table, target, [drafts[0], roberta], tokenizer, TEXTS)
+    generated, tokens = uncertainty.generate_with_uncertainty(target, [roberta], tokenizer, TEXTS[:3],
+                                                              max_new_tokens=4, progress=False)
+    for index, prompt in enumerate(TEXTS[:3]):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        rows = tokens[tokens["text"] == index]
+        whole = torch.cat([ids, torch.tensor([rows["token_id"].tolist()])], dim=1)
+        _, result = expected_rows(target, [roberta], tokenizer, whole)
+        torch.testing.assert_close(torch.tensor(rows["epistemic"].to_numpy()), result["epistemic"][-len(rows):],
+                                   atol=2e-4, rtol=1e-4)
+
+
 def test_drafts_in_a_module_list(tokenizer, models):
     """A ModuleList of drafts is the list of them (it was taken as one draft model, and failed
     with "_forward_unimplemented() got an unexpected keyword argument 'input_ids'")."""

@@ -167,19 +167,46 @@ def multimodal_positions(model) -> bool:
     return any(isinstance(rope, dict) and "mrope_section" in rope for rope in ropes)
 
 
-def learned_positions(model) -> Optional[int]:
-    """How many positions a model with a learned position table (GPT-2, OPT, BERT) takes, or None
-    for models without a hard limit (rotary, ALiBi): the config's context, when an embedding table
-    other than the tokens' has that many rows (OPT's has 2 more)."""
+def _context(model) -> Optional[int]:
+    """The context length the (text) config gives, or None."""
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes = (getattr(config, name, None) for name in ("n_positions", "max_position_embeddings"))
-    context = next((size for size in sizes if isinstance(size, int)), None)
-    if context is None:
-        return None
+    return next((size for size in sizes if isinstance(size, int)), None)
+
+
+def _position_tables(model, context: int) -> list:
+    """The model's embedding tables other than the tokens' with about `context` rows (its learned
+    positions; OPT's has 2 more)."""
     tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tables = (module for module in model.modules() if isinstance(module, torch.nn.Embedding) and module is not tokens)
-    return context if any(context <= table.num_embeddings <= context + 2 for table in tables) else None
+    return [module for module in model.modules() if isinstance(module, torch.nn.Embedding) and module is not tokens
+            and context <= module.num_embeddings <= context + 2]
+
+
+def position_offset(model) -> int:
+    """The first real token's position id: padding_idx + 1 for a learned position table with a
+    padding row (RoBERTa, XLM-R, CamemBERT count positions from there, the padding row below), else 0."""
+    context = _context(model)
+    tables = _position_tables(model, context) if context is not None else []
+    pads = [table.padding_idx for table in tables if table.padding_idx is not None]
+    return pads[0] + 1 if pads else 0
+
+
+def model_positions(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position_ids generate gives a batch (real_positions), in the model's numbering
+    (from position_offset)."""
+    return real_positions(attention_mask) + position_offset(model)
+
+
+def learned_positions(model) -> Optional[int]:
+    """How many positions a model with a learned position table (GPT-2, OPT, BERT, RoBERTa) takes,
+    or None for models without a hard limit (rotary, ALiBi): the config's context, when an
+    embedding table other than the tokens' has that many rows, less the rows below the first real
+    position (RoBERTa's 2)."""
+    context = _context(model)
+    if context is None or not _position_tables(model, context):
+        return None
+    return context - position_offset(model)
 
 
 def moved_to(model, inputs: Mapping) -> dict:
@@ -201,7 +228,7 @@ def on_model(model, batch) -> dict:
     if not takes:
         moved.pop("position_ids", None)
     elif "position_ids" not in moved and moved.get("attention_mask") is not None and not multimodal_positions(model):
-        moved["position_ids"] = real_positions(moved["attention_mask"])
+        moved["position_ids"] = model_positions(model, moved["attention_mask"])
     return moved
 
 
@@ -287,5 +314,5 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
                              f"{limit} tokens only; {fix}")
         batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
         if positions:
-            batch["position_ids"] = real_positions(batch["attention_mask"])
+            batch["position_ids"] = model_positions(model, batch["attention_mask"])
         yield batch

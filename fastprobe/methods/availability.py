@@ -38,7 +38,7 @@ from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, answer_variants, concept_mass
 from ._batching import (
     as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, on_model, output_cache,
-    pad_or_eos, require_pandas, text_batches,
+    pad_or_eos, position_offset, require_pandas, text_batches,
 )
 
 __all__ = [
@@ -100,7 +100,8 @@ def _continued(model, cache, prefix_mask: torch.Tensor, rows: list, tails: list,
     targets, target_mask = _padded([tail[1:] for tail in tails], pad_id, left=False)
     selected = torch.tensor(rows, dtype=torch.long)
     mask = prefix_mask[selected]
-    positions = mask.sum(-1, keepdim=True) + torch.arange(fed.shape[1])  # after each row's real prefix tokens
+    # after each row's real prefix tokens (in the model's numbering: RoBERTa's from 2)
+    positions = mask.sum(-1, keepdim=True) + torch.arange(fed.shape[1]) + position_offset(model)
     rows_cache = copy.deepcopy(cache)
     rows_cache.batch_select_indices(selected)  # in place, on the copy
     batch = on_model(model, {"input_ids": fed, "attention_mask": torch.cat([mask, fed_mask], dim=1),

@@ -160,8 +160,9 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     texts = as_texts(texts)
     tables, first = [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
+        # (no position_ids: on_model gives each model its own, RoBERTa's counting from 2)
         for batch in text_batches(target, tokenizer, texts, batch_size, max_length, progress, "draft uncertainty",
-                                  readers=drafts):
+                                  position_ids=False, readers=drafts):
             real = batch["attention_mask"] != 0
             scored = scored_positions(batch["attention_mask"])
             target_rows = _scored_rows(target, batch, scored, model_device(target))  # [N, V]
@@ -245,7 +246,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
             target_rows = torch.stack(output.logits, dim=1)[kept]  # [N, V]: step t's logits predict new token t
             del output
             mask = torch.cat([batch["attention_mask"].repeat_interleave(per_prompt, 0), kept.long()], dim=1)
-            full = {"input_ids": sequences, "attention_mask": mask, "position_ids": real_positions(mask)}
+            full = {"input_ids": sequences, "attention_mask": mask}  # (on_model adds each model's position_ids)
             scored = torch.zeros_like(mask, dtype=torch.bool)
             scored[:, prompt_length - 1:-1] = kept  # position i predicts generated token i + 1
             statistics = _scored_statistics(target_rows, drafts, full, scored, weights, temperature, tokenizer)
