@@ -125,6 +125,26 @@ def test_projection_removes_the_subspace_and_comes_off_exactly(model, tokenizer,
     assert all(torch.equal(value, kept_weights[name]) for name, value in model.state_dict().items())
 
 
+def test_output_hidden_states_show_the_projection_whenever_asked(tokenizer, text_basis):
+    """transformers 5 records output_hidden_states through forward hooks it installs on the first
+    call that asks for them: a model asked before project_out had them ahead of the projection
+    (hidden_states[layer + 1] showed the unprojected state, 6e-2 along U). 4.5x records inside
+    the block's forward, before any hook (documented)."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.5x records hidden states before any forward hook")
+    batch = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    for asked_before in (False, True):
+        model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3)
+        with torch.no_grad():
+            if asked_before:
+                model(**batch, output_hidden_states=True)
+            with project_out(model, text_basis, layer=1):
+                states = model(**batch, output_hidden_states=True).hidden_states
+        assert float((states[2] @ text_basis)[real].abs().max()) < 1e-5, asked_before
+
+
 def test_projection_keeps_the_dtype(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2, dtype=torch.bfloat16)
     basis = torch.linalg.qr(torch.randn(64, 3)).Q
@@ -271,6 +291,8 @@ def test_shift_vectors_bad_input(model, tokenizer):
         with pytest.raises(ValueError, match="not a mix"):
             shift_vectors(model, [TEXTS[0], {"input_ids": torch.ones(1, 2, dtype=torch.long)}], TEXTS[:2], layer=0,
                           tokenizer=tokenizer)
+        with pytest.raises(ValueError, match="got an element of type Tensor"):
+            shift_vectors(model, [torch.ones(1, 2, dtype=torch.long)], TEXTS[:1], layer=0, tokenizer=tokenizer)
         with pytest.raises(ValueError, match="without_modality is empty"):
             shift_vectors(model, TEXTS[:2], [], layer=0, tokenizer=tokenizer)
         with pytest.raises(ValueError, match="out of range"):

@@ -269,6 +269,27 @@ def test_transformer_blocks_of_a_model_without_them():
         transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+def test_an_encoder_decoder_model_is_refused_and_its_encoder_collected():
+    """BART's decoder layers matched model.decoder.layers (OPT's path), pooled with the encoder's
+    attention mask: refused; its encoder, passed alone, is an encoder-only model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with pytest.raises(NotImplementedError, match="BartForConditionalGeneration is an encoder-decoder model"):
+        collect_hidden_states_from_batches(model, {"input_ids": ids, "attention_mask": mask}, layers=[0])
+    encoder = model.get_encoder()
+    states = collect_hidden_states_from_batches(encoder, {"input_ids": ids, "attention_mask": mask}, layers=[1],
+                                                pool=None, progress=False)
+    with torch.no_grad():
+        want = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(states[1][mask.bool()], want[mask.bool()], **TOLERANCE)
+
+
 def test_a_probe_reads_the_last_token_from_collected_states(tokenizer):
     """End to end: random token sequences labelled by which set their last token is from; the
     layer-0 last-token states of a tiny Llama carry it, so a linear probe reads it."""
@@ -519,6 +540,9 @@ def test_attentive_mask_and_predict_bad_input():
     empty_row[2] = False
     with pytest.raises(ValueError, match="at least one real token"):
         train_probe(tokens, torch.arange(6) % 2, kind="attentive", mask=empty_row)
+    with pytest.raises(ValueError, match="validation_data has no mask, but the training features have one"):
+        train_probe(tokens, torch.arange(6) % 2, kind="attentive", mask=torch.ones(6, 4, dtype=torch.bool),
+                    validation_data=(tokens, torch.arange(6) % 2))  # (its probe would attend to their padding)
     probe = LinearProbe(8, 2)
     with pytest.raises(ValueError, match="the probe takes 8"):
         predict(probe, torch.randn(3, 9))

@@ -23,9 +23,11 @@ position, prompt and generated tokens alike, so generate with a KV cache sees it
 by h - (h U) U^T, in the hidden state's dtype and device, computed in float32 or wider even under
 torch.autocast (U re-orthonormalised in float64 first, so a rounded one still removes its whole
 span). The model's weights and U are never modified;
-remove() restores the model's outputs exactly. (transformers 4.5x's output_hidden_states records
-a block's output inside its forward, before any hook: it shows block `layer`'s state before the
-projection, though every later block reads the projected one; transformers 5 records after it.)
+remove() restores the model's outputs exactly. (transformers 5 records output_hidden_states
+through forward hooks on the blocks, installed on the first call that asks: this hook runs before
+them, registered first, so they see the projected state. transformers 4.5x records a block's output
+inside its forward, before any hook: block `layer`'s state before the projection, though every
+later block reads the projected one.)
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def _kind_of(inputs, name: str) -> tuple:
         return "texts", items
     if all(isinstance(item, Mapping) for item in items):
         return "batches", items
+    kinds = {type(item).__name__ for item in items if not isinstance(item, (str, Mapping))}
+    if kinds:
+        raise ValueError(f"{name} must be texts or batches (dicts of model inputs such as {{'input_ids': ..., "
+                         f"'attention_mask': ...}}), got an element of type {sorted(kinds)[0]}")
     raise ValueError(f"{name} must be all texts or all batches (dicts of model inputs), not a mix")
 
 
@@ -198,7 +204,8 @@ class Projection:
         self.model, self.layer = model, layer
         self.basis = basis  # orthonormal float64 CPU copy [H, k]
         self._converted: dict = {}  # (device, dtype) -> basis there
-        self._handle = transformer_blocks(model)[layer].register_forward_hook(self._hook)
+        # (prepend: before the hooks through which transformers 5 records output_hidden_states)
+        self._handle = transformer_blocks(model)[layer].register_forward_hook(self._hook, prepend=True)
 
     @property
     def active(self) -> bool:

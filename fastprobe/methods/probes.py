@@ -70,7 +70,13 @@ _BLOCK_PATHS = (
 def transformer_blocks(model) -> list:
     """The model's transformer blocks in order (decoder layers; BERT's encoder layers; for a
     vision-language model, its language model's): layer i of this module is blocks[i]'s output.
-    NotImplementedError when none are found."""
+    NotImplementedError when none are found, or for an encoder-decoder model (BART's decoder layers
+    would read the encoder's attention mask as their own)."""
+    encoder = getattr(model, "get_encoder", None)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True and \
+            (not callable(encoder) or encoder() is not model):
+        raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model: collect from a "
+                                  "decoder-only or encoder-only model (or pass its encoder, model.get_encoder())")
     for path in _BLOCK_PATHS:
         try:
             found = model.get_submodule(path)
@@ -697,8 +703,11 @@ def train_probe(
         check_count(batch_size, "batch_size")
     train_rows, val_rows = _split(features.shape[0], 0.0 if validation_data is not None else validation_fraction, seed)
     train = (_rows(features, train_rows), _rows(labels, train_rows), _rows(mask, train_rows))
-    validation = _validation_set(validation_data, kind, task, features, labels) if validation_data is not None else \
-        (_rows(features, val_rows), _rows(labels, val_rows), _rows(mask, val_rows)) if len(val_rows) else None
+    if validation_data is not None:
+        validation = _validation_set(validation_data, kind, task, features, labels, mask)
+    else:
+        held_out = (_rows(features, val_rows), _rows(labels, val_rows), _rows(mask, val_rows))
+        validation = held_out if len(val_rows) else None
     num_outputs = _num_outputs(task, labels, validation)
     # in float32 under torch.autocast too: its region caches each weight's bfloat16 cast, so every
     # step would run the first step's weights
@@ -715,7 +724,8 @@ def train_probe(
     return ProbeFit(probe, metrics, history)
 
 
-def _validation_set(validation_data, kind: str, task: str, features: torch.Tensor, labels: torch.Tensor) -> tuple:
+def _validation_set(validation_data, kind: str, task: str, features: torch.Tensor, labels: torch.Tensor,
+                    mask: Optional[torch.Tensor]) -> tuple:
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
         raise ValueError("validation_data must be (features, labels) or (features, labels, mask)")
     val_features = _as_features(validation_data[0], "validation_data features").to(features.device, torch.float32)
@@ -726,6 +736,9 @@ def _validation_set(validation_data, kind: str, task: str, features: torch.Tenso
     val_mask = validation_data[2] if len(validation_data) == 3 else None
     if kind != "attentive" and val_mask is not None:
         raise ValueError(f"validation_data has a mask, but the {kind} probe takes pooled features")
+    if mask is not None and val_mask is None:  # (the probe would attend to the validation rows' padding)
+        raise ValueError("validation_data has no mask, but the training features have one: pass (features, labels, "
+                         "mask)")
     val_mask = _as_mask(val_mask, val_features, "validation_data mask")
     width = _targets_per_row(labels) if task == "regression" else None  # (as the training labels)
     val_labels = _as_labels(validation_data[1], val_features.shape[0], task, "validation_data labels", width)
