@@ -1,7 +1,8 @@
 """Logit-bridge distillation of a causal language model, in a plain training loop or
 with the transformers Trainer.
 
-    loss_fn = fastprobe.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=num_steps)
+    loss_fn = fastprobe.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=num_steps - 1)
+    # (steps 0 .. num_steps - 1: beta_end at the last; beta_schedule holds it past total_steps)
 
     # a plain loop
     loss, _ = distillation_loss(student, teacher, batch, loss_fn, step=step)

@@ -159,7 +159,9 @@ def guided_generate(
     for a transformers vision-language model: the processor's batch of images and prompts (left
     padded), then model.generate(**batch, **generate_kwargs) inside guidance(...). Returns what
     generate returns (token ids [B, prompt + new] by default). gamma = 0 gives exactly the
-    unguided generation (the same greedy tokens; logits equal to float rounding).
+    unguided generation of the patched model (fastprobe.patch without guidance: the same tokens);
+    against the unpatched model's own attention, logits equal to float rounding (the same greedy
+    tokens but where bfloat16's rounding separates a near tie).
 
     Raises TypeError for a model whose config names no image token (not a VLM) or a processor
     without an image processor, ValueError for a prompt without an image token and for layers out
