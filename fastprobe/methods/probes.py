@@ -72,9 +72,9 @@ def transformer_blocks(model) -> list:
     vision-language model, its language model's): layer i of this module is blocks[i]'s output.
     NotImplementedError when none are found, or for an encoder-decoder model (BART's decoder layers
     would read the encoder's attention mask as their own)."""
-    encoder = getattr(model, "get_encoder", None)
+    encoder = getattr(model, "get_encoder", None)  # (an encoder itself: None on 4.5x, itself on 5.x)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True and \
-            (not callable(encoder) or encoder() is not model):
+            callable(encoder) and encoder() is not model:
         raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder model: collect from a "
                                   "decoder-only or encoder-only model (or pass its encoder, model.get_encoder())")
     for path in _BLOCK_PATHS:
