@@ -625,7 +625,7 @@ struct Problem {
 // The checks every attention binding makes on sizes, strides and the scale, and the Problem
 // without its optional parts. Null data pointers are an error unless the output is empty
 // (batch or num_queries 0: the caller returns before running anything).
-Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+Problem attention_problem(const char* op, DType type, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                           int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                           int64_t num_queries, int64_t num_keys, int64_t head_dim,
                           int64_t value_dim, int64_t q_s0, int64_t q_s1, int64_t q_s2,
@@ -658,8 +658,9 @@ Problem attention_problem(const char* op, uintptr_t q, uintptr_t k, uintptr_t v,
   if (!(scale_f > 0.0f && std::isfinite(scale_f)))
     invalid(op, "scale must be finite and > 0 in float32");
   const bool used = batch > 0 && num_queries > 0;
-  Problem p{pointer<const void>(q, used, "q"), pointer<const void>(k, used, "k"),
-            pointer<const void>(v, used, "v"), pointer<void>(out, used, "out"),
+  const uintptr_t alignment = element_size(type);  // (q, k, v and out are of the one dtype)
+  Problem p{pointer<const void>(q, used, "q", alignment), pointer<const void>(k, used, "k", alignment),
+            pointer<const void>(v, used, "v", alignment), pointer<void>(out, used, "out", alignment),
             batch, num_heads, num_kv_heads, num_queries, num_keys, head_dim, value_dim,
             q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, out_s0, out_s1, out_s2,
             std::min(scale_f, 1.0f), causal, pointer<const uint8_t>(key_real, false, "key_real")};

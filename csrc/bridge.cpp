@@ -75,7 +75,6 @@ namespace py = pybind11;
 namespace fastprobe {
 namespace {
 
-static int64_t element_size(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
 
 // ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
 
@@ -489,8 +488,8 @@ void bridge_loss(const std::string& student_dtype, const std::string& teacher_dt
   const Problem p{RowReader::of(type),
                   RowReader::of(teacher_type),
                   storer_for(type),
-                  pointer<const void>(student_ptr, any, "student"),
-                  pointer<const void>(teacher_ptr, any, "teacher"),
+                  pointer<const void>(student_ptr, any, "student", element_size(type)),
+                  pointer<const void>(teacher_ptr, any, "teacher", element_size(teacher_type)),
                   N, V, stride_sn, stride_sv, stride_tn, stride_tv,
                   pointer<const int64_t>(labels_ptr, false, "labels"),
                   ignore_index,
@@ -498,7 +497,7 @@ void bridge_loss(const std::string& student_dtype, const std::string& teacher_dt
                   inv_t,
                   reverse,
                   pointer<float>(loss_ptr, any, "loss"),
-                  compute_grad ? pointer<void>(grad_ptr, any, "grad") : nullptr,
+                  compute_grad ? pointer<void>(grad_ptr, any, "grad", element_size(type)) : nullptr,
                   element_size(type)};
 
   if (N > 0) run(p, threads);

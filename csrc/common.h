@@ -700,11 +700,24 @@ inline void check_layout(const char* name, std::initializer_list<int64_t> sizes,
   }
 }
 
-// A data pointer from Python; null is an error where the caller needs the data.
+inline int64_t element_size(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+// The alignment a T* needs; a dtype-erased (void) pointer names its dtype's element size instead.
+template <typename T> struct natural_alignment { static constexpr uintptr_t value = alignof(T); };
+template <> struct natural_alignment<void> { static constexpr uintptr_t value = 1; };
+template <> struct natural_alignment<const void> { static constexpr uintptr_t value = 1; };
+
+// A data pointer from Python; null is an error where the caller needs the data, and so is an
+// address not aligned to its elements (torch.frombuffer at an odd byte offset): reading there is
+// undefined behaviour.
 template <typename T>
-inline T* pointer(uintptr_t address, bool required, const char* name) {
+inline T* pointer(uintptr_t address, bool required, const char* name,
+                  uintptr_t alignment = natural_alignment<T>::value) {
   if (required && address == 0)
     throw std::invalid_argument(std::string("fastprobe._C: ") + name + " pointer is null");
+  if (address % alignment != 0)
+    throw std::invalid_argument(std::string("fastprobe._C: ") + name + " is not aligned to its " +
+                                std::to_string(alignment) + "-byte elements: pass a copy (.clone())");
   return reinterpret_cast<T*>(address);
 }
 

@@ -347,13 +347,14 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   check_layout("logits", {N, V}, {stride_n, stride_v});
   check_layout("outputs", {N, C});
   const DTypeIo io = io_for(dtype);
+  const uintptr_t logits_alignment = element_size(parse_dtype(dtype));  // (the gradient's too)
   if (N == 0) return;  // empty outputs may come with null data pointers
   const ByConcept concepts{pointer<const int64_t>(token_ids_ptr, true, "token_ids"),
                            pointer<const int64_t>(offsets_ptr, true, "offsets"), T, C};
   const int64_t longest = check_offsets(concepts.offsets, C, T, 1, "offsets");
   check_ids(concepts.token_ids, T, V, "token_ids");
-  const Forward f{io, pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, concepts,
-                  inv_t,
+  const Forward f{io, pointer<const void>(logits_ptr, true, "logits", logits_alignment), N, V, stride_n, stride_v,
+                  concepts, inv_t,
                   pointer<float>(mass_ptr, true, "mass"), pointer<float>(log_mass_ptr, true, "log_mass"),
                   pointer<float>(top_share_ptr, true, "top_share"), pointer<float>(entropy_ptr, true, "entropy"),
                   pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<double>(lse_ptr, true, "lse")};
@@ -395,6 +396,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_layout("grad", {N, V});
   check_layout("top_token", {N, C});
   const DTypeIo io = io_for(dtype);
+  const uintptr_t logits_alignment = element_size(parse_dtype(dtype));  // (the gradient's too)
   if (N == 0) return;
   const ByToken tokens{pointer<const int64_t>(vocab_ids_ptr, true, "vocab_ids"),
                        pointer<const int64_t>(vocab_offsets_ptr, true, "vocab_offsets"),
@@ -404,12 +406,13 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   check_ids(tokens.concepts, M, C, "vocab_concepts");
   const int64_t* top_token = pointer<const int64_t>(top_token_ptr, true, "top_token");
   check_ids(top_token, N * C, V, "top_token");
-  const Backward b{io, pointer<const void>(logits_ptr, true, "logits"), N, V, stride_n, stride_v, tokens, C,
+  const Backward b{io, pointer<const void>(logits_ptr, true, "logits", logits_alignment), N, V, stride_n, stride_v,
+                   tokens, C,
                    pointer<const float>(top_share_ptr, true, "top_share"), top_token,
                    pointer<const double>(lse_ptr, true, "lse"),
                    pointer<const float>(grad_concept_ptr, true, "grad_concept"),
                    pointer<const float>(coef_ptr, true, "coef"), inv_t,
-                   pointer<void>(grad_ptr, true, "grad")};
+                   pointer<void>(grad_ptr, true, "grad", logits_alignment)};
 
   const std::vector<int64_t> chunks = chunk_starts(tokens.offsets, U);
   const int64_t slots = row_slots(N, threads);

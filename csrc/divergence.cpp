@@ -303,9 +303,9 @@ void draft_divergence(const std::string& draft_dtype, const std::string& target_
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const Problem p{RowReader::of(parse_dtype(draft_dtype)),
                   RowReader::of(parse_dtype(target_dtype)),  // (checked, and unused, without a target)
-                  pointer<const void>(draft_ptr, any, "draft"),
+                  pointer<const void>(draft_ptr, any, "draft", element_size(parse_dtype(draft_dtype))),
                   K, N, V, stride_dk, stride_dn, stride_dv,
-                  pointer<const void>(target_ptr, false, "target"),
+                  pointer<const void>(target_ptr, false, "target", element_size(parse_dtype(target_dtype))),
                   stride_tn, stride_tv,
                   pointer<const float>(weights_ptr, any, "weights"),
                   inv_t,

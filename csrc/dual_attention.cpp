@@ -146,7 +146,7 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
   const char* op = "dual_path_attention";
   const DType type = parse_dtype(dtype);
   const int threads = clamp_threads(num_threads);
-  Problem p = attention_problem(op, q, k, v, out, batch, num_heads, num_kv_heads,
+  Problem p = attention_problem(op, type, q, k, v, out, batch, num_heads, num_kv_heads,
                                 num_queries, num_keys, head_dim, value_dim, q_s0, q_s1,
                                 q_s2, q_s3, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3,
                                 out_s0, out_s1, out_s2, out_s3, scale, causal, key_real);
@@ -165,8 +165,8 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
                                     gamma_f,
                                     orthogonalize,
                                     eps,
-                                    pointer<void>(o_cond, false, "o_cond"),
-                                    pointer<void>(o_uncond, false, "o_uncond")};
+                                    pointer<void>(o_cond, false, "o_cond", element_size(type)),
+                                    pointer<void>(o_uncond, false, "o_uncond", element_size(type))};
   run_attention(attention, entries_for(attention, type), threads);
 }
 

@@ -350,3 +350,53 @@ def test_auto_backend_follows_each_device_type():
         for device, chosen in [*expected.items(), *reversed(expected.items())]:
             assert backend.resolve(device, torch.float32, "op") == chosen, device
             assert backend.resolve(device, torch.float64, "op") == "reference", device
+
+
+# ---------------------------------------------------------------- tensors the kernels cannot read as they are
+
+def _calls():
+    """Each op's CPU call on one floating input x (the others fixed, seeded): (name, make_x, call)."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = {shape: torch.randn(*shape, generator=generator) for shape in ((2, 9, 8), (6, 300))}
+    k = v = fixed[(2, 9, 8)].reshape(1, 2, 9, 8)
+    concepts = fp.ConceptSet.from_ids([[1, 5, 299], [0, 3]])
+    drop = torch.zeros(1, 9, dtype=torch.bool)
+    drop[0, 2:5] = True
+    return [
+        ("draft_logits", (3, 5, 37), lambda x: fp.draft_divergence(x).jsd),
+        ("logits", (6, 300), lambda x: fp.concept_mass(x, concepts).mass),
+        ("student_logits", (6, 300), lambda x: fp.bridge_loss(x, fixed[(6, 300)], beta=0.5)),
+        ("teacher_logits", (6, 300), lambda x: fp.bridge_loss(fixed[(6, 300)], x, beta=0.5)),
+        ("q", (1, 4, 5, 8), lambda x: fp.sink_attention(x, k, v).out),
+        ("q", (1, 4, 5, 8), lambda x: fp.dual_path_attention(x, k, v, drop, gamma=1.0)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_a_negative_view_is_read_with_its_sign(case):
+    """x.conj().imag of a complex tensor is a float view whose storage holds -x (the negative bit):
+    the kernels read storage through data pointers, so they gave the results of -x."""
+    name, shape, call = _calls()[case]
+    x = torch.randn(*shape, dtype=torch.complex64).conj().imag
+    assert x.is_neg()
+    torch.testing.assert_close(call(x), call(x.clone()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_sparse_inputs_are_refused_by_name(case):
+    name, shape, call = _calls()[case]
+    with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        call(torch.randn(*shape).to_sparse())
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_misaligned_data_is_refused_before_the_kernel_reads_it(case):
+    """A tensor whose data pointer is not a multiple of its element size (torch.frombuffer at an
+    odd byte offset): reading it as floats is undefined behaviour, so the C++ kernels refuse it."""
+    name, shape, call = _calls()[case]
+    count = int(torch.Size(shape).numel())
+    x = torch.frombuffer(bytearray(4 * count + 4), dtype=torch.float32, count=count, offset=1).view(shape)
+    x.copy_(torch.randn(shape))
+    assert x.data_ptr() % 4
+    with fp.use_backend("cpp"), pytest.raises(ValueError, match="is not aligned to its 4-byte elements"):
+        call(x)

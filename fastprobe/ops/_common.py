@@ -92,7 +92,18 @@ def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
         check_dtype(value, name)
     if value.dim() != ndim:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(value.shape)}")
-    return value
+    return dense(value, name)
+
+
+def dense(value: torch.Tensor, name: str) -> torch.Tensor:
+    """value as the kernels read it: strided (a sparse or mkldnn tensor is a TypeError naming
+    `name`), with a negative view's sign applied (x.conj().imag of a complex tensor is a view whose
+    storage holds -x: its data pointer would hand the kernels the other sign)."""
+    if value.layout is not torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if is_compiling():  # dynamo cannot trace is_neg (and torch.compile drops the bit of its inputs:
+        return value    # t * 1 of a negative view gives -t under torch 2.13, outside fastprobe)
+    return value.resolve_neg() if value.is_neg() else value
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
