@@ -205,6 +205,11 @@ def test_generation_is_greedy_whatever_the_generation_config_says(model, tokeniz
     ("-5", "5", False), ("5 degrees", "-5", False), ("It is -5.", "-5", False), ("-5 degrees.", "-5", True),
     ("-5.5", "-5", False), ("- Paris", "Paris", True), ("C#", "C++", False), ("C++", "C", False),
     ("C", "C++", False), ("F#", "F", False), ("A+", "A", False), ('"C++".', "c++", True), ("C#, then", "c#", True),
+    # an abbreviation that goes on is another word; Unicode forms, case folding and punctuation
+    ("U.S.S.R.", "U.S.", False), ("U.S.S.R. troops", "U.S.", False), ("U.S. troops", "U.S.", True),
+    ("Zu\u0308rich", "Z\u00fcrich", True), ("Z\u00fcrich", "Zu\u0308rich", True), ("STRASSE", "Stra\u00dfe", True),
+    ("\u201cParis\u201d", "Paris", True), ("\u00abParis\u00bb.", "Paris", True), ("\u6771\u4eac\u3002", "\u6771\u4eac", True),
+    ("\uff30\uff41\uff52\uff49\uff53", "Paris", True),  # full-width letters (NFKC)
 ])
 def test_is_correct(generated, aliases, expected):
     assert availability.is_correct(generated, aliases) is expected

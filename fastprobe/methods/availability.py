@@ -30,6 +30,7 @@ import math
 import numbers
 import operator
 import string
+import unicodedata
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -258,27 +259,36 @@ def _after_prefill(model, last_logits: torch.Tensor, cache, prefix_mask: torch.T
     return totals
 
 
-_EDGES = string.punctuation + " "  # stripped around an answer
-_WORD_SUFFIXES = "+#"  # but part of it right after a word: "C++", "C#", "A+"
+_WORD_SUFFIXES = "+#"  # part of an answer right after a word: "C++", "C#", "A+"
+
+
+def _is_edge(character: str) -> bool:
+    """Stripped around an answer: whitespace, ASCII punctuation and symbols, Unicode punctuation
+    (curly quotes, guillemets, the CJK full stop)."""
+    return character.isspace() or character in string.punctuation or unicodedata.category(character)[0] == "P"
 
 
 def _normalise(text: str) -> str:
-    """Lower-cased, whitespace collapsed, surrounding punctuation stripped but for what belongs
-    to the answer: a minus sign before a digit ("-5") and a + or # run ending a word ("c++")."""
-    text = " ".join(text.lower().split())
-    start = len(text) - len(text.lstrip(_EDGES))
+    """NFKC-normalised and case-folded ("Zu\u0308rich" is "zürich", "Straße" is "strasse"), whitespace
+    collapsed, surrounding punctuation stripped but for what belongs to the answer: a minus sign
+    before a digit ("-5") and a + or # run ending a word ("c++")."""
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    start = next((at for at, character in enumerate(text) if not _is_edge(character)), len(text))
     if text[start - 1:start] == "-" and text[start:start + 1].isdigit():
         start -= 1
-    body = text[start:].rstrip(_EDGES)
-    after = text[start + len(body):]
-    return body + after[:len(after) - len(after.lstrip(_WORD_SUFFIXES))]
+    end = next((at + 1 for at in range(len(text) - 1, start - 1, -1) if not _is_edge(text[at])), start)
+    suffix = end
+    while suffix < len(text) and text[suffix] in _WORD_SUFFIXES:
+        suffix += 1
+    return text[start:suffix]
 
 
 def is_correct(generated: str, aliases: Union[str, Sequence[str]]) -> bool:
-    """Whether a generated answer begins with one of the aliases: lower-cased, whitespace
-    collapsed, surrounding punctuation stripped (not a number's minus sign, nor the + or # that
-    ends "C++" or "C#"), the alias ending on a word boundary ("Paris." and "paris, France" match
-    "Paris"; "Parisian" does not; "C++" does not match "C") and, for a number, not inside a
+    """Whether a generated answer begins with one of the aliases: NFKC-normalised and case-folded,
+    whitespace collapsed, surrounding punctuation stripped (Unicode quotes too; not a number's
+    minus sign, nor the + or # that ends "C++" or "C#"), the alias ending on a word boundary
+    ("Paris." and "paris, France" match "Paris"; "Parisian" does not; "C++" does not match "C";
+    "U.S.S.R." does not match "U.S.") and, for a number, not inside a
     longer number ("1,000" and "3.5" do not match "1" and "3"; "3." does; "-5" does not match "5")."""
     if not isinstance(generated, str):
         raise TypeError(f"generated must be a string, got {type(generated).__name__}")
@@ -296,7 +306,8 @@ def _continues(answer: str, end: int) -> bool:
     if not following:  # the answer ends there
         return False
     number_goes_on = following in ",." and answer[end - 1:end].isdigit() and answer[end + 1:end + 2].isdigit()
-    return following.isalnum() or following in _WORD_SUFFIXES or number_goes_on
+    abbreviation_goes_on = following == "." and answer[end + 1:end + 2].isalpha()  # "u.s" of "u.s.s.r"
+    return following.isalnum() or following in _WORD_SUFFIXES or number_goes_on or abbreviation_goes_on
 
 
 class _Answer:
