@@ -552,6 +552,37 @@ def test_from_answers_wordpiece_normalisation(wordpiece_tokenizer):
     assert concepts.multi_token_prefixes[2] == (new,)
 
 
+def metaspace_tokenizer(scheme):
+    """A SentencePiece-style Unigram whose words start with "▁": a Metaspace pre-tokenizer with
+    prepend_scheme `scheme`, or ("legacy") Llama 2's normaliser that prepends "▁" and replaces spaces."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    pieces = ["<unk>", "▁Paris", "Paris", "▁paris", "paris", "▁", "\n", "P", "a", "r", "i", "s", "A", ":"]
+    tokenizer = tokenizers.Tokenizer(models.Unigram([(piece, -float(len(pieces) - len(piece))) for piece in pieces],
+                                                    unk_id=0))
+    if scheme == "legacy":
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("scheme", ["always", "first", "never", "legacy"])
+def test_from_answers_metaspace_keeps_the_form_without_a_space(scheme):
+    """Alone at the start, a Metaspace tokenizer gives "Paris" the word-start token of " Paris"
+    ("always", "first"), and Llama 2's normaliser gives " Paris" a spare "▁": the no-space form's
+    own token ("A:Paris" ends in it) was never found. Forms are encoded as continuations."""
+    tokenizer = metaspace_tokenizer(scheme)
+    ids = tokenizer.convert_tokens_to_ids
+    assert encode(tokenizer, "A:Paris")[-1] == ids("Paris")
+    variants = {variant.token_ids for variant in answer_variants(tokenizer, "Paris", ("space",))}
+    assert variants == {(ids("Paris"),), (ids("▁Paris"),)}
+    concepts = fp.ConceptSet.from_answers(tokenizer, {"Paris": ["Paris"]}, variants=("space", "lower"))
+    assert sorted(concepts.variant_ids(0)) == sorted(ids(["Paris", "▁Paris", "paris", "▁paris"]))
+
+
 def test_from_answers_drops_unknown_forms_of_a_tokenizers_tokenizer(wordpiece_tokenizer):
     """A tokenizers.Tokenizer has no unk_token_id: its model's unk_token tells the forms to drop."""
     raw = wordpiece_tokenizer.backend_tokenizer
@@ -559,6 +590,16 @@ def test_from_answers_drops_unknown_forms_of_a_tokenizers_tokenizer(wordpiece_to
     concepts = fp.ConceptSet.from_answers(raw, {"Paris": ["Paris"], "Zurich": ["Zürich", "ZRH"]})
     assert concepts.variant_ids(0) == [raw.token_to_id("paris")]
     assert concepts.variant_ids(1) == [raw.token_to_id("zurich")]  # ZRH is [UNK]: dropped
+
+
+def test_from_answers_drops_unknown_forms_when_the_config_names_no_unk_token(wordpiece_tokenizer):
+    """A fast tokenizer made without unk_token= has unk_token_id None, yet its WordPiece model still
+    maps unknown words to [UNK]: those forms were kept, scoring the unknown token."""
+    transformers = pytest.importorskip("transformers")
+    bare = transformers.PreTrainedTokenizerFast(tokenizer_object=wordpiece_tokenizer.backend_tokenizer)
+    assert bare.unk_token_id is None and encode(bare, "ZRH") == (bare.convert_tokens_to_ids("[UNK]"),)
+    concepts = fp.ConceptSet.from_answers(bare, {"Zurich": ["Zürich", "ZRH"]})
+    assert concepts.variant_ids(0) == [bare.convert_tokens_to_ids("zurich")]
 
 
 # ---------------------------------------------------------------- bad input

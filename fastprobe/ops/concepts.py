@@ -394,17 +394,32 @@ def _unique(items: Iterable) -> list:
 
 
 def _unknown_id(tokenizer) -> Optional[int]:
-    """The unknown token's id: a transformers tokenizer's unk_token_id, or the unk_token of a
-    tokenizers.Tokenizer's model (None when it has none)."""
-    if hasattr(tokenizer, "unk_token_id"):
+    """The unknown token's id: a transformers tokenizer's unk_token_id, else the unk_token of its
+    backend's model or of a tokenizers.Tokenizer's model (a fast tokenizer whose config names no
+    unk_token still maps unknown characters to its WordPiece model's; None when none has one)."""
+    if getattr(tokenizer, "unk_token_id", None) is not None:
         return tokenizer.unk_token_id
-    token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
-    return tokenizer.token_to_id(token) if token and hasattr(tokenizer, "token_to_id") else None
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # (a tokenizers.Tokenizer is its own)
+    token = getattr(getattr(backend, "model", None), "unk_token", None)
+    return backend.token_to_id(token) if token and hasattr(backend, "token_to_id") else None
+
+
+_ANCHOR = "\n"  # a form is encoded after it, as a continuation (see _encode)
+
+
+def _plain_ids(tokenizer, text: str) -> tuple[int, ...]:
+    encoded = tokenizer.encode(text, add_special_tokens=False)
+    return tuple(int(i) for i in getattr(encoded, "ids", encoded))  # tokenizers.Encoding has .ids
 
 
 def _encode(tokenizer, text: str) -> tuple[int, ...]:
-    encoded = tokenizer.encode(text, add_special_tokens=False)
-    return tuple(int(i) for i in getattr(encoded, "ids", encoded))  # tokenizers.Encoding has .ids
+    """text's tokens as a continuation of earlier text: encoded after a newline, whose tokens are
+    dropped. Alone at the start, a SentencePiece-style tokenizer (Metaspace, add_prefix_space)
+    gives "Paris" its word-start token, the one of " Paris": the no-space form's own token was
+    never found. Where the newline's tokens are not a prefix (merged with the text), as is."""
+    anchor = _plain_ids(tokenizer, _ANCHOR)
+    after = _plain_ids(tokenizer, _ANCHOR + text)
+    return after[len(anchor):] if after[:len(anchor)] == anchor else _plain_ids(tokenizer, text)
 
 
 # ---------------------------------------------------------------- the op
