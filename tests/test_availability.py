@@ -195,6 +195,26 @@ def test_generation_is_greedy_whatever_the_generation_config_says(model, tokeniz
     pandas.testing.assert_frame_equal(table, expected, rtol=1e-6, atol=1e-12)
 
 
+def test_a_tokenizer_that_appends_eos_commits_after_the_prompt(model, tokenizer):
+    """A "<s> $A </s>" template (a Llama tokenizer's add_eos_token): prompts end where their
+    answers begin, not in the eos (the mass was read after it: 0.054 for 0.149 in the review's
+    case), and the greedy answers continue the prompt."""
+    import copy
+
+    from tokenizers import processors
+
+    appending = copy.deepcopy(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    appending.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A {tokenizer.eos_token}",
+        special_tokens=[(tokenizer.bos_token, bos), (tokenizer.eos_token, eos)])
+    assert appending("a")["input_ids"][-1] == eos and tokenizer("a")["input_ids"][-1] != eos
+    options = dict(max_new_tokens=3, batch_size=2, progress=False)
+    want = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, **options)
+    got = availability.answer_availability(model, appending, PROMPTS, ANSWERS, **options)
+    pandas.testing.assert_frame_equal(got, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("generated, aliases, expected", [
     ("Paris", "Paris", True), (" paris, France.", ["Lyon", "Paris"], True), ("PARIS!", "paris", True),
     ("Parisian food", "Paris", False), ("in Paris", "Paris", False), ("New  York city", "new york", True),

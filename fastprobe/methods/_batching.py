@@ -275,6 +275,15 @@ def as_texts(texts, name: str = "texts") -> list[str]:
     return texts
 
 
+def appended_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer appends after a text (an eos or sep: a "<s> $A </s>"
+    template, Llama's add_eos_token)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    starts = (at for at in range(len(full) - len(plain) + 1) if full[at:at + len(plain)] == plain)
+    return next((len(full) - at - len(plain) for at in starts), 0)
+
+
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
                  *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
@@ -282,7 +291,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
     positions as the text alone. Texts are padded and truncated to max_length tokens on the
     tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
-    left (a prompt keeps its end, where the continuation starts). A batch that, with the
+    left (a prompt keeps its end, where the continuation starts), without the special tokens the
+    tokenizer appends (an eos would stand between the prompt and its continuation). A batch that, with the
     `new_tokens` a caller appends (generate's), is longer than the learned positions of the model
     or of the other `readers` of the batches (drafts) is refused, naming the one."""
     from tqdm.auto import tqdm
@@ -298,12 +308,17 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
                          default=(None, None))
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
+    appended = appended_tokens(tokenizer) if prompts else 0
     for start in tqdm(starts, desc=what, unit="batch", disable=not progress):
         # the tokenizer is lent a pad token and sides for this call only, not across the yield: a
         # caller whose loop raises (its traceback kept, the generator left open) gets it back as it was
         with padding_ready(tokenizer), _sides(tokenizer, padding=side, truncation=side):
-            encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                max_length=max_length, return_tensors="pt")
+            if appended:  # a prompt ends where its answer begins, not in the eos the tokenizer appends
+                rows = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length)["input_ids"]
+                encoded = tokenizer.pad({"input_ids": [row[:-appended] for row in rows]}, return_tensors="pt")
+            else:
+                encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                    max_length=max_length, return_tensors="pt")
         length = encoded["input_ids"].shape[1]
         if limit is not None and length + new_tokens > limit:
             plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""
