@@ -6,6 +6,7 @@ import contextlib
 import copy
 import inspect
 import numbers
+import weakref
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -183,13 +184,25 @@ def _position_tables(model, context: int) -> list:
             and context <= module.num_embeddings <= context + 2]
 
 
+# model -> (its learned position tables found, position_offset): one walk over the modules per model
+# (a mixture of experts on transformers 4.5x has one module per expert: ~20 ms a walk)
+_POSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _positions(model) -> tuple[bool, int]:
+    found = _POSITIONS.get(model)
+    if found is None:
+        context = _context(model)
+        tables = _position_tables(model, context) if context is not None else []
+        pads = [table.padding_idx for table in tables if table.padding_idx is not None]
+        found = _POSITIONS[model] = (bool(tables), pads[0] + 1 if pads else 0)
+    return found
+
+
 def position_offset(model) -> int:
     """The first real token's position id: padding_idx + 1 for a learned position table with a
     padding row (RoBERTa, XLM-R, CamemBERT count positions from there, the padding row below), else 0."""
-    context = _context(model)
-    tables = _position_tables(model, context) if context is not None else []
-    pads = [table.padding_idx for table in tables if table.padding_idx is not None]
-    return pads[0] + 1 if pads else 0
+    return _positions(model)[1]
 
 
 def model_positions(model, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -203,10 +216,8 @@ def learned_positions(model) -> Optional[int]:
     or None for models without a hard limit (rotary, ALiBi): the config's context, when an
     embedding table other than the tokens' has that many rows, less the rows below the first real
     position (RoBERTa's 2)."""
-    context = _context(model)
-    if context is None or not _position_tables(model, context):
-        return None
-    return context - position_offset(model)
+    has_tables, offset = _positions(model)
+    return _context(model) - offset if has_tables else None
 
 
 def moved_to(model, inputs: Mapping) -> dict:
