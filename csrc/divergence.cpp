@@ -301,11 +301,13 @@ void draft_divergence(const std::string& draft_dtype, const std::string& target_
   check_layout("stats", {5 + K, N});
   check_layout("lse", {K + 1, N});
   const bool any = N > 0;  // empty outputs may come with null data pointers
-  const Problem p{RowReader::of(parse_dtype(draft_dtype)),
-                  RowReader::of(parse_dtype(target_dtype)),  // (checked, and unused, without a target)
-                  pointer<const void>(draft_ptr, any, "draft", element_size(parse_dtype(draft_dtype))),
+  const DType draft_type = parse_dtype(draft_dtype);
+  const DType target_type = parse_dtype(target_dtype);  // (checked, and unused, without a target)
+  const Problem p{RowReader::of(draft_type),
+                  RowReader::of(target_type),
+                  pointer<const void>(draft_ptr, any, "draft", element_size(draft_type)),
                   K, N, V, stride_dk, stride_dn, stride_dv,
-                  pointer<const void>(target_ptr, false, "target", element_size(parse_dtype(target_dtype))),
+                  pointer<const void>(target_ptr, false, "target", element_size(target_type)),
                   stride_tn, stride_tv,
                   pointer<const float>(weights_ptr, any, "weights"),
                   inv_t,

@@ -343,8 +343,9 @@ def answer_variants(
     found: dict[tuple[int, ...], Variant] = {}
     # (a blank alias, or a blank form of one, would score the whitespace token, not an answer)
     texts = (text for alias in aliases if alias.strip() for text in forms(alias) if text.strip())
+    anchor = _plain_ids(tokenizer, _ANCHOR)
     for text in _unique(texts):
-        token_ids = _encode(tokenizer, text)
+        token_ids = _encode(tokenizer, text, anchor)
         if token_ids and token_ids not in found and unknown not in token_ids:
             found[token_ids] = Variant(text, token_ids)
     return tuple(found.values())
@@ -412,12 +413,12 @@ def _plain_ids(tokenizer, text: str) -> tuple[int, ...]:
     return tuple(int(i) for i in getattr(encoded, "ids", encoded))  # tokenizers.Encoding has .ids
 
 
-def _encode(tokenizer, text: str) -> tuple[int, ...]:
-    """text's tokens as a continuation of earlier text: encoded after a newline, whose tokens are
-    dropped. Alone at the start, a SentencePiece-style tokenizer (Metaspace, add_prefix_space)
-    gives "Paris" its word-start token, the one of " Paris": the no-space form's own token was
-    never found. Where the newline's tokens are not a prefix (merged with the text), as is."""
-    anchor = _plain_ids(tokenizer, _ANCHOR)
+def _encode(tokenizer, text: str, anchor: tuple[int, ...]) -> tuple[int, ...]:
+    """text's tokens as a continuation of earlier text: encoded after a newline (whose tokens are
+    `anchor`), those dropped. Alone at the start, a SentencePiece-style tokenizer (Metaspace,
+    add_prefix_space) gives "Paris" its word-start token, the one of " Paris": the no-space form's
+    own token was never found. Where the newline's tokens are not a prefix (merged with the text),
+    as is."""
     after = _plain_ids(tokenizer, _ANCHOR + text)
     return after[len(anchor):] if after[:len(anchor)] == anchor else _plain_ids(tokenizer, text)
 
