@@ -277,6 +277,73 @@ def test_vmap_needs_num_groups_with_key_groups():
         torch.func.vmap(lambda q, ids: fp.sink_attention(q, q, q, key_groups=ids).group_mass)(q, torch.zeros(2, 1, 5, dtype=torch.int64))
 
 
+FORWARD_ONLY = ("sink_attention", "dual_path_attention", "draft_divergence")
+
+
+@pytest.mark.parametrize("name", FORWARD_ONLY)
+def test_compiled_forward_only_op_runs_on_inputs_that_require_grad(name):
+    """torch.compile traces the backward of a forward whose inputs require grad (a model in eval
+    mode with trainable weights): the forward runs as in eager, and only a backward is refused."""
+    call, x = FORWARD_MODE_CALLS[name]
+    x = x.requires_grad_()
+    eager = call(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, equal_nan=True)
+    with pytest.raises(RuntimeError, match=f"fastprobe.{name} is forward-only"):
+        compiled.sum().backward()
+
+
+def test_bridge_loss_under_vmap_keeps_its_gradient():
+    """Inside vmap the student's batched tensor says requires_grad False: the gradient was not
+    computed and the backward raised ("did not require grad")."""
+    student, teacher = torch.randn(3, 4, 19, requires_grad=True), torch.randn(3, 4, 19)
+    losses = torch.func.vmap(lambda s, t: fp.bridge_loss(s, t, beta=0.5))(student, teacher)
+    (got,) = torch.autograd.grad(losses.sum(), student)
+    (expected,) = torch.autograd.grad(sum(fp.bridge_loss(s, t, beta=0.5) for s, t in zip(student, teacher)), student)
+    torch.testing.assert_close(got, expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.func.vmap(lambda s, t: fp.bridge_loss(s, t, beta=0.5)), backend="aot_eager")
+    (got,) = torch.autograd.grad(compiled(student, teacher).sum(), student)
+    torch.testing.assert_close(got, expected)
+
+
+BATCHED_GRAD_CALLS = {  # (name, f(x [3, 11]) -> a tensor with a backward)
+    "concept_mass log_mass": lambda x: fp.concept_mass(x, _concepts()).log_mass,
+    "concept_mass mass and lse": lambda x: (lambda r: r.mass * 2 + r.lse[:, None])(fp.concept_mass(x, _concepts())),
+    "bridge_loss none": lambda x: fp.bridge_loss(x, x.detach().flip(0), beta=0.3, reduction="none"),
+    "bridge_loss mean bfloat16": lambda x: fp.bridge_loss(x.bfloat16(), x.detach().flip(0), beta=0.3).float(),
+    "FusedLinearBridgeLoss": lambda x: fp.FusedLinearBridgeLoss(beta=0.3)(
+        x[:, :6], torch.arange(66.0).reshape(11, 6).cos(), x.detach()[:, 5:], torch.arange(66.0).reshape(11, 6).sin()),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCHED_GRAD_CALLS))
+def test_batched_incoming_gradients(name):
+    """torch.autograd.grad(is_grads_batched=True) (jacobian(vectorize=True)) hands the backward
+    torch's own batched tensors: the kernels read no storage there, and out= / in-place products
+    have no batching rule. Equal to one backward per vector."""
+    call = BATCHED_GRAD_CALLS[name]
+    x = torch.randn(3, 11, requires_grad=True)
+    out = call(x)
+    vectors = torch.randn(4, *out.shape)
+    expected = torch.stack([torch.autograd.grad(out, x, vector, retain_graph=True)[0] for vector in vectors])
+    (got,) = torch.autograd.grad(out, x, vectors, is_grads_batched=True)
+    torch.testing.assert_close(got, expected)
+    (fresh,) = torch.autograd.grad(call(x), x, vectors, is_grads_batched=True)  # (a graph not kept)
+    torch.testing.assert_close(fresh, expected)
+
+
+def test_fake_tensor_mode_propagates_shapes_past_host_checks():
+    """Under a bare FakeTensorMode (shape propagation outside torch.compile) the data-dependent
+    checks are skipped, as for meta tensors: they raised DataDependentOutputException."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert fp.draft_divergence(torch.randn(2, 3, 11), weights=torch.tensor([0.25, 0.75])).jsd.shape == (3,)
+        assert fp.concept_mass(torch.randn(3, 11), _concepts()).mass.shape == (3, 3)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_double_backward_through_bridge_loss_is_refused(fused):
     """Its gradients are formed in the forward: a second derivative through them would be 0."""

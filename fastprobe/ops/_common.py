@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch._subclasses.fake_tensor import FakeTensor
 
 # Tests set this so every output starts as NaN (or -1 for integers): an element a
 # kernel forgot to write then fails the comparison instead of passing as zero.
@@ -58,9 +59,30 @@ def is_compiling() -> bool:
 def skips_host_checks(*tensors: torch.Tensor) -> bool:
     """True where data-dependent checks (host syncs) cannot run: while torch.compile traces, under
     a functorch transform (vmap has no .item()), and when one of `tensors` (those the check
-    reads) is a meta tensor (no data: the call only propagates shapes); the ops then give NaN
-    where they refuse."""
-    return is_compiling() or torch._C._are_functorch_transforms_active() or any(t.is_meta for t in tensors)
+    reads) is a meta or fake tensor (no data: the call only propagates shapes); the ops then give
+    NaN where they refuse."""
+    return is_compiling() or torch._C._are_functorch_transforms_active() or any(
+        t.is_meta or (type(t) is not torch.Tensor and isinstance(t, FakeTensor)) for t in tensors)
+
+
+def requires_grad(tensor: torch.Tensor) -> bool:
+    """tensor.requires_grad, seen through torch.func.vmap's wrappers (a batched tensor says False
+    whatever the tensor it batches says). While torch.compile traces, which cannot unwrap them,
+    True under vmap."""
+    if is_compiling():
+        return tensor.requires_grad or torch._C._are_functorch_transforms_active()
+    while torch._C._functorch.is_batchedtensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor.requires_grad
+
+
+def batched_gradient(*gradients: Optional[torch.Tensor]) -> bool:
+    """In a backward: whether an incoming gradient holds a batch of them (torch.autograd.grad with
+    is_grads_batched=True, torch.autograd.functional.jacobian with vectorize=True: torch's own vmap,
+    whose tensors have no storage for a kernel to read, and no rule for out= or in-place ops with
+    an unbatched result)."""
+    return not is_compiling() and any(gradient is not None and torch._C._functorch.is_legacy_batchedtensor(gradient)
+                                      for gradient in gradients)
 
 
 def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -371,16 +393,41 @@ CUDAGRAPH_UNSAFE = ((torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagra
                     and "tags" in inspect.signature(torch.library.custom_op).parameters else ())
 
 
+@custom_op("fastprobe::refused_backward")
+def _refused_backward(message: str, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A traced backward's refusal: raises `message` when the compiled backward runs."""
+    raise RuntimeError(message)
+
+
+@_refused_backward.register_fake
+def _(message, gradients):
+    return [torch.empty_like(gradient) for gradient in gradients]
+
+
 def register_forward_only(op, name: str, why: str = "", inputs: str = "its inputs") -> None:
-    """Autograd for an inference-only custom op: backward raises a clear error."""
+    """Autograd for an inference-only custom op: backward raises a clear error. Raised when a
+    backward runs, not when one is traced: torch.compile traces the backward of a forward whose
+    inputs require grad (a model in eval mode with trainable weights) and must not fail there, so
+    a traced backward returns gradients of the refusing op above in place of the inputs'."""
+    message = (f"fastprobe.{name} is forward-only{why}: training through it is not supported yet. "
+               f"Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}.")
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = [(value.shape, value.dtype, value.device) if isinstance(value, torch.Tensor) else None
+                      for value in inputs]
 
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastprobe.{name} is forward-only{why}: training through it is not supported yet. "
-            f"Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}."
-        )
+        if plain_mode():
+            raise RuntimeError(message)
+        wanted = [index for index, meta in enumerate(ctx.inputs) if meta is not None and ctx.needs_input_grad[index]]
+        refused = _refused_backward(message, [torch.empty(ctx.inputs[index][0], dtype=ctx.inputs[index][1],
+                                                          device=ctx.inputs[index][2]) for index in wanted])
+        gradients = [None] * len(ctx.inputs)
+        for index, gradient in zip(wanted, refused):
+            gradients[index] = gradient
+        return tuple(gradients)
 
-    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 def check_op_logits(op: str, name: str, logits: torch.Tensor, layout: str) -> None:

@@ -39,6 +39,7 @@ from ._common import (
     FLOAT32_MAX,
     autocast_dtype,
     backend_dtype,
+    batched_gradient,
     check_dtype,
     check_int,
     check_op_inv_temperature,
@@ -55,6 +56,7 @@ from ._common import (
     on_device,
     output_dtype,
     refuse_double_backward,
+    requires_grad,
 )
 
 __all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
@@ -219,8 +221,12 @@ def _backward(ctx, grad_rows, _grad_of_buffer):
     # d loss / d z_n = grad_rows[n] * (the buffer's row n): in place when nothing will read the
     # buffer again (the graph is freed after this backward), else into a new tensor, so that a
     # second backward through a kept graph finds it intact
-    scaled = grad if graph_kept() is False else torch.empty_like(grad)
-    _scale_rows(grad, grad_rows, scaled)
+    if batched_gradient(grad_rows):  # (a batch of them: out of place, a product per row of each)
+        factor_dtype = torch.promote_types(grad.dtype, torch.float32)
+        scaled = (grad.to(factor_dtype) * grad_rows.to(factor_dtype)[:, None]).to(grad.dtype)
+    else:
+        scaled = grad if graph_kept() is False else torch.empty_like(grad)
+        _scale_rows(grad, grad_rows, scaled)
     return scaled, None, None, None, None, None, None, None
 
 
@@ -334,7 +340,7 @@ def bridge_loss(
     _check_choice(reduction, "reduction", REDUCTIONS)
     ignore_index = _check_ignore_index(ignore_index)
 
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    compute_grad = torch.is_grad_enabled() and requires_grad(student_logits)
     # (detached: the teacher takes no gradient, so a loss of a frozen student has none to give)
     rows, _ = _bridge_loss_op(
         student, teacher.detach(), flat_labels, ignore_index, beta_tensor(beta), inv_temperature, reverse, compute_grad
@@ -539,8 +545,8 @@ class _FusedLinearBridge(torch.autograd.Function):
                 "FusedLinearBridgeLoss: a second backward through the same loss needs torch >= 2.5 "
                 "(to know the graph is kept) and eager mode"
             )
-        kept = graph_kept()
-        ctx.scaled_in_place = kept is not True
+        # (a batch of incoming gradients: a batch of products, out of place)
+        ctx.scaled_in_place = graph_kept() is not True and not batched_gradient(grad_output)
         grad_hidden, grad_weight, grad_bias = (
             None if g is None else g.mul_(grad_output) if ctx.scaled_in_place else g * grad_output
             for g in ctx.saved_tensors

@@ -31,6 +31,7 @@ from .. import reference
 from ..backend import get_backend, resolve, use_backend
 from ._common import (
     DTYPE_NAMES,
+    batched_gradient,
     check_finite_lse,
     check_op_inv_temperature,
     check_op_logits,
@@ -646,8 +647,10 @@ def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, g
         grad_concept = grad_concept + grad_mass * mass
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
+    # (a batch of incoming gradients goes through the dispatcher, whose fallback loops over it)
+    backward_op = _concept_mass_backward_op.op if batched_gradient(grad_concept, grad_lse) else _concept_mass_backward_op
     with use_backend(ctx.backend):
-        grad = _concept_mass_backward_op(
+        grad = backward_op(
             grad_concept, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
             id_block_starts, ctx.inv_temperature,
         )
