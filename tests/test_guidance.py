@@ -255,6 +255,44 @@ def test_guided_generation_batched_equals_alone(model, processor, images):
         assert_logits_close([step[row:row + 1] for step in batched.logits], alone.logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows, layers", [("last", None), ("last", [1]), ("all", None)])
+def test_guided_assisted_decoding_equals_plain_greedy(rows, layers):
+    """Prompt-lookup and assisted decoding check several candidate tokens in one forward (its
+    logits_to_keep = candidates + 1; the first one prompt + candidates): each is a generated token,
+    guided under rows="last" as at its own step. Only the last was guided (first scores 0.26 off)."""
+    ids = torch.randint(10, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 4:8] = 7
+    ids[:, 8:] = ids[:, :4]  # (a repeated n-gram: prompt lookup proposes candidates)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    model = fp.patch(tiny_model("llama", hidden_size=32),
+                     guidance=dict(gamma=2.0, image_token_id=7, rows=rows, **({"layers": layers} if layers else {})))
+    assistant = tiny_model("llama", hidden_size=32, num_layers=1, seed=5)
+    with torch.no_grad():
+        plain = model.generate(ids, **settings)
+        for faster in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=assistant)):
+            assisted = model.generate(ids, **faster, **settings)
+            assert torch.equal(assisted.sequences, plain.sequences), faster
+            torch.testing.assert_close(assisted.scores[0], plain.scores[0], rtol=1e-5, atol=1e-5)
+
+
+def test_image_keys_in_a_later_prefill_chunk():
+    """generate(prefill_chunk_size=...): a chunk on a cache holds prompt tokens, whose image token
+    ids are image keys (they were taken as text: the unguided path kept them, scores 0.64 off)."""
+    ids = torch.randint(10, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 5:8] = 7  # (in the second chunk of 4)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    model = fp.patch(tiny_model("llama", hidden_size=32), guidance=dict(gamma=2.0, image_token_id=7, rows="all"))
+    with torch.no_grad():
+        whole = model.generate(ids, **settings)
+        tracked = model._fastprobe_state.forward.image_keys.mask.clone()
+        chunked = model.generate(ids, prefill_chunk_size=4, **settings)
+    assert torch.equal(model._fastprobe_state.forward.image_keys.mask, tracked)
+    assert tracked[0, :12].nonzero().flatten().tolist() == [5, 6, 7] and not tracked[0, 12:].any()
+    assert torch.equal(chunked.sequences, whole.sequences)
+    for got, want in zip(chunked.scores, whole.scores):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_image_keys_are_tracked_through_generate(model, processor, images):
     """After generate: the prompt's image positions, then a text key for every fed token."""
     batch = batch_of(model, processor, images)

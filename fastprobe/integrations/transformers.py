@@ -110,6 +110,11 @@ class GuidanceOptions:
     rows: "last" (each row's last real query: the token being generated) or "all". With a KV
         cache each token keeps the keys and values of the states it was generated with, so "last"
         guides every generated token once (at its step); "all" guides every token at every layer.
+        A forward that keeps the logits of its last k > 1 queries (logits_to_keep=k: assisted and
+        prompt-lookup decoding check k - 1 candidate tokens at once) has its last k real queries
+        guided under "last", each the token generated at its step. A prefill in chunks
+        (generate's prefill_chunk_size) guides each chunk's last query under "last" (a forward
+        cannot tell the last chunk from a new turn's prompt): not the same as one prefill.
     """
 
     gamma: float
@@ -288,8 +293,10 @@ class ImageKeys:
     update() is called with each forward's arguments: a forward on an empty cache starts afresh
     (prefill, or generate without a cache), a forward on a cache of P tokens appends its tokens
     to the first P columns (a cropped cache drops the columns past P). A forward's tokens are
-    image keys where input_ids equals the image token id and the forward starts the sequences or
-    carries images (pixel_values); decoding steps add text keys."""
+    image keys where input_ids equals the image token id and the forward starts the sequences,
+    carries images (pixel_values) or goes on with a prompt (several tokens, fewer of whose logits
+    it keeps: generate's prefill chunks, a new turn); decoding steps and assisted decoding's
+    candidates (a logits row per token) add text keys."""
 
     def __init__(self, image_token_id: int):
         self.image_token_id = image_token_id
@@ -305,7 +312,8 @@ class ImageKeys:
             )
         batch, length = input_ids.shape
         past = _cached_length(inputs, length)
-        if past == 0 or any(inputs.get(name) is not None for name in _IMAGE_INPUTS):
+        prompt = length > 1 and _kept_logits(inputs) < length
+        if past == 0 or prompt or any(inputs.get(name) is not None for name in _IMAGE_INPUTS):
             new = input_ids == self.image_token_id
         else:
             new = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
@@ -359,6 +367,7 @@ class _ForwardState:
         self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.image_keys: Optional[ImageKeys] = None
         self.options_version = -1  # the options the image keys were made for
+        self.kept_logits = 1  # guidance: the queries whose logits this forward keeps (logits_to_keep > 1), else 1
 
 
 class _PatchState:
@@ -1395,11 +1404,15 @@ def _warn_if_switched_by_another(module) -> None:
         )
 
 
-def _last_real_rows(padding: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """bool [B, Lq]: each row's last real query (the queries are the last Lq keys)."""
+def _last_real_rows(padding: Optional[torch.Tensor], num_queries: int, count: int, device) -> torch.Tensor:
+    """bool [B, Lq] (or [Lq] without padding): each row's last `count` real queries (the queries
+    are the last Lq keys); a row with no real query: its last `count`."""
+    if padding is None:
+        return torch.arange(num_queries, device=device) >= num_queries - count
     real = padding[:, -num_queries:]
-    last = num_queries - 1 - real.flip(-1).to(torch.int8).argmax(-1)  # a row with no real query: the last
-    return torch.arange(num_queries, device=padding.device) == last[:, None]
+    real = real | ~real.any(-1, keepdim=True)
+    from_end = real.flip(-1).to(torch.int32).cumsum(-1).flip(-1)  # real queries at or after each one
+    return real & (from_end <= count)
 
 
 def _guided_attention(state, layer: int, query, key, value, padding, causal, window, scaling, softcap, s_aux,
@@ -1429,8 +1442,9 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
     if drop.device != query.device:  # a model split over devices
         drop = drop.to(query.device, non_blocking=True)
     rows = guidance.rows
-    if rows == "last" and padding is not None and num_queries > 1:  # right padding: the last real query
-        rows = _last_real_rows(padding, num_queries)
+    count = min(forward.kept_logits, num_queries)  # (assisted decoding: its candidates + 1)
+    if rows == "last" and num_queries > 1 and (padding is not None or count > 1):  # (right padding: the last real)
+        rows = _last_real_rows(padding, num_queries, count, query.device)
     return dual_path_attention(
         query, key, value, drop, gamma=guidance.gamma, orthogonalize=guidance.orthogonalize, eps=guidance.eps,
         rows=rows, scale=scaling, causal=causal, key_padding_mask=padding, bidirectional_blocks=blocks, window=window,
@@ -1661,8 +1675,18 @@ def _forward_started(model, args, kwargs) -> None:
     forward.in_forward = False
     forward.packing = None
     if forward.image_keys is not None:  # guidance: the image-key mask of this forward's keys
-        forward.image_keys.update(forward_arguments(model, args, kwargs))
+        arguments = forward_arguments(model, args, kwargs)
+        forward.image_keys.update(arguments)
+        forward.kept_logits = _kept_logits(arguments)
     forward.in_forward = True
+
+
+def _kept_logits(arguments: Mapping[str, Any]) -> int:
+    """How many of a forward's last queries give logits generate uses: logits_to_keep where it is an
+    integer above 1 (assisted decoding: the candidates + 1), else 1 (generate's prefill and steps;
+    a direct call, which keeps all (0), is guided at its last query as documented)."""
+    kept = arguments.get("logits_to_keep")
+    return kept if isinstance(kept, int) and not isinstance(kept, bool) and kept > 1 else 1
 
 
 def _forward_left(model, args, output) -> None:
