@@ -967,6 +967,36 @@ def unless_masks_need_newer_torch(call):
         pytest.skip(f"transformers {transformers.__version__} builds image-block masks only with torch>=2.6")
 
 
+def test_bidirectional_gemma3_text_model():
+    """Gemma 3 with use_bidirectional_attention (EmbeddingGemma) makes its own or-parts: |q - j| <
+    sliding_window on the sliding layers, `lambda *args: torch.tensor(True)` on the full ones (refused
+    before as masks fastprobe cannot reproduce). Patched equals eager, padded rows included, and
+    the recorded entropy equals eager weights'."""
+    config_class = getattr(transformers, "Gemma3TextConfig", None)
+    if config_class is None or "use_bidirectional_attention" not in inspect.signature(config_class).parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no bidirectional Gemma 3")
+    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, pad_token_id=0,
+                    use_bidirectional_attention=True, layer_types=["sliding_attention", "full_attention"])
+    models = []
+    for implementation in ("eager", "sdpa"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models.append(transformers.Gemma3TextModel(config_class(**settings, attn_implementation=implementation)).eval())
+    reference, model = models[0], patch_or_skip(models[1])
+    ids, mask = inputs(batch=3, length=13)
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+    with torch.no_grad():
+        weights = reference(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    with fp.record_attention(model, statistics=("entropy",)) as record:
+        outputs(model, ids, mask)
+    real = mask.bool()
+    for layer, layer_weights in enumerate(weights):  # each real query's entropy, averaged over the real queries
+        entropy = -(layer_weights * layer_weights.clamp_min(1e-30).log()).sum(-1)  # [B, H, L]
+        mean = (entropy * real[:, None]).sum((0, 2)) / real.sum()
+        torch.testing.assert_close(record.entropy[layer], mean.to(record.entropy.dtype), rtol=1e-4, atol=1e-4)
+
+
 def test_gemma3_vision_language_model_on_text_and_on_images():
     """Gemma 3's processor sends token_type_ids with every prompt, and its mask lets each image's
     tokens attend to each other both ways: a batch without images is plain causal attention (the

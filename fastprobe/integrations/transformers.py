@@ -748,7 +748,10 @@ def _mask_structure(fn, masking_utils) -> tuple:
     if name is None:  # (repr only when needed: this runs at every forward)
         name = repr(fn)
     if getattr(fn, "__module__", None) != masking_utils.__name__:
-        raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
+        model_part = _model_bidirectional_part(fn, name)
+        if model_part is None:
+            raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
+        return model_part
     if name in _LEAVES:
         return (name,)
     if name.startswith(_OVERLAYS):
@@ -756,6 +759,22 @@ def _mask_structure(fn, masking_utils) -> tuple:
     if name.startswith(_COMBINATORS):
         return (name, tuple(_mask_structure(part, masking_utils) for part in _closure(fn)["mask_functions"]))
     raise ValueError(f"{masking_utils.__name__}.{name}")
+
+
+def _model_bidirectional_part(fn, name: str) -> Optional[tuple]:
+    """The or-parts with which a model's own code makes its layers bidirectional (Gemma 3 and
+    Step3p7 with use_bidirectional_attention, e.g. EmbeddingGemma), as a _mask_structure part, else
+    None: its overlay |q - j| < sliding_window (a window), and the full layers' `lambda *args:
+    torch.tensor(True)` (no closure, nothing read but those names: it cannot index per-token data)."""
+    if not getattr(fn, "__module__", "").startswith("transformers.models."):
+        return None
+    if name.startswith("_bidirectional_window_overlay."):
+        return (name, int(_closure(fn)["sliding_window"]))
+    code = getattr(fn, "__code__", None)
+    if name.endswith(".forward.<locals>.<lambda>") and not getattr(fn, "__closure__", None) and code is not None \
+            and set(code.co_names) <= {"torch", "tensor", "bool"}:
+        return (name,)
+    return None
 
 
 def _windows(structure: tuple) -> list:
