@@ -1455,7 +1455,9 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
         seen = "none" if image_keys is None else f"{tuple(image_keys.shape)}"
         raise RuntimeError(
             f"guidance on layer {layer} has {num_keys} keys for batch {batch} but the tracked image keys are {seen}: "
-            "call the patched model itself (its forward tracks them from input_ids), not one of its sub-modules"
+            "call the patched model itself (its forward tracks them from input_ids), not one of its sub-modules "
+            "or its forward method (transformers 4.5x's generate with prefill_chunk_size calls model.forward, past "
+            "the hooks that track them)"
         )
     drop = image_keys[:, -num_keys:]
     if drop.device != query.device:  # a model split over devices
