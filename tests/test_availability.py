@@ -505,3 +505,36 @@ def test_minimal_sequences_properties(sequences):
     for s in as_tuples:  # every input continues (or is) a kept one: its probability is counted once
         assert any(s[:len(k)] == k for k in kept)
     assert [len(k) for k in kept] == sorted(len(k) for k in kept)
+
+
+def test_generators_and_mappings_as_arguments(model, tokenizer):
+    """A generator of form names serves every answer (the first answer used it up: the second got
+    one form); a generator of judgements or of prefixes is read once; a dict of answers (what
+    ConceptSet.from_answers takes) is refused by name instead of being read as its keys."""
+    kept = dict(generate=False, progress=False)
+    prompts, answers = PROMPTS[:2], ["river", "river"]
+    names = ("space", "lower", "upper")
+    want = availability.answer_availability(model, tokenizer, prompts, answers, variants=names, **kept)
+    got = availability.answer_availability(model, tokenizer, prompts, answers, variants=iter(names),
+                                           correct=(c for c in (True, False)), **kept)
+    assert got["num_variants"].tolist() == want["num_variants"].tolist()
+    assert got["mass"].tolist() == want["mass"].tolist() and got["correct"].tolist() == [True, False]
+    with pytest.raises(TypeError, match="^answers must be a list with one answer .* got dict"):
+        availability.answer_availability(model, tokenizer, prompts, {"river": ["river", "sea"], "mill": "mill"}, **kept)
+    prefixes, continuations = [[1, 7], [1, 9]], [[5], [6, 7]]
+    torch.testing.assert_close(availability.sequence_log_probs(model, iter(prefixes), iter(continuations)),
+                               availability.sequence_log_probs(model, prefixes, continuations))
+
+
+def test_a_text_without_tokens_is_named():
+    """A tokenizer that adds no BOS (GPT-2's) encodes "" to nothing: the model read padding alone
+    (a mass of padding in a batch, a reshape error alone). Refused, naming the text."""
+    from tokenizers import processors
+
+    tokenizer = tiny_tokenizer()  # its template no longer prepends <s>
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert tokenizer("")["input_ids"] == []
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=3)
+    with pytest.raises(ValueError, match=r"text 1 \(''\) has no tokens"):
+        availability.answer_availability(model, tokenizer, ["Q: where? A:", ""], ["river", "sea"], generate=False,
+                                         progress=False)

@@ -159,6 +159,11 @@ def test_labels_must_be_token_ids_or_the_ignore_index():
     stray[1, 3] = -7
     with pytest.raises(ValueError, match="labels hold -7"):
         distillation_loss(student, teacher, dict(inputs, labels=stray), fp.BridgeLoss(beta=0.5))
+    ran = []  # a label per token, checked before either model runs (it failed after both, unnamed)
+    student.register_forward_hook(lambda *_: ran.append("student"))
+    with pytest.raises(ValueError, match=r"^labels must have input_ids' shape"):
+        distillation_loss(student, teacher, dict(inputs, labels=inputs["labels"][:, :5]), fp.BridgeLoss(beta=0.5))
+    assert not ran
 
 
 def test_without_labels_any_ignore_index_scores_every_real_next_token():

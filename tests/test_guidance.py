@@ -545,6 +545,10 @@ def test_two_pass_refuses_bad_alpha(model, processor, images):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=float("inf"))
     with pytest.raises(TypeError, match="alpha must be a real number"):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=True)
+    for token_id, error in ((True, TypeError), (-1, ValueError), ("abc", TypeError)):  # (True was id 1, -1 no key)
+        with pytest.raises(error, match="^image_token_id must be"), guidance.two_pass_contrast(model, alpha=1.0,
+                                                                                              image_token_id=token_id):
+            pass
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 

@@ -532,6 +532,20 @@ def test_predict_and_evaluate_take_train_probes_result_as_it_is():
     assert evaluate_probe(fit, features, labels) == evaluate_probe(fit.probe, features, labels)
 
 
+
+def test_predict_puts_back_each_modules_own_training_flag():
+    """A probe in train mode with one module switched off: probe.train(True) afterwards switched
+    that one back on too."""
+    fit = train_probe(torch.randn(40, 6), torch.arange(40) % 3, kind="mlp", epochs=1)
+    probe = fit.probe.train()
+    child = next(iter(probe.children()))
+    child.eval()
+    flags = [module.training for module in probe.modules()]
+    predict(probe, torch.randn(5, 6))
+    evaluate_probe(probe, torch.randn(5, 6), torch.arange(5) % 3)
+    assert [module.training for module in probe.modules()] == flags
+
+
 def test_attentive_mask_and_predict_bad_input():
     tokens = torch.randn(6, 4, 8)
     with pytest.raises(ValueError, match=r"mask must have shape \(6, 4\)"):
@@ -572,7 +586,7 @@ def test_collector_refuses_inputs_without_tokens(tokenizer):
     without_bos = tiny_tokenizer()  # its template no longer prepends <s> (transformers 4.x ignores add_bos_token=False)
     without_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     assert without_bos("")["input_ids"] == []
-    with pytest.raises(ValueError, match="input 3 has no tokens"):
+    with pytest.raises(ValueError, match=r"text 3 \(''\) has no tokens"):
         collect_hidden_states(model, without_bos, [*TEXTS[:3], ""], layers=[0], batch_size=2, progress=False)
     assert hooks_on(model) == hooks
 

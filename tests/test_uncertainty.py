@@ -546,7 +546,7 @@ def test_auroc_copies_a_pandas_columns_values():
     import numpy
 
     column = pandas.Series([0.1, 0.9, 0.4])
-    values = uncertainty._flat(column)
+    values = uncertainty._flat(column, "labels")
     assert not numpy.shares_memory(values.numpy(), column.to_numpy())
     assert values.tolist() == [0.1, 0.9, 0.4]
 
@@ -559,6 +559,19 @@ def test_auroc_extremes_and_bad_input():
                                   ([0.1, 0.2], [0, 2], "0 / 1"), ([0.1, float("nan")], [0, 1], "NaN")]:
         with pytest.raises(ValueError, match=match):
             uncertainty.auroc(scores, labels)
+    with pytest.raises(TypeError, match="^labels must hold numbers"):  # (a raw numpy-to-torch error before)
+        uncertainty.auroc([0.1, 0.2, 0.3], ["yes", "no", "yes"])
+
+
+def test_a_table_as_texts_is_refused():
+    """A pandas DataFrame iterates its column names: df[["text"]] was read as the one text "text"."""
+    pandas = pytest.importorskip("pandas")
+    from fastprobe.methods._batching import as_texts
+
+    table = pandas.DataFrame({"text": ["one text", "another"]})
+    with pytest.raises(TypeError, match="^texts must be a string or a list of strings, got DataFrame"):
+        as_texts(table[["text"]])
+    assert as_texts(table["text"]) == ["one text", "another"]
 
 
 def test_inputs_are_left_alone(tokenizer, models):

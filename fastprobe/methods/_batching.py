@@ -275,7 +275,8 @@ def as_texts(texts, name: str = "texts") -> list[str]:
     ValueError naming them."""
     if isinstance(texts, str):
         return [texts]
-    if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Iterable):
+    if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Iterable) or hasattr(texts, "columns"):
+        # (a dict or a pandas DataFrame iterates its keys: a table's column, df["text"], is a list of texts)
         raise TypeError(f"{name} must be a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
@@ -330,6 +331,9 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
             else:
                 encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                     max_length=max_length, return_tensors="pt")
+        empty = (encoded["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()  # (on the CPU still)
+        if empty:  # (a tokenizer that adds no BOS encodes "" to nothing: the model would read padding alone)
+            raise ValueError(f"{what}: text {start + empty[0]} ({texts[start + empty[0]]!r}) has no tokens")
         length = encoded["input_ids"].shape[1]
         if limit is not None and length + new_tokens > limit:
             plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""

@@ -31,12 +31,12 @@ import numbers
 import operator
 import string
 import unicodedata
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..ops._common import check_temperature
-from ..ops.concepts import ConceptSet, answer_variants, concept_mass
+from ..ops.concepts import ConceptSet, _variant_forms, answer_variants, concept_mass
 from ._batching import (
     as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, on_model, output_cache,
     pad_or_eos, position_offset, require_pandas, text_batches,
@@ -180,6 +180,7 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
     returned) runs each prefix + continuation whole instead, right padded. The model runs in eval
     mode (no dropout), each module's training flag restored afterwards."""
     temperature = check_temperature(temperature)
+    prefixes, continuations = list(prefixes), list(continuations)  # (generators are read more than once)
     if len(prefixes) != len(continuations):
         raise ValueError(f"prefixes and continuations must pair up, got {len(prefixes)} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
@@ -330,6 +331,9 @@ class _Answer:
 
 def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_tokens):
     prompts = as_texts(prompts, "prompts")
+    if isinstance(answers, Mapping) or hasattr(answers, "columns"):  # (a dict or DataFrame iterates its keys)
+        raise TypeError(f"answers must be a list with one answer (an alias or a list of aliases) per prompt, got "
+                        f"{type(answers).__name__} (ConceptSet.from_answers is the one that takes a mapping)")
     answers = [answers] if isinstance(answers, str) else list(answers)
     if len(answers) != len(prompts):
         raise ValueError(f"answers must hold one answer (an alias or a list of aliases) per prompt: "
@@ -339,13 +343,14 @@ def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_
     check_temperature(temperature)
     if max_new_tokens is not None:
         check_count(max_new_tokens, "max_new_tokens")
+    correct = None if correct is None else list(correct)  # (a generator is read once)
     if correct is not None and len(correct) != len(prompts):
         raise ValueError(f"correct must hold one judgement per prompt, got {len(correct)} for {len(prompts)}")
     if correct is not None:  # (bool("false") would be True)
         wrong = next((c for c in correct if isinstance(c, (str, bytes)) or c not in (0, 1)), None)
         if wrong is not None:
             raise TypeError(f"correct must hold bools (or 0 / 1), got {wrong!r}")
-    return prompts, answers
+    return prompts, answers, correct
 
 
 def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature: float) -> dict:
@@ -466,8 +471,9 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     needs batch_size=1. The model runs in eval mode (no dropout), each module's training flag
     restored afterwards."""
     pandas = require_pandas()
-    prompts, answers = _check_arguments(prompts, answers, threshold, temperature, correct,
+    prompts, answers, correct = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)
+    variants = _variant_forms(variants)  # (once: a generator of form names serves every answer)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # tokens that follow a prompt into the model: generate's but its last (never fed back), and a

@@ -44,6 +44,7 @@ from ._batching import CACHE_NAMES, as_texts, cache_argument, eval_mode, generat
 from ..integrations.transformers import (
     ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with,
 )
+from ..ops._common import check_int
 
 __all__ = ["guidance", "guided_generate", "prepare_inputs", "two_pass_contrast", "two_pass_generate"]
 
@@ -304,7 +305,7 @@ def two_pass_contrast(model, *, alpha: float, image_token_id: Optional[int] = No
     if is_patched(model) and patch_options(model).guidance is not None:
         raise RuntimeError("the model is patched with guidance: two_pass_contrast would guide both passes; "
                            "remove the guidance option first")
-    contrast = _TwoPassContrast(model, alpha, int(token_id))
+    contrast = _TwoPassContrast(model, alpha, check_int(token_id, "image_token_id", 0))
     handles = [model.register_forward_pre_hook(contrast.before, with_kwargs=True),
                model.register_forward_hook(contrast, with_kwargs=True)]
     try:

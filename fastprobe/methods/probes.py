@@ -785,13 +785,9 @@ def _fit(probe: _Probe, train: tuple, epochs: int, batch_size: Optional[int], lr
 
 @contextlib.contextmanager
 def _evaluating(probe: torch.nn.Module):
-    was_training = probe.training
-    probe.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        probe.train(was_training)
+    """The probe in eval mode without gradients, each module's own training flag back afterwards."""
+    with eval_mode(probe), torch.no_grad():
+        yield
 
 
 def _probe_of(probe) -> _Probe:

@@ -284,14 +284,18 @@ def sequence_scores(tokens):
     return table
 
 
-def _flat(values) -> torch.Tensor:
-    """A CPU tensor of a tensor, array, list or pandas Series, flattened. (A Series goes through
-    numpy: torch.as_tensor indexes it by label, and a filtered one's labels have gaps.)"""
+def _flat(values, name: str) -> torch.Tensor:
+    """A CPU tensor of a tensor, array, list or pandas Series of numbers or bools, flattened; else a
+    TypeError naming it. (A Series goes through numpy: torch.as_tensor indexes it by label, and a
+    filtered one's labels have gaps.)"""
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().flatten()
     import numpy
 
-    return torch.as_tensor(numpy.array(values)).flatten()  # a copy: a Series' own array is read-only
+    array = numpy.array(values)  # a copy: a Series' own array is read-only
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers (or bools), got an array of {array.dtype}")
+    return torch.as_tensor(array).flatten()
 
 
 def auroc(scores, labels) -> float:
@@ -299,8 +303,8 @@ def auroc(scores, labels) -> float:
     probability that a random positive scores higher than a random negative, ties counting
     half (the Mann-Whitney U statistic over P * N, from average ranks)."""
     pandas = require_pandas()
-    scores = pandas.Series(_flat(scores).to(torch.float64).numpy())
-    labels = _flat(labels)
+    scores = pandas.Series(_flat(scores, "scores").to(torch.float64).numpy())
+    labels = _flat(labels, "labels")
     if len(scores) != labels.numel():
         raise ValueError(f"scores and labels must have the same length, got {len(scores)} and {labels.numel()}")
     if scores.isna().any():
