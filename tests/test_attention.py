@@ -213,6 +213,22 @@ def test_matches_reference(target, dtype, ratio, config):
         assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prepared", [False, True], ids=["direct", "prepared"])
+def test_rows_with_fewer_real_keys_than_sinks_and_stat_tokens(target, dtype, prepared):
+    """num_sink and stat_tokens above a row's real keys (3 of 6, scattered, a window of 1): the
+    sink keys are all its real keys, and sink_mass their whole weight."""
+    _, device = target
+    q, k, v = random_qkv(2, 2, 1, 6, 6, 8, dtype, device)
+    padding = torch.tensor([[0, 0, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
+    options = dict(window=1, num_sink=4, stat_tokens=4, key_padding_mask=padding)
+    if prepared:
+        options["key_padding_mask"] = key_masks(padding, 2, 6, num_sink=4, stat_tokens=4)
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    assert_matches(result, expected(q, k, v, window=1, num_sink=4, stat_tokens=4, key_padding_mask=padding), dtype,
+                   False, True)
+
+
 # every config of a launch compiles anew on a GPU: float32 and one 16-bit type (they share configs)
 CONFIG_DTYPES = [torch.float32, torch.bfloat16]
 

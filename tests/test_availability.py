@@ -264,6 +264,24 @@ def test_sequence_log_probs_equals_teacher_forcing(tokenizer, arch):
         availability.sequence_log_probs(model, [[]], [[3]])
 
 
+def test_sequence_log_probs_on_positions_from_an_offset():
+    """RoBERTa numbers positions from padding_idx + 1: the cached continuations are in that
+    numbering too (counted from 0 they were 0.19 nats off)."""
+    torch.manual_seed(3)
+    model = transformers.RobertaForCausalLM(transformers.RobertaConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        pad_token_id=1, is_decoder=True, max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    prefixes, continuations = [[5, 6, 7], [8, 9], [5, 6, 7]], [[10, 11, 12], [13, 14], [20, 21]]
+    got = availability.sequence_log_probs(model, prefixes, continuations, pad_id=1)
+    for value, prefix, continuation in zip(got, prefixes, continuations):
+        with torch.no_grad():  # (no padding: the model numbers the positions itself)
+            logits = model(input_ids=torch.tensor([prefix + continuation])).logits[0, len(prefix) - 1:-1].double()
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None]).sum()
+        assert float(value) == pytest.approx(float(expected), rel=1e-5)
+
+
 # Models whose cache cannot be copied row by row and run on from (recurrent or linear-attention
 # state): model_type -> config extras for tests.test_architectures.build
 RECURRENT = {

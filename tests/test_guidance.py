@@ -298,6 +298,18 @@ def test_image_keys_in_a_later_prefill_chunk():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_decoding_step_is_a_text_key_whatever_its_token():
+    """A generated token equal to the image token id is text: only prompts carry image keys."""
+    model = fp.patch(tiny_model("llama", hidden_size=32), guidance=dict(gamma=2.0, image_token_id=7))
+    ids = torch.randint(10, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    ids[:, 2:5] = 7
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        model(input_ids=torch.tensor([[7]]), past_key_values=cache, attention_mask=torch.ones(1, 10, dtype=torch.long))
+    tracked = model._fastprobe_state.forward.image_keys.mask
+    assert tracked[0].nonzero().flatten().tolist() == [2, 3, 4] and tracked.shape == (1, 10)
+
+
 def test_image_keys_are_tracked_through_generate(model, processor, images):
     """After generate: the prompt's image positions, then a text key for every fed token."""
     batch = batch_of(model, processor, images)

@@ -779,6 +779,17 @@ def test_window_option_equals_mistral_sliding_window():
     assert_real_close(outputs(llama, ids, mask), outputs(mistral, ids, mask), mask)
 
 
+@pytest.mark.parametrize("window", [8, 2])
+def test_a_layers_own_narrower_window_is_kept(window):
+    """A Mistral (sliding_window=4) patched with window=8 keeps its own narrower 4; with window=2
+    the option is the narrower one and equals a Mistral of sliding_window=2."""
+    model = fp.patch(tiny_model("mistral"), window=window)
+    reference = transformers.MistralForCausalLM(tiny_config("mistral", head_dim=16, sliding_window=min(window, 4))).eval()
+    reference.load_state_dict(model.state_dict())
+    ids, mask = inputs(length=13)
+    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+
+
 def test_head_mask_forms_are_equivalent():
     keep = torch.tensor([[True, True, True, True], [False, True, True, False]])
     model = fp.patch(tiny_model("llama"), head_mask=keep)
