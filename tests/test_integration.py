@@ -784,7 +784,8 @@ def test_a_layers_own_narrower_window_is_kept(window):
     """A Mistral (sliding_window=4) patched with window=8 keeps its own narrower 4; with window=2
     the option is the narrower one and equals a Mistral of sliding_window=2."""
     model = fp.patch(tiny_model("mistral"), window=window)
-    reference = transformers.MistralForCausalLM(tiny_config("mistral", head_dim=16, sliding_window=min(window, 4))).eval()
+    config = tiny_config("mistral", head_dim=16, sliding_window=min(window, 4))
+    reference = transformers.MistralForCausalLM(config).eval()
     reference.load_state_dict(model.state_dict())
     ids, mask = inputs(length=13)
     assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
@@ -993,7 +994,8 @@ def test_bidirectional_gemma3_text_model():
     for implementation in ("eager", "sdpa"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            models.append(transformers.Gemma3TextModel(config_class(**settings, attn_implementation=implementation)).eval())
+            config = config_class(**settings, attn_implementation=implementation)
+            models.append(transformers.Gemma3TextModel(config).eval())
     reference, model = models[0], patch_or_skip(models[1])
     ids, mask = inputs(batch=3, length=13)
     assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)

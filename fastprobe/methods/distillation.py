@@ -103,7 +103,8 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     check_labels(labels, loss_fn.ignore_index)
     ids = inputs.get("input_ids")
     if labels is not None and isinstance(ids, torch.Tensor) and labels.shape != ids.shape:  # (before either model runs)
-        raise ValueError(f"labels must have input_ids' shape {list(ids.shape)} (a label per token), got {list(labels.shape)}")
+        raise ValueError(f"labels must have input_ids' shape {list(ids.shape)} (a label per token), got "
+                         f"{list(labels.shape)}")
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
     student_outputs = student(**model_inputs)
     teacher_inputs = moved_to(teacher, model_inputs)  # (ids and masks keep their dtype)

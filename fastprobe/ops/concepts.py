@@ -648,7 +648,8 @@ def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, g
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
     # (a batch of incoming gradients goes through the dispatcher, whose fallback loops over it)
-    backward_op = _concept_mass_backward_op.op if batched_gradient(grad_concept, grad_lse) else _concept_mass_backward_op
+    batched = batched_gradient(grad_concept, grad_lse)
+    backward_op = _concept_mass_backward_op.op if batched else _concept_mass_backward_op
     with use_backend(ctx.backend):
         grad = backward_op(
             grad_concept, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
