@@ -393,8 +393,9 @@ CUDAGRAPH_UNSAFE = ((torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagra
                     and "tags" in inspect.signature(torch.library.custom_op).parameters else ())
 
 
+# (typing.List: torch 2.4's custom_op takes no list[Tensor] annotation)
 @custom_op("fastprobe::refused_backward")
-def _refused_backward(message: str, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
+def _refused_backward(message: str, gradients: typing.List[torch.Tensor]) -> typing.List[torch.Tensor]:
     """A traced backward's refusal: raises `message` when the compiled backward runs."""
     raise RuntimeError(message)
 
