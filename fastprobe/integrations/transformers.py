@@ -301,6 +301,7 @@ class ImageKeys:
     def __init__(self, image_token_id: int):
         self.image_token_id = image_token_id
         self.mask: Optional[torch.Tensor] = None
+        self.kept_logits = 1  # the last forward's queries whose logits generate uses (_kept_logits)
 
     def update(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         input_ids = inputs.get("input_ids")
@@ -312,7 +313,8 @@ class ImageKeys:
             )
         batch, length = input_ids.shape
         past = _cached_length(inputs, length)
-        prompt = length > 1 and _kept_logits(inputs) < length
+        self.kept_logits = _kept_logits(inputs)
+        prompt = length > 1 and self.kept_logits < length
         if past == 0 or prompt or any(inputs.get(name) is not None for name in _IMAGE_INPUTS):
             new = input_ids == self.image_token_id
         else:
@@ -367,7 +369,6 @@ class _ForwardState:
         self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.image_keys: Optional[ImageKeys] = None
         self.options_version = -1  # the options the image keys were made for
-        self.kept_logits = 1  # guidance: the queries whose logits this forward keeps (logits_to_keep > 1), else 1
 
 
 class _PatchState:
@@ -1463,7 +1464,7 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
     if drop.device != query.device:  # a model split over devices
         drop = drop.to(query.device, non_blocking=True)
     rows = guidance.rows
-    count = min(forward.kept_logits, num_queries)  # (assisted decoding: its candidates + 1)
+    count = min(forward.image_keys.kept_logits, num_queries)  # (assisted decoding: its candidates + 1)
     if rows == "last" and num_queries > 1 and (padding is not None or count > 1):  # (right padding: the last real)
         rows = _last_real_rows(padding, num_queries, count, query.device)
     return dual_path_attention(
@@ -1696,9 +1697,7 @@ def _forward_started(model, args, kwargs) -> None:
     forward.in_forward = False
     forward.packing = None
     if forward.image_keys is not None:  # guidance: the image-key mask of this forward's keys
-        arguments = forward_arguments(model, args, kwargs)
-        forward.image_keys.update(arguments)
-        forward.kept_logits = _kept_logits(arguments)
+        forward.image_keys.update(forward_arguments(model, args, kwargs))
     forward.in_forward = True
 
 
