@@ -282,10 +282,12 @@ def test_patched_model_under_autocast(arch):
         whole_mask = torch.cat([mask, torch.ones(len(ids), sequences.shape[1] - LENGTH, dtype=mask.dtype)], 1)
         want_scores = outputs(reference, sequences, whole_mask)[:, LENGTH - 1:-1]
     assert got.dtype == want.dtype == torch.bfloat16
-    assert_real_close(got.float(), want.float(), mask, rtol=0, atol=0.05)
+    # logits below 1 here: bfloat16's step is 2^-8 there, the largest difference seen 1.6 steps
+    assert_real_close(got.float(), want.float(), mask, rtol=0, atol=0.02)
     assert sequences.shape[1] == LENGTH + new_tokens
-    torch.testing.assert_close(torch.stack(generated.scores, 1).float(), want_scores.float(), rtol=0, atol=0.05)
-    torch.testing.assert_close(record.sink_mass, full_precision.sink_mass, rtol=0, atol=0.02)
+    torch.testing.assert_close(torch.stack(generated.scores, 1).float(), want_scores.float(), rtol=0, atol=0.02)
+    # a mass in [0, 1]: one bfloat16 step at 1 (differences seen: 3e-5)
+    torch.testing.assert_close(record.sink_mass, full_precision.sink_mass, rtol=0, atol=2 ** -8)
 
 
 def test_gpt_oss_learned_sinks():
