@@ -17,7 +17,8 @@ from fastprobe.integrations import transformers as integration
 from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
 
 from .conftest import TORCH_RELEASE
-from .transformers_helpers import cached_keys_values, generated_cache, patch_or_skip, unpatched_or_skip
+from .transformers_helpers import (cached_keys_values, generated_cache, patch_or_skip, routes_through_interfaces,
+                                  unpatched_or_skip)
 
 transformers = pytest.importorskip("transformers")
 
@@ -1375,8 +1376,80 @@ def test_refuses_architectures_without_the_attention_interface():
     with pytest.raises(NotImplementedError, match="AttentionInterface"):
         fp.patch(t5)
     assert not is_patched(t5) and t5.config._attn_implementation == before
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                       intermediate_size=64, image_size=28, patch_size=14))
+    if getattr(type(vit), "_supports_attention_backend", False):  # (a marked encoder with no layer to patch)
+        with pytest.raises(NotImplementedError, match=r"none of its attention modules \(ViT.*a vision or audio encoder"):
+            fp.patch(vit)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         fp.patch(torch.nn.Linear(4, 4))
+
+
+def _composite(name: str):
+    """Small composite models whose parts fastprobe cannot run (None where this transformers lacks
+    the classes or cannot build them), and one it can (BLIP-2 with an OPT language model)."""
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                 patch_size=14)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0)
+    gemma_text = dict(text, head_dim=16, query_pre_attn_scalar=16, sliding_window=4, bos_token_id=2,
+                      eos_token_id=1, layer_types=["full_attention", "full_attention"])
+    qformer = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                   encoder_hidden_size=32, vocab_size=300)
+    make = {
+        "blip2_t5": lambda: transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+            vision_config=tower, qformer_config=qformer, num_query_tokens=4, image_token_index=299,
+            text_config=dict(model_type="t5", vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=1,
+                             num_heads=4))),
+        "blip2_opt": lambda: transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+            vision_config=tower, qformer_config=qformer, num_query_tokens=4, image_token_index=299,
+            text_config=dict(model_type="opt", vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
+                             num_attention_heads=4, word_embed_proj_dim=64))),
+        "llava_data2vec_tower": lambda: transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+            vision_config=dict(tower, model_type="data2vec-vision"), text_config=dict(text, model_type="llama"),
+            image_token_index=299, vision_feature_layer=-1, vision_feature_select_strategy="full")),
+        "kosmos2": lambda: transformers.Kosmos2ForConditionalGeneration(transformers.Kosmos2Config(
+            text_config=dict(vocab_size=300, embed_dim=64, layers=1, attention_heads=4, ffn_dim=128),
+            vision_config=tower, latent_query_num=4)),
+        "t5gemma2": lambda: transformers.T5Gemma2ForConditionalGeneration(transformers.T5Gemma2Config(
+            encoder=dict(text_config=gemma_text, mm_tokens_per_image=4, boi_token_index=295, eoi_token_index=296,
+                         image_token_index=297, vision_config=dict(tower, model_type="siglip_vision_model",
+                                                                   patch_size=7)),
+            decoder=gemma_text, image_token_index=297, eoi_token_index=296, tie_word_embeddings=False)),
+    }[name]
+    try:
+        return make().eval()
+    except (AttributeError, ImportError, TypeError, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.parametrize("name, words", [
+    ("blip2_t5", r"its language_model\.encoder \(T5Stack\) has attention of its own, and transformers does not mark"),
+    ("llava_data2vec_tower", r"its model\.vision_tower \(Data2VecVisionModel\) has attention of its own"),
+    ("kosmos2", r"Kosmos2TextTransformer \(_prepare_decoder_attention_mask\) builds its own \[L, L\] masks"),
+    ("t5gemma2", r"T5Gemma2MergedAttention attends to its own tokens and another sequence's \(the encoder's\) in one"),
+])
+def test_refuses_composite_models_with_parts_it_cannot_run(name, words):
+    """A marked model may hold parts that fastprobe cannot run, refused at patch rather than at the
+    first forward or not at all: an unmarked sub-model (BLIP-2's T5, whose position bias failed in
+    the first forward; a LLaVA's data2vec-vision tower, which kept its own attention), a sub-model
+    that builds its own 4D masks (Kosmos-2: every forward failed), and T5Gemma 2's decoder, whose
+    merged self- and cross-attention ran its own tokens both ways (logits 0.30 off eager)."""
+    model = _composite(name)
+    if model is None:
+        pytest.skip(f"transformers {transformers.__version__} cannot build {name} here")
+    if not getattr(type(model), "_supports_attention_backend", False):
+        pytest.skip(f"transformers {transformers.__version__} does not mark {type(model).__name__}")
+    before = [config._attn_implementation for config in integration._configs(model)]
+    if int(transformers.__version__.split(".")[0]) < 5:  # (4.5x refuses BLIP-2's Q-Former, Kosmos-2's attention first)
+        words = "cannot patch"
+    with pytest.raises(NotImplementedError, match=words):
+        fp.patch(model)
+    assert not is_patched(model) and [config._attn_implementation for config in integration._configs(model)] == before
+    if name == "blip2_t5":  # the same model with an OPT language model is patched
+        other = _composite("blip2_opt")
+        if other is not None and routes_through_interfaces(other.language_model):
+            assert [type(layer).__name__ for layer in attention_layers(fp.patch(other))] == ["OPTAttention"]
 
 
 def test_forward_that_skips_fastprobe_raises():

@@ -643,14 +643,19 @@ def _check_architecture(model) -> list:
     # The flag transformers sets on models whose attention goes through the AttentionInterface.
     flagged = getattr(type(model), "_supports_attention_backend", False)
     if not flagged and not _hybrid_family(model):
-        raise _refuse(model, "its attention does not go through transformers' AttentionInterface "
+        raise _refuse(model, "transformers does not mark it as running its attention through the AttentionInterface "
                              "(the class does not set _supports_attention_backend)")
-    # transformers 4.53's GPT-2 (and other models not yet on masking_utils) build their own 4D masks
-    own_masks = sorted({type(m).__name__ for m in model.modules()
-                        if isinstance(m, PreTrainedModel) and hasattr(m, "_update_causal_mask")})
+    unmarked = _unmarked_sub_model(model)
+    if unmarked is not None:  # BLIP-2's T5 language model, a LLaVA's data2vec-vision tower
+        raise _refuse(model, f"its {unmarked[0]} ({unmarked[1]}) has attention of its own, and transformers does not "
+                             "mark that class as running it through the AttentionInterface (it does not set "
+                             "_supports_attention_backend)")
+    # transformers 4.53's GPT-2, Kosmos-2 (and other models not on masking_utils) build their own 4D masks
+    own_masks = sorted({f"{type(m).__name__} ({method})" for m in model.modules() if isinstance(m, PreTrainedModel)
+                        for method in _OWN_MASK_METHODS if hasattr(m, method)})
     if own_masks:
-        raise _refuse(model, f"{', '.join(own_masks)} builds its own [L, L] masks (_update_causal_mask) instead of "
-                             "asking transformers' AttentionMaskInterface")
+        raise _refuse(model, f"{', '.join(own_masks)} builds its own [L, L] masks instead of asking transformers' "
+                             "AttentionMaskInterface")
     layers = _self_attention_modules(model)
     if not layers:
         # Doge: a layer_idx but no is_causal (its attention adds a dynamic mask of its own)
@@ -659,18 +664,73 @@ def _check_architecture(model) -> list:
         if undeclared:
             raise _refuse(model, f"{', '.join(undeclared)} does not declare is_causal, so fastprobe cannot tell how "
                                  "it masks its keys")
-        raise _refuse(model, f"no self-attention module (with layer_idx and is_causal) was found among "
-                             f"{', '.join(attention_like)}")
+        raise _refuse(model, f"none of its attention modules ({', '.join(attention_like)}) is a language model's "
+                             "self-attention layer (a module with layer_idx and is_causal), which is what fastprobe "
+                             "patches: a model without one (a vision or audio encoder, a DistilBERT-style text "
+                             "encoder) is not supported on its own (a vision-language model's tower runs through "
+                             "fastprobe beside its language model)", "There would be no layer to patch or record.")
     bypassing = [] if flagged else [type(m).__name__ for m in layers if not _calls_interface(type(m))]
     if bypassing:
         raise _refuse(model, f"{', '.join(sorted(set(bypassing)))} does not dispatch through transformers' "
                              "AttentionInterface (ALL_ATTENTION_FUNCTIONS)")
+    merged = sorted({type(m).__name__ for m in layers if _attends_to_another_sequence(type(m))})
+    if merged:  # T5Gemma 2's decoder: keys [its own tokens, the encoder's], under one concatenated mask
+        raise _refuse(model, f"{', '.join(merged)} attends to its own tokens and another sequence's (the encoder's) "
+                             "in one call, under a mask concatenated from both, which fastprobe's causal and padding "
+                             "patterns do not describe", "It is refused rather than run under the wrong mask.")
     # DeepSeek-V3.2, GLM-MoE-DSA, GLM-5-Next, Qwen4-Exp: an indexer picks each query's keys
     sparse = sorted({type(m).__name__ for m in layers if getattr(m, "indexer", None) is not None})
     if sparse:
         raise _refuse(model, f"{', '.join(sparse)} attends to the keys its indexer selects for each query (sparse "
                              "attention), which fastprobe does not reproduce")
     return layers
+
+
+# Methods of models that build their own 4D masks rather than asking the AttentionMaskInterface
+_OWN_MASK_METHODS = ("_update_causal_mask", "_prepare_decoder_attention_mask")
+
+
+def _unmarked_sub_model(model) -> Optional[tuple]:
+    """(path, class name) of the first sub-model with attention modules of its own (not those of
+    a sub-model inside it) whose class transformers does not mark as dispatching attention
+    through the AttentionInterface, or None: a marked model may hold an unmarked one (BLIP-2 a T5
+    language model, whose position bias fastprobe cannot add; a LLaVA a data2vec-vision tower,
+    whose attention would bypass fastprobe). The parts of a hybrid family's model (Qwen 3.5's
+    vision model) are unmarked as the model is, and dispatch through the interface as it does."""
+    from transformers import PreTrainedModel
+
+    hybrid = _hybrid_family(model)
+
+    def first_unmarked(module, path: str) -> Optional[tuple]:
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(child, PreTrainedModel):
+                unmarked = not (getattr(type(child), "_supports_attention_backend", False) or hybrid
+                                or _hybrid_family(child))
+                if unmarked and has_own_attention(child):
+                    return child_path, type(child).__name__
+            found = first_unmarked(child, child_path)
+            if found is not None:
+                return found
+        return None
+
+    def has_own_attention(module) -> bool:
+        return any(not isinstance(child, PreTrainedModel)
+                   and (_named_attention(type(child)) or has_own_attention(child)) for child in module.children())
+
+    return first_unmarked(model, "")
+
+
+def _attends_to_another_sequence(module_class) -> bool:
+    """Whether an attention module's forward requires another sequence's states (no default):
+    self- and cross-attention merged in one call (T5Gemma 2's decoder). Modules that only may
+    take them (GPT-2's, a cross-attention instance of the same class) have a default None."""
+    try:
+        parameters = inspect.signature(inspect.unwrap(module_class.forward)).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(parameters[name].default is inspect.Parameter.empty for name in
+               ("encoder_hidden_states", "key_value_states", "cross_attention_states") if name in parameters)
 
 
 def _named_attention(cls) -> bool:
