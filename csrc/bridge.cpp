@@ -174,15 +174,17 @@ FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float
 
 // Reverse gradient, one block, centred as reverse_block, given the row's D = sum_v P_v d_v and
 // grad_scale = 1 / (M T) (P_v = P~_v / M): grad_v = P_v (g_v - loss) / T = P~_v (d_v - D) / (M T).
+// A row whose loss is NaN comes with D = NaN: its gradient is NaN, masked tokens' too.
 FASTPROBE_SIMD_CLONES static void reverse_grad_block(const float* s, const float* c,
                                                      LogSoftmax log_p, float centre_s, float spread,
                                                      float grad_scale, int64_t count, float* grad) {
+  const bool nan_row = std::isnan(spread);
 #pragma omp simd
   for (int64_t v = 0; v < count; ++v) {
     const float lp = log_prob(log_p, s[v]);                     // log P~_v
     const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;   // g_v - g_a
     const float g = fast_exp(lp) * (d - spread) * grad_scale;   // P~_v (d_v - D) / (M T)
-    grad[v] = lp == kNegInf ? 0.0f : g;                         // P_v = 0: no gradient
+    grad[v] = lp == kNegInf && !nan_row ? 0.0f : g;             // P_v = 0: no gradient
   }
 }
 
@@ -451,6 +453,7 @@ static void run(const Problem& p, int threads) {
           rows[slot].spread = float(spread);
           rows[slot].grad_scale = float(p.inv_temperature / mass);
           kl = (rows[slot].centre_g - std::log(mass)) + spread;
+          if (std::isnan(kl)) rows[slot].spread = std::numeric_limits<float>::quiet_NaN();  // (NaN gradient)
         }
         rows[slot].loss = float(kl);
         // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.

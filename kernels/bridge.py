@@ -372,9 +372,11 @@ def _bridge_kernel(
                 d, _ = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
                 p = tl.exp2(log2p)
                 # P (g - loss) / T = P~ (d - D) / (M T); 0 where P = 0, and in a row whose loss is
-                # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf)
+                # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf); NaN in
+                # a row whose loss is NaN, where P = 0 too (the reference's autograd gives NaN there)
                 g = tl.where(p == 0.0, 0.0, p * (d - spread)) * grad_scale
                 g = tl.where(loss == float("inf"), 0.0, g)
+                g = tl.where(loss != loss, float("nan"), g)
                 tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
     else:
         # ---- an ignored row: loss 0, gradient 0 ----

@@ -214,14 +214,19 @@ def test_row_without_a_distribution_gives_nan(target, direction):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_nan_or_inf_input_gives_a_nan_loss(target, direction):
     """A NaN or +inf logit (student or teacher) makes its row's loss NaN in every backend and in
-    the reference (whose 0 log 0 = 0 guard must not read NaN as an empty entry), never 0."""
+    the reference (whose 0 log 0 = 0 guard must not read NaN as an empty entry), never 0, and
+    its whole gradient row NaN, as the reference's autograd: entries the student masks too (the
+    reverse kernels gave them 0, and a teacher's +inf gave +-inf elsewhere in its row)."""
     _, device = target
-    student, teacher = torch.randn(4, 9), torch.randn(4, 9)
-    student[0, 3], teacher[1, 5], student[2, 0] = float("nan"), float("nan"), float("inf")
-    loss = fp.bridge_loss(student.to(device), teacher.to(device), beta=0.5, direction=direction, reduction="none")
-    want = reference.bridge_loss(student.double(), teacher.double(), beta=0.5, direction=direction, reduction="none")
-    assert loss[:3].isnan().all() and want[:3].isnan().all()
-    torch.testing.assert_close(loss[3:].cpu().double(), want[3:], rtol=RTOL, atol=ATOL)
+    student, teacher = torch.randn(6, 9), torch.randn(6, 9)
+    student[0, 3], teacher[1, 5], student[2, 0], teacher[3, 2] = float("nan"), float("nan"), float("inf"), float("inf")
+    student[1, 1] = student[3, 4] = student[5, 6] = float("-inf")  # masked entries, in NaN rows and in a finite one
+    loss, grad = run(student.to(device), teacher.to(device), beta=0.5, direction=direction, reduction="none")
+    want, want_grad = expected(student, teacher, beta=0.5, direction=direction, reduction="none")
+    assert loss[:4].isnan().all() and want[:4].isnan().all()
+    assert grad[:4].isnan().all() and want_grad[:4].isnan().all()
+    torch.testing.assert_close(loss[4:].cpu().double(), want[4:], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad[4:].cpu().double(), want_grad[4:], rtol=RTOL, atol=ATOL)
 
 
 def test_extreme_logits(target):
