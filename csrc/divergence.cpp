@@ -241,8 +241,10 @@ static void write_token(const Problem& p, int64_t n, int64_t ranges, const doubl
   // JSD >= 0 exactly (log-sum inequality per v), and so is a shard's share of it (a sum of
   // the same non-negative terms); log q (from the lse) and log m (fast_log) round
   // differently, which can leave -1e-7 where the JSD is 0 (K = 1, equal drafts).
-  // std::max keeps a NaN.
-  const double jsd = std::max(total(kJsd), 0.0), kl_mt = total(kKlMt);
+  // std::max keeps a NaN. KL(m || p) >= 0 over the whole vocabulary, rounded alike (equal
+  // distributions: -3e-7); a shard's share (lse_in) is not a sum of non-negative terms.
+  const double jsd = std::max(total(kJsd), 0.0);
+  const double kl_mt = p.lse_in == nullptr ? std::max(total(kKlMt), 0.0) : total(kKlMt);
   auto stat = [&](int64_t row) -> float& { return p.stats[row * p.N + n]; };
   stat(0) = float(jsd);
   stat(1) = p.has_target() ? float(kl_mt) : 0.0f;

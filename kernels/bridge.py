@@ -356,6 +356,9 @@ def _bridge_kernel(
             grad_scale = ((zero + inv_temperature) / mass_sum).to(tl.float32)  # 1 / (M T)
         else:
             loss = tl.sum(acc, axis=0) * _LN2
+        # KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions): clamped as the
+        # C++ kernel does (NaN passes through)
+        loss = tl.where(loss < 0, 0.0, loss)
         tl.store(loss_ptr + n, loss)
         if HAS_GRAD and not REVERSE:
             if loss == float("inf"):  # (a constant +inf: no gradient)

@@ -312,6 +312,8 @@ def _divergence_kernel(
     tl.store(stats_ptr + 3 * N64 + token, -_total(hm_acc) * _LN2)  # H(m)
     if HAS_TARGET:
         kl = _total(kl_acc)
+        if not LSE_GIVEN:  # KL >= 0 over the whole vocabulary (a shard's share may be < 0), clamped alike
+            kl = tl.where(kl < 0, 0.0, kl)
         tl.store(stats_ptr + 1 * N64 + token, kl)  # KL(m || p)
         tl.store(stats_ptr + 2 * N64 + token, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)
         tl.store(stats_ptr + 4 * N64 + token, -_total(hp_acc) * _LN2)  # H(p)

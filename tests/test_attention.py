@@ -470,6 +470,51 @@ def test_out_is_a_view_of_the_transformers_layout(target):
     assert out.shape == (1, 4, 9, 16) and out.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("num_queries, num_keys, window", [(1, 200, 71), (256, 256, 127), (64, 256, 128)])
+def test_key_at_the_window_distance_starting_a_block(target, num_queries, num_keys, window):
+    """The key at distance exactly `window` (j = p - window) is outside the window even where it
+    is the first key of a 64-key block wholly before the query: a block classed as all inside
+    the window by >= instead of > let it into the softmax (out 2.65 off in the decode case)."""
+    _, device = target
+    if is_interpreter(target) and num_queries > 64:
+        pytest.skip("a long prefill under the interpreter")
+    q, k, v = random_qkv(1, 2, 1, num_queries, num_keys, 16, torch.float32, device)
+    k[:, :, num_keys - 1 - window] *= 8  # that key would dominate any query it reached
+    assert_matches(fp.sink_attention(q, k, v, window=window), expected(q, k, v, window=window), torch.float32,
+                   False, False, **score_tolerance(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sink_logit_in_the_inputs_dtype(target, dtype):
+    """A 16-bit model (gpt-oss in bfloat16) passes its sink logits in its own dtype: the same
+    result as the same values in float32 (the kernels read float32 sink logits)."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 6, 6, 16, dtype, device)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=dtype, device=device)
+    got, want = fp.sink_attention(q, k, v, sink_logit=sinks), fp.sink_attention(q, k, v, sink_logit=sinks.float())
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+    assert torch.equal(got.sink_mass, want.sink_mass)
+
+
+def test_pruned_heads_while_decoding_over_split_keys(target):
+    """A pruned head of a decoding step over a long cache with few key-value heads (the C++
+    kernel splits the keys across threads there) writes out 0, lse -inf and statistics 0 like any
+    pruned head (poisoned outputs: NaN where a path left them)."""
+    _, device = target
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = random_qkv(1, 4, 1, 1, 1024, 64, torch.float32, device)
+        heads = torch.tensor([True, False, True, True], device=device)
+        groups = torch.zeros(1, 1024, dtype=torch.long, device=device)
+        options = dict(head_mask=heads, key_groups=groups, num_groups=1)
+        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches(result, expected(q, k, v, **options), torch.float32, True, True, **score_tolerance(q, k, v))
+    assert (result.out[:, 1] == 0).all() and (result.lse[:, 1] == float("-inf")).all()
+
+
 def test_inputs_untouched_and_outputs_fresh(target):
     _, device = target
     q, k, v = random_qkv(2, 4, 2, 11, 11, 16, torch.float32, device)

@@ -229,6 +229,30 @@ def test_nan_or_inf_input_gives_a_nan_loss(target, direction):
     torch.testing.assert_close(grad[4:].cpu().double(), want_grad[4:], rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_equal_distributions_give_no_negative_loss(target, direction):
+    """A student equal to its teacher (beta = 0: Q = P_S): every row's loss is >= 0 and about 0,
+    never the -2e-7 to -5e-7 that rounding leaves without the clamp at 0."""
+    _, device = target
+    student = (torch.randn(600, 1000) * 4).to(device)
+    rows = fp.bridge_loss(student, student.clone(), beta=0.0, direction=direction, reduction="none")
+    assert (rows >= 0).all() and (rows <= 1e-5).all()
+
+
+def test_labels_of_any_integer_dtype(target):
+    """int32 (or uint8) labels give the int64 labels' loss and gradient, bit for bit."""
+    _, device = target
+    student, teacher = torch.randn(7, 33, device=device), torch.randn(7, 33, device=device)
+    labels = torch.tensor([3, -100, 5, 0, -100, 1, 2], device=device)
+    want = run(student, teacher, beta=0.5, labels=labels)
+    for dtype in (torch.int32, torch.int16):
+        got = run(student, teacher, beta=0.5, labels=labels.to(dtype))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    kept = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.uint8, device=device) * 7
+    got = run(student, teacher, beta=0.5, labels=kept, ignore_index=0)
+    assert torch.equal(got[1][1], torch.zeros(33, device=device)) and got[1][0].abs().sum() > 0
+
+
 def test_extreme_logits(target):
     """Logits of magnitude 1e4: no overflow or NaN, and results as accurate as float32 allows."""
     _, device = target

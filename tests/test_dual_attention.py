@@ -336,6 +336,32 @@ def test_orthogonalization_of_extreme_values(target, path, kept_scale, dropped_s
                        torch.float32)
 
 
+@pytest.mark.parametrize("eps", [0.5, 3.0])
+def test_a_large_eps_enters_the_projection(target, eps):
+    """u = o_uncond / (||o_uncond|| + eps): an eps of the size of ||o_uncond|| changes out (the
+    default 1e-6 hides a kernel that drops it: 0.51 off at eps = 0.5)."""
+    _, device = target
+    q, k, v = random_qkv(1, 2, 2, 4, 12, 16, torch.float32, device)
+    drop = torch.zeros(1, 12, dtype=torch.bool, device=device)
+    drop[:, 3:8] = True
+    options = dict(gamma=2.0, eps=eps, rows="all")
+    got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+    assert_paths_match(got, expected(q, k, v, drop, **options), torch.float32, options)
+
+
+@pytest.mark.parametrize("num_queries, num_keys, window", [(1, 200, 71), (64, 256, 128)])
+def test_key_at_the_window_distance_starting_a_block(target, num_queries, num_keys, window):
+    """As for sink_attention: the key at distance exactly `window`, first of a 64-key block wholly
+    before the query, is outside the window on both paths."""
+    _, device = target
+    q, k, v = random_qkv(1, 2, 1, num_queries, num_keys, 16, torch.float32, device)
+    k[:, :, num_keys - 1 - window] *= 8
+    drop = image_keys(1, num_keys, device)
+    options = dict(gamma=0.7, rows="all", window=window)
+    got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+    assert_paths_match(got, expected(q, k, v, drop, **options), torch.float32, options)
+
+
 def test_inputs_untouched_and_single_output(target):
     _, device = target
     q, k, v = random_qkv(2, 4, 2, 7, 7, 16, torch.float32, device)

@@ -428,6 +428,7 @@ def draft_divergence_sharded(
         shares = torch.zeros((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft, target),
                              device=draft.device)
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
-    if has_target:
+    if has_target:  # (KL >= 0 over the whole vocabulary: rounding clamped as the unsharded kernels do)
+        shares[KL_MIXTURE_TARGET].clamp_(min=0)  # (keeps NaN)
         shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
     return _result(_check_lse(shares, lse, has_target, mixture_weights), has_target)
