@@ -270,13 +270,19 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (columns * (attention_mask != 0)).argmax(-1)
 
 
+def iterates_keys(value) -> bool:
+    """Whether iterating `value` gives its keys, not its entries: a dict, a pandas DataFrame (its
+    column names)."""
+    return isinstance(value, Mapping) or hasattr(value, "columns")
+
+
 def as_texts(texts, name: str = "texts") -> list[str]:
     """texts as a non-empty list of strings (one string: a list of one), else a TypeError or
     ValueError naming them."""
     if isinstance(texts, str):
         return [texts]
-    if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Iterable) or hasattr(texts, "columns"):
-        # (a dict or a pandas DataFrame iterates its keys: a table's column, df["text"], is a list of texts)
+    if isinstance(texts, bytes) or iterates_keys(texts) or not isinstance(texts, Iterable):
+        # (a table's column, df["text"], is a list of texts)
         raise TypeError(f"{name} must be a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:

@@ -31,15 +31,15 @@ import numbers
 import operator
 import string
 import unicodedata
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, _variant_forms, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, on_model, output_cache,
-    pad_or_eos, position_offset, require_pandas, text_batches,
+    as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, iterates_keys, on_model,
+    output_cache, pad_or_eos, position_offset, require_pandas, text_batches,
 )
 
 __all__ = [
@@ -331,7 +331,7 @@ class _Answer:
 
 def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_tokens):
     prompts = as_texts(prompts, "prompts")
-    if isinstance(answers, Mapping) or hasattr(answers, "columns"):  # (a dict or DataFrame iterates its keys)
+    if iterates_keys(answers):
         raise TypeError(f"answers must be a list with one answer (an alias or a list of aliases) per prompt, got "
                         f"{type(answers).__name__} (ConceptSet.from_answers is the one that takes a mapping)")
     answers = [answers] if isinstance(answers, str) else list(answers)
