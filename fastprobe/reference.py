@@ -101,7 +101,13 @@ def draft_divergence(
     w = _mixture_weights(weights, draft_logits.shape[0], dtype, draft_logits.device)
     log_q = torch.log_softmax(draft_logits.to(dtype) / temperature, dim=-1)  # [K, N, V]
     log_p = None if target_logits is None else torch.log_softmax(target_logits.to(dtype) / temperature, dim=-1)
-    return _divergence_sums(log_q, w, log_p)
+    sums = _divergence_sums(log_q, w, log_p)
+    # the divergences are >= 0; their sums of terms of either sign may round below (-2e-7 in
+    # float32 for a target equal to the drafts): clamped, as the kernels do (NaN stays NaN)
+    for name in ("jsd", "kl_mixture_target", "epistemic"):
+        if sums[name] is not None:
+            sums[name] = sums[name].clamp_min(0.0)
+    return sums
 
 
 def draft_divergence_shares(

@@ -339,6 +339,16 @@ def test_equal_drafts_have_no_disagreement(target):
         assert (result.epistemic >= 0).all() and (result.kl_mixture_target >= 0).all()
 
 
+def test_the_reference_clamps_its_divergences_at_0():
+    """The reference backend on float32 input clamps as the kernels do: a target equal to the
+    drafts gave KL(m || p) = -2e-7 there."""
+    one = torch.randn(1, 300, 1000) * 3
+    with fp.use_backend("reference"):
+        result = fp.draft_divergence(one.expand(3, -1, -1).contiguous(), one[0])
+    for name in ("jsd", "kl_mixture_target", "epistemic"):
+        assert (getattr(result, name) >= 0).all(), name
+
+
 def test_the_op_without_a_target_writes_its_lse_row_as_0():
     """torch.ops.fastprobe.draft_divergence without a target returns lse [K + 1, N] whose row K
     (the target's) is 0, as its C++ binding documents (poisoned first: NaN if left)."""
