@@ -61,6 +61,7 @@ embedding). Padding needs nothing more: padded keys are out of the key padding m
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -1893,8 +1894,9 @@ class AttentionRecord:
         heads = torch.tensor([width if heads is None else heads for heads in self._head_counts], dtype=torch.long)
         return torch.arange(width) < heads.view(-1, 1)
 
-    def __getstate__(self) -> dict:  # (copy.deepcopy of a record: a snapshot)
-        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+    def __getstate__(self) -> dict:  # (copy.deepcopy or pickle of a record: a snapshot, copied whole
+        with self._held():  # while no forward adds to it)
+            return copy.deepcopy({name: value for name, value in self.__dict__.items() if name != "_lock"})
 
     def __setstate__(self, attributes: dict) -> None:
         self.__dict__.update(attributes)
@@ -1982,11 +1984,13 @@ class AttentionRecord:
         if group_mass is not None:  # (without group G of decoded tokens past the given ones)
             group_mass = group_mass[..., :self._key_groups.num_groups]
         found = {"sink_mass": sink_mass, "group_mass": group_mass, "entropy": result.entropy}
-        if is_compiling():  # (a traced forward: the graph adds them)
+        with self._held():  # forwards of several threads may add at once (in-place sums)
             self._accumulate(layer, found, weight, real_queries, batch, num_queries)
-        else:
-            with self._lock:  # forwards of several threads may add at once (in-place sums)
-                self._accumulate(layer, found, weight, real_queries, batch, num_queries)
+
+    def _held(self):
+        """The record's lock, for adding to the sums or reading them whole (a reader never sees one
+        call's sums without its query count); none in a traced forward (the graph adds them)."""
+        return contextlib.nullcontext() if is_compiling() else self._lock
 
     def _accumulate(self, layer: int, found: dict, weight: Optional[torch.Tensor], real_queries, batch: int,
                     num_queries: int) -> None:
@@ -2054,17 +2058,18 @@ class AttentionRecord:
     def _mean(self, name: str) -> Optional[torch.Tensor]:
         if self._calls == 0:  # (not the device counts: a bool of them would wait for the GPU)
             raise RuntimeError("nothing was recorded: run the model inside `with fastprobe.record_attention(model)`")
-        table = self._sums.get(name)
-        if table is None or name not in self.statistics:
-            return None
-        counts = self._counts_on(table.device, table.dtype, int(name == "group_mass"))
-        counts = counts.view(-1, *([1] * (table.dim() - 1)))
-        mean = torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
-        if any(heads is not None and heads < table.shape[1] for heads in self._head_counts):  # (on the host)
-            has_head = self._has_head(table.shape[1])  # (layers with fewer heads than the widest)
-            missing = ~has_head.view(*has_head.shape, *([1] * (table.dim() - 2)))
-            mean = mean.masked_fill(missing.to(mean.device, non_blocking=True), float("nan"))
-        return mean
+        with self._held():
+            table = self._sums.get(name)
+            if table is None or name not in self.statistics:
+                return None
+            counts = self._counts_on(table.device, table.dtype, int(name == "group_mass"))
+            counts = counts.view(-1, *([1] * (table.dim() - 1)))
+            mean = torch.where(counts > 0, table / counts.clamp(min=1), torch.full_like(table, float("nan")))
+            if any(heads is not None and heads < table.shape[1] for heads in self._head_counts):  # (on the host)
+                has_head = self._has_head(table.shape[1])  # (layers with fewer heads than the widest)
+                missing = ~has_head.view(*has_head.shape, *([1] * (table.dim() - 2)))
+                mean = mean.masked_fill(missing.to(mean.device, non_blocking=True), float("nan"))
+            return mean
 
     @property
     def sink_mass(self) -> torch.Tensor:
@@ -2090,7 +2095,8 @@ class AttentionRecord:
 
     @property
     def num_queries(self) -> torch.Tensor:
-        return self._counts_on(self._counts.device, self._counts.dtype)
+        with self._held():
+            return self._counts_on(self._counts.device, self._counts.dtype)
 
 
 @contextlib.contextmanager
@@ -2121,26 +2127,36 @@ def record_attention(
     no longer match (refused).
     """
     chosen = None if statistics is None else _check_statistics(statistics, "statistics")
-    temporary = not is_patched(model)
-    if temporary:
-        patch(model)
-    try:  # (a model patched for the block is unpatched whatever fails, the checks below included)
-        state = getattr(model, _STATE)
-        if state.recorder is not None:
-            raise RuntimeError("record_attention is already active on this model")
-        chosen = state.options.record if chosen is None else chosen
-        if key_groups is not None and "group_mass" not in chosen:
-            chosen = chosen + ("group_mass",)
-        parameter = next(model.parameters(), None)
-        dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
-        record = AttentionRecord(len(state.layers), layer_heads(state.layers), chosen,
-                                 device=None if parameter is None else parameter.device, dtype=dtype,
-                                 key_groups=key_groups, num_groups=num_groups)
-        state.recorder = record
-        try:
-            yield record
-        finally:
-            state.recorder = None
-    finally:
+    with _RECORDERS:
+        temporary = not is_patched(model)
         if temporary:
-            unpatch(model)
+            patch(model)
+        try:  # (a model patched for the block is unpatched whatever fails, the checks below included)
+            state = getattr(model, _STATE)
+            if state.recorder is not None:
+                raise RuntimeError("record_attention is already active on this model")
+            chosen = state.options.record if chosen is None else chosen
+            if key_groups is not None and "group_mass" not in chosen:
+                chosen = chosen + ("group_mass",)
+            parameter = next(model.parameters(), None)
+            dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
+            record = AttentionRecord(len(state.layers), layer_heads(state.layers), chosen,
+                                     device=None if parameter is None else parameter.device, dtype=dtype,
+                                     key_groups=key_groups, num_groups=num_groups)
+            state.recorder = record
+        except BaseException:
+            if temporary:
+                unpatch(model)
+            raise
+    try:
+        yield record
+    finally:
+        with _RECORDERS:
+            state.recorder = None
+            if temporary:
+                unpatch(model)
+
+
+# Held while record_attention sets or clears a model's recorder (and patches or unpatches it for
+# the block): two threads entering on one model at once would both see no recorder and both record.
+_RECORDERS = threading.Lock()
