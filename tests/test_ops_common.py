@@ -3,6 +3,7 @@ custom op's body directly, everything that needs torch's dispatcher (autograd, d
 function modes, fake / meta tensors, torch.compile) goes through the registered op, and both
 give the same results."""
 
+import contextlib
 import os
 
 import pytest
@@ -344,20 +345,72 @@ def test_fake_tensor_mode_propagates_shapes_past_host_checks():
         assert fp.concept_mass(torch.randn(3, 11), _concepts()).mass.shape == (3, 3)
 
 
+# Contexts in which eager autograd runs as it does outside them (not tracing)
+EAGER_CONTEXTS = {
+    "plain": contextlib.nullcontext,
+    "dispatch mode": OpLog,  # (FlopCounterMode, a logging mode)
+    "function mode": lambda: NoOpFunctionMode(),
+    "forward-AD level": torch.autograd.forward_ad.dual_level,
+}
+
+
+@pytest.mark.parametrize("context", EAGER_CONTEXTS)
 @pytest.mark.parametrize("fused", [False, True])
-def test_double_backward_through_bridge_loss_is_refused(fused):
-    """Its gradients are formed in the forward: a second derivative through them would be 0."""
+def test_double_backward_through_bridge_loss_is_refused(fused, context):
+    """Its gradients are formed in the forward: a second derivative through them would be 0. Refused
+    under a dispatch mode or a forward-AD level too (there it once ran, the bridge's Hessian taken
+    as 0: a gradient penalty 0.83 off)."""
     student, teacher = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9)
-    if fused:
-        weight = torch.randn(9, 5)
-        loss = fp.FusedLinearBridgeLoss(beta=0.5)(student[:, :5], weight.requires_grad_(), teacher[:, :5], weight)
-        name = "FusedLinearBridgeLoss"
-    else:
-        loss, name = fp.bridge_loss(student, teacher, beta=0.5), "bridge_loss"
-    with pytest.raises(RuntimeError, match=f"fastprobe.{name} has no second derivative"):
-        torch.autograd.grad(loss, student, create_graph=True)
-    (grad,) = torch.autograd.grad(loss, student)  # first order alone: fine
-    assert grad.abs().sum() > 0
+    with EAGER_CONTEXTS[context]():
+        if fused:
+            weight = torch.randn(9, 5)
+            loss = fp.FusedLinearBridgeLoss(beta=0.5)(student[:, :5], weight.requires_grad_(), teacher[:, :5], weight)
+            name = "FusedLinearBridgeLoss"
+        else:
+            loss, name = fp.bridge_loss(student, teacher, beta=0.5), "bridge_loss"
+        with pytest.raises(RuntimeError, match=f"fastprobe.{name} has no second derivative"):
+            torch.autograd.grad(loss, student, create_graph=True)
+        (grad,) = torch.autograd.grad(loss, student, retain_graph=True)  # first order alone: fine
+        (again,) = torch.autograd.grad(loss, student)  # (and again through the kept graph)
+    assert grad.abs().sum() > 0 and torch.equal(grad, again)
+
+
+@pytest.mark.parametrize("context", EAGER_CONTEXTS)
+def test_a_second_derivative_through_concept_mass_is_refused_by_name(context):
+    """Its gradient under create_graph=True is right; a backward through that gradient raises,
+    naming the op (torch's own message pointed at register_autograd)."""
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    with EAGER_CONTEXTS[context]():
+        (grad,) = torch.autograd.grad(fp.concept_mass(logits, _concepts()).log_mass.sum(), logits, create_graph=True)
+        with pytest.raises(RuntimeError, match="fastprobe.concept_mass has no second derivative"):
+            torch.autograd.grad(grad.pow(2).sum(), logits)
+    ids, offsets = torch.tensor([1, 4, 2, 0, 3, 5]), torch.tensor([0, 2, 3, 6])  # (_concepts())
+    (want,) = torch.autograd.grad(fp.reference.concept_mass(logits, ids, offsets)["log_mass"].sum(), logits)
+    torch.testing.assert_close(grad.detach(), want)
+
+
+def test_fused_linear_bridge_loss_refuses_torch_func_by_name():
+    """Its gradients are formed in the forward, outside functorch's view: vmap and grad failed with
+    torch's message about setup_context; refused naming the module and what works instead."""
+    loss_fn, weight = fp.FusedLinearBridgeLoss(beta=0.5), torch.randn(11, 6, requires_grad=True)
+    hidden, teacher = torch.randn(2, 4, 6), torch.randn(4, 6)
+    for transform in (lambda: torch.func.vmap(lambda h: loss_fn(h, weight, teacher, weight.detach()))(hidden),
+                      lambda: torch.func.grad(lambda w: loss_fn(hidden[0], w, teacher, w.detach()))(weight.detach())):
+        with pytest.raises(NotImplementedError, match="FusedLinearBridgeLoss does not run under torch.func"):
+            transform()
+
+
+def test_a_concept_set_made_under_inference_mode_serves_gradients():
+    """A ConceptSet built (or moved) under torch.inference_mode, e.g. cached in an evaluation loop,
+    then used on logits that require grad: its index tensors are saved for the backward, which
+    torch refuses for inference tensors (the error named none of fastprobe's objects)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    with torch.inference_mode():
+        made = [_concepts().to(device) for device in devices]
+    for concepts, device in zip(made, devices):
+        logits = torch.randn(3, 7, device=device, requires_grad=True)
+        fp.concept_mass(logits, concepts).log_mass.sum().backward()
+        assert logits.grad.abs().sum() > 0
 
 
 def test_environment_variables_are_read_on_every_call(monkeypatch):

@@ -331,16 +331,27 @@ def runs_plain(values) -> bool:
     return True
 
 
+def tracing() -> bool:
+    """True while torch.compile / AOTAutograd / make_fx / jit traces (a proxy or fake dispatch mode
+    is active), as opposed to any user dispatch or function mode, forward-AD level or vmap."""
+    if is_compiling() or torch.jit.is_tracing():
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(key) is not None for key in (keys.PROXY, keys.FAKE))
+
+
+def no_second_derivative(op: str) -> str:
+    return (f"fastprobe.{op} has no second derivative: backward with create_graph=True (double backward, "
+            "gradient penalties) is not supported through it")
+
+
 def refuse_double_backward(op: str) -> None:
     """In a backward that returns gradients formed in the forward (no graph links them back to the
     inputs): a RuntimeError naming the op under create_graph=True (grad mode on in the backward),
     where a second derivative through them would silently be 0. Eager only: tracing (a dispatch
     mode) passes."""
-    if torch.is_grad_enabled() and plain_mode():
-        raise RuntimeError(
-            f"fastprobe.{op} has no second derivative: backward with create_graph=True (double backward, "
-            "gradient penalties) is not supported through it"
-        )
+    if torch.is_grad_enabled() and not tracing():
+        raise RuntimeError(no_second_derivative(op))
 
 
 def graph_kept() -> Optional[bool]:
@@ -349,7 +360,7 @@ def graph_kept() -> Optional[bool]:
     that cannot be known: while tracing or compiling, and on torch without the query (2.4).
     (Outside a backward torch answers True.)"""
     query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return None if query is None or not plain_mode() else bool(query())
+    return None if query is None or tracing() else bool(query())
 
 
 _NOT_TENSORS = frozenset((int, float, bool, str, type(None)))  # (skips the isinstance of most arguments)
@@ -410,8 +421,13 @@ def register_forward_only(op, name: str, why: str = "", inputs: str = "its input
     backward runs, not when one is traced: torch.compile traces the backward of a forward whose
     inputs require grad (a model in eval mode with trainable weights) and must not fail there, so
     a traced backward returns gradients of the refusing op above in place of the inputs'."""
-    message = (f"fastprobe.{name} is forward-only{why}: training through it is not supported yet. "
-               f"Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}.")
+    register_refusing_backward(op, f"fastprobe.{name} is forward-only{why}: training through it is not supported "
+                                   f"yet. Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}.")
+
+
+def register_refusing_backward(op, message: str) -> None:
+    """Autograd for a custom op whose backward raises `message` when it runs (see
+    register_forward_only)."""
 
     def setup_context(ctx, inputs, output):
         ctx.inputs = [(value.shape, value.dtype, value.device) if isinstance(value, torch.Tensor) else None

@@ -598,6 +598,11 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, step: Optional[int] = None) -> torch.Tensor:
+        if torch._C._are_functorch_transforms_active():  # (its gradients are formed in the forward, per chunk)
+            raise NotImplementedError(
+                "FusedLinearBridgeLoss does not run under torch.func transforms (vmap, grad, jacrev, ...); "
+                "bridge_loss on the logits does (vmap of a loss, then backward)"
+            )
         hidden = check_tensor(student_hidden, "student_hidden", 2, "[N, Hs]")
         weight = check_tensor(student_weight, "student_weight", 2, "[V, Hs]")
         t_hidden = check_tensor(teacher_hidden, "teacher_hidden", 2, "[N, Ht]")

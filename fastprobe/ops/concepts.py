@@ -42,8 +42,10 @@ from ._common import (
     custom_op,
     nan_where_not_finite,
     new_output,
+    no_second_derivative,
     on_device,
     output_dtype,
+    register_refusing_backward,
     skips_host_checks,
 )
 
@@ -176,7 +178,8 @@ class ConceptSet:
 
         self.max_id = int(ids.max())  # a Python int, so the vocabulary check needs no host sync
         arrays = (ids, offs, *_transpose(ids, concept_of))
-        self._index = _Index(*(torch.from_numpy(a).to(device) for a in arrays))
+        with torch.inference_mode(False):  # (normal tensors: concept_mass saves them for a backward)
+            self._index = _Index(*(torch.from_numpy(a).to(device) for a in arrays))
         self.variants: Optional[tuple[tuple[Variant, ...], ...]] = None
         self.multi_token: Optional[tuple[tuple[tuple[int, ...], ...], ...]] = None
         self.multi_token_prefixes: Optional[tuple[tuple[int, ...], ...]] = None
@@ -316,7 +319,8 @@ class ConceptSet:
             return self
         moved = object.__new__(ConceptSet)
         moved.__dict__.update(self.__dict__)
-        moved._index = _Index(*(t.to(device) for t in self._index))
+        with torch.inference_mode(False):  # (as in __init__)
+            moved._index = _Index(*(t.to(device) for t in self._index))
         return moved
 
     def __repr__(self) -> str:
@@ -659,6 +663,8 @@ def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, g
 
 
 _concept_mass_op.register_autograd(_backward, setup_context=_setup_context)
+# (the gradient is right under create_graph=True; a second backward through it raises, naming the op)
+register_refusing_backward(_concept_mass_backward_op, no_second_derivative("concept_mass"))
 
 
 def _check_concepts(concepts, logits: torch.Tensor) -> ConceptSet:
