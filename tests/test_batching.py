@@ -52,6 +52,23 @@ def test_generate_settings_fold_into_a_copy_of_a_passed_generation_config():
     assert generate_settings(model, 7, {}, max_new_tokens=2) == {"max_new_tokens": 2}
 
 
+def test_eval_mode_gives_a_model_its_mode_back_through_its_own_train():
+    """A model whose train() does more than set flags (transformers' use_kernels models pick their
+    hub kernels' training or inference forms there) gets train(True) back, not the flags alone
+    (its kernels stayed in inference form)."""
+    from fastprobe.methods._batching import eval_mode
+
+    class Moded(torch.nn.Sequential):
+        def train(self, mode: bool = True):
+            self.mode = "training" if mode else "inference"
+            return super().train(mode)
+
+    model = Moded(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    with eval_mode(model):
+        assert model.mode == "inference"
+    assert model.mode == "training" and all(module.training for module in model.modules())
+
+
 def test_eval_mode_turns_dropout_off_and_gives_every_module_its_flag_back():
     """eval_mode(*models): every module of the models in eval mode inside the block, and each
     module's own training flag back afterwards (mixed flags too: model.train(flag) on the model

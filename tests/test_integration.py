@@ -2041,6 +2041,32 @@ def test_patched_with_restores_options_and_names_a_wrong_one():
     assert not is_patched(model)
 
 
+def test_options_changed_inside_a_temporary_patch_are_kept():
+    """record_attention / patched_with on an unpatched model patch it for the block; a prune or a
+    patch() inside the block (the model's options changed there) stays after it, rather than being
+    dropped with the temporary patch (the handle still said active, the heads ran unpruned). Left
+    unchanged, the model is unpatched as before."""
+    from fastprobe.integrations import patched_with
+    from fastprobe.methods import sinks
+
+    ids, mask = inputs()
+    for block in (lambda model: fp.record_attention(model), lambda model: patched_with(model, stat_tokens=2)):
+        model = tiny_model("llama")
+        with block(model):
+            handle = sinks.prune_heads(model, [(0, 1)])
+        assert handle.active and is_patched(model) and patch_options(model).head_mask[0].tolist() == [
+            True, False, True, True]
+        assert patch_options(model).stat_tokens == 1  # (patched_with's own change undone)
+        handle.restore()
+        with block(model):
+            fp.patch(model, num_sink=2)
+        assert is_patched(model) and patch_options(model).num_sink == 2
+        fp.unpatch(model)
+        with block(model):
+            outputs(model, ids, mask)
+        assert not is_patched(model)
+
+
 def test_recording_pruned_heads_reads_zero():
     model = fp.patch(tiny_model("llama"), head_mask={0: [True, False, True, True]})
     ids, mask = inputs()

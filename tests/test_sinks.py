@@ -246,6 +246,35 @@ def test_prune_on_a_patched_model_keeps_its_options(tokenizer):
             (before.window, before.num_sink, before.stat_tokens, before.record, before.guidance)
 
 
+def test_a_pruned_model_converted_copied_or_saved_restores_its_own_heads(tokenizer, tmp_path):
+    """The handles hold parameter names, not views or closures: restore after model.to(dtype)
+    puts the columns back (it copied into the old tensor: the head stayed zeroed); restore_heads
+    on a deep copy restores the copy, not the original (the copy's handles undid the original's
+    pruning); a pruned model pickles (torch.save raised on a local function)."""
+    import copy
+
+    model = planted_model(tokenizer)
+    columns = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    handle = sinks.prune_heads(model, [(0, 1)], mode="zero_o_proj")
+    model.to(torch.bfloat16)
+    handle.restore()
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, columns.to(torch.bfloat16))
+    for mode in ("mask", "zero_o_proj"):
+        model = planted_model(tokenizer)
+        base, real = logits(model, tokenizer)
+        sinks.prune_heads(model, [(0, 1), (2, 3)], mode=mode)
+        pruned, _ = logits(model, tokenizer)
+        torch.save(model, tmp_path / f"{mode}.pt")
+        loaded = torch.load(tmp_path / f"{mode}.pt", weights_only=False)
+        twin = copy.deepcopy(model)
+        for other in (twin, loaded):
+            sinks.restore_heads(other)
+            assert torch.equal(logits(other, tokenizer)[0], base) and not is_patched(other)
+            assert torch.equal(logits(model, tokenizer)[0], pruned), mode  # (the original still pruned)
+        sinks.restore_heads(model)
+        assert torch.equal(logits(model, tokenizer)[0], base) and not is_patched(model)
+
+
 def test_restore_after_unpatch_does_not_repatch(tokenizer):
     model = fp.patch(planted_model(tokenizer))
     handle = sinks.prune_heads(model, [(0, 1)])

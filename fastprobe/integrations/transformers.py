@@ -1579,7 +1579,9 @@ def update_patch(model, **changes):
 def patched_with(model, **changes) -> Iterator[Any]:
     """Context manager: the model runs with `changes` to its patch options inside the block
     (update_patch) and gets the previous values back afterwards (unless the block unpatched it);
-    a model that was not patched is patched with them and unpatched afterwards. Yields the model.
+    a model that was not patched is patched with them and unpatched afterwards, unless its options
+    were changed inside the block (prune_heads, patch): then it stays patched with those, less the
+    block's own changes. Yields the model.
     Options belong to the model, not to a thread: blocks of several threads on one model that
     overlap without nesting leave it with the options of whichever exits last."""
     unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(PatchOptions)})
@@ -1588,10 +1590,15 @@ def patched_with(model, **changes) -> Iterator[Any]:
                         f"(see fastprobe.integrations.PatchOptions)")
     if not is_patched(model):
         patch(model, **changes)
+        options = patch_options(model)
         try:
             yield model
         finally:
-            unpatch(model)
+            if is_patched(model):
+                if patch_options(model) is options:
+                    unpatch(model)
+                else:  # (options changed inside the block, a prune_heads: kept, the block's own undone)
+                    update_patch(model, **{name: getattr(PatchOptions(), name) for name in changes})
         return
     previous = {name: getattr(patch_options(model), name) for name in changes}
     update_patch(model, **changes)
@@ -2116,7 +2123,8 @@ def record_attention(
     statistics defaults to the model's patch option `record` ("sink_mass"); "group_mass" also
     needs key_groups ([B, L] integer ids, the group of each token position; tokens generated past
     them are in none, see AttentionRecord), "entropy" asks the kernel for it. A model that is not
-    patched is patched (no options) for the duration of the block.
+    patched is patched (no options) for the duration of the block, and stays patched if its options
+    were changed inside it (prune_heads, patch), rather than losing them.
 
     Every forward pass of the model while the block is open counts, whichever thread runs it
     (generate in a streamer's thread included): keep other threads' passes off the model while
@@ -2144,6 +2152,7 @@ def record_attention(
                                      device=None if parameter is None else parameter.device, dtype=dtype,
                                      key_groups=key_groups, num_groups=num_groups)
             state.recorder = record
+            options = state.options
         except BaseException:
             if temporary:
                 unpatch(model)
@@ -2153,7 +2162,7 @@ def record_attention(
     finally:
         with _RECORDERS:
             state.recorder = None
-            if temporary:
+            if temporary and state.options is options:  # (else changed inside the block: kept patched)
                 unpatch(model)
 
 

@@ -64,6 +64,8 @@ def eval_mode(*models) -> Iterator[None]:
             model.eval()
         yield
     finally:
+        for model in models:  # through train(): a model's own side effects (transformers' hub kernels mode)
+            model.train(flags[id(model)][1])
         for module, training in flags.values():
             module.training = training
 

@@ -165,12 +165,31 @@ def _layer_and_head(pair) -> tuple[int, int]:
 
 
 class PrunedHeads:
-    """What prune_heads did; .restore() undoes it (handles are undone newest first)."""
+    """What prune_heads did; .restore() undoes it (handles are undone newest first). Plain data (no
+    closures): a deep copy or a pickle of the model carries handles that undo the copy's pruning, and
+    the weights are found by name when restoring (after model.to(dtype / device) too)."""
 
     def __init__(self, model, heads: list, mode: str):
         self.model, self.heads, self.mode = model, heads, mode
-        self._undo = None
+        self.patched_here = False  # mask: prune_heads patched the model (restore unpatches it)
+        self.previous_head_mask = None  # mask: the head mask before
+        self.saved: list = []  # zero_o_proj: (parameter name, axis, start, size, original columns)
         self.active = True
+
+    def _undo(self) -> None:
+        model = self.model
+        if self.mode == "mask":
+            if not is_patched(model):  # the user unpatched in between: nothing left to undo
+                return
+            if self.patched_here:
+                unpatch(model)
+            else:
+                update_patch(model, head_mask=self.previous_head_mask)
+            return
+        with torch.no_grad():
+            for name, axis, start, size, original in reversed(self.saved):
+                weight = model.get_parameter(name)
+                weight.narrow(axis, start, size).copy_(original.to(weight.device, weight.dtype))
 
     def restore(self) -> None:
         if not self.active:
@@ -217,52 +236,39 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
         if not 0 <= head < num_heads[layer]:
             raise ValueError(f"head ({layer}, {head}) is outside layer {layer}'s {num_heads[layer]} heads")
     handle = PrunedHeads(model, pairs, mode)
-    handle._undo = _prune_by_mask(model, layers, pairs, num_heads) if mode == "mask" else \
-        _prune_by_projection(model, layers, pairs, num_heads)
+    if mode == "mask":
+        _prune_by_mask(handle, model, layers, pairs, num_heads)
+    else:
+        _prune_by_projection(handle, model, layers, pairs, num_heads)
     if not hasattr(model, _PRUNED):
         setattr(model, _PRUNED, [])
     getattr(model, _PRUNED).append(handle)
     return handle
 
 
-def _prune_by_mask(model, layers: list, pairs: list, num_heads: list):
-    patched_here = not is_patched(model)
-    if patched_here:
+def _prune_by_mask(handle, model, layers: list, pairs: list, num_heads: list) -> None:
+    handle.patched_here = not is_patched(model)
+    if handle.patched_here:
         patch(model)
     previous = patch_options(model)
     masks = {layer: keep.clone() for layer, keep in previous.head_mask.items()}
     for layer, head in pairs:
         masks.setdefault(layer, torch.ones(num_heads[layer], dtype=torch.bool))[head] = False
     update_patch(model, head_mask=masks)  # (the other options, guidance among them, kept)
-
-    def undo():
-        if not is_patched(model):  # the user unpatched in between: nothing left to undo
-            return
-        if patched_here:
-            unpatch(model)
-        else:
-            update_patch(model, head_mask=previous.head_mask)
-
-    return undo
+    handle.previous_head_mask = previous.head_mask
 
 
-def _prune_by_projection(model, layers: list, pairs: list, num_heads: list):
-    saved = []  # (a head's columns, their values), all found before any is zeroed: a head that cannot be
-    with torch.no_grad():  # pruned leaves every weight as it was
+def _prune_by_projection(handle, model, layers: list, pairs: list, num_heads: list) -> None:
+    names = {id(parameter): name for name, parameter in model.named_parameters(remove_duplicate=False)}
+    saved = []  # all found before any is zeroed: a head that cannot be pruned leaves every weight as it was
+    with torch.no_grad():
         for layer, head in pairs:
             weight, axis = _output_projection(model, layers[layer])
             size = _head_width(layers[layer], num_heads[layer], weight, axis)
-            columns = weight.narrow(axis, head * size, size)
-            saved.append((columns, columns.clone()))
-        for columns, _ in saved:
-            columns.zero_()
-
-    def undo():
-        with torch.no_grad():
-            for columns, original in reversed(saved):
-                columns.copy_(original)
-
-    return undo
+            saved.append((names[id(weight)], axis, head * size, size, weight.narrow(axis, head * size, size).clone()))
+        for name, axis, start, size, _ in saved:
+            model.get_parameter(name).narrow(axis, start, size).zero_()
+    handle.saved = saved
 
 
 def restore_heads(model) -> None:
