@@ -2129,7 +2129,10 @@ def record_attention(
     Every forward pass of the model while the block is open counts, whichever thread runs it
     (generate in a streamer's thread included): keep other threads' passes off the model while
     recording if they should not be pooled in. Each pass counts whole: with assisted or
-    prompt-lookup generation, the candidate tokens the model rejects are in the record too. The
+    prompt-lookup generation, the candidate tokens the model rejects are in the record too. A pass
+    that raises part-way (an out-of-memory error caught and retried) leaves the layers it ran in the
+    record, each layer averaged over the passes it saw (num_queries says how many queries): open a
+    new block for the retry to keep the layers alike. The
     passes of torch.nn.DataParallel's replicas of the model count (they share its patch), but
     key_groups cannot follow them: each replica runs a slice of the batch, which its [B, L] rows
     no longer match (refused).
