@@ -741,6 +741,39 @@ def test_fused_linear_under_torch_compile_takes_beta_at_run_time():
     assert counter.frame_count == settled <= SCHEDULE_COMPILES  # every later beta reused the last graph
 
 
+@pytest.mark.parametrize("form", ["fused-linear", "bfloat16-rows"])
+def test_torch_compile_keeps_the_row_count_symbolic(form):
+    """Compiled with dynamic=True, a loss over batches of changing token counts is one graph: the
+    fused-linear form's chunk loop (range(0, N, chunk_rows)) and the CPU 16-bit per-row gradient's
+    chunk loop made torch.compile specialize N, a graph per count (fullgraph: an error at the
+    recompile limit)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    if form == "fused-linear":
+        loss_fn, teacher_weight = fp.FusedLinearBridgeLoss(beta=0.5), torch.randn(37, 16)
+
+        def step(student, teacher, row_weights):
+            return loss_fn(student, teacher_weight, teacher, teacher_weight)
+    else:
+        def step(student, teacher, row_weights):
+            return (fp.bridge_loss(student, teacher, beta=0.5, reduction="none") * row_weights).sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for rows in (5, 7, 9, 12, 70, 130):
+        width = 16 if form == "fused-linear" else 37
+        student = torch.randn(rows, width)
+        teacher, row_weights = torch.randn(rows, width), torch.rand(rows)
+        if form != "fused-linear":
+            student, teacher = student.bfloat16(), teacher.bfloat16()
+        got, want = student.clone().requires_grad_(), student.clone().requires_grad_()
+        compiled(got, teacher, row_weights).backward()
+        step(want, teacher, row_weights).backward()
+        torch.testing.assert_close(got.grad, want.grad)
+    assert counter.frame_count <= 2
+
+
 def test_frozen_student_gives_the_teacher_no_gradient():
     """teacher_logits take no gradient: a loss of a frozen student and a teacher that carries a
     graph has none (backward of it alone is torch's own error), and in a sum with a teacher

@@ -5,6 +5,7 @@ sinks match transformers' own masks, and what fastprobe cannot reproduce is refu
 
 import copy
 import inspect
+import sys
 import warnings
 
 import pytest
@@ -1589,6 +1590,51 @@ def test_torch_compile_of_a_patched_model(arch):
             compiled(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(compiled_record.sink_mass, eager_record.sink_mass, **TOLERANCE)
     assert compiled_record.num_queries.tolist() == eager_record.num_queries.tolist()
+
+
+@pytest.mark.skipif(TORCH_BEFORE_2_6 or sys.version_info < (3, 11),
+                    reason="fullgraph compile of transformers' models needs a recent torch; Dynamo traces "
+                           "a function's name only through its code object (Python 3.11+)")
+def test_a_fresh_patched_model_compiles_whole_and_exports(monkeypatch):
+    """A patched model compiles with fullgraph=True (its mask functions' names were read through
+    __qualname__, a graph break) on its first call (the mask pattern was evaluated on fake tensors
+    unless an eager forward had cached it), one graph over prompt lengths while recording (the
+    record's query weights were cached under the symbolic length: a graph per length), and exports
+    with a dynamic sequence length (int(q_length) fixed it at the example's)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setattr(integration, "_PATTERNS", {})  # (as in a fresh process)
+    torch._dynamo.reset()
+    reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for length in (6, 9, 12, 15):
+            ids, mask = torch.randint(3, 100, (2, length)), torch.ones(2, length, dtype=torch.long)
+            mask[0, :2] = 0
+            with fp.record_attention(model) as record:
+                got = compiled(input_ids=ids, attention_mask=mask).logits
+            assert_real_close(got, reference(input_ids=ids, attention_mask=mask).logits, mask)
+            assert record.num_queries.tolist() == [mask.sum().item()] * 2
+    assert counter.frame_count <= 2
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids, mask):
+            return self.inner(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    monkeypatch.setattr(integration, "_PATTERNS", {})
+    length = torch.export.Dim("length", min=3, max=64)
+    ids, mask = torch.randint(3, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    exported = torch.export.export(Logits(model), (ids, mask), dynamic_shapes=({1: length}, {1: length}),
+                                   strict=False)
+    ids, mask = torch.randint(3, 100, (2, 11)), torch.ones(2, 11, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(ids, mask), reference(input_ids=ids, attention_mask=mask).logits,
+                                   **TOLERANCE)
 
 
 def test_recorded_entropy_and_group_mass_match_eager_weights():

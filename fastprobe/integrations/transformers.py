@@ -798,6 +798,14 @@ _OVERLAYS = ("sliding_window_overlay.", "sliding_window_bidirectional_overlay.")
 _COMBINATORS = ("and_masks.", "or_masks.")
 
 
+def _qualname(fn, default=None):
+    """fn's qualified name, read from its code object where it has one (torch.compile traces
+    code.co_qualname, not function.__qualname__: a graph break, so fullgraph=True failed)."""
+    code = getattr(fn, "__code__", None)
+    name = getattr(code, "co_qualname", None)  # (Python 3.11+)
+    return name if name is not None else getattr(fn, "__qualname__", default)
+
+
 def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in fn.__closure__ or ())))
 
@@ -806,7 +814,7 @@ def _mask_structure(fn, masking_utils) -> tuple:
     """`fn` as a nested tuple of the transformers index functions it is made of (names and
     sliding windows), which alone decide its pattern; raises for any part that is not one of
     them (it may index per-token tensors: packed sequences, image blocks)."""
-    name = getattr(fn, "__qualname__", None)
+    name = _qualname(fn)
     if name is None:  # (repr only when needed: this runs at every forward)
         name = repr(fn)
     if getattr(fn, "__module__", None) != masking_utils.__name__:
@@ -852,7 +860,7 @@ def _windows(structure: tuple) -> list:
 def _is_masking_utils(fn, masking_utils, prefix: str) -> bool:
     """fn is one of masking_utils' functions (or closures) whose qualified name starts with prefix."""
     in_module = getattr(fn, "__module__", None) == masking_utils.__name__
-    return in_module and getattr(fn, "__qualname__", "").startswith(prefix)
+    return in_module and _qualname(fn, "").startswith(prefix)
 
 
 def _packs_nothing(fn, masking_utils) -> bool:
@@ -872,8 +880,8 @@ def _unmasks_nothing(fn, masking_utils) -> bool:
 
 def _is_gemma3_token_types(fn) -> bool:
     """fn is 4.5x Gemma 3's image-block mask function (token_type_ids_mask_function)."""
-    return getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and getattr(
-        fn, "__qualname__", "").startswith("token_type_ids_mask_function.")
+    return getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and _qualname(
+        fn, "").startswith("token_type_ids_mask_function.")
 
 
 def _block_ids(fn, masking_utils) -> Optional[torch.Tensor]:
@@ -1040,8 +1048,18 @@ def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
 _PATTERNS: dict = {}  # _mask_structure -> (causal, window)
 
 
+@torch.compiler.assume_constant_result
 def _evaluated_pattern(mask_function, windows: list) -> tuple[bool, Optional[int]]:
     """(causal, window) of mask_function, evaluated on one query row."""
+    # (on real tensors, also under a dispatch mode: non-strict torch.export and make_fx trace with fake
+    # tensors, whose nonzero() has a data-dependent size)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return _pattern_on_one_row(mask_function, windows)
+
+
+def _pattern_on_one_row(mask_function, windows: list) -> tuple[bool, Optional[int]]:
     size = 2 * max(windows, default=1) + 8
     zero, query = torch.tensor(0), torch.tensor(size)
     keys = torch.arange(2 * size + 1)
@@ -1089,9 +1107,9 @@ def key_padding_mask(
     try:
         causal, window, refused = *_mask_pattern(mask_function), None
         if causal or window is not None:  # (bidirectional without a window: no order to keep)
-            written = _written_keys(q_offset, int(q_length), int(kv_offset), kv_length, attention_mask)
+            written = _written_keys(q_offset, _as_int(q_length), _as_int(kv_offset), kv_length, attention_mask)
         if found and causal:
-            blocks = _key_blocks(found, int(kv_offset), written, window, int(q_length))
+            blocks = _key_blocks(found, _as_int(kv_offset), written, window, _as_int(q_length))
         if found_segments:
             rows = batch_size if attention_mask is None else attention_mask.shape[0]
             where = device if attention_mask is None else attention_mask.device
@@ -1126,6 +1144,12 @@ def key_padding_mask(
     setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset),
                                          static, row, no_padding))
     return mask
+
+
+def _as_int(value):
+    """value as an int, a SymInt kept symbolic (int() of a traced length specializes it: non-strict
+    torch.export with a dynamic sequence length refused to export)."""
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)
 
 
 def _written_keys(q_offset, q_length: int, kv_offset: int, kv_length: int, attention_mask) -> int:
@@ -2053,6 +2077,8 @@ class AttentionRecord:
         """(weight [B, 1, Lq]: 1 for a real query, the last Lq keys' padding mask; their count),
         made once per forward where `shared` keeps them (a decoding step's layers add ~4 small ops
         fewer each)."""
+        if is_compiling() or isinstance(num_queries, torch.SymInt):
+            shared = None  # (traced: a key of the symbolic length would specialize it, a graph per length)
         key = (_RECORD_WEIGHTS, num_queries, dtype)
         made = None if shared is None else shared.get(key)
         if made is None:

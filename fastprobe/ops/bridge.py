@@ -55,6 +55,7 @@ from ._common import (
     new_output,
     on_device,
     output_dtype,
+    plain_mode,
     refuse_double_backward,
     requires_grad,
 )
@@ -200,7 +201,8 @@ def _scale_rows(grad: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) ->
     factor_dtype = torch.promote_types(grad.dtype, torch.float32)
     if weights.stride(0) == 0:
         torch.mul(grad, weights[0].to(factor_dtype), out=out)
-    elif grad.dtype == factor_dtype or grad.device.type != "cpu":
+    elif grad.dtype == factor_dtype or grad.device.type != "cpu" or not plain_mode():
+        # (traced, one product: a loop over row chunks would make torch.compile specialize N)
         torch.mul(grad, weights.to(factor_dtype)[:, None], out=out)
     else:
         for first in range(0, grad.shape[0], _SCALE_ROWS_CHUNK):
@@ -502,8 +504,12 @@ class _FusedLinearBridge(torch.autograd.Function):
         else:  # sum: the rows' gradients as they are
             row_scale = None
         losses = []
-        for start in range(0, num_rows, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, num_rows))
+        # (the chunk count as an int, the row count left symbolic: range(0, num_rows, chunk_rows) made
+        # torch.compile specialize N and V, one graph per batch size)
+        num_chunks = int((num_rows + chunk_rows - 1) // chunk_rows)
+        for index in range(num_chunks):
+            start = index * chunk_rows
+            rows = slice(start, num_rows if index == num_chunks - 1 else start + chunk_rows)
             student_logits = torch.nn.functional.linear(student_hidden[rows], student_weight, student_bias)
             # (in the teacher's own dtype, which the fused op reads as it is: e.g. a bfloat16 teacher,
             # a float32 student, no float32 copy of the teacher's chunk)
