@@ -552,6 +552,17 @@ def test_recording_a_guided_model(model, processor, images):
     assert (guided_logits - plain_logits).abs().max() > 1e-3
 
 
+def test_two_pass_contrasts_a_wrapped_model(model, processor, images):
+    """A PEFT-style wrapper's generate runs its model's, past hooks on the wrapper: two_pass_generate
+    through it was plain generation (alpha ignored); it contrasts the model inside now."""
+    from .transformers_helpers import AdapterWrapper
+
+    want = guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, **GREEDY)
+    got = guidance.two_pass_generate(AdapterWrapper(model), processor, images, PROMPTS, alpha=1.0, **GREEDY)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
 def test_two_pass_refuses_bad_alpha(model, processor, images):
     with pytest.raises(ValueError, match="alpha must be finite"):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=float("inf"))

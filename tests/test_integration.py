@@ -2113,6 +2113,51 @@ def test_options_changed_inside_a_temporary_patch_are_kept():
         assert not is_patched(model)
 
 
+@pytest.mark.parametrize("wrap", ["adapter", "compiled"])
+def test_a_wrapped_model_is_patched_recorded_and_unpatched_through_its_wrapper(wrap):
+    """A PEFT-style wrapper (attributes forwarded to the model inside) or torch.compile's: patch,
+    record_attention, is_patched and unpatch act on the model inside and return the wrapper (a PEFT
+    model was refused by patch, yet looked patched through its forwarding once its model was, and
+    unpatch of it stripped the layers before failing: the model then ran unpatched, its head masks
+    and records silently empty)."""
+    from .transformers_helpers import AdapterWrapper
+
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    wrapper = AdapterWrapper(model) if wrap == "adapter" else torch.compile(model, backend="eager")
+    ids, mask = inputs()
+    assert fp.patch(wrapper, head_mask={0: [True, False, True, True]}) is wrapper
+    assert is_patched(model) and is_patched(wrapper) and patch_options(wrapper).head_mask[0][1].item() is False
+    with fp.record_attention(wrapper) as record:
+        outputs(wrapper, ids, mask)
+    assert record.sink_mass[0, 1] == 0 and (record.sink_mass[0, [0, 2, 3]] > 0).all()
+    assert fp.unpatch(wrapper) is wrapper and not is_patched(model) and not is_patched(wrapper)
+    assert model.config._attn_implementation == "sdpa"
+    with fp.record_attention(wrapper) as record:  # (patched for the block, inside)
+        assert is_patched(model)
+        assert_real_close(outputs(wrapper, ids, mask), outputs(reference, ids, mask), mask)
+    assert not is_patched(model) and record.num_queries.tolist() == [mask.sum().item()] * 2
+
+
+def test_a_peft_model_is_patched_through_its_wrapper():
+    """The same with a real PEFT LoRA model (its adapters on every projection, lora_B random so they
+    matter): patched equals unpatched, pruned heads record 0, unpatch restores sdpa."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(tiny_model("llama"), config).eval()
+    ids, mask = inputs()
+    want = outputs(wrapped, ids, mask)
+    fp.patch(wrapped)
+    assert_real_close(outputs(wrapped, ids, mask), want, mask)
+    from fastprobe.methods import sinks
+
+    with sinks.prune_heads(wrapped, [(0, 1)]), fp.record_attention(wrapped) as record:
+        outputs(wrapped, ids, mask)
+    assert record.sink_mass[0, 1] == 0
+    fp.unpatch(wrapped)
+    assert not is_patched(wrapped) and wrapped.get_base_model().config._attn_implementation == "sdpa"
+
+
 def test_recording_pruned_heads_reads_zero():
     model = fp.patch(tiny_model("llama"), head_mask={0: [True, False, True, True]})
     ids, mask = inputs()

@@ -125,6 +125,19 @@ def test_projection_removes_the_subspace_and_comes_off_exactly(model, tokenizer,
     assert all(torch.equal(value, kept_weights[name]) for name, value in model.state_dict().items())
 
 
+def test_projection_refuses_a_compiled_model(tokenizer, text_basis):
+    """A hook added after torch.compile is not seen by the compiled forward: the projection on a
+    compiled wrapper (or a module compiled in place) ran unprojected; refused, nothing hooked."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3)
+    in_place = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3)
+    in_place.compile(backend="eager")
+    before = hooks_on(model), hooks_on(in_place)
+    for compiled in (torch.compile(model, backend="eager"), in_place):
+        with pytest.raises(RuntimeError, match="compiled by torch.compile"):
+            project_out(compiled, text_basis, layer=0)
+    assert (hooks_on(model), hooks_on(in_place)) == before
+
+
 def test_output_hidden_states_show_the_projection_whenever_asked(tokenizer, text_basis):
     """transformers 5 records output_hidden_states through forward hooks it installs on the first
     call that asks for them: a model asked before project_out had them ahead of the projection

@@ -275,6 +275,59 @@ def test_a_pruned_model_converted_copied_or_saved_restores_its_own_heads(tokeniz
         assert torch.equal(logits(model, tokenizer)[0], base) and not is_patched(model)
 
 
+@pytest.mark.parametrize("wrap", ["adapter", "compiled"])
+def test_methods_see_the_forward_of_the_model_inside_a_wrapper(tokenizer, wrap):
+    """A wrapper's forward takes (*args, **kwargs): the methods read the model inside's, so a GPT-2
+    (absolute positions) under left padding gets its position ids (perplexity 509.8 through a
+    compiled model, 521.9 through a PEFT one, for 502.3)."""
+    from fastprobe.methods._batching import forward_parameters
+
+    from .transformers_helpers import AdapterWrapper
+
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), num_layers=2)
+    wrapper = AdapterWrapper(model) if wrap == "adapter" else torch.compile(model, backend="eager")
+    assert "position_ids" in forward_parameters(wrapper)
+    tokenizer.padding_side = "left"
+    try:
+        got = sinks.perplexity(wrapper, tokenizer, TEXTS[:4], batch_size=4)
+    finally:
+        tokenizer.padding_side = "right"
+    assert got == pytest.approx(sinks.perplexity(model, tokenizer, TEXTS[:4], batch_size=1), rel=1e-5)
+
+
+def test_zero_o_proj_refuses_weights_it_cannot_zero(tokenizer):
+    """An output projection wrapped by an adapter (zeroing its base weight leaves the adapter's
+    share of the head) and an offloaded one (a meta placeholder: zeroing it pruned nothing) are
+    refused before any weight changes; mode="mask" prunes both, and a record of an offloaded
+    model is made where it computes (it was on the meta device)."""
+    import accelerate
+
+    model = planted_model(tokenizer)
+
+    class Adapted(torch.nn.Module):  # (the shape of a PEFT LoRA layer)
+        def __init__(self, base_layer):
+            super().__init__()
+            self.base_layer = base_layer
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    attention = model.model.layers[0].self_attn
+    attention.o_proj = Adapted(attention.o_proj)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(NotImplementedError, match="wrapped by an adapter"):
+        sinks.prune_heads(model, [(2, 0), (0, 1)], mode="zero_o_proj")
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    offloaded = accelerate.cpu_offload(planted_model(tokenizer), execution_device="cpu")
+    with pytest.raises(NotImplementedError, match="offloaded"):
+        sinks.prune_heads(offloaded, [(0, 1)], mode="zero_o_proj")
+    base, _ = logits(offloaded, tokenizer)
+    with sinks.prune_heads(offloaded, [(0, 1)]), fp.record_attention(offloaded) as record:
+        pruned, real = logits(offloaded, tokenizer)
+    assert (pruned - base)[real].abs().max() > 1e-4
+    assert record.sink_mass.device.type == "cpu" and record.sink_mass[0, 1] == 0
+
+
 def test_restore_after_unpatch_does_not_repatch(tokenizer):
     model = fp.patch(planted_model(tokenizer))
     handle = sinks.prune_heads(model, [(0, 1)])

@@ -1,6 +1,7 @@
 """Helpers for the tests that run transformers models across transformers versions."""
 
 import pytest
+import torch
 
 import fastprobe as fp
 from fastprobe.integrations import is_patched
@@ -62,3 +63,27 @@ def cached_keys_values(cache, layer: int) -> tuple:
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache.key_cache[layer], cache.value_cache[layer]
+
+
+class AdapterWrapper(torch.nn.Module):
+    """A model held as a PEFT model holds it: the model inside (get_base_model()), attributes
+    forwarded to it, a forward and a generate that take anything and pass it on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = model
+
+    def get_base_model(self):
+        return self.base_model
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)

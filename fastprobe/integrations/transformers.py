@@ -524,9 +524,41 @@ def _self_attention_modules(model) -> list:
     ]
 
 
+def unwrapped(model):
+    """The transformers model inside the wrappers users hold it in: a PEFT model's base model
+    (get_base_model(): its adapters are layers of that model) and torch.compile's module
+    (_orig_mod), nested any way; any other object as it is. fastprobe's entry points patch,
+    record and read the model inside (through a wrapper's attribute forwarding, a PEFT model
+    looked patched while unpatch stripped it half)."""
+    from transformers import PreTrainedModel
+
+    while not isinstance(model, PreTrainedModel):
+        inner = model._modules.get("_orig_mod") if isinstance(model, torch.nn.Module) else None
+        if inner is None and callable(getattr(type(model), "get_base_model", None)):
+            inner = model.get_base_model()
+        if inner is None or inner is model:
+            break
+        model = inner
+    return model
+
+
+def execution_device(model) -> torch.device:
+    """Where the model computes: its first parameter's device, or for weights offloaded by
+    accelerate's hooks (meta placeholders) the first hook's execution device."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or not parameter.is_meta:
+        return torch.device("cpu") if parameter is None else parameter.device
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return parameter.device
+
+
 def attention_layers(model) -> list:
     """fastprobe's layers of a model: its self-attention modules in model order (the rows of
     record_attention's tables and the keys of head_mask)."""
+    model = unwrapped(model)
     state = getattr(model, _STATE, None)
     return list(state.layers) if state is not None else _check_architecture(model)
 
@@ -1580,12 +1612,12 @@ def _plain_attention(query, key, value, padding, causal, window, scaling, softca
 
 
 def is_patched(model) -> bool:
-    return getattr(model, _STATE, None) is not None
+    return getattr(unwrapped(model), _STATE, None) is not None
 
 
 def patch_options(model) -> PatchOptions:
     """The options a patched model runs with."""
-    state = getattr(model, _STATE, None)
+    state = getattr(unwrapped(model), _STATE, None)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched: call fastprobe.patch(model) first")
     return state.options
@@ -1679,6 +1711,11 @@ def patch(
     without an attention mask, and/or flash attention's cu_seq_lens kwargs) each attend within
     themselves, with their own sinks and statistics.
     """
+    inner = unwrapped(model)
+    if inner is not model:  # (a PEFT or compiled wrapper: its model is patched, the wrapper returned)
+        patch(inner, num_sink=num_sink, window=window, head_mask=head_mask, record=record, stat_tokens=stat_tokens,
+              guidance=guidance)
+        return model
     _masking_utils()
     state = getattr(model, _STATE, None)
     layers = state.layers if state is not None else _check_architecture(model)
@@ -1826,7 +1863,8 @@ def _forward_done(model, args, output) -> None:
 def unpatch(model):
     """Restores the attention implementation the model had before patch() (exactly, per config)
     and removes every option; returns the model. A model that is not patched is returned as is."""
-    state = getattr(model, _STATE, None)
+    inside = unwrapped(model)  # (of a PEFT or compiled wrapper: the model it holds)
+    state = getattr(inside, _STATE, None)
     if state is None:
         return model
     if state.recorder is not None:
@@ -1842,7 +1880,7 @@ def unpatch(model):
     for module in state.layers:
         delattr(module, _STATE)
         delattr(module, _LAYER)
-    delattr(model, _STATE)
+    delattr(inside, _STATE)
     return model
 
 
@@ -1864,7 +1902,8 @@ class AttentionRecord:
         num_queries [layers]            real queries averaged over (group_mass: those of the
                                         forwards with key groups)
 
-    Sums accumulate in place on the device of the model's first parameter (layers elsewhere, in a
+    Sums accumulate in place on the device the model computes on (its first parameter's, or the
+    execution device of accelerate's offload hooks; layers elsewhere, in a
     model split over devices or a DataParallel replica, add theirs there), in tables allocated when
     recording starts (no [L, L] weights, no host sync, nothing left allocated per layer); the fields
     are computed when read, without waiting for the device. Key groups:
@@ -2164,6 +2203,7 @@ def record_attention(
     no longer match (refused).
     """
     chosen = None if statistics is None else _check_statistics(statistics, "statistics")
+    model = unwrapped(model)  # (of a PEFT or compiled wrapper: the model it holds)
     with _RECORDERS:
         temporary = not is_patched(model)
         if temporary:
@@ -2178,8 +2218,8 @@ def record_attention(
             parameter = next(model.parameters(), None)
             dtype = torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
             record = AttentionRecord(len(state.layers), layer_heads(state.layers), chosen,
-                                     device=None if parameter is None else parameter.device, dtype=dtype,
-                                     key_groups=key_groups, num_groups=num_groups)
+                                     device=execution_device(model), dtype=dtype, key_groups=key_groups,
+                                     num_groups=num_groups)
             state.recorder = record
             options = state.options
         except BaseException:

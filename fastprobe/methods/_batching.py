@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from ..integrations.transformers import execution_device, unwrapped
 from ..ops._common import autocast_dtype
 
 
@@ -42,10 +43,6 @@ def require_pandas():
         raise ImportError("fastprobe's methods return pandas DataFrames: pip install pandas "
                           "(or pip install 'fastprobe[plot]')") from error
     return pandas
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -135,9 +132,10 @@ def pad_or_eos(tokenizer) -> Optional[int]:
 
 
 def forward_parameters(model) -> frozenset:
-    """The names model.forward takes (empty when its signature cannot be read)."""
+    """The names model.forward takes (empty when its signature cannot be read): of the model inside
+    a PEFT or compiled wrapper, whose own forward takes (*args, **kwargs) and passes them on."""
     try:
-        return frozenset(inspect.signature(model.forward).parameters)
+        return frozenset(inspect.signature(unwrapped(model).forward).parameters)
     except (TypeError, ValueError):
         return frozenset()
 
@@ -320,7 +318,7 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     texts = as_texts(texts)
     check_count(batch_size, "batch_size")
     check_count(max_length, "max_length")
-    device = model_device(model)
+    device = execution_device(model)
     positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
     # the fewest learned positions among the model and the readers, and whose they are
     limit, limited = min(((found, reader) for reader in (model, *readers)

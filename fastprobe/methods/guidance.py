@@ -42,7 +42,7 @@ import torch
 
 from ._batching import CACHE_NAMES, as_texts, cache_argument, eval_mode, generate_settings, output_cache
 from ..integrations.transformers import (
-    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with,
+    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with, unwrapped,
 )
 from ..ops._common import check_int
 
@@ -305,9 +305,12 @@ def two_pass_contrast(model, *, alpha: float, image_token_id: Optional[int] = No
     if is_patched(model) and patch_options(model).guidance is not None:
         raise RuntimeError("the model is patched with guidance: two_pass_contrast would guide both passes; "
                            "remove the guidance option first")
-    contrast = _TwoPassContrast(model, alpha, check_int(token_id, "image_token_id", 0))
-    handles = [model.register_forward_pre_hook(contrast.before, with_kwargs=True),
-               model.register_forward_hook(contrast, with_kwargs=True)]
+    # (on the model inside a PEFT or compiled wrapper: the wrapper's generate runs that model's, past
+    # the wrapper's hooks)
+    inner = unwrapped(model)
+    contrast = _TwoPassContrast(inner, alpha, check_int(token_id, "image_token_id", 0))
+    handles = [inner.register_forward_pre_hook(contrast.before, with_kwargs=True),
+               inner.register_forward_hook(contrast, with_kwargs=True)]
     try:
         yield model
     finally:

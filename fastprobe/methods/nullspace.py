@@ -257,6 +257,10 @@ def project_out(model, basis: torch.Tensor, *, layer: int) -> Projection:
     columns, up to their dtype's rounding) before touching the model. U is copied, never
     modified, and the copy made exactly orthonormal in float64 (Q of U = Q R), so a rounded U
     (bfloat16) still has its whole span removed."""
+    if "_orig_mod" in model._modules or getattr(model, "_compiled_call_impl", None) is not None:
+        raise RuntimeError("project_out on a model compiled by torch.compile: a hook added after compiling is "
+                           "not seen by the compiled forward, which would run unprojected; call project_out "
+                           "before compiling (the compiled forward then includes it)")
     blocks = transformer_blocks(model)
     resolved = _resolve_layer(layer, len(blocks))
     return Projection(model, _checked_basis(basis, _hidden_size(model)), resolved)

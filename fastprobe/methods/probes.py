@@ -42,8 +42,9 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..integrations.transformers import execution_device, unwrapped
 from ._batching import (
-    autocast_off, check_count, eval_mode, forward_parameters, last_real_index, model_device, on_model, text_batches,
+    autocast_off, check_count, eval_mode, forward_parameters, last_real_index, on_model, text_batches,
 )
 
 __all__ = [
@@ -71,7 +72,8 @@ def transformer_blocks(model) -> list:
     """The model's transformer blocks in order (decoder layers; BERT's encoder layers; for a
     vision-language model, its language model's): layer i of this module is blocks[i]'s output.
     NotImplementedError when none are found, or for an encoder-decoder model (BART's decoder layers
-    would read the encoder's attention mask as their own)."""
+    would read the encoder's attention mask as their own). Of the model inside a PEFT wrapper."""
+    model = unwrapped(model)
     encoder = getattr(model, "get_encoder", None)  # (an encoder itself: None on 4.5x, itself on 5.x)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True and \
             callable(encoder) and encoder() is not model:
@@ -283,7 +285,7 @@ def _quiet_options(model) -> dict:
 def _collect(model, blocks: list, layers: list[int], batches: Iterable[dict], pool, on_device: bool,
              dtype) -> HiddenStates:
     """Runs the batches with hooks on blocks[layer] for the (resolved) layers."""
-    device = model_device(model) if on_device else torch.device("cpu")
+    device = execution_device(model) if on_device else torch.device("cpu")
     collector = _Collector(blocks, layers, pool, device, dtype)
     options = _quiet_options(model)
     try:

@@ -26,7 +26,7 @@ from ._batching import eval_mode, require_pandas, text_batches
 from ..ops._common import check_int
 from ..integrations.transformers import (
     attention_layers, is_patched, layer_heads, patch, patch_options, patched_with, record_attention, unpatch,
-    update_patch,
+    unwrapped, update_patch,
 )
 
 __all__ = [
@@ -119,6 +119,11 @@ def _output_projection(model, attention):
     output = getattr(parent, "output", None)  # BERT: attention.self (scores) + attention.output.dense
     candidates.append(getattr(output, "dense", None))
     for module in candidates:
+        if isinstance(getattr(module, "base_layer", None), torch.nn.Module):  # (a PEFT adapter layer)
+            raise NotImplementedError(
+                f"{type(attention).__name__}'s output projection is wrapped by an adapter ({type(module).__name__}): "
+                "zeroing its base weight would leave the adapter's share of the head; use mode='mask', or merge "
+                "the adapter first (merge_and_unload())")
         inner = getattr(module, "linear", None)  # (a wrapper: Gemma 4's vision tower's ClippableLinear)
         module = inner if isinstance(inner, torch.nn.Linear) else module
         if isinstance(module, Conv1D):
@@ -222,9 +227,12 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
         if it is not, and unpatched again on restore). A pruned head outputs 0 and costs nothing.
     mode="zero_o_proj": zeroes the head's input columns of the output projection (per query head,
         so right for grouped-query attention too); works under any attention implementation.
-    Both remove the head's contribution, so on the same model they give the same outputs."""
+    Both remove the head's contribution, so on the same model they give the same outputs. A PEFT
+    or compiled wrapper's model is pruned (mode="zero_o_proj" refuses an output projection an
+    adapter wraps, and weights offloaded by accelerate)."""
     if mode not in ("mask", "zero_o_proj"):
         raise ValueError(f"mode must be 'mask' or 'zero_o_proj', got {mode!r}")
+    model = unwrapped(model)
     pairs = sorted(set(_heads_of(heads, fraction)))
     layers = attention_layers(model)
     num_heads = layer_heads(layers)  # each layer's own (a vision tower's may differ)
@@ -264,6 +272,9 @@ def _prune_by_projection(handle, model, layers: list, pairs: list, num_heads: li
     with torch.no_grad():
         for layer, head in pairs:
             weight, axis = _output_projection(model, layers[layer])
+            if weight.is_meta:
+                raise NotImplementedError(f"layer {layer}'s output projection is offloaded (a meta placeholder, its "
+                                          "values kept by accelerate's hooks): use mode='mask'")
             size = _head_width(layers[layer], num_heads[layer], weight, axis)
             saved.append((names[id(weight)], axis, head * size, size, weight.narrow(axis, head * size, size).clone()))
         for name, axis, start, size, _ in saved:
@@ -273,7 +284,7 @@ def _prune_by_projection(handle, model, layers: list, pairs: list, num_heads: li
 
 def restore_heads(model) -> None:
     """Undoes every prune_heads on the model, newest first."""
-    for handle in reversed(list(getattr(model, _PRUNED, []))):
+    for handle in reversed(list(getattr(unwrapped(model), _PRUNED, []))):
         handle.restore()
 
 

@@ -27,8 +27,9 @@ import torch
 
 from ..ops._common import check_temperature
 from ..ops.divergence import check_weights, draft_divergence
+from ..integrations.transformers import execution_device
 from ._batching import (
-    as_texts, check_count, effective_generation_config, eval_mode, generate_settings, model_device, on_model,
+    as_texts, check_count, effective_generation_config, eval_mode, generate_settings, on_model,
     pad_or_eos, real_positions, require_pandas, shared_vocabulary, text_batches,
 )
 
@@ -83,7 +84,7 @@ def _check_input_embeddings(models: Sequence, tokenizer) -> None:
 def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tensor:
     """model's logits at the scored positions, [N, V] on `device` (its [B, L, V] logits are
     freed on return)."""
-    return _logits(model, batch)[scored.to(model_device(model))].to(device)
+    return _logits(model, batch)[scored.to(execution_device(model))].to(device)
 
 
 def _stacked_drafts(drafts, batch: dict, scored: torch.Tensor, target_rows: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -165,7 +166,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
                                   position_ids=False, readers=drafts):
             real = batch["attention_mask"] != 0
             scored = scored_positions(batch["attention_mask"])
-            target_rows = _scored_rows(target, batch, scored, model_device(target))  # [N, V]
+            target_rows = _scored_rows(target, batch, scored, execution_device(target))  # [N, V]
             statistics = _scored_statistics(target_rows, drafts, batch, scored, weights, temperature, tokenizer)
             rows, columns = scored.nonzero(as_tuple=True)
             tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(),
