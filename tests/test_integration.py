@@ -2091,7 +2091,7 @@ def test_options_changed_inside_a_temporary_patch_are_kept():
     """record_attention / patched_with on an unpatched model patch it for the block; a prune or a
     patch() inside the block (the model's options changed there) stays after it, rather than being
     dropped with the temporary patch (the handle still said active, the heads ran unpruned). Left
-    unchanged, the model is unpatched as before."""
+    unchanged, or changed and changed back, the model is unpatched as before."""
     from fastprobe.integrations import patched_with
     from fastprobe.methods import sinks
 
@@ -2110,6 +2110,11 @@ def test_options_changed_inside_a_temporary_patch_are_kept():
         fp.unpatch(model)
         with block(model):
             outputs(model, ids, mask)
+        assert not is_patched(model)
+        with block(model):  # (changed and changed back inside: equal options, new objects)
+            with sinks.prune_heads(model, [(0, 1)]), patched_with(model, num_sink=2):
+                outputs(model, ids, mask)
+            integration.update_patch(model)
         assert not is_patched(model)
 
 
@@ -2136,6 +2141,26 @@ def test_a_wrapped_model_is_patched_recorded_and_unpatched_through_its_wrapper(w
         assert is_patched(model)
         assert_real_close(outputs(wrapper, ids, mask), outputs(reference, ids, mask), mask)
     assert not is_patched(model) and record.num_queries.tolist() == [mask.sum().item()] * 2
+
+
+def test_only_peft_and_compile_wrappers_are_looked_into():
+    """A module with a get_base_model of its own meaning (no peft_config; one taking an argument,
+    one returning a non-module) is not a wrapper: patch refuses it by type, as before wrappers
+    were read (it raised a TypeError about the missing argument)."""
+    class Holder(torch.nn.Module):
+        def get_base_model(self, variant):
+            return tiny_model("llama")
+
+    class Odd(torch.nn.Module):
+        peft_config = {}
+
+        def get_base_model(self):
+            return "not a model"
+
+    for holder in (Holder(), Odd()):
+        assert integration.unwrapped(holder) is holder and not is_patched(holder)
+        with pytest.raises(TypeError, match="takes a transformers PreTrainedModel"):
+            fp.patch(holder)
 
 
 def test_a_peft_model_is_patched_through_its_wrapper():

@@ -66,8 +66,11 @@ def cached_keys_values(cache, layer: int) -> tuple:
 
 
 class AdapterWrapper(torch.nn.Module):
-    """A model held as a PEFT model holds it: the model inside (get_base_model()), attributes
-    forwarded to it, a forward and a generate that take anything and pass it on."""
+    """A model held as a PEFT model holds it: the model inside (get_base_model()), its adapters'
+    peft_config, attributes forwarded to it, a forward and a generate that take anything and pass
+    it on."""
+
+    peft_config: dict = {}
 
     def __init__(self, model):
         super().__init__()

@@ -532,11 +532,11 @@ def unwrapped(model):
     looked patched while unpatch stripped it half)."""
     from transformers import PreTrainedModel
 
-    while not isinstance(model, PreTrainedModel):
-        inner = model._modules.get("_orig_mod") if isinstance(model, torch.nn.Module) else None
-        if inner is None and callable(getattr(type(model), "get_base_model", None)):
+    while isinstance(model, torch.nn.Module) and not isinstance(model, PreTrainedModel):
+        inner = model._modules.get("_orig_mod")
+        if inner is None and hasattr(model, "peft_config") and callable(getattr(type(model), "get_base_model", None)):
             inner = model.get_base_model()
-        if inner is None or inner is model:
+        if not isinstance(inner, torch.nn.Module) or inner is model:
             break
         model = inner
     return model
@@ -550,8 +550,12 @@ def execution_device(model) -> torch.device:
         return torch.device("cpu") if parameter is None else parameter.device
     for module in model.modules():
         device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if isinstance(device, int):  # (an index on the accelerator, as accelerate reads it)
+            accelerator = getattr(torch, "accelerator", None)  # (torch >= 2.6)
+            found = accelerator.current_accelerator() if accelerator is not None else None
+            return torch.device("cuda" if found is None else found.type, device)
         if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            return torch.device(device)
     return parameter.device
 
 
@@ -1615,6 +1619,17 @@ def is_patched(model) -> bool:
     return getattr(unwrapped(model), _STATE, None) is not None
 
 
+def _changed_options(before: PatchOptions, after: PatchOptions) -> list:
+    """The names of the options whose values differ (head masks compared per layer by value)."""
+    def same(name: str, first, second) -> bool:
+        if name == "head_mask":
+            return first.keys() == second.keys() and all(torch.equal(first[layer], second[layer]) for layer in first)
+        return first == second
+
+    return [field.name for field in dataclasses.fields(PatchOptions)
+            if not same(field.name, getattr(before, field.name), getattr(after, field.name))]
+
+
 def patch_options(model) -> PatchOptions:
     """The options a patched model runs with."""
     state = getattr(unwrapped(model), _STATE, None)
@@ -1636,8 +1651,9 @@ def patched_with(model, **changes) -> Iterator[Any]:
     """Context manager: the model runs with `changes` to its patch options inside the block
     (update_patch) and gets the previous values back afterwards (unless the block unpatched it);
     a model that was not patched is patched with them and unpatched afterwards, unless its options
-    were changed inside the block (prune_heads, patch): then it stays patched with those, less the
-    block's own changes. Yields the model.
+    were changed inside the block (prune_heads, patch) and not changed back: then it stays patched
+    with those, the block's own changes that were not changed again inside it undone. Yields the
+    model.
     Options belong to the model, not to a thread: blocks of several threads on one model that
     overlap without nesting leave it with the options of whichever exits last."""
     unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(PatchOptions)})
@@ -1651,10 +1667,12 @@ def patched_with(model, **changes) -> Iterator[Any]:
             yield model
         finally:
             if is_patched(model):
-                if patch_options(model) is options:
+                changed = _changed_options(options, patch_options(model))
+                if not changed:
                     unpatch(model)
-                else:  # (options changed inside the block, a prune_heads: kept, the block's own undone)
-                    update_patch(model, **{name: getattr(PatchOptions(), name) for name in changes})
+                else:  # (changed inside the block, a prune_heads: kept; the block's other changes undone)
+                    defaults = PatchOptions()
+                    update_patch(model, **{name: getattr(defaults, name) for name in changes if name not in changed})
         return
     previous = {name: getattr(patch_options(model), name) for name in changes}
     update_patch(model, **changes)
@@ -2231,7 +2249,7 @@ def record_attention(
     finally:
         with _RECORDERS:
             state.recorder = None
-            if temporary and state.options is options:  # (else changed inside the block: kept patched)
+            if temporary and not _changed_options(options, state.options):  # (else: kept patched with them)
                 unpatch(model)
 
 
