@@ -348,8 +348,8 @@ def no_second_derivative(op: str) -> str:
 def refuse_double_backward(op: str) -> None:
     """In a backward that returns gradients formed in the forward (no graph links them back to the
     inputs): a RuntimeError naming the op under create_graph=True (grad mode on in the backward),
-    where a second derivative through them would silently be 0. Eager only: tracing (a dispatch
-    mode) passes."""
+    where a second derivative through them would silently be 0. Eager only (a user's dispatch or
+    function mode, a forward-AD level included): tracing passes."""
     if torch.is_grad_enabled() and not tracing():
         raise RuntimeError(no_second_derivative(op))
 

@@ -55,9 +55,9 @@ from ._common import (
     new_output,
     on_device,
     output_dtype,
-    plain_mode,
     refuse_double_backward,
     requires_grad,
+    tracing,
 )
 
 __all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
@@ -201,7 +201,7 @@ def _scale_rows(grad: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) ->
     factor_dtype = torch.promote_types(grad.dtype, torch.float32)
     if weights.stride(0) == 0:
         torch.mul(grad, weights[0].to(factor_dtype), out=out)
-    elif grad.dtype == factor_dtype or grad.device.type != "cpu" or not plain_mode():
+    elif grad.dtype == factor_dtype or grad.device.type != "cpu" or tracing():
         # (traced, one product: a loop over row chunks would make torch.compile specialize N)
         torch.mul(grad, weights.to(factor_dtype)[:, None], out=out)
     else:
