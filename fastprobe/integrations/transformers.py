@@ -2207,7 +2207,7 @@ def record_attention(
     needs key_groups ([B, L] integer ids, the group of each token position; tokens generated past
     them are in none, see AttentionRecord), "entropy" asks the kernel for it. A model that is not
     patched is patched (no options) for the duration of the block, and stays patched if its options
-    were changed inside it (prune_heads, patch), rather than losing them.
+    were changed inside it (prune_heads, patch) and not changed back, rather than losing them.
 
     Every forward pass of the model while the block is open counts, whichever thread runs it
     (generate in a streamer's thread included): keep other threads' passes off the model while
