@@ -1086,7 +1086,9 @@ _PATTERNS: dict = {}  # _mask_structure -> (causal, window)
 
 @torch.compiler.assume_constant_result
 def _evaluated_pattern(mask_function, windows: list) -> tuple[bool, Optional[int]]:
-    """(causal, window) of mask_function, evaluated on one query row."""
+    """(causal, window) of mask_function, evaluated on one query row. Taken as a constant while
+    tracing, with no guard on mask_function: sound as called, once per _mask_structure key (the
+    index functions and windows that alone decide the pattern)."""
     # (on real tensors, also under a dispatch mode: non-strict torch.export and make_fx trace with fake
     # tensors, whose nonzero() has a data-dependent size)
     from torch.utils._python_dispatch import _disable_current_modes
