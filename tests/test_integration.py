@@ -1002,7 +1002,8 @@ def test_bidirectional_gemma3_text_model():
             models.append(transformers.Gemma3TextModel(config).eval())
     reference, model = models[0], patch_or_skip(models[1])
     ids, mask = inputs(batch=3, length=13)
-    assert_real_close(outputs(model, ids, mask), outputs(reference, ids, mask), mask)
+    want = unless_masks_need_newer_torch(lambda: outputs(reference, ids, mask))  # (its or-parts)
+    assert_real_close(outputs(model, ids, mask), want, mask)
     with torch.no_grad():
         weights = reference(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     with fp.record_attention(model, statistics=("entropy",)) as record:
@@ -1753,8 +1754,9 @@ def test_gemma4_with_a_vision_tower_of_other_heads():
     short = slice(5, 13)  # 8 tokens, the image's among them: fewer than its 16 patches
     groups = torch.randint(0, 3, (2, 8))
     with torch.no_grad(), fp.record_attention(model, key_groups=groups) as record:
-        model(input_ids=ids[:, short], attention_mask=mask[:, short], pixel_values=images["pixel_values"],
-              image_position_ids=images["image_position_ids"], mm_token_type_ids=images["mm_token_type_ids"][:, short])
+        unless_masks_need_newer_torch(lambda: model(  # (its vision tower's masks)
+            input_ids=ids[:, short], attention_mask=mask[:, short], pixel_values=images["pixel_values"],
+            image_position_ids=images["image_position_ids"], mm_token_type_ids=images["mm_token_type_ids"][:, short]))
     assert record.sink_mass.shape == (5, 4) and record.heads_per_layer == [2, 4, 4, 4, 4]
     assert torch.isnan(record.sink_mass[0, 2:]).all()
     assert torch.isfinite(record.sink_mass[0, :2]).all() and torch.isfinite(record.sink_mass[1:]).all()

@@ -52,6 +52,7 @@ from ._common import (
     cpp,
     custom_op,
     graph_kept,
+    is_compiling,
     new_output,
     on_device,
     output_dtype,
@@ -604,7 +605,8 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, step: Optional[int] = None) -> torch.Tensor:
-        if torch._C._are_functorch_transforms_active():  # (its gradients are formed in the forward, per chunk)
+        # (its gradients are formed in the forward, per chunk; torch 2.4's Dynamo cannot trace the query)
+        if not is_compiling() and torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
                 "FusedLinearBridgeLoss does not run under torch.func transforms (vmap, grad, jacrev, ...); "
                 "bridge_loss on the logits does (vmap of a loss, then backward)"
