@@ -93,11 +93,11 @@ CASES = [
     ("scale/softcap-overflows", lambda n: (*zero_first_query(random_qkv(n, q_scale=1e-3)),
                                            dict(scale=1e38, softcap=1e-3))),
     # scale log2(e) overflows float32 while the scores are moderate (tiny keys)
-    ("scale=3e38", lambda n: (*random_qkv(n, q_scale=0.2, k_scale=1e-37), dict(scale=3e38, num_sink=1))),
-    ("scale=float-max", lambda n: (*random_qkv(n, q_scale=0.2, k_scale=1e-37), dict(scale=FLOAT32_MAX))),
-    # ... with |q| up to 4.8: q scale overflows float32 (for a third of q), scale (q . k) does not
-    # (the C++ kernel scaled q first: NaN, or nothing visible; it scales the dot product when scale > 1)
-    ("scale=3e38-large-q", lambda n: (*tiny_keys(random_qkv(n, q_scale=1.2)), dict(scale=3e38, num_sink=1))),
+    ("scale=3e38", lambda n: (*normal_products(n, 1), dict(scale=3e38, num_sink=1))),
+    ("scale=float-max", lambda n: (*normal_products(n, 1), dict(scale=FLOAT32_MAX))),
+    # ... with |q| up to 4: q scale overflows float32 (for |q| >= 2), scale (q . k) does not (the
+    # C++ kernel scaled q first: NaN, or nothing visible; it scales the dot product when scale > 1)
+    ("scale=3e38-large-q", lambda n: (*normal_products(n, 4), dict(scale=3e38, num_sink=1))),
     # scores of both signs near float max / 2: differences of base-2 scores overflow
     ("scores=+-1.2e38", lambda n: (*one_hot_scores(n, spread_scores()), dict(scale=1.0, num_sink=1,
                                                                              key_groups=groups(), num_groups=3))),
@@ -108,11 +108,16 @@ CASES = [
 CPP_KNOWN = {}
 
 
-def tiny_keys(qkv):
-    """k replaced by +-[1.2e-38, 2.4e-38): normal floats (no subnormal to flush), scores ~ tens
-    at scale 3e38."""
-    q, k, v = qkv
-    return q, torch.where(k < 0, -1.0, 1.0) * 1.2e-38 * (1 + torch.rand_like(k)), v
+def normal_products(num_queries, q_max):
+    """Keys +-2^-125 (scores ~ tens to hundreds at scale 3e38) and queries nonzero integers in
+    [-q_max, q_max]: every product q_i k_i and partial sum of q . k is a multiple of 2^-125, a
+    normal float32, never a subnormal that a process flushing them (FTZ/DAZ, which torch 2.4's
+    compiled CPU code turns on) would make 0 (keys ~1e-37 times queries ~0.2 were: scores O(1) off
+    after any CPU torch.compile in the process)."""
+    q = torch.randint(1, q_max + 1, (BATCH, HEADS, num_queries, DIM)).float()
+    q = q * torch.randn(q.shape).sign()
+    k = torch.randn(BATCH, KV_HEADS, KEYS, DIM).sign() * 2.0 ** -125
+    return q, k, torch.randn(BATCH, KV_HEADS, KEYS, DIM)
 
 
 def zero_first_query(qkv):
