@@ -1731,11 +1731,7 @@ def patch(
     without an attention mask, and/or flash attention's cu_seq_lens kwargs) each attend within
     themselves, with their own sinks and statistics.
     """
-    inner = unwrapped(model)
-    if inner is not model:  # (a PEFT or compiled wrapper: its model is patched, the wrapper returned)
-        patch(inner, num_sink=num_sink, window=window, head_mask=head_mask, record=record, stat_tokens=stat_tokens,
-              guidance=guidance)
-        return model
+    wrapper, model = model, unwrapped(model)  # (a PEFT or compiled wrapper: its model is patched, it is returned)
     _masking_utils()
     state = getattr(model, _STATE, None)
     layers = state.layers if state is not None else _check_architecture(model)
@@ -1747,7 +1743,7 @@ def patch(
             # switched away since (set_attn_implementation): switched back; unpatch still restores what it had before
             _switch(model, layers, [config for config, _ in state.previous])
         state.set_options(options)
-        return model
+        return wrapper
 
     kv_sharing = _kv_sharing_classes(model)
     for cls in kv_sharing:
@@ -1780,7 +1776,7 @@ def patch(
     state.hooks = [model.register_forward_pre_hook(_forward_started, with_kwargs=True),
                    model.register_forward_hook(_forward_left, always_call=True),
                    model.register_forward_hook(_forward_done)]
-    return model
+    return wrapper
 
 
 _SLICES_KV_SHARED = "_maybe_slice_kv_shared_inputs"
@@ -1883,10 +1879,10 @@ def _forward_done(model, args, output) -> None:
 def unpatch(model):
     """Restores the attention implementation the model had before patch() (exactly, per config)
     and removes every option; returns the model. A model that is not patched is returned as is."""
-    inside = unwrapped(model)  # (of a PEFT or compiled wrapper: the model it holds)
-    state = getattr(inside, _STATE, None)
+    wrapper, model = model, unwrapped(model)  # (a PEFT or compiled wrapper: its model is unpatched)
+    state = getattr(model, _STATE, None)
     if state is None:
-        return model
+        return wrapper
     if state.recorder is not None:
         raise RuntimeError("fastprobe.unpatch inside record_attention: leave the with block first")
     for config, _ in state.previous:
@@ -1900,8 +1896,8 @@ def unpatch(model):
     for module in state.layers:
         delattr(module, _STATE)
         delattr(module, _LAYER)
-    delattr(inside, _STATE)
-    return model
+    delattr(model, _STATE)
+    return wrapper
 
 
 # ---------------------------------------------------------------- recording
