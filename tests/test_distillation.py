@@ -65,6 +65,24 @@ def test_beta_zero_distillation_is_forward_kl_on_next_tokens():
     torch.testing.assert_close(loss, per_position[keep].mean(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta, direction", [(0.0, "forward"), (0.7, "reverse")])
+def test_a_left_padded_text_scores_as_alone(beta, direction):
+    """GPT-2's learned positions: a left-padded row numbered from its first pad (no position_ids
+    given) put its tokens at other positions than alone, and its loss differed by ~1e-3."""
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    torch.manual_seed(3)
+    texts = [torch.randint(1, 101, (length,)) for length in (9, 5, 7)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, text in enumerate(texts):  # left padding
+        ids[row, 9 - len(text):], mask[row, 9 - len(text):] = text, 1
+    loss_fn = fp.BridgeLoss(beta=beta, direction=direction, reduction="sum")
+    batched, _ = distillation_loss(student, teacher, {"input_ids": ids, "attention_mask": mask}, loss_fn)
+    alone = [distillation_loss(student, teacher, {"input_ids": text[None], "attention_mask": torch.ones(1, len(text),
+                                                  dtype=torch.long)}, loss_fn)[0] for text in texts]
+    torch.testing.assert_close(batched, sum(alone), rtol=2e-6, atol=1e-6)
+
+
 def test_plain_training_loop_reduces_the_loss_and_pads_vocabularies(tokenizer):
     """A teacher whose vocabulary has 7 padding rows more (beyond the tokenizer's); beta = 0.5 throughout."""
     student = tiny_gpt2(vocab_size=len(tokenizer), seed=0).train()

@@ -175,6 +175,28 @@ def test_collector_numbers_positions_as_roberta_does(tokenizer, side):
         torch.testing.assert_close(from_batches[1][row], alone(model, tokenizer, text)[2][0].mean(0), **TOLERANCE)
 
 
+def test_mean_pool_ignores_non_finite_padding_states(tokenizer):
+    """The mean over real tokens selects them: padding's states were multiplied by 0, so one that
+    was not finite (NaN here, planted by a hook) made the mean NaN."""
+    model = model_of("llama", tokenizer)
+    batch = dict(tokenizer(TEXTS[:3], return_tensors="pt", padding=True))
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+
+    def poison(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.masked_fill(padding.unsqueeze(-1), float("nan"))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    clean = collect_hidden_states_from_batches(model, batch, layers=[1], pool="mean", progress=False)
+    handle = transformer_blocks(model)[1].register_forward_hook(poison)
+    try:
+        poisoned = collect_hidden_states_from_batches(model, batch, layers=[1], pool="mean", progress=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(poisoned[1], clean[1], rtol=0, atol=0)
+
+
 def test_collector_stops_after_the_deepest_layer(tokenizer):
     """Blocks after the deepest chosen one and the LM head never run; the forward asks for no
     hidden-state tuple, no attention weights and no cache; no hook is left behind."""

@@ -231,16 +231,20 @@ def moved_to(model, inputs: Mapping) -> dict:
 
 def on_model(model, batch) -> dict:
     """A copy of a batch of model inputs on the model's device (floating tensors, e.g. pixel
-    values, in its dtype), with position_ids counted over real tokens where the model takes them
-    and the batch has none (not for multimodal rotary positions, which the model computes), and
-    without them where the model does not take them."""
-    moved = moved_to(model, batch)
-    takes = takes_position_ids(model)
-    if not takes:
-        moved.pop("position_ids", None)
-    elif "position_ids" not in moved and moved.get("attention_mask") is not None and not multimodal_positions(model):
-        moved["position_ids"] = model_positions(model, moved["attention_mask"])
-    return moved
+    values, in its dtype), with_positions."""
+    return with_positions(model, moved_to(model, batch))
+
+
+def with_positions(model, batch) -> dict:
+    """A copy of a batch of model inputs with position_ids counted over real tokens where the
+    model takes them and the batch has none (not for multimodal rotary positions, which the model
+    computes), and without them where the model does not take them."""
+    batch = dict(batch)
+    if not takes_position_ids(model):
+        batch.pop("position_ids", None)
+    elif "position_ids" not in batch and batch.get("attention_mask") is not None and not multimodal_positions(model):
+        batch["position_ids"] = model_positions(model, batch["attention_mask"])
+    return batch
 
 
 @contextlib.contextmanager

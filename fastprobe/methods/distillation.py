@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import _batching
-from ._batching import eval_mode, forward_parameters, moved_to
+from ._batching import eval_mode, forward_parameters
 
 __all__ = ["check_labels", "distillation_loss", "next_token_targets", "shared_vocabulary", "trainer_compute_loss"]
 
@@ -95,10 +95,10 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     their dtype (the loss reads mixed dtypes as they are, see fastprobe.bridge_loss). The
     teacher runs in eval mode (no dropout: a fixed target), each of its modules' training flags
     restored afterwards; the student runs as it is (train mode for training). Both models get
-    the inputs as they are: without position_ids most models number a left-padded row from its
-    first pad, so its first real token sits at its pad count, not 0. Rotary embeddings see only
-    distances, so that changes nothing; with absolute ones (GPT-2's) pass position_ids, e.g.
-    (attention_mask.cumsum(-1) - 1).clamp(min=0)."""
+    position_ids counted over each row's real tokens, in its own numbering (RoBERTa's from 2), when
+    the inputs have an attention mask and no position_ids (without them most models number a
+    left-padded row from its first pad: learned absolute positions, GPT-2's, then gave a text a
+    loss that depended on its batch's padding)."""
     labels = inputs.get("labels")
     check_labels(labels, loss_fn.ignore_index)
     ids = inputs.get("input_ids")
@@ -106,8 +106,8 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
         raise ValueError(f"labels must have input_ids' shape {list(ids.shape)} (a label per token), got "
                          f"{list(labels.shape)}")
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
-    student_outputs = student(**model_inputs)
-    teacher_inputs = moved_to(teacher, model_inputs)  # (ids and masks keep their dtype)
+    student_outputs = student(**_batching.with_positions(student, model_inputs))
+    teacher_inputs = _batching.on_model(teacher, model_inputs)  # (ids and masks keep their dtype)
     if "use_cache" not in teacher_inputs and "use_cache" in forward_parameters(teacher):
         teacher_inputs["use_cache"] = False  # (one pass: no KV cache of every layer held at its peak)
     with torch.no_grad(), eval_mode(teacher):

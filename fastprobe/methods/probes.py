@@ -160,9 +160,11 @@ def _pool(hidden: torch.Tensor, real: torch.Tensor, pool: Optional[str]):
     if pool == "last":
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_index(real)]
     if pool == "mean":
-        # mean_t h[t] over real tokens, in float32 at least
-        weights = real.unsqueeze(-1).to(torch.promote_types(hidden.dtype, torch.float32))
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        # mean_t h[t] over real tokens, in float32 at least (padding's states selected out, not
+        # multiplied by 0: a non-finite one there would make the mean NaN)
+        real = real.unsqueeze(-1) != 0
+        summed = hidden.to(torch.promote_types(hidden.dtype, torch.float32)).masked_fill(~real, 0).sum(1)
+        return summed / real.sum(1).clamp(min=1)
     return _real_first(hidden, real)
 
 

@@ -10,7 +10,8 @@ measure what that costs.
 
 The sink score of head h in layer l is its attention weight on the first real token, averaged
 over every real (non-padded) query position of every text: fastprobe.record_attention reads it
-from the fused kernel, so no attention matrix is ever kept.
+from the fused kernel, so no attention matrix is ever kept. In a chunked-attention layer (Llama
+4's) the first token is that of the query's chunk, as the record's sink mass says.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
                 progress: bool = True):
     """Every head's BOS sink score over `texts`: a DataFrame with one row per (layer, head),
     in that order, and columns layer, head, sink_score (attention weight on the first real token,
-    averaged over all real query positions) and rank (1 = the strongest sink head). Heads the
+    in a chunked layer its chunk's, averaged over all real query positions) and rank (1 = the strongest sink head). Heads the
     texts never reach have no row: a vision tower's, run by images only.
 
     Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
