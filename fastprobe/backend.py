@@ -102,6 +102,20 @@ def cpp_status() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
+def _warn_no_cpp() -> None:
+    """Once per process: "auto" runs CPU tensors through the PyTorch reference (tens of times
+    slower) because the C++ extension did not import, e.g. fastprobe imported from a source
+    checkout that was never built (python run in the checkout's root shadows an installed copy)."""
+    import warnings
+
+    warnings.warn(
+        f"fastprobe: CPU tensors run the slow PyTorch reference: {cpp_status()[1]}. Build and install the "
+        "package (pip install -e . in the checkout), or run outside the checkout's root so that the "
+        "installed copy is imported; fastprobe.set_backend('reference') silences this.",
+        RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -155,8 +169,10 @@ def resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
         if dtype not in KERNEL_DTYPES:
             return "reference"
         device_type = _device_type(device)
-        if device_type == "cpu" and cpp_status()[0]:
-            return "cpp"
+        if device_type == "cpu":
+            if cpp_status()[0]:
+                return "cpp"
+            _warn_no_cpp()
         if device_type == "cuda" and _triton_installed() and not interpreter_enabled():
             return "triton"
         return "reference"

@@ -505,6 +505,10 @@ def _import_interfaces() -> tuple:
             f"fastprobe.patch needs transformers >= 4.53 (masking_utils and the AttentionMaskInterface); "
             f"found {transformers.__version__}"
         ) from error
+    # Taken as a constant while tracing (see _evaluated_pattern). Marked here, when a model is first
+    # patched, not as a decorator: torch.compiler.assume_constant_result imports torch._dynamo (and
+    # with it sympy and triton, ~1 s, and sets TORCHINDUCTOR_CACHE_DIR in os.environ) on `import fastprobe`.
+    torch.compiler.assume_constant_result(_evaluated_pattern)
     return masking_utils, AttentionInterface, AttentionMaskInterface
 
 
@@ -530,7 +534,10 @@ def unwrapped(model):
     (_orig_mod), nested any way; any other object as it is. fastprobe's entry points patch,
     record and read the model inside (through a wrapper's attribute forwarding, a PEFT model
     looked patched while unpatch stripped it half)."""
-    from transformers import PreTrainedModel
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # no transformers model to unwrap: the caller says what is missing (_masking_utils)
+        return model
 
     while isinstance(model, torch.nn.Module) and not isinstance(model, PreTrainedModel):
         inner = model._modules.get("_orig_mod")
@@ -1084,7 +1091,6 @@ def _mask_pattern(mask_function) -> tuple[bool, Optional[int]]:
 _PATTERNS: dict = {}  # _mask_structure -> (causal, window)
 
 
-@torch.compiler.assume_constant_result
 def _evaluated_pattern(mask_function, windows: list) -> tuple[bool, Optional[int]]:
     """(causal, window) of mask_function, evaluated on one query row. Taken as a constant while
     tracing, with no guard on mask_function: sound as called, once per _mask_structure key (the

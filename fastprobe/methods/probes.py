@@ -760,7 +760,11 @@ def _num_outputs(task: str, labels: torch.Tensor, validation: Optional[tuple]) -
 
 def _fit(probe: _Probe, train: tuple, epochs: int, batch_size: Optional[int], lr: float, weight_decay: float,
          seed: int, progress: bool) -> list:
-    from tqdm.auto import tqdm
+    if progress:
+        from tqdm.auto import tqdm
+    else:  # (a probe on plain tensors needs no tqdm, which only transformers brings in)
+        def tqdm(iterable, **_):
+            return iterable
 
     features, labels, mask = train
     rows = features.shape[0]
