@@ -1470,6 +1470,22 @@ def test_forward_that_skips_fastprobe_raises():
         outputs(model, ids, mask)
 
 
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_attention_weights_are_refused_in_forward_and_generate(arch):
+    """output_attentions=True is refused by every patched causal model, in a forward and through
+    generate, never answered with an empty tuple of weights: GPT-2's model (transformers 5.x) pops
+    the flag before its layers and collects their outputs' weights, which fastprobe leaves None.
+    The refused call leaves the model working."""
+    model = patch_or_skip(tiny_model(arch))
+    ids, mask = inputs(padding="left")
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        outputs(model, ids, mask, output_attentions=True)
+    with pytest.raises(NotImplementedError, match="output_attentions"), torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       output_attentions=True, return_dict_in_generate=True)
+    assert_real_close(outputs(model, ids, mask), outputs(tiny_model(arch), ids, mask), mask)
+
+
 def test_refuses_what_it_cannot_reproduce():
     model = fp.patch(tiny_model("llama"))
     ids, mask = inputs()

@@ -1238,7 +1238,32 @@ _UNSUPPORTED_KWARGS = {  # (the packing kwargs arrive here only without cu_seq_l
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+_COLLECTOR: list = []  # [transformers' output collector, or None where it has none], set on first use
+
+
+def _weights_collected() -> bool:
+    """Whether transformers (5.x: utils.output_capturing) collects this forward's attention weights
+    from its attention modules' outputs. Most models also pass output_attentions down to the
+    attention function (refused in _check_kwargs); GPT-2's model pops it first, so without this
+    check a patched GPT-2 returned output_attentions=True's attentions as an empty tuple. (Not
+    checked while torch.compile traces: the collector is a context variable.)"""
+    if not _COLLECTOR:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # (4.5x: the kwarg reaches the attention function)
+            _active_collector = None
+        _COLLECTOR.append(_active_collector)
+    collector = _COLLECTOR[0]
+    if collector is None or is_compiling():
+        return False
+    collected = collector.get()
+    return collected is not None and "attentions" in collected
+
+
 def _check_kwargs(kwargs: dict) -> None:
+    if _weights_collected():
+        why = _UNSUPPORTED_KWARGS["output_attentions"]
+        raise NotImplementedError(f"fastprobe attention got output_attentions=True (the forward collects them): {why}")
     if _IGNORED_KWARGS.issuperset(kwargs):  # (the usual call: a decoding step's layers pay ~0.2 us less)
         return
     for name, value in kwargs.items():
