@@ -982,6 +982,33 @@ def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, monkeypatch)
         assert_near(got.grad.double(), want.grad)
 
 
+def _loss_scaled_grads(loss_fn, hidden, weight, teacher_hidden, teacher_weight, scale):
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (loss_fn(hidden, weight, teacher_hidden, teacher_weight) * scale).backward()
+    return hidden.grad.double() / scale, weight.grad.double() / scale
+
+
+def test_fused_linear_float16_student_keeps_small_gradients_under_loss_scaling():
+    """A float16 student under loss scaling (torch.amp.GradScaler's recipe: (loss * S).backward(),
+    then the gradients divided by S): the mean's 1 / N was applied to the 16-bit logit gradient
+    in the forward, before S, so its entries below float16's range were flushed (a relative error
+    of several percent in the hidden states' gradient at N = 8192)."""
+    torch.manual_seed(0)
+    rows, vocab, width, scale = 4096, 1024, 32, 2.0 ** 16
+    hidden = torch.randn(rows, width).half()
+    weight = (torch.randn(vocab, width) / width ** 0.5).half()
+    teacher_hidden, teacher_weight = torch.randn(rows, width), torch.randn(vocab, width) / width ** 0.5
+    loss_fn = fp.FusedLinearBridgeLoss(beta=0.5)
+    want = _loss_scaled_grads(loss_fn, hidden.double(), weight.double(), teacher_hidden.double(),
+                              teacher_weight.double(), scale)
+    got = _loss_scaled_grads(loss_fn, hidden, weight, teacher_hidden, teacher_weight, scale)
+    for name, g, w in zip(("student_hidden", "student_weight"), got, want):
+        error = float((g - w).norm() / w.norm())
+        # one float16 rounding of the result is ~3e-4 here (eager: logits in float16, loss in float32)
+        assert error < 2e-3, f"{name}'s gradient is {error:.3g} off the float64 one"
+        assert not bool(((g == 0) & (w != 0)).any()), f"{name}'s gradient has entries flushed to 0"
+
+
 def test_fused_linear_under_no_grad_forms_no_gradient():
     """An evaluation under torch.no_grad (a trainable student, no backward to come) gives the same
     loss and forms no gradient: before, autograd.Function's needs_input_grad (True under no_grad)

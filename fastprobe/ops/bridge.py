@@ -504,6 +504,14 @@ class _FusedLinearBridge(torch.autograd.Function):
             row_scale = 1.0 / kept.clamp(min=1).to(loss_dtype)
         else:  # sum: the rows' gradients as they are
             row_scale = None
+        # A 16-bit logit gradient is left unscaled by 1 / N here and the row scale is applied in
+        # the backward with the loss's gradient, in float32 (GradScaler's scale included): scaled
+        # here, in float16, d loss / d logits ~ (P_S - Q) / N fell below float16's range (flushed
+        # to 0 or a subnormal) before the loss scale could lift it. Not where the weight gradient
+        # is summed in 16 bits (float32_weight_grad=False), whose unscaled row sums could overflow.
+        # (whatever the hidden states' dtype: under torch.autocast float32 ones give 16-bit logits)
+        deferred = row_scale is not None and (
+            grad_weight is None or grad_weight.dtype not in (torch.float16, torch.bfloat16))
         losses = []
         # (the chunk count as an int, the row count left symbolic: range(0, num_rows, chunk_rows) made
         # torch.compile specialize N and V, one graph per batch size)
@@ -521,7 +529,7 @@ class _FusedLinearBridge(torch.autograd.Function):
             )
             del student_logits, teacher_logits  # (freed now, not when the next chunk's replace them)
             losses.append(loss)
-            if row_scale is not None:  # d(reduced loss) / d logits, the product in float32 (or float64)
+            if row_scale is not None and not deferred:  # d(reduced loss) / d logits, the product in float32 (or float64)
                 grad_logits.mul_(row_scale)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ student_weight  # [n, V] @ [V, H]
@@ -534,7 +542,7 @@ class _FusedLinearBridge(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
             del grad_logits  # at most one chunk's three [rows, V] tensors live at a time
         rows_loss = torch.cat(losses) if losses else student_hidden.new_zeros(0, dtype=loss_dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, row_scale if deferred else None)
         ctx.weight_dtype, ctx.bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
         ctx.scaled_in_place = False
         total = rows_loss.sum()
@@ -554,15 +562,25 @@ class _FusedLinearBridge(torch.autograd.Function):
             )
         # (a batch of incoming gradients: a batch of products, out of place)
         ctx.scaled_in_place = graph_kept() is not True and not batched_gradient(grad_output)
+        *gradients, row_scale = ctx.saved_tensors
+        factor = grad_output if row_scale is None else grad_output * row_scale.to(grad_output.dtype)
         grad_hidden, grad_weight, grad_bias = (
-            None if g is None else g.mul_(grad_output) if ctx.scaled_in_place else g * grad_output
-            for g in ctx.saved_tensors
+            None if g is None else _scaled(g, factor, ctx.scaled_in_place) for g in gradients
         )
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """grad * factor, the product in float32 at least and rounded once to grad's dtype (in place
+    in grad when in_place)."""
+    if grad.dtype == torch.promote_types(grad.dtype, factor.dtype):
+        return grad.mul_(factor) if in_place else grad * factor
+    product = (grad.to(torch.promote_types(grad.dtype, torch.float32)) * factor).to(grad.dtype)
+    return grad.copy_(product) if in_place else product
 
 
 class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
