@@ -26,8 +26,10 @@ for candidate in "${PYTHON312:-}" python3.12 /root/.pyenv/versions/3.12*/bin/pyt
 done
 [ -n "$python312" ] || { echo "no Python 3.12 found (set PYTHON312): .whl/fastprobe not built" >&2; exit 1; }
 venv=/tmp/fastprobe-wheel-build
-if ! "$venv/bin/python" -c 'import scikit_build_core, pybind11, cmake, ninja' 2>/dev/null; then
+# (scikit-build-core >= 1.0, as pyproject.toml's build-system.requires: wheel.force-include)
+if ! "$venv/bin/python" -c 'import scikit_build_core, pybind11, cmake, ninja
+assert int(scikit_build_core.__version__.split(".")[0]) >= 1' 2>/dev/null; then
   "$python312" -m venv "$venv"
-  "$venv/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+  "$venv/bin/pip" install -q "scikit-build-core>=1.0" "pybind11>=2.12" cmake ninja
 fi
 PATH=$venv/bin:$PATH "$venv/bin/python" -m bench.prebuilt build .whl/fastprobe
