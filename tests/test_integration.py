@@ -260,6 +260,42 @@ def test_compiled_decoding_with_a_static_cache(arch):
         torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
 
 
+@pytest.mark.skipif(TORCH_BEFORE_2_6, reason="torch.compile of transformers' generate needs a recent torch")
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="transformers 4.5x breaks in its attention "
+                    "lookup (a graph per step there anyway)")
+@pytest.mark.parametrize("padding", ["left", "none"])
+def test_compiled_decoding_records_without_a_graph_per_step(padding):
+    """generate's compiled decoding step (a static cache) while recording: Dynamo compiles the step
+    once, not once per step. The record's count of calls was a Python int that the compiled step
+    read and incremented (a guard on its value: a recompile every step until Dynamo's recompile
+    limit, 8, after which the steps ran eagerly), and the mask, one slot wider each step, got a
+    graph for its first width. The step that fills the buffer's last slot may add one graph (its
+    written keys are the whole buffer: AOTAutograd's contiguity check of that view guards on the
+    width, a torch guard); with 9 steps, at most 2 graphs. The statistics are the uncompiled run's."""
+    from torch._dynamo.utils import counters
+
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs(padding=padding)
+    settings = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with fp.record_attention(model, statistics=("sink_mass", "entropy")) as want:
+        expected = static_generate(model, ids, **settings)
+    config = transformers.CompileConfig(backend="aot_eager", mode=None, fullgraph=False, dynamic=None)
+    config._compile_all_devices = True  # (generate compiles on accelerators only, unless told)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with fp.record_attention(model, statistics=("sink_mass", "entropy")) as got:
+            generated = static_generate(model, ids, compile_config=config, **settings)
+        graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert 0 < graphs <= 2 and not breaks, (graphs, breaks)
+    assert torch.equal(generated.sequences, expected.sequences)
+    torch.testing.assert_close(got.sink_mass, want.sink_mass, **TOLERANCE)
+    torch.testing.assert_close(got.entropy, want.entropy, **TOLERANCE)
+    assert got.num_queries.tolist() == want.num_queries.tolist()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2"])
 def test_patched_model_under_autocast(arch):
     """Mixed precision (a float32 model under torch.autocast): the rotary embedding hands

@@ -66,6 +66,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
+import sys
 import threading
 import warnings
 import weakref
@@ -1161,6 +1162,13 @@ def key_padding_mask(
     except NotImplementedError as why:
         causal, window, refused = True, None, str(why)
     static = written < kv_length
+    if (not static and (causal or window is not None) and q_length == 1 and not allow_is_causal_skip
+            and isinstance(q_offset, torch.Tensor) and attention_mask is not None and attention_mask.dim() == 2
+            and attention_mask.shape[-1] == kv_offset + kv_length):
+        # The decoding step that fills a static buffer's last slot (generate sizes the buffer so, for
+        # its last token): its mask covers every slot, and it keeps the static pattern of the steps
+        # before (the same keys either way), so that compiled decoding keeps their graph.
+        static = True
     if attention_mask is None:
         mask = torch.ones(batch_size, written, dtype=torch.bool, device=device)
     else:
@@ -1183,6 +1191,12 @@ def key_padding_mask(
         # a 4D mask as it is, but runs a 2D one through .to(), which under torch.compile loses the
         # pattern and would re-read the mask function (Python introspection: a graph break a step).
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk] (_pattern_of reads it back as [B, Lk])
+        if static and not is_compiling() and "torch._dynamo" in sys.modules:
+            # A static cache's mask covers the slots written so far: one more each step. Its width is
+            # marked dynamic (Dynamo would otherwise compile the first step for its width and
+            # recompile at the second), so that generate's compiled step makes one graph, as the
+            # unpatched model's full-buffer masks do. (No torch.compile, no torch._dynamo imported.)
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
     row = None if static else attention_mask
     no_padding = attention_mask is None and dropped is None and segments is None and not static
     setattr(mask, _PATTERN, _MaskPattern(causal, window, dropped, {}, refused, blocks, segments, int(kv_offset),
@@ -1443,11 +1457,11 @@ def _pattern_over_the_row(module, attention_mask: torch.Tensor, pattern: _MaskPa
 def _written_part(attention_mask, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values that hold tokens: a static cache's buffer (_MaskPattern.static) is cut to
     the slots its mask covers (views; the kernels take any stride but the head dimension's)."""
-    if attention_mask is None or key.shape[2] <= attention_mask.shape[-1]:  # (every call but a static cache's)
+    pattern = getattr(attention_mask, _PATTERN, None) if attention_mask is not None else None
+    if pattern is None or not pattern.static:  # (every call but a static cache's)
         return key, value
-    pattern = getattr(attention_mask, _PATTERN, None)
-    if pattern is None or not pattern.static:
-        return key, value
+    # (the mask never covers more slots than the buffer: cut without comparing, which under
+    # torch.compile would guard on the mask's width, and the step filling the last slot recompile)
     written = attention_mask.shape[-1]
     return key[:, :, :written], value[:, :, :written]
 
@@ -1981,6 +1995,9 @@ class AttentionRecord:
         self._host_counts = [[0] * num_layers, [0] * num_layers]
         self._ones: dict = {}  # (device, dtype) -> a vector of ones, the unweighted sums' (_add_as_matvec)
         self._calls = 0  # attention calls added (on the host: reading the fields needs no sync)
+        # a compiled forward added calls (it sets this, never reads or counts: Dynamo guards on the
+        # value of a Python int it reads, so a count would make a graph per decoding step)
+        self._traced_calls = False
         self._key_groups: Optional[KeyGroups] = None  # [B, L], checked
         self._views: dict = {}  # (device, first key's position, Lk) -> KeyGroups of those keys
         self._lock = threading.Lock()
@@ -2016,6 +2033,7 @@ class AttentionRecord:
             return copy.deepcopy({name: value for name, value in self.__dict__.items() if name != "_lock"})
 
     def __setstate__(self, attributes: dict) -> None:
+        self._traced_calls = False  # (a record pickled before it had this flag)
         self.__dict__.update(attributes)
         self._lock = threading.Lock()
 
@@ -2131,7 +2149,10 @@ class AttentionRecord:
         else:
             count = batch * num_queries if weight is None else real_queries.to(self._counts.device)
             self._counts[:grouped, layer].add_(count)
-        self._calls += 1
+        if is_compiling():
+            self._traced_calls = True
+        else:
+            self._calls += 1
 
     def _add_as_matvec(self, table: Optional[torch.Tensor], layer: int, values: torch.Tensor,
                        weight: Optional[torch.Tensor]) -> bool:
@@ -2175,7 +2196,7 @@ class AttentionRecord:
         return made
 
     def _mean(self, name: str) -> Optional[torch.Tensor]:
-        if self._calls == 0:  # (not the device counts: a bool of them would wait for the GPU)
+        if self._calls == 0 and not self._traced_calls:  # (not the device counts: a bool would wait for the GPU)
             raise RuntimeError("nothing was recorded: run the model inside `with fastprobe.record_attention(model)`")
         with self._held():
             table = self._sums.get(name)
