@@ -30,7 +30,8 @@ print(json.dumps(hook(sys.argv[2], {"wheel.cmake": "false"})))
 def _wheel(kind: str, out: Path) -> zipfile.ZipFile:
     skbuild = pytest.importorskip("scikit_build_core")
     if int(skbuild.__version__.split(".")[0]) < 1:
-        pytest.skip(f"pyproject.toml needs scikit-build-core >= 1.0 (wheel.force-include), this is {skbuild.__version__}")
+        pytest.skip(f"pyproject.toml needs scikit-build-core >= 1.0 (wheel.force-include), not "
+                    f"{skbuild.__version__}")
     if not (ROOT / "fastprobe").is_dir():
         pytest.skip("needs the tree's fastprobe/ sources (tests/sanitize.sh runs the tests beside a copy without them)")
     out.mkdir()

@@ -42,8 +42,9 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
                 progress: bool = True):
     """Every head's BOS sink score over `texts`: a DataFrame with one row per (layer, head),
     in that order, and columns layer, head, sink_score (attention weight on the first real token,
-    in a chunked layer its chunk's, averaged over all real query positions) and rank (1 = the strongest sink head). Heads the
-    texts never reach have no row: a vision tower's, run by images only.
+    in a chunked layer its chunk's, averaged over all real query positions) and rank (1 = the
+    strongest sink head). Heads the texts never reach have no row: a vision tower's, run by images
+    only.
 
     Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
     model runs under fastprobe.record_attention (patched for the call if it is not already; a

@@ -529,7 +529,7 @@ class _FusedLinearBridge(torch.autograd.Function):
             )
             del student_logits, teacher_logits  # (freed now, not when the next chunk's replace them)
             losses.append(loss)
-            if row_scale is not None and not deferred:  # d(reduced loss) / d logits, the product in float32 (or float64)
+            if row_scale is not None and not deferred:  # d(reduced loss) / d logits, in float32 (or float64)
                 grad_logits.mul_(row_scale)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ student_weight  # [n, V] @ [V, H]
