@@ -1252,7 +1252,14 @@ _UNSUPPORTED_KWARGS = {  # (the packing kwargs arrive here only without cu_seq_l
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-_COLLECTOR: list = []  # [transformers' output collector, or None where it has none], set on first use
+@functools.lru_cache(maxsize=None)
+def _output_collector():
+    """transformers' output collector (5.x: utils.output_capturing), or None where it has none."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # (4.5x: the kwarg reaches the attention function)
+        return None
+    return _active_collector
 
 
 def _weights_collected() -> bool:
@@ -1261,13 +1268,7 @@ def _weights_collected() -> bool:
     attention function (refused in _check_kwargs); GPT-2's model pops it first, so without this
     check a patched GPT-2 returned output_attentions=True's attentions as an empty tuple. (Not
     checked while torch.compile traces: the collector is a context variable.)"""
-    if not _COLLECTOR:
-        try:
-            from transformers.utils.output_capturing import _active_collector
-        except ImportError:  # (4.5x: the kwarg reaches the attention function)
-            _active_collector = None
-        _COLLECTOR.append(_active_collector)
-    collector = _COLLECTOR[0]
+    collector = _output_collector()
     if collector is None or is_compiling():
         return False
     collected = collector.get()
