@@ -816,6 +816,17 @@ def test_key_ends_made_under_fake_tensors_are_not_kept():
         assert type(_constant_key_masks(7, 9, 2, 1, torch.device("cpu")).sink_end) is not torch.Tensor
 
 
+def test_constant_key_masks_stay_bounded_when_num_sink_exceeds_the_keys():
+    """A sweep of num_sink (or stat_tokens) past Lk needs no new key ends, only new KeyMasks: their
+    cache has its own bound (it grew by one entry, ~270 bytes, per value)."""
+    from fastprobe.ops import attention
+
+    q, k, v = torch.randn(3, 1, 2, 4, 8)
+    for num_sink in range(1, 600):
+        fp.sink_attention(q, k, v, num_sink=num_sink)
+    assert len(attention._CONSTANT_MASKS) <= 256
+
+
 def test_key_masks_are_used_only_for_their_keys(target):
     """A KeyMasks made without padding carries the Lk it was made for: one made for 6 keys with
     num_sink=10 holds ends clamped to 6, and a call with 100 keys is refused by name (it ran with

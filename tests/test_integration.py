@@ -2277,6 +2277,39 @@ def test_a_patched_model_deleted_without_unpatch_is_freed():
     assert layer() is None
 
 
+def test_a_patched_model_deleted_without_unpatch_frees_its_attention_without_the_cycle_collector():
+    """Dropping the last reference to a patched model frees its attention modules (their weights)
+    at once: the patch state each of them holds does not hold them back (a reference cycle kept
+    them, a third of a Llama's weights, until the cyclic garbage collector happened to run)."""
+    import gc
+    import weakref
+
+    model = fp.patch(tiny_model("llama"))
+    outputs(model, *inputs())
+    layer = weakref.ref(attention_layers(model)[0])
+    weight = weakref.ref(attention_layers(model)[0].q_proj.weight)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model
+        assert layer() is None and weight() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_kept_record_holds_its_sums_not_the_blocks_key_group_views():
+    """After its block an AttentionRecord keeps what its fields are read from, not the per-forward
+    views of the key groups ([B, Lk] each, up to 8 of them: ~850 times the sums' bytes after a
+    generate of batch 8 over 512 tokens)."""
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    with fp.record_attention(model, key_groups=torch.zeros_like(ids)) as record:
+        outputs(model, ids, mask)
+    assert not record._views and not record._ones
+    assert torch.isfinite(record.sink_mass).all() and torch.isfinite(record.group_mass).all()
+
+
 def test_two_patched_models_sharing_a_config_do_not_warn():
     """Two LLaVAs made from one config, both patched: the vision tower of either (plain fastprobe
     attention, not one of its patched layers) belongs to a patched model, so neither warns."""

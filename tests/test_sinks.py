@@ -225,6 +225,7 @@ def test_prune_and_restore(tokenizer):
     assert not first.active and not second.active and not is_patched(model)
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     assert torch.equal(logits(model, tokenizer)[0], base)
+    assert second.saved == []  # (a handle kept after restore holds no copy of the columns)
     first.restore()  # a no-op once restored
 
 

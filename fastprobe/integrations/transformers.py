@@ -379,7 +379,7 @@ class _PatchState:
     its forward passes."""
 
     def __init__(self, layers: list, previous: list, options: PatchOptions):
-        self.layers = layers
+        self.layers = layers  # (held weakly: see the property)
         self.previous = previous
         self.recorder: Optional[AttentionRecord] = None
         self.hooks: list = []
@@ -392,16 +392,34 @@ class _PatchState:
         self.tower_layers: frozenset = frozenset()  # layers of a vision or audio tower (_tower_layers)
         self.set_options(options)
 
+    @property
+    def layers(self) -> list:
+        """The self-attention modules, in fastprobe's layer order. Held through weak references: each
+        of them holds this state (_STATE), so a list of them here made a reference cycle, and a
+        patched model dropped without unpatch kept its attention modules (their weights) alive until
+        the cyclic garbage collector happened to run."""
+        return [ref() for ref in self._layer_refs]
+
+    @layers.setter
+    def layers(self, modules) -> None:
+        self._layer_refs = tuple(weakref.ref(module) for module in modules)
+
     def __getstate__(self) -> dict:
         # (a copy made inside record_attention is not recording: that block ends for the original only)
-        return {name: value for name, value in self.__dict__.items() if name not in ("_threads", "recorder")}
+        attributes = {name: value for name, value in self.__dict__.items()
+                      if name not in ("_threads", "recorder", "_layer_refs")}
+        attributes["layers"] = self.layers  # (the modules themselves: a copy's are the copied modules)
+        return attributes
 
     def __setstate__(self, attributes: dict) -> None:
         """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
         are then the copy's modules (the copy is patched as the original was, and unpatch(copy)
         restores the copy only). Unpickled in another process, it registers "fastprobe" with
         transformers again (the copy's config names it) and wraps the KV-sharing classes again."""
+        attributes = dict(attributes)
+        layers = attributes.pop("layers")
         self.__dict__.update(attributes)
+        self.layers = layers
         self.recorder = None
         self._threads = threading.local()
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
@@ -1940,8 +1958,9 @@ def unpatch(model):
     for hook in state.hooks:
         hook.remove()
     for module in state.layers:
-        delattr(module, _STATE)
-        delattr(module, _LAYER)
+        if module is not None:  # (None: a module replaced in the model since, and freed)
+            delattr(module, _STATE)
+            delattr(module, _LAYER)
     delattr(model, _STATE)
     return wrapper
 
@@ -2302,6 +2321,7 @@ def record_attention(
             state.recorder = None
             if temporary and not _changed_options(options, state.options):  # (else: kept patched with them)
                 unpatch(model)
+        record._views, record._ones = {}, {}  # (the block's per-forward caches: a kept record holds its sums only)
 
 
 # Held while record_attention sets or clears a model's recorder (and patches or unpatches it for

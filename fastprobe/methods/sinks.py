@@ -206,6 +206,7 @@ class PrunedHeads:
             raise RuntimeError("restore pruned heads newest first (or call restore_heads(model))")
         self._undo()
         self.active = False
+        self.saved = []  # (the original columns: restored, no longer needed by a handle kept afterwards)
         active.pop()
         if not active:
             delattr(self.model, _PRUNED)

@@ -211,6 +211,8 @@ def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: i
     masks = KeyMasks(None, *ends, num_sink, stat_tokens)
     kept = plain and all(is_kept_constant(("key ends", batch, end), tensor) for end, tensor in zip(ends_at, ends))
     if kept:  # (neither made fresh while tracing, compiling or capturing)
+        if len(_CONSTANT_MASKS) >= 256:  # (its own bound: num_sink or stat_tokens past Lk add keys, not ends)
+            _CONSTANT_MASKS.clear()
         _CONSTANT_MASKS[(batch, *ends_at, num_sink, stat_tokens, ends[0].device)] = masks
     return masks
 
