@@ -1539,6 +1539,55 @@ def test_refuses_what_it_cannot_reproduce():
         model(input_ids=ids, attention_mask=mask)
 
 
+def test_loss_and_router_kwargs_pass_the_attention(tmp_path):
+    """Keyword arguments a model passes down to its attention that are the loss's or the routers'
+    business, not the attention's: the Trainer's num_items_in_batch (evaluate, predict) and a
+    mixture-of-experts model's output_router_logits. Both were refused ("an argument fastprobe does
+    not know how to honour"), so Trainer.evaluate() of a patched model failed."""
+    reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    labels = ids.masked_fill(mask == 0, -100)
+    count = (labels[:, 1:] != -100).sum()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count).loss
+        got = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count).loss
+    torch.testing.assert_close(got, want)
+    rows = [{"input_ids": row[m.bool()].tolist(), "labels": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+    losses = []
+    for each in (reference, model):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[],
+                                              use_cpu=True, prediction_loss_only=True)
+        def collator(batch):
+            def padded(name, value):
+                return torch.nn.utils.rnn.pad_sequence([torch.tensor(r[name]) for r in batch], batch_first=True,
+                                                       padding_value=value)
+            return {"input_ids": padded("input_ids", 0), "labels": padded("labels", -100),
+                    "attention_mask": padded("labels", -100) != -100}
+        losses.append(transformers.Trainer(model=each, args=args, eval_dataset=rows,
+                                           data_collator=collator).evaluate()["eval_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, pad_token_id=0)
+    torch.manual_seed(0)
+    reference = transformers.MixtralForCausalLM(config).eval()
+    model = fp.patch(copy.deepcopy(reference))
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        got = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss)
+    if "return_seq_idx" in inspect.signature(transformers.DataCollatorWithFlattening).parameters:
+        # packed sequences with their index (for state-space layers): each attends within itself, as unpatched
+        rows = [{"input_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+        packed = transformers.DataCollatorWithFlattening(return_seq_idx=True)(rows)
+        reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
+        with torch.no_grad():
+            want = reference(**packed, use_cache=False).logits
+            got = model(**packed, use_cache=False).logits
+        torch.testing.assert_close(got, want, **TOLERANCE)
+
+
 def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
     reference, model = tiny_model("mistral"), fp.patch(tiny_model("mistral"), num_sink=1)
     ids, mask = inputs(padding="none")

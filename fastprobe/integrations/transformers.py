@@ -1258,6 +1258,12 @@ _IGNORED_KWARGS = {
     "output_hidden_states", "return_dict", "layer_idx", "encoder_hidden_states", "token_type_ids",
     "logits_to_keep",  # the LM head's business (GOT-OCR2 passes its kwargs down to attention)
     "mm_token_type_ids",  # which tokens are images: the masks already say it (LLaVA-OV-1.5's tower gets it)
+    # the loss's and the MoE routers' business, passed down with the model's kwargs: the Trainer's
+    # num_items_in_batch (evaluate, predict), output_router_logits (Mixtral, Qwen2-MoE: collected from the routers)
+    "num_items_in_batch", "output_router_logits",
+    # DataCollatorWithFlattening(return_seq_idx=True)'s sequence index, for state-space layers' kernels;
+    # sdpa and eager ignore it too (their packed sequences come from the position ids, as fastprobe's)
+    "seq_idx",
 }
 _UNSUPPORTED_KWARGS = {  # (the packing kwargs arrive here only without cu_seq_lens_q: see _packing_boundaries)
     "cu_seq_lens_k": "packed-sequence boundaries without cu_seq_lens_q",
