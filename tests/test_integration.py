@@ -2314,6 +2314,31 @@ def test_a_model_sharing_the_patched_models_config_is_warned_about():
         outputs(reference, ids, mask)
 
 
+def test_a_model_made_from_a_copy_of_the_patched_models_config_is_warned_about():
+    """A copy of a patched model's config (copy.deepcopy, what the warning above suggested, made
+    after patching; from_config copies too) names "fastprobe": a model made from it runs fastprobe's
+    attention without options, recording or a backward, and said nothing (a training step then
+    failed as forward-only). Its forward warns; a deep copy of the patched model (patched itself),
+    whose LLaVA vision tower runs fastprobe's attention outside its layers, does not."""
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    other = transformers.LlamaForCausalLM(copy.deepcopy(model.config)).eval()
+    assert other.config._attn_implementation == "fastprobe" and not is_patched(other)
+    with pytest.warns(UserWarning, match="belongs to no patched model"):
+        outputs(other, ids, mask)
+    other.set_attn_implementation("sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs(other, ids, mask)
+    llava = fp.patch(transformers.LlavaForConditionalGeneration(small_llava_config()).eval())
+    llava_ids, llava_mask = torch.randint(3, 290, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    llava_ids[:, 4:8] = 299
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for each in (llava, copy.deepcopy(llava)):
+            outputs(each, llava_ids, llava_mask, pixel_values=torch.randn(2, 3, 28, 28))
+
+
 def test_a_patched_model_deleted_without_unpatch_is_freed():
     """fastprobe keeps no strong reference to a patched model (nor to its attention modules)."""
     import gc

@@ -96,6 +96,9 @@ _LAYER = "_fastprobe_layer"
 # patch switched it); weak: a patched model deleted without unpatch must not be kept alive from here
 _SWITCHED: dict = {}
 _PATTERN = "_fastprobe_pattern"  # on the key padding masks the mask function returns
+# on every module of a patched model (copies keep it, as _LAYER): a module that calls fastprobe's
+# attention without being one of its layers (a vision tower's) belongs to a patched model
+_PART = "_fastprobe_part"
 
 
 # ---------------------------------------------------------------- options
@@ -1608,11 +1611,24 @@ def _warn_if_switched_by_another(module) -> None:
         return
     config = getattr(module, "config", None)
     config_ref, states = _SWITCHED.get(id(config), (None, ()))
-    if states and config_ref() is config and not any(id(module) in state.module_ids for state in states):
+    if states and config_ref() is config:
+        if not any(id(module) in state.module_ids for state in states):
+            warnings.warn(
+                f"fastprobe: this {type(module).__name__} runs fastprobe's attention (without options or recording) "
+                "because its model shares its config object with a model that fastprobe.patch switched. Give each "
+                "model its own config (copy.deepcopy(config) made before patching) to keep it unpatched, e.g. as a "
+                "reference.",
+                stacklevel=2,
+            )
+    elif not getattr(module, _PART, False):
+        # a config that names "fastprobe" but that no live patch switched: a copy of a patched
+        # model's config (copy.deepcopy, from_config), or attn_implementation="fastprobe"
         warnings.warn(
-            f"fastprobe: this {type(module).__name__} runs fastprobe's attention (without options or recording) "
-            "because its model shares its config object with a model that fastprobe.patch switched. Give each "
-            "model its own config (copy.deepcopy(config)) to keep it unpatched, e.g. as a reference.",
+            f"fastprobe: this {type(module).__name__} runs fastprobe's attention (without options or recording; "
+            "forward-only) but belongs to no patched model: its config names \"fastprobe\", e.g. a copy of a "
+            "patched model's config (copy.deepcopy(config), from_config(config)). Call "
+            "model.set_attn_implementation(\"sdpa\") (or \"eager\") for transformers' attention, or "
+            "fastprobe.patch(model).",
             stacklevel=2,
         )
 
@@ -1843,6 +1859,8 @@ def patch(
         setattr(module, _STATE, state)
         setattr(module, _LAYER, index)
     setattr(model, _STATE, state)
+    for module in model.modules():
+        setattr(module, _PART, True)
     state.hooks = [model.register_forward_pre_hook(_forward_started, with_kwargs=True),
                    model.register_forward_hook(_forward_left, always_call=True),
                    model.register_forward_hook(_forward_done)]
@@ -1967,6 +1985,9 @@ def unpatch(model):
         if module is not None:  # (None: a module replaced in the model since, and freed)
             delattr(module, _STATE)
             delattr(module, _LAYER)
+    for module in model.modules():
+        if _PART in module.__dict__:
+            delattr(module, _PART)
     delattr(model, _STATE)
     return wrapper
 
