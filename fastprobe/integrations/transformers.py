@@ -1295,8 +1295,10 @@ def _weights_collected() -> bool:
     attention function (refused in _check_kwargs); GPT-2's model pops it first, so without this
     check a patched GPT-2 returned output_attentions=True's attentions as an empty tuple. (Not
     checked while torch.compile traces: the collector is a context variable.)"""
+    if is_compiling():  # (first: dynamo warns of tracing an lru_cache-wrapped function)
+        return False
     collector = _output_collector()
-    if collector is None or is_compiling():
+    if collector is None:
         return False
     collected = collector.get()
     return collected is not None and "attentions" in collected
