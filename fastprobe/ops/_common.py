@@ -416,13 +416,19 @@ def _(message, gradients):
     return [torch.empty_like(gradient) for gradient in gradients]
 
 
-def register_forward_only(op, name: str, why: str = "", inputs: str = "its inputs") -> None:
-    """Autograd for an inference-only custom op: backward raises a clear error. Raised when a
-    backward runs, not when one is traced: torch.compile traces the backward of a forward whose
-    inputs require grad (a model in eval mode with trainable weights) and must not fail there, so
-    a traced backward returns gradients of the refusing op above in place of the inputs'."""
+# The last sentence of the attention ops' refusal: most of their backward calls come from a patched model.
+PATCHED_MODEL_HINT = " A model that fastprobe.patch switched to this attention trains after fastprobe.unpatch(model)."
+
+
+def register_forward_only(op, name: str, why: str = "", inputs: str = "its inputs", after: str = "") -> None:
+    """Autograd for an inference-only custom op: backward raises a clear error (`after`: a last
+    sentence). Raised when a backward runs, not when one is traced: torch.compile traces the
+    backward of a forward whose inputs require grad (a model in eval mode with trainable weights)
+    and must not fail there, so a traced backward returns gradients of the refusing op above in
+    place of the inputs'."""
     register_refusing_backward(op, f"fastprobe.{name} is forward-only{why}: training through it is not supported "
-                                   f"yet. Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}.")
+                                   f"yet. Use it under torch.no_grad() / torch.inference_mode(), or detach {inputs}."
+                                   + after)
 
 
 def register_refusing_backward(op, message: str) -> None:

@@ -23,8 +23,8 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, address, autocast_cast, bool_as_uint8, check_dtype, check_float32_range, check_int,
-    check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output,
+    DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, PATCHED_MODEL_HINT, address, autocast_cast, bool_as_uint8, check_dtype,
+    check_float32_range, check_int, check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output,
     new_output_like, on_device, output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
 )
 
@@ -427,7 +427,7 @@ def _(q, k, v, scale, causal, window, key_real, sink_end, stat_end, head_mask, s
     return _op_outputs(_outputs(q, v.shape[-1], None if key_groups is None else num_groups, return_entropy))
 
 
-register_forward_only(_sink_attention_op, "sink_attention", inputs="q, k, v and sink_logit")
+register_forward_only(_sink_attention_op, "sink_attention", inputs="q, k, v and sink_logit", after=PATCHED_MODEL_HINT)
 
 
 # ---- Argument checks (before any kernel runs; every message names the argument). ----

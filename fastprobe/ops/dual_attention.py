@@ -21,7 +21,7 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, address, bool_as_uint8, check_int, check_op_tensors, check_real, cpp, custom_op, new_output,
+    DTYPE_NAMES, PATCHED_MODEL_HINT, address, bool_as_uint8, check_int, check_op_tensors, check_real, cpp, custom_op, new_output,
     on_device, register_forward_only, runs_plain,
 )
 from .attention import (
@@ -158,7 +158,8 @@ def _(q, k, v, drop, rows, key_real, gamma, orthogonalize, eps, scale, causal, h
     return _op_outputs(_outputs(q, v.shape[-1], return_paths))  # (new_output makes fake or meta tensors here, like q)
 
 
-register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)", inputs="q, k and v")
+register_forward_only(_dual_path_attention_op, "dual_path_attention", " (it steers generation)", inputs="q, k and v",
+                      after=PATCHED_MODEL_HINT)
 
 
 def _check_rows(rows, batch: int, num_queries: int, q: torch.Tensor) -> torch.Tensor:
