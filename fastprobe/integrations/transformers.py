@@ -531,6 +531,7 @@ def _import_interfaces() -> tuple:
     # patched, not as a decorator: torch.compiler.assume_constant_result imports torch._dynamo (and
     # with it sympy and triton, ~1 s, and sets TORCHINDUCTOR_CACHE_DIR in os.environ) on `import fastprobe`.
     torch.compiler.assume_constant_result(_evaluated_pattern)
+    _note_qualnames(masking_utils)
     return masking_utils, AttentionInterface, AttentionMaskInterface
 
 
@@ -865,10 +866,42 @@ _COMBINATORS = ("and_masks.", "or_masks.")
 
 def _qualname(fn, default=None):
     """fn's qualified name, read from its code object where it has one (torch.compile traces
-    code.co_qualname, not function.__qualname__: a graph break, so fullgraph=True failed)."""
+    code.co_qualname, not function.__qualname__: a graph break, so fullgraph=True failed).
+    Python 3.10's code objects have no co_qualname, and the __qualname__ that Dynamo gives a
+    function it traces there is the bare co_name ("and_mask", not "and_masks.<locals>.and_mask"):
+    the name noted for the code's place by _note_qualnames comes first."""
     code = getattr(fn, "__code__", None)
     name = getattr(code, "co_qualname", None)  # (Python 3.11+)
+    if name is None and code is not None and _QUALNAMES:
+        name = _QUALNAMES.get((code.co_filename, code.co_firstlineno, code.co_name))
     return name if name is not None else getattr(fn, "__qualname__", default)
+
+
+_QUALNAMES: dict = {}  # (Python 3.10) (file, first line, co_name) of a code object -> its qualified name
+_QUALNAMES_NOTED: set = set()  # the modules _note_qualnames walked
+
+
+def _note_qualnames(module) -> None:
+    """(Python 3.10, called eagerly: from patch) notes in _QUALNAMES the qualified names of module's
+    functions, of its classes' methods and of the functions they define, at any depth."""
+    name = getattr(module, "__name__", None)
+    if sys.version_info >= (3, 11) or name is None or name in _QUALNAMES_NOTED:
+        return
+    _QUALNAMES_NOTED.add(name)
+
+    def note(code, qualname: str) -> None:
+        _QUALNAMES[(code.co_filename, code.co_firstlineno, code.co_name)] = qualname
+        for const in code.co_consts:
+            if isinstance(const, type(code)):
+                note(const, f"{qualname}.<locals>.{const.co_name}")
+
+    for value in list(vars(module).values()):
+        members = vars(value).values() if isinstance(value, type) else (value,)
+        for member in members:
+            member = getattr(member, "__func__", member)  # (static and class methods)
+            code = getattr(member, "__code__", None)
+            if getattr(member, "__module__", None) == name and isinstance(code, type(_note_qualnames.__code__)):
+                note(code, member.__qualname__)
 
 
 def _closure(fn) -> dict:
@@ -1821,6 +1854,9 @@ def patch(
     """
     wrapper, model = model, unwrapped(model)  # (a PEFT or compiled wrapper: its model is patched, it is returned)
     _masking_utils()
+    for module_name in {type(module).__module__ for module in model.modules()}:
+        if module_name.startswith("transformers.models."):  # (their own mask functions: _model_bidirectional_part)
+            _note_qualnames(sys.modules.get(module_name))
     state = getattr(model, _STATE, None)
     layers = state.layers if state is not None else _check_architecture(model)
     if state is None:
