@@ -1854,9 +1854,10 @@ def patch(
     """
     wrapper, model = model, unwrapped(model)  # (a PEFT or compiled wrapper: its model is patched, it is returned)
     _masking_utils()
-    for module_name in {type(module).__module__ for module in model.modules()}:
-        if module_name.startswith("transformers.models."):  # (their own mask functions: _model_bidirectional_part)
-            _note_qualnames(sys.modules.get(module_name))
+    if sys.version_info < (3, 11):  # (the model's own mask functions, for _model_bidirectional_part)
+        for module_name in {type(module).__module__ for module in model.modules()}:
+            if module_name.startswith("transformers.models."):
+                _note_qualnames(sys.modules.get(module_name))
     state = getattr(model, _STATE, None)
     layers = state.layers if state is not None else _check_architecture(model)
     if state is None:

@@ -24,8 +24,9 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, PATCHED_MODEL_HINT, address, autocast_cast, bool_as_uint8, check_dtype,
-    check_float32_range, check_int, check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op, first_bad_index, new_output,
-    new_output_like, on_device, output_dtype, plain_mode, register_forward_only, runs_plain, skips_host_checks,
+    check_float32_range, check_int, check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op,
+    first_bad_index, new_output, new_output_like, on_device, output_dtype, plain_mode, register_forward_only,
+    runs_plain, skips_host_checks,
 )
 
 __all__ = [

@@ -21,8 +21,8 @@ import torch
 from .. import reference
 from ..backend import resolve
 from ._common import (
-    DTYPE_NAMES, PATCHED_MODEL_HINT, address, bool_as_uint8, check_int, check_op_tensors, check_real, cpp, custom_op, new_output,
-    on_device, register_forward_only, runs_plain,
+    DTYPE_NAMES, PATCHED_MODEL_HINT, address, bool_as_uint8, check_int, check_op_tensors, check_real, cpp, custom_op,
+    new_output, on_device, register_forward_only, runs_plain,
 )
 from .attention import (
     check_attention_inputs, check_mask, check_scale, check_segments, constant_tensor, key_bounds, new_attention_output,
