@@ -151,6 +151,7 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
 
 _CONSTANTS: dict = {}  # (what, its sizes..., device) -> a tensor that is only ever read
 _CONSTANT_MASKS: dict = {}  # (B, both ends, num_sink, stat_tokens, device) -> KeyMasks of kept ends
+_KEPT_AT_MOST = 256  # entries of either cache: a full one is emptied (sizes past it are rare, and cheap to remake)
 
 
 def constant_tensor(key: tuple, device, make: Callable[[torch.device], torch.Tensor]) -> torch.Tensor:
@@ -179,7 +180,7 @@ def constant_tensor(key: tuple, device, make: Callable[[torch.device], torch.Ten
             kept = make(device)
         if device.type == "cuda":  # filled before any stream reads it
             torch.cuda.current_stream(device).synchronize()
-        if len(_CONSTANTS) >= 256:
+        if len(_CONSTANTS) >= _KEPT_AT_MOST:
             _CONSTANTS.clear()
             _CONSTANT_MASKS.clear()
         _CONSTANTS[(*key, device)] = kept
@@ -212,7 +213,7 @@ def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: i
     masks = KeyMasks(None, *ends, num_sink, stat_tokens)
     kept = plain and all(is_kept_constant(("key ends", batch, end), tensor) for end, tensor in zip(ends_at, ends))
     if kept:  # (neither made fresh while tracing, compiling or capturing)
-        if len(_CONSTANT_MASKS) >= 256:  # (its own bound: num_sink or stat_tokens past Lk add keys, not ends)
+        if len(_CONSTANT_MASKS) >= _KEPT_AT_MOST:  # (its own: num_sink or stat_tokens past Lk add keys, not ends)
             _CONSTANT_MASKS.clear()
         _CONSTANT_MASKS[(batch, *ends_at, num_sink, stat_tokens, ends[0].device)] = masks
     return masks
