@@ -874,8 +874,8 @@ def sink_attention(
     Returns:
         AttentionOutput(out [B, Hq, Lq, Dv] in q's dtype (a view of a [B, Lq, Hq, Dv] buffer),
         lse, sink_mass [B, Hq, Lq], group_mass [B, Hq, Lq, G] or None, entropy [B, Hq, Lq] or
-        None), statistics in float32. A query with nothing to attend to (every key masked and no
-        sink logit) gets out 0, lse -inf and zero statistics.
+        None), lse and statistics in float32 (float64 for float64 input). A query with nothing to
+        attend to (every key masked and no sink logit) gets out 0, lse -inf and zero statistics.
 
     Forward only: backward through it raises. Raises TypeError / ValueError naming the argument
     for bad shapes, dtypes, devices, masks or group ids before any kernel runs. The checks of

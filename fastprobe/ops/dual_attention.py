@@ -202,8 +202,9 @@ def dual_path_attention(
         q, k, v: as in sink_attention ([B, Hq, Lq, D], [B, Hkv, Lk, D] and [B, Hkv, Lk, Dv],
             grouped-query heads).
         drop_keys: [B, Lk] bool, True = a key the language-only path does not see (image token).
-        gamma: guidance strength (0 gives plain attention exactly), a Python float. Under
-            torch.compile each value compiles a graph of its own (as SDPA's scale does): a sweep
+        gamma: guidance strength, a Python float (0: out is o_cond exactly, which is plain
+            attention to float rounding: not sink_attention's bits). Under torch.compile each
+            value compiles a graph of its own (as SDPA's scale does): a sweep
             over more than torch._dynamo.config.recompile_limit (8) values runs the rest eagerly.
         orthogonalize: remove the component of the difference along o_uncond (per head).
         eps: added to ||o_uncond|| before dividing (> 0).
