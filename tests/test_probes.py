@@ -555,6 +555,19 @@ def test_predict_and_evaluate_take_train_probes_result_as_it_is():
 
 
 
+def test_accuracy_is_computed_in_float64():
+    """evaluate_probe's accuracy is the fraction of right rows in float64, as its docstring says:
+    it was a float32 mean (13 of 20 right read 0.6499999761581421)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(20, 4, generator=generator)
+    labels = (features[:, 0] > 0).long()
+    fit = train_probe(features, labels, epochs=200, validation_fraction=0)
+    assert torch.equal(predict(fit, features), labels)  # (a planted, separable signal)
+    wrong = labels.clone()
+    wrong[:7] = 1 - wrong[:7]
+    assert evaluate_probe(fit, features, wrong)["accuracy"] == 13 / 20
+
+
 def test_predict_puts_back_each_modules_own_training_flag():
     """A probe in train mode with one module switched off: probe.train(True) afterwards switched
     that one back on too."""

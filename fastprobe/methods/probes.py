@@ -854,7 +854,7 @@ def evaluate_probe(probe: _Probe, features, labels, mask=None, *, batch_size: in
         raise ValueError(f"labels hold class {int(labels.max())} but the probe has {probe.num_outputs} classes")
     metrics = {"loss": float(_loss(outputs, labels, probe.task))}
     if probe.task == "classification":
-        metrics["accuracy"] = float((outputs.argmax(-1) == labels).float().mean())
+        metrics["accuracy"] = float((outputs.argmax(-1) == labels).double().mean())
     else:
         target = labels.reshape(outputs.shape)
         # r2 = 1 - sum (y - f)^2 / sum (y - mean y)^2
