@@ -151,3 +151,13 @@ def test_modules_take_student_and_teacher_of_different_dtypes(student_dtype, tea
     assert hidden.grad.dtype == student_dtype
     plain = fp.bridge_loss(hidden.detach() @ weight.t(), t_hidden @ t_weight.t(), beta=0.5)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [fp.BridgeLoss, fp.FusedLinearBridgeLoss], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("ends", [dict(beta_start=0.0, beta_end=1.0), dict(beta_start=0.0), dict(beta_end=1.0)],
+                         ids=lambda ends: ",".join(ends))
+def test_schedule_ends_without_total_steps_are_refused(module, ends):
+    """beta_start / beta_end given with a fixed beta but no total_steps: a ValueError naming
+    total_steps at construction. (They were kept and never used: the fixed beta ran at every step.)"""
+    with pytest.raises(ValueError, match="only with total_steps"):
+        module(beta=0.5, **ends)

@@ -405,6 +405,10 @@ class _LossOptions:
     def _init_beta(self, beta, beta_start, beta_end, total_steps) -> None:
         if total_steps is None and beta is None:
             raise ValueError("give beta, or beta_start, beta_end and total_steps for a schedule")
+        if total_steps is None and (beta_start is not None or beta_end is not None):
+            # (they were kept and never used: the fixed beta ran throughout)
+            raise ValueError("beta_start and beta_end make a schedule only with total_steps (the run's length): give "
+                             "total_steps, or leave them out for the fixed beta")
         self.beta, self.beta_start, self.beta_end, self.total_steps = beta, beta_start, beta_end, total_steps
         self._check_schedule()
 
@@ -431,6 +435,11 @@ class BridgeLoss(_LossOptions, torch.nn.Module):
 
         loss_fn = BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=10_000)
         loss = loss_fn(student_logits, teacher_logits, labels=labels, step=step)
+
+    beta: a fixed beta; or beta_start, beta_end and total_steps: beta_schedule(step, total_steps,
+    beta_start, beta_end) at each call's step (a schedule without a fixed beta needs step=). With
+    both, a call without a step uses the fixed beta. The other options are bridge_loss's; each is
+    checked where it is set, at construction or on a later assignment.
     """
 
     def __init__(self, beta: Optional[float] = None, *, temperature: float = 1.0, direction: str = "forward",
@@ -441,6 +450,8 @@ class BridgeLoss(_LossOptions, torch.nn.Module):
         self.temperature, self.direction, self.ignore_index, self.reduction = temperature, direction, ignore_index, reduction
 
     def forward(self, student_logits, teacher_logits, labels=None, step: Optional[int] = None) -> torch.Tensor:
+        """bridge_loss(student_logits, teacher_logits, labels=labels) with this module's options,
+        beta at `step` on a schedule (see the class)."""
         return bridge_loss(
             student_logits, teacher_logits, beta=self.beta_at(step), temperature=self.temperature,
             direction=self.direction, labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
@@ -623,6 +634,9 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None, step: Optional[int] = None) -> torch.Tensor:
+        """The loss (a scalar) of student logits student_hidden [N, Hs] @ student_weight [V, Hs]^T
+        (+ student_bias [V]) against the teacher's, computed chunk by chunk; labels [N] with
+        ignore_index as in bridge_loss; beta at `step` on a schedule (as BridgeLoss)."""
         # (its gradients are formed in the forward, per chunk; torch 2.4's Dynamo cannot trace the query)
         if not is_compiling() and torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
