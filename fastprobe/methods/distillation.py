@@ -27,8 +27,9 @@ __all__ = ["check_labels", "distillation_loss", "next_token_targets", "shared_vo
 
 def next_token_targets(labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                        shape: torch.Size, ignore_index: int, device: torch.device) -> torch.Tensor:
-    """For logits [B, L, V], the label each position predicts: the next position's label
-    (causal LMs' shift), ignore_index at the last position. Without labels, a next position
+    """For logits [B, L, V], the label each position predicts ([B, L] int64 on `device`; shape is
+    the logits' [B, L]): the next position's label (causal LMs' shift), ignore_index at the last
+    position. Without labels, a next position
     that the attention mask marks as padding is ignored (a scored one gets a marker other than
     ignore_index); with or without labels, so is every padding position itself (with left
     padding, the last pad would otherwise be scored on the first real token). Keeping all L
