@@ -813,6 +813,8 @@ def _demo_sections(device: torch.device, args: argparse.Namespace) -> int:
 
 
 TEXTS_HELP = "a UTF-8 text file, one text per line (stripped; blank lines skipped; texts numbered from 0)"
+BATCH_SIZE_HELP = "texts per forward pass (default 8)"
+DTYPE_HELP = "the models' dtype (default auto: the one transformers loads the checkpoint in)"
 
 
 def main(argv=None) -> int:
@@ -841,14 +843,16 @@ def main(argv=None) -> int:
     sinks_parser.add_argument("--plot", default=None, metavar="PATH", help="write a layer x head heat map (matplotlib)")
     sinks_parser.add_argument("--csv", default=None, metavar="PATH", help="write the head table as CSV")
     sinks_parser.add_argument("--top", type=_positive_int, default=10, help="heads to list (default 10)")
-    sinks_parser.add_argument("--batch-size", type=_positive_int, default=8)
+    sinks_parser.add_argument("--batch-size", type=_positive_int, default=8, help=BATCH_SIZE_HELP)
     sinks_parser.add_argument("--max-length", type=_integer_at_least(2), default=512,
-                              help="tokens per text at most (2 at least: a token to score and one to predict)")
+                              help="tokens per text at most (default 512; 2 at least: a token to score and one "
+                                   "to predict)")
     sinks_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
-    sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                              help=DTYPE_HELP)
     sinks_parser.add_argument("--seed", type=_non_negative_int, default=0,
-                              help="seed of the random heads pruned for comparison")
+                              help="seed of the random heads pruned for comparison (default 0)")
     sinks_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     uncertainty_parser = commands.add_parser(
         "uncertainty", help="per-token uncertainty of texts under a target checkpoint and its draft checkpoints")
@@ -865,16 +869,18 @@ def main(argv=None) -> int:
     availability_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder")
     availability_parser.add_argument("--questions", required=True,
                                      help='JSON Lines: {"prompt": ..., "answers": [...], optional "correct": bool}')
-    availability_parser.add_argument("--threshold", type=_fraction, default=0.5, help="available when mass >= this")
+    availability_parser.add_argument("--threshold", type=_fraction, default=0.5, help="available when mass >= this (default 0.5)")
     availability_parser.add_argument("--max-new-tokens", type=_positive_int, default=8,
-                                     help="tokens of the greedy answer judged against the aliases")
+                                     help="tokens of the greedy answer judged against the aliases (default 8)")
     for method_parser in (uncertainty_parser, availability_parser):
         method_parser.add_argument("--csv", default=None, metavar="PATH", help="write the table as CSV")
-        method_parser.add_argument("--batch-size", type=_positive_int, default=8)
-        method_parser.add_argument("--max-length", type=_positive_int, default=512, help="tokens per text at most")
+        method_parser.add_argument("--batch-size", type=_positive_int, default=8, help=BATCH_SIZE_HELP)
+        method_parser.add_argument("--max-length", type=_positive_int, default=512,
+                                   help="tokens per text at most (default 512)")
         method_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
-        method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                                   help=DTYPE_HELP)
         method_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:

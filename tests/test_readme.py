@@ -1,5 +1,5 @@
-"""The README's examples run as written, and the signatures and command options it writes out are the
-code's."""
+"""The README's examples run as written, the signatures and command options it writes out are the
+code's, and every public name and command option says what it is (help() and --help)."""
 
 import ast
 import importlib
@@ -153,3 +153,62 @@ def test_the_command_lines_options_exist(command, capsys):
     written = re.search(rf"`fastprobe {command} ([^`]*)`", README.read_text().replace("\n", " "))
     options = set(re.findall(r"--[a-z][a-z-]*", written.group(1))) | {"--csv"}  # "each command's `--csv`"
     assert {option for option in options if option not in usage} == set()
+
+
+PUBLIC_MODULES = ["fastprobe", "fastprobe.integrations", "fastprobe.models", "fastprobe.ops.attention"] + [
+    f"fastprobe.methods.{name}" for name in
+    ("sinks", "guidance", "distillation", "uncertainty", "availability", "soft_prompts", "nullspace", "probes")]
+
+
+def public_objects():
+    """(name, object) for every public function and class of PUBLIC_MODULES' __all__, and the public
+    methods and properties that those classes define themselves (forward included)."""
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            value = getattr(module, name)
+            if not (inspect.isfunction(value) or inspect.isclass(value)):
+                continue
+            yield f"{module_name}.{name}", value
+            if inspect.isclass(value):
+                for attribute, member in vars(value).items():
+                    if (attribute.startswith("_") and attribute != "forward") or attribute in getattr(value, "_fields", ()):
+                        continue
+                    if isinstance(member, property) or inspect.isfunction(member):
+                        yield f"{module_name}.{name}.{attribute}", member
+
+
+def test_every_public_name_has_its_own_docstring():
+    """help() on a public function, class, method or property says something of its own (not
+    nn.Module.forward's "Define the computation performed at every call"). AttentionRecord's
+    fields, is_patched, PrunedHeads.restore, the loss modules' forward had none."""
+    from torch.nn import Module
+
+    generic = {Module.forward.__doc__}
+    missing = [name for name, value in public_objects()
+               if not (value.__doc__ or "").strip() or value.__doc__ in generic]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", ["demo", "sinks", "uncertainty", "availability"])
+def test_every_command_option_has_help(command, monkeypatch):
+    """Every option of every command says what it is in --help (--batch-size and --dtype said
+    nothing)."""
+    import argparse
+
+    from fastprobe import cli
+
+    parsers = {}
+    original = argparse._SubParsersAction.add_parser
+
+    def add_parser(self, name, **options):
+        parsers[name] = original(self, name, **options)
+        return parsers[name]
+
+    monkeypatch.setattr(argparse._SubParsersAction, "add_parser", add_parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        cli.main([command])
+    silent = [action.option_strings[0] for action in parsers[command]._actions
+              if action.option_strings and action.help in (None, "") and action.dest != "help"]
+    assert silent == []

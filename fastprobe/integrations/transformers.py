@@ -1739,6 +1739,7 @@ def _plain_attention(query, key, value, padding, causal, window, scaling, softca
 
 
 def is_patched(model) -> bool:
+    """Whether fastprobe.patch(model) is in force (on the model inside a PEFT or compile wrapper)."""
     return getattr(unwrapped(model), _STATE, None) is not None
 
 
@@ -2049,6 +2050,9 @@ class AttentionRecord:
         num_queries [layers]            real queries averaged over (group_mass: those of the
                                         forwards with key groups)
 
+    A statistic that is not recorded reads None; sink_mass, group_mass or entropy read before any
+    forward pass ran raises RuntimeError.
+
     Sums accumulate in place on the device the model computes on (its first parameter's, or the
     execution device of accelerate's offload hooks; layers elsewhere, in a
     model split over devices or a DataParallel replica, add theirs there), in tables allocated when
@@ -2298,15 +2302,18 @@ class AttentionRecord:
             return mean
 
     @property
-    def sink_mass(self) -> torch.Tensor:
+    def sink_mass(self) -> Optional[torch.Tensor]:
+        """[layers, heads] mean weight on the first stat_tokens real keys (None if not recorded)."""
         return self._mean("sink_mass")
 
     @property
     def group_mass(self) -> Optional[torch.Tensor]:
+        """[layers, heads, G] mean weight on each key group (None if not recorded or no key groups)."""
         return self._mean("group_mass")
 
     @property
     def entropy(self) -> Optional[torch.Tensor]:
+        """[layers, heads] mean attention entropy in nats (None if not recorded)."""
         return self._mean("entropy")
 
     def _counts_on(self, device, dtype: torch.dtype, kind: int = 0) -> torch.Tensor:
@@ -2321,6 +2328,7 @@ class AttentionRecord:
 
     @property
     def num_queries(self) -> torch.Tensor:
+        """[layers] real queries averaged over so far (0 for a layer that has not run)."""
         with self._held():
             return self._counts_on(self._counts.device, self._counts.dtype)
 

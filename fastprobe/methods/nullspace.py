@@ -209,6 +209,7 @@ class Projection:
 
     @property
     def active(self) -> bool:
+        """Whether the hook is still on the model (False after remove())."""
         return self._handle is not None
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -234,6 +235,7 @@ class Projection:
         raise TypeError(f"block {self.layer} returns {type(output).__name__}; project_out handles a tensor or a tuple")
 
     def remove(self) -> None:
+        """Takes the hook off the model (again: nothing)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

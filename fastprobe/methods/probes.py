@@ -204,6 +204,7 @@ class HiddenStates:
 
     @property
     def layers(self) -> list[int]:
+        """The collected layers, as non-negative block indices in collection order."""
         return list(self.features)
 
     def __len__(self) -> int:
@@ -419,6 +420,8 @@ class LinearProbe(_Probe):
         self.linear = torch.nn.Linear(in_features, num_outputs)
 
     def forward(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, num_outputs] class logits or values (in the targets' units) of raw features [N, H],
+        standardised here; mask must be None."""
         self._no_mask(mask)
         return self.rescaled(self.linear(self.standardized(features)))
 
@@ -436,6 +439,7 @@ class MLPProbe(_Probe):
         self.output = torch.nn.Linear(hidden_size, num_outputs)
 
     def forward(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As LinearProbe.forward: [N, num_outputs] from raw features [N, H]; mask must be None."""
         self._no_mask(mask)
         hidden = torch.nn.functional.gelu(self.hidden(self.standardized(features)))
         return self.rescaled(self.output(self.dropout(hidden)))
@@ -467,6 +471,8 @@ class AttentiveProbe(_Probe):
         return scores.softmax(dim=-1)
 
     def forward(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, num_outputs] class logits or values (in the targets' units) of raw token features
+        [N, T, H], standardised here, with mask [N, T] (True = real token; None: all real)."""
         weights = self.attention_weights(features, mask)
         pooled = torch.einsum("nqt,nth->nqh", weights, self.standardized(features))
         return self.rescaled(self.head(self.dropout(pooled.flatten(1))))

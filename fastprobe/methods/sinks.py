@@ -199,6 +199,8 @@ class PrunedHeads:
                 weight.narrow(axis, start, size).copy_(original.to(weight.device, weight.dtype))
 
     def restore(self) -> None:
+        """Undoes this pruning (again: nothing). RuntimeError when a later prune_heads on the
+        model is still in force: restore newest first, or call restore_heads(model)."""
         if not self.active:
             return
         active = getattr(self.model, _PRUNED, [])

@@ -72,6 +72,7 @@ class EmbeddingGaussian:
 
     @property
     def per_dimension(self) -> bool:
+        """Whether mean and std are per hidden dimension ([hidden_size]) rather than scalars."""
         return self.mean.dim() == 1
 
 

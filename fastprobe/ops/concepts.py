@@ -302,6 +302,7 @@ class ConceptSet:
 
     @property
     def device(self) -> torch.device:
+        """The device of the set's tensors (that of token_ids)."""
         return self._index.token_ids.device
 
     def __len__(self) -> int:
