@@ -453,6 +453,19 @@ def test_environment_variables_are_read_on_every_call(monkeypatch):
     assert not backend.interpreter_enabled() and backend.autotune_enabled()
 
 
+@pytest.mark.parametrize("name", [3, b"cpp", ["cpp"]], ids=repr)
+def test_a_backend_that_is_not_a_string_is_a_type_error(name):
+    """set_backend / use_backend given a non-string: a TypeError naming the argument, and the
+    backend in force unchanged."""
+    before = fp.get_backend()
+    with pytest.raises(TypeError, match="backend must be a str"):
+        fp.set_backend(name)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        with fp.use_backend(name):
+            pass
+    assert fp.get_backend() == before
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64], ids=str)
 def test_new_output_like_is_fresh_poisoned_and_laid_out_as_its_model(dtype):
     """new_output_like (an op's second and third statistics, made from the first): the model's
