@@ -12,6 +12,7 @@ import fastprobe as fp
 from fastprobe import cli
 from fastprobe.integrations import attention_layers, is_patched, patch_options
 from fastprobe.methods import guidance
+from fastprobe.methods._batching import cache_argument, output_cache
 from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
 
 from .dropout_helpers import check_eval_mode, with_dropout
@@ -304,8 +305,9 @@ def test_a_decoding_step_is_a_text_key_whatever_its_token():
     ids = torch.randint(10, 512, (1, 9), generator=torch.Generator().manual_seed(0))
     ids[:, 2:5] = 7
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-        model(input_ids=torch.tensor([[7]]), past_key_values=cache, attention_mask=torch.ones(1, 10, dtype=torch.long))
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+        model(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, 10, dtype=torch.long),
+              **{cache_argument(model): cache})  # (past_key_values before transformers 5.25's cache)
     tracked = model._fastprobe_state.forward.image_keys.mask
     assert tracked[0].nonzero().flatten().tolist() == [2, 3, 4] and tracked.shape == (1, 10)
 
