@@ -452,9 +452,12 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
 
 def _read_lines(path: str, option: str) -> list[str]:
     """The lines of a UTF-8 text file, the command's `option` (a file that is missing, a folder or
-    not UTF-8 is named with its option in the error)."""
+    not UTF-8 is named with its option in the error). A byte order mark at its start (Windows
+    tools write one) is not text; lines end at \n, \r\n or \r only: not at the other breaks
+    str.splitlines knows (a form feed, U+2028, U+0085), which a text or a JSON string may hold,
+    so a line's number is the one an editor shows."""
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        return Path(path).read_text(encoding="utf-8-sig").split("\n")  # (read_text makes \r\n and \r \n)
     except UnicodeDecodeError as error:
         raise ValueError(f"{option} {path} is not UTF-8 text ({error})") from None
     except OSError as error:

@@ -375,3 +375,27 @@ def test_uncertainty_with_no_token_to_score_is_an_error(checkpoints, capsys):
     folders, texts = checkpoints
     assert cli.main([*_uncertainty(folders, texts, "target", "draft"), "--max-length", "1"]) == 2
     assert "no token to score: every text has fewer than two tokens" in _one_error_line(capsys, "uncertainty")
+
+
+def test_input_files_with_a_byte_order_mark_or_other_line_breaks(tmp_path):
+    """A UTF-8 byte order mark at the file's start (Windows tools write one) is not text (it was
+    the first text's first character, or made line 1 of a questions file invalid JSON), and lines
+    end at \\n, \\r\\n or \\r only: a form feed, U+2028 or U+0085 inside a text or a JSON string
+    (json.dumps(..., ensure_ascii=False) writes them as they are) split it, and line numbers in
+    errors counted those pieces."""
+    import json
+
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("\ufeffFirst text\r\npage one\x0cpage two\u2028and on\r\n\r\nlast\u0085line\n".encode())
+    assert cli._read_texts(str(texts)) == ["First text", "page one\x0cpage two\u2028and on", "last\u0085line"]
+    questions = tmp_path / "questions.jsonl"
+    lines = [json.dumps({"prompt": "Q: Paris\u2028or\u0085Rome? A:", "answers": ["Paris"]}, ensure_ascii=False),
+             json.dumps({"prompt": "Q: Capital? A:", "answers": "Rome"})]
+    questions.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    prompts, answers, correct = cli._read_questions(str(questions))
+    assert prompts == ["Q: Paris\u2028or\u0085Rome? A:", "Q: Capital? A:"] and answers == [["Paris"], "Rome"]
+    assert correct is None
+    questions.write_text(lines[0] + "\n" + '{"prompt": "x", "answers": ["a"],}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"questions\.jsonl:2: each line must be a JSON object"):
+        cli._read_questions(str(questions))
+
