@@ -625,9 +625,6 @@ def _check_causal(model, path: str) -> None:
                          "language model); fastprobe's commands take causal (decoder-only) language models")
 
 
-# what AutoTokenizer raises for a folder without a tokenizer: OSError or ValueError, or on
-# transformers 4.x without protobuf installed an ImportError naming protobuf
-_NO_TOKENIZER = (OSError, ValueError, ImportError)
 # the files a saved tokenizer writes, one at least: tokenizer.json / tokenizer_config.json, or a
 # slow tokenizer's own (vocab.json, vocab.txt, merges.txt, a sentencepiece .model)
 _TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model")
@@ -638,7 +635,7 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     import transformers
 
     model = _load_model(path, device, dtype)
-    if not any(any(Path(path).glob(pattern)) for pattern in _TOKENIZER_FILES):
+    if not _has_tokenizer_files(path):
         raise ValueError(f"{path}: the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
                          "save the tokenizer with the model (tokenizer.save_pretrained)")
     try:
@@ -649,18 +646,24 @@ def _load_checkpoint(path: str, device: str, dtype: str):
     return model, tokenizer
 
 
+def _has_tokenizer_files(path: str) -> bool:
+    return any(any(Path(path).glob(pattern)) for pattern in _TOKENIZER_FILES)
+
+
 def _check_draft_tokenizer(path: str, tokenizer) -> None:
     """A draft checkpoint that has a tokenizer must give each of the target tokenizer's tokens the
     same id (tokens it adds after them are ignored, like padding rows of the logits); a folder
-    without a tokenizer is taken on trust."""
+    without tokenizer files is taken on trust, one whose tokenizer cannot be loaded is refused (a
+    truncated tokenizer.json raises a ValueError, which is not the absence of a tokenizer)."""
     import transformers
 
+    if not _has_tokenizer_files(path):  # (nor a folder: _load_model names it)
+        return
     try:
         draft_vocabulary = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab()
-    except _NO_TOKENIZER:  # no tokenizer in the folder
-        return
-    except Exception as error:  # a corrupt one
-        raise ValueError(f"--drafts {path}: its tokenizer could not be loaded ({_one_line(error)})") from None
+    except Exception as error:  # a corrupt one, or one that needs a package not installed
+        raise ValueError(f"--drafts {path}: its tokenizer could not be loaded ({type(error).__name__}: "
+                         f"{_one_line(error)})") from None
     differ = [token for token, index in tokenizer.get_vocab().items() if draft_vocabulary.get(token) != index]
     if differ:
         raise ValueError(f"--drafts {path}: its tokenizer is not the target's ({len(differ)} of the target's "

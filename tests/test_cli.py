@@ -399,3 +399,19 @@ def test_input_files_with_a_byte_order_mark_or_other_line_breaks(tmp_path):
     with pytest.raises(ValueError, match=r"questions\.jsonl:2: each line must be a JSON object"):
         cli._read_questions(str(questions))
 
+
+def test_a_draft_whose_tokenizer_cannot_be_loaded_is_refused(tmp_path):
+    """A draft folder with a truncated tokenizer.json (an interrupted copy) was taken on trust like
+    a folder without a tokenizer (json's error is a ValueError, which meant 'no tokenizer'): it is
+    refused by name; a folder without tokenizer files is still taken on trust."""
+    from fastprobe.models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "corrupt")
+    saved = tmp_path / "corrupt" / "tokenizer.json"
+    saved.write_text(saved.read_text()[:100])
+    with pytest.raises(ValueError, match=r"--drafts .*corrupt: its tokenizer could not be loaded \(JSONDecodeError"):
+        cli._check_draft_tokenizer(str(tmp_path / "corrupt"), tokenizer)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text("{}")
+    assert cli._check_draft_tokenizer(str(tmp_path / "bare"), tokenizer) is None
