@@ -629,3 +629,26 @@ def test_a_float8_table_is_fitted_from_its_values(tokenizer):
     torch.testing.assert_close(got.mean, expected.mean)
     torch.testing.assert_close(got.std, expected.std)
     assert sp.draw_soft_prompts(model, 3, seed=0).dtype == torch.float8_e4m3fn
+
+
+def test_texts_lose_the_eos_their_tokenizer_appends():
+    """A tokenizer that appends an eos after every text (Llama's add_eos_token, a "$A </s>"
+    template): the soft vectors and the generation follow the prompt's last token, not that eos
+    (it stood between them: the model generated after an end of text), as greedy_answers and
+    generate_with_uncertainty give prompts; a text of nothing but the appended tokens is named."""
+    from tokenizers import processors
+
+    appending = tiny_tokenizer()
+    eos = appending.eos_token_id
+    appending.backend_tokenizer.post_processor = processors.TemplateProcessing(  # (T5's: no bos)
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+    texts = ["The river ran", "Stars appear to move"]
+    assert appending(texts[0])["input_ids"][-1] == eos  # (the template took)
+    model = fresh_llama(appending)
+    ours = sp.soft_prompt_generate(model, appending, texts, n=0, **GREEDY)
+    for row, text in enumerate(texts):
+        prompt = torch.tensor([appending(text)["input_ids"][:-1]])  # the text's tokens
+        alone = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, **GREEDY)
+        assert torch.equal(ours.sequences[row], alone.sequences[0, prompt.shape[1]:])
+    with pytest.raises(ValueError, match=r"text 1 \(''\) has no tokens before the ones the tokenizer appends"):
+        sp.soft_prompt_generate(model, appending, ["Stars", ""], n=N, max_new_tokens=2)

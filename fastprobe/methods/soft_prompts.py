@@ -45,8 +45,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from ._batching import (
-    as_texts, check_count, effective_generation_config, eval_mode, generate_settings, learned_positions, pad_or_eos,
-    padding_ready,
+    appended_tokens, as_texts, check_count, effective_generation_config, eval_mode, generate_settings,
+    learned_positions, pad_or_eos, padding_ready,
 )
 
 __all__ = [
@@ -342,7 +342,10 @@ def soft_prompt_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[
 
 
 def _prompt_batch(tokenizer, texts, input_ids, attention_mask):
-    """(input_ids, attention_mask) from texts and a tokenizer (its padding side), or as given."""
+    """(input_ids, attention_mask) from texts and a tokenizer (its padding side), or as given. A
+    text's tokens are the tokenizer's without the special tokens it appends after a text (an eos
+    or sep: Llama's add_eos_token, a "$A </s>" template), as text_batches gives prompts: the soft
+    vectors and the continuation follow the prompt, not an end of text."""
     if tokenizer is None and texts is None:
         if input_ids is None:
             raise ValueError("give the prompts as texts with a tokenizer, or as input_ids (and attention_mask)")
@@ -352,8 +355,17 @@ def _prompt_batch(tokenizer, texts, input_ids, attention_mask):
     if tokenizer is None or texts is None:
         raise ValueError("texts and tokenizer go together: give both (or input_ids instead)")
     texts = as_texts(texts)
+    appended = appended_tokens(tokenizer)
     with padding_ready(tokenizer):
-        encoded = tokenizer(texts, padding=True, return_tensors="pt")
+        if appended:
+            rows = [row[:-appended] for row in tokenizer(texts)["input_ids"]]
+            empty = next((i for i, row in enumerate(rows) if not row), None)
+            if empty is not None:
+                raise ValueError(f"text {empty} ({texts[empty]!r}) has no tokens before the ones the tokenizer "
+                                 "appends (a soft prompt follows a prompt)")
+            encoded = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        else:
+            encoded = tokenizer(texts, padding=True, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
 
 
@@ -414,7 +426,8 @@ def soft_prompt_generate(
     **generate_kwargs: Any,
 ):
     """Generation with n random soft vectors after each prompt: the prompts (texts with a
-    tokenizer, any padding side, or input_ids with an optional attention_mask), one soft prompt
+    tokenizer, any padding side, without the eos or sep the tokenizer appends after a text; or
+    input_ids with an optional attention_mask), one soft prompt
     per row from draw_soft_prompts (fresh every call unless seeded), placed by
     soft_prompt_inputs, then model.generate(inputs_embeds=..., attention_mask=...,
     **generate_kwargs) (e.g. max_new_tokens, do_sample, pixel_values for a vision-language model).
