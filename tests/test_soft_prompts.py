@@ -650,5 +650,5 @@ def test_texts_lose_the_eos_their_tokenizer_appends():
         prompt = torch.tensor([appending(text)["input_ids"][:-1]])  # the text's tokens
         alone = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, **GREEDY)
         assert torch.equal(ours.sequences[row], alone.sequences[0, prompt.shape[1]:])
-    with pytest.raises(ValueError, match=r"text 1 \(''\) has no tokens before the ones the tokenizer appends"):
+    with pytest.raises(ValueError, match=r"text 1 \(''\) has no tokens \(without the ones the tokenizer appends"):
         sp.soft_prompt_generate(model, appending, ["Stars", ""], n=N, max_new_tokens=2)

@@ -306,6 +306,16 @@ def appended_tokens(tokenizer) -> int:
     return next((len(full) - at - len(plain) for at in starts), 0)
 
 
+def encode_prompts(tokenizer, texts: Sequence[str], appended: int, **truncation):
+    """The tokenizer's padded batch of texts (return_tensors="pt"), each row without the `appended`
+    special tokens the tokenizer puts after a text (appended_tokens): a prompt ends where its
+    continuation begins, not in an eos."""
+    if not appended:
+        return tokenizer(texts, padding=True, return_tensors="pt", **truncation)
+    rows = tokenizer(texts, **truncation)["input_ids"]
+    return tokenizer.pad({"input_ids": [row[:-appended] for row in rows]}, return_tensors="pt")
+
+
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
                  *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
@@ -335,12 +345,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         # the tokenizer is lent a pad token and sides for this call only, not across the yield: a
         # caller whose loop raises (its traceback kept, the generator left open) gets it back as it was
         with padding_ready(tokenizer), _sides(tokenizer, padding=side, truncation=side):
-            if appended:  # a prompt ends where its answer begins, not in the eos the tokenizer appends
-                rows = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length)["input_ids"]
-                encoded = tokenizer.pad({"input_ids": [row[:-appended] for row in rows]}, return_tensors="pt")
-            else:
-                encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                    max_length=max_length, return_tensors="pt")
+            encoded = encode_prompts(tokenizer, texts[start:start + batch_size], appended, truncation=True,
+                                     max_length=max_length)
         empty = (encoded["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()  # (on the CPU still)
         if empty:  # (a tokenizer that adds no BOS encodes "" to nothing: the model would read padding alone)
             raise ValueError(f"{what}: text {start + empty[0]} ({texts[start + empty[0]]!r}) has no tokens")

@@ -45,8 +45,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from ._batching import (
-    appended_tokens, as_texts, check_count, effective_generation_config, eval_mode, generate_settings,
-    learned_positions, pad_or_eos, padding_ready,
+    appended_tokens, as_texts, check_count, effective_generation_config, encode_prompts, eval_mode,
+    generate_settings, learned_positions, pad_or_eos, padding_ready,
 )
 
 __all__ = [
@@ -355,17 +355,12 @@ def _prompt_batch(tokenizer, texts, input_ids, attention_mask):
     if tokenizer is None or texts is None:
         raise ValueError("texts and tokenizer go together: give both (or input_ids instead)")
     texts = as_texts(texts)
-    appended = appended_tokens(tokenizer)
     with padding_ready(tokenizer):
-        if appended:
-            rows = [row[:-appended] for row in tokenizer(texts)["input_ids"]]
-            empty = next((i for i, row in enumerate(rows) if not row), None)
-            if empty is not None:
-                raise ValueError(f"text {empty} ({texts[empty]!r}) has no tokens before the ones the tokenizer "
-                                 "appends (a soft prompt follows a prompt)")
-            encoded = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-        else:
-            encoded = tokenizer(texts, padding=True, return_tensors="pt")
+        encoded = encode_prompts(tokenizer, texts, appended_tokens(tokenizer))
+    empty = (encoded["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:  # (a soft prompt follows a prompt)
+        raise ValueError(f"text {empty[0]} ({texts[empty[0]]!r}) has no tokens (without the ones the tokenizer "
+                         "appends after a text)")
     return encoded["input_ids"], encoded["attention_mask"]
 
 
