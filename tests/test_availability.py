@@ -93,6 +93,14 @@ def test_mass_equals_brute_force_prompt_by_prompt(model, tokenizer, side):
     assert (table["available"] == (table["mass"] >= 0.5)).all()
 
 
+def test_the_table_names_an_answer_by_its_first_alias_with_text(model, tokenizer):
+    """A blank alias before the real ones (a dataset's empty field) has no variant, and is not the
+    answer column's name either (the column was blank)."""
+    table = availability.answer_availability(model, tokenizer, PROMPTS[:2], [["  ", "Paris"], ["", "\n", "Rome"]],
+                                             generate=False, progress=False)
+    assert table["answer"].tolist() == ["Paris", "Rome"]
+
+
 def test_temperature_and_variants(model, tokenizer):
     table = availability.answer_availability(model, tokenizer, PROMPTS[:3], ANSWERS[:3], temperature=2.0,
                                              variants=("space",), generate=False, progress=False)

@@ -327,6 +327,8 @@ class _Answer:
         self.single_ids = [s[0] for s in kept if len(s) == 1]
         self.multi = [s for s in kept if len(s) > 1]
         self.text_of = {v.token_ids[0]: v.text for v in found if v.single_token}
+        # the table's name for it: its first alias with text (a blank one has no variant)
+        self.name = next((alias for alias in self.aliases if alias.strip()), self.aliases[0])
 
 
 def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_tokens):
@@ -503,7 +505,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     mass = columns["single_token_mass"] + columns["multi_token_mass"]
     table = pandas.DataFrame({
-        "answer": [answer.aliases[0] for answer in gold],
+        "answer": [answer.name for answer in gold],
         "mass": mass.numpy(),
         "log_mass": mass.log().numpy(),
         "single_token_mass": columns["single_token_mass"].numpy(),
