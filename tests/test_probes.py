@@ -406,6 +406,30 @@ def test_attentive_probe_finds_the_one_token_that_carries_the_signal():
     assert train_probe(pooled, labels, epochs=200).metrics["val_accuracy"] < fit.metrics["val_accuracy"] - 0.05
 
 
+def test_attentive_probe_standardises_its_token_features_once():
+    # forward is the formula written out (standardised features read by both products, bit for bit),
+    # and autograd keeps one [N, T, H] copy of them for the backward, not one per product
+    features, mask, labels, _ = signal_in_one_token(64)
+    probe = AttentiveProbe(16, 2, num_queries=3)
+    probe.feature_mean.normal_()
+    probe.feature_scale.uniform_(0.5, 2.0)
+    standardized = (features - probe.feature_mean) / probe.feature_scale
+    weights = probe.attention_weights(features, mask)
+    expected = probe.head(torch.einsum("nqt,nth->nqh", weights, standardized).flatten(1))
+    assert torch.equal(probe(features, mask), expected)
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        probe(features, mask)
+    # (einsum saves views of them reshaped for its matrix products: counted by storage)
+    token_sized = {tensor.untyped_storage().data_ptr() for tensor in kept if tensor.numel() == features.numel()}
+    assert len(token_sized) == 1
+
+
 def test_attentive_probe_ignores_what_padding_holds():
     features, mask, labels, _ = signal_in_one_token(200)
     probe = AttentiveProbe(16, 2, num_queries=3)

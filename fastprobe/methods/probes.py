@@ -465,7 +465,10 @@ class AttentiveProbe(_Probe):
 
     def attention_weights(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, num_queries, T]: each query's attention over the tokens (0 on padding)."""
-        scores = torch.einsum("qh,nth->nqt", self.queries, self.standardized(features)) / math.sqrt(self.in_features)
+        return self._weights(self.standardized(features), mask)
+
+    def _weights(self, standardized: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        scores = torch.einsum("qh,nth->nqt", self.queries, standardized) / math.sqrt(self.in_features)
         if mask is not None:
             scores = scores.masked_fill(~mask.bool().unsqueeze(1), float("-inf"))
         return scores.softmax(dim=-1)
@@ -473,8 +476,10 @@ class AttentiveProbe(_Probe):
     def forward(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, num_outputs] class logits or values (in the targets' units) of raw token features
         [N, T, H], standardised here, with mask [N, T] (True = real token; None: all real)."""
-        weights = self.attention_weights(features, mask)
-        pooled = torch.einsum("nqt,nth->nqh", weights, self.standardized(features))
+        # (standardised once: both products read the same [N, T, H] tensor, which autograd keeps once)
+        standardized = self.standardized(features)
+        weights = self._weights(standardized, mask)
+        pooled = torch.einsum("nqt,nth->nqh", weights, standardized)
         return self.rescaled(self.head(self.dropout(pooled.flatten(1))))
 
 
