@@ -3,6 +3,7 @@ planted sink heads whatever the padding side, pruning by head mask equals zeroin
 projection and is reversible, perplexity is batch- and padding-independent, the heat map and the
 `fastprobe sinks` command work on a local checkpoint."""
 
+import math
 import sys
 
 import pytest
@@ -400,6 +401,34 @@ def test_perplexity_is_batch_and_padding_independent(tokenizer):
     with pytest.raises(ValueError, match="no token to predict: every text is shorter than two tokens"):
         sinks.perplexity(model, tokenizer, ["a"] if len(tokenizer("a")["input_ids"]) < 2 else [""])
 
+
+
+def test_perplexity_reads_the_logits_without_a_copy(tokenizer, monkeypatch):
+    """The loss reads a float32 model's logits [B, L, V] as the model returned them (the last
+    position's target ignored), not a sliced [B, L - 1, V] copy; the figure is the mean next-token
+    loss over real tokens, summed in float64 here."""
+    model = planted_model(tokenizer)
+    returned, read = [], []
+    model.register_forward_hook(lambda module, args, output: returned.append(output.logits))
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def reading(logits, *args, **kwargs):
+        read.append(logits)
+        return cross_entropy(logits, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", reading)
+    got = sinks.perplexity(model, tokenizer, TEXTS, batch_size=3)
+    monkeypatch.undo()
+    assert len(read) == len(returned) == 3
+    assert all(r.untyped_storage().data_ptr() == l.untyped_storage().data_ptr() for r, l in zip(read, returned))
+    total, count = 0.0, 0
+    for text in TEXTS:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    assert got == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -307,9 +307,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, m
             if logits is None:
                 raise TypeError(f"perplexity needs a causal language model with logits, got {type(model).__name__}")
             real = batch["attention_mask"] != 0  # a prediction needs a real input and a real target
-            targets = batch["input_ids"][:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+            # position i predicts token i + 1; the last position predicts nothing (-100): every
+            # position kept, so the loss reads the logits [B * L, V] as they are, no sliced copy
+            targets = torch.full_like(batch["input_ids"], -100)
+            targets[:, :-1] = batch["input_ids"][:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
             total += loss.double().cpu()
             count += int((targets != -100).sum())
     if count == 0:
