@@ -272,6 +272,32 @@ def test_sequence_log_probs_equals_teacher_forcing(tokenizer, arch):
         availability.sequence_log_probs(model, [[]], [[3]])
 
 
+def test_sequence_log_probs_groups_pairs_by_prefix_batch(tokenizer, monkeypatch):
+    """Each batch of distinct prefixes (first-seen order) gets its pairs, in order, with their
+    prefixes' rows in the batch: what numbering the prefixes by list.index and scanning every pair
+    per batch gave, in one pass."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=5)
+    generator = torch.Generator().manual_seed(0)
+    pool = [[1] + torch.randint(3, 200, (int(n),), generator=generator).tolist()
+            for n in torch.randint(1, 6, (7,), generator=generator)]
+    prefixes = [pool[int(i)] for i in torch.randint(0, len(pool), (40,), generator=generator)]
+    continuations = [[3 + j % 5] * (1 + j % 3) for j in range(len(prefixes))]
+    seen, original = [], availability._after_prefill
+    monkeypatch.setattr(availability, "_after_prefill",
+                        lambda model, logits, cache, mask, rows, tails, *rest:
+                        seen.append((rows, tails)) or original(model, logits, cache, mask, rows, tails, *rest))
+    got = availability.sequence_log_probs(model, prefixes, continuations, batch_size=3)
+    distinct = list(dict.fromkeys(map(tuple, prefixes)))
+    prefix_of = [distinct.index(tuple(p)) for p in prefixes]
+    expected = []
+    for start in range(0, len(distinct), 3):
+        members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + 3]
+        expected.append(([prefix_of[j] - start for j in members], [continuations[j] for j in members]))
+    assert seen == expected
+    alone = [availability.sequence_log_probs(model, [p], [c]) for p, c in zip(prefixes, continuations)]
+    torch.testing.assert_close(got, torch.cat(alone), rtol=1e-5, atol=1e-6)
+
+
 def test_sequence_log_probs_on_positions_from_an_offset():
     """RoBERTa numbers positions from padding_idx + 1: the cached continuations are in that
     numbering too (counted from 0 they were 0.19 nats off)."""

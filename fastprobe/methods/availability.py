@@ -81,13 +81,13 @@ def _prompt_forward(model, batch: dict, use_cache: bool):
 def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) [len(rows), longest] of token-id lists, padded on the left or the right."""
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
+    ids, mask = [], []
+    for row in rows:
+        padding, real = [pad_id] * (width - len(row)), list(row)
+        ids.append(padding + real if left else real + padding)
+        mask.append([0] * len(padding) + [1] * len(real) if left else [1] * len(real) + [0] * len(padding))
+    shape = (len(rows), width)  # (width 0: no column)
+    return torch.tensor(ids, dtype=torch.long).reshape(shape), torch.tensor(mask, dtype=torch.long).reshape(shape)
 
 
 def _continued(model, cache, prefix_mask: torch.Tensor, rows: list, tails: list, temperature: float,
@@ -220,11 +220,14 @@ def _sequence_log_probs(model, prefixes, continuations, temperature: float, pad_
     """sequence_log_probs in the model's current mode: with cached, the distinct prefixes run once
     and their continuations from copies of their cache rows, until a prefix batch returns a cache
     that cannot be run on from (_continuable); from there on, and without cached, whole sequences."""
-    distinct = list(dict.fromkeys(tuple(p) for p in prefixes))
-    prefix_of = [distinct.index(tuple(p)) for p in prefixes]
+    numbers: dict = {}  # distinct prefix -> its number, in first-seen order
+    prefix_of = [numbers.setdefault(tuple(p), len(numbers)) for p in prefixes]
+    distinct = list(numbers)
+    members_of = [[] for _ in range(0, len(distinct), batch_size)]  # the pairs of each batch of prefixes, in order
+    for j, prefix in enumerate(prefix_of):
+        members_of[prefix // batch_size].append(j)
     totals = torch.zeros(len(prefixes), dtype=torch.float64)
-    for start in range(0, len(distinct), batch_size):
-        members = [j for j, prefix in enumerate(prefix_of) if start <= prefix < start + batch_size]
+    for start, members in zip(range(0, len(distinct), batch_size), members_of):
         cache = None
         if cached:
             ids, prefix_mask = _padded(distinct[start:start + batch_size], pad_id, left=True)
