@@ -4,13 +4,15 @@ a guided layer equals the float64 reference on its captured input, gamma = 0 is 
 the image keys are tracked through the KV cache and padding (cached = uncached, batched = alone),
 the two-pass baseline masks exactly the image keys, and misuse raises clear errors."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 import fastprobe as fp
 from fastprobe import cli
-from fastprobe.integrations import attention_layers, is_patched, patch_options
+from fastprobe.integrations import attention_layers, is_patched, patch_options, update_patch
 from fastprobe.methods import guidance
 from fastprobe.methods._batching import cache_argument, output_cache
 from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
@@ -310,6 +312,26 @@ def test_a_decoding_step_is_a_text_key_whatever_its_token():
               **{cache_argument(model): cache})  # (past_key_values before transformers 5.25's cache)
     tracked = model._fastprobe_state.forward.image_keys.mask
     assert tracked[0].nonzero().flatten().tolist() == [2, 3, 4] and tracked.shape == (1, 10)
+
+
+def test_other_option_changes_keep_the_tracked_image_keys():
+    """update_patch between the forwards of a cached sequence (prune_heads, patched_with, a new
+    record option) keeps its image keys while guidance tracks the same image token: the next step
+    is guided as without the change (it raised "lost track of the image keys"). Another image
+    token id starts them afresh."""
+    model = fp.patch(tiny_model("llama", hidden_size=32), guidance=dict(gamma=2.0, image_token_id=7))
+    ids = torch.randint(10, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    ids[:, 2:5] = 7
+    step = dict(input_ids=torch.tensor([[11]]), attention_mask=torch.ones(1, 10, dtype=torch.long))
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+        want = model(**step, **{cache_argument(model): copy.deepcopy(cache)}).logits
+        update_patch(model, record=("sink_mass", "entropy"))
+        got = model(**step, **{cache_argument(model): copy.deepcopy(cache)}).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        update_patch(model, guidance=dict(gamma=2.0, image_token_id=8))
+        with pytest.raises(RuntimeError, match="lost track of the image keys"):
+            model(**step, **{cache_argument(model): copy.deepcopy(cache)})
 
 
 def test_image_keys_are_tracked_through_generate(model, processor, images):

@@ -432,9 +432,14 @@ class _PatchState:
             _pass_masks_through(cls)
 
     def set_options(self, options: PatchOptions) -> None:
+        tracked = getattr(getattr(self, "options", None), "guidance", None)
         self.options = options
         self._head_masks = {}
-        self._options_version += 1  # (each thread's image keys start afresh)
+        # Each thread's image keys start afresh when what they track changes: guidance switched on
+        # or off, or another image token id. Other changes (a head mask, prune_heads, record, gamma,
+        # the guided layers) keep them, so a cached sequence goes on guided after update_patch.
+        if tracked is None or options.guidance is None or tracked.image_token_id != options.guidance.image_token_id:
+            self._options_version += 1
 
     @property
     def forward(self) -> _ForwardState:
