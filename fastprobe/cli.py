@@ -875,7 +875,8 @@ def main(argv=None) -> int:
     availability_parser.add_argument("--model", required=True, help="a local transformers checkpoint folder")
     availability_parser.add_argument("--questions", required=True,
                                      help='JSON Lines: {"prompt": ..., "answers": [...], optional "correct": bool}')
-    availability_parser.add_argument("--threshold", type=_fraction, default=0.5, help="available when mass >= this (default 0.5)")
+    availability_parser.add_argument("--threshold", type=_fraction, default=0.5,
+                                     help="available when mass >= this (default 0.5)")
     availability_parser.add_argument("--max-new-tokens", type=_positive_int, default=8,
                                      help="tokens of the greedy answer judged against the aliases (default 8)")
     for method_parser in (uncertainty_parser, availability_parser):

@@ -65,7 +65,8 @@ def test_draft_divergence_relations(path):
     cold = fp.draft_divergence(drafts / 1.7, target / 1.7, weights=w)
     for name in DIVERGENCES:
         assert_close(getattr(hot, name), getattr(cold, name), tol)
-    split = fp.draft_divergence(torch.cat([drafts, drafts[:1]]), target, weights=torch.cat([w[:1] / 2, w[1:], w[:1] / 2]))
+    halves = torch.cat([w[:1] / 2, w[1:], w[:1] / 2])  # draft 0 twice, each with half its weight
+    split = fp.draft_divergence(torch.cat([drafts, drafts[:1]]), target, weights=halves)
     same(split, ("jsd", "kl_mixture_target", "epistemic", "mixture_entropy"))
 
     equal = fp.draft_divergence(drafts[:1].expand(K, N, V), drafts[0], weights=w)
@@ -136,7 +137,8 @@ def test_concept_mass_relations(path):
         assert_close(getattr(hot, name), getattr(cold, name), tol)
 
     x = logits.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(fp.concept_mass(x, fp.ConceptSet.from_ids(concepts).to(device)).log_mass[:, 3].sum(), x)
+    log_mass = fp.concept_mass(x, fp.ConceptSet.from_ids(concepts).to(device)).log_mass
+    (grad,) = torch.autograd.grad(log_mass[:, 3].sum(), x)
     inside = torch.zeros(V, dtype=torch.float64)
     inside[a + b] = 1
     assert_close(grad, inside * p / (p * inside).sum(-1, keepdim=True) - p, tol)
