@@ -159,19 +159,22 @@ struct SinkAttention {
       const int64_t h = ws.row_head[r], i = ws.row_query[r];
       T* out = static_cast<T*>(p.out) + it.b * p.o_s0 + h * p.o_s1 + i * p.o_s2;
       const int64_t at = (it.b * p.Hq + h) * p.Lq + i;
-      const float l = st.l[r];
-      const bool empty = l == 0.0f;
-      const float inv_l = empty ? 0.0f : 1.0f / l;
-      for (int64_t d = 0; d < p.Dv; ++d) out[d] = from_float<T>(st.oT[d * R + r] * inv_l);
-      const float log_l = empty ? 0.0f : std::log(l);
-      lse[at] = empty ? kNegInf : st.m[r] + log_l;
-      sink_mass[at] = st.sink[r] * inv_l;
+      // l's two parts summed in double: 1 - sink_mass and log l keep l_lo's digits (both
+      // ~1e-6 in a sink head, where l ~ 1 + 1e-6 in float32 has 5% steps)
+      const double l = double(st.l[r]) + double(st.l_lo[r]);
+      const bool empty = l == 0.0;
+      const double inv_l = empty ? 0.0 : 1.0 / l;
+      const float inv_l_f = float(inv_l);
+      for (int64_t d = 0; d < p.Dv; ++d) out[d] = from_float<T>(st.oT[d * R + r] * inv_l_f);
+      const double log_l = empty ? 0.0 : std::log(l);
+      lse[at] = empty ? kNegInf : float(st.m[r] + log_l);
+      sink_mass[at] = float(st.sink[r] * inv_l);
       if (entropy != nullptr) {
-        const float h_row = empty ? 0.0f : log_l - st.a[r] * inv_l;
+        const float h_row = empty ? 0.0f : float(log_l - st.a[r] * inv_l);
         entropy[at] = h_row < 0.0f ? 0.0f : h_row;  // rounding can leave -1e-7; NaN stays
       }
       if (group_mass != nullptr)
-        for (int64_t g = 0; g < p.G; ++g) group_mass[at * p.G + g] = st.groups[g * R + r] * inv_l;
+        for (int64_t g = 0; g < p.G; ++g) group_mass[at * p.G + g] = st.groups[g * R + r] * inv_l_f;
     }
   }
 };

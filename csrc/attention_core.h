@@ -25,6 +25,10 @@
 //   m' = max(m, s_max), alpha = exp(m - m')
 //   l' = alpha l + sum_new e_j            A' = alpha (A + (m - m') l) + sum_new e_j (s_j - m')
 //   O' = alpha O + sum_new e_j v_j         (other sums rescale like l)
+// l is kept in two floats, l + l_lo, each block's sum added with its rounding error kept
+// (add_compensated, per row and block): with a dominant key (a sink, e = 1) and the others
+// 22+ below it, a block's sum is under half an ulp of l ~ 1 and a single float drops it
+// whole. Only the dominant key's own block still sums its small terms into it.
 // Each key of a block feeds exactly one state: a block is cut into at most two segments of
 // keys (reordered when its keys alternate), and only the segment's state is rescaled and
 // updated, so the P V work is that of one attention whatever the number of states.
@@ -380,17 +384,32 @@ FASTPROBE_SIMD_CLONES static void mask_block(float* sT, int64_t R, int64_t count
 // The running softmax state of R rows, each array [R] (groups [G][R], oT [Dv][R]).
 struct RowState {
   float* m;       // running max (a start logit, or -inf)
-  float* l;       // sum_j exp(s_j - m)
+  float* l;       // sum_j exp(s_j - m), in two parts: l + l_lo (add_compensated)
+  float* l_lo;    // the rounding errors of the block sums added to l
   float* a;       // sum_j exp(s_j - m) (s_j - m), for the entropy
   float* sink;    // sum over stat keys of exp(s_j - m)
   float* groups;  // per group, sum of exp(s_j - m)
   float* oT;      // sum_j exp(s_j - m) v_j, transposed
 
-  static int64_t floats(int64_t R, int64_t G, int64_t Dv) { return R * (4 + G + Dv); }
+  static int64_t floats(int64_t R, int64_t G, int64_t Dv) { return R * (5 + G + Dv); }
   static RowState over(float* base, int64_t R, int64_t G) {
-    return {base, base + R, base + 2 * R, base + 3 * R, base + 4 * R, base + (4 + G) * R};
+    return {base, base + R, base + 2 * R, base + 3 * R, base + 4 * R, base + 5 * R, base + (5 + G) * R};
   }
+  // the whole sum l + l_lo of row r, in float
+  float sum(int64_t r) const { return l[r] + l_lo[r]; }
 };
+
+// hi + lo += x, with hi + x's rounding error kept in lo (TwoSum: s = fl(hi + x) and
+// err = (hi - (s - x')) + (x - x'), x' = s - hi, give hi + x = s + err exactly, whichever of hi
+// and x is larger). The running sum l ~ 1 of a row with a dominant (sink) key would otherwise
+// drop every block sum under half an ulp of it (6e-8: 64 keys of e < 1e-9 each).
+FASTPROBE_ALWAYS_INLINE void add_compensated(float& hi, float& lo, float x) {
+  const float s = hi + x;
+  const float x_part = s - hi;
+  const float err = (hi - (s - x_part)) + (x - x_part);
+  hi = s;
+  lo += err;
+}
 
 // One row's step to a block whose largest score is block_max: m' = max(m, block_max),
 // alpha = exp(m - m') (0 from an empty state), and the shift the block's e = exp(s - shift)
@@ -454,7 +473,7 @@ FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t co
     float* entropy_sum = state.a;
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r)
-      entropy_sum[r] = entropy_carry(state.m[r], {new_max[r], alpha[r], shift[r]}, state.a[r], state.l[r]);
+      entropy_sum[r] = entropy_carry(state.m[r], {new_max[r], alpha[r], shift[r]}, state.a[r], state.sum(r));
     for (int64_t c = 0; c < count; ++c) {
       float* s = sT + c * R;
 #pragma omp simd
@@ -493,7 +512,10 @@ FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t co
   }
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) {
-    state.l[r] = alpha[r] * state.l[r] + block_sum[r];
+    // l' = alpha l + block_sum, both parts rescaled
+    state.l[r] *= alpha[r];
+    state.l_lo[r] *= alpha[r];
+    add_compensated(state.l[r], state.l_lo[r], block_sum[r]);
     state.sink[r] = alpha[r] * state.sink[r] + stat_sum[r];
     state.m[r] = new_max[r];
   }
@@ -527,10 +549,12 @@ FASTPROBE_SIMD_CLONES static void softmax_rows_block(float* sT, int64_t R, int64
     float stat = 0.0f;
     for (int64_t c = 0; c < std::min(stat_count, count); ++c) stat += x[c];
     for (int64_t c = 0; c < count; ++c) sT[c * R + r] = x[c];
-    if (with_entropy) state.a[r] = entropy_carry(state.m[r], step, state.a[r], state.l[r]) + entropy;
+    if (with_entropy) state.a[r] = entropy_carry(state.m[r], step, state.a[r], state.sum(r)) + entropy;
     alpha[r] = step.alpha;
     block_sum[r] = sum;
-    state.l[r] = step.alpha * state.l[r] + sum;
+    state.l[r] *= step.alpha;  // l' = alpha l + sum, both parts rescaled
+    state.l_lo[r] *= step.alpha;
+    add_compensated(state.l[r], state.l_lo[r], sum);
     state.sink[r] = step.alpha * state.sink[r] + stat;
     state.m[r] = step.m;
   }
@@ -550,9 +574,8 @@ FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t pa
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) into.m[r] = m[r] > into.m[r] ? m[r] : into.m[r];
   }
-  const int64_t tail_rows = 2 + G + Dv;  // a, sink, groups, oT: R floats each, after m, l
-  std::fill(into.l, into.l + R, 0.0f);
-  std::fill(into.a, into.a + R * tail_rows, 0.0f);  // a, sink, groups, oT
+  const int64_t tail_rows = 2 + G + Dv;  // a, sink, groups, oT: R floats each, after m, l, l_lo
+  std::fill(into.l, into.l + R * (2 + tail_rows), 0.0f);  // l, l_lo, a, sink, groups, oT
   for (int64_t s = 0; s < parts; ++s) {
     const RowState part = RowState::over(const_cast<float*>(partials + s * part_floats), R, G);
 #pragma omp simd
@@ -560,9 +583,10 @@ FASTPROBE_SIMD_CLONES static void merge_states(const float* partials, int64_t pa
       const bool empty = part.m[r] == kNegInf;
       const float f = empty ? 0.0f : fast_exp(part.m[r] - into.m[r]);
       factor[r] = f;
-      into.l[r] += f * part.l[r];
+      add_compensated(into.l[r], into.l_lo[r], f * part.l[r]);  // l += f l_s, l_lo += f l_lo_s
+      into.l_lo[r] += f * part.l_lo[r];
       // 0 where f = 0: an empty part, or one whose m - m' overflows to -inf (0 * -inf = NaN)
-      into.a[r] += f == 0.0f ? 0.0f : f * (part.a[r] + (part.m[r] - into.m[r]) * part.l[r]);
+      into.a[r] += f == 0.0f ? 0.0f : f * (part.a[r] + (part.m[r] - into.m[r]) * part.sum(r));
     }
     for (int64_t k = 1; k < tail_rows; ++k) {  // sink (k = 1), groups, oT
       const float* x = part.a + k * R;
@@ -999,7 +1023,7 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
       st[s].m[r] = c;
       st[s].l[r] = c == kNegInf ? 0.0f : 1.0f;
     }
-    std::fill(st[s].a, st[s].a + R * (2 + G + Dv), 0.0f);  // a, sink, groups, oT
+    std::fill(st[s].l_lo, st[s].l_lo + R * (3 + G + Dv), 0.0f);  // l_lo, a, sink, groups, oT
   }
   if (narrow) std::fill(ws.o_rows, ws.o_rows + Op::kStates * o_rows_floats, 0.0f);
   op.begin_item(it, ws);

@@ -94,7 +94,7 @@ struct DualPathAttention {
     float* uncond = ws.row_out + D;
     for (int64_t r = 0; r < it.rows; ++r) {
       const int64_t h = ws.row_head[r], i = ws.row_query[r];
-      const float m1 = st[0].m[r], l1 = st[0].l[r], m2 = st[1].m[r], l2 = st[1].l[r];
+      const float m1 = st[0].m[r], l1 = st[0].sum(r), m2 = st[1].m[r], l2 = st[1].sum(r);
       const float m = std::max(m1, m2);
       const float f1 = l1 > 0.0f ? std::exp(m1 - m) : 0.0f;
       const float f2 = l2 > 0.0f ? std::exp(m2 - m) : 0.0f;

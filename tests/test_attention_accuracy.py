@@ -1,0 +1,56 @@
+"""sink_attention's softmax sum where one key dominates (a BOS attention sink) and each other key's
+weight is below half a float32 ulp of it. The kernels sum a block of keys, then add the block's sum
+to the running one, l ~ 1: a block of 64 keys 22 below the sink sums to 1.8e-8, under half an ulp
+of 1 (6e-8), and was lost whole, so 1 - sink_mass (the mass left for the real tokens, tiny in sink
+heads) came out 0 however many keys shared it, as did the entropy's log-sum term. The running sum
+is kept in two parts now (a compensated addition per block), and only the sink's own block loses
+its small terms (63 of the 4095 here: ~1.5% of 1 - sink_mass). PyTorch's float32 softmax, which
+sums in vector lanes, keeps 1 - sink_mass within a few percent, the bound here."""
+
+import math
+
+import pytest
+import torch
+
+import fastprobe as fp
+from fastprobe import reference
+
+HEAD_DIM, NUM_KEYS = 16, 4096
+GAP = 22.0  # exp(-22) ~ 2.8e-10: one key's weight, and a 64-key block's 1.8e-8, under 6e-8
+
+
+def sink_dominated(num_queries, num_heads=1, num_kv_heads=1, num_keys=NUM_KEYS, gap=GAP):
+    """q = e_0 and k[:, 0] = scores (scale 1): key 0 scores 0, every other key -gap, exactly."""
+    q = torch.zeros(1, num_heads, num_queries, HEAD_DIM)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, num_kv_heads, num_keys, HEAD_DIM)
+    k[0, :, 1:, 0] = -gap
+    return q, k, torch.randn(1, num_kv_heads, num_keys, HEAD_DIM)
+
+
+# decode: one row (C++: the keys of the only item split in ranges, merged after; Triton:
+# split-K); decode-gqa: four query heads on one kv head (C++: the row-vector softmax); heads:
+# eight kv heads (C++: enough items that none is split, 1 - sink_mass read exactly 0); prefill
+@pytest.mark.parametrize("num_queries, num_heads, num_kv_heads", [(1, 1, 1), (1, 4, 1), (1, 8, 8), (64, 1, 1)],
+                         ids=["decode", "decode-gqa", "decode-heads", "prefill"])
+def test_non_sink_mass_survives_a_dominant_sink(target, num_queries, num_heads, num_kv_heads):
+    backend, device = target
+    q, k, v = sink_dominated(num_queries, num_heads, num_kv_heads)
+    got = fp.sink_attention(q.to(device), k.to(device), v.to(device), scale=1.0, causal=False,
+                            return_entropy=True)
+    want = reference.sink_attention(q.double(), k.double(), v.double(), scale=1.0, causal=False)
+    rest = (NUM_KEYS - 1) * math.exp(-GAP)  # the true 1 - sink_mass is rest / (1 + rest) ~ 1.1e-6
+    torch.testing.assert_close(1.0 - want["sink_mass"], torch.full_like(want["sink_mass"], rest / (1 + rest)))
+    # within a few float32 ulps of 1 (6e-8 each), as torch.softmax in float32 is
+    torch.testing.assert_close((1.0 - got.sink_mass.double()).cpu(), 1.0 - want["sink_mass"], rtol=0.1, atol=0)
+    # entropy = log(1 + rest) + gap rest / (1 + rest) ~ 2.6e-5: its log term is 4% of it
+    torch.testing.assert_close(got.entropy.double().cpu(), want["entropy"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(got.lse.double().cpu(), want["lse"], rtol=0, atol=1e-6)
+
+
+def test_torch_float32_softmax_keeps_the_non_sink_mass():
+    """The peer the test above holds fastprobe to: float32 softmax over the same scores."""
+    q, k, _ = sink_dominated(1)
+    weights = torch.softmax((q @ k.transpose(-1, -2)).float(), dim=-1)
+    rest = (NUM_KEYS - 1) * math.exp(-GAP)
+    assert abs((1.0 - weights[..., 0].double().item()) - rest / (1 + rest)) < 0.1 * rest
