@@ -218,10 +218,32 @@ def _block_scores(
 
 
 @triton.jit
-def _softmax_step(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The online-softmax update of one state (m, l = sum 2^(t - m), acc = sum 2^(t - m) v) by
-    a block of base-2 scores t [R, N] (-inf: not in this state) and its values v [N, BLOCK_DV].
-    Returns the new (m, l, acc) and, for the caller's other sums, m_use (the new reference
+def _add_compensated(hi, lo, x):
+    """(hi + lo) + x as (s, lo + err) with hi + x = s + err exactly (TwoSum: s = fl(hi + x),
+    x' = s - hi, err = (hi - (s - x')) + (x - x'), whichever of hi and x is larger). The running
+    sum l ~ 1 of a row with a dominant (sink) key would otherwise drop every block sum under
+    half an ulp of it (6e-8: 64 keys of weight < 1e-9 each)."""
+    s = hi + x
+    x_part = s - hi
+    return s, lo + ((hi - (s - x_part)) + (x - x_part))
+
+
+@triton.jit
+def _sum_compensated(x, x_lo):
+    """sum x + sum x_lo over [N] as (hi, lo): the largest x plus the sum of the others, that
+    addition's error kept (_add_compensated), so parts far below the largest are not lost."""
+    idx = tl.arange(0, x.shape[0])
+    big = tl.max(x, axis=0)
+    big_at = tl.min(tl.where(x == big, idx, x.shape[0]), axis=0)
+    rest = tl.sum(tl.where(idx == big_at, 0.0, x), axis=0)
+    return _add_compensated(big, tl.sum(x_lo, axis=0), rest)
+
+
+@triton.jit
+def _softmax_step(t, m_i, l_i, l_lo, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The online-softmax update of one state (m, l + l_lo = sum 2^(t - m), acc = sum 2^(t - m) v)
+    by a block of base-2 scores t [R, N] (-inf: not in this state) and its values v [N, BLOCK_DV].
+    Returns the new (m, l, l_lo, acc) and, for the caller's other sums, m_use (the new reference
     point: m, or 0 while m = -inf, so that -inf - -inf never appears), alpha = 2^(m_old - m_use)
     (0 while m_old = -inf), the weights p = 2^(t - m_use) and p rounded to v's dtype."""
     m_new = tl.maximum(m_i, tl.max(t, axis=1))
@@ -231,10 +253,11 @@ def _softmax_step(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.c
         m_use = m_new
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(t - m_use[:, None])
-    l_new = l_i * alpha + tl.sum(p, axis=1)
+    # l' = alpha l + sum p, in two parts: the block sum's rounding error goes to l_lo
+    l_new, l_lo = _add_compensated(l_i * alpha, l_lo * alpha, tl.sum(p, axis=1))
     p_in = p.to(v.dtype)
     acc = _dot(p_in, v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
-    return m_new, l_new, acc, m_use, alpha, p, p_in
+    return m_new, l_new, l_lo, acc, m_use, alpha, p, p_in
 
 
 @triton.jit
@@ -264,7 +287,8 @@ def _attend_block(
     q,  # [R, BLOCK_D] queries (input dtype)
     q_t,  # [R, BLOCK_DT] their head dim's tail (see _block_scores)
     m_i,  # [R] running max of the base-2 logits (-inf: nothing seen yet)
-    l_i,  # [R] sum 2^(t - m)
+    l_i,  # [R] sum 2^(t - m), in two parts: l_i + l_lo (_add_compensated)
+    l_lo,  # [R] the rounding errors of the block sums added to l_i
     acc,  # [R, BLOCK_DV] sum 2^(t - m) v
     stat,  # [R] sum over stat keys 2^(t - m)
     grp,  # [R, G_PAD] per-group sums 2^(t - m)
@@ -331,7 +355,7 @@ def _attend_block(
         if HAS_START:  # f <= j, sink keys too
             visible = visible & (j >= first[:, None])
         t = tl.where(visible & key_ok[None, :], t, _NEG_INF)
-    m_new, l_new, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
+    m_new, l_new, l_lo, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, l_lo, acc, v, MASKED, DOT_PRECISION, UPCAST)
     if ENTROPY:
         # A <- alpha (A + (m_old - m_new) l_old) + sum p (t - m_new), 0 where the weight is 0:
         # m_old = -inf (A = l = 0), masked keys (t = -inf), and differences of scores of both
@@ -357,12 +381,12 @@ def _attend_block(
             for g in tl.static_range(G_PAD):
                 mass = tl.sum(tl.where(gid[None, :] == g, p, 0.0), axis=1)
                 grp += tl.where(g_cols[None, :] == g, mass[:, None], 0.0)
-    return m_new, l_new, acc, stat, grp, ent
+    return m_new, l_new, l_lo, acc, stat, grp, ent
 
 
 @triton.jit
 def _attend_range(
-    q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
     lo, hi, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_HORIZON: tl.constexpr, HAS_START: tl.constexpr, ROW_ENDS: tl.constexpr,
@@ -375,19 +399,19 @@ def _attend_range(
     gid = _block_group_ids(groups_base, stride_gn, lo, end, HAS_GROUPS, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         gid_next = _block_group_ids(groups_base, stride_gn, start + BLOCK_N, end, HAS_GROUPS, BLOCK_N)
-        m_i, l_i, acc, stat, grp, ent = _attend_block(
-            q, q_t, m_i, l_i, acc, stat, grp, ent, gid, k_base, v_base, real_base,
+        m_i, l_i, l_lo, acc, stat, grp, ent = _attend_block(
+            q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, gid, k_base, v_base, real_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_rn,
             start, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
             MASKED, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
         )  # fmt: skip
         gid = gid_next
-    return m_i, l_i, acc, stat, grp, ent
+    return m_i, l_i, l_lo, acc, stat, grp, ent
 
 
 @triton.jit
-def _finish(m, l, stat, ent, sink):
-    """(norm, lse, sink_mass, entropy) from the keys' final state (m, l, stat, A: base 2) and the
+def _finish(m, l, l_lo, stat, ent, sink):
+    """(norm, lse, sink_mass, entropy) from the keys' final state (m, l + l_lo, stat, A: base 2) and the
     sink logit c (natural units; -inf: none), elementwise, in natural units (module docstring):
     norm = w / L scales the key sums (acc, grp). L = 0 (nothing in the softmax): (0, -inf, 0, 0);
     a NaN l (NaN or +inf scores) gives NaN, as in the C++ kernel, not an empty row's values.
@@ -397,10 +421,14 @@ def _finish(m, l, stat, ent, sink):
     top = tl.where(top == _NEG_INF, 0.0, top)  # M; 0 with nothing (then w = w_c = 0)
     w_keys = tl.exp2((m_nat - top) * _LOG2E)  # w = e^(m ln 2 - M): 1 where the keys hold the max
     w_sink = tl.exp2((sink - top) * _LOG2E)  # w_c = e^(c - M)
-    total = w_keys * l + w_sink  # L
+    # L = w (l + l_lo) + w_c as total + total_lo, kept in log L and 1 / L to first order in
+    # total_lo / total (<< 1): 1 - sink_mass and log L of a sink head are ~1e-6, where L ~ 1
+    total, total_lo = _add_compensated(w_keys * l, w_keys * l_lo, w_sink)
     empty = total == 0.0
-    inv_total = tl.where(empty, 0.0, 1.0 / total)
-    log_total = tl.log(tl.where(empty, 1.0, total))
+    inv_hi = tl.where(empty, 0.0, 1.0 / total)
+    lo_rel = total_lo * inv_hi
+    inv_total = inv_hi * (1.0 - lo_rel)  # 1 / (total + total_lo)
+    log_total = tl.log(tl.where(empty, 1.0, total)) + lo_rel  # log(total) + log1p(lo_rel)
     lse = tl.where(empty, _NEG_INF, top + log_total)
     # w (A ln 2 + (m ln 2 - M) l) + w_c (c - M), 0 from a zero weight (its shift may be -inf)
     centred = tl.where(w_keys > 0, w_keys * (ent * _LN2 + (m_nat - top) * l), 0.0)
@@ -718,31 +746,32 @@ def _attention_fwd_kernel(
     # ---- online softmax state of the keys (the sink logit joins at the end, _finish) ----
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_lo = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     stat = tl.zeros([BLOCK_M], tl.float32)
     grp = tl.zeros([BLOCK_M, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_M], tl.float32)
 
-    m_i, l_i, acc, stat, grp, ent = _attend_range(  # sink keys before the window band
-        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    m_i, l_i, l_lo, acc, stat, grp, ent = _attend_range(  # sink keys before the window band
+        q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
         sink_lo, sink_hi, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
         True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
     )  # fmt: skip
-    m_i, l_i, acc, stat, grp, ent = _attend_range(  # the band's edge below (window, first keys)
-        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    m_i, l_i, l_lo, acc, stat, grp, ent = _attend_range(  # the band's edge below (window, first keys)
+        q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
         lo_blk, a, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
         True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
     )  # fmt: skip
-    m_i, l_i, acc, stat, grp, ent = _attend_range(  # interior: no masks
-        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    m_i, l_i, l_lo, acc, stat, grp, ent = _attend_range(  # interior: no masks
+        q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
         a, c, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
         False, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
     )  # fmt: skip
-    m_i, l_i, acc, stat, grp, ent = _attend_range(  # the band's edge above (diagonal / horizon, window, Lk)
-        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    m_i, l_i, l_lo, acc, stat, grp, ent = _attend_range(  # the band's edge above (diagonal / horizon, window, Lk)
+        q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
         c, band_end, Lk, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
         True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
@@ -750,7 +779,7 @@ def _attention_fwd_kernel(
 
     # ---- outputs ----
     sink = _sink_logit(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
-    norm, lse, sink_mass, entropy = _finish(m_i, l_i, stat, ent, sink)
+    norm, lse, sink_mass, entropy = _finish(m_i, l_i, l_lo, stat, ent, sink)
     _store_rows(out_ptr, b, h, rows_m, stride_ob, stride_oh, stride_om, stride_od, offs_dv, m_ok, dv_ok, acc * norm[:, None])
     row = bh * Lq + offs_m  # [B, Hq, Lq] index (int64)
     tl.store(lse_ptr + row, lse, mask=m_ok)
@@ -833,11 +862,13 @@ def _merge_row(Hq, Hkv, Lq, kv_group):
 
 
 @triton.jit
-def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 LO_SLOT: tl.constexpr = 0):  # fmt: skip
     """Merge the partial states `part` [S_PAD] (s_ok: real ones) of row r by their max, with an
     initial (c0, l0) (a sink logit, or -inf, 0): m = max(c0, max_s m_s), shift = m (0 while
-    m = -inf), w_s = 2^(m_s - shift), l = w_c l0 + sum_s w_s l_s, acc = sum_s w_s acc_s [BLOCK_DV].
-    Returns (m, l, acc, shift, w_s, m_s, l_s, s_ptrs, w_c)."""
+    m = -inf), w_s = 2^(m_s - shift), l + l_lo = w_c l0 + sum_s w_s (l_s + l_lo_s) (the parts
+    added with compensation, _sum_compensated; l_lo_s in slot LO_SLOT, 0: none),
+    acc = sum_s w_s acc_s [BLOCK_DV]. Returns (m, l, l_lo, acc, shift, w_s, m_s, l_s, s_ptrs, w_c)."""
     s_ptrs = state_ptr + part * (NSTATE * BLOCK_R) + r
     m_s = tl.load(s_ptrs, mask=s_ok, other=_NEG_INF)
     l_s = tl.load(s_ptrs + BLOCK_R, mask=s_ok, other=0.0)
@@ -845,10 +876,16 @@ def _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, NSTATE: tl.constexpr
     shift = tl.where(m == _NEG_INF, 0.0, m)
     w_s = tl.exp2(m_s - shift)  # 0 for empty splits (m_s = -inf)
     w_c = tl.exp2(c0 - shift)
-    l = tl.sum(w_s * l_s, axis=0) + w_c * l0
+    if LO_SLOT > 0:
+        l_lo_s = tl.load(s_ptrs + LO_SLOT * BLOCK_R, mask=s_ok, other=0.0)
+        l, l_lo = _sum_compensated(w_s * l_s, w_s * l_lo_s)
+        l, l_lo = _add_compensated(l, l_lo, w_c * l0)
+    else:
+        l = tl.sum(w_s * l_s, axis=0) + w_c * l0
+        l_lo = 0.0
     offs_dv = tl.arange(0, BLOCK_DV)
     acc_s = tl.load(acc_ptr + part[:, None] * (BLOCK_R * BLOCK_DV) + r * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
-    return m, l, tl.sum(w_s[:, None] * acc_s, axis=0), shift, w_s, m_s, l_s, s_ptrs, w_c
+    return m, l, l_lo, tl.sum(w_s[:, None] * acc_s, axis=0), shift, w_s, m_s, l_s, s_ptrs, w_c
 
 
 @triton.jit
@@ -856,7 +893,7 @@ def _attention_split_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    state_ptr,  # [B * Hkv, S, 4, BLOCK_R] float32: m, l, stat, A
+    state_ptr,  # [B * Hkv, S, 5, BLOCK_R] float32: m, l, stat, A, l_lo
     acc_ptr,  # [B * Hkv, S, BLOCK_R, BLOCK_DV] float32
     grp_ptr,  # [B * Hkv, S, BLOCK_R, G_PAD] float32 (dummy unless HAS_GROUPS)
     key_real_ptr,
@@ -944,18 +981,19 @@ def _attention_split_kernel(
 
     m_i = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
+    l_lo = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     stat = tl.zeros([BLOCK_R], tl.float32)
     grp = tl.zeros([BLOCK_R, G_PAD], tl.float32)
     ent = tl.zeros([BLOCK_R], tl.float32)
-    m_i, l_i, acc, stat, grp, ent = _attend_range(
-        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    m_i, l_i, l_lo, acc, stat, grp, ent = _attend_range(
+        q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
         sink_lo, sink_hi, sink_hi, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
         True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
     )  # fmt: skip
-    m_i, l_i, acc, stat, grp, ent = _attend_range(  # masked: decode is bound by the K / V reads
-        q, q_t, m_i, l_i, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
+    m_i, l_i, l_lo, acc, stat, grp, ent = _attend_range(  # masked: decode is bound by the K / V reads
+        q, q_t, m_i, l_i, l_lo, acc, stat, grp, ent, k_base, v_base, real_base, groups_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_rn, stride_gn,
         start0, end, end, pos, reach, first, offs_d, d_ok, offs_dv, dv_ok, window, sink_end, stat_end, stat_top, qk_scale, softcap,
         True, CAUSAL, HAS_HORIZON, HAS_START, ROW_ENDS, HAS_KEY_REAL, HAS_GROUPS, ENTROPY, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_DT, EVEN_DV, BLOCK_N, G_PAD, GROUP_DOT, DOT_PRECISION, UPCAST,
@@ -963,9 +1001,10 @@ def _attention_split_kernel(
 
     # ---- the unnormalised partial state (every row, padding rows too: no masks) ----
     part = bkv * num_splits + split
-    s_ptrs = _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m_i, l_i, acc, 4, BLOCK_R, BLOCK_DV)
+    s_ptrs = _store_partial(state_ptr, acc_ptr, part, r, offs_dv, m_i, l_i, acc, 5, BLOCK_R, BLOCK_DV)
     tl.store(s_ptrs + 2 * BLOCK_R, stat)
     tl.store(s_ptrs + 3 * BLOCK_R, ent)
+    tl.store(s_ptrs + 4 * BLOCK_R, l_lo)
     if HAS_GROUPS:
         g = tl.arange(0, G_PAD)
         tl.store(grp_ptr + part * (BLOCK_R * G_PAD) + r[:, None] * G_PAD + g[None, :], grp)
@@ -1012,7 +1051,7 @@ def _attention_merge_kernel(
     s_ok = s < tl.where(live, num_splits, 0)  # a pruned head merges nothing
     part = bkv * num_splits + s
     c0, l0 = _sink_state(sink_logit_ptr, h, live, False)  # (-inf, 0): the sink joins in _finish
-    m, l, acc, shift, w_s, m_s, l_s, s_ptrs, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 4, BLOCK_R, BLOCK_DV)
+    m, l, l_lo, acc, shift, w_s, m_s, l_s, s_ptrs, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 5, BLOCK_R, BLOCK_DV, 4)
     stat = tl.sum(w_s * tl.load(s_ptrs + 2 * BLOCK_R, mask=s_ok, other=0.0), axis=0)
     if ENTROPY:
         a_s = tl.load(s_ptrs + 3 * BLOCK_R, mask=s_ok, other=0.0)
@@ -1023,7 +1062,7 @@ def _attention_merge_kernel(
         ent = 0.0
 
     sink = _sink_logit(sink_logit_ptr, h, live, HAS_SINK_LOGIT)
-    norm, lse, sink_mass, entropy = _finish(m, l, stat, ent, sink)
+    norm, lse, sink_mass, entropy = _finish(m, l, l_lo, stat, ent, sink)
     offs_dv = tl.arange(0, BLOCK_DV)
     qi1 = tl.zeros([1], tl.int64) + qi  # the row as a 1-row tile
     _store_rows(out_ptr, b, h, qi1, stride_ob, stride_oh, stride_om, stride_od, offs_dv, qi1 >= 0, offs_dv < VALUE_DIM,
@@ -1599,7 +1638,7 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     chunk, splits = _split_layout(band, splits)
     programs, dev = B * Hkv, q.device
     # float32 scratch of the partial states (sizes as separate arguments: ~0.3 us less than a tuple)
-    state = torch.empty(programs, splits, 4, block_r, dtype=torch.float32, device=dev)
+    state = torch.empty(programs, splits, 5, block_r, dtype=torch.float32, device=dev)
     acc = torch.empty(programs, splits, block_r, block_dv, dtype=torch.float32, device=dev)
     grp = state  # a dummy unless HAS_GROUPS
     if split_flags["HAS_GROUPS"]:

@@ -114,8 +114,11 @@ _SCAN_BLOCK = tl.constexpr(1024)  # drop flags read per step of the prefill's sc
 
 @triton.jit
 def _update(t, m_i, l_i, acc, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One state's online-softmax update (m, l, acc) by the scores t (-inf: not its keys)."""
-    m_i, l_i, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, acc, v, MASKED, DOT_PRECISION, UPCAST)
+    """One state's online-softmax update (m, l, acc) by the scores t (-inf: not its keys). l is
+    one float (l_lo, attention.py's _softmax_step, is dropped): it only normalises the outputs,
+    which a block sum lost against a dominant key moves by that sum's share of l (1e-6 relative
+    at 4096 keys 22 below a sink key)."""
+    m_i, l_i, _, acc, m_use, alpha, p, p_in = _softmax_step(t, m_i, l_i, 0.0, acc, v, MASKED, DOT_PRECISION, UPCAST)
     return m_i, l_i, acc
 
 
@@ -631,8 +634,8 @@ def _dual_merge_kernel(
     part = (bkv * num_splits + s) * 2
     s_ok = s < num_splits
     c0, l0 = _sink_state(state_ptr, h, h >= 0, False)  # no sink logit: (-inf, 0)
-    m1, l1, acc1, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_DV)
-    m2, l2, acc2, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part + 1, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_DV)
+    m1, l1, _, acc1, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_DV)
+    m2, l2, _, acc2, _, _, _, _, _, _ = _merge_parts(state_ptr, acc_ptr, part + 1, r, s_ok, c0, l0, 2, BLOCK_R, BLOCK_DV)
     selected = tl.load(rows_ptr + b * stride_sb + qi * stride_sm) != 0
     out, o_cond, o_uncond = _guide(m1, l1, acc1, m2, l2, acc2, selected, gamma, eps, ORTHOGONALIZE, 0)
     offs_dv = tl.arange(0, BLOCK_DV)
