@@ -397,6 +397,8 @@ struct RowState {
   }
   // the whole sum l + l_lo of row r, in float
   float sum(int64_t r) const { return l[r] + l_lo[r]; }
+  // row r's l' = alpha l + block_sum: both parts rescaled, the block's sum added compensated
+  FASTPROBE_ALWAYS_INLINE void fold(int64_t r, float alpha, float block_sum);
 };
 
 // hi + lo += x, with hi + x's rounding error kept in lo (TwoSum: s = fl(hi + x) and
@@ -409,6 +411,12 @@ FASTPROBE_ALWAYS_INLINE void add_compensated(float& hi, float& lo, float x) {
   const float err = (hi - (s - x_part)) + (x - x_part);
   hi = s;
   lo += err;
+}
+
+FASTPROBE_ALWAYS_INLINE void RowState::fold(int64_t r, float alpha, float block_sum) {
+  l[r] *= alpha;
+  l_lo[r] *= alpha;
+  add_compensated(l[r], l_lo[r], block_sum);
 }
 
 // One row's step to a block whose largest score is block_max: m' = max(m, block_max),
@@ -512,10 +520,7 @@ FASTPROBE_SIMD_CLONES static void softmax_block(float* sT, int64_t R, int64_t co
   }
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) {
-    // l' = alpha l + block_sum, both parts rescaled
-    state.l[r] *= alpha[r];
-    state.l_lo[r] *= alpha[r];
-    add_compensated(state.l[r], state.l_lo[r], block_sum[r]);
+    state.fold(r, alpha[r], block_sum[r]);
     state.sink[r] = alpha[r] * state.sink[r] + stat_sum[r];
     state.m[r] = new_max[r];
   }
@@ -552,9 +557,7 @@ FASTPROBE_SIMD_CLONES static void softmax_rows_block(float* sT, int64_t R, int64
     if (with_entropy) state.a[r] = entropy_carry(state.m[r], step, state.a[r], state.sum(r)) + entropy;
     alpha[r] = step.alpha;
     block_sum[r] = sum;
-    state.l[r] *= step.alpha;  // l' = alpha l + sum, both parts rescaled
-    state.l_lo[r] *= step.alpha;
-    add_compensated(state.l[r], state.l_lo[r], sum);
+    state.fold(r, step.alpha, sum);
     state.sink[r] = step.alpha * state.sink[r] + stat;
     state.m[r] = step.m;
   }
