@@ -2204,7 +2204,13 @@ def test_options_changed_inside_a_temporary_patch_are_kept():
         assert handle.active and is_patched(model) and patch_options(model).head_mask[0].tolist() == [
             True, False, True, True]
         assert patch_options(model).stat_tokens == 1  # (patched_with's own change undone)
-        handle.restore()
+        handle.restore()  # (the block's patch, kept only for the prune, goes with it)
+        assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+        with block(model):  # (restored inside the block: unpatched when the block ends)
+            with sinks.prune_heads(model, [(0, 1)]):
+                outputs(model, ids, mask)
+            assert is_patched(model)
+        assert not is_patched(model)
         with block(model):
             fp.patch(model, num_sink=2)
         assert is_patched(model) and patch_options(model).num_sink == 2

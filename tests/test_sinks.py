@@ -11,7 +11,7 @@ import torch
 
 import fastprobe as fp
 from fastprobe import cli
-from fastprobe.integrations import is_patched, patch_options
+from fastprobe.integrations import is_patched, patch_options, update_patch
 from fastprobe.methods import sinks
 from fastprobe.models import DEMO_TEXTS, plant_sink_heads, tiny_model, tiny_tokenizer
 
@@ -228,6 +228,29 @@ def test_prune_and_restore(tokenizer):
     assert torch.equal(logits(model, tokenizer)[0], base)
     assert second.saved == []  # (a handle kept after restore holds no copy of the columns)
     first.restore()  # a no-op once restored
+
+
+def test_a_patch_made_for_pruning_goes_with_the_prune_unless_the_user_patched_since(tokenizer):
+    """prune_heads(mode="mask") patches an unpatched model for the prune: restoring it unpatches the
+    model, also when the restore happens inside a record_attention block (unpatched as the block
+    ends). A patch() or update_patch() called in between makes the patch the user's: it stays, with
+    the options they chose (the restore used to unpatch it, dropping them)."""
+    model = planted_model(tokenizer)
+    handle = sinks.prune_heads(model, [(0, 1)])
+    with fp.record_attention(model):
+        handle.restore()
+        assert is_patched(model)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+    for user_call in (lambda: fp.patch(model, num_sink=2), lambda: update_patch(model, num_sink=2)):
+        handle = sinks.prune_heads(model, [(0, 1)])
+        user_call()
+        handle.restore()
+        assert is_patched(model) and patch_options(model).num_sink == 2 and patch_options(model).head_mask == {}
+        fp.unpatch(model)
+    handle = sinks.prune_heads(model, [(0, 1)])
+    update_patch(model)  # (no change of options, but the user's call: the patch is theirs)
+    handle.restore()
+    assert is_patched(model)
 
 
 def test_prune_on_a_patched_model_keeps_its_options(tokenizer):

@@ -393,6 +393,11 @@ class _PatchState:
         self.model_name = "model"  # the patched model's class name
         self.kv_sharing: tuple = ()  # classes _pass_masks_through wrapped for this model
         self.tower_layers: frozenset = frozenset()  # layers of a vision or audio tower (_tower_layers)
+        # Whom the patch is for: "user" (patch or update_patch called), "block" (record_attention or
+        # patched_with on an unpatched model, for the block), "method" (prune_heads, or kept after such
+        # a block for the options changed inside it): a "method" patch is removed once its options are
+        # back to the defaults (_unpatch_if_unneeded).
+        self.patched_by = "user"
         self.set_options(options)
 
     @property
@@ -427,6 +432,8 @@ class _PatchState:
         self._threads = threading.local()
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
         self.__dict__.setdefault("tower_layers", frozenset())
+        if self.__dict__.setdefault("patched_by", "user") == "block":  # (the block ends for the original only)
+            self.patched_by = "method"
         _masking_utils()
         for cls in self.__dict__.setdefault("kv_sharing", ()):
             _pass_masks_through(cls)
@@ -1775,13 +1782,40 @@ def update_patch(model, **changes):
     return patch(model, **{**options, **changes})
 
 
+def _patch_for(model, patched_by: str, **options) -> None:
+    """patch() on fastprobe's own behalf: for a block ("block") or a method ("method")."""
+    patch(model, **options)
+    getattr(unwrapped(model), _STATE).patched_by = patched_by
+
+
+def _set_options(model, **changes) -> None:
+    """update_patch on fastprobe's own behalf (prune_heads, a block undoing its changes): whom the
+    patch is for stays as it was, and a patch made for a method goes once its options are back to
+    the defaults."""
+    state = getattr(unwrapped(model), _STATE)
+    patched_by = state.patched_by
+    update_patch(model, **changes)
+    state.patched_by = patched_by
+    _unpatch_if_unneeded(model)
+
+
+def _unpatch_if_unneeded(model) -> None:
+    """Unpatches a model patched for a method (not by the user, and no block open on it) whose
+    options are all back to their defaults: a restored prune_heads leaves the model as it found it."""
+    state = getattr(unwrapped(model), _STATE, None)
+    if (state is not None and state.patched_by == "method" and state.recorder is None
+            and not _changed_options(PatchOptions(), state.options)):
+        unpatch(model)
+
+
 @contextlib.contextmanager
 def patched_with(model, **changes) -> Iterator[Any]:
     """Context manager: the model runs with `changes` to its patch options inside the block
     (update_patch) and gets the previous values back afterwards (unless the block unpatched it);
     a model that was not patched is patched with them and unpatched afterwards, unless its options
     were changed inside the block (prune_heads, patch) and not changed back: then it stays patched
-    with those, the block's own changes that were not changed again inside it undone. Yields the
+    with those, the block's own changes that were not changed again inside it undone (and is
+    unpatched when a prune_heads kept that way is restored, unless patch was called). Yields the
     model.
     Options belong to the model, not to a thread: blocks of several threads on one model that
     overlap without nesting leave it with the options of whichever exits last."""
@@ -1790,7 +1824,7 @@ def patched_with(model, **changes) -> Iterator[Any]:
         raise TypeError(f"patched_with: {', '.join(unknown)} is not a patch option "
                         f"(see fastprobe.integrations.PatchOptions)")
     if not is_patched(model):
-        patch(model, **changes)
+        _patch_for(model, "block", **changes)
         options = patch_options(model)
         try:
             yield model
@@ -1800,16 +1834,25 @@ def patched_with(model, **changes) -> Iterator[Any]:
                 if not changed:
                     unpatch(model)
                 else:  # (changed inside the block, a prune_heads: kept; the block's other changes undone)
+                    _keep_for_method(model)
                     defaults = PatchOptions()
-                    update_patch(model, **{name: getattr(defaults, name) for name in changes if name not in changed})
+                    _set_options(model, **{name: getattr(defaults, name) for name in changes if name not in changed})
         return
     previous = {name: getattr(patch_options(model), name) for name in changes}
-    update_patch(model, **changes)
+    _set_options(model, **changes)
     try:
         yield model
     finally:
         if is_patched(model):
-            update_patch(model, **previous)
+            _set_options(model, **previous)
+
+
+def _keep_for_method(model) -> None:
+    """A block's own patch that outlives the block for the options changed inside it: now a method's
+    (unless the user patched it inside the block), removed when those are changed back."""
+    state = getattr(unwrapped(model), _STATE)
+    if state.patched_by == "block":
+        state.patched_by = "method"
 
 
 def patch(
@@ -1874,6 +1917,7 @@ def patch(
             # switched away since (set_attn_implementation): switched back; unpatch still restores what it had before
             _switch(model, layers, [config for config, _ in state.previous])
         state.set_options(options)
+        state.patched_by = "user"  # (fastprobe's own changes go through _set_options, which keeps it)
         return wrapper
 
     kv_sharing = _kv_sharing_classes(model)
@@ -2356,7 +2400,8 @@ def record_attention(
     needs key_groups ([B, L] integer ids, the group of each token position; tokens generated past
     them are in none, see AttentionRecord), "entropy" asks the kernel for it. A model that is not
     patched is patched (no options) for the duration of the block, and stays patched if its options
-    were changed inside it (prune_heads, patch) and not changed back, rather than losing them.
+    were changed inside it (prune_heads, patch) and not changed back, rather than losing them (a
+    prune_heads kept that way unpatches it when restored, as it would outside the block).
 
     Every forward pass of the model while the block is open counts, whichever thread runs it
     (generate in a streamer's thread included): keep other threads' passes off the model while
@@ -2374,7 +2419,7 @@ def record_attention(
     with _RECORDERS:
         temporary = not is_patched(model)
         if temporary:
-            patch(model)
+            _patch_for(model, "block")
         try:  # (a model patched for the block is unpatched whatever fails, the checks below included)
             state = getattr(model, _STATE)
             if state.recorder is not None:
@@ -2398,8 +2443,12 @@ def record_attention(
     finally:
         with _RECORDERS:
             state.recorder = None
-            if temporary and not _changed_options(options, state.options):  # (else: kept patched with them)
+            if temporary and not _changed_options(options, state.options):
                 unpatch(model)
+            elif is_patched(model):  # (kept patched with the options changed inside the block)
+                if temporary:
+                    _keep_for_method(model)
+                _unpatch_if_unneeded(model)  # (a method's patch whose options went back inside the block)
         record._views, record._ones = {}, {}  # (the block's per-forward caches: a kept record holds its sums only)
 
 

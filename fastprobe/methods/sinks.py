@@ -26,8 +26,8 @@ import torch
 from ._batching import eval_mode, require_pandas, text_batches
 from ..ops._common import check_int
 from ..integrations.transformers import (
-    attention_layers, is_patched, layer_heads, patch, patch_options, patched_with, record_attention, unpatch,
-    unwrapped, update_patch,
+    _patch_for, _set_options, attention_layers, is_patched, layer_heads, patch_options, patched_with,
+    record_attention, unwrapped,
 )
 
 __all__ = [
@@ -178,7 +178,6 @@ class PrunedHeads:
 
     def __init__(self, model, heads: list, mode: str):
         self.model, self.heads, self.mode = model, heads, mode
-        self.patched_here = False  # mask: prune_heads patched the model (restore unpatches it)
         self.previous_head_mask = None  # mask: the head mask before
         self.saved: list = []  # zero_o_proj: (parameter name, axis, start, size, original columns)
         self.active = True
@@ -186,12 +185,8 @@ class PrunedHeads:
     def _undo(self) -> None:
         model = self.model
         if self.mode == "mask":
-            if not is_patched(model):  # the user unpatched in between: nothing left to undo
-                return
-            if self.patched_here:
-                unpatch(model)
-            else:
-                update_patch(model, head_mask=self.previous_head_mask)
+            if is_patched(model):  # (else the user unpatched in between: nothing left to undo)
+                _set_options(model, head_mask=self.previous_head_mask)  # (unpatched if patched for pruning alone)
             return
         with torch.no_grad():
             for name, axis, start, size, original in reversed(self.saved):
@@ -229,7 +224,9 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
     encoder-only models). Returns a handle whose .restore() undoes it; also restore_heads(model).
 
     mode="mask": the kernel's head mask (fastprobe.patch's head_mask option; the model is patched
-        if it is not, and unpatched again on restore). A pruned head outputs 0 and costs nothing.
+        if it is not, and unpatched again on restore unless patch() or update_patch() was
+        called on it since). A pruned
+        head outputs 0 and costs nothing.
     mode="zero_o_proj": zeroes the head's input columns of the output projection (per query head,
         so right for grouped-query attention too); works under any attention implementation.
     Both remove the head's contribution, so on the same model they give the same outputs. A PEFT
@@ -260,14 +257,13 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
 
 
 def _prune_by_mask(handle, model, layers: list, pairs: list, num_heads: list) -> None:
-    handle.patched_here = not is_patched(model)
-    if handle.patched_here:
-        patch(model)
+    if not is_patched(model):
+        _patch_for(model, "method")  # (unpatched when the options are back to the defaults)
     previous = patch_options(model)
     masks = {layer: keep.clone() for layer, keep in previous.head_mask.items()}
     for layer, head in pairs:
         masks.setdefault(layer, torch.ones(num_heads[layer], dtype=torch.bool))[head] = False
-    update_patch(model, head_mask=masks)  # (the other options, guidance among them, kept)
+    _set_options(model, head_mask=masks)  # (the other options, guidance among them, kept)
     handle.previous_head_mask = previous.head_mask
 
 
