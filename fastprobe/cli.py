@@ -231,14 +231,15 @@ def _print_head_table(table, top: int) -> None:
         print(f"    {row.rank:>4} {row.layer:>5} {row.head:>4} {row.sink_score:>10.4f}")
 
 
-def _pruning_report(model, tokenizer, texts, table, fraction: float, seed: int, batch_size: int, max_length: int):
+def _pruning_report(model, tokenizer, texts, table, fraction: float, seed: int, batch_size: int, max_length: int,
+                    progress: bool):
     """Perplexity unpruned, with the top `fraction` sink heads pruned (head mask), and with as many
     random other heads pruned; returns (baseline, top, random)."""
     from .methods import sinks
 
     top = sinks.top_heads(table, fraction)
     control = sinks.random_heads(table, len(top), seed=seed, exclude=top)
-    settings = dict(batch_size=batch_size, max_length=max_length)
+    settings = dict(batch_size=batch_size, max_length=max_length, progress=progress)
     baseline = sinks.perplexity(model, tokenizer, texts, **settings)
     with sinks.prune_heads(model, top, mode="mask"):
         pruned_top = sinks.perplexity(model, tokenizer, texts, **settings)
@@ -290,7 +291,7 @@ def _demo_sinks(device: torch.device, seed: int, length: int) -> bool:
     verdict = "rank first -> OK" if found else "DO NOT rank first -> FAILED"
     print(f"  strongest sink heads of {len(table)} (the planted ones {verdict}):")
     _print_head_table(table, len(planted) + 2)
-    _pruning_report(model, tokenizer, DEMO_TEXTS, table, len(planted) / len(table), seed, 8, 512)
+    _pruning_report(model, tokenizer, DEMO_TEXTS, table, len(planted) / len(table), seed, 8, 512, False)
 
     ids = torch.randint(3, len(tokenizer), (2, length), generator=torch.Generator().manual_seed(seed)).to(device)
     print(f"  recording sink mass per layer and head, batch 2 x {length} tokens:")
@@ -429,7 +430,8 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
     print(f"  farther drafts give more uncertainty on every measure -> {'OK' if ok else 'FAILED'}")
 
     prompts = [" ".join(text.split()[:5]) for text in DEMO_TEXTS[:8]]
-    own = [answer.strip() for answer in availability.greedy_answers(target, tokenizer, prompts, max_new_tokens=2)]
+    own = [answer.strip() for answer in availability.greedy_answers(target, tokenizer, prompts, max_new_tokens=2,
+                                                                progress=False)]
     truth = [text.split()[5].strip(",.:") for text in DEMO_TEXTS[:8]]
     # even rows: the model's own answer, unless it is empty or cut inside a character (U+FFFD)
     from_model = [i % 2 == 0 and own[i] != "" and "\ufffd" not in own[i] for i in range(len(prompts))]
@@ -693,7 +695,8 @@ def sinks_command(args: argparse.Namespace) -> int:
         print(f"  strongest sink heads of {len(table)}:")
         _print_head_table(table, args.top)
         if args.prune is not None:
-            _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length)
+            _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length,
+                            not args.no_progress)
         if args.plot:
             print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
         _save_table(table, args.csv, "table", index=False)

@@ -215,6 +215,17 @@ def test_no_progress_switches_off_the_checkpoint_loading_bars(checkpoints, capsy
     assert transformers_logging.is_progress_bar_enabled()
 
 
+def test_sinks_prune_shows_its_perplexity_passes_unless_no_progress(checkpoints, capsys):
+    """The three perplexity passes of --prune show progress bars as the scoring pass does, and
+    --no-progress switches all of them off (they had no bar, whatever the option said)."""
+    folders, texts = checkpoints
+    command = ["sinks", "--model", folders["target"], "--texts", texts, "--prune", "0.25"]
+    assert cli.main(command) == 0
+    assert capsys.readouterr().err.count("perplexity") >= 3
+    assert cli.main([*command, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_a_target_without_a_tokenizer_is_named(checkpoints, capsys):
     """(the error was transformers' alone, a few lines on converting slow tokenizers, no folder;
     then transformers' reason, which pointed at installing sentencepiece), on one line"""

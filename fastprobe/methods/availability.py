@@ -441,7 +441,7 @@ def _prompt_cache(cache, prompt_length: int):
 
 
 def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_new_tokens: int = 8,
-                   batch_size: int = 8, max_length: int = 512, progress: bool = False) -> list[str]:
+                   batch_size: int = 8, max_length: int = 512, progress: bool = True) -> list[str]:
     """The model's greedy answer to every prompt (max_new_tokens at most, special tokens
     skipped), batched with left padding, in eval mode (as sequence_log_probs)."""
     check_count(max_new_tokens, "max_new_tokens")

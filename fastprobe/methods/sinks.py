@@ -293,7 +293,7 @@ def restore_heads(model) -> None:
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
-               progress: bool = False) -> float:
+               progress: bool = True) -> float:
     """exp(mean next-token negative log-likelihood) of a causal language model over every real
     (non-padded) predicted token of `texts`, batched like score_heads (in eval mode likewise)."""
     total, count = torch.zeros((), dtype=torch.float64), 0
