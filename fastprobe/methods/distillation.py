@@ -29,22 +29,21 @@ def next_token_targets(labels: Optional[torch.Tensor], attention_mask: Optional[
                        shape: torch.Size, ignore_index: int, device: torch.device) -> torch.Tensor:
     """For logits [B, L, V], the label each position predicts ([B, L] int64 on `device`; shape is
     the logits' [B, L]): the next position's label (causal LMs' shift), ignore_index at the last
-    position. Without labels, a next position
-    that the attention mask marks as padding is ignored (a scored one gets a marker other than
-    ignore_index); with or without labels, so is every padding position itself (with left
-    padding, the last pad would otherwise be scored on the first real token). Keeping all L
-    positions (rather than slicing the logits to L - 1) lets the loss read the logits without
-    copying them."""
+    position; without labels, a marker other than ignore_index. With an attention mask, a
+    position is scored only when it and the next one are real tokens, with or without labels: a
+    label under padding (labels copied from input_ids) is no target (right padding would score a
+    text's last real token, which the text alone never has), and a padding position predicts
+    nothing (with left padding, the last pad would be scored on the first real token). Keeping
+    all L positions (rather than slicing the logits to L - 1) lets the loss read the logits
+    without copying them."""
     targets = torch.full(shape, ignore_index, dtype=torch.long, device=device)
     scored = 1 if ignore_index == 0 else 0  # (the loss reads the targets only as scored or not)
-    if labels is not None:
-        targets[:, :-1] = labels[:, 1:]
-    elif attention_mask is not None:
-        targets[:, :-1] = torch.where(attention_mask[:, 1:] == 0, ignore_index, scored)
-    else:
-        targets[:, :-1] = scored
+    targets[:, :-1] = labels[:, 1:] if labels is not None else scored
     if attention_mask is not None:
-        targets.masked_fill_(attention_mask.to(device) == 0, ignore_index)
+        # position i predicts token i + 1: a prediction needs a real input and a real target
+        real = attention_mask.to(device) != 0
+        targets[:, :-1].masked_fill_(~real[:, 1:], ignore_index)
+        targets.masked_fill_(~real, ignore_index)
     return targets
 
 
