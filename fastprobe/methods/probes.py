@@ -585,8 +585,8 @@ def _as_labels(labels, rows: int, task: str, name: str = "labels", width: Option
 class ProbeFit(NamedTuple):
     """train_probe's result: the trained probe (eval mode), metrics (train_loss, and
     train_accuracy for classification or train_r2 for regression; val_* the same on the
-    validation rows when there are any) and history (per epoch, the mean of the training loss
-    over its steps as they ran: cross-entropy, or for regression the mean squared error of the
+    validation rows when there are any) and history (per epoch, the training loss as its steps
+    ran, averaged over the epoch's rows (each step's loss weighted by its rows): cross-entropy, or for regression the mean squared error of the
     standardised targets; the metrics' losses are in the targets' own units)."""
 
     probe: torch.nn.Module

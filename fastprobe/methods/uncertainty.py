@@ -208,8 +208,10 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     generate_kwargs: greedy unless they or its generation config say otherwise), whose logits
     for each new token (generate's, before any logits processor) are the target's side; the
     drafts score the continuation by teacher forcing. temperature divides every logit of the
-    scores and, when generate samples, is its sampling temperature too (the distribution
-    sampled from is the one scored); None: the generation config's when sampling, else 1.
+    scores and, when generate samples, is its sampling temperature too: the scores are of the
+    whole softmax(z / T), while generate samples from it after its other logits processors
+    (top_k, which the generation config may leave at 50, top_p, ...) have cut its tail; None:
+    the generation config's when sampling, else 1.
     max_length truncates the prompts (generate's length is max_new_tokens). Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
