@@ -99,6 +99,11 @@ _PATTERN = "_fastprobe_pattern"  # on the key padding masks the mask function re
 # on every module of a patched model (copies keep it, as _LAYER): a module that calls fastprobe's
 # attention without being one of its layers (a vision tower's) belongs to a patched model
 _PART = "_fastprobe_part"
+# Held while patch, unpatch or record_attention change a model's patch state. Two threads patching
+# one unpatched model at once both found it unpatched and both hooked it (unpatch then removed one
+# pair of hooks, and the other failed every later forward); two entering record_attention on one
+# model would both find no recorder and both record. Reentrant: record_attention patches under it.
+_PATCHING = threading.RLock()
 
 
 # ---------------------------------------------------------------- options
@@ -368,8 +373,10 @@ class _ForwardState:
     def __init__(self):
         # this forward reached fastprobe's attention (the safety net of _forward_done). A flag set
         # afresh by each forward, not a running count: torch.compile guards on what a forward reads
-        # of it, and a count read at the start would recompile every decoding step
-        self.attended = False
+        # of it, and a count read at the start would recompile every decoding step. None: no forward
+        # started under this patch in this thread (one that started before the model was patched
+        # ends with its hooks, and is not checked)
+        self.attended: Optional[bool] = None
         self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
         self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.image_keys: Optional[ImageKeys] = None
@@ -386,7 +393,6 @@ class _PatchState:
         self.previous = previous
         self.recorder: Optional[AttentionRecord] = None
         self.hooks: list = []
-        self._head_masks: dict = {}
         self._threads = threading.local()  # .forward: the thread's _ForwardState
         self._options_version = 0
         self.module_ids: frozenset = frozenset()  # every module of the patched model
@@ -415,7 +421,7 @@ class _PatchState:
     def __getstate__(self) -> dict:
         # (a copy made inside record_attention is not recording: that block ends for the original only)
         attributes = {name: value for name, value in self.__dict__.items()
-                      if name not in ("_threads", "recorder", "_layer_refs")}
+                      if name not in ("_threads", "recorder", "_layer_refs", "_head_mask_copies")}
         attributes["layers"] = self.layers  # (the modules themselves: a copy's are the copied modules)
         return attributes
 
@@ -425,11 +431,13 @@ class _PatchState:
         restores the copy only). Unpickled in another process, it registers "fastprobe" with
         transformers again (the copy's config names it) and wraps the KV-sharing classes again."""
         attributes = dict(attributes)
+        attributes.pop("_head_masks", None)  # (a state pickled before the copies went with their options)
         layers = attributes.pop("layers")
         self.__dict__.update(attributes)
         self.layers = layers
         self.recorder = None
         self._threads = threading.local()
+        self._head_mask_copies = (self.options, {})
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
         self.__dict__.setdefault("tower_layers", frozenset())
         if self.__dict__.setdefault("patched_by", "user") == "block":  # (the block ends for the original only)
@@ -441,7 +449,7 @@ class _PatchState:
     def set_options(self, options: PatchOptions) -> None:
         tracked = getattr(getattr(self, "options", None), "guidance", None)
         self.options = options
-        self._head_masks = {}
+        self._head_mask_copies = (options, {})  # {(layer, device): its head mask there}, with their options
         # Each thread's image keys start afresh when what they track changes: guidance switched on
         # or off, or another image token id. Other changes (a head mask, prune_heads, record, gamma,
         # the guided layers) keep them, so a cached sequence goes on guided after update_patch.
@@ -461,14 +469,18 @@ class _PatchState:
         return found
 
     def head_mask(self, layer: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The layer's head mask on the attention's device (copied there once)."""
-        keep = self.options.head_mask.get(layer)
+        """The layer's head mask on the attention's device (copied there once). Each copy is kept
+        with the options it was made from: a forward in another thread that read the options
+        before update_patch replaced them adds its copy to the old options' (read apart, the old
+        mask went among the new options' copies, and every later forward pruned the old heads)."""
+        options, copies = self._head_mask_copies
+        keep = options.head_mask.get(layer)
         if keep is None:
             return None
         key = (layer, device)
-        if key not in self._head_masks:
-            self._head_masks[key] = keep.to(device)
-        return self._head_masks[key]
+        if key not in copies:
+            copies[key] = keep.to(device)
+        return copies[key]
 
     def packed_spans(self, bounds: torch.Tensor, key_bounds: Optional[torch.Tensor], length: int,
                      device: torch.device) -> SegmentSpans:
@@ -1855,6 +1867,16 @@ def _keep_for_method(model) -> None:
         state.patched_by = "method"
 
 
+def _under_patching_lock(function):
+    """function (patch, unpatch) run holding _PATCHING: one change of patch state at a time."""
+    @functools.wraps(function)
+    def holding_the_lock(*args, **kwargs):
+        with _PATCHING:
+            return function(*args, **kwargs)
+    return holding_the_lock
+
+
+@_under_patching_lock
 def patch(
     model,
     *,
@@ -1900,6 +1922,11 @@ def patch(
     it under torch.no_grad(); unpatch to train). Packed sequences (position ids restarting at 0
     without an attention mask, and/or flash attention's cu_seq_lens kwargs) each attend within
     themselves, with their own sinks and statistics.
+
+    Threads: patch, update_patch and unpatch (and record_attention's patch of an unpatched model)
+    run one at a time, and change the model for every thread. A forward that another thread is
+    running meanwhile may run some layers each way, or fail (unpatched mid-forward, its remaining
+    layers get the mask made for fastprobe): change a model while no forward of it runs.
     """
     wrapper, model = model, unwrapped(model)  # (a PEFT or compiled wrapper: its model is patched, it is returned)
     _masking_utils()
@@ -2040,7 +2067,7 @@ def _forward_left(model, args, output) -> None:
 def _forward_done(model, args, output) -> None:
     """The safety net: a forward of a patched model that never reached fastprobe's attention."""
     forward = getattr(model, _STATE).forward
-    if not forward.attended:
+    if forward.attended is False:  # (None: the forward started before this patch, in another thread)
         switched = sorted({str(_implementation(_layer_config(m, model))) for m in getattr(model, _STATE).layers} - {KEY})
         if switched:
             raise RuntimeError(
@@ -2053,6 +2080,7 @@ def _forward_done(model, args, output) -> None:
         )
 
 
+@_under_patching_lock
 def unpatch(model):
     """Restores the attention implementation the model had before patch() (exactly, per config)
     and removes every option; returns the model. A model that is not patched is returned as is."""
@@ -2412,11 +2440,12 @@ def record_attention(
     new block for the retry to keep the layers alike. The
     passes of torch.nn.DataParallel's replicas of the model count (they share its patch), but
     key_groups cannot follow them: each replica runs a slice of the batch, which its [B, L] rows
-    no longer match (refused).
+    no longer match (refused). A model the block patches is patched and unpatched for every
+    thread: open and close it while no other thread runs the model (or patch the model first).
     """
     chosen = None if statistics is None else _check_statistics(statistics, "statistics")
     model = unwrapped(model)  # (of a PEFT or compiled wrapper: the model it holds)
-    with _RECORDERS:
+    with _PATCHING:
         temporary = not is_patched(model)
         if temporary:
             _patch_for(model, "block")
@@ -2441,7 +2470,7 @@ def record_attention(
     try:
         yield record
     finally:
-        with _RECORDERS:
+        with _PATCHING:
             state.recorder = None
             if temporary and not _changed_options(options, state.options):
                 unpatch(model)
@@ -2450,8 +2479,3 @@ def record_attention(
                     _keep_for_method(model)
                 _unpatch_if_unneeded(model)  # (a method's patch whose options went back inside the block)
         record._views, record._ones = {}, {}  # (the block's per-forward caches: a kept record holds its sums only)
-
-
-# Held while record_attention sets or clears a model's recorder (and patches or unpatches it for
-# the block): two threads entering on one model at once would both see no recorder and both record.
-_RECORDERS = threading.Lock()
