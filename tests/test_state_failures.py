@@ -1,5 +1,7 @@
-"""The patch state of fastprobe.integrations against concurrency: patch and option changes from
-other threads leave no broken or stale state behind."""
+"""The patch and record state of fastprobe.integrations against failures and concurrency:
+backward's recomputation under gradient checkpointing is not recorded twice, and a record keeps
+no autograd graph; patch and option changes from other threads leave no broken or stale state
+behind."""
 
 import copy
 import dataclasses
@@ -11,7 +13,7 @@ import torch
 import fastprobe as fp
 from fastprobe.integrations import is_patched
 from fastprobe.integrations import transformers as integration
-from fastprobe.models import tiny_model
+from fastprobe.models import tiny_llava, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,6 +39,76 @@ def assert_unpatched_like(model, reference, ids, mask):
     assert model.config._attn_implementation == reference.config._attn_implementation
     assert not model._forward_hooks and not model._forward_pre_hooks
     torch.testing.assert_close(logits(model, ids, mask), logits(reference, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- gradients on
+
+
+def test_a_record_does_not_keep_the_autograd_graphs_of_the_forwards_it_recorded():
+    """A forward run with gradients on (no torch.no_grad) inside record_attention: the statistics
+    were added to the record's sums attached, so the sums held every recorded forward's autograd
+    graph, and its activations with it, as long as the record was kept."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama", num_layers=LAYERS)
+    ids, mask = inputs()
+    inputs_of_a_projection = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: inputs_of_a_projection.append(weakref.ref(args[0])))
+    with fp.record_attention(model, statistics=("sink_mass", "entropy")) as record:
+        model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    gc.collect()
+    assert inputs_of_a_projection[0]() is None  # (an activation the forward's graph saved for backward)
+    assert not any(table.requires_grad for table in record._sums.values())
+    assert not record.sink_mass.requires_grad and not record.entropy.requires_grad
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def checkpointed(model, use_reentrant: bool):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    return model.train()
+
+
+def test_backward_recomputation_under_gradient_checkpointing_is_not_recorded_twice():
+    """Gradient checkpointing reruns a layer's forward in backward: the record counted that layer's
+    queries twice (36 for 18), silently where backward does not go through the attention (here
+    only the last layer's MLP trains, on inputs that need no gradient)."""
+    model = tiny_model("llama", num_layers=LAYERS)
+    model.requires_grad_(False)
+    model.model.layers[-1].mlp.requires_grad_(True)
+    checkpointed(model, use_reentrant=False).disable_input_require_grads()
+    ids, mask = inputs()
+    with fp.record_attention(model) as record:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert model.model.layers[-1].mlp.up_proj.weight.grad is not None  # (the layer was recomputed)
+    assert record.num_queries.tolist() == [int(mask.sum())] * LAYERS
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_training_through_a_checkpointed_patched_model_says_it_is_forward_only(use_reentrant):
+    model = checkpointed(tiny_model("llama", num_layers=LAYERS), use_reentrant)
+    ids, mask = inputs()
+    with fp.record_attention(model) as record:
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        with pytest.raises(RuntimeError, match="forward-only: training through it is not supported"):
+            loss.backward()
+    assert record.num_queries.tolist() == [int(mask.sum())] * LAYERS
+    assert not is_patched(model)
+
+
+def test_guidance_recomputed_by_gradient_checkpointing_says_it_is_forward_only():
+    """The recomputed guided layer runs outside the forward that tracked the image keys: the error
+    said to call the patched model itself (which the user did)."""
+    model = fp.patch(checkpointed(tiny_llava(), use_reentrant=True), guidance=dict(gamma=1.0))
+    ids = torch.randint(3, 400, (1, 10))
+    ids[0, 2:6] = model.config.image_token_index
+    loss = model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), labels=ids).loss
+    with pytest.raises(RuntimeError, match="gradient checkpointing recomputes the layer in backward.*forward-only"):
+        loss.backward()
 
 
 # ---------------------------------------------------------------- threads

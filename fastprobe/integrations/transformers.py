@@ -1623,6 +1623,8 @@ def attention_forward(
 
     state.forward.attended = True
     options, record = state.options, state.recorder
+    if record is not None and _recomputed_in_backward():
+        record = None  # (its forward was recorded: a second count would pool the layer's queries twice)
     if options.window is not None:
         window = _narrowest(window, options.window)
     guided = None
@@ -1660,6 +1662,12 @@ def attention_forward(
     if record is not None:
         record.add(layer, result, padding, dropped, masks_made)
     return (result.out if guided is None else guided).transpose(1, 2), None
+
+
+def _recomputed_in_backward() -> bool:
+    """Whether this attention call runs inside autograd's backward: activation (gradient)
+    checkpointing recomputing a layer whose forward already ran."""
+    return not is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _warn_if_switched_by_another(module) -> None:
@@ -1721,6 +1729,12 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
     image_keys = forward.image_keys.mask if forward.in_forward else None
     batch, num_queries, num_keys = query.shape[0], query.shape[2], key.shape[2]
     if image_keys is None or image_keys.shape[0] != batch or image_keys.shape[1] < num_keys:
+        if _recomputed_in_backward():
+            raise RuntimeError(
+                f"guidance on layer {layer}: gradient checkpointing recomputes the layer in backward, past the "
+                "forward that tracked its image keys; guidance is forward-only: run the model under torch.no_grad() "
+                "or call model.gradient_checkpointing_disable()"
+            )
         seen = "none" if image_keys is None else f"{tuple(image_keys.shape)}"
         raise RuntimeError(
             f"guidance on layer {layer} has {num_keys} keys for batch {batch} but the tracked image keys are {seen}: "
@@ -2275,17 +2289,19 @@ class AttentionRecord:
         """Adds one attention call's statistics (its AttentionOutput) to the layer's sums. shared: the
         forward's per-mask cache (_MaskPattern.key_masks), where the layers that share the padding
         mask share the weights of its real queries, or None."""
-        sink_mass = result.sink_mass
+        # (detached: statistics are never differentiated, and from a forward run with gradients on,
+        # the in-place sums held its autograd graph, its activations with it, as long as the record)
+        sink_mass, group_mass, entropy = (None if values is None else values.detach()
+                                          for values in (result.sink_mass, result.group_mass, result.entropy))
         batch, _, num_queries = sink_mass.shape
         if dropped is not None:  # the first token left the sliding cache: its weight is 0
             sink_mass = sink_mass.masked_fill(dropped.view(batch, 1, 1), 0.0)
         weight = real_queries = None
         if padding is not None:
             weight, real_queries = self._query_weights(padding, num_queries, sink_mass.dtype, shared)
-        group_mass = result.group_mass
         if group_mass is not None:  # (without group G of decoded tokens past the given ones)
             group_mass = group_mass[..., :self._key_groups.num_groups]
-        found = {"sink_mass": sink_mass, "group_mass": group_mass, "entropy": result.entropy}
+        found = {"sink_mass": sink_mass, "group_mass": group_mass, "entropy": entropy}
         with self._held():  # forwards of several threads may add at once (in-place sums)
             self._accumulate(layer, found, weight, real_queries, batch, num_queries)
 
@@ -2440,7 +2456,8 @@ def record_attention(
     new block for the retry to keep the layers alike. The
     passes of torch.nn.DataParallel's replicas of the model count (they share its patch), but
     key_groups cannot follow them: each replica runs a slice of the batch, which its [B, L] rows
-    no longer match (refused). A model the block patches is patched and unpatched for every
+    no longer match (refused). With gradient (activation) checkpointing, the layers that backward
+    recomputes are not counted again. A model the block patches is patched and unpatched for every
     thread: open and close it while no other thread runs the model (or patch the model first).
     """
     chosen = None if statistics is None else _check_statistics(statistics, "statistics")
