@@ -1,25 +1,30 @@
-"""The patch and record state of fastprobe.integrations against failures and concurrency:
-backward's recomputation under gradient checkpointing is not recorded twice, and a record keeps
-no autograd graph; patch and option changes from other threads leave no broken or stale state
-behind."""
+"""The patch and record state of fastprobe.integrations against failures and concurrency: a
+forward that raises part-way (an error, an out-of-memory error, a KeyboardInterrupt) inside
+record_attention, patched_with, a prune_heads block or guided generation leaves the model as it
+was; backward's recomputation under gradient checkpointing is not recorded twice; patch and
+option changes from other threads leave no broken or stale state behind."""
 
 import copy
 import dataclasses
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import fastprobe as fp
-from fastprobe.integrations import is_patched
+from fastprobe.integrations import is_patched, patch_options
 from fastprobe.integrations import transformers as integration
-from fastprobe.models import tiny_llava, tiny_model
+from fastprobe.methods import guidance
+from fastprobe.methods.sinks import prune_heads
+from fastprobe.models import IMAGE_TOKEN, tiny_llava, tiny_llava_processor, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = 3
+FAILURES = [RuntimeError("CUDA out of memory (simulated)"), KeyboardInterrupt()]
 
 
 def inputs(batch=2, length=9):
@@ -34,11 +39,87 @@ def logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
+def raise_after_layer(model, layer: int, failure: BaseException):
+    """A forward hook on fastprobe's layer `layer` that raises `failure` (once its attention ran)."""
+    def hook(module, args, output):
+        raise failure
+
+    return integration.attention_layers(model)[layer].register_forward_hook(hook)
+
+
 def assert_unpatched_like(model, reference, ids, mask):
     assert not is_patched(model)
     assert model.config._attn_implementation == reference.config._attn_implementation
     assert not model._forward_hooks and not model._forward_pre_hooks
     torch.testing.assert_close(logits(model, ids, mask), logits(reference, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a forward that raises part-way
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=lambda failure: type(failure).__name__)
+def test_a_failed_pass_in_record_attention_keeps_the_layers_it_ran_and_unpatches(failure):
+    """As record_attention documents: the layers a failed pass ran are in the record (the others
+    NaN), the block's temporary patch is undone, and the next forward is the unpatched model's."""
+    reference = tiny_model("llama", num_layers=LAYERS)
+    model = copy.deepcopy(reference)
+    ids, mask = inputs()
+    hook = raise_after_layer(model, 1, failure)
+    with pytest.raises(type(failure)):
+        with fp.record_attention(model) as record:
+            logits(model, ids, mask)
+    hook.remove()
+    real_queries = int(mask.sum())
+    assert record.num_queries.tolist() == [real_queries, real_queries, 0]
+    assert record.sink_mass[:2].isfinite().all() and record.sink_mass[2].isnan().all()
+    assert_unpatched_like(model, reference, ids, mask)
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=lambda failure: type(failure).__name__)
+def test_a_failed_pass_in_patched_with_and_a_pruning_block_restores_the_options(failure):
+    reference = tiny_model("llama", num_layers=LAYERS)
+    model = fp.patch(copy.deepcopy(reference), num_sink=1)
+    ids, mask = inputs()
+    hook = raise_after_layer(model, 1, failure)
+    with pytest.raises(type(failure)):
+        with fp.integrations.patched_with(model, window=2), prune_heads(model, [(0, 1), (2, 3)]):
+            logits(model, ids, mask)
+    hook.remove()
+    assert patch_options(model) == integration.PatchOptions(num_sink=1)
+    assert not hasattr(model, "_fastprobe_pruned")
+    torch.testing.assert_close(logits(model, ids, mask), logits(fp.patch(reference, num_sink=1), ids, mask))
+    fp.unpatch(model)
+    fp.unpatch(reference)
+    assert_unpatched_like(model, reference, ids, mask)
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=lambda failure: type(failure).__name__)
+def test_guided_generation_that_fails_mid_way_leaves_the_next_one_as_a_fresh_models(failure):
+    """A guided generate that raises at a decoding step (its cache half-written, image keys
+    extended): the model is unpatched, and the next guided generate gives a fresh model's tokens."""
+    processor = tiny_llava_processor()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]
+    prompts = [f"{IMAGE_TOKEN}\nDescribe the picture.", f"A photo: {IMAGE_TOKEN} What is in it? Tell me"]
+    settings = dict(gamma=2.0, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = guidance.guided_generate(tiny_llava(processor), processor, images, prompts, **settings)
+    model = tiny_llava(processor)
+    calls = []
+
+    def fail_on_the_third_step(module, args, output):
+        calls.append(None)
+        if len(calls) == 3:
+            raise failure
+
+    hook = integration.attention_layers(model)[-1].register_forward_hook(fail_on_the_third_step)
+    with pytest.raises(type(failure)):
+        guidance.guided_generate(model, processor, images, prompts, **settings)
+    hook.remove()
+    assert not is_patched(model) and model.config.text_config._attn_implementation == "sdpa"
+    got = guidance.guided_generate(model, processor, images, prompts, **settings)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b, msg=lambda message: f"step {step}: {message}")
 
 
 # ---------------------------------------------------------------- gradients on

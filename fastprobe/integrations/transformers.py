@@ -2074,7 +2074,10 @@ def _kept_logits(arguments: Mapping[str, Any]) -> int:
 
 def _forward_left(model, args, output) -> None:
     """A forward of the patched model ended, returning or raising (always_call): its image keys
-    are no longer current (a later call of a sub-module must not guide with them)."""
+    are no longer current (a later call of a sub-module must not guide with them). torch runs
+    always_call hooks on an Exception only: after a KeyboardInterrupt the flag stays set until the
+    thread's next forward of the model, and a sub-module called directly before it is guided with
+    the interrupted forward's image keys instead of refused."""
     getattr(model, _STATE).forward.in_forward = False
 
 
