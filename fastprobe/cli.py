@@ -232,7 +232,7 @@ def _print_head_table(table, top: int) -> None:
 
 
 def _pruning_report(model, tokenizer, texts, table, fraction: float, seed: int, batch_size: int, max_length: int,
-                    progress: bool):
+                    *, progress: bool):
     """Perplexity unpruned, with the top `fraction` sink heads pruned (head mask), and with as many
     random other heads pruned; returns (baseline, top, random)."""
     from .methods import sinks
@@ -291,7 +291,8 @@ def _demo_sinks(device: torch.device, seed: int, length: int) -> bool:
     verdict = "rank first -> OK" if found else "DO NOT rank first -> FAILED"
     print(f"  strongest sink heads of {len(table)} (the planted ones {verdict}):")
     _print_head_table(table, len(planted) + 2)
-    _pruning_report(model, tokenizer, DEMO_TEXTS, table, len(planted) / len(table), seed, 8, 512, False)
+    _pruning_report(model, tokenizer, DEMO_TEXTS, table, len(planted) / len(table), seed, 8, 512,
+                    progress=False)
 
     ids = torch.randint(3, len(tokenizer), (2, length), generator=torch.Generator().manual_seed(seed)).to(device)
     print(f"  recording sink mass per layer and head, batch 2 x {length} tokens:")
@@ -696,7 +697,7 @@ def sinks_command(args: argparse.Namespace) -> int:
         _print_head_table(table, args.top)
         if args.prune is not None:
             _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length,
-                            not args.no_progress)
+                            progress=not args.no_progress)
         if args.plot:
             print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
         _save_table(table, args.csv, "table", index=False)

@@ -224,9 +224,8 @@ def prune_heads(model, heads, *, fraction: Optional[float] = None, mode: str = "
     encoder-only models). Returns a handle whose .restore() undoes it; also restore_heads(model).
 
     mode="mask": the kernel's head mask (fastprobe.patch's head_mask option; the model is patched
-        if it is not, and unpatched again on restore unless patch() or update_patch() was
-        called on it since). A pruned
-        head outputs 0 and costs nothing.
+        if it is not, and unpatched again on restore unless patch() or update_patch() was called
+        on it since). A pruned head outputs 0 and costs nothing.
     mode="zero_o_proj": zeroes the head's input columns of the output projection (per query head,
         so right for grouped-query attention too); works under any attention implementation.
     Both remove the head's contribution, so on the same model they give the same outputs. A PEFT
