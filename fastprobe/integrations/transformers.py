@@ -1361,6 +1361,18 @@ def _weights_collected() -> bool:
     return collected is not None and "attentions" in collected
 
 
+def _refuse_weights_asked(kwargs: dict) -> None:
+    """transformers 4.5x (no output collector): a forward asked for attention weights (transformers
+    refuses config.output_attentions itself under another implementation than eager). Most models
+    pass the flag on to the attention function (refused in _check_kwargs); 4.5x's GPT-2 attention
+    keeps it, and a patched GPT-2 returned a tuple of None for the weights."""
+    if is_compiling() or _output_collector() is not None:  # (5.x: _weights_collected)
+        return
+    if kwargs.get("output_attentions"):
+        why = _UNSUPPORTED_KWARGS["output_attentions"]
+        raise NotImplementedError(f"fastprobe attention got output_attentions=True: {why}")
+
+
 def _check_kwargs(kwargs: dict) -> None:
     if _weights_collected():
         why = _UNSUPPORTED_KWARGS["output_attentions"]
@@ -2055,6 +2067,7 @@ def _refuse_layers_patched_through_another(model, layers: list) -> None:
 
 
 def _forward_started(model, args, kwargs) -> None:
+    _refuse_weights_asked(kwargs)
     forward = getattr(model, _STATE).forward
     forward.attended = False
     forward.in_forward = False
