@@ -104,6 +104,7 @@ def test_guided_generation_that_fails_mid_way_leaves_the_next_one_as_a_fresh_mod
     settings = dict(gamma=2.0, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     want = guidance.guided_generate(tiny_llava(processor), processor, images, prompts, **settings)
     model = tiny_llava(processor)
+    before = model.config.text_config._attn_implementation  # (sdpa; eager on transformers 4.53)
     calls = []
 
     def fail_on_the_third_step(module, args, output):
@@ -115,7 +116,7 @@ def test_guided_generation_that_fails_mid_way_leaves_the_next_one_as_a_fresh_mod
     with pytest.raises(type(failure)):
         guidance.guided_generate(model, processor, images, prompts, **settings)
     hook.remove()
-    assert not is_patched(model) and model.config.text_config._attn_implementation == "sdpa"
+    assert not is_patched(model) and model.config.text_config._attn_implementation == before
     got = guidance.guided_generate(model, processor, images, prompts, **settings)
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
@@ -161,7 +162,9 @@ def test_backward_recomputation_under_gradient_checkpointing_is_not_recorded_twi
     model = tiny_model("llama", num_layers=LAYERS)
     model.requires_grad_(False)
     model.model.layers[-1].mlp.requires_grad_(True)
-    checkpointed(model, use_reentrant=False).disable_input_require_grads()
+    checkpointed(model, use_reentrant=False)
+    if hasattr(model, "_require_grads_hook"):  # (transformers 5.x hooks the inputs for any checkpointing, 4.5x not)
+        model.disable_input_require_grads()
     ids, mask = inputs()
     with fp.record_attention(model) as record:
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
