@@ -1295,11 +1295,16 @@ def _written_keys(q_offset, q_length: int, kv_offset: int, kv_length: int, atten
     tensor on the device, so that compiled decoding needs no host sync. Decoding (one query) with a
     2D attention mask that ends before the buffer does (generate's: one column per token so far)
     takes the tokens from the mask's width, without a sync; keys past the mask are padding to
-    transformers too. Otherwise the offset is read (one sync per mask, i.e. per forward)."""
+    transformers too. While compiling, as many queries as keys from position 0 (a prefill) need no
+    offset either. Otherwise the offset is read (one sync per mask, i.e. per forward)."""
     if isinstance(q_offset, torch.Tensor):
         if q_length == 1 and attention_mask is not None and attention_mask.dim() == 2 and (
                 attention_mask.shape[-1] < kv_offset + kv_length):
             return max(attention_mask.shape[-1] - kv_offset, 1)
+        if is_compiling() and kv_offset == 0 and q_length == kv_length:
+            # as many queries as keys from position 0: every key written, the only offset that fits is 0
+            # (not read: torch.export of transformers 4.5x, whose masks get the offset as a tensor, cannot)
+            return kv_length
         q_offset = int(q_offset)
     written = q_offset + q_length - kv_offset
     if not q_length <= written <= kv_length:
