@@ -422,7 +422,8 @@ def test_a_draft_whose_tokenizer_cannot_be_loaded_is_refused(tmp_path):
     saved = tmp_path / "corrupt" / "tokenizer.json"
     saved.write_text(saved.read_text()[:100])
     # (json's JSONDecodeError; transformers 4.5x falls back to converting a slow tokenizer: an ImportError)
-    with pytest.raises(ValueError, match=r"--drafts .*corrupt: its tokenizer could not be loaded \((JSONDecodeError|ImportError)"):
+    refused = r"--drafts .*corrupt: its tokenizer could not be loaded \((JSONDecodeError|ImportError)"
+    with pytest.raises(ValueError, match=refused):
         cli._check_draft_tokenizer(str(tmp_path / "corrupt"), tokenizer)
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "config.json").write_text("{}")

@@ -586,8 +586,9 @@ class ProbeFit(NamedTuple):
     """train_probe's result: the trained probe (eval mode), metrics (train_loss, and
     train_accuracy for classification or train_r2 for regression; val_* the same on the
     validation rows when there are any) and history (per epoch, the training loss as its steps
-    ran, averaged over the epoch's rows (each step's loss weighted by its rows): cross-entropy, or for regression the mean squared error of the
-    standardised targets; the metrics' losses are in the targets' own units)."""
+    ran, averaged over the epoch's rows (each step's loss weighted by its rows): cross-entropy, or
+    for regression the mean squared error of the standardised targets; the metrics' losses are in
+    the targets' own units)."""
 
     probe: torch.nn.Module
     metrics: dict
