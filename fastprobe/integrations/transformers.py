@@ -1374,14 +1374,17 @@ def _refuse_weights_asked(kwargs: dict) -> None:
     if is_compiling() or _output_collector() is not None:  # (5.x: _weights_collected)
         return
     if kwargs.get("output_attentions"):
-        why = _UNSUPPORTED_KWARGS["output_attentions"]
-        raise NotImplementedError(f"fastprobe attention got output_attentions=True: {why}")
+        raise _weights_refused("")
+
+
+def _weights_refused(how: str) -> NotImplementedError:
+    return NotImplementedError(f"fastprobe attention got output_attentions=True{how}: "
+                               f"{_UNSUPPORTED_KWARGS['output_attentions']}")
 
 
 def _check_kwargs(kwargs: dict) -> None:
     if _weights_collected():
-        why = _UNSUPPORTED_KWARGS["output_attentions"]
-        raise NotImplementedError(f"fastprobe attention got output_attentions=True (the forward collects them): {why}")
+        raise _weights_refused(" (the forward collects them)")
     if _IGNORED_KWARGS.issuperset(kwargs):  # (the usual call: a decoding step's layers pay ~0.2 us less)
         return
     for name, value in kwargs.items():
