@@ -6,6 +6,9 @@
 //   stats[0] = JSD      = sum_v sum_k w_k q_kv (log q_kv - log m_v)
 //   stats[1] = KL(m||p) = sum_v m_v (log m_v - log p_v), +inf if p masks (-inf) a column
 //              that some draft of weight > 0 has (finite logit), however small m_v is there
+//   Each KL(a || b) is summed as sum_v b_v psi(log a_v - log b_v) (kl_term below), whose
+//   terms are >= 0 and second order in the difference, so near-equal distributions keep
+//   their relative precision (the plain a (log a - log b) terms cancel to first order).
 //   stats[2] = epistemic = stats[0] + stats[1]
 //   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
 //   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)   (float64)
@@ -79,18 +82,30 @@ FASTPROBE_SIMD_CLONES static float mixture_block(const float* m, int64_t count, 
   return m_log_m;
 }
 
-// One draft row against the mixture: returns sum_v q_v (log q_v - log m_v), every term >= 0.
-FASTPROBE_SIMD_CLONES static float jsd_block(const float* x, LogSoftmax row, const float* q,
+// KL(a || b) at one v, a (log a - log b) - a + b = b psi(d), d = log a - log b, with
+// psi(d) = e^d (d - 1) + 1 = d^2/2 + d^3/3 + d^4/8 + d^5/30 + d^6/144 + d^7/840 + ...
+// (sum_v (b_v - a_v) = 0, so the terms add up to KL(a || b)). For |d| < 1/4 the series (to
+// d^7: 8e-8 relative); elsewhere a (d - 1) + b, which cancels by at most 1 / psi(-1/4) = 38x
+// (a = 0: b, d not read; b = 0 with d finite, b underflowed: a (d - 1); d = +inf: +inf).
+FASTPROBE_ALWAYS_INLINE float kl_term(float a, float b, float d) {
+  const float series =
+      d * d * (0.5f + d * (1.0f / 3 + d * (0.125f + d * (1.0f / 30 + d * (1.0f / 144 + d * (1.0f / 840))))));
+  const bool near = b > 0.0f && d < 0.25f && d > -0.25f;
+  return near ? b * series : (a > 0.0f ? a * (d - 1.0f) : 0.0f) + b;
+}
+
+// One draft row against the mixture: returns KL(q || m) = sum_v m_v psi(log q_v - log m_v).
+FASTPROBE_SIMD_CLONES static float jsd_block(const float* x, LogSoftmax row, const float* q, const float* m,
                                              const float* log_m, int64_t count) {
   float kl = 0.0f;
 #pragma omp simd reduction(+ : kl)
-  for (int64_t v = 0; v < count; ++v)  // q_v > 0 implies m_v > 0 (unless w_k = 0)
-    kl += q[v] > 0.0f ? q[v] * (log_prob(row, x[v]) - log_m[v]) : 0.0f;
+  for (int64_t v = 0; v < count; ++v)  // (m_v = 0: q_v = 0 unless w_k = 0, which weighs the sum 0)
+    kl += kl_term(q[v], m[v], log_prob(row, x[v]) - log_m[v]);
   return kl;
 }
 
 struct TargetSums {
-  float kl;       // sum_v m_v (log m_v - log p_v)
+  float kl;       // sum_v p_v psi(log m_v - log p_v)
   float p_log_p;  // sum_v p_v log p_v
 };
 
@@ -105,8 +120,10 @@ FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax 
     const float log_p = log_prob(row, x[v]);                   // log p_v (-inf where masked)
     const float pv = fast_exp(log_p);                          // p_v
     p_log_p += pv > 0.0f ? pv * log_p : 0.0f;                  // 0 log 0 = 0
-    const float outside = in_m[v] > 0.0f && log_p == kNegInf ? kInf : 0.0f;
-    kl += m[v] > 0.0f ? m[v] * (log_m[v] - log_p) : outside;   // m log(m / p), 0 where m = 0
+    const bool outside = in_m[v] > 0.0f && log_p == kNegInf;   // (p_v = 0 where m_v > 0: +inf)
+    // m_v = 0: the term is p_v (log m_v is not formed there)
+    const float term = m[v] > 0.0f ? kl_term(m[v], pv, log_m[v] - log_p) : pv;
+    kl += outside ? kInf : term;
   }
   return {kl, p_log_p};
 }
@@ -200,7 +217,7 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
       // JSD = sum_k w_k KL(q_k || m)
       for (int64_t k = 0; k < p.K; ++k)
         sums[kJsd] += double(p.weights[k]) *
-                      jsd_block(ws.rows[k] + first, log_softmax[k], ws.q_row(k) + first, log_m, run);
+                      jsd_block(ws.rows[k] + first, log_softmax[k], ws.q_row(k) + first, m, log_m, run);
       if (p.has_target()) {
         const TargetSums t = target_block(ws.rows[p.K] + first, log_softmax[p.K], m, log_m, in_m, run);
         sums[kKlMt] += t.kl;
@@ -238,13 +255,17 @@ static void write_token(const Problem& p, int64_t n, int64_t ranges, const doubl
     for (int64_t range = 0; sum_parts != nullptr && range < ranges; ++range) sum += sum_parts[range * slots + slot];
     return sum;
   };
-  // JSD >= 0 exactly (log-sum inequality per v), and so is a shard's share of it (a sum of
-  // the same non-negative terms); log q (from the lse) and log m (fast_log) round
-  // differently, which can leave -1e-7 where the JSD is 0 (K = 1, equal drafts).
-  // std::max keeps a NaN. KL(m || p) >= 0 over the whole vocabulary, rounded alike (equal
-  // distributions: -3e-7); a shard's share (lse_in) is not a sum of non-negative terms.
-  const double jsd = std::max(total(kJsd), 0.0);
-  const double kl_mt = p.lse_in == nullptr ? std::max(total(kKlMt), 0.0) : total(kKlMt);
+  // JSD and KL(m || p) >= 0 over the whole vocabulary, and so is a shard's share of the JSD's psi
+  // sum (terms >= 0): clamped (std::max keeps a NaN), as rounding can leave a small negative
+  // where they are 0 (K = 1, equal drafts).
+  // The psi sums leave out sum_v (a_v - b_v) of each KL(a || b): with q_k and p normalised that
+  // is W (1 - W) for the JSD and W - 1 for KL(m || p), W = sum_k w_k (1 up to the weights'
+  // rounding, and the reference's plain sums keep it); a shard's shares leave it to the caller.
+  double weight_sum = 0.0;
+  for (int64_t k = 0; k < p.K; ++k) weight_sum += p.weights[k];
+  const bool whole = p.lse_in == nullptr && !p.lse_only;  // (lse_only: every stat 0)
+  const double jsd = std::max(total(kJsd) + (whole ? weight_sum * (1.0 - weight_sum) : 0.0), 0.0);
+  const double kl_mt = whole ? std::max(total(kKlMt) + (weight_sum - 1.0), 0.0) : total(kKlMt);
   auto stat = [&](int64_t row) -> float& { return p.stats[row * p.N + n]; };
   stat(0) = float(jsd);
   stat(1) = p.has_target() ? float(kl_mt) : 0.0f;

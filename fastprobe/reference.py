@@ -124,7 +124,11 @@ def draft_divergence_shares(
     vocabulary; lse [K + 1, N] holds every row's log-sum-exp of logits / T over the WHOLE
     vocabulary (row K: the target's). Then log q_kv = x_kv / T - lse_k is exact per element,
     and the returned fields (same keys as draft_divergence) are sums over this shard only:
-    adding them over all shards gives draft_divergence of the whole vocabulary.
+    adding them over all shards gives draft_divergence of the whole vocabulary, once the
+    divergences get back what their shares leave out, as the kernels' shares do: each
+    KL(a || b) is shared as sum_v [a_v (log a_v - log b_v) - a_v + b_v] (terms >= 0, second
+    order in log a - log b), whose - a_v + b_v add up over the vocabulary to W (1 - W) for the
+    JSD and W - 1 for KL(m || p), W = sum_k w_k (0 when W = 1 exactly).
     """
     dtype = _compute_dtype(draft_logits, target_logits)
     num_drafts = draft_logits.shape[0]
@@ -138,7 +142,13 @@ def draft_divergence_shares(
 
     log_q = log_softmax_given_lse(draft_logits, lse[:num_drafts])
     log_p = None if target_logits is None else log_softmax_given_lse(target_logits, lse[num_drafts])
-    return _divergence_sums(log_q, w, log_p)
+    sums = _divergence_sums(log_q, w, log_p)
+    m = torch.einsum("k,knv->nv", w, log_q.exp())
+    sums["jsd"] = sums["jsd"] - torch.einsum("k,kn->n", w, (log_q.exp() - m).sum(-1))  # sum_k w_k sum_v (q_kv - m_v)
+    if log_p is not None:
+        sums["kl_mixture_target"] = sums["kl_mixture_target"] - (m - log_p.exp()).sum(-1)
+        sums["epistemic"] = sums["jsd"] + sums["kl_mixture_target"]
+    return sums
 
 
 def concept_mass(

@@ -9,9 +9,12 @@ target logit ~3e38 from the mixture's mass makes log p ~ -3e38, finite in nats b
         M_r = max_v x_rv,  S_r = sum_v 2^((x_rv - M_r) c),  lse_r = M_r inv_T + ln S_r
   pass 2 (vocabulary blocks, REVERSE, so the last blocks of pass 1 are L2 hits):
         log2 q_kv = (x_kv - M_k) c - log2 S_k,   m_v = sum_k w_k q_kv
-        jsd      = sum_v sum_k w_k q_kv (log q_kv - log m_v)   (each term >= 0)
+        jsd      = sum_v sum_k w_k q_kv (log q_kv - log m_v)
         KL(m||p) = sum_v m_v (log m_v - log p_v)   (+inf if p masks a column the drafts have)
         H(m)     = -sum_v m_v log m_v,  H(p), H(q_k) likewise
+  each KL(a || b) (those of the JSD, sum_k w_k KL(q_k || m), and KL(m || p)) summed as
+  sum_v b_v psi(ln a_v - ln b_v) in nats (_kl_term), whose terms are >= 0 and second order in
+  the difference: near-equal distributions keep their relative precision
 
 Subtracting the row max from the *raw* logit before scaling keeps log q accurate for
 large logits (x - M is exact for nearby values; scaling first would round x inv_T).
@@ -23,8 +26,8 @@ LSE_ONLY runs pass 1 only (stats are written as 0); LSE_GIVEN reads each row's f
 over the whole vocabulary instead of running pass 1, so pass 2 writes this shard's shares
 of the sums, with log2 q = (x - shift) c - offset, shift = lse T rounded to float32 (near
 the row max, so x - shift is exact there) and offset its rounding remainder.
-Conventions: 0 log 0 = 0 (x log y guarded by x > 0, or with log y floored at the lowest
-float where x = 0 wherever y = 0, and log m floored at -126), -inf logits give q = 0,
+Conventions: 0 log 0 = 0 (log y floored at the lowest float where x = 0 wherever y = 0,
+and log m floored at -126; _kl_term reads no log where its x is 0), -inf logits give q = 0,
 a row with no finite logit gets lse = -inf and zero probabilities, NaN / +inf input
 gives a NaN lse. Assumes inv_temperature > 0 and weights >= 0.
 """
@@ -64,16 +67,22 @@ def _log2_floor(x, SFU: tl.constexpr):
 
 
 @triton.jit
-def _xlogy(x, logy):
-    """x * log(y) (any base) with 0 log 0 = 0 (x == 0 never meets -inf, so no NaN)."""
-    return tl.where(x > 0, x * logy, 0.0)
-
-
-@triton.jit
 def _xlog2y_exp(x, log2y):
     """x * log2(y) where x = 0 wherever log2 y = -inf (x = 2^log2y, or w times it): the -inf
     floored to the lowest float, so 0 log 0 = 0 without a compare and select per term."""
     return x * tl.maximum(log2y, _LOWEST)
+
+
+@triton.jit
+def _kl_term(a, b, d):
+    """KL(a || b) at one v, a (ln a - ln b) - a + b = b psi(d), d = ln a - ln b, with
+    psi(d) = e^d (d - 1) + 1 = d^2/2 + d^3/3 + d^4/8 + d^5/30 + d^6/144 + d^7/840 + ...
+    (sum_v (b_v - a_v) = 0, so the terms add up to KL(a || b)): the series for |d| < 1/4 (8e-8
+    relative), else a (d - 1) + b, which cancels by at most 1 / psi(-1/4) = 38x. a = 0: b;
+    b = 0 (underflowed) with d finite: a (d - 1); d = +inf: +inf. As the C++ kernel's kl_term."""
+    series = d * d * (0.5 + d * (1.0 / 3 + d * (0.125 + d * (1.0 / 30 + d * (1.0 / 144 + d * (1.0 / 840))))))
+    near = (b > 0) & (d < 0.25) & (d > -0.25)
+    return tl.where(near, b * series, tl.where(a > 0, a * (d - 1.0), 0.0) + b)
 
 
 @triton.jit
@@ -264,9 +273,9 @@ def _divergence_kernel(
 
     # ---- pass 2: the sums, vocabulary blocks in reverse (L2 still holds the last ones) ----
     hq_acc = _state(K_PAD, W, 0.0)  # q log2 q, per draft
-    jsd_acc = _state(1, W, 0.0)  # sum_k w q (log2 q - log2 m)
+    jsd_acc = _state(1, W, 0.0)  # sum_k w m psi(ln q - ln m), in nats
     hm_acc = _state(1, W, 0.0)  # m log2 m
-    kl_acc = _state(1, W, 0.0)  # m (ln m - ln p), in nats
+    kl_acc = _state(1, W, 0.0)  # p psi(ln m - ln p), in nats
     hp_acc = _state(1, W, 0.0)  # p log2 p
     if not LSE_ONLY:  # (LSE_ONLY: every sum stays 0)
         if PREFETCH:
@@ -281,14 +290,15 @@ def _divergence_kernel(
             if HAS_TARGET:  # columns the mixture has: a finite logit in a draft of weight > 0
                 in_m = tl.max(tl.where(w > 0, x, float("-inf")), axis=0, keep_dims=True) > float("-inf")
             # log2 q_kv, floored at the lowest float where masked (q = 0 there): q log2 q and
-            # w q (log2 q - log2 m) need no guard (one floor serves both terms; NaN stays NaN)
+            # the JSD's ln q - ln m need no guard (one floor serves both terms; NaN stays NaN)
             log2q = tl.maximum((x - shift_q) * c - log2s_q, _LOWEST, propagate_nan=tl.PropagateNan.ALL)
             q = tl.exp2(log2q)
             wq = w * q
             m = tl.sum(wq, axis=0, keep_dims=True)  # m_v = sum_k w_k q_kv, [1, BLOCK_V]
             log2m = _log2_floor(m, SFU_LOG2)  # finite: m log2 m
             hq_acc = _fold_sum(hq_acc, q * log2q, CH)
-            jsd_acc = _fold_sum(jsd_acc, tl.sum(wq * (log2q - log2m), axis=0, keep_dims=True), CH)
+            jsd_terms = w * _kl_term(q, m, (log2q - log2m) * _LN2)  # (m = 0: 0, or w = 0)
+            jsd_acc = _fold_sum(jsd_acc, tl.sum(jsd_terms, axis=0, keep_dims=True), CH)
             hm_acc = _fold_sum(hm_acc, m * log2m, CH)
             if HAS_TARGET:
                 log2p = (y - shift_p) * c - log2s_p  # log2 p_v
@@ -299,20 +309,30 @@ def _divergence_kernel(
                 # a column the mixture has and the target masks makes KL(m || p) +inf, also where
                 # m_v underflows to 0
                 outside = in_m & (y == float("-inf"))
-                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), _xlogy(m, log2m * _LN2 - log_p)), CH)
+                kl_terms = tl.where(m > 0, _kl_term(m, p, log2m * _LN2 - log_p), p)  # (m = 0: p)
+                kl_acc = _fold_sum(kl_acc, tl.where(outside, float("inf"), kl_terms), CH)
                 hp_acc = _fold_sum(hp_acc, _xlog2y_exp(p, log2p), CH)
 
-    # ---- store, converting base-2 logs to natural ones (times ln 2; the KL is in nats) ----
-    # JSD >= 0 term by term; rounding (log q from the lse, log m from log2) can leave -1e-7
-    # where it is 0 (K = 1, equal drafts): clamp as the C++ kernel does (NaN passes through)
-    jsd_sum = _total(jsd_acc)  # [1, 1]
-    jsd = tl.where(jsd_sum < 0, 0.0, jsd_sum) * _LN2
+    # ---- store, converting base-2 logs to natural ones (times ln 2; the JSD and KL are in nats) ----
+    # The psi sums leave out sum_v (a_v - b_v) of each KL(a || b): with q_k and p normalised that
+    # is W (1 - W) for the JSD and W - 1 for KL(m || p), W = sum_k w_k (1 up to the weights'
+    # rounding, and the reference's plain sums keep it; in float64, as it is ~1e-8); a shard's
+    # shares (LSE_GIVEN) leave it to the caller, and LSE_ONLY's stats stay 0. JSD >= 0 (and a
+    # share of its psi sum): clamped, as in the C++ kernel, where rounding leaves -1e-8 (NaN passes)
+    weight_sum = tl.sum(w.to(tl.float64), axis=0, keep_dims=True)  # [1, 1]
+    jsd_sum = _total(jsd_acc).to(tl.float64)  # [1, 1]
+    if not LSE_GIVEN:
+        if not LSE_ONLY:
+            jsd_sum += weight_sum * (1.0 - weight_sum)
+    jsd = tl.where(jsd_sum < 0, 0.0, jsd_sum).to(tl.float32)
     token = n + tl.zeros([1, 1], tl.int64)  # [1, 1] like the sums
     tl.store(stats_ptr + 0 * N64 + token, jsd)
     tl.store(stats_ptr + 3 * N64 + token, -_total(hm_acc) * _LN2)  # H(m)
     if HAS_TARGET:
         kl = _total(kl_acc)
-        if not LSE_GIVEN:  # KL >= 0 over the whole vocabulary (a shard's share may be < 0), clamped alike
+        if not LSE_GIVEN:  # KL >= 0 over the whole vocabulary, clamped alike
+            if not LSE_ONLY:
+                kl = (kl.to(tl.float64) + (weight_sum - 1.0)).to(tl.float32)
             kl = tl.where(kl < 0, 0.0, kl)
         tl.store(stats_ptr + 1 * N64 + token, kl)  # KL(m || p)
         tl.store(stats_ptr + 2 * N64 + token, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fastprobe as fp
 from fastprobe import reference
-from fastprobe.ops.divergence import EPISTEMIC, JSD, KL_MIXTURE_TARGET, _draft_divergence_op, _result
+from fastprobe.ops.divergence import _draft_divergence_op, _result, _statistics_from_shares
 
 from .conftest import ATOL, RTOL, prefetch_target, same_bits_per_row
 
@@ -339,6 +339,50 @@ def test_equal_drafts_have_no_disagreement(target):
         assert (result.epistemic >= 0).all() and (result.kl_mixture_target >= 0).all()
 
 
+def near_equal_logits(spread, target):
+    """Three drafts and a target whose logits differ by `spread` (times a standard normal)."""
+    backend, device = target
+    num_tokens, vocab = (5, 301) if backend == "triton" and device == "cpu" else (16, 32000)
+    generator = torch.Generator().manual_seed(7)
+    base = 3 * torch.randn(num_tokens, vocab, generator=generator)
+    draft = base + spread * torch.randn(3, num_tokens, vocab, generator=generator)
+    return draft.to(device), (base + spread * torch.randn(num_tokens, vocab, generator=generator)).to(device)
+
+
+@pytest.mark.parametrize("spread", [1e-2, 1e-3, 1e-4])
+def test_near_equal_distributions_keep_their_relative_precision(target, spread):
+    """Drafts and target a few 1e-4 apart in logits (JSD ~3e-9): every KL is summed from terms
+    second order in log a - log b, so the divergences keep 1e-2 relative precision against the
+    float64 reference; summed as a (log a - log b) they cancelled to first order and were off by
+    up to 0.7x at spread 1e-3 and 68x at 1e-4 (C++, float32). Weights that sum to 1 exactly;
+    the vocabulary-sharded form's shares likewise."""
+    _, device = target
+    draft, target_logits = near_equal_logits(spread, target)
+    weights = torch.tensor([0.25, 0.375, 0.375], device=device)
+    want = expected(draft, target_logits, weights, 1.0)
+    sharded, _ = combine_shards(draft, target_logits, weights, 1.0, vocab_shards(draft.shape[-1]))
+    for result in (fp.draft_divergence(draft, target_logits, weights=weights), sharded):
+        for field in ("jsd", "kl_mixture_target", "epistemic"):
+            got = getattr(result, field).cpu().double()
+            assert (want[field] > 0).all(), field
+            torch.testing.assert_close(got, want[field], rtol=1e-2, atol=0.0, msg=lambda m: f"{field}: {m}")
+
+
+def test_weights_off_1_keep_the_plain_sums_constant(target):
+    """Weights summing to W = 1 - 5e-5 (within the 1e-4 allowed): the reference's plain sums hold
+    sum_v (q - m) terms that add W (1 - W) to the JSD and W - 1 to KL(m || p), which the
+    kernels' second-order terms leave out and add back, so near-equal distributions still match."""
+    _, device = target
+    draft, target_logits = near_equal_logits(3e-2, target)
+    weights = torch.tensor([0.25, 0.375, 0.375 - 5e-5], device=device)
+    result = fp.draft_divergence(draft, target_logits, weights=weights)
+    want = expected(draft, target_logits, weights, 1.0)
+    for field in ("jsd", "kl_mixture_target", "epistemic"):
+        assert (want[field] > 0).all(), field
+        torch.testing.assert_close(getattr(result, field).cpu().double(), want[field], rtol=1e-2, atol=0.0,
+                                   msg=lambda m: f"{field}: {m}")
+
+
 def test_the_reference_clamps_its_divergences_at_0():
     """The reference backend on float32 input clamps as the kernels do: a target equal to the
     drafts gave KL(m || p) = -2e-7 there."""
@@ -502,9 +546,7 @@ def combine_shards(draft, target_logits, weights, temperature, shards):
         rows = slice(None) if t is not None else slice(0, num_drafts)
         assert torch.equal(lse_out[rows], lse[rows]), "lse_in mode writes the given lse"
         shares = shares + share
-    if target_logits is not None:
-        shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]
-    return _result(shares, target_logits is not None), lse
+    return _result(_statistics_from_shares(shares, weights, target_logits is not None), target_logits is not None), lse
 
 
 def assert_same_result(result, unsharded, rtol=RTOL, atol=ATOL):
