@@ -8,7 +8,8 @@
 //              that some draft of weight > 0 has (finite logit), however small m_v is there
 //   Each KL(a || b) is summed as sum_v b_v psi(log a_v - log b_v) (kl_term below), whose
 //   terms are >= 0 and second order in the difference, so near-equal distributions keep
-//   their relative precision (the plain a (log a - log b) terms cancel to first order).
+//   their relative precision (the plain a (log a - log b) terms cancel to first order). That
+//   is KL(a || b) for normalised a and b: the weights sum to 1 (the op rescales them).
 //   stats[2] = epistemic = stats[0] + stats[1]
 //   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
 //   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)   (float64)
@@ -255,17 +256,12 @@ static void write_token(const Problem& p, int64_t n, int64_t ranges, const doubl
     for (int64_t range = 0; sum_parts != nullptr && range < ranges; ++range) sum += sum_parts[range * slots + slot];
     return sum;
   };
-  // JSD and KL(m || p) >= 0 over the whole vocabulary, and so is a shard's share of the JSD's psi
-  // sum (terms >= 0): clamped (std::max keeps a NaN), as rounding can leave a small negative
-  // where they are 0 (K = 1, equal drafts).
-  // The psi sums leave out sum_v (a_v - b_v) of each KL(a || b): with q_k and p normalised that
-  // is W (1 - W) for the JSD and W - 1 for KL(m || p), W = sum_k w_k (1 up to the weights'
-  // rounding, and the reference's plain sums keep it); a shard's shares leave it to the caller.
-  double weight_sum = 0.0;
-  for (int64_t k = 0; k < p.K; ++k) weight_sum += p.weights[k];
-  const bool whole = p.lse_in == nullptr && !p.lse_only;  // (lse_only: every stat 0)
-  const double jsd = std::max(total(kJsd) + (whole ? weight_sum * (1.0 - weight_sum) : 0.0), 0.0);
-  const double kl_mt = whole ? std::max(total(kKlMt) + (weight_sum - 1.0), 0.0) : total(kKlMt);
+  // JSD >= 0, and so is a shard's share of it (terms >= 0); KL(m || p) >= 0 over the whole
+  // vocabulary (a shard's share is clamped by the caller once they are added up). Clamped, as
+  // rounding can leave a small negative where they are 0 (K = 1, equal drafts); std::max keeps
+  // a NaN.
+  const double jsd = std::max(total(kJsd), 0.0);
+  const double kl_mt = p.lse_in == nullptr ? std::max(total(kKlMt), 0.0) : total(kKlMt);
   auto stat = [&](int64_t row) -> float& { return p.stats[row * p.N + n]; };
   stat(0) = float(jsd);
   stat(1) = p.has_target() ? float(kl_mt) : 0.0f;

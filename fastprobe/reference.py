@@ -74,9 +74,13 @@ def _divergence_sums(log_q: torch.Tensor, w: torch.Tensor, log_p: Optional[torch
 
 
 def _mixture_weights(weights: Optional[torch.Tensor], num_drafts: int, dtype, device) -> torch.Tensor:
+    """w [K], uniform when None; given weights (which sum to 1 up to their rounding) rescaled to
+    sum to 1 in `dtype`, so that m is a distribution: the plain sums below would otherwise carry
+    sum_v (q - m) terms of (1 - sum w), e.g. -6e-9 on a JSD of 3e-9 for float32 weights."""
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=device)
-    return weights.to(dtype)
+    weights = weights.to(dtype)
+    return weights / weights.sum()
 
 
 def draft_divergence(
@@ -124,11 +128,8 @@ def draft_divergence_shares(
     vocabulary; lse [K + 1, N] holds every row's log-sum-exp of logits / T over the WHOLE
     vocabulary (row K: the target's). Then log q_kv = x_kv / T - lse_k is exact per element,
     and the returned fields (same keys as draft_divergence) are sums over this shard only:
-    adding them over all shards gives draft_divergence of the whole vocabulary, once the
-    divergences get back what their shares leave out, as the kernels' shares do: each
-    KL(a || b) is shared as sum_v [a_v (log a_v - log b_v) - a_v + b_v] (terms >= 0, second
-    order in log a - log b), whose - a_v + b_v add up over the vocabulary to W (1 - W) for the
-    JSD and W - 1 for KL(m || p), W = sum_k w_k (0 when W = 1 exactly).
+    adding them over all shards gives draft_divergence of the whole vocabulary. (The kernels'
+    shares of a KL(a || b) hold b_v - a_v more per element, terms >= 0: these add up to 0.)
     """
     dtype = _compute_dtype(draft_logits, target_logits)
     num_drafts = draft_logits.shape[0]
@@ -142,13 +143,7 @@ def draft_divergence_shares(
 
     log_q = log_softmax_given_lse(draft_logits, lse[:num_drafts])
     log_p = None if target_logits is None else log_softmax_given_lse(target_logits, lse[num_drafts])
-    sums = _divergence_sums(log_q, w, log_p)
-    m = torch.einsum("k,knv->nv", w, log_q.exp())
-    sums["jsd"] = sums["jsd"] - torch.einsum("k,kn->n", w, (log_q.exp() - m).sum(-1))  # sum_k w_k sum_v (q_kv - m_v)
-    if log_p is not None:
-        sums["kl_mixture_target"] = sums["kl_mixture_target"] - (m - log_p.exp()).sum(-1)
-        sums["epistemic"] = sums["jsd"] + sums["kl_mixture_target"]
-    return sums
+    return _divergence_sums(log_q, w, log_p)
 
 
 def concept_mass(

@@ -14,7 +14,8 @@ target logit ~3e38 from the mixture's mass makes log p ~ -3e38, finite in nats b
         H(m)     = -sum_v m_v log m_v,  H(p), H(q_k) likewise
   each KL(a || b) (those of the JSD, sum_k w_k KL(q_k || m), and KL(m || p)) summed as
   sum_v b_v psi(ln a_v - ln b_v) in nats (_kl_term), whose terms are >= 0 and second order in
-  the difference: near-equal distributions keep their relative precision
+  the difference: near-equal distributions keep their relative precision (that is KL(a || b)
+  for normalised a and b: the weights sum to 1, the op rescales them)
 
 Subtracting the row max from the *raw* logit before scaling keeps log q accurate for
 large logits (x - M is exact for nearby values; scaling first would round x inv_T).
@@ -314,25 +315,16 @@ def _divergence_kernel(
                 hp_acc = _fold_sum(hp_acc, _xlog2y_exp(p, log2p), CH)
 
     # ---- store, converting base-2 logs to natural ones (times ln 2; the JSD and KL are in nats) ----
-    # The psi sums leave out sum_v (a_v - b_v) of each KL(a || b): with q_k and p normalised that
-    # is W (1 - W) for the JSD and W - 1 for KL(m || p), W = sum_k w_k (1 up to the weights'
-    # rounding, and the reference's plain sums keep it; in float64, as it is ~1e-8); a shard's
-    # shares (LSE_GIVEN) leave it to the caller, and LSE_ONLY's stats stay 0. JSD >= 0 (and a
-    # share of its psi sum): clamped, as in the C++ kernel, where rounding leaves -1e-8 (NaN passes)
-    weight_sum = tl.sum(w.to(tl.float64), axis=0, keep_dims=True)  # [1, 1]
-    jsd_sum = _total(jsd_acc).to(tl.float64)  # [1, 1]
-    if not LSE_GIVEN:
-        if not LSE_ONLY:
-            jsd_sum += weight_sum * (1.0 - weight_sum)
-    jsd = tl.where(jsd_sum < 0, 0.0, jsd_sum).to(tl.float32)
+    # JSD >= 0 term by term; rounding can leave -1e-8 where it is 0 (K = 1, equal drafts): clamped
+    # as the C++ kernel does (NaN passes through)
+    jsd_sum = _total(jsd_acc)  # [1, 1]
+    jsd = tl.where(jsd_sum < 0, 0.0, jsd_sum)
     token = n + tl.zeros([1, 1], tl.int64)  # [1, 1] like the sums
     tl.store(stats_ptr + 0 * N64 + token, jsd)
     tl.store(stats_ptr + 3 * N64 + token, -_total(hm_acc) * _LN2)  # H(m)
     if HAS_TARGET:
         kl = _total(kl_acc)
-        if not LSE_GIVEN:  # KL >= 0 over the whole vocabulary, clamped alike
-            if not LSE_ONLY:
-                kl = (kl.to(tl.float64) + (weight_sum - 1.0)).to(tl.float32)
+        if not LSE_GIVEN:  # KL >= 0 over the whole vocabulary (a shard's share: the caller's), clamped alike
             kl = tl.where(kl < 0, 0.0, kl)
         tl.store(stats_ptr + 1 * N64 + token, kl)  # KL(m || p)
         tl.store(stats_ptr + 2 * N64 + token, jsd + kl)  # epistemic = sum_k w_k KL(q_k || p)

@@ -180,7 +180,8 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
                   target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mixture weights [K] in the statistics' dtype (float32; float64 when draft or target is
     float64) on draft's device (uniform when None), or an error naming `weights`: wrong length,
-    negative, not finite, not summing to 1 (to 1e-4; 16-bit weights to their eps, then rescaled)."""
+    negative, not finite, not summing to 1 (to 1e-4; 16-bit weights to their eps), rescaled to sum
+    to 1 (the kernels' divergences are those of a normalised mixture, as the reference's are)."""
     dtype = output_dtype(draft, target)
     if weights is None:
         return torch.full((num_drafts,), 1.0 / num_drafts, dtype=dtype, device=draft.device)
@@ -199,7 +200,7 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
     if tuple(weights.shape) != (num_drafts,):
         raise ValueError(f"weights must have shape [K] = [{num_drafts}] (one per draft), got {tuple(weights.shape)}")
     # 16-bit weights sum to 1 only up to their rounding (each by up to eps / 2 of itself: [1/3] * 3
-    # in bfloat16 sum to 1.002): that much is allowed, and they are rescaled to sum to 1
+    # in bfloat16 sum to 1.002): that much is allowed; every dtype's are rescaled to sum to 1
     rounded = weights.dtype in (torch.bfloat16, torch.float16)
     tolerance = torch.finfo(weights.dtype).eps if rounded else 1e-4
     weights = weights.to(dtype).contiguous()
@@ -212,7 +213,7 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
     else:  # (no host sync under torch.compile / vmap: weights that would be refused make every statistic NaN)
         bad = (weights < 0).any() | ~torch.isfinite(weights).all() | ((weights.sum() - 1.0).abs() > tolerance)
         weights = torch.where(bad, torch.full_like(weights, float("nan")), weights)
-    return weights / weights.sum() if rounded else weights
+    return weights / weights.sum()
 
 
 def _check_inputs(draft_logits, target_logits, weights, temperature, empty_vocabulary: bool = False):
@@ -434,20 +435,7 @@ def draft_divergence_sharded(
         shares = torch.zeros((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft, target),
                              device=draft.device)
     dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
-    stats = _statistics_from_shares(shares, mixture_weights, has_target)
-    return _result(_check_lse(stats, lse, has_target, mixture_weights), has_target)
-
-
-def _statistics_from_shares(shares: torch.Tensor, weights: torch.Tensor, has_target: bool) -> torch.Tensor:
-    """The statistics from every shard's shares added up: each KL(a || b)'s shares leave out
-    sum_v (b_v - a_v) (the kernels' second-order terms; reference.draft_divergence_shares), which
-    over the whole vocabulary is W (1 - W) for the JSD and W - 1 for KL(m || p), W = sum_k w_k
-    (in float64: it is ~1e-8): added once here, the divergences clamped at 0 as the unsharded
-    kernels do (clamp keeps NaN), and epistemic = jsd + kl_mixture_target = sum_k w_k KL(q_k || p)."""
-    weight_sum = weights.double().sum()
-    stats = shares.clone()
-    stats[JSD] = (shares[JSD].double() + weight_sum * (1 - weight_sum)).clamp(min=0).to(shares.dtype)
-    if has_target:
-        stats[KL_MIXTURE_TARGET] = (shares[KL_MIXTURE_TARGET].double() + (weight_sum - 1)).clamp(min=0).to(shares.dtype)
-        stats[EPISTEMIC] = stats[JSD] + stats[KL_MIXTURE_TARGET]
-    return stats
+    if has_target:  # (KL >= 0 over the whole vocabulary: rounding clamped as the unsharded kernels do)
+        shares[KL_MIXTURE_TARGET].clamp_(min=0)  # (keeps NaN)
+        shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]  # = sum_k w_k KL(q_k || p)
+    return _result(_check_lse(shares, lse, has_target, mixture_weights), has_target)
