@@ -150,8 +150,11 @@ def cache_argument(model) -> str:
 
 
 def output_cache(output):
-    """The KV cache a forward returned (None when it returned none)."""
-    return next((getattr(output, name) for name in CACHE_NAMES if getattr(output, name, None) is not None), None)
+    """The KV cache a forward returned (None when it returned none). Read from the fields the
+    output holds: a transformers 5.x output's past_key_values is a property aliasing `cache` that
+    logs a deprecation warning when read (even where the output has no cache, or no cache field)."""
+    fields = getattr(output, "__dict__", {})
+    return next((fields[name] for name in CACHE_NAMES if fields.get(name) is not None), None)
 
 
 def takes_position_ids(model) -> bool:
