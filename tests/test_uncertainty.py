@@ -425,6 +425,42 @@ def test_sampling_settings_of_the_model_beside_a_passed_config(tokenizer, models
                                               generation_config=GenerationConfig(max_new_tokens=3), progress=False)
 
 
+def test_a_passed_config_beside_the_models_sampling_logs_no_warning(tokenizer, models, monkeypatch):
+    """A passed generation_config that leaves do_sample to the model's sampling one (e.g. an
+    instruct model's do_sample=True, temperature=0.6): the temperature folded into its copy comes
+    with do_sample=True, so transformers does not log that it "may be ignored" (it did: the copy
+    alone read as greedy), and generate samples at that temperature as before."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    target, drafts = models
+    monkeypatch.setattr(target.generation_config, "do_sample", True)
+    monkeypatch.setattr(target.generation_config, "temperature", 0.6)
+    calls, generate = [], target.generate
+
+    def recording(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(target, "generate", recording)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()  # (transformers logs a message once per process)
+    logger.addHandler(handler)
+    try:
+        uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=3,
+                                              generation_config=GenerationConfig(max_new_tokens=3), progress=False)
+    finally:
+        logger.removeHandler(handler)
+    # (4.5x also logs that a passed config's defaults were modified to the model's: generate's own, for any such config)
+    assert not [record.getMessage() for record in records if "may be ignored" in record.getMessage()]
+    (passed,) = calls
+    assert (passed["generation_config"].do_sample, passed["generation_config"].temperature) == (True, 0.6)
+
+
 def test_a_generation_config_is_passed_to_generate_alone(tokenizer, models, monkeypatch):
     """generate gets a passed generation_config's copy with the scoring's own settings folded
     in, not the config beside generation fields (deprecated by transformers); the caller's

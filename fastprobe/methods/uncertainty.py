@@ -232,9 +232,11 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
                          "per-step logits are the beams', not the returned sequences'; sample or decode greedily")
     prompts = as_texts(prompts, "prompts")
+    # (do_sample with the temperature: folded alone into a passed config that leaves do_sample to the model's,
+    # it made a config that reads as greedy, of which transformers warns the temperature "may be ignored")
     settings = generate_settings(target, pad_or_eos(tokenizer), generate_kwargs, max_new_tokens=max_new_tokens,
                                  output_logits=True, return_dict_in_generate=True,
-                                 **({"temperature": temperature} if sampling else {}))
+                                 **({"do_sample": True, "temperature": temperature} if sampling else {}))
     eos_ids = _eos_ids(config)
     generated, tables, first = [], [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
