@@ -108,13 +108,21 @@ def _warn_no_cpp() -> None:
     """Once per process: "auto" runs CPU tensors through the PyTorch reference (tens of times
     slower) because the C++ extension did not import, e.g. fastprobe imported from a source
     checkout that was never built (python run in the checkout's root shadows an installed copy)."""
+    import sys
     import warnings
 
+    # pointed at the first frame outside fastprobe and torch: the user's call of the op (a patched
+    # model's: its attention call), however many frames of ours and of torch's custom-op dispatch
+    # lie between (stacklevel 2 is resolve, this function's caller)
+    internal = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
     warnings.warn(
         f"fastprobe: CPU tensors run the slow PyTorch reference: {cpp_status()[1]}. Build and install the "
         "package (pip install -e . in the checkout), or run outside the checkout's root so that the "
         "installed copy is imported; fastprobe.set_backend('reference') silences this.",
-        RuntimeWarning, stacklevel=4)
+        RuntimeWarning, stacklevel=level)
 
 
 @functools.lru_cache(maxsize=None)

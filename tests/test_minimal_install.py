@@ -94,3 +94,28 @@ def test_auto_without_the_extension_says_once_that_cpu_tensors_run_the_reference
     tensors through the PyTorch reference in silence: ~100x slower for draft_divergence."""
     messages = _run(UNBUILT)
     assert len(messages) == 1 and "slow PyTorch reference" in messages[0] and "pip install -e ." in messages[0]
+
+
+UNBUILT_WHERE = """
+import sys, warnings
+sys.modules["fastprobe._C"] = None
+import torch, fastprobe
+from fastprobe import backend
+q, logits = torch.randn(1, 2, 3, 4), torch.randn(3, 5)
+concepts = fastprobe.ConceptSet.from_ids([[1, 2]])
+for call in (lambda: fastprobe.draft_divergence(torch.randn(2, 3, 5)), lambda: fastprobe.sink_attention(q, q, q),
+             lambda: fastprobe.concept_mass(logits, concepts), lambda: fastprobe.bridge_loss(logits, logits, beta=0.5)):
+    backend._warn_no_cpp.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    print(*[warning.filename for warning in caught])
+"""
+
+
+def test_the_slow_reference_warning_points_at_the_callers_line():
+    """The warning's location is the user's call of the op (here the probe's "<string>"), not a
+    line inside fastprobe or torch's custom-op dispatch (it was fastprobe/ops/_common.py's
+    `return self.body(*args, **kwargs)` or attention.py's: a fixed stacklevel=4 counted frames
+    that differ from op to op)."""
+    assert _run(UNBUILT_WHERE) == ["<string>"] * 4
