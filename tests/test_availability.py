@@ -203,6 +203,29 @@ def test_generation_is_greedy_whatever_the_generation_config_says(model, tokeniz
     pandas.testing.assert_frame_equal(table, expected, rtol=1e-6, atol=1e-12)
 
 
+def test_a_sampling_generation_config_answers_greedily_without_warnings(model, tokenizer, monkeypatch):
+    """A model whose generation config samples (an instruct model's do_sample=True, temperature=0.6,
+    top_p=0.9) answers greedily, as without it, and transformers logs nothing: on 4.5x it warned that
+    the temperature and top_p of the greedy config "may be ignored", set by no one but the model."""
+    import logging
+
+    greedy = availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    for name, value in (("do_sample", True), ("temperature", 0.6), ("top_p", 0.9)):
+        monkeypatch.setattr(model.generation_config, name, value)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()  # (transformers logs a message once per process)
+    logger.addHandler(handler)
+    try:
+        answers = availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    finally:
+        logger.removeHandler(handler)
+    assert answers == greedy
+    assert not [record.getMessage() for record in records]
+
+
 def test_a_tokenizer_that_appends_eos_commits_after_the_prompt(model, tokenizer):
     """A "<s> $A </s>" template (a Llama tokenizer's add_eos_token): prompts end where their
     answers begin, not in the eos (the mass was read after it: 0.054 for 0.149 in the review's

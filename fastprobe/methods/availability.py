@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 _DEFAULT_VARIANTS = ("space", "lower", "title", "upper")
+# (what a greedy generate does not read, and transformers 4.5x warns about when set with do_sample=False)
+_SAMPLING_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "top_k", "epsilon_cutoff", "eta_cutoff")
 
 
 def minimal_sequences(sequences: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
@@ -404,9 +406,14 @@ def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
     """(the greedy answers of a left-padded prompt batch, special tokens skipped; the logits
     [B, V] of their first step, i.e. at the commitment step; generate's KV cache, None when it
     returns none)."""
+    from transformers import GenerationConfig
+
+    # greedy whatever the model's config says, its sampling settings (an instruct model's temperature,
+    # top_p) back at a fresh config's: else transformers 4.5x warns that they "may be ignored"
+    fresh = GenerationConfig()
+    unsampled = {name: getattr(fresh, name) for name in _SAMPLING_SETTINGS if hasattr(fresh, name)}
     settings = generate_settings(model, pad_or_eos(tokenizer), {}, max_new_tokens=max_new_tokens, do_sample=False,
-                                 num_beams=1,  # (whatever the model's config says)
-                                 output_logits=True, return_dict_in_generate=True)
+                                 num_beams=1, **unsampled, output_logits=True, return_dict_in_generate=True)
     output = model.generate(**batch, **settings)
     new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), output.logits[0], output_cache(output)
