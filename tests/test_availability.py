@@ -175,12 +175,14 @@ def test_only_a_plain_dynamic_cache_is_cut_back(model, tokenizer):
     cache untouched."""
     from transformers import DynamicCache
 
+    from fastprobe.methods._batching import output_cache
+
     class OwnCache(DynamicCache):
         pass
 
     ids = tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=True).past_key_values
+    with torch.no_grad():  # (output_cache: transformers 5.x's past_key_values is a deprecated alias of cache)
+        full = output_cache(model(input_ids=ids, use_cache=True))
     plain, own = copy.deepcopy(full), OwnCache()
     layers = [(layer.keys, layer.values) for layer in full.layers] if hasattr(full, "layers") \
         else zip(full.key_cache, full.value_cache)  # earlier transformers 4.x
