@@ -147,3 +147,31 @@ def test_reading_a_forwards_cache_logs_no_deprecation():
     finally:
         logger.removeHandler(handler)
     assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]
+
+
+def test_prompts_without_their_appended_eos_are_padded_without_advice():
+    """encode_prompts drops the eos a tokenizer appends ("<s> $A </s>", Llama's add_eos_token) before
+    padding, so it pads with tokenizer.pad: transformers 4.5x logged its advice to a fast tokenizer to
+    use __call__ instead ("... using the `__call__` method is faster ..."), which cannot strip it."""
+    import logging
+
+    from tokenizers import processors
+
+    from fastprobe.methods._batching import appended_tokens, encode_prompts
+
+    appending = tiny_tokenizer(padding_side="left")
+    bos, eos = appending.bos_token, appending.eos_token
+    appending.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, appending.bos_token_id), (eos, appending.eos_token_id)])
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        encoded = encode_prompts(appending, ["The river ran", "Stars"], appended_tokens(appending))
+    finally:
+        logger.removeHandler(handler)
+    assert not [record.getMessage() for record in records]
+    assert encoded["input_ids"][0, 0] == appending.bos_token_id and (encoded["input_ids"] != appending.eos_token_id).all()
+    assert encoded["attention_mask"][1].tolist()[-2:] == [1, 1] and encoded["attention_mask"][1, 0] == 0

@@ -315,8 +315,13 @@ def encode_prompts(tokenizer, texts: Sequence[str], appended: int, **truncation)
     continuation begins, not in an eos."""
     if not appended:
         return tokenizer(texts, padding=True, return_tensors="pt", **truncation)
+    from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+
     rows = tokenizer(texts, **truncation)["input_ids"]
-    return tokenizer.pad({"input_ids": [row[:-appended] for row in rows]}, return_tensors="pt")
+    # (pad, not __call__, since the appended tokens go between encoding and padding: transformers 4.5x's
+    # advice to a fast tokenizer's pad to use __call__ instead does not apply, and its own helper skips it)
+    return pad_without_fast_tokenizer_warning(tokenizer, {"input_ids": [row[:-appended] for row in rows]},
+                                              return_tensors="pt")
 
 
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
