@@ -318,7 +318,7 @@ def test_16_bit_weights_sum_to_1_up_to_their_rounding(dtype):
 
 
 def test_float32_weights_sum_to_1_within_1e_4():
-    """float32 weights may miss 1 by 1e-4 (taken as they are), and no more."""
+    """float32 weights may miss 1 by 1e-4 (then rescaled to sum to 1), and no more."""
     draft, target_logits = torch.randn(2, 3, 11), torch.randn(3, 11)
     fp.draft_divergence(draft, target_logits, weights=torch.tensor([0.5, 0.50005]))
     for weights in ([0.5, 0.505], [0.5, 0.4998]):

@@ -303,9 +303,9 @@ def draft_divergence(
 
     Precision: the fused kernels sum each KL from terms second order in the log-ratio, so
     divergences between near-equal distributions keep their relative precision (drafts 1e-4
-    apart in logits, JSD ~3e-9: within 1e-3 of the float64 reference, where first-order sums in
-    float32 were off by several times the value); the "reference" backend on float32 input
-    sums first-order terms.
+    apart in logits, JSD ~3e-9: about 1e-3 relative to the float64 reference, where first-order
+    sums in float32 were off by several times the value); the "reference" backend on float32
+    input sums first-order terms.
 
     Raises ValueError or TypeError naming the argument for bad shapes, dtypes,
     devices or weights before any kernel runs, and ValueError after the kernel for
