@@ -209,23 +209,15 @@ def test_a_sampling_generation_config_answers_greedily_without_warnings(model, t
     """A model whose generation config samples (an instruct model's do_sample=True, temperature=0.6,
     top_p=0.9) answers greedily, as without it, and transformers logs nothing: on 4.5x it warned that
     the temperature and top_p of the greedy config "may be ignored", set by no one but the model."""
-    import logging
+    from .transformers_helpers import transformers_warnings
 
     greedy = availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
     for name, value in (("do_sample", True), ("temperature", 0.6), ("top_p", 0.9)):
         monkeypatch.setattr(model.generation_config, name, value)
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logging.Logger.warning_once.cache_clear()  # (transformers logs a message once per process)
-    logger.addHandler(handler)
-    try:
+    with transformers_warnings() as messages:
         answers = availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
-    finally:
-        logger.removeHandler(handler)
     assert answers == greedy
-    assert not [record.getMessage() for record in records]
+    assert not messages
 
 
 def test_a_tokenizer_that_appends_eos_commits_after_the_prompt(model, tokenizer):

@@ -124,29 +124,20 @@ def test_reading_a_forwards_cache_logs_no_deprecation():
     past_key_values alias, whose read logs "`past_key_values`/`cache_params` are deprecated" (it
     did for an output without a cache: a forward with use_cache=False, e.g. two_pass_generate's
     with use_cache=False, and a model whose output has no cache field, RecurrentGemma's)."""
-    import logging
-
     from transformers.modeling_outputs import CausalLMOutput
 
     from fastprobe.methods._batching import output_cache
 
+    from .transformers_helpers import transformers_warnings
+
     model = tiny_model("llama", vocab_size=64, num_layers=1)
     ids = torch.randint(3, 64, (1, 5))
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logging.Logger.warning_once.cache_clear()  # (transformers logs a message once per process)
-    logger.addHandler(handler)
-    try:
-        with torch.no_grad():
-            assert output_cache(model(input_ids=ids, use_cache=False)) is None
-            assert output_cache(model(input_ids=ids, use_cache=True)).get_seq_length() == 5
+    with transformers_warnings() as messages, torch.no_grad():
+        assert output_cache(model(input_ids=ids, use_cache=False)) is None
+        assert output_cache(model(input_ids=ids, use_cache=True)).get_seq_length() == 5
         assert output_cache(CausalLMOutput(logits=torch.zeros(1, 5, 64))) is None
         assert output_cache((torch.zeros(1),)) is None  # (a forward's tuple output, return_dict=False)
-    finally:
-        logger.removeHandler(handler)
-    assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]
+    assert not [message for message in messages if "deprecated" in message]
 
 
 def test_prompts_without_their_appended_eos_are_padded_without_advice():

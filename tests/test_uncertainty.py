@@ -430,9 +430,9 @@ def test_a_passed_config_beside_the_models_sampling_logs_no_warning(tokenizer, m
     instruct model's do_sample=True, temperature=0.6): the temperature folded into its copy comes
     with do_sample=True, so transformers does not log that it "may be ignored" (it did: the copy
     alone read as greedy), and generate samples at that temperature as before."""
-    import logging
-
     from transformers import GenerationConfig
+
+    from .transformers_helpers import transformers_warnings
 
     target, drafts = models
     monkeypatch.setattr(target.generation_config, "do_sample", True)
@@ -444,19 +444,11 @@ def test_a_passed_config_beside_the_models_sampling_logs_no_warning(tokenizer, m
         return generate(**kwargs)
 
     monkeypatch.setattr(target, "generate", recording)
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logging.Logger.warning_once.cache_clear()  # (transformers logs a message once per process)
-    logger.addHandler(handler)
-    try:
+    with transformers_warnings() as messages:
         uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=3,
                                               generation_config=GenerationConfig(max_new_tokens=3), progress=False)
-    finally:
-        logger.removeHandler(handler)
     # (4.5x also logs that a passed config's defaults were modified to the model's: generate's own, for any such config)
-    assert not [record.getMessage() for record in records if "may be ignored" in record.getMessage()]
+    assert not [message for message in messages if "may be ignored" in message]
     (passed,) = calls
     assert (passed["generation_config"].do_sample, passed["generation_config"].temperature) == (True, 0.6)
 

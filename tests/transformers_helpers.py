@@ -1,5 +1,8 @@
 """Helpers for the tests that run transformers models across transformers versions."""
 
+import contextlib
+import logging
+
 import pytest
 import torch
 
@@ -7,6 +10,22 @@ import fastprobe as fp
 from fastprobe.integrations import is_patched
 
 transformers = pytest.importorskip("transformers")
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """The messages transformers logs at WARNING or above inside the block, into the yielded
+    list (its once-per-process messages too: their cache is cleared first)."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def routes_through_interfaces(model) -> bool:
