@@ -250,13 +250,27 @@ void sink_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uintptr_
     invalid(op, "group_mass is given without key_groups");
   if (attention.key_groups != nullptr)
     check_groups(attention.key_groups, batch * num_keys, num_groups, num_keys);
-  run_attention(attention, entries_for(attention, type), threads);
+  run_attention(attention, entries_for(attention, type, call_lanes()), threads);
 }
 
 }  // namespace
 
 
 void bind_attention(py::module_& m) {
+  m.def("attention_lanes", &call_lanes,
+        "Floats per vector in the CPU attention kernels (sink_attention, dual_path_attention): 16\n"
+        "where the CPU runs the x86-64-v4 (AVX-512) code, else 8.");
+  m.def(
+      "set_attention_lanes",
+      [](int lanes) {
+        if (lanes != 8 && lanes != 16)
+          throw std::invalid_argument("fastprobe._C.set_attention_lanes: lanes must be 8 or 16");
+        return attention_lane_limit.exchange(lanes);
+      },
+      "Caps the lane width of attention_lanes() at 8 or 16 (16, the default, takes effect only where\n"
+      "the CPU has AVX-512), for the whole process: tests and comparisons run the 8-lane (AVX2 and\n"
+      "baseline) kernels on an AVX-512 CPU this way. Returns the previous cap. Not for use while\n"
+      "another thread runs attention.");
   m.def("sink_attention", &sink_attention, py::call_guard<py::gil_scoped_release>(),
         "Attention with sink keys, a window, head masks and a sink logit, and its statistics\n"
         "(see fastprobe.reference.sink_attention). Pointers are data_ptr() values, sizes and\n"

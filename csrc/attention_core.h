@@ -57,6 +57,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -65,6 +66,11 @@
 #include "common.h"
 
 namespace fastprobe {
+
+// The widest lane width the CPU attention may use (call_lanes): 16 (the default) or 8, set by
+// fastprobe._C.set_attention_lanes for tests and comparisons; one for the process.
+inline std::atomic<int> attention_lane_limit{16};
+
 namespace {
 
 // Lambdas in the kernels: inlined into the multi-versioned caller, so compiled for its target
@@ -77,18 +83,31 @@ constexpr int64_t kKeyBlock = 64;
 // block over many rows, small enough that the block's scores and output stay in L1/L2.
 constexpr int64_t kItemRows = 64;
 
-// A vector of kLanes query rows (GCC vector extension): one AVX2 register, two SSE registers.
-// The register tiles below (6 x 2 accumulators + 2 loads) fit the 16 registers of AVX2.
-constexpr int64_t kLanes = 8;
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-// Loads and stores of float buffers go through this one: any alignment, may alias float.
-typedef float UnalignedLanes
-    __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+// A vector of L query rows (GCC vector extension), L the lane width of a call (call_lanes):
+// 16, one AVX-512 register, where the CPU runs the x86-64-v4 code; else 8, one AVX2 register or
+// two SSE registers. The kernels below are templates on L; each call runs one width throughout
+// (its rows R and padded head dims are multiples of it).
+template <int L>
+struct LaneTypes {
+  typedef float Vector __attribute__((vector_size(L * sizeof(float))));
+  // loads and stores of float buffers go through this one: any alignment, may alias float
+  typedef float Unaligned __attribute__((vector_size(L * sizeof(float)), aligned(4), may_alias));
+  typedef int32_t Index __attribute__((vector_size(L * sizeof(int32_t))));
+};
+template <int L>
+using Lanes = typename LaneTypes<L>::Vector;
+
+// (macros: a function returning a vector by value draws GCC's -Wpsabi note in the default target)
+#define LOAD_LANES(L, ptr) (*reinterpret_cast<const typename LaneTypes<L>::Unaligned*>(ptr))
+#define STORE_LANES(L, ptr, x) (*reinterpret_cast<typename LaneTypes<L>::Unaligned*>(ptr) = (x))
+
+// The register tiles of the block kernels: kTileVectors row vectors by kTileWidth keys (scores)
+// or value dimensions (output), at either lane width. The 2 x 6 accumulators + 2 loads fit the 16
+// registers of AVX2; AVX-512's 32 would hold 4 x 6 or 4 x 4, but neither (nor 2 x 8) was faster
+// than 2 x 6 at 16 lanes (2026-12-06, 2 cores of a Zen 4 EPYC shared with other jobs, float32 and
+// bfloat16 prefill L = 2048, D = 64 and 128: all within the runs' noise of ~10%).
 constexpr int kTileVectors = 2;  // row vectors per register tile
 constexpr int kTileWidth = 6;    // keys (scores) or value dimensions (output) per register tile
-
-#define LOAD_LANES(ptr) (*reinterpret_cast<const UnalignedLanes*>(ptr))
-#define STORE_LANES(ptr, x) (*reinterpret_cast<UnalignedLanes*>(ptr) = (x))
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -119,32 +138,32 @@ FASTPROBE_ALWAYS_INLINE void for_tiles(int64_t n, Tile&& tile) {
 }
 
 // The register tile of the block kernels (all but the narrow scores): for NA scalars by NB
-// vectors of kLanes floats,
-//   out[a][b] = init(a, b) + sum_{i < n} x[i x_step + a x_stride] y[i y_step + b kLanes]
-// with out[a][b] at out + a ld_out + b kLanes and the NA x NB accumulators in registers;
+// vectors of L floats,
+//   out[a][b] = init(a, b) + sum_{i < n} x[i x_step + a x_stride] y[i y_step + b L]
+// with out[a][b] at out + a ld_out + b L and the NA x NB accumulators in registers;
 // init(a, b, base) gives the term the block's sum is added to (nullptr: 0). The sum starts
 // from 0, not from init: a running output (alpha o) then takes one block sum per block, as the
 // softmax denominator l does, and does not stop growing once it is 2^24 times one key's term
 // (2^26 near-uniform keys gave half the output). AHEAD > 0: the y of iteration i + AHEAD is
 // prefetched (a cache hint, within the n rows) while iteration i computes.
-template <int NA, int NB, typename Init, int AHEAD = 0>
+template <int L, int NA, int NB, typename Init, int AHEAD = 0>
 FASTPROBE_ALWAYS_INLINE void outer_tile(const float* x, int64_t x_step, int64_t x_stride,
                                         const float* y, int64_t y_step, int64_t n, float* out,
                                         int64_t ld_out, Init init) {
-  Lanes acc[NA][NB];
+  Lanes<L> acc[NA][NB];
 #pragma GCC unroll 8
   for (int a = 0; a < NA; ++a)
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) acc[a][b] = Lanes{};
+    for (int b = 0; b < NB; ++b) acc[a][b] = Lanes<L>{};
   for (int64_t i = 0; i < n; ++i) {
     if constexpr (AHEAD > 0)
       if (i + AHEAD < n)
 #pragma GCC unroll 8
-        for (int b = 0; b < NB; b += 64 / int(sizeof(Lanes)))  // one hint per 64-byte line
-          __builtin_prefetch(y + (i + AHEAD) * y_step + b * kLanes);
-    Lanes y_i[NB];
+        for (int b = 0; b < NB; b += 64 / int(sizeof(Lanes<L>)))  // one hint per 64-byte line
+          __builtin_prefetch(y + (i + AHEAD) * y_step + b * L);
+    Lanes<L> y_i[NB];
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) y_i[b] = LOAD_LANES(y + i * y_step + b * kLanes);
+    for (int b = 0; b < NB; ++b) y_i[b] = LOAD_LANES(L, y + i * y_step + b * L);
 #pragma GCC unroll 8
     for (int a = 0; a < NA; ++a) {
       const float x_i = x[i * x_step + a * x_stride];
@@ -157,63 +176,88 @@ FASTPROBE_ALWAYS_INLINE void outer_tile(const float* x, int64_t x_step, int64_t 
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
       if constexpr (!std::is_same_v<Init, std::nullptr_t>) {
-        Lanes base;
+        Lanes<L> base;
         init(a, b, base);
         acc[a][b] += base;
       }
-      STORE_LANES(out + a * ld_out + b * kLanes, acc[a][b]);
+      STORE_LANES(L, out + a * ld_out + b * L, acc[a][b]);
     }
 }
 
 // ---- Narrow items (at most kNarrowRows rows, e.g. decoding one query per head): the lanes
 // run along head_dim instead of rows, so no lane is idle. q, k and v rows are padded with
-// zeros to Dp (a multiple of kLanes) so that every load is a whole vector.
+// zeros to Dp (a multiple of L) so that every load is a whole vector.
 
 constexpr int64_t kNarrowRows = 4;
-typedef int32_t LaneIndex __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // Tiles of 8 accumulators for ROWS narrow rows: keys (scores) or vectors of d (values).
 template <int ROWS>
 constexpr int kNarrowTile = ROWS == 1 ? 8 : ROWS == 2 ? 4 : 2;
 
-// x[0] + ... + x[kLanes - 1], by halving (GCC's generic shuffles; a plain sum elsewhere).
-FASTPROBE_ALWAYS_INLINE float lane_sum(const Lanes& x) {
+// The shuffle that swaps each run of H lanes with its neighbour run: lane i takes lane i ^ H.
+template <int L, int H, typename I = std::make_integer_sequence<int, L>>
+struct SwapRuns;
+template <int L, int H, int... I>
+struct SwapRuns<L, H, std::integer_sequence<int, I...>> {
+  static constexpr typename LaneTypes<L>::Index index = {(I ^ H)...};
+};
+
+template <int L, int H = L / 2>
+FASTPROBE_ALWAYS_INLINE float lane_sum(const Lanes<L>& x);
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// The lane sum of x[i] + x[i + L / 2], a vector of L / 2: x's low half plus its high half.
+template <int L, int... I>
+FASTPROBE_ALWAYS_INLINE float halves_sum(const Lanes<L>& x, std::integer_sequence<int, I...>) {
+  return lane_sum<L / 2>(__builtin_shufflevector(x, x, I...) +
+                         __builtin_shufflevector(x, x, (I + L / 2)...));
+}
+#endif
+
+// x[0] + ... + x[L - 1], by halving: x + x with its halves swapped, then runs of L / 4, ..., 1
+// (GCC's generic shuffles; a plain sum elsewhere). Past 8 lanes (GCC 12's __builtin_shufflevector)
+// the halves are added as vectors of L / 2 first: an AVX-512 register's sum then costs an
+// extract and a 256-bit add before the AVX2 sum's three steps, none on 512 bits.
+template <int L, int H>
+FASTPROBE_ALWAYS_INLINE float lane_sum(const Lanes<L>& x) {
 #if defined(__GNUC__) && !defined(__clang__)
-#define HALVE(x, ...) ((x) + __builtin_shuffle((x), LaneIndex{__VA_ARGS__}))
-  const Lanes quads = HALVE(x, 4, 5, 6, 7, 0, 1, 2, 3);
-  const Lanes pairs = HALVE(quads, 2, 3, 0, 1, 6, 7, 4, 5);
-  const Lanes total = HALVE(pairs, 1, 0, 3, 2, 5, 4, 7, 6);
-#undef HALVE
-  return total[0];
+  if constexpr (H == 0)
+    return x[0];
+#if __GNUC__ >= 12
+  else if constexpr (H == L / 2 && L > 8)
+    return halves_sum<L>(x, std::make_integer_sequence<int, L / 2>());
+#endif
+  else
+    return lane_sum<L, H / 2>(x + __builtin_shuffle(x, SwapRuns<L, H>::index));
 #else
   float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += x[i];
+  for (int i = 0; i < L; ++i) total += x[i];
   return total;
 #endif
 }
 
 // sT[c][r] = q_rows[r] . keys[c] for NC keys and ROWS rows (rows of Dp floats); with several
 // rows, the first `next` (at most NC) of the NC key rows after them are prefetched meanwhile.
-template <int NC, int ROWS>
+template <int L, int NC, int ROWS>
 FASTPROBE_ALWAYS_INLINE void dot_tile(const float* q_rows, int64_t Dp, const float* keys, int64_t ldk,
                                       float* sT, int64_t R, int64_t next) {
-  Lanes acc[NC][ROWS];
+  Lanes<L> acc[NC][ROWS];
 #pragma GCC unroll 8
   for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) acc[c][r] = Lanes{};
-  for (int64_t d = 0; d < Dp; d += kLanes) {
+    for (int r = 0; r < ROWS; ++r) acc[c][r] = Lanes<L>{};
+  for (int64_t d = 0; d < Dp; d += L) {
     if (ROWS > 1 && d % (64 / sizeof(float)) == 0)  // one hint per 64-byte line (one row: its 8
                                                     // keys a tile keep enough loads in flight)
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c)
         if (c < next) __builtin_prefetch(keys + (NC + c) * ldk + d);
-    Lanes q[ROWS];
+    Lanes<L> q[ROWS];
 #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) q[r] = LOAD_LANES(q_rows + r * Dp + d);
+    for (int r = 0; r < ROWS; ++r) q[r] = LOAD_LANES(L, q_rows + r * Dp + d);
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
-      const Lanes key = LOAD_LANES(keys + c * ldk + d);
+      const Lanes<L> key = LOAD_LANES(L, keys + c * ldk + d);
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) acc[c][r] += key * q[r];
     }
@@ -221,63 +265,58 @@ FASTPROBE_ALWAYS_INLINE void dot_tile(const float* q_rows, int64_t Dp, const flo
 #pragma GCC unroll 8
   for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) sT[c * R + r] = lane_sum(acc[c][r]);
+    for (int r = 0; r < ROWS; ++r) sT[c * R + r] = lane_sum<L>(acc[c][r]);
 }
 
-// ---- Block kernels (multi-versioned). R, the row count, is a multiple of kLanes. ----------
+// ---- Block kernels (one function per lane width). R, the row count, is a multiple of L. ---
 
 // All count keys of one row tile (MV vectors of rows), kTileWidth keys per register tile.
-template <int MV>
+template <int L, int MV>
 FASTPROBE_ALWAYS_INLINE void score_row_tile(const float* qT, int64_t R, const float* keys,
                                             int64_t ldk, int64_t count, int64_t D, float* sT) {
   for_tiles<kTileWidth>(count, [&](auto width, int64_t c) FASTPROBE_LAMBDA_INLINE {
-    outer_tile<width, MV>(keys + c * ldk, 1, ldk, qT, R, D, sT + c * R, R, nullptr);
+    outer_tile<L, width, MV>(keys + c * ldk, 1, ldk, qT, R, D, sT + c * R, R, nullptr);
   });
 }
 
 // All Dv value dimensions of one row tile (MV vectors of rows), kTileWidth per register tile.
-template <int MV>
+template <int L, int MV>
 FASTPROBE_ALWAYS_INLINE void value_row_tile(const float* eT, int64_t R, int64_t count,
                                             const float* vals, int64_t ldv, int64_t Dv,
                                             const float* alpha, float* oT) {
   for_tiles<kTileWidth>(Dv, [&](auto width, int64_t d) FASTPROBE_LAMBDA_INLINE {
     float* out = oT + d * R;
-    outer_tile<width, MV>(vals + d, ldv, 1, eT, R, count, out, R,
-                          [&](int a, int b, Lanes& acc) FASTPROBE_LAMBDA_INLINE {
-                            acc = LOAD_LANES(out + a * R + b * kLanes) * LOAD_LANES(alpha + b * kLanes);
-                          });
+    outer_tile<L, width, MV>(vals + d, ldv, 1, eT, R, count, out, R,
+                             [&](int a, int b, Lanes<L>& acc) FASTPROBE_LAMBDA_INLINE {
+                               acc = LOAD_LANES(L, out + a * R + b * L) * LOAD_LANES(L, alpha + b * L);
+                             });
   });
 }
 
 // Scores of one key block: sT [count][R] = keys [count][D] (row stride ldk) times qT [D][R]
 // (the queries, already multiplied by the scale). The row tiles are a plain loop: nesting
 // for_tiles here costs ~10% (GCC then runs out of registers for the tile's key offsets).
-FASTPROBE_SIMD_CLONES static void scores_block(const float* qT, int64_t R, int64_t D,
-                                               const float* keys, int64_t ldk, int64_t count,
-                                               float* sT) {
-  const int64_t tile_rows = kTileVectors * kLanes;
+template <int L>
+FASTPROBE_ALWAYS_INLINE void scores_tiles(const float* qT, int64_t R, int64_t D, const float* keys,
+                                          int64_t ldk, int64_t count, float* sT) {
+  const int64_t tile_rows = kTileVectors * L;
   int64_t r = 0;
   for (; r + tile_rows <= R; r += tile_rows)
-    score_row_tile<kTileVectors>(qT + r, R, keys, ldk, count, D, sT + r);
-  if (r < R) score_row_tile<1>(qT + r, R, keys, ldk, count, D, sT + r);
+    score_row_tile<L, kTileVectors>(qT + r, R, keys, ldk, count, D, sT + r);
+  for (; r < R; r += L) score_row_tile<L, 1>(qT + r, R, keys, ldk, count, D, sT + r);
 }
 
 // Output update of one key block: oT [Dv][R] = alpha oT + vals^T eT, with eT [count][R] the
 // block's e = exp(s - m') and vals [count][Dv] (row stride ldv).
-FASTPROBE_SIMD_CLONES static void values_block(const float* eT, int64_t R, int64_t count,
-                                               const float* vals, int64_t ldv, int64_t Dv,
-                                               const float* alpha, float* oT) {
-  const int64_t tile_rows = kTileVectors * kLanes;
+template <int L>
+FASTPROBE_ALWAYS_INLINE void values_tiles(const float* eT, int64_t R, int64_t count,
+                                          const float* vals, int64_t ldv, int64_t Dv,
+                                          const float* alpha, float* oT) {
+  const int64_t tile_rows = kTileVectors * L;
   int64_t r = 0;
   for (; r + tile_rows <= R; r += tile_rows)
-    value_row_tile<kTileVectors>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
-  if (r < R) value_row_tile<1>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
-}
-
-// Scores scaled after the dot (Problem::score_scale): sT[i] *= factor.
-FASTPROBE_SIMD_CLONES static void scale_block(float* sT, int64_t size, float factor) {
-#pragma omp simd
-  for (int64_t i = 0; i < size; ++i) sT[i] *= factor;
+    value_row_tile<L, kTileVectors>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
+  for (; r < R; r += L) value_row_tile<L, 1>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
 }
 
 // Narrow scores: sT [count][R] (rows < `rows` written) = keys [count][Dp] . q_rows [rows][Dp].
@@ -287,36 +326,78 @@ FASTPROBE_SIMD_CLONES static void scale_block(float* sT, int64_t size, float fac
 // cores, AVX-512, K and V of 8 layers in turn, min / median of 5 alternated runs: 32 query /
 // 8 kv heads, D=128, 4096 keys 2.45 / 2.74 -> 2.20 / 2.34 ms). One row (MHA) gained nothing
 // from the hints, or lost up to 17%, so it takes none.
-FASTPROBE_SIMD_CLONES static void dots_block(const float* q_rows, int64_t rows, int64_t Dp,
-                                             const float* keys, int64_t ldk, int64_t count,
-                                             float* sT, int64_t R) {
+template <int L>
+FASTPROBE_ALWAYS_INLINE void dots_tiles(const float* q_rows, int64_t rows, int64_t Dp,
+                                        const float* keys, int64_t ldk, int64_t count, float* sT,
+                                        int64_t R) {
   with_width<kNarrowRows>(rows, [&](auto rows_c) FASTPROBE_LAMBDA_INLINE {
     for_tiles<kNarrowTile<rows_c>>(count, [&](auto width, int64_t c) FASTPROBE_LAMBDA_INLINE {
       const int64_t next = count - c - int64_t(width);  // keys after the tile's
-      dot_tile<width, rows_c>(q_rows, Dp, keys + c * ldk, ldk, sT + c * R, R, next);
+      dot_tile<L, width, rows_c>(q_rows, Dp, keys + c * ldk, ldk, sT + c * R, R, next);
     });
   });
 }
 
 // Narrow output update: o_rows [rows][Dp] = alpha o_rows + eT^T vals, vals [count][Dp].
-FASTPROBE_SIMD_CLONES static void axpys_block(const float* eT, int64_t R, int64_t rows,
-                                              int64_t count, const float* vals, int64_t ldv,
-                                              const float* alpha, float* o_rows, int64_t Dp) {
+template <int L>
+FASTPROBE_ALWAYS_INLINE void axpys_tiles(const float* eT, int64_t R, int64_t rows, int64_t count,
+                                         const float* vals, int64_t ldv, const float* alpha,
+                                         float* o_rows, int64_t Dp) {
   with_width<kNarrowRows>(rows, [&](auto rows_c) FASTPROBE_LAMBDA_INLINE {
-    for_tiles<kNarrowTile<rows_c>>(Dp / kLanes, [&](auto vectors, int64_t v) FASTPROBE_LAMBDA_INLINE {
-      float* out = o_rows + v * kLanes;
-      auto scaled_out = [&](int a, int b, Lanes& acc) FASTPROBE_LAMBDA_INLINE {
-        acc = LOAD_LANES(out + a * Dp + b * kLanes) * alpha[a];
+    for_tiles<kNarrowTile<rows_c>>(Dp / L, [&](auto vectors, int64_t v) FASTPROBE_LAMBDA_INLINE {
+      float* out = o_rows + v * L;
+      auto scaled_out = [&](int a, int b, Lanes<L>& acc) FASTPROBE_LAMBDA_INLINE {
+        acc = LOAD_LANES(L, out + a * Dp + b * L) * alpha[a];
       };
       // several rows (grouped-query decoding): tiles of a few vectors read part of each value
       // row, rows ldv apart, prefetched 8 rows ahead; one row's wide tiles need no hints
-      if (rows_c > 1 && Dp / kLanes > kNarrowTile<rows_c>)
-        outer_tile<rows_c, vectors, decltype(scaled_out), 8>(eT, R, 1, vals + v * kLanes, ldv, count,
-                                                             out, Dp, scaled_out);
+      if (rows_c > 1 && Dp / L > kNarrowTile<rows_c>)
+        outer_tile<L, rows_c, vectors, decltype(scaled_out), 8>(eT, R, 1, vals + v * L, ldv,
+                                                                count, out, Dp, scaled_out);
       else
-        outer_tile<rows_c, vectors>(eT, R, 1, vals + v * kLanes, ldv, count, out, Dp, scaled_out);
+        outer_tile<L, rows_c, vectors>(eT, R, 1, vals + v * L, ldv, count, out, Dp, scaled_out);
     });
   });
+}
+
+// The kernels above as functions of their own (GCC's register allocation is per function),
+// name##_block(Width<L>(), args...) running name##_tiles<L>(args...): at 8 lanes multi-versioned
+// (FASTPROBE_SIMD_CLONES), at 16 compiled for AVX-512 alone (FASTPROBE_AVX512: only called where
+// the CPU has it, see call_lanes). (GCC 12's target_clones on a function template miscompiles:
+// two instantiations' resolvers crashed a test program, hence the plain overloads.)
+#define FASTPROBE_UNPAREN(...) __VA_ARGS__
+#ifdef FASTPROBE_AVX512
+#define FASTPROBE_LANE_KERNEL_16(name, params, args)                     \
+  FASTPROBE_AVX512 static void name##_block(Width<16>, FASTPROBE_UNPAREN params) { \
+    name##_tiles<16> args;                                               \
+  }
+#else
+#define FASTPROBE_LANE_KERNEL_16(name, params, args)
+#endif
+#define FASTPROBE_LANE_KERNEL(name, params, args)                             \
+  FASTPROBE_SIMD_CLONES static void name##_block(Width<8>, FASTPROBE_UNPAREN params) { \
+    name##_tiles<8> args;                                                     \
+  }                                                                           \
+  FASTPROBE_LANE_KERNEL_16(name, params, args)
+
+FASTPROBE_LANE_KERNEL(scores, (const float* qT, int64_t R, int64_t D, const float* keys, int64_t ldk,
+                               int64_t count, float* sT),
+                      (qT, R, D, keys, ldk, count, sT))
+FASTPROBE_LANE_KERNEL(values, (const float* eT, int64_t R, int64_t count, const float* vals,
+                               int64_t ldv, int64_t Dv, const float* alpha, float* oT),
+                      (eT, R, count, vals, ldv, Dv, alpha, oT))
+FASTPROBE_LANE_KERNEL(dots, (const float* q_rows, int64_t rows, int64_t Dp, const float* keys,
+                             int64_t ldk, int64_t count, float* sT, int64_t R),
+                      (q_rows, rows, Dp, keys, ldk, count, sT, R))
+FASTPROBE_LANE_KERNEL(axpys, (const float* eT, int64_t R, int64_t rows, int64_t count,
+                              const float* vals, int64_t ldv, const float* alpha, float* o_rows,
+                              int64_t Dp),
+                      (eT, R, rows, count, vals, ldv, alpha, o_rows, Dp))
+
+// Scores scaled after the dot (Problem::score_scale): sT[i] *= factor.
+FASTPROBE_SIMD_CLONES static void scale_block(float* sT, int64_t size, float factor) {
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) sT[i] *= factor;
 }
 
 // The mask of a block that needs one: sT[c][r] = -inf where key c, at position key_pos[c], is
@@ -695,12 +776,23 @@ Problem attention_problem(const char* op, DType type, uintptr_t q, uintptr_t k, 
   return p;
 }
 
+// The lane width of a call's kernels: 16 where the CPU runs the x86-64-v4 (AVX-512) code and
+// the limit allows it, else 8.
+inline int call_lanes() {
+#ifdef FASTPROBE_AVX512
+  static const bool avx512 = runs_avx512_clone();
+  if (avx512 && attention_lane_limit.load(std::memory_order_relaxed) >= 16) return 16;
+#endif
+  return 8;
+}
+
 struct Plan {
   int64_t states;        // running-softmax states per row
   int64_t group;         // query heads per kv head
   int64_t block_queries; // queries per item
   int64_t query_blocks;
   int64_t max_rows;      // group * block_queries
+  int64_t lanes;         // the lane width L of the call's kernels (call_lanes)
   int64_t max_R;         // max_rows rounded up to whole vectors
   int64_t key_blocks;
   int64_t items;         // B * Hkv * query_blocks
@@ -709,12 +801,13 @@ struct Plan {
   int64_t padded_dim;    // D rounded up to whole vectors (narrow items' q and k rows)
   int64_t padded_value_dim;  // Dv likewise (narrow items' v and output rows)
 
-  Plan(const Problem& p, int64_t states_per_row, int threads) : states(states_per_row) {
+  Plan(const Problem& p, int64_t states_per_row, int threads, int lane_width)
+      : states(states_per_row), lanes(lane_width) {
     group = p.Hq / p.Hkv;
     block_queries = std::min(p.Lq, std::max<int64_t>(1, kItemRows / group));
     query_blocks = (p.Lq + block_queries - 1) / block_queries;
     max_rows = group * block_queries;
-    max_R = round_up(max_rows, kLanes);
+    max_R = round_up(max_rows, lanes);
     key_blocks = (p.Lk + kKeyBlock - 1) / kKeyBlock;
     items = p.B * p.Hkv * query_blocks;
     // Few items (decoding): split each item's keys so that every thread has work; ranges of
@@ -726,8 +819,8 @@ struct Plan {
       splits = std::max<int64_t>(1, std::min(wanted, key_blocks / 4));
     }
     state_floats = states * RowState::floats(max_R, p.G, p.Dv);
-    padded_dim = round_up(p.D, kLanes);
-    padded_value_dim = round_up(p.Dv, kLanes);
+    padded_dim = round_up(p.D, lanes);
+    padded_value_dim = round_up(p.Dv, lanes);
   }
 };
 
@@ -854,7 +947,7 @@ ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, Scratch& ws
     }
   }
   it.rows = rows;
-  it.R = round_up(rows, kLanes);
+  it.R = round_up(rows, plan.lanes);
   for (int64_t r = rows; r < it.R; ++r) {  // padding rows: the last row's position, bounds, ends
     ws.row_head[r] = ws.row_head[rows - 1];
     ws.row_query[r] = 0;
@@ -989,7 +1082,7 @@ struct Route {
 // Range `split` (of plan.splits) of an item's key blocks, those holding [min_lo, max_hi],
 // folded into fresh states in ws.state; returns the item's rows. State 0 of range 0 starts
 // from the op's start logit.
-template <typename Op, typename T>
+template <typename Op, typename T, int L>
 FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int64_t item,
                                              int64_t split, Scratch& ws) {
   const Problem& p = op.p;
@@ -1048,9 +1141,9 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
     const float* keys =
         block_rows<T>(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D, Dp, order, ws.keys, ldk);
     if (narrow)
-      dots_block(ws.q_rows, it.rows, Dp, keys, ldk, count, ws.sT, R);
+      dots_block(Width<L>(), ws.q_rows, it.rows, Dp, keys, ldk, count, ws.sT, R);
     else
-      scores_block(ws.qT, R, D, keys, ldk, count, ws.sT);
+      scores_block(Width<L>(), ws.qT, R, D, keys, ldk, count, ws.sT);
     if (p.score_scale != 1.0f) scale_block(ws.sT, count * R, p.score_scale);
     op.transform_scores(ws.sT, count * R);
     if (kind == BlockKind::Masked) {
@@ -1070,10 +1163,11 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
       const int64_t n = seg.end - seg.begin;
       op.fold(it, j0, seg, eT, st[seg.state], ws);
       if (narrow)
-        axpys_block(eT, R, it.rows, n, vals + seg.begin * ldv, ldv, ws.alpha,
+        axpys_block(Width<L>(), eT, R, it.rows, n, vals + seg.begin * ldv, ldv, ws.alpha,
                     ws.o_rows + seg.state * o_rows_floats, Dvp);
       else
-        values_block(eT, R, n, vals + seg.begin * ldv, ldv, Dv, ws.alpha, st[seg.state].oT);
+        values_block(Width<L>(), eT, R, n, vals + seg.begin * ldv, ldv, Dv, ws.alpha,
+                     st[seg.state].oT);
     }
   }
   if (narrow)  // the states keep O transposed
@@ -1084,19 +1178,19 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
 }
 
 // One item, whole: attend over all its keys and write its outputs.
-template <typename Op, typename T>
+template <typename Op, typename T, int L>
 FASTPROBE_ALWAYS_INLINE void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
-  const ItemRows it = attend_item<Op, T>(op, plan, item, 0, ws);
+  const ItemRows it = attend_item<Op, T, L>(op, plan, item, 0, ws);
   op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
     op.template write_rows<T>(it, ws, item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.Dv));
 }
 
 // One key range of an item, its states kept in `partial` for the merge.
-template <typename Op, typename T>
+template <typename Op, typename T, int L>
 FASTPROBE_ALWAYS_INLINE void run_item_range(const Op& op, const Plan& plan, int64_t item,
                                             int64_t split, float* partial, Scratch& ws) {
-  const ItemRows it = attend_item<Op, T>(op, plan, item, split, ws);
+  const ItemRows it = attend_item<Op, T, L>(op, plan, item, split, ws);
   if (split == 0) op.template write_pruned<T>(plan, it);
   if (it.rows > 0)
     std::copy(ws.state, ws.state + Op::kStates * RowState::floats(it.R, op.p.G, op.p.Dv), partial);
@@ -1116,38 +1210,59 @@ FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t 
   op.template write_rows<T>(it, ws, st);
 }
 
-// Entries of an operation per dtype, multi-versioned so that the loads and stores are compiled
-// for each target: FASTPROBE_ATTENTION_ENTRIES(Op) defines them and entries_for(op, dtype).
+// Entries of an operation per dtype and lane width, multi-versioned so that the loads and stores
+// are compiled for each target: FASTPROBE_ATTENTION_ENTRIES(Op) defines them and
+// entries_for(op, dtype, lanes). The merge works on whole rows, at no lane width.
 template <typename Op>
 struct Entries {
   void (*run)(const Op&, const Plan&, int64_t, Scratch&);
   void (*run_range)(const Op&, const Plan&, int64_t, int64_t, float*, Scratch&);
   void (*merge)(const Op&, const Plan&, int64_t, const float*, Scratch&);
+  int lanes;
 };
 
+#define FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, L, TARGET)                                \
+  TARGET void run_##name##_##L(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {    \
+    run_item<Op, T, L>(op, plan, item, ws);                                                     \
+  }                                                                                             \
+  TARGET void run_range_##name##_##L(const Op& op, const Plan& plan, int64_t item,             \
+                                     int64_t split, float* partial, Scratch& ws) {             \
+    run_item_range<Op, T, L>(op, plan, item, split, partial, ws);                               \
+  }
+
+#ifdef FASTPROBE_AVX512
+#define FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T) \
+  FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, 16, FASTPROBE_AVX512)
+#define FASTPROBE_ENTRIES_CASE_16(name) \
+  if (lanes == 16) return {run_##name##_16, run_range_##name##_16, merge_##name, 16};
+#else
+#define FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T)
+#define FASTPROBE_ENTRIES_CASE_16(name)
+#endif
+
 #define FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, name, T)                                           \
-  FASTPROBE_SIMD_CLONES void run_##name(const Op& op, const Plan& plan, int64_t item,           \
-                                        Scratch& ws) {                                         \
-    run_item<Op, T>(op, plan, item, ws);                                                        \
-  }                                                                                             \
-  FASTPROBE_SIMD_CLONES void run_range_##name(const Op& op, const Plan& plan, int64_t item,     \
-                                              int64_t split, float* partial, Scratch& ws) {    \
-    run_item_range<Op, T>(op, plan, item, split, partial, ws);                                  \
-  }                                                                                             \
+  FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, 8, FASTPROBE_SIMD_CLONES)                       \
+  FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T)                                                   \
   FASTPROBE_SIMD_CLONES void merge_##name(const Op& op, const Plan& plan, int64_t item,         \
                                           const float* partials, Scratch& ws) {                \
     merge_item<Op, T>(op, plan, item, partials, ws);                                            \
+  }
+
+#define FASTPROBE_ENTRIES_CASE(name)                                                             \
+  {                                                                                             \
+    FASTPROBE_ENTRIES_CASE_16(name)                                                             \
+    return {run_##name##_8, run_range_##name##_8, merge_##name, 8};                             \
   }
 
 #define FASTPROBE_ATTENTION_ENTRIES(Op)                                                          \
   FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, float32, float)                                         \
   FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, bfloat16, bf16)                                         \
   FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, float16, fp16)                                          \
-  Entries<Op> entries_for(const Op&, DType dtype) {                                             \
+  Entries<Op> entries_for(const Op&, DType dtype, int lanes) {                                  \
     switch (dtype) {                                                                            \
-      case DType::Float32: return {run_float32, run_range_float32, merge_float32};             \
-      case DType::BFloat16: return {run_bfloat16, run_range_bfloat16, merge_bfloat16};         \
-      case DType::Float16: return {run_float16, run_range_float16, merge_float16};             \
+      case DType::Float32: FASTPROBE_ENTRIES_CASE(float32)                                      \
+      case DType::BFloat16: FASTPROBE_ENTRIES_CASE(bfloat16)                                    \
+      case DType::Float16: FASTPROBE_ENTRIES_CASE(float16)                                      \
     }                                                                                           \
     throw std::invalid_argument("fastprobe._C: unsupported dtype");                            \
   }
@@ -1188,7 +1303,7 @@ constexpr double kInlineWork = double(1 << 16);
 template <typename Op>
 void run_attention(const Op& op, const Entries<Op>& run, int threads) {
   const Problem& p = op.p;
-  const Plan plan(p, Op::kStates, threads);
+  const Plan plan(p, Op::kStates, threads, run.lanes);
   const double work = double(p.B) * double(p.Hq) * double(p.Lq) * double(p.Lk) * double(p.D + p.Dv);
   const int team = work < kInlineWork ? 1 : threads;
   if (plan.splits == 1) {

@@ -46,6 +46,30 @@ namespace fastprobe {
 #define FASTPROBE_SIMD_CLONES
 #endif
 
+// With clones, FASTPROBE_AVX512 compiles a function for the first clone's target alone: code that
+// runs only where runs_avx512_clone() (the 16-lane attention kernels, attention_core.h).
+#ifdef FASTPROBE_CLONES
+#if __GNUC__ >= 12
+#define FASTPROBE_AVX512 __attribute__((target("arch=x86-64-v4")))
+#else
+#define FASTPROBE_AVX512 __attribute__((target("avx512f")))
+#endif
+#endif
+
+// Whether this CPU runs the first (AVX-512) clone of the FASTPROBE_SIMD_CLONES functions.
+inline bool runs_avx512_clone() {
+#ifdef FASTPROBE_CLONES
+  __builtin_cpu_init();
+#if __GNUC__ >= 12
+  return __builtin_cpu_supports("x86-64-v4");
+#else
+  return __builtin_cpu_supports("avx512f");
+#endif
+#else
+  return false;
+#endif
+}
+
 // The version of the FASTPROBE_SIMD_CLONES functions that runs on this CPU (`fastprobe info`).
 inline const char* simd_clone() {
 #ifdef FASTPROBE_CLONES

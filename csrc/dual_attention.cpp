@@ -167,7 +167,7 @@ void dual_path_attention(const std::string& dtype, uintptr_t q, uintptr_t k, uin
                                     eps,
                                     pointer<void>(o_cond, false, "o_cond", element_size(type)),
                                     pointer<void>(o_uncond, false, "o_uncond", element_size(type))};
-  run_attention(attention, entries_for(attention, type), threads);
+  run_attention(attention, entries_for(attention, type, call_lanes()), threads);
 }
 
 }  // namespace

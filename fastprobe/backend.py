@@ -100,7 +100,8 @@ def cpp_status() -> tuple[bool, str]:
         return False, f"fastprobe._C did not import ({error})"
     threads = "with OpenMP" if _C.has_openmp() else "without OpenMP"
     float16 = ", F16C float16 conversion" if _C.has_f16c() else ""
-    return True, f"compiled extension fastprobe._C {threads}; {_C.simd_clone()} code{float16}"
+    lanes = f", {_C.attention_lanes()}-lane attention"  # 16 with the AVX-512 code, else 8
+    return True, f"compiled extension fastprobe._C {threads}; {_C.simd_clone()} code{lanes}{float16}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -166,3 +166,37 @@ def prefetch_target(module: str):
 # float32-level tolerance serves every input dtype.
 RTOL, ATOL = 2e-5, 2e-5
 TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (major, minor)
+
+
+@pytest.fixture(params=[8, 16], ids=["8-lanes", "16-lanes"])
+def cpu_lanes(request):
+    """The C++ attention kernels (sink_attention, dual_path_attention) forced to the cpp backend
+    and to a lane width, floats per vector (fastprobe._C.set_attention_lanes; restored after): 8
+    runs the AVX2 / baseline kernels even on an AVX-512 CPU, 16 the AVX-512 ones (skipped where
+    the CPU or the build has none)."""
+    from fastprobe import _C
+
+    fastprobe.set_backend("cpp")
+    previous = _C.set_attention_lanes(request.param)
+    try:
+        if _C.attention_lanes() != request.param:
+            pytest.skip("the 16-lane kernels need an AVX-512 CPU and a multi-versioned build")
+        yield request.param
+    finally:
+        _C.set_attention_lanes(previous)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every output of the C++ attention kernels filled with NaN before each call: an element a
+    kernel leaves unwritten then fails the comparison instead of passing by luck."""
+    from fastprobe.ops import attention, dual_attention
+
+    for kernels in (attention._KERNELS, dual_attention._KERNELS):
+        def poisoned(q, k, v, args, *outputs, kernel=kernels["cpp"]):
+            for output in outputs:
+                if output is not None:
+                    output.fill_(float("nan"))
+            kernel(q, k, v, args, *outputs)
+
+        monkeypatch.setitem(kernels, "cpp", poisoned)

@@ -562,6 +562,49 @@ def test_cpu_output_over_2_pow_26_equal_keys(num_queries):
     torch.testing.assert_close(result.lse, torch.full((1, 2, num_queries), 1 + math.log(length)), rtol=1e-6, atol=0)
 
 
+# The C++ kernels run vectors of 16 floats where the CPU has AVX-512 and of 8 elsewhere
+# (csrc/attention_core.h); cpu_lanes runs each width here. Rows (query heads x queries of an
+# item) and head dims that are no multiple of either, every register-tile remainder (head dims
+# 1..17: value tiles of 6), and the narrow (decoding) kernels' padded head dims.
+LANE_HEAD_DIMS = list(range(1, 18)) + [63, 65, 80, 96, 112, 128, 256]
+
+
+def lane_case(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, config):
+    """sink_attention with every statistic against the float64 reference (outputs poisoned)."""
+    q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, "cpu")
+    options = make_options(config, batch, heads, num_keys, "cpu")
+    if "sink_logit" not in options:
+        options["sink_logit"] = torch.randn(heads)
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    assert_matches(result, expected(q, k, v, **options), dtype, "key_groups" in options, True, **score_tolerance(q, k, v))
+
+
+@pytest.mark.parametrize("head_dim", LANE_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
+def test_cpu_lane_widths_prefill(cpu_lanes, poisoned_outputs, dtype, head_dim):
+    """Items of 37 rows (one head), 64 and 10 (GQA 2: 32 + 5 queries), 64 and 20 (GQA 4: 16 + 5)."""
+    lane_case(2, 3, 3, 37, 101, head_dim, dtype, "window+sinks")
+    lane_case(2, 6, 3, 37, 101, head_dim, dtype, "everything")
+    lane_case(1, 8, 2, 21, 70, head_dim, dtype, "key-group-runs")
+
+
+@pytest.mark.parametrize("head_dim", LANE_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
+def test_cpu_lane_widths_decode(cpu_lanes, poisoned_outputs, dtype, head_dim):
+    """One query per head (the narrow kernels: 1 row, and 4 with GQA 4), and 3 queries of GQA 2
+    (6 rows, the wide kernels), then a long cache on 2 threads: its keys split across them."""
+    lane_case(1, 4, 4, 1, 300, head_dim, dtype, "window+sinks")
+    lane_case(2, 8, 2, 1, 517, head_dim, dtype, "everything")
+    lane_case(1, 4, 2, 3, 150, head_dim, dtype, "left-padding")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lane_case(1, 4, 1, 1, 3001, head_dim, dtype, "window+sinks")
+        lane_case(1, 2, 1, 5, 2000, head_dim, dtype, "sink-logit")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     length=st.integers(1, 40),

@@ -97,6 +97,29 @@ def test_matches_reference(target, dtype, rows, orthogonalize):
         assert_paths_match(got, expected(q, k, v, drop, **options), dtype, options)
 
 
+@pytest.mark.parametrize("head_dim", [1, 5, 8, 16, 17, 63, 65, 80, 96, 112, 128, 256])
+@pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
+def test_cpu_lane_widths(cpu_lanes, poisoned_outputs, dtype, head_dim):
+    """The C++ kernels at 8 and 16 lanes (see test_attention.LANE_HEAD_DIMS): prefill items of 37,
+    64 and 10 rows, decoding (1 and 4 narrow rows) and a long cache split across 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for batch, heads, kv_heads, num_queries, num_keys, window in [
+            (2, 3, 3, 37, 101, None), (2, 6, 3, 37, 101, 17), (1, 4, 4, 1, 300, None), (2, 8, 2, 1, 517, 40),
+            (1, 4, 1, 1, 3001, None),
+        ]:
+            q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, "cpu")
+            drop = image_keys(batch, num_keys, "cpu")
+            options = dict(gamma=0.7, rows="all", window=window,
+                           key_padding_mask=padding_mask(batch, num_keys, "mixed", "cpu"))
+            got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+            assert_paths_match(got, expected(q, k, v, drop, **options), dtype, options,
+                               atol=score_tolerance(q, k, v)["atol"])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ["last", "all"])
 def test_every_prefill_config(monkeypatch, target, dtype, rows):
