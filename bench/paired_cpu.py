@@ -1,0 +1,136 @@
+"""Paired CPU timing of two builds of fastprobe: each arm is a Python that imports one build (a
+venv with another checkout installed, e.g. the commit before a kernel change), run one process
+per repeat, the arms alternating (old, new, then new, old, ...) so that drift and other work on
+the machine fall on both alike. Each process times every case (the median of its inner calls
+after one warm-up) on 2 threads; printed are the medians over the processes, their quartiles,
+old / new (above 1: the new build is faster) and, for context, torch's SDPA (attention cases,
+timed in the new build's first three processes).
+
+    python bench/paired_cpu.py --old OLD_PYTHON --new NEW_PYTHON [--repeats 9] [--cases a,b]
+
+(session 52: --old a venv at bee709a, --new this checkout's, for the 16-lane attention and the
+second-order draft_divergence sums)
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+# name: ("sink" | "dual", dtype, B, Hq, Hkv, Lq, Lk, D, inner calls)
+ATTENTION = {
+    "prefill_f32_d64": ("sink", "float32", 1, 8, 8, 2048, 2048, 64, 2),
+    "prefill_f32_d128": ("sink", "float32", 1, 8, 8, 2048, 2048, 128, 2),
+    "prefill_bf16_d64": ("sink", "bfloat16", 1, 8, 8, 2048, 2048, 64, 2),
+    "prefill_bf16_d128": ("sink", "bfloat16", 1, 8, 8, 2048, 2048, 128, 2),
+    "decode_f32_mha": ("sink", "float32", 1, 32, 32, 1, 4096, 128, 20),
+    "decode_f32_gqa4": ("sink", "float32", 1, 32, 8, 1, 4096, 128, 20),
+    "decode_bf16_mha": ("sink", "bfloat16", 1, 32, 32, 1, 4096, 128, 20),
+    "decode_bf16_gqa4": ("sink", "bfloat16", 1, 32, 8, 1, 4096, 128, 20),
+    "dual_f32_d128": ("dual", "float32", 1, 8, 8, 2048, 2048, 128, 2),  # a 1000-key image dropped
+    "dual_bf16_d128": ("dual", "bfloat16", 1, 8, 8, 2048, 2048, 128, 2),
+}
+# name: (dtype, K, N, V, inner calls), with a target
+DIVERGENCE = {
+    "divergence_f32": ("float32", 4, 256, 32000, 5),
+    "divergence_bf16": ("bfloat16", 4, 256, 32000, 5),
+    "divergence_step_f32": ("float32", 4, 1, 151936, 20),
+}
+
+
+def _attention_calls(name, sdpa):
+    import torch
+
+    import fastprobe
+
+    kind, dtype, batch, heads, kv_heads, queries, keys, dim, _ = ATTENTION[name]
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, h, n, dim, generator=generator).to(getattr(torch, dtype))
+               for h, n in ((heads, queries), (kv_heads, keys), (kv_heads, keys)))
+    if kind == "sink":
+        calls = {name: lambda: fastprobe.sink_attention(q, k, v, causal=True)}
+    else:
+        drop = torch.zeros(batch, keys, dtype=torch.bool)
+        drop[:, 100:1100] = True
+        calls = {name: lambda: fastprobe.dual_path_attention(q, k, v, drop, gamma=1.5, causal=True)}
+    if sdpa:
+        k_all, v_all = (x.repeat_interleave(heads // kv_heads, 1) for x in (k, v))
+        calls["sdpa:" + name] = lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k_all, v_all, is_causal=queries > 1)
+    return calls
+
+
+def _divergence_calls(name):
+    import torch
+
+    import fastprobe
+
+    dtype, drafts, tokens, vocab, _ = DIVERGENCE[name]
+    generator = torch.Generator().manual_seed(0)
+    draft = (3 * torch.randn(drafts, tokens, vocab, generator=generator)).to(getattr(torch, dtype))
+    target = (3 * torch.randn(tokens, vocab, generator=generator)).to(getattr(torch, dtype))
+    return {name: lambda: fastprobe.draft_divergence(draft, target)}
+
+
+def worker(names, sdpa):
+    """One process: every case's median call time (ms) as one line of JSON."""
+    import torch
+
+    torch.set_num_threads(2)
+    times = {}
+    for name in names:
+        inner = (ATTENTION.get(name) or DIVERGENCE[name])[-1]
+        calls = _attention_calls(name, sdpa) if name in ATTENTION else _divergence_calls(name)
+        for key, call in calls.items():
+            call()  # warm-up
+            spans = []
+            for _ in range(inner):
+                start = time.perf_counter()
+                call()
+                spans.append(time.perf_counter() - start)
+            times[key] = statistics.median(spans) * 1e3
+    print(json.dumps(times))
+
+
+def quartiles(values):
+    low, _, high = statistics.quantiles(sorted(values), n=4, method="inclusive")
+    return low, statistics.median(values), high
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="the Python of the old build")
+    parser.add_argument("--new", required=True, help="the Python of the new build")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--cases", default=",".join([*ATTENTION, *DIVERGENCE]))
+    args = parser.parse_args()
+    names = args.cases.split(",")
+    unknown = [name for name in names if name not in ATTENTION and name not in DIVERGENCE]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join([*ATTENTION, *DIVERGENCE])}")
+    results = {"old": [], "new": []}
+    for repeat in range(args.repeats):
+        for arm in ("old", "new") if repeat % 2 == 0 else ("new", "old"):
+            sdpa = arm == "new" and repeat < 3
+            command = [getattr(args, arm), __file__, "--worker", ",".join(names), str(int(sdpa))]
+            run = subprocess.run(command, capture_output=True, text=True, cwd="/")  # (not a checkout's root)
+            if run.returncode:
+                sys.exit(f"{arm} arm failed:\n{run.stderr}")
+            results[arm].append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    print(f"{'case':22s} {'old ms (q1-q3)':>24s} {'new ms (q1-q3)':>24s} {'old/new':>8s} {'SDPA ms':>9s}")
+    for name in names:
+        old = quartiles([times[name] for times in results["old"]])
+        new = quartiles([times[name] for times in results["new"]])
+        sdpa = [times["sdpa:" + name] for times in results["new"] if "sdpa:" + name in times]
+        print(f"{name:22s} {old[1]:8.2f} ({old[0]:6.2f}-{old[2]:6.2f}) {new[1]:8.2f} ({new[0]:6.2f}-{new[2]:6.2f}) "
+              f"{old[1] / new[1]:7.2f}x {statistics.median(sdpa) if sdpa else float('nan'):9.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2].split(","), sys.argv[3] == "1")
+    else:
+        main()
