@@ -73,12 +73,11 @@ inline bool runs_avx512_clone() {
 // The version of the FASTPROBE_SIMD_CLONES functions that runs on this CPU (`fastprobe info`).
 inline const char* simd_clone() {
 #ifdef FASTPROBE_CLONES
-  __builtin_cpu_init();
+  __builtin_cpu_init();  // (for the AVX2 check; runs_avx512_clone initialises too)
+  if (runs_avx512_clone()) return __GNUC__ >= 12 ? "x86-64-v4 (AVX-512)" : "AVX-512F";
 #if __GNUC__ >= 12
-  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
   if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA)";
 #else
-  if (__builtin_cpu_supports("avx512f")) return "AVX-512F";
   if (__builtin_cpu_supports("avx2")) return "AVX2";
 #endif
   return "x86-64 baseline (SSE2)";
