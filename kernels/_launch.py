@@ -20,6 +20,12 @@ from ..ops._common import check_float32_range
 
 _CHOSEN: dict = {}  # (autotuner, key) -> the config it chose
 
+# Every launch asks for contracted multiply-adds (FMA) itself: the kernels' float32 error and
+# their timings were measured with them. Triton up to 3.9 contracts by default (3.9 warns once per
+# process while TRITON_DEFAULT_FP_FUSION is unset), 3.10 stops; TRITON_FORCE_DISABLE_FP_FUSION=1
+# still turns it off. The interpreter ignores the option.
+FP_FUSION = {"enable_fp_fusion": True}
+
 
 # The dtypes the kernels read (each input pointer its own: Triton compiles per pointer type).
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,10 +37,10 @@ def launch_tuned(tuned, kernel, grid, args: tuple, flags: dict, key: Hashable) -
     arguments it names) and the dtypes of the tensors whose dtype can vary."""
     config = _CHOSEN.get((tuned, key))
     if config is None:
-        tuned[grid](*args, **flags)
+        tuned[grid](*args, **flags, **FP_FUSION)
         _CHOSEN[(tuned, key)] = tuned.best_config
         return
-    kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](*args, **flags, **FP_FUSION, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def check_inv_temperature(inv_temperature) -> float:

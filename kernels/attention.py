@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import cdiv, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import FP_FUSION, cdiv, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["sink_attention"]
 
@@ -1444,12 +1444,12 @@ def _launch(kernel, tuned, configs, prune, grid, args, flags, interpret_blocks, 
     FASTPROBE_AUTOTUNE=0 the first config that survives `prune`. (The signature
     tests/test_attention.py's check_every_config spies on.)"""
     if interpreter_enabled():
-        kernel[grid](*args, **flags, **interpret_blocks, num_warps=4)
+        kernel[grid](*args, **flags, **FP_FUSION, **interpret_blocks, num_warps=4)
     elif autotune_enabled():
         launch_tuned(tuned, kernel, grid, args, flags, (prune_args["q_ptr"].dtype, *flags.values(), *buckets))
     else:
         cfg = prune(configs, prune_args, **flags)[0]
-        kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel[grid](*args, **flags, **FP_FUSION, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def sink_attention(
@@ -1655,7 +1655,7 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     _attention_merge_kernel[(B * Hq * Lq,)](
         state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
         ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *strides[12:],
-        **merge_flags, S_PAD=_next_pow2_at_least(splits, 1), num_warps=4,
+        **merge_flags, **FP_FUSION, S_PAD=_next_pow2_at_least(splits, 1), num_warps=4,
     )  # fmt: skip
 
 

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
 from ..ops._common import check_float32_range
-from ._launch import LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import FP_FUSION, LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["bridge_loss"]
 
@@ -497,13 +497,13 @@ def bridge_loss(
     flags = dict(HAS_LABELS=has_labels, REVERSE=bool(reverse), HAS_GRAD=has_grad)
     grid = (N,)
     if interpreter_enabled():
-        _bridge_kernel[grid](*args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
+        _bridge_kernel[grid](*args, **flags, **FP_FUSION, BLOCK_V=_INTERPRET_BLOCK_V, num_warps=4)
     elif autotune_enabled():
         key = (student.dtype, teacher.dtype, V, *flags.values())  # (Triton's autotuner keys on both dtypes)
         launch_tuned(_bridge_kernel_tuned, _bridge_kernel, grid, args, flags, key)
     else:
         config = _prune_configs(_AUTOTUNE_CONFIGS, {"V": V})[0]
-        _bridge_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        _bridge_kernel[grid](*args, **flags, **FP_FUSION, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 settle_cache_keys(globals())  # (the same cache keys in every process, see _launch.py)

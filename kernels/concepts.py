@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
+from ._launch import FP_FUSION, cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
 from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _shift_from_lse, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
@@ -409,9 +409,9 @@ def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
         return
     config = configs[0]
     if interpreter_enabled():
-        kernel[grid](*args, **meta, **{**config.kwargs, "BLOCK_V": _INTERPRET_BLOCKS["BLOCK_V"]})
+        kernel[grid](*args, **meta, **FP_FUSION, **{**config.kwargs, "BLOCK_V": _INTERPRET_BLOCKS["BLOCK_V"]})
     else:
-        kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel[grid](*args, **meta, **FP_FUSION, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: float, out) -> None:
@@ -454,7 +454,7 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
         tiles = min(cdiv(C, blocks["BLOCK_C"]), _GRID_Y_LIMIT)
         _concept_stats_kernel[(N, tiles)](
             gathered, *concepts, row_state, *stats, inv_temperature, N, U, C, index.token_ids.numel(),
-            BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"],
+            BLOCK_C=blocks["BLOCK_C"], BLOCK_J=blocks["BLOCK_J"], **FP_FUSION,
         )
 
 

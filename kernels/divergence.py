@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import FP_FUSION, LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["draft_divergence"]
 
@@ -469,7 +469,7 @@ def draft_divergence(
     grid = (N,)
     if interpreter_enabled():
         _divergence_kernel[grid](
-            *args, **flags, BLOCK_V=_INTERPRET_BLOCK_V, PREFETCH=UNTUNED_PREFETCH, num_warps=4
+            *args, **flags, **FP_FUSION, BLOCK_V=_INTERPRET_BLOCK_V, PREFETCH=UNTUNED_PREFETCH, num_warps=4
         )
     elif config is None and autotune_enabled():
         launch_tuned(_divergence_kernel_tuned, _divergence_kernel, grid, args, flags,
@@ -478,7 +478,7 @@ def draft_divergence(
         kept = _prune_configs(_AUTOTUNE_CONFIGS, {}, K_PAD=K_PAD)
         config = config or _untuned(kept)
         _divergence_kernel[grid](
-            *args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+            *args, **flags, **FP_FUSION, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )
 
 

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreter_enabled
-from ._launch import settle_cache_keys
+from ._launch import FP_FUSION, settle_cache_keys
 from .attention import (
     _FWD_CONFIGS,
     _FWD_KEY_SHAPES,
@@ -777,7 +777,7 @@ def dual_path_attention(
         state, acc, out, cond, uncond, rows, float(gamma), float(eps), Hq, Hkv, Lq, kv_group, splits,
         *strides[12:], *rows.stride(),
         VALUE_DIM=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, S_PAD=_next_pow2_at_least(splits, 1), **guidance,
-        num_warps=4,
+        **FP_FUSION, num_warps=4,
     )  # fmt: skip
 
 

@@ -322,8 +322,8 @@ def test_triton_configs_names_what_the_autotuner_chose_for_each_launch(monkeypat
         "_first_kernel: BLOCK_V=2048, PREFETCH=False, num_warps=8, num_stages=1",
         "_second_kernel: BLOCK_M=64, num_warps=4, num_stages=3",
     ]
-    assert len(launched) == 3 and launched[1] == ("_second_kernel", {"K_PAD": 4, "BLOCK_M": 64, "num_warps": 4,
-                                                                     "num_stages": 3})
+    assert len(launched) == 3 and launched[1] == ("_second_kernel", {"K_PAD": 4, "enable_fp_fusion": True, "BLOCK_M": 64,
+                                                                     "num_warps": 4, "num_stages": 3})
     assert divergence.launch_tuned is _launch.launch_tuned
 
     def failing():

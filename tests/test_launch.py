@@ -2,6 +2,10 @@
 kernel is launched through triton.autotune once per key, then with the config it chose; and
 the keys the attention launchers give separate everything the autotuner tunes on."""
 
+import ast
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,13 +48,34 @@ def test_launch_tuned_tunes_once_per_key_then_launches_the_choice():
     assert len(tuned.launches) == 1 and not kernel.launches
     _launch.launch_tuned(tuned, kernel, (5,), args, flags, ("key", 1))
     assert len(tuned.launches) == 1
-    assert kernel.launches == [((5,), args, dict(flags, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3))]
+    assert tuned.launches[0][2] == dict(flags, enable_fp_fusion=True)
+    assert kernel.launches == [
+        ((5,), args, dict(flags, enable_fp_fusion=True, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3))
+    ]
     _launch.launch_tuned(tuned, kernel, (4,), args, flags, ("key", 2))  # another key: tuned again
     assert len(tuned.launches) == 2 and len(kernel.launches) == 1
     other_choice = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
     other_tuned = FakeLaunchable(chooses=other_choice)  # another kernel with the same key: its own choice
     _launch.launch_tuned(other_tuned, kernel, (4,), args, flags, ("key", 1))
     assert len(other_tuned.launches) == 1 and len(kernel.launches) == 1
+
+
+def test_every_triton_launch_asks_for_fused_multiply_adds():
+    """Each `kernel[grid](...)` in kernels/ passes **FP_FUSION (Triton 3.10 stops contracting
+    a * b + c by default; the kernels' error and timings were measured with it), and the
+    installed Triton's CUDA backend takes that option."""
+    launches, missing = 0, []
+    for path in sorted(Path(_launch.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                launches += 1
+                spread = [kw.value.id for kw in node.keywords if kw.arg is None and isinstance(kw.value, ast.Name)]
+                if "FP_FUSION" not in spread:
+                    missing.append(f"{path.name}:{node.lineno}")
+    assert launches >= 13 and not missing, missing
+    assert _launch.FP_FUSION == {"enable_fp_fusion": True}
+    cuda_options = pytest.importorskip("triton.backends.nvidia.compiler").CUDAOptions
+    assert "enable_fp_fusion" in {field.name for field in dataclasses.fields(cuda_options)}
 
 
 @pytest.fixture
