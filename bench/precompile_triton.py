@@ -45,11 +45,19 @@ libcuda.so.1 (FASTPROBE_PRECOMPILE_LAUNCHERS=0: not). Not covered: the model-lev
 (patch, guidance, methods), inductor's kernels (torch.compile / Flex peers), and shapes drawn at
 random per run (hypothesis and a few tests: a handful of kernels still compile there).
 
+Every run ends with each kernel's registers per thread and the compiled variants that spill (read
+with cuobjdump from Triton's wheel). `--arch 80` (A100), 86 (A10, RTX 30xx) or 89 (L4, L40S,
+RTX 40xx) compiles the same launches for that GPU, with its shared memory in the pruning, into a
+work cache of its own and no archive: the check, without such a GPU, that the kernels compile
+there and how they use its registers (the register model in kernels/attention.py was fitted on
+sm_90).
+
 The file is also bench/gpu.sh's pytest plugin (-p bench.precompile_triton): with
 FASTPROBE_TRITON_LOG set, each Triton compile or cache hit appends a line to that file.
 """
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -63,6 +71,16 @@ INFO = os.path.join(ROOT, ".triton-cache", "precompiled.txt")
 WORK = "/tmp/fastprobe-triton-precompile"
 H200_SHARED_MEM = 232448  # bytes a block may use (the driver's max_shared_mem on an H100 / H200)
 H200_SMS = 132
+# --arch: the compute capability to compile for, with its shared memory per block (opt-in) and a
+# representative SM count (decoding's key splits): the GPU machine's sm_90, and the GPUs users
+# have besides (A100, A10 / RTX 30xx, L4 / L40S / RTX 40xx), where only a compile here checks the
+# kernels. Only sm_90's compiles go into the archive.
+ARCHES = {90: (H200_SHARED_MEM, H200_SMS), 80: (166912, 108), 86: (101376, 72), 89: (101376, 142)}
+ARCH_VARIABLE = "FASTPROBE_PRECOMPILE_ARCH"  # (the arch, to the case processes and the test plugin)
+
+
+def _arch() -> int:
+    return int(os.environ.get(ARCH_VARIABLE, "90"))
 FAMILIES = ("attention", "dual_attention", "bridge", "concepts", "divergence", "patch", "guidance")
 TEST_FILES = {"patch": "tests/test_devices.py"}  # (the others: tests/test_FAMILY.py; patch and guidance: tests only)
 
@@ -348,12 +366,14 @@ def _setup(cache_dir: str, tests: bool = False) -> None:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    target = GPUTarget("cuda", 90, 32)
+    arch = _arch()
+    shared_mem, sms = ARCHES[arch]
+    target = GPUTarget("cuda", arch, 32)
 
     class Utils:
         @staticmethod
         def get_device_properties(device):
-            return {"max_shared_mem": H200_SHARED_MEM, "multiprocessor_count": H200_SMS, "max_num_regs": 65536,
+            return {"max_shared_mem": shared_mem, "multiprocessor_count": sms, "max_num_regs": 65536,
                     "warpSize": 32}
 
     class CompileOnlyDriver:
@@ -374,7 +394,7 @@ def _setup(cache_dir: str, tests: bool = False) -> None:
             return target
 
         def get_device_capability(self, device=None):
-            return (9, 0)
+            return divmod(arch, 10)
 
         def get_active_torch_device(self):
             return torch.device("cpu")
@@ -392,7 +412,8 @@ def _setup(cache_dir: str, tests: bool = False) -> None:
         return kernel
 
     JITFunction.run = compile_only
-    Autotuner.do_bench = property(lambda self: _compile_only_bench)
+    Autotuner.do_bench = property(
+        lambda self: functools.partial(_compile_only_bench, kernel=getattr(getattr(self, "base_fn", None), "__name__", "?")))
 
     import fastprobe
     from fastprobe import backend
@@ -414,9 +435,9 @@ def _setup(cache_dir: str, tests: bool = False) -> None:
     from fastprobe.kernels import attention
     from fastprobe.ops import _common, bridge
 
-    # the H200's pruning: its shared memory (with the module's own margin), not the 99 KB fallback
-    attention._smem_of = lambda q: int(H200_SHARED_MEM * 0.85)
-    attention._sm_count = lambda device_index: H200_SMS
+    # the device's pruning: its shared memory (with the module's own margin), not the 99 KB fallback
+    attention._smem_of = lambda q: int(shared_mem * 0.85)
+    attention._sm_count = lambda device_index: sms
     bridge._chunk_logits = lambda device: 1 << 28  # the fused-linear chunks of CUDA
 
     def triton_backend(device, dtype, op):
@@ -532,9 +553,18 @@ def build_driver_module() -> None:
     _build_module(Path(os.path.join(nvidia.dirname, "driver.c")).read_text(), "cuda_utils")
 
 
-def _compile_only_bench(kernel_call, quantiles=None, **kwargs):
-    """The autotuner's benchmark: one call (a compile); a constant time, so the first config wins."""
-    kernel_call()
+def _compile_only_bench(kernel_call, quantiles=None, kernel="?", **kwargs):
+    """The autotuner's benchmark: one call (a compile); a constant time, so the first config wins.
+    A config that does not compile (out of shared memory, a ptxas error: the autotuner skips it)
+    is written to the run's log, which main() counts."""
+    try:
+        kernel_call()
+    except Exception as error:
+        log = os.environ.get("FASTPROBE_TRITON_LOG")
+        if log:
+            with open(log, "a") as file:
+                file.write(f"failed {kernel} {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}\n")
+        raise
     return [1.0, 1.0, 1.0] if quantiles else 1.0
 
 
@@ -757,6 +787,42 @@ def _run_tests(families, work: str, used_log: str, jobs: int) -> int:
     return done.returncode
 
 
+def print_resource_usage(work: str, folders) -> None:
+    """Per kernel: how many compiled variants, their registers per thread (max 255 on sm_80-90),
+    and each variant that spills (cuobjdump's STACK or LOCAL above 0 bytes), with its warps,
+    stages and shared memory: the register model in kernels/attention.py was fitted on sm_90."""
+    import subprocess
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        print(f"(no {cuobjdump}: registers and spills not read)")
+        return
+    kernels, spills = {}, []
+    for folder in sorted(folders):
+        for name in os.listdir(os.path.join(work, folder)):
+            if not name.endswith(".cubin"):
+                continue
+            path = os.path.join(work, folder, name)
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+            fields = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+            with open(path[: -len(".cubin")] + ".json") as file:
+                meta = json.load(file)
+            kernel = name[: -len(".cubin")]
+            kernels.setdefault(kernel, []).append(fields.get("REG", 0))
+            if fields.get("STACK", 0) or fields.get("LOCAL", 0):
+                spills.append(f"  {kernel}: {fields.get('STACK', 0)} B stack, {fields.get('LOCAL', 0)} B local "
+                              f"({meta.get('num_warps')} warps, {meta.get('num_stages')} stages, "
+                              f"{meta.get('shared', 0)} B shared; {folder})")
+    print("registers per thread (variants: min-max):")
+    for kernel, regs in sorted(kernels.items()):
+        print(f"  {kernel:28s} {len(regs):3d}: {min(regs)}-{max(regs)}")
+    print(f"{len(spills)} of {sum(map(len, kernels.values()))} variants use a stack frame (register spills)" + (":" if spills else ""))
+    for line in spills:
+        print(line)
+
+
 def main(argv) -> int:
     import argparse
 
@@ -765,7 +831,9 @@ def main(argv) -> int:
     parser.add_argument("--tests", action="store_true", help="also the GPU tests' launches (-m gpu)")
     parser.add_argument("--only", default="", help="the benchmark cases whose name holds this (e.g. 'causal L=1024')")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--work", default=WORK, help="the uncompressed cache compiled into")
+    parser.add_argument("--work", help=f"the uncompressed cache compiled into (default {WORK}, -smNN for another --arch)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(ARCHES),
+                        help="compute capability to compile for (not 90: a check only, no archive)")
     parser.add_argument("--any-version", action="store_true", help="run under another Python / Triton than the "
                         "GPU machine's (the keys will not match there)")
     parser.add_argument("--install", metavar="CACHE_DIR", help="(bench/gpu.sh) unpack the archive there, compare keys")
@@ -785,16 +853,20 @@ def main(argv) -> int:
 
     import triton
 
-    if (sys.version_info[:2] != (3, 12) or triton.__version__ != "3.6.0") and not args.any_version:
+    archive = args.arch == 90  # (the GPU machine's kernels; another arch is a compile check)
+    if archive and (sys.version_info[:2] != (3, 12) or triton.__version__ != "3.6.0") and not args.any_version:
         print(f"the GPU machine has Python 3.12 and triton 3.6.0, this is Python {sys.version.split()[0]} with triton "
               f"{triton.__version__}: the keys would not match there (--any-version to go on anyway)", file=sys.stderr)
         return 2
-    work = os.path.abspath(args.work)
+    from triton.backends.compiler import GPUTarget
+
+    work = os.path.abspath(args.work or (WORK if archive else f"{WORK}-sm{args.arch}"))
     os.environ["TRITON_CACHE_DIR"] = work
-    facts = key_facts()
+    os.environ[ARCH_VARIABLE] = str(args.arch)
+    facts = key_facts(GPUTarget("cuda", args.arch, 32))
     for key, value in facts.items():
         print(f"{key:11s} {value}")
-    if not os.path.isdir(work) and os.path.exists(ARCHIVE):
+    if archive and not os.path.isdir(work) and os.path.exists(ARCHIVE):
         print(f"seeded {work} with {unpack(ARCHIVE, work)} kernels from {ARCHIVE}")
     os.makedirs(work, exist_ok=True)
     relink(work)
@@ -807,20 +879,31 @@ def main(argv) -> int:
     _run_cases(cases, work, used_log, args.jobs)
     if args.tests:
         _run_tests(args.families, work, used_log, args.jobs)
-    compiled, compile_ms, used = 0, 0.0, set()
+    compiled, compile_ms, used, failed = 0, 0.0, set(), {}
     if os.path.exists(used_log):
         with open(used_log) as log:
             for line in log:
                 parts = line.split()
                 if line.startswith(" "):  # (a compile's details)
                     continue
+                if parts[0] == "failed":  # a config the autotuner skipped
+                    failed[" ".join(parts[1:])] = failed.get(" ".join(parts[1:]), 0) + 1
+                    continue
                 if parts[0] == "compiled":
                     compiled, compile_ms = compiled + 1, compile_ms + float(parts[2])
                 used.add(parts[-1])
         os.remove(used_log)
     used = [folder for folder in used if os.path.isdir(os.path.join(work, folder))]
-    size = pack(work, used, ARCHIVE)
     count_kernels = sum(any(name.endswith(".cubin") for name in os.listdir(os.path.join(work, folder))) for folder in used)
+    print_resource_usage(work, used)
+    print(f"{sum(failed.values())} autotuner configs did not compile (skipped)" + (":" if failed else ""))
+    for what, count in sorted(failed.items()):
+        print(f"  {count} x {what}")
+    if not archive:
+        print(f"{count_kernels} kernels for sm_{args.arch} ({compiled} compiled now, {compile_ms / 1000:.0f} s of "
+              f"compiling; the rest from {work}) in {time.perf_counter() - start:.0f} s; no archive (not sm_90)")
+        return 0
+    size = pack(work, used, ARCHIVE)
     with open(INFO, "w") as info:
         for key, value in facts.items():
             info.write(f"{key}: {value}\n")
