@@ -101,13 +101,17 @@ using Lanes = typename LaneTypes<L>::Vector;
 #define LOAD_LANES(L, ptr) (*reinterpret_cast<const typename LaneTypes<L>::Unaligned*>(ptr))
 #define STORE_LANES(L, ptr, x) (*reinterpret_cast<typename LaneTypes<L>::Unaligned*>(ptr) = (x))
 
-// The register tiles of the block kernels: kTileVectors row vectors by kTileWidth keys (scores)
-// or value dimensions (output), at either lane width. The 2 x 6 accumulators + 2 loads fit the 16
-// registers of AVX2; AVX-512's 32 would hold 4 x 6 or 4 x 4, but neither (nor 2 x 8) was faster
-// than 2 x 6 at 16 lanes (2026-12-06, 2 cores of a Zen 4 EPYC shared with other jobs, float32 and
-// bfloat16 prefill L = 2048, D = 64 and 128: all within the runs' noise of ~10%).
-constexpr int kTileVectors = 2;  // row vectors per register tile
-constexpr int kTileWidth = 6;    // keys (scores) or value dimensions (output) per register tile
+// The register tiles of the block kernels at lane width L: kTileVectors<L> row vectors by
+// kTileWidth<L> keys (scores) or value dimensions (output), their product in accumulators plus
+// the tile's row vectors in registers. 8 lanes: 2 x 6, 12 + 2 of AVX2's 16 registers. 16 lanes:
+// 4 x 4, 16 + 4 of AVX-512's 32: an item's 64 rows in one tile, a key block's 64 keys in whole
+// tiles. Against 2 x 6 at 16 lanes (2026-12-06, 2 shared Zen 4 cores, bench/paired_cpu.py, L =
+// 2048 causal): float32 prefill 1.07x at D = 128, 1.01x-1.06x at D = 64, bfloat16 0.98x-1.04x;
+// 4 x 6, 3 x 8 and 2 x 8 gained less.
+template <int L>
+constexpr int kTileVectors = L == 16 ? 4 : 2;  // row vectors per register tile
+template <int L>
+constexpr int kTileWidth = L == 16 ? 4 : 6;  // keys (scores) or value dimensions (output) per tile
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -274,7 +278,7 @@ FASTPROBE_ALWAYS_INLINE void dot_tile(const float* q_rows, int64_t Dp, const flo
 template <int L, int MV>
 FASTPROBE_ALWAYS_INLINE void score_row_tile(const float* qT, int64_t R, const float* keys,
                                             int64_t ldk, int64_t count, int64_t D, float* sT) {
-  for_tiles<kTileWidth>(count, [&](auto width, int64_t c) FASTPROBE_LAMBDA_INLINE {
+  for_tiles<kTileWidth<L>>(count, [&](auto width, int64_t c) FASTPROBE_LAMBDA_INLINE {
     outer_tile<L, width, MV>(keys + c * ldk, 1, ldk, qT, R, D, sT + c * R, R, nullptr);
   });
 }
@@ -284,7 +288,7 @@ template <int L, int MV>
 FASTPROBE_ALWAYS_INLINE void value_row_tile(const float* eT, int64_t R, int64_t count,
                                             const float* vals, int64_t ldv, int64_t Dv,
                                             const float* alpha, float* oT) {
-  for_tiles<kTileWidth>(Dv, [&](auto width, int64_t d) FASTPROBE_LAMBDA_INLINE {
+  for_tiles<kTileWidth<L>>(Dv, [&](auto width, int64_t d) FASTPROBE_LAMBDA_INLINE {
     float* out = oT + d * R;
     outer_tile<L, width, MV>(vals + d, ldv, 1, eT, R, count, out, R,
                              [&](int a, int b, Lanes<L>& acc) FASTPROBE_LAMBDA_INLINE {
@@ -299,10 +303,10 @@ FASTPROBE_ALWAYS_INLINE void value_row_tile(const float* eT, int64_t R, int64_t 
 template <int L>
 FASTPROBE_ALWAYS_INLINE void scores_tiles(const float* qT, int64_t R, int64_t D, const float* keys,
                                           int64_t ldk, int64_t count, float* sT) {
-  const int64_t tile_rows = kTileVectors * L;
+  const int64_t tile_rows = kTileVectors<L> * L;
   int64_t r = 0;
   for (; r + tile_rows <= R; r += tile_rows)
-    score_row_tile<L, kTileVectors>(qT + r, R, keys, ldk, count, D, sT + r);
+    score_row_tile<L, kTileVectors<L>>(qT + r, R, keys, ldk, count, D, sT + r);
   for (; r < R; r += L) score_row_tile<L, 1>(qT + r, R, keys, ldk, count, D, sT + r);
 }
 
@@ -312,10 +316,10 @@ template <int L>
 FASTPROBE_ALWAYS_INLINE void values_tiles(const float* eT, int64_t R, int64_t count,
                                           const float* vals, int64_t ldv, int64_t Dv,
                                           const float* alpha, float* oT) {
-  const int64_t tile_rows = kTileVectors * L;
+  const int64_t tile_rows = kTileVectors<L> * L;
   int64_t r = 0;
   for (; r + tile_rows <= R; r += tile_rows)
-    value_row_tile<L, kTileVectors>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
+    value_row_tile<L, kTileVectors<L>>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
   for (; r < R; r += L) value_row_tile<L, 1>(eT + r, R, count, vals, ldv, Dv, alpha + r, oT + r);
 }
 

@@ -582,10 +582,12 @@ def lane_case(batch, heads, kv_heads, num_queries, num_keys, head_dim, dtype, co
 @pytest.mark.parametrize("head_dim", LANE_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 def test_cpu_lane_widths_prefill(cpu_lanes, poisoned_outputs, dtype, head_dim):
-    """Items of 37 rows (one head), 64 and 10 (GQA 2: 32 + 5 queries), 64 and 20 (GQA 4: 16 + 5)."""
+    """Items of 37 rows (one head), 64 and 10 (GQA 2: 32 + 5 queries), 64 and 20 (GQA 4: 16 + 5),
+    64 and 32 (GQA 2: 32 + 16) over a last key block of 11 (key tiles of 4 + 4 + 3, 6 + 5)."""
     lane_case(2, 3, 3, 37, 101, head_dim, dtype, "window+sinks")
     lane_case(2, 6, 3, 37, 101, head_dim, dtype, "everything")
     lane_case(1, 8, 2, 21, 70, head_dim, dtype, "key-group-runs")
+    lane_case(1, 2, 1, 48, 75, head_dim, dtype, "bidirectional")
 
 
 @pytest.mark.parametrize("head_dim", LANE_HEAD_DIMS)
