@@ -892,7 +892,7 @@ struct Scratch {
 
 // The states of an item of R rows, one after the other from base.
 template <int64_t S>
-std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t Dv) {
+FASTPROBE_ALWAYS_INLINE std::array<RowState, S> item_states(float* base, int64_t R, int64_t G, int64_t Dv) {
   std::array<RowState, S> st;
   for (int64_t s = 0; s < S; ++s) st[s] = RowState::over(base + s * RowState::floats(R, G, Dv), R, G);
   return st;
