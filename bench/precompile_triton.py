@@ -71,6 +71,8 @@ INFO = os.path.join(ROOT, ".triton-cache", "precompiled.txt")
 WORK = "/tmp/fastprobe-triton-precompile"
 H200_SHARED_MEM = 232448  # bytes a block may use (the driver's max_shared_mem on an H100 / H200)
 H200_SMS = 132
+FAMILIES = ("attention", "dual_attention", "bridge", "concepts", "divergence", "patch", "guidance")
+TEST_FILES = {"patch": "tests/test_devices.py"}  # (the others: tests/test_FAMILY.py; patch and guidance: tests only)
 # --arch: the compute capability to compile for, with its shared memory per block (opt-in) and a
 # representative SM count (decoding's key splits): the GPU machine's sm_90, and the GPUs users
 # have besides (A100, A10 / RTX 30xx, L4 / L40S / RTX 40xx), where only a compile here checks the
@@ -81,8 +83,6 @@ ARCH_VARIABLE = "FASTPROBE_PRECOMPILE_ARCH"  # (the arch, to the case processes 
 
 def _arch() -> int:
     return int(os.environ.get(ARCH_VARIABLE, "90"))
-FAMILIES = ("attention", "dual_attention", "bridge", "concepts", "divergence", "patch", "guidance")
-TEST_FILES = {"patch": "tests/test_devices.py"}  # (the others: tests/test_FAMILY.py; patch and guidance: tests only)
 
 
 # ---- pytest plugin: the compile log on the GPU machine; the compile-only set-up under --tests ----
