@@ -105,9 +105,9 @@ using Lanes = typename LaneTypes<L>::Vector;
 // kTileWidth<L> keys (scores) or value dimensions (output), their product in accumulators plus
 // the tile's row vectors in registers. 8 lanes: 2 x 6, 12 + 2 of AVX2's 16 registers. 16 lanes:
 // 4 x 4, 16 + 4 of AVX-512's 32: an item's 64 rows in one tile, a key block's 64 keys in whole
-// tiles. Against 2 x 6 at 16 lanes (2026-12-06, 2 shared Zen 4 cores, bench/paired_cpu.py, L =
-// 2048 causal): float32 prefill 1.07x at D = 128, 1.01x-1.06x at D = 64, bfloat16 0.98x-1.04x;
-// 4 x 6, 3 x 8 and 2 x 8 gained less.
+// tiles. Against 2 x 6 at 16 lanes (2026-12-06, 2 Zen 4 cores, bench/paired_cpu.py, L = 2048
+// causal, four runs): float32 prefill 1.01x-1.09x at D = 128, 1.01x-1.06x at D = 64, the dual
+// path 1.00x-1.08x, bfloat16 0.98x-1.04x; 4 x 6, 3 x 8 and 2 x 8 gained less.
 template <int L>
 constexpr int kTileVectors = L == 16 ? 4 : 2;  // row vectors per register tile
 template <int L>
