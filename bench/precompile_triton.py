@@ -144,6 +144,11 @@ def pytest_configure(config):
     if os.environ.get("FASTPROBE_PRECOMPILE") == "tests":
         _setup(os.environ["TRITON_CACHE_DIR"], tests=True)
         _cuda_on_cpu()
+        # no CUDA context to lose here: a CUDA call that fails for want of a driver (torch.cuda.Stream
+        # with a CUDA build of torch) fails its own test, instead of the worker guard skipping the rest
+        for name, module in list(sys.modules.items()):
+            if name.endswith("_worker_guard") and hasattr(module, "is_sticky"):
+                module.is_sticky = lambda error: False
     path = os.environ.get("FASTPROBE_TRITON_LOG")
     if path:
         try:
