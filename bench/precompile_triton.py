@@ -57,6 +57,7 @@ FASTPROBE_TRITON_LOG set, each Triton compile or cache hit appends a line to tha
 """
 
 import base64
+import collections
 import functools
 import hashlib
 import json
@@ -884,7 +885,7 @@ def main(argv) -> int:
     _run_cases(cases, work, used_log, args.jobs)
     if args.tests:
         _run_tests(args.families, work, used_log, args.jobs)
-    compiled, compile_ms, used, failed = 0, 0.0, set(), {}
+    compiled, compile_ms, used, failed = 0, 0.0, set(), collections.Counter()
     if os.path.exists(used_log):
         with open(used_log) as log:
             for line in log:
@@ -892,7 +893,7 @@ def main(argv) -> int:
                 if line.startswith(" "):  # (a compile's details)
                     continue
                 if parts[0] == "failed":  # a config the autotuner skipped
-                    failed[" ".join(parts[1:])] = failed.get(" ".join(parts[1:]), 0) + 1
+                    failed[" ".join(parts[1:])] += 1
                     continue
                 if parts[0] == "compiled":
                     compiled, compile_ms = compiled + 1, compile_ms + float(parts[2])
