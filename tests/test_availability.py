@@ -114,6 +114,16 @@ def test_temperature_and_variants(model, tokenizer):
     assert at_its_mass["available"].tolist() == (table["mass"] >= threshold).tolist()
 
 
+def test_masses_below_float32s_range_stay_exact(model, tokenizer):
+    """At a low temperature a single-token variant's probability falls below float32's smallest
+    number (~1e-38, 1e-45 denormal): its mass still equals the float64 one (it read 0, so the
+    row's mass and log_mass were those of its multi-token variants alone, ~1e-134 for ~1e-73)."""
+    table = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, temperature=0.1, generate=False,
+                                             progress=False)
+    assert 0 < table.loc[2, "single_token_mass"] < 1e-45
+    check_table(table, model, tokenizer, PROMPTS, ANSWERS, temperature=0.1)
+
+
 def test_an_extension_of_a_variant_adds_nothing(model, tokenizer):
     # " seas" = " sea" + "s" and "seas" = "sea" + "s" under this tokenizer: every seas form extends a sea form
     assert tokenizer.encode(" seas", add_special_tokens=False)[:1] == tokenizer.encode(" sea", add_special_tokens=False)

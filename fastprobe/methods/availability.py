@@ -363,9 +363,12 @@ def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_
 def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature: float) -> dict:
     """Single-token concept statistics of a batch at the commitment step, from its logits there
     [B, V] (each row against its own answer: the diagonal of concept_mass over the batch's
-    concepts)."""
+    concepts). single_token_log_mass is the fused op's stable lse(z_c) - lse(z); single_token_mass
+    its float32 mass, or exp(log_mass) in float64 where that mass is below float32's normal range
+    (a probability under ~1e-38 rounds to a denormal or to 0 there)."""
     size = len(batch_answers)
     out = {"single_token_mass": torch.zeros(size, dtype=torch.float64),
+           "single_token_log_mass": torch.full((size,), -math.inf, dtype=torch.float64),
            "top_share": torch.full((size,), math.nan, dtype=torch.float64),
            "concentration_entropy": torch.full((size,), math.nan, dtype=torch.float64),
            "top_token": torch.full((size,), -1, dtype=torch.long)}
@@ -374,16 +377,19 @@ def _commitment_step(step_logits: torch.Tensor, batch_answers: list, temperature
         concepts = ConceptSet.from_ids([batch_answers[i].single_ids for i in rows]).to(step_logits.device)
         result = concept_mass(step_logits[rows], concepts, temperature=temperature)
         own = torch.arange(len(rows), device=step_logits.device)  # row r against concept r
-        out["single_token_mass"][rows] = result.mass[own, own].double().cpu()
+        mass, log_mass = result.mass[own, own].double().cpu(), result.log_mass[own, own].double().cpu()
+        out["single_token_log_mass"][rows] = log_mass
+        out["single_token_mass"][rows] = torch.where(mass < torch.finfo(torch.float32).tiny, log_mass.exp(), mass)
         out["top_share"][rows] = result.top_share[own, own].double().cpu()
         out["concentration_entropy"][rows] = result.concentration_entropy[own, own].double().cpu()
         out["top_token"][rows] = result.top_token[own, own].long().cpu()
     return out
 
 
-def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: float, pad_id: int,
-                      batch_size: int, step_logits: torch.Tensor, cache=None, cached: bool = True) -> torch.Tensor:
-    """[B] float64: each row's summed probability of its answer's multi-token variants, continued
+def _multi_token_log_mass(model, batch_answers: list, batch: dict, temperature: float, pad_id: int,
+                          batch_size: int, step_logits: torch.Tensor, cache=None, cached: bool = True) -> torch.Tensor:
+    """[B] float64: the log of each row's summed probability of its answer's multi-token variants
+    (log sum_s exp(log p(s)), -inf for a row without any), continued
     from the batch's KV cache where given (the prompts' own, with step_logits their last
     position's logits), else with the prompts run again: once each, their variants continued from
     the prompts' cache, or with cached False (a model whose cache cannot be run on from) each
@@ -398,8 +404,11 @@ def _multi_token_mass(model, batch_answers: list, batch: dict, temperature: floa
         prompt_ids = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"].cpu(), real)]
         log_probs = _sequence_log_probs(model, [prompt_ids[i] for i in owners], sequences, temperature, pad_id,
                                         batch_size, cached)
-    mass = torch.zeros(len(batch_answers), dtype=torch.float64)
-    return mass.index_add_(0, torch.tensor(owners, dtype=torch.long), log_probs.exp()) if owners else mass
+    log_mass = torch.full((len(batch_answers),), -math.inf, dtype=torch.float64)
+    owned = torch.tensor(owners, dtype=torch.long)
+    for row in sorted(set(owners)):  # log sum_s p(s) = logsumexp_s log p(s): no underflow of tiny p(s)
+        log_mass[row] = log_probs[owned == row].logsumexp(0)
+    return log_mass
 
 
 def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
@@ -508,18 +517,21 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
                 cache = _cache_object(prefill) if multi else None
                 cached = cache is not None
             part = _commitment_step(step_logits, batch_answers, temperature)
-            part["multi_token_mass"] = _multi_token_mass(model, batch_answers, batch, temperature, pad_id, batch_size,
-                                                         step_logits, cache, cached)
+            part["multi_token_log_mass"] = _multi_token_log_mass(model, batch_answers, batch, temperature, pad_id,
+                                                                 batch_size, step_logits, cache, cached)
             parts.append(part)
             first += len(batch_answers)
     columns = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    mass = columns["single_token_mass"] + columns["multi_token_mass"]
+    multi_token_mass = columns["multi_token_log_mass"].exp()
+    mass = columns["single_token_mass"] + multi_token_mass
+    # log(single + multi) from the two logs: finite where a mass underflows float64 itself
+    log_mass = torch.logaddexp(columns["single_token_log_mass"], columns["multi_token_log_mass"])
     table = pandas.DataFrame({
         "answer": [answer.name for answer in gold],
         "mass": mass.numpy(),
-        "log_mass": mass.log().numpy(),
+        "log_mass": log_mass.numpy(),
         "single_token_mass": columns["single_token_mass"].numpy(),
-        "multi_token_mass": columns["multi_token_mass"].numpy(),
+        "multi_token_mass": multi_token_mass.numpy(),
         "available": (mass >= threshold).numpy(),
         "top_share": columns["top_share"].numpy(),
         "concentration_entropy": columns["concentration_entropy"].numpy(),
