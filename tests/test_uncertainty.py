@@ -82,6 +82,20 @@ def test_token_uncertainty_equals_the_reference_text_by_text(tokenizer, models, 
     assert table["text"].is_monotonic_increasing and 6 not in set(table["text"])
 
 
+def test_the_token_tables_dtypes_do_not_depend_on_the_batching(tokenizer, models):
+    """A batch with no token to score (the empty text alone, batch_size=1) made an empty table whose
+    token_id column pandas typed float64, and concatenated with the others it turned every token_id
+    into a float."""
+    target, drafts = models
+    tables = [uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS, batch_size=size, progress=False)
+              for size in (1, len(TEXTS))]
+    empty = uncertainty.token_uncertainty(target, drafts, tokenizer, [""], progress=False)
+    for table in tables + [empty]:
+        assert table.dtypes.to_dict() == tables[-1].dtypes.to_dict()
+        assert table["token_id"].dtype == "int64" and table["token"].dtype == object
+    pandas.testing.assert_frame_equal(tables[0], tables[1], rtol=1e-5)
+
+
 def test_each_model_gets_position_ids_in_its_own_numbering(tokenizer, models):
     """A RoBERTa-family draft (learned positions from padding_idx + 1) beside a Llama target: each
     model reads the batch with its own position_ids, for texts and for a generation's scoring."""

@@ -127,13 +127,15 @@ def _scored_statistics(target_rows: torch.Tensor, drafts, batch: dict, scored: t
 
 
 def _token_table(statistics: dict, tokenizer, text_index, position, token_id):
-    """The long table: one row per scored token, in text then position order."""
+    """The long table: one row per scored token, in text then position order. Columns typed
+    explicitly: a batch with no scored token makes an empty table, whose lists pandas would type
+    float64, and concatenated with the others every token_id would turn float."""
     pandas = require_pandas()
     ids = token_id.tolist()
     decoded = {i: tokenizer.decode([i]) for i in set(ids)}  # each distinct id once
     table = pandas.DataFrame({
-        "text": text_index.numpy(), "position": position.numpy(), "token_id": ids,
-        "token": [decoded[i] for i in ids],
+        "text": text_index.numpy(), "position": position.numpy(), "token_id": token_id.long().numpy(),
+        "token": pandas.Series([decoded[i] for i in ids], dtype=object),
     })
     for name, values in statistics.items():
         table[name] = values.numpy()
