@@ -271,6 +271,16 @@ void bind_attention(py::module_& m) {
       "the CPU has AVX-512), for the whole process: tests and comparisons run the 8-lane (AVX2 and\n"
       "baseline) kernels on an AVX-512 CPU this way. Returns the previous cap. Not for use while\n"
       "another thread runs attention.");
+  m.def("attention_bf16_pairs", [] { return call_pair_scores(call_lanes()); },
+        "Whether bfloat16 calls of the CPU attention kernels score Q K^T by AVX512-BF16 pairs\n"
+        "(VDPBF16PS): at 16 lanes, on a CPU with AVX512-BF16, unless set_attention_bf16_pairs(False).");
+  m.def(
+      "set_attention_bf16_pairs",
+      [](bool allowed) { return attention_pairs_allowed.exchange(allowed); },
+      "Allows (True, the default) or forbids the AVX512-BF16 pair scores of attention_bf16_pairs()\n"
+      "for the whole process: tests and comparisons run the float32 scores of bfloat16 inputs on\n"
+      "such a CPU this way. Returns the previous setting. Not for use while another thread runs\n"
+      "attention.");
   m.def("sink_attention", &sink_attention, py::call_guard<py::gil_scoped_release>(),
         "Attention with sink keys, a window, head masks and a sink logit, and its statistics\n"
         "(see fastprobe.reference.sink_attention). Pointers are data_ptr() values, sizes and\n"

@@ -51,6 +51,16 @@
 // the softmax runs along the keys of one row at a time, and the output is updated row by row
 // (O += e_j v_j), then stored transposed like the others.
 //
+// bfloat16 at 16 lanes on a CPU with AVX512-BF16 (call_pair_scores) scores the wide items by
+// VDPBF16PS instead: the item's query rows are packed once as bf16 pairs along the head dim,
+// q_pairs[i][r] = (q[r][2i], q[r][2i + 1]) in one 32-bit word, and a tile step is
+// acc[r] += q[r][2i] k[j][2i] + q[r][2i + 1] k[j][2i + 1], the key's pair broadcast from K's own
+// bf16 rows (K is not converted; D / 2 steps instead of D). The dot is not scaled (q stays the
+// exact input; the scale multiplies the sums), and the instruction flushes subnormal inputs,
+// products and sums to 0, so an item with a subnormal q or a large |q| scale (where a flushed
+// key could matter) scores the float32 way, and so does a block with a score that is not
+// finite (q . k overflowing where scale q . k does not, or inf / NaN inputs). P V is unchanged.
+//
 // Everything here has internal linkage (an unnamed namespace, like common.h's static
 // functions): each operation's file compiles its own multi-versioned copies.
 #pragma once
@@ -70,6 +80,9 @@ namespace fastprobe {
 // The widest lane width the CPU attention may use (call_lanes): 16 (the default) or 8, set by
 // fastprobe._C.set_attention_lanes for tests and comparisons; one for the process.
 inline std::atomic<int> attention_lane_limit{16};
+// Whether bfloat16 calls at 16 lanes may score by AVX512-BF16 pairs (call_pair_scores), set by
+// fastprobe._C.set_attention_bf16_pairs for tests and comparisons; one for the process.
+inline std::atomic<bool> attention_pairs_allowed{true};
 
 namespace {
 
@@ -398,6 +411,82 @@ FASTPROBE_LANE_KERNEL(axpys, (const float* eT, int64_t R, int64_t rows, int64_t 
                               int64_t Dp),
                       (eT, R, rows, count, vals, ldv, alpha, o_rows, Dp))
 
+// ---- bfloat16 scores by AVX512-BF16 pairs (see top), 16 lanes, wide items. ---------------
+
+#ifdef FASTPROBE_AVX512_BF16
+typedef uint32_t Bf16Pair __attribute__((aligned(2), may_alias));  // two bf16 of a key row
+
+// One register tile: out[a][b] = factor sum_{i < pairs} q_pairs[i][b] . keys[a][2i, 2i + 1] for
+// NA keys (rows ldk apart) by NB vectors of 16 rows, out[a][b] at out + a R + b 16; check
+// gains s - s of every score s (NaN where one is inf or NaN, else 0).
+template <int NA, int NB>
+FASTPROBE_AVX512_BF16 FASTPROBE_ALWAYS_INLINE void pair_tile(const uint16_t* keys, int64_t ldk,
+                                                             const uint32_t* q_pairs, int64_t R,
+                                                             int64_t pairs, float factor,
+                                                             float* out, __m512& check) {
+  __m512 acc[NA][NB];
+#pragma GCC unroll 4
+  for (int a = 0; a < NA; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512bh q[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) q[b] = (__m512bh)_mm512_loadu_si512(q_pairs + i * R + b * 16);
+#pragma GCC unroll 4
+    for (int a = 0; a < NA; ++a) {
+      // acc += q[2i] k[2i] + q[2i + 1] k[2i + 1], the key's pair in every lane
+      const __m512bh k = (__m512bh)_mm512_set1_epi32(
+          int(*reinterpret_cast<const Bf16Pair*>(keys + a * ldk + 2 * i)));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], q[b], k);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(factor);
+#pragma GCC unroll 4
+  for (int a = 0; a < NA; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+      const __m512 s = _mm512_mul_ps(acc[a][b], scale);
+      check = _mm512_add_ps(check, _mm512_sub_ps(s, s));
+      _mm512_storeu_ps(out + a * R + b * 16, s);
+    }
+}
+
+// All count keys of NB vectors of rows, tiles of 4 keys and one of the rest.
+template <int NB>
+FASTPROBE_AVX512_BF16 FASTPROBE_ALWAYS_INLINE void pair_row_tile(const uint32_t* q_pairs, int64_t R,
+                                                                 int64_t pairs, const uint16_t* keys,
+                                                                 int64_t ldk, int64_t count,
+                                                                 float factor, float* sT,
+                                                                 __m512& check) {
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) pair_tile<4, NB>(keys + c * ldk, ldk, q_pairs, R, pairs, factor, sT + c * R, check);
+  const uint16_t* rest = keys + c * ldk;
+  float* out = sT + c * R;
+  switch (count - c) {
+    case 3: pair_tile<3, NB>(rest, ldk, q_pairs, R, pairs, factor, out, check); break;
+    case 2: pair_tile<2, NB>(rest, ldk, q_pairs, R, pairs, factor, out, check); break;
+    case 1: pair_tile<1, NB>(rest, ldk, q_pairs, R, pairs, factor, out, check); break;
+    default: break;
+  }
+}
+
+// Scores of one key block: sT [count][R] = factor (q . k), q_pairs [pairs][R], keys [count] rows
+// of 2 pairs bf16 (row stride ldk); false if some score is not finite (the caller then scores
+// the block the float32 way). Row tiles of 64 rows, then of 16.
+FASTPROBE_AVX512_BF16 static bool pair_scores_block(const uint32_t* q_pairs, int64_t R,
+                                                    int64_t pairs, const uint16_t* keys,
+                                                    int64_t ldk, int64_t count, float factor,
+                                                    float* sT) {
+  __m512 check = _mm512_setzero_ps();
+  int64_t r = 0;
+  for (; r + 64 <= R; r += 64) pair_row_tile<4>(q_pairs + r, R, pairs, keys, ldk, count, factor, sT + r, check);
+  for (; r < R; r += 16) pair_row_tile<1>(q_pairs + r, R, pairs, keys, ldk, count, factor, sT + r, check);
+  return _mm512_cmp_ps_mask(check, check, _CMP_ORD_Q) == 0xffff;  // no lane NaN
+}
+#endif
+
 // Scores scaled after the dot (Problem::score_scale): sT[i] *= factor.
 FASTPROBE_SIMD_CLONES static void scale_block(float* sT, int64_t size, float factor) {
 #pragma omp simd
@@ -703,6 +792,9 @@ struct Problem {
   bool causal;
   const uint8_t* key_real;             // [B, Lk] or null (all real)
   float score_scale = 1.0f;
+  // the most a change of q . k moves a score: scale (under a soft cap too: c tanh(x scale / c)
+  // has slope at most scale)
+  float score_gain = 1.0f;
   int64_t window = 0;                  // 0: none
   const int64_t* sink_end = nullptr;   // [B] ([B, Lk] with row_ends) or null (no sink keys)
   const int64_t* stat_end = nullptr;   // [B] ([B, Lk] with row_ends) or null (no stat keys)
@@ -777,6 +869,7 @@ Problem attention_problem(const char* op, DType type, uintptr_t q, uintptr_t k, 
             q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2, out_s0, out_s1, out_s2,
             std::min(scale_f, 1.0f), causal, pointer<const uint8_t>(key_real, false, "key_real")};
   p.score_scale = std::max(scale_f, 1.0f);
+  p.score_gain = scale_f;
   return p;
 }
 
@@ -788,6 +881,13 @@ inline int call_lanes() {
   if (avx512 && attention_lane_limit.load(std::memory_order_relaxed) >= 16) return 16;
 #endif
   return 8;
+}
+
+// Whether a bfloat16 call at `lanes` lanes scores by AVX512-BF16 pairs (see top): 16 lanes, a CPU
+// with AVX512-BF16, and allowed (attention_pairs_allowed).
+inline bool call_pair_scores(int lanes) {
+  static const bool bf16 = runs_avx512_bf16();
+  return lanes == 16 && bf16 && attention_pairs_allowed.load(std::memory_order_relaxed);
 }
 
 struct Plan {
@@ -804,9 +904,11 @@ struct Plan {
   int64_t state_floats;  // the states of max_R rows
   int64_t padded_dim;    // D rounded up to whole vectors (narrow items' q and k rows)
   int64_t padded_value_dim;  // Dv likewise (narrow items' v and output rows)
+  bool pair_scores;      // wide items score by bf16 pairs (call_pair_scores)
+  int64_t pairs;         // (D + 1) / 2: the pairs of a q or k row
 
-  Plan(const Problem& p, int64_t states_per_row, int threads, int lane_width)
-      : states(states_per_row), lanes(lane_width) {
+  Plan(const Problem& p, int64_t states_per_row, int threads, int lane_width, bool by_pairs)
+      : states(states_per_row), lanes(lane_width), pair_scores(by_pairs), pairs((p.D + 1) / 2) {
     group = p.Hq / p.Hkv;
     block_queries = std::min(p.Lq, std::max<int64_t>(1, kItemRows / group));
     query_blocks = (p.Lq + block_queries - 1) / block_queries;
@@ -835,6 +937,8 @@ struct Scratch {
   float *q_rows, *o_rows;  // narrow items: q [kNarrowRows][Dp], o [kNarrowRows][Dvp] per state
   float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
   float* row_out;          // [2][Dvp]: an operation's per-row results before they are stored
+  uint32_t* q_pairs;       // with pair scores: q as bf16 pairs [pairs][R]
+  uint16_t* key_pairs;     // with pair scores: a block's key rows copied whole [kKeyBlock][2 pairs]
   int64_t *row_head, *row_query, *position, *lo, *hi, *sink_end, *stat_end;  // [max_R]
   int64_t *key_pos, *order;  // [kKeyBlock]
   int64_t* seen_list;        // [max(G, 1)]
@@ -879,6 +983,8 @@ struct Scratch {
     take(o_rows, plan.states * kNarrowRows * Dvp);
     take(key_scores, kKeyBlock);
     take(row_out, 2 * Dvp);
+    take(q_pairs, plan.pair_scores ? plan.pairs * R : 0);
+    take(key_pairs, plan.pair_scores ? kKeyBlock * 2 * plan.pairs : 0);
     for (int64_t** row_slot : {&row_head, &row_query, &position, &lo, &hi, &sink_end, &stat_end})
       take(*row_slot, R);
     take(key_pos, kKeyBlock);
@@ -1017,6 +1123,59 @@ FASTPROBE_ALWAYS_INLINE const float* block_rows(const void* base, int64_t first,
   return dst;
 }
 
+// count bf16 key rows of D elements (row stride ld) as rows of whole pairs for pair_scores_block:
+// the rows themselves when D is even and in order, else copied into dst (rows of 2 pairs, a 0
+// after an odd D). order as in block_rows.
+FASTPROBE_ALWAYS_INLINE const uint16_t* pair_rows(const void* base, int64_t first, int64_t ld,
+                                                  int64_t count, int64_t D, int64_t pairs,
+                                                  const int64_t* order, uint16_t* dst,
+                                                  int64_t& ld_out) {
+  const uint16_t* src = static_cast<const uint16_t*>(base) + first;
+  if (D % 2 == 0 && order == nullptr) {
+    ld_out = ld;
+    return src;
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    const uint16_t* row = src + (order == nullptr ? c : order[c]) * ld;
+    uint16_t* out = dst + c * 2 * pairs;
+    std::copy(row, row + D, out);
+    if (D % 2 != 0) out[D] = 0;
+  }
+  ld_out = 2 * pairs;
+  return dst;
+}
+
+// An item's R query rows (bf16) as pairs along the head dim, q_pairs[i][r] = (q[r][2i],
+// q[r][2i + 1]) (0 after an odd D, and for the padding rows r >= rows); whether the item may
+// score by them: no subnormal q (the instruction reads it as 0) and max|q| gain <= 2^32 with
+// gain <= 2^32 (a flushed key or product moves a score by less than D 2^-94: a NaN or inf q
+// fails this too).
+FASTPROBE_ALWAYS_INLINE bool pack_pairs(const Problem& p, const ItemRows& it, const Scratch& ws,
+                                        int64_t pairs, uint32_t* q_pairs) {
+  const int64_t R = it.R;
+  uint32_t max_bits = 0;
+  bool subnormal = false;
+  for (int64_t r = 0; r < R; ++r) {
+    if (r >= it.rows) {
+      for (int64_t i = 0; i < pairs; ++i) q_pairs[i * R + r] = 0;
+      continue;
+    }
+    const uint16_t* q = static_cast<const uint16_t*>(p.q) + it.b * p.q_s0 + ws.row_head[r] * p.q_s1 +
+                        ws.row_query[r] * p.q_s2;
+    for (int64_t d = 0; d < p.D; ++d) {
+      const uint32_t magnitude = q[d] & 0x7fffu;
+      max_bits = std::max(max_bits, magnitude);
+      subnormal |= magnitude != 0 && magnitude < 0x80u;  // exponent 0, mantissa not
+    }
+    for (int64_t i = 0; i < pairs; ++i) {
+      const uint32_t high = 2 * i + 1 < p.D ? q[2 * i + 1] : 0;
+      q_pairs[i * R + r] = uint32_t(q[2 * i]) | high << 16;
+    }
+  }
+  const float limit = 4294967296.0f;  // 2^32
+  return !subnormal && bf16_to_float(uint16_t(max_bits)) * p.score_gain <= limit && p.score_gain <= limit;
+}
+
 
 // Items of at most this many rows take softmax_rows_block. Measured on AVX-512 decoding
 // (2 threads, Lk = 1024, D = 64 and 128) once its exp loop was vectorised (2026-12-01): within
@@ -1116,6 +1275,10 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
       for (int64_t d = 0; d < D; ++d) ws.qT[d * R + r] = r < it.rows ? to_float<T>(q[d]) * p.scale : 0.0f;
     }
   }
+  // bfloat16 pairs (see top): wide items of a call that scores by them, when pack_pairs allows
+  bool by_pairs = false;
+  if constexpr (std::is_same_v<T, bf16> && L == 16)
+    by_pairs = plan.pair_scores && !narrow && pack_pairs(p, it, ws, plan.pairs, ws.q_pairs);
   // the states: m = c, l = 1 from a start logit c, else m = -inf, l = 0; sums 0
   for (int64_t s = 0; s < Op::kStates; ++s) {
     for (int64_t r = 0; r < R; ++r) {
@@ -1141,14 +1304,27 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
     if (kind == BlockKind::Skip) continue;
     const Route route = op.route(it, j0, count, real_row, ws);
     const int64_t* order = route.reordered ? ws.order : nullptr;
-    int64_t ldk, ldv;
-    const float* keys =
-        block_rows<T>(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D, Dp, order, ws.keys, ldk);
-    if (narrow)
-      dots_block(Width<L>(), ws.q_rows, it.rows, Dp, keys, ldk, count, ws.sT, R);
-    else
-      scores_block(Width<L>(), ws.qT, R, D, keys, ldk, count, ws.sT);
-    if (p.score_scale != 1.0f) scale_block(ws.sT, count * R, p.score_scale);
+    // s = (q scale) . k or (q . k) score_scale; by pairs, (q . k) scale score_scale
+    bool scored = false;
+#ifdef FASTPROBE_AVX512_BF16
+    if (by_pairs) {
+      int64_t ldp;
+      const uint16_t* key_pairs = pair_rows(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D,
+                                            plan.pairs, order, ws.key_pairs, ldp);
+      scored = pair_scores_block(ws.q_pairs, R, plan.pairs, key_pairs, ldp, count,
+                                 p.scale * p.score_scale, ws.sT);
+    }
+#endif
+    if (!scored) {
+      int64_t ldk;
+      const float* keys =
+          block_rows<T>(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D, Dp, order, ws.keys, ldk);
+      if (narrow)
+        dots_block(Width<L>(), ws.q_rows, it.rows, Dp, keys, ldk, count, ws.sT, R);
+      else
+        scores_block(Width<L>(), ws.qT, R, D, keys, ldk, count, ws.sT);
+      if (p.score_scale != 1.0f) scale_block(ws.sT, count * R, p.score_scale);
+    }
     op.transform_scores(ws.sT, count * R);
     if (kind == BlockKind::Masked) {
       for (int64_t c = 0; c < count; ++c) {
@@ -1159,6 +1335,7 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
       mask_block(ws.sT, R, count, ws.key_pos, ws.key_real, ws.position,
                  ws.lo, ws.hi, ws.sink_end, rule);
     }
+    int64_t ldv;
     const float* vals =
         block_rows<T>(p.v, v_base + j0 * p.v_s2, p.v_s2, count, Dv, Dvp, order, ws.vals, ldv);
     for (int g = 0; g < route.segments; ++g) {
@@ -1223,6 +1400,7 @@ struct Entries {
   void (*run_range)(const Op&, const Plan&, int64_t, int64_t, float*, Scratch&);
   void (*merge)(const Op&, const Plan&, int64_t, const float*, Scratch&);
   int lanes;
+  bool pair_scores = false;  // bfloat16 at 16 lanes with AVX512-BF16 (call_pair_scores)
 };
 
 #define FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, L, TARGET)                                \
@@ -1237,11 +1415,13 @@ struct Entries {
 #ifdef FASTPROBE_AVX512
 #define FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T) \
   FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, 16, FASTPROBE_AVX512)
-#define FASTPROBE_ENTRIES_CASE_16(name) \
-  if (lanes == 16) return {run_##name##_16, run_range_##name##_16, merge_##name, 16};
+#define FASTPROBE_ENTRIES_CASE_16(name, T)                                                       \
+  if (lanes == 16)                                                                              \
+    return {run_##name##_16, run_range_##name##_16, merge_##name, 16,                           \
+            std::is_same_v<T, bf16> && call_pair_scores(16)};
 #else
 #define FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T)
-#define FASTPROBE_ENTRIES_CASE_16(name)
+#define FASTPROBE_ENTRIES_CASE_16(name, T)
 #endif
 
 #define FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, name, T)                                           \
@@ -1252,9 +1432,9 @@ struct Entries {
     merge_item<Op, T>(op, plan, item, partials, ws);                                            \
   }
 
-#define FASTPROBE_ENTRIES_CASE(name)                                                             \
+#define FASTPROBE_ENTRIES_CASE(name, T)                                                          \
   {                                                                                             \
-    FASTPROBE_ENTRIES_CASE_16(name)                                                             \
+    FASTPROBE_ENTRIES_CASE_16(name, T)                                                          \
     return {run_##name##_8, run_range_##name##_8, merge_##name, 8};                             \
   }
 
@@ -1264,9 +1444,9 @@ struct Entries {
   FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, float16, fp16)                                          \
   Entries<Op> entries_for(const Op&, DType dtype, int lanes) {                                  \
     switch (dtype) {                                                                            \
-      case DType::Float32: FASTPROBE_ENTRIES_CASE(float32)                                      \
-      case DType::BFloat16: FASTPROBE_ENTRIES_CASE(bfloat16)                                    \
-      case DType::Float16: FASTPROBE_ENTRIES_CASE(float16)                                      \
+      case DType::Float32: FASTPROBE_ENTRIES_CASE(float32, float)                               \
+      case DType::BFloat16: FASTPROBE_ENTRIES_CASE(bfloat16, bf16)                              \
+      case DType::Float16: FASTPROBE_ENTRIES_CASE(float16, fp16)                                \
     }                                                                                           \
     throw std::invalid_argument("fastprobe._C: unsupported dtype");                            \
   }
@@ -1307,7 +1487,7 @@ constexpr double kInlineWork = double(1 << 16);
 template <typename Op>
 void run_attention(const Op& op, const Entries<Op>& run, int threads) {
   const Problem& p = op.p;
-  const Plan plan(p, Op::kStates, threads, run.lanes);
+  const Plan plan(p, Op::kStates, threads, run.lanes, run.pair_scores);
   const double work = double(p.B) * double(p.Hq) * double(p.Lq) * double(p.Lk) * double(p.D + p.Dv);
   const int team = work < kInlineWork ? 1 : threads;
   if (plan.splits == 1) {

@@ -56,6 +56,12 @@ namespace fastprobe {
 #endif
 #endif
 
+// FASTPROBE_AVX512_BF16: the AVX-512 target plus AVX512-BF16 (VDPBF16PS, the bf16 pair dot
+// product), for code that runs only where runs_avx512_bf16() (the bf16 attention scores).
+#if defined(FASTPROBE_CLONES) && __GNUC__ >= 12
+#define FASTPROBE_AVX512_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#endif
+
 // Whether this CPU runs the first (AVX-512) clone of the FASTPROBE_SIMD_CLONES functions.
 inline bool runs_avx512_clone() {
 #ifdef FASTPROBE_CLONES
@@ -65,6 +71,15 @@ inline bool runs_avx512_clone() {
 #else
   return __builtin_cpu_supports("avx512f");
 #endif
+#else
+  return false;
+#endif
+}
+
+// Whether this CPU runs the AVX-512 clone and has AVX512-BF16 (FASTPROBE_AVX512_BF16 code).
+inline bool runs_avx512_bf16() {
+#ifdef FASTPROBE_AVX512_BF16
+  return runs_avx512_clone() && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif

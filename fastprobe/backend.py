@@ -101,6 +101,8 @@ def cpp_status() -> tuple[bool, str]:
     threads = "with OpenMP" if _C.has_openmp() else "without OpenMP"
     float16 = ", F16C float16 conversion" if _C.has_f16c() else ""
     lanes = f", {_C.attention_lanes()}-lane attention"  # 16 with the AVX-512 code, else 8
+    if _C.attention_bf16_pairs():  # bfloat16 Q K^T by VDPBF16PS (AVX512-BF16)
+        lanes += " (bfloat16 scores by AVX512-BF16)"
     return True, f"compiled extension fastprobe._C {threads}; {_C.simd_clone()} code{lanes}{float16}"
 
 

@@ -186,6 +186,27 @@ def cpu_lanes(request):
         _C.set_attention_lanes(previous)
 
 
+@pytest.fixture(params=[False, True], ids=["float32-scores", "bf16-pair-scores"])
+def cpu_bf16_pairs(request):
+    """The C++ attention kernels at 16 lanes (skipped where the CPU or the build has none), their
+    bfloat16 scores by AVX512-BF16 pairs (True: skipped where the CPU has no AVX512-BF16) or in
+    float32 (False) (fastprobe._C.set_attention_bf16_pairs; restored after)."""
+    from fastprobe import _C
+
+    fastprobe.set_backend("cpp")
+    previous_lanes = _C.set_attention_lanes(16)
+    previous = _C.set_attention_bf16_pairs(request.param)
+    try:
+        if _C.attention_lanes() != 16:
+            pytest.skip("the 16-lane kernels need an AVX-512 CPU and a multi-versioned build")
+        if _C.attention_bf16_pairs() != request.param:
+            pytest.skip("the bfloat16 pair scores need a CPU with AVX512-BF16 and a GCC 12+ build")
+        yield request.param
+    finally:
+        _C.set_attention_bf16_pairs(previous)
+        _C.set_attention_lanes(previous_lanes)
+
+
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every output of the C++ attention kernels filled with NaN before each call: an element a

@@ -607,6 +607,80 @@ def test_cpu_lane_widths_decode(cpu_lanes, poisoned_outputs, dtype, head_dim):
         torch.set_num_threads(threads)
 
 
+# bfloat16 at 16 lanes on a CPU with AVX512-BF16 scores Q K^T by bf16 pairs along the head dim
+# (csrc/attention_core.h); cpu_bf16_pairs runs that and the float32 scores on the same inputs.
+# Odd head dims (a pair padded with 0: K copied), even ones (K read in place), dims that are no
+# multiple of 32, the narrow (decoding) items, which keep the float32 scores.
+PAIR_HEAD_DIMS = [1, 2, 5, 16, 17, 31, 33, 63, 64, 65, 80, 96, 127, 128, 129]
+
+
+def pair_case(batch, heads, kv_heads, num_queries, num_keys, head_dim, config, **extra):
+    q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, torch.bfloat16, "cpu")
+    options = {**make_options(config, batch, heads, num_keys, "cpu"), **extra}
+    result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+    assert_matches(result, expected(q, k, v, **options), torch.bfloat16, "key_groups" in options, True,
+                   **score_tolerance(q, k, v, options.get("scale")))
+
+
+@pytest.mark.parametrize("head_dim", PAIR_HEAD_DIMS)
+def test_cpu_bf16_pair_scores(cpu_bf16_pairs, poisoned_outputs, head_dim):
+    """Items of 37 rows (MHA), 64 and 10 (GQA 2), 64 and 20 (GQA 4); windows, sinks, padded keys
+    (left padding: rows that see no key, -inf everywhere), segments, image blocks, head masks, a
+    soft cap, a scale above 1; decoding and a cache split over 2 threads."""
+    pair_case(2, 3, 3, 37, 101, head_dim, "window+sinks")
+    pair_case(2, 6, 3, 37, 101, head_dim, "everything")
+    pair_case(1, 8, 2, 21, 70, head_dim, "key-group-runs")
+    pair_case(2, 2, 1, 48, 75, head_dim, "bidirectional-padding")
+    pair_case(2, 4, 2, 40, 130, head_dim, "left-padding")
+    pair_case(2, 4, 4, 33, 90, head_dim, "chunks+left-padding", softcap=5.0)
+    pair_case(1, 4, 2, 29, 67, head_dim, "segments+image-blocks+window", scale=1.7)
+    pair_case(1, 4, 1, 1, 300, head_dim, "sink-logit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pair_case(1, 2, 1, 5, 2000, head_dim, "window+sinks")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_hot_pair_scores(num_queries, num_keys, head_dim, q_first, k_first):
+    """bf16 q and k with q[..., 0] = q_first (and small others) and k[..., 0] = k_first [Lk]."""
+    q = (torch.randn(2, 4, num_queries, head_dim) * 0.01).bfloat16()
+    q[..., 0] = q_first
+    k = (torch.randn(2, 2, num_keys, head_dim) * 0.01).bfloat16()
+    k[..., 0] = torch.as_tensor(k_first, dtype=torch.float32).bfloat16()
+    return q, k, torch.randn(2, 2, num_keys, head_dim).bfloat16()
+
+
+@pytest.mark.parametrize("head_dim", [16, 33])
+def test_cpu_bf16_pair_scores_extremes(cpu_bf16_pairs, poisoned_outputs, head_dim):
+    """Inputs where the bf16 pair dot product would go wrong, so the kernels score them in float32:
+    q . k past float max where scale q . k is not (the block's scores taken again), subnormal q
+    (which VDPBF16PS reads as 0) against keys near bf16's max; and a large scale on tiny keys
+    (float32 scores too). Without the fallbacks the first gave NaN, the second lse 0.07 off."""
+    num_queries, num_keys = 70, 150
+    # a thread that flushes subnormals (FTZ / DAZ, which some compiled CPU code turns on) reads
+    # the subnormal q as 0 in float32 as well
+    flushes = (torch.tensor([2.0**-130]) * 1.0).item() == 0.0
+    steps = 1.0 + torch.arange(num_keys, dtype=torch.float32) / 64
+    cases = [
+        # q . k = +-2^129 (1 + j / 64): overflows; times 2^-8 it does not (one-hot softmax)
+        (one_hot_pair_scores(num_queries, num_keys, head_dim, 2.0**40, 2.0**89 * steps * torch.randn(num_keys).sign()),
+         dict(scale=2.0**-8, causal=False)),
+        # q_0 = 2^-130 (subnormal) times keys 2^125 (1 + j / 64): scores 2^-5 (1 + j / 64)
+        *([] if flushes else [
+            (one_hot_pair_scores(num_queries, num_keys, head_dim, 2.0**-130, 2.0**125 * steps), dict(scale=1.0))]),
+        # keys +-2^-125 and queries 1..4 at scale 2^100: scores O(1), products normal in float32
+        ((torch.randint(1, 5, (2, 4, num_queries, head_dim)).bfloat16(),
+          (torch.randn(2, 2, num_keys, head_dim).sign() * 2.0**-125).bfloat16(),
+          torch.randn(2, 2, num_keys, head_dim).bfloat16()), dict(scale=2.0**100, num_sink=1)),
+    ]
+    for (q, k, v), options in cases:
+        result = fp.sink_attention(q, k, v, return_entropy=True, **options)
+        want = expected(q, k, v, **options)
+        assert_matches(result, want, torch.bfloat16, False, True, rtol=RTOL, atol=1e-3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     length=st.integers(1, 40),

@@ -92,6 +92,27 @@ def test_info_names_the_code_path():
 
     assert isinstance(_C.simd_clone(), str) and _C.simd_clone()
     assert ("F16C" in cpp_status()[1]) == _C.has_f16c()
+    assert ("AVX512-BF16" in cpp_status()[1]) == _C.attention_bf16_pairs()
+
+
+def test_bf16_pair_scores_switch():
+    """set_attention_bf16_pairs returns the previous setting; forbidden, or at 8 lanes, no call
+    scores by pairs; allowed, only a CPU with AVX512-BF16 does (and then at 16 lanes)."""
+    from fastprobe import _C
+
+    previous = _C.set_attention_bf16_pairs(False)
+    try:
+        assert not _C.attention_bf16_pairs()
+        assert _C.set_attention_bf16_pairs(True) is False
+        lanes = _C.set_attention_lanes(8)
+        try:
+            assert not _C.attention_bf16_pairs()
+        finally:
+            _C.set_attention_lanes(lanes)
+        if _C.attention_bf16_pairs():
+            assert _C.attention_lanes() == 16
+    finally:
+        _C.set_attention_bf16_pairs(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -120,6 +120,25 @@ def test_cpu_lane_widths(cpu_lanes, poisoned_outputs, dtype, head_dim):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("head_dim", [1, 5, 16, 17, 33, 64, 65, 96, 128])
+def test_cpu_bf16_pair_scores(cpu_bf16_pairs, poisoned_outputs, head_dim):
+    """bfloat16 scores by AVX512-BF16 pairs and in float32 (see test_attention.PAIR_HEAD_DIMS): an
+    image run (blocks of one state and blocks cut in two), dropped keys alternating (blocks loaded
+    reordered: K copied), padded keys, GQA, a window, decoding."""
+    for batch, heads, kv_heads, num_queries, num_keys, window, alternate in [
+        (2, 3, 3, 37, 101, None, False), (2, 6, 3, 37, 130, 17, False), (1, 8, 2, 50, 150, None, True),
+        (2, 4, 1, 20, 90, 30, True), (1, 4, 4, 1, 300, None, False),
+    ]:
+        q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, torch.bfloat16, "cpu")
+        drop = torch.arange(num_keys).remainder(3).eq(1).expand(batch, num_keys) if alternate else \
+            image_keys(batch, num_keys, "cpu")
+        options = dict(gamma=0.7, rows="all", window=window,
+                       key_padding_mask=padding_mask(batch, num_keys, "mixed", "cpu"))
+        got = fp.dual_path_attention(q, k, v, drop, return_paths=True, **options)
+        assert_paths_match(got, expected(q, k, v, drop, **options), torch.bfloat16, options,
+                           atol=score_tolerance(q, k, v)["atol"])
+
+
 @pytest.mark.parametrize("dtype", CONFIG_DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ["last", "all"])
 def test_every_prefill_config(monkeypatch, target, dtype, rows):
