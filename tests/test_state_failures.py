@@ -274,4 +274,6 @@ def test_a_forward_running_when_the_model_is_patched_ends_without_a_false_error(
     hook.remove()
     own_hook.remove()
     assert is_patched(model)
-    torch.testing.assert_close(logits(model, ids, mask), logits(reference, ids, mask), rtol=1e-5, atol=1e-5)
+    real = mask.bool()  # (padded queries' outputs are unspecified: with torch < 2.5 transformers makes them attend to
+    # every key, fastprobe gives 0)
+    torch.testing.assert_close(logits(model, ids, mask)[real], logits(reference, ids, mask)[real], rtol=1e-5, atol=1e-5)
