@@ -578,10 +578,15 @@ def test_scale_near_float_max(target, scale, num_queries, num_keys):
     kernels' base-2 factor scale log2(e) would overflow to inf (inf q . k: NaN or inf scores);
     kernels.attention._base2_scale halves it and doubles q instead. q scale itself overflows
     (|q| up to 20), which the C++ kernel, scaling q before the dot product, turned into NaN.
-    Decoding over 520 keys takes the key-split paths."""
+    Decoding over 520 keys takes the key-split paths. Queries are nonzero integers up to 20 and keys
+    +-2^-125, so every product q_i k_i and partial sum of q . k is a normal float32 (as
+    test_attention_extremes.normal_products): keys ~1e-37 gave subnormal products, which a process
+    flushing them (FTZ/DAZ, which loading torch 2.4's compiled CPU code turns on) made 0, so this
+    test failed after any CPU torch.compile in the same process there."""
     _, device = target
-    q = 5.0 * torch.randn(1, 4, num_queries, 16).clamp(-4.0, 4.0)  # q scale overflows (C++ scaled q first)
-    k, v = 1e-37 * torch.randn(1, 2, num_keys, 16), torch.randn(1, 2, num_keys, 16)
+    q = torch.randint(1, 21, (1, 4, num_queries, 16)).float()  # q scale overflows (C++ scaled q first)
+    q = q * torch.randn(q.shape).sign()
+    k, v = torch.randn(1, 2, num_keys, 16).sign() * 2.0 ** -125, torch.randn(1, 2, num_keys, 16)
     drop = torch.zeros(1, num_keys, dtype=torch.bool)
     drop[0, 2:5] = True
     options = dict(gamma=0.7, rows="all", scale=scale)
