@@ -3,8 +3,10 @@ venv with another checkout installed, e.g. the commit before a kernel change), r
 per repeat, the arms alternating (old, new, then new, old, ...) so that drift and other work on
 the machine fall on both alike. Each process times every case (the median of its inner calls
 after one warm-up) on 2 threads; printed are the medians over the processes, their quartiles,
-old / new (above 1: the new build is faster) and, for context, torch's SDPA (attention cases,
-timed in the new build's first three processes).
+old / new of those medians (above 1: the new build is faster), the median and quartiles of the
+repeats' own old / new ratios (each repeat's two processes ran back to back: the steadier figure
+when the machine's speed changes between repeats) and, for context, torch's SDPA (attention
+cases, timed in the new build's first three processes).
 
     python bench/paired_cpu.py --old OLD_PYTHON --new NEW_PYTHON [--repeats 9] [--cases a,b]
 
@@ -120,13 +122,17 @@ def main():
                 sys.exit(f"{arm} arm failed:\n{run.stderr}")
             results[arm].append(json.loads(run.stdout.strip().splitlines()[-1]))
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    print(f"{'case':22s} {'old ms (q1-q3)':>24s} {'new ms (q1-q3)':>24s} {'old/new':>8s} {'SDPA ms':>9s}")
+    print(f"{'case':22s} {'old ms (q1-q3)':>24s} {'new ms (q1-q3)':>24s} {'old/new':>8s} "
+          f"{'per repeat (q1-q3)':>20s} {'SDPA ms':>9s}")
     for name in names:
-        old = quartiles([times[name] for times in results["old"]])
-        new = quartiles([times[name] for times in results["new"]])
+        old_times = [times[name] for times in results["old"]]
+        new_times = [times[name] for times in results["new"]]
+        old, new = quartiles(old_times), quartiles(new_times)
+        ratio = quartiles([o / n for o, n in zip(old_times, new_times)])  # repeat by repeat
         sdpa = [times["sdpa:" + name] for times in results["new"] if "sdpa:" + name in times]
         print(f"{name:22s} {old[1]:8.2f} ({old[0]:6.2f}-{old[2]:6.2f}) {new[1]:8.2f} ({new[0]:6.2f}-{new[2]:6.2f}) "
-              f"{old[1] / new[1]:7.2f}x {statistics.median(sdpa) if sdpa else float('nan'):9.2f}")
+              f"{old[1] / new[1]:7.2f}x {ratio[1]:7.2f}x ({ratio[0]:4.2f}-{ratio[2]:4.2f}) "
+              f"{statistics.median(sdpa) if sdpa else float('nan'):9.2f}")
 
 
 if __name__ == "__main__":
