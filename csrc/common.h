@@ -57,8 +57,9 @@ namespace fastprobe {
 #endif
 
 // FASTPROBE_AVX512_BF16: the AVX-512 target plus AVX512-BF16 (VDPBF16PS, the bf16 pair dot
-// product), for code that runs only where runs_avx512_bf16() (the bf16 attention scores).
-#if defined(FASTPROBE_CLONES) && __GNUC__ >= 12
+// product), for code that runs only where runs_avx512_bf16() (the bf16 attention scores); not
+// where CMakeLists.txt found the toolchain without it (FASTPROBE_NO_AVX512_BF16).
+#if defined(FASTPROBE_CLONES) && __GNUC__ >= 12 && !defined(FASTPROBE_NO_AVX512_BF16)
 #define FASTPROBE_AVX512_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #endif
 
