@@ -419,6 +419,21 @@ def test_two_pass_contrast_is_rounded_once(processor, images):
     assert bool(((contrasted.double() - exact).abs() <= 0.5 * unit + formed).all())
 
 
+def test_two_pass_contrast_of_infinite_logits():
+    """A token a pass rules out (-inf logits): the contrast keeps the conditional pass's -inf (the
+    formula gives -inf + inf = NaN where both are -inf), takes the formula's +inf where only the
+    language-only pass rules it out, and alpha = 0 returns the conditional logits themselves (0 *
+    -inf is NaN)."""
+    inf = float("inf")
+    cond = torch.tensor([[1.0, -inf, -inf, 2.0, inf]])
+    uncond = torch.tensor([[0.5, -inf, 3.0, -inf, 1.0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        contrasted = guidance._contrast(cond.to(dtype), uncond.to(dtype), 1.5)
+        assert contrasted.dtype == dtype
+        assert contrasted.float().tolist() == [[2.5 * 1.0 - 1.5 * 0.5, -inf, -inf, inf, inf]]
+        assert torch.equal(guidance._contrast(cond.to(dtype), uncond.to(dtype), 0.0), cond.to(dtype))
+
+
 def test_baseline_and_guided_differ_and_are_finite(model, processor, images):
     batch = batch_of(model, processor, images)
     with torch.no_grad():

@@ -271,13 +271,20 @@ class _TwoPassContrast:
             self.running = False
         self.cache = output_cache(language_only)
         self.follow(output_cache(output))
-        # logits = (1 + alpha) logits_cond - alpha logits_uncond, formed in float32 (or float64) and
-        # rounded once to the logits' dtype (a bfloat16 model's, or under autocast)
-        cond = output.logits
-        wide = torch.promote_types(cond.dtype, torch.float32)
-        contrast = torch.add(cond.to(wide) * (1.0 + self.alpha), language_only.logits.to(wide), alpha=-self.alpha)
-        output.logits = contrast.to(cond.dtype)
+        output.logits = _contrast(output.logits, language_only.logits, self.alpha)
         return output
+
+
+def _contrast(cond: torch.Tensor, uncond: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 + alpha) cond - alpha uncond, formed in float32 (or float64) and rounded once to cond's
+    dtype (a bfloat16 model's, or under autocast). Where cond is infinite (a token the conditional
+    pass rules out: -inf) it stays cond, and alpha = 0 gives cond itself: the formula would give
+    NaN there where uncond is infinite too (-inf + inf, or 0 * inf)."""
+    if alpha == 0.0:
+        return cond
+    wide = torch.promote_types(cond.dtype, torch.float32)
+    contrast = torch.add(cond.to(wide) * (1.0 + alpha), uncond.to(wide), alpha=-alpha)
+    return torch.where(cond.isinf(), cond.to(wide), contrast).to(cond.dtype)
 
 
 def _check_alpha(alpha) -> float:
