@@ -11,6 +11,7 @@
   imported, so they run in their own pytest process (see README).
 """
 
+import contextlib
 import importlib
 import random
 
@@ -168,43 +169,47 @@ RTOL, ATOL = 2e-5, 2e-5
 TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (major, minor)
 
 
-@pytest.fixture(params=[8, 16], ids=["8-lanes", "16-lanes"])
-def cpu_lanes(request):
-    """The C++ attention kernels (sink_attention, dual_path_attention) forced to the cpp backend
-    and to a lane width, floats per vector (fastprobe._C.set_attention_lanes; restored after): 8
-    runs the AVX2 / baseline kernels even on an AVX-512 CPU, 16 the AVX-512 ones (skipped where
-    the CPU or the build has none)."""
+@contextlib.contextmanager
+def forced_lanes(width):
+    """The C++ attention kernels forced to the cpp backend and to `width` lanes, floats per vector
+    (fastprobe._C.set_attention_lanes; restored after); skipped where the CPU or the build has
+    no kernels of that width."""
     from fastprobe import _C
 
     fastprobe.set_backend("cpp")
-    previous = _C.set_attention_lanes(request.param)
+    previous = _C.set_attention_lanes(width)
     try:
-        if _C.attention_lanes() != request.param:
+        if _C.attention_lanes() != width:
             pytest.skip("the 16-lane kernels need an AVX-512 CPU and a multi-versioned build")
-        yield request.param
+        yield
     finally:
         _C.set_attention_lanes(previous)
 
 
+@pytest.fixture(params=[8, 16], ids=["8-lanes", "16-lanes"])
+def cpu_lanes(request):
+    """The C++ attention kernels (sink_attention, dual_path_attention) at a lane width
+    (forced_lanes): 8 runs the AVX2 / baseline kernels even on an AVX-512 CPU, 16 the AVX-512
+    ones."""
+    with forced_lanes(request.param):
+        yield request.param
+
+
 @pytest.fixture(params=[False, True], ids=["float32-scores", "bf16-pair-scores"])
 def cpu_bf16_pairs(request):
-    """The C++ attention kernels at 16 lanes (skipped where the CPU or the build has none), their
-    bfloat16 scores by AVX512-BF16 pairs (True: skipped where the CPU has no AVX512-BF16) or in
-    float32 (False) (fastprobe._C.set_attention_bf16_pairs; restored after)."""
+    """The C++ attention kernels at 16 lanes (forced_lanes), their bfloat16 scores by AVX512-BF16
+    pairs (True: skipped where the CPU has no AVX512-BF16) or in float32 (False)
+    (fastprobe._C.set_attention_bf16_pairs; restored after)."""
     from fastprobe import _C
 
-    fastprobe.set_backend("cpp")
-    previous_lanes = _C.set_attention_lanes(16)
-    previous = _C.set_attention_bf16_pairs(request.param)
-    try:
-        if _C.attention_lanes() != 16:
-            pytest.skip("the 16-lane kernels need an AVX-512 CPU and a multi-versioned build")
-        if _C.attention_bf16_pairs() != request.param:
-            pytest.skip("the bfloat16 pair scores need a CPU with AVX512-BF16 and a GCC 12+ build")
-        yield request.param
-    finally:
-        _C.set_attention_bf16_pairs(previous)
-        _C.set_attention_lanes(previous_lanes)
+    with forced_lanes(16):
+        previous = _C.set_attention_bf16_pairs(request.param)
+        try:
+            if _C.attention_bf16_pairs() != request.param:
+                pytest.skip("the bfloat16 pair scores need a CPU with AVX512-BF16 and a GCC 12+ build")
+            yield request.param
+        finally:
+            _C.set_attention_bf16_pairs(previous)
 
 
 @pytest.fixture
