@@ -1145,6 +1145,14 @@ FASTPROBE_ALWAYS_INLINE const uint16_t* pair_rows(const void* base, int64_t firs
   return dst;
 }
 
+// Row r of an item's queries: q[b, row_head[r], row_query[r], :].
+template <typename T>
+FASTPROBE_ALWAYS_INLINE const T* query_row(const Problem& p, const ItemRows& it, const Scratch& ws,
+                                            int64_t r) {
+  return static_cast<const T*>(p.q) + it.b * p.q_s0 + ws.row_head[r] * p.q_s1 +
+         ws.row_query[r] * p.q_s2;
+}
+
 // An item's R query rows (bf16) as pairs along the head dim, q_pairs[i][r] = (q[r][2i],
 // q[r][2i + 1]) (0 after an odd D, and for the padding rows r >= rows); whether the item may
 // score by them: no subnormal q (the instruction reads it as 0) and max|q| gain <= 2^32 with
@@ -1160,8 +1168,7 @@ FASTPROBE_ALWAYS_INLINE bool pack_pairs(const Problem& p, const ItemRows& it, co
       for (int64_t i = 0; i < pairs; ++i) q_pairs[i * R + r] = 0;
       continue;
     }
-    const uint16_t* q = static_cast<const uint16_t*>(p.q) + it.b * p.q_s0 + ws.row_head[r] * p.q_s1 +
-                        ws.row_query[r] * p.q_s2;
+    const uint16_t* q = query_row<uint16_t>(p, it, ws, r);
     for (int64_t d = 0; d < p.D; ++d) {
       const uint32_t magnitude = q[d] & 0x7fffu;
       max_bits = std::max(max_bits, magnitude);
@@ -1266,8 +1273,7 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
 
   // scale q: q_rows [rows][Dp] (narrow) or qT [D][R] (padding rows 0)
   for (int64_t r = 0; r < R; ++r) {
-    const T* q = static_cast<const T*>(p.q) + it.b * p.q_s0 + ws.row_head[r] * p.q_s1 +
-                 ws.row_query[r] * p.q_s2;
+    const T* q = query_row<T>(p, it, ws, r);
     if (narrow) {
       if (r >= it.rows) break;
       for (int64_t d = 0; d < Dp; ++d) ws.q_rows[r * Dp + d] = d < D ? to_float<T>(q[d]) * p.scale : 0.0f;
