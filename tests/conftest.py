@@ -13,6 +13,7 @@
 
 import contextlib
 import importlib
+import os
 import random
 
 import pytest
@@ -68,8 +69,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
-    """A new seed per test, reported in the failure output."""
-    seed = random.SystemRandom().randrange(2**31)
+    """A new seed per test, reported in the failure output; FASTPROBE_TEST_SEED=N replays one."""
+    replay = os.environ.get("FASTPROBE_TEST_SEED")
+    seed = int(replay) if replay else random.SystemRandom().randrange(2**31)
     if _worker_guard.lost_by is None:
         torch.manual_seed(seed)
     else:  # the CUDA context is lost (one process, no xdist): seeding CUDA would raise again
@@ -84,7 +86,8 @@ def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     seeds = [value for key, value in item.user_properties if key == "seed"]
     if report.failed and seeds:
-        report.sections.append(("fastprobe", f"inputs drawn after torch.manual_seed({seeds[0]})"))
+        report.sections.append(("fastprobe", f"inputs drawn after torch.manual_seed({seeds[0]}); "
+                                              f"replay: FASTPROBE_TEST_SEED={seeds[0]} pytest ..."))
 
 
 @pytest.fixture(scope="module")

@@ -1651,7 +1651,7 @@ def test_recording_one_row_or_no_mask_matches_eager_weights(batch, padded):
     groups = torch.randint(0, 3, ids.shape)
     forwards = [(ids, given), (ids[:, :9], None if given is None else given[:, :9])]  # the second shorter
     with torch.no_grad():
-        with fp.record_attention(model, key_groups=groups, statistics=STATISTICS) as record:
+        with fp.record_attention(model, key_groups=groups, num_groups=3, statistics=STATISTICS) as record:
             for each, each_mask in forwards:
                 model(input_ids=each, attention_mask=each_mask)
             with ReadBacks() as watched:
@@ -1750,7 +1750,7 @@ def test_recorded_entropy_and_group_mass_match_eager_weights():
     groups = torch.randint(0, 3, ids.shape)
     with torch.no_grad():
         weights = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-        with fp.record_attention(model, key_groups=groups, statistics=("sink_mass", "entropy")) as record:
+        with fp.record_attention(model, key_groups=groups, num_groups=3, statistics=("sink_mass", "entropy")) as record:
             model(input_ids=ids, attention_mask=mask)
     real = mask.bool()[:, None, :, None]
     count = mask.sum()
@@ -1776,7 +1776,7 @@ def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
     monkeypatch.setattr(fp.ops.attention, "_checked_group_ids", lambda *args: checks.append(1) or check(*args))
     sums, count = 0, 0
     with torch.no_grad():
-        with fp.record_attention(model, key_groups=groups, statistics=("group_mass",)) as record:
+        with fp.record_attention(model, key_groups=groups, num_groups=3, statistics=("group_mass",)) as record:
             for batch_ids, batch_mask in batches:
                 model(input_ids=batch_ids, attention_mask=batch_mask)
         for batch_ids, batch_mask in batches:
@@ -1976,7 +1976,7 @@ def test_recorded_group_mass_through_generate_matches_eager_weights(arch):
     positions (a sliding cache's first kept key is not position 0), and the generated tokens are
     in none, so the pooled group mass is the eager weights' mass on each group of prompt tokens."""
     groups = torch.randint(0, 3, (3, LENGTH))
-    record, mask, steps = recorded_generate(arch, key_groups=groups, statistics=("group_mass",))
+    record, mask, steps = recorded_generate(arch, key_groups=groups, num_groups=3, statistics=("group_mass",))
 
     def group_mass(weights, offset):  # [B, H, Lq, G]
         positions = torch.arange(offset, offset + weights.shape[-1])
