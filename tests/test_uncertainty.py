@@ -351,6 +351,39 @@ def test_generate_with_uncertainty_scores_each_continuation(tokenizer, models):
             torch.testing.assert_close(torch.tensor(rows[name].to_numpy()), result[name][-5:], atol=2e-4, rtol=1e-4)
 
 
+def test_a_generated_padding_id_is_named_before_the_drafts_read_it(tokenizer, models):
+    """A target whose vocabulary is padded past the tokenizer's and which generates a padding id
+    at the second prompt's third step: a ValueError naming the id, where the draft (whose
+    embedding table ends at len(tokenizer)) failed inside torch's embedding; suppress_tokens,
+    as the error says, keeps generate within the tokenizer."""
+    _, drafts = models
+    target, padding = sharp_model(tokenizer, extra_vocab=8), len(tokenizer) + 3
+    prompts, calls = ["The river", "Stars"], []
+
+    def pad_the_second_prompts_third_step(module, args, logits):
+        calls.append(logits.shape[1])  # the prompt's forward, then one step each
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[1, -1, padding] = 1e4
+        return logits
+
+    hook = target.get_output_embeddings().register_forward_hook(pad_the_second_prompts_third_step)
+    try:
+        with pytest.raises(ValueError, match=rf"generated token id {padding} \(continuation 1, step 2\), past the "
+                           rf"tokenizer's {len(tokenizer)} tokens.*suppress_tokens=list\(range\({len(tokenizer)}, "
+                           rf"{len(tokenizer) + 8}\)\)"):
+            uncertainty.generate_with_uncertainty(target, drafts[:1], tokenizer, prompts, max_new_tokens=4,
+                                                  progress=False)
+        calls.clear()
+        suppressed = list(range(len(tokenizer), len(tokenizer) + 8))
+        _, table = uncertainty.generate_with_uncertainty(target, drafts[:1], tokenizer, prompts, max_new_tokens=4,
+                                                         progress=False, suppress_tokens=suppressed)
+    finally:
+        hook.remove()
+    assert len(table) == 8 and (table["token_id"] < len(tokenizer)).all()
+    assert table[list(STATISTICS)].notna().all().all()
+
+
 def test_several_continuations_per_prompt(tokenizer, models):
     """num_return_sequences = 2 with top_k = 1 sampling (so both continuations are the greedy
     one): continuations prompt after prompt, each scored as its prompt's greedy one; beam search

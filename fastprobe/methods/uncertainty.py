@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from ..ops._common import check_temperature
+from ..ops._common import check_temperature, first_bad_index
 from ..ops.divergence import check_weights, draft_divergence
 from ..integrations.transformers import execution_device
 from ._batching import (
@@ -196,6 +196,22 @@ def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> torc
     return ~ended_before
 
 
+def _check_generated_ids(new_tokens: torch.Tensor, kept: torch.Tensor, tokenizer, first: int,
+                         target_vocab: int) -> None:
+    """Every scored generated id [B, T] is one of the tokenizer's: an id past len(tokenizer) (a
+    padding row of the target's vocabulary) is outside the scored distributions, and a draft
+    whose embedding table ends sooner would fail inside torch's embedding (on CUDA, an assert
+    that loses the context), so a ValueError names it before the drafts run."""
+    bad = first_bad_index((new_tokens >= len(tokenizer)) & kept)
+    if bad is not None:
+        raise ValueError(
+            f"the target generated token id {int(new_tokens[bad])} (continuation {first + bad[0]}, step {bad[1]}), "
+            f"past the tokenizer's {len(tokenizer)} tokens: a padding row of its vocabulary, which the drafts "
+            f"cannot read; pass suppress_tokens=list(range({len(tokenizer)}, {target_vocab})) "
+            "to keep generate within the tokenizer"
+        )
+
+
 def _eos_ids(config) -> list:
     """The ids generate stops at: the eos_token_id of the config it runs with
     (effective_generation_config)."""
@@ -251,6 +267,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
             new_tokens = sequences[:, prompt_length:]
             kept = _continuation_mask(new_tokens, eos_ids)
             target_rows = torch.stack(output.logits, dim=1)[kept]  # [N, V]: step t's logits predict new token t
+            _check_generated_ids(new_tokens, kept, tokenizer, first, target_rows.shape[-1])
             del output
             mask = torch.cat([batch["attention_mask"].repeat_interleave(per_prompt, 0), kept.long()], dim=1)
             full = {"input_ids": sequences, "attention_mask": mask}  # (on_model adds each model's position_ids)
