@@ -91,13 +91,24 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=None)
-def cpp_status() -> tuple[bool, str]:
-    """(available, reason): whether the compiled CPU extension fastprobe._C imports
-    (looked up once: resolve() runs on every call of every op)."""
+def _cpp_import() -> tuple[bool, str]:
+    """(available, why not): whether the compiled CPU extension fastprobe._C imports (looked up
+    once: resolve() runs on every call of every op)."""
     try:
-        from . import _C  # noqa: F401
+        importlib.import_module(f"{__package__}._C")
     except ImportError as error:  # built without a compiler, or a broken install
         return False, f"fastprobe._C did not import ({error})"
+    return True, ""
+
+
+def cpp_status() -> tuple[bool, str]:
+    """(available, description): whether fastprobe._C imports, and what it runs now (described
+    on each call: the lane count and the bfloat16 pair scores can be switched at run time)."""
+    ok, why = _cpp_import()
+    if not ok:
+        return False, why
+    from . import _C
+
     threads = "with OpenMP" if _C.has_openmp() else "without OpenMP"
     float16 = ", F16C float16 conversion" if _C.has_f16c() else ""
     lanes = f", {_C.attention_lanes()}-lane attention"  # 16 with the AVX-512 code, else 8
@@ -183,7 +194,7 @@ def resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
             return "reference"
         device_type = _device_type(device)
         if device_type == "cpu":
-            if cpp_status()[0]:
+            if _cpp_import()[0]:
                 return "cpp"
             _warn_no_cpp()
         if device_type == "cuda" and _triton_installed() and not interpreter_enabled():
@@ -195,7 +206,7 @@ def resolve(device: torch.device, dtype: torch.dtype, op: str) -> str:
             "use the 'reference' backend for other dtypes"
         )
     if choice == "cpp":
-        ok, why = cpp_status()
+        ok, why = _cpp_import()
         if device.type != "cpu":
             raise RuntimeError(f"{op}: backend 'cpp' runs on CPU tensors, got {device.type} tensors")
         if not ok:

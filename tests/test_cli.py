@@ -19,6 +19,23 @@ def test_info(capsys):
     assert {"triton (CUDA)", "pandas (method tables)", "python"} <= {name.strip() for name in printed}
 
 
+@pytest.mark.skipif(not cpp_status()[0], reason="needs the C++ extension")
+def test_info_describes_the_cpu_kernels_as_switched_now(cpu_lanes, capsys):
+    """info names the lane width and the bfloat16 pair scores in force when it runs (they are
+    switched at run time; the description was cached at the first call)."""
+    from fastprobe import _C
+
+    for pairs in (False, True):
+        previous = _C.set_attention_bf16_pairs(pairs)
+        try:
+            assert cli.main(["info"]) == 0
+            line = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())["cpp (CPU)"]
+            assert f"{cpu_lanes}-lane attention" in line
+            assert ("bfloat16 scores by AVX512-BF16" in line) == _C.attention_bf16_pairs()
+        finally:
+            _C.set_attention_bf16_pairs(previous)
+
+
 @pytest.mark.parametrize("vocab", [301, 3])  # 3: every concept holds nearly all the mass, log_mass ~ 0
 @pytest.mark.parametrize("section", ["divergence", "concepts", "bridge"])
 def test_demo_op_sections_pass_their_checks(section, vocab, capsys):
