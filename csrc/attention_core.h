@@ -51,11 +51,12 @@
 // the softmax runs along the keys of one row at a time, and the output is updated row by row
 // (O += e_j v_j), then stored transposed like the others.
 //
-// bfloat16 at 16 lanes on a CPU with AVX512-BF16 (call_pair_scores) scores the wide items by
-// VDPBF16PS instead: the item's query rows are packed once as bf16 pairs along the head dim,
-// q_pairs[i][r] = (q[r][2i], q[r][2i + 1]) in one 32-bit word, and a tile step is
+// bfloat16 at 16 lanes on a CPU with AVX512-BF16 (call_pair_scores) scores by VDPBF16PS
+// instead: the item's query rows are packed once as bf16 pairs along the head dim,
+// q_pairs[i][r] = (q[r][2i], q[r][2i + 1]) in one 32-bit word, and a wide item's tile step is
 // acc[r] += q[r][2i] k[j][2i] + q[r][2i + 1] k[j][2i + 1], the key's pair broadcast from K's own
-// bf16 rows (K is not converted; D / 2 steps instead of D). The dot is not scaled (q stays the
+// bf16 rows (K is not converted; D / 2 steps instead of D); a narrow item's lanes hold 16 pairs
+// of a row, q's times the key's read straight from K, summed over the lanes at the end. The dot is not scaled (q stays the
 // exact input; the scale multiplies the sums), and the instruction flushes subnormal inputs,
 // products and sums to 0, so an item with a subnormal q or a large |q| scale (where a flushed
 // key could matter) scores the float32 way, and so does a block with a score that is not
@@ -485,6 +486,94 @@ FASTPROBE_AVX512_BF16 static bool pair_scores_block(const uint32_t* q_pairs, int
   for (; r < R; r += 16) pair_row_tile<1>(q_pairs + r, R, pairs, keys, ldk, count, factor, sT + r, check);
   return _mm512_cmp_ps_mask(check, check, _CMP_ORD_Q) == 0xffff;  // no lane NaN
 }
+
+// Narrow items by pairs: the lanes along the head dim as in dot_tile, a vector holding 16 pairs
+// (32 bf16) of a row; q_pairs [rows][padded_pairs] (0 past D), each key row read straight from
+// K, its last vector's elements past D masked off (0, and never read).
+
+// Key c's row of a block: c, or order[c] when reordered (as block_rows).
+FASTPROBE_ALWAYS_INLINE const uint16_t* key_row(const uint16_t* keys, int64_t ldk,
+                                                const int64_t* order, int64_t c) {
+  return keys + (order == nullptr ? c : order[c]) * ldk;
+}
+
+// sT[c][r] = factor (q_pairs[r] . key c) for NC keys from `first` and ROWS rows; with several
+// rows, the first `next` (at most NC) key rows after them are prefetched meanwhile (dot_tile's).
+static_assert(kNarrowRows == 4, "narrow_pair_scores_block dispatches rows 1 to 4");
+template <int NC, int ROWS>
+FASTPROBE_AVX512_BF16 FASTPROBE_ALWAYS_INLINE void narrow_pair_tile(
+    const uint32_t* q_pairs, int64_t padded_pairs, const uint16_t* keys, int64_t ldk,
+    const int64_t* order, int64_t first, int64_t D, float factor, float* sT, int64_t R,
+    int64_t next, float& check) {
+  const uint16_t* rows[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) rows[c] = key_row(keys, ldk, order, first + c);
+  __m512 acc[NC][ROWS];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < padded_pairs; i += 16) {  // elements 2i .. 2i + 31
+    const int64_t left = D - 2 * i;
+    const __mmask32 in_row = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+    if (ROWS > 1)  // one hint per 64-byte line: the vector's
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c)
+        if (c < next) __builtin_prefetch(key_row(keys, ldk, order, first + NC + c) + 2 * i);
+    __m512bh q[ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) q[r] = (__m512bh)_mm512_loadu_si512(q_pairs + r * padded_pairs + i);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(in_row, rows[c] + 2 * i);
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm512_dpbf16_ps(acc[c][r], q[r], k);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const float score = _mm512_reduce_add_ps(acc[c][r]) * factor;
+      check += score - score;  // NaN once a score is not finite
+      sT[(first + c) * R + r] = score;
+    }
+}
+
+// All count keys for ROWS rows: tiles of kNarrowTile<ROWS> keys, then single keys (a block of
+// kKeyBlock keys has none left over; the last block of an item may).
+template <int ROWS>
+FASTPROBE_AVX512_BF16 FASTPROBE_ALWAYS_INLINE void narrow_pair_rows(
+    const uint32_t* q_pairs, int64_t padded_pairs, const uint16_t* keys, int64_t ldk,
+    const int64_t* order, int64_t count, int64_t D, float factor, float* sT, int64_t R,
+    float& check) {
+  constexpr int NC = kNarrowTile<ROWS>;
+  int64_t c = 0;
+  for (; c + NC <= count; c += NC)
+    narrow_pair_tile<NC, ROWS>(q_pairs, padded_pairs, keys, ldk, order, c, D, factor, sT, R,
+                               std::min<int64_t>(NC, count - c - NC), check);
+  for (; c < count; ++c)
+    narrow_pair_tile<1, ROWS>(q_pairs, padded_pairs, keys, ldk, order, c, D, factor, sT, R, 0, check);
+}
+
+// Scores of one key block for a narrow item: sT [count][R] (rows < `rows` written) =
+// factor (q . k), keys [count] bf16 rows (row stride ldk, in `order` when reordered); false if
+// some score is not finite (the caller then scores the block the float32 way).
+FASTPROBE_AVX512_BF16 static bool narrow_pair_scores_block(const uint32_t* q_pairs,
+                                                           int64_t padded_pairs, int64_t rows,
+                                                           const uint16_t* keys, int64_t ldk,
+                                                           const int64_t* order, int64_t count,
+                                                           int64_t D, float factor, float* sT,
+                                                           int64_t R) {
+  float check = 0.0f;
+  switch (rows) {
+    case 1: narrow_pair_rows<1>(q_pairs, padded_pairs, keys, ldk, order, count, D, factor, sT, R, check); break;
+    case 2: narrow_pair_rows<2>(q_pairs, padded_pairs, keys, ldk, order, count, D, factor, sT, R, check); break;
+    case 3: narrow_pair_rows<3>(q_pairs, padded_pairs, keys, ldk, order, count, D, factor, sT, R, check); break;
+    default: narrow_pair_rows<4>(q_pairs, padded_pairs, keys, ldk, order, count, D, factor, sT, R, check); break;
+  }
+  return check == check;
+}
 #endif
 
 // Scores scaled after the dot (Problem::score_scale): sT[i] *= factor.
@@ -904,11 +993,13 @@ struct Plan {
   int64_t state_floats;  // the states of max_R rows
   int64_t padded_dim;    // D rounded up to whole vectors (narrow items' q and k rows)
   int64_t padded_value_dim;  // Dv likewise (narrow items' v and output rows)
-  bool pair_scores;      // wide items score by bf16 pairs (call_pair_scores)
+  bool pair_scores;      // items score by bf16 pairs (call_pair_scores)
   int64_t pairs;         // (D + 1) / 2: the pairs of a q or k row
+  int64_t padded_pairs;  // pairs rounded up to whole vectors of 16 (narrow items' q rows)
 
   Plan(const Problem& p, int64_t states_per_row, int threads, int lane_width, bool by_pairs)
-      : states(states_per_row), lanes(lane_width), pair_scores(by_pairs), pairs((p.D + 1) / 2) {
+      : states(states_per_row), lanes(lane_width), pair_scores(by_pairs), pairs((p.D + 1) / 2),
+        padded_pairs(round_up(pairs, 16)) {
     group = p.Hq / p.Hkv;
     block_queries = std::min(p.Lq, std::max<int64_t>(1, kItemRows / group));
     query_blocks = (p.Lq + block_queries - 1) / block_queries;
@@ -937,7 +1028,7 @@ struct Scratch {
   float *q_rows, *o_rows;  // narrow items: q [kNarrowRows][Dp], o [kNarrowRows][Dvp] per state
   float* key_scores;       // narrow items: one row's scores of a block [kKeyBlock]
   float* row_out;          // [2][Dvp]: an operation's per-row results before they are stored
-  uint32_t* q_pairs;       // with pair scores: q as bf16 pairs [pairs][R]
+  uint32_t* q_pairs;       // with pair scores: q as bf16 pairs, [pairs][R] or (narrow) [rows][padded pairs]
   uint16_t* key_pairs;     // with pair scores: a block's key rows copied whole [kKeyBlock][2 pairs]
   int64_t *row_head, *row_query, *position, *lo, *hi, *sink_end, *stat_end;  // [max_R]
   int64_t *key_pos, *order;  // [kKeyBlock]
@@ -983,7 +1074,7 @@ struct Scratch {
     take(o_rows, plan.states * kNarrowRows * Dvp);
     take(key_scores, kKeyBlock);
     take(row_out, 2 * Dvp);
-    take(q_pairs, plan.pair_scores ? plan.pairs * R : 0);
+    take(q_pairs, plan.pair_scores ? std::max(plan.pairs * R, kNarrowRows * plan.padded_pairs) : 0);
     take(key_pairs, plan.pair_scores ? kKeyBlock * 2 * plan.pairs : 0);
     for (int64_t** row_slot : {&row_head, &row_query, &position, &lo, &hi, &sink_end, &stat_end})
       take(*row_slot, R);
@@ -1153,19 +1244,21 @@ FASTPROBE_ALWAYS_INLINE const T* query_row(const Problem& p, const ItemRows& it,
          ws.row_query[r] * p.q_s2;
 }
 
-// An item's R query rows (bf16) as pairs along the head dim, q_pairs[i][r] = (q[r][2i],
-// q[r][2i + 1]) (0 after an odd D, and for the padding rows r >= rows); whether the item may
-// score by them: no subnormal q (the instruction reads it as 0) and max|q| gain <= 2^32 with
-// gain <= 2^32 (a flushed key or product moves a score by less than D 2^-94: a NaN or inf q
-// fails this too).
+// An item's query rows (bf16) as pairs along the head dim, (q[r][2i], q[r][2i + 1]) in one word,
+// 0 after an odd D: wide items q_pairs[i][r] for its R rows (0 for the padding rows r >= rows),
+// narrow ones q_pairs[r][i] for its rows, padded_pairs a row (0 past the pairs). Whether the item
+// may score by them: no subnormal q (the instruction reads it as 0) and max|q| gain <= 2^32
+// with gain <= 2^32 (a flushed key or product moves a score by less than D 2^-94: a NaN or inf
+// q fails this too).
 FASTPROBE_ALWAYS_INLINE bool pack_pairs(const Problem& p, const ItemRows& it, const Scratch& ws,
-                                        int64_t pairs, uint32_t* q_pairs) {
-  const int64_t R = it.R;
+                                        const Plan& plan, bool narrow, uint32_t* q_pairs) {
+  const int64_t rows_out = narrow ? it.rows : it.R, pairs_out = narrow ? plan.padded_pairs : plan.pairs;
+  const int64_t at_row = narrow ? plan.padded_pairs : 1, at_pair = narrow ? 1 : it.R;
   uint32_t max_bits = 0;
   bool subnormal = false;
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < rows_out; ++r) {
     if (r >= it.rows) {
-      for (int64_t i = 0; i < pairs; ++i) q_pairs[i * R + r] = 0;
+      for (int64_t i = 0; i < pairs_out; ++i) q_pairs[i * at_pair + r * at_row] = 0;
       continue;
     }
     const uint16_t* q = query_row<uint16_t>(p, it, ws, r);
@@ -1174,9 +1267,9 @@ FASTPROBE_ALWAYS_INLINE bool pack_pairs(const Problem& p, const ItemRows& it, co
       max_bits = std::max(max_bits, magnitude);
       subnormal |= magnitude != 0 && magnitude < 0x80u;  // exponent 0, mantissa not
     }
-    for (int64_t i = 0; i < pairs; ++i) {
-      const uint32_t high = 2 * i + 1 < p.D ? q[2 * i + 1] : 0;
-      q_pairs[i * R + r] = uint32_t(q[2 * i]) | high << 16;
+    for (int64_t i = 0; i < pairs_out; ++i) {
+      const uint32_t low = 2 * i < p.D ? q[2 * i] : 0, high = 2 * i + 1 < p.D ? q[2 * i + 1] : 0;
+      q_pairs[i * at_pair + r * at_row] = low | high << 16;
     }
   }
   const float limit = 4294967296.0f;  // 2^32
@@ -1281,10 +1374,10 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
       for (int64_t d = 0; d < D; ++d) ws.qT[d * R + r] = r < it.rows ? to_float<T>(q[d]) * p.scale : 0.0f;
     }
   }
-  // bfloat16 pairs (see top): wide items of a call that scores by them, when pack_pairs allows
+  // bfloat16 pairs (see top): the items of a call that scores by them, when pack_pairs allows
   bool by_pairs = false;
   if constexpr (std::is_same_v<T, bf16> && L == 16)
-    by_pairs = plan.pair_scores && !narrow && pack_pairs(p, it, ws, plan.pairs, ws.q_pairs);
+    by_pairs = plan.pair_scores && pack_pairs(p, it, ws, plan, narrow, ws.q_pairs);
   // the states: m = c, l = 1 from a start logit c, else m = -inf, l = 0; sums 0
   for (int64_t s = 0; s < Op::kStates; ++s) {
     for (int64_t r = 0; r < R; ++r) {
@@ -1313,7 +1406,11 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
     // s = (q scale) . k or (q . k) score_scale; by pairs, (q . k) scale score_scale
     bool scored = false;
 #ifdef FASTPROBE_AVX512_BF16
-    if (by_pairs) {
+    if (by_pairs && narrow) {
+      scored = narrow_pair_scores_block(ws.q_pairs, plan.padded_pairs, it.rows,
+                                        static_cast<const uint16_t*>(p.k) + k_base + j0 * p.k_s2,
+                                        p.k_s2, order, count, D, p.scale * p.score_scale, ws.sT, R);
+    } else if (by_pairs) {
       int64_t ldp;
       const uint16_t* key_pairs = pair_rows(p.k, k_base + j0 * p.k_s2, p.k_s2, count, D,
                                             plan.pairs, order, ws.key_pairs, ldp);

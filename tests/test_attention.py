@@ -609,8 +609,9 @@ def test_cpu_lane_widths_decode(cpu_lanes, poisoned_outputs, dtype, head_dim):
 
 # bfloat16 at 16 lanes on a CPU with AVX512-BF16 scores Q K^T by bf16 pairs along the head dim
 # (csrc/attention_core.h); cpu_bf16_pairs runs that and the float32 scores on the same inputs.
-# Odd head dims (a pair padded with 0: K copied), even ones (K read in place), dims that are no
-# multiple of 32, the narrow (decoding) items, which keep the float32 scores.
+# Odd head dims (a pair padded with 0: wide items copy K), even ones (K read in place), dims that
+# are no multiple of 32 (narrow items mask the rest of the last vector), items of 1 to 4 rows
+# (narrow: decoding) and wider.
 PAIR_HEAD_DIMS = [1, 2, 5, 16, 17, 31, 33, 63, 64, 65, 80, 96, 127, 128, 129]
 
 
@@ -626,7 +627,8 @@ def pair_case(batch, heads, kv_heads, num_queries, num_keys, head_dim, config, *
 def test_cpu_bf16_pair_scores(cpu_bf16_pairs, poisoned_outputs, head_dim):
     """Items of 37 rows (MHA), 64 and 10 (GQA 2), 64 and 20 (GQA 4); windows, sinks, padded keys
     (left padding: rows that see no key, -inf everywhere), segments, image blocks, head masks, a
-    soft cap, a scale above 1; decoding and a cache split over 2 threads."""
+    soft cap, a scale above 1; narrow items of 1 (MHA decoding), 2, 3 and 4 rows (GQA decoding, two
+    queries of GQA 2); decoding and a cache split over 2 threads."""
     pair_case(2, 3, 3, 37, 101, head_dim, "window+sinks")
     pair_case(2, 6, 3, 37, 101, head_dim, "everything")
     pair_case(1, 8, 2, 21, 70, head_dim, "key-group-runs")
@@ -635,10 +637,15 @@ def test_cpu_bf16_pair_scores(cpu_bf16_pairs, poisoned_outputs, head_dim):
     pair_case(2, 4, 4, 33, 90, head_dim, "chunks+left-padding", softcap=5.0)
     pair_case(1, 4, 2, 29, 67, head_dim, "segments+image-blocks+window", scale=1.7)
     pair_case(1, 4, 1, 1, 300, head_dim, "sink-logit")
+    pair_case(2, 3, 3, 1, 150, head_dim, "window+sinks")
+    pair_case(2, 4, 2, 1, 101, head_dim, "everything")
+    pair_case(1, 6, 2, 1, 90, head_dim, "left-padding")
+    pair_case(1, 2, 1, 2, 77, head_dim, "segments+image-blocks+window", scale=1.7)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         pair_case(1, 2, 1, 5, 2000, head_dim, "window+sinks")
+        pair_case(1, 4, 2, 1, 2000, head_dim, "key-group-runs")
     finally:
         torch.set_num_threads(threads)
 
@@ -652,13 +659,15 @@ def one_hot_pair_scores(num_queries, num_keys, head_dim, q_first, k_first):
     return q, k, torch.randn(2, 2, num_keys, head_dim).bfloat16()
 
 
+@pytest.mark.parametrize("num_queries", [70, 1], ids=["wide", "narrow"])
 @pytest.mark.parametrize("head_dim", [16, 33])
-def test_cpu_bf16_pair_scores_extremes(cpu_bf16_pairs, poisoned_outputs, head_dim):
+def test_cpu_bf16_pair_scores_extremes(cpu_bf16_pairs, poisoned_outputs, head_dim, num_queries):
     """Inputs where the bf16 pair dot product would go wrong, so the kernels score them in float32:
     q . k past float max where scale q . k is not (the block's scores taken again), subnormal q
     (which VDPBF16PS reads as 0) against keys near bf16's max; and a large scale on tiny keys
-    (float32 scores too). Without the fallbacks the first gave NaN, the second lse 0.07 off."""
-    num_queries, num_keys = 70, 150
+    (float32 scores too); items of 70 rows and narrow ones (decoding, 2 rows). Without the fallbacks
+    the first gave NaN, the second lse 0.07 off."""
+    num_keys = 150
     # a thread that flushes subnormals (FTZ / DAZ, which some compiled CPU code turns on) reads
     # the subnormal q as 0 in float32 as well
     flushes = (torch.tensor([2.0**-130]) * 1.0).item() == 0.0

@@ -124,10 +124,12 @@ def test_cpu_lane_widths(cpu_lanes, poisoned_outputs, dtype, head_dim):
 def test_cpu_bf16_pair_scores(cpu_bf16_pairs, poisoned_outputs, head_dim):
     """bfloat16 scores by AVX512-BF16 pairs and in float32 (see test_attention.PAIR_HEAD_DIMS): an
     image run (blocks of one state and blocks cut in two), dropped keys alternating (blocks loaded
-    reordered: K copied), padded keys, GQA, a window, decoding."""
+    reordered: wide items copy K), padded keys, GQA, a window, decoding (narrow items of 1 to 4
+    rows, reordered too)."""
     for batch, heads, kv_heads, num_queries, num_keys, window, alternate in [
         (2, 3, 3, 37, 101, None, False), (2, 6, 3, 37, 130, 17, False), (1, 8, 2, 50, 150, None, True),
-        (2, 4, 1, 20, 90, 30, True), (1, 4, 4, 1, 300, None, False),
+        (2, 4, 1, 20, 90, 30, True), (1, 4, 4, 1, 300, None, False), (1, 6, 2, 1, 200, None, True),
+        (2, 4, 2, 2, 150, 9, True), (2, 4, 2, 1, 130, None, False),
     ]:
         q, k, v = random_qkv(batch, heads, kv_heads, num_queries, num_keys, head_dim, torch.bfloat16, "cpu")
         drop = torch.arange(num_keys).remainder(3).eq(1).expand(batch, num_keys) if alternate else \
