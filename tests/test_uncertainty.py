@@ -559,6 +559,53 @@ def test_generation_is_scored_up_to_its_first_eos(tokenizer, models, given, monk
     assert stopped.tolist() == [[True, True, False, False, False], [True, True, True, True, False]]
 
 
+def test_a_row_ended_by_a_stopping_criterion_is_scored_up_to_its_end(tokenizer, models):
+    """A row that a stopping criterion (not an eos) ends early is filled by generate with the pad
+    token from there on: its rows in the table are the tokens up to the stop, as generated alone,
+    and the other rows go on. The pad filling was scored as generated tokens (12 rows, not 3)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopFirstRow(StoppingCriteria):  # ends the batch's first row after 3 new tokens; the others go on
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            done[0] = input_ids.shape[1] - prompt_length >= 3
+            return done
+
+    target, drafts = models
+    prompt_length = tokenizer(["The river", "Stars"], padding=True, return_tensors="pt")["input_ids"].shape[1]
+    criterion = StopFirstRow()
+    _, new = greedy_alone(target, tokenizer, "The river", 8)
+    _, other = greedy_alone(target, tokenizer, "Stars", 8)
+    assert tokenizer.pad_token_id not in other.tolist()
+    generated, table = uncertainty.generate_with_uncertainty(
+        target, drafts, tokenizer, ["The river", "Stars"], max_new_tokens=8, do_sample=False, progress=False,
+        stopping_criteria=StoppingCriteriaList([criterion]))
+    assert table[table["text"] == 0]["token_id"].tolist() == new[:3].tolist()
+    assert table[table["text"] == 1]["token_id"].tolist() == other.tolist()
+    assert uncertainty.sequence_scores(table)["num_tokens"].tolist() == [3, 8]
+    assert generated[0] == tokenizer.decode(new[:3], skip_special_tokens=True)
+    filled = uncertainty._continuation_mask(torch.tensor([[5, 0, 7, 0, 0], [1, 2, 3, 4, 5]]), [9], pad_id=0)
+    assert filled.tolist() == [[True, True, True, False, False], [True, True, True, True, True]]
+
+
+def test_stop_strings_are_passed_to_generate_with_the_tokenizer(tokenizer, models):
+    """stop_strings need the tokenizer in generate, which is generate_with_uncertainty's own
+    argument (tokenizer= cannot be passed on): it is passed on, and the row that meets the stop
+    string is scored up to it. generate raised that it could not locate a tokenizer."""
+    target, drafts = models
+    _, new = greedy_alone(target, tokenizer, "The river", 8)
+    _, other = greedy_alone(target, tokenizer, "Stars", 8)
+    # the first new token after the first that is whole text (not a byte of a character), met nowhere before
+    end, stop = next((k, text) for k, text in ((k, tokenizer.decode(new[k:k + 1])) for k in range(1, 7))
+                     if text.strip() and "\ufffd" not in text and text not in tokenizer.decode(other)
+                     and text not in tokenizer.decode(new[:k]))
+    generated, table = uncertainty.generate_with_uncertainty(
+        target, drafts, tokenizer, ["The river", "Stars"], max_new_tokens=8, do_sample=False, progress=False,
+        stop_strings=[stop])
+    assert table[table["text"] == 0]["token_id"].tolist() == new[:end + 1].tolist()
+    assert table[table["text"] == 1]["token_id"].tolist() == other.tolist()
+
+
 # ---------------------------------------------------------------- sequence scores and AUROC
 
 

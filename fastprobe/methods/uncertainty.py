@@ -187,13 +187,20 @@ def scored_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return scored
 
 
-def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
-    """[B, T] True for each generated token up to and including the row's first eos."""
-    if not eos_ids:
-        return torch.ones_like(new_tokens, dtype=torch.bool)
-    is_eos = torch.isin(new_tokens, torch.tensor(list(eos_ids), device=new_tokens.device))
-    ended_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return ~ended_before
+def _continuation_mask(new_tokens: torch.Tensor, eos_ids: Sequence[int], pad_id: Optional[int] = None) -> torch.Tensor:
+    """[B, T] True for each generated token up to and including the row's first eos and, with
+    pad_id (the id generate fills finished rows with), before the row's trailing run of pad_id: a
+    row that another stopping criterion ended (stop_strings, stopping_criteria, max_time) is
+    filled with pad_id from there on, with no eos to tell where."""
+    kept = torch.ones_like(new_tokens, dtype=torch.bool)
+    if eos_ids:
+        is_eos = torch.isin(new_tokens, torch.tensor(list(eos_ids), device=new_tokens.device))
+        kept = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    if pad_id is not None and pad_id not in eos_ids:  # (a pad that is an eos: the eos rule ends the row)
+        # trailing[t]: every token from t on is pad_id
+        trailing = (new_tokens == pad_id).flip(-1).long().cumprod(-1).flip(-1).bool()
+        kept &= ~trailing
+    return kept
 
 
 def _check_generated_ids(new_tokens: torch.Tensor, kept: torch.Tensor, tokenizer, first: int,
@@ -233,7 +240,10 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     max_length truncates the prompts (generate's length is max_new_tokens). Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
-    continuation's first eos, position counted from the continuation's start. With
+    continuation's first eos, position counted from the continuation's start. A continuation
+    that another stopping criterion ended (stop_strings, for which the tokenizer is passed on to
+    generate; stopping_criteria) ends where generate's pad filling begins: a continuation's
+    trailing pad tokens are taken for that filling, not scored. With
     num_return_sequences = n (sampling several continuations of a prompt) there are n
     continuations per prompt, prompt after prompt: the table's text is the continuation's
     index, prompt its prompt's. Beam search is refused: its per-step logits belong to beams
@@ -255,7 +265,12 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     settings = generate_settings(target, pad_or_eos(tokenizer), generate_kwargs, max_new_tokens=max_new_tokens,
                                  output_logits=True, return_dict_in_generate=True,
                                  **({"do_sample": True, "temperature": temperature} if sampling else {}))
+    if config.stop_strings:  # (generate needs the tokenizer for them; it is this function's own argument)
+        settings["tokenizer"] = tokenizer
     eos_ids = _eos_ids(config)
+    # the id generate fills finished rows with: its config's, else the one generate_settings gave it (as an
+    # argument, or folded into a passed config); with neither, generate's own, its eos
+    pad_id = config.pad_token_id if config.pad_token_id is not None else pad_or_eos(tokenizer)
     generated, tables, first = [], [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
@@ -265,7 +280,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
             sequences = output.sequences
             per_prompt = sequences.shape[0] // batch["input_ids"].shape[0]  # num_return_sequences, prompt-major
             new_tokens = sequences[:, prompt_length:]
-            kept = _continuation_mask(new_tokens, eos_ids)
+            kept = _continuation_mask(new_tokens, eos_ids, pad_id)
             target_rows = torch.stack(output.logits, dim=1)[kept]  # [N, V]: step t's logits predict new token t
             _check_generated_ids(new_tokens, kept, tokenizer, first, target_rows.shape[-1])
             del output
