@@ -230,6 +230,21 @@ def test_a_sampling_generation_config_answers_greedily_without_warnings(model, t
     assert not messages
 
 
+def test_a_generation_config_with_several_return_sequences_answers_once_per_prompt(model, tokenizer, monkeypatch):
+    """A model whose generation config samples several sequences per prompt (do_sample=True,
+    num_return_sequences=3) answers each prompt once, greedily, as without it: generate refused
+    the greedy config fastprobe made of it ("Greedy methods ... do not support
+    num_return_sequences")."""
+    options = dict(max_new_tokens=4, batch_size=len(PROMPTS), progress=False)
+    expected = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, **options)
+    greedy = availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    monkeypatch.setattr(model.generation_config, "do_sample", True)
+    monkeypatch.setattr(model.generation_config, "num_return_sequences", 3)
+    assert availability.greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False) == greedy
+    table = availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, **options)
+    pandas.testing.assert_frame_equal(table, expected, rtol=1e-6, atol=1e-12)
+
+
 def test_a_tokenizer_that_appends_eos_commits_after_the_prompt(model, tokenizer):
     """A "<s> $A </s>" template (a Llama tokenizer's add_eos_token): prompts end where their
     answers begin, not in the eos (the mass was read after it: 0.054 for 0.149 in the review's

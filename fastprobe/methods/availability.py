@@ -421,8 +421,11 @@ def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
     # top_p) back at a fresh config's: else transformers 4.5x warns that they "may be ignored"
     fresh = GenerationConfig()
     unsampled = {name: getattr(fresh, name) for name in _SAMPLING_SETTINGS if hasattr(fresh, name)}
+    # (one answer per prompt: a sampling config's num_return_sequences would make generate refuse the greedy
+    # config, "Greedy methods ... do not support num_return_sequences")
     settings = generate_settings(model, pad_or_eos(tokenizer), {}, max_new_tokens=max_new_tokens, do_sample=False,
-                                 num_beams=1, **unsampled, output_logits=True, return_dict_in_generate=True)
+                                 num_beams=1, num_return_sequences=1, **unsampled, output_logits=True,
+                                 return_dict_in_generate=True)
     output = model.generate(**batch, **settings)
     new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True), output.logits[0], output_cache(output)
