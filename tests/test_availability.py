@@ -245,6 +245,27 @@ def test_a_generation_config_with_several_return_sequences_answers_once_per_prom
     pandas.testing.assert_frame_equal(table, expected, rtol=1e-6, atol=1e-12)
 
 
+def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(tokenizer):
+    """A model whose embedding table ends before the tokenizer's last tokens: a prompt with such
+    a token (answer_availability, greedy_answers) or an answer whose variants hold one is a
+    ValueError naming it and the table, before any forward. The prompt failed inside torch's
+    embedding, the multi-token variant with an IndexError into the logits (on CUDA, asserts)."""
+    small = tiny_model("llama", vocab_size=400, num_layers=2)
+    prompt = "The river ran past the old mill and"
+    assert max(tokenizer(prompt)["input_ids"]) >= 400
+    with pytest.raises(ValueError, match=r"text 0 \('The river.*past the 400 rows of LlamaForCausalLM's"):
+        availability.answer_availability(small, tokenizer, [prompt], ["mill"], progress=False)
+    with pytest.raises(ValueError, match=r"text 0 \('The river.*past the 400 rows"):
+        availability.greedy_answers(small, tokenizer, [prompt], progress=False)
+    answer = next(word for word in DEMO_TEXTS[0].split()
+                  if max(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) >= 400)
+    for generate in (False, True):
+        with pytest.raises(ValueError, match=rf"answers\[0\] \(\['{answer}'\]\): a variant has token id \d+, past "
+                                              "the 400 rows"):
+            availability.answer_availability(small, tokenizer, ["Q: A:"], [answer], generate=generate,
+                                             progress=False)
+
+
 def test_a_tokenizer_that_appends_eos_commits_after_the_prompt(model, tokenizer):
     """A "<s> $A </s>" template (a Llama tokenizer's add_eos_token): prompts end where their
     answers begin, not in the eos (the mass was read after it: 0.054 for 0.149 in the review's

@@ -286,6 +286,23 @@ def test_batches_bad_input(tokenizer, batches, match):
         collect_hidden_states_from_batches(model_of("llama", tokenizer), batches, layers=[0], progress=False)
 
 
+def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(tokenizer):
+    """A token id past the model's input-embedding rows (a tokenizer with tokens the model lacks),
+    or a pad token id there: a ValueError naming the text or the pad token and the table before
+    any forward, where torch's embedding raised an IndexError (on CUDA, a device assert)."""
+    model = tiny_model("llama", vocab_size=400, num_layers=2)
+    texts = ["Stars looked at the bridge", "She carry a desk", DEMO_TEXTS[0]]
+    assert [max(tokenizer(text)["input_ids"]) >= 400 for text in texts] == [False, False, True]
+    with pytest.raises(ValueError, match=r"hidden states: text 2 \('The river.*past the 400 rows of "
+                                         r"LlamaForCausalLM's input embedding table"):
+        probes.collect_hidden_states(model, tokenizer, texts, layers=[0], batch_size=2, progress=False)
+    padded = tiny_tokenizer()
+    padded.add_special_tokens({"pad_token": "<extra_pad>"})  # id 512: past the table
+    with pytest.raises(ValueError, match="the pad token has token id 512, past the 400 rows"):
+        probes.collect_hidden_states(model, padded, texts[:2], layers=[0], progress=False)
+    assert len(probes.collect_hidden_states(model, tokenizer, texts[:2], layers=[0], progress=False)) == 2
+
+
 def test_transformer_blocks_of_a_model_without_them():
     with pytest.raises(NotImplementedError, match="transformer blocks"):
         transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -426,6 +426,23 @@ def test_perplexity_is_batch_and_padding_independent(tokenizer):
 
 
 
+def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(tokenizer):
+    """A model whose embedding table ends before the tokenizer's last tokens (tokens added to the
+    tokenizer without resizing the model): score_heads and perplexity raise a ValueError naming the
+    text, the id and the table, before any forward (it failed inside torch's embedding: an
+    IndexError on the CPU, a device assert on CUDA), and score_heads leaves the model unpatched."""
+    model = tiny_model("llama", vocab_size=400, num_layers=2)
+    ids = tokenizer(TEXTS[0])["input_ids"]
+    assert max(ids) >= 400
+    for function in (sinks.score_heads, sinks.perplexity):
+        with pytest.raises(ValueError, match=rf"text 0 .* token id \d+, past the 400 rows of LlamaForCausalLM's "
+                                              r"input embedding table .*resize_token_embeddings"):
+            function(model, tokenizer, TEXTS[:2], progress=False)
+    assert not is_patched(model)
+    assert max(tokenizer("Stars looked at the bridge")["input_ids"]) < 400
+    sinks.perplexity(model, tokenizer, ["Stars looked at the bridge"], progress=False)  # (within the table)
+
+
 def test_perplexity_reads_the_logits_without_a_copy(tokenizer, monkeypatch):
     """The loss reads a float32 model's logits [B, L, V] as the model returned them (the last
     position's target ignored), not a sliced [B, L - 1, V] copy; the figure is the mean next-token

@@ -36,6 +36,41 @@ def shared_vocabulary(sizes: Sequence[int], tokenizer, what: str, models: str) -
         )
     return vocab
 
+def embedding_rows(model) -> Optional[int]:
+    """Rows of model's input-embedding table (the token ids it embeds: [0, rows)); None where the
+    model does not tell."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def check_embedded(input_ids: torch.Tensor, attention_mask: torch.Tensor, models: Sequence, tokenizer, texts,
+                   first: int, what: str) -> None:
+    """A ValueError naming the text (or the pad token) and the model, before any forward, where a
+    batch's token id [B, L] (padding included: it is embedded too) is past a model's input-embedding
+    rows: a tokenizer with more tokens than the model embeds (tokens added to it without
+    model.resize_token_embeddings) failed inside torch's embedding (on CUDA, a device assert that
+    loses the context). texts: the batch's texts, numbered from `first`."""
+    if input_ids.numel() == 0:
+        return
+    top = int(input_ids.max())
+    for model in models:
+        rows = embedding_rows(model)
+        if rows is None or top < rows:
+            continue
+        row, column = (input_ids >= rows).nonzero()[0].tolist()
+        where = ("the pad token" if not attention_mask[row, column]
+                 else f"text {first + row} ({texts[row]!r})")
+        raise ValueError(
+            f"{what}: {where} has token id {int(input_ids[row, column])}, past the {rows} rows of "
+            f"{type(model).__name__}'s input embedding table (the tokenizer has {len(tokenizer)} tokens): resize "
+            "the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))), or use the "
+            "model's own tokenizer")
+
+
 def require_pandas():
     try:
         import pandas
@@ -334,7 +369,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     left (a prompt keeps its end, where the continuation starts), without the special tokens the
     tokenizer appends (an eos would stand between the prompt and its continuation). A batch that, with the
     `new_tokens` a caller appends (generate's), is longer than the learned positions of the model
-    or of the other `readers` of the batches (drafts) is refused, naming the one."""
+    or of the other `readers` of the batches (drafts) is refused, naming the one; so is a token id
+    (the pad token's too) past the input-embedding rows of the model or a reader (check_embedded)."""
     from tqdm.auto import tqdm
 
     texts = as_texts(texts)
@@ -358,6 +394,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         empty = (encoded["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()  # (on the CPU still)
         if empty:  # (a tokenizer that adds no BOS encodes "" to nothing: the model would read padding alone)
             raise ValueError(f"{what}: text {start + empty[0]} ({texts[start + empty[0]]!r}) has no tokens")
+        check_embedded(encoded["input_ids"], encoded["attention_mask"], (model, *readers), tokenizer,
+                       texts[start:start + batch_size], start, what)
         length = encoded["input_ids"].shape[1]
         if limit is not None and length + new_tokens > limit:
             plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""

@@ -38,7 +38,7 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, _variant_forms, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, eval_mode, forward_parameters, generate_settings, iterates_keys, on_model,
+    as_texts, cache_argument, check_count, embedding_rows, eval_mode, forward_parameters, generate_settings, iterates_keys, on_model,
     output_cache, pad_or_eos, position_offset, require_pandas, text_batches,
 )
 
@@ -336,6 +336,23 @@ class _Answer:
         self.name = next((alias for alias in self.aliases if alias.strip()), self.aliases[0])
 
 
+def _check_variants_embedded(model, gold: list) -> None:
+    """A ValueError naming the answer, before any model runs, where a variant's token id is past the
+    model's input-embedding rows (a tokenizer with tokens the model lacks): a multi-token variant's
+    ids are fed to the model and read from its logits, which failed with an IndexError (on CUDA, a
+    device assert)."""
+    rows = embedding_rows(model)
+    if rows is None:
+        return
+    for index, answer in enumerate(gold):
+        for ids in [[token] for token in answer.single_ids] + answer.multi:
+            if max(ids) >= rows:
+                raise ValueError(
+                    f"answers[{index}] ({answer.aliases!r}): a variant has token id {max(ids)}, past the {rows} rows "
+                    f"of {type(model).__name__}'s input embedding table: the tokenizer has tokens the model lacks "
+                    "(resize its embeddings, model.resize_token_embeddings(len(tokenizer)), or use its own tokenizer)")
+
+
 def _check_arguments(prompts, answers, threshold, temperature, correct, max_new_tokens):
     prompts = as_texts(prompts, "prompts")
     if iterates_keys(answers):
@@ -499,6 +516,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
                                         max_new_tokens if generate else None)
     variants = _variant_forms(variants)  # (once: a generator of form names serves every answer)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
+    _check_variants_embedded(model, gold)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # tokens that follow a prompt into the model: generate's but its last (never fed back), and a
     # multi-token variant's but its last (teacher forcing)
