@@ -167,6 +167,26 @@ def test_vocabularies_that_differ_beyond_the_tokenizer_are_refused(tokenizer):
             distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5), tokenizer=tokenizer)
 
 
+def test_a_table_smaller_than_the_tokenizer_is_refused_before_either_model_runs(tokenizer):
+    """A model whose input embedding table is smaller than the tokenizer, fed the tokenizer's ids
+    (its last one among them): the ValueError of vocabularies that differ beyond padding, before
+    either model runs, where the teacher's embedding failed with an IndexError (on CUDA, a device
+    assert) after the student had run."""
+    small, large = tiny_gpt2(len(tokenizer) - 1, seed=0), tiny_gpt2(len(tokenizer), seed=1)
+    inputs = batch(len(tokenizer))
+    inputs["input_ids"][1, 2] = len(tokenizer) - 1
+    calls = []
+    for student, teacher in ((large, small), (small, large)):
+        handles = [model.register_forward_pre_hook(lambda *_: calls.append(1)) for model in (student, teacher)]
+        try:
+            with pytest.raises(ValueError, match=f"{len(tokenizer)} tokens.*{len(tokenizer) - 1}.*input embedding"):
+                distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5), tokenizer=tokenizer)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert not calls
+
+
 def fake_trainer(**attributes):
     """What compute_loss reads of a transformers.Trainer (one that divides by the accumulation steps itself)."""
     return SimpleNamespace(state=SimpleNamespace(global_step=0), loss_is_scaled_for_ga=False, **attributes)
