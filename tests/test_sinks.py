@@ -139,6 +139,22 @@ def test_top_and_random_heads(tokenizer):
     assert sinks.random_heads(table, 0) == []
 
 
+def test_random_heads_exclude_a_table_as_its_rows(tokenizer):
+    """exclude given as a score_heads table (its top rows, as prune_heads takes heads) leaves those
+    heads out of the draw; iterated as it was, a DataFrame gave its column names and excluded
+    nothing, so the "random" control drew the top sink heads themselves. An entry that is not a
+    pair is a TypeError."""
+    table = sinks.score_heads(planted_model(tokenizer), tokenizer, TEXTS, progress=False)
+    top = table[table["rank"] <= len(planted_pairs())]
+    for seed in range(8):
+        drawn = sinks.random_heads(table, len(table) - len(top), seed=seed, exclude=top)
+        assert sorted(drawn) == sorted(set(map(tuple, table[["layer", "head"]].values.tolist())) - set(planted_pairs()))
+        assert sinks.random_heads(table, 3, seed=seed, exclude=top) == \
+            sinks.random_heads(table, 3, seed=seed, exclude=planted_pairs())
+    with pytest.raises(TypeError, match="heads must be a list of"):
+        sinks.random_heads(table, 2, exclude=[3])
+
+
 # ---------------------------------------------------------------- pruning
 
 

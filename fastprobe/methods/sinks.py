@@ -93,10 +93,12 @@ def top_heads(table, fraction: float) -> list[tuple[int, int]]:
 
 def random_heads(table, count: int, *, seed: int = 0, exclude: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
     """`count` (layer, head) pairs of a score_heads table drawn uniformly without replacement
-    (seeded), leaving out `exclude`: the control for pruning the top sink heads."""
+    (seeded), leaving out `exclude`: the control for pruning the top sink heads. exclude takes
+    what prune_heads takes as heads: (layer, head) pairs, or a table (every row)."""
     _check_table(table, ("layer", "head"))
     count = check_int(count, "count", 0)  # (a negative count sliced the draw from its end)
-    excluded = set(map(tuple, exclude))
+    # (a table's rows: iterated, a DataFrame gives its column names, and excluded nothing)
+    excluded = set(_heads_of(exclude, None))
     pool = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"]) if (int(l), int(h)) not in excluded]
     if count > len(pool):
         raise ValueError(f"cannot draw {count} heads from {len(pool)}")
