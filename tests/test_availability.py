@@ -266,6 +266,28 @@ def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(
                                              progress=False)
 
 
+def test_a_model_offloaded_by_accelerate_is_fed_where_it_computes(model, tokenizer):
+    """A model whose weights accelerate offloads (meta placeholders, loaded by its hooks at each
+    forward on the CPU): answer_availability (multi-token variants included) and
+    sequence_log_probs give what the model in memory gives. Their inputs were sent to the meta
+    device ("Cannot copy out of meta tensor")."""
+    import accelerate
+
+    options = dict(max_new_tokens=3, batch_size=2, progress=False)
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert next(offloaded.parameters()).is_meta
+    assert any(availability._Answer(tokenizer, aliases, availability._DEFAULT_VARIANTS, i).multi
+               for i, aliases in enumerate(ANSWERS))
+    for generate in (True, False):
+        pandas.testing.assert_frame_equal(
+            availability.answer_availability(offloaded, tokenizer, PROMPTS, ANSWERS, generate=generate, **options),
+            availability.answer_availability(model, tokenizer, PROMPTS, ANSWERS, generate=generate, **options),
+            rtol=1e-5, atol=1e-12)
+    pairs = ([[1, 290, 473], [1, 35]], [[319, 5], [510]])
+    torch.testing.assert_close(availability.sequence_log_probs(offloaded, *pairs),
+                               availability.sequence_log_probs(model, *pairs))
+
+
 def test_a_tokenizer_that_appends_eos_commits_after_the_prompt(model, tokenizer):
     """A "<s> $A </s>" template (a Llama tokenizer's add_eos_token): prompts end where their
     answers begin, not in the eos (the mass was read after it: 0.054 for 0.149 in the review's

@@ -187,6 +187,21 @@ def test_a_table_smaller_than_the_tokenizer_is_refused_before_either_model_runs(
     assert not calls
 
 
+def test_an_offloaded_teacher_is_fed_where_it_computes(tokenizer):
+    """A teacher whose weights accelerate offloads (meta placeholders, loaded by its hooks at each
+    forward on the CPU) gives the loss of the teacher in memory; its inputs were sent to the meta
+    device ("Cannot copy out of meta tensor")."""
+    import accelerate
+
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    inputs = batch()
+    want, _ = distillation_loss(student, teacher, inputs, fp.BridgeLoss(beta=0.5))
+    offloaded = accelerate.cpu_offload(copy.deepcopy(teacher), execution_device="cpu")
+    assert next(offloaded.parameters()).is_meta
+    got, _ = distillation_loss(student, offloaded, inputs, fp.BridgeLoss(beta=0.5))
+    torch.testing.assert_close(got, want)
+
+
 def fake_trainer(**attributes):
     """What compute_loss reads of a transformers.Trainer (one that divides by the accumulation steps itself)."""
     return SimpleNamespace(state=SimpleNamespace(global_step=0), loss_is_scaled_for_ga=False, **attributes)

@@ -303,6 +303,23 @@ def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(
     assert len(probes.collect_hidden_states(model, tokenizer, texts[:2], layers=[0], progress=False)) == 2
 
 
+def test_batches_reach_a_model_offloaded_by_accelerate_where_it_computes(tokenizer):
+    """collect_hidden_states_from_batches on a model whose weights accelerate offloads (meta
+    placeholders, loaded by its hooks at each forward on the CPU): the states of the model in
+    memory. The batches were sent to the meta device (their mask's positions then failed)."""
+    import accelerate
+    import copy
+
+    model = model_of("llama", tokenizer)
+    batches = [dict(tokenizer(DEMO_TEXTS[:3], padding=True, return_tensors="pt"))]
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert next(offloaded.parameters()).is_meta
+    got = probes.collect_hidden_states_from_batches(offloaded, batches, layers=[0, 2], progress=False)
+    want = probes.collect_hidden_states_from_batches(model, batches, layers=[0, 2], progress=False)
+    for layer in (0, 2):
+        torch.testing.assert_close(got[layer], want[layer])
+
+
 def test_transformer_blocks_of_a_model_without_them():
     with pytest.raises(NotImplementedError, match="transformer blocks"):
         transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -2,6 +2,7 @@
 reference on each text alone whatever the batching and padding, vocabularies padded differently
 are aligned, generation is scored up to its eos, and sequence scores and AUROC are right."""
 
+import copy
 import itertools
 
 import pytest
@@ -125,6 +126,26 @@ def test_each_model_gets_position_ids_in_its_own_numbering(tokenizer, models):
         _, result = expected_rows(target, [roberta], tokenizer, whole)
         torch.testing.assert_close(torch.tensor(rows["epistemic"].to_numpy()), result["epistemic"][-len(rows):],
                                    atol=2e-4, rtol=1e-4)
+
+
+def test_models_offloaded_by_accelerate_are_fed_where_they_compute(tokenizer, models):
+    """A target and a draft whose weights accelerate offloads (meta placeholders, loaded by its
+    hooks at each forward on the CPU): the same table as the models in memory, from text and from
+    generation. Their inputs were sent to the meta device ("Cannot copy out of meta tensor")."""
+    import accelerate
+
+    target, drafts = models
+    expected = uncertainty.token_uncertainty(target, drafts, tokenizer, TEXTS[:3], progress=False)
+    _, expected_generated = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, TEXTS[:2],
+                                                                  max_new_tokens=3, progress=False)
+    offloaded = [accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu") for model in [target, drafts[0]]]
+    assert next(offloaded[0].parameters()).is_meta
+    table = uncertainty.token_uncertainty(offloaded[0], [offloaded[1], drafts[1]], tokenizer, TEXTS[:3],
+                                          progress=False)
+    pandas.testing.assert_frame_equal(table, expected, rtol=1e-5, atol=1e-5)
+    _, generated = uncertainty.generate_with_uncertainty(offloaded[0], [offloaded[1], drafts[1]], tokenizer,
+                                                         TEXTS[:2], max_new_tokens=3, progress=False)
+    pandas.testing.assert_frame_equal(generated, expected_generated, rtol=1e-5, atol=1e-5)
 
 
 def test_drafts_in_a_module_list(tokenizer, models):

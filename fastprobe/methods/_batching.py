@@ -259,11 +259,12 @@ def learned_positions(model) -> Optional[int]:
 
 
 def moved_to(model, inputs: Mapping) -> dict:
-    """A copy of a mapping of model inputs with its tensors on the model's device, the floating
-    ones (pixel values, input embeddings) in its parameters' dtype, the others (ids, masks) in
-    their own; other values as they are."""
-    parameter = next(model.parameters())
-    return {name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+    """A copy of a mapping of model inputs with its tensors on the model's execution device
+    (execution_device: for weights offloaded by accelerate, whose parameters are meta placeholders,
+    its hooks' device, not meta), the floating ones (pixel values, input embeddings) in its
+    parameters' dtype, the others (ids, masks) in their own; other values as they are."""
+    parameter, device = next(model.parameters()), execution_device(model)
+    return {name: value.to(device, parameter.dtype if value.is_floating_point() else value.dtype)
             if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
 
