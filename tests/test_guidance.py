@@ -602,6 +602,25 @@ def test_two_pass_contrasts_a_wrapped_model(model, processor, images):
     assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
 
 
+def test_a_model_offloaded_by_accelerate_gets_its_inputs_where_it_computes(model, processor, images):
+    """A vision-language model whose weights accelerate offloads (meta placeholders, loaded by its
+    hooks at each forward on the CPU): prepare_inputs puts the batch on the CPU, and guided and
+    two-pass generation give the tokens of the model in memory. The batch was sent to the meta
+    device ("Cannot copy out of meta tensor")."""
+    import accelerate
+
+    settings = dict(max_new_tokens=4, do_sample=False)
+    want = [guidance.guided_generate(model, processor, images, PROMPTS, gamma=1.0, **settings),
+            guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=1.0, **settings)]
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert next(offloaded.parameters()).is_meta
+    batch = guidance.prepare_inputs(offloaded, processor, images, PROMPTS)
+    assert {value.device.type for value in batch.values() if isinstance(value, torch.Tensor)} == {"cpu"}
+    got = [guidance.guided_generate(offloaded, processor, images, PROMPTS, gamma=1.0, **settings),
+           guidance.two_pass_generate(offloaded, processor, images, PROMPTS, alpha=1.0, **settings)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_two_pass_refuses_bad_alpha(model, processor, images):
     with pytest.raises(ValueError, match="alpha must be finite"):
         guidance.two_pass_generate(model, processor, images, PROMPTS, alpha=float("inf"))

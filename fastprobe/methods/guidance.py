@@ -42,7 +42,7 @@ import torch
 
 from ._batching import CACHE_NAMES, as_texts, cache_argument, eval_mode, generate_settings, output_cache
 from ..integrations.transformers import (
-    ImageKeys, config_image_token_id, forward_arguments, is_patched, patch_options, patched_with, unwrapped,
+    ImageKeys, config_image_token_id, execution_device, forward_arguments, is_patched, patch_options, patched_with, unwrapped,
 )
 from ..ops._common import check_int
 
@@ -73,8 +73,9 @@ def _image_token_id(model, processor=None) -> int:
 
 
 def _model_device_dtype(model) -> tuple:
-    parameter = next(model.parameters())
-    return parameter.device, parameter.dtype
+    """(where the model computes, its dtype): execution_device, so that a model whose weights
+    accelerate offloads (meta placeholders) gets its inputs where its hooks run it, not on meta."""
+    return execution_device(model), next(model.parameters()).dtype
 
 
 def prepare_inputs(model, processor, images, prompts: Union[str, Sequence[str]]):
