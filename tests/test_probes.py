@@ -553,6 +553,10 @@ def test_validation_data_and_evaluate():
     (dict(features=torch.randn(0, 8), labels=torch.zeros(0, dtype=torch.long)), "features is empty"),
     (dict(features=torch.full((40, 8), float("nan"))), "NaN"),
     (dict(labels=torch.zeros(40, dtype=torch.long)), "single class"),
+    # (all ones: the check read only the highest class id, and a probe that never saw a 0 was trained)
+    (dict(labels=torch.ones(40, dtype=torch.long)), r"single class \(1\)"),
+    (dict(labels=torch.full((40,), 3)), r"single class \(3\)"),
+    (dict(labels=torch.ones(40, dtype=torch.bool)), r"single class \(1\)"),
     (dict(labels=-torch.ones(40, dtype=torch.long)), "class ids >= 0"),
     (dict(labels=torch.rand(40), task="classification"), "labels must be class ids"),
     (dict(task="ranking"), "task must be one of"),

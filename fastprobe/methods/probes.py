@@ -764,9 +764,10 @@ def _validation_set(validation_data, kind: str, task: str, features: torch.Tenso
 def _num_outputs(task: str, labels: torch.Tensor, validation: Optional[tuple]) -> int:
     if task == "regression":
         return _targets_per_row(labels)
+    classes = labels.unique()  # (the training labels': a class seen only in validation is not learned)
+    if classes.numel() < 2:  # (any one class, not only 0: all-1 labels trained a probe that never saw a 0)
+        raise ValueError(f"labels hold a single class ({int(classes[0])}): a classifier needs at least two")
     highest = int(labels.max()) if validation is None else max(int(labels.max()), int(validation[1].max()))
-    if highest < 1:
-        raise ValueError("labels hold a single class: a classifier needs at least two")
     return highest + 1
 
 
