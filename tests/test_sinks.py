@@ -451,7 +451,7 @@ def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(
     ids = tokenizer(TEXTS[0])["input_ids"]
     assert max(ids) >= 400
     for function in (sinks.score_heads, sinks.perplexity):
-        with pytest.raises(ValueError, match=rf"text 0 .* token id \d+, past the 400 rows of LlamaForCausalLM's "
+        with pytest.raises(ValueError, match=r"text 0 .* token id \d+, past the 400 rows of LlamaForCausalLM's "
                                               r"input embedding table .*resize_token_embeddings"):
             function(model, tokenizer, TEXTS[:2], progress=False)
     assert not is_patched(model)
