@@ -609,6 +609,29 @@ def test_a_row_ended_by_a_stopping_criterion_is_scored_up_to_its_end(tokenizer, 
     assert filled.tolist() == [[True, True, True, False, False], [True, True, True, True, True]]
 
 
+def test_trailing_pad_ids_are_scored_when_only_eos_ends_a_row(tokenizer, models):
+    """Without another stopping criterion only an eos ends a row, so a continuation whose last
+    tokens are the pad id generated them: all are scored (the pad-filling rule is for rows that
+    stop_strings, stopping_criteria or max_time end)."""
+    target, drafts = models
+    pad, steps = tokenizer.pad_token_id, []
+
+    def pad_from_the_third_step(module, args, logits):
+        steps.append(None)  # the prompt's forward, then one per step
+        if len(steps) >= 3:
+            logits = logits.clone()
+            logits[:, -1, pad] = 1e4
+        return logits
+
+    hook = target.get_output_embeddings().register_forward_hook(pad_from_the_third_step)
+    try:
+        _, table = uncertainty.generate_with_uncertainty(target, drafts, tokenizer, ["The river"], max_new_tokens=5,
+                                                         do_sample=False, progress=False)
+    finally:
+        hook.remove()
+    assert len(table) == 5 and table["token_id"].tolist()[2:] == [pad] * 3
+
+
 def test_stop_strings_are_passed_to_generate_with_the_tokenizer(tokenizer, models):
     """stop_strings need the tokenizer in generate, which is generate_with_uncertainty's own
     argument (tokenizer= cannot be passed on): it is passed on, and the row that meets the stop

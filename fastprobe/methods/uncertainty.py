@@ -240,9 +240,9 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     max_length truncates the prompts (generate's length is max_new_tokens). Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
-    continuation's first eos, position counted from the continuation's start. A continuation
-    that another stopping criterion ended (stop_strings, for which the tokenizer is passed on to
-    generate; stopping_criteria) ends where generate's pad filling begins: a continuation's
+    continuation's first eos, position counted from the continuation's start. With another
+    stopping criterion (stop_strings, for which the tokenizer is passed on to generate;
+    stopping_criteria; max_time) a continuation ends where generate's pad filling begins: its
     trailing pad tokens are taken for that filling, not scored. With
     num_return_sequences = n (sampling several continuations of a prompt) there are n
     continuations per prompt, prompt after prompt: the table's text is the continuation's
@@ -269,8 +269,10 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
         settings["tokenizer"] = tokenizer
     eos_ids = _eos_ids(config)
     # the id generate fills finished rows with: its config's, else the one generate_settings gave it (as an
-    # argument, or folded into a passed config); with neither, generate's own, its eos
-    pad_id = config.pad_token_id if config.pad_token_id is not None else pad_or_eos(tokenizer)
+    # argument, or folded into a passed config); with neither, generate's own, its eos. Only rows that a
+    # criterion other than eos can end are cut there: without one, a row's trailing pad ids are its own
+    stopped = config.stop_strings or config.max_time or generate_kwargs.get("stopping_criteria")
+    pad_id = None if not stopped else config.pad_token_id if config.pad_token_id is not None else pad_or_eos(tokenizer)
     generated, tables, first = [], [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
