@@ -16,7 +16,7 @@ from fastprobe.integrations import is_patched
 from .test_integration import (
     TOLERANCE, assert_real_close, check_qwen_vision_language_model, eager_sink_mass, inputs, outputs,
 )
-from .transformers_helpers import patch_or_skip, unpatched_or_skip
+from .transformers_helpers import assert_same_greedy, patch_or_skip, unpatched_or_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,12 +161,14 @@ def test_family_patched_equals_unpatched(model_type):
     check_prefill(model, reference, eager, **LOGITS_TOLERANCE.get(model_type, {}))
     with torch.no_grad():
         ids, mask = inputs(padding="left")
-        settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(ids, **settings), reference.generate(ids, **settings))
+        settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                        return_dict_in_generate=True)
+        tolerance = LOGITS_TOLERANCE.get(model_type, TOLERANCE)
+        assert_same_greedy(model.generate(ids, **settings), reference.generate(ids, **settings), **tolerance)
         if model_type in HYBRIDS:  # their static caches: attention layers beside fixed-size recurrent state
             settings["cache_implementation"] = "static"
             want = unpatched_or_skip(lambda: reference.generate(ids, **settings), f"{model_type} with a static cache")
-            assert torch.equal(model.generate(ids, **settings), want)
+            assert_same_greedy(model.generate(ids, **settings), want, **tolerance)
 
 
 def test_a_hybrid_whose_attention_bypasses_the_interface_is_refused(monkeypatch):
@@ -313,9 +315,7 @@ def test_minimax_decoding_reads_the_rows_padding():
             assert torch.equal(generated, alone.sequences[0, real.shape[1]:])
         ids, mask = inputs(padding="none")
         got, want = (net.generate(ids, attention_mask=mask, **settings) for net in (model, reference))
-    for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
-        torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
-    assert torch.equal(got.sequences, want.sequences)
+    assert_same_greedy(got, want, **TOLERANCE)
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
@@ -394,9 +394,7 @@ def test_kv_shared_layers(family, changes):
     with torch.no_grad():
         for cache in (None, "static"):
             got, want = (net.generate(ids, cache_implementation=cache, **settings) for net in (model, reference))
-            for got_scores, want_scores in zip(got.scores, want.scores, strict=True):
-                torch.testing.assert_close(got_scores, want_scores, **TOLERANCE)
-            assert torch.equal(got.sequences, want.sequences)
+            assert_same_greedy(got, want, **TOLERANCE)
         with fp.record_attention(model) as record:
             model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
     shared = model.config.num_kv_shared_layers

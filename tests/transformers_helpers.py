@@ -109,3 +109,29 @@ class AdapterWrapper(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
+
+
+
+def assert_same_greedy(got, want, rtol=2e-5, atol=2e-5):
+    """Greedy generations of the same prompts by two implementations (generate's outputs with
+    return_dict_in_generate and output_scores): each step's scores within the tolerance and the
+    same tokens while a row's tokens agree. A row may part only at a step where the reference's
+    top two scores are within twice the tolerance: a near tie, which scores this close may order
+    either way (a random model's top two come within float32 rounding, ~1e-7, a few times in
+    10^6 steps); after that step the row is not compared."""
+    prompt = want.sequences.shape[1] - len(want.scores)
+    alive = torch.ones(want.sequences.shape[0], dtype=torch.bool)
+    for step, (got_scores, want_scores) in enumerate(zip(got.scores, want.scores)):
+        torch.testing.assert_close(got_scores[alive], want_scores[alive], rtol=rtol, atol=atol,
+                                   msg=lambda m: f"step {step}: {m}")
+        parted = alive & (got.sequences[:, prompt + step] != want.sequences[:, prompt + step])
+        for row in parted.nonzero().flatten().tolist():
+            first, second = want_scores[row].double().topk(2).values.tolist()
+            margin = 2 * (atol + rtol * abs(first))
+            assert first - second <= margin, (f"row {row} parts at step {step}: the reference's top two scores "
+                                              f"{first:.7g} and {second:.7g} are no near tie (within {margin:.3g})")
+        alive &= ~parted
+    # (a different number of steps: generate stops when every row has ended, which a parted row may change)
+    assert len(got.scores) == len(want.scores) or not alive.all(), (len(got.scores), len(want.scores))
+    length = prompt + min(len(got.scores), len(want.scores))
+    assert torch.equal(got.sequences[alive, :length], want.sequences[alive, :length])
