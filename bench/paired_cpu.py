@@ -31,6 +31,8 @@ ATTENTION = {
     "decode_f32_gqa4": ("sink", "float32", 1, 32, 8, 1, 4096, 128, 20),
     "decode_bf16_mha": ("sink", "bfloat16", 1, 32, 32, 1, 4096, 128, 20),
     "decode_bf16_gqa4": ("sink", "bfloat16", 1, 32, 8, 1, 4096, 128, 20),
+    "decode_bf16_mha_d64": ("sink", "bfloat16", 1, 32, 32, 1, 4096, 64, 20),
+    "decode_bf16_gqa4_d64": ("sink", "bfloat16", 1, 32, 8, 1, 4096, 64, 20),
     "dual_f32_d128": ("dual", "float32", 1, 8, 8, 2048, 2048, 128, 2),  # a 1000-key image dropped
     "dual_bf16_d128": ("dual", "bfloat16", 1, 8, 8, 2048, 2048, 128, 2),
 }

@@ -111,7 +111,6 @@ class AdapterWrapper(torch.nn.Module):
             return getattr(self.base_model, name)
 
 
-
 def assert_same_greedy(got, want, rtol=2e-5, atol=2e-5):
     """Greedy generations of the same prompts by two implementations (generate's outputs with
     return_dict_in_generate and output_scores): each step's scores within the tolerance and the
