@@ -36,6 +36,7 @@ def shared_vocabulary(sizes: Sequence[int], tokenizer, what: str, models: str) -
         )
     return vocab
 
+
 def embedding_rows(model) -> Optional[int]:
     """Rows of model's input-embedding table (the token ids it embeds: [0, rows)); None where the
     model does not tell."""

@@ -38,8 +38,8 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, _variant_forms, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, embedding_rows, eval_mode, forward_parameters, generate_settings, iterates_keys, on_model,
-    output_cache, pad_or_eos, position_offset, require_pandas, text_batches,
+    as_texts, cache_argument, check_count, embedding_rows, eval_mode, forward_parameters, generate_settings,
+    iterates_keys, on_model, output_cache, pad_or_eos, position_offset, require_pandas, text_batches,
 )
 
 __all__ = [
@@ -188,18 +188,12 @@ def sequence_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: 
     if any(len(p) == 0 for p in prefixes) or any(len(c) == 0 for c in continuations):
         raise ValueError("every prefix and every continuation needs at least one token")
     batch_size = check_count(batch_size, "batch_size")
-    vocab = _embedding_rows(model)
+    vocab = embedding_rows(model)
     for name, sequences in (("prefixes", prefixes), ("continuations", continuations)):
         _check_token_ids(name, sequences, vocab)
     _check_token_ids("pad_id", [[pad_id]], vocab)
     with eval_mode(model):
         return _sequence_log_probs(model, prefixes, continuations, temperature, pad_id, batch_size, cached=True)
-
-
-def _embedding_rows(model) -> Optional[int]:
-    """How many token ids the model embeds (its input embedding's rows), None where it does not say."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return getattr(embeddings, "num_embeddings", None)
 
 
 def _check_token_ids(name: str, sequences, vocab: Optional[int]) -> None:

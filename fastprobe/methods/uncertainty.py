@@ -29,7 +29,7 @@ from ..ops._common import check_temperature, first_bad_index
 from ..ops.divergence import check_weights, draft_divergence
 from ..integrations.transformers import execution_device
 from ._batching import (
-    as_texts, check_count, effective_generation_config, eval_mode, generate_settings, on_model,
+    as_texts, check_count, effective_generation_config, embedding_rows, eval_mode, generate_settings, on_model,
     pad_or_eos, real_positions, require_pandas, shared_vocabulary, text_batches,
 )
 
@@ -62,21 +62,11 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return logits
 
 
-def _embedding_rows(model) -> Optional[int]:
-    """Rows of model's input-embedding table; None where the model does not tell."""
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    rows = getattr(embeddings, "num_embeddings", None)
-    return rows if isinstance(rows, int) else None
-
-
 def _check_input_embeddings(models: Sequence, tokenizer) -> None:
     """Every model's input-embedding table holds the tokenizer's ids (shared_vocabulary's rule),
     checked before any forward pass: a smaller table fails deep inside torch's embedding. (Models
     that do not tell their table's size are skipped; their logits are checked as they come.)"""
-    sizes = [rows for rows in map(_embedding_rows, models) if rows is not None]
+    sizes = [rows for rows in map(embedding_rows, models) if rows is not None]
     if sizes:
         shared_vocabulary(sizes, tokenizer, "input embedding rows: the target's, then each draft's", _SHARERS)
 
