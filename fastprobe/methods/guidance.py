@@ -42,7 +42,8 @@ import torch
 
 from ._batching import CACHE_NAMES, as_texts, cache_argument, eval_mode, generate_settings, output_cache
 from ..integrations.transformers import (
-    ImageKeys, config_image_token_id, execution_device, forward_arguments, is_patched, patch_options, patched_with, unwrapped,
+    ImageKeys, config_image_token_id, execution_device, forward_arguments, is_patched, patch_options, patched_with,
+    unwrapped,
 )
 from ..ops._common import check_int
 
