@@ -48,6 +48,16 @@ def embedding_rows(model) -> Optional[int]:
     return rows if isinstance(rows, int) else None
 
 
+def check_input_embeddings(models: Sequence, tokenizer, what: str, sharers: str) -> None:
+    """Every model's input-embedding table holds the tokenizer's ids (shared_vocabulary's rule,
+    `what` and `sharers` its wording), checked before any forward pass: a smaller table fails deep
+    inside torch's embedding (on CUDA, a device assert). Models that do not tell their table's
+    size are skipped; their logits are checked as they come."""
+    sizes = [rows for rows in map(embedding_rows, models) if rows is not None]
+    if sizes:
+        shared_vocabulary(sizes, tokenizer, what, sharers)
+
+
 def check_embedded(input_ids: torch.Tensor, attention_mask: torch.Tensor, models: Sequence, tokenizer, texts,
                    first: int, what: str) -> None:
     """A ValueError naming the text (or the pad token) and the model, before any forward, where a

@@ -82,17 +82,6 @@ def shared_vocabulary(student_size: int, teacher_size: int, tokenizer=None) -> i
     return student_size
 
 
-def _check_input_embeddings(student, teacher, tokenizer) -> None:
-    """Both models' input-embedding tables hold the tokenizer's ids (shared_vocabulary's rule for
-    the logits), checked before either model runs: the tokenizer's ids past a smaller table failed
-    inside torch's embedding (on CUDA, a device assert) before the logits could be compared. Models
-    that do not tell their table's size are left to the logits' check."""
-    sizes = [_batching.embedding_rows(student), _batching.embedding_rows(teacher)]
-    if None not in sizes:
-        _batching.shared_vocabulary(sizes, getattr(tokenizer, "tokenizer", tokenizer),
-                                    "input embedding rows: student, teacher", "student and teacher")
-
-
 def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss_fn, step: Optional[int] = None,
                       *, tokenizer=None):
     """(loss, student outputs) for one batch: both models run on the inputs (the teacher
@@ -117,7 +106,8 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
         raise ValueError(f"labels must have input_ids' shape {list(ids.shape)} (a label per token), got "
                          f"{list(labels.shape)}")
     if tokenizer is not None:  # (before either model runs: a table smaller than the tokenizer fails inside it)
-        _check_input_embeddings(student, teacher, tokenizer)
+        _batching.check_input_embeddings([student, teacher], getattr(tokenizer, "tokenizer", tokenizer),
+                                         "input embedding rows: student, teacher", "student and teacher")
     model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
     student_outputs = student(**_batching.with_positions(student, model_inputs))
     teacher_inputs = _batching.on_model(teacher, model_inputs)  # (ids and masks keep their dtype)

@@ -29,7 +29,7 @@ from ..ops._common import check_temperature, first_bad_index
 from ..ops.divergence import check_weights, draft_divergence
 from ..integrations.transformers import execution_device
 from ._batching import (
-    as_texts, check_count, effective_generation_config, embedding_rows, eval_mode, generate_settings, on_model,
+    as_texts, check_count, check_input_embeddings, effective_generation_config, eval_mode, generate_settings, on_model,
     pad_or_eos, real_positions, require_pandas, shared_vocabulary, text_batches,
 )
 
@@ -37,6 +37,7 @@ __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions",
 
 MEASURES = ("epistemic", "jsd", "kl_mixture_target")  # summed and averaged per sequence
 _SHARERS = "the drafts and the target"  # (shared_vocabulary's error)
+_EMBEDDINGS = "input embedding rows: the target's, then each draft's"
 
 
 def _check_models(drafts, weights, temperature) -> list:
@@ -60,15 +61,6 @@ def _logits(model, batch: dict) -> torch.Tensor:
     if logits is None:
         raise TypeError(f"draft uncertainty needs causal language models with logits, got {type(model).__name__}")
     return logits
-
-
-def _check_input_embeddings(models: Sequence, tokenizer) -> None:
-    """Every model's input-embedding table holds the tokenizer's ids (shared_vocabulary's rule),
-    checked before any forward pass: a smaller table fails deep inside torch's embedding. (Models
-    that do not tell their table's size are skipped; their logits are checked as they come.)"""
-    sizes = [rows for rows in map(embedding_rows, models) if rows is not None]
-    if sizes:
-        shared_vocabulary(sizes, tokenizer, "input embedding rows: the target's, then each draft's", _SHARERS)
 
 
 def _scored_rows(model, batch: dict, scored: torch.Tensor, device) -> torch.Tensor:
@@ -149,7 +141,7 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     (default uniform); temperature divides every logit. The models run in eval mode (no
     dropout), each module's training flag restored afterwards."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
-    _check_input_embeddings([target, *drafts], tokenizer)
+    check_input_embeddings([target, *drafts], tokenizer, _EMBEDDINGS, _SHARERS)
     texts = as_texts(texts)
     tables, first = [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
@@ -244,7 +236,7 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     if temperature is None:
         temperature = (config.temperature or 1.0) if sampling else 1.0
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
-    _check_input_embeddings([target, *drafts], tokenizer)
+    check_input_embeddings([target, *drafts], tokenizer, _EMBEDDINGS, _SHARERS)
     check_count(max_new_tokens, "max_new_tokens")
     if (config.num_beams or 1) > 1:
         raise ValueError("generate_with_uncertainty does not support beam search (num_beams > 1): generate's "
