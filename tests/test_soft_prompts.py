@@ -6,6 +6,8 @@ batches generate what each prompt alone does, n = 0 is plain generation, learned
 (GPT-2) bound n and max_new_tokens with a ValueError, and misuse raises clear errors without
 touching the inputs or the table."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -424,6 +426,36 @@ def test_rotary_positions_are_not_bounded(tokenizer):
     out = sp.soft_prompt_generate(model, input_ids=SHORT_AND_LONG, attention_mask=SHORT_AND_LONG_MASK, n=11,
                                   max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (2, 8)
+
+
+def test_a_model_offloaded_by_accelerate_fits_draws_and_generates_where_it_computes(tokenizer, fresh_seed):
+    """A model whose weights accelerate offloads (meta placeholders, loaded by its hooks at each
+    forward on the CPU): the fit, the seeded draws, the inputs and the generation are the model
+    in memory's, on the CPU, and the table is offloaded again after the fit. Each read the meta
+    placeholder ("Tensor.item() cannot be called on meta tensors"). A meta table without a hook
+    holds no values: a ValueError."""
+    import accelerate
+
+    model = fresh_llama(tokenizer, seed=fresh_seed)
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert table(offloaded).is_meta
+    for per_dimension in (False, True):
+        got, want = (sp.fit_embedding_gaussian(m, per_dimension=per_dimension) for m in (offloaded, model))
+        torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=0)
+        torch.testing.assert_close(got.std, want.std, rtol=0, atol=0)
+    assert table(offloaded).is_meta
+    soft = sp.draw_soft_prompts(offloaded, N, rows=len(TEXTS), seed=fresh_seed)
+    assert soft.device.type == "cpu"
+    torch.testing.assert_close(soft, sp.draw_soft_prompts(model, N, rows=len(TEXTS), seed=fresh_seed), rtol=0, atol=0)
+    batch = encode(tokenizer, TEXTS, "right")
+    got, want = (sp.soft_prompt_inputs(m, batch["input_ids"], batch["attention_mask"], soft_prompts=soft)
+                 for m in (offloaded, model))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert_same_generation(sp.soft_prompt_generate(offloaded, tokenizer, TEXTS, n=N, seed=fresh_seed, **GREEDY),
+                           sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=fresh_seed, **GREEDY))
+    with pytest.raises(ValueError, match="table is on the meta device .no values loaded"):  # (no hook to load it)
+        sp.fit_embedding_gaussian(copy.deepcopy(model).to("meta"))
 
 
 # ---------------------------------------------------------------- a vision-language model (LLaVA)

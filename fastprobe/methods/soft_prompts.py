@@ -44,6 +44,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
+from ..integrations.transformers import execution_device
 from ._batching import (
     appended_tokens, as_texts, check_count, effective_generation_config, encode_prompts, eval_mode,
     generate_settings, learned_positions, pad_or_eos, padding_ready,
@@ -64,7 +65,8 @@ _MODEL_INPUTS = ("inputs", "input_ids", "inputs_embeds", "attention_mask", "posi
 @dataclasses.dataclass(frozen=True)
 class EmbeddingGaussian:
     """A Gaussian fitted to an input embedding table: mean and std are float32 tensors on the
-    table's device, scalars ([]) for the isotropic fit or [hidden_size] per dimension."""
+    table's device (for a table offloaded by accelerate, its execution device), scalars ([]) for
+    the isotropic fit or [hidden_size] per dimension."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -102,6 +104,29 @@ def _float_table(model, weight: torch.Tensor) -> torch.Tensor:
             "model with the embedding table unquantized, or fit the Gaussian on a float model with the same table "
             "(EmbeddingGaussian) and pass soft prompts to soft_prompt_inputs yourself")
     return weight
+
+
+def _table_device(embedding, weight: torch.Tensor) -> torch.device:
+    """Where the table's rows are read: its device, or for a table offloaded by accelerate (a meta
+    placeholder, loaded by its hook at each forward) its hook's execution device."""
+    return execution_device(embedding) if weight.is_meta else weight.device
+
+
+@contextlib.contextmanager
+def _loaded(model, embedding, weight: torch.Tensor):
+    """The table's weight for the duration: as it is, or for a table offloaded by accelerate (a meta
+    placeholder) loaded onto its execution device by the module's hook, as its forward loads it,
+    then offloaded again. A meta table with no hook to load it holds no values: a ValueError."""
+    if not weight.is_meta:
+        yield weight
+        return
+    if getattr(embedding, "_hf_hook", None) is None:
+        raise ValueError(f"model: {type(model).__name__}'s input embedding table is on the meta device (no values "
+                         "loaded): load the model's weights before fitting or drawing from its table")
+    from accelerate.utils import align_module_device
+
+    with align_module_device(embedding):
+        yield embedding.weight
 
 
 def _embedding_scale(embedding, weight: torch.Tensor) -> float:
@@ -157,20 +182,21 @@ def fit_embedding_gaussian(model, *, per_dimension: bool = False,
     (unbiased, as torch.std) of all its entries (default), or of each hidden dimension's column
     (per_dimension=True). Every row counts, padding rows included, except exclude_token_ids (e.g.
     [tokenizer.pad_token_id]). Times the embedding module's embed_scale where it has one. Computed
-    in float64 over chunks of rows on the table's device; the table is read, never changed. Rows
+    in float64 over chunks of rows on the table's device (a table offloaded by accelerate is loaded
+    there by its hook for the fit, then offloaded again); the table is read, never changed. Rows
     with NaN or infinite entries are a ValueError naming them, unless excluded."""
     if not isinstance(per_dimension, bool):  # (per_dimension="no" is truthy)
         raise TypeError(f"per_dimension must be True or False, got {per_dimension!r}")
     embedding, weight = _input_embeddings(model)
     weight = _float_table(model, weight)
-    keep = _kept_rows(exclude_token_ids, weight.shape[0], weight.device)
-    with torch.no_grad():
+    keep = _kept_rows(exclude_token_ids, weight.shape[0], _table_device(embedding, weight))
+    with torch.no_grad(), _loaded(model, embedding, weight) as weight:
         mean, std = _table_moments(weight.detach(), keep, per_dimension)
         if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
             bad = ((~torch.isfinite(weight.detach())).any(-1) & keep).nonzero().flatten().tolist()
             raise ValueError(f"model: the input embedding table has NaN or infinite entries in rows "
                              f"{bad[:20]}{' ...' if len(bad) > 20 else ''}; leave them out with exclude_token_ids")
-    scale = _embedding_scale(embedding, weight)
+        scale = _embedding_scale(embedding, weight)
     return EmbeddingGaussian(mean=(mean * scale).float(), std=(std * abs(scale)).float(), hidden_size=weight.shape[1])
 
 
@@ -225,7 +251,8 @@ def draw_soft_prompts(model, n: int, *, rows: Optional[int] = None, gaussian: Op
                       per_dimension: bool = False, seed: Union[None, int, torch.Generator] = None) -> torch.Tensor:
     """n soft vectors [n, H], or `rows` independent soft prompts [rows, n, H], drawn from
     `gaussian` (default: fit_embedding_gaussian(model, per_dimension=per_dimension), fitted anew),
-    in the embedding table's dtype and on its device.
+    in the embedding table's dtype and on its device (for a table offloaded by accelerate, its
+    execution device).
 
     seed: None draws from torch's global generator on that device (fresh draws every call); an int
     makes the draws reproducible (its own CPU generator; the global RNG is left alone); a
@@ -234,14 +261,15 @@ def draw_soft_prompts(model, n: int, *, rows: Optional[int] = None, gaussian: Op
     if rows is not None:
         rows = check_count(rows, "rows", 1)
     _check_seed(seed)
-    _, weight = _input_embeddings(model)
+    embedding, weight = _input_embeddings(model)
     weight = _float_table(model, weight)  # (the draws are cast to its dtype)
     gaussian = _gaussian_for(model, weight, gaussian, per_dimension)
     shape = (n, weight.shape[1]) if rows is None else (rows, n, weight.shape[1])
-    noise = _standard_normal(shape, seed, weight.device)
+    device = _table_device(embedding, weight)
+    noise = _standard_normal(shape, seed, device)
     # x = mu + sigma * z,  z ~ N(0, I)   (mu, sigma scalars or per dimension, broadcast over the last axis)
     soft = gaussian.mean.to(noise.device) + gaussian.std.to(noise.device) * noise
-    return soft.to(device=weight.device, dtype=weight.dtype)
+    return soft.to(device=device, dtype=weight.dtype)
 
 
 # ---------------------------------------------------------------- placing them after the prompts
@@ -325,7 +353,7 @@ def soft_prompt_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[
     position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), or a model with learned
     positions (GPT-2) sees a padded row's tokens shifted by its padding."""
     embedding, weight = _input_embeddings(model)
-    ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], weight.device)
+    ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], _table_device(embedding, weight))
     soft = _check_soft_prompts(soft_prompts, ids.shape[0], weight.shape[1])
     _position_limit(model, mask, soft.shape[1], "soft_prompts")
     ids, mask = _left_packed(ids, mask)
@@ -435,10 +463,10 @@ def soft_prompt_generate(
     the mode of your own calls to you."""
     n = check_count(n, "n", 0)
     _check_seed(seed)
-    _, weight = _input_embeddings(model)
+    embedding, weight = _input_embeddings(model)
     settings = _generate_settings(model, tokenizer, generate_kwargs)
     input_ids, attention_mask = _prompt_batch(tokenizer, texts, input_ids, attention_mask)
-    ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], weight.device)
+    ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], _table_device(embedding, weight))
     limit, longest = _position_limit(model, mask, n, f"n={n}")
     new_tokens = _max_new_tokens(model, settings)
     if limit is not None and new_tokens is not None and longest + n + new_tokens - 1 > limit:
