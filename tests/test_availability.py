@@ -4,6 +4,7 @@ probabilities, prompt by prompt, whatever the batching and padding; prefixes are
 correctness, summaries and bad input."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -264,6 +265,38 @@ def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(
                                               "the 400 rows"):
             availability.answer_availability(small, tokenizer, ["Q: A:"], [answer], generate=generate,
                                              progress=False)
+
+
+def test_a_pad_token_past_the_table_is_not_what_variants_are_padded_with(tokenizer, fresh_seed):
+    """A pad token added to the tokenizer without resizing the model's table (id 512 of 512
+    rows): prompts that need no padding get the masses and answers of the tokenizer without it,
+    multi-token variants of unequal lengths included, which were padded with the pad token, and
+    greedy answers of which one ends first, whose row generate filled with it: an IndexError
+    inside torch's embedding (on CUDA, a device assert)."""
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=fresh_seed)
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "<extra_pad>"})
+    assert padded.pad_token_id == model.get_input_embeddings().num_embeddings
+    lengths = {len(s) for i, aliases in enumerate(ANSWERS)
+               for s in availability._Answer(padded, aliases, availability._DEFAULT_VARIANTS, i).multi}
+    assert len(lengths) > 1
+    for (prompt, aliases), generate in itertools.product(zip(PROMPTS, ANSWERS), (False, True)):
+        options = dict(generate=generate, max_new_tokens=3, progress=False)
+        got, want = (availability.answer_availability(model, reader, [prompt], [aliases], **options)
+                     for reader in (padded, tokenizer))
+        pandas.testing.assert_frame_equal(got, want)
+    # generate fills a row that ends before the others (at an eos: here the first prompt's greedy first
+    # token) with the pad token of a model config that has none, and feeds it back: an id the model embeds
+    prompts = ["The river ran", "The old mill"]  # (as long: no padding)
+    assert len({len(tokenizer(prompt)["input_ids"]) for prompt in prompts}) == 1
+    with torch.no_grad():
+        first = [int(model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].argmax()) for prompt in prompts]
+    if first[0] == first[1]:
+        pytest.skip("both prompts' greedy answers begin with the same token")
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = None, first[0]
+    got, want = (availability.answer_availability(model, reader, prompts, ANSWERS[2:4], max_new_tokens=3,
+                                                  progress=False) for reader in (padded, tokenizer))
+    pandas.testing.assert_frame_equal(got, want)
 
 
 def test_a_model_offloaded_by_accelerate_is_fed_where_it_computes(model, tokenizer):

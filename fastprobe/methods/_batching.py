@@ -177,6 +177,17 @@ def pad_or_eos(tokenizer) -> Optional[int]:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def embedded_pad_id(model, tokenizer) -> int:
+    """An id to pad with where padding is embedded though masked (teacher-forced batches, the
+    filling generate feeds back for finished rows): the tokenizer's pad token, else its eos, the
+    first that the model's input-embedding rows hold (a pad token added to the tokenizer without
+    model.resize_token_embeddings is past them: an IndexError inside torch's embedding, on CUDA a
+    device assert), else 0."""
+    rows = embedding_rows(model)
+    ids = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return next((i for i in ids if i is not None and (rows is None or i < rows)), 0)
+
+
 def forward_parameters(model) -> frozenset:
     """The names model.forward takes (empty when its signature cannot be read): of the model inside
     a PEFT or compiled wrapper, whose own forward takes (*args, **kwargs) and passes them on."""

@@ -38,8 +38,8 @@ import torch
 from ..ops._common import check_temperature
 from ..ops.concepts import ConceptSet, _variant_forms, answer_variants, concept_mass
 from ._batching import (
-    as_texts, cache_argument, check_count, embedding_rows, eval_mode, forward_parameters, generate_settings,
-    iterates_keys, on_model, output_cache, pad_or_eos, position_offset, require_pandas, text_batches,
+    as_texts, cache_argument, check_count, embedded_pad_id, embedding_rows, eval_mode, forward_parameters,
+    generate_settings, iterates_keys, on_model, output_cache, position_offset, require_pandas, text_batches,
 )
 
 __all__ = [
@@ -433,9 +433,10 @@ def _greedy(model, tokenizer, batch: dict, max_new_tokens: int):
     fresh = GenerationConfig()
     unsampled = {name: getattr(fresh, name) for name in _SAMPLING_SETTINGS if hasattr(fresh, name)}
     # (one answer per prompt: a sampling config's num_return_sequences would make generate refuse the greedy
-    # config, "Greedy methods ... do not support num_return_sequences")
-    settings = generate_settings(model, pad_or_eos(tokenizer), {}, max_new_tokens=max_new_tokens, do_sample=False,
-                                 num_beams=1, num_return_sequences=1, **unsampled, output_logits=True,
+    # config, "Greedy methods ... do not support num_return_sequences"; finished rows filled with an id the
+    # model embeds, as generate feeds them back)
+    settings = generate_settings(model, embedded_pad_id(model, tokenizer), {}, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, num_return_sequences=1, **unsampled, output_logits=True,
                                  return_dict_in_generate=True)
     output = model.generate(**batch, **settings)
     new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
@@ -511,7 +512,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     variants = _variant_forms(variants)  # (once: a generator of form names serves every answer)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     _check_variants_embedded(model, gold)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = embedded_pad_id(model, tokenizer)  # (the variants' padding)
     # tokens that follow a prompt into the model: generate's but its last (never fed back), and a
     # multi-token variant's but its last (teacher forcing)
     new_tokens = max([max_new_tokens - 1 if generate else 0] + [len(s) - 1 for answer in gold for s in answer.multi])
