@@ -280,10 +280,20 @@ def test_collector_bad_input_raises_before_the_model_runs(tokenizer, call, match
     (["text"], r"batches\[0\] must be a dict"),
     ({"attention_mask": torch.ones(1, 3)}, "needs input_ids"),
     ({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 4)}, "attention_mask must"),
+    ([{"input_ids": torch.ones(2, 3, dtype=torch.long)}, {"input_ids": torch.ones(0, 3, dtype=torch.long)}],
+     r"batches\[1\] holds no rows \(batch size 0\)"),
 ])
 def test_batches_bad_input(tokenizer, batches, match):
-    with pytest.raises(ValueError, match=match):
-        collect_hidden_states_from_batches(model_of("llama", tokenizer), batches, layers=[0], progress=False)
+    """Refused before the model runs (a batch of 0 rows failed inside its attention)."""
+    model = model_of("llama", tokenizer)
+    ran = []
+    handle = model.register_forward_pre_hook(lambda *_: ran.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            collect_hidden_states_from_batches(model, batches, layers=[0], progress=False)
+    finally:
+        handle.remove()
+    assert not ran
 
 
 def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(tokenizer):

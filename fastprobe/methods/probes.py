@@ -361,6 +361,8 @@ def _checked_batches(batches) -> list:
         tokens = batch.get("input_ids", batch.get("inputs_embeds"))
         if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
             raise ValueError(f"batches[{index}] needs input_ids [B, T] or inputs_embeds [B, T, H] as tensors")
+        if tokens.shape[0] == 0:  # (it failed inside the model's attention, reshaping 0 elements)
+            raise ValueError(f"batches[{index}] holds no rows (batch size 0): leave empty batches out")
         mask = batch.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tokens.shape[:2])):
             raise ValueError(f"batches[{index}]: attention_mask must be a tensor of shape {tuple(tokens.shape[:2])}")
