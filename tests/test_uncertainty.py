@@ -97,6 +97,39 @@ def test_the_token_tables_dtypes_do_not_depend_on_the_batching(tokenizer, models
     pandas.testing.assert_frame_equal(tables[0], tables[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("template", ["<s> $A", "<s> </s> $A"])
+def test_position_is_the_index_in_the_text_also_after_left_truncation(tokenizer, models, template, fresh_seed):
+    """A tokenizer that truncates on the left (truncation_side="left") keeps a long text's end,
+    after its leading special tokens: each row's position is still its token's index in the
+    text's own tokens (it counted from the window's start: 1 where the text had 28), the special
+    tokens keep theirs, and the figures are those of the window alone."""
+    from tokenizers import processors
+
+    target, drafts = models
+    left = copy.deepcopy(tokenizer)
+    left.truncation_side = "left"
+    left.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)])
+    before = template.split().index("$A")  # special tokens before the text
+    max_length = int(torch.randint(8, 20, ()))
+    texts = TEXTS[:6]
+    table = uncertainty.token_uncertainty(target, drafts, left, texts, max_length=max_length, batch_size=4,
+                                          progress=False)
+    assert table["text"].nunique() == len(texts)
+    cut = 0
+    for index, text in enumerate(texts):
+        rows, full = table[table["text"] == index], left(text)["input_ids"]
+        window = left(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+        cut += len(full) > window.shape[1]
+        assert [full[position] for position in rows["position"]] == rows["token_id"].tolist()
+        # the special tokens after the first, then the window's text tokens: the text's last ones
+        assert rows["position"].tolist() == [*range(1, before), *range(len(full) - window.shape[1] + before, len(full))]
+        _, result = expected_rows(target, drafts, left, window)
+        torch.testing.assert_close(torch.tensor(rows["epistemic"].to_numpy()), result["epistemic"], atol=2e-4,
+                                   rtol=1e-4)
+    assert 0 < cut < len(texts)  # long texts cut, "Short." whole
+
+
 def test_each_model_gets_position_ids_in_its_own_numbering(tokenizer, models):
     """A RoBERTa-family draft (learned positions from padding_idx + 1) beside a Llama target: each
     model reads the batch with its own position_ids, for texts and for a generation's scoring."""

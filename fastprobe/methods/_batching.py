@@ -358,13 +358,18 @@ def as_texts(texts, name: str = "texts") -> list[str]:
     return texts
 
 
-def appended_tokens(tokenizer) -> int:
-    """How many special tokens the tokenizer appends after a text (an eos or sep: a "<s> $A </s>"
-    template, Llama's add_eos_token)."""
+def special_tokens_around(tokenizer) -> tuple[int, int]:
+    """(before, after): how many special tokens the tokenizer puts before a text (a bos or cls) and
+    after it (an eos or sep: a "<s> $A </s>" template, Llama's add_eos_token)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     starts = (at for at in range(len(full) - len(plain) + 1) if full[at:at + len(plain)] == plain)
-    return next((len(full) - at - len(plain) for at in starts), 0)
+    return next(((at, len(full) - at - len(plain)) for at in starts), (0, 0))
+
+
+def appended_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer appends after a text (special_tokens_around)."""
+    return special_tokens_around(tokenizer)[1]
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], appended: int, **truncation):

@@ -30,7 +30,7 @@ from ..ops.divergence import check_weights, draft_divergence
 from ..integrations.transformers import execution_device
 from ._batching import (
     as_texts, check_count, check_input_embeddings, effective_generation_config, eval_mode, generate_settings, on_model,
-    pad_or_eos, real_positions, require_pandas, shared_vocabulary, text_batches,
+    pad_or_eos, real_positions, require_pandas, shared_vocabulary, special_tokens_around, text_batches,
 )
 
 __all__ = ["MEASURES", "auroc", "generate_with_uncertainty", "scored_positions", "sequence_scores", "token_uncertainty"]
@@ -130,13 +130,28 @@ def _concat(pandas, tables: list, num_texts: int):
     return table
 
 
+def _text_positions(tokenizer, texts: Sequence[str], attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] each token's index in its text's own tokens (tokenizer(text)): its position among
+    the row's real tokens, plus, after the leading special tokens, the text tokens a left-truncating
+    tokenizer (truncation_side="left") cut from the start to fit max_length (the text's length
+    alone less the row's real tokens); a right-truncated text keeps its start."""
+    positions = real_positions(attention_mask)
+    if getattr(tokenizer, "truncation_side", "right") != "left":
+        return positions
+    lengths = [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]  # (verbose: no length warning)
+    cut = torch.tensor(lengths, device=positions.device) - attention_mask.sum(-1)  # [B]
+    before = special_tokens_around(tokenizer)[0]
+    return positions + cut[:, None] * (positions >= before)
+
+
 def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]], *, weights=None,
                       temperature: float = 1.0, batch_size: int = 8, max_length: int = 512, progress: bool = True):
     """Per-token draft uncertainty of `texts` under a target model and its drafts (causal LMs
     sharing `tokenizer`): a DataFrame with one row per real token after each text's first, in
-    order, with columns text (index into texts), position (the token's index in its text),
-    token_id, token (decoded), epistemic, jsd, kl_mixture_target, target_entropy and
-    mixture_entropy (nats). Texts are batched (padding on the tokenizer's side does not change
+    order, with columns text (index into texts), position (the token's index in its text's
+    tokens, tokenizer(text)["input_ids"], also where a tokenizer with truncation_side="left" cut
+    the text's start to max_length), token_id, token (decoded), epistemic, jsd,
+    kl_mixture_target, target_entropy and mixture_entropy (nats). Texts are batched (padding on the tokenizer's side does not change
     the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
     (default uniform); temperature divides every logit. The models run in eval mode (no
     dropout), each module's training flag restored afterwards."""
@@ -153,8 +168,8 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
             target_rows = _scored_rows(target, batch, scored, execution_device(target))  # [N, V]
             statistics = _scored_statistics(target_rows, drafts, batch, scored, weights, temperature, tokenizer)
             rows, columns = scored.nonzero(as_tuple=True)
-            tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(),
-                                       real_positions(batch["attention_mask"])[rows, columns + 1].cpu(),
+            positions = _text_positions(tokenizer, texts[first:first + real.shape[0]], batch["attention_mask"])
+            tables.append(_token_table(statistics, tokenizer, (rows + first).cpu(), positions[rows, columns + 1].cpu(),
                                        batch["input_ids"][rows, columns + 1].cpu()))
             first += real.shape[0]
     return _concat(pandas, tables, len(texts))
