@@ -137,6 +137,10 @@ def test_top_and_random_heads(tokenizer):
     with pytest.raises(TypeError, match="count must be an integer"):
         sinks.random_heads(table, 2.0)
     assert sinks.random_heads(table, 0) == []
+    # a seed torch's generator refuses ("manual_seed expected a long") or wraps (-1 is 2**64 - 1): refused by name
+    for seed, error in ((None, TypeError), (1.0, TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="seed must be"):
+            sinks.random_heads(table, 2, seed=seed)
 
 
 def test_random_heads_exclude_a_table_as_its_rows(tokenizer):

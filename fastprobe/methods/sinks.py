@@ -97,6 +97,7 @@ def random_heads(table, count: int, *, seed: int = 0, exclude: Iterable[tuple[in
     what prune_heads takes as heads: (layer, head) pairs, or a table (every row)."""
     _check_table(table, ("layer", "head"))
     count = check_int(count, "count", 0)  # (a negative count sliced the draw from its end)
+    seed = check_int(seed, "seed", 0)  # (else torch's "manual_seed expected a long", naming no argument)
     # (a table's rows: iterated, a DataFrame gives its column names, and excluded nothing)
     excluded = set(_heads_of(exclude, None))
     pool = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"]) if (int(l), int(h)) not in excluded]
