@@ -241,6 +241,12 @@ def test_labels_must_be_token_ids_or_the_ignore_index():
     student.register_forward_hook(lambda *_: ran.append("student"))
     with pytest.raises(ValueError, match=r"^labels must have input_ids' shape"):
         distillation_loss(student, teacher, dict(inputs, labels=inputs["labels"][:, :5]), fp.BridgeLoss(beta=0.5))
+    # a batch of 0 rows, as ids or as embeddings (it failed inside the student's attention, unnamed)
+    embeds = student.get_input_embeddings()(inputs["input_ids"]).detach()
+    for empty in ({name: value[:0] for name, value in inputs.items()},
+                  {"inputs_embeds": embeds[:0], "attention_mask": inputs["attention_mask"][:0]}):
+        with pytest.raises(ValueError, match=r"^inputs hold no rows \(batch size 0\)"):
+            distillation_loss(student, teacher, empty, fp.BridgeLoss(beta=0.5))
     assert not ran
 
 

@@ -102,6 +102,9 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     labels = inputs.get("labels")
     check_labels(labels, loss_fn.ignore_index)
     ids = inputs.get("input_ids")
+    tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if isinstance(tokens, torch.Tensor) and tokens.dim() > 0 and tokens.shape[0] == 0:  # (it failed inside a model)
+        raise ValueError("inputs hold no rows (batch size 0): there is nothing to distil")
     if labels is not None and isinstance(ids, torch.Tensor) and labels.shape != ids.shape:  # (before either model runs)
         raise ValueError(f"labels must have input_ids' shape {list(ids.shape)} (a label per token), got "
                          f"{list(labels.shape)}")
