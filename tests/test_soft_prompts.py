@@ -353,6 +353,29 @@ def test_a_tokenizer_without_pad_token_borrows_eos(tokenizer):
     assert_same_generation(got, want)
 
 
+def test_a_pad_token_past_the_table_does_not_fill_rows_that_end_first(tokenizer, fresh_seed):
+    """A pad token added to the tokenizer without resizing the model's table (id 512 of 512 rows),
+    and no pad token in the generation config: a row that ends before the others (at an eos, here
+    the first row's greedy first token) is filled with an id the model embeds, as generate feeds
+    the filling back (it was the pad token: an IndexError inside torch's embedding), and the
+    continuations read as with the tokenizer without it."""
+    model = fresh_llama(tokenizer, seed=fresh_seed)
+    model.generation_config.pad_token_id = None
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "<extra_pad>"})
+    prompts = ["The river ran", "The old mill"]  # (as long: no padding)
+    assert len({len(tokenizer(prompt)["input_ids"]) for prompt in prompts}) == 1
+    first = sp.soft_prompt_generate(model, tokenizer, prompts, n=N, seed=fresh_seed, max_new_tokens=1,
+                                    do_sample=False)[:, 0].tolist()
+    if first[0] == first[1]:
+        pytest.skip("both rows' greedy continuations begin with the same token")
+    model.generation_config.eos_token_id = first[0]
+    got, want = (sp.soft_prompt_generate(model, reader, prompts, n=N, seed=fresh_seed, max_new_tokens=4,
+                                         do_sample=False) for reader in (padded, tokenizer))
+    assert got[0, 0] == first[0] and (got[0, 1:] == padded.eos_token_id).all()  # (the row ended first)
+    assert padded.batch_decode(got, skip_special_tokens=True) == tokenizer.batch_decode(want, skip_special_tokens=True)
+
+
 def test_generation_takes_a_fitted_gaussian(tokenizer):
     model = stretched_llama(tokenizer)
     gaussian = sp.fit_embedding_gaussian(model, per_dimension=True)

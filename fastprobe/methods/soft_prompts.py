@@ -46,8 +46,8 @@ import torch
 
 from ..integrations.transformers import execution_device
 from ._batching import (
-    appended_tokens, as_texts, check_count, effective_generation_config, encode_prompts, eval_mode,
-    generate_settings, learned_positions, pad_or_eos, padding_ready,
+    appended_tokens, as_texts, check_count, effective_generation_config, embedded_pad_id, encode_prompts, eval_mode,
+    generate_settings, learned_positions, padding_ready,
 )
 
 __all__ = [
@@ -397,7 +397,8 @@ def _generate_settings(model, tokenizer, generate_kwargs: dict) -> dict:
     if given:
         raise ValueError(f"soft_prompt_generate builds the model inputs itself: do not pass {given} "
                          "(give input_ids and attention_mask as its own arguments)")
-    return generate_settings(model, None if tokenizer is None else pad_or_eos(tokenizer), generate_kwargs)
+    # (the id generate fills finished rows with, and feeds back: one the model embeds)
+    return generate_settings(model, None if tokenizer is None else embedded_pad_id(model, tokenizer), generate_kwargs)
 
 
 def _max_new_tokens(model, settings: dict) -> Optional[int]:
