@@ -717,3 +717,27 @@ def test_demo_guidance_section(capsys):
     assert cli._demo_guidance(torch.device("cpu"), seed=0, new_tokens=4)
     printed = capsys.readouterr().out
     assert "gamma = 0 vs plain generate: same tokens True" in printed and "two-pass contrastive decoding" in printed
+
+
+def test_a_pad_token_past_the_table_does_not_fill_rows_that_end_first(model, processor, images):
+    """generate fills a row that ends before the others with the pad id and feeds it back: with a
+    pad token added to the tokenizer past the model's table (no resize_token_embeddings) and none in
+    the model's generation config, guided and two-pass generation fill with an id the model embeds,
+    the tokenizer's eos (the pad id was an IndexError inside the embedding)."""
+    past = copy.deepcopy(processor)
+    past.tokenizer.add_special_tokens({"pad_token": "<pad past the table>"})
+    assert past.tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings
+    model.generation_config.pad_token_id = None
+    prompts = [PROMPTS[0]] * 2  # (one length: the prompt batch itself holds no padding)
+    batch = batch_of(model, processor, images, prompts)
+    with torch.no_grad():
+        firsts = model.generate(**batch, **GREEDY).sequences[:, -NEW_TOKENS]
+    assert firsts[0] != firsts[1]  # (the images differ; fixed seeds)
+    # row 0 ends at its first token, row 1 goes on: row 0 is filled for the steps after
+    ending = dict(GREEDY, eos_token_id=int(firsts[0]))
+    with torch.no_grad():
+        want = model.generate(**batch, **ending, pad_token_id=processor.tokenizer.eos_token_id).sequences
+    assert (want[0, -NEW_TOKENS + 1:] == processor.tokenizer.eos_token_id).all()
+    guided = guidance.guided_generate(model, past, images, prompts, gamma=0.0, **ending)
+    two_pass = guidance.two_pass_generate(model, past, images, prompts, alpha=0.0, **ending)
+    assert torch.equal(guided.sequences, want) and torch.equal(two_pass.sequences, want)

@@ -40,7 +40,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._batching import CACHE_NAMES, as_texts, cache_argument, eval_mode, generate_settings, output_cache
+from ._batching import (
+    CACHE_NAMES, as_texts, cache_argument, embedded_pad_id, eval_mode, generate_settings, output_cache,
+)
 from ..integrations.transformers import (
     ImageKeys, config_image_token_id, execution_device, forward_arguments, is_patched, patch_options, patched_with,
     unwrapped,
@@ -109,8 +111,12 @@ def prepare_inputs(model, processor, images, prompts: Union[str, Sequence[str]])
     return batch.to(device=device, dtype=dtype)  # casts the floating tensors only (pixel values)
 
 
-def _pad_id(processor) -> Optional[int]:
-    return getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
+def _pad_id(model, processor) -> Optional[int]:
+    """The id generate fills finished rows with, and feeds back: the tokenizer's pad, or one the
+    model embeds where the pad is past its table (embedded_pad_id); None where the tokenizer has
+    no pad (generate's own choice)."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    return None if getattr(tokenizer, "pad_token_id", None) is None else embedded_pad_id(model, tokenizer)
 
 
 # ---------------------------------------------------------------- one pass: dual-path attention
@@ -173,7 +179,7 @@ def guided_generate(
     and two_pass_contrast() your own calls run in the mode you leave the model in."""
     _image_token_id(model, processor)
     options = dict(gamma=gamma, layers=layers, orthogonalize=orthogonalize, rows=rows, eps=eps)
-    settings = generate_settings(model, _pad_id(processor), generate_kwargs)
+    settings = generate_settings(model, _pad_id(model, processor), generate_kwargs)
     # (the options are checked before the processor runs)
     with guidance(model, **options), eval_mode(model):
         batch = prepare_inputs(model, processor, images, prompts)
@@ -344,7 +350,7 @@ def two_pass_generate(
     in eval mode likewise."""
     _image_token_id(model, processor)
     _check_alpha(alpha)
-    settings = generate_settings(model, _pad_id(processor), generate_kwargs)
+    settings = generate_settings(model, _pad_id(model, processor), generate_kwargs)
     batch = prepare_inputs(model, processor, images, prompts)
     with two_pass_contrast(model, alpha=alpha), eval_mode(model):
         return model.generate(**batch, **settings)
