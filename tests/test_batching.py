@@ -166,3 +166,35 @@ def test_prompts_without_their_appended_eos_are_padded_without_advice():
     assert not [record.getMessage() for record in records]
     assert encoded["input_ids"][0, 0] == appending.bos_token_id and (encoded["input_ids"] != appending.eos_token_id).all()
     assert encoded["attention_mask"][1].tolist()[-2:] == [1, 1] and encoded["attention_mask"][1, 0] == 0
+
+
+def test_progress_is_a_bool_before_the_model_runs():
+    """progress="no" is truthy (it showed the bar): each method that batches texts refuses a
+    progress that is not True or False, naming it, before its model runs."""
+    import pytest
+
+    from fastprobe.methods.availability import answer_availability, greedy_answers
+    from fastprobe.methods.probes import collect_hidden_states, collect_hidden_states_from_batches, train_probe
+    from fastprobe.methods.sinks import perplexity, score_heads
+    from fastprobe.methods.uncertainty import token_uncertainty
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=1)
+    ran = []
+    model.register_forward_pre_hook(lambda *_: ran.append(1))
+    batch = dict(tokenizer(["one text"], return_tensors="pt"))
+    calls = [
+        lambda progress: score_heads(model, tokenizer, ["a text"], progress=progress),
+        lambda progress: perplexity(model, tokenizer, ["a text"], progress=progress),
+        lambda progress: token_uncertainty(model, [model], tokenizer, ["a text"], progress=progress),
+        lambda progress: greedy_answers(model, tokenizer, ["a prompt"], progress=progress),
+        lambda progress: answer_availability(model, tokenizer, ["a prompt"], ["an answer"], progress=progress),
+        lambda progress: collect_hidden_states(model, tokenizer, ["a text"], layers=[0], progress=progress),
+        lambda progress: collect_hidden_states_from_batches(model, [batch], layers=[0], progress=progress),
+        lambda progress: train_probe(torch.randn(8, 4), torch.arange(8) % 2, epochs=1, progress=progress),
+    ]
+    for call in calls:
+        for progress in ("no", 0, None):
+            with pytest.raises(TypeError, match=f"^progress must be True or False, got {progress!r}"):
+                call(progress)
+    assert not ran

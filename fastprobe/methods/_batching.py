@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ..integrations.transformers import execution_device, unwrapped
-from ..ops._common import autocast_dtype
+from ..ops._common import autocast_dtype, check_bool
 
 
 def check_count(value, name: str, minimum: int = 1) -> int:
@@ -404,6 +404,7 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     texts = as_texts(texts)
     check_count(batch_size, "batch_size")
     check_count(max_length, "max_length")
+    check_bool(progress, "progress")  # (progress="no" is truthy)
     device = execution_device(model)
     positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
     # the fewest learned positions among the model and the readers, and whose they are

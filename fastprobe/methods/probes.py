@@ -43,6 +43,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import torch
 
 from ..integrations.transformers import execution_device, unwrapped
+from ..ops._common import check_bool
 from ._batching import (
     autocast_off, check_count, eval_mode, forward_parameters, last_real_index, on_model, text_batches,
 )
@@ -305,8 +306,7 @@ def _collect(model, blocks: list, layers: list[int], batches: Iterable[dict], po
 def _check_output(dtype, on_device) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    if not isinstance(on_device, bool):
-        raise ValueError(f"on_device must be True or False, got {on_device!r}")
+    check_bool(on_device, "on_device")
 
 
 def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, layers, pool: Optional[str] = "last",
@@ -343,6 +343,7 @@ def collect_hidden_states_from_batches(model, batches, *, layers, pool: Optional
     layers = _resolve_layers(layers, len(blocks))
     _check_pool(pool)
     _check_output(dtype, on_device)
+    check_bool(progress, "progress")
     batches = _checked_batches(batches)
     from tqdm.auto import tqdm
 
@@ -715,8 +716,8 @@ def train_probe(
     labels = _as_labels(labels, features.shape[0], task).to(features.device)
     check_count(epochs, "epochs")
     check_count(seed, "seed", minimum=0)
-    if not isinstance(standardize, bool):  # (standardize="no" is truthy)
-        raise TypeError(f"standardize must be True or False, got {standardize!r}")
+    check_bool(standardize, "standardize")
+    check_bool(progress, "progress")
     if batch_size is not None:
         check_count(batch_size, "batch_size")
     train_rows, val_rows = _split(features.shape[0], 0.0 if validation_data is not None else validation_fraction, seed)

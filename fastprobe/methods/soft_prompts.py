@@ -45,6 +45,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from ..integrations.transformers import execution_device
+from ..ops._common import check_bool
 from ._batching import (
     appended_tokens, as_texts, check_count, effective_generation_config, embedded_pad_id, encode_prompts, eval_mode,
     generate_settings, learned_positions, padding_ready,
@@ -185,8 +186,7 @@ def fit_embedding_gaussian(model, *, per_dimension: bool = False,
     in float64 over chunks of rows on the table's device (a table offloaded by accelerate is loaded
     there by its hook for the fit, then offloaded again); the table is read, never changed. Rows
     with NaN or infinite entries are a ValueError naming them, unless excluded."""
-    if not isinstance(per_dimension, bool):  # (per_dimension="no" is truthy)
-        raise TypeError(f"per_dimension must be True or False, got {per_dimension!r}")
+    check_bool(per_dimension, "per_dimension")
     embedding, weight = _input_embeddings(model)
     weight = _float_table(model, weight)
     keep = _kept_rows(exclude_token_ids, weight.shape[0], _table_device(embedding, weight))
@@ -223,8 +223,7 @@ def _standard_normal(shape: tuple, seed, device: torch.device) -> torch.Tensor:
 
 
 def _gaussian_for(model, weight: torch.Tensor, gaussian: Optional[EmbeddingGaussian], per_dimension: bool):
-    if not isinstance(per_dimension, bool):  # (per_dimension="no" is truthy)
-        raise TypeError(f"per_dimension must be True or False, got {per_dimension!r}")
+    check_bool(per_dimension, "per_dimension")
     if gaussian is None:
         return fit_embedding_gaussian(model, per_dimension=per_dimension)
     if not isinstance(gaussian, EmbeddingGaussian):

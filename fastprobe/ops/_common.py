@@ -258,6 +258,14 @@ def nan_where_not_finite(values: torch.Tensor, row_finite: torch.Tensor) -> torc
     return torch.where(row_finite, values, torch.full_like(values, float("nan")))
 
 
+def check_bool(value, name: str) -> bool:
+    """True or False, or a TypeError naming `name` (an option given as "no" or 0 is truthy or falsy
+    by accident)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_int(value, name: str, minimum: int) -> int:
     """An integer in [minimum, 2^63 - 1] (bools refused), or a TypeError/ValueError naming `name`."""
     if type(value) is int and minimum <= value <= INT64_MAX:  # (the common case, without the ABC check)

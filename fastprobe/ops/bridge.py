@@ -40,6 +40,7 @@ from ._common import (
     autocast_dtype,
     backend_dtype,
     batched_gradient,
+    check_bool,
     check_dtype,
     check_int,
     check_op_inv_temperature,
@@ -366,12 +367,6 @@ def _optional(check):
     return lambda value: None if value is None else check(value)
 
 
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
-    return value
-
-
 class _LossOptions:
     """The loss modules' options: beta, or a linear schedule of it over `total_steps` (beta_start
     -> beta_end), and the loss's own. Each is checked where it is set, at construction and on any
@@ -620,7 +615,7 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
         **_LossOptions._OPTION_CHECKS,
         "reduction": lambda value: _check_choice(value, "FusedLinearBridgeLoss's reduction", ("mean", "sum")),
         "chunk_rows": _optional(lambda value: check_int(value, "chunk_rows", 1)),
-        "float32_weight_grad": lambda value: _check_bool(value, "float32_weight_grad"),
+        "float32_weight_grad": lambda value: check_bool(value, "float32_weight_grad"),
     }
 
     def __init__(self, beta: Optional[float] = None, *, temperature: float = 1.0, direction: str = "forward",
