@@ -376,6 +376,24 @@ def test_a_pad_token_past_the_table_does_not_fill_rows_that_end_first(tokenizer,
     assert padded.batch_decode(got, skip_special_tokens=True) == tokenizer.batch_decode(want, skip_special_tokens=True)
 
 
+def test_padding_past_the_table_is_not_embedded(tokenizer):
+    """Prompts of unequal length padded with a pad token past the model's table (added to the
+    tokenizer without resizing it): the padding is masked, so its id is not the model's to embed
+    (it was refused as a token id past the table); the generation is the one with the tokenizer's
+    own pad. A real token past the table is still refused."""
+    model = stretched_llama(tokenizer)
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "<extra_pad>"})
+    encoded = padded(TEXTS, padding=True, return_tensors="pt")
+    assert (encoded["input_ids"] == padded.pad_token_id).any()  # (the texts differ in length)
+    got = sp.soft_prompt_generate(model, padded, TEXTS, n=N, seed=1, **GREEDY)
+    assert_same_generation(got, sp.soft_prompt_generate(model, tokenizer, TEXTS, n=N, seed=1, **GREEDY))
+    real = encoded["input_ids"].clone()
+    real[encoded["attention_mask"] == 1] = padded.pad_token_id
+    with pytest.raises(ValueError, match=r"^input_ids must be token ids in \[0, 512\) .* at real positions"):
+        sp.soft_prompt_inputs(model, real, encoded["attention_mask"], soft_prompts=torch.zeros(N, 64))
+
+
 def test_generation_takes_a_fitted_gaussian(tokenizer):
     model = stretched_llama(tokenizer)
     gaussian = sp.fit_embedding_gaussian(model, per_dimension=True)

@@ -276,8 +276,9 @@ def draw_soft_prompts(model, n: int, *, rows: Optional[int] = None, gaussian: Op
 
 def _check_prompts(input_ids, attention_mask, vocab_size: int, device: torch.device):
     """input_ids and attention_mask as [B, L] tensors on `device` (1D: one prompt; no mask: all
-    real), checked: integer ids in [0, vocab_size), a 0/1 mask of the same shape, a real token
-    in every row. Returns new tensors (the caller's are never written)."""
+    real), checked: integer ids in [0, vocab_size) at real positions (padding's ids become 0), a
+    0/1 mask of the same shape, a real token in every row. Returns new tensors (the caller's are
+    never written)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
             or input_ids.dtype == torch.bool or input_ids.dim() not in (1, 2) or input_ids.shape[-1] == 0:
         raise ValueError("input_ids must be a non-empty integer tensor [batch, length] (or [length] for one prompt), "
@@ -297,10 +298,13 @@ def _check_prompts(input_ids, attention_mask, vocab_size: int, device: torch.dev
     empty = (mask == 0).all(-1).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"attention_mask: rows {empty} have no real token (a soft prompt follows a prompt)")
-    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+    real = ids[mask == 1]
+    if bool(((real < 0) | (real >= vocab_size)).any()):
         raise ValueError(f"input_ids must be token ids in [0, {vocab_size}) (the embedding table's rows), "
-                         f"got values in [{int(ids.min())}, {int(ids.max())}]")
-    return ids, mask
+                         f"got values in [{int(real.min())}, {int(real.max())}] at real positions")
+    # padding is embedded though masked: whatever its id (a pad token added to the tokenizer past the
+    # table), row 0 is embedded in its place
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 def _describe(value) -> str:
