@@ -229,6 +229,23 @@ def test_rows_with_fewer_real_keys_than_sinks_and_stat_tokens(target, dtype, pre
                    False, True)
 
 
+@pytest.mark.parametrize("count", [2**31, 2**32 + 1, 2**63 - 1])
+@pytest.mark.parametrize("segmented", [False, True], ids=["rows", "segments"])
+def test_sink_and_stat_counts_past_int32_are_every_real_key(count, segmented):
+    """num_sink and stat_tokens past the keys, up to 2^63 - 1 (what the checks take), are all of a
+    row's (or segment's) real keys, as Lk is. Compared with the int32 count of real keys, 2^31
+    wrapped to -2^31 (one sink key) and 2^32 + 1 to 1; added to int64 positions, 2^63 - 1 overflowed."""
+    q, k, v = random_qkv(2, 2, 1, 6, 6, 8, torch.float32, "cpu")
+    padding = torch.tensor([[0, 0, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    options = dict(window=1, key_padding_mask=padding)
+    if segmented:
+        options["segment_ids"] = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    want = fp.sink_attention(q, k, v, num_sink=6, stat_tokens=6, **options)
+    got = fp.sink_attention(q, k, v, num_sink=count, stat_tokens=count, **options)
+    for name in ("out", "sink_mass"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=RTOL, atol=ATOL, msg=name)
+
+
 # every config of a launch compiles anew on a GPU: float32 and one 16-bit type (they share configs)
 CONFIG_DTYPES = [torch.float32, torch.bfloat16]
 

@@ -133,6 +133,7 @@ def _segment_real_keys_end(real: Optional[torch.Tensor], spans: "SegmentSpans", 
     """end [B, Lk] int64 such that the first `count` real keys of p's segment are exactly its
     real keys j < end[b, p] (fewer: just past the segment). No host sync."""
     start, last = spans
+    count = min(count, start.shape[-1])  # (past Lk: every key; added to int64 positions it overflowed)
     if count == 0:
         return start.clone()
     if real is None:
@@ -222,8 +223,9 @@ def _constant_key_masks(batch: int, num_keys: int, num_sink: int, stat_tokens: i
 def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int, count: int, device) -> torch.Tensor:
     """end [B] int64 such that the first `count` real keys of row b are exactly the real keys
     j < end[b] (when the row has fewer real keys: an end past all of them). No host sync."""
+    count = min(count, num_keys)  # (past Lk: every key; compared with int32 sums, 2^31 and up wrapped)
     if real is None or count == 0:
-        return _constant_ends(batch, min(count, num_keys), device)
+        return _constant_ends(batch, count, device)
     # real: uint8, any nonzero byte a real key as the kernels read it (a bool mask's bytes are not
     # all 0/1 when made by view(torch.bool) of other bytes): counted as 1 each
     if count == 1:  # just past the first real key (a row without one has nothing to count anyway)
