@@ -1759,6 +1759,24 @@ def test_recorded_entropy_and_group_mass_match_eager_weights():
     torch.testing.assert_close(record.group_mass.sum(-1), torch.ones(2, 4), **TOLERANCE)
 
 
+def test_a_statistic_named_twice_is_recorded_once():
+    """statistics (and the patch option record) naming a statistic twice record it once: each name
+    added the call's sums to its table, so sink_mass came out twice the weight (above 1)."""
+    model = fp.patch(tiny_model("llama"), record=["sink_mass", "sink_mass"])
+    ids, mask = inputs()
+    with torch.no_grad():
+        with fp.record_attention(model, statistics=("sink_mass", "entropy")) as want:
+            model(input_ids=ids, attention_mask=mask)
+        with fp.record_attention(model, statistics=("sink_mass", "entropy", "sink_mass", "entropy")) as got:
+            model(input_ids=ids, attention_mask=mask)
+        with fp.record_attention(model) as by_option:
+            model(input_ids=ids, attention_mask=mask)
+    assert got.statistics == ("sink_mass", "entropy") and by_option.statistics == ("sink_mass",)
+    torch.testing.assert_close(got.sink_mass, want.sink_mass, **TOLERANCE)
+    torch.testing.assert_close(got.entropy, want.entropy, **TOLERANCE)
+    torch.testing.assert_close(by_option.sink_mass, want.sink_mass, **TOLERANCE)
+
+
 def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
     """The recorder checks its key groups when they are set (bad ids are refused there), not in
     every layer's call, and gives each forward the groups of its tokens' positions: forwards of

@@ -161,7 +161,7 @@ def _check_statistics(record, name: str = "record") -> tuple:
     unknown = [s for s in record if s not in STATISTICS]
     if unknown:
         raise ValueError(f"{name} must name statistics among {STATISTICS}, got {unknown}")
-    return record
+    return tuple(dict.fromkeys(record))  # (a statistic named twice is recorded once: its sums were added twice)
 
 
 def _head_mask_rows(head_mask, layer_heads: list) -> dict:
