@@ -845,11 +845,16 @@ def test_head_mask_forms_are_equivalent():
     (dict(head_mask={0: [True] * 3}), ValueError, r"shape \[heads\] = \[4\]"),
     (dict(head_mask={0: [0.5] * 4}), TypeError, "boolean"),
     (dict(head_mask={0: [2, 1, 1, 1]}), ValueError, "only 0/1"),
+    # (values torch cannot read as a tensor: torch's own errors, naming no option)
+    (dict(head_mask={0: None}), TypeError, r"head_mask\[0\] must be a 1-D boolean .* got NoneType"),
+    (dict(head_mask={1: "1011"}), TypeError, r"head_mask\[1\] must be a 1-D boolean .* got str"),
+    (dict(head_mask={0: torch.ones(4, dtype=torch.bool, device="meta")}), TypeError, r"head_mask\[0\]"),
     (dict(head_mask=torch.ones(3, 4)), ValueError, r"\[layers, heads\]"),
     (dict(window=0), ValueError, "window must be >= 1"),
     (dict(num_sink=-1), ValueError, "num_sink"),
     (dict(num_sink=1.5), TypeError, "num_sink"),
     (dict(record=("sink_mass", "weights")), ValueError, "statistics"),
+    (dict(record=None), TypeError, "record must be a statistic's name .* got NoneType"),
 ])
 def test_bad_options_raise_and_leave_the_model_alone(bad, error, match):
     model = tiny_model("llama")

@@ -157,7 +157,11 @@ class PatchOptions:
 
 
 def _check_statistics(record, name: str = "record") -> tuple:
-    record = (record,) if isinstance(record, str) else tuple(record)
+    try:
+        record = (record,) if isinstance(record, str) else tuple(record)
+    except TypeError:  # (None, a number)
+        raise TypeError(f"{name} must be a statistic's name or a sequence of them (among {STATISTICS}), got "
+                        f"{type(record).__name__}") from None
     unknown = [s for s in record if s not in STATISTICS]
     if unknown:
         raise ValueError(f"{name} must name statistics among {STATISTICS}, got {unknown}")
@@ -187,7 +191,11 @@ def _head_mask_rows(head_mask, layer_heads: list) -> dict:
         layer = check_int(layer, "head_mask layer", 0)
         if layer >= num_layers:
             raise ValueError(f"head_mask names layer {layer}, but the model has {num_layers} self-attention layers")
-        keep = torch.as_tensor(keep).detach().cpu()
+        try:
+            keep = torch.as_tensor(keep).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as why:  # (None, a string, a meta tensor)
+            raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or 0/1) tensor of shape [heads], got "
+                            f"{type(keep).__name__} ({why})") from None
         if keep.is_floating_point() or keep.is_complex() or keep.dim() != 1:
             raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or 0/1) tensor of shape [heads], "
                             f"got {keep.dtype} of shape {tuple(keep.shape)}")
