@@ -1782,6 +1782,42 @@ def test_a_statistic_named_twice_is_recorded_once():
     torch.testing.assert_close(by_option.sink_mass, want.sink_mass, **TOLERANCE)
 
 
+def tiny_t5gemma(**kwargs):
+    """A small T5Gemma (encoder-decoder: bidirectional encoder, causal decoder with cross-attention)."""
+    if not hasattr(transformers, "T5GemmaConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no T5Gemma")
+    module = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  dropout_rate=0.0, attention_dropout=0.0, layer_types=["sliding_attention", "full_attention"])
+    config = transformers.T5GemmaConfig(encoder=module, decoder=module, vocab_size=VOCAB, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2, dropout_rate=0.0, attention_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.AutoModelForSeq2SeqLM.from_config(config, **kwargs).eval()
+
+
+def test_an_encoder_decoders_key_groups_are_its_encoders_tokens():
+    """Key groups [B, L] give the groups of the forward's input_ids: in an encoder-decoder (T5Gemma)
+    the encoder's tokens. Its decoder layers attend to the decoder's own tokens, so they take none
+    (NaN, as a vision tower's layers): they read the encoder tokens' groups at their positions, and
+    a decoder longer than the encoder's input was refused for want of groups."""
+    eager = tiny_t5gemma(attn_implementation="eager")
+    model = fp.patch(copy.deepcopy(eager))
+    ids, mask = inputs()
+    groups = torch.randint(0, 3, ids.shape)
+    decoder_ids = torch.randint(3, VOCAB, (ids.shape[0], LENGTH + 3))
+    with torch.no_grad():
+        weights = eager(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids[:, :2],
+                        output_attentions=True).encoder_attentions
+        with fp.record_attention(model, key_groups=groups, num_groups=3) as record:
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    real = mask.bool()[:, None, :, None]
+    one_hot = torch.nn.functional.one_hot(groups, 3).float()  # [B, L, G]
+    group_mass = torch.stack([((w @ one_hot[:, None]) * real).sum((0, 2)) / mask.sum() for w in weights])
+    torch.testing.assert_close(record.group_mass[:2], group_mass, **TOLERANCE)
+    assert record.group_mass[2:].isnan().all() and not record.sink_mass.isnan().any()
+
+
 def test_recorded_key_groups_are_checked_once_per_batch(monkeypatch):
     """The recorder checks its key groups when they are set (bad ids are refused there), not in
     every layer's call, and gives each forward the groups of its tokens' positions: forwards of

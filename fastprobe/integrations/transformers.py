@@ -406,7 +406,7 @@ class _PatchState:
         self.module_ids: frozenset = frozenset()  # every module of the patched model
         self.model_name = "model"  # the patched model's class name
         self.kv_sharing: tuple = ()  # classes _pass_masks_through wrapped for this model
-        self.tower_layers: frozenset = frozenset()  # layers of a vision or audio tower (_tower_layers)
+        self.ungrouped_layers: frozenset = frozenset()  # layers that take no key groups (_ungrouped_layers)
         # Whom the patch is for: "user" (patch or update_patch called), "block" (record_attention or
         # patched_with on an unpatched model, for the block), "method" (prune_heads, or kept after such
         # a block for the options changed inside it): a "method" patch is removed once its options are
@@ -447,7 +447,7 @@ class _PatchState:
         self._threads = threading.local()
         self._head_mask_copies = (self.options, {})
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
-        self.__dict__.setdefault("tower_layers", frozenset())
+        self.__dict__.setdefault("ungrouped_layers", self.__dict__.pop("tower_layers", frozenset()))
         if self.__dict__.setdefault("patched_by", "user") == "block":  # (the block ends for the original only)
             self.patched_by = "method"
         _masking_utils()
@@ -644,14 +644,17 @@ def layer_heads(layers: list) -> list:
     return [count(module) for module in layers]
 
 
-def _tower_layers(model, layers: list) -> frozenset:
-    """The layers of a vision or audio tower that are fastprobe layers (Gemma 4's): their config is
-    the model's vision_config or audio_config, and their keys are an image's patches, not the
-    token sequence that key groups describe."""
-    towers = {id(getattr(config, name)) for config in _configs(model)
-              for name in getattr(config, "sub_configs", {}) or {}
-              if name.startswith(("vision", "audio")) and getattr(config, name, None) is not None}
-    return frozenset(index for index, module in enumerate(layers) if id(getattr(module, "config", None)) in towers)
+def _ungrouped_layers(model, layers: list) -> frozenset:
+    """The layers whose keys are not the token sequence that key groups describe (the input_ids of
+    the forward): a vision or audio tower's that are fastprobe layers (Gemma 4's; their config is
+    the model's vision_config or audio_config, their keys an image's patches), and an
+    encoder-decoder's decoder layers (T5Gemma's; their config is its decoder config, their keys the
+    decoder's tokens)."""
+    parts = ("vision", "audio") + (("decoder",) if getattr(model.config, "is_encoder_decoder", False) else ())
+    ungrouped = {id(getattr(config, name)) for config in _configs(model)
+                 for name in getattr(config, "sub_configs", {}) or {}
+                 if name.startswith(parts) and getattr(config, name, None) is not None}
+    return frozenset(index for index, module in enumerate(layers) if id(getattr(module, "config", None)) in ungrouped)
 
 
 def _configs(model) -> list:
@@ -1682,7 +1685,7 @@ def attention_forward(
         key_padding_mask=keys, head_mask=state.head_mask(layer, query.device) if options.head_mask else None,
         sink_logit=s_aux,
         key_groups=record.key_groups_for(key, kv_offset, query.shape[2])
-        if record is not None and layer not in state.tower_layers else None,
+        if record is not None and layer not in state.ungrouped_layers else None,
         stat_tokens=stat_tokens,
         return_entropy=record is not None and "entropy" in record.statistics, softcap=softcap,
         bidirectional_blocks=blocks, segment_ids=segments,
@@ -2004,7 +2007,7 @@ def patch(
     state.kv_sharing = kv_sharing
     state.module_ids = frozenset(id(module) for module in model.modules())
     state.model_name = type(model).__name__
-    state.tower_layers = _tower_layers(model, layers)
+    state.ungrouped_layers = _ungrouped_layers(model, layers)
     for key, (config_ref, states) in list(_SWITCHED.items()):
         if config_ref() is None or not states:  # configs or models gone without unpatch
             del _SWITCHED[key]
@@ -2186,8 +2189,9 @@ class AttentionRecord:
     prepare_key_groups made from it; checked once, not per layer. A forward from
     position 0 must have at most L tokens; tokens that decoding appends past position L - 1 (the
     generated ones) are in no group, so while generating a row of group_mass sums to 1 less the
-    weight on generated tokens. A vision tower's layers (Gemma 4's; their keys are patches) take
-    no key groups: their group_mass is NaN. group_mass averages over the queries of the calls that
+    weight on generated tokens. A vision tower's layers (Gemma 4's; their keys are patches) and an
+    encoder-decoder's decoder layers (T5Gemma's; key groups are the encoder's tokens) take no key
+    groups: their group_mass is NaN. group_mass averages over the queries of the calls that
     had key groups (groups set mid-record leave the earlier calls out); with more groups set later,
     G grows, the earlier calls' weight on the new groups 0.
     """
