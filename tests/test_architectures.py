@@ -60,6 +60,8 @@ FAMILIES = {
     "minicpm3": ("multi-head latent attention, a smaller family",
                  {"qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
                   "q_lora_rank": 16}),
+    "longcat_flash": ("latent attention in a module not named attention (LongcatFlashMLA), zero experts",
+                      {"kv_lora_rank": 16, "q_lora_rank": 16, "zero_expert_num": 2}),
     "mimo_v2_flash": ("value heads narrower than query heads (head_dim 16, v_head_dim 8), learned sinks and "
                       "more kv heads on its sliding layers", {"v_head_dim": 8, "sliding_window": 4, "n_routed_experts": 4}),
     # hybrids: attention layers among linear-attention or state-space layers (which fastprobe leaves as they

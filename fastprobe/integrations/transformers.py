@@ -737,8 +737,9 @@ def _check_architecture(model) -> list:
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"fastprobe.patch takes a transformers PreTrainedModel, got {type(model).__name__}")
-    attention_like = sorted({type(m).__name__ for m in model.modules()
-                             if not isinstance(m, PreTrainedModel) and _named_attention(type(m))})
+    # (named as attention, or dispatching through the interface under another name: LongCat-Flash's MLA)
+    attention_like = sorted({type(m).__name__ for m in model.modules() if not isinstance(m, PreTrainedModel)
+                             and (_named_attention(type(m)) or _calls_interface(type(m)))})
     if not attention_like:
         raise _refuse(model, "it has no attention layers (in this configuration all its layers are recurrent, "
                              "state-space or convolutional)", "There is nothing for fastprobe's attention to run.")
