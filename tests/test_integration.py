@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprobe as fp
-from fastprobe.integrations import attention_layers, is_patched, patch_options
+from fastprobe.integrations import attention_layers, is_patched, patch_options, update_patch
 from fastprobe.integrations import transformers as integration
 from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
 
@@ -1700,6 +1700,29 @@ def test_torch_compile_of_a_patched_model(arch):
             compiled(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(compiled_record.sink_mass, eager_record.sink_mass, **TOLERANCE)
     assert compiled_record.num_queries.tolist() == eager_record.num_queries.tolist()
+
+
+def test_an_option_change_without_guidance_does_not_recompile_the_hooks():
+    """update_patch that leaves guidance off (here with the options as they are) keeps the
+    forward's state: the compiled forward is not compiled again (a version of the options, which
+    the forward hook reads, was bumped at every change, a recompile per update_patch)."""
+    from torch._dynamo.utils import counters
+
+    model = fp.patch(tiny_model("llama"))
+    compiled = torch.compile(model, backend="aot_eager")
+    ids, _ = inputs()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # (the first calls fill what the forward reads once)
+                compiled(input_ids=ids)
+            counters.clear()
+            for _ in range(3):
+                update_patch(model, window=None)
+                compiled(input_ids=ids)
+        assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.skipif(TORCH_BEFORE_2_6, reason="fullgraph compile of transformers' models needs a recent torch")

@@ -461,7 +461,9 @@ class _PatchState:
         # Each thread's image keys start afresh when what they track changes: guidance switched on
         # or off, or another image token id. Other changes (a head mask, prune_heads, record, gamma,
         # the guided layers) keep them, so a cached sequence goes on guided after update_patch.
-        if tracked is None or options.guidance is None or tracked.image_token_id != options.guidance.image_token_id:
+        # (a version bumped at every change was a recompile of the compiled forward's hooks each time)
+        guided = options.guidance
+        if (tracked is None) != (guided is None) or (guided is not None and tracked.image_token_id != guided.image_token_id):
             self._options_version += 1
 
     @property
