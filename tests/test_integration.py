@@ -2102,8 +2102,10 @@ def test_record_attention_patches_temporarily_and_nests_safely():
 
 def test_record_attention_leaves_no_patch_behind_when_its_arguments_are_bad():
     model = tiny_model("llama")
-    for bad, error in ((dict(statistics=["foo"]), ValueError), (dict(key_groups=torch.zeros(3, 5)), TypeError)):
-        with pytest.raises(error):
+    for bad, error, match in ((dict(statistics=["foo"]), ValueError, "statistics must name"),
+                              (dict(key_groups=torch.zeros(3, 5)), TypeError, "key_groups must be"),
+                              (dict(num_groups=3), ValueError, "^num_groups counts key_groups' groups")):  # (ignored)
+        with pytest.raises(error, match=match):
             with fp.record_attention(model, **bad):
                 pass
         assert not is_patched(model) and model.config._attn_implementation == "sdpa"

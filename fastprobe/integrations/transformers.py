@@ -2500,6 +2500,9 @@ def record_attention(
     thread: open and close it while no other thread runs the model (or patch the model first).
     """
     chosen = None if statistics is None else _check_statistics(statistics, "statistics")
+    if num_groups is not None and key_groups is None:  # (it was ignored)
+        raise ValueError("num_groups counts key_groups' groups: give it with key_groups, or later with "
+                         "record.set_key_groups(key_groups, num_groups)")
     model = unwrapped(model)  # (of a PEFT or compiled wrapper: the model it holds)
     with _PATCHING:
         temporary = not is_patched(model)
