@@ -554,6 +554,17 @@ def test_empty_inputs(target):
     assert result.out.shape == (2, 4, 0, 16) and result.entropy.shape == (2, 4, 0)
 
 
+@pytest.mark.parametrize("stat_tokens", [1, 3])
+def test_no_keys_with_a_padding_mask(target, stat_tokens):
+    """Lk = 0 (and so Lq = 0) with a [B, 0] key padding mask: empty outputs, not argmax's
+    IndexError on an empty row from the mask's preparation."""
+    _, device = target
+    q, k, v = random_qkv(2, 4, 2, 0, 0, 16, torch.float32, device)
+    mask = torch.ones(2, 0, dtype=torch.bool, device=device)
+    result = fp.sink_attention(q, k, v, key_padding_mask=mask, num_sink=2, stat_tokens=stat_tokens)
+    assert result.out.shape == (2, 4, 0, 16) and result.sink_mass.shape == (2, 4, 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("length", [1000, 4096])

@@ -224,7 +224,7 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
     """end [B] int64 such that the first `count` real keys of row b are exactly the real keys
     j < end[b] (when the row has fewer real keys: an end past all of them). No host sync."""
     count = min(count, num_keys)  # (past Lk: every key; compared with int32 sums, 2^31 and up wrapped)
-    if real is None or count == 0:
+    if real is None or count == 0:  # (no key: count 0; argmax of an empty row would raise)
         return _constant_ends(batch, count, device)
     # real: uint8, any nonzero byte a real key as the kernels read it (a bool mask's bytes are not
     # all 0/1 when made by view(torch.bool) of other bytes): counted as 1 each
