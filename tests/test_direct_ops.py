@@ -384,3 +384,27 @@ def test_tensors_on_two_devices_are_refused(op, monkeypatch):
         for call in (getattr(torch.ops.fastprobe, op), op_object):
             with pytest.raises(ValueError, match=f"{name} is on cpu"):
                 call(*moved)
+
+
+def bridge_args() -> dict:
+    return dict(student=torch.randn(3, 7), teacher=torch.randn(3, 7), labels=torch.zeros(3, dtype=I64),
+                ignore_index=-100, beta=torch.tensor(0.5, dtype=F64), inv_temperature=1.0, reverse=False,
+                compute_grad=True)
+
+
+@pytest.mark.parametrize("op", sorted(BASE) + ["bridge_loss"])
+def test_one_meta_tensor_among_real_ones_is_refused(op):
+    """torch's dispatcher hands a call with any meta tensor to the op's fake implementation, whose
+    outputs are made like the first tensor: with that one real, they were real, uninitialised, and
+    returned as results. Refused, naming the meta tensor (bridge_loss's 0-dim CPU beta mixes with
+    any device, as torch's scalars do)."""
+    args = (bridge_args if op == "bridge_loss" else BASE[op])()
+    for name, value in args.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        moved = tuple(dict(args, **{name: meta(value)}).values())
+        with pytest.raises(ValueError, match=f"{name} is on meta|is on meta but {name} is on cpu"):
+            getattr(torch.ops.fastprobe, op)(*moved)
+    real = {name: meta(value) if isinstance(value, torch.Tensor) and name != "beta" else value
+            for name, value in args.items()}
+    assert all(t.is_meta for t in getattr(torch.ops.fastprobe, op)(*real.values()))  # (meta with a CPU beta: runs)

@@ -394,8 +394,33 @@ class CustomOp:
         refuse_forward_mode(self.public_name, itertools.chain(args, kwargs.values()))
         return self.op(*args, **kwargs)
 
+    def register_fake(self, fake: Callable) -> Callable:
+        """Registers `fake` (what torch.compile traces, and what torch's dispatcher runs for any call
+        with a meta tensor among its arguments) behind check_meta_mix."""
+        names = tuple(inspect.signature(self.body).parameters)
+
+        def checked(*args, **kwargs):
+            check_meta_mix(self.public_name, {**dict(zip(names, args)), **kwargs})
+            return fake(*args, **kwargs)
+
+        self.op.register_fake(checked)
+        return fake
+
     def __getattr__(self, name: str):
         return getattr(self.op, name)
+
+
+def check_meta_mix(op: str, arguments: dict) -> None:
+    """A ValueError naming them when `arguments` mix meta tensors with real ones (a 0-dim CPU
+    tensor, a scalar such as bridge_loss's beta, mixes with any): torch's dispatcher hands such a
+    call to the op's fake implementation, whose outputs, made like a real tensor, would be real
+    and never written (uninitialised memory returned as results)."""
+    tensors = [(name, value) for name, value in arguments.items() if isinstance(value, torch.Tensor)]
+    meta = next((name for name, value in tensors if value.is_meta), None)
+    real = next(((name, value) for name, value in tensors
+                 if not value.is_meta and not (value.dim() == 0 and value.device.type == "cpu")), None)
+    if meta is not None and real is not None:
+        raise ValueError(f"{op}: {meta} is on meta but {real[0]} is on {real[1].device}; move them to one device")
 
 
 def custom_op(name: str, tags: tuple = ()) -> Callable[[Callable], CustomOp]:
