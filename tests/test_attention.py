@@ -1103,6 +1103,21 @@ def test_prepared_key_groups_give_the_same_result(target):
         fp.ops.attention.prepare_key_groups(groups[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_key_groups(dtype):
+    """Group ids of the wide unsigned dtypes (which have no max or comparison on the CPU: a
+    NotImplementedError from inside torch) give the int64 ids' result, and an id past int64's
+    range (uint64) is refused by its own value."""
+    q, k, v = random_qkv(2, 4, 2, 5, 9, 16, torch.float32, "cpu")
+    groups = torch.randint(0, 3, (2, 9))
+    want = fp.sink_attention(q, k, v, key_groups=groups).group_mass
+    for num_groups in (None, 3):
+        assert torch.equal(fp.sink_attention(q, k, v, key_groups=groups.to(dtype), num_groups=num_groups).group_mass, want)
+    if dtype == torch.uint64:
+        with pytest.raises(ValueError, match=r"key_groups must hold ids in \[0, num_groups = 3\), got 18446744073709551615"):
+            fp.sink_attention(q, k, v, key_groups=torch.full((2, 9), 2**64 - 1, dtype=dtype), num_groups=3)
+
+
 def test_key_groups_changed_after_their_check_stay_in_bounds(target):
     """A KeyGroups is not re-checked: one holding ids outside [0, num_groups) (built by hand, or
     changed after prepare_key_groups) is refused by the C++ kernel, and counted in no group by

@@ -521,6 +521,9 @@ def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tens
     num_groups), skipped under torch.compile and torch.func.vmap, which need num_groups; there an
     id outside [0, G) becomes -1 before the cast (not 2**32 + 1 -> 1): refused by the C++
     kernel, counted in no group by Triton's, as an unchecked KeyGroups."""
+    given = key_groups
+    if key_groups.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no max or comparison for them on the CPU)
+        key_groups = key_groups.to(torch.int64)  # (an id >= 2**63 turns negative: refused as outside)
     if num_groups is None:
         if skips_host_checks(key_groups):
             raise ValueError("num_groups must be given where key_groups cannot be read (torch.compile, "
@@ -533,7 +536,7 @@ def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tens
     else:
         bad = first_bad_index(outside)
         if bad is not None:
-            raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {key_groups[bad].item()} at {list(bad)}")
+            raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {given[bad].item()} at {list(bad)}")
     return key_groups.to(torch.int32).contiguous(), num_groups
 
 
