@@ -929,6 +929,24 @@ def test_beta_schedule():
         fp.beta_schedule(1, 0, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("args, error, words", [
+    ((float("nan"), 100, 0.0, 1.0), ValueError, "step must be a number"),  # (was a NaN beta)
+    (("3", 100, 0.0, 1.0), TypeError, "step must be a number"),  # (was str / int's TypeError, naming nothing)
+    ((None, 100, 0.0, 1.0), TypeError, "step must be a number"),
+    ((True, 100, 0.0, 1.0), TypeError, "step must be a number"),
+    ((1, float("nan"), 0.0, 1.0), TypeError, "total must be an integer"),  # (NaN passed total <= 0)
+    ((1, True, 0.0, 1.0), TypeError, "total must be an integer"),
+    ((1, 100, float("nan"), 1.0), ValueError, "beta_start must be a finite number"),
+    ((1, 100, 0.0, float("inf")), ValueError, "beta_end must be a finite number"),
+])
+def test_beta_schedule_refuses_bad_arguments_by_name(args, error, words):
+    with pytest.raises(error, match=words):
+        fp.beta_schedule(*args)
+    if args[0] != args[0]:  # the step of a loss module's call: named there too, not as a NaN beta
+        with pytest.raises(error, match=words):
+            fp.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=10)(torch.randn(2, 5), torch.randn(2, 5), step=args[0])
+
+
 def test_bridge_loss_module_follows_schedule():
     student, teacher = torch.randn(5, 20), torch.randn(5, 20)
     module = fp.BridgeLoss(beta_start=0.0, beta_end=2.0, total_steps=10, temperature=0.9)

@@ -27,6 +27,8 @@ float64 reference's is not). Logits of magnitude 1e4 at |beta| up to 2 are teste
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -355,10 +357,18 @@ def bridge_loss(
 
 def beta_schedule(step: int, total: int, beta_start: float, beta_end: float) -> float:
     """beta at `step` of a run of `total` steps: linear from beta_start (step 0) to
-    beta_end (step total), held at the ends outside [0, total]."""
-    if total <= 0:
-        raise ValueError(f"total must be a positive number of steps, got {total}")
+    beta_end (step total), held at the ends outside [0, total]. Errors name the argument: a step
+    that is no number (or NaN), a total that is no integer >= 1, a beta_start or beta_end outside
+    float32's finite range (check_real)."""
+    if isinstance(step, bool) or not isinstance(step, (numbers.Real, torch.SymInt, torch.SymFloat, torch.Tensor)):
+        raise TypeError(f"step must be a number (the training step), got {type(step).__name__}")
+    if not isinstance(total, torch.SymInt):  # (traced: an int the caller's code made)
+        total = check_int(total, "total", 1)
+    beta_start = check_real(beta_start, "beta_start", positive=False)
+    beta_end = check_real(beta_end, "beta_end", positive=False)
     fraction = min(max(step / total, 0.0), 1.0)
+    if not is_compiling() and isinstance(fraction, float) and math.isnan(fraction):  # (min and max pass a NaN on)
+        raise ValueError(f"step must be a number, got {step}")
     return float(beta_start + (beta_end - beta_start) * fraction)
 
 
