@@ -929,6 +929,17 @@ def test_beta_schedule():
         fp.beta_schedule(1, 0, 0.0, 1.0)
 
 
+def test_uint64_labels_past_int64_are_refused():
+    """A uint64 label >= 2**63 wrapped to a negative int64: 2**64 - 100 became -100, the default
+    ignore_index, and its row was silently dropped from the loss. Refused; smaller ones count."""
+    student, teacher = torch.randn(3, 7), torch.randn(3, 7)
+    labels = torch.tensor([1, 2, 3], dtype=torch.uint64)
+    want = fp.bridge_loss(student, teacher, beta=0.5, labels=labels.long())
+    assert torch.equal(fp.bridge_loss(student, teacher, beta=0.5, labels=labels), want)
+    with pytest.raises(ValueError, match="labels must be < 2\\*\\*63"):
+        fp.bridge_loss(student, teacher, beta=0.5, labels=torch.full((3,), 2**64 - 100, dtype=torch.uint64))
+
+
 @pytest.mark.parametrize("args, error, words", [
     ((float("nan"), 100, 0.0, 1.0), ValueError, "step must be a number"),  # (was a NaN beta)
     (("3", 100, 0.0, 1.0), TypeError, "step must be a number"),  # (was str / int's TypeError, naming nothing)

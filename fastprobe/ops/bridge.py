@@ -61,6 +61,7 @@ from ._common import (
     output_dtype,
     refuse_double_backward,
     requires_grad,
+    skips_host_checks,
     tracing,
 )
 
@@ -285,7 +286,11 @@ def _check_labels(labels, leading_shape: torch.Size, device: torch.device) -> Op
         raise ValueError(f"labels must have shape {list(leading_shape)} (one per row of the logits), got {list(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {device}; move them to one device")
-    return labels.reshape(-1).to(torch.int64).contiguous()
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
+    if labels.dtype == torch.uint64 and not skips_host_checks(labels) and bool((flat < 0).any()):
+        # (a label >= 2**63 wraps to a negative int64: one that wrapped onto ignore_index dropped its row)
+        raise ValueError("labels must be < 2**63 (they are compared with ignore_index as int64)")
+    return flat
 
 
 # ---------------------------------------------------------------- public API
