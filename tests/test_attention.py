@@ -1103,6 +1103,15 @@ def test_prepared_key_groups_give_the_same_result(target):
         fp.ops.attention.prepare_key_groups(groups[0])
 
 
+@pytest.mark.parametrize("largest", [2**31 - 1, 2**40, 2**63 - 1])
+def test_key_group_ids_past_int32_name_key_groups(largest):
+    """Without num_groups, G is the largest id + 1: an id past int32 was refused as a num_groups
+    the caller never gave ("num_groups must fit ...", or "must be < 2**63" at 2**63 - 1)."""
+    q, k, v = random_qkv(1, 2, 1, 3, 4, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=f"key_groups must hold ids below 2\\*\\*31 - 1 .*got {largest}"):
+        fp.sink_attention(q, k, v, key_groups=torch.tensor([[0, 1, largest, 0]]))
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 def test_unsigned_key_groups(dtype):
     """Group ids of the wide unsigned dtypes (which have no max or comparison on the CPU: a

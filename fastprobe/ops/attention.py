@@ -529,6 +529,8 @@ def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tens
             raise ValueError("num_groups must be given where key_groups cannot be read (torch.compile, "
                              "torch.func.vmap, meta tensors): it sets the output shape")
         num_groups = max(int(key_groups.max()) + 1, 1) if key_groups.numel() else 1
+        if num_groups > INT32_MAX:  # (the count is the ids' own: name them, not the num_groups not given)
+            raise ValueError(f"key_groups must hold ids below 2**31 - 1 (the kernels' int32 ids), got {num_groups - 1}")
     num_groups = check_num_groups(num_groups)
     outside = (key_groups < 0) | (key_groups >= num_groups)
     if skips_host_checks(key_groups):
