@@ -1819,6 +1819,34 @@ def tiny_t5gemma(**kwargs):
         return transformers.AutoModelForSeq2SeqLM.from_config(config, **kwargs).eval()
 
 
+def test_mllama_text_is_patched_and_its_vision_towers_mask_is_refused_by_name():
+    """Mllama patches: its text self-attention runs fastprobe's attention (text alone: the
+    unpatched logits); its vision tower's attention gets a 4D mask (padded patches masked as
+    queries and keys), which fastprobe's attention does not take: refused at the forward, naming
+    the module (the error named none)."""
+    if not hasattr(transformers, "MllamaConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mllama")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=28, patch_size=14, max_num_tiles=1, vision_output_dim=64, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1]])
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=VOCAB, cross_attention_layers=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB - 1)
+    model = transformers.MllamaForConditionalGeneration._from_config(config).eval()
+    ids, mask = inputs()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        fp.patch(model)
+        assert_real_close(model(input_ids=ids, attention_mask=mask).logits, want, mask)
+        ids[:, 0] = VOCAB - 1
+        cross = torch.ones(ids.shape[0], ids.shape[1], 1, 1, dtype=torch.long)  # [B, L, images, tiles]
+        images = dict(pixel_values=torch.randn(ids.shape[0], 1, 1, 3, 28, 28), cross_attention_mask=cross,
+                      aspect_ratio_ids=torch.ones(ids.shape[0], 1, dtype=torch.long),
+                      aspect_ratio_mask=torch.ones(ids.shape[0], 1, 1, dtype=torch.long))
+        with pytest.raises(NotImplementedError, match="MllamaVisionAttention gave it a 4D mask"):
+            model(input_ids=ids, attention_mask=mask, **images)
+
+
 def test_an_encoder_decoders_key_groups_are_its_encoders_tokens():
     """Key groups [B, L] give the groups of the forward's input_ids: in an encoder-decoder (T5Gemma)
     the encoder's tokens. Its decoder layers attend to the decoder's own tokens, so they take none

@@ -1542,9 +1542,9 @@ def _pattern_of(module, attention_mask, is_causal, sliding_window, num_keys: int
         return padding, False, sliding_window, None, None, None, None, 0
     if attention_mask is not None:
         if attention_mask.dim() != 2:
-            raise NotImplementedError(
-                f"fastprobe attention takes a 2D key padding mask [batch, keys]; it got a {attention_mask.dim()}D "
-                "mask (a custom or precomputed mask), which it will not guess the meaning of"
+            raise NotImplementedError(  # (Mllama's vision tower: its padded patches masked as queries and keys)
+                f"fastprobe attention takes a 2D key padding mask [batch, keys]; {type(module).__name__} gave it a "
+                f"{attention_mask.dim()}D mask (a custom or precomputed mask), which it will not guess the meaning of"
             )
         if attention_mask.shape[-1] < num_keys:
             raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
