@@ -339,6 +339,8 @@ def test_sparse_attention_with_an_indexer_is_refused(model_type):
     ("mamba", {}, "it has no attention layers"),
     ("jamba", {"attn_layer_offset": 4}, "it has no attention layers"),  # two Mamba layers, no attention yet
     ("doge", {}, "DogeAttention does not declare is_causal"),  # a dynamic additive mask of its own
+    # delta-attention layers alone (it said they do not declare is_causal)
+    ("kimi_linear", dict(FAMILIES["kimi_linear"][1], layer_types=["linear_attention"] * 2), "it has no attention layers"),
 ])
 def test_a_model_refused_for_want_of_attention_says_why(model_type, extras, words):
     """Models with nothing for fastprobe to run (only state-space layers), or whose attention

@@ -742,9 +742,11 @@ def _check_architecture(model) -> list:
     # (named as attention, or dispatching through the interface under another name: LongCat-Flash's MLA)
     attention_like = sorted({type(m).__name__ for m in model.modules() if not isinstance(m, PreTrainedModel)
                              and (_named_attention(type(m)) or _calls_interface(type(m)))})
+    no_attention = _refuse(model, "it has no attention layers (in this configuration all its layers are recurrent, "
+                                  "state-space, convolutional or linear attention)",
+                           "There is nothing for fastprobe's attention to run.")
     if not attention_like:
-        raise _refuse(model, "it has no attention layers (in this configuration all its layers are recurrent, "
-                             "state-space or convolutional)", "There is nothing for fastprobe's attention to run.")
+        raise no_attention
     # The flag transformers sets on models whose attention goes through the AttentionInterface.
     flagged = getattr(type(model), "_supports_attention_backend", False)
     if not flagged and not _hybrid_family(model):
@@ -764,8 +766,11 @@ def _check_architecture(model) -> list:
     layers = _self_attention_modules(model)
     if not layers:
         # Doge: a layer_idx but no is_causal (its attention adds a dynamic mask of its own)
-        undeclared = sorted({type(m).__name__ for m in model.modules() if _named_attention(type(m))
-                             and isinstance(getattr(m, "layer_idx", None), int) and not hasattr(m, "is_causal")})
+        softmax = [m for m in model.modules() if _named_attention(type(m)) and _calls_interface(type(m))]
+        if _hybrid_family(model) and not softmax:  # (Kimi Linear of delta-attention layers alone)
+            raise no_attention
+        undeclared = sorted({type(m).__name__ for m in softmax
+                             if isinstance(getattr(m, "layer_idx", None), int) and not hasattr(m, "is_causal")})
         if undeclared:
             raise _refuse(model, f"{', '.join(undeclared)} does not declare is_causal, so fastprobe cannot tell how "
                                  "it masks its keys")
