@@ -379,6 +379,10 @@ def bad_sets():
         ("2-D ids", (torch.tensor([[1, 2]]), [0, 2]), ValueError, "token_ids must be 1-D"),
         ("negative id", ([1, -3], [0, 1, 2]), ValueError, r"token_ids must be >= 0, got -3 in concept 1"),
         ("id beyond int32", ([1, 2**40], [0, 1, 2]), ValueError, r"token_ids must be < 2\*\*31 .*, got 1099511627776 in concept 1"),
+        ("uint64 id past int64", (torch.tensor([1, 2**64 - 1], dtype=torch.uint64), [0, 2]), ValueError,
+         r"token_ids must hold values below 2\*\*63 \(int64\), got 18446744073709551615"),  # (it said -1)
+        ("uint64 offset past int64", ([1, 2], torch.tensor([0, 2**63], dtype=torch.uint64)), ValueError,
+         r"offsets must hold values below 2\*\*63 \(int64\), got 9223372036854775808"),
         ("offsets start", ([1, 2], [1, 2]), ValueError, "start at 0"),
         ("offsets end", ([1, 2, 3], [0, 2]), ValueError, "end at len"),
         ("offsets decrease", ([1, 2, 3], [0, 2, 1, 3]), ValueError, "non-decreasing"),

@@ -31,6 +31,7 @@ from .. import reference
 from ..backend import get_backend, resolve, use_backend
 from ._common import (
     DTYPE_NAMES,
+    INT64_MAX,
     batched_gradient,
     check_finite_lse,
     check_op_inv_temperature,
@@ -108,6 +109,8 @@ def _index_array(value, name: str) -> np.ndarray:
             raise TypeError(f"{name} must hold integers, got {array.dtype} values")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
+    if array.dtype.kind == "u" and array.size and int(array.max()) > INT64_MAX:  # (as int64 it wrapped negative)
+        raise ValueError(f"{name} must hold values below 2**63 (int64), got {int(array.max())}")
     return array.astype(np.int64)
 
 
