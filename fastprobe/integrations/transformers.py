@@ -463,7 +463,8 @@ class _PatchState:
         # the guided layers) keep them, so a cached sequence goes on guided after update_patch.
         # (a version bumped at every change was a recompile of the compiled forward's hooks each time)
         guided = options.guidance
-        if (tracked is None) != (guided is None) or (guided is not None and tracked.image_token_id != guided.image_token_id):
+        if (tracked is None) != (guided is None) or (
+                guided is not None and tracked.image_token_id != guided.image_token_id):
             self._options_version += 1
 
     @property

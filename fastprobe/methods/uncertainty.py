@@ -151,8 +151,8 @@ def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]
     order, with columns text (index into texts), position (the token's index in its text's
     tokens, tokenizer(text)["input_ids"], also where a tokenizer with truncation_side="left" cut
     the text's start to max_length), token_id, token (decoded), epistemic, jsd,
-    kl_mixture_target, target_entropy and mixture_entropy (nats). Texts are batched (padding on the tokenizer's side does not change
-    the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
+    kl_mixture_target, target_entropy and mixture_entropy (nats). Texts are batched (padding on
+    the tokenizer's side does not change the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
     (default uniform); temperature divides every logit. The models run in eval mode (no
     dropout), each module's training flag restored afterwards."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)

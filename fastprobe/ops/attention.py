@@ -538,7 +538,8 @@ def _checked_group_ids(key_groups: torch.Tensor, num_groups) -> tuple[torch.Tens
     else:
         bad = first_bad_index(outside)
         if bad is not None:
-            raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {given[bad].item()} at {list(bad)}")
+            raise ValueError(f"key_groups must hold ids in [0, num_groups = {num_groups}), got {given[bad].item()} "
+                             f"at {list(bad)}")
     return key_groups.to(torch.int32).contiguous(), num_groups
 
 
