@@ -684,6 +684,7 @@ def sinks_command(args: argparse.Namespace) -> int:
         texts = _read_texts(args.texts)
         device = _device_of(args)
         model, tokenizer = _load_checkpoint(args.model, device, args.dtype)
+        _check_a_token_to_predict(tokenizer, texts, args.max_length)
         integrations.patch(model)
         layers = integrations.attention_layers(model)
         if args.prune is not None:
@@ -705,6 +706,15 @@ def sinks_command(args: argparse.Namespace) -> int:
         print(f"fastprobe sinks: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_a_token_to_predict(tokenizer, texts: list[str], max_length: int) -> None:
+    """sinks needs a text of two tokens at least, a token to score and one to predict (with none,
+    every head scored 1.0, a first token seeing itself alone, and --prune failed after the table)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    if max(lengths) < 2:
+        raise ValueError(f"no token to predict: every text has fewer than two tokens (at most --max-length "
+                         f"{max_length} each)")
 
 
 def _share_text(top_share: float) -> str:

@@ -445,3 +445,25 @@ def test_a_draft_whose_tokenizer_cannot_be_loaded_is_refused(tmp_path):
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "config.json").write_text("{}")
     assert cli._check_draft_tokenizer(str(tmp_path / "bare"), tokenizer) is None
+
+
+def test_sinks_with_no_text_of_two_tokens_is_an_error(tmp_path, capsys):
+    """Texts of one token each (a tokenizer that adds no BOS): every head scored 1.0 and the
+    command exited 0, or with --prune printed that table, then failed; now one line before any work."""
+    from tokenizers import processors
+
+    from fastprobe.models import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # (no <s>)
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "no_bos")
+    tokenizer.save_pretrained(tmp_path / "no_bos")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a\nb\n")
+    capsys.readouterr()  # (saving's bars)
+    for prune in ([], ["--prune", "0.25"]):
+        assert cli.main(["sinks", "--model", str(tmp_path / "no_bos"), "--texts", str(texts), "--no-progress",
+                         *prune]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and printed.err == ("fastprobe sinks: error: no token to predict: every text has fewer "
+                                                     "than two tokens (at most --max-length 512 each)\n")
