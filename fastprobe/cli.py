@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import shutil
 import statistics
 import sys
 import time
@@ -544,6 +545,7 @@ def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
             Path(path).unlink()
     if plot:
         try:
+            import matplotlib
             from matplotlib.backends.backend_agg import FigureCanvasAgg
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install 'fastprobe[plot]'") from None
@@ -552,6 +554,10 @@ def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
         if suffix not in formats:
             raise ValueError(f"--plot {plot}: matplotlib writes {', '.join(sorted(formats))} (by extension), "
                              f"not {suffix or 'a file without an extension'}")
+        texsystem = matplotlib.rcParams["pgf.texsystem"]
+        if suffix == "pgf" and shutil.which(texsystem) is None:  # (matplotlib's pgf backend runs TeX)
+            raise ValueError(f"--plot {plot}: matplotlib writes pgf with {texsystem}, which is not installed "
+                             "(on the PATH); give another extension, e.g. .pdf")
 
 
 def _check_prune(fraction: float, num_heads: int) -> None:

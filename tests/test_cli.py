@@ -467,3 +467,13 @@ def test_sinks_with_no_text_of_two_tokens_is_an_error(tmp_path, capsys):
         printed = capsys.readouterr()
         assert printed.out == "" and printed.err == ("fastprobe sinks: error: no token to predict: every text has fewer "
                                                      "than two tokens (at most --max-length 512 each)\n")
+
+
+def test_a_pgf_plot_without_tex_is_refused_before_any_model_loads(capsys, monkeypatch):
+    """(matplotlib's pgf backend runs xelatex: without it the plot failed after the whole run, a traceback)"""
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # (the command's texts, "t", are missing: not read)
+    assert cli.main(["sinks", *COMMANDS["sinks"], "--plot", "heads.pgf"]) == 2
+    assert "error: --plot heads.pgf: matplotlib writes pgf with" in _one_error_line(capsys, "sinks")
