@@ -477,3 +477,12 @@ def test_a_pgf_plot_without_tex_is_refused_before_any_model_loads(capsys, monkey
     monkeypatch.setattr(shutil, "which", lambda name: None)  # (the command's texts, "t", are missing: not read)
     assert cli.main(["sinks", *COMMANDS["sinks"], "--plot", "heads.pgf"]) == 2
     assert "error: --plot heads.pgf: matplotlib writes pgf with" in _one_error_line(capsys, "sinks")
+
+
+def test_a_csv_and_plot_of_one_file_are_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """(the table was written over the heat map, both reported as written)"""
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sinks", *COMMANDS["sinks"], "--csv", "out.png", "--plot", f"{tmp_path}/out.png"]) == 2
+    assert f"error: --csv out.png and --plot {tmp_path}/out.png are the same file" in _one_error_line(capsys, "sinks")
+    assert not (tmp_path / "out.png").exists()
