@@ -522,6 +522,9 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not a device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # (else a traceback, later)
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text}: fastprobe runs on cpu or cuda")
     return text

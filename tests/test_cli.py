@@ -486,3 +486,16 @@ def test_a_csv_and_plot_of_one_file_are_refused_before_any_model_loads(tmp_path,
     assert cli.main(["sinks", *COMMANDS["sinks"], "--csv", "out.png", "--plot", f"{tmp_path}/out.png"]) == 2
     assert f"error: --csv out.png and --plot {tmp_path}/out.png are the same file" in _one_error_line(capsys, "sinks")
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "sinks", "uncertainty", "availability"])
+def test_a_cuda_device_past_the_ones_there_exits_with_usage(command, capsys, monkeypatch):
+    """(--device cuda:5 on a machine with one GPU passed, then moving the model was a traceback:
+    invalid device ordinal)"""
+    ran = _stub_commands(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as raised:
+        cli.main([command, *COMMANDS[command], "--device", "cuda:5"])
+    assert raised.value.code == 2 and not ran
+    assert "argument --device: cuda:5: this torch sees 1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
