@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import os
 import shutil
 import statistics
 import sys
@@ -925,8 +926,15 @@ def main(argv=None) -> int:
     commands_run = {"info": lambda: info(), "sinks": lambda: sinks_command(args), "demo": lambda: demo(args),
                     "uncertainty": lambda: uncertainty_command(args),
                     "availability": lambda: availability_command(args)}
-    with _progress_bars(not getattr(args, "no_progress", False)):
-        return commands_run[args.command]()
+    try:
+        with _progress_bars(not getattr(args, "no_progress", False)):
+            done = commands_run[args.command]()
+            sys.stdout.flush()  # (a closed pipe found here, not by the flush at exit)
+            return done
+    except BrokenPipeError as error:  # stdout's reader went away (`fastprobe ... | head`): one line, as sinks says it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
+        print(f"fastprobe {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _check_backend(device: torch.device) -> None:

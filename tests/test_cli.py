@@ -499,3 +499,23 @@ def test_a_cuda_device_past_the_ones_there_exits_with_usage(command, capsys, mon
         cli.main([command, *COMMANDS[command], "--device", "cuda:5"])
     assert raised.value.code == 2 and not ran
     assert "argument --device: cuda:5: this torch sees 1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["info", "uncertainty"])
+def test_a_stdout_closed_early_ends_in_one_line(command, checkpoints):
+    """(`fastprobe uncertainty ... | head`: info, uncertainty and availability printed a traceback,
+    BrokenPipeError; sinks said it in one line)"""
+    import os
+    import subprocess
+    import sys
+
+    folders, texts = checkpoints
+    argv = ["info"] if command == "info" else _uncertainty(folders, texts, "target", "draft")
+    read, write = os.pipe()
+    os.close(read)  # (a reader that went away)
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastprobe", *argv], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 2 and done.stderr == f"fastprobe {command}: error: [Errno 32] Broken pipe\n", done
