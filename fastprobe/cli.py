@@ -714,7 +714,7 @@ def sinks_command(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
         _save_table(table, args.csv, "table", index=False)
-    except (OSError, ValueError, TypeError, NotImplementedError, ImportError) as error:
+    except (OSError, ValueError, TypeError, NotImplementedError, ImportError, FloatingPointError) as error:
         print(f"fastprobe sinks: error: {error}", file=sys.stderr)
         return 2
     return 0

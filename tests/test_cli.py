@@ -519,3 +519,19 @@ def test_a_stdout_closed_early_ends_in_one_line(command, checkpoints):
     finally:
         os.close(write)
     assert done.returncode == 2 and done.stderr == f"fastprobe {command}: error: [Errno 32] Broken pipe\n", done
+
+
+def test_sinks_of_a_checkpoint_with_nan_weights_is_an_error_in_one_line(checkpoints, tmp_path, capsys):
+    """(score_heads' FloatingPointError, NaN or overflowing scores, was a traceback; uncertainty and
+    availability said theirs in one line)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folders, texts = checkpoints
+    shutil.copytree(folders["target"], tmp_path / "nan")
+    weights = load_file(tmp_path / "nan" / "model.safetensors")
+    weights = {name: value.fill_(float("nan")) if "q_proj" in name else value for name, value in weights.items()}
+    save_file(weights, tmp_path / "nan" / "model.safetensors", metadata={"format": "pt"})
+    assert cli.main(["sinks", "--model", str(tmp_path / "nan"), "--texts", texts, "--no-progress"]) == 2
+    assert "are not finite (the model's outputs overflow or are NaN there?)" in _one_error_line(capsys, "sinks")
