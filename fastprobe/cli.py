@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import math
 import os
 import shutil
 import statistics
@@ -247,6 +248,10 @@ def _pruning_report(model, tokenizer, texts, table, fraction: float, seed: int, 
         pruned_top = sinks.perplexity(model, tokenizer, texts, **settings)
     with sinks.prune_heads(model, control, mode="mask"):
         pruned_random = sinks.perplexity(model, tokenizer, texts, **settings)
+    if not all(math.isfinite(value) for value in (baseline, pruned_top, pruned_random)):  # (NaN logits: exit 0)
+        raise FloatingPointError(f"perplexity {baseline}, {pruned_top} with the top sink heads pruned, "
+                                 f"{pruned_random} with random ones: not finite (the model's outputs overflow or "
+                                 "are NaN?)")
     print(f"  perplexity {baseline:12.4f}  unpruned")
     print(f"             {pruned_top:12.4f}  top {len(top)} of {len(table)} sink heads pruned (--prune {fraction:g}; "
           "head mask)")

@@ -521,17 +521,28 @@ def test_a_stdout_closed_early_ends_in_one_line(command, checkpoints):
     assert done.returncode == 2 and done.stderr == f"fastprobe {command}: error: [Errno 32] Broken pipe\n", done
 
 
-def test_sinks_of_a_checkpoint_with_nan_weights_is_an_error_in_one_line(checkpoints, tmp_path, capsys):
-    """(score_heads' FloatingPointError, NaN or overflowing scores, was a traceback; uncertainty and
-    availability said theirs in one line)"""
+def _nan_checkpoint(folder: str, tmp_path, weights: str) -> str:
+    """A copy of the checkpoint `folder` whose weights with `weights` in their names are NaN."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    copy = tmp_path / f"nan_{weights}"
+    shutil.copytree(folder, copy)
+    saved = load_file(copy / "model.safetensors")
+    saved = {name: value.fill_(float("nan")) if weights in name else value for name, value in saved.items()}
+    save_file(saved, copy / "model.safetensors", metadata={"format": "pt"})
+    return str(copy)
+
+
+@pytest.mark.parametrize("weights, says", [
+    ("q_proj", "are not finite (the model's outputs overflow or are NaN there?)"),
+    ("lm_head", "perplexity nan, nan with the top sink heads pruned, nan with random ones: not finite"),
+])
+def test_sinks_of_a_checkpoint_with_nan_weights_is_an_error_in_one_line(weights, says, checkpoints, tmp_path, capsys):
+    """NaN sink scores (score_heads' FloatingPointError) were a traceback, NaN perplexities were
+    printed with exit 0; uncertainty and availability said theirs in one line."""
     folders, texts = checkpoints
-    shutil.copytree(folders["target"], tmp_path / "nan")
-    weights = load_file(tmp_path / "nan" / "model.safetensors")
-    weights = {name: value.fill_(float("nan")) if "q_proj" in name else value for name, value in weights.items()}
-    save_file(weights, tmp_path / "nan" / "model.safetensors", metadata={"format": "pt"})
-    assert cli.main(["sinks", "--model", str(tmp_path / "nan"), "--texts", texts, "--no-progress"]) == 2
-    assert "are not finite (the model's outputs overflow or are NaN there?)" in _one_error_line(capsys, "sinks")
+    model = _nan_checkpoint(folders["target"], tmp_path, weights)
+    assert cli.main(["sinks", "--model", model, "--texts", texts, "--no-progress", "--prune", "0.25"]) == 2
+    assert says in _one_error_line(capsys, "sinks")
