@@ -538,7 +538,8 @@ def _device(text: str) -> str:
 
 def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
     """Where the command will write, checked before any model runs: a file it may write in an
-    existing folder, and for the plot a format matplotlib writes (and matplotlib itself), not the CSV's file."""
+    existing folder, and for the plot a format matplotlib writes (and matplotlib itself), not the
+    CSV's file."""
     if csv and plot and Path(csv).resolve() == Path(plot).resolve():  # (the table overwrote the heat map)
         raise ValueError(f"--csv {csv} and --plot {plot} are the same file: give each its own")
     for path in filter(None, (csv, plot)):
