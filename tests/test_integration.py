@@ -485,6 +485,12 @@ def gemma4_vision_language_models(count: int, vision_heads: int = 4, vocab_size:
     return models
 
 
+# Gemma 4's vision tower and text stack against its unpatched sdpa logits: float32 rounding reaches
+# 2.3e-5 on logits of about 0.6 (seed 1933342511: fastprobe 1.4e-5 and sdpa 7.8e-6 from float64; 1e-6
+# to 9e-6 on other seeds), past TOLERANCE; dropping the image blocks moves them by up to ~0.5
+GEMMA4_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
 def gemma4_inputs() -> tuple:
     """input_ids, attention mask and image arguments for gemma4_vision_language_models: two rows
     (5 and 2 left-padded tokens), an image of 4 tokens in each."""
@@ -505,11 +511,11 @@ def test_gemma4_vision_tokens_attend_both_ways():
     model = patch_or_skip(model)
     ids, mask, images = gemma4_inputs()
     want = unless_masks_need_newer_torch(lambda: outputs(reference, ids, mask, **images))
-    assert_real_close(outputs(model, ids, mask, **images), want, mask)
+    assert_real_close(outputs(model, ids, mask, **images), want, mask, **GEMMA4_TOLERANCE)
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
                     return_dict_in_generate=True, **images)
     with torch.no_grad():
-        assert_same_greedy(model.generate(ids, **settings), reference.generate(ids, **settings), **TOLERANCE)
+        assert_same_greedy(model.generate(ids, **settings), reference.generate(ids, **settings), **GEMMA4_TOLERANCE)
 
 
 def test_gemma4_guidance_leaves_its_vision_tower_alone():
@@ -537,10 +543,10 @@ def test_gemma4_guidance_leaves_its_vision_tower_alone():
         with torch.no_grad():
             tokens = model.generate(ids, **settings)
         if gamma == 0.0:
-            assert_real_close(got, want, mask)
-            assert_same_greedy(tokens, plain, **TOLERANCE)
+            assert_real_close(got, want, mask, **GEMMA4_TOLERANCE)
+            assert_same_greedy(tokens, plain, **GEMMA4_TOLERANCE)
         else:
-            assert_real_close(got[:, :-1], want[:, :-1], mask[:, :-1])
+            assert_real_close(got[:, :-1], want[:, :-1], mask[:, :-1], **GEMMA4_TOLERANCE)
             assert (got[:, -1] - want[:, -1]).abs().max() > 1e-2
 
 
