@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import itertools
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -536,12 +537,20 @@ def _device(text: str) -> str:
     return text
 
 
-def _check_outputs(csv: Optional[str], plot: Optional[str] = None) -> None:
+def _check_outputs(csv: Optional[str], plot: Optional[str] = None, inputs: Sequence[tuple[str, str]] = ()) -> None:
     """Where the command will write, checked before any model runs: a file it may write in an
     existing folder, and for the plot a format matplotlib writes (and matplotlib itself), not the
-    CSV's file."""
+    CSV's file, and neither an input's: inputs are (option, path) pairs, a file the command reads
+    or a checkpoint folder, none of whose files it may write over."""
     if csv and plot and Path(csv).resolve() == Path(plot).resolve():  # (the table overwrote the heat map)
         raise ValueError(f"--csv {csv} and --plot {plot} are the same file: give each its own")
+    outputs = [(option, path) for option, path in (("--csv", csv), ("--plot", plot)) if path]
+    for (option, path), (input_option, input_path) in itertools.product(outputs, inputs):
+        output, read = Path(path).resolve(), Path(input_path).resolve()
+        if output == read or output.exists() and read in output.parents:  # (the run's end wrote over it)
+            where = "the file" if output == read else "a file in the folder"
+            raise ValueError(f"{option} {path} would write over {where} of {input_option} {input_path}: "
+                             "give another path")
     for path in filter(None, (csv, plot)):
         if not Path(path).parent.is_dir():
             raise ValueError(f"{path}: there is no folder {Path(path).parent} to write it into")
@@ -698,7 +707,7 @@ def sinks_command(args: argparse.Namespace) -> int:
     from .methods import sinks
 
     try:
-        _check_outputs(args.csv, args.plot)
+        _check_outputs(args.csv, args.plot, [("--model", args.model), ("--texts", args.texts)])
         texts = _read_texts(args.texts)
         device = _device_of(args)
         model, tokenizer = _load_checkpoint(args.model, device, args.dtype)
@@ -755,7 +764,8 @@ def uncertainty_command(args: argparse.Namespace) -> int:
     from .methods import uncertainty
 
     try:
-        _check_outputs(args.csv)
+        _check_outputs(args.csv, inputs=[("--target", args.target), *(("--drafts", path) for path in args.drafts),
+                                         ("--texts", args.texts)])
         texts = _read_texts(args.texts)
         device = _device_of(args)
         target, tokenizer = _load_checkpoint(args.target, device, args.dtype)
@@ -792,7 +802,7 @@ def availability_command(args: argparse.Namespace) -> int:
     from .methods import availability, uncertainty
 
     try:
-        _check_outputs(args.csv)
+        _check_outputs(args.csv, inputs=[("--model", args.model), ("--questions", args.questions)])
         prompts, answers, correct = _read_questions(args.questions)
         model, tokenizer = _load_checkpoint(args.model, _device_of(args), args.dtype)
         table = availability.answer_availability(

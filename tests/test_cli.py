@@ -488,6 +488,25 @@ def test_a_csv_and_plot_of_one_file_are_refused_before_any_model_loads(tmp_path,
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.parametrize("command", ["sinks", "uncertainty", "availability"])
+def test_an_output_over_an_input_is_refused_before_any_model_loads(command, tmp_path, capsys, monkeypatch):
+    """(--csv naming the texts or questions file, or a file of a checkpoint folder, wrote the table
+    over it at the run's end: the input or the checkpoint lost); a new file in the folder is fine"""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    arguments = COMMANDS[command]
+    read = arguments[arguments.index("--texts" if "--texts" in arguments else "--questions") + 1]
+    for output, option, where in [(read, arguments[arguments.index(read) - 1], "the file"),
+                                  (f"{tmp_path}/m/config.json", "--target" if command == "uncertainty" else "--model",
+                                   "a file in the folder")]:
+        assert cli.main([command, *arguments, "--csv", output]) == 2
+        assert f"error: --csv {output} would write over {where} of {option} " in _one_error_line(capsys, command)
+    assert (tmp_path / "m" / "config.json").read_text() == "{}"
+    assert cli.main([command, *arguments, "--csv", "m/table.csv"]) == 2  # (refused later: there is no text t)
+    assert "would write over" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["demo", "sinks", "uncertainty", "availability"])
 def test_a_cuda_device_past_the_ones_there_exits_with_usage(command, capsys, monkeypatch):
     """(--device cuda:5 on a machine with one GPU passed, then moving the model was a traceback:
