@@ -453,7 +453,7 @@ def _demo_methods(device: torch.device, seed: int) -> bool:
     for index, row in table.iterrows():
         share = _share_text(row["top_share"])
         source = "model" if from_model[index] else "text"
-        print(f"    {prompts[index][:29]:<30}{row['answer'][:11]:>12}{source:>7}{row['mass']:>10.2e}"
+        print(f"    {prompts[index][:29]:<30}{_cell(row['answer'], 11):>12}{source:>7}{row['mass']:>10.2e}"
               f"{str(row['available']):>10}{share:>10}  {row['generated']!r}")
     print(_SHARE_LEGEND)
     summary = availability.by_correctness(table)
@@ -744,6 +744,12 @@ def _check_a_token_to_predict(tokenizer, texts: list[str], max_length: int) -> N
                          f"{max_length} each)")
 
 
+def _cell(text: str, width: int) -> str:
+    """A text for a table's cell: its first `width` characters, those that are not printable
+    escaped as in Python (an answer's newline broke its row in two)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))[:width]
+
+
 def _share_text(top_share: float) -> str:
     """A row's top_share for the availability tables: "-" where it is NaN (see _SHARE_LEGEND)."""
     return "-" if top_share != top_share else f"{top_share:.2f}"
@@ -816,7 +822,7 @@ def availability_command(args: argparse.Namespace) -> int:
     print(f"    {'#':>4}  {'answer':<16}{'mass':>10}{'available':>10}{'top_share':>10}{'correct':>8}")
     for index, row in table.iterrows():
         share = _share_text(row["top_share"])
-        print(f"    {index:>4}  {str(row['answer'])[:15]:<16}{row['mass']:>10.3g}{str(row['available']):>10}"
+        print(f"    {index:>4}  {_cell(row['answer'], 15):<16}{row['mass']:>10.3g}{str(row['available']):>10}"
               f"{share:>10}{str(row['correct']):>8}")
     print(_SHARE_LEGEND)
     summary = availability.by_correctness(table)

@@ -606,6 +606,22 @@ def test_availability_command(model, tokenizer, tmp_path, capsys, judged):
     assert ("AUROC" in printed) == (expected["correct"].nunique() == 2)
 
 
+def test_availability_command_rows_stay_one_line(model, tokenizer, tmp_path, capsys):
+    """An answer with a newline or a tab in it is shown escaped in the table, each question on one
+    row (the newline was printed raw: the row broke in two)."""
+    import json
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps(dict(prompt=PROMPTS[0], answers=["a\nb\tc", "Paris"])) + "\n")
+    assert cli.main(["availability", "--model", str(tmp_path / "model"), "--questions", str(questions),
+                     "--max-new-tokens", "1", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["#", "answer"])
+    assert lines[header + 1].split()[:2] == ["0", "a\\nb\\tc"] and lines[header + 2].startswith("  top_share")
+
+
 def test_availability_command_bad_questions(tmp_path, capsys):
     questions = tmp_path / "questions.jsonl"
     for content, match in [('{"prompt": "Q"}\n', "questions.jsonl:1"), ("\n", "holds no question"),
