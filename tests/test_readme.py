@@ -212,3 +212,31 @@ def test_every_command_option_has_help(command, monkeypatch):
     silent = [action.option_strings[0] for action in parsers[command]._actions
               if action.option_strings and action.help in (None, "") and action.dest != "help"]
     assert silent == []
+
+
+RESULTS = README.parent / "bench" / "results"
+
+
+def readme_results_table() -> str:
+    """The README's results table and the list of runs under it, as bench/report.py prints them."""
+    text = README.read_text()
+    start = text.index("| op | device |")
+    return text[start:text.index("\n\nThe H200 rows come from", start)].strip()
+
+
+def test_the_results_table_is_what_report_py_makes_of_bench_results(capsys):
+    """`python bench/report.py bench/results/*.json` makes the README's table, as it says."""
+    from bench import report
+
+    report.main(sorted(str(path) for path in RESULTS.glob("*.json")))
+    assert readme_results_table() == capsys.readouterr().out.strip()
+
+
+def test_the_results_section_counts_the_cpu_runs_under_the_table():
+    """"with the N commands listed under the table": one for each CPU run the table shows (it said
+    five after a run had been replaced, with four listed)."""
+    listed = re.findall(r"^- `cpu-[^`]*\.json`", readme_results_table(), flags=re.M)
+    text = " ".join(README.read_text().split())
+    written = re.search(r"CI kind of machine, with the (\w+) commands listed under the table", text)[1]
+    assert written == ["zero", "one", "two", "three", "four", "five", "six", "seven"][len(listed)]
+
