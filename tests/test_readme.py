@@ -240,3 +240,43 @@ def test_the_results_section_counts_the_cpu_runs_under_the_table():
     written = re.search(r"CI kind of machine, with the (\w+) commands listed under the table", text)[1]
     assert written == ["zero", "one", "two", "three", "four", "five", "six", "seven"][len(listed)]
 
+
+def json_ratio(name: str, group: str, impl: str, peer: str, paired: bool) -> float:
+    """impl's speed over peer's in one run of bench/results: paired (median of the blocks' ratios)
+    or from the two separate medians."""
+    import json
+
+    rows = {bench["extra_info"]["impl"]: bench for bench in json.loads((RESULTS / name).read_text())["benchmarks"]
+            if bench["group"] == group}
+    if paired:
+        return rows[impl]["extra_info"]["paired"][peer]["speedup"]
+    return rows[peer]["stats"]["median"] / rows[impl]["stats"]["median"]
+
+
+@pytest.mark.parametrize("phrase, name, group, impl, peer, paired", [
+    # the 16-dim heads' row, in the paragraph on the two columns (it gave the tiles' run's and the
+    # table's run's separate medians as equal to their paired ratios; they read 1.70x and 1.62x)
+    (r"the tiles' run: ([\d.]+)x paired", "cpu-attention-2026-12-06-zen4-tiles.json", "sink_attention_narrow-cpu",
+     "fastprobe-narrow", "sdpa-narrow", True),
+    (r"the tiles' run: [\d.]+x paired, ([\d.]+)x separately", "cpu-attention-2026-12-06-zen4-tiles.json",
+     "sink_attention_narrow-cpu", "fastprobe-narrow", "sdpa-narrow", False),
+    (r"the table's: ([\d.]+)x paired", "cpu-attention-2026-12-06-zen4-narrowpairs.json", "sink_attention_narrow-cpu",
+     "fastprobe-narrow", "sdpa-narrow", True),
+    (r"the table's: [\d.]+x paired, ([\d.]+)x separately", "cpu-attention-2026-12-06-zen4-narrowpairs.json",
+     "sink_attention_narrow-cpu", "fastprobe-narrow", "sdpa-narrow", False),
+    (r"the prefill pair scores' run: ([\d.]+)x paired", "cpu-attention-2026-12-06-zen4-bf16pairs.json",
+     "sink_attention_narrow-cpu", "fastprobe-narrow", "sdpa-narrow", True),
+    (r"the prefill pair scores' run: [\d.]+x paired, ([\d.]+)x separately",
+     "cpu-attention-2026-12-06-zen4-bf16pairs.json", "sink_attention_narrow-cpu", "fastprobe-narrow", "sdpa-narrow",
+     False),
+    # the float32 prefill against eager attention with weights, among the paired figures
+    (r"([\d.]+)x eager attention with weights \(paired", "cpu-attention-2026-12-06-zen4-narrowpairs.json",
+     "sink_attention-cpu", "fastprobe", "eager-weights", True),
+    (r"eager attention with weights \(paired; ([\d.]+)x by the separate medians",
+     "cpu-attention-2026-12-06-zen4-narrowpairs.json", "sink_attention-cpu", "fastprobe", "eager-weights", False),
+])
+def test_the_results_prose_quotes_its_runs(phrase, name, group, impl, peer, paired):
+    text = " ".join(README.read_text().split())
+    found = re.search(phrase, text)
+    assert found, f"README no longer says {phrase!r}"
+    assert float(found[1]) == round(json_ratio(name, group, impl, peer, paired), 2)
