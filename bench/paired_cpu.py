@@ -99,6 +99,10 @@ def worker(names, sdpa):
 
 
 def quartiles(values):
+    """(first quartile, median, third quartile); one value is all three (statistics.quantiles
+    needs two)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
     low, _, high = statistics.quantiles(sorted(values), n=4, method="inclusive")
     return low, statistics.median(values), high
 
@@ -110,6 +114,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--cases", default=",".join([*ATTENTION, *DIVERGENCE]))
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be 1 or more, got {args.repeats}")
     names = args.cases.split(",")
     unknown = [name for name in names if name not in ATTENTION and name not in DIVERGENCE]
     if unknown:

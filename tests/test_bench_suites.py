@@ -939,3 +939,17 @@ def test_paired_cuda_ratio_is_the_rows_time_over_its_peers_within_each_block(mon
     assert mine > theirs
     monkeypatch.setenv("FASTPROBE_DEADLINE", "0")
     assert paired_cuda.paired(timer, "row", "peer", (), blocks=5) is None
+
+
+def test_paired_cpu_reports_a_single_repeat_and_refuses_none(tmp_path):
+    """bench/paired_cpu.py --repeats 1 printed its table (its quartiles: statistics.quantiles needs
+    two values, so it ended in a traceback after every process had run); --repeats 0 is refused
+    before any process starts."""
+    run = subprocess.run([sys.executable, "bench/paired_cpu.py", "--old", sys.executable, "--new", sys.executable,
+                          "--repeats", "1", "--cases", "divergence_step_f32"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^divergence_step_f32 .*x", run.stdout, flags=re.M), run.stdout
+    run = subprocess.run([sys.executable, "bench/paired_cpu.py", "--old", sys.executable, "--new", sys.executable,
+                          "--repeats", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--repeats must be 1 or more" in run.stderr, run.stderr[-3000:]
