@@ -84,6 +84,14 @@ for family in "${families[@]}"; do
   esac
   benches+=("bench/test_${family}_bench.py")
 done
+# without a CUDA device every GPU test skips and every -k cuda row is deselected, and the run would
+# end "status 0" having measured nothing: refuse it before installing anything (GPU_DRY_RUN=1
+# rehearses the script on the CPU)
+if [ "$dry_run" -ne 1 ] && ! python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' >>"$setup_log" 2>&1; then
+  echo "bench/gpu.sh: torch sees no CUDA device here (GPU_DRY_RUN=1 rehearses this script on the CPU)" \
+    | tee -a "$setup_log" >&2
+  exit 1
+fi
 
 if [ "$dry_run" -eq 1 ]; then
   echo "GPU_DRY_RUN=1: nothing installed, no kernel archive unpacked" | tee -a "$setup_log"

@@ -953,3 +953,29 @@ def test_paired_cpu_reports_a_single_repeat_and_refuses_none(tmp_path):
     run = subprocess.run([sys.executable, "bench/paired_cpu.py", "--old", sys.executable, "--new", sys.executable,
                           "--repeats", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--repeats must be 1 or more" in run.stderr, run.stderr[-3000:]
+
+
+def test_gpu_sh_refuses_a_machine_without_cuda(tmp_path):
+    """bench/gpu.sh (no GPU_DRY_RUN) on a machine whose torch sees no CUDA device stops at once with
+    exit 1, before installing anything: it used to skip every GPU test, deselect every -k cuda row
+    and end "status 0" having measured nothing. (python3 here is this interpreter, with pip refused:
+    nothing gets installed whatever the script does.)"""
+    import os
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is there")
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python3").write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && {{ echo "pip: refused by the test"; exit 1; }}\n'
+                                   f'exec {sys.executable} "$@"\n')
+    (shims / "python3").chmod(0o755)
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("PYTEST_", "GPU_"))}
+    env.update(PATH=f"{shims}{os.pathsep}{env.get('PATH', '')}", GPU_BUDGET_S="60")
+    outdir = tmp_path / "out"
+    run = subprocess.run(["bash", "bench/gpu.sh", str(outdir), "divergence"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "sees no CUDA device" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
+    setup = (outdir / "setup.log").read_text()
+    assert "pip: refused" not in setup and "compiling fastprobe here" not in setup, setup[-2000:]
+    assert not (outdir / "gpu-tests.log").exists() and not (outdir / "bench.log").exists()
