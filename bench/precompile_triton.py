@@ -740,9 +740,10 @@ def _run_case(name: str, work: str, used_log: str) -> int:
     return 0
 
 
-def _run_cases(cases, work: str, used_log: str, jobs: int) -> None:
+def _run_cases(cases, work: str, used_log: str, jobs: int) -> int:
     """Each case in its own process (a case that runs out of memory fails alone), `jobs` at a
-    time, and the cases with inputs of gigabytes one at a time."""
+    time, and the cases with inputs of gigabytes one at a time; the number of cases that failed
+    (their process's exit status, or an error before their first launch: nothing compiled)."""
     import subprocess
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -760,11 +761,14 @@ def _run_cases(cases, work: str, used_log: str, jobs: int) -> None:
             code = child.returncode
         note = output.strip().splitlines()[-1] if output.strip() else ""
         failed = f"  FAILED (exit {code}): {note}" if code else (f"  ({note})" if note else "")
-        return f"{time.perf_counter() - start:7.1f} s  {name}{failed}"
+        return f"{time.perf_counter() - start:7.1f} s  {name}{failed}", bool(code) or "FAILED before any launch" in note
 
+    failures = 0
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        for line in pool.map(run, cases):
+        for line, failed in pool.map(run, cases):
             print(line, flush=True)
+            failures += failed
+    return failures
 
 
 class _Nothing:
@@ -856,6 +860,9 @@ def main(argv) -> int:
     unknown = [family for family in args.families if family not in FAMILIES]
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+    cases = [case for case in _cases(args.families) if args.only in case]
+    if not cases and not args.tests:  # (an archive of nothing would replace the one there)
+        parser.error(f"no case of {', '.join(args.families)} holds --only {args.only!r}")
 
     import triton
 
@@ -881,8 +888,7 @@ def main(argv) -> int:
     if os.environ.get("FASTPROBE_PRECOMPILE_LAUNCHERS", "1") == "1":
         build_driver_module()
     start = time.perf_counter()
-    cases = [case for case in _cases(args.families) if args.only in case]
-    _run_cases(cases, work, used_log, args.jobs)
+    failures = _run_cases(cases, work, used_log, args.jobs)
     if args.tests:
         _run_tests(args.families, work, used_log, args.jobs)
     compiled, compile_ms, used, failed = 0, 0.0, set(), collections.Counter()
@@ -908,7 +914,7 @@ def main(argv) -> int:
     if not archive:
         print(f"{count_kernels} kernels for sm_{args.arch} ({compiled} compiled now, {compile_ms / 1000:.0f} s of "
               f"compiling; the rest from {work}) in {time.perf_counter() - start:.0f} s; no archive (not sm_90)")
-        return 0
+        return _failed_cases(failures)
     size = pack(work, used, ARCHIVE)
     with open(INFO, "w") as info:
         for key, value in facts.items():
@@ -920,7 +926,14 @@ def main(argv) -> int:
     print(f"{count_kernels} kernels and {len(used) - count_kernels} launcher / driver modules ({compiled} kernels compiled now, {compile_ms / 1000:.0f} s of compiling; the rest from the work "
           f"cache) in {time.perf_counter() - start:.0f} s; "
           f"{ARCHIVE}: {size / 2**20:.1f} MiB", flush=True)
-    return 0
+    return _failed_cases(failures)
+
+
+def _failed_cases(failures: int) -> int:
+    """main's exit status: 1 where a case failed (its kernels then compile on the GPU machine)."""
+    if failures:
+        print(f"{failures} case(s) FAILED (listed above): their kernels may be missing from the cache", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

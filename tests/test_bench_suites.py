@@ -979,3 +979,19 @@ def test_gpu_sh_refuses_a_machine_without_cuda(tmp_path):
     setup = (outdir / "setup.log").read_text()
     assert "pip: refused" not in setup and "compiling fastprobe here" not in setup, setup[-2000:]
     assert not (outdir / "gpu-tests.log").exists() and not (outdir / "bench.log").exists()
+
+
+def test_precompile_triton_counts_a_failed_case_and_refuses_an_empty_selection(tmp_path, capsys):
+    """bench/precompile_triton.py: a case that fails before its first launch (nothing compiled)
+    counts against the exit status (main returned 0 whatever its cases did, the failure only a
+    line among the timings), and an --only that matches no case is a usage error before any work
+    (it packed an archive of nothing over the one there)."""
+    pytest.importorskip("triton")
+    from bench import precompile_triton
+
+    assert precompile_triton._run_cases(["no-such-family"], str(tmp_path / "work"), str(tmp_path / "used.log"), 1) == 1
+    assert "FAILED before any launch" in capsys.readouterr().out
+    assert precompile_triton._failed_cases(1) == 1 and precompile_triton._failed_cases(0) == 0
+    with pytest.raises(SystemExit) as exit:
+        precompile_triton.main(["divergence", "--only", "no such case"])
+    assert exit.value.code == 2 and "no case of divergence holds --only 'no such case'" in capsys.readouterr().err
