@@ -558,6 +558,27 @@ def test_sdpa_backend_rows_skip_where_the_backend_has_no_kernel():
     _memory.skip_unless_sdpa_backend_runs("sdpa-flash", broken, inputs)
 
 
+def script_env() -> dict:
+    """The environment for a bench/gpu.sh run: this one less its PYTEST_* variables (under xdist
+    PYTEST_XDIST_WORKER turns pytest-benchmark off), with this interpreter's folder first on PATH,
+    since the script runs `python3`: another Python there (the system's, with another checkout
+    installed) would rehearse the script on that checkout's fastprobe."""
+    import os
+
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def test_gpu_sh_rehearsals_run_this_interpreters_fastprobe():
+    """The python3 that bench/gpu.sh runs under script_env() imports the fastprobe these tests import."""
+    import fastprobe
+
+    run = subprocess.run(["bash", "-c", "python3 -c 'import fastprobe; print(fastprobe.__file__)'"], cwd=ROOT,
+                         env=script_env(), capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == fastprobe.__file__, run.stderr[-2000:]
+
+
 def test_gpu_sh_returns_each_family_as_it_ends(tmp_path):
     """bench/gpu.sh rehearsed on the CPU (GPU_DRY_RUN=1: no installs, CPU rows): the merged JSON and
     its table are in OUTDIR as soon as the first family ends, so that a device call killed later
@@ -571,7 +592,7 @@ def test_gpu_sh_returns_each_family_as_it_ends(tmp_path):
 
     outdir, budget, hold = tmp_path / "out", 600, 100
     # (without this run's PYTEST_* variables: under xdist PYTEST_XDIST_WORKER turns pytest-benchmark off)
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env = script_env()
     env.update(GPU_DRY_RUN="1", GPU_BENCH_SELECT="cpu and step and fastprobe", GPU_TEST_PROCS="0", GPU_WARM_PROCS="0",
                GPU_BUDGET_S=str(budget), GPU_FAMILY_MIN_S=str(hold))
     started = time.time()
@@ -634,7 +655,7 @@ def test_gpu_sh_gives_the_host_scripts_a_deadline(tmp_path):
     import time
 
     outdir = tmp_path / "out"
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env = script_env()
     env.update(GPU_DRY_RUN="1", GPU_TEST_PROCS="0", GPU_WARM_PROCS="0", GPU_BUDGET_S="60", GPU_HOST_PERCENT="1")
     run = subprocess.Popen(["bash", "bench/gpu.sh", str(outdir), "attention"], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -661,7 +682,7 @@ def test_gpu_sh_gives_each_parallel_test_process_its_share_of_the_cores(tmp_path
     cores = len(os.sched_getaffinity(0))
     for procs, expected in (("2", f"OMP_NUM_THREADS={max(1, cores // 2)})"), ("0", "OMP_NUM_THREADS=unset)")):
         outdir = tmp_path / f"out-{procs}"
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+        env = script_env()
         env.pop("OMP_NUM_THREADS", None)
         env.update(GPU_DRY_RUN="1", GPU_TESTS_ONLY="1", GPU_TEST_PROCS=procs, GPU_BUDGET_S="120")
         run = subprocess.run(["bash", "bench/gpu.sh", str(outdir), "patch"], cwd=ROOT, env=env,
@@ -674,9 +695,7 @@ def test_gpu_sh_gives_each_parallel_test_process_its_share_of_the_cores(tmp_path
 def test_gpu_sh_without_tests_goes_straight_to_the_benchmarks(tmp_path):
     """GPU_TESTS=0 (a benchmark call after a tests-only one): bench/gpu.sh runs no GPU test phase
     (no gpu-tests.log) and starts the timed pass; GPU_TESTS_ONLY=1 still wins over it."""
-    import os
-
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env = script_env()
     env.update(GPU_DRY_RUN="1", GPU_TESTS="0", GPU_TEST_PROCS="0", GPU_WARM_PROCS="0", GPU_BUDGET_S="120",
                GPU_BENCH_SELECT="cpu and step and fastprobe")
     outdir = tmp_path / "bench-only"
