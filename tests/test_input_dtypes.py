@@ -93,6 +93,30 @@ def test_attention_under_autocast_takes_qkv_as_sdpa_does(name, call, autocast):
         call(q, k, v)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_ops_compute_as_outside_autocast(backend):
+    """torch.autocast casts no op's arithmetic: the logit ops give, for float32 logits, the bits they
+    give outside it, and the attention ops those of q, k and v cast to autocast's dtype, in every
+    backend. (The reference's einsum and matrix products ran in bfloat16 inside the ops' bodies:
+    draft_divergence's jsd off by ~1e-3, attention's output by an ulp.)"""
+    logits, drafts = torch.randn(4, 9), torch.randn(2, 4, 9)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    image = torch.tensor([[False, True, True, False, False]])
+    concepts = fp.ConceptSet.from_ids([[1, 3], [2, 5, 7]])
+    calls = [lambda *qkv: tuple(fp.draft_divergence(drafts, logits, weights=torch.tensor([0.3, 0.7]))),
+             lambda *qkv: tuple(fp.concept_mass(logits, concepts)),
+             lambda *qkv: (fp.bridge_loss(logits, logits.flip(0), beta=0.5, reduction="none"),),
+             lambda *qkv: tuple(fp.sink_attention(*qkv, return_entropy=True))[:2],
+             lambda *qkv: fp.dual_path_attention(*qkv, image, gamma=0.5, return_paths=True)]
+    with fp.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = [call(q, k, v) for call in calls]
+        want = [call(q.bfloat16(), k.bfloat16(), v.bfloat16()) for call in calls]
+    for got_fields, want_fields in zip(got, want):
+        for got_field, want_field in zip(got_fields, want_fields):
+            assert torch.equal(got_field, want_field)
+
+
 def test_autocast_of_another_device_type_casts_nothing(monkeypatch):
     """Only autocast for the inputs' device type applies (CUDA's autocast leaves CPU tensors alone)."""
     q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)

@@ -149,6 +149,23 @@ def autocast_cast(tensors: tuple, device: torch.device) -> tuple:
     return tuple(t if t.dtype == dtype or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
+def without_autocast(kernel: Callable) -> Callable:
+    """A reference kernel, run with torch.autocast's casts off: it stands in for a fused kernel,
+    which computes in the dtypes it is handed (the public functions cast inputs where autocast
+    would: attention's q, k and v, as SDPA) and accumulates in float32. Under the caller's
+    autocast its einsum and matrix products ran in bfloat16 (draft_divergence's jsd off by ~1e-3,
+    attention's output by an ulp), and an eager call's bits differed from a compiled call's."""
+
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        if not _any_autocast():  # (the common case: no guard to enter)
+            return kernel(*args, **kwargs)
+        with torch._C._DisableAutocast():
+            return kernel(*args, **kwargs)
+
+    return run
+
+
 def check_same_device(reference: torch.Tensor, reference_name: str, other: torch.Tensor, name: str) -> None:
     if other.device != reference.device:
         raise ValueError(f"{name} is on {other.device} but {reference_name} is on {reference.device}; move them to one device")

@@ -26,7 +26,7 @@ from ._common import (
     DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, PATCHED_MODEL_HINT, address, autocast_cast, bool_as_uint8, check_dtype,
     check_float32_range, check_int, check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op,
     first_bad_index, new_output, new_output_like, on_device, output_dtype, plain_mode, register_forward_only,
-    runs_plain, skips_host_checks,
+    runs_plain, skips_host_checks, without_autocast,
 )
 
 __all__ = [
@@ -242,6 +242,7 @@ def _first_real_keys_end(real: Optional[torch.Tensor], batch: int, num_keys: int
 # start, horizon int64 [B, Lk] or None (key_bounds).
 
 
+@without_autocast
 def _reference_kernel(q, k, v, args, out, lse, sink_mass, group_mass, entropy) -> None:
     batch, num_queries, num_keys = q.shape[0], q.shape[2], k.shape[2]
     key_index = torch.arange(num_keys, device=q.device)

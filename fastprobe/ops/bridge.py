@@ -63,6 +63,7 @@ from ._common import (
     requires_grad,
     skips_host_checks,
     tracing,
+    without_autocast,
 )
 
 __all__ = ["BridgeLoss", "FusedLinearBridgeLoss", "beta_schedule", "bridge_loss"]
@@ -78,6 +79,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # each row's loss w.r.t. the student logits (ignored rows: loss 0 and zero gradient).
 
 
+@without_autocast
 def _reference_rows(student, teacher, labels, ignore_index, beta, inv_temperature, reverse, loss, grad) -> None:
     # The gradient by SPEC's formulas (autograd is not available below the op's dispatch), in the
     # loss's dtype (float64 when either input is: a float32 student with a float64 teacher too).

@@ -48,6 +48,7 @@ from ._common import (
     output_dtype,
     register_refusing_backward,
     skips_host_checks,
+    without_autocast,
 )
 
 __all__ = ["ConceptMass", "ConceptSet", "Variant", "answer_variants", "concept_mass"]
@@ -449,6 +450,7 @@ class ConceptMass(NamedTuple):
     lse: torch.Tensor  # [N]
 
 
+@without_autocast
 def _reference_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
     result = reference.concept_mass(logits, index.token_ids, index.offsets, temperature=1.0 / inv_temperature)
     for field, tensor in zip(ConceptMass._fields, out):
@@ -549,6 +551,7 @@ def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, toke
 # -- backward: grad_z = (p (h - sum_c g_c) + sum_{c contains v} g_c q_cv) / T
 
 
+@without_autocast
 def _reference_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
     y = logits.to(lse.dtype) * inv_temperature
     # p_v (h - sum_c g_c); p by softmax, which subtracts the row's max from y first: exp(y - lse)

@@ -41,6 +41,7 @@ from ._common import (
     output_dtype,
     register_forward_only,
     skips_host_checks,
+    without_autocast,
 )
 
 __all__ = ["DraftDivergence", "draft_divergence", "draft_divergence_sharded"]
@@ -67,6 +68,7 @@ class DraftDivergence(NamedTuple):
 # pass 1 only (lse_only: the lse, stats 0), or a shard's shares given the global lse (lse_in).
 
 
+@without_autocast
 def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     """The reference, written into the packed layout the kernels use (in float64 when either
     input is float64, else float32)."""

@@ -22,7 +22,7 @@ from .. import reference
 from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, PATCHED_MODEL_HINT, address, bool_as_uint8, check_int, check_op_tensors, check_real, cpp, custom_op,
-    new_output, on_device, register_forward_only, runs_plain,
+    new_output, on_device, register_forward_only, runs_plain, without_autocast,
 )
 from .attention import (
     check_attention_inputs, check_mask, check_scale, check_segments, constant_tensor, key_bounds, new_attention_output,
@@ -32,6 +32,7 @@ from .attention import (
 __all__ = ["dual_path_attention"]
 
 
+@without_autocast
 def _reference_kernel(q, k, v, args, out, o_cond, o_uncond) -> None:
     key_real = args["key_real"]
     real = (torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=q.device) if key_real is None
