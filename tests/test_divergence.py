@@ -1098,6 +1098,17 @@ def test_backward_is_refused_clearly():
         assert not fp.draft_divergence(draft).jsd.requires_grad
 
 
+def test_backward_through_weights_is_refused_naming_them(recwarn):
+    """Weights that require grad (learned mixture weights) get the refusal too, which names them
+    (it told the user to detach draft_logits and target_logits, which needed no detaching), and
+    their checks convert no grad-requiring tensor to a Python number (torch's UserWarning)."""
+    weights = torch.tensor([0.25, 0.75], requires_grad=True)
+    result = fp.draft_divergence(torch.randn(2, 3, 10), torch.randn(3, 10), weights=weights)
+    assert not [warning for warning in recwarn if "requires_grad=True to a scalar" in str(warning.message)]
+    with pytest.raises(RuntimeError, match="forward-only.*detach draft_logits, target_logits and weights"):
+        result.jsd.sum().backward()
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("prefetch", [False, True])

@@ -175,7 +175,7 @@ def _(draft, target, weights, inv_temperature, lse_in=None, lse_only=False):
 
 
 register_forward_only(_draft_divergence_op, "draft_divergence", " (an uncertainty measure)",
-                      inputs="draft_logits and target_logits")
+                      inputs="draft_logits, target_logits and weights")
 
 
 def check_weights(weights, num_drafts: int, draft: torch.Tensor,
@@ -209,7 +209,7 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
     if not skips_host_checks(weights):
         if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
             raise ValueError(f"weights must be finite and non-negative, got {weights.tolist()}")
-        total = float(weights.sum())
+        total = float(weights.detach().sum())  # (a check: no number from a tensor that requires grad)
         if abs(total - 1.0) > tolerance:
             raise ValueError(f"weights must sum to 1, got sum {total:.6g}")
     else:  # (no host sync under torch.compile / vmap: weights that would be refused make every statistic NaN)
