@@ -28,12 +28,8 @@ import torch
 from bench import test_dual_attention_bench as dual
 from bench import test_patch_bench as patch
 
-try:
-    from bench._deadline import past_deadline
-    from bench._memory import median_quartiles, paired_blocks
-except ImportError:  # (bench/ itself on sys.path)
-    from _deadline import past_deadline
-    from _memory import median_quartiles, paired_blocks
+from bench._deadline import past_deadline
+from bench._memory import median_quartiles, paired_blocks
 
 STREAM_CALLS = 10
 

@@ -151,8 +151,6 @@ def run_line(path, data):
 def main(paths):
     header = ("op", "device", "problem", "implementation", "median ms", "speed-up", "vs fastest peer",
               "paired (quartiles)", "peak extra memory", "of copy bandwidth", "date")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
     chosen = {}  # (op, device, problem) -> ((a fastprobe row?, peers), run's time, run's index, its rows)
     order = []  # comparisons in order of first appearance
     runs = []
@@ -172,6 +170,11 @@ def main(paths):
                 order.append(key)
             if key not in chosen or candidate[:3] >= chosen[key][:3]:
                 chosen[key] = candidate
+    if not runs:  # (every file skipped, or none given: a bare header said nothing of why)
+        sys.exit(f"report.py: no pytest-benchmark results in {' '.join(paths) or 'no file'}; "
+                 "usage: python bench/report.py RESULTS.json... (e.g. bench/results/*.json)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for key in order:
         for row in chosen[key][3]:
             print("| " + " | ".join(row) + " |")

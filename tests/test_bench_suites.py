@@ -131,6 +131,16 @@ def test_report_labels_splits_and_skips(tmp_path, capsys):
     assert all(f"skipped {tmp_path / name}" in err for name in ("empty.json", "list.json", "missing.json"))
 
 
+@pytest.mark.parametrize("files", [[], ["bench/results/nothing-*.json"]])
+def test_report_without_results_is_an_error(files):
+    """(`python bench/report.py` with no file, or with a glob that matched none and so passed
+    itself, printed the table's header alone and exited 0)"""
+    run = subprocess.run([sys.executable, "bench/report.py", *files], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode != 0 and run.stdout == ""
+    assert "no pytest-benchmark results in" in run.stderr and "usage: python bench/report.py" in run.stderr
+
+
 def test_report_devices_and_fastest_peer(tmp_path, capsys):
     """bench/report.py: a row's device is its group's (a run on a CUDA machine has CPU rows too, not
     the GPU's), and each fastprobe row is also compared with the fastest peer of its group (here
