@@ -834,3 +834,12 @@ def test_a_model_left_in_train_mode_gives_its_inference_states(tokenizer, arch):
             torch.testing.assert_close(got[layer], wanted[layer], rtol=0, atol=0)
 
     check_eval_mode([model], measure, compare, raise_in=transformer_blocks(model)[1])
+
+
+def test_a_class_held_out_whole_by_the_split_is_refused():
+    """The single-class check reads the training rows: a class whose only rows the validation
+    split took left a probe trained on one class, silently (it read every row's labels)."""
+    features, labels = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
+    labels[probes._split(10, 0.2, 0)[1][0]] = 1  # the only 1 is a validation row
+    with pytest.raises(ValueError, match=r"single class \(0\)"):
+        train_probe(features, labels, epochs=2)

@@ -727,7 +727,7 @@ def train_probe(
     else:
         held_out = (_rows(features, val_rows), _rows(labels, val_rows), _rows(mask, val_rows))
         validation = held_out if len(val_rows) else None
-    num_outputs = _num_outputs(task, labels, validation)
+    num_outputs = _num_outputs(task, train[1], validation)
     # in float32 under torch.autocast too: its region caches each weight's bfloat16 cast, so every
     # step would run the first step's weights
     with _seeded(features.device, seed), autocast_off(features.device):
@@ -765,11 +765,15 @@ def _validation_set(validation_data, kind: str, task: str, features: torch.Tenso
 
 
 def _num_outputs(task: str, labels: torch.Tensor, validation: Optional[tuple]) -> int:
+    """The probe's outputs, from the training rows' labels (not the held-out split's: a class seen
+    only in validation is not learned) and the validation labels' highest class."""
     if task == "regression":
         return _targets_per_row(labels)
-    classes = labels.unique()  # (the training labels': a class seen only in validation is not learned)
+    classes = labels.unique()
     if classes.numel() < 2:  # (any one class, not only 0: all-1 labels trained a probe that never saw a 0)
-        raise ValueError(f"labels hold a single class ({int(classes[0])}): a classifier needs at least two")
+        raise ValueError(f"labels hold a single class ({int(classes[0])}) in the training rows: a classifier needs "
+                         "at least two (the validation split may have taken a rare class's rows: change seed or "
+                         "validation_fraction, or pass validation_data)")
     highest = int(labels.max()) if validation is None else max(int(labels.max()), int(validation[1].max()))
     return highest + 1
 
