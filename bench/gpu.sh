@@ -183,6 +183,14 @@ run_phase() {
 }
 
 status=0
+# an extra step's exit code ($1, of the step named $2): 0, or 124 when its time box ran out (the
+# sweeps and the pairs stop at the budget's end), is fine; anything else (a crash, a sticky CUDA
+# error) is said in bench.log and fails the run, as a failed test or benchmark does
+step_done() {
+  [ "$1" -eq 0 ] || [ "$1" -eq 124 ] && return 0
+  echo "bench/gpu.sh: $2 exited $1" | tee -a "$outdir/bench.log" >&2
+  status=1
+}
 tests_only=${GPU_TESTS_ONLY:-0}
 rm -f "$outdir/gpu-tests.log" "$outdir/warm-up.log" "$outdir/bench.log" # (run_phase appends)
 [ "${GPU_TESTS:-1}" -eq 0 ] && [ "$tests_only" -ne 1 ] && tests=() # (GPU_TESTS=0: benchmarks only)
@@ -198,6 +206,8 @@ if [ "$tests_only" -ne 1 ]; then
   if [ ${#parallel[@]} -gt 0 ] && [ "${GPU_WARM_PROCS:-4}" -gt 0 ]; then
     with_threads "${GPU_WARM_PROCS:-4}" run_phase 40 0 "$outdir/warm-up.log" "${benches[@]}" -p bench._warm_up \
       -k "($select) and (fastprobe or flex or compile or liger)" --benchmark-disable -n "${GPU_WARM_PROCS:-4}" >/dev/null
+    code=$?
+    [ "$code" -eq 5 ] || step_done "$code" "the warm-up (warm-up.log)" # 5: nothing to warm
     tail -5 "$outdir/warm-up.log"
   fi
   device=$(python3 -c "from bench.conftest import device_slug; print(device_slug())")
@@ -224,6 +234,7 @@ if [ "$tests_only" -ne 1 ]; then
     # the families so far, in their order, into OUTDIR now (report.py skips, with a line on
     # stderr, a part left empty or unreadable)
     python3 -m bench.report --merge "$json" "${parts[@]}" 2>&1 | tee -a "$outdir/bench.log"
+    step_done "${PIPESTATUS[0]}" "report.py --merge"
     [ -s "$json" ] && python3 -m bench.report "$json" >"$outdir/table.md"
   done
   [ -s "$outdir/table.md" ] && cat "$outdir/table.md"
@@ -231,14 +242,17 @@ if [ "$tests_only" -ne 1 ]; then
   [ "$dry_run" -eq 1 ] && sweep=0 # (they need CUDA)
   if [ "$sweep" -eq 1 ] && [ $((end - $(date +%s))) -gt 30 ]; then
     timeout $((end - $(date +%s) - 5)) python3 -m bench.sweep_divergence 2>&1 | tee -a "$outdir/bench.log"
+    step_done "${PIPESTATUS[0]}" "bench.sweep_divergence"
   fi
   if [ "$dry_run" -ne 1 ] && [[ " ${families[*]} " == *" attention "* ]] && [ $((end - $(date +%s))) -gt 60 ]; then
     timeout $((end - $(date +%s) - 5)) python3 -m bench.sweep_attention_stats 2>&1 | tee -a "$outdir/bench.log"
+    step_done "${PIPESTATUS[0]}" "bench.sweep_attention_stats"
   fi
   # the goals' ratios timed in pairs (bench/paired_cuda.py), with the budget's last seconds
   if [ "$dry_run" -ne 1 ] && [[ " ${families[*]} " =~ \ (dual_attention|patch)\  ]] && [ $((end - $(date +%s))) -gt 40 ]; then
     FASTPROBE_DEADLINE=$((end - 15)) timeout -s INT -k 5 $((end - $(date +%s) - 5)) python3 -m bench.paired_cuda 60 2>&1 \
       | tee -a "$outdir/bench.log"
+    step_done "${PIPESTATUS[0]}" "bench.paired_cuda"
   fi
 fi
 [ -n "${FASTPROBE_TRITON_LOG:-}" ] \

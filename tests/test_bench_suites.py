@@ -589,6 +589,21 @@ def test_gpu_sh_rehearsals_run_this_interpreters_fastprobe():
     assert run.stdout.strip() == fastprobe.__file__, run.stderr[-2000:]
 
 
+def test_gpu_sh_extra_steps_fail_the_run_unless_their_time_box_ended_them(tmp_path):
+    """bench/gpu.sh's step_done, after the warm-up, the merge, the sweeps and the pairs: exit 0 and
+    124 (timeout: their time box is the budget's end) leave the status alone; any other exit (a
+    crash, a sticky CUDA error) is said in bench.log and fails the run (it was ignored: status 0)."""
+    script = (ROOT / "bench" / "gpu.sh").read_text()
+    function = re.search(r"^step_done\(\) \{\n.*?^\}\n", script, re.M | re.S)[0]
+    probe = (f"outdir={tmp_path}; status=0\n{function}"
+             'step_done 0 ok; step_done 124 "timed out"; echo "status $status"\n'
+             'step_done 1 bench.sweep_divergence; echo "status $status"\n')
+    run = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60)
+    said = "bench/gpu.sh: bench.sweep_divergence exited 1\n"
+    assert run.stdout.splitlines() == ["status 0", "status 1"] and run.stderr == said, run
+    assert (tmp_path / "bench.log").read_text() == said
+
+
 def test_gpu_sh_returns_each_family_as_it_ends(tmp_path):
     """bench/gpu.sh rehearsed on the CPU (GPU_DRY_RUN=1: no installs, CPU rows): the merged JSON and
     its table are in OUTDIR as soon as the first family ends, so that a device call killed later
