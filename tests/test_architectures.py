@@ -61,7 +61,9 @@ FAMILIES = {
                  {"qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
                   "q_lora_rank": 16}),
     "longcat_flash": ("latent attention in a module not named attention (LongcatFlashMLA), zero experts",
-                      {"kv_lora_rank": 16, "q_lora_rank": 16, "zero_expert_num": 2}),
+                      # (its own names for the sizes too: 4.5x maps no SMALL name onto them, and built 512 experts)
+                      {"kv_lora_rank": 16, "q_lora_rank": 16, "zero_expert_num": 2, "n_routed_experts": 4, "moe_topk": 2,
+                       "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32}),
     "mimo_v2_flash": ("value heads narrower than query heads (head_dim 16, v_head_dim 8), learned sinks and "
                       "more kv heads on its sliding layers", {"v_head_dim": 8, "sliding_window": 4, "n_routed_experts": 4}),
     # hybrids: attention layers among linear-attention or state-space layers (which fastprobe leaves as they
