@@ -477,6 +477,11 @@ def soft_prompt_generate(
         raise ValueError(f"max_new_tokens={new_tokens}: {_room_message(model, limit, longest, n)}")
     soft = draw_soft_prompts(model, n, rows=ids.shape[0], gaussian=gaussian, per_dimension=per_dimension, seed=seed)
     inputs = soft_prompt_inputs(model, ids, mask, soft_prompts=soft)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    if getattr(model, "device", None) == torch.device("meta") and not encoder_decoder:
+        # an offloaded model's placeholders: transformers 4.5x's generate starts the empty input_ids of an
+        # inputs_embeds prompt on model.device (meta: "Tensor.item() cannot be called on meta tensors")
+        inputs["input_ids"] = inputs["inputs_embeds"].new_empty((inputs["inputs_embeds"].shape[0], 0), dtype=torch.long)
     with _position_guard(model, None if new_tokens is not None else limit, longest, n), eval_mode(model):
         output = model.generate(**inputs, **settings)
     return (output, soft) if return_soft_prompts else output
