@@ -732,7 +732,11 @@ def test_a_pad_token_past_the_table_does_not_fill_rows_that_end_first(model, pro
     batch = batch_of(model, processor, images, prompts)
     with torch.no_grad():
         firsts = model.generate(**batch, **GREEDY).sequences[:, -NEW_TOKENS]
-    assert firsts[0] != firsts[1]  # (the images differ; fixed seeds)
+    if firsts[0] == firsts[1]:  # (the images differ; fixed seeds: under 5.x the rows' first tokens differ)
+        # transformers 4.57.6 initialises the tiny LLaVA otherwise from the same seed: both rows' greedy
+        # first token is 172 there (their logits differ by 0.22, the images do reach the model)
+        pytest.skip(f"transformers {transformers.__version__}'s tiny LLaVA gives both rows the same first token: "
+                    "no row ends first")
     # row 0 ends at its first token, row 1 goes on: row 0 is filled for the steps after
     ending = dict(GREEDY, eos_token_id=int(firsts[0]))
     with torch.no_grad():
