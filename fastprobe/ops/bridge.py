@@ -339,7 +339,10 @@ def bridge_loss(
     the loss (when student_logits requires grad) into a buffer of the op's own, [N, V] in
     student_logits' dtype, kept until the backward, which scales it by each row's incoming
     gradient in place (into a second [N, V] tensor only when the graph is kept, retain_graph=True, or on torch
-    without a way to tell, before 2.5; FusedLinearBridgeLoss avoids [N, V] altogether). A row
+    without a way to tell, before 2.5; FusedLinearBridgeLoss avoids [N, V] altogether). Under
+    torch.compile the compiled backward may take that buffer over (torch's donated buffers): a
+    backward with retain_graph=True then raises torch's error saying so; set
+    torch._functorch.config.donated_buffer = False before the first compile to keep graphs. A row
     whose student or bridge logits are all -inf gives NaN. A row whose loss is +inf (reverse: Q
     masks a token P keeps; forward with beta = 0: P masks a token Q keeps) has gradient 0: its
     loss is +inf for every nearby z_S.
