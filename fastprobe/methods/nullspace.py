@@ -25,9 +25,10 @@ torch.autocast (U re-orthonormalised in float64 first, so a rounded one still re
 span). The model's weights and U are never modified;
 remove() restores the model's outputs exactly. (transformers 5 records output_hidden_states
 through forward hooks on the blocks, installed on the first call that asks: this hook runs before
-them, registered first, so they see the projected state. transformers 4.5x records a block's output
-inside its forward, before any hook: block `layer`'s state before the projection, though every
-later block reads the projected one.)
+them, registered first, so they see the projected state. transformers 4.53 appends each block's
+input in the model's own loop, after the previous block's hooks: the projected state too.
+transformers 4.54-4.5x record a block's output inside its forward, before any hook: block `layer`'s
+state before the projection, though every later block reads the projected one.)
 """
 
 from __future__ import annotations
