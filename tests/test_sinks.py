@@ -523,7 +523,12 @@ def test_a_model_left_in_train_mode_is_measured_without_dropout(tokenizer, arch)
     model = with_dropout(planted_model(tokenizer) if arch == "llama" else
                          tiny_model("gpt2", vocab_size=len(tokenizer), num_layers=2))
     if not routes_through_interfaces(model):  # (GPT-2 on 4.53: score_heads refuses it, see patch_or_skip)
-        pytest.skip(f"transformers {transformers.__version__} does not run {type(model).__name__} through its interfaces")
+        flags = [module.training for module in model.modules()]
+        with pytest.raises(NotImplementedError, match="cannot patch"):
+            sinks.score_heads(model, tokenizer, TEXTS[:3], batch_size=2, progress=False)
+        assert [module.training for module in model.modules()] == flags and not is_patched(model)
+        pytest.skip(f"transformers {transformers.__version__} does not run {type(model).__name__} through its "
+                    "interfaces: score_heads refuses it (checked)")
 
     def measure():
         table = sinks.score_heads(model, tokenizer, TEXTS[:3], batch_size=2, progress=False)
