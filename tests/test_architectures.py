@@ -6,6 +6,7 @@ transformers does not have, or does not route through its attention interfaces, 
 latter after checking that patch refuses it)."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -417,10 +418,15 @@ def test_kv_shared_layers(family, changes):
     assert record.num_queries.tolist() == per_layer
 
 
-def test_a_pickled_kv_sharing_model_runs_in_a_fresh_process(monkeypatch):
-    """A patched Gemma 4 with KV-shared layers, pickled and loaded in a fresh process (there
-    transformers' class has its own _maybe_slice_kv_shared_inputs, unwrapped, and no "fastprobe"
-    attention): unpickling wraps the class again, and generate gives the tokens it gave before."""
+def test_kv_sharing_masks_pass_through_the_patched_model_only(monkeypatch):
+    """A patched Gemma 4 with KV-shared layers lets fastprobe's masks around its model's
+    _maybe_slice_kv_shared_inputs on that model alone (DESIGN: nothing process-global is
+    monkey-patched; the pass-through was once put on transformers' class): the class keeps its own
+    method, an unpatched model of it runs that, the pass-through goes with a deep copy and a pickle
+    (loaded where "fastprobe" is not registered with transformers, as in a fresh process) to the
+    copy's own module, generate gives the tokens it gave before, a dropped patched model is freed
+    without the cyclic collector, and unpatch removes it."""
+    import gc
     import pickle
 
     from transformers.masking_utils import AttentionMaskInterface
@@ -430,20 +436,35 @@ def test_a_pickled_kv_sharing_model_runs_in_a_fresh_process(monkeypatch):
 
     if not hasattr(transformers, "Gemma4TextConfig"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
-    model = fp.patch(kv_sharing_model("Gemma4"))
+    name = "_maybe_slice_kv_shared_inputs"
+    model, twin = kv_sharing_model("Gemma4"), kv_sharing_model("Gemma4")
     owner = type(model.model)
-    if "_maybe_slice_kv_shared_inputs" not in vars(owner):
+    if name not in vars(owner):
         pytest.skip(f"transformers {transformers.__version__}'s Gemma 4 runs every query through its shared layers")
+    by_class = vars(owner)[name]
+    fp.patch(model)
+    assert vars(owner)[name] is by_class and name not in vars(twin.model)
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        want = model.generate(ids, **settings)
-    saved = pickle.dumps(model)
-    unwrapped = vars(owner)["_maybe_slice_kv_shared_inputs"].__wrapped__
-    monkeypatch.setattr(owner, "_maybe_slice_kv_shared_inputs", unwrapped)  # (as in a fresh process)
-    for interface in (AttentionInterface, AttentionMaskInterface):
-        monkeypatch.delitem(interface._global_mapping, integration.KEY)
-    loaded = pickle.loads(saved)
-    assert vars(owner)["_maybe_slice_kv_shared_inputs"] is not unwrapped
+        want, unpatched = model.generate(ids, **settings), twin.generate(ids, **settings)
+    for copied in (copy.deepcopy(model), None):
+        if copied is None:
+            saved = pickle.dumps(model)
+            for interface in (AttentionInterface, AttentionMaskInterface):
+                monkeypatch.delitem(interface._global_mapping, integration.KEY)
+            copied = pickle.loads(saved)
+        assert vars(copied.model)[name]._module() is copied.model
+        with torch.no_grad():
+            assert torch.equal(copied.generate(ids, **settings), want)
+    freed = weakref.ref(copied.model)
+    gc.disable()
+    try:
+        del copied
+        assert freed() is None
+    finally:
+        gc.enable()
+    fp.unpatch(model)
+    assert name not in vars(model.model) and vars(owner)[name] is by_class
     with torch.no_grad():
-        assert torch.equal(loaded.generate(ids, **settings), want)
+        assert torch.equal(model.generate(ids, **settings), unpatched)

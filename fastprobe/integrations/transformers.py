@@ -405,7 +405,6 @@ class _PatchState:
         self._options_version = 0
         self.module_ids: frozenset = frozenset()  # every module of the patched model
         self.model_name = "model"  # the patched model's class name
-        self.kv_sharing: tuple = ()  # classes _pass_masks_through wrapped for this model
         self.ungrouped_layers: frozenset = frozenset()  # layers that take no key groups (_ungrouped_layers)
         # Whom the patch is for: "user" (patch or update_patch called), "block" (record_attention or
         # patched_with on an unpatched model, for the block), "method" (prune_heads, or kept after such
@@ -437,7 +436,7 @@ class _PatchState:
         """copy.deepcopy (or pickle) of a patched model copies this state with the model: its layers
         are then the copy's modules (the copy is patched as the original was, and unpatch(copy)
         restores the copy only). Unpickled in another process, it registers "fastprobe" with
-        transformers again (the copy's config names it) and wraps the KV-sharing classes again."""
+        transformers again (the copy's config names it)."""
         attributes = dict(attributes)
         attributes.pop("_head_masks", None)  # (a state pickled before the copies went with their options)
         layers = attributes.pop("layers")
@@ -450,9 +449,8 @@ class _PatchState:
         self.__dict__.setdefault("ungrouped_layers", self.__dict__.pop("tower_layers", frozenset()))
         if self.__dict__.setdefault("patched_by", "user") == "block":  # (the block ends for the original only)
             self.patched_by = "method"
+        self.__dict__.pop("kv_sharing", None)  # (a state pickled while the masks' pass-through was on the classes)
         _masking_utils()
-        for cls in self.__dict__.setdefault("kv_sharing", ()):
-            _pass_masks_through(cls)
 
     def set_options(self, options: PatchOptions) -> None:
         tracked = getattr(getattr(self, "options", None), "guidance", None)
@@ -2001,9 +1999,7 @@ def patch(
         state.patched_by = "user"  # (fastprobe's own changes go through _set_options, which keeps it)
         return wrapper
 
-    kv_sharing = _kv_sharing_classes(model)
-    for cls in kv_sharing:
-        _pass_masks_through(cls)
+    _pass_masks_through(model)
     previous = [(config, _implementation_before_fastprobe(config)) for config in _configs(model)]
     _switch(model, layers, [config for config, _ in previous])
     # set_attn_implementation only warns for a class it cannot switch: check every layer did.
@@ -2013,7 +2009,6 @@ def patch(
         raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
 
     state = _PatchState(layers, previous, options)
-    state.kv_sharing = kv_sharing
     state.module_ids = frozenset(id(module) for module in model.modules())
     state.model_name = type(model).__name__
     state.ungrouped_layers = _ungrouped_layers(model, layers)
@@ -2038,47 +2033,50 @@ def patch(
 
 
 _SLICES_KV_SHARED = "_maybe_slice_kv_shared_inputs"
-_PASSES_MASKS = "_fastprobe_passes_masks"
 
 
-def _kv_sharing_classes(model) -> tuple:
+def _pass_masks_through(model) -> None:
     """Gemma 4 (transformers 5.2x) with KV-shared layers: before the first of them, a prefill keeps
     only the last logits_to_keep queries (those layers write no cache) and cuts the 4D masks' query
     rows to match (_maybe_slice_kv_shared_inputs), which fails on fastprobe's [B, Lk] key padding
-    masks. Those need no cut: fastprobe's queries are always the last of the keys. The classes of
-    the model's modules that define the method (_pass_masks_through wraps them)."""
-    owners = {next((cls for cls in type(module).__mro__ if _SLICES_KV_SHARED in cls.__dict__), None)
-              for module in model.modules()}
-    return tuple(sorted(owners - {None}, key=lambda cls: cls.__qualname__))
+    masks. Those need no cut: fastprobe's queries are always the last of the keys. Each of the
+    model's modules whose class defines the method gets a _MasksPassThrough in its place, on the
+    module itself (its class, and every other model of it, untouched; unpatch removes it)."""
+    for module in model.modules():
+        owner = next((cls for cls in type(module).__mro__ if _SLICES_KV_SHARED in cls.__dict__), None)
+        if owner is not None and "causal_mask_mapping" in inspect.signature(owner.__dict__[_SLICES_KV_SHARED]).parameters:
+            module.__dict__[_SLICES_KV_SHARED] = _MasksPassThrough(module)
 
 
-def _pass_masks_through(cls) -> None:
-    """Wraps cls's _maybe_slice_kv_shared_inputs, once: fastprobe's masks go around it untouched,
-    any other mask (an unpatched model's) through it as before."""
-    original = cls.__dict__[_SLICES_KV_SHARED]
-    if getattr(original, _PASSES_MASKS, False):
-        return
-    parameters = list(inspect.signature(original).parameters)
-    if "causal_mask_mapping" not in parameters:
-        return
-    at = parameters.index("causal_mask_mapping")  # (self included, as in args)
+class _MasksPassThrough:
+    """One module's _maybe_slice_kv_shared_inputs while it is patched: fastprobe's masks go around
+    its class's method untouched, any other mask through it as before. Holds the module weakly (a
+    reference cycle would keep a dropped model's weights until the cyclic collector ran); a deep
+    copy or pickle of the model gets one for its own module."""
 
-    @functools.wraps(original)
-    def passing_masks(*args, **kwargs):
+    def __init__(self, module):
+        self._module = weakref.ref(module)
+        parameters = list(inspect.signature(getattr(type(module), _SLICES_KV_SHARED)).parameters)
+        self._masks_at = parameters.index("causal_mask_mapping") - 1  # (in the bound call's args: self left out)
+
+    def __reduce__(self):
+        return _MasksPassThrough, (self._module(),)
+
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        sliced_by_class = getattr(type(module), _SLICES_KV_SHARED).__get__(module)
+        at = self._masks_at
         masks = args[at] if len(args) > at else kwargs["causal_mask_mapping"]
         ours = {kind: mask for kind, mask in masks.items() if getattr(mask, _PATTERN, None) is not None}
         if not ours:
-            return original(*args, **kwargs)
+            return sliced_by_class(*args, **kwargs)
         uncut = {kind: None if kind in ours else mask for kind, mask in masks.items()}
         if len(args) > at:
             args = (*args[:at], uncut, *args[at + 1:])
         else:
             kwargs = {**kwargs, "causal_mask_mapping": uncut}
-        *sliced, cut_masks = original(*args, **kwargs)
+        *sliced, cut_masks = sliced_by_class(*args, **kwargs)
         return (*sliced, {**cut_masks, **ours})
-
-    setattr(passing_masks, _PASSES_MASKS, True)
-    setattr(cls, _SLICES_KV_SHARED, passing_masks)
 
 
 def _refuse_layers_patched_through_another(model, layers: list) -> None:
@@ -2163,6 +2161,8 @@ def unpatch(model):
     for module in model.modules():
         if _PART in module.__dict__:
             delattr(module, _PART)
+        if isinstance(module.__dict__.get(_SLICES_KV_SHARED), _MasksPassThrough):
+            del module.__dict__[_SLICES_KV_SHARED]
     delattr(model, _STATE)
     return wrapper
 
