@@ -1364,30 +1364,34 @@ def test_a_mask_sized_for_fewer_keys_than_the_layer_holds():
 
 
 def test_kv_shared_query_cut_passes_fastprobe_masks_untouched():
-    """A class's _maybe_slice_kv_shared_inputs (Gemma 4's query cut before its KV-shared layers),
-    wrapped by patch: fastprobe's key padding masks come back as they were (the mask mapping
+    """A module's _maybe_slice_kv_shared_inputs (Gemma 4's query cut before its KV-shared layers),
+    as patch leaves it: fastprobe's key padding masks come back as they were (the mask mapping
     positional or by keyword), other masks are cut as before, and a mapping without fastprobe's
-    masks goes through untouched; wrapping twice wraps once."""
+    masks goes through untouched; doing it twice passes through once, and the class (another
+    module of it) is left alone."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
 
-    class Cutting:
+    class Cutting(torch.nn.Module):
         def _maybe_slice_kv_shared_inputs(self, hidden, causal_mask_mapping, keep, cache=None):
             cut = {kind: None if mask is None else mask[:, :, -keep:, :] for kind, mask in causal_mask_mapping.items()}
             return hidden[:, -keep:], cut
 
-    integration._pass_masks_through(Cutting)
-    wrapped = Cutting.__dict__["_maybe_slice_kv_shared_inputs"]
-    integration._pass_masks_through(Cutting)
-    assert Cutting.__dict__["_maybe_slice_kv_shared_inputs"] is wrapped
+    by_class, cutting, other = Cutting.__dict__["_maybe_slice_kv_shared_inputs"], Cutting(), Cutting()
+    for _ in range(2):
+        integration._pass_masks_through(cutting)
+    assert Cutting.__dict__["_maybe_slice_kv_shared_inputs"] is by_class
+    assert "_maybe_slice_kv_shared_inputs" in vars(cutting) and "_maybe_slice_kv_shared_inputs" not in vars(other)
     ours = integration.key_padding_mask(2, 6, 6, attention_mask=torch.ones(2, 6, dtype=torch.bool),
                                         mask_function=masking_utils.causal_mask_function)
     theirs, hidden = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril(), torch.randn(2, 6, 4)
-    for call in (lambda masks: Cutting()._maybe_slice_kv_shared_inputs(hidden, masks, 1),
-                 lambda masks: Cutting()._maybe_slice_kv_shared_inputs(hidden, keep=1, causal_mask_mapping=masks)):
+    for call in (lambda masks: cutting._maybe_slice_kv_shared_inputs(hidden, masks, 1),
+                 lambda masks: cutting._maybe_slice_kv_shared_inputs(hidden, keep=1, causal_mask_mapping=masks)):
         kept, masks = call({"full_attention": ours, "other": theirs})
         assert torch.equal(kept, hidden[:, -1:]) and masks["full_attention"] is ours
         assert torch.equal(masks["other"], theirs[:, :, -1:, :])
         assert torch.equal(call({"other": theirs})[1]["other"], theirs[:, :, -1:, :])
+    with pytest.raises(IndexError):  # the other module cuts fastprobe's 2D mask as a 4D one
+        other._maybe_slice_kv_shared_inputs(hidden, {"full_attention": ours}, 1)
 
 
 def test_mask_function_on_a_static_cache():
