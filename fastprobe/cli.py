@@ -645,7 +645,7 @@ def _check_causal(model, path: str) -> None:
     """Refuses a model whose attention layers all say they are not causal (BERT and other encoders
     that AutoModelForCausalLM loads: each token would see the tokens after it). Attention modules
     say so in is_causal (transformers 5; is_decoder in 4.x's BERT-like layers)."""
-    from .integrations.transformers import _named_attention
+    from .integrations._lookups import _named_attention
 
     flags = [getattr(module, "is_causal", getattr(module, "is_decoder", None))
              for module in model.modules() if _named_attention(type(module))]

@@ -23,7 +23,7 @@ def families() -> list:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from fastprobe.integrations.transformers import _HYBRID_FAMILIES
+    from fastprobe.integrations._lookups import _HYBRID_FAMILIES
 
     return [name for name, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
             if getattr(getattr(transformers, cls, None), "_supports_attention_backend", False)

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprobe as fp
 from fastprobe.integrations import attention_layers, is_patched, patch_options, update_patch
+from fastprobe.integrations import _attention, _lookups, _masks
 from fastprobe.integrations import transformers as integration
 from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
 
@@ -557,11 +558,11 @@ def test_four_d_masks_of_unlisted_modules():
     tower = torch.nn.Linear(1, 1)
     padding = torch.tensor([[True] * 7 + [False] * 2, [True] * 9])
     additive = torch.zeros(2, 1, 9, 9).masked_fill(~padding[:, None, None, :], torch.finfo(torch.float32).min)
-    got, causal, *_ = integration._pattern_of(tower, additive, None, None, 9)
+    got, causal, *_ = _attention._pattern_of(tower, additive, None, None, 9)
     assert torch.equal(got, padding) and causal is False
     causal_4d = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
     with pytest.raises(NotImplementedError, match="4D mask"):
-        integration._pattern_of(tower, causal_4d, None, None, 9)
+        _attention._pattern_of(tower, causal_4d, None, None, 9)
 
 
 def test_vision_language_model_and_its_sub_configs():
@@ -571,13 +572,13 @@ def test_vision_language_model_and_its_sub_configs():
     reference = transformers.LlavaForConditionalGeneration(config).eval()
     model = transformers.LlavaForConditionalGeneration(copy.deepcopy(config)).eval()  # patch switches its configs
     model.load_state_dict(reference.state_dict())
-    before = {id(c): c._attn_implementation for c in integration._configs(model)}
+    before = {id(c): c._attn_implementation for c in _lookups._configs(model)}
     # LLaVA, CLIP vision, Llama text (in 4.53 the sub-models hold copies of the sub-configs: 5 configs)
-    assert sorted({type(c).__name__ for c in integration._configs(model)}) == ["CLIPVisionConfig", "LlamaConfig",
+    assert sorted({type(c).__name__ for c in _lookups._configs(model)}) == ["CLIPVisionConfig", "LlamaConfig",
                                                                               "LlavaConfig"]
     fp.patch(model)
-    assert all(c._attn_implementation == "fastprobe" for c in integration._configs(model))
-    assert not any(c._attn_implementation == "fastprobe" for c in integration._configs(reference))
+    assert all(c._attn_implementation == "fastprobe" for c in _lookups._configs(model))
+    assert not any(c._attn_implementation == "fastprobe" for c in _lookups._configs(reference))
     assert len(attention_layers(model)) == 2  # the text model's self-attention; the vision tower runs plain
     ids, mask = torch.randint(3, 290, (2, 10)), torch.ones(2, 10, dtype=torch.long)
     mask[0, :3] = 0
@@ -588,7 +589,7 @@ def test_vision_language_model_and_its_sub_configs():
     assert_real_close(got, outputs(reference, ids, mask, pixel_values=pixels), mask)
     assert record.sink_mass.shape == (2, 4)
     fp.unpatch(model)
-    assert {id(c): c._attn_implementation for c in integration._configs(model)} == before
+    assert {id(c): c._attn_implementation for c in _lookups._configs(model)} == before
 
 
 # ---------------------------------------------------------------- unpatch, two models
@@ -597,14 +598,14 @@ def test_vision_language_model_and_its_sub_configs():
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "bert"])  # sdpa, eager (Gemma 2's default), encoder
 def test_unpatch_restores_exactly(arch):
     model = tiny_model(arch)
-    before = {id(c): c._attn_implementation for c in integration._configs(model)}
+    before = {id(c): c._attn_implementation for c in _lookups._configs(model)}
     ids, mask = inputs()
     want = outputs(model, ids, mask)
     patch_or_skip(model, window=3, head_mask={0: [True, False, True, True]})
     outputs(model, ids, mask)
     assert fp.unpatch(model) is model
     assert not is_patched(model)
-    assert {id(c): c._attn_implementation for c in integration._configs(model)} == before
+    assert {id(c): c._attn_implementation for c in _lookups._configs(model)} == before
     assert not any(hasattr(m, "_fastprobe_state") for m in model.modules())
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert torch.equal(outputs(model, ids, mask), want)
@@ -806,7 +807,7 @@ def test_layers_of_one_forward_share_the_prepared_key_masks(monkeypatch):
         made.append(kwargs)
         return fp.ops.attention.key_masks(*args, **kwargs)
 
-    monkeypatch.setattr(integration, "key_masks", counting)
+    monkeypatch.setattr(_attention, "key_masks", counting)
     for arch, kinds in (("llama", 1), ("gemma2", 2)):
         model = patch_or_skip(tiny_model(arch, num_layers=4), num_sink=1)
         assert len(attention_layers(model)) == 4
@@ -899,7 +900,7 @@ def test_mask_pattern_windows_match_transformers_masks(window):
         cases[masking_utils.sliding_window_bidirectional_mask_function(window)] = (False, window + 1)
     length = 11
     for function, expected in cases.items():
-        causal, ours = integration._mask_pattern(function)
+        causal, ours = _masks._mask_pattern(function)
         assert (causal, ours) == expected
         real = torch.ones(1, length, dtype=torch.bool)
         visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal, ours)[0]
@@ -929,18 +930,18 @@ def test_blockwise_masks_match_transformers_masks():
     ]
     real = torch.ones(1, length, dtype=torch.bool)
     for function in cases:
-        mask = integration.key_padding_mask(1, length, length, mask_function=function, cache_position=torch.arange(length),
+        mask = _masks.key_padding_mask(1, length, length, mask_function=function, cache_position=torch.arange(length),
                                             attention_mask=real.long())
-        _, causal_order, ours, _, _, blocks, _, _ = integration._pattern_of(None, mask, None, None, length)
+        _, causal_order, ours, _, _, blocks, _, _ = _attention._pattern_of(None, mask, None, None, length)
         assert blocks is not None
         pairs = fp.reference.block_pairs(blocks.horizon, length)  # (a horizon is itself block ids)
         visible = fp.reference.attention_visible(real, torch.zeros_like(real), length, causal_order, ours, pairs)[0]
         assert torch.equal(visible, materialised(function, length))
     too_long = or_masks(and_masks(causal, window(4)), overlay(images))
-    mask = integration.key_padding_mask(1, length, length, mask_function=too_long, cache_position=torch.arange(length),
+    mask = _masks.key_padding_mask(1, length, length, mask_function=too_long, cache_position=torch.arange(length),
                                         attention_mask=real.long())
     with pytest.raises(NotImplementedError, match="no longer than the window"):
-        integration._pattern_of(None, mask, None, None, length)
+        _attention._pattern_of(None, mask, None, None, length)
 
 
 def test_chunked_and_packed_masks_match_transformers_masks():
@@ -970,10 +971,10 @@ def test_chunked_and_packed_masks_match_transformers_masks():
             if attention_mask is None and kv_offset:
                 continue  # transformers packs only without a cache
             given = attention_mask if attention_mask is not None else torch.ones(2, length, dtype=torch.long)
-            mask = integration.key_padding_mask(
+            mask = _masks.key_padding_mask(
                 2, q_length, kv_length, q_offset=length - q_length, kv_offset=kv_offset, mask_function=function,
                 attention_mask=given, cache_position=torch.arange(length - q_length, length))
-            real, causal_order, ours, _, _, blocks, segments, first_key = integration._pattern_of(
+            real, causal_order, ours, _, _, blocks, segments, first_key = _attention._pattern_of(
                 None, mask, None, None, kv_length)
             assert first_key == kv_offset  # (the recorder's key groups are taken from there)
             assert segments is not None and blocks is None
@@ -991,7 +992,7 @@ def test_mask_patterns_it_cannot_reproduce_are_refused():
     masking_utils = pytest.importorskip("transformers.masking_utils")
     custom = masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv % 2 == 0)
     with pytest.raises(NotImplementedError, match="cannot reproduce"):
-        integration._mask_pattern(custom)
+        _masks._mask_pattern(custom)
 
 
 def test_masks_it_cannot_reproduce_are_refused_when_a_layer_attends_with_them():
@@ -1000,11 +1001,11 @@ def test_masks_it_cannot_reproduce_are_refused_when_a_layer_attends_with_them():
     is refused."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
     unusable = masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv % 2 == 0)
-    mask = integration.key_padding_mask(2, 5, 5, mask_function=unusable, cache_position=torch.arange(5),
+    mask = _masks.key_padding_mask(2, 5, 5, mask_function=unusable, cache_position=torch.arange(5),
                                         attention_mask=torch.ones(2, 5, dtype=torch.long))
     assert mask.shape == (2, 5)
     with pytest.raises(NotImplementedError, match="cannot reproduce"):
-        integration._pattern_of(None, mask, None, None, 5)
+        _attention._pattern_of(None, mask, None, None, 5)
     if not hasattr(transformers, "Qwen2MoeConfig"):
         return
     config = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -1157,8 +1158,8 @@ def test_packing_one_sequence_per_row_is_plain_causal():
     masking_utils = pytest.importorskip("transformers.masking_utils")
     causal, packing = masking_utils.causal_mask_function, masking_utils.packed_sequence_mask_function
     one_each = masking_utils.and_masks(causal, packing(torch.zeros(2, 8, dtype=torch.long)))
-    assert integration._mask_pattern(one_each) == (True, None)
-    mask = integration.key_padding_mask(2, 8, 8, mask_function=one_each, cache_position=torch.arange(8))
+    assert _masks._mask_pattern(one_each) == (True, None)
+    mask = _masks.key_padding_mask(2, 8, 8, mask_function=one_each, cache_position=torch.arange(8))
     assert mask._fastprobe_pattern.segments is None
     reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
     ids, _ = inputs(padding="none")
@@ -1265,10 +1266,10 @@ def test_flash_packing_kwargs_are_read_once_per_forward(monkeypatch):
     checked against them once per mask kind, not per layer: Gemma 3 alternates full and sliding
     layers (two masks); a new forward reads them afresh."""
     read, checked = [], []
-    reading, checking = integration._packed_ids, integration._layer_packed_segments
+    reading, checking = integration._packed_ids, _attention._layer_packed_segments
     monkeypatch.setattr(integration, "_packed_ids", lambda *args: read.append(1) or reading(*args))
-    monkeypatch.setattr(integration, "_layer_packed_segments",
-                        lambda *args: checked.append(args[4].get(integration._PACKED) is None) or checking(*args))
+    monkeypatch.setattr(_attention, "_layer_packed_segments",
+                        lambda *args: checked.append(args[4].get(_attention._PACKED) is None) or checking(*args))
     model = fp.patch(tiny_model("gemma3", num_layers=4), num_sink=1)
     batch = flattened(torch.randint(3, VOCAB, (16,)), [6, 10])
     with torch.no_grad():
@@ -1339,27 +1340,27 @@ def test_a_mask_sized_for_fewer_keys_than_the_layer_holds():
     enough 2D mask, or a static cache's, is refused."""
     masking_utils = pytest.importorskip("transformers.masking_utils")
     row = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    step = integration.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=row,
+    step = _masks.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=row,
                                         mask_function=masking_utils.causal_mask_function)
     for keys in (5, 3):
-        padding, causal, window, dropped, _, blocks, segments, first = integration._pattern_of(None, step, None, None,
+        padding, causal, window, dropped, _, blocks, segments, first = _attention._pattern_of(None, step, None, None,
                                                                                               keys)
         assert torch.equal(padding, row[:, -keys:].bool()) and causal and first == 5 - keys
         assert window is None and dropped is None and blocks is None and segments is None
-    unpadded = integration.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=None, device="cpu",
+    unpadded = _masks.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=None, device="cpu",
                                             mask_function=masking_utils.causal_mask_function)
-    assert integration._pattern_of(None, unpadded, None, None, 5)[:3] == (None, True, None)
+    assert _attention._pattern_of(None, unpadded, None, None, 5)[:3] == (None, True, None)
     with pytest.raises(ValueError, match="covers 1 keys but there are 6"):
-        integration._pattern_of(None, step, None, None, 6)
-    windowed = integration.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=row,
+        _attention._pattern_of(None, step, None, None, 6)
+    windowed = _masks.key_padding_mask(2, 1, 1, q_offset=0, attention_mask=row,
                                             mask_function=masking_utils.sliding_window_causal_mask_function(3))
-    wide = integration.key_padding_mask(2, 1, 5, q_offset=0, attention_mask=row,
+    wide = _masks.key_padding_mask(2, 1, 5, q_offset=0, attention_mask=row,
                                         mask_function=masking_utils.causal_mask_function)
-    static = integration.key_padding_mask(2, 1, 16, q_offset=torch.tensor(4), attention_mask=row,
+    static = _masks.key_padding_mask(2, 1, 16, q_offset=torch.tensor(4), attention_mask=row,
                                           mask_function=masking_utils.causal_mask_function)
     for mask, keys in ((windowed, 5), (wide, 4), (static, 16)):
         with pytest.raises(ValueError, match="cannot move its pattern"):
-            integration._pattern_of(None, mask, None, None, keys)
+            _attention._pattern_of(None, mask, None, None, keys)
 
 
 
@@ -1381,7 +1382,7 @@ def test_kv_shared_query_cut_passes_fastprobe_masks_untouched():
         integration._pass_masks_through(cutting)
     assert Cutting.__dict__["_maybe_slice_kv_shared_inputs"] is by_class
     assert "_maybe_slice_kv_shared_inputs" in vars(cutting) and "_maybe_slice_kv_shared_inputs" not in vars(other)
-    ours = integration.key_padding_mask(2, 6, 6, attention_mask=torch.ones(2, 6, dtype=torch.bool),
+    ours = _masks.key_padding_mask(2, 6, 6, attention_mask=torch.ones(2, 6, dtype=torch.bool),
                                         mask_function=masking_utils.causal_mask_function)
     theirs, hidden = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril(), torch.randn(2, 6, 4)
     for call in (lambda masks: cutting._maybe_slice_kv_shared_inputs(hidden, masks, 1),
@@ -1495,12 +1496,12 @@ def test_refuses_composite_models_with_parts_it_cannot_run(name, words):
         pytest.skip(f"transformers {transformers.__version__} cannot build {name} here")
     if not getattr(type(model), "_supports_attention_backend", False):
         pytest.skip(f"transformers {transformers.__version__} does not mark {type(model).__name__}")
-    before = [config._attn_implementation for config in integration._configs(model)]
+    before = [config._attn_implementation for config in _lookups._configs(model)]
     if int(transformers.__version__.split(".")[0]) < 5:  # (4.5x refuses BLIP-2's Q-Former, Kosmos-2's attention first)
         words = "cannot patch"
     with pytest.raises(NotImplementedError, match=words):
         fp.patch(model)
-    assert not is_patched(model) and [config._attn_implementation for config in integration._configs(model)] == before
+    assert not is_patched(model) and [config._attn_implementation for config in _lookups._configs(model)] == before
     if name == "blip2_t5":  # the same model with an OPT language model is patched
         other = _composite("blip2_opt")
         if other is not None and routes_through_interfaces(other.language_model):
@@ -1746,7 +1747,7 @@ def test_a_fresh_patched_model_compiles_whole_and_exports(monkeypatch):
     with a dynamic sequence length (int(q_length) fixed it at the example's)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    monkeypatch.setattr(integration, "_PATTERNS", {})  # (as in a fresh process)
+    monkeypatch.setattr(_masks, "_PATTERNS", {})  # (as in a fresh process)
     torch._dynamo.reset()
     reference, model = tiny_model("llama"), fp.patch(tiny_model("llama"))
     counter = CompileCounterWithBackend("eager")
@@ -1769,7 +1770,7 @@ def test_a_fresh_patched_model_compiles_whole_and_exports(monkeypatch):
         def forward(self, ids, mask):
             return self.inner(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-    monkeypatch.setattr(integration, "_PATTERNS", {})
+    monkeypatch.setattr(_masks, "_PATTERNS", {})
     length = torch.export.Dim("length", min=3, max=64)
     ids, mask = torch.randint(3, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
     exported = torch.export.export(Logits(model), (ids, mask), dynamic_shapes=({1: length}, {1: length}),
@@ -2395,7 +2396,7 @@ def test_only_peft_and_compile_wrappers_are_looked_into():
             return "not a model"
 
     for holder in (Holder(), Odd()):
-        assert integration.unwrapped(holder) is holder and not is_patched(holder)
+        assert _lookups.unwrapped(holder) is holder and not is_patched(holder)
         with pytest.raises(TypeError, match="takes a transformers PreTrainedModel"):
             fp.patch(holder)
 
@@ -2596,20 +2597,20 @@ def test_packed_images_of_a_vision_tower_attend_within_themselves():
     packed = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=5, max_length_k=5)
     ids = torch.tensor([0] * 4 + [1] * 5)
     block = torch.where(ids[:, None] == ids[None, :], 0.0, torch.finfo(torch.float32).min)[None, None]
-    got, _ = integration.attention_forward(module, q, k, v, block, scaling=0.3, is_causal=False, **packed)
+    got, _ = _attention.attention_forward(module, q, k, v, block, scaling=0.3, is_causal=False, **packed)
     want = torch.cat([fp.reference.sink_attention(q[:, :, s:e].double(), k[:, :, s:e].double(), v[:, :, s:e].double(),
                                                   scale=0.3, causal=False)["out"] for s, e in ((0, 4), (4, 9))], dim=2)
     torch.testing.assert_close(got.transpose(1, 2).double(), want, **TOLERANCE)
     with pytest.raises(NotImplementedError, match="not their block diagonal"):
-        integration.attention_forward(module, q, k, v, torch.zeros_like(block), scaling=0.3, is_causal=False, **packed)
+        _attention.attention_forward(module, q, k, v, torch.zeros_like(block), scaling=0.3, is_causal=False, **packed)
     with pytest.raises(NotImplementedError, match="boundaries agree"):
-        integration.attention_forward(module, q, k, v, None, scaling=0.3, is_causal=False,
+        _attention.attention_forward(module, q, k, v, None, scaling=0.3, is_causal=False,
                                       **dict(packed, cu_seq_lens_k=torch.tensor([0, 5, 9], dtype=torch.int32)))
     model = fp.patch(tiny_model("llama"))
     layer = attention_layers(model)[0]
-    got, _ = integration.attention_forward(layer, q, k, v, None, scaling=0.3, **packed)
+    got, _ = _attention.attention_forward(layer, q, k, v, None, scaling=0.3, **packed)
     want = torch.cat([fp.reference.sink_attention(q[:, :, s:e].double(), k[:, :, s:e].double(), v[:, :, s:e].double(),
                                                   scale=0.3, causal=True)["out"] for s, e in ((0, 4), (4, 9))], dim=2)
     torch.testing.assert_close(got.transpose(1, 2).double(), want, **TOLERANCE)
     with pytest.raises(NotImplementedError, match="cu_seq_lens.*2D mask"):  # unlisted: a 4D mask or none
-        integration.attention_forward(module, q, k, v, torch.ones(1, 9, dtype=torch.bool), scaling=0.3, **packed)
+        _attention.attention_forward(module, q, k, v, torch.ones(1, 9, dtype=torch.bool), scaling=0.3, **packed)

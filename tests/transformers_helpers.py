@@ -32,7 +32,7 @@ def routes_through_interfaces(model) -> bool:
     """Whether the installed transformers runs this model's attention through its AttentionInterface
     and its masks through the AttentionMaskInterface, which fastprobe needs: BERT only from 5.0
     (4.5x's has its own attention classes), GPT-2 and OPT not in 4.53 (which builds their own 4D masks)."""
-    from fastprobe.integrations.transformers import _HYBRID_FAMILIES
+    from fastprobe.integrations._lookups import _HYBRID_FAMILIES
 
     base = type(model.base_model)
     builds_own_masks = any(hasattr(type(module), "_update_causal_mask") for module in model.modules())  # OPT's decoder
