@@ -2198,6 +2198,73 @@ def test_concurrent_forwards_of_one_patched_model():
     assert record.num_queries.tolist() == [real_queries] * 2
 
 
+def test_update_patch_from_another_thread_applies_from_the_next_forward():
+    """update_patch while another thread's forward is between layers: that forward ends with the
+    options it started with, and its next forward runs with the new ones (read per layer, the
+    forward ran its first layer unmasked and its second masked: outputs of neither setting, in
+    111 of 150 racing forwards)."""
+    import threading
+
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    heads = model.config.num_attention_heads
+    pruned = {layer: [True] + [False] * (heads - 1) for layer in range(model.config.num_hidden_layers)}
+    want_old = outputs(model, ids, mask)
+    update_patch(model, head_mask=pruned)
+    want_new = outputs(model, ids, mask)
+    update_patch(model, head_mask={})
+    first_layer_done, updated = threading.Event(), threading.Event()
+
+    def pause_after_first_layer(module, args, output):
+        first_layer_done.set()
+        updated.wait(timeout=5.0)
+
+    hook = attention_layers(model)[0].register_forward_hook(pause_after_first_layer)
+    got = {}
+    runner = threading.Thread(target=lambda: got.setdefault("old", outputs(model, ids, mask)))
+    runner.start()
+    assert first_layer_done.wait(timeout=5.0)
+    hook.remove()
+    update_patch(model, head_mask=pruned)
+    updated.set()
+    runner.join()
+    assert_real_close(got["old"], want_old, mask)
+    assert_real_close(outputs(model, ids, mask), want_new, mask)
+
+
+def test_update_patch_from_two_threads_keeps_both_changes(monkeypatch):
+    """Two threads changing different options with update_patch at once: the model ends with both
+    changes (each read the options, then patched with them: the later patch dropped the other's
+    change, 225 of 300 races with a tiny GIL switch interval)."""
+    import threading
+
+    model = fp.patch(tiny_model("llama"))
+    first_read, second_done = threading.Event(), threading.Event()
+    read_options = integration.patch_options
+
+    def slow_read(target):  # (the first thread pauses between its read and its patch)
+        options = read_options(target)
+        if not first_read.is_set():
+            first_read.set()
+            second_done.wait(timeout=1.0)
+        return options
+
+    monkeypatch.setattr(integration, "patch_options", slow_read)
+
+    def second():
+        first_read.wait(timeout=5.0)
+        update_patch(model, stat_tokens=3)
+        second_done.set()
+
+    threads = [threading.Thread(target=lambda: update_patch(model, num_sink=2)), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    options = read_options(model)
+    assert (options.num_sink, options.stat_tokens) == (2, 3)
+
+
 def test_record_attention_on_one_model_from_two_threads_lets_one_in(monkeypatch):
     """Two threads opening record_attention on one model at once: the second is refused, even
     when it comes while the first is between its check and its assignment (it once got in too,

@@ -250,8 +250,8 @@ def test_a_head_mask_changed_during_a_forward_is_not_replaced_by_the_old_one():
             return found
 
     state.set_options(dataclasses.replace(state.options, head_mask=UpdatedWhileRead(state.options.head_mask)))
-    state.head_mask(0, torch.device("cpu"))  # (the forward in flight: either mask will do for it)
-    assert torch.equal(state.head_mask(0, torch.device("cpu")), new_mask)
+    state.head_mask(0, torch.device("cpu"), state.options)  # (the forward in flight, with its options)
+    assert torch.equal(state.head_mask(0, torch.device("cpu"), state.options), new_mask)
 
 
 def test_a_forward_running_when_the_model_is_patched_ends_without_a_false_error():

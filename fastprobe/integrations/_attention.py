@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -15,6 +15,9 @@ from ..ops.attention import SegmentSpans, key_masks, sink_attention
 from ..ops.dual_attention import dual_path_attention
 from ._lookups import KEY, _LAYER, _PART, _PATTERN, _STATE, _SWITCHED
 from ._masks import _MaskPattern, _masking_utils_module, key_padding_mask
+
+if TYPE_CHECKING:
+    from .transformers import PatchOptions
 
 _INTERFACES: Optional[tuple] = None  # (masking_utils, AttentionInterface, AttentionMaskInterface), imported once
 
@@ -359,15 +362,15 @@ def attention_forward(
                                 segments), None
 
     state.forward.attended = True
-    options, record = state.options, state.recorder
+    options, record = state.forward_options(), state.recorder
     if record is not None and _recomputed_in_backward():
         record = None  # (its forward was recorded: a second count would pool the layer's queries twice)
     if options.window is not None:
         window = _narrowest(window, options.window)
     guided = None
     if options.guidance is not None and layer in options.guidance.layers:
-        guided = _guided_attention(state, layer, query, key, value, padding, causal, window, scaling, softcap, s_aux,
-                                   blocks, segments)
+        guided = _guided_attention(state, options, layer, query, key, value, padding, causal, window, scaling,
+                                   softcap, s_aux, blocks, segments)
         if record is None:
             return guided.transpose(1, 2), None
         # recording a guided layer: its statistics (of the attention weights, which guidance leaves
@@ -388,7 +391,7 @@ def attention_forward(
                                                     device=key.device)
     result = sink_attention(
         query, key, value, scale=scaling, causal=causal, window=window, num_sink=options.num_sink,
-        key_padding_mask=keys, head_mask=state.head_mask(layer, query.device) if options.head_mask else None,
+        key_padding_mask=keys, head_mask=state.head_mask(layer, query.device, options) if options.head_mask else None,
         sink_logit=s_aux,
         key_groups=record.key_groups_for(key, kv_offset, query.shape[2])
         if record is not None and layer not in state.ungrouped_layers else None,
@@ -448,14 +451,14 @@ def _last_real_rows(padding: Optional[torch.Tensor], num_queries: int, count: in
     return real & (from_end <= count)
 
 
-def _guided_attention(state, layer: int, query, key, value, padding, causal, window, scaling, softcap, s_aux,
-                      blocks, segments):
+def _guided_attention(state, options: PatchOptions, layer: int, query, key, value, padding, causal, window, scaling,
+                      softcap, s_aux, blocks, segments):
     """dual_path_attention on a guided layer, with this forward's image keys: out [B, Hq, Lq, D]."""
-    guidance = state.options.guidance
-    sinks_outside_window = state.options.num_sink > 0 and window is not None
-    if s_aux is not None or softcap is not None or sinks_outside_window or layer in state.options.head_mask:
+    guidance = options.guidance
+    sinks_outside_window = options.num_sink > 0 and window is not None
+    if s_aux is not None or softcap is not None or sinks_outside_window or layer in options.head_mask:
         what = next(what for found, what in (
-            (layer in state.options.head_mask, "a head mask"),
+            (layer in options.head_mask, "a head mask"),
             (s_aux is not None, "learned sink logits (s_aux)"),
             (softcap is not None, "a logit soft cap"),
             (True, "sink keys (num_sink) outside its sliding window"),
@@ -463,7 +466,7 @@ def _guided_attention(state, layer: int, query, key, value, padding, causal, win
         raise NotImplementedError(f"guidance on layer {layer}: the dual-path kernel does not take {what}; "
                                   "guide other layers (guidance layers=[...]) or drop that option")
     forward = state.forward
-    image_keys = forward.image_keys.mask if forward.in_forward else None
+    image_keys = forward.image_keys.mask if forward.in_forward and forward.image_keys is not None else None
     batch, num_queries, num_keys = query.shape[0], query.shape[2], key.shape[2]
     if image_keys is None or image_keys.shape[0] != batch or image_keys.shape[1] < num_keys:
         if _recomputed_in_backward():

@@ -342,6 +342,7 @@ class _ForwardState:
         # ends with its hooks, and is not checked)
         self.attended: Optional[bool] = None
         self.in_forward = False  # inside a forward of the patched model (its hooks track the image keys)
+        self.options: Optional[PatchOptions] = None  # the options it started with (_PatchState.forward_options)
         self.packing: Optional[_Packing] = None  # this forward's cu_seq_lens, read (see packed_spans)
         self.image_keys: Optional[ImageKeys] = None
         self.options_version = -1  # the options the image keys were made for
@@ -423,25 +424,36 @@ class _PatchState:
 
     @property
     def forward(self) -> _ForwardState:
-        """This thread's _ForwardState (with fresh image keys after the options changed)."""
+        """This thread's _ForwardState (with fresh image keys after the options changed, outside a
+        forward: one in progress keeps those of the options it started with)."""
         found = getattr(self._threads, "forward", None)
         if found is None:
             found = self._threads.forward = _ForwardState()
-        if found.options_version != self._options_version:
+        if found.options_version != self._options_version and not found.in_forward:
             guidance = self.options.guidance
             found.image_keys = None if guidance is None else ImageKeys(guidance.image_token_id)
             found.options_version = self._options_version
         return found
 
-    def head_mask(self, layer: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The layer's head mask on the attention's device (copied there once). Each copy is kept
-        with the options it was made from: a forward in another thread that read the options
-        before update_patch replaced them adds its copy to the old options' (read apart, the old
-        mask went among the new options' copies, and every later forward pruned the old heads)."""
-        options, copies = self._head_mask_copies
+    def forward_options(self) -> PatchOptions:
+        """The options of this thread's forward: those in force when it started, so that an
+        update_patch from another thread meanwhile applies from that thread's next forward, and
+        every layer of one forward runs with one set (read per layer, a forward ran some layers with
+        the old head mask and the rest with the new). A sub-module called on its own: the current."""
+        forward = self.forward
+        return forward.options if forward.in_forward and forward.options is not None else self.options
+
+    def head_mask(self, layer: int, device: torch.device, options: PatchOptions) -> Optional[torch.Tensor]:
+        """The layer's head mask of `options` on the attention's device (copied there once, for
+        the current options). Copies are kept with the options they were made from: a forward
+        that started before update_patch replaced them copies its old mask each call and keeps
+        none (kept among the new options' copies, the old mask pruned every later forward)."""
         keep = options.head_mask.get(layer)
         if keep is None:
             return None
+        made_for, copies = self._head_mask_copies
+        if made_for is not options:
+            return keep.to(device)
         key = (layer, device)
         if key not in copies:
             copies[key] = keep.to(device)
@@ -510,10 +522,12 @@ def patch_options(model) -> PatchOptions:
 
 def update_patch(model, **changes):
     """patch(model) again with its current options, those named in `changes` replaced (the
-    others kept, unlike patch(), which resets omitted options to their defaults)."""
-    current = patch_options(model)
-    options = {field.name: getattr(current, field.name) for field in dataclasses.fields(current)}
-    return patch(model, **{**options, **changes})
+    others kept, unlike patch(), which resets omitted options to their defaults). The read and the
+    patch hold _PATCHING, so calls from several threads keep each other's changes."""
+    with _PATCHING:
+        current = patch_options(model)
+        options = {field.name: getattr(current, field.name) for field in dataclasses.fields(current)}
+        return patch(model, **{**options, **changes})
 
 
 def _patch_for(model, patched_by: str, **options) -> None:
@@ -526,11 +540,12 @@ def _set_options(model, **changes) -> None:
     """update_patch on fastprobe's own behalf (prune_heads, a block undoing its changes): whom the
     patch is for stays as it was, and a patch made for a method goes once its options are back to
     the defaults."""
-    state = getattr(unwrapped(model), _STATE)
-    patched_by = state.patched_by
-    update_patch(model, **changes)
-    state.patched_by = patched_by
-    _unpatch_if_unneeded(model)
+    with _PATCHING:
+        state = getattr(unwrapped(model), _STATE)
+        patched_by = state.patched_by
+        update_patch(model, **changes)
+        state.patched_by = patched_by
+        _unpatch_if_unneeded(model)
 
 
 def _unpatch_if_unneeded(model) -> None:
@@ -764,10 +779,12 @@ def _refuse_layers_patched_through_another(model, layers: list) -> None:
 
 def _forward_started(model, args, kwargs) -> None:
     _refuse_weights_asked(kwargs)
-    forward = getattr(model, _STATE).forward
+    state = getattr(model, _STATE)
+    state.forward.in_forward = False  # (left set by an interrupted forward)
+    forward = state.forward  # (its image keys made afresh if the options changed)
     forward.attended = False
-    forward.in_forward = False
     forward.packing = None
+    forward.options = state.options
     if forward.image_keys is not None:  # guidance: the image-key mask of this forward's keys
         forward.image_keys.update(forward_arguments(model, args, kwargs))
     forward.in_forward = True
