@@ -538,8 +538,17 @@ struct LogSoftmax {
   }
 };
 
+// (a - b) scale, finite wherever the exact value is: a - b overflows to -inf for logits more
+// than float max apart (3e38 and -3e38), where the product with a scale < 1 (T > 1) need not;
+// there (a / 2 - b / 2) (2 scale), exact scalings by 2 (kernels/divergence.py's
+// _scaled_difference). -inf for a = -inf.
+inline float scaled_difference(float a, float b, float scale) {
+  const float diff = a - b;
+  return diff > kNegInf ? diff * scale : (0.5f * a - 0.5f * b) * (2.0f * scale);
+}
+
 inline float log_prob(const LogSoftmax& row, float x) {
-  return (x - row.shift) * row.scale - row.offset;
+  return scaled_difference(x, row.shift, row.scale) - row.offset;
 }
 
 // Per-thread float scratch: zeros, or NaN in the builds of tests/sanitize.sh

@@ -75,6 +75,16 @@ def _xlog2y_exp(x, log2y):
 
 
 @triton.jit
+def _scaled_difference(y, shift, inv_temperature):
+    """(y - shift) inv_T, finite wherever the exact value is: y - shift overflows to -inf for
+    logits more than float max apart (3e38 and -3e38), where with inv_T < 1 the product need
+    not; there it is (y / 2 - shift / 2) (2 inv_T), exact scalings by 2. -inf for y = -inf."""
+    diff = y - shift
+    halves = (y * 0.5 - shift * 0.5) * (2.0 * inv_temperature)
+    return tl.where(diff > float("-inf"), diff * inv_temperature, halves)
+
+
+@triton.jit
 def _kl_term(a, b, d):
     """KL(a || b) at one v, a (ln a - ln b) - a + b = b psi(d), d = ln a - ln b, with
     psi(d) = e^d (d - 1) + 1 = d^2/2 + d^3/3 + d^4/8 + d^5/30 + d^6/144 + d^7/840 + ...
@@ -306,7 +316,7 @@ def _divergence_kernel(
                 p = tl.exp2(log2p)
                 # KL in nats: log p_v (finite for a finite logit) where log2 p_v overflows to -inf
                 # below -2.4e38, and a KL near float32's top would in bits (x log2(e))
-                log_p = (y - shift_p) * inv_temperature - ln_s_p
+                log_p = _scaled_difference(y, shift_p, inv_temperature) - ln_s_p
                 # a column the mixture has and the target masks makes KL(m || p) +inf, also where
                 # m_v underflows to 0
                 outside = in_m & (y == float("-inf"))

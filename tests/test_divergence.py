@@ -158,6 +158,29 @@ def test_kl_near_the_float32_limit_is_finite(target, sharded):
     assert_matches(result, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "shards"])
+def test_kl_under_temperature_with_logits_further_apart_than_float32_max(target, sharded):
+    """Target logits 3e38 and -3e38 differ by 6e38, past float32's max, though at T = 2.5 their
+    log p differs by 2.4e38: drafts with their mass on the -3e38 column give a finite KL
+    ~2.4e38. The kernels formed log p = (y - max) inv_T, -inf from the overflowed difference,
+    and returned +inf."""
+    _, device = target
+    num_drafts, num_tokens, vocab, temperature = 2, 3, 200, 2.5  # (under the interpreter: two blocks)
+    draft = torch.randn(num_drafts, num_tokens, vocab)
+    target_logits = torch.randn(num_tokens, vocab)
+    target_logits[:, 5], target_logits[:, 160] = 3e38, -3e38
+    draft[:, 0, 160] = 30.0  # m_160 ~ 1: KL ~ 2.4e38
+    draft[0, 1, 160] = 30.0  # m_160 ~ 1/2: KL ~ 1.2e38
+    draft, target_logits = draft.to(device), target_logits.to(device)
+    if sharded:
+        result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
+    else:
+        result = fp.draft_divergence(draft, target_logits, temperature=temperature)
+    want = expected(draft, target_logits, None, temperature)
+    assert want["kl_mixture_target"][:2].min() > 1e38 and want["kl_mixture_target"].max() < 3.4e38
+    assert_matches(result, want, rtol=1e-5, atol=1e-5)
+
+
 def test_epistemic_identity(target):
     """epistemic == sum_k w_k KL(q_k || p), computed independently in float64."""
     _, device = target
