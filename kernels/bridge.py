@@ -120,8 +120,10 @@ def _load_pair(s_row, t_row, start, V, stride_sv, stride_tv, BLOCK_V: tl.constex
 def _bridged(y, x, a_t, a_s, beta, masked_bx):
     """u = (y - a_T) + beta (x - a_S): the raw bridged logit y + beta x less a_T + beta a_S,
     formed from small differences so it is never rounded at the logits' magnitude.
-    A masked student logit (x = -inf) contributes masked_bx: 0 if beta == 0, else -inf."""
-    bx = tl.where(x == float("-inf"), masked_bx, beta * (x - a_s))
+    A masked student logit (x = -inf) contributes masked_bx: 0 if beta == 0, else -inf; with
+    beta == 0 every x contributes 0 (x - a_S overflows to +-inf for logits more than float max
+    apart, and 0 inf would be NaN)."""
+    bx = tl.where((x == float("-inf")) | (beta == 0.0), masked_bx, beta * (x - a_s))
     return (y - a_t) + bx
 
 
@@ -234,17 +236,18 @@ def _lse_combine(mx, s, c):
 
 
 @triton.jit
-def _xratio(a, log2a, b_masked, log_ratio):
+def _xratio(a, a_has, b_masked, log_ratio):
     """a log(a / b), given log_ratio (any base), with 0 log 0 = 0; +inf where a has the entry
-    (log2 a > -inf, even if a underflows to 0) and b masks it: the supports decide; NaN stays NaN."""
-    outside = (log2a > float("-inf")) & b_masked
+    (a_has: its logit is finite, even if a underflows to 0 and log2 a to -inf, for logits over
+    2.4e38 below the row's largest) and b masks it: the supports decide; NaN stays NaN."""
+    outside = a_has & b_masked
     return tl.where(outside, float("inf"), tl.where(a == 0.0, 0.0, a * log_ratio))
 
 
 @triton.jit
-def _xlog2ratio(a, log2a, log2b):
+def _xlog2ratio(a, a_has, log2a, log2b):
     """a (log2 a - log2 b), as _xratio."""
-    return _xratio(a, log2a, log2b == float("-inf"), log2a - log2b)
+    return _xratio(a, a_has, log2b == float("-inf"), log2a - log2b)
 
 
 @triton.jit
@@ -338,12 +341,13 @@ def _bridge_kernel(
             if REVERSE:  # D~ = sum P~ d and M = sum P~ (natural units)
                 d, q_masked = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
                 p = tl.exp2(log2p)
-                acc += _xratio(p, log2p, q_masked, d)
+                acc += _xratio(p, x > float("-inf"), q_masked, d)
                 mass += p
             else:  # KL(Q || P) = sum Q (log Q - log P); Q > 0 with P = 0 gives +inf
-                log2q = (_bridged(y, x, a_t, a_s, beta, masked_bx) - shift_u) * c - log2s_u
+                u = _bridged(y, x, a_t, a_s, beta, masked_bx)
+                log2q = (u - shift_u) * c - log2s_u
                 q = tl.exp2(log2q)
-                acc += _xlog2ratio(q, log2q, log2p)
+                acc += _xlog2ratio(q, u > float("-inf"), log2q, log2p)
                 if HAS_GRAD:  # (P - Q) / T
                     g = (tl.exp2(log2p) - q) * inv_temperature
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)

@@ -193,6 +193,28 @@ def test_infinite_divergence_is_decided_by_support_not_underflow(target):
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_logits_further_apart_than_float32_max_give_no_nan_and_keep_their_supports(target, direction):
+    """beta = 0 is plain distillation: Q = softmax(z_T / T) whatever the student. Student logits
+    3e38 and -3e38 (their difference overflows float32) gave the Triton kernel NaN bridged logits,
+    0 (x - a_S) = 0 inf, so a NaN loss and gradient where the reference (and the C++ kernel) give
+    row 0 loss 0 (forward: P = Q, one-hots) or +inf (reverse: P > 0 = Q at the 1.0 logit: the
+    supports decide) and gradient 0. The supports are the finite logits: the Triton kernel took
+    them from log2 P and log2 Q, -inf (overflowed) for logits over 2.4e38 below the row's largest,
+    and gave reverse row 0 loss 0, forward row 2 (Q > 0 = P at the -1.5e38 teacher logit, 2.5e38
+    below the row's largest) a finite loss, where both are +inf."""
+    _, device = target
+    inf = float("inf")
+    student = torch.tensor([[3e38, -3e38, 1.0], [1.0, 2.0, 3.0], [1.0, -inf, 0.0]], device=device)
+    teacher = torch.tensor([[0.0, -inf, -inf], [0.0, 1.0, -1.0], [1e38, -1.5e38, 0.0]], device=device)
+    loss, grad = run(student, teacher, beta=0.0, direction=direction, reduction="none")
+    want_loss, want_grad = expected(student, teacher, beta=0.0, direction=direction, reduction="none")
+    assert loss[0].item() == (0.0 if direction == "forward" else inf)
+    assert direction == "reverse" or loss[2].item() == inf
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, **grad_tolerance(torch.float32, want_grad, student))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_row_without_a_distribution_gives_nan(target, direction):
     """A row whose student logits (so P_S) or bridge logits (so Q) are all -inf has no loss:
     NaN loss and gradient in that row only, found without a host synchronisation; ignored,
