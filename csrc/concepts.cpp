@@ -235,7 +235,7 @@ FASTPROBE_SIMD_CLONES void concept_chunk(const Forward& f, int64_t n, int64_t c0
   for (int64_t c = 0; c < count; ++c) {
     const float s = ws.sum_e[c];  // >= 1, or NaN
     const float log_s = s == s ? fast_log(s) : s;
-    const float log_mass = (x_top[c] - row.max) * inv_t + (log_s - log_row_sum);
+    const float log_mass = scaled_difference(x_top[c], row.max, inv_t) + (log_s - log_row_sum);
     const bool masked = x_top[c] == kNegInf;  // every variant -inf
     f.log_mass[at + c] = masked ? kNegInf : log_mass;
     f.mass[at + c] = masked ? 0.0f : fast_exp(log_mass);

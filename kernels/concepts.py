@@ -58,7 +58,7 @@ import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
 from ._launch import FP_FUSION, cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
-from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _shift_from_lse, _state
+from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _scaled_difference, _shift_from_lse, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
 
@@ -182,7 +182,7 @@ def _concept_tile(
     has_mass = s > 0
     safe_s = tl.where(has_mass, s, 1.0)
     log_s = tl.log(safe_s)
-    log_mass = tl.where(has_mass, (shift - row_max) * inv_temperature + (log_s - row_log_s), float("-inf"))
+    log_mass = tl.where(has_mass, _scaled_difference(shift, row_max, inv_temperature) + (log_s - row_log_s), float("-inf"))
     out = out_row + concept
     tl.store(log_mass_ptr + out, log_mass, mask=ok)
     tl.store(mass_ptr + out, tl.exp(log_mass), mask=ok)

@@ -159,6 +159,21 @@ def test_extreme_logits(target, dtype):
     assert_matches(result, expected(logits, concepts), rtol=1e-4, atol=1e-4)
 
 
+def test_log_mass_under_temperature_with_logits_further_apart_than_float32_max(target):
+    """log_mass = (m_c - M) / T + (ln s_c - ln S): m_c - M overflowed to -inf for a concept near
+    -3e38 in a row whose largest logit is 3e38, although at T = 2.5 log_mass is ~ -2.4e38,
+    finite in float32 (both kernels gave -inf)."""
+    _, device = target
+    num_tokens, vocab, _ = shapes_for(target)[0]
+    logits = torch.randn(num_tokens, vocab)
+    logits[:, 3], logits[:, 5], logits[:, 6] = 3e38, -3e38, -2.9e38
+    concepts = fp.ConceptSet.from_ids([[5, 6], [0, 1], [3]]).to(device)
+    result = fp.concept_mass(logits.to(device), concepts, temperature=2.5)
+    want = expected(logits, concepts, 2.5)
+    assert (want["log_mass"][:, 0] > -3.4e38).all() and (want["log_mass"][:, 0] < -1e38).all()
+    assert_matches(result, want, rtol=1e-5, atol=1e-5)
+
+
 def test_overlapping_and_single_variant_concepts(target):
     """A concept repeated, split into disjoint parts, a single-variant concept, and the
     whole vocabulary: the masses add up as they should."""
