@@ -27,9 +27,9 @@ def _masking_utils():
     once, the registrations are checked at every call (two dict lookups)."""
     global _INTERFACES
     if _INTERFACES is None:
+        masking_utils = _masking_utils_module()  # (first: it says what to install where transformers is missing)
         from transformers.modeling_utils import AttentionInterface
 
-        masking_utils = _masking_utils_module()
         _INTERFACES = (masking_utils, AttentionInterface, masking_utils.AttentionMaskInterface)
     masking_utils, AttentionInterface, AttentionMaskInterface = _INTERFACES
     if AttentionInterface._global_mapping.get(KEY) is not attention_forward:
