@@ -42,6 +42,15 @@ DIVERGENCE = {
     "divergence_bf16": ("bfloat16", 4, 256, 32000, 5),
     "divergence_step_f32": ("float32", 4, 1, 151936, 20),
 }
+# name: (op, dtype, N, V, inner calls): concept_mass over 1000 concepts of 8 variants, and the
+# gradient of a sum of its log_mass; bridge_loss at beta = 0.5, forward and backward, each direction
+VOCABULARY = {
+    "concepts_f32": ("concepts", "float32", 512, 151936, 5),
+    "concepts_grad_f32": ("concepts_grad", "float32", 512, 151936, 3),
+    "bridge_f32": ("bridge", "float32", 2048, 32000, 2),
+    "bridge_reverse_f32": ("bridge_reverse", "float32", 2048, 32000, 2),
+}
+CASES = {**ATTENTION, **DIVERGENCE, **VOCABULARY}
 
 
 def _attention_calls(name, sdpa):
@@ -78,6 +87,28 @@ def _divergence_calls(name):
     return {name: lambda: fastprobe.draft_divergence(draft, target)}
 
 
+def _vocabulary_calls(name):
+    import torch
+
+    import fastprobe
+
+    op, dtype, tokens, vocab, _ = VOCABULARY[name]
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(tokens, vocab, generator=generator)).to(getattr(torch, dtype))
+    if op.startswith("concepts"):
+        ids = torch.randint(0, vocab, (1000, 8), generator=generator).tolist()
+        concepts = fastprobe.ConceptSet.from_ids([list(dict.fromkeys(row)) for row in ids])
+        if op == "concepts":
+            return {name: lambda: fastprobe.concept_mass(logits, concepts)}
+        leaf = logits.requires_grad_()
+        return {name: lambda: torch.autograd.grad(fastprobe.concept_mass(leaf, concepts).log_mass.sum(), leaf)}
+    teacher = (3 * torch.randn(tokens, vocab, generator=generator)).to(getattr(torch, dtype))
+    student = logits.requires_grad_()
+    direction = "reverse" if op == "bridge_reverse" else "forward"
+    return {name: lambda: torch.autograd.grad(
+        fastprobe.bridge_loss(student, teacher, beta=0.5, direction=direction), student)}
+
+
 def worker(names, sdpa):
     """One process: every case's median call time (ms) as one line of JSON."""
     import torch
@@ -85,8 +116,9 @@ def worker(names, sdpa):
     torch.set_num_threads(2)
     times = {}
     for name in names:
-        inner = (ATTENTION.get(name) or DIVERGENCE[name])[-1]
-        calls = _attention_calls(name, sdpa) if name in ATTENTION else _divergence_calls(name)
+        inner = CASES[name][-1]
+        calls = (_attention_calls(name, sdpa) if name in ATTENTION else
+                 _divergence_calls(name) if name in DIVERGENCE else _vocabulary_calls(name))
         for key, call in calls.items():
             call()  # warm-up
             spans = []
@@ -112,14 +144,14 @@ def main():
     parser.add_argument("--old", required=True, help="the Python of the old build")
     parser.add_argument("--new", required=True, help="the Python of the new build")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--cases", default=",".join([*ATTENTION, *DIVERGENCE]))
+    parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be 1 or more, got {args.repeats}")
     names = args.cases.split(",")
-    unknown = [name for name in names if name not in ATTENTION and name not in DIVERGENCE]
+    unknown = [name for name in names if name not in CASES]
     if unknown:
-        parser.error(f"unknown cases {unknown}; known: {', '.join([*ATTENTION, *DIVERGENCE])}")
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
     results = {"old": [], "new": []}
     for repeat in range(args.repeats):
         for arm in ("old", "new") if repeat % 2 == 0 else ("new", "old"):
