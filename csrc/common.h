@@ -523,32 +523,35 @@ inline void merge_lse(LseState& state, const LseState& part, float scale) {
 // Log-softmax of scale * x over one row: log_prob(x_v) = (x_v - shift) scale - offset, with
 // shift near the row's largest logit, so x_v - shift is exact near the max and large logits
 // keep float32 precision. A row with no finite logit (or a non-finite lse) gives NaN.
+// log_prob forms (x - shift) scale as (x half - shift half) (scale / half): half = 1 (the same
+// bits), or 1/2 in a row whose shift is over 2^100, where x - shift overflows to -inf for
+// logits more than float max apart (3e38 and -3e38) though the product with a scale < 1
+// (T > 1) need not (halving is exact; kernels/divergence.py's _scaled_difference). A row
+// under 2^100 cannot overflow: shift - x <= 2^100 + float max rounds to float max.
 struct LogSoftmax {
   float shift, scale, offset;
+  float half, shift_half, scale_half;  // (log_prob's parts)
 
+  // (out of line: inlined, GCC threads the two values of half into the loop that uses the
+  // result, which then has control flow and stays scalar: concept_mass's per-concept loop did)
+  __attribute__((noinline)) static LogSoftmax make(float shift, float scale, float offset) {
+    const float half = shift > 0x1p100f ? 0.5f : 1.0f;
+    return {shift, scale, offset, half, shift * half, scale / half};
+  }
   // From an online log-sum-exp: shift = max, offset = log(sum).
   static LogSoftmax from_state(const LseState& state, float scale) {
-    return {state.max, scale, std::log(state.sum)};
+    return make(state.max, scale, std::log(state.sum));
   }
   // From a given lse: shift = lse / scale rounded to float, its rounding error goes to the
   // offset: (x - shift) scale - (lse - shift scale) = x scale - lse.
   static LogSoftmax from_lse(double lse, float scale) {
     const float shift = float(lse / scale);
-    return {shift, scale, float(lse - double(shift) * scale)};
+    return make(shift, scale, float(lse - double(shift) * scale));
   }
 };
 
-// (a - b) scale, finite wherever the exact value is: a - b overflows to -inf for logits more
-// than float max apart (3e38 and -3e38), where the product with a scale < 1 (T > 1) need not;
-// there (a / 2 - b / 2) (2 scale), exact scalings by 2 (kernels/divergence.py's
-// _scaled_difference). -inf for a = -inf.
-inline float scaled_difference(float a, float b, float scale) {
-  const float diff = a - b;
-  return diff > kNegInf ? diff * scale : (0.5f * a - 0.5f * b) * (2.0f * scale);
-}
-
 inline float log_prob(const LogSoftmax& row, float x) {
-  return scaled_difference(x, row.shift, row.scale) - row.offset;
+  return (x * row.half - row.shift_half) * row.scale_half - row.offset;
 }
 
 // Per-thread float scratch: zeros, or NaN in the builds of tests/sanitize.sh

@@ -230,12 +230,13 @@ FASTPROBE_SIMD_CLONES void concept_chunk(const Forward& f, int64_t n, int64_t c0
     ws.sum_e_d[c] = e_d;
   }
   const float log_row_sum = std::log(row.sum);
+  const LogSoftmax top = LogSoftmax::make(row.max, inv_t, 0.0f);  // (x_top - max) / T
   const int64_t at = n * cs.C + c0;
 #pragma omp simd
   for (int64_t c = 0; c < count; ++c) {
     const float s = ws.sum_e[c];  // >= 1, or NaN
     const float log_s = s == s ? fast_log(s) : s;
-    const float log_mass = scaled_difference(x_top[c], row.max, inv_t) + (log_s - log_row_sum);
+    const float log_mass = log_prob(top, x_top[c]) + (log_s - log_row_sum);
     const bool masked = x_top[c] == kNegInf;  // every variant -inf
     f.log_mass[at + c] = masked ? kNegInf : log_mass;
     f.mass[at + c] = masked ? 0.0f : fast_exp(log_mass);
