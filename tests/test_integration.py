@@ -1508,6 +1508,21 @@ def test_refuses_composite_models_with_parts_it_cannot_run(name, words):
             assert [type(layer).__name__ for layer in attention_layers(fp.patch(other))] == ["OPTAttention"]
 
 
+def test_refuses_a_plain_module_that_builds_its_own_masks():
+    """A module that builds its own [L, L] masks is refused at patch even when it is a plain
+    nn.Module, not a sub-model: transformers 5.0's Kosmos2TextTransformer (patched before, its every
+    forward then failed on the 4D mask it handed fastprobe's attention)."""
+    class OwnMasks(torch.nn.Module):
+        def _prepare_decoder_attention_mask(self, *args):
+            return None
+
+    model = tiny_model("llama")
+    model.model.own_masks = OwnMasks()
+    with pytest.raises(NotImplementedError, match=r"OwnMasks \(_prepare_decoder_attention_mask\) builds its own"):
+        fp.patch(model)
+    assert not is_patched(model)
+
+
 def test_forward_that_skips_fastprobe_raises():
     """The safety net: a patched model whose forward never reached fastprobe's attention, its
     implementation switched back behind fastprobe's back (named as such) or its attention

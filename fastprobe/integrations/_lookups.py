@@ -220,9 +220,10 @@ def _check_architecture(model) -> list:
         raise _refuse(model, f"its {unmarked[0]} ({unmarked[1]}) has attention of its own, and transformers does not "
                              "mark that class as running it through the AttentionInterface (it does not set "
                              "_supports_attention_backend)")
-    # transformers 4.53's GPT-2, Kosmos-2 (and other models not on masking_utils) build their own 4D masks
-    own_masks = sorted({f"{type(m).__name__} ({method})" for m in model.modules() if isinstance(m, PreTrainedModel)
-                        for method in _OWN_MASK_METHODS if hasattr(m, method)})
+    # transformers 4.53's GPT-2, Kosmos-2 (and other models not on masking_utils) build their own 4D masks:
+    # looked for on every module, not only sub-models (5.0's Kosmos2TextTransformer is a plain nn.Module)
+    own_masks = sorted({f"{type(m).__name__} ({method})" for m in model.modules()
+                        for method in _OWN_MASK_METHODS if hasattr(type(m), method)})
     if own_masks:
         raise _refuse(model, f"{', '.join(own_masks)} builds its own [L, L] masks instead of asking transformers' "
                              "AttentionMaskInterface")
