@@ -137,6 +137,8 @@ def build(model_type: str, extras: dict, **kwargs):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         config = small_config(model_type, extras)
+        if not hasattr(config, "pad_token_id"):  # (5.0's PhiConfig has none, which its model reads: also unpatched)
+            config.pad_token_id = None
         return transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs).eval()
 
 

@@ -286,6 +286,14 @@ def test_image_keys_in_a_later_prefill_chunk():
         with torch.no_grad(), pytest.raises(RuntimeError, match="prefill_chunk_size calls model.forward"):
             model.generate(torch.randint(10, 512, (1, 12)), prefill_chunk_size=4, max_new_tokens=2, pad_token_id=0)
         return
+    try:
+        with torch.no_grad():
+            tiny_model("llama", hidden_size=32).generate(torch.ones(1, 6, dtype=torch.long), prefill_chunk_size=4,
+                                                         max_new_tokens=1, pad_token_id=0)
+    except ValueError as error:  # (5.0: also unpatched; given a cache, it then hands the first decoding step a
+        if "without a cache" not in str(error):  # cache_position one past the keys, which fastprobe refuses)
+            raise
+        pytest.skip(f"transformers {transformers.__version__}'s chunked prefill needs a cache given to generate")
     ids = torch.randint(10, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     ids[:, 5:8] = 7  # (in the second chunk of 4)
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)

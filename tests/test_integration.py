@@ -411,6 +411,8 @@ def _vlm_case(name):
                                                                      num_local_experts=2, attention_chunk_size=8,
                                                                      no_rope_layers=[1, 0], pad_token_id=0),
                               image_token_index=299)
+        if not hasattr(config, "pad_token_id"):  # (5.0's Llama4Config has none, which its model reads: also unpatched)
+            config.pad_token_id = None
         images = dict(pixel_values=torch.randn(2, 3, 28, 28))
     else:
         config = config_class(vision_config=dict(**tower, image_size=[28, 28], patch_size=[7, 7]), text_config=text,
@@ -897,6 +899,7 @@ def test_mask_pattern_windows_match_transformers_masks(window):
     }
     if hasattr(masking_utils, "bidirectional_mask_function"):  # from 5.0 (4.5x's encoders build their own masks)
         cases[masking_utils.bidirectional_mask_function] = (False, None)
+    if hasattr(masking_utils, "sliding_window_bidirectional_mask_function"):  # (not in 5.0: T5Gemma had its own)
         cases[masking_utils.sliding_window_bidirectional_mask_function(window)] = (False, window + 1)
     length = 11
     for function, expected in cases.items():
@@ -1497,12 +1500,13 @@ def test_refuses_composite_models_with_parts_it_cannot_run(name, words):
     if not getattr(type(model), "_supports_attention_backend", False):
         pytest.skip(f"transformers {transformers.__version__} does not mark {type(model).__name__}")
     before = [config._attn_implementation for config in _lookups._configs(model)]
-    if int(transformers.__version__.split(".")[0]) < 5:  # (4.5x refuses BLIP-2's Q-Former, Kosmos-2's attention first)
-        words = "cannot patch"
+    qformer_marked = getattr(getattr(transformers, "Blip2QFormerModel", None), "_supports_attention_backend", False)
+    if int(transformers.__version__.split(".")[0]) < 5 or (name == "blip2_t5" and not qformer_marked):
+        words = "cannot patch"  # (4.5x refuses BLIP-2's Q-Former, Kosmos-2's attention first; 5.0 the Q-Former)
     with pytest.raises(NotImplementedError, match=words):
         fp.patch(model)
     assert not is_patched(model) and [config._attn_implementation for config in _lookups._configs(model)] == before
-    if name == "blip2_t5":  # the same model with an OPT language model is patched
+    if name == "blip2_t5" and qformer_marked:  # the same model with an OPT language model is patched
         other = _composite("blip2_opt")
         if other is not None and routes_through_interfaces(other.language_model):
             assert [type(layer).__name__ for layer in attention_layers(fp.patch(other))] == ["OPTAttention"]
@@ -1892,7 +1896,13 @@ def test_an_encoder_decoders_key_groups_are_its_encoders_tokens():
             input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids[:, :2], output_attentions=True),
             what="T5Gemma's masks").encoder_attentions
         with fp.record_attention(model, key_groups=groups, num_groups=3) as record:
-            model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+            try:
+                model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+            except NotImplementedError as error:  # (checked: the refusal names T5Gemma's own mask function)
+                if "transformers.models.t5gemma.modeling_t5gemma." not in str(error):
+                    raise
+                pytest.skip(f"transformers {transformers.__version__}'s T5Gemma builds its masks with its own "
+                            "functions, which fastprobe refuses")
     real = mask.bool()[:, None, :, None]
     one_hot = torch.nn.functional.one_hot(groups, 3).float()  # [B, L, G]
     group_mass = torch.stack([((w @ one_hot[:, None]) * real).sum((0, 2)) / mask.sum() for w in weights])
