@@ -1101,8 +1101,8 @@ def test_gemma3_vision_language_model_on_text_and_on_images():
         assert torch.equal(got, reference.generate(ids, **settings))
     ids[:, 6], ids[:, 7:11], ids[:, 11] = 297, 299, 298  # <start_of_image>, 4 image tokens, <end_of_image>
     images = dict(token_type_ids=(ids == 299).long(), pixel_values=torch.randn(2, 3, 28, 28))
-    groups_images = "image_group_ids" in inspect.signature(
-        transformers.models.gemma3.modeling_gemma3.token_type_ids_mask_function).parameters if not hasattr(
+    groups_images = bool({"image_group_ids", "group_ids"} & set(inspect.signature(  # (4.57; 5.x before the overlay)
+        transformers.models.gemma3.modeling_gemma3.token_type_ids_mask_function).parameters)) if not hasattr(
         transformers.masking_utils, "blockwise_overlay") else True
     if not groups_images:
         with pytest.raises(NotImplementedError, match="image-token blocks"):

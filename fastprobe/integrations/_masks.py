@@ -213,7 +213,12 @@ def _unmasks_nothing(fn, masking_utils) -> bool:
     """An image-block part of a batch without images, which unmasks nothing: 4.53's Gemma 3
     token-type function with no image token (its processor sends token_type_ids for text alone).
     (The block parts fastprobe reproduces are taken out before, by _without_key_parts.)"""
-    return _is_gemma3_token_types(fn) and not bool((_closure(fn)["token_type_ids"] == 1).any())
+    if not _is_gemma3_token_types(fn):
+        return False
+    closure = _closure(fn)
+    if "group_ids" in closure:  # (5.x releases before the blockwise overlay: image group ids, -1 for text)
+        return not bool((closure["group_ids"] >= 0).any())
+    return not bool((closure["token_type_ids"] == 1).any())
 
 
 def _is_gemma3_token_types(fn) -> bool:
@@ -229,6 +234,8 @@ def _block_ids(fn, masking_utils) -> Optional[torch.Tensor]:
     which no blocks say); else None."""
     if _is_masking_utils(fn, masking_utils, "blockwise_overlay."):
         return _closure(fn)["block_sequence_ids"]
+    if _is_gemma3_token_types(fn) and "group_ids" in _closure(fn):  # (5.x before the blockwise overlay, e.g. 5.8)
+        return _closure(fn)["group_ids"]
     if _is_gemma3_token_types(fn) and "image_group_ids" in _closure(fn):
         closure = _closure(fn)
         return torch.where(closure["token_type_ids"] == 1, closure["image_group_ids"], -1)
