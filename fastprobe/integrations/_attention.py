@@ -19,24 +19,16 @@ from ._masks import _MaskPattern, _masking_utils_module, key_padding_mask
 if TYPE_CHECKING:
     from .transformers import PatchOptions
 
-_INTERFACES: Optional[tuple] = None  # (masking_utils, AttentionInterface, AttentionMaskInterface), imported once
+def _register_interfaces() -> None:
+    """Registers "fastprobe" with transformers' AttentionInterface and AttentionMaskInterface
+    (idempotent: checked at patch and at unpickling, which registers it again in a fresh process)."""
+    masking_utils = _masking_utils_module()  # (first: it says what to install where transformers is missing)
+    from transformers.modeling_utils import AttentionInterface
 
-
-def _masking_utils():
-    """transformers.masking_utils, after registering "fastprobe" (idempotent): the imports run
-    once, the registrations are checked at every call (two dict lookups)."""
-    global _INTERFACES
-    if _INTERFACES is None:
-        masking_utils = _masking_utils_module()  # (first: it says what to install where transformers is missing)
-        from transformers.modeling_utils import AttentionInterface
-
-        _INTERFACES = (masking_utils, AttentionInterface, masking_utils.AttentionMaskInterface)
-    masking_utils, AttentionInterface, AttentionMaskInterface = _INTERFACES
-    if AttentionInterface._global_mapping.get(KEY) is not attention_forward:
-        AttentionInterface.register(KEY, attention_forward)
-    if AttentionMaskInterface._global_mapping.get(KEY) is not key_padding_mask:
-        AttentionMaskInterface.register(KEY, key_padding_mask)
-    return masking_utils
+    for interface, function in ((AttentionInterface, attention_forward),
+                                (masking_utils.AttentionMaskInterface, key_padding_mask)):
+        if interface._global_mapping.get(KEY) is not function:
+            interface.register(KEY, function)
 
 
 _IGNORED_KWARGS = {
@@ -361,8 +353,9 @@ def attention_forward(
         return _plain_attention(query, key, value, padding, causal, window, scaling, softcap, s_aux, blocks,
                                 segments), None
 
-    state.forward.attended = True
-    options, record = state.forward_options(), state.recorder
+    forward = state.forward
+    forward.attended = True
+    options, record = state.forward_options(forward), state.recorder
     if record is not None and _recomputed_in_backward():
         record = None  # (its forward was recorded: a second count would pool the layer's queries twice)
     if options.window is not None:

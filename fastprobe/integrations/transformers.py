@@ -47,7 +47,7 @@ import torch
 
 from ..ops._common import check_int, check_real
 from ..ops.attention import SegmentSpans, segment_spans
-from ._attention import _masking_utils, _packed_ids, _refuse_weights_asked
+from ._attention import _packed_ids, _refuse_weights_asked, _register_interfaces
 from ._lookups import (
     KEY, STATISTICS, _LAYER, _PART, _PATCHING, _PATTERN, _STATE, _SWITCHED, _check_architecture, _configs, _implementation,
     _implementation_before_fastprobe, _layer_config, _live_states, _refuse, _restore, _switch, _ungrouped_layers,
@@ -407,7 +407,7 @@ class _PatchState:
         if self.__dict__.setdefault("patched_by", "user") == "block":  # (the block ends for the original only)
             self.patched_by = "method"
         self.__dict__.pop("kv_sharing", None)  # (a state pickled while the masks' pass-through was on the classes)
-        _masking_utils()
+        _register_interfaces()
 
     def set_options(self, options: PatchOptions) -> None:
         tracked = getattr(getattr(self, "options", None), "guidance", None)
@@ -435,12 +435,12 @@ class _PatchState:
             found.options_version = self._options_version
         return found
 
-    def forward_options(self) -> PatchOptions:
+    def forward_options(self, forward: _ForwardState) -> PatchOptions:
         """The options of this thread's forward: those in force when it started, so that an
         update_patch from another thread meanwhile applies from that thread's next forward, and
         every layer of one forward runs with one set (read per layer, a forward ran some layers with
-        the old head mask and the rest with the new). A sub-module called on its own: the current."""
-        forward = self.forward
+        the old head mask and the rest with the new). A sub-module called on its own: the current.
+        forward: this thread's _ForwardState (self.forward, looked up once by the caller)."""
         return forward.options if forward.in_forward and forward.options is not None else self.options
 
     def head_mask(self, layer: int, device: torch.device, options: PatchOptions) -> Optional[torch.Tensor]:
@@ -666,7 +666,7 @@ def patch(
     layers get the mask made for fastprobe): change a model while no forward of it runs.
     """
     wrapper, model = model, unwrapped(model)  # (a PEFT or compiled wrapper: its model is patched, it is returned)
-    _masking_utils()
+    _register_interfaces()
     if sys.version_info < (3, 11):  # (the model's own mask functions, for _model_bidirectional_part)
         for module_name in {type(module).__module__ for module in model.modules()}:
             if module_name.startswith("transformers.models."):
