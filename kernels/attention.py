@@ -118,11 +118,20 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _mass_dot(p, p_in, onehot, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + p @ onehot: per-group sums of the float32 weights p [R, N] (onehot [N, G]).
-    p_in is p rounded to the input dtype (as the P @ V product uses it). For 16-bit inputs
+    p_in is p rounded to the input dtype (as the P @ V product uses it). For bfloat16 inputs
     p = hi + lo with hi = p_in and lo the rounding remainder, also 16-bit: two tensor-core
-    products give the sums to ~16 mantissa bits instead of 8."""
+    products give the sums to ~16 mantissa bits instead of 8. float16 ends at 6e-8 (2^-24, and
+    keeps fewer bits below 6e-5): its hi and lo would flush the weights of keys 17+ below the max,
+    a whole low group's mass. There p = hi + lo in float32 products at tf32 (DOT_PRECISION):
+    hi = p's top 10 mantissa bits (exact in tf32), lo = p - hi (exact, rounded to tf32's 10 bits):
+    ~21 bits, with float32's range."""
     if p_in.dtype == tl.float32:
         return _dot(p_in, onehot.to(tl.float32), acc, DOT_PRECISION, UPCAST)
+    elif p_in.dtype == tl.float16:
+        hi = (p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # 0xFFFFE000: 10 bits
+        oh = onehot.to(tl.float32)
+        acc = _dot(hi, oh, acc, DOT_PRECISION, UPCAST)
+        return _dot(p - hi, oh, acc, DOT_PRECISION, UPCAST)
     else:
         lo = (p - p_in.to(tl.float32)).to(p_in.dtype)
         if UPCAST:  # (the interpreter turns a bool into bfloat16 as raw bits)

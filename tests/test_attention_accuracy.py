@@ -54,3 +54,34 @@ def test_torch_float32_softmax_keeps_the_non_sink_mass():
     weights = torch.softmax((q @ k.transpose(-1, -2)).float(), dim=-1)
     rest = (NUM_KEYS - 1) * math.exp(-GAP)
     assert abs((1.0 - weights[..., 0].double().item()) - rest / (1 + rest)) < 0.1 * rest
+
+
+def alternating_groups(num_queries, num_keys=40, gap=20.0, dtype=torch.float16):
+    """q = e_0 and k[:, 0] = scores (scale 1): even keys (group 0) score 0, odd keys (group 1)
+    -gap, so that every key block holds both groups and group 1's weights are exp(-gap)."""
+    q = torch.zeros(1, 1, num_queries, HEAD_DIM)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, num_keys, HEAD_DIM)
+    k[0, 0, 1::2, 0] = -gap
+    groups = (torch.arange(num_keys) % 2).to(torch.int32)[None]
+    return q.to(dtype), k.to(dtype), torch.randn(1, 1, num_keys, HEAD_DIM).to(dtype), groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("gap", [20.0, 40.0])
+@pytest.mark.parametrize("num_queries", [1, 40], ids=["one-query", "prefill"])
+def test_a_low_group_keeps_its_mass_with_16_bit_inputs(target, dtype, gap, num_queries):
+    """group_mass of a group far below the max (2e-9 and 4e-18 of the mass here) to float32's
+    relative precision, as a float32 softmax gives it, whatever the input dtype. The Triton kernel
+    sums the groups of a block whose keys mix groups by a one-hot product of the weights split
+    hi + lo in the input dtype: in float16, whose range ends at 6e-8, both parts of a weight 17+
+    below the max were 0, and group 1's mass came out 0 (now: float32 parts at tf32)."""
+    backend, device = target
+    q, k, v, groups = alternating_groups(num_queries, gap=gap, dtype=dtype)
+    got = fp.sink_attention(q.to(device), k.to(device), v.to(device), scale=1.0, causal=False,
+                            key_groups=groups.to(device), num_groups=2)
+    want = reference.sink_attention(q.double(), k.double(), v.double(), scale=1.0, causal=False,
+                                    key_groups=groups, num_groups=2)
+    rest = 20 * math.exp(-gap) / (20 + 20 * math.exp(-gap))
+    torch.testing.assert_close(want["group_mass"][..., 1], torch.full_like(want["group_mass"][..., 1], rest))
+    torch.testing.assert_close(got.group_mass.double().cpu(), want["group_mass"], rtol=1e-4, atol=0)
