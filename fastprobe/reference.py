@@ -30,6 +30,22 @@ def _xlogy(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(x), x * torch.where(zero, torch.zeros_like(log_y), log_y))
 
 
+def _softmax_entropy(logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) over the last dim as log l + sum_j p_j (m - x_j), e_j = exp(x_j - m),
+    l = sum_j e_j: two terms >= 0, log l = log1p of the e of all but one maximum. -sum p log p
+    takes log p_max = -log l from l = 1 + 1e-16, which float64 rounds: an entropy below ~1e-13
+    (one key or sink logit far above the rest) lost percents. Empty rows (`empty`): 0; a NaN or
+    +inf logit: NaN."""
+    top, at = logits.max(dim=-1, keepdim=True)
+    centred = logits - top.masked_fill(empty[..., None], 0.0)
+    e = centred.exp()
+    rest = e.scatter(-1, at, 0.0).sum(-1)  # the e of every key but one maximum (e = 1)
+    total = 1.0 + rest
+    spread = torch.where(e > 0, e * -centred, torch.zeros_like(e)).sum(-1)  # sum e (m - x) >= 0
+    h = torch.log1p(rest) + spread / total
+    return h.masked_fill(empty, 0.0)
+
+
 def entropy(log_p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """H(p) = -sum p log p from log-probabilities, with 0 log 0 = 0."""
     return -_xlogy(log_p.exp(), log_p).sum(dim)
@@ -502,7 +518,7 @@ def attention_from_masks(
         "out": weights @ values,
         "lse": lse,
         "sink_mass": (weights * _per_query(stat)[:, None]).sum(-1),
-        "entropy": -_xlogy(p_all, log_p).sum(-1),
+        "entropy": _softmax_entropy(logits, empty),
     }
     if key_groups is not None:
         # [B, Lk, G]: key j in group g iff key_groups[b, j] = g (an id outside [0, G) is refused

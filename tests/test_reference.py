@@ -493,6 +493,26 @@ def test_fully_masked_rows():
     assert (with_sink["out"][0, :, :2] == 0).all() and (with_sink["entropy"][0, :, :2] == 0).all()
 
 
+@pytest.mark.parametrize("sink_logit", [None, 0.0], ids=["key", "sink-logit"])
+def test_entropy_near_zero_keeps_its_relative_precision(sink_logit):
+    """One entry (key 0, or the sink logit) 40 above 36 keys: the entropy is
+    log(1 + r) + 40 r / (1 + r) with r = 36 e^-40 (or 37: key 0 joins them), ~6e-15, a value
+    the kernels get to float32 precision (the C++ kernel's and eager float32's within a few %).
+    -sum p log p took log p of the top entry as -log(1 + r), and 1 + r = 1 + 1.6e-16 rounds in
+    float64: the reference lost 2.4% of it."""
+    q = torch.zeros(1, 1, 1, 4, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 37, 4, dtype=torch.float64)
+    k[0, 0, :, 0] = -40.0
+    if sink_logit is None:
+        k[0, 0, 0, 0] = 0.0
+    got = reference.sink_attention(q, k, torch.randn(1, 1, 37, 4, dtype=torch.float64), scale=1.0, causal=False,
+                                   sink_logit=None if sink_logit is None else torch.tensor([sink_logit]))
+    rest = (36 if sink_logit is None else 37) * math.exp(-40.0)
+    want = math.log1p(rest) + 40.0 * rest / (1 + rest)
+    torch.testing.assert_close(got["entropy"], torch.full_like(got["entropy"], want), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_sink_attention_splits_huge_tied_scores(dtype):
     """Scores +-1.5e38 (q = e_0, scale 1): the keys at +1.5e38 tie for the maximum and share
