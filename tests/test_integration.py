@@ -508,7 +508,8 @@ def gemma4_inputs() -> tuple:
 
 def test_gemma4_vision_tokens_attend_both_ways():
     """Gemma 4's blockwise overlay (5.x; each image's tokens see each other both ways, on sliding and
-    full layers, some sharing earlier layers' keys and values): patched, the logits and greedy
+    full layers, some sharing earlier layers' keys and values), or in releases before the overlay
+    (5.8) its own image-group function on the sliding layers: patched, the logits and greedy
     tokens are the unpatched ones (dropping the blocks moves the logits by up to ~0.5)."""
     reference, model = gemma4_vision_language_models(2)
     model = patch_or_skip(model)

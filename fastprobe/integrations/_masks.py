@@ -9,7 +9,8 @@ the mask covers, without a host sync while decoding, and a compiled decoding ste
 `mask_function`: only transformers' own index functions are accepted (causal, bidirectional,
 sliding-window overlays, combined with and_masks/or_masks; blocks of tokens that see each other
 both ways, which the kernels take as bidirectional_blocks: 5.x's blockwise overlay (Gemma 3's
-image tokens, PaliGemma's prefix) and Gemma 3's image groups in 4.5x releases after 4.53; and
+image tokens, PaliGemma's prefix) and the image groups of Gemma 3 (4.5x releases after 4.53, 5.x
+before the overlay) and Gemma 4 (5.x before the overlay); and
 segments that keep each token within its own, which the kernels take as segment_ids: packed
 sequences (position ids restarting, no attention mask) and Llama 4's chunked attention, whose
 chunks' first tokens are then the "first tokens" of sink_mass and num_sink); anything else (a
@@ -213,33 +214,49 @@ def _unmasks_nothing(fn, masking_utils) -> bool:
     """An image-block part of a batch without images, which unmasks nothing: 4.53's Gemma 3
     token-type function with no image token (its processor sends token_type_ids for text alone).
     (The block parts fastprobe reproduces are taken out before, by _without_key_parts.)"""
-    if not _is_gemma3_token_types(fn):
+    if not _is_model_token_types(fn):
         return False
+    groups = _model_image_groups(fn)
+    if groups is not None:
+        return not bool((groups >= 0).any())
+    return not bool((_closure(fn)["token_type_ids"] == 1).any())
+
+
+# The models whose own token_type_ids_mask_function or-s their image blocks into the mask (4.5x
+# and the 5.x releases before the blockwise overlay, e.g. 5.8)
+_TOKEN_TYPE_MODELS = ("transformers.models.gemma3.modeling_gemma3", "transformers.models.gemma4.modeling_gemma4")
+
+
+def _is_model_token_types(fn) -> bool:
+    """fn is Gemma 3's or Gemma 4's own image-block mask function (token_type_ids_mask_function)."""
+    return getattr(fn, "__module__", None) in _TOKEN_TYPE_MODELS and _qualname(fn, "").startswith(
+        "token_type_ids_mask_function.")
+
+
+def _model_image_groups(fn) -> Optional[torch.Tensor]:
+    """The image group ids [B, T] (-1: text) of a model's own image-block mask function, by the
+    tensors its inner mask reads: group_ids (Gemma 3 in 5.x) or image_group_ids alone (Gemma 4 in
+    5.x), each -1 for text already; token_type_ids and image_group_ids (Gemma 3 in 4.54-4.57: the
+    groups of the image tokens, type 1); else None (4.53's rule: any image tokens within one image
+    length, which no groups say)."""
+    if not _is_model_token_types(fn):
+        return None
     closure = _closure(fn)
-    if "group_ids" in closure:  # (5.x releases before the blockwise overlay: image group ids, -1 for text)
-        return not bool((closure["group_ids"] >= 0).any())
-    return not bool((closure["token_type_ids"] == 1).any())
-
-
-def _is_gemma3_token_types(fn) -> bool:
-    """fn is 4.5x Gemma 3's image-block mask function (token_type_ids_mask_function)."""
-    return getattr(fn, "__module__", None) == "transformers.models.gemma3.modeling_gemma3" and _qualname(
-        fn, "").startswith("token_type_ids_mask_function.")
+    if "group_ids" in closure:
+        return closure["group_ids"]
+    if "image_group_ids" not in closure:
+        return None
+    if "token_type_ids" not in closure:
+        return closure["image_group_ids"]
+    return torch.where(closure["token_type_ids"] == 1, closure["image_group_ids"], -1)
 
 
 def _block_ids(fn, masking_utils) -> Optional[torch.Tensor]:
     """The block ids [B, T] (-1: none) of a part whose blocks of tokens see each other both ways:
-    5.x's blockwise overlay, or Gemma 3's token-type function in the 4.5x releases that group the
-    image tokens (image_group_ids; 4.53's joins any image tokens within one image length instead,
-    which no blocks say); else None."""
+    5.x's blockwise overlay, or a model's own image groups (_model_image_groups); else None."""
     if _is_masking_utils(fn, masking_utils, "blockwise_overlay."):
         return _closure(fn)["block_sequence_ids"]
-    if _is_gemma3_token_types(fn) and "group_ids" in _closure(fn):  # (5.x before the blockwise overlay, e.g. 5.8)
-        return _closure(fn)["group_ids"]
-    if _is_gemma3_token_types(fn) and "image_group_ids" in _closure(fn):
-        closure = _closure(fn)
-        return torch.where(closure["token_type_ids"] == 1, closure["image_group_ids"], -1)
-    return None
+    return _model_image_groups(fn)
 
 
 def _without_no_ops(fn, masking_utils):
