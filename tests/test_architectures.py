@@ -408,8 +408,12 @@ def test_kv_shared_layers(family, changes):
     ids, mask = inputs(padding="left")
     settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
                     return_dict_in_generate=True)
+    caches = (None, "static")
+    if not transformers.StaticCache(config=reference.config, max_cache_len=1).layers:
+        # 5.8's StaticCache keeps layer_types[:-num_kv_shared_layers], none at 0: unpatched generate fails too
+        caches = (None,)
     with torch.no_grad():
-        for cache in (None, "static"):
+        for cache in caches:
             got, want = (net.generate(ids, cache_implementation=cache, **settings) for net in (model, reference))
             assert_same_greedy(got, want, **TOLERANCE)
         with fp.record_attention(model) as record:
