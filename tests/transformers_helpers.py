@@ -56,9 +56,11 @@ def patch_or_skip(model, **options):
 # what transformers' own unpatched forward raises where a version of it fails on a test's model:
 # 4.5x's / early 5.x's VLM forwards that read an `image_outputs` they lack; 5.13's hybrids (LFM2,
 # Falcon-H1, Zamba2) that ask a cache of attention layers alone for its linear-attention state
-# (5.24's Llama 4 reads image_outputs from its language model's output, 5.0's pooler_output from its vision model's)
+# (5.24's Llama 4 reads image_outputs from its language model's output, 5.0's pooler_output from its vision model's);
+# 5.12's hybrids (Qwen3-Next, Qwen 3.5, LFM2) whose static-cache generate looks a mask function up for
+# their linear-attention or convolution layer types, which masking_utils has none for
 TRANSFORMERS_OWN_FAILURES = {AttributeError: ("image_outputs", "has no attribute 'pooler_output'"),
-                             ValueError: ("has_previous_state",)}
+                             ValueError: ("has_previous_state",), KeyError: ("'linear_attention'", "'conv'")}
 
 
 def unpatched_or_skip(call, what: str):
