@@ -951,6 +951,20 @@ def test_beta_schedule():
         fp.beta_schedule(1, 0, 0.0, 1.0)
 
 
+def test_beta_schedule_under_inductor_follows_the_step():
+    """The schedule's beta, traced from the step and made a tensor (beta_tensor), under inductor
+    matches eager at every step, in and outside [0, total]. (torch 2.11's inductor cast the float
+    max/min of step / total to int64 in its C++ code: beta stayed beta_start until the step
+    reached total.)"""
+    def scaled(x, step):
+        return x * beta_tensor(fp.beta_schedule(step, 10, 0.5, 2.5))
+
+    compiled = torch.compile(scaled, backend="inductor", fullgraph=True)
+    x = torch.ones((), dtype=torch.float64)
+    for step in (0, 1, 4, 7, 10, 13, -2):
+        assert compiled(x, step).item() == pytest.approx(fp.beta_schedule(step, 10, 0.5, 2.5), abs=1e-12), step
+
+
 def test_uint64_labels_past_int64_are_refused():
     """A uint64 label >= 2**63 wrapped to a negative int64: 2**64 - 100 became -100, the default
     ignore_index, and its row was silently dropped from the loss. Refused; smaller ones count."""

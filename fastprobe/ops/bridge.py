@@ -376,7 +376,11 @@ def beta_schedule(step: int, total: int, beta_start: float, beta_end: float) -> 
         total = check_int(total, "total", 1)
     beta_start = check_real(beta_start, "beta_start", positive=False)
     beta_end = check_real(beta_end, "beta_end", positive=False)
-    fraction = min(max(step / total, 0.0), 1.0)
+    # fraction = clamp(step, 0, total) / total: clamped as a step (an int, or a SymInt under
+    # torch.compile), not as a float fraction. torch 2.11's inductor cast a float max/min of a traced
+    # step to int64 in its C++ code (std::max(int64_t(0.0), int64_t(step / total))): beta stayed
+    # beta_start for the whole schedule, silently
+    fraction = min(max(step, 0), total) / total
     if not is_compiling() and isinstance(fraction, float) and math.isnan(fraction):  # (min and max pass a NaN on)
         raise ValueError(f"step must be a number, got {step}")
     return float(beta_start + (beta_end - beta_start) * fraction)
