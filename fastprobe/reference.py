@@ -43,6 +43,7 @@ def _softmax_entropy(logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     total = 1.0 + rest
     spread = torch.where(e > 0, e * -centred, torch.zeros_like(e)).sum(-1)  # sum e (m - x) >= 0
     h = torch.log1p(rest) + spread / total
+    h = h.masked_fill(top.squeeze(-1) == float("inf"), float("nan"))  # (inf - inf: e NaN, then scattered out)
     return h.masked_fill(empty, 0.0)
 
 
