@@ -145,6 +145,8 @@ def test_settled_cache_keys_do_not_depend_on_what_was_hashed_first(monkeypatch):
         pytest.skip("needs Triton's compiler (not the interpreter) and its DependenciesFinder")
 
     def update_hash_as_triton_3_6(self, func):  # merge the helper's globals, then hash it
+        if not isinstance(func, jit.JITFunction):  # Triton 3.4 and older pass every name here (tl too)
+            return
         self.used_global_vals.update(func.used_global_vals)
         self.hasher.update((func.cache_key + str(getattr(func, "noinline", False))).encode("utf-8"))
 
@@ -156,7 +158,7 @@ def test_settled_cache_keys_do_not_depend_on_what_was_hashed_first(monkeypatch):
     _scaled.cache_key  # noqa: B018  (the helper first)
     helper_first = _scale_kernel.cache_key
     if kernel_first == helper_first:
-        pytest.skip("this Triton keeps no helper globals in its cache keys (3.0): no order to settle")
+        pytest.skip("this Triton keeps no helper globals in its cache keys (3.0, 3.4): no order to settle")
     _rehash(_scale_kernel, _scaled)
     _scaled.used_global_vals = {}
     _scale_kernel.cache_key  # noqa: B018  (the kernel first again)
