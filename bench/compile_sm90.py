@@ -41,6 +41,22 @@ PTXAS = glob.glob(os.path.join(TOOLS, "ptxas*"))[0]
 compiled = []  # (kernel, registers, spilled bytes, PTX and SASS counts) of the launches since the last clear
 
 
+def _pack_args_as_triton_3_4(kernel, backend, kwargs, bound, specialization, options):
+    """JITFunction._pack_args of newer Triton: Triton 3.4 (which torch 2.8 pins) does this inline
+    in JITFunction.run, with the same steps."""
+    from triton.runtime.jit import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    types = [spec[0] for spec in specialization]
+    signature = {param.name: kind for param, kind in zip(kernel.params, types)}
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(types, lambda _, kind: kind == "constexpr")}
+    values = [spec[1] for spec in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(values, path))
+             for path in find_paths_if(values, lambda _, value: isinstance(value, str))}
+    return options, signature, constexprs, attrs
+
+
 def compile_only(kernel, *args, grid, warmup, **kwargs):
     """JITFunction.run without a device: Triton's own binder for an sm_90 target gives the
     signature, constexprs and specialisations a real launch gets (integers equal to 1 become
@@ -53,7 +69,8 @@ def compile_only(kernel, *args, grid, warmup, **kwargs):
     backend = make_backend(TARGET)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    pack = getattr(kernel, "_pack_args", None) or (lambda *a: _pack_args_as_triton_3_4(kernel, *a))
+    options, signature, constexprs, attrs = pack(backend, kwargs, bound, specialization, options)
     binary = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
     with tempfile.TemporaryDirectory() as folder:
         ptx = os.path.join(folder, "kernel.ptx")
