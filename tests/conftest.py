@@ -42,12 +42,13 @@ def interpreter_numpy_problem(triton_version: str, numpy_version: str):
     major_minor = tuple(int(part) for part in triton_version.split(".")[:2])
     numpy_major_minor = tuple(int(part) for part in numpy_version.split(".")[:2])
     if major_minor < (3, 2) and numpy_major_minor >= (2, 0):
-        return (f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version}: "
-                "install numpy<2 (or a newer Triton: 3.9's runs them with numpy 2) for the -m interpreter tests")
-    if major_minor == (3, 6) and numpy_major_minor >= (2, 4):
-        return (f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version}: "
-                "install numpy<2.4 (or Triton 3.7+) for the -m interpreter tests")
-    return None
+        way_out = "numpy<2 (or a newer Triton: 3.9's runs them with numpy 2)"
+    elif major_minor == (3, 6) and numpy_major_minor >= (2, 4):
+        way_out = "numpy<2.4 (or Triton 3.7+)"
+    else:
+        return None
+    return (f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version}: "
+            f"install {way_out} for the -m interpreter tests")
 
 
 def pytest_configure(config):
