@@ -105,6 +105,16 @@ def test_score_heads_names_heads_whose_scores_are_not_finite(tokenizer):
         sinks.score_heads(model, tokenizer, TEXTS[:3], progress=False)
 
 
+def test_score_heads_leaves_out_layers_the_texts_never_reach(tokenizer):
+    """A layer that never runs (as a vision tower on texts) has no row, rather than NaN scores
+    taken for an overflow: Llama's forward runs layers[:config.num_hidden_layers]."""
+    model = planted_model(tokenizer)
+    model.config.num_hidden_layers = 2  # layer 2 of 3 never runs
+    table = sinks.score_heads(model, tokenizer, TEXTS[:3], progress=False)
+    assert sorted(set(table["layer"])) == [0, 1] and len(table) == 8
+    assert sorted(sinks.top_heads(table, 3 / 8)) == planted_pairs()
+
+
 def test_tokenizer_without_pad_token_borrows_eos(tokenizer):
     model = planted_model(tokenizer)
     tokenizer.pad_token = None
