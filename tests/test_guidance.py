@@ -680,6 +680,28 @@ def test_two_pass_beam_search_and_expanded_rows(model, processor, images, search
     assert_same_generation(wrapped, cached)
 
 
+def test_two_pass_image_keys_follow_a_reorder_across_rows(model, processor, images):
+    """reorder_cache moving rows between prompts whose image tokens sit at different positions
+    moves their image-key rows too: the next step's language-only pass masks each row's own image
+    keys. (generate's beam search reorders the beams of one prompt only, whose rows are alike.)"""
+    batch = batch_of(model, processor, images)
+    assert not torch.equal(*image_positions(batch, processor))  # (the rows differ)
+    step = torch.tensor([[5], [7]])  # one text token more for each row
+
+    def next_logits(inputs, reorder):
+        with torch.no_grad(), guidance.two_pass_contrast(model, alpha=2.0):
+            cache = output_cache(model(**inputs, use_cache=True))
+            mask = inputs["attention_mask"]
+            if reorder:  # row b continues row 1 - b
+                cache.reorder_cache(torch.tensor([1, 0]))
+                mask = mask.flip(0)
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            return model(input_ids=step, attention_mask=mask, **{cache_argument(model): cache}, use_cache=True).logits
+
+    swapped = {name: value.flip(0) for name, value in batch.items()}
+    torch.testing.assert_close(next_logits(batch, reorder=True), next_logits(swapped, reorder=False), **TOLERANCE)
+
+
 def test_two_pass_beams_from_the_generation_config(model, processor, images):
     """The model's own generation_config asking for beams (no generate argument) is followed too."""
     batch = batch_of(model, processor, images)
