@@ -644,6 +644,9 @@ def test_a_row_ended_by_a_stopping_criterion_is_scored_up_to_its_end(tokenizer, 
     assert generated[0] == tokenizer.decode(new[:3], skip_special_tokens=True)
     filled = uncertainty._continuation_mask(torch.tensor([[5, 0, 7, 0, 0], [1, 2, 3, 4, 5]]), [9], pad_id=0)
     assert filled.tolist() == [[True, True, True, False, False], [True, True, True, True, True]]
+    # a pad id that is an eos (a tokenizer without pad): the eos rule ends the row, its eos scored
+    ended = uncertainty._continuation_mask(torch.tensor([[5, 2, 2, 2], [2, 7, 2, 8]]), [2], pad_id=2)
+    assert ended.tolist() == [[True, True, False, False], [True, False, False, False]]
 
 
 def test_trailing_pad_ids_are_scored_when_only_eos_ends_a_row(tokenizer, models):
