@@ -97,6 +97,10 @@ def test_fit_can_exclude_rows(tokenizer):
     assert sp.fit_embedding_gaussian(model).std > 2 * fitted.std  # the outlier row counts by default
     as_tensor = sp.fit_embedding_gaussian(model, exclude_token_ids=torch.tensor(excluded))  # (a tensor of ids too)
     assert torch.equal(as_tensor.mean, fitted.mean) and torch.equal(as_tensor.std, fitted.std)
+    # an id named twice leaves one row out: excluding all but rows 0 and 1, each twice, fits those two
+    fresh = fresh_llama(tokenizer)
+    two = sp.fit_embedding_gaussian(fresh, exclude_token_ids=list(range(2, len(weight))) * 2)
+    torch.testing.assert_close(two.std.double(), table(fresh).double()[:2].std(), rtol=1e-6, atol=0)
 
 
 def test_fit_follows_a_scaled_embedding(tokenizer):
