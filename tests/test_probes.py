@@ -482,6 +482,14 @@ def test_attentive_probe_ignores_what_padding_holds():
     assert not torch.allclose(probe(garbage), probe(features))
 
 
+def test_history_weights_each_step_by_its_rows():
+    """An epoch's loss is the mean over its rows: a short last mini-batch (10 rows in 4 + 4 + 2)
+    counts by its 2 rows. With lr = 0 the probe never changes, so it is the training loss."""
+    features, labels = planted(10)
+    fit = train_probe(features, labels, epochs=1, batch_size=4, lr=0.0, validation_fraction=0.0)
+    assert fit.history[0] == pytest.approx(fit.metrics["train_loss"], rel=1e-5)
+
+
 def test_training_is_deterministic_and_leaves_inputs_alone():
     features, labels = planted(300)
     kept = features.clone(), labels.clone()
