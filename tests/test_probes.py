@@ -625,6 +625,13 @@ def test_evaluate_probe_checks_the_regression_width():
         evaluate_probe(fit.probe, torch.randn(30, 6), torch.randn(30))
 
 
+def test_evaluate_probe_refuses_a_class_the_probe_lacks():
+    """Labels of a 2-class probe hold 0 and 1: class 2 (its first missing one) is named."""
+    fit = train_probe(torch.randn(30, 6), torch.arange(30) % 2, epochs=2)
+    with pytest.raises(ValueError, match="labels hold class 2 but the probe has 2 classes"):
+        evaluate_probe(fit.probe, torch.randn(3, 6), torch.tensor([0, 1, 2]))
+
+
 def test_predict_and_evaluate_take_train_probes_result_as_it_is():
     """predict / evaluate_probe accept the ProbeFit that train_probe returns, with the same
     results as its .probe."""
