@@ -156,7 +156,7 @@ def _mask_structure(fn, masking_utils) -> tuple:
     name = _qualname(fn)
     if name is None:  # (repr only when needed: this runs at every forward)
         name = repr(fn)
-    if getattr(fn, "__module__", None) != masking_utils.__name__:
+    if not _defined_in(fn, masking_utils):
         model_part = _model_bidirectional_part(fn, name)
         if model_part is None:
             raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
@@ -168,6 +168,15 @@ def _mask_structure(fn, masking_utils) -> tuple:
     if name.startswith(_COMBINATORS):
         return (name, tuple(_mask_structure(part, masking_utils) for part in _closure(fn)["mask_functions"]))
     raise ValueError(f"{masking_utils.__name__}.{name}")
+
+
+def _defined_in(fn, module) -> bool:
+    """Whether `fn` is defined in `module`: by its __module__, else by its code's file (torch before
+    2.11's Dynamo reads the __module__ of a closure made inside the compiled forward as absent)."""
+    if getattr(fn, "__module__", None) is not None:
+        return fn.__module__ == module.__name__
+    code = getattr(fn, "__code__", None)
+    return code is not None and code.co_filename == module.__file__
 
 
 def _model_bidirectional_part(fn, name: str) -> Optional[tuple]:
