@@ -992,6 +992,30 @@ def test_chunked_and_packed_masks_match_transformers_masks():
                 assert torch.equal(visible[row], want), (function, kv_offset, row)
 
 
+def test_mask_functions_without_a_module_name_are_read_by_their_file():
+    """torch before 2.11's Dynamo reads the __module__ of a closure made inside the compiled forward
+    as absent (torch 2.6 and 2.10: a patched Gemma 2's sliding mask was refused under
+    torch.compile): the mask functions are then told by their code's file, at every level."""
+    import types
+
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+
+    def anonymous(fn):
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__module__ = None
+        return copy
+
+    causal, window, and_masks = (masking_utils.causal_mask_function, masking_utils.sliding_window_overlay,
+                                 masking_utils.and_masks)
+    packing = masking_utils.packed_sequence_mask_function(torch.zeros(2, 8, dtype=torch.long))
+    assert _masks._mask_pattern(anonymous(and_masks(causal, window(3)))) == (True, 3)
+    assert _masks._mask_pattern(and_masks(anonymous(causal), anonymous(packing))) == (True, None)
+    assert _masks._module_of(anonymous(window(3))) == masking_utils.__name__
+    assert _masks._module_of(anonymous(_masks._mask_pattern)) is None  # (not transformers' code)
+    with pytest.raises(NotImplementedError, match="cannot reproduce"):
+        _masks._mask_pattern(and_masks(causal, anonymous(lambda b, h, q, kv: kv % 2 == 0)))
+
+
 def test_mask_patterns_it_cannot_reproduce_are_refused():
     masking_utils = pytest.importorskip("transformers.masking_utils")
     custom = masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv % 2 == 0)

@@ -156,10 +156,10 @@ def _mask_structure(fn, masking_utils) -> tuple:
     name = _qualname(fn)
     if name is None:  # (repr only when needed: this runs at every forward)
         name = repr(fn)
-    if not _defined_in(fn, masking_utils):
+    if _module_of(fn) != masking_utils.__name__:
         model_part = _model_bidirectional_part(fn, name)
         if model_part is None:
-            raise ValueError(f"{getattr(fn, '__module__', '?')}.{name}")
+            raise ValueError(f"{_module_of(fn)}.{name}")
         return model_part
     if name in _LEAVES:
         return (name,)
@@ -170,13 +170,20 @@ def _mask_structure(fn, masking_utils) -> tuple:
     raise ValueError(f"{masking_utils.__name__}.{name}")
 
 
-def _defined_in(fn, module) -> bool:
-    """Whether `fn` is defined in `module`: by its __module__, else by its code's file (torch before
-    2.11's Dynamo reads the __module__ of a closure made inside the compiled forward as absent)."""
-    if getattr(fn, "__module__", None) is not None:
-        return fn.__module__ == module.__name__
+def _module_of(fn) -> Optional[str]:
+    """The name of the module that defines fn: its __module__, else (torch before 2.11's Dynamo reads
+    the __module__ of a closure made inside the compiled forward as absent) its code's file from the
+    last "transformers" folder on (.../transformers/models/gemma3/modeling_gemma3.py ->
+    transformers.models.gemma3.modeling_gemma3); None for a file outside transformers."""
+    module = getattr(fn, "__module__", None)
     code = getattr(fn, "__code__", None)
-    return code is not None and code.co_filename == module.__file__
+    if module is not None or code is None:
+        return module
+    path = code.co_filename.replace("\\", "/")
+    start = path.rfind("/transformers/")
+    if start < 0 or not path.endswith(".py"):
+        return None
+    return path[start + 1:-3].replace("/", ".")
 
 
 def _model_bidirectional_part(fn, name: str) -> Optional[tuple]:
@@ -184,7 +191,7 @@ def _model_bidirectional_part(fn, name: str) -> Optional[tuple]:
     Step3p7 with use_bidirectional_attention, e.g. EmbeddingGemma), as a _mask_structure part, else
     None: its overlay |q - j| < sliding_window (a window), and the full layers' `lambda *args:
     torch.tensor(True)` (no closure, nothing read but those names: it cannot index per-token data)."""
-    if not getattr(fn, "__module__", "").startswith("transformers.models."):
+    if not (_module_of(fn) or "").startswith("transformers.models."):
         return None
     if name.startswith("_bidirectional_window_overlay."):
         return (name, int(_closure(fn)["sliding_window"]))
@@ -207,7 +214,7 @@ def _windows(structure: tuple) -> list:
 
 def _is_masking_utils(fn, masking_utils, prefix: str) -> bool:
     """fn is one of masking_utils' functions (or closures) whose qualified name starts with prefix."""
-    in_module = getattr(fn, "__module__", None) == masking_utils.__name__
+    in_module = _module_of(fn) == masking_utils.__name__
     return in_module and _qualname(fn, "").startswith(prefix)
 
 
@@ -238,7 +245,7 @@ _TOKEN_TYPE_MODELS = ("transformers.models.gemma3.modeling_gemma3", "transformer
 
 def _is_model_token_types(fn) -> bool:
     """fn is Gemma 3's or Gemma 4's own image-block mask function (token_type_ids_mask_function)."""
-    return getattr(fn, "__module__", None) in _TOKEN_TYPE_MODELS and _qualname(fn, "").startswith(
+    return _module_of(fn) in _TOKEN_TYPE_MODELS and _qualname(fn, "").startswith(
         "token_type_ids_mask_function.")
 
 
