@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import FP_FUSION, cdiv, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import FP_FUSION, autotune, cdiv, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["sink_attention"]
 
@@ -1233,7 +1233,7 @@ _FWD_KEY = [
     "HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", "ROW_ENDS", "HAS_GROUPS",
     "ENTROPY", "HAS_SOFTCAP", *_FWD_KEY_SHAPES,
 ]  # fmt: skip
-_attention_fwd_tuned = triton.autotune(
+_attention_fwd_tuned = autotune(
     configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd}
 )(_attention_fwd_kernel)
 # tuned once per head dim and row count, not per length (decoding changes Lk every step)
@@ -1241,7 +1241,7 @@ _SPLIT_KEY = [
     "HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", "ROW_ENDS",
     "HAS_GROUPS", "ENTROPY", "HAS_SOFTCAP",
 ]  # fmt: skip
-_attention_split_tuned = triton.autotune(
+_attention_split_tuned = autotune(
     configs=_SPLIT_CONFIGS, key=_SPLIT_KEY, prune_configs_by={"early_config_prune": _prune_split}
 )(_attention_split_kernel)
 

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
 from ..ops._common import check_float32_range
-from ._launch import FP_FUSION, LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import FP_FUSION, LOGIT_DTYPES, autotune, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["bridge_loss"]
 
@@ -430,7 +430,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return narrow
 
 
-_bridge_kernel_tuned = triton.autotune(
+_bridge_kernel_tuned = autotune(
     configs=_AUTOTUNE_CONFIGS,
     key=["V", "REVERSE", "HAS_GRAD"],
     prune_configs_by={"early_config_prune": _prune_configs},

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import FP_FUSION, cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
+from ._launch import FP_FUSION, autotune, cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
 from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _scaled_difference, _shift_from_lse, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
@@ -383,8 +383,8 @@ def _concept_mass_backward_kernel(
 _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_V": bv}, num_warps=nw, num_stages=1) for bv in (2048, 4096) for nw in (4, 8)
 ]
-_concept_mass_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
-_backward_kernel_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["V"])(_concept_mass_backward_kernel)
+_concept_mass_kernel_tuned = autotune(configs=_AUTOTUNE_CONFIGS, key=["V", "WITH_STATS"])(_concept_mass_kernel)
+_backward_kernel_tuned = autotune(configs=_AUTOTUNE_CONFIGS, key=["V"])(_concept_mass_backward_kernel)
 
 _GPU_BLOCKS = dict(BLOCK_U=256, BLOCK_C=64, BLOCK_J=8)
 # Through the Triton interpreter (CPU tests): small blocks, so that tiny shapes still span

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
-from ._launch import FP_FUSION, LOGIT_DTYPES, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
+from ._launch import FP_FUSION, LOGIT_DTYPES, autotune, check_inv_temperature, launch_tuned, next_pow2, settle_cache_keys
 
 __all__ = ["draft_divergence"]
 
@@ -406,7 +406,7 @@ def _untuned(kept):
     return (tile or variant or kept)[0]
 
 
-_divergence_kernel_tuned = triton.autotune(
+_divergence_kernel_tuned = autotune(
     configs=_AUTOTUNE_CONFIGS,
     key=["V", "K_PAD", "HAS_TARGET", "LSE_GIVEN", "LSE_ONLY"],
     prune_configs_by={"early_config_prune": _prune_configs},

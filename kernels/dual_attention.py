@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreter_enabled
-from ._launch import FP_FUSION, settle_cache_keys
+from ._launch import FP_FUSION, autotune, settle_cache_keys
 from .attention import (
     _FWD_CONFIGS,
     _FWD_KEY_SHAPES,
@@ -649,12 +649,12 @@ def _dual_merge_kernel(
 # --------------------------------------------------------------------------------------------
 
 _prune_dual_split = functools.partial(_prune_split, accumulators=2)
-_dual_fwd_tuned = triton.autotune(
+_dual_fwd_tuned = autotune(
     configs=_FWD_CONFIGS,
     key=["HEAD_DIM", "VALUE_DIM", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START", *_FWD_KEY_SHAPES],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_dual_fwd_kernel)
-_dual_split_tuned = triton.autotune(
+_dual_split_tuned = autotune(
     configs=_SPLIT_CONFIGS,
     key=["HEAD_DIM", "VALUE_DIM", "BLOCK_R", "CAUSAL", "HAS_KEY_REAL", "HAS_HORIZON", "HAS_START"],
     prune_configs_by={"early_config_prune": _prune_dual_split},

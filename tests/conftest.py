@@ -35,15 +35,17 @@ def interpreter_numpy_problem(triton_version: str, numpy_version: str):
     """Why the Triton interpreter cannot run the kernels with these versions, or None. Triton 3.0's
     and 3.1's interpreter read scalars out of numpy arrays in ways numpy 2 refuses or computes
     otherwise (checked 2026-12-04: every interpreter test failed with 3.0 and numpy 2.4, and both
-    failed with numpy 2.3, where 3.0 with numpy 1.26 passed). Triton 3.6's reads a loop bound with
-    int() of a 1-element array, which numpy 2.4 refuses (checked 2026-12-07, torch 2.11.0: 417 of 427
-    interpreter tests of test_divergence.py and test_attention.py failed with numpy 2.4.6, none with
-    2.3.5; 3.2-3.5 not checked; 3.7.1 and 3.9 pass with numpy 2.4)."""
+    failed with numpy 2.3, where 3.0 with numpy 1.26 passed). Triton 3.2 to 3.6 read a loop bound with
+    int() of a 1-element array, which numpy 2.4 refuses (checked 2026-12-07: 3.6 with torch 2.11.0, 417
+    of 427 interpreter tests of test_divergence.py and test_attention.py failed with numpy 2.4.6, none
+    with 2.3.5; 3.2 with torch 2.6.0 and 3.5 with 2.13.0 failed the same way at their first test,
+    and passed test_divergence.py's (3.2: and test_concepts.py's) with numpy 2.3.5; 3.3 and 3.4 not
+    checked; 3.7.1 and 3.9 pass with numpy 2.4)."""
     major_minor = tuple(int(part) for part in triton_version.split(".")[:2])
     numpy_major_minor = tuple(int(part) for part in numpy_version.split(".")[:2])
     if major_minor < (3, 2) and numpy_major_minor >= (2, 0):
         way_out = "numpy<2 (or a newer Triton: 3.9's runs them with numpy 2)"
-    elif major_minor == (3, 6) and numpy_major_minor >= (2, 4):
+    elif (3, 2) <= major_minor <= (3, 6) and numpy_major_minor >= (2, 4):
         way_out = "numpy<2.4 (or Triton 3.7+)"
     else:
         return None

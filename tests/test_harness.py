@@ -147,5 +147,7 @@ def test_the_interpreter_run_refuses_a_triton_that_cannot_read_numpy_2():
     assert interpreter_numpy_problem("3.0.0", "1.26.4") is None
     assert interpreter_numpy_problem("3.9.0", "2.4.6") is None
     assert interpreter_numpy_problem("3.2.0+git1a2b", "2.0.0") is None
-    assert "numpy<2.4" in interpreter_numpy_problem("3.6.0", "2.4.6")  # (torch 2.11.0's pin)
-    assert interpreter_numpy_problem("3.6.0", "2.3.5") is None
+    for pinned in ("3.2.0", "3.5.0", "3.6.0"):  # (3.2.0: torch 2.6.0's pin, 3.6.0: 2.10.0's and 2.11.0's)
+        assert "numpy<2.4" in interpreter_numpy_problem(pinned, "2.4.6")
+        assert interpreter_numpy_problem(pinned, "2.3.5") is None
+    assert interpreter_numpy_problem("3.7.1", "2.4.6") is None

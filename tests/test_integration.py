@@ -19,7 +19,7 @@ from fastprobe.models import ARCHITECTURES, tiny_config, tiny_model
 
 from .conftest import TORCH_RELEASE
 from .transformers_helpers import (assert_same_greedy, cached_keys_values, generated_cache, patch_or_skip,
-                                  routes_through_interfaces, unpatched_or_skip)
+                                  routes_through_interfaces, skip_without_compile_reference, unpatched_or_skip)
 
 transformers = pytest.importorskip("transformers")
 
@@ -231,6 +231,7 @@ def test_static_cache_in_chunks_and_without_a_mask():
             torch.testing.assert_close(got[real], want[real], **TOLERANCE)  # (padded queries: unspecified)
 
 
+@skip_without_compile_reference
 @pytest.mark.skipif(TORCH_BEFORE_2_6, reason="torch.compile of transformers' generate needs a recent torch")
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # one mask for every layer; masks by layer type
 def test_compiled_decoding_with_a_static_cache(arch):
@@ -256,6 +257,7 @@ def test_compiled_decoding_with_a_static_cache(arch):
     assert_same_greedy(got, want, **TOLERANCE)
 
 
+@skip_without_compile_reference
 @pytest.mark.skipif(TORCH_BEFORE_2_6, reason="torch.compile of transformers' generate needs a recent torch")
 @pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="transformers 4.5x breaks in its attention "
                     "lookup (a graph per step there anyway)")
@@ -1746,6 +1748,7 @@ def test_recording_one_row_or_no_mask_matches_eager_weights(batch, padded):
 def test_torch_compile_of_a_patched_model(arch):
     """torch.compile (Dynamo + AOTAutograd over the ops' fake implementations) of a patched model
     gives the eager outputs, and record_attention still records inside the compiled forward."""
+    torch._dynamo.reset()  # (other tests' compiles of transformers' frames count towards the recompile limit)
     reference, model = tiny_model(arch), fp.patch(tiny_model(arch))
     compiled = torch.compile(model, backend="aot_eager")
     ids, mask = inputs()
@@ -1782,6 +1785,7 @@ def test_an_option_change_without_guidance_does_not_recompile_the_hooks():
         torch._dynamo.reset()
 
 
+@skip_without_compile_reference
 @pytest.mark.skipif(TORCH_BEFORE_2_6, reason="fullgraph compile of transformers' models needs a recent torch")
 def test_a_fresh_patched_model_compiles_whole_and_exports(monkeypatch):
     """A patched model compiles with fullgraph=True (its mask functions' names were read through

@@ -337,8 +337,10 @@ def test_methods_see_the_forward_of_the_model_inside_a_wrapper(tokenizer, wrap):
     compiled model, 521.9 through a PEFT one, for 502.3)."""
     from fastprobe.methods._batching import forward_parameters
 
-    from .transformers_helpers import AdapterWrapper
+    from .transformers_helpers import NO_COMPILE_REFERENCE, AdapterWrapper
 
+    if wrap == "compiled" and NO_COMPILE_REFERENCE:
+        pytest.skip(f"transformers' models do not compile on torch {torch.__version__}")
     model = tiny_model("gpt2", vocab_size=len(tokenizer), num_layers=2)
     wrapper = AdapterWrapper(model) if wrap == "adapter" else torch.compile(model, backend="eager")
     assert "position_ids" in forward_parameters(wrapper)

@@ -12,6 +12,13 @@ from fastprobe.integrations import is_patched
 transformers = pytest.importorskip("transformers")
 
 
+# transformers 5.x's own models do not compile on a torch without torch.compiler.is_exporting
+# (checked: 5.25 on torch 2.6.0, unpatched too; 2.8.0 compiles them): its is_torchdynamo_exporting
+# reads it inside a try that Dynamo cannot trace, and fullgraph breaks on func.__code__.co_varnames
+NO_COMPILE_REFERENCE = (int(transformers.__version__.split(".")[0]) >= 5 and not hasattr(torch.compiler, "is_exporting"))
+skip_without_compile_reference = pytest.mark.skipif(
+    NO_COMPILE_REFERENCE, reason=f"transformers {transformers.__version__}'s models do not compile on torch {torch.__version__}")
+
 @contextlib.contextmanager
 def transformers_warnings():
     """The messages transformers logs at WARNING or above inside the block, into the yielded
