@@ -150,6 +150,27 @@ def test_a_questions_line_without_an_alias_is_named(tmp_path, capsys):
     assert f'error: {questions}:2: "answers" needs an alias that is not blank' in capsys.readouterr().err
 
 
+def test_questions_judged_on_some_lines_only_are_refused(tmp_path):
+    """"correct" is given on every line or on none: a file judging some questions only is refused,
+    not read with None rows that by_correctness would count as neither."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"prompt": "a", "answers": "b", "correct": true}\n{"prompt": "c", "answers": "d"}\n')
+    with pytest.raises(ValueError, match='give "correct" on every line or on none'):
+        cli._read_questions(str(questions))
+    questions.write_text('{"prompt": "a", "answers": "b", "correct": true}\n'
+                         '{"prompt": "c", "answers": "d", "correct": false}\n')
+    assert cli._read_questions(str(questions))[2] == [True, False]
+
+
+def test_prune_takes_up_to_half_of_the_heads():
+    """--prune prunes round(fraction x heads) top heads and as many random others: 0.5 of an even
+    head count leaves just enough others (allowed, as "at most 0.5" says); more is refused."""
+    cli._check_prune(0.5, 8)
+    cli._check_prune(0.25, 8)
+    with pytest.raises(ValueError, match="give a fraction of at most 0.5"):
+        cli._check_prune(0.625, 8)
+
+
 def test_a_model_path_that_is_a_file_is_named_as_one(tmp_path, capsys):
     """(it said "no such checkpoint folder" of a file that exists)"""
     texts = tmp_path / "texts.txt"
