@@ -448,6 +448,8 @@ def test_environment_variables_are_read_on_every_call(monkeypatch):
     assert not backend.autotune_enabled()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.interpreter_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "")  # (empty: off, as for Triton itself)
+    assert not backend.interpreter_enabled()
     monkeypatch.setattr(os, "environ", {"FASTPROBE_BACKEND": "reference", "TRITON_INTERPRET": "0"})
     assert backend.get_backend() == "reference"
     assert not backend.interpreter_enabled() and backend.autotune_enabled()
