@@ -2479,6 +2479,21 @@ def test_options_changed_inside_a_temporary_patch_are_kept():
         assert not is_patched(model)
 
 
+def test_a_head_mask_changed_inside_a_temporary_patch_is_kept():
+    """patched_with(head_mask=...) on an unpatched model, and a prune of that layer inside the block:
+    the head mask's values changed there (its layers did not), so the model stays patched with the
+    prune after the block, as with any other option changed inside it."""
+    from fastprobe.integrations import patched_with
+    from fastprobe.methods import sinks
+
+    model = tiny_model("llama")
+    with patched_with(model, head_mask={0: torch.ones(4, dtype=torch.bool)}):
+        handle = sinks.prune_heads(model, [(0, 1)])
+    assert handle.active and is_patched(model)
+    assert patch_options(model).head_mask[0].tolist() == [True, False, True, True]
+    fp.unpatch(model)
+
+
 @pytest.mark.parametrize("wrap", ["adapter", "compiled"])
 def test_a_wrapped_model_is_patched_recorded_and_unpatched_through_its_wrapper(wrap):
     """A PEFT-style wrapper (attributes forwarded to the model inside) or torch.compile's: patch,
