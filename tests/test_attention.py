@@ -1070,6 +1070,19 @@ def test_reused_block_horizon_gives_the_same_result(target):
         fp.ops.attention.block_horizon(torch.tensor([[0, 0, -1]]), 4)
 
 
+def test_a_block_resuming_before_the_first_query_is_taken():
+    """A block must be one run from the first query on only: before it (cached keys, which the
+    queries see causally anyway) its id may resume after other tokens, e.g. a decoding step's."""
+    blocks = torch.tensor([[0, 0, -1, 0, 1, 1]])
+    with pytest.raises(ValueError, match="block id 0 of row 0 resumes"):
+        fp.ops.attention.block_horizon(blocks, 6)
+    assert fp.ops.attention.block_horizon(blocks, 3).horizon.tolist() == [[1, 1, 2, 3, 5, 5]]
+    q, k, v = random_qkv(1, 2, 2, 3, 6, 8, torch.float32, "cpu")
+    got = fp.sink_attention(q, k, v, bidirectional_blocks=blocks)
+    want = fp.sink_attention(q, k, v, bidirectional_blocks=torch.tensor([[0, 0, -1, 2, 1, 1]]))
+    torch.testing.assert_close(got.out, want.out)
+
+
 def test_prepared_key_groups_give_the_same_result(target):
     """KeyGroups made once (prepare_key_groups) give exactly what the ids give, at one call's
     keys and with num_groups inferred or repeated; bad ids are refused when it is made, a
