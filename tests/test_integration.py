@@ -875,6 +875,16 @@ def test_bad_options_raise_and_leave_the_model_alone(bad, error, match):
     assert not is_patched(model) and model.config._attn_implementation == "sdpa"
 
 
+def test_a_head_mask_naming_the_layer_past_the_last_is_refused():
+    """Layers are 0 .. count - 1: the count itself names no layer (it passed the check, then failed
+    with an IndexError further in)."""
+    model = tiny_model("llama")
+    count = model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"names layer {count}, but the model has {count} self-attention layers"):
+        fp.patch(model, head_mask={count: [True] * 4})
+    assert not is_patched(model)
+
+
 # ---------------------------------------------------------------- mask semantics (the off-by-one)
 
 
@@ -1666,6 +1676,21 @@ def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
             model.generate(ids, **settings)  # so num_sink is honoured while decoding
             pytest.skip(f"transformers {transformers.__version__}'s dynamic cache keeps every token: none to refuse")
         with pytest.raises(NotImplementedError, match="dropped the first tokens"):
+            model.generate(ids, **settings)
+
+
+def test_recording_stat_tokens_refused_when_the_sliding_cache_dropped_them():
+    """Recording with stat_tokens > 1 while decoding past a sliding window, whose cache dropped the
+    first tokens, is refused as num_sink is (their weight can no longer be summed)."""
+    reference, model = tiny_model("mistral"), fp.patch(tiny_model("mistral"), stat_tokens=2)
+    ids, mask = inputs(padding="none")
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        cache = generated_cache(reference.generate(ids, return_dict_in_generate=True, **settings))
+        if cached_keys_values(cache, 0)[0].shape[2] >= LENGTH:  # before 4.56 the dynamic cache keeps every token
+            pytest.skip(f"transformers {transformers.__version__}'s dynamic cache keeps every token: none to refuse")
+        model.generate(ids, **settings)  # (not recording: stat_tokens is the record's alone)
+        with fp.record_attention(model), pytest.raises(NotImplementedError, match="dropped the first tokens"):
             model.generate(ids, **settings)
 
 
