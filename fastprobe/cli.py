@@ -587,7 +587,7 @@ def _check_prune(fraction: float, num_heads: int) -> None:
     if 2 * count > num_heads:
         raise ValueError(f"--prune {fraction}: the top {count} of the model's {num_heads} heads leave "
                          f"{num_heads - count} others, fewer than the {count} random heads to compare with; "
-                         "give a fraction of at most 0.5")
+                         f"give a fraction of at most {num_heads // 2}/{num_heads}")
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:

@@ -164,11 +164,15 @@ def test_questions_judged_on_some_lines_only_are_refused(tmp_path):
 
 def test_prune_takes_up_to_half_of_the_heads():
     """--prune prunes round(fraction x heads) top heads and as many random others: 0.5 of an even
-    head count leaves just enough others (allowed, as "at most 0.5" says); more is refused."""
+    head count leaves just enough others (allowed, as "at most 4/8" says); more is refused, and of
+    an odd count 0.5 rounds to more than half, which the message's bound (3/7, not 0.5) excludes."""
     cli._check_prune(0.5, 8)
     cli._check_prune(0.25, 8)
-    with pytest.raises(ValueError, match="give a fraction of at most 0.5"):
+    with pytest.raises(ValueError, match="give a fraction of at most 4/8"):
         cli._check_prune(0.625, 8)
+    cli._check_prune(3 / 7, 7)
+    with pytest.raises(ValueError, match="give a fraction of at most 3/7"):
+        cli._check_prune(0.5, 7)
 
 
 def test_a_model_path_that_is_a_file_is_named_as_one(tmp_path, capsys):

@@ -608,7 +608,7 @@ def test_sinks_command_bad_paths(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options, match", [
-    (["--prune", "0.75"], "give a fraction of at most 0.5"),  # too few other heads for the random control
+    (["--prune", "0.75"], "give a fraction of at most "),  # too few other heads for the random control
     (["--csv", "{tmp}/no/table.csv"], "there is no folder"),
     (["--plot", "{tmp}/heads.xyz"], "matplotlib writes"),
 ])
