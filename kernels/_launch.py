@@ -15,8 +15,6 @@ from typing import Hashable
 
 import torch
 import triton
-from triton.runtime import driver
-from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from ..ops._common import check_float32_range
@@ -41,6 +39,8 @@ def autotune(**options):
     autotune does not pass do_bench on: the Autotuner is built here)."""
     if not triton.__version__.startswith("3.2."):
         return triton.autotune(**options)
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
 
     def bench(call, quantiles):
         return driver.active.get_benchmarker()(call, quantiles=quantiles)

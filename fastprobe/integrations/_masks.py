@@ -159,7 +159,7 @@ def _mask_structure(fn, masking_utils) -> tuple:
     if _module_of(fn) != masking_utils.__name__:
         model_part = _model_bidirectional_part(fn, name)
         if model_part is None:
-            raise ValueError(f"{_module_of(fn)}.{name}")
+            raise ValueError(f"{_module_of(fn) or '?'}.{name}")
         return model_part
     if name in _LEAVES:
         return (name,)
