@@ -41,9 +41,9 @@ PTXAS = glob.glob(os.path.join(TOOLS, "ptxas*"))[0]
 compiled = []  # (kernel, registers, spilled bytes, PTX and SASS counts) of the launches since the last clear
 
 
-def _pack_args_as_triton_3_4(kernel, backend, kwargs, bound, specialization, options):
+def _pack_args_as_triton_3_4(kernel, backend, kwargs, bound, specialization, _binder_options):
     """JITFunction._pack_args of newer Triton: Triton 3.4 (which torch 2.8 pins) does this inline
-    in JITFunction.run, with the same steps."""
+    in JITFunction.run, with the same steps (the options parsed from kwargs, not the binder's)."""
     from triton.runtime.jit import find_paths_if, get_iterable_path
 
     options = backend.parse_options(kwargs)
