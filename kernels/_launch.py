@@ -33,11 +33,11 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def autotune(**options):
-    """triton.autotune(**options). Triton 3.2's asks the active GPU driver for its benchmarker when
-    a kernel module is imported, which raises "0 active drivers" on a machine without a GPU (the
-    interpreter's and the CPU tests'): there the driver is asked at the first tuning instead (its
-    autotune does not pass do_bench on: the Autotuner is built here)."""
-    if not triton.__version__.startswith("3.2."):
+    """triton.autotune(**options). Triton 3.2's and 3.3's ask the active GPU driver for its
+    benchmarker when a kernel module is imported, which raises "0 active drivers" on a machine
+    without a GPU (the interpreter's and the CPU tests'): there the driver is asked at the first
+    tuning instead (3.2's autotune does not pass do_bench on: the Autotuner is built here)."""
+    if not triton.__version__.startswith(("3.2.", "3.3.")):
         return triton.autotune(**options)
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner

@@ -39,8 +39,8 @@ def interpreter_numpy_problem(triton_version: str, numpy_version: str):
     int() of a 1-element array, which numpy 2.4 refuses (checked 2026-12-07: 3.6 with torch 2.11.0, 417
     of 427 interpreter tests of test_divergence.py and test_attention.py failed with numpy 2.4.6, none
     with 2.3.5; 3.2 with torch 2.6.0 and 3.5 with 2.13.0 failed the same way at their first test,
-    and passed test_divergence.py's (3.2: and test_concepts.py's) with numpy 2.3.5; 3.3 and 3.4 not
-    checked; 3.7.1 and 3.9 pass with numpy 2.4)."""
+    and passed test_divergence.py's (3.2: and test_concepts.py's) with numpy 2.3.5; so did 3.3.1 and
+    3.4.0 with 2.13.0's Python side; 3.7.1 and 3.9 pass with numpy 2.4)."""
     major_minor = tuple(int(part) for part in triton_version.split(".")[:2])
     numpy_major_minor = tuple(int(part) for part in numpy_version.split(".")[:2])
     if major_minor < (3, 2) and numpy_major_minor >= (2, 0):
