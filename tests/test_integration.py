@@ -2279,6 +2279,38 @@ def test_concurrent_forwards_of_one_patched_model():
     assert record.num_queries.tolist() == [real_queries] * 2
 
 
+@pytest.mark.parametrize("group_mass", [False, True])
+def test_a_record_opened_under_inference_mode_takes_another_threads_forwards(group_mass):
+    """A record opened under torch.inference_mode (thread-local) pools the forwards of a thread
+    that runs outside it, a streamer's generate thread: its sums once were inference tensors,
+    which that thread's in-place additions failed on ("Inplace update to inference tensor outside
+    InferenceMode"), and the forward with them."""
+    import threading
+
+    model = fp.patch(tiny_model("llama"))
+    ids, mask = inputs()
+    groups = dict(key_groups=torch.arange(LENGTH).expand(3, LENGTH) % 2, num_groups=2) if group_mass else {}
+    with fp.record_attention(model, **groups) as want:
+        outputs(model, ids, mask)
+    errors = []
+
+    def run():
+        try:
+            outputs(model, ids, mask)
+        except Exception as error:  # (reported below)
+            errors.append(error)
+
+    with torch.inference_mode(), fp.record_attention(model, **groups) as record:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    assert errors == []
+    assert record.num_queries.tolist() == want.num_queries.tolist()
+    torch.testing.assert_close(record.sink_mass, want.sink_mass)
+    if group_mass:
+        torch.testing.assert_close(record.group_mass, want.group_mass)
+
+
 def test_update_patch_from_another_thread_applies_from_the_next_forward():
     """update_patch while another thread's forward is between layers: that forward ends with the
     options it started with, and its next forward runs with the new ones (read per layer, the

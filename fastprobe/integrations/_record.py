@@ -16,6 +16,16 @@ from ..ops.attention import KeyGroups, prepare_key_groups
 _RECORD_WEIGHTS = "record weights"
 
 
+def _normal_tensors():
+    """For the block, tensors made are normal ones even under torch.inference_mode, which is
+    per thread: the record's sums take in-place additions from every thread's forwards (a
+    streamer's generate thread runs outside the opener's inference mode), and an inference tensor
+    refuses those outside inference mode. (Adding to a normal tensor inside it is allowed.)"""
+    if is_compiling() or not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    return torch.inference_mode(False)
+
+
 class AttentionRecord:
     """Per-layer, per-head attention statistics of the forward passes run inside
     record_attention, averaged over real (non-padded) query positions and the batch, pooled over
@@ -63,7 +73,8 @@ class AttentionRecord:
         self._sums: dict = {}  # statistic -> [layers, H] or [layers, H, G] sums (H, G: the most seen)
         # real queries per layer, [all calls, calls with key groups] (group_mass averages over the
         # latter): padded calls' (a device sum), the others' (known on the host: no launch a layer)
-        self._counts = torch.zeros(2, num_layers, dtype=dtype, device=device)
+        with _normal_tensors():
+            self._counts = torch.zeros(2, num_layers, dtype=dtype, device=device)
         self._host_counts = [[0] * num_layers, [0] * num_layers]
         self._ones: dict = {}  # (device, dtype) -> a vector of ones, the unweighted sums' (_add_as_matvec)
         self._calls = 0  # attention calls added (on the host: reading the fields needs no sync)
@@ -117,11 +128,13 @@ class AttentionRecord:
         if table is None:
             dtype = self._dtype if like is None else torch.promote_types(self._dtype, like.dtype)
             device = self._device if like is None else like.device
-            table = torch.zeros(self.num_layers, *shape, dtype=dtype, device=device)
+            with _normal_tensors():
+                table = torch.zeros(self.num_layers, *shape, dtype=dtype, device=device)
             self._sums[name] = table
         elif any(want > have for want, have in zip(shape, table.shape[1:])):
-            wider = table.new_zeros(self.num_layers, *map(max, shape, table.shape[1:]))
-            wider[(slice(None), *map(slice, table.shape[1:]))] = table
+            with _normal_tensors():
+                wider = table.new_zeros(self.num_layers, *map(max, shape, table.shape[1:]))
+                wider[(slice(None), *map(slice, table.shape[1:]))] = table
             table = self._sums[name] = wider
         return table
 
