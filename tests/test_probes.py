@@ -536,6 +536,25 @@ def test_probes_train_and_predict_in_float32_under_autocast(dtype):
             assert metrics == evaluate_probe(want.probe, features, values)
     assert want.metrics["train_accuracy"] > 0.7  # (the last fit learned something to compare)
 
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_probes_train_under_no_grad_and_inference_mode(mode):
+    """train_probe inside torch.no_grad or torch.inference_mode (a script that collects the
+    features and fits the probe in one such block) fits as outside it: it failed with autograd's
+    "element 0 of tensors does not require grad", naming nothing of the probe."""
+    features, labels = planted(200)
+    tokens, mask, token_labels, _ = signal_in_one_token(40)
+    calls = [lambda: train_probe(features, labels, kind="linear", epochs=20),
+             lambda: train_probe(features, labels, kind="mlp", epochs=10, standardize=False, batch_size=64),
+             lambda: train_probe(tokens, token_labels, kind="attentive", mask=mask, epochs=10)]
+    for call in calls:
+        want = call()
+        with mode():
+            got = call()
+        assert got.metrics == want.metrics and got.history == want.history
+        assert all(torch.equal(a, b) for a, b in zip(got.probe.state_dict().values(), want.probe.state_dict().values()))
+    assert want.metrics["train_accuracy"] > 0.7
+
 def test_standardisation_lives_in_the_probe():
     features, labels = planted(400, offset=500.0, scale=100.0)
     fit = train_probe(features, labels, epochs=150, validation_fraction=0.0)

@@ -670,6 +670,21 @@ def _seeded(device: torch.device, seed: int):
         yield
 
 
+@contextlib.contextmanager
+def _gradients_on():
+    """Autograd on for the block, also inside torch.no_grad or torch.inference_mode (a script that
+    collects features and fits a probe in one such block): the probe's parameters and what its
+    forward saves for backward are normal tensors."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _normal(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """tensor, or a normal copy of an inference tensor (one made under torch.inference_mode, which
+    autograd cannot save for backward)."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+
+
 def train_probe(
     features,
     labels,
@@ -702,7 +717,8 @@ def train_probe(
     minimises the squared error of the standardised targets, each output alike whatever its
     units), kept in the probe (applied at predict time too). Seeded and deterministic (the
     global RNG is left as it was); trains on the features' device in float32, also under
-    torch.autocast (which is off for the call: the fit is the same inside and outside it); the
+    torch.autocast (which is off for the call: the fit is the same inside and outside it) and
+    under torch.no_grad or torch.inference_mode (gradients are on for the fit); the
     caller's tensors are never modified (nor backpropagated into: they are read detached)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -730,7 +746,9 @@ def train_probe(
     num_outputs = _num_outputs(task, train[1], validation)
     # in float32 under torch.autocast too: its region caches each weight's bfloat16 cast, so every
     # step would run the first step's weights
-    with _seeded(features.device, seed), autocast_off(features.device):
+    # (gradients on, also under torch.no_grad / inference_mode: the fit is the same inside and outside them)
+    with _seeded(features.device, seed), autocast_off(features.device), _gradients_on():
+        train = tuple(map(_normal, train))
         probe = _make_probe(kind, features.shape[-1], num_outputs, task, hidden_size, dropout, num_queries)
         probe.to(features.device)
         if standardize:
