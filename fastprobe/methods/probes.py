@@ -670,15 +670,6 @@ def _seeded(device: torch.device, seed: int):
         yield
 
 
-@contextlib.contextmanager
-def _gradients_on():
-    """Autograd on for the block, also inside torch.no_grad or torch.inference_mode (a script that
-    collects features and fits a probe in one such block): the probe's parameters and what its
-    forward saves for backward are normal tensors."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
 def _normal(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """tensor, or a normal copy of an inference tensor (one made under torch.inference_mode, which
     autograd cannot save for backward)."""
@@ -746,8 +737,10 @@ def train_probe(
     num_outputs = _num_outputs(task, train[1], validation)
     # in float32 under torch.autocast too: its region caches each weight's bfloat16 cast, so every
     # step would run the first step's weights
-    # (gradients on, also under torch.no_grad / inference_mode: the fit is the same inside and outside them)
-    with _seeded(features.device, seed), autocast_off(features.device), _gradients_on():
+    # and with gradients on under torch.no_grad / inference_mode too (a script that collects features
+    # and fits a probe in one such block): the fit is the same inside and outside them
+    with (_seeded(features.device, seed), autocast_off(features.device), torch.inference_mode(False),
+          torch.enable_grad()):
         train = tuple(map(_normal, train))
         probe = _make_probe(kind, features.shape[-1], num_outputs, task, hidden_size, dropout, num_queries)
         probe.to(features.device)
