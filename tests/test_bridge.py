@@ -1007,16 +1007,21 @@ def test_bridge_loss_module_follows_schedule():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("chunk_rows", [1, 7, None])
-def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, monkeypatch):
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_fused_linear_matches_unfused(dtype, reduction, chunk_rows, layout, monkeypatch):
     """float64 keeps float64 precision: its loss, mean factor and weight and bias gradients are
-    formed in float64 (float32_weight_grad widens lower precisions only), not in float32."""
+    formed in float64 (float32_weight_grad widens lower precisions only), not in float32. Hidden
+    states stored column-major too (torch 2.7's bfloat16 CPU product got one such row wrong)."""
     num_rows, hidden_s, hidden_t, vocab = 19, 24, 40, 301
     if chunk_rows == 7:  # bfloat16's weight gradient formed in slabs of 50 vocabulary rows (the last of 1)
         monkeypatch.setattr("fastprobe.ops.bridge._WEIGHT_GRAD_SLAB", 50 * hidden_s)
-    h_s = torch.randn(num_rows, hidden_s, dtype=dtype)
+
+    def hidden_states(width):
+        return torch.randn(num_rows, width, dtype=dtype) if layout == "row-major" else torch.randn(width, num_rows, dtype=dtype).t()
+    h_s = hidden_states(hidden_s)
     w_s = (torch.randn(vocab, hidden_s) / hidden_s**0.5).to(dtype)
     b_s = torch.randn(vocab).to(dtype)
-    h_t, w_t = torch.randn(num_rows, hidden_t, dtype=dtype), (torch.randn(vocab, hidden_t) / hidden_t**0.5).to(dtype)
+    h_t, w_t = hidden_states(hidden_t), (torch.randn(vocab, hidden_t) / hidden_t**0.5).to(dtype)
     labels = random_labels(num_rows, "cpu")
     options = dict(beta=0.6, temperature=0.8, direction="forward", reduction=reduction)
 

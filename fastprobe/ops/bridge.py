@@ -549,10 +549,11 @@ class _FusedLinearBridge(torch.autograd.Function):
         for index in range(num_chunks):
             start = index * chunk_rows
             rows = slice(start, num_rows if index == num_chunks - 1 else start + chunk_rows)
-            student_logits = torch.nn.functional.linear(student_hidden[rows], student_weight, student_bias)
+            chunk_hidden, chunk_teacher = _row_major(student_hidden[rows]), _row_major(teacher_hidden[rows])
+            student_logits = torch.nn.functional.linear(chunk_hidden, student_weight, student_bias)
             # (in the teacher's own dtype, which the fused op reads as it is: e.g. a bfloat16 teacher,
             # a float32 student, no float32 copy of the teacher's chunk)
-            teacher_logits = torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            teacher_logits = torch.nn.functional.linear(chunk_teacher, teacher_weight, teacher_bias)
             chunk_labels = None if labels is None else labels[rows]
             loss, grad_logits = _bridge_loss_op(
                 student_logits, teacher_logits, chunk_labels, ignore_index, beta, inv_temperature, reverse, compute_grad
@@ -565,9 +566,9 @@ class _FusedLinearBridge(torch.autograd.Function):
                 grad_hidden[rows] = grad_logits @ student_weight  # [n, V] @ [V, H]
             if grad_weight is not None:  # += [V, n] @ [n, H]
                 if weight_dtype == grad_logits.dtype:
-                    grad_weight.addmm_(grad_logits.t(), student_hidden[rows])
+                    grad_weight.addmm_(grad_logits.t(), chunk_hidden)
                 else:
-                    _accumulate_weight_grad(grad_weight, grad_logits, student_hidden[rows])
+                    _accumulate_weight_grad(grad_weight, grad_logits, chunk_hidden)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
             del grad_logits  # at most one chunk's three [rows, V] tensors live at a time
@@ -602,6 +603,13 @@ class _FusedLinearBridge(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _row_major(rows: torch.Tensor) -> torch.Tensor:
+    """A chunk's hidden states with unit stride along H (a copy of a chunk of column-major ones):
+    torch 2.7's bfloat16 CPU matrix product got one row of a column-major matrix wrong (stride
+    (1, N)), and a product reads rows of unit stride faster anyway."""
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _scaled(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
