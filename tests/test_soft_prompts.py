@@ -442,8 +442,13 @@ def test_learned_positions_bound_n_and_max_new_tokens_before_the_model_runs(toke
             sp.soft_prompt_generate(model, **prompts, n=10, max_new_tokens=2)
         with pytest.raises(ValueError, match="^max_new_tokens=8: "):
             sp.soft_prompt_generate(model, **prompts, n=4, generation_config=GenerationConfig(max_new_tokens=8))
-        with pytest.raises(ValueError, match="^n=11: the longest prompt has 6 real tokens"):
+        with pytest.raises(ValueError, match="^n=11: the longest prompt has 6 real tokens.*use at most 10 soft "):
             sp.soft_prompt_generate(model, **prompts, n=11, max_new_tokens=1)
+        # (the advice leaves room for the new tokens: n = 7 would fail again, at max_new_tokens)
+        with pytest.raises(ValueError, match=r"^n=11: .*use at most 6 soft vectors \(for max_new_tokens=5\)"):
+            sp.soft_prompt_generate(model, **prompts, n=11, max_new_tokens=5)
+        with pytest.raises(ValueError, match="^n=11: .*; shorten the prompts or max_new_tokens$"):
+            sp.soft_prompt_generate(model, **prompts, n=11, max_new_tokens=12)
         with pytest.raises(ValueError, match="^soft_prompts: the longest prompt has 6 real tokens"):
             sp.soft_prompt_inputs(model, **prompts, soft_prompts=sp.draw_soft_prompts(model, 11))
     finally:

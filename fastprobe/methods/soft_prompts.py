@@ -325,16 +325,19 @@ def _check_soft_prompts(soft_prompts, batch_size: int, hidden_size: int) -> torc
     return soft_prompts
 
 
-def _position_limit(model, mask: torch.Tensor, n: int, name: str):
+def _position_limit(model, mask: torch.Tensor, n: int, name: str, new_tokens: Optional[int] = None):
     """(the model's learned positions or None, the longest row's real tokens r); ValueError naming
-    `name` when r + n soft vectors already run past the positions (positions count real tokens)."""
+    `name` when r + n soft vectors already run past the positions (positions count real tokens),
+    whose advice leaves room for new_tokens (generate's max_new_tokens) where given."""
     limit = learned_positions(model)
     longest = int(mask.sum(-1).max())
     if limit is not None and longest + n > limit:
+        most = limit - longest - max((new_tokens or 1) - 1, 0)  # the last new token needs no position
+        advice = (f"use at most {most} soft vectors" + (f" (for max_new_tokens={new_tokens})" if new_tokens else "")
+                  + " or shorter prompts" if most >= 0 else "shorten the prompts" + (" or max_new_tokens" if new_tokens else ""))
         raise ValueError(f"{name}: the longest prompt has {longest} real tokens, plus {n} soft vectors is "
                          f"{longest + n} positions, but {type(model).__name__} has learned positions for {limit} "
-                         f"tokens only; " + (f"use at most {limit - longest} soft vectors or shorter prompts"
-                                             if longest <= limit else "shorten the prompts"))
+                         f"tokens only; {advice}")
     return limit, longest
 
 
@@ -471,8 +474,8 @@ def soft_prompt_generate(
     settings = _generate_settings(model, tokenizer, generate_kwargs)
     input_ids, attention_mask = _prompt_batch(tokenizer, texts, input_ids, attention_mask)
     ids, mask = _check_prompts(input_ids, attention_mask, weight.shape[0], _table_device(embedding, weight))
-    limit, longest = _position_limit(model, mask, n, f"n={n}")
     new_tokens = _max_new_tokens(model, settings)
+    limit, longest = _position_limit(model, mask, n, f"n={n}", new_tokens)
     if limit is not None and new_tokens is not None and longest + n + new_tokens - 1 > limit:
         raise ValueError(f"max_new_tokens={new_tokens}: {_room_message(model, limit, longest, n)}")
     soft = draw_soft_prompts(model, n, rows=ids.shape[0], gaussian=gaussian, per_dimension=per_dimension, seed=seed)
