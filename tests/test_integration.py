@@ -856,6 +856,7 @@ def test_head_mask_forms_are_equivalent():
     (dict(head_mask={5: [True] * 4}), ValueError, "names layer 5"),
     (dict(head_mask={0: [True] * 3}), ValueError, r"shape \[heads\] = \[4\]"),
     (dict(head_mask={0: [0.5] * 4}), TypeError, "boolean"),
+    (dict(head_mask={0: torch.ones(4)}), TypeError, r"boolean \(or integer 0/1\) tensor .* got torch.float32"),
     (dict(head_mask={0: [2, 1, 1, 1]}), ValueError, "only 0/1"),
     # (values torch cannot read as a tensor: torch's own errors, naming no option)
     (dict(head_mask={0: None}), TypeError, r"head_mask\[0\] must be a 1-D boolean .* got NoneType"),

@@ -150,10 +150,10 @@ def _head_mask_rows(head_mask, layer_heads: list) -> dict:
         try:
             keep = torch.as_tensor(keep).detach().cpu()
         except (TypeError, ValueError, RuntimeError) as why:  # (None, a string, a meta tensor)
-            raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or 0/1) tensor of shape [heads], got "
+            raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or integer 0/1) tensor of shape [heads], got "
                             f"{type(keep).__name__} ({why})") from None
         if keep.is_floating_point() or keep.is_complex() or keep.dim() != 1:
-            raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or 0/1) tensor of shape [heads], "
+            raise TypeError(f"head_mask[{layer}] must be a 1-D boolean (or integer 0/1) tensor of shape [heads], "
                             f"got {keep.dtype} of shape {tuple(keep.shape)}")
         num_heads = layer_heads[layer]
         if num_heads is not None and keep.shape[0] != num_heads:
