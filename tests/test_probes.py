@@ -77,6 +77,8 @@ def test_collector_equals_output_hidden_states_whatever_the_padding(tokenizer, a
     finally:
         tokenizer.padding_side = "right"
     assert tokens.mask.dtype == torch.bool and tokens[0].dtype == torch.float32 and tokens[0].device.type == "cpu"
+    assert repr(last) == f"HiddenStates(layers=[0, 2], each [{len(TEXTS)}, {last[0].shape[1]}] torch.float32, pool='last', " \
+                         f"num_layers={last.num_layers})"  # (shapes, not the values)
     for row, text in enumerate(TEXTS):
         want = alone(model, tokenizer, text)
         length = want[0].shape[1]

@@ -211,6 +211,11 @@ class HiddenStates:
     def __len__(self) -> int:
         return next(iter(self.features.values())).shape[0]
 
+    def __repr__(self) -> str:  # (shapes, not every value: features of real sizes flooded a notebook)
+        first = next(iter(self.features.values()), None)
+        shape = "" if first is None else f", each {list(first.shape)} {first.dtype}"
+        return f"HiddenStates(layers={self.layers}{shape}, pool={self.pool!r}, num_layers={self.num_layers})"
+
 
 class _Collector:
     """Forward hooks on the chosen blocks that pool each batch's hidden states as they pass; the
