@@ -126,6 +126,26 @@ def test_second_launch_folds_its_concept_tiles_onto_the_grid_y_limit(monkeypatch
     assert grids == [(3, 2), (3, 2)]
 
 
+@pytest.mark.interpreter
+def test_vocabulary_blocks_of_several_id_blocks(monkeypatch):
+    """The kernels find a vocabulary block's concept ids through the ConceptSet's id blocks of
+    256 ids: on a GPU a block (2048 or 4096 ids) spans several, under the interpreter's usual
+    256-id block only one, so a block that read only its first id block's ids passed there.
+    Blocks of 1024 ids (4 id blocks; the second ragged), concepts with ids in every id block:
+    the forward and the backward against the reference."""
+    from fastprobe.kernels import concepts as triton_concepts
+
+    monkeypatch.setitem(triton_concepts._INTERPRET_BLOCKS, "BLOCK_V", 1024)
+    fp.set_backend("triton")
+    vocab = 1500
+    logits = 3 * torch.randn(3, vocab)
+    concepts = fp.ConceptSet.from_ids([[5, 300, 700, 900], [260, 1030, 1499], [600], [1300, 40, 555]])
+    assert_matches(fp.concept_mass(logits, concepts, temperature=0.8), expected(logits, concepts, 0.8))
+    weights = [torch.randn(3, 4), torch.randn(3, 4), torch.randn(3)]
+    torch.testing.assert_close(fused_gradient(logits, concepts, 0.8, weights).double(),
+                               reference_gradient(logits, concepts, 0.8, weights), rtol=RTOL, atol=ATOL)
+
+
 def test_masked_vocabulary(target):
     """-inf logits contribute nothing: a masked region, scattered masks, a concept masked
     everywhere (mass 0, log_mass -inf, top_share 0, entropy 0, its first variant on top)."""
