@@ -391,6 +391,22 @@ def test_near_equal_distributions_keep_their_relative_precision(target, spread):
             torch.testing.assert_close(got, want[field], rtol=1e-2, atol=0.0, msg=lambda m: f"{field}: {m}")
 
 
+def test_log_ratios_near_the_series_limit_keep_their_relative_precision(target):
+    """Drafts and target whose logits differ by +-0.08 (log ratios d up to ~0.25), where the KL terms
+    b psi(d) are summed from psi's series (|d| < 1/4) and its terms past d^3 count: the
+    divergences within 2e-5 relative of the float64 reference (float32 gives ~3e-6). The
+    near-equal cases above have |d| ~ 1e-2 or less, where those terms are below float32's
+    rounding: a wrong d^5 coefficient (1/24 for 1/30) moved them by 1e-8, these by 3e-5 to 1e-4."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    base = 3 * torch.randn(num_tokens, vocab)
+    signs = torch.randint(0, 2, (num_drafts, num_tokens, vocab)) * 2 - 1
+    draft, target_logits = (base + 0.08 * signs).to(device), (base - 0.08 * signs[0]).to(device)
+    weights = random_weights(num_drafts, device)
+    result = fp.draft_divergence(draft, target_logits, weights=weights)
+    assert_matches(result, expected(draft, target_logits, weights, 1.0), atol=0.0)
+
+
 def test_weights_off_1_give_the_normalised_mixtures_divergences(target):
     """Weights summing to 1 - 5e-5 (within the 1e-4 allowed) are rescaled to sum to 1, in the op
     and in the reference: plain sums over an unnormalised mixture carry sum_v (q - m) terms that
