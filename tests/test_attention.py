@@ -1278,15 +1278,17 @@ def test_cpp_rejects_out_of_range_group_ids_without_touching_memory():
         )
 
 
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("op", ["sink", "dual"])
-def test_cpp_clamps_hostile_key_bounds(op):
-    """The C++ kernels clamp a horizon to [p, Lk - 1] and a start to [0, p] themselves (hostile
-    callers bypass the Python checks): a horizon below p means j <= p, past the keys every
-    later key; a start below 0 changes nothing, past p leaves only p itself."""
+def test_kernels_clamp_hostile_key_bounds(op, backend):
+    """The C++ and Triton kernels clamp a horizon to [p, Lk - 1] and a start to [0, p] themselves
+    (hostile callers bypass the Python checks): a horizon below p means j <= p, past the keys
+    every later key; a start below 0 changes nothing, past p leaves only p itself. (Triton's
+    clamp of a horizon below p was checked by no test before.)"""
     from fastprobe.ops.attention import _sink_attention_op
     from fastprobe.ops.dual_attention import _dual_path_attention_op
 
-    fp.set_backend("cpp")
+    fp.set_backend(backend)
     q, k, v = random_qkv(2, 4, 2, 37, 41, 8, torch.float32, "cpu")
     ends = torch.ones(2, dtype=torch.int64)
     drop = (torch.rand(2, 41) < 0.3).to(torch.uint8)
