@@ -145,3 +145,17 @@ def test_conversion_bindings_refuse_null_pointers_and_negative_counts(convert):
     with pytest.raises(ValueError, match=r"count must be in \[0, 2\^62\], got -1"):
         function(buffer.data_ptr(), -1, buffer.data_ptr(), False)
     function(0, 0, 0, False)  # nothing to convert: no buffer needed
+
+
+@pytest.mark.parametrize("num_queries", [5, 1], ids=["prefill", "decode"])
+def test_bf16_outputs_keep_infinities(num_queries):
+    """float32 -> bfloat16 where the kernels store their outputs (csrc/common.h, float_to_bf16_bits):
+    +-inf stays +-inf, as torch's cast makes it (not a NaN). Seen through attention's output over
+    value rows that hold +-inf, every key visible (causal=False: no masked key's 0 * inf)."""
+    q = torch.randn(1, 2, num_queries, 8).bfloat16()
+    k, v = torch.randn(2, 1, 2, 6, 8).bfloat16()
+    v[..., 0], v[..., 1] = float("inf"), float("-inf")
+    with fp.use_backend("cpp"):
+        out = fp.sink_attention(q, k, v, causal=False).out
+    assert (out[..., 0] == float("inf")).all() and (out[..., 1] == float("-inf")).all()
+    assert torch.isfinite(out[..., 2:]).all()
