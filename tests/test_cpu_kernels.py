@@ -157,6 +157,8 @@ def test_sizes_whose_offsets_overflow_int64_are_refused():
     draft = torch.randn(2, 3, 5)
     with pytest.raises(ValueError, match="draft has an element offset beyond 2"):
         _divergence((2, 2**40, 5), (15, 2**30, 1), draft)
+    with pytest.raises(ValueError, match="draft has an element offset beyond 2"):  # spans within, their sum past
+        _divergence((2, 0, 2), (2**61, 1, 2**61 + 1), draft)  # (no token: nothing would be read)
     with pytest.raises(ValueError, match=r"N must be in \[0, 2\^62\]"):
         _divergence((2, 2**63 - 1, 5), (15, 0, 1), draft)
     with pytest.raises(ValueError, match="stats has more than 2"):  # broadcast input, [5 + K, N] output
