@@ -103,3 +103,19 @@ def test_non_sink_mass_survives_the_merge_of_many_key_splits(monkeypatch):
     torch.testing.assert_close(1.0 - got.sink_mass.double(), 1.0 - want["sink_mass"], rtol=0.1, atol=0)
     torch.testing.assert_close(got.lse.double(), want["lse"], rtol=2e-2, atol=0)
     torch.testing.assert_close(got.entropy.double(), want["entropy"], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("num_queries", [1, 64], ids=["decode", "prefill"])
+def test_a_later_larger_key_rescales_the_kept_rounding_errors(num_queries):
+    """The running sum's second part (the block sums' rounding errors: ~1.1e-6 after the sink's
+    keys here) is rescaled with the first when a later key raises the max. The last key 22 above
+    the sink makes that factor e^-22; left unscaled, the C++ kernels' second part put 1.1e-6 into
+    l (entropy 1.1e-6 for 6.4e-9, lse 2e-6 off). Eight kv heads: enough items that no item's keys
+    are split in ranges (the merge rescales the parts itself)."""
+    q, k, v = sink_dominated(num_queries, 8, 8)
+    k[0, :, -1, 0] = GAP
+    with fp.use_backend("cpp"):
+        got = fp.sink_attention(q, k, v, scale=1.0, causal=False, return_entropy=True)
+    want = reference.sink_attention(q.double(), k.double(), v.double(), scale=1.0, causal=False)
+    torch.testing.assert_close(got.entropy.double(), want["entropy"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(got.lse.double(), want["lse"], rtol=0, atol=1e-6)
