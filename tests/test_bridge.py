@@ -348,6 +348,25 @@ def test_outlier_rows_keep_float32_precision(target, direction, beta):
 
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_outliers_many_temperatures_up_are_re_anchored(direction):
+    """The C++ kernel re-anchors a row whose largest bridge logit is over 64 temperatures above its
+    first block's, not 64 logits: at T = 0.02 outliers 40 above it (2000 T) are near-tied only at
+    T's scale, and rounding their bridge logits at the old anchor (an error of ~1e-6 / T in log Q)
+    put 1.5e-4 relative into the loss."""
+    temperature, vocab = 0.02, 2 * 2048 + 301
+    student, teacher = torch.randn(2, vocab), torch.randn(2, vocab)
+    late = 2048 + torch.randperm(vocab - 2048)[:8]
+    student[:, late] = 40.0 + temperature * torch.randn(2, 8)
+    teacher[:, late] = 40.0 + temperature * torch.randn(2, 8)
+    kwargs = dict(beta=0.5, direction=direction, reduction="none", temperature=temperature)
+    with fp.use_backend("cpp"):
+        loss, grad = run(student, teacher, **kwargs)
+    want_loss, want_grad = expected(student, teacher, **kwargs)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad.double(), want_grad, **grad_tolerance(torch.float32, want_grad, student, temperature))
+
+
 @pytest.mark.parametrize("beta", [-2.0, -0.5])
 def test_large_reverse_divergence_keeps_float32_precision(target, beta):
     """Reverse KL(P || Q) of ~1e4: with beta < 0 Q's mass sits on the student's lowest logits
