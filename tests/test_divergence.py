@@ -392,12 +392,13 @@ def test_near_equal_distributions_keep_their_relative_precision(target, spread):
 
 
 def test_log_ratios_near_the_series_limit_keep_their_relative_precision(target):
-    """Drafts and target whose logits differ by +-0.08 (log ratios d up to ~0.25), where the KL terms
-    b psi(d) are summed from psi's series (|d| < 1/4) and its terms past d^3 count: the
-    divergences within 2e-5 relative of the float64 reference (float32 gives ~3e-6). The
-    near-equal cases above have |d| ~ 1e-2 or less, where those terms are below float32's
-    rounding: a wrong d^5 coefficient (1/24 for 1/30) moved them by 1e-8, these by 3e-5 to 1e-4."""
-    _, device = target
+    """KL terms b psi(d) with log ratios d near the edge (1/4) of the range where the kernels sum
+    psi's series (to d^7), whose terms past d^3 count there (the near-equal cases above have
+    |d| ~ 1e-2 or less, where they are below float32's rounding). Drafts and target +-0.08 apart
+    (d up to ~0.16): the divergences within 2e-5 relative of the float64 reference (float32 gives
+    ~3e-6; a d^5 coefficient 1/24 for 1/30 put 3e-5 to 1e-4 into them). One draft +-0.2 from the
+    target: KL within 2e-6 in C++ (7.5e-7; a d^6 coefficient 1/120 for 1/144 put 5e-6 into it)."""
+    backend, device = target
     num_drafts, num_tokens, vocab = shapes_for(target)[0]
     base = 3 * torch.randn(num_tokens, vocab)
     signs = torch.randint(0, 2, (num_drafts, num_tokens, vocab)) * 2 - 1
@@ -405,6 +406,11 @@ def test_log_ratios_near_the_series_limit_keep_their_relative_precision(target):
     weights = random_weights(num_drafts, device)
     result = fp.draft_divergence(draft, target_logits, weights=weights)
     assert_matches(result, expected(draft, target_logits, weights, 1.0), atol=0.0)
+
+    draft, base, one = (base + 0.2 * signs[0])[None].to(device), base.to(device), torch.ones(1, device=device)
+    result = fp.draft_divergence(draft, base, weights=one)
+    torch.testing.assert_close(result.kl_mixture_target.double(), expected(draft, base, one, 1.0)["kl_mixture_target"],
+                               rtol=2e-6 if backend == "cpp" else 2e-5, atol=0.0)
 
 
 def test_weights_off_1_give_the_normalised_mixtures_divergences(target):
