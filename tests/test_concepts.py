@@ -896,6 +896,18 @@ def test_non_finite_row_raises(target, where):
     assert torch.equal(logits, copy) or where == "nan"
 
 
+@pytest.mark.parametrize("vocab", [4096, 8192 + 2048], ids=["block", "range"])
+def test_a_nan_among_masked_logits_is_not_lost(vocab):
+    """A NaN in a vocabulary block (2048 logits), or a range of them (8192: folded apart, merged
+    after), whose other logits are all -inf: the C++ kernel's lse is NaN, so the op refuses the row.
+    Such a block or range has no finite max; dropping its NaN there gave a finite lse."""
+    logits = torch.randn(2, vocab)
+    logits[1, vocab - 2048:] = float("-inf")
+    logits[1, vocab - 5] = float("nan")
+    with fp.use_backend("cpp"), pytest.raises(ValueError, match=r"logits\[1\] has no finite log-sum-exp"):
+        fp.concept_mass(logits, fp.ConceptSet.from_ids([[1, 2], [7]]))
+
+
 # ---------------------------------------------------------------- backends and tracing
 
 
