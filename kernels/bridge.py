@@ -245,12 +245,6 @@ def _xratio(a, a_has, b_masked, log_ratio):
 
 
 @triton.jit
-def _xlog2ratio(a, a_has, log2a, log2b):
-    """a (log2 a - log2 b), as _xratio."""
-    return _xratio(a, a_has, log2b == float("-inf"), log2a - log2b)
-
-
-@triton.jit
 def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
     """A gradient row of zeros (an ignored row, or one whose loss is +inf)."""
     zero = tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty)
@@ -328,7 +322,7 @@ def _bridge_kernel(
             g_e = tl.where(centre < V, g_e, float("nan"))
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
-        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane loss sums (forward: base 2; reverse: D~)
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane loss sums (reverse: D~)
         if REVERSE:
             mass = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums of P~
         x_next, y_next = _load_pair(s_row, t_row, (nblk - 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
@@ -343,13 +337,16 @@ def _bridge_kernel(
                 p = tl.exp2(log2p)
                 acc += _xratio(p, x > float("-inf"), q_masked, d)
                 mass += p
-            else:  # KL(Q || P) = sum Q (log Q - log P); Q > 0 with P = 0 gives +inf
+            else:  # KL(Q || P) as sum Q (ln Q - ln P) - Q + P: the lse roundings cancel to first order
+                # (as in the C++ kernel's forward_block); P = 0: +inf where Q has the token, else 0;
+                # Q = 0: P
                 u = _bridged(y, x, a_t, a_s, beta, masked_bx)
                 log2q = (u - shift_u) * c - log2s_u
-                q = tl.exp2(log2q)
-                acc += _xlog2ratio(q, u > float("-inf"), log2q, log2p)
+                p, q = tl.exp2(log2p), tl.exp2(log2q)
+                term = tl.where(log2q == float("-inf"), p, q * ((log2q - log2p) * _LN2 - 1.0) + p)
+                acc += tl.where(log2p == float("-inf"), tl.where(u > float("-inf"), float("inf"), 0.0), term)
                 if HAS_GRAD:  # (P - Q) / T
-                    g = (tl.exp2(log2p) - q) * inv_temperature
+                    g = (p - q) * inv_temperature
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
         if REVERSE:  # loss = (g~_e - log M) + D~ / M (lanes reduced in float64, see Precision)
             mass_sum = tl.sum(mass.to(tl.float64), axis=0)
@@ -359,7 +356,7 @@ def _bridge_kernel(
             spread = spread64.to(tl.float32)
             grad_scale = ((zero + inv_temperature) / mass_sum).to(tl.float32)  # 1 / (M T)
         else:
-            loss = tl.sum(acc, axis=0) * _LN2
+            loss = tl.sum(acc, axis=0)
         # KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions): clamped as the
         # C++ kernel does (NaN passes through)
         loss = tl.where(loss < 0, 0.0, loss)
