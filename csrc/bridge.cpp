@@ -137,7 +137,7 @@ FASTPROBE_SIMD_CLONES static void bridge_block(const float* s, const float* t, B
 // and P_v the exps of the very log Q_v and log P_v the log ratio is formed from, the rounding of
 // the two log-sum-exps cancels to first order, where in Q_v (log Q_v - log P_v) alone it did
 // not: a student 1e-3 from its teacher (KL ~5e-7) was 30-60% off, now ~3%; 1e-2: 0.5% -> 0.04%.
-// (draft_divergence's second-order series would give ~1e-4 there, at about 1.5x pass 2's
+// (draft_divergence's second-order series would give ~1e-4 there, at ~1.5x the Triton pass 2's
 // instructions: not taken for a training loss whose gradient it does not change.)
 FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
                                                  LogSoftmax log_p, LogSoftmax log_q,
