@@ -333,8 +333,11 @@ def _position_limit(model, mask: torch.Tensor, n: int, name: str, new_tokens: Op
     longest = int(mask.sum(-1).max())
     if limit is not None and longest + n > limit:
         most = limit - longest - max((new_tokens or 1) - 1, 0)  # the last new token needs no position
-        advice = (f"use at most {most} soft vectors" + (f" (for max_new_tokens={new_tokens})" if new_tokens else "")
-                  + " or shorter prompts" if most >= 0 else "shorten the prompts" + (" or max_new_tokens" if new_tokens else ""))
+        if most >= 0:
+            advice = f"use at most {most} soft vectors" + (f" (for max_new_tokens={new_tokens})" if new_tokens else "")
+            advice += " or shorter prompts"
+        else:
+            advice = "shorten the prompts" + (" or max_new_tokens" if new_tokens else "")
         raise ValueError(f"{name}: the longest prompt has {longest} real tokens, plus {n} soft vectors is "
                          f"{longest + n} positions, but {type(model).__name__} has learned positions for {limit} "
                          f"tokens only; {advice}")
