@@ -476,3 +476,12 @@ def test_kv_sharing_masks_pass_through_the_patched_model_only(monkeypatch):
     assert name not in vars(model.model) and vars(owner)[name] is by_class
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **settings), unpatched)
+
+
+def test_tiny_config_names_the_architectures_it_builds():
+    from fastprobe.models import ARCHITECTURES, tiny_config
+
+    assert [tiny_config(arch).model_type for arch in ARCHITECTURES] == [
+        "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "llama4_text", "gpt2", "bert"]
+    with pytest.raises(ValueError, match=r"arch must be one of \('llama', .*'bert'\), got 'falcon'"):
+        tiny_config("falcon")

@@ -725,3 +725,11 @@ def test_a_text_without_tokens_is_named():
     with pytest.raises(ValueError, match=r"text 1 \(''\) has no tokens"):
         availability.answer_availability(model, tokenizer, ["Q: where? A:", ""], ["river", "sea"], generate=False,
                                          progress=False)
+
+
+def test_a_model_without_logits_is_refused(tokenizer):
+    """(BERT's encoder, BertModel, returns hidden states only; judged without generate, which it lacks)"""
+    encoder = tiny_model("bert", vocab_size=len(tokenizer), num_layers=1)
+    with pytest.raises(TypeError, match="answer availability needs a causal language model with logits, got BertModel"):
+        availability.answer_availability(encoder, tokenizer, ["The river ran"], [["past"]], generate=False,
+                                         correct=[True], progress=False)

@@ -1,4 +1,5 @@
 """The method layer's shared batching (fastprobe/methods/_batching.py)."""
+import pytest
 import torch
 
 from fastprobe.methods._batching import autocast_off, text_batches
@@ -198,3 +199,14 @@ def test_progress_is_a_bool_before_the_model_runs():
             with pytest.raises(TypeError, match=f"^progress must be True or False, got {progress!r}"):
                 call(progress)
     assert not ran
+
+
+def test_a_tokenizer_without_pad_or_eos_token_is_refused_and_left_as_it_was():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=1)
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    batches = text_batches(model, tokenizer, ["one", "two words"], batch_size=2, max_length=16, progress=False,
+                           what="test")
+    with pytest.raises(ValueError, match="the tokenizer has neither a pad token nor an eos token to pad batches with"):
+        next(batches)
+    assert tokenizer.pad_token is None and tokenizer.eos_token is None

@@ -181,6 +181,10 @@ def test_a_model_path_that_is_a_file_is_named_as_one(tmp_path, capsys):
     texts.write_text("a text\n")
     assert cli.main(["sinks", "--model", str(texts), "--texts", str(texts)]) == 2
     assert f"error: {texts} is a file: give the checkpoint's folder" in capsys.readouterr().err
+    missing = tmp_path / "no_model"
+    assert cli.main(["sinks", "--model", str(missing), "--texts", str(texts)]) == 2
+    assert f"error: {missing}: no such checkpoint folder (fastprobe loads local checkpoints only)" in \
+        capsys.readouterr().err
 
 
 def test_the_demo_out_of_memory_says_which_sizes_in_one_line(capsys, monkeypatch):
@@ -194,6 +198,13 @@ def test_the_demo_out_of_memory_says_which_sizes_in_one_line(capsys, monkeypatch
         _one_error_line(capsys, "demo")
     monkeypatch.setattr(cli, "_demo_sections", lambda device, args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
+        cli.main(["demo"])
+
+    def kernel_failure(device, args):  # a RuntimeError that is not the allocator's: not an out of memory
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(cli, "_demo_sections", kernel_failure)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
         cli.main(["demo"])
 
 
@@ -382,6 +393,13 @@ def broken_checkpoints(tmp_path_factory, checkpoints):
     config = json.loads((copy("other_sizes") / "config.json").read_text())
     (root / "other_sizes" / "config.json").write_text(json.dumps(config | {"hidden_size": 2 * config["hidden_size"]}))
     cases["other_sizes"] = "the checkpoint could not be loaded (RuntimeError"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(good / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, copy("missing_weights") / "model.safetensors", metadata={"format": "pt"})
+    cases["missing_weights"] = ("the checkpoint has no weights for 1 of LlamaForCausalLM's parameters (e.g. "
+                                "model.norm.weight), which would be random")
     (copy("corrupt_tokenizer") / "tokenizer.json").write_text("{}")
     # (transformers' reason: 5.x a KeyError; 4.5x falls back to the slow tokenizer, which may need protobuf)
     cases["corrupt_tokenizer"] = "no tokenizer could be loaded from the checkpoint folder ("
@@ -401,7 +419,7 @@ def broken_checkpoints(tmp_path_factory, checkpoints):
     return {name: (str(root / name), says) for name, says in cases.items()}
 
 
-BROKEN = ["corrupt_weights", "corrupt_config", "other_sizes", "corrupt_tokenizer", "empty", "bert_masked_lm",
+BROKEN = ["corrupt_weights", "corrupt_config", "other_sizes", "missing_weights", "corrupt_tokenizer", "empty", "bert_masked_lm",
           "bert_encoder", "t5"]
 
 
@@ -543,6 +561,30 @@ def test_a_cuda_device_past_the_ones_there_exits_with_usage(command, capsys, mon
         cli.main([command, *COMMANDS[command], "--device", "cuda:5"])
     assert raised.value.code == 2 and not ran
     assert "argument --device: cuda:5: this torch sees 1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_a_device_fastprobe_does_not_run_on_exits_with_usage(device, capsys, monkeypatch):
+    ran = _stub_commands(monkeypatch)
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["sinks", *COMMANDS["sinks"], "--device", device])
+    assert raised.value.code == 2 and not ran
+    assert f"argument --device: {device}: fastprobe runs on cpu or cuda" in capsys.readouterr().err
+
+
+def test_dtype_loads_the_checkpoint_in_that_dtype(checkpoints):
+    folder = checkpoints[0]["target"]
+    for dtype, want in (("auto", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        model = cli._load_model(folder, "cpu", dtype)
+        assert {parameter.dtype for parameter in model.parameters()} == {want}, dtype
+
+
+def test_sinks_without_prune_scores_the_heads_only(checkpoints, capsys):
+    folders, texts = checkpoints
+    assert cli.main(["sinks", "--model", folders["target"], "--texts", texts, "--top", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "strongest sink heads of 8:" in printed and "perplexity" not in printed
+    assert len([line for line in printed.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]) == 3
 
 
 @pytest.mark.parametrize("command", ["info", "uncertainty"])

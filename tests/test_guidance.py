@@ -775,3 +775,24 @@ def test_a_pad_token_past_the_table_does_not_fill_rows_that_end_first(model, pro
     guided = guidance.guided_generate(model, past, images, prompts, gamma=0.0, **ending)
     two_pass = guidance.two_pass_generate(model, past, images, prompts, alpha=0.0, **ending)
     assert torch.equal(guided.sequences, want) and torch.equal(two_pass.sequences, want)
+
+
+def test_a_processor_of_another_model_is_refused(model, processor, images):
+    """A processor whose image token id is not the model's config's (one of another checkpoint)."""
+    model.config.image_token_id = processor.image_token_id - 1
+    with pytest.raises(ValueError, match=rf"the processor's image token id \({processor.image_token_id}\) is not the "
+                                         rf"model's \({processor.image_token_id - 1}\): they do not belong together"):
+        guidance.prepare_inputs(model, processor, images, PROMPTS)
+
+
+def test_a_guided_forward_called_with_positional_inputs_finds_the_image_keys(model, processor, images):
+    """model(input_ids, attention_mask, pixel_values) as model(**batch): the image keys are read
+    from the positional arguments too (the forward pre-hook binds them to their names)."""
+    batch = batch_of(model, processor, images)
+    fp.patch(model, guidance=dict(gamma=1.0))
+    with torch.no_grad():
+        by_name = model(**batch).logits
+        by_position = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+    tracked = model._fastprobe_state.forward.image_keys.mask
+    assert torch.equal(tracked, image_positions(batch, processor))
+    torch.testing.assert_close(by_position, by_name, rtol=0, atol=0)

@@ -863,6 +863,8 @@ def test_head_mask_forms_are_equivalent():
     (dict(head_mask={1: "1011"}), TypeError, r"head_mask\[1\] must be a 1-D boolean .* got str"),
     (dict(head_mask={0: torch.ones(4, dtype=torch.bool, device="meta")}), TypeError, r"head_mask\[0\]"),
     (dict(head_mask=torch.ones(3, 4)), ValueError, r"\[layers, heads\]"),
+    (dict(head_mask=[[True] * 4] * 2), TypeError, r"head_mask must be a mapping layer -> bool \[heads\] .* got list"),
+    (dict(guidance=1.0), TypeError, r"guidance must be a dict \(gamma, .*\) or GuidanceOptions, got float"),
     (dict(window=0), ValueError, "window must be >= 1"),
     (dict(num_sink=-1), ValueError, "num_sink"),
     (dict(num_sink=1.5), TypeError, "num_sink"),
@@ -1340,6 +1342,10 @@ def test_flash_packing_kwargs_it_cannot_honour_are_refused():
         run(input_ids=batch["input_ids"].expand(2, -1), position_ids=batch["position_ids"].expand(2, -1))
     with pytest.raises(NotImplementedError, match="cu_seq_lens.*boundaries agree"):
         run(cu_seq_lens_k=other)
+    for given, says in ((other.tolist(), "list of shape ()"), (other.float(), r"torch.float32 of shape \(5,\)"),
+                        (other[None], r"torch.int32 of shape \(1, 5\)")):  # (a list, floats, 2-D)
+        with pytest.raises(TypeError, match=rf"takes cu_seq_lens_q as a 1-D integer tensor .*, got {says}"):
+            run(cu_seq_lens_q=given, cu_seq_lens_k=other)
     with pytest.raises(NotImplementedError, match="cu_seq_lens=.*from 0 to the row's 24"):
         run(cu_seq_lens_q=batch["cu_seq_lens_q"][:-1], cu_seq_lens_k=None)
     no_padding = torch.ones(1, sum(lengths), dtype=torch.long)
@@ -2489,6 +2495,8 @@ def test_patched_with_restores_options_and_names_a_wrong_one():
             assert (patch_options(model).stat_tokens, patch_options(model).num_sink) == (3, 1)
             raise RuntimeError("inside")
     assert (patch_options(model).stat_tokens, patch_options(model).num_sink) == (2, 0)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM is not patched: call fastprobe.patch\(model\) first"):
+        patch_options(tiny_model("llama"))
     for patched in (True, False):
         with pytest.raises(TypeError, match="stat_token is not a patch option"):
             with patched_with(model, stat_token=3):

@@ -285,6 +285,7 @@ def test_image_and_no_image_pairs_on_a_tiny_llava():
     (dict(basis=torch.linalg.qr(torch.randn(32, 2)).Q), "hidden size is 64"),
     (dict(basis=torch.ones(64, 2, dtype=torch.long)), "floating"),
     (dict(basis=torch.randn(64, 2, 2)), r"\[H, k\]"),
+    (dict(basis=torch.full((64, 2), float("nan"))), "basis holds NaN or infinite values"),
 ])
 def test_project_out_bad_input_leaves_the_model_alone(model, call, match):
     arguments = dict(basis=torch.linalg.qr(torch.randn(64, 2)).Q, layer=1)
@@ -310,6 +311,8 @@ def test_shift_vectors_bad_input(model, tokenizer):
                           tokenizer=tokenizer)
         with pytest.raises(ValueError, match="got an element of type Tensor"):
             shift_vectors(model, [torch.ones(1, 2, dtype=torch.long)], TEXTS[:1], layer=0, tokenizer=tokenizer)
+        with pytest.raises(ValueError, match="with_modality must be texts or batches of model inputs, got int"):
+            shift_vectors(model, 5, TEXTS[:2], layer=0, tokenizer=tokenizer)
         with pytest.raises(ValueError, match="without_modality is empty"):
             shift_vectors(model, TEXTS[:2], [], layer=0, tokenizer=tokenizer)
         with pytest.raises(ValueError, match="out of range"):

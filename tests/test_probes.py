@@ -258,6 +258,7 @@ def test_caller_batches_are_left_alone(tokenizer):
     (dict(layers=[-4]), "out of range"),
     (dict(layers=[]), "layers is empty"),
     (dict(layers=[True]), "layers must hold ints"),
+    (dict(layers=1.5), r"layers must be an int or a list of ints, got 1.5"),
     (dict(layers=[0], pool="max"), "pool must be"),
     (dict(layers=[0], dtype=torch.int64), "dtype"),
     (dict(layers=[0], texts=[]), "texts is empty"),
@@ -607,6 +608,12 @@ def test_validation_data_and_evaluate():
     (dict(validation_data=(torch.randn(5, 7), torch.zeros(5, dtype=torch.long))), "validation_data features"),
     (dict(labels=torch.randn(40, 2), validation_data=(torch.randn(5, 8), torch.randn(5))),
      r"validation_data labels must have 2 target\(s\) per row"),  # (checked before training)
+    (dict(features=torch.ones(40, 8, dtype=torch.long)), "features must be floating point, got torch.int64"),
+    (dict(labels=torch.randn(40, 2, 2)), r"labels must be \[N\] or \[N, D\] for regression, got \(40, 2, 2\)"),
+    (dict(validation_fraction=0.99), "validation_fraction=0.99 leaves no training rows out of 40"),
+    (dict(validation_data=(torch.randn(5, 8),)), r"validation_data must be \(features, labels\)"),
+    (dict(validation_data=(torch.randn(5, 8), torch.zeros(5, dtype=torch.long), torch.ones(5, 8, dtype=torch.bool))),
+     "validation_data has a mask, but the linear probe takes pooled features"),
 ])
 def test_train_probe_bad_input(call, match):
     arguments = dict(features=torch.randn(40, 8), labels=torch.arange(40) % 2, epochs=2)
@@ -703,6 +710,12 @@ def test_attentive_mask_and_predict_bad_input():
     probe = LinearProbe(8, 2)
     with pytest.raises(ValueError, match="the probe takes 8"):
         predict(probe, torch.randn(3, 9))
+    with pytest.raises(ValueError, match="mask is for the attentive probe; LinearProbe takes pooled features"):
+        predict(probe, torch.randn(3, 8), torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask is for the attentive probe .*MLPProbe takes pooled features"):
+        MLPProbe(8, 2)(torch.randn(3, 8), torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="task must be 'classification' or 'regression', got 'ranking'"):
+        LinearProbe(8, 2, task="ranking")
     with pytest.raises(TypeError, match="probe must be"):
         predict(torch.nn.Linear(8, 2), torch.randn(3, 8))
     with pytest.raises(TypeError, match="probe must be"):
@@ -710,6 +723,17 @@ def test_attentive_mask_and_predict_bad_input():
     with pytest.raises(ValueError, match="in_features"):
         MLPProbe(0, 2)
     assert probes.POOLS == ("last", "mean", None)
+
+
+def test_batches_without_an_attention_mask_are_all_real_tokens(tokenizer):
+    """A batch of input_ids alone: every token is read (mean and last pool as with an all-ones mask)."""
+    model = model_of("llama", tokenizer)
+    ids = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)["input_ids"]
+    for pool in ("mean", "last"):
+        bare = collect_hidden_states_from_batches(model, {"input_ids": ids}, layers=[1], pool=pool, progress=False)
+        ones = collect_hidden_states_from_batches(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                                  layers=[1], pool=pool, progress=False)
+        torch.testing.assert_close(bare[1], ones[1], rtol=0, atol=0)
 
 
 def test_collector_refuses_inputs_without_tokens(tokenizer):

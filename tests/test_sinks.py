@@ -628,3 +628,10 @@ def test_demo_sinks_section(capsys):
     printed = capsys.readouterr().out
     assert "RANDOM" in printed and "rank first -> OK" in printed and "FAILED" not in printed
     assert "fastprobe.record_attention" in printed and "output_attentions=True" in printed
+
+
+def test_perplexity_of_a_model_without_logits_is_refused(tokenizer):
+    """(BERT's encoder, BertModel, returns hidden states only)"""
+    encoder = tiny_model("bert", vocab_size=len(tokenizer), num_layers=1)
+    with pytest.raises(TypeError, match="perplexity needs a causal language model with logits, got BertModel"):
+        sinks.perplexity(encoder, tokenizer, DEMO_TEXTS[:2], progress=False)

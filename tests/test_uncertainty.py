@@ -883,3 +883,12 @@ def test_texts_and_prompts_that_are_not_strings_are_named(tokenizer, models, tex
         uncertainty.token_uncertainty(target, drafts, tokenizer, texts, progress=False)
     with pytest.raises(error, match="^prompts"):
         uncertainty.generate_with_uncertainty(target, drafts, tokenizer, texts, progress=False)
+
+
+def test_a_target_or_draft_without_logits_is_refused(tokenizer):
+    """(BERT's encoder, BertModel, returns hidden states only), as the target or as a draft"""
+    encoder = tiny_model("bert", vocab_size=len(tokenizer), num_layers=1)
+    causal = tiny_model("llama", vocab_size=len(tokenizer), num_layers=1)
+    for target, drafts in ((encoder, [causal]), (causal, [causal, encoder])):
+        with pytest.raises(TypeError, match="draft uncertainty needs causal language models with logits, got BertModel"):
+            uncertainty.token_uncertainty(target, drafts, tokenizer, DEMO_TEXTS[:2], progress=False)
