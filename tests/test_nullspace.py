@@ -106,6 +106,7 @@ def test_projection_removes_the_subspace_and_comes_off_exactly(model, tokenizer,
     hooks = hooks_on(model)
     handle = project_out(model, basis, layer=-2)  # block 1 of 3
     assert isinstance(handle, Projection) and handle.active and handle.layer == 1
+    assert repr(handle) == "Projection(layer=1, k=2, active=True)"
     projected = collect_hidden_states(model, tokenizer, TEXTS[:3], layers=[1, 2], pool=None, progress=False)
     real = projected.mask
     assert float((projected[1] @ basis)[real].abs().max()) < 1e-5  # no component along U at the layer
@@ -117,6 +118,7 @@ def test_projection_removes_the_subspace_and_comes_off_exactly(model, tokenizer,
     handle.remove()
     handle.remove()  # idempotent
     assert not handle.active and hooks_on(model) == hooks
+    assert repr(handle) == "Projection(layer=1, k=2, active=False)"
     assert torch.equal(logits_of(model, tokenizer), before)
     with project_out(model, basis[:, 0], layer=1):  # one direction [H]
         assert not torch.equal(logits_of(model, tokenizer), before)

@@ -190,8 +190,10 @@ def test_mask_and_zero_o_proj_prune_the_same(tokenizer, arch, kv_heads):
     run = logits if arch != "bert" else bert_outputs
     with sinks.prune_heads(model, heads, mode="mask"):
         masked, _ = run(model, tokenizer)
-    with sinks.prune_heads(model, heads, mode="zero_o_proj"):
+    with sinks.prune_heads(model, heads, mode="zero_o_proj") as handle:
         zeroed, _ = run(model, tokenizer)
+        assert repr(handle) == "PrunedHeads(3 heads, mode='zero_o_proj', active=True)"
+    assert repr(handle) == "PrunedHeads(3 heads, mode='zero_o_proj', active=False)"
     assert torch.equal(masked[real], zeroed[real])
     assert (masked - base)[real].abs().max() > 1e-4
     restored, _ = run(model, tokenizer)
