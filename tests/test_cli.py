@@ -419,8 +419,8 @@ def broken_checkpoints(tmp_path_factory, checkpoints):
     return {name: (str(root / name), says) for name, says in cases.items()}
 
 
-BROKEN = ["corrupt_weights", "corrupt_config", "other_sizes", "missing_weights", "corrupt_tokenizer", "empty", "bert_masked_lm",
-          "bert_encoder", "t5"]
+BROKEN = ["corrupt_weights", "corrupt_config", "other_sizes", "missing_weights", "corrupt_tokenizer", "empty",
+          "bert_masked_lm", "bert_encoder", "t5"]
 
 
 @pytest.mark.parametrize("name", BROKEN)

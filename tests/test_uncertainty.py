@@ -890,5 +890,5 @@ def test_a_target_or_draft_without_logits_is_refused(tokenizer):
     encoder = tiny_model("bert", vocab_size=len(tokenizer), num_layers=1)
     causal = tiny_model("llama", vocab_size=len(tokenizer), num_layers=1)
     for target, drafts in ((encoder, [causal]), (causal, [causal, encoder])):
-        with pytest.raises(TypeError, match="draft uncertainty needs causal language models with logits, got BertModel"):
+        with pytest.raises(TypeError, match="draft uncertainty needs causal language models with logits, got BertM"):
             uncertainty.token_uncertainty(target, drafts, tokenizer, DEMO_TEXTS[:2], progress=False)
