@@ -727,9 +727,11 @@ def test_a_text_without_tokens_is_named():
                                          progress=False)
 
 
-def test_a_model_without_logits_is_refused(tokenizer):
-    """(BERT's encoder, BertModel, returns hidden states only; judged without generate, which it lacks)"""
+@pytest.mark.parametrize("generate", [False, True])
+def test_a_model_without_logits_is_refused(tokenizer, generate):
+    """(BERT's encoder, BertModel, returns hidden states only and has no generate: with generate=True
+    it failed in an AttributeError, "'BertModel' object has no attribute 'generate'")"""
     encoder = tiny_model("bert", vocab_size=len(tokenizer), num_layers=1)
     with pytest.raises(TypeError, match="answer availability needs a causal language model with logits, got BertModel"):
-        availability.answer_availability(encoder, tokenizer, ["The river ran"], [["past"]], generate=False,
-                                         correct=[True], progress=False)
+        availability.answer_availability(encoder, tokenizer, ["The river ran"], [["past"]], generate=generate,
+                                         correct=None if generate else [True], progress=False)

@@ -509,6 +509,8 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     pandas = require_pandas()
     prompts, answers, correct = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)
+    if generate and not callable(getattr(model, "generate", None)):  # (an encoder: no logits, no generate)
+        raise TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
     variants = _variant_forms(variants)  # (once: a generator of form names serves every answer)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     _check_variants_embedded(model, gold)
