@@ -186,6 +186,98 @@ def test_attention_layout_checks():
         call()
 
 
+# Arguments of the kernels that the public functions check first: called directly, each binding
+# refuses them itself, before reading a pointer (the nulls here) where it can.
+def _null_sink_attention(batch=0, num_heads=1, num_kv_heads=1, q_s3=1, scale=0.5, softcap=0.0, key_groups=0,
+                         num_groups=0):
+    cpp().sink_attention("float32", 0, 0, 0, 0, batch, num_heads, num_kv_heads, 4, 4, 8, 8,
+                         32, 32, 8, q_s3, 32, 32, 8, 1, 32, 32, 8, 1, 32, 32, 8, 1,
+                         scale, True, 0, 0, 0, 0, 0, 0, key_groups, num_groups, 0, 0, 0, 0, 1, softcap)
+
+
+def _null_draft_divergence(inv_temperature=1.0, lse_in=0, lse_only=False):
+    cpp().draft_divergence("float32", "float32", 0, 1, 0, 5, 5, 5, 1, 0, 0, 0, 0, inv_temperature, lse_in,
+                           lse_only, 0, 0, 1)
+
+
+def _null_bridge_loss(beta=0.5, inv_temperature=1.0):
+    cpp().bridge_loss("float32", "float32", 0, 0, 0, 5, 5, 1, 5, 1, 0, -100, beta, inv_temperature, False, 0, 0,
+                      False, 1)
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: _null_sink_attention(num_heads=3, num_kv_heads=2), r"num_heads \(3\) must be a multiple of num_kv_heads"),
+    (lambda: _null_sink_attention(q_s3=2), r"the last \(head dim\) stride of q, k, v and out must be 1"),
+    (lambda: _null_sink_attention(scale=float("nan")), "scale must be finite and > 0 in float32"),
+    (lambda: _null_sink_attention(scale=1e-50), "scale must be finite and > 0 in float32"),  # (0 in float32)
+    (lambda: _null_sink_attention(softcap=-1.0), r"softcap must be 0 \(none\) or finite and > 0 in float32"),
+    (lambda: _null_sink_attention(softcap=1e-50), r"softcap must be 0 \(none\) or finite and > 0 in float32"),
+    (lambda: _null_sink_attention(key_groups=64, num_groups=2**31), "num_groups must fit the int32 group ids"),
+    (lambda: _null_sink_attention(num_groups=2), "key_groups and num_groups > 0 go together"),
+    (lambda: _null_sink_attention(key_groups=64), "key_groups and num_groups > 0 go together"),
+    (lambda: _null_draft_divergence(inv_temperature=0.0), "inv_temperature must be finite and > 0 in float32"),
+    (lambda: _null_draft_divergence(inv_temperature=1e50), "inv_temperature must be finite and > 0 in float32"),
+    (lambda: _null_draft_divergence(lse_in=64, lse_only=True), "lse_only computes the lse, so lse_in must be 0"),
+    (lambda: _null_bridge_loss(beta=float("inf")), "beta must be finite in float32"),
+    (lambda: _null_bridge_loss(beta=1e50), "beta must be finite in float32"),  # (inf in float32)
+    (lambda: _null_bridge_loss(inv_temperature=float("nan")), "inv_temperature must be finite and > 0 in float32"),
+], ids=["heads", "head-stride", "scale-nan", "scale-underflow", "softcap-negative", "softcap-underflow",
+        "num-groups-int32", "num-groups-alone", "key-groups-alone", "inv-temperature-0", "inv-temperature-overflow",
+        "lse-only-with-lse-in", "beta-inf", "beta-overflow", "bridge-inv-temperature"])
+def test_scalar_arguments_are_refused_by_the_bindings(call, error):
+    with pytest.raises(ValueError, match=error):
+        call()
+
+
+def test_group_mass_without_key_groups_is_refused():
+    """sink_attention with somewhere to write group_mass but no key groups to sum it by: refused
+    (it would be left unwritten), not ignored."""
+    q = torch.randn(1, 1, 4, 8)
+    out, stats = torch.empty_like(q), [torch.empty(1, 1, 4) for _ in range(2)]
+    group_mass, ends = torch.full((1, 1, 4, 2), float("nan")), torch.ones(1, dtype=torch.int64)
+
+    def call(group_mass_ptr):
+        cpp().sink_attention("float32", q.data_ptr(), q.data_ptr(), q.data_ptr(), out.data_ptr(), 1, 1, 1, 4, 4, 8, 8,
+                             *q.stride(), *q.stride(), *q.stride(), *out.stride(), 0.5, True, 0, 0, ends.data_ptr(),
+                             ends.data_ptr(), 0, 0, 0, 0, stats[0].data_ptr(), stats[1].data_ptr(), group_mass_ptr, 0,
+                             1)
+
+    call(0)  # (valid)
+    with pytest.raises(ValueError, match="group_mass is given without key_groups"):
+        call(group_mass.data_ptr())
+
+
+def test_attention_lanes_other_than_8_or_16_are_refused():
+    lanes = cpp().attention_lanes()
+    for width in (0, 4, 12, 32):
+        with pytest.raises(ValueError, match="lanes must be 8 or 16"):
+            cpp().set_attention_lanes(width)
+    assert cpp().attention_lanes() == lanes
+
+
+def test_narrow_items_count_each_rows_own_statistics_keys(cpu_lanes):
+    """Two query rows of one head (an item of kNarrowSoftmaxRows rows: softmax_rows_block) whose
+    per-position stat ends differ inside one block of keys: each row's sink_mass sums its own stat
+    keys (StatKeys::count with row ends), as the reference does."""
+    from fastprobe.ops.attention import _sink_attention_op
+
+    num_keys = 40
+    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, num_keys, 8), torch.randn(1, 1, num_keys, 8)
+    sink_end = torch.zeros(1, num_keys, dtype=torch.int64)
+    stat_end = torch.zeros(1, num_keys, dtype=torch.int64)
+    stat_end[0, -2], stat_end[0, -1] = 5, 27  # the queries' positions: Lk - 2 and Lk - 1
+
+    def call(q, k, v):
+        return _sink_attention_op(q, k, v, 0.3, True, 0, None, sink_end, stat_end, None, None, None, 0, 0.0, None,
+                                  None, True)
+
+    got = call(q, k, v)
+    with fp.use_backend("reference"):
+        want = call(q.double(), k.double(), v.double())
+    for index, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5, msg=lambda m: f"output {index}: {m}")
+
+
 # ---- thread counts and the inline path (csrc/attention_core.h, run_attention) -------------------
 
 
