@@ -126,6 +126,34 @@ def test_concept_offsets_checked_without_overflow():
         _concept_mass_backward([0, 2**62, INT64_MIN, -(2**62), 0, 2])
 
 
+
+def test_concept_backward_chunks_of_ids_without_memberships():
+    """concept_mass_backward's chunks hold at most 2048 vocabulary ids as well as 2048 memberships
+    (the per-id scratch is 2048 floats): 3000 ids of which only the first and the last belong to
+    the concept (an id may belong to none, called directly) give the gradient of those two alone."""
+    vocab, num_ids = 4096, 3000
+    logits = torch.randn(1, vocab)
+
+    def grad_of(vocab_ids, vocab_offsets):
+        memberships = int(vocab_offsets[-1])
+        vocab_concepts = torch.zeros(memberships, dtype=torch.int64)
+        top_share, top_token = torch.full((1, 1), 0.5), torch.zeros(1, 1, dtype=torch.int64)
+        lse, grad_concept, coef = torch.logsumexp(logits.double(), 1), torch.ones(1, 1), torch.zeros(1)
+        grad = torch.full((1, vocab), float("nan"))
+        cpp().concept_mass_backward("float32", logits.data_ptr(), 1, vocab, *logits.stride(), vocab_ids.data_ptr(),
+                                    vocab_ids.numel(), vocab_offsets.data_ptr(), vocab_concepts.data_ptr(),
+                                    memberships, 1, top_share.data_ptr(), top_token.data_ptr(), lse.data_ptr(),
+                                    grad_concept.data_ptr(), coef.data_ptr(), 1.0, grad.data_ptr(), 2)
+        return grad
+
+    offsets = torch.ones(num_ids + 1, dtype=torch.int64)
+    offsets[0], offsets[-1] = 0, 2
+    got = grad_of(torch.arange(num_ids, dtype=torch.int64), offsets)
+    want = grad_of(torch.tensor([0, num_ids - 1]), torch.tensor([0, 1, 2]))
+    assert want[0, [0, num_ids - 1]].abs().min() > 0  # (the two ids have a gradient)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- sizes and strides -------------------------------------------------------------------------
 
 
