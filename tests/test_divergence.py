@@ -397,7 +397,8 @@ def test_log_ratios_near_the_series_limit_keep_their_relative_precision(target):
     |d| ~ 1e-2 or less, where they are below float32's rounding). Drafts and target +-0.08 apart
     (d up to ~0.16): the divergences within 2e-5 relative of the float64 reference (float32 gives
     ~3e-6; a d^5 coefficient 1/24 for 1/30 put 3e-5 to 1e-4 into them). One draft +-0.2 from the
-    target: KL within 2e-6 in C++ (7.5e-7; a d^6 coefficient 1/120 for 1/144 put 5e-6 into it)."""
+    target: KL within 3e-6 in C++ (7.5e-7 to 1.5e-6 with FMA; the baseline x86-64 build, without FMA,
+    up to 2.3e-6; a d^6 coefficient 1/120 for 1/144 put 5e-6 into it)."""
     backend, device = target
     num_drafts, num_tokens, vocab = shapes_for(target)[0]
     base = 3 * torch.randn(num_tokens, vocab)
@@ -410,7 +411,7 @@ def test_log_ratios_near_the_series_limit_keep_their_relative_precision(target):
     draft, base, one = (base + 0.2 * signs[0])[None].to(device), base.to(device), torch.ones(1, device=device)
     result = fp.draft_divergence(draft, base, weights=one)
     torch.testing.assert_close(result.kl_mixture_target.double(), expected(draft, base, one, 1.0)["kl_mixture_target"],
-                               rtol=2e-6 if backend == "cpp" else 2e-5, atol=0.0)
+                               rtol=3e-6 if backend == "cpp" else 2e-5, atol=0.0)
 
 
 def test_weights_off_1_give_the_normalised_mixtures_divergences(target):
