@@ -983,6 +983,23 @@ def test_constant_key_masks_stay_bounded_when_num_sink_exceeds_the_keys():
     assert len(attention._CONSTANT_MASKS) <= 256
 
 
+def test_constant_tensors_stay_bounded_over_many_batch_sizes(monkeypatch):
+    """A sweep of batch sizes makes new key ends for each: the kept constants are emptied when
+    full (the KeyMasks built on them with them), and each call still has its own batch's ends."""
+    from fastprobe.ops import attention
+
+    monkeypatch.setattr(attention, "_KEPT_AT_MOST", 4)
+    monkeypatch.setattr(attention, "_CONSTANTS", {})
+    monkeypatch.setattr(attention, "_CONSTANT_MASKS", {})
+    for batch in range(1, 12):
+        q, k, v = torch.randn(3, batch, 2, 3, 8)
+        got = fp.sink_attention(q, k, v, num_sink=2)
+        want = reference.sink_attention(q.double(), k.double(), v.double(), num_sink=2)
+        torch.testing.assert_close(got.sink_mass.double(), want["sink_mass"], rtol=RTOL, atol=ATOL)
+        assert len(attention._CONSTANTS) <= 4 and len(attention._CONSTANT_MASKS) <= 4
+    assert not any(key[1] == 1 for key in attention._CONSTANTS)  # the first batch's ends are gone
+
+
 def test_key_masks_are_used_only_for_their_keys(target):
     """A KeyMasks made without padding carries the Lk it was made for: one made for 6 keys with
     num_sink=10 holds ends clamped to 6, and a call with 100 keys is refused by name (it ran with
@@ -1068,6 +1085,19 @@ def test_reused_block_horizon_gives_the_same_result(target):
         fp.ops.attention.block_horizon(torch.tensor([0, -1, 0]), 3)
     with pytest.raises(ValueError, match=r"num_queries \(4\) must be <= Lk \(3\)"):
         fp.ops.attention.block_horizon(torch.tensor([[0, 0, -1]]), 4)
+
+
+@pytest.mark.parametrize("batch, num_keys", [(0, 5), (2, 0)], ids=["B=0", "Lk=0"])
+def test_a_block_horizon_of_no_keys_is_taken(batch, num_keys):
+    """block_horizon of an empty [B, Lk] (no batch, or no keys) holds no horizon (None), and a call
+    that reuses it runs as one with the empty block ids themselves."""
+    blocks = torch.zeros(batch, num_keys, dtype=torch.long)
+    prepared = fp.ops.attention.block_horizon(blocks, num_keys)
+    assert prepared.horizon is None
+    q, k, v = random_qkv(batch, 4, 2, num_keys, num_keys, 8, torch.float32, "cpu")
+    got = fp.sink_attention(q, k, v, bidirectional_blocks=prepared)
+    want = fp.sink_attention(q, k, v, bidirectional_blocks=blocks)
+    assert got.out.shape == want.out.shape == (batch, 4, num_keys, 8) and got.lse.shape == want.lse.shape
 
 
 def test_a_block_resuming_before_the_first_query_is_taken():

@@ -161,3 +161,25 @@ def test_schedule_ends_without_total_steps_are_refused(module, ends):
     total_steps at construction. (They were kept and never used: the fixed beta ran at every step.)"""
     with pytest.raises(ValueError, match="only with total_steps"):
         module(beta=0.5, **ends)
+
+
+def test_fused_linear_16_bit_weight_gradient_summed_in_16_bits_is_the_mean_loss_gradient():
+    """float32_weight_grad=False with a 16-bit student weight and reduction "mean": the logit
+    gradient is scaled by 1 / N in the forward, chunk by chunk (a 16-bit weight gradient of unscaled
+    row sums could overflow), not in the backward as for the other dtypes; every gradient is the
+    mean loss's, as the float64 reference's on the same bfloat16-rounded logits."""
+    from fastprobe import reference
+
+    hidden, weight, t_hidden, t_weight = (x.detach().bfloat16() for x in fused_inputs(num_rows=6))
+    trained = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    loss = fp.FusedLinearBridgeLoss(beta=0.5, chunk_rows=2, float32_weight_grad=False)(*trained, t_hidden, t_weight)
+    loss.backward()
+    plain = [x.double().requires_grad_() for x in (hidden, weight)]
+    logits = plain[0] @ plain[1].t()
+    logits = logits + (logits.bfloat16().double() - logits).detach()  # rounded as the chunks' logits, same gradient
+    want = reference.bridge_loss(logits, (t_hidden @ t_weight.t()).double(), beta=0.5)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-4, atol=1e-4)
+    for got, expected in zip(trained, plain):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=3e-2, atol=3e-2 * expected.grad.abs().max().item())

@@ -408,3 +408,22 @@ def test_one_meta_tensor_among_real_ones_is_refused(op):
     real = {name: meta(value) if isinstance(value, torch.Tensor) and name != "beta" else value
             for name, value in args.items()}
     assert all(t.is_meta for t in getattr(torch.ops.fastprobe, op)(*real.values()))  # (meta with a CPU beta: runs)
+
+
+def test_bridge_loss_backward_without_the_gradient_it_did_not_compute_is_refused():
+    """The op called directly with compute_grad=False on a student that requires grad forms no
+    logit gradient (its buffer is the [0] marker), so a backward through its loss has none to
+    scale: a RuntimeError saying why, not a [N, 0] gradient that autograd refuses by shape. (The
+    public functions ask for the gradient whenever the student requires grad.)"""
+    args = dict(bridge_args(), compute_grad=False)
+    student = args["student"].requires_grad_()
+    loss, grad = torch.ops.fastprobe.bridge_loss(*args.values())
+    assert grad.shape == (0,)
+    with pytest.raises(RuntimeError, match="bridge_loss: no gradient was computed, because student_logits did not"):
+        loss.sum().backward()
+    assert student.grad is None
+    # with the gradient computed, the same backward gives d sum(loss) / d student
+    student.grad = None
+    loss, _ = torch.ops.fastprobe.bridge_loss(*dict(args, compute_grad=True).values())
+    loss.sum().backward()
+    assert student.grad is not None and student.grad.shape == student.shape

@@ -455,6 +455,9 @@ def bad_cases():
         ("multiple of the number of key/value heads", (q, k[:, :1].expand(2, 3, 7, 8), v[:, :1].expand(2, 3, 7, 8), drop), {"gamma": 1.0}),
         ("key_padding_mask must have shape", (q, k, v, drop), {"gamma": 1.0, "key_padding_mask": torch.ones(2, 5, dtype=torch.bool)}),
         ("orthogonalize must be a bool", (q, k, v, drop), {"gamma": 1.0, "orthogonalize": None}),
+        ("causal must be a bool, got int", (q, k, v, drop), {"gamma": 1.0, "causal": 1}),
+        ("rows must be 'last', 'all' or a boolean tensor [Lq] or [B, Lq], got list", (q, k, v, drop),
+         {"gamma": 1.0, "rows": [0, 0, 0, 0, 1]}),
         ("window must be >= 1", (q, k, v, drop), {"gamma": 1.0, "window": 0}),
         ("bidirectional_blocks must have shape", (q, k, v, drop), {"gamma": 1.0, "bidirectional_blocks": torch.zeros(2, 6, dtype=torch.long)}),
         ("segment_ids must have shape", (q, k, v, drop), {"gamma": 1.0, "segment_ids": torch.zeros(2, 6, dtype=torch.long)}),
@@ -469,6 +472,28 @@ def test_bad_input_raises_clear_error(case):
     message, args, kwargs = case
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         fp.dual_path_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batch, num_queries", [(0, 3), (2, 0)], ids=["B=0", "Lq=0"])
+def test_empty_batch_or_queries_give_empty_outputs(target, batch, num_queries, monkeypatch):
+    """No rows to attend (B = 0 or Lq = 0): out, o_cond and o_uncond [B, Hq, Lq, Dv] in q's dtype, as
+    the reference's, and no kernel is launched (nor a Triton grid of 0 programs)."""
+    from fastprobe.ops import dual_attention
+
+    def launched(*args):
+        raise AssertionError("a kernel ran for an empty output")
+
+    _, device = target
+    monkeypatch.setattr(dual_attention, "_KERNELS", dict.fromkeys(dual_attention._KERNELS, launched))
+    q, k, v = random_qkv(batch, 4, 2, num_queries, 5, 8, torch.float32, device)
+    drop = torch.zeros(batch, 5, dtype=torch.bool, device=device)
+    got = fp.dual_path_attention(q, k, v, drop, gamma=0.5, return_paths=True)
+    want = expected(q, k, v, drop, gamma=0.5)
+    for value, name in zip(got, ("out", "o_cond", "o_uncond")):
+        assert value.shape == want[name].shape == (batch, 4, num_queries, 8) and value.dtype == q.dtype, name
+        assert value.device == q.device, name
+    out = fp.dual_path_attention(q, k, v, drop, gamma=0.5)
+    assert isinstance(out, torch.Tensor) and out.shape == (batch, 4, num_queries, 8)
 
 
 def test_float64_runs_reference():

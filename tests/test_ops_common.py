@@ -548,3 +548,29 @@ def test_misaligned_data_is_refused_before_the_kernel_reads_it(case):
     assert x.data_ptr() % 4
     with fp.use_backend("cpp"), pytest.raises(ValueError, match="is not aligned to its 4-byte elements"):
         call(x)
+
+
+def test_integer_options_of_other_integral_types_become_plain_ints():
+    """An integer option given as another Integral (a numpy integer, an IntEnum) is checked as an
+    int and handed on as a plain int (what the custom ops' int arguments and the modules' options
+    hold), e.g. prepare_key_groups' num_groups and BridgeLoss's total_steps; bools and
+    non-integers are refused by name."""
+    import enum
+
+    import numpy
+
+    class Size(enum.IntEnum):
+        FOUR = 4
+
+    for value in (numpy.int64(4), numpy.uint8(4), Size.FOUR):
+        checked = _common.check_int(value, "total", 1)
+        assert type(checked) is int and checked == 4
+    assert type(attention.prepare_key_groups(torch.zeros(1, 6, dtype=torch.long), numpy.int32(3)).num_groups) is int
+    assert type(fp.BridgeLoss(beta_start=0.0, beta_end=1.0, total_steps=numpy.int64(4)).total_steps) is int
+    with pytest.raises(ValueError, match="total must be >= 1, got 0"):
+        _common.check_int(numpy.int64(0), "total", 1)
+    with pytest.raises(ValueError, match=r"total must be < 2\*\*63 \(an int64\), got 18446744073709551615"):
+        _common.check_int(numpy.uint64(2**64 - 1), "total", 1)
+    for value in (True, numpy.float64(4.0), "4"):
+        with pytest.raises(TypeError, match="total must be an integer >= 1"):
+            _common.check_int(value, "total", 1)

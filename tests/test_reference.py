@@ -553,6 +553,23 @@ def test_group_ids_outside_the_groups_raise_index_error(bad_id):
         fastprobe.sink_attention(q.float(), k.float(), v.float(), key_groups=hand_made)
 
 
+def test_group_ids_are_taken_unchecked_under_vmap_and_on_meta_tensors():
+    """Where the ids cannot be read (torch.func.vmap has no .item(); meta tensors hold no values)
+    the reference takes them unchecked: vmap over queries gives each query's own call, and meta
+    inputs give meta outputs of the right shapes."""
+    q = torch.randn(5, 1, 2, 3, 4, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 6, 4, dtype=torch.float64)
+    groups = torch.randint(0, 3, (5, 1, 6))  # each query's own ids
+
+    def group_mass(q, groups):
+        return reference.sink_attention(q, k, v, key_groups=groups, num_groups=3)["group_mass"]
+
+    torch.testing.assert_close(torch.func.vmap(group_mass)(q, groups),
+                               torch.stack([group_mass(*call) for call in zip(q, groups)]), rtol=0, atol=0)
+    meta = reference.sink_attention(*(x.to("meta") for x in (q[0], k, v)), key_groups=groups[0].to("meta"), num_groups=3)
+    assert meta["group_mass"].is_meta and meta["group_mass"].shape == (1, 2, 3, 3)
+
+
 # ---------------------------------------------------------------- 5. dual_path_attention
 
 
