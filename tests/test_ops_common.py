@@ -574,3 +574,25 @@ def test_integer_options_of_other_integral_types_become_plain_ints():
     for value in (True, numpy.float64(4.0), "4"):
         with pytest.raises(TypeError, match="total must be an integer >= 1"):
             _common.check_int(value, "total", 1)
+
+
+@pytest.mark.parametrize("forced, device, interpret, triton, cpp_import, message", [
+    ("cpp", "cuda", "0", True, (True, ""), "op: backend 'cpp' runs on CPU tensors, got cuda tensors"),
+    ("cpp", "cpu", "0", True, (False, "no extension"), "op: backend 'cpp' is not available: no extension"),
+    ("triton", "cpu", "0", False, (True, ""), "op: backend 'triton' cannot run on cpu tensors: triton is not installed"),
+    ("triton", "cuda", "1", True, (True, ""),
+     "op: backend 'triton' cannot run on cuda tensors: TRITON_INTERPRET=1 is set, so Triton runs on CPU tensors only"),
+    ("triton", "meta", "1", True, (True, ""), "op: backend 'triton' cannot run on meta tensors: no Triton path for meta"),
+], ids=["cpp-on-cuda", "cpp-missing", "triton-missing", "triton-interpreter-on-cuda", "triton-on-meta"])
+def test_a_forced_backend_that_cannot_run_the_call_says_why(forced, device, interpret, triton, cpp_import, message,
+                                                             monkeypatch):
+    """A forced backend raises instead of falling back, naming the op and why it cannot run there
+    (the device type, a missing extension or package, the interpreter's CPU-only rule)."""
+    from fastprobe import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setattr(backend, "_triton_installed", lambda: triton)
+    monkeypatch.setattr(backend, "_cpp_import", lambda: cpp_import)
+    monkeypatch.setattr(backend, "_warn_no_cpp", lambda: None)
+    with fp.use_backend(forced), pytest.raises(RuntimeError, match=f"^{message}"):
+        backend.resolve(torch.device(device), torch.float32, "op")
