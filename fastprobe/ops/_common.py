@@ -26,7 +26,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 def new_output(shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32,
                stride: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """An uninitialised output of shape (at least one dimension) (poisoned under test); stride: a dense
+    """An uninitialised output of a shape of one or more dimensions (poisoned under test); stride: a dense
     layout other than the contiguous one (e.g. the [B, Hq, Lq, Dv] view of a [B, Lq, Hq, Dv] buffer)."""
     if stride is not None:
         output = torch.empty_strided(shape, stride, dtype=dtype, device=device)
