@@ -8,6 +8,7 @@ holds (asynchronous copies, 16-byte and 2-byte global loads, wgmma instructions)
     python bench/compile_sm90.py concepts        # concept_mass's forward (bf16, V=151936, 1000 x 8)
     python bench/compile_sm90.py concepts --tree /tmp/old   # the kernels/ of another checkout
     python bench/compile_sm90.py divergence      # draft_divergence (bf16, K=4, V=151936), each kept config
+    python bench/compile_sm90.py bridge          # bridge_loss (bf16 and float32, V=32000), each direction
 
 It replaces triton's JITFunction.run for the process: a launch compiles (triton.compile with an
 sm_90 target, then ptxas -v and cuobjdump -sass) and runs nothing. The inputs are CPU tensors;
@@ -177,6 +178,23 @@ def divergence() -> None:
         report(f"draft_divergence bf16 K=4 V=151936 {config.kwargs} {config.num_warps} warps")
 
 
+def bridge() -> None:
+    """bridge_loss's kernel for the benchmark's vocabulary (V=32000; the row count does not change the
+    kernel): bf16 and float32 logits, forward and reverse, loss only and with the gradient."""
+    from fastprobe.kernels import bridge as triton_bridge
+
+    rows, vocab = 4, 32000
+    for dtype in (torch.bfloat16, torch.float32):
+        for reverse in (False, True):
+            for with_grad in (False, True):
+                compiled.clear()
+                logits = torch.zeros(rows, vocab, dtype=dtype)
+                grad = torch.zeros(rows, vocab, dtype=dtype) if with_grad else None
+                triton_bridge.bridge_loss(logits, logits, None, -100, 0.5, 1.0, reverse, torch.zeros(rows), grad)
+                report(f"bridge_loss {str(dtype)[6:]} V={vocab} {'reverse' if reverse else 'forward'}"
+                       f"{' +grad' if with_grad else ''}")
+
+
 class _TreeKernels:
     """A meta path finder that resolves fastprobe.kernels and its modules to another checkout's
     kernels/ (ahead of an editable install's finder, which maps them by name)."""
@@ -220,6 +238,9 @@ if __name__ == "__main__":
         sys.exit(0)
     if arguments == ["divergence"]:
         divergence()
+        sys.exit(0)
+    if arguments == ["bridge"]:
+        bridge()
         sys.exit(0)
     for name, case in CASES.items():
         for dual, blocks, segments in ((False, False, False), (True, False, False), (False, True, False),

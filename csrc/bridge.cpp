@@ -9,7 +9,11 @@
 //   reverse: loss = KL(P || Q) = sum_v P_v g_v, g_v = log P_v - log Q_v
 //            grad_v = P_v (g_v - loss) / T                        (sum_v P_v g_v = loss)
 //            formed centred at a token a (see Precision): d_v = g_v - g_a,
-//            loss = g_a + D, D = sum_v P_v d_v,   grad_v = P_v (d_v - D) / T
+//            D = sum_v P_v d_v = loss - g_a,   grad_v = P_v (d_v - D) / T
+// Each loss is summed from the exps P~, Q~ of the log-probabilities as formed (see Precision):
+//   forward: loss = sum_v Q~_v (log Q~_v - log P~_v) - Q~_v + P~_v
+//   reverse: loss = S / M + log1p(Delta / M),  S = sum_v P~_v (log P~_v - log Q~_v),
+//            M = sum_v P~_v,  Delta = sum_v (Q~_v - P~_v)
 // with 0 log 0 = 0: a -inf logit is a masked entry; an entry that only the distribution in
 // the log's denominator masks (Q_v > 0 = P_v forward, P_v > 0 = Q_v reverse) makes the loss
 // +inf. Such a loss stays +inf for every nearby z_S (the supports do not move), so its row's
@@ -45,25 +49,34 @@
 // from P's), so P_v (g_v - loss) would cancel numbers of that size (errors ~1e-3). Its passes 2
 // and 3 are centred at a token a where P's mass is, its student's largest logit, with the bridge
 // anchored at a (c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)):
-//   d_v = g_v - g_a = ((z_S,v - z_S,a) - c'_v) / T,  loss = g_a + D,  D = sum_v P_v d_v,
-//   grad_v = P_v (d_v - D) / T
-// d_v and D are differences of logits near a where P has mass, exact there; g_a = log P_a - log Q_a
-// is formed once per row in double, from a's bridge logit relative to pass 1's anchor (exact in
-// double). a is the token of the row's largest student logit (its first; found in the block where
-// pass 1 saw it), where P's mass is: a token with little of it (say the first block's largest, 20
-// below the row's) can have a g_a far from the loss (a teacher logit 1e3 below there: g_a ~ 1e3 for
-// a loss of ~5), and then d_v ~ g_a would be rounded by ~1e-4 where P has mass. Even at the
-// largest logit, g_a and D can be of opposite signs and larger than the loss (P_a ~ 0.1), and the
-// float32 log-sum-exp's relative error e (P~ = P (1 + e), log P~ = log P + e) would reach the loss
-// as e (1 + D), not e: pass 2 also sums the mass it forms, M = sum_v P~_v, and normalises by it
-// (exact to first order in e):
-//   loss = (g~_a - log M) + D~ / M,  D~ = sum_v P~_v d_v,   grad_v = (P~_v / M) (d_v - D~ / M) / T
+//   d_v = g_v - g_a = ((z_S,v - z_S,a) - c'_v) / T,  D = sum_v P_v d_v,  grad_v = P_v (d_v - D) / T
+// (log Q's shift moved by c at a's anchors, for the loss's terms). d_v and D are differences of
+// logits near a where P has mass, exact there. a is the token of the row's largest student logit
+// (its first; found in the block where pass 1 saw it), where P's mass is: a token with little of it
+// (say the first block's largest, 20 below the row's) can have a g_a far from the loss (a teacher
+// logit 1e3 below there: g_a ~ 1e3 for a loss of ~5), and then d_v ~ g_a would be rounded by ~1e-4
+// where P has mass. Even at the largest logit D can be larger than the loss (P_a ~ 0.1), and the
+// float32 log-sum-exp's relative error e (P~ = P (1 + e), log P~ = log P + e) would reach the
+// gradient through D~ = D (1 + e): pass 2 also sums the mass it forms, M = sum_v P~_v, and normalises
+// by it (exact to first order in e):  grad_v = (P~_v / M) (d_v - D~ / M) / T,  D~ = sum_v P~_v d_v.
+// The losses: the float32 log-sum-exps make P~ = P e^f and Q~ = Q e^e for constants f, e of the
+// row. Reverse, S / M + log1p(Delta / M) = S / M + log(M_Q / M) is exact whatever f and e
+// (S / M = KL + f - e, log(M_Q / M) = e - f); forward, the terms Q~ (log Q~ - log P~) - Q~ + P~ sum
+// to KL (1 + e), f and e cancelling to first order (the same exactness would cost the forward
+// block two more sums, +6-8% of a training step on the CPU, for losses of ~1e4 only: within up to
+// ~10 float32 roundings there, the reverse's ~4). In both, the derivatives in each log-probability
+// (P_v x_v and Q_v - P_v, x_v the log ratio, roles swapped forward) vanish where P and Q are near,
+// so each one's own rounding reaches the loss to second order only. A student 1e-3 from its teacher
+// (KL ~5e-7, V = 16384): the median row 0.4-1% off either way (summed as Q (log Q - log P) alone
+// the forward loss was 7-40% off; the reverse formed as g~_a + D, 8-22%); what is left is each
+// exp's own rounding (~1e-7 of the largest P~_v or Q~_v: a row whose mass sits on a few tokens can
+// still be 15-30% off).
 // Reverse pass 2's block sums are double: float32 terms added in order would let a large P_v d_v
 // swallow the small same-signed ones after it (6e-5 of a loss of 1.4 where a block is summed
 // sequentially, as in the sanitizer's build), and where g_a is ~1e3 from the loss (a near-uniform
 // P) float32 sums of D~ ~ 1e3 would be off by ~5e-5 even summed in SIMD lanes. Forward's block
-// sums and pass 1's are float32 (each row's relative error in the loss, not amplified) over runs
-// of kLseRun terms (common.h), added in double, as are their range and row accumulators.
+// sums and pass 1's are float32 over runs of kLseRun terms (common.h), added in double, as are
+// their range and row accumulators.
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -157,27 +170,37 @@ FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
   return kl;
 }
 
-// Pass 2's sums over a block or range (double, see Precision): forward, KL(Q || P)'s terms (mass
-// unused); reverse, sum_v P~_v d_v and the mass sum_v P~_v, P~ = exp(log_prob(log_p, .)) as formed.
+// Pass 2's sums over a block or range (double, see Precision): forward, KL(Q || P)'s terms; reverse,
+// KL(P || Q)'s S = sum_v P~_v (log P~_v - log Q~_v), Delta = sum_v (Q~_v - P~_v) and the mass
+// M = sum_v P~_v, and for the gradient D~ = sum_v P~_v d_v.
 struct Pass2Sums {
-  double sum = 0.0, mass = 0.0;
+  double kl = 0.0, mass_gap = 0.0, mass = 0.0, spread = 0.0;
+  Pass2Sums& operator+=(const Pass2Sums& other) {
+    kl += other.kl, mass_gap += other.mass_gap, mass += other.mass, spread += other.spread;
+    return *this;
+  }
 };
 
-// Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored at a): returns
-// sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T, and sum_v P~_v.
-FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float* c,
-                                                       LogSoftmax log_p, float centre_s, int64_t count) {
-  double spread = 0.0, mass = 0.0;
-#pragma omp simd reduction(+ : spread, mass)
+// Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored at a, log_q's shift moved
+// with it): KL(P || Q)'s sums, and D~ = sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T.
+FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float* c, LogSoftmax log_p,
+                                                     LogSoftmax log_q, float centre_s, int64_t count) {
+  double log_ratio = 0.0, mass_gap = 0.0, mass = 0.0, spread = 0.0;
+#pragma omp simd reduction(+ : log_ratio, mass_gap, mass, spread)
   for (int64_t v = 0; v < count; ++v) {
-    const float lp = log_prob(log_p, s[v]);                    // log P~_v
+    const float lp = log_prob(log_p, s[v]);                    // log P~_v (-inf: masked)
+    const float lq = log_prob(log_q, c[v]);                    // log Q~_v
+    const float p = fast_exp(lp), q = fast_exp(lq);            // P~_v, Q~_v
     const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;  // g_v - g_a
-    const float p = fast_exp(lp);                              // P~_v (0: masked)
-    const float term = c[v] == kNegInf ? kInf : p * d;         // Q_v = 0 < P_v: +inf
-    spread += double(lp == kNegInf ? 0.0f : term);             // P_v = 0: 0 log 0 = 0
+    const float weighted = c[v] == kNegInf ? kInf : p * d;     // Q_v = 0 < P_v: +inf
+    // P~_v log(P~_v / Q~_v): 0 log 0 = 0; +inf where P has the entry (even if P~_v underflows) and Q masks it
+    const float ratio = c[v] == kNegInf && s[v] > kNegInf ? kInf : p == 0.0f ? 0.0f : p * (lp - lq);
+    log_ratio += double(ratio);
+    mass_gap += double(q - p);
     mass += double(p);
+    spread += double(lp == kNegInf ? 0.0f : weighted);         // P_v = 0: 0 log 0 = 0
   }
-  return {spread, mass};
+  return {log_ratio, mass_gap, mass, spread};
 }
 
 // Reverse gradient, one block, centred as reverse_block, given the row's D = sum_v P_v d_v and
@@ -249,10 +272,9 @@ struct Workspace {
 struct RowSoftmax {
   Bridge bridge;  // anchored for pass 1 (and forward's pass 2); reverse, once centred: at a
   bool reanchored;
-  LogSoftmax log_p, log_q;
+  LogSoftmax log_p, log_q;  // reverse, once centred: log_q's shift moved to the centre's bridge
   BlockMax s_max;           // reverse: the row's largest s (its block)
   float centre_s;           // reverse: z_S,a
-  double centre_g;          // reverse: g~_a = log P~_a - log Q_a
   float spread;             // reverse: D = sum_v P_v d_v, d_v = g_v - g_a
   float grad_scale;         // reverse: 1 / (M T), M = sum_v P~_v
   float loss;
@@ -310,25 +332,21 @@ static int64_t located(const Problem& p, int64_t n, Bridge bridge, BlockMax larg
   return largest.at + first_index(student ? s : ws.c.data(), count, largest.value);
 }
 
-// log P_a - log Q_a in double, from a's logits and the row's log-softmaxes (c_a: a's bridge logit).
-static double log_ratio(const LogSoftmax& log_p, double s_a, const LogSoftmax& log_q, double c_a) {
-  const double log_p_a = (s_a - log_p.shift) * log_p.scale - log_p.offset;
-  return log_p_a - ((c_a - log_q.shift) * log_q.scale - log_q.offset);
-}
-
-// Reverse: the row's centre a (see Precision), its largest student logit; then g~_a, and the bridge
-// anchored at a for passes 2 and 3. No finite student logit: no P, the loss is NaN.
+// Reverse: the row's centre a (see Precision), its largest student logit, and the bridge anchored at
+// a for passes 2 and 3, log Q's shift moved with it: c'_v = c_v - moved, moved = c at a's anchors,
+// (r'_T - r_T) + beta (r'_S - r_S), rounded once: a constant in every log Q~_v, which the loss's
+// sums are exact for. No finite student logit: no P, the loss is NaN.
 static void centre_row(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
   const int64_t a = r.s_max.at >= 0 ? located(p, n, r.bridge, r.s_max, true, ws) : -1;
   if (a < 0) {
     r.centre_s = 0.0f;
-    r.centre_g = std::numeric_limits<double>::quiet_NaN();
     return;
   }
-  const Token at = token_at(p, n, a, ws);
-  r.centre_g = log_ratio(r.log_p, at.s, r.log_q, r.bridge.logit<double>(at.s, at.t));  // g~_a
-  r.centre_s = at.s;
-  r.bridge = anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
+  r.centre_s = token_at(p, n, a, ws).s;
+  const Bridge centred = anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
+  const double moved = r.bridge.logit<double>(centred.ref_s, centred.ref_t);
+  r.log_q = LogSoftmax::make(float(r.log_q.shift - moved), r.log_q.scale, r.log_q.offset);
+  r.bridge = centred;
 }
 
 // Folds a block of x (starting at v0) into an online log-sum-exp of x / T, and notes the block
@@ -366,21 +384,18 @@ static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_te
   return row;
 }
 
-// Pass 2 over a range: its share of the loss (forward: of KL(Q || P), writing its gradient too;
-// reverse: of D~ = sum_v P~_v d_v and of the mass M).
+// Pass 2 over a range: its share of the loss's sums (forward writes its gradient too).
 static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
   Pass2Sums sums;
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.bridge, ws);
     if (p.reverse) {
-      const Pass2Sums block = reverse_block(s, ws.c.data(), r.log_p, r.centre_s, count);
-      sums.sum += block.sum;
-      sums.mass += block.mass;
+      sums += reverse_block(s, ws.c.data(), r.log_p, r.log_q, r.centre_s, count);
       return;
     }
     float* grad = p.grad_block(n, v0, ws.grad.data());
     for_runs(count, [&](int64_t first, int64_t run) {  // float32 sums of kLseRun terms, added in double
-      sums.sum += forward_block(s + first, ws.c.data() + first, r.log_p, r.log_q, run, grad + first);  // KL(Q || P)
+      sums.kl += forward_block(s + first, ws.c.data() + first, r.log_p, r.log_q, run, grad + first);  // KL(Q || P)
     });
     p.store_grad(n, v0, count, grad);
   });
@@ -451,17 +466,18 @@ static void run(const Problem& p, int threads) {
         loss_parts[slot * ranges + range] = range_loss(p, n, range, rows[slot], ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace&) {
-        double kl = 0.0, mass = 0.0;
-        for (int64_t range = 0; range < ranges && !p.ignored(n); ++range) {
-          kl += loss_parts[slot * ranges + range].sum;
-          mass += loss_parts[slot * ranges + range].mass;
+        if (p.ignored(n)) {
+          p.loss[n] = 0.0f;
+          return;
         }
-        if (p.reverse && !p.ignored(n)) {  // the ranges summed D~ and M: loss = (g~_a - log M) + D~ / M
-          const double spread = kl / mass;
-          rows[slot].spread = float(spread);
-          rows[slot].grad_scale = float(p.inv_temperature / mass);
-          kl = (rows[slot].centre_g - std::log(mass)) + spread;
-          if (std::isnan(kl)) rows[slot].spread = std::numeric_limits<float>::quiet_NaN();  // (NaN gradient)
+        Pass2Sums row;
+        for (int64_t range = 0; range < ranges; ++range) row += loss_parts[slot * ranges + range];
+        // reverse: KL = S / M + log1p(Delta / M) (see Precision); the gradient's D = D~ / M (NaN with a
+        // NaN loss: a NaN gradient) and 1 / (M T)
+        const double kl = p.reverse ? row.kl / row.mass + std::log1p(row.mass_gap / row.mass) : row.kl;
+        if (p.reverse) {
+          rows[slot].spread = std::isnan(kl) ? std::numeric_limits<float>::quiet_NaN() : float(row.spread / row.mass);
+          rows[slot].grad_scale = float(p.inv_temperature / row.mass);
         }
         rows[slot].loss = float(kl);
         // KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions). std::max keeps NaN.

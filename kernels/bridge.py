@@ -13,11 +13,12 @@ The kernel works in base 2 and converts to natural units (times ln 2) only where
         within T of M_u, and u's log-sum-exp taken again, see Precision); reverse, also the
         token of the row's first largest x (per lane the block where its maximum last rose)
   pass 2 (vocabulary blocks, REVERSE order, so the last blocks of pass 1 are L2 hits):
-        forward: loss = sum Q (log Q - log P), grad_v = (P_v - Q_v) / T   (stored here)
-        reverse: loss = sum P g, g = log P - log Q, formed centred at a token e (see Precision):
-                 loss = g_e + D, D = sum_v P_v d_v, d_v = g_v - g_e, as P~ = 2^(log2 P) is formed:
-                 loss = (g~_e - log M) + D~ / M, D~ = sum_v P~_v d_v, M = sum_v P~_v
-                 (per-lane float32 sums, one float64 reduce)
+        the loss, from the exps P~ = 2^(log2 P), Q~ = 2^(log2 Q) as formed (see Precision):
+        forward: loss = sum_v Q~_v ln(Q~_v / P~_v) - Q~_v + P~_v,  grad_v = (P_v - Q_v) / T (stored here)
+        reverse: loss = S / M + log1p(Delta / M),  S = sum_v P~_v ln(P~_v / Q~_v),  M = sum_v P~_v,
+                 Delta = sum_v (Q~_v - P~_v)   (per-lane float32 sums, one float64 reduce); and for
+                 pass 3, g = log P - log Q centred at a token e (see Precision): D = sum_v P_v d_v,
+                 d_v = g_v - g_e, summed as D~ = sum_v P~_v d_v, D = D~ / M
   pass 3 (reverse direction with a gradient only, forward order: pass 2 ended at block 0):
         grad_v = P_v (g_v - loss) / T = P~_v (d_v - D) / (M T),  D = D~ / M
 
@@ -37,19 +38,26 @@ The reverse direction's g and loss are of the KL's size (~1e4 when beta < 0 puts
 P's), so P (g - loss) would cancel numbers of that size (errors ~1e-3). Its passes 2 and 3 centre g
 at a token e where P's mass is, with the bridge anchored at e (e_T = y_e, e_S = x_e):
         d_v = g_v - g_e = ((x_v - e_S) - u'_v) / T,  u'_v = (y_v - e_T) + beta (x_v - e_S)
-so d and D are differences of logits near e where P has mass, exact there; g_e = log P_e - log Q_e
-is formed once per row in float64 (e's u relative to a_T, a_S exact there). e is the token of the
-row's largest x (its first), found in pass 1: a token with little of P's mass (the first block's
-largest x, 20 below the row's, as this kernel took before) can have g_e far from the loss (a
-teacher logit 1e3 below there: g_e ~ 1e3 for a loss of ~5), and d ~ g_e is then rounded by ~1e-4
-where P has mass. Even at the largest x, g_e and D can be of opposite signs and larger than the
-loss, and the float32 log-sum-exp's relative error r (P~ = P (1 + r), log P~ = log P + r) would
-reach the loss as r (1 + D), not r: pass 2 also sums the mass it forms, M = sum_v P~_v, and
-normalises by it (exact to first order in r): loss = (g~_e - log M) + D~ / M,
-grad_v = P~_v (d_v - D~ / M) / (M T). Pass 2's sums are per lane in float32 (each lane adds one
-term per block), their lanes reduced in float64 (a float32 tree's top levels round D~ ~ 1e3 by
-~5e-5); the float32 roundings of d_v ~ 1e3 remain (~1e-4 each, averaging out over the row).
-(As the C++ kernel, csrc/bridge.cpp, whose block sums are double.)
+so d and D are differences of logits near e where P has mass, exact there (log Q's shift M_u moves
+by u at e's anchors, formed in float64, for the loss's sums). e is the token of the row's largest x
+(its first), found in pass 1: a token with little of P's mass (the first block's largest x, 20
+below the row's, as this kernel took before) can have g_e far from the loss (a teacher logit 1e3
+below there: g_e ~ 1e3 for a loss of ~5), and d ~ g_e is then rounded by ~1e-4 where P has mass.
+Even at the largest x, D can be larger than the loss, and the float32 log-sum-exp's relative error
+r (P~ = P (1 + r), log P~ = log P + r) would reach the gradient through D~ = D (1 + r): pass 2 also
+sums the mass it forms, M = sum_v P~_v, and normalises by it (exact to first order in r):
+grad_v = P~_v (d_v - D~ / M) / (M T).
+The losses: the float32 log-sum-exps make P~ = P e^f, Q~ = Q e^r for constants f, r of the row.
+Reverse, S / M + log1p(Delta / M) = S / M + ln(M_Q / M) is exact whatever f and r (S / M = KL + f - r,
+ln(M_Q / M) = r - f); forward, the terms Q~ ln(Q~ / P~) - Q~ + P~ sum to KL (1 + r), f and r
+cancelling to first order (exactness would cost the forward two more sums, for losses of ~1e4
+only). In both, the derivatives in each log-probability (P_v x_v and Q_v - P_v, x_v the log ratio,
+roles swapped forward) vanish where P and Q are near, so each one's own rounding reaches the loss
+to second order only: a student 1e-3 from its teacher (KL ~5e-7) is typically 0.4-1% off, where
+Q ln(Q / P) summed alone was 7-40% off and the reverse formed as g~_e + D 8-22% (what is left is
+each exp's own rounding). As the C++ kernel (csrc/bridge.cpp). Pass 2's sums are per lane in float32 (each lane adds one term per block), their
+lanes reduced in float64 (a float32 tree's top levels round D~ ~ 1e3 by ~5e-5); the float32
+roundings of d_v ~ 1e3 remain (~1e-4 each, averaging out over the row).
 
 Dtypes: student and teacher may differ (float32, bfloat16, float16 each): Triton specialises the
 kernel on each pointer's element type, every load is in that input's own dtype and is converted to
@@ -187,11 +195,23 @@ def _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, strid
 
 
 @triton.jit
-def _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature):
-    """Reverse, centred at token e (anchors e_T = y_e, e_S = x_e): d = g - g_e = ((x - e_S) - u') / T
-    (natural units), u' = (y - e_T) + beta (x - e_S), and where Q masks the entry (u' = -inf)."""
-    u = _bridged(y, x, e_t, e_s, beta, masked_bx)
-    return ((x - e_s) - u) * inv_temperature, u == float("-inf")
+def _centred_gap(x, u, e_s, inv_temperature):
+    """Reverse, centred at token e (anchors e_T = y_e, e_S = x_e; u = u' = (y - e_T) + beta (x - e_S)):
+    d = g - g_e = ((x - e_S) - u') / T (natural units)."""
+    return ((x - e_s) - u) * inv_temperature
+
+
+@triton.jit
+def _kl_from_sums(log_ratio, mass_gap, mass):
+    """Reverse, KL(P || Q) from pass 2's per-lane float32 sums (lanes reduced in float64, see
+    Precision): S / M + log1p(Delta / M), S = sum P~ ln(P~ / Q~), Delta = sum (Q~ - P~), M = sum P~;
+    log1p by its series to y^4 where |y| < 1e-3 (y is ~1e-7, the float32 log-sum-exps' rounding),
+    else float32's log. Returns the loss (float32) and M (float64)."""
+    mass64 = tl.sum(mass.to(tl.float64), axis=0)
+    y = tl.sum(mass_gap.to(tl.float64), axis=0) / mass64
+    log1p = tl.where(tl.abs(y) < 1e-3, y * (1.0 - y * (0.5 - y * (1.0 / 3.0 - y * 0.25))),
+                     (tl.log2((1.0 + y).to(tl.float32)) * _LN2).to(tl.float64))
+    return (tl.sum(log_ratio.to(tl.float64), axis=0) / mass64 + log1p).to(tl.float32), mass64
 
 
 @triton.jit
@@ -311,20 +331,19 @@ def _bridge_kernel(
 
         if REVERSE:
             e_t, e_s = _anchors_at(s_row, t_row, centre, V, 0.0, 0.0, stride_sv, stride_tv)
-            # g~_e = log P~_e - log Q_e = ((x_e - M_x) - (u_e - M_u)) / T - (log S_x - log S_u), in float64
-            # (u_e relative to a_T, a_S is exact there); NaN without a centre (no finite x: no P)
+            # u' = u - moved, moved = u at e's anchors ((e_T - a_T) + beta (e_S - a_S), in float64), so
+            # log2 Q = (u' - (M_u - moved)) c - log2 S_u; M_u - moved is rounded once, a constant in
+            # every log Q~, which the loss's sums are exact for (see Precision)
             zero = tl.zeros([], tl.float64)  # (zero + a float32 value: that value in float64)
-            x_e = tl.load(s_row + centre * stride_sv, mask=centre < V, other=0.0) + zero
-            y_e = tl.load(t_row + centre * stride_tv, mask=centre < V, other=0.0) + zero
-            u_e = _bridged(y_e, x_e, zero + a_t, zero + a_s, zero + beta, masked_bx)
-            gap_e = (x_e - (zero + shift_s)) - (u_e - (zero + shift_u))
-            g_e = gap_e * (zero + inv_temperature) - ((zero + log2s_s) - log2s_u) * _LN2
-            g_e = tl.where(centre < V, g_e, float("nan"))
+            moved = _bridged(zero + e_t, zero + e_s, zero + a_t, zero + a_s, zero + beta, masked_bx)
+            shift_u = ((zero + shift_u) - moved).to(tl.float32)
 
-        # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient ----
-        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane loss sums (reverse: D~)
+        # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient, reverse sums D~ for it ----
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums: forward the loss's terms; reverse S
         if REVERSE:
-            mass = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums of P~
+            mass_gap = tl.zeros([BLOCK_V], tl.float32)  # Delta = sum (Q~ - P~)
+            mass = tl.zeros([BLOCK_V], tl.float32)  # M = sum P~
+            spread = tl.zeros([BLOCK_V], tl.float32)  # D~ = sum P~ d
         x_next, y_next = _load_pair(s_row, t_row, (nblk - 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
         for i in range(0, nblk):
             col, v_ok = _block_columns((nblk - 1 - i) * BLOCK_V, V, BLOCK_V)
@@ -332,11 +351,14 @@ def _bridge_kernel(
             # (the block before block 0 starts at -BLOCK_V: every column masked, nothing loads)
             x_next, y_next = _load_pair(s_row, t_row, (nblk - 2 - i) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
             log2p = (x - shift_s) * c - log2s_s
-            if REVERSE:  # D~ = sum P~ d and M = sum P~ (natural units)
-                d, q_masked = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
-                p = tl.exp2(log2p)
-                acc += _xratio(p, x > float("-inf"), q_masked, d)
+            if REVERSE:  # (u centred at e, log Q's shift moved with it)
+                u = _bridged(y, x, e_t, e_s, beta, masked_bx)
+                log2q = (u - shift_u) * c - log2s_u
+                p, q = tl.exp2(log2p), tl.exp2(log2q)
+                acc += _xratio(p, x > float("-inf"), u == float("-inf"), (log2p - log2q) * _LN2)
+                mass_gap += q - p
                 mass += p
+                spread += _xratio(p, x > float("-inf"), u == float("-inf"), _centred_gap(x, u, e_s, inv_temperature))
             else:  # KL(Q || P) as sum Q (ln Q - ln P) - Q + P: the lse roundings cancel to first order
                 # (as in the C++ kernel's forward_block); P = 0: +inf where Q has the token, else 0;
                 # Q = 0: P
@@ -348,13 +370,10 @@ def _bridge_kernel(
                 if HAS_GRAD:  # (P - Q) / T
                     g = (p - q) * inv_temperature
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
-        if REVERSE:  # loss = (g~_e - log M) + D~ / M (lanes reduced in float64, see Precision)
-            mass_sum = tl.sum(mass.to(tl.float64), axis=0)
-            spread64 = tl.sum(acc.to(tl.float64), axis=0) / mass_sum  # D = D~ / M
-            log_mass = tl.log2(mass_sum.to(tl.float32)) * _LN2  # (M ~ 1: float32 is exact enough)
-            loss = ((g_e - log_mass) + spread64).to(tl.float32)
-            spread = spread64.to(tl.float32)
-            grad_scale = ((zero + inv_temperature) / mass_sum).to(tl.float32)  # 1 / (M T)
+        if REVERSE:  # loss = S / M + log1p(Delta / M); the gradient's D = D~ / M and 1 / (M T)
+            loss, mass64 = _kl_from_sums(acc, mass_gap, mass)
+            spread = (tl.sum(spread.to(tl.float64), axis=0) / mass64).to(tl.float32)
+            grad_scale = ((zero + inv_temperature) / mass64).to(tl.float32)
         else:
             loss = tl.sum(acc, axis=0)
         # KL >= 0; rounding can leave -1e-7 where it is 0 (equal distributions): clamped as the
@@ -373,7 +392,7 @@ def _bridge_kernel(
                 x, y = x_next.to(tl.float32), y_next.to(tl.float32)
                 x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
                 log2p = (x - shift_s) * c - log2s_s
-                d, _ = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
+                d = _centred_gap(x, _bridged(y, x, e_t, e_s, beta, masked_bx), e_s, inv_temperature)
                 p = tl.exp2(log2p)
                 # P (g - loss) / T = P~ (d - D) / (M T); 0 where P = 0, and in a row whose loss is
                 # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf); NaN in
