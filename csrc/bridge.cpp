@@ -12,8 +12,7 @@
 //            D = sum_v P_v d_v = loss - g_a,   grad_v = P_v (d_v - D) / T
 // Each loss is summed from the exps P~, Q~ of the log-probabilities as formed (see Precision):
 //   forward: loss = sum_v Q~_v (log Q~_v - log P~_v) - Q~_v + P~_v
-//   reverse: loss = S / M + log1p(Delta / M),  S = sum_v P~_v (log P~_v - log Q~_v),
-//            M = sum_v P~_v,  Delta = sum_v (Q~_v - P~_v)
+//   reverse: loss = (sum_v P~_v (log P~_v - log Q~_v) - P~_v + Q~_v) / M,  M = sum_v P~_v
 // with 0 log 0 = 0: a -inf logit is a masked entry; an entry that only the distribution in
 // the log's denominator masks (Q_v > 0 = P_v forward, P_v > 0 = Q_v reverse) makes the loss
 // +inf. Such a loss stays +inf for every nearby z_S (the supports do not move), so its row's
@@ -60,13 +59,13 @@
 // gradient through D~ = D (1 + e): pass 2 also sums the mass it forms, M = sum_v P~_v, and normalises
 // by it (exact to first order in e):  grad_v = (P~_v / M) (d_v - D~ / M) / T,  D~ = sum_v P~_v d_v.
 // The losses: the float32 log-sum-exps make P~ = P e^f and Q~ = Q e^e for constants f, e of the
-// row. Reverse, S / M + log1p(Delta / M) = S / M + log(M_Q / M) is exact whatever f and e
-// (S / M = KL + f - e, log(M_Q / M) = e - f); forward, the terms Q~ (log Q~ - log P~) - Q~ + P~ sum
-// to KL (1 + e), f and e cancelling to first order (the same exactness would cost the forward
-// block two more sums, +6-8% of a training step on the CPU, for losses of ~1e4 only: within up to
-// ~10 float32 roundings there, the reverse's ~4). In both, the derivatives in each log-probability
-// (P_v x_v and Q_v - P_v, x_v the log ratio, roles swapped forward) vanish where P and Q are near,
-// so each one's own rounding reaches the loss to second order only. A student 1e-3 from its teacher
+// row. The terms A~ (log A~ - log B~) - A~ + B~ (A = Q, B = P forward; A = P, B = Q reverse) sum to
+// KL (1 + f_A) + O(f^2): the constants cancel to first order, and the reverse, which sums M = sum P~
+// for its gradient anyway, divides by it, which leaves O(f^2) only. The forward keeps its relative
+// error f_A (~5e-7 where the loss is ~1e4: up to ~10 float32 roundings there, the reverse's ~4);
+// summing M_Q too would cost its block a third of its sums. In both, the derivatives in each
+// log-probability (A_v x_v and B_v - A_v, x_v = log A_v - log B_v) vanish where P and Q are near, so
+// each one's own rounding reaches the loss to second order only. A student 1e-3 from its teacher
 // (KL ~5e-7, V = 16384): the median row 0.4-1% off either way (summed as Q (log Q - log P) alone
 // the forward loss was 7-40% off; the reverse formed as g~_a + D, 8-22%); what is left is each
 // exp's own rounding (~1e-7 of the largest P~_v or Q~_v: a row whose mass sits on a few tokens can
@@ -170,37 +169,36 @@ FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
   return kl;
 }
 
-// Pass 2's sums over a block or range (double, see Precision): forward, KL(Q || P)'s terms; reverse,
-// KL(P || Q)'s S = sum_v P~_v (log P~_v - log Q~_v), Delta = sum_v (Q~_v - P~_v) and the mass
-// M = sum_v P~_v, and for the gradient D~ = sum_v P~_v d_v.
+// Pass 2's sums over a block or range (double, see Precision): the KL's terms; reverse also the mass
+// M = sum_v P~_v and (for the gradient) D~ = sum_v P~_v d_v.
 struct Pass2Sums {
-  double kl = 0.0, mass_gap = 0.0, mass = 0.0, spread = 0.0;
+  double kl = 0.0, mass = 0.0, spread = 0.0;
   Pass2Sums& operator+=(const Pass2Sums& other) {
-    kl += other.kl, mass_gap += other.mass_gap, mass += other.mass, spread += other.spread;
+    kl += other.kl, mass += other.mass, spread += other.spread;
     return *this;
   }
 };
 
 // Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored at a, log_q's shift moved
-// with it): KL(P || Q)'s sums, and D~ = sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T.
+// with it): KL(P || Q)'s terms P~_v (log P~_v - log Q~_v) - P~_v + Q~_v (forward_block's, the roles
+// swapped), M, and D~ = sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T.
 FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float* c, LogSoftmax log_p,
                                                      LogSoftmax log_q, float centre_s, int64_t count) {
-  double log_ratio = 0.0, mass_gap = 0.0, mass = 0.0, spread = 0.0;
-#pragma omp simd reduction(+ : log_ratio, mass_gap, mass, spread)
+  double kl = 0.0, mass = 0.0, spread = 0.0;
+#pragma omp simd reduction(+ : kl, mass, spread)
   for (int64_t v = 0; v < count; ++v) {
     const float lp = log_prob(log_p, s[v]);                    // log P~_v (-inf: masked)
     const float lq = log_prob(log_q, c[v]);                    // log Q~_v
     const float p = fast_exp(lp), q = fast_exp(lq);            // P~_v, Q~_v
     const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;  // g_v - g_a
     const float weighted = c[v] == kNegInf ? kInf : p * d;     // Q_v = 0 < P_v: +inf
-    // P~_v log(P~_v / Q~_v): 0 log 0 = 0; +inf where P has the entry (even if P~_v underflows) and Q masks it
-    const float ratio = c[v] == kNegInf && s[v] > kNegInf ? kInf : p == 0.0f ? 0.0f : p * (lp - lq);
-    log_ratio += double(ratio);
-    mass_gap += double(q - p);
+    // +inf where P has the entry (even if P~_v underflows) and Q masks it (a row without Q: NaN); P~_v = 0: Q~_v
+    const float term = lq == kNegInf && s[v] > kNegInf ? kInf : p == 0.0f ? q : p * ((lp - lq) - 1.0f) + q;
+    kl += double(term);
     mass += double(p);
     spread += double(lp == kNegInf ? 0.0f : weighted);         // P_v = 0: 0 log 0 = 0
   }
-  return {log_ratio, mass_gap, mass, spread};
+  return {kl, mass, spread};
 }
 
 // Reverse gradient, one block, centred as reverse_block, given the row's D = sum_v P_v d_v and
@@ -472,9 +470,9 @@ static void run(const Problem& p, int threads) {
         }
         Pass2Sums row;
         for (int64_t range = 0; range < ranges; ++range) row += loss_parts[slot * ranges + range];
-        // reverse: KL = S / M + log1p(Delta / M) (see Precision); the gradient's D = D~ / M (NaN with a
-        // NaN loss: a NaN gradient) and 1 / (M T)
-        const double kl = p.reverse ? row.kl / row.mass + std::log1p(row.mass_gap / row.mass) : row.kl;
+        // reverse: KL = (its terms' sum) / M (see Precision); the gradient's D = D~ / M (NaN with a NaN
+        // loss: a NaN gradient) and 1 / (M T)
+        const double kl = p.reverse ? row.kl / row.mass : row.kl;
         if (p.reverse) {
           rows[slot].spread = std::isnan(kl) ? std::numeric_limits<float>::quiet_NaN() : float(row.spread / row.mass);
           rows[slot].grad_scale = float(p.inv_temperature / row.mass);

@@ -15,10 +15,10 @@ The kernel works in base 2 and converts to natural units (times ln 2) only where
   pass 2 (vocabulary blocks, REVERSE order, so the last blocks of pass 1 are L2 hits):
         the loss, from the exps P~ = 2^(log2 P), Q~ = 2^(log2 Q) as formed (see Precision):
         forward: loss = sum_v Q~_v ln(Q~_v / P~_v) - Q~_v + P~_v,  grad_v = (P_v - Q_v) / T (stored here)
-        reverse: loss = S / M + log1p(Delta / M),  S = sum_v P~_v ln(P~_v / Q~_v),  M = sum_v P~_v,
-                 Delta = sum_v (Q~_v - P~_v)   (per-lane float32 sums, one float64 reduce); and for
-                 pass 3, g = log P - log Q centred at a token e (see Precision): D = sum_v P_v d_v,
-                 d_v = g_v - g_e, summed as D~ = sum_v P~_v d_v, D = D~ / M
+        reverse: loss = (sum_v P~_v ln(P~_v / Q~_v) - P~_v + Q~_v) / M,  M = sum_v P~_v  (per-lane
+                 float32 sums, one float64 reduce); and for pass 3, g = log P - log Q centred at a
+                 token e (see Precision): D = sum_v P_v d_v, d_v = g_v - g_e, summed as
+                 D~ = sum_v P~_v d_v, D = D~ / M
   pass 3 (reverse direction with a gradient only, forward order: pass 2 ended at block 0):
         grad_v = P_v (g_v - loss) / T = P~_v (d_v - D) / (M T),  D = D~ / M
 
@@ -48,12 +48,11 @@ r (P~ = P (1 + r), log P~ = log P + r) would reach the gradient through D~ = D (
 sums the mass it forms, M = sum_v P~_v, and normalises by it (exact to first order in r):
 grad_v = P~_v (d_v - D~ / M) / (M T).
 The losses: the float32 log-sum-exps make P~ = P e^f, Q~ = Q e^r for constants f, r of the row.
-Reverse, S / M + log1p(Delta / M) = S / M + ln(M_Q / M) is exact whatever f and r (S / M = KL + f - r,
-ln(M_Q / M) = r - f); forward, the terms Q~ ln(Q~ / P~) - Q~ + P~ sum to KL (1 + r), f and r
-cancelling to first order (exactness would cost the forward two more sums, for losses of ~1e4
-only). In both, the derivatives in each log-probability (P_v x_v and Q_v - P_v, x_v the log ratio,
-roles swapped forward) vanish where P and Q are near, so each one's own rounding reaches the loss
-to second order only: a student 1e-3 from its teacher (KL ~5e-7) is typically 0.4-1% off, where
+The terms A~ ln(A~ / B~) - A~ + B~ (A = Q, B = P forward; A = P, B = Q reverse) sum to KL (1 + f_A)
++ O(f^2): the constants cancel to first order, and the reverse, which sums M = sum P~ for its
+gradient anyway, divides by it, leaving O(f^2). In both, the derivatives in each log-probability
+(A_v x_v and B_v - A_v, x_v = ln A_v - ln B_v) vanish where P and Q are near, so each one's own
+rounding reaches the loss to second order only: a student 1e-3 from its teacher (KL ~5e-7) is typically 0.4-1% off, where
 Q ln(Q / P) summed alone was 7-40% off and the reverse formed as g~_e + D 8-22% (what is left is
 each exp's own rounding). As the C++ kernel (csrc/bridge.cpp). Pass 2's sums are per lane in float32 (each lane adds one term per block), their
 lanes reduced in float64 (a float32 tree's top levels round D~ ~ 1e3 by ~5e-5); the float32
@@ -202,19 +201,6 @@ def _centred_gap(x, u, e_s, inv_temperature):
 
 
 @triton.jit
-def _kl_from_sums(log_ratio, mass_gap, mass):
-    """Reverse, KL(P || Q) from pass 2's per-lane float32 sums (lanes reduced in float64, see
-    Precision): S / M + log1p(Delta / M), S = sum P~ ln(P~ / Q~), Delta = sum (Q~ - P~), M = sum P~;
-    log1p by its series to y^4 where |y| < 1e-3 (y is ~1e-7, the float32 log-sum-exps' rounding),
-    else float32's log. Returns the loss (float32) and M (float64)."""
-    mass64 = tl.sum(mass.to(tl.float64), axis=0)
-    y = tl.sum(mass_gap.to(tl.float64), axis=0) / mass64
-    log1p = tl.where(tl.abs(y) < 1e-3, y * (1.0 - y * (0.5 - y * (1.0 / 3.0 - y * 0.25))),
-                     (tl.log2((1.0 + y).to(tl.float32)) * _LN2).to(tl.float64))
-    return (tl.sum(log_ratio.to(tl.float64), axis=0) / mass64 + log1p).to(tl.float32), mass64
-
-
-@triton.jit
 def _pass1(s_row, t_row, x_next, y_next, V, a_t, a_s, beta, masked_bx, c, stride_sv, stride_tv,
            STUDENT: tl.constexpr, TOP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 1 from the first block's logits (x_next, y_next, loaded by the caller): the row's
@@ -339,9 +325,8 @@ def _bridge_kernel(
             shift_u = ((zero + shift_u) - moved).to(tl.float32)
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient, reverse sums D~ for it ----
-        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums: forward the loss's terms; reverse S
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums of the loss's terms
         if REVERSE:
-            mass_gap = tl.zeros([BLOCK_V], tl.float32)  # Delta = sum (Q~ - P~)
             mass = tl.zeros([BLOCK_V], tl.float32)  # M = sum P~
             spread = tl.zeros([BLOCK_V], tl.float32)  # D~ = sum P~ d
         x_next, y_next = _load_pair(s_row, t_row, (nblk - 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
@@ -355,8 +340,10 @@ def _bridge_kernel(
                 u = _bridged(y, x, e_t, e_s, beta, masked_bx)
                 log2q = (u - shift_u) * c - log2s_u
                 p, q = tl.exp2(log2p), tl.exp2(log2q)
-                acc += _xratio(p, x > float("-inf"), u == float("-inf"), (log2p - log2q) * _LN2)
-                mass_gap += q - p
+                # P~ ln(P~ / Q~) - P~ + Q~ (the forward's terms, the roles swapped): +inf where P has the
+                # token and Q masks it (a row without Q: NaN); P~ = 0: Q~
+                term = tl.where(p == 0.0, q, p * ((log2p - log2q) * _LN2 - 1.0) + q)
+                acc += tl.where((log2q == float("-inf")) & (x > float("-inf")), float("inf"), term)
                 mass += p
                 spread += _xratio(p, x > float("-inf"), u == float("-inf"), _centred_gap(x, u, e_s, inv_temperature))
             else:  # KL(Q || P) as sum Q (ln Q - ln P) - Q + P: the lse roundings cancel to first order
@@ -370,8 +357,9 @@ def _bridge_kernel(
                 if HAS_GRAD:  # (P - Q) / T
                     g = (p - q) * inv_temperature
                     tl.store(g_row + col, g.to(grad_ptr.dtype.element_ty), mask=v_ok)
-        if REVERSE:  # loss = S / M + log1p(Delta / M); the gradient's D = D~ / M and 1 / (M T)
-            loss, mass64 = _kl_from_sums(acc, mass_gap, mass)
+        if REVERSE:  # loss = (sum of the terms) / M; the gradient's D = D~ / M and 1 / (M T)
+            mass64 = tl.sum(mass.to(tl.float64), axis=0)
+            loss = (tl.sum(acc.to(tl.float64), axis=0) / mass64).to(tl.float32)
             spread = (tl.sum(spread.to(tl.float64), axis=0) / mass64).to(tl.float32)
             grad_scale = ((zero + inv_temperature) / mass64).to(tl.float32)
         else:
