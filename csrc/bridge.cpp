@@ -49,7 +49,9 @@
 // and 3 are centred at a token a where P's mass is, its student's largest logit, with the bridge
 // anchored at a (c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)):
 //   d_v = g_v - g_a = ((z_S,v - z_S,a) - c'_v) / T,  D = sum_v P_v d_v,  grad_v = P_v (d_v - D) / T
-// (log Q's shift moved by c at a's anchors, for the loss's terms). d_v and D are differences of
+// (the loss's log Q~_v stay those of pass 1's bridge c, whose exps its log-sum-exp summed: c'_v
+// is c_v - c_a rounded otherwise, by ~2^-24 |c'_v|, which is many T at small T, and log Q's shift
+// moved by c_a would make Q's top exp e^(+-2^-24 |c'| / T), inf or 0). d_v and D are differences of
 // logits near a where P has mass, exact there. a is the token of the row's largest student logit
 // (its first; found in the block where pass 1 saw it), where P's mass is: a token with little of it
 // (say the first block's largest, 20 below the row's) can have a g_a far from the loss (a teacher
@@ -179,19 +181,20 @@ struct Pass2Sums {
   }
 };
 
-// Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored at a, log_q's shift moved
-// with it): KL(P || Q)'s terms P~_v (log P~_v - log Q~_v) - P~_v + Q~_v (forward_block's, the roles
-// swapped), M, and D~ = sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - c_v) / T.
-FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float* c, LogSoftmax log_p,
-                                                     LogSoftmax log_q, float centre_s, int64_t count) {
+// Reverse, centred at token a (z_S,a = centre_s; c the bridge anchored as in pass 1, centred_c at a):
+// KL(P || Q)'s terms P~_v (log P~_v - log Q~_v) - P~_v + Q~_v (forward_block's, the roles swapped),
+// M, and D~ = sum_v P~_v d_v, d_v = g_v - g_a = ((z_S,v - z_S,a) - centred_c_v) / T.
+FASTPROBE_SIMD_CLONES static Pass2Sums reverse_block(const float* s, const float* c, const float* centred_c,
+                                                     LogSoftmax log_p, LogSoftmax log_q, float centre_s,
+                                                     int64_t count) {
   double kl = 0.0, mass = 0.0, spread = 0.0;
 #pragma omp simd reduction(+ : kl, mass, spread)
   for (int64_t v = 0; v < count; ++v) {
     const float lp = log_prob(log_p, s[v]);                    // log P~_v (-inf: masked)
     const float lq = log_prob(log_q, c[v]);                    // log Q~_v
     const float p = fast_exp(lp), q = fast_exp(lq);            // P~_v, Q~_v
-    const float d = ((s[v] - centre_s) - c[v]) * log_p.scale;  // g_v - g_a
-    const float weighted = c[v] == kNegInf ? kInf : p * d;     // Q_v = 0 < P_v: +inf
+    const float d = ((s[v] - centre_s) - centred_c[v]) * log_p.scale;  // g_v - g_a
+    const float weighted = centred_c[v] == kNegInf ? kInf : p * d;     // Q_v = 0 < P_v: +inf
     // +inf where P has the entry (even if P~_v underflows) and Q masks it (a row without Q: NaN); P~_v = 0: Q~_v
     const float term = lq == kNegInf && s[v] > kNegInf ? kInf : p == 0.0f ? q : p * ((lp - lq) - 1.0f) + q;
     kl += double(term);
@@ -262,15 +265,16 @@ struct Workspace {
   Workspace() : s(scratch_floats(kBlock)), c(scratch_floats(kBlock)), grad(scratch_floats(kBlock)) {}
   std::vector<float> s;     // [kBlock] student logits of the current block (when converted)
   std::vector<float> c;     // [kBlock] teacher logits (when converted), then the bridge's
-  std::vector<float> grad;  // [kBlock] gradient of the current block (not float32)
+  std::vector<float> grad;  // [kBlock] gradient of the current block (not float32); reverse pass 2: c
 };
 
 // What a row keeps between its stages: the bridge's anchor (and whether pass 1 runs again at a
 // new one), both log-softmaxes and the loss; reverse: its centre (see Precision).
 struct RowSoftmax {
-  Bridge bridge;  // anchored for pass 1 (and forward's pass 2); reverse, once centred: at a
+  Bridge bridge;  // anchored for pass 1 (and pass 2's log Q)
+  Bridge centred;  // reverse: anchored at the centre a (d_v, passes 2 and 3)
   bool reanchored;
-  LogSoftmax log_p, log_q;  // reverse, once centred: log_q's shift moved to the centre's bridge
+  LogSoftmax log_p, log_q;
   BlockMax s_max;           // reverse: the row's largest s (its block)
   float centre_s;           // reverse: z_S,a
   float spread;             // reverse: D = sum_v P_v d_v, d_v = g_v - g_a
@@ -331,20 +335,11 @@ static int64_t located(const Problem& p, int64_t n, Bridge bridge, BlockMax larg
 }
 
 // Reverse: the row's centre a (see Precision), its largest student logit, and the bridge anchored at
-// a for passes 2 and 3, log Q's shift moved with it: c'_v = c_v - moved, moved = c at a's anchors,
-// (r'_T - r_T) + beta (r'_S - r_S), rounded once: a constant in every log Q~_v, which the loss's
-// sums are exact for. No finite student logit: no P, the loss is NaN.
+// a for d_v in passes 2 and 3. No finite student logit: no P, the loss is NaN.
 static void centre_row(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
   const int64_t a = r.s_max.at >= 0 ? located(p, n, r.bridge, r.s_max, true, ws) : -1;
-  if (a < 0) {
-    r.centre_s = 0.0f;
-    return;
-  }
-  r.centre_s = token_at(p, n, a, ws).s;
-  const Bridge centred = anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
-  const double moved = r.bridge.logit<double>(centred.ref_s, centred.ref_t);
-  r.log_q = LogSoftmax::make(float(r.log_q.shift - moved), r.log_q.scale, r.log_q.offset);
-  r.bridge = centred;
+  r.centre_s = a < 0 ? 0.0f : token_at(p, n, a, ws).s;
+  r.centred = a < 0 ? r.bridge : anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
 }
 
 // Folds a block of x (starting at v0) into an online log-sum-exp of x / T, and notes the block
@@ -386,11 +381,15 @@ static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_te
 static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
   Pass2Sums sums;
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
-    const float* s = load_block(p, n, v0, count, r.bridge, ws);
-    if (p.reverse) {
-      sums += reverse_block(s, ws.c.data(), r.log_p, r.log_q, r.centre_s, count);
+    if (p.reverse) {  // c as pass 1 formed it into ws.grad (unused here), c' in place of t
+      const float* s = p.student_block(n, v0, count, ws.s.data());
+      const float* t = p.teacher_block(n, v0, count, ws.c.data());
+      bridge_block(s, t, r.bridge, count, ws.grad.data());
+      bridge_block(s, t, r.centred, count, ws.c.data());
+      sums += reverse_block(s, ws.grad.data(), ws.c.data(), r.log_p, r.log_q, r.centre_s, count);
       return;
     }
+    const float* s = load_block(p, n, v0, count, r.bridge, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
     for_runs(count, [&](int64_t first, int64_t run) {  // float32 sums of kLseRun terms, added in double
       sums.kl += forward_block(s + first, ws.c.data() + first, r.log_p, r.log_q, run, grad + first);  // KL(Q || P)
@@ -403,7 +402,7 @@ static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const Ro
 // Pass 3 over a range, reverse: its gradient, from the row's D.
 static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
-    const float* s = load_block(p, n, v0, count, r.bridge, ws);
+    const float* s = load_block(p, n, v0, count, r.centred, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
     reverse_grad_block(s, ws.c.data(), r.log_p, r.centre_s, r.spread, r.grad_scale, count, grad);
     p.store_grad(n, v0, count, grad);

@@ -38,11 +38,13 @@ The reverse direction's g and loss are of the KL's size (~1e4 when beta < 0 puts
 P's), so P (g - loss) would cancel numbers of that size (errors ~1e-3). Its passes 2 and 3 centre g
 at a token e where P's mass is, with the bridge anchored at e (e_T = y_e, e_S = x_e):
         d_v = g_v - g_e = ((x_v - e_S) - u'_v) / T,  u'_v = (y_v - e_T) + beta (x_v - e_S)
-so d and D are differences of logits near e where P has mass, exact there (log Q's shift M_u moves
-by u at e's anchors, formed in float64, for the loss's sums). e is the token of the row's largest x
-(its first), found in pass 1: a token with little of P's mass (the first block's largest x, 20
-below the row's, as this kernel took before) can have g_e far from the loss (a teacher logit 1e3
-below there: g_e ~ 1e3 for a loss of ~5), and d ~ g_e is then rounded by ~1e-4 where P has mass.
+so d and D are differences of logits near e where P has mass, exact there (the loss's log Q~ stay
+those of pass 1's u, whose exps its log-sum-exp summed: u' is u - u_e rounded otherwise, by ~2^-24
+|u'|, many T at small T, and M_u moved by u_e would make Q's top exp 2^(+-2^-24 |u'| c): inf or 0).
+e is the token of the row's largest x (its first), found in pass 1: a token with little of P's mass
+(the first block's largest x, 20 below the row's, as this kernel took before) can have g_e far from
+the loss (a teacher logit 1e3 below there: g_e ~ 1e3 for a loss of ~5), and d ~ g_e is then rounded
+by ~1e-4 where P has mass.
 Even at the largest x, D can be larger than the loss, and the float32 log-sum-exp's relative error
 r (P~ = P (1 + r), log P~ = log P + r) would reach the gradient through D~ = D (1 + r): pass 2 also
 sums the mass it forms, M = sum_v P~_v, and normalises by it (exact to first order in r):
@@ -317,12 +319,7 @@ def _bridge_kernel(
 
         if REVERSE:
             e_t, e_s = _anchors_at(s_row, t_row, centre, V, 0.0, 0.0, stride_sv, stride_tv)
-            # u' = u - moved, moved = u at e's anchors ((e_T - a_T) + beta (e_S - a_S), in float64), so
-            # log2 Q = (u' - (M_u - moved)) c - log2 S_u; M_u - moved is rounded once, a constant in
-            # every log Q~, which the loss's sums are exact for (see Precision)
             zero = tl.zeros([], tl.float64)  # (zero + a float32 value: that value in float64)
-            moved = _bridged(zero + e_t, zero + e_s, zero + a_t, zero + a_s, zero + beta, masked_bx)
-            shift_u = ((zero + shift_u) - moved).to(tl.float32)
 
         # ---- pass 2 (blocks in reverse): the loss; forward also stores the gradient, reverse sums D~ for it ----
         acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sums of the loss's terms
@@ -335,23 +332,23 @@ def _bridge_kernel(
             x, y = x_next.to(tl.float32), y_next.to(tl.float32)
             # (the block before block 0 starts at -BLOCK_V: every column masked, nothing loads)
             x_next, y_next = _load_pair(s_row, t_row, (nblk - 2 - i) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
+            # log Q~ from u as pass 1 formed it, whose exps its log-sum-exp summed (see Precision)
+            u = _bridged(y, x, a_t, a_s, beta, masked_bx)
             log2p = (x - shift_s) * c - log2s_s
-            if REVERSE:  # (u centred at e, log Q's shift moved with it)
-                u = _bridged(y, x, e_t, e_s, beta, masked_bx)
-                log2q = (u - shift_u) * c - log2s_u
-                p, q = tl.exp2(log2p), tl.exp2(log2q)
+            log2q = (u - shift_u) * c - log2s_u
+            p, q = tl.exp2(log2p), tl.exp2(log2q)
+            if REVERSE:  # (d from u centred at e)
                 # P~ ln(P~ / Q~) - P~ + Q~ (the forward's terms, the roles swapped): +inf where P has the
                 # token and Q masks it (a row without Q: NaN); P~ = 0: Q~
                 term = tl.where(p == 0.0, q, p * ((log2p - log2q) * _LN2 - 1.0) + q)
                 acc += tl.where((log2q == float("-inf")) & (x > float("-inf")), float("inf"), term)
                 mass += p
-                spread += _xratio(p, x > float("-inf"), u == float("-inf"), _centred_gap(x, u, e_s, inv_temperature))
+                u_e = _bridged(y, x, e_t, e_s, beta, masked_bx)
+                d = _centred_gap(x, u_e, e_s, inv_temperature)
+                spread += _xratio(p, x > float("-inf"), u_e == float("-inf"), d)
             else:  # KL(Q || P) as sum Q (ln Q - ln P) - Q + P: the lse roundings cancel to first order
                 # (as in the C++ kernel's forward_block); P = 0: +inf where Q has the token, else 0;
                 # Q = 0: P
-                u = _bridged(y, x, a_t, a_s, beta, masked_bx)
-                log2q = (u - shift_u) * c - log2s_u
-                p, q = tl.exp2(log2p), tl.exp2(log2q)
                 term = tl.where(log2q == float("-inf"), p, q * ((log2q - log2p) * _LN2 - 1.0) + p)
                 acc += tl.where(log2p == float("-inf"), tl.where(u > float("-inf"), float("inf"), 0.0), term)
                 if HAS_GRAD:  # (P - Q) / T

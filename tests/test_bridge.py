@@ -448,6 +448,31 @@ def test_reverse_loss_is_formed_where_p_has_mass(target, beta):
     assert_matches(student, teacher, beta=beta, temperature=0.7, direction="reverse", reduction="none")
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("beta", [0.0, 0.37, -0.5])
+def test_tiny_temperatures_keep_the_loss(target, direction, beta):
+    """At a small temperature a bridge logit's own float32 rounding (~2^-24 of it) is many T:
+    log Q~ must come from the very logits pass 1 took Q's log-sum-exp of, so that Q's top entry
+    is 1 / sum. Reverse, centred at the student's top token a (z_T,v - z_T,a + beta (z_S,v -
+    z_S,a), rounded otherwise) with only log Q's shift moved, Q's top entry was e^(+-2^-24 c / T),
+    0 (Delta / M = -1: a loss of -inf, clamped to 0) or inf: over 10 draws, beta 0.37 and -0.5,
+    28 and 26 of 320 two-token rows and 8 and 7 of 80 rows of 301 at T = 1e-10, 12 and 15 of 80
+    rows of 1e4 * randn at T = 1e-5 gave 0 for losses of ~1e9-1e10 (C++). Allowed: rounding z_T + beta z_S in float32 (a few
+    2^-24 of it, over T: near-tied bridge logits make that a large part of the loss)."""
+    _, device = target
+    cases = [(3 * torch.randn(32, 2), 3 * torch.randn(32, 2), 1e-10),
+             (3 * torch.randn(8, 301), 3 * torch.randn(8, 301), 1e-10),
+             (1e4 * torch.randn(8, 301), 1e4 * torch.randn(8, 301), 1e-5)]
+    for student, teacher, temperature in cases:
+        kwargs = dict(beta=beta, temperature=temperature, direction=direction, reduction="none")
+        loss, grad = run(student.to(device), teacher.to(device), **kwargs)
+        want_loss, want_grad = expected(student, teacher, **kwargs)
+        bridge_rounding = 2.0**-21 * (teacher.abs() + abs(beta) * student.abs()).max().item() / temperature
+        torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=RTOL, atol=bridge_rounding)
+        tolerance = grad_tolerance(torch.float32, want_grad, student, temperature)
+        torch.testing.assert_close(grad.cpu().double(), want_grad, **tolerance)
+
+
 def test_non_contiguous_and_leading_dims(target):
     _, device = target
     num_rows, vocab = shapes_for(target)[0]
