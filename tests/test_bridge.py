@@ -416,7 +416,8 @@ def test_large_divergence_keeps_float32_precision(target, beta, direction):
     kwargs = dict(beta=beta, direction=direction, reduction="none")
     loss, grad = run(student, teacher, **kwargs)
     want_loss, want_grad = expected(student, teacher, **kwargs)
-    assert (want_loss > 1e3).sum() >= (6 if direction == "reverse" else 5)  # (forward row 3: Q on the teacher's outliers, ~log V)
+    # (forward row 3: Q on the teacher's outliers, where P is ~1 / V: ~log V)
+    assert (want_loss > 1e3).sum() >= (6 if direction == "reverse" else 5)
     torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=2.0**(-21 if direction == "reverse" else -20),
                                atol=ATOL)
     for row in range(len(student)):  # (each row to its own gradient's scale: row 3's is ~50 times the others')
@@ -457,8 +458,9 @@ def test_tiny_temperatures_keep_the_loss(target, direction, beta):
     z_S,a), rounded otherwise) with only log Q's shift moved, Q's top entry was e^(+-2^-24 c / T),
     0 (Delta / M = -1: a loss of -inf, clamped to 0) or inf: over 10 draws, beta 0.37 and -0.5,
     28 and 26 of 320 two-token rows and 8 and 7 of 80 rows of 301 at T = 1e-10, 12 and 15 of 80
-    rows of 1e4 * randn at T = 1e-5 gave 0 for losses of ~1e9-1e10 (C++). Allowed: rounding z_T + beta z_S in float32 (a few
-    2^-24 of it, over T: near-tied bridge logits make that a large part of the loss)."""
+    rows of 1e4 * randn at T = 1e-5 gave 0 for losses of ~1e9-1e10 (C++, at bfe13b7). Allowed:
+    rounding z_T + beta z_S in float32 (a few 2^-24 of it, over T: near-tied bridge logits make
+    that a large part of the loss)."""
     _, device = target
     cases = [(3 * torch.randn(32, 2), 3 * torch.randn(32, 2), 1e-10),
              (3 * torch.randn(8, 301), 3 * torch.randn(8, 301), 1e-10),
