@@ -54,11 +54,12 @@ The terms A~ ln(A~ / B~) - A~ + B~ (A = Q, B = P forward; A = P, B = Q reverse) 
 + O(f^2): the constants cancel to first order, and the reverse, which sums M = sum P~ for its
 gradient anyway, divides by it, leaving O(f^2). In both, the derivatives in each log-probability
 (A_v x_v and B_v - A_v, x_v = ln A_v - ln B_v) vanish where P and Q are near, so each one's own
-rounding reaches the loss to second order only: a student 1e-3 from its teacher (KL ~5e-7) is typically 0.4-1% off, where
-Q ln(Q / P) summed alone was 7-40% off and the reverse formed as g~_e + D 8-22% (what is left is
-each exp's own rounding). As the C++ kernel (csrc/bridge.cpp). Pass 2's sums are per lane in float32 (each lane adds one term per block), their
-lanes reduced in float64 (a float32 tree's top levels round D~ ~ 1e3 by ~5e-5); the float32
-roundings of d_v ~ 1e3 remain (~1e-4 each, averaging out over the row).
+rounding reaches the loss to second order only: a student 1e-3 from its teacher (KL ~5e-7) is
+typically 0.4-1% off, where Q ln(Q / P) summed alone was 7-40% off and the reverse formed as
+g~_e + D 8-22% (what is left is each exp's own rounding). As the C++ kernel (csrc/bridge.cpp).
+Pass 2's sums are per lane in float32 (each lane adds one term per block), their lanes reduced in
+float64 (a float32 tree's top levels round D~ ~ 1e3 by ~5e-5); the float32 roundings of d_v ~ 1e3
+remain (~1e-4 each, averaging out over the row).
 
 Dtypes: student and teacher may differ (float32, bfloat16, float16 each): Triton specialises the
 kernel on each pointer's element type, every load is in that input's own dtype and is converted to
@@ -196,10 +197,11 @@ def _first_reaching(s_row, t_row, V, a_t, a_s, beta, masked_bx, stride_sv, strid
 
 
 @triton.jit
-def _centred_gap(x, u, e_s, inv_temperature):
-    """Reverse, centred at token e (anchors e_T = y_e, e_S = x_e; u = u' = (y - e_T) + beta (x - e_S)):
-    d = g - g_e = ((x - e_S) - u') / T (natural units)."""
-    return ((x - e_s) - u) * inv_temperature
+def _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature):
+    """Reverse, centred at token e (anchors e_T = y_e, e_S = x_e): d = g - g_e = ((x - e_S) - u') / T
+    (natural units), u' = (y - e_T) + beta (x - e_S), and where Q masks the entry (u' = -inf)."""
+    u = _bridged(y, x, e_t, e_s, beta, masked_bx)
+    return ((x - e_s) - u) * inv_temperature, u == float("-inf")
 
 
 @triton.jit
@@ -343,9 +345,8 @@ def _bridge_kernel(
                 term = tl.where(p == 0.0, q, p * ((log2p - log2q) * _LN2 - 1.0) + q)
                 acc += tl.where((log2q == float("-inf")) & (x > float("-inf")), float("inf"), term)
                 mass += p
-                u_e = _bridged(y, x, e_t, e_s, beta, masked_bx)
-                d = _centred_gap(x, u_e, e_s, inv_temperature)
-                spread += _xratio(p, x > float("-inf"), u_e == float("-inf"), d)
+                d, q_masked = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
+                spread += _xratio(p, x > float("-inf"), q_masked, d)
             else:  # KL(Q || P) as sum Q (ln Q - ln P) - Q + P: the lse roundings cancel to first order
                 # (as in the C++ kernel's forward_block); P = 0: +inf where Q has the token, else 0;
                 # Q = 0: P
@@ -377,7 +378,7 @@ def _bridge_kernel(
                 x, y = x_next.to(tl.float32), y_next.to(tl.float32)
                 x_next, y_next = _load_pair(s_row, t_row, (b + 1) * BLOCK_V, V, stride_sv, stride_tv, BLOCK_V)
                 log2p = (x - shift_s) * c - log2s_s
-                d = _centred_gap(x, _bridged(y, x, e_t, e_s, beta, masked_bx), e_s, inv_temperature)
+                d, _ = _centred_gap(x, y, e_t, e_s, beta, masked_bx, inv_temperature)
                 p = tl.exp2(log2p)
                 # P (g - loss) / T = P~ (d - D) / (M T); 0 where P = 0, and in a row whose loss is
                 # +inf (a constant: there Q = 0 < P somewhere, which would make inf - inf); NaN in
