@@ -71,12 +71,17 @@ def _logits_to_keep(model, count: int) -> dict:
     return {}
 
 
+def _not_a_causal_lm(model) -> TypeError:
+    """The error for a model without logits (or without generate, where it answers): an encoder."""
+    return TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
+
+
 def _prompt_forward(model, batch: dict, use_cache: bool):
     """The model's output for a left-padded batch, its logits for the last position only where
     the model can (a KV cache with use_cache)."""
     output = model(**batch, use_cache=use_cache, **_logits_to_keep(model, 1))
     if getattr(output, "logits", None) is None:
-        raise TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
+        raise _not_a_causal_lm(model)
     return output
 
 
@@ -510,7 +515,7 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     prompts, answers, correct = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)
     if generate and not callable(getattr(model, "generate", None)):  # (an encoder: no logits, no generate)
-        raise TypeError(f"answer availability needs a causal language model with logits, got {type(model).__name__}")
+        raise _not_a_causal_lm(model)
     variants = _variant_forms(variants)  # (once: a generator of form names serves every answer)
     gold = [_Answer(tokenizer, aliases, variants, i) for i, aliases in enumerate(answers)]
     _check_variants_embedded(model, gold)
