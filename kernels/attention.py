@@ -1386,7 +1386,7 @@ class _Options(NamedTuple):
 def _fwd_flags(options: _Options) -> dict:
     """The prefill kernel's constexprs (made once per combination: callers only read them)."""
     return dict(
-        G_PAD=_next_pow2_at_least(max(options.num_groups, 1), 16),
+        G_PAD=_next_pow2_at_least(options.num_groups, 16),
         CAUSAL=options.causal,
         HAS_KEY_REAL=options.has_key_real,
         HAS_HORIZON=options.has_horizon,
@@ -1408,7 +1408,7 @@ def _decode_flags(options: _Options, rows: int) -> tuple:
     The split kernel takes the prefill kernel's less HAS_SINK_LOGIT (the merge adds the sink)."""
     flags, block_r = _fwd_flags(options), _split_rows(rows)
     # the split kernel sums groups by masked row sums: one per padded group, not a >= 16 wide product
-    g_pad = _next_pow2_at_least(max(options.num_groups, 1), 2)
+    g_pad = _next_pow2_at_least(options.num_groups, 2)
     split = {key: val for key, val in flags.items() if key != "HAS_SINK_LOGIT"}
     split.update(G_PAD=g_pad, BLOCK_R=block_r)
     merge = dict(
@@ -1664,7 +1664,7 @@ def _launch_split(q, k, v, out, lse, sink_mass, ptrs, sink_end, stat_end, stride
     _attention_merge_kernel[(B * Hq * Lq,)](
         state, acc, grp, out, lse, sink_mass, ptrs["group_mass"], ptrs["entropy"], ptrs["head_mask"],
         ptrs["sink_logit"], Hq, Hkv, Lq, kv_group, num_groups, splits, *strides[12:],
-        **merge_flags, **FP_FUSION, S_PAD=_next_pow2_at_least(splits, 1), num_warps=4,
+        **merge_flags, **FP_FUSION, S_PAD=next_pow2(splits), num_warps=4,
     )  # fmt: skip
 
 

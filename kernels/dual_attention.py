@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreter_enabled
-from ._launch import FP_FUSION, autotune, settle_cache_keys
+from ._launch import FP_FUSION, autotune, next_pow2, settle_cache_keys
 from .attention import (
     _FWD_CONFIGS,
     _FWD_KEY_SHAPES,
@@ -85,7 +85,6 @@ from .attention import (
     _lq_lk_buckets,
     _merge_parts,
     _merge_row,
-    _next_pow2_at_least,
     _prune_fwd,
     _prune_split,
     _real_keys,
@@ -776,7 +775,7 @@ def dual_path_attention(
     _dual_merge_kernel[(B * Hq * Lq,)](
         state, acc, out, cond, uncond, rows, float(gamma), float(eps), Hq, Hkv, Lq, kv_group, splits,
         *strides[12:], *rows.stride(),
-        VALUE_DIM=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, S_PAD=_next_pow2_at_least(splits, 1), **guidance,
+        VALUE_DIM=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, S_PAD=next_pow2(splits), **guidance,
         **FP_FUSION, num_warps=4,
     )  # fmt: skip
 
