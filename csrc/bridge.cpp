@@ -78,6 +78,18 @@
 // P) float32 sums of D~ ~ 1e3 would be off by ~5e-5 even summed in SIMD lanes. Forward's block
 // sums and pass 1's are float32 over runs of kLseRun terms (common.h), added in double, as are
 // their range and row accumulators.
+// Wide rows: logits more than float32's largest value apart (3e38 and -3e38, a student's or a
+// teacher's) make the float32 differences above overflow to -inf for finite logits, c_v - r or
+// log P_v, Q_v below -3.4e38 (T <= 1), which the supports read as masked: the reverse loss +inf
+// where the reference's is 1.5e38, or (beta = 0.5, the student's: c = -inf at its -3e38 where P
+// has the entry) +inf where it is 0; beta z_S - r overflowing to +inf (beta = 2) made it NaN. Pass 1
+// also notes each row's largest finite |z_S| and |z_T| (bridge_block_magnitude, in the loop that
+// forms c); a row where it times (1 + |beta|) max(1, 1 / T) is over kWide = 2^100 (is_wide; ordinary
+// rows are ~2^90 below it) is done whole in double by wide_row, the reference's math (nothing
+// overflows there: no anchor or centre, and the supports are the finite logits), right after pass
+// 1, and skips the other stages (four scalar sweeps over the row on one thread: rare rows only). Its
+// loss and gradient are the reference's rounded to float32 (+inf where that is past float32's
+// range); other rows run as before.
 #include <pybind11/pybind11.h>
 
 #include <vector>
@@ -144,6 +156,22 @@ FASTPROBE_SIMD_CLONES static void bridge_block(const float* s, const float* t, B
                                                int64_t count, float* c) {
 #pragma omp simd
   for (int64_t v = 0; v < count; ++v) c[v] = bridge.logit(s[v], t[v]);
+}
+
+// bridge_block, returning the largest magnitude of the block's finite student and teacher logits
+// (0 if none): pass 1 notes it to find a wide row (see Precision). (A loop of its own over the
+// block cost ordinary rows 5-9%; in bridge_block's loop it is within noise: bench/paired_cpu.py
+// bridge_f32 and bridge_reverse_f32, 11 repeats, 2026-12-07.)
+FASTPROBE_SIMD_CLONES static float bridge_block_magnitude(const float* s, const float* t, Bridge bridge,
+                                                          int64_t count, float* c) {
+  float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
+  for (int64_t v = 0; v < count; ++v) {
+    const float a = std::fabs(s[v]), b = std::fabs(t[v]);
+    largest = std::max(largest, std::max(a < kInf ? a : 0.0f, b < kInf ? b : 0.0f));
+    c[v] = bridge.logit(s[v], t[v]);
+  }
+  return largest;
 }
 
 // Forward, one block: grad_v = (P_v - Q_v) / T; returns KL(Q || P)'s terms over the block as
@@ -268,12 +296,83 @@ struct Workspace {
   std::vector<float> grad;  // [kBlock] gradient of the current block (not float32); reverse pass 2: c
 };
 
+// ---- Wide rows (rare, see Precision): the whole row in double. -----------------
+
+// A row is wide where its logits, the bridge's or their differences scaled by 1 / T could reach
+// float32's largest value: its largest finite |z_S| or |z_T| times (1 + |beta|) max(1, 1 / T) is
+// over kWide. Ordinary rows (|z| ~ 1e2) are ~2^90 below it.
+constexpr double kWide = 0x1p100;
+static bool is_wide(const Problem& p, float magnitude) {
+  return double(magnitude) * (1.0 + std::fabs(double(p.beta))) * std::max(1.0, double(p.inv_temperature)) > kWide;
+}
+
+// A wide row's loss and gradient, the reference's math in double (c_v = z_T,v + beta z_S,v as it
+// forms it: nothing overflows, so no anchor is needed and the supports are the finite logits):
+//   log P_v = (z_S,v - max z_S) / T - log sum_u e^((z_S,u - max z_S) / T), log Q_v likewise from c
+//   forward: loss = sum_v Q_v (log Q_v - log P_v), grad_v = (P_v - Q_v) / T
+//   reverse: loss = sum_v P_v (log P_v - log Q_v), grad_v = P_v (log P_v - log Q_v - loss) / T
+// with 0 log 0 = 0, +inf where only the log's denominator masks an entry (gradient 0), and NaN (loss
+// and gradient) for a row with a NaN or +inf logit or without a finite one (no P or no Q).
+static void wide_row(const Problem& p, int64_t n, Workspace& ws) {
+  const double inv_t = p.inv_temperature, inf = std::numeric_limits<double>::infinity();
+  const Bridge bridge{p.beta, 0.0f, 0.0f};
+  std::vector<double> c(static_cast<size_t>(kBlock));  // a block's bridge logits
+  const auto for_row_blocks = [&](auto&& f) {  // f(v0, count, s) with c formed
+    for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+      const int64_t count = block_size(p.V, v0);
+      const float* s = p.student_block(n, v0, count, ws.s.data());
+      const float* t = p.teacher_block(n, v0, count, ws.c.data());
+      for (int64_t i = 0; i < count; ++i) c[size_t(i)] = bridge.logit<double>(s[i], t[i]);
+      f(v0, count, s);
+    }
+  };
+  double max_s = -inf, max_c = -inf, sum_s = 0.0, sum_c = 0.0;
+  bool undefined = false;
+  for_row_blocks([&](int64_t, int64_t count, const float* s) {
+    for (int64_t i = 0; i < count; ++i) {
+      undefined |= !(s[i] < kInf) && s[i] != kNegInf;  // NaN or +inf (c: NaN or +inf too)
+      undefined |= !(c[size_t(i)] < inf) && c[size_t(i)] != -inf;
+      max_s = std::max(max_s, double(s[i])), max_c = std::max(max_c, c[size_t(i)]);
+    }
+  });
+  undefined |= max_s == -inf || max_c == -inf;  // no P or no Q
+  for_row_blocks([&](int64_t, int64_t count, const float* s) {
+    for (int64_t i = 0; i < count; ++i)
+      sum_s += std::exp((s[i] - max_s) * inv_t), sum_c += std::exp((c[size_t(i)] - max_c) * inv_t);
+  });
+  const double offset_s = std::log(sum_s), offset_c = std::log(sum_c);
+  const auto log_p = [&](float s) { return (s - max_s) * inv_t - offset_s; };
+  const auto log_q = [&](double bridged) { return (bridged - max_c) * inv_t - offset_c; };
+  double kl = 0.0;
+  for_row_blocks([&](int64_t, int64_t count, const float* s) {
+    for (int64_t i = 0; i < count; ++i) {
+      const double lp = log_p(s[i]), lq = log_q(c[size_t(i)]);
+      kl += p.reverse ? (s[i] == kNegInf ? 0.0 : c[size_t(i)] == -inf ? inf : std::exp(lp) * (lp - lq))
+                      : (c[size_t(i)] == -inf ? 0.0 : s[i] == kNegInf ? inf : std::exp(lq) * (lq - lp));
+    }
+  });
+  if (undefined) kl = std::numeric_limits<double>::quiet_NaN();
+  p.loss[n] = float(std::max(kl, 0.0));  // (std::max keeps NaN)
+  if (p.grad == nullptr) return;
+  for_row_blocks([&](int64_t v0, int64_t count, const float* s) {
+    float* grad = p.grad_block(n, v0, ws.grad.data());
+    for (int64_t i = 0; i < count; ++i) {
+      const double lp = log_p(s[i]), lq = log_q(c[size_t(i)]), prob = std::exp(lp);
+      const double g = p.reverse ? (s[i] == kNegInf ? 0.0 : prob * (lp - lq - kl) * inv_t)
+                                 : (prob - std::exp(lq)) * inv_t;
+      grad[i] = float(kl == inf ? 0.0 : std::isnan(kl) ? kl : g);  // (a NaN loss: a NaN row)
+    }
+    p.store_grad(n, v0, count, grad);
+  });
+}
+
 // What a row keeps between its stages: the bridge's anchor (and whether pass 1 runs again at a
 // new one), both log-softmaxes and the loss; reverse: its centre (see Precision).
 struct RowSoftmax {
   Bridge bridge;  // anchored for pass 1 (and pass 2's log Q)
   Bridge centred;  // reverse: anchored at the centre a (d_v, passes 2 and 3)
   bool reanchored;
+  bool wide;  // computed whole in double by wide_row (see Precision)
   LogSoftmax log_p, log_q;
   BlockMax s_max;           // reverse: the row's largest s (its block)
   float centre_s;           // reverse: z_S,a
@@ -287,6 +386,7 @@ struct RowSoftmax {
 struct RangeLse {
   LseState s, c;
   BlockMax s_max, c_max;
+  float magnitude;  // the largest finite |z_S|, |z_T| (only with the student's log-sum-exp)
 };
 
 // Block [v0, v0 + count) of row n: returns its student logits, the bridge c into ws.c.
@@ -356,10 +456,17 @@ static void fold_block(LseState& lse, BlockMax& largest, const float* x, int64_t
 static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, bool student, Workspace& ws,
                       RangeLse* part) {
   const BlockMax none{kNegInf, -1};
-  RangeLse found{student ? LseState{} : part->s, LseState{}, student ? none : part->s_max, none};
+  RangeLse found{student ? LseState{} : part->s, LseState{}, student ? none : part->s_max, none,
+                 student ? 0.0f : part->magnitude};
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
-    const float* s = load_block(p, n, v0, count, bridge, ws);
-    if (student) fold_block(found.s, found.s_max, s, v0, count, p.inv_temperature);
+    const float* s = p.student_block(n, v0, count, ws.s.data());
+    const float* t = p.teacher_block(n, v0, count, ws.c.data());
+    if (student) {
+      found.magnitude = std::max(found.magnitude, bridge_block_magnitude(s, t, bridge, count, ws.c.data()));
+      fold_block(found.s, found.s_max, s, v0, count, p.inv_temperature);
+    } else {
+      bridge_block(s, t, bridge, count, ws.c.data());
+    }
     fold_block(found.c, found.c_max, ws.c.data(), v0, count, p.inv_temperature);
   });
   *part = found;
@@ -373,6 +480,7 @@ static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_te
     merge_lse(row.c, parts[range].c, inv_temperature);
     if (parts[range].s_max.value > row.s_max.value) row.s_max = parts[range].s_max;
     if (parts[range].c_max.value > row.c_max.value) row.c_max = parts[range].c_max;
+    row.magnitude = std::max(row.magnitude, parts[range].magnitude);
   }
   return row;
 }
@@ -409,7 +517,8 @@ static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const
   });
 }
 
-// Every row in ranges (run_rows): its anchor, pass 1 of each range, then (only for a row whose
+// Every row in ranges (run_rows): its anchor, pass 1 of each range (a wide row: then all of it in
+// double, wide_row, and no more stages), then (only for a row whose
 // largest bridge logit is far above its anchor) a new anchor there and pass 1's bridge half
 // again, its log-softmaxes (reverse: its centre), pass 2 of each range, its loss, then (with a
 // gradient) pass 3 of each range: reverse, the gradient; either direction, zeros for a loss of
@@ -438,9 +547,13 @@ static void run(const Problem& p, int threads) {
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) return;
         const RangeLse row = merge_ranges(&lse_parts[slot * ranges], ranges, p.inv_temperature);
-        // c_max / T > kReanchor (a NaN row, with no c_max, keeps its anchor)
-        rows[slot].reanchored = row.c_max.at >= 0 && row.c_max.value * p.inv_temperature > kReanchor;
-        if (rows[slot].reanchored) {
+        rows[slot].wide = is_wide(p, row.magnitude);
+        // c_max / T > kReanchor (a NaN row, with no c_max, keeps its anchor; a wide row is done below)
+        rows[slot].reanchored =
+            !rows[slot].wide && row.c_max.at >= 0 && row.c_max.value * p.inv_temperature > kReanchor;
+        if (rows[slot].wide) {
+          wide_row(p, n, ws);  // (the rare path: the row is done)
+        } else if (rows[slot].reanchored) {
           rows[slot].bridge = anchored_at(p, n, located(p, n, rows[slot].bridge, row.c_max, false, ws), ws);
         } else {
           set_softmax(slot, row);
@@ -450,7 +563,7 @@ static void run(const Problem& p, int threads) {
         if (!p.ignored(n) && rows[slot].reanchored) pass1(n, range, slot, false, ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
-        if (p.ignored(n)) return;
+        if (p.ignored(n) || rows[slot].wide) return;
         if (rows[slot].reanchored)
           set_softmax(slot, merge_ranges(&lse_parts[slot * ranges], ranges, p.inv_temperature));
         if (p.reverse) centre_row(p, n, rows[slot], ws);
@@ -460,6 +573,7 @@ static void run(const Problem& p, int threads) {
           if (p.grad != nullptr) p.zero_grad(n, range * kRange, range_end(p.V, range));
           return;
         }
+        if (rows[slot].wide) return;
         loss_parts[slot * ranges + range] = range_loss(p, n, range, rows[slot], ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace&) {
@@ -467,6 +581,7 @@ static void run(const Problem& p, int threads) {
           p.loss[n] = 0.0f;
           return;
         }
+        if (rows[slot].wide) return;
         Pass2Sums row;
         for (int64_t range = 0; range < ranges; ++range) row += loss_parts[slot * ranges + range];
         // reverse: KL = (its terms' sum) / M (see Precision); the gradient's D = D~ / M (NaN with a NaN
@@ -481,7 +596,7 @@ static void run(const Problem& p, int threads) {
         p.loss[n] = float(std::max(kl, 0.0));
       }),
       each_part(p.grad != nullptr ? ranges : 0, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (p.ignored(n)) return;  // (zeroed above)
+        if (p.ignored(n) || rows[slot].wide) return;  // (zeroed above; a wide row's written)
         if (rows[slot].loss == kInf) {
           p.zero_grad(n, range * kRange, range_end(p.V, range));  // (a constant +inf: no gradient)
         } else if (p.reverse) {

@@ -60,6 +60,19 @@ g~_e + D 8-22% (what is left is each exp's own rounding). As the C++ kernel (csr
 Pass 2's sums are per lane in float32 (each lane adds one term per block), their lanes reduced in
 float64 (a float32 tree's top levels round D~ ~ 1e3 by ~5e-5); the float32 roundings of d_v ~ 1e3
 remain (~1e-4 each, averaging out over the row).
+Wide logits (not handled here; the C++ kernel computes such rows in double): logits more than
+float32's largest value apart (3e38 and -3e38, a student's or a teacher's) make the float32
+differences above overflow for finite logits, and the supports are read from the results. So
+where a log-probability lies below -3.4e38 (log2 P or log2 Q -inf) and the other distribution's
+probability there is > 0, the loss is +inf where the reference's is finite (teacher [3e38, -3e38, 0],
+student [0, -100, 0]: reverse 1.5e38, any beta; the student's, forward, beta = 0); u less its anchor
+overflowing to -inf at a finite student logit (student [3e38, -3e38, 0], beta = 0.5) masks Q there,
+so a reverse loss +inf (forward: +inf at T = 1) where the reference's is 0; and beta x overflowing
+to +inf (the same student, beta = 2) makes the row's loss and gradient NaN where the reference's
+are 0. Fixing this here costs ordinary rows: a per-row wide test in pass 1 (the largest finite |x|,
+|y| per lane) added ~18% to pass 1's loop body on sm_90 and, with a float64 rare path in the
+kernel, 71 -> 126 registers; reading Q's and P's masks from x and y in pass 2 (fixes the beta = 0.5
+rows only) +1 to +20 instructions in its loop body and a 4-8 byte spill (float32 reverse).
 
 Dtypes: student and teacher may differ (float32, bfloat16, float16 each): Triton specialises the
 kernel on each pointer's element type, every load is in that input's own dtype and is converted to

@@ -19,10 +19,13 @@ float64 input the reference runs, in float64. The loss is float32, or float64 wh
 is float64; the gradient w.r.t. the student logits is in the student's dtype.
 
 Range: the fast kernels form each bridge logit as (z_T - a_T) + beta (z_S - a_S) in float32, from
-per-row anchors a. Where beta times the spread of a row's student logits, or the teacher's spread,
-nears float32's largest value (3.4e38: |beta| ~ 1e36 with ordinary logits; logits ~ 1e38 with
-beta ~ 1, a teacher's cancelling a student's), that row's loss is NaN, inf or imprecise (the
-float64 reference's is not). Logits of magnitude 1e4 at |beta| up to 2 are tested exact to float32.
+per-row anchors a. The C++ kernel computes a row whose largest finite |z_S| or |z_T| times
+(1 + |beta|) max(1, 1 / T) is over 2^100 (logits ~1e38; |beta| or 1 / T over ~1e28 with logits
+~100) whole in double: its loss and gradient are the reference's rounded to float32 (+inf past
+float32's range). In the Triton kernel, where beta times the spread of a row's student logits, or the
+teacher's spread, nears float32's largest value (3.4e38), that row's loss is NaN, +inf or imprecise
+(kernels/bridge.py, Wide logits; the float64 reference's is not). Logits of magnitude 1e4 at
+|beta| up to 2 are tested exact to float32.
 """
 
 from __future__ import annotations
