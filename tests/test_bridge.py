@@ -227,9 +227,9 @@ def test_logits_further_apart_than_float32_max_match_the_reference(target, dtype
     1.5e38, the student's a forward one (P masked where Q > 0), and with beta = 0.5 the student's
     made c = (z_T - r_T) + beta (z_S - r_S) = -inf at its -3e38, so a reverse loss +inf where the
     reference's is 0 (beta = 2: beta z_S overflowed to +inf, a NaN loss). Row 3 of the last pair:
-    such a logit past the first block and its first
-    range, beside ordinary rows. The C++ kernel computes such rows in double; the Triton kernel
-    does not (kernels/bridge.py, Wide logits: fixing it there costs ordinary rows)."""
+    such a logit past the first block and its first range, beside ordinary rows. The C++ kernel
+    computes such rows in double; the Triton kernel does not (kernels/bridge.py, Wide logits:
+    fixing it there costs ordinary rows)."""
     backend, device = target
     if backend == "triton":
         pytest.skip("the Triton kernel leaves rows of logits further apart than float32's largest value as they were")
