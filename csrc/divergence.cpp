@@ -10,6 +10,11 @@
 //   terms are >= 0 and second order in the difference, so near-equal distributions keep
 //   their relative precision (the plain a (log a - log b) terms cancel to first order). That
 //   is KL(a || b) for normalised a and b: the weights sum to 1 (the op rescales them).
+//   A run of kLseRun columns with one of the mixture's whose float32 log p_v is below
+//   wide_log_prob (-inf included: log p_v below -float max at T <= 1 for logits 3e38 and -3e38,
+//   where m_v (log m_v - log p_v) can still be finite) has its KL summed again in double
+//   (exact_target_kl): a rare path that no row with logits within +-2^100 takes unless p masks a
+//   column the drafts have (or T is tiny).
 //   stats[2] = epistemic = stats[0] + stats[1]
 //   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
 //   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)   (float64)
@@ -64,7 +69,7 @@ FASTPROBE_SIMD_CLONES static float draft_block(const float* x, LogSoftmax row, f
     const float qv = fast_exp(log_q);           // q_v
     q[v] = qv;
     m[v] += w * qv;                             // m_v = sum_k w_k q_kv
-    in_m[v] = weighted && log_q != kNegInf ? 1.0f : in_m[v];
+    in_m[v] = weighted && x[v] != kNegInf ? 1.0f : in_m[v];  // (log q_v may overflow to -inf)
     q_log_q += qv > 0.0f ? qv * log_q : 0.0f;   // 0 log 0 = 0
   }
   return q_log_q;
@@ -88,11 +93,12 @@ FASTPROBE_SIMD_CLONES static float mixture_block(const float* m, int64_t count, 
 // (sum_v (b_v - a_v) = 0, so the terms add up to KL(a || b)). For |d| < 1/4 the series (to
 // d^7: 8e-8 relative); elsewhere a (d - 1) + b, which cancels by at most 1 / psi(-1/4) = 38x
 // (a = 0: b, d not read; b = 0 with d finite, b underflowed: a (d - 1); d = +inf: +inf).
-FASTPROBE_ALWAYS_INLINE float kl_term(float a, float b, float d) {
-  const float series =
-      d * d * (0.5f + d * (1.0f / 3 + d * (0.125f + d * (1.0f / 30 + d * (1.0f / 144 + d * (1.0f / 840))))));
-  const bool near = b > 0.0f && d < 0.25f && d > -0.25f;
-  return near ? b * series : (a > 0.0f ? a * (d - 1.0f) : 0.0f) + b;
+// (F = double: exact_target_kl's.)
+template <typename F>
+FASTPROBE_ALWAYS_INLINE F kl_term(F a, F b, F d) {
+  const F series = d * d * (F(0.5) + d * (F(1) / 3 + d * (F(0.125) + d * (F(1) / 30 + d * (F(1) / 144 + d * (F(1) / 840))))));
+  const bool near = b > 0 && d < F(0.25) && d > F(-0.25);
+  return near ? b * series : (a > 0 ? a * (d - 1) : F(0)) + b;
 }
 
 // One draft row against the mixture: returns KL(q || m) = sum_v m_v psi(log q_v - log m_v).
@@ -110,23 +116,56 @@ struct TargetSums {
   float p_log_p;  // sum_v p_v log p_v
 };
 
-// Target row against the mixture: p_v = exp(log p_v). A column the mixture has (in_m_v)
-// and the target masks gives +inf, even where m_v underflows to 0.
+// The log p_v below which target_block leaves a column of the mixture's to exact_target_kl:
+// -(2^102 scale + 2^64), at least -float max. There log p_v may be -inf though the exact value is
+// finite (below -float max: logits more than float max / scale apart), and m_v may have
+// underflowed to 0 (fast_exp flushes below e^-87) though m_v |log p_v| is not negligible. No row
+// whose logits are all within +-2^100 has a finite log p_v below it (>= -(2^101 scale + ln V)), so
+// such rows reach exact_target_kl only for a -inf log p_v, which was +inf before.
+inline float wide_log_prob(const LogSoftmax& row) {
+  return -std::min(0x1p102f * row.scale + 0x1p64f, std::numeric_limits<float>::max());
+}
+
+// Target row against the mixture: p_v = exp(log p_v). A column the mixture has (in_m_v) with
+// log p_v below wide_log_prob (-inf included: a column the target masks) adds +inf: the caller
+// then sums these columns' KL again by exact_target_kl.
 FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax row,
                                                      const float* m, const float* log_m,
                                                      const float* in_m, int64_t count) {
   float kl = 0.0f, p_log_p = 0.0f;
+  const float wide = wide_log_prob(row);
 #pragma omp simd reduction(+ : kl, p_log_p)
   for (int64_t v = 0; v < count; ++v) {
     const float log_p = log_prob(row, x[v]);                   // log p_v (-inf where masked)
     const float pv = fast_exp(log_p);                          // p_v
     p_log_p += pv > 0.0f ? pv * log_p : 0.0f;                  // 0 log 0 = 0
-    const bool outside = in_m[v] > 0.0f && log_p == kNegInf;   // (p_v = 0 where m_v > 0: +inf)
+    const bool wide_column = in_m[v] > 0.0f && log_p < wide;   // (exact_target_kl's)
     // m_v = 0: the term is p_v (log m_v is not formed there)
     const float term = m[v] > 0.0f ? kl_term(m[v], pv, log_m[v] - log_p) : pv;
-    kl += outside ? kInf : term;
+    kl += wide_column ? kInf : term;
   }
   return {kl, p_log_p};
+}
+
+// KL(m || p) over one run (draft rows x[k], the target x[K]) whose target_block sum was +inf,
+// in double: +inf if the target masks a column the mixture has (a finite logit in a draft of
+// weight > 0, however small m_v is there); else every term from log q_kv and log p_v as
+// (x - shift) scale - offset and m_v = sum_k w_k q_kv down to e^-745 (a smaller m_v's term
+// m_v (log m_v - log p_v) is < 1e-284). A rare path: rows with logits beyond +-2^100, or a tiny T.
+static double exact_target_kl(const float* const* x, const LogSoftmax* rows, const float* weights, int64_t K,
+                              const float* in_m, int64_t count) {
+  auto exact_log_prob = [&](int64_t r, int64_t v) {
+    return (double(x[r][v]) - double(rows[r].shift)) * double(rows[r].scale) - double(rows[r].offset);
+  };
+  double kl = 0.0;
+  for (int64_t v = 0; v < count; ++v) {
+    if (in_m[v] > 0.0f && x[K][v] == kNegInf) return kInf;
+    double m = 0.0;
+    for (int64_t k = 0; k < K; ++k) m += double(weights[k]) * std::exp(exact_log_prob(k, v));
+    const double log_p = exact_log_prob(K, v), p = std::exp(log_p);
+    kl += m > 0.0 ? kl_term(m, p, std::log(m) - log_p) : p;
+  }
+  return kl;
 }
 
 // ---- Per-token driver. ----------------------------------------------------------
@@ -174,7 +213,7 @@ enum SumSlot : int64_t { kJsd, kMLogM, kKlMt, kPLogP, kQLogQ };
 struct Workspace {
   explicit Workspace(int64_t K)
       : logits(scratch_floats((K + 1) * kBlock)), q(scratch_floats(K * kBlock)), m(scratch_floats(kBlock)),
-        log_m(scratch_floats(kBlock)), in_m(scratch_floats(kBlock)), rows(size_t(K + 1)) {}
+        log_m(scratch_floats(kBlock)), in_m(scratch_floats(kBlock)), rows(size_t(K + 1)), run_rows(size_t(K + 1)) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
   float* q_row(int64_t k) { return q.data() + k * kBlock; }
@@ -185,6 +224,7 @@ struct Workspace {
   std::vector<float> log_m;   // [kBlock] log m_v
   std::vector<float> in_m;    // [kBlock] 1 where some draft of weight > 0 has a finite logit
   std::vector<const float*> rows;  // [K + 1] the current block's logits (load_row)
+  std::vector<const float*> run_rows;  // [K + 1] the same from a run's first element (exact_target_kl)
 };
 
 // Pass 1 over range `range` of token n: a fresh online log-sum-exp of every row into lse[r].
@@ -221,7 +261,12 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
                       jsd_block(ws.rows[k] + first, log_softmax[k], ws.q_row(k) + first, m, log_m, run);
       if (p.has_target()) {
         const TargetSums t = target_block(ws.rows[p.K] + first, log_softmax[p.K], m, log_m, in_m, run);
-        sums[kKlMt] += t.kl;
+        if (t.kl == kInf) {  // a column below wide_log_prob, or float32 overflow: summed again exactly
+          for (int64_t r = 0; r <= p.K; ++r) ws.run_rows[r] = ws.rows[r] + first;
+          sums[kKlMt] += exact_target_kl(ws.run_rows.data(), log_softmax, p.weights, p.K, in_m, run);
+        } else {
+          sums[kKlMt] += t.kl;
+        }
         sums[kPLogP] += t.p_log_p;
       }
     });
