@@ -17,7 +17,10 @@
 // with log p_v = (x_v - shift) / T - offset from the row's double lse, and q_cv = p_v / mass_c
 // from the concept's own largest variant, as in the forward: log q_cv = (x_v - x_top) / T -
 // log s_c, x_top = x[top_token], log s_c = -log top_share (exact however far the concept lies
-// below the row's max).
+// below the row's max). Known limit: the double lse holds ln S only to ~|max / T| 2^-53, so p_v
+// is off by that much relative (3e-5 at |max / T| = 1e12; a tied max of 1e17 gives p = 1, not
+// 1/2); it matters only for a row whose largest logit is tied or within a few T of others
+// (kernels/concepts.py's header).
 //
 // Work: each row's vocabulary is taken in ranges of kRange logits (common.h), its concepts (in
 // the backward, its concept tokens) in chunks of at most kChunk. Forward: each range folds into a

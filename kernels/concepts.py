@@ -32,6 +32,13 @@ with log p_v = y_v - lse formed from the forward's float64 lse as (x_v - shift) 
 (shift = lse T rounded to float32, near the row's max), and q_cv = p_v / mass_c from the
 concept's own largest variant, as the forward does: q_cv = exp((x_v - x_top) / T) top_share_c,
 x_top = x[top_token]: both exact at any magnitude, however far below the row's max.
+Known limit (so the C++ kernel's): the float64 lse = M / T + ln S holds ln S only to
+~|M / T| 2^-53, so log p_v is off by that much: 3e-5 relative at |M / T| = 1e12, and ln S is
+lost from |M / T| ~ 1e17 (a row [1e17, 1e17, 0]: p = 1, not 1/2, grad of log_mass [0, -1, 0]
+for the concept {0} where it is [0.5, -0.5, 0]). Only a row whose largest logit is tied, or
+within a few T of others, has ln S large enough to matter: elsewhere at such |M / T| its
+neighbours lie >= |M / T| 2^-24 (6e4 at 1e12) below, S = 1. (A fix: the forward keeping M and ln S
+apart for the backward; not made, 2026-12-07.)
 Each block stores coef p_v / T for all its v, then (after a barrier, so the order of the two
 stores is fixed) overwrites each concept id in it once with its total, the concepts that
 contain it read from the transpose: overlapping concepts accumulate, no atomics.
