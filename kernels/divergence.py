@@ -37,10 +37,11 @@ logit lies more than float max T below the row's max (T <= 1 and logits 3e38 and
 tiny T), ln p_v is -inf in float32 though the exact value is finite, and KL(m || p) is not
 m_v (ln m_v - ln p_v) there: +inf where m_v > 0 in float32 (exact: finite below float max when
 m_v < float max / |ln p_v|), and the term dropped where m_v underflows (on a GPU below 2^-126:
-up to ~2^-126 |ln p_v| lost, ~7 at T = 1 with logits +-3e38; m_v ~ e^-95 there gives 3e-3). A column the target masks is +inf as it should be. The same form in float64 after
-pass 2 where it met such a column (tried 2026-12-07, compiled for sm_90, bf16 K = 4: 166 -> 192
-registers a thread at 1024 x 4 warps, one program fewer per SM, from the float64 exp and log)
-was not kept; tests/test_divergence.py's test_kl_with_log_p_below_minus_float32_max marks it.
+up to ~2^-126 |ln p_v| lost, ~7 at T = 1 with logits +-3e38; m_v ~ e^-95 there gives 3e-3). A
+column the target masks is +inf as it should be. The same form in float64 after pass 2 where it
+met such a column (tried 2026-12-07, compiled for sm_90, bf16 K = 4: 166 -> 192 registers a
+thread at 1024 x 4 warps, one program fewer per SM, from the float64 exp and log) was not kept;
+tests/test_divergence.py's test_kl_with_log_p_below_minus_float32_max marks it.
 """
 
 # No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as
