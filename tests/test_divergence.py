@@ -133,6 +133,15 @@ def test_extreme_logits(target, dtype):
     assert_matches(result, expected(draft, target_logits, None, 1.0), rtol=1e-4, atol=1e-4)
 
 
+def kernel_and_reference(draft, target_logits, temperature, sharded):
+    """(the op's result, whole or combined from vocabulary shards; the float64 reference's), no weights."""
+    if sharded:
+        result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(draft.shape[-1]))
+    else:
+        result = fp.draft_divergence(draft, target_logits, temperature=temperature)
+    return result, expected(draft, target_logits, None, temperature)
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["whole", "shards"])
 def test_kl_near_the_float32_limit_is_finite(target, sharded):
     """KL(m || p) up to ~3e38, finite in float32, comes out finite and right, whole and sharded:
@@ -149,11 +158,7 @@ def test_kl_near_the_float32_limit_is_finite(target, sharded):
     draft[0, 2, 40], target_logits[2, 41] = 2e38, 3e38  # m_40 ~ 1/2: KL ~ 3e38
     target_logits[3, 0], target_logits[3, 199] = -3e38, 3e37  # log p_0 ~ -3.3e38: KL ~ 3e37 + m_0 3.3e38
     draft, target_logits = draft.to(device), target_logits.to(device)
-    if sharded:
-        result, _ = combine_shards(draft, target_logits, None, 1.0, vocab_shards(vocab))
-    else:
-        result = fp.draft_divergence(draft, target_logits)
-    want = expected(draft, target_logits, None, 1.0)
+    result, want = kernel_and_reference(draft, target_logits, 1.0, sharded)
     assert want["kl_mixture_target"][1:3].min() > 2.5e38 and want["kl_mixture_target"].max() < 3.4e38
     assert_matches(result, want, rtol=1e-5, atol=1e-5)
 
@@ -172,11 +177,7 @@ def test_kl_under_temperature_with_logits_further_apart_than_float32_max(target,
     draft[:, 0, 160] = 30.0  # m_160 ~ 1: KL ~ 2.4e38
     draft[0, 1, 160] = 30.0  # m_160 ~ 1/2: KL ~ 1.2e38
     draft, target_logits = draft.to(device), target_logits.to(device)
-    if sharded:
-        result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
-    else:
-        result = fp.draft_divergence(draft, target_logits, temperature=temperature)
-    want = expected(draft, target_logits, None, temperature)
+    result, want = kernel_and_reference(draft, target_logits, temperature, sharded)
     assert want["kl_mixture_target"][:2].min() > 1e38 and want["kl_mixture_target"].max() < 3.4e38
     assert_matches(result, want, rtol=1e-5, atol=1e-5)
 
@@ -206,11 +207,7 @@ def test_kl_with_log_p_below_minus_float32_max(target, sharded, temperature, req
     target_logits[:, 5], target_logits[:, 160] = far, -far
     draft[0, 2, 5], draft[0, 2, 7], target_logits[2, 7] = 3e38, -3e38, float("-inf")  # log q_7 -inf: KL +inf
     draft, target_logits = draft.to(device), target_logits.to(device)
-    if sharded:
-        result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
-    else:
-        result = fp.draft_divergence(draft, target_logits, temperature=temperature)
-    want = expected(draft, target_logits, None, temperature)
+    result, want = kernel_and_reference(draft, target_logits, temperature, sharded)
     kl = want["kl_mixture_target"]
     assert 1e-4 < kl[0] < kl[1] < 3.4e38 and kl[2] == float("inf")
     assert_matches(result, want, rtol=1e-5, atol=1e-5)
