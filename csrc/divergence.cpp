@@ -13,8 +13,8 @@
 //   A run of kLseRun columns with one of the mixture's whose float32 log p_v is below
 //   wide_log_prob (-inf included: log p_v below -float max at T <= 1 for logits 3e38 and -3e38,
 //   where m_v (log m_v - log p_v) can still be finite) has its KL summed again in double
-//   (exact_target_kl): a rare path that no row with logits within +-2^100 takes unless p masks a
-//   column the drafts have (or T is tiny).
+//   (exact_target_kl): a rare path that no row with logits within +-2^100 takes at T >= 1 unless
+//   p masks a column the drafts have (below 1, rows with logits ~2^102 T apart: a tiny T).
 //   stats[2] = epistemic = stats[0] + stats[1]
 //   stats[3] = H(m), stats[4] = H(p), stats[5 + k] = H(q_k)
 //   lse[k] = logsumexp(s_k), lse[K] = logsumexp(t)   (float64)
@@ -117,13 +117,17 @@ struct TargetSums {
 };
 
 // The log p_v below which target_block leaves a column of the mixture's to exact_target_kl:
-// -(2^102 scale + 2^64), at least -float max. There log p_v may be -inf though the exact value is
-// finite (below -float max: logits more than float max / scale apart), and m_v may have
-// underflowed to 0 (fast_exp flushes below e^-87) though m_v |log p_v| is not negligible. No row
-// whose logits are all within +-2^100 has a finite log p_v below it (>= -(2^101 scale + ln V)), so
-// such rows reach exact_target_kl only for a -inf log p_v, which was +inf before.
+// -(2^102 min(scale, 1) + 2^64). There log p_v may be -inf though the exact value is finite
+// (below -float max: logits more than float max / scale apart), and m_v may have underflowed to 0
+// (fast_exp flushes below e^-87) though m_v |log p_v| is not negligible; above it such a term is
+// under e^-87 (2^102 + 2^64) ~ 8e-8. (Not capped at scale 1, the bound grew with 1 / T: at
+// T = 1e-30 a mass m_v ~ e^-88 where log p_v ~ -2e38, logits 1e8 apart, was dropped from a KL of
+// 0.8.) At T >= 1 no row whose logits are all within +-2^100 has a finite log p_v below it
+// (>= -(2^101 scale + ln V)), so such rows reach exact_target_kl only for a -inf log p_v, which
+// was +inf before; at T < 1 so do rows whose logits are more than ~2^102 T apart (rare: T = 0.5,
+// 2.5e30 apart; a tiny T makes them common).
 inline float wide_log_prob(const LogSoftmax& row) {
-  return -std::min(0x1p102f * row.scale + 0x1p64f, std::numeric_limits<float>::max());
+  return -(0x1p102f * std::min(row.scale, 1.0f) + 0x1p64f);
 }
 
 // Target row against the mixture: p_v = exp(log p_v). A column the mixture has (in_m_v) with

@@ -213,6 +213,36 @@ def test_kl_with_log_p_below_minus_float32_max(target, sharded, temperature, req
     assert_matches(result, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "shards"])
+@pytest.mark.parametrize("temperature", [1e-5, 1e-10, 1e-30])
+def test_kl_with_finite_log_p_far_below_the_mixture_under_a_tiny_temperature(target, sharded, temperature):
+    """Under a tiny T, target logits well within +-2^100 give a finite float32 log p_v as low as
+    -float max (T = 1e-30: logits 1e8 apart, log p ~ -2e38), where a mixture mass m_v ~ e^-88
+    (0 in float32: fast_exp flushes below e^-87) still gives KL ~ e^-88 2e38 ~ 0.8. The C++ kernel
+    summed such a column in double only below -min(2^102 / T + 2^64, float max) (T = 1e-5: -5e35,
+    log p ~ -2e35; smaller T: -float max) and dropped the term: KL 0 (T = 1e-5: 0 for 8e-4). The
+    Triton kernel keeps such an m_v under the interpreter (float32 subnormals), not on a GPU, which
+    flushes it below 2^-126 (the Known limit in kernels/divergence.py)."""
+    backend, device = target
+    if backend == "triton" and device != "cpu":
+        pytest.skip("on a GPU the Triton kernel drops m_v (ln m_v - ln p_v) where m_v is below 2^-126 (Known limit)")
+    num_drafts, num_tokens, vocab = 2, 3, 200
+    far = 1e8 * temperature / 1e-30 if temperature < 1e-5 else 1e30  # log p_160 ~ -2 far / T: -2e38, -2e35
+    draft = temperature * (torch.randn(num_drafts, num_tokens, vocab) - 1000)  # m_v ~ e^-1000 off 5, 160
+    draft[:, :, 5] = 0.0
+    draft[:, :, 160] = -temperature * (88 + torch.rand(num_drafts, num_tokens))  # m_160 ~ e^-88.5
+    target_logits = temperature * torch.randn(num_tokens, vocab)
+    target_logits[:, 5], target_logits[:, 160] = far, -far
+    draft, target_logits = draft.to(device), target_logits.to(device)
+    if sharded:
+        result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
+    else:
+        result = fp.draft_divergence(draft, target_logits, temperature=temperature)
+    want = expected(draft, target_logits, None, temperature)
+    assert want["kl_mixture_target"].min() > 1e-4 and want["kl_mixture_target"].max() < 3.4e38
+    assert_matches(result, want, rtol=1e-5, atol=1e-5)
+
+
 def test_epistemic_identity(target):
     """epistemic == sum_k w_k KL(q_k || p), computed independently in float64."""
     _, device = target
