@@ -151,19 +151,20 @@ FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax 
   return {kl, p_log_p};
 }
 
-// KL(m || p) over one run (draft rows x[k], the target x[K]) whose target_block sum was +inf,
+// KL(m || p) over one run, columns [first, first + count) of the draft rows x[k] and the target
+// x[K] (in_m: the run's own), whose target_block sum was +inf,
 // in double: +inf if the target masks a column the mixture has (a finite logit in a draft of
 // weight > 0, however small m_v is there); else every term from log q_kv and log p_v as
 // (x - shift) scale - offset and m_v = sum_k w_k q_kv down to e^-745 (a smaller m_v's term
 // m_v (log m_v - log p_v) is < 1e-284). A rare path: rows with logits beyond +-2^100, or a tiny T.
-static double exact_target_kl(const float* const* x, const LogSoftmax* rows, const float* weights, int64_t K,
-                              const float* in_m, int64_t count) {
+static double exact_target_kl(const float* const* x, int64_t first, const LogSoftmax* rows, const float* weights,
+                              int64_t K, const float* in_m, int64_t count) {
   auto exact_log_prob = [&](int64_t r, int64_t v) {
-    return (double(x[r][v]) - double(rows[r].shift)) * double(rows[r].scale) - double(rows[r].offset);
+    return (double(x[r][first + v]) - double(rows[r].shift)) * double(rows[r].scale) - double(rows[r].offset);
   };
   double kl = 0.0;
   for (int64_t v = 0; v < count; ++v) {
-    if (in_m[v] > 0.0f && x[K][v] == kNegInf) return kInf;
+    if (in_m[v] > 0.0f && x[K][first + v] == kNegInf) return kInf;
     double m = 0.0;
     for (int64_t k = 0; k < K; ++k) m += double(weights[k]) * std::exp(exact_log_prob(k, v));
     const double log_p = exact_log_prob(K, v), p = std::exp(log_p);
@@ -217,7 +218,7 @@ enum SumSlot : int64_t { kJsd, kMLogM, kKlMt, kPLogP, kQLogQ };
 struct Workspace {
   explicit Workspace(int64_t K)
       : logits(scratch_floats((K + 1) * kBlock)), q(scratch_floats(K * kBlock)), m(scratch_floats(kBlock)),
-        log_m(scratch_floats(kBlock)), in_m(scratch_floats(kBlock)), rows(size_t(K + 1)), run_rows(size_t(K + 1)) {}
+        log_m(scratch_floats(kBlock)), in_m(scratch_floats(kBlock)), rows(size_t(K + 1)) {}
 
   float* logits_row(int64_t r) { return logits.data() + r * kBlock; }
   float* q_row(int64_t k) { return q.data() + k * kBlock; }
@@ -228,7 +229,6 @@ struct Workspace {
   std::vector<float> log_m;   // [kBlock] log m_v
   std::vector<float> in_m;    // [kBlock] 1 where some draft of weight > 0 has a finite logit
   std::vector<const float*> rows;  // [K + 1] the current block's logits (load_row)
-  std::vector<const float*> run_rows;  // [K + 1] the same from a run's first element (exact_target_kl)
 };
 
 // Pass 1 over range `range` of token n: a fresh online log-sum-exp of every row into lse[r].
@@ -265,12 +265,9 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
                       jsd_block(ws.rows[k] + first, log_softmax[k], ws.q_row(k) + first, m, log_m, run);
       if (p.has_target()) {
         const TargetSums t = target_block(ws.rows[p.K] + first, log_softmax[p.K], m, log_m, in_m, run);
-        if (t.kl == kInf) {  // a column below wide_log_prob, or float32 overflow: summed again exactly
-          for (int64_t r = 0; r <= p.K; ++r) ws.run_rows[r] = ws.rows[r] + first;
-          sums[kKlMt] += exact_target_kl(ws.run_rows.data(), log_softmax, p.weights, p.K, in_m, run);
-        } else {
-          sums[kKlMt] += t.kl;
-        }
+        // a column below wide_log_prob, or float32 overflow: summed again exactly
+        sums[kKlMt] += t.kl == kInf ? exact_target_kl(ws.rows.data(), first, log_softmax, p.weights, p.K, in_m, run)
+                                    : double(t.kl);
         sums[kPLogP] += t.p_log_p;
       }
     });
