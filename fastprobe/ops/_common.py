@@ -10,6 +10,7 @@ import itertools
 import math
 import numbers
 import os
+import sys
 import typing
 from typing import Callable, Optional, Sequence
 
@@ -167,6 +168,22 @@ def without_autocast(kernel: Callable) -> Callable:
 def check_same_device(reference: torch.Tensor, reference_name: str, other: torch.Tensor, name: str) -> None:
     if other.device != reference.device:
         raise ValueError(f"{name} is on {other.device} but {reference_name} is on {reference.device}; move them to one device")
+
+
+def refuse_dtensor(value, name: str, op: str) -> None:
+    """A TypeError naming `name` for a DTensor (torch.distributed's sharded or replicated tensor,
+    e.g. a parameter of FSDP2's fully_shard read outside the forward that gathers it): the kernels
+    and the chunked products take local tensors, where torch's own error named neither the argument
+    nor a way out. (No DTensor exists before torch.distributed.tensor is imported.)"""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    if dtensor is not None and isinstance(value, dtensor):
+        raise TypeError(
+            f"{op}: {name} is a DTensor (placements {tuple(value.placements)}); it takes local tensors. A parameter "
+            "of FSDP2's fully_shard is whole only inside the forward of the module fully_shard was applied to: "
+            "compute the loss there, or in a method of that module registered with "
+            "torch.distributed.fsdp.register_fsdp_forward_method"
+        )
 
 
 # The kernels compute in float32, so a scalar argument must be a float32 number; a positive one

@@ -63,6 +63,7 @@ from ._common import (
     on_device,
     output_dtype,
     refuse_double_backward,
+    refuse_dtensor,
     requires_grad,
     skips_host_checks,
     tracing,
@@ -673,6 +674,10 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
                 "FusedLinearBridgeLoss does not run under torch.func transforms (vmap, grad, jacrev, ...); "
                 "bridge_loss on the logits does (vmap of a loss, then backward)"
             )
+        inputs = {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
+                  "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
+        for name, tensor in inputs.items():
+            refuse_dtensor(tensor, name, "FusedLinearBridgeLoss")
         hidden = check_tensor(student_hidden, "student_hidden", 2, "[N, Hs]")
         weight = check_tensor(student_weight, "student_weight", 2, "[V, Hs]")
         t_hidden = check_tensor(teacher_hidden, "teacher_hidden", 2, "[N, Ht]")
