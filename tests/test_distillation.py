@@ -427,3 +427,19 @@ def test_the_teachers_logits_reach_the_loss_in_its_dtype():
     keep = inputs["labels"][:, 1:] != -100
     want = fp.bridge_loss(s_logits[keep], t_logits[keep].float(), beta=0.5, reduction="none")
     assert torch.equal(rows[:, :-1][keep].detach(), want)
+
+
+def test_a_fused_linear_loss_is_refused_by_name():
+    """distillation compares logits: a FusedLinearBridgeLoss (hidden states and weights) is refused
+    naming what to give instead, by trainer_compute_loss when it is built and by distillation_loss
+    before either model runs (it failed after both had, on FusedLinearBridgeLoss.forward's missing
+    arguments)."""
+    student, teacher = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    fused = fp.FusedLinearBridgeLoss(beta=0.5)
+    with pytest.raises(TypeError, match="loss_fn is a FusedLinearBridgeLoss.*give a BridgeLoss"):
+        trainer_compute_loss(teacher, fused)
+    calls = []
+    student.register_forward_hook(lambda *args: calls.append("student"))
+    with pytest.raises(TypeError, match="loss_fn is a FusedLinearBridgeLoss.*give a BridgeLoss"):
+        distillation_loss(student, teacher, batch(), fused)
+    assert not calls

@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..ops.bridge import FusedLinearBridgeLoss
 from . import _batching
 from ._batching import eval_mode, forward_parameters
 
@@ -82,6 +83,17 @@ def shared_vocabulary(student_size: int, teacher_size: int, tokenizer=None) -> i
     return student_size
 
 
+def _check_loss_fn(loss_fn) -> None:
+    """loss_fn compares logits (a BridgeLoss): a FusedLinearBridgeLoss, which takes hidden states and
+    LM-head weights, is refused by name (it failed after both models ran, on missing arguments)."""
+    if isinstance(loss_fn, FusedLinearBridgeLoss):
+        raise TypeError(
+            "loss_fn is a FusedLinearBridgeLoss, which takes hidden states and LM-head weights; distillation "
+            "compares the models' logits here: give a BridgeLoss with the same options, or call the "
+            "FusedLinearBridgeLoss in your own loop on the last hidden states and get_output_embeddings().weight"
+        )
+
+
 def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss_fn, step: Optional[int] = None,
                       *, tokenizer=None):
     """(loss, student outputs) for one batch: both models run on the inputs (the teacher
@@ -99,6 +111,7 @@ def distillation_loss(student, teacher, inputs: Mapping[str, torch.Tensor], loss
     the inputs have an attention mask and no position_ids (without them most models number a
     left-padded row from its first pad: learned absolute positions, GPT-2's, then gave a text a
     loss that depended on its batch's padding)."""
+    _check_loss_fn(loss_fn)
     labels = inputs.get("labels")
     check_labels(labels, loss_fn.ignore_index)
     ids = inputs.get("input_ids")
@@ -137,6 +150,7 @@ def trainer_compute_loss(teacher, loss_fn, *, tokenizer=None):
     1 / (accumulation steps): the update is the one of the micro-batches' mean loss, as without
     accumulation on equal-sized micro-batches. Evaluation (the model in eval mode) reports the loss
     undivided."""
+    _check_loss_fn(loss_fn)
 
     def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         shared_tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
