@@ -3,6 +3,7 @@ planted sink heads whatever the padding side, pruning by head mask equals zeroin
 projection and is reversible, perplexity is batch- and padding-independent, the heat map and the
 `fastprobe sinks` command work on a local checkpoint."""
 
+import copy
 import math
 import sys
 
@@ -458,6 +459,36 @@ def test_perplexity_is_batch_and_padding_independent(tokenizer):
     with pytest.raises(ValueError, match="no token to predict: every text is shorter than two tokens"):
         sinks.perplexity(model, tokenizer, ["a"] if len(tokenizer("a")["input_ids"]) < 2 else [""])
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_texts_past_a_rotary_models_configured_positions_warn_and_score_as_eager(tokenizer, arch):
+    """A rotary model has no position table to run out of: texts longer than its config's
+    max_position_embeddings ran silently (sliding window or not), on positions it was never
+    trained for. They still run, scored as the eager model scores them, with a warning that names
+    max_length; within the context there is none."""
+    import warnings
+
+    context = 12
+    model = tiny_model(arch, vocab_size=len(tokenizer), num_layers=2, max_position_embeddings=context,
+                       seed=int(torch.randint(0, 2**31 - 1, ())))
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    text = " ".join(DEMO_TEXTS[:3])
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 3 * context
+    with pytest.warns(UserWarning, match=rf"texts of {ids.shape[1]} tokens run past the {context} positions "
+                                         rf"{type(model).__name__}'s config gives .* pass max_length <= {context} "):
+        table = sinks.score_heads(model, tokenizer, [text], progress=False)
+    with torch.no_grad():
+        weights = torch.stack(reference(ids, output_attentions=True).attentions)  # [layers, 1, H, L, L]
+    expected = weights[:, 0, :, :, 0].double().mean(-1).flatten()
+    assert torch.allclose(torch.tensor(table["sink_score"].values, dtype=torch.float64), expected, atol=1e-5)
+    with pytest.warns(UserWarning, match=rf"perplexity: texts of {ids.shape[1]} tokens run past"):
+        sinks.perplexity(model, tokenizer, [text, text], batch_size=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sinks.score_heads(model, tokenizer, [text], max_length=context, progress=False)
 
 
 def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(tokenizer):

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import inspect
 import numbers
+import warnings
 import weakref
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -280,6 +281,14 @@ def learned_positions(model) -> Optional[int]:
     return _context(model) - offset if has_tables else None
 
 
+def trained_positions(model) -> Optional[int]:
+    """How many positions a model without learned position tables (rotary, ALiBi) was configured
+    for (its config's max_position_embeddings or n_positions, which rope scaling's configs give as
+    the scaled length), or None: such a model runs past them without an error, on positions it
+    was not trained for (learned tables are learned_positions' hard limit instead)."""
+    return None if _positions(model)[0] else _context(model)
+
+
 def moved_to(model, inputs: Mapping) -> dict:
     """A copy of a mapping of model inputs with its tensors on the model's execution device
     (execution_device: for weights offloaded by accelerate, whose parameters are meta placeholders,
@@ -398,7 +407,9 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     tokenizer appends (an eos would stand between the prompt and its continuation). A batch that, with the
     `new_tokens` a caller appends (generate's), is longer than the learned positions of the model
     or of the other `readers` of the batches (drafts) is refused, naming the one; so is a token id
-    (the pad token's too) past the input-embedding rows of the model or a reader (check_embedded)."""
+    (the pad token's too) past the input-embedding rows of the model or a reader (check_embedded).
+    One longer than the positions a rotary (or ALiBi) model's config gives runs, as the model
+    would, with a UserWarning naming max_length (once a call)."""
     from tqdm.auto import tqdm
 
     texts = as_texts(texts)
@@ -411,6 +422,10 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     limit, limited = min(((found, reader) for reader in (model, *readers)
                           if (found := learned_positions(reader)) is not None), key=lambda pair: pair[0],
                          default=(None, None))
+    # the fewest configured positions among the others (rotary: a longer batch runs, out of their training)
+    trained, trainee = min(((found, reader) for reader in (model, *readers)
+                            if (found := trained_positions(reader)) is not None), key=lambda pair: pair[0],
+                           default=(None, None))
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
     appended = appended_tokens(tokenizer) if prompts else 0
@@ -433,6 +448,14 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
                    "fastprobe command)" if limit > new_tokens else "generate fewer new tokens")
             raise ValueError(f"{what}: texts of {length} tokens{plus}, but {whose} has learned positions for "
                              f"{limit} tokens only; {fix}")
+        if trained is not None and length + new_tokens > trained:  # (said once a call: the first such batch)
+            plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""
+            whose = type(trainee).__name__ if trainee is model else f"a draft ({type(trainee).__name__})"
+            warnings.warn(f"{what}: texts of {length} tokens{plus} run past the {trained} positions {whose}'s config "
+                          f"gives (max_position_embeddings): the model was not trained there and its outputs "
+                          f"past them may mean little; pass max_length <= {max(trained - new_tokens, 1)} to truncate "
+                          "(--max-length in the fastprobe command)", UserWarning, stacklevel=3)
+            trained = None
         batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
         if positions:
             batch["position_ids"] = model_positions(model, batch["attention_mask"])
