@@ -26,6 +26,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -949,7 +950,7 @@ def main(argv=None) -> int:
                     "uncertainty": lambda: uncertainty_command(args),
                     "availability": lambda: availability_command(args)}
     try:
-        with _progress_bars(not getattr(args, "no_progress", False)):
+        with _progress_bars(not getattr(args, "no_progress", False)), _warnings_as_lines(args.command):
             done = commands_run[args.command]()
             sys.stdout.flush()  # (a closed pipe found here, not by the flush at exit)
             return done
@@ -1002,6 +1003,27 @@ def _progress_bars(shown: bool):
     finally:
         if enabled:
             transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """A warning the methods give the command (they point at its call: a file of this package)
+    reads as one line on stderr, "fastprobe <command>: warning: ...", as its errors do, not as a
+    file, line and source line; other warnings as Python shows them. For the command's duration."""
+    shown = warnings.showwarning
+    package = Path(__file__).resolve().parent
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if package in Path(filename).resolve().parents:
+            print(f"fastprobe {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _fraction(text: str) -> float:

@@ -632,3 +632,29 @@ def test_sinks_of_a_checkpoint_with_nan_weights_is_an_error_in_one_line(weights,
     model = _nan_checkpoint(folders["target"], tmp_path, weights)
     assert cli.main(["sinks", "--model", model, "--texts", texts, "--no-progress", "--prune", "0.25"]) == 2
     assert says in _one_error_line(capsys, "sinks")
+
+
+def test_texts_past_a_rotary_checkpoints_positions_are_said_in_one_line(tmp_path, capsys):
+    """A text longer than a rotary checkpoint's max_position_embeddings runs (as the model would)
+    with a warning: on stderr one line naming the command and --max-length, as its errors read, not
+    Python's file, line and source line; within the context there is none."""
+    import warnings
+
+    from fastprobe.models import DEMO_TEXTS, tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=16).save_pretrained(tmp_path / "short")
+    tokenizer.save_pretrained(tmp_path / "short")
+    texts = tmp_path / "texts.txt"
+    texts.write_text(" ".join(DEMO_TEXTS[:2]) + "\nStars\n")
+    length = len(tokenizer(" ".join(DEMO_TEXTS[:2]))["input_ids"])
+    assert length > 16
+    for max_length, said in [(512, True), (16, False)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            assert cli.main(["sinks", "--model", str(tmp_path / "short"), "--texts", str(texts), "--no-progress",
+                             "--max-length", str(max_length)]) == 0
+        err = capsys.readouterr().err
+        line = (f"fastprobe sinks: warning: sink scores: texts of {length} tokens run past the 16 positions "
+                "LlamaForCausalLM's config gives (max_position_embeddings)")
+        assert (line in err) == said and "UserWarning" not in err and "cli.py" not in err, err
