@@ -165,7 +165,11 @@ struct SinkAttention {
       const bool empty = l == 0.0;
       const double inv_l = empty ? 0.0 : 1.0 / l;
       const float inv_l_f = float(inv_l);
-      for (int64_t d = 0; d < p.Dv; ++d) out[d] = from_float<T>(st.oT[d * R + r] * inv_l_f);
+      if (ws.value_unscale == nullptr)
+        for (int64_t d = 0; d < p.Dv; ++d) out[d] = from_float<T>(st.oT[d * R + r] * inv_l_f);
+      else  // values scaled by 1 / unscale (rescue_item, attention_core.h): out = (O / l) unscale
+        for (int64_t d = 0; d < p.Dv; ++d)
+          out[d] = from_float<T>(st.oT[d * R + r] * inv_l_f * ws.value_unscale[d]);
       const double log_l = empty ? 0.0 : std::log(l);
       lse[at] = empty ? kNegInf : float(st.m[r] + log_l);
       sink_mass[at] = float(st.sink[r] * inv_l);

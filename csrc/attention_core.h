@@ -1036,6 +1036,9 @@ struct Scratch {
   uint8_t* key_real;         // [kKeyBlock]
   uint8_t* seen;             // [max(G, 1)]
   int64_t seen_count = 0;    // groups seen by the item (sink_attention's group sums)
+  // null, or while rescue_item writes an item's rows: 2^s_d, the factor its column d of O lacks
+  // (the op's write_rows multiplies O_d / l by it)
+  const float* value_unscale = nullptr;
 
   Scratch(const Problem& p, const Plan& plan) {
     const size_t bytes = lay_out(0, p, plan);  // (sizes only)
@@ -1461,13 +1464,110 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
   return it;
 }
 
+// ---- Values near float max. ---------------------------------------------------------------
+// O = sum_j e_j v_j (e_j <= 1) of a row's n visible keys is at most n max_j |v_j| (and the
+// merged O of key ranges likewise), so it can overflow float32 where out = O / l, a convex
+// combination of the values, is finite (|v| ~ 1e38 and a few keys of similar score). An item
+// whose final O is not finite somewhere is attended again (rescue_item; ordinary inputs never
+// get there, so they keep their bits and cost one isfinite scan of O per item) on a copy of its
+// values with column d scaled by 2^-s_d, the least s_d >= 0 with n max_j |v_jd| 2^-s_d <= 2^126:
+// O_d 2^-s_d is then finite, and the op's write_rows multiplies O_d / l back by 2^s_d
+// (Scratch::value_unscale). Powers of two scale exactly (but for subnormals, which a column of
+// values within 2^126 / n of float max only holds below 2^-125 |v|_max of the column's own scale).
+// Columns that cannot overflow (s_d = 0) and the statistics (which do not read the values) keep
+// their bits; the rescue attends the same key ranges and merges them as the first pass did.
+// inf / NaN among the values (or scores) stay what they were: their s_d come from the finite
+// values, and an item whose every s_d is 0 is left as it was.
+
+// Whether some row's O, in any state, is not finite.
+template <size_t S>
+FASTPROBE_ALWAYS_INLINE bool values_overflowed(const std::array<RowState, S>& st, const ItemRows& it, int64_t Dv) {
+  bool finite = true;
+  for (const RowState& state : st)
+    for (int64_t d = 0; d < Dv; ++d)
+      for (int64_t r = 0; r < it.rows; ++r) finite &= std::isfinite(state.oT[d * it.R + r]);
+  return !finite;
+}
+
+// Attends item `item` again with its values' columns scaled (see above) and writes its rows;
+// false, with nothing done, when no column needs a scale (the O that is not finite comes from
+// inf / NaN inputs). Inlined into its entry (rescue_<dtype>_<L>, out of line and cold), so
+// compiled for the entry's target as the first pass was.
+template <typename Op, typename T, int L>
+FASTPROBE_ALWAYS_INLINE bool rescue_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
+  const Problem& p = op.p;
+  const ItemRows it = item_rows(p, plan, item, ws);
+  const T* values = static_cast<const T*>(p.v) + it.b * p.v_s0 + it.kv_head * p.v_s1;
+  // s_d from the largest finite |v_jd| over the keys some row sees, n of them <= 2^ceil_log2_n;
+  // frexp: max = f 2^e, f < 1, so n max < 2^(e + ceil_log2_n) <= 2^126 when s_d = e + ceil_log2_n - 126
+  const int64_t n = it.max_hi - it.min_lo + 1;
+  int ceil_log2_n = 0;
+  while ((int64_t(1) << ceil_log2_n) < n) ++ceil_log2_n;
+  std::vector<int> shift(size_t(p.Dv), 0);
+  std::vector<float> unscale(size_t(p.Dv), 1.0f);
+  bool scaled = false;
+  for (int64_t d = 0; d < p.Dv; ++d) {
+    float largest = 0.0f;
+    for (int64_t j = it.min_lo; j <= it.max_hi; ++j) {
+      const float x = std::fabs(to_float<T>(values[j * p.v_s2 + d]));
+      if (std::isfinite(x)) largest = std::max(largest, x);
+    }
+    int exponent;
+    std::frexp(largest, &exponent);
+    shift[d] = std::max(0, exponent + ceil_log2_n - 126);
+    unscale[d] = std::ldexp(1.0f, shift[d]);
+    scaled |= shift[d] > 0;
+  }
+  if (!scaled) return false;
+  // the scaled copy, [keys][Dv], of every key up to the end of the item's last block (attend_item
+  // reads whole blocks)
+  const int64_t copied = std::min(p.Lk, (it.max_hi / kKeyBlock + 1) * kKeyBlock);
+  std::vector<T> copy(size_t(copied * p.Dv));
+  for (int64_t j = 0; j < copied; ++j)
+    for (int64_t d = 0; d < p.Dv; ++d)
+      copy[j * p.Dv + d] = from_float<T>(std::ldexp(to_float<T>(values[j * p.v_s2 + d]), -shift[d]));
+  Op rescaled = op;
+  rescaled.p.v = copy.data();
+  rescaled.p.v_s0 = rescaled.p.v_s1 = 0;
+  rescaled.p.v_s2 = p.Dv;
+  // the key ranges of the first pass, merged as merge_item does
+  const int64_t item_floats = Op::kStates * RowState::floats(it.R, p.G, p.Dv);
+  std::vector<float> partials(plan.splits > 1 ? size_t(plan.splits * plan.state_floats) : 0);
+  for (int64_t split = 0; split < plan.splits; ++split) {
+    attend_item<Op, T, L>(rescaled, plan, item, split, ws);
+    if (plan.splits > 1) std::copy(ws.state, ws.state + item_floats, partials.data() + split * plan.state_floats);
+  }
+  const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.Dv);
+  if (plan.splits > 1)
+    for (int64_t s = 0; s < Op::kStates; ++s)
+      merge_states(partials.data() + s * RowState::floats(it.R, p.G, p.Dv), plan.splits,
+                   plan.state_floats, it.R, p.G, p.Dv, st[s], ws.alpha);
+  ws.value_unscale = unscale.data();
+  op.template write_rows<T>(it, ws, st);
+  ws.value_unscale = nullptr;
+  return true;
+}
+
+// The rescue of an item (rescue_item at the call's dtype and lane width).
+template <typename Op>
+using Rescue = bool (*)(const Op&, const Plan&, int64_t, Scratch&);
+
+// An item's rows from its final states in ws.state: write_rows, or the rescue where O is not finite.
+template <typename Op, typename T>
+FASTPROBE_ALWAYS_INLINE void finish_item(const Op& op, const Plan& plan, int64_t item,
+                                         const ItemRows& it, Scratch& ws, Rescue<Op> rescue) {
+  const auto st = item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.Dv);
+  if (__builtin_expect(!values_overflowed(st, it, op.p.Dv), 1) || !rescue(op, plan, item, ws))
+    op.template write_rows<T>(it, ws, st);
+}
+
 // One item, whole: attend over all its keys and write its outputs.
 template <typename Op, typename T, int L>
-FASTPROBE_ALWAYS_INLINE void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {
+FASTPROBE_ALWAYS_INLINE void run_item(const Op& op, const Plan& plan, int64_t item, Scratch& ws,
+                                      Rescue<Op> rescue) {
   const ItemRows it = attend_item<Op, T, L>(op, plan, item, 0, ws);
   op.template write_pruned<T>(plan, it);
-  if (it.rows > 0)
-    op.template write_rows<T>(it, ws, item_states<Op::kStates>(ws.state, it.R, op.p.G, op.p.Dv));
+  if (it.rows > 0) finish_item<Op, T>(op, plan, item, it, ws, rescue);
 }
 
 // One key range of an item, its states kept in `partial` for the merge.
@@ -1483,7 +1583,7 @@ FASTPROBE_ALWAYS_INLINE void run_item_range(const Op& op, const Plan& plan, int6
 // Merges an item's key ranges, state by state, and writes its outputs.
 template <typename Op, typename T>
 FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t item,
-                                        const float* partials, Scratch& ws) {
+                                        const float* partials, Scratch& ws, Rescue<Op> rescue) {
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return;
@@ -1491,12 +1591,13 @@ FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t 
   for (int64_t s = 0; s < Op::kStates; ++s)
     merge_states(partials + s * RowState::floats(it.R, p.G, p.Dv), plan.splits, plan.state_floats,
                  it.R, p.G, p.Dv, st[s], ws.alpha);
-  op.template write_rows<T>(it, ws, st);
+  finish_item<Op, T>(op, plan, item, it, ws, rescue);
 }
 
 // Entries of an operation per dtype and lane width, multi-versioned so that the loads and stores
 // are compiled for each target: FASTPROBE_ATTENTION_ENTRIES(Op) defines them and
-// entries_for(op, dtype, lanes). The merge works on whole rows, at no lane width.
+// entries_for(op, dtype, lanes). The merge works on whole rows; it is per lane width for its
+// rescue (rescue_item), which attends again.
 template <typename Op>
 struct Entries {
   void (*run)(const Op&, const Plan&, int64_t, Scratch&);
@@ -1507,12 +1608,20 @@ struct Entries {
 };
 
 #define FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, L, TARGET)                                \
+  TARGET __attribute__((noinline, cold)) bool rescue_##name##_##L(                              \
+      const Op& op, const Plan& plan, int64_t item, Scratch& ws) {                              \
+    return rescue_item<Op, T, L>(op, plan, item, ws);                                           \
+  }                                                                                             \
   TARGET void run_##name##_##L(const Op& op, const Plan& plan, int64_t item, Scratch& ws) {    \
-    run_item<Op, T, L>(op, plan, item, ws);                                                     \
+    run_item<Op, T, L>(op, plan, item, ws, rescue_##name##_##L);                                \
   }                                                                                             \
   TARGET void run_range_##name##_##L(const Op& op, const Plan& plan, int64_t item,             \
                                      int64_t split, float* partial, Scratch& ws) {             \
     run_item_range<Op, T, L>(op, plan, item, split, partial, ws);                               \
+  }                                                                                             \
+  TARGET void merge_##name##_##L(const Op& op, const Plan& plan, int64_t item,                 \
+                                 const float* partials, Scratch& ws) {                         \
+    merge_item<Op, T>(op, plan, item, partials, ws, rescue_##name##_##L);                       \
   }
 
 #ifdef FASTPROBE_AVX512
@@ -1520,7 +1629,7 @@ struct Entries {
   FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, 16, FASTPROBE_AVX512)
 #define FASTPROBE_ENTRIES_CASE_16(name, T)                                                       \
   if (lanes == 16)                                                                              \
-    return {run_##name##_16, run_range_##name##_16, merge_##name, 16,                           \
+    return {run_##name##_16, run_range_##name##_16, merge_##name##_16, 16,                      \
             std::is_same_v<T, bf16> && call_pair_scores(16)};
 #else
 #define FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T)
@@ -1529,16 +1638,12 @@ struct Entries {
 
 #define FASTPROBE_ATTENTION_DTYPE_ENTRIES(Op, name, T)                                           \
   FASTPROBE_ATTENTION_LANE_ENTRIES(Op, name, T, 8, FASTPROBE_SIMD_CLONES)                       \
-  FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T)                                                   \
-  FASTPROBE_SIMD_CLONES void merge_##name(const Op& op, const Plan& plan, int64_t item,         \
-                                          const float* partials, Scratch& ws) {                \
-    merge_item<Op, T>(op, plan, item, partials, ws);                                            \
-  }
+  FASTPROBE_ATTENTION_ENTRIES_16(Op, name, T)
 
 #define FASTPROBE_ENTRIES_CASE(name, T)                                                          \
   {                                                                                             \
     FASTPROBE_ENTRIES_CASE_16(name, T)                                                          \
-    return {run_##name##_8, run_range_##name##_8, merge_##name, 8};                             \
+    return {run_##name##_8, run_range_##name##_8, merge_##name##_8, 8};                         \
   }
 
 #define FASTPROBE_ATTENTION_ENTRIES(Op)                                                          \

@@ -86,6 +86,27 @@ struct DualPathAttention {
     store_run(x, p.Dv, row);
   }
 
+  // cond becomes out = o_cond + gamma (dO - <dO, u> u) = o_cond + gamma (dO - coef o_uncond),
+  // dO = o_cond - o_uncond, coef = <dO, o_uncond> / (||o_uncond|| + eps)^2 (0 without
+  // orthogonalize): dO, coef and out's terms in F (float, or double where float's dO overflows).
+  template <typename F>
+  FASTPROBE_ALWAYS_INLINE void guide(float* cond, const float* uncond, int64_t D) const {
+    F coef = 0;
+    if (orthogonalize) {
+      double dot = 0.0, norm2 = 0.0;  // double: no underflow of tiny o_uncond
+      for (int64_t d = 0; d < D; ++d) {
+        dot += double(F(cond[d]) - F(uncond[d])) * uncond[d];
+        norm2 += double(uncond[d]) * uncond[d];
+      }
+      const double denominator = std::sqrt(norm2) + eps;
+      coef = F(dot / (denominator * denominator));
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const F delta = F(cond[d]) - F(uncond[d]);
+      cond[d] = float(F(cond[d]) + F(gamma) * (delta - coef * F(uncond[d])));
+    }
+  }
+
   template <typename T>
   FASTPROBE_ALWAYS_INLINE void write_rows(const ItemRows& it, Scratch& ws,
                                           const std::array<RowState, kStates>& st) const {
@@ -107,24 +128,22 @@ struct DualPathAttention {
         cond[d] = (o1[d * R] * f1 + o2[d * R] * f2) * inv_l;
         uncond[d] = o1[d * R] * inv_l1;
       }
+      if (ws.value_unscale != nullptr)  // values scaled by 1 / unscale (rescue_item, attention_core.h)
+        for (int64_t d = 0; d < D; ++d) {
+          cond[d] *= ws.value_unscale[d];
+          uncond[d] *= ws.value_unscale[d];
+        }
       if (o_cond != nullptr) store<T>(o_cond, it, h, i, cond);
       if (o_uncond != nullptr) store<T>(o_uncond, it, h, i, uncond);
       if (gamma != 0.0f && rows[it.b * p.Lq + i] != 0 && l1 > 0.0f) {
-        // dO - <dO, u> u = dO - coef o_uncond, coef = <dO, o_uncond> / (||o_uncond|| + eps)^2
-        float coef = 0.0f;
-        if (orthogonalize) {
-          double dot = 0.0, norm2 = 0.0;  // double: no underflow of tiny o_uncond
-          for (int64_t d = 0; d < D; ++d) {
-            dot += double(cond[d] - uncond[d]) * uncond[d];
-            norm2 += double(uncond[d]) * uncond[d];
-          }
-          const double denominator = std::sqrt(norm2) + eps;
-          coef = float(dot / (denominator * denominator));
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          const float delta = cond[d] - uncond[d];
-          cond[d] += gamma * (delta - coef * uncond[d]);
-        }
+        // in float, unless some dO = o_cond - o_uncond overflows it (paths near float max of
+        // opposite signs, where out itself may be finite)
+        bool finite_delta = true;
+        for (int64_t d = 0; d < D; ++d) finite_delta &= std::isfinite(cond[d] - uncond[d]);
+        if (finite_delta)
+          guide<float>(cond, uncond, D);
+        else
+          guide<double>(cond, uncond, D);
       }
       store<T>(p.out, it, h, i, cond);
     }

@@ -621,3 +621,56 @@ def test_scale_near_float_max(target, scale, num_queries, num_keys):
                                  **options)
     assert_paths_match(got, expected(q, k, v, drop, **options), torch.float32,
                        atol=score_tolerance(q, k, v, scale)["atol"])  # (scores ~ hundreds)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["huge", "same-sign", "mixed"])
+@pytest.mark.parametrize("num_queries", [37, 1], ids=["prefill", "decode"])
+def test_values_near_float_max(target, dtype, kind, num_queries, request):
+    """Values near float max (test_attention_extremes.values_near_float_max) with near-equal
+    scores: each path's unnormalised accumulator reaches n max |v| over n keys and overflowed
+    float32 (o_cond, o_uncond and out inf / NaN) where the float64 reference is finite. Each
+    output column within the dtype's tolerance of its values' largest magnitude. Guided: the last
+    row, whose paths average many values (out = o_cond + gamma (...) past float max elsewhere)."""
+    from .test_attention_extremes import TRITON_VALUES_LIMIT, assert_out_matches_per_column, values_near_float_max
+
+    if target[0] == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_VALUES_LIMIT))
+    _, device = target
+    batch, heads, kv_heads, num_keys, head_dim = 2, 4, 2, 37, 16
+    q = (1e-3 * torch.randn(batch, heads, num_queries, head_dim)).to(dtype)
+    k = torch.randn(batch, kv_heads, num_keys, head_dim).to(dtype)
+    v = values_near_float_max(kind, (batch, kv_heads, num_keys, head_dim)).to(dtype)
+    drop = image_keys(batch, num_keys, "cpu")
+    options = dict(gamma=0.3, rows="last")
+    want = expected(q, k, v, drop, **options)
+    got = fp.dual_path_attention(q.to(device), k.to(device), v.to(device), drop.to(device), return_paths=True, **options)
+    for name, value in zip(("out", "o_cond", "o_uncond"), got):
+        assert_out_matches_per_column(value, want[name], v, dtype)
+
+
+@pytest.mark.parametrize("gamma, orthogonalize", [(1.0, True), (-0.5, False)], ids=["orthogonal", "plain"])
+def test_guidance_of_paths_near_float_max(target, gamma, orthogonalize, request):
+    """o_cond ~ +3e38 (dropped keys of values ~3e38 dominate it) and o_uncond ~ -3e38 (the kept
+    keys' values): dO = o_cond - o_uncond overflows float32, while out is finite, ~0 after the
+    projection (dO along o_uncond) or o_cond - dO / 2 = (o_cond + o_uncond) / 2 plain. The C++
+    kernel's guidance gave NaN / -inf; it now takes double where float's dO overflows."""
+    from .test_attention_extremes import TRITON_VALUES_LIMIT, assert_out_matches_per_column
+
+    if target[0] == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_VALUES_LIMIT))
+    _, device = target
+    num_queries, num_keys, head_dim = 4, 40, 8
+    q = torch.zeros(1, 2, num_queries, head_dim)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, num_keys, head_dim)
+    k[..., 10:20, 0] = 30.0
+    drop = torch.zeros(1, num_keys, dtype=torch.bool)
+    drop[:, 10:20] = True
+    v = -(2.9e38 + 1e37 * torch.rand(1, 1, num_keys, head_dim))
+    v[..., 10:20, :] = -v[..., 10:20, :]
+    options = dict(gamma=gamma, orthogonalize=orthogonalize, rows="all", causal=False, scale=1.0)
+    want = expected(q, k, v, drop, **options)
+    got = fp.dual_path_attention(q.to(device), k.to(device), v.to(device), drop.to(device), return_paths=True, **options)
+    for name, value in zip(("out", "o_cond", "o_uncond"), got):
+        assert_out_matches_per_column(value, want[name], v, torch.float32)
