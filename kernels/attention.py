@@ -53,6 +53,12 @@ the input dtype for P V, as FlashAttention does; the statistics use the float32 
 inputs in full float32 ("ieee"). Under the Triton interpreter bfloat16 operands are upcast
 first (UPCAST), since its dot multiplies bfloat16 as raw bits.
 
+Known limit: acc = sum_j 2^(t_j - m) v_j reaches n max |v| over n keys of near-equal scores, so
+values near float max (|v| ~1e38 and up, float32 or bfloat16) overflow it to +-inf (or NaN)
+where out, a convex combination of the values, is finite (tests/test_attention_extremes.py
+marks these cases xfail for Triton). The C++ kernels rescue such rows (attention_core.h,
+"Values near float max"); here nothing does.
+
 dual_attention.py builds on this module: it imports the jit helpers (block scores, the
 online-softmax step, program / band / split decomposition, partial-state store and merge) and
 the launch plumbing (config lists, register-model pruning, decode plan, launch).

@@ -49,6 +49,11 @@ launch plumbing this module shares):
     own max, then applies the guidance above. Guided generation (Lq = 1 every step) takes this
     path once the band (the cache, or the window) holds >= 512 keys (a prompt with an image
     already does); shorter ones run the prefill kernel with one 64-row query tile per (b, h).
+
+Known limit (attention.py's): each state's a = sum 2^(t - m) v overflows float32 for values near
+float max (|v| ~1e38 and up) where the paths are finite, and so does dO = o_cond - o_uncond for
+paths near float max of opposite signs where out is finite (tests/test_dual_attention.py marks
+both xfail for Triton; the C++ kernel handles them).
 """
 
 # No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as

@@ -251,6 +251,11 @@ def test_values_near_float_max(target, num_queries, dtype, kind, request):
     result = fp.sink_attention(q.to(device), k.to(device), v.to(device), return_entropy=True, **moved)
     assert_out_matches_per_column(result.out, want["out"], v, dtype)
     assert_matches(result._replace(out=want["out"].to(dtype)), want, dtype, True, True)  # the statistics
+    # ... bit for bit those of ordinary values (the statistics never read the values)
+    ordinary = fp.sink_attention(q.to(device), k.to(device), torch.randn(v.shape).to(dtype).to(device),
+                                 return_entropy=True, **moved)
+    for field in STATS:
+        assert torch.equal(getattr(result, field), getattr(ordinary, field)), field
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
