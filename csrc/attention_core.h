@@ -1479,14 +1479,21 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
 // inf / NaN among the values (or scores) stay what they were: their s_d come from the finite
 // values, and an item whose every s_d is 0 is left as it was.
 
-// Whether some row's O, in any state, is not finite.
+// Whether some row's O, in any state, is not finite: x * 0 is 0 for finite x, NaN for inf / NaN
+// (a sum that vectorises, where a loop of isfinite ran scalar: +13% instructions in a 512-key
+// dual_path_attention).
 template <size_t S>
 FASTPROBE_ALWAYS_INLINE bool values_overflowed(const std::array<RowState, S>& st, const ItemRows& it, int64_t Dv) {
-  bool finite = true;
+  float probe = 0.0f;
+  // oT is [Dv][R]: whole when the item has R rows, its first `rows` entries of each column if not
+  const int64_t runs = it.rows == it.R ? 1 : Dv, run = it.rows == it.R ? Dv * it.R : it.rows;
   for (const RowState& state : st)
-    for (int64_t d = 0; d < Dv; ++d)
-      for (int64_t r = 0; r < it.rows; ++r) finite &= std::isfinite(state.oT[d * it.R + r]);
-  return !finite;
+    for (int64_t d = 0; d < runs; ++d) {
+      const float* values = state.oT + d * it.R;
+#pragma omp simd reduction(+ : probe)
+      for (int64_t r = 0; r < run; ++r) probe += values[r] * 0.0f;
+    }
+  return probe != 0.0f;
 }
 
 // Attends item `item` again with its values' columns scaled (see above) and writes its rows;

@@ -138,9 +138,10 @@ struct DualPathAttention {
       if (gamma != 0.0f && rows[it.b * p.Lq + i] != 0 && l1 > 0.0f) {
         // in float, unless some dO = o_cond - o_uncond overflows it (paths near float max of
         // opposite signs, where out itself may be finite)
-        bool finite_delta = true;
-        for (int64_t d = 0; d < D; ++d) finite_delta &= std::isfinite(cond[d] - uncond[d]);
-        if (finite_delta)
+        float probe = 0.0f;  // 0, or NaN where some dO is not finite (values_overflowed's probe)
+#pragma omp simd reduction(+ : probe)
+        for (int64_t d = 0; d < D; ++d) probe += (cond[d] - uncond[d]) * 0.0f;
+        if (probe == 0.0f)
           guide<float>(cond, uncond, D);
         else
           guide<double>(cond, uncond, D);
