@@ -101,13 +101,12 @@ namespace py = pybind11;
 namespace fastprobe {
 namespace {
 
-
 // ---- Block kernels: float32 buffers of `count` raw logits, float32 sums. -------
 
 // The bridge's raw logit relative to the row's anchor (r_T, r_S):
 //   c = (z_T - r_T) + beta (z_S - r_S)        (beta = 0: c = z_T - r_T, whatever z_S)
 // A masked student entry (z_S = -inf) is masked in Q too for beta != 0 (beta < 0 would
-// otherwise give +inf). In double (a row's few tokens) c is exact for float logits.
+// otherwise give +inf). In double (wide_row's) c is exact for float logits.
 struct Bridge {
   float beta, ref_s, ref_t;
   template <typename Real = float>
@@ -119,10 +118,9 @@ struct Bridge {
 };
 
 // A row is re-anchored when pass 1 finds a bridge logit this many temperatures above its anchor:
-// below, c is rounded by at most 2^-24 kReanchor T, moving log Q by at most 2^-24 kReanchor = 4e-6
-// (as the old anchor, the first block's maxima, did for ordinary rows). Ordinary LLM rows stay
-// well below it (their largest logits are tens, not 64 T, above their first block's); outliers
-// of ~1e4 (beta < 0: the student's masked-like tokens) are far above it.
+// below, c is rounded by at most 2^-24 kReanchor T, moving log Q by at most 2^-24 kReanchor = 4e-6.
+// Ordinary LLM rows stay well below it (their largest logits are tens, not 64 T, above their first
+// block's); outliers of ~1e4 (beta < 0: the student's masked-like tokens) are far above it.
 constexpr float kReanchor = 64.0f;
 
 // A block's largest value and where it is (-1: none): a position in the row, or in pass 1 the
@@ -175,14 +173,11 @@ FASTPROBE_SIMD_CLONES static float bridge_block_magnitude(const float* s, const 
 }
 
 // Forward, one block: grad_v = (P_v - Q_v) / T; returns KL(Q || P)'s terms over the block as
-// Q_v (log Q_v - log P_v) - Q_v + P_v (>= 0, adding up to the KL since both sum to 1). With Q_v
-// and P_v the exps of the very log Q_v and log P_v the log ratio is formed from, the rounding of
-// the two log-sum-exps cancels to first order, where in Q_v (log Q_v - log P_v) alone it did
-// not: a student 1e-3 from its teacher (KL ~5e-7, V = 16384) was typically 7-40% off, now
-// 0.3-1% (each exp's own rounding, ~1e-7 of the largest P_v, is left: a row whose mass sits on a
-// few tokens can still be 20% off). draft_divergence's second-order series would give ~1e-4, at
-// ~1.5x the Triton pass 2's instructions: not taken for a training loss whose gradient it does
-// not change.
+// Q~_v (log Q~_v - log P~_v) - Q~_v + P~_v (>= 0, adding up to the KL since both sum to 1), Q~_v
+// and P~_v the exps of the very log-probabilities the log ratio is formed from (see Precision:
+// the two log-sum-exps' rounding cancels to first order). draft_divergence's second-order series
+// (kl_term) would give ~1e-4, at ~1.5x the Triton pass 2's instructions: not taken for a
+// training loss whose gradient it does not change.
 FASTPROBE_SIMD_CLONES static float forward_block(const float* s, const float* c,
                                                  LogSoftmax log_p, LogSoftmax log_q,
                                                  int64_t count, float* grad) {

@@ -132,7 +132,7 @@ inline float wide_log_prob(const LogSoftmax& row) {
 
 // Target row against the mixture: p_v = exp(log p_v). A column the mixture has (in_m_v) with
 // log p_v below wide_log_prob (-inf included: a column the target masks) adds +inf: the caller
-// then sums these columns' KL again by exact_target_kl.
+// then sums the whole run's KL again by exact_target_kl.
 FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax row,
                                                      const float* m, const float* log_m,
                                                      const float* in_m, int64_t count) {
