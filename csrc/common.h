@@ -363,17 +363,6 @@ struct RowReader {
   }
 };
 
-// The same for rows whose element type is known at compile time: converted inline, in the
-// calling clone's target (concept_mass's rows).
-template <typename T>
-FASTPROBE_ALWAYS_INLINE const float* float_block(const T* row, int64_t stride, int64_t count,
-                                                 float* scratch) {
-  if constexpr (std::is_same_v<T, float>)
-    if (stride == 1) return row;
-  load_scaled(row, stride, count, 1.0f, scratch);
-  return scratch;
-}
-
 // exp(x) for float32 x in [-87, 88], vectorisable: x = n ln2 + r with |r| <= ln2/2, exp(r) by
 // a degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built in the exponent bits. A NaN x
 // gives NaN.
