@@ -261,7 +261,7 @@ struct Problem {
 
   bool ignored(int64_t n) const { return labels != nullptr && labels[n] == ignore_index; }
 
-  // Elements [v0, v0 + count) of row n as float32 (float_block: in place or into scratch).
+  // Elements [v0, v0 + count) of row n as float32 (RowReader::block: in place or into scratch).
   const float* student_block(int64_t n, int64_t v0, int64_t count, float* scratch) const {
     return student_input.block(student, n * stride_sn + v0 * stride_sv, stride_sv, count, scratch);
   }

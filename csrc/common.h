@@ -341,15 +341,6 @@ static inline StoreFn storer_for(DType dtype) {
   throw std::invalid_argument("fastprobe._C: unsupported dtype");
 }
 
-// Elements [first, first + count) of a row (stride in elements) as float32: the input itself
-// when it is float32 with a unit stride, else converted into scratch by `load`.
-inline const float* float_block(LoadFn load, bool float32, const void* base, int64_t first,
-                                int64_t stride, int64_t count, float* scratch) {
-  if (float32 && stride == 1) return static_cast<const float*>(base) + first;
-  load(base, first, stride, count, scratch);
-  return scratch;
-}
-
 // How one input's rows are read as float32: its loader, and whether it is float32 (rows with a
 // unit stride are then read in place). The inputs of one call may differ in dtype: one each.
 struct RowReader {
@@ -358,8 +349,12 @@ struct RowReader {
 
   static RowReader of(DType type) { return {loader_for(type), type == DType::Float32}; }
 
+  // Elements [first, first + count) of a row (stride in elements) as float32: the input itself
+  // when it is float32 with a unit stride, else converted into scratch by `load`.
   const float* block(const void* base, int64_t first, int64_t stride, int64_t count, float* scratch) const {
-    return float_block(load, float32, base, first, stride, count, scratch);
+    if (float32 && stride == 1) return static_cast<const float*>(base) + first;
+    load(base, first, stride, count, scratch);
+    return scratch;
   }
 };
 

@@ -114,16 +114,15 @@ void scatter(const float* in, const int64_t* ids, int64_t count, void* base, int
 }
 
 struct DTypeIo {
-  bool float32;  // float32 rows with a unit stride are read in place, float32 grads written in place
-  LoadFn load;
+  RowReader rows;  // float32 rows with a unit stride are read in place
   GatherFn gather;
-  StoreFn store;  // (none for float32)
+  StoreFn store;  // nullptr for float32: grads are written in place
   ScatterFn scatter;
 };
 
 template <typename T>
 DTypeIo io_of(DType type) {
-  return {std::is_same_v<T, float>, loader_for(type), gather<T>, storer_for(type), scatter<T>};
+  return {RowReader::of(type), gather<T>, storer_for(type), scatter<T>};
 }
 
 DTypeIo io_for(const std::string& dtype) {
@@ -184,9 +183,8 @@ LseState range_lse(const Forward& f, int64_t n, int64_t range, float* block) {
   LseState state;
   for (int64_t v0 = range * kRange; v0 < range_end(f.V, range); v0 += kBlock) {
     const int64_t count = block_size(f.V, v0);
-    lse_block(state,
-              float_block(f.io.load, f.io.float32, f.logits, n * f.stride_n + v0 * f.stride_v, f.stride_v, count, block),
-              count, f.inv_temperature);
+    lse_block(state, f.io.rows.block(f.logits, n * f.stride_n + v0 * f.stride_v, f.stride_v, count, block), count,
+              f.inv_temperature);
   }
   return state;
 }
@@ -284,12 +282,11 @@ FASTPROBE_SIMD_CLONES void grad_range(const Backward& b, int64_t n, int64_t rang
   const float scale = b.coef[n] * b.inv_temperature;
   for (int64_t v0 = range * kRange; v0 < range_end(b.V, range); v0 += kBlock) {
     const int64_t count = block_size(b.V, v0);
-    const float* x = float_block(b.io.load, b.io.float32, b.logits, n * b.stride_n + v0 * b.stride_v, b.stride_v,
-                                 count, ws.block.data());
-    float* out = b.io.float32 ? static_cast<float*>(b.grad) + n * b.V + v0 : ws.out.data();
+    const float* x = b.io.rows.block(b.logits, n * b.stride_n + v0 * b.stride_v, b.stride_v, count, ws.block.data());
+    float* out = b.io.store == nullptr ? static_cast<float*>(b.grad) + n * b.V + v0 : ws.out.data();
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) out[i] = scale * fast_exp(log_prob(log_p, x[i]));
-    if (!b.io.float32) b.io.store(out, count, b.grad, n * b.V + v0);
+    if (b.io.store != nullptr) b.io.store(out, count, b.grad, n * b.V + v0);
   }
 }
 

@@ -32,7 +32,7 @@
 // blocks of kBlock: pass 1 folds every row into an online log-sum-exp, pass 2 forms q, m and p
 // from it and accumulates all the sums.
 // Blocks of 16-bit or strided rows are converted to float32 (unscaled) into per-thread
-// buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place (float_block).
+// buffers of O((K + 1) kBlock) floats; contiguous float32 rows are read in place (RowReader::block).
 // The drafts and the target have a dtype each (a float32 draft with a bfloat16 target, or the
 // reverse): each is loaded by its own loader, so neither is copied, and the float32 values
 // the sums see are those of the input cast up beforehand (the same bits).
