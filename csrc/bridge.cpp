@@ -392,12 +392,6 @@ static const float* load_block(const Problem& p, int64_t n, int64_t v0, int64_t 
   return s;
 }
 
-// The blocks of vocabulary range `range`: f(v0, count) for each.
-template <typename F>
-static void for_blocks(int64_t V, int64_t range, F&& f) {
-  for (int64_t v0 = range * kRange; v0 < range_end(V, range); v0 += kBlock) f(v0, block_size(V, v0));
-}
-
 // A token's student and teacher logits.
 struct Token {
   float s, t;

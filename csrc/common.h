@@ -489,6 +489,13 @@ inline int64_t range_count(int64_t V) { return (V + kRange - 1) / kRange; }
 // Range `range` of a row is [range * kRange, range_end(V, range)).
 inline int64_t range_end(int64_t V, int64_t range) { return std::min(V, (range + 1) * kRange); }
 
+// The blocks of range `range` of a row of V, in order: f(v0, count) for each [v0, v0 + count).
+// For the drivers that call the multi-versioned kernels, not for use inside one (not forced inline).
+template <typename F>
+inline void for_blocks(int64_t V, int64_t range, F&& f) {
+  for (int64_t v0 = range * kRange; v0 < range_end(V, range); v0 += kBlock) f(v0, block_size(V, v0));
+}
+
 // Merges the online log-sum-exp `part` (a later range) into `state`; a NaN in either stays.
 inline void merge_lse(LseState& state, const LseState& part, float scale) {
   if (part.max == kNegInf) {  // nothing finite in the part: only a NaN counts

@@ -234,19 +234,17 @@ struct Workspace {
 // Pass 1 over range `range` of token n: a fresh online log-sum-exp of every row into lse[r].
 static void range_lse(const Problem& p, int64_t n, int64_t range, Workspace& ws, LseState* lse) {
   std::fill(lse, lse + p.rows(), LseState{});
-  for (int64_t v0 = range * kRange; v0 < range_end(p.V, range); v0 += kBlock) {
-    const int64_t count = block_size(p.V, v0);
+  for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     for (int64_t r = 0; r < p.rows(); ++r)
       lse_block(lse[r], p.load_row(r, n, v0, count, ws.logits_row(r)), count, p.inv_temperature);
-  }
+  });
 }
 
 // Pass 2 over range `range` of token n, from the rows' log-softmax: every sum into sums[slot].
 static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoftmax* log_softmax,
                        Workspace& ws, double* sums) {
   std::fill(sums, sums + kQLogQ + p.K, 0.0);
-  for (int64_t v0 = range * kRange; v0 < range_end(p.V, range); v0 += kBlock) {
-    const int64_t count = block_size(p.V, v0);
+  for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     for (int64_t r = 0; r < p.rows(); ++r) ws.rows[r] = p.load_row(r, n, v0, count, ws.logits_row(r));
 
     // Every term is of one v: the kernels take the block in runs of kLseRun (common.h), each
@@ -271,7 +269,7 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
         sums[kPLogP] += t.p_log_p;
       }
     });
-  }
+  });
 }
 
 // Token n's lse (float64) and log-softmax of every row from its ranges' lse states
