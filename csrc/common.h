@@ -420,13 +420,13 @@ inline float fast_log(float x) {
 struct LseState {
   float max = kNegInf;
   float sum = 0.0f;
-  double value(float scale = 1.0f) const {
+  double value(float scale) const {
     return sum == 0.0f ? -std::numeric_limits<double>::infinity()
                        : double(scale) * double(max) + std::log(double(sum));
   }
 };
 
-// lse_update adds a block's exp terms in float32 in runs of this many, and the runs' sums in
+// lse_block adds a block's exp terms in float32 in runs of this many, and the runs' sums in
 // double: a build that does not vectorise the loop (tests/sanitize.sh's) otherwise adds all
 // kBlock terms in order, a relative error of up to ~7e-6 in the sum (~2e-6 with runs of 512);
 // vectorised builds add kBlock / lanes terms per lane either way. (Runs of 128: ~9e-7, but 5-15%
@@ -448,9 +448,11 @@ inline void for_runs(int64_t count, F&& f) {
 
 // Folds one block of float32 values into an online log-sum-exp of scale * x (scale > 0).
 // Subtracting the max before scaling keeps x - max exact near the max, so large logits
-// lose no precision. Inlined into the callers' multi-versioned kernels, so it is
-// compiled for their targets.
-inline void lse_update(LseState& state, const float* x, int64_t count, float scale = 1.0f) {
+// lose no precision. Multi-versioned, and called (not inlined) once per block and row: GCC
+// would not inline a body this size twice into one clone, and its out-of-line copy would be
+// compiled for the default target only.
+[[maybe_unused]] FASTPROBE_SIMD_CLONES static void lse_block(LseState& state, const float* x, int64_t count,
+                                                             float scale) {
   float block_max = kNegInf;
 #pragma omp simd reduction(max : block_max)
   for (int64_t i = 0; i < count; ++i) block_max = x[i] > block_max ? x[i] : block_max;
@@ -470,14 +472,6 @@ inline void lse_update(LseState& state, const float* x, int64_t count, float sca
   });
   state.sum = state.sum * fast_exp((state.max - new_max) * scale) + float(block_sum);
   state.max = new_max;
-}
-
-// lse_update as a multi-versioned function of its own: a kernel that folds several rows
-// calls this once per row (GCC would not inline lse_update twice into one clone, and the
-// out-of-line copy is compiled for the default target only).
-[[maybe_unused]] FASTPROBE_SIMD_CLONES static void lse_block(LseState& state, const float* x,
-                                                             int64_t count, float scale) {
-  lse_update(state, x, count, scale);
 }
 
 // A row's vocabulary is folded in ranges of kRange logits, each into a fresh online
