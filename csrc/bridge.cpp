@@ -362,8 +362,8 @@ static void wide_row(const Problem& p, int64_t n, Workspace& ws) {
 }
 
 // What a row keeps between its stages: the bridge's anchor (and whether pass 1 runs again at a
-// new one), both log-softmaxes and the loss; reverse: its centre (see Precision).
-struct RowSoftmax {
+// new one), whether it is wide, both log-softmaxes and the loss; reverse: its centre (see Precision).
+struct BridgeRow {
   Bridge bridge;  // anchored for pass 1 (and pass 2's log Q)
   Bridge centred;  // reverse: anchored at the centre a (d_v, passes 2 and 3)
   bool reanchored;
@@ -409,7 +409,7 @@ static Bridge anchored_at(const Problem& p, int64_t n, int64_t v, Workspace& ws)
 }
 
 // The row's first anchor: the token of its first block with the largest bridge logit.
-static void row_bridge(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
+static void row_bridge(const Problem& p, int64_t n, BridgeRow& r, Workspace& ws) {
   const int64_t count = block_size(p.V, 0);
   load_block(p, n, 0, count, Bridge{p.beta, 0.0f, 0.0f}, ws);
   r.bridge = anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
@@ -425,7 +425,7 @@ static int64_t located(const Problem& p, int64_t n, Bridge bridge, BlockMax larg
 
 // Reverse: the row's centre a (see Precision), its largest student logit, and the bridge anchored at
 // a for d_v in passes 2 and 3. No finite student logit: no P, the loss is NaN.
-static void centre_row(const Problem& p, int64_t n, RowSoftmax& r, Workspace& ws) {
+static void centre_row(const Problem& p, int64_t n, BridgeRow& r, Workspace& ws) {
   const int64_t a = r.s_max.at >= 0 ? located(p, n, r.bridge, r.s_max, true, ws) : -1;
   r.centre_s = a < 0 ? 0.0f : token_at(p, n, a, ws).s;
   r.centred = a < 0 ? r.bridge : anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
@@ -475,7 +475,7 @@ static RangeLse merge_ranges(const RangeLse* parts, int64_t ranges, float inv_te
 }
 
 // Pass 2 over a range: its share of the loss's sums (forward writes its gradient too).
-static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
+static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const BridgeRow& r, Workspace& ws) {
   Pass2Sums sums;
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     if (p.reverse) {  // c as pass 1 formed it into ws.grad (unused here), c' in place of t
@@ -497,7 +497,7 @@ static Pass2Sums range_loss(const Problem& p, int64_t n, int64_t range, const Ro
 }
 
 // Pass 3 over a range, reverse: its gradient, from the row's D.
-static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const RowSoftmax& r, Workspace& ws) {
+static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const BridgeRow& r, Workspace& ws) {
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = load_block(p, n, v0, count, r.centred, ws);
     float* grad = p.grad_block(n, v0, ws.grad.data());
@@ -514,7 +514,7 @@ static void range_reverse_grad(const Problem& p, int64_t n, int64_t range, const
 // +inf. An ignored row reads nothing: loss 0, gradient 0.
 static void run(const Problem& p, int threads) {
   const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads);
-  std::vector<RowSoftmax> rows(size_t(slots), RowSoftmax{});
+  std::vector<BridgeRow> rows(size_t(slots), BridgeRow{});
   std::vector<RangeLse> lse_parts(size_t(slots * ranges));
   std::vector<Pass2Sums> loss_parts(size_t(slots * ranges));
   const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, bool student, Workspace& ws) {
