@@ -239,3 +239,22 @@ def poisoned_outputs(monkeypatch):
             kernel(q, k, v, args, *outputs)
 
         monkeypatch.setitem(kernels, "cpp", poisoned)
+
+
+def spawn_gloo_ranks(worker, args: tuple, out_dir, seconds: float) -> None:
+    """Runs worker(rank, *args) in two spawned processes (gloo ranks) that save rank{r}.pt under
+    out_dir. gloo's teardown has been seen to hang (about 1 run in 13): after `seconds` the ranks are
+    stopped; the results they saved before tearing down still count, missing ones fail."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ranks = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not ranks.join(timeout=2) and time.monotonic() < deadline:
+        pass
+    for process in ranks.processes:
+        if process.is_alive():
+            process.kill()
+    missing = [rank for rank in range(2) if not os.path.exists(os.path.join(out_dir, f"rank{rank}.pt"))]
+    assert not missing, f"gloo ranks {missing} saved no results within {seconds:.0f} s"

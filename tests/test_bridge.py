@@ -3,7 +3,6 @@ reference and autograd of it, and bad input."""
 
 import contextlib
 import os
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import fastprobe as fp
 from fastprobe import reference
 from fastprobe.ops.bridge import beta_tensor
 
-from .conftest import ATOL, RTOL, TORCH_RELEASE, same_bits_per_row
+from .conftest import ATOL, RTOL, TORCH_RELEASE, same_bits_per_row, spawn_gloo_ranks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BETAS = [0.0, 0.37, 1.0, 2.0]
@@ -1487,7 +1486,6 @@ def test_ddp_training_matches_one_process(tmp_path):
     gradient sums both uses. (Each rank's micro-batch keeps as many rows as the other's: a "mean"
     of each rank's rows, which DDP averages, is then the mean over the whole batch.)"""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is unavailable")
@@ -1500,15 +1498,7 @@ def test_ddp_training_matches_one_process(tmp_path):
         labels[:, 0] = -100  # (one ignored position per sequence: the ranks keep equal counts)
         labels[[0, 4], 1:3] = -100
         batches.append((torch.randint(0, vocab, (6, length)), 3 * torch.randn(6, length, vocab), labels))
-    ranks = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), state, batches), nprocs=2, join=False)
-    deadline = time.monotonic() + 120  # (gloo's teardown has been seen to hang: the saved results count)
-    while not ranks.join(timeout=2) and time.monotonic() < deadline:
-        pass
-    for process in ranks.processes:
-        if process.is_alive():
-            process.kill()
-    missing = [rank for rank in range(2) if not (tmp_path / f"rank{rank}.pt").exists()]
-    assert not missing, f"gloo ranks {missing} saved no results"
+    spawn_gloo_ranks(_ddp_worker, (2, str(tmp_path / "init"), str(tmp_path), state, batches), tmp_path, 120)
     want = TiedStudent(vocab, hidden, "reference").double()
     want.load_state_dict(state)
     train_tied_student(want, [(ids, teacher_logits.double(), labels) for ids, teacher_logits, labels in batches])

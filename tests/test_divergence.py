@@ -2,7 +2,6 @@
 
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import fastprobe as fp
 from fastprobe import reference
 from fastprobe.ops.divergence import EPISTEMIC, JSD, KL_MIXTURE_TARGET, _draft_divergence_op, _result
 
-from .conftest import ATOL, RTOL, prefetch_target, same_bits_per_row
+from .conftest import ATOL, RTOL, prefetch_target, same_bits_per_row, spawn_gloo_ranks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -829,8 +828,6 @@ def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, 
 def sharded_run(tmp_path_factory):
     """Two gloo ranks on CPU, each holding an uneven shard of the vocabulary of the same
     inputs (spawned once for the tests below): (inputs, [rank 0's results, rank 1's])."""
-    import torch.multiprocessing as mp
-
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     num_drafts, num_tokens, vocab = 3, 9, 523
     draft = 3 * torch.randn(num_drafts, num_tokens, vocab, generator=generator)
@@ -839,22 +836,7 @@ def sharded_run(tmp_path_factory):
     draft[0, 4, :200] = float("-inf")  # a row that is -inf on rank 0's shard only
     weights = torch.tensor([0.2, 0.3, 0.5])
     tmp = tmp_path_factory.mktemp("sharded")
-    ranks = mp.spawn(
-        _sharded_worker,
-        args=(2, str(tmp / "init"), str(tmp), draft, target_logits, weights, shards),
-        nprocs=2,
-        join=False,
-    )
-    # gloo's teardown has been seen to hang (about 1 run in 13): wait at most 3 minutes, then stop
-    # the ranks; the results they saved before tearing down still count, missing ones fail.
-    deadline = time.monotonic() + 180
-    while not ranks.join(timeout=5) and time.monotonic() < deadline:
-        pass
-    for process in ranks.processes:
-        if process.is_alive():
-            process.kill()
-    missing = [r for r in range(2) if not (tmp / f"rank{r}.pt").exists()]
-    assert not missing, f"gloo ranks {missing} saved no results within 3 minutes"
+    spawn_gloo_ranks(_sharded_worker, (2, str(tmp / "init"), str(tmp), draft, target_logits, weights, shards), tmp, 180)
     return (draft, target_logits, weights), [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
