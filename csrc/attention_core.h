@@ -1479,6 +1479,16 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
 // inf / NaN among the values (or scores) stay what they were: their s_d come from the finite
 // values, and an item whose every s_d is 0 is left as it was.
 
+// Merges an item's key ranges (partials: plan.splits of them, plan.state_floats apart), state by
+// state, into its states st.
+template <size_t S>
+FASTPROBE_ALWAYS_INLINE void merge_parts(const Problem& p, const Plan& plan, const ItemRows& it,
+                                         const float* partials, const std::array<RowState, S>& st, Scratch& ws) {
+  for (size_t s = 0; s < S; ++s)
+    merge_states(partials + s * RowState::floats(it.R, p.G, p.Dv), plan.splits, plan.state_floats,
+                 it.R, p.G, p.Dv, st[s], ws.alpha);
+}
+
 // Whether some row's O, in any state, is not finite: x * 0 is 0 for finite x, NaN for inf / NaN
 // (a sum that vectorises, where a loop of isfinite ran scalar: +13% instructions in a 512-key
 // dual_path_attention).
@@ -1545,10 +1555,7 @@ FASTPROBE_ALWAYS_INLINE bool rescue_item(const Op& op, const Plan& plan, int64_t
     if (plan.splits > 1) std::copy(ws.state, ws.state + item_floats, partials.data() + split * plan.state_floats);
   }
   const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.Dv);
-  if (plan.splits > 1)
-    for (int64_t s = 0; s < Op::kStates; ++s)
-      merge_states(partials.data() + s * RowState::floats(it.R, p.G, p.Dv), plan.splits,
-                   plan.state_floats, it.R, p.G, p.Dv, st[s], ws.alpha);
+  if (plan.splits > 1) merge_parts(p, plan, it, partials.data(), st, ws);
   ws.value_unscale = unscale.data();
   op.template write_rows<T>(it, ws, st);
   ws.value_unscale = nullptr;
@@ -1595,9 +1602,7 @@ FASTPROBE_ALWAYS_INLINE void merge_item(const Op& op, const Plan& plan, int64_t 
   const ItemRows it = item_rows(p, plan, item, ws);
   if (it.rows == 0) return;
   const auto st = item_states<Op::kStates>(ws.state, it.R, p.G, p.Dv);
-  for (int64_t s = 0; s < Op::kStates; ++s)
-    merge_states(partials + s * RowState::floats(it.R, p.G, p.Dv), plan.splits, plan.state_floats,
-                 it.R, p.G, p.Dv, st[s], ws.alpha);
+  merge_parts(p, plan, it, partials, st, ws);
   finish_item<Op, T>(op, plan, item, it, ws, rescue);
 }
 
