@@ -735,3 +735,31 @@ def test_a_model_without_logits_is_refused(tokenizer, generate):
     with pytest.raises(TypeError, match="answer availability needs a causal language model with logits, got BertModel"):
         availability.answer_availability(encoder, tokenizer, ["The river ran"], [["past"]], generate=generate,
                                          correct=None if generate else [True], progress=False)
+
+
+def test_positions_past_the_config_are_said_once(tokenizer):
+    """Prompts that run past the positions a rotary model's config gives (max_position_embeddings):
+    where only generate runs past them, transformers' generate says so (its MaxLengthCriteria's
+    "friendly reminder") and fastprobe does not say it a second time (both did); where a
+    multi-token variant's teacher forcing runs past them and generate does not, transformers is
+    silent and fastprobe's UserWarning says it."""
+    import warnings
+
+    from .transformers_helpers import transformers_warnings
+
+    prompt = " ".join(PROMPTS)
+    length = len(tokenizer(prompt)["input_ids"])
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=3, max_position_embeddings=length - 4)
+    with transformers_warnings() as messages, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        availability.greedy_answers(model, tokenizer, [prompt], max_new_tokens=3, progress=False)
+    assert [message for message in messages if "friendly reminder" in message]
+    assert not [str(w.message) for w in caught if "run past" in str(w.message)]
+    answer = "Zanzibarquixotic"  # a variant of several tokens
+    assert len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) >= 4
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=3, max_position_embeddings=length + 2)
+    with transformers_warnings() as messages, \
+            pytest.warns(UserWarning, match=rf"texts of {length} tokens plus \d+ tokens that follow them run past "
+                                            rf"the {length + 2} positions"):
+        availability.answer_availability(model, tokenizer, [prompt], [answer], max_new_tokens=2, progress=False)
+    assert not [message for message in messages if "friendly reminder" in message]

@@ -892,3 +892,28 @@ def test_a_target_or_draft_without_logits_is_refused(tokenizer):
     for target, drafts in ((encoder, [causal]), (causal, [causal, encoder])):
         with pytest.raises(TypeError, match="draft uncertainty needs causal language models with logits, got BertM"):
             uncertainty.token_uncertainty(target, drafts, tokenizer, DEMO_TEXTS[:2], progress=False)
+
+
+def test_positions_past_the_config_are_said_once_by_generate(tokenizer):
+    """generate_with_uncertainty on prompts whose generation runs past the target config's
+    max_position_embeddings: transformers' generate says so (its "friendly reminder") and
+    fastprobe does not say it again; a draft (which reads the continuation by teacher forcing,
+    transformers silent) configured for fewer positions is named in fastprobe's UserWarning."""
+    import warnings
+
+    from .transformers_helpers import transformers_warnings
+
+    prompt = "The river ran past the old mill"
+    length = len(tokenizer(prompt)["input_ids"])
+    target = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=length + 2)
+    draft = tiny_model("llama", vocab_size=len(tokenizer), seed=1, max_position_embeddings=length + 8)
+    with transformers_warnings() as messages, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        uncertainty.generate_with_uncertainty(target, [draft], tokenizer, [prompt], max_new_tokens=6, progress=False)
+    assert [message for message in messages if "friendly reminder" in message]
+    assert not [str(w.message) for w in caught if "run past" in str(w.message)]
+    short_draft = tiny_model("llama", vocab_size=len(tokenizer), seed=1, max_position_embeddings=length + 2)
+    with pytest.warns(UserWarning, match=rf"texts of {length} tokens plus 6 tokens that follow them run past the "
+                                         rf"{length + 2} positions a draft \(LlamaForCausalLM\)'s config gives"):
+        uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, [prompt], max_new_tokens=6,
+                                              progress=False)

@@ -397,19 +397,24 @@ def encode_prompts(tokenizer, texts: Sequence[str], appended: int, **truncation)
 
 
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
-                 *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0):
+                 *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0,
+                 generated: int = 0, read_tokens: Optional[int] = None):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
     take them (and unless position_ids=False, e.g. for generate, which makes its own),
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
     positions as the text alone. Texts are padded and truncated to max_length tokens on the
     tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
     left (a prompt keeps its end, where the continuation starts), without the special tokens the
-    tokenizer appends (an eos would stand between the prompt and its continuation). A batch that, with the
-    `new_tokens` a caller appends (generate's), is longer than the learned positions of the model
-    or of the other `readers` of the batches (drafts) is refused, naming the one; so is a token id
-    (the pad token's too) past the input-embedding rows of the model or a reader (check_embedded).
-    One longer than the positions a rotary (or ALiBi) model's config gives runs, as the model
-    would, with a UserWarning naming max_length (once a call)."""
+    tokenizer appends (an eos would stand between the prompt and its continuation). Tokens that follow
+    a text into a forward: `new_tokens` into the model's own (teacher forcing), `generated` into its
+    generate (those it feeds back, max_new_tokens - 1), `read_tokens` (default new_tokens) into the
+    other `readers` of the batches (drafts). A batch longer, with them, than the learned positions
+    of the model or a reader is refused, naming the one; so is a token id (the pad token's too)
+    past the input-embedding rows of the model or a reader (check_embedded). One longer than the
+    positions a rotary (or ALiBi) model's config gives runs, as the model would, with a UserWarning
+    naming max_length (once a call), except where only the model's generate runs past its
+    config's max_position_embeddings: transformers' generate says so itself (MaxLengthCriteria's
+    "friendly reminder", once a process), and a second warning said the same thing."""
     from tqdm.auto import tqdm
 
     texts = as_texts(texts)
@@ -418,14 +423,19 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     check_bool(progress, "progress")  # (progress="no" is truthy)
     device = execution_device(model)
     positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
+    read_tokens = new_tokens if read_tokens is None else read_tokens
+    most_new = max(new_tokens, generated, read_tokens)
     # the fewest learned positions among the model and the readers, and whose they are
     limit, limited = min(((found, reader) for reader in (model, *readers)
                           if (found := learned_positions(reader)) is not None), key=lambda pair: pair[0],
                          default=(None, None))
-    # the fewest configured positions among the others (rotary: a longer batch runs, out of their training)
-    trained, trainee = min(((found, reader) for reader in (model, *readers)
-                            if (found := trained_positions(reader)) is not None), key=lambda pair: pair[0],
-                           default=(None, None))
+    # (reader, the positions its config gives (rotary: a longer batch runs, out of their training), the
+    # tokens that follow a text into it, the text length from which transformers' generate says it instead)
+    config = getattr(model, "config", None)
+    reminded = generated > 0 and getattr(config, "max_position_embeddings", None) == trained_positions(model)
+    trainees = [(reader, found, max(new_tokens, generated) if reader is model else read_tokens,
+                 found - generated if reader is model and reminded else None)
+                for reader in (model, *readers) if (found := trained_positions(reader)) is not None]
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
     appended = appended_tokens(tokenizer) if prompts else 0
@@ -441,21 +451,24 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         check_embedded(encoded["input_ids"], encoded["attention_mask"], (model, *readers), tokenizer,
                        texts[start:start + batch_size], start, what)
         length = encoded["input_ids"].shape[1]
-        if limit is not None and length + new_tokens > limit:
-            plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""
+        if limit is not None and length + most_new > limit:
+            plus = f" plus {most_new} tokens that follow them" if most_new else ""
             whose = type(limited).__name__ if limited is model else f"a draft ({type(limited).__name__})"
-            fix = (f"pass max_length <= {limit - new_tokens} (texts are truncated to it; --max-length in the "
-                   "fastprobe command)" if limit > new_tokens else "generate fewer new tokens")
+            fix = (f"pass max_length <= {limit - most_new} (texts are truncated to it; --max-length in the "
+                   "fastprobe command)" if limit > most_new else "generate fewer new tokens")
             raise ValueError(f"{what}: texts of {length} tokens{plus}, but {whose} has learned positions for "
                              f"{limit} tokens only; {fix}")
-        if trained is not None and length + new_tokens > trained:  # (said once a call: the first such batch)
-            plus = f" plus {new_tokens} tokens that follow them" if new_tokens else ""
+        past = next((entry for entry in trainees if length + entry[2] > entry[1]
+                     and (entry[3] is None or length < entry[3])), None)
+        if past is not None:  # (said once a call: the first such batch)
+            trainee, trained, after = past[:3]
+            plus = f" plus {after} tokens that follow them" if after else ""
             whose = type(trainee).__name__ if trainee is model else f"a draft ({type(trainee).__name__})"
             warnings.warn(f"{what}: texts of {length} tokens{plus} run past the {trained} positions {whose}'s config "
                           f"gives (max_position_embeddings): the model was not trained there and its outputs "
-                          f"past them may mean little; pass max_length <= {max(trained - new_tokens, 1)} to truncate "
+                          f"past them may mean little; pass max_length <= {max(trained - after, 1)} to truncate "
                           "(--max-length in the fastprobe command)", UserWarning, stacklevel=3)
-            trained = None
+            trainees = []
         batch = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
         if positions:
             batch["position_ids"] = model_positions(model, batch["attention_mask"])

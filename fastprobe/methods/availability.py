@@ -485,7 +485,7 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
     with torch.no_grad(), eval_mode(model):
         # (new_tokens: those fed back into the model, all but the last)
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answers",
-                                  prompts=True, position_ids=False, new_tokens=max_new_tokens - 1):
+                                  prompts=True, position_ids=False, generated=max_new_tokens - 1):
             answers += _greedy(model, tokenizer, batch, max_new_tokens)[0]
     return answers
 
@@ -522,11 +522,13 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
     pad_id = embedded_pad_id(model, tokenizer)  # (the variants' padding)
     # tokens that follow a prompt into the model: generate's but its last (never fed back), and a
     # multi-token variant's but its last (teacher forcing)
-    new_tokens = max([max_new_tokens - 1 if generate else 0] + [len(s) - 1 for answer in gold for s in answer.multi])
+    fed_back = max_new_tokens - 1 if generate else 0
+    new_tokens = max([0] + [len(s) - 1 for answer in gold for s in answer.multi])
     parts, generated, first = [], [], 0
     with torch.no_grad(), eval_mode(model):
         for batch in text_batches(model, tokenizer, prompts, batch_size, max_length, progress, "answer mass",
-                                  prompts=True, position_ids=not generate, new_tokens=new_tokens):
+                                  prompts=True, position_ids=not generate, new_tokens=new_tokens,
+                                  generated=fed_back):
             batch_answers = gold[first:first + batch["input_ids"].shape[0]]
             multi = any(answer.multi for answer in batch_answers)
             if generate:  # generate's prefill: the commitment step's logits and, cut back to the prompts, its cache

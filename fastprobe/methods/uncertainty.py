@@ -273,7 +273,8 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     generated, tables, first = [], [], 0
     with torch.no_grad(), eval_mode(target, *drafts):
         for batch in text_batches(target, tokenizer, prompts, batch_size, max_length, progress, "generate and score",
-                                  prompts=True, position_ids=False, readers=drafts, new_tokens=max_new_tokens):
+                                  prompts=True, position_ids=False, readers=drafts, generated=max_new_tokens - 1,
+                                  read_tokens=max_new_tokens):  # (the drafts read every generated token)
             prompt_length = batch["input_ids"].shape[1]
             output = target.generate(**batch, **settings)
             sequences = output.sequences
