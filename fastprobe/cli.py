@@ -34,6 +34,7 @@ import torch
 
 from . import __version__, reference
 from .backend import cpp_status, get_backend, resolve, triton_status
+from .methods._batching import FALLBACK_MAX_LENGTH, default_max_length
 from .ops._common import INT64_MAX, check_temperature
 from .ops.bridge import bridge_loss
 from .ops.concepts import ConceptSet, concept_mass
@@ -712,7 +713,8 @@ def sinks_command(args: argparse.Namespace) -> int:
         texts = _read_texts(args.texts)
         device = _device_of(args)
         model, tokenizer = _load_checkpoint(args.model, device, args.dtype)
-        _check_a_token_to_predict(tokenizer, texts, args.max_length)
+        max_length = args.max_length or default_max_length(model, tokenizer)
+        _check_a_token_to_predict(tokenizer, texts, max_length)
         integrations.patch(model)
         layers = integrations.attention_layers(model)
         if args.prune is not None:
@@ -720,12 +722,12 @@ def sinks_command(args: argparse.Namespace) -> int:
         parameter = next(model.parameters())
         print(f"fastprobe sinks: {args.model} ({type(model).__name__}, {len(layers)} layers), {len(texts)} texts, "
               f"{device}, {resolve(parameter.device, parameter.dtype, 'sinks')} backend")
-        table = sinks.score_heads(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
+        table = sinks.score_heads(model, tokenizer, texts, batch_size=args.batch_size, max_length=max_length,
                                   progress=not args.no_progress)
         print(f"  strongest sink heads of {len(table)}:")
         _print_head_table(table, args.top)
         if args.prune is not None:
-            _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, args.max_length,
+            _pruning_report(model, tokenizer, texts, table, args.prune, args.seed, args.batch_size, max_length,
                             progress=not args.no_progress)
         if args.plot:
             print(f"  heat map: {sinks.plot_sink_heads(table, args.plot, title=f'sink score: {Path(args.model).name}')}")
@@ -779,12 +781,13 @@ def uncertainty_command(args: argparse.Namespace) -> int:
         for path in args.drafts:
             _check_draft_tokenizer(path, tokenizer)
         drafts = [_load_model(path, device, args.dtype) for path in args.drafts]
+        max_length = args.max_length or default_max_length(target, tokenizer, drafts)
         tokens = uncertainty.token_uncertainty(target, drafts, tokenizer, texts, temperature=args.temperature,
-                                               batch_size=args.batch_size, max_length=args.max_length,
+                                               batch_size=args.batch_size, max_length=max_length,
                                                progress=not args.no_progress)
         if len(tokens) == 0:
             raise ValueError(f"no token to score: every text has fewer than two tokens (at most --max-length "
-                             f"{args.max_length} each)")
+                             f"{max_length} each)")
     except (OSError, ValueError, TypeError, ImportError) as error:
         print(f"fastprobe uncertainty: error: {error}", file=sys.stderr)
         return 2
@@ -870,6 +873,9 @@ def _demo_sections(device: torch.device, args: argparse.Namespace) -> int:
 TEXTS_HELP = "a UTF-8 text file, one text per line (stripped; blank lines skipped; texts numbered from 0)"
 BATCH_SIZE_HELP = "texts per forward pass (default 8)"
 DTYPE_HELP = "the models' dtype (default auto: the one transformers loads the checkpoint in)"
+MAX_LENGTH_DEFAULT_HELP = ("default: the models' context, the fewest positions their configs give (less the tokens "
+                           "generated after a prompt), else the tokenizer's model_max_length, else "
+                           f"{FALLBACK_MAX_LENGTH}")
 
 
 def main(argv=None) -> int:
@@ -899,9 +905,9 @@ def main(argv=None) -> int:
     sinks_parser.add_argument("--csv", default=None, metavar="PATH", help="write the head table as CSV")
     sinks_parser.add_argument("--top", type=_positive_int, default=10, help="heads to list (default 10)")
     sinks_parser.add_argument("--batch-size", type=_positive_int, default=8, help=BATCH_SIZE_HELP)
-    sinks_parser.add_argument("--max-length", type=_integer_at_least(2), default=512,
-                              help="tokens per text at most (default 512; 2 at least: a token to score and one "
-                                   "to predict)")
+    sinks_parser.add_argument("--max-length", type=_integer_at_least(2), default=None,
+                              help=f"tokens per text at most (2 at least: a token to score and one to predict; "
+                                   f"{MAX_LENGTH_DEFAULT_HELP})")
     sinks_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
     sinks_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -931,8 +937,8 @@ def main(argv=None) -> int:
     for method_parser in (uncertainty_parser, availability_parser):
         method_parser.add_argument("--csv", default=None, metavar="PATH", help="write the table as CSV")
         method_parser.add_argument("--batch-size", type=_positive_int, default=8, help=BATCH_SIZE_HELP)
-        method_parser.add_argument("--max-length", type=_positive_int, default=512,
-                                   help="tokens per text at most (default 512)")
+        method_parser.add_argument("--max-length", type=_positive_int, default=None,
+                                   help=f"tokens per text at most ({MAX_LENGTH_DEFAULT_HELP})")
         method_parser.add_argument("--device", type=_device, default=None,
                                      help="cpu or cuda (default: cuda when available)")
         method_parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

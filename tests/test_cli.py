@@ -504,12 +504,13 @@ def test_sinks_with_no_text_of_two_tokens_is_an_error(tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("a\nb\n")
     capsys.readouterr()  # (saving's bars)
+    context = tiny_model("llama").config.max_position_embeddings  # (--max-length's default)
     for prune in ([], ["--prune", "0.25"]):
         assert cli.main(["sinks", "--model", str(tmp_path / "no_bos"), "--texts", str(texts), "--no-progress",
                          *prune]) == 2
         printed = capsys.readouterr()
         assert printed.out == "" and printed.err == ("fastprobe sinks: error: no token to predict: every text has fewer "
-                                                     "than two tokens (at most --max-length 512 each)\n")
+                                                     f"than two tokens (at most --max-length {context} each)\n")
 
 
 def test_a_pgf_plot_without_tex_is_refused_before_any_model_loads(capsys, monkeypatch):
@@ -649,12 +650,54 @@ def test_texts_past_a_rotary_checkpoints_positions_are_said_in_one_line(tmp_path
     texts.write_text(" ".join(DEMO_TEXTS[:2]) + "\nStars\n")
     length = len(tokenizer(" ".join(DEMO_TEXTS[:2]))["input_ids"])
     assert length > 16
-    for max_length, said in [(512, True), (16, False)]:
+    for max_length, said in [(["--max-length", "512"], True), (["--max-length", "16"], False), ([], False)]:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             assert cli.main(["sinks", "--model", str(tmp_path / "short"), "--texts", str(texts), "--no-progress",
-                             "--max-length", str(max_length)]) == 0
+                             *max_length]) == 0
         err = capsys.readouterr().err
         line = (f"fastprobe sinks: warning: sink scores: texts of {length} tokens run past the 16 positions "
                 "LlamaForCausalLM's config gives (max_position_embeddings)")
         assert (line in err) == said and "UserWarning" not in err and "cli.py" not in err, err
+
+
+def test_max_length_defaults_to_the_checkpoints_context(tmp_path, capsys):
+    """--max-length left out: each command truncates texts to the context the checkpoints' configs
+    give (the fewest positions of target and drafts; availability's prompts leave room for the
+    tokens generated after them), as its help says, not to 512: a checkpoint of 16 positions runs
+    without the warning of texts past them, one of 1024 reads a text of more than 512 tokens whole."""
+    import json
+    import warnings
+
+    from fastprobe.models import DEMO_TEXTS, tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    for name, context in [("short", 16), ("long", 1024)]:
+        tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=context).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    long_text = " ".join(DEMO_TEXTS * 2)
+    length = len(tokenizer(long_text)["input_ids"])
+    assert 512 < length <= 1024
+    texts = tmp_path / "texts.txt"
+    texts.write_text(long_text + "\n")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"prompt": long_text, "answers": ["river"]}) + "\n")
+    capsys.readouterr()  # (saving's bars)
+    commands = [["sinks", "--model", str(tmp_path / "short"), "--texts", str(texts)],
+                ["uncertainty", "--target", str(tmp_path / "short"), "--drafts", str(tmp_path / "short"),
+                 "--texts", str(texts)],
+                ["availability", "--model", str(tmp_path / "short"), "--questions", str(questions)]]
+    for command in commands:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            assert cli.main([*command, "--no-progress"]) == 0, command
+        err = capsys.readouterr().err
+        assert "run past" not in err and "friendly reminder" not in err, (command, err)
+    assert cli.main(["uncertainty", "--target", str(tmp_path / "long"), "--drafts", str(tmp_path / "long"),
+                     "--texts", str(texts), "--no-progress", "--csv", str(tmp_path / "tokens.csv")]) == 0
+    pandas = pytest.importorskip("pandas")
+    assert len(pandas.read_csv(tmp_path / "tokens.csv")) == length - 1  # every token after the first scored
+    for command in ("sinks", "uncertainty", "availability"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "default: the models' context" in " ".join(capsys.readouterr().out.split())

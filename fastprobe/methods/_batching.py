@@ -396,16 +396,39 @@ def encode_prompts(tokenizer, texts: Sequence[str], appended: int, **truncation)
                                               return_tensors="pt")
 
 
-def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, what: str,
+# max_length=None where neither the configs nor the tokenizer give a context length
+FALLBACK_MAX_LENGTH = 512
+# tokenizer.model_max_length above this is transformers' "no limit known" placeholder (int(1e30)), not a context
+_KNOWN_TOKENIZER_LIMIT = 10**9
+
+
+def default_max_length(model, tokenizer, readers: Sequence = (), new_tokens: int = 0,
+                       read_tokens: Optional[int] = None) -> int:
+    """max_length=None's length: the most tokens a text may have so that it and the `new_tokens`
+    that follow it fit the positions the config of the model (and of each reader, `read_tokens`
+    after it) gives, learned or rotary; with no config that gives one, the tokenizer's
+    model_max_length (less new_tokens) where set, else FALLBACK_MAX_LENGTH. At least 1."""
+    read_tokens = new_tokens if read_tokens is None else read_tokens
+    rooms = [positions - tokens for reader, tokens in ((model, new_tokens), *((r, read_tokens) for r in readers))
+             if (positions := learned_positions(reader) or trained_positions(reader)) is not None]
+    known = getattr(tokenizer, "model_max_length", None)
+    if not rooms and isinstance(known, int) and known < _KNOWN_TOKENIZER_LIMIT:
+        rooms = [known - new_tokens]
+    return max(min(rooms), 1) if rooms else FALLBACK_MAX_LENGTH
+
+
+def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: Optional[int], progress: bool,
+                 what: str,
                  *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0,
                  generated: int = 0, read_tokens: Optional[int] = None):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
     take them (and unless position_ids=False, e.g. for generate, which makes its own),
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
-    positions as the text alone. Texts are padded and truncated to max_length tokens on the
-    tokenizer's sides; prompts=True pads on the left (as generate needs) and truncates on the
-    left (a prompt keeps its end, where the continuation starts), without the special tokens the
-    tokenizer appends (an eos would stand between the prompt and its continuation). Tokens that follow
+    positions as the text alone. Texts are padded and truncated to max_length tokens (None:
+    default_max_length's) on the tokenizer's sides; prompts=True pads on the left (as generate
+    needs) and truncates on the left (a prompt keeps its end, where the continuation starts),
+    without the special tokens the tokenizer appends (an eos would stand between the prompt and
+    its continuation). Tokens that follow
     a text into a forward: `new_tokens` into the model's own (teacher forcing), `generated` into its
     generate (those it feeds back, max_new_tokens - 1), `read_tokens` (default new_tokens) into the
     other `readers` of the batches (drafts). A batch longer, with them, than the learned positions
@@ -419,11 +442,13 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
 
     texts = as_texts(texts)
     check_count(batch_size, "batch_size")
+    read_tokens = new_tokens if read_tokens is None else read_tokens
+    if max_length is None:
+        max_length = default_max_length(model, tokenizer, readers, max(new_tokens, generated), read_tokens)
     check_count(max_length, "max_length")
     check_bool(progress, "progress")  # (progress="no" is truthy)
     device = execution_device(model)
     positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
-    read_tokens = new_tokens if read_tokens is None else read_tokens
     most_new = max(new_tokens, generated, read_tokens)
     # the fewest learned positions among the model and the readers, and whose they are
     limit, limited = min(((found, reader) for reader in (model, *readers)
