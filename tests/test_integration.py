@@ -1686,6 +1686,25 @@ def test_num_sink_refused_when_the_sliding_cache_dropped_the_sinks():
             model.generate(ids, **settings)
 
 
+def test_num_sink_refused_in_a_chunked_prefill_past_the_window_says_so():
+    """A chunked prefill (generate's prefill_chunk_size) whose later chunks come after the sliding
+    cache dropped the first tokens is refused as decoding is, in words that name the chunked
+    prefill (it said "while decoding", and advised a prefill, which it was)."""
+    reference, model = tiny_model("mistral"), fp.patch(tiny_model("mistral"), num_sink=1)
+    ids, mask = inputs(padding="none")
+    settings = dict(max_new_tokens=1, do_sample=False, prefill_chunk_size=4)
+    with torch.no_grad():
+        cache = generated_cache(reference.generate(ids, return_dict_in_generate=True, **settings))
+        if cached_keys_values(cache, 0)[0].shape[2] >= LENGTH:  # before 4.56 the dynamic cache keeps every token
+            pytest.skip(f"transformers {transformers.__version__}'s dynamic cache keeps every token: none to refuse")
+        with pytest.raises(NotImplementedError, match="dropped the first tokens") as refused:
+            model.generate(ids, **settings)
+    message = str(refused.value)
+    assert "chunked prefill (generate's prefill_chunk_size)" in message and "decoding" not in message
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="while decoding past the window"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+
+
 def test_recording_stat_tokens_refused_when_the_sliding_cache_dropped_them():
     """Recording with stat_tokens > 1 while decoding past a sliding window, whose cache dropped the
     first tokens, is refused as num_sink is (their weight can no longer be summed)."""

@@ -371,9 +371,14 @@ def attention_forward(
         # as they are) come from sink_attention over the same keys, a second pass
     stat_tokens = options.stat_tokens
     if dropped is not None and (options.num_sink > 0 or (record is not None and stat_tokens > 1)):
+        # one query: a decoding step; more: a chunk of a chunked prefill (or tokens appended to a cache)
+        when = ("while decoding past the window" if query.shape[2] == 1 else
+                f"in a forward of {query.shape[2]} queries after that, such as a later chunk of a chunked prefill "
+                "(generate's prefill_chunk_size)")
         raise NotImplementedError(
-            "this layer's sliding-window cache has dropped the first tokens, so num_sink and stat_tokens > 1 cannot "
-            "be honoured while decoding past the window; use them in prefill, or with a full (non-sliding) cache"
+            f"this layer's sliding-window cache has dropped the first tokens, so num_sink and stat_tokens > 1 cannot "
+            f"be honoured {when}; use them in one whole prefill (no prefill_chunk_size), or with a full "
+            "(non-sliding) cache"
         )
     keys = padding
     if masks_made is not None and (padding is not None or segments is not None):
