@@ -258,3 +258,18 @@ def spawn_gloo_ranks(worker, args: tuple, out_dir, seconds: float) -> None:
             process.kill()
     missing = [rank for rank in range(2) if not os.path.exists(os.path.join(out_dir, f"rank{rank}.pt"))]
     assert not missing, f"gloo ranks {missing} saved no results within {seconds:.0f} s"
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank (this process), torn down afterwards."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is unavailable")
+    if os.path.exists("/sys/class/net/lo"):  # (gloo otherwise uses the hostname's address)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

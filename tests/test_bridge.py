@@ -1375,21 +1375,6 @@ def test_fused_linear_under_autocast_takes_mixed_dtypes():
         fp.FusedLinearBridgeLoss(beta=0.5)(hidden, weight, teacher_hidden, teacher_weight)
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A gloo process group of one rank (this process), torn down afterwards."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is unavailable")
-    if os.path.exists("/sys/class/net/lo"):  # (gloo otherwise uses the hostname's address)
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield dist
-    finally:
-        dist.destroy_process_group()
-
-
 def test_fused_linear_names_a_sharded_fsdp2_weight(one_rank_group):
     """A weight of FSDP2's fully_shard read outside the forward that gathers it is a DTensor: refused
     naming the argument and the way out (torch's error inside the chunk loop, "aten.mm.default got

@@ -596,3 +596,42 @@ def test_a_forced_backend_that_cannot_run_the_call_says_why(forced, device, inte
     monkeypatch.setattr(backend, "_warn_no_cpp", lambda: None)
     with fp.use_backend(forced), pytest.raises(RuntimeError, match=f"^{message}"):
         backend.resolve(torch.device(device), torch.float32, "op")
+
+
+def _dtensor_calls(local):
+    """(the argument made a DTensor, the op called with it) for each op: its logits or q, and a
+    tensor argument of another kind (labels, weights, a mask). `local(t)` gives the argument."""
+    torch.manual_seed(0)
+    logits, target, drafts = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11), torch.randn(3, 5, 11)
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    keys = torch.ones(1, 4, dtype=torch.bool)
+    concepts = fp.ConceptSet.from_ids([[1, 2], [3]])
+    return [
+        ("student_logits", lambda: fp.bridge_loss(local(logits), target, beta=0.5)),
+        ("teacher_logits", lambda: fp.bridge_loss(logits, local(target), beta=0.5)),
+        ("labels", lambda: fp.bridge_loss(logits, target, beta=0.5, labels=local(torch.zeros(5, dtype=torch.long)))),
+        ("draft_logits", lambda: fp.draft_divergence(local(drafts))),
+        ("target_logits", lambda: fp.draft_divergence(drafts, local(target))),
+        ("weights", lambda: fp.draft_divergence(drafts, weights=local(torch.ones(3) / 3))),
+        ("logits", lambda: fp.concept_mass(local(target), concepts)),
+        ("q", lambda: fp.sink_attention(local(q), k, v)),
+        ("v", lambda: fp.sink_attention(q, k, local(v))),
+        ("key_padding_mask", lambda: fp.sink_attention(q, k, v, key_padding_mask=local(keys))),
+        ("k", lambda: fp.dual_path_attention(q, local(k), v, ~keys, gamma=0.5)),
+        ("drop_keys", lambda: fp.dual_path_attention(q, k, v, local(~keys), gamma=0.5)),
+    ]
+
+
+def test_a_dtensor_argument_is_refused_by_name(one_rank_group):
+    """A DTensor (torch.distributed's sharded or replicated tensor) passed to an op: a TypeError
+    naming the argument and the way out, before any kernel runs (torch's dispatcher said "got
+    mixed torch.Tensor and DTensor" or "does not have a sharding strategy registered", naming
+    neither); the op's result from the local tensors is unchanged."""
+    tensor_module = pytest.importorskip("torch.distributed.tensor")
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    for name, call in _dtensor_calls(lambda t: tensor_module.distribute_tensor(t, mesh, [tensor_module.Replicate()])):
+        with pytest.raises(TypeError, match=rf"(^|: ){name} is a DTensor \(placements \(Replicate\(\),\)\); .*"
+                                            r"\.full_tensor\(\)"):
+            call()
+    for name, call in _dtensor_calls(lambda t: t):  # (the same calls on local tensors run)
+        call()

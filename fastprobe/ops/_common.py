@@ -109,6 +109,8 @@ def check_tensor(value, name: str, ndim: int, layout: str) -> torch.Tensor:
     """A tensor of one of INPUT_DTYPES with `ndim` dimensions, or a TypeError/ValueError naming `name`."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
+    if type(value) is not torch.Tensor and not is_compiling():  # (a subclass: a Parameter, a DTensor, ...)
+        refuse_dtensor(value, name)
     if value.dtype not in INPUT_DTYPES:  # (the test inline: q, k and v of every decoding step's layer pass here)
         check_dtype(value, name)
     if value.dim() != ndim:
@@ -170,20 +172,20 @@ def check_same_device(reference: torch.Tensor, reference_name: str, other: torch
         raise ValueError(f"{name} is on {other.device} but {reference_name} is on {reference.device}; move them to one device")
 
 
-def refuse_dtensor(value, name: str, op: str) -> None:
-    """A TypeError naming `name` for a DTensor (torch.distributed's sharded or replicated tensor,
-    e.g. a parameter of FSDP2's fully_shard read outside the forward that gathers it): the kernels
-    and the chunked products take local tensors, where torch's own error named neither the argument
-    nor a way out. (No DTensor exists before torch.distributed.tensor is imported.)"""
+LOCAL_TENSOR_HINT = "pass .full_tensor() (the whole tensor) or .to_local() (this rank's part)"
+
+
+def refuse_dtensor(value, name: str, op: Optional[str] = None, hint: str = LOCAL_TENSOR_HINT) -> None:
+    """A TypeError naming `name` (and `op`) for a DTensor (torch.distributed's sharded or
+    replicated tensor): the kernels and the chunked products take local tensors, where torch's own
+    error ("got mixed torch.Tensor and DTensor", raised in the dispatcher) named neither the
+    argument nor a way out, `hint`. (No DTensor exists before torch.distributed.tensor is imported.)"""
     module = sys.modules.get("torch.distributed.tensor")
     dtensor = getattr(module, "DTensor", None)
     if dtensor is not None and isinstance(value, dtensor):
-        raise TypeError(
-            f"{op}: {name} is a DTensor (placements {tuple(value.placements)}); it takes local tensors. A parameter "
-            "of FSDP2's fully_shard is whole only inside the forward of the module fully_shard was applied to: "
-            "compute the loss there, or in a method of that module registered with "
-            "torch.distributed.fsdp.register_fsdp_forward_method"
-        )
+        where = f"{op}: " if op else ""
+        raise TypeError(f"{where}{name} is a DTensor (placements {tuple(value.placements)}); fastprobe's ops take "
+                        f"local tensors: {hint}")
 
 
 # The kernels compute in float32, so a scalar argument must be a float32 number; a positive one
@@ -415,6 +417,7 @@ class CustomOp:
     def __init__(self, name: str, body: Callable, tags: tuple = ()):
         self.body = body
         self.public_name = name.rpartition("::")[2]
+        self.argument_names = tuple(inspect.signature(body).parameters)
         # The op modules use `from __future__ import annotations`; torch 2.4's custom_op infers the
         # schema from the raw (string) annotations and refuses them, so hand it the evaluated ones.
         body.__annotations__ = typing.get_type_hints(body)
@@ -424,12 +427,20 @@ class CustomOp:
         if runs_plain(itertools.chain(args, kwargs.values())):
             return self.body(*args, **kwargs)
         refuse_forward_mode(self.public_name, itertools.chain(args, kwargs.values()))
-        return self.op(*args, **kwargs)
+        try:
+            return self.op(*args, **kwargs)
+        except (RuntimeError, NotImplementedError):
+            # torch's DTensor dispatch refuses the op before it runs ("got mixed torch.Tensor and DTensor",
+            # "does not have a sharding strategy registered"), naming no argument: a DTensor that the public
+            # checks (check_tensor) do not see, such as labels or weights, is named here, at no cost to a call
+            for name, value in itertools.chain(zip(self.argument_names, args), kwargs.items()):
+                refuse_dtensor(value, name, self.public_name)
+            raise
 
     def register_fake(self, fake: Callable) -> Callable:
         """Registers `fake` (what torch.compile traces, and what torch's dispatcher runs for any call
         with a meta tensor among its arguments) behind check_meta_mix."""
-        names = tuple(inspect.signature(self.body).parameters)
+        names = self.argument_names
 
         def checked(*args, **kwargs):
             check_meta_mix(self.public_name, {**dict(zip(names, args)), **kwargs})

@@ -25,8 +25,8 @@ from ..backend import resolve
 from ._common import (
     DTYPE_NAMES, FLOAT32_MAX, FLOAT32_TINY, PATCHED_MODEL_HINT, address, autocast_cast, bool_as_uint8, check_dtype,
     check_float32_range, check_int, check_op_tensors, check_real, check_same_device, check_tensor, cpp, custom_op,
-    first_bad_index, new_output, new_output_like, on_device, output_dtype, plain_mode, register_forward_only,
-    runs_plain, skips_host_checks, without_autocast,
+    first_bad_index, is_compiling, new_output, new_output_like, on_device, output_dtype, plain_mode,
+    refuse_dtensor, register_forward_only, runs_plain, skips_host_checks, without_autocast,
 )
 
 __all__ = [
@@ -457,6 +457,8 @@ def check_mask(mask, name: str, shape: tuple, layout: str, reference_tensor: tor
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a boolean tensor of shape {layout}, got {type(mask).__name__}")
+    if type(mask) is not torch.Tensor and not is_compiling():  # (a subclass: a DTensor is refused by name)
+        refuse_dtensor(mask, name)
     check_same_device(reference_tensor, "q", mask, name)
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {layout} = {list(shape)}, got {tuple(mask.shape)}")

@@ -395,6 +395,12 @@ def _optional(check):
     return lambda value: None if value is None else check(value)
 
 
+# (a weight of FSDP2's fully_shard read outside the forward that gathers it is a DTensor)
+FSDP_WEIGHT_HINT = ("a parameter of FSDP2's fully_shard is whole only inside the forward of the module fully_shard "
+                    "was applied to: compute the loss there, or in a method of that module registered with "
+                    "torch.distributed.fsdp.register_fsdp_forward_method")
+
+
 class _LossOptions:
     """The loss modules' options: beta, or a linear schedule of it over `total_steps` (beta_start
     -> beta_end), and the loss's own. Each is checked where it is set, at construction and on any
@@ -677,7 +683,7 @@ class FusedLinearBridgeLoss(_LossOptions, torch.nn.Module):
         inputs = {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
                   "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
         for name, tensor in inputs.items():
-            refuse_dtensor(tensor, name, "FusedLinearBridgeLoss")
+            refuse_dtensor(tensor, name, "FusedLinearBridgeLoss", FSDP_WEIGHT_HINT)
         hidden = check_tensor(student_hidden, "student_hidden", 2, "[N, Hs]")
         weight = check_tensor(student_weight, "student_weight", 2, "[V, Hs]")
         t_hidden = check_tensor(teacher_hidden, "teacher_hidden", 2, "[N, Ht]")
