@@ -418,9 +418,8 @@ def default_max_length(model, tokenizer, readers: Sequence = (), new_tokens: int
 
 
 def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: Optional[int], progress: bool,
-                 what: str,
-                 *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (), new_tokens: int = 0,
-                 generated: int = 0, read_tokens: Optional[int] = None):
+                 what: str, *, prompts: bool = False, position_ids: bool = True, readers: Sequence = (),
+                 new_tokens: int = 0, generated: int = 0, read_tokens: Optional[int] = None):
     """Tokenised batches on the model's device: input_ids, attention_mask and, for models that
     take them (and unless position_ids=False, e.g. for generate, which makes its own),
     position_ids counted over real tokens (as generate does), so a left-padded row sees the same
@@ -428,10 +427,10 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     default_max_length's) on the tokenizer's sides; prompts=True pads on the left (as generate
     needs) and truncates on the left (a prompt keeps its end, where the continuation starts),
     without the special tokens the tokenizer appends (an eos would stand between the prompt and
-    its continuation). Tokens that follow
-    a text into a forward: `new_tokens` into the model's own (teacher forcing), `generated` into its
-    generate (those it feeds back, max_new_tokens - 1), `read_tokens` (default new_tokens) into the
-    other `readers` of the batches (drafts). A batch longer, with them, than the learned positions
+    its continuation). Tokens that follow a text into a forward: `new_tokens` into the model's own
+    (teacher forcing), `generated` into its generate (those it feeds back, max_new_tokens - 1),
+    `read_tokens` (default new_tokens) into the other `readers` of the batches (drafts). A batch
+    longer, with them, than the learned positions
     of the model or a reader is refused, naming the one; so is a token id (the pad token's too)
     past the input-embedding rows of the model or a reader (check_embedded). One longer than the
     positions a rotary (or ALiBi) model's config gives runs, as the model would, with a UserWarning
