@@ -737,24 +737,20 @@ def test_a_model_without_logits_is_refused(tokenizer, generate):
                                          correct=None if generate else [True], progress=False)
 
 
-def test_positions_past_the_config_are_said_once(tokenizer):
-    """Prompts that run past the positions a rotary model's config gives (max_position_embeddings):
-    where only generate runs past them, transformers' generate says so (its MaxLengthCriteria's
-    "friendly reminder") and fastprobe does not say it a second time (both did); where a
-    multi-token variant's teacher forcing runs past them and generate does not, transformers is
-    silent and fastprobe's UserWarning says it."""
-    import warnings
-
+def test_positions_past_the_config_are_said_on_every_call(tokenizer):
+    """Prompts whose generation runs past the positions a rotary model's config gives
+    (max_position_embeddings): fastprobe's UserWarning, naming max_length, on every call, since
+    transformers' own "friendly reminder" is said once a process; and where a multi-token
+    variant's teacher forcing runs past them and generate does not, only fastprobe says it."""
     from .transformers_helpers import transformers_warnings
 
     prompt = " ".join(PROMPTS)
     length = len(tokenizer(prompt)["input_ids"])
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=3, max_position_embeddings=length - 4)
-    with transformers_warnings() as messages, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        availability.greedy_answers(model, tokenizer, [prompt], max_new_tokens=3, progress=False)
-    assert [message for message in messages if "friendly reminder" in message]
-    assert not [str(w.message) for w in caught if "run past" in str(w.message)]
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=rf"texts of {length} tokens plus 2 tokens that follow them run past "
+                                             rf"the {length - 4} positions LlamaForCausalLM's config gives"):
+            availability.greedy_answers(model, tokenizer, [prompt], max_new_tokens=3, progress=False)
     answer = "Zanzibarquixotic"  # a variant of several tokens
     assert len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) >= 4
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=3, max_position_embeddings=length + 2)

@@ -434,9 +434,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     of the model or a reader is refused, naming the one; so is a token id (the pad token's too)
     past the input-embedding rows of the model or a reader (check_embedded). One longer than the
     positions a rotary (or ALiBi) model's config gives runs, as the model would, with a UserWarning
-    naming max_length (once a call), except where only the model's generate runs past its
-    config's max_position_embeddings: transformers' generate says so itself (MaxLengthCriteria's
-    "friendly reminder", once a process), and a second warning said the same thing."""
+    naming max_length (once a call; transformers' generate says it too, in its own words, but once a
+    process)."""
     from tqdm.auto import tqdm
 
     texts = as_texts(texts)
@@ -454,11 +453,8 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
                           if (found := learned_positions(reader)) is not None), key=lambda pair: pair[0],
                          default=(None, None))
     # (reader, the positions its config gives (rotary: a longer batch runs, out of their training), the
-    # tokens that follow a text into it, the text length from which transformers' generate says it instead)
-    config = getattr(model, "config", None)
-    reminded = generated > 0 and getattr(config, "max_position_embeddings", None) == trained_positions(model)
-    trainees = [(reader, found, max(new_tokens, generated) if reader is model else read_tokens,
-                 found - generated if reader is model and reminded else None)
+    # tokens that follow a text into it)
+    trainees = [(reader, found, max(new_tokens, generated) if reader is model else read_tokens)
                 for reader in (model, *readers) if (found := trained_positions(reader)) is not None]
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
@@ -482,10 +478,9 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
                    "fastprobe command)" if limit > most_new else "generate fewer new tokens")
             raise ValueError(f"{what}: texts of {length} tokens{plus}, but {whose} has learned positions for "
                              f"{limit} tokens only; {fix}")
-        past = next((entry for entry in trainees if length + entry[2] > entry[1]
-                     and (entry[3] is None or length < entry[3])), None)
+        past = next((entry for entry in trainees if length + entry[2] > entry[1]), None)
         if past is not None:  # (said once a call: the first such batch)
-            trainee, trained, after = past[:3]
+            trainee, trained, after = past
             plus = f" plus {after} tokens that follow them" if after else ""
             whose = type(trainee).__name__ if trainee is model else f"a draft ({type(trainee).__name__})"
             warnings.warn(f"{what}: texts of {length} tokens{plus} run past the {trained} positions {whose}'s config "
