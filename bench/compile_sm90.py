@@ -159,7 +159,7 @@ def concepts() -> None:
     out = fastprobe.ConceptMass(*(torch.zeros(rows, num_concepts) for _ in range(4)),
                                 torch.zeros(rows, num_concepts, dtype=torch.int64), torch.zeros(rows, dtype=torch.float64))
     triton_concepts.concept_mass(torch.zeros(rows, vocab, dtype=torch.bfloat16), concept_set._index,
-                                 concept_ops.ID_BLOCK, 1.0, out)
+                                 concept_ops.ID_BLOCK, 1.0, out, torch.zeros(2, rows))
 
 
 def divergence() -> None:

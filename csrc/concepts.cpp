@@ -14,13 +14,11 @@
 //
 // Backward, with g[n, c] the gradient of log_mass and coef[n] = h[n] - sum_c g[n, c]:
 //   grad[n, v] = (coef p_v + sum_{c contains v} g[n, c] q_cv) / T
-// with log p_v = (x_v - shift) / T - offset from the row's double lse, and q_cv = p_v / mass_c
-// from the concept's own largest variant, as in the forward: log q_cv = (x_v - x_top) / T -
-// log s_c, x_top = x[top_token], log s_c = -log top_share (exact however far the concept lies
-// below the row's max). Known limit: the double lse holds ln S only to ~|max / T| 2^-53, so p_v
-// is off by that much relative (3e-5 at |max / T| = 1e12; a tied max of 1e17 gives p = 1, not
-// 1/2); it matters only for a row whose largest logit is tied or within a few T of others
-// (kernels/concepts.py's header).
+// with log p_v = (x_v - M) / T - log S from the forward's row state (M and log S kept apart: the
+// double lse = M / T + log S holds log S only to |M / T| 2^-53, which gave p = 1, not 1/2, for a
+// max tied at |M / T| = 1e17), and q_cv = p_v / mass_c from the concept's own largest variant, as
+// in the forward: log q_cv = (x_v - x_top) / T - log s_c, x_top = x[top_token], log s_c = -log
+// top_share (exact however far the concept lies below the row's max).
 //
 // Work: each row's vocabulary is taken in ranges of kRange logits (common.h), its concepts (in
 // the backward, its concept tokens) in chunks of at most kChunk. Forward: each range folds into a
@@ -165,7 +163,8 @@ struct Forward {
   float* top_share;
   float* entropy;
   int64_t* top_token;
-  double* lse;         // [N] (double: the backward forms log p from it at full precision)
+  double* lse;         // [N] M / T + log S (double: M / T is exact in it at any magnitude)
+  float* row_state;    // [2, N] M, then log S: the backward's log p, kept apart
 };
 
 // Per-thread scratch: one block of a row; a chunk's variants (their logits, then d_v and
@@ -257,7 +256,7 @@ struct Backward {
   int64_t C;
   const float* top_share;      // [N, C]  1 / s_c (0: every variant masked)
   const int64_t* top_token;    // [N, C]  the concept's largest variant (ids checked < V)
-  const double* lse;           // [N]
+  const float* row_state;      // [2, N]  the forward's M, then log S
   const float* grad_concept;   // [N, C]  g = d loss / d log_mass
   const float* coef;           // [N]     h - sum_c g[n, c]
   float inv_temperature;
@@ -273,11 +272,15 @@ struct BackwardScratch {
   std::vector<float> block, out, x, arg, weight;
 };
 
+// log p_v = (x_v - M) / T - log S of row n: exact near the row's max at any magnitude (y_v - lse
+// in float32 would lose 1e-3 relative at logits ~1e4; the double lse, log S from |M / T| ~ 1e17)
+LogSoftmax row_log_softmax(const Backward& b, int64_t n) {
+  return LogSoftmax::make(b.row_state[n], b.inv_temperature, b.row_state[b.N + n]);
+}
+
 // Range `range` of row n: grad_v = coef p_v / T.
 FASTPROBE_SIMD_CLONES void grad_range(const Backward& b, int64_t n, int64_t range, BackwardScratch& ws) {
-  // log p_v = (x_v - shift) / T - offset from the double lse: exact near the row's max at any
-  // magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4)
-  const LogSoftmax log_p = LogSoftmax::from_lse(b.lse[n], b.inv_temperature);
+  const LogSoftmax log_p = row_log_softmax(b, n);
   const float scale = b.coef[n] * b.inv_temperature;
   // (for_blocks' loop written out: in a multi-versioned kernel its lambda is compiled for the
   // clone's target only if GCC inlines it, and for_blocks is not forced inline: bridge_loss's
@@ -322,7 +325,7 @@ FASTPROBE_SIMD_CLONES void grad_chunk(const Backward& b, int64_t n, int64_t u0, 
     }
 #pragma omp simd
   for (int64_t j = 0; j < members; ++j) arg[j] = weight[j] * fast_exp(arg[j]);
-  const LogSoftmax log_p = LogSoftmax::from_lse(b.lse[n], inv_t);
+  const LogSoftmax log_p = row_log_softmax(b, n);
   const float coef = b.coef[n];
 #pragma omp simd
   for (int64_t u = 0; u < count; ++u) x[u] = coef * fast_exp(log_prob(log_p, x[u]));  // coef p_v
@@ -340,7 +343,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
                   int64_t stride_n, int64_t stride_v, uintptr_t token_ids_ptr, int64_t T,
                   uintptr_t offsets_ptr, int64_t C, double inv_temperature, uintptr_t mass_ptr,
                   uintptr_t log_mass_ptr, uintptr_t top_share_ptr, uintptr_t entropy_ptr,
-                  uintptr_t top_token_ptr, uintptr_t lse_ptr, int64_t num_threads) {
+                  uintptr_t top_token_ptr, uintptr_t lse_ptr, uintptr_t row_state_ptr, int64_t num_threads) {
   check_size(N, 0, "N");
   check_size(V, 1, "V");
   check_size(C, 1, "C");
@@ -360,7 +363,8 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
                   concepts, inv_t,
                   pointer<float>(mass_ptr, true, "mass"), pointer<float>(log_mass_ptr, true, "log_mass"),
                   pointer<float>(top_share_ptr, true, "top_share"), pointer<float>(entropy_ptr, true, "entropy"),
-                  pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<double>(lse_ptr, true, "lse")};
+                  pointer<int64_t>(top_token_ptr, true, "top_token"), pointer<double>(lse_ptr, true, "lse"),
+                  pointer<float>(row_state_ptr, true, "row_state")};
 
   const std::vector<int64_t> chunks = chunk_starts(concepts.offsets, C);
   const int64_t ranges = range_count(V), slots = row_slots(N, threads);
@@ -376,6 +380,8 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
         for (int64_t range = 1; range < ranges; ++range) merge_lse(state, range_parts[slot * ranges + range], inv_t);
         row_states[slot] = state;
         f.lse[n] = state.value(inv_t);
+        f.row_state[n] = state.max;
+        f.row_state[N + n] = std::log(state.sum);
       }),
       each_part(int64_t(chunks.size()) - 1, [&](int64_t n, int64_t chunk, int64_t slot, ForwardScratch& ws) {
         concept_chunk(f, n, chunks[chunk], chunks[chunk + 1], row_states[slot], ws);
@@ -385,7 +391,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
 void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int64_t V,
                            int64_t stride_n, int64_t stride_v, uintptr_t vocab_ids_ptr, int64_t U,
                            uintptr_t vocab_offsets_ptr, uintptr_t vocab_concepts_ptr, int64_t M,
-                           int64_t C, uintptr_t top_share_ptr, uintptr_t top_token_ptr, uintptr_t lse_ptr,
+                           int64_t C, uintptr_t top_share_ptr, uintptr_t top_token_ptr, uintptr_t row_state_ptr,
                            uintptr_t grad_concept_ptr, uintptr_t coef_ptr, double inv_temperature,
                            uintptr_t grad_ptr, int64_t num_threads) {
   check_size(N, 0, "N");
@@ -412,7 +418,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   const Backward b{io, pointer<const void>(logits_ptr, true, "logits", logits_alignment), N, V, stride_n, stride_v,
                    tokens, C,
                    pointer<const float>(top_share_ptr, true, "top_share"), top_token,
-                   pointer<const double>(lse_ptr, true, "lse"),
+                   pointer<const float>(row_state_ptr, true, "row_state"),
                    pointer<const float>(grad_concept_ptr, true, "grad_concept"),
                    pointer<const float>(coef_ptr, true, "coef"), inv_t,
                    pointer<void>(grad_ptr, true, "grad", logits_alignment)};
@@ -439,21 +445,23 @@ void bind_concepts(py::module_& m) {
         "Concept statistics per row (see fastprobe.reference.concept_mass). Pointers are\n"
         "data_ptr() values, strides in elements; token_ids [T] and offsets [C + 1] int64 are\n"
         "checked (IndexError) before any row is read; writes mass, log_mass, top_share,\n"
-        "entropy [N, C] float32, top_token [N, C] int64 and lse [N] float64, all contiguous.",
+        "entropy [N, C] float32, top_token [N, C] int64, lse [N] float64 and row_state [2, N]\n"
+        "float32 (each row's largest logit M, then log S: lse = M / T + log S), all contiguous.",
         py::arg("dtype"), py::arg("logits_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_n"),
         py::arg("stride_v"), py::arg("token_ids_ptr"), py::arg("T"), py::arg("offsets_ptr"),
         py::arg("C"), py::arg("inv_temperature"), py::arg("mass_ptr"), py::arg("log_mass_ptr"),
         py::arg("top_share_ptr"), py::arg("entropy_ptr"), py::arg("top_token_ptr"),
-        py::arg("lse_ptr"), py::arg("num_threads"));
+        py::arg("lse_ptr"), py::arg("row_state_ptr"), py::arg("num_threads"));
   m.def("concept_mass_backward", &concept_mass_backward, py::call_guard<py::gil_scoped_release>(),
         "Gradient of (log_mass, lse) w.r.t. the logits: grad [N, V] (contiguous, the logits'\n"
-        "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T, p from lse [N] float64.\n"
+        "dtype) = (coef p + sum_{c contains v} g_c q_cv) / T, log p = (x - M) / T - log S from\n"
+        "the forward's row_state [2, N] float32 (M and log S).\n"
         "vocab_ids [U], vocab_offsets [U + 1], vocab_concepts [M] int64 (the incidence by\n"
         "vocabulary id) and top_token [N, C] int64 are checked first; top_share [N, C] float32.",
         py::arg("dtype"), py::arg("logits_ptr"), py::arg("N"), py::arg("V"), py::arg("stride_n"),
         py::arg("stride_v"), py::arg("vocab_ids_ptr"), py::arg("U"), py::arg("vocab_offsets_ptr"),
         py::arg("vocab_concepts_ptr"), py::arg("M"), py::arg("C"), py::arg("top_share_ptr"),
-        py::arg("top_token_ptr"), py::arg("lse_ptr"), py::arg("grad_concept_ptr"), py::arg("coef_ptr"),
+        py::arg("top_token_ptr"), py::arg("row_state_ptr"), py::arg("grad_concept_ptr"), py::arg("coef_ptr"),
         py::arg("inv_temperature"), py::arg("grad_ptr"), py::arg("num_threads"));
 }
 

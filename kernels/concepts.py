@@ -28,17 +28,11 @@ Forward:
 Backward (g: gradient of log_mass, coef = h - sum_c g_c with h that of lse), one program per
 row streaming it once:
   grad[n, v] = (coef p_v + sum_{c contains v} g_c q_cv) / T
-with log p_v = y_v - lse formed from the forward's float64 lse as (x_v - shift) / T - offset
-(shift = lse T rounded to float32, near the row's max), and q_cv = p_v / mass_c from the
-concept's own largest variant, as the forward does: q_cv = exp((x_v - x_top) / T) top_share_c,
-x_top = x[top_token]: both exact at any magnitude, however far below the row's max.
-Known limit (so the C++ kernel's): the float64 lse = M / T + ln S holds ln S only to
-~|M / T| 2^-53, so log p_v is off by that much: 3e-5 relative at |M / T| = 1e12, and ln S is
-lost from |M / T| ~ 1e17 (a row [1e17, 1e17, 0]: p = 1, not 1/2, grad of log_mass [0, -1, 0]
-for the concept {0} where it is [0.5, -0.5, 0]). Only a row whose largest logit is tied, or
-within a few T of others, has ln S large enough to matter: elsewhere at such |M / T| its
-neighbours lie >= |M / T| 2^-24 (6e4 at 1e12) below, S = 1. (A fix: the forward keeping M and ln S
-apart for the backward; not made, 2026-12-07.)
+with log p_v = (x_v - M) / T - ln S from the forward's row_state (M and ln S kept apart: the
+float64 lse = M / T + ln S holds ln S only to |M / T| 2^-53, and a row [1e17, 1e17, 0] got
+p = 1, not 1/2, from it), and q_cv = p_v / mass_c from the concept's own largest variant, as
+the forward does: q_cv = exp((x_v - x_top) / T) top_share_c, x_top = x[top_token]: both exact
+at any magnitude, however far below the row's max.
 Each block stores coef p_v / T for all its v, then (after a barrier, so the order of the two
 stores is fixed) overwrites each concept id in it once with its total, the concepts that
 contain it read from the transpose: overlapping concepts accumulate, no atomics.
@@ -65,7 +59,7 @@ import triton.language as tl
 
 from ..backend import autotune_enabled, interpreter_enabled
 from ._launch import FP_FUSION, autotune, cdiv, check_inv_temperature, launch_tuned, settle_cache_keys
-from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _scaled_difference, _shift_from_lse, _state
+from .divergence import _block_columns, _lse_fold, _lse_rows, _lse_value, _scaled_difference, _state
 
 __all__ = ["concept_mass", "concept_mass_backward"]
 
@@ -208,7 +202,7 @@ def _concept_mass_kernel(
     token_ids_ptr,  # [T] int64
     offsets_ptr,  # [C + 1] int64
     gathered_ptr,  # [N, U] the logits' dtype (scratch): gathered[n, u] = logits[n, vocab_ids[u]]
-    row_state_ptr,  # [2, N] float32 (scratch): M and ln S of each row
+    row_state_ptr,  # [2, N] float32 (out): M and ln S of each row, for the backward (and the stats kernel)
     mass_ptr,  # [N, C] float32 (out), and the three below
     log_mass_ptr,
     top_share_ptr,
@@ -266,12 +260,14 @@ def _concept_mass_kernel(
             tl.store(gathered_row + slot, _pick(block, b, row, more, take, stride_v, BLOCK_V), mask=take)
         ids_next = tl.load(vocab_ids_ptr + lo_next + u, mask=lo_next + u < hi_next, other=0)
 
-    # (M, S) of the row; lse = M / T + ln S in float64, where M / T is exact: the backward forms
-    # log p from it at full precision (-inf for a row of -inf; NaN for NaN or +inf input)
+    # (M, S) of the row; lse = M / T + ln S in float64, where M / T is exact (-inf for a row of
+    # -inf; NaN for NaN or +inf input); M and ln S apart, from which the backward forms log p
     row_mx, row_s = _lse_rows(mx, s, c)
     mx, s = _scalar(row_mx), _scalar(row_s)
     tl.store(lse_ptr + n, _lse_value(mx, s, inv_temperature))
     log_s = tl.log2(s) * _LN2
+    tl.store(row_state_ptr + n, mx)
+    tl.store(row_state_ptr + N + n, log_s)
     if WITH_STATS:
         tl.debug_barrier()  # the gathered row is complete
         for c0 in range(0, C, BLOCK_C):
@@ -280,9 +276,6 @@ def _concept_mass_kernel(
                 mass_ptr, log_mass_ptr, top_share_ptr, entropy_ptr, top_token_ptr,
                 c0 + tl.arange(0, BLOCK_C), C, T, U, mx, log_s, inv_temperature, BLOCK_C, BLOCK_J,
             )
-    else:
-        tl.store(row_state_ptr + n, mx)
-        tl.store(row_state_ptr + N + n, log_s)
 
 
 @triton.jit
@@ -327,10 +320,11 @@ def _concept_mass_backward_kernel(
     top_share_ptr,  # [N, C] float32: 1 / s_c (0: every variant masked)
     top_token_ptr,  # [N, C] int64: the concept's largest variant
     grad_concept_ptr,  # [N, C] float32: g
-    lse_ptr,  # [N] float64
+    row_state_ptr,  # [2, N] float32: the forward's M and ln S of each row
     coef_ptr,  # [N] float32: h - sum_c g_c
     grad_ptr,  # [N, V] contiguous, the logits' dtype (out)
     inv_temperature,
+    N,
     V,
     C,
     U,
@@ -345,9 +339,13 @@ def _concept_mass_backward_kernel(
     n = tl.program_id(0).to(tl.int64)
     row = logits_ptr + n * stride_n
     grad_row = grad_ptr + n * V
-    # log2 p_v = (x_v - shift) c - offset from the float64 lse: exact near the row's max at any
-    # magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4)
-    shift, offset = _shift_from_lse(tl.load(lse_ptr + n), inv_temperature)
+    # log2 p_v = (x_v - shift) c - offset, shift = M, offset = ln S log2(e): exact near the row's
+    # max at any magnitude (y_v - lse in float32 would lose 1e-3 relative at logits ~1e4; the
+    # float64 lse, ln S from |M / T| ~ 1e17). A row of -inf (M = -inf) takes (0, 0): p = 0, not NaN.
+    row_max = tl.load(row_state_ptr + n)
+    masked_row = row_max == float("-inf")
+    shift = tl.where(masked_row, 0.0, row_max)
+    offset = tl.where(masked_row, 0.0, tl.load(row_state_ptr + N + n) * _LOG2E)
     c = inv_temperature * _LOG2E
     coef = tl.load(coef_ptr + n)
     for b in range(0, tl.cdiv(V, BLOCK_V)):
@@ -421,14 +419,15 @@ def _launch(kernel, tuned, configs, grid, *args, **meta) -> None:
         kernel[grid](*args, **meta, **FP_FUSION, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: float, out) -> None:
-    """Launch the forward; writes every element of ``out``.
+def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: float, out, row_state) -> None:
+    """Launch the forward; writes every element of ``out`` and ``row_state``.
 
     logits    [N, V] float32 / bfloat16 / float16, any strides
     index     the ConceptSet's _Index (int64 tensors, id_block_starts int32; contiguous, on the
               logits' device; ids already checked to lie in [0, V)), with blocks of `id_block` ids
     out       ConceptMass of preallocated contiguous tensors: mass, log_mass, top_share,
               concentration_entropy [N, C] float32, top_token [N, C] int64, lse [N] float64
+    row_state [2, N] float32 contiguous: each row's largest logit M, then ln S (lse = M / T + ln S)
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -439,6 +438,8 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
         dtype = {"top_token": torch.int64, "lse": torch.float64}.get(name, torch.float32)
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)}")
+    if tuple(row_state.shape) != (2, N) or row_state.dtype != torch.float32 or not row_state.is_contiguous():
+        raise ValueError(f"row_state must be a contiguous torch.float32 tensor of shape [2, {N}]")
     inv_temperature = check_inv_temperature(inv_temperature)
     if N == 0:
         return
@@ -446,7 +447,6 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
     blocks = _INTERPRET_BLOCKS if interpreter_enabled() else _GPU_BLOCKS
     with_stats = os.environ.get(_STATS_ENV, "fused") != "separate"
     gathered = torch.empty((N, U), dtype=logits.dtype, device=logits.device)
-    row_state = gathered.new_empty((2, N), dtype=torch.float32)  # read back only without WITH_STATS
     concepts = (index.token_slots, index.token_ids, index.offsets)
     stats = (out.mass, out.log_mass, out.top_share, out.concentration_entropy, out.top_token)
     _launch(
@@ -466,22 +466,22 @@ def concept_mass(logits: torch.Tensor, index, id_block: int, inv_temperature: fl
 
 
 def concept_mass_backward(
-    logits, index, id_block, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad
+    logits, index, id_block, top_share, top_token, row_state, grad_concept, coef, inv_temperature, grad
 ) -> None:
     """Launch the backward; writes every element of ``grad`` ([N, V] contiguous, logits' dtype).
 
     top_share, grad_concept [N, C] and coef [N]: float32 contiguous (coef = h - sum_c g_c);
-    top_token [N, C] int64 and lse [N] float64 contiguous (the forward's);
+    top_token [N, C] int64 and row_state [2, N] float32 contiguous (the forward's: M and ln S);
     index: the ConceptSet's _Index (vocab_ids, vocab_offsets, vocab_concepts, id_block_starts).
     """
     N, V = logits.shape
     C = top_share.shape[1]
     if grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous():
         raise ValueError("grad must be a contiguous tensor of the logits' shape and dtype")
-    named = (("top_share", top_share), ("top_token", top_token), ("grad_concept", grad_concept), ("lse", lse),
-             ("coef", coef))
+    named = (("top_share", top_share), ("top_token", top_token), ("grad_concept", grad_concept),
+             ("row_state", row_state), ("coef", coef))
     for name, tensor in named:
-        dtype = {"lse": torch.float64, "top_token": torch.int64}.get(name, torch.float32)
+        dtype = {"top_token": torch.int64}.get(name, torch.float32)
         if tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor")
     inv_temperature = check_inv_temperature(inv_temperature)
@@ -491,7 +491,7 @@ def concept_mass_backward(
     _launch(
         _concept_mass_backward_kernel, _backward_kernel_tuned, _AUTOTUNE_CONFIGS, (N,),
         logits, index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts,
-        top_share, top_token, grad_concept, lse, coef, grad, inv_temperature, V, C, index.vocab_ids.numel(),
+        top_share, top_token, grad_concept, row_state, coef, grad, inv_temperature, N, V, C, index.vocab_ids.numel(),
         index.vocab_concepts.numel(), index.id_block_starts.numel() - 1, *logits.stride(),
         BLOCK_U=blocks["BLOCK_U"], ID_BLOCK=id_block,
     )

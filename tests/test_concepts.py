@@ -281,6 +281,31 @@ def test_gradient_at_extreme_logits(target, temperature):
                                rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("largest, temperature", [(12.0, 1e-11), (1e17, 1.0), (12.0, 1e-16), (12.0, 1e-30)],
+                         ids=["max-over-T-1e12", "logits-1e17", "max-over-T-1e17", "max-over-T-1e31"])
+def test_tied_row_max_at_extreme_max_over_temperature(target, largest, temperature):
+    """A row whose largest logit is tied (twice, and three times in row 1) at |max / T| from 1e12
+    (T = 1e-11 with ordinary logits) to 1e31: p = 1/2 (1/3) for each tied logit. The backward
+    formed log p from the float64 lse = max / T + ln S, which holds ln S only to |max / T| 2^-53:
+    the gradient was 3e-5 / T off at 1e12, and from 1e17 each tied p was 1 (ln 2 lost). Now the
+    forward keeps the row's max and ln S apart for it. The forward's statistics are checked too."""
+    _, device = target
+    num_tokens, vocab, _ = shapes_for(target)[0]
+    logits = largest / 4 * torch.randn(num_tokens, vocab).clamp(-3, 3)
+    logits[:, :2] = largest
+    logits[1, 2] = largest
+    concepts = fp.ConceptSet.from_ids([[0], [1, 3], [2], [0, 1], [4, vocab - 1]]).to(device)
+    logits = logits.to(device)
+    assert_matches(fp.concept_mass(logits, concepts, temperature=temperature), expected(logits, concepts, temperature),
+                   rtol=1e-5, atol=1e-5)
+    weights = [torch.randn(num_tokens, 5, device=device), torch.randn(num_tokens, 5, device=device),
+               torch.randn(num_tokens, device=device)]
+    got = fused_gradient(logits, concepts, temperature, weights)
+    want = reference_gradient(logits, concepts, temperature, weights)
+    assert want.abs().max() > 0.1 / temperature  # (gradients are of size 1 / T)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=2e-6 / temperature)
+
+
 @pytest.mark.parametrize("temperature", [1e-30, 1e30])
 def test_temperature_range_ends(target, temperature):
     """The ends of the temperatures taken: values as the reference's, and at 1e30 gradients too
@@ -689,21 +714,20 @@ def test_cpp_kernel_checks_ids_itself():
         args[position] = torch.tensor(bad)
         with pytest.raises(IndexError, match=words):
             _concept_mass_op(logits, *args, 1.0)
-    stats = _concept_mass_op(logits, *index, 1.0)
-    _, log_mass, top_share, _, top_token, lse = stats
+    _, log_mass, top_share, _, top_token, lse, row_state = _concept_mass_op(logits, *index, 1.0)
     grad = torch.ones_like(log_mass)
     vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
     with pytest.raises(IndexError, match="vocab_ids"):
-        _concept_mass_backward_op(grad, lse, logits, top_share, top_token, lse, torch.tensor([1, 2, 99]), vocab_offsets,
+        _concept_mass_backward_op(grad, lse, logits, top_share, top_token, row_state, torch.tensor([1, 2, 99]), vocab_offsets,
                                   vocab_concepts, starts, 1.0)
     with pytest.raises(IndexError, match="vocab_concepts"):
-        _concept_mass_backward_op(grad, lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets,
+        _concept_mass_backward_op(grad, lse, logits, top_share, top_token, row_state, vocab_ids, vocab_offsets,
                                   torch.tensor([0, 0, 5]), starts, 1.0)
     for bad in (10, -1):  # the backward reads the logit at each concept's top_token
         hostile = top_token.clone()
         hostile[1, 0] = bad
         with pytest.raises(IndexError, match="top_token"):
-            _concept_mass_backward_op(grad, lse, logits, top_share, hostile, lse, vocab_ids, vocab_offsets,
+            _concept_mass_backward_op(grad, lse, logits, top_share, hostile, row_state, vocab_ids, vocab_offsets,
                                       vocab_concepts, starts, 1.0)
 
 
@@ -788,9 +812,9 @@ def test_triton_refuses_an_inverse_temperature_float32_cannot_hold(inv_temperatu
     logits, index = torch.randn(2, 40), fp.ConceptSet.from_ids([[1, 2], [7]])._index
     with pytest.raises(ValueError, match="inv_temperature"):
         _concept_mass_op(logits, *index, inv_temperature)
-    _, log_mass, top_share, _, top_token, lse = _concept_mass_op(logits, *index, 1.0)
+    _, log_mass, top_share, _, top_token, lse, row_state = _concept_mass_op(logits, *index, 1.0)
     with pytest.raises(ValueError, match="inv_temperature"):
-        _concept_mass_backward_op(log_mass, lse, logits, top_share, top_token, lse, index.vocab_ids,
+        _concept_mass_backward_op(log_mass, lse, logits, top_share, top_token, row_state, index.vocab_ids,
                                   index.vocab_offsets, index.vocab_concepts, index.id_block_starts, inv_temperature)
 
 
@@ -806,11 +830,11 @@ def test_triton_backward_reads_and_writes_no_index_value_outside_its_buffers(cas
     fp.set_backend("triton")
     logits = torch.randn(2, HOSTILE_VOCAB)
     valid = hostile_index("token_ids", fp.ConceptSet.from_ids(HOSTILE_CONCEPTS).token_ids.tolist())
-    _, log_mass, top_share, _, top_token, lse = _concept_mass_op(logits, *valid, 1.0)
+    _, log_mass, top_share, _, top_token, lse, row_state = _concept_mass_op(logits, *valid, 1.0)
     index = hostile_index(*case)
     with bounds_checked() as launches:
         _concept_mass_backward_op(torch.randn_like(log_mass), torch.randn_like(lse), logits, top_share, top_token,
-                                  lse, index.vocab_ids, index.vocab_offsets, index.vocab_concepts,
+                                  row_state, index.vocab_ids, index.vocab_offsets, index.vocab_concepts,
                                   index.id_block_starts, 1.0)
     assert len(launches) == 1
 
@@ -848,11 +872,11 @@ def test_few_rows_split_the_work_and_keep_their_bits(dtype):
 
     def forward_backward(rows):
         stats = _concept_mass_op(logits[rows], *index, 1 / 0.8)
-        _, _, top_share, _, top_token, lse = stats
+        _, _, top_share, _, top_token, _, row_state = stats
         grad = _concept_mass_backward_op(
-            grad_log_mass[rows], grad_lse[rows], logits[rows], top_share, top_token, lse,
+            grad_log_mass[rows], grad_lse[rows], logits[rows], top_share, top_token, row_state,
             index.vocab_ids, index.vocab_offsets, index.vocab_concepts, index.id_block_starts, 1 / 0.8)
-        return (*stats, grad)
+        return (*stats[:6], row_state.t(), grad)  # (row_state [2, N]: its rows along dimension 0)
 
     whole = same_bits_per_row(forward_backward, num_tokens)
     result = fp.ConceptMass(*whole[:5], whole[5].float())  # (the op keeps lse in float64)
@@ -860,7 +884,7 @@ def test_few_rows_split_the_work_and_keep_their_bits(dtype):
     assert_matches(result, expected(logits, concepts, 0.8), rtol=1e-4, atol=1e-4)
     rtol, atol = GRAD_TOLERANCE[dtype]
     want = reference_gradient(logits, concepts, 0.8, [grad_log_mass, torch.zeros_like(grad_log_mass), grad_lse])
-    torch.testing.assert_close(whole[6].double(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(whole[7].double(), want, rtol=rtol, atol=atol)
 
 
 def test_an_id_in_thousands_of_concepts_sums_its_gradient_in_double():
@@ -990,8 +1014,8 @@ def test_opcheck():
     index = tuple(fp.ConceptSet.from_ids([[1, 2, 3], [3, 30]])._index)
     torch.library.opcheck(_concept_mass_op.op, (logits, *index, 1.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    _, _, top_share, _, top_token, lse = _concept_mass_op(logits.detach(), *index, 1.25)
+    _, _, top_share, _, top_token, lse, row_state = _concept_mass_op(logits.detach(), *index, 1.25)
     vocab_ids, vocab_offsets, vocab_concepts, _, starts = index[2:]
-    args = (torch.randn(4, 2), torch.randn(4), logits.detach(), top_share, top_token, lse, vocab_ids, vocab_offsets,
+    args = (torch.randn(4, 2), torch.randn(4), logits.detach(), top_share, top_token, row_state, vocab_ids, vocab_offsets,
             vocab_concepts, starts, 1.25)
     torch.library.opcheck(_concept_mass_backward_op.op, args, test_utils=("test_schema", "test_faketensor"))

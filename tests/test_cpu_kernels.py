@@ -84,7 +84,8 @@ def _concept_mass(offsets, token_ids=None, vocab=8):
     offsets = torch.tensor(offsets, dtype=torch.int64)
     num_concepts = offsets.numel() - 1
     outputs = [torch.full((1, num_concepts), float("nan")) for _ in range(4)]
-    outputs += [torch.full((1, num_concepts), -1, dtype=torch.int64), torch.full((1,), float("nan"), dtype=torch.float64)]
+    outputs += [torch.full((1, num_concepts), -1, dtype=torch.int64), torch.full((1,), float("nan"), dtype=torch.float64),
+                torch.full((2, 1), float("nan"))]
     cpp().concept_mass("float32", logits.data_ptr(), 1, vocab, *logits.stride(), token_ids.data_ptr(),
                        token_ids.numel(), offsets.data_ptr(), num_concepts, 1.0,
                        *(tensor.data_ptr() for tensor in outputs), 2)
@@ -101,11 +102,11 @@ def _concept_mass_backward(vocab_offsets, vocab=8):
     memberships = int(vocab_offsets[-1])
     vocab_concepts = torch.zeros(memberships, dtype=torch.int64)
     top_share, top_token = torch.full((1, 1), 0.5), torch.zeros(1, 1, dtype=torch.int64)
-    lse, grad_concept, coef = torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), torch.zeros(1)
+    row_state, grad_concept, coef = torch.zeros(2, 1), torch.ones(1, 1), torch.zeros(1)
     grad = torch.full((1, vocab), float("nan"))
     cpp().concept_mass_backward("float32", logits.data_ptr(), 1, vocab, *logits.stride(), vocab_ids.data_ptr(),
                                 num_ids, vocab_offsets.data_ptr(), vocab_concepts.data_ptr(), memberships, 1,
-                                top_share.data_ptr(), top_token.data_ptr(), lse.data_ptr(), grad_concept.data_ptr(),
+                                top_share.data_ptr(), top_token.data_ptr(), row_state.data_ptr(), grad_concept.data_ptr(),
                                 coef.data_ptr(), 1.0, grad.data_ptr(), 2)
     return grad
 
@@ -138,11 +139,13 @@ def test_concept_backward_chunks_of_ids_without_memberships():
         memberships = int(vocab_offsets[-1])
         vocab_concepts = torch.zeros(memberships, dtype=torch.int64)
         top_share, top_token = torch.full((1, 1), 0.5), torch.zeros(1, 1, dtype=torch.int64)
-        lse, grad_concept, coef = torch.logsumexp(logits.double(), 1), torch.ones(1, 1), torch.zeros(1)
+        row_max = logits.amax(1)  # row_state: M, then ln S
+        row_state = torch.stack([row_max, torch.logsumexp(logits - row_max, 1)]).contiguous()
+        grad_concept, coef = torch.ones(1, 1), torch.zeros(1)
         grad = torch.full((1, vocab), float("nan"))
         cpp().concept_mass_backward("float32", logits.data_ptr(), 1, vocab, *logits.stride(), vocab_ids.data_ptr(),
                                     vocab_ids.numel(), vocab_offsets.data_ptr(), vocab_concepts.data_ptr(),
-                                    memberships, 1, top_share.data_ptr(), top_token.data_ptr(), lse.data_ptr(),
+                                    memberships, 1, top_share.data_ptr(), top_token.data_ptr(), row_state.data_ptr(),
                                     grad_concept.data_ptr(), coef.data_ptr(), 1.0, grad.data_ptr(), 2)
         return grad
 

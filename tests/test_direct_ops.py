@@ -42,7 +42,7 @@ def concept_backward_args() -> dict:
     first_variants = index.token_ids[index.offsets[:-1]]
     return dict(grad_log_mass=torch.randn(3, num_concepts), grad_lse=torch.randn(3, dtype=torch.float64),
                 logits=torch.randn(3, 10), top_share=torch.rand(3, num_concepts) + 0.5,
-                top_token=first_variants.expand(3, num_concepts).contiguous(), lse=torch.randn(3, dtype=torch.float64),
+                top_token=first_variants.expand(3, num_concepts).contiguous(), row_state=torch.randn(2, 3),
                 vocab_ids=index.vocab_ids, vocab_offsets=index.vocab_offsets, vocab_concepts=index.vocab_concepts,
                 id_block_starts=index.id_block_starts, inv_temperature=1.0)
 
@@ -172,7 +172,7 @@ CASES = [
     ("concept_mass", "meta offsets", lambda a: dict(offsets=meta(a["offsets"])), ValueError, "offsets is on meta"),
     ("concept_mass", "meta id_block_starts", lambda a: dict(id_block_starts=meta(a["id_block_starts"])),
      ValueError, "id_block_starts is on meta"),
-    # concept_mass_backward: logits [N, V]; top_share [N, C] float32, top_token [N, C] int64, lse [N] float64
+    # concept_mass_backward: logits [N, V]; top_share [N, C] float32, top_token [N, C] int64, row_state [2, N] float32
     ("concept_mass_backward", "logits more rows", lambda a: dict(logits=torch.randn(4, 10)),
      ValueError, "grad_log_mass must have shape"),
     ("concept_mass_backward", "logits 1-D", lambda a: dict(logits=torch.randn(10)), ValueError, "logits must be"),
@@ -198,8 +198,10 @@ CASES = [
      TypeError, "top_token must"),
     ("concept_mass_backward", "top_token expanded", lambda a: dict(top_token=expanded((3, 3), I64)),
      ValueError, "top_token must be contiguous"),
-    ("concept_mass_backward", "lse float32", lambda a: dict(lse=a["lse"].float()), TypeError, "lse must"),
-    ("concept_mass_backward", "lse one row", lambda a: dict(lse=fresh(a["lse"][:1])), ValueError, "lse must"),
+    ("concept_mass_backward", "row_state float64", lambda a: dict(row_state=a["row_state"].double()), TypeError,
+     "row_state must"),
+    ("concept_mass_backward", "row_state one row", lambda a: dict(row_state=fresh(a["row_state"][:, :1])), ValueError,
+     "row_state must"),
     ("concept_mass_backward", "vocab_ids int32", lambda a: dict(vocab_ids=a["vocab_ids"].to(I32)),
      TypeError, "vocab_ids must"),
     ("concept_mass_backward", "vocab_offsets short", lambda a: dict(vocab_offsets=fresh(a["vocab_offsets"][:-1])),
@@ -212,7 +214,8 @@ CASES = [
      ValueError, "id_block_starts must"),
     ("concept_mass_backward", "meta top_share", lambda a: dict(top_share=meta(a["top_share"])),
      ValueError, "top_share is on meta"),
-    ("concept_mass_backward", "meta lse", lambda a: dict(lse=meta(a["lse"])), ValueError, "lse is on meta"),
+    ("concept_mass_backward", "meta row_state", lambda a: dict(row_state=meta(a["row_state"])), ValueError,
+     "row_state is on meta"),
     ("concept_mass_backward", "meta vocab_ids", lambda a: dict(vocab_ids=meta(a["vocab_ids"])),
      ValueError, "vocab_ids is on meta"),
 ]

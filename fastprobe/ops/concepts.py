@@ -14,6 +14,10 @@ Gradient (log_mass, mass = exp(log_mass) and lse are differentiable):
   d log_mass[n, c] / d z[n, v] = ([v in c] q_v - p_v) / T,   d lse[n] / d z[n, v] = p_v / T
 so with g the incoming gradient of log_mass (plus mass * the gradient of mass) and h that of lse:
   grad_z[n, v] = (p_v (h - sum_c g[n, c]) + sum_{c contains v} g[n, c] q_cv) / T
+The fused backwards form log p_v = (z_v - M) / T - ln S from the forward's row_state (each row's
+largest logit M and ln S, S = sum_v exp((z_v - M) / T), kept apart): the float64 lse = M / T + ln S
+holds ln S only to |M / T| 2^-53, which lost ln 2 for a tied max at |M / T| = 1e17 (T = 1e-16 with
+logits ~10).
 The backward writes the first term for every v in one pass, then overwrites each concept
 token once with its total (overlapping concepts accumulate exactly, without atomics),
 reading the concept-token incidence by column (the ConceptSet's vocabulary-sorted transpose).
@@ -451,13 +455,18 @@ class ConceptMass(NamedTuple):
 
 
 @without_autocast
-def _reference_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
+def _reference_forward(logits, index: _Index, inv_temperature, out: ConceptMass, row_state) -> None:
     result = reference.concept_mass(logits, index.token_ids, index.offsets, temperature=1.0 / inv_temperature)
     for field, tensor in zip(ConceptMass._fields, out):
         tensor.copy_(result[field])
+    # row_state: M = max_v z_v and ln S = log sum_v exp((z_v - M) / T) (a row of -inf: shifted by 0)
+    x = logits.double()
+    row_max = x.amax(-1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    row_state.copy_(torch.stack([row_max, torch.logsumexp((x - shift[:, None]) * inv_temperature, dim=-1)]))
 
 
-def _cpp_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
+def _cpp_forward(logits, index: _Index, inv_temperature, out: ConceptMass, row_state) -> None:
     num_tokens, vocab = logits.shape
     cpp().concept_mass(
         DTYPE_NAMES[logits.dtype],
@@ -466,15 +475,16 @@ def _cpp_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> No
         index.offsets.data_ptr(), index.offsets.numel() - 1,
         inv_temperature,
         *(tensor.data_ptr() for tensor in out),
+        row_state.data_ptr(),
         torch.get_num_threads(),
     )
 
 
-def _triton_forward(logits, index: _Index, inv_temperature, out: ConceptMass) -> None:
+def _triton_forward(logits, index: _Index, inv_temperature, out: ConceptMass, row_state) -> None:
     from ..kernels import concepts as triton_concepts
 
     with on_device(logits):
-        triton_concepts.concept_mass(logits, index, ID_BLOCK, inv_temperature, out)
+        triton_concepts.concept_mass(logits, index, ID_BLOCK, inv_temperature, out, row_state)
 
 
 _FORWARD = {"reference": _reference_forward, "cpp": _cpp_forward, "triton": _triton_forward}
@@ -514,9 +524,12 @@ def _concept_mass_op(
     token_slots: torch.Tensor,
     id_block_starts: torch.Tensor,
     inv_temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mass, log_mass, top_share, concentration_entropy, top_token, lse) for the concepts
-    given by an _Index (the transpose is read by the Triton forward and by the backward)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mass, log_mass, top_share, concentration_entropy, top_token, lse, row_state) for the
+    concepts given by an _Index (the transpose is read by the Triton forward and by the backward).
+    row_state [2, N] (the statistics' dtype) holds each row's largest logit M and ln S, S = sum_v
+    exp((z_v - M) / T), for the backward: lse = M / T + ln S in float64 holds ln S only to
+    |M / T| 2^-53."""
     if offsets.numel() < 2:
         raise ValueError(f"concept_mass: offsets must have C + 1 >= 2 entries, got {offsets.numel()}")
     num_ids = token_ids.numel()  # T, and the memberships in vocab_concepts: one per concept token
@@ -530,12 +543,13 @@ def _concept_mass_op(
     dtype = output_dtype(logits)
     stats = [new_output((num_tokens, num_concepts), logits.device, dtype) for _ in range(4)]
     top_token = new_output((num_tokens, num_concepts), logits.device, torch.int64)
-    # lse in float64 (for every input dtype): the backward forms log p from it at full precision
+    # lse in float64 (for every input dtype): M / T is exact in it at any magnitude
     out = ConceptMass(*stats, top_token, new_output((num_tokens,), logits.device, torch.float64))
+    row_state = new_output((2, num_tokens), logits.device, dtype)
     if num_tokens > 0:
         backend = resolve(logits.device, logits.dtype, "concept_mass")
-        _FORWARD[backend](logits, index, inv_temperature, out)
-    return tuple(out)
+        _FORWARD[backend](logits, index, inv_temperature, out, row_state)
+    return (*out, row_state)
 
 
 @_concept_mass_op.register_fake
@@ -545,15 +559,17 @@ def _(logits, token_ids, offsets, vocab_ids, vocab_offsets, vocab_concepts, toke
     dtype = output_dtype(logits)
     stats = [logits.new_empty((num_tokens, num_concepts), dtype=dtype) for _ in range(4)]
     top_token = logits.new_empty((num_tokens, num_concepts), dtype=torch.int64)
-    return (*stats, top_token, logits.new_empty((num_tokens,), dtype=torch.float64))
+    row_state = logits.new_empty((2, num_tokens), dtype=dtype)
+    return (*stats, top_token, logits.new_empty((num_tokens,), dtype=torch.float64), row_state)
 
 
 # -- backward: grad_z = (p (h - sum_c g_c) + sum_{c contains v} g_c q_cv) / T
 
 
 @without_autocast
-def _reference_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
-    y = logits.to(lse.dtype) * inv_temperature
+def _reference_backward(logits, index: _Index, top_share, top_token, row_state, grad_concept, coef, inv_temperature,
+                        grad):
+    y = logits.double() * inv_temperature
     # p_v (h - sum_c g_c); p by softmax, which subtracts the row's max from y first: exp(y - lse)
     # loses p wherever y ~ lse is large (T = 1e-30: y ~ 1e30, whose ulp is ~1e14)
     base = torch.softmax(y, dim=-1) * coef[:, None]
@@ -562,13 +578,13 @@ def _reference_backward(logits, index: _Index, top_share, top_token, lse, grad_c
     concepts = index.vocab_concepts
     # q_cv = p_v / mass_c = exp(y_v - y_top) top_share_c, from the concept's largest variant
     y_top = y.gather(1, top_token)[:, concepts]
-    share = top_share[:, concepts].to(lse.dtype)
+    share = top_share[:, concepts].double()
     q = torch.exp(y[:, ids] - y_top) * share
     term = torch.where(share > 0, grad_concept[:, concepts] * q, torch.zeros_like(q))
     grad.copy_(base.index_add(1, ids, term) * inv_temperature)
 
 
-def _cpp_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
+def _cpp_backward(logits, index: _Index, top_share, top_token, row_state, grad_concept, coef, inv_temperature, grad):
     num_tokens, vocab = logits.shape
     cpp().concept_mass_backward(
         DTYPE_NAMES[logits.dtype],
@@ -576,19 +592,20 @@ def _cpp_backward(logits, index: _Index, top_share, top_token, lse, grad_concept
         index.vocab_ids.data_ptr(), index.vocab_ids.numel(),
         index.vocab_offsets.data_ptr(), index.vocab_concepts.data_ptr(), index.vocab_concepts.numel(),
         top_share.shape[1],
-        top_share.data_ptr(), top_token.data_ptr(), lse.data_ptr(), grad_concept.data_ptr(), coef.data_ptr(),
+        top_share.data_ptr(), top_token.data_ptr(), row_state.data_ptr(), grad_concept.data_ptr(), coef.data_ptr(),
         inv_temperature,
         grad.data_ptr(),
         torch.get_num_threads(),
     )
 
 
-def _triton_backward(logits, index: _Index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad):
+def _triton_backward(logits, index: _Index, top_share, top_token, row_state, grad_concept, coef, inv_temperature,
+                     grad):
     from ..kernels import concepts as triton_concepts
 
     with on_device(logits):
         triton_concepts.concept_mass_backward(
-            logits, index, ID_BLOCK, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad
+            logits, index, ID_BLOCK, top_share, top_token, row_state, grad_concept, coef, inv_temperature, grad
         )
 
 
@@ -602,7 +619,7 @@ def _concept_mass_backward_op(
     logits: torch.Tensor,
     top_share: torch.Tensor,
     top_token: torch.Tensor,
-    lse: torch.Tensor,
+    row_state: torch.Tensor,
     vocab_ids: torch.Tensor,
     vocab_offsets: torch.Tensor,
     vocab_concepts: torch.Tensor,
@@ -610,7 +627,7 @@ def _concept_mass_backward_op(
     inv_temperature: float,
 ) -> torch.Tensor:
     """Gradient of (log_mass, lse) with respect to the logits, in the logits' dtype; the only
-    [N, V] allocation."""
+    [N, V] allocation. row_state: the forward's [2, N] (each row's M and ln S)."""
     if top_share.dim() != 2:
         raise ValueError(f"concept_mass_backward: top_share must be [N, C], got {list(top_share.shape)}")
     num_tokens, num_concepts = logits.shape[0] if logits.dim() else 0, top_share.shape[1]  # (logits: checked below)
@@ -618,7 +635,7 @@ def _concept_mass_backward_op(
              ("grad_lse", grad_lse, (num_tokens,), None, False),
              ("top_share", top_share, (num_tokens, num_concepts), output_dtype(logits), True),
              ("top_token", top_token, (num_tokens, num_concepts), torch.int64, True),
-             ("lse", lse, (num_tokens,), torch.float64, True))
+             ("row_state", row_state, (2, num_tokens), output_dtype(logits), True))
     _check_op_args("concept_mass_backward", logits, specs, vocab_ids, vocab_offsets, vocab_concepts,
                    vocab_concepts.numel(), id_block_starts, inv_temperature)
     empty = vocab_ids.new_empty(0)
@@ -630,40 +647,42 @@ def _concept_mass_backward_op(
         grad_concept = torch.where(masked, 0.0, grad_log_mass.to(top_share.dtype)).contiguous()
         coef = (grad_lse.to(top_share.dtype) - grad_concept.sum(-1)).contiguous()  # h - sum_c g_c
         backend = resolve(logits.device, logits.dtype, "concept_mass")
-        _BACKWARD[backend](logits, index, top_share, top_token, lse, grad_concept, coef, inv_temperature, grad)
+        _BACKWARD[backend](logits, index, top_share, top_token, row_state, grad_concept, coef, inv_temperature, grad)
     return grad
 
 
 @_concept_mass_backward_op.register_fake
-def _(grad_log_mass, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
+def _(grad_log_mass, grad_lse, logits, top_share, top_token, row_state, vocab_ids, vocab_offsets, vocab_concepts,
       id_block_starts, inv_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, _, _, vocab_ids, vocab_offsets, vocab_concepts, _, id_block_starts, inv_temperature = inputs
-    mass, log_mass, top_share, concentration_entropy, top_token, lse = output
-    ctx.mark_non_differentiable(top_share, concentration_entropy)
+    mass, log_mass, top_share, concentration_entropy, top_token, lse, row_state = output
+    ctx.mark_non_differentiable(top_share, concentration_entropy, row_state)
     ctx.set_materialize_grads(False)  # an output no loss used passes None, not a zero-filled tensor
-    ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, lse)
+    ctx.save_for_backward(logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token,
+                          row_state)
     ctx.inv_temperature = inv_temperature
     ctx.backend = get_backend()  # (for a backward on autograd's device thread, outside use_backend's scope)
 
 
-def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, grad_lse):
-    logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, lse = ctx.saved_tensors
+def _backward(ctx, grad_mass, grad_log_mass, _top_share, _entropy, _top_token, grad_lse, _row_state):
+    logits, vocab_ids, vocab_offsets, vocab_concepts, id_block_starts, mass, top_share, top_token, row_state = (
+        ctx.saved_tensors)
     # mass = exp(log_mass): its gradient reaches the logits through log_mass
     grad_concept = torch.zeros_like(top_share) if grad_log_mass is None else grad_log_mass
     if grad_mass is not None:
         grad_concept = grad_concept + grad_mass * mass
     if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
+        grad_lse = torch.zeros_like(row_state[0])
     # (a batch of incoming gradients goes through the dispatcher, whose fallback loops over it)
     batched = batched_gradient(grad_concept, grad_lse)
     backward_op = _concept_mass_backward_op.op if batched else _concept_mass_backward_op
     with use_backend(ctx.backend):
         grad = backward_op(
-            grad_concept, grad_lse, logits, top_share, top_token, lse, vocab_ids, vocab_offsets, vocab_concepts,
+            grad_concept, grad_lse, logits, top_share, top_token, row_state, vocab_ids, vocab_offsets, vocab_concepts,
             id_block_starts, ctx.inv_temperature,
         )
     return grad, None, None, None, None, None, None, None, None
@@ -732,7 +751,7 @@ def concept_mass(logits: torch.Tensor, concepts: ConceptSet, *, temperature: flo
     concepts = _check_concepts(concepts, logits)
     inv_temperature = 1.0 / check_temperature(temperature)
 
-    mass, log_mass, top_share, entropy, top_token, lse = _concept_mass_op(logits, *concepts._index, inv_temperature)
+    mass, log_mass, top_share, entropy, top_token, lse, _ = _concept_mass_op(logits, *concepts._index, inv_temperature)
     if skips_host_checks(lse):  # (no host sync: such a row's statistics are NaN)
         finite = torch.isfinite(lse)[:, None]
         mass, log_mass, top_share, entropy = (nan_where_not_finite(x, finite) for x in (mass, log_mass, top_share, entropy))
