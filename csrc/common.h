@@ -527,12 +527,6 @@ struct LogSoftmax {
   static LogSoftmax from_state(const LseState& state, float scale) {
     return make(state.max, scale, std::log(state.sum));
   }
-  // From a given lse: shift = lse / scale rounded to float, its rounding error goes to the
-  // offset: (x - shift) scale - (lse - shift scale) = x scale - lse.
-  static LogSoftmax from_lse(double lse, float scale) {
-    const float shift = float(lse / scale);
-    return make(shift, scale, float(lse - double(shift) * scale));
-  }
 };
 
 inline float log_prob(const LogSoftmax& row, float x) {

@@ -22,10 +22,13 @@
 //
 // Two more modes serve the vocabulary-sharded (tensor-parallel) form, where the input
 // holds one shard of the vocabulary and every statistic above is a sum over it:
-//   lse_only: pass 1 only; writes the shard's lse and 0 for every stat.
-//   lse_in:   each row's lse over the WHOLE vocabulary is given (float64 [K + 1, N]), so
-//             pass 1 is skipped; pass 2 writes the shard's share of every sum (shares add
-//             up over the shards) and lse is written as the given one.
+//   lse_only: pass 1 only; writes the shard's lse in two parts, lse [2, K + 1, N] = (max, log
+//             sum) with lse = max / T + log sum, max the row's largest logit, and 0 for every stat.
+//   lse_in:   each row's lse over the WHOLE vocabulary is given in the same two parts (float64
+//             [2, K + 1, N]), so pass 1 is skipped; pass 2 writes the shard's share of every sum
+//             (shares add up over the shards) and lse [K + 1, N] from the parts.
+//   (Two parts: a float64 lse holds log sum only to |max / T| 2^-53, and a row with two tied
+//   maxima at T = 1e-30 lost its ln 2 in it: p = 1 for each.)
 //
 // Tokens are spread over OpenMP threads (with few tokens, ranges of a token's vocabulary: see
 // kRange). Each token takes two streaming passes over the vocabulary in
@@ -183,10 +186,10 @@ struct Problem {
   int64_t stride_tn, stride_tv;
   const float* weights;  // [K]
   float inv_temperature;
-  const double* lse_in;  // [K + 1, N] each row's lse over the whole vocabulary, or nullptr
+  const double* lse_in;  // [2, K + 1, N] each row's lse over the whole vocabulary (max, log sum), or nullptr
   bool lse_only;         // pass 1 only: stats are 0
   float* stats;  // [5 + K, N]
-  double* lse;   // [K + 1, N]
+  double* lse;   // [K + 1, N] (lse_only: [2, K + 1, N], the parts)
 
   bool has_target() const { return target != nullptr; }
   int64_t rows() const { return has_target() ? K + 1 : K; }  // draft rows, then the target
@@ -272,22 +275,31 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
   });
 }
 
-// Token n's lse (float64) and log-softmax of every row from its ranges' lse states
-// (lse_parts[range * rows + r]), or from the given lse (lse_in mode).
+// Token n's lse (float64, in two parts: [r] the row's max, [rows + r] log sum; lse = max / T +
+// log sum) and log-softmax of every row from its ranges' lse states (lse_parts[range * rows +
+// r]), or from the given parts (lse_in mode; a sharded row's max is one of its float32 logits).
 static void token_log_softmax(const Problem& p, int64_t n, int64_t ranges, const LseState* lse_parts,
                               double* row_lse, LogSoftmax* log_softmax) {
-  for (int64_t r = 0; r < p.rows(); ++r) {
+  const int64_t rows = p.rows();
+  for (int64_t r = 0; r < rows; ++r) {
     if (p.lse_in != nullptr) {
       row_lse[r] = p.lse_in[r * p.N + n];
-      log_softmax[r] = LogSoftmax::from_lse(row_lse[r], p.inv_temperature);
+      row_lse[rows + r] = p.lse_in[(p.K + 1 + r) * p.N + n];
+      log_softmax[r] = LogSoftmax::make(float(row_lse[r]), p.inv_temperature, float(row_lse[rows + r]));
       continue;
     }
     LseState state = lse_parts[r];
     for (int64_t range = 1; range < ranges; ++range)
-      merge_lse(state, lse_parts[range * p.rows() + r], p.inv_temperature);
-    row_lse[r] = state.value(p.inv_temperature);
+      merge_lse(state, lse_parts[range * rows + r], p.inv_temperature);
+    row_lse[r] = state.max;  // (a row of -inf: max -inf, log sum -inf)
+    row_lse[rows + r] = std::log(double(state.sum));
     log_softmax[r] = LogSoftmax::from_state(state, p.inv_temperature);
   }
+}
+
+// lse = max / T + log sum from its parts, as LseState::value forms it (the same bits).
+static double lse_from_parts(double max, double log_sum, float scale) {
+  return log_sum == -std::numeric_limits<double>::infinity() ? log_sum : double(scale) * max + log_sum;
 }
 
 // Writes token n's column of stats and lse from its ranges' sums (sum_parts[range * slots +
@@ -312,11 +324,18 @@ static void write_token(const Problem& p, int64_t n, int64_t ranges, const doubl
   stat(2) = p.has_target() ? float(jsd + kl_mt) : 0.0f;  // = sum_k w_k KL(q_k || p)
   stat(3) = float(-total(kMLogM));                        // H(m)
   stat(4) = p.has_target() ? float(-total(kPLogP)) : 0.0f;  // H(p)
-  for (int64_t k = 0; k < p.K; ++k) {
-    stat(5 + k) = float(-total(kQLogQ + k));  // H(q_k)
-    p.lse[k * p.N + n] = row_lse[k];
+  for (int64_t k = 0; k < p.K; ++k) stat(5 + k) = float(-total(kQLogQ + k));  // H(q_k)
+  // the lse (lse_only: its two parts) of each row, 0 for a missing target
+  const int64_t rows = p.rows();
+  for (int64_t r = 0; r <= p.K; ++r) {
+    const bool has = r < rows;
+    if (p.lse_only) {
+      p.lse[r * p.N + n] = has ? row_lse[r] : 0.0;
+      p.lse[(p.K + 1 + r) * p.N + n] = has ? row_lse[rows + r] : 0.0;
+    } else {
+      p.lse[r * p.N + n] = has ? lse_from_parts(row_lse[r], row_lse[rows + r], p.inv_temperature) : 0.0;
+    }
   }
-  p.lse[p.K * p.N + n] = p.has_target() ? row_lse[p.K] : 0.0;
 }
 
 // Every token in ranges (run_rows): pass 1 of each range, the token's log-softmax, pass 2 of each
@@ -324,7 +343,7 @@ static void write_token(const Problem& p, int64_t n, int64_t ranges, const doubl
 static void run(const Problem& p, int threads) {
   const int64_t ranges = range_count(p.V), slots = row_slots(p.N, threads), rows = p.rows(), sums = kQLogQ + p.K;
   std::vector<LseState> lse_parts(size_t(slots * ranges * rows));
-  std::vector<double> sum_parts(size_t(slots * ranges * sums)), row_lse(size_t(slots * rows));
+  std::vector<double> sum_parts(size_t(slots * ranges * sums)), row_lse(size_t(slots * 2 * rows));
   std::vector<LogSoftmax> log_softmax(size_t(slots * rows));
   run_rows(
       p.N, threads, [&] { return Workspace(p.K); },
@@ -333,7 +352,7 @@ static void run(const Problem& p, int threads) {
                   range_lse(p, n, range, ws, lse_parts.data() + (slot * ranges + range) * rows);
                 }),
       each_row([&](int64_t n, int64_t slot, Workspace&) {
-        token_log_softmax(p, n, ranges, lse_parts.data() + slot * ranges * rows, row_lse.data() + slot * rows,
+        token_log_softmax(p, n, ranges, lse_parts.data() + slot * ranges * rows, row_lse.data() + slot * 2 * rows,
                           log_softmax.data() + slot * rows);
       }),
       each_part(p.lse_only ? 0 : ranges,
@@ -343,7 +362,7 @@ static void run(const Problem& p, int threads) {
                 }),
       each_row([&](int64_t n, int64_t slot, Workspace&) {
         write_token(p, n, ranges, p.lse_only ? nullptr : sum_parts.data() + slot * ranges * sums,
-                    row_lse.data() + slot * rows);
+                    row_lse.data() + slot * 2 * rows);
       }));
 }
 
@@ -362,7 +381,7 @@ void draft_divergence(const std::string& draft_dtype, const std::string& target_
   check_layout("draft", {K, N, V}, {stride_dk, stride_dn, stride_dv});
   if (target_ptr != 0) check_layout("target", {N, V}, {stride_tn, stride_tv});
   check_layout("stats", {5 + K, N});
-  check_layout("lse", {K + 1, N});
+  check_layout("lse", {lse_only ? 2 * (K + 1) : K + 1, N});
   const bool any = N > 0;  // empty outputs may come with null data pointers
   const DType draft_type = parse_dtype(draft_dtype);
   const DType target_type = parse_dtype(target_dtype);  // (checked, and unused, without a target)
@@ -392,8 +411,9 @@ void bind_divergence(py::module_& m) {
         "draft's). Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N]\n"
         "(float32) and lse [K + 1, N] (float64), both contiguous. lse_in_ptr (0: compute it)\n"
         "gives each row's float64 lse over the whole vocabulary, of which the input is one\n"
-        "shard: stats are then this shard's shares of every sum. lse_only: pass 1 only,\n"
-        "stats are 0.",
+        "shard, in two parts [2, K + 1, N] (max / T, log sum): stats are then this shard's\n"
+        "shares of every sum. lse_only: pass 1 only, stats are 0 and lse is [2, K + 1, N],\n"
+        "the two parts.",
         py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("draft_ptr"), py::arg("K"), py::arg("N"),
         py::arg("V"),
         py::arg("stride_dk"), py::arg("stride_dn"), py::arg("stride_dv"), py::arg("target_ptr"),

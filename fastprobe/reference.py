@@ -144,7 +144,9 @@ def draft_divergence_shares(
 
     draft_logits [K, N, V_shard] and target_logits [N, V_shard] are a slice of the
     vocabulary; lse [K + 1, N] holds every row's log-sum-exp of logits / T over the WHOLE
-    vocabulary (row K: the target's). Then log q_kv = x_kv / T - lse_k is exact per element,
+    vocabulary (row K: the target's), or [2, K + 1, N] its two parts (M, ln S), lse = M / T + ln S
+    with M the row's largest logit (a float64 lse holds ln S only to |M / T| 2^-53: at T = 1e-30
+    two tied maxima lose their ln 2 in it). Then log q_kv = x_kv / T - lse_k is exact per element,
     and the returned fields (same keys as draft_divergence) are sums over this shard only:
     adding them over all shards gives draft_divergence of the whole vocabulary. (The kernels'
     shares differ: each KL(a || b) term there carries b_v - a_v more, which adds up to 0 over the
@@ -154,14 +156,16 @@ def draft_divergence_shares(
     num_drafts = draft_logits.shape[0]
     w = _mixture_weights(weights, num_drafts, dtype, draft_logits.device)
     lse = lse.to(torch.float64)
+    # log prob = (x - shift) / T - offset: shift = M, offset = ln S from the parts, else shift =
+    # lse T, offset = 0
+    shift, offset = (lse[0], lse[1]) if lse.dim() == 3 else (lse * temperature, torch.zeros_like(lse))
 
-    def log_softmax_given_lse(logits: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
-        # log prob = (x - lse T) / T in float64: x - lse T is exact near the row max, so
-        # large logits (~1e4) keep full precision
-        return ((logits.double() - row_lse.unsqueeze(-1) * temperature) / temperature).to(dtype)
+    def log_softmax_given_lse(logits: torch.Tensor, rows) -> torch.Tensor:
+        # in float64: x - shift is exact near the row max, so large logits (~1e4) keep full precision
+        return ((logits.double() - shift[rows].unsqueeze(-1)) / temperature - offset[rows].unsqueeze(-1)).to(dtype)
 
-    log_q = log_softmax_given_lse(draft_logits, lse[:num_drafts])
-    log_p = None if target_logits is None else log_softmax_given_lse(target_logits, lse[num_drafts])
+    log_q = log_softmax_given_lse(draft_logits, slice(0, num_drafts))
+    log_p = None if target_logits is None else log_softmax_given_lse(target_logits, num_drafts)
     return _divergence_sums(log_q, w, log_p)
 
 

@@ -23,10 +23,11 @@ The lse is stored in float64 (M inv_T is exact there), so it keeps that precisio
 
 Two more modes of the two-pass kernel serve the vocabulary-sharded (tensor-parallel) form,
 where the input is one shard of the vocabulary and every statistic is a sum over it:
-LSE_ONLY runs pass 1 only (stats are written as 0); LSE_GIVEN reads each row's float64 lse
-over the whole vocabulary instead of running pass 1, so pass 2 writes this shard's shares
-of the sums, with log2 q = (x - shift) c - offset, shift = lse T rounded to float32 (near
-the row max, so x - shift is exact there) and offset its rounding remainder.
+LSE_ONLY runs pass 1 only (stats are written as 0) and writes each row's lse in two parts
+[2, K + 1, N], (M, ln S) with lse = M / T + ln S; LSE_GIVEN reads the two parts of each row's
+lse over the whole vocabulary instead of running pass 1, so pass 2 writes this shard's shares
+of the sums, with log2 q = (x - M) c - ln S log2(e). (A float64 lse holds ln S only to
+|M / T| 2^-53: two tied maxima at T = 1e-30 lost their ln 2 in it.)
 Conventions: 0 log 0 = 0 (log y floored at the lowest float where x = 0 wherever y = 0,
 and log m floored at -126; _kl_term reads no log where its x is 0), -inf logits give q = 0,
 a row with no finite logit gets lse = -inf and zero probabilities, NaN / +inf input
@@ -201,17 +202,11 @@ def _lse_value(mx, s, inv_temperature):
 
 
 @triton.jit
-def _shift_from_lse(lse, inv_temperature):
-    """(shift, offset) to form log2 prob = (x - shift) c - offset from a row's float64 lse:
-    shift = lse T rounded to float32 (near the row max, so x - shift is exact there) and
-    offset = (lse - shift inv_T) log2(e), the rounding's remainder; then
-    (x - shift) c - offset = (x inv_T - lse) log2(e). A row with lse = -inf (no finite logit
-    anywhere) gets (0, 0), as in _safe_shift: its -inf logits give prob 0 (never NaN)."""
-    inv_t = tl.cast(inv_temperature, tl.float64)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    shift = (lse / inv_t).to(tl.float32)
-    offset = ((lse - shift.to(tl.float64) * inv_t) * _LOG2E).to(tl.float32)
-    return shift, offset
+def _shift_from_parts(mx, ln_s):
+    """(M, log2 S) as in _safe_shift from a row's lse parts (float64 M and ln S): a row with
+    M = -inf (no finite logit anywhere) gets (0, 0): its -inf logits give prob 0 (never NaN)."""
+    masked = mx == float("-inf")
+    return tl.where(masked, 0.0, mx.to(tl.float32)), tl.where(masked, 0.0, (ln_s * _LOG2E).to(tl.float32))
 
 
 @triton.jit
@@ -220,8 +215,8 @@ def _divergence_kernel(
     target_ptr,  # [N, V] its own float dtype (the draft's or another), any strides; a dummy when not HAS_TARGET
     w_ptr,  # [K] float32
     stats_ptr,  # [5 + K, N] float32 contiguous
-    lse_ptr,  # [K + 1, N] float64 contiguous
-    lse_in_ptr,  # [K + 1, N] float64 contiguous: each row's lse over the whole vocabulary (LSE_GIVEN)
+    lse_ptr,  # [K + 1, N] float64 contiguous (LSE_ONLY: [2, K + 1, N], the parts M and ln S)
+    lse_in_ptr,  # [2, K + 1, N] float64 contiguous: each row's lse over the whole vocabulary (LSE_GIVEN), (M, ln S)
     inv_temperature,  # runtime float
     N,
     V,
@@ -256,10 +251,13 @@ def _divergence_kernel(
 
     if LSE_GIVEN:
         # ---- each row's lse over the whole vocabulary, of which this input is a shard ----
-        lse_q = tl.load(lse_in_ptr + lse_q_at, mask=k_ok, other=0.0)
-        lse_p = tl.load(lse_in_ptr + lse_p_at)
-        shift_q, log2s_q = _shift_from_lse(lse_q, inv_temperature)
-        shift_p, log2s_p = _shift_from_lse(lse_p, inv_temperature)
+        parts_at = (K + 1) * N64  # the ln S part
+        mx_q, ln_s_q = tl.load(lse_in_ptr + lse_q_at, mask=k_ok, other=0.0), tl.load(lse_in_ptr + parts_at + lse_q_at, mask=k_ok, other=0.0)
+        mx_p, ln_s_p = tl.load(lse_in_ptr + lse_p_at), tl.load(lse_in_ptr + parts_at + lse_p_at)
+        inv_t = tl.cast(inv_temperature, tl.float64)
+        lse_q, lse_p = mx_q * inv_t + ln_s_q, mx_p * inv_t + ln_s_p
+        shift_q, log2s_q = _shift_from_parts(mx_q, ln_s_q)
+        shift_p, log2s_p = _shift_from_parts(mx_p, ln_s_p)
     else:
         # ---- pass 1: online log-sum-exp of every row ([K_PAD, 1] drafts, [1, 1] target after) ----
         mx_q = _state(K_PAD, W, float("-inf"))
@@ -287,11 +285,18 @@ def _divergence_kernel(
         shift_p, log2s_p = _safe_shift(mx_p, s_p)
 
     ln_s_p = log2s_p * _LN2  # log p = (y - shift_p) inv_T - ln_s_p, for the KL in nats
-    tl.store(lse_ptr + lse_q_at, lse_q, mask=k_ok)
-    if HAS_TARGET:
-        tl.store(lse_ptr + lse_p_at, lse_p)
+    if LSE_ONLY:  # the lse's two parts (M, ln S) of every row, after each other
+        parts_at = (K + 1) * N64
+        tl.store(lse_ptr + lse_q_at, mx_q.to(tl.float64), mask=k_ok)
+        tl.store(lse_ptr + parts_at + lse_q_at, (tl.log2(s_q) * _LN2).to(tl.float64), mask=k_ok)
+        tl.store(lse_ptr + lse_p_at, tl.where(HAS_TARGET, mx_p.to(tl.float64), 0.0))
+        tl.store(lse_ptr + parts_at + lse_p_at, tl.where(HAS_TARGET, (tl.log2(s_p) * _LN2).to(tl.float64), 0.0))
     else:
-        tl.store(lse_ptr + lse_p_at, tl.zeros([1, 1], tl.float64))
+        tl.store(lse_ptr + lse_q_at, lse_q, mask=k_ok)
+        if HAS_TARGET:
+            tl.store(lse_ptr + lse_p_at, lse_p)
+        else:
+            tl.store(lse_ptr + lse_p_at, tl.zeros([1, 1], tl.float64))
 
     # ---- pass 2: the sums, vocabulary blocks in reverse (L2 still holds the last ones) ----
     hq_acc = _state(K_PAD, W, 0.0)  # q log2 q, per draft
@@ -447,9 +452,10 @@ def draft_divergence(
     weights [K] float32 contiguous, same device
     stats   [5 + K, N] float32 contiguous (out): jsd, KL(m||p), epistemic, H(m), H(p), H(q_k)
     lse     [K + 1, N] float64 contiguous (out): logsumexp of each scaled row, the target's last
-    lse_in  [K + 1, N] float64 contiguous, or None: each row's lse over the whole vocabulary,
-            of which draft and target are one shard; stats are then this shard's shares of
-            every sum, and lse is written as lse_in (no pass 1)
+            (lse_only: [2, K + 1, N], its parts M and ln S, lse = M / T + ln S)
+    lse_in  [2, K + 1, N] float64 contiguous, or None: each row's lse over the whole vocabulary,
+            of which draft and target are one shard, in those two parts; stats are then this
+            shard's shares of every sum, and lse is formed from lse_in (no pass 1)
     lse_only: pass 1 only; stats are written as 0
     config: one of _AUTOTUNE_CONFIGS to launch instead of tuning (bench/sweep_divergence.py)
     Without a target, stats rows 1, 2, 4 and lse row K are written as 0.
@@ -461,13 +467,13 @@ def draft_divergence(
         raise ValueError("target must be a float32, bfloat16 or float16 [N, V] tensor")
     if weights.shape != (K,) or weights.dtype != torch.float32 or not weights.is_contiguous():
         raise ValueError("weights must be a contiguous float32 [K] tensor")
-    for name, tensor, rows, dtype in (
-        ("stats", stats, 5 + K, torch.float32),
-        ("lse", lse, K + 1, torch.float64),
-        ("lse_in", lse_in, K + 1, torch.float64),
+    for name, tensor, shape, dtype in (
+        ("stats", stats, (5 + K, N), torch.float32),
+        ("lse", lse, (2, K + 1, N) if lse_only else (K + 1, N), torch.float64),
+        ("lse_in", lse_in, (2, K + 1, N), torch.float64),
     ):
-        if tensor is not None and (tensor.shape != (rows, N) or tensor.dtype != dtype or not tensor.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {str(dtype).removeprefix('torch.')} [{rows}, N] tensor")
+        if tensor is not None and (tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {str(dtype).removeprefix('torch.')} {list(shape)} tensor")
     if lse_only and lse_in is not None:
         raise ValueError("lse_only computes the lse, so lse_in must be None")
     inv_temperature = check_inv_temperature(inv_temperature)

@@ -626,28 +626,30 @@ def vocab_shards(vocab):
 def combine_shards(draft, target_logits, weights, temperature, shards):
     """draft_divergence_sharded's four steps over the given vocabulary shards in one
     process, plain torch ops standing in for the all-reduces. Returns the DraftDivergence
-    and the combined lse [K + 1, N]."""
+    and the combined lse [K + 1, N] (as the kernels form it from the combined parts)."""
     num_drafts = draft.shape[0]
     if weights is None:
         weights = torch.full((num_drafts,), 1.0 / num_drafts, device=draft.device)
     pieces = [(draft[..., a:b], None if target_logits is None else target_logits[..., a:b]) for a, b in shards]
-    # 1. each shard's lse (pass 1 only; stats are written as 0)
-    shard_lse = []
+    # 1. each shard's lse in two parts (M, ln S) (pass 1 only; stats are written as 0)
+    shard_parts = []
     for d, t in pieces:
-        stats, lse = _draft_divergence_op(d, t, weights, 1.0 / temperature, lse_only=True)
-        assert lse.dtype == torch.float64 and (stats == 0).all(), "lse_only: stats must be written as 0"
-        shard_lse.append(lse)
-    shard_lse = torch.stack(shard_lse)
-    # 2. all_reduce MAX, then SUM of exp(lse - M); a row that is -inf everywhere shifts by 0
-    top = shard_lse.amax(0)
+        stats, parts = _draft_divergence_op(d, t, weights, 1.0 / temperature, lse_only=True)
+        assert parts.dtype == torch.float64 and (stats == 0).all(), "lse_only: stats must be written as 0"
+        shard_parts.append(parts)
+    shard_max, shard_log_sum = torch.stack(shard_parts).unbind(1)
+    # 2. all_reduce MAX of M, then SUM of exp((M_r - M) / T + ln S_r); a row that is -inf everywhere shifts by 0
+    top = shard_max.amax(0)
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    lse = shift + (shard_lse - shift).exp().sum(0).log()
+    log_sum = ((shard_max - shift) / temperature + shard_log_sum).exp().sum(0).log()
+    parts = torch.stack([top, log_sum])
     # 3. each shard's shares given the global lse, 4. all_reduce SUM
-    shares = 0
+    shares, lse = 0, None
     for d, t in pieces:
-        share, lse_out = _draft_divergence_op(d, t, weights, 1.0 / temperature, lse_in=lse)
+        share, lse_out = _draft_divergence_op(d, t, weights, 1.0 / temperature, lse_in=parts)
         rows = slice(None) if t is not None else slice(0, num_drafts)
-        assert torch.equal(lse_out[rows], lse[rows]), "lse_in mode writes the given lse"
+        assert lse is None or torch.equal(lse_out[rows], lse[rows]), "lse_in mode forms the lse from the parts alike"
+        lse = lse_out
         shares = shares + share
     if target_logits is not None:
         shares[EPISTEMIC] = shares[JSD] + shares[KL_MIXTURE_TARGET]
@@ -722,6 +724,37 @@ def test_shard_shares_at_the_temperature_range_ends(target, temperature):
     result, _ = combine_shards(draft, target_logits, None, temperature, vocab_shards(vocab))
     assert_matches(result, want, rtol=1e-4, atol=1e-4)
     assert_matches(fp.draft_divergence(draft, target_logits, temperature=temperature), want, rtol=1e-4, atol=1e-4)
+
+
+def tied_maxima(draft, target_logits, columns):
+    """The inputs with every row's largest logit repeated at `columns` (ties across and within
+    shards), in their own dtype."""
+    draft, target_logits = draft.clone(), target_logits.clone()
+    draft[..., columns] = draft.amax(-1, keepdim=True)
+    target_logits[..., columns] = target_logits.amax(-1, keepdim=True)
+    return draft, target_logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("temperature", [1e-30, 1e-12])
+def test_shard_shares_with_tied_maxima_under_a_tiny_temperature(target, dtype, temperature):
+    """Each row's largest logit tied on two or three shards (and twice on one) under a tiny T:
+    each tied logit has p = 1 / (number of ties). The shards exchanged their lses as float64
+    lse = M / T + ln S, which holds ln S only to |M / T| 2^-53: at T = 1e-30 every ln S was lost,
+    each tied p was 1 and the entropies ln 2 ... ln 4 off (KL and JSD too); at 1e-12 (|M / T|
+    ~ 1e12) 1e-4 off. Now the lses travel as their parts (M, ln S)."""
+    _, device = target
+    num_drafts, num_tokens, vocab = shapes_for(target)[0]
+    draft = (3 * torch.randn(num_drafts, num_tokens, vocab)).to(device=device, dtype=dtype)
+    target_logits = (3 * torch.randn(num_tokens, vocab)).to(device=device, dtype=dtype)
+    shards = vocab_shards(vocab)
+    draft, target_logits = tied_maxima(draft, target_logits, [shards[0][0], shards[1][0], shards[1][0] + 1])
+    target_logits[1::2, shards[2][0]] = target_logits[1::2].amax(-1)  # some target rows: a third shard's tie
+    want = expected(draft, target_logits, None, temperature)
+    assert (want["target_entropy"] > 1.0).all()  # ln 3 or ln 4
+    result, _ = combine_shards(draft, target_logits, None, temperature, shards)
+    assert_matches(result, want, rtol=1e-5, atol=1e-5)
+    assert_matches(fp.draft_divergence(draft, target_logits, temperature=temperature), want, rtol=1e-5, atol=1e-5)
 
 
 def test_few_tokens_split_the_vocabulary_and_keep_their_bits():
@@ -818,6 +851,10 @@ def _sharded_worker(rank, world_size, init_file, out_dir, draft, target_logits, 
         # a float64 target makes every statistic float64, also on the rank whose shard is empty
         out["float64_target"] = fp.draft_divergence_sharded(whole[0], whole[1].double(), weights=weights,
                                                             temperature=0.8)._asdict()
+        # bfloat16 rows whose largest logit is tied on both ranks, at the smallest temperature
+        tied = tied_maxima(draft.bfloat16(), target_logits.bfloat16(), [0, 1, shards[1][0]])
+        out["tied"] = fp.draft_divergence_sharded(tied[0][..., a:b], tied[1][..., a:b], weights=weights,
+                                                  temperature=1e-30)._asdict()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still finishes a collective
     finally:
@@ -851,6 +888,17 @@ def test_sharded_distributed_matches_unsharded(sharded_run):
             if ranks[0][key][field] is not None:
                 assert torch.equal(ranks[0][key][field], ranks[1][key][field]), field
     assert ranks[0]["empty"]["jsd"].shape == (0,)
+
+
+def test_sharded_distributed_with_tied_maxima_at_the_smallest_temperature(sharded_run):
+    """bfloat16 rows whose largest logit is tied on both ranks at T = 1e-30 (each tied p = 1/3):
+    the ranks' lses once travelled as float64 M / T + ln S, which loses ln S at |M / T| ~ 1e31,
+    and the statistics were up to ln 3 off."""
+    (draft, target_logits, weights), ranks = sharded_run
+    tied = tied_maxima(draft.bfloat16(), target_logits.bfloat16(), [0, 1, 200])
+    want = expected(*tied, weights, 1e-30)
+    for rank in ranks:
+        assert_matches(fp.DraftDivergence(**rank["tied"]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_distributed_refuses_calls_that_differ_between_ranks(sharded_run):
@@ -1170,7 +1218,7 @@ def test_opcheck(mode, dtypes):
     weights_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     args = (torch.randn(2, 4, 31, dtype=draft_dtype), torch.randn(4, 31, dtype=target_dtype),
             torch.tensor([0.4, 0.6], dtype=weights_dtype), 1.25)
-    kwargs = {"full": {}, "lse_only": {"lse_only": True}, "lse_in": {"lse_in": torch.randn(3, 4, dtype=torch.float64)}}
+    kwargs = {"full": {}, "lse_only": {"lse_only": True}, "lse_in": {"lse_in": torch.randn(2, 3, 4, dtype=torch.float64)}}
     torch.library.opcheck(_draft_divergence_op.op, args, kwargs[mode], test_utils=("test_schema", "test_faketensor"))
 
 
@@ -1215,7 +1263,7 @@ def test_triton_kernel_stays_inside_its_buffers(mode, prefetch, target_dtype, mo
     draft = torch.randn(3, 2, 600)[:, :, ::2]  # stride 2 along the vocabulary
     target = torch.randn(300, 2, dtype=target_dtype).t() if mode != "no target" else None  # columns, own dtype
     weights = torch.tensor([0.2, 0.5, 0.3])
-    lse_in = torch.randn(4, 2, dtype=torch.float64) if mode == "lse_in" else None
+    lse_in = torch.randn(2, 4, 2, dtype=torch.float64) if mode == "lse_in" else None
     with bounds_checked() as launches:
         stats, lse = _draft_divergence_op(draft, target, weights, 1.25, lse_in=lse_in, lse_only=mode == "lse_only")
     assert len(launches) == 1 and not stats.isnan().any() and not lse.isnan().any()

@@ -11,7 +11,9 @@ Vocabulary-sharded (tensor-parallel) form: every statistic is a sum over the voc
 per-element terms once each row's lse over the WHOLE vocabulary is known, so each rank runs
 pass 1 on its shard (lse_only), the ranks combine their lses with two all-reduces, each rank
 runs pass 2 on its shard with the global lse (lse_in) to get its shares of the sums, and
-one more all-reduce adds the shares.
+one more all-reduce adds the shares. The lses travel in two parts, (M, ln S) with lse =
+M / T + ln S and M the row's largest logit: a float64 lse holds ln S only to |M / T| 2^-53, and
+at T = 1e-30 two tied maxima lost their ln 2 in it (each then had p = 1).
 """
 
 from __future__ import annotations
@@ -68,19 +70,30 @@ class DraftDivergence(NamedTuple):
 # pass 1 only (lse_only: the lse, stats 0), or a shard's shares given the global lse (lse_in).
 
 
+def _lse_parts(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """[2, N]: each row's largest logit M and ln S, S = sum_v exp((x_v - M) / T); a row of -inf:
+    (-inf, -inf)."""
+    row_max = logits.amax(-1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return torch.stack([row_max, torch.logsumexp((logits - shift[:, None]) * inv_temperature, dim=-1)])
+
+
 @without_autocast
 def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     """The reference, written into the packed layout the kernels use (in float64 when either
     input is float64, else float32)."""
     temperature = 1.0 / inv_temperature
+    if lse_only:  # the two parts (M, ln S) of every row's lse
+        lse.zero_()
+        for r, logits in enumerate([*draft, *([] if target is None else [target])]):
+            lse[:, r] = _lse_parts(logits.double(), inv_temperature)
+        stats.zero_()
+        return
     if lse_in is not None:
-        lse.copy_(lse_in)
+        lse.copy_(lse_in[0] * inv_temperature + lse_in[1])
     else:
         lse[:-1] = torch.logsumexp(draft.double() * inv_temperature, dim=-1)
         lse[-1] = 0.0 if target is None else torch.logsumexp(target.double() * inv_temperature, dim=-1)
-    if lse_only:
-        stats.zero_()
-        return
     if lse_in is None:
         result = reference.draft_divergence(draft, target, weights=weights, temperature=temperature)
     else:
@@ -135,7 +148,7 @@ def _check_op_args(draft, target, weights, inv_temperature, lse_in, lse_only) ->
     check_op_tensors("draft_divergence", draft.device, (
         ("target", target, (num_tokens, vocab), None, False),  # (any strides)
         ("weights", weights, (num_drafts,), output_dtype(draft, target), True),
-        ("lse_in", lse_in, (num_drafts + 1, num_tokens), torch.float64, True),
+        ("lse_in", lse_in, (2, num_drafts + 1, num_tokens), torch.float64, True),
     ))
     check_op_inv_temperature("draft_divergence", inv_temperature)
 
@@ -153,13 +166,16 @@ def _draft_divergence_op(
     MIXTURE_ENTROPY, TARGET_ENTROPY, then H(q_k); float32, float64 when draft or target is
     float64) and lse [K + 1, N] (row K: target; float64, so that it keeps the precision of large
     logits). draft and target may differ in dtype: each is read in its own. For the sharded form:
-    lse_in (float64 [K + 1, N], contiguous) gives each row's lse over the whole vocabulary,
-    of which draft and target are one shard, and stats are then this shard's shares of every
-    sum (lse is written as lse_in); lse_only computes the lse only (stats are 0)."""
+    lse_in (float64 [2, K + 1, N], contiguous) gives each row's lse over the whole vocabulary,
+    of which draft and target are one shard, in two parts (M, ln S): lse = M / T + ln S, M the
+    row's largest logit; stats are then this shard's shares of every sum (lse [K + 1, N] is
+    formed from lse_in); lse_only computes the lse only, in those two parts (lse [2, K + 1, N];
+    stats are 0)."""
     _check_op_args(draft, target, weights, inv_temperature, lse_in, lse_only)
     num_drafts, num_tokens, _ = draft.shape
     stats = new_output((NUM_FIXED_ROWS + num_drafts, num_tokens), draft.device, output_dtype(draft, target))
-    lse = new_output((num_drafts + 1, num_tokens), draft.device, torch.float64)
+    lse = new_output((2, num_drafts + 1, num_tokens) if lse_only else (num_drafts + 1, num_tokens), draft.device,
+                     torch.float64)
     if num_tokens > 0:
         backend = resolve(draft.device, backend_dtype(draft, target), "draft_divergence")
         _PACKED[backend](draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse)
@@ -170,7 +186,8 @@ def _draft_divergence_op(
 def _(draft, target, weights, inv_temperature, lse_in=None, lse_only=False):
     num_drafts, num_tokens, _ = draft.shape
     stats = draft.new_empty((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft, target))
-    lse = draft.new_empty((num_drafts + 1, num_tokens), dtype=torch.float64)
+    lse = draft.new_empty((2, num_drafts + 1, num_tokens) if lse_only else (num_drafts + 1, num_tokens),
+                          dtype=torch.float64)
     return stats, lse
 
 
@@ -320,19 +337,21 @@ def draft_divergence(
     return _result(_check_lse(stats, lse, target is not None, mixture_weights), target is not None)
 
 
-def _global_lse(shard_lse: torch.Tensor, group) -> torch.Tensor:
-    """Each row's lse over the whole vocabulary from every rank's lse over its shard:
-    lse = M + log sum_r exp(lse_r - M), M = max_r lse_r (two all-reduces). A row that is
-    -inf on some ranks adds exp(-inf) = 0 there; one that is -inf on every rank is shifted
-    by 0, not M = -inf (-inf - -inf would be NaN), and stays -inf. NaN stays NaN."""
+def _global_lse(shard_parts: torch.Tensor, inv_temperature: float, group) -> torch.Tensor:
+    """Each row's lse over the whole vocabulary, in two parts [2, K + 1, N] (M, ln S), from every
+    rank's over its shard (M_r, ln S_r): M = max_r M_r, S = sum_r exp((M_r - M) / T + ln S_r)
+    (two all-reduces). A row that is -inf on some ranks adds exp(-inf) = 0 there; one that is
+    -inf on every rank is shifted by 0, not M = -inf (-inf - -inf would be NaN), and its ln S is
+    -inf. NaN stays NaN."""
     import torch.distributed as dist
 
-    top = shard_lse.clone()
+    shard_max, shard_log_sum = shard_parts
+    top = shard_max.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    total = torch.exp(shard_lse - shift)
+    total = torch.exp((shard_max - shift) * inv_temperature + shard_log_sum)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return shift + total.log()
+    return torch.stack([top, total.log()])
 
 
 def _check_ranks_agree(draft: torch.Tensor, target: Optional[torch.Tensor], weights: torch.Tensor,
@@ -423,16 +442,18 @@ def draft_divergence_sharded(
     has_target = target is not None
     _check_ranks_agree(draft, target, mixture_weights, inv_temperature, group)
     num_drafts, num_tokens, vocab = draft.shape
-    # 1. this shard's lse of every row (pass 1 only; an empty shard's sums are empty: lse -inf)
+    # 1. this shard's lse of every row in two parts (pass 1 only; an empty shard's: M = ln S = -inf)
     if vocab > 0:
-        _, shard_lse = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_only=True)
+        _, shard_parts = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_only=True)
     else:
-        shard_lse = torch.full((num_drafts + 1, num_tokens), float("-inf"), dtype=torch.float64, device=draft.device)
-    # 2. the whole vocabulary's lse, the same on every rank, so every rank raises together
-    lse = _global_lse(shard_lse, group)
+        shard_parts = torch.full((2, num_drafts + 1, num_tokens), float("-inf"), dtype=torch.float64,
+                                 device=draft.device)
+    # 2. the whole vocabulary's lse (its parts), the same on every rank, so every rank raises together
+    parts = _global_lse(shard_parts, inv_temperature, group)
+    lse = parts[0] * inv_temperature + parts[1]
     # 3. this shard's shares of every sum (pass 2 only; an empty shard's are 0), 4. added over the ranks
     if vocab > 0:
-        shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=lse)
+        shares, _ = _draft_divergence_op(draft, target, mixture_weights, inv_temperature, lse_in=parts)
     else:
         shares = torch.zeros((NUM_FIXED_ROWS + num_drafts, num_tokens), dtype=output_dtype(draft, target),
                              device=draft.device)
