@@ -1210,7 +1210,7 @@ FASTPROBE_ALWAYS_INLINE const float* block_rows(const void* base, int64_t first,
   for (int64_t c = 0; c < count; ++c) {
     const T* row = src + (order == nullptr ? c : order[c]) * ld;
     float* out = dst + c * Dp;
-    load_scaled(row, 1, D, 1.0f, out);
+    load_floats(row, 1, D, out);
     for (int64_t d = D; d < Dp; ++d) out[d] = 0.0f;
   }
   ld_out = Dp;

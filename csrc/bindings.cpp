@@ -35,7 +35,7 @@ void fp16_to_float_for_test(uintptr_t src, int64_t count, uintptr_t out, bool ha
   auto* floats = fastprobe::pointer<float>(out, count > 0, "out");
   if (hardware && !has_f16c()) throw std::runtime_error("fastprobe._C: this CPU or build has no F16C path");
 #ifdef FASTPROBE_F16C
-  if (hardware) return fastprobe::f16c_load(halves, count, 1.0f, floats);
+  if (hardware) return fastprobe::f16c_load(halves, count, floats);
 #endif
   for (int64_t i = 0; i < count; ++i) floats[i] = fastprobe::fp16_to_float(halves[i]);
 }

@@ -193,34 +193,31 @@ inline bool cpu_has_f16c() {
   return has;
 }
 
-// out[i] = float(src[i]) * scale for i < count (contiguous).
-__attribute__((target("avx,f16c"))) inline void f16c_load(const uint16_t* src, int64_t count,
-                                                          float scale, float* out) {
-  const __m256 factor = _mm256_set1_ps(scale);
+// out[i] = float(src[i]) for i < count (contiguous).
+__attribute__((target("avx,f16c"))) inline void f16c_load(const uint16_t* src, int64_t count, float* out) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtph_ps(halves), factor));
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(halves));
   }
-  for (; i < count; ++i) out[i] = fp16_to_float(src[i]) * scale;
+  for (; i < count; ++i) out[i] = fp16_to_float(src[i]);
 }
 #endif
 
-// out[i] = float(row[i * stride]) * scale for i < count. The only read of the input;
+// out[i] = float(row[i * stride]) for i < count. The only read of the input;
 // callers pass counts that stay inside the row.
 template <typename T>
-inline void load_scaled(const T* row, int64_t stride, int64_t count, float scale, float* out) {
+inline void load_floats(const T* row, int64_t stride, int64_t count, float* out) {
 #ifdef FASTPROBE_F16C
   if constexpr (std::is_same_v<T, fp16>) {
-    if (stride == 1 && cpu_has_f16c())
-      return f16c_load(reinterpret_cast<const uint16_t*>(row), count, scale, out);
+    if (stride == 1 && cpu_has_f16c()) return f16c_load(reinterpret_cast<const uint16_t*>(row), count, out);
   }
 #endif
   if (stride == 1) {
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i]) * scale;
+    for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i]);
   } else {
-    for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i * stride]) * scale;
+    for (int64_t i = 0; i < count; ++i) out[i] = to_float<T>(row[i * stride]);
   }
 }
 
@@ -296,17 +293,17 @@ using LoadFn = void (*)(const void* base, int64_t first, int64_t stride, int64_t
 
 FASTPROBE_SIMD_CLONES static void load_float32(const void* base, int64_t first, int64_t stride,
                                                int64_t count, float* out) {
-  load_scaled(static_cast<const float*>(base) + first, stride, count, 1.0f, out);
+  load_floats(static_cast<const float*>(base) + first, stride, count, out);
 }
 
 FASTPROBE_SIMD_CLONES static void load_bfloat16(const void* base, int64_t first, int64_t stride,
                                                 int64_t count, float* out) {
-  load_scaled(static_cast<const bf16*>(base) + first, stride, count, 1.0f, out);
+  load_floats(static_cast<const bf16*>(base) + first, stride, count, out);
 }
 
 FASTPROBE_SIMD_CLONES static void load_float16(const void* base, int64_t first, int64_t stride,
                                                int64_t count, float* out) {
-  load_scaled(static_cast<const fp16*>(base) + first, stride, count, 1.0f, out);
+  load_floats(static_cast<const fp16*>(base) + first, stride, count, out);
 }
 
 static inline LoadFn loader_for(DType dtype) {

@@ -118,7 +118,7 @@ def test_bf16_pair_scores_switch():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_op_rows_read_every_finite_value_exactly(dtype, layout):
-    """What the kernels' multi-versioned loaders (csrc/common.h, load_scaled) make of every finite
+    """What the kernels' multi-versioned loaders (csrc/common.h, load_floats) make of every finite
     float16 and bfloat16 value, seen through an op: a one-token vocabulary's lse is its logit
     itself (exp(0) = 1, log 1 = 0), in float64. Contiguous float16 rows take F16C where the CPU has
     it; a vocabulary stride other than 1 takes the portable conversion inside the clone."""
