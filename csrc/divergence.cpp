@@ -11,7 +11,7 @@
 //   their relative precision (the plain a (log a - log b) terms cancel to first order). That
 //   is KL(a || b) for normalised a and b: the weights sum to 1 (the op rescales them).
 //   A run of kLseRun columns with one of the mixture's whose float32 log p_v is below
-//   wide_log_prob (-inf included: log p_v below -float max at T <= 1 for logits 3e38 and -3e38,
+//   exact_kl_threshold (-inf included: log p_v below -float max at T <= 1 for logits 3e38 and -3e38,
 //   where m_v (log m_v - log p_v) can still be finite) has its KL summed again in double
 //   (exact_target_kl): a rare path that no row with logits within +-2^100 takes at T >= 1 unless
 //   p masks a column the drafts have (below 1, rows with logits ~2^102 T apart: a tiny T).
@@ -119,8 +119,8 @@ struct TargetSums {
   float p_log_p;  // sum_v p_v log p_v
 };
 
-// The log p_v below which target_block leaves a column of the mixture's to exact_target_kl:
-// -(2^102 min(scale, 1) + 2^64). There log p_v may be -inf though the exact value is finite
+// The threshold on log p_v below which target_block leaves a column of the mixture's to
+// exact_target_kl, which sums its run's KL again in double: -(2^102 min(scale, 1) + 2^64). There log p_v may be -inf though the exact value is finite
 // (below -float max: logits more than float max / scale apart), and m_v may have underflowed to 0
 // (fast_exp flushes below e^-87) though m_v |log p_v| is not negligible; above it such a term is
 // under e^-87 (2^102 + 2^64) ~ 8e-8. (Not capped at scale 1, the bound grew with 1 / T: at
@@ -129,27 +129,27 @@ struct TargetSums {
 // (>= -(2^101 scale + ln V)), so such rows reach exact_target_kl only for a -inf log p_v, which
 // was +inf before; at T < 1 so do rows whose logits are more than ~2^102 T apart (rare: T = 0.5,
 // 2.5e30 apart; a tiny T makes them common).
-inline float wide_log_prob(const LogSoftmax& row) {
+inline float exact_kl_threshold(const LogSoftmax& row) {
   return -(0x1p102f * std::min(row.scale, 1.0f) + 0x1p64f);
 }
 
 // Target row against the mixture: p_v = exp(log p_v). A column the mixture has (in_m_v) with
-// log p_v below wide_log_prob (-inf included: a column the target masks) adds +inf: the caller
-// then sums the whole run's KL again by exact_target_kl.
+// log p_v below exact_kl_threshold (-inf included: a column the target masks) adds +inf: the
+// caller then sums the whole run's KL again by exact_target_kl.
 FASTPROBE_SIMD_CLONES static TargetSums target_block(const float* x, LogSoftmax row,
                                                      const float* m, const float* log_m,
                                                      const float* in_m, int64_t count) {
   float kl = 0.0f, p_log_p = 0.0f;
-  const float wide = wide_log_prob(row);
+  const float exact_below = exact_kl_threshold(row);
 #pragma omp simd reduction(+ : kl, p_log_p)
   for (int64_t v = 0; v < count; ++v) {
     const float log_p = log_prob(row, x[v]);                   // log p_v (-inf where masked)
     const float pv = fast_exp(log_p);                          // p_v
     p_log_p += pv > 0.0f ? pv * log_p : 0.0f;                  // 0 log 0 = 0
-    const bool wide_column = in_m[v] > 0.0f && log_p < wide;   // (exact_target_kl's)
+    const bool exact_column = in_m[v] > 0.0f && log_p < exact_below;  // (exact_target_kl's)
     // m_v = 0: the term is p_v (log m_v is not formed there)
     const float term = m[v] > 0.0f ? kl_term(m[v], pv, log_m[v] - log_p) : pv;
-    kl += wide_column ? kInf : term;
+    kl += exact_column ? kInf : term;
   }
   return {kl, p_log_p};
 }
@@ -266,7 +266,7 @@ static void range_sums(const Problem& p, int64_t n, int64_t range, const LogSoft
                       jsd_block(ws.rows[k] + first, log_softmax[k], ws.q_row(k) + first, m, log_m, run);
       if (p.has_target()) {
         const TargetSums t = target_block(ws.rows[p.K] + first, log_softmax[p.K], m, log_m, in_m, run);
-        // a column below wide_log_prob, or float32 overflow: summed again exactly
+        // a column below exact_kl_threshold, or float32 overflow: summed again exactly
         sums[kKlMt] += t.kl == kInf ? exact_target_kl(ws.rows.data(), first, log_softmax, p.weights, p.K, in_m, run)
                                     : double(t.kl);
         sums[kPLogP] += t.p_log_p;
