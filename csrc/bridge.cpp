@@ -415,18 +415,20 @@ static void row_bridge(const Problem& p, int64_t n, BridgeRow& r, Workspace& ws)
   r.bridge = anchored_at(p, n, largest_finite(ws.c.data(), count).at, ws);
 }
 
-// The first position in row n of `largest`'s value, found in its block (largest.at): among the
-// student logits, or the bridge's.
-static int64_t located(const Problem& p, int64_t n, Bridge bridge, BlockMax largest, bool student, Workspace& ws) {
+// A row's logits: the student's z_S or the bridge's c.
+enum class Logits { Student, Bridge };
+
+// The first position in row n of `largest`'s value among `among`, found in its block (largest.at).
+static int64_t located(const Problem& p, int64_t n, Bridge bridge, BlockMax largest, Logits among, Workspace& ws) {
   const int64_t count = block_size(p.V, largest.at);
   const float* s = load_block(p, n, largest.at, count, bridge, ws);
-  return largest.at + first_index(student ? s : ws.c.data(), count, largest.value);
+  return largest.at + first_index(among == Logits::Student ? s : ws.c.data(), count, largest.value);
 }
 
 // Reverse: the row's centre a (see Precision), its largest student logit, and the bridge anchored at
 // a for d_v in passes 2 and 3. No finite student logit: no P, the loss is NaN.
 static void centre_row(const Problem& p, int64_t n, BridgeRow& r, Workspace& ws) {
-  const int64_t a = r.s_max.at >= 0 ? located(p, n, r.bridge, r.s_max, true, ws) : -1;
+  const int64_t a = r.s_max.at >= 0 ? located(p, n, r.bridge, r.s_max, Logits::Student, ws) : -1;
   r.centre_s = a < 0 ? 0.0f : token_at(p, n, a, ws).s;
   r.centred = a < 0 ? r.bridge : anchored_at(p, n, a, ws);  // c'_v = (z_T,v - z_T,a) + beta (z_S,v - z_S,a)
 }
@@ -439,18 +441,23 @@ static void fold_block(LseState& lse, BlockMax& largest, const float* x, int64_t
   if (lse.max > before && lse.max < kInf) largest = {lse.max, v0};  // (in this block)
 }
 
-// Pass 1 over a range: fresh online log-sum-exps of the bridge and, with `student`, of s (a rerun
-// at a new anchor keeps the range's s, which does not depend on the anchor), with their largest
-// values (folded in locals: the slots of other threads' rows may share part's cache line).
-static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, bool student, Workspace& ws,
+// Which run of pass 1 over a row: the first (s and the bridge c), or the rerun at a new anchor (c
+// only: s does not depend on the anchor).
+enum class Pass1 { First, Reanchored };
+
+// Pass 1 over a range: fresh online log-sum-exps of the bridge and (Pass1::First) of s, or (a
+// rerun) the range's s kept, with their largest values (folded in locals: the slots of other
+// threads' rows may share part's cache line).
+static void range_lse(const Problem& p, int64_t n, int64_t range, Bridge bridge, Pass1 run, Workspace& ws,
                       RangeLse* part) {
+  const bool first = run == Pass1::First;  // s folded too
   const BlockMax none{kNegInf, -1};
-  RangeLse found{student ? LseState{} : part->s, LseState{}, student ? none : part->s_max, none,
-                 student ? 0.0f : part->magnitude};
+  RangeLse found{first ? LseState{} : part->s, LseState{}, first ? none : part->s_max, none,
+                 first ? 0.0f : part->magnitude};
   for_blocks(p.V, range, [&](int64_t v0, int64_t count) {
     const float* s = p.student_block(n, v0, count, ws.s.data());
     const float* t = p.teacher_block(n, v0, count, ws.c.data());
-    if (student) {
+    if (first) {
       found.magnitude = std::max(found.magnitude, bridge_block_magnitude(s, t, bridge, count, ws.c.data()));
       fold_block(found.s, found.s_max, s, v0, count, p.inv_temperature);
     } else {
@@ -517,8 +524,8 @@ static void run(const Problem& p, int threads) {
   std::vector<BridgeRow> rows(size_t(slots), BridgeRow{});
   std::vector<RangeLse> lse_parts(size_t(slots * ranges));
   std::vector<Pass2Sums> loss_parts(size_t(slots * ranges));
-  const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, bool student, Workspace& ws) {
-    range_lse(p, n, range, rows[slot].bridge, student, ws, &lse_parts[slot * ranges + range]);
+  const auto pass1 = [&](int64_t n, int64_t range, int64_t slot, Pass1 run, Workspace& ws) {
+    range_lse(p, n, range, rows[slot].bridge, run, ws, &lse_parts[slot * ranges + range]);
   };
   const auto set_softmax = [&](int64_t slot, const RangeLse& row) {
     rows[slot].log_p = LogSoftmax::from_state(row.s, p.inv_temperature);
@@ -531,7 +538,7 @@ static void run(const Problem& p, int threads) {
         if (!p.ignored(n)) row_bridge(p, n, rows[slot], ws);
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n)) pass1(n, range, slot, true, ws);
+        if (!p.ignored(n)) pass1(n, range, slot, Pass1::First, ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (p.ignored(n)) return;
@@ -543,13 +550,13 @@ static void run(const Problem& p, int threads) {
         if (rows[slot].wide) {
           wide_row(p, n, ws);  // (the rare path: the row is done)
         } else if (rows[slot].reanchored) {
-          rows[slot].bridge = anchored_at(p, n, located(p, n, rows[slot].bridge, row.c_max, false, ws), ws);
+          rows[slot].bridge = anchored_at(p, n, located(p, n, rows[slot].bridge, row.c_max, Logits::Bridge, ws), ws);
         } else {
           set_softmax(slot, row);
         }
       }),
       each_part(ranges, [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
-        if (!p.ignored(n) && rows[slot].reanchored) pass1(n, range, slot, false, ws);
+        if (!p.ignored(n) && rows[slot].reanchored) pass1(n, range, slot, Pass1::Reanchored, ws);
       }),
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (p.ignored(n) || rows[slot].wide) return;
