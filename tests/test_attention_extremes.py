@@ -287,6 +287,26 @@ def test_values_near_float_max_over_blocks_and_splits(target, mode, monkeypatch,
     assert_matches(result._replace(out=want["out"].float()), want, torch.float32, False, True)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_values_near_float_max_in_a_window_of_a_long_cache(target, causal, num_queries, request):
+    """Values near float max, queries at the end of a 700-key cache with a window of 50 (no sink
+    key): only the window's key blocks are attended, and the C++ rescue copies only those (from
+    the window's first block on, not from key 0), reading key j of its copy at j - first."""
+    backend, device = target
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_VALUES_LIMIT))
+    num_keys = 700
+    q = 1e-3 * torch.randn(1, HEADS, num_queries, DIM)
+    k = torch.randn(1, KV_HEADS, num_keys, DIM)
+    v = values_near_float_max("huge", (1, KV_HEADS, num_keys, DIM))
+    options = dict(causal=causal, window=50)
+    want = expected(q, k, v, **options)
+    result = fp.sink_attention(q.to(device), k.to(device), v.to(device), return_entropy=True, **options)
+    assert_out_matches_per_column(result.out, want["out"], v[:, :, num_keys - 100:], torch.float32)
+    assert_matches(result._replace(out=want["out"].float()), want, torch.float32, False, True)
+
+
 @pytest.mark.parametrize("kind", ["inf", "nan"])
 def test_infinite_values_stay_as_the_reference(target, num_queries, kind):
     """A value that is really inf (or NaN) next to values near float max gives what the float64
