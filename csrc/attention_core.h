@@ -1536,21 +1536,21 @@ FASTPROBE_ALWAYS_INLINE bool rescue_item(const Op& op, const Plan& plan, int64_t
     scaled |= shift[d] > 0;
   }
   if (!scaled) return false;
-  // the scaled copy, [keys][Dv], of keys [first, end): from the first of the item's blocks (those
-  // holding [min_lo, max_hi]) that attend_item does not skip to the end of its last (it reads whole
-  // blocks); a window's item copies its window, not the keys before it. The op reads key j at
-  // copy + (j - first) Dv.
+  // the scaled copy, [keys][Dv], of keys [0, end), written from `first`: the first of the item's
+  // blocks (those holding [min_lo, max_hi]) that attend_item does not skip, to the end of its last
+  // (it reads whole blocks). Keys before `first` are never read and stay unwritten (new T[], not a
+  // vector's zeros): a long cache's pages before a window are then never touched, so take no memory.
   const int64_t end = std::min(p.Lk, (it.max_hi / kKeyBlock + 1) * kKeyBlock);
   int64_t first = it.min_lo / kKeyBlock * kKeyBlock;
   while (first + kKeyBlock < end &&
          classify_block(p, it, first, kKeyBlock, nullptr) == BlockKind::Skip)  // (padding aside)
     first += kKeyBlock;
-  std::vector<T> copy(size_t((end - first) * p.Dv));
+  std::unique_ptr<T[]> copy(new T[size_t(end * p.Dv)]);
   for (int64_t j = first; j < end; ++j)
     for (int64_t d = 0; d < p.Dv; ++d)
-      copy[(j - first) * p.Dv + d] = from_float<T>(std::ldexp(to_float<T>(values[j * p.v_s2 + d]), -shift[d]));
+      copy[j * p.Dv + d] = from_float<T>(std::ldexp(to_float<T>(values[j * p.v_s2 + d]), -shift[d]));
   Op rescaled = op;
-  rescaled.p.v = copy.data() - first * p.Dv;  // (an address before the copy that is only read from key first on)
+  rescaled.p.v = copy.get();
   rescaled.p.v_s0 = rescaled.p.v_s1 = 0;
   rescaled.p.v_s2 = p.Dv;
   // the key ranges of the first pass, merged as merge_item does
