@@ -120,7 +120,8 @@ struct TargetSums {
 };
 
 // The threshold on log p_v below which target_block leaves a column of the mixture's to
-// exact_target_kl, which sums its run's KL again in double: -(2^102 min(scale, 1) + 2^64). There log p_v may be -inf though the exact value is finite
+// exact_target_kl, which sums its run's KL again in double: -(2^102 min(scale, 1) + 2^64).
+// There log p_v may be -inf though the exact value is finite
 // (below -float max: logits more than float max / scale apart), and m_v may have underflowed to 0
 // (fast_exp flushes below e^-87) though m_v |log p_v| is not negligible; above it such a term is
 // under e^-87 (2^102 + 2^64) ~ 8e-8. (Not capped at scale 1, the bound grew with 1 / T: at
@@ -411,9 +412,9 @@ void bind_divergence(py::module_& m) {
         "draft's). Pointers are data_ptr() values, strides are in elements; writes stats [5 + K, N]\n"
         "(float32) and lse [K + 1, N] (float64), both contiguous. lse_in_ptr (0: compute it)\n"
         "gives each row's float64 lse over the whole vocabulary, of which the input is one\n"
-        "shard, in two parts [2, K + 1, N] (max / T, log sum): stats are then this shard's\n"
-        "shares of every sum. lse_only: pass 1 only, stats are 0 and lse is [2, K + 1, N],\n"
-        "the two parts.",
+        "shard, in two parts [2, K + 1, N] (max, log sum: lse = max / T + log sum): stats are\n"
+        "then this shard's shares of every sum. lse_only: pass 1 only, stats are 0 and lse is\n"
+        "[2, K + 1, N], the two parts.",
         py::arg("draft_dtype"), py::arg("target_dtype"), py::arg("draft_ptr"), py::arg("K"), py::arg("N"),
         py::arg("V"),
         py::arg("stride_dk"), py::arg("stride_dn"), py::arg("stride_dv"), py::arg("target_ptr"),
