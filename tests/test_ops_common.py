@@ -626,12 +626,14 @@ def test_a_dtensor_argument_is_refused_by_name(one_rank_group):
     """A DTensor (torch.distributed's sharded or replicated tensor) passed to an op: a TypeError
     naming the argument and the way out, before any kernel runs (torch's dispatcher said "got
     mixed torch.Tensor and DTensor" or "does not have a sharding strategy registered", naming
-    neither); the op's result from the local tensors is unchanged."""
+    neither: now the refusal's cause); the op's result from the local tensors is unchanged."""
     tensor_module = pytest.importorskip("torch.distributed.tensor")
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
     for name, call in _dtensor_calls(lambda t: tensor_module.distribute_tensor(t, mesh, [tensor_module.Replicate()])):
         with pytest.raises(TypeError, match=rf"(^|: ){name} is a DTensor \(placements \(Replicate\(\),\)\); .*"
-                                            r"\.full_tensor\(\)"):
+                                            r"\.full_tensor\(\)") as refused:
             call()
+        # (torch's dispatcher error, where there was one, is the refusal's cause, not an error in handling it)
+        assert refused.value.__context__ is None or refused.value.__cause__ is refused.value.__context__, name
     for name, call in _dtensor_calls(lambda t: t):  # (the same calls on local tensors run)
         call()

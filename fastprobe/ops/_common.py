@@ -429,12 +429,16 @@ class CustomOp:
         refuse_forward_mode(self.public_name, itertools.chain(args, kwargs.values()))
         try:
             return self.op(*args, **kwargs)
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as dispatch_error:
             # torch's DTensor dispatch refuses the op before it runs ("got mixed torch.Tensor and DTensor",
             # "does not have a sharding strategy registered"), naming no argument: a DTensor that the public
-            # checks (check_tensor) do not see, such as labels or weights, is named here, at no cost to a call
-            for name, value in itertools.chain(zip(self.argument_names, args), kwargs.items()):
-                refuse_dtensor(value, name, self.public_name)
+            # checks (check_tensor) do not see, such as labels or weights, is named here (torch's error as its
+            # cause, not as an error in handling it), at no cost to a call
+            try:
+                for name, value in itertools.chain(zip(self.argument_names, args), kwargs.items()):
+                    refuse_dtensor(value, name, self.public_name)
+            except TypeError as refusal:
+                raise refusal from dispatch_error
             raise
 
     def register_fake(self, fake: Callable) -> Callable:
