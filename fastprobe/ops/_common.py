@@ -172,6 +172,15 @@ def check_same_device(reference: torch.Tensor, reference_name: str, other: torch
         raise ValueError(f"{name} is on {other.device} but {reference_name} is on {reference.device}; move them to one device")
 
 
+def lse_parts(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """[2, ...]: each row's (last dimension's) largest logit M and ln S, S = sum_v exp((x_v - M) / T),
+    so lse = M / T + ln S with ln S kept apart (a float64 lse holds it only to |M / T| 2^-53); a row
+    of -inf: (-inf, -inf). The reference backends' form of the parts the kernels keep."""
+    row_max = logits.amax(-1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return torch.stack([row_max, torch.logsumexp((logits - shift[..., None]) * inv_temperature, dim=-1)])
+
+
 LOCAL_TENSOR_HINT = "pass .full_tensor() (the whole tensor) or .to_local() (this rank's part)"
 
 

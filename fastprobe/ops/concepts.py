@@ -45,6 +45,7 @@ from ._common import (
     check_tensor,
     cpp,
     custom_op,
+    lse_parts,
     nan_where_not_finite,
     new_output,
     no_second_derivative,
@@ -459,11 +460,7 @@ def _reference_forward(logits, index: _Index, inv_temperature, out: ConceptMass,
     result = reference.concept_mass(logits, index.token_ids, index.offsets, temperature=1.0 / inv_temperature)
     for field, tensor in zip(ConceptMass._fields, out):
         tensor.copy_(result[field])
-    # row_state: M = max_v z_v and ln S = log sum_v exp((z_v - M) / T) (a row of -inf: shifted by 0)
-    x = logits.double()
-    row_max = x.amax(-1)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    row_state.copy_(torch.stack([row_max, torch.logsumexp((x - shift[:, None]) * inv_temperature, dim=-1)]))
+    row_state.copy_(lse_parts(logits.double(), inv_temperature))  # M and ln S
 
 
 def _cpp_forward(logits, index: _Index, inv_temperature, out: ConceptMass, row_state) -> None:

@@ -37,6 +37,7 @@ from ._common import (
     check_tensor,
     cpp,
     custom_op,
+    lse_parts,
     nan_where_not_finite,
     new_output,
     on_device,
@@ -70,14 +71,6 @@ class DraftDivergence(NamedTuple):
 # pass 1 only (lse_only: the lse, stats 0), or a shard's shares given the global lse (lse_in).
 
 
-def _lse_parts(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """[2, N]: each row's largest logit M and ln S, S = sum_v exp((x_v - M) / T); a row of -inf:
-    (-inf, -inf)."""
-    row_max = logits.amax(-1)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    return torch.stack([row_max, torch.logsumexp((logits - shift[:, None]) * inv_temperature, dim=-1)])
-
-
 @without_autocast
 def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only, stats, lse) -> None:
     """The reference, written into the packed layout the kernels use (in float64 when either
@@ -86,7 +79,7 @@ def _reference_packed(draft, target, weights, inv_temperature, lse_in, lse_only,
     if lse_only:  # the two parts (M, ln S) of every row's lse
         lse.zero_()
         for r, logits in enumerate([*draft, *([] if target is None else [target])]):
-            lse[:, r] = _lse_parts(logits.double(), inv_temperature)
+            lse[:, r] = lse_parts(logits.double(), inv_temperature)
         stats.zero_()
         return
     if lse_in is not None:
