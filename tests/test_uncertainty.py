@@ -915,3 +915,21 @@ def test_positions_past_the_config_name_the_target_or_the_draft(tokenizer):
                                          rf"{length + 5} positions a draft \(LlamaForCausalLM\)'s config gives"):
         uncertainty.generate_with_uncertainty(roomy_target, [short_draft], tokenizer, [prompt], max_new_tokens=6,
                                               progress=False)
+
+
+def test_learned_positions_count_each_models_own_following_tokens(tokenizer):
+    """generate_with_uncertainty with learned positions (GPT-2): the target is fed back all but its
+    last generated token, a draft reads every one, so with the default max_length a target that
+    has fewer positions than its draft runs (it was refused, its limit checked against the
+    draft's count), and a draft with too few is named, with the max_length that fits it."""
+    prompt = " ".join(["The river ran past the old mill and on to the sea"] * 4)
+    target = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=24)
+    draft = tiny_model("gpt2", vocab_size=len(tokenizer), seed=1, n_positions=64)
+    generated, _ = uncertainty.generate_with_uncertainty(target, [draft], tokenizer, [prompt], max_new_tokens=4,
+                                                         max_length=None, progress=False)
+    assert len(generated) == 1
+    short_draft = tiny_model("gpt2", vocab_size=len(tokenizer), seed=1, n_positions=24)
+    with pytest.raises(ValueError, match=r"plus 4 tokens that follow them, but a draft \(GPT2LMHeadModel\) has "
+                                         r"learned positions for 24 tokens only; pass max_length <= 20 "):
+        uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, [prompt], max_new_tokens=4,
+                                              max_length=21, progress=False)

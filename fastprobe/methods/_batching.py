@@ -447,15 +447,16 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
     check_bool(progress, "progress")  # (progress="no" is truthy)
     device = execution_device(model)
     positions = position_ids and takes_position_ids(model) and not multimodal_positions(model)
-    most_new = max(new_tokens, generated, read_tokens)
-    # the fewest learned positions among the model and the readers, and whose they are
-    limit, limited = min(((found, reader) for reader in (model, *readers)
-                          if (found := learned_positions(reader)) is not None), key=lambda pair: pair[0],
-                         default=(None, None))
-    # (reader, the positions its config gives (rotary: a longer batch runs, out of their training), the
-    # tokens that follow a text into it)
-    trainees = [(reader, found, max(new_tokens, generated) if reader is model else read_tokens)
-                for reader in (model, *readers) if (found := trained_positions(reader)) is not None]
+    # (reader, its positions, the tokens that follow a text into it), the least room (positions less
+    # those tokens) first: learned positions (a longer batch is refused) and those its config gives
+    # (rotary: a longer batch runs, out of their training)
+    followed = [(model, max(new_tokens, generated)), *((reader, read_tokens) for reader in readers)]
+
+    def least_room_first(positions_of):
+        entries = [(reader, found, after) for reader, after in followed if (found := positions_of(reader)) is not None]
+        return sorted(entries, key=lambda entry: entry[1] - entry[2])
+
+    learners, trainees = least_room_first(learned_positions), least_room_first(trained_positions)
     starts = range(0, len(texts), batch_size)
     side = "left" if prompts else None
     appended = appended_tokens(tokenizer) if prompts else 0
@@ -471,11 +472,13 @@ def text_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_le
         check_embedded(encoded["input_ids"], encoded["attention_mask"], (model, *readers), tokenizer,
                        texts[start:start + batch_size], start, what)
         length = encoded["input_ids"].shape[1]
-        if limit is not None and length + most_new > limit:
-            plus = f" plus {most_new} tokens that follow them" if most_new else ""
+        over = next((entry for entry in learners if length + entry[2] > entry[1]), None)
+        if over is not None:
+            limited, limit, after = over
+            plus = f" plus {after} tokens that follow them" if after else ""
             whose = type(limited).__name__ if limited is model else f"a draft ({type(limited).__name__})"
-            fix = (f"pass max_length <= {limit - most_new} (texts are truncated to it; --max-length in the "
-                   "fastprobe command)" if limit > most_new else "generate fewer new tokens")
+            fix = (f"pass max_length <= {limit - after} (texts are truncated to it; --max-length in the "
+                   "fastprobe command)" if limit > after else "generate fewer new tokens")
             raise ValueError(f"{what}: texts of {length} tokens{plus}, but {whose} has learned positions for "
                              f"{limit} tokens only; {fix}")
         past = next((entry for entry in trainees if length + entry[2] > entry[1]), None)
