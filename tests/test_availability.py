@@ -750,12 +750,13 @@ def test_positions_past_the_config_are_said_on_every_call(tokenizer):
     for _ in range(2):
         with pytest.warns(UserWarning, match=rf"texts of {length} tokens plus 2 tokens that follow them run past "
                                              rf"the {length - 4} positions LlamaForCausalLM's config gives"):
-            availability.greedy_answers(model, tokenizer, [prompt], max_new_tokens=3, progress=False)
+            availability.greedy_answers(model, tokenizer, [prompt], max_new_tokens=3, max_length=512, progress=False)
     answer = "Zanzibarquixotic"  # a variant of several tokens
     assert len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) >= 4
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=3, max_position_embeddings=length + 2)
     with transformers_warnings() as messages, \
             pytest.warns(UserWarning, match=rf"texts of {length} tokens plus \d+ tokens that follow them run past "
                                             rf"the {length + 2} positions"):
-        availability.answer_availability(model, tokenizer, [prompt], [answer], max_new_tokens=2, progress=False)
+        availability.answer_availability(model, tokenizer, [prompt], [answer], max_new_tokens=2, max_length=512,
+                                         progress=False)
     assert not [message for message in messages if "friendly reminder" in message]

@@ -210,3 +210,28 @@ def test_a_tokenizer_without_pad_or_eos_token_is_refused_and_left_as_it_was():
     with pytest.raises(ValueError, match="the tokenizer has neither a pad token nor an eos token to pad batches with"):
         next(batches)
     assert tokenizer.pad_token is None and tokenizer.eos_token is None
+
+
+def test_methods_read_texts_to_the_checkpoints_context_by_default():
+    """Every method that reads texts defaults max_length to None, the checkpoint's context (as the
+    fastprobe command does), not 512: a model of 1024 positions reads a text of more than 512
+    tokens whole."""
+    import inspect
+
+    from fastprobe.methods import availability, nullspace, probes, sinks, uncertainty
+    from fastprobe.models import DEMO_TEXTS
+
+    readers = [availability.greedy_answers, availability.answer_availability, nullspace.shift_vectors,
+               probes.collect_hidden_states, sinks.score_heads, sinks.perplexity, uncertainty.token_uncertainty,
+               uncertainty.generate_with_uncertainty]
+    for function in readers:
+        assert inspect.signature(function).parameters["max_length"].default is None, function.__name__
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=1, max_position_embeddings=1024)
+    text = " ".join(DEMO_TEXTS * 2)
+    length = len(tokenizer(text)["input_ids"])
+    assert 512 < length <= 1024
+    table = uncertainty.token_uncertainty(model, [model], tokenizer, [text], progress=False)
+    assert len(table) == length - 1  # every token after the first scored
+    whole = sinks.perplexity(model, tokenizer, [text], max_length=length, progress=False)
+    assert sinks.perplexity(model, tokenizer, [text], progress=False) == whole

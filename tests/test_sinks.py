@@ -466,7 +466,8 @@ def test_texts_past_a_rotary_models_configured_positions_warn_and_score_as_eager
     """A rotary model has no position table to run out of: texts longer than its config's
     max_position_embeddings ran silently (sliding window or not), on positions it was never
     trained for. They still run, scored as the eager model scores them, with a warning that names
-    max_length; within the context there is none."""
+    max_length, when max_length lets them (by default it is the context); within the context
+    there is none."""
     import warnings
 
     context = 12
@@ -479,16 +480,17 @@ def test_texts_past_a_rotary_models_configured_positions_warn_and_score_as_eager
     assert ids.shape[1] > 3 * context
     with pytest.warns(UserWarning, match=rf"texts of {ids.shape[1]} tokens run past the {context} positions "
                                          rf"{type(model).__name__}'s config gives .* pass max_length <= {context} "):
-        table = sinks.score_heads(model, tokenizer, [text], progress=False)
+        table = sinks.score_heads(model, tokenizer, [text], max_length=512, progress=False)
     with torch.no_grad():
         weights = torch.stack(reference(ids, output_attentions=True).attentions)  # [layers, 1, H, L, L]
     expected = weights[:, 0, :, :, 0].double().mean(-1).flatten()
     assert torch.allclose(torch.tensor(table["sink_score"].values, dtype=torch.float64), expected, atol=1e-5)
     with pytest.warns(UserWarning, match=rf"perplexity: texts of {ids.shape[1]} tokens run past"):
-        sinks.perplexity(model, tokenizer, [text, text], batch_size=1, progress=False)
+        sinks.perplexity(model, tokenizer, [text, text], batch_size=1, max_length=512, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         sinks.score_heads(model, tokenizer, [text], max_length=context, progress=False)
+        sinks.perplexity(model, tokenizer, [text], progress=False)
 
 
 def test_a_tokenizer_with_tokens_the_model_lacks_is_named_before_the_model_runs(tokenizer):

@@ -853,7 +853,8 @@ def test_continuation_mask_keeps_tokens_up_to_the_first_eos(rows, eos):
 
 def test_texts_longer_than_a_drafts_learned_positions_are_refused(tokenizer):
     """A GPT-2 draft has a table of n_positions learned positions (rotary models have no such
-    limit): a longer batch is refused naming max_length, before any index runs past the table."""
+    limit): a longer batch is refused naming max_length, before any index runs past the table;
+    the default max_length fits it."""
     from fastprobe.methods._batching import learned_positions
 
     target, short_draft = sharp_model(tokenizer), tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=12)
@@ -862,12 +863,12 @@ def test_texts_longer_than_a_drafts_learned_positions_are_refused(tokenizer):
     long_text = DEMO_TEXTS[0] + " " + DEMO_TEXTS[1]
     with pytest.raises(ValueError, match=r"but a draft \(GPT2LMHeadModel\) has learned positions for 12 tokens only; "
                                          "pass max_length <= 12"):
-        uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], progress=False)
-    table = uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], max_length=12, progress=False)
+        uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], max_length=512, progress=False)
+    table = uncertainty.token_uncertainty(target, [short_draft], tokenizer, [long_text], progress=False)
     assert len(table) == 11
     with pytest.raises(ValueError, match="plus 8 tokens that follow them, but .* for 12 tokens only; pass max_length <= 4"):
         uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=8,
-                                              progress=False)
+                                              max_length=512, progress=False)
     with pytest.raises(ValueError, match="generate fewer new tokens"):
         uncertainty.generate_with_uncertainty(target, [short_draft], tokenizer, ["Short."], max_new_tokens=12,
                                               progress=False)
@@ -908,13 +909,13 @@ def test_positions_past_the_config_name_the_target_or_the_draft(tokenizer):
         with pytest.warns(UserWarning, match=rf"texts of {length} tokens plus 5 tokens that follow them run past "
                                              rf"the {length + 2} positions LlamaForCausalLM's config gives"):
             uncertainty.generate_with_uncertainty(target, [draft], tokenizer, [prompt], max_new_tokens=6,
-                                                  progress=False)
+                                                  max_length=512, progress=False)
     roomy_target = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=length + 8)
     short_draft = tiny_model("llama", vocab_size=len(tokenizer), seed=1, max_position_embeddings=length + 5)
     with pytest.warns(UserWarning, match=rf"texts of {length} tokens plus 6 tokens that follow them run past the "
                                          rf"{length + 5} positions a draft \(LlamaForCausalLM\)'s config gives"):
         uncertainty.generate_with_uncertainty(roomy_target, [short_draft], tokenizer, [prompt], max_new_tokens=6,
-                                              progress=False)
+                                              max_length=512, progress=False)
 
 
 def test_learned_positions_count_each_models_own_following_tokens(tokenizer):

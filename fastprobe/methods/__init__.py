@@ -10,4 +10,10 @@
     probes         hidden states at chosen layers, and linear / MLP / attentive probes on them
 
 Import the one you need: `from fastprobe.methods import uncertainty`.
+
+Functions that read texts truncate each to max_length tokens. max_length=None (the default)
+is the checkpoint's context: the fewest positions the configs of the models that read the
+texts give, less the tokens that follow a text into them (the generated ones); without such a
+config, the tokenizer's model_max_length where it is set, else 512. The fastprobe command's
+--max-length defaults to the same.
 """

@@ -477,7 +477,7 @@ def _prompt_cache(cache, prompt_length: int):
 
 
 def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_new_tokens: int = 8,
-                   batch_size: int = 8, max_length: int = 512, progress: bool = True) -> list[str]:
+                   batch_size: int = 8, max_length: Optional[int] = None, progress: bool = True) -> list[str]:
     """The model's greedy answer to every prompt (max_new_tokens at most, special tokens
     skipped), batched with left padding, in eval mode (as sequence_log_probs)."""
     check_count(max_new_tokens, "max_new_tokens")
@@ -493,7 +493,7 @@ def greedy_answers(model, tokenizer, prompts: Union[str, Sequence[str]], *, max_
 def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], answers, *, threshold: float = 0.5,
                         variants=_DEFAULT_VARIANTS, temperature: float = 1.0, generate: bool = True,
                         max_new_tokens: int = 8, correct: Optional[Sequence[bool]] = None, batch_size: int = 8,
-                        max_length: int = 512, progress: bool = True):
+                        max_length: Optional[int] = None, progress: bool = True):
     """The gold answer's probability mass at each prompt's commitment step (see the module's
     docstring): a DataFrame indexed by prompt with columns answer (the first alias), mass,
     log_mass, single_token_mass, multi_token_mass, available (mass >= threshold), top_share,
@@ -503,14 +503,14 @@ def answer_availability(model, tokenizer, prompts: Union[str, Sequence[str]], an
 
     answers: one per prompt, an alias or a list of aliases. variants: which surface forms to add
     (as ConceptSet.from_answers). temperature divides every logit. Prompts are batched
-    (batch_size, truncated to max_length tokens); multi-token variants are scored by teacher
-    forcing in batches of the same size, from the KV cache of the prompts' one pass (generate's,
-    cut back to the prompts, with generate=True; a model with sliding-window or chunked layers,
-    whose cache has dropped old keys by then, runs the prompts once more; a recurrent or hybrid model,
-    whose state cannot be copied row by row, runs each prompt + variant whole). Prompts run left
-    padded: a model whose forward lets padding into its state (transformers 4.x RecurrentGemma)
-    needs batch_size=1. The model runs in eval mode (no dropout), each module's training flag
-    restored afterwards."""
+    (batch_size, truncated to max_length tokens, None: the checkpoint's context); multi-token
+    variants are scored by teacher forcing in batches of the same size, from the KV cache of the
+    prompts' one pass (generate's, cut back to the prompts, with generate=True; a model with
+    sliding-window or chunked layers, whose cache has dropped old keys by then, runs the prompts
+    once more; a recurrent or hybrid model, whose state cannot be copied row by row, runs each
+    prompt + variant whole). Prompts run left padded: a model whose forward lets padding into
+    its state (transformers 4.x RecurrentGemma) needs batch_size=1. The model runs in eval mode
+    (no dropout), each module's training flag restored afterwards."""
     pandas = require_pandas()
     prompts, answers, correct = _check_arguments(prompts, answers, threshold, temperature, correct,
                                         max_new_tokens if generate else None)

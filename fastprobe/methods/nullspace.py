@@ -99,7 +99,7 @@ def shift_vectors(
     tokenizer=None,
     pool: str = "last",
     batch_size: int = 8,
-    max_length: int = 512,
+    max_length: Optional[int] = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """[M, H] float32 on the CPU: row m = h(with_modality[m]) - h(without_modality[m]), each the
@@ -107,11 +107,12 @@ def shift_vectors(
     last real token, "mean": over real tokens).
 
     with_modality / without_modality: M paired inputs each, as texts (tokenizer needed; batched by
-    batch_size, truncated to max_length) or as batches of model inputs (a dict or a list of dicts,
-    e.g. a processor's output with and without pixel values), rows in pair order. The two sides
-    may be of different kinds. ValueError when they hold different numbers of rows. The model runs
-    as called: under torch.autocast its states carry autocast's rounding, and a shift, the
-    difference of two of them, carries it relative to the (smaller) shift."""
+    batch_size, truncated to max_length; None: the checkpoint's context) or as batches of model
+    inputs (a dict or a list of dicts, e.g. a processor's output with and without pixel values),
+    rows in pair order. The two sides may be of different kinds. ValueError when they hold
+    different numbers of rows. The model runs as called: under torch.autocast its states carry
+    autocast's rounding, and a shift, the difference of two of them, carries it relative to the
+    (smaller) shift."""
     if pool not in ("last", "mean"):
         raise ValueError(f"pool must be 'last' or 'mean' (a shift is one vector per input), got {pool!r}")
     _resolve_layer(layer, len(transformer_blocks(model)))

@@ -315,11 +315,12 @@ def _check_output(dtype, on_device) -> None:
 
 
 def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, layers, pool: Optional[str] = "last",
-                          batch_size: int = 8, max_length: int = 512, on_device: bool = False,
+                          batch_size: int = 8, max_length: Optional[int] = None, on_device: bool = False,
                           dtype: Optional[torch.dtype] = torch.float32, progress: bool = True) -> HiddenStates:
     """Hidden states of `texts` at `layers` (block indices, negative from the end; layer i is
     block i's output), batched with the tokenizer's padding side (position ids counted over real
-    tokens, so a padded text gives what it gives alone) and truncated to max_length tokens.
+    tokens, so a padded text gives what it gives alone) and truncated to max_length tokens
+    (None: the checkpoint's context, as fastprobe.methods says).
 
     pool: "last" (each text's last real token), "mean" (over its real tokens) -> [N, H] per
     layer; None -> [N, T, H] per layer and HiddenStates.mask [N, T]. Results on the CPU in

@@ -38,7 +38,7 @@ __all__ = [
 _PRUNED = "_fastprobe_pruned"  # the model's active PrunedHeads handles, oldest first
 
 
-def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
+def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: Optional[int] = None,
                 progress: bool = True):
     """Every head's BOS sink score over `texts`: a DataFrame with one row per (layer, head),
     in that order, and columns layer, head, sink_score (attention weight on the first real token,
@@ -46,10 +46,11 @@ def score_heads(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, 
     strongest sink head). Heads the texts never reach have no row: a vision tower's, run by images
     only.
 
-    Texts are batched with the tokenizer's padding side and truncated to max_length tokens. The
-    model runs under fastprobe.record_attention (patched for the call if it is not already; a
-    patched model keeps its options, so heads it prunes score 0, except stat_tokens, which is 1
-    for the call: an option of the model, so for other threads' forwards on it meanwhile too).
+    Texts are batched with the tokenizer's padding side and truncated to max_length tokens
+    (None: the checkpoint's context, as fastprobe.methods says). The model runs under
+    fastprobe.record_attention (patched for the call if it is not already; a patched model
+    keeps its options, so heads it prunes score 0, except stat_tokens, which is 1 for the call:
+    an option of the model, so for other threads' forwards on it meanwhile too).
     The model runs in eval mode (no dropout), each module's training flag restored afterwards.
     progress: a tqdm bar."""
     pandas = require_pandas()
@@ -294,7 +295,7 @@ def restore_heads(model) -> None:
 # ---------------------------------------------------------------- perplexity and the plot
 
 
-def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512,
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: Optional[int] = None,
                progress: bool = True) -> float:
     """exp(mean next-token negative log-likelihood) of a causal language model over every real
     (non-padded) predicted token of `texts`, batched like score_heads (in eval mode likewise)."""

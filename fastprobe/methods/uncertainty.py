@@ -145,14 +145,16 @@ def _text_positions(tokenizer, texts: Sequence[str], attention_mask: torch.Tenso
 
 
 def token_uncertainty(target, drafts, tokenizer, texts: Union[str, Sequence[str]], *, weights=None,
-                      temperature: float = 1.0, batch_size: int = 8, max_length: int = 512, progress: bool = True):
+                      temperature: float = 1.0, batch_size: int = 8, max_length: Optional[int] = None,
+                      progress: bool = True):
     """Per-token draft uncertainty of `texts` under a target model and its drafts (causal LMs
     sharing `tokenizer`): a DataFrame with one row per real token after each text's first, in
     order, with columns text (index into texts), position (the token's index in its text's
     tokens, tokenizer(text)["input_ids"], also where a tokenizer with truncation_side="left" cut
     the text's start to max_length), token_id, token (decoded), epistemic, jsd,
     kl_mixture_target, target_entropy and mixture_entropy (nats). Texts are batched (padding on
-    the tokenizer's side does not change the figures) and truncated to max_length tokens. weights: the drafts' mixture weights [K]
+    the tokenizer's side does not change the figures) and truncated to max_length tokens (None:
+    the checkpoints' context). weights: the drafts' mixture weights [K]
     (default uniform); temperature divides every logit. The models run in eval mode (no
     dropout), each module's training flag restored afterwards."""
     pandas, drafts = require_pandas(), _check_models(drafts, weights, temperature)
@@ -225,7 +227,8 @@ def _eos_ids(config) -> list:
 
 def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Sequence[str]], *,
                               max_new_tokens: int = 32, weights=None, temperature: Optional[float] = None,
-                              batch_size: int = 8, max_length: int = 512, progress: bool = True, **generate_kwargs):
+                              batch_size: int = 8, max_length: Optional[int] = None, progress: bool = True,
+                              **generate_kwargs):
     """The target continues each prompt (target.generate with max_new_tokens and
     generate_kwargs: greedy unless they or its generation config say otherwise), whose logits
     for each new token (generate's, before any logits processor) are the target's side; the
@@ -234,7 +237,8 @@ def generate_with_uncertainty(target, drafts, tokenizer, prompts: Union[str, Seq
     whole softmax(z / T), while generate samples from it after its other logits processors
     (top_k, which the generation config may leave at 50, top_p, ...) have cut its tail; None:
     the generation config's when sampling, else 1.
-    max_length truncates the prompts (generate's length is max_new_tokens). Returns (generated,
+    max_length truncates the prompts (generate's length is max_new_tokens; None: the
+    checkpoints' context less max_new_tokens). Returns (generated,
     tokens): the continuations as strings (special tokens skipped), and a token table as
     token_uncertainty's whose rows are the generated tokens up to and including each
     continuation's first eos, position counted from the continuation's start. With another
