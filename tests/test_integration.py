@@ -652,6 +652,37 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
     assert is_patched(model) and model._forward_hooks and torch.equal(outputs(model, ids, mask), want)
 
 
+def test_a_deep_copy_of_part_of_a_patched_model_is_not_patched():
+    """copy.deepcopy of a part of a patched model (its backbone model.model, a decoder layer) has
+    no patched model around it to own a patch: it runs as the unpatched part did, and can be
+    patched, recorded and unpatched on its own. (It ran the original's options, its pruned head
+    included, while is_patched said False and unpatch left it on "fastprobe"; patch and
+    record_attention refused it as part of a LlamaForCausalLM that does not contain it.)"""
+    reference = tiny_model("llama")
+    model = fp.patch(copy.deepcopy(reference), head_mask={0: [False, True, True, True]})
+    ids, mask = inputs()
+    pruned = outputs(model, ids, mask)
+    backbone, layer = copy.deepcopy(model.model), copy.deepcopy(model.model.layers[1])
+    assert not is_patched(backbone) and backbone.config._attn_implementation == "sdpa"
+    assert layer.self_attn.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        want = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert_real_close(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, want, mask)
+    with fp.record_attention(backbone) as record:
+        with torch.no_grad():
+            backbone(input_ids=ids, attention_mask=mask)
+    assert record.num_queries.tolist() == [mask.sum().item()] * 2 and not is_patched(backbone)
+    fp.unpatch(fp.patch(backbone, num_sink=1))
+    assert backbone.config._attn_implementation == "sdpa"
+    assert is_patched(model) and model.config._attn_implementation == "fastprobe"
+    assert torch.equal(outputs(model, ids, mask), pruned)
+    # a model deep-copied after one of its layers (one deepcopy) gets that layer's state, on its configs' sdpa
+    _, twin = copy.deepcopy([model.model.layers[1], model])
+    with pytest.raises(RuntimeError, match="switched to 'sdpa' since"):
+        outputs(twin, ids, mask)
+    assert torch.equal(outputs(fp.patch(twin, head_mask={0: [False, True, True, True]}), ids, mask), pruned)
+
+
 def test_a_copy_made_while_recording_is_not_recording():
     """A deep copy taken inside record_attention (a snapshot mid-analysis) records nothing of the
     original's block: the copy can open its own record and be unpatched after the block."""

@@ -34,6 +34,7 @@ options, the patch state and hooks, patch / unpatch and record_attention.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -368,6 +369,8 @@ class _PatchState:
         # a block for the options changed inside it): a "method" patch is removed once its options are
         # back to the defaults (_unpatch_if_unneeded).
         self.patched_by = "user"
+        self.model_ref: Optional[weakref.ref] = None  # the patched model (set by patch; None: not known)
+        self.without_model = False  # a deep copy of a part of the patched model (__deepcopy__)
         self.set_options(options)
 
     @property
@@ -385,7 +388,7 @@ class _PatchState:
     def __getstate__(self) -> dict:
         # (a copy made inside record_attention is not recording: that block ends for the original only)
         attributes = {name: value for name, value in self.__dict__.items()
-                      if name not in ("_threads", "recorder", "_layer_refs", "_head_mask_copies")}
+                      if name not in ("_threads", "recorder", "_layer_refs", "_head_mask_copies", "model_ref")}
         attributes["layers"] = self.layers  # (the modules themselves: a copy's are the copied modules)
         return attributes
 
@@ -400,14 +403,35 @@ class _PatchState:
         self.__dict__.update(attributes)
         self.layers = layers
         self.recorder = None
+        self.model_ref = None  # (a pickle cannot say whether the patched model came with its layers: not known)
         self._threads = threading.local()
         self._head_mask_copies = (self.options, {})
         self.module_ids = frozenset()  # (the original's modules; the copy's config is not shared)
+        self.__dict__.setdefault("without_model", False)
         self.__dict__.setdefault("ungrouped_layers", self.__dict__.pop("tower_layers", frozenset()))
         if self.__dict__.setdefault("patched_by", "user") == "block":  # (the block ends for the original only)
             self.patched_by = "method"
         self.__dict__.pop("kv_sharing", None)  # (a state pickled while the masks' pass-through was on the classes)
         _register_interfaces()
+
+    def __deepcopy__(self, memo: dict) -> "_PatchState":
+        """copy.deepcopy: a copy of the patched model gets a copy of this state (__setstate__). A copy
+        of a part of it only (its backbone model.model, a decoder layer) has no patched model to own
+        that copy (hooks, a state to patch, record and unpatch through): its copied configs get the
+        implementation they had before patch, so the part runs as it did unpatched (it ran the
+        original's options, pruned heads included, and could be neither patched nor unpatched), and
+        patch takes it as unpatched (without_model). A model copied after one of its layers in one
+        deepcopy gets that copy too: its forward says the implementation was switched, and patch
+        switches it back. A state unpickled since (model_ref None) is copied as pickle does."""
+        copied = memo[id(self)] = _PatchState.__new__(_PatchState)  # (its layers hold it: entered before them)
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        model = self.model_ref() if self.model_ref is not None else None
+        if model is not None and id(model) in memo:  # (deepcopy enters a model before its attributes)
+            copied.model_ref = weakref.ref(memo[id(model)])
+        elif model is not None:
+            copied.without_model = True
+            _restore(copied.previous)
+        return copied
 
     def set_options(self, options: PatchOptions) -> None:
         tracked = getattr(getattr(self, "options", None), "guidance", None)
@@ -681,6 +705,7 @@ def patch(
             # switched away since (set_attn_implementation): switched back; unpatch still restores what it had before
             _switch(model, layers, [config for config, _ in state.previous])
         state.set_options(options)
+        state.without_model = False  # (a model deep-copied after one of its layers: its patch again)
         state.patched_by = "user"  # (fastprobe's own changes go through _set_options, which keeps it)
         return wrapper
 
@@ -694,6 +719,7 @@ def patch(
         raise _refuse(model, f"setting its attention implementation left {', '.join(stuck)} on another one")
 
     state = _PatchState(layers, previous, options)
+    state.model_ref = weakref.ref(model)
     state.module_ids = frozenset(id(module) for module in model.modules())
     state.model_name = type(model).__name__
     state.ungrouped_layers = _ungrouped_layers(model, layers)
@@ -768,7 +794,8 @@ def _refuse_layers_patched_through_another(model, layers: list) -> None:
     """A model whose attention layers are already patched as part of another model (a sub-model of
     a patched model, or the model around a patched sub-model): patching it too would replace their
     options and unpatching it would strip them from the other. Refused, naming that model."""
-    owner = next((found for found in (getattr(module, _STATE, None) for module in layers) if found is not None), None)
+    owner = next((found for found in (getattr(module, _STATE, None) for module in layers)
+                  if found is not None and not found.without_model), None)  # (not a copy's part: __deepcopy__)
     if owner is not None:
         raise ValueError(
             f"{type(model).__name__}'s attention layers are already patched as part of a {owner.model_name} (the "
