@@ -243,6 +243,16 @@ for _op in ("sink_attention", "dual_path_attention"):
         (_op, "start short", lambda a: dict(start=fresh(a["start"][:1])), ValueError, "start must"),
         (_op, "start int32", lambda a: dict(start=a["start"].to(I32)), TypeError, "start must"),
         (_op, "start strided", lambda a: dict(start=strided((2, 9), I64)), ValueError, "start must be contiguous"),
+        # the shapes every backend refuses (the reference ran Lq > Lk and D = 0, and failed in einsum or with a
+        # ZeroDivisionError on the heads; the kernels refused some of them, each its own)
+        (_op, "k, v no heads", lambda a: dict(k=torch.randn(2, 0, 9, 8), v=torch.randn(2, 0, 9, 8)),
+         ValueError, "at least one key/value head"),
+        (_op, "Hq not a multiple of Hkv", lambda a: dict(k=torch.randn(2, 3, 9, 8), v=torch.randn(2, 3, 9, 8)),
+         ValueError, "multiple of the number of key/value heads"),
+        (_op, "q, k head dim 0", lambda a: dict(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 9, 0)),
+         ValueError, "head dims >= 1"),
+        (_op, "v head dim 0", lambda a: dict(v=torch.randn(2, 2, 9, 0)), ValueError, "head dims >= 1"),
+        (_op, "Lq > Lk", lambda a: dict(q=torch.randn(2, 4, 10, 8)), ValueError, "Lq = 10 queries but k has only Lk = 9"),
         (_op, "meta k", lambda a: dict(k=meta(a["k"])), ValueError, "k is on meta"),
         (_op, "meta key_real", lambda a: dict(key_real=meta(a["key_real"])), ValueError, "key_real is on meta"),
         (_op, "meta horizon", lambda a: dict(horizon=meta(a["horizon"])), ValueError, "horizon is on meta"),

@@ -349,11 +349,13 @@ def _op_outputs(outputs: tuple) -> tuple:
 
 def op_qkv_specs(op: str, q, k, v) -> tuple:
     """(q's shape, Lk, check_op_tensors' specs of k and v) for an attention op's body: q, k, v 4-D,
-    k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] in q's dtype (any strides), one of INPUT_DTYPES."""
+    k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] in q's dtype (any strides), one of INPUT_DTYPES, and
+    check_head_shapes' rules, so that every backend refuses the same shapes before any kernel runs."""
     q_shape, k_shape, v_shape = q.shape, k.shape, v.shape  # (each .shape makes a torch.Size: read once)
     if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4:
         raise ValueError(f"{op}: q, k and v must be 4-D, got {list(q_shape)}, {list(k_shape)}, {list(v_shape)}")
     check_dtype(q, f"{op}: q")
+    check_head_shapes(q_shape, k_shape, v_shape, f"{op}: ")
     batch, head_dim, (_, num_kv_heads, num_keys, _) = q_shape[0], q_shape[3], k_shape
     return q_shape, num_keys, (("k", k, (batch, num_kv_heads, num_keys, head_dim), q.dtype, False),
                                ("v", v, (batch, num_kv_heads, num_keys, v_shape[3]), q.dtype, False))
@@ -365,8 +367,8 @@ def _check_op_args(q, k, v, scale, window, key_real, sink_end, stat_end, head_ma
     it is reachable directly (torch.ops.fastprobe.sink_attention), past sink_attention's checks,
     and every backend must refuse what one refuses (the C++ kernel raised on a NaN scale or a
     negative window or softcap where the reference and Triton ran). Sizes come from q [B, Hq, Lq,
-    D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit head-dim
-    strides) and the values (group ids; ends and key bounds are clamped)."""
+    D] and k [B, Hkv, Lk, D] (check_head_shapes: D, Dv >= 1, Hq % Hkv == 0, Lq <= Lk); the kernels
+    check unit head-dim strides and the values (group ids; ends and key bounds are clamped)."""
     q_shape, num_keys, qkv_specs = op_qkv_specs("sink_attention", q, k, v)
     batch, num_heads = q_shape[0], q_shape[1]
     check_scale(scale, q_shape[3])
@@ -731,6 +733,28 @@ def _check_softcap(softcap) -> float:
     return check_float32_range(float(softcap), "softcap", positive=True)
 
 
+def check_head_shapes(q_shape, k_shape, v_shape, where: str = "") -> None:
+    """The shape rules of q [B, Hq, Lq, D], k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] that every
+    backend relies on, or a ValueError (its message after `where`, e.g. "sink_attention: "): head
+    dims D, Dv >= 1, Hkv >= 1 dividing Hq (grouped-query attention), Lq <= Lk (the queries are the
+    last Lq of the Lk positions)."""
+    (_, num_heads, num_queries, head_dim), (_, num_kv_heads, num_keys, _), value_dim = q_shape, k_shape, v_shape[3]
+    if head_dim == 0 or value_dim == 0:
+        raise ValueError(f"{where}q, k and v need head dims >= 1, got D = {head_dim} and Dv = {value_dim}")
+    if num_kv_heads == 0:
+        raise ValueError(f"{where}k and v need at least one key/value head, got k of shape {tuple(k_shape)}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"{where}the number of query heads ({num_heads}) must be a multiple of the number of key/value heads "
+            f"({num_kv_heads}) for grouped-query attention"
+        )
+    if num_queries > num_keys:
+        raise ValueError(
+            f"{where}q has Lq = {num_queries} queries but k has only Lk = {num_keys} keys; queries are the last Lq of "
+            "the Lk positions, so Lq <= Lk"
+        )
+
+
 def check_attention_inputs(q, k, v):
     """The checks every attention op shares: (q, k, v in the kernels' layout, B, Lq, Lk); v's
     head width Dv may differ from q and k's D (multi-head latent attention, e.g. DeepSeek-V3's
@@ -745,32 +769,19 @@ def check_attention_inputs(q, k, v):
     q, k, v = autocast_cast((q, k, v), device)  # (as SDPA under torch.autocast)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    (batch, num_heads, num_queries, head_dim), k_shape, v_shape = q.shape, k.shape, v.shape
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    batch, _, num_queries, head_dim = q_shape
     if k_shape[:3] != v_shape[:3]:
         raise ValueError(
             f"k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] must agree on B, Hkv and Lk, got {tuple(k_shape)} and {tuple(v_shape)}"
         )
     if k_shape[0] != batch:
         raise ValueError(f"k has batch size {k_shape[0]} but q has {batch}")
-    _, num_kv_heads, num_keys, key_head_dim = k_shape
-    value_dim = v_shape[3]
+    key_head_dim = k_shape[3]
     if key_head_dim != head_dim:
         raise ValueError(f"k has head dim {key_head_dim} but q has {head_dim}; they must match")
-    if head_dim == 0 or value_dim == 0:
-        raise ValueError(f"q, k and v need head dims >= 1, got D = {head_dim} and Dv = {value_dim}")
-    if num_kv_heads == 0:
-        raise ValueError(f"k and v need at least one key/value head, got k of shape {tuple(k_shape)}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"the number of query heads ({num_heads}) must be a multiple of the number of key/value heads "
-            f"({num_kv_heads}) for grouped-query attention"
-        )
-    if num_queries > num_keys:
-        raise ValueError(
-            f"q has Lq = {num_queries} queries but k has only Lk = {num_keys} keys; queries are the last Lq of the "
-            "Lk positions, so Lq <= Lk"
-        )
-    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, num_keys
+    check_head_shapes(q_shape, k_shape, v_shape)
+    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v), batch, num_queries, k_shape[2]
 
 
 def _prepare(q, k, v, scale, causal, window, num_sink, key_padding_mask, head_mask, sink_logit, key_groups, num_groups, stat_tokens, softcap,

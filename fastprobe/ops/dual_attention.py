@@ -108,8 +108,8 @@ def _check_op_args(q, k, v, drop, rows, key_real, horizon, start, gamma, eps, sc
     it is reachable directly (torch.ops.fastprobe.dual_path_attention), past
     dual_path_attention's checks, and every backend must refuse what one refuses (the C++ kernel
     raised on a NaN gamma or a scale <= 0 where the reference and Triton ran). Sizes come from
-    q [B, Hq, Lq, D] and k [B, Hkv, Lk, D]; the kernels check the rest (Hq % Hkv, Lq <= Lk, unit
-    head-dim strides) and clamp the key bounds."""
+    q [B, Hq, Lq, D] and k [B, Hkv, Lk, D] (check_head_shapes: D, Dv >= 1, Hq % Hkv == 0, Lq <= Lk);
+    the kernels check unit head-dim strides and clamp the key bounds."""
     q_shape, num_keys, qkv_specs = op_qkv_specs("dual_path_attention", q, k, v)
     check_real(gamma, "gamma", positive=False)
     check_real(eps, "eps", positive=True)
