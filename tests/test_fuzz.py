@@ -1,5 +1,5 @@
 """Randomised calls of every op: shapes, dtypes, memory layouts (transposed storage, gaps
-between elements, stride-0 broadcasts), masked and extreme values and option combinations
+between elements, stride-0 broadcasts, overlapping views), masked and extreme values and option combinations
 drawn together, each checked against the float64 reference (or, where the input is invalid,
 against a clear error). The family test files pin each feature down one at a time; this file
 looks for the combinations they miss. `tests/sanitize.sh` runs it (and the rest of the suite)
@@ -22,7 +22,7 @@ from . import test_attention, test_bridge, test_concepts, test_divergence, test_
 
 # FASTPROBE_FUZZ=n multiplies the number of examples, for a longer search
 FUZZ_SCALE = int(os.environ.get("FASTPROBE_FUZZ", "1"))
-LAYOUTS = ["contiguous", "permuted", "gapped", "broadcast"]
+LAYOUTS = ["contiguous", "permuted", "gapped", "broadcast", "overlapping"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -67,8 +67,11 @@ def drawn_threads(target, data):
 def relayout(x: torch.Tensor, layout: str, dim: int, poison: float = float("nan")) -> torch.Tensor:
     """x in another memory layout. "permuted": the dims stored in reverse order (so, e.g., the
     last dim is strided); "gapped": a poisoned element after each one along `dim`;
-    "broadcast": x's slice 0 along `dim` repeated with stride 0 (this changes the values; the
-    caller compares against the reference on the returned tensor)."""
+    "broadcast": x's slice 0 along `dim` repeated with stride 0; "overlapping" (floating and bool
+    tensors of 2+ dims): an unfold-like view of x's elements in which the slices along `dim` (along
+    the dim before it, for the last) start one element apart, so consecutive ones share memory
+    (these two change the values; the caller compares against the reference on the returned
+    tensor; integer ids keep their layout, whose rules, such as segments as runs, they would break)."""
     if x.dim() == 0 or layout == "contiguous":
         return x
     dim = dim % x.dim()
@@ -87,6 +90,12 @@ def relayout(x: torch.Tensor, layout: str, dim: int, poison: float = float("nan"
         return view
     if layout == "broadcast":
         return x.narrow(dim, 0, min(1, x.shape[dim])).expand(x.shape)
+    if layout == "overlapping":
+        if x.dim() < 2 or x.numel() == 0 or not (x.is_floating_point() or x.dtype == torch.bool):
+            return x
+        strides = list(x.contiguous().stride())
+        strides[dim if dim < x.dim() - 1 else dim - 1] = 1  # (the view needs fewer elements than x has)
+        return x.flatten().clone().as_strided(x.shape, strides)
     raise ValueError(layout)
 
 
