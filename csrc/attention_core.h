@@ -1164,6 +1164,11 @@ ItemRows item_rows(const Problem& p, const Plan& plan, int64_t item, Scratch& ws
   return it;
 }
 
+// Which of an item's keys are real (not padding): its batch row of key_real, or null (all).
+inline const uint8_t* item_key_real(const Problem& p, const ItemRows& it) {
+  return p.key_real != nullptr ? p.key_real + it.b * p.Lk : nullptr;
+}
+
 // Which key blocks an item needs, and which need an elementwise mask.
 enum class BlockKind { Skip, Full, Masked };
 
@@ -1393,7 +1398,7 @@ FASTPROBE_ALWAYS_INLINE ItemRows attend_item(const Op& op, const Plan& plan, int
   if (narrow) std::fill(ws.o_rows, ws.o_rows + Op::kStates * o_rows_floats, 0.0f);
   op.begin_item(it, ws);
 
-  const uint8_t* real_row = p.key_real != nullptr ? p.key_real + it.b * p.Lk : nullptr;
+  const uint8_t* real_row = item_key_real(p, it);
   const MaskRule rule{p.causal, p.window, it.min_sink_end, it.max_sink_end, p.start != nullptr,
                       p.causal || p.horizon != nullptr};
   const int64_t k_base = it.b * p.k_s0 + it.kv_head * p.k_s1;
@@ -1515,40 +1520,51 @@ FASTPROBE_ALWAYS_INLINE bool rescue_item(const Op& op, const Plan& plan, int64_t
   const Problem& p = op.p;
   const ItemRows it = item_rows(p, plan, item, ws);
   const T* values = static_cast<const T*>(p.v) + it.b * p.v_s0 + it.kv_head * p.v_s1;
-  // s_d from the largest finite |v_jd| over the keys some row sees, n of them <= 2^ceil_log2_n;
-  // frexp: max = f 2^e, f < 1, so n max < 2^(e + ceil_log2_n) <= 2^126 when s_d = e + ceil_log2_n - 126
-  const int64_t n = it.max_hi - it.min_lo + 1;
+  // the blocks attend_item reads (of those holding [min_lo, max_hi], the ones classify_block, called
+  // as attend_item calls it, does not skip: with sinks and a window, the sink blocks and the
+  // window's); no row sees a key outside them
+  const uint8_t* real_row = item_key_real(p, it);
+  std::vector<int64_t> block_starts;
+  for (int64_t j0 = it.min_lo / kKeyBlock * kKeyBlock; j0 <= it.max_hi; j0 += kKeyBlock)
+    if (classify_block(p, it, j0, std::min(kKeyBlock, p.Lk - j0), real_row) != BlockKind::Skip)
+      block_starts.push_back(j0);
+  // s_d from the largest finite |v_jd| over the keys some row may see (those of these blocks
+  // within [min_lo, max_hi], not padding), n of them <= 2^ceil_log2_n; frexp: max = f 2^e, f < 1,
+  // so n max < 2^(e + ceil_log2_n) <= 2^126 when s_d = e + ceil_log2_n - 126
+  std::vector<float> largest(size_t(p.Dv), 0.0f);
+  int64_t n = 0;
+  for (const int64_t j0 : block_starts)
+    for (int64_t j = std::max(j0, it.min_lo); j < std::min(j0 + kKeyBlock, it.max_hi + 1); ++j) {
+      if (real_row != nullptr && !real_row[j]) continue;
+      ++n;
+      for (int64_t d = 0; d < p.Dv; ++d) {
+        const float x = std::fabs(to_float<T>(values[j * p.v_s2 + d]));
+        if (std::isfinite(x)) largest[d] = std::max(largest[d], x);
+      }
+    }
   int ceil_log2_n = 0;
   while ((int64_t(1) << ceil_log2_n) < n) ++ceil_log2_n;
   std::vector<int> shift(size_t(p.Dv), 0);
   std::vector<float> unscale(size_t(p.Dv), 1.0f);
   bool scaled = false;
   for (int64_t d = 0; d < p.Dv; ++d) {
-    float largest = 0.0f;
-    for (int64_t j = it.min_lo; j <= it.max_hi; ++j) {
-      const float x = std::fabs(to_float<T>(values[j * p.v_s2 + d]));
-      if (std::isfinite(x)) largest = std::max(largest, x);
-    }
     int exponent;
-    std::frexp(largest, &exponent);
+    std::frexp(largest[d], &exponent);
     shift[d] = std::max(0, exponent + ceil_log2_n - 126);
     unscale[d] = std::ldexp(1.0f, shift[d]);
     scaled |= shift[d] > 0;
   }
   if (!scaled) return false;
-  // the scaled copy, [keys][Dv], of keys [0, end), written from `first`: the first of the item's
-  // blocks (those holding [min_lo, max_hi]) that attend_item does not skip, to the end of its last
-  // (it reads whole blocks). Keys before `first` are never read and stay unwritten (new T[], not a
-  // vector's zeros): a long cache's pages before a window are then never touched, so take no memory.
-  const int64_t end = std::min(p.Lk, (it.max_hi / kKeyBlock + 1) * kKeyBlock);
-  int64_t first = it.min_lo / kKeyBlock * kKeyBlock;
-  while (first + kKeyBlock < end &&
-         classify_block(p, it, first, kKeyBlock, nullptr) == BlockKind::Skip)  // (padding aside)
-    first += kKeyBlock;
+  // the scaled copy, [keys][Dv], of keys [0, end) (the end of the last block), with only these
+  // blocks written, whole (attend_item reads whole blocks): the other keys are never read and
+  // stay unwritten (new T[], not a vector's zeros), so a long cache's pages between the sinks and
+  // a window are never touched and take no memory
+  const int64_t end = std::min(p.Lk, block_starts.back() + kKeyBlock);
   std::unique_ptr<T[]> copy(new T[size_t(end * p.Dv)]);
-  for (int64_t j = first; j < end; ++j)
-    for (int64_t d = 0; d < p.Dv; ++d)
-      copy[j * p.Dv + d] = from_float<T>(std::ldexp(to_float<T>(values[j * p.v_s2 + d]), -shift[d]));
+  for (const int64_t j0 : block_starts)
+    for (int64_t j = j0; j < std::min(j0 + kKeyBlock, end); ++j)
+      for (int64_t d = 0; d < p.Dv; ++d)
+        copy[j * p.Dv + d] = from_float<T>(std::ldexp(to_float<T>(values[j * p.v_s2 + d]), -shift[d]));
   Op rescaled = op;
   rescaled.p.v = copy.get();
   rescaled.p.v_s0 = rescaled.p.v_s1 = 0;

@@ -307,6 +307,38 @@ def test_values_near_float_max_in_a_window_of_a_long_cache(target, causal, num_q
     assert_matches(result._replace(out=want["out"].float()), want, torch.float32, False, True)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_values_near_float_max_with_sinks_and_a_window_of_a_long_cache(target, causal, num_queries, request):
+    """Queries at the end of a 700-key cache with 4 sink keys and a window of 50: the C++ kernel
+    attends the sink keys' block and the window's (keys 0..63 and 640..699), and its rescue scales
+    and copies only those. Even columns near float max there; odd columns 2e-38..4e-38 there, whose
+    O never overflows, so they keep their bits (those of the same call without the huge columns,
+    which takes no rescue); every column 3e38 on the keys between (which no row sees). The rescue
+    took its scales from all of keys 0..699: the odd columns were scaled by 2^-12 into subnormals
+    (errors 7e-5 of their size; 0 where FTZ / DAZ is on). The copy must hold both blocks (the
+    old code copied all of keys 0..699: that part is a guard)."""
+    backend, device = target
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_VALUES_LIMIT))
+    num_keys, window, num_sink = 700, 50, 4
+    q = 1e-3 * torch.randn(1, HEADS, num_queries, DIM)
+    k = torch.randn(1, KV_HEADS, num_keys, DIM)
+    v = values_near_float_max("huge", (1, KV_HEADS, num_keys, DIM))
+    v[..., 1::2] = 2e-38 * (1.0 + torch.rand(v[..., 1::2].shape))  # normal floats, near the least
+    v[:, :, 64:640] = 3e38  # unseen: after the sink keys' block, before the window's
+    options = dict(causal=causal, window=window, num_sink=num_sink)
+    want = expected(q, k, v, **options)
+    result = fp.sink_attention(q.to(device), k.to(device), v.to(device), return_entropy=True, **options)
+    seen = torch.cat([v[:, :, :num_sink], v[:, :, num_keys - window - num_queries:]], dim=2)
+    assert_out_matches_per_column(result.out, want["out"], seen, torch.float32)
+    assert_matches(result._replace(out=want["out"].float()), want, torch.float32, False, True)
+    ordinary = v.clone()
+    ordinary[..., 0::2] = torch.randn(v[..., 0::2].shape)
+    plain = fp.sink_attention(q.to(device), k.to(device), ordinary.to(device), **options).out
+    assert torch.equal(result.out[..., 1::2], plain[..., 1::2])
+
+
 @pytest.mark.parametrize("kind", ["inf", "nan"])
 def test_infinite_values_stay_as_the_reference(target, num_queries, kind):
     """A value that is really inf (or NaN) next to values near float max gives what the float64
