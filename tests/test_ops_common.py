@@ -134,6 +134,27 @@ def test_recorded_eager_call_skips_the_registered_op_and_matches_it(name, dtype,
         _recorded_gradient(name, dtype)
 
 
+def _graph_node_names(value):
+    """The class names of the autograd nodes that value's graph holds."""
+    names, stack = set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("name", list(RECORDED_CALLS))
+def test_recorded_eager_call_names_its_node_as_the_registered_op(name):
+    # what tools that read the graph see (grad_fn names, autograd's "output 0 of ..." in its errors)
+    with NoOpFunctionMode():
+        through_op = _graph_node_names(RECORDED_CALLS[name][1](torch.randn(3, 11).requires_grad_(), torch.randn(3, 11)))
+    direct = _graph_node_names(RECORDED_CALLS[name][1](torch.randn(3, 11).requires_grad_(), torch.randn(3, 11)))
+    assert any(node.startswith("GeneratedBackwardFor_fastprobe_") for node in through_op)
+    assert direct == through_op
+
+
 def test_plain_call_is_decided_per_argument():
     plain = torch.randn(3)
     assert _common.runs_plain([plain, None, 1.5, "x"])

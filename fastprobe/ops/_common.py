@@ -483,9 +483,12 @@ class CustomOp:
             setup_context(ctx, inputs, output)
             return output
 
-        # (a grad_fn of the op reads e.g. bridge_lossBackward)
-        self.eager_autograd = type(self.public_name, (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        # named as torch.library names its own, so that the graph reads the same either way (grad_fn
+        # GeneratedBackwardFor_fastprobe_bridge_loss_defaultBackward, autograd's errors "output 0 of ...")
+        overload = self.op._opoverload
+        self.eager_autograd = type(
+            f"GeneratedBackwardFor_{overload._namespace}_{overload._opname}_{overload._overloadname}",
+            (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __getattr__(self, name: str):
         return getattr(self.op, name)
