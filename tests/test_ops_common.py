@@ -694,6 +694,8 @@ def test_a_dtensor_argument_is_refused_by_name(one_rank_group):
     mixed torch.Tensor and DTensor" or "does not have a sharding strategy registered", naming
     neither: now the refusal's cause); the op's result from the local tensors is unchanged."""
     tensor_module = pytest.importorskip("torch.distributed.tensor")
+    if not hasattr(tensor_module, "distribute_tensor"):  # (torch 2.4: DTensor is in torch.distributed._tensor)
+        tensor_module = pytest.importorskip("torch.distributed._tensor")
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
     for name, call in _dtensor_calls(lambda t: tensor_module.distribute_tensor(t, mesh, [tensor_module.Replicate()])):
         with pytest.raises(TypeError, match=rf"(^|: ){name} is a DTensor \(placements \(Replicate\(\),\)\); .*"

@@ -188,9 +188,10 @@ def refuse_dtensor(value, name: str, op: Optional[str] = None, hint: str = LOCAL
     """A TypeError naming `name` (and `op`) for a DTensor (torch.distributed's sharded or
     replicated tensor): the kernels and the chunked products take local tensors, where torch's own
     error ("got mixed torch.Tensor and DTensor", raised in the dispatcher) named neither the
-    argument nor a way out, `hint`. (No DTensor exists before torch.distributed.tensor is imported.)"""
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
+    argument nor a way out, `hint`. (No DTensor exists before torch.distributed.tensor is imported;
+    torch 2.4 has it in torch.distributed._tensor, which later versions keep as an alias.)"""
+    dtensor = (getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+               or getattr(sys.modules.get("torch.distributed._tensor"), "DTensor", None))
     if dtensor is not None and isinstance(value, dtensor):
         where = f"{op}: " if op else ""
         raise TypeError(f"{where}{name} is a DTensor (placements {tuple(value.placements)}); fastprobe's ops take "

@@ -43,6 +43,7 @@ from ._common import (
     on_device,
     output_dtype,
     register_forward_only,
+    refuse_dtensor,
     skips_host_checks,
     without_autocast,
 )
@@ -207,6 +208,8 @@ def check_weights(weights, num_drafts: int, draft: torch.Tensor,
     elif not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor of shape [K], got {weights.dtype}")
     else:
+        if type(weights) is not torch.Tensor:  # (torch 2.4's DTensor fails the host checks below: refused first)
+            refuse_dtensor(weights, "weights")
         check_dtype(weights, "weights")
         check_same_device(draft, "draft_logits", weights, "weights")
     if tuple(weights.shape) != (num_drafts,):
