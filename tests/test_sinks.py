@@ -3,7 +3,6 @@ planted sink heads whatever the padding side, pruning by head mask equals zeroin
 projection and is reversible, perplexity is batch- and padding-independent, the heat map and the
 `fastprobe sinks` command work on a local checkpoint."""
 
-import copy
 import math
 import sys
 
@@ -471,10 +470,11 @@ def test_texts_past_a_rotary_models_configured_positions_warn_and_score_as_eager
     import warnings
 
     context = 12
-    model = tiny_model(arch, vocab_size=len(tokenizer), num_layers=2, max_position_embeddings=context,
-                       seed=int(torch.randint(0, 2**31 - 1, ())))
-    reference = copy.deepcopy(model)
-    reference.set_attn_implementation("eager")
+    options = dict(vocab_size=len(tokenizer), num_layers=2, max_position_embeddings=context,
+                   seed=int(torch.randint(0, 2**31 - 1, ())))
+    model = tiny_model(arch, **options)
+    # (the same weights, eager; transformers 4.53 has no set_attn_implementation)
+    reference = tiny_model(arch, attn_implementation="eager", **options)
     text = " ".join(DEMO_TEXTS[:3])
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     assert ids.shape[1] > 3 * context
