@@ -51,10 +51,11 @@ void float_to_fp16_for_test(uintptr_t src, int64_t count, uintptr_t out, bool ha
   for (int64_t i = 0; i < count; ++i) halves[i] = fastprobe::float_to_fp16_bits(floats[i]);
 }
 
-// For tests: run_rows (common.h) over N rows of two stages (each_part(2, ...), then each_row), with
-// an exception thrown where `fail` says: 1 making thread 0's scratch, 2 in part 1 of row
-// fail_row, 3 in the row stage of fail_row (0: nowhere). Returns the steps that ran.
-int64_t run_rows_for_test(int64_t N, int64_t num_threads, int64_t fail, int64_t fail_row) {
+// For tests: run_rows (common.h) over N rows of two stages (each_part(2, ...), then each_row), a job
+// of `logits` logits (below kInlineLogits: inline), with an exception thrown where `fail` says: 1
+// making thread 0's scratch, 2 in part 1 of row fail_row, 3 in the row stage of fail_row (0:
+// nowhere). Returns the steps that ran.
+int64_t run_rows_for_test(int64_t N, int64_t num_threads, double logits, int64_t fail, int64_t fail_row) {
   fastprobe::check_size(N, 0, "N");
   const int threads = fastprobe::clamp_threads(num_threads);
   std::atomic<int64_t> steps{0};
@@ -62,7 +63,7 @@ int64_t run_rows_for_test(int64_t N, int64_t num_threads, int64_t fail, int64_t 
     if (condition) throw std::runtime_error("fastprobe._C: the failure a test asked for");
   };
   fastprobe::run_rows(
-      N, threads,
+      N, threads, logits,
       [&] {
         fail_if(fail == 1 && fastprobe::thread_index() == 0);
         return fastprobe::scratch_floats(16);

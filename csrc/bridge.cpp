@@ -533,7 +533,7 @@ static void run(const Problem& p, int threads) {
     rows[slot].s_max = row.s_max;
   };
   run_rows(
-      p.N, threads, [] { return Workspace(); },
+      p.N, threads, 2.0 * double(p.N) * double(p.V), [] { return Workspace(); },
       each_row([&](int64_t n, int64_t slot, Workspace& ws) {
         if (!p.ignored(n)) row_bridge(p, n, rows[slot], ws);
       }),

@@ -644,19 +644,31 @@ inline int team_size(int threads, int64_t units) {
   return int(std::max<int64_t>(1, std::min<int64_t>(threads, units)));
 }
 
+// A row job that reads fewer logits than this (draft_divergence's K or K + 1 rows a token,
+// bridge_loss's two, concept_mass's one: N V each) runs on the calling thread, as kInlineWork does
+// for attention. Below it two threads were slower at twice the CPU time (2026-12-08, 2 cores, idle,
+// 2 / 1-thread medians of the C++ call: draft_divergence 1.20 at 640 logits, 1.62 at 2560, 1.00-1.04
+// at 10k, 0.89 at 20k; bridge_loss 2.18 at 256, 1.15-1.25 at 4k, 0.98 at 8k, 0.80 at 16k); under
+// load (5-7 on the 2 cores) the second thread's spin cost 6-20x a small call's CPU time and calls
+// waited 12-41 ms (p99) for it to get a core. (concept_mass, cheaper a logit, gains only from ~40k;
+// one threshold for all keeps bridge_loss's gain at 16k.)
+constexpr double kInlineLogits = double(1 << 13);
+
 // The units of a stage over N rows that the threads share when rows are spread.
 template <typename Step>
 int64_t stage_units(const EachPart<Step>& stage, int64_t N) { return N * stage.count; }
 template <typename Step>
 int64_t stage_units(const EachRow<Step>&, int64_t N) { return N; }
 
+// `logits`: the logits the job reads; fewer than kInlineLogits run inline.
 template <typename MakeScratch, typename... Stages>
-void run_rows(int64_t N, int threads, MakeScratch make_scratch, const Stages&... stages) {
+void run_rows(int64_t N, int threads, double logits, MakeScratch make_scratch, const Stages&... stages) {
   const bool spread = split_rows(N, threads);
   // the units: whole rows, or (spread) the steps of the largest stage
-  const int team = team_size(threads, spread ? std::max({stage_units(stages, N)...}) : N);
-  if (team == 1) {  // inline; an exception leaves as it came. (Spread rows here are one row, N = 1:
-                    // its stages in turn, slot 0, as the spread order does.)
+  const int team =
+      logits < kInlineLogits ? 1 : team_size(threads, spread ? std::max({stage_units(stages, N)...}) : N);
+  if (team == 1) {  // inline, whole rows in turn in slot 0 (a row's results do not depend on the order
+                    // of its stages against other rows'); an exception leaves as it came.
     if (N == 0) return;
     auto ws = make_scratch();
     for (int64_t n = 0; n < N; ++n) (run_stage(stages, n, 0, ws), ...);

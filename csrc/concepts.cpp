@@ -370,7 +370,7 @@ void concept_mass(const std::string& dtype, uintptr_t logits_ptr, int64_t N, int
   const int64_t ranges = range_count(V), slots = row_slots(N, threads);
   std::vector<LseState> range_parts(static_cast<size_t>(slots * ranges)), row_states(static_cast<size_t>(slots));
   run_rows(
-      N, threads, [&] { return ForwardScratch(std::max(kChunk, longest)); },
+      N, threads, double(N) * double(V), [&] { return ForwardScratch(std::max(kChunk, longest)); },
       each_part(ranges,
                 [&](int64_t n, int64_t range, int64_t slot, ForwardScratch& ws) {
                   range_parts[slot * ranges + range] = range_lse(f, n, range, ws.block.data());
@@ -427,7 +427,7 @@ void concept_mass_backward(const std::string& dtype, uintptr_t logits_ptr, int64
   const int64_t slots = row_slots(N, threads);
   std::vector<float> tops = scratch_floats(slots * 2 * C);  // per slot: x_top [C], then log_share [C]
   run_rows(
-      N, threads, [&] { return BackwardScratch(std::max(kChunk, longest)); },
+      N, threads, double(N) * double(V), [&] { return BackwardScratch(std::max(kChunk, longest)); },
       each_part(range_count(V), [&](int64_t n, int64_t range, int64_t, BackwardScratch& ws) { grad_range(b, n, range, ws); }),
       each_row([&](int64_t n, int64_t slot, BackwardScratch&) {
         concept_tops(b, n, tops.data() + slot * 2 * C, tops.data() + (slot * 2 + 1) * C);

@@ -347,7 +347,7 @@ static void run(const Problem& p, int threads) {
   std::vector<double> sum_parts(size_t(slots * ranges * sums)), row_lse(size_t(slots * 2 * rows));
   std::vector<LogSoftmax> log_softmax(size_t(slots * rows));
   run_rows(
-      p.N, threads, [&] { return Workspace(p.K); },
+      p.N, threads, double(rows) * double(p.N) * double(p.V), [&] { return Workspace(p.K); },
       each_part(p.lse_in == nullptr ? ranges : 0,
                 [&](int64_t n, int64_t range, int64_t slot, Workspace& ws) {
                   range_lse(p, n, range, ws, lse_parts.data() + (slot * ranges + range) * rows);

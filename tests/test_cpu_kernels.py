@@ -24,19 +24,21 @@ def cpp():
 # ---- errors on the threads of run_rows (csrc/common.h) ----------------------------------------
 
 
+@pytest.mark.parametrize("logits", [8191, 8192], ids=["inline", "threads"])  # either side of kInlineLogits
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])  # whole rows per thread, and rows spread (split_rows)
-def test_run_rows_raises_an_error_of_any_thread(rows, threads):
-    """Three steps a row (two parts, one row step) run when nothing fails; a failure making a
-    thread's scratch or in any step comes back as RuntimeError and the process lives on."""
-    assert cpp()._run_rows(rows, threads, 0, 0) == 3 * rows
+def test_run_rows_raises_an_error_of_any_thread(rows, threads, logits):
+    """Three steps a row (two parts, one row step) run when nothing fails, inline or on threads; a
+    failure making a thread's scratch or in any step comes back as RuntimeError and the process
+    lives on."""
+    assert cpp()._run_rows(rows, threads, logits, 0, 0) == 3 * rows
     with pytest.raises(RuntimeError, match="the failure a test asked for"):
-        cpp()._run_rows(rows, threads, 1, 0)  # thread 0's scratch
+        cpp()._run_rows(rows, threads, logits, 1, 0)  # thread 0's scratch
     for stage in (2, 3):
         for failing_row in {0, rows - 1}:
             with pytest.raises(RuntimeError, match="the failure a test asked for"):
-                cpp()._run_rows(rows, threads, stage, failing_row)
-    assert cpp()._run_rows(rows, threads, 0, 0) == 3 * rows
+                cpp()._run_rows(rows, threads, logits, stage, failing_row)
+    assert cpp()._run_rows(rows, threads, logits, 0, 0) == 3 * rows
 
 
 def _under_address_sanitizer() -> bool:
@@ -417,7 +419,8 @@ def test_sums_of_many_near_tied_terms_keep_their_precision(vocab, gap):
 
 
 # One vocabulary range a row: 5 rows are whole rows at 1 and 5 threads, their steps spread at 3 and
-# 8, and a row alone runs inline (no parallel region) at any count.
+# 8, and a row alone runs inline (no parallel region) at any count; so do all 5 rows below
+# kInlineLogits (csrc/common.h: 8192 logits, V = 64 and 200), not at V = 4000.
 @pytest.mark.parametrize("vocab", [64, 200, 4000])
 def test_row_kernels_same_bits_for_small_calls(vocab):
     """draft_divergence, bridge_loss (loss and gradient) and concept_mass (forward and backward)
