@@ -182,16 +182,17 @@ def lse_parts(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
 
 
 LOCAL_TENSOR_HINT = "pass .full_tensor() (the whole tensor) or .to_local() (this rank's part)"
+# where DTensor lives: torch.distributed.tensor from torch 2.5 (which keeps torch.distributed._tensor as
+# an alias that imports it), torch.distributed._tensor on 2.4 (whose torch.distributed.tensor has none)
+_DTENSOR_MODULE = "torch.distributed.tensor" if torch.__version__ >= (2, 5) else "torch.distributed._tensor"
 
 
 def refuse_dtensor(value, name: str, op: Optional[str] = None, hint: str = LOCAL_TENSOR_HINT) -> None:
     """A TypeError naming `name` (and `op`) for a DTensor (torch.distributed's sharded or
     replicated tensor): the kernels and the chunked products take local tensors, where torch's own
     error ("got mixed torch.Tensor and DTensor", raised in the dispatcher) named neither the
-    argument nor a way out, `hint`. (No DTensor exists before torch.distributed.tensor is imported;
-    torch 2.4 has it in torch.distributed._tensor, which later versions keep as an alias.)"""
-    dtensor = (getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-               or getattr(sys.modules.get("torch.distributed._tensor"), "DTensor", None))
+    argument nor a way out, `hint`. (No DTensor exists before its module, _DTENSOR_MODULE, is imported.)"""
+    dtensor = getattr(sys.modules.get(_DTENSOR_MODULE), "DTensor", None)
     if dtensor is not None and isinstance(value, dtensor):
         where = f"{op}: " if op else ""
         raise TypeError(f"{where}{name} is a DTensor (placements {tuple(value.placements)}); fastprobe's ops take "
